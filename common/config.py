@@ -1,0 +1,271 @@
+"""Mesh configuration: what runs, where, under whom, and the policy numbers.
+
+Vocabulary (after OTP's child spec):
+
+- service: one supervised process with a name, a port and a parent. Agents (roles
+  gateway, root, architect, director, programmer, llm_sim) are our own Python services;
+  a service with a ``command`` is any other program, supervised by its exit and by an
+  optional HTTP liveness probe.
+- parent: the service that decides what happens when this one fails. The daemon is the
+  parent of the top-level services and is itself not listed.
+- policy: heartbeat and ladder numbers (restart intensity and window, backoff, provider
+  switches, timeouts).
+
+The file is validated once, at load time; a bad file is rejected with a message that
+names the offending key. Ports are shifted by ``TRON_PORT_OFFSET`` so two meshes (or a
+test and a running mesh) can live side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DAEMON = "daemon"
+AGENT_ROLES = ("gateway", "root", "architect", "director", "programmer", "llm_sim")
+Provider = Literal["anthropic", "ollama"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "mesh.toml"
+
+
+class ConfigError(Exception):
+    """The mesh file is unusable; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Policy(_Strict):
+    heartbeat_interval: float = Field(1.0, gt=0, le=3600)
+    miss_threshold: int = Field(3, ge=1, le=100)
+    progress_timeout: float = Field(60.0, gt=0)
+    task_timeout: float = Field(600.0, gt=0)
+    max_restarts: int = Field(3, ge=0, le=100)
+    restart_window: float = Field(60.0, gt=0)
+    backoff_initial: float = Field(0.5, ge=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_max: float = Field(10.0, ge=0)
+    backoff_jitter: float = Field(0.2, ge=0, le=1)
+    max_provider_switches: int = Field(3, ge=0, le=100)
+    stop_grace: float = Field(5.0, ge=0)
+    start_timeout: float = Field(30.0, gt=0)
+    alert_delivery_timeout: float = Field(2.0, gt=0)
+
+    @property
+    def beat_timeout(self) -> float:
+        """Seconds of silence after which an agent counts as hung."""
+        return self.heartbeat_interval * self.miss_threshold
+
+
+class Liveness(_Strict):
+    """An HTTP liveness probe for a non-agent service, as in Kubernetes."""
+
+    url: str
+    interval: float = Field(2.0, gt=0)
+    timeout: float = Field(1.0, gt=0)
+    failure_threshold: int = Field(3, ge=1)
+
+
+class ServiceSpec(_Strict):
+    role: str = "command"
+    port: int = Field(ge=1, le=65535)
+    parent: str = DAEMON
+    provider: Provider | None = None
+    command: list[str] | None = None
+    env: dict[str, str] = {}
+    liveness: Liveness | None = None
+    # Filled from the table key by MeshConfig; not written in the file.
+    name: str = ""
+
+    @model_validator(mode="after")
+    def _role_or_command(self) -> "ServiceSpec":
+        if self.command is None and self.role not in AGENT_ROLES:
+            raise ValueError(
+                f"role {self.role!r} is not one of {', '.join(AGENT_ROLES)}; "
+                "give a command for any other program"
+            )
+        if self.command is not None and not self.command:
+            raise ValueError("command must not be empty")
+        return self
+
+    @property
+    def is_agent(self) -> bool:
+        return self.command is None
+
+    @property
+    def health_url(self) -> str | None:
+        if self.is_agent:
+            return f"http://127.0.0.1:{self.port}/health"
+        return self.liveness.url.format(port=self.port) if self.liveness else None
+
+    def argv(self) -> list[str]:
+        """The command line that starts this service."""
+        if self.command is None:
+            return [sys.executable, "-m", f"services.{self.role}"]
+        return [part.format(port=self.port, python=sys.executable) for part in self.command]
+
+
+class ProvidersConfig(_Strict):
+    default: Provider = "anthropic"
+    anthropic_model: str = "claude-sonnet-4-5"
+    ollama_model: str = "llama3.1"
+    timeout: float = Field(30.0, gt=0)
+    max_tokens: int = Field(512, ge=1)
+    sim_service: str = "llm-sim"
+
+
+class MeshSection(_Strict):
+    daemon_port: int = Field(6109, ge=1, le=65535)
+
+
+class MeshConfig(_Strict):
+    mesh: MeshSection = MeshSection()
+    policy: Policy = Policy()
+    providers: ProvidersConfig = ProvidersConfig()
+    services: dict[str, ServiceSpec]
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _check_tree(self) -> "MeshConfig":
+        # Names first: everything else refers to them.
+        for name in self.services:
+            if name == DAEMON:
+                raise ValueError(f"services.{name}: the name {DAEMON!r} is reserved")
+        ports: dict[int, str] = {self.mesh.daemon_port: "mesh.daemon_port"}
+        for name, spec in self.services.items():
+            where = f"services.{name}.port"
+            if spec.port in ports:
+                raise ValueError(f"{where}: port {spec.port} is already used by {ports[spec.port]}")
+            ports[spec.port] = where
+            if spec.parent != DAEMON and spec.parent not in self.services:
+                raise ValueError(f"services.{name}.parent: no service named {spec.parent!r}")
+        for name in self.services:
+            seen = [name]
+            parent = self.services[name].parent
+            while parent != DAEMON:
+                if parent in seen:
+                    cycle = " -> ".join(seen[seen.index(parent):] + [parent])
+                    raise ValueError(f"services.{name}.parent: cycle in the parent tree ({cycle})")
+                seen.append(parent)
+                parent = self.services[parent].parent
+        if self.providers.sim_service not in self.services:
+            pass  # a mesh without the simulator must use real providers; checked at use
+        return self
+
+    # -- queries -------------------------------------------------------------------
+
+    def spec(self, name: str) -> ServiceSpec:
+        return self.services[name]
+
+    def children(self, name: str) -> list[str]:
+        return [n for n, s in self.services.items() if s.parent == name]
+
+    def ancestors(self, name: str) -> list[str]:
+        """Parent, grandparent, ... ending with the daemon."""
+        chain = []
+        parent = self.services[name].parent
+        while parent != DAEMON:
+            chain.append(parent)
+            parent = self.services[parent].parent
+        chain.append(DAEMON)
+        return chain
+
+    def start_order(self) -> list[str]:
+        """Parents before children, file order within a level."""
+        order: list[str] = []
+        level = [DAEMON]
+        while level:
+            nxt = [n for p in level for n in self.children(p)]
+            order.extend(nxt)
+            level = nxt
+        return order
+
+    def subtree(self, name: str) -> list[str]:
+        out = [name]
+        for child in self.children(name):
+            out.extend(self.subtree(child))
+        return out
+
+    def provider_of(self, name: str) -> Provider:
+        return self.services[name].provider or self.providers.default
+
+    @property
+    def daemon_url(self) -> str:
+        return f"http://127.0.0.1:{self.mesh.daemon_port}"
+
+    def url(self, name: str) -> str:
+        if name == DAEMON:
+            return self.daemon_url
+        return f"http://127.0.0.1:{self.services[name].port}"
+
+    @property
+    def sim_url(self) -> str | None:
+        sim = self.providers.sim_service
+        return self.url(sim) if sim in self.services else None
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}")
+    return "\n".join(lines)
+
+
+def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
+    """Validate a parsed mesh file and shift every port by ``port_offset``."""
+    data = dict(data)
+    services = data.get("services")
+    if isinstance(services, dict):
+        shifted = {}
+        for name, raw in services.items():
+            if isinstance(raw, dict):
+                raw = {**raw, "name": name}
+                if isinstance(raw.get("port"), int):
+                    raw["port"] += port_offset
+            shifted[name] = raw
+        data["services"] = shifted
+    mesh = dict(data.get("mesh") or {})
+    mesh["daemon_port"] = mesh.get("daemon_port", MeshSection().daemon_port)
+    if isinstance(mesh["daemon_port"], int):
+        mesh["daemon_port"] += port_offset
+    data["mesh"] = mesh
+    data["source"] = source
+    try:
+        return MeshConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def port_offset_from_env(env: os._Environ | dict | None = None) -> int:
+    env = os.environ if env is None else env
+    raw = env.get("TRON_PORT_OFFSET", "0") or "0"
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise ConfigError(f"TRON_PORT_OFFSET: {raw!r} is not an integer") from None
+    if not -6000 <= offset <= 50000:
+        raise ConfigError(f"TRON_PORT_OFFSET: {offset} would move ports out of range")
+    return offset
+
+
+def load_mesh(path: str | Path | None = None, *, port_offset: int | None = None) -> MeshConfig:
+    """Read and validate a mesh file (default: mesh.toml at the repo root)."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    offset = port_offset_from_env() if port_offset is None else port_offset
+    return parse_mesh(data, source=str(path), port_offset=offset)

@@ -1,0 +1,77 @@
+"""JSON-lines logs, one object per line, secrets redacted.
+
+Every process logs to its stdout, which the spawner appends to ``<home>/logs/<name>.log``.
+Structured fields (service, incarnation, reason, task, run, alert) go in ``extra=`` and
+come out as keys, so ``tron logs`` and tests can rely on them. ``comms()`` appends one
+line per inter-service message to the shared comms log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from common.redaction import redact
+
+_STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+_context: dict[str, Any] = {}
+_comms_path: Path | None = None
+
+
+def _ts() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": _ts(), "level": record.levelname.lower(), "logger": record.name}
+        out.update(_context)
+        out["msg"] = record.getMessage()
+        for key, value in record.__dict__.items():
+            if key not in _STD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return redact(json.dumps(out, default=str))
+
+
+def setup(service: str, *, incarnation: str | None = None, level: str | None = None,
+          comms_path: Path | None = None) -> None:
+    """Configure the root logger for a service process (idempotent)."""
+    global _comms_path
+    _context.clear()
+    _context["service"] = service
+    if incarnation:
+        _context["incarnation"] = incarnation
+    _comms_path = comms_path
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level or os.environ.get("TRON_LOG_LEVEL", "INFO"))
+    # The SDKs and aiohttp's access log are noisy at INFO and add nothing here.
+    for noisy in ("aiohttp.access", "httpx", "httpcore", "anthropic", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def comms(kind: str, *, src: str, dst: str, **ids: Any) -> None:
+    """One line per inter-service message: what, from, to, and its correlation ids."""
+    if _comms_path is None:
+        return
+    line = {"ts": _ts(), "mono": round(time.monotonic(), 4), "kind": kind, "src": src, "dst": dst}
+    line.update({k: v for k, v in ids.items() if v is not None})
+    data = (redact(json.dumps(line, default=str)) + "\n").encode()
+    # One write() on an O_APPEND descriptor: lines from many processes do not interleave.
+    fd = os.open(_comms_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)

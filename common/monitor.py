@@ -1,0 +1,328 @@
+"""TRON: the heartbeat monitor. Pure Python, no LLM, no I/O in the detection path.
+
+One deadline queue serves every agent. A beat only writes a timestamp (O(1)); the queue
+holds one live entry per (agent, kind) and an entry that comes due early, because beats
+moved the real deadline on, is pushed back to that deadline (O(log n) once per timeout
+period, not per beat). When a deadline moves earlier (the first beat after the start
+grace) a new entry is pushed and the old one is ignored when it pops. The thread sleeps
+until the earliest deadline.
+
+Kinds of deadline for an agent incarnation:
+- ``beat``: no beat for ``interval * miss_threshold`` -> ``heartbeat_timeout``
+- ``progress``: a task whose progress marker has not changed for ``progress_timeout``
+  -> ``no_progress``
+- ``task``: a task running longer than ``task_timeout`` -> ``task_timeout``
+A process exit is reported by the spawner (``process_exited``) and alerts at once.
+
+After an incarnation has raised an alert it is silent: the ladder owns it now, and the
+next incarnation is watched afresh. ``tick(now)`` is the whole detection step, so tests
+drive it with a fake clock and no thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Callable, Protocol
+
+from common.models import Reason
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+
+class FakeClock:
+    """A test clock that moves only when told to, and never backwards."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> float:
+        if seconds < 0:
+            raise ValueError("FakeClock cannot go back in time")
+        self._now += seconds
+        return self._now
+
+
+class Verdict(StrEnum):
+    ACCEPTED = "accepted"
+    UNKNOWN = "unknown_service"
+    STALE = "stale_incarnation"
+    DUPLICATE = "duplicate_seq"
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Something TRON noticed. ``deadline`` is when it became true (for latency)."""
+
+    service: str
+    incarnation: str
+    reason: Reason
+    deadline: float
+    fired_at: float
+    task_id: str | None = None
+    progress: str | None = None
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class Watched:
+    service: str
+    incarnation: str
+    beat_timeout: float
+    progress_timeout: float
+    task_timeout: float
+    last_beat: float
+    seq: int = -1
+    task_id: str | None = None
+    task_since: float | None = None
+    progress: str | None = None
+    progress_since: float | None = None
+    alerted: bool = False
+    # kind -> deadline of the entry queued for it (at most one live entry per kind)
+    armed: dict[str, float] = field(default_factory=dict)
+
+    def deadline(self, kind: str) -> float | None:
+        if kind == "beat":
+            return self.last_beat + self.beat_timeout
+        if self.task_id is None:
+            return None
+        if kind == "progress":
+            return self.progress_since + self.progress_timeout
+        return self.task_since + self.task_timeout
+
+
+_REASON = {"beat": Reason.HEARTBEAT_TIMEOUT, "progress": Reason.NO_PROGRESS, "task": Reason.TASK_TIMEOUT}
+
+
+class DeadlineQueue:
+    """A min-heap of (deadline, key). Entries are never removed early: callers check,
+    when one comes due, whether it still means anything."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, tuple]] = []
+        self._seq = itertools.count()
+
+    def push(self, key: tuple, deadline: float) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._seq), key))
+
+    def peek(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> list[tuple[float, tuple]]:
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(self._heap)
+            due.append((deadline, key))
+        return due
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class Monitor:
+    """The detection core. Thread-safe: beats arrive on the event loop, ``tick`` runs
+    on the monitor thread; ``cond`` wakes the thread when the earliest deadline moves
+    earlier."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self._queue = DeadlineQueue()
+        self._agents: dict[str, Watched] = {}
+        self.beats_accepted = 0
+
+    # -- called from the event loop -------------------------------------------------
+
+    def watch(
+        self,
+        service: str,
+        incarnation: str,
+        now: float,
+        *,
+        beat_timeout: float,
+        progress_timeout: float,
+        task_timeout: float,
+        task_id: str | None = None,
+        progress: str | None = None,
+    ) -> None:
+        """Start watching a new incarnation (replacing any earlier one)."""
+        with self.cond:
+            w = Watched(service, incarnation, beat_timeout, progress_timeout, task_timeout, last_beat=now)
+            self._agents[service] = w
+            if task_id:
+                self._start_task(w, task_id, progress, now)
+            self._arm(w, "beat")
+
+    def unwatch(self, service: str) -> None:
+        with self.cond:
+            self._agents.pop(service, None)
+
+    def beat(
+        self,
+        service: str,
+        incarnation: str,
+        seq: int,
+        now: float,
+        *,
+        task_id: str | None = None,
+        progress: str | None = None,
+    ) -> Verdict:
+        with self.cond:
+            w = self._agents.get(service)
+            if w is None:
+                return Verdict.UNKNOWN
+            if w.incarnation != incarnation or w.alerted:
+                return Verdict.STALE
+            if seq <= w.seq:
+                return Verdict.DUPLICATE
+            w.seq = seq
+            w.last_beat = now
+            self._arm(w, "beat")  # O(1) unless the deadline moved earlier (the first beat after the start grace)
+            if task_id != w.task_id:
+                if task_id is None:
+                    w.task_id = w.task_since = w.progress = w.progress_since = None
+                else:
+                    self._start_task(w, task_id, progress, now)
+            elif task_id is not None and progress != w.progress:
+                w.progress = progress
+                w.progress_since = now
+            self.beats_accepted += 1
+            return Verdict.ACCEPTED
+
+    def process_exited(
+        self, service: str, incarnation: str, now: float, *, exit_code: int | None, signal: int | None
+    ) -> Signal | None:
+        """The spawner saw the process end. Returns the alert, or None if this
+        incarnation is not watched or has already alerted."""
+        with self.cond:
+            w = self._agents.get(service)
+            if w is None or w.incarnation != incarnation or w.alerted:
+                return None
+            w.alerted = True
+            detail = {"exit_code": exit_code, "signal": signal}
+            return Signal(service, incarnation, Reason.PROCESS_EXIT, now, now, w.task_id, w.progress, detail)
+
+    def raise_alert(self, service: str, incarnation: str, reason: Reason, now: float, detail: dict) -> Signal | None:
+        """An alert found outside the queue (a failed liveness probe, a provider
+        failure reported by the agent). Same once-per-incarnation rule."""
+        with self.cond:
+            w = self._agents.get(service)
+            if w is None or w.incarnation != incarnation or w.alerted:
+                return None
+            w.alerted = True
+            return Signal(service, incarnation, reason, now, now, w.task_id, w.progress, dict(detail))
+
+    def snapshot(self, service: str) -> Watched | None:
+        with self.cond:
+            w = self._agents.get(service)
+            return None if w is None else Watched(**{k: getattr(w, k) for k in w.__dataclass_fields__})
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    # -- the detection step -----------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        with self.cond:
+            return self._queue.peek()
+
+    def tick(self, now: float) -> list[Signal]:
+        """Fire every deadline that has passed; re-queue those that beats moved on."""
+        fired: list[Signal] = []
+        with self.cond:
+            for queued, (service, incarnation, kind) in self._queue.pop_due(now):
+                w = self._agents.get(service)
+                if w is None or w.incarnation != incarnation:
+                    continue  # an entry for an incarnation that is gone
+                if w.armed.get(kind) != queued:
+                    continue  # superseded by an earlier entry for the same kind
+                del w.armed[kind]
+                if w.alerted:
+                    continue
+                real = w.deadline(kind)
+                if real is None:
+                    continue  # the task ended; re-armed when the next one starts
+                if real > now:
+                    self._arm(w, kind)
+                    continue
+                w.alerted = True
+                fired.append(Signal(service, incarnation, _REASON[kind], real, now, w.task_id, w.progress,
+                                    self._detail(w, kind, now)))
+        return fired
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _start_task(self, w: Watched, task_id: str, progress: str | None, now: float) -> None:
+        w.task_id, w.task_since, w.progress, w.progress_since = task_id, now, progress, now
+        self._arm(w, "progress")
+        self._arm(w, "task")
+
+    def _arm(self, w: Watched, kind: str) -> None:
+        """Make sure an entry fires no later than the real deadline of ``kind``. An
+        entry already queued at or before it is enough: when it comes due early it is
+        pushed on to the real deadline then."""
+        deadline = w.deadline(kind)
+        if deadline is None:
+            return
+        queued = w.armed.get(kind)
+        if queued is not None and queued <= deadline:
+            return
+        head = self._queue.peek()
+        w.armed[kind] = deadline
+        self._queue.push((w.service, w.incarnation, kind), deadline)
+        if head is None or deadline < head:
+            self.cond.notify()
+
+    @staticmethod
+    def _detail(w: Watched, kind: str, now: float) -> dict:
+        if kind == "beat":
+            return {"silent_for": round(now - w.last_beat, 3), "beat_timeout": w.beat_timeout, "last_seq": w.seq}
+        if kind == "progress":
+            return {"stuck_for": round(now - w.progress_since, 3), "progress_timeout": w.progress_timeout}
+        return {"running_for": round(now - w.task_since, 3), "task_timeout": w.task_timeout}
+
+
+class MonitorThread(threading.Thread):
+    """Sleeps until the next deadline, runs ``tick`` and hands each signal to ``sink``
+    (which must be thread-safe, e.g. ``loop.call_soon_threadsafe``)."""
+
+    def __init__(self, monitor: Monitor, sink: Callable[[Signal], None], clock: Clock | None = None) -> None:
+        super().__init__(name="tron-monitor", daemon=True)
+        self.monitor = monitor
+        self.sink = sink
+        self.clock = clock or MonotonicClock()
+        self._stopping = False
+
+    def run(self) -> None:
+        m = self.monitor
+        while True:
+            with m.cond:
+                if self._stopping:
+                    return
+                head = m._queue.peek()
+                timeout = None if head is None else max(0.0, head - self.clock.now())
+                if timeout is None or timeout > 0:
+                    m.cond.wait(timeout)
+                if self._stopping:
+                    return
+            for signal in m.tick(self.clock.now()):
+                self.sink(signal)
+
+    def stop(self) -> None:
+        with self.monitor.cond:
+            self._stopping = True
+            self.monitor.cond.notify_all()
+        self.join(timeout=5)

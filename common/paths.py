@@ -1,0 +1,80 @@
+"""Where a mesh keeps its artifacts: registry, logs, run files (lock, token, pid)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import REPO_ROOT
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def resolve(cls, explicit: str | Path | None = None) -> "Home":
+        """--home wins, then TRON_HOME, then artifacts/ at the repo root."""
+        raw = explicit or os.environ.get("TRON_HOME") or (REPO_ROOT / "artifacts")
+        return cls(Path(raw).expanduser().resolve())
+
+    @property
+    def registry_db(self) -> Path:
+        return self.root / "registry" / "registry.db"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.run / "tron.lock"
+
+    @property
+    def token_file(self) -> Path:
+        return self.run / "token"
+
+    @property
+    def daemon_file(self) -> Path:
+        """JSON written by a running daemon: pid, port, config path."""
+        return self.run / "daemon.json"
+
+    def log_file(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    @property
+    def comms_log(self) -> Path:
+        return self.logs / "comms.jsonl"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.registry_db.parent, self.logs, self.run):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run, 0o700)
+
+
+def ensure_token(path: Path) -> str:
+    """Return the mesh token, creating it (mode 0600) if it does not exist yet."""
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
+def read_token(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None

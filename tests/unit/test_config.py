@@ -1,0 +1,71 @@
+import pytest
+
+from common.config import ConfigError, load_mesh, parse_mesh, port_offset_from_env
+
+
+def base(**services):
+    return {"services": services or {"a": {"role": "root", "port": 7001},
+                                     "b": {"role": "programmer", "port": 7002, "parent": "a"}}}
+
+
+def test_default_mesh_loads_with_the_design_ports():
+    cfg = load_mesh(port_offset=0)
+    ports = {n: s.port for n, s in cfg.services.items()}
+    assert ports == {"llm-sim": 6190, "gateway": 6120, "root": 6100, "architect": 6110, "director-code": 6111,
+                     "director-docs": 6112, "programmer-1": 6130, "programmer-2": 6131}
+    assert cfg.mesh.daemon_port == 6109
+    assert cfg.ancestors("programmer-1") == ["director-code", "architect", "root", "daemon"]
+    assert cfg.start_order().index("architect") < cfg.start_order().index("director-code")
+    assert cfg.policy.heartbeat_interval == 1 and cfg.policy.miss_threshold == 3 and cfg.policy.max_restarts == 3
+
+
+def test_port_offset_shifts_every_port():
+    cfg = load_mesh(port_offset=1000)
+    assert cfg.mesh.daemon_port == 7109 and cfg.services["root"].port == 7100
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"services": {"a": {"role": "root", "port": 7001, "prot": 1}}}, "services.a.prot: unknown key"),
+    ({"policy": {"max_restart": 3}, **base()}, "policy.max_restart: unknown key"),
+    ({"services": {"a": {"role": "root", "port": 7001}, "b": {"role": "root", "port": 7001}}},
+     "services.b.port: port 7001 is already used by services.a.port"),
+    ({"services": {"a": {"role": "root", "port": 6109}}}, "port 6109 is already used by mesh.daemon_port"),
+    ({"services": {"a": {"role": "root", "port": 7001, "parent": "b"},
+                   "b": {"role": "root", "port": 7002, "parent": "a"}}}, "cycle in the parent tree"),
+    ({"services": {"a": {"role": "root", "port": 7001, "parent": "nobody"}}}, "services.a.parent: no service named"),
+    ({"services": {"a": {"role": "wizard", "port": 7001}}}, "role 'wizard' is not one of"),
+    ({"services": {"a": {"role": "root", "port": 70000}}}, "services.a.port"),
+    ({"services": {"daemon": {"role": "root", "port": 7001}}}, "the name 'daemon' is reserved"),
+    ({"policy": {"heartbeat_interval": 0}, **base()}, "policy.heartbeat_interval"),
+])
+def test_bad_config_is_rejected_naming_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_mesh(data, source="mesh.toml")
+    assert message in str(err.value)
+    assert str(err.value).startswith("mesh.toml: ")
+
+
+def test_command_service_with_liveness_probe():
+    cfg = parse_mesh({"services": {"web": {"command": ["{python}", "-m", "http.server", "{port}"], "port": 7005,
+                                           "liveness": {"url": "http://127.0.0.1:{port}/", "failure_threshold": 2}}}})
+    spec = cfg.services["web"]
+    assert not spec.is_agent and spec.health_url == "http://127.0.0.1:7005/"
+    assert spec.argv()[2:] == ["http.server", "7005"]
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_mesh(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[services\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_mesh(bad)
+
+
+@pytest.mark.parametrize("raw,ok", [("0", True), ("1000", True), ("abc", False), ("99999", False)])
+def test_port_offset_env(raw, ok):
+    if ok:
+        assert port_offset_from_env({"TRON_PORT_OFFSET": raw}) == int(raw)
+    else:
+        with pytest.raises(ConfigError, match="TRON_PORT_OFFSET"):
+            port_offset_from_env({"TRON_PORT_OFFSET": raw})

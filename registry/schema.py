@@ -1,0 +1,229 @@
+"""Registry schema: versioned, idempotent migrations and the checks run at start-up.
+
+Fail closed: a malformed database, a WAL without its base file, or a schema that does
+not match what this code expects stops the start with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "initial schema",
+        """
+        CREATE TABLE IF NOT EXISTS agents (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            parent TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            provider TEXT,
+            state TEXT NOT NULL DEFAULT 'declared',
+            current_incarnation TEXT,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS sessions (
+            incarnation TEXT PRIMARY KEY,
+            agent TEXT NOT NULL REFERENCES agents(name),
+            pid INTEGER,
+            pid_create_time REAL,
+            port INTEGER NOT NULL,
+            provider TEXT,
+            status TEXT NOT NULL CHECK (status IN ('starting','running','ended')),
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            exit_code INTEGER,
+            exit_signal INTEGER,
+            end_reason TEXT
+        );
+        CREATE INDEX IF NOT EXISTS sessions_agent ON sessions(agent, started_at);
+        CREATE INDEX IF NOT EXISTS sessions_open ON sessions(status) WHERE status != 'ended';
+        CREATE TABLE IF NOT EXISTS runs (
+            run_id TEXT PRIMARY KEY,
+            prompt TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running','done','failed')),
+            result TEXT,
+            failure TEXT,
+            drill INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE TABLE IF NOT EXISTS tasks (
+            task_id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            parent_task_id TEXT,
+            agent TEXT NOT NULL,
+            parent_agent TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('assigned','running','done','failed')),
+            attempt INTEGER NOT NULL DEFAULT 1,
+            provider TEXT,
+            progress TEXT,
+            lease_incarnation TEXT,
+            result TEXT,
+            failure TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS tasks_agent_open ON tasks(agent) WHERE status IN ('assigned','running');
+        CREATE INDEX IF NOT EXISTS tasks_run ON tasks(run_id);
+        CREATE TABLE IF NOT EXISTS alerts (
+            alert_id TEXT PRIMARY KEY,
+            agent TEXT NOT NULL,
+            incarnation TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            task_id TEXT,
+            run_id TEXT,
+            status TEXT NOT NULL CHECK (status IN ('pending','delivered','handled','undeliverable')),
+            delivered_to TEXT,
+            deliveries INTEGER NOT NULL DEFAULT 0,
+            decision TEXT,
+            created_at TEXT NOT NULL,
+            handled_at TEXT
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_per_incarnation ON alerts(agent, incarnation);
+        CREATE TABLE IF NOT EXISTS events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts TEXT NOT NULL,
+            mono REAL NOT NULL,
+            kind TEXT NOT NULL,
+            agent TEXT,
+            incarnation TEXT,
+            run_id TEXT,
+            task_id TEXT,
+            alert_id TEXT,
+            payload TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS events_kind ON events(kind, id);
+        CREATE INDEX IF NOT EXISTS events_agent ON events(agent, id);
+        CREATE TABLE IF NOT EXISTS retry_history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            alert_id TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            task_id TEXT,
+            run_id TEXT,
+            retry_type TEXT NOT NULL CHECK (retry_type IN ('child_restart','escalation','llm_change','permanent_failure')),
+            retry_count INTEGER NOT NULL,
+            reason TEXT NOT NULL CHECK (reason != '' AND reason != 'Unknown error'),
+            detail TEXT NOT NULL,
+            from_provider TEXT,
+            to_provider TEXT,
+            decided_by TEXT NOT NULL DEFAULT 'policy',
+            requested_by TEXT,
+            hop TEXT NOT NULL DEFAULT '',
+            timestamp TEXT NOT NULL,
+            mono REAL NOT NULL
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS retry_once_per_alert
+            ON retry_history(alert_id, retry_type, agent_id, hop);
+        CREATE INDEX IF NOT EXISTS retry_agent ON retry_history(agent_id, mono);
+        CREATE INDEX IF NOT EXISTS retry_task ON retry_history(task_id);
+        CREATE TABLE IF NOT EXISTS failure_metrics (
+            scope TEXT NOT NULL CHECK (scope IN ('agent','provider','task','run')),
+            key TEXT NOT NULL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            restarts INTEGER NOT NULL DEFAULT 0,
+            escalations INTEGER NOT NULL DEFAULT 0,
+            provider_switches INTEGER NOT NULL DEFAULT 0,
+            permanent_failures INTEGER NOT NULL DEFAULT 0,
+            last_reason TEXT,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (scope, key)
+        );
+        """,
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+EXPECTED_COLUMNS: dict[str, set[str]] = {
+    "agents": {"name", "role", "parent", "port", "provider", "state", "current_incarnation"},
+    "sessions": {"incarnation", "agent", "pid", "pid_create_time", "status", "exit_code", "exit_signal", "end_reason"},
+    "runs": {"run_id", "prompt", "status", "result", "failure", "drill"},
+    "tasks": {"task_id", "run_id", "agent", "parent_agent", "status", "attempt", "provider", "progress", "lease_incarnation"},
+    "alerts": {"alert_id", "agent", "incarnation", "reason", "status", "deliveries"},
+    "events": {"id", "ts", "kind", "agent", "incarnation", "run_id", "task_id", "alert_id", "payload"},
+    "retry_history": {"agent_id", "task_id", "retry_type", "retry_count", "reason", "from_provider", "to_provider", "timestamp"},
+    "failure_metrics": {"scope", "key", "failures", "restarts", "escalations", "provider_switches", "permanent_failures"},
+}
+
+
+class RegistryError(Exception):
+    """The registry cannot be used; the message says why and what to do."""
+
+
+def preflight(path: Path) -> None:
+    """Checks that need no connection: a WAL or SHM file without its database means
+    the base file was lost, and opening it would silently start from nothing."""
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists() and not path.exists():
+            raise RegistryError(
+                f"{side} exists but {path} does not: the database file was lost. "
+                "Restore it, or move the WAL aside to start a new registry."
+            )
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations not yet applied; return the schema version."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+        "description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    applied = {row[0] for row in conn.execute("SELECT version FROM schema_version")}
+    newer = [v for v in applied if v > SCHEMA_VERSION]
+    if newer:
+        raise RegistryError(
+            f"registry schema version {max(newer)} is newer than this code ({SCHEMA_VERSION}): upgrade tron"
+        )
+    for version, description, sql in MIGRATIONS:
+        if version in applied:
+            continue
+        conn.executescript("BEGIN;" + sql + ";")
+        conn.execute(
+            "INSERT INTO schema_version VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
+            (version, description),
+        )
+        conn.commit()
+    return SCHEMA_VERSION
+
+
+def verify(conn: sqlite3.Connection) -> None:
+    """Integrity and shape: quick_check, then every expected table and column."""
+    try:
+        result = conn.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as err:
+        raise RegistryError(f"registry is not a usable SQLite database: {err}") from None
+    if result != [("ok",)]:
+        problems = "; ".join(r[0] for r in result[:5])
+        raise RegistryError(f"registry failed PRAGMA quick_check: {problems}")
+    for table, columns in EXPECTED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not have:
+            raise RegistryError(f"registry schema: table {table} is missing")
+        missing = columns - have
+        if missing:
+            raise RegistryError(f"registry schema: table {table} lacks columns {sorted(missing)}")
+
+
+def open_and_prepare(path: Path) -> None:
+    """Run at daemon start, before anything is written: preflight, WAL, migrate, verify."""
+    preflight(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            verify_pre = conn.execute("PRAGMA quick_check").fetchall()
+            if verify_pre != [("ok",)]:
+                raise RegistryError(f"registry failed PRAGMA quick_check: {verify_pre[0][0]}")
+            migrate(conn)
+            verify(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        raise RegistryError(f"registry {path} is malformed ({err}); refusing to start") from None

@@ -1,0 +1,146 @@
+"""HTTP plumbing shared by the daemon and every service.
+
+- ``parse(request, Model)``: the body as a pydantic model, or a 4xx that says what is
+  wrong (400 not JSON, 413 too large, 422 invalid fields). Nothing is changed on error.
+- ``require_token``: control endpoints answer 401 without the mesh token.
+- ``MeshClient``: a small aiohttp client that carries the token and raises
+  ``MeshHTTPError`` with the response body on any non-2xx answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from common.models import MAX_BODY, TOKEN_HEADER
+
+M = TypeVar("M", bound=BaseModel)
+TOKEN_KEY = web.AppKey("tron_token", str)
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "body"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+async def parse(request: web.Request, model: type[M]) -> M:
+    """Read and validate a JSON body; raise an HTTP 4xx that explains the problem."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length,
+                                            text=json.dumps({"error": f"body larger than {MAX_BODY} bytes"}),
+                                            content_type="application/json")
+    raw = await request.read()
+    if len(raw) > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(raw),
+                                            text=json.dumps({"error": f"body larger than {MAX_BODY} bytes"}),
+                                            content_type="application/json")
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"body is not valid JSON: {err}"}),
+                                 content_type="application/json") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
+                                 content_type="application/json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise web.HTTPUnprocessableEntity(text=json.dumps({"error": _describe(err)}),
+                                          content_type="application/json") from None
+
+
+def token_ok(request: web.Request) -> bool:
+    expected = request.app.get(TOKEN_KEY)
+    given = request.headers.get(TOKEN_HEADER, "")
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def require_token(handler):
+    """Decorator for control endpoints: 401 without the mesh token, before any work."""
+
+    async def guarded(*args) -> web.StreamResponse:
+        request = args[-1]  # plain handlers get (request,), methods (self, request)
+        if not token_ok(request):
+            return error(401, f"missing or wrong {TOKEN_HEADER} header: control endpoints need the mesh token")
+        return await handler(*args)
+
+    guarded.__name__ = handler.__name__
+    guarded.__doc__ = handler.__doc__
+    return guarded
+
+
+class MeshHTTPError(Exception):
+    def __init__(self, status: int, url: str, body: str) -> None:
+        super().__init__(f"HTTP {status} from {url}: {body[:500]}")
+        self.status = status
+        self.url = url
+        self.body = body
+
+    def json(self) -> dict:
+        try:
+            return json.loads(self.body)
+        except json.JSONDecodeError:
+            return {"error": self.body}
+
+
+class MeshClient:
+    """HTTP client for talking to the daemon and to other services on loopback."""
+
+    def __init__(self, token: str | None, *, timeout: float = 5.0) -> None:
+        self.token = token
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self) -> dict[str, str]:
+        return {TOKEN_HEADER: self.token} if self.token else {}
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers(),
+                connector=aiohttp.TCPConnector(limit=64, force_close=False),
+            )
+        return self._session
+
+    async def request(self, method: str, url: str, body: BaseModel | dict | None = None,
+                      *, timeout: float | None = None) -> Any:
+        payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+        t = aiohttp.ClientTimeout(total=timeout or self.timeout)
+        async with self.session.request(method, url, json=payload, timeout=t) as resp:
+            text = await resp.text()
+            if resp.status >= 300:
+                raise MeshHTTPError(resp.status, url, text)
+            if not text:
+                return None
+            return json.loads(text) if resp.content_type == "application/json" else text
+
+    async def get(self, url: str, **kw: Any) -> Any:
+        return await self.request("GET", url, **kw)
+
+    async def post(self, url: str, body: BaseModel | dict | None = None, **kw: Any) -> Any:
+        return await self.request("POST", url, body, **kw)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def json_default(o: Any) -> Any:
+    if isinstance(o, BaseModel):
+        return o.model_dump(mode="json")
+    return str(o)

@@ -1,0 +1,40 @@
+"""Level 1 of the ladder, shared by every parent (agents and the daemon alike).
+
+``plan_child_failure`` turns an alert and the registry's record (fetched from the
+daemon: restart times, what the task has been through) into the request to send: a
+``RestartRequest`` for the daemon, or an ``Escalation`` for our own parent. It is pure;
+the caller does the I/O.
+"""
+
+from __future__ import annotations
+
+import time
+
+from common.config import Policy
+from common.models import Alert, Escalation, RestartRequest
+from common.policy import Restart, decide_restart
+
+
+def plan_child_failure(alert: Alert, ladder: dict, policy: Policy, me: str,
+                       *, now: float | None = None) -> RestartRequest | Escalation:
+    task = ladder.get("task") or {}
+    decision = decide_restart(
+        ladder.get("restart_times", []),
+        time.monotonic() if now is None else now,
+        policy,
+        retryable=alert.retryable,
+        already_escalated=bool(task.get("switches")),
+        task_restarts=task.get("restarts", 0),
+        reason=alert.detail.get("error_reason", str(alert.reason)),
+    )
+    if isinstance(decision, Restart):
+        return RestartRequest(
+            service=alert.service, replaces=alert.incarnation, alert_id=alert.alert_id, reason=str(alert.reason),
+            detail={**alert.detail, "attempt": decision.attempt}, delay=decision.delay, requested_by=me,
+            task_id=alert.task_id,
+        )
+    return Escalation(
+        alert_id=alert.alert_id, service=alert.service, incarnation=alert.incarnation, reason=decision.reason,
+        detail={**alert.detail, "signal": str(alert.reason)}, task_id=alert.task_id, run_id=alert.run_id,
+        provider=alert.provider, restarts=decision.restarts, retryable=alert.retryable, path=[me],
+    )

@@ -1,0 +1,159 @@
+"""Bootstrap shared by every service process: environment, logging, /health, heartbeats.
+
+A service is started by the daemon with its identity in the environment (TRON_SERVICE,
+TRON_INCARNATION, TRON_PORT, ...). ``run_service(build)`` reads it, builds the role's
+aiohttp app, adds ``GET /health`` and the heartbeat sender, and serves on 127.0.0.1.
+
+The heartbeat is sent from the service's own event loop: if the loop is blocked, the
+beats stop, which is exactly what TRON must see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+
+from common import logs
+from common.config import MeshConfig, load_mesh
+from common.http import TOKEN_KEY, MeshClient, MeshHTTPError
+from common.models import Beat
+from common.paths import read_token
+
+log = logging.getLogger("tron.service")
+
+
+class ServiceEnv(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    role: str
+    port: int
+    incarnation: str
+    home: Path
+    daemon_url: str
+    token_file: Path
+    config: str = ""
+    provider: str | None = None
+
+    @classmethod
+    def from_environ(cls, env: dict | None = None) -> "ServiceEnv":
+        env = os.environ if env is None else env
+        missing = [k for k in ("TRON_SERVICE", "TRON_PORT", "TRON_INCARNATION", "TRON_HOME", "TRON_DAEMON_URL",
+                               "TRON_TOKEN_FILE") if not env.get(k)]
+        if missing:
+            raise SystemExit(f"this service is started by the tron daemon; missing environment: {', '.join(missing)}")
+        return cls(service=env["TRON_SERVICE"], role=env.get("TRON_ROLE", ""), port=int(env["TRON_PORT"]),
+                   incarnation=env["TRON_INCARNATION"], home=Path(env["TRON_HOME"]),
+                   daemon_url=env["TRON_DAEMON_URL"], token_file=Path(env["TRON_TOKEN_FILE"]),
+                   config=env.get("TRON_CONFIG", ""), provider=env.get("TRON_PROVIDER") or None)
+
+
+class ServiceContext:
+    """What a role's code gets: identity, config, the token, an HTTP client, and the
+    task/progress fields that the heartbeat carries."""
+
+    def __init__(self, env: ServiceEnv, config: MeshConfig, token: str) -> None:
+        self.env = env
+        self.config = config
+        self.token = token
+        self.client = MeshClient(token, timeout=10)
+        self.started = time.monotonic()
+        self.provider = env.provider
+        self.task_id: str | None = None
+        self.progress: str | None = None
+        self.beat_seq = 0
+        self.superseded = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.env.service
+
+    def health(self) -> dict:
+        return {
+            "status": "ok", "service": self.name, "role": self.env.role, "pid": os.getpid(),
+            "incarnation": self.env.incarnation, "uptime": round(time.monotonic() - self.started, 3),
+            "task": self.task_id, "progress": self.progress, "provider": self.provider,
+        }
+
+
+HEALTH_KEY = web.AppKey("service_ctx", ServiceContext)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response(request.app[HEALTH_KEY].health())
+
+
+async def heartbeat_loop(ctx: ServiceContext) -> None:
+    """Beat every interval, on a fixed schedule (no drift). A 409 means a newer
+    incarnation replaced us: stop serving rather than run as a ghost."""
+    interval = ctx.config.policy.heartbeat_interval
+    url = ctx.env.daemon_url + "/beat"
+    next_at = time.monotonic()
+    while True:
+        beat = Beat(service=ctx.name, incarnation=ctx.env.incarnation, pid=os.getpid(), seq=ctx.beat_seq,
+                    task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider)
+        ctx.beat_seq += 1
+        try:
+            await ctx.client.post(url, beat, timeout=max(0.5, interval))
+        except MeshHTTPError as err:
+            if err.status == 409 and err.json().get("verdict") == "stale_incarnation":
+                log.error("superseded: the daemon no longer knows this incarnation; exiting")
+                ctx.superseded.set()
+                return
+            log.warning("beat rejected: %s", err)
+        except (OSError, asyncio.TimeoutError) as err:
+            log.debug("beat not delivered (daemon unreachable): %s", err)
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+Build = Callable[[ServiceContext], Awaitable[web.Application] | web.Application]
+
+
+async def _serve(build: Build) -> None:
+    env = ServiceEnv.from_environ()
+    logs.setup(env.service, incarnation=env.incarnation, comms_path=env.home / "logs" / "comms.jsonl")
+    config = load_mesh(env.config or None)
+    token = read_token(env.token_file)
+    if not token:
+        raise SystemExit(f"no mesh token at {env.token_file}")
+    ctx = ServiceContext(env, config, token)
+    app = build(ctx)
+    if asyncio.iscoroutine(app):
+        app = await app
+    app[HEALTH_KEY] = ctx
+    app[TOKEN_KEY] = token
+    app.router.add_get("/health", _health)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", env.port, reuse_address=True)
+    await site.start()
+    log.info("serving", extra={"port": env.port, "pid": os.getpid(), "provider": ctx.provider})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    beats = asyncio.ensure_future(heartbeat_loop(ctx))
+    superseded = asyncio.ensure_future(ctx.superseded.wait())
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), superseded], return_when=asyncio.FIRST_COMPLETED)
+    beats.cancel()
+    log.info("stopping")
+    await runner.cleanup()
+    await ctx.client.close()
+
+
+def run_service(build: Build) -> None:
+    try:
+        asyncio.run(_serve(build))
+    except OSError as err:
+        print(f"cannot serve: {err}", file=sys.stderr)
+        sys.exit(3)

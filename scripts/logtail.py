@@ -1,0 +1,106 @@
+"""`tron logs`: a merged, prefixed, coloured tail of service logs.
+
+Each service appends to ``<home>/logs/<name>.log`` across incarnations, so following
+the file follows the service through restarts. Lines are decoded with replacement (odd
+or binary output never breaks the tail); JSON lines are shown as ``name | level msg k=v``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+COLOURS = ["36", "32", "33", "35", "34", "96", "92", "93", "95", "94"]
+LEVEL = {"warning": "33", "error": "31", "critical": "1;31"}
+SKIP = {"ts", "level", "logger", "msg", "service"}
+
+
+def format_line(name: str, raw: bytes, colour: str, use_colour: bool) -> str:
+    text = raw.decode("utf-8", errors="replace").rstrip("\n")
+    text = "".join(ch if ch.isprintable() or ch == "\t" else "\ufffd" for ch in text)
+    body = text
+    level = ""
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict) and "msg" in obj:
+            level = str(obj.get("level", ""))
+            extras = " ".join(f"{k}={v}" for k, v in obj.items() if k not in SKIP)
+            body = f"{obj.get('ts', '')[11:23]} {level:<7} {obj['msg']}" + (f"  {extras}" if extras else "")
+    except (json.JSONDecodeError, TypeError):
+        pass
+    if not use_colour:
+        return f"{name:>14} | {body}"
+    lvl = LEVEL.get(level)
+    body = f"\x1b[{lvl}m{body}\x1b[0m" if lvl else body
+    return f"\x1b[{colour}m{name:>14}\x1b[0m | {body}"
+
+
+def _last_lines(path: Path, n: int) -> list[bytes]:
+    if n <= 0:
+        return []
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 64 * 1024))
+        return f.read().splitlines(keepends=True)[-n:]
+
+
+def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None,
+         stop_after: float | None = None) -> int:
+    out = out or sys.stdout
+    use_colour = out.isatty() if hasattr(out, "isatty") else False
+    if names:
+        missing = [n for n in names if not (logs_dir / f"{n}.log").exists()]
+        if missing and not follow:
+            print(f"tron logs: no log for {', '.join(missing)} in {logs_dir}", file=sys.stderr)
+            return 2
+    colour_of: dict[str, str] = {}
+    offsets: dict[str, int] = {}
+
+    def files() -> dict[str, Path]:
+        found = {p.stem: p for p in sorted(logs_dir.glob("*.log"))}
+        return {n: found.get(n, logs_dir / f"{n}.log") for n in names} if names else found
+
+    for name, path in files().items():
+        colour_of[name] = COLOURS[len(colour_of) % len(COLOURS)]
+        if path.exists():
+            for raw in _last_lines(path, lines):
+                out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
+            offsets[name] = path.stat().st_size
+    out.flush()
+    if not follow:
+        return 0
+    partial: dict[str, bytes] = {}
+    started = time.monotonic()
+    try:
+        while stop_after is None or time.monotonic() - started < stop_after:
+            wrote = False
+            for name, path in files().items():
+                colour_of.setdefault(name, COLOURS[len(colour_of) % len(COLOURS)])
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                pos = offsets.get(name, 0)
+                if size < pos:
+                    pos = 0  # truncated or replaced: start again from the top
+                if size == pos:
+                    continue
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    chunk = partial.pop(name, b"") + f.read(size - pos)
+                offsets[name] = size
+                *complete, rest = chunk.split(b"\n")
+                if rest:
+                    partial[name] = rest
+                for raw in complete:
+                    out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
+                    wrote = True
+            if wrote:
+                out.flush()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    return 0

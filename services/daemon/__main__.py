@@ -1,0 +1,66 @@
+"""python -m services.daemon [--config FILE] [--home DIR]: the daemon in the foreground.
+
+Usually started by `tron up`. Exits non-zero with one clear line when it cannot start
+(another daemon on this home, a malformed registry, a bad mesh file, a busy port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from common.config import ConfigError, load_mesh
+from common.paths import Home
+from registry.schema import RegistryError
+from services.daemon.api import make_app
+from services.daemon.core import Daemon, StartError
+
+log = logging.getLogger("tron.daemon")
+
+
+async def serve(daemon: Daemon) -> int:
+    await daemon.start()
+    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", daemon.config.mesh.daemon_port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        await daemon.shutdown()
+        raise StartError(f"cannot listen on 127.0.0.1:{daemon.config.mesh.daemon_port}: {err.strerror}") from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_shutdown)
+    daemon.write_daemon_file(daemon.config.mesh.daemon_port)
+    bring_up = asyncio.ensure_future(daemon.bring_up())
+    await daemon.shutdown_requested.wait()
+    bring_up.cancel()
+    await daemon.shutdown()
+    await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.daemon")
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--home")
+    args = parser.parse_args(argv)
+    try:
+        config = load_mesh(args.config)
+        home = Home.resolve(args.home)
+        daemon = Daemon(config, home, config_path=(args.config or Path(config.source)).resolve())
+        return asyncio.run(serve(daemon))
+    except (ConfigError, RegistryError, StartError) as err:
+        print(f"tron daemon: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

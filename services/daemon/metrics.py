@@ -1,0 +1,29 @@
+"""Prometheus metrics of the daemon, in a registry of their own (not the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class DaemonMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.beats = Counter("tron_beats_received", "Heartbeats accepted", registry=r)
+        self.beats_rejected = Counter("tron_beats_rejected", "Heartbeats rejected", ["verdict"], registry=r)
+        self.alerts = Counter("tron_alerts", "Alerts raised by TRON", ["reason"], registry=r)
+        self.restarts = Counter("tron_restarts", "Restarts carried out", ["kind"], registry=r)
+        self.escalations = Counter("tron_escalations", "Escalation hops recorded", registry=r)
+        self.provider_switches = Counter("tron_provider_switches", "Provider switches", registry=r)
+        self.permanent_failures = Counter("tron_permanent_failures", "Tasks declared failed", registry=r)
+        self.detection_latency = Histogram("tron_detection_latency_seconds",
+                                           "Delay between a failure becoming true and TRON alerting",
+                                           ["reason"], buckets=LATENCY_BUCKETS, registry=r)
+        self.recovery_latency = Histogram("tron_recovery_latency_seconds",
+                                          "From failure to the new incarnation answering /health",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.services_up = Gauge("tron_services_running", "Services in state running", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

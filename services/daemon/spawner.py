@@ -1,0 +1,177 @@
+"""The local spawner: real processes on this machine.
+
+Each child runs in its own session (so its own process group), with stdout and stderr
+appended to ``<home>/logs/<name>.log`` (files, never pipes: a child must outlive a
+killed daemon without blocking on a full pipe). Exits are noticed through a pidfd
+registered with the event loop, which works the same for our own children and for
+processes adopted from an earlier daemon, with no thread and no polling.
+
+Stopping is SIGTERM to the group (with SIGCONT, so a stopped process can act on it),
+then SIGKILL to the group and to any descendant that left it, after a grace period.
+Local-only facts (pids, process groups) stay in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+log = logging.getLogger("tron.spawner")
+
+
+@dataclass
+class Child:
+    name: str
+    incarnation: str
+    pid: int
+    create_time: float
+    adopted: bool = False
+    popen: subprocess.Popen | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    expected_exit: bool = False  # set before we kill it ourselves
+    _pidfd: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+
+ExitCallback = Callable[[Child], None]
+
+
+class LocalSpawner:
+    def __init__(self, logs_dir: Path, on_exit: ExitCallback) -> None:
+        self.logs_dir = logs_dir
+        self.on_exit = on_exit
+
+    def spawn(self, name: str, incarnation: str, argv: list[str], env: dict[str, str], cwd: Path) -> Child:
+        """Start a process in its own session. Raises OSError if it cannot start."""
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.logs_dir / f"{name}.log", "ab", buffering=0) as out:
+            popen = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        try:
+            create_time = psutil.Process(popen.pid).create_time()
+        except psutil.NoSuchProcess:
+            create_time = 0.0
+        child = Child(name, incarnation, popen.pid, create_time, popen=popen)
+        self._watch(child)
+        return child
+
+    def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
+        """Take over a live process from an earlier daemon, if it is the same process
+        (same pid *and* start time: a recycled pid is someone else)."""
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - create_time) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            return None
+        child = Child(name, incarnation, pid, create_time, adopted=True)
+        try:
+            self._watch(child)
+        except ProcessLookupError:
+            return None
+        return child
+
+    def _watch(self, child: Child) -> None:
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(child.pid)
+        child._pidfd = fd
+        loop.add_reader(fd, self._reap, child)
+
+    def _reap(self, child: Child) -> None:
+        loop = asyncio.get_running_loop()
+        if child._pidfd is not None:
+            loop.remove_reader(child._pidfd)
+            os.close(child._pidfd)
+            child._pidfd = None
+        if child.popen is not None:
+            try:
+                _, status = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                status = None
+            if status is not None:
+                if os.WIFSIGNALED(status):
+                    child.exit_signal = os.WTERMSIG(status)
+                    child.popen.returncode = -child.exit_signal
+                else:
+                    child.exit_code = os.waitstatus_to_exitcode(status)
+                    child.popen.returncode = child.exit_code
+        child.exited.set()
+        self.on_exit(child)
+
+    # -- stopping -------------------------------------------------------------------------
+
+    @staticmethod
+    def _descendants(pid: int) -> list[psutil.Process]:
+        try:
+            return psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    @staticmethod
+    def _signal_group(pid: int, sig: int) -> None:
+        try:
+            os.killpg(pid, sig)  # the child leads its own session, so pgid == pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, child: Child, grace: float) -> None:
+        """SIGTERM, wait up to ``grace``, then SIGKILL; the whole tree either way."""
+        if not child.alive:
+            self._kill_strays(child)
+            return
+        child.expected_exit = True
+        strays = self._descendants(child.pid)
+        self._signal_group(child.pid, signal.SIGTERM)
+        self._signal_group(child.pid, signal.SIGCONT)  # a stopped process cannot act on TERM
+        try:
+            await asyncio.wait_for(child.exited.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("stop: %s pid %s ignored SIGTERM for %.1fs, killing", child.name, child.pid, grace)
+            self._signal_group(child.pid, signal.SIGKILL)
+            await self._wait_exited(child)
+        self._kill_strays(child, strays)
+
+    async def kill(self, child: Child) -> None:
+        """SIGKILL the whole tree at once: the process has already failed (hung or
+        misbehaving), so there is nothing to wait for."""
+        child.expected_exit = True
+        strays = self._descendants(child.pid)
+        self._signal_group(child.pid, signal.SIGKILL)
+        await self._wait_exited(child)
+        self._kill_strays(child, strays)
+
+    async def _wait_exited(self, child: Child) -> None:
+        try:
+            await asyncio.wait_for(child.exited.wait(), 10)
+        except asyncio.TimeoutError:
+            log.error("kill: %s pid %s still present 10s after SIGKILL", child.name, child.pid)
+
+    def _kill_strays(self, child: Child, strays: list[psutil.Process] | None = None) -> None:
+        """Descendants that moved to their own group would survive a group kill."""
+        self._signal_group(child.pid, signal.SIGKILL)
+        for proc in strays or []:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass

@@ -1,0 +1,94 @@
+"""Gateway: where runs enter and where their outcome is reported.
+
+It keeps no state of its own: a run is a registry row (through the daemon), its root
+task is recorded before it is handed to the root, and the result (or the root's failure
+notice) finishes the run. A restarted gateway loses nothing.
+
+    POST /runs {prompt}           -> 202 {run_id}          (token)
+    GET  /runs/{id}               -> the run as recorded
+    POST /notify_run_failed       <- the root, on permanent failure (token)
+    POST /task_result             <- the root's result for a run (token)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from common import logs
+from common.agent import Agent
+from common.http import MeshHTTPError, error, parse, require_token
+from common.models import RunCreate, RunFailed, TaskAssign, TaskRecord, TaskResult
+from common.service import ServiceContext
+
+log = logging.getLogger("tron.gateway")
+ROOT = "root"
+
+
+class Gateway(Agent):
+    role = "gateway"
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/runs", self.h_create)
+        app.router.add_get("/runs/{run_id}", self.h_get)
+        app.router.add_post("/notify_run_failed", self.h_failed)
+
+    def _root(self) -> str:
+        roots = [n for n, s in self.config.services.items() if s.role == "root"]
+        if not roots:
+            raise web.HTTPServiceUnavailable(text='{"error": "this mesh has no root service"}',
+                                             content_type="application/json")
+        return roots[0]
+
+    @require_token
+    async def h_create(self, request: web.Request) -> web.Response:
+        body = await parse(request, RunCreate)
+        root = self._root()
+        run = await self.ctx.client.post(f"{self.daemon}/runs", body)
+        run_id = run["run_id"]
+        task_id = f"{run_id}.0"
+        await self.ctx.client.post(f"{self.daemon}/tasks", TaskRecord(
+            task_id=task_id, run_id=run_id, agent=root, parent_agent=self.name, kind="run", prompt=body.prompt))
+        assign = TaskAssign(task_id=task_id, run_id=run_id, kind="run", prompt=body.prompt, reply_to=self.name)
+        logs.comms("task_dispatch", src=self.name, dst=root, task=task_id, run=run_id)
+        try:
+            await self.ctx.client.post(self.config.url(root) + "/tasks", assign)
+        except (MeshHTTPError, OSError) as err:
+            log.warning("root unreachable for %s (%s): the daemon re-dispatches when it is back", run_id, err)
+        return web.json_response({"run_id": run_id, "task_id": task_id}, status=202)
+
+    async def h_get(self, request: web.Request) -> web.Response:
+        try:
+            run = await self.ctx.client.get(f"{self.daemon}/runs/{request.match_info['run_id']}")
+        except MeshHTTPError as err:
+            return error(err.status, err.json().get("error", "lookup failed"))
+        return web.json_response(run)
+
+    @require_token
+    async def h_failed(self, request: web.Request) -> web.Response:
+        notice = await parse(request, RunFailed)
+        logs.comms("run_failed", src=ROOT, dst=self.name, run=notice.run_id, task=notice.task_id,
+                   reason=notice.reason)
+        log.error("run failed", extra={"run": notice.run_id, "reason": notice.reason, "detail": notice.detail})
+        answer = await self._finish_run(notice.run_id, "failed", None, notice.reason, notice.detail)
+        return web.json_response(answer)
+
+    @require_token
+    async def _h_result(self, request: web.Request) -> web.Response:
+        outcome = await parse(request, TaskResult)
+        answer = await self._finish_run(outcome.run_id, outcome.status, outcome.result, outcome.reason,
+                                        outcome.detail)
+        return web.json_response(answer)
+
+    async def _finish_run(self, run_id: str, status: str, result: str | None, reason: str | None,
+                          detail: dict) -> dict:
+        body = {"status": status, "result": result, "reason": reason, "detail": detail}
+        try:
+            return await self.ctx.client.post(f"{self.daemon}/runs/{run_id}/finish", body)
+        except MeshHTTPError as err:
+            raise web.HTTPBadGateway(text=err.body, content_type="application/json") from None
+
+
+def make_app(ctx: ServiceContext) -> web.Application:
+    return Gateway(ctx).make_app()

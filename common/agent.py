@@ -51,6 +51,7 @@ class Task:
     assign: TaskAssign
     started: float = field(default_factory=time.monotonic)
     progress: str | None = None
+    waiting: int = 0  # sub-tasks this task is waiting on
 
     @property
     def id(self) -> str:
@@ -62,8 +63,16 @@ class Task:
         return self.assign.progress
 
 
+def load_sdks() -> None:
+    """Import the LLM SDKs (about 2 s here). Run in a thread: an import on the event
+    loop would stop the heartbeats, and TRON would rightly call the agent hung."""
+    import anthropic  # noqa: F401
+    import ollama  # noqa: F401
+
+
 class Agent:
     role = "agent"
+    uses_llm = False  # roles that call the LLM load the SDKs in the background at start
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -73,6 +82,7 @@ class Agent:
         self.waiting: dict[str, asyncio.Future] = {}
         self.early: dict[str, TaskResult] = {}
         self._bg: set[asyncio.Task] = set()
+        self._sdks: asyncio.Future | None = None
 
     # -- the app ------------------------------------------------------------------------
 
@@ -83,7 +93,17 @@ class Agent:
         app.router.add_post("/handle_child_timeout", self._h_child_timeout)
         app.router.add_post("/handle_grandchild_failure", self._h_grandchild_failure)
         self.add_routes(app)
+        if self.uses_llm:
+            app.on_startup.append(self._preload)
         return app
+
+    async def _preload(self, app: web.Application) -> None:
+        self.sdks_ready()
+
+    def sdks_ready(self) -> asyncio.Future:
+        if self._sdks is None:
+            self._sdks = asyncio.ensure_future(asyncio.to_thread(load_sdks))
+        return self._sdks
 
     def add_routes(self, app: web.Application) -> None:
         """Roles add their own endpoints here."""
@@ -127,8 +147,10 @@ class Agent:
         if self.active:
             oldest = min(self.active.values(), key=lambda t: t.started)
             self.ctx.task_id, self.ctx.progress = oldest.id, oldest.progress
+            self.ctx.waiting = oldest.waiting > 0
         else:
             self.ctx.task_id = self.ctx.progress = None
+            self.ctx.waiting = False
 
     async def _run(self, task: Task) -> None:
         a = task.assign
@@ -213,10 +235,15 @@ class Agent:
                     # The child is down: the daemon hands it the task when it is back.
                     log.warning("dispatch of %s to %s failed (%s); waiting for the ladder", task_id, child, err)
             bound = self.policy.task_timeout * (1 + self.policy.max_restarts + self.policy.max_provider_switches)
+            parent.waiting += 1
+            self._refresh_beat_fields()
             try:
                 outcome: TaskResult = await asyncio.wait_for(asyncio.shield(future), bound)
             except asyncio.TimeoutError:
                 raise TaskFailed("child_task_unanswered", {"child": child, "task": task_id, "waited": bound}) from None
+            finally:
+                parent.waiting -= 1
+                self._refresh_beat_fields()
             if outcome.status == "failed":
                 raise TaskFailed("child_task_failed", {"child": child, "task": task_id, "reason": outcome.reason,
                                                        "detail": outcome.detail})
@@ -305,6 +332,7 @@ class Agent:
         settings = ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
                                     ollama_model=p.ollama_model, timeout_s=p.timeout, max_tokens=p.max_tokens)
         provider = self.ctx.provider or p.default
+        await self.sdks_ready()
         try:
             reply = await complete(provider, system=system_prompt(self.role), prompt=prompt, settings=settings,
                                    stream=stream)

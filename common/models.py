@@ -40,6 +40,9 @@ class Beat(Msg):
     task_id: str | None = Field(None, max_length=128)
     progress: str | None = Field(None, max_length=512)
     provider: str | None = Field(None, max_length=32)
+    # True while the task waits on sub-tasks: those have their own detectors, so the
+    # parent's own progress and wall-clock deadlines do not run meanwhile.
+    waiting: bool = False
 
 
 class Alert(Msg):

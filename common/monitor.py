@@ -12,6 +12,8 @@ Kinds of deadline for an agent incarnation:
 - ``progress``: a task whose progress marker has not changed for ``progress_timeout``
   -> ``no_progress``
 - ``task``: a task running longer than ``task_timeout`` -> ``task_timeout``
+While a beat says the task is waiting on sub-tasks, neither of the last two runs: the
+sub-tasks have their own deadlines, and their ladders end the wait.
 A process exit is reported by the spawner (``process_exited``) and alerts at once.
 
 After an incarnation has raised an alert it is silent: the ladder owns it now, and the
@@ -179,6 +181,7 @@ class Monitor:
         *,
         task_id: str | None = None,
         progress: str | None = None,
+        waiting: bool = False,
     ) -> Verdict:
         with self.cond:
             w = self._agents.get(service)
@@ -196,9 +199,11 @@ class Monitor:
                     w.task_id = w.task_since = w.progress = w.progress_since = None
                 else:
                     self._start_task(w, task_id, progress, now)
-            elif task_id is not None and progress != w.progress:
+            elif task_id is not None and (progress != w.progress or waiting):
                 w.progress = progress
                 w.progress_since = now
+                if waiting:
+                    w.task_since = now
             self.beats_accepted += 1
             return Verdict.ACCEPTED
 

@@ -70,6 +70,7 @@ class ServiceContext:
         self.provider = env.provider
         self.task_id: str | None = None
         self.progress: str | None = None
+        self.waiting = False
         self.beat_seq = 0
         self.superseded = asyncio.Event()
 
@@ -100,7 +101,7 @@ async def heartbeat_loop(ctx: ServiceContext) -> None:
     next_at = time.monotonic()
     while True:
         beat = Beat(service=ctx.name, incarnation=ctx.env.incarnation, pid=os.getpid(), seq=ctx.beat_seq,
-                    task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider)
+                    task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider, waiting=ctx.waiting)
         ctx.beat_seq += 1
         try:
             await ctx.client.post(url, beat, timeout=max(0.5, interval))

@@ -334,6 +334,10 @@ class Registry:
             (scope, key, int(count_failure), reason, utcnow()),
         )
 
+    async def retry_recorded(self, alert_id: str, retry_type: str, agent: str) -> dict | None:
+        return await self._one("SELECT * FROM retry_history WHERE alert_id = ? AND retry_type = ? AND agent_id = ?",
+                               (alert_id, retry_type, agent))
+
     async def restart_times(self, agent: str) -> list[float]:
         """Monotonic times of this agent's restarts (the registry counts, not a process)."""
         rows = await self._all(

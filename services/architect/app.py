@@ -12,6 +12,7 @@ from common.service import ServiceContext
 
 class Architect(Agent):
     role = "architect"
+    uses_llm = True
 
     async def work(self, task: Task) -> str:
         directors = self.children()

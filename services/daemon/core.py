@@ -334,7 +334,7 @@ class Daemon:
     async def on_beat(self, beat) -> Verdict:
         now = time.monotonic()
         verdict = self.monitor.beat(beat.service, beat.incarnation, beat.seq, now, task_id=beat.task_id,
-                                    progress=beat.progress)
+                                    progress=beat.progress, waiting=beat.waiting)
         if verdict is not Verdict.ACCEPTED:
             self.metrics.beats_rejected.labels(verdict=str(verdict)).inc()
             return verdict
@@ -455,8 +455,9 @@ class Daemon:
         st = self.services[req.service]
         async with st.lock:
             alert = await self.registry.alert(req.alert_id)
-            if req.retry_type == "child_restart" and alert is not None and alert["status"] == "handled":
-                return {"status": "duplicate", "alert_id": req.alert_id, "decision": alert["decision"]}
+            if await self.registry.retry_recorded(req.alert_id, req.retry_type, st.name) or (
+                    req.retry_type == "child_restart" and alert is not None and alert["status"] == "handled"):
+                return {"status": "duplicate", "alert_id": req.alert_id}
             if (st.incarnation != req.replaces or st.replacing == req.replaces
                     or st.state in (State.STOPPING, State.STOPPED)):
                 return {"status": "stale", "current": st.incarnation, "state": str(st.state)}

@@ -27,6 +27,7 @@ def resume_index(marker: str | None) -> int:
 
 class Programmer(Agent):
     role = "programmer"
+    uses_llm = True
 
     async def work(self, task: Task) -> str:
         start = resume_index(task.resume_from)

@@ -50,16 +50,17 @@ class Root(Agent):
     async def on_grandchild_failure(self, esc: Escalation) -> dict:
         logs.comms("escalation_at_root", src=esc.path[-2] if len(esc.path) > 1 else esc.service, dst=self.name,
                    alert=esc.alert_id, agent=esc.service, task=esc.task_id, run=esc.run_id, reason=esc.reason)
+        if not esc.task_id:
+            # Failing while idle: no work to move to another provider. Like an OTP
+            # supervisor past its intensity, stop here; the service stays given up.
+            return await self.fail_permanently(esc, "restarts_exhausted_while_idle")
         status = await self.ctx.client.get(f"{self.daemon}/status")
         current = next(s for s in status["services"] if s["name"] == esc.service)
         provider = current["provider"] or self.config.providers.default
-        switches = 0
-        if esc.task_id:
-            task = await self.ctx.client.get(f"{self.daemon}/tasks/{esc.task_id}")
-            if task["status"] in ("done", "failed"):
-                return {"action": "none", "why": f"task {esc.task_id} is already {task['status']}"}
-            switches = task["ladder"]["switches"]
-        decision = decide_switch(switches, provider, self.policy) if esc.retryable or esc.task_id else Fail("idle")
+        task = await self.ctx.client.get(f"{self.daemon}/tasks/{esc.task_id}")
+        if task["status"] in ("done", "failed"):
+            return {"action": "none", "why": f"task {esc.task_id} is already {task['status']}"}
+        decision = decide_switch(task["ladder"]["switches"], provider, self.policy)
         if isinstance(decision, SwitchProvider):
             req = RestartRequest(service=esc.service, replaces=current["incarnation"] or esc.incarnation,
                                  alert_id=esc.alert_id, reason=esc.reason,

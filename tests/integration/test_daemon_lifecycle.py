@@ -1,0 +1,89 @@
+"""The daemon's own life: a killed daemon's children keep serving and are adopted by
+the next daemon; a malformed registry stops the start; non-agent services are
+supervised by exit and by an HTTP liveness probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import psutil
+import pytest
+
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_killed_daemon_leaves_children_serving_and_the_next_one_adopts_them(mesh):
+    before = {s["name"]: (s["pid"], s["incarnation"]) for s in mesh.status()["services"]}
+    daemon_pid = json.loads((mesh.home / "run" / "daemon.json").read_text())["pid"]
+    os.kill(daemon_pid, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(daemon_pid) or psutil.Process(daemon_pid).status() == "zombie", 10,
+             "the daemon to die")
+    for name, (pid, _) in before.items():
+        assert mesh.health(name)["pid"] == pid, f"{name} stopped serving when the daemon died"
+    mesh.up()
+    after = {s["name"]: (s["pid"], s["incarnation"]) for s in mesh.status()["services"]}
+    assert after == before, "the new daemon spawned duplicates instead of adopting"
+    adopted = mesh.rows("SELECT agent FROM events WHERE kind = 'adopted'")
+    assert sorted(r["agent"] for r in adopted) == sorted(before)
+    # an adopted child is supervised like any other: kill it and it comes back
+    old = mesh.kill("programmer-1")
+    mesh.wait_replaced("programmer-1", old)
+    [row] = mesh.history("programmer-1")
+    assert row["reason"] == "process_exit"
+
+
+def test_tron_down_after_a_daemon_crash_still_stops_every_child(mesh):
+    pids = [s["pid"] for s in mesh.status()["services"]]
+    os.kill(json.loads((mesh.home / "run" / "daemon.json").read_text())["pid"], signal.SIGKILL)
+    proc = mesh.down()
+    assert proc.returncode == 0 and "orphaned" in proc.stdout, proc.stdout + proc.stderr
+    assert mesh.processes() == []
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def test_malformed_registry_stops_the_start_with_a_clear_message(mesh_factory):
+    m = mesh_factory()
+    db = m.home / "registry" / "registry.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    proc = m.tron("up", "--detach")
+    assert proc.returncode != 0
+    assert "registry" in proc.stderr and ("malformed" in proc.stderr or "not a usable" in proc.stderr), proc.stderr
+    assert m.processes() == []
+
+
+def test_wal_without_its_database_stops_the_start(mesh_factory):
+    m = mesh_factory()
+    reg = m.home / "registry"
+    reg.mkdir(parents=True)
+    (reg / "registry.db-wal").write_bytes(b"\x00" * 64)
+    proc = m.tron("up", "--detach")
+    assert proc.returncode != 0 and "was lost" in proc.stderr, proc.stderr
+    assert not (reg / "registry.db").exists()
+
+
+def test_a_non_agent_command_is_supervised_by_exit_and_liveness_probe(mesh_factory):
+    services = {
+        "web": {"command": ["{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1"], "port": 6150,
+                "liveness": {"url": "http://127.0.0.1:{port}/", "interval": 0.2, "timeout": 0.3,
+                             "failure_threshold": 2}},
+    }
+    m = mesh_factory(services=services)
+    m.up()
+    web = m.service("web")
+    assert web["state"] == "running" and web["provider"] is None
+    old = m.kill("web")
+    wait_for(lambda: (s := m.service("web"))["state"] == "running" and s["pid"] not in (None, old), 20,
+             "web to be respawned")
+    [row] = m.history("web")
+    assert row["reason"] == "process_exit"
+    # a hung (stopped) server: the process exists but the probe fails
+    hung = m.kill("web", signal.SIGSTOP)
+    wait_for(lambda: (s := m.service("web"))["state"] == "running" and s["pid"] not in (None, hung), 20,
+             "the hung web server to be replaced")
+    rows = m.history("web")
+    assert [r["reason"] for r in rows] == ["process_exit", "liveness_failed"]

@@ -1,0 +1,208 @@
+"""Issue 2: the mesh comes up, TRON notices dead and hung agents, parents restart them,
+restarts are bounded and recorded, bad input changes nothing, nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.integration.conftest import REPO, wait_for
+
+pytestmark = pytest.mark.integration
+
+AGENTS = ["llm-sim", "gateway", "root", "architect", "director-code", "director-docs", "programmer-1",
+          "programmer-2"]
+
+
+def test_whole_mesh_comes_up_healthy(mesh):
+    status = mesh.status()
+    assert [s["name"] for s in status["services"]] == AGENTS
+    for s in status["services"]:
+        assert s["state"] == "running", s
+        h = mesh.health(s["name"])
+        assert h["pid"] == s["pid"] and h["incarnation"] == s["incarnation"]
+        assert {"status", "role", "pid", "incarnation", "uptime", "task", "provider"} <= set(h)
+    sessions = mesh.rows("SELECT agent, status FROM sessions")
+    assert sorted(r["agent"] for r in sessions) == sorted(AGENTS)
+    assert {r["status"] for r in sessions} == {"running"}
+    out = mesh.tron("status").stdout
+    assert "programmer-1" in out and "running" in out
+
+
+def test_sigkill_of_every_service_brings_a_new_pid_and_one_history_row(mesh):
+    for name in AGENTS:
+        before = mesh.service(name)
+        old_pid = mesh.kill(name)
+        fresh = mesh.wait_replaced(name, old_pid)
+        assert fresh["incarnation"] != before["incarnation"]
+        rows = wait_for(lambda: mesh.history(name), 5, f"history row for {name}")
+        assert len(rows) == 1, rows
+        row = rows[0]
+        assert (row["retry_type"], row["reason"], row["retry_count"]) == ("child_restart", "process_exit", 1)
+        assert json.loads(row["detail"])["signal"] == signal.SIGKILL
+        expected_parent = mesh.spec["services"][name].get("parent", "daemon")
+        assert row["requested_by"] == expected_parent
+        old = mesh.rows("SELECT status, end_reason, exit_signal FROM sessions WHERE incarnation = ?",
+                        (before["incarnation"],))[0]
+        assert old["status"] == "ended" and old["exit_signal"] == signal.SIGKILL
+        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+    # one running session per service, none left open for a dead process
+    open_sessions = mesh.rows("SELECT agent, pid FROM sessions WHERE status != 'ended'")
+    assert sorted(r["agent"] for r in open_sessions) == sorted(AGENTS)
+    assert all(psutil.pid_exists(r["pid"]) for r in open_sessions)
+
+
+def test_sigstop_is_detected_after_missed_beats_and_the_process_is_replaced(mesh):
+    old_pid = mesh.kill("programmer-2", signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    mesh.wait_replaced("programmer-2", old_pid)
+    took = time.monotonic() - stopped_at
+    [row] = mesh.history("programmer-2")
+    assert row["reason"] == "heartbeat_timeout" and row["retry_type"] == "child_restart"
+    detail = json.loads(row["detail"])
+    beat_timeout = mesh.policy["heartbeat_interval"] * mesh.policy["miss_threshold"]
+    assert detail["beat_timeout"] == beat_timeout
+    # Detected no earlier than the threshold allows (and the stopped process is gone).
+    assert detail["silent_for"] >= beat_timeout
+    assert took >= beat_timeout - mesh.policy["heartbeat_interval"]
+    wait_for(lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == "zombie", 10,
+             "the stopped process to be killed")
+
+
+def test_restarts_beyond_the_limit_stop_and_record_an_escalation(mesh):
+    name = "programmer-1"
+    limit = mesh.policy["max_restarts"]
+    for i in range(limit):
+        old = mesh.kill(name)
+        mesh.wait_replaced(name, old)
+    mesh.kill(name)
+    mesh.wait_state(name, "given_up")
+    rows = wait_for(lambda: (h := mesh.history(name)) and h[-1]["retry_type"] == "permanent_failure" and h, 10,
+                    "the escalation to reach the root")
+    kinds = [r["retry_type"] for r in rows]
+    assert kinds.count("child_restart") == limit
+    escalations = [r for r in rows if r["retry_type"] == "escalation"]
+    assert escalations and escalations[0]["reason"] == "max_restarts_exceeded"
+    assert escalations[0]["hop"] == "director-code->architect"
+    # the escalation climbed to the root one hop at a time, and the root stopped it there
+    hops = [r["hop"] for r in escalations]
+    assert hops[-1] == "architect->root"
+    assert rows[-1]["retry_type"] == "permanent_failure"
+    assert rows[-1]["reason"] == "restarts_exhausted_while_idle"
+    # no more restarts: it stays down, and no process runs for it
+    assert mesh.service(name)["pid"] is None
+    assert mesh.health(name) is None
+    assert len([r for r in mesh.history(name) if r["retry_type"] == "child_restart"]) == limit
+
+
+def test_run_completes_end_to_end_through_llm_sim(mesh):
+    proc = mesh.tron("run", "write a haiku about supervisors", "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)
+    assert run["status"] == "done"
+    assert "[sim:anthropic:" in run["result"] and "programmer-1" in run["result"] and "programmer-2" in run["result"]
+    tasks = mesh.rows("SELECT agent, status, kind FROM tasks WHERE run_id = ?", (run["run_id"],))
+    assert sorted(t["agent"] for t in tasks) == sorted(["root", "architect", "director-code", "director-docs",
+                                                        "programmer-1", "programmer-2"])
+    assert {t["status"] for t in tasks} == {"done"}
+    # the real SDKs reached the simulator: both streamed and plain requests were served
+    status, faults = mesh.http("GET", mesh.url("llm-sim") + "/sim/faults", token=False)
+    assert faults["providers"]["anthropic"]["counters"]["served"] >= 5
+
+
+def test_a_task_in_flight_survives_the_death_of_its_programmer(mesh):
+    # Slow the provider so the programmer is mid-task when it dies.
+    code, _ = mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 1500})
+    assert code == 200
+    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "resume me"})
+    assert code == 202
+    run_id = body["run_id"]
+    busy = wait_for(lambda: (s := mesh.service("programmer-1"))["task"] and s, 30, "programmer-1 to take its task")
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults/anthropic")
+    mesh.kill("programmer-1")
+    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1])
+                   and r["status"] != "running" and r, 60, "the run to finish")
+    assert run["status"] == "done", run
+    [task] = mesh.rows("SELECT * FROM tasks WHERE task_id = ?", (busy["task"],))
+    assert task["attempt"] == 2 and task["status"] == "done"
+    resumed = mesh.rows("SELECT payload FROM events WHERE kind = 'task_resumed' AND task_id = ?", (busy["task"],))
+    assert len(resumed) == 1
+    assert json.loads(resumed[0]["payload"])["progress"].startswith("step:")
+
+
+def test_second_daemon_on_the_same_home_is_refused(mesh):
+    proc = subprocess.run([sys.executable, "-m", "services.daemon", "--config", str(mesh.config),
+                           "--home", str(mesh.home)], env=mesh.env, cwd=REPO, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert "another tron daemon" in proc.stderr
+    again = mesh.tron("up", "--detach")
+    assert again.returncode != 0 and "already up" in again.stderr
+    assert all(s["state"] == "running" for s in mesh.status()["services"])
+
+
+def test_bad_beats_and_missing_tokens_get_4xx_and_change_nothing(mesh):
+    daemon = mesh.url("daemon")
+    p1 = mesh.service("programmer-1")
+    good = {"service": "programmer-1", "incarnation": p1["incarnation"], "pid": p1["pid"], "seq": 10**9}
+    cases = [
+        ("POST", daemon + "/beat", good, False, None, 401),
+        ("POST", daemon + "/beat", {**good, "service": "nobody"}, True, None, 404),
+        ("POST", daemon + "/beat", {**good, "incarnation": "i-stale"}, True, None, 409),
+        ("POST", daemon + "/beat", None, True, b"{not json", 400),
+        ("POST", daemon + "/beat", {"service": "programmer-1"}, True, None, 422),
+        ("POST", daemon + "/beat", {**good, "extra": 1}, True, None, 422),
+        ("POST", daemon + "/beat", None, True, b"{" + b" " * (300 * 1024) + b"}", 413),
+        ("POST", daemon + "/control/restart", {"service": "programmer-1", "replaces": p1["incarnation"],
+                                               "alert_id": "a-x", "reason": "manual", "requested_by": "me"},
+         False, None, 401),
+        ("POST", daemon + "/control/restart", {"service": "programmer-1", "replaces": p1["incarnation"],
+                                               "alert_id": "a-x", "reason": "manual", "requested_by": "me"},
+         "wrong-token", None, 401),
+        ("POST", daemon + "/control/restart", {"service": "ghost", "replaces": "i-1", "alert_id": "a-y",
+                                               "reason": "manual", "requested_by": "me"}, True, None, 404),
+        ("POST", mesh.url("director-code") + "/handle_child_timeout", {}, False, None, 401),
+        ("POST", mesh.url("root") + "/handle_grandchild_failure", {}, False, None, 401),
+        ("POST", mesh.url("gateway") + "/notify_run_failed", {"run_id": "r", "reason": "x"}, False, None, 401),
+        ("POST", mesh.url("gateway") + "/runs", {"prompt": "x"}, False, None, 401),
+        ("POST", mesh.url("gateway") + "/runs", {"prompt": ""}, True, None, 422),
+        ("POST", mesh.url("architect") + "/handle_child_timeout",
+         {"alert_id": "a-1", "service": "gateway", "incarnation": "i-1", "reason": "process_exit"}, True, None, 422),
+    ]
+    for method, url, body, token, raw, expected in cases:
+        code, answer = mesh.http(method, url, body, token=token, raw=raw)
+        assert code == expected, (url, body, code, answer)
+        assert isinstance(answer, dict) and answer.get("error"), (url, answer)
+    # nothing changed: same incarnation, no history, no runs
+    assert mesh.service("programmer-1")["incarnation"] == p1["incarnation"]
+    assert mesh.history() == []
+    assert mesh.rows("SELECT * FROM runs") == []
+
+
+def test_duplicate_restart_requests_restart_once(mesh):
+    p1 = mesh.service("programmer-1")
+    req = {"service": "programmer-1", "replaces": p1["incarnation"], "alert_id": "a-manual-1",
+           "reason": "operator_request", "requested_by": "director-code"}
+    answers = [mesh.http("POST", mesh.url("daemon") + "/control/restart", req) for _ in range(3)]
+    other = mesh.http("POST", mesh.url("daemon") + "/control/restart", {**req, "alert_id": "a-manual-2"})
+    assert [a[0] for a in answers] == [202, 200, 200]
+    assert other[0] == 409 and other[1]["status"] == "stale"
+    mesh.wait_replaced("programmer-1", p1["pid"])
+    assert len(mesh.history("programmer-1")) == 1
+
+
+def test_tron_down_leaves_nothing_behind(mesh):
+    pids = [s["pid"] for s in mesh.status()["services"]] + [json.loads((mesh.home / "run" / "daemon.json")
+                                                                       .read_text())["pid"]]
+    proc = mesh.down()
+    assert proc.returncode == 0 and "Nothing left running" in proc.stdout
+    assert mesh.processes() == []
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    assert mesh.rows("SELECT * FROM sessions WHERE status != 'ended'") == []
+    assert "nothing was running" in mesh.down().stdout

@@ -18,6 +18,9 @@ from common.policy import Restart, decide_restart
 def plan_child_failure(alert: Alert, ladder: dict, policy: Policy, me: str,
                        *, now: float | None = None) -> RestartRequest | Escalation:
     task = ladder.get("task") or {}
+    # A provider failure is recorded under its classified reason (overloaded_error,
+    # authentication_error, ...); TRON's own signals under theirs.
+    reason = alert.detail.get("error_reason") or str(alert.reason)
     decision = decide_restart(
         ladder.get("restart_times", []),
         time.monotonic() if now is None else now,
@@ -25,16 +28,16 @@ def plan_child_failure(alert: Alert, ladder: dict, policy: Policy, me: str,
         retryable=alert.retryable,
         already_escalated=bool(task.get("switches")),
         task_restarts=task.get("restarts", 0),
-        reason=alert.detail.get("error_reason", str(alert.reason)),
+        reason=reason,
     )
     if isinstance(decision, Restart):
         return RestartRequest(
-            service=alert.service, replaces=alert.incarnation, alert_id=alert.alert_id, reason=str(alert.reason),
-            detail={**alert.detail, "attempt": decision.attempt}, delay=decision.delay, requested_by=me,
+            service=alert.service, replaces=alert.incarnation, alert_id=alert.alert_id, reason=reason,
+            detail={**alert.detail, "detected_by": str(alert.reason), "attempt": decision.attempt}, delay=decision.delay, requested_by=me,
             task_id=alert.task_id,
         )
     return Escalation(
         alert_id=alert.alert_id, service=alert.service, incarnation=alert.incarnation, reason=decision.reason,
-        detail={**alert.detail, "signal": str(alert.reason)}, task_id=alert.task_id, run_id=alert.run_id,
+        detail={**alert.detail, "detected_by": str(alert.reason)}, task_id=alert.task_id, run_id=alert.run_id,
         provider=alert.provider, restarts=decision.restarts, retryable=alert.retryable, path=[me],
     )

@@ -6,6 +6,8 @@ Everything that changes state needs the mesh token; every body is a pydantic mod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import time
 
 from aiohttp import web
@@ -36,7 +38,7 @@ def _service(d: Daemon, name: str):
 
 async def health(request: web.Request) -> web.Response:
     d = _daemon(request)
-    return web.json_response({"status": "ok", "role": DAEMON, "pid": __import__("os").getpid(),
+    return web.json_response({"status": "ok", "role": DAEMON, "pid": os.getpid(),
                               "uptime": round(time.monotonic() - d.started_mono, 1)})
 
 
@@ -184,6 +186,8 @@ async def report_failure(request: web.Request) -> web.Response:
                                    {"error_reason": rep.reason, **rep.detail})
     if signal is None:
         return web.json_response({"status": "already_alerted"})
+    if rep.task_id and signal.task_id != rep.task_id:
+        signal = dataclasses.replace(signal, task_id=rep.task_id)  # failed before a beat carried the task
     d._spawn_bg(d.on_signal(signal, retryable=rep.retryable), f"report {rep.service}")
     return web.json_response({"status": "alerted"}, status=202)
 

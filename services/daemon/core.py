@@ -559,15 +559,16 @@ class Daemon:
         st = self.services[rec.service]
         task = await self.registry.task(rec.task_id) if rec.task_id else None
         rows = [r for r in await self.registry.history(10000) if rec.task_id and r["task_id"] == rec.task_id]
-        signals = sorted({json.loads(r["detail"]).get("signal") or r["reason"] for r in rows
+        signals = sorted({json.loads(r["detail"]).get("detected_by") or r["reason"] for r in rows
                           if r["retry_type"] == "escalation"} | {r["reason"] for r in rows
                                                                  if r["retry_type"] == "child_restart"})
         providers = [p for p in dict.fromkeys([r["from_provider"] for r in reversed(rows)] + [st.provider]) if p]
         failure = {
+            **rec.detail,
             "agent": rec.service, "reason": rec.reason, "signals": signals, "providers_tried": providers,
             "restarts": sum(r["retry_type"] == "child_restart" for r in rows),
             "provider_switches": sum(r["retry_type"] == "llm_change" for r in rows),
-            "task_id": rec.task_id, "run_id": rec.run_id, **rec.detail,
+            "task_id": rec.task_id, "run_id": rec.run_id,
         }
         row = await self.registry.record_retry(
             alert_id=rec.alert_id, agent_id=rec.service, retry_type="permanent_failure", reason=rec.reason,
@@ -583,8 +584,8 @@ class Daemon:
             outcome = TaskResult(task_id=task["task_id"], run_id=task["run_id"], status="failed",
                                  reason="permanent_failure", detail=failure, service=rec.service)
             self._spawn_bg(self._deliver_result(task["parent_agent"], outcome), f"fail {task['task_id']}")
-        if rec.run_id:
-            await self.registry.finish_run(rec.run_id, "failed", None, failure)
+        run_failed_now = bool(rec.run_id) and await self.registry.finish_run(rec.run_id, "failed", None, failure)
+        if run_failed_now:
             if notify_gateway:
                 self._spawn_bg(self._notify_gateway(rec.run_id, rec.task_id, rec.reason, failure), "notify")
         async with st.lock:
@@ -592,7 +593,7 @@ class Daemon:
                 st.provider = self.config.provider_of(st.name)
                 await self.registry.set_agent(st.name, provider=st.provider)
                 await self.start_service(st, reason="idle_after_permanent_failure")
-        return {"status": "recorded", "failure": failure}
+        return {"status": "recorded", "failure": failure, "run_failed_now": run_failed_now}
 
     async def _deliver_result(self, target: str, outcome: TaskResult) -> None:
         if target not in self.services:

@@ -81,7 +81,7 @@ class Root(Agent):
         body = {"alert_id": esc.alert_id, "service": esc.service, "task_id": esc.task_id, "run_id": esc.run_id,
                 "reason": why, "detail": {"last_reason": esc.reason, "path": esc.path, **esc.detail}}
         answer = await self.ctx.client.post(f"{self.daemon}/control/permanent_failure", body)
-        if answer.get("status") == "recorded" and esc.run_id:
+        if answer.get("status") == "recorded" and answer.get("run_failed_now"):  # one notice per run
             gateway = next((n for n, s in self.config.services.items() if s.role == "gateway"), None)
             notice = RunFailed(run_id=esc.run_id, task_id=esc.task_id, reason=why, detail=answer.get("failure", {}))
             if gateway:

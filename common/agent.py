@@ -27,7 +27,7 @@ from aiohttp import web
 from common import logs
 from common.config import DAEMON
 from common.http import MeshHTTPError, error, parse, require_token
-from common.ladder import plan_child_failure
+from common.ladder import apply_advice, parse_advice, plan_child_failure
 from common.models import Alert, Escalation, EscalationRecord, RestartRequest, TaskAssign, TaskRecord, TaskResult
 from common.service import ServiceContext
 
@@ -93,7 +93,7 @@ class Agent:
         app.router.add_post("/handle_child_timeout", self._h_child_timeout)
         app.router.add_post("/handle_grandchild_failure", self._h_grandchild_failure)
         self.add_routes(app)
-        if self.uses_llm:
+        if self.uses_llm or self.policy.llm_advice:
             app.on_startup.append(self._preload)
         return app
 
@@ -101,6 +101,7 @@ class Agent:
         self.sdks_ready()
 
     def sdks_ready(self) -> asyncio.Future:
+        """The SDK import, started once, awaited by whoever needs it."""
         if self._sdks is None:
             self._sdks = asyncio.ensure_future(asyncio.to_thread(load_sdks))
         return self._sdks
@@ -277,6 +278,10 @@ class Agent:
         ladder = await self.ctx.client.get(f"{self.daemon}/agents/{alert.service}/ladder"
                                            + (f"?task_id={alert.task_id}" if alert.task_id else ""))
         plan = plan_child_failure(alert, ladder, self.policy, self.name)
+        if self.policy.llm_advice and isinstance(plan, RestartRequest):
+            plan = await self.advise(alert, ladder, plan)
+        if isinstance(plan, Escalation) and plan.run_id is None:
+            plan = plan.model_copy(update={"run_id": alert.run_id, "provider": alert.provider})
         if isinstance(plan, RestartRequest):
             try:
                 answer = await self.ctx.client.post(f"{self.daemon}/control/restart", plan)
@@ -288,12 +293,40 @@ class Agent:
         answer = await self.escalate(plan)
         return web.json_response({"action": "escalate", **answer})
 
+    async def advise(self, alert: Alert, ladder: dict, plan: RestartRequest) -> RestartRequest | Escalation:
+        """Ask the LLM whether to restart or escalate, within ``advice_timeout``. No
+        answer, an unusable one, or a failure leaves the policy's decision as it was."""
+        from common.prompts import system_prompt
+
+        question = (f"Child {alert.service} failed: {alert.reason} {alert.detail}. Restarts in the window: "
+                    f"{len(ladder.get('restart_times', []))} of {self.policy.max_restarts}. Task: {alert.task_id}.")
+        try:
+            async with asyncio.timeout(self.policy.advice_timeout):
+                await self.sdks_ready()
+                from common.providers import ProviderSettings, complete
+
+                p = self.config.providers
+                settings = ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
+                                            ollama_model=p.ollama_model, timeout_s=self.policy.advice_timeout,
+                                            max_tokens=64)
+                reply = await complete(self.ctx.provider or p.default, system=system_prompt("advisor"),
+                                       prompt=question, settings=settings)
+            advice, rationale = parse_advice(reply.text)
+            note = "unusable answer" if advice is None else "ok"
+        except TimeoutError:
+            advice, rationale, note = None, "", f"timeout after {self.policy.advice_timeout}s"
+        except Exception as err:  # the advisor is optional: any failure means "no advice"
+            advice, rationale, note = None, "", f"failed: {type(err).__name__}: {str(err)[:100]}"
+        log.info("advice for %s: %s (%s)", alert.service, advice, note, extra={"alert": alert.alert_id})
+        return apply_advice(plan, advice, rationale, note)
+
     async def escalate(self, esc: Escalation) -> dict:
         """Record this hop with the daemon, then hand the failure to our parent."""
         parent = self.config.spec(self.name).parent
         rec = EscalationRecord(alert_id=esc.alert_id, service=esc.service, task_id=esc.task_id, run_id=esc.run_id,
                                reason=esc.reason, detail={**esc.detail, "incarnation": esc.incarnation},
-                               from_service=self.name, to_service=parent, restarts=esc.restarts)
+                               from_service=self.name, to_service=parent, restarts=esc.restarts,
+                               decided_by=esc.decided_by)
         answer = await self.ctx.client.post(f"{self.daemon}/control/escalation", rec)
         if parent == DAEMON or answer.get("status") == "duplicate":
             return answer

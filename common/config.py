@@ -56,6 +56,10 @@ class Policy(_Strict):
     stop_grace: float = Field(5.0, ge=0)
     start_timeout: float = Field(30.0, gt=0)
     alert_delivery_timeout: float = Field(2.0, gt=0)
+    # Optional: a parent asks its LLM whether to restart or escalate. The policy bounds
+    # always win, and a slow or failed advisor never delays the ladder past the timeout.
+    llm_advice: bool = False
+    advice_timeout: float = Field(2.0, gt=0, le=30)
 
     @property
     def beat_timeout(self) -> float:

@@ -95,6 +95,7 @@ class Escalation(Msg):
     restarts: int = Field(0, ge=0)
     retryable: bool = True
     path: list[str] = []  # services the escalation has passed through, in order
+    decided_by: Literal["policy", "llm"] = "policy"
 
 
 class TaskAssign(Msg):
@@ -165,6 +166,7 @@ class EscalationRecord(Msg):
     from_service: NameStr
     to_service: NameStr
     restarts: int = Field(0, ge=0)
+    decided_by: Literal["policy", "llm"] = "policy"
 
 
 class FailureReport(Msg):

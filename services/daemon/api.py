@@ -100,7 +100,8 @@ async def escalation(request: web.Request) -> web.Response:
     st = _service(d, rec.service)
     esc = Escalation(alert_id=rec.alert_id, service=rec.service, incarnation=st.incarnation or "none",
                      reason=rec.reason, detail=rec.detail, task_id=rec.task_id, run_id=rec.run_id,
-                     provider=st.provider, restarts=rec.restarts, path=[rec.from_service, rec.to_service])
+                     provider=st.provider, restarts=rec.restarts, path=[rec.from_service, rec.to_service],
+                     decided_by=rec.decided_by)
     if "incarnation" in rec.detail and isinstance(rec.detail["incarnation"], str):
         esc.incarnation = rec.detail["incarnation"]
     return web.json_response(await d.give_up(esc, by=rec.from_service, to=rec.to_service))

@@ -533,7 +533,8 @@ class Daemon:
         row = await self.registry.record_retry(
             alert_id=esc.alert_id, agent_id=esc.service, retry_type="escalation", reason=esc.reason,
             detail={**esc.detail, "from": by, "to": to, "path": esc.path, "restarts": esc.restarts},
-            task_id=esc.task_id, run_id=esc.run_id, from_provider=esc.provider, requested_by=by, hop=f"{by}->{to}")
+            task_id=esc.task_id, run_id=esc.run_id, from_provider=esc.provider, requested_by=by, hop=f"{by}->{to}",
+            decided_by=esc.decided_by)
         if row is None:
             return {"status": "duplicate", "action": "escalate"}
         self.metrics.escalations.inc()

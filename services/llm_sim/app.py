@@ -239,6 +239,9 @@ _STEPS = (
 )
 
 
+_CHOICE = re.compile(r"exactly one\s+word[^.]*?,\s*([A-Z]{3,})\s+or\s+([A-Z]{3,})", re.S)
+
+
 def compose_answer(provider: str, convo: Conversation) -> Answer:
     """A short, plausible, deterministic answer for a conversation.
 
@@ -247,6 +250,14 @@ def compose_answer(provider: str, convo: Conversation) -> Answer:
     """
     digest = convo.digest()
     last_user = next((t.text for t in reversed(convo.turns) if t.role == "user"), "")
+    choice = _CHOICE.search(convo.system or "")
+    if choice:
+        # A prompt that asks for one of two words (the supervisor's advisor): answer
+        # deterministically with one of them, so the caller's parsing is exercised.
+        options = choice.group(1), choice.group(2)
+        word = options[int(digest, 16) % 2] if "[pick-any]" in last_user else options[0]
+        text = f"{word}\n[sim:{provider}:{digest}] deterministic advice for: {' '.join(last_user.split())[:60]}"
+        return Answer(text, max(1, convo.word_count()), len(text.split()))
     topic = " ".join(last_user.split())[:80]
     first = int(digest, 16) % len(_STEPS)
     steps = [_STEPS[(first + i) % len(_STEPS)] for i in range(3)]

@@ -174,3 +174,22 @@ def test_the_same_alert_delivered_twice_is_handled_once(ladder_mesh):
     assert answers[0][1]["status"] == "accepted" and answers[1][1]["status"] == "duplicate", answers
     mesh.wait_replaced("programmer-1", p1["pid"])
     assert len(mesh.history("programmer-1")) == 1
+
+
+def test_llm_advice_is_recorded_and_a_slow_advisor_never_holds_the_ladder(mesh_factory):
+    mesh = mesh_factory(services=SERVICES, policy={"llm_advice": True, "advice_timeout": 1.0})
+    mesh.up()
+    old = mesh.kill("programmer-1")
+    mesh.wait_replaced("programmer-1", old)
+    [row] = mesh.history("programmer-1")
+    detail = json.loads(row["detail"])
+    assert row["decided_by"] == "llm" and detail["advice"] == "restart" and detail["rationale"]
+    # the advisor's provider hangs: the restart goes ahead on policy after advice_timeout
+    fault(mesh, "anthropic", "hang")
+    old = mesh.kill("programmer-2")
+    killed_at = __import__("time").monotonic()
+    mesh.wait_replaced("programmer-2", old)
+    took = __import__("time").monotonic() - killed_at
+    [row] = mesh.history("programmer-2")
+    assert row["decided_by"] == "policy" and json.loads(row["detail"])["advice"].startswith("timeout")
+    assert took < 1.0 + 10  # bounded by the advice timeout plus a cold start, not by the hang

@@ -25,3 +25,14 @@ def print_history(rows: list[dict], metrics: list[dict]) -> None:
         m.add_row(r["scope"], r["key"], str(r["failures"]), str(r["restarts"]), str(r["escalations"]),
                   str(r["provider_switches"]), str(r["permanent_failures"]), r["last_reason"] or "-")
     console.print(m)
+
+
+def print_report(checks) -> None:
+    console = Console()
+    t = Table(title="tron report", header_style="bold")
+    for col in ("check", "verdict", "figure", "offenders"):
+        t.add_column(col)
+    for c in checks:
+        verdict = "[green]healthy[/green]" if c.healthy else "[bold red]UNHEALTHY[/bold red]"
+        t.add_row(c.name, verdict, c.figure, "; ".join(map(str, c.offenders[:3])) + (" ..." if len(c.offenders) > 3 else ""))
+    console.print(t)

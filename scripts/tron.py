@@ -6,6 +6,7 @@
     tron logs [-f] [NAME...]   merged, coloured tail of service logs
     tron run "PROMPT"          submit a run through the gateway and follow it
     tron history [--json]      retry history and failure metrics
+    tron report [--json]       health report from the registry; exit 1 if any line is unhealthy
     tron sim fault P KIND      inject a provider fault into llm-sim; `tron sim clear [P]`
 
 Global options: --config FILE (default mesh.toml), --home DIR (or TRON_HOME; default
@@ -328,6 +329,43 @@ def cmd_history(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _pid_alive_since(pid: int | None, create_time: float | None) -> bool:
+    import psutil
+
+    if not pid:
+        return False
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and (create_time is None or abs(p.create_time() - create_time) < 0.01)
+    except psutil.Error:
+        return False
+
+
+def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
+    from registry.read import connect
+    from registry.report import run_report
+
+    try:
+        conn = connect(ctx.home.registry_db)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+    p = ctx.config.policy
+    with conn:
+        checks = run_report(conn, max_restarts=p.max_restarts, max_switches=p.max_provider_switches,
+                            pid_alive=_pid_alive_since)
+    healthy = all(c.healthy for c in checks)
+    if args.json:
+        print(json.dumps({"healthy": healthy, "checks": [c.to_dict() for c in checks]}, indent=2))
+    else:
+        from scripts.tables import print_report
+
+        print_report(checks)
+    return 0 if healthy else 1
+
+
 # -- sim -------------------------------------------------------------------------------------------
 
 
@@ -373,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist = sub.add_parser("history", help="retry history and failure metrics")
     hist.add_argument("--json", action="store_true")
     hist.add_argument("--limit", type=int, default=100)
+    rep = sub.add_parser("report", help="health report computed from the registry")
+    rep.add_argument("--json", action="store_true")
     sim = sub.add_parser("sim", help="llm-sim fault injection")
     simsub = sim.add_subparsers(dest="sim_cmd", required=True)
     fault = simsub.add_parser("fault", help="inject a fault")
@@ -387,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs, "run": cmd_run,
-            "history": cmd_history, "sim": cmd_sim}
+            "history": cmd_history, "report": cmd_report, "sim": cmd_sim}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,7 +260,8 @@ class Daemon:
         st.healthy.set()
         if st.failed_mono is not None:
             self.metrics.recovery_latency.observe(time.monotonic() - st.failed_mono)
-            await self.registry.event("recovered", {"seconds": round(time.monotonic() - st.failed_mono, 4)},
+            await self.registry.event("recovered", {"seconds": round(time.monotonic() - st.failed_mono, 4),
+                                                    "cold_start": round(time.monotonic() - st.started_mono, 4)},
                                       agent=st.name, incarnation=incarnation)
             st.failed_mono = None
         if st.spec.is_agent:

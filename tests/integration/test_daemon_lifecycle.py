@@ -11,7 +11,7 @@ import signal
 import psutil
 import pytest
 
-from tests.integration.conftest import wait_for
+from scripts.harness import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.integration.conftest import REPO, wait_for
+from scripts.harness import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +56,9 @@ def test_sigkill_of_every_service_brings_a_new_pid_and_one_history_row(mesh):
     open_sessions = mesh.rows("SELECT agent, pid FROM sessions WHERE status != 'ended'")
     assert sorted(r["agent"] for r in open_sessions) == sorted(AGENTS)
     assert all(psutil.pid_exists(r["pid"]) for r in open_sessions)
+    report = mesh.tron("report", "--json")
+    assert report.returncode == 0, report.stdout
+    assert json.loads(report.stdout)["healthy"] is True
 
 
 def test_sigstop_is_detected_after_missed_beats_and_the_process_is_replaced(mesh):

@@ -1,0 +1,120 @@
+"""The health report: invariants of the registry, each one SQL query and a verdict.
+
+Every check returns a ``Check`` (name, healthy, figure, offenders). Liveness of pids is
+the one fact SQL cannot see; the caller passes ``pid_alive`` (psutil in the CLI) so the
+report stays a pure function of the database and that predicate.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Check:
+    name: str
+    healthy: bool
+    figure: str
+    offenders: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rows(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[dict]:
+    conn.row_factory = sqlite3.Row
+    return [dict(r) for r in conn.execute(sql, args)]
+
+
+def orphan_sessions(conn, pid_alive: Callable[[int, float | None], bool]) -> Check:
+    open_ = _rows(conn, "SELECT incarnation, agent, pid, pid_create_time FROM sessions WHERE status != 'ended'")
+    dead = [f"{s['agent']}:{s['incarnation']} (pid {s['pid']})" for s in open_
+            if not pid_alive(s["pid"], s["pid_create_time"])]
+    return Check("sessions running without their process", not dead, f"{len(dead)} of {len(open_)} open", dead)
+
+
+def duplicate_sessions(conn) -> Check:
+    rows = _rows(conn, "SELECT agent, COUNT(*) AS n FROM sessions WHERE status != 'ended' GROUP BY agent HAVING n > 1")
+    return Check("services with more than one open session", not rows, f"{len(rows)} services",
+                 [f"{r['agent']} x{r['n']}" for r in rows])
+
+
+def ownerless_tasks(conn) -> Check:
+    rows = _rows(conn, """
+        SELECT t.task_id, t.agent, t.status, r.status AS run_status FROM tasks t JOIN runs r USING (run_id)
+        WHERE t.status IN ('assigned', 'running') AND (
+              r.status != 'running'
+           OR NOT EXISTS (SELECT 1 FROM sessions s WHERE s.agent = t.agent AND s.status != 'ended')
+              AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.name = t.agent AND a.state IN ('backoff', 'starting')))
+    """)
+    return Check("open tasks without an owner", not rows, f"{len(rows)} tasks",
+                 [f"{r['task_id']} on {r['agent']} (run {r['run_status']})" for r in rows])
+
+
+def retries_over_ceiling(conn, max_restarts: int, max_switches: int) -> Check:
+    ceiling = 1 + max_restarts + max_switches
+    rows = _rows(conn, """
+        SELECT t.task_id, t.attempt,
+               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.retry_type = 'child_restart') AS restarts,
+               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.retry_type = 'llm_change') AS switches
+        FROM tasks t
+    """)
+    over = [r for r in rows if r["attempt"] > ceiling or r["restarts"] > max_restarts or r["switches"] > max_switches]
+    worst = max((r["attempt"] for r in rows), default=0)
+    return Check("tasks over their attempt bound", not over,
+                 f"max attempt {worst} of {ceiling} allowed; {len(over)} over",
+                 [f"{r['task_id']}: attempt {r['attempt']}, {r['restarts']} restarts, {r['switches']} switches"
+                  for r in over])
+
+
+def unexplained_failures(conn) -> Check:
+    total = _rows(conn, "SELECT COUNT(*) AS n FROM retry_history")[0]["n"]
+    bad = _rows(conn, "SELECT id, agent_id, reason FROM retry_history WHERE reason IS NULL OR TRIM(reason) = '' "
+                      "OR reason LIKE '%unknown%' COLLATE NOCASE")
+    share = (len(bad) / total * 100) if total else 0.0
+    return Check("failures recorded without a real reason", not bad, f"{share:.1f}% of {total}",
+                 [f"#{r['id']} {r['agent_id']}: {r['reason']!r}" for r in bad])
+
+
+def assignments_per_task(conn) -> Check:
+    rows = _rows(conn, "SELECT task_id, COUNT(*) AS n FROM events WHERE kind = 'task_assigned' GROUP BY task_id")
+    many = [r for r in rows if r["n"] > 1]
+    avg = sum(r["n"] for r in rows) / len(rows) if rows else 0.0
+    return Check("assignments per task", not many, f"avg {avg:.2f}, max {max((r['n'] for r in rows), default=0)}",
+                 [f"{r['task_id']} x{r['n']}" for r in many])
+
+
+def events_without_payload(conn) -> Check:
+    total = _rows(conn, "SELECT COUNT(*) AS n FROM events")[0]["n"]
+    bad = _rows(conn, "SELECT id, kind FROM events WHERE payload IS NULL OR payload IN ('', '{}', 'null')")
+    return Check("events without a payload", not bad, f"{len(bad)} of {total}",
+                 [f"#{r['id']} {r['kind']}" for r in bad[:20]])
+
+
+def alerts_delivered_twice(conn) -> Check:
+    rows = _rows(conn, "SELECT alert_id, agent, deliveries FROM alerts WHERE deliveries > 1")
+    total = _rows(conn, "SELECT COUNT(*) AS n FROM alerts")[0]["n"]
+    return Check("alerts delivered more than once", not rows, f"{len(rows)} of {total}",
+                 [f"{r['alert_id']} ({r['agent']}) x{r['deliveries']}" for r in rows])
+
+
+def unhandled_alerts(conn) -> Check:
+    rows = _rows(conn, "SELECT alert_id, agent, status FROM alerts WHERE status = 'undeliverable'")
+    return Check("alerts nobody handled", not rows, f"{len(rows)}", [f"{r['alert_id']} ({r['agent']})" for r in rows])
+
+
+def run_report(conn: sqlite3.Connection, *, max_restarts: int, max_switches: int,
+               pid_alive: Callable[[int, float | None], bool]) -> list[Check]:
+    return [
+        orphan_sessions(conn, pid_alive),
+        duplicate_sessions(conn),
+        ownerless_tasks(conn),
+        retries_over_ceiling(conn, max_restarts, max_switches),
+        unexplained_failures(conn),
+        assignments_per_task(conn),
+        events_without_payload(conn),
+        alerts_delivered_twice(conn),
+        unhandled_alerts(conn),
+    ]

@@ -1,0 +1,247 @@
+"""A real mesh driven from outside, as a user would: `tron` commands, HTTP, signals and
+read-only registry queries. Used by the integration tests, the benchmarks and the drills.
+
+``cleanup`` stops a mesh and reports (and kills) any process that was started for its
+home and is still alive (found through its TRON_HOME environment variable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+TRON = [sys.executable, str(REPO / "scripts" / "tron.py")]
+
+FAST_POLICY = {
+    "heartbeat_interval": 0.25,
+    "miss_threshold": 4,
+    "progress_timeout": 20.0,
+    "task_timeout": 60.0,
+    "max_restarts": 3,
+    "restart_window": 60.0,
+    "backoff_initial": 0.05,
+    "backoff_factor": 2.0,
+    "backoff_max": 0.2,
+    "backoff_jitter": 0.2,
+    "stop_grace": 3.0,
+    "start_timeout": 20.0,
+}
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll against a deadline; return the first truthy value or fail saying what."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def _ports_free(ports) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_offset(base_ports: list[int]) -> int:
+    for _ in range(200):
+        offset = random.randrange(20000, 50000, 100) - 6000
+        if _ports_free([p + offset for p in base_ports]):
+            return offset
+    raise RuntimeError("no free port range found")
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None = None,
+               providers: dict | None = None, fast: bool = True) -> dict:
+    """Write a mesh file: the default mesh, with the fast test policy unless ``fast`` is
+    False, then the given overrides."""
+    base = tomllib.loads((REPO / "mesh.toml").read_text())
+    if fast:
+        base["policy"].update(FAST_POLICY)
+    base["policy"].update(policy or {})
+    base["providers"].update(providers or {})
+    if services is not None:
+        base["services"] = services
+    lines = []
+    for section in ("mesh", "policy", "providers"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in base[section].items()]
+    for name, spec in base["services"].items():
+        lines.append(f"[services.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return base
+
+
+class Mesh:
+    def __init__(self, home: Path, config: Path, offset: int, spec: dict) -> None:
+        self.home = home
+        self.config = config
+        self.offset = offset
+        self.spec = spec
+        self.env = dict(os.environ, TRON_HOME=str(home), TRON_PORT_OFFSET=str(offset))
+        self.env.pop("ANTHROPIC_API_KEY", None)
+        self.env.pop("OLLAMA_HOST", None)
+        self.policy = spec["policy"]
+
+    # -- commands --------------------------------------------------------------------------
+
+    def tron(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*TRON, "--config", str(self.config), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout, cwd=REPO)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"tron {' '.join(args)} exited {proc.returncode}: {proc.stderr}{proc.stdout}")
+        return proc
+
+    def up(self) -> None:
+        self.tron("up", "--detach", check=True)
+
+    def down(self) -> subprocess.CompletedProcess:
+        return self.tron("down")
+
+    # -- looking -----------------------------------------------------------------------------
+
+    def port(self, name: str) -> int:
+        if name == "daemon":
+            return self.spec["mesh"]["daemon_port"] + self.offset
+        return self.spec["services"][name]["port"] + self.offset
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port(name)}"
+
+    @property
+    def token(self) -> str:
+        return (self.home / "run" / "token").read_text().strip()
+
+    def http(self, method: str, url: str, body=None, *, token: str | None | bool = True, raw: bytes | None = None,
+             timeout: float = 5) -> tuple[int, object]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if token is True:
+            req.add_header("X-Tron-Token", self.token)
+        elif isinstance(token, str):
+            req.add_header("X-Tron-Token", token)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                payload, status = resp.read(), resp.status
+        except urllib.error.HTTPError as err:
+            payload, status = err.read(), err.code
+        try:
+            return status, json.loads(payload) if payload else None
+        except json.JSONDecodeError:
+            return status, payload.decode(errors="replace")
+
+    def health(self, name: str) -> dict | None:
+        try:
+            status, body = self.http("GET", self.url(name) + "/health", token=False, timeout=0.5)
+        except (OSError, urllib.error.URLError):
+            return None
+        return body if status == 200 else None
+
+    def status(self) -> dict:
+        status, body = self.http("GET", self.url("daemon") + "/status", token=False)
+        assert status == 200, body
+        return body
+
+    def service(self, name: str) -> dict:
+        return next(s for s in self.status()["services"] if s["name"] == name)
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self.home / 'registry' / 'registry.db'}?mode=ro", uri=True, timeout=5)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def rows(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self.db() as conn:
+            return [dict(r) for r in conn.execute(sql, args)]
+
+    def history(self, agent: str | None = None) -> list[dict]:
+        if agent:
+            return self.rows("SELECT * FROM retry_history WHERE agent_id = ? ORDER BY id", (agent,))
+        return self.rows("SELECT * FROM retry_history ORDER BY id")
+
+    def wait_replaced(self, name: str, old_pid: int, timeout: float = 30) -> dict:
+        """Until a new pid answers /health on the service's own port."""
+        return wait_for(lambda: (h := self.health(name)) and h["pid"] != old_pid and h, timeout,
+                        f"{name} to come back with a new pid")
+
+    def wait_state(self, name: str, state: str, timeout: float = 30) -> dict:
+        return wait_for(lambda: (s := self.service(name))["state"] == state and s, timeout, f"{name} {state}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        pid = self.service(name)["pid"]
+        assert pid, f"{name} has no pid"
+        os.kill(pid, sig)
+        return pid
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process that was started for this mesh's home."""
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("TRON_HOME") == str(self.home) and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+
+def make_mesh(tmp_path: Path, **kw) -> Mesh:
+    """A mesh in ``tmp_path`` (config and home) on a free port range; not started."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    home = tmp_path / "home"
+    config = tmp_path / "mesh.toml"
+    spec = write_mesh(config, **kw)
+    ports = [spec["mesh"]["daemon_port"]] + [s["port"] for s in spec["services"].values()]
+    return Mesh(home, config, free_offset(ports), spec)
+
+
+def cleanup(mesh: Mesh) -> list[str]:
+    """Stop the mesh; return what was left behind (and kill it, so nothing leaks)."""
+    mesh.down()
+    leftovers = mesh.processes()
+    names = [f"{p.pid}:{' '.join(p.cmdline())[:80]}" for p in leftovers]
+    for p in leftovers:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return names
+
+

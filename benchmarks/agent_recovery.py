@@ -75,7 +75,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        mesh = make_mesh(Path(tmp), fast=False, policy={"max_restarts": 1000, "restart_window": 0.001})
+        mesh = make_mesh(Path(tmp), fast=False, policy={"max_restarts": 100, "restart_window": 0.001})
         try:
             mesh.up()
             samples = []

@@ -126,6 +126,9 @@ class ProvidersConfig(_Strict):
 
 class MeshSection(_Strict):
     daemon_port: int = Field(6109, ge=1, le=65535)
+    # Agents are forked from a process that has already imported them (milliseconds
+    # instead of seconds); other commands always spawn plainly.
+    fork_server: bool = True
 
 
 class MeshConfig(_Strict):

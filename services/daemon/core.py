@@ -30,7 +30,7 @@ from common.paths import Home, ensure_token
 from common.ladder import plan_child_failure
 from registry.store import Registry
 from services.daemon import metrics
-from services.daemon.spawner import Child, LocalSpawner
+from services.daemon.spawner import Child, ForkServerClient, LocalSpawner, become_subreaper, reap_strays
 from services.daemon.states import State, check
 
 log = logging.getLogger("tron.daemon")
@@ -86,6 +86,7 @@ class Daemon:
         self.token = ""
         self.client: MeshClient | None = None
         self.spawner: LocalSpawner | None = None
+        self.forkserver: ForkServerClient | None = None
         self.monitor_thread: MonitorThread | None = None
         self._lock_fd: int | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -126,6 +127,13 @@ class Daemon:
         self.client = MeshClient(self.token, timeout=self.policy.alert_delivery_timeout)
         self.spawner = LocalSpawner(self.home.logs, self._on_exit)
         logs.setup(DAEMON, comms_path=self.home.comms_log)
+        if self.config.mesh.fork_server and become_subreaper():
+            # TRON_HOME marks every process of this home, forked ones included (a forked
+            # process's /proc environ is the server's).
+            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TRON_HOME": str(self.home.root)}
+            self.forkserver = ForkServerClient(self.home.run / "forkserver.sock", self.home.log_file("forkserver"),
+                                               REPO_ROOT, env)
+            self._forkserver_started = self._spawn_bg(self.forkserver.start(), "fork server")
         for st in self.services.values():
             await self.registry.upsert_agent(st.name, st.spec.role, st.spec.parent, st.spec.port, st.provider)
             row = await self.registry.agent(st.name)
@@ -138,6 +146,9 @@ class Daemon:
     async def bring_up(self) -> None:
         """Adopt what an earlier daemon left running, start the rest, parents first."""
         await self._adopt_or_close_sessions()
+        if self.forkserver is not None:
+            await asyncio.wait([self._forkserver_started], timeout=30)
+        self._spawn_bg(self._reaper_loop(), "reaper")
         for name in self.config.start_order():
             st = self.services[name]
             if st.child is None or not st.child.alive:
@@ -163,6 +174,8 @@ class Daemon:
         for name in reversed(self.config.start_order()):
             st = self.services[name]
             await self.stop_service(st, reason="tron_down")
+        if self.forkserver is not None:
+            await self.forkserver.stop()
         if self.monitor_thread:
             self.monitor_thread.stop()
         await self.registry.event("daemon_stopped", {"pid": os.getpid()})
@@ -211,8 +224,16 @@ class Daemon:
         incarnation = new_id("i-")
         await self._transition(st, State.STARTING, reason)
         st.healthy.clear()
+        env = self._env(st, incarnation)
         try:
-            child = self.spawner.spawn(st.name, incarnation, st.spec.argv(), self._env(st, incarnation), REPO_ROOT)
+            child, mode = None, "plain"
+            if st.spec.is_agent and self.forkserver is not None and self.forkserver.ready:
+                pid = await self.forkserver.spawn(f"services.{st.spec.role}", env, REPO_ROOT,
+                                                  self.home.log_file(st.name))
+                if pid is not None:
+                    child, mode = self.spawner.track_forked(st.name, incarnation, pid), "fork"
+            if child is None:
+                child = self.spawner.spawn(st.name, incarnation, st.spec.argv(), env, REPO_ROOT)
         except OSError as err:
             log.error("spawn failed", extra={"offender": st.name, "error": str(err)})
             await self._transition(st, State.GIVEN_UP, f"spawn_failed: {err}")
@@ -224,10 +245,11 @@ class Daemon:
         st.probe_failures = 0
         await self.registry.open_session(incarnation, st.name, child.pid, child.create_time, st.spec.port, st.provider)
         await self.registry.event("spawned", {"pid": child.pid, "reason": reason, "provider": st.provider,
-                                              "argv": st.spec.argv()}, agent=st.name, incarnation=incarnation)
+                                              "mode": mode, "argv": st.spec.argv()},
+                                  agent=st.name, incarnation=incarnation)
         self._watch(st, first_deadline=self.policy.start_timeout)
         log.info("spawned", extra={"offender": st.name, "pid": child.pid, "incarnation": incarnation,
-                                   "reason": reason})
+                                   "reason": reason, "mode": mode})
         self._spawn_bg(self._await_health(st, incarnation), f"health {st.name}")
 
     def _watch(self, st: ServiceState, *, first_deadline: float) -> None:
@@ -621,6 +643,15 @@ class Daemon:
         except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
             log.error("gateway not told of failed run %s: %s (the registry has it)", run_id, err)
 
+    async def _reaper_loop(self) -> None:
+        """As a subreaper we inherit every orphan below us; reap the ones we do not track."""
+        while not self.stopping:
+            await asyncio.sleep(2.0)
+            tracked = {st.child.pid for st in self.services.values() if st.child is not None}
+            if self.forkserver is not None and self.forkserver.pid:
+                tracked.add(self.forkserver.pid)
+            reap_strays(tracked)
+
     # -- liveness probes for non-agent services -----------------------------------------------------
 
     async def _probe_loop(self) -> None:
@@ -688,6 +719,9 @@ class Daemon:
                        "uptime": round(now - self.started_mono, 1), "monitor_alive": bool(
                            self.monitor_thread and self.monitor_thread.is_alive())},
             "services": services,
+            "fork_server": None if self.forkserver is None else {
+                "pid": self.forkserver.pid, "ready": self.forkserver.ready,
+                "generation": self.forkserver.generation, "spawned": self.forkserver.spawned},
             "last_alert": self.last_alert,
             "policy": self.policy.model_dump(),
         }

@@ -1,0 +1,201 @@
+"""The fork server: agents restart in milliseconds instead of seconds.
+
+An agent's cold start is dominated by imports (``import anthropic`` alone is ~1.7 s
+here). The fork server imports the agent code and its dependencies once, then forks a
+new incarnation on request, as multiprocessing's forkserver and Android's zygote do.
+
+What must not cross a fork never exists in it: no threads, no event loop, no database
+handle, no socket but its own control socket (closed in the child). Each incarnation
+gets its own environment (identity, config path, provider, token file), its own log
+file and its own session; it reads its config and token after the fork, exactly as a
+fresh spawn does.
+
+Process tree: the server double-forks, and the intermediate exits at once, so the agent
+is reparented to the nearest subreaper, the daemon (``PR_SET_CHILD_SUBREAPER``): the
+daemon reaps it and gets its real exit status, as for a plain spawn.
+
+Before each fork the server checks that no source file it imported has changed; if one
+has, it answers ``stale`` and exits, and the daemon spawns plainly and starts a new
+server. A dead server is replaced the same way.
+
+Protocol: one JSON object per line on a Unix socket.
+    {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
+    {"op": "spawn", "module", "env", "cwd", "log"}   -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import runpy
+import signal
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PRELOAD = [
+    "aiohttp", "aiohttp.web", "pydantic", "psutil", "anthropic", "ollama", "setproctitle",
+    "common.agent", "common.service", "common.providers", "common.prompts",
+    "services.gateway.app", "services.root.app", "services.architect.app", "services.director.app",
+    "services.programmer.app", "services.llm_sim.app",
+]
+
+
+def _own_sources() -> dict[str, float]:
+    """Source files of the repo's own modules that are loaded, with their mtimes."""
+    out = {}
+    for mod in list(sys.modules.values()):
+        path = getattr(mod, "__file__", None)
+        if path and path.startswith(str(REPO)) and "/.venv/" not in path:
+            try:
+                out[path] = os.stat(path).st_mtime
+            except OSError:
+                out[path] = -1.0
+    return out
+
+
+def _stale(sources: dict[str, float]) -> str | None:
+    for path, mtime in sources.items():
+        try:
+            if os.stat(path).st_mtime != mtime:
+                return path
+        except OSError:
+            return path
+    return None
+
+
+def _become_service(req: dict) -> None:
+    """In the new incarnation: a fresh session, its own stdio, environment and cwd,
+    then run the role module as __main__. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        # Before the environment is replaced: setproctitle reuses the environ area.
+        _set_title(f"{sys.executable} -m {req['module']}  [tron {req['env'].get('TRON_SERVICE', '?')}]")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.closerange(3, 65536)  # the control socket and anything else of the server's
+        os.environ.clear()
+        os.environ.update(req["env"])
+        os.chdir(req["cwd"])
+        random.seed()  # the server's random state must not be shared by every incarnation
+        sys.argv = [req["module"]]
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _set_title(title: str) -> None:
+    """A forked process keeps the server's command line; `ps` should name the agent."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
+
+
+def _fork(req: dict) -> int:
+    r, w = os.pipe()
+    mid = os.fork()
+    if mid == 0:  # intermediate: fork the service and leave at once
+        os.close(r)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                _become_service(req)
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(mid, 0)
+    with os.fdopen(r, "rb") as f:
+        raw = f.read()
+    if not raw:
+        raise OSError("the intermediate process died before reporting the pid")
+    return int(raw)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """The fork server is the daemon's helper and must not outlive it (the agents it
+    forked must, and do: the kernel clears this setting in every fork)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the daemon died before we asked
+        sys.exit(0)
+
+
+def serve(sock_path: str, parent: int | None = None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if parent:
+        _die_with(parent)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    sources = _own_sources()
+    try:
+        os.unlink(sock_path)
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    server.listen(16)
+    print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
+    while True:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as f:
+            line = f.readline()
+            if not line:
+                continue
+            try:
+                req = json.loads(line)
+            except json.JSONDecodeError as err:
+                reply = {"ok": False, "error": f"bad request: {err}"}
+            else:
+                reply = _handle(req, sources)
+            f.write(json.dumps(reply).encode() + b"\n")
+            f.flush()
+            if reply.get("stale"):
+                print(json.dumps({"msg": "fork server out of date, exiting", "changed": reply["error"]}), flush=True)
+                return 0
+
+
+def _handle(req: dict, sources: dict[str, float]) -> dict:
+    if req.get("op") == "ping":
+        return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules)}
+    if req.get("op") != "spawn":
+        return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
+    changed = _stale(sources)
+    if changed:
+        return {"ok": False, "stale": True, "error": f"{changed} changed since the fork server started"}
+    try:
+        return {"ok": True, "pid": _fork(req)}
+    except OSError as err:
+        return {"ok": False, "error": f"fork failed: {err}"}
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))

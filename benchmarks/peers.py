@@ -434,7 +434,10 @@ def summarise(samples: list[dict], hangs: list[dict], labels: list[str]) -> dict
     for label in ["cold start", *labels]:
         rows = [s for s in samples if s["peer"] == label]
         entry = {"n": len(rows), "failed": sum(1 for s in rows if s["healthy"] is None)}
-        for key in ("new_process", "healthy"):
+        for s in rows:
+            if s.get("new_process") is not None and s["healthy"] is not None:
+                s["spawn_to_healthy"] = s["healthy"] - s["new_process"]
+        for key in ("new_process", "healthy", "spawn_to_healthy"):
             vals = [s[key] for s in rows if s.get(key) is not None]
             if vals:
                 entry[key] = {"median": statistics.median(vals), "p90": p90(vals)}
@@ -450,7 +453,8 @@ def hang_cell(hang: dict | None) -> str:
     if hang is None:
         return "-"
     if hang["replaced"]:
-        return f"yes, healthy after {hang['after']:.2f} s"
+        forked = f"new process at {hang['new_process']:.2f} s, " if hang["new_process"] is not None else ""
+        return f"yes: {forked}healthy at {hang['after']:.2f} s"
     return f"no: same pid still '{hang['old_state_at_end']}' after {HANG_WINDOW:g} s"
 
 
@@ -466,7 +470,8 @@ def table(summary: dict) -> str:
     for label, entry in summary.items():
         name = "cold start (Popen->/health)" if label == "cold start" else label
         n = f"{entry['n']}" + (f" ({entry['failed']} failed)" if entry["failed"] else "")
-        cells = [name, n, *stat_cells(entry, "new_process"), *stat_cells(entry, "healthy"), hang_cell(entry.get("hang"))]
+        cells = [name, n, *stat_cells(entry, "new_process"), *stat_cells(entry, "healthy"),
+                 hang_cell(entry.get("hang"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -489,10 +494,11 @@ def ratios(summary: dict) -> list[str]:
         verdict = "met" if tron - cold <= 0.050 else "NOT met"
         lines.append(f"- Tron - cold start, kill->healthy medians: {(tron - cold) * 1000:+.0f} ms "
                      f"(target <= +50 ms: {verdict})")
-    for label, entry in summary.items():
-        if label != "cold start" and "new_process" in entry and "healthy" in entry:
-            lines.append(f"- {label}: new process -> healthy (difference of the medians) "
-                         f"{fmt_s(entry['healthy']['median'] - entry['new_process']['median'])}")
+    spawn = [f"{label} {fmt_s(entry['spawn_to_healthy']['median'])}"
+             for label, entry in summary.items() if "spawn_to_healthy" in entry]
+    if spawn and cold:
+        lines.append(f"- new process -> healthy under each supervisor, median per kill (compare the cold start "
+                     f"{fmt_s(cold)}): {', '.join(spawn)}")
     return lines
 
 

@@ -63,7 +63,8 @@ import psutil  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 N_SERVICES_DEFAULT = 200
-VARIANTS = ("real", "bare", "batch", "batch_validated")
+VARIANTS = ("real", "bare", "bare_in_daemon", "batch", "batch_validated")
+SINGLE = ("real", "bare", "bare_in_daemon")
 
 
 def pct(values, p: float) -> float | None:
@@ -172,6 +173,19 @@ class ServerSide:
         self.batch_beats = 0
         self.profiler = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # garbage collections in this process: count and seconds per generation
+        self.gc_count = [0, 0, 0]
+        self.gc_time = [0.0, 0.0, 0.0]
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            g = info["generation"]
+            self.gc_count[g] += 1
+            self.gc_time[g] += time.perf_counter() - self._gc_t0
         self.done = asyncio.Event()
 
     async def _serve(self, app, name: str) -> None:
@@ -184,12 +198,19 @@ class ServerSide:
         self.ports[name] = site._server.sockets[0].getsockname()[1]
 
     async def setup(self) -> None:
+        await self._setup()
+        if self.args.server_gc_freeze:
+            gc.collect()
+            gc.freeze()  # diagnostic: start-up objects out of the collector's sight
+
+    async def _setup(self) -> None:
         from aiohttp import web
+        async def bare(request: web.Request) -> web.Response:
+            await request.json()
+            self.requests += 1
+            return web.json_response({"ok": True})
+
         if self.kind == "bare":
-            async def bare(request: web.Request) -> web.Response:
-                await request.json()
-                self.requests += 1
-                return web.json_response({"ok": True})
             app = web.Application(client_max_size=256 * 1024)
             app.router.add_post("/beat", bare)
             await self._serve(app, "bare")
@@ -248,6 +269,7 @@ class ServerSide:
         app[TOKEN_KEY] = d.token
         app.router.add_post("/beats", batch)
         app.router.add_post("/beats_validated", batch_validated)
+        app.router.add_post("/beat", bare)  # the bare handler inside the daemon's process
         await self._serve(app, "batch")
 
     # -- commands (run on the loop) ------------------------------------------------------
@@ -256,8 +278,9 @@ class ServerSide:
         return {"pid": os.getpid(), "ports": self.ports, "token": self.daemon.token if self.daemon else "",
                 "kind": self.kind}
 
-    async def cmd_stats(self) -> dict:
-        out = {"requests": self.requests, "batch_beats": self.batch_beats}
+    async def cmd_stats(self, objects: bool = False) -> dict:
+        out = {"requests": self.requests, "batch_beats": self.batch_beats, "gc_count": list(self.gc_count),
+               "gc_time_s": list(self.gc_time), "gc_tracked_objects": len(gc.get_objects()) if objects else None}
         if self.daemon:
             m = self.daemon.metrics
             out["monitor_beats_accepted"] = self.daemon.monitor.beats_accepted
@@ -326,8 +349,65 @@ class ServerSide:
                 except StopIteration:
                     pass
             timeit("Daemon.on_beat (coroutine, no suspend)", on_beat)
-            del loop
+            out.update(await self._handler_ab(loop))
         return out
+
+    async def _handler_ab(self, loop, n: int = 3000, reps: int = 3) -> dict:
+        """The real /beat handler against the bare one on mocked requests (no HTTP, no
+        sockets; GC off while timing): the handlers' own cost, free of aiohttp's machinery."""
+        from unittest import mock
+
+        from aiohttp import streams, web
+        from aiohttp.test_utils import make_mocked_request
+
+        from services.daemon.api import DAEMON_KEY, beat as real_beat
+        d = self.daemon
+        app = web.Application()
+        app[DAEMON_KEY] = d
+        from common.http import TOKEN_KEY
+        app[TOKEN_KEY] = d.token
+        proto = mock.Mock(_reading_paused=False)  # shared by every mocked request: building mocks is slow
+        transport = mock.Mock()
+        transport.get_extra_info.return_value = ("127.0.0.1", 12345)
+        writer = mock.Mock()
+        name, inc = "svc-001", "i-1"
+
+        async def bare(request):
+            await request.json()
+            return web.json_response({"ok": True})
+
+        def req(seq: int):
+            body = (b'{"service":"%s","incarnation":"%s","pid":1234,"seq":%d,"task_id":null,"progress":null}'
+                    % (name.encode(), inc.encode(), seq))
+            payload = streams.StreamReader(proto, 2**16, loop=loop)
+            payload.feed_data(body)
+            payload.feed_eof()
+            return make_mocked_request("POST", "/beat", headers={"X-Tron-Token": d.token, "Content-Length": str(len(body)),
+                                                                 "Content-Type": "application/json"},
+                                       payload=payload, app=app, protocol=proto, transport=transport, writer=writer)
+
+        res: dict[str, list[float]] = {"real": [], "bare": []}
+        seq = 10**9
+        for _ in range(reps):
+            for kind, handler in (("bare", bare), ("real", real_beat)):
+                reqs = [req(seq + k) for k in range(n)]
+                seq += n
+                gc.collect()
+                gc.disable()
+                try:
+                    per = []
+                    for r in reqs:
+                        t0 = time.perf_counter_ns()
+                        resp = await handler(r)
+                        per.append(time.perf_counter_ns() - t0)
+                finally:
+                    gc.enable()
+                if resp.status != 200:
+                    raise RuntimeError(f"{kind} handler answered {resp.status}")
+                res[kind].append(statistics.median(per))
+                del reqs
+        return {"handler bare, mocked request (p50 of call, median of reps)": round(statistics.median(res["bare"])),
+                "handler real /beat, mocked request": round(statistics.median(res["real"]))}
 
     async def cmd_quit(self) -> dict:
         self.done.set()
@@ -381,7 +461,8 @@ def server_main(args) -> int:
 class Server:
     """A server process and its control connection."""
 
-    def __init__(self, kind: str, tmp: Path, services: int, listener: Listener, authkey: bytes) -> None:
+    def __init__(self, kind: str, tmp: Path, services: int, listener: Listener, authkey: bytes,
+                 gc_freeze: bool = False) -> None:
         self.kind = kind
         home = tmp / kind
         home.mkdir(parents=True, exist_ok=True)
@@ -390,7 +471,8 @@ class Server:
         host, port = listener.address
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--_serve", kind, "--home", str(home),
-             "--services", str(services), "--ctl-host", host, "--ctl-port", str(port)],
+             "--services", str(services), "--ctl-host", host, "--ctl-port", str(port)]
+            + (["--server-gc-freeze"] if gc_freeze else []),
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
         self.conn = None
         try:
@@ -559,7 +641,7 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
     loop = asyncio.get_running_loop()
     gen = Gen()
     n = len(load.names)
-    if variant in ("real", "bare"):
+    if variant in SINGLE:
         groups = [[i % n] for i in range(senders)]
         path, beats_of = "/beat", _one_if_200
         depth = 1
@@ -568,11 +650,11 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
         groups = [[(c * batch + j) % n for j in range(batch)] for c in range(conns)]
         path = "/beats" if variant == "batch" else "/beats_validated"
         beats_of = _accepted
-    if variant in ("real", "bare") and len(set(g[0] for g in groups)) != len(groups):
+    if variant in SINGLE and len(set(g[0] for g in groups)) != len(groups):
         raise SystemExit("--senders must not exceed --services: one service per sender keeps seqs in order")
 
     def maker(group):
-        if len(group) == 1 and variant in ("real", "bare"):
+        if len(group) == 1 and variant in SINGLE:
             i = group[0]
             return lambda: load.request(port, path, load.beat_body(i))
         return lambda: load.request(port, path, b"[" + b",".join(load.beat_body(i) for i in group) + b"]")
@@ -609,6 +691,7 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
                         gen.lat.append(time.perf_counter() - t0)
             tasks = [asyncio.ensure_future(worker(maker(g))) for g in groups]
         await asyncio.sleep(warmup)
+        st0 = await loop.run_in_executor(None, server.call, "stats")
         b0, r0, t0 = gen.beats_ok, gen.requests, time.perf_counter()
         s0, c0 = server.cpu(), me.cpu_times()
         gen.measuring = True
@@ -616,6 +699,7 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
         gen.measuring = False
         b1, r1, t1 = gen.beats_ok, gen.requests, time.perf_counter()
         s1, c1 = server.cpu(), me.cpu_times()
+        st1 = await loop.run_in_executor(None, lambda: server.call("stats", objects=True))
         gen.running = False
         if client == "raw":
             if gen.in_flight:
@@ -636,13 +720,17 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
     lat_ms = [x * 1e3 for x in gen.lat]
     return {
         "variant": variant, "client": client, "connections": len(groups), "pipeline_depth": depth,
-        "beats_per_request": len(groups[0]) if variant not in ("real", "bare") else 1,
+        "beats_per_request": len(groups[0]) if variant not in SINGLE else 1,
         "seconds": round(wall, 3), "beats": beats, "requests": r1 - r0,
         "beats_per_s": beats / wall, "requests_per_s": (r1 - r0) / wall,
         "server_cpu_pct": 100 * (s1 - s0) / wall,
         "server_cpu_us_per_beat": 1e6 * (s1 - s0) / beats if beats else None,
         "client_cpu_pct": 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / wall,
         "latency_ms_p50": pct(lat_ms, 50), "latency_ms_p99": pct(lat_ms, 99),
+        "server_gc_count": [b - a for a, b in zip(st0["gc_count"], st1["gc_count"])],
+        "server_gc_ms": [round((b - a) * 1e3, 1) for a, b in zip(st0["gc_time_s"], st1["gc_time_s"])],
+        "server_gc_us_per_beat": 1e6 * (sum(st1["gc_time_s"]) - sum(st0["gc_time_s"])) / beats if beats else None,
+        "server_gc_tracked_objects": st1["gc_tracked_objects"],
         "status_all": dict(gen.status), "status_measured": dict(gen.status_measured),
         "beats_ok_all": gen.beats_ok, "errors": gen.errors[:5],
     }
@@ -671,8 +759,9 @@ async def orchestrate(args) -> dict:
                  "params": {"seconds": args.seconds, "warmup": args.warmup, "senders": args.senders,
                             "services": args.services, "batch": args.batch, "batch_depth": args.batch_depth,
                             "rounds": args.rounds,
-                            "client": args.client}}
+                            "client": args.client, "server_gc_freeze": args.server_gc_freeze}}
     print(f"machine: {out['machine']}")
+    t_start = time.monotonic()
     authkey = secrets.token_bytes(32)
     servers: dict[str, Server] = {}
     tmp = tempfile.TemporaryDirectory(prefix="beat-ingest-")
@@ -682,12 +771,13 @@ async def orchestrate(args) -> dict:
     try:
         for kind in ("real", "bare"):
             servers[kind] = await loop.run_in_executor(None, Server, kind, Path(tmp.name), args.services, listener,
-                                                       authkey)
+                                                       authkey, args.server_gc_freeze)
         real, bare = servers["real"], servers["bare"]
         load = Load(args.services, real.info["token"])
         ports = {"real": real.info["ports"]["real"], "bare": bare.info["ports"]["bare"],
-                 "batch": real.info["ports"]["batch"], "batch_validated": real.info["ports"]["batch"]}
-        owner = {"real": real, "bare": bare, "batch": real, "batch_validated": real}
+                 "batch": real.info["ports"]["batch"], "batch_validated": real.info["ports"]["batch"],
+                 "bare_in_daemon": real.info["ports"]["batch"]}
+        owner = {"real": real, "bare": bare, "batch": real, "batch_validated": real, "bare_in_daemon": real}
         out["servers"] = {k: {"pid": s.info["pid"], "ports": s.info["ports"]} for k, s in servers.items()}
 
         runs = []
@@ -703,7 +793,8 @@ async def orchestrate(args) -> dict:
                 print(f"  round {r + 1} {v:16s} {res['beats_per_s']:10,.0f} beats/s  {res['requests_per_s']:9,.0f} req/s"
                       f"  server cpu {res['server_cpu_pct']:5.1f}% ({res['server_cpu_us_per_beat'] or 0:6.1f} us/beat)"
                       f"  client cpu {res['client_cpu_pct']:5.1f}%  p50 {res['latency_ms_p50'] or 0:6.2f} ms"
-                      f"  p99 {res['latency_ms_p99'] or 0:6.2f} ms  status {res['status_measured']}", flush=True)
+                      f"  p99 {res['latency_ms_p99'] or 0:6.2f} ms  status {res['status_measured']}"
+                      f"  server gc {res['server_gc_count']} {res['server_gc_ms']} ms", flush=True)
         out["runs"] = runs
 
         summary = {}
@@ -718,6 +809,8 @@ async def orchestrate(args) -> dict:
                 "latency_ms_p50_median": statistics.median(x["latency_ms_p50"] for x in rs),
                 "latency_ms_p99_median": statistics.median(x["latency_ms_p99"] for x in rs),
                 "non_200_measured": sum(n for x in rs for s, n in x["status_measured"].items() if s != 200),
+                "server_gc_us_per_beat_median": statistics.median(x["server_gc_us_per_beat"] for x in rs),
+                "server_gc_tracked_objects": rs[-1]["server_gc_tracked_objects"],
                 "connections": rs[0]["connections"], "pipeline_depth": rs[0]["pipeline_depth"],
                 "beats_per_request": rs[0]["beats_per_request"],
             }
@@ -730,7 +823,17 @@ async def orchestrate(args) -> dict:
                                                [x for x in runs if x["variant"] == "real"],
                                                [x for x in runs if x["variant"] == "bare"])],
                                            "target": 0.8, "met": ratio >= 0.8}
+        if "real" in summary and "bare_in_daemon" in summary:
+            # the same bare handler inside the daemon's process: separates the handler's own cost
+            # from the process it runs in (heap size, GC, threads)
+            out["ratio_real_over_bare_in_daemon"] = {
+                "beats_per_s": summary["real"]["beats_per_s_median"] / summary["bare_in_daemon"]["beats_per_s_median"],
+                "by_server_cpu_per_beat": summary["bare_in_daemon"]["server_cpu_us_per_beat_median"]
+                / summary["real"]["server_cpu_us_per_beat_median"],
+                "per_round": [round(a["beats_per_s"] / b["beats_per_s"], 3) for a, b in zip(
+                    [x for x in runs if x["variant"] == "real"], [x for x in runs if x["variant"] == "bare_in_daemon"])]}
 
+        print(f"  [{time.monotonic() - t_start:6.1f} s] rounds done; verifying", flush=True)
         # verification: the real endpoint accepted what the generator saw accepted
         stats = real.call("stats")
         sent_ok_single = sum(x["status_all"].get(200, 0) for x in runs if x["variant"] == "real")
@@ -754,6 +857,7 @@ async def orchestrate(args) -> dict:
                    and v["metric_tron_beats_received_total_via_http"] == v["expected_metric"]
                    and not any(v["metric_beats_rejected"].values()))
 
+        print(f"  [{time.monotonic() - t_start:6.1f} s] profiling", flush=True)
         # profiles: pyinstrument inside the server process, one run each
         out["profiles"] = {}
         if args.profile_seconds > 0:
@@ -773,6 +877,7 @@ async def orchestrate(args) -> dict:
                 summ["text_file"] = str(prof_path)
                 out["profiles"][v_name] = summ
 
+        print(f"  [{time.monotonic() - t_start:6.1f} s] timing the handler's pieces", flush=True)
         # the handler's pieces, one by one (last: it moves svc-000's seq on)
         out["micro_ns"] = {"real_process": real.call("micro"), "bare_process": bare.call("micro")}
         return out
@@ -789,10 +894,11 @@ def report(out: dict, args) -> None:
     print(table(f"beats/s, {args.rounds} alternating rounds x {args.seconds:g} s (after {args.warmup:g} s warm-up), "
                 f"{args.senders} senders, client={args.client}; medians",
                 ["variant", "conns x depth x beats", "beats/s p50", "per round", "server cpu %", "server us/beat",
-                 "client cpu %", "lat p50 ms", "lat p99 ms", "non-200"],
+                 "gc us/beat", "gc objects", "client cpu %", "lat p50 ms", "lat p99 ms", "non-200"],
                 [[v, f'{x["connections"]} x {x["pipeline_depth"]} x {x["beats_per_request"]}',
                   round(x["beats_per_s_median"]), " / ".join(f"{b:,}" for b in x["beats_per_s_all"]),
-                  x["server_cpu_pct_median"], x["server_cpu_us_per_beat_median"], x["client_cpu_pct_median"],
+                  x["server_cpu_pct_median"], x["server_cpu_us_per_beat_median"], x["server_gc_us_per_beat_median"],
+                  x["server_gc_tracked_objects"], x["client_cpu_pct_median"],
                   x["latency_ms_p50_median"], x["latency_ms_p99_median"], x["non_200_measured"]]
                  for v, x in s.items()]))
     if "ratio_real_over_bare" in out:
@@ -800,6 +906,10 @@ def report(out: dict, args) -> None:
         print(f"\nreal/bare: {r['beats_per_s']:.3f} by beats/s (per round {r['per_round']}), "
               f"{r['by_server_cpu_per_beat']:.3f} by server CPU per beat; target >= {r['target']}: "
               f"{'met' if r['met'] else 'MISSED'}")
+    if "ratio_real_over_bare_in_daemon" in out:
+        r = out["ratio_real_over_bare_in_daemon"]
+        print(f"real/bare-in-daemon-process: {r['beats_per_s']:.3f} by beats/s (per round {r['per_round']}), "
+              f"{r['by_server_cpu_per_beat']:.3f} by server CPU per beat")
     for v in ("batch", "batch_validated"):
         if v in s and "real" in s:
             print(f"{v}: {s[v]['beats_per_s_median'] / s['real']['beats_per_s_median']:.1f}x the real single-beat "
@@ -834,6 +944,8 @@ def main() -> int:
     ap.add_argument("--client", choices=("raw", "aiohttp"), default="raw")
     ap.add_argument("--profile-seconds", type=float, default=6.0, help="0 skips profiling")
     ap.add_argument("--json", type=Path, default=RESULTS / "beat_ingest.json")
+    ap.add_argument("--server-gc-freeze", action="store_true",
+                    help="diagnostic: gc.freeze() in both server processes once they are set up")
     # server-process mode (internal)
     ap.add_argument("--_serve", choices=("real", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--home", help=argparse.SUPPRESS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -92,6 +93,7 @@ class Agent:
         app.router.add_post("/task_result", self._h_result)
         app.router.add_post("/handle_child_timeout", self._h_child_timeout)
         app.router.add_post("/handle_grandchild_failure", self._h_grandchild_failure)
+        app.router.add_post("/drill/runaway", self._h_drill_runaway)
         self.add_routes(app)
         if self.uses_llm or self.policy.llm_advice:
             app.on_startup.append(self._preload)
@@ -175,15 +177,14 @@ class Agent:
         await self._finish(outcome, a.reply_to)
 
     async def _finish(self, outcome: TaskResult, reply_to: str) -> None:
-        """Record first (nothing is lost if the parent is down), then deliver."""
+        """Hand the result to the daemon, which records it and delivers it to the parent:
+        if we die the moment after, nothing is lost."""
         finish = {"status": outcome.status, "result": outcome.result, "reason": outcome.reason,
                   "detail": outcome.detail, "incarnation": outcome.incarnation}
+        logs.comms("task_finished", src=self.name, dst="daemon", task=outcome.task_id, run=outcome.run_id,
+                   status=outcome.status, reason=outcome.reason, incarnation=self.ctx.env.incarnation, to=reply_to)
         await self._retrying(lambda: self.ctx.client.post(f"{self.daemon}/tasks/{outcome.task_id}/finish", finish),
-                             what=f"record {outcome.task_id}")
-        logs.comms("task_result", src=self.name, dst=reply_to, task=outcome.task_id, run=outcome.run_id,
-                   status=outcome.status, reason=outcome.reason, incarnation=self.ctx.env.incarnation)
-        url = self.config.url(reply_to) + "/task_result"
-        await self._retrying(lambda: self.ctx.client.post(url, outcome), what=f"deliver {outcome.task_id}")
+                             what=f"record {outcome.task_id}", attempts=60)
 
     async def _retrying(self, call, *, what: str, attempts: int = 20) -> bool:
         """Bounded retries with capped backoff for hand-offs between live services."""
@@ -206,6 +207,18 @@ class Agent:
 
     async def work(self, task: Task) -> str:
         raise NotImplementedError
+
+    @require_token
+    async def _h_drill_runaway(self, request: web.Request) -> web.Response:
+        """`tron drill runaway`: hold a task whose progress marker never moves, while
+        the loop (and so the heartbeat) carries on: what a stuck LLM loop looks like."""
+        task_id = f"drill-runaway-{uuid.uuid4().hex[:8]}"
+        assign = TaskAssign(task_id=task_id, run_id="drill", kind="drill", prompt="runaway drill",
+                            reply_to=self.name)
+        self.active[task_id] = Task(assign, progress="runaway:stuck")
+        self._refresh_beat_fields()
+        log.warning("drill: holding a runaway task", extra={"task": task_id})
+        return web.json_response({"task_id": task_id}, status=202)
 
     # -- tasks out ----------------------------------------------------------------------------
 
@@ -256,7 +269,11 @@ class Agent:
     async def _h_result(self, request: web.Request) -> web.Response:
         outcome = await parse(request, TaskResult)
         if not self._resolve(outcome):
-            self.early[outcome.task_id] = outcome  # arrived before we (re)started waiting
+            # Arrived before we (re)started waiting for it; bounded, oldest dropped
+            # (the registry still has every result).
+            self.early[outcome.task_id] = outcome
+            while len(self.early) > 1000:
+                self.early.pop(next(iter(self.early)))
         return web.json_response({"ok": True})
 
     def _resolve(self, outcome: TaskResult) -> bool:

@@ -190,3 +190,16 @@ class PermanentFailure(Msg):
     reason: str = Field(min_length=1, max_length=128)
     detail: dict[str, Any] = {}
     requested_by: NameStr = "root"
+
+
+class DrillMark(Msg):
+    """Start (name) or end (null) the labelling of registry rows as drill traffic."""
+
+    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+
+class Respawn(Msg):
+    """An operator brings back a service the ladder gave up on (or that was stopped)."""
+
+    service: NameStr
+    reason: str = Field("operator_respawn", min_length=1, max_length=128)

@@ -138,16 +138,36 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
 ]
 
+MIGRATIONS.append((
+    2,
+    "label drill traffic",
+    """
+    ALTER TABLE events ADD COLUMN drill TEXT;
+    ALTER TABLE alerts ADD COLUMN drill TEXT;
+    ALTER TABLE retry_history ADD COLUMN drill TEXT;
+    """,
+))
+
+MIGRATIONS.append((
+    3,
+    "remember which finished tasks reached their parent",
+    """
+    ALTER TABLE tasks ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0;
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 EXPECTED_COLUMNS: dict[str, set[str]] = {
     "agents": {"name", "role", "parent", "port", "provider", "state", "current_incarnation"},
     "sessions": {"incarnation", "agent", "pid", "pid_create_time", "status", "exit_code", "exit_signal", "end_reason"},
     "runs": {"run_id", "prompt", "status", "result", "failure", "drill"},
-    "tasks": {"task_id", "run_id", "agent", "parent_agent", "status", "attempt", "provider", "progress", "lease_incarnation"},
-    "alerts": {"alert_id", "agent", "incarnation", "reason", "status", "deliveries"},
-    "events": {"id", "ts", "kind", "agent", "incarnation", "run_id", "task_id", "alert_id", "payload"},
-    "retry_history": {"agent_id", "task_id", "retry_type", "retry_count", "reason", "from_provider", "to_provider", "timestamp"},
+    "tasks": {"task_id", "run_id", "agent", "parent_agent", "status", "attempt", "provider", "progress",
+              "lease_incarnation", "delivered"},
+    "alerts": {"alert_id", "agent", "incarnation", "reason", "status", "deliveries", "drill"},
+    "events": {"id", "ts", "kind", "agent", "incarnation", "run_id", "task_id", "alert_id", "payload", "drill"},
+    "retry_history": {"agent_id", "task_id", "retry_type", "retry_count", "reason", "from_provider", "to_provider",
+                      "timestamp", "drill"},
     "failure_metrics": {"scope", "key", "failures", "restarts", "escalations", "provider_switches", "permanent_failures"},
 }
 

@@ -31,6 +31,9 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        # The name of the drill in progress: every event, alert and retry row written
+        # meanwhile carries it, and failure_metrics (production figures) skip it.
+        self.drill: str | None = None
 
     async def open(self) -> "Registry":
         open_and_prepare(self.path)  # fail closed before the first write
@@ -75,9 +78,10 @@ class Registry:
         commit: bool = True,
     ) -> int:
         cur = await self.db.execute(
-            "INSERT INTO events (ts, mono, kind, agent, incarnation, run_id, task_id, alert_id, payload) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (utcnow(), time.monotonic(), kind, agent, incarnation, run_id, task_id, alert_id, redact_json(payload)),
+            "INSERT INTO events (ts, mono, kind, agent, incarnation, run_id, task_id, alert_id, payload, drill) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (utcnow(), time.monotonic(), kind, agent, incarnation, run_id, task_id, alert_id, redact_json(payload),
+             self.drill),
         )
         if commit:
             await self.db.commit()
@@ -224,6 +228,21 @@ class Registry:
         await self.db.commit()
         return cur.rowcount == 1
 
+    async def mark_delivered(self, task_id: str) -> None:
+        await self.db.execute("UPDATE tasks SET delivered = 1 WHERE task_id = ?", (task_id,))
+        await self.db.commit()
+
+    async def undelivered_results(self) -> list[dict]:
+        """Finished tasks whose parent is still waiting (its own task is open)."""
+        rows = await self._all(
+            "SELECT t.* FROM tasks t WHERE t.status IN ('done','failed') AND t.delivered = 0 AND ("
+            "t.parent_task_id IS NULL OR EXISTS (SELECT 1 FROM tasks p WHERE p.task_id = t.parent_task_id "
+            "AND p.status IN ('assigned','running')))")
+        for r in rows:
+            if r["failure"]:
+                r["failure"] = json.loads(r["failure"])
+        return rows
+
     async def open_tasks(self, agent: str) -> list[dict]:
         return await self._all(
             "SELECT * FROM tasks WHERE agent = ? AND status IN ('assigned','running') ORDER BY created_at", (agent,)
@@ -246,9 +265,9 @@ class Registry:
         the same incarnation returns the first."""
         cur = await self.db.execute(
             "INSERT OR IGNORE INTO alerts (alert_id, agent, incarnation, reason, detail, task_id, run_id, status, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            "created_at, drill) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
             (alert["alert_id"], alert["service"], alert["incarnation"], alert["reason"],
-             redact_json(alert.get("detail", {})), alert.get("task_id"), alert.get("run_id"), utcnow()),
+             redact_json(alert.get("detail", {})), alert.get("task_id"), alert.get("run_id"), utcnow(), self.drill),
         )
         created = cur.rowcount == 1
         if created:
@@ -304,10 +323,10 @@ class Registry:
         )
         cur = await self.db.execute(
             "INSERT OR IGNORE INTO retry_history (alert_id, agent_id, task_id, run_id, retry_type, retry_count, "
-            "reason, detail, from_provider, to_provider, decided_by, requested_by, hop, timestamp, mono) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "reason, detail, from_provider, to_provider, decided_by, requested_by, hop, timestamp, mono, drill) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (alert_id, agent_id, task_id, run_id, retry_type, count["n"] + 1, reason, redact_json(detail),
-             from_provider, to_provider, decided_by, requested_by, hop, utcnow(), mono),
+             from_provider, to_provider, decided_by, requested_by, hop, utcnow(), mono, self.drill),
         )
         if cur.rowcount != 1:
             await self.db.commit()
@@ -316,7 +335,7 @@ class Registry:
         metric = {"child_restart": "restarts", "escalation": "escalations", "llm_change": "provider_switches",
                   "permanent_failure": "permanent_failures"}[retry_type]
         for scope, key in (("agent", agent_id), ("provider", from_provider), ("task", task_id), ("run", run_id)):
-            if key:
+            if key and not self.drill:
                 await self._bump(scope, key, metric, reason, count_failure=retry_type != "escalation")
         await self.event(retry_type, {"reason": reason, "detail": detail, "from_provider": from_provider,
                                       "to_provider": to_provider, "decided_by": decided_by,

@@ -7,6 +7,7 @@
     tron run "PROMPT"          submit a run through the gateway and follow it
     tron history [--json]      retry history and failure metrics
     tron report [--json]       health report from the registry; exit 1 if any line is unhealthy
+    tron drill KIND ...        kill | hang | runaway | crash-loop NAME, provider-outage P, chaos
     tron sim fault P KIND      inject a provider fault into llm-sim; `tron sim clear [P]`
 
 Global options: --config FILE (default mesh.toml), --home DIR (or TRON_HOME; default
@@ -332,21 +333,10 @@ def cmd_history(ctx: Ctx, args: argparse.Namespace) -> int:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _pid_alive_since(pid: int | None, create_time: float | None) -> bool:
-    import psutil
-
-    if not pid:
-        return False
-    try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and (create_time is None or abs(p.create_time() - create_time) < 0.01)
-    except psutil.Error:
-        return False
-
-
 def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
     from registry.read import connect
     from registry.report import run_report
+    from scripts.drills import alive_since
 
     try:
         conn = connect(ctx.home.registry_db)
@@ -355,7 +345,7 @@ def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
     p = ctx.config.policy
     with conn:
         checks = run_report(conn, max_restarts=p.max_restarts, max_switches=p.max_provider_switches,
-                            pid_alive=_pid_alive_since)
+                            pid_alive=alive_since)
     healthy = all(c.healthy for c in checks)
     if args.json:
         print(json.dumps({"healthy": healthy, "checks": [c.to_dict() for c in checks]}, indent=2))
@@ -364,6 +354,34 @@ def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
 
         print_report(checks)
     return 0 if healthy else 1
+
+
+# -- drills ---------------------------------------------------------------------------------------
+
+
+def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
+    from common.config import port_offset_from_env
+    from scripts.drills import DrillError, Runner
+
+    if not ctx.daemon_alive():
+        raise CLIError(f"the mesh is not running on home {ctx.home.root} (start it with `tron up`)")
+    runner = Runner(ctx.home.root, ctx.config, port_offset_from_env())
+    try:
+        if args.drill == "chaos":
+            drill = runner.chaos(args.faults, args.duration, args.seed)
+        elif args.drill == "provider-outage":
+            drill = runner.provider_outage(args.provider)
+        else:
+            drill = getattr(runner, args.drill.replace("-", "_"))(args.name)
+    except DrillError as err:
+        raise CLIError(str(err)) from None
+    if args.json:
+        print(json.dumps(drill.to_dict(), indent=2))
+    else:
+        print(drill.render())
+        if "summary" in drill.data:
+            print(json.dumps({"summary": drill.data["summary"], "latency": drill.data["latency"]}, indent=2))
+    return 0 if drill.passed else 1
 
 
 # -- sim -------------------------------------------------------------------------------------------
@@ -411,6 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     hist = sub.add_parser("history", help="retry history and failure metrics")
     hist.add_argument("--json", action="store_true")
     hist.add_argument("--limit", type=int, default=100)
+    drill = sub.add_parser("drill", help="kill-and-recover drills against the running mesh")
+    dsub = drill.add_subparsers(dest="drill", required=True)
+    for kind, what in (("kill", "SIGKILL a service"), ("hang", "SIGSTOP a service"),
+                       ("runaway", "freeze an agent's progress marker"),
+                       ("crash-loop", "kill a service every time it comes back")):
+        d = dsub.add_parser(kind, help=what)
+        d.add_argument("name")
+        d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("provider-outage", help="make one provider fail every call")
+    d.add_argument("provider", choices=["anthropic", "ollama"])
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("chaos", help="random faults while runs are submitted, then the invariants")
+    d.add_argument("--faults", type=int, default=30)
+    d.add_argument("--duration", type=float, default=60.0)
+    d.add_argument("--seed", type=int)
+    d.add_argument("--json", action="store_true")
     rep = sub.add_parser("report", help="health report computed from the registry")
     rep.add_argument("--json", action="store_true")
     sim = sub.add_parser("sim", help="llm-sim fault injection")
@@ -427,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs, "run": cmd_run,
-            "history": cmd_history, "report": cmd_report, "sim": cmd_sim}
+            "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from aiohttp import web
 from common import logs
 from common.config import DAEMON
 from common.http import TOKEN_KEY, error, parse, require_token
-from common.models import FailureReport, PermanentFailure, Reason, Beat, Escalation, EscalationRecord, RestartRequest, RunCreate, TaskFinish, TaskRecord
+from common.models import DrillMark, Respawn, FailureReport, PermanentFailure, Reason, Beat, Escalation, EscalationRecord, RestartRequest, RunCreate, TaskFinish, TaskRecord
 from common.monitor import Verdict
 from services.daemon.core import Daemon, new_id
 from services.daemon.states import State
@@ -164,14 +164,9 @@ async def finish_task(request: web.Request) -> web.Response:
     d = _daemon(request)
     body = await parse(request, TaskFinish)
     task_id = request.match_info["task_id"]
-    row = await d.registry.task(task_id)
-    if row is None:
+    if await d.registry.task(task_id) is None:
         return error(404, f"no task {task_id!r}")
-    failure = {"reason": body.reason, **body.detail} if body.status == "failed" else None
-    changed = await d.registry.finish_task(task_id, body.status, body.result, failure)
-    if changed:
-        await d.registry.event(f"task_{body.status}", {"reason": body.reason, "incarnation": body.incarnation},
-                               agent=row["agent"], task_id=task_id, run_id=row["run_id"])
+    changed = await d.finish_task(task_id, body.status, body.result, body.reason, body.detail, body.incarnation)
     return web.json_response({"changed": changed})
 
 
@@ -202,6 +197,29 @@ async def permanent_failure(request: web.Request) -> web.Response:
 
 
 @require_token
+async def drill(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    mark = await parse(request, DrillMark)
+    previous = d.registry.drill
+    if mark.name:
+        d.registry.drill = mark.name
+        await d.registry.event("drill_started", {"drill": mark.name})
+    else:
+        await d.registry.event("drill_ended", {"drill": previous})
+        d.registry.drill = None
+    return web.json_response({"drill": d.registry.drill, "previous": previous})
+
+
+@require_token
+async def respawn(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    body = await parse(request, Respawn)
+    _service(d, body.service)
+    answer = await d.respawn(body.service, body.reason)
+    return web.json_response(answer, status=202 if answer["status"] == "starting" else 200)
+
+
+@require_token
 async def shutdown(request: web.Request) -> web.Response:
     d = _daemon(request)
     asyncio.get_running_loop().call_soon(d.request_shutdown)
@@ -223,6 +241,8 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/control/shutdown", shutdown)
     app.router.add_post("/control/report_failure", report_failure)
     app.router.add_post("/control/permanent_failure", permanent_failure)
+    app.router.add_post("/control/drill", drill)
+    app.router.add_post("/control/respawn", respawn)
     app.router.add_post("/runs", create_run)
     app.router.add_get("/runs/{run_id}", get_run)
     app.router.add_post("/runs/{run_id}/finish", finish_run)

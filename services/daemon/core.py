@@ -65,6 +65,7 @@ class ServiceState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     probe_failures: int = 0
     replacing: str | None = None  # the incarnation a restart is already replacing
+    failed_since: float | None = None  # when it entered FAILED (the watchdog's clock)
 
     @property
     def name(self) -> str:
@@ -148,13 +149,19 @@ class Daemon:
         await self._adopt_or_close_sessions()
         if self.forkserver is not None:
             await asyncio.wait([self._forkserver_started], timeout=30)
-        self._spawn_bg(self._reaper_loop(), "reaper")
+        self._spawn_bg(self._housekeeping(), "housekeeping")
         for name in self.config.start_order():
             st = self.services[name]
             if st.child is None or not st.child.alive:
                 await self.start_service(st, reason="mesh_start")
             await self.wait_healthy(st)
         self._spawn_bg(self._probe_loop(), "liveness probes")
+        # Results recorded while the previous daemon was down or dying reach their parents now.
+        for row in await self.registry.undelivered_results():
+            outcome = TaskResult(task_id=row["task_id"], run_id=row["run_id"], status=row["status"],
+                                 result=row["result"], reason=(row["failure"] or {}).get("reason"),
+                                 detail=row["failure"] or {}, service=row["agent"])
+            self._spawn_bg(self._deliver_result(row["parent_agent"], outcome), f"redeliver {row['task_id']}")
         # Alerts persisted by an earlier daemon but never handled are delivered now.
         for row in await self.registry.pending_alerts():
             st = self.services.get(row["agent"])
@@ -347,6 +354,7 @@ class Daemon:
             return
         check(old, new)
         st.state = new
+        st.failed_since = time.monotonic() if new == State.FAILED else None
         log.info("%s: %s -> %s", st.name, old, new,
                  extra={"offender": st.name, "from": str(old), "to": str(new), "reason": reason,
                         "incarnation": st.incarnation})
@@ -443,8 +451,18 @@ class Daemon:
             except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                 log.warning("alert delivery to %s failed: %s", target, err, extra={"alert": alert.alert_id})
                 continue
+            answer = answer if isinstance(answer, dict) else {}
+            st = self.services[alert.service]
+            acted = answer.get("status") in ("accepted", "duplicate", "recorded") or not (
+                st.state == State.FAILED and st.incarnation == alert.incarnation and st.replacing != alert.incarnation)
+            if not acted:
+                # The parent answered but nothing happened (its restart was refused, say):
+                # an answered alert that changes nothing is a dropped alert. Go on up.
+                log.warning("alert %s: %s answered %s but took no action; next ancestor", alert.alert_id, target,
+                            answer, extra={"alert": alert.alert_id, "offender": alert.service})
+                continue
             await self.registry.mark_alert(alert.alert_id, "delivered", delivered_to=target,
-                                           decision=(answer or {}).get("action"))
+                                           decision=answer.get("action"))
             return
 
     async def handle_child_failure(self, alert: Alert) -> dict:
@@ -521,14 +539,16 @@ class Daemon:
         if req.delay > 0:
             await asyncio.sleep(req.delay)
         async with st.lock:
-            st.replacing = None
-            if st.incarnation != old_incarnation or self.stopping:
-                return  # someone else moved it on meanwhile
-            if to_provider:
-                st.provider = to_provider
-                await self.registry.set_agent(st.name, provider=to_provider)
-            await self.registry.requeue_tasks(st.name, provider=to_provider)
-            await self.start_service(st, reason=f"{req.retry_type}:{req.reason}")
+            try:
+                if st.incarnation != old_incarnation or self.stopping:
+                    return  # someone else moved it on meanwhile
+                if to_provider:
+                    st.provider = to_provider
+                    await self.registry.set_agent(st.name, provider=to_provider)
+                await self.registry.requeue_tasks(st.name, provider=to_provider)
+                await self.start_service(st, reason=f"{req.retry_type}:{req.reason}")
+            finally:
+                st.replacing = None  # only now: until the new incarnation exists, the old one is being replaced
 
     async def _redispatch(self, st: ServiceState) -> None:
         """Give a fresh incarnation the tasks its predecessor held, with the last
@@ -604,10 +624,7 @@ class Daemon:
         log.error("permanent failure", extra={"offender": rec.service, "task": rec.task_id, "run": rec.run_id,
                                               "reason": rec.reason, "failure": failure})
         if task is not None:
-            await self.registry.finish_task(task["task_id"], "failed", None, failure)
-            outcome = TaskResult(task_id=task["task_id"], run_id=task["run_id"], status="failed",
-                                 reason="permanent_failure", detail=failure, service=rec.service)
-            self._spawn_bg(self._deliver_result(task["parent_agent"], outcome), f"fail {task['task_id']}")
+            await self.finish_task(task["task_id"], "failed", None, "permanent_failure", failure, None)
         run_failed_now = bool(rec.run_id) and await self.registry.finish_run(rec.run_id, "failed", None, failure)
         if run_failed_now:
             if notify_gateway:
@@ -619,18 +636,44 @@ class Daemon:
                 await self.start_service(st, reason="idle_after_permanent_failure")
         return {"status": "recorded", "failure": failure, "run_failed_now": run_failed_now}
 
+    async def finish_task(self, task_id: str, status: str, result: str | None, reason: str | None,
+                          detail: dict, incarnation: str | None) -> bool:
+        """Record a task's end, then deliver it to the waiting parent: persisted before
+        delivered, by the one process that does not die with the child. A run's root
+        task also ends the run here, so the outcome never depends on the gateway."""
+        row = await self.registry.task(task_id)
+        failure = {"reason": reason, **detail} if status == "failed" else None
+        if row is None or not await self.registry.finish_task(task_id, status, result, failure):
+            return False
+        await self.registry.event(f"task_{status}", {"reason": reason, "incarnation": incarnation},
+                                  agent=row["agent"], task_id=task_id, run_id=row["run_id"])
+        if row["parent_task_id"] is None:
+            if await self.registry.finish_run(row["run_id"], status, result, failure):
+                await self.registry.event(f"run_{status}", {"reason": reason}, run_id=row["run_id"])
+        outcome = TaskResult(task_id=task_id, run_id=row["run_id"], status=status, result=result, reason=reason,
+                             detail=detail, service=row["agent"], incarnation=incarnation)
+        self._spawn_bg(self._deliver_result(row["parent_agent"], outcome), f"deliver {task_id}")
+        return True
+
     async def _deliver_result(self, target: str, outcome: TaskResult) -> None:
         if target not in self.services:
             return
         logs.comms("task_result", src=DAEMON, dst=target, task=outcome.task_id, run=outcome.run_id,
-                   status=outcome.status, reason=outcome.reason)
-        for attempt in range(20):
-            try:
-                await self.client.post(self.config.url(target) + "/task_result", outcome, timeout=5)
-                return
-            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
-                log.info("failure notice to %s not delivered yet: %s", target, err)
-                await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
+                   status=outcome.status, reason=outcome.reason, agent=outcome.service)
+        delay = 0.02
+        while not self.stopping:
+            st = self.services[target]
+            if st.state == State.RUNNING:
+                try:
+                    await self.client.post(self.config.url(target) + "/task_result", outcome, timeout=5)
+                    await self.registry.mark_delivered(outcome.task_id)
+                    return
+                except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                    log.info("result of %s not delivered to %s yet: %s", outcome.task_id, target, err)
+            elif st.state in (State.GIVEN_UP, State.STOPPED):
+                return  # a restarted parent finds the result in the registry when it re-delegates
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _notify_gateway(self, run_id: str, task_id: str | None, reason: str, failure: dict) -> None:
         gateway = next((n for n, s in self.config.services.items() if s.role == "gateway"), None)
@@ -643,14 +686,50 @@ class Daemon:
         except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
             log.error("gateway not told of failed run %s: %s (the registry has it)", run_id, err)
 
-    async def _reaper_loop(self) -> None:
-        """As a subreaper we inherit every orphan below us; reap the ones we do not track."""
+    def decision_deadline(self, name: str) -> float:
+        """How long an alert may take to become a decision: every ancestor may time out."""
+        hops = len(self.config.ancestors(name))
+        return hops * self.policy.alert_delivery_timeout + 5.0
+
+    async def _housekeeping(self) -> None:
+        """Once a second: reap orphans we inherited (as a subreaper), and act on any
+        service that has been FAILED too long with no decision (an alert whose handler
+        answered but did nothing): the daemon is the last ancestor and decides itself."""
+        last_reap = 0.0
         while not self.stopping:
-            await asyncio.sleep(2.0)
-            tracked = {st.child.pid for st in self.services.values() if st.child is not None}
-            if self.forkserver is not None and self.forkserver.pid:
-                tracked.add(self.forkserver.pid)
-            reap_strays(tracked)
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if now - last_reap >= 2.0:
+                last_reap = now
+                tracked = {st.child.pid for st in self.services.values() if st.child is not None}
+                if self.forkserver is not None and self.forkserver.pid:
+                    tracked.add(self.forkserver.pid)
+                reap_strays(tracked)
+            for st in self.services.values():
+                if st.state == State.FAILED and st.failed_since and now - st.failed_since > self.decision_deadline(st.name):
+                    rows = await self.registry.db.execute_fetchall(
+                        "SELECT alert_id FROM alerts WHERE agent = ? AND incarnation = ?", (st.name, st.incarnation))
+                    if not rows:
+                        continue
+                    alert = self._alert_from_row(await self.registry.alert(rows[0][0]))
+                    log.error("watchdog: %s has been failed for %.1fs with no decision; the daemon decides",
+                              st.name, now - st.failed_since, extra={"offender": st.name, "alert": alert.alert_id})
+                    await self.registry.event("watchdog_decides", {"failed_for": round(now - st.failed_since, 3)},
+                                              agent=st.name, incarnation=st.incarnation, alert_id=alert.alert_id)
+                    st.failed_since = now  # one attempt per deadline, not one per second
+                    self._spawn_bg(self.handle_child_failure(alert), f"watchdog {st.name}")
+
+    async def respawn(self, service: str, reason: str) -> dict:
+        """Start a given-up or stopped service again: an operator's decision, recorded as
+        an event, not as a retry (the ladder did not ask for it)."""
+        st = self.services[service]
+        async with st.lock:
+            if st.state not in (State.GIVEN_UP, State.STOPPED):
+                return {"status": "not_needed", "state": str(st.state)}
+            await self.registry.event("respawned", {"reason": reason, "was": str(st.state)}, agent=service)
+            st.failed_mono = None
+            await self.start_service(st, reason=reason)
+        return {"status": "starting", "incarnation": st.incarnation}
 
     # -- liveness probes for non-agent services -----------------------------------------------------
 

@@ -28,6 +28,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+
+# setproctitle must not write the title over the environ area: forked agents keep the
+# server's /proc environ, whose TRON_HOME is how leak checks find a home's processes.
+os.environ.setdefault("SPT_NOENV", "1")
 import random
 import runpy
 import signal
@@ -74,7 +78,7 @@ def _become_service(req: dict) -> None:
     try:
         os.setsid()
         # Before the environment is replaced: setproctitle reuses the environ area.
-        _set_title(f"{sys.executable} -m {req['module']}  [tron {req['env'].get('TRON_SERVICE', '?')}]")
+        _set_title(f"{req['module']} [tron {req['env'].get('TRON_SERVICE', '?')}]")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -82,6 +86,11 @@ def _become_service(req: dict) -> None:
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
+        # The server's stdout is block-buffered (it is not a terminal): a log line that
+        # waits in a buffer is lost when the agent is SIGKILLed. Write through, as a
+        # plain spawn with PYTHONUNBUFFERED does.
+        sys.stdout.reconfigure(line_buffering=True, write_through=True)
+        sys.stderr.reconfigure(line_buffering=True, write_through=True)
         os.closerange(3, 65536)  # the control socket and anything else of the server's
         os.environ.clear()
         os.environ.update(req["env"])

@@ -252,7 +252,7 @@ class ForkServerClient:
         with open(self.log_path, "ab", buffering=0) as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.daemon.forkserver", self.sock_path, str(os.getpid())],
-                cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.cwd, env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True,
             )
         self.generation += 1

@@ -34,6 +34,7 @@ def test_forked_agents_serve_beat_call_their_provider_and_come_back_after_a_kill
     health = mesh.health("programmer-1")
     assert health["pid"] == p1["pid"] and health["incarnation"] == p1["incarnation"]
     assert "services.programmer" in " ".join(proc.cmdline()) and "programmer-1" in " ".join(proc.cmdline())
+    assert proc.environ().get("TRON_HOME") == str(mesh.home)  # leak checks can still find it
     # it beats and it calls its provider through the real SDK
     wait_for(lambda: mesh.service("programmer-1")["last_beat_age"] is not None, 5, "a beat from the forked agent")
     assert mesh.tron("run", "forked agents at work").returncode == 0

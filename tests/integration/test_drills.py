@@ -1,0 +1,120 @@
+"""Issue 4: each drill against a real mesh, its verdict checked against the registry;
+a chaos drill of 30+ faults with every invariant held; `tron logs -f` follows a service
+through restarts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import pytest
+
+from scripts.harness import REPO, TRON, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def drill_mesh(mesh_factory):
+    m = mesh_factory(policy={"progress_timeout": 1.5})
+    m.up()
+    return m
+
+
+def drill(mesh, *args, timeout=300) -> tuple[int, dict]:
+    proc = mesh.tron("drill", *args, "--json", timeout=timeout)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def events(result: dict) -> list[str]:
+    return [e["event"] for e in result["timeline"]]
+
+
+def test_kill_drill(drill_mesh):
+    code, result = drill(drill_mesh, "kill", "programmer-1")
+    assert code == 0 and result["verdict"] == "pass", result
+    assert {"fault injected", "detected", "alert delivered", "decision", "restarted", "healthy again"} <= set(events(result))
+    [row] = drill_mesh.history("programmer-1")
+    assert row["drill"] and row["drill"].startswith("kill:programmer-1:")
+    # drill traffic stays out of the production figures
+    assert drill_mesh.rows("SELECT * FROM failure_metrics") == []
+
+
+def test_hang_drill(drill_mesh):
+    code, result = drill(drill_mesh, "hang", "director-code")
+    assert code == 0, result
+    [row] = drill_mesh.history("director-code")
+    assert row["reason"] == "heartbeat_timeout" and row["drill"]
+
+
+def test_runaway_drill(drill_mesh):
+    code, result = drill(drill_mesh, "runaway", "programmer-2")
+    assert code == 0, result
+    [row] = drill_mesh.history("programmer-2")
+    assert row["reason"] == "no_progress"
+    detail = json.loads(row["detail"])
+    assert detail["progress_timeout"] == 1.5 and detail["stuck_for"] >= 1.5
+
+
+def test_provider_outage_drill(drill_mesh):
+    code, result = drill(drill_mesh, "provider-outage", "anthropic")
+    assert code == 0, result
+    run = drill_mesh.rows("SELECT * FROM runs WHERE run_id = ?", (result["run_id"],))[0]
+    assert run["status"] == "done" and run["drill"] == 1
+    switches = drill_mesh.rows("SELECT * FROM retry_history WHERE run_id = ? AND retry_type = 'llm_change'",
+                               (result["run_id"],))
+    assert switches and {s["from_provider"] for s in switches} == {"anthropic"}
+
+
+def test_crash_loop_drill(drill_mesh):
+    code, result = drill(drill_mesh, "crash-loop", "programmer-1")
+    assert code == 0, result
+    rows = drill_mesh.history("programmer-1")
+    assert [r["retry_type"] for r in rows].count("child_restart") == drill_mesh.policy["max_restarts"]
+    assert any(r["retry_type"] == "escalation" for r in rows)
+    assert drill_mesh.service("programmer-1")["state"] == "running"  # restored at the end
+
+
+def test_a_failing_drill_exits_non_zero(drill_mesh):
+    proc = drill_mesh.tron("drill", "kill", "nobody")
+    assert proc.returncode == 2 and "no service named 'nobody'" in proc.stderr
+    drill_mesh.kill("programmer-2")
+    drill_mesh.tron("drill", "crash-loop", "programmer-2")  # leave programmer-2 healthy again
+    proc = drill_mesh.tron("drill", "runaway", "llm-sim")
+    assert proc.returncode != 0
+
+
+def test_chaos_drill_keeps_every_invariant(drill_mesh):
+    code, result = drill(drill_mesh, "chaos", "--faults", "32", "--duration", "20", "--seed", "3", timeout=400)
+    summary = result["summary"]
+    assert summary["faults_injected"] >= 30, summary
+    failed = [c for c in result["checks"] if not c["ok"]]
+    assert code == 0 and not failed, failed
+    assert summary["detected"] >= summary["by_kind"]["kill"] + summary["by_kind"]["hang"]
+    # checked against the registry, not only the drill's own output
+    report = drill_mesh.tron("report", "--json")
+    assert report.returncode == 0, report.stdout
+    assert all(s["state"] == "running" for s in drill_mesh.status()["services"])
+
+
+def test_logs_follow_a_service_through_two_restarts(drill_mesh):
+    proc = subprocess.Popen([*TRON, "--config", str(drill_mesh.config), "logs", "-f", "-n", "1", "programmer-1"],
+                            env=drill_mesh.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: lines, 15, "the tail to start")  # it printed the last line: it is following now
+        incarnations = []
+        for _ in range(2):
+            old = drill_mesh.kill("programmer-1")
+            incarnations.append(drill_mesh.wait_replaced("programmer-1", old)["incarnation"])
+        wait_for(lambda: all(any(i in line for line in list(lines)) for i in incarnations), 15,
+                 "both new incarnations in the followed log")
+        assert all(line.startswith("  programmer-1 |") or "programmer-1 |" in line for line in lines)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        reader.join(timeout=5)

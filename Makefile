@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
+RESULTS := benchmarks/results
 
 .PHONY: up down status test unit integration bench clean
 
@@ -14,6 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# supervisor and circus are benchmark-only peers, never runtime dependencies.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 up: $(STAMP)
 	$(BIN)/tron up
@@ -32,6 +39,15 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# Every table in benchmarks/README.md, in about 12 minutes on 2 cores. Not part of `make test`.
+bench: $(BENCH_STAMP)
+	mkdir -p $(RESULTS)
+	$(BIN)/python benchmarks/agent_recovery.py --kills 4 --stops 5 --json $(RESULTS)/agent_recovery.json
+	$(BIN)/python benchmarks/peers.py --kills 20 --seed 1 --json $(RESULTS)/peers.json
+	$(BIN)/python benchmarks/tron_scale.py --json $(RESULTS)/tron_scale.json
+	$(BIN)/python benchmarks/beat_ingest.py --json $(RESULTS)/beat_ingest.json
+	$(BIN)/python benchmarks/ladder_timing.py --reps 3 --json $(RESULTS)/ladder_timing.json
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

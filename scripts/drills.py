@@ -34,7 +34,7 @@ import psutil
 from common.config import MeshConfig
 from common.policy import worst_case_attempts
 from registry.report import run_report
-from scripts.harness import Mesh
+from scripts.harness import Mesh, wait_for
 
 
 class DrillError(Exception):
@@ -91,13 +91,7 @@ class Runner:
     # -- plumbing ----------------------------------------------------------------------
 
     def wait(self, predicate, timeout: float, what: str, interval: float = 0.01):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise DrillError(f"timed out after {timeout:.1f}s waiting for {what}")
+        return wait_for(predicate, timeout, what, interval, error=DrillError)
 
     def http(self, method: str, url: str, body=None) -> tuple[int, object]:
         """Like the harness's, but a refused or timed-out connection is (0, reason):

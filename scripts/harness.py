@@ -42,8 +42,9 @@ FAST_POLICY = {
 }
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    """Poll against a deadline; return the first truthy value or fail saying what."""
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, *,
+             error: type[Exception] = AssertionError):
+    """Poll against a deadline; return the first truthy value or raise ``error`` saying what."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -51,7 +52,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    raise error(f"timed out after {timeout:.1f}s waiting for {what} (last: {last!r})")
 
 
 def _ports_free(ports) -> bool:

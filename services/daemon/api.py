@@ -131,11 +131,8 @@ async def finish_run(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
     if await d.registry.run(run_id) is None:
         return error(404, f"no run {run_id!r}")
-    changed = await d.registry.finish_run(run_id, body.status, body.result,
-                                          {"reason": body.reason, **body.detail} if body.status == "failed" else None)
-    if changed:
-        await d.registry.event(f"run_{body.status}", {"reason": body.reason, **body.detail}, run_id=run_id)
-    return web.json_response({"changed": changed})
+    failure = {"reason": body.reason, **body.detail} if body.status == "failed" else None
+    return web.json_response({"changed": await d.finish_run(run_id, body.status, body.result, failure)})
 
 
 @require_token

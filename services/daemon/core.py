@@ -625,7 +625,7 @@ class Daemon:
                                               "reason": rec.reason, "failure": failure})
         if task is not None:
             await self.finish_task(task["task_id"], "failed", None, "permanent_failure", failure, None)
-        run_failed_now = bool(rec.run_id) and await self.registry.finish_run(rec.run_id, "failed", None, failure)
+        run_failed_now = bool(rec.run_id) and await self.finish_run(rec.run_id, "failed", None, failure)
         if run_failed_now:
             if notify_gateway:
                 self._spawn_bg(self._notify_gateway(rec.run_id, rec.task_id, rec.reason, failure), "notify")
@@ -648,12 +648,19 @@ class Daemon:
         await self.registry.event(f"task_{status}", {"reason": reason, "incarnation": incarnation},
                                   agent=row["agent"], task_id=task_id, run_id=row["run_id"])
         if row["parent_task_id"] is None:
-            if await self.registry.finish_run(row["run_id"], status, result, failure):
-                await self.registry.event(f"run_{status}", {"reason": reason}, run_id=row["run_id"])
+            await self.finish_run(row["run_id"], status, result, failure)
         outcome = TaskResult(task_id=task_id, run_id=row["run_id"], status=status, result=result, reason=reason,
                              detail=detail, service=row["agent"], incarnation=incarnation)
         self._spawn_bg(self._deliver_result(row["parent_agent"], outcome), f"deliver {task_id}")
         return True
+
+    async def finish_run(self, run_id: str, status: str, result: str | None, failure: dict | None) -> bool:
+        """End a run once; the first outcome recorded is the one that stands."""
+        changed = await self.registry.finish_run(run_id, status, result, failure)
+        if changed:
+            await self.registry.event(f"run_{status}", {"reason": (failure or {}).get("reason"),
+                                                        "failure": failure}, run_id=run_id)
+        return changed
 
     async def _deliver_result(self, target: str, outcome: TaskResult) -> None:
         if target not in self.services:

@@ -118,3 +118,22 @@ def test_logs_follow_a_service_through_two_restarts(drill_mesh):
         proc.terminate()
         proc.wait(timeout=10)
         reader.join(timeout=5)
+
+
+def test_metrics_are_served_in_prometheus_format_and_count_what_happened(drill_mesh):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    old = drill_mesh.kill("programmer-1")
+    drill_mesh.wait_replaced("programmer-1", old)
+    drill_mesh.tron("drill", "hang", "programmer-2")
+    code, text = drill_mesh.http("GET", drill_mesh.url("daemon") + "/metrics", token=False)
+    assert code == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("tron_beats_received_total", ())] > 10
+    assert samples[("tron_alerts_total", (("reason", "process_exit"),))] == 1
+    assert samples[("tron_alerts_total", (("reason", "heartbeat_timeout"),))] == 1
+    assert samples[("tron_restarts_total", (("kind", "child_restart"),))] == 2
+    assert samples[("tron_detection_latency_seconds_count", (("reason", "heartbeat_timeout"),))] == 1
+    assert samples[("tron_recovery_latency_seconds_count", ())] == 2
+    assert samples[("tron_services_running", ())] == 8

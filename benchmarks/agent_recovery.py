@@ -1,4 +1,6 @@
-"""Kill-and-recover of our own agents on a real mesh, at the default detection settings.
+"""Kill-and-recover of our own agents on real meshes, at the default detection settings:
+the fork server against a plain spawn, side by side (two meshes up at once, kills
+alternating between them, so the machine's noise lands on both).
 
 For each kill: SIGKILL (or SIGSTOP) an agent, then poll its /health every 5 ms until a new
 pid answers on the same port. Kill-to-detected and kill-to-spawned come from the
@@ -8,6 +10,10 @@ event. The restart window is made tiny so repeated kills never escalate and the
 first-restart-is-immediate rule applies to each.
 
     python benchmarks/agent_recovery.py [--kills N] [--stops N] [--json FILE]
+
+Note on "cold start": for a forked agent it is fork-to-/health; for a plain spawn it is
+exec-to-/health including imports (the SDKs load in a background thread after /health
+answers, so they are not in it).
 """
 
 from __future__ import annotations
@@ -68,36 +74,55 @@ def summarise(samples: list[dict], key: str) -> str:
     return f"{statistics.median(v) * 1000:.0f} ms (p90 {pct(v, 90) * 1000:.0f})"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kills", type=int, default=4, help="SIGKILLs per agent")
-    ap.add_argument("--stops", type=int, default=5, help="SIGSTOPs of programmer-2")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        mesh = make_mesh(Path(tmp), fast=False, policy={"max_restarts": 100, "restart_window": 0.001})
-        try:
-            mesh.up()
-            samples = []
-            for _ in range(args.kills):
-                for name in AGENTS:
-                    samples.append(one(mesh, name, signal.SIGKILL))
-                    time.sleep(0.3)  # let the new incarnation finish its SDK import
-            stops = [one(mesh, "programmer-2", signal.SIGSTOP) for _ in range(args.stops)]
-        finally:
-            leaks = cleanup(mesh)
-    print(f"SIGKILL, {len(samples)} kills over {', '.join(AGENTS)}:")
+def report(label: str, samples: list[dict], stops: list[dict], policy: dict) -> None:
+    print(f"{label}: SIGKILL, {len(samples)} kills over {', '.join(AGENTS)}")
     for key in ("kill_to_detected", "kill_to_spawned", "cold_start", "kill_to_healthy"):
         print(f"  {key:<17} {summarise(samples, key)}")
     overhead = [s["kill_to_healthy"] - s["cold_start"] for s in samples]
     print(f"  daemon overhead   {statistics.median(overhead) * 1000:.0f} ms (kill_to_healthy - cold_start)")
-    print(f"SIGSTOP of programmer-2, {len(stops)} stops, beat timeout {mesh.policy['heartbeat_interval']} s x "
-          f"{mesh.policy['miss_threshold']}:")
-    for key in ("kill_to_detected", "kill_to_healthy"):
-        print(f"  {key:<17} {summarise(stops, key)}")
+    if stops:
+        print(f"{label}: SIGSTOP of programmer-2, {len(stops)} stops, beat timeout {policy['heartbeat_interval']} s x "
+              f"{policy['miss_threshold']}")
+        for key in ("kill_to_detected", "kill_to_healthy"):
+            print(f"  {key:<17} {summarise(stops, key)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kills", type=int, default=4, help="SIGKILLs per agent and per mesh")
+    ap.add_argument("--stops", type=int, default=5, help="SIGSTOPs of programmer-2 (fork-server mesh)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    policy = {"max_restarts": 100, "restart_window": 0.001}
+    results = {"fork": [], "plain": []}
+    leaks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        meshes = {"fork": make_mesh(Path(tmp) / "fork", fast=False, policy=policy),
+                  "plain": make_mesh(Path(tmp) / "plain", fast=False, policy=policy)}
+        cfg = meshes["plain"].config
+        cfg.write_text(cfg.read_text().replace("[mesh]\n", "[mesh]\nfork_server = false\n"))
+        try:
+            for m in meshes.values():
+                m.up()
+            time.sleep(3)  # plain-spawned agents load the SDKs in the background after /health
+            for _ in range(args.kills):
+                for name in AGENTS:
+                    for mode, m in meshes.items():
+                        results[mode].append(one(m, name, signal.SIGKILL))
+                        time.sleep(0.3 if mode == "fork" else 2.5)  # let the new incarnation settle
+            stops = [one(meshes["fork"], "programmer-2", signal.SIGSTOP) for _ in range(args.stops)]
+        finally:
+            for m in meshes.values():
+                leaks += cleanup(m)
+    report("fork server", results["fork"], stops, meshes["fork"].policy)
+    report("plain spawn", results["plain"], [], meshes["plain"].policy)
+    f = statistics.median(s["kill_to_healthy"] for s in results["fork"])
+    p = statistics.median(s["kill_to_healthy"] for s in results["plain"])
+    print(f"kill_to_healthy median: fork {f * 1000:.0f} ms vs plain {p * 1000:.0f} ms (ratio {f / p:.2f})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"sigkill": samples, "sigstop": stops}, indent=2))
+        args.json.write_text(json.dumps({"fork": results["fork"], "plain": results["plain"], "sigstop": stops},
+                                        indent=2))
     if leaks:
         print(f"LEFT BEHIND: {leaks}", file=sys.stderr)
         return 1

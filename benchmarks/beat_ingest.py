@@ -6,6 +6,8 @@ Servers (each in its own process, so the load never shares their CPU or GIL):
                    home with 200 command services that are never spawned (``bring_up`` is not
                    called); each gets an incarnation and is watched with hour-long deadlines.
   bare             a bare aiohttp app: ``await request.json()`` and ``web.json_response``.
+  bare_in_daemon   the same bare handler served from the real daemon's process (its own
+                   port): tells the handler's cost from the cost of the process it runs in.
   batch            (in the real daemon's process, its own port) a bare-bones handler written
                    here: token check, ``await request.json()`` of a list, a loop of
                    ``daemon.monitor.beat``. Not part of the daemon.
@@ -24,11 +26,15 @@ much CPU per request as the server does, and would then be what is measured
 service each. Batches: ``senders / batch`` connections, each owning ``batch`` services and
 sending one beat of each per request (the same number of beats in flight).
 
+Batch connections pipeline ``--batch-depth`` requests (HTTP/1.1, answered in order), since
+four connections in strict ping-pong leave the server idle between requests.
+
 Rounds: ``--rounds`` alternating rounds of every variant, each ``--warmup`` s then
-``--seconds`` s measured; medians reported, with the server's CPU time per beat (psutil),
-which the noise of a shared machine moves less than beats/s. Afterwards the real handler
-(and the bare one) are profiled with pyinstrument inside the server process, and the
-handler's pieces are timed one by one in the server process.
+``--seconds`` s measured; medians reported, with the server's CPU time per beat (psutil) and
+its garbage collection time per beat (gc.callbacks in the server). Afterwards the real
+handler, the bare one and the validated batch are profiled with pyinstrument inside the
+server process; the handler's pieces are timed one by one, and the real /beat handler is
+timed against the bare one on mocked requests (no HTTP at all), in the server process.
 
     .venv/bin/python benchmarks/beat_ingest.py [--seconds 10] [--senders 200]
                                                [--json benchmarks/results/beat_ingest.json]
@@ -352,7 +358,7 @@ class ServerSide:
             out.update(await self._handler_ab(loop))
         return out
 
-    async def _handler_ab(self, loop, n: int = 3000, reps: int = 3) -> dict:
+    async def _handler_ab(self, loop, n: int = 2000, reps: int = 5) -> dict:
         """The real /beat handler against the bare one on mocked requests (no HTTP, no
         sockets; GC off while timing): the handlers' own cost, free of aiohttp's machinery."""
         from unittest import mock
@@ -388,6 +394,7 @@ class ServerSide:
 
         res: dict[str, list[float]] = {"real": [], "bare": []}
         seq = 10**9
+        d.monitor.watch(name, inc, time.monotonic(), beat_timeout=3600, progress_timeout=3600, task_timeout=3600)
         for _ in range(reps):
             for kind, handler in (("bare", bare), ("real", real_beat)):
                 reqs = [req(seq + k) for k in range(n)]
@@ -407,7 +414,8 @@ class ServerSide:
                 res[kind].append(statistics.median(per))
                 del reqs
         return {"handler bare, mocked request (p50 of call, median of reps)": round(statistics.median(res["bare"])),
-                "handler real /beat, mocked request": round(statistics.median(res["real"]))}
+                "handler real /beat, mocked request": round(statistics.median(res["real"])),
+                "mocked reps bare": [round(x) for x in res["bare"]], "mocked reps real": [round(x) for x in res["real"]]}
 
     async def cmd_quit(self) -> dict:
         self.done.set()
@@ -927,7 +935,8 @@ def report(out: dict, args) -> None:
             print(f"    {row['pct_of_busy']:5.1f}%  {row['func']}")
     print("\nhandler pieces, ns per call (server processes, idle):")
     for proc, m in out["micro_ns"].items():
-        print(f"  {proc}: " + ", ".join(f"{k} {v:,}" for k, v in m.items()))
+        print(f"  {proc}: " + ", ".join(f"{k} {v:,}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                        for k, v in m.items()))
 
 
 def main() -> int:
@@ -958,6 +967,7 @@ def main() -> int:
     t0 = time.monotonic()
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
     out = asyncio.run(orchestrate(args))
+    args.json.write_text(json.dumps(out, indent=2, default=str))  # first, so a report bug loses nothing
     report(out, args)
     gc.collect()
     left = [f"{p.pid}:{p.name()}" for p in psutil.Process().children(recursive=True) if p.pid not in children_before]

@@ -96,6 +96,7 @@ class Watched:
     alerted: bool = False
     # kind -> deadline of the entry queued for it (at most one live entry per kind)
     armed: dict[str, float] = field(default_factory=dict)
+    keys: dict[str, tuple] = field(default_factory=dict)  # one key tuple per kind, made once
 
     def deadline(self, kind: str) -> float | None:
         if kind == "beat":
@@ -111,24 +112,33 @@ _REASON = {"beat": Reason.HEARTBEAT_TIMEOUT, "progress": Reason.NO_PROGRESS, "ta
 
 
 class DeadlineQueue:
-    """A min-heap of (deadline, key). Entries are never removed early: callers check,
-    when one comes due, whether it still means anything."""
+    """A min-heap of ``[deadline, seq, key]`` entries. Entries are never removed early:
+    callers check, when one comes due, whether it still means anything.
+
+    Entries are mutable lists so that an entry that came due early can be pushed back
+    *as is* (``repush``): at 100k agents, allocating a fresh tuple per re-arm kept the
+    young GC generation growing until a ~100 ms collection stalled the monitor thread.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, tuple]] = []
+        self._heap: list[list] = []
         self._seq = itertools.count()
 
     def push(self, key: tuple, deadline: float) -> None:
-        heapq.heappush(self._heap, (deadline, next(self._seq), key))
+        heapq.heappush(self._heap, [deadline, next(self._seq), key])
+
+    def repush(self, entry: list, deadline: float) -> None:
+        entry[0] = deadline
+        entry[1] = next(self._seq)
+        heapq.heappush(self._heap, entry)
 
     def peek(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: float) -> list[tuple[float, tuple]]:
+    def pop_due(self, now: float) -> list[list]:
         due = []
         while self._heap and self._heap[0][0] <= now:
-            deadline, _, key = heapq.heappop(self._heap)
-            due.append((deadline, key))
+            due.append(heapq.heappop(self._heap))
         return due
 
     def __len__(self) -> int:
@@ -248,7 +258,8 @@ class Monitor:
         """Fire every deadline that has passed; re-queue those that beats moved on."""
         fired: list[Signal] = []
         with self.cond:
-            for queued, (service, incarnation, kind) in self._queue.pop_due(now):
+            for entry in self._queue.pop_due(now):
+                queued, _, (service, incarnation, kind) = entry
                 w = self._agents.get(service)
                 if w is None or w.incarnation != incarnation:
                     continue  # an entry for an incarnation that is gone
@@ -261,7 +272,8 @@ class Monitor:
                 if real is None:
                     continue  # the task ended; re-armed when the next one starts
                 if real > now:
-                    self._arm(w, kind)
+                    w.armed[kind] = real
+                    self._queue.repush(entry, real)  # same entry, no allocation
                     continue
                 w.alerted = True
                 fired.append(Signal(service, incarnation, _REASON[kind], real, now, w.task_id, w.progress,
@@ -287,7 +299,10 @@ class Monitor:
             return
         head = self._queue.peek()
         w.armed[kind] = deadline
-        self._queue.push((w.service, w.incarnation, kind), deadline)
+        key = w.keys.get(kind)
+        if key is None:
+            key = w.keys[kind] = (w.service, w.incarnation, kind)
+        self._queue.push(key, deadline)
         if head is None or deadline < head:
             self.cond.notify()
 

@@ -324,6 +324,7 @@ class Runner:
             kinds.append("runaway")
         counts = {k: 0 for k in ("kill", "hang", "runaway", "provider")}
         runs: list[str] = []
+        pending: list[tuple[str, str]] = []  # (service, incarnation) hit by a process fault
         label = f"chaos:{seed}:{uuid.uuid4().hex[:6]}"
         self.label(label)
         try:
@@ -346,17 +347,31 @@ class Runner:
                 if not pool:
                     continue  # everything of that kind is down at this instant
                 target = rng.choice(pool)
+                incarnation = self.mesh.service(target)["incarnation"]
                 done = self._chaos_fault(kind, target, rng)
                 if done:
                     counts[kind] += 1
                     drill.mark(f"fault {kind}", done)
+                    if kind != "provider":
+                        pending.append((target, incarnation))
             drill.mark("faults done", f"{sum(counts.values())} injected")
-            self._settle(drill)
+            # No fault may outlive the drill: every hit incarnation must have been replaced
+            # (a runaway, say, is only caught progress_timeout after it was injected).
+            slowest = max(self.policy.progress_timeout, self.policy.beat_timeout) + self.recovery_bound()
+            self.wait(lambda: self._respawn_given_up(drill) is not None and all(
+                self.mesh.service(n)["incarnation"] != inc for n, inc in pending), slowest,
+                "every injected fault to be handled", interval=0.1)
+            drill.mark("faults handled", f"{len(pending)} process faults, every target replaced")
+            if self.config.sim_url:  # provider faults armed for a few more calls end with the fault phase
+                self.http("DELETE", self.config.sim_url + "/sim/faults")
             bound = self.policy.task_timeout * worst_case_attempts(self.policy) + 60
-            ends = {r: self.wait(lambda r=r: self.run_status(r), bound, f"run {r} to end", interval=0.1)["status"]
-                    for r in runs}
+            ends = {}
+            for r in runs:  # services given up meanwhile are brought back, so runs can end
+                ends[r] = self.wait(lambda r=r: self._respawn_given_up(drill) and self.run_status(r), bound,
+                                    f"run {r} to end", interval=0.1)["status"]
             drill.mark("runs ended", f"{sum(s == 'done' for s in ends.values())} done, "
                                      f"{sum(s == 'failed' for s in ends.values())} failed")
+            self._settle(drill)
         finally:
             if self.config.sim_url:
                 self.http("DELETE", self.config.sim_url + "/sim/faults")

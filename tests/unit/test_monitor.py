@@ -22,7 +22,7 @@ def test_queue_pops_in_deadline_order():
     q = DeadlineQueue()
     for key, d in (("c", 3), ("a", 1), ("b", 2)):
         q.push((key,), d)
-    assert [k for _, (k,) in q.pop_due(2.5)] == ["a", "b"]
+    assert [key for _, _, (key,) in q.pop_due(2.5)] == ["a", "b"]
     assert q.peek() == 3
 
 

@@ -9,28 +9,42 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Mapping
 
-SECRET_ENV = ("ANTHROPIC_API_KEY", "OLLAMA_API_KEY", "TRON_TOKEN")
-_PATTERNS = [
-    re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/=]{8,}"),
-    re.compile(r"(?i)((?:x-api-key|x-tron-token|api_key|apikey|token)[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9._\-~+/=]{8,}"),
-]
-MARK = "[REDACTED]"
+REDACTED = "[REDACTED]"
+_SECRET_ENV_NAMES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OLLAMA_API_KEY")
+_SECRET_ENV_PATTERN = re.compile(r"^TRON_\w*(TOKEN|KEY|SECRET)\w*$")
+_MIN_SECRET_LEN = 6  # shorter env values would redact ordinary words
+_KEY_PATTERNS = (
+    (re.compile(r"sk-ant-[A-Za-z0-9_\-]+"), REDACTED),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), REDACTED),
+    # 8+ characters so that prose ("the bearer of bad news") survives.
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=\-]{8,}"), r"\1" + REDACTED),
+    # name: value / name=value pairs: x-api-key, X-Tron-Token, *api_key, *_token.
+    (re.compile(r"(?i)\b((?:x-api-key|x-tron-token|\w*api[_-]?key|\w*_token)[\"']?\s*[:=]\s*[\"']?)"
+                r"[^\s\"',;}]+"), r"\1" + REDACTED),
+)
 
 
-def _secret_values() -> list[str]:
-    return [v for k in SECRET_ENV if (v := os.environ.get(k)) and len(v) >= 8]
+def _env_secrets(env: Mapping[str, str]) -> list[str]:
+    names = [n for n in env if n in _SECRET_ENV_NAMES or _SECRET_ENV_PATTERN.match(n)]
+    values = {env[n] for n in names if len(env[n]) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)  # longest first: no partial leftovers
 
 
-def redact(text: str) -> str:
-    for value in _secret_values():
-        text = text.replace(value, MARK)
-    for pat in _PATTERNS:
-        text = pat.sub(lambda m: (m.group(1) if m.groups() else "") + MARK, text)
+def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    """`text` with anything that looks like an API key or token replaced by [REDACTED].
+
+    Covers sk-ant-/sk- keys, Bearer tokens, `x-api-key: ...`-style pairs, and the
+    values of ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, OLLAMA_API_KEY and TRON_*TOKEN*/
+    *KEY*/*SECRET* environment variables (read from `env`, default os.environ).
+    """
+    for secret in _env_secrets(os.environ if env is None else env):
+        text = text.replace(secret, REDACTED)
+    for pattern, replacement in _KEY_PATTERNS:
+        text = pattern.sub(replacement, text)
     return text
+
 
 
 def redact_json(value: Any) -> str:

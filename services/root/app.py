@@ -21,7 +21,7 @@ from common import logs
 from common.agent import Agent, Task, TaskFailed
 from common.http import MeshHTTPError
 from common.models import Escalation, EscalationRecord, RestartRequest, RunFailed
-from common.policy import Fail, SwitchProvider, decide_switch
+from common.policy import SwitchProvider, decide_switch
 from common.service import ServiceContext
 
 log = logging.getLogger("tron.root")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.harness import REPO, Mesh, cleanup, make_mesh, wait_for  # noqa: F401 - re-exported for tests
+from scripts.harness import Mesh, cleanup, make_mesh
 
 
 @pytest.fixture

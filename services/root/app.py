@@ -74,8 +74,28 @@ class Root(Agent):
             log.warning("provider switch", extra={"offender": esc.service, "from": provider,
                                                   "to": decision.to_provider, "task": esc.task_id,
                                                   "reason": esc.reason, "result": answer.get("status")})
+            if answer.get("status") == "accepted":
+                await self._switch_descendants(esc, decision.to_provider, status)
             return {"action": "switch_provider", "to": decision.to_provider, **answer}
         return await self.fail_permanently(esc, decision.reason)
+
+    async def _switch_descendants(self, esc: Escalation, to_provider: str, status: dict) -> None:
+        """The whole failing subtree moves: descendants still on the failed provider are
+        restarted on the new one (their in-flight tasks resume there, from their markers)."""
+        current = {s["name"]: s for s in status["services"]}
+        for name in self.config.subtree(esc.service)[1:]:
+            s = current.get(name)
+            if not s or not s["incarnation"] or s["provider"] == to_provider:
+                continue
+            req = RestartRequest(service=name, replaces=s["incarnation"], alert_id=f"{esc.alert_id}:{name}",
+                                 reason=f"subtree_switch:{esc.service}",
+                                 detail={"subtree_of": esc.service, "alert": esc.alert_id},
+                                 provider=to_provider, retry_type="llm_change", requested_by=self.name,
+                                 task_id=s["task"])
+            try:
+                await self.ctx.client.post(f"{self.daemon}/control/restart", req)
+            except (MeshHTTPError, OSError) as err:
+                log.error("could not move %s to %s: %s", name, to_provider, err)
 
     async def fail_permanently(self, esc: Escalation, why: str) -> dict:
         body = {"alert_id": esc.alert_id, "service": esc.service, "task_id": esc.task_id, "run_id": esc.run_id,

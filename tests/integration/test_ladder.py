@@ -199,3 +199,20 @@ def test_llm_advice_is_recorded_and_a_slow_advisor_never_holds_the_ladder(mesh_f
     [row] = mesh.history("programmer-2")
     assert row["decided_by"] == "policy" and json.loads(row["detail"])["advice"].startswith("timeout")
     assert took < 1.0 + 10  # bounded by the advice timeout plus a cold start, not by the hang
+
+
+def test_a_switch_moves_the_whole_failing_subtree_to_the_other_provider(mesh_factory):
+    mesh = mesh_factory()  # default providers: the architect plans on Anthropic too
+    mesh.up()
+    fault(mesh, "anthropic", "overloaded")
+    run_id = submit(mesh)
+    run = finished(mesh, run_id)
+    assert run["status"] == "done", run
+    subtree = ["architect", "director-code", "director-docs", "programmer-1", "programmer-2"]
+    providers = {s["name"]: s["provider"] for s in mesh.status()["services"]}
+    assert {providers[n] for n in subtree} == {"ollama"}, providers
+    assert providers["root"] == "anthropic"  # outside the failing subtree: untouched
+    moved = mesh.rows("SELECT agent_id, reason, from_provider, to_provider FROM retry_history "
+                      "WHERE retry_type = 'llm_change' AND reason LIKE 'subtree_switch:%'")
+    assert sorted(r["agent_id"] for r in moved) == sorted(subtree[1:])
+    assert {(r["from_provider"], r["to_provider"]) for r in moved} == {("anthropic", "ollama")}

@@ -275,9 +275,11 @@ class Registry:
                              agent=alert["service"], incarnation=alert["incarnation"], task_id=alert.get("task_id"),
                              run_id=alert.get("run_id"), alert_id=alert["alert_id"], commit=False)
         await self.db.commit()
-        row = await self._one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?",
-                              (alert["service"], alert["incarnation"]))
-        return row, created
+        return await self.alert_for(alert["service"], alert["incarnation"]), created
+
+    async def alert_for(self, agent: str, incarnation: str) -> dict | None:
+        """The one alert an incarnation can have (unique index), if it has raised it."""
+        return await self._one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?", (agent, incarnation))
 
     async def mark_alert(self, alert_id: str, status: str, *, delivered_to: str | None = None,
                          decision: str | None = None) -> None:
@@ -376,6 +378,10 @@ class Registry:
             "switches": counts.get("llm_change", 0),
             "failed": counts.get("permanent_failure", 0) > 0,
         }
+
+    async def task_history(self, task_id: str) -> list[dict]:
+        """Every ladder row of one task, oldest first."""
+        return await self._all("SELECT * FROM retry_history WHERE task_id = ? ORDER BY id", (task_id,))
 
     async def history(self, limit: int = 200) -> list[dict]:
         return await self._all("SELECT * FROM retry_history ORDER BY id DESC LIMIT ?", (limit,))

@@ -602,11 +602,11 @@ class Daemon:
         and idle for the next run (one that failed while idle stays given up)."""
         st = self.services[rec.service]
         task = await self.registry.task(rec.task_id) if rec.task_id else None
-        rows = [r for r in await self.registry.history(10000) if rec.task_id and r["task_id"] == rec.task_id]
+        rows = await self.registry.task_history(rec.task_id) if rec.task_id else []
         signals = sorted({json.loads(r["detail"]).get("detected_by") or r["reason"] for r in rows
                           if r["retry_type"] == "escalation"} | {r["reason"] for r in rows
                                                                  if r["retry_type"] == "child_restart"})
-        providers = [p for p in dict.fromkeys([r["from_provider"] for r in reversed(rows)] + [st.provider]) if p]
+        providers = [p for p in dict.fromkeys([r["from_provider"] for r in rows] + [st.provider]) if p]
         failure = {
             **rec.detail,
             "agent": rec.service, "reason": rec.reason, "signals": signals, "providers_tried": providers,
@@ -714,11 +714,10 @@ class Daemon:
                 reap_strays(tracked)
             for st in self.services.values():
                 if st.state == State.FAILED and st.failed_since and now - st.failed_since > self.decision_deadline(st.name):
-                    rows = await self.registry.db.execute_fetchall(
-                        "SELECT alert_id FROM alerts WHERE agent = ? AND incarnation = ?", (st.name, st.incarnation))
-                    if not rows:
+                    row = await self.registry.alert_for(st.name, st.incarnation)
+                    if row is None:
                         continue
-                    alert = self._alert_from_row(await self.registry.alert(rows[0][0]))
+                    alert = self._alert_from_row(row)
                     log.error("watchdog: %s has been failed for %.1fs with no decision; the daemon decides",
                               st.name, now - st.failed_since, extra={"offender": st.name, "alert": alert.alert_id})
                     await self.registry.event("watchdog_decides", {"failed_for": round(now - st.failed_since, 3)},

@@ -161,8 +161,6 @@ class MeshConfig(_Strict):
                     raise ValueError(f"services.{name}.parent: cycle in the parent tree ({cycle})")
                 seen.append(parent)
                 parent = self.services[parent].parent
-        if self.providers.sim_service not in self.services:
-            pass  # a mesh without the simulator must use real providers; checked at use
         return self
 
     # -- queries -------------------------------------------------------------------

@@ -139,8 +139,3 @@ class MeshClient:
             await self._session.close()
             self._session = None
 
-
-def json_default(o: Any) -> Any:
-    if isinstance(o, BaseModel):
-        return o.model_dump(mode="json")
-    return str(o)

@@ -36,28 +36,3 @@ def failure_metrics(conn: sqlite3.Connection) -> list[dict]:
 def open_sessions(conn: sqlite3.Connection) -> list[dict]:
     return _rows(conn, "SELECT * FROM sessions WHERE status != 'ended'")
 
-
-def sessions(conn: sqlite3.Connection, agent: str | None = None) -> list[dict]:
-    if agent:
-        return _rows(conn, "SELECT * FROM sessions WHERE agent = ? ORDER BY started_at", (agent,))
-    return _rows(conn, "SELECT * FROM sessions ORDER BY started_at")
-
-
-def agents(conn: sqlite3.Connection) -> list[dict]:
-    return _rows(conn, "SELECT * FROM agents ORDER BY name")
-
-
-def tasks(conn: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
-    if run_id:
-        return _rows(conn, "SELECT * FROM tasks WHERE run_id = ? ORDER BY created_at", (run_id,))
-    return _rows(conn, "SELECT * FROM tasks ORDER BY created_at")
-
-
-def events(conn: sqlite3.Connection, kind: str | None = None, limit: int = 1000) -> list[dict]:
-    if kind:
-        rows = _rows(conn, "SELECT * FROM events WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, limit))
-    else:
-        rows = _rows(conn, "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
-    for r in rows:
-        r["payload"] = json.loads(r["payload"])
-    return list(reversed(rows))

@@ -170,7 +170,7 @@ class Runner:
         drill.check("rows labelled as drill traffic", all(r["drill"] for r in rows) and all(a["drill"] for a in alerts))
         old = self.mesh.rows("SELECT status FROM sessions WHERE incarnation = ?", (before["incarnation"],))
         drill.check("the old session is closed", bool(old) and old[0]["status"] == "ended")
-        drill.check("the old process is gone", not _alive(before["pid"]))
+        drill.check("the old process is gone", not alive_since(before["pid"], None))
         drill.data["recovery_seconds"] = round(t_healthy - drill.t0, 4)
         return drill
 
@@ -509,13 +509,6 @@ class Runner:
         problems += [f"pid {pid} is not accounted for: {cmd[:80]}" for pid, cmd in procs.items()
                      if pid not in known and not _descends_from(pid, owners)]
         return {"processes": len(procs), "sessions": len(sessions), "problems": problems}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def alive_since(pid: int | None, create_time: float | None) -> bool:

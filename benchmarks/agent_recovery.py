@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.harness import cleanup, make_mesh, wait_for  # noqa: E402
+from tests.harness import cleanup, make_mesh, wait_for  # noqa: E402
 
 AGENTS = ["gateway", "root", "architect", "director-code", "programmer-1"]
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import Policy  # noqa: E402
 from common.policy import worst_case_attempts  # noqa: E402
-from scripts.harness import REPO, cleanup, make_mesh, wait_for  # noqa: E402
+from tests.harness import REPO, cleanup, make_mesh, wait_for  # noqa: E402
 
 DEFAULT = tomllib.loads((REPO / "mesh.toml").read_text())
 SERVICES = {**DEFAULT["services"], "architect": {**DEFAULT["services"]["architect"], "provider": "ollama"}}

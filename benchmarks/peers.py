@@ -63,7 +63,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.harness import cleanup, make_mesh  # noqa: E402
+from tests.harness import cleanup, make_mesh  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "child_service.py"

@@ -22,14 +22,18 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from common import logs
 from common.config import DAEMON
+from common.carry import carry_out, loop_alert_id
 from common.http import MeshHTTPError, error, parse, require_token
-from common.ladder import apply_advice, parse_advice, plan_child_failure
-from common.models import Alert, Escalation, EscalationRecord, RestartRequest, TaskAssign, TaskRecord, TaskResult
+from common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Restart, SwitchProvider,
+                           compute_backoff, decide, fold_advice, parse_advice, worst_case_attempts)
+from common.models import (Alert, CheckpointRecord, Escalation, EscalationRecord, PermanentFailure, RestartRequest,
+                           SwitchRequest, TaskAssign, TaskRecord, TaskResult)
 from common.service import ServiceContext
 
 log = logging.getLogger("tron.agent")
@@ -63,6 +67,11 @@ class Task:
         """The progress marker a previous incarnation reached, if any."""
         return self.assign.progress
 
+    @property
+    def completed(self) -> dict | None:
+        """The last step an earlier incarnation completed: {step, step_id, hash, output}."""
+        return self.assign.checkpoint
+
 
 def load_sdks() -> None:
     """Import the LLM SDKs (about 2 s here). Run in a thread: an import on the event
@@ -84,6 +93,7 @@ class Agent:
         self.early: dict[str, TaskResult] = {}
         self._bg: set[asyncio.Task] = set()
         self._sdks: asyncio.Future | None = None
+        self.actions = MeshActions(self)
 
     # -- the app ------------------------------------------------------------------------
 
@@ -145,6 +155,13 @@ class Agent:
         task.progress = marker
         self._refresh_beat_fields()
 
+    async def checkpoint(self, task: Task, step: int, step_id: str, output: str) -> None:
+        """Record a completed step (its output kept, hashed, by the daemon): a restart
+        resumes after it, handed this output, instead of redoing the step."""
+        body = CheckpointRecord(step=step, step_id=step_id, output=output, incarnation=self.ctx.env.incarnation)
+        await self._retrying(lambda: self.ctx.client.post(f"{self.daemon}/tasks/{task.id}/checkpoint", body),
+                             what=f"checkpoint {task.id} step {step}", attempts=10)
+
     def _refresh_beat_fields(self) -> None:
         # The heartbeat carries one task: the oldest one still running here.
         if self.active:
@@ -188,8 +205,7 @@ class Agent:
 
     async def _retrying(self, call, *, what: str, attempts: int = 20) -> bool:
         """Bounded retries with capped backoff for hand-offs between live services."""
-        delay = 0.05
-        for _ in range(attempts):
+        for tries in range(1, attempts + 1):
             try:
                 await call()
                 return True
@@ -200,8 +216,7 @@ class Agent:
                 log.warning("%s failed: %s", what, err)
             except (OSError, asyncio.TimeoutError) as err:
                 log.info("%s not delivered yet: %s", what, err)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=2.0, jitter=0.1))
         log.error("%s: giving up after %d attempts (the registry has the result)", what, attempts)
         return False
 
@@ -248,7 +263,7 @@ class Agent:
                 except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                     # The child is down: the daemon hands it the task when it is back.
                     log.warning("dispatch of %s to %s failed (%s); waiting for the ladder", task_id, child, err)
-            bound = self.policy.task_timeout * (1 + self.policy.max_restarts + self.policy.max_provider_switches)
+            bound = self.policy.task_timeout * worst_case_attempts(self.policy)
             parent.waiting += 1
             self._refresh_beat_fields()
             try:
@@ -285,89 +300,84 @@ class Agent:
 
     # -- the ladder, parent side -----------------------------------------------------------------
 
+    def _descendant(self, service: str) -> bool:
+        return service in self.config.services and self.name in self.config.ancestors(service)
+
+    async def view(self, service: str, *, alert_id: str | None, task_id: str | None) -> LadderView:
+        """What the registry knows, at the daemon's clock reading: we decide on that."""
+        q = {"service": service, "decider": self.name}
+        q.update({k: v for k, v in (("alert_id", alert_id), ("task_id", task_id)) if v})
+        body = await self.ctx.client.get(f"{self.daemon}/ladder/view?{urlencode(q)}")
+        return LadderView.model_validate(body)
+
+    async def decide_and_act(self, event: ChildFailed | Escalated) -> dict:
+        view = await self.view(event.service, alert_id=event.alert_id, task_id=event.task_id)
+        decision = decide(event, view, view.now, view.policy)
+        decided_by, detail = "policy", {}
+        if view.policy.llm_advice and isinstance(decision, Restart) and decision.with_task:
+            advice, note = await self.advise(event, view)
+            decision = fold_advice(decision, advice)
+            decided_by = "llm" if advice is not None else "policy"
+            detail = {"advice": advice or note, "rationale": note if advice else ""}
+        log.info("decision", extra={"offender": event.service, "alert": event.alert_id, "case": decision.case,
+                                    "decision": type(decision).__name__, "decided_by": decided_by})
+        return await carry_out(decision, event, self.actions, decided_by=decided_by, detail=detail)
+
     @require_token
     async def _h_child_timeout(self, request: web.Request) -> web.Response:
         alert = await parse(request, Alert)
-        if alert.service not in self.config.services or self.name not in self.config.ancestors(alert.service):
+        if not self._descendant(alert.service):
             return error(422, f"{alert.service!r} is not a descendant of {self.name}")
         logs.comms("alert_received", src=DAEMON, dst=self.name, alert=alert.alert_id, agent=alert.service,
                    task=alert.task_id, run=alert.run_id)
-        ladder = await self.ctx.client.get(f"{self.daemon}/agents/{alert.service}/ladder"
-                                           + (f"?task_id={alert.task_id}" if alert.task_id else ""))
-        plan = plan_child_failure(alert, ladder, self.policy, self.name)
-        if self.policy.llm_advice and isinstance(plan, RestartRequest):
-            plan = await self.advise(alert, ladder, plan)
-        if isinstance(plan, Escalation) and plan.run_id is None:
-            plan = plan.model_copy(update={"run_id": alert.run_id, "provider": alert.provider})
-        if isinstance(plan, RestartRequest):
-            try:
-                answer = await self.ctx.client.post(f"{self.daemon}/control/restart", plan)
-            except MeshHTTPError as err:
-                answer = err.json()
-            log.info("restart %s: %s", alert.service, answer.get("status"),
-                     extra={"offender": alert.service, "reason": str(alert.reason), "alert": alert.alert_id})
-            return web.json_response({"action": "restart", **answer})
-        answer = await self.escalate(plan)
-        return web.json_response({"action": "escalate", **answer})
-
-    async def advise(self, alert: Alert, ladder: dict, plan: RestartRequest) -> RestartRequest | Escalation:
-        """Ask the LLM whether to restart or escalate, within ``advice_timeout``. No
-        answer, an unusable one, or a failure leaves the policy's decision as it was."""
-        from common.prompts import system_prompt
-
-        question = (f"Child {alert.service} failed: {alert.reason} {alert.detail}. Restarts in the window: "
-                    f"{len(ladder.get('restart_times', []))} of {self.policy.max_restarts}. Task: {alert.task_id}.")
-        try:
-            async with asyncio.timeout(self.policy.advice_timeout):
-                await self.sdks_ready()
-                from common.providers import ProviderSettings, complete
-
-                p = self.config.providers
-                settings = ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
-                                            ollama_model=p.ollama_model, timeout_s=self.policy.advice_timeout,
-                                            max_tokens=64)
-                reply = await complete(self.ctx.provider or p.default, system=system_prompt("advisor"),
-                                       prompt=question, settings=settings)
-            advice, rationale = parse_advice(reply.text)
-            note = "unusable answer" if advice is None else "ok"
-        except TimeoutError:
-            advice, rationale, note = None, "", f"timeout after {self.policy.advice_timeout}s"
-        except Exception as err:  # the advisor is optional: any failure means "no advice"
-            advice, rationale, note = None, "", f"failed: {type(err).__name__}: {str(err)[:100]}"
-        log.info("advice for %s: %s (%s)", alert.service, advice, note, extra={"alert": alert.alert_id})
-        return apply_advice(plan, advice, rationale, note)
-
-    async def escalate(self, esc: Escalation) -> dict:
-        """Record this hop with the daemon, then hand the failure to our parent."""
-        parent = self.config.spec(self.name).parent
-        rec = EscalationRecord(alert_id=esc.alert_id, service=esc.service, task_id=esc.task_id, run_id=esc.run_id,
-                               reason=esc.reason, detail={**esc.detail, "incarnation": esc.incarnation},
-                               from_service=self.name, to_service=parent, restarts=esc.restarts,
-                               decided_by=esc.decided_by)
-        answer = await self.ctx.client.post(f"{self.daemon}/control/escalation", rec)
-        if parent == DAEMON or answer.get("status") == "duplicate":
-            return answer
-        esc = esc.model_copy(update={"path": [*esc.path, parent]})
-        logs.comms("escalation", src=self.name, dst=parent, alert=esc.alert_id, agent=esc.service, task=esc.task_id,
-                   run=esc.run_id, reason=esc.reason)
-        try:
-            await self.ctx.client.post(self.config.url(parent) + "/handle_grandchild_failure", esc,
-                                       timeout=self.policy.alert_delivery_timeout * 5)
-        except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
-            log.error("escalation to %s not delivered: %s", parent, err, extra={"alert": esc.alert_id})
-            return {**answer, "forwarded": False}
-        return {**answer, "forwarded": True}
+        event = ChildFailed(alert.alert_id, alert.service, alert.incarnation,
+                            alert.detail.get("error_reason") or str(alert.reason), alert.retryable, alert.task_id)
+        return web.json_response(await self.decide_and_act(event))
 
     @require_token
     async def _h_grandchild_failure(self, request: web.Request) -> web.Response:
         esc = await parse(request, Escalation)
-        if esc.service not in self.config.services or self.name not in self.config.ancestors(esc.service):
+        if not self._descendant(esc.service):
             return error(422, f"{esc.service!r} is not a descendant of {self.name}")
-        return web.json_response(await self.on_grandchild_failure(esc))
+        logs.comms("escalation_received", src=esc.path[-1] if esc.path else esc.service, dst=self.name,
+                   alert=esc.alert_id, agent=esc.service, task=esc.task_id, run=esc.run_id, reason=esc.reason)
+        event = Escalated(esc.alert_id, esc.service, esc.reason, esc.kind, esc.task_id)
+        return web.json_response(await self.decide_and_act(event))
 
-    async def on_grandchild_failure(self, esc: Escalation) -> dict:
-        """Not the root: pass it up, one ancestor at a time, each hop on record."""
-        return await self.escalate(esc)
+    async def advise(self, event: ChildFailed, view: LadderView) -> tuple[str | None, str]:
+        """Ask the LLM whether to restart or escalate, within ``advice_timeout``: (advice,
+        rationale or why there is none). No answer, an unusable one, or a failure means
+        no advice: the policy stands."""
+        from common.prompts import system_prompt
+
+        policy = view.policy
+        question = (f"Child {event.service} failed: {event.reason}. Task {event.task_id} has had "
+                    f"{view.task.restarts if view.task else 0} of {policy.max_restarts} restarts.")
+        try:
+            async with asyncio.timeout(policy.advice_timeout):
+                await self.sdks_ready()
+                from common.providers import provider_for
+
+                provider = provider_for(self.ctx.provider or self.config.providers.default)
+                reply = await provider.complete(system=system_prompt("advisor"), prompt=question,
+                                                settings=self.provider_settings(timeout=policy.advice_timeout,
+                                                                                max_tokens=64))
+            advice, rationale = parse_advice(reply.text)
+            note = "unusable answer" if advice is None else rationale
+        except TimeoutError:
+            advice, note = None, f"timeout after {policy.advice_timeout}s"
+        except Exception as err:  # the advisor is optional: any failure means "no advice"
+            advice, note = None, f"failed: {type(err).__name__}: {str(err)[:100]}"
+        log.info("advice for %s: %s (%s)", event.service, advice, note, extra={"alert": event.alert_id})
+        return advice, note
+
+    def provider_settings(self, *, timeout: float | None = None, max_tokens: int | None = None):
+        from common.providers import ProviderSettings
+
+        p = self.config.providers
+        return ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
+                                ollama_model=p.ollama_model, timeout_s=timeout or p.timeout,
+                                max_tokens=max_tokens or p.max_tokens)
 
     # -- the LLM ------------------------------------------------------------------------------
 
@@ -375,17 +385,14 @@ class Agent:
         """Ask this agent's current provider. A provider failure is reported to the
         daemon as an alert (with its classified reason and retryable flag) and the task
         is abandoned here: the ladder decides what happens next."""
-        from common.providers import ProviderFailure, ProviderSettings, complete  # SDKs load lazily
+        from common.providers import ProviderFailure, provider_for  # SDKs load lazily
         from common.prompts import system_prompt
 
-        p = self.config.providers
-        settings = ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
-                                    ollama_model=p.ollama_model, timeout_s=p.timeout, max_tokens=p.max_tokens)
-        provider = self.ctx.provider or p.default
+        provider = provider_for(self.ctx.provider or self.config.providers.default)
         await self.sdks_ready()
         try:
-            reply = await complete(provider, system=system_prompt(self.role), prompt=prompt, settings=settings,
-                                   stream=stream)
+            reply = await provider.complete(system=system_prompt(self.role), prompt=prompt,
+                                            settings=self.provider_settings(), stream=stream)
         except ProviderFailure as failure:
             await self.report_failure(task, failure)
             raise Abandon() from failure
@@ -406,3 +413,65 @@ class Agent:
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
         return t
+
+
+class MeshActions:
+    """An agent's hands for ``carry_out``: every step is a request to the daemon, which
+    records it and acts; an escalation is then forwarded to our own parent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @property
+    def _daemon(self) -> str:
+        return self.agent.daemon
+
+    async def _post(self, path: str, body) -> dict:
+        try:
+            return await self.agent.ctx.client.post(f"{self._daemon}{path}", body)
+        except MeshHTTPError as err:
+            return {"status": "refused", "http": err.status, **err.json()}
+
+    async def restart(self, event: ChildFailed, d: Restart, *, decided_by: str, detail: dict) -> dict:
+        return await self._post("/control/restart", RestartRequest(
+            service=event.service, replaces=event.incarnation, alert_id=event.alert_id, reason=event.reason,
+            case=d.case, delay=d.delay, with_task=d.with_task, crash_looping=d.crash_looping,
+            new_episode=d.new_episode, task_id=event.task_id, requested_by=self.agent.name, decided_by=decided_by,
+            detail=detail))
+
+    async def escalate(self, event: ChildFailed | Escalated, d: Escalate, *, decided_by: str, detail: dict) -> dict:
+        me = self.agent.name
+        parent = self.agent.config.spec(me).parent
+        loop = d.kind == "crash_loop"
+        alert_id = loop_alert_id(event.alert_id) if loop else event.alert_id
+        task_id = None if loop else event.task_id  # a crash loop is the service's, not a task's
+        answer = await self._post("/control/escalation", EscalationRecord(
+            alert_id=alert_id, service=event.service, kind=d.kind, task_id=task_id, reason=d.reason,
+            case=d.case, from_service=me, to_service=parent, decided_by=decided_by, detail=detail))
+        if answer.get("status") != "recorded":
+            return answer
+        esc = Escalation(alert_id=alert_id, service=event.service, reason=d.reason, kind=d.kind,
+                         task_id=task_id, path=[me], decided_by=decided_by,
+                         incarnation=getattr(event, "incarnation", None))
+        logs.comms("escalation", src=me, dst=parent, alert=alert_id, agent=event.service, task=event.task_id,
+                   reason=d.reason, kind=d.kind)
+        url = (self._daemon if parent == DAEMON else self.agent.config.url(parent)) + "/handle_grandchild_failure"
+        try:
+            forwarded = await self.agent.ctx.client.post(url, esc, timeout=self.agent.policy.alert_delivery_timeout * 5)
+        except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+            # The task is held and the hop recorded: the daemon's watchdog decides if nobody does.
+            log.error("escalation to %s not delivered: %s", parent, err, extra={"alert": alert_id})
+            return {**answer, "forwarded": False}
+        return {**answer, "forwarded": True, "above": forwarded}
+
+    async def switch(self, event: ChildFailed | Escalated, d: SwitchProvider, *, decided_by: str,
+                     detail: dict) -> dict:
+        return await self._post("/control/switch", SwitchRequest(
+            service=event.service, alert_id=event.alert_id, task_id=event.task_id, to_provider=d.to_provider,
+            reason=event.reason, case=d.case, services=list(d.services), delay=d.delay, decided_by=decided_by,
+            requested_by=self.agent.name, detail=detail))
+
+    async def fail(self, event: ChildFailed | Escalated, d: Fail, *, decided_by: str, detail: dict) -> dict:
+        return await self._post("/control/permanent_failure", PermanentFailure(
+            alert_id=event.alert_id, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
+            detail={"last_reason": event.reason, **detail}, decided_by=decided_by, requested_by=self.agent.name))

@@ -29,8 +29,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DAEMON = "daemon"
 AGENT_ROLES = ("gateway", "root", "architect", "director", "programmer", "llm_sim")
 Provider = Literal["anthropic", "ollama"]
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "mesh.toml"
+MAX_PORT = 65535
+# A source checkout keeps mesh.toml and prompts/ beside the packages; an installed copy
+# has them under <prefix>/share/tron-mesh (pyproject's data-files).
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SHARE = Path(sys.prefix) / "share" / "tron-mesh"
+
+
+def resource(relative: str) -> Path:
+    """A data file shipped with Tron (mesh.toml, prompts/...): the checkout's own copy when
+    running from one, else the installed one."""
+    local = SOURCE_ROOT / relative
+    return local if local.exists() else SHARE / relative
+
+
+def in_checkout() -> bool:
+    return (SOURCE_ROOT / "pyproject.toml").exists() and (SOURCE_ROOT / "mesh.toml").exists()
 
 
 class ConfigError(Exception):
@@ -55,6 +69,9 @@ class Policy(_Strict):
     max_provider_switches: int = Field(3, ge=0, le=100)
     stop_grace: float = Field(5.0, ge=0)
     start_timeout: float = Field(30.0, gt=0)
+    # An incarnation healthy this long counts as stable: its failure is restarted at once
+    # and resets the backoff (PM2's min_uptime, Kubernetes' reset after a stable run).
+    min_uptime: float = Field(1.0, ge=0)
     alert_delivery_timeout: float = Field(2.0, gt=0)
     # Optional: a parent asks its LLM whether to restart or escalate. The policy bounds
     # always win, and a slow or failed advisor never delays the ladder past the timeout.
@@ -65,6 +82,11 @@ class Policy(_Strict):
     def beat_timeout(self) -> float:
         """Seconds of silence after which an agent counts as hung."""
         return self.heartbeat_interval * self.miss_threshold
+
+    @property
+    def delivery_timeout(self) -> float:
+        """How long an ancestor may take to answer an alert: an advisor's time included."""
+        return self.alert_delivery_timeout + (self.advice_timeout if self.llm_advice else 0.0)
 
 
 class Liveness(_Strict):
@@ -117,11 +139,21 @@ class ServiceSpec(_Strict):
 
 class ProvidersConfig(_Strict):
     default: Provider = "anthropic"
+    # The root switches a failing subtree to the next provider of the chain, wrapping round.
+    chain: list[Provider] = ["anthropic", "ollama"]
     anthropic_model: str = "claude-sonnet-4-5"
     ollama_model: str = "llama3.1"
     timeout: float = Field(30.0, gt=0)
     max_tokens: int = Field(512, ge=1)
     sim_service: str = "llm-sim"
+
+    @model_validator(mode="after")
+    def _default_in_chain(self) -> "ProvidersConfig":
+        if len(set(self.chain)) != len(self.chain) or not self.chain:
+            raise ValueError("providers.chain: name each provider once, at least one")
+        if self.default not in self.chain:
+            raise ValueError(f"providers.default: {self.default!r} is not in providers.chain {self.chain}")
+        return self
 
 
 class MeshSection(_Strict):
@@ -229,6 +261,7 @@ def _format_error(source: str, err: ValidationError) -> str:
 def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
     """Validate a parsed mesh file and shift every port by ``port_offset``."""
     data = dict(data)
+    _check_offset(data, source, port_offset)
     services = data.get("services")
     if isinstance(services, dict):
         shifted = {}
@@ -255,17 +288,38 @@ def port_offset_from_env(env: os._Environ | dict | None = None) -> int:
     env = os.environ if env is None else env
     raw = env.get("TRON_PORT_OFFSET", "0") or "0"
     try:
-        offset = int(raw)
+        return int(raw)
     except ValueError:
         raise ConfigError(f"TRON_PORT_OFFSET: {raw!r} is not an integer") from None
-    if not -6000 <= offset <= 50000:
-        raise ConfigError(f"TRON_PORT_OFFSET: {offset} would move ports out of range")
-    return offset
+
+
+def _check_offset(data: dict, source: str, offset: int) -> None:
+    """Every shifted port must fit in 1..65535; the error names the port that does not."""
+    ports = {"mesh.daemon_port": (data.get("mesh") or {}).get("daemon_port", MeshSection().daemon_port)}
+    for name, raw in (data.get("services") or {}).items():
+        if isinstance(raw, dict) and isinstance(raw.get("port"), int):
+            ports[f"services.{name}.port"] = raw["port"]
+    shifted = {k: v + offset for k, v in ports.items() if isinstance(v, int)}
+    if not shifted:
+        return
+    key, high = max(shifted.items(), key=lambda kv: kv[1])
+    low_key, low = min(shifted.items(), key=lambda kv: kv[1])
+    if high > MAX_PORT:
+        raise ConfigError(f"{source}: TRON_PORT_OFFSET={offset} moves {key} to {high}, above {MAX_PORT} "
+                          f"(the largest offset this mesh allows is {offset - (high - MAX_PORT)})")
+    if low < 1:
+        raise ConfigError(f"{source}: TRON_PORT_OFFSET={offset} moves {low_key} to {low}, below 1")
+
+
+def default_config_path() -> Path:
+    """TRON_CONFIG if set, else the mesh.toml shipped with Tron."""
+    env = os.environ.get("TRON_CONFIG")
+    return Path(env) if env else resource("mesh.toml")
 
 
 def load_mesh(path: str | Path | None = None, *, port_offset: int | None = None) -> MeshConfig:
-    """Read and validate a mesh file (default: mesh.toml at the repo root)."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    """Read and validate a mesh file (default: TRON_CONFIG, else the shipped mesh.toml)."""
+    path = Path(path) if path else default_config_path()
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:

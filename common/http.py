@@ -62,10 +62,27 @@ async def parse(request: web.Request, model: type[M]) -> M:
                                           content_type="application/json") from None
 
 
+def parse_query(request: web.Request, model: type[M]) -> M:
+    """Query parameters as a pydantic model (bounds included), or a 400 naming the bad one."""
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as err:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"query: {_describe(err)}"}),
+                                 content_type="application/json") from None
+
+
+def token_matches(given: str | None, expected: str | None) -> bool:
+    """Constant-time comparison; a header that is not valid text is simply wrong."""
+    if not expected or given is None:
+        return False
+    try:
+        return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    except UnicodeError:
+        return False
+
+
 def token_ok(request: web.Request) -> bool:
-    expected = request.app.get(TOKEN_KEY)
-    given = request.headers.get(TOKEN_HEADER, "")
-    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+    return token_matches(request.headers.get(TOKEN_HEADER), request.app.get(TOKEN_KEY))
 
 
 def require_token(handler):
@@ -103,24 +120,31 @@ class MeshClient:
         self.token = token
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
-
-    def _headers(self) -> dict[str, str]:
-        return {TOKEN_HEADER: self.token} if self.token else {}
+        self._plain: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """Carries the mesh token: only for our own services."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers=self._headers(),
+                headers={TOKEN_HEADER: self.token} if self.token else {},
                 connector=aiohttp.TCPConnector(limit=64, force_close=False),
             )
         return self._session
 
+    @property
+    def plain(self) -> aiohttp.ClientSession:
+        """No token, no kept connections: for programs that are not ours (probes)."""
+        if self._plain is None or self._plain.closed:
+            self._plain = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, force_close=True))
+        return self._plain
+
     async def request(self, method: str, url: str, body: BaseModel | dict | None = None,
-                      *, timeout: float | None = None) -> Any:
+                      *, timeout: float | None = None, token: bool = True) -> Any:
         payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
         t = aiohttp.ClientTimeout(total=timeout or self.timeout)
-        async with self.session.request(method, url, json=payload, timeout=t) as resp:
+        session = self.session if token else self.plain
+        async with session.request(method, url, json=payload, timeout=t) as resp:
             text = await resp.text()
             if resp.status >= 300:
                 raise MeshHTTPError(resp.status, url, text)
@@ -135,7 +159,8 @@ class MeshClient:
         return await self.request("POST", url, body, **kw)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._plain):
+            if session is not None:
+                await session.close()
+        self._session = self._plain = None
 

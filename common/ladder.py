@@ -1,70 +1,421 @@
-"""Level 1 of the ladder, shared by every parent (agents and the daemon alike).
+"""The escalation ladder: every rule of it, in one pure module.
 
-``plan_child_failure`` turns an alert and the registry's record (fetched from the
-daemon: restart times, what the task has been through) into the request to send: a
-``RestartRequest`` for the daemon, or an ``Escalation`` for our own parent. It is pure;
-the caller does the I/O.
+    decide(event, view, now, policy) -> Restart | Escalate | SwitchProvider | Fail | Ignore
+
+Vocabulary (DESIGN.md, "Services and tasks: two lifecycles"):
+
+- A **service** is a long-lived process. Every failure of one of its incarnations brings
+  it back, unless an operator stopped it. The first restart after a failure is immediate;
+  backoff (exponential, jitter, cap) grows only with *consecutive unstable* failures, an
+  unstable incarnation being one that died before it had been healthy for ``min_uptime``.
+  ``max_restarts`` failures within ``restart_window`` make the service *crash-looping*:
+  one escalation climbs the tree per episode, and restarts go on under the same backoff
+  rule until a whole window passes with no failure.
+- A **task** is a unit of work with bounded attempts: the first, up to ``max_restarts``
+  restarts with its agent (level 1, the parent), then up to ``max_provider_switches``
+  switches to the next provider of the chain (level 2, the root), then a permanent
+  failure (level 3). It always ends.
+- The **decider** is the service that received the event (a parent, an ancestor the alert
+  reached instead, the root, or the daemon); ``view.top`` says nobody decides above it.
+
+The decision is a table of cases (as OTP's ``supervisor.erl`` is). Each case has a stable
+id, recorded on every registry row it causes (``retry_history.case``). The daemon, the
+parents and the root only carry out the answer; none of them adds a rule of its own.
+Nothing here reads a clock, sleeps or does I/O: ``now`` is the daemon's clock reading and
+every count comes in through the view, so each case is a line of a unit-test table.
 """
 
 from __future__ import annotations
 
-import time
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Union
+
+from pydantic import BaseModel, ConfigDict
 
 from common.config import Policy
-from common.models import Alert, Escalation, RestartRequest
-from common.policy import Restart, decide_restart
+from common.states import RetryType, ServiceState, TaskState
+
+# -- events: what reached the decider ----------------------------------------------------
 
 
-def plan_child_failure(alert: Alert, ladder: dict, policy: Policy, me: str,
-                       *, now: float | None = None) -> RestartRequest | Escalation:
-    task = ladder.get("task") or {}
-    # A provider failure is recorded under its classified reason (overloaded_error,
-    # authentication_error, ...); TRON's own signals under theirs.
-    reason = alert.detail.get("error_reason") or str(alert.reason)
-    decision = decide_restart(
-        ladder.get("restart_times", []),
-        time.monotonic() if now is None else now,
-        policy,
-        retryable=alert.retryable,
-        already_escalated=bool(task.get("switches")),
-        task_restarts=task.get("restarts", 0),
-        reason=reason,
-    )
-    if isinstance(decision, Restart):
-        return RestartRequest(
-            service=alert.service, replaces=alert.incarnation, alert_id=alert.alert_id, reason=reason,
-            detail={**alert.detail, "detected_by": str(alert.reason), "attempt": decision.attempt}, delay=decision.delay, requested_by=me,
-            task_id=alert.task_id,
-        )
-    return Escalation(
-        alert_id=alert.alert_id, service=alert.service, incarnation=alert.incarnation, reason=decision.reason,
-        detail={**alert.detail, "detected_by": str(alert.reason)}, task_id=alert.task_id, run_id=alert.run_id,
-        provider=alert.provider, restarts=decision.restarts, retryable=alert.retryable, path=[me],
-    )
+@dataclass(frozen=True)
+class ChildFailed:
+    """TRON's alert about one incarnation of a service below the decider."""
+
+    alert_id: str
+    service: str
+    incarnation: str
+    reason: str  # the signal (process_exit, ...) or the provider's classified error
+    retryable: bool = True
+    task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Escalated:
+    """A failure passed up from below: a task its parent gave up on, or a crash loop."""
+
+    alert_id: str
+    service: str
+    reason: str
+    kind: Literal["task", "crash_loop"] = "task"
+    task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RestartAsked:
+    """A restart request reached the daemon, which carries it out only if it still
+    stands (the same guards as every decision: one authority, idempotent by alert id)."""
+
+    alert_id: str
+    service: str
+    replaces: str
+
+
+@dataclass(frozen=True)
+class AlertAnswered:
+    """An ancestor took an alert and answered: did anything happen? An answered alert
+    that changed nothing is a dropped alert, so it goes on to the next ancestor."""
+
+    alert_id: str
+    service: str
+    incarnation: str
+    ancestor: str
+
+
+Event = Union[ChildFailed, Escalated, RestartAsked, AlertAnswered]
+
+# -- the view: what the registry knows, read by the daemon at ``now`` ------------------------
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceView(_View):
+    name: str
+    incarnation: str | None = None  # the current one
+    state: ServiceState = ServiceState.RUNNING
+    stopped: bool = False  # an operator stopped it
+    replacing: bool = False  # a restart of the current incarnation is already under way
+    provider: str | None = None
+    failures: list[float] = []  # times of its failures in the last restart_window, this one included
+    previous_failure: float | None = None  # the failure before the one being decided
+    unstable_streak: int = 0  # consecutive failures of incarnations that were never stable, this one included
+    crash_looping: bool = False
+
+
+class TaskView(_View):
+    task_id: str
+    status: TaskState
+    restarts: int = 0  # level-1 restarts this task has had
+    switches: int = 0  # provider switches this task has had
+
+
+class LadderView(_View):
+    now: float
+    policy: Policy
+    decider: str
+    top: bool = False  # nobody above the decider: it switches providers and fails tasks itself
+    service: ServiceView
+    task: TaskView | None = None
+    alert_status: str | None = None  # of the alert being decided
+    recorded: list[str] = []  # ladder rows already written for this alert: retry types, "escalation:a->b"
+    chain: list[str] = ["anthropic", "ollama"]
+    subtree: list[str] = []  # the failing service and its descendants, parents first
+
+
+# -- decisions: what the decider carries out ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Replace the incarnation after ``delay``. ``with_task``: the task in flight goes to
+    the next incarnation (one attempt further); otherwise the service comes back idle.
+    ``new_episode``: this failure starts a crash-loop episode; the carrier sends one
+    ``crash_looping`` escalation up the tree."""
+
+    case: str
+    delay: float = 0.0
+    with_task: bool = False
+    crash_looping: bool = False
+    new_episode: bool = False
+
+
+@dataclass(frozen=True)
+class Escalate:
+    """Hand the task's failure to the decider's own parent. ``restart``: the service is
+    still brought back (without the task, which is held until the root decides)."""
+
+    case: str
+    reason: str
+    kind: Literal["task", "crash_loop"] = "task"
+    restart: Restart | None = None
+
+
+@dataclass(frozen=True)
+class SwitchProvider:
+    """Restart the failing subtree on ``to_provider``; the held task goes with it."""
+
+    case: str
+    to_provider: str
+    attempt: int  # 1 for the task's first switch
+    services: tuple[str, ...] = ()
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The task and its run fail for good; ``restart``: the service still comes back."""
+
+    case: str
+    reason: str
+    restart: Restart | None = None
+
+
+@dataclass(frozen=True)
+class Ignore:
+    case: str
+    why: str
+
+
+Decision = Union[Restart, Escalate, SwitchProvider, Fail, Ignore]
+
+# -- pure helpers -----------------------------------------------------------------------------------
+
+
+def compute_backoff(prior: int, *, initial: float, factor: float, max_backoff: float, jitter: float,
+                    rng: random.Random | None = None) -> float:
+    """Delay before a restart.
+
+    Parameters: ``prior`` consecutive unstable failures before this one; ``jitter`` the
+    fraction of the delay that is randomised (0.2 means +-20 %).
+    Returns: 0 when ``prior`` is 0 (a crash is restarted at once: backoff is for repeated
+    failures), else ``initial * factor**(prior-1)`` with jitter, never above
+    ``max_backoff`` and never below zero.
+    """
+    if prior <= 0:
+        return 0.0
+    delay = initial * factor ** min(prior - 1, 64)
+    if jitter and delay:
+        delay *= 1 + (rng or random).uniform(-jitter, jitter)
+    return max(0.0, min(delay, max_backoff))
+
+
+def worst_case_attempts(policy: Policy) -> int:
+    """Upper bound on a task's attempts: the first, every restart, every switch."""
+    return 1 + policy.max_restarts + policy.max_provider_switches
+
+
+def next_provider(chain: list[str], current: str | None) -> str:
+    """The provider after ``current`` in the chain, wrapping round; the first when
+    ``current`` is not in the chain."""
+    if not chain:
+        raise ValueError("the provider chain is empty")
+    if current not in chain:
+        return chain[0]
+    return chain[(chain.index(current) + 1) % len(chain)]
+
+
+def within(times: list[float], now: float, window: float) -> list[float]:
+    """The times that fall in ``(now - window, now]``."""
+    return [t for t in times if now - window < t <= now]
+
+
+# -- the case table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Everything a case may look at; derived figures are computed once."""
+
+    event: Event
+    view: LadderView
+    now: float
+    policy: Policy
+    rng: random.Random | None = None
+
+    @property
+    def task(self) -> TaskView | None:
+        return self.view.task
+
+    def service_restart(self, case: str, *, with_task: bool = False) -> Restart:
+        """How the service comes back after this failure (the service lifecycle)."""
+        p, s = self.policy, self.view.service
+        looping = len(within(s.failures, self.now, p.restart_window)) >= p.max_restarts
+        episode_over = s.previous_failure is None or self.now - s.previous_failure >= p.restart_window
+        delay = compute_backoff(s.unstable_streak - 1, initial=p.backoff_initial, factor=p.backoff_factor,
+                                max_backoff=p.backoff_max, jitter=p.backoff_jitter, rng=self.rng)
+        return Restart(case=case, delay=delay, with_task=with_task, crash_looping=looping,
+                       new_episode=looping and (not s.crash_looping or episode_over))
+
+    def top_decision(self, reason: str) -> SwitchProvider | Fail:
+        """Level 2 or 3: the next provider while switches remain, else a permanent failure."""
+        switches = self.task.switches if self.task else 0
+        if switches >= self.policy.max_provider_switches:
+            return Fail(case="switches_exhausted", reason="max_provider_switches_exceeded",
+                        restart=None)
+        to = next_provider(self.view.chain, self.view.service.provider)
+        return SwitchProvider(case="switch_provider", to_provider=to, attempt=switches + 1,
+                              services=tuple(self.view.subtree or [self.view.service.name]))
+
+    def give_up_task(self, case: str, reason: str) -> Decision:
+        """The task leaves level 1. Below the top it climbs; at the top the decider
+        switches or fails it itself. The service comes back either way."""
+        restart = self.service_restart("restart_without_task")
+        if not self.view.top:
+            return Escalate(case=case, reason=reason, restart=restart)
+        decision = self.top_decision(reason)
+        if isinstance(decision, SwitchProvider):
+            return replace(decision, delay=restart.delay)
+        return replace(decision, restart=restart)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    when: Callable[[Situation], bool]
+    then: Callable[[Situation], Decision]
+    doc: str
+
+
+def _recorded(s: Situation, *kinds: str) -> bool:
+    return any(r == k or r.startswith(k + ":") for r in s.view.recorded for k in kinds)
+
+
+def _passed_up_from_here(s: Situation) -> bool:
+    return any(r.startswith(f"{RetryType.ESCALATION}:{s.view.decider}->") for r in s.view.recorded)
+
+
+def _stale(s: Situation) -> bool:
+    return s.view.service.incarnation != s.event.incarnation
+
+
+def _non_retryable_reason(s: Situation) -> str:
+    return f"non_retryable:{s.event.reason}"
+
+
+def _task_live(s: Situation) -> bool:
+    return s.task is not None and s.task.status in (TaskState.ASSIGNED, TaskState.RUNNING)
+
+
+CHILD_FAILED: tuple[Case, ...] = (
+    Case("duplicate_alert", lambda s: s.view.alert_status == "handled" or _recorded(s, RetryType.CHILD_RESTART),
+         lambda s: Ignore("duplicate_alert", f"alert {s.event.alert_id} was already decided"),
+         "the alert already has its decision (idempotent by alert id)"),
+    Case("stale_incarnation", _stale,
+         lambda s: Ignore("stale_incarnation", f"{s.event.incarnation} is no longer the current incarnation"),
+         "the alert names an incarnation that has already been replaced"),
+    Case("operator_stopped", lambda s: s.view.service.stopped,
+         lambda s: Ignore("operator_stopped", f"an operator stopped {s.event.service}"),
+         "an operator stopped the service: a deliberate stop is never undone"),
+    Case("idle_failure", lambda s: not _task_live(s),
+         lambda s: s.service_restart("idle_failure"),
+         "no task in flight: the service comes back (backoff by unstable streak)"),
+    Case("non_retryable", lambda s: not s.event.retryable,
+         lambda s: s.give_up_task("non_retryable", _non_retryable_reason(s)),
+         "an error retrying cannot fix (authentication, invalid request): the task goes up at once"),
+    Case("task_already_escalated", lambda s: s.task.switches > 0,
+         lambda s: s.give_up_task("task_already_escalated", "task_already_escalated"),
+         "the task was already switched to another provider: straight back to the top"),
+    Case("task_restarts_exhausted", lambda s: s.task.restarts >= s.policy.max_restarts,
+         lambda s: s.give_up_task("task_restarts_exhausted", "max_restarts_exceeded"),
+         "the task has had max_restarts restarts: it goes up"),
+    Case("restart_with_task", lambda s: True,
+         lambda s: s.service_restart("restart_with_task", with_task=True),
+         "restart the service; the task resumes in the next incarnation from its checkpoint"),
+)
+
+ESCALATED: tuple[Case, ...] = (
+    Case("duplicate_escalation",
+         lambda s: (_passed_up_from_here(s) and not s.view.top)
+         or (s.view.top and _recorded(s, RetryType.LLM_CHANGE, RetryType.PERMANENT_FAILURE)),
+         lambda s: Ignore("duplicate_escalation", f"escalation {s.event.alert_id} was already decided here"),
+         "the same escalation reached this decider twice"),
+    Case("crash_loop_passed_up", lambda s: s.event.kind == "crash_loop" and not s.view.top,
+         lambda s: Escalate("crash_loop_passed_up", s.event.reason, kind="crash_loop"),
+         "a crash-loop episode climbs one ancestor at a time, a row each"),
+    Case("crash_loop_noted", lambda s: s.event.kind == "crash_loop",
+         lambda s: Ignore("crash_loop_noted", f"{s.event.service} is crash-looping; its restarts go on at the cap"),
+         "a crash loop reached the top: recorded; the service lifecycle keeps restarting it"),
+    Case("task_finished", lambda s: s.task is None or s.task.status != TaskState.ESCALATED,
+         lambda s: Ignore("task_finished", f"task {s.event.task_id} is "
+                          f"{s.task.status if s.task else 'unknown'}, not held for a decision"),
+         "the task has already ended or been decided"),
+    Case("pass_up", lambda s: not s.view.top,
+         lambda s: Escalate("pass_up", s.event.reason),
+         "not the top: the failure climbs to our parent, a row per hop"),
+    Case("switch_provider", lambda s: s.task.switches < s.policy.max_provider_switches,
+         lambda s: s.top_decision(s.event.reason),
+         "the top moves the failing subtree to the next provider of the chain"),
+    Case("switches_exhausted", lambda s: True,
+         lambda s: s.top_decision(s.event.reason),
+         "max_provider_switches reached: the task and its run fail for good"),
+)
+
+RESTART_ASKED: tuple[Case, ...] = (
+    Case("duplicate_request", lambda s: _recorded(s, RetryType.CHILD_RESTART),
+         lambda s: Ignore("duplicate_request", f"alert {s.event.alert_id} already caused its restart"),
+         "the same restart request arrived twice"),
+    Case("stale_request", lambda s: s.view.service.incarnation != s.event.replaces or s.view.service.replacing,
+         lambda s: Ignore("stale_request", f"{s.event.replaces} is not the current incarnation, or is already "
+                          "being replaced"),
+         "the request names an incarnation that is gone or already being replaced"),
+    Case("stopped_request", lambda s: s.view.service.stopped
+         or s.view.service.state in (ServiceState.STOPPING, ServiceState.STOPPED),
+         lambda s: Ignore("stopped_request", f"{s.event.service} is stopped"),
+         "the service is stopped or stopping"),
+    Case("admitted", lambda s: True,
+         lambda s: Restart("admitted"),
+         "the request stands: carry it out"),
+)
+
+ALERT_ANSWERED: tuple[Case, ...] = (
+    Case("acted", lambda s: s.view.alert_status == "handled" or _stale(s) or s.view.service.replacing
+         or s.view.service.stopped,
+         lambda s: Ignore("acted", f"{s.event.ancestor} took alert {s.event.alert_id}"),
+         "the ancestor decided: the alert is handled or its incarnation is being replaced"),
+    Case("answered_without_acting", lambda s: True,
+         lambda s: Escalate("answered_without_acting", f"{s.event.ancestor} answered but nothing changed"),
+         "the ancestor answered and nothing happened: the next ancestor gets the alert"),
+)
+
+TABLE: dict[type, tuple[Case, ...]] = {ChildFailed: CHILD_FAILED, Escalated: ESCALATED, RestartAsked: RESTART_ASKED,
+                                       AlertAnswered: ALERT_ANSWERED}
+
+
+def decide(event: Event, view: LadderView, now: float, policy: Policy, *,
+           rng: random.Random | None = None) -> Decision:
+    """The first case of the event's table whose condition holds gives the decision."""
+    s = Situation(event, view, now, policy, rng)
+    for case in TABLE[type(event)]:
+        if case.when(s):
+            return case.then(s)
+    raise AssertionError(f"no case matched {event!r}")  # every table ends with a catch-all
+
+
+def case_ids() -> list[str]:
+    """Every case id a decision can carry, for docs and for the registry's checks."""
+    ids = [c.id for cases in TABLE.values() for c in cases]
+    return ids + ["restart_without_task", "llm_advised_escalation"]
+
+
+# -- the optional advisor --------------------------------------------------------------------------
 
 
 def parse_advice(text: str) -> tuple[str | None, str]:
     """The advisor's answer: ('restart' | 'escalate' | None, rationale)."""
     lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
-    if not lines:
+    if not lines or not lines[0].split():
         return None, ""
-    word = lines[0].split()[0].strip(".:!").upper() if lines[0].split() else ""
-    choice = {"RESTART": "restart", "ESCALATE": "escalate"}.get(word)
-    return choice, " ".join(lines[1:])[:300]
+    word = lines[0].split()[0].strip(".:!").upper()
+    return {"RESTART": "restart", "ESCALATE": "escalate"}.get(word), " ".join(lines[1:])[:300]
 
 
-def apply_advice(plan: RestartRequest | Escalation, advice: str | None, rationale: str,
-                 note: str) -> RestartRequest | Escalation:
-    """Fold the advisor's answer into the policy's plan. The advisor may only make the
-    ladder stricter (escalate early); it can never buy a restart the policy refused."""
-    if isinstance(plan, Escalation) or advice is None:
-        detail = {**plan.detail, "advice": note}
-        return plan.model_copy(update={"detail": detail})
-    detail = {**plan.detail, "advice": advice, "rationale": rationale}
-    if advice == "restart":
-        return plan.model_copy(update={"decided_by": "llm", "detail": detail})
-    return Escalation(
-        alert_id=plan.alert_id, service=plan.service, incarnation=plan.replaces, reason="llm_advised_escalation",
-        detail=detail, task_id=plan.task_id, run_id=None, provider=None, restarts=plan.detail.get("attempt", 1) - 1,
-        path=[plan.requested_by], decided_by="llm",
-    )
+def fold_advice(decision: Decision, advice: str | None) -> Decision:
+    """Fold an LLM's advice into the policy's decision. The advisor may only make the
+    ladder stricter (escalate a task early); it never buys a restart the policy refused."""
+    if advice != "escalate" or not isinstance(decision, Restart) or not decision.with_task:
+        return decision
+    restart = replace(decision, case="restart_without_task", with_task=False)
+    return Escalate(case="llm_advised_escalation", reason="llm_advised_escalation", restart=restart)

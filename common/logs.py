@@ -13,10 +13,10 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.clock import utc_iso
 from common.redaction import redact
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
@@ -24,13 +24,9 @@ _context: dict[str, Any] = {}
 _comms_path: Path | None = None
 
 
-def _ts() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": _ts(), "level": record.levelname.lower(), "logger": record.name}
+        out: dict[str, Any] = {"ts": utc_iso(), "level": record.levelname.lower(), "logger": record.name}
         out.update(_context)
         out["msg"] = record.getMessage()
         for key, value in record.__dict__.items():
@@ -62,12 +58,12 @@ def setup(service: str, *, incarnation: str | None = None, level: str | None = N
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def comms(kind: str, *, src: str, dst: str, **ids: Any) -> None:
+def comms(kind: str, /, *, src: str, dst: str, **ids: Any) -> None:
     """One line per inter-service message: what, from, to, and its correlation ids."""
     if _comms_path is None:
         return
-    line = {"ts": _ts(), "mono": round(time.monotonic(), 4), "kind": kind, "src": src, "dst": dst}
-    line.update({k: v for k, v in ids.items() if v is not None})
+    line = {"ts": utc_iso(), "mono": round(time.monotonic(), 4), "kind": kind, "src": src, "dst": dst}
+    line.update({("detail_kind" if k == "kind" else k): v for k, v in ids.items() if v is not None})
     data = (redact(json.dumps(line, default=str)) + "\n").encode()
     # One write() on an O_APPEND descriptor: lines from many processes do not interleave.
     fd = os.open(_comms_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -15,6 +15,7 @@ NameStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=
 IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 TOKEN_HEADER = "X-Tron-Token"
 MAX_BODY = 256 * 1024
+Provider = Literal["anthropic", "ollama"]
 
 
 class Msg(BaseModel):
@@ -30,6 +31,8 @@ class Reason(StrEnum):
     TASK_TIMEOUT = "task_timeout"
     LIVENESS_FAILED = "liveness_failed"
     PROVIDER_FAILURE = "provider_failure"
+    SPAWN_FAILED = "spawn_failed"  # the process could not be started at all
+    START_TIMEOUT = "start_timeout"  # started, but not healthy within start_timeout
 
 
 class Beat(Msg):
@@ -61,41 +64,63 @@ class Alert(Msg):
     hops: list[str] = []
 
 
-class RestartRequest(Msg):
-    """Ask the daemon to replace one incarnation of a service.
+CaseStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z_]+$")]
+DecidedBy = Literal["policy", "llm", "operator"]
 
-    ``replaces`` guards against double restarts: a request naming an incarnation that is
-    no longer current is a no-op. ``alert_id`` makes the request idempotent.
+
+class RestartRequest(Msg):
+    """Carry out a ``Restart`` decision: replace one incarnation of a service.
+
+    ``replaces`` guards against double restarts (a request naming an incarnation that is
+    no longer current is a no-op); ``alert_id`` makes it idempotent. ``with_task``: the
+    task in flight goes to the next incarnation; otherwise it is held for the ancestors.
     """
 
     service: NameStr
     replaces: IdStr
     alert_id: IdStr
     reason: str = Field(min_length=1, max_length=128)
+    case: CaseStr
     detail: dict[str, Any] = {}
-    delay: float = Field(0.0, ge=0, le=600)
-    provider: Literal["anthropic", "ollama"] | None = None
-    retry_type: Literal["child_restart", "llm_change"] = "child_restart"
-    decided_by: Literal["policy", "llm"] = "policy"
+    delay: float = Field(0.0, ge=0, le=3600)
+    with_task: bool = False
+    crash_looping: bool = False
+    new_episode: bool = False
+    decided_by: DecidedBy = "policy"
     requested_by: NameStr
-    task_id: str | None = None
+    task_id: IdStr | None = None
 
 
 class Escalation(Msg):
-    """A parent that gave up on a child hands the failure to its own parent."""
+    """A failure passed up the tree (to an ancestor's /handle_grandchild_failure)."""
 
     alert_id: IdStr
     service: NameStr  # the service that keeps failing
-    incarnation: IdStr
+    incarnation: IdStr | None = None
     reason: str = Field(min_length=1, max_length=128)
+    kind: Literal["task", "crash_loop"] = "task"
     detail: dict[str, Any] = {}
-    task_id: str | None = None
-    run_id: str | None = None
+    task_id: IdStr | None = None
+    run_id: IdStr | None = None
     provider: str | None = None
-    restarts: int = Field(0, ge=0)
-    retryable: bool = True
-    path: list[str] = []  # services the escalation has passed through, in order
-    decided_by: Literal["policy", "llm"] = "policy"
+    path: list[NameStr] = Field([], max_length=64)  # services the escalation has passed through, in order
+    decided_by: DecidedBy = "policy"
+
+
+class SwitchRequest(Msg):
+    """Carry out a ``SwitchProvider`` decision of the top."""
+
+    service: NameStr
+    alert_id: IdStr
+    task_id: IdStr
+    to_provider: Provider
+    reason: str = Field(min_length=1, max_length=128)
+    case: CaseStr
+    services: list[NameStr] = Field([], max_length=256)
+    delay: float = Field(0.0, ge=0, le=3600)
+    detail: dict[str, Any] = {}
+    decided_by: DecidedBy = "policy"
+    requested_by: NameStr
 
 
 class TaskAssign(Msg):
@@ -107,7 +132,8 @@ class TaskAssign(Msg):
     parent_task_id: str | None = None
     progress: str | None = Field(None, max_length=512)
     attempt: int = Field(1, ge=1)
-    provider: Literal["anthropic", "ollama"] | None = None
+    provider: Provider | None = None
+    checkpoint: dict[str, Any] | None = None  # the last completed step: {step, step_id, hash, output}
 
 
 class TaskResult(Msg):
@@ -155,18 +181,19 @@ class TaskFinish(Msg):
 
 
 class EscalationRecord(Msg):
-    """What an agent asks the daemon to write when it escalates or gives up."""
+    """One hop of an escalation, recorded by the daemon before it is forwarded."""
 
     alert_id: IdStr
     service: NameStr
-    task_id: str | None = None
-    run_id: str | None = None
+    kind: Literal["task", "crash_loop"] = "task"
+    task_id: IdStr | None = None
+    run_id: IdStr | None = None
     reason: str = Field(min_length=1, max_length=128)
+    case: CaseStr
     detail: dict[str, Any] = {}
     from_service: NameStr
     to_service: NameStr
-    restarts: int = Field(0, ge=0)
-    decided_by: Literal["policy", "llm"] = "policy"
+    decided_by: DecidedBy = "policy"
 
 
 class FailureReport(Msg):
@@ -181,15 +208,17 @@ class FailureReport(Msg):
 
 
 class PermanentFailure(Msg):
-    """Level 3, decided by the root (or by the daemon for its own children)."""
+    """Carry out a ``Fail`` decision of the top (level 3)."""
 
     alert_id: IdStr
     service: NameStr
-    task_id: IdStr | None = None
+    task_id: IdStr
     run_id: IdStr | None = None
     reason: str = Field(min_length=1, max_length=128)
+    case: CaseStr
     detail: dict[str, Any] = {}
-    requested_by: NameStr = "root"
+    decided_by: DecidedBy = "policy"
+    requested_by: NameStr
 
 
 class DrillMark(Msg):
@@ -198,8 +227,27 @@ class DrillMark(Msg):
     name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
-class Respawn(Msg):
-    """An operator brings back a service the ladder gave up on (or that was stopped)."""
+class OperatorAction(Msg):
+    """`tron restart|stop|start NAME`: who asks and why (both end up in the audit trail)."""
+
+    reason: str = Field("operator", min_length=1, max_length=256)
+    actor: str | None = Field(None, max_length=64)
+
+
+class LadderQuery(Msg):
+    """What a decider asks the daemon for before it decides (GET /ladder/view)."""
 
     service: NameStr
-    reason: str = Field("operator_respawn", min_length=1, max_length=128)
+    decider: NameStr
+    alert_id: IdStr | None = None
+    task_id: IdStr | None = None
+
+
+class CheckpointRecord(Msg):
+    """A completed step of a task (POST /tasks/{id}/checkpoint): the next incarnation
+    resumes after it, with its output."""
+
+    step: int = Field(ge=1, le=10_000)
+    step_id: str = Field(min_length=1, max_length=128)
+    output: str = Field(max_length=64 * 1024)  # the registry keeps at most 64 KiB a step
+    incarnation: IdStr | None = None

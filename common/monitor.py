@@ -26,37 +26,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable, Protocol
+from typing import Callable
 
+from common.clock import Clock, MonotonicClock
 from common.models import Reason
-
-
-class Clock(Protocol):
-    def now(self) -> float: ...
-
-
-class MonotonicClock:
-    def now(self) -> float:
-        return time.monotonic()
-
-
-class FakeClock:
-    """A test clock that moves only when told to, and never backwards."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self._now = start
-
-    def now(self) -> float:
-        return self._now
-
-    def advance(self, seconds: float) -> float:
-        if seconds < 0:
-            raise ValueError("FakeClock cannot go back in time")
-        self._now += seconds
-        return self._now
 
 
 class Verdict(StrEnum):

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import REPO_ROOT
+from common.config import SOURCE_ROOT, in_checkout
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,9 @@ class Home:
 
     @classmethod
     def resolve(cls, explicit: str | Path | None = None) -> "Home":
-        """--home wins, then TRON_HOME, then artifacts/ at the repo root."""
-        raw = explicit or os.environ.get("TRON_HOME") or (REPO_ROOT / "artifacts")
+        """--home wins, then TRON_HOME, then artifacts/ of the source checkout, or, for an
+        installed Tron, $XDG_STATE_HOME/tron (~/.local/state/tron)."""
+        raw = explicit or os.environ.get("TRON_HOME") or default_home()
         return cls(Path(raw).expanduser().resolve())
 
     @property
@@ -56,6 +57,13 @@ class Home:
         for d in (self.root, self.registry_db.parent, self.logs, self.run):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run, 0o700)
+
+
+def default_home() -> Path:
+    if in_checkout():
+        return SOURCE_ROOT / "artifacts"
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "tron"
 
 
 def ensure_token(path: Path) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from common.config import REPO_ROOT
+from common.config import resource
 
-PROMPTS = REPO_ROOT / "prompts"
+PROMPTS = resource("prompts")
 
 
 @lru_cache(maxsize=None)

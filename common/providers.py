@@ -13,7 +13,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -55,12 +55,6 @@ _ANTHROPIC_TYPE_REASONS = {
     "overloaded_error": "overloaded_error",
     "timeout_error": "timeout",
 }
-
-
-def other_provider(provider: str) -> str:
-    """The fallback for a provider: anthropic <-> ollama."""
-    _check_provider(provider)
-    return PROVIDERS[1 - PROVIDERS.index(provider)]
 
 
 def _check_provider(provider: str) -> None:
@@ -376,3 +370,57 @@ async def complete(
 
 # --------------------------------------------------------------------------- redaction
 
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+class Provider(Protocol):
+    """One LLM backend. ``complete`` answers, or raises ``ProviderFailure`` classified by
+    status and error type (retryable or not)."""
+
+    name: str
+
+    async def complete(self, *, system: str, prompt: str, settings: ProviderSettings,
+                       stream: bool = False) -> LLMReply: ...
+
+
+class SdkProvider:
+    """A real provider through its own SDK (anthropic, ollama): llm-sim stands in for the
+    service when no key or host is configured."""
+
+    def __init__(self, name: str) -> None:
+        _check_provider(name)
+        self.name = name
+
+    async def complete(self, *, system: str, prompt: str, settings: ProviderSettings,
+                       stream: bool = False) -> LLMReply:
+        return await complete(self.name, system=system, prompt=prompt, settings=settings, stream=stream)
+
+
+class StubProvider:
+    """The stub backend: deterministic answers, failures on demand, no network.
+    ``fail_with(reason, times=n)`` makes the next n calls fail with that reason."""
+
+    def __init__(self, name: str = "stub") -> None:
+        self.name = name
+        self.calls: list[str] = []
+        self._faults: list[str] = []
+
+    def fail_with(self, reason: str, *, times: int = 1) -> None:
+        self._faults += [reason] * times
+
+    async def complete(self, *, system: str, prompt: str, settings: ProviderSettings,
+                       stream: bool = False) -> LLMReply:
+        self.calls.append(prompt)
+        await asyncio.sleep(0)
+        if self._faults:
+            raise ProviderFailure(self.name, self._faults.pop(0), message="stub fault")
+        words = prompt.split()
+        text = f"[stub:{self.name}] " + " ".join(words[: max(1, min(len(words), settings.max_tokens))])
+        return LLMReply(provider=self.name, model="stub", text=text, streamed=stream,
+                        input_tokens=len((system + " " + prompt).split()), output_tokens=len(text.split()))
+
+
+def provider_for(name: str) -> Provider:
+    return SdkProvider(name)

@@ -1,11 +1,14 @@
-"""Read-only queries for the CLI (plain sqlite3, no event loop, opened read-only so the
-CLI can never write and never creates a database that is not there)."""
+"""Read-only queries for the CLI and the drills (plain sqlite3, no event loop, opened
+read-only so a reader can never write and never creates a database that is not there).
+Every query the tools run is here, named for what it answers."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 from pathlib import Path
+
+from common.states import SessionState
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -20,13 +23,19 @@ def _rows(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[dict]:
     return [dict(r) for r in conn.execute(sql, args)]
 
 
+def _json(rows: list[dict], *columns: str) -> list[dict]:
+    for r in rows:
+        for c in columns:
+            if isinstance(r.get(c), str):
+                r[c] = json.loads(r[c])
+    return rows
+
+
 def history(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
     rows = _rows(conn, "SELECT id, alert_id, agent_id, task_id, run_id, retry_type, retry_count, reason, detail, "
-                       "from_provider, to_provider, decided_by, requested_by, hop, timestamp "
+                       "from_provider, to_provider, decided_by, requested_by, hop, case_id, timestamp "
                        "FROM retry_history ORDER BY id DESC LIMIT ?", (limit,))
-    for r in rows:
-        r["detail"] = json.loads(r["detail"])
-    return list(reversed(rows))
+    return list(reversed(_json(rows, "detail")))
 
 
 def failure_metrics(conn: sqlite3.Connection) -> list[dict]:
@@ -34,5 +43,48 @@ def failure_metrics(conn: sqlite3.Connection) -> list[dict]:
 
 
 def open_sessions(conn: sqlite3.Connection) -> list[dict]:
-    return _rows(conn, "SELECT * FROM sessions WHERE status != 'ended'")
+    return _rows(conn, "SELECT * FROM sessions WHERE status != ?", (SessionState.ENDED,))
 
+
+def session(conn: sqlite3.Connection, incarnation: str) -> dict | None:
+    rows = _rows(conn, "SELECT * FROM sessions WHERE incarnation = ?", (incarnation,))
+    return rows[0] if rows else None
+
+
+def events_since(conn: sqlite3.Connection, mono: float, agent: str | None = None) -> list[dict]:
+    if agent:
+        rows = _rows(conn, "SELECT * FROM events WHERE mono >= ? AND agent = ? ORDER BY id", (mono, agent))
+    else:
+        rows = _rows(conn, "SELECT * FROM events WHERE mono >= ? ORDER BY id", (mono,))
+    return _json(rows, "payload")
+
+
+def alerts_of(conn: sqlite3.Connection, agent: str, incarnation: str) -> list[dict]:
+    return _rows(conn, "SELECT * FROM alerts WHERE agent = ? AND incarnation = ?", (agent, incarnation))
+
+
+def retries_since(conn: sqlite3.Connection, agent: str, mono: float) -> list[dict]:
+    return _json(_rows(conn, "SELECT * FROM retry_history WHERE agent_id = ? AND mono >= ? ORDER BY id",
+                       (agent, mono)), "detail")
+
+
+def retries_of_run(conn: sqlite3.Connection, run_id: str) -> list[dict]:
+    return _json(_rows(conn, "SELECT * FROM retry_history WHERE run_id = ? ORDER BY id", (run_id,)), "detail")
+
+
+def run(conn: sqlite3.Connection, run_id: str) -> dict | None:
+    rows = _json(_rows(conn, "SELECT * FROM runs WHERE run_id = ?", (run_id,)), "failure")
+    return rows[0] if rows else None
+
+
+def alerts_of_drill(conn: sqlite3.Connection, label: str) -> list[dict]:
+    return _rows(conn, "SELECT * FROM alerts WHERE drill = ?", (label,))
+
+
+def retries_of_drill(conn: sqlite3.Connection, label: str) -> list[dict]:
+    return _json(_rows(conn, "SELECT * FROM retry_history WHERE drill = ? ORDER BY id", (label,)), "detail")
+
+
+def events_of_drill(conn: sqlite3.Connection, label: str, kind: str) -> list[dict]:
+    return _json(_rows(conn, "SELECT * FROM events WHERE drill = ? AND kind = ? ORDER BY id", (label, kind)),
+                 "payload")

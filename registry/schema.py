@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Callable
 
-MIGRATIONS: list[tuple[int, str, str]] = [
+from common.states import AlertState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
+
+MIGRATIONS: list[tuple[int, str, "str | Callable[[sqlite3.Connection], None]"]] = [
     (
         1,
         "initial schema",
@@ -156,19 +159,175 @@ MIGRATIONS.append((
     """,
 ))
 
+# -- version 4: the two lifecycles ----------------------------------------------------------
+# The state columns take their CHECKs from common.states, so SQL never retypes a state.
+# SQLite cannot change a CHECK in place: each table is rebuilt (new table, copy, swap).
+
+_SERVICE_STATES = sql_in(list(ServiceState) + ["declared"])
+V4_TABLES: dict[str, str] = {
+    "agents": f"""
+        CREATE TABLE agents (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            parent TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            provider TEXT,
+            state TEXT NOT NULL DEFAULT 'declared' CHECK (state IN {_SERVICE_STATES}),
+            current_incarnation TEXT,
+            crash_looping INTEGER NOT NULL DEFAULT 0,
+            stopped INTEGER NOT NULL DEFAULT 0,
+            paused INTEGER NOT NULL DEFAULT 0,
+            updated_at TEXT NOT NULL
+        )""",
+    "sessions": f"""
+        CREATE TABLE sessions (
+            incarnation TEXT PRIMARY KEY,
+            agent TEXT NOT NULL REFERENCES agents(name),
+            pid INTEGER,
+            pid_create_time REAL,
+            port INTEGER NOT NULL,
+            provider TEXT,
+            status TEXT NOT NULL CHECK (status IN {sql_in(SessionState)}),
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            exit_code INTEGER,
+            exit_signal INTEGER,
+            end_reason TEXT,
+            started_mono REAL,
+            healthy_mono REAL,
+            mode TEXT
+        )""",
+    "runs": f"""
+        CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            prompt TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN {sql_in(RunState)}),
+            result TEXT,
+            failure TEXT,
+            drill INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        )""",
+    "tasks": f"""
+        CREATE TABLE tasks (
+            task_id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            parent_task_id TEXT,
+            agent TEXT NOT NULL,
+            parent_agent TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN {sql_in(TaskState)}),
+            attempt INTEGER NOT NULL DEFAULT 1,
+            provider TEXT,
+            progress TEXT,
+            lease_incarnation TEXT,
+            result TEXT,
+            failure TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            delivered INTEGER NOT NULL DEFAULT 0,
+            held_since REAL
+        )""",
+    "alerts": f"""
+        CREATE TABLE alerts (
+            alert_id TEXT PRIMARY KEY,
+            agent TEXT NOT NULL,
+            incarnation TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            task_id TEXT,
+            run_id TEXT,
+            status TEXT NOT NULL CHECK (status IN {sql_in(AlertState)}),
+            delivered_to TEXT,
+            deliveries INTEGER NOT NULL DEFAULT 0,
+            decision TEXT,
+            created_at TEXT NOT NULL,
+            handled_at TEXT,
+            drill TEXT,
+            mono REAL NOT NULL DEFAULT 0,
+            stable INTEGER NOT NULL DEFAULT 0
+        )""",
+    "retry_history": f"""
+        CREATE TABLE retry_history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            alert_id TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            task_id TEXT,
+            run_id TEXT,
+            retry_type TEXT NOT NULL CHECK (retry_type IN {sql_in(RetryType)}),
+            retry_count INTEGER NOT NULL,
+            reason TEXT NOT NULL CHECK (reason != '' AND reason != 'Unknown error'),
+            detail TEXT NOT NULL,
+            from_provider TEXT,
+            to_provider TEXT,
+            decided_by TEXT NOT NULL DEFAULT 'policy' CHECK (decided_by IN ('policy','llm','operator')),
+            requested_by TEXT,
+            hop TEXT NOT NULL DEFAULT '',
+            timestamp TEXT NOT NULL,
+            mono REAL NOT NULL,
+            drill TEXT,
+            case_id TEXT NOT NULL DEFAULT ''
+        )""",
+}
+V4_INDEXES = [
+    "CREATE INDEX sessions_agent ON sessions(agent, started_at)",
+    "CREATE INDEX sessions_open ON sessions(status) WHERE status != 'ended'",
+    "CREATE INDEX tasks_agent_open ON tasks(agent) WHERE status IN ('assigned','running','escalated')",
+    "CREATE INDEX tasks_run ON tasks(run_id)",
+    "CREATE UNIQUE INDEX alerts_one_per_incarnation ON alerts(agent, incarnation)",
+    "CREATE INDEX alerts_agent_mono ON alerts(agent, mono)",
+    "CREATE UNIQUE INDEX retry_once_per_alert ON retry_history(alert_id, retry_type, agent_id, hop)",
+    "CREATE INDEX retry_agent ON retry_history(agent_id, mono)",
+    "CREATE INDEX retry_task ON retry_history(task_id)",
+    """CREATE TABLE checkpoints (
+        task_id TEXT NOT NULL,
+        step INTEGER NOT NULL CHECK (step >= 1),
+        step_id TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        output TEXT NOT NULL,
+        incarnation TEXT,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (task_id, step)
+    )""",
+]
+# Old values that v4 no longer has, mapped on the way in.
+_V4_COPY_FIX = {"agents": {"state": "CASE state WHEN 'given_up' THEN 'failed' ELSE state END"}}
+
+
+def _rebuild_v4(conn: sqlite3.Connection) -> None:
+    for table, ddl in V4_TABLES.items():
+        old_cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+        conn.execute(ddl.replace(f"CREATE TABLE {table} (", f"CREATE TABLE {table}_v4 (", 1))
+        new_cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table}_v4)")}
+        cols = [c for c in old_cols if c in new_cols]
+        fixes = _V4_COPY_FIX.get(table, {})
+        select = ", ".join(fixes.get(c, c) for c in cols)
+        conn.execute(f"INSERT INTO {table}_v4 ({', '.join(cols)}) SELECT {select} FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_v4 RENAME TO {table}")
+    for sql in V4_INDEXES:
+        conn.execute(sql)
+
+
+MIGRATIONS.append((4, "two lifecycles: crash loops, operator stops, held tasks, checkpoints, case ids", _rebuild_v4))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 EXPECTED_COLUMNS: dict[str, set[str]] = {
-    "agents": {"name", "role", "parent", "port", "provider", "state", "current_incarnation"},
-    "sessions": {"incarnation", "agent", "pid", "pid_create_time", "status", "exit_code", "exit_signal", "end_reason"},
+    "agents": {"name", "role", "parent", "port", "provider", "state", "current_incarnation", "crash_looping",
+               "stopped", "paused"},
+    "sessions": {"incarnation", "agent", "pid", "pid_create_time", "status", "exit_code", "exit_signal", "end_reason",
+                 "started_mono", "healthy_mono"},
     "runs": {"run_id", "prompt", "status", "result", "failure", "drill"},
     "tasks": {"task_id", "run_id", "agent", "parent_agent", "status", "attempt", "provider", "progress",
-              "lease_incarnation", "delivered"},
-    "alerts": {"alert_id", "agent", "incarnation", "reason", "status", "deliveries", "drill"},
+              "lease_incarnation", "delivered", "held_since"},
+    "alerts": {"alert_id", "agent", "incarnation", "reason", "status", "deliveries", "drill", "mono", "stable"},
     "events": {"id", "ts", "kind", "agent", "incarnation", "run_id", "task_id", "alert_id", "payload", "drill"},
     "retry_history": {"agent_id", "task_id", "retry_type", "retry_count", "reason", "from_provider", "to_provider",
-                      "timestamp", "drill"},
+                      "timestamp", "drill", "case_id", "decided_by"},
     "failure_metrics": {"scope", "key", "failures", "restarts", "escalations", "provider_switches", "permanent_failures"},
+    "checkpoints": {"task_id", "step", "step_id", "hash", "output"},
 }
 
 
@@ -200,10 +359,25 @@ def migrate(conn: sqlite3.Connection) -> int:
         raise RegistryError(
             f"registry schema version {max(newer)} is newer than this code ({SCHEMA_VERSION}): upgrade tron"
         )
-    for version, description, sql in MIGRATIONS:
+    for version, description, step in MIGRATIONS:
         if version in applied:
             continue
-        conn.executescript("BEGIN;" + sql + ";")
+        if callable(step):
+            # One transaction: a migration interrupted half-way leaves the old schema.
+            conn.isolation_level = None
+            conn.execute("BEGIN")
+            try:
+                step(conn)
+                conn.execute("INSERT INTO schema_version VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
+                             (version, description))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            finally:
+                conn.isolation_level = ""
+            continue
+        conn.executescript("BEGIN;" + step + ";")
         conn.execute(
             "INSERT INTO schema_version VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
             (version, description),

@@ -1,387 +1,492 @@
-"""The registry writer. Only the daemon holds one; agents talk to the daemon over HTTP.
+"""The registry writer (``Store``). Only the daemon holds one; agents talk to the daemon.
 
 Every method is one transaction. Idempotency lives in the schema (unique indexes on
-alerts and retry_history), so a duplicate request finds its twin instead of writing a
-second row.
+alerts and retry_history): a duplicate request finds its twin instead of writing a second
+row. Every state change of a session, task, run or alert goes through one function per
+machine (``_task_to``, ...), which checks the edge against ``common.states``, writes it
+with a guard on the old state, and records it as an event.
+
+The SQL is portable (``?`` placeholders, ``ON CONFLICT``, ``RETURNING``); ``registry.db``
+runs it on an engine. ``registry.memory.MemoryStore`` is the stub with the same contract.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-from datetime import datetime, timezone
-from pathlib import Path
+import logging
 from typing import Any
 
-import aiosqlite
-
+from common.clock import Clock, MonotonicClock, utc_iso
 from common.redaction import redact, redact_json
-from registry.schema import open_and_prepare
+from common.states import (ALERT, RUN, SESSION, TASK, AlertState, LIVE_TASK_STATES, OPEN_TASK_STATES, RetryType,
+                           RunState, SessionState, TaskState, sql_in)
+from registry.db import Db
+
+log = logging.getLogger("tron.registry")
+
+# Which failure_metrics counter each kind of ladder row moves (operator restarts are not failures).
+METRIC = {RetryType.CHILD_RESTART: "restarts", RetryType.ESCALATION: "escalations",
+          RetryType.LLM_CHANGE: "provider_switches", RetryType.PERMANENT_FAILURE: "permanent_failures"}
+CHECKPOINT_MAX = 64 * 1024  # bytes of a step's output kept in the registry
+AGENT_FIELDS = frozenset({"state", "current_incarnation", "provider", "crash_looping", "stopped", "paused"})
 
 
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def content_hash(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def _row(row: aiosqlite.Row | None) -> dict | None:
-    return None if row is None else dict(row)
+def _decode(row: dict | None, *columns: str) -> dict | None:
+    if row is not None:
+        for c in columns:
+            if row.get(c):
+                row[c] = json.loads(row[c])
+    return row
 
 
-class Registry:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
+class SqlStore:
+    def __init__(self, db: Db, *, clock: Clock | None = None) -> None:
+        self.db = db
+        self.clock = clock or MonotonicClock()
         # The name of the drill in progress: every event, alert and retry row written
         # meanwhile carries it, and failure_metrics (production figures) skip it.
         self.drill: str | None = None
 
-    async def open(self) -> "Registry":
-        open_and_prepare(self.path)  # fail closed before the first write
-        self._db = await aiosqlite.connect(self.path)
-        self._db.row_factory = aiosqlite.Row
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("PRAGMA busy_timeout=5000")
+    async def open(self) -> "SqlStore":
+        await self.db.open()
         return self
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        await self.db.close()
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("Registry.open() must be awaited before use")
-        return self._db
+    # -- events ---------------------------------------------------------------------------
 
-    async def _one(self, sql: str, args: tuple = ()) -> dict | None:
-        async with self.db.execute(sql, args) as cur:
-            return _row(await cur.fetchone())
-
-    async def _all(self, sql: str, args: tuple = ()) -> list[dict]:
-        async with self.db.execute(sql, args) as cur:
-            return [dict(r) for r in await cur.fetchall()]
-
-    # -- events -------------------------------------------------------------------------
-
-    async def event(
-        self,
-        kind: str,
-        payload: dict[str, Any],
-        *,
-        agent: str | None = None,
-        incarnation: str | None = None,
-        run_id: str | None = None,
-        task_id: str | None = None,
-        alert_id: str | None = None,
-        commit: bool = True,
-    ) -> int:
-        cur = await self.db.execute(
+    async def _event(self, tx, kind: str, payload: dict[str, Any], **ids: str | None) -> int:
+        row = await tx.one(
             "INSERT INTO events (ts, mono, kind, agent, incarnation, run_id, task_id, alert_id, payload, drill) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (utcnow(), time.monotonic(), kind, agent, incarnation, run_id, task_id, alert_id, redact_json(payload),
-             self.drill),
-        )
-        if commit:
-            await self.db.commit()
-        return cur.lastrowid
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (utc_iso(), self.clock.now(), kind, ids.get("agent"), ids.get("incarnation"), ids.get("run_id"),
+             ids.get("task_id"), ids.get("alert_id"), redact_json(payload), self.drill))
+        return row["id"]
 
-    async def events(self, since: int = 0, limit: int = 200, kind: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM events WHERE id > ?"
-        args: list = [since]
+    async def event(self, kind: str, payload: dict[str, Any], *, agent: str | None = None,
+                    incarnation: str | None = None, run_id: str | None = None, task_id: str | None = None,
+                    alert_id: str | None = None) -> int:
+        async with self.db.transaction() as tx:
+            return await self._event(tx, kind, payload, agent=agent, incarnation=incarnation, run_id=run_id,
+                                     task_id=task_id, alert_id=alert_id)
+
+    async def events(self, since: int = 0, limit: int = 200, kind: str | None = None,
+                     agent: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM events WHERE id > ?", [since]
         if kind:
-            sql += " AND kind = ?"
-            args.append(kind)
-        sql += " ORDER BY id LIMIT ?"
-        args.append(limit)
-        rows = await self._all(sql, tuple(args))
-        for r in rows:
-            r["payload"] = json.loads(r["payload"])
-        return rows
+            sql, args = sql + " AND kind = ?", args + [kind]
+        if agent:
+            sql, args = sql + " AND agent = ?", args + [agent]
+        rows = await self.db.all(sql + " ORDER BY id LIMIT ?", (*args, limit))
+        return [_decode(r, "payload") for r in rows]
 
-    # -- agents and sessions --------------------------------------------------------------
+    # -- agents -----------------------------------------------------------------------------
 
-    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> None:
-        await self.db.execute(
-            "INSERT INTO agents (name, role, parent, port, provider, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET role=excluded.role, parent=excluded.parent, port=excluded.port, "
-            "provider=COALESCE(agents.provider, excluded.provider), updated_at=excluded.updated_at",
-            (name, role, parent, port, provider, utcnow()),
-        )
-        await self.db.commit()
+    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> dict:
+        """Declare a service from the mesh file; its provider, stop mark and crash-loop
+        state outlive a daemon restart."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO agents (name, role, parent, port, provider, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET role=excluded.role, parent=excluded.parent, port=excluded.port, "
+                "provider=COALESCE(agents.provider, excluded.provider), updated_at=excluded.updated_at",
+                (name, role, parent, port, provider, utc_iso()))
+            return await tx.one("SELECT * FROM agents WHERE name = ?", (name,))
 
     async def set_agent(self, name: str, **fields: Any) -> None:
-        allowed = {"state", "current_incarnation", "provider"}
-        bad = set(fields) - allowed
+        bad = set(fields) - AGENT_FIELDS
         if bad:
             raise ValueError(f"set_agent: unknown fields {sorted(bad)}")
         cols = ", ".join(f"{k} = ?" for k in fields)
-        await self.db.execute(
-            f"UPDATE agents SET {cols}, updated_at = ? WHERE name = ?", (*fields.values(), utcnow(), name)
-        )
-        await self.db.commit()
+        values = tuple(int(v) if isinstance(v, bool) else (str(v) if hasattr(v, "value") else v)
+                       for v in fields.values())
+        async with self.db.transaction() as tx:
+            await tx.execute(f"UPDATE agents SET {cols}, updated_at = ? WHERE name = ?", (*values, utc_iso(), name))
 
     async def agent(self, name: str) -> dict | None:
-        return await self._one("SELECT * FROM agents WHERE name = ?", (name,))
+        return await self.db.one("SELECT * FROM agents WHERE name = ?", (name,))
 
-    async def open_session(
-        self, incarnation: str, agent: str, pid: int, create_time: float, port: int, provider: str | None
-    ) -> None:
-        await self.db.execute(
-            "INSERT INTO sessions (incarnation, agent, pid, pid_create_time, port, provider, status, started_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'starting', ?)",
-            (incarnation, agent, pid, create_time, port, provider, utcnow()),
-        )
-        await self.db.execute(
-            "UPDATE agents SET current_incarnation = ?, state = 'starting', updated_at = ? WHERE name = ?",
-            (incarnation, utcnow(), agent),
-        )
-        await self.db.commit()
+    async def agents(self) -> list[dict]:
+        return await self.db.all("SELECT * FROM agents ORDER BY name")
+
+    # -- sessions: one per incarnation ---------------------------------------------------------
+
+    async def open_session(self, incarnation: str, agent: str, port: int, provider: str | None, *,
+                           mode: str = "plain") -> None:
+        """The intent, written before the process exists: a daemon killed between fork
+        and record leaves a row that names what it may have started."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO sessions (incarnation, agent, port, provider, status, started_at, started_mono, mode) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (incarnation, agent, port, provider, SessionState.INTENT, utc_iso(), self.clock.now(), mode))
+            await tx.execute("UPDATE agents SET current_incarnation = ?, updated_at = ? WHERE name = ?",
+                             (incarnation, utc_iso(), agent))
+
+    async def _session_to(self, tx, incarnation: str, new: SessionState, sets: dict[str, Any]) -> bool:
+        row = await tx.one("SELECT status FROM sessions WHERE incarnation = ?", (incarnation,))
+        if row is None or not SESSION.allowed(SessionState(row["status"]), new):
+            return False
+        cols = "".join(f", {k} = ?" for k in sets)
+        n = await tx.execute(f"UPDATE sessions SET status = ?{cols} WHERE incarnation = ? AND status = ?",
+                             (new, *sets.values(), incarnation, row["status"]))
+        return n == 1
+
+    async def session_started(self, incarnation: str, pid: int, create_time: float, *, mode: str) -> None:
+        async with self.db.transaction() as tx:
+            await self._session_to(tx, incarnation, SessionState.STARTING,
+                                   {"pid": pid, "pid_create_time": create_time, "mode": mode})
 
     async def session_running(self, incarnation: str) -> None:
-        await self.db.execute("UPDATE sessions SET status = 'running' WHERE incarnation = ? AND status = 'starting'",
-                              (incarnation,))
-        await self.db.commit()
+        async with self.db.transaction() as tx:
+            await self._session_to(tx, incarnation, SessionState.RUNNING, {"healthy_mono": self.clock.now()})
 
-    async def close_session(
-        self, incarnation: str, *, reason: str, exit_code: int | None = None, exit_signal: int | None = None
-    ) -> bool:
-        """End a session once; returns False if it was already ended."""
-        cur = await self.db.execute(
-            "UPDATE sessions SET status = 'ended', ended_at = ?, end_reason = ?, exit_code = ?, exit_signal = ? "
-            "WHERE incarnation = ? AND status != 'ended'",
-            (utcnow(), reason, exit_code, exit_signal, incarnation),
-        )
-        await self.db.commit()
-        return cur.rowcount == 1
+    async def close_session(self, incarnation: str, *, reason: str, exit_code: int | None = None,
+                            exit_signal: int | None = None) -> bool:
+        """End a session once (and record it); False if it had already ended."""
+        async with self.db.transaction() as tx:
+            row = await tx.one("SELECT agent, pid FROM sessions WHERE incarnation = ?", (incarnation,))
+            ended = await self._session_to(tx, incarnation, SessionState.ENDED, {
+                "ended_at": utc_iso(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
+            if ended:
+                await self._event(tx, "session_ended", {"reason": reason, "exit_code": exit_code,
+                                                        "signal": exit_signal, "pid": row["pid"]},
+                                  agent=row["agent"], incarnation=incarnation)
+            return ended
 
     async def open_sessions(self) -> list[dict]:
-        return await self._all("SELECT * FROM sessions WHERE status != 'ended' ORDER BY started_at")
+        return await self.db.all("SELECT * FROM sessions WHERE status != ? ORDER BY started_at",
+                                 (SessionState.ENDED,))
 
     async def session(self, incarnation: str) -> dict | None:
-        return await self._one("SELECT * FROM sessions WHERE incarnation = ?", (incarnation,))
+        return await self.db.one("SELECT * FROM sessions WHERE incarnation = ?", (incarnation,))
 
-    # -- runs and tasks --------------------------------------------------------------------
+    # -- runs ------------------------------------------------------------------------------------
 
     async def create_run(self, run_id: str, prompt: str, drill: bool) -> None:
-        await self.db.execute(
-            "INSERT INTO runs (run_id, prompt, status, drill, created_at) VALUES (?, ?, 'running', ?, ?)",
-            (run_id, redact(prompt), int(drill), utcnow()),
-        )
-        await self.event("run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id, commit=False)
-        await self.db.commit()
+        async with self.db.transaction() as tx:
+            await tx.execute("INSERT INTO runs (run_id, prompt, status, drill, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (run_id, redact(prompt), RunState.RUNNING, int(drill), utc_iso()))
+            await self._event(tx, "run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id)
 
-    async def finish_run(self, run_id: str, status: str, result: str | None, failure: dict | None) -> bool:
-        cur = await self.db.execute(
-            "UPDATE runs SET status = ?, result = ?, failure = ?, finished_at = ? WHERE run_id = ? AND status = 'running'",
-            (status, result, redact_json(failure) if failure else None, utcnow(), run_id),
-        )
-        await self.db.commit()
-        return cur.rowcount == 1
+    async def finish_run(self, run_id: str, status: RunState, result: str | None, failure: dict | None) -> bool:
+        """End a run once; the first outcome recorded is the one that stands."""
+        async with self.db.transaction() as tx:
+            row = await tx.one("SELECT status FROM runs WHERE run_id = ?", (run_id,))
+            if row is None or row["status"] != RunState.RUNNING or not RUN.allowed(RunState.RUNNING, status):
+                return False
+            await tx.execute("UPDATE runs SET status = ?, result = ?, failure = ?, finished_at = ? "
+                             "WHERE run_id = ? AND status = ?",
+                             (status, redact(result) if result else result,
+                              redact_json(failure) if failure else None, utc_iso(), run_id, RunState.RUNNING))
+            await self._event(tx, f"run_{status}", {"reason": (failure or {}).get("reason"), "failure": failure},
+                              run_id=run_id)
+            return True
+
+    async def reopen_run(self, run_id: str) -> bool:
+        async with self.db.transaction() as tx:
+            row = await tx.one("SELECT status FROM runs WHERE run_id = ?", (run_id,))
+            if row is None or not RUN.allowed(RunState(row["status"]), RunState.RUNNING):
+                return False
+            await tx.execute("UPDATE runs SET status = ?, finished_at = NULL WHERE run_id = ?",
+                             (RunState.RUNNING, run_id))
+            return True
 
     async def run(self, run_id: str) -> dict | None:
-        row = await self._one("SELECT * FROM runs WHERE run_id = ?", (run_id,))
-        if row and row["failure"]:
-            row["failure"] = json.loads(row["failure"])
-        return row
+        return _decode(await self.db.one("SELECT * FROM runs WHERE run_id = ?", (run_id,)), "failure")
+
+    # -- tasks -------------------------------------------------------------------------------------
 
     async def upsert_task(self, rec: dict) -> tuple[dict, bool]:
-        """Record an assignment. Returns (row, created). An existing task keeps its
-        row: a parent that re-dispatches after its own restart finds the result."""
-        existing = await self.task(rec["task_id"])
-        if existing:
-            return existing, False
-        now = utcnow()
-        await self.db.execute(
-            "INSERT INTO tasks (task_id, run_id, parent_task_id, agent, parent_agent, kind, prompt, status, "
-            "attempt, provider, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'assigned', 1, ?, ?, ?)",
-            (rec["task_id"], rec["run_id"], rec.get("parent_task_id"), rec["agent"], rec["parent_agent"],
-             rec["kind"], redact(rec["prompt"]), rec.get("provider"), now, now),
-        )
-        await self.event("task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"], "kind": rec["kind"]},
-                         agent=rec["agent"], run_id=rec["run_id"], task_id=rec["task_id"], commit=False)
-        await self.db.commit()
-        return await self.task(rec["task_id"]), True
+        """Record an assignment. Returns (row, created). An existing task keeps its row:
+        a parent that re-dispatches after its own restart finds the result."""
+        async with self.db.transaction() as tx:
+            n = await tx.execute(
+                "INSERT INTO tasks (task_id, run_id, parent_task_id, agent, parent_agent, kind, prompt, status, "
+                "attempt, provider, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+                "ON CONFLICT(task_id) DO NOTHING",
+                (rec["task_id"], rec["run_id"], rec.get("parent_task_id"), rec["agent"], rec["parent_agent"],
+                 rec["kind"], redact(rec["prompt"]), TaskState.ASSIGNED, rec.get("provider"), utc_iso(), utc_iso()))
+            if n == 1:
+                await self._event(tx, "task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"],
+                                                        "kind": rec["kind"]},
+                                  agent=rec["agent"], run_id=rec["run_id"], task_id=rec["task_id"])
+            row = await tx.one("SELECT * FROM tasks WHERE task_id = ?", (rec["task_id"],))
+        return _decode(row, "failure"), n == 1
 
     async def task(self, task_id: str) -> dict | None:
-        row = await self._one("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
-        if row and row["failure"]:
-            row["failure"] = json.loads(row["failure"])
+        return _decode(await self.db.one("SELECT * FROM tasks WHERE task_id = ?", (task_id,)), "failure")
+
+    async def _task_to(self, tx, task_id: str, new: TaskState, sets: dict[str, Any], *,
+                       event: dict | None = None, attempt: int = 0) -> dict | None:
+        """The task machine's one transition: checked, guarded on the old state, recorded.
+        Returns the row as it was before, or None when the edge is not legal now."""
+        row = await tx.one("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
+        if row is None or not TASK.allowed(TaskState(row["status"]), new):
+            return None
+        cols = "".join(f", {k} = ?" for k in sets)
+        n = await tx.execute(f"UPDATE tasks SET status = ?, attempt = attempt + ?, updated_at = ?{cols} "
+                             f"WHERE task_id = ? AND status = ?",
+                             (new, attempt, utc_iso(), *sets.values(), task_id, row["status"]))
+        if n != 1:
+            return None
+        # "task_assigned" is the creation event (the report counts them: one per task).
+        kind = "task_requeued" if new == TaskState.ASSIGNED else f"task_{new}"
+        await self._event(tx, kind, {"from": row["status"], **(event or {})}, agent=row["agent"],
+                          task_id=task_id, run_id=row["run_id"])
+        log.info("task %s: %s -> %s", task_id, row["status"], new,
+                 extra={"task": task_id, "from": row["status"], "to": str(new)})
         return row
 
     async def task_progress(self, task_id: str, incarnation: str, progress: str | None) -> None:
-        """From a beat: the task is running on this incarnation, at this marker."""
-        await self.db.execute(
-            "UPDATE tasks SET status = 'running', progress = COALESCE(?, progress), lease_incarnation = ?, "
-            "updated_at = ? WHERE task_id = ? AND status IN ('assigned','running')",
-            (progress, incarnation, utcnow(), task_id),
-        )
-        await self.db.commit()
+        """From a beat: the task runs on this incarnation, at this marker."""
+        sets: dict[str, Any] = {"lease_incarnation": incarnation}
+        if progress is not None:
+            sets["progress"] = progress
+        async with self.db.transaction() as tx:
+            row = await tx.one("SELECT status FROM tasks WHERE task_id = ?", (task_id,))
+            if row and row["status"] == TaskState.ASSIGNED:
+                await self._task_to(tx, task_id, TaskState.RUNNING, sets)
+            elif row and row["status"] == TaskState.RUNNING:  # a marker moved: not a transition
+                cols = ", ".join(f"{k} = ?" for k in sets)
+                await tx.execute(f"UPDATE tasks SET {cols}, updated_at = ? WHERE task_id = ? AND status = ?",
+                                 (*sets.values(), utc_iso(), task_id, TaskState.RUNNING))
 
-    async def finish_task(self, task_id: str, status: str, result: str | None, failure: dict | None) -> bool:
-        cur = await self.db.execute(
-            "UPDATE tasks SET status = ?, result = ?, failure = ?, lease_incarnation = NULL, updated_at = ? "
-            "WHERE task_id = ? AND status IN ('assigned','running')",
-            (status, result, redact_json(failure) if failure else None, utcnow(), task_id),
-        )
-        await self.db.commit()
-        return cur.rowcount == 1
-
-    async def mark_delivered(self, task_id: str) -> None:
-        await self.db.execute("UPDATE tasks SET delivered = 1 WHERE task_id = ?", (task_id,))
-        await self.db.commit()
-
-    async def undelivered_results(self) -> list[dict]:
-        """Finished tasks whose parent is still waiting (its own task is open)."""
-        rows = await self._all(
-            "SELECT t.* FROM tasks t WHERE t.status IN ('done','failed') AND t.delivered = 0 AND ("
-            "t.parent_task_id IS NULL OR EXISTS (SELECT 1 FROM tasks p WHERE p.task_id = t.parent_task_id "
-            "AND p.status IN ('assigned','running')))")
-        for r in rows:
-            if r["failure"]:
-                r["failure"] = json.loads(r["failure"])
-        return rows
+    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict | None,
+                          *, reason: str | None = None) -> bool:
+        async with self.db.transaction() as tx:
+            before = await self._task_to(tx, task_id, status, {
+                "result": redact(result) if result else result,
+                "failure": redact_json(failure) if failure else None, "lease_incarnation": None, "held_since": None},
+                event={"reason": reason})
+            return before is not None and before["status"] in LIVE_TASK_STATES
 
     async def open_tasks(self, agent: str) -> list[dict]:
-        return await self._all(
-            "SELECT * FROM tasks WHERE agent = ? AND status IN ('assigned','running') ORDER BY created_at", (agent,)
-        )
+        return await self.db.all(f"SELECT * FROM tasks WHERE agent = ? AND status IN {sql_in(OPEN_TASK_STATES)} "
+                                 "ORDER BY created_at", (agent,))
+
+    async def live_tasks(self, agent: str) -> list[dict]:
+        return await self.db.all(f"SELECT * FROM tasks WHERE agent = ? AND status IN {sql_in(LIVE_TASK_STATES)} "
+                                 "ORDER BY created_at", (agent,))
 
     async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[dict]:
         """A new incarnation takes over: each open task is one attempt further on."""
-        await self.db.execute(
-            "UPDATE tasks SET attempt = attempt + 1, lease_incarnation = NULL, status = 'assigned', "
-            "provider = COALESCE(?, provider), updated_at = ? WHERE agent = ? AND status IN ('assigned','running')",
-            (provider, utcnow(), agent),
-        )
-        await self.db.commit()
+        async with self.db.transaction() as tx:
+            for row in await tx.all(f"SELECT task_id FROM tasks WHERE agent = ? AND status IN "
+                                    f"{sql_in(OPEN_TASK_STATES)}", (agent,)):
+                sets = {"lease_incarnation": None}
+                if provider:
+                    sets["provider"] = provider
+                await self._task_to(tx, row["task_id"], TaskState.ASSIGNED, sets, attempt=1,
+                                    event={"provider": provider})
         return await self.open_tasks(agent)
 
-    # -- alerts ---------------------------------------------------------------------------
+    async def hold_task(self, task_id: str, reason: str) -> bool:
+        """The task's failure climbs the tree: no incarnation gets it until the top decides."""
+        async with self.db.transaction() as tx:
+            return await self._task_to(tx, task_id, TaskState.ESCALATED,
+                                       {"lease_incarnation": None, "held_since": self.clock.now()},
+                                       event={"reason": reason}) is not None
 
-    async def insert_alert(self, alert: dict) -> tuple[dict, bool]:
-        """Persist an alert before delivery. One alert per incarnation: a second one for
-        the same incarnation returns the first."""
-        cur = await self.db.execute(
-            "INSERT OR IGNORE INTO alerts (alert_id, agent, incarnation, reason, detail, task_id, run_id, status, "
-            "created_at, drill) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (alert["alert_id"], alert["service"], alert["incarnation"], alert["reason"],
-             redact_json(alert.get("detail", {})), alert.get("task_id"), alert.get("run_id"), utcnow(), self.drill),
-        )
-        created = cur.rowcount == 1
-        if created:
-            await self.event("alert_raised", {"reason": alert["reason"], "detail": alert.get("detail", {})},
-                             agent=alert["service"], incarnation=alert["incarnation"], task_id=alert.get("task_id"),
-                             run_id=alert.get("run_id"), alert_id=alert["alert_id"], commit=False)
-        await self.db.commit()
-        return await self.alert_for(alert["service"], alert["incarnation"]), created
+    async def release_task(self, task_id: str, provider: str | None) -> bool:
+        """The top switched provider: the held task is assigned again (the restart that
+        carries it to the next incarnation counts the attempt)."""
+        async with self.db.transaction() as tx:
+            sets: dict[str, Any] = {"held_since": None}
+            if provider:
+                sets["provider"] = provider
+            return await self._task_to(tx, task_id, TaskState.ASSIGNED, sets,
+                                       event={"provider": provider}) is not None
+
+    async def held_tasks(self) -> list[dict]:
+        return await self.db.all("SELECT * FROM tasks WHERE status = ? ORDER BY held_since", (TaskState.ESCALATED,))
+
+    async def mark_delivered(self, task_id: str) -> None:
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE tasks SET delivered = 1 WHERE task_id = ?", (task_id,))
+
+    async def undelivered_results(self) -> list[dict]:
+        """Finished tasks whose parent is still waiting (its own task is live)."""
+        rows = await self.db.all(
+            f"SELECT t.* FROM tasks t WHERE t.status IN ('done','failed') AND t.delivered = 0 AND ("
+            f"t.parent_task_id IS NULL OR EXISTS (SELECT 1 FROM tasks p WHERE p.task_id = t.parent_task_id "
+            f"AND p.status IN {sql_in(LIVE_TASK_STATES)}))")
+        return [_decode(r, "failure") for r in rows]
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    async def add_checkpoint(self, task_id: str, step: int, step_id: str, output: str,
+                             incarnation: str | None) -> tuple[dict, bool]:
+        """One row per completed step, its output redacted and hashed as stored (so a
+        replay can verify exactly what it reads); the same step recorded twice keeps the
+        first."""
+        output = redact(output)
+        if len(output.encode()) > CHECKPOINT_MAX:
+            raise ValueError(f"checkpoint output is {len(output.encode())} bytes; the limit is {CHECKPOINT_MAX}")
+        async with self.db.transaction() as tx:
+            n = await tx.execute(
+                "INSERT INTO checkpoints (task_id, step, step_id, hash, output, incarnation, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id, step) DO NOTHING",
+                (task_id, step, step_id, content_hash(output), output, incarnation, utc_iso()))
+            if n == 1:
+                await self._event(tx, "checkpoint", {"step": step, "step_id": step_id, "hash": content_hash(output)},
+                                  task_id=task_id, incarnation=incarnation)
+            row = await tx.one("SELECT * FROM checkpoints WHERE task_id = ? AND step = ?", (task_id, step))
+        return row, n == 1
+
+    async def checkpoints(self, task_id: str) -> list[dict]:
+        return await self.db.all("SELECT * FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
+
+    # -- alerts -------------------------------------------------------------------------------------
+
+    async def insert_alert(self, alert: dict, *, stable: bool) -> tuple[dict, bool]:
+        """Persist an alert before it is delivered. One alert per incarnation: a second one
+        for the same incarnation returns the first."""
+        async with self.db.transaction() as tx:
+            n = await tx.execute(
+                "INSERT INTO alerts (alert_id, agent, incarnation, reason, detail, task_id, run_id, status, "
+                "created_at, drill, mono, stable) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (alert["alert_id"], alert["service"], alert["incarnation"], alert["reason"],
+                 redact_json(alert.get("detail", {})), alert.get("task_id"), alert.get("run_id"), AlertState.PENDING,
+                 utc_iso(), self.drill, self.clock.now(), int(stable)))
+            if n == 1:
+                await self._event(tx, "alert_raised", {"reason": alert["reason"], "detail": alert.get("detail", {}),
+                                                       "stable": stable},
+                                  agent=alert["service"], incarnation=alert["incarnation"],
+                                  task_id=alert.get("task_id"), run_id=alert.get("run_id"),
+                                  alert_id=alert["alert_id"])
+            row = await tx.one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?",
+                               (alert["service"], alert["incarnation"]))
+        return _decode(row, "detail"), n == 1
 
     async def alert_for(self, agent: str, incarnation: str) -> dict | None:
         """The one alert an incarnation can have (unique index), if it has raised it."""
-        return await self._one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?", (agent, incarnation))
-
-    async def mark_alert(self, alert_id: str, status: str, *, delivered_to: str | None = None,
-                         decision: str | None = None) -> None:
-        await self.db.execute(
-            "UPDATE alerts SET status = ?, delivered_to = COALESCE(?, delivered_to), decision = COALESCE(?, decision), "
-            "deliveries = deliveries + (CASE WHEN ? = 'delivered' THEN 1 ELSE 0 END), "
-            "handled_at = CASE WHEN ? IN ('handled','undeliverable') THEN ? ELSE handled_at END WHERE alert_id = ?",
-            (status, delivered_to, decision, status, status, utcnow(), alert_id),
-        )
-        await self.db.commit()
+        return _decode(await self.db.one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?",
+                                         (agent, incarnation)), "detail")
 
     async def alert(self, alert_id: str) -> dict | None:
-        return await self._one("SELECT * FROM alerts WHERE alert_id = ?", (alert_id,))
+        return _decode(await self.db.one("SELECT * FROM alerts WHERE alert_id = ?", (alert_id,)), "detail")
 
-    async def pending_alerts(self) -> list[dict]:
-        return await self._all("SELECT * FROM alerts WHERE status IN ('pending','delivered') ORDER BY created_at")
+    async def mark_alert(self, alert_id: str, status: AlertState, *, decision: str | None = None) -> bool:
+        """The alert machine's one transition; False when the edge is not legal now."""
+        async with self.db.transaction() as tx:
+            row = await tx.one("SELECT status FROM alerts WHERE alert_id = ?", (alert_id,))
+            if row is None or not ALERT.allowed(AlertState(row["status"]), status):
+                return False
+            await tx.execute(
+                "UPDATE alerts SET status = ?, decision = COALESCE(?, decision), "
+                "handled_at = CASE WHEN ? IN ('handled','undeliverable') THEN ? ELSE handled_at END "
+                "WHERE alert_id = ? AND status = ?",
+                (status, decision, status, utc_iso(), alert_id, row["status"]))
+            if status == AlertState.UNDELIVERABLE:
+                await self._event(tx, "alert_undeliverable", {"decision": decision}, alert_id=alert_id)
+            return True
 
-    # -- the ladder's record --------------------------------------------------------------
+    async def alert_delivered(self, alert_id: str, to: str) -> None:
+        """An ancestor took the alert (and acted: it may be handled already)."""
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE alerts SET delivered_to = ?, deliveries = deliveries + 1, "
+                             "status = CASE WHEN status = 'pending' THEN 'delivered' ELSE status END "
+                             "WHERE alert_id = ?", (to, alert_id))
 
-    async def record_retry(
-        self,
-        *,
-        alert_id: str,
-        agent_id: str,
-        retry_type: str,
-        reason: str,
-        detail: dict,
-        task_id: str | None = None,
-        run_id: str | None = None,
-        from_provider: str | None = None,
-        to_provider: str | None = None,
-        decided_by: str = "policy",
-        requested_by: str | None = None,
-        hop: str = "",
-    ) -> dict | None:
-        """One row per (alert, retry_type, agent). Returns the new row, or None when the
-        same alert was already recorded (the caller must then do nothing)."""
+    async def open_alerts(self) -> list[dict]:
+        return [_decode(r, "detail") for r in
+                await self.db.all("SELECT * FROM alerts WHERE status != ? ORDER BY mono", (AlertState.HANDLED,))]
+
+    async def failures(self, agent: str, *, limit: int = 200) -> list[dict]:
+        """The service's latest failures, newest first: when (alert time) and whether that
+        incarnation had been stable. ``limit`` bounds the read; the ladder never needs more
+        (its window count stops mattering at max_restarts, its backoff at the cap)."""
+        return await self.db.all("SELECT alert_id, mono, stable FROM alerts WHERE agent = ? "
+                                 "ORDER BY mono DESC, rowid DESC LIMIT ?", (agent, limit))
+
+    # -- the ladder's record ------------------------------------------------------------------------
+
+    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str, detail: dict,
+                           case: str, task_id: str | None = None, run_id: str | None = None,
+                           from_provider: str | None = None, to_provider: str | None = None,
+                           decided_by: str = "policy", requested_by: str | None = None,
+                           hop: str = "") -> dict | None:
+        """One row per (alert, retry_type, agent, hop). Returns the new row, or None when
+        the same step was already recorded (the caller must then do nothing)."""
         if not reason or reason == "Unknown error":
             raise ValueError("a retry needs a real reason")
-        mono = time.monotonic()
-        count = await self._one(
-            "SELECT COUNT(*) AS n FROM retry_history WHERE agent_id = ? AND retry_type = ?", (agent_id, retry_type)
-        )
-        cur = await self.db.execute(
-            "INSERT OR IGNORE INTO retry_history (alert_id, agent_id, task_id, run_id, retry_type, retry_count, "
-            "reason, detail, from_provider, to_provider, decided_by, requested_by, hop, timestamp, mono, drill) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (alert_id, agent_id, task_id, run_id, retry_type, count["n"] + 1, reason, redact_json(detail),
-             from_provider, to_provider, decided_by, requested_by, hop, utcnow(), mono, self.drill),
-        )
-        if cur.rowcount != 1:
-            await self.db.commit()
-            return None
-        rowid = cur.lastrowid
-        metric = {"child_restart": "restarts", "escalation": "escalations", "llm_change": "provider_switches",
-                  "permanent_failure": "permanent_failures"}[retry_type]
-        for scope, key in (("agent", agent_id), ("provider", from_provider), ("task", task_id), ("run", run_id)):
-            if key and not self.drill:
-                await self._bump(scope, key, metric, reason, count_failure=retry_type != "escalation")
-        await self.event(retry_type, {"reason": reason, "detail": detail, "from_provider": from_provider,
-                                      "to_provider": to_provider, "decided_by": decided_by,
-                                      "requested_by": requested_by},
-                         agent=agent_id, task_id=task_id, run_id=run_id, alert_id=alert_id, commit=False)
-        await self.db.commit()
-        return await self._one("SELECT * FROM retry_history WHERE id = ?", (rowid,))
+        async with self.db.transaction() as tx:
+            count = await tx.one("SELECT COUNT(*) AS n FROM retry_history WHERE agent_id = ? AND retry_type = ?",
+                                 (agent_id, retry_type))
+            row = await tx.one(
+                "INSERT INTO retry_history (alert_id, agent_id, task_id, run_id, retry_type, retry_count, reason, "
+                "detail, from_provider, to_provider, decided_by, requested_by, hop, timestamp, mono, drill, case_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING *",
+                (alert_id, agent_id, task_id, run_id, retry_type, count["n"] + 1, reason, redact_json(detail),
+                 from_provider, to_provider, decided_by, requested_by, hop, utc_iso(), self.clock.now(), self.drill,
+                 case))
+            if row is None:
+                return None
+            row = _decode(row, "detail")
+            metric = METRIC.get(RetryType(retry_type))
+            if metric and not self.drill:
+                for scope, key in (("agent", agent_id), ("provider", from_provider), ("task", task_id),
+                                   ("run", run_id)):
+                    if key:
+                        await self._bump(tx, scope, key, metric, reason,
+                                         count_failure=retry_type != RetryType.ESCALATION)
+            await self._event(tx, str(retry_type), {
+                "reason": reason, "case": case, "detail": detail, "from_provider": from_provider,
+                "to_provider": to_provider, "decided_by": decided_by, "requested_by": requested_by, "hop": hop},
+                agent=agent_id, task_id=task_id, run_id=run_id, alert_id=alert_id)
+            return row
 
-    async def _bump(self, scope: str, key: str, metric: str, reason: str, *, count_failure: bool) -> None:
-        await self.db.execute(
+    async def _bump(self, tx, scope: str, key: str, metric: str, reason: str, *, count_failure: bool) -> None:
+        await tx.execute(
             f"INSERT INTO failure_metrics (scope, key, failures, {metric}, last_reason, updated_at) "
             f"VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(scope, key) DO UPDATE SET "
-            f"failures = failures + excluded.failures, {metric} = {metric} + 1, "
+            f"failures = failure_metrics.failures + excluded.failures, {metric} = failure_metrics.{metric} + 1, "
             f"last_reason = excluded.last_reason, updated_at = excluded.updated_at",
-            (scope, key, int(count_failure), reason, utcnow()),
-        )
+            (scope, key, int(count_failure), reason, utc_iso()))
 
-    async def retry_recorded(self, alert_id: str, retry_type: str, agent: str) -> dict | None:
-        return await self._one("SELECT * FROM retry_history WHERE alert_id = ? AND retry_type = ? AND agent_id = ?",
-                               (alert_id, retry_type, agent))
+    async def retry_rows(self, alert_id: str) -> list[dict]:
+        """Every ladder row written for one alert (what has already been decided on it)."""
+        return [_decode(r, "detail") for r in
+                await self.db.all("SELECT * FROM retry_history WHERE alert_id = ? ORDER BY id", (alert_id,))]
 
-    async def restart_times(self, agent: str) -> list[float]:
-        """Monotonic times of this agent's restarts (the registry counts, not a process)."""
-        rows = await self._all(
-            "SELECT mono FROM retry_history WHERE agent_id = ? AND retry_type = 'child_restart' ORDER BY mono",
-            (agent,),
-        )
-        return [r["mono"] for r in rows]
-
-    async def task_ladder(self, task_id: str) -> dict:
-        rows = await self._all(
-            "SELECT retry_type, COUNT(*) AS n FROM retry_history WHERE task_id = ? GROUP BY retry_type", (task_id,)
-        )
+    async def task_counts(self, task_id: str) -> dict:
+        """How far up the ladder a task has gone: its restarts and provider switches."""
+        rows = await self.db.all("SELECT retry_type, COUNT(*) AS n FROM retry_history WHERE task_id = ? "
+                                 "GROUP BY retry_type", (task_id,))
         counts = {r["retry_type"]: r["n"] for r in rows}
-        return {
-            "restarts": counts.get("child_restart", 0),
-            "escalations": counts.get("escalation", 0),
-            "switches": counts.get("llm_change", 0),
-            "failed": counts.get("permanent_failure", 0) > 0,
-        }
+        return {"restarts": counts.get(RetryType.CHILD_RESTART, 0), "switches": counts.get(RetryType.LLM_CHANGE, 0),
+                "escalations": counts.get(RetryType.ESCALATION, 0),
+                "failed": counts.get(RetryType.PERMANENT_FAILURE, 0) > 0}
 
     async def task_history(self, task_id: str) -> list[dict]:
         """Every ladder row of one task, oldest first."""
-        return await self._all("SELECT * FROM retry_history WHERE task_id = ? ORDER BY id", (task_id,))
+        return [_decode(r, "detail") for r in
+                await self.db.all("SELECT * FROM retry_history WHERE task_id = ? ORDER BY id", (task_id,))]
 
-    async def history(self, limit: int = 200) -> list[dict]:
-        return await self._all("SELECT * FROM retry_history ORDER BY id DESC LIMIT ?", (limit,))
+    async def history(self, limit: int = 200, agent: str | None = None) -> list[dict]:
+        if agent:
+            rows = await self.db.all("SELECT * FROM retry_history WHERE agent_id = ? ORDER BY id DESC LIMIT ?",
+                                     (agent, limit))
+        else:
+            rows = await self.db.all("SELECT * FROM retry_history ORDER BY id DESC LIMIT ?", (limit,))
+        return [_decode(r, "detail") for r in rows]
+
+
+    async def failure_metrics(self) -> list[dict]:
+        return await self.db.all("SELECT * FROM failure_metrics ORDER BY scope, key")
+
+def open_sqlite_store(path, *, clock: Clock | None = None) -> SqlStore:
+    """The embedded default: the SQLite file, checked (fail closed) before the first write."""
+    from registry.db import SqliteDb
+    from registry.schema import open_and_prepare
+
+    open_and_prepare(path)
+    return SqlStore(SqliteDb(path), clock=clock)

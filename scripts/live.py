@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 STATE_STYLE = {"running": "green", "starting": "yellow", "backoff": "yellow", "failed": "red",
-               "given_up": "bold red", "stopping": "magenta", "stopped": "dim"}
+               "stopping": "magenta", "stopped": "dim"}
 ALERT_SHOW_SECONDS = 15
 
 
@@ -28,8 +28,12 @@ def render(status: dict | None) -> Group:
     for s in status["services"]:
         depth[s["name"]] = depth.get(s["parent"], 0) + 1
         beat = f"{s['last_beat_age']:.1f}s" if s["last_beat_age"] is not None else "-"
-        table.add_row("  " * (depth[s["name"]] - 1) + s["name"],
-                      Text(s["state"], style=STATE_STYLE.get(s["state"], "")), str(s["pid"] or "-"),
+        state = Text(s["state"], style=STATE_STYLE.get(s["state"], ""))
+        if s.get("crash_looping"):
+            state.append(" loop", style="bold red")
+        if s.get("stopped"):
+            state.append(" (op)", style="dim")
+        table.add_row("  " * (depth[s["name"]] - 1) + s["name"], state, str(s["pid"] or "-"),
                       str(s["restarts"]), s["provider"] or "-", beat)
     d = status["daemon"]
     parts = [Text(f"TRON daemon pid {d['pid']} :{d['port']} up {d['uptime']:.0f}s  (Ctrl-C stops the mesh)",

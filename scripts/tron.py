@@ -1,49 +1,41 @@
 """The `tron` command line.
 
-    tron up [--detach]         start the mesh; the foreground shows live status
-    tron down                  stop everything, wait, and confirm nothing is left
-    tron status [--json]       tree, state, pid, port, incarnation, restarts, provider, beat age
-    tron logs [-f] [NAME...]   merged, coloured tail of service logs
-    tron run "PROMPT"          submit a run through the gateway and follow it
-    tron history [--json]      retry history and failure metrics
-    tron report [--json]       health report from the registry; exit 1 if any line is unhealthy
-    tron drill KIND ...        kill | hang | runaway | crash-loop NAME, provider-outage P, chaos
-    tron sim fault P KIND      inject a provider fault into llm-sim; `tron sim clear [P]`
+    tron up [--detach]            start the mesh; the foreground shows live status
+    tron down                     stop everything, and check that nothing is left
+    tron status [--json]          tree, state, pid, port, incarnation, restarts, provider, beat age
+    tron restart|stop|start NAME  operator actions on one service (audited)
+    tron logs [-f] [NAME...]      merged, coloured tail of service logs
+    tron run "PROMPT"             submit a run through the gateway and follow it
+    tron history [--json]         retry history and failure metrics
+    tron report [--json]          health report from the registry; exit 1 if any line is unhealthy
+    tron drill KIND ...           kill | hang | runaway | crash-loop NAME, provider-outage P, chaos
+    tron sim fault P KIND         inject a provider fault into llm-sim; `tron sim clear [P]`
 
-Global options: --config FILE (default mesh.toml), --home DIR (or TRON_HOME; default
-artifacts/). Errors are one line on stderr and a non-zero exit. Nothing on this path
-imports the LLM SDKs or aiohttp: the CLI must answer fast.
+Global options: --config FILE (default: $TRON_CONFIG, else the shipped mesh.toml), --home
+DIR (or TRON_HOME). Errors are one line on stderr and a non-zero exit. Nothing on this
+path imports the LLM SDKs or aiohttp: the CLI must answer fast.
 """
 
 from __future__ import annotations
 
+import argparse
+import getpass
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-# The repo is an application run from its root; the entry point may run from anywhere.
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
-
-from common.config import ConfigError, MeshConfig, load_mesh  # noqa: E402
-from common.models import TOKEN_HEADER  # noqa: E402
-from common.paths import Home, read_token  # noqa: E402
+from common.config import ConfigError, MeshConfig, load_mesh
+from common.paths import Home
+from scripts.census import MARK
+from scripts.client import ClientError, MeshClient
 
 
 class CLIError(Exception):
     pass
-
-
-# -- plumbing ------------------------------------------------------------------------------
 
 
 class Ctx:
@@ -51,7 +43,6 @@ class Ctx:
         self.home = Home.resolve(args.home)
         self.config_path = Path(args.config).resolve() if args.config else None
         self._config: MeshConfig | None = None
-        self._args = args
 
     @property
     def config(self) -> MeshConfig:
@@ -59,69 +50,36 @@ class Ctx:
             self._config = load_mesh(self.config_path)
         return self._config
 
-    def daemon_info(self) -> dict | None:
-        try:
-            return json.loads(self.home.daemon_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
     @property
-    def daemon_url(self) -> str:
-        info = self.daemon_info()
-        port = info["port"] if info else self.config.mesh.daemon_port
-        return f"http://127.0.0.1:{port}"
+    def mesh(self) -> MeshClient:
+        return MeshClient(self.home, self.config)
 
-    @property
-    def token(self) -> str:
-        token = read_token(self.home.token_file)
-        if not token:
-            raise CLIError(f"no mesh token at {self.home.token_file}: is the mesh up (`tron up`)?")
-        return token
+    def daemon_pid(self) -> int | None:
+        """This home's daemon, if one runs: its pid file names it and it holds the lock."""
+        from scripts.census import home_processes
 
-    def http(self, method: str, url: str, body: dict | None = None, *, auth: bool = False,
-             timeout: float = 10) -> tuple[int, object]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        if auth:
-            req.add_header(TOKEN_HEADER, self.token)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw = resp.read()
-                status = resp.status
-        except urllib.error.HTTPError as err:
-            raw, status = err.read(), err.code
-        except (urllib.error.URLError, OSError) as err:
-            raise CLIError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
-        try:
-            return status, json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            return status, raw.decode(errors="replace")
+        info = self.mesh.daemon_info()
+        if info and isinstance(info.get("pid"), int) and _alive(info["pid"]):
+            return info["pid"]
+        for p in home_processes(str(self.home.root)):
+            try:
+                if "services.daemon" in p.cmdline() and "services.daemon.forkserver" not in p.cmdline():
+                    return p.pid
+            except Exception:  # psutil errors: the process went away meanwhile
+                continue
+        return None
 
-    def daemon_alive(self) -> bool:
-        info = self.daemon_info()
-        if not info or not _pid_alive(info["pid"]):
-            return False
-        try:
-            status, _ = self.http("GET", self.daemon_url + "/health", timeout=2)
-        except CLIError:
-            return False
-        return status == 200
+    def require_daemon(self) -> MeshClient:
+        mesh = self.mesh
+        if mesh.daemon_health() is None:
+            raise CLIError(f"the mesh is not running on home {self.home.root} (start it with `tron up`)")
+        return mesh
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
+def _alive(pid: int) -> bool:
+    from services.daemon.spawner import same_process
+
+    return same_process(pid, None)
 
 
 # -- up / down --------------------------------------------------------------------------------
@@ -129,8 +87,8 @@ def _pid_alive(pid: int) -> bool:
 
 def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
     config = ctx.config  # fail early on a bad mesh file
-    if ctx.daemon_alive():
-        raise CLIError(f"the mesh is already up on home {ctx.home.root} (pid {ctx.daemon_info()['pid']}); "
+    if ctx.mesh.daemon_health() is not None:
+        raise CLIError(f"the mesh is already up on home {ctx.home.root} (pid {ctx.daemon_pid()}); "
                        "see `tron status`, or `tron down` first")
     ctx.home.ensure()
     argv = [sys.executable, "-m", "services.daemon", "--home", str(ctx.home.root)]
@@ -138,38 +96,44 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
         argv += ["--config", str(ctx.config_path)]
     log_path = ctx.home.log_file("daemon")
     start_offset = log_path.stat().st_size if log_path.exists() else 0
-    env = dict(os.environ, PYTHONPATH=str(_ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
-                                                  if os.environ.get("PYTHONPATH") else ""))
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, cwd=_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
-    deadline = time.monotonic() + config.policy.start_timeout * 2 + 10
+        proc = subprocess.Popen(argv, cwd=ctx.home.root, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TRON_HOME": str(ctx.home.root), MARK: str(ctx.home.root)})
+    wait = config.policy.start_timeout * 2 + 10
+    started = time.monotonic()
+    mesh = MeshClient(ctx.home, config)
     status = None
-    while time.monotonic() < deadline:
+    while time.monotonic() - started < wait:
         if proc.poll() is not None:
             tail = log_path.read_bytes()[start_offset:].decode(errors="replace").strip().splitlines()
             msg = next((line for line in reversed(tail) if line.startswith("tron daemon:")), None)
             raise CLIError(msg[len("tron daemon: "):] if msg else f"the daemon exited with {proc.returncode}; "
                            f"see {log_path}")
-        try:
-            code, status = ctx.http("GET", f"http://127.0.0.1:{config.mesh.daemon_port}/status", timeout=2)
-        except CLIError:
-            code = 0
-        if code == 200 and all(s["state"] == "running" for s in status["services"]):
-            break
+        health = mesh.daemon_health()
+        if health is not None and health.get("pid") == proc.pid:  # our daemon, not another home's
+            status = mesh.status()
+            if _settled(status):
+                break
         time.sleep(0.1)
     else:
-        raise CLIError(f"the mesh did not become healthy within {deadline:.0f}s; see `tron status` and `tron logs`")
-    if args.detach:
-        print(render_status(status, plain=True))
-        print(f"mesh up: {len(status['services'])} services healthy (daemon pid {proc.pid}). "
-              "`tron down` stops it.")
+        names = ", ".join(f"{s['name']} ({s['state']})" for s in (status or {}).get("services", [])
+                          if s["state"] != "running") or "the daemon itself"
+        raise CLIError(f"not healthy after {wait:.0f}s: {names}; see `tron status` and `tron logs`")
+    failing = [s for s in status["services"] if s["state"] != "running" and not s["stopped"]]
+    if args.detach or failing:
+        print(render_status(status))
+        for s in failing:
+            print(f"tron up: {s['name']} is {s['state']}: {_failure_text(s)}", file=sys.stderr)
+        print(f"mesh up on {ctx.home.root}: {len(status['services']) - len(failing)} of {len(status['services'])} "
+              f"services healthy (daemon pid {proc.pid}). `tron down` stops it.")
+        if failing:
+            return 1
         return 0
     from scripts.live import live_view  # rich loads only for the live view
 
     try:
-        live_view(lambda: ctx.http("GET", ctx.daemon_url + "/status", timeout=2)[1],
-                  stop_when=lambda: proc.poll() is not None)
+        live_view(lambda: mesh.status(), stop_when=lambda: proc.poll() is not None)
     except KeyboardInterrupt:
         pass
     if proc.poll() is None:
@@ -178,73 +142,79 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
     return 1
 
 
+def _settled(status: dict) -> bool:
+    """Every service is running, stopped by an operator, or has failed its start at least once."""
+    return all(s["state"] == "running" or s["stopped"] or s["last_failure"] for s in status["services"])
+
+
+def _failure_text(s: dict) -> str:
+    f = s.get("last_failure") or {}
+    detail = f.get("detail") or {}
+    extra = detail.get("error") or ", ".join(f"{k} {v}" for k, v in detail.items() if v is not None)
+    return f"{f.get('reason', 'not healthy yet')}" + (f": {extra}" if extra else "")
+
+
 def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
-    from registry.read import connect, open_sessions
+    """API first; a daemon that does not answer gets SIGTERM, then SIGKILL after the grace
+    period; then every process of the home, found by its environment, is ended. "Nothing
+    left" is printed only after the census says so."""
+    from scripts.census import describe, end_all, home_processes, wait_gone
 
-    info = ctx.daemon_info()
-    stopped_daemon = False
-    if info and _pid_alive(info["pid"]):
-        try:
-            ctx.http("POST", f"http://127.0.0.1:{info['port']}/control/shutdown", {}, auth=True, timeout=5)
-        except CLIError:
-            os.kill(info["pid"], signal.SIGTERM)
-        grace = ctx.config.policy.stop_grace * 2 + 15
-        deadline = time.monotonic() + grace
-        while _pid_alive(info["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _pid_alive(info["pid"]):
-            raise CLIError(f"the daemon (pid {info['pid']}) did not stop within {grace:.0f}s")
-        stopped_daemon = True
-    # Whatever a killed daemon left behind (its children keep serving) is ours to stop.
-    leftovers = []
-    if ctx.home.registry_db.exists():
-        import psutil
-
-        with connect(ctx.home.registry_db) as conn:
-            for s in open_sessions(conn):
-                try:
-                    p = psutil.Process(s["pid"])
-                    if abs(p.create_time() - (s["pid_create_time"] or 0)) < 0.01:
-                        leftovers.append((s["agent"], p))
-                except psutil.Error:
-                    pass
-        for _, p in leftovers:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except OSError:
-                pass
-        gone, alive = psutil.wait_procs([p for _, p in leftovers], timeout=5)
-        for p in alive:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-    for f in (ctx.home.daemon_file, ctx.home.token_file):
+    grace = ctx.config.policy.stop_grace
+    pid = ctx.daemon_pid()
+    how = None
+    if pid is not None:
+        mesh = ctx.mesh
+        code, _ = mesh.try_call("POST", mesh.daemon_url + "/control/shutdown", {}, auth=True, timeout=5) \
+            if mesh.daemon_health() and ctx.home.token_file.exists() else (0, None)
+        how = "shut down"
+        if code != 202:
+            os.kill(pid, signal.SIGTERM)
+            how = "sent SIGTERM"
+        # The daemon stops every service (in parallel, each within its grace), then itself.
+        if not wait_gone(pid, grace + 15):
+            os.kill(pid, signal.SIGKILL)
+            wait_gone(pid, 5)
+            how = f"killed (it did not stop within {grace + 15:.0f}s)"
+    leftovers = home_processes(str(ctx.home.root))
+    named = describe(leftovers)  # before they are gone
+    survivors = end_all(leftovers, grace) if leftovers else []
+    for f in (ctx.home.daemon_file,):
         f.unlink(missing_ok=True)
-    if not stopped_daemon and not leftovers:
+    remaining = home_processes(str(ctx.home.root))
+    if survivors or remaining:
+        raise CLIError(f"still running after SIGKILL: {'; '.join(describe(survivors or remaining))}")
+    if how is None and not leftovers:
         print(f"nothing was running on home {ctx.home.root}")
         return 0
-    extra = f"; stopped {len(leftovers)} orphaned service(s): {', '.join(a for a, _ in leftovers)}" if leftovers else ""
-    print(f"mesh down: daemon stopped{extra}. Nothing left running.")
+    parts = [f"daemon {how}"] if how else ["no daemon was running"]
+    if leftovers:
+        more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+        parts.append(f"ended {len(leftovers)} leftover process(es): {', '.join(named[:5])}{more}")
+    print(f"mesh down: {'; '.join(parts)}. Nothing left running on {ctx.home.root}.")
     return 0
 
 
 # -- status -----------------------------------------------------------------------------------
 
 
-def render_status(status: dict, *, plain: bool = False) -> str:
+def state_text(s: dict) -> str:
+    marks = [m for m, on in (("crash-loop", s.get("crash_looping")), ("operator", s.get("stopped"))) if on]
+    return s["state"] + (f" ({', '.join(marks)})" if marks else "")
+
+
+def render_status(status: dict) -> str:
     rows = [("SERVICE", "STATE", "PID", "PORT", "INCARNATION", "RESTARTS", "PROVIDER", "BEAT")]
     depth = {"daemon": 0}
     for s in status["services"]:
         depth[s["name"]] = depth.get(s["parent"], 0) + 1
         beat = f"{s['last_beat_age']:.1f}s" if s["last_beat_age"] is not None else "-"
-        rows.append(("  " * (depth[s["name"]] - 1) + s["name"], s["state"], str(s["pid"] or "-"), str(s["port"]),
-                     s["incarnation"] or "-", str(s["restarts"]), s["provider"] or "-", beat))
+        rows.append(("  " * (depth[s["name"]] - 1) + s["name"], state_text(s), str(s["pid"] or "-"),
+                     str(s["port"]), s["incarnation"] or "-", str(s["restarts"]), s["provider"] or "-", beat))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     d = status["daemon"]
-    head = f"daemon pid {d['pid']} port {d['port']} up {d['uptime']}s home {d['home']}"
-    lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [f"daemon pid {d['pid']} port {d['port']} up {d['uptime']}s home {d['home']}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if status.get("last_alert"):
         a = status["last_alert"]
         lines.append(f"last alert: {a['service']} {a['reason']}")
@@ -252,26 +222,40 @@ def render_status(status: dict, *, plain: bool = False) -> str:
 
 
 def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:
-    if not ctx.daemon_alive():
-        raise CLIError(f"the mesh is not running on home {ctx.home.root} (start it with `tron up`)")
-    _, status = ctx.http("GET", ctx.daemon_url + "/status")
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        print(render_status(status))
+    status = ctx.require_daemon().status()
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
     return 0
 
 
-# -- logs ---------------------------------------------------------------------------------------
+# -- operator verbs ---------------------------------------------------------------------------
+
+
+def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
+    mesh = ctx.require_daemon()
+    if args.name not in ctx.config.services:
+        raise CLIError(f"no service named {args.name!r} (known: {', '.join(ctx.config.services)})")
+    body = {"reason": args.reason or f"tron {args.cmd}", "actor": f"{getpass.getuser()}@cli"}
+    code, answer = mesh.call("POST", mesh.daemon_url + f"/services/{args.name}/{args.cmd}", body, auth=True)
+    if code >= 300:
+        raise CLIError(answer.get("error") if isinstance(answer, dict) else str(answer))
+    if args.cmd in ("restart", "start") and args.wait:
+        from scripts.client import wait_for
+
+        old = answer.get("replaces")
+        wait_for(lambda: (s := mesh.service(args.name))["state"] == "running" and s["incarnation"] != old and s,
+                 ctx.config.policy.start_timeout + 5, f"{args.name} to be running again", interval=0.05,
+                 error=CLIError)
+    print(f"{args.name}: {answer['status']}")
+    return 0
+
+
+# -- logs, run, history, report ---------------------------------------------------------------
 
 
 def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
     from scripts.logtail import tail
 
     return tail(ctx.home.logs, args.names, follow=args.follow, lines=args.lines)
-
-
-# -- run ------------------------------------------------------------------------------------------
 
 
 def _gateway_url(ctx: Ctx) -> str:
@@ -282,10 +266,11 @@ def _gateway_url(ctx: Ctx) -> str:
 
 
 def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
-    from common.policy import worst_case_attempts
+    from common.ladder import worst_case_attempts
 
+    mesh = ctx.mesh
     gateway = _gateway_url(ctx)
-    code, body = ctx.http("POST", gateway + "/runs", {"prompt": args.prompt}, auth=True)
+    code, body = mesh.call("POST", gateway + "/runs", {"prompt": args.prompt}, auth=True)
     if code != 202:
         raise CLIError(f"the gateway refused the run ({code}): {body.get('error') if isinstance(body, dict) else body}")
     run_id = body["run_id"]
@@ -294,7 +279,7 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
     bound = args.timeout or p.task_timeout * worst_case_attempts(p) + 60
     deadline = time.monotonic() + bound
     while time.monotonic() < deadline:
-        code, run = ctx.http("GET", f"{gateway}/runs/{run_id}")
+        code, run = mesh.try_call("GET", f"{mesh.daemon_url}/runs/{run_id}")
         if code == 200 and run["status"] != "running":
             break
         time.sleep(0.1)
@@ -309,17 +294,19 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0 if run["status"] == "done" else 1
 
 
-# -- history --------------------------------------------------------------------------------------
+def _registry(ctx: Ctx):
+    from registry.read import connect
+
+    try:
+        return connect(ctx.home.registry_db)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
 
 
 def cmd_history(ctx: Ctx, args: argparse.Namespace) -> int:
-    from registry.read import connect, failure_metrics, history
+    from registry.read import failure_metrics, history
 
-    try:
-        conn = connect(ctx.home.registry_db)
-    except FileNotFoundError as err:
-        raise CLIError(str(err)) from None
-    with conn:
+    with _registry(ctx) as conn:
         rows, metrics = history(conn, args.limit), failure_metrics(conn)
     if args.json:
         print(json.dumps({"retry_history": rows, "failure_metrics": metrics}, indent=2))
@@ -330,22 +317,14 @@ def cmd_history(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0
 
 
-# -- report ---------------------------------------------------------------------------------------
-
-
 def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
-    from registry.read import connect
     from registry.report import run_report
-    from scripts.drills import alive_since
+    from services.daemon.spawner import same_process
 
-    try:
-        conn = connect(ctx.home.registry_db)
-    except FileNotFoundError as err:
-        raise CLIError(str(err)) from None
     p = ctx.config.policy
-    with conn:
+    with _registry(ctx) as conn:
         checks = run_report(conn, max_restarts=p.max_restarts, max_switches=p.max_provider_switches,
-                            pid_alive=alive_since)
+                            pid_alive=same_process)
     healthy = all(c.healthy for c in checks)
     if args.json:
         print(json.dumps({"healthy": healthy, "checks": [c.to_dict() for c in checks]}, indent=2))
@@ -360,12 +339,10 @@ def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
-    from common.config import port_offset_from_env
     from scripts.drills import DrillError, Runner
 
-    if not ctx.daemon_alive():
-        raise CLIError(f"the mesh is not running on home {ctx.home.root} (start it with `tron up`)")
-    runner = Runner(ctx.home.root, ctx.config, port_offset_from_env())
+    mesh = ctx.require_daemon()
+    runner = Runner(mesh)
     try:
         if args.drill == "chaos":
             drill = runner.chaos(args.faults, args.duration, args.seed)
@@ -384,21 +361,19 @@ def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0 if drill.passed else 1
 
 
-# -- sim -------------------------------------------------------------------------------------------
-
-
 def cmd_sim(ctx: Ctx, args: argparse.Namespace) -> int:
     sim = ctx.config.sim_url
     if sim is None:
         raise CLIError("this mesh has no llm-sim service")
+    mesh = ctx.mesh
     if args.sim_cmd == "fault":
         body = {"kind": args.kind, "latency_ms": args.latency_ms, "times": args.times}
-        code, answer = ctx.http("PUT", f"{sim}/sim/faults/{args.provider}", body, auth=True)
+        code, answer = mesh.call("PUT", f"{sim}/sim/faults/{args.provider}", body, auth=True)
     elif args.sim_cmd == "clear":
         url = f"{sim}/sim/faults" + (f"/{args.provider}" if args.provider else "")
-        code, answer = ctx.http("DELETE", url, auth=True)
+        code, answer = mesh.call("DELETE", url, auth=True)
     else:
-        code, answer = ctx.http("GET", f"{sim}/sim/faults")
+        code, answer = mesh.call("GET", f"{sim}/sim/faults")
     if code >= 300:
         raise CLIError(f"llm-sim refused ({code}): {answer.get('error') if isinstance(answer, dict) else answer}")
     print(json.dumps(answer, indent=2))
@@ -410,14 +385,22 @@ def cmd_sim(ctx: Ctx, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tron", description="Supervise a mesh of LLM-agent services.")
-    p.add_argument("--config", help="mesh file (default: mesh.toml at the repo root)")
-    p.add_argument("--home", help="artifacts directory (default: $TRON_HOME or artifacts/)")
+    p.add_argument("--config", help="mesh file (default: $TRON_CONFIG, else the shipped mesh.toml)")
+    p.add_argument("--home", help="artifacts directory (default: $TRON_HOME, else artifacts/ of the checkout)")
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the mesh")
     up.add_argument("--detach", action="store_true", help="return once every service is healthy")
     sub.add_parser("down", help="stop everything")
     st = sub.add_parser("status", help="show the tree")
     st.add_argument("--json", action="store_true")
+    for verb, what in (("restart", "replace a service's incarnation now"),
+                       ("stop", "stop a service; it stays stopped until `tron start`"),
+                       ("start", "start a stopped service")):
+        v = sub.add_parser(verb, help=what)
+        v.add_argument("name")
+        v.add_argument("--reason", help="recorded in the audit trail")
+        if verb != "stop":
+            v.add_argument("--wait", action="store_true", help="return once it is running again")
     lg = sub.add_parser("logs", help="merged tail of service logs")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=20)
@@ -461,14 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs, "run": cmd_run,
-            "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim}
+            "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim,
+            "restart": cmd_service, "stop": cmd_service, "start": cmd_service}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.cmd](Ctx(args), args)
-    except (CLIError, ConfigError) as err:
+    except (CLIError, ConfigError, ClientError) as err:
         print(f"tron {args.cmd}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

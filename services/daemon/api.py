@@ -1,50 +1,91 @@
-"""The daemon's HTTP API on 127.0.0.1: beats, status, process control, events, metrics.
+"""The daemon's HTTP API on 127.0.0.1.
 
-Everything that changes state needs the mesh token; every body is a pydantic model.
+Everything that changes state needs the mesh token; every body and every query is a
+pydantic model, so bad input is a 4xx that says what is wrong and changes nothing.
+
+    GET  /health /status /events /metrics
+    POST /beat                                        heartbeats (token)
+    GET  /ladder/view                                 what a decider sees before it decides
+    POST /control/{restart,escalation,switch,permanent_failure,report_failure}   ladder steps (token)
+    POST /handle_grandchild_failure                   an escalation reaching the daemon, the top (token)
+    POST /services/{name}/{restart,stop,start}        operator verbs, audited (token)
+    POST /control/{drill,shutdown}                    (token)
+    POST /runs, /tasks, /tasks/{id}/finish, /tasks/{id}/checkpoint, /runs/{id}/finish   (token)
+    GET  /runs/{id} /tasks/{id} /tasks/{id}/checkpoints
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import getpass
 import os
-import time
+from typing import Literal
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
-from common import logs
 from common.config import DAEMON
-from common.http import TOKEN_KEY, error, parse, require_token
-from common.models import DrillMark, Respawn, FailureReport, PermanentFailure, Reason, Beat, Escalation, EscalationRecord, RestartRequest, RunCreate, TaskFinish, TaskRecord
+from common.http import TOKEN_KEY, error, parse, parse_query, require_token
+from common.ladder import Escalated
+from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
+                           LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
+                           RunCreate, SwitchRequest, TaskFinish, TaskRecord)
 from common.monitor import Verdict
-from services.daemon.core import Daemon, new_id
-from services.daemon.states import State
+from common.states import TaskState
+from services.daemon.core import Daemon
+from services.daemon.operators import Refused
+from services.daemon.supervisor import new_id
 
 DAEMON_KEY = web.AppKey("daemon", Daemon)
-
 _VERDICT_STATUS = {Verdict.UNKNOWN: 404, Verdict.STALE: 409, Verdict.DUPLICATE: 409}
 
 
-def _daemon(request: web.Request) -> Daemon:
+class EventsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: int = Field(0, ge=0, le=2**62)
+    limit: int = Field(200, ge=1, le=1000)
+    kind: str | None = Field(None, max_length=64, pattern=r"^[a-z_]+$")
+    agent: NameStr | None = None
+
+
+class Empty(Msg):
+    """Endpoints that take no body still refuse one they do not understand."""
+
+
+def _d(request: web.Request) -> Daemon:
     return request.app[DAEMON_KEY]
 
 
 def _service(d: Daemon, name: str):
-    st = d.services.get(name)
-    if st is None:
+    svc = d.sup.services.get(name)
+    if svc is None:
         raise web.HTTPNotFound(text=f'{{"error": "no service named {name!r}"}}', content_type="application/json")
-    return st
+    return svc
+
+
+def _id(request: web.Request, key: str) -> str:
+    """A path segment that must be an id: anything else is a 400, never a lookup."""
+    value = request.match_info[key]
+    try:
+        return _IdCheck(id=value).id
+    except ValueError:
+        raise web.HTTPBadRequest(text=f'{{"error": "{key} is not a valid id"}}', content_type="application/json")
+
+
+class _IdCheck(BaseModel):
+    id: IdStr
 
 
 async def health(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    return web.json_response({"status": "ok", "role": DAEMON, "pid": os.getpid(),
-                              "uptime": round(time.monotonic() - d.started_mono, 1)})
+    d = _d(request)
+    return web.json_response({"status": "ok", "role": DAEMON, "pid": os.getpid(), "home": str(d.home.root),
+                              "uptime": round(d.clock.now() - d.started_at, 1)})
 
 
 @require_token
 async def beat(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _d(request)
     b = await parse(request, Beat)
     verdict = await d.on_beat(b)
     if verdict is Verdict.ACCEPTED:
@@ -58,192 +99,261 @@ async def beat(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).status())
+    return web.json_response(_d(request).status())
 
 
 async def events(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    try:
-        since = int(request.query.get("since", "0"))
-        limit = min(int(request.query.get("limit", "200")), 1000)
-    except ValueError:
-        return error(400, "since and limit must be integers")
-    return web.json_response(await d.registry.events(since, limit, request.query.get("kind")))
+    q = parse_query(request, EventsQuery)
+    return web.json_response(await _d(request).store.events(q.since, q.limit, q.kind, q.agent))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    d.metrics.services_up.set(sum(1 for s in d.services.values() if s.state == State.RUNNING))
+    d = _d(request)
+    d.metrics.services_up.set(d.running())
+    d.metrics.crash_looping.set(sum(1 for s in d.sup.services.values() if s.crash_looping))
     return web.Response(body=d.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-async def ladder(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    _service(d, request.match_info["name"])
-    return web.json_response(await d.ladder(request.match_info["name"], request.query.get("task_id")))
+async def ladder_view(request: web.Request) -> web.Response:
+    d = _d(request)
+    q = parse_query(request, LadderQuery)
+    _service(d, q.service)
+    if q.decider != DAEMON:
+        _service(d, q.decider)
+    view = await d.carrier.view(q.service, decider=q.decider, alert_id=q.alert_id, task_id=q.task_id)
+    return web.json_response(view.model_dump(mode="json"))
+
+
+# -- ladder steps ----------------------------------------------------------------------------
 
 
 @require_token
 async def restart(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _d(request)
     req = await parse(request, RestartRequest)
     _service(d, req.service)
-    result = await d.restart(req)
-    code = {"accepted": 202, "duplicate": 200, "stale": 409}[result["status"]]
-    return web.json_response(result, status=code)
+    result = await d.carrier.restart(req)
+    return web.json_response(result, status={"accepted": 202, "duplicate": 200, "stale": 409}[result["status"]])
 
 
 @require_token
 async def escalation(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _d(request)
     rec = await parse(request, EscalationRecord)
-    st = _service(d, rec.service)
-    esc = Escalation(alert_id=rec.alert_id, service=rec.service, incarnation=st.incarnation or "none",
-                     reason=rec.reason, detail=rec.detail, task_id=rec.task_id, run_id=rec.run_id,
-                     provider=st.provider, restarts=rec.restarts, path=[rec.from_service, rec.to_service],
-                     decided_by=rec.decided_by)
-    if "incarnation" in rec.detail and isinstance(rec.detail["incarnation"], str):
-        esc.incarnation = rec.detail["incarnation"]
-    return web.json_response(await d.give_up(esc, by=rec.from_service, to=rec.to_service))
+    _service(d, rec.service)
+    return web.json_response(await d.carrier.escalation(rec))
 
 
 @require_token
-async def create_run(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    body = await parse(request, RunCreate)
-    run_id = new_id("run-")
-    await d.registry.create_run(run_id, body.prompt, body.drill)
-    return web.json_response({"run_id": run_id}, status=201)
-
-
-async def get_run(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    run = await d.registry.run(request.match_info["run_id"])
-    if run is None:
-        return error(404, f"no run {request.match_info['run_id']!r}")
-    return web.json_response(run)
+async def switch(request: web.Request) -> web.Response:
+    d = _d(request)
+    req = await parse(request, SwitchRequest)
+    for name in [req.service, *req.services]:
+        _service(d, name)
+    answer = await d.carrier.switch(req)
+    return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
 
 @require_token
-async def finish_run(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    body = await parse(request, TaskFinish)
-    run_id = request.match_info["run_id"]
-    if await d.registry.run(run_id) is None:
-        return error(404, f"no run {run_id!r}")
-    failure = {"reason": body.reason, **body.detail} if body.status == "failed" else None
-    return web.json_response({"changed": await d.finish_run(run_id, body.status, body.result, failure)})
+async def permanent_failure(request: web.Request) -> web.Response:
+    d = _d(request)
+    rec = await parse(request, PermanentFailure)
+    _service(d, rec.service)
+    answer = await d.carrier.fail(rec)
+    return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
 
 @require_token
-async def record_task(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    rec = await parse(request, TaskRecord)
-    _service(d, rec.agent)
-    if await d.registry.run(rec.run_id) is None:
-        return error(404, f"no run {rec.run_id!r}")
-    row, created = await d.registry.upsert_task(rec.model_dump())
-    logs.comms("task_assigned", src=rec.parent_agent, dst=rec.agent, task=rec.task_id, run=rec.run_id)
-    return web.json_response({"task": row, "created": created}, status=201 if created else 200)
-
-
-async def get_task(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    row = await d.registry.task(request.match_info["task_id"])
-    if row is None:
-        return error(404, f"no task {request.match_info['task_id']!r}")
-    row["ladder"] = await d.registry.task_ladder(row["task_id"])
-    return web.json_response(row)
-
-
-@require_token
-async def finish_task(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    body = await parse(request, TaskFinish)
-    task_id = request.match_info["task_id"]
-    if await d.registry.task(task_id) is None:
-        return error(404, f"no task {task_id!r}")
-    changed = await d.finish_task(task_id, body.status, body.result, body.reason, body.detail, body.incarnation)
-    return web.json_response({"changed": changed})
+async def grandchild_failure(request: web.Request) -> web.Response:
+    """An escalation whose next ancestor is the daemon: the daemon decides as the top."""
+    d = _d(request)
+    esc = await parse(request, Escalation)
+    _service(d, esc.service)
+    event = Escalated(esc.alert_id, esc.service, esc.reason, esc.kind, esc.task_id)
+    return web.json_response(await d.carrier.decide_here(event))
 
 
 @require_token
 async def report_failure(request: web.Request) -> web.Response:
     """An agent saw a failure TRON cannot (a provider error): it enters the same ladder."""
-    d = _daemon(request)
+    d = _d(request)
     rep = await parse(request, FailureReport)
-    st = _service(d, rep.service)
-    if st.incarnation != rep.incarnation:
+    svc = _service(d, rep.service)
+    if svc.incarnation != rep.incarnation:
         return error(409, f"incarnation {rep.incarnation} of {rep.service} is not the current one")
-    signal = d.monitor.raise_alert(rep.service, rep.incarnation, Reason.PROVIDER_FAILURE, time.monotonic(),
-                                   {"error_reason": rep.reason, **rep.detail})
+    signal = d.monitor.raise_alert(rep.service, rep.incarnation, Reason.PROVIDER_FAILURE, d.clock.now(),
+                                   {"error_reason": rep.reason, "retryable": rep.retryable, **rep.detail})
     if signal is None:
         return web.json_response({"status": "already_alerted"})
     if rep.task_id and signal.task_id != rep.task_id:
         signal = dataclasses.replace(signal, task_id=rep.task_id)  # failed before a beat carried the task
-    d._spawn_bg(d.on_signal(signal, retryable=rep.retryable), f"report {rep.service}")
+    d.background(d.router.on_signal(signal, retryable=rep.retryable), f"report {rep.service}")
     return web.json_response({"status": "alerted"}, status=202)
 
 
-@require_token
-async def permanent_failure(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    rec = await parse(request, PermanentFailure)
-    _service(d, rec.service)
-    return web.json_response(await d.permanent_failure(rec))
+# -- operators --------------------------------------------------------------------------------
+
+
+def _actor(request: web.Request, body: OperatorAction) -> str:
+    return body.actor or f"{getpass.getuser()}@local"
+
+
+def _operator(verb: Literal["restart", "stop", "start"]):
+    @require_token
+    async def handler(request: web.Request) -> web.Response:
+        d = _d(request)
+        name = request.match_info["name"]
+        _service(d, name)
+        body = await parse(request, OperatorAction) if request.can_read_body else OperatorAction()
+        try:
+            answer = await d.operators.act(verb, name, actor=_actor(request, body), reason=body.reason)
+        except Refused as err:
+            return error(err.status, str(err))
+        return web.json_response(answer, status=202 if answer["status"] in ("restarting", "starting") else 200)
+
+    handler.__name__ = f"operator_{verb}"
+    return handler
 
 
 @require_token
 async def drill(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _d(request)
     mark = await parse(request, DrillMark)
-    previous = d.registry.drill
+    previous = d.store.drill
     if mark.name:
-        d.registry.drill = mark.name
-        await d.registry.event("drill_started", {"drill": mark.name})
+        d.store.drill = mark.name
+        await d.store.event("drill_started", {"drill": mark.name})
     else:
-        await d.registry.event("drill_ended", {"drill": previous})
-        d.registry.drill = None
-    return web.json_response({"drill": d.registry.drill, "previous": previous})
-
-
-@require_token
-async def respawn(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    body = await parse(request, Respawn)
-    _service(d, body.service)
-    answer = await d.respawn(body.service, body.reason)
-    return web.json_response(answer, status=202 if answer["status"] == "starting" else 200)
+        await d.store.event("drill_ended", {"drill": previous})
+        d.store.drill = None
+    return web.json_response({"drill": d.store.drill, "previous": previous})
 
 
 @require_token
 async def shutdown(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _d(request)
+    if request.can_read_body:
+        await parse(request, Empty)
     asyncio.get_running_loop().call_soon(d.request_shutdown)
-    return web.json_response({"status": "stopping"}, status=202)
+    return web.json_response({"status": "stopping", "pid": os.getpid()}, status=202)
+
+
+# -- runs and tasks ---------------------------------------------------------------------------
+
+
+@require_token
+async def create_run(request: web.Request) -> web.Response:
+    d = _d(request)
+    body = await parse(request, RunCreate)
+    run_id = new_id("run-")
+    await d.store.create_run(run_id, body.prompt, body.drill)
+    return web.json_response({"run_id": run_id}, status=201)
+
+
+async def get_run(request: web.Request) -> web.Response:
+    d = _d(request)
+    run_id = _id(request, "run_id")
+    run = await d.store.run(run_id)
+    return web.json_response(run) if run else error(404, f"no run {run_id!r}")
+
+
+@require_token
+async def finish_run(request: web.Request) -> web.Response:
+    d = _d(request)
+    body = await parse(request, TaskFinish)
+    run_id = _id(request, "run_id")
+    if await d.store.run(run_id) is None:
+        return error(404, f"no run {run_id!r}")
+    failure = {"reason": body.reason, **body.detail} if body.status == "failed" else None
+    return web.json_response({"changed": await d.store.finish_run(run_id, body.status, body.result, failure)})
+
+
+@require_token
+async def record_task(request: web.Request) -> web.Response:
+    d = _d(request)
+    rec = await parse(request, TaskRecord)
+    _service(d, rec.agent)
+    if await d.store.run(rec.run_id) is None:
+        return error(404, f"no run {rec.run_id!r}")
+    row, created = await d.store.upsert_task(rec.model_dump())
+    return web.json_response({"task": row, "created": created}, status=201 if created else 200)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    d = _d(request)
+    task_id = _id(request, "task_id")
+    row = await d.store.task(task_id)
+    if row is None:
+        return error(404, f"no task {task_id!r}")
+    row["ladder"] = await d.store.task_counts(task_id)
+    return web.json_response(row)
+
+
+@require_token
+async def finish_task(request: web.Request) -> web.Response:
+    d = _d(request)
+    body = await parse(request, TaskFinish)
+    task_id = _id(request, "task_id")
+    if await d.store.task(task_id) is None:
+        return error(404, f"no task {task_id!r}")
+    changed = await d.ledger.finish_task(task_id, TaskState(body.status), body.result, body.reason, body.detail,
+                                         body.incarnation)
+    return web.json_response({"changed": changed})
+
+
+@require_token
+async def checkpoint(request: web.Request) -> web.Response:
+    d = _d(request)
+    body = await parse(request, CheckpointRecord)
+    task_id = _id(request, "task_id")
+    task = await d.store.task(task_id)
+    if task is None:
+        return error(404, f"no task {task_id!r}")
+    if task["status"] not in (TaskState.ASSIGNED, TaskState.RUNNING):
+        return error(409, f"task {task_id} is {task['status']}: only a live task records checkpoints")
+    try:
+        row, created = await d.store.add_checkpoint(task_id, body.step, body.step_id, body.output, body.incarnation)
+    except ValueError as err:
+        return error(413, str(err))
+    return web.json_response({"checkpoint": {k: row[k] for k in ("step", "step_id", "hash")}, "created": created},
+                             status=201 if created else 200)
+
+
+async def get_checkpoints(request: web.Request) -> web.Response:
+    d = _d(request)
+    task_id = _id(request, "task_id")
+    if await d.store.task(task_id) is None:
+        return error(404, f"no task {task_id!r}")
+    return web.json_response(await d.store.checkpoints(task_id))
 
 
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application(client_max_size=256 * 1024)
     app[DAEMON_KEY] = daemon
     app[TOKEN_KEY] = daemon.token
-    app.router.add_get("/health", health)
-    app.router.add_get("/status", status)
-    app.router.add_get("/events", events)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/beat", beat)
-    app.router.add_get("/agents/{name}/ladder", ladder)
-    app.router.add_post("/control/restart", restart)
-    app.router.add_post("/control/escalation", escalation)
-    app.router.add_post("/control/shutdown", shutdown)
-    app.router.add_post("/control/report_failure", report_failure)
-    app.router.add_post("/control/permanent_failure", permanent_failure)
-    app.router.add_post("/control/drill", drill)
-    app.router.add_post("/control/respawn", respawn)
-    app.router.add_post("/runs", create_run)
-    app.router.add_get("/runs/{run_id}", get_run)
-    app.router.add_post("/runs/{run_id}/finish", finish_run)
-    app.router.add_post("/tasks", record_task)
-    app.router.add_get("/tasks/{task_id}", get_task)
-    app.router.add_post("/tasks/{task_id}/finish", finish_task)
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/status", status)
+    r.add_get("/events", events)
+    r.add_get("/metrics", metrics)
+    r.add_post("/beat", beat)
+    r.add_get("/ladder/view", ladder_view)
+    r.add_post("/control/restart", restart)
+    r.add_post("/control/escalation", escalation)
+    r.add_post("/control/switch", switch)
+    r.add_post("/control/permanent_failure", permanent_failure)
+    r.add_post("/control/report_failure", report_failure)
+    r.add_post("/control/drill", drill)
+    r.add_post("/control/shutdown", shutdown)
+    r.add_post("/handle_grandchild_failure", grandchild_failure)
+    for verb in ("restart", "stop", "start"):
+        r.add_post(f"/services/{{name}}/{verb}", _operator(verb))
+    r.add_post("/runs", create_run)
+    r.add_get("/runs/{run_id}", get_run)
+    r.add_post("/runs/{run_id}/finish", finish_run)
+    r.add_post("/tasks", record_task)
+    r.add_get("/tasks/{task_id}", get_task)
+    r.add_post("/tasks/{task_id}/finish", finish_task)
+    r.add_post("/tasks/{task_id}/checkpoint", checkpoint)
+    r.add_get("/tasks/{task_id}/checkpoints", get_checkpoints)
     return app

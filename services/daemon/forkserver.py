@@ -157,10 +157,19 @@ def _die_with(parent: int) -> None:
         sys.exit(0)
 
 
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
+CANNOT_RUN = 3  # an exit code the daemon does not retry: a new launch would fail the same way
+
+
 def serve(sock_path: str, parent: int | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if parent:
         _die_with(parent)
+    # Checked before the slow imports: a path that cannot be bound never will be.
+    if len(os.fsencode(sock_path)) > SOCKET_PATH_MAX:
+        print(json.dumps({"msg": "fork server cannot run: socket path too long",
+                          "path": sock_path, "limit": SOCKET_PATH_MAX}), flush=True)
+        return CANNOT_RUN
     for name in PRELOAD:
         importlib.import_module(name)
     sources = _own_sources()
@@ -169,7 +178,11 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     except FileNotFoundError:
         pass
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(sock_path)
+    try:
+        server.bind(sock_path)
+    except OSError as err:
+        print(json.dumps({"msg": "fork server cannot run: bind failed", "error": str(err)}), flush=True)
+        return CANNOT_RUN
     os.chmod(sock_path, 0o600)
     server.listen(16)
     print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)

@@ -24,6 +24,8 @@ class DaemonMetrics:
                                           "From failure to the new incarnation answering /health",
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.services_up = Gauge("tron_services_running", "Services in state running", registry=r)
+        self.crash_looping = Gauge("tron_services_crash_looping", "Services in a crash-loop episode", registry=r)
+        self.crash_loops = Counter("tron_crash_loops", "Crash-loop episodes started", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

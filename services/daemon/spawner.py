@@ -1,14 +1,22 @@
-"""The local spawner: real processes on this machine.
+"""Spawners: how an incarnation becomes a process, and how its whole tree ends.
 
-Each child runs in its own session (so its own process group), with stdout and stderr
-appended to ``<home>/logs/<name>.log`` (files, never pipes: a child must outlive a
-killed daemon without blocking on a full pipe). Exits are noticed through a pidfd
-registered with the event loop, which works the same for our own children and for
-processes adopted from an earlier daemon, with no thread and no polling.
+``Spawner`` is the interface the daemon sees. ``LocalSpawner`` makes real processes on
+this machine; ``services.daemon.stub_spawner.StubSpawner`` makes pretend ones for unit
+tests; the same contract suite (tests/unit/test_spawner_contract.py) runs on both.
 
-Stopping is SIGTERM to the group (with SIGCONT, so a stopped process can act on it),
-then SIGKILL to the group and to any descendant that left it, after a grace period.
-Local-only facts (pids, process groups) stay in this module.
+Local facts stay here: pids, process groups, the fork server, the subreaper.
+
+- Each child runs in its own session (its own process group), with stdout and stderr
+  appended to its log file (files, never pipes: a child must outlive a killed daemon
+  without blocking on a full pipe).
+- Exits are noticed through a pidfd registered with the event loop, for our own children
+  and for processes adopted from an earlier daemon alike: no thread, no polling.
+- A service owns its process **tree**: its process group, every descendant, and every
+  process that carries its incarnation in its environment (the daemon is a child
+  subreaper, so orphans of the tree come to it rather than to init). Stopping is
+  SIGTERM + SIGCONT to the group, SIGKILL to the whole tree after the grace period; a
+  kill is SIGKILL to the whole tree at once. Either returns only when every process of
+  the tree is gone, so the next incarnation never meets a leftover on its port.
 """
 
 from __future__ import annotations
@@ -24,11 +32,30 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import psutil
 
+from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
+
 log = logging.getLogger("tron.spawner")
+
+
+class SpawnError(Exception):
+    """The process could not be started (no such command, permission denied, ...)."""
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    name: str
+    incarnation: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log: Path
+    module: str | None = None  # an agent module the fork server can run instead of argv
+    user: str | None = None  # drop privileges to this user before exec
+    pass_fds: tuple[int, ...] = ()  # inherited sockets (fd 3 onwards, systemd's convention)
 
 
 @dataclass
@@ -37,81 +64,188 @@ class Child:
     incarnation: str
     pid: int
     create_time: float
-    adopted: bool = False
-    forked: bool = False  # from the fork server, reparented to us: ours to reap
+    mode: str = "plain"  # plain | fork | adopted
     popen: subprocess.Popen | None = None
     exit_code: int | None = None
     exit_signal: int | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
-    expected_exit: bool = False  # set before we kill it ourselves
+    expected_exit: bool = False  # set before we stop or kill it ourselves
     _pidfd: int | None = None
 
     @property
     def alive(self) -> bool:
         return not self.exited.is_set()
 
+    def exit_detail(self) -> dict:
+        return {"exit_code": self.exit_code, "signal": self.exit_signal}
+
 
 ExitCallback = Callable[[Child], None]
 
 
+class Spawner(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def spawn(self, spec: SpawnSpec) -> Child: ...
+
+    def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None: ...
+
+    async def stop(self, child: Child, grace: float, sig: int = signal.SIGTERM) -> None: ...
+
+    async def kill(self, child: Child) -> None: ...
+
+    def leftovers(self, child: Child) -> list[int]: ...
+
+    def status(self) -> dict | None: ...
+
+
+# -- process identity and trees (the one implementation of each) -------------------------
+
+
+def same_process(pid: int | None, create_time: float | None) -> bool:
+    """True if ``pid`` is alive, not a zombie, and (when given) started at ``create_time``:
+    a recycled pid is somebody else."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) < 0.01
+    except psutil.Error:
+        return False
+
+
+def create_time_of(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def tree_of(pid: int, incarnation: str | None = None) -> list[psutil.Process]:
+    """Every live process of one incarnation's tree: its process group (the leader may be
+    gone already: nginx and postgres masters leave workers behind), its descendants, and
+    anything carrying its incarnation in the environment that left the group."""
+    me = os.getpid()
+    found: dict[int, psutil.Process] = {}
+    try:
+        root = psutil.Process(pid)
+        found[pid] = root
+        for p in root.children(recursive=True):
+            found[p.pid] = p
+    except psutil.Error:
+        pass
+    for p in psutil.process_iter(["pid"]):
+        if p.pid in found or p.pid == me:
+            continue
+        try:
+            if os.getpgid(p.pid) == pid:
+                found[p.pid] = p
+            elif incarnation and p.environ().get("TRON_INCARNATION") == incarnation:
+                found[p.pid] = p
+        except (psutil.Error, ProcessLookupError, PermissionError, OSError):
+            continue
+    alive = []
+    for p in found.values():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def kill_tree(procs: list[psutil.Process], pgid: int | None = None) -> None:
+    if pgid:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- the local spawner -------------------------------------------------------------------------
+
+
 class LocalSpawner:
-    def __init__(self, logs_dir: Path, on_exit: ExitCallback) -> None:
-        self.logs_dir = logs_dir
+    def __init__(self, on_exit: ExitCallback, *, forkserver: "ForkServerClient | None" = None) -> None:
         self.on_exit = on_exit
+        self.forkserver = forkserver
+        self.subreaper = False
 
-    def spawn(self, name: str, incarnation: str, argv: list[str], env: dict[str, str], cwd: Path) -> Child:
-        """Start a process in its own session. Raises OSError if it cannot start."""
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.logs_dir / f"{name}.log", "ab", buffering=0) as out:
-            popen = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        try:
-            create_time = psutil.Process(popen.pid).create_time()
-        except psutil.NoSuchProcess:
-            create_time = 0.0
-        child = Child(name, incarnation, popen.pid, create_time, popen=popen)
-        self._watch(child)
-        return child
+    async def start(self) -> None:
+        self.subreaper = become_subreaper()
+        if self.forkserver is not None:
+            if not self.subreaper:
+                log.warning("not a child subreaper: forked agents cannot be reaped here; the fork server is off")
+                self.forkserver = None
+            else:
+                await self.forkserver.start()
 
-    def track_forked(self, name: str, incarnation: str, pid: int) -> Child:
-        """A process the fork server made for us (already reparented to this daemon)."""
+    async def close(self) -> None:
+        if self.forkserver is not None:
+            await self.forkserver.stop()
+
+    def status(self) -> dict | None:
+        fs = self.forkserver
+        if fs is None:
+            return None
+        return {"pid": fs.pid, "ready": fs.ready, "generation": fs.generation, "spawned": fs.spawned}
+
+    def helper_pids(self) -> set[int]:
+        return {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
+
+    async def spawn(self, spec: SpawnSpec) -> Child:
+        """Start one incarnation: forked from the fork server when it can serve an agent
+        module, else a plain spawn. Raises SpawnError when it cannot start at all."""
+        if spec.module and self.forkserver is not None and not spec.user and not spec.pass_fds:
+            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log)
+            if pid is not None:
+                return self._track(Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork"))
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
         try:
-            create_time = psutil.Process(pid).create_time()
-        except psutil.NoSuchProcess:
-            create_time = 0.0
-        child = Child(name, incarnation, pid, create_time, forked=True)
-        self._watch(child)
-        return child
+            with open(spec.log, "ab", buffering=0) as out:
+                popen = subprocess.Popen(
+                    spec.argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=spec.pass_fds,
+                    user=spec.user)
+        except FileNotFoundError:
+            raise SpawnError(f"command not found: {spec.argv[0]}") from None
+        except PermissionError as err:
+            raise SpawnError(f"permission denied: {spec.argv[0]} ({err.strerror})") from None
+        except (OSError, ValueError, subprocess.SubprocessError) as err:
+            raise SpawnError(f"cannot start {spec.argv[0]}: {err}") from None
+        return self._track(Child(spec.name, spec.incarnation, popen.pid, create_time_of(popen.pid), popen=popen))
 
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
         """Take over a live process from an earlier daemon, if it is the same process
-        (same pid *and* start time: a recycled pid is someone else)."""
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - create_time) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-        except psutil.Error:
+        (same pid *and* start time)."""
+        if not same_process(pid, create_time):
             return None
-        child = Child(name, incarnation, pid, create_time, adopted=True)
         try:
-            self._watch(child)
+            return self._track(Child(name, incarnation, pid, create_time, mode="adopted"))
         except ProcessLookupError:
             return None
-        return child
 
-    def _watch(self, child: Child) -> None:
+    def _track(self, child: Child) -> Child:
         loop = asyncio.get_running_loop()
-        fd = os.pidfd_open(child.pid)
-        child._pidfd = fd
-        loop.add_reader(fd, self._reap, child)
+        child._pidfd = os.pidfd_open(child.pid)
+        loop.add_reader(child._pidfd, self._reap, child)
+        return child
 
     def _reap(self, child: Child) -> None:
         loop = asyncio.get_running_loop()
@@ -119,77 +253,75 @@ class LocalSpawner:
             loop.remove_reader(child._pidfd)
             os.close(child._pidfd)
             child._pidfd = None
-        if child.popen is not None or child.forked:
-            try:
-                _, status = os.waitpid(child.pid, os.WNOHANG)
-            except ChildProcessError:
-                status = None
-            if status is not None:
-                if os.WIFSIGNALED(status):
-                    child.exit_signal = os.WTERMSIG(status)
-                else:
-                    child.exit_code = os.waitstatus_to_exitcode(status)
-                if child.popen is not None:
-                    child.popen.returncode = -child.exit_signal if child.exit_signal else child.exit_code
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = 0, 0  # adopted from an earlier daemon: not ours to reap, no status
+        if pid:
+            if os.WIFSIGNALED(status):
+                child.exit_signal = os.WTERMSIG(status)
+            else:
+                child.exit_code = os.waitstatus_to_exitcode(status)
+        if child.popen is not None:
+            child.popen.returncode = -child.exit_signal if child.exit_signal else child.exit_code
         child.exited.set()
         self.on_exit(child)
 
-    # -- stopping -------------------------------------------------------------------------
+    # -- ending a tree -------------------------------------------------------------------------
 
-    @staticmethod
-    def _descendants(pid: int) -> list[psutil.Process]:
-        try:
-            return psutil.Process(pid).children(recursive=True)
-        except psutil.Error:
-            return []
+    def leftovers(self, child: Child) -> list[int]:
+        return [p.pid for p in tree_of(child.pid, child.incarnation)]
 
-    @staticmethod
-    def _signal_group(pid: int, sig: int) -> None:
-        try:
-            os.killpg(pid, sig)  # the child leads its own session, so pgid == pid
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    async def stop(self, child: Child, grace: float) -> None:
-        """SIGTERM, wait up to ``grace``, then SIGKILL; the whole tree either way."""
-        if not child.alive:
-            self._kill_strays(child)
-            return
+    async def stop(self, child: Child, grace: float, sig: int = signal.SIGTERM) -> None:
+        """``sig`` (with SIGCONT, so a stopped process can act on it), then SIGKILL to the
+        whole tree after ``grace``; returns when every process of the tree is gone."""
         child.expected_exit = True
-        strays = self._descendants(child.pid)
-        self._signal_group(child.pid, signal.SIGTERM)
-        self._signal_group(child.pid, signal.SIGCONT)  # a stopped process cannot act on TERM
-        try:
-            await asyncio.wait_for(child.exited.wait(), grace)
-        except asyncio.TimeoutError:
-            log.warning("stop: %s pid %s ignored SIGTERM for %.1fs, killing", child.name, child.pid, grace)
-            self._signal_group(child.pid, signal.SIGKILL)
-            await self._wait_exited(child)
-        self._kill_strays(child, strays)
+        if child.alive:
+            signal_group(child.pid, sig)
+            signal_group(child.pid, signal.SIGCONT)
+            try:
+                await asyncio.wait_for(asyncio.shield(child.exited.wait()), grace)
+            except asyncio.TimeoutError:
+                log.warning("stop: %s pid %s ignored signal %s for %.1fs, killing", child.name, child.pid, sig, grace)
+        await self.kill(child)
 
     async def kill(self, child: Child) -> None:
-        """SIGKILL the whole tree at once: the process has already failed (hung or
-        misbehaving), so there is nothing to wait for."""
+        """SIGKILL the whole tree at once: the process has already failed (hung, gone, or
+        past its grace), so there is nothing to wait for but the kernel."""
         child.expected_exit = True
-        strays = self._descendants(child.pid)
-        self._signal_group(child.pid, signal.SIGKILL)
-        await self._wait_exited(child)
-        self._kill_strays(child, strays)
+        procs = tree_of(child.pid, child.incarnation)
+        deadline = time.monotonic() + 10
+        while True:
+            kill_tree(procs, child.pid)
+            # The child itself is reaped by its pidfd callback, which reads its exit status.
+            procs = [p for p in procs if not _gone(p, reap=p.pid != child.pid)]
+            if not procs and not child.alive:
+                return
+            if time.monotonic() > deadline:
+                log.error("kill: %s tree %s still present 10s after SIGKILL", child.name, [p.pid for p in procs])
+                return
+            if child.alive:
+                try:
+                    await asyncio.wait_for(asyncio.shield(child.exited.wait()), 0.02)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0.005)
 
-    async def _wait_exited(self, child: Child) -> None:
+
+def _gone(proc: psutil.Process, *, reap: bool = True) -> bool:
+    """Dead, or a zombie (reaped here when it is ours: orphans come to the subreaper)."""
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.Error:
+        return True
+    if reap:
         try:
-            await asyncio.wait_for(child.exited.wait(), 10)
-        except asyncio.TimeoutError:
-            log.error("kill: %s pid %s still present 10s after SIGKILL", child.name, child.pid)
-
-    def _kill_strays(self, child: Child, strays: list[psutil.Process] | None = None) -> None:
-        """Descendants that moved to their own group would survive a group kill."""
-        self._signal_group(child.pid, signal.SIGKILL)
-        for proc in strays or []:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+            os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return True
 
 
 # -- process-tree plumbing ------------------------------------------------------------------
@@ -198,8 +330,8 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def become_subreaper() -> bool:
-    """Orphaned descendants (the fork server's children) are reparented to us, not to
-    init, so we can reap them and read their exit status."""
+    """Orphaned descendants (the fork server's children, workers whose master died) are
+    reparented to us, not to init, so we can reap them and end them."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
@@ -241,20 +373,32 @@ class ForkServerClient:
         self.generation = 0
         self.spawned = 0
         self._fd: int | None = None
-        self._restart_task: asyncio.Task | None = None
+        self._starting: asyncio.Task | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    async def start(self, timeout: float = 20.0) -> bool:
+    async def start(self) -> None:
+        """Launch in the background: agents spawn plainly until it is ready."""
+        self._starting = asyncio.ensure_future(self._launch())
+
+    async def wait_ready(self, timeout: float) -> bool:
+        if self._starting is not None:
+            await asyncio.wait([self._starting], timeout=timeout)
+        return self.ready
+
+    async def _launch(self, timeout: float = 20.0) -> bool:
         self.ready = False
+        if len(os.fsencode(self.sock_path)) > SOCKET_PATH_MAX:
+            log.error("fork server not started: its socket path %s is longer than %d bytes (a shorter home "
+                      "helps); agents spawn plainly", self.sock_path, SOCKET_PATH_MAX)
+            return False
         with open(self.log_path, "ab", buffering=0) as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.daemon.forkserver", self.sock_path, str(os.getpid())],
-                cwd=self.cwd, env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
-            )
+                cwd=self.cwd, env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         self.generation += 1
         loop = asyncio.get_running_loop()
         self._fd = os.pidfd_open(self.proc.pid)
@@ -281,13 +425,16 @@ class ForkServerClient:
         self.ready = False
         if self.stopping:
             return
+        if proc.returncode == CANNOT_RUN:
+            log.error("fork server cannot run here (exit 3, see its log): agents spawn plainly from now on")
+            return
         log.warning("fork server exited (%s); starting a new one", proc.returncode)
-        self._restart_task = asyncio.ensure_future(self._restart())
+        self._starting = asyncio.ensure_future(self._relaunch())
 
-    async def _restart(self) -> None:
+    async def _relaunch(self) -> None:
         await asyncio.sleep(0.2)
         if not self.stopping:
-            await self.start()
+            await self._launch()
 
     async def _request(self, req: dict, *, timeout: float) -> dict | None:
         try:
@@ -320,8 +467,8 @@ class ForkServerClient:
     async def stop(self) -> None:
         self.stopping = True
         self.ready = False
-        if self._restart_task:
-            self._restart_task.cancel()
+        if self._starting:
+            self._starting.cancel()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             for _ in range(100):
@@ -330,6 +477,7 @@ class ForkServerClient:
                 await asyncio.sleep(0.02)
             if self.proc.poll() is None:
                 self.proc.kill()
+                self.proc.wait()
         try:
             os.unlink(self.sock_path)
         except FileNotFoundError:

@@ -1,7 +1,9 @@
-"""Programmer: does one step of work through the LLM, in small visible steps.
+"""Programmer: does its work through the LLM in small, checkpointed steps.
 
-Progress markers are ``step:K/N``. A new incarnation handed a task with a marker resumes
-at that step instead of starting over.
+Each completed step is recorded with its output (``checkpoint``). A new incarnation
+handed the task resumes after the last completed step, with that step's output, instead
+of starting over: a review resumed at step 2 reviews the draft step 1 wrote. Progress
+markers (``step:K/N``, the step under way) are what TRON watches for a runaway.
 """
 
 from __future__ import annotations
@@ -14,30 +16,21 @@ from common.service import ServiceContext
 STEPS = ("draft", "review")
 
 
-def resume_index(marker: str | None) -> int:
-    """The step to start from, given the last marker reached (``step:K/N`` -> K-1)."""
-    if not marker or not marker.startswith("step:"):
-        return 0
-    try:
-        k = int(marker[5:].split("/")[0])
-    except ValueError:
-        return 0
-    return max(0, min(k - 1, len(STEPS) - 1))
-
-
 class Programmer(Agent):
     role = "programmer"
     uses_llm = True
 
     async def work(self, task: Task) -> str:
-        start = resume_index(task.resume_from)
-        answer = ""
+        done = task.completed
+        start = min(done["step"], len(STEPS)) if done else 0
+        answer = done["output"] if done else ""
         for i in range(start, len(STEPS)):
             self.set_progress(task, f"step:{i + 1}/{len(STEPS)}")
             prompt = f"Step {STEPS[i]} of: {task.assign.prompt}"
             if answer:
                 prompt += f"\n\nPrevious step gave:\n{answer}"
             answer = await self.llm(task, prompt, stream=True)
+            await self.checkpoint(task, i + 1, STEPS[i], answer)
         return answer
 
 

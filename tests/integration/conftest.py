@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.harness import Mesh, cleanup, make_mesh
+from tests.harness import Mesh, cleanup, make_mesh
 
 
 @pytest.fixture

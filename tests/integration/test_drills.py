@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from scripts.harness import REPO, TRON, wait_for
+from tests.harness import REPO, TRON, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,19 +71,24 @@ def test_provider_outage_drill(drill_mesh):
 def test_crash_loop_drill(drill_mesh):
     code, result = drill(drill_mesh, "crash-loop", "programmer-1")
     assert code == 0, result
+    kills = drill_mesh.policy["max_restarts"] + 2
     rows = drill_mesh.history("programmer-1")
-    assert [r["retry_type"] for r in rows].count("child_restart") == drill_mesh.policy["max_restarts"]
-    assert any(r["retry_type"] == "escalation" for r in rows)
-    assert drill_mesh.service("programmer-1")["state"] == "running"  # restored at the end
+    assert [r["retry_type"] for r in rows].count("child_restart") == kills
+    loops = [r for r in rows if r["retry_type"] == "escalation"]
+    assert loops and {r["reason"] for r in loops} == {"crash_looping"}
+    assert len(result["back_after"]) == kills and result["delays"][0] == 0 and result["delays"][-1] > 0
+    status = drill_mesh.service("programmer-1")
+    assert status["state"] == "running" and status["crash_looping"] is True  # back by itself, still in its episode
 
 
 def test_a_failing_drill_exits_non_zero(drill_mesh):
     proc = drill_mesh.tron("drill", "kill", "nobody")
     assert proc.returncode == 2 and "no service named 'nobody'" in proc.stderr
-    drill_mesh.kill("programmer-2")
-    drill_mesh.tron("drill", "crash-loop", "programmer-2")  # leave programmer-2 healthy again
     proc = drill_mesh.tron("drill", "runaway", "llm-sim")
     assert proc.returncode != 0
+    drill_mesh.tron("stop", "programmer-2")
+    proc = drill_mesh.tron("drill", "kill", "programmer-2")
+    assert proc.returncode == 2 and "programmer-2 is stopped: a drill needs it running" in proc.stderr
 
 
 def test_chaos_drill_keeps_every_invariant(drill_mesh):

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from scripts.harness import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 

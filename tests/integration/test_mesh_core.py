@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from scripts.harness import REPO, wait_for
+from tests.harness import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,30 +78,56 @@ def test_sigstop_is_detected_after_missed_beats_and_the_process_is_replaced(mesh
              "the stopped process to be killed")
 
 
-def test_restarts_beyond_the_limit_stop_and_record_an_escalation(mesh):
+def test_a_service_killed_past_max_restarts_comes_back_every_time_and_crash_loops_once(mesh):
+    """The service lifecycle: never given up while no operator stopped it. The failures
+    within the window make it crash-looping, escalated once for the episode."""
     name = "programmer-1"
     limit = mesh.policy["max_restarts"]
-    for i in range(limit):
+    for _ in range(limit + 2):
         old = mesh.kill(name)
         mesh.wait_replaced(name, old)
-    mesh.kill(name)
-    mesh.wait_state(name, "given_up")
-    rows = wait_for(lambda: (h := mesh.history(name)) and h[-1]["retry_type"] == "permanent_failure" and h, 10,
-                    "the escalation to reach the root")
-    kinds = [r["retry_type"] for r in rows]
-    assert kinds.count("child_restart") == limit
-    escalations = [r for r in rows if r["retry_type"] == "escalation"]
-    assert escalations and escalations[0]["reason"] == "max_restarts_exceeded"
-    assert escalations[0]["hop"] == "director-code->architect"
-    # the escalation climbed to the root one hop at a time, and the root stopped it there
-    hops = [r["hop"] for r in escalations]
-    assert hops[-1] == "architect->root"
-    assert rows[-1]["retry_type"] == "permanent_failure"
-    assert rows[-1]["reason"] == "restarts_exhausted_while_idle"
-    # no more restarts: it stays down, and no process runs for it
-    assert mesh.service(name)["pid"] is None
-    assert mesh.health(name) is None
-    assert len([r for r in mesh.history(name) if r["retry_type"] == "child_restart"]) == limit
+    assert mesh.service(name)["crash_looping"] is True
+    rows = wait_for(lambda: (h := mesh.history(name)) and any(r["hop"] == "architect->root" for r in h) and h,
+                    10, "the crash-loop escalation to reach the root")
+    assert [r["retry_type"] for r in rows].count("child_restart") == limit + 2
+    loops = [r for r in rows if r["retry_type"] == "escalation"]
+    assert {r["alert_id"] for r in loops} == {loops[0]["alert_id"]}  # one episode, one escalation
+    assert [r["hop"] for r in loops] == ["director-code->architect", "architect->root"]
+    assert all(r["reason"] == "crash_looping" for r in loops)
+    assert [r["case_id"] for r in rows if r["retry_type"] == "child_restart"] == ["idle_failure"] * (limit + 2)
+    status = mesh.tron("status").stdout
+    assert "crash-loop" in status
+
+
+def test_operator_stop_holds_across_failures_and_a_daemon_restart_until_start(mesh):
+    old = mesh.service("programmer-2")
+    proc = mesh.tron("stop", "programmer-2")
+    assert proc.returncode == 0 and "stopped" in proc.stdout, proc.stderr
+    assert mesh.service("programmer-2")["state"] == "stopped" and mesh.health("programmer-2") is None
+    assert not psutil.pid_exists(old["pid"]) or psutil.Process(old["pid"]).status() == "zombie"
+    again = mesh.tron("restart", "programmer-2")
+    assert again.returncode == 2 and "is stopped" in again.stderr
+    # a daemon restart does not bring it back
+    daemon_pid = mesh.status()["daemon"]["pid"]
+    mesh.down()
+    mesh.up()
+    assert mesh.status()["daemon"]["pid"] != daemon_pid
+    assert mesh.service("programmer-2")["state"] == "stopped"
+    proc = mesh.tron("start", "programmer-2", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert mesh.health("programmer-2")["incarnation"] == mesh.service("programmer-2")["incarnation"]
+    before = mesh.service("programmer-2")
+    proc = mesh.tron("restart", "programmer-2", "--wait", "--reason", "config change")
+    assert proc.returncode == 0, proc.stderr
+    after = mesh.service("programmer-2")
+    assert after["incarnation"] != before["incarnation"] and after["state"] == "running"
+    audit = [json.loads(r["payload"]) for r in mesh.rows("SELECT payload FROM events WHERE kind = 'audit' ORDER BY id")]
+    assert [(a["what"], a["outcome"]) for a in audit] == [
+        ("stop", "stopped"), ("restart", "refused: programmer-2 is stopped; `tron start programmer-2` brings it back"),
+        ("start", "starting"), ("restart", "restarting")]
+    assert audit[-1]["reason"] == "config change" and audit[-1]["who"].endswith("@cli")
+    [op] = [r for r in mesh.history("programmer-2") if r["retry_type"] == "operator_restart"]
+    assert op["decided_by"] == "operator"
 
 
 def test_run_completes_end_to_end_through_llm_sim(mesh):
@@ -136,7 +162,11 @@ def test_a_task_in_flight_survives_the_death_of_its_programmer(mesh):
     assert task["attempt"] == 2 and task["status"] == "done"
     resumed = mesh.rows("SELECT payload FROM events WHERE kind = 'task_resumed' AND task_id = ?", (busy["task"],))
     assert len(resumed) == 1
-    assert json.loads(resumed[0]["payload"])["progress"].startswith("step:")
+    payload = json.loads(resumed[0]["payload"])
+    assert payload["progress"].startswith("step:")
+    # the checkpoint carried the completed step's output: the review got the draft
+    marks = mesh.rows("SELECT step, step_id, output FROM checkpoints WHERE task_id = ? ORDER BY step", (busy["task"],))
+    assert [m["step_id"] for m in marks] == ["draft", "review"] and marks[0]["output"]
 
 
 def test_second_daemon_on_the_same_home_is_refused(mesh):
@@ -163,13 +193,20 @@ def test_bad_beats_and_missing_tokens_get_4xx_and_change_nothing(mesh):
         ("POST", daemon + "/beat", {**good, "extra": 1}, True, None, 422),
         ("POST", daemon + "/beat", None, True, b"{" + b" " * (300 * 1024) + b"}", 413),
         ("POST", daemon + "/control/restart", {"service": "programmer-1", "replaces": p1["incarnation"],
-                                               "alert_id": "a-x", "reason": "manual", "requested_by": "me"},
-         False, None, 401),
+                                               "alert_id": "a-x", "reason": "manual", "case": "idle_failure",
+                                               "requested_by": "me"}, False, None, 401),
         ("POST", daemon + "/control/restart", {"service": "programmer-1", "replaces": p1["incarnation"],
-                                               "alert_id": "a-x", "reason": "manual", "requested_by": "me"},
-         "wrong-token", None, 401),
+                                               "alert_id": "a-x", "reason": "manual", "case": "idle_failure",
+                                               "requested_by": "me"}, "wrong-token", None, 401),
         ("POST", daemon + "/control/restart", {"service": "ghost", "replaces": "i-1", "alert_id": "a-y",
-                                               "reason": "manual", "requested_by": "me"}, True, None, 404),
+                                               "reason": "manual", "case": "idle_failure", "requested_by": "me"},
+         True, None, 404),
+        ("POST", daemon + "/services/programmer-1/stop", {"reason": "x"}, False, None, 401),
+        ("POST", daemon + "/services/ghost/stop", {"reason": "x"}, True, None, 404),
+        ("POST", daemon + "/services/programmer-1/stop", {"reason": "x", "bogus": 1}, True, None, 422),
+        ("GET", daemon + "/events?since=99999999999999999999999", None, True, None, 400),
+        ("GET", daemon + "/events?limit=-1", None, True, None, 400),
+        ("GET", daemon + "/runs/..%2Fstatus", None, True, None, 400),
         ("POST", mesh.url("director-code") + "/handle_child_timeout", {}, False, None, 401),
         ("POST", mesh.url("root") + "/handle_grandchild_failure", {}, False, None, 401),
         ("POST", mesh.url("gateway") + "/notify_run_failed", {"run_id": "r", "reason": "x"}, False, None, 401),
@@ -191,7 +228,7 @@ def test_bad_beats_and_missing_tokens_get_4xx_and_change_nothing(mesh):
 def test_duplicate_restart_requests_restart_once(mesh):
     p1 = mesh.service("programmer-1")
     req = {"service": "programmer-1", "replaces": p1["incarnation"], "alert_id": "a-manual-1",
-           "reason": "operator_request", "requested_by": "director-code"}
+           "reason": "operator_request", "case": "idle_failure", "requested_by": "director-code"}
     answers = [mesh.http("POST", mesh.url("daemon") + "/control/restart", req) for _ in range(3)]
     other = mesh.http("POST", mesh.url("daemon") + "/control/restart", {**req, "alert_id": "a-manual-2"})
     assert [a[0] for a in answers] == [202, 200, 200]

@@ -62,10 +62,28 @@ def test_missing_and_malformed_files(tmp_path):
         load_mesh(bad)
 
 
-@pytest.mark.parametrize("raw,ok", [("0", True), ("1000", True), ("abc", False), ("99999", False)])
+@pytest.mark.parametrize("raw,ok", [("0", True), ("1000", True), ("-40", True), ("abc", False), ("", True)])
 def test_port_offset_env(raw, ok):
     if ok:
-        assert port_offset_from_env({"TRON_PORT_OFFSET": raw}) == int(raw)
+        assert port_offset_from_env({"TRON_PORT_OFFSET": raw}) == int(raw or 0)
     else:
         with pytest.raises(ConfigError, match="TRON_PORT_OFFSET"):
             port_offset_from_env({"TRON_PORT_OFFSET": raw})
+
+
+def test_any_offset_is_accepted_while_every_port_fits():
+    cfg = load_mesh(port_offset=57300)  # the highest port becomes 63490
+    assert cfg.services["llm-sim"].port == 63490
+    with pytest.raises(ConfigError) as err:
+        load_mesh(port_offset=59400)
+    assert "moves services.llm-sim.port to 65590, above 65535" in str(err.value)
+    assert "the largest offset this mesh allows is 59345" in str(err.value)
+    with pytest.raises(ConfigError, match="moves services.root.port to 0, below 1"):
+        load_mesh(port_offset=-6100)
+
+
+def test_the_provider_chain_must_hold_the_default():
+    with pytest.raises(ConfigError, match="providers.default: 'ollama' is not in providers.chain"):
+        parse_mesh({**base(), "providers": {"default": "ollama", "chain": ["anthropic"]}})
+    cfg = parse_mesh({**base(), "providers": {"chain": ["ollama", "anthropic"], "default": "ollama"}})
+    assert cfg.providers.chain == ["ollama", "anthropic"]

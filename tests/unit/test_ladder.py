@@ -1,59 +1,236 @@
-"""Level-1 planning and the optional advisor: pure functions, table-driven."""
+"""The whole ladder, case by case: one table row per situation, each naming the case id
+the decision must carry. A case id no row reaches fails the suite (see the last test)."""
+
+from __future__ import annotations
+
+import random
 
 import pytest
 
 from common.config import Policy
-from common.ladder import apply_advice, parse_advice, plan_child_failure
-from common.models import Alert, Escalation, RestartRequest
+from common.ladder import (AlertAnswered, ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Restart,
+                           RestartAsked, ServiceView, SwitchProvider, TaskView, case_ids, compute_backoff, decide,
+                           fold_advice, next_provider, parse_advice, within, worst_case_attempts)
+from common.states import ServiceState, TaskState
 
-P = Policy(max_restarts=3, restart_window=60, backoff_jitter=0)
-
-
-def alert(**kw):
-    base = dict(alert_id="a-1", service="programmer-1", incarnation="i-1", reason="process_exit",
-                detail={"exit_code": None, "signal": 9}, task_id="t-1", run_id="r-1", provider="anthropic")
-    return Alert(**{**base, **kw})
+P = Policy(max_restarts=3, restart_window=60, backoff_initial=0.5, backoff_factor=2, backoff_max=10,
+           backoff_jitter=0, max_provider_switches=2, min_uptime=1.0)
+NOW = 1000.0
 
 
-@pytest.mark.parametrize("ladder,kw,kind,reason", [
-    ({"restart_times": []}, {}, RestartRequest, "process_exit"),
-    ({"restart_times": [95, 96, 97]}, {}, Escalation, "max_restarts_exceeded"),
-    ({"restart_times": [], "task": {"switches": 1, "restarts": 3}}, {}, Escalation, "task_already_escalated"),
-    ({"restart_times": []}, {"reason": "provider_failure", "retryable": False,
-                             "detail": {"error_reason": "authentication_error"}},
-     Escalation, "non_retryable:authentication_error"),
-    ({"restart_times": []}, {"reason": "provider_failure", "detail": {"error_reason": "overloaded_error"}},
-     RestartRequest, "overloaded_error"),
+def view(*, decider="director-code", top=False, failures=(NOW,), streak=1, previous=None, looping=False,
+         task=None, alert_status="pending", recorded=(), incarnation="i-1", stopped=False, replacing=False,
+         provider="anthropic", state=ServiceState.FAILED) -> LadderView:
+    return LadderView(
+        now=NOW, policy=P, decider=decider, top=top,
+        service=ServiceView(name="programmer-1", incarnation=incarnation, state=state, stopped=stopped,
+                            replacing=replacing, provider=provider, failures=list(failures),
+                            previous_failure=previous, unstable_streak=streak, crash_looping=looping),
+        task=task, alert_status=alert_status, recorded=list(recorded), subtree=["programmer-1"])
+
+
+def task(status=TaskState.RUNNING, restarts=0, switches=0) -> TaskView:
+    return TaskView(task_id="t-1", status=status, restarts=restarts, switches=switches)
+
+
+def failed(*, retryable=True, task_id="t-1", incarnation="i-1", reason="process_exit") -> ChildFailed:
+    return ChildFailed("a-1", "programmer-1", incarnation, reason, retryable, task_id)
+
+
+def escalated(kind="task", task_id="t-1") -> Escalated:
+    return Escalated("a-1", "programmer-1", "max_restarts_exceeded", kind, task_id)
+
+
+RESTART_BACK = Restart("restart_without_task", delay=0.0)
+
+CASES = [
+    # -- a child failed: the guards ------------------------------------------------------------
+    ("duplicate alert (already handled)", failed(), view(alert_status="handled", task=task()),
+     Ignore("duplicate_alert", "alert a-1 was already decided")),
+    ("duplicate alert (restart already recorded)", failed(), view(recorded=["child_restart"], task=task()),
+     Ignore("duplicate_alert", "alert a-1 was already decided")),
+    ("stale incarnation", failed(incarnation="i-0"), view(task=task()),
+     Ignore("stale_incarnation", "i-0 is no longer the current incarnation")),
+    ("operator stopped it", failed(), view(stopped=True, task=task()),
+     Ignore("operator_stopped", "an operator stopped programmer-1")),
+    # -- the service lifecycle: always back, backoff only for unstable streaks ----------------
+    ("idle failure: back at once", failed(task_id=None), view(),
+     Restart("idle_failure", delay=0.0)),
+    ("idle, stable incarnation: back at once, streak reset", failed(task_id=None), view(streak=0),
+     Restart("idle_failure", delay=0.0)),
+    ("idle, 2nd unstable failure in a row: backoff_initial", failed(task_id=None), view(streak=2, failures=(990, NOW)),
+     Restart("idle_failure", delay=0.5)),
+    ("idle, 4th unstable: 2 s", failed(task_id=None), view(streak=4, failures=(990, 995, NOW)),
+     Restart("idle_failure", delay=2.0, crash_looping=True, new_episode=True)),
+    ("idle, 3rd failure in the window: crash-looping, a new episode", failed(task_id=None),
+     view(streak=0, failures=(950, 970, NOW), previous=970),
+     Restart("idle_failure", delay=0.0, crash_looping=True, new_episode=True)),
+    ("idle, still crash-looping: no second escalation", failed(task_id=None),
+     view(streak=9, failures=(980, 990, NOW), previous=990, looping=True),
+     Restart("idle_failure", delay=10.0, crash_looping=True, new_episode=False)),
+    ("idle, a flag left from an old episode: one failure is no loop", failed(task_id=None),
+     view(streak=0, failures=(NOW,), previous=900, looping=True),
+     Restart("idle_failure", delay=0.0, crash_looping=False, new_episode=False)),
+    ("idle, failures aged out of the window: not looping", failed(task_id=None),
+     view(streak=0, failures=(900, 930, NOW)),
+     Restart("idle_failure", delay=0.0)),
+    ("task already ended: an idle failure", failed(), view(task=task(TaskState.DONE)),
+     Restart("idle_failure", delay=0.0)),
+    # -- the task ladder, level 1 -------------------------------------------------------------
+    ("task in flight: restart with it", failed(), view(task=task(restarts=1)),
+     Restart("restart_with_task", delay=0.0, with_task=True)),
+    ("non-retryable: straight up, service back", failed(retryable=False, reason="authentication_error"),
+     view(task=task()),
+     Escalate("non_retryable", "non_retryable:authentication_error", restart=RESTART_BACK)),
+    ("already switched: back to the top", failed(), view(task=task(restarts=1, switches=1)),
+     Escalate("task_already_escalated", "task_already_escalated", restart=RESTART_BACK)),
+    ("restarts exhausted: up", failed(), view(task=task(restarts=3)),
+     Escalate("task_restarts_exhausted", "max_restarts_exceeded", restart=RESTART_BACK)),
+    ("restarts exhausted at the top: switch", failed(), view(task=task(restarts=3), top=True, decider="daemon"),
+     SwitchProvider("switch_provider", "ollama", 1, ("programmer-1",))),
+    ("switches exhausted at the top: fail, service back", failed(),
+     view(task=task(restarts=3, switches=2), top=True, decider="daemon"),
+     Fail("switches_exhausted", "max_provider_switches_exceeded", restart=RESTART_BACK)),
+    # -- an escalation reaches an ancestor ------------------------------------------------------
+    ("escalation below the top: pass up", escalated(), view(task=task(TaskState.ESCALATED, restarts=3)),
+     Escalate("pass_up", "max_restarts_exceeded")),
+    ("escalation at the top: switch to the next provider", escalated(),
+     view(task=task(TaskState.ESCALATED, restarts=3), top=True, decider="root"),
+     SwitchProvider("switch_provider", "ollama", 1, ("programmer-1",))),
+    ("second switch goes on round the chain", escalated(),
+     view(task=task(TaskState.ESCALATED, restarts=3, switches=1), top=True, decider="root", provider="ollama"),
+     SwitchProvider("switch_provider", "anthropic", 2, ("programmer-1",))),
+    ("switches exhausted: permanent failure", escalated(),
+     view(task=task(TaskState.ESCALATED, switches=2), top=True, decider="root"),
+     Fail("switches_exhausted", "max_provider_switches_exceeded")),
+    ("escalation of a task that already ended", escalated(), view(task=task(TaskState.FAILED), top=True),
+     Ignore("task_finished", "task t-1 is failed, not held for a decision")),
+    ("escalation of an unknown task", escalated(task_id="t-x"), view(task=None, top=True),
+     Ignore("task_finished", "task t-x is unknown, not held for a decision")),
+    ("the same escalation twice at a parent", escalated(),
+     view(task=task(TaskState.ESCALATED), recorded=["escalation:director-code->architect"]),
+     Ignore("duplicate_escalation", "escalation a-1 was already decided here")),
+    ("the same escalation twice at the top", escalated(),
+     view(task=task(TaskState.ESCALATED), recorded=["llm_change"], top=True, decider="root"),
+     Ignore("duplicate_escalation", "escalation a-1 was already decided here")),
+    ("crash loop below the top: pass up", escalated("crash_loop", None), view(),
+     Escalate("crash_loop_passed_up", "max_restarts_exceeded", kind="crash_loop")),
+    ("crash loop at the top: noted", escalated("crash_loop", None), view(top=True, decider="root"),
+     Ignore("crash_loop_noted", "programmer-1 is crash-looping; its restarts go on at the cap")),
+    # -- a restart request reaches the daemon ------------------------------------------------------
+    ("restart request stands", RestartAsked("a-1", "programmer-1", "i-1"), view(),
+     Restart("admitted")),
+    ("restart request twice", RestartAsked("a-1", "programmer-1", "i-1"), view(recorded=["child_restart"]),
+     Ignore("duplicate_request", "alert a-1 already caused its restart")),
+    ("restart request for a replaced incarnation", RestartAsked("a-1", "programmer-1", "i-0"), view(),
+     Ignore("stale_request", "i-0 is not the current incarnation, or is already being replaced")),
+    ("restart request while already being replaced", RestartAsked("a-1", "programmer-1", "i-1"),
+     view(replacing=True),
+     Ignore("stale_request", "i-1 is not the current incarnation, or is already being replaced")),
+    ("restart request for a stopped service", RestartAsked("a-1", "programmer-1", "i-1"),
+     view(stopped=True, state=ServiceState.STOPPED),
+     Ignore("stopped_request", "programmer-1 is stopped")),
+    # -- an ancestor answered an alert: did anything happen? ------------------------------------------
+    ("answered and acted", AlertAnswered("a-1", "programmer-1", "i-1", "director-code"),
+     view(alert_status="handled"), Ignore("acted", "director-code took alert a-1")),
+    ("answered, restart under way", AlertAnswered("a-1", "programmer-1", "i-1", "director-code"),
+     view(replacing=True), Ignore("acted", "director-code took alert a-1")),
+    ("answered without acting: next ancestor", AlertAnswered("a-1", "programmer-1", "i-1", "director-code"),
+     view(), Escalate("answered_without_acting", "director-code answered but nothing changed")),
+]
+
+
+@pytest.mark.parametrize("what,event,v,expected", CASES, ids=[c[0] for c in CASES])
+def test_decide(what, event, v, expected):
+    assert decide(event, v, NOW, P) == expected
+
+
+def test_every_case_of_the_table_is_reached_by_a_row():
+    reached = {c[3].case for c in CASES} | {"restart_without_task"}
+    reached |= {"llm_advised_escalation"}  # test_advice_can_escalate_early_but_never_buy_a_restart
+    assert set(case_ids()) == reached
+
+
+def test_a_task_ends_within_the_bound_whatever_happens():
+    """Drive one task through failures at the daemon as the top decider: it ends (fails)
+    after exactly 1 + max_restarts + max_provider_switches attempts."""
+    restarts = switches = 0
+    attempts = 1
+    provider = "anthropic"
+    for _ in range(50):
+        v = view(top=True, decider="daemon", task=task(restarts=restarts, switches=switches), provider=provider)
+        d = decide(failed(), v, NOW, P)
+        if isinstance(d, Fail):
+            break
+        attempts += 1
+        if isinstance(d, Restart):
+            assert d.with_task
+            restarts += 1
+        else:
+            assert isinstance(d, SwitchProvider)
+            switches += 1
+            provider = d.to_provider
+    assert attempts == worst_case_attempts(P) == 6
+
+
+@pytest.mark.parametrize("prior,expected", [(0, 0.0), (1, 0.5), (2, 1.0), (3, 2.0), (5, 8.0), (6, 10.0), (60, 10.0)])
+def test_backoff_first_restart_is_immediate_then_doubles_to_the_cap(prior, expected):
+    assert compute_backoff(prior, initial=0.5, factor=2, max_backoff=10, jitter=0) == expected
+
+
+def test_backoff_jitter_stays_within_band_and_never_passes_the_cap():
+    rng = random.Random(7)
+    mid = [compute_backoff(2, initial=0.5, factor=2, max_backoff=10, jitter=0.2, rng=rng) for _ in range(200)]
+    assert all(0.8 <= v <= 1.2 for v in mid) and len(set(mid)) > 100
+    capped = [compute_backoff(9, initial=0.5, factor=2, max_backoff=10, jitter=0.2, rng=rng) for _ in range(200)]
+    assert all(8.0 <= v <= 10.0 for v in capped)
+
+
+def test_a_crash_loop_at_the_cap_restarts_no_more_than_the_issue_allows_in_a_minute():
+    """A command that exits 0.2 s after each start: restarts in its first minute stay at
+    or under 60/backoff_max + max_restarts + 2, with the worst jitter."""
+    p = Policy()  # shipped defaults
+    worst = random.Random(0)
+    worst.uniform = lambda a, b: a  # every delay at its shortest
+    t, streak, starts = 0.0, 0, []
+    while t < 60:
+        streak += 1
+        t += compute_backoff(streak - 1, initial=p.backoff_initial, factor=p.backoff_factor,
+                             max_backoff=p.backoff_max, jitter=p.backoff_jitter, rng=worst)
+        starts.append(t)
+        t += 0.2
+    assert len([s for s in starts if s < 60]) <= 60 / p.backoff_max + p.max_restarts + 2
+
+
+@pytest.mark.parametrize("chain,current,expected", [
+    (["anthropic", "ollama"], "anthropic", "ollama"),
+    (["anthropic", "ollama"], "ollama", "anthropic"),
+    (["anthropic", "ollama", "openai"], "ollama", "openai"),
+    (["anthropic", "ollama"], None, "anthropic"),
 ])
-def test_plan_child_failure(ladder, kw, kind, reason):
-    plan = plan_child_failure(alert(**kw), ladder, P, "director-code", now=100.0)
-    assert isinstance(plan, kind)
-    assert plan.reason == reason
-    if isinstance(plan, RestartRequest):
-        assert plan.replaces == "i-1" and plan.requested_by == "director-code" and plan.task_id == "t-1"
-    else:
-        assert plan.path == ["director-code"] and plan.detail["detected_by"] == alert(**kw).reason
+def test_next_provider_goes_round_the_chain(chain, current, expected):
+    assert next_provider(chain, current) == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("RESTART\nit crashed once", ("restart", "it crashed once")),
-    ("escalate.\nprovider is down\nfor good", ("escalate", "provider is down for good")),
-    ("maybe?", (None, "")),
-    ("", (None, "")),
-])
-def test_parse_advice(text, expected):
-    assert parse_advice(text) == expected
+def test_within_counts_the_half_open_window():
+    assert within([40, 41, 99, 100, 101], 100, 60) == [41, 99, 100]
+
+
+def test_parse_advice():
+    assert parse_advice("ESCALATE.\nthe provider is down") == ("escalate", "the provider is down")
+    assert parse_advice("restart") == ("restart", "")
+    assert parse_advice("maybe?") == (None, "")
+    assert parse_advice("") == (None, "")
 
 
 def test_advice_can_escalate_early_but_never_buy_a_restart():
-    restart = plan_child_failure(alert(), {"restart_times": []}, P, "director-code", now=100.0)
-    kept = apply_advice(restart, "restart", "transient", "ok")
-    assert isinstance(kept, RestartRequest) and kept.decided_by == "llm" and kept.detail["rationale"] == "transient"
-    early = apply_advice(restart, "escalate", "provider is down", "ok")
-    assert isinstance(early, Escalation) and early.decided_by == "llm" and early.reason == "llm_advised_escalation"
-    refused = plan_child_failure(alert(), {"restart_times": [95, 96, 97]}, P, "director-code", now=100.0)
-    still = apply_advice(refused, "restart", "try again", "ok")
-    assert isinstance(still, Escalation) and still.decided_by == "policy"
-    silent = apply_advice(restart, None, "", "timeout after 2.0s")
-    assert isinstance(silent, RestartRequest) and silent.decided_by == "policy"
-    assert silent.detail["advice"] == "timeout after 2.0s"
+    restart = Restart("restart_with_task", delay=0.5, with_task=True)
+    folded = fold_advice(restart, "escalate")
+    assert folded == Escalate("llm_advised_escalation", "llm_advised_escalation",
+                              restart=Restart("restart_without_task", delay=0.5))
+    assert fold_advice(restart, "restart") is restart
+    assert fold_advice(restart, None) is restart
+    up = Escalate("task_restarts_exhausted", "max_restarts_exceeded", restart=RESTART_BACK)
+    assert fold_advice(up, "restart") is up  # the advisor cannot buy a restart the policy refused
+    idle = Restart("idle_failure")
+    assert fold_advice(idle, "escalate") is idle  # no task: nothing to escalate

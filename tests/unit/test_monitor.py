@@ -5,7 +5,8 @@ import threading
 import pytest
 
 from common.models import Reason
-from common.monitor import DeadlineQueue, FakeClock, Monitor, MonitorThread, Verdict
+from common.clock import FakeClock
+from common.monitor import DeadlineQueue, Monitor, MonitorThread, Verdict
 
 
 def watch(m, clock, name="a", inc="i1", beat=3.0, progress=10.0, task=100.0, start_grace=None):

@@ -14,12 +14,10 @@ import ollama
 import pytest
 
 from common.providers import (
-    PROVIDERS,
     ProviderFailure,
     ProviderSettings,
     classify,
     endpoint_for,
-    other_provider,
     redact,
 )
 
@@ -135,14 +133,6 @@ def test_provider_failure_defaults_retryable_from_reason():
     assert ProviderFailure("anthropic", "overloaded_error").retryable is True
     assert ProviderFailure("anthropic", "authentication_error").retryable is False
     assert "overloaded_error" in str(ProviderFailure("anthropic", "overloaded_error", message="m"))
-
-
-def test_other_provider():
-    assert other_provider("anthropic") == "ollama"
-    assert other_provider("ollama") == "anthropic"
-    assert {other_provider(p) for p in PROVIDERS} == set(PROVIDERS)
-    with pytest.raises(ValueError, match="'openai'"):
-        other_provider("openai")
 
 
 SIM = ProviderSettings(sim_url="http://127.0.0.1:6190")

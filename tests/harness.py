@@ -1,5 +1,6 @@
 """A real mesh driven from outside, as a user would: `tron` commands, HTTP, signals and
-read-only registry queries. Used by the integration tests, the benchmarks and the drills.
+read-only registry queries. Used by the integration tests and the benchmarks (never by
+the CLI: the CLI does not import test code).
 
 ``cleanup`` stops a mesh and reports (and kills) any process that was started for its
 home and is still alive (found through its TRON_HOME environment variable).
@@ -15,16 +16,17 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import tomllib
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 
+from scripts.census import home_processes
+from scripts.client import http, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
-TRON = [sys.executable, str(REPO / "scripts" / "tron.py")]
+# The entry point a user runs: installed into the same environment as this interpreter.
+TRON = [str(Path(sys.executable).parent / "tron")]
 
 FAST_POLICY = {
     "heartbeat_interval": 0.25,
@@ -42,19 +44,6 @@ FAST_POLICY = {
 }
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, *,
-             error: type[Exception] = AssertionError):
-    """Poll against a deadline; return the first truthy value or raise ``error`` saying what."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise error(f"timed out after {timeout:.1f}s waiting for {what} (last: {last!r})")
-
-
 def _ports_free(ports) -> bool:
     for port in ports:
         with socket.socket() as s:
@@ -65,9 +54,21 @@ def _ports_free(ports) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel starts handing out ports for outgoing connections: a listener
+    placed above it can find its port taken by any client's socket."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_offset(base_ports: list[int]) -> int:
+    """An offset that puts every port free and below the ephemeral range."""
+    low, high = min(base_ports), max(base_ports)
+    top = _ephemeral_start() - 1 - high
     for _ in range(200):
-        offset = random.randrange(20000, 50000, 100) - 6000
+        offset = random.randrange(max(1025 - low, 2000), top, 10)
         if _ports_free([p + offset for p in base_ports]):
             return offset
     raise RuntimeError("no free port range found")
@@ -151,27 +152,13 @@ class Mesh:
 
     def http(self, method: str, url: str, body=None, *, token: str | None | bool = True, raw: bytes | None = None,
              timeout: float = 5) -> tuple[int, object]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(url, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if token is True:
-            req.add_header("X-Tron-Token", self.token)
-        elif isinstance(token, str):
-            req.add_header("X-Tron-Token", token)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                payload, status = resp.read(), resp.status
-        except urllib.error.HTTPError as err:
-            payload, status = err.read(), err.code
-        try:
-            return status, json.loads(payload) if payload else None
-        except json.JSONDecodeError:
-            return status, payload.decode(errors="replace")
+        given = self.token if token is True else (token or None)
+        return http(method, url, body, token=given, raw=raw, timeout=timeout)
 
     def health(self, name: str) -> dict | None:
         try:
             status, body = self.http("GET", self.url(name) + "/health", token=False, timeout=0.5)
-        except (OSError, urllib.error.URLError):
+        except OSError:
             return None
         return body if status == 200 else None
 
@@ -212,15 +199,8 @@ class Mesh:
         return pid
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process that was started for this mesh's home."""
-        found = []
-        for p in psutil.process_iter():
-            try:
-                if p.environ().get("TRON_HOME") == str(self.home) and p.status() != psutil.STATUS_ZOMBIE:
-                    found.append(p)
-            except psutil.Error:
-                continue
-        return found
+        """Every live process of this mesh (found by its environment, not the registry)."""
+        return home_processes(str(self.home))
 
 
 def make_mesh(tmp_path: Path, **kw) -> Mesh:

@@ -1,0 +1,170 @@
+"""Every state machine of Tron: its states, its legal edges, and the check every
+transition goes through.
+
+One module, stdlib only, so that the daemon, the registry (its CHECK constraints and the
+report's queries), the live view and the drills all import the same names instead of
+retyping strings (supervisord's ``states.py``). Each owner performs its transitions in
+one function that calls ``Machine.check`` first, then records and logs the change:
+
+    service  services/daemon/supervisor.py  Supervisor.transition
+    session, task, run, alert, lane   registry/store.py  one ``set_*_state`` each
+
+Service (a long-lived process; always brought back unless an operator stopped it):
+
+    STOPPED  -> STARTING                (tron up, tron start NAME)
+    STARTING -> RUNNING                 (the new incarnation is healthy)
+    STARTING -> FAILED                  (exited, never healthy, or could not be spawned)
+    STARTING -> STARTING                (an adopted process is re-checked)
+    RUNNING  -> FAILED                  (a TRON alert: exit, silence, no progress, probe)
+    RUNNING  -> STARTING                (a deliberate restart: operator, provider switch)
+    FAILED   -> BACKOFF | STARTING      (the ladder restarts it, after a delay or at once)
+    BACKOFF  -> STARTING                (the delay is over)
+    any but STOPPED -> STOPPING -> STOPPED   (tron stop NAME, tron down)
+
+Task (a unit of work; bounded attempts, it always ends):
+
+    ASSIGNED  -> RUNNING -> DONE | FAILED | CANCELLED
+    RUNNING | ASSIGNED -> ASSIGNED      (its agent was restarted: the next attempt)
+    ASSIGNED | RUNNING -> ESCALATED     (held while the failure climbs the tree)
+    ESCALATED -> ASSIGNED               (the root switched provider: the next attempt)
+    ESCALATED -> FAILED | CANCELLED     (permanent failure; an operator)
+    FAILED | CANCELLED -> ASSIGNED      (an operator retries it)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class IllegalTransition(Exception):
+    """An edge the machine's table does not have; nothing was changed."""
+
+
+class ServiceState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    FAILED = "failed"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+
+
+class SessionState(StrEnum):
+    """One row per incarnation. INTENT is written before the process exists, so a
+    daemon killed between fork and record still knows what it may have started."""
+
+    INTENT = "intent"
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class TaskState(StrEnum):
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    ESCALATED = "escalated"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AlertState(StrEnum):
+    PENDING = "pending"          # persisted, not yet taken by anyone
+    DELIVERED = "delivered"      # an ancestor took it and acted
+    HANDLED = "handled"          # a decision was carried out
+    UNDELIVERABLE = "undeliverable"  # every ancestor failed to take it (the daemon then decides)
+
+
+class LaneState(StrEnum):
+    OPEN = "open"
+    PAUSED = "paused"
+
+
+class RetryType(StrEnum):
+    """The kind of a ``retry_history`` row: one step of the ladder."""
+
+    CHILD_RESTART = "child_restart"
+    ESCALATION = "escalation"
+    LLM_CHANGE = "llm_change"
+    PERMANENT_FAILURE = "permanent_failure"
+    OPERATOR_RESTART = "operator_restart"
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    edges: dict
+
+    def allowed(self, old: StrEnum, new: StrEnum) -> bool:
+        return new in self.edges.get(old, ())
+
+    def check(self, old: StrEnum, new: StrEnum) -> None:
+        if not self.allowed(old, new):
+            raise IllegalTransition(f"{self.name}: {old} -> {new} is not a legal transition")
+
+    def sources(self, new: StrEnum) -> list[str]:
+        """The states from which ``new`` can be reached (for guarded SQL updates)."""
+        return [str(old) for old, targets in self.edges.items() if new in targets]
+
+
+Sv, Se, T, R, A, L = ServiceState, SessionState, TaskState, RunState, AlertState, LaneState
+
+SERVICE = Machine("service", {
+    Sv.STOPPED: {Sv.STARTING},
+    Sv.STARTING: {Sv.RUNNING, Sv.FAILED, Sv.STARTING, Sv.STOPPING},
+    Sv.RUNNING: {Sv.FAILED, Sv.STARTING, Sv.STOPPING},
+    Sv.FAILED: {Sv.BACKOFF, Sv.STARTING, Sv.STOPPING},
+    Sv.BACKOFF: {Sv.STARTING, Sv.STOPPING},
+    Sv.STOPPING: {Sv.STOPPED},
+})
+
+SESSION = Machine("session", {
+    Se.INTENT: {Se.STARTING, Se.ENDED},
+    Se.STARTING: {Se.RUNNING, Se.ENDED},
+    Se.RUNNING: {Se.ENDED},
+})
+
+TASK = Machine("task", {
+    T.ASSIGNED: {T.ASSIGNED, T.RUNNING, T.ESCALATED, T.DONE, T.FAILED, T.CANCELLED},
+    T.RUNNING: {T.ASSIGNED, T.ESCALATED, T.DONE, T.FAILED, T.CANCELLED},
+    T.ESCALATED: {T.ASSIGNED, T.FAILED, T.CANCELLED},
+    T.FAILED: {T.ASSIGNED},
+    T.CANCELLED: {T.ASSIGNED},
+})
+
+RUN = Machine("run", {
+    R.RUNNING: {R.DONE, R.FAILED, R.CANCELLED},
+    R.FAILED: {R.RUNNING},       # an operator retries one of its tasks
+    R.CANCELLED: {R.RUNNING},
+})
+
+ALERT = Machine("alert", {
+    A.PENDING: {A.DELIVERED, A.HANDLED, A.UNDELIVERABLE},
+    A.DELIVERED: {A.HANDLED, A.UNDELIVERABLE},
+    A.UNDELIVERABLE: {A.HANDLED},
+})
+
+LANE = Machine("lane", {
+    L.OPEN: {L.PAUSED},
+    L.PAUSED: {L.OPEN},
+})
+
+UP_SERVICE_STATES = frozenset({Sv.RUNNING})
+OPEN_TASK_STATES = frozenset({T.ASSIGNED, T.RUNNING})
+LIVE_TASK_STATES = frozenset({T.ASSIGNED, T.RUNNING, T.ESCALATED})
+FINAL_TASK_STATES = frozenset({T.DONE, T.FAILED, T.CANCELLED})
+OPEN_SESSION_STATES = frozenset({Se.INTENT, Se.STARTING, Se.RUNNING})
+OPEN_ALERT_STATES = frozenset({A.PENDING, A.DELIVERED, A.UNDELIVERABLE})
+
+
+def sql_in(states) -> str:
+    """``('a','b')`` for a SQL ``IN`` clause or CHECK constraint, from enum members."""
+    return "(" + ",".join(f"'{s}'" for s in sorted(str(x) for x in states)) + ")"

@@ -1,0 +1,388 @@
+"""``MemoryStore``: the registry's stub backend, in plain dictionaries.
+
+Same methods, same rows, same idempotency and the same state machines as ``SqlStore``
+(tests/unit/test_store_contract.py runs one suite on both), so the daemon's parts can be
+unit-tested with no file and no thread. Rows are copies: a caller that mutates one
+changes nothing here, as with a database.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from typing import Any
+
+from common.clock import Clock, MonotonicClock, utc_iso
+from common.redaction import redact, redact_json
+from common.states import (ALERT, LIVE_TASK_STATES, OPEN_TASK_STATES, RUN, SESSION, TASK, AlertState, RetryType,
+                           RunState, SessionState, TaskState)
+from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, content_hash
+
+
+def _redact_value(value: Any) -> Any:
+    """What a JSON round trip through ``redact_json`` leaves of a value (as the database keeps it)."""
+    return json.loads(redact_json(value))
+
+
+def _out(row: dict | None) -> dict | None:
+    return None if row is None else copy.deepcopy(row)
+
+
+class MemoryStore:
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self.clock = clock or MonotonicClock()
+        self.drill: str | None = None
+        self.agents_: dict[str, dict] = {}
+        self.sessions_: dict[str, dict] = {}
+        self.runs_: dict[str, dict] = {}
+        self.tasks_: dict[str, dict] = {}
+        self.checkpoints_: dict[tuple[str, int], dict] = {}
+        self.alerts_: dict[str, dict] = {}
+        self.retries_: list[dict] = []
+        self.events_: list[dict] = []
+        self.metrics_: dict[tuple[str, str], dict] = {}
+        self._ids = itertools.count(1)
+        self._retry_ids = itertools.count(1)
+
+    async def open(self) -> "MemoryStore":
+        return self
+
+    async def close(self) -> None:
+        pass
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _event(self, kind: str, payload: dict, **ids: str | None) -> int:
+        eid = next(self._ids)
+        self.events_.append({"id": eid, "ts": utc_iso(), "mono": self.clock.now(), "kind": kind,
+                             "agent": ids.get("agent"), "incarnation": ids.get("incarnation"),
+                             "run_id": ids.get("run_id"), "task_id": ids.get("task_id"),
+                             "alert_id": ids.get("alert_id"), "payload": _redact_value(payload), "drill": self.drill})
+        return eid
+
+    async def event(self, kind: str, payload: dict, *, agent=None, incarnation=None, run_id=None, task_id=None,
+                    alert_id=None) -> int:
+        return self._event(kind, payload, agent=agent, incarnation=incarnation, run_id=run_id, task_id=task_id,
+                           alert_id=alert_id)
+
+    async def events(self, since: int = 0, limit: int = 200, kind: str | None = None,
+                     agent: str | None = None) -> list[dict]:
+        rows = [e for e in self.events_ if e["id"] > since and (kind is None or e["kind"] == kind)
+                and (agent is None or e["agent"] == agent)]
+        return copy.deepcopy(rows[:limit])
+
+    # -- agents ------------------------------------------------------------------------------------
+
+    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> dict:
+        row = self.agents_.get(name)
+        if row is None:
+            row = self.agents_[name] = {"name": name, "provider": provider, "state": "declared",
+                                        "current_incarnation": None, "crash_looping": 0, "stopped": 0, "paused": 0}
+        row.update(role=role, parent=parent, port=port, updated_at=utc_iso())
+        row["provider"] = row["provider"] or provider
+        return _out(row)
+
+    async def set_agent(self, name: str, **fields: Any) -> None:
+        bad = set(fields) - AGENT_FIELDS
+        if bad:
+            raise ValueError(f"set_agent: unknown fields {sorted(bad)}")
+        if name in self.agents_:
+            self.agents_[name].update({k: int(v) if isinstance(v, bool) else (str(v) if hasattr(v, "value") else v)
+                                       for k, v in fields.items()}, updated_at=utc_iso())
+
+    async def agent(self, name: str) -> dict | None:
+        return _out(self.agents_.get(name))
+
+    async def agents(self) -> list[dict]:
+        return [_out(self.agents_[n]) for n in sorted(self.agents_)]
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    async def open_session(self, incarnation: str, agent: str, port: int, provider: str | None, *,
+                           mode: str = "plain") -> None:
+        if incarnation in self.sessions_:
+            raise ValueError(f"session {incarnation} exists")  # as the primary key would
+        self.sessions_[incarnation] = {
+            "incarnation": incarnation, "agent": agent, "pid": None, "pid_create_time": None, "port": port,
+            "provider": provider, "status": str(SessionState.INTENT), "started_at": utc_iso(), "ended_at": None,
+            "exit_code": None, "exit_signal": None, "end_reason": None, "started_mono": self.clock.now(),
+            "healthy_mono": None, "mode": mode}
+        if agent in self.agents_:
+            self.agents_[agent]["current_incarnation"] = incarnation
+
+    def _session_to(self, incarnation: str, new: SessionState, sets: dict) -> bool:
+        row = self.sessions_.get(incarnation)
+        if row is None or not SESSION.allowed(SessionState(row["status"]), new):
+            return False
+        row.update(sets, status=str(new))
+        return True
+
+    async def session_started(self, incarnation: str, pid: int, create_time: float, *, mode: str) -> None:
+        self._session_to(incarnation, SessionState.STARTING, {"pid": pid, "pid_create_time": create_time,
+                                                              "mode": mode})
+
+    async def session_running(self, incarnation: str) -> None:
+        self._session_to(incarnation, SessionState.RUNNING, {"healthy_mono": self.clock.now()})
+
+    async def close_session(self, incarnation: str, *, reason: str, exit_code: int | None = None,
+                            exit_signal: int | None = None) -> bool:
+        row = self.sessions_.get(incarnation)
+        ended = self._session_to(incarnation, SessionState.ENDED, {
+            "ended_at": utc_iso(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
+        if ended:
+            self._event("session_ended", {"reason": reason, "exit_code": exit_code, "signal": exit_signal,
+                                          "pid": row["pid"]}, agent=row["agent"], incarnation=incarnation)
+        return ended
+
+    async def open_sessions(self) -> list[dict]:
+        rows = [r for r in self.sessions_.values() if r["status"] != SessionState.ENDED]
+        return copy.deepcopy(sorted(rows, key=lambda r: r["started_at"]))
+
+    async def session(self, incarnation: str) -> dict | None:
+        return _out(self.sessions_.get(incarnation))
+
+    # -- runs --------------------------------------------------------------------------------------
+
+    async def create_run(self, run_id: str, prompt: str, drill: bool) -> None:
+        if run_id in self.runs_:
+            raise ValueError(f"run {run_id} exists")
+        self.runs_[run_id] = {"run_id": run_id, "prompt": redact(prompt), "status": str(RunState.RUNNING),
+                              "result": None, "failure": None, "drill": int(drill), "created_at": utc_iso(),
+                              "finished_at": None}
+        self._event("run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id)
+
+    async def finish_run(self, run_id: str, status: RunState, result: str | None, failure: dict | None) -> bool:
+        row = self.runs_.get(run_id)
+        if row is None or row["status"] != RunState.RUNNING or not RUN.allowed(RunState.RUNNING, status):
+            return False
+        row.update(status=str(status), result=redact(result) if result else result,
+                   failure=_redact_value(failure) if failure else None, finished_at=utc_iso())
+        self._event(f"run_{status}", {"reason": (failure or {}).get("reason"), "failure": failure}, run_id=run_id)
+        return True
+
+    async def reopen_run(self, run_id: str) -> bool:
+        row = self.runs_.get(run_id)
+        if row is None or not RUN.allowed(RunState(row["status"]), RunState.RUNNING):
+            return False
+        row.update(status=str(RunState.RUNNING), finished_at=None)
+        return True
+
+    async def run(self, run_id: str) -> dict | None:
+        return _out(self.runs_.get(run_id))
+
+    # -- tasks -------------------------------------------------------------------------------------
+
+    async def upsert_task(self, rec: dict) -> tuple[dict, bool]:
+        if rec["task_id"] in self.tasks_:
+            return _out(self.tasks_[rec["task_id"]]), False
+        self.tasks_[rec["task_id"]] = {
+            "task_id": rec["task_id"], "run_id": rec["run_id"], "parent_task_id": rec.get("parent_task_id"),
+            "agent": rec["agent"], "parent_agent": rec["parent_agent"], "kind": rec["kind"],
+            "prompt": redact(rec["prompt"]), "status": str(TaskState.ASSIGNED), "attempt": 1,
+            "provider": rec.get("provider"), "progress": None, "lease_incarnation": None, "result": None,
+            "failure": None, "created_at": utc_iso(), "updated_at": utc_iso(), "delivered": 0, "held_since": None}
+        self._event("task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"], "kind": rec["kind"]},
+                    agent=rec["agent"], run_id=rec["run_id"], task_id=rec["task_id"])
+        return _out(self.tasks_[rec["task_id"]]), True
+
+    async def task(self, task_id: str) -> dict | None:
+        return _out(self.tasks_.get(task_id))
+
+    def _task_to(self, task_id: str, new: TaskState, sets: dict, *, event: dict | None = None,
+                 attempt: int = 0) -> dict | None:
+        row = self.tasks_.get(task_id)
+        if row is None or not TASK.allowed(TaskState(row["status"]), new):
+            return None
+        before = copy.deepcopy(row)
+        row.update(sets, status=str(new), attempt=row["attempt"] + attempt, updated_at=utc_iso())
+        kind = "task_requeued" if new == TaskState.ASSIGNED else f"task_{new}"
+        self._event(kind, {"from": before["status"], **(event or {})}, agent=row["agent"], task_id=task_id,
+                    run_id=row["run_id"])
+        return before
+
+    async def task_progress(self, task_id: str, incarnation: str, progress: str | None) -> None:
+        sets: dict[str, Any] = {"lease_incarnation": incarnation}
+        if progress is not None:
+            sets["progress"] = progress
+        row = self.tasks_.get(task_id)
+        if row and row["status"] == TaskState.ASSIGNED:
+            self._task_to(task_id, TaskState.RUNNING, sets)
+        elif row and row["status"] == TaskState.RUNNING:
+            row.update(sets, updated_at=utc_iso())
+
+    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict | None,
+                          *, reason: str | None = None) -> bool:
+        before = self._task_to(task_id, status, {
+            "result": redact(result) if result else result, "failure": _redact_value(failure) if failure else None,
+            "lease_incarnation": None, "held_since": None}, event={"reason": reason})
+        return before is not None and before["status"] in LIVE_TASK_STATES
+
+    def _tasks_of(self, agent: str, states) -> list[dict]:
+        rows = [t for t in self.tasks_.values() if t["agent"] == agent and t["status"] in states]
+        return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
+
+    async def open_tasks(self, agent: str) -> list[dict]:
+        return self._tasks_of(agent, OPEN_TASK_STATES)
+
+    async def live_tasks(self, agent: str) -> list[dict]:
+        return self._tasks_of(agent, LIVE_TASK_STATES)
+
+    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[dict]:
+        for t in self._tasks_of(agent, OPEN_TASK_STATES):
+            sets: dict[str, Any] = {"lease_incarnation": None}
+            if provider:
+                sets["provider"] = provider
+            self._task_to(t["task_id"], TaskState.ASSIGNED, sets, attempt=1, event={"provider": provider})
+        return await self.open_tasks(agent)
+
+    async def hold_task(self, task_id: str, reason: str) -> bool:
+        return self._task_to(task_id, TaskState.ESCALATED, {"lease_incarnation": None,
+                                                            "held_since": self.clock.now()},
+                             event={"reason": reason}) is not None
+
+    async def release_task(self, task_id: str, provider: str | None) -> bool:
+        sets: dict[str, Any] = {"held_since": None}
+        if provider:
+            sets["provider"] = provider
+        return self._task_to(task_id, TaskState.ASSIGNED, sets, event={"provider": provider}) is not None
+
+    async def held_tasks(self) -> list[dict]:
+        rows = [t for t in self.tasks_.values() if t["status"] == TaskState.ESCALATED]
+        return copy.deepcopy(sorted(rows, key=lambda t: t["held_since"]))
+
+    async def mark_delivered(self, task_id: str) -> None:
+        if task_id in self.tasks_:
+            self.tasks_[task_id]["delivered"] = 1
+
+    async def undelivered_results(self) -> list[dict]:
+        def waiting(t: dict) -> bool:
+            parent = self.tasks_.get(t["parent_task_id"]) if t["parent_task_id"] else None
+            return t["parent_task_id"] is None or (parent is not None and parent["status"] in LIVE_TASK_STATES)
+        return copy.deepcopy([t for t in self.tasks_.values()
+                              if t["status"] in ("done", "failed") and not t["delivered"] and waiting(t)])
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    async def add_checkpoint(self, task_id: str, step: int, step_id: str, output: str,
+                             incarnation: str | None) -> tuple[dict, bool]:
+        output = redact(output)
+        if len(output.encode()) > CHECKPOINT_MAX:
+            raise ValueError(f"checkpoint output is {len(output.encode())} bytes; the limit is {CHECKPOINT_MAX}")
+        key = (task_id, step)
+        created = key not in self.checkpoints_
+        if created:
+            self.checkpoints_[key] = {"task_id": task_id, "step": step, "step_id": step_id,
+                                      "hash": content_hash(output), "output": output, "incarnation": incarnation,
+                                      "created_at": utc_iso()}
+            self._event("checkpoint", {"step": step, "step_id": step_id, "hash": content_hash(output)},
+                        task_id=task_id, incarnation=incarnation)
+        return _out(self.checkpoints_[key]), created
+
+    async def checkpoints(self, task_id: str) -> list[dict]:
+        return copy.deepcopy([c for (t, _), c in sorted(self.checkpoints_.items()) if t == task_id])
+
+    # -- alerts ------------------------------------------------------------------------------------
+
+    async def insert_alert(self, alert: dict, *, stable: bool) -> tuple[dict, bool]:
+        existing = next((a for a in self.alerts_.values() if a["agent"] == alert["service"]
+                         and a["incarnation"] == alert["incarnation"]), None)
+        if existing is not None or alert["alert_id"] in self.alerts_:
+            return _out(existing or self.alerts_[alert["alert_id"]]), False
+        self.alerts_[alert["alert_id"]] = {
+            "alert_id": alert["alert_id"], "agent": alert["service"], "incarnation": alert["incarnation"],
+            "reason": alert["reason"], "detail": _redact_value(alert.get("detail", {})),
+            "task_id": alert.get("task_id"), "run_id": alert.get("run_id"), "status": str(AlertState.PENDING),
+            "delivered_to": None, "deliveries": 0, "decision": None, "created_at": utc_iso(), "handled_at": None,
+            "drill": self.drill, "mono": self.clock.now(), "stable": int(stable)}
+        self._event("alert_raised", {"reason": alert["reason"], "detail": alert.get("detail", {}), "stable": stable},
+                    agent=alert["service"], incarnation=alert["incarnation"], task_id=alert.get("task_id"),
+                    run_id=alert.get("run_id"), alert_id=alert["alert_id"])
+        return _out(self.alerts_[alert["alert_id"]]), True
+
+    async def alert_for(self, agent: str, incarnation: str) -> dict | None:
+        return _out(next((a for a in self.alerts_.values() if a["agent"] == agent
+                          and a["incarnation"] == incarnation), None))
+
+    async def alert(self, alert_id: str) -> dict | None:
+        return _out(self.alerts_.get(alert_id))
+
+    async def mark_alert(self, alert_id: str, status: AlertState, *, decision: str | None = None) -> bool:
+        row = self.alerts_.get(alert_id)
+        if row is None or not ALERT.allowed(AlertState(row["status"]), status):
+            return False
+        row.update(status=str(status), decision=decision or row["decision"])
+        if status in (AlertState.HANDLED, AlertState.UNDELIVERABLE):
+            row["handled_at"] = utc_iso()
+        if status == AlertState.UNDELIVERABLE:
+            self._event("alert_undeliverable", {"decision": decision}, alert_id=alert_id)
+        return True
+
+    async def alert_delivered(self, alert_id: str, to: str) -> None:
+        row = self.alerts_.get(alert_id)
+        if row is not None:
+            row.update(delivered_to=to, deliveries=row["deliveries"] + 1)
+            if row["status"] == AlertState.PENDING:
+                row["status"] = str(AlertState.DELIVERED)
+
+    async def open_alerts(self) -> list[dict]:
+        rows = [a for a in self.alerts_.values() if a["status"] != AlertState.HANDLED]
+        return copy.deepcopy(sorted(rows, key=lambda a: a["mono"]))
+
+    async def failures(self, agent: str, *, limit: int = 200) -> list[dict]:
+        mine = [a for a in self.alerts_.values() if a["agent"] == agent]  # insertion order breaks ties
+        rows = [a for _, a in sorted(enumerate(mine), key=lambda ia: (-ia[1]["mono"], -ia[0]))]
+        return [{"alert_id": a["alert_id"], "mono": a["mono"], "stable": a["stable"]} for a in rows[:limit]]
+
+    # -- the ladder's record -------------------------------------------------------------------------
+
+    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str, detail: dict,
+                           case: str, task_id: str | None = None, run_id: str | None = None,
+                           from_provider: str | None = None, to_provider: str | None = None,
+                           decided_by: str = "policy", requested_by: str | None = None,
+                           hop: str = "") -> dict | None:
+        if not reason or reason == "Unknown error":
+            raise ValueError("a retry needs a real reason")
+        if any((r["alert_id"], r["retry_type"], r["agent_id"], r["hop"]) == (alert_id, retry_type, agent_id, hop)
+               for r in self.retries_):
+            return None
+        count = sum(1 for r in self.retries_ if r["agent_id"] == agent_id and r["retry_type"] == retry_type)
+        row = {"id": next(self._retry_ids), "alert_id": alert_id, "agent_id": agent_id, "task_id": task_id,
+               "run_id": run_id, "retry_type": str(retry_type), "retry_count": count + 1, "reason": reason,
+               "detail": _redact_value(detail), "from_provider": from_provider, "to_provider": to_provider,
+               "decided_by": decided_by, "requested_by": requested_by, "hop": hop, "timestamp": utc_iso(),
+               "mono": self.clock.now(), "drill": self.drill, "case_id": case}
+        self.retries_.append(row)
+        metric = METRIC.get(RetryType(retry_type))
+        if metric and not self.drill:
+            for scope, key in (("agent", agent_id), ("provider", from_provider), ("task", task_id), ("run", run_id)):
+                if key:
+                    m = self.metrics_.setdefault((scope, key), {
+                        "scope": scope, "key": key, "failures": 0, "restarts": 0, "escalations": 0,
+                        "provider_switches": 0, "permanent_failures": 0, "last_reason": None})
+                    m["failures"] += int(retry_type != RetryType.ESCALATION)
+                    m[metric] += 1
+                    m.update(last_reason=reason, updated_at=utc_iso())
+        self._event(str(retry_type), {"reason": reason, "case": case, "detail": detail,
+                                      "from_provider": from_provider, "to_provider": to_provider,
+                                      "decided_by": decided_by, "requested_by": requested_by, "hop": hop},
+                    agent=agent_id, task_id=task_id, run_id=run_id, alert_id=alert_id)
+        return _out(row)
+
+    async def retry_rows(self, alert_id: str) -> list[dict]:
+        return copy.deepcopy([r for r in self.retries_ if r["alert_id"] == alert_id])
+
+    async def task_counts(self, task_id: str) -> dict:
+        kinds = [r["retry_type"] for r in self.retries_ if r["task_id"] == task_id]
+        return {"restarts": kinds.count(RetryType.CHILD_RESTART), "switches": kinds.count(RetryType.LLM_CHANGE),
+                "escalations": kinds.count(RetryType.ESCALATION), "failed": RetryType.PERMANENT_FAILURE in kinds}
+
+    async def task_history(self, task_id: str) -> list[dict]:
+        return copy.deepcopy([r for r in self.retries_ if r["task_id"] == task_id])
+
+    async def history(self, limit: int = 200, agent: str | None = None) -> list[dict]:
+        rows = [r for r in self.retries_ if agent is None or r["agent_id"] == agent]
+        return copy.deepcopy(list(reversed(rows))[:limit])
+
+    async def failure_metrics(self) -> list[dict]:
+        return copy.deepcopy([self.metrics_[k] for k in sorted(self.metrics_)])

@@ -1,0 +1,125 @@
+"""The synchronous client of one home's mesh, for the CLI and the drills.
+
+Standard library HTTP only (the CLI must answer fast: no aiohttp, no SDKs), the token read
+from the home, and ``wait_for``: poll a predicate against a deadline, never sleep and hope.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from common.config import MeshConfig
+from common.models import TOKEN_HEADER
+from common.paths import Home, read_token
+
+
+class ClientError(Exception):
+    """The mesh cannot be reached or refused; the message says which and why."""
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, *,
+             error: type[Exception] = AssertionError):
+    """Poll against a deadline; return the first truthy value or raise ``error`` saying what."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise error(f"timed out after {timeout:.1f}s waiting for {what} (last: {last!r})")
+
+
+def http(method: str, url: str, body=None, *, token: str | None = None, raw: bytes | None = None,
+         timeout: float = 10) -> tuple[int, object]:
+    """One request; (status, decoded body). HTTP errors are answers, not exceptions;
+    a refused or timed-out connection raises OSError (URLError is one)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header(TOKEN_HEADER, token)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload, status = resp.read(), resp.status
+    except urllib.error.HTTPError as err:
+        payload, status = err.read(), err.code
+    try:
+        return status, json.loads(payload) if payload else None
+    except json.JSONDecodeError:
+        return status, payload.decode(errors="replace")
+
+
+class MeshClient:
+    def __init__(self, home: Home, config: MeshConfig) -> None:
+        self.home = home
+        self.config = config
+
+    def daemon_info(self) -> dict | None:
+        """What the running daemon wrote about itself (pid, port, home), if anything."""
+        try:
+            return json.loads(self.home.daemon_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            return None
+
+    @property
+    def daemon_url(self) -> str:
+        info = self.daemon_info()
+        port = info["port"] if info and isinstance(info.get("port"), int) else self.config.mesh.daemon_port
+        return f"http://127.0.0.1:{port}"
+
+    def url(self, name: str) -> str:
+        return self.daemon_url if name == "daemon" else self.config.url(name)
+
+    @property
+    def token(self) -> str:
+        token = read_token(self.home.token_file)
+        if not token:
+            raise ClientError(f"no mesh token at {self.home.token_file}: is the mesh up (`tron up`)?")
+        return token
+
+    def call(self, method: str, url: str, body=None, *, auth: bool = False, timeout: float = 10) -> tuple[int, object]:
+        try:
+            return http(method, url, body, token=self.token if auth else None, timeout=timeout)
+        except OSError as err:
+            raise ClientError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
+
+    def try_call(self, method: str, url: str, body=None, *, auth: bool = False,
+                 timeout: float = 10) -> tuple[int, object]:
+        """Like ``call``, but an unreachable service is (0, reason): during a drill any
+        service may be down on purpose."""
+        try:
+            return self.call(method, url, body, auth=auth, timeout=timeout)
+        except ClientError as err:
+            return 0, str(err)
+
+    def daemon_health(self) -> dict | None:
+        """The daemon that answers on this home's port, if it is this home's daemon."""
+        code, body = self.try_call("GET", self.daemon_url + "/health", timeout=2)
+        if code == 200 and isinstance(body, dict) and body.get("home") in (None, str(self.home.root)):
+            return body
+        return None
+
+    def status(self) -> dict:
+        code, body = self.call("GET", self.daemon_url + "/status")
+        if code != 200:
+            raise ClientError(f"the daemon answered {code} to /status: {body}")
+        return body
+
+    def service(self, name: str) -> dict:
+        for s in self.status()["services"]:
+            if s["name"] == name:
+                return s
+        raise ClientError(f"no service named {name!r}")
+
+    def health(self, name: str) -> dict | None:
+        code, body = self.try_call("GET", self.url(name) + "/health", timeout=0.5)
+        return body if code == 200 and isinstance(body, dict) else None
+
+    def registry(self) -> Path:
+        return self.home.registry_db

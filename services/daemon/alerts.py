@@ -1,0 +1,192 @@
+"""From a TRON signal to a decision: persist the alert, then deliver it up the chain.
+
+An alert is written before anyone hears of it, then handed to the failing service's
+parent (``POST /handle_child_timeout``); if the parent is down, does not answer, or
+answers without anything happening (``AlertAnswered``), the next ancestor gets it; when
+every agent ancestor failed it is marked ``undeliverable`` and the daemon, the last
+ancestor, decides itself. Never dropped, never handled twice.
+
+The watchdog is the daemon's second look, once a second: a service left FAILED longer
+than its ancestors could take, or a task held for a decision that never came, is decided
+by the daemon; a crash-loop episode ends when a whole window passes with no failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from common import logs
+from common.clock import Clock, utc_iso
+from common.config import DAEMON, MeshConfig, Policy
+from common.http import MeshClient, MeshHTTPError
+from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, decide
+from common.models import Alert
+from common.monitor import Signal
+from common.states import AlertState, ServiceState
+from services.daemon.carrier import Carrier
+from services.daemon.metrics import DaemonMetrics
+from services.daemon.supervisor import Supervisor, new_id
+
+log = logging.getLogger("tron.daemon")
+
+
+class AlertRouter:
+    def __init__(self, config: MeshConfig, sup: Supervisor, store, carrier: Carrier, client: MeshClient, *,
+                 clock: Clock, metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
+        self.config = config
+        self.sup = sup
+        self.store = store
+        self.carrier = carrier
+        self.client = client
+        self.clock = clock
+        self.metrics = metrics
+        self.policy = policy
+        self.background = background
+        self.last_alert: dict | None = None
+        self._held_tried: dict[str, float] = {}  # task id -> when the watchdog last decided it
+
+    async def on_signal(self, signal: Signal, *, retryable: bool = True) -> None:
+        """A TRON signal becomes a persisted alert, then is delivered up the chain."""
+        svc = self.sup.services.get(signal.service)
+        if svc is None or svc.incarnation != signal.incarnation or self.sup.stopping:
+            return
+        now = self.clock.now()
+        task_id = signal.task_id
+        if task_id is None:  # died before a beat named its task: the registry knows it
+            open_tasks = await self.store.open_tasks(svc.name)
+            task_id = open_tasks[0]["task_id"] if open_tasks else None
+        task = await self.store.task(task_id) if task_id else None
+        stable = svc.stable(now, self.policy())
+        alert = Alert(
+            alert_id=new_id("a-"), service=svc.name, incarnation=signal.incarnation, reason=signal.reason,
+            detail={**signal.detail, "detected_after": round(signal.fired_at - signal.deadline, 4),
+                    "uptime": round(now - svc.started_at, 3) if svc.started_at else None},
+            task_id=task_id, run_id=task["run_id"] if task else None, progress=signal.progress,
+            provider=svc.provider, retryable=retryable)
+        row, created = await self.store.insert_alert(alert.model_dump(mode="json"), stable=stable)
+        if not created:
+            return  # this incarnation already has its alert: never handled twice
+        self.metrics.alerts.labels(reason=str(signal.reason)).inc()
+        self.metrics.detection_latency.labels(reason=str(signal.reason)).observe(
+            max(0.0, signal.fired_at - signal.deadline))
+        svc.failed_at = svc.failed_at or signal.deadline
+        svc.last_failure = {"reason": str(signal.reason), "at": utc_iso(), "alert": alert.alert_id,
+                            "detail": {k: v for k, v in signal.detail.items() if k != "detected_after"}}
+        if svc.state in (ServiceState.RUNNING, ServiceState.STARTING):
+            await self.sup.transition(svc, ServiceState.FAILED, str(signal.reason))
+        self.last_alert = {"service": svc.name, "reason": str(signal.reason), "at": time.time(),
+                           "alert_id": alert.alert_id}
+        log.warning("alert", extra={"offender": svc.name, "reason": str(signal.reason), "alert": alert.alert_id,
+                                    "incarnation": alert.incarnation, "task": alert.task_id, "detail": alert.detail,
+                                    "stable": stable})
+        await self.deliver(alert)
+
+    async def deliver(self, alert: Alert) -> None:
+        agents = [a for a in self.config.ancestors(alert.service) if a != DAEMON]
+        for target in agents:
+            alert.hops.append(target)
+            if self.sup[target].state != ServiceState.RUNNING:
+                log.info("alert: skipping %s (%s)", target, self.sup[target].state, extra={"alert": alert.alert_id})
+                continue
+            logs.comms("alert", src=DAEMON, dst=target, alert=alert.alert_id, agent=alert.service,
+                       task=alert.task_id, run=alert.run_id, incarnation=alert.incarnation)
+            try:
+                await self.client.post(self.config.url(target) + "/handle_child_timeout", alert,
+                                       timeout=self.policy().delivery_timeout)
+            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                log.warning("alert delivery to %s failed: %s", target, err, extra={"alert": alert.alert_id})
+                continue
+            view = await self.carrier.view(alert.service, decider=target, alert_id=alert.alert_id)
+            verdict = decide(AlertAnswered(alert.alert_id, alert.service, alert.incarnation, target), view,
+                             view.now, view.policy)
+            if isinstance(verdict, Ignore):
+                await self.store.alert_delivered(alert.alert_id, target)
+                return
+            log.warning("alert %s: %s", alert.alert_id, verdict.reason,
+                        extra={"alert": alert.alert_id, "offender": alert.service, "case": verdict.case})
+        if agents:
+            await self.store.mark_alert(alert.alert_id, AlertState.UNDELIVERABLE,
+                                        decision=f"no ancestor of {alert.service} took it")
+        logs.comms("alert", src=DAEMON, dst=DAEMON, alert=alert.alert_id, agent=alert.service,
+                   task=alert.task_id, run=alert.run_id, incarnation=alert.incarnation)
+        await self.carrier.decide_here(self.event_of(alert))
+
+    @staticmethod
+    def event_of(alert: Alert) -> ChildFailed:
+        return ChildFailed(alert.alert_id, alert.service, alert.incarnation,
+                           alert.detail.get("error_reason") or str(alert.reason), alert.retryable, alert.task_id)
+
+    def alert_from_row(self, row: dict) -> Alert:
+        detail = row["detail"] or {}
+        return Alert(alert_id=row["alert_id"], service=row["agent"], incarnation=row["incarnation"],
+                     reason=row["reason"], detail=detail, task_id=row["task_id"], run_id=row["run_id"],
+                     provider=self.sup[row["agent"]].provider, retryable=detail.get("retryable", True))
+
+    async def redeliver_pending(self) -> None:
+        """Alerts an earlier daemon persisted but never saw decided."""
+        for row in await self.store.open_alerts():
+            svc = self.sup.services.get(row["agent"])
+            if svc is not None and svc.incarnation == row["incarnation"]:
+                self.background(self.deliver(self.alert_from_row(row)), f"redeliver {row['alert_id']}")
+            else:
+                await self.store.mark_alert(row["alert_id"], AlertState.HANDLED,
+                                            decision="superseded_by_daemon_restart")
+
+    # -- the watchdog ------------------------------------------------------------------------
+
+    def decision_deadline(self, name: str) -> float:
+        """How long an alert may take to become a decision: every ancestor may time out."""
+        return len(self.config.ancestors(name)) * self.policy().delivery_timeout + 5.0
+
+    async def watchdog_tick(self) -> None:
+        now = self.clock.now()
+        for svc in self.sup.services.values():
+            if svc.state == ServiceState.FAILED and svc.failed_since is not None and \
+                    now - svc.failed_since > self.decision_deadline(svc.name) and svc.replacing is None:
+                row = await self.store.alert_for(svc.name, svc.incarnation)
+                if row is None or row["status"] == AlertState.HANDLED:
+                    continue
+                log.error("watchdog: %s has been failed for %.1fs with no decision; the daemon decides",
+                          svc.name, now - svc.failed_since, extra={"offender": svc.name, "alert": row["alert_id"]})
+                await self.store.event("watchdog_decides", {"failed_for": round(now - svc.failed_since, 3)},
+                                       agent=svc.name, incarnation=svc.incarnation, alert_id=row["alert_id"])
+                svc.failed_since = now  # one attempt per deadline, not one per tick
+                self.background(self.carrier.decide_here(self.event_of(self.alert_from_row(row))),
+                                f"watchdog {svc.name}")
+            if svc.crash_looping:
+                await self._maybe_end_crash_loop(svc, now)
+        held = await self.store.held_tasks()
+        for task in held:
+            deadline = self.decision_deadline(task["agent"])
+            tried = self._held_tried.get(task["task_id"], task["held_since"] or now)
+            if now - (task["held_since"] or now) > deadline and now - tried >= deadline:
+                self._held_tried[task["task_id"]] = now
+                await self._decide_held(task, now)
+        for task_id in set(self._held_tried) - {t["task_id"] for t in held}:
+            del self._held_tried[task_id]
+
+    async def _maybe_end_crash_loop(self, svc, now: float) -> None:
+        latest = await self.store.failures(svc.name, limit=1)
+        if latest and now - latest[0]["mono"] < self.policy().restart_window:
+            return
+        svc.crash_looping = False
+        await self.store.set_agent(svc.name, crash_looping=False)
+        await self.store.event("crash_loop_ended", {"quiet_for": self.policy().restart_window}, agent=svc.name)
+        log.info("crash loop over", extra={"offender": svc.name})
+
+    async def _decide_held(self, task: dict, now: float) -> None:
+        """A task held for the top's decision that never came (the root was down, say):
+        the daemon is the top of last resort."""
+        rows = await self.store.task_history(task["task_id"])
+        last = next((r for r in reversed(rows) if r["retry_type"] == "escalation"), None)
+        alert_id = last["alert_id"] if last else f"held-{task['task_id']}"
+        reason = last["reason"] if last else "held_without_escalation"
+        log.error("watchdog: task %s held for %.1fs with no decision; the daemon decides", task["task_id"],
+                  now - task["held_since"], extra={"task": task["task_id"], "offender": task["agent"]})
+        await self.store.event("watchdog_decides", {"held_for": round(now - task["held_since"], 3)},
+                               agent=task["agent"], task_id=task["task_id"], alert_id=alert_id)
+        self.background(self.carrier.decide_here(Escalated(alert_id, task["agent"], reason, "task",
+                                                           task["task_id"])), f"watchdog {task['task_id']}")

@@ -1,0 +1,271 @@
+"""Carrying out the ladder's decisions, for every decider.
+
+Parents and the root decide with ``common.ladder.decide`` on a ``LadderView`` they read
+from here, then ask for the steps over HTTP; the daemon decides the same way for its own
+children (and in the stead of any ancestor that cannot), then takes the steps directly.
+Either way every step lands in one method below, which checks that it still stands
+(``RestartAsked``: one authority, idempotent by alert id), writes its ``retry_history``
+row with the decision's case id, and then acts. Nothing here decides what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from common.carry import carry_out, loop_alert_id
+from common.clock import Clock
+from common.config import DAEMON, MeshConfig, Policy
+from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Restart, RestartAsked,
+                           ServiceView, SwitchProvider, TaskView, decide)
+from common.models import EscalationRecord, PermanentFailure, RestartRequest, SwitchRequest
+from common.states import AlertState, RetryType, TaskState
+from services.daemon.metrics import DaemonMetrics
+from services.daemon.supervisor import Supervisor, top_of
+
+log = logging.getLogger("tron.daemon")
+
+
+class Carrier:
+    def __init__(self, config: MeshConfig, sup: Supervisor, store, ledger, *, clock: Clock,
+                 metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
+        self.config = config
+        self.sup = sup
+        self.store = store
+        self.ledger = ledger
+        self.clock = clock
+        self.metrics = metrics
+        self.policy = policy
+        self.background = background
+        self.actions = DaemonActions(self)
+
+    # -- what a decider sees ------------------------------------------------------------------
+
+    async def view(self, service: str, *, decider: str, alert_id: str | None = None,
+                   task_id: str | None = None) -> LadderView:
+        """The registry's record of one service (and task, and alert) at the daemon's
+        clock reading: everything ``decide`` needs, and nothing it has to look up."""
+        svc = self.sup[service]
+        policy = self.policy()
+        now = self.clock.now()
+        rows = await self.store.failures(service)
+        mine = next((i for i, r in enumerate(rows) if r["alert_id"] == alert_id), None)
+        earlier = rows[mine + 1:] if mine is not None else rows
+        streak = 0
+        for r in rows[mine:] if mine is not None else []:
+            if r["stable"]:
+                break
+            streak += 1
+        alert = await self.store.alert(alert_id) if alert_id else None
+        recorded = []
+        for r in await self.store.retry_rows(alert_id) if alert_id else []:
+            recorded.append(f"{r['retry_type']}:{r['hop']}" if r["hop"] else r["retry_type"])
+        task = None
+        if task_id:
+            row = await self.store.task(task_id)
+            if row is not None:
+                counts = await self.store.task_counts(task_id)
+                task = TaskView(task_id=task_id, status=row["status"], restarts=counts["restarts"],
+                                switches=counts["switches"])
+        return LadderView(
+            now=now, policy=policy, decider=decider, top=top_of(self.config, decider),
+            service=ServiceView(
+                name=service, incarnation=svc.incarnation, state=svc.state, stopped=svc.stopped,
+                replacing=svc.replacing is not None and svc.replacing == svc.incarnation, provider=svc.provider,
+                failures=[r["mono"] for r in rows if now - policy.restart_window < r["mono"] <= now],
+                previous_failure=earlier[0]["mono"] if earlier else None, unstable_streak=streak,
+                crash_looping=svc.crash_looping),
+            task=task, alert_status=alert["status"] if alert else None, recorded=recorded,
+            chain=list(self.config.providers.chain), subtree=self.config.subtree(service))
+
+    async def decide_here(self, event: ChildFailed | Escalated) -> dict:
+        """The daemon decides (its own children, the top, or an ancestor's stead)."""
+        view = await self.view(event.service, decider=DAEMON, alert_id=event.alert_id, task_id=event.task_id)
+        decision = decide(event, view, view.now, view.policy)
+        log.info("decision", extra={"offender": event.service, "alert": event.alert_id, "decider": DAEMON,
+                                    "case": decision.case, "decision": type(decision).__name__})
+        return await carry_out(decision, event, self.actions)
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    async def restart(self, req: RestartRequest) -> dict:
+        """Replace one incarnation, if the request still stands: one row, one restart."""
+        svc = self.sup[req.service]
+        async with svc.lock:
+            view = await self.view(req.service, decider=req.requested_by, alert_id=req.alert_id, task_id=req.task_id)
+            verdict = decide(RestartAsked(req.alert_id, req.service, req.replaces), view, view.now, view.policy)
+            if isinstance(verdict, Ignore):
+                status = "duplicate" if verdict.case == "duplicate_request" else "stale"
+                return {"status": status, "case": verdict.case, "why": verdict.why, "current": svc.incarnation,
+                        "state": str(svc.state)}
+            task = await self.store.task(req.task_id) if req.task_id else None
+            live = task is not None and task["status"] in (TaskState.ASSIGNED, TaskState.RUNNING)
+            row = await self.store.record_retry(
+                alert_id=req.alert_id, agent_id=svc.name, retry_type=RetryType.CHILD_RESTART, reason=req.reason,
+                detail={**await self._alert_detail(req.alert_id), **req.detail, "delay": round(req.delay, 4),
+                        "with_task": req.with_task, "crash_looping": req.crash_looping},
+                case=req.case, task_id=task["task_id"] if live and req.with_task else None,
+                run_id=task["run_id"] if task else None, from_provider=svc.provider, decided_by=req.decided_by,
+                requested_by=req.requested_by)
+            if row is None:
+                return {"status": "duplicate", "alert_id": req.alert_id}
+            svc.replacing = req.replaces
+            await self.store.mark_alert(req.alert_id, AlertState.HANDLED, decision=f"restart:{req.case}")
+            if live and not req.with_task:
+                await self.store.hold_task(task["task_id"], req.reason)
+            await self._crash_loop(svc, req)
+            self.metrics.restarts.labels(kind=RetryType.CHILD_RESTART).inc()
+            svc.failed_at = svc.failed_at or self.clock.now()
+        self.background(self.sup.replace(svc, req.replaces, delay=req.delay, reason=f"{req.case}:{req.reason}"),
+                        f"restart {svc.name}")
+        return {"status": "accepted", "retry_count": row["retry_count"], "delay": req.delay,
+                "replaces": req.replaces, "case": req.case}
+
+    async def _alert_detail(self, alert_id: str) -> dict:
+        """What TRON saw (exit signal, silence, stuck marker), carried onto the ladder's rows."""
+        alert = await self.store.alert(alert_id)
+        if alert is None:
+            return {}
+        return {**(alert["detail"] or {}), "detected_by": alert["reason"]}
+
+    async def _crash_loop(self, svc, req: RestartRequest) -> None:
+        if req.crash_looping and not svc.crash_looping:
+            svc.crash_looping = True
+            await self.store.set_agent(svc.name, crash_looping=True)
+        if req.new_episode:
+            self.metrics.crash_loops.inc()
+            await self.store.event("crash_loop_started", {"reason": req.reason, "window": self.policy().restart_window,
+                                                          "max_restarts": self.policy().max_restarts},
+                                   agent=svc.name, alert_id=req.alert_id)
+            log.error("crash-looping", extra={"offender": svc.name, "alert": req.alert_id})
+
+    async def escalation(self, rec: EscalationRecord) -> dict:
+        """Record one hop of an escalation; a task's failure holds the task until the top
+        decides (no incarnation gets it meanwhile)."""
+        svc = self.sup[rec.service]
+        row = await self.store.record_retry(
+            alert_id=rec.alert_id, agent_id=rec.service, retry_type=RetryType.ESCALATION, reason=rec.reason,
+            detail={**await self._alert_detail(rec.alert_id), **rec.detail, "kind": rec.kind,
+                    "from": rec.from_service, "to": rec.to_service}, case=rec.case,
+            task_id=rec.task_id, run_id=rec.run_id, from_provider=svc.provider, decided_by=rec.decided_by,
+            requested_by=rec.from_service, hop=f"{rec.from_service}->{rec.to_service}")
+        if row is None:
+            return {"status": "duplicate", "action": "escalate"}
+        self.metrics.escalations.inc()
+        if rec.kind == "task" and rec.task_id:
+            await self.store.hold_task(rec.task_id, rec.reason)
+            await self.store.mark_alert(rec.alert_id, AlertState.HANDLED, decision=f"escalate:{rec.case}")
+        log.error("escalation", extra={"offender": rec.service, "reason": rec.reason, "from": rec.from_service,
+                                       "to": rec.to_service, "alert": rec.alert_id, "task": rec.task_id,
+                                       "kind": rec.kind, "case": rec.case})
+        return {"status": "recorded", "action": "escalate", "retry_count": row["retry_count"]}
+
+    async def switch(self, req: SwitchRequest) -> dict:
+        """Move the failing subtree to ``to_provider``: the held task goes with the failing
+        service; every descendant still on another provider is restarted on it too."""
+        svc = self.sup[req.service]
+        task = await self.store.task(req.task_id)
+        if task is None:
+            return {"status": "refused", "why": f"no task {req.task_id!r}"}
+        row = await self.store.record_retry(
+            alert_id=req.alert_id, agent_id=svc.name, retry_type=RetryType.LLM_CHANGE, reason=req.reason,
+            detail={**req.detail, "services": req.services}, case=req.case, task_id=req.task_id,
+            run_id=task["run_id"], from_provider=svc.provider, to_provider=req.to_provider, decided_by=req.decided_by,
+            requested_by=req.requested_by)
+        if row is None:
+            return {"status": "duplicate", "action": "switch"}
+        self.metrics.provider_switches.inc()
+        self.metrics.restarts.labels(kind=RetryType.LLM_CHANGE).inc()
+        log.warning("provider switch", extra={"offender": svc.name, "from": svc.provider, "to": req.to_provider,
+                                              "task": req.task_id, "reason": req.reason})
+        await self.store.mark_alert(req.alert_id, AlertState.HANDLED, decision=f"switch:{req.case}")
+        await self.store.release_task(req.task_id, req.to_provider)  # held by an escalation: free it
+        for name in req.services or [svc.name]:
+            other = self.sup[name]
+            if name != svc.name:
+                if other.provider == req.to_provider or not other.spec.is_agent:
+                    continue
+                open_tasks = await self.store.open_tasks(name)
+                await self.store.record_retry(
+                    alert_id=f"{req.alert_id}:{name}", agent_id=name, retry_type=RetryType.LLM_CHANGE,
+                    reason=f"subtree_switch:{svc.name}", detail={"subtree_of": svc.name}, case="subtree_switch",
+                    task_id=open_tasks[0]["task_id"] if open_tasks else None, run_id=task["run_id"],
+                    from_provider=other.provider, to_provider=req.to_provider, decided_by=req.decided_by,
+                    requested_by=req.requested_by)
+            await self._move(other, req.to_provider, req.delay if name == svc.name else 0.0,
+                             f"{req.case}:{req.reason}")
+        return {"status": "accepted", "action": "switch", "to": req.to_provider, "retry_count": row["retry_count"]}
+
+    async def _move(self, svc, provider: str, delay: float, reason: str) -> None:
+        """Restart a service on ``provider`` (a failed one too: the switch is its restart).
+        One whose replacement is already under way just starts on it: the pending spawn
+        reads the provider under the same lock."""
+        async with svc.lock:
+            if svc.replacing is not None or svc.incarnation is None or svc.state in ("stopping", "stopped"):
+                svc.provider = provider
+                await self.store.set_agent(svc.name, provider=provider)
+                return
+            incarnation = svc.incarnation
+        self.background(self.sup.replace(svc, incarnation, delay=delay, reason=reason, provider=provider),
+                        f"switch {svc.name}")
+
+    async def fail(self, rec: PermanentFailure) -> dict:
+        """Level 3: the task and its run fail with a structured reason; the waiting
+        parent and the gateway are told (by the ledger, which retries until they are)."""
+        svc = self.sup[rec.service]
+        task = await self.store.task(rec.task_id)
+        if task is None:
+            return {"status": "refused", "why": f"no task {rec.task_id!r}"}
+        history = await self.store.task_history(rec.task_id)
+        signals = sorted({(r["detail"] or {}).get("detected_by") or r["reason"] for r in history
+                          if r["retry_type"] in (RetryType.CHILD_RESTART, RetryType.ESCALATION)})
+        providers = [p for p in dict.fromkeys([r["from_provider"] for r in history] + [svc.provider]) if p]
+        failure = {**rec.detail, "agent": rec.service, "reason": rec.reason, "signals": signals,
+                   "providers_tried": providers,
+                   "restarts": sum(r["retry_type"] == RetryType.CHILD_RESTART for r in history),
+                   "provider_switches": sum(r["retry_type"] == RetryType.LLM_CHANGE for r in history),
+                   "task_id": rec.task_id, "run_id": task["run_id"], "case": rec.case}
+        row = await self.store.record_retry(
+            alert_id=rec.alert_id, agent_id=rec.service, retry_type=RetryType.PERMANENT_FAILURE, reason=rec.reason,
+            detail=failure, case=rec.case, task_id=rec.task_id, run_id=task["run_id"], from_provider=svc.provider,
+            decided_by=rec.decided_by, requested_by=rec.requested_by)
+        if row is None:
+            return {"status": "duplicate"}
+        self.metrics.permanent_failures.inc()
+        log.error("permanent failure", extra={"offender": rec.service, "task": rec.task_id, "run": task["run_id"],
+                                              "reason": rec.reason, "failure": failure})
+        await self.ledger.fail_permanently(task, failure, decided_by=rec.requested_by)
+        return {"status": "recorded", "failure": failure}
+
+
+class DaemonActions:
+    """The daemon's own hands for ``carry_out``."""
+
+    def __init__(self, carrier: Carrier) -> None:
+        self.c = carrier
+
+    async def restart(self, event: ChildFailed, d: Restart, *, decided_by: str, detail: dict) -> dict:
+        return await self.c.restart(RestartRequest(
+            service=event.service, replaces=event.incarnation, alert_id=event.alert_id, reason=event.reason,
+            case=d.case, delay=d.delay, with_task=d.with_task, crash_looping=d.crash_looping,
+            new_episode=d.new_episode, task_id=event.task_id, requested_by=DAEMON, decided_by=decided_by,
+            detail=detail))
+
+    async def escalate(self, event, d: Escalate, *, decided_by: str, detail: dict) -> dict:
+        """The daemon has nobody above it: the hop is recorded and ends here."""
+        loop = d.kind == "crash_loop"
+        return await self.c.escalation(EscalationRecord(
+            alert_id=loop_alert_id(event.alert_id) if loop else event.alert_id, service=event.service, kind=d.kind,
+            task_id=None if loop else event.task_id, reason=d.reason, case=d.case, from_service=DAEMON,
+            to_service=DAEMON, decided_by=decided_by, detail=detail))
+
+    async def switch(self, event, d: SwitchProvider, *, decided_by: str, detail: dict) -> dict:
+        return await self.c.switch(SwitchRequest(
+            service=event.service, alert_id=event.alert_id, task_id=event.task_id, to_provider=d.to_provider,
+            reason=event.reason, case=d.case, services=list(d.services), delay=d.delay, decided_by=decided_by,
+            requested_by=DAEMON, detail=detail))
+
+    async def fail(self, event, d: Fail, *, decided_by: str, detail: dict) -> dict:
+        return await self.c.fail(PermanentFailure(
+            alert_id=event.alert_id, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
+            detail={"last_reason": event.reason, **detail}, decided_by=decided_by, requested_by=DAEMON))

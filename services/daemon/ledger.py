@@ -1,0 +1,134 @@
+"""Runs and tasks: recorded before they are handed over, delivered until they arrive.
+
+The ledger records a task's end and delivers it to the waiting parent (retrying until the
+parent is back), ends a run when its root task ends, hands a new incarnation the tasks
+its predecessor held (with their last checkpoint), and tells the gateway once when a run
+fails for good. The daemon is the one process that does not die with a child, so nothing
+a child finished is lost when it dies the moment after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from common import logs
+from common.clock import Clock
+from common.config import DAEMON, MeshConfig, Policy
+from common.http import MeshClient, MeshHTTPError
+from common.ladder import compute_backoff
+from common.models import RunFailed, TaskAssign, TaskResult
+from common.states import RunState, ServiceState, TaskState
+from services.daemon.supervisor import Service, Supervisor
+
+log = logging.getLogger("tron.daemon")
+
+
+class Ledger:
+    def __init__(self, config: MeshConfig, sup: Supervisor, store, client: MeshClient, *, clock: Clock,
+                 policy: Callable[[], Policy], background) -> None:
+        self.config = config
+        self.sup = sup
+        self.store = store
+        self.client = client
+        self.clock = clock
+        self.policy = policy
+        self.background = background
+
+    # -- results ---------------------------------------------------------------------------
+
+    async def finish_task(self, task_id: str, status: TaskState, result: str | None, reason: str | None,
+                          detail: dict, incarnation: str | None) -> bool:
+        """Record a task's end, then deliver it to the waiting parent. A run's root task
+        also ends the run here, so a run's outcome never depends on the gateway."""
+        row = await self.store.task(task_id)
+        failure = {"reason": reason, **detail} if status == TaskState.FAILED else None
+        if row is None or not await self.store.finish_task(task_id, status, result, failure, reason=reason):
+            return False
+        if row["parent_task_id"] is None:
+            await self.store.finish_run(row["run_id"], RunState(str(status)), result, failure)
+        outcome = TaskResult(task_id=task_id, run_id=row["run_id"], status=str(status), result=result,
+                             reason=reason, detail=detail, service=row["agent"], incarnation=incarnation)
+        self.background(self.deliver(row["parent_agent"], outcome), f"deliver {task_id}")
+        return True
+
+    async def fail_permanently(self, task: dict, failure: dict, *, decided_by: str) -> None:
+        """Level 3: the task fails, its waiting parent is told, its run fails, and the
+        gateway hears of it once."""
+        await self.finish_task(task["task_id"], TaskState.FAILED, None, "permanent_failure", failure, None)
+        if await self.store.finish_run(task["run_id"], RunState.FAILED, None, failure):
+            self.background(self.notify_gateway(task["run_id"], task["task_id"], failure["reason"], failure,
+                                                src=decided_by), "notify gateway")
+
+    async def deliver(self, target: str, outcome: TaskResult) -> None:
+        if target not in self.sup.services:
+            return
+        logs.comms("task_result", src=DAEMON, dst=target, task=outcome.task_id, run=outcome.run_id,
+                   status=outcome.status, reason=outcome.reason, agent=outcome.service)
+        tries = 0
+        while not self.sup.stopping:
+            svc = self.sup[target]
+            if svc.state == ServiceState.RUNNING:
+                try:
+                    await self.client.post(self.config.url(target) + "/task_result", outcome, timeout=5)
+                    await self.store.mark_delivered(outcome.task_id)
+                    return
+                except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                    log.info("result of %s not delivered to %s yet: %s", outcome.task_id, target, err)
+            elif svc.state == ServiceState.STOPPED:
+                return  # a started parent finds the result in the registry when it re-delegates
+            tries += 1
+            await self.clock.sleep(compute_backoff(tries, initial=0.02, factor=2, max_backoff=1.0, jitter=0.1))
+
+    async def redeliver_pending(self) -> None:
+        """Results recorded while the previous daemon was down or dying reach their parents now."""
+        for row in await self.store.undelivered_results():
+            outcome = TaskResult(task_id=row["task_id"], run_id=row["run_id"], status=row["status"],
+                                 result=row["result"], reason=(row["failure"] or {}).get("reason"),
+                                 detail=row["failure"] or {}, service=row["agent"])
+            self.background(self.deliver(row["parent_agent"], outcome), f"redeliver {row['task_id']}")
+
+    async def notify_gateway(self, run_id: str, task_id: str | None, reason: str, failure: dict, *,
+                             src: str = DAEMON) -> None:
+        gateway = next((n for n, s in self.config.services.items() if s.role == "gateway"), None)
+        if gateway is None:
+            return
+        notice = RunFailed(run_id=run_id, task_id=task_id, reason=reason, detail=failure)
+        logs.comms("notify_run_failed", src=src, dst=gateway, run=run_id, task=task_id, reason=reason)
+        for tries in range(1, 21):
+            try:
+                await self.client.post(self.config.url(gateway) + "/notify_run_failed", notice, timeout=5)
+                return
+            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                log.info("gateway not told of failed run %s yet: %s", run_id, err)
+            await self.clock.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=2.0, jitter=0.1))
+        log.error("gateway never told of failed run %s (the registry has it)", run_id)
+
+    # -- hand-over to a new incarnation ---------------------------------------------------------
+
+    async def assignment(self, task: dict, provider: str | None) -> TaskAssign:
+        marks = await self.store.checkpoints(task["task_id"])
+        last = marks[-1] if marks else None
+        checkpoint = None if last is None else {"step": last["step"], "step_id": last["step_id"],
+                                                "hash": last["hash"], "output": last["output"]}
+        return TaskAssign(task_id=task["task_id"], run_id=task["run_id"], kind=task["kind"], prompt=task["prompt"],
+                          reply_to=task["parent_agent"], parent_task_id=task["parent_task_id"],
+                          progress=task["progress"], attempt=task["attempt"], provider=provider,
+                          checkpoint=checkpoint)
+
+    async def redispatch(self, svc: Service) -> None:
+        """Give a fresh incarnation the tasks its predecessor held, with the last
+        checkpoint, so it resumes after the last completed step instead of starting over."""
+        for task in await self.store.open_tasks(svc.name):
+            assign = await self.assignment(task, svc.provider)
+            logs.comms("task_redispatch", src=DAEMON, dst=svc.name, task=task["task_id"], run=task["run_id"],
+                       incarnation=svc.incarnation, progress=task["progress"], attempt=task["attempt"])
+            try:
+                await self.client.post(self.config.url(svc.name) + "/tasks", assign, timeout=5)
+                await self.store.event("task_resumed", {"progress": task["progress"], "attempt": task["attempt"],
+                                                        "checkpoint": (assign.checkpoint or {}).get("step")},
+                                       agent=svc.name, incarnation=svc.incarnation, task_id=task["task_id"],
+                                       run_id=task["run_id"])
+            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                log.warning("re-dispatch of %s to %s failed: %s", task["task_id"], svc.name, err)

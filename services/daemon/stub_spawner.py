@@ -1,0 +1,71 @@
+"""``StubSpawner``: the spawner's stub backend. No process is made: a child is a record
+the test ends when it likes (``crash``), and stopping or killing one ends it at once.
+tests/unit/test_spawner_contract.py holds it to the same contract as ``LocalSpawner``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+
+from services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
+
+
+class StubSpawner:
+    def __init__(self, on_exit: ExitCallback | None = None) -> None:
+        self.on_exit = on_exit  # the daemon plugs in its own when it is given this spawner
+        self.children: dict[int, Child] = {}
+        self.spawned: list[SpawnSpec] = []
+        self.failures: dict[str, str] = {}  # service name -> the SpawnError its next spawns raise
+        self._pids = itertools.count(1_000_000)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def status(self) -> dict | None:
+        return None
+
+    async def spawn(self, spec: SpawnSpec) -> Child:
+        if spec.name in self.failures:
+            raise SpawnError(self.failures[spec.name])
+        self.spawned.append(spec)
+        child = Child(spec.name, spec.incarnation, next(self._pids), 1.0, mode="stub")
+        self.children[child.pid] = child
+        return child
+
+    def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
+        child = self.children.get(pid)
+        if child is None or not child.alive or child.create_time != create_time:
+            return None
+        child.name, child.incarnation, child.mode = name, incarnation, "adopted"
+        return child
+
+    def crash(self, child: Child, *, code: int | None = None, sig: int | None = signal.SIGKILL) -> None:
+        """The process dies by itself (the test's stand-in for kill -9 or an exit)."""
+        self._end(child, code=code, sig=None if code is not None else sig)
+
+    def _end(self, child: Child, *, code: int | None, sig: int | None) -> None:
+        if not child.alive:
+            return
+        child.exit_code, child.exit_signal = code, sig
+        child.exited.set()
+        asyncio.get_running_loop().call_soon(self.on_exit, child)  # as a pidfd callback would
+
+    async def stop(self, child: Child, grace: float, sig: int = signal.SIGTERM) -> None:
+        child.expected_exit = True
+        self._end(child, code=None, sig=sig)
+        await asyncio.sleep(0)
+
+    async def kill(self, child: Child) -> None:
+        child.expected_exit = True
+        self._end(child, code=None, sig=signal.SIGKILL)
+        await asyncio.sleep(0)
+
+    def leftovers(self, child: Child) -> list[int]:
+        return []
+
+    def alive(self) -> list[Child]:
+        return [c for c in self.children.values() if c.alive]

@@ -1,0 +1,431 @@
+"""The services the daemon runs: one record each, its state machine, and its processes.
+
+``Supervisor`` starts an incarnation (the session row is written before the process
+exists), waits until the *new* incarnation is healthy, stops one (the whole tree), and
+replaces one for the ladder or an operator (the old tree is gone before the new one
+starts). It decides nothing: a process exit becomes a TRON signal handed to
+``on_signal``; what happens next is the ladder's.
+
+Every change of a service's state goes through ``transition``: checked against
+``common.states.SERVICE``, logged (one line, stable wording), written to the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from common.clock import Clock
+from common.config import DAEMON, MeshConfig, Policy, ServiceSpec
+from common.http import MeshClient, MeshHTTPError
+from common.models import Reason
+from common.monitor import Monitor, Signal
+from common.paths import Home
+from common.states import SERVICE, ServiceState
+from services.daemon.metrics import DaemonMetrics
+from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
+
+log = logging.getLogger("tron.daemon")
+
+NON_AGENT_BEAT_TIMEOUT = 10 * 365 * 86400.0  # command services have no beats to miss
+S = ServiceState
+
+
+def mesh_marks(home: Home) -> dict[str, str]:
+    """The environment every process of a home's mesh carries: how `tron down` and the
+    drills find them even when the registry does not know them (scripts/census.py)."""
+    return {"TRON_HOME": str(home.root), "TRON_MESH": str(home.root)}
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + uuid.uuid4().hex[:12]
+
+
+@dataclass
+class Service:
+    """Everything the daemon knows about one service, in one place."""
+
+    spec: ServiceSpec
+    provider: str | None
+    state: ServiceState = S.STOPPED
+    child: Child | None = None
+    incarnation: str | None = None
+    restarts: int = 0
+    started_at: float | None = None  # clock readings of the current incarnation
+    healthy_at: float | None = None
+    last_beat: float | None = None
+    task_id: str | None = None
+    progress: str | None = None
+    failed_at: float | None = None  # the failure not yet recovered from (recovery latency)
+    failed_since: float | None = None  # when it entered FAILED (the watchdog's clock)
+    replacing: str | None = None  # the incarnation a restart is already replacing
+    stopped: bool = False  # an operator stopped it: nothing brings it back but `tron start`
+    crash_looping: bool = False
+    last_failure: dict | None = None
+    healthy: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def stable(self, now: float, policy: Policy) -> bool:
+        """Was the current incarnation healthy for at least ``min_uptime``?"""
+        return self.healthy_at is not None and now - self.healthy_at >= policy.min_uptime
+
+
+Hook = Callable[..., Awaitable[None]]
+
+
+class Supervisor:
+    def __init__(self, config: MeshConfig, home: Home, *, store, spawner: Spawner, monitor: Monitor, clock: Clock,
+                 metrics: DaemonMetrics, policy: Callable[[], Policy], client: MeshClient, background,
+                 config_path: Path | None) -> None:
+        self.config = config
+        self.home = home
+        self.store = store
+        self.spawner = spawner
+        self.monitor = monitor
+        self.clock = clock
+        self.metrics = metrics
+        self.policy = policy
+        self.client = client
+        self.background = background  # schedules a coroutine as a tracked task
+        self.config_path = config_path
+        self.stopping = False
+        self.on_signal: Callable[[Signal], Awaitable[None]] | None = None
+        self.on_healthy: Callable[[Service], Awaitable[None]] | None = None
+        # Does the new incarnation serve? HTTP by default; unit tests answer for a stub.
+        self.healthy_now: Callable[[Service, str], Awaitable[bool]] = self._healthy_now
+        self.services: dict[str, Service] = {
+            name: Service(spec, config.provider_of(name) if spec.is_agent else None)
+            for name, spec in config.services.items()
+        }
+
+    def __getitem__(self, name: str) -> Service:
+        return self.services[name]
+
+    # -- state ---------------------------------------------------------------------------
+
+    async def transition(self, svc: Service, new: ServiceState, reason: str) -> None:
+        old = svc.state
+        if old == new and new != S.STARTING:
+            return
+        SERVICE.check(old, new)
+        svc.state = new
+        svc.failed_since = self.clock.now() if new == S.FAILED else None
+        log.info("%s: %s -> %s", svc.name, old, new, extra={"offender": svc.name, "from": str(old), "to": str(new),
+                                                            "reason": reason, "incarnation": svc.incarnation})
+        await self.store.set_agent(svc.name, state=new)
+
+    async def declare(self) -> None:
+        """Every service of the mesh file is a registry row; what outlives a daemon (an
+        operator's stop, a provider switch, a crash loop) is read back from it."""
+        for svc in self.services.values():
+            row = await self.store.upsert_agent(svc.name, svc.spec.role, svc.spec.parent, svc.spec.port, svc.provider)
+            if svc.spec.is_agent and row.get("provider"):
+                svc.provider = row["provider"]
+            svc.stopped = bool(row.get("stopped"))
+            svc.crash_looping = bool(row.get("crash_looping"))
+
+    # -- starting ------------------------------------------------------------------------
+
+    async def _env(self, svc: Service, incarnation: str) -> dict[str, str]:
+        p = self.policy()
+        env = dict(os.environ)
+        env.update(svc.spec.env)
+        env.update(mesh_marks(self.home))
+        env.update({
+            "TRON_SERVICE": svc.name,
+            "TRON_ROLE": svc.spec.role,
+            "TRON_PORT": str(svc.spec.port),
+            "TRON_INCARNATION": incarnation,
+            "TRON_DAEMON_URL": self.config.daemon_url,
+            "TRON_CONFIG": str(self.config_path or ""),
+            "TRON_PORT_OFFSET": os.environ.get("TRON_PORT_OFFSET", "0"),
+            "TRON_HEARTBEAT_INTERVAL": repr(p.heartbeat_interval),
+            "PYTHONUNBUFFERED": "1",
+        })
+        if svc.spec.is_agent:
+            env["TRON_TOKEN_FILE"] = str(self.home.token_file)  # never handed to a program that is not ours
+            env["TRON_RESUME"] = json.dumps(await self._resume(svc))
+        else:
+            env.pop("TRON_TOKEN_FILE", None)
+        if svc.provider:
+            env["TRON_PROVIDER"] = svc.provider
+        return env
+
+    async def _resume(self, svc: Service) -> dict:
+        """The tasks the next incarnation inherits, each with its last checkpoint."""
+        tasks = []
+        for t in await self.store.open_tasks(svc.name):
+            marks = await self.store.checkpoints(t["task_id"])
+            last = marks[-1] if marks else None
+            tasks.append({"task_id": t["task_id"], "progress": t["progress"], "attempt": t["attempt"],
+                          "checkpoint": None if last is None else
+                          {"step": last["step"], "step_id": last["step_id"], "hash": last["hash"]}})
+        return {"tasks": tasks}
+
+    def _spawn_spec(self, svc: Service, incarnation: str, env: dict[str, str]) -> SpawnSpec:
+        cwd = Path(self.config_path).parent if self.config_path else Path.cwd()
+        return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(), env=env, cwd=cwd,
+                         log=self.home.log_file(svc.name),
+                         module=f"services.{svc.spec.role}" if svc.spec.is_agent else None)
+
+    async def start(self, svc: Service, *, reason: str) -> None:
+        """Spawn a new incarnation. The session row is written first (a daemon killed
+        between fork and record still knows what it may have started); TRON watches it
+        from the first moment, with the start timeout as its first deadline."""
+        incarnation = new_id("i-")
+        await self.transition(svc, S.STARTING, reason)
+        now = self.clock.now()
+        svc.incarnation, svc.child = incarnation, None
+        svc.started_at, svc.healthy_at, svc.last_beat = now, None, None
+        svc.task_id = svc.progress = None
+        svc.healthy.clear()
+        svc.settled.clear()
+        env = await self._env(svc, incarnation)
+        spec = self._spawn_spec(svc, incarnation, env)
+        await self.store.open_session(incarnation, svc.name, svc.spec.port, svc.provider,
+                                      mode="fork" if spec.module else "plain")
+        self.watch(svc)
+        try:
+            child = await self.spawner.spawn(spec)
+        except SpawnError as err:
+            await self._spawn_failed(svc, incarnation, str(err))
+            return
+        svc.child = child
+        await self.store.session_started(incarnation, child.pid, child.create_time, mode=child.mode)
+        await self.store.event("spawned", {"pid": child.pid, "reason": reason, "provider": svc.provider,
+                                           "mode": child.mode, "argv": spec.argv},
+                               agent=svc.name, incarnation=incarnation)
+        log.info("spawned", extra={"offender": svc.name, "pid": child.pid, "incarnation": incarnation,
+                                   "reason": reason, "mode": child.mode})
+        self.background(self._await_health(svc, incarnation), f"health {svc.name}")
+
+    async def _spawn_failed(self, svc: Service, incarnation: str, error: str) -> None:
+        """A process that could not be started is a failure like any other: it enters the
+        ladder (and, if it keeps failing, crash-loops at the backoff cap)."""
+        log.error("spawn failed", extra={"offender": svc.name, "error": error, "incarnation": incarnation})
+        await self.store.close_session(incarnation, reason=f"spawn_failed: {error}")
+        await self.store.event("spawn_failed", {"error": error, "argv": svc.spec.argv()}, agent=svc.name,
+                               incarnation=incarnation)
+        signal = self.monitor.raise_alert(svc.name, incarnation, Reason.SPAWN_FAILED, self.clock.now(),
+                                          {"error": error})
+        if signal is not None and self.on_signal is not None:
+            self.background(self.on_signal(signal), f"spawn failure {svc.name}")
+
+    def watch(self, svc: Service) -> None:
+        p = self.policy()
+        beat_timeout = p.beat_timeout if svc.spec.is_agent else NON_AGENT_BEAT_TIMEOUT
+        now = self.clock.now()
+        self.monitor.watch(svc.name, svc.incarnation, now + max(0.0, p.start_timeout - beat_timeout),
+                           beat_timeout=beat_timeout, progress_timeout=p.progress_timeout,
+                           task_timeout=p.task_timeout)
+
+    async def _healthy_now(self, svc: Service, incarnation: str) -> bool:
+        """The new incarnation answers: an agent's /health names its incarnation; a
+        program with a probe URL answers it (without the mesh token)."""
+        url = svc.spec.health_url
+        if url is None:
+            return True
+        try:
+            if svc.spec.is_agent:
+                body = await self.client.get(url, timeout=1.0)
+                return isinstance(body, dict) and body.get("incarnation") == incarnation
+            await self.client.get(url, timeout=1.0, token=False)
+            return True
+        except (MeshHTTPError, OSError, asyncio.TimeoutError):
+            return False
+        except Exception as err:  # a probe error of any kind is a failed probe, never the end of the waiter
+            log.debug("health check of %s: %s", svc.name, err)
+            return False
+
+    async def _await_health(self, svc: Service, incarnation: str) -> None:
+        deadline = self.clock.now() + self.policy().start_timeout
+        while self.clock.now() < deadline:
+            if svc.incarnation != incarnation or svc.child is None or not svc.child.alive:
+                return
+            if await self.healthy_now(svc, incarnation):
+                break
+            await self.clock.sleep(0.01)
+        else:
+            if svc.incarnation == incarnation and svc.child is not None and svc.child.alive:
+                signal = self.monitor.raise_alert(svc.name, incarnation, Reason.START_TIMEOUT, self.clock.now(),
+                                                  {"start_timeout": self.policy().start_timeout})
+                if signal is not None and self.on_signal is not None:
+                    await self.on_signal(signal)
+            return
+        if svc.incarnation != incarnation or svc.state != S.STARTING:
+            return
+        await self.store.session_running(incarnation)
+        await self.transition(svc, S.RUNNING, "healthy")
+        now = self.clock.now()
+        svc.healthy_at = now
+        svc.healthy.set()
+        svc.settled.set()
+        if svc.failed_at is not None:
+            self.metrics.recovery_latency.observe(now - svc.failed_at)
+            await self.store.event("recovered", {"seconds": round(now - svc.failed_at, 4),
+                                                 "cold_start": round(now - svc.started_at, 4)},
+                                   agent=svc.name, incarnation=incarnation)
+            svc.failed_at = None
+        if self.on_healthy is not None and svc.spec.is_agent:
+            await self.on_healthy(svc)
+
+    async def wait_settled(self, svc: Service, timeout: float) -> bool:
+        """Until the latest start attempt is healthy or has failed; True if healthy."""
+        try:
+            await asyncio.wait_for(svc.settled.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return svc.healthy.is_set()
+
+    # -- stopping and replacing ----------------------------------------------------------
+
+    async def stop(self, svc: Service, *, reason: str) -> None:
+        """The whole tree, gracefully: the service's stop signal, then SIGKILL after
+        ``stop_grace``. A stop always completes, whatever the registry does."""
+        async with svc.lock:
+            if svc.state == S.STOPPED:
+                return
+            await self._best_effort(self.transition(svc, S.STOPPING, reason), f"record stopping {svc.name}")
+            svc.state = S.STOPPING
+            self.monitor.unwatch(svc.name)
+            child = svc.child
+            if child is not None:
+                await self.spawner.stop(child, self.policy().stop_grace)
+                await self._best_effort(self.store.close_session(
+                    child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
+                    f"close session {child.incarnation}")
+            await self._best_effort(self.transition(svc, S.STOPPED, reason), f"record stopped {svc.name}")
+            svc.state = S.STOPPED
+            svc.settled.set()
+
+    async def _best_effort(self, coro, what: str) -> None:
+        try:
+            await coro
+        except Exception as err:  # a stop must never be aborted by the registry
+            log.error("%s failed while stopping: %s", what, err)
+
+    async def replace(self, svc: Service, old_incarnation: str, *, delay: float, reason: str,
+                      provider: str | None = None, requeue: bool = True) -> bool:
+        """Kill the old incarnation's tree, wait out ``delay`` (BACKOFF), then start a new
+        one (on ``provider`` if given) that inherits the open tasks when ``requeue``.
+        A no-op (False) when the incarnation is no longer current or the service stops."""
+        async with svc.lock:
+            if svc.incarnation != old_incarnation or svc.state in (S.STOPPING, S.STOPPED) or svc.stopped:
+                return False
+            svc.replacing = old_incarnation
+            self.monitor.unwatch(svc.name)
+            old = svc.child
+        try:
+            if old is not None:
+                await self.spawner.kill(old)
+                await self.store.close_session(old.incarnation, reason=f"replaced:{reason}",
+                                               exit_code=old.exit_code, exit_signal=old.exit_signal)
+            elif old_incarnation:
+                await self.store.close_session(old_incarnation, reason=f"replaced:{reason}")
+            if delay > 0:
+                if svc.state == S.FAILED:
+                    await self.transition(svc, S.BACKOFF, f"{reason}, restart in {delay:.2f}s")
+                await self.clock.sleep(delay)
+            async with svc.lock:
+                if svc.incarnation != old_incarnation or self.stopping or svc.stopped \
+                        or svc.state in (S.STOPPING, S.STOPPED):
+                    return False
+                if provider and provider != svc.provider:
+                    svc.provider = provider
+                    await self.store.set_agent(svc.name, provider=provider)
+                if requeue:
+                    await self.store.requeue_tasks(svc.name, provider=provider)
+                svc.restarts += 1
+                await self.start(svc, reason=reason)
+                return True
+        finally:
+            svc.replacing = None  # only now: until the new incarnation exists, the old one is being replaced
+
+    # -- exits and adoption ----------------------------------------------------------------
+
+    def on_exit(self, child: Child) -> None:
+        """Called by the spawner's pidfd callback, on the loop: hand over, nothing else."""
+        svc = self.services.get(child.name)
+        log.info("process exited", extra={"offender": child.name, "pid": child.pid, "exit_code": child.exit_code,
+                                          "signal": child.exit_signal, "expected": child.expected_exit,
+                                          "incarnation": child.incarnation})
+        if child.expected_exit or svc is None or self.stopping or svc.incarnation != child.incarnation:
+            return
+        signal = self.monitor.process_exited(child.name, child.incarnation, self.clock.now(),
+                                             exit_code=child.exit_code, signal=child.exit_signal)
+        self.background(self.store.close_session(child.incarnation, reason="process_exit", exit_code=child.exit_code,
+                                                 exit_signal=child.exit_signal), f"close {child.incarnation}")
+        if signal is not None and self.on_signal is not None:
+            self.background(self.on_signal(signal), f"exit {child.name}")
+
+    async def adopt_or_close(self) -> None:
+        """Sessions left open by an earlier daemon: adopt the live ones (same pid and start
+        time), end the trees of the rest. No session stays open without its process, and
+        no process of this home runs without its session."""
+        for row in await self.store.open_sessions():
+            svc = self.services.get(row["agent"])
+            child = None
+            if svc is not None and svc.child is None and row["pid"] and not svc.stopped:
+                child = self.spawner.adopt(svc.name, row["incarnation"], row["pid"], row["pid_create_time"])
+            if child is None:
+                await self._end_lost(row)
+                continue
+            svc.child, svc.incarnation = child, row["incarnation"]
+            svc.started_at = self.clock.now()
+            svc.provider = row["provider"] or svc.provider
+            svc.settled.clear()
+            await self.transition(svc, S.STARTING, "adopted")
+            self.watch(svc)
+            await self.store.event("adopted", {"pid": child.pid}, agent=svc.name, incarnation=svc.incarnation)
+            log.info("adopted", extra={"offender": svc.name, "pid": child.pid, "incarnation": svc.incarnation})
+            self.background(self._await_health(svc, svc.incarnation), f"health {svc.name}")
+
+    async def _end_lost(self, row: dict) -> None:
+        """A session whose process is gone (or is a ghost we will not adopt): end whatever
+        of its tree still runs, then close the row."""
+        leftovers = []
+        if row["pid"]:
+            ghost = Child(row["agent"], row["incarnation"], row["pid"], row["pid_create_time"] or 0.0,
+                          mode="adopted")
+            ghost.exited.set()
+            leftovers = self.spawner.leftovers(ghost)
+            if leftovers:
+                await self.spawner.kill(ghost)
+        await self.store.close_session(row["incarnation"], reason="lost_while_daemon_down")
+        await self.store.event("session_lost", {"pid": row["pid"], "ended": leftovers}, agent=row["agent"],
+                               incarnation=row["incarnation"])
+
+    # -- status -------------------------------------------------------------------------------
+
+    def rows(self) -> list[dict]:
+        now = self.clock.now()
+        out = []
+        for name in self.config.start_order():
+            svc = self.services[name]
+            out.append({
+                "name": name, "role": svc.spec.role, "parent": svc.spec.parent, "port": svc.spec.port,
+                "state": str(svc.state), "pid": svc.child.pid if svc.child and svc.child.alive else None,
+                "incarnation": svc.incarnation, "restarts": svc.restarts, "provider": svc.provider,
+                "last_beat_age": round(now - svc.last_beat, 3) if svc.last_beat else None,
+                "uptime": round(now - svc.started_at, 1) if svc.started_at and svc.state == S.RUNNING else None,
+                "task": svc.task_id, "progress": svc.progress, "crash_looping": svc.crash_looping,
+                "stopped": svc.stopped, "last_failure": svc.last_failure,
+            })
+        return out
+
+
+def top_of(config: MeshConfig, decider: str) -> bool:
+    """Nobody decides above the daemon, or above a service of the root role."""
+    return decider == DAEMON or config.services[decider].role == "root"
+

@@ -1,0 +1,275 @@
+"""The daemon's parts with a fake clock, the in-memory store and the stub spawner: no
+process, no file but the home's lock and token, no sleeping. Every decision the daemon
+carries out for its own children (and in the stead of ancestors that cannot) is checked
+on the registry rows it leaves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.clock import FakeClock
+from common.config import parse_mesh
+from common.models import RestartRequest
+from common.paths import Home
+from common.states import AlertState, ServiceState, TaskState
+from registry.memory import MemoryStore
+from services.daemon.core import Daemon
+from services.daemon.stub_spawner import StubSpawner
+
+POLICY = {"heartbeat_interval": 1.0, "miss_threshold": 3, "max_restarts": 3, "restart_window": 60.0,
+          "backoff_initial": 0.5, "backoff_factor": 2.0, "backoff_max": 4.0, "backoff_jitter": 0.0,
+          "min_uptime": 1.0, "max_provider_switches": 1, "start_timeout": 10.0}
+
+
+def mesh(**services):
+    services = services or {
+        "web": {"command": ["web-server"], "port": 7001},
+        "root": {"role": "root", "port": 7002},
+        "worker": {"role": "programmer", "port": 7003, "parent": "root"},
+    }
+    return parse_mesh({"mesh": {"daemon_port": 7000}, "policy": POLICY, "services": services})
+
+
+class Rig:
+    """A daemon on stubs. ``settle()`` lets every ready coroutine run; ``advance(s)`` moves
+    the fake clock and settles again."""
+
+    def __init__(self, tmp_path, config) -> None:
+        self.clock = FakeClock()
+        self.store = MemoryStore(clock=self.clock)
+        self.spawner = StubSpawner()
+        self.daemon = Daemon(config, Home(tmp_path / "home"), store=self.store, spawner=self.spawner,
+                             clock=self.clock, monitor_thread=False)
+        self.posts: list[tuple[str, dict]] = []
+        self.answer = None  # how agent ancestors answer alerts: None = unreachable
+
+    async def start(self) -> None:
+        d = self.daemon
+        await d.start()
+
+        async def healthy(svc, incarnation):  # the stub processes "serve" at once
+            return svc.incarnation == incarnation and svc.child is not None and svc.child.alive
+
+        d.sup.healthy_now = healthy
+        d.client.post = self._post
+        await d.bring_up()
+        await self.settle()
+
+    async def _post(self, url, body=None, **kw):
+        payload = body.model_dump(mode="json") if hasattr(body, "model_dump") else body
+        self.posts.append((url, payload))
+        if self.answer is None:
+            raise OSError("connection refused")
+        return await self.answer(url, payload)
+
+    async def settle(self, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            await asyncio.sleep(0)
+
+    async def until_running(self, name: str, limit: float = 30.0) -> float:
+        """Move the clock in small steps until ``name`` runs again; how long that took."""
+        waited = 0.0
+        while self.svc(name).state != ServiceState.RUNNING and waited < limit:
+            await self.advance(0.25)
+            waited += 0.25
+        return waited
+
+    async def advance(self, seconds: float) -> None:
+        step = 0.25
+        while seconds > 1e-9:
+            self.clock.advance(min(step, seconds))
+            seconds -= step
+            await self.settle()
+
+    def svc(self, name):
+        return self.daemon.sup[name]
+
+    async def crash(self, name: str) -> str:
+        old = self.svc(name).incarnation
+        self.spawner.crash(self.svc(name).child)
+        await self.settle()
+        return old
+
+    async def rows(self, name: str) -> list[dict]:
+        return list(reversed(await self.store.history(agent=name)))
+
+    async def restarts(self, name: str) -> list[dict]:
+        return [r for r in await self.rows(name) if r["retry_type"] == "child_restart"]
+
+    async def stop(self) -> None:
+        await self.daemon.shutdown()
+
+
+@pytest.fixture
+async def rig(tmp_path):
+    r = Rig(tmp_path, mesh())
+    await r.start()
+    yield r
+    await r.stop()
+
+
+async def test_bring_up_starts_every_service_parents_first(rig):
+    assert {n: str(s.state) for n, s in rig.daemon.sup.services.items()} == {
+        "web": "running", "root": "running", "worker": "running"}
+    assert [s.name for s in rig.spawner.spawned] == ["web", "root", "worker"]
+    sessions = await rig.store.open_sessions()
+    assert {s["status"] for s in sessions} == {"running"}
+
+
+async def test_a_crash_is_restarted_at_once_by_the_daemon_with_its_case(rig):
+    old = await rig.crash("web")
+    web = rig.svc("web")
+    assert web.incarnation != old and web.state == ServiceState.RUNNING
+    [row] = await rig.rows("web")
+    assert (row["retry_type"], row["case_id"], row["requested_by"], row["reason"]) == (
+        "child_restart", "idle_failure", "daemon", "process_exit")
+    assert row["detail"]["delay"] == 0.0 and row["detail"]["signal"] == 9
+    alert = await rig.store.alert(row["alert_id"])
+    assert alert["status"] == AlertState.HANDLED and alert["stable"] == 0
+
+
+async def test_unstable_failures_back_off_stable_ones_come_back_at_once(rig):
+    delays = []
+    for _ in range(4):  # each incarnation dies before min_uptime: an unstable streak
+        await rig.crash("web")
+        await rig.until_running("web")
+        delays.append((await rig.restarts("web"))[-1]["detail"]["delay"])
+    assert delays == [0.0, 0.5, 1.0, 2.0]
+    assert rig.svc("web").state == ServiceState.RUNNING
+    await rig.advance(1.5)  # this one stays up past min_uptime: stable
+    await rig.crash("web")
+    assert (await rig.restarts("web"))[-1]["detail"]["delay"] == 0.0
+    assert rig.svc("web").state == ServiceState.RUNNING
+
+
+async def test_a_crash_loop_is_flagged_escalated_once_and_ends_after_a_quiet_window(rig):
+    for _ in range(5):
+        await rig.crash("web")
+        await rig.advance(4.0)
+    web = rig.svc("web")
+    assert web.crash_looping and web.state == ServiceState.RUNNING  # never given up
+    rows = await rig.rows("web")
+    loops = [r for r in rows if r["retry_type"] == "escalation"]
+    assert [(r["reason"], r["hop"], r["case_id"]) for r in loops] == [
+        ("crash_looping", "daemon->daemon", "crash_loop_started")]
+    flagged = [r["detail"]["crash_looping"] for r in rows if r["retry_type"] == "child_restart"]
+    assert flagged == [False, False, True, True, True]  # from the max_restarts-th failure in the window
+    assert len(await rig.store.events(kind="crash_loop_started")) == 1
+    await rig.advance(61.0)
+    await rig.daemon.router.watchdog_tick()
+    assert not rig.svc("web").crash_looping
+    assert len(await rig.store.events(kind="crash_loop_ended")) == 1
+
+
+async def test_a_program_that_cannot_start_fails_alone_and_keeps_being_retried(tmp_path):
+    r = Rig(tmp_path, mesh(ghost={"command": ["ghost-bin"], "port": 7001},
+                           root={"role": "root", "port": 7002}))
+    r.spawner.failures["ghost"] = "command not found: ghost-bin"
+    await r.start()
+    try:
+        assert r.svc("root").state == ServiceState.RUNNING  # the rest of the mesh came up
+        ghost = r.svc("ghost")
+        assert ghost.last_failure["reason"] == "spawn_failed"
+        assert ghost.last_failure["detail"]["error"] == "command not found: ghost-bin"
+        await r.advance(20.0)
+        rows = await r.restarts("ghost")
+        assert len(rows) >= 4 and rows[-1]["detail"]["delay"] > 0  # backing off, not given up
+        del r.spawner.failures["ghost"]
+        await r.advance(5.0)
+        assert r.svc("ghost").state == ServiceState.RUNNING
+    finally:
+        await r.stop()
+
+
+async def test_an_operator_stop_is_never_undone_by_the_ladder(rig):
+    await rig.daemon.operators.act("stop", "web", actor="ops", reason="maintenance")
+    assert rig.svc("web").state == ServiceState.STOPPED and rig.svc("web").stopped
+    req = RestartRequest(service="web", replaces=rig.svc("web").incarnation, alert_id="a-x", reason="x",
+                         case="idle_failure", requested_by="daemon")
+    answer = await rig.daemon.carrier.restart(req)
+    assert answer["status"] == "stale" and answer["case"] == "stopped_request"
+    await rig.advance(5.0)
+    assert rig.svc("web").state == ServiceState.STOPPED
+    await rig.daemon.operators.act("start", "web", actor="ops", reason="done")
+    await rig.settle()
+    assert rig.svc("web").state == ServiceState.RUNNING
+    audit = [e["payload"] for e in await rig.store.events(kind="audit")]
+    assert [(a["what"], a["outcome"], a["who"]) for a in audit] == [("stop", "stopped", "ops"),
+                                                                    ("start", "starting", "ops")]
+
+
+async def test_restart_requests_are_idempotent_and_guarded_by_the_incarnation(rig):
+    current = rig.svc("web").incarnation
+    req = RestartRequest(service="web", replaces=current, alert_id="a-1", reason="operator_test",
+                         case="idle_failure", requested_by="daemon")
+    first = await rig.daemon.carrier.restart(req)
+    again = await rig.daemon.carrier.restart(req)
+    stale = await rig.daemon.carrier.restart(req.model_copy(update={"alert_id": "a-2"}))
+    await rig.settle()
+    assert (first["status"], again["status"], stale["status"]) == ("accepted", "duplicate", "stale")
+    assert len([r for r in await rig.rows("web") if r["retry_type"] == "child_restart"]) == 1
+
+
+async def test_an_alert_no_ancestor_takes_is_undeliverable_then_the_daemon_decides(rig):
+    rig.answer = None  # root does not answer
+    old = await rig.crash("worker")
+    assert any(url.endswith("/handle_child_timeout") for url, _ in rig.posts)
+    [row] = await rig.rows("worker")
+    assert row["requested_by"] == "daemon" and row["case_id"] == "idle_failure"
+    assert len(await rig.store.events(kind="alert_undeliverable")) == 1
+    assert rig.svc("worker").incarnation != old
+
+
+async def test_an_ancestor_that_answers_without_acting_is_passed_over(rig):
+    async def shrug(url, payload):
+        return {"action": "ignore"}
+
+    rig.answer = shrug
+    old = await rig.crash("worker")
+    [row] = await rig.rows("worker")
+    assert row["requested_by"] == "daemon"
+    assert rig.svc("worker").incarnation != old
+
+
+async def _task_for(rig, agent="root", task_id="r-1.0"):
+    await rig.store.create_run("r-1", "build it", False)
+    await rig.store.upsert_task({"task_id": task_id, "run_id": "r-1", "agent": agent, "parent_agent": "gateway",
+                                 "kind": "run", "prompt": "build it"})
+    await rig.store.task_progress(task_id, rig.svc(agent).incarnation, "delegated")
+    rig.svc(agent).task_id = task_id
+
+
+async def test_a_task_climbs_the_whole_ladder_and_ends_within_its_bound(rig):
+    """The root's own task, decided by the daemon (the top for its children): restarts
+    with the task, a provider switch, then a permanent failure; the run fails."""
+    await _task_for(rig)
+    for _ in range(10):
+        task = await rig.store.task("r-1.0")
+        if task["status"] in (TaskState.DONE, TaskState.FAILED):
+            break
+        rig.svc("root").task_id = "r-1.0"
+        await rig.crash("root")
+        await rig.advance(4.0)
+    task = await rig.store.task("r-1.0")
+    rows = await rig.store.task_history("r-1.0")
+    kinds = [r["retry_type"] for r in rows]
+    assert kinds == ["child_restart"] * 3 + ["llm_change", "permanent_failure"], kinds
+    assert task["status"] == "failed" and task["failure"]["reason"] == "max_provider_switches_exceeded"
+    assert task["attempt"] <= 1 + 3 + 1
+    assert (await rig.store.run("r-1"))["status"] == "failed"
+    assert rows[3]["to_provider"] == "ollama" and rig.svc("root").provider == "ollama"
+    assert rig.svc("root").state == ServiceState.RUNNING  # the service itself came back, idle
+
+
+async def test_a_task_held_for_a_decision_that_never_comes_is_decided_by_the_watchdog(rig):
+    await _task_for(rig, agent="worker", task_id="r-1.0.0")
+    await rig.store.hold_task("r-1.0.0", "max_restarts_exceeded")
+    await rig.advance(30.0)
+    await rig.daemon.router.watchdog_tick()
+    await rig.settle()
+    rows = await rig.store.task_history("r-1.0.0")
+    assert [r["retry_type"] for r in rows] == ["llm_change"] and rows[0]["requested_by"] == "daemon"
+    assert (await rig.store.task("r-1.0.0"))["status"] in ("assigned", "running")
+    assert len(await rig.store.events(kind="watchdog_decides")) == 1

@@ -1,0 +1,128 @@
+"""One contract, both ``Spawner`` backends: real processes (``LocalSpawner``) and the
+stub. A child spawns alive; an exit it did not ask for is reported once with its status;
+stop and kill end it and are reported as expected; a missing program is a SpawnError;
+adoption needs the same pid and start time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from services.daemon.spawner import LocalSpawner, SpawnError, SpawnSpec, same_process, tree_of
+from services.daemon.stub_spawner import StubSpawner
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+class Backend:
+    def __init__(self, kind: str, tmp: Path) -> None:
+        self.exits = []
+        self.spawner = LocalSpawner(self.exits.append) if kind == "local" else StubSpawner(self.exits.append)
+        self.kind = kind
+        self.tmp = tmp
+
+    def spec(self, name: str, argv=SLEEPER) -> SpawnSpec:
+        return SpawnSpec(name=name, incarnation=f"i-{name}", argv=argv,
+                         env={**os.environ, "TRON_INCARNATION": f"i-{name}"}, cwd=self.tmp,
+                         log=self.tmp / f"{name}.log")
+
+    async def crash(self, name: str, code: int):
+        """A child that exits by itself with ``code``."""
+        if self.kind == "local":
+            return await self.spawner.spawn(self.spec(name, [sys.executable, "-c", f"raise SystemExit({code})"]))
+        child = await self.spawner.spawn(self.spec(name))
+        self.spawner.crash(child, code=code)
+        return child
+
+    async def reported(self, n: int) -> list:
+        for _ in range(500):
+            if len(self.exits) >= n:
+                return self.exits
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{n} exits expected, saw {len(self.exits)}")
+
+
+@pytest.fixture(params=["local", "stub"])
+async def backend(request, tmp_path):
+    b = Backend(request.param, tmp_path)
+    yield b
+    for child in list(getattr(b.spawner, "children", {}).values()):
+        await b.spawner.kill(child)
+
+
+async def test_a_spawned_child_is_alive_with_a_pid(backend):
+    child = await backend.spawner.spawn(backend.spec("a"))
+    try:
+        assert child.alive and child.pid > 0 and child.incarnation == "i-a"
+        if backend.kind == "local":
+            assert same_process(child.pid, child.create_time)
+    finally:
+        await backend.spawner.kill(child)
+
+
+async def test_an_exit_nobody_asked_for_is_reported_once_with_its_status(backend):
+    child = await backend.crash("b", 3)
+    [seen] = await backend.reported(1)
+    assert seen is child and not child.alive and child.exit_code == 3 and not child.expected_exit
+    await asyncio.sleep(0.05)
+    assert len(backend.exits) == 1
+
+
+async def test_stop_and_kill_end_the_child_as_expected(backend):
+    a = await backend.spawner.spawn(backend.spec("c"))
+    b = await backend.spawner.spawn(backend.spec("d"))
+    await backend.spawner.stop(a, grace=2.0)
+    await backend.spawner.kill(b)
+    await backend.reported(2)
+    assert not a.alive and not b.alive and a.expected_exit and b.expected_exit
+    assert b.exit_signal == signal.SIGKILL
+    if backend.kind == "local":
+        assert a.exit_signal == signal.SIGTERM
+        assert not same_process(a.pid, None) and not same_process(b.pid, None)
+
+
+async def test_a_missing_program_is_a_spawn_error_that_names_it(backend):
+    if backend.kind == "stub":
+        backend.spawner.failures["e"] = "command not found: ghost-bin"
+    with pytest.raises(SpawnError, match="command not found: ghost-bin"):
+        await backend.spawner.spawn(backend.spec("e", ["ghost-bin", "--serve"]))
+
+
+async def test_adoption_needs_the_same_pid_and_start_time(backend):
+    child = await backend.spawner.spawn(backend.spec("f"))
+    try:
+        assert backend.spawner.adopt("f", "i-f2", child.pid, child.create_time + 5) is None
+        adopted = backend.spawner.adopt("f", "i-f", child.pid, child.create_time)
+        assert adopted is not None and adopted.pid == child.pid and adopted.mode == "adopted"
+    finally:
+        await backend.spawner.kill(child)
+
+
+async def test_the_whole_tree_ends_even_when_its_leader_died_first(tmp_path):
+    """Real processes only: a master whose workers outlive it (nginx, postgres) and a
+    worker that left the process group; kill ends every one of them."""
+    backend = Backend("local", tmp_path)
+    script = (
+        "import os, subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"  # same group
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        "time.sleep(60)\n")
+    child = await backend.spawner.spawn(backend.spec("g", [sys.executable, "-c", script]))
+    for _ in range(200):
+        if len(tree_of(child.pid, child.incarnation)) == 3:
+            break
+        await asyncio.sleep(0.02)
+    tree = tree_of(child.pid, child.incarnation)
+    assert len(tree) == 3, tree
+    os.kill(child.pid, signal.SIGKILL)  # the master dies; its workers do not
+    await backend.reported(1)
+    assert len(tree_of(child.pid, child.incarnation)) == 2
+    await backend.spawner.kill(child)
+    assert tree_of(child.pid, child.incarnation) == []
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree if p.pid != child.pid)

@@ -433,12 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="llm-sim fault injection")
     simsub = sim.add_subparsers(dest="sim_cmd", required=True)
     fault = simsub.add_parser("fault", help="inject a fault")
-    fault.add_argument("provider", choices=["anthropic", "ollama"])
+    fault.add_argument("provider", choices=["anthropic", "ollama", "openai"])
     fault.add_argument("kind", choices=["latency", "hang", "overloaded", "rate-limit", "error", "auth", "midstream"])
     fault.add_argument("--latency-ms", type=int, default=0)
     fault.add_argument("--times", type=int)
     clear = simsub.add_parser("clear", help="clear faults")
-    clear.add_argument("provider", nargs="?", choices=["anthropic", "ollama"])
+    clear.add_argument("provider", nargs="?", choices=["anthropic", "ollama", "openai"])
     simsub.add_parser("show", help="current faults and counters")
     return p
 

@@ -6,7 +6,11 @@ from services.llm_sim.app import make_app
 
 
 def build(ctx: ServiceContext):
-    return make_app(token=ctx.token)
+    # The sim answers unknown models with 404 like the real APIs; the models this mesh
+    # is configured to use must never be unknown to it.
+    providers = ctx.config.providers
+    return make_app(token=ctx.token, models={"anthropic": [providers.anthropic_model],
+                                             "ollama": [providers.ollama_model]})
 
 
 if __name__ == "__main__":

@@ -155,11 +155,13 @@ async def test_ollama_generate_tags_version_root(sim: Sim):
 
 
 async def test_anthropic_wire_format(sim: Sim):
-    payload = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    # The sim knows claude-* models only (unknown ones get the real API's 404), and
+    # max_tokens leaves room for the whole answer so it ends with end_turn.
+    payload = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
     async with sim.http.post(sim.url + "/v1/messages", json=payload, headers=ANTHROPIC_HEADERS) as resp:
         body = await resp.json()
         assert resp.status == 200 and resp.headers["request-id"]
-    assert body["type"] == "message" and body["role"] == "assistant" and body["model"] == "m"
+    assert body["type"] == "message" and body["role"] == "assistant" and body["model"] == "claude-sonnet-4-5"
     assert body["id"].startswith("msg_") and body["stop_reason"] == "end_turn"
     assert body["stop_sequence"] is None and body["content"][0]["type"] == "text"
     assert set(body["usage"]) == {"input_tokens", "output_tokens"}
@@ -332,7 +334,7 @@ async def test_fault_control_needs_token(sim: Sim, headers):
     "provider,body,status,needle",
     [
         ("anthropic", {"kind": "explode"}, 400, "'explode'"),
-        ("openai", {"kind": "hang"}, 404, "'openai'"),
+        ("gemini", {"kind": "hang"}, 404, "'gemini'"),
         ("ollama", {"kind": "hang", "colour": "red"}, 400, "colour"),
         ("ollama", {"kind": "hang", "times": 0}, 400, "times"),
         ("ollama", {"latency_ms": 5}, 400, "kind"),
@@ -378,7 +380,7 @@ async def test_hung_request_is_released_on_shutdown():
     async with aiohttp.ClientSession() as client:
         async with running_sim() as s:
             await s.put_fault("ollama", kind="hang")
-            body = {"model": "m", "messages": [], "stream": False}
+            body = {"model": "llama3.1", "messages": [], "stream": False}
             pending = asyncio.create_task(client.post(s.url + "/api/chat", json=body))
 
             async def hanging() -> bool:
@@ -393,7 +395,7 @@ async def test_hung_request_is_released_on_shutdown():
 
 async def test_logs_never_contain_keys(sim: Sim, caplog):
     caplog.set_level(logging.INFO, logger="llm_sim")
-    payload = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    payload = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
     await sim.request("POST", "/v1/messages", json=payload, headers=ANTHROPIC_HEADERS)
     await sim.request("POST", "/v1/messages", json=payload, headers={"Authorization": "Bearer sk-zz-99999999"})
     await sim.put_fault("ollama", kind="error")

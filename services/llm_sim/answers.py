@@ -1,0 +1,262 @@
+"""What the sim answers: a pure function from a provider-neutral request (`Ask`) to a
+provider-neutral reply (`Reply`).
+
+Each wire surface (anthropic_api, ollama_api, openai_api) only translates its request
+into an Ask and the Reply into its own format, so all three decide tool calls,
+structured output, stop sequences and token limits the same way, and the same input
+always gets the same answer.
+
+A token here is a whitespace-separated word: usage counts, `max_tokens` truncation and
+count_tokens all use `count_tokens`, so they agree with each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from services.llm_sim.schema_fake import fake_instance
+
+_WORD = re.compile(r"\S+")
+
+
+def count_tokens(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+class StopReason(StrEnum):
+    """Why generation ended, in Anthropic's words; surfaces map them to their own."""
+
+    END_TURN = "end_turn"
+    MAX_TOKENS = "max_tokens"
+    STOP_SEQUENCE = "stop_sequence"
+    TOOL_USE = "tool_use"
+
+
+class ToolMode(StrEnum):
+    AUTO = "auto"  # call a relevant tool unless the last turn carries tool results
+    ANY = "any"  # always call a tool (OpenAI "required")
+    NONE = "none"  # never call one
+    NAMED = "tool"  # call Ask.tool_name
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user", "assistant", or "tool" (a tool result, whichever API carried it)
+    text: str
+    tool_calls: tuple[str, ...] = ()  # names of the tools an assistant turn called
+    tool_name: str = ""  # for a "tool" turn: the tool whose result it is
+
+    def key(self) -> tuple:
+        # Plain turns keep their old digest, so answers do not change for plain chat.
+        return (self.role, self.text) if not (self.tool_calls or self.tool_name) else (
+            self.role, self.text, list(self.tool_calls), self.tool_name)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    system: str
+    turns: tuple[Turn, ...]
+
+    def digest(self) -> str:
+        blob = json.dumps([self.system, [t.key() for t in self.turns]])
+        return hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+    def word_count(self) -> int:
+        return count_tokens(self.system) + sum(
+            count_tokens(t.text) + len(t.tool_calls) for t in self.turns)
+
+    def last_user(self) -> str:
+        return next((t.text for t in reversed(self.turns) if t.role == "user"), "")
+
+    def pending_results(self) -> tuple[Turn, ...]:
+        """The tool results the conversation ends with (what the model must answer)."""
+        tail: list[Turn] = []
+        for turn in reversed(self.turns):
+            if turn.role != "tool":
+                break
+            tail.insert(0, turn)
+        return tuple(tail)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    schema: Mapping[str, Any]  # JSON schema of the tool's input
+
+
+@dataclass(frozen=True)
+class Ask:
+    provider: str
+    convo: Conversation
+    tools: tuple[ToolSpec, ...] = ()
+    tool_mode: ToolMode = ToolMode.AUTO
+    tool_name: str | None = None  # with ToolMode.NAMED
+    output_schema: Mapping[str, Any] | None = None  # the text must be JSON valid against it
+    json_mode: bool = False  # the text must be a JSON object (no schema)
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def input_tokens(self) -> int:
+        """Words of the conversation, the tool definitions and the output schema."""
+        tools = sum(count_tokens(f"{t.name} {t.description} {json.dumps(t.schema)}") for t in self.tools)
+        schema = count_tokens(json.dumps(self.output_schema)) if self.output_schema else 0
+        return max(1, self.convo.word_count() + tools + schema)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    key: str  # deterministic hex; each surface turns it into its own id format
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments)
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    tool_calls: tuple[ToolCall, ...]
+    stop_reason: StopReason
+    stop_sequence: str | None
+    input_tokens: int
+    output_tokens: int
+
+    def chunks(self, words_per_chunk: int = 3) -> list[str]:
+        """The text in small pieces whose concatenation is exactly the text."""
+        words = re.findall(r"\s*\S+\s*", self.text) or [self.text]
+        return ["".join(words[i : i + words_per_chunk]) for i in range(0, len(words), words_per_chunk)]
+
+
+# --------------------------------------------------------------------------- text
+
+_STEPS = (
+    "restate the goal and its constraints",
+    "sketch the smallest change that could work",
+    "check it against one concrete example",
+    "list the risks and how to roll back",
+    "write down what was done for the next agent",
+    "ask for a review before widening the change",
+)
+_CHOICE = re.compile(r"exactly one\s+word[^.]*?,\s*([A-Z]{3,})\s+or\s+([A-Z]{3,})", re.S)
+
+
+def compose_text(provider: str, convo: Conversation) -> str:
+    """A short, plausible, deterministic answer for a conversation.
+
+    It embeds the provider, a digest of (system, messages) and the start of the last user
+    message (or the tool results it answers), so callers can see who answered and what
+    it was asked.
+    """
+    digest = convo.digest()
+    tag = f"[sim:{provider}:{digest}]"
+    results = convo.pending_results()
+    if results:
+        said = "; ".join(f"{t.tool_name or 'tool'} said {' '.join(t.text.split())[:80]}" for t in results)
+        return f"{tag} Based on the tool results: {said}"
+    last_user = convo.last_user()
+    choice = _CHOICE.search(convo.system or "")
+    if choice:
+        # A prompt that asks for one of two words (the supervisor's advisor): answer
+        # deterministically with one of them, so the caller's parsing is exercised.
+        options = choice.group(1), choice.group(2)
+        word = options[int(digest, 16) % 2] if "[pick-any]" in last_user else options[0]
+        return f"{word}\n{tag} deterministic advice for: {' '.join(last_user.split())[:60]}"
+    topic = " ".join(last_user.split())[:80]
+    first = int(digest, 16) % len(_STEPS)
+    steps = [_STEPS[(first + i) % len(_STEPS)] for i in range(3)]
+    return f"{tag} Plan for: {topic}\n" + "\n".join(
+        f"{n}. {step.capitalize()}." for n, step in enumerate(steps, 1))
+
+
+def limit_text(text: str, max_tokens: int | None, stop: tuple[str, ...]) -> tuple[str, StopReason, str | None]:
+    """Cut `text` where generation would have ended: at the earliest stop sequence (which
+    is not included) or after `max_tokens` tokens, whichever comes first."""
+    cut, reason, matched = len(text), StopReason.END_TURN, None
+    hits = sorted((text.find(s), s) for s in stop if s and s in text)
+    if hits:
+        (cut, matched), reason = hits[0], StopReason.STOP_SEQUENCE
+    if max_tokens is not None:
+        words = list(_WORD.finditer(text))
+        if len(words) > max_tokens:
+            end = words[max_tokens - 1].end() if max_tokens > 0 else 0
+            if end < cut:
+                cut, reason, matched = end, StopReason.MAX_TOKENS, None
+    return text[:cut], reason, matched
+
+
+# --------------------------------------------------------------------------- tools
+
+_STOPWORDS = frozenset(
+    "what when where which with that this from have your about please would could should "
+    "there their them then than into just like make some tell does give".split())
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 4 and w not in _STOPWORDS}
+
+
+def choose_tool(ask: Ask) -> ToolSpec | None:
+    """The tool the model calls, or None to answer in text.
+
+    NAMED calls that tool; NONE never calls one; ANY calls the most relevant tool (the
+    first when none is relevant); AUTO calls the most relevant tool, where relevant means
+    its name or description shares a word with the last user message, and answers in text
+    when nothing is relevant or the conversation ends with tool results to report on.
+    """
+    if not ask.tools or ask.tool_mode is ToolMode.NONE:
+        return None
+    if ask.tool_mode is ToolMode.NAMED:
+        return next((t for t in ask.tools if t.name == ask.tool_name), None)
+    if ask.tool_mode is ToolMode.AUTO and ask.convo.pending_results():
+        return None
+    asked = _words(ask.convo.last_user())
+    scores = [len(asked & _words(f"{t.name.replace('_', ' ')} {t.description}")) for t in ask.tools]
+    best = max(range(len(ask.tools)), key=lambda i: (scores[i], -i))
+    if ask.tool_mode is ToolMode.AUTO and scores[best] == 0:
+        return None
+    return ask.tools[best]
+
+
+# --------------------------------------------------------------------------- respond
+
+
+def respond(ask: Ask) -> Reply:
+    """The reply to an Ask: a tool call, structured JSON, or text, with its stop reason."""
+    digest = ask.convo.digest()
+    input_tokens = ask.input_tokens()
+    tool = choose_tool(ask)
+    if tool is not None:
+        seed = f"{digest}:{tool.name}"
+        call = ToolCall(hashlib.sha256(seed.encode()).hexdigest()[:24], tool.name, fake_instance(tool.schema, seed))
+        return Reply("", (call,), StopReason.TOOL_USE, None, input_tokens, count_tokens(call.arguments_json()))
+    if ask.output_schema is not None:
+        full = json.dumps(fake_instance(ask.output_schema, digest))
+    elif ask.json_mode:
+        full = json.dumps({"answer": compose_text(ask.provider, ask.convo)})
+    else:
+        full = compose_text(ask.provider, ask.convo)
+    text, reason, matched = limit_text(full, ask.max_tokens, ask.stop)
+    return Reply(text, (), reason, matched, input_tokens, count_tokens(text))
+
+
+def embedding(model: str, text: str, dims: int) -> list[float]:
+    """A deterministic unit vector for (model, text).
+
+    It is read from a SHAKE-256 stream, so a shorter vector is a prefix of a longer one
+    before normalising: asking for fewer `dimensions` truncates and renormalises, as
+    Ollama and OpenAI do.
+    """
+    raw = hashlib.shake_256(f"{model}\0{text}".encode()).digest(2 * dims)
+    values = struct.unpack(f"<{dims}h", raw)
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]

@@ -1,0 +1,85 @@
+"""The fault control endpoints, /sim/faults (contract in services/llm_sim/app.py)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from common.http import token_matches
+from common.models import TOKEN_HEADER
+from services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec
+from services.llm_sim.wire import SimError, describe, read_json
+
+log = logging.getLogger("llm_sim")
+
+
+def _control_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[SIM_STATE].token
+    return token is None or token_matches(request.headers.get(TOKEN_HEADER), token)
+
+
+def _control(handler: Callable[[web.Request], Awaitable[web.Response]]):
+    """Token check for state-changing control endpoints; nothing changes on 401."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: web.Request) -> web.Response:
+        if not _authorized(request):
+            return _control_error(401, f"missing or invalid {TOKEN_HEADER} header")
+        return await handler(request)
+
+    return endpoint
+
+
+def _path_provider(request: web.Request) -> str:
+    provider = request.match_info["provider"]
+    if provider not in PROVIDERS:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}"}),
+            content_type="application/json",
+        )
+    return provider
+
+
+@_control
+async def put_fault(request: web.Request) -> web.Response:
+    provider = _path_provider(request)
+    try:
+        fault = FaultSpec.model_validate(await read_json(request))
+    except SimError as err:
+        return _control_error(err.status, err.message)
+    except ValidationError as exc:
+        return _control_error(400, f"invalid fault: {describe(exc)}")
+    pstate = request.app[SIM_STATE].providers[provider]
+    pstate.set_fault(fault)
+    log.info("fault set: %s %s latency_ms=%d times=%s", provider, fault.kind, fault.latency_ms, fault.times)
+    return web.json_response({"provider": provider, **pstate.snapshot()})
+
+
+@_control
+async def delete_fault(request: web.Request) -> web.Response:
+    provider = _path_provider(request)
+    cleared = request.app[SIM_STATE].providers[provider].clear_fault()
+    log.info("fault cleared: %s", provider)
+    return web.json_response({"provider": provider, "cleared": cleared})
+
+
+@_control
+async def delete_all_faults(request: web.Request) -> web.Response:
+    providers = request.app[SIM_STATE].providers
+    cleared = [name for name, pstate in providers.items() if pstate.clear_fault()]
+    log.info("all faults cleared")
+    return web.json_response({"cleared": cleared})
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    providers = request.app[SIM_STATE].providers
+    return web.json_response({"providers": {name: p.snapshot() for name, p in providers.items()}})

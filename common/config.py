@@ -72,6 +72,9 @@ class Policy(_Strict):
     # An incarnation healthy this long counts as stable: its failure is restarted at once
     # and resets the backoff (PM2's min_uptime, Kubernetes' reset after a stable run).
     min_uptime: float = Field(1.0, ge=0)
+    # An agent whose beats the daemon has not recognised (404) for this long is a ghost of
+    # an earlier daemon's incarnation, and exits by itself.
+    stale_after: float = Field(30.0, gt=0)
     alert_delivery_timeout: float = Field(2.0, gt=0)
     # Optional: a parent asks its LLM whether to restart or escalate. The policy bounds
     # always win, and a slow or failed advisor never delays the ladder past the timeout.

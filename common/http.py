@@ -21,6 +21,9 @@ from common.models import MAX_BODY, TOKEN_HEADER
 
 M = TypeVar("M", bound=BaseModel)
 TOKEN_KEY = web.AppKey("tron_token", str)
+# Another way in for control endpoints, besides the token header: the web UI's session
+# (an HttpOnly cookie plus a CSRF header), checked by a callable the UI installs.
+ALT_AUTH_KEY = web.AppKey("tron_alt_auth", object)
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -82,7 +85,10 @@ def token_matches(given: str | None, expected: str | None) -> bool:
 
 
 def token_ok(request: web.Request) -> bool:
-    return token_matches(request.headers.get(TOKEN_HEADER), request.app.get(TOKEN_KEY))
+    if token_matches(request.headers.get(TOKEN_HEADER), request.app.get(TOKEN_KEY)):
+        return True
+    alt = request.app.get(ALT_AUTH_KEY)
+    return bool(alt is not None and alt(request))
 
 
 def require_token(handler):

@@ -153,6 +153,21 @@ class Monitor:
                 self._start_task(w, task_id, progress, now)
             self._arm(w, "beat")
 
+    def retime(self, service: str, *, beat_timeout: float | None, progress_timeout: float,
+               task_timeout: float) -> None:
+        """New policy numbers for a watched incarnation (settings changed at run time).
+        A deadline that moved earlier is queued now; a later one is picked up when the
+        queued entry comes due."""
+        with self.cond:
+            w = self._agents.get(service)
+            if w is None:
+                return
+            if beat_timeout is not None:
+                w.beat_timeout = beat_timeout
+            w.progress_timeout, w.task_timeout = progress_timeout, task_timeout
+            for kind in ("beat", "progress", "task"):
+                self._arm(w, kind)
+
     def unwatch(self, service: str) -> None:
         with self.cond:
             self._agents.pop(service, None)

@@ -43,6 +43,7 @@ class ServiceEnv(BaseModel):
     token_file: Path
     config: str = ""
     provider: str | None = None
+    heartbeat_interval: float | None = None
 
     @classmethod
     def from_environ(cls, env: dict | None = None) -> "ServiceEnv":
@@ -54,7 +55,9 @@ class ServiceEnv(BaseModel):
         return cls(service=env["TRON_SERVICE"], role=env.get("TRON_ROLE", ""), port=int(env["TRON_PORT"]),
                    incarnation=env["TRON_INCARNATION"], home=Path(env["TRON_HOME"]),
                    daemon_url=env["TRON_DAEMON_URL"], token_file=Path(env["TRON_TOKEN_FILE"]),
-                   config=env.get("TRON_CONFIG", ""), provider=env.get("TRON_PROVIDER") or None)
+                   config=env.get("TRON_CONFIG", ""), provider=env.get("TRON_PROVIDER") or None,
+                   heartbeat_interval=float(env["TRON_HEARTBEAT_INTERVAL"]) if env.get("TRON_HEARTBEAT_INTERVAL")
+                   else None)
 
 
 class ServiceContext:
@@ -94,26 +97,40 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def heartbeat_loop(ctx: ServiceContext) -> None:
-    """Beat every interval, on a fixed schedule (no drift). A 409 means a newer
-    incarnation replaced us: stop serving rather than run as a ghost."""
-    interval = ctx.config.policy.heartbeat_interval
+    """Beat every interval, on a fixed schedule (no drift). The daemon's answer carries
+    the current interval (settings change at run time). A 409 means a newer incarnation
+    replaced us; a daemon that does not know us at all (404) for ``stale_after`` seconds
+    means we are a ghost of an earlier daemon: either way, stop rather than linger."""
+    interval = ctx.env.heartbeat_interval or ctx.config.policy.heartbeat_interval
     url = ctx.env.daemon_url + "/beat"
     next_at = time.monotonic()
+    unknown_since: float | None = None
     while True:
         beat = Beat(service=ctx.name, incarnation=ctx.env.incarnation, pid=os.getpid(), seq=ctx.beat_seq,
                     task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider, waiting=ctx.waiting)
         ctx.beat_seq += 1
         try:
-            await ctx.client.post(url, beat, timeout=max(0.5, interval))
+            answer = await ctx.client.post(url, beat, timeout=max(0.5, interval))
+            unknown_since = None
+            if isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)) and answer["interval"] > 0:
+                interval = float(answer["interval"])
         except MeshHTTPError as err:
-            if err.status == 409 and err.json().get("verdict") == "stale_incarnation":
+            verdict = err.json().get("verdict")
+            if err.status == 409 and verdict == "stale_incarnation":
                 log.error("superseded: the daemon no longer knows this incarnation; exiting")
                 ctx.superseded.set()
                 return
+            if err.status == 404 and verdict == "unknown_service":
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since >= ctx.config.policy.stale_after:
+                    log.error("the daemon has not known this service for %.0fs: a ghost of an earlier daemon; "
+                              "exiting", ctx.config.policy.stale_after)
+                    ctx.superseded.set()
+                    return
             log.warning("beat rejected: %s", err)
         except (OSError, asyncio.TimeoutError) as err:
             log.debug("beat not delivered (daemon unreachable): %s", err)
-        next_at += interval
+        next_at = max(next_at + interval, time.monotonic() - interval)  # no burst after a stall
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from common.config import ConfigError, load_mesh
 from common.paths import Home
+from common.settings import apply_overlay, overlay_path, read_overlay
 from registry.schema import RegistryError
 from services.daemon.api import make_app
 from services.daemon.core import Daemon, StartError
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_mesh(args.config)
         home = Home.resolve(args.home)
-        daemon = Daemon(config, home, config_path=(args.config or Path(config.source)).resolve())
+        config_path = (args.config or Path(config.source)).resolve()
+        overlay = overlay_path(config_path, home.root)
+        config = apply_overlay(config, read_overlay(overlay), overlay)
+        daemon = Daemon(config, home, config_path=config_path)
         return asyncio.run(serve(daemon))
     except (ConfigError, RegistryError, StartError) as err:
         print(f"tron daemon: {err}", file=sys.stderr)

@@ -23,7 +23,7 @@ import os
 from typing import Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.config import DAEMON
 from common.http import TOKEN_KEY, error, parse, parse_query, require_token
@@ -32,6 +32,7 @@ from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, Escala
                            LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
                            RunCreate, SwitchRequest, TaskFinish, TaskRecord)
 from common.monitor import Verdict
+from common.settings import field_errors, read_overlay
 from common.states import TaskState
 from services.daemon.core import Daemon
 from services.daemon.operators import Refused
@@ -88,8 +89,8 @@ async def beat(request: web.Request) -> web.Response:
     d = _d(request)
     b = await parse(request, Beat)
     verdict = await d.on_beat(b)
-    if verdict is Verdict.ACCEPTED:
-        return web.json_response({"ok": True})
+    if verdict is Verdict.ACCEPTED:  # the interval follows settings changed at run time
+        return web.json_response({"ok": True, "interval": d.policy().heartbeat_interval})
     messages = {
         Verdict.UNKNOWN: f"no service named {b.service!r} is watched",
         Verdict.STALE: f"incarnation {b.incarnation} of {b.service} is not the current one",
@@ -213,6 +214,30 @@ def _operator(verb: Literal["restart", "stop", "start"]):
 
     handler.__name__ = f"operator_{verb}"
     return handler
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    d = _d(request)
+    return web.json_response({"policy": d.policy().model_dump(), "overlay": str(d.overlay),
+                              "overlaid": sorted(read_overlay(d.overlay))})
+
+
+@require_token
+async def put_settings(request: web.Request) -> web.Response:
+    """Partial policy numbers, validated as a whole by the mesh file's own model; on any
+    error nothing is applied and each message is returned next to its field."""
+    d = _d(request)
+    body = await parse(request, SettingsChange)
+    try:
+        policy = await d.apply_policy(body.policy, actor=body.actor or f"{getpass.getuser()}@api")
+    except ValidationError as err:
+        return error(422, "invalid settings; nothing was changed", fields=field_errors(err))
+    return web.json_response({"policy": policy.model_dump(), "overlay": str(d.overlay)})
+
+
+class SettingsChange(Msg):
+    policy: dict[str, float | int | bool] = Field(max_length=64)
+    actor: str | None = Field(None, max_length=64)
 
 
 @require_token
@@ -348,6 +373,8 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_post("/handle_grandchild_failure", grandchild_failure)
     for verb in ("restart", "stop", "start"):
         r.add_post(f"/services/{{name}}/{verb}", _operator(verb))
+    r.add_get("/settings", get_settings)
+    r.add_put("/settings", put_settings)
     r.add_post("/runs", create_run)
     r.add_get("/runs/{run_id}", get_run)
     r.add_post("/runs/{run_id}/finish", finish_run)

@@ -29,6 +29,7 @@ from common.config import DAEMON, MeshConfig, Policy
 from common.http import MeshClient
 from common.monitor import Monitor, MonitorThread, Signal
 from common.paths import Home, ensure_token
+from common.settings import merged_policy, overlay_path, read_overlay, write_overlay
 from common.states import ServiceState
 from services.daemon import metrics
 from services.daemon.alerts import AlertRouter
@@ -73,6 +74,29 @@ class Daemon:
 
     def policy(self) -> Policy:
         return self._policy
+
+    @property
+    def overlay(self) -> Path:
+        return overlay_path(self.config_path, self.home.root)
+
+    async def apply_policy(self, changes: dict, *, actor: str) -> Policy:
+        """Validate and apply new policy numbers now, and keep them (the overlay file).
+        Raises pydantic's ValidationError, naming the fields, and changes nothing."""
+        new = merged_policy(self._policy, changes)
+        before = self._policy.model_dump()
+        kept = {**read_overlay(self.overlay), **{k: v for k, v in new.model_dump().items() if before[k] != v}}
+        write_overlay(self.overlay, kept)
+        self._policy = new
+        p = new
+        for svc in self.sup.services.values():
+            self.monitor.retime(svc.name, beat_timeout=p.beat_timeout if svc.spec.is_agent else None,
+                                progress_timeout=p.progress_timeout, task_timeout=p.task_timeout)
+        changed = {k: {"from": before[k], "to": v} for k, v in new.model_dump().items() if before[k] != v}
+        await self.store.event("audit", {"who": actor, "what": "settings", "target": "policy", "before": "",
+                                         "after": str(self.overlay), "outcome": "applied", "reason": "",
+                                         "changed": changed})
+        log.info("policy changed", extra={"actor": actor, "changed": changed, "overlay": str(self.overlay)})
+        return new
 
     # -- assembly ---------------------------------------------------------------------------
 
@@ -242,6 +266,8 @@ class Daemon:
             "fork_server": self.sup.spawner.status(),
             "last_alert": self.router.last_alert,
             "policy": self.policy().model_dump(),
+            "overlay": {"path": str(self.overlay), "keys": sorted(read_overlay(self.overlay))}
+            if self.overlay.exists() else None,
             "crash_looping": [s.name for s in self.sup.services.values() if s.crash_looping],
         }
 

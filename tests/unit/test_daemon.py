@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import ValidationError
 
 from common.clock import FakeClock
 from common.config import parse_mesh
@@ -273,3 +274,17 @@ async def test_a_task_held_for_a_decision_that_never_comes_is_decided_by_the_wat
     assert [r["retry_type"] for r in rows] == ["llm_change"] and rows[0]["requested_by"] == "daemon"
     assert (await rig.store.task("r-1.0.0"))["status"] in ("assigned", "running")
     assert len(await rig.store.events(kind="watchdog_decides")) == 1
+
+
+async def test_new_settings_apply_at_once_and_are_kept_in_the_overlay(rig, tmp_path):
+    d = rig.daemon
+    d.config_path = tmp_path / "mesh.toml"
+    await d.apply_policy({"miss_threshold": 6, "max_restarts": 5}, actor="ops@ui")
+    assert (d.policy().miss_threshold, d.policy().max_restarts) == (6, 5)
+    assert d.monitor.snapshot("root").beat_timeout == 6.0  # running incarnations are re-timed
+    assert (tmp_path / "mesh.overlay.toml").read_text().count("=") == 2
+    with pytest.raises(ValidationError, match="miss_threshold"):
+        await d.apply_policy({"miss_threshold": 0}, actor="ops@ui")
+    assert d.policy().miss_threshold == 6  # an invalid change changed nothing
+    [audit] = [e["payload"] for e in await rig.store.events(kind="audit")]
+    assert audit["changed"]["miss_threshold"] == {"from": 3, "to": 6} and audit["who"] == "ops@ui"

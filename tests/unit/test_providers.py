@@ -12,6 +12,7 @@ import httpx
 import httpx2  # the HTTP library anthropic 2.x is built on (not httpx)
 import ollama
 import pytest
+from pydantic import ValidationError
 
 from common.providers import (
     ProviderFailure,
@@ -162,9 +163,9 @@ def test_endpoint_for_anthropic_unconfigured():
 
 
 def test_settings_are_frozen_and_strict():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="bogus"):
         ProviderSettings(sim_url=None, bogus=1)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         SIM.timeout_s = 1.0  # type: ignore[misc]
 
 

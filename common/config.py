@@ -22,13 +22,13 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.models import Provider, validation_messages
+
 DAEMON = "daemon"
 AGENT_ROLES = ("gateway", "root", "architect", "director", "programmer", "llm_sim")
-Provider = Literal["anthropic", "ollama"]
 MAX_PORT = 65535
 # A source checkout keeps mesh.toml and prompts/ beside the packages; an installed copy
 # has them under <prefix>/share/tron-mesh (pyproject's data-files).
@@ -251,14 +251,8 @@ class MeshConfig(_Strict):
 
 
 def _format_error(source: str, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}")
-    return "\n".join(lines)
+    return "\n".join(f"{source}: {where + ': ' if where else ''}{what}"
+                     for where, what in validation_messages(err, unknown="unknown key"))
 
 
 def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:

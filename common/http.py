@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from common.models import MAX_BODY, TOKEN_HEADER
+from common.models import MAX_BODY, TOKEN_HEADER, validation_messages
 
 M = TypeVar("M", bound=BaseModel)
 TOKEN_KEY = web.AppKey("tron_token", str)
@@ -31,12 +31,7 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "body"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+    return "; ".join(f"{where or 'body'}: {what}" for where, what in validation_messages(err))
 
 
 async def parse(request: web.Request, model: type[M]) -> M:

@@ -9,13 +9,25 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 NameStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 TOKEN_HEADER = "X-Tron-Token"
 MAX_BODY = 256 * 1024
 Provider = Literal["anthropic", "ollama"]
+
+
+def validation_messages(err: ValidationError, *, unknown: str = "unknown field") -> list[tuple[str, str]]:
+    """(where, what) for each problem pydantic found, worded for people: the dotted
+    location ('' for the whole thing), "unknown field" for a key the model forbids, and
+    no "Value error, " prefix on our own validators' messages."""
+    out = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        what = unknown if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        out.append((where, what))
+    return out
 
 
 class Msg(BaseModel):

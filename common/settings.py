@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.config import ConfigError, MeshConfig, Policy
+from common.models import validation_messages
 
 OVERLAY_NAME = "mesh.overlay.toml"
 
@@ -47,10 +48,8 @@ def read_overlay(path: Path) -> dict:
 def field_errors(err: ValidationError) -> dict[str, str]:
     """{field: message} for a form: each error next to its field."""
     out: dict[str, str] = {}
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "policy"
-        msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        out.setdefault(field, msg)
+    for where, what in validation_messages(err, unknown="unknown setting"):
+        out.setdefault(where or "policy", what)
     return out
 
 

@@ -16,6 +16,8 @@ import time
 
 import psutil
 
+from services.daemon.spawner import kill_tree, signal_group
+
 
 def _ourselves() -> set[int]:
     me = psutil.Process()
@@ -54,20 +56,14 @@ def end_all(procs: list[psutil.Process], grace: float) -> list[psutil.Process]:
     """SIGTERM (and SIGCONT) each process's group, SIGKILL what is left after ``grace``;
     return what survived even that."""
     for p in procs:
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            try:
-                os.killpg(os.getpgid(p.pid), sig)
-            except (ProcessLookupError, PermissionError, OSError):
-                try:
-                    p.send_signal(sig)
-                except psutil.Error:
-                    pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
         try:
-            p.kill()
-        except psutil.Error:
-            pass
+            group = os.getpgid(p.pid)
+        except OSError:
+            continue
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            signal_group(group, sig)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    kill_tree(alive)
     _, alive = psutil.wait_procs(alive, timeout=5)
     return alive
 

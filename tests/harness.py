@@ -21,7 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from scripts.census import home_processes
+from scripts.census import describe, home_processes
+from services.daemon.spawner import kill_tree
 from scripts.client import http, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,12 +218,8 @@ def cleanup(mesh: Mesh) -> list[str]:
     """Stop the mesh; return what was left behind (and kill it, so nothing leaks)."""
     mesh.down()
     leftovers = mesh.processes()
-    names = [f"{p.pid}:{' '.join(p.cmdline())[:80]}" for p in leftovers]
-    for p in leftovers:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    names = describe(leftovers)
+    kill_tree(leftovers)
     return names
 
 

@@ -29,7 +29,7 @@ from aiohttp import web
 from common import logs
 from common.config import DAEMON
 from common.carry import carry_out, loop_alert_id
-from common.http import MeshHTTPError, error, parse, require_token
+from common.http import MeshHTTPError, error, parse, parse_empty, require_token
 from common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Restart, SwitchProvider,
                            compute_backoff, decide, fold_advice, parse_advice, worst_case_attempts)
 from common.models import (Alert, CheckpointRecord, Escalation, EscalationRecord, PermanentFailure, RestartRequest,
@@ -227,6 +227,7 @@ class Agent:
     async def _h_drill_runaway(self, request: web.Request) -> web.Response:
         """`tron drill runaway`: hold a task whose progress marker never moves, while
         the loop (and so the heartbeat) carries on: what a stuck LLM loop looks like."""
+        await parse_empty(request)
         task_id = f"drill-runaway-{uuid.uuid4().hex[:8]}"
         assign = TaskAssign(task_id=task_id, run_id="drill", kind="drill", prompt="runaway drill",
                             reply_to=self.name)

@@ -166,8 +166,16 @@ class MeshSection(_Strict):
     fork_server: bool = True
 
 
+class RegistrySection(_Strict):
+    # A consistent online copy of the SQLite registry every backup_interval seconds (0:
+    # none), the newest backup_keep kept in <home>/registry/backups/.
+    backup_interval: float = Field(3600.0, ge=0)
+    backup_keep: int = Field(24, ge=1, le=10_000)
+
+
 class MeshConfig(_Strict):
     mesh: MeshSection = MeshSection()
+    registry: RegistrySection = RegistrySection()
     policy: Policy = Policy()
     providers: ProvidersConfig = ProvidersConfig()
     services: dict[str, ServiceSpec]

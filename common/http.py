@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from common.models import MAX_BODY, TOKEN_HEADER, validation_messages
+from common.models import MAX_BODY, TOKEN_HEADER, Empty, validation_messages
 
 M = TypeVar("M", bound=BaseModel)
 TOKEN_KEY = web.AppKey("tron_token", str)
@@ -58,6 +58,13 @@ async def parse(request: web.Request, model: type[M]) -> M:
                                      content_type="application/json") from None
         raise web.HTTPUnprocessableEntity(text=json.dumps({"error": _describe(err)}),
                                           content_type="application/json") from None
+
+
+async def parse_empty(request: web.Request) -> None:
+    """For endpoints that take no body: nothing, or ``{}``; anything else is a 4xx and
+    the endpoint does nothing."""
+    if request.can_read_body:
+        await parse(request, Empty)
 
 
 def parse_query(request: web.Request, model: type[M]) -> M:

@@ -11,8 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-NameStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+# Names and ids start with a letter or digit: never "." or "..", which a URL would resolve.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+NameStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 TOKEN_HEADER = "X-Tron-Token"
 MAX_BODY = 256 * 1024
 Provider = Literal["anthropic", "ollama"]
@@ -32,6 +35,10 @@ def validation_messages(err: ValidationError, *, unknown: str = "unknown field")
 
 class Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Empty(Msg):
+    """Endpoints that take no body still refuse one they do not understand."""
 
 
 class Reason(StrEnum):

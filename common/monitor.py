@@ -128,6 +128,10 @@ class Monitor:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self._queue = DeadlineQueue()
+        # Self-awareness (Lifeguard's idea): when the monitor itself stalls, or the event
+        # loop that carries the beats does, silence is ours, not the agents'.
+        self.loop_seen: float | None = None  # the loop's own tick, written from the loop
+        self.stalls: list[tuple[float, float]] = []  # (when, how long) of the monitor's own stalls
         self._agents: dict[str, Watched] = {}
         self.beats_accepted = 0
 
@@ -230,6 +234,24 @@ class Monitor:
             w.alerted = True
             return Signal(service, incarnation, reason, now, now, w.task_id, w.progress, dict(detail))
 
+    def stalled(self, now: float, length: float) -> None:
+        """The monitor (or the loop feeding it beats) was frozen for ``length`` seconds,
+        up to ``now``: no agent is convicted for that silence. Beat deadlines start again
+        from now (a full beat_timeout of grace), and task and progress clocks do not count
+        the stall. A process exit is still a fact, and an agent still hung after the grace
+        still misses its beats."""
+        with self.cond:
+            self.stalls.append((now, length))
+            del self.stalls[:-100]
+            for w in self._agents.values():
+                if w.alerted:
+                    continue
+                w.last_beat = max(w.last_beat, now)
+                if w.task_since is not None:
+                    w.task_since += length
+                if w.progress_since is not None:
+                    w.progress_since += length
+
     def snapshot(self, service: str) -> Watched | None:
         with self.cond:
             w = self._agents.get(service)
@@ -305,16 +327,33 @@ class Monitor:
         return {"running_for": round(now - w.task_since, 3), "task_timeout": w.task_timeout}
 
 
+def woke_late(head: float | None, now: float, threshold: float) -> float:
+    """How long past the deadline it slept for the thread woke, if more than ``threshold``
+    (then the process was frozen: SIGSTOP, a VM pause, a swap storm), else 0."""
+    if head is None or now - head <= threshold:
+        return 0.0
+    return now - head
+
+
 class MonitorThread(threading.Thread):
     """Sleeps until the next deadline, runs ``tick`` and hands each signal to ``sink``
-    (which must be thread-safe, e.g. ``loop.call_soon_threadsafe``)."""
+    (which must be thread-safe, e.g. ``loop.call_soon_threadsafe``).
 
-    def __init__(self, monitor: Monitor, sink: Callable[[Signal], None], clock: Clock | None = None) -> None:
+    Before it ticks it asks whether the silence it is about to judge is its own: if it
+    woke more than ``stall_after`` seconds past the deadline it slept for, or the event
+    loop has not ticked for that long (beats wait unread in its socket), it grants every
+    agent a fresh grace instead of convicting them all (``Monitor.stalled``)."""
+
+    def __init__(self, monitor: Monitor, sink: Callable[[Signal], None], clock: Clock | None = None,
+                 *, stall_after: float = 1.0, on_stall: Callable[[float], None] | None = None) -> None:
         super().__init__(name="tron-monitor", daemon=True)
         self.monitor = monitor
         self.sink = sink
         self.clock = clock or MonotonicClock()
+        self.stall_after = stall_after
+        self.on_stall = on_stall
         self._stopping = False
+        self._loop_stalled_since: float | None = None
 
     def run(self) -> None:
         m = self.monitor
@@ -328,8 +367,33 @@ class MonitorThread(threading.Thread):
                     m.cond.wait(timeout)
                 if self._stopping:
                     return
-            for signal in m.tick(self.clock.now()):
+            now = self.clock.now()
+            late = woke_late(head, now, self.stall_after)
+            if late:
+                self._stall(now, late)
+            if self._loop_stalled(now):
+                with m.cond:
+                    m.cond.wait(0.05)  # beats may be waiting unread: judge nobody until the loop is back
+                continue
+            for signal in m.tick(now):
                 self.sink(signal)
+
+    def _loop_stalled(self, now: float) -> bool:
+        seen = self.monitor.loop_seen
+        if seen is None:
+            return False
+        if now - seen > self.stall_after:
+            self._loop_stalled_since = self._loop_stalled_since or seen
+            return True
+        if self._loop_stalled_since is not None:
+            self._stall(now, now - self._loop_stalled_since)
+            self._loop_stalled_since = None
+        return False
+
+    def _stall(self, now: float, length: float) -> None:
+        self.monitor.stalled(now, length)
+        if self.on_stall is not None:
+            self.on_stall(length)
 
     def stop(self) -> None:
         with self.monitor.cond:

@@ -66,14 +66,26 @@ def default_home() -> Path:
     return Path(state) / "tron"
 
 
+class UnsafeTokenFile(Exception):
+    """A token file others can read or write, or that is not ours, is not a secret."""
+
+
 def ensure_token(path: Path) -> str:
-    """Return the mesh token, creating it (mode 0600) if it does not exist yet."""
+    """Return the mesh token, creating it (mode 0600) if it does not exist yet. An existing
+    file must be ours and 0600: one that others can read (or that someone else planted,
+    with a value of their choosing) is refused, not adopted."""
     try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise UnsafeTokenFile(
+                f"{path} has mode {st.st_mode & 0o777:04o} and owner uid {st.st_uid}: a mesh token must be 0600 "
+                f"and yours (uid {os.getuid()}); remove it (`tron down` does) and start again")
         token = path.read_text().strip()
         if token:
             return token
-    except FileNotFoundError:
-        pass
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

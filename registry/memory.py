@@ -13,11 +13,11 @@ import itertools
 import json
 from typing import Any
 
-from common.clock import Clock, MonotonicClock, utc_iso
+from common.clock import Clock
 from common.redaction import redact, redact_json
 from common.states import (ALERT, LIVE_TASK_STATES, OPEN_TASK_STATES, RUN, SESSION, TASK, AlertState, RetryType,
                            RunState, SessionState, TaskState)
-from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, content_hash
+from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, Stamps, content_hash
 
 
 def _redact_value(value: Any) -> Any:
@@ -29,10 +29,13 @@ def _out(row: dict | None) -> dict | None:
     return None if row is None else copy.deepcopy(row)
 
 
-class MemoryStore:
-    def __init__(self, *, clock: Clock | None = None) -> None:
-        self.clock = clock or MonotonicClock()
-        self.drill: str | None = None
+class MemoryStore(Stamps):
+    def __init__(self, *, clock: Clock | None = None, events_kept: int | None = None) -> None:
+        super().__init__(clock)
+        # As the daemon's working copy (registry/journal.py) it keeps recent events only:
+        # the durable store has them all.
+        self.events_kept = events_kept
+        self.retry_counts: dict[tuple[str, str], int] = {}  # (agent, retry type) -> rows ever, seeded on load
         self.agents_: dict[str, dict] = {}
         self.sessions_: dict[str, dict] = {}
         self.runs_: dict[str, dict] = {}
@@ -55,7 +58,9 @@ class MemoryStore:
 
     def _event(self, kind: str, payload: dict, **ids: str | None) -> int:
         eid = next(self._ids)
-        self.events_.append({"id": eid, "ts": utc_iso(), "mono": self.clock.now(), "kind": kind,
+        if self.events_kept is not None and len(self.events_) >= self.events_kept:
+            del self.events_[: max(1, self.events_kept // 10)]
+        self.events_.append({"id": eid, "ts": self._wall(), "mono": self._mono(), "kind": kind,
                              "agent": ids.get("agent"), "incarnation": ids.get("incarnation"),
                              "run_id": ids.get("run_id"), "task_id": ids.get("task_id"),
                              "alert_id": ids.get("alert_id"), "payload": _redact_value(payload), "drill": self.drill})
@@ -79,7 +84,7 @@ class MemoryStore:
         if row is None:
             row = self.agents_[name] = {"name": name, "provider": provider, "state": "declared",
                                         "current_incarnation": None, "crash_looping": 0, "stopped": 0, "paused": 0}
-        row.update(role=role, parent=parent, port=port, updated_at=utc_iso())
+        row.update(role=role, parent=parent, port=port, updated_at=self._wall())
         row["provider"] = row["provider"] or provider
         return _out(row)
 
@@ -89,7 +94,7 @@ class MemoryStore:
             raise ValueError(f"set_agent: unknown fields {sorted(bad)}")
         if name in self.agents_:
             self.agents_[name].update({k: int(v) if isinstance(v, bool) else (str(v) if hasattr(v, "value") else v)
-                                       for k, v in fields.items()}, updated_at=utc_iso())
+                                       for k, v in fields.items()}, updated_at=self._wall())
 
     async def agent(self, name: str) -> dict | None:
         return _out(self.agents_.get(name))
@@ -105,8 +110,8 @@ class MemoryStore:
             raise ValueError(f"session {incarnation} exists")  # as the primary key would
         self.sessions_[incarnation] = {
             "incarnation": incarnation, "agent": agent, "pid": None, "pid_create_time": None, "port": port,
-            "provider": provider, "status": str(SessionState.INTENT), "started_at": utc_iso(), "ended_at": None,
-            "exit_code": None, "exit_signal": None, "end_reason": None, "started_mono": self.clock.now(),
+            "provider": provider, "status": str(SessionState.INTENT), "started_at": self._wall(), "ended_at": None,
+            "exit_code": None, "exit_signal": None, "end_reason": None, "started_mono": self._mono(),
             "healthy_mono": None, "mode": mode}
         if agent in self.agents_:
             self.agents_[agent]["current_incarnation"] = incarnation
@@ -123,13 +128,13 @@ class MemoryStore:
                                                               "mode": mode})
 
     async def session_running(self, incarnation: str) -> None:
-        self._session_to(incarnation, SessionState.RUNNING, {"healthy_mono": self.clock.now()})
+        self._session_to(incarnation, SessionState.RUNNING, {"healthy_mono": self._mono()})
 
     async def close_session(self, incarnation: str, *, reason: str, exit_code: int | None = None,
                             exit_signal: int | None = None) -> bool:
         row = self.sessions_.get(incarnation)
         ended = self._session_to(incarnation, SessionState.ENDED, {
-            "ended_at": utc_iso(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
+            "ended_at": self._wall(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
         if ended:
             self._event("session_ended", {"reason": reason, "exit_code": exit_code, "signal": exit_signal,
                                           "pid": row["pid"]}, agent=row["agent"], incarnation=incarnation)
@@ -148,7 +153,7 @@ class MemoryStore:
         if run_id in self.runs_:
             raise ValueError(f"run {run_id} exists")
         self.runs_[run_id] = {"run_id": run_id, "prompt": redact(prompt), "status": str(RunState.RUNNING),
-                              "result": None, "failure": None, "drill": int(drill), "created_at": utc_iso(),
+                              "result": None, "failure": None, "drill": int(drill), "created_at": self._wall(),
                               "finished_at": None}
         self._event("run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id)
 
@@ -157,7 +162,7 @@ class MemoryStore:
         if row is None or row["status"] != RunState.RUNNING or not RUN.allowed(RunState.RUNNING, status):
             return False
         row.update(status=str(status), result=redact(result) if result else result,
-                   failure=_redact_value(failure) if failure else None, finished_at=utc_iso())
+                   failure=_redact_value(failure) if failure else None, finished_at=self._wall())
         self._event(f"run_{status}", {"reason": (failure or {}).get("reason"), "failure": failure}, run_id=run_id)
         return True
 
@@ -181,7 +186,7 @@ class MemoryStore:
             "agent": rec["agent"], "parent_agent": rec["parent_agent"], "kind": rec["kind"],
             "prompt": redact(rec["prompt"]), "status": str(TaskState.ASSIGNED), "attempt": 1,
             "provider": rec.get("provider"), "progress": None, "lease_incarnation": None, "result": None,
-            "failure": None, "created_at": utc_iso(), "updated_at": utc_iso(), "delivered": 0, "held_since": None}
+            "failure": None, "created_at": self._wall(), "updated_at": self._wall(), "delivered": 0, "held_since": None}
         self._event("task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"], "kind": rec["kind"]},
                     agent=rec["agent"], run_id=rec["run_id"], task_id=rec["task_id"])
         return _out(self.tasks_[rec["task_id"]]), True
@@ -195,7 +200,7 @@ class MemoryStore:
         if row is None or not TASK.allowed(TaskState(row["status"]), new):
             return None
         before = copy.deepcopy(row)
-        row.update(sets, status=str(new), attempt=row["attempt"] + attempt, updated_at=utc_iso())
+        row.update(sets, status=str(new), attempt=row["attempt"] + attempt, updated_at=self._wall())
         kind = "task_requeued" if new == TaskState.ASSIGNED else f"task_{new}"
         self._event(kind, {"from": before["status"], **(event or {})}, agent=row["agent"], task_id=task_id,
                     run_id=row["run_id"])
@@ -209,7 +214,7 @@ class MemoryStore:
         if row and row["status"] == TaskState.ASSIGNED:
             self._task_to(task_id, TaskState.RUNNING, sets)
         elif row and row["status"] == TaskState.RUNNING:
-            row.update(sets, updated_at=utc_iso())
+            row.update(sets, updated_at=self._wall())
 
     async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict | None,
                           *, reason: str | None = None) -> bool:
@@ -238,7 +243,7 @@ class MemoryStore:
 
     async def hold_task(self, task_id: str, reason: str) -> bool:
         return self._task_to(task_id, TaskState.ESCALATED, {"lease_incarnation": None,
-                                                            "held_since": self.clock.now()},
+                                                            "held_since": self._mono()},
                              event={"reason": reason}) is not None
 
     async def release_task(self, task_id: str, provider: str | None) -> bool:
@@ -274,7 +279,7 @@ class MemoryStore:
         if created:
             self.checkpoints_[key] = {"task_id": task_id, "step": step, "step_id": step_id,
                                       "hash": content_hash(output), "output": output, "incarnation": incarnation,
-                                      "created_at": utc_iso()}
+                                      "created_at": self._wall()}
             self._event("checkpoint", {"step": step, "step_id": step_id, "hash": content_hash(output)},
                         task_id=task_id, incarnation=incarnation)
         return _out(self.checkpoints_[key]), created
@@ -293,8 +298,8 @@ class MemoryStore:
             "alert_id": alert["alert_id"], "agent": alert["service"], "incarnation": alert["incarnation"],
             "reason": alert["reason"], "detail": _redact_value(alert.get("detail", {})),
             "task_id": alert.get("task_id"), "run_id": alert.get("run_id"), "status": str(AlertState.PENDING),
-            "delivered_to": None, "deliveries": 0, "decision": None, "created_at": utc_iso(), "handled_at": None,
-            "drill": self.drill, "mono": self.clock.now(), "stable": int(stable)}
+            "delivered_to": None, "deliveries": 0, "decision": None, "created_at": self._wall(), "handled_at": None,
+            "drill": self.drill, "mono": self._mono(), "stable": int(stable)}
         self._event("alert_raised", {"reason": alert["reason"], "detail": alert.get("detail", {}), "stable": stable},
                     agent=alert["service"], incarnation=alert["incarnation"], task_id=alert.get("task_id"),
                     run_id=alert.get("run_id"), alert_id=alert["alert_id"])
@@ -313,7 +318,7 @@ class MemoryStore:
             return False
         row.update(status=str(status), decision=decision or row["decision"])
         if status in (AlertState.HANDLED, AlertState.UNDELIVERABLE):
-            row["handled_at"] = utc_iso()
+            row["handled_at"] = self._wall()
         if status == AlertState.UNDELIVERABLE:
             self._event("alert_undeliverable", {"decision": decision}, alert_id=alert_id)
         return True
@@ -346,12 +351,13 @@ class MemoryStore:
         if any((r["alert_id"], r["retry_type"], r["agent_id"], r["hop"]) == (alert_id, retry_type, agent_id, hop)
                for r in self.retries_):
             return None
-        count = sum(1 for r in self.retries_ if r["agent_id"] == agent_id and r["retry_type"] == retry_type)
+        count = self.retry_counts.get((agent_id, str(retry_type)), 0)
+        self.retry_counts[(agent_id, str(retry_type))] = count + 1
         row = {"id": next(self._retry_ids), "alert_id": alert_id, "agent_id": agent_id, "task_id": task_id,
                "run_id": run_id, "retry_type": str(retry_type), "retry_count": count + 1, "reason": reason,
                "detail": _redact_value(detail), "from_provider": from_provider, "to_provider": to_provider,
-               "decided_by": decided_by, "requested_by": requested_by, "hop": hop, "timestamp": utc_iso(),
-               "mono": self.clock.now(), "drill": self.drill, "case_id": case}
+               "decided_by": decided_by, "requested_by": requested_by, "hop": hop, "timestamp": self._wall(),
+               "mono": self._mono(), "drill": self.drill, "case_id": case}
         self.retries_.append(row)
         metric = METRIC.get(RetryType(retry_type))
         if metric and not self.drill:
@@ -362,7 +368,7 @@ class MemoryStore:
                         "provider_switches": 0, "permanent_failures": 0, "last_reason": None})
                     m["failures"] += int(retry_type != RetryType.ESCALATION)
                     m[metric] += 1
-                    m.update(last_reason=reason, updated_at=utc_iso())
+                    m.update(last_reason=reason, updated_at=self._wall())
         self._event(str(retry_type), {"reason": reason, "case": case, "detail": detail,
                                       "from_provider": from_provider, "to_provider": to_provider,
                                       "decided_by": decided_by, "requested_by": requested_by, "hop": hop},
@@ -386,3 +392,63 @@ class MemoryStore:
 
     async def failure_metrics(self) -> list[dict]:
         return copy.deepcopy([self.metrics_[k] for k in sorted(self.metrics_)])
+
+    # -- the working copy of a durable store ---------------------------------------------------
+
+    async def load_from(self, durable) -> None:
+        """What the daemon decides on, read back from the durable store at start-up: every
+        agent, open session, live run and task (with its checkpoints and ladder rows), the
+        latest alerts of each agent, and the per-agent row counts."""
+        q = durable.db.all
+        self.agents_ = {r["name"]: r for r in await q("SELECT * FROM agents")}
+        self.sessions_ = {r["incarnation"]: r for r in await q("SELECT * FROM sessions WHERE status != 'ended'")}
+        tasks = await q("SELECT * FROM tasks WHERE status IN ('assigned','running','escalated') "
+                        "OR run_id IN (SELECT run_id FROM runs WHERE status = 'running') "
+                        "OR (delivered = 0 AND parent_task_id IS NULL)")
+        self.tasks_ = {r["task_id"]: _json(r, "failure") for r in tasks}
+        run_ids = {t["run_id"] for t in tasks}
+        self.runs_ = {r["run_id"]: _json(r, "failure") for r in await q("SELECT * FROM runs WHERE status = 'running'")}
+        for run_id in run_ids - set(self.runs_):
+            for r in await q("SELECT * FROM runs WHERE run_id = ?", (run_id,)):
+                self.runs_[run_id] = _json(r, "failure")
+        for task_id in self.tasks_:
+            for c in await q("SELECT * FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,)):
+                self.checkpoints_[(task_id, c["step"])] = c
+        alerts = await q("SELECT * FROM (SELECT a.*, ROW_NUMBER() OVER (PARTITION BY agent ORDER BY mono DESC) AS n "
+                         "FROM alerts a) WHERE n <= 200 OR status != 'handled' ORDER BY mono, rowid")
+        self.alerts_ = {a["alert_id"]: _json({k: v for k, v in a.items() if k != "n"}, "detail") for a in alerts}
+        keep = set(self.alerts_)
+        rows = await q("SELECT * FROM retry_history ORDER BY id")
+        self.retries_ = [_json(r, "detail") for r in rows
+                         if r["task_id"] in self.tasks_ or r["alert_id"].split(":")[0] in keep]
+        self.retry_counts = {(r["agent_id"], r["retry_type"]): r["n"] for r in await q(
+            "SELECT agent_id, retry_type, COUNT(*) AS n FROM retry_history GROUP BY agent_id, retry_type")}
+
+    def trim(self, *, keep_alerts: int = 200) -> None:
+        """Forget what no decision will read again (the durable store keeps it): ended
+        sessions, finished runs and their delivered tasks, old handled alerts."""
+        for inc in [i for i, r in self.sessions_.items() if r["status"] == SessionState.ENDED]:
+            del self.sessions_[inc]
+        live_runs = {t["run_id"] for t in self.tasks_.values()
+                     if t["status"] in LIVE_TASK_STATES or not t["delivered"]}
+        for run_id in [r for r, row in self.runs_.items() if row["status"] != RunState.RUNNING and r not in live_runs]:
+            del self.runs_[run_id]
+        for task_id in [t for t, row in self.tasks_.items() if row["run_id"] not in self.runs_]:
+            del self.tasks_[task_id]
+        self.checkpoints_ = {k: v for k, v in self.checkpoints_.items() if k[0] in self.tasks_}
+        by_agent: dict[str, list[dict]] = {}
+        for a in self.alerts_.values():
+            by_agent.setdefault(a["agent"], []).append(a)
+        keep: set[str] = set()
+        for rows in by_agent.values():
+            rows.sort(key=lambda a: a["mono"], reverse=True)
+            keep |= {a["alert_id"] for i, a in enumerate(rows) if i < keep_alerts or a["status"] != AlertState.HANDLED}
+        self.alerts_ = {k: v for k, v in self.alerts_.items() if k in keep}
+        self.retries_ = [r for r in self.retries_ if r["task_id"] in self.tasks_ or r["alert_id"].split(":")[0] in keep]
+
+
+def _json(row: dict, *columns: str) -> dict:
+    for c in columns:
+        if isinstance(row.get(c), str):
+            row[c] = json.loads(row[c])
+    return row

@@ -386,15 +386,20 @@ def migrate(conn: sqlite3.Connection) -> int:
     return SCHEMA_VERSION
 
 
-def verify(conn: sqlite3.Connection) -> None:
-    """Integrity and shape: quick_check, then every expected table and column."""
+def quick_check(conn: sqlite3.Connection, where: str = "registry") -> None:
+    """SQLite's own integrity check, its findings on one line (the CLI shows one line)."""
     try:
         result = conn.execute("PRAGMA quick_check").fetchall()
     except sqlite3.DatabaseError as err:
-        raise RegistryError(f"registry is not a usable SQLite database: {err}") from None
+        raise RegistryError(f"{where} is not a usable SQLite database: {err}") from None
     if result != [("ok",)]:
-        problems = "; ".join(r[0] for r in result[:5])
-        raise RegistryError(f"registry failed PRAGMA quick_check: {problems}")
+        problems = "; ".join(" ".join(str(r[0]).split()) for r in result[:3])
+        raise RegistryError(f"{where} is malformed (PRAGMA quick_check: {problems})")
+
+
+def verify(conn: sqlite3.Connection) -> None:
+    """Integrity and shape: quick_check, then every expected table and column."""
+    quick_check(conn)
     for table, columns in EXPECTED_COLUMNS.items():
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if not have:
@@ -412,12 +417,10 @@ def open_and_prepare(path: Path) -> None:
         conn = sqlite3.connect(path)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            verify_pre = conn.execute("PRAGMA quick_check").fetchall()
-            if verify_pre != [("ok",)]:
-                raise RegistryError(f"registry failed PRAGMA quick_check: {verify_pre[0][0]}")
+            quick_check(conn, f"registry {path}")  # before any migration writes to it
             migrate(conn)
             verify(conn)
         finally:
             conn.close()
-    except sqlite3.DatabaseError as err:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as err:
         raise RegistryError(f"registry {path} is malformed ({err}); refusing to start") from None

@@ -12,6 +12,7 @@ runs it on an engine. ``registry.memory.MemoryStore`` is the stub with the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,13 +45,37 @@ def _decode(row: dict | None, *columns: str) -> dict | None:
     return row
 
 
-class SqlStore:
-    def __init__(self, db: Db, *, clock: Clock | None = None) -> None:
-        self.db = db
+class Stamps:
+    """When a row is written: the clock's reading and the wall time, unless pinned. A
+    journal replaying a write later pins the times the write really happened at."""
+
+    def __init__(self, clock: Clock | None) -> None:
         self.clock = clock or MonotonicClock()
+        self._pinned: tuple[float, str] | None = None
         # The name of the drill in progress: every event, alert and retry row written
         # meanwhile carries it, and failure_metrics (production figures) skip it.
         self.drill: str | None = None
+
+    def _mono(self) -> float:
+        return self._pinned[0] if self._pinned else self.clock.now()
+
+    def _wall(self) -> str:
+        return self._pinned[1] if self._pinned else utc_iso()
+
+    @contextlib.contextmanager
+    def pinned(self, mono: float, wall: str, drill: str | None):
+        saved = self._pinned, self.drill
+        self._pinned, self.drill = (mono, wall), drill
+        try:
+            yield
+        finally:
+            self._pinned, self.drill = saved
+
+
+class SqlStore(Stamps):
+    def __init__(self, db: Db, *, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self.db = db
 
     async def open(self) -> "SqlStore":
         await self.db.open()
@@ -65,7 +90,7 @@ class SqlStore:
         row = await tx.one(
             "INSERT INTO events (ts, mono, kind, agent, incarnation, run_id, task_id, alert_id, payload, drill) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (utc_iso(), self.clock.now(), kind, ids.get("agent"), ids.get("incarnation"), ids.get("run_id"),
+            (self._wall(), self._mono(), kind, ids.get("agent"), ids.get("incarnation"), ids.get("run_id"),
              ids.get("task_id"), ids.get("alert_id"), redact_json(payload), self.drill))
         return row["id"]
 
@@ -96,7 +121,7 @@ class SqlStore:
                 "INSERT INTO agents (name, role, parent, port, provider, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET role=excluded.role, parent=excluded.parent, port=excluded.port, "
                 "provider=COALESCE(agents.provider, excluded.provider), updated_at=excluded.updated_at",
-                (name, role, parent, port, provider, utc_iso()))
+                (name, role, parent, port, provider, self._wall()))
             return await tx.one("SELECT * FROM agents WHERE name = ?", (name,))
 
     async def set_agent(self, name: str, **fields: Any) -> None:
@@ -107,7 +132,7 @@ class SqlStore:
         values = tuple(int(v) if isinstance(v, bool) else (str(v) if hasattr(v, "value") else v)
                        for v in fields.values())
         async with self.db.transaction() as tx:
-            await tx.execute(f"UPDATE agents SET {cols}, updated_at = ? WHERE name = ?", (*values, utc_iso(), name))
+            await tx.execute(f"UPDATE agents SET {cols}, updated_at = ? WHERE name = ?", (*values, self._wall(), name))
 
     async def agent(self, name: str) -> dict | None:
         return await self.db.one("SELECT * FROM agents WHERE name = ?", (name,))
@@ -125,9 +150,9 @@ class SqlStore:
             await tx.execute(
                 "INSERT INTO sessions (incarnation, agent, port, provider, status, started_at, started_mono, mode) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (incarnation, agent, port, provider, SessionState.INTENT, utc_iso(), self.clock.now(), mode))
+                (incarnation, agent, port, provider, SessionState.INTENT, self._wall(), self._mono(), mode))
             await tx.execute("UPDATE agents SET current_incarnation = ?, updated_at = ? WHERE name = ?",
-                             (incarnation, utc_iso(), agent))
+                             (incarnation, self._wall(), agent))
 
     async def _session_to(self, tx, incarnation: str, new: SessionState, sets: dict[str, Any]) -> bool:
         row = await tx.one("SELECT status FROM sessions WHERE incarnation = ?", (incarnation,))
@@ -145,7 +170,7 @@ class SqlStore:
 
     async def session_running(self, incarnation: str) -> None:
         async with self.db.transaction() as tx:
-            await self._session_to(tx, incarnation, SessionState.RUNNING, {"healthy_mono": self.clock.now()})
+            await self._session_to(tx, incarnation, SessionState.RUNNING, {"healthy_mono": self._mono()})
 
     async def close_session(self, incarnation: str, *, reason: str, exit_code: int | None = None,
                             exit_signal: int | None = None) -> bool:
@@ -153,7 +178,7 @@ class SqlStore:
         async with self.db.transaction() as tx:
             row = await tx.one("SELECT agent, pid FROM sessions WHERE incarnation = ?", (incarnation,))
             ended = await self._session_to(tx, incarnation, SessionState.ENDED, {
-                "ended_at": utc_iso(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
+                "ended_at": self._wall(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
             if ended:
                 await self._event(tx, "session_ended", {"reason": reason, "exit_code": exit_code,
                                                         "signal": exit_signal, "pid": row["pid"]},
@@ -172,7 +197,7 @@ class SqlStore:
     async def create_run(self, run_id: str, prompt: str, drill: bool) -> None:
         async with self.db.transaction() as tx:
             await tx.execute("INSERT INTO runs (run_id, prompt, status, drill, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (run_id, redact(prompt), RunState.RUNNING, int(drill), utc_iso()))
+                             (run_id, redact(prompt), RunState.RUNNING, int(drill), self._wall()))
             await self._event(tx, "run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id)
 
     async def finish_run(self, run_id: str, status: RunState, result: str | None, failure: dict | None) -> bool:
@@ -184,7 +209,7 @@ class SqlStore:
             await tx.execute("UPDATE runs SET status = ?, result = ?, failure = ?, finished_at = ? "
                              "WHERE run_id = ? AND status = ?",
                              (status, redact(result) if result else result,
-                              redact_json(failure) if failure else None, utc_iso(), run_id, RunState.RUNNING))
+                              redact_json(failure) if failure else None, self._wall(), run_id, RunState.RUNNING))
             await self._event(tx, f"run_{status}", {"reason": (failure or {}).get("reason"), "failure": failure},
                               run_id=run_id)
             return True
@@ -212,7 +237,7 @@ class SqlStore:
                 "attempt, provider, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
                 "ON CONFLICT(task_id) DO NOTHING",
                 (rec["task_id"], rec["run_id"], rec.get("parent_task_id"), rec["agent"], rec["parent_agent"],
-                 rec["kind"], redact(rec["prompt"]), TaskState.ASSIGNED, rec.get("provider"), utc_iso(), utc_iso()))
+                 rec["kind"], redact(rec["prompt"]), TaskState.ASSIGNED, rec.get("provider"), self._wall(), self._wall()))
             if n == 1:
                 await self._event(tx, "task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"],
                                                         "kind": rec["kind"]},
@@ -233,7 +258,7 @@ class SqlStore:
         cols = "".join(f", {k} = ?" for k in sets)
         n = await tx.execute(f"UPDATE tasks SET status = ?, attempt = attempt + ?, updated_at = ?{cols} "
                              f"WHERE task_id = ? AND status = ?",
-                             (new, attempt, utc_iso(), *sets.values(), task_id, row["status"]))
+                             (new, attempt, self._wall(), *sets.values(), task_id, row["status"]))
         if n != 1:
             return None
         # "task_assigned" is the creation event (the report counts them: one per task).
@@ -256,7 +281,7 @@ class SqlStore:
             elif row and row["status"] == TaskState.RUNNING:  # a marker moved: not a transition
                 cols = ", ".join(f"{k} = ?" for k in sets)
                 await tx.execute(f"UPDATE tasks SET {cols}, updated_at = ? WHERE task_id = ? AND status = ?",
-                                 (*sets.values(), utc_iso(), task_id, TaskState.RUNNING))
+                                 (*sets.values(), self._wall(), task_id, TaskState.RUNNING))
 
     async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict | None,
                           *, reason: str | None = None) -> bool:
@@ -291,7 +316,7 @@ class SqlStore:
         """The task's failure climbs the tree: no incarnation gets it until the top decides."""
         async with self.db.transaction() as tx:
             return await self._task_to(tx, task_id, TaskState.ESCALATED,
-                                       {"lease_incarnation": None, "held_since": self.clock.now()},
+                                       {"lease_incarnation": None, "held_since": self._mono()},
                                        event={"reason": reason}) is not None
 
     async def release_task(self, task_id: str, provider: str | None) -> bool:
@@ -333,7 +358,7 @@ class SqlStore:
             n = await tx.execute(
                 "INSERT INTO checkpoints (task_id, step, step_id, hash, output, incarnation, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id, step) DO NOTHING",
-                (task_id, step, step_id, content_hash(output), output, incarnation, utc_iso()))
+                (task_id, step, step_id, content_hash(output), output, incarnation, self._wall()))
             if n == 1:
                 await self._event(tx, "checkpoint", {"step": step, "step_id": step_id, "hash": content_hash(output)},
                                   task_id=task_id, incarnation=incarnation)
@@ -355,7 +380,7 @@ class SqlStore:
                 "ON CONFLICT DO NOTHING",
                 (alert["alert_id"], alert["service"], alert["incarnation"], alert["reason"],
                  redact_json(alert.get("detail", {})), alert.get("task_id"), alert.get("run_id"), AlertState.PENDING,
-                 utc_iso(), self.drill, self.clock.now(), int(stable)))
+                 self._wall(), self.drill, self._mono(), int(stable)))
             if n == 1:
                 await self._event(tx, "alert_raised", {"reason": alert["reason"], "detail": alert.get("detail", {}),
                                                        "stable": stable},
@@ -384,7 +409,7 @@ class SqlStore:
                 "UPDATE alerts SET status = ?, decision = COALESCE(?, decision), "
                 "handled_at = CASE WHEN ? IN ('handled','undeliverable') THEN ? ELSE handled_at END "
                 "WHERE alert_id = ? AND status = ?",
-                (status, decision, status, utc_iso(), alert_id, row["status"]))
+                (status, decision, status, self._wall(), alert_id, row["status"]))
             if status == AlertState.UNDELIVERABLE:
                 await self._event(tx, "alert_undeliverable", {"decision": decision}, alert_id=alert_id)
             return True
@@ -426,7 +451,7 @@ class SqlStore:
                 "detail, from_provider, to_provider, decided_by, requested_by, hop, timestamp, mono, drill, case_id) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING *",
                 (alert_id, agent_id, task_id, run_id, retry_type, count["n"] + 1, reason, redact_json(detail),
-                 from_provider, to_provider, decided_by, requested_by, hop, utc_iso(), self.clock.now(), self.drill,
+                 from_provider, to_provider, decided_by, requested_by, hop, self._wall(), self._mono(), self.drill,
                  case))
             if row is None:
                 return None
@@ -450,7 +475,7 @@ class SqlStore:
             f"VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(scope, key) DO UPDATE SET "
             f"failures = failure_metrics.failures + excluded.failures, {metric} = failure_metrics.{metric} + 1, "
             f"last_reason = excluded.last_reason, updated_at = excluded.updated_at",
-            (scope, key, int(count_failure), reason, utc_iso()))
+            (scope, key, int(count_failure), reason, self._wall()))
 
     async def retry_rows(self, alert_id: str) -> list[dict]:
         """Every ladder row written for one alert (what has already been decided on it)."""

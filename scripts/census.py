@@ -1,12 +1,5 @@
-"""Which processes belong to a home's mesh: found by their environment, not by what the
-registry says (a registry that could not be written, or a daemon killed between fork and
-record, must not hide a process).
-
-The daemon runs with ``TRON_MESH=<home>`` in its environment and every process it starts
-inherits it (the fork server too, and so every agent it forks). The operator's own shell,
-`make` and `tron` commands may carry ``TRON_HOME`` but never ``TRON_MESH``: they are not
-part of the mesh and are never counted, or ended.
-"""
+"""Ending every process of a home's mesh from the CLI (`tron down`), found by their
+environment (services.daemon.spawner.home_processes), not by what the registry says."""
 
 from __future__ import annotations
 
@@ -17,39 +10,6 @@ import time
 import psutil
 
 from services.daemon.spawner import kill_tree, signal_group
-
-
-def _ourselves() -> set[int]:
-    me = psutil.Process()
-    return {me.pid} | {p.pid for p in me.parents()}
-
-
-MARK = "TRON_MESH"
-
-
-def home_processes(home: str) -> list[psutil.Process]:
-    """Every live process of ``home``'s mesh (its daemon and everything it started)."""
-    skip = _ourselves()
-    found = []
-    for p in psutil.process_iter(["pid"]):
-        if p.pid in skip:
-            continue
-        try:
-            if p.environ().get(MARK) == home and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
-def describe(procs: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in procs:
-        try:
-            out.append(f"{p.pid}:{' '.join(' '.join(p.cmdline()).split())[:80]}")
-        except psutil.Error:
-            out.append(f"{p.pid}:?")
-    return out
 
 
 def end_all(procs: list[psutil.Process], grace: float) -> list[psutil.Process]:

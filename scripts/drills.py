@@ -37,10 +37,9 @@ import psutil
 from common.ladder import worst_case_attempts
 from registry import read
 from registry.report import run_report
-from scripts.census import describe, home_processes
 from scripts.client import ClientError, MeshClient, wait_for
 from scripts.stats import summary
-from services.daemon.spawner import same_process, tree_of
+from services.daemon.spawner import describe, home_processes, same_process, tree_of
 
 
 class DrillError(Exception):

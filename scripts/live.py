@@ -38,6 +38,11 @@ def render(status: dict | None) -> Group:
     d = status["daemon"]
     parts = [Text(f"TRON daemon pid {d['pid']} :{d['port']} up {d['uptime']:.0f}s  (Ctrl-C stops the mesh)",
                   style="bold cyan")]
+    registry = status.get("registry") or {}
+    if registry.get("state") == "degraded":
+        parts.append(Panel(Text(f"REGISTRY DEGRADED  {registry['reason']} since {registry['since']}: "
+                                f"{registry['pending']} rows in memory", style="bold white on red"),
+                           style="red", padding=(0, 1)))
     alert = status.get("last_alert")
     if alert and time.time() - alert["at"] < ALERT_SHOW_SECONDS:
         parts.append(Panel(Text(f"TRON ALERT  {alert['service']}: {alert['reason']}", style="bold black on orange1"),

@@ -8,6 +8,7 @@
     tron run "PROMPT"             submit a run through the gateway and follow it
     tron history [--json]         retry history and failure metrics
     tron report [--json]          health report from the registry; exit 1 if any line is unhealthy
+    tron backup | restore FILE    a consistent copy of the registry now; put one back (mesh down)
     tron drill KIND ...           kill | hang | runaway | crash-loop NAME, provider-outage P, chaos
     tron sim fault P KIND         inject a provider fault into llm-sim; `tron sim clear [P]`
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from common.config import ConfigError, MeshConfig, load_mesh
 from common.paths import Home
-from scripts.census import MARK
+from services.daemon.spawner import MARK
 from scripts.client import ClientError, MeshClient
 
 
@@ -56,7 +57,7 @@ class Ctx:
 
     def daemon_pid(self) -> int | None:
         """This home's daemon, if one runs: its pid file names it and it holds the lock."""
-        from scripts.census import home_processes
+        from services.daemon.spawner import home_processes
 
         info = self.mesh.daemon_info()
         if info and isinstance(info.get("pid"), int) and _alive(info["pid"]):
@@ -158,7 +159,8 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     """API first; a daemon that does not answer gets SIGTERM, then SIGKILL after the grace
     period; then every process of the home, found by its environment, is ended. "Nothing
     left" is printed only after the census says so."""
-    from scripts.census import describe, end_all, home_processes, wait_gone
+    from scripts.census import end_all, wait_gone
+    from services.daemon.spawner import describe, home_processes
 
     grace = ctx.config.policy.stop_grace
     pid = ctx.daemon_pid()
@@ -218,7 +220,18 @@ def render_status(status: dict) -> str:
     if status.get("last_alert"):
         a = status["last_alert"]
         lines.append(f"last alert: {a['service']} {a['reason']}")
+    if status.get("overlay"):
+        o = status["overlay"]
+        lines.append(f"policy overlay: {o['path']} ({', '.join(o['keys'])})")
+    registry = status.get("registry") or {}
+    if registry.get("state") == "degraded":
+        lines.append(registry_text(registry))
     return "\n".join(lines)
+
+
+def registry_text(registry: dict) -> str:
+    return (f"registry: DEGRADED ({registry['reason']} since {registry['since']}; {registry['pending']} rows "
+            "kept in memory, written when it recovers)")
 
 
 def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -335,6 +348,44 @@ def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
+    """Through the daemon when it runs (it owns the file); directly otherwise."""
+    mesh = ctx.mesh
+    if mesh.daemon_health() is not None:
+        code, answer = mesh.call("POST", mesh.daemon_url + "/control/backup", {}, auth=True, timeout=120)
+        if code != 201:
+            raise CLIError(f"the daemon could not take a backup: {answer}")
+        print(f"backup: {answer['path']}")
+        return 0
+    from registry import backup
+    from registry.schema import RegistryError
+
+    if not ctx.home.registry_db.exists():
+        raise CLIError(f"no registry at {ctx.home.registry_db}")
+    try:
+        path = backup.take(ctx.home.registry_db, keep=ctx.config.registry.backup_keep)
+    except RegistryError as err:
+        raise CLIError(str(err)) from None
+    print(f"backup: {path}")
+    return 0
+
+
+def cmd_restore(ctx: Ctx, args: argparse.Namespace) -> int:
+    from registry import backup
+    from registry.schema import RegistryError
+
+    if ctx.daemon_pid() is not None:
+        raise CLIError(f"the mesh is running on {ctx.home.root}: `tron down` first (a restore replaces the registry "
+                       "under it)")
+    try:
+        kept = backup.restore(Path(args.file).resolve(), ctx.home.registry_db)
+    except RegistryError as err:
+        raise CLIError(f"refused: {err}") from None
+    print(f"restored {args.file} to {ctx.home.registry_db}" + (f"; the previous registry is kept as {kept}" if kept
+                                                              else ""))
+    return 0
+
+
 # -- drills ---------------------------------------------------------------------------------------
 
 
@@ -428,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=60.0)
     d.add_argument("--seed", type=int)
     d.add_argument("--json", action="store_true")
+    sub.add_parser("backup", help="a consistent copy of the registry, now")
+    res = sub.add_parser("restore", help="put a backup in place of the registry (the mesh must be down)")
+    res.add_argument("file")
     rep = sub.add_parser("report", help="health report computed from the registry")
     rep.add_argument("--json", action="store_true")
     sim = sub.add_parser("sim", help="llm-sim fault injection")
@@ -445,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs, "run": cmd_run,
             "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim,
-            "restart": cmd_service, "stop": cmd_service, "start": cmd_service}
+            "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "backup": cmd_backup,
+            "restore": cmd_restore}
 
 
 def main(argv: list[str] | None = None) -> int:

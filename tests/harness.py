@@ -21,8 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.census import describe, home_processes
-from services.daemon.spawner import kill_tree
+from services.daemon.spawner import describe, home_processes, kill_tree
 from scripts.client import http, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,10 +203,11 @@ class Mesh:
         return home_processes(str(self.home))
 
 
-def make_mesh(tmp_path: Path, **kw) -> Mesh:
-    """A mesh in ``tmp_path`` (config and home) on a free port range; not started."""
+def make_mesh(tmp_path: Path, *, home: Path | None = None, **kw) -> Mesh:
+    """A mesh in ``tmp_path`` (config, and the home unless given) on a free port range;
+    not started."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    home = tmp_path / "home"
+    home = home or tmp_path / "home"
     config = tmp_path / "mesh.toml"
     spec = write_mesh(config, **kw)
     ports = [spec["mesh"]["daemon_port"]] + [s["port"] for s in spec["services"].values()]

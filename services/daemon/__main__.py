@@ -18,6 +18,7 @@ from aiohttp import web
 from common.config import ConfigError, load_mesh
 from common.paths import Home
 from common.settings import apply_overlay, overlay_path, read_overlay
+from registry.backup import newest_good
 from registry.schema import RegistryError
 from services.daemon.api import make_app
 from services.daemon.core import Daemon, StartError
@@ -26,7 +27,11 @@ log = logging.getLogger("tron.daemon")
 
 
 async def serve(daemon: Daemon) -> int:
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.shutdown()  # close what start() opened (the registry's thread would hold the exit)
+        raise
     runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", daemon.config.mesh.daemon_port, reuse_address=True)
@@ -61,9 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         config = apply_overlay(config, read_overlay(overlay), overlay)
         daemon = Daemon(config, home, config_path=config_path)
         return asyncio.run(serve(daemon))
-    except (ConfigError, RegistryError, StartError) as err:
+    except RegistryError as err:
+        print(f"tron daemon: {err}{restore_hint(Home.resolve(args.home).registry_db)}", file=sys.stderr)
+        return 2
+    except (ConfigError, StartError) as err:
         print(f"tron daemon: {err}", file=sys.stderr)
         return 2
+
+
+def restore_hint(db_path: Path) -> str:
+    good = newest_good(db_path)
+    if good is None:
+        return ""
+    return f". The newest good backup is {good}: `tron restore {good}` puts it in place"
 
 
 if __name__ == "__main__":

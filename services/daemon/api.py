@@ -26,7 +26,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.config import DAEMON
-from common.http import TOKEN_KEY, error, parse, parse_query, require_token
+from common.http import TOKEN_KEY, error, parse, parse_empty, parse_query, require_token
 from common.ladder import Escalated
 from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
                            LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
@@ -48,10 +48,6 @@ class EventsQuery(BaseModel):
     limit: int = Field(200, ge=1, le=1000)
     kind: str | None = Field(None, max_length=64, pattern=r"^[a-z_]+$")
     agent: NameStr | None = None
-
-
-class Empty(Msg):
-    """Endpoints that take no body still refuse one they do not understand."""
 
 
 def _d(request: web.Request) -> Daemon:
@@ -112,6 +108,9 @@ async def metrics(request: web.Request) -> web.Response:
     d = _d(request)
     d.metrics.services_up.set(d.running())
     d.metrics.crash_looping.set(sum(1 for s in d.sup.services.values() if s.crash_looping))
+    registry = d.registry_health()
+    d.metrics.registry_degraded.set(int(registry["state"] != "ok"))
+    d.metrics.registry_pending.set(registry.get("pending", 0))
     return web.Response(body=d.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
@@ -255,10 +254,16 @@ async def drill(request: web.Request) -> web.Response:
 
 
 @require_token
+async def take_backup(request: web.Request) -> web.Response:
+    await parse_empty(request)
+    answer = await _d(request).backup()
+    return web.json_response(answer, status=201 if answer["status"] == "taken" else 500)
+
+
+@require_token
 async def shutdown(request: web.Request) -> web.Response:
     d = _d(request)
-    if request.can_read_body:
-        await parse(request, Empty)
+    await parse_empty(request)
     asyncio.get_running_loop().call_soon(d.request_shutdown)
     return web.json_response({"status": "stopping", "pid": os.getpid()}, status=202)
 
@@ -370,6 +375,7 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_post("/control/report_failure", report_failure)
     r.add_post("/control/drill", drill)
     r.add_post("/control/shutdown", shutdown)
+    r.add_post("/control/backup", take_backup)
     r.add_post("/handle_grandchild_failure", grandchild_failure)
     for verb in ("restart", "stop", "start"):
         r.add_post(f"/services/{{name}}/{verb}", _operator(verb))

@@ -28,7 +28,7 @@ from common.clock import Clock, MonotonicClock
 from common.config import DAEMON, MeshConfig, Policy
 from common.http import MeshClient
 from common.monitor import Monitor, MonitorThread, Signal
-from common.paths import Home, ensure_token
+from common.paths import Home, UnsafeTokenFile, ensure_token
 from common.settings import merged_policy, overlay_path, read_overlay, write_overlay
 from common.states import ServiceState
 from services.daemon import metrics
@@ -129,13 +129,20 @@ class Daemon:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.lock.acquire()
+        try:
+            self.token = ensure_token(self.home.token_file)  # before anything is opened
+        except UnsafeTokenFile as err:
+            raise StartError(str(err)) from None
+        self.client.token = self.token
         if self.store is None:
+            from registry.journal import JournaledStore
             from registry.store import open_sqlite_store
 
-            self.store = open_sqlite_store(self.home.registry_db, clock=self.clock)
+            # Decide on memory, record behind: a registry that refuses writes (disk full,
+            # lock held elsewhere) never stops detection or recovery (registry/journal.py).
+            self.store = JournaledStore(open_sqlite_store(self.home.registry_db, clock=self.clock), clock=self.clock,
+                                        spill=self.home.registry_db.with_name("journal.jsonl"))
         await self.store.open()
-        self.token = ensure_token(self.home.token_file)
-        self.client.token = self.token
         logs.setup(DAEMON, comms_path=self.home.comms_log)
         spawner = self._spawner or self._local_spawner()
         if hasattr(spawner, "on_exit") and getattr(spawner, "on_exit") is None:
@@ -144,7 +151,10 @@ class Daemon:
         await spawner.start()
         await self.sup.declare()
         if self._run_monitor_thread:
-            self.monitor_thread = MonitorThread(self.monitor, self._signal_from_thread, self.clock)
+            self.monitor.loop_seen = self.clock.now()
+            self.background(self._loop_ticker(), "loop ticker")
+            self.monitor_thread = MonitorThread(self.monitor, self._signal_from_thread, self.clock,
+                                                on_stall=self._stall_from_thread)
             self.monitor_thread.start()
         await self.store.event("daemon_started", {"pid": os.getpid(), "config": str(self.config_path),
                                                   "home": str(self.home.root)})
@@ -154,6 +164,8 @@ class Daemon:
         service that cannot start does not hold the others back: it is a failure like any
         other, and the ladder has it."""
         await self.sup.adopt_or_close()
+        if isinstance(self.sup.spawner, LocalSpawner):
+            await self.sup.sweep_ghosts({os.getpid(), *self.sup.spawner.helper_pids()})
         fs = getattr(self.sup.spawner, "forkserver", None)
         if fs is not None:
             await fs.wait_ready(timeout=30)
@@ -178,7 +190,7 @@ class Daemon:
         log.info("shutdown: stopping every service")
         for task in list(self._tasks):
             task.cancel()
-        if self.sup is not None:
+        if self.sup is not None and self.sup.spawner is not None:
             self.sup.stopping = True
             await asyncio.gather(*(self.sup.stop(self.sup[name], reason="tron_down")
                                    for name in reversed(self.config.start_order())), return_exceptions=True)
@@ -186,13 +198,17 @@ class Daemon:
         if self.monitor_thread:
             self.monitor_thread.stop()
         try:
+            if self.store is None:
+                raise RuntimeError("the registry was never opened")
             await self.store.event("daemon_stopped", {"pid": os.getpid()})
-            await self.store.close()
+            closing = getattr(self.store, "close")
+            await (closing(grace=self.policy().stop_grace) if hasattr(self.store, "journal") else closing())
         except Exception as err:  # the registry may be the reason we are stopping
             log.error("registry not closed cleanly: %s", err)
         await self.client.close()
-        self.home.daemon_file.unlink(missing_ok=True)
-        self.lock.release()
+        if self.lock.held:  # a daemon refused at the lock must not touch the running one's files
+            self.home.daemon_file.unlink(missing_ok=True)
+            self.lock.release()
 
     def request_shutdown(self) -> None:
         self.shutdown_requested.set()
@@ -204,6 +220,22 @@ class Daemon:
         tmp.replace(self.home.daemon_file)
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    async def _loop_ticker(self) -> None:
+        """Tells the monitor thread the loop is alive: if this stops, beats are waiting
+        unread and their silence is the daemon's, not the agents'."""
+        while not self.stopping:
+            self.monitor.loop_seen = self.clock.now()
+            await self.clock.sleep(0.1)
+
+    def _stall_from_thread(self, seconds: float) -> None:
+        self._loop.call_soon_threadsafe(self.background, self._record_stall(seconds), "monitor stall")
+
+    async def _record_stall(self, seconds: float) -> None:
+        self.metrics.monitor_stalls.inc()
+        log.error("the daemon itself stalled for %.2fs: every agent gets a fresh grace instead of an alert",
+                  seconds, extra={"seconds": round(seconds, 3)})
+        await self.store.event("monitor_stalled", {"seconds": round(seconds, 3)})
 
     def _signal_from_thread(self, signal: Signal) -> None:
         """Called on the monitor thread: hand over to the loop, nothing else."""
@@ -234,6 +266,11 @@ class Daemon:
                 await self.router.watchdog_tick()
             except Exception:  # the watchdog must outlive any one bad tick
                 log.exception("watchdog tick failed")
+            if ticks % 60 == 0 and hasattr(self.store, "trim"):
+                self.store.trim()
+            interval = self.config.registry.backup_interval
+            if interval and ticks % max(1, int(interval)) == 0:
+                await self.backup()
 
     # -- beats --------------------------------------------------------------------------------
 
@@ -269,7 +306,25 @@ class Daemon:
             "overlay": {"path": str(self.overlay), "keys": sorted(read_overlay(self.overlay))}
             if self.overlay.exists() else None,
             "crash_looping": [s.name for s in self.sup.services.values() if s.crash_looping],
+            "registry": self.registry_health(),
         }
+
+    async def backup(self) -> dict:
+        """A consistent copy of the registry now (SQLite's backup API, in a thread)."""
+        from registry import backup
+
+        try:
+            path = await asyncio.to_thread(backup.take, self.home.registry_db, keep=self.config.registry.backup_keep)
+        except Exception as err:  # a failed backup is reported, never fatal
+            log.error("registry backup failed: %s", err)
+            await self.store.event("backup_failed", {"error": str(err)[:300]})
+            return {"status": "failed", "error": str(err)}
+        await self.store.event("backup_taken", {"path": str(path), "bytes": path.stat().st_size})
+        return {"status": "taken", "path": str(path)}
+
+    def registry_health(self) -> dict:
+        health = getattr(self.store, "health", None)
+        return health() if health else {"state": "ok"}
 
     def running(self) -> int:
         return sum(1 for s in self.sup.services.values() if s.state == ServiceState.RUNNING)

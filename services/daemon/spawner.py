@@ -178,6 +178,44 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+# -- every process of a home (the census) ------------------------------------------------------
+
+# The daemon runs with TRON_MESH=<home> and every process it starts inherits it (the fork
+# server too, and so every agent forked from it). The operator's own shell, `make` and
+# `tron` commands never carry it: they are not part of the mesh.
+MARK = "TRON_MESH"
+
+
+def _ourselves() -> set[int]:
+    me = psutil.Process()
+    return {me.pid} | {p.pid for p in me.parents()}
+
+
+def home_processes(home: str) -> list[psutil.Process]:
+    """Every live process of ``home``'s mesh (its daemon and everything it started)."""
+    skip = _ourselves()
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid in skip:
+            continue
+        try:
+            if p.environ().get(MARK) == home and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def describe(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid}:{' '.join(' '.join(p.cmdline()).split())[:80]}")
+        except psutil.Error:
+            out.append(f"{p.pid}:?")
+    return out
+
+
 # -- the local spawner -------------------------------------------------------------------------
 
 

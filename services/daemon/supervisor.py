@@ -29,7 +29,7 @@ from common.monitor import Monitor, Signal
 from common.paths import Home
 from common.states import SERVICE, ServiceState
 from services.daemon.metrics import DaemonMetrics
-from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
+from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, describe, home_processes
 
 log = logging.getLogger("tron.daemon")
 
@@ -202,6 +202,8 @@ class Supervisor:
             await self._spawn_failed(svc, incarnation, str(err))
             return
         svc.child = child
+        if os.environ.get("TRON_TEST_DIE_AFTER_FORK") == svc.name:  # the fault tests/integration/test_faults.py injects
+            os._exit(9)
         await self.store.session_started(incarnation, child.pid, child.create_time, mode=child.mode)
         await self.store.event("spawned", {"pid": child.pid, "reason": reason, "provider": svc.provider,
                                            "mode": child.mode, "argv": spec.argv},
@@ -390,6 +392,31 @@ class Supervisor:
             await self.store.event("adopted", {"pid": child.pid}, agent=svc.name, incarnation=svc.incarnation)
             log.info("adopted", extra={"offender": svc.name, "pid": child.pid, "incarnation": svc.incarnation})
             self.background(self._await_health(svc, svc.incarnation), f"health {svc.name}")
+
+    async def sweep_ghosts(self, ours: set[int]) -> list[str]:
+        """Processes of this home that no session accounts for (a daemon killed between
+        fork and record, a registry that could not be written): ended, and recorded."""
+        owners = {svc.child.pid for svc in self.services.values() if svc.child is not None}
+        ghosts = []
+        for proc in home_processes(str(self.home.root)):
+            try:
+                group = os.getpgid(proc.pid)
+                if proc.pid in ours or proc.pid in owners or group in owners \
+                        or any(p.pid in owners | ours for p in proc.parents()):
+                    continue
+            except Exception:  # gone meanwhile
+                continue
+            ghosts.append(proc)
+        if ghosts:
+            names = describe(ghosts)
+            for proc in ghosts:
+                ghost = Child("ghost", "unknown", proc.pid, 0.0, mode="adopted")
+                ghost.exited.set()
+                await self.spawner.kill(ghost)
+            log.error("ended %d process(es) of this home that no session accounted for: %s", len(ghosts), names)
+            await self.store.event("ghosts_ended", {"processes": names})
+            return names
+        return []
 
     async def _end_lost(self, row: dict) -> None:
         """A session whose process is gone (or is a ghost we will not adopt): end whatever

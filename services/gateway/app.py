@@ -13,16 +13,18 @@ notice) finishes the run. A restarted gateway loses nothing.
 from __future__ import annotations
 
 import logging
+import re
 
 from aiohttp import web
 
 from common import logs
 from common.agent import Agent
 from common.http import MeshHTTPError, error, parse, require_token
-from common.models import RunCreate, RunFailed, TaskAssign, TaskRecord, TaskResult
+from common.models import ID_PATTERN, RunCreate, RunFailed, TaskAssign, TaskRecord, TaskResult
 from common.service import ServiceContext
 
 log = logging.getLogger("tron.gateway")
+RUN_ID = re.compile(ID_PATTERN)
 ROOT = "root"
 
 
@@ -59,8 +61,11 @@ class Gateway(Agent):
         return web.json_response({"run_id": run_id, "task_id": task_id}, status=202)
 
     async def h_get(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        if len(run_id) > 128 or not RUN_ID.match(run_id):  # never a path into the daemon's own resources
+            return error(400, "a run id is a letter or digit, then letters, digits and ._:- only")
         try:
-            run = await self.ctx.client.get(f"{self.daemon}/runs/{request.match_info['run_id']}")
+            run = await self.ctx.client.get(f"{self.daemon}/runs/{run_id}")
         except MeshHTTPError as err:
             return error(err.status, err.json().get("error", "lookup failed"))
         return web.json_response(run)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from common.http import token_matches
+from common.http import parse_empty, token_matches
 from common.models import TOKEN_HEADER
 from services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec
 from services.llm_sim.wire import SimError, describe, read_json
@@ -66,6 +66,7 @@ async def put_fault(request: web.Request) -> web.Response:
 
 @_control
 async def delete_fault(request: web.Request) -> web.Response:
+    await parse_empty(request)
     provider = _path_provider(request)
     cleared = request.app[SIM_STATE].providers[provider].clear_fault()
     log.info("fault cleared: %s", provider)
@@ -74,6 +75,7 @@ async def delete_fault(request: web.Request) -> web.Response:
 
 @_control
 async def delete_all_faults(request: web.Request) -> web.Response:
+    await parse_empty(request)
     providers = request.app[SIM_STATE].providers
     cleared = [name for name, pstate in providers.items() if pstate.clear_fault()]
     log.info("all faults cleared")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,6 +29,7 @@ def test_a_non_editable_install_runs_the_mesh_from_anywhere(tmp_path):
     wheels = tmp_path / "wheels"
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels),
          str(REPO)])
+    shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' scratch space, not ours to keep
     [wheel] = wheels.glob("tron_mesh-*.whl")
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)])

@@ -159,3 +159,36 @@ def test_monitor_thread_delivers_signals_via_the_sink():
     finally:
         thread.stop()
     assert not thread.is_alive()
+
+
+def test_a_stall_of_the_monitor_itself_convicts_nobody_but_a_hung_agent_is_still_caught():
+    from common.monitor import woke_late
+
+    clock = FakeClock()
+    m = Monitor()
+    for name in ("a", "b"):
+        m.watch(name, f"i-{name}", clock.now(), beat_timeout=3.0, progress_timeout=10.0, task_timeout=100.0)
+    m.beat("a", "i-a", 1, clock.now(), task_id="t", progress="p1")
+    clock.advance(5.0)  # the whole daemon was frozen: nobody could beat
+    assert woke_late(1003.0, clock.now(), 1.0) == 2.0 and woke_late(1004.5, clock.now(), 1.0) == 0.0
+    m.stalled(clock.now(), 5.0)
+    assert m.tick(clock.now()) == []  # nobody convicted for the daemon's own silence
+    snap = m.snapshot("a")
+    assert snap.last_beat == clock.now() and snap.progress_since == 1005.0 and snap.task_since == 1005.0
+    m.beat("a", "i-a", 2, clock.now() + 1, task_id="t", progress="p2")
+    clock.advance(3.01)  # "b" really is hung: caught one beat_timeout after the grace began
+    fired = m.tick(clock.now())
+    assert [(s.service, s.reason) for s in fired] == [("b", "heartbeat_timeout")]
+
+
+def test_the_monitor_thread_waits_while_the_event_loop_is_stalled():
+    clock = FakeClock()
+    m = Monitor()
+    m.watch("a", "i-a", clock.now(), beat_timeout=1.0, progress_timeout=10.0, task_timeout=100.0)
+    thread = MonitorThread(m, lambda s: None, clock, stall_after=0.5)
+    m.loop_seen = clock.now()
+    clock.advance(2.0)
+    assert thread._loop_stalled(clock.now())  # beats may be waiting unread: judge nobody
+    m.loop_seen = clock.now()
+    assert not thread._loop_stalled(clock.now())
+    assert m.stalls == [(1002.0, 2.0)] and m.tick(clock.now()) == []

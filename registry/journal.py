@@ -1,0 +1,290 @@
+"""The daemon's store: act first on memory, record durably behind, never forget.
+
+``JournaledStore`` applies every write to an in-memory working copy (``MemoryStore``: the
+state the daemon decides on, which cannot fail) and appends it to an ordered journal; one
+writer task replays the journal onto the durable store (SQLite, or PostgreSQL), each write
+pinned to the time and drill label it really happened with. A write the durable store
+refuses for a reason that passes (disk full, database locked, I/O error) stays first in
+the journal and is retried with capped backoff: detection, restarts and delivery go on
+meanwhile, and once the store accepts writes again the journal is flushed in order, every
+row exactly once. While rows wait, the registry is *degraded*, and says so: ``health()``
+(shown by `tron status`, /status and the live view), a metric, and an event.
+
+A journal still holding writes when the daemon stops is saved beside the database and
+replayed first by the next daemon. Reads of the working state come from memory; history
+(events, retry history, metrics) from the durable store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.clock import Clock, MonotonicClock, utc_iso
+from common.ladder import compute_backoff
+from registry.memory import MemoryStore
+
+log = logging.getLogger("tron.registry")
+
+WRITES = ("event", "upsert_agent", "set_agent", "open_session", "session_started", "session_running",
+          "close_session", "create_run", "finish_run", "reopen_run", "upsert_task", "task_progress", "finish_task",
+          "requeue_tasks", "hold_task", "release_task", "mark_delivered", "add_checkpoint", "insert_alert",
+          "mark_alert", "alert_delivered", "record_retry")
+DURABLE_READS = ("events", "history", "failure_metrics")
+# Memory holds what decisions read; an older run, task or alert is looked up in the store.
+FALLBACK_READS = ("run", "task", "session", "alert", "checkpoints", "task_history", "retry_rows")
+MAX_PENDING = 200_000  # beyond this, plain events are dropped first (and counted); ladder rows never
+
+
+def transient(err: BaseException) -> bool:
+    """A refusal that passes: full disk, locked database, I/O error, lost connection."""
+    if isinstance(err, (sqlite3.OperationalError, OSError)):
+        return True
+    return type(err).__module__.startswith("psycopg") and type(err).__name__ in (
+        "OperationalError", "AdminShutdown", "ConnectionTimeout", "DiskFull", "InsufficientResources")
+
+
+@dataclass
+class Op:
+    method: str
+    args: tuple
+    kwargs: dict
+    mono: float
+    wall: str
+    drill: str | None
+
+    def to_json(self) -> str:
+        return json.dumps({"method": self.method, "args": self.args, "kwargs": self.kwargs, "mono": self.mono,
+                           "wall": self.wall, "drill": self.drill}, default=str)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Op":
+        d = json.loads(line)
+        return cls(d["method"], tuple(d["args"]), d["kwargs"], d["mono"], d["wall"], d["drill"])
+
+
+@dataclass
+class Health:
+    state: str = "ok"  # ok | degraded
+    since: str | None = None
+    reason: str | None = None
+    pending: int = 0
+    dropped_events: int = 0
+    failed_writes: int = 0
+    last_error: str | None = None
+    flushed: int = 0
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "history"} | {"episodes": list(self.history)}
+
+
+class JournaledStore:
+    def __init__(self, durable, *, clock: Clock | None = None, spill: Path | None = None) -> None:
+        self.clock = clock or MonotonicClock()
+        self.durable = durable
+        self.memory = MemoryStore(clock=self.clock, events_kept=2000)
+        self.spill = spill  # where a journal that could not be flushed is saved at shutdown
+        self.journal: collections.deque[Op] = collections.deque()
+        self.health_ = Health()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+        self._closing = False
+        self._degraded_at: float | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> "JournaledStore":
+        await self.durable.open()
+        await self._replay_spill()
+        await self.memory.load_from(self.durable)
+        self._writer = asyncio.ensure_future(self._write_loop())
+        return self
+
+    async def close(self, *, grace: float = 5.0) -> None:
+        """Flush what can be flushed within ``grace``; save the rest for the next daemon."""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), grace)
+            except asyncio.TimeoutError:
+                self._writer.cancel()
+        if self.journal:
+            self._save_spill()
+        await self.durable.close()
+
+    @property
+    def drill(self) -> str | None:
+        return self.memory.drill
+
+    @drill.setter
+    def drill(self, value: str | None) -> None:
+        self.memory.drill = value
+
+    def health(self) -> dict:
+        self.health_.pending = len(self.journal)
+        return self.health_.as_dict()
+
+    # -- the proxy ------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        if name in WRITES:
+            return self._writing(name)
+        if name in DURABLE_READS:
+            return self._after_flush(name)
+        if name in FALLBACK_READS:
+            return self._falling_back(name)
+        return getattr(self.memory, name)
+
+    def _after_flush(self, name: str):
+        """History reads see this daemon's own writes (unless the store is refusing them)."""
+        async def read(*args, **kwargs):
+            if self.health_.state == "ok":
+                await self.flushed(2.0)
+            return await getattr(self.durable, name)(*args, **kwargs)
+        return read
+
+    def _falling_back(self, name: str):
+        async def read(*args, **kwargs):
+            found = await getattr(self.memory, name)(*args, **kwargs)
+            return found if found else await getattr(self.durable, name)(*args, **kwargs)
+        return read
+
+    async def task_counts(self, task_id: str) -> dict:
+        known = await self.memory.task(task_id) is not None
+        return await (self.memory if known else self.durable).task_counts(task_id)
+
+    def trim(self) -> None:
+        self.memory.trim()
+
+    def _writing(self, name: str):
+        async def write(*args, **kwargs):
+            mono, wall = self.clock.now(), utc_iso()
+            with self.memory.pinned(mono, wall, self.memory.drill):
+                result = await getattr(self.memory, name)(*args, **kwargs)
+            self._append(Op(name, args, kwargs, mono, wall, self.memory.drill))
+            return result
+        return write
+
+    def _append(self, op: Op) -> None:
+        if len(self.journal) >= MAX_PENDING:
+            self._drop_an_event()
+        self.journal.append(op)
+        self._wake.set()
+
+    def _drop_an_event(self) -> None:
+        for i, op in enumerate(self.journal):
+            if op.method == "event" and i > 0:
+                del self.journal[i]
+                self.health_.dropped_events += 1
+                return
+        log.critical("registry journal full of ladder rows (%d): none is dropped; memory grows", len(self.journal))
+
+    async def flushed(self, timeout: float) -> bool:
+        """Until the journal is empty (True), or ``timeout`` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        while self.journal and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        return not self.journal
+
+    # -- the writer --------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        tries = 0
+        while True:
+            if not self.journal:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            op = self.journal[0]
+            try:
+                with self.durable.pinned(op.mono, op.wall, op.drill):
+                    await getattr(self.durable, op.method)(*op.args, **op.kwargs)
+            except Exception as err:
+                if not transient(err):
+                    # A bug, not a passing fault: retrying cannot help. Said loudly, kept in the log.
+                    self.health_.failed_writes += 1
+                    log.error("registry refused %s for good (%s: %s); the write is lost: %s", op.method,
+                              type(err).__name__, err, op.to_json()[:2000])
+                    self.journal.popleft()
+                    continue
+                tries += 1
+                self._degrade(err)
+                if self._closing and tries > 3:
+                    return
+                await asyncio.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=2.0, jitter=0.1))
+                continue
+            self.journal.popleft()
+            self.health_.flushed += 1
+            if tries:
+                tries = 0
+            if self.health_.state == "degraded" and not self.journal:
+                await self._recovered()
+
+    def _degrade(self, err: BaseException) -> None:
+        reason = _reason(err)
+        self.health_.last_error = f"{type(err).__name__}: {err}"[:300]
+        if self.health_.state != "degraded":
+            self.health_.state, self.health_.since, self.health_.reason = "degraded", utc_iso(), reason
+            self._degraded_at = self.clock.now()
+            log.critical("registry degraded: %s; every event is kept in memory and written when it recovers",
+                         reason, extra={"reason": reason, "error": self.health_.last_error})
+            # Recorded in order, once the store takes writes again.
+            self._append(Op("event", ("registry_degraded", {"reason": reason, "error": self.health_.last_error}),
+                            {}, self.clock.now(), utc_iso(), None))
+
+    async def _recovered(self) -> None:
+        took = round(self.clock.now() - (self._degraded_at or self.clock.now()), 3)
+        episode = {"since": self.health_.since, "reason": self.health_.reason, "seconds": took,
+                   "dropped_events": self.health_.dropped_events}
+        self.health_.history.append(episode)
+        self.health_.state, self.health_.since, self.health_.reason = "ok", None, None
+        log.warning("registry recovered after %.1fs; journal flushed", took, extra=episode)
+        await self.event("registry_recovered", episode)
+
+    # -- a journal that outlived its daemon ----------------------------------------------------
+
+    def _save_spill(self) -> None:
+        if self.spill is None:
+            log.critical("registry: %d writes never reached the store and are lost", len(self.journal))
+            return
+        try:
+            with open(self.spill, "a") as f:
+                for op in self.journal:
+                    f.write(op.to_json() + "\n")
+            log.error("registry: %d unwritten rows saved to %s for the next daemon", len(self.journal), self.spill)
+        except OSError as err:
+            log.critical("registry: %d writes lost: neither the store nor %s could take them (%s)",
+                         len(self.journal), self.spill, err)
+
+    async def _replay_spill(self) -> None:
+        if self.spill is None or not self.spill.exists():
+            return
+        lines = self.spill.read_text().splitlines()
+        for line in lines:
+            op = Op.from_json(line)
+            with self.durable.pinned(op.mono, op.wall, op.drill):
+                await getattr(self.durable, op.method)(*op.args, **op.kwargs)
+        self.spill.unlink()
+        log.warning("registry: replayed %d rows an earlier daemon could not write", len(lines))
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).lower()
+    if "full" in text or getattr(err, "errno", None) == 28:
+        return "disk full"
+    if "locked" in text or "busy" in text:
+        return "database locked"
+    if "i/o" in text or isinstance(err, OSError):
+        return "I/O error"
+    return type(err).__name__

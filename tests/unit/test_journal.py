@@ -1,0 +1,142 @@
+"""Act first, record durably, never forget: the journaled store keeps deciding on memory
+while SQLite refuses writes (a lock held elsewhere, a full database), says so, and flushes
+every row exactly once, in order, when the store takes writes again."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+from common.clock import FakeClock
+from common.states import RetryType
+from registry.db import SqliteDb
+from registry.journal import JournaledStore
+from registry.schema import open_and_prepare
+from registry.store import SqlStore
+
+
+async def journaled(path, clock, **kw) -> JournaledStore:
+    open_and_prepare(path)
+    store = JournaledStore(SqlStore(SqliteDb(path, busy_timeout_ms=20), clock=clock), clock=clock, **kw)
+    return await store.open()
+
+
+async def until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def rows(path, sql):
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def write_a_failure(store, n):
+    alert = {"alert_id": f"a-{n}", "service": "p", "incarnation": f"i-{n}", "reason": "process_exit"}
+    _, created = await store.insert_alert(alert, stable=False)
+    row = await store.record_retry(alert_id=f"a-{n}", agent_id="p", retry_type=RetryType.CHILD_RESTART,
+                                   reason="process_exit", detail={}, case="idle_failure")
+    return created, row
+
+
+async def test_a_locked_database_degrades_then_every_row_lands_once(tmp_path):
+    path = tmp_path / "registry.db"
+    clock = FakeClock()
+    store = await journaled(path, clock)
+    try:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        for n in range(5):
+            created, row = await write_a_failure(store, n)
+            assert created and row["retry_count"] == n + 1  # decided at once, on memory
+        await until(lambda: store.health()["state"] == "degraded")
+        h = store.health()
+        assert h["reason"] == "database locked" and h["pending"] >= 10
+        assert (await store.alert("a-4"))["status"] == "pending"  # memory has it all
+        holder.execute("ROLLBACK")
+        holder.close()
+        await until(lambda: store.health()["state"] == "ok" and not store.health()["pending"])
+        assert rows(path, "SELECT COUNT(*), COUNT(DISTINCT alert_id) FROM retry_history") == [(5, 5)]
+        assert rows(path, "SELECT alert_id FROM alerts ORDER BY mono, rowid") == [(f"a-{n}",) for n in range(5)]
+        kinds = [k for (k,) in rows(path, "SELECT kind FROM events WHERE kind LIKE 'registry_%' ORDER BY id")]
+        assert kinds == ["registry_degraded", "registry_recovered"]
+        assert store.health()["episodes"][0]["reason"] == "database locked"
+    finally:
+        await store.close()
+
+
+async def test_a_full_database_degrades_and_recovers_when_space_comes_back(tmp_path):
+    path = tmp_path / "registry.db"
+    clock = FakeClock()
+    store = await journaled(path, clock)
+    try:
+        pages = rows(path, "PRAGMA page_count")[0][0]
+        await store.durable.db.execute(f"PRAGMA max_page_count = {pages}")  # no room for one more page
+        for n in range(40):
+            await write_a_failure(store, n)
+            await store.event("filler", {"blob": "x" * 2000})
+        await until(lambda: store.health()["state"] == "degraded")
+        assert store.health()["reason"] == "disk full"
+        await store.durable.db.execute("PRAGMA max_page_count = 1073741823")  # space is back
+        await until(lambda: store.health()["state"] == "ok" and not store.health()["pending"])
+        assert rows(path, "SELECT COUNT(*) FROM retry_history") == [(40,)]
+        assert rows(path, "SELECT COUNT(*) FROM events WHERE kind = 'filler'") == [(40,)]
+    finally:
+        await store.close()
+
+
+async def test_rows_written_late_keep_the_time_they_happened(tmp_path):
+    path = tmp_path / "registry.db"
+    clock = FakeClock(start=500.0)
+    store = await journaled(path, clock)
+    try:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        await write_a_failure(store, 1)
+        clock.advance(30)
+        holder.execute("ROLLBACK")
+        holder.close()
+        await until(lambda: not store.health()["pending"])
+        assert rows(path, "SELECT mono FROM alerts") == [(500.0,)]
+        assert rows(path, "SELECT mono FROM retry_history") == [(500.0,)]
+    finally:
+        await store.close()
+
+
+async def test_a_journal_that_outlives_its_daemon_is_replayed_by_the_next(tmp_path):
+    path = tmp_path / "registry.db"
+    spill = tmp_path / "journal.jsonl"
+    clock = FakeClock()
+    store = await journaled(path, clock, spill=spill)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    await write_a_failure(store, 1)
+    await store.close(grace=0.2)  # the store never took it
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert spill.exists() and rows(path, "SELECT COUNT(*) FROM alerts") == [(0,)]
+    again = await journaled(path, clock, spill=spill)
+    try:
+        assert not spill.exists()
+        assert rows(path, "SELECT alert_id FROM alerts") == [("a-1",)]
+        assert (await again.alert("a-1"))["status"] == "pending"  # and the working copy has it
+    finally:
+        await again.close()
+
+
+async def test_a_write_the_store_refuses_for_good_is_dropped_and_counted(tmp_path):
+    path = tmp_path / "registry.db"
+    store = await journaled(path, FakeClock())
+    try:
+        await store.open_session("i-1", "p", 7000, None)
+        with sqlite3.connect(path) as conn:  # the row exists already: a primary-key clash, not a passing fault
+            conn.execute("INSERT INTO sessions (incarnation, agent, port, status, started_at) VALUES "
+                         "('i-2', 'p', 7000, 'intent', 'now')")
+        await store.open_session("i-2", "q", 7001, None)  # memory takes it; the store never will
+        await until(lambda: store.health()["failed_writes"] == 1)
+        assert store.health()["state"] == "ok"
+    finally:
+        await store.close()

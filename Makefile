@@ -7,7 +7,12 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 RESULTS := benchmarks/results
 
-.PHONY: up down status test unit integration bench clean
+# What the integration and browser tests run against: real servers and a real browser
+# from Debian. Installed when missing and we are root (CI is); otherwise those tests say
+# loudly that they are skipped and why.
+SYSTEM_DEPS := redis-server:redis-server nginx:nginx-light pg_isready:postgresql-15 chromium:chromium
+
+.PHONY: up down status test unit integration bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +36,24 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/tron status
 
-test: $(STAMP)
+system-deps:
+	@missing=""; for pair in $(SYSTEM_DEPS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+	      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	           --no-install-recommends $$missing >/dev/null; }; \
+	  else echo "not installed (tests that need them will be skipped):$$missing"; fi; fi
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
 # Every table in benchmarks/README.md, in under 15 minutes on 2 cores. Not part of `make test`.

@@ -22,6 +22,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -92,13 +93,62 @@ class Policy(_Strict):
         return self.alert_delivery_timeout + (self.advice_timeout if self.llm_advice else 0.0)
 
 
-class Liveness(_Strict):
-    """An HTTP liveness probe for a non-agent service, as in Kubernetes."""
+class HttpCheck(_Strict):
+    """GET a URL of the program (never with the mesh token); pass on a status in range."""
 
-    url: str
+    url: str | None = None  # default: http://127.0.0.1:{port}{path}
+    path: str = "/"
+    port: int | None = Field(None, ge=1, le=65535)  # default: the service's port
+    status: tuple[int, int] = (200, 399)
+    headers: dict[str, str] = {}
+
+
+class TcpCheck(_Strict):
+    """Connect; optionally send bytes and expect some in the answer (redis PING/+PONG)."""
+
+    port: int | None = Field(None, ge=1, le=65535)
+    send: str | None = None  # text, with \r \n escapes as in TOML
+    expect: str | None = None
+
+
+class ExecCheck(_Strict):
+    """Run a command (exit 0 passes): pg_isready, redis-cli ping, a script of yours."""
+
+    command: list[str] = Field(min_length=1)
+
+
+class Probe(_Strict):
+    """A Kubernetes-style probe: exactly one of http, tcp, exec. The old form
+    ``{ url = ..., interval, timeout, failure_threshold }`` is an http probe."""
+
+    http: HttpCheck | None = None
+    tcp: TcpCheck | None = None
+    exec: ExecCheck | None = None
+    url: str | None = None  # the shorthand for http = { url = ... }
     interval: float = Field(2.0, gt=0)
     timeout: float = Field(1.0, gt=0)
     failure_threshold: int = Field(3, ge=1)
+    success_threshold: int = Field(1, ge=1)
+    initial_delay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Probe":
+        if self.url is not None:
+            if self.http is not None:
+                raise ValueError("give url or http, not both")
+            object.__setattr__(self, "http", HttpCheck(url=self.url))
+            object.__setattr__(self, "url", None)
+        kinds = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"a probe has exactly one of http, tcp, exec (this one has {kinds or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("http", "tcp", "exec") if getattr(self, k) is not None)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
 
 
 class ServiceSpec(_Strict):
@@ -108,7 +158,14 @@ class ServiceSpec(_Strict):
     provider: Provider | None = None
     command: list[str] | None = None
     env: dict[str, str] = {}
-    liveness: Liveness | None = None
+    cwd: str | None = None  # default: the mesh file's directory
+    user: str | None = None  # drop privileges to this user (postgres refuses to run as root)
+    stop_signal: Literal[STOP_SIGNALS] = "SIGTERM"  # nginx: SIGQUIT (graceful); postgres: SIGINT (fast)
+    stop_grace: float | None = Field(None, ge=0)  # default: policy.stop_grace
+    depends_on: dict[str, Literal["started", "ready"]] = {}
+    liveness: Probe | None = None  # failing it restarts the service
+    readiness: Probe | None = None  # failing it marks the service not ready (depends_on waits)
+    startup: Probe | None = None  # holds the others off until a slow program is up
     # Filled from the table key by MeshConfig; not written in the file.
     name: str = ""
 
@@ -121,23 +178,40 @@ class ServiceSpec(_Strict):
             )
         if self.command is not None and not self.command:
             raise ValueError("command must not be empty")
+        if self.user is not None:
+            import pwd
+
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                raise ValueError(f"user: no such user {self.user!r} on this machine") from None
         return self
 
     @property
     def is_agent(self) -> bool:
         return self.command is None
 
-    @property
-    def health_url(self) -> str | None:
-        if self.is_agent:
-            return f"http://127.0.0.1:{self.port}/health"
-        return self.liveness.url.format(port=self.port) if self.liveness else None
+    def values(self, home: Path, config_dir: Path) -> dict[str, str]:
+        """What {placeholders} in command, env, cwd and probes stand for."""
+        return {"port": str(self.port), "python": sys.executable, "home": str(home), "name": self.name,
+                "state": str(home / "services" / self.name), "config_dir": str(config_dir)}
 
-    def argv(self) -> list[str]:
+    def argv(self, values: dict[str, str] | None = None) -> list[str]:
         """The command line that starts this service."""
         if self.command is None:
             return [sys.executable, "-m", f"services.{self.role}"]
-        return [part.format(port=self.port, python=sys.executable) for part in self.command]
+        values = values or {"port": str(self.port), "python": sys.executable}
+        return [part.format(**values) for part in self.command]
+
+    @property
+    def first_probe(self) -> Probe | None:
+        """What says a new incarnation is up: startup, else readiness, else liveness."""
+        return self.startup or self.readiness or self.liveness
+
+    @property
+    def health_url(self) -> str | None:
+        """An agent's own /health (it names its incarnation)."""
+        return f"http://127.0.0.1:{self.port}/health" if self.is_agent else None
 
 
 class ProvidersConfig(_Strict):
@@ -195,6 +269,11 @@ class MeshConfig(_Strict):
             ports[spec.port] = where
             if spec.parent != DAEMON and spec.parent not in self.services:
                 raise ValueError(f"services.{name}.parent: no service named {spec.parent!r}")
+        for name, spec in self.services.items():
+            for dep in spec.depends_on:
+                if dep not in self.services:
+                    raise ValueError(f"services.{name}.depends_on: no service named {dep!r}")
+        self._check_no_dependency_cycle()
         for name in self.services:
             seen = [name]
             parent = self.services[name].parent
@@ -205,6 +284,23 @@ class MeshConfig(_Strict):
                 seen.append(parent)
                 parent = self.services[parent].parent
         return self
+
+    def _check_no_dependency_cycle(self) -> None:
+        state: dict[str, int] = {}
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == 1:
+                cycle = " -> ".join(path[path.index(name):] + [name])
+                raise ValueError(f"services.{path[0]}.depends_on: cycle ({cycle})")
+            if state.get(name) == 2:
+                return
+            state[name] = 1
+            for dep in self.services[name].depends_on:
+                visit(dep, path + [name])
+            state[name] = 2
+
+        for name in self.services:
+            visit(name, [])
 
     # -- queries -------------------------------------------------------------------
 
@@ -225,14 +321,29 @@ class MeshConfig(_Strict):
         return chain
 
     def start_order(self) -> list[str]:
-        """Parents before children, file order within a level."""
+        """Parents before children and dependencies before their dependents; otherwise the
+        tree's level order, file order within a level."""
         order: list[str] = []
         level = [DAEMON]
         while level:
             nxt = [n for p in level for n in self.children(p)]
             order.extend(nxt)
             level = nxt
-        return order
+        placed: list[str] = []
+
+        def place(name: str) -> None:
+            if name in placed:
+                return
+            for dep in self.services[name].depends_on:
+                place(dep)
+            parent = self.services[name].parent
+            if parent != DAEMON:
+                place(parent)
+            placed.append(name)
+
+        for name in order:
+            place(name)
+        return placed
 
     def subtree(self, name: str) -> list[str]:
         out = [name]

@@ -37,7 +37,7 @@ from services.daemon.carrier import Carrier
 from services.daemon.ledger import Ledger
 from services.daemon.lock import HomeLock, StartError
 from services.daemon.operators import Operators
-from services.daemon.probes import Probes
+from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.spawner import ForkServerClient, LocalSpawner, Spawner, reap_strays
 from services.daemon.supervisor import Supervisor, mesh_marks
 
@@ -109,7 +109,8 @@ class Daemon:
         self.router = AlertRouter(self.config, self.sup, self.store, self.carrier, self.client, metrics=self.metrics,
                                   **kw)
         self.operators = Operators(self.sup, self.store, self.ledger, **kw)
-        self.probes = Probes(self.sup, self.monitor, self.client, **kw)
+        self.sup.checks = ProbeChecks(self.client, self.sup.values)
+        self.probes = Probes(self.sup, self.monitor, self.sup.checks, **kw)
         self.sup.on_signal = self.router.on_signal
         self.sup.on_healthy = self.ledger.redispatch
 
@@ -175,12 +176,28 @@ class Daemon:
             svc = self.sup[name]
             if svc.stopped:
                 continue
+            await self._dependencies_met(svc)
             async with svc.lock:
                 if svc.child is None or not svc.child.alive:
                     await self.sup.start(svc, reason="mesh_start")
             await self.sup.wait_settled(svc, self.policy().start_timeout + 1)
         await self.ledger.redeliver_pending()
         await self.router.redeliver_pending()
+
+    async def _dependencies_met(self, svc) -> None:
+        """depends_on, as process-compose has it: start after each dependency is started
+        (healthy) or ready. Bounded by start_timeout: a dependency that never comes is
+        recorded, and the service starts anyway rather than hold the mesh back."""
+        for dep, condition in svc.spec.depends_on.items():
+            other = self.sup[dep]
+            met = (lambda o=other: o.ready) if condition == "ready" else (lambda o=other: o.healthy.is_set())
+            deadline = self.clock.now() + self.policy().start_timeout
+            while not met() and self.clock.now() < deadline and not other.stopped:
+                await self.clock.sleep(0.02)
+            if not met():
+                log.warning("%s starts without %s %s", svc.name, dep, condition, extra={"offender": svc.name})
+                await self.store.event("dependency_not_met", {"dependency": dep, "condition": condition},
+                                       agent=svc.name)
 
     async def shutdown(self) -> None:
         """Stop every service (children before parents), then the daemon itself."""

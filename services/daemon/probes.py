@@ -1,77 +1,233 @@
-"""Probes of programs that do not beat: is the running incarnation still serving?
+"""Probes of programs that do not beat, as Kubernetes has them.
 
-One loop serves every probe (not a task per service): each running service with a
-liveness probe is checked on its own interval; ``failure_threshold`` failures in a row
-raise a TRON alert, which enters the ladder like any other. Every error of a probe, of
-whatever kind, is a failed probe; no exception ends the loop. The mesh token is never
-sent to a program that is not ours.
+A probe is one of ``http`` (a status in range), ``tcp`` (connect, optionally send and
+expect: redis PING/+PONG), or ``exec`` (a command that exits 0: pg_isready). Three uses:
+
+- startup (or, without one, readiness, then liveness): the new incarnation is healthy
+  once it passes ``success_threshold`` times in a row, and only if the listener on its
+  port belongs to its own process tree (not to workers a killed master left behind);
+- liveness: ``failure_threshold`` failures in a row raise a TRON alert (the ladder
+  restarts it);
+- readiness: failures mark the service not ready (``depends_on: ready`` waits for it).
+
+A command's main process found stopped (SIGSTOP, ``T`` in /proc) that many checks in a
+row is a liveness failure too: a stopped nginx master behind live workers answers HTTP.
+One loop serves every probe; every error of any kind is a failed probe and no exception
+ends the loop. The mesh token is never sent to a program that is not ours.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from typing import Callable
 
+import psutil
+
 from common.clock import Clock
-from common.config import Policy
+from common.config import Policy, Probe
 from common.http import MeshClient
 from common.models import Reason
 from common.monitor import Monitor
 from common.states import ServiceState
+from services.daemon.spawner import tree_of
 from services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
+# How often a command without a liveness probe is checked for a stopped main process.
+STOPPED_CADENCE = Probe(exec={"command": ["true"]}, interval=1.0, failure_threshold=3)
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on a TCP port, from /proc/net/tcp{,6} (one read each: much
+    cheaper than walking every process's descriptors)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def holds_socket(pids: set[int], inodes: set[str]) -> bool | None:
+    """Does one of ``pids`` hold one of the socket ``inodes``? None when it cannot be read."""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    unreadable = False
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            unreadable = True
+            continue
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    return True
+            except OSError:
+                continue
+    return None if unreadable else False
+
+
+class ProbeChecks:
+    """One attempt of a probe against one service: (passed, what happened)."""
+
+    def __init__(self, client: MeshClient, values: Callable[[Service], dict[str, str]]) -> None:
+        self.client = client
+        self.values = values  # the service's {placeholders}
+
+    async def check(self, svc: Service, probe: Probe) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(probe.timeout):
+                return await getattr(self, f"_{probe.kind}")(svc, probe)
+        except TimeoutError:
+            return False, f"no answer within {probe.timeout}s"
+        except Exception as err:  # a probe error of any kind is a failed probe
+            return False, f"{type(err).__name__}: {err}"[:200]
+
+    async def _http(self, svc: Service, probe: Probe) -> tuple[bool, str]:
+        h = probe.http
+        url = (h.url or f"http://127.0.0.1:{h.port or svc.spec.port}{h.path}").format(**self.values(svc))
+        session = self.client.plain
+        async with session.get(url, headers=h.headers, allow_redirects=False) as resp:
+            await resp.read()
+            lo, hi = h.status
+            return lo <= resp.status <= hi, f"HTTP {resp.status}"
+
+    async def _tcp(self, svc: Service, probe: Probe) -> tuple[bool, str]:
+        t = probe.tcp
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.port or svc.spec.port)
+        try:
+            if t.send:
+                writer.write(t.send.encode())
+                await writer.drain()
+            if not t.expect:
+                return True, "connected"
+            got = b""
+            while t.expect.encode() not in got:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    return False, f"closed before {t.expect!r} (got {got[:60]!r})"
+                got += chunk
+            return True, f"got {t.expect!r}"
+        finally:
+            writer.close()
+
+    async def _exec(self, svc: Service, probe: Probe) -> tuple[bool, str]:
+        values = self.values(svc)
+        argv = [part.format(**values) for part in probe.exec.command]
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                    start_new_session=True)
+        try:
+            out, _ = await proc.communicate()
+        except asyncio.CancelledError:
+            try:
+                os.killpg(proc.pid, 9)  # a probe that outlives its timeout is ended, tree and all
+            except ProcessLookupError:
+                pass
+            await proc.wait()
+            raise
+        tail = out.decode(errors="replace").strip()[-120:]
+        return proc.returncode == 0, f"exit {proc.returncode}" + (f": {tail}" if tail else "")
+
+    def port_is_ours(self, svc: Service, probe: Probe) -> bool:
+        """The listener on the service's port belongs to the new incarnation's tree: an
+        answer from a leftover of an old tree does not make the new one healthy."""
+        port = (probe.http.port if probe.http else probe.tcp.port if probe.tcp else None) or svc.spec.port
+        if probe.kind == "exec" or port != svc.spec.port or svc.child is None:
+            return True
+        inodes = listening_inodes(port)
+        if not inodes:
+            return False
+        tree = {p.pid for p in tree_of(svc.child.pid, svc.incarnation)} | {svc.child.pid}
+        held = holds_socket(tree, inodes)
+        return True if held is None else held  # unreadable (another user's): the probe's answer stands
 
 
 class Probes:
-    def __init__(self, sup: Supervisor, monitor: Monitor, client: MeshClient, *, clock: Clock,
+    """The loop of liveness and readiness probes (and the stopped-process check)."""
+
+    def __init__(self, sup: Supervisor, monitor: Monitor, checks: ProbeChecks, *, clock: Clock,
                  policy: Callable[[], Policy], background) -> None:
         self.sup = sup
         self.monitor = monitor
-        self.client = client
+        self.checks = checks
         self.clock = clock
         self.policy = policy
         self.background = background
-        self._due: dict[str, float] = {}
-        self._failures: dict[str, tuple[str, int]] = {}  # name -> (incarnation, failures in a row)
-        self._running: set[str] = set()
+        self._due: dict[tuple[str, str], float] = {}
+        self._running: set[tuple[str, str]] = set()
+        self._streak: dict[tuple[str, str], tuple[str, int]] = {}  # (service, use) -> (incarnation, failures)
 
     async def loop(self) -> None:
         while not self.sup.stopping:
             now = self.clock.now()
             for svc in self.sup.services.values():
-                probe = svc.spec.liveness
-                if probe is None or svc.state != ServiceState.RUNNING or svc.name in self._running:
+                if svc.state != ServiceState.RUNNING or svc.spec.is_agent:
                     continue
-                if self._due.get(svc.name, 0.0) > now:
-                    continue
-                self._due[svc.name] = now + probe.interval
-                self._running.add(svc.name)
-                self.background(self._probe(svc, svc.incarnation), f"probe {svc.name}")
+                for use, probe in self._uses(svc):
+                    key = (svc.name, use)
+                    if key in self._running or self._due.get(key, 0.0) > now:
+                        continue
+                    self._due[key] = now + probe.interval
+                    self._running.add(key)
+                    self.background(self._run(svc, svc.incarnation, use, probe), f"{use} probe {svc.name}")
             await self.clock.sleep(0.05)
 
-    async def _probe(self, svc: Service, incarnation: str) -> None:
-        probe = svc.spec.liveness
+    @staticmethod
+    def _uses(svc: Service):
+        spec = svc.spec
+        if spec.liveness is not None:
+            yield "liveness", spec.liveness
+        if spec.readiness is not None:
+            yield "readiness", spec.readiness
+        # Every command: is its main process stopped? At the liveness probe's cadence.
+        yield "stopped", spec.liveness or STOPPED_CADENCE
+
+    async def _run(self, svc: Service, incarnation: str, use: str, probe: Probe) -> None:
         try:
-            await self.client.get(svc.spec.health_url, timeout=probe.timeout, token=False)
-            ok, error = True, ""
-        except Exception as err:  # any failure of any kind is a failed probe
-            ok, error = False, f"{type(err).__name__}: {err}"[:200]
+            if use == "stopped":
+                ok, what = self._not_stopped(svc)
+            else:
+                ok, what = await self.checks.check(svc, probe)
         finally:
-            self._running.discard(svc.name)
-        if svc.incarnation != incarnation:
+            self._running.discard((svc.name, use))
+        if svc.incarnation != incarnation or svc.state != ServiceState.RUNNING:
             return
+        key = (svc.name, use)
+        if use == "readiness":
+            svc.ready = ok
         if ok:
-            self._failures.pop(svc.name, None)
-            svc.last_beat = self.clock.now()
+            self._streak.pop(key, None)
+            if use == "liveness":
+                svc.last_beat = self.clock.now()
             return
-        seen, before = self._failures.get(svc.name, (incarnation, 0))
+        seen, before = self._streak.get(key, (incarnation, 0))
         failures = (before if seen == incarnation else 0) + 1
-        self._failures[svc.name] = (incarnation, failures)
-        log.info("probe of %s failed (%d of %d): %s", svc.name, failures, probe.failure_threshold, error)
-        if failures >= probe.failure_threshold:
-            self._failures.pop(svc.name, None)
-            signal = self.monitor.raise_alert(svc.name, incarnation, Reason.LIVENESS_FAILED, self.clock.now(),
-                                              {"failures": failures, "last_error": error})
-            if signal is not None and self.sup.on_signal is not None:
-                await self.sup.on_signal(signal)
+        self._streak[key] = (incarnation, failures)
+        log.info("%s probe of %s failed (%d of %d): %s", use, svc.name, failures, probe.failure_threshold, what)
+        if use == "readiness" or failures < probe.failure_threshold:
+            return
+        self._streak.pop(key, None)
+        detail = {"probe": use if use != "stopped" else "process_state", "failures": failures, "last_error": what}
+        signal = self.monitor.raise_alert(svc.name, incarnation, Reason.LIVENESS_FAILED, self.clock.now(), detail)
+        if signal is not None and self.sup.on_signal is not None:
+            await self.sup.on_signal(signal)
+
+    @staticmethod
+    def _not_stopped(svc: Service) -> tuple[bool, str]:
+        if svc.child is None or not svc.child.alive:
+            return True, "not running"
+        try:
+            status = psutil.Process(svc.child.pid).status()
+        except psutil.Error:
+            return True, "gone"
+        return status != psutil.STATUS_STOPPED, f"main process {svc.child.pid} is {status}"

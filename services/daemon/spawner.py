@@ -125,34 +125,55 @@ def create_time_of(pid: int) -> float:
         return 0.0
 
 
-def tree_of(pid: int, incarnation: str | None = None) -> list[psutil.Process]:
-    """Every live process of one incarnation's tree: its process group (the leader may be
-    gone already: nginx and postgres masters leave workers behind), its descendants, and
-    anything carrying its incarnation in the environment that left the group."""
-    me = os.getpid()
-    found: dict[int, psutil.Process] = {}
+def _pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def _incarnation_of(pid: int) -> str | None:
     try:
-        root = psutil.Process(pid)
-        found[pid] = root
-        for p in root.children(recursive=True):
-            found[p.pid] = p
+        return psutil.Process(pid).environ().get("TRON_INCARNATION")
+    except psutil.Error:
+        return None
+
+
+def tree_of(pid: int, incarnation: str | None = None, *, everywhere: bool = False) -> list[psutil.Process]:
+    """Every live process of one incarnation's tree: its descendants, its process group
+    (the leader may be gone already: nginx and postgres masters leave workers behind), and
+    what left the group but carries the incarnation in its environment. Such orphans come
+    to the daemon (a child subreaper): only its own children are read for it, unless
+    ``everywhere`` (a CLI with no daemon, a ghost hunt) reads every process."""
+    me = os.getpid()
+    found: set[int] = set()
+    try:
+        found.add(pid)
+        found |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
     except psutil.Error:
         pass
-    for p in psutil.process_iter(["pid"]):
-        if p.pid in found or p.pid == me:
-            continue
+    for other in _pids():
+        if other != me and other not in found:
+            try:
+                if os.getpgid(other) == pid:
+                    found.add(other)
+            except OSError:
+                continue
+    if incarnation:
         try:
-            if os.getpgid(p.pid) == pid:
-                found[p.pid] = p
-            elif incarnation and p.environ().get("TRON_INCARNATION") == incarnation:
-                found[p.pid] = p
-        except (psutil.Error, ProcessLookupError, PermissionError, OSError):
-            continue
+            candidates = _pids() if everywhere else [c.pid for c in psutil.Process(me).children()]
+        except psutil.Error:
+            candidates = []
+        for other in candidates:
+            if other not in found and other != me and _incarnation_of(other) == incarnation:
+                found.add(other)
+                try:
+                    found |= {p.pid for p in psutil.Process(other).children(recursive=True)}
+                except psutil.Error:
+                    pass
     alive = []
-    for p in found.values():
+    for other in found:
         try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
+            proc = psutil.Process(other)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
         except psutil.Error:
             pass
     return alive

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import signal as signals
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Awaitable, Callable
 
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy, ServiceSpec
-from common.http import MeshClient, MeshHTTPError
+from common.http import MeshClient
 from common.models import Reason
 from common.monitor import Monitor, Signal
 from common.paths import Home
@@ -67,6 +68,7 @@ class Service:
     replacing: str | None = None  # the incarnation a restart is already replacing
     stopped: bool = False  # an operator stopped it: nothing brings it back but `tron start`
     crash_looping: bool = False
+    ready: bool = False  # healthy, and its readiness probe (if any) passes
     last_failure: dict | None = None
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
@@ -97,6 +99,7 @@ class Supervisor:
         self.metrics = metrics
         self.policy = policy
         self.client = client
+        self.checks = None  # ProbeChecks, plugged in by the daemon (services/daemon/probes.py)
         self.background = background  # schedules a coroutine as a tracked task
         self.config_path = config_path
         self.stopping = False
@@ -173,10 +176,30 @@ class Supervisor:
                           {"step": last["step"], "step_id": last["step_id"], "hash": last["hash"]}})
         return {"tasks": tasks}
 
+    def values(self, svc: Service) -> dict[str, str]:
+        """What {placeholders} in a service's command, env, cwd and probes stand for."""
+        config_dir = Path(self.config_path).parent if self.config_path else Path.cwd()
+        return svc.spec.values(self.home.root, config_dir)
+
+    def _state_dir(self, svc: Service) -> Path:
+        """<home>/services/<name>: a place of the service's own ({state}), owned by its user."""
+        path = self.home.root / "services" / svc.name
+        path.mkdir(parents=True, exist_ok=True)
+        if svc.spec.user:
+            import pwd
+
+            pw = pwd.getpwnam(svc.spec.user)
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+        return path
+
     def _spawn_spec(self, svc: Service, incarnation: str, env: dict[str, str]) -> SpawnSpec:
-        cwd = Path(self.config_path).parent if self.config_path else Path.cwd()
-        return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(), env=env, cwd=cwd,
-                         log=self.home.log_file(svc.name),
+        values = self.values(svc)
+        if not svc.spec.is_agent:
+            self._state_dir(svc)
+        env = {**env, **{k: v.format(**values) for k, v in svc.spec.env.items()}}
+        cwd = Path(svc.spec.cwd.format(**values)) if svc.spec.cwd else Path(values["config_dir"])
+        return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(values), env=env, cwd=cwd,
+                         log=self.home.log_file(svc.name), user=svc.spec.user,
                          module=f"services.{svc.spec.role}" if svc.spec.is_agent else None)
 
     async def start(self, svc: Service, *, reason: str) -> None:
@@ -189,6 +212,7 @@ class Supervisor:
         svc.incarnation, svc.child = incarnation, None
         svc.started_at, svc.healthy_at, svc.last_beat = now, None, None
         svc.task_id = svc.progress = None
+        svc.ready = False
         svc.healthy.clear()
         svc.settled.clear()
         env = await self._env(svc, incarnation)
@@ -217,7 +241,8 @@ class Supervisor:
         ladder (and, if it keeps failing, crash-loops at the backoff cap)."""
         log.error("spawn failed", extra={"offender": svc.name, "error": error, "incarnation": incarnation})
         await self.store.close_session(incarnation, reason=f"spawn_failed: {error}")
-        await self.store.event("spawn_failed", {"error": error, "argv": svc.spec.argv()}, agent=svc.name,
+        await self.store.event("spawn_failed", {"error": error, "argv": svc.spec.argv(self.values(svc))},
+                               agent=svc.name,
                                incarnation=incarnation)
         signal = self.monitor.raise_alert(svc.name, incarnation, Reason.SPAWN_FAILED, self.clock.now(),
                                           {"error": error})
@@ -233,31 +258,36 @@ class Supervisor:
                            task_timeout=p.task_timeout)
 
     async def _healthy_now(self, svc: Service, incarnation: str) -> bool:
-        """The new incarnation answers: an agent's /health names its incarnation; a
-        program with a probe URL answers it (without the mesh token)."""
-        url = svc.spec.health_url
-        if url is None:
-            return True
-        try:
-            if svc.spec.is_agent:
-                body = await self.client.get(url, timeout=1.0)
+        """The new incarnation serves: an agent's /health names its incarnation; a program
+        passes its startup probe (or readiness, or liveness) from its own process tree."""
+        if svc.spec.is_agent:
+            try:
+                body = await self.client.get(svc.spec.health_url, timeout=1.0)
                 return isinstance(body, dict) and body.get("incarnation") == incarnation
-            await self.client.get(url, timeout=1.0, token=False)
-            return True
-        except (MeshHTTPError, OSError, asyncio.TimeoutError):
-            return False
-        except Exception as err:  # a probe error of any kind is a failed probe, never the end of the waiter
-            log.debug("health check of %s: %s", svc.name, err)
-            return False
+            except Exception:  # not up yet, whatever the error: the next try decides
+                return False
+        probe = svc.spec.first_probe
+        if probe is None:
+            return True  # nothing to ask: started is healthy
+        ok, _ = await self.checks.check(svc, probe)
+        return ok and await asyncio.to_thread(self.checks.port_is_ours, svc, probe)
 
     async def _await_health(self, svc: Service, incarnation: str) -> None:
+        probe = None if svc.spec.is_agent else svc.spec.first_probe
+        if probe is not None and probe.initial_delay:
+            await self.clock.sleep(probe.initial_delay)
+        needed = probe.success_threshold if probe else 1
+        # Loopback http/tcp checks are cheap: ask often, so recovery is not waiting on us.
+        pause = 0.01 if probe is None or probe.kind != "exec" else min(probe.interval, 0.2)
         deadline = self.clock.now() + self.policy().start_timeout
+        passed = 0
         while self.clock.now() < deadline:
             if svc.incarnation != incarnation or svc.child is None or not svc.child.alive:
                 return
-            if await self.healthy_now(svc, incarnation):
+            passed = passed + 1 if await self.healthy_now(svc, incarnation) else 0
+            if passed >= needed:
                 break
-            await self.clock.sleep(0.01)
+            await self.clock.sleep(pause)
         else:
             if svc.incarnation == incarnation and svc.child is not None and svc.child.alive:
                 signal = self.monitor.raise_alert(svc.name, incarnation, Reason.START_TIMEOUT, self.clock.now(),
@@ -271,6 +301,7 @@ class Supervisor:
         await self.transition(svc, S.RUNNING, "healthy")
         now = self.clock.now()
         svc.healthy_at = now
+        svc.ready = True
         svc.healthy.set()
         svc.settled.set()
         if svc.failed_at is not None:
@@ -303,7 +334,8 @@ class Supervisor:
             self.monitor.unwatch(svc.name)
             child = svc.child
             if child is not None:
-                await self.spawner.stop(child, self.policy().stop_grace)
+                grace = svc.spec.stop_grace if svc.spec.stop_grace is not None else self.policy().stop_grace
+                await self.spawner.stop(child, grace, getattr(signals, svc.spec.stop_signal))
                 await self._best_effort(self.store.close_session(
                     child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
                     f"close session {child.incarnation}")
@@ -447,7 +479,7 @@ class Supervisor:
                 "last_beat_age": round(now - svc.last_beat, 3) if svc.last_beat else None,
                 "uptime": round(now - svc.started_at, 1) if svc.started_at and svc.state == S.RUNNING else None,
                 "task": svc.task_id, "progress": svc.progress, "crash_looping": svc.crash_looping,
-                "stopped": svc.stopped, "last_failure": svc.last_failure,
+                "stopped": svc.stopped, "last_failure": svc.last_failure, "ready": svc.ready,
             })
         return out
 

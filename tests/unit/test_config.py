@@ -49,8 +49,45 @@ def test_command_service_with_liveness_probe():
     cfg = parse_mesh({"services": {"web": {"command": ["{python}", "-m", "http.server", "{port}"], "port": 7005,
                                            "liveness": {"url": "http://127.0.0.1:{port}/", "failure_threshold": 2}}}})
     spec = cfg.services["web"]
-    assert not spec.is_agent and spec.health_url == "http://127.0.0.1:7005/"
+    assert not spec.is_agent and spec.liveness.kind == "http"  # the old shorthand still works
+    assert spec.liveness.http.url == "http://127.0.0.1:{port}/" and spec.liveness.failure_threshold == 2
+    assert spec.first_probe is spec.liveness
     assert spec.argv()[2:] == ["http.server", "7005"]
+
+
+@pytest.mark.parametrize("probe,kind", [
+    ({"tcp": {"send": "PING\r\n", "expect": "+PONG"}}, "tcp"),
+    ({"exec": {"command": ["pg_isready", "-p", "{port}"]}, "interval": 1.0}, "exec"),
+    ({"http": {"path": "/healthz", "status": [200, 204]}}, "http"),
+])
+def test_probes_of_every_kind(probe, kind):
+    cfg = parse_mesh({"services": {"s": {"command": ["x"], "port": 7005, "readiness": probe, "startup": probe}}})
+    assert cfg.services["s"].readiness.kind == kind and cfg.services["s"].first_probe.kind == kind
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"liveness": {"interval": 1.0}}, "exactly one of http, tcp, exec (this one has none)"),
+    ({"liveness": {"url": "http://x/", "tcp": {}}}, "exactly one of http, tcp, exec"),
+    ({"stop_signal": "SIGWHATEVER"}, "services.s.stop_signal"),
+    ({"user": "no-such-user-here"}, "no such user 'no-such-user-here'"),
+    ({"depends_on": {"ghost": "ready"}}, "services.s.depends_on: no service named 'ghost'"),
+    ({"depends_on": {"s": "started"}}, "cycle (s -> s)"),
+    ({"depends_on": {"t": "healthy"}}, "services.s.depends_on.t"),
+])
+def test_bad_process_options_are_refused_naming_the_key(extra, message):
+    data = {"services": {"s": {"command": ["x"], "port": 7005, **extra}, "t": {"command": ["y"], "port": 7006}}}
+    with pytest.raises(ConfigError) as err:
+        parse_mesh(data, source="mesh.toml")
+    assert message in str(err.value)
+
+
+def test_dependencies_start_first():
+    cfg = parse_mesh({"services": {
+        "app": {"command": ["a"], "port": 7001, "depends_on": {"db": "ready", "cache": "started"}},
+        "cache": {"command": ["c"], "port": 7002},
+        "db": {"command": ["d"], "port": 7003}}})
+    order = cfg.start_order()
+    assert order.index("db") < order.index("app") and order.index("cache") < order.index("app")
 
 
 def test_missing_and_malformed_files(tmp_path):

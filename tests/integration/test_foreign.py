@@ -1,0 +1,186 @@
+"""Issue 10: real servers from Debian (redis, nginx, PostgreSQL) under Tron, as
+examples/servers/mesh.toml declares them: kill -9 of the main process, SIGSTOP, the
+orphaned-workers case, a user to drop to, depends_on, a program that never becomes
+ready, the token never reaching a program that is not ours, and nothing left after
+`tron down`."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from services.daemon.probes import listening_inodes
+from services.daemon.spawner import tree_of
+from tests.harness import REPO, cleanup, make_mesh, wait_for
+
+pytestmark = pytest.mark.integration
+EXAMPLE = REPO / "examples" / "servers"
+NEEDS = {"redis-server": "redis-server", "nginx": "nginx-light", "pg_isready": "postgresql-15"}
+
+
+def missing() -> list[str]:
+    return [pkg for binary, pkg in NEEDS.items() if shutil.which(binary) is None]
+
+
+if missing():
+    pytestmark = [pytestmark, pytest.mark.skip(
+        reason=f"LOUD SKIP: {', '.join(missing())} not installed (`make test` installs them as root: "
+               f"apt-get install -y {' '.join(NEEDS.values())})")]
+
+
+def serving(mesh, name: str) -> bool:
+    port = mesh.port(name)
+    try:
+        if name == "redis":
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        if name == "nginx":
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
+                return resp.status == 200
+        return subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "1"]).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """The example mesh, in a home the postgres user can reach (pytest's own tmp is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="tron-servers-"))
+    root.chmod(0o755)
+    services = tomllib.loads((EXAMPLE / "mesh.toml").read_text())["services"]
+    mesh = make_mesh(root / "mesh", home=root / "home", services=services, policy={"start_timeout": 30.0})
+    for script in ("nginx.sh", "postgres.sh"):
+        shutil.copy(EXAMPLE / script, mesh.config.parent / script)
+    (root / "mesh").chmod(0o755)
+    mesh.up()
+    yield mesh
+    leaks = cleanup(mesh)
+    shutil.rmtree(root, ignore_errors=True)
+    assert not leaks, f"processes left behind: {leaks}"
+
+
+def test_all_three_serve_and_postgres_runs_as_its_own_user(servers):
+    for name in ("redis", "nginx", "postgres"):
+        assert wait_for(lambda n=name: serving(servers, n), 30, f"{name} serving")
+    postmaster = psutil.Process(servers.service("postgres")["pid"])
+    assert postmaster.uids().real == pwd.getpwnam("postgres").pw_uid
+    spawned = [r["agent"] for r in servers.rows("SELECT agent FROM events WHERE kind = 'spawned' ORDER BY id")]
+    assert spawned.index("redis") < spawned.index("nginx")  # nginx depends_on redis ready
+
+
+@pytest.mark.parametrize("name", ["redis", "nginx", "postgres"])
+def test_kill_9_of_the_main_process_serves_again_from_a_new_tree(servers, name):
+    before = servers.service(name)
+    old_tree = [p.pid for p in tree_of(before["pid"], before["incarnation"], everywhere=True)]
+    started = time.monotonic()
+    os.kill(before["pid"], signal.SIGKILL)
+    fresh = wait_for(lambda: (s := servers.service(name))["state"] == "running" and s["incarnation"]
+                     != before["incarnation"] and s, 30, f"{name} back")
+    assert wait_for(lambda: serving(servers, name), 10, f"{name} serving")
+    took = time.monotonic() - started
+    survivors = [p for p in old_tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert survivors == [], f"old tree of {name} still alive: {survivors}"
+    assert fresh["pid"] not in old_tree
+    assert took < 15, took
+    [row] = [r for r in servers.history(name) if r["alert_id"] == servers.rows(
+        "SELECT alert_id FROM alerts WHERE incarnation = ?", (before["incarnation"],))[0]["alert_id"]]
+    assert row["reason"] == "process_exit"
+
+
+def test_nginx_workers_left_by_a_killed_master_are_ended_before_the_new_one(servers):
+    before = servers.service("nginx")
+    workers = [p.pid for p in psutil.Process(before["pid"]).children()]
+    assert len(workers) == 2
+    os.kill(before["pid"], signal.SIGKILL)  # the workers survive their master and keep the port
+    wait_for(lambda: (s := servers.service("nginx"))["state"] == "running" and s["incarnation"]
+             != before["incarnation"], 30, "nginx back")
+    assert not any(psutil.pid_exists(w) and psutil.Process(w).status() != "zombie" for w in workers)
+    assert serving(servers, "nginx")
+    new_master = servers.service("nginx")["pid"]
+    new_workers = {p.pid for p in psutil.Process(new_master).children()}
+    assert len(new_workers) == 2 and not new_workers & set(workers)
+    assert "Address already in use" not in (servers.home / "logs" / "nginx.log").read_text()[-5000:]
+
+
+@pytest.mark.parametrize("name", ["redis", "nginx", "postgres"])
+def test_sigstop_of_the_main_process_is_detected_and_replaced(servers, name):
+    spec = servers.spec["services"][name]["liveness"]
+    bound = spec["interval"] * spec["failure_threshold"] + spec["timeout"] + 3
+    before = servers.service(name)
+    started = time.monotonic()
+    os.kill(before["pid"], signal.SIGSTOP)
+    try:
+        wait_for(lambda: (s := servers.service(name))["state"] == "running" and s["incarnation"]
+                 != before["incarnation"], bound + 30, f"{name} replaced")
+    finally:
+        if psutil.pid_exists(before["pid"]):
+            os.kill(before["pid"], signal.SIGCONT)
+    alert = servers.rows("SELECT reason, detail FROM alerts WHERE incarnation = ?", (before["incarnation"],))[0]
+    assert alert["reason"] == "liveness_failed", alert
+    assert wait_for(lambda: serving(servers, name), 15, f"{name} serving")
+    assert time.monotonic() - started < bound + 15
+
+
+def test_drills_tell_the_truth_on_foreign_servers(servers):
+    for kind, name in (("kill", "nginx"), ("hang", "redis")):
+        proc = servers.tron("drill", kind, name)
+        assert proc.returncode == 0 and "verdict: PASS" in proc.stdout, proc.stdout + proc.stderr
+        assert "no process of the old tree survives" in proc.stdout
+
+
+def test_tron_down_leaves_no_process_and_nothing_listening(servers):
+    ports = [servers.port(n) for n in ("redis", "nginx", "postgres")]
+    proc = servers.down()
+    assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
+    assert servers.processes() == []
+    assert all(not listening_inodes(p) for p in ports), [p for p in ports if listening_inodes(p)]
+
+
+HEADER_LOGGER = """
+import http.server, sys
+log = open(sys.argv[2], "a")
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        log.write(repr(dict(self.headers)) + "\\n"); log.flush()
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_the_mesh_token_never_reaches_a_program_that_is_not_ours(mesh_factory, tmp_path):
+    script = tmp_path / "logger.py"
+    script.write_text(HEADER_LOGGER)
+    seen = tmp_path / "headers.log"
+    services = {"web": {"command": ["{python}", str(script), "{port}", str(seen)], "port": 6150,
+                        "liveness": {"url": "http://127.0.0.1:{port}/", "interval": 0.2, "timeout": 0.5}}}
+    mesh = mesh_factory(services=services)
+    mesh.up()
+    wait_for(lambda: seen.exists() and seen.read_text().count("\n") >= 5, 20, "a few probes")
+    assert "X-Tron-Token".lower() not in seen.read_text().lower()
+    environ = psutil.Process(mesh.service("web")["pid"]).environ()
+    assert "TRON_TOKEN_FILE" not in environ and mesh.token not in "".join(environ.values())
+
+
+def test_a_program_that_never_becomes_ready_fails_at_start_timeout_and_backs_off(mesh_factory):
+    services = {"mute": {"command": ["{python}", "-c", "import time; time.sleep(600)"], "port": 6150,
+                         "startup": {"tcp": {}, "interval": 0.2, "timeout": 0.2}}}
+    mesh = mesh_factory(services=services, policy={"start_timeout": 2.0})
+    proc = mesh.tron("up", "--detach")
+    assert proc.returncode == 1 and "mute is " in proc.stderr and "start_timeout" in proc.stderr, proc.stderr
+    rows = wait_for(lambda: (h := mesh.history("mute")) and len(h) >= 2 and h, 30, "two restarts")
+    assert {r["reason"] for r in rows} == {"start_timeout"}
+    assert mesh.service("mute")["state"] in ("starting", "backoff", "failed")  # never "running", never stuck

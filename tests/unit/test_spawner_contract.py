@@ -11,10 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
-from services.daemon.spawner import LocalSpawner, SpawnError, SpawnSpec, same_process, tree_of
+from services.daemon.spawner import LocalSpawner, SpawnError, SpawnSpec, same_process
 from services.daemon.stub_spawner import StubSpawner
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -104,25 +103,51 @@ async def test_adoption_needs_the_same_pid_and_start_time(backend):
         await backend.spawner.kill(child)
 
 
-async def test_the_whole_tree_ends_even_when_its_leader_died_first(tmp_path):
-    """Real processes only: a master whose workers outlive it (nginx, postgres) and a
-    worker that left the process group; kill ends every one of them."""
-    backend = Backend("local", tmp_path)
-    script = (
-        "import os, subprocess, sys, time\n"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"  # same group
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
-        "time.sleep(60)\n")
-    child = await backend.spawner.spawn(backend.spec("g", [sys.executable, "-c", script]))
-    for _ in range(200):
+TREE_SCENARIO = """
+import asyncio, json, os, signal, sys, uuid
+from pathlib import Path
+from services.daemon.spawner import LocalSpawner, SpawnSpec, tree_of
+
+WORKERS = (
+    "import subprocess, sys, time\\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\\n"
+    "time.sleep(60)\\n")
+
+async def main():
+    exits = []
+    spawner = LocalSpawner(exits.append)
+    await spawner.start()  # the daemon's position: a child subreaper
+    tmp = Path(sys.argv[1])
+    incarnation = "i-" + uuid.uuid4().hex[:12]
+    spec = SpawnSpec(name="g", incarnation=incarnation, argv=[sys.executable, "-c", WORKERS],
+                     env={**os.environ, "TRON_INCARNATION": incarnation}, cwd=tmp, log=tmp / "g.log")
+    child = await spawner.spawn(spec)
+    for _ in range(300):
         if len(tree_of(child.pid, child.incarnation)) == 3:
             break
         await asyncio.sleep(0.02)
-    tree = tree_of(child.pid, child.incarnation)
-    assert len(tree) == 3, tree
+    out = {"before": len(tree_of(child.pid, child.incarnation))}
     os.kill(child.pid, signal.SIGKILL)  # the master dies; its workers do not
-    await backend.reported(1)
-    assert len(tree_of(child.pid, child.incarnation)) == 2
-    await backend.spawner.kill(child)
-    assert tree_of(child.pid, child.incarnation) == []
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree if p.pid != child.pid)
+    while not exits:
+        await asyncio.sleep(0.01)
+    out["after_leader_died"] = len(tree_of(child.pid, child.incarnation))
+    await spawner.kill(child)
+    out["after_kill"] = len(tree_of(child.pid, child.incarnation, everywhere=True))
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_the_whole_tree_ends_even_when_its_leader_died_first(tmp_path):
+    """Real processes, in a process of its own that is a subreaper as the daemon is: a
+    master whose workers outlive it (nginx, postgres), one of them outside the process
+    group; kill ends every one of them."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", TREE_SCENARIO, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"before": 3, "after_leader_died": 2, "after_kill": 0}

@@ -39,6 +39,10 @@ from common.service import ServiceContext
 log = logging.getLogger("tron.agent")
 
 
+# Reasons a run fails fast with, passed up unchanged from the task that met them.
+REFUSALS = ("lane_paused", "service_paused")
+
+
 class TaskFailed(Exception):
     def __init__(self, reason: str, detail: dict | None = None) -> None:
         super().__init__(reason)
@@ -72,6 +76,12 @@ class Task:
         """The last step an earlier incarnation completed: {step, step_id, hash, output}."""
         return self.assign.checkpoint
 
+    @property
+    def replay(self) -> list[dict]:
+        """After an operator's hard reset: every recorded step, verified, in order (an agent
+        rebuilds its state from them before it reruns the failing step)."""
+        return self.assign.replay or []
+
 
 def load_sdks() -> None:
     """Import the LLM SDKs (about 2 s here). Run in a thread: an import on the event
@@ -94,6 +104,7 @@ class Agent:
         self._bg: set[asyncio.Task] = set()
         self._sdks: asyncio.Future | None = None
         self.actions = MeshActions(self)
+        self._runs: dict[str, asyncio.Task] = {}  # task id -> the coroutine working on it
 
     # -- the app ------------------------------------------------------------------------
 
@@ -104,6 +115,7 @@ class Agent:
         app.router.add_post("/handle_child_timeout", self._h_child_timeout)
         app.router.add_post("/handle_grandchild_failure", self._h_grandchild_failure)
         app.router.add_post("/drill/runaway", self._h_drill_runaway)
+        app.router.add_post("/tasks/{task_id}/cancel", self._h_cancel)
         self.add_routes(app)
         if self.uses_llm or self.policy.llm_advice:
             app.on_startup.append(self._preload)
@@ -146,7 +158,7 @@ class Agent:
         self._refresh_beat_fields()
         logs.comms("task_received", src=assign.reply_to, dst=self.name, task=assign.task_id, run=assign.run_id,
                    incarnation=self.ctx.env.incarnation, attempt=assign.attempt, progress=assign.progress)
-        self._bg_task(self._run(task))
+        self._runs[assign.task_id] = self._bg_task(self._run(task))
         return web.json_response({"status": "accepted", "task_id": assign.task_id}, status=202)
 
     def set_progress(self, task: Task, marker: str) -> None:
@@ -188,6 +200,7 @@ class Agent:
             status, reason, detail = "failed", f"internal_error:{type(err).__name__}", {"error": str(err)[:500]}
         finally:
             self.active.pop(a.task_id, None)
+            self._runs.pop(a.task_id, None)
             self._refresh_beat_fields()
         outcome = TaskResult(task_id=a.task_id, run_id=a.run_id, status=status, result=result, reason=reason,
                              detail=detail, service=self.name, incarnation=self.ctx.env.incarnation)
@@ -224,6 +237,16 @@ class Agent:
         raise NotImplementedError
 
     @require_token
+    async def _h_cancel(self, request: web.Request) -> web.Response:
+        """An operator cancelled the task (the registry already says so): stop working on it."""
+        await parse_empty(request)
+        run = self._runs.get(request.match_info["task_id"])
+        if run is None or run.done():
+            return web.json_response({"status": "not_running"})
+        run.cancel()
+        return web.json_response({"status": "cancelled"})
+
+    @require_token
     async def _h_drill_runaway(self, request: web.Request) -> web.Response:
         """`tron drill runaway`: hold a task whose progress marker never moves, while
         the loop (and so the heartbeat) carries on: what a stuck LLM loop looks like."""
@@ -246,7 +269,15 @@ class Agent:
         future = asyncio.get_running_loop().create_future()
         self.waiting[task_id] = future
         try:
-            answer = await self.ctx.client.post(f"{self.daemon}/tasks", rec)
+            try:
+                answer = await self.ctx.client.post(f"{self.daemon}/tasks", rec)
+            except MeshHTTPError as err:
+                refusal = err.json()
+                if err.status == 409 and refusal.get("reason") in REFUSALS:
+                    # A paused lane or service: the run fails fast with that reason instead
+                    # of climbing the ladder again.
+                    raise TaskFailed(refusal["reason"], {"child": child, "task": task_id, "refusal": refusal}) from None
+                raise
             row = answer["task"]
             if row["status"] == "done":
                 return row["result"]  # finished before our restart: do not redo it
@@ -275,8 +306,9 @@ class Agent:
                 parent.waiting -= 1
                 self._refresh_beat_fields()
             if outcome.status == "failed":
-                raise TaskFailed("child_task_failed", {"child": child, "task": task_id, "reason": outcome.reason,
-                                                       "detail": outcome.detail})
+                reason = outcome.reason if outcome.reason in REFUSALS else "child_task_failed"
+                raise TaskFailed(reason, {"child": child, "task": task_id, "reason": outcome.reason,
+                                          "detail": outcome.detail})
             return outcome.result or ""
         finally:
             self.waiting.pop(task_id, None)

@@ -76,6 +76,10 @@ class Policy(_Strict):
     # An agent whose beats the daemon has not recognised (404) for this long is a ghost of
     # an earlier daemon's incarnation, and exits by itself.
     stale_after: float = Field(30.0, gt=0)
+    # The lane breaker (common/lanes.py): the same way of failing this many times within
+    # the window pauses the role's lane.
+    lane_trip_count: int = Field(3, ge=1, le=1000)
+    lane_window: float = Field(3600.0, gt=0)
     alert_delivery_timeout: float = Field(2.0, gt=0)
     # Optional: a parent asks its LLM whether to restart or escalate. The policy bounds
     # always win, and a slow or failed advisor never delays the ladder past the timeout.

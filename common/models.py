@@ -153,6 +153,7 @@ class TaskAssign(Msg):
     attempt: int = Field(1, ge=1)
     provider: Provider | None = None
     checkpoint: dict[str, Any] | None = None  # the last completed step: {step, step_id, hash, output}
+    replay: list[dict[str, Any]] | None = None  # after a hard reset: every step, verified, in order
 
 
 class TaskResult(Msg):
@@ -247,10 +248,13 @@ class DrillMark(Msg):
 
 
 class OperatorAction(Msg):
-    """`tron restart|stop|start NAME`: who asks and why (both end up in the audit trail)."""
+    """An operator's action (`tron restart NAME`, `tron task retry ID`, ...): who asks and
+    why (the audit trail keeps both); the same request_id sent twice acts once."""
 
     reason: str = Field("operator", min_length=1, max_length=256)
     actor: str | None = Field(None, max_length=64)
+    request_id: IdStr | None = None
+    from_step: int | None = Field(None, ge=1, le=10_000)  # tron task resume ID --from-step N
 
 
 class LadderQuery(Msg):

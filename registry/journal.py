@@ -36,10 +36,10 @@ log = logging.getLogger("tron.registry")
 WRITES = ("event", "upsert_agent", "set_agent", "open_session", "session_started", "session_running",
           "close_session", "create_run", "finish_run", "reopen_run", "upsert_task", "task_progress", "finish_task",
           "requeue_tasks", "hold_task", "release_task", "mark_delivered", "add_checkpoint", "insert_alert",
-          "mark_alert", "alert_delivered", "record_retry")
+          "mark_alert", "alert_delivered", "record_retry", "drop_checkpoints", "record_trip", "set_lane", "reopen_task")
 DURABLE_READS = ("events", "history", "failure_metrics")
 # Memory holds what decisions read; an older run, task or alert is looked up in the store.
-FALLBACK_READS = ("run", "task", "session", "alert", "checkpoints", "task_history", "retry_rows")
+FALLBACK_READS = ("run", "task", "session", "alert", "checkpoints", "task_history", "retry_rows", "tasks_of_run")
 MAX_PENDING = 200_000  # beyond this, plain events are dropped first (and counted); ladder rows never
 
 
@@ -164,6 +164,10 @@ class JournaledStore:
 
     def trim(self) -> None:
         self.memory.trim()
+
+    async def warm(self, run_id: str) -> None:
+        await self.flushed(2.0)
+        await self.memory.warm_from(self.durable, run_id)
 
     def _writing(self, name: str):
         async def write(*args, **kwargs):

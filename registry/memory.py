@@ -15,8 +15,8 @@ from typing import Any
 
 from common.clock import Clock
 from common.redaction import redact, redact_json
-from common.states import (ALERT, LIVE_TASK_STATES, OPEN_TASK_STATES, RUN, SESSION, TASK, AlertState, RetryType,
-                           RunState, SessionState, TaskState)
+from common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, RUN, SESSION, TASK, AlertState,
+                           LaneState, RetryType, RunState, SessionState, TaskState)
 from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, Stamps, content_hash
 
 
@@ -45,6 +45,8 @@ class MemoryStore(Stamps):
         self.retries_: list[dict] = []
         self.events_: list[dict] = []
         self.metrics_: dict[tuple[str, str], dict] = {}
+        self.lanes_: dict[str, dict] = {}
+        self.trips_: list[dict] = []
         self._ids = itertools.count(1)
         self._retry_ids = itertools.count(1)
 
@@ -252,6 +254,15 @@ class MemoryStore(Stamps):
             sets["provider"] = provider
         return self._task_to(task_id, TaskState.ASSIGNED, sets, event={"provider": provider}) is not None
 
+    async def reopen_task(self, task_id: str, *, by: str) -> bool:
+        return self._task_to(task_id, TaskState.ASSIGNED, {"result": None, "failure": None, "delivered": 0,
+                                                           "lease_incarnation": None},
+                             attempt=1, event={"reopened_by": by}) is not None
+
+    async def tasks_of_run(self, run_id: str) -> list[dict]:
+        rows = [t for t in self.tasks_.values() if t["run_id"] == run_id]
+        return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
+
     async def held_tasks(self) -> list[dict]:
         rows = [t for t in self.tasks_.values() if t["status"] == TaskState.ESCALATED]
         return copy.deepcopy(sorted(rows, key=lambda t: t["held_since"]))
@@ -286,6 +297,41 @@ class MemoryStore(Stamps):
 
     async def checkpoints(self, task_id: str) -> list[dict]:
         return copy.deepcopy([c for (t, _), c in sorted(self.checkpoints_.items()) if t == task_id])
+
+    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[dict]:
+        keys = sorted(k for k in self.checkpoints_ if k[0] == task_id and k[1] >= from_step)
+        rows = [{k: self.checkpoints_[key][k] for k in ("step", "step_id", "hash")} for key in keys]
+        for key in keys:
+            del self.checkpoints_[key]
+        if rows:
+            self._event("checkpoints_set_aside", {"from_step": from_step, "steps": rows, "by": by}, task_id=task_id)
+        return rows
+
+    # -- lanes -------------------------------------------------------------------------------------
+
+    async def record_trip(self, fingerprint: str, lane: str, description: str, *, task_id: str | None,
+                          run_id: str | None) -> list[float]:
+        self.trips_.append({"fingerprint": fingerprint, "lane": lane, "description": description,
+                            "task_id": task_id, "run_id": run_id, "mono": self._mono(), "created_at": self._wall()})
+        self._event("lane_trip", {"fingerprint": fingerprint, "lane": lane, "description": description},
+                    task_id=task_id, run_id=run_id)
+        return sorted(t["mono"] for t in self.trips_ if t["fingerprint"] == fingerprint)
+
+    async def lane(self, lane: str) -> dict | None:
+        return _out(self.lanes_.get(lane))
+
+    async def lanes(self) -> list[dict]:
+        return [_out(self.lanes_[k]) for k in sorted(self.lanes_)]
+
+    async def set_lane(self, lane: str, state: LaneState, *, fingerprint: str | None, reason: str,
+                       by: str) -> bool:
+        old = LaneState(self.lanes_[lane]["state"]) if lane in self.lanes_ else LaneState.OPEN
+        if not LANE.allowed(old, state):
+            return False
+        self.lanes_[lane] = {"lane": lane, "state": str(state), "fingerprint": fingerprint, "reason": reason,
+                             "changed_by": by, "changed_at": self._wall()}
+        self._event(f"lane_{state}", {"from": old, "fingerprint": fingerprint, "reason": reason, "by": by})
+        return True
 
     # -- alerts ------------------------------------------------------------------------------------
 
@@ -423,6 +469,25 @@ class MemoryStore(Stamps):
                          if r["task_id"] in self.tasks_ or r["alert_id"].split(":")[0] in keep]
         self.retry_counts = {(r["agent_id"], r["retry_type"]): r["n"] for r in await q(
             "SELECT agent_id, retry_type, COUNT(*) AS n FROM retry_history GROUP BY agent_id, retry_type")}
+        self.lanes_ = {r["lane"]: r for r in await q("SELECT * FROM lanes")}
+        self.trips_ = await q("SELECT fingerprint, lane, description, task_id, run_id, mono, created_at "
+                              "FROM lane_trips ORDER BY mono DESC LIMIT 5000")
+
+    async def warm_from(self, durable, run_id: str) -> None:
+        """Bring one run back into the working copy (an operator acts on an old one)."""
+        q = durable.db.all
+        for r in await q("SELECT * FROM runs WHERE run_id = ?", (run_id,)):
+            self.runs_.setdefault(run_id, _json(r, "failure"))
+        for t in await q("SELECT * FROM tasks WHERE run_id = ?", (run_id,)):
+            if t["task_id"] in self.tasks_:
+                continue
+            self.tasks_[t["task_id"]] = _json(t, "failure")
+            for c in await q("SELECT * FROM checkpoints WHERE task_id = ?", (t["task_id"],)):
+                self.checkpoints_.setdefault((t["task_id"], c["step"]), c)
+            known = {r["id"] for r in self.retries_}
+            for r in await q("SELECT * FROM retry_history WHERE task_id = ? ORDER BY id", (t["task_id"],)):
+                if r["id"] not in known:
+                    self.retries_.append(_json(r, "detail"))
 
     def trim(self, *, keep_alerts: int = 200) -> None:
         """Forget what no decision will read again (the durable store keeps it): ended

@@ -88,3 +88,35 @@ def retries_of_drill(conn: sqlite3.Connection, label: str) -> list[dict]:
 def events_of_drill(conn: sqlite3.Connection, label: str, kind: str) -> list[dict]:
     return _json(_rows(conn, "SELECT * FROM events WHERE drill = ? AND kind = ? ORDER BY id", (label, kind)),
                  "payload")
+
+
+def task(conn: sqlite3.Connection, task_id: str) -> dict | None:
+    rows = _json(_rows(conn, "SELECT * FROM tasks WHERE task_id = ?", (task_id,)), "failure")
+    return rows[0] if rows else None
+
+
+def task_retries(conn: sqlite3.Connection, task_id: str) -> list[dict]:
+    return _json(_rows(conn, "SELECT * FROM retry_history WHERE task_id = ? ORDER BY id", (task_id,)), "detail")
+
+
+def task_checkpoints(conn: sqlite3.Connection, task_id: str) -> list[dict]:
+    return _rows(conn, "SELECT step, step_id, hash, LENGTH(output) AS bytes, incarnation, created_at "
+                       "FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
+
+
+def task_events(conn: sqlite3.Connection, task_id: str) -> list[dict]:
+    return _json(_rows(conn, "SELECT * FROM events WHERE task_id = ? ORDER BY id", (task_id,)), "payload")
+
+
+def audit(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
+    rows = _json(_rows(conn, "SELECT id, ts, agent, payload FROM events WHERE kind = 'audit' ORDER BY id DESC "
+                             "LIMIT ?", (limit,)), "payload")
+    return list(reversed(rows))
+
+
+def lanes(conn: sqlite3.Connection) -> list[dict]:
+    return _rows(conn, "SELECT * FROM lanes ORDER BY lane")
+
+
+def tasks_of(conn: sqlite3.Connection, run_id: str, agent: str) -> list[dict]:
+    return _rows(conn, "SELECT * FROM tasks WHERE run_id = ? AND agent = ? ORDER BY created_at", (run_id, agent))

@@ -7,6 +7,7 @@ report stays a pure function of the database and that predicate.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -54,14 +55,19 @@ def ownerless_tasks(conn) -> Check:
 
 
 def retries_over_ceiling(conn, max_restarts: int, max_switches: int) -> Check:
+    """The ladder's bound per task; an operator's retries (audited) come on top of it."""
     ceiling = 1 + max_restarts + max_switches
     rows = _rows(conn, """
         SELECT t.task_id, t.attempt,
                (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.retry_type = 'child_restart') AS restarts,
-               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.retry_type = 'llm_change') AS switches
+               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.retry_type = 'llm_change') AS switches,
+               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.decided_by = 'operator')
+             + (SELECT COUNT(*) FROM events e WHERE e.task_id = t.task_id AND e.kind = 'task_requeued'
+                AND e.payload LIKE '%reopened_by%') AS manual
         FROM tasks t
     """)
-    over = [r for r in rows if r["attempt"] > ceiling or r["restarts"] > max_restarts or r["switches"] > max_switches]
+    over = [r for r in rows if r["attempt"] > ceiling + r["manual"] or r["restarts"] > max_restarts
+            or r["switches"] > max_switches]
     worst = max((r["attempt"] for r in rows), default=0)
     return Check("tasks over their attempt bound", not over,
                  f"max attempt {worst} of {ceiling} allowed; {len(over)} over",
@@ -117,4 +123,26 @@ def run_report(conn: sqlite3.Connection, *, max_restarts: int, max_switches: int
         events_without_payload(conn),
         alerts_delivered_twice(conn),
         unhandled_alerts(conn),
+        unaudited_changes(conn),
     ]
+
+
+def unaudited_changes(conn) -> Check:
+    """Every state change an operator made has its audit row: operator restarts and task
+    retries (by their reference), services stopped or paused, lanes paused by hand."""
+    audits = [json.loads(r["payload"]) for r in _rows(conn, "SELECT payload FROM events WHERE kind = 'audit'")]
+    refs = {a.get("ref") for a in audits if a.get("ref")}
+    done = {(a.get("what"), a.get("target")) for a in audits if not str(a.get("outcome", "")).startswith("refused")}
+    missing = [f"retry #{r['id']} {r['agent_id']} ({r['case_id']})" for r in
+               _rows(conn, "SELECT id, agent_id, alert_id, case_id FROM retry_history WHERE decided_by = 'operator'")
+               if r["alert_id"] not in refs]
+    for r in _rows(conn, "SELECT name, stopped, paused FROM agents WHERE stopped = 1 OR paused = 1"):
+        if r["stopped"] and ("stop", r["name"]) not in done:
+            missing.append(f"{r['name']} stopped")
+        if r["paused"] and ("pause", r["name"]) not in done:
+            missing.append(f"{r['name']} paused")
+    for r in _rows(conn, "SELECT lane FROM lanes WHERE state = 'paused' AND changed_by != 'breaker'"):
+        if ("lane_pause", r["lane"]) not in done:
+            missing.append(f"lane {r['lane']} paused")
+    return Check("manual state changes without an audit row", not missing, f"{len(missing)} of {len(audits)} audited",
+                 missing)

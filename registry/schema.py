@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Callable
 
-from common.states import AlertState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
+from common.states import AlertState, LaneState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
 
 MIGRATIONS: list[tuple[int, str, "str | Callable[[sqlite3.Connection], None]"]] = [
     (
@@ -312,6 +312,32 @@ def _rebuild_v4(conn: sqlite3.Connection) -> None:
 
 MIGRATIONS.append((4, "two lifecycles: crash loops, operator stops, held tasks, checkpoints, case ids", _rebuild_v4))
 
+MIGRATIONS.append((
+    5,
+    "lanes: a breaker for failures that repeat",
+    f"""
+    CREATE TABLE lanes (
+        lane TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN {sql_in(LaneState)}),
+        fingerprint TEXT,
+        reason TEXT,
+        changed_by TEXT,
+        changed_at TEXT NOT NULL
+    );
+    CREATE TABLE lane_trips (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        fingerprint TEXT NOT NULL,
+        lane TEXT NOT NULL,
+        description TEXT NOT NULL,
+        task_id TEXT,
+        run_id TEXT,
+        mono REAL NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX lane_trips_fingerprint ON lane_trips(fingerprint, mono);
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 EXPECTED_COLUMNS: dict[str, set[str]] = {
@@ -328,6 +354,8 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
                       "timestamp", "drill", "case_id", "decided_by"},
     "failure_metrics": {"scope", "key", "failures", "restarts", "escalations", "provider_switches", "permanent_failures"},
     "checkpoints": {"task_id", "step", "step_id", "hash", "output"},
+    "lanes": {"lane", "state", "fingerprint", "reason", "changed_by", "changed_at"},
+    "lane_trips": {"fingerprint", "lane", "description", "task_id", "mono"},
 }
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from common.clock import Clock, MonotonicClock, utc_iso
 from common.redaction import redact, redact_json
-from common.states import (ALERT, RUN, SESSION, TASK, AlertState, LIVE_TASK_STATES, OPEN_TASK_STATES, RetryType,
-                           RunState, SessionState, TaskState, sql_in)
+from common.states import (ALERT, LANE, RUN, SESSION, TASK, AlertState, LaneState, LIVE_TASK_STATES,
+                           OPEN_TASK_STATES, RetryType, RunState, SessionState, TaskState, sql_in)
 from registry.db import Db
 
 log = logging.getLogger("tron.registry")
@@ -329,6 +329,17 @@ class SqlStore(Stamps):
             return await self._task_to(tx, task_id, TaskState.ASSIGNED, sets,
                                        event={"provider": provider}) is not None
 
+    async def reopen_task(self, task_id: str, *, by: str) -> bool:
+        """An operator retries a failed or cancelled task: assigned again, one attempt further on."""
+        async with self.db.transaction() as tx:
+            return await self._task_to(tx, task_id, TaskState.ASSIGNED, {
+                "result": None, "failure": None, "delivered": 0, "lease_incarnation": None},
+                attempt=1, event={"reopened_by": by}) is not None
+
+    async def tasks_of_run(self, run_id: str) -> list[dict]:
+        return [_decode(r, "failure") for r in
+                await self.db.all("SELECT * FROM tasks WHERE run_id = ? ORDER BY created_at", (run_id,))]
+
     async def held_tasks(self) -> list[dict]:
         return await self.db.all("SELECT * FROM tasks WHERE status = ? ORDER BY held_since", (TaskState.ESCALATED,))
 
@@ -367,6 +378,55 @@ class SqlStore(Stamps):
 
     async def checkpoints(self, task_id: str) -> list[dict]:
         return await self.db.all("SELECT * FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
+
+    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[dict]:
+        """Set aside the steps from ``from_step`` on (an operator resumes before them): the
+        rows go, their record stays in an event."""
+        async with self.db.transaction() as tx:
+            rows = await tx.all("SELECT step, step_id, hash FROM checkpoints WHERE task_id = ? AND step >= ? "
+                                "ORDER BY step", (task_id, from_step))
+            if rows:
+                await tx.execute("DELETE FROM checkpoints WHERE task_id = ? AND step >= ?", (task_id, from_step))
+                await self._event(tx, "checkpoints_set_aside", {"from_step": from_step, "steps": rows, "by": by},
+                                  task_id=task_id)
+            return rows
+
+    # -- lanes --------------------------------------------------------------------------------------
+
+    async def record_trip(self, fingerprint: str, lane: str, description: str, *, task_id: str | None,
+                          run_id: str | None) -> list[float]:
+        """One more task whose ladder ended this way; the times of every trip of it."""
+        async with self.db.transaction() as tx:
+            await tx.execute("INSERT INTO lane_trips (fingerprint, lane, description, task_id, run_id, mono, "
+                             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (fingerprint, lane, description, task_id, run_id, self._mono(), self._wall()))
+            await self._event(tx, "lane_trip", {"fingerprint": fingerprint, "lane": lane,
+                                                "description": description}, task_id=task_id, run_id=run_id)
+            rows = await tx.all("SELECT mono FROM lane_trips WHERE fingerprint = ? ORDER BY mono", (fingerprint,))
+        return [r["mono"] for r in rows]
+
+    async def lane(self, lane: str) -> dict | None:
+        return await self.db.one("SELECT * FROM lanes WHERE lane = ?", (lane,))
+
+    async def lanes(self) -> list[dict]:
+        return await self.db.all("SELECT * FROM lanes ORDER BY lane")
+
+    async def set_lane(self, lane: str, state: LaneState, *, fingerprint: str | None, reason: str,
+                       by: str) -> bool:
+        """The lane machine's one transition (a lane never seen is open)."""
+        async with self.db.transaction() as tx:
+            row = await tx.one("SELECT state FROM lanes WHERE lane = ?", (lane,))
+            old = LaneState(row["state"]) if row else LaneState.OPEN
+            if not LANE.allowed(old, state):
+                return False
+            await tx.execute(
+                "INSERT INTO lanes (lane, state, fingerprint, reason, changed_by, changed_at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(lane) DO UPDATE SET state = excluded.state, fingerprint = excluded.fingerprint, "
+                "reason = excluded.reason, changed_by = excluded.changed_by, changed_at = excluded.changed_at",
+                (lane, state, fingerprint, reason, by, self._wall()))
+            await self._event(tx, f"lane_{state}", {"from": old, "fingerprint": fingerprint, "reason": reason,
+                                                    "by": by}, agent=None)
+            return True
 
     # -- alerts -------------------------------------------------------------------------------------
 

@@ -274,6 +274,73 @@ class Runner:
                     <= self.policy.progress_timeout + self.policy.heartbeat_interval + 1)
         return drill
 
+    def resume(self, name: str) -> Drill:
+        """Kill an agent between two steps of its task: the next incarnation must resume
+        after the last checkpoint, with its output, not redo it. The work saved is counted
+        in LLM calls (llm-sim's counters): the run, the same run uninterrupted, and what it
+        would have cost without checkpoints."""
+        spec = self.config.services.get(name)
+        sim = self.config.sim_url
+        if spec is None or not spec.is_agent or sim is None:
+            raise DrillError(f"{name!r} must be an agent of a mesh with llm-sim")
+        before = self.service(name)
+        provider = before["provider"] or self.config.providers.default
+        self.label(f"resume:{name}:{uuid.uuid4().hex[:6]}")
+        drill = Drill("resume", name)
+        try:
+            baseline = self._llm_calls_of_a_run(sim, provider)
+            drill.mark("baseline", f"an uninterrupted run made {baseline} LLM calls")
+            self.mesh.try_call("PUT", f"{sim}/sim/faults/{provider}", {"kind": "latency", "latency_ms": 700},
+                               auth=True)
+            calls0 = self._served(sim, provider)
+            drill.t0 = time.monotonic()
+            run_id = self._start_run("drill: resume")
+            with self.db() as conn:
+                task_id, mark = self.wait(lambda: next(((t["task_id"], c) for t in read.tasks_of(conn, run_id, name)
+                                                        for c in read.task_checkpoints(conn, t["task_id"])), None),
+                                          self.recovery_bound(), f"{name} to record its first step", interval=0.02)
+            victim = self.service(name)
+            os.kill(victim["pid"], signal.SIGKILL)
+            drill.mark("fault injected", f"SIGKILL pid {victim['pid']} after step {mark['step']} ({mark['step_id']})")
+            self.mesh.try_call("DELETE", f"{sim}/sim/faults/{provider}", auth=True)
+            run = self.wait(lambda: self.run_status(run_id), self.recovery_bound() * 3, "the run to end", interval=0.05)
+            calls = self._served(sim, provider) - calls0
+        finally:
+            self.mesh.try_call("DELETE", f"{sim}/sim/faults/{provider}", auth=True)
+            self.label(None)
+        with self.db() as conn:
+            marks = read.task_checkpoints(conn, task_id)
+            resumed = [e for e in read.task_events(conn, task_id) if e["kind"] == "task_resumed"]
+        drill.mark(f"run {run['status']}", run_id)
+        done_before = mark["step"]
+        drill.check("the run completed", run["status"] == "done")
+        drill.check(f"resumed after step {done_before}, handed its checkpoint",
+                    bool(resumed) and (resumed[-1]["payload"] or {}).get("checkpoint") == done_before)
+        drill.check("the completed steps were kept, by the incarnation that did them",
+                    all(m["incarnation"] == victim["incarnation"] for m in marks if m["step"] <= done_before))
+        redone = calls - baseline - 1  # one call was cut short by the kill and had to be made again
+        drill.check(f"no completed step redone ({calls} LLM calls; {baseline} uninterrupted)", redone <= 0)
+        drill.data.update(llm_calls=calls, uninterrupted=baseline, steps_kept=done_before,
+                          calls_saved=done_before, without_checkpoints=baseline + 1 + done_before)
+        return drill
+
+    def _start_run(self, prompt: str) -> str:
+        code, body = self.mesh.try_call("POST", self.mesh.url(self._gateway()) + "/runs",
+                                        {"prompt": prompt, "drill": True}, auth=True)
+        if code != 202:
+            raise DrillError(f"the gateway refused the drill run: {body}")
+        return body["run_id"]
+
+    def _served(self, sim: str, provider: str) -> int:
+        code, body = self.mesh.try_call("GET", f"{sim}/sim/faults")
+        return body["providers"][provider]["counters"]["served"] if code == 200 else 0
+
+    def _llm_calls_of_a_run(self, sim: str, provider: str) -> int:
+        before = self._served(sim, provider)
+        run_id = self._start_run("drill: baseline")
+        self.wait(lambda: self.run_status(run_id), self.recovery_bound() * 3, "the baseline run", interval=0.05)
+        return self._served(sim, provider) - before
+
     def provider_outage(self, provider: str) -> Drill:
         drill = Drill("provider-outage", provider)
         sim = self.config.sim_url

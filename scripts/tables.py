@@ -36,3 +36,40 @@ def print_report(checks) -> None:
         verdict = "[green]healthy[/green]" if c.healthy else "[bold red]UNHEALTHY[/bold red]"
         t.add_row(c.name, verdict, c.figure, "; ".join(map(str, c.offenders[:3])) + (" ..." if len(c.offenders) > 3 else ""))
     console.print(t)
+
+
+def print_task(task: dict, retries: list[dict], checkpoints: list[dict], events: list[dict]) -> None:
+    """`tron task show ID`: one screen with the task's whole story."""
+    from rich.panel import Panel
+
+    console = Console()
+    failure = task.get("failure") or {}
+    head = (f"[bold]{task['task_id']}[/bold]  run {task['run_id']}  agent {task['agent']}  "
+            f"status [bold]{task['status']}[/bold]  attempt {task['attempt']}  provider {task['provider'] or '-'}\n"
+            f"kind {task['kind']}  parent {task['parent_task_id'] or task['parent_agent']}  "
+            f"progress {task['progress'] or '-'}  created {task['created_at'][:23]}  updated {task['updated_at'][:23]}")
+    if failure:
+        head += f"\nfailure: {failure.get('reason')}  {failure.get('signals') or ''}"
+    console.print(Panel(head, title="task", expand=False))
+    t = Table(title="decisions (retry_history)", header_style="bold")
+    for col in ("time", "type", "case", "reason", "providers", "by", "decided by"):
+        t.add_column(col)
+    for r in retries:
+        providers = (r["from_provider"] or "-") + (f" -> {r['to_provider']}" if r["to_provider"] else "")
+        t.add_row(r["timestamp"][11:23], r["retry_type"], r["case_id"], r["reason"], providers,
+                  r["hop"] or r["requested_by"] or "-", r["decided_by"])
+    console.print(t)
+    c = Table(title="checkpoints", header_style="bold")
+    for col in ("step", "id", "hash", "bytes", "incarnation", "at"):
+        c.add_column(col)
+    for m in checkpoints:
+        c.add_row(str(m["step"]), m["step_id"], m["hash"][:19], str(m["bytes"]), m["incarnation"] or "-",
+                  m["created_at"][11:23])
+    console.print(c)
+    e = Table(title="events", header_style="bold")
+    for col in ("time", "event", "incarnation", "detail"):
+        e.add_column(col)
+    for ev in events:
+        detail = {k: v for k, v in (ev["payload"] or {}).items() if v not in (None, "", {}, [])}
+        e.add_row(ev["ts"][11:23], ev["kind"], ev["incarnation"] or "-", str(detail)[:70])
+    console.print(e)

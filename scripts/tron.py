@@ -4,6 +4,11 @@
     tron down                     stop everything, and check that nothing is left
     tron status [--json]          tree, state, pid, port, incarnation, restarts, provider, beat age
     tron restart|stop|start NAME  operator actions on one service (audited)
+    tron pause|resume NAME        no new tasks for a service / take them again
+    tron lane list|pause|resume   the breaker's lanes (roles)
+    tron spawning pause|resume    the incident switch: no new process starts
+    tron task show|retry|hard-reset|resume --from-step N|cancel ID
+    tron audit [--json]           every operator action
     tron logs [-f] [NAME...]      merged, coloured tail of service logs
     tron run "PROMPT"             submit a run through the gateway and follow it
     tron history [--json]         retry history and failure metrics
@@ -27,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from common.config import ConfigError, MeshConfig, load_mesh
@@ -243,14 +249,23 @@ def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:
 # -- operator verbs ---------------------------------------------------------------------------
 
 
+def _action(ctx: Ctx, path: str, args: argparse.Namespace, **extra) -> dict:
+    """One operator action through the daemon's API (audited there); the request id makes a
+    retried request act once."""
+    mesh = ctx.require_daemon()
+    body = {"reason": getattr(args, "reason", None) or f"tron {args.cmd}", "actor": f"{getpass.getuser()}@cli",
+            "request_id": f"cli-{uuid.uuid4().hex[:16]}", **extra}
+    code, answer = mesh.call("POST", mesh.daemon_url + path, body, auth=True)
+    if code >= 300:
+        raise CLIError(answer.get("error") if isinstance(answer, dict) else str(answer))
+    return answer
+
+
 def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
     mesh = ctx.require_daemon()
     if args.name not in ctx.config.services:
         raise CLIError(f"no service named {args.name!r} (known: {', '.join(ctx.config.services)})")
-    body = {"reason": args.reason or f"tron {args.cmd}", "actor": f"{getpass.getuser()}@cli"}
-    code, answer = mesh.call("POST", mesh.daemon_url + f"/services/{args.name}/{args.cmd}", body, auth=True)
-    if code >= 300:
-        raise CLIError(answer.get("error") if isinstance(answer, dict) else str(answer))
+    answer = _action(ctx, f"/services/{args.name}/{args.cmd}", args)
     if args.cmd in ("restart", "start") and args.wait:
         from scripts.client import wait_for
 
@@ -259,6 +274,58 @@ def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
                  ctx.config.policy.start_timeout + 5, f"{args.name} to be running again", interval=0.05,
                  error=CLIError)
     print(f"{args.name}: {answer['status']}")
+    return 0
+
+
+def cmd_lane(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.lane_cmd == "list":
+        mesh = ctx.require_daemon()
+        code, lanes = mesh.call("GET", mesh.daemon_url + "/lanes")
+        for lane in lanes:
+            extra = f"  {lane.get('reason') or ''} (by {lane.get('changed_by')})" if lane["state"] == "paused" else ""
+            print(f"{lane['lane']:<14} {lane['state']}{extra}")
+        return 0
+    answer = _action(ctx, f"/lanes/{args.lane}/{args.lane_cmd}", args)
+    print(f"lane {args.lane}: {answer['status']}")
+    return 0
+
+
+def cmd_spawning(ctx: Ctx, args: argparse.Namespace) -> int:
+    answer = _action(ctx, f"/spawning/{args.spawning_cmd}", args)
+    print(f"spawning: {answer['status']}")
+    return 0
+
+
+def cmd_task(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.task_cmd == "show":
+        from registry import read
+        from scripts.tables import print_task
+
+        with _registry(ctx) as conn:
+            task = read.task(conn, args.id)
+            if task is None:
+                raise CLIError(f"no task {args.id!r}")
+            print_task(task, read.task_retries(conn, args.id), read.task_checkpoints(conn, args.id),
+                       read.task_events(conn, args.id))
+        return 0
+    extra = {"from_step": args.from_step} if args.task_cmd == "resume" else {}
+    answer = _action(ctx, f"/tasks/{args.id}/{args.task_cmd}", args, **extra)
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
+    from registry import read
+
+    with _registry(ctx) as conn:
+        rows = read.audit(conn, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        a = r["payload"]
+        print(f"{r['ts'][:19]}  {a['who']:<18} {a['what']:<16} {a['target']:<20} {a['before']} -> {a['after']}  "
+              f"{a['outcome']}" + (f"  ({a['reason']})" if a.get("reason") else ""))
     return 0
 
 
@@ -446,12 +513,42 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     for verb, what in (("restart", "replace a service's incarnation now"),
                        ("stop", "stop a service; it stays stopped until `tron start`"),
-                       ("start", "start a stopped service")):
+                       ("start", "start a stopped service"),
+                       ("pause", "no new tasks for a service; the running ones finish"),
+                       ("resume", "take new tasks again")):
         v = sub.add_parser(verb, help=what)
         v.add_argument("name")
         v.add_argument("--reason", help="recorded in the audit trail")
-        if verb != "stop":
+        if verb in ("restart", "start"):
             v.add_argument("--wait", action="store_true", help="return once it is running again")
+    lane = sub.add_parser("lane", help="lanes: the breaker that stops repeating failures")
+    lsub = lane.add_subparsers(dest="lane_cmd", required=True)
+    lsub.add_parser("list", help="every lane and its state")
+    for verb in ("pause", "resume"):
+        lv = lsub.add_parser(verb, help=f"{verb} a lane (a role)")
+        lv.add_argument("lane")
+        lv.add_argument("--reason")
+    spawning = sub.add_parser("spawning", help="the incident switch: no new process starts anywhere")
+    ssub = spawning.add_subparsers(dest="spawning_cmd", required=True)
+    for verb in ("pause", "resume"):
+        sv = ssub.add_parser(verb)
+        sv.add_argument("--reason")
+    task = sub.add_parser("task", help="a task: show it, or recover it")
+    tsub = task.add_subparsers(dest="task_cmd", required=True)
+    for verb, what in (("show", "attempts, incarnations, providers, checkpoints, decisions"),
+                       ("retry", "a new attempt now, same provider"),
+                       ("hard-reset", "replay the recorded steps, hashes verified, then rerun the failing one"),
+                       ("resume", "keep the steps before N, go on from step N"),
+                       ("cancel", "end the task (and its live sub-tasks) as cancelled")):
+        tv = tsub.add_parser(verb, help=what)
+        tv.add_argument("id")
+        if verb != "show":
+            tv.add_argument("--reason")
+        if verb == "resume":
+            tv.add_argument("--from-step", type=int, required=True)
+    aud = sub.add_parser("audit", help="every operator action: who, what, when, outcome")
+    aud.add_argument("--json", action="store_true")
+    aud.add_argument("--limit", type=int, default=100)
     lg = sub.add_parser("logs", help="merged tail of service logs")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=20)
@@ -467,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = drill.add_subparsers(dest="drill", required=True)
     for kind, what in (("kill", "SIGKILL a service"), ("hang", "SIGSTOP a service"),
                        ("runaway", "freeze an agent's progress marker"),
-                       ("crash-loop", "kill a service every time it comes back")):
+                       ("crash-loop", "kill a service every time it comes back"),
+                       ("resume", "kill an agent between two steps: it must resume, not redo them")):
         d = dsub.add_parser(kind, help=what)
         d.add_argument("name")
         d.add_argument("--json", action="store_true")
@@ -499,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs, "run": cmd_run,
             "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim,
-            "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "backup": cmd_backup,
-            "restore": cmd_restore}
+            "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "pause": cmd_service,
+            "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane,
+            "spawning": cmd_spawning, "task": cmd_task, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import getpass
 import os
-from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,7 +34,8 @@ from common.monitor import Verdict
 from common.settings import field_errors, read_overlay
 from common.states import TaskState
 from services.daemon.core import Daemon
-from services.daemon.operators import Refused
+from services.daemon.operators import SERVICE_VERBS, Refused
+from services.daemon.task_actions import TASK_VERBS
 from services.daemon.supervisor import new_id
 
 DAEMON_KEY = web.AppKey("daemon", Daemon)
@@ -194,25 +194,89 @@ async def report_failure(request: web.Request) -> web.Response:
 # -- operators --------------------------------------------------------------------------------
 
 
-def _actor(request: web.Request, body: OperatorAction) -> str:
+def _actor(body: OperatorAction) -> str:
     return body.actor or f"{getpass.getuser()}@local"
 
 
-def _operator(verb: Literal["restart", "stop", "start"]):
+async def _operator_body(request: web.Request) -> OperatorAction:
+    return await parse(request, OperatorAction) if request.can_read_body else OperatorAction()
+
+
+def _answer(answer: dict) -> web.Response:
+    accepted = answer["status"] in ("restarting", "starting", "retrying", "reopened")
+    return web.json_response(answer, status=202 if accepted else 200)
+
+
+def _operator(verb: str):
     @require_token
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         name = request.match_info["name"]
         _service(d, name)
-        body = await parse(request, OperatorAction) if request.can_read_body else OperatorAction()
+        body = await _operator_body(request)
         try:
-            answer = await d.operators.act(verb, name, actor=_actor(request, body), reason=body.reason)
+            answer = await d.operators.act(verb, name, actor=_actor(body), reason=body.reason,
+                                           request_id=body.request_id)
         except Refused as err:
             return error(err.status, str(err))
-        return web.json_response(answer, status=202 if answer["status"] in ("restarting", "starting") else 200)
+        return _answer(answer)
 
     handler.__name__ = f"operator_{verb}"
     return handler
+
+
+def _task_action(verb: str):
+    @require_token
+    async def handler(request: web.Request) -> web.Response:
+        d = _d(request)
+        task_id = _id(request, "task_id")
+        body = await _operator_body(request)
+        if verb == "resume" and body.from_step is None:
+            return error(422, "from_step: resume needs the step to go on from")
+        try:
+            answer = await d.tasks.act(verb, task_id, actor=_actor(body), reason=body.reason,
+                                       request_id=body.request_id, from_step=body.from_step)
+        except Refused as err:
+            return error(err.status, str(err))
+        return _answer(answer)
+
+    handler.__name__ = f"task_{verb}"
+    return handler
+
+
+def _lane_action(verb: str):
+    @require_token
+    async def handler(request: web.Request) -> web.Response:
+        d = _d(request)
+        body = await _operator_body(request)
+        try:
+            answer = await d.operators.lane(verb, request.match_info["lane"], actor=_actor(body), reason=body.reason,
+                                            request_id=body.request_id)
+        except Refused as err:
+            return error(err.status, str(err))
+        return _answer(answer)
+
+    handler.__name__ = f"lane_{verb}"
+    return handler
+
+
+def _spawning_action(verb: str):
+    @require_token
+    async def handler(request: web.Request) -> web.Response:
+        d = _d(request)
+        body = await _operator_body(request)
+        return _answer(await d.operators.spawning(verb, actor=_actor(body), reason=body.reason,
+                                                  request_id=body.request_id))
+
+    handler.__name__ = f"spawning_{verb}"
+    return handler
+
+
+async def get_lanes(request: web.Request) -> web.Response:
+    d = _d(request)
+    known = {row["lane"]: row for row in await d.store.lanes()}
+    roles = sorted({svc.spec.role for svc in d.sup.services.values()})
+    return web.json_response([known.get(role) or {"lane": role, "state": "open"} for role in roles])
 
 
 async def get_settings(request: web.Request) -> web.Response:
@@ -305,6 +369,11 @@ async def record_task(request: web.Request) -> web.Response:
     _service(d, rec.agent)
     if await d.store.run(rec.run_id) is None:
         return error(404, f"no run {rec.run_id!r}")
+    existing = await d.store.task(rec.task_id)
+    if existing is None:  # a parent re-delegating after its restart finds its task, paused or not
+        refusal = await d.breaker.refusal(rec.agent)
+        if refusal is not None:
+            return error(409, refusal["message"], **{k: v for k, v in refusal.items() if k != "message"})
     row, created = await d.store.upsert_task(rec.model_dump())
     return web.json_response({"task": row, "created": created}, status=201 if created else 200)
 
@@ -377,8 +446,14 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_post("/control/shutdown", shutdown)
     r.add_post("/control/backup", take_backup)
     r.add_post("/handle_grandchild_failure", grandchild_failure)
-    for verb in ("restart", "stop", "start"):
+    for verb in SERVICE_VERBS:
         r.add_post(f"/services/{{name}}/{verb}", _operator(verb))
+    for verb in TASK_VERBS:
+        r.add_post(f"/tasks/{{task_id}}/{verb.replace('_', '-')}", _task_action(verb))
+    r.add_get("/lanes", get_lanes)
+    for verb in ("pause", "resume"):
+        r.add_post(f"/lanes/{{lane}}/{verb}", _lane_action(verb))
+        r.add_post(f"/spawning/{verb}", _spawning_action(verb))
     r.add_get("/settings", get_settings)
     r.add_put("/settings", put_settings)
     r.add_post("/runs", create_run)

@@ -37,6 +37,7 @@ class Carrier:
         self.metrics = metrics
         self.policy = policy
         self.background = background
+        self.breaker = None  # the lane breaker (breaker.py), plugged in by the daemon
         self.actions = DaemonActions(self)
 
     # -- what a decider sees ------------------------------------------------------------------
@@ -235,7 +236,14 @@ class Carrier:
         log.error("permanent failure", extra={"offender": rec.service, "task": rec.task_id, "run": task["run_id"],
                                               "reason": rec.reason, "failure": failure})
         await self.ledger.fail_permanently(task, failure, decided_by=rec.requested_by)
-        return {"status": "recorded", "failure": failure}
+        lane = None
+        if self.breaker is not None:
+            last = next((r for r in reversed(history) if r["retry_type"] != RetryType.LLM_CHANGE), None)
+            failure_class = ((last or {}).get("detail") or {}).get("detected_by") or rec.reason
+            lane = await self.breaker.task_failed(rec.service, svc.provider, failure_class,
+                                                  rec.detail.get("last_reason") or rec.reason,
+                                                  task_id=rec.task_id, run_id=task["run_id"])
+        return {"status": "recorded", "failure": failure, "lane": lane}
 
 
 class DaemonActions:

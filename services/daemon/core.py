@@ -36,7 +36,10 @@ from services.daemon.alerts import AlertRouter
 from services.daemon.carrier import Carrier
 from services.daemon.ledger import Ledger
 from services.daemon.lock import HomeLock, StartError
+from services.daemon.audit import Audit
+from services.daemon.breaker import Breaker
 from services.daemon.operators import Operators
+from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.spawner import ForkServerClient, LocalSpawner, Spawner, reap_strays
 from services.daemon.supervisor import Supervisor, mesh_marks
@@ -108,7 +111,12 @@ class Daemon:
         self.carrier = Carrier(self.config, self.sup, self.store, self.ledger, metrics=self.metrics, **kw)
         self.router = AlertRouter(self.config, self.sup, self.store, self.carrier, self.client, metrics=self.metrics,
                                   **kw)
-        self.operators = Operators(self.sup, self.store, self.ledger, **kw)
+        self.audit = Audit(self.store)
+        self.operators = Operators(self.sup, self.store, self.ledger, self.audit, background=self.background)
+        self.tasks = TaskActions(self.sup, self.store, self.ledger, self.audit, background=self.background,
+                                 client=self.client)
+        self.breaker = Breaker(self.sup, self.store, clock=self.clock, policy=self.policy, metrics=self.metrics)
+        self.carrier.breaker = self.breaker
         self.sup.checks = ProbeChecks(self.client, self.sup.values)
         self.probes = Probes(self.sup, self.monitor, self.sup.checks, **kw)
         self.sup.on_signal = self.router.on_signal
@@ -324,6 +332,7 @@ class Daemon:
             if self.overlay.exists() else None,
             "crash_looping": [s.name for s in self.sup.services.values() if s.crash_looping],
             "registry": self.registry_health(),
+            "spawning": "paused" if self.sup.spawning_paused else "running",
         }
 
     async def backup(self) -> dict:

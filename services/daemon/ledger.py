@@ -35,6 +35,7 @@ class Ledger:
         self.clock = clock
         self.policy = policy
         self.background = background
+        self.replay: dict[str, bool] = {}  # tasks whose next assignment replays every verified step
 
     # -- results ---------------------------------------------------------------------------
 
@@ -43,13 +44,15 @@ class Ledger:
         """Record a task's end, then deliver it to the waiting parent. A run's root task
         also ends the run here, so a run's outcome never depends on the gateway."""
         row = await self.store.task(task_id)
-        failure = {"reason": reason, **detail} if status == TaskState.FAILED else None
+        failure = {"reason": reason, **detail} if status != TaskState.DONE else None
         if row is None or not await self.store.finish_task(task_id, status, result, failure, reason=reason):
             return False
         if row["parent_task_id"] is None:
             await self.store.finish_run(row["run_id"], RunState(str(status)), result, failure)
-        outcome = TaskResult(task_id=task_id, run_id=row["run_id"], status=str(status), result=result,
-                             reason=reason, detail=detail, service=row["agent"], incarnation=incarnation)
+        # A parent hears done or failed; a cancelled child is a failure with that reason.
+        outcome = TaskResult(task_id=task_id, run_id=row["run_id"], status="done" if status == TaskState.DONE
+                             else "failed", result=result, reason=reason, detail=detail, service=row["agent"],
+                             incarnation=incarnation)
         self.background(self.deliver(row["parent_agent"], outcome), f"deliver {task_id}")
         return True
 
@@ -108,14 +111,15 @@ class Ledger:
     # -- hand-over to a new incarnation ---------------------------------------------------------
 
     async def assignment(self, task: dict, provider: str | None) -> TaskAssign:
+        """What a new incarnation gets: the task, its last checkpoint, and after a hard
+        reset every verified step to replay."""
         marks = await self.store.checkpoints(task["task_id"])
-        last = marks[-1] if marks else None
-        checkpoint = None if last is None else {"step": last["step"], "step_id": last["step_id"],
-                                                "hash": last["hash"], "output": last["output"]}
+        steps = [{k: m[k] for k in ("step", "step_id", "hash", "output")} for m in marks]
+        replay = steps if self.replay.pop(task["task_id"], False) else None
         return TaskAssign(task_id=task["task_id"], run_id=task["run_id"], kind=task["kind"], prompt=task["prompt"],
                           reply_to=task["parent_agent"], parent_task_id=task["parent_task_id"],
                           progress=task["progress"], attempt=task["attempt"], provider=provider,
-                          checkpoint=checkpoint)
+                          checkpoint=steps[-1] if steps else None, replay=replay)
 
     async def redispatch(self, svc: Service) -> None:
         """Give a fresh incarnation the tasks its predecessor held, with the last

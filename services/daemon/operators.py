@@ -1,77 +1,71 @@
-"""What an operator can do to a service: restart, stop, start. Each is audited.
+"""What an operator can do to services, lanes and the mesh. Each is audited (audit.py).
 
-A deliberate stop is never undone by the ladder: a stopped service stays stopped across
-failures and daemon restarts until an operator starts it. Every action, accepted or
-refused, is an ``audit`` event: who, what, target, state before and after, outcome.
+    restart | stop | start NAME   a deliberate stop is never undone by the ladder: a stopped
+                                  service stays stopped across failures and daemon restarts
+    pause | resume NAME           no new tasks for the service; the running ones finish
+    lane pause | resume LANE      the breaker's switch, by hand (common/lanes.py)
+    spawning pause | resume       the incident switch: no new process starts anywhere; a
+                                  restart waits (in backoff) until spawning resumes
+
+Spawning is *not* paused by itself while the registry is degraded: recovery must not
+depend on the registry (registry/journal.py), and a paused spawner would leave services
+down for as long as a disk stays full.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
-from common.clock import Clock
-from common.config import Policy
-from common.states import RetryType, ServiceState, TaskState
+from common.states import LaneState, RetryType, ServiceState, TaskState
+from services.daemon.audit import Audit, Refused
 from services.daemon.ledger import Ledger
 from services.daemon.supervisor import Service, Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 S = ServiceState
+SERVICE_VERBS = ("restart", "stop", "start", "pause", "resume")
 
-
-class Refused(Exception):
-    """The action does not apply to the target's current state; nothing was changed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+__all__ = ["Operators", "Refused", "SERVICE_VERBS"]
 
 
 class Operators:
-    def __init__(self, sup: Supervisor, store, ledger: Ledger, *, clock: Clock, policy: Callable[[], Policy],
-                 background) -> None:
+    def __init__(self, sup: Supervisor, store, ledger: Ledger, audit: Audit, *, background) -> None:
         self.sup = sup
         self.store = store
         self.ledger = ledger
-        self.clock = clock
-        self.policy = policy
+        self.audit = audit
         self.background = background
 
-    async def act(self, verb: str, name: str, *, actor: str, reason: str) -> dict:
-        """Run one verb and audit it, whatever its outcome."""
+    async def act(self, verb: str, name: str, *, actor: str, reason: str, request_id: str | None = None) -> dict:
         svc = self.sup[name]
-        before = str(svc.state)
-        try:
-            outcome = await getattr(self, f"_{verb}")(svc, actor=actor, reason=reason)
-        except Refused as err:
-            await self.audit(actor, verb, name, before, str(svc.state), f"refused: {err}", reason)
-            raise
-        await self.audit(actor, verb, name, before, str(svc.state), outcome["status"], reason)
-        return outcome
+        return await self.audit.run(lambda: getattr(self, f"_{verb}")(svc, actor=actor, reason=reason),
+                                    actor=actor, what=verb, target=name, agent=name, reason=reason,
+                                    request_id=request_id, state=lambda: self._state_of(svc))
 
-    async def audit(self, actor: str, what: str, target: str, before: str, after: str, outcome: str,
-                    reason: str) -> None:
-        await self.store.event("audit", {"who": actor, "what": what, "target": target, "before": before,
-                                         "after": after, "outcome": outcome, "reason": reason}, agent=target)
-        log.info("operator %s %s: %s", what, target, outcome,
-                 extra={"offender": target, "actor": actor, "action": what, "outcome": outcome})
+    @staticmethod
+    def _state_of(svc: Service) -> str:
+        return f"{svc.state}{' paused' if svc.paused else ''}"
+
+    # -- services ---------------------------------------------------------------------------
 
     async def _restart(self, svc: Service, *, actor: str, reason: str) -> dict:
         if svc.stopped or svc.state in (S.STOPPED, S.STOPPING):
             raise Refused(409, f"{svc.name} is stopped; `tron start {svc.name}` brings it back")
         if svc.replacing is not None:
             raise Refused(409, f"{svc.name} is already being restarted ({svc.state})")
+        if self.sup.spawning_paused:
+            raise Refused(409, "spawning is paused (`tron spawning resume`)")
         tasks = await self.store.open_tasks(svc.name)
+        ref = new_id("op-")
         await self.store.record_retry(
-            alert_id=new_id("op-"), agent_id=svc.name, retry_type=RetryType.OPERATOR_RESTART, reason=reason,
+            alert_id=ref, agent_id=svc.name, retry_type=RetryType.OPERATOR_RESTART, reason=reason,
             detail={"actor": actor, "state": str(svc.state)}, case="operator_restart",
             task_id=tasks[0]["task_id"] if tasks else None, run_id=tasks[0]["run_id"] if tasks else None,
             from_provider=svc.provider, decided_by="operator", requested_by=actor)
         incarnation = svc.incarnation
         self.background(self.sup.replace(svc, incarnation, delay=0.0, reason=f"operator_restart:{reason}"),
                         f"operator restart {svc.name}")
-        return {"status": "restarting", "replaces": incarnation}
+        return {"status": "restarting", "replaces": incarnation, "ref": ref}
 
     async def _stop(self, svc: Service, *, actor: str, reason: str) -> dict:
         if svc.stopped and svc.state == S.STOPPED:
@@ -89,9 +83,65 @@ class Operators:
     async def _start(self, svc: Service, *, actor: str, reason: str) -> dict:
         if not svc.stopped and svc.state != S.STOPPED:
             return {"status": "already_running", "state": str(svc.state)}
+        if self.sup.spawning_paused:
+            raise Refused(409, "spawning is paused (`tron spawning resume`)")
         svc.stopped = False
         await self.store.set_agent(svc.name, stopped=False)
         async with svc.lock:
             if svc.state == S.STOPPED:
                 await self.sup.start(svc, reason=f"operator_start:{reason}")
         return {"status": "starting", "incarnation": svc.incarnation}
+
+    async def _pause(self, svc: Service, *, actor: str, reason: str) -> dict:
+        if svc.paused:
+            return {"status": "already_paused"}
+        svc.paused = True
+        await self.store.set_agent(svc.name, paused=True)
+        return {"status": "paused", "running_tasks": [t["task_id"] for t in await self.store.live_tasks(svc.name)]}
+
+    async def _resume(self, svc: Service, *, actor: str, reason: str) -> dict:
+        if not svc.paused:
+            return {"status": "not_paused"}
+        svc.paused = False
+        await self.store.set_agent(svc.name, paused=False)
+        return {"status": "resumed"}
+
+    # -- lanes and spawning ---------------------------------------------------------------------
+
+    async def lane(self, verb: str, lane: str, *, actor: str, reason: str, request_id: str | None = None) -> dict:
+        roles = {svc.spec.role for svc in self.sup.services.values()}
+        if lane not in roles:
+            raise Refused(404, f"no lane {lane!r}: lanes are roles ({', '.join(sorted(roles))})")
+        new = LaneState.PAUSED if verb == "pause" else LaneState.OPEN
+
+        async def state() -> str:
+            row = await self.store.lane(lane)
+            return row["state"] if row else str(LaneState.OPEN)
+
+        async def act() -> dict:
+            if await state() == new:
+                return {"status": f"already_{new}", "lane": lane}
+            row = await self.store.lane(lane)
+            await self.store.set_lane(lane, new, fingerprint=(row or {}).get("fingerprint"),
+                                      reason=reason, by=actor)
+            return {"status": str(new), "lane": lane}
+
+        return await self.audit.run(act, actor=actor, what=f"lane_{verb}", target=lane, reason=reason,
+                                    request_id=request_id, state=state)
+
+    async def spawning(self, verb: str, *, actor: str, reason: str, request_id: str | None = None) -> dict:
+        async def act() -> dict:
+            paused = verb == "pause"
+            if self.sup.spawning_paused == paused:
+                return {"status": f"already_{'paused' if paused else 'running'}"}
+            self.sup.spawning_paused = paused
+            if not paused:
+                self.sup.spawning_resumed.set()
+            else:
+                self.sup.spawning_resumed.clear()
+            log.warning("spawning %s by %s: %s", "paused" if paused else "resumed", actor, reason)
+            return {"status": "paused" if paused else "resumed"}
+
+        return await self.audit.run(act, actor=actor, what=f"spawning_{verb}", target="mesh", reason=reason,
+                                    request_id=request_id,
+                                    state=lambda: "paused" if self.sup.spawning_paused else "running")

@@ -67,6 +67,7 @@ class Service:
     failed_since: float | None = None  # when it entered FAILED (the watchdog's clock)
     replacing: str | None = None  # the incarnation a restart is already replacing
     stopped: bool = False  # an operator stopped it: nothing brings it back but `tron start`
+    paused: bool = False  # an operator paused it: no new tasks, the running ones finish
     crash_looping: bool = False
     ready: bool = False  # healthy, and its readiness probe (if any) passes
     last_failure: dict | None = None
@@ -103,6 +104,9 @@ class Supervisor:
         self.background = background  # schedules a coroutine as a tracked task
         self.config_path = config_path
         self.stopping = False
+        self.spawning_paused = False  # the incident switch (operators.py): no new process starts
+        self.spawning_resumed = asyncio.Event()
+        self.spawning_resumed.set()
         self.on_signal: Callable[[Signal], Awaitable[None]] | None = None
         self.on_healthy: Callable[[Service], Awaitable[None]] | None = None
         # Does the new incarnation serve? HTTP by default; unit tests answer for a stub.
@@ -136,6 +140,7 @@ class Supervisor:
             if svc.spec.is_agent and row.get("provider"):
                 svc.provider = row["provider"]
             svc.stopped = bool(row.get("stopped"))
+            svc.paused = bool(row.get("paused"))
             svc.crash_looping = bool(row.get("crash_looping"))
 
     # -- starting ------------------------------------------------------------------------
@@ -367,10 +372,12 @@ class Supervisor:
                                                exit_code=old.exit_code, exit_signal=old.exit_signal)
             elif old_incarnation:
                 await self.store.close_session(old_incarnation, reason=f"replaced:{reason}")
-            if delay > 0:
+            if delay > 0 or self.spawning_paused:
                 if svc.state == S.FAILED:
-                    await self.transition(svc, S.BACKOFF, f"{reason}, restart in {delay:.2f}s")
+                    await self.transition(svc, S.BACKOFF, f"{reason}, restart in {delay:.2f}s"
+                                          + (" (spawning is paused)" if self.spawning_paused else ""))
                 await self.clock.sleep(delay)
+                await self.spawning_resumed.wait()
             async with svc.lock:
                 if svc.incarnation != old_incarnation or self.stopping or svc.stopped \
                         or svc.state in (S.STOPPING, S.STOPPED):
@@ -480,6 +487,7 @@ class Supervisor:
                 "uptime": round(now - svc.started_at, 1) if svc.started_at and svc.state == S.RUNNING else None,
                 "task": svc.task_id, "progress": svc.progress, "crash_looping": svc.crash_looping,
                 "stopped": svc.stopped, "last_failure": svc.last_failure, "ready": svc.ready,
+                "paused": svc.paused,
             })
         return out
 

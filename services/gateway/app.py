@@ -18,7 +18,7 @@ import re
 from aiohttp import web
 
 from common import logs
-from common.agent import Agent
+from common.agent import REFUSALS, Agent
 from common.http import MeshHTTPError, error, parse, require_token
 from common.models import ID_PATTERN, RunCreate, RunFailed, TaskAssign, TaskRecord, TaskResult
 from common.service import ServiceContext
@@ -50,8 +50,16 @@ class Gateway(Agent):
         run = await self.ctx.client.post(f"{self.daemon}/runs", body)
         run_id = run["run_id"]
         task_id = f"{run_id}.0"
-        await self.ctx.client.post(f"{self.daemon}/tasks", TaskRecord(
-            task_id=task_id, run_id=run_id, agent=root, parent_agent=self.name, kind="run", prompt=body.prompt))
+        try:
+            await self.ctx.client.post(f"{self.daemon}/tasks", TaskRecord(
+                task_id=task_id, run_id=run_id, agent=root, parent_agent=self.name, kind="run", prompt=body.prompt))
+        except MeshHTTPError as err:
+            refusal = err.json()
+            if err.status != 409 or refusal.get("reason") not in REFUSALS:
+                raise
+            # The root's lane (or the root) is paused: the run fails at once, saying why.
+            await self._finish_run(run_id, "failed", None, refusal["reason"], refusal)
+            return error(409, refusal.get("error", refusal["reason"]), run_id=run_id, reason=refusal["reason"])
         assign = TaskAssign(task_id=task_id, run_id=run_id, kind="run", prompt=body.prompt, reply_to=self.name)
         logs.comms("task_dispatch", src=self.name, dst=root, task=task_id, run=run_id)
         try:

@@ -288,3 +288,75 @@ async def test_new_settings_apply_at_once_and_are_kept_in_the_overlay(rig, tmp_p
     assert d.policy().miss_threshold == 6  # an invalid change changed nothing
     [audit] = [e["payload"] for e in await rig.store.events(kind="audit")]
     assert audit["changed"]["miss_threshold"] == {"from": 3, "to": 6} and audit["who"] == "ops@ui"
+
+
+async def _fail_for_good(rig, n: int, reason: str):
+    from common.models import PermanentFailure
+
+    run_id, task_id = f"r-{n}", f"r-{n}.0"
+    await rig.store.create_run(run_id, "build it", False)
+    await rig.store.upsert_task({"task_id": task_id, "run_id": run_id, "agent": "worker", "parent_agent": "root",
+                                 "kind": "step", "prompt": "p"})
+    return await rig.daemon.carrier.fail(PermanentFailure(
+        alert_id=f"a-{n}", service="worker", task_id=task_id, reason="max_provider_switches_exceeded",
+        case="switches_exhausted", detail={"last_reason": reason}, requested_by="root"))
+
+
+async def test_the_third_identical_failure_pauses_the_lane_and_new_tasks_are_refused(rig):
+    for n, reason in enumerate(["overloaded_error", "authentication_error", "rate_limit_error"]):
+        answer = await _fail_for_good(rig, n, reason)
+        assert answer["lane"]["paused"] is False  # three different ways of failing: no trip
+    for n in range(3, 5):
+        assert (await _fail_for_good(rig, n, f"timeout after {n}.5s on run-{n}abcdef"))["lane"]["paused"] is False
+    answer = await _fail_for_good(rig, 5, "timeout after 9.1s on run-ffffff")
+    assert answer["lane"] == {**answer["lane"], "paused": True, "trips": 3, "lane": "programmer"}
+    refusal = await rig.daemon.breaker.refusal("worker")
+    assert refusal["reason"] == "lane_paused" and "tron lane resume programmer" in refusal["message"]
+    assert len(await rig.store.events(kind="lane_paused")) == 1
+    await rig.daemon.operators.lane("resume", "programmer", actor="ops", reason="fixed the prompt")
+    assert await rig.daemon.breaker.refusal("worker") is None
+    rig.clock.advance(3601)  # and an old trip no longer counts
+    assert (await _fail_for_good(rig, 6, "timeout after 1s on run-eeeeee"))["lane"]["paused"] is False
+
+
+async def test_a_paused_service_takes_no_new_tasks(rig):
+    await rig.daemon.operators.act("pause", "worker", actor="ops", reason="maintenance")
+    assert (await rig.daemon.breaker.refusal("worker"))["reason"] == "service_paused"
+    again = await rig.daemon.operators.act("pause", "worker", actor="ops", reason="twice")
+    assert again["status"] == "already_paused"
+    await rig.daemon.operators.act("resume", "worker", actor="ops", reason="done")
+    assert await rig.daemon.breaker.refusal("worker") is None
+
+
+async def test_task_actions_follow_the_task_machine_and_act_once(rig):
+    from services.daemon.audit import Refused
+
+    tasks = rig.daemon.tasks
+    await _task_for(rig, agent="worker", task_id="r-1.0")
+    await rig.store.add_checkpoint("r-1.0", 1, "draft", "the draft", "i-x")
+    await rig.store.add_checkpoint("r-1.0", 2, "review", "the review", "i-x")
+    with pytest.raises(Refused, match="from_step must be between 1 and 3"):
+        await tasks.act("resume", "r-1.0", actor="ops", reason="x", from_step=7)
+    resumed = await tasks.act("resume", "r-1.0", actor="ops", reason="redo the review", from_step=2,
+                              request_id="req-1")
+    assert resumed["kept"] == [1] and resumed["set_aside"] == [2]
+    again = await tasks.act("resume", "r-1.0", actor="ops", reason="redo the review", from_step=2,
+                            request_id="req-1")
+    assert again["repeated"] is True  # the same request acts once
+    await rig.settle()
+    rig.store.checkpoints_[("r-1.0", 1)]["output"] = "tampered"  # someone edits the registry by hand
+    with pytest.raises(Refused, match="checkpoint 1 \\(draft\\) does not match its hash"):
+        await tasks.act("hard_reset", "r-1.0", actor="ops", reason="replay")
+    cancelled = await tasks.act("cancel", "r-1.0", actor="ops", reason="not needed")
+    assert cancelled["tasks"] == ["r-1.0"] and (await rig.store.task("r-1.0"))["status"] == "cancelled"
+    assert (await rig.store.run("r-1"))["status"] == "cancelled"
+    assert (await tasks.act("cancel", "r-1.0", actor="ops", reason="again"))["status"] == "already_cancelled"
+    retried = await tasks.act("retry", "r-1.0", actor="ops", reason="now")
+    assert retried["status"] == "reopened" and retried["tasks"] == ["r-1.0"]
+    assert (await rig.store.run("r-1"))["status"] == "running"
+    with pytest.raises(Refused, match="no task 'r-9'"):
+        await tasks.act("retry", "r-9", actor="ops", reason="x")
+    audit = [e["payload"] for e in await rig.store.events(kind="audit")]
+    assert [(a["what"], a["outcome"].split(":")[0]) for a in audit] == [
+        ("task_resume", "refused"), ("task_resume", "retrying"), ("task_hard_reset", "refused"),
+        ("task_cancel", "cancelled"), ("task_cancel", "already_cancelled"), ("task_retry", "reopened")]

@@ -1,0 +1,62 @@
+"""Every operator action is audited: who, what, target, state before and after, outcome,
+accepted or refused. The same request sent twice (same ``request_id``) acts once: the
+second gets the first's answer."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Awaitable, Callable
+
+log = logging.getLogger("tron.daemon")
+REMEMBERED = 1000  # request ids kept for idempotency (the audit trail keeps them all)
+
+
+class Refused(Exception):
+    """The action does not apply to the target's current state; nothing was changed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Audit:
+    def __init__(self, store) -> None:
+        self.store = store
+        self._answers: collections.OrderedDict[str, dict] = collections.OrderedDict()
+
+    async def run(self, action: Callable[[], Awaitable[dict]], *, actor: str, what: str, target: str,
+                  state: Callable[[], Awaitable[str] | str], reason: str, request_id: str | None,
+                  agent: str | None = None) -> dict:
+        if request_id and request_id in self._answers:
+            return {**self._answers[request_id], "repeated": True}
+        before = await _read(state)
+        try:
+            outcome = await action()
+        except Refused as err:
+            await self.record(actor, what, target, before, await _read(state), f"refused: {err}", reason, request_id,
+                              agent=agent)
+            raise
+        await self.record(actor, what, target, before, await _read(state), outcome["status"], reason, request_id,
+                          ref=outcome.get("ref"), agent=agent)
+        if request_id:
+            self._answers[request_id] = outcome
+            while len(self._answers) > REMEMBERED:
+                self._answers.popitem(last=False)
+        return outcome
+
+    async def record(self, actor: str, what: str, target: str, before: str, after: str, outcome: str, reason: str,
+                     request_id: str | None = None, *, ref: str | None = None, agent: str | None = None,
+                     **extra) -> None:
+        await self.store.event("audit", {"who": actor, "what": what, "target": target, "before": before,
+                                         "after": after, "outcome": outcome, "reason": reason,
+                                         "request_id": request_id, "ref": ref, **extra}, agent=agent)
+        log.info("operator %s %s: %s", what, target, outcome,
+                 extra={"offender": target, "actor": actor, "action": what, "outcome": outcome})
+
+
+async def _read(state) -> str:
+    value = state()
+    if hasattr(value, "__await__"):
+        value = await value
+    return str(value)

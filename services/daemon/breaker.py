@@ -1,0 +1,58 @@
+"""The lane breaker in the daemon: counts the ways tasks fail for good, pauses a role's
+lane when one repeats (common/lanes.py has the rule), and refuses new tasks for a paused
+lane or a paused service with a structured reason."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from common.clock import Clock
+from common.config import Policy
+from common.lanes import Fingerprint, recent, trips_now
+from common.states import LaneState
+from services.daemon.metrics import DaemonMetrics
+from services.daemon.supervisor import Supervisor
+
+log = logging.getLogger("tron.daemon")
+
+
+class Breaker:
+    def __init__(self, sup: Supervisor, store, *, clock: Clock, policy: Callable[[], Policy],
+                 metrics: DaemonMetrics) -> None:
+        self.sup = sup
+        self.store = store
+        self.clock = clock
+        self.policy = policy
+        self.metrics = metrics
+
+    async def task_failed(self, service: str, provider: str | None, failure_class: str, reason: str, *,
+                          task_id: str, run_id: str | None) -> dict:
+        """A task's ladder ended in permanent failure: one trip of its fingerprint. The
+        lane pauses when the fingerprint has tripped lane_trip_count times in the window."""
+        fp = Fingerprint.of(self.sup[service].spec.role, provider, failure_class, reason)
+        times = await self.store.record_trip(fp.key, fp.lane, fp.describe(), task_id=task_id, run_id=run_id)
+        p = self.policy()
+        counted = len(recent(times, self.clock.now(), p.lane_window))
+        if not trips_now(times, self.clock.now(), p.lane_window, p.lane_trip_count):
+            return {"fingerprint": fp.key, "trips": counted, "paused": False}
+        reason_text = f"{counted} tasks failed for good the same way within {p.lane_window:.0f}s: {fp.describe()}"
+        paused = await self.store.set_lane(fp.lane, LaneState.PAUSED, fingerprint=fp.key, reason=reason_text,
+                                           by="breaker")
+        if paused:
+            self.metrics.lanes_paused.inc()
+            log.error("lane paused", extra={"lane": fp.lane, "fingerprint": fp.key, "reason": reason_text})
+        return {"fingerprint": fp.key, "trips": counted, "paused": True, "lane": fp.lane}
+
+    async def refusal(self, agent: str) -> dict | None:
+        """Why a new task for ``agent`` must be refused now, if it must."""
+        svc = self.sup[agent]
+        if svc.paused:
+            return {"reason": "service_paused", "service": agent,
+                    "message": f"{agent} is paused by an operator: no new tasks (`tron resume {agent}`)"}
+        lane = await self.store.lane(svc.spec.role)
+        if lane and lane["state"] == LaneState.PAUSED:
+            return {"reason": "lane_paused", "lane": lane["lane"], "fingerprint": lane["fingerprint"],
+                    "message": f"lane {lane['lane']} is paused: {lane['reason']} "
+                               f"(`tron lane resume {lane['lane']}`)"}
+        return None

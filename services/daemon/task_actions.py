@@ -1,0 +1,176 @@
+"""Operator recovery actions on a task, each audited (audit.py), each checked against
+the task's state machine, each a clear 4xx when it does not apply:
+
+    retry ID                a new attempt now, same provider. A live task: its agent is
+                            restarted with it. A failed or cancelled one: its run is reopened
+                            (every failed task of it assigned again; done work is kept).
+    hard-reset ID           rebuild the task's state by replaying its recorded steps in
+                            order, each hash verified (refused, naming the step, when one
+                            does not match), then rerun the failing step.
+    resume ID --from-step N keep the steps before N (verified), set the rest aside, and go
+                            on from step N.
+    cancel ID               the task (and its live sub-tasks) end as cancelled; the parent
+                            hears of it; a run's root task cancels the run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from common.states import FINAL_TASK_STATES, LIVE_TASK_STATES, RetryType, RunState, ServiceState, TaskState
+from registry.store import content_hash
+from services.daemon.audit import Audit, Refused
+from services.daemon.ledger import Ledger
+from services.daemon.supervisor import Supervisor, new_id
+
+log = logging.getLogger("tron.daemon")
+TASK_VERBS = ("retry", "hard_reset", "resume", "cancel")
+
+
+class TaskActions:
+    def __init__(self, sup: Supervisor, store, ledger: Ledger, audit: Audit, *, background, client) -> None:
+        self.sup = sup
+        self.store = store
+        self.ledger = ledger
+        self.audit = audit
+        self.background = background
+        self.client = client
+
+    async def act(self, verb: str, task_id: str, *, actor: str, reason: str, request_id: str | None = None,
+                  from_step: int | None = None) -> dict:
+        task = await self._task(task_id)
+
+        async def state() -> str:
+            row = await self.store.task(task_id)
+            return row["status"] if row else "unknown"
+
+        return await self.audit.run(lambda: getattr(self, f"_{verb}")(task, actor=actor, reason=reason,
+                                                                      from_step=from_step),
+                                    actor=actor, what=f"task_{verb}", target=task_id, agent=task["agent"],
+                                    reason=reason, request_id=request_id, state=state)
+
+    async def _task(self, task_id: str) -> dict:
+        task = await self.store.task(task_id)
+        if task is None:
+            raise Refused(404, f"no task {task_id!r}")
+        if hasattr(self.store, "warm"):
+            await self.store.warm(task["run_id"])  # an old run comes back into the working copy
+        return await self.store.task(task_id)
+
+    # -- the verbs --------------------------------------------------------------------------------
+
+    async def _retry(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
+        status = TaskState(task["status"])
+        if status == TaskState.DONE:
+            raise Refused(409, f"task {task['task_id']} is done: nothing to retry")
+        svc = self.sup.services.get(task["agent"])
+        if svc is None or svc.stopped:
+            raise Refused(409, f"task {task['task_id']} belongs to {task['agent']}, which is stopped")
+        if status in LIVE_TASK_STATES:
+            return await self._restart_with(task, svc, actor=actor, reason=reason)
+        return await self._reopen_run(task, actor=actor)
+
+    async def _restart_with(self, task: dict, svc, *, actor: str, reason: str) -> dict:
+        """A live task, a new attempt now: its agent replaced, the task going with it."""
+        if self.sup.spawning_paused:
+            raise Refused(409, "spawning is paused (`tron spawning resume`)")
+        if svc.replacing is not None or svc.state not in (ServiceState.RUNNING, ServiceState.STARTING,
+                                                          ServiceState.FAILED):
+            raise Refused(409, f"{svc.name} is {svc.state}: its next incarnation takes the task anyway")
+        if task["status"] == TaskState.ESCALATED:
+            await self.store.release_task(task["task_id"], svc.provider)
+        ref = new_id("op-")
+        await self.store.record_retry(
+            alert_id=ref, agent_id=svc.name, retry_type=RetryType.OPERATOR_RESTART, reason=reason or "task_retry",
+            detail={"actor": actor, "task": task["task_id"]}, case="operator_retry", task_id=task["task_id"],
+            run_id=task["run_id"], from_provider=svc.provider, decided_by="operator", requested_by=actor)
+        self.background(self.sup.replace(svc, svc.incarnation, delay=0.0, reason=f"task_retry:{task['task_id']}"),
+                        f"retry {task['task_id']}")
+        return {"status": "retrying", "task_id": task["task_id"], "agent": svc.name, "ref": ref}
+
+    async def _reopen_run(self, task: dict, *, actor: str) -> dict:
+        """A failed or cancelled task is retried within its run: the run and each of its
+        failed tasks open again, done ones keep their results (their parents find them)."""
+        reopened = []
+        for t in await self.store.tasks_of_run(task["run_id"]):
+            if t["status"] in (TaskState.FAILED, TaskState.CANCELLED):
+                if await self.store.reopen_task(t["task_id"], by=actor):
+                    reopened.append(t["task_id"])
+        await self.store.reopen_run(task["run_id"])
+        root = next(t for t in await self.store.tasks_of_run(task["run_id"]) if t["parent_task_id"] is None)
+        agent = self.sup.services.get(root["agent"])
+        if agent is not None and agent.state == ServiceState.RUNNING:
+            self.background(self.ledger.redispatch(agent), f"redispatch {root['task_id']}")
+        return {"status": "reopened", "run_id": task["run_id"], "tasks": reopened}
+
+    async def _hard_reset(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
+        steps = await self._verified(task, upto=None)
+        self.ledger.replay[task["task_id"]] = True
+        outcome = await self._retry(task, actor=actor, reason=reason)
+        return {**outcome, "replayed": [s["step"] for s in steps]}
+
+    async def _resume(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
+        marks = await self.store.checkpoints(task["task_id"])
+        last = marks[-1]["step"] if marks else 0
+        if from_step is None or not 1 <= from_step <= last + 1:
+            raise Refused(422, f"from_step must be between 1 and {last + 1} for task {task['task_id']} "
+                               f"({last} steps recorded)")
+        kept = await self._verified(task, upto=from_step)
+        set_aside = await self.store.drop_checkpoints(task["task_id"], from_step, by=actor)
+        outcome = await self._retry(task, actor=actor, reason=reason)
+        return {**outcome, "kept": [s["step"] for s in kept], "set_aside": [s["step"] for s in set_aside]}
+
+    async def _verified(self, task: dict, *, upto: int | None) -> list[dict]:
+        """The recorded steps (before ``upto``), in order, each output matching its hash:
+        a replay must be checked, not assumed. Read from the durable store (what a person
+        or a disk could have changed), not from the daemon's working copy."""
+        durable = getattr(self.store, "durable", self.store)
+        if durable is not self.store:
+            await self.store.flushed(5.0)
+        marks = [m for m in await durable.checkpoints(task["task_id"]) if upto is None or m["step"] < upto]
+        for expected, mark in enumerate(marks, start=1):
+            if mark["step"] != expected:
+                raise Refused(409, f"task {task['task_id']}: step {expected} is missing from its checkpoints "
+                                   f"(found step {mark['step']}); refusing to replay")
+            actual = content_hash(mark["output"])
+            if actual != mark["hash"]:
+                raise Refused(409, f"task {task['task_id']}: checkpoint {mark['step']} ({mark['step_id']}) does not "
+                                   f"match its hash (recorded {mark['hash'][:19]}..., content {actual[:19]}...); "
+                                   "refusing to replay it")
+        return marks
+
+    async def _cancel(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
+        if task["status"] in FINAL_TASK_STATES:
+            if task["status"] == TaskState.CANCELLED:
+                return {"status": "already_cancelled", "task_id": task["task_id"]}
+            raise Refused(409, f"task {task['task_id']} is {task['status']}: only a live task can be cancelled")
+        cancelled = []
+        for t in self._subtree(task, await self.store.tasks_of_run(task["run_id"])):
+            if t["status"] in LIVE_TASK_STATES:
+                await self.ledger.finish_task(t["task_id"], TaskState.CANCELLED, None, "cancelled",
+                                              {"by": actor, "reason": reason}, None)
+                cancelled.append(t["task_id"])
+                self.background(self._tell_agent(t), f"cancel {t['task_id']}")
+        if task["parent_task_id"] is None:
+            await self.store.finish_run(task["run_id"], RunState.CANCELLED, None, {"reason": "cancelled", "by": actor})
+        return {"status": "cancelled", "task_id": task["task_id"], "tasks": cancelled}
+
+    @staticmethod
+    def _subtree(task: dict, tasks: list[dict]) -> list[dict]:
+        """The task and every task below it, deepest first (children end before parents)."""
+        out, frontier = [], [task]
+        while frontier:
+            node = frontier.pop()
+            out.append(node)
+            frontier += [t for t in tasks if t["parent_task_id"] == node["task_id"]]
+        return list(reversed(out))
+
+    async def _tell_agent(self, task: dict) -> None:
+        """Best effort: the agent drops the work (its result would be refused anyway)."""
+        svc = self.sup.services.get(task["agent"])
+        if svc is None or svc.state != ServiceState.RUNNING or not svc.spec.is_agent:
+            return
+        try:
+            await self.client.post(self.sup.config.url(svc.name) + f"/tasks/{task['task_id']}/cancel", {}, timeout=2)
+        except Exception as err:  # the registry already says cancelled; the agent may be gone
+            log.info("agent %s not told of cancelled %s: %s", svc.name, task["task_id"], err)

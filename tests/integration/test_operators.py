@@ -1,0 +1,119 @@
+"""Issue 12 on a real mesh: the lane breaker, checkpoints that survive kills, recovery
+actions with their refusals and their audit trail."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from tests.harness import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def fault(mesh, provider: str, kind: str, **kw) -> None:
+    code, body = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}", {"kind": kind, **kw})
+    assert code == 200, body
+
+
+def submit(mesh, prompt="build it") -> tuple[int, dict]:
+    return mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": prompt})
+
+
+def ended(mesh, run_id, timeout=120) -> dict:
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}", token=False)[1])
+                    and r["status"] != "running" and r, timeout, f"run {run_id} to end")
+
+
+def test_the_same_failure_three_times_pauses_the_lane_and_the_next_run_fails_fast(mesh_factory):
+    mesh = mesh_factory(policy={"max_provider_switches": 2})  # an even number: every run ends on the same provider
+    mesh.up()
+    fault(mesh, "anthropic", "auth")
+    fault(mesh, "ollama", "auth")
+    for n in range(3):
+        code, body = submit(mesh, f"run {n}")
+        assert code == 202
+        run = ended(mesh, body["run_id"])
+        assert run["status"] == "failed" and run["failure"]["reason"] == "max_provider_switches_exceeded", run
+    lanes = {lane["lane"]: lane for lane in mesh.http("GET", mesh.url("daemon") + "/lanes", token=False)[1]}
+    assert lanes["architect"]["state"] == "paused", lanes
+    assert "3 tasks failed for good the same way" in lanes["architect"]["reason"]
+    assert "architect" in mesh.tron("lane", "list").stdout and "paused" in mesh.tron("lane", "list").stdout
+    # the fourth run fails at once, with the lane's reason, and burns no ladder
+    rows_before = len(mesh.history())
+    code, body = submit(mesh, "run 3")
+    run = ended(mesh, body["run_id"], timeout=30)
+    assert run["status"] == "failed" and run["failure"]["reason"] == "lane_paused", run["failure"]
+    assert len(mesh.history()) == rows_before
+    proc = mesh.tron("lane", "resume", "architect", "--reason", "keys fixed")
+    assert proc.returncode == 0 and "open" in proc.stdout, proc.stderr
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    proc = mesh.tron("run", "works again", "--json")
+    assert proc.returncode == 0, proc.stderr
+    audit = mesh.tron("audit", "--json")
+    assert [a["payload"]["what"] for a in json.loads(audit.stdout)] == ["lane_resume"]
+
+
+def test_a_killed_programmer_resumes_after_its_last_step_with_its_output(mesh):
+    proc = mesh.tron("drill", "resume", "programmer-1", "--json")
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 0, result
+    assert result["steps_kept"] >= 1 and result["llm_calls"] <= result["uninterrupted"] + 1
+    assert result["without_checkpoints"] > result["llm_calls"]
+
+
+def test_recovery_actions_through_the_api_and_the_cli(mesh):
+    fault(mesh, "anthropic", "latency", latency_ms=3000)
+    code, body = submit(mesh, "slow work")
+    assert code == 202
+    root_task = body["task_id"]
+    wait_for(lambda: mesh.service("programmer-1")["task"], 30, "work to reach the programmers")
+    # cancel the run's root task: everything below it ends too, and the run is cancelled
+    proc = mesh.tron("task", "cancel", root_task, "--reason", "wrong prompt")
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["status"] == "cancelled" and len(answer["tasks"]) == 6
+    assert ended(mesh, body["run_id"], timeout=20)["status"] == "cancelled"
+    again = mesh.tron("task", "cancel", root_task)
+    assert json.loads(again.stdout)["status"] == "already_cancelled"
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    # retry it: the run opens again and completes
+    proc = mesh.tron("task", "retry", root_task)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "reopened", proc.stderr
+    assert ended(mesh, body["run_id"], timeout=60)["status"] == "done"
+    # refusals name the problem and change nothing
+    bad = mesh.tron("task", "retry", "nope-1")
+    assert bad.returncode == 2 and "no task 'nope-1'" in bad.stderr
+    done = mesh.tron("task", "retry", root_task)
+    assert done.returncode == 2 and "is done: nothing to retry" in done.stderr
+    code, answer = mesh.http("POST", mesh.url("daemon") + f"/tasks/{root_task}/resume", {"reason": "x"})
+    assert code == 422 and "from_step" in answer["error"]
+    code, _ = mesh.http("POST", mesh.url("daemon") + f"/tasks/{root_task}/cancel", {"reason": "x"}, token=False)
+    assert code == 401
+    # the same request twice acts once
+    req = {"reason": "twice", "request_id": "req-same-1"}
+    first = mesh.http("POST", mesh.url("daemon") + "/services/programmer-2/pause", req)
+    second = mesh.http("POST", mesh.url("daemon") + "/services/programmer-2/pause", req)
+    assert first[1]["status"] == "paused" and second[1] == {**first[1], "repeated": True}
+    assert mesh.tron("resume", "programmer-2").returncode == 0
+    step_task = mesh.rows("SELECT task_id FROM tasks WHERE agent = 'programmer-1' AND run_id = ?",
+                          (body["run_id"],))[0]["task_id"]
+    show = mesh.tron("task", "show", step_task)
+    assert show.returncode == 0 and "checkpoints" in show.stdout and "decisions" in show.stdout
+    assert mesh.tron("report").returncode == 0
+
+
+def test_a_tampered_checkpoint_is_refused_by_hard_reset(mesh):
+    proc = mesh.tron("run", "make two steps", "--json")
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout)["run_id"]
+    task_id = mesh.rows("SELECT task_id FROM tasks WHERE agent = 'programmer-2' AND run_id = ?", (run_id,))[0]["task_id"]
+    with sqlite3.connect(mesh.home / "registry" / "registry.db") as conn:  # someone edits the registry by hand
+        conn.execute("UPDATE checkpoints SET output = 'not what was written' WHERE task_id = ? AND step = 1",
+                     (task_id,))
+    proc = mesh.tron("task", "hard-reset", task_id)
+    assert proc.returncode == 2 and "checkpoint 1 (draft) does not match its hash" in proc.stderr, proc.stderr
+    audit = json.loads(mesh.tron("audit", "--json").stdout)
+    assert audit[-1]["payload"]["what"] == "task_hard_reset" and audit[-1]["payload"]["outcome"].startswith("refused")

@@ -12,7 +12,7 @@ RESULTS := benchmarks/results
 # loudly that they are skipped and why.
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx-light pg_isready:postgresql-15 chromium:chromium
 
-.PHONY: up down status test unit integration bench clean system-deps
+.PHONY: up down status test unit integration bench clean system-deps vendor-ui
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/tron_scale.py --json $(RESULTS)/tron_scale.json
 	$(BIN)/python benchmarks/beat_ingest.py --seconds 6 --json $(RESULTS)/beat_ingest.json
 	$(BIN)/python benchmarks/ladder_timing.py --reps 3 --json $(RESULTS)/ladder_timing.json
+
+# Re-fetch the web UI's vendored scripts from npm (versions pinned in the script); commit the result.
+vendor-ui:
+	sh services/daemon/ui/vendor.sh
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -178,6 +178,9 @@ class MemoryStore(Stamps):
     async def run(self, run_id: str) -> dict | None:
         return _out(self.runs_.get(run_id))
 
+    async def runs(self, limit: int = 100) -> list[dict]:
+        return copy.deepcopy(sorted(self.runs_.values(), key=lambda r: r["created_at"], reverse=True)[:limit])
+
     # -- tasks -------------------------------------------------------------------------------------
 
     async def upsert_task(self, rec: dict) -> tuple[dict, bool]:

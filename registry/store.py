@@ -226,6 +226,11 @@ class SqlStore(Stamps):
     async def run(self, run_id: str) -> dict | None:
         return _decode(await self.db.one("SELECT * FROM runs WHERE run_id = ?", (run_id,)), "failure")
 
+    async def runs(self, limit: int = 100) -> list[dict]:
+        """The latest runs, newest first."""
+        return [_decode(r, "failure") for r in
+                await self.db.all("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))]
+
     # -- tasks -------------------------------------------------------------------------------------
 
     async def upsert_task(self, rec: dict) -> tuple[dict, bool]:

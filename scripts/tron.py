@@ -9,6 +9,7 @@
     tron spawning pause|resume    the incident switch: no new process starts
     tron task show|retry|hard-reset|resume --from-step N|cancel ID
     tron audit [--json]           every operator action
+    tron ui [--open]              a one-time login link to the web UI
     tron logs [-f] [NAME...]      merged, coloured tail of service logs
     tron run "PROMPT"             submit a run through the gateway and follow it
     tron history [--json]         retry history and failure metrics
@@ -39,6 +40,7 @@ from common.config import ConfigError, MeshConfig, load_mesh
 from common.paths import Home
 from services.daemon.spawner import MARK
 from scripts.client import ClientError, MeshClient
+from scripts.ui_cli import cmd_ui
 
 
 class CLIError(Exception):
@@ -546,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
             tv.add_argument("--reason")
         if verb == "resume":
             tv.add_argument("--from-step", type=int, required=True)
+    ui = sub.add_parser("ui", help="print (or open) a one-time login link to the web UI")
+    ui.add_argument("--open", action="store_true", help="open the link in a browser")
     aud = sub.add_parser("audit", help="every operator action: who, what, when, outcome")
     aud.add_argument("--json", action="store_true")
     aud.add_argument("--limit", type=int, default=100)
@@ -599,7 +603,7 @@ COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_lo
             "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim,
             "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "pause": cmd_service,
             "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane,
-            "spawning": cmd_spawning, "task": cmd_task, "audit": cmd_audit}
+            "spawning": cmd_spawning, "task": cmd_task, "audit": cmd_audit, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,11 +64,16 @@ def _ephemeral_start() -> int:
 
 
 def free_offset(base_ports: list[int]) -> int:
-    """An offset that puts every port free and below the ephemeral range."""
+    """An offset that puts every port free and below the ephemeral range. Parallel test
+    workers (pytest-xdist) each draw from a band of their own, so two never race for one."""
     low, high = min(base_ports), max(base_ports)
-    top = _ephemeral_start() - 1 - high
+    bottom, top = max(1025 - low, 2000), _ephemeral_start() - 1 - high
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    band = (top - bottom) // max(1, workers)
+    bottom, top = bottom + worker * band, bottom + (worker + 1) * band
     for _ in range(200):
-        offset = random.randrange(max(1025 - low, 2000), top, 10)
+        offset = random.randrange(bottom, top, 10)
         if _ports_free([p + offset for p in base_ports]):
             return offset
     raise RuntimeError("no free port range found")
@@ -175,7 +180,19 @@ class Mesh:
         conn.row_factory = sqlite3.Row
         return conn
 
+    def flushed(self, timeout: float = 10.0) -> None:
+        """The daemon records behind (registry/journal.py): before reading the registry
+        directly, let it write what it has already decided (when it runs and can write)."""
+        def done():
+            try:
+                code, body = self.http("GET", self.url("daemon") + "/status", token=False, timeout=2)
+            except OSError:
+                return True  # no daemon: nothing pending
+            return code != 200 or body["registry"]["state"] != "ok" or not body["registry"].get("pending")
+        wait_for(done, timeout, "the daemon's journal to be written", interval=0.01)
+
     def rows(self, sql: str, args: tuple = ()) -> list[dict]:
+        self.flushed()
         with self.db() as conn:
             return [dict(r) for r in conn.execute(sql, args)]
 

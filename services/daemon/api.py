@@ -37,6 +37,7 @@ from services.daemon.core import Daemon
 from services.daemon.operators import SERVICE_VERBS, Refused
 from services.daemon.task_actions import TASK_VERBS
 from services.daemon.supervisor import new_id
+from services.daemon.ui import setup_ui
 
 DAEMON_KEY = web.AppKey("daemon", Daemon)
 _VERDICT_STATUS = {Verdict.UNKNOWN: 404, Verdict.STALE: 409, Verdict.DUPLICATE: 409}
@@ -464,4 +465,5 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_post("/tasks/{task_id}/finish", finish_task)
     r.add_post("/tasks/{task_id}/checkpoint", checkpoint)
     r.add_get("/tasks/{task_id}/checkpoints", get_checkpoints)
+    setup_ui(app, daemon)
     return app

@@ -1,0 +1,128 @@
+"""Who may use the web UI: a one-time login code, then a session cookie and a CSRF token.
+
+`tron ui` asks the daemon, with the mesh token, for a login code: random, good once, for
+``CODE_TTL`` seconds. Visiting ``/ui/login?code=...`` spends it and sets an HttpOnly,
+SameSite=Strict cookie holding a random session id. Sessions live in the daemon's memory
+(a daemon restart logs everyone out) and end ``SESSION_TTL`` seconds after login.
+
+A cookie alone is never enough to change anything: every page carries its session's CSRF
+token, which the page's scripts send as the ``X-CSRF-Token`` header, and a request is
+authorized only with both. ``Sessions.authorize`` is installed as the daemon API's
+``ALT_AUTH_KEY`` hook, so a button in the UI calls the very endpoint the CLI calls (and is
+audited the same way); it is let through wherever the mesh token would be.
+
+Nothing of this answers another host: a request from a non-loopback address, or one that
+names a host other than a loopback one (a DNS-rebinding page), is refused with 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from common.clock import Clock
+
+CODE_TTL = 120.0
+SESSION_TTL = 12 * 3600.0
+MAX_CODES = 16      # outstanding login codes; the oldest is forgotten first
+MAX_SESSIONS = 64   # live sessions; the oldest is logged out first
+CSRF_HEADER = "X-CSRF-Token"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@dataclass(frozen=True)
+class Session:
+    sid: str
+    csrf: str
+    actor: str
+    expires: float
+
+
+def local_problem(request: web.Request) -> str | None:
+    """Why this request is not from this machine to this machine, or None when it is."""
+    try:
+        if request.remote is None or not ipaddress.ip_address(request.remote).is_loopback:
+            return f"the web UI answers only on loopback, not to {request.remote}"
+    except ValueError:
+        return f"the web UI answers only on loopback, not to {request.remote}"
+    host = (request.url.host or "").strip("[]").lower()
+    if host not in LOOPBACK_NAMES:
+        return f"the web UI answers only to a loopback host name, not {host!r}"
+    return None
+
+
+class Sessions:
+    def __init__(self, clock: Clock, *, cookie: str, code_ttl: float = CODE_TTL,
+                 session_ttl: float = SESSION_TTL) -> None:
+        self.clock = clock
+        # The cookie is named for the daemon's port: cookies are not kept apart by port, and
+        # two meshes on one machine must not log each other out.
+        self.cookie = cookie
+        self.code_ttl = code_ttl
+        self.session_ttl = session_ttl
+        self._codes: dict[str, tuple[str, float]] = {}  # code -> (actor, expires)
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._sessions)
+
+    def _prune(self) -> None:
+        now = self.clock.now()
+        self._codes = {c: v for c, v in self._codes.items() if v[1] > now}
+        self._sessions = {s: v for s, v in self._sessions.items() if v.expires > now}
+
+    def mint_code(self, actor: str) -> str:
+        self._prune()
+        while len(self._codes) >= MAX_CODES:
+            del self._codes[next(iter(self._codes))]
+        code = secrets.token_urlsafe(24)
+        self._codes[code] = (actor, self.clock.now() + self.code_ttl)
+        return code
+
+    def redeem(self, code: str) -> Session | None:
+        """Spend a login code: a new session, or None if the code is unknown, used or expired."""
+        self._prune()
+        entry = self._codes.pop(code, None)
+        if entry is None:
+            return None
+        while len(self._sessions) >= MAX_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
+        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), entry[0],
+                          self.clock.now() + self.session_ttl)
+        self._sessions[session.sid] = session
+        return session
+
+    def of(self, request: web.Request) -> Session | None:
+        """The request's live session, from its cookie."""
+        sid = request.cookies.get(self.cookie)
+        if not sid:
+            return None
+        session = self._sessions.get(sid)
+        if session is None or session.expires <= self.clock.now():
+            self._sessions.pop(sid, None)
+            return None
+        return session
+
+    def end(self, session: Session) -> None:
+        self._sessions.pop(session.sid, None)
+
+    def csrf_ok(self, request: web.Request, session: Session) -> bool:
+        given = request.headers.get(CSRF_HEADER, "")
+        return hmac.compare_digest(given.encode("utf-8", "replace"), session.csrf.encode())
+
+    def authorize(self, request: web.Request) -> bool:
+        """The daemon API's ALT_AUTH hook: loopback, a live session, and its CSRF header."""
+        session = self.of(request)
+        return session is not None and local_problem(request) is None and self.csrf_ok(request, session)
+
+    def set_cookie(self, response: web.StreamResponse, session: Session) -> None:
+        response.set_cookie(self.cookie, session.sid, httponly=True, samesite="Strict", path="/",
+                            max_age=int(self.session_ttl))
+
+    def clear_cookie(self, response: web.StreamResponse) -> None:
+        response.del_cookie(self.cookie, path="/")

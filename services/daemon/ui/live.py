@@ -1,0 +1,155 @@
+"""The one loop that turns the daemon's state into pushes to the open pages.
+
+Every ``TICK`` seconds, and only while some page is open, it compares what it last sent
+with what is true now and publishes the difference: the service rows that changed (state,
+pid, incarnation, restarts, marks, task), the alert bar when it changed, new log lines of
+the services being watched, and, once a second, the beat ages and a "look again" for the
+service pages whose ladder history moved. Rows come from the daemon's memory; the
+registry is read once a second (its open alerts and the event feed). Nothing here waits on
+a browser: publishing only fills bounded queues (sse.Hub).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from services.daemon.ui.alertbar import AlertBar, Incident
+from services.daemon.ui.feed import EventFeed, epoch
+from services.daemon.ui.logtail import LogTail
+from services.daemon.ui.render import Templates
+from services.daemon.ui.sse import Client, Hub
+from services.daemon.ui.views import beat_ages, log_entry, row_key, tree
+
+log = logging.getLogger("tron.daemon.ui")
+
+TICK = 0.25
+SLOW_EVERY = 4  # ticks between registry reads and beat-age pushes
+
+
+class Live:
+    def __init__(self, daemon, hub: Hub, feed: EventFeed, templates: Templates) -> None:
+        self.daemon = daemon
+        self.hub = hub
+        self.feed = feed
+        self.templates = templates
+        self.bar = AlertBar()
+        self._keys: dict[str, str] = {}
+        self._open_alerts: list[dict] = []
+        self._last_alert: str | None = None
+        self.alert_html = ""
+        self._tails: dict[str, LogTail] = {}
+
+    # -- what a page shows -----------------------------------------------------------------
+
+    def rows(self) -> list[dict]:
+        return self.daemon.sup.rows()
+
+    def row_html(self, depth: int, row: dict) -> str:
+        return self.templates.render("_row.html", depth=depth, s=row)
+
+    def mesh_html(self, rows: list[dict]) -> str:
+        return "".join(self.row_html(depth, r) for depth, r in tree(rows))
+
+    def incidents(self) -> list[Incident]:
+        """The alert bar's incidents now: the registry's open alerts as last read, and the
+        daemon's last alert, read from memory so a fast recovery is not missed."""
+        last = self.daemon.router.last_alert
+        if last and last["alert_id"] != self._last_alert:
+            self._last_alert = last["alert_id"]
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last["at"]))
+            self.bar.raised(last["alert_id"], last["service"], last["reason"], since, age=time.time() - last["at"])
+        return self.bar.update(self.daemon.clock.now(), self._open_alerts, {r["name"]: r for r in self.rows()})
+
+    def render_alert(self) -> str:
+        self.alert_html = self.templates.render("_alert.html", incidents=self.incidents())
+        return self.alert_html
+
+    async def refresh(self) -> None:
+        """Read the registry's side (open alerts, new events); a page does this before it
+        renders, the loop once a second."""
+        self._open_alerts = await self.daemon.store.open_alerts()
+        now = time.time()
+        moved = set()
+        for e in await self.feed.poll():
+            if e["kind"] == "alert_raised":
+                self.bar.raised(e["alert_id"], e["agent"], e["payload"].get("reason", "?"), e["ts"],
+                                age=now - epoch(e["ts"]))
+            if e["agent"]:
+                moved.add(e["agent"])
+        for name in moved:  # its page fetches its history again
+            self.hub.publish(f"svc:{name}", "ladder", "events")
+
+    def log_html(self, lines: list[str]) -> str:
+        return self.templates.render("_log_lines.html", entries=[log_entry(line) for line in lines])
+
+    def watched_logs(self) -> list[str]:
+        return sorted(self._tails)
+
+    def _tail(self, name: str) -> LogTail:
+        if name not in self._tails:
+            self._tails[name] = LogTail(self.daemon.home.log_file(name))
+        return self._tails[name]
+
+    def on_open(self, client: Client) -> None:
+        """What a new stream is sent first: the state now (the page may be a moment old)."""
+        rows = self.rows()
+        by_name = {r["name"]: (depth, r) for depth, r in tree(rows)}
+        self.hub.send(client, "alert", self.alert_html)
+        for topic in client.topics:
+            kind, _, name = topic.partition(":")
+            if kind == "mesh":
+                self.hub.send(client, "mesh", self.mesh_html(rows))
+            elif kind == "svc" and name in by_name:
+                self.hub.send(client, "row", self.row_html(*by_name[name]))
+            elif kind == "log":
+                tail = self._tail(name)
+                self.hub.send(client, "log-backlog", self.templates.render(
+                    "_log_backlog.html", entries=[log_entry(line) for line in tail.backlog()]))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ticks = 0
+        while not self.daemon.stopping:
+            await self.daemon.clock.sleep(TICK)
+            if not self.hub.clients or self.daemon.stopping:
+                continue  # nobody is looking: nothing to compute
+            try:
+                await self.tick(ticks)
+            except Exception:  # a registry hiccup must not end the live view for good
+                log.exception("ui: live update failed; trying again next tick")
+            ticks += 1
+
+    async def tick(self, n: int) -> None:
+        rows = self.rows()
+        drawn = tree(rows)
+        topics = self.hub.topics()
+        changed = False
+        for depth, r in drawn:
+            key = row_key(r)
+            if self._keys.get(r["name"]) != key:
+                self._keys[r["name"]] = key
+                changed = True
+                if f"svc:{r['name']}" in topics:
+                    self.hub.publish(f"svc:{r['name']}", "row", self.row_html(depth, r))
+                    self.hub.publish(f"svc:{r['name']}", "ladder", "state")
+        if changed:
+            self.hub.publish("mesh", "mesh", "".join(self.row_html(depth, r) for depth, r in drawn))
+        if n % SLOW_EVERY == 0:
+            await self.refresh()
+            self.hub.publish("beats", "beats", json.dumps(beat_ages(rows)))
+        before = self.alert_html
+        if self.render_alert() != before:
+            self.hub.publish("alert", "alert", self.alert_html)
+        self._follow_logs(topics)
+
+    def _follow_logs(self, topics: set[str]) -> None:
+        watched = {t.removeprefix("log:") for t in topics if t.startswith("log:")}
+        for name in set(self._tails) - watched:
+            del self._tails[name]
+        for name in watched:
+            lines = self._tail(name).read_new()
+            if lines:
+                self.hub.publish(f"log:{name}", "log", self.log_html(lines))

@@ -1,0 +1,324 @@
+"""The web UI's HTTP handlers: login, pages, fragments, the event stream and its stats.
+
+    POST /ui/login-code            mesh token: a one-time login code and its URL (`tron ui`)
+    GET  /ui/login?code=...        spends the code, sets the session cookie, goes to /ui/
+    POST /ui/logout                (CSRF)
+    GET  /ui/                      the mesh: the service tree, live
+    GET  /ui/services/{name}       a service: its row, its log (live), ladder history, task
+    GET  /ui/services/{name}/ladder   the service page's history part (refetched live)
+    GET  /ui/runs, /ui/runs/{id}, /ui/tasks/{id}
+    GET  /ui/charts, /ui/charts/data
+    GET  /ui/settings, /ui/settings/form
+    GET  /ui/events?topics=...     server-sent events (mesh, beats, svc:NAME, log:NAME; alert always)
+    GET  /ui/stats                 open event streams and sessions (session or mesh token)
+    GET  /ui/static/...            the UI's own files (no session needed: nothing in them is secret)
+
+Actions are not here: the buttons call the daemon's API (see actions.py).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from aiohttp import web
+from pydantic import Field
+
+from common.config import ConfigError
+from common.http import TOKEN_KEY, error, parse, require_token, token_matches
+from common.models import TOKEN_HEADER, Msg
+from common.settings import read_overlay
+from services.daemon.ui import sse
+from services.daemon.ui.auth import Session, local_problem
+from services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
+from services.daemon.ui.settings_form import form_groups
+from services.daemon.ui.views import chart_data, tree
+
+log = logging.getLogger("tron.daemon.ui")
+
+STATIC = Path(__file__).parent / "static"
+_CODE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+RUNS_SHOWN = 50
+HISTORY_SHOWN = 50
+RECENT_SHOWN = 20
+
+
+# -- login --------------------------------------------------------------------------------------
+
+
+class LoginCodeRequest(Msg):
+    actor: str | None = Field(None, max_length=64)
+
+
+@require_token
+async def login_code(request: web.Request) -> web.Response:
+    """A one-time login code for `tron ui`; the URL it prints carries it."""
+    ui = request.app[UI_KEY]
+    problem = local_problem(request)
+    if problem:
+        return error(403, problem)
+    body = await parse(request, LoginCodeRequest) if request.can_read_body else LoginCodeRequest()
+    code = ui.sessions.mint_code(body.actor or f"{getpass.getuser()}@ui")
+    port = ui.daemon.config.mesh.daemon_port
+    return web.json_response({"code": code, "url": f"http://127.0.0.1:{port}/ui/login?code={code}",
+                              "expires_in": ui.sessions.code_ttl}, status=201)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    ui = request.app[UI_KEY]
+    problem = local_problem(request)
+    if problem:
+        return error(403, problem)
+    code = request.query.get("code")
+    if not code:
+        return ui.templates.response("login.html", problem=None)
+    session = ui.sessions.redeem(code) if _CODE.match(code) else None
+    if session is None:
+        log.warning("ui: a login with an unknown, used or expired code was refused")
+        return ui.templates.response("login.html", status=403,
+                                     problem="This login link is used or expired. `tron ui` prints a new one.")
+    await ui.daemon.store.event("audit", {"who": session.actor, "what": "ui_login", "target": "ui", "before": "",
+                                          "after": "", "outcome": "session opened", "reason": ""})
+    log.info("ui: session opened", extra={"actor": session.actor})
+    resp = web.Response(status=303, headers={"Location": "/ui/", "Cache-Control": "no-store"})
+    ui.sessions.set_cookie(resp, session)
+    return resp
+
+
+@guarded(mutating=True)
+async def logout(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    ui.sessions.end(session)
+    resp = web.Response(status=204, headers={"HX-Redirect": "/ui/login"})
+    ui.sessions.clear_cookie(resp)
+    return resp
+
+
+# -- pages --------------------------------------------------------------------------------------
+
+
+async def to_mesh(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/ui/")
+
+
+@guarded()
+async def mesh(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    await ui.live.refresh()
+    rows = ui.live.rows()
+    d = ui.daemon
+    return ui.templates.response("mesh.html", **page_context(
+        ui, session, "mesh,beats", rows_html=ui.live.mesh_html(rows),
+        daemon={"pid": os.getpid(), "port": d.config.mesh.daemon_port, "home": str(d.home.root)}))
+
+
+def _service_row(ui: Ui, name: str) -> tuple[int, dict]:
+    for depth, row in tree(ui.live.rows()):
+        if row["name"] == name:
+            return depth, row
+    raise web.HTTPNotFound(text=f"no service named {name!r}")
+
+
+async def _ladder(ui: Ui, name: str, row: dict) -> dict:
+    """A service's history and work: ladder rows (with their case ids), recent alerts and
+    operator actions, and its current task with its checkpoints."""
+    store = ui.daemon.store
+    alerts = []
+    for e in ui.feed.recent("alert_raised", agent=name)[:RECENT_SHOWN]:
+        alert = await store.alert(e["alert_id"]) or {}
+        alerts.append({**e, "status": alert.get("status", "?"), "decision": alert.get("decision")})
+    task_id = row["task"]
+    if task_id is None:
+        live = await store.live_tasks(name)
+        task_id = live[0]["task_id"] if live else None
+    task = await store.task(task_id) if task_id else None
+    return {"name": name, "history": await store.history(HISTORY_SHOWN, agent=name), "alerts": alerts,
+            "audits": ui.feed.recent("audit", agent=name)[:RECENT_SHOWN], "task": task,
+            "counts": await store.task_counts(task_id) if task else None,
+            "checkpoints": await store.checkpoints(task_id) if task else []}
+
+
+@guarded()
+async def service(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    name = request.match_info["name"]
+    if not _NAME.match(name):
+        raise web.HTTPBadRequest(text="not a service name")
+    depth, row = _service_row(ui, name)
+    await ui.live.refresh()
+    return ui.templates.response("service.html", **page_context(
+        ui, session, f"beats,svc:{name},log:{name}", row_html=ui.live.row_html(depth, row), s=row,
+        log_path=str(ui.daemon.home.log_file(name)), **await _ladder(ui, name, row)))
+
+
+@guarded()
+async def service_ladder(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    name = request.match_info["name"]
+    if not _NAME.match(name):
+        raise web.HTTPBadRequest(text="not a service name")
+    _, row = _service_row(ui, name)
+    await ui.live.refresh()
+    return ui.templates.response("_ladder.html", **await _ladder(ui, name, row))
+
+
+@guarded()
+async def runs(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    await ui.live.refresh()
+    shown = []
+    for run_id in ui.feed.runs()[:RUNS_SHOWN]:
+        run = await ui.daemon.store.run(run_id)
+        if run is not None:
+            shown.append({**run, "tasks": len(ui.feed.tasks_of(run_id) or [])})
+    return ui.templates.response("runs.html", **page_context(ui, session, "", runs=shown))
+
+
+def _path_id(request: web.Request, key: str) -> str:
+    value = request.match_info[key]
+    if not _ID.match(value):
+        raise web.HTTPBadRequest(text=f"{key} is not a valid id")
+    return value
+
+
+@guarded()
+async def run(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    run_id = _path_id(request, "run_id")
+    await ui.live.refresh()
+    store = ui.daemon.store
+    found = await store.run(run_id)
+    if found is None:
+        raise web.HTTPNotFound(text=f"no run {run_id!r}")
+    task_ids = ui.feed.tasks_of(run_id)
+    tasks = []
+    for task_id in task_ids or []:
+        task = await store.task(task_id)
+        if task is not None:
+            tasks.append({**task, "counts": await store.task_counts(task_id)})
+    return ui.templates.response("run.html", **page_context(ui, session, "", run=found, tasks=tasks,
+                                                            tasks_known=task_ids is not None))
+
+
+@guarded()
+async def task(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    task_id = _path_id(request, "task_id")
+    store = ui.daemon.store
+    found = await store.task(task_id)
+    if found is None:
+        raise web.HTTPNotFound(text=f"no task {task_id!r}")
+    return ui.templates.response("task.html", **page_context(
+        ui, session, "", task=found, counts=await store.task_counts(task_id),
+        history=await store.task_history(task_id), checkpoints=await store.checkpoints(task_id)))
+
+
+@guarded()
+async def charts(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    return ui.templates.response("charts.html", **page_context(ui, session, ""))
+
+
+@guarded()
+async def charts_data(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    await ui.live.refresh()
+    events = ui.feed.recent("alert_raised", "child_restart", "operator_restart", "recovered")
+    return web.json_response(chart_data(events, time.time(), window=ui.feed.window))
+
+
+def _settings(ui: Ui) -> dict:
+    d = ui.daemon
+    try:
+        overlaid, problem = set(read_overlay(d.overlay)), None
+    except ConfigError as err:  # shown, not hidden: the next daemon start would refuse it too
+        overlaid, problem = set(), str(err)
+    return {"groups": form_groups(d.policy(), overlaid), "overlay": str(d.overlay), "overlaid": sorted(overlaid),
+            "overlay_problem": problem}
+
+
+@guarded()
+async def settings(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    return ui.templates.response("settings.html", **page_context(ui, session, "", **_settings(ui)))
+
+
+@guarded()
+async def settings_form(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    return ui.templates.response("_settings_form.html", **_settings(ui))
+
+
+# -- the stream ---------------------------------------------------------------------------------
+
+
+def _topics(ui: Ui, raw: str) -> set[str] | None:
+    """The topics a page asks for, each one that exists; None if any does not."""
+    names = set(ui.daemon.sup.services)
+    topics = {"alert"}
+    for topic in filter(None, raw.split(",")):
+        kind, _, name = topic.partition(":")
+        if (kind in ("mesh", "beats") and not name) or (kind in ("svc", "log") and name in names):
+            topics.add(topic)
+        else:
+            return None
+    return topics if len(topics) <= 8 else None
+
+
+@guarded()
+async def events(request: web.Request, ui: Ui, session: Session) -> web.StreamResponse:
+    topics = _topics(ui, request.query.get("topics", ""))
+    if topics is None:
+        return error(400, "topics: a comma-separated list of mesh, beats, svc:NAME, log:NAME")
+    return await sse.stream(request, ui.hub, topics, ui.live.on_open)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """How many event streams are open (and were dropped): with a session or the mesh token."""
+    ui = request.app[UI_KEY]
+    problem = local_problem(request)
+    if problem:
+        return error(403, problem)
+    if ui.sessions.of(request) is None and not token_matches(request.headers.get(TOKEN_HEADER),
+                                                             request.app.get(TOKEN_KEY)):
+        return error(401, "a web UI session or the mesh token is needed")
+    return web.json_response({"sse_clients": len(ui.hub), "sse_dropped": ui.hub.dropped,
+                              "sse_limit": ui.hub.max_clients, "sessions": len(ui.sessions),
+                              "log_tails": ui.live.watched_logs()})
+
+
+# -- static files -------------------------------------------------------------------------------
+
+
+def static_files() -> dict[str, Path]:
+    """Every file under static/, by its URL path: a request can name only these."""
+    return {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
+
+
+def static_handler(files: dict[str, Path]):
+    async def static(request: web.Request) -> web.StreamResponse:
+        problem = local_problem(request)
+        if problem:
+            return error(403, problem)
+        path = files.get(request.match_info["path"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+    return static
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/ui/login-code", login_code)
+    r.add_get("/ui/login", login)
+    r.add_post("/ui/logout", logout)
+    r.add_get("/ui", to_mesh)
+    r.add_get("/ui/", mesh)
+    r.add_get("/ui/services/{name}", service)
+    r.add_get("/ui/services/{name}/ladder", service_ladder)
+    r.add_get("/ui/runs", runs)
+    r.add_get("/ui/runs/{run_id}", run)
+    r.add_get("/ui/tasks/{task_id}", task)
+    r.add_get("/ui/charts", charts)
+    r.add_get("/ui/charts/data", charts_data)
+    r.add_get("/ui/settings", settings)
+    r.add_get("/ui/settings/form", settings_form)
+    r.add_get("/ui/events", events)
+    r.add_get("/ui/stats", stats)
+    r.add_get("/ui/static/{path:.+}", static_handler(static_files()))

@@ -1,0 +1,141 @@
+// Tron's web UI: the little the server-rendered pages cannot do by themselves.
+// - every htmx request carries the session's CSRF token (X-CSRF-Token);
+// - a button with data-action asks for its confirmation, calls the daemon's API (the one
+//   the CLI calls) and shows the answer in #result;
+// - the settings form is sent to PUT /settings; each error is shown next to its field;
+// - beat ages tick from the "beats" event; the live log keeps its last MAX_LOG_LINES.
+// No framework and no build step: htmx and its SSE extension do the rest.
+(function () {
+  "use strict";
+
+  const MAX_LOG_LINES = 1000;
+  const meta = (name) => (document.querySelector(`meta[name="${name}"]`) || {}).content || "";
+  const csrf = meta("csrf-token");
+  const actor = meta("tron-actor");
+
+  document.addEventListener("htmx:configRequest", (e) => {
+    e.detail.headers["X-CSRF-Token"] = csrf;
+  });
+
+  function show(text, ok) {
+    const box = document.getElementById("result");
+    if (!box) return;
+    box.textContent = text;
+    box.dataset.outcome = ok ? "ok" : "error";
+  }
+
+  async function call(method, url, body) {
+    const resp = await fetch(url, {
+      method, credentials: "same-origin", body: JSON.stringify(body),
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+    });
+    const text = await resp.text();
+    let data;
+    try { data = JSON.parse(text); } catch (_) { data = {error: text}; }
+    return {status: resp.status, data};
+  }
+
+  // -- action buttons (services/daemon/ui/actions.py draws them) -----------------------------
+  document.addEventListener("click", async (e) => {
+    const button = e.target.closest("button[data-action]");
+    if (!button || !window.confirm(button.dataset.confirm)) return;
+    const what = `${button.dataset.action} ${(button.closest("[data-service]") || {dataset: {}}).dataset.service || ""}`;
+    button.disabled = true;
+    show(`${what}: sent…`, true);
+    try {
+      const {status, data} = await call(button.dataset.method, button.dataset.url, {actor, reason: "web ui"});
+      if (status < 300) {
+        const extra = data.replaces ? ` (replaces ${data.replaces})` : "";
+        show(`${what}: ${data.status}${extra}`, true);
+      } else {
+        show(`${what} refused (${status}): ${data.error || JSON.stringify(data)}`, false);
+      }
+    } catch (err) {
+      show(`${what} failed: ${err}`, false);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  // -- settings ---------------------------------------------------------------------------------
+  function fieldError(form, name, text) {
+    const slot = form.querySelector(`[data-error-for="${CSS.escape(name)}"]`);
+    if (slot) slot.textContent = text;
+    const field = form.querySelector(`[data-field-name="${CSS.escape(name)}"]`);
+    if (field) field.classList.toggle("invalid", !!text);
+  }
+
+  function settingsMessage(text, ok) {
+    const box = document.getElementById("settings-message");
+    box.textContent = text;
+    box.dataset.outcome = ok ? "ok" : "error";
+  }
+
+  document.addEventListener("submit", async (e) => {
+    const form = e.target.closest("form[data-testid=settings]");
+    if (!form) return;
+    e.preventDefault();
+    form.querySelectorAll("[data-error-for]").forEach((s) => fieldError(form, s.dataset.errorFor, ""));
+    const changes = {};
+    let local = 0;
+    for (const input of form.querySelectorAll("input[name]")) {
+      if (input.dataset.type === "bool") {
+        if (String(input.checked) !== input.dataset.initial) changes[input.name] = input.checked;
+        continue;
+      }
+      const raw = input.value.trim();
+      if (raw === input.dataset.initial) continue;
+      const value = Number(raw);
+      if (raw === "" || !Number.isFinite(value)) {
+        fieldError(form, input.name, "a number is needed");
+        local++;
+      } else {
+        changes[input.name] = value;
+      }
+    }
+    if (local) { settingsMessage("Nothing was changed: correct the fields marked.", false); return; }
+    if (!Object.keys(changes).length) { settingsMessage("Nothing to change.", true); return; }
+    const {status, data} = await call("PUT", "/settings", {policy: changes, actor});
+    if (status === 200) {
+      const list = Object.entries(changes).map(([k, v]) => `${k} = ${v}`).join(", ");
+      settingsMessage(`Applied: ${list}. Kept in ${data.overlay}.`, true);
+      htmx.ajax("GET", "/ui/settings/form", {target: "#settings-slot", swap: "innerHTML"});
+    } else if (data.fields) {
+      const names = Object.keys(data.fields);
+      for (const name of names) fieldError(form, name, data.fields[name]);
+      settingsMessage(`Nothing was changed: ${names.join(", ")} refused (see beside each field).`, false);
+    } else {
+      settingsMessage(`Nothing was changed (${status}): ${data.error || JSON.stringify(data)}`, false);
+    }
+  });
+
+  // -- live details ------------------------------------------------------------------------------
+  function age(seconds) {
+    if (seconds === null || seconds === undefined) return "-";
+    if (seconds < 60) return `${seconds.toFixed(1)}s`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, "0")}s`;
+    return `${Math.floor(seconds / 3600)}h${String(Math.floor(seconds % 3600 / 60)).padStart(2, "0")}m`;
+  }
+
+  document.addEventListener("htmx:sseOpen", (e) => {
+    e.detail.source.addEventListener("beats", (msg) => {
+      for (const [name, seconds] of Object.entries(JSON.parse(msg.data))) {
+        document.querySelectorAll(`[data-service="${CSS.escape(name)}"] [data-field="beat"]`)
+          .forEach((cell) => { cell.textContent = age(seconds); });
+      }
+    });
+  });
+
+  let following = true;  // the log scrolls with new lines unless its reader scrolled up
+  document.addEventListener("htmx:sseBeforeMessage", (e) => {
+    const log = e.target.closest(".log");
+    if (log) following = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  });
+  document.addEventListener("htmx:sseMessage", (e) => {
+    const log = e.target.closest(".log");
+    if (!log) return;
+    const lines = log.querySelectorAll(".log-line");
+    for (let i = 0; i < lines.length - MAX_LOG_LINES; i++) lines[i].remove();
+    if (following) log.scrollTop = log.scrollHeight;
+  });
+})();

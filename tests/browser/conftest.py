@@ -1,0 +1,50 @@
+"""The web UI in a real headless browser: Debian's Chromium driven by Playwright, against
+one real mesh shared by the module (real processes, real registry, nothing mocked).
+
+Playwright cannot download its own browser here, so it drives the system's
+``/usr/bin/chromium`` (the Makefile's ``browser`` target installs it). The mesh is stopped
+at teardown and the module fails if any process started for it is still alive.
+Screenshots go to a temporary artifacts directory, named at the end of the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Mesh, cleanup, make_mesh
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory) -> Mesh:
+    m = make_mesh(tmp_path_factory.mktemp("mesh"))
+    try:
+        m.up()
+        yield m
+    finally:
+        leaks = cleanup(m)
+        assert not leaks, f"processes left behind: {leaks}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: `make browser` installs it (as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ui-screenshots")
+    yield path
+    print(f"\nweb UI screenshots: {path}")

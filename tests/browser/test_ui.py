@@ -1,0 +1,339 @@
+"""Issue 13: the web UI, in a real headless Chromium against a real mesh.
+
+Login and refusal; the tree; kill -9 -> the orange bar and the new pid without a reload;
+the restart, stop and start buttons (through the CLI's API, audited); a service's live log
+and ladder history; runs and tasks; charts; settings refused field by field and applied;
+50 open event streams held and freed. One mesh and one browser serve the whole module;
+the tests run in file order, each leaving the mesh running and healthy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from scripts.client import wait_for
+from scripts.tron import Ctx
+from scripts.ui_cli import cmd_ui
+
+pytestmark = pytest.mark.integration
+
+TREE = [("llm-sim", 1), ("gateway", 1), ("root", 1), ("architect", 2), ("director-code", 3), ("programmer-1", 4),
+        ("director-docs", 3), ("programmer-2", 4)]
+ROW = '[data-testid="service-row"][data-service="{}"]'
+
+
+def login_url(mesh) -> str:
+    status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {})
+    assert status == 201, body
+    return body["url"]
+
+
+def cell(page: Page, name: str, field: str):
+    return page.locator(ROW.format(name)).locator(f'[data-field="{field}"]')
+
+
+@pytest.fixture(scope="module")
+def ui(browser, mesh):
+    """A logged-in page on the mesh page; every confirmation is recorded, then accepted."""
+    context = browser.new_context(viewport={"width": 1280, "height": 640})
+    page = context.new_page()
+    page.confirmations = []
+
+    def confirm(dialog):
+        page.confirmations.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", confirm)
+    # A script error or a content-security-policy refusal on any page of the context fails the
+    # module; an HTTP error status (the 422 of a refused setting) is an answer, not an error.
+    errors = []
+    context.on("weberror", lambda e: errors.append(str(e.error)))
+    context.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
+               and errors.append(m.text))
+    page.goto(login_url(mesh))
+    expect(page).to_have_url(mesh.url("daemon") + "/ui/")
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def csrf(page: Page) -> str:
+    return page.locator('meta[name="csrf-token"]').get_attribute("content")
+
+
+def stats(mesh) -> dict:
+    status, body = mesh.http("GET", mesh.url("daemon") + "/ui/stats")
+    assert status == 200, body
+    return body
+
+
+# -- access ----------------------------------------------------------------------------------------
+
+
+def test_nothing_without_a_login_and_a_code_works_once(browser, mesh, artifacts, capsys, monkeypatch):
+    base = mesh.url("daemon")
+    stranger = browser.new_context()
+    page = stranger.new_page()
+    resp = page.goto(base + "/ui/")
+    assert resp.status == 401
+    expect(page.get_by_test_id("login")).to_be_visible()
+    assert page.locator('[data-testid="service-row"]').count() == 0
+    page.screenshot(path=artifacts / "login.png")
+    for path in ("/ui/events?topics=mesh", "/ui/services/root", "/ui/settings/form", "/ui/charts/data"):
+        answer = stranger.request.get(base + path, headers={"Accept": "text/event-stream"})
+        assert answer.status == 401, (path, answer.status)
+    assert mesh.http("POST", base + "/ui/login-code", {}, token=False)[0] == 401
+
+    # `tron ui` prints the link (the CLI's own function, against this mesh)
+    monkeypatch.setenv("TRON_PORT_OFFSET", str(mesh.offset))
+    assert cmd_ui(Ctx(argparse.Namespace(home=str(mesh.home), config=str(mesh.config))),
+                  argparse.Namespace(open=False)) == 0
+    url = capsys.readouterr().out.strip()
+    assert url.startswith(base + "/ui/login?code=")
+
+    resp = page.goto(url)
+    assert resp.ok and page.url == base + "/ui/"
+    expect(page.locator(ROW.format("root"))).to_be_visible()
+    [cookie] = [c for c in stranger.cookies() if c["name"].startswith("tron_ui_")]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+
+    # the code is spent: a second browser gets the login page again
+    other = browser.new_context()
+    again = other.new_page()
+    resp = again.goto(url)
+    assert resp.status == 403
+    expect(again.get_by_test_id("login-problem")).to_contain_text("used or expired")
+    other.close()
+
+    # a session cookie alone, or a CSRF header alone, changes nothing
+    pid = mesh.service("director-docs")["pid"]
+    token = csrf(page)
+    no_csrf = stranger.request.post(base + "/services/director-docs/restart", data={"reason": "csrf test"})
+    wrong_csrf = stranger.request.post(base + "/services/director-docs/restart", data={"reason": "csrf test"},
+                                       headers={"X-CSRF-Token": token[::-1]})
+    no_cookie = browser.new_context().request.post(base + "/services/director-docs/restart",
+                                                   data={"reason": "csrf test"}, headers={"X-CSRF-Token": token})
+    assert (no_csrf.status, wrong_csrf.status, no_cookie.status) == (401, 401, 401)
+    assert stranger.request.post(base + "/ui/logout").status == 403
+    assert mesh.service("director-docs")["pid"] == pid
+    assert not mesh.rows("SELECT id FROM events WHERE kind = 'audit' AND agent = 'director-docs'")
+    # logging out ends the session
+    assert stranger.request.post(base + "/ui/logout", headers={"X-CSRF-Token": token}).status == 204
+    assert stranger.request.get(base + "/ui/stats").status == 401
+    stranger.close()
+
+
+# -- the mesh page -----------------------------------------------------------------------------------
+
+
+def test_the_mesh_page_shows_the_default_tree(ui, mesh, artifacts):
+    rows = ui.locator('[data-testid="service-row"]')
+    expect(rows).to_have_count(len(TREE))
+    assert [r.get_attribute("data-service") for r in rows.all()] == [name for name, _ in TREE]
+    status = {s["name"]: s for s in mesh.status()["services"]}
+    x = {}
+    for name, depth in TREE:
+        expect(cell(ui, name, "state")).to_have_text("running")
+        expect(cell(ui, name, "pid")).to_have_text(str(status[name]["pid"]))
+        expect(cell(ui, name, "restarts")).to_have_text("0")
+        name_cell = ui.locator(ROW.format(name)).locator("td.name")
+        assert name_cell.get_attribute("style") == f"--depth: {depth}"
+        x[name] = name_cell.locator("a").bounding_box()["x"]
+        for verb in ("restart", "stop"):
+            expect(ui.locator(ROW.format(name)).locator(f'[data-action="{verb}"]')).to_be_visible()
+    for name, _ in TREE:  # indented by parent
+        parent = mesh.spec["services"][name].get("parent", "daemon")
+        if parent != "daemon":
+            assert x[name] > x[parent], (name, parent)
+    expect(ui.get_by_test_id("tron-alert")).to_have_count(0)
+    ui.screenshot(path=artifacts / "mesh.png")
+
+
+def test_runs_list_their_tasks_and_a_task_its_attempts_and_checkpoints(ui, mesh, artifacts):
+    run = json.loads(mesh.tron("run", "write hello world", "--json", check=True).stdout)
+    page = ui.context.new_page()
+    page.goto(mesh.url("daemon") + "/ui/runs")
+    row = page.locator(f'[data-run="{run["run_id"]}"]')
+    expect(row.locator('[data-field="status"]')).to_have_text("done")
+    row.get_by_role("link").first.click()
+    tasks = page.get_by_test_id("tasks")
+    expected = mesh.rows("SELECT task_id, agent FROM tasks WHERE run_id = ?", (run["run_id"],))
+    expect(tasks.locator("[data-task]")).to_have_count(len(expected))
+    page.screenshot(path=artifacts / "run.png", full_page=True)
+    [done] = [t["task_id"] for t in expected if t["agent"] == "programmer-1"]
+    tasks.locator(f'[data-task="{done}"]').get_by_role("link").first.click()
+    expect(page.get_by_test_id("task")).to_contain_text("programmer-1")
+    steps = mesh.rows("SELECT step_id FROM checkpoints WHERE task_id = ? ORDER BY step", (done,))
+    assert steps
+    expect(page.get_by_test_id("checkpoints").locator("tbody tr")).to_have_count(len(steps))
+    for step in steps:
+        expect(page.get_by_test_id("checkpoints")).to_contain_text(step["step_id"])
+    page.close()
+
+
+def test_kill_9_raises_the_orange_bar_and_the_row_shows_the_new_pid_without_reload(ui, mesh, artifacts):
+    ui.evaluate("window.__not_reloaded = true")
+    old = mesh.kill("programmer-1")
+    bar = ui.get_by_test_id("tron-alert")
+    expect(bar).to_be_visible(timeout=10_000)
+    expect(bar.locator('[data-service="programmer-1"]')).to_contain_text("process_exit")
+    assert bar.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(247, 103, 7)"
+    new = mesh.wait_replaced("programmer-1", old)["pid"]
+    expect(cell(ui, "programmer-1", "pid")).to_have_text(str(new), timeout=10_000)
+    expect(cell(ui, "programmer-1", "restarts")).to_have_text("1")
+    expect(cell(ui, "programmer-1", "state")).to_have_text("running")
+    ui.screenshot(path=artifacts / "mesh-alert.png")
+    # handled and recovered: the bar goes (after its short hold)
+    expect(bar).to_have_count(0, timeout=15_000)
+    assert ui.evaluate("window.__not_reloaded") is True
+
+
+# -- a service's page -----------------------------------------------------------------------------------
+
+
+def test_a_service_page_follows_its_log_across_a_restart_and_shows_its_ladder(ui, mesh, artifacts):
+    page = ui.context.new_page()
+    page.on("dialog", lambda d: d.accept())
+    page.goto(mesh.url("daemon") + "/ui/services/programmer-1")
+    log = page.get_by_test_id("log")
+    before = mesh.service("programmer-1")
+    expect(log).to_contain_text(before["incarnation"])  # the backlog: this incarnation's lines
+    history = page.get_by_test_id("history")
+    expect(history.locator('[data-retry-type="child_restart"]')).to_contain_text("process_exit")
+    [row] = mesh.history("programmer-1")
+    expect(history).to_contain_text(row["case_id"])  # the ladder's case id, as recorded
+    page.locator(ROW.format("programmer-1")).locator('[data-action="restart"]').click()
+    fresh = wait_for(lambda: (s := mesh.service("programmer-1"))["incarnation"] != before["incarnation"]
+                     and s["state"] == "running" and s, 20, "programmer-1 restarted")
+    expect(log).to_contain_text(fresh["incarnation"], timeout=10_000)  # the new incarnation's lines, live
+    expect(cell(page, "programmer-1", "pid")).to_have_text(str(fresh["pid"]))
+    expect(history.locator('[data-retry-type="operator_restart"]')).to_be_visible(timeout=10_000)
+    expect(page.get_by_test_id("audits")).to_contain_text("restart")
+    page.screenshot(path=artifacts / "service.png", full_page=True)
+    page.close()
+
+
+# -- actions -----------------------------------------------------------------------------------------------
+
+
+def test_the_restart_button_gives_a_new_pid_through_the_audited_api(ui, mesh):
+    old = mesh.service("programmer-2")["pid"]
+    ui.locator(ROW.format("programmer-2")).locator('[data-action="restart"]').click()
+    expect(ui.get_by_test_id("action-result")).to_contain_text("restart programmer-2: restarting")
+    assert "programmer-2" in ui.confirmations[-1]
+    new = mesh.wait_replaced("programmer-2", old)["pid"]
+    expect(cell(ui, "programmer-2", "pid")).to_have_text(str(new), timeout=10_000)
+    [audit] = mesh.rows("SELECT payload FROM events WHERE kind = 'audit' AND agent = 'programmer-2'")
+    payload = json.loads(audit["payload"])
+    assert (payload["what"], payload["outcome"], payload["reason"]) == ("restart", "restarting", "web ui")
+    assert payload["who"].endswith("@ui")
+
+
+def test_stop_keeps_the_service_stopped_until_start(ui, mesh):
+    row = ui.locator(ROW.format("programmer-2"))
+    row.locator('[data-action="stop"]').click()
+    assert ui.confirmations[-1].startswith("Stop programmer-2?")
+    expect(cell(ui, "programmer-2", "state")).to_have_text("stopped", timeout=15_000)
+    expect(cell(ui, "programmer-2", "pid")).to_have_text("-")
+    expect(row.locator('[data-mark="stopped"]')).to_be_visible()
+    expect(row.locator('[data-action="restart"]')).to_have_count(0)
+    # no ladder brings it back: it holds through more than a beat timeout
+    held = time.monotonic() + mesh.policy["heartbeat_interval"] * mesh.policy["miss_threshold"] * 2
+    while time.monotonic() < held:
+        assert mesh.service("programmer-2")["state"] == "stopped"
+        time.sleep(0.1)
+    expect(ui.get_by_test_id("tron-alert")).to_have_count(0)
+    row.locator('[data-action="start"]').click()
+    expect(cell(ui, "programmer-2", "state")).to_have_text("running", timeout=20_000)
+    expect(cell(ui, "programmer-2", "pid")).to_have_text(str(mesh.service("programmer-2")["pid"]))
+    expect(row.locator('[data-mark="stopped"]')).to_have_count(0)
+
+
+# -- charts --------------------------------------------------------------------------------------------------
+
+
+def test_the_charts_show_the_last_hour(ui, mesh, artifacts):
+    page = ui.context.new_page()
+    page.goto(mesh.url("daemon") + "/ui/charts")
+    for chart in ("chart-detections", "chart-restarts", "chart-recoveries"):
+        expect(page.get_by_test_id(chart).locator("canvas")).to_have_count(1)
+    expect(page.get_by_test_id("chart-summary")).to_contain_text("1 process_exit")
+    expect(page.get_by_test_id("chart-summary")).to_contain_text("2 by operators")
+    page.screenshot(path=artifacts / "charts.png", full_page=True)
+    page.close()
+
+
+# -- settings --------------------------------------------------------------------------------------------------
+
+
+def test_a_bad_setting_is_shown_next_to_its_field_and_nothing_changes(ui, mesh, artifacts):
+    base = mesh.url("daemon")
+    before = mesh.http("GET", base + "/settings")[1]
+    ui.goto(base + "/ui/settings")
+    form = ui.get_by_test_id("settings")
+    form.locator('input[name="max_restarts"]').fill("7")  # good, but sent with a bad one: not applied
+    form.locator('input[name="miss_threshold"]').fill("0")
+    form.get_by_test_id("settings-save").click()
+    expect(form.locator('[data-error-for="miss_threshold"]')).to_contain_text("greater than or equal to 1")
+    expect(form.locator('[data-error-for="max_restarts"]')).to_be_empty()
+    expect(ui.get_by_test_id("settings-message")).to_contain_text("Nothing was changed")
+    ui.screenshot(path=artifacts / "settings-error.png", full_page=True)
+    assert mesh.http("GET", base + "/settings")[1] == before
+
+
+def test_a_good_setting_is_applied_kept_and_shown_in_tron_status(ui, mesh):
+    base = mesh.url("daemon")
+    ui.goto(base + "/ui/settings")
+    form = ui.get_by_test_id("settings")
+    form.locator('input[name="miss_threshold"]').fill("6")
+    form.get_by_test_id("settings-save").click()
+    expect(ui.get_by_test_id("settings-message")).to_contain_text("Applied: miss_threshold = 6")
+    status = json.loads(mesh.tron("status", "--json", check=True).stdout)
+    assert status["policy"]["miss_threshold"] == 6
+    assert "miss_threshold" in status["overlay"]["keys"]
+    assert "max_restarts" not in status["overlay"]["keys"]
+    field = ui.locator('[data-field-name="miss_threshold"]')
+    expect(field.locator(".badge")).to_have_text("overlay")  # the form was drawn again from the daemon
+    expect(field.locator("input")).to_have_value("6")
+
+
+# -- many viewers ----------------------------------------------------------------------------------------------
+
+
+def _open_stream(mesh, cookie: dict) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", mesh.port("daemon")), timeout=5)
+    sock.sendall((f"GET /ui/events?topics=mesh,beats HTTP/1.1\r\nHost: 127.0.0.1:{mesh.port('daemon')}\r\n"
+                  f"Accept: text/event-stream\r\nCookie: {cookie['name']}={cookie['value']}\r\n\r\n").encode())
+    return sock
+
+
+def test_fifty_event_streams_are_held_and_freed(ui, mesh):
+    ui.goto(mesh.url("daemon") + "/ui/")
+    # The streams of the pages closed before are noticed within a second: then only this page's is left.
+    wait_for(lambda: stats(mesh)["sse_clients"] == 1, 10, "one stream: the mesh page's")
+    [cookie] = [c for c in ui.context.cookies() if c["name"].startswith("tron_ui_")]
+    socks = [_open_stream(mesh, cookie) for _ in range(50)]
+    try:
+        for sock in socks:  # each is answered, and sent the tree at once
+            got = b""
+            while b"event: mesh" not in got:
+                chunk = sock.recv(65536)
+                assert chunk, "stream closed early"
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200")
+        wait_for(lambda: stats(mesh)["sse_clients"] == 51, 10, "50 more streams")
+        # the page still follows the mesh live
+        old = mesh.kill("director-code")
+        new = mesh.wait_replaced("director-code", old)["pid"]
+        expect(cell(ui, "director-code", "pid")).to_have_text(str(new), timeout=10_000)
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_for(lambda: stats(mesh)["sse_clients"] == 1, 10, "the 50 streams to be freed")
+    assert stats(mesh)["sse_dropped"] == 0

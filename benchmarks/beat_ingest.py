@@ -36,51 +36,41 @@ handler, the bare one and the validated batch are profiled with pyinstrument ins
 server process; the handler's pieces are timed one by one, and the real /beat handler is
 timed against the bare one on mocked requests (no HTTP at all), in the server process.
 
-    .venv/bin/python benchmarks/beat_ingest.py [--seconds 10] [--senders 200]
-                                               [--json benchmarks/results/beat_ingest.json]
+    .venv/bin/python -m benchmarks.beat_ingest [--seconds 10] [--senders 200]
+                                            [--json benchmarks/results/beat_ingest.json]
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import secrets
+import signal
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from array import array
+from collections import defaultdict, deque
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
+import psutil
+
+from scripts.stats import summary
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import secrets  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from array import array  # noqa: E402
-from collections import defaultdict, deque  # noqa: E402
-from multiprocessing.connection import Client, Listener  # noqa: E402
-
-import psutil  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 N_SERVICES_DEFAULT = 200
 VARIANTS = ("real", "bare", "bare_in_daemon", "batch", "batch_validated")
 SINGLE = ("real", "bare", "bare_in_daemon")
-
-
-def pct(values, p: float) -> float | None:
-    xs = sorted(values)
-    if not xs:
-        return None
-    k = (len(xs) - 1) * p / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def table(title: str, headers: list[str], rows: list[list]) -> str:
@@ -238,7 +228,7 @@ class ServerSide:
         d = self.daemon = Daemon(config, Home(Path(self.args.home) / "home"), config_path=mesh)
         await d.start()
         for i, name in enumerate(service_names(self.args.services)):
-            d.services[name].incarnation = f"i-{i}"
+            d.sup.services[name].incarnation = f"i-{i}"
             d.monitor.watch(name, f"i-{i}", time.monotonic(), beat_timeout=3600, progress_timeout=3600,
                             task_timeout=3600)
         await self._serve(make_app(d), "real")
@@ -478,7 +468,7 @@ class Server:
         env = {**os.environ, "BENCH_AUTHKEY": authkey.hex(), "PYTHONUNBUFFERED": "1"}
         host, port = listener.address
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--_serve", kind, "--home", str(home),
+            [sys.executable, "-m", "benchmarks.beat_ingest", "--_serve", kind, "--home", str(home),
              "--services", str(services), "--ctl-host", host, "--ctl-port", str(port)]
             + (["--server-gc-freeze"] if gc_freeze else []),
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
@@ -725,7 +715,7 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
     await asyncio.sleep(0.05)
     wall = t1 - t0
     beats = b1 - b0
-    lat_ms = [x * 1e3 for x in gen.lat]
+    lat = summary([x * 1e3 for x in gen.lat])  # ms; {} when nothing was measured
     return {
         "variant": variant, "client": client, "connections": len(groups), "pipeline_depth": depth,
         "beats_per_request": len(groups[0]) if variant not in SINGLE else 1,
@@ -734,7 +724,7 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
         "server_cpu_pct": 100 * (s1 - s0) / wall,
         "server_cpu_us_per_beat": 1e6 * (s1 - s0) / beats if beats else None,
         "client_cpu_pct": 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / wall,
-        "latency_ms_p50": pct(lat_ms, 50), "latency_ms_p99": pct(lat_ms, 99),
+        "latency_ms_p50": lat.get("p50"), "latency_ms_p99": lat.get("p99"),
         "server_gc_count": [b - a for a, b in zip(st0["gc_count"], st1["gc_count"])],
         "server_gc_ms": [round((b - a) * 1e3, 1) for a, b in zip(st0["gc_time_s"], st1["gc_time_s"])],
         "server_gc_us_per_beat": 1e6 * (sum(st1["gc_time_s"]) - sum(st0["gc_time_s"])) / beats if beats else None,
@@ -963,6 +953,7 @@ def main() -> int:
     args = ap.parse_args()
     if args._serve:
         return server_main(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain SIGTERM still runs the cleanup below
     args.json.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}

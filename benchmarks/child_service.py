@@ -1,4 +1,5 @@
-"""The small service that benchmarks/peers.py puts under Tron, supervisord and circus.
+"""The small service that benchmarks/peers.py puts under a plain respawn loop, supervisord,
+circus and Tron.
 
 An aiohttp app on 127.0.0.1 whose ``GET /health`` answers ``{"status": "ok", "pid": ...}``
 as soon as it listens. It prints nothing (circus and supervisord capture or drop output

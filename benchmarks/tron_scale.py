@@ -20,8 +20,8 @@ Four measurements, all on ``common.monitor`` as it is (nothing is patched):
             alerts for agents that never stopped are false alarms (target 0). A sample of
             100 is stopped 5 s before the end to also show lateness under load.
 
-    .venv/bin/python benchmarks/tron_scale.py [--sizes 1000,10000,100000] [--busy-seconds 60]
-                                              [--json benchmarks/results/tron_scale.json]
+    .venv/bin/python -m benchmarks.tron_scale [--sizes 1000,10000,100000] [--busy-seconds 60]
+                                           [--json benchmarks/results/tron_scale.json]
 
 Targets compared against: 100k agents with < 20 us of monitor work per beat and < 200 MB;
 hang detection within threshold + 50 ms at p99; zero false alarms at 10k agents for 60 s
@@ -30,32 +30,32 @@ with every core busy. The script reports; it asserts nothing about timing.
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import signal
+import statistics
+import subprocess
 import sys
+import threading
+import time
+import tracemalloc
+from array import array
 from pathlib import Path
 
+import psutil
+
+from common.clock import FakeClock
+from common.monitor import Monitor, MonitorThread, Signal, Verdict
+from scripts.stats import summary
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import cProfile  # noqa: E402
-import gc  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import pstats  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-from array import array  # noqa: E402
-
-import psutil  # noqa: E402
-
-from common.monitor import FakeClock, Monitor, MonitorThread, Signal, Verdict  # noqa: E402
-
 INTERVAL = 1.0
 MISS_THRESHOLD = 3
 BEAT_TIMEOUT = INTERVAL * MISS_THRESHOLD
@@ -65,19 +65,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-def pct(values, p: float) -> float | None:
-    """Percentile with linear interpolation (p in 0..100)."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    if len(xs) == 1:
-        return xs[0]
-    k = (len(xs) - 1) * p / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
 
 def agents(n: int) -> tuple[list[str], list[str]]:
     return [f"agent-{i:06d}" for i in range(n)], [f"i-{i:06d}" for i in range(n)]
@@ -313,10 +300,10 @@ def memory_run(n: int, seed: int) -> dict:
     heap left by earlier sizes does not hide RSS growth."""
     out = {"agents": n}
     for trace in (False, True):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem-child", str(n), "--seed", str(seed)]
+        cmd = [sys.executable, "-m", "benchmarks.tron_scale", "--_mem-child", str(n), "--seed", str(seed)]
         if trace:
             cmd.append("--_trace")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"memory child for {n} failed: {proc.stderr[-2000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -533,6 +520,8 @@ def realtime_run(n: int, *, seed: int, warm_s: float, stop_at_s: float, end_s: f
     def r(x, d=3):
         return None if x is None else round(x, d)
 
+    late, deliv, lag = summary(lateness), summary(delivery), summary(steady)  # {} when empty
+
     return {
         "label": label + (", gc off" if gc_off else ""),
         "agents": n,
@@ -543,14 +532,14 @@ def realtime_run(n: int, *, seed: int, warm_s: float, stop_at_s: float, end_s: f
         "false_alarms": len(false_alarms),
         "false_alarm_examples": false_alarms[:5],
         "deadline_mismatches": bad_deadline,
-        "lateness_ms_p50": r(pct(lateness, 50)), "lateness_ms_p99": r(pct(lateness, 99)),
+        "lateness_ms_p50": r(late.get("p50")), "lateness_ms_p99": r(late.get("p99")),
         "lateness_ms_max": r(max(lateness, default=None)),
-        "delivery_ms_p50": r(pct(delivery, 50)), "delivery_ms_p99": r(pct(delivery, 99)),
+        "delivery_ms_p50": r(deliv.get("p50")), "delivery_ms_p99": r(deliv.get("p99")),
         "delivery_ms_max": r(max(delivery, default=None)),
-        "deadline_to_sink_ms_p99": r(pct(total, 99)),
+        "deadline_to_sink_ms_p99": r(summary(total).get("p99")),
         "driver_beats_sent": drv.sent,
         "driver_beats_rejected": drv.rejected,
-        "driver_lag_ms_p50_steady": r(pct(steady, 50)), "driver_lag_ms_p99_steady": r(pct(steady, 99)),
+        "driver_lag_ms_p50_steady": r(lag.get("p50")), "driver_lag_ms_p99_steady": r(lag.get("p99")),
         "driver_lag_ms_max_steady": r(max(steady, default=None)),
         "driver_lag_ms_max_incl_startup": r(max(all_lags, default=None)),
         "driver_batches_later_than_50ms": len(slow_batches),
@@ -623,6 +612,7 @@ def main() -> int:
     ap.add_argument("--_mem-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_trace", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain SIGTERM still runs the cleanup below
     if args._mem_child is not None:
         print(json.dumps(_mem_child(args._mem_child, args._trace, args.seed)))
         return 0

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from common.redaction import redact
+from common.states import LaneState
 
 _NORMALISE = (
     (re.compile(r"\b\d{4}-\d\d-\d\dT[\d:.]+Z?\b"), "<time>"),  # ISO timestamps
@@ -76,3 +77,11 @@ def recent(trip_times: list[float], now: float, window: float) -> list[float]:
 def trips_now(trip_times: list[float], now: float, window: float, trip_count: int) -> bool:
     """Does this fingerprint pause its lane now?"""
     return len(recent(trip_times, now, window)) >= trip_count
+
+
+def every_lane(known: list[dict], roles) -> list[dict]:
+    """Every lane of the mesh (a lane is a role), as GET /lanes shows it: its registry row,
+    or open when it never had one."""
+    rows = {row["lane"]: row for row in known}
+    return [rows.get(role) or {"lane": role, "state": str(LaneState.OPEN), "fingerprint": None, "reason": None,
+                               "changed_by": None, "changed_at": None} for role in sorted(set(roles))]

@@ -2,9 +2,11 @@
 
 Login and refusal; the tree; kill -9 -> the orange bar and the new pid without a reload;
 the restart, stop and start buttons (through the CLI's API, audited); a service's live log
-and ladder history; runs and tasks; charts; settings refused field by field and applied;
-50 open event streams held and freed. One mesh and one browser serve the whole module;
-the tests run in file order, each leaving the mesh running and healthy.
+and ladder history; runs and tasks; charts; the operators' actions of issue 12 (pause and
+resume a service, the lanes and spawning panels, cancel, resume-from-step and retry a
+task); settings refused field by field and applied; 50 open event streams held and freed.
+One mesh and one browser serve the whole module; the tests run in file order, each leaving
+the mesh running and healthy (nothing paused, no fault left in the simulator).
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ def ui(browser, mesh):
     yield page
     context.close()
     assert not errors, errors
+
+
+def acting_page(ui: Page) -> Page:
+    """Another page of the logged-in context; its confirmations are recorded, then accepted."""
+    page = ui.context.new_page()
+    page.confirmations = []
+
+    def confirm(dialog):
+        page.confirmations.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", confirm)
+    return page
+
+
+def audits(mesh, target: str) -> list[dict]:
+    """The audit rows of one target (a service, lane or task), oldest first."""
+    rows = mesh.rows("SELECT payload FROM events WHERE kind = 'audit' ORDER BY id")
+    return [p for p in (json.loads(r["payload"]) for r in rows) if p["target"] == target]
 
 
 def csrf(page: Page) -> str:
@@ -267,6 +288,133 @@ def test_the_charts_show_the_last_hour(ui, mesh, artifacts):
     expect(page.get_by_test_id("chart-summary")).to_contain_text("2 by operators")
     page.screenshot(path=artifacts / "charts.png", full_page=True)
     page.close()
+
+
+# -- operators (issue 12) ------------------------------------------------------------------------------------------
+
+
+def test_pause_marks_the_row_refuses_new_tasks_for_the_service_and_resume_lifts_it(ui, mesh):
+    base = mesh.url("daemon")
+    row = ui.locator(ROW.format("programmer-1"))
+    expect(row.locator('[data-action="resume"]')).to_have_count(0)
+    try:
+        row.locator('[data-action="pause"]').click()
+        assert ui.confirmations[-1].startswith("Pause programmer-1?")
+        expect(row.locator('[data-mark="paused"]')).to_be_visible()
+        expect(row.locator('[data-action="pause"]')).to_have_count(0)
+        assert mesh.service("programmer-1")["paused"] is True
+        # a run's new task for it is refused, with the reason (the API a parent agent calls)
+        code, run = mesh.http("POST", base + "/runs", {"prompt": "work for a paused service"})
+        assert code == 201, run
+        task = {"task_id": f"{run['run_id']}.ui", "run_id": run["run_id"], "agent": "programmer-1",
+                "parent_agent": "operator", "kind": "code", "prompt": "write it"}
+        code, answer = mesh.http("POST", base + "/tasks", task)
+        assert code == 409 and answer["reason"] == "service_paused", answer
+        assert mesh.http("POST", base + f"/runs/{run['run_id']}/finish",
+                         {"status": "failed", "reason": "service_paused"})[0] == 200
+        row.locator('[data-action="resume"]').click()
+        assert ui.confirmations[-1].startswith("Resume programmer-1?")
+        expect(row.locator('[data-mark="paused"]')).to_have_count(0)
+        expect(row.locator('[data-action="pause"]')).to_be_visible()
+    finally:  # nothing after this test may find it paused
+        if mesh.service("programmer-1")["paused"]:
+            mesh.http("POST", base + "/services/programmer-1/resume", {"reason": "browser test cleanup"})
+    assert mesh.service("programmer-1")["paused"] is False
+    done = [(a["what"], a["outcome"], a["reason"]) for a in audits(mesh, "programmer-1")]
+    assert done[-2:] == [("pause", "paused", "web ui"), ("resume", "resumed", "web ui")]
+
+
+def test_a_lane_paused_through_the_api_shows_its_reason_and_its_resume_button_opens_it(ui, mesh, artifacts):
+    base = mesh.url("daemon")
+    panel = ui.get_by_test_id("lanes")
+    roles = {s["role"] for s in mesh.spec["services"].values()}
+    expect(panel.locator("[data-lane]")).to_have_count(len(roles))
+    lane = panel.locator('[data-lane="programmer"]')
+    expect(lane.locator('[data-field="state"]')).to_have_text("open")
+
+    def programmer_lane() -> dict:
+        return next(x for x in mesh.http("GET", base + "/lanes", token=False)[1] if x["lane"] == "programmer")
+
+    try:
+        code, body = mesh.http("POST", base + "/lanes/programmer/pause", {"reason": "keys revoked", "actor": "ops"})
+        assert code == 200 and body["status"] == "paused", body
+        expect(lane.locator('[data-field="state"]')).to_have_text("paused")  # live: no reload
+        expect(lane.locator('[data-field="reason"]')).to_have_text("keys revoked")
+        expect(lane.locator('[data-action="pause"]')).to_have_count(0)
+        ui.screenshot(path=artifacts / "mesh-lane-paused.png", full_page=True)
+        lane.locator('[data-action="resume"]').click()
+        assert ui.confirmations[-1].startswith("Resume lane programmer?")
+        expect(ui.get_by_test_id("action-result")).to_contain_text("resume lane programmer: open")
+        expect(lane.locator('[data-field="state"]')).to_have_text("open")
+        expect(lane.locator('[data-action="pause"]')).to_be_visible()
+    finally:  # no later run may meet a paused lane
+        if programmer_lane()["state"] == "paused":
+            mesh.http("POST", base + "/lanes/programmer/resume", {"reason": "browser test cleanup"})
+    now = programmer_lane()
+    assert now["state"] == "open" and now["changed_by"].endswith("@ui"), now
+    # the mesh panel's switch: spawning paused, then running again
+    switch = ui.get_by_test_id("mesh-panel")
+    try:
+        switch.locator('[data-action="pause"]').click()
+        assert "No new process starts anywhere" in ui.confirmations[-1]
+        expect(switch.locator('[data-field="spawning"]')).to_have_text("paused")
+        assert mesh.status()["spawning"] == "paused"
+        switch.locator('[data-action="resume"]').click()
+        expect(switch.locator('[data-field="spawning"]')).to_have_text("running")
+    finally:  # nothing after this test may find spawning paused
+        if mesh.status()["spawning"] == "paused":
+            mesh.http("POST", base + "/spawning/resume", {"reason": "browser test cleanup"})
+    assert [(a["what"], a["outcome"]) for a in audits(mesh, "mesh")][-2:] == [("spawning_pause", "paused"),
+                                                                              ("spawning_resume", "resumed")]
+
+
+def test_cancel_a_live_task_a_refused_resume_changes_nothing_and_retry_completes_the_run(ui, mesh, artifacts):
+    base, sim = mesh.url("daemon"), mesh.url("llm-sim")
+    code, body = mesh.http("PUT", sim + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 3000})
+    assert code == 200, body
+    page = acting_page(ui)
+    try:
+        code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "slow work, cancelled from the ui"})
+        assert code == 202, body
+        run_id, task_id = body["run_id"], body["task_id"]
+        page.goto(base + f"/ui/tasks/{task_id}")
+        status = page.get_by_test_id("task").locator('[data-field="status"]')
+        run_status = page.get_by_test_id("task").locator('[data-field="run-status"]')
+        actions = page.get_by_test_id("task-actions")
+        expect(actions.locator("[data-action]")).to_have_count(4)  # retry, hard-reset, resume, cancel
+        actions.locator('[data-action="cancel"]').click()
+        assert page.confirmations[-1].startswith(f"Cancel task {task_id} (root)?")
+        expect(status).to_have_text("cancelled")
+        expect(run_status).to_have_text("cancelled")
+        expect(actions.locator('[data-action="cancel"]')).to_have_count(0)  # drawn again: cancelled is final
+    finally:
+        mesh.http("DELETE", sim + "/sim/faults")
+    try:
+        # resume from a step the task does not have: the API's refusal beside the control, nothing changed
+        task_before = mesh.http("GET", base + f"/tasks/{task_id}", token=False)[1]
+        marks_before = mesh.http("GET", base + f"/tasks/{task_id}/checkpoints", token=False)[1]
+        control = page.locator('[data-control="resume"]')
+        control.locator('input[name="from_step"]').fill("99")
+        control.locator('[data-action="resume"]').click()
+        assert page.confirmations[-1].startswith(f"Resume task {task_id} (root) from step 99?")
+        expect(control.locator("[data-result]")).to_contain_text("refused (422): from_step must be between 1 and")
+        page.screenshot(path=artifacts / "task-refused.png", full_page=True)
+        assert mesh.http("GET", base + f"/tasks/{task_id}", token=False)[1] == task_before
+        assert mesh.http("GET", base + f"/tasks/{task_id}/checkpoints", token=False)[1] == marks_before
+        assert mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "cancelled"
+        # retry: the run opens again and completes, watched on the page
+        page.locator('[data-control="retry"] [data-action="retry"]').click()
+        assert page.confirmations[-1].startswith(f"Retry task {task_id} (root)?")
+        expect(page.get_by_test_id("action-result")).to_contain_text(f"retry task {task_id}: reopened")
+        expect(run_status).to_have_text("done", timeout=60_000)
+        expect(status).to_have_text("done")
+        expect(page.get_by_test_id("task-actions-none")).to_be_visible()  # no Retry, no Cancel on a done task
+        page.screenshot(path=artifacts / "task-done.png", full_page=True)
+    finally:
+        page.close()
+    trail = [(a["what"], a["outcome"].split(":")[0], a["who"].endswith("@ui")) for a in audits(mesh, task_id)]
+    assert trail == [("task_cancel", "cancelled", True), ("task_resume", "refused", True),
+                     ("task_retry", "reopened", True)], trail
 
 
 # -- settings --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The web UI's parts that need no browser: the event hub, sessions and their checks, the
-alert bar's rule, the log tail, the event feed, the views and the action table. The whole
+alert bar's rule, the log tail, the event feed, the views and the action table (which
+buttons each service, lane, task and the spawning switch is offered). The whole
 UI in a real browser is tests/browser/test_ui.py."""
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from services.daemon.ui.alertbar import AlertBar
 from services.daemon.ui.auth import Sessions
 from services.daemon.ui.feed import EventFeed
 from services.daemon.ui.logtail import LogTail
+from services.daemon.ui.render import Templates
 from services.daemon.ui.sse import Hub, HubFull, message
-from services.daemon.ui.views import chart_data, log_entry, tree
-
+from services.daemon.ui.views import chart_data, lanes, log_entry, registry_notice, task_moving, tree
 
 # -- the event hub -----------------------------------------------------------------------------------
 
@@ -183,7 +184,7 @@ def test_a_log_that_appears_later_is_read_from_its_start(tmp_path):
 # -- the feed, views and actions -------------------------------------------------------------------------------------
 
 
-async def test_the_feed_keeps_the_window_and_the_latest_runs_with_their_tasks():
+async def test_the_feed_keeps_the_window_of_the_kinds_it_follows():
     store = MemoryStore()
     now = datetime(2025, 1, 1, 12, tzinfo=timezone.utc).timestamp()
     feed = EventFeed(store.events, wall=lambda: now, window=600)
@@ -195,8 +196,7 @@ async def test_the_feed_keeps_the_window_and_the_latest_runs_with_their_tasks():
         await store.event(kind, {"reason": "process_exit"}, **ids)
         store.events_[-1]["ts"] = ts  # as if written then
     fresh = await feed.poll()
-    assert [e["alert_id"] for e in fresh] == ["a-new"]  # the hour-old one is outside the window
-    assert feed.runs() == ["r1"] and feed.tasks_of("r1") == ["r1.0"] and feed.tasks_of("r0") is None
+    assert [e["alert_id"] for e in fresh] == ["a-new"]  # the hour-old one is outside the window; runs are not followed
     assert await feed.poll() == []
     await store.event("recovered", {"seconds": 0.1}, agent="p1")
     store.events_[-1]["ts"] = "2025-01-01T11:59:30.000Z"
@@ -226,14 +226,88 @@ def test_charts_count_per_minute_and_place_each_recovery():
     json.dumps(data)  # what the page is sent
 
 
-@pytest.mark.parametrize("state,stopped,verbs", [
-    ("running", False, ["restart", "stop"]),
-    ("backoff", False, ["restart", "stop"]),
-    ("stopping", True, ["stop", "start"]),
-    ("stopped", True, ["start"]),
+@pytest.mark.parametrize("state,stopped,paused,verbs", [
+    ("running", False, False, ["restart", "stop", "pause"]),
+    ("running", False, True, ["restart", "stop", "resume"]),
+    ("backoff", False, False, ["restart", "stop", "pause"]),
+    ("stopping", True, False, ["stop", "start", "pause"]),
+    ("stopped", True, True, ["start", "resume"]),
 ])
-def test_each_service_shows_the_buttons_that_apply_and_each_confirmation_names_it(state, stopped, verbs):
-    shown = buttons("service", {"name": "p1", "state": state, "stopped": stopped})
+def test_each_service_shows_the_buttons_that_apply_and_each_confirmation_names_it(state, stopped, paused, verbs):
+    shown = buttons("service", {"name": "p1", "state": state, "stopped": stopped, "paused": paused})
     assert [b["verb"] for b in shown] == verbs
-    assert all("p1" in b["confirm"] and b["url"] == f"/services/p1/{b['verb']}" for b in shown)
+    assert all("p1" in b["confirm"] and b["url"] == f"/services/p1/{b['verb']}" and b["target"] == "p1"
+               for b in shown)
 
+
+@pytest.mark.parametrize("status,verbs", [
+    ("assigned", ["retry", "hard-reset", "resume", "cancel"]),
+    ("running", ["retry", "hard-reset", "resume", "cancel"]),
+    ("escalated", ["retry", "hard-reset", "resume", "cancel"]),
+    ("failed", ["retry", "hard-reset", "resume"]),       # retried within its run; nothing left to cancel
+    ("cancelled", ["retry", "hard-reset", "resume"]),
+    ("done", []),                                        # nothing to redo, nothing to cancel
+])
+def test_a_task_shows_only_the_actions_its_state_allows(status, verbs):
+    shown = buttons("task", {"task_id": "r1.3", "agent": "programmer-1", "status": status})
+    assert [b["verb"] for b in shown] == verbs
+    for b in shown:
+        assert "r1.3" in b["confirm"] and b["url"] == f"/tasks/r1.3/{b['verb']}" and b["target"] == "task r1.3"
+    resume = [b for b in shown if b["verb"] == "resume"]
+    # the step is typed beside the button; the confirmation names it (app.js fills it in)
+    assert all(b["input"] == "from_step" and "from step {from_step}?" in b["confirm"] for b in resume)
+
+
+def test_a_lane_and_the_spawning_switch_offer_the_opposite_of_their_state():
+    assert [(b["verb"], b["url"]) for b in buttons("lane", {"lane": "programmer", "state": "paused"})] == \
+        [("resume", "/lanes/programmer/resume")]
+    [pause] = buttons("lane", {"lane": "programmer", "state": "open"})
+    assert pause["verb"] == "pause" and "lane programmer" in pause["confirm"]
+    assert [b["url"] for b in buttons("mesh", {"spawning": "running"})] == ["/spawning/pause"]
+    assert [b["url"] for b in buttons("mesh", {"spawning": "paused"})] == ["/spawning/resume"]
+
+
+def test_every_role_is_a_lane_open_unless_the_registry_says_otherwise():
+    known = [{"lane": "programmer", "state": "paused", "fingerprint": "f1", "reason": "3 tasks failed",
+              "changed_by": "breaker", "changed_at": "2025-01-01T00:00:00.000Z"}]
+    shown = lanes(known, ["root", "programmer", "director", "programmer"])
+    assert [(lane["lane"], lane["state"]) for lane in shown] == [("director", "open"), ("programmer", "paused"),
+                                                                 ("root", "open")]
+    assert shown[1] == known[0] and shown[0]["reason"] is None
+
+
+def test_the_registry_bar_says_why_since_when_and_how_much_waits():
+    assert registry_notice({"state": "ok", "pending": 0}) is None
+    degraded = {"state": "degraded", "reason": "disk full", "since": "2025-01-01T00:00:00.000Z", "pending": 12}
+    assert registry_notice(degraded) == {"reason": "disk full", "since": "2025-01-01T00:00:00.000Z", "pending": 12,
+                                         "waiting": "12 rows waiting"}
+    assert registry_notice({**degraded, "pending": 1})["waiting"] == "1 row waiting"
+    html = Templates().render("_alert.html", incidents=[], registry=registry_notice(degraded))
+    assert 'data-testid="registry-alert"' in html and "registry degraded:" in html and "12 rows waiting" in html
+    assert "tron-alert" not in html
+    assert Templates().render("_alert.html", incidents=[], registry=None).strip() == ""
+
+
+@pytest.mark.parametrize("task_status,run_status,moving", [
+    ("running", "running", True),
+    ("done", "running", True),       # the run goes on: its result is still to come
+    ("cancelled", "cancelled", False),
+    ("done", "done", False),
+    ("failed", None, False),         # a run the store no longer has
+])
+def test_a_task_page_keeps_looking_while_the_task_or_its_run_is_live(task_status, run_status, moving):
+    run = {"status": run_status} if run_status else None
+    assert task_moving({"status": task_status}, run) is moving
+
+
+def test_a_mesh_row_marks_a_crash_looping_and_a_paused_service_and_offers_resume():
+    row = {"name": "p1", "role": "programmer", "parent": "d1", "port": 9100, "state": "backoff", "pid": None,
+           "incarnation": "i-1", "restarts": 4, "provider": "anthropic", "last_beat_age": None, "uptime": None,
+           "task": None, "progress": None, "crash_looping": True, "stopped": False,
+           "last_failure": {"reason": "process_exit", "at": 1.0}, "ready": False, "paused": True}
+    html = Templates().render("_row.html", depth=2, s=row)
+    assert 'data-mark="crash-looping"' in html and 'data-mark="paused"' in html and 'data-paused="true"' in html
+    assert 'data-action="resume"' in html and 'data-action="pause"' not in html
+    calm = Templates().render("_row.html", depth=2, s={**row, "crash_looping": False, "paused": False})
+    assert "data-mark=\"crash-looping\"" not in calm and 'data-mark="paused"' not in calm
+    assert 'data-action="pause"' in calm

@@ -2,10 +2,12 @@
 
 Every ``TICK`` seconds, and only while some page is open, it compares what it last sent
 with what is true now and publishes the difference: the service rows that changed (state,
-pid, incarnation, restarts, marks, task), the alert bar when it changed, new log lines of
-the services being watched, and, once a second, the beat ages and a "look again" for the
-service pages whose ladder history moved. Rows come from the daemon's memory; the
-registry is read once a second (its open alerts and the event feed). Nothing here waits on
+pid, incarnation, restarts, marks, task), the alert bars when they changed (TRON's
+orange one, and the red one while the registry is degraded), new log lines of the
+services being watched, and, once a second, the beat ages, the mesh page's lanes and
+spawning panels when they changed, and a "look again" for the service pages whose ladder
+history moved. Rows come from the daemon's memory; the registry is read once a second
+(its open alerts, its lanes and the event feed). Nothing here waits on
 a browser: publishing only fills bounded queues (sse.Hub).
 """
 
@@ -20,7 +22,7 @@ from services.daemon.ui.feed import EventFeed, epoch
 from services.daemon.ui.logtail import LogTail
 from services.daemon.ui.render import Templates
 from services.daemon.ui.sse import Client, Hub
-from services.daemon.ui.views import beat_ages, log_entry, row_key, tree
+from services.daemon.ui.views import beat_ages, lanes, log_entry, registry_notice, row_key, tree
 
 log = logging.getLogger("tron.daemon.ui")
 
@@ -39,6 +41,7 @@ class Live:
         self._open_alerts: list[dict] = []
         self._last_alert: str | None = None
         self.alert_html = ""
+        self._panels_sent = ""  # the mesh page's lanes and spawning panels, as last published
         self._tails: dict[str, LogTail] = {}
 
     # -- what a page shows -----------------------------------------------------------------
@@ -63,8 +66,15 @@ class Live:
         return self.bar.update(self.daemon.clock.now(), self._open_alerts, {r["name"]: r for r in self.rows()})
 
     def render_alert(self) -> str:
-        self.alert_html = self.templates.render("_alert.html", incidents=self.incidents())
+        self.alert_html = self.templates.render("_alert.html", incidents=self.incidents(),
+                                                registry=registry_notice(self.daemon.registry_health()))
         return self.alert_html
+
+    async def render_panels(self) -> str:
+        """The mesh page's lanes (every role, with its registry row) and spawning panels."""
+        rows = await self.daemon.store.lanes()
+        mesh = {"spawning": "paused" if self.daemon.sup.spawning_paused else "running"}
+        return self.templates.render("_panels.html", lanes=lanes(rows, (r["role"] for r in self.rows())), mesh=mesh)
 
     async def refresh(self) -> None:
         """Read the registry's side (open alerts, new events); a page does this before it
@@ -101,6 +111,7 @@ class Live:
             kind, _, name = topic.partition(":")
             if kind == "mesh":
                 self.hub.send(client, "mesh", self.mesh_html(rows))
+                self._panels_sent = ""  # the next tick sends the panels as they are then, to this page too
             elif kind == "svc" and name in by_name:
                 self.hub.send(client, "row", self.row_html(*by_name[name]))
             elif kind == "log":
@@ -140,6 +151,11 @@ class Live:
         if n % SLOW_EVERY == 0:
             await self.refresh()
             self.hub.publish("beats", "beats", json.dumps(beat_ages(rows)))
+            if "mesh" in topics:
+                panels = await self.render_panels()
+                if panels != self._panels_sent:
+                    self._panels_sent = panels
+                    self.hub.publish("mesh", "panels", panels)
         before = self.alert_html
         if self.render_alert() != before:
             self.hub.publish("alert", "alert", self.alert_html)

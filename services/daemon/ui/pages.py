@@ -4,9 +4,13 @@
     GET  /ui/login?code=...        spends the code, sets the session cookie, goes to /ui/
     POST /ui/logout                (CSRF)
     GET  /ui/                      the mesh: the service tree, live
+    GET  /ui/panels                the mesh page's lanes and spawning panels (refetched after its actions)
     GET  /ui/services/{name}       a service: its row, its log (live), ladder history, task
     GET  /ui/services/{name}/ladder   the service page's history part (refetched live)
     GET  /ui/runs, /ui/runs/{id}, /ui/tasks/{id}
+    GET  /ui/tasks/{id}/state?was=STATUS   the task page's summary (refetched after an action,
+                                   and while the task or its run is live; says when it moved)
+    GET  /ui/tasks/{id}/actions    the task page's buttons (refetched when the status moved)
     GET  /ui/charts, /ui/charts/data
     GET  /ui/settings, /ui/settings/form
     GET  /ui/events?topics=...     server-sent events (mesh, beats, svc:NAME, log:NAME; alert always)
@@ -36,7 +40,7 @@ from services.daemon.ui import sse
 from services.daemon.ui.auth import Session, local_problem
 from services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
 from services.daemon.ui.settings_form import form_groups
-from services.daemon.ui.views import chart_data, tree
+from services.daemon.ui.views import chart_data, task_moving, tree
 
 log = logging.getLogger("tron.daemon.ui")
 
@@ -44,7 +48,7 @@ STATIC = Path(__file__).parent / "static"
 _CODE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-RUNS_SHOWN = 50
+RUNS_SHOWN = 100
 HISTORY_SHOWN = 50
 RECENT_SHOWN = 20
 
@@ -112,7 +116,7 @@ async def mesh(request: web.Request, ui: Ui, session: Session) -> web.Response:
     rows = ui.live.rows()
     d = ui.daemon
     return ui.templates.response("mesh.html", **page_context(
-        ui, session, "mesh,beats", rows_html=ui.live.mesh_html(rows),
+        ui, session, "mesh,beats", rows_html=ui.live.mesh_html(rows), panels_html=await ui.live.render_panels(),
         daemon={"pid": os.getpid(), "port": d.config.mesh.daemon_port, "home": str(d.home.root)}))
 
 
@@ -143,6 +147,12 @@ async def _ladder(ui: Ui, name: str, row: dict) -> dict:
 
 
 @guarded()
+async def panels(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    """The mesh page's lanes and spawning panels, drawn again at once after its own actions."""
+    return ui.templates.html(await ui.live.render_panels())
+
+
+@guarded()
 async def service(request: web.Request, ui: Ui, session: Session) -> web.Response:
     name = request.match_info["name"]
     if not _NAME.match(name):
@@ -166,12 +176,8 @@ async def service_ladder(request: web.Request, ui: Ui, session: Session) -> web.
 
 @guarded()
 async def runs(request: web.Request, ui: Ui, session: Session) -> web.Response:
-    await ui.live.refresh()
-    shown = []
-    for run_id in ui.feed.runs()[:RUNS_SHOWN]:
-        run = await ui.daemon.store.run(run_id)
-        if run is not None:
-            shown.append({**run, "tasks": len(ui.feed.tasks_of(run_id) or [])})
+    store = ui.daemon.store
+    shown = [{**r, "tasks": len(await store.tasks_of_run(r["run_id"]))} for r in await store.runs(limit=RUNS_SHOWN)]
     return ui.templates.response("runs.html", **page_context(ui, session, "", runs=shown))
 
 
@@ -185,31 +191,55 @@ def _path_id(request: web.Request, key: str) -> str:
 @guarded()
 async def run(request: web.Request, ui: Ui, session: Session) -> web.Response:
     run_id = _path_id(request, "run_id")
-    await ui.live.refresh()
     store = ui.daemon.store
     found = await store.run(run_id)
     if found is None:
         raise web.HTTPNotFound(text=f"no run {run_id!r}")
-    task_ids = ui.feed.tasks_of(run_id)
-    tasks = []
-    for task_id in task_ids or []:
-        task = await store.task(task_id)
-        if task is not None:
-            tasks.append({**task, "counts": await store.task_counts(task_id)})
-    return ui.templates.response("run.html", **page_context(ui, session, "", run=found, tasks=tasks,
-                                                            tasks_known=task_ids is not None))
+    tasks = [{**t, "counts": await store.task_counts(t["task_id"])} for t in await store.tasks_of_run(run_id)]
+    return ui.templates.response("run.html", **page_context(ui, session, "", run=found, tasks=tasks))
 
 
-@guarded()
-async def task(request: web.Request, ui: Ui, session: Session) -> web.Response:
+async def _task(ui: Ui, request: web.Request) -> tuple[dict, dict]:
+    """The task named in the path, and what its page's summary shows."""
     task_id = _path_id(request, "task_id")
     store = ui.daemon.store
     found = await store.task(task_id)
     if found is None:
         raise web.HTTPNotFound(text=f"no task {task_id!r}")
+    run = await store.run(found["run_id"])
+    return found, {"task": found, "run": run, "counts": await store.task_counts(task_id),
+                   "moving": task_moving(found, run)}
+
+
+async def _next_step(ui: Ui, task_id: str) -> tuple[list[dict], int]:
+    """The task's checkpoints, and the step a resume goes on from by default: the one after them."""
+    checkpoints = await ui.daemon.store.checkpoints(task_id)
+    return checkpoints, (checkpoints[-1]["step"] + 1 if checkpoints else 1)
+
+
+@guarded()
+async def task(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    found, summary = await _task(ui, request)
+    checkpoints, next_step = await _next_step(ui, found["task_id"])
     return ui.templates.response("task.html", **page_context(
-        ui, session, "", task=found, counts=await store.task_counts(task_id),
-        history=await store.task_history(task_id), checkpoints=await store.checkpoints(task_id)))
+        ui, session, "", **summary, history=await ui.daemon.store.task_history(found["task_id"]),
+        checkpoints=checkpoints, next_step=next_step))
+
+
+@guarded()
+async def task_state(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    found, summary = await _task(ui, request)
+    resp = ui.templates.response("_task_state.html", **summary)
+    if request.query.get("was", found["status"]) != found["status"]:
+        resp.headers["HX-Trigger"] = "tron:task-moved"  # its buttons are drawn again (_task_actions.html)
+    return resp
+
+
+@guarded()
+async def task_actions(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    found, _ = await _task(ui, request)
+    _, next_step = await _next_step(ui, found["task_id"])
+    return ui.templates.response("_task_actions.html", task=found, next_step=next_step)
 
 
 @guarded()
@@ -310,11 +340,14 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/ui/logout", logout)
     r.add_get("/ui", to_mesh)
     r.add_get("/ui/", mesh)
+    r.add_get("/ui/panels", panels)
     r.add_get("/ui/services/{name}", service)
     r.add_get("/ui/services/{name}/ladder", service_ladder)
     r.add_get("/ui/runs", runs)
     r.add_get("/ui/runs/{run_id}", run)
     r.add_get("/ui/tasks/{task_id}", task)
+    r.add_get("/ui/tasks/{task_id}/state", task_state)
+    r.add_get("/ui/tasks/{task_id}/actions", task_actions)
     r.add_get("/ui/charts", charts)
     r.add_get("/ui/charts/data", charts_data)
     r.add_get("/ui/settings", settings)

@@ -45,5 +45,9 @@ class Templates:
         return self.env.get_template(template).render(**context)
 
     def response(self, template: str, /, *, status: int = 200, **context) -> web.Response:
-        return web.Response(text=self.render(template, **context), status=status, content_type="text/html",
-                            charset="utf-8", headers=SECURITY_HEADERS)
+        return self.html(self.render(template, **context), status=status)
+
+    @staticmethod
+    def html(text: str, *, status: int = 200) -> web.Response:
+        return web.Response(text=text, status=status, content_type="text/html", charset="utf-8",
+                            headers=SECURITY_HEADERS)

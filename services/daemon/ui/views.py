@@ -9,6 +9,8 @@ from collections import Counter, defaultdict
 from datetime import datetime
 
 from common.config import DAEMON
+from common.lanes import every_lane as lanes  # noqa: F401 - the panels' list is GET /lanes's
+from common.states import LIVE_TASK_STATES, RunState
 
 # What a row shows that only moves with time: a row is redrawn when anything else changes.
 _TICKING = ("last_beat_age", "uptime")
@@ -41,6 +43,22 @@ def row_key(row: dict) -> str:
 
 def beat_ages(rows: list[dict]) -> dict[str, float | None]:
     return {r["name"]: r["last_beat_age"] for r in rows}
+
+
+def registry_notice(health: dict) -> dict | None:
+    """What the red registry bar says while the registry refuses writes (the daemon's
+    ``registry_health()``), or None while it is ok. ``since`` stays ISO: the template shows
+    it as local time."""
+    if health.get("state", "ok") == "ok":
+        return None
+    pending = int(health.get("pending") or 0)
+    return {"reason": health.get("reason") or health.get("last_error") or "unknown", "since": health.get("since"),
+            "pending": pending, "waiting": f"{pending} row{'' if pending == 1 else 's'} waiting"}
+
+
+def task_moving(task: dict, run: dict | None) -> bool:
+    """Whether a task page should keep looking: the task is live, or its run still runs."""
+    return task["status"] in LIVE_TASK_STATES or (run is not None and run["status"] == RunState.RUNNING)
 
 
 def local_time(iso: str | None, *, ms: bool = False) -> str:

@@ -1,7 +1,10 @@
 // Tron's web UI: the little the server-rendered pages cannot do by themselves.
 // - every htmx request carries the session's CSRF token (X-CSRF-Token);
 // - a button with data-action asks for its confirmation, calls the daemon's API (the one
-//   the CLI calls) and shows the answer in #result;
+//   the CLI calls) and shows the answer in #result, and beside the button when it sits in a
+//   [data-control] with a [data-result] slot; a button with data-input sends the number
+//   typed beside it (the API validates it); a success fires "tron:acted" on the body, on
+//   which the task page's summary and the mesh page's panels are fetched again;
 // - the settings form is sent to PUT /settings; each error is shown next to its field;
 // - beat ages tick from the "beats" event; the live log keeps its last MAX_LOG_LINES.
 // No framework and no build step: htmx and its SSE extension do the rest.
@@ -36,22 +39,46 @@
   }
 
   // -- action buttons (services/daemon/ui/actions.py draws them) -----------------------------
+  function showBeside(control, text, ok) {
+    const slot = control && control.querySelector("[data-result]");
+    if (!slot) return;
+    slot.textContent = text;
+    slot.dataset.outcome = ok ? "ok" : "error";
+  }
+
   document.addEventListener("click", async (e) => {
     const button = e.target.closest("button[data-action]");
-    if (!button || !window.confirm(button.dataset.confirm)) return;
-    const what = `${button.dataset.action} ${(button.closest("[data-service]") || {dataset: {}}).dataset.service || ""}`;
+    if (!button) return;
+    const control = button.closest("[data-control]");
+    const body = {actor, reason: "web ui"};
+    let question = button.dataset.confirm;
+    if (button.dataset.input) {  // a number typed beside the button: sent as typed, judged by the API
+      const name = button.dataset.input;
+      const input = (control || document).querySelector(`input[name="${CSS.escape(name)}"]`);
+      const raw = input ? input.value.trim() : "";
+      body[name] = raw === "" ? null : Number(raw);
+      question = question.replace(`{${name}}`, raw || "(none)");
+    }
+    if (!window.confirm(question)) return;
+    const what = `${button.dataset.action} ${button.dataset.target || ""}`.trim();
     button.disabled = true;
     show(`${what}: sent…`, true);
+    showBeside(control, "sent…", true);
     try {
-      const {status, data} = await call(button.dataset.method, button.dataset.url, {actor, reason: "web ui"});
+      const {status, data} = await call(button.dataset.method, button.dataset.url, body);
       if (status < 300) {
         const extra = data.replaces ? ` (replaces ${data.replaces})` : "";
         show(`${what}: ${data.status}${extra}`, true);
+        showBeside(control, `${data.status}${extra}`, true);
+        document.body.dispatchEvent(new CustomEvent("tron:acted", {bubbles: true, detail: {what, data}}));
       } else {
-        show(`${what} refused (${status}): ${data.error || JSON.stringify(data)}`, false);
+        const problem = data.error || JSON.stringify(data);
+        show(`${what} refused (${status}): ${problem}`, false);
+        showBeside(control, `refused (${status}): ${problem}`, false);
       }
     } catch (err) {
       show(`${what} failed: ${err}`, false);
+      showBeside(control, `failed: ${err}`, false);
     } finally {
       button.disabled = false;
     }

@@ -1,5 +1,25 @@
-"""The runtime every agent role shares: tasks in, results out, and the parent's side of
-the ladder.
+"""The agent SDK: the runtime every agent shares, the built-in roles and a user's own.
+
+A user's agent subclasses ``Agent`` and writes ``work``; mesh.toml names it
+(``agent = "package.module:Class"``) and the daemon runs it like a built-in role::
+
+    class Summarise(Agent):
+        uses_llm = True                       # load the LLM SDKs in the background at start
+        system = "You summarise documents."   # llm()'s system prompt
+
+        async def work(self, task: Task) -> str:
+            notes = await self.step(task, 1, "read", lambda _: self.llm(task, task.assign.prompt))
+            return await self.step(task, 2, "summary", lambda notes: self.llm(task, "Summarise: " + notes))
+
+What it gets for nothing: heartbeats from its own event loop (a blocked loop is a hung
+agent); ``step`` (a progress marker, then a checkpoint of the step's output, so a new
+incarnation resumes after the last completed step with its output instead of redoing
+it); ``llm`` on the provider the ladder assigned to this incarnation (a provider failure
+is classified and reported, and the ladder decides: restart, switch provider, fail);
+``client()`` for the ready-made anthropic / ollama / openai SDK client of that provider
+(SDK retries off, explicit timeout); ``delegate`` for sub-tasks to its children;
+``TaskFailed(reason)`` to fail a task with a reason of its own; ``set_progress`` for a
+marker between steps. Everything is in the registry before it is acknowledged.
 
 Agents return results; parents drive the lifecycle. A parent hands a task to a child
 with ``delegate``: the assignment is recorded by the daemon first (so that a restarted
@@ -11,6 +31,7 @@ beating with the task id and a progress marker. The result comes back to the par
 Endpoints (all but /health need the mesh token):
     POST /tasks                      take a task (idempotent by task id)
     POST /task_result                a child's result, or a failure decided by the ladder
+    POST /tasks/{id}/cancel          an operator cancelled the task
     POST /handle_child_timeout       TRON's alert about one of our children
     POST /handle_grandchild_failure  a child of ours gave up on its own child
 """
@@ -29,6 +50,7 @@ from aiohttp import web
 from common import logs
 from common.config import DAEMON
 from common.carry import carry_out, loop_alert_id
+from common.clock import Clock, MonotonicClock
 from common.http import MeshHTTPError, error, parse, parse_empty, require_token
 from common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Restart, SwitchProvider,
                            compute_backoff, decide, fold_advice, parse_advice, worst_case_attempts)
@@ -61,6 +83,8 @@ class Task:
     started: float = field(default_factory=time.monotonic)
     progress: str | None = None
     waiting: int = 0  # sub-tasks this task is waiting on
+    fetched: bool = False  # earlier steps' outputs read from the registry
+    _steps: dict[int, dict] | None = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -82,17 +106,31 @@ class Task:
         rebuilds its state from them before it reruns the failing step)."""
         return self.assign.replay or []
 
+    @property
+    def steps(self) -> dict[int, dict]:
+        """Completed steps known here, by number: the hand-over's, then this incarnation's."""
+        if self._steps is None:
+            self._steps = {m["step"]: m for m in self.replay}
+            if self.completed:
+                self._steps.setdefault(self.completed["step"], self.completed)
+        return self._steps
+
 
 def load_sdks() -> None:
-    """Import the LLM SDKs (about 2 s here). Run in a thread: an import on the event
-    loop would stop the heartbeats, and TRON would rightly call the agent hung."""
-    import anthropic  # noqa: F401
-    import ollama  # noqa: F401
+    """Import the LLM SDKs (about 2 s here), and what they import on a first request. Run
+    in a thread: an import on the event loop would stop the heartbeats, and TRON would
+    rightly call the agent hung. Under the fork server all of it is there already."""
+    import openai.resources  # noqa: F401  (the client's first .chat would import these: 0.6 s)
+
+    from common.providers import warm_up
+
+    warm_up()
 
 
 class Agent:
     role = "agent"
     uses_llm = False  # roles that call the LLM load the SDKs in the background at start
+    system: str | None = None  # the system prompt of llm(); default: prompts/<role>.md if there is one
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -105,6 +143,7 @@ class Agent:
         self._sdks: asyncio.Future | None = None
         self.actions = MeshActions(self)
         self._runs: dict[str, asyncio.Task] = {}  # task id -> the coroutine working on it
+        self.clock: Clock = MonotonicClock()  # backoffs between hand-off retries (a test hands in a fake)
 
     # -- the app ------------------------------------------------------------------------
 
@@ -166,6 +205,66 @@ class Agent:
         the next incarnation if this one dies."""
         task.progress = marker
         self._refresh_beat_fields()
+
+    async def step(self, task: Task, number: int, step_id: str, produce, *, total: int | None = None) -> str:
+        """Run one step of a task, resumably: a step an earlier incarnation completed is not
+        run again (its recorded output is returned); otherwise the progress marker moves,
+        ``produce(previous_output)`` runs, and its output is checkpointed before it is
+        returned. ``previous_output`` is the last completed step's output ("" for the first)."""
+        done = task.steps
+        if number not in done and task.completed and number < task.completed["step"] and not task.fetched:
+            # Resumed after a later step: the earlier outputs are in the registry, not in the hand-over.
+            task.fetched = True
+            try:
+                marks = await self.ctx.client.get(f"{self.daemon}/tasks/{task.id}/checkpoints")
+                done.update({m["step"]: m for m in marks if m["step"] <= task.completed["step"]})
+            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                log.warning("earlier steps of %s unreadable (%s): they run again", task.id, err)
+        if number in done:
+            return done[number]["output"]
+        previous = max((s for s in done if s < number), default=None)
+        self.set_progress(task, f"step:{number}" + (f"/{total}" if total else ""))
+        output = await produce(done[previous]["output"] if previous is not None else "")
+        await self.checkpoint(task, number, step_id, output)
+        done[number] = {"step": number, "step_id": step_id, "output": output}
+        return output
+
+    @property
+    def provider(self) -> str:
+        """This incarnation's provider: the chain's default, or where the ladder switched it."""
+        return self.ctx.provider or self.config.providers.default
+
+    @property
+    def model(self) -> str:
+        """The configured model of this incarnation's provider."""
+        return getattr(self.config.providers, f"{self.provider}_model")
+
+    def client(self, provider: str | None = None):
+        """The SDK client of a provider (this incarnation's by default: the root may have
+        switched it), ready to use: pointed at the real service or llm-sim, an explicit
+        timeout, and the SDK's own retries off (the ladder is the one retry authority)."""
+        from common.providers import client_for
+
+        return client_for(provider or self.provider, self.provider_settings())
+
+    async def call_llm(self, task: Task, request):
+        """A direct SDK call under the ladder, for what ``llm`` does not do (tools,
+        structured output, embeddings): ``await request(client)`` with this incarnation's
+        ready client. A failure of the call is classified (status, error type) and
+        reported, and the task is left to the ladder (restart, provider switch, fail)::
+
+            reply = await self.call_llm(task, lambda c: c.messages.create(model=self.model, ...))
+        """
+        from common.providers import classify
+
+        await self.sdks_ready()
+        try:
+            return await request(self.client())
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            await self.report_failure(task, classify(err, self.provider))
+            raise Abandon() from err
 
     async def checkpoint(self, task: Task, step: int, step_id: str, output: str) -> None:
         """Record a completed step (its output kept, hashed, by the daemon): a restart
@@ -229,7 +328,8 @@ class Agent:
                 log.warning("%s failed: %s", what, err)
             except (OSError, asyncio.TimeoutError) as err:
                 log.info("%s not delivered yet: %s", what, err)
-            await asyncio.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=2.0, jitter=0.1))
+            if tries < attempts:
+                await self.clock.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=2.0, jitter=0.1))
         log.error("%s: giving up after %d attempts (the registry has the result)", what, attempts)
         return False
 
@@ -285,6 +385,8 @@ class Agent:
                 raise TaskFailed("child_task_failed", {"child": child, "task": task_id, "failure": row["failure"]})
             if task_id in self.early:
                 self._resolve(self.early.pop(task_id))
+            elif not self.config.services[child].is_agent:
+                pass  # a command that speaks the contract claims its tasks from the daemon itself
             else:
                 assign = TaskAssign(task_id=task_id, run_id=parent.assign.run_id, kind=kind, prompt=prompt,
                                     reply_to=self.name, parent_task_id=parent.id, attempt=row["attempt"],
@@ -391,7 +493,7 @@ class Agent:
                 await self.sdks_ready()
                 from common.providers import provider_for
 
-                provider = provider_for(self.ctx.provider or self.config.providers.default)
+                provider = provider_for(self.provider)
                 reply = await provider.complete(system=system_prompt("advisor"), prompt=question,
                                                 settings=self.provider_settings(timeout=policy.advice_timeout,
                                                                                 max_tokens=64))
@@ -409,22 +511,22 @@ class Agent:
 
         p = self.config.providers
         return ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
-                                ollama_model=p.ollama_model, timeout_s=timeout or p.timeout,
-                                max_tokens=max_tokens or p.max_tokens)
+                                ollama_model=p.ollama_model, openai_model=p.openai_model,
+                                timeout_s=timeout or p.timeout, max_tokens=max_tokens or p.max_tokens)
 
     # -- the LLM ------------------------------------------------------------------------------
 
-    async def llm(self, task: Task, prompt: str, *, stream: bool = False) -> str:
+    async def llm(self, task: Task, prompt: str, *, system: str | None = None, stream: bool = False) -> str:
         """Ask this agent's current provider. A provider failure is reported to the
         daemon as an alert (with its classified reason and retryable flag) and the task
         is abandoned here: the ladder decides what happens next."""
         from common.providers import ProviderFailure, provider_for  # SDKs load lazily
         from common.prompts import system_prompt
 
-        provider = provider_for(self.ctx.provider or self.config.providers.default)
+        provider = provider_for(self.provider)
         await self.sdks_ready()
         try:
-            reply = await provider.complete(system=system_prompt(self.role), prompt=prompt,
+            reply = await provider.complete(system=system or self.system or system_prompt(self.role), prompt=prompt,
                                             settings=self.provider_settings(), stream=stream)
         except ProviderFailure as failure:
             await self.report_failure(task, failure)

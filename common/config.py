@@ -161,6 +161,14 @@ class ServiceSpec(_Strict):
     parent: str = DAEMON
     provider: Provider | None = None
     command: list[str] | None = None
+    # A user's own agent: "package.module:Class" (a subclass of common.agent.Agent), run by
+    # the same runtime and fork server as the built-in roles; agent_path: where to import it
+    # from (relative to the mesh file; default: the mesh file's directory).
+    agent: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    agent_path: list[str] = []
+    # A command that speaks the agent contract (beats, claims tasks): watched by its beats,
+    # ready at its first accepted beat, handed the mesh token's path.
+    heartbeat: bool = False
     env: dict[str, str] = {}
     cwd: str | None = None  # default: the mesh file's directory
     user: str | None = None  # drop privileges to this user (postgres refuses to run as root)
@@ -175,13 +183,20 @@ class ServiceSpec(_Strict):
 
     @model_validator(mode="after")
     def _role_or_command(self) -> "ServiceSpec":
-        if self.command is None and self.role not in AGENT_ROLES:
+        if self.agent is not None:
+            if self.command is not None:
+                raise ValueError("give agent or command, not both")
+            if self.role == "command":
+                object.__setattr__(self, "role", "agent")
+        elif self.command is None and self.role not in AGENT_ROLES:
             raise ValueError(
-                f"role {self.role!r} is not one of {', '.join(AGENT_ROLES)}; "
-                "give a command for any other program"
+                f"role {self.role!r} is not one of {', '.join(AGENT_ROLES)}; give agent = "
+                "\"package.module:Class\" for an agent of your own, or a command for any other program"
             )
         if self.command is not None and not self.command:
             raise ValueError("command must not be empty")
+        if self.heartbeat and self.command is None:
+            raise ValueError("heartbeat = true is for a command; agents beat anyway")
         if self.user is not None:
             import pwd
 
@@ -193,7 +208,18 @@ class ServiceSpec(_Strict):
 
     @property
     def is_agent(self) -> bool:
+        """Runs on Tron's agent runtime (a built-in role or a user's class)."""
         return self.command is None
+
+    @property
+    def beats(self) -> bool:
+        """Watched by its heartbeats: every agent, and a command that speaks the contract."""
+        return self.command is None or self.heartbeat
+
+    @property
+    def module(self) -> str:
+        """The module an agent incarnation runs (what the fork server forks into)."""
+        return "services.agent_host" if self.agent else f"services.{self.role}"
 
     def values(self, home: Path, config_dir: Path) -> dict[str, str]:
         """What {placeholders} in command, env, cwd and probes stand for."""
@@ -203,7 +229,7 @@ class ServiceSpec(_Strict):
     def argv(self, values: dict[str, str] | None = None) -> list[str]:
         """The command line that starts this service."""
         if self.command is None:
-            return [sys.executable, "-m", f"services.{self.role}"]
+            return [sys.executable, "-m", self.module]
         values = values or {"port": str(self.port), "python": sys.executable}
         return [part.format(**values) for part in self.command]
 
@@ -224,6 +250,7 @@ class ProvidersConfig(_Strict):
     chain: list[Provider] = ["anthropic", "ollama"]
     anthropic_model: str = "claude-sonnet-4-5"
     ollama_model: str = "llama3.1"
+    openai_model: str = "gpt-4o-mini"  # any OpenAI-compatible server (vLLM, LM Studio, llama.cpp, OpenAI)
     timeout: float = Field(30.0, gt=0)
     max_tokens: int = Field(512, ge=1)
     sim_service: str = "llm-sim"

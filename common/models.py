@@ -18,7 +18,7 @@ NameStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=
 IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 TOKEN_HEADER = "X-Tron-Token"
 MAX_BODY = 256 * 1024
-Provider = Literal["anthropic", "ollama"]
+Provider = Literal["anthropic", "ollama", "openai"]
 
 
 def validation_messages(err: ValidationError, *, unknown: str = "unknown field") -> list[tuple[str, str]]:

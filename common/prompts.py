@@ -12,6 +12,9 @@ PROMPTS = resource("prompts")
 
 @lru_cache(maxsize=None)
 def system_prompt(role: str) -> str:
-    text = (PROMPTS / f"{role}.md").read_text().strip()
+    """A built-in role's prompt and the heartbeat rule; a role without a file (a user's
+    agent that set no ``system``) gets the rule alone."""
+    path = PROMPTS / f"{role}.md"
+    text = path.read_text().strip() + "\n\n" if path.is_file() else ""
     rule = (PROMPTS / "heartbeat.md").read_text().strip()
-    return f"{text}\n\n{rule}\n"
+    return f"{text}{rule}\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common.redaction import REDACTED, redact  # noqa: F401 - one implementation, re-exported
 
-PROVIDERS = ("anthropic", "ollama")
+PROVIDERS = ("anthropic", "ollama", "openai")
 SIM_API_KEY = "sim-key"
 OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
 
@@ -71,6 +72,7 @@ class ProviderSettings(BaseModel):
     sim_url: str | None = None  # base URL of llm_sim, e.g. "http://127.0.0.1:6190"
     anthropic_model: str = "claude-sonnet-4-5"
     ollama_model: str = "llama3.1"
+    openai_model: str = "gpt-4o-mini"
     timeout_s: float = 30.0
     max_tokens: int = 512
 
@@ -97,6 +99,15 @@ def endpoint_for(
             provider, "not_configured", retryable=False,
             message="no ANTHROPIC_API_KEY and no sim_url",
         )
+    if provider == "openai":  # any OpenAI-compatible server: OpenAI itself, vLLM, LM Studio, llama.cpp
+        if key := env.get("OPENAI_API_KEY"):
+            return env.get("OPENAI_BASE_URL") or None, key
+        if base := env.get("OPENAI_BASE_URL"):
+            return base, "none"  # local servers take any key
+        if settings.sim_url:
+            return settings.sim_url.rstrip("/") + "/v1", SIM_API_KEY
+        raise ProviderFailure(provider, "not_configured", retryable=False,
+                              message="no OPENAI_API_KEY or OPENAI_BASE_URL, and no sim_url")
     host = env.get("OLLAMA_HOST") or settings.sim_url or OLLAMA_DEFAULT_HOST
     return host, None
 
@@ -189,6 +200,21 @@ def _classify_ollama_status(exc: Any, provider: str) -> ProviderFailure:
     return ProviderFailure(provider, _status_reason(status, provider), status=status, message=message)
 
 
+def _classify_openai_status(exc: Any, provider: str) -> ProviderFailure:
+    status = exc.status_code
+    body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
+    error = body.get("error") if isinstance(body.get("error"), dict) else body
+    etype = error.get("code") or error.get("type")
+    message = redact(getattr(exc, "message", "") or str(exc))
+    if status < 400:  # an error event inside a 200 stream
+        return ProviderFailure(provider, "stream_error", status=status, message=message, midstream=True)
+    reason = {"rate_limit_exceeded": "rate_limit_error", "insufficient_quota": "rate_limit_error",
+              "invalid_api_key": "authentication_error"}.get(str(etype), _status_reason(status, provider))
+    if status == 503:
+        reason = "overloaded_error"
+    return ProviderFailure(provider, reason, status=status, message=message)
+
+
 def _is_timeout(exc: BaseException) -> bool:
     # asyncio.TimeoutError is TimeoutError on 3.11. anthropic wraps httpx2 timeouts in
     # APITimeoutError; ollama lets httpx's own timeouts through; a stream read can
@@ -196,6 +222,7 @@ def _is_timeout(exc: BaseException) -> bool:
     return (
         isinstance(exc, TimeoutError)
         or _instance_of(exc, "anthropic", "APITimeoutError")
+        or _instance_of(exc, "openai", "APITimeoutError")
         or _instance_of(exc, "httpx", "TimeoutException")
         or _instance_of(exc, "httpx2", "TimeoutException")
     )
@@ -207,6 +234,7 @@ def _is_connection_error(exc: BaseException) -> bool:
     return (
         isinstance(exc, ConnectionError)
         or _instance_of(exc, "anthropic", "APIConnectionError")
+        or _instance_of(exc, "openai", "APIConnectionError")
         or _instance_of(exc, "httpx", "TransportError")
         or _instance_of(exc, "httpx2", "TransportError")
     )
@@ -227,6 +255,8 @@ def classify(exc: BaseException, provider: str) -> ProviderFailure:
         return _classify_anthropic_status(exc, provider)
     if _instance_of(exc, "ollama", "ResponseError"):
         return _classify_ollama_status(exc, provider)
+    if _instance_of(exc, "openai", "APIStatusError"):
+        return _classify_openai_status(exc, provider)
     if _is_connection_error(exc):
         return ProviderFailure(provider, "connection_error", message=_message(exc))
     return ProviderFailure(
@@ -266,11 +296,22 @@ def _build_client(provider: str, base_url: str | None, api_key: str | None, time
         return anthropic.AsyncAnthropic(
             base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s
         )
+    if provider == "openai":
+        import openai
+
+        return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
     import ollama
 
     # Always an explicit host and timeout: ollama has no timeout by default and its
     # module-level functions read OLLAMA_HOST once, at import.
     return ollama.AsyncClient(host=base_url, timeout=timeout_s)
+
+
+def client_for(provider: str, settings: ProviderSettings) -> Any:
+    """The cached SDK client for ``provider`` under ``settings`` (on the running loop)."""
+    _check_provider(provider)
+    base_url, api_key = endpoint_for(provider, settings)
+    return _client_for(provider, base_url, api_key, settings.timeout_s)
 
 
 async def aclose_clients() -> None:
@@ -279,6 +320,42 @@ async def aclose_clients() -> None:
     for client in cache.values():
         with contextlib.suppress(Exception):
             await client.close()
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """One failing call through each SDK, to a loopback port nobody listens on: what the
+    SDKs import on their first request (the HTTP transport, the TLS trust store, tracing:
+    56 modules, 0.25 s here) is imported now, not on an agent's event loop while TRON
+    counts its beats. Run where no event loop runs (the fork server, a thread); once per
+    process (a forked child inherits it done)."""
+    global _warm
+    if _warm:
+        return
+    _warm = True
+    import anthropic
+    import ollama
+    import openai
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        ask = [{"role": "user", "content": "warm up"}]
+
+        async def calls() -> None:
+            for call in (
+                lambda: anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0, timeout=1)
+                .messages.create(model="m", max_tokens=1, messages=ask),
+                lambda: openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=1)
+                .chat.completions.create(model="m", messages=ask),
+                lambda: ollama.AsyncClient(host=url, timeout=1).chat(model="m", messages=ask),
+            ):
+                with contextlib.suppress(Exception):
+                    await call()
+
+        asyncio.run(calls())
 
 
 # --------------------------------------------------------------------------- complete
@@ -345,6 +422,35 @@ async def _ollama_complete(
                     output_tokens=(final and final.eval_count) or 0)
 
 
+async def _openai_complete(
+    client: Any, system: str, prompt: str, settings: ProviderSettings, stream: bool
+) -> LLMReply:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    kwargs: dict[str, Any] = {"model": settings.openai_model, "messages": messages,
+                              "max_tokens": settings.max_tokens}
+    if not stream:
+        resp = await client.chat.completions.create(**kwargs)
+        usage = resp.usage
+        return LLMReply(provider="openai", model=resp.model, text=resp.choices[0].message.content or "",
+                        streamed=False, input_tokens=usage.prompt_tokens if usage else 0,
+                        output_tokens=usage.completion_tokens if usage else 0)
+    parts: list[str] = []
+    model, usage = settings.openai_model, None
+    stream_resp = await client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    async with stream_resp as chunks:  # closes the HTTP stream even when we are cancelled
+        async for chunk in chunks:
+            model = chunk.model or model
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+    return LLMReply(provider="openai", model=model, text="".join(parts), streamed=True,
+                    input_tokens=usage.prompt_tokens if usage else 0,
+                    output_tokens=usage.completion_tokens if usage else 0)
+
+
+_CALLS = {"anthropic": _anthropic_complete, "ollama": _ollama_complete, "openai": _openai_complete}
+
+
 async def complete(
     provider: str, *, system: str, prompt: str, settings: ProviderSettings, stream: bool = False
 ) -> LLMReply:
@@ -356,7 +462,7 @@ async def complete(
     """
     _check_provider(provider)
     base_url, api_key = endpoint_for(provider, settings)
-    call = _anthropic_complete if provider == "anthropic" else _ollama_complete
+    call = _CALLS[provider]
     try:
         client = _client_for(provider, base_url, api_key, settings.timeout_s)
         return await asyncio.wait_for(

@@ -23,6 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from common import logs
+from common.clock import Clock, MonotonicClock
 from common.config import MeshConfig, load_mesh
 from common.http import TOKEN_KEY, MeshClient, MeshHTTPError
 from common.models import Beat
@@ -96,16 +97,18 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response(request.app[HEALTH_KEY].health())
 
 
-async def heartbeat_loop(ctx: ServiceContext) -> None:
+async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> None:
     """Beat every interval, on a fixed schedule (no drift). The daemon's answer carries
     the current interval (settings change at run time). A 409 means a newer incarnation
     replaced us; a daemon that does not know us at all (404) for ``stale_after`` seconds
     means we are a ghost of an earlier daemon: either way, stop rather than linger."""
+    clock = clock or MonotonicClock()
     interval = ctx.env.heartbeat_interval or ctx.config.policy.heartbeat_interval
     url = ctx.env.daemon_url + "/beat"
-    next_at = time.monotonic()
+    next_at = clock.now()
     unknown_since: float | None = None
     while True:
+        started = clock.now()
         beat = Beat(service=ctx.name, incarnation=ctx.env.incarnation, pid=os.getpid(), seq=ctx.beat_seq,
                     task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider, waiting=ctx.waiting)
         ctx.beat_seq += 1
@@ -121,8 +124,8 @@ async def heartbeat_loop(ctx: ServiceContext) -> None:
                 ctx.superseded.set()
                 return
             if err.status == 404 and verdict == "unknown_service":
-                unknown_since = unknown_since or time.monotonic()
-                if time.monotonic() - unknown_since >= ctx.config.policy.stale_after:
+                unknown_since = unknown_since or clock.now()
+                if clock.now() - unknown_since >= ctx.config.policy.stale_after:
                     log.error("the daemon has not known this service for %.0fs: a ghost of an earlier daemon; "
                               "exiting", ctx.config.policy.stale_after)
                     ctx.superseded.set()
@@ -130,8 +133,10 @@ async def heartbeat_loop(ctx: ServiceContext) -> None:
             log.warning("beat rejected: %s", err)
         except (OSError, asyncio.TimeoutError) as err:
             log.debug("beat not delivered (daemon unreachable): %s", err)
-        next_at = max(next_at + interval, time.monotonic() - interval)  # no burst after a stall
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        next_at += interval
+        if next_at < started:  # this beat went out late (a stalled loop): the schedule restarts from it
+            next_at = started + interval
+        await clock.sleep(next_at - clock.now())
 
 
 Build = Callable[[ServiceContext], Awaitable[web.Application] | web.Application]

@@ -347,15 +347,39 @@ def _gateway_url(ctx: Ctx) -> str:
     return ctx.config.url(gw)
 
 
+def _refusal(body) -> str:
+    return body.get("error") if isinstance(body, dict) else str(body)
+
+
+def _submit_to_gateway(ctx: Ctx, prompt: str) -> str:
+    code, body = ctx.mesh.call("POST", _gateway_url(ctx) + "/runs", {"prompt": prompt}, auth=True)
+    if code != 202:
+        raise CLIError(f"the gateway refused the run ({code}): {_refusal(body)}")
+    return body["run_id"]
+
+
+def _submit_to_agent(ctx: Ctx, agent: str, prompt: str) -> str:
+    """A run whose one task is ``agent``'s, its parent the operator: the daemon pushes it to
+    an agent that serves HTTP, and an agent that claims its tasks claims it."""
+    if agent not in ctx.config.services:
+        raise CLIError(f"no service {agent!r} in this mesh (it has {', '.join(ctx.config.services)})")
+    mesh = ctx.mesh
+    code, run = mesh.call("POST", f"{mesh.daemon_url}/runs", {"prompt": prompt}, auth=True)
+    if code != 201:
+        raise CLIError(f"the daemon refused the run ({code}): {_refusal(run)}")
+    task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": agent, "parent_agent": "operator",
+            "kind": "run", "prompt": prompt}
+    code, body = mesh.call("POST", f"{mesh.daemon_url}/tasks", task, auth=True)
+    if code not in (200, 201):
+        raise CLIError(f"the daemon refused the task for {agent} ({code}): {_refusal(body)}")
+    return run["run_id"]
+
+
 def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
     from common.ladder import worst_case_attempts
 
     mesh = ctx.mesh
-    gateway = _gateway_url(ctx)
-    code, body = mesh.call("POST", gateway + "/runs", {"prompt": args.prompt}, auth=True)
-    if code != 202:
-        raise CLIError(f"the gateway refused the run ({code}): {body.get('error') if isinstance(body, dict) else body}")
-    run_id = body["run_id"]
+    run_id = _submit_to_agent(ctx, args.agent, args.prompt) if args.agent else _submit_to_gateway(ctx, args.prompt)
     print(f"run {run_id} submitted", file=sys.stderr)
     p = ctx.config.policy
     bound = args.timeout or p.task_timeout * worst_case_attempts(p) + 60
@@ -559,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("names", nargs="*")
     run = sub.add_parser("run", help="submit a run and follow it")
     run.add_argument("prompt")
+    run.add_argument("--agent", help="give the run to this agent (default: the gateway's pipeline)")
     run.add_argument("--json", action="store_true")
     run.add_argument("--timeout", type=float)
     hist = sub.add_parser("history", help="retry history and failure metrics")

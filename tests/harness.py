@@ -30,7 +30,7 @@ TRON = [str(Path(sys.executable).parent / "tron")]
 
 FAST_POLICY = {
     "heartbeat_interval": 0.25,
-    "miss_threshold": 4,
+    "miss_threshold": 8,  # 2 s: a loaded 2-core machine running three meshes starves a process for 1 s
     "progress_timeout": 20.0,
     "task_timeout": 60.0,
     "max_restarts": 3,

@@ -20,6 +20,8 @@ import asyncio
 import dataclasses
 import getpass
 import os
+import shlex
+from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,12 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.config import DAEMON
 from common.http import TOKEN_KEY, error, parse, parse_empty, parse_query, require_token
 from common.ladder import Escalated
+from common.lanes import every_lane
 from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
                            LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
                            RunCreate, SwitchRequest, TaskFinish, TaskRecord)
 from common.monitor import Verdict
 from common.settings import field_errors, read_overlay
-from common.states import TaskState
+from common.states import ServiceState, TaskState
 from services.daemon.core import Daemon
 from services.daemon.operators import SERVICE_VERBS, Refused
 from services.daemon.task_actions import TASK_VERBS
@@ -275,9 +278,7 @@ def _spawning_action(verb: str):
 
 async def get_lanes(request: web.Request) -> web.Response:
     d = _d(request)
-    known = {row["lane"]: row for row in await d.store.lanes()}
-    roles = sorted({svc.spec.role for svc in d.sup.services.values()})
-    return web.json_response([known.get(role) or {"lane": role, "state": "open"} for role in roles])
+    return web.json_response(every_lane(await d.store.lanes(), (svc.spec.role for svc in d.sup.services.values())))
 
 
 async def get_settings(request: web.Request) -> web.Response:
@@ -376,7 +377,51 @@ async def record_task(request: web.Request) -> web.Response:
         if refusal is not None:
             return error(409, refusal["message"], **{k: v for k, v in refusal.items() if k != "message"})
     row, created = await d.store.upsert_task(rec.model_dump())
+    svc = d.sup[rec.agent]
+    if created and rec.parent_agent not in d.sup.services and svc.state == ServiceState.RUNNING:
+        # An operator's or a script's task: no parent service will push it, so the daemon
+        # does (an agent that is down gets it when it is next healthy; a command claims it).
+        d.background(d.ledger.dispatch(svc, row, resumed=False), f"dispatch {rec.task_id}")
     return web.json_response({"task": row, "created": created}, status=201 if created else 200)
+
+
+class Claim(Msg):
+    service: NameStr
+    incarnation: IdStr
+
+
+class ClaimQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["json", "shell"] = "json"
+
+
+@require_token
+async def claim_task(request: web.Request) -> web.Response:
+    """The agent contract's pull side (an agent that serves no HTTP, in any language):
+    the next task of this incarnation, leased to it, with its last checkpoint; 204 when
+    there is none. ``format=shell``: KEY=value lines a shell can eval."""
+    d = _d(request)
+    q = parse_query(request, ClaimQuery)
+    body = await parse(request, Claim)
+    svc = _service(d, body.service)
+    if svc.incarnation != body.incarnation:
+        return error(409, f"incarnation {body.incarnation} of {body.service} is not the current one",
+                     verdict="stale_incarnation")
+    tasks = [t for t in await d.store.open_tasks(svc.name)
+             if t["status"] == TaskState.ASSIGNED or t["lease_incarnation"] == body.incarnation]
+    if not tasks:
+        return web.Response(status=204)
+    task = tasks[0]
+    await d.store.task_progress(task["task_id"], body.incarnation, None)
+    assign = await d.ledger.assignment(task, svc.provider)
+    if q.format == "json":
+        return web.json_response(assign.model_dump(mode="json"))
+    done = assign.checkpoint or {}
+    fields = {"TASK_ID": assign.task_id, "RUN_ID": assign.run_id, "KIND": assign.kind, "PROMPT": assign.prompt,
+              "ATTEMPT": assign.attempt, "PROVIDER": assign.provider or "", "DONE_STEP": done.get("step", 0),
+              "DONE_OUTPUT": done.get("output", "")}
+    return web.Response(text="".join(f"{k}={shlex.quote(str(v))}\n" for k, v in fields.items()),
+                        content_type="text/plain")
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -461,6 +506,7 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_get("/runs/{run_id}", get_run)
     r.add_post("/runs/{run_id}/finish", finish_run)
     r.add_post("/tasks", record_task)
+    r.add_post("/tasks/claim", claim_task)
     r.add_get("/tasks/{task_id}", get_task)
     r.add_post("/tasks/{task_id}/finish", finish_task)
     r.add_post("/tasks/{task_id}/checkpoint", checkpoint)

@@ -41,10 +41,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PRELOAD = [
-    "aiohttp", "aiohttp.web", "pydantic", "psutil", "anthropic", "ollama", "setproctitle",
+    "aiohttp", "aiohttp.web", "pydantic", "psutil", "anthropic", "ollama", "openai", "openai.resources",
+    "setproctitle",
     "common.agent", "common.service", "common.providers", "common.prompts",
     "services.gateway.app", "services.root.app", "services.architect.app", "services.director.app",
-    "services.programmer.app", "services.llm_sim.app",
+    "services.programmer.app", "services.llm_sim.app", "services.agent_host.app",
 ]
 
 
@@ -172,6 +173,9 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         return CANNOT_RUN
     for name in PRELOAD:
         importlib.import_module(name)
+    from common.providers import warm_up
+
+    warm_up()  # what the SDKs import on a first request, imported once here for every child
     sources = _own_sources()
     try:
         os.unlink(sock_path)

@@ -65,7 +65,8 @@ class Ledger:
                                                 src=decided_by), "notify gateway")
 
     async def deliver(self, target: str, outcome: TaskResult) -> None:
-        if target not in self.sup.services:
+        if target not in self.sup.services:  # an operator's or a script's task: the registry is the answer
+            await self.store.mark_delivered(outcome.task_id)
             return
         logs.comms("task_result", src=DAEMON, dst=target, task=outcome.task_id, run=outcome.run_id,
                    status=outcome.status, reason=outcome.reason, agent=outcome.service)
@@ -125,14 +126,25 @@ class Ledger:
         """Give a fresh incarnation the tasks its predecessor held, with the last
         checkpoint, so it resumes after the last completed step instead of starting over."""
         for task in await self.store.open_tasks(svc.name):
-            assign = await self.assignment(task, svc.provider)
-            logs.comms("task_redispatch", src=DAEMON, dst=svc.name, task=task["task_id"], run=task["run_id"],
-                       incarnation=svc.incarnation, progress=task["progress"], attempt=task["attempt"])
-            try:
-                await self.client.post(self.config.url(svc.name) + "/tasks", assign, timeout=5)
-                await self.store.event("task_resumed", {"progress": task["progress"], "attempt": task["attempt"],
-                                                        "checkpoint": (assign.checkpoint or {}).get("step")},
-                                       agent=svc.name, incarnation=svc.incarnation, task_id=task["task_id"],
-                                       run_id=task["run_id"])
-            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
-                log.warning("re-dispatch of %s to %s failed: %s", task["task_id"], svc.name, err)
+            await self.dispatch(svc, task, resumed=True)
+
+    async def dispatch(self, svc: Service, task: dict, *, resumed: bool) -> bool:
+        """Push a task to an agent that serves HTTP (an agent that claims its tasks gets
+        them from /tasks/claim instead). A failure is logged, not raised: the daemon hands
+        the task over again when the agent is next healthy."""
+        if not self.config.services[svc.name].is_agent:
+            return False
+        assign = await self.assignment(task, svc.provider)
+        logs.comms("task_redispatch" if resumed else "task_dispatch", src=DAEMON, dst=svc.name, task=task["task_id"],
+                   run=task["run_id"], incarnation=svc.incarnation, progress=task["progress"], attempt=task["attempt"])
+        try:
+            await self.client.post(self.config.url(svc.name) + "/tasks", assign, timeout=5)
+        except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+            log.warning("dispatch of %s to %s failed: %s", task["task_id"], svc.name, err)
+            return False
+        if resumed:
+            await self.store.event("task_resumed", {"progress": task["progress"], "attempt": task["attempt"],
+                                                    "checkpoint": (assign.checkpoint or {}).get("step")},
+                                   agent=svc.name, incarnation=svc.incarnation, task_id=task["task_id"],
+                                   run_id=task["run_id"])
+        return True

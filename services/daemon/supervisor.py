@@ -13,6 +13,7 @@ Every change of a service's state goes through ``transition``: checked against
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -112,7 +113,7 @@ class Supervisor:
         # Does the new incarnation serve? HTTP by default; unit tests answer for a stub.
         self.healthy_now: Callable[[Service, str], Awaitable[bool]] = self._healthy_now
         self.services: dict[str, Service] = {
-            name: Service(spec, config.provider_of(name) if spec.is_agent else None)
+            name: Service(spec, config.provider_of(name) if spec.beats else None)
             for name, spec in config.services.items()
         }
 
@@ -161,11 +162,16 @@ class Supervisor:
             "TRON_HEARTBEAT_INTERVAL": repr(p.heartbeat_interval),
             "PYTHONUNBUFFERED": "1",
         })
-        if svc.spec.is_agent:
+        if svc.spec.beats:  # ours, or declared to speak the agent contract
             env["TRON_TOKEN_FILE"] = str(self.home.token_file)  # never handed to a program that is not ours
             env["TRON_RESUME"] = json.dumps(await self._resume(svc))
         else:
             env.pop("TRON_TOKEN_FILE", None)
+        if svc.spec.agent:
+            config_dir = Path(self.config_path).parent if self.config_path else Path.cwd()
+            paths = [str((config_dir / p).resolve()) for p in svc.spec.agent_path] or [str(config_dir)]
+            env["TRON_AGENT_CLASS"] = svc.spec.agent
+            env["TRON_AGENT_PATH"] = os.pathsep.join(paths)
         if svc.provider:
             env["TRON_PROVIDER"] = svc.provider
         return env
@@ -205,7 +211,7 @@ class Supervisor:
         cwd = Path(svc.spec.cwd.format(**values)) if svc.spec.cwd else Path(values["config_dir"])
         return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(values), env=env, cwd=cwd,
                          log=self.home.log_file(svc.name), user=svc.spec.user,
-                         module=f"services.{svc.spec.role}" if svc.spec.is_agent else None)
+                         module=svc.spec.module if svc.spec.is_agent else None)
 
     async def start(self, svc: Service, *, reason: str) -> None:
         """Spawn a new incarnation. The session row is written first (a daemon killed
@@ -256,7 +262,7 @@ class Supervisor:
 
     def watch(self, svc: Service) -> None:
         p = self.policy()
-        beat_timeout = p.beat_timeout if svc.spec.is_agent else NON_AGENT_BEAT_TIMEOUT
+        beat_timeout = p.beat_timeout if svc.spec.beats else NON_AGENT_BEAT_TIMEOUT
         now = self.clock.now()
         self.monitor.watch(svc.name, svc.incarnation, now + max(0.0, p.start_timeout - beat_timeout),
                            beat_timeout=beat_timeout, progress_timeout=p.progress_timeout,
@@ -271,6 +277,8 @@ class Supervisor:
                 return isinstance(body, dict) and body.get("incarnation") == incarnation
             except Exception:  # not up yet, whatever the error: the next try decides
                 return False
+        if svc.spec.heartbeat and svc.last_beat is None:
+            return False  # a command that speaks the contract is ready at its first accepted beat
         probe = svc.spec.first_probe
         if probe is None:
             return True  # nothing to ask: started is healthy
@@ -407,6 +415,11 @@ class Supervisor:
                                              exit_code=child.exit_code, signal=child.exit_signal)
         self.background(self.store.close_session(child.incarnation, reason="process_exit", exit_code=child.exit_code,
                                                  exit_signal=child.exit_signal), f"close {child.incarnation}")
+        if signal is not None and svc.healthy_at is None:
+            # It never came up: what it said last is why (a missing module, a bad config line).
+            last = last_line(self.home.log_file(svc.name))
+            if last:
+                signal = dataclasses.replace(signal, detail={**signal.detail, "error": last})
         if signal is not None and self.on_signal is not None:
             self.background(self.on_signal(signal), f"exit {child.name}")
 
@@ -490,6 +503,25 @@ class Supervisor:
                 "paused": svc.paused,
             })
         return out
+
+
+def last_line(path: Path, limit: int = 4096) -> str | None:
+    """The last line a program wrote to its log (JSON lines: their message), for a start
+    failure's reason."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    line = lines[-1]
+    try:
+        line = json.loads(line).get("msg", line)
+    except (ValueError, AttributeError):
+        pass
+    return str(line)[:300]
 
 
 def top_of(config: MeshConfig, decider: str) -> bool:

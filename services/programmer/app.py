@@ -1,9 +1,8 @@
 """Programmer: does its work through the LLM in small, checkpointed steps.
 
-Each completed step is recorded with its output (``checkpoint``). A new incarnation
-handed the task resumes after the last completed step, with that step's output, instead
-of starting over: a review resumed at step 2 reviews the draft step 1 wrote. Progress
-markers (``step:K/N``, the step under way) are what TRON watches for a runaway.
+Each step runs through ``Agent.step``: a step an earlier incarnation completed is not run
+again (its recorded output is handed on), so a review resumed after a kill reviews the
+draft step 1 wrote. The progress marker (``step:K/N``) is what TRON watches for a runaway.
 """
 
 from __future__ import annotations
@@ -21,16 +20,15 @@ class Programmer(Agent):
     uses_llm = True
 
     async def work(self, task: Task) -> str:
-        done = task.completed
-        start = min(done["step"], len(STEPS)) if done else 0
-        answer = done["output"] if done else ""
-        for i in range(start, len(STEPS)):
-            self.set_progress(task, f"step:{i + 1}/{len(STEPS)}")
-            prompt = f"Step {STEPS[i]} of: {task.assign.prompt}"
-            if answer:
-                prompt += f"\n\nPrevious step gave:\n{answer}"
-            answer = await self.llm(task, prompt, stream=True)
-            await self.checkpoint(task, i + 1, STEPS[i], answer)
+        answer = ""
+        for number, name in enumerate(STEPS, start=1):
+            async def produce(previous: str, name=name) -> str:
+                prompt = f"Step {name} of: {task.assign.prompt}"
+                if previous:
+                    prompt += f"\n\nPrevious step gave:\n{previous}"
+                return await self.llm(task, prompt, stream=True)
+
+            answer = await self.step(task, number, name, produce, total=len(STEPS))
         return answer
 
 

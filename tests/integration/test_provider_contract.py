@@ -34,9 +34,9 @@ class Backend:
         assert code == 200
 
 
-@pytest.fixture(params=["anthropic", "ollama", "stub"])
+@pytest.fixture(params=["anthropic", "ollama", "openai", "stub"])
 async def backend(request, monkeypatch):
-    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OLLAMA_HOST"):
+    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OLLAMA_HOST", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     if request.param == "stub":
         yield Backend("stub")

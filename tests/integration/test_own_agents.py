@@ -1,0 +1,206 @@
+"""Issue 11: agents of the user's own get the whole ladder. A bash + curl agent speaks the
+contract (beats, claims, checkpoints); a Python class named in mesh.toml runs on the SDK
+under the same runtime and fork server: killed, it resumes after its last step with that
+step's output; its provider switches along the chain; a broken module is a clear start
+failure naming the file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+
+from tests.harness import REPO, wait_for
+
+pytestmark = pytest.mark.integration
+BASH_AGENT = REPO / "examples" / "bash-agent" / "agent.sh"
+
+STEPS_AGENT = '''
+from common.agent import Agent, Task
+
+
+class Steps(Agent):
+    """Four steps; each output names the incarnation that made it, so a resumed task shows
+    which steps were carried over and which were run again."""
+
+    role = "steps"
+    uses_llm = True
+
+    async def work(self, task: Task) -> str:
+        out = ""
+        for n in range(1, 5):
+            async def produce(previous, n=n):
+                reply = await self.llm(task, f"step {n} of {task.assign.prompt}")
+                return (previous + " | " if previous else "") + f"step{n}@{self.ctx.env.incarnation}:{reply[:12]}"
+            out = await self.step(task, n, f"s{n}", produce, total=4)
+        return out
+'''
+
+
+def run_task(mesh, agent: str, prompt: str) -> tuple[str, str]:
+    """A run whose one task is ``agent``'s (the parent is an operator, not a service)."""
+    code, run = mesh.http("POST", mesh.url("daemon") + "/runs", {"prompt": prompt})
+    assert code == 201, run
+    task_id = f"{run['run_id']}.0"
+    bad = mesh.tron("run", "--agent", "nobody", "x")
+    assert bad.returncode != 0 and "no service 'nobody'" in bad.stderr
+    code, body = mesh.http("POST", mesh.url("daemon") + "/tasks", {
+        "task_id": task_id, "run_id": run["run_id"], "agent": agent, "parent_agent": "operator", "kind": "run",
+        "prompt": prompt})
+    assert code == 201, body
+    return run["run_id"], task_id
+
+
+def ended(mesh, run_id: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}", token=False)[1])
+                    and r["status"] != "running" and r, timeout, f"run {run_id} to end")
+
+
+@pytest.fixture
+def bash_mesh(mesh_factory):
+    def make(**env):
+        services = {"bash-agent": {"command": ["bash", str(BASH_AGENT)], "port": 6160, "heartbeat": True,
+                                   "env": {"STEP_SECONDS": "0.3", **env}}}
+        mesh = mesh_factory(services=services, policy={"progress_timeout": 4.0})  # > beat timeout (2 s)
+        mesh.up()
+        return mesh
+    return make
+
+
+def test_a_bash_agent_beats_claims_checkpoints_and_finishes(bash_mesh):
+    mesh = bash_mesh()
+    wait_for(lambda: mesh.service("bash-agent")["last_beat_age"] is not None, 10, "beats")
+    prompt = 'count to "three"\n\\ twice'  # quotes, a newline, a backslash: the JSON the agent writes holds
+    out = mesh.tron("run", "--agent", "bash-agent", "--json", prompt, timeout=60, check=True)
+    run = json.loads(out.stdout)
+    assert run["status"] == "done" and run["result"] == f"step 3 of: {prompt}", run
+    task_id = f"{run['run_id']}.0"
+    marks = mesh.rows("SELECT step, step_id FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
+    assert [(m["step"], m["step_id"]) for m in marks] == [(1, "step-1"), (2, "step-2"), (3, "step-3")]
+
+
+def test_a_stopped_bash_agent_is_caught_by_its_silence_and_its_task_resumes(bash_mesh):
+    mesh = bash_mesh(STEP_SECONDS="1.0")
+    run_id, task_id = run_task(mesh, "bash-agent", "slow steps")
+    wait_for(lambda: mesh.rows("SELECT step FROM checkpoints WHERE task_id = ?", (task_id,)), 20, "a first step")
+    old = mesh.kill("bash-agent", signal.SIGSTOP)
+    mesh.wait_state("bash-agent", "running", timeout=30)
+    wait_for(lambda: mesh.service("bash-agent")["pid"] != old, 30, "a new incarnation")
+    assert ended(mesh, run_id)["status"] == "done"
+    [alert] = mesh.rows("SELECT reason FROM alerts")
+    assert alert["reason"] == "heartbeat_timeout"
+    resumed = mesh.rows("SELECT payload FROM events WHERE kind = 'task_resumed' AND task_id = ?", (task_id,))
+    steps = [m["step"] for m in mesh.rows("SELECT step FROM checkpoints WHERE task_id = ?", (task_id,))]
+    assert steps == [1, 2, 3] and resumed == []  # the bash agent claims; it is not pushed
+
+
+def test_a_bash_agent_that_beats_but_never_moves_is_a_runaway(bash_mesh):
+    mesh = bash_mesh(FREEZE="1")
+    first = mesh.service("bash-agent")
+    run_id, _ = run_task(mesh, "bash-agent", "stuck")
+    wait_for(lambda: mesh.rows("SELECT reason FROM alerts"), 20, "TRON to see no progress")
+    assert mesh.rows("SELECT reason FROM alerts")[0]["reason"] == "no_progress"
+    wait_for(lambda: mesh.service("bash-agent")["incarnation"] != first["incarnation"], 20, "replaced")
+
+
+@pytest.fixture
+def steps_mesh(mesh_factory, tmp_path):
+    pkg = tmp_path / "mine"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "steps.py").write_text(STEPS_AGENT)
+
+    def make(policy=None, providers=None):
+        services = {"llm-sim": {"role": "llm_sim", "port": 6190},
+                    "worker": {"agent": "mine.steps:Steps", "port": 6161, "agent_path": [str(tmp_path)]}}
+        mesh = mesh_factory(services=services, policy=policy or {}, providers=providers or {})
+        mesh.up()
+        return mesh
+    return make
+
+
+def test_a_class_of_the_users_resumes_after_step_two_with_its_output(steps_mesh):
+    mesh = steps_mesh()
+    fault = {"kind": "latency", "latency_ms": 700}
+    assert mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/anthropic", fault)[0] == 200
+    run_id, task_id = run_task(mesh, "worker", "four steps")
+    first = mesh.service("worker")
+    wait_for(lambda: len(mesh.rows("SELECT step FROM checkpoints WHERE task_id = ?", (task_id,))) == 2, 30,
+             "two steps done")
+    os.kill(first["pid"], signal.SIGKILL)
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    run = ended(mesh, run_id)
+    assert run["status"] == "done", run
+    parts = run["result"].split(" | ")
+    assert [p.split("@")[0] for p in parts] == ["step1", "step2", "step3", "step4"]
+    by = [p.split("@")[1].split(":")[0] for p in parts]
+    assert by[0] == by[1] == first["incarnation"]  # carried over, not redone
+    assert by[2] == by[3] != first["incarnation"]  # the next incarnation went on from step 3
+    resumed = mesh.rows("SELECT payload FROM events WHERE kind = 'task_resumed' AND task_id = ?", (task_id,))
+    assert json.loads(resumed[-1]["payload"])["checkpoint"] == 2
+
+
+def test_a_class_of_the_users_switches_provider_along_the_chain(steps_mesh):
+    mesh = steps_mesh(policy={"max_restarts": 1},
+                      providers={"chain": ["anthropic", "openai", "ollama"], "default": "anthropic"})
+    assert mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/anthropic", {"kind": "error"})[0] == 200
+    run_id, task_id = run_task(mesh, "worker", "on another provider")
+    run = ended(mesh, run_id)
+    assert run["status"] == "done", run
+    switches = mesh.rows("SELECT from_provider, to_provider FROM retry_history WHERE retry_type = 'llm_change'")
+    assert [(s["from_provider"], s["to_provider"]) for s in switches] == [("anthropic", "openai")]
+    assert mesh.service("worker")["provider"] == "openai"
+
+
+def test_a_broken_agent_module_is_a_clear_start_failure(mesh_factory, tmp_path):
+    pkg = tmp_path / "broken"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "agent.py").write_text(textwrap.dedent("""
+        from common.agent import Agent
+
+        class Oops(Agent):
+            def work(self, task)
+                return "never"
+    """))
+    services = {"oops": {"agent": "broken.agent:Oops", "port": 6162, "agent_path": [str(tmp_path)]}}
+    mesh = mesh_factory(services=services, policy={"start_timeout": 5.0})
+    proc = mesh.tron("up", "--detach")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "oops is " in proc.stderr and "broken.agent:Oops" in proc.stderr, proc.stderr
+    assert "agent.py line 5" in proc.stderr, proc.stderr
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not mesh.history("oops"):
+        time.sleep(0.1)
+    assert mesh.history("oops"), "it is retried like any failing service (and crash-loops at the cap)"
+
+
+@pytest.mark.parametrize("provider,question,by_tool", [
+    ("anthropic", "How do supervisors restart crashing workers?", True),  # tool_choice any: a call is forced
+    ("openai", "How do supervisors restart crashing workers?", True),  # tool_choice required
+    ("ollama", "How do heartbeats and backoff keep workers alive?", True),  # no tool_choice: a relevant tool
+    ("ollama", "How do supervisors restart crashing workers?", False),  # nothing relevant: every note instead
+])
+def test_the_research_example_uses_its_tool_on_every_provider(mesh_factory, provider, question, by_tool):
+    services = {"llm-sim": {"role": "llm_sim", "port": 6190},
+                "researcher": {"agent": "research.agent:Researcher", "port": 6162,
+                               "agent_path": [str(REPO / "examples" / "research-agent")]}}
+    mesh = mesh_factory(services=services, providers={"default": provider,
+                                                      "chain": ["anthropic", "ollama", "openai"]})
+    mesh.up()
+    out = mesh.tron("run", "--agent", "researcher", "--json", question, timeout=60, check=True)
+    run = json.loads(out.stdout)
+    assert run["status"] == "done" and "sources: " in run["result"], run
+    [gather, summary] = mesh.rows("SELECT step_id, output FROM checkpoints WHERE task_id = ? ORDER BY step",
+                                  (f"{run['run_id']}.0",))
+    notes = json.loads(gather["output"])
+    assert notes["by_tool"] is by_tool and notes["notes"].startswith("# ")
+    assert len(notes["read"]) == 1 if by_tool else len(notes["read"]) == 4, notes["read"]
+    assert summary["step_id"] == "summarise" and run["result"].startswith(summary["output"].strip())
+    counters = mesh.http("GET", mesh.url("llm-sim") + "/sim/faults")[1]["providers"]
+    asked = {name: c["counters"]["served"] for name, c in counters.items() if c["counters"]["served"]}
+    assert list(asked) == [provider] and asked[provider] == (3 if by_tool else 2), asked  # call, answer, summary

@@ -1,0 +1,320 @@
+"""The agent SDK on its own: heartbeats on a fake clock, resumable steps, how a task's
+outcome reaches the daemon, and the bounded retries of hand-offs. The daemon is a fake
+that records what it was sent and answers as scripted; no process, no socket."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from common.agent import Abandon, Agent, Task, TaskFailed
+from common.clock import FakeClock
+from common.config import MeshConfig
+from common.http import MeshHTTPError
+from common.models import TaskAssign
+from common.service import ServiceContext, ServiceEnv, heartbeat_loop
+
+DAEMON = "http://127.0.0.1:7000"
+
+
+class FakeDaemon:
+    """Stands in for ServiceContext.client: ``answers[(method, path)]`` is a value to
+    return, an exception to raise, or a callable of the body giving either."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, object]] = []
+        self.answers: dict[tuple[str, str], object] = {}
+
+    async def _call(self, method: str, url: str, body=None):
+        path = url.removeprefix(DAEMON)
+        self.calls.append((method, path, body))
+        answer = self.answers.get((method, path), {})
+        if callable(answer) and not isinstance(answer, type):
+            answer = answer(body)
+            if asyncio.iscoroutine(answer):
+                answer = await answer
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def post(self, url: str, body=None, **kw):
+        return await self._call("POST", url, body)
+
+    async def get(self, url: str, **kw):
+        return await self._call("GET", url)
+
+    def sent(self, method: str, path: str) -> list:
+        return [b for m, p, b in self.calls if (m, p) == (method, path)]
+
+
+class InstantClock(FakeClock):
+    """Sleeps return at once, moving the clock and remembering how long they were."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slept: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)
+
+
+def make_ctx(**policy) -> ServiceContext:
+    config = MeshConfig.model_validate({
+        "policy": {"heartbeat_interval": 1.0, **policy},
+        "services": {"worker": {"agent": "mine.steps:Steps", "port": 7001}}})
+    env = ServiceEnv(service="worker", role="agent", port=7001, incarnation="i-000000000001", home=Path("/nonexistent"),
+                     daemon_url=DAEMON, token_file=Path("/nonexistent/token"))
+    ctx = ServiceContext(env, config, "t" * 32)
+    ctx.client = FakeDaemon()
+    return ctx
+
+
+def make_agent(**policy) -> tuple[Agent, FakeDaemon, InstantClock]:
+    agent = Agent(make_ctx(**policy))
+    agent.clock = InstantClock()
+    return agent, agent.ctx.client, agent.clock
+
+
+def assign(**kw) -> TaskAssign:
+    return TaskAssign(**{"task_id": "run-1.0", "run_id": "run-1", "kind": "run", "prompt": "p", "reply_to": "operator",
+                         **kw})
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+# -- heartbeats ------------------------------------------------------------------------------
+
+
+async def test_beats_go_out_on_a_fixed_schedule_carrying_the_task_and_its_progress():
+    ctx, clock = make_ctx(), FakeClock()
+    ctx.task_id, ctx.progress = "run-1.0", "step:2/4"
+    loop = asyncio.ensure_future(heartbeat_loop(ctx, clock))
+    await settle()
+    for _ in range(3):
+        clock.advance(1.0)
+        await settle()
+    beats = ctx.client.sent("POST", "/beat")
+    loop.cancel()
+    assert [b.seq for b in beats] == [0, 1, 2, 3]
+    assert {(b.task_id, b.progress, b.incarnation) for b in beats} == {("run-1.0", "step:2/4", "i-000000000001")}
+
+
+async def test_the_daemons_answer_sets_the_interval():
+    ctx, clock = make_ctx(), FakeClock()
+    ctx.client.answers[("POST", "/beat")] = {"interval": 0.25}
+    loop = asyncio.ensure_future(heartbeat_loop(ctx, clock))
+    await settle()
+    clock.advance(1.0)  # the first interval was 1.0 ...
+    await settle()
+    for _ in range(4):  # ... then every 0.25 s
+        clock.advance(0.25)
+        await settle()
+    loop.cancel()
+    assert len(ctx.client.sent("POST", "/beat")) == 6
+
+
+async def test_after_a_stall_one_beat_goes_at_once_and_then_the_schedule_resumes():
+    ctx, clock = make_ctx(), FakeClock(start=0.0)
+    release = asyncio.Event()
+    sent_at: list[float] = []
+
+    async def beat(body):
+        sent_at.append(clock.now())
+        if body.seq == 1:
+            await release.wait()  # the daemon (or this loop) stalls for five intervals
+        return {}
+
+    ctx.client.answers[("POST", "/beat")] = beat
+    loop = asyncio.ensure_future(heartbeat_loop(ctx, clock))
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    clock.advance(5.0)
+    release.set()
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    loop.cancel()
+    assert sent_at == [0.0, 1.0, 6.0, 7.0]  # no burst of the missed beats
+
+
+@pytest.mark.parametrize("status,verdict,advance,exits", [
+    (409, "stale_incarnation", 0.0, True),  # a newer incarnation replaced us
+    (404, "unknown_service", 5.0, False),  # not known yet: keep beating for stale_after
+    (404, "unknown_service", 31.0, True),  # not known for stale_after: a ghost of an earlier daemon
+    (500, None, 60.0, False),  # a daemon in trouble is no reason to stop
+])
+async def test_what_the_daemon_answers_decides_whether_the_agent_lives_on(status, verdict, advance, exits):
+    ctx, clock = make_ctx(stale_after=30.0), FakeClock()
+    body = '{"verdict": "%s"}' % verdict if verdict else "{}"
+    ctx.client.answers[("POST", "/beat")] = MeshHTTPError(status, DAEMON + "/beat", body)
+    loop = asyncio.ensure_future(heartbeat_loop(ctx, clock))
+    await settle()
+    for _ in range(int(advance)):
+        clock.advance(1.0)
+        await settle()
+    assert ctx.superseded.is_set() is exits and loop.done() is exits
+    loop.cancel()
+
+
+# -- steps -----------------------------------------------------------------------------------
+
+
+class Producer:
+    def __init__(self, agent: Agent, task: Task) -> None:
+        self.agent, self.task, self.seen = agent, task, []
+
+    def __call__(self, n: int):
+        async def produce(previous: str) -> str:
+            self.seen.append((n, previous, self.task.progress))
+            return f"out{n}"
+        return produce
+
+    async def run(self, steps: int = 4) -> list[str]:
+        return [await self.agent.step(self.task, n, f"s{n}", self(n), total=steps) for n in range(1, steps + 1)]
+
+
+async def test_fresh_steps_run_in_order_each_checkpointed_before_the_next():
+    agent, daemon, _ = make_agent()
+    task = Task(assign())
+    p = Producer(agent, task)
+    assert await p.run() == ["out1", "out2", "out3", "out4"]
+    assert p.seen == [(1, "", "step:1/4"), (2, "out1", "step:2/4"), (3, "out2", "step:3/4"), (4, "out3", "step:4/4")]
+    marks = daemon.sent("POST", "/tasks/run-1.0/checkpoint")
+    assert [(m.step, m.step_id, m.output) for m in marks] == [(n, f"s{n}", f"out{n}") for n in range(1, 5)]
+    assert daemon.sent("GET", "/tasks/run-1.0/checkpoints") == []
+
+
+async def test_a_resumed_task_skips_what_was_done_and_reads_earlier_outputs_once():
+    agent, daemon, _ = make_agent()
+    daemon.answers[("GET", "/tasks/run-1.0/checkpoints")] = [
+        {"step": 1, "step_id": "s1", "output": "old1"}, {"step": 2, "step_id": "s2", "output": "old2"}]
+    task = Task(assign(checkpoint={"step": 2, "step_id": "s2", "output": "old2"}, progress="step:3/4"))
+    p = Producer(agent, task)
+    assert await p.run() == ["old1", "old2", "out3", "out4"]
+    assert [s[:2] for s in p.seen] == [(3, "old2"), (4, "out3")]
+    assert len(daemon.sent("GET", "/tasks/run-1.0/checkpoints")) == 1
+    assert [m.step for m in daemon.sent("POST", "/tasks/run-1.0/checkpoint")] == [3, 4]
+
+
+async def test_earlier_outputs_that_cannot_be_read_are_produced_again_not_invented():
+    agent, daemon, _ = make_agent()
+    daemon.answers[("GET", "/tasks/run-1.0/checkpoints")] = OSError("connection refused")
+    task = Task(assign(checkpoint={"step": 2, "step_id": "s2", "output": "old2"}))
+    p = Producer(agent, task)
+    assert await p.run() == ["out1", "old2", "out3", "out4"]
+    assert [s[0] for s in p.seen] == [1, 3, 4]
+
+
+async def test_a_hard_reset_replays_every_verified_step_without_asking_the_registry():
+    agent, daemon, _ = make_agent()
+    replay = [{"step": 1, "step_id": "s1", "hash": "h1", "output": "v1"},
+              {"step": 2, "step_id": "s2", "hash": "h2", "output": "v2"}]
+    task = Task(assign(checkpoint=replay[-1], replay=replay))
+    p = Producer(agent, task)
+    assert await p.run(3) == ["v1", "v2", "out3"]
+    assert daemon.sent("GET", "/tasks/run-1.0/checkpoints") == []
+
+
+# -- outcomes ---------------------------------------------------------------------------------
+
+
+class Scripted(Agent):
+    def __init__(self, ctx, outcome) -> None:
+        super().__init__(ctx)
+        self.outcome = outcome
+
+    async def work(self, task: Task) -> str:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+@pytest.mark.parametrize("outcome,status,reason", [
+    ("the answer", "done", None),
+    (TaskFailed("no_sources", {"query": "q"}), "failed", "no_sources"),
+    (ValueError("a bug"), "failed", "internal_error:ValueError"),
+])
+async def test_every_end_of_a_task_is_handed_to_the_daemon(outcome, status, reason):
+    agent = Scripted(make_ctx(), outcome)
+    agent.clock = InstantClock()
+    task = Task(assign())
+    agent.active[task.id] = task
+    await agent._run(task)
+    [finish] = agent.ctx.client.sent("POST", "/tasks/run-1.0/finish")
+    assert (finish["status"], finish["reason"]) == (status, reason)
+    assert finish["incarnation"] == "i-000000000001" and task.id not in agent.active
+    if status == "done":
+        assert finish["result"] == "the answer"
+
+
+async def test_an_abandoned_task_is_left_to_the_ladder():
+    agent = Scripted(make_ctx(), Abandon())
+    await agent._run(Task(assign()))
+    assert agent.ctx.client.sent("POST", "/tasks/run-1.0/finish") == []
+
+
+@pytest.mark.parametrize("failures,tries,ok", [
+    ([], 1, True),
+    ([OSError("refused"), asyncio.TimeoutError()], 3, True),  # the daemon restarting: retried
+    ([MeshHTTPError(503, "u", "busy")] * 3, 4, True),
+    ([MeshHTTPError(422, "u", "bad")], 1, False),  # refused: retrying cannot help
+    ([OSError("refused")] * 10, 5, False),  # bounded
+])
+async def test_hand_offs_retry_a_bounded_number_of_times_with_capped_backoff(failures, tries, ok):
+    agent, _, clock = make_agent()
+    queue = list(failures)
+    attempts = []
+
+    async def call():
+        attempts.append(1)
+        if queue:
+            raise queue.pop(0)
+
+    assert await agent._retrying(call, what="x", attempts=5) is ok
+    assert len(attempts) == tries
+    assert all(0 < s <= 2.0 * 1.1 for s in clock.slept) and len(clock.slept) == tries - 1
+
+
+# -- direct SDK calls ----------------------------------------------------------------------------
+
+
+async def test_a_direct_sdk_call_returns_what_the_sdk_returned(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    agent, daemon, _ = make_agent()
+    reply = await agent.call_llm(Task(assign()), lambda client: _answer(client))
+    assert reply == "AsyncAnthropic" and daemon.sent("POST", "/control/report_failure") == []
+
+
+async def _answer(client):
+    return type(client).__name__
+
+
+@pytest.mark.parametrize("key,error,reason,retryable", [
+    ("sk-ant-test", asyncio.TimeoutError(), "timeout", True),
+    ("sk-ant-test", ConnectionRefusedError("refused"), "connection_error", True),
+    (None, None, "not_configured", False),  # no key and no llm-sim: said, not crashed on
+])
+async def test_a_failed_sdk_call_is_classified_reported_and_left_to_the_ladder(monkeypatch, key, error, reason,
+                                                                             retryable):
+    if key:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    else:
+        monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    agent, daemon, _ = make_agent()
+
+    async def request(client):
+        raise error
+
+    with pytest.raises(Abandon):
+        await agent.call_llm(Task(assign()), request)
+    [report] = daemon.sent("POST", "/control/report_failure")
+    assert (report["reason"], report["retryable"], report["task_id"]) == (reason, retryable, "run-1.0")
+    assert key is None or key not in str(report)

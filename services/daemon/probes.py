@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 from typing import Callable
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -31,28 +32,13 @@ from common.http import MeshClient
 from common.models import Reason
 from common.monitor import Monitor
 from common.states import ServiceState
+from services.daemon.sockdiag import listening_inodes
 from services.daemon.spawner import tree_of
 from services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
 # How often a command without a liveness probe is checked for a stopped main process.
 STOPPED_CADENCE = Probe(exec={"command": ["true"]}, interval=1.0, failure_threshold=3)
-
-
-def listening_inodes(port: int) -> set[str]:
-    """Socket inodes listening on a TCP port, from /proc/net/tcp{,6} (one read each: much
-    cheaper than walking every process's descriptors)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])
-    return inodes
 
 
 def holds_socket(pids: set[int], inodes: set[str]) -> bool | None:
@@ -138,11 +124,20 @@ class ProbeChecks:
         tail = out.decode(errors="replace").strip()[-120:]
         return proc.returncode == 0, f"exit {proc.returncode}" + (f": {tail}" if tail else "")
 
+    def probe_port(self, svc: Service, probe: Probe) -> int | None:
+        """The loopback port an http or tcp probe asks (None: an exec probe, another host)."""
+        if probe.kind == "exec":
+            return None
+        if probe.http and probe.http.url:
+            url = urlsplit(probe.http.url.format(**self.values(svc)))
+            return (url.port or 80) if url.hostname in ("127.0.0.1", "localhost", "::1") else None
+        return (probe.http.port if probe.http else probe.tcp.port) or svc.spec.port
+
     def port_is_ours(self, svc: Service, probe: Probe) -> bool:
         """The listener on the service's port belongs to the new incarnation's tree: an
         answer from a leftover of an old tree does not make the new one healthy."""
-        port = (probe.http.port if probe.http else probe.tcp.port if probe.tcp else None) or svc.spec.port
-        if probe.kind == "exec" or port != svc.spec.port or svc.child is None:
+        port = self.probe_port(svc, probe)
+        if port != svc.spec.port or svc.child is None:
             return True
         inodes = listening_inodes(port)
         if not inodes:

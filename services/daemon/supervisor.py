@@ -31,6 +31,7 @@ from common.monitor import Monitor, Signal
 from common.paths import Home
 from common.states import SERVICE, ServiceState
 from services.daemon.metrics import DaemonMetrics
+from services.daemon.sockdiag import listening_inodes
 from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, describe, home_processes
 
 log = logging.getLogger("tron.daemon")
@@ -272,6 +273,8 @@ class Supervisor:
         """The new incarnation serves: an agent's /health names its incarnation; a program
         passes its startup probe (or readiness, or liveness) from its own process tree."""
         if svc.spec.is_agent:
+            if not listening_inodes(svc.spec.port):
+                return False  # not serving yet: a sock_diag read is a fifth of a refused HTTP try
             try:
                 body = await self.client.get(svc.spec.health_url, timeout=1.0)
                 return isinstance(body, dict) and body.get("incarnation") == incarnation
@@ -282,6 +285,9 @@ class Supervisor:
         probe = svc.spec.first_probe
         if probe is None:
             return True  # nothing to ask: started is healthy
+        port = self.checks.probe_port(svc, probe)
+        if port is not None and not listening_inodes(port):
+            return False
         ok, _ = await self.checks.check(svc, probe)
         return ok and await asyncio.to_thread(self.checks.port_is_ours, svc, probe)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.daemon.probes import listening_inodes
+from services.daemon.sockdiag import listening_inodes
 from services.daemon.spawner import tree_of
 from tests.harness import REPO, cleanup, make_mesh, wait_for
 

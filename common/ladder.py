@@ -267,7 +267,9 @@ class Situation:
             return Escalate(case=case, reason=reason, restart=restart)
         decision = self.top_decision(reason)
         if isinstance(decision, SwitchProvider):
-            return replace(decision, delay=restart.delay)
+            # At once, whatever the unstable streak: the failures that built it were the old
+            # provider's, and switches are bounded per task (max_provider_switches).
+            return decision
         return replace(decision, restart=restart)
 
 

@@ -59,7 +59,10 @@ class TaskActions:
 
     # -- the verbs --------------------------------------------------------------------------------
 
-    async def _retry(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
+    def _retryable(self, task: dict):
+        """The agent a retry goes to, once everything a retry needs is checked: verbs that
+        change something first (resume sets steps aside, hard reset arms a replay) call
+        this before they do, so a refusal changes nothing."""
         status = TaskState(task["status"])
         if status == TaskState.DONE:
             raise Refused(409, f"task {task['task_id']} is done: nothing to retry")
@@ -67,16 +70,21 @@ class TaskActions:
         if svc is None or svc.stopped:
             raise Refused(409, f"task {task['task_id']} belongs to {task['agent']}, which is stopped")
         if status in LIVE_TASK_STATES:
+            if self.sup.spawning_paused:
+                raise Refused(409, "spawning is paused (`tron spawning resume`)")
+            if svc.replacing is not None or svc.state not in (ServiceState.RUNNING, ServiceState.STARTING,
+                                                              ServiceState.FAILED):
+                raise Refused(409, f"{svc.name} is {svc.state}: its next incarnation takes the task anyway")
+        return svc
+
+    async def _retry(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
+        svc = self._retryable(task)
+        if TaskState(task["status"]) in LIVE_TASK_STATES:
             return await self._restart_with(task, svc, actor=actor, reason=reason)
         return await self._reopen_run(task, actor=actor)
 
     async def _restart_with(self, task: dict, svc, *, actor: str, reason: str) -> dict:
         """A live task, a new attempt now: its agent replaced, the task going with it."""
-        if self.sup.spawning_paused:
-            raise Refused(409, "spawning is paused (`tron spawning resume`)")
-        if svc.replacing is not None or svc.state not in (ServiceState.RUNNING, ServiceState.STARTING,
-                                                          ServiceState.FAILED):
-            raise Refused(409, f"{svc.name} is {svc.state}: its next incarnation takes the task anyway")
         if task["status"] == TaskState.ESCALATED:
             await self.store.release_task(task["task_id"], svc.provider)
         ref = new_id("op-")
@@ -105,6 +113,7 @@ class TaskActions:
 
     async def _hard_reset(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
         steps = await self._verified(task, upto=None)
+        self._retryable(task)
         self.ledger.replay[task["task_id"]] = True
         outcome = await self._retry(task, actor=actor, reason=reason)
         return {**outcome, "replayed": [s["step"] for s in steps]}
@@ -116,6 +125,7 @@ class TaskActions:
             raise Refused(422, f"from_step must be between 1 and {last + 1} for task {task['task_id']} "
                                f"({last} steps recorded)")
         kept = await self._verified(task, upto=from_step)
+        self._retryable(task)
         set_aside = await self.store.drop_checkpoints(task["task_id"], from_step, by=actor)
         outcome = await self._retry(task, actor=actor, reason=reason)
         return {**outcome, "kept": [s["step"] for s in kept], "set_aside": [s["step"] for s in set_aside]}

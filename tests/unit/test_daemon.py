@@ -360,3 +360,17 @@ async def test_task_actions_follow_the_task_machine_and_act_once(rig):
     assert [(a["what"], a["outcome"].split(":")[0]) for a in audit] == [
         ("task_resume", "refused"), ("task_resume", "retrying"), ("task_hard_reset", "refused"),
         ("task_cancel", "cancelled"), ("task_cancel", "already_cancelled"), ("task_retry", "reopened")]
+
+
+@pytest.mark.parametrize("verb", ["resume", "hard_reset"])
+async def test_a_refused_resume_or_hard_reset_changes_nothing(rig, verb):
+    from services.daemon.audit import Refused
+
+    await _task_for(rig, agent="worker", task_id="r-2.0")
+    for n, name in ((1, "draft"), (2, "review")):
+        await rig.store.add_checkpoint("r-2.0", n, name, f"the {name}", "i-x")
+    await rig.daemon.ledger.finish_task("r-2.0", TaskState.DONE, "finished", None, {}, "i-x")
+    with pytest.raises(Refused, match="is done: nothing to retry"):
+        await rig.daemon.tasks.act(verb, "r-2.0", actor="ops", reason="x", from_step=1)
+    assert [m["step"] for m in await rig.store.checkpoints("r-2.0")] == [1, 2]  # nothing set aside
+    assert "r-2.0" not in rig.daemon.ledger.replay  # no replay armed for a later retry

@@ -47,8 +47,10 @@ system-deps:
 	           --no-install-recommends $$missing >/dev/null; }; \
 	  else echo "not installed (tests that need them will be skipped):$$missing"; fi; fi
 
+# Three workers on 2 cores: the meshes mostly wait on each other's processes. loadfile keeps a
+# file's tests (and its module-scoped mesh or browser) on one worker.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -187,9 +187,19 @@ class Agent:
 
     @require_token
     async def _h_task(self, request: web.Request) -> web.Response:
-        assign = await parse(request, TaskAssign)
-        if assign.task_id in self.active:
-            return web.json_response({"status": "already_running", "task_id": assign.task_id})
+        answer = self.take(await parse(request, TaskAssign))
+        return web.json_response(answer, status=202 if answer["status"] == "accepted" else 200)
+
+    def take(self, assign: TaskAssign) -> dict:
+        """Start working on a task, once: the same attempt again is already running; a
+        later attempt (an operator retried it) stops the older one and takes its place."""
+        current = self.active.get(assign.task_id)
+        if current is not None:
+            if assign.attempt <= current.assign.attempt:
+                return {"status": "already_running", "task_id": assign.task_id}
+            run = self._runs.get(assign.task_id)
+            if run is not None:
+                run.cancel()
         if assign.provider:
             self.ctx.provider = assign.provider
         task = Task(assign, progress=assign.progress)
@@ -198,7 +208,7 @@ class Agent:
         logs.comms("task_received", src=assign.reply_to, dst=self.name, task=assign.task_id, run=assign.run_id,
                    incarnation=self.ctx.env.incarnation, attempt=assign.attempt, progress=assign.progress)
         self._runs[assign.task_id] = self._bg_task(self._run(task))
-        return web.json_response({"status": "accepted", "task_id": assign.task_id}, status=202)
+        return {"status": "accepted", "task_id": assign.task_id}
 
     def set_progress(self, task: Task, marker: str) -> None:
         """Record how far the task has got; carried by the next beat, and handed to
@@ -289,8 +299,6 @@ class Agent:
         try:
             result = await self.work(task)
         except Abandon:
-            self.active.pop(a.task_id, None)
-            self._refresh_beat_fields()
             return
         except TaskFailed as err:
             status, reason, detail = "failed", err.reason, err.detail
@@ -298,18 +306,20 @@ class Agent:
             log.exception("task %s crashed", a.task_id)
             status, reason, detail = "failed", f"internal_error:{type(err).__name__}", {"error": str(err)[:500]}
         finally:
-            self.active.pop(a.task_id, None)
-            self._runs.pop(a.task_id, None)
+            if self.active.get(a.task_id) is task:  # not a newer attempt's, which may have taken the slot
+                self.active.pop(a.task_id, None)
+                self._runs.pop(a.task_id, None)
             self._refresh_beat_fields()
         outcome = TaskResult(task_id=a.task_id, run_id=a.run_id, status=status, result=result, reason=reason,
                              detail=detail, service=self.name, incarnation=self.ctx.env.incarnation)
-        await self._finish(outcome, a.reply_to)
+        await self._finish(outcome, a.reply_to, a.attempt)
 
-    async def _finish(self, outcome: TaskResult, reply_to: str) -> None:
+    async def _finish(self, outcome: TaskResult, reply_to: str, attempt: int | None = None) -> None:
         """Hand the result to the daemon, which records it and delivers it to the parent:
-        if we die the moment after, nothing is lost."""
+        if we die the moment after, nothing is lost. The attempt is named, so a late end of
+        an attempt an operator has since retried is refused, not taken for the new one's."""
         finish = {"status": outcome.status, "result": outcome.result, "reason": outcome.reason,
-                  "detail": outcome.detail, "incarnation": outcome.incarnation}
+                  "detail": outcome.detail, "incarnation": outcome.incarnation, "attempt": attempt}
         logs.comms("task_finished", src=self.name, dst="daemon", task=outcome.task_id, run=outcome.run_id,
                    status=outcome.status, reason=outcome.reason, incarnation=self.ctx.env.incarnation, to=reply_to)
         await self._retrying(lambda: self.ctx.client.post(f"{self.daemon}/tasks/{outcome.task_id}/finish", finish),

@@ -198,6 +198,7 @@ class TaskFinish(Msg):
     reason: str | None = Field(None, max_length=128)
     detail: dict[str, Any] = {}
     incarnation: str | None = None
+    attempt: int | None = Field(None, ge=1)  # the attempt this is the end of (a stale one is refused)
 
 
 class EscalationRecord(Msg):

@@ -458,18 +458,21 @@ class Runner:
                         next_run += max(2.0, duration / 10)
                     time.sleep(0.02)
                 kind = rng.choice(kinds)
-                running = [x["name"] for x in self.mesh.status()["services"] if x["state"] == "running" and x["pid"]]
-                pool = [n for n in (agents if kind == "runaway" else names) if n in running or kind == "provider"]
-                if not pool:
-                    continue  # everything of that kind is down at this instant
-                target = rng.choice(pool)
-                incarnation = self.mesh.service(target)["incarnation"]
-                done = self._chaos_fault(kind, target, rng, stopped)
-                if done:
-                    counts[kind] += 1
-                    drill.mark(f"fault {kind}", done)
-                    if kind != "provider":
-                        pending.append((target, incarnation))
+                give_up = time.monotonic() + 3.0  # every target of that kind may be down at this instant
+                while time.monotonic() < give_up:
+                    running = [x["name"] for x in self.mesh.status()["services"]
+                               if x["state"] == "running" and x["pid"]]
+                    pool = [n for n in (agents if kind == "runaway" else names) if n in running or kind == "provider"]
+                    target = rng.choice(pool) if pool else None
+                    incarnation = self.mesh.service(target)["incarnation"] if target else None
+                    done = self._chaos_fault(kind, target, rng, stopped) if target else None
+                    if done:
+                        counts[kind] += 1
+                        drill.mark(f"fault {kind}", done)
+                        if kind != "provider":
+                            pending.append((target, incarnation))
+                        break
+                    time.sleep(0.1)
             drill.mark("faults done", f"{sum(counts.values())} injected")
             # No fault may outlive the drill: every hit incarnation must have been replaced
             # (a runaway, say, is only caught progress_timeout after it was injected).

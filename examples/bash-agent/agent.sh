@@ -74,7 +74,7 @@ while true; do
         "{\"step\":$step,\"step_id\":\"step-$step\",\"output\":$(json_str "$output"),\"incarnation\":\"$TRON_INCARNATION\"}" >/dev/null
   done
   api POST "/tasks/$TASK_ID/finish" \
-      "{\"status\":\"done\",\"result\":$(json_str "$output"),\"incarnation\":\"$TRON_INCARNATION\"}" >/dev/null
+      "{\"status\":\"done\",\"result\":$(json_str "$output"),\"incarnation\":\"$TRON_INCARNATION\",\"attempt\":$ATTEMPT}" >/dev/null
   echo "task $TASK_ID: done"
   echo -n "" > "$state/task"; echo -n "" > "$state/progress"
 done

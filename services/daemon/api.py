@@ -439,8 +439,13 @@ async def finish_task(request: web.Request) -> web.Response:
     d = _d(request)
     body = await parse(request, TaskFinish)
     task_id = _id(request, "task_id")
-    if await d.store.task(task_id) is None:
+    task = await d.store.task(task_id)
+    if task is None:
         return error(404, f"no task {task_id!r}")
+    if body.attempt is not None and body.attempt != task["attempt"]:
+        # An earlier attempt's late word (an operator retried the task meanwhile): not this one's end.
+        return error(409, f"task {task_id} is on attempt {task['attempt']}, not {body.attempt}",
+                     verdict="stale_attempt")
     changed = await d.ledger.finish_task(task_id, TaskState(body.status), body.result, body.reason, body.detail,
                                          body.incarnation)
     return web.json_response({"changed": changed})

@@ -46,6 +46,9 @@ def run_task(mesh, agent: str, prompt: str) -> tuple[str, str]:
     code, run = mesh.http("POST", mesh.url("daemon") + "/runs", {"prompt": prompt})
     assert code == 201, run
     task_id = f"{run['run_id']}.0"
+    late = {"status": "failed", "reason": "late", "attempt": 2}  # the word of an attempt that is not this one
+    code, body = mesh.http("POST", mesh.url("daemon") + f"/tasks/{task_id}/finish", late)
+    assert code == 409 and body["verdict"] == "stale_attempt", body
     bad = mesh.tron("run", "--agent", "nobody", "x")
     assert bad.returncode != 0 and "no service 'nobody'" in bad.stderr
     code, body = mesh.http("POST", mesh.url("daemon") + "/tasks", {

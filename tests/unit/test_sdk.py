@@ -255,6 +255,30 @@ async def test_every_end_of_a_task_is_handed_to_the_daemon(outcome, status, reas
         assert finish["result"] == "the answer"
 
 
+async def test_a_later_attempt_replaces_a_running_one_whose_end_is_never_sent():
+    started: list[int] = []
+    release = asyncio.Event()
+
+    class Slow(Agent):
+        async def work(self, task: Task) -> str:
+            started.append(task.assign.attempt)
+            await release.wait()
+            return f"attempt {task.assign.attempt}"
+
+    agent = Slow(make_ctx())
+    agent.clock = InstantClock()
+    assert agent.take(assign(attempt=1))["status"] == "accepted"
+    await settle()
+    assert agent.take(assign(attempt=1))["status"] == "already_running"
+    assert agent.take(assign(attempt=2))["status"] == "accepted"  # an operator retried it
+    await settle()
+    release.set()
+    await settle()
+    finishes = agent.ctx.client.sent("POST", "/tasks/run-1.0/finish")
+    assert started == [1, 2] and [(f["result"], f["attempt"]) for f in finishes] == [("attempt 2", 2)]
+    assert agent.active == {} and agent._runs == {}
+
+
 async def test_an_abandoned_task_is_left_to_the_ladder():
     agent = Scripted(make_ctx(), Abandon())
     await agent._run(Task(assign()))

@@ -169,6 +169,12 @@ class ServiceSpec(_Strict):
     # A command that speaks the agent contract (beats, claims tasks): watched by its beats,
     # ready at its first accepted beat, handed the mesh token's path.
     heartbeat: bool = False
+    # The listening socket, held by the daemon across restarts so callers wait in the
+    # kernel's backlog instead of being refused (systemd's socket activation: LISTEN_FDS,
+    # LISTEN_PID, fd 3). Agents always get it unless socket = "none"; a command gets it
+    # with socket = "inherit" (gunicorn reads LISTEN_FDS, uvicorn takes --fd 3).
+    socket: Literal["inherit", "none"] | None = None
+    backlog: int = Field(128, ge=1, le=65535)  # connections the kernel queues while no incarnation accepts
     env: dict[str, str] = {}
     cwd: str | None = None  # default: the mesh file's directory
     user: str | None = None  # drop privileges to this user (postgres refuses to run as root)
@@ -210,6 +216,11 @@ class ServiceSpec(_Strict):
     def is_agent(self) -> bool:
         """Runs on Tron's agent runtime (a built-in role or a user's class)."""
         return self.command is None
+
+    @property
+    def holds_socket(self) -> bool:
+        """The daemon holds this service's listening socket and hands it to each incarnation."""
+        return self.socket == "inherit" or (self.socket is None and self.is_agent)
 
     @property
     def beats(self) -> bool:

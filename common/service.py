@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,24 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
 
 
 Build = Callable[[ServiceContext], Awaitable[web.Application] | web.Application]
+LISTEN_FD = 3  # systemd's SD_LISTEN_FDS_START
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket the daemon handed this incarnation at fd 3 (LISTEN_FDS,
+    LISTEN_PID: systemd's convention), if it is for this process. The LISTEN_* variables
+    are removed either way, so a program this one starts does not take the socket too."""
+    env = os.environ
+    count = env.get("LISTEN_FDS", "0")
+    ours = env.get("LISTEN_PID") == str(os.getpid()) and count.isdigit() and int(count) >= 1
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    if not ours:
+        return None
+    sock = socket.socket(fileno=LISTEN_FD)
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
 
 
 async def _serve(build: Build) -> None:
@@ -158,9 +177,14 @@ async def _serve(build: Build) -> None:
     app.router.add_get("/health", _health)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", env.port, reuse_address=True)
+    held = inherited_socket()  # the daemon's: callers wait in its backlog while we restart
+    spec = config.services.get(env.service)
+    backlog = spec.backlog if spec is not None else 128  # create_server listens again: keep the configured size
+    site = web.SockSite(runner, held, backlog=backlog) if held else \
+        web.TCPSite(runner, "127.0.0.1", env.port, reuse_address=True, backlog=backlog)
     await site.start()
-    log.info("serving", extra={"port": env.port, "pid": os.getpid(), "provider": ctx.provider})
+    log.info("serving", extra={"port": env.port, "pid": os.getpid(), "provider": ctx.provider,
+                               "socket": "inherited" if held else "bound"})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -431,6 +431,50 @@ class Runner:
         drill.data.update(kills=kills_wanted, back_after=returns, delays=delays)
         return drill
 
+    # -- handover ----------------------------------------------------------------------------
+
+    def handover(self, name: str, kills: int = 10, path: str = "/health", workers: int = 2,
+                 interval: float = 1.0) -> Drill:
+        """Kill ``name`` ``kills`` times while clients ask it in a tight loop. With the
+        socket held by the daemon nobody is refused: requests wait in the backlog for the
+        next incarnation; only those inside the killed process fail."""
+        from scripts.loadloop import RequestLoop
+
+        before = self.service(name)
+        spec = self.config.services[name]
+        drill = Drill("handover", f"{name}: {kills} kills under {workers} request loop(s)")
+        held = spec.holds_socket
+        drill.t0 = time.monotonic()
+        drill.mark("socket", "held by the daemon (LISTEN_FDS)" if held else "bound by the program itself")
+        current, back_after = before, []
+        self.label(f"handover:{name}")
+        try:
+            with RequestLoop(spec.port, path, workers=workers) as loop:
+                time.sleep(interval)
+                warm = loop.counts.answered
+                for n in range(1, kills + 1):
+                    os.kill(current["pid"], signal.SIGKILL)
+                    t_kill = time.monotonic()
+                    drill.mark("fault injected", f"SIGKILL #{n} pid {current['pid']}")
+                    current = self.back(name, current["incarnation"], self.recovery_bound())
+                    back_after.append(round(time.monotonic() - t_kill, 3))
+                    drill.mark("back", f"pid {current['pid']} after {back_after[-1]:.3f}s")
+                    time.sleep(interval)
+        finally:
+            self.label(None)
+        counts = loop.counts.summary()
+        drill.mark("loop stopped", f"{counts['answered']} answered, {counts['refused']} refused, "
+                                   f"{counts['failed']} failed")
+        drill.check(f"answered before the first kill ({warm})", warm > 0)
+        drill.check(f"back after every one of {kills} kills", len(back_after) == kills)
+        drill.check(f"no request refused ({counts['refused']})", counts["refused"] == 0)
+        drill.check(f"only requests inside a killed process failed ({counts['failed']} <= {kills} kills x "
+                    f"{workers} loops)", counts["failed"] <= kills * workers)
+        drill.data.update(summary={"kills": kills, "workers": workers, "socket": "held" if held else "own",
+                                   "back_after": back_after, **counts})
+        drill.data["latency"] = {k: counts[k] for k in ("p50_ms", "p99_ms", "max_ms")}
+        return drill
+
     # -- chaos --------------------------------------------------------------------------------
 
     def chaos(self, faults: int, duration: float, seed: int | None) -> Drill:

@@ -492,6 +492,8 @@ def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
             drill = runner.chaos(args.faults, args.duration, args.seed)
         elif args.drill == "provider-outage":
             drill = runner.provider_outage(args.provider)
+        elif args.drill == "handover":
+            drill = runner.handover(args.name, args.kills, args.path, args.workers, args.interval)
         else:
             drill = getattr(runner, args.drill.replace("-", "_"))(args.name)
     except DrillError as err:
@@ -600,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--json", action="store_true")
     d = dsub.add_parser("provider-outage", help="make one provider fail every call")
     d.add_argument("provider", choices=["anthropic", "ollama"])
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("handover", help="kill a service repeatedly under a request loop: nobody may be refused")
+    d.add_argument("name")
+    d.add_argument("--kills", type=int, default=10)
+    d.add_argument("--path", default="/health", help="what the loop asks for (default /health)")
+    d.add_argument("--workers", type=int, default=2, help="request loops in parallel")
+    d.add_argument("--interval", type=float, default=1.0, help="seconds between a recovery and the next kill")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("chaos", help="random faults while runs are submitted, then the invariants")
     d.add_argument("--faults", type=int, default=30)

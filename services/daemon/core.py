@@ -219,6 +219,8 @@ class Daemon:
             self.sup.stopping = True
             await asyncio.gather(*(self.sup.stop(self.sup[name], reason="tron_down")
                                    for name in reversed(self.config.start_order())), return_exceptions=True)
+            for svc in self.sup.services.values():
+                self.sup.close_listener(svc)  # nothing of this mesh listens once it is down
             await self.sup.spawner.close()
         if self.monitor_thread:
             self.monitor_thread.stop()

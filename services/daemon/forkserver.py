@@ -21,6 +21,8 @@ server. A dead server is replaced the same way.
 Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
     {"op": "spawn", "module", "env", "cwd", "log"}   -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
+A spawn may carry one descriptor (SCM_RIGHTS): the service's listening socket, which the
+child gets at fd 3 with LISTEN_PID set to its own pid (the daemon sets LISTEN_FDS).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _stale(sources: dict[str, float]) -> str | None:
     return None
 
 
-def _become_service(req: dict) -> None:
+def _become_service(req: dict, fds: list[int]) -> None:
     """In the new incarnation: a fresh session, its own stdio, environment and cwd,
     then run the role module as __main__. Never returns."""
     code = 1
@@ -92,9 +94,14 @@ def _become_service(req: dict) -> None:
         # plain spawn with PYTHONUNBUFFERED does.
         sys.stdout.reconfigure(line_buffering=True, write_through=True)
         sys.stderr.reconfigure(line_buffering=True, write_through=True)
-        os.closerange(3, 65536)  # the control socket and anything else of the server's
+        if fds:  # the daemon's listening socket, at fd 3 as systemd hands it over
+            os.dup2(fds[0], LISTEN_FD)
+            os.set_inheritable(LISTEN_FD, True)
+        os.closerange(LISTEN_FD + 1 if fds else LISTEN_FD, 65536)  # the control socket and the rest of ours
         os.environ.clear()
         os.environ.update(req["env"])
+        if fds:
+            os.environ["LISTEN_PID"] = str(os.getpid())
         os.chdir(req["cwd"])
         random.seed()  # the server's random state must not be shared by every incarnation
         sys.argv = [req["module"]]
@@ -123,7 +130,7 @@ def _set_title(title: str) -> None:
     setproctitle(title)
 
 
-def _fork(req: dict) -> int:
+def _fork(req: dict, fds: list[int]) -> int:
     r, w = os.pipe()
     mid = os.fork()
     if mid == 0:  # intermediate: fork the service and leave at once
@@ -132,7 +139,7 @@ def _fork(req: dict) -> int:
             pid = os.fork()
             if pid == 0:
                 os.close(w)
-                _become_service(req)
+                _become_service(req, fds)
             os.write(w, str(pid).encode())
         finally:
             os._exit(0)
@@ -160,6 +167,7 @@ def _die_with(parent: int) -> None:
 
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 CANNOT_RUN = 3  # an exit code the daemon does not retry: a new launch would fail the same way
+LISTEN_FD = 3  # where a held listening socket goes in the child (systemd's SD_LISTEN_FDS_START)
 
 
 def serve(sock_path: str, parent: int | None = None) -> int:
@@ -192,24 +200,42 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
     while True:
         conn, _ = server.accept()
-        with conn, conn.makefile("rwb") as f:
-            line = f.readline()
-            if not line:
+        fds: list[int] = []
+        with conn:
+            try:
+                line, fds = _receive(conn)
+            except OSError:
                 continue
             try:
-                req = json.loads(line)
+                req = json.loads(line) if line else None
             except json.JSONDecodeError as err:
                 reply = {"ok": False, "error": f"bad request: {err}"}
             else:
-                reply = _handle(req, sources)
-            f.write(json.dumps(reply).encode() + b"\n")
-            f.flush()
+                reply = _handle(req, sources, fds) if req is not None else {"ok": False, "error": "empty request"}
+            finally:
+                for fd in fds:  # the children have their copies
+                    os.close(fd)
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
             if reply.get("stale"):
                 print(json.dumps({"msg": "fork server out of date, exiting", "changed": reply["error"]}), flush=True)
                 return 0
 
 
-def _handle(req: dict, sources: dict[str, float]) -> dict:
+def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """One request line, and the descriptors sent with it (SCM_RIGHTS)."""
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 4)
+    while data and not data.endswith(b"\n"):
+        more = conn.recv(1 << 16)
+        if not more:
+            break
+        data += more
+    return data, list(fds)
+
+
+def _handle(req: dict, sources: dict[str, float], fds: list[int]) -> dict:
     if req.get("op") == "ping":
         return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules)}
     if req.get("op") != "spawn":
@@ -218,7 +244,7 @@ def _handle(req: dict, sources: dict[str, float]) -> dict:
     if changed:
         return {"ok": False, "stale": True, "error": f"{changed} changed since the fork server started"}
     try:
-        return {"ok": True, "pid": _fork(req)}
+        return {"ok": True, "pid": _fork(req, fds)}
     except OSError as err:
         return {"ok": False, "error": f"fork failed: {err}"}
 

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +40,7 @@ from typing import Callable, Protocol
 import psutil
 
 from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
+from services.daemon.listeners import open_listener, recover_listener
 
 log = logging.getLogger("tron.spawner")
 
@@ -55,7 +59,7 @@ class SpawnSpec:
     log: Path
     module: str | None = None  # an agent module the fork server can run instead of argv
     user: str | None = None  # drop privileges to this user before exec
-    pass_fds: tuple[int, ...] = ()  # inherited sockets (fd 3 onwards, systemd's convention)
+    listen_fd: int | None = None  # the held listening socket, handed over as fd 3 (systemd's convention)
 
 
 @dataclass
@@ -97,6 +101,10 @@ class Spawner(Protocol):
     async def kill(self, child: Child) -> None: ...
 
     def leftovers(self, child: Child) -> list[int]: ...
+
+    def listen(self, port: int, backlog: int) -> socket.socket: ...  # raises ListenerError
+
+    def recover_listener(self, pid: int, port: int) -> socket.socket | None: ...
 
     def status(self) -> dict | None: ...
 
@@ -240,6 +248,20 @@ def describe(procs: list[psutil.Process]) -> list[str]:
 # -- the local spawner -------------------------------------------------------------------------
 
 
+def _listen_on_fd3(fd: int) -> None:
+    """In the child, before exec: the held socket becomes fd 3, inheritable."""
+    os.dup2(fd, 3)
+
+
+def _check_runnable(command: str, env: dict[str, str], cwd) -> None:
+    """What Popen would raise for a program it cannot run, said before a shell runs it."""
+    path = command if os.sep in command else shutil.which(command, path=env.get("PATH", os.defpath))
+    if path is None or not os.path.exists(os.path.join(str(cwd), path)):
+        raise SpawnError(f"command not found: {command}")
+    if not os.access(os.path.join(str(cwd), path), os.X_OK):
+        raise SpawnError(f"permission denied: {command}")
+
+
 class LocalSpawner:
     def __init__(self, on_exit: ExitCallback, *, forkserver: "ForkServerClient | None" = None) -> None:
         self.on_exit = on_exit
@@ -271,17 +293,23 @@ class LocalSpawner:
     async def spawn(self, spec: SpawnSpec) -> Child:
         """Start one incarnation: forked from the fork server when it can serve an agent
         module, else a plain spawn. Raises SpawnError when it cannot start at all."""
-        if spec.module and self.forkserver is not None and not spec.user and not spec.pass_fds:
-            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log)
+        if spec.module and self.forkserver is not None and not spec.user:
+            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd)
             if pid is not None:
                 return self._track(Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork"))
         spec.log.parent.mkdir(parents=True, exist_ok=True)
+        argv, extra = spec.argv, {"close_fds": True}
+        if spec.listen_fd is not None:
+            _check_runnable(spec.argv[0], spec.env, spec.cwd)  # sh would only say so in the log
+            # fd 3 is made in the child before exec; every other descriptor of the daemon is
+            # close-on-exec (PEP 446). LISTEN_PID is the program's own pid: sh's, kept by exec.
+            argv = ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"', *spec.argv]
+            extra = {"close_fds": False, "preexec_fn": functools.partial(_listen_on_fd3, spec.listen_fd)}
         try:
             with open(spec.log, "ab", buffering=0) as out:
                 popen = subprocess.Popen(
-                    spec.argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=spec.pass_fds,
-                    user=spec.user)
+                    argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True, user=spec.user, **extra)
         except FileNotFoundError:
             raise SpawnError(f"command not found: {spec.argv[0]}") from None
         except PermissionError as err:
@@ -299,6 +327,13 @@ class LocalSpawner:
             return self._track(Child(name, incarnation, pid, create_time, mode="adopted"))
         except ProcessLookupError:
             return None
+
+    def listen(self, port: int, backlog: int) -> socket.socket:
+        """A listening socket the daemon holds for a service across its restarts."""
+        return open_listener(port, backlog)
+
+    def recover_listener(self, pid: int, port: int) -> socket.socket | None:
+        return recover_listener(pid, port)
 
     def _track(self, child: Child) -> Child:
         loop = asyncio.get_running_loop()
@@ -495,25 +530,34 @@ class ForkServerClient:
         if not self.stopping:
             await self._launch()
 
-    async def _request(self, req: dict, *, timeout: float) -> dict | None:
+    async def _request(self, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:
+        """One request line (with ``fds`` alongside, SCM_RIGHTS) and its answer; None when
+        the server does not answer well within ``timeout``."""
+        def call() -> bytes:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(timeout)
+                conn.connect(self.sock_path)
+                socket.send_fds(conn, [json.dumps(req).encode() + b"\n"], list(fds))
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data
+
         try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(self.sock_path)
-                try:
-                    writer.write(json.dumps(req).encode() + b"\n")
-                    await writer.drain()
-                    line = await reader.readline()
-                finally:
-                    writer.close()
+            line = await asyncio.to_thread(call)
             return json.loads(line) if line else None
-        except (OSError, TimeoutError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError):
             return None
 
-    async def spawn(self, module: str, env: dict[str, str], cwd, log_file) -> int | None:
+    async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None) -> int | None:
         if not self.ready:
             return None
         reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
-                                     "log": str(log_file)}, timeout=2.0)
+                                     "log": str(log_file)}, timeout=2.0,
+                                    fds=() if listen_fd is None else (listen_fd,))
         if reply and reply.get("ok"):
             self.spawned += 1
             return int(reply["pid"])

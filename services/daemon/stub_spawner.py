@@ -8,7 +8,22 @@ import asyncio
 import itertools
 import signal
 
+from services.daemon.listeners import ListenerError
 from services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
+
+
+class StubListener:
+    """What the stub hands the daemon for a held socket: a record, no port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.closed = False
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 1_000 + self.port
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class StubSpawner:
@@ -18,6 +33,8 @@ class StubSpawner:
         self.spawned: list[SpawnSpec] = []
         self.failures: dict[str, str] = {}  # service name -> the SpawnError its next spawns raise
         self._pids = itertools.count(1_000_000)
+        self.listeners: list[StubListener] = []  # every socket the daemon asked to hold
+        self.busy_ports: set[int] = set()  # ports whose listen() fails, as if taken
 
     async def start(self) -> None:
         pass
@@ -42,6 +59,17 @@ class StubSpawner:
             return None
         child.name, child.incarnation, child.mode = name, incarnation, "adopted"
         return child
+
+    def listen(self, port: int, backlog: int) -> "StubListener":
+        if port in self.busy_ports:
+            raise ListenerError(f"port {port} is already in use")
+        listener = StubListener(port)
+        self.listeners.append(listener)
+        return listener
+
+    def recover_listener(self, pid: int, port: int) -> "StubListener | None":
+        child = self.children.get(pid)
+        return StubListener(port) if child is not None and child.alive else None
 
     def crash(self, child: Child, *, code: int | None = None, sig: int | None = signal.SIGKILL) -> None:
         """The process dies by itself (the test's stand-in for kill -9 or an exit)."""

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal as signals
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from common.models import Reason
 from common.monitor import Monitor, Signal
 from common.paths import Home
 from common.states import SERVICE, ServiceState
+from services.daemon.listeners import ListenerError, listen_env
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.sockdiag import listening_inodes
 from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, describe, home_processes
@@ -73,6 +75,7 @@ class Service:
     crash_looping: bool = False
     ready: bool = False  # healthy, and its readiness probe (if any) passes
     last_failure: dict | None = None
+    listener: socket.socket | None = None  # the listening socket held across restarts (listeners.py)
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -209,10 +212,27 @@ class Supervisor:
         if not svc.spec.is_agent:
             self._state_dir(svc)
         env = {**env, **{k: v.format(**values) for k, v in svc.spec.env.items()}}
+        if svc.spec.holds_socket:
+            env.update(listen_env(svc.name))
         cwd = Path(svc.spec.cwd.format(**values)) if svc.spec.cwd else Path(values["config_dir"])
         return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(values), env=env, cwd=cwd,
                          log=self.home.log_file(svc.name), user=svc.spec.user,
                          module=svc.spec.module if svc.spec.is_agent else None)
+
+    def _listener(self, svc: Service) -> int | None:
+        """The fd of the service's held listening socket, bound on first use. Raises
+        ListenerError (naming the port and its holder) when the port is taken."""
+        if not svc.spec.holds_socket:
+            return None
+        if svc.listener is None:
+            svc.listener = self.spawner.listen(svc.spec.port, svc.spec.backlog)
+        return svc.listener.fileno()
+
+    def close_listener(self, svc: Service) -> None:
+        """Nothing listens on a stopped service's port."""
+        if svc.listener is not None:
+            svc.listener.close()
+            svc.listener = None
 
     async def start(self, svc: Service, *, reason: str) -> None:
         """Spawn a new incarnation. The session row is written first (a daemon killed
@@ -233,8 +253,9 @@ class Supervisor:
                                       mode="fork" if spec.module else "plain")
         self.watch(svc)
         try:
+            spec = dataclasses.replace(spec, listen_fd=self._listener(svc))
             child = await self.spawner.spawn(spec)
-        except SpawnError as err:
+        except (SpawnError, ListenerError) as err:
             await self._spawn_failed(svc, incarnation, str(err))
             return
         svc.child = child
@@ -358,6 +379,7 @@ class Supervisor:
                 await self._best_effort(self.store.close_session(
                     child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
                     f"close session {child.incarnation}")
+            self.close_listener(svc)
             await self._best_effort(self.transition(svc, S.STOPPED, reason), f"record stopped {svc.name}")
             svc.state = S.STOPPED
             svc.settled.set()
@@ -447,9 +469,25 @@ class Supervisor:
             svc.settled.clear()
             await self.transition(svc, S.STARTING, "adopted")
             self.watch(svc)
-            await self.store.event("adopted", {"pid": child.pid}, agent=svc.name, incarnation=svc.incarnation)
-            log.info("adopted", extra={"offender": svc.name, "pid": child.pid, "incarnation": svc.incarnation})
+            socket_note = self._recover_listener(svc, child.pid)
+            await self.store.event("adopted", {"pid": child.pid, **socket_note}, agent=svc.name,
+                                   incarnation=svc.incarnation)
+            log.info("adopted", extra={"offender": svc.name, "pid": child.pid, "incarnation": svc.incarnation,
+                                       **socket_note})
             self.background(self._await_health(svc, svc.incarnation), f"health {svc.name}")
+
+    def _recover_listener(self, svc: Service, pid: int) -> dict:
+        """After a daemon restart: take the held socket back from the adopted incarnation
+        (no gap), or say that the next restart binds it again (a gap of one restart)."""
+        if not svc.spec.holds_socket or svc.listener is not None:
+            return {}
+        svc.listener = self.spawner.recover_listener(pid, svc.spec.port)
+        if svc.listener is not None:
+            return {"socket": "recovered"}
+        log.warning("%s: the listening socket could not be taken back from pid %d; the next restart binds the "
+                    "port again (callers are refused while it is down)", svc.name, pid,
+                    extra={"offender": svc.name})
+        return {"socket": "lost: bound again at the next restart"}
 
     async def sweep_ghosts(self, ours: set[int]) -> list[str]:
         """Processes of this home that no session accounts for (a daemon killed between

@@ -46,11 +46,6 @@ def run_task(mesh, agent: str, prompt: str) -> tuple[str, str]:
     code, run = mesh.http("POST", mesh.url("daemon") + "/runs", {"prompt": prompt})
     assert code == 201, run
     task_id = f"{run['run_id']}.0"
-    late = {"status": "failed", "reason": "late", "attempt": 2}  # the word of an attempt that is not this one
-    code, body = mesh.http("POST", mesh.url("daemon") + f"/tasks/{task_id}/finish", late)
-    assert code == 409 and body["verdict"] == "stale_attempt", body
-    bad = mesh.tron("run", "--agent", "nobody", "x")
-    assert bad.returncode != 0 and "no service 'nobody'" in bad.stderr
     code, body = mesh.http("POST", mesh.url("daemon") + "/tasks", {
         "task_id": task_id, "run_id": run["run_id"], "agent": agent, "parent_agent": "operator", "kind": "run",
         "prompt": prompt})
@@ -84,6 +79,12 @@ def test_a_bash_agent_beats_claims_checkpoints_and_finishes(bash_mesh):
     task_id = f"{run['run_id']}.0"
     marks = mesh.rows("SELECT step, step_id FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
     assert [(m["step"], m["step_id"]) for m in marks] == [(1, "step-1"), (2, "step-2"), (3, "step-3")]
+    late = {"status": "failed", "reason": "late", "attempt": 2}  # the word of an attempt that is not this one
+    code, body = mesh.http("POST", mesh.url("daemon") + f"/tasks/{task_id}/finish", late)
+    assert code == 409 and body["verdict"] == "stale_attempt", body
+    assert ended(mesh, run["run_id"])["status"] == "done"  # and it changed nothing
+    bad = mesh.tron("run", "--agent", "nobody", "x")
+    assert bad.returncode != 0 and "no service 'nobody'" in bad.stderr
 
 
 def test_a_stopped_bash_agent_is_caught_by_its_silence_and_its_task_resumes(bash_mesh):

@@ -184,6 +184,45 @@ async def test_a_program_that_cannot_start_fails_alone_and_keeps_being_retried(t
         await r.stop()
 
 
+async def test_an_agent_keeps_its_listening_socket_across_restarts_and_a_stop_closes_it(rig):
+    worker = rig.svc("worker")
+    held = worker.listener
+    assert held is not None and not held.closed and rig.svc("web").listener is None  # a plain command binds its own
+    first = [s for s in rig.spawner.spawned if s.name == "worker"][-1]
+    assert first.listen_fd == held.fileno() and first.env["LISTEN_FDS"] == "1" and first.env["LISTEN_FDNAMES"] == "worker"
+    assert "LISTEN_FDS" not in [s for s in rig.spawner.spawned if s.name == "web"][-1].env
+    await rig.crash("worker")
+    await rig.until_running("worker")
+    again = [s for s in rig.spawner.spawned if s.name == "worker"][-1]
+    assert worker.listener is held and not held.closed and again.listen_fd == held.fileno()  # the same socket
+    await rig.daemon.operators.act("stop", "worker", actor="ops", reason="maintenance")
+    assert held.closed and worker.listener is None  # nothing listens on a stopped service's port
+    await rig.daemon.operators.act("start", "worker", actor="ops", reason="back")
+    await rig.settle()
+    assert worker.listener is not None and worker.listener is not held
+    await rig.stop()
+    assert all(listener.closed for listener in rig.spawner.listeners)  # nor once the mesh is down
+
+
+async def test_a_port_someone_else_holds_is_a_start_failure_that_names_it(tmp_path):
+    r = Rig(tmp_path, mesh(root={"role": "root", "port": 7002},
+                           app={"command": ["gunicorn", "app:app"], "port": 7004, "socket": "inherit"}))
+    r.spawner.busy_ports.add(7004)
+    await r.start()
+    try:
+        app = r.svc("app")
+        assert r.svc("root").state == ServiceState.RUNNING
+        assert app.last_failure["reason"] == "spawn_failed"
+        assert app.last_failure["detail"]["error"] == "port 7004 is already in use"
+        assert [s.name for s in r.spawner.spawned] == ["root"]  # nothing was started without its socket
+        r.spawner.busy_ports.clear()
+        await r.advance(5.0)
+        assert app.state == ServiceState.RUNNING and app.listener is not None
+        assert [s for s in r.spawner.spawned if s.name == "app"][-1].env["LISTEN_FDS"] == "1"
+    finally:
+        await r.stop()
+
+
 async def test_an_operator_stop_is_never_undone_by_the_ladder(rig):
     await rig.daemon.operators.act("stop", "web", actor="ops", reason="maintenance")
     assert rig.svc("web").state == ServiceState.STOPPED and rig.svc("web").stopped

@@ -211,6 +211,14 @@ class Monitor:
             self.beats_accepted += 1
             return Verdict.ACCEPTED
 
+    def task_ended(self, service: str, task_id: str) -> None:
+        """The registry recorded the task's end: the service is idle from now, before its
+        next beat says so (a failure meanwhile is not the task's, and no task deadline runs)."""
+        with self.cond:
+            w = self._agents.get(service)
+            if w is not None and w.task_id == task_id:
+                w.task_id = w.task_since = w.progress = w.progress_since = None
+
     def process_exited(
         self, service: str, incarnation: str, now: float, *, exit_code: int | None, signal: int | None
     ) -> Signal | None:

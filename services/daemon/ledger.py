@@ -10,6 +10,7 @@ a child finished is lost when it dies the moment after.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import logging
 from typing import Callable
 
@@ -36,6 +37,15 @@ class Ledger:
         self.policy = policy
         self.background = background
         self.replay: dict[str, bool] = {}  # tasks whose next assignment replays every verified step
+        self._finished: OrderedDict[str, None] = OrderedDict()  # the latest tasks that ended, oldest first
+
+    def just_finished(self, task_id: str) -> bool:
+        """Did this task end lately (a beat naming it is older than its end)? A retried
+        task is live again: it leaves the list when it is reopened."""
+        return task_id in self._finished
+
+    def reopened(self, task_id: str) -> None:
+        self._finished.pop(task_id, None)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -47,6 +57,14 @@ class Ledger:
         failure = {"reason": reason, **detail} if status != TaskState.DONE else None
         if row is None or not await self.store.finish_task(task_id, status, result, failure, reason=reason):
             return False
+        self._finished[task_id] = None
+        while len(self._finished) > 1000:
+            self._finished.popitem(last=False)
+        svc = self.sup.services.get(row["agent"])
+        if svc is not None and svc.task_id == task_id:
+            # Its last beat still named the task: a failure before the next beat is an idle one.
+            svc.task_id = svc.progress = None
+        self.sup.monitor.task_ended(row["agent"], task_id)
         if row["parent_task_id"] is None:
             await self.store.finish_run(row["run_id"], RunState(str(status)), result, failure)
         # A parent hears done or failed; a cancelled child is a failure with that reason.

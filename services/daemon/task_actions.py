@@ -103,6 +103,7 @@ class TaskActions:
         for t in await self.store.tasks_of_run(task["run_id"]):
             if t["status"] in (TaskState.FAILED, TaskState.CANCELLED):
                 if await self.store.reopen_task(t["task_id"], by=actor):
+                    self.ledger.reopened(t["task_id"])
                     reopened.append(t["task_id"])
         await self.store.reopen_run(task["run_id"])
         root = next(t for t in await self.store.tasks_of_run(task["run_id"]) if t["parent_task_id"] is None)

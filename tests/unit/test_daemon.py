@@ -281,6 +281,23 @@ async def _task_for(rig, agent="root", task_id="r-1.0"):
     rig.svc(agent).task_id = task_id
 
 
+async def test_a_beat_read_after_its_task_ended_does_not_bring_the_task_back(rig):
+    from common.models import Beat
+
+    await _task_for(rig, agent="worker", task_id="r-1.0")
+    worker = rig.svc("worker")
+    rig.daemon.monitor.beat("worker", worker.incarnation, 5, rig.clock.now(), task_id="r-1.0", progress="step:1/2")
+    await rig.daemon.ledger.finish_task("r-1.0", TaskState.DONE, "ok", None, {}, worker.incarnation)
+    assert worker.task_id is None and rig.daemon.monitor.snapshot("worker").task_id is None
+    late = Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid, seq=7, task_id="r-1.0",
+                progress="step:2/2")
+    await rig.daemon.on_beat(late)  # sent before the finish, read after it
+    assert (worker.task_id, worker.progress) == (None, None)
+    await rig.crash("worker")
+    [row] = await rig.restarts("worker")
+    assert (row["case_id"], row["task_id"], row["run_id"]) == ("idle_failure", None, None)
+
+
 async def test_a_task_climbs_the_whole_ladder_and_ends_within_its_bound(rig):
     """The root's own task, decided by the daemon (the top for its children): restarts
     with the task, a provider switch, then a permanent failure; the run fails."""

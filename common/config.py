@@ -19,12 +19,13 @@ test and a running mesh) can live side by side.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.models import Provider, validation_messages
 
@@ -287,6 +288,31 @@ class RegistrySection(_Strict):
     # none), the newest backup_keep kept in <home>/registry/backups/.
     backup_interval: float = Field(3600.0, ge=0)
     backup_keep: int = Field(24, ge=1, le=10_000)
+    # A PostgreSQL server instead of the SQLite file (several machines). Its password comes
+    # from the environment (PGPASSWORD, or TRON_REGISTRY_URL, which overrides this), never
+    # from this file.
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_without_password(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url: only postgresql://... is supported (SQLite, the default, needs no url)")
+        if re.search(r"://[^/@]*:[^/@]*@", url):
+            raise ValueError("url: put the password in PGPASSWORD or TRON_REGISTRY_URL (the environment), "
+                             "not in the mesh file")
+        return url
+
+
+def registry_url(config: "MeshConfig") -> str | None:
+    """The PostgreSQL registry to use, if any: TRON_REGISTRY_URL, else ``[registry] url``;
+    None means the SQLite file in the home."""
+    url = os.environ.get("TRON_REGISTRY_URL") or config.registry.url
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"TRON_REGISTRY_URL must be a postgresql:// URL, not {url.split(':', 1)[0]}:...")
+    return url or None
 
 
 class MeshConfig(_Strict):

@@ -464,7 +464,7 @@ class MemoryStore(Stamps):
             for c in await q("SELECT * FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,)):
                 self.checkpoints_[(task_id, c["step"])] = c
         alerts = await q("SELECT * FROM (SELECT a.*, ROW_NUMBER() OVER (PARTITION BY agent ORDER BY mono DESC) AS n "
-                         "FROM alerts a) WHERE n <= 200 OR status != 'handled' ORDER BY mono, rowid")
+                         "FROM alerts a) AS recent WHERE n <= 200 OR status != 'handled' ORDER BY mono, alert_id")
         self.alerts_ = {a["alert_id"]: _json({k: v for k, v in a.items() if k != "n"}, "detail") for a in alerts}
         keep = set(self.alerts_)
         rows = await q("SELECT * FROM retry_history ORDER BY id")

@@ -1,6 +1,7 @@
-"""Read-only queries for the CLI and the drills (plain sqlite3, no event loop, opened
-read-only so a reader can never write and never creates a database that is not there).
-Every query the tools run is here, named for what it answers."""
+"""Read-only queries for the CLI and the drills (no event loop; opened read-only, so a
+reader can never write and never creates a registry that is not there). The same SQL
+runs on the SQLite file (sqlite3) and on PostgreSQL (registry.pg.PgReader). Every query
+the tools run is here, named for what it answers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from pathlib import Path
 from common.states import SessionState
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(where: Path | str):
+    """The SQLite file at ``where``, or the PostgreSQL server at a postgresql:// URL."""
+    if isinstance(where, str) and where.startswith(("postgresql://", "postgres://")):
+        from registry.pg import PgReader
+
+        return PgReader(where)
+    path = Path(where)
     if not path.exists():
         raise FileNotFoundError(f"no registry at {path}: has `tron up` ever run with this home?")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
@@ -19,7 +26,7 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _rows(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[dict]:
+def _rows(conn, sql: str, args: tuple = ()) -> list[dict]:
     return [dict(r) for r in conn.execute(sql, args)]
 
 

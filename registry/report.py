@@ -24,8 +24,10 @@ class Check:
         return asdict(self)
 
 
-def _rows(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[dict]:
-    conn.row_factory = sqlite3.Row
+def _rows(conn, sql: str, args: tuple = ()) -> list[dict]:
+    """sqlite3's connection or registry.pg.PgReader: both answer execute() with rows."""
+    if isinstance(conn, sqlite3.Connection):
+        conn.row_factory = sqlite3.Row
     return [dict(r) for r in conn.execute(sql, args)]
 
 
@@ -37,7 +39,8 @@ def orphan_sessions(conn, pid_alive: Callable[[int, float | None], bool]) -> Che
 
 
 def duplicate_sessions(conn) -> Check:
-    rows = _rows(conn, "SELECT agent, COUNT(*) AS n FROM sessions WHERE status != 'ended' GROUP BY agent HAVING n > 1")
+    rows = _rows(conn, "SELECT agent, COUNT(*) AS n FROM sessions WHERE status != 'ended' GROUP BY agent "
+                       "HAVING COUNT(*) > 1")
     return Check("services with more than one open session", not rows, f"{len(rows)} services",
                  [f"{r['agent']} x{r['n']}" for r in rows])
 
@@ -78,7 +81,7 @@ def retries_over_ceiling(conn, max_restarts: int, max_switches: int) -> Check:
 def unexplained_failures(conn) -> Check:
     total = _rows(conn, "SELECT COUNT(*) AS n FROM retry_history")[0]["n"]
     bad = _rows(conn, "SELECT id, agent_id, reason FROM retry_history WHERE reason IS NULL OR TRIM(reason) = '' "
-                      "OR reason LIKE '%unknown%' COLLATE NOCASE")
+                      "OR LOWER(reason) LIKE '%unknown%'")
     share = (len(bad) / total * 100) if total else 0.0
     return Check("failures recorded without a real reason", not bad, f"{share:.1f}% of {total}",
                  [f"#{r['id']} {r['agent_id']}: {r['reason']!r}" for r in bad])

@@ -495,7 +495,7 @@ class SqlStore(Stamps):
         incarnation had been stable. ``limit`` bounds the read; the ladder never needs more
         (its window count stops mattering at max_restarts, its backoff at the cap)."""
         return await self.db.all("SELECT alert_id, mono, stable FROM alerts WHERE agent = ? "
-                                 "ORDER BY mono DESC, rowid DESC LIMIT ?", (agent, limit))
+                                 "ORDER BY mono DESC, alert_id DESC LIMIT ?", (agent, limit))
 
     # -- the ladder's record ------------------------------------------------------------------------
 
@@ -572,6 +572,16 @@ class SqlStore(Stamps):
 
     async def failure_metrics(self) -> list[dict]:
         return await self.db.all("SELECT * FROM failure_metrics ORDER BY scope, key")
+
+def open_pg_store(url: str, *, clock: Clock | None = None) -> SqlStore:
+    """The registry on a PostgreSQL server (several machines): migrated and checked (fail
+    closed) before the first write; the daemon's advisory lock is taken at ``open``."""
+    from registry.pg import PgDb
+    from registry.schema import open_and_prepare_pg
+
+    open_and_prepare_pg(url)
+    return SqlStore(PgDb(url), clock=clock)
+
 
 def open_sqlite_store(path, *, clock: Clock | None = None) -> SqlStore:
     """The embedded default: the SQLite file, checked (fail closed) before the first write."""

@@ -121,5 +121,9 @@ class MeshClient:
         code, body = self.try_call("GET", self.url(name) + "/health", timeout=0.5)
         return body if code == 200 and isinstance(body, dict) else None
 
-    def registry(self) -> Path:
-        return self.home.registry_db
+    def registry(self) -> Path | str:
+        """Where the registry is: a PostgreSQL URL (TRON_REGISTRY_URL, [registry] url) or
+        the SQLite file in the home."""
+        from common.config import registry_url
+
+        return registry_url(self.config) or self.home.registry_db

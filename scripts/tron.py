@@ -404,9 +404,17 @@ def _registry(ctx: Ctx):
     from registry.read import connect
 
     try:
-        return connect(ctx.home.registry_db)
+        return connect(ctx.mesh.registry())
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
+
+
+def _refuse_on_postgres(ctx: Ctx, what: str) -> None:
+    from common.config import registry_url
+
+    if registry_url(ctx.config):
+        raise CLIError(f"the registry is on PostgreSQL: {what} with pg_dump / pg_restore (or the server's own "
+                       "backups); tron's backup is the SQLite file's")
 
 
 def cmd_history(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -443,6 +451,7 @@ def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
 
 def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
     """Through the daemon when it runs (it owns the file); directly otherwise."""
+    _refuse_on_postgres(ctx, "back it up")
     mesh = ctx.mesh
     if mesh.daemon_health() is not None:
         code, answer = mesh.call("POST", mesh.daemon_url + "/control/backup", {}, auth=True, timeout=120)
@@ -467,6 +476,7 @@ def cmd_restore(ctx: Ctx, args: argparse.Namespace) -> int:
     from registry import backup
     from registry.schema import RegistryError
 
+    _refuse_on_postgres(ctx, "restore it")
     if ctx.daemon_pid() is not None:
         raise CLIError(f"the mesh is running on {ctx.home.root}: `tron down` first (a restore replaces the registry "
                        "under it)")

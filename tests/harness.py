@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -116,12 +115,16 @@ def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None 
 
 
 class Mesh:
-    def __init__(self, home: Path, config: Path, offset: int, spec: dict) -> None:
+    def __init__(self, home: Path, config: Path, offset: int, spec: dict, registry_url: str | None = None) -> None:
         self.home = home
         self.config = config
         self.offset = offset
         self.spec = spec
+        self.registry_url = registry_url  # a PostgreSQL registry, else the SQLite file in the home
         self.env = dict(os.environ, TRON_HOME=str(home), TRON_PORT_OFFSET=str(offset))
+        self.env.pop("TRON_REGISTRY_URL", None)
+        if registry_url:
+            self.env["TRON_REGISTRY_URL"] = registry_url
         self.env.pop("ANTHROPIC_API_KEY", None)
         self.env.pop("OLLAMA_HOST", None)
         self.policy = spec["policy"]
@@ -175,10 +178,11 @@ class Mesh:
     def service(self, name: str) -> dict:
         return next(s for s in self.status()["services"] if s["name"] == name)
 
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{self.home / 'registry' / 'registry.db'}?mode=ro", uri=True, timeout=5)
-        conn.row_factory = sqlite3.Row
-        return conn
+    def db(self):
+        """A read-only connection to this mesh's registry, on whichever engine holds it."""
+        from registry.read import connect
+
+        return connect(self.registry_url or self.home / "registry" / "registry.db")
 
     def flushed(self, timeout: float = 10.0) -> None:
         """The daemon records behind (registry/journal.py): before reading the registry
@@ -220,15 +224,15 @@ class Mesh:
         return home_processes(str(self.home))
 
 
-def make_mesh(tmp_path: Path, *, home: Path | None = None, **kw) -> Mesh:
+def make_mesh(tmp_path: Path, *, home: Path | None = None, registry_url: str | None = None, **kw) -> Mesh:
     """A mesh in ``tmp_path`` (config, and the home unless given) on a free port range;
-    not started."""
+    not started. ``registry_url``: a PostgreSQL database for its registry."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     home = home or tmp_path / "home"
     config = tmp_path / "mesh.toml"
     spec = write_mesh(config, **kw)
     ports = [spec["mesh"]["daemon_port"]] + [s["port"] for s in spec["services"].values()]
-    return Mesh(home, config, free_offset(ports), spec)
+    return Mesh(home, config, free_offset(ports), spec, registry_url)
 
 
 def cleanup(mesh: Mesh) -> list[str]:

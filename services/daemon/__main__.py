@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from common.config import ConfigError, load_mesh
+from common.config import ConfigError, load_mesh, registry_url
 from common.paths import Home
 from common.settings import apply_overlay, overlay_path, read_overlay
 from registry.backup import newest_good
@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path)
     parser.add_argument("--home")
     args = parser.parse_args(argv)
+    on_postgres = False
     try:
         config = load_mesh(args.config)
+        on_postgres = registry_url(config) is not None
         home = Home.resolve(args.home)
         config_path = (args.config or Path(config.source)).resolve()
         overlay = overlay_path(config_path, home.root)
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon = Daemon(config, home, config_path=config_path)
         return asyncio.run(serve(daemon))
     except RegistryError as err:
-        print(f"tron daemon: {err}{restore_hint(Home.resolve(args.home).registry_db)}", file=sys.stderr)
+        hint = "" if on_postgres else restore_hint(Home.resolve(args.home).registry_db)
+        print(f"tron daemon: {err}{hint}", file=sys.stderr)
         return 2
     except (ConfigError, StartError) as err:
         print(f"tron daemon: {err}", file=sys.stderr)

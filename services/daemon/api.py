@@ -323,7 +323,8 @@ async def drill(request: web.Request) -> web.Response:
 async def take_backup(request: web.Request) -> web.Response:
     await parse_empty(request)
     answer = await _d(request).backup()
-    return web.json_response(answer, status=201 if answer["status"] == "taken" else 500)
+    status = {"taken": 201, "refused": 409}.get(answer["status"], 500)
+    return web.json_response(answer, status=status)
 
 
 @require_token

@@ -25,7 +25,7 @@ from typing import Any
 
 from common import logs
 from common.clock import Clock, MonotonicClock
-from common.config import DAEMON, MeshConfig, Policy
+from common.config import DAEMON, MeshConfig, Policy, registry_url
 from common.http import MeshClient
 from common.monitor import Monitor, MonitorThread, Signal
 from common.paths import Home, UnsafeTokenFile, ensure_token
@@ -145,11 +145,14 @@ class Daemon:
         self.client.token = self.token
         if self.store is None:
             from registry.journal import JournaledStore
-            from registry.store import open_sqlite_store
+            from registry.store import open_pg_store, open_sqlite_store
 
             # Decide on memory, record behind: a registry that refuses writes (disk full,
             # lock held elsewhere) never stops detection or recovery (registry/journal.py).
-            self.store = JournaledStore(open_sqlite_store(self.home.registry_db, clock=self.clock), clock=self.clock,
+            url = registry_url(self.config)
+            durable = open_pg_store(url, clock=self.clock) if url else \
+                open_sqlite_store(self.home.registry_db, clock=self.clock)
+            self.store = JournaledStore(durable, clock=self.clock,
                                         spill=self.home.registry_db.with_name("journal.jsonl"))
         await self.store.open()
         logs.setup(DAEMON, comms_path=self.home.comms_log)
@@ -296,7 +299,7 @@ class Daemon:
             if ticks % 60 == 0 and hasattr(self.store, "trim"):
                 self.store.trim()
             interval = self.config.registry.backup_interval
-            if interval and ticks % max(1, int(interval)) == 0:
+            if interval and ticks % max(1, int(interval)) == 0 and not registry_url(self.config):
                 await self.backup()
 
     # -- beats --------------------------------------------------------------------------------
@@ -305,6 +308,9 @@ class Daemon:
         from common.monitor import Verdict
 
         now = self.clock.now()
+        if beat.task_id and self.ledger.just_finished(beat.task_id):
+            # Sent before its task ended and read after: the agent is idle, whatever it says.
+            beat = beat.model_copy(update={"task_id": None, "progress": None, "waiting": False})
         verdict = self.monitor.beat(beat.service, beat.incarnation, beat.seq, now, task_id=beat.task_id,
                                     progress=beat.progress, waiting=beat.waiting)
         if verdict is not Verdict.ACCEPTED:
@@ -340,6 +346,10 @@ class Daemon:
     async def backup(self) -> dict:
         """A consistent copy of the registry now (SQLite's backup API, in a thread)."""
         from registry import backup
+
+        if registry_url(self.config):
+            return {"status": "refused", "error": "the registry is on PostgreSQL: back it up with pg_dump "
+                                                  "(or the server's own backups)"}
 
         try:
             path = await asyncio.to_thread(backup.take, self.home.registry_db, keep=self.config.registry.backup_keep)

@@ -1,0 +1,156 @@
+"""PostgreSQL: the registry of a mesh that outgrows one machine.
+
+``TRON_REGISTRY_URL=postgresql://...`` (or ``[registry] url`` in mesh.toml, without its
+password: that comes from the environment, PGPASSWORD or the URL variable) selects it;
+SQLite stays the embedded default. ``SqlStore`` runs the same SQL here. What differs
+between the two engines is written out below and in ``registry.schema`` (the DDL):
+
+- placeholders: ``?`` becomes ``%s``, and a literal ``%`` becomes ``%%``;
+- values: a Python bool is written as 0/1 (the columns are INTEGER, as in SQLite), and a
+  NUMERIC aggregate comes back as int or float, never Decimal;
+- writers: one daemon writes a registry. The SQLite file is guarded by the home's lock;
+  a server is reachable from several machines, so the daemon also holds a PostgreSQL
+  advisory lock for as long as it runs, and a second daemon is refused at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import decimal
+import re
+from typing import AsyncIterator
+
+DAEMON_LOCK = 0x7472_6F6E  # "tron": the advisory lock the one writing daemon holds
+
+
+def to_pg(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _arg(value):
+    return int(value) if isinstance(value, bool) else value
+
+
+def _row(row: dict) -> dict:
+    for key, value in row.items():
+        if isinstance(value, decimal.Decimal):
+            row[key] = int(value) if value == value.to_integral_value() else float(value)
+    return row
+
+
+def safe_url(url: str) -> str:
+    """The URL for messages and logs: the password never appears."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+class PgDb:
+    """Two connections: the writer (transactions, one at a time, holding the daemon lock)
+    and the reader (autocommit), so a read never lands inside a transaction."""
+
+    def __init__(self, url: str, *, lock: bool = True) -> None:
+        self.url = url
+        self.lock = lock
+        self._writer_conn = None
+        self._reader_conn = None
+        self._writer = asyncio.Lock()
+        self._reader = asyncio.Lock()
+
+    async def open(self) -> None:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        from registry.schema import RegistryError
+
+        try:
+            self._writer_conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row,
+                                                                      connect_timeout=10)
+            self._reader_conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row,
+                                                                      connect_timeout=10)
+        except psycopg.Error as err:
+            await self.close()
+            raise RegistryError(f"cannot reach the registry at {safe_url(self.url)}: {_first_line(err)}") from None
+        if self.lock:
+            cur = await self._writer_conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (DAEMON_LOCK,))
+            if not (await cur.fetchone())["ok"]:
+                await self.close()
+                raise RegistryError(f"another tron daemon is writing the registry at {safe_url(self.url)} "
+                                    "(it holds the daemon's advisory lock); stop it first")
+
+    async def close(self) -> None:
+        for name in ("_writer_conn", "_reader_conn"):
+            conn = getattr(self, name)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                setattr(self, name, None)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator["_PgTx"]:
+        async with self._writer:
+            async with self._writer_conn.transaction():
+                yield _PgTx(self._writer_conn)
+
+    async def execute(self, sql: str, args: tuple = ()) -> int:
+        async with self._writer:
+            return await _PgTx(self._writer_conn).execute(sql, args)
+
+    async def one(self, sql: str, args: tuple = ()) -> dict | None:
+        async with self._reader:
+            return await _PgTx(self._reader_conn).one(sql, args)
+
+    async def all(self, sql: str, args: tuple = ()) -> list[dict]:
+        async with self._reader:
+            return await _PgTx(self._reader_conn).all(sql, args)
+
+
+class _PgTx:
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, args: tuple = ()) -> int:
+        cur = await self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
+        return cur.rowcount
+
+    async def one(self, sql: str, args: tuple = ()) -> dict | None:
+        cur = await self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
+        row = await cur.fetchone() if cur.description else None
+        return None if row is None else _row(row)
+
+    async def all(self, sql: str, args: tuple = ()) -> list[dict]:
+        cur = await self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
+        return [_row(r) for r in await cur.fetchall()] if cur.description else []
+
+
+class PgReader:
+    """The CLI's read-only connection, with sqlite3's calling shape (``execute`` returns
+    rows that ``dict()`` takes) so registry/read.py and report.py run on either engine."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10,
+                                        options="-c default_transaction_read_only=on")
+        except psycopg.Error as err:
+            raise FileNotFoundError(f"cannot reach the registry at {safe_url(url)}: {_first_line(err)}") from None
+        self.row_factory = None  # report.py sets sqlite3's; rows are dicts here anyway
+
+    def execute(self, sql: str, args: tuple = ()) -> list[dict]:
+        cur = self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
+        return [_row(r) for r in cur.fetchall()] if cur.description else []
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "PgReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return safe_url(text[0]) if text else type(err).__name__

@@ -25,7 +25,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from common.models import Provider, validation_messages
 
@@ -170,6 +170,10 @@ class ServiceSpec(_Strict):
     # A command that speaks the agent contract (beats, claims tasks): watched by its beats,
     # ready at its first accepted beat, handed the mesh token's path.
     heartbeat: bool = False
+    # With [cluster] engine = "ray": the node to run on (a Ray node id, or its first
+    # characters), or Ray resources the node must have; default: spread over the nodes.
+    node: str | None = None
+    resources: dict[str, float] = {}
     # The listening socket, held by the daemon across restarts so callers wait in the
     # kernel's backlog instead of being refused (systemd's socket activation: LISTEN_FDS,
     # LISTEN_PID, fd 3). Agents always get it unless socket = "none"; a command gets it
@@ -281,6 +285,27 @@ class MeshSection(_Strict):
     # Agents are forked from a process that has already imported them (milliseconds
     # instead of seconds); other commands always spawn plainly.
     fork_server: bool = True
+    # Where the daemon listens, and the address agents on other machines reach it at
+    # (loopback stays the default; every control endpoint needs the mesh token anyway).
+    bind: str = "127.0.0.1"
+    advertise: str | None = None
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "MeshSection":
+        if self.bind in ("0.0.0.0", "::") and not self.advertise:
+            raise ValueError("mesh.advertise: give the address other machines reach the daemon at when bind is "
+                             f"{self.bind}")
+        return self
+
+
+class ClusterSection(_Strict):
+    """Agents on several machines: Ray places them (one Tron node agent per Ray node, Ray's
+    own restarts off); restarts, the ladder and the registry stay the daemon's."""
+
+    engine: Literal["local", "ray"] = "local"
+    address: str = "auto"  # ray.init's: "auto", "host:port" or "ray://host:10001"
+    # Where a node agent keeps its logs, token and fork server on its node ({home}: this home).
+    node_home: str = "{home}/nodes"
 
 
 class RegistrySection(_Strict):
@@ -318,7 +343,9 @@ def registry_url(config: "MeshConfig") -> str | None:
 class MeshConfig(_Strict):
     mesh: MeshSection = MeshSection()
     registry: RegistrySection = RegistrySection()
+    cluster: ClusterSection = ClusterSection()
     policy: Policy = Policy()
+    _hosts: dict[str, str] = PrivateAttr(default_factory=dict)
     providers: ProvidersConfig = ProvidersConfig()
     services: dict[str, ServiceSpec]
     source: str = ""
@@ -424,12 +451,19 @@ class MeshConfig(_Strict):
 
     @property
     def daemon_url(self) -> str:
-        return f"http://127.0.0.1:{self.mesh.daemon_port}"
+        host = self.mesh.advertise or ("127.0.0.1" if self.mesh.bind in ("0.0.0.0", "::") else self.mesh.bind)
+        return f"http://{host}:{self.mesh.daemon_port}"
 
     def url(self, name: str) -> str:
         if name == DAEMON:
             return self.daemon_url
-        return f"http://127.0.0.1:{self.services[name].port}"
+        return f"http://{self.hosts.get(name, '127.0.0.1')}:{self.services[name].port}"
+
+    @property
+    def hosts(self) -> dict[str, str]:
+        """Where services placed on other machines run (name -> address), as the daemon
+        tells it; a service not named here is on this machine's loopback."""
+        return self._hosts
 
     @property
     def sim_url(self) -> str | None:

@@ -93,6 +93,14 @@ def ensure_token(path: Path) -> str:
     return token
 
 
+def write_token(path: Path, token: str) -> None:
+    """The mesh token handed to a node of the mesh (a node agent's home): 0600, ours."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+
+
 def read_token(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None

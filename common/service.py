@@ -46,6 +46,7 @@ class ServiceEnv(BaseModel):
     config: str = ""
     provider: str | None = None
     heartbeat_interval: float | None = None
+    node_pid: int | None = None  # the Tron node agent that started us (Ray placement)
 
     @classmethod
     def from_environ(cls, env: dict | None = None) -> "ServiceEnv":
@@ -59,7 +60,8 @@ class ServiceEnv(BaseModel):
                    daemon_url=env["TRON_DAEMON_URL"], token_file=Path(env["TRON_TOKEN_FILE"]),
                    config=env.get("TRON_CONFIG", ""), provider=env.get("TRON_PROVIDER") or None,
                    heartbeat_interval=float(env["TRON_HEARTBEAT_INTERVAL"]) if env.get("TRON_HEARTBEAT_INTERVAL")
-                   else None)
+                   else None,
+                   node_pid=int(env["TRON_NODE_PID"]) if env.get("TRON_NODE_PID", "").isdigit() else None)
 
 
 class ServiceContext:
@@ -118,6 +120,9 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
             unknown_since = None
             if isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)) and answer["interval"] > 0:
                 interval = float(answer["interval"])
+            if isinstance(answer, dict) and isinstance(answer.get("hosts"), dict):
+                ctx.config.hosts.clear()  # where the services placed on other machines run now
+                ctx.config.hosts.update({str(k): str(v) for k, v in answer["hosts"].items()})
         except MeshHTTPError as err:
             verdict = err.json().get("verdict")
             if err.status == 409 and verdict == "stale_incarnation":
@@ -134,10 +139,29 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
             log.warning("beat rejected: %s", err)
         except (OSError, asyncio.TimeoutError) as err:
             log.debug("beat not delivered (daemon unreachable): %s", err)
+        if node_gone(ctx.env.node_pid):
+            log.error("the Tron node agent that started this incarnation (pid %s) is gone: its node is lost; "
+                      "exiting", ctx.env.node_pid)
+            ctx.superseded.set()
+            return
         next_at += interval
         if next_at < started:  # this beat went out late (a stalled loop): the schedule restarts from it
             next_at = started + interval
         await clock.sleep(next_at - clock.now())
+
+
+def node_gone(pid: int | None) -> bool:
+    """Placed by a node agent (Ray), and that agent is no longer running: the daemon has
+    already re-placed us elsewhere, so this copy must not linger holding the port."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 Build = Callable[[ServiceContext], Awaitable[web.Application] | web.Application]

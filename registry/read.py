@@ -125,5 +125,10 @@ def lanes(conn: sqlite3.Connection) -> list[dict]:
     return _rows(conn, "SELECT * FROM lanes ORDER BY lane")
 
 
+def open_tasks_of(conn: sqlite3.Connection, agent: str) -> list[dict]:
+    return _rows(conn, "SELECT * FROM tasks WHERE agent = ? AND status IN ('assigned', 'running') ORDER BY created_at",
+                 (agent,))
+
+
 def tasks_of(conn: sqlite3.Connection, run_id: str, agent: str) -> list[dict]:
     return _rows(conn, "SELECT * FROM tasks WHERE run_id = ? AND agent = ? ORDER BY created_at", (run_id, agent))

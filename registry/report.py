@@ -32,9 +32,11 @@ def _rows(conn, sql: str, args: tuple = ()) -> list[dict]:
 
 
 def orphan_sessions(conn, pid_alive: Callable[[int, float | None], bool]) -> Check:
-    open_ = _rows(conn, "SELECT incarnation, agent, pid, pid_create_time FROM sessions WHERE status != 'ended'")
+    open_ = _rows(conn, "SELECT incarnation, agent, pid, pid_create_time, mode FROM sessions WHERE status != 'ended'")
+    # A session on another Ray node ("fork@<node>") has its pid there: its node agent
+    # answers for it (services/daemon/ray_spawner.py); only this machine's are read here.
     dead = [f"{s['agent']}:{s['incarnation']} (pid {s['pid']})" for s in open_
-            if not pid_alive(s["pid"], s["pid_create_time"])]
+            if "@" not in (s["mode"] or "") and not pid_alive(s["pid"], s["pid_create_time"])]
     return Check("sessions running without their process", not dead, f"{len(dead)} of {len(open_)} open", dead)
 
 

@@ -12,6 +12,8 @@ and retry row with the drill's name, and production failure_metrics skip them.
                          expect no_progress, replaced
     provider-outage P    provider P fails every call; a drill run must still complete
                          after the root switches provider
+    node-loss NODE       (a Ray cluster) every process of one node dies at once; its
+                         services must come back on other nodes, their tasks go on
     crash-loop NAME      kill it as soon as it is back, max_restarts + 2 times: it must come
                          back every time, with growing backoff, crash-looping after
                          max_restarts failures, escalated once for the episode
@@ -324,6 +326,74 @@ class Runner:
                           calls_saved=done_before, without_checkpoints=baseline + 1 + done_before)
         return drill
 
+    def node_loss(self, key: str) -> Drill:
+        """Lose a whole Ray node (every process its node agent runs dies at once, then the
+        agent): every service placed there must come back on a surviving node, from a new
+        incarnation, and every task it held must end or resume. The node takes no new
+        services until the drill ends."""
+        cluster = self.mesh.status().get("cluster")
+        if not cluster:
+            raise DrillError("not a cluster: node-loss needs [cluster] engine = \"ray\" (see README, "
+                             "\"Running on several machines\")")
+        nodes = [n for n in cluster["nodes"] if n["node"].startswith(key) or n["ip"] == key]
+        if len(nodes) != 1:
+            raise DrillError(f"{len(nodes)} nodes match {key!r}; known: "
+                             + ", ".join(f"{n['node'][:12]} ({n['ip']})" for n in cluster["nodes"]))
+        node = nodes[0]
+        survivors = [n for n in cluster["nodes"] if n is not node and n["alive"] and n["agent_pid"]
+                     and not n["cordoned"]]
+        if not node["agent_pid"] or not node["services"]:
+            raise DrillError(f"node {node['node'][:12]} runs no service: losing it would prove nothing")
+        if not survivors:
+            raise DrillError("no other live node to place its services on")
+        before = {name: self.service(name) for name in node["services"]}
+        with self.db() as conn:
+            tasks = {t["task_id"]: t for name in before for t in read.open_tasks_of(conn, name)}
+        drill = Drill("node-loss", f"{node['node'][:12]} ({', '.join(before)})")
+        self.label(f"node-loss:{node['node'][:8]}:{uuid.uuid4().hex[:6]}")
+        url = f"{self.mesh.daemon_url}/nodes/{node['node']}"
+        try:
+            drill.t0 = time.monotonic()
+            code, body = self.mesh.try_call("POST", url + "/lose", {"reason": "drill node-loss"}, auth=True)
+            if code != 200:
+                raise DrillError(f"the daemon refused to lose the node: {body}")
+            drill.mark("fault injected", f"node {node['node'][:12]} lost: {len(body.get('pids', []))} processes")
+            fresh = {}
+            for name, old in before.items():
+                fresh[name] = self.back(name, old["incarnation"], self.recovery_bound())
+                drill.mark("healthy again", f"{name} pid {fresh[name]['pid']} on {(fresh[name]['node'] or '')[:12]}")
+            drill.data["recovery_seconds"] = round(time.monotonic() - drill.t0, 4)
+            for name in before:
+                self.stays_up(drill, name, fresh[name])
+            if tasks:
+                self.wait(lambda: self._tasks_went_on(tasks, drill.t0), self.recovery_bound() * 3,
+                          "every task of the lost node to end or resume", interval=0.05)
+        finally:
+            self.mesh.try_call("POST", url + "/restore", {"reason": "drill node-loss ended"}, auth=True)
+            self.label(None)
+        for name, old in before.items():
+            self._timeline_from_registry(drill, name, old["incarnation"])
+            drill.check(f"{name} is back on another node", bool(fresh[name]["node"]) and fresh[name]["node"] != node["node"])
+            with self.db() as conn:
+                alerts = read.alerts_of(conn, name, old["incarnation"])
+                old_session = read.session(conn, old["incarnation"])
+            drill.check(f"{name}: one alert for the lost incarnation", len(alerts) == 1)
+            drill.check(f"{name}: the old session is closed", bool(old_session) and old_session["status"] == "ended")
+        if tasks:
+            drill.check(f"every task it held ({len(tasks)}) ended or resumed", self._tasks_went_on(tasks, drill.t0))
+        drill.data.update(node=node["node"], services=sorted(before), tasks=sorted(tasks))
+        return drill
+
+    def _tasks_went_on(self, tasks: dict[str, dict], t0: float) -> bool:
+        with self.db() as conn:
+            for task_id in tasks:
+                row = read.task(conn, task_id) or {}
+                if row.get("status") in ("done", "failed", "cancelled"):
+                    continue
+                if not any(e["kind"] == "task_resumed" and e["mono"] >= t0 for e in read.task_events(conn, task_id)):
+                    return False
+        return True
+
     def _start_run(self, prompt: str) -> str:
         code, body = self.mesh.try_call("POST", self.mesh.url(self._gateway()) + "/runs",
                                         {"prompt": prompt, "drill": True}, auth=True)
@@ -634,6 +704,8 @@ class Runner:
         known = owners | {status["daemon"]["pid"]}
         if status.get("fork_server"):
             known.add(status["fork_server"]["pid"])
+        for node in (status.get("cluster") or {}).get("nodes", []):  # node agents and their fork servers
+            known |= {node["agent_pid"], node["fork_server"]} - {None}
         problems = []
         per_agent: dict[str, int] = {}
         for s in sessions:

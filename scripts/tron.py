@@ -214,17 +214,23 @@ def state_text(s: dict) -> str:
 
 
 def render_status(status: dict) -> str:
-    rows = [("SERVICE", "STATE", "PID", "PORT", "INCARNATION", "RESTARTS", "PROVIDER", "BEAT")]
+    cluster = status.get("cluster")
+    rows = [("SERVICE", "STATE", "PID", "PORT", "INCARNATION", "RESTARTS", "PROVIDER", "BEAT")
+            + (("NODE",) if cluster else ())]
     depth = {"daemon": 0}
     for s in status["services"]:
         depth[s["name"]] = depth.get(s["parent"], 0) + 1
         beat = f"{s['last_beat_age']:.1f}s" if s["last_beat_age"] is not None else "-"
         rows.append(("  " * (depth[s["name"]] - 1) + s["name"], state_text(s), str(s["pid"] or "-"),
-                     str(s["port"]), s["incarnation"] or "-", str(s["restarts"]), s["provider"] or "-", beat))
+                     str(s["port"]), s["incarnation"] or "-", str(s["restarts"]), s["provider"] or "-", beat)
+                    + (((s.get("node") or "-")[:12],) if cluster else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     d = status["daemon"]
     lines = [f"daemon pid {d['pid']} port {d['port']} up {d['uptime']}s home {d['home']}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for n in (cluster or {}).get("nodes", []):
+        state = "lost" if not n["alive"] else "cordoned" if n["cordoned"] else "ok" if n["agent_pid"] else "no agent"
+        lines.append(f"node {n['node'][:12]} {n['ip']} {state}: {', '.join(n['services']) or 'no service'}")
     if status.get("last_alert"):
         a = status["last_alert"]
         lines.append(f"last alert: {a['service']} {a['reason']}")
@@ -610,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
         d = dsub.add_parser(kind, help=what)
         d.add_argument("name")
         d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("node-loss", help="(Ray) lose a node: its services must come back on the others")
+    d.add_argument("name", metavar="NODE", help="the node's id (4 or more characters) or address")
+    d.add_argument("--json", action="store_true")
     d = dsub.add_parser("provider-outage", help="make one provider fail every call")
     d.add_argument("provider", choices=["anthropic", "ollama"])
     d.add_argument("--json", action="store_true")

@@ -93,7 +93,7 @@ def toml_value(v) -> str:
 
 
 def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None = None,
-               providers: dict | None = None, fast: bool = True) -> dict:
+               providers: dict | None = None, fast: bool = True, cluster: dict | None = None) -> dict:
     """Write a mesh file: the default mesh, with the fast test policy unless ``fast`` is
     False, then the given overrides."""
     base = tomllib.loads((REPO / "mesh.toml").read_text())
@@ -103,8 +103,12 @@ def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None 
     base["providers"].update(providers or {})
     if services is not None:
         base["services"] = services
+    if cluster is not None:
+        base["cluster"] = cluster
     lines = []
-    for section in ("mesh", "policy", "providers"):
+    for section in ("mesh", "policy", "providers", "cluster"):
+        if section not in base:
+            continue
         lines.append(f"[{section}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in base[section].items()]
     for name, spec in base["services"].items():

@@ -34,13 +34,14 @@ async def serve(daemon: Daemon) -> int:
         raise
     runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", daemon.config.mesh.daemon_port, reuse_address=True)
+    bind = daemon.config.mesh.bind
+    site = web.TCPSite(runner, bind, daemon.config.mesh.daemon_port, reuse_address=True)
     try:
         await site.start()
     except OSError as err:
         await runner.cleanup()
         await daemon.shutdown()
-        raise StartError(f"cannot listen on 127.0.0.1:{daemon.config.mesh.daemon_port}: {err.strerror}") from None
+        raise StartError(f"cannot listen on {bind}:{daemon.config.mesh.daemon_port}: {err.strerror}") from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_shutdown)

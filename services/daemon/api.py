@@ -90,7 +90,10 @@ async def beat(request: web.Request) -> web.Response:
     b = await parse(request, Beat)
     verdict = await d.on_beat(b)
     if verdict is Verdict.ACCEPTED:  # the interval follows settings changed at run time
-        return web.json_response({"ok": True, "interval": d.policy().heartbeat_interval})
+        answer = {"ok": True, "interval": d.policy().heartbeat_interval}
+        if d.config.hosts:  # services placed on other machines: where each is now
+            answer["hosts"] = d.config.hosts
+        return web.json_response(answer)
     messages = {
         Verdict.UNKNOWN: f"no service named {b.service!r} is watched",
         Verdict.STALE: f"incarnation {b.incarnation} of {b.service} is not the current one",
@@ -273,6 +276,35 @@ def _spawning_action(verb: str):
                                                   request_id=body.request_id))
 
     handler.__name__ = f"spawning_{verb}"
+    return handler
+
+
+def _node_action(verb: str):
+    """A drill's node loss (``lose``) and its end (``restore``), on a Ray cluster."""
+    @require_token
+    async def handler(request: web.Request) -> web.Response:
+        d = _d(request)
+        body = await _operator_body(request)
+        spawner = d.sup.spawner
+        if not hasattr(spawner, "find_node"):
+            return error(409, "not a cluster: [cluster] engine is \"local\", there is one node")
+        key = request.match_info["node"]
+        node = spawner.find_node(key) if len(key) >= 4 else None
+        if node is None:
+            return error(404, f"no single Ray node matches {key!r} (give 4 or more characters of its id, or its address)")
+
+        async def action() -> dict:
+            if verb == "lose":
+                return {"status": "lost", **await spawner.lose(node)}
+            await spawner.restore(node)
+            return {"status": "restored", "node": node.node_id}
+
+        answer = await d.audit.run(action, actor=_actor(body), what=f"node_{verb}", target=node.node_id,
+                                   state=lambda: "cordoned" if node.cordoned else "placing", reason=body.reason,
+                                   request_id=body.request_id)
+        return web.json_response(answer)
+
+    handler.__name__ = f"node_{verb}"
     return handler
 
 
@@ -503,6 +535,8 @@ def make_app(daemon: Daemon) -> web.Application:
     for verb in TASK_VERBS:
         r.add_post(f"/tasks/{{task_id}}/{verb.replace('_', '-')}", _task_action(verb))
     r.add_get("/lanes", get_lanes)
+    for verb in ("lose", "restore"):
+        r.add_post(f"/nodes/{{node}}/{verb}", _node_action(verb))
     for verb in ("pause", "resume"):
         r.add_post(f"/lanes/{{lane}}/{verb}", _lane_action(verb))
         r.add_post(f"/spawning/{verb}", _spawning_action(verb))

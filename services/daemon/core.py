@@ -41,7 +41,7 @@ from services.daemon.breaker import Breaker
 from services.daemon.operators import Operators
 from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
-from services.daemon.spawner import ForkServerClient, LocalSpawner, Spawner, reap_strays
+from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, Spawner, reap_strays
 from services.daemon.supervisor import Supervisor, mesh_marks
 
 log = logging.getLogger("tron.daemon")
@@ -117,10 +117,18 @@ class Daemon:
                                  client=self.client)
         self.breaker = Breaker(self.sup, self.store, clock=self.clock, policy=self.policy, metrics=self.metrics)
         self.carrier.breaker = self.breaker
-        self.sup.checks = ProbeChecks(self.client, self.sup.values)
+        self.sup.checks = ProbeChecks(self.client, self.sup.values, self.config.hosts)
         self.probes = Probes(self.sup, self.monitor, self.sup.checks, **kw)
         self.sup.on_signal = self.router.on_signal
         self.sup.on_healthy = self.ledger.redispatch
+
+    def _make_spawner(self) -> Spawner:
+        if self.config.cluster.engine == "ray":
+            from services.daemon.ray_spawner import RaySpawner
+
+            return RaySpawner(lambda child: self.sup.on_exit(child), config=self.config, home_root=self.home.root,
+                              config_path=self.config_path, token=self.token, marks=mesh_marks(self.home))
+        return self._local_spawner()
 
     def _local_spawner(self) -> LocalSpawner:
         forkserver = None
@@ -156,11 +164,14 @@ class Daemon:
                                         spill=self.home.registry_db.with_name("journal.jsonl"))
         await self.store.open()
         logs.setup(DAEMON, comms_path=self.home.comms_log)
-        spawner = self._spawner or self._local_spawner()
+        spawner = self._spawner or self._make_spawner()
         if hasattr(spawner, "on_exit") and getattr(spawner, "on_exit") is None:
             spawner.on_exit = lambda child: self.sup.on_exit(child)
         self._assemble(spawner)
-        await spawner.start()
+        try:
+            await spawner.start()
+        except SpawnError as err:  # a Ray cluster that cannot be joined: fail closed, say why
+            raise StartError(str(err)) from None
         await self.sup.declare()
         if self._run_monitor_thread:
             self.monitor.loop_seen = self.clock.now()
@@ -328,12 +339,15 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
+        placement = self.sup.spawner.status()
+        cluster = placement if getattr(self.sup.spawner, "engine", "local") == "ray" else None
         return {
             "daemon": {"pid": os.getpid(), "port": self.config.mesh.daemon_port, "home": str(self.home.root),
                        "uptime": round(now - self.started_at, 1),
                        "monitor_alive": bool(self.monitor_thread and self.monitor_thread.is_alive())},
             "services": self.sup.rows(),
-            "fork_server": self.sup.spawner.status(),
+            "fork_server": None if cluster else placement,
+            "cluster": cluster,
             "last_alert": self.router.last_alert,
             "policy": self.policy().model_dump(),
             "overlay": {"path": str(self.overlay), "keys": sorted(read_overlay(self.overlay))}

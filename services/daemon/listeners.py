@@ -4,8 +4,11 @@ The daemon binds a service's port once and hands the socket to every incarnation
 with ``LISTEN_FDS=1``, ``LISTEN_PID`` (the incarnation's own pid) and ``LISTEN_FDNAMES``.
 While one incarnation is dead and the next not yet accepting, callers wait in the
 kernel's backlog instead of being refused. When the backlog is full, Linux drops the new
-SYN (``tcp_abort_on_overflow`` = 0) and the client retransmits it after 1 s, 3 s, ...: a
-caller sees a delay, never a refusal.
+SYN (``tcp_abort_on_overflow`` = 0) and the client retransmits it (1 s later; then 1 s
+apart for ``tcp_syn_linear_timeouts`` tries on Linux 6.x, doubling after): a caller sees a
+delay, never a refusal. A program that calls listen() again on the socket it is handed
+(uvicorn and every asyncio server do, with their own backlog) sets the backlog itself:
+give it the same number (``uvicorn --backlog N``).
 
 After a daemon restart the socket is recovered from the adopted incarnation's fd 3
 (``pidfd_getfd``, Linux 5.6); when that is impossible it is bound again once the old

@@ -65,9 +65,11 @@ def holds_socket(pids: set[int], inodes: set[str]) -> bool | None:
 class ProbeChecks:
     """One attempt of a probe against one service: (passed, what happened)."""
 
-    def __init__(self, client: MeshClient, values: Callable[[Service], dict[str, str]]) -> None:
+    def __init__(self, client: MeshClient, values: Callable[[Service], dict[str, str]],
+                 hosts: dict[str, str] | None = None) -> None:
         self.client = client
         self.values = values  # the service's {placeholders}
+        self.hosts = {} if hosts is None else hosts  # services placed on other machines (MeshConfig.hosts)
 
     async def check(self, svc: Service, probe: Probe) -> tuple[bool, str]:
         try:
@@ -80,7 +82,8 @@ class ProbeChecks:
 
     async def _http(self, svc: Service, probe: Probe) -> tuple[bool, str]:
         h = probe.http
-        url = (h.url or f"http://127.0.0.1:{h.port or svc.spec.port}{h.path}").format(**self.values(svc))
+        host = self.hosts.get(svc.name, "127.0.0.1")
+        url = (h.url or f"http://{host}:{h.port or svc.spec.port}{h.path}").format(**self.values(svc))
         session = self.client.plain
         async with session.get(url, headers=h.headers, allow_redirects=False) as resp:
             await resp.read()
@@ -89,7 +92,7 @@ class ProbeChecks:
 
     async def _tcp(self, svc: Service, probe: Probe) -> tuple[bool, str]:
         t = probe.tcp
-        reader, writer = await asyncio.open_connection("127.0.0.1", t.port or svc.spec.port)
+        reader, writer = await asyncio.open_connection(self.hosts.get(svc.name, "127.0.0.1"), t.port or svc.spec.port)
         try:
             if t.send:
                 writer.write(t.send.encode())
@@ -221,6 +224,8 @@ class Probes:
     def _not_stopped(svc: Service) -> tuple[bool, str]:
         if svc.child is None or not svc.child.alive:
             return True, "not running"
+        if svc.child.node is not None:
+            return True, "on another node"  # its /proc is there: liveness probes watch it
         try:
             status = psutil.Process(svc.child.pid).status()
         except psutil.Error:

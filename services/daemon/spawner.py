@@ -74,6 +74,8 @@ class Child:
     exit_signal: int | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     expected_exit: bool = False  # set before we stop or kill it ourselves
+    node: str | None = None  # the Ray node it runs on (ray_spawner.py); None: this machine
+    lost: bool = False  # it ended with its node (the node agent died), not by itself
     _pidfd: int | None = None
 
     @property

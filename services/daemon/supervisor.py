@@ -293,11 +293,12 @@ class Supervisor:
     async def _healthy_now(self, svc: Service, incarnation: str) -> bool:
         """The new incarnation serves: an agent's /health names its incarnation; a program
         passes its startup probe (or readiness, or liveness) from its own process tree."""
+        remote = svc.child is not None and svc.child.node is not None  # on another node: no /proc of it here
         if svc.spec.is_agent:
-            if not listening_inodes(svc.spec.port):
+            if not remote and not listening_inodes(svc.spec.port):
                 return False  # not serving yet: a sock_diag read is a fifth of a refused HTTP try
             try:
-                body = await self.client.get(svc.spec.health_url, timeout=1.0)
+                body = await self.client.get(f"{self.config.url(svc.name)}/health", timeout=1.0)
                 return isinstance(body, dict) and body.get("incarnation") == incarnation
             except Exception:  # not up yet, whatever the error: the next try decides
                 return False
@@ -306,11 +307,11 @@ class Supervisor:
         probe = svc.spec.first_probe
         if probe is None:
             return True  # nothing to ask: started is healthy
-        port = self.checks.probe_port(svc, probe)
+        port = None if remote else self.checks.probe_port(svc, probe)
         if port is not None and not listening_inodes(port):
             return False
         ok, _ = await self.checks.check(svc, probe)
-        return ok and await asyncio.to_thread(self.checks.port_is_ours, svc, probe)
+        return ok and (remote or await asyncio.to_thread(self.checks.port_is_ours, svc, probe))
 
     async def _await_health(self, svc: Service, incarnation: str) -> None:
         probe = None if svc.spec.is_agent else svc.spec.first_probe
@@ -443,7 +444,9 @@ class Supervisor:
                                              exit_code=child.exit_code, signal=child.exit_signal)
         self.background(self.store.close_session(child.incarnation, reason="process_exit", exit_code=child.exit_code,
                                                  exit_signal=child.exit_signal), f"close {child.incarnation}")
-        if signal is not None and svc.healthy_at is None:
+        if signal is not None and child.lost:
+            signal = dataclasses.replace(signal, detail={**signal.detail, "node_lost": child.node})
+        elif signal is not None and svc.healthy_at is None:
             # It never came up: what it said last is why (a missing module, a bad config line).
             last = last_line(self.home.log_file(svc.name))
             if last:
@@ -544,7 +547,8 @@ class Supervisor:
                 "uptime": round(now - svc.started_at, 1) if svc.started_at and svc.state == S.RUNNING else None,
                 "task": svc.task_id, "progress": svc.progress, "crash_looping": svc.crash_looping,
                 "stopped": svc.stopped, "last_failure": svc.last_failure, "ready": svc.ready,
-                "paused": svc.paused,
+                "paused": svc.paused, "node": svc.child.node if svc.child else None,
+                "mode": svc.child.mode if svc.child else None,
             })
         return out
 

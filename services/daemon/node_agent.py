@@ -1,0 +1,170 @@
+"""The Tron node agent: one per Ray node, a detached, named Ray actor with Ray's restarts
+off (``max_restarts=0``): the ladder stays the daemon's.
+
+It runs the local spawner (and its fork server) for the services placed on its node, so
+a restart there is the local path (tens of milliseconds), not Ray's. Pids, process trees,
+listening sockets and the node's own clock never leave it: the daemon sees a child's pid
+and start time, its exit when it comes, and decides with its own clock.
+
+A node agent keeps a home of its own on its node (logs, the token file, a copy of the mesh
+file, the fork server's socket) and rewrites the paths of each service's environment to
+it; ``TRON_MESH`` still names the daemon's home, so census and leak checks on one machine
+find everything. Every service it starts gets ``TRON_NODE_PID``: an agent whose node agent
+is gone (the node was lost, its work re-placed) exits instead of lingering on the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+NAMESPACE = "tron"
+PORT_WAIT = 5.0  # seconds a spawn waits for its port to be free on this node
+
+
+def actor_name(node_id: str) -> str:
+    return f"tron-node-{node_id[:12]}"
+
+
+class NodeAgent:
+    def __init__(self) -> None:
+        self.spawner = None
+        self.children: dict[int, object] = {}  # pid -> Child
+        self.listeners: dict[int, socket.socket] = {}  # port -> the socket held for it
+        self.home: Path | None = None
+        self.paths: dict[str, str] = {}
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    async def setup(self, home: str, token: str, config_text: str, env: dict[str, str], fork_server: bool) -> dict:
+        """Make the node's home, its token file and config copy; start the spawner."""
+        from common.paths import Home, write_token
+        from services.daemon.spawner import ForkServerClient, LocalSpawner
+
+        if self.spawner is not None:
+            return self.describe()
+        self.home = Path(home)
+        h = Home(self.home)
+        for d in (h.root, h.logs, h.run):
+            d.mkdir(parents=True, exist_ok=True)
+        write_token(h.token_file, token)
+        config = h.run / "mesh.toml"
+        config.write_text(config_text)
+        self.paths = {"TRON_HOME": str(h.root), "TRON_TOKEN_FILE": str(h.token_file), "TRON_CONFIG": str(config)}
+        self.logs = h.logs
+        forkserver = None
+        if fork_server:
+            forkserver = ForkServerClient(h.run / "forkserver.sock", h.log_file("forkserver"), h.root,
+                                          {**os.environ, **env, **self.paths})
+        self.spawner = LocalSpawner(self._exited, forkserver=forkserver)
+        self._exits: dict[int, asyncio.Future] = {}
+        await self.spawner.start()
+        if forkserver is not None:
+            await forkserver.wait_ready(timeout=60)
+        return self.describe()
+
+    def describe(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        fs = self.spawner.status() if self.spawner else None
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "home": str(self.home), "fork_server": fs, "children": len(self.children)}
+
+    async def ping(self) -> dict:
+        return self.describe()
+
+    # -- processes ----------------------------------------------------------------------------
+
+    async def spawn(self, spec: dict, listen: tuple[int, int] | None) -> dict:
+        from services.daemon.listeners import ListenerError
+        from services.daemon.spawner import SpawnError, SpawnSpec
+
+        env = {**spec["env"], **self.paths, "TRON_NODE_PID": str(os.getpid())}
+        log_path = Path(spec["log"])  # the daemon's log file when this node shares its disk
+        if not log_path.parent.is_dir():
+            log_path = self.logs / log_path.name
+        try:
+            listen_fd = None if listen is None else (await self._listener(*listen)).fileno()
+            child = await self.spawner.spawn(SpawnSpec(
+                name=spec["name"], incarnation=spec["incarnation"], argv=spec["argv"], env=env,
+                cwd=Path(spec["cwd"]) if Path(spec["cwd"]).is_dir() else self.home, log=log_path,
+                module=spec.get("module"), user=spec.get("user"), listen_fd=listen_fd))
+        except (SpawnError, ListenerError) as err:
+            return {"ok": False, "error": str(err)}
+        self.children[child.pid] = child
+        self._exits[child.pid] = asyncio.get_running_loop().create_future()
+        return {"ok": True, "pid": child.pid, "create_time": child.create_time, "mode": child.mode}
+
+    async def _listener(self, port: int, backlog: int) -> socket.socket:
+        """The service's held socket on this node. A port still held by what ran on a lost
+        node of this same machine frees within one beat (its agent exits): wait for it."""
+        from services.daemon.listeners import ListenerError, open_listener
+
+        if port in self.listeners:
+            return self.listeners[port]
+        deadline = time.monotonic() + PORT_WAIT
+        while True:
+            try:
+                self.listeners[port] = open_listener(port, backlog)
+                return self.listeners[port]
+            except ListenerError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    def _exited(self, child) -> None:
+        fut = self._exits.get(child.pid)
+        if fut is not None and not fut.done():
+            fut.set_result({"exit_code": child.exit_code, "exit_signal": child.exit_signal})
+
+    async def wait_exit(self, pid: int) -> dict:
+        """Returns when the child exits (the daemon awaits this for every child it has)."""
+        fut = self._exits.get(pid)
+        if fut is None:
+            return {"exit_code": None, "exit_signal": None, "unknown": True}
+        result = await asyncio.shield(fut)
+        self.children.pop(pid, None)
+        return result
+
+    async def stop(self, pid: int, grace: float, sig: int = signal.SIGTERM) -> None:
+        child = self.children.get(pid)
+        if child is not None:
+            await self.spawner.stop(child, grace, sig)
+
+    async def kill(self, pid: int) -> None:
+        child = self.children.get(pid)
+        if child is not None:
+            await self.spawner.kill(child)
+
+    async def inventory(self) -> dict:
+        """Live children and held sockets, for a new daemon to adopt."""
+        return {"children": [{"name": c.name, "incarnation": c.incarnation, "pid": c.pid,
+                              "create_time": c.create_time} for c in self.children.values() if c.alive],
+                "listening": sorted(self.listeners)}
+
+    async def close_listener(self, port: int) -> None:
+        sock = self.listeners.pop(port, None)
+        if sock is not None:
+            sock.close()
+
+    async def lose(self) -> None:
+        """A drill's node loss: everything this agent runs dies at once, then the agent
+        itself, as when the machine goes (services/daemon/ray_spawner.py ``lose``)."""
+        from services.daemon.spawner import kill_tree, tree_of
+
+        for child in list(self.children.values()):
+            child.expected_exit = True
+            kill_tree(tree_of(child.pid, child.incarnation), child.pid)
+        os._exit(1)
+
+    async def shutdown(self) -> None:
+        """The mesh is going down: every child is already stopped; end the helpers."""
+        for port in list(self.listeners):
+            await self.close_listener(port)
+        if self.spawner is not None:
+            await self.spawner.close()

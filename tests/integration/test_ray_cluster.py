@@ -1,0 +1,157 @@
+"""Issue 15, agents placed by Ray: a two-node ``ray.cluster_utils.Cluster`` bound to
+loopback (a head and a worker node, each a real raylet), the registry on a throwaway
+PostgreSQL. Placement by Ray resources and by spread; a kill -9 on the worker node is
+restarted there through its node agent (the local path, not Ray's); a node loss, in a
+drill and for real (``Cluster.remove_node``), puts the node's services on the surviving
+node and their tasks go on from their checkpoints. Every step is a registry row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from scripts.client import wait_for
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'tron-mesh[cluster]' (make test does)")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+               "health_check_initial_delay_ms": 0}
+# llm-sim and root need the head's label; the worker goes where fewest services run: the worker node.
+SERVICES = {"llm-sim": {"role": "llm_sim", "port": 6190, "resources": {"head": 1}},
+            "root": {"role": "root", "port": 6100, "resources": {"head": 1}},
+            "worker": {"role": "programmer", "port": 6130, "parent": "root"}}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 1, "resources": {"head": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        "_system_config": FAST_HEALTH})
+    c.worker = c.add_node(num_cpus=1, resources={"gpu_box": 1}, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    pids = [p.process.pid for node in c.list_all_nodes() for procs in node.all_processes.values() for p in procs]
+    yield c
+    c.shutdown()
+    left = wait_for(lambda: not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+                    or None, 30, "the Ray cluster's processes to end", interval=0.2)
+    assert left
+
+
+def ray_mesh(mesh_factory, cluster, postgres, **kw):
+    return mesh_factory(services=SERVICES, cluster={"engine": "ray", "address": cluster.address},
+                        registry_url=postgres.database(), **kw)
+
+
+def nodes(mesh) -> dict[str, dict]:
+    return {n["node"]: n for n in mesh.status()["cluster"]["nodes"]}
+
+
+def placed(mesh, name: str) -> str:
+    return mesh.service(name)["node"]
+
+
+def test_services_are_placed_on_both_nodes_and_a_kill_on_the_worker_node_restarts_there(
+        mesh_factory, cluster, postgres):
+    mesh = ray_mesh(mesh_factory, cluster, postgres)
+    mesh.up()
+    head, worker = cluster.head_node.node_id, cluster.worker.node_id
+    assert placed(mesh, "llm-sim") == placed(mesh, "root") == head  # by resource
+    assert placed(mesh, "worker") == worker  # by spread
+    assert all(n["agent_pid"] and n["fork_server"] for n in nodes(mesh).values())
+    assert mesh.service("worker")["mode"] == f"fork@{worker[:8]}"
+
+    old = mesh.kill("worker")
+    fresh = mesh.wait_replaced("worker", old)
+    assert placed(mesh, "worker") == worker  # the node agent restarted it where it ran
+    drill = mesh.tron("drill", "kill", "worker", "--json", timeout=120)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert json.loads(drill.stdout)["recovery_seconds"] < 30
+    assert mesh.tron("run", "--agent", "worker", "--json", "two steps", timeout=90, check=True)
+
+    history = mesh.history("worker")
+    assert [r["retry_type"] for r in history] == ["child_restart", "child_restart"]
+    assert len({r["alert_id"] for r in history}) == 2
+    spawned = mesh.rows("SELECT payload FROM events WHERE kind = 'spawned' AND agent = 'worker' ORDER BY id")
+    assert all(f"@{worker[:8]}" in json.loads(e["payload"])["mode"] for e in spawned)
+    report = mesh.tron("report", "--json")
+    assert report.returncode == 0, report.stdout
+    assert fresh["pid"] != old
+
+
+def test_node_loss_drill_moves_the_nodes_services_and_says_pass(mesh_factory, cluster, postgres):
+    mesh = ray_mesh(mesh_factory, cluster, postgres)
+    mesh.up()
+    worker = cluster.worker.node_id
+    assert placed(mesh, "worker") == worker
+    drill = mesh.tron("drill", "node-loss", worker[:8], "--json", timeout=180)
+    result = json.loads(drill.stdout)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert result["verdict"] == "pass" and result["services"] == ["worker"]
+    assert placed(mesh, "worker") == cluster.head_node.node_id
+    assert not nodes(mesh)[worker]["cordoned"]  # restored when the drill ended
+    alert = mesh.rows("SELECT detail FROM alerts WHERE agent = 'worker'")
+    assert json.loads(alert[0]["detail"])["node_lost"] == worker
+    wrong = mesh.tron("drill", "node-loss", "zzzz", timeout=60)
+    assert wrong.returncode != 0 and "0 nodes match 'zzzz'" in wrong.stderr
+
+    # A daemon killed -9 and started again adopts what the node agents still run.
+    before = {name: mesh.service(name) for name in SERVICES}
+    os.kill(mesh.status()["daemon"]["pid"], signal.SIGKILL)
+    again = mesh.tron("up", "--detach", timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for name, old in before.items():
+        now = mesh.service(name)
+        assert (now["pid"], now["incarnation"], now["node"]) == (old["pid"], old["incarnation"], old["node"])
+        assert now["mode"].startswith("adopted@")
+    old = mesh.kill("worker")  # and the ladder still works through the adopted node agent
+    mesh.wait_replaced("worker", old)
+    assert placed(mesh, "worker") == cluster.head_node.node_id
+
+
+def test_a_lost_node_is_noticed_and_its_task_resumes_on_the_survivor(mesh_factory, cluster, postgres):
+    """Last in the module: it takes the worker node away for good."""
+    mesh = ray_mesh(mesh_factory, cluster, postgres)
+    mesh.up()
+    worker = cluster.worker.node_id
+    assert placed(mesh, "worker") == worker
+    provider = mesh.service("worker")["provider"]
+    code, _ = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}", {"kind": "latency", "latency_ms": 3000})
+    assert code in (200, 201)
+    run = subprocess.Popen([*mesh_tron(mesh), "run", "--agent", "worker", "--json", "four steps to resume"],
+                           env=mesh.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        task = wait_for(lambda: next(iter(mesh.rows(
+            "SELECT t.task_id FROM tasks t JOIN checkpoints c USING (task_id) WHERE t.agent = 'worker'")), None),
+            60, "the worker's first checkpoint", interval=0.1)
+        t0 = time.monotonic()
+        cluster.remove_node(cluster.worker, allow_graceful=False)
+        wait_for(lambda: placed(mesh, "worker") == cluster.head_node.node_id
+                 and mesh.service("worker")["state"] == "running", 60, "worker re-placed on the head")
+        moved = time.monotonic() - t0
+        mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, out + err
+    resumed = mesh.rows("SELECT payload FROM events WHERE kind = 'task_resumed' AND task_id = ?", (task["task_id"],))
+    assert resumed and json.loads(resumed[-1]["payload"])["checkpoint"] >= 1
+    assert mesh.rows("SELECT status FROM tasks WHERE task_id = ?", (task["task_id"],))[0]["status"] == "done"
+    assert not nodes(mesh)[worker]["alive"]
+    print(f"node loss -> worker running on the head: {moved:.2f}s")
+
+
+def mesh_tron(mesh) -> list[str]:
+    from tests.harness import TRON
+
+    return [*TRON, "--config", str(mesh.config)]

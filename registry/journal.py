@@ -18,6 +18,7 @@ replayed first by the next daemon. Reads of the working state come from memory; 
 from __future__ import annotations
 
 import asyncio
+import functools
 import collections
 import json
 import logging
@@ -146,6 +147,7 @@ class JournaledStore:
 
     def _after_flush(self, name: str):
         """History reads see this daemon's own writes (unless the store is refusing them)."""
+        @functools.wraps(getattr(self.durable, name))  # its signature is the protocol's
         async def read(*args, **kwargs):
             if self.health_.state == "ok":
                 await self.flushed(2.0)
@@ -153,6 +155,7 @@ class JournaledStore:
         return read
 
     def _falling_back(self, name: str):
+        @functools.wraps(getattr(self.memory, name))
         async def read(*args, **kwargs):
             found = await getattr(self.memory, name)(*args, **kwargs)
             return found if found else await getattr(self.durable, name)(*args, **kwargs)
@@ -170,6 +173,7 @@ class JournaledStore:
         await self.memory.warm_from(self.durable, run_id)
 
     def _writing(self, name: str):
+        @functools.wraps(getattr(self.memory, name))
         async def write(*args, **kwargs):
             mono, wall = self.clock.now(), utc_iso()
             with self.memory.pinned(mono, wall, self.memory.drill):

@@ -20,6 +20,7 @@ from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, Ladde
                            ServiceView, SwitchProvider, TaskView, decide)
 from common.models import EscalationRecord, PermanentFailure, RestartRequest, SwitchRequest
 from common.states import AlertState, RetryType, TaskState
+from registry.protocol import Store
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.supervisor import Supervisor, top_of
 
@@ -27,7 +28,7 @@ log = logging.getLogger("tron.daemon")
 
 
 class Carrier:
-    def __init__(self, config: MeshConfig, sup: Supervisor, store, ledger, *, clock: Clock,
+    def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, ledger, *, clock: Clock,
                  metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
         self.config = config
         self.sup = sup

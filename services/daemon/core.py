@@ -31,6 +31,7 @@ from common.monitor import Monitor, MonitorThread, Signal
 from common.paths import Home, UnsafeTokenFile, ensure_token
 from common.settings import merged_policy, overlay_path, read_overlay, write_overlay
 from common.states import ServiceState
+from registry.protocol import Store
 from services.daemon import metrics
 from services.daemon.alerts import AlertRouter
 from services.daemon.carrier import Carrier
@@ -50,7 +51,7 @@ __all__ = ["Daemon", "StartError"]
 
 
 class Daemon:
-    def __init__(self, config: MeshConfig, home: Home, *, config_path: Path | None = None, store=None,
+    def __init__(self, config: MeshConfig, home: Home, *, config_path: Path | None = None, store: Store | None = None,
                  spawner: Spawner | None = None, clock: Clock | None = None, monitor_thread: bool = True) -> None:
         self.config = config
         self.home = home

@@ -21,13 +21,14 @@ from common.http import MeshClient, MeshHTTPError
 from common.ladder import compute_backoff
 from common.models import RunFailed, TaskAssign, TaskResult
 from common.states import RunState, ServiceState, TaskState
+from registry.protocol import Store
 from services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.daemon")
 
 
 class Ledger:
-    def __init__(self, config: MeshConfig, sup: Supervisor, store, client: MeshClient, *, clock: Clock,
+    def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, client: MeshClient, *, clock: Clock,
                  policy: Callable[[], Policy], background) -> None:
         self.config = config
         self.sup = sup

@@ -19,6 +19,7 @@ import logging
 
 from common.states import FINAL_TASK_STATES, LIVE_TASK_STATES, RetryType, RunState, ServiceState, TaskState
 from registry.store import content_hash
+from registry.protocol import Store
 from services.daemon.audit import Audit, Refused
 from services.daemon.ledger import Ledger
 from services.daemon.supervisor import Supervisor, new_id
@@ -28,7 +29,7 @@ TASK_VERBS = ("retry", "hard_reset", "resume", "cancel")
 
 
 class TaskActions:
-    def __init__(self, sup: Supervisor, store, ledger: Ledger, audit: Audit, *, background, client) -> None:
+    def __init__(self, sup: Supervisor, store: Store, ledger: Ledger, audit: Audit, *, background, client) -> None:
         self.sup = sup
         self.store = store
         self.ledger = ledger

@@ -291,11 +291,11 @@ class Runner:
         drill = Drill("resume", name)
         try:
             baseline = self._llm_calls_of_a_run(sim, provider)
-            drill.mark("baseline", f"an uninterrupted run made {baseline} LLM calls")
             self.mesh.try_call("PUT", f"{sim}/sim/faults/{provider}", {"kind": "latency", "latency_ms": 700},
                                auth=True)
             calls0 = self._served(sim, provider)
             drill.t0 = time.monotonic()
+            drill.mark("baseline", f"an uninterrupted run made {baseline} LLM calls")
             run_id = self._start_run("drill: resume")
             with self.db() as conn:
                 task_id, mark = self.wait(lambda: next(((t["task_id"], c) for t in read.tasks_of(conn, run_id, name)

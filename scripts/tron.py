@@ -209,7 +209,8 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def state_text(s: dict) -> str:
-    marks = [m for m, on in (("crash-loop", s.get("crash_looping")), ("operator", s.get("stopped"))) if on]
+    marks = [m for m, on in (("crash-loop", s.get("crash_looping")), ("operator", s.get("stopped")),
+                             ("paused", s.get("paused"))) if on]
     return s["state"] + (f" ({', '.join(marks)})" if marks else "")
 
 
@@ -228,6 +229,8 @@ def render_status(status: dict) -> str:
     d = status["daemon"]
     lines = [f"daemon pid {d['pid']} port {d['port']} up {d['uptime']}s home {d['home']}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if status.get("spawning") == "paused":
+        lines.append("spawning: PAUSED (no new process starts anywhere; `tron spawning resume`)")
     for n in (cluster or {}).get("nodes", []):
         state = "lost" if not n["alive"] else "cordoned" if n["cordoned"] else "ok" if n["agent_pid"] else "no agent"
         lines.append(f"node {n['node'][:12]} {n['ip']} {state}: {', '.join(n['services']) or 'no service'}")
@@ -668,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tron lane list | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, decide
 from common.models import Alert
 from common.monitor import Signal
 from common.states import AlertState, ServiceState
+from registry.protocol import Store
 from services.daemon.carrier import Carrier
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.supervisor import Supervisor, new_id
@@ -34,7 +35,7 @@ log = logging.getLogger("tron.daemon")
 
 
 class AlertRouter:
-    def __init__(self, config: MeshConfig, sup: Supervisor, store, carrier: Carrier, client: MeshClient, *,
+    def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, carrier: Carrier, client: MeshClient, *,
                  clock: Clock, metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
         self.config = config
         self.sup = sup
@@ -128,6 +129,8 @@ class AlertRouter:
     async def redeliver_pending(self) -> None:
         """Alerts an earlier daemon persisted but never saw decided."""
         for row in await self.store.open_alerts():
+            if row["reason"] == "lane_paused":
+                continue  # an operator's to handle (tron lane resume), not a delivery
             svc = self.sup.services.get(row["agent"])
             if svc is not None and svc.incarnation == row["incarnation"]:
                 self.background(self.deliver(self.alert_from_row(row)), f"redeliver {row['alert_id']}")

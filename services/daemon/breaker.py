@@ -11,14 +11,20 @@ from common.clock import Clock
 from common.config import Policy
 from common.lanes import Fingerprint, recent, trips_now
 from common.states import LaneState
+from registry.protocol import Store
 from services.daemon.metrics import DaemonMetrics
-from services.daemon.supervisor import Supervisor
+from services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 
 
+def lane_agent(lane: str) -> str:
+    """The ``agent`` of a paused lane's alert row."""
+    return f"lane:{lane}"
+
+
 class Breaker:
-    def __init__(self, sup: Supervisor, store, *, clock: Clock, policy: Callable[[], Policy],
+    def __init__(self, sup: Supervisor, store: Store, *, clock: Clock, policy: Callable[[], Policy],
                  metrics: DaemonMetrics) -> None:
         self.sup = sup
         self.store = store
@@ -42,11 +48,28 @@ class Breaker:
         if paused:
             self.metrics.lanes_paused.inc()
             log.error("lane paused", extra={"lane": fp.lane, "fingerprint": fp.key, "reason": reason_text})
+            await self._alert(fp, reason_text, service, task_id=task_id, run_id=run_id)
         return {"fingerprint": fp.key, "trips": counted, "paused": True, "lane": fp.lane}
+
+    async def _alert(self, fp: Fingerprint, reason_text: str, service: str, *, task_id: str,
+                     run_id: str | None) -> None:
+        """A paused lane is an open alert for the operator (the orange bar, the report):
+        its agent is ``lane:<role>``, not a service, so no restart or backoff counts it;
+        it is handled when the lane is resumed (operators.py)."""
+        alert_id = new_id("a-")
+        await self.store.insert_alert({"alert_id": alert_id, "service": lane_agent(fp.lane), "incarnation": alert_id,
+                                       "reason": "lane_paused", "task_id": task_id, "run_id": run_id,
+                                       "detail": {"lane": fp.lane, "fingerprint": fp.key, "reason": reason_text,
+                                                  "service": service}}, stable=True)
+        await self.store.alert_delivered(alert_id, "operator")
+        self.metrics.alerts.labels(reason="lane_paused").inc()
 
     async def refusal(self, agent: str) -> dict | None:
         """Why a new task for ``agent`` must be refused now, if it must."""
         svc = self.sup[agent]
+        if svc.stopped:  # nothing would run it until `tron start`: refused now, not held forever
+            return {"reason": "service_stopped", "service": agent,
+                    "message": f"{agent} is stopped by an operator: no new tasks (`tron start {agent}`)"}
         if svc.paused:
             return {"reason": "service_paused", "service": agent,
                     "message": f"{agent} is paused by an operator: no new tasks (`tron resume {agent}`)"}

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ class NodeAgent:
         self.listeners: dict[int, socket.socket] = {}  # port -> the socket held for it
         self.home: Path | None = None
         self.paths: dict[str, str] = {}
+        self.scratch: Path | None = None  # a short directory for the fork server's socket, if the home is deep
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -58,7 +61,7 @@ class NodeAgent:
         self.logs = h.logs
         forkserver = None
         if fork_server:
-            forkserver = ForkServerClient(h.run / "forkserver.sock", h.log_file("forkserver"), h.root,
+            forkserver = ForkServerClient(self._socket_path(h.run / "forkserver.sock"), h.log_file("forkserver"), h.root,
                                           {**os.environ, **env, **self.paths})
         self.spawner = LocalSpawner(self._exited, forkserver=forkserver)
         self._exits: dict[int, asyncio.Future] = {}
@@ -66,6 +69,16 @@ class NodeAgent:
         if forkserver is not None:
             await forkserver.wait_ready(timeout=60)
         return self.describe()
+
+    def _socket_path(self, wanted: Path) -> Path:
+        """The fork server's socket: in the node's home, or, when that path is longer than
+        a unix socket's 107 bytes, in a private (0700) directory of the node's /tmp."""
+        from services.daemon.forkserver import SOCKET_PATH_MAX
+
+        if len(os.fsencode(str(wanted))) <= SOCKET_PATH_MAX:
+            return wanted
+        self.scratch = Path(tempfile.mkdtemp(prefix="tron-node-"))
+        return self.scratch / "forkserver.sock"
 
     def describe(self) -> dict:
         import ray
@@ -160,6 +173,8 @@ class NodeAgent:
         for child in list(self.children.values()):
             child.expected_exit = True
             kill_tree(tree_of(child.pid, child.incarnation), child.pid)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         os._exit(1)
 
     async def shutdown(self) -> None:
@@ -168,3 +183,5 @@ class NodeAgent:
             await self.close_listener(port)
         if self.spawner is not None:
             await self.spawner.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)

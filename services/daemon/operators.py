@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 
-from common.states import LaneState, RetryType, ServiceState, TaskState
+from common.states import AlertState, LaneState, RetryType, ServiceState, TaskState
+from registry.protocol import Store
 from services.daemon.audit import Audit, Refused
+from services.daemon.breaker import lane_agent
 from services.daemon.ledger import Ledger
 from services.daemon.supervisor import Service, Supervisor, new_id
 
@@ -29,7 +31,7 @@ __all__ = ["Operators", "Refused", "SERVICE_VERBS"]
 
 
 class Operators:
-    def __init__(self, sup: Supervisor, store, ledger: Ledger, audit: Audit, *, background) -> None:
+    def __init__(self, sup: Supervisor, store: Store, ledger: Ledger, audit: Audit, *, background) -> None:
         self.sup = sup
         self.store = store
         self.ledger = ledger
@@ -124,6 +126,11 @@ class Operators:
             row = await self.store.lane(lane)
             await self.store.set_lane(lane, new, fingerprint=(row or {}).get("fingerprint"),
                                       reason=reason, by=actor)
+            if new == LaneState.OPEN:  # the breaker's alert for this lane is handled now
+                for alert in await self.store.open_alerts():
+                    if alert["agent"] == lane_agent(lane):
+                        await self.store.mark_alert(alert["alert_id"], AlertState.HANDLED,
+                                                    decision=f"lane resumed by {actor}")
             return {"status": str(new), "lane": lane}
 
         return await self.audit.run(act, actor=actor, what=f"lane_{verb}", target=lane, reason=reason,

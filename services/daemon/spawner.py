@@ -255,6 +255,20 @@ def _listen_on_fd3(fd: int) -> None:
     os.dup2(fd, 3)
 
 
+def _identity(user: str | None) -> dict:
+    """Popen's user, group and supplementary groups for ``user``: all three of theirs
+    (``user=`` alone would keep the daemon's gid 0 and root's groups)."""
+    if not user:
+        return {}
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SpawnError(f"no such user: {user}") from None
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+
+
 def _check_runnable(command: str, env: dict[str, str], cwd) -> None:
     """What Popen would raise for a program it cannot run, said before a shell runs it."""
     path = command if os.sep in command else shutil.which(command, path=env.get("PATH", os.defpath))
@@ -311,7 +325,7 @@ class LocalSpawner:
             with open(spec.log, "ab", buffering=0) as out:
                 popen = subprocess.Popen(
                     argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True, user=spec.user, **extra)
+                    stderr=subprocess.STDOUT, start_new_session=True, **_identity(spec.user), **extra)
         except FileNotFoundError:
             raise SpawnError(f"command not found: {spec.argv[0]}") from None
         except PermissionError as err:

@@ -31,6 +31,7 @@ from common.models import Reason
 from common.monitor import Monitor, Signal
 from common.paths import Home
 from common.states import SERVICE, ServiceState
+from registry.protocol import Store
 from services.daemon.listeners import ListenerError, listen_env
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.sockdiag import listening_inodes
@@ -93,7 +94,7 @@ Hook = Callable[..., Awaitable[None]]
 
 
 class Supervisor:
-    def __init__(self, config: MeshConfig, home: Home, *, store, spawner: Spawner, monitor: Monitor, clock: Clock,
+    def __init__(self, config: MeshConfig, home: Home, *, store: Store, spawner: Spawner, monitor: Monitor, clock: Clock,
                  metrics: DaemonMetrics, policy: Callable[[], Policy], client: MeshClient, background,
                  config_path: Path | None) -> None:
         self.config = config

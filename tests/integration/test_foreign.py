@@ -76,7 +76,9 @@ def test_all_three_serve_and_postgres_runs_as_its_own_user(servers):
     for name in ("redis", "nginx", "postgres"):
         assert wait_for(lambda n=name: serving(servers, n), 30, f"{name} serving")
     postmaster = psutil.Process(servers.service("postgres")["pid"])
-    assert postmaster.uids().real == pwd.getpwnam("postgres").pw_uid
+    pw = pwd.getpwnam("postgres")
+    assert postmaster.uids().real == pw.pw_uid
+    assert postmaster.gids().real == pw.pw_gid and 0 not in postmaster.gids()  # its group too, not root's
     spawned = [r["agent"] for r in servers.rows("SELECT agent FROM events WHERE kind = 'spawned' ORDER BY id")]
     assert spawned.index("redis") < spawned.index("nginx")  # nginx depends_on redis ready
 

@@ -41,6 +41,10 @@ def test_the_same_failure_three_times_pauses_the_lane_and_the_next_run_fails_fas
     assert lanes["architect"]["state"] == "paused", lanes
     assert "3 tasks failed for good the same way" in lanes["architect"]["reason"]
     assert "architect" in mesh.tron("lane", "list").stdout and "paused" in mesh.tron("lane", "list").stdout
+    # an alert records it, open (on the orange bar) until the lane is resumed; it restarts nothing
+    [alert] = mesh.rows("SELECT * FROM alerts WHERE reason = 'lane_paused'")
+    assert alert["agent"] == "lane:architect" and alert["status"] == "delivered", alert
+    assert json.loads(alert["detail"])["lane"] == "architect"
     # the fourth run fails at once, with the lane's reason, and burns no ladder
     rows_before = len(mesh.history())
     code, body = submit(mesh, "run 3")
@@ -49,6 +53,9 @@ def test_the_same_failure_three_times_pauses_the_lane_and_the_next_run_fails_fas
     assert len(mesh.history()) == rows_before
     proc = mesh.tron("lane", "resume", "architect", "--reason", "keys fixed")
     assert proc.returncode == 0 and "open" in proc.stdout, proc.stderr
+    handled = mesh.rows("SELECT status, decision FROM alerts WHERE reason = 'lane_paused'")
+    assert handled == [{"status": "handled", "decision": "lane resumed by " + json.loads(
+        mesh.tron("audit", "--json").stdout)[0]["payload"]["who"]}], handled
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
     proc = mesh.tron("run", "works again", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -369,8 +369,13 @@ async def test_the_third_identical_failure_pauses_the_lane_and_new_tasks_are_ref
     refusal = await rig.daemon.breaker.refusal("worker")
     assert refusal["reason"] == "lane_paused" and "tron lane resume programmer" in refusal["message"]
     assert len(await rig.store.events(kind="lane_paused")) == 1
+    [alert] = [a for a in await rig.store.open_alerts() if a["reason"] == "lane_paused"]
+    assert alert["agent"] == "lane:programmer" and alert["detail"]["lane"] == "programmer"
+    # it counts as no failure of a service: no backoff, no crash loop
+    assert alert["alert_id"] not in {f["alert_id"] for f in await rig.store.failures("worker", limit=10)}
     await rig.daemon.operators.lane("resume", "programmer", actor="ops", reason="fixed the prompt")
     assert await rig.daemon.breaker.refusal("worker") is None
+    assert (await rig.store.alert(alert["alert_id"]))["status"] == "handled"
     rig.clock.advance(3601)  # and an old trip no longer counts
     assert (await _fail_for_good(rig, 6, "timeout after 1s on run-eeeeee"))["lane"]["paused"] is False
 
@@ -381,6 +386,14 @@ async def test_a_paused_service_takes_no_new_tasks(rig):
     again = await rig.daemon.operators.act("pause", "worker", actor="ops", reason="twice")
     assert again["status"] == "already_paused"
     await rig.daemon.operators.act("resume", "worker", actor="ops", reason="done")
+    assert await rig.daemon.breaker.refusal("worker") is None
+
+
+async def test_a_stopped_service_takes_no_new_tasks_until_started(rig):
+    await rig.daemon.operators.act("stop", "worker", actor="ops", reason="maintenance")
+    refusal = await rig.daemon.breaker.refusal("worker")
+    assert refusal["reason"] == "service_stopped" and "tron start worker" in refusal["message"]
+    await rig.daemon.operators.act("start", "worker", actor="ops", reason="done")
     assert await rig.daemon.breaker.refusal("worker") is None
 
 

@@ -65,6 +65,9 @@ def test_a_clean_registry_is_healthy(db):
     ("INSERT INTO retry_history (alert_id, agent_id, retry_type, retry_count, reason, detail, timestamp, mono) "
      "VALUES ('a-7', 'programmer-1', 'child_restart', 2, 'unknown failure', '{}', '" + NOW + "', 6)",
      {"failures recorded without a real reason"}),
+    ("INSERT INTO alerts (alert_id, agent, incarnation, reason, detail, status, deliveries, created_at) VALUES "
+     "('a-8', 'programmer-1', 'i-y', 'heartbeat_timeout', '{}', 'undeliverable', 0, '" + NOW + "')",
+     {"alerts nobody handled"}),
 ])
 def test_each_breakage_is_flagged_by_exactly_its_lines(db, breakage, flagged):
     db.execute(breakage)

@@ -47,10 +47,12 @@ system-deps:
 	           --no-install-recommends $$missing >/dev/null; }; \
 	  else echo "not installed (tests that need them will be skipped):$$missing"; fi; fi
 
-# Three workers on 2 cores: the meshes mostly wait on each other's processes. loadfile keeps a
-# file's tests (and its module-scoped mesh or browser) on one worker.
+# Four workers on 2 cores: the meshes mostly wait (the suite uses about half a core on
+# average). loadfile keeps a file's tests (and its module-scoped mesh, browser or Ray
+# cluster) on one worker. TEST_WORKERS=3 make test for a slower machine.
+TEST_WORKERS ?= 4
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

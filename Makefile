@@ -70,6 +70,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.beat_ingest --seconds 6 --json $(RESULTS)/beat_ingest.json
 	$(BIN)/python -m benchmarks.ladder_timing --reps 3 --json $(RESULTS)/ladder_timing.json
 	$(BIN)/python -m benchmarks.socket_handover --kills 20 --json $(RESULTS)/socket_handover.json
+	$(BIN)/python -m benchmarks.servers --kills 5 --json $(RESULTS)/servers.json
 	$(BIN)/python -m benchmarks.cluster_recovery --kills 10 --losses 3 --json $(RESULTS)/cluster_recovery.json
 
 # Re-fetch the web UI's vendored scripts from npm (versions pinned in the script); commit the result.

@@ -18,6 +18,13 @@ from tests.harness import wait_for
 pytestmark = pytest.mark.integration
 
 
+# Three services are enough where the test is about the daemon, not the tree: a mesh of
+# them starts in a third of the default's time.
+SMALL = {"llm-sim": {"role": "llm_sim", "port": 6190},
+         "root": {"role": "root", "port": 6100},
+         "programmer-1": {"role": "programmer", "port": 6130, "parent": "root"}}
+
+
 def status(mesh) -> dict:
     return mesh.status()
 
@@ -121,7 +128,7 @@ def test_a_hung_agent_is_still_caught_after_the_daemons_own_stall(mesh):
 
 
 def test_a_daemon_killed_between_fork_and_record_leaves_no_ghost(mesh_factory):
-    mesh = mesh_factory()
+    mesh = mesh_factory(services=SMALL)
     mesh.env["TRON_TEST_DIE_AFTER_FORK"] = "programmer-1"
     first = mesh.tron("up", "--detach")
     assert first.returncode != 0
@@ -181,7 +188,7 @@ def test_results_are_redacted_like_prompts(mesh):
 def test_stopping_always_works(mesh_factory):
     """A hung daemon, a replaced token and a deleted daemon.json: `tron down` still ends
     every process of the home, and says so only after the census agrees."""
-    mesh = mesh_factory()
+    mesh = mesh_factory(services=SMALL)
     mesh.up()
     os.kill(status(mesh)["daemon"]["pid"], signal.SIGSTOP)
     proc = mesh.tron("down", timeout=120)
@@ -213,7 +220,7 @@ def test_up_reports_its_own_daemon_and_the_service_that_cannot_start(mesh_factor
 
 
 def test_backups_and_a_refused_start_that_names_the_newest_good_one(mesh_factory):
-    mesh = mesh_factory()
+    mesh = mesh_factory(services=SMALL)
     mesh.up()
     proc = mesh.tron("backup")
     assert proc.returncode == 0, proc.stderr
@@ -236,7 +243,7 @@ def test_backups_and_a_refused_start_that_names_the_newest_good_one(mesh_factory
 
 
 def test_a_home_too_long_for_the_fork_server_socket_starts_without_it(mesh_factory, tmp_path):
-    mesh = mesh_factory(home=tmp_path / ("h" * 110))
+    mesh = mesh_factory(home=tmp_path / ("h" * 110), services=SMALL)
     mesh.up()
     fs = status(mesh)["fork_server"]
     assert fs["ready"] is False and fs["generation"] == 0  # never launched, never relaunched

@@ -30,24 +30,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import psutil
-import psycopg
 
 from common.config import Policy
 from scripts.stats import summary
 from services.daemon.probes import holds_socket
 from services.daemon.sockdiag import listening_inodes
 from services.daemon.spawner import tree_of
-from tests.harness import REPO, cleanup, make_mesh, wait_for
+from tests.harness import REPO, cleanup, make_mesh, server_answers, wait_for
 
 EXAMPLE = REPO / "examples" / "servers"
 NAMES = ("redis", "nginx", "postgres")
@@ -57,20 +54,7 @@ SAMPLE_ERRORS = (AssertionError, OSError, psutil.Error, KeyError, IndexError, Va
 
 
 def serving(port: int, name: str) -> bool:
-    """The server answers its own protocol on 127.0.0.1."""
-    try:
-        if name == "redis":
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        if name == "nginx":
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5) as resp:
-                return resp.status == 200
-        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
-                             connect_timeout=1) as conn:
-            return conn.execute("SELECT 1").fetchone() == (1,)
-    except (OSError, psycopg.Error):  # refused, reset, "the database system is starting up": not serving
-        return False
+    return server_answers(port, name, timeout=0.5)
 
 
 def old_tree_listens(port: int, old: set[int]) -> bool:

@@ -11,6 +11,8 @@ loopback port:
   supervisord         ``autorestart = true``, ``startsecs = 0`` (benchmarks/peers.py's config),
                       uvicorn binds ``--port``
   plain loop          benchmarks/respawn_loop.py: wait() and start again at once (the floor)
+  Tron agent          one of Tron's own agents (the llm-sim role: beats, fork server, socket
+                      held by default); the loop asks its ``/health``
 
 Both Tron rows are services of one daemon under the SHIPPED DEFAULT policy (mesh.toml's,
 nothing overridden) with an HTTP readiness probe on ``/``.
@@ -93,7 +95,7 @@ BACK_TIMEOUT = 30.0          # a kill not recovered by then ends the row
 BACKLOG = 8
 BACKLOG_CLIENTS = 32
 
-PORTS = {"held": 6165, "own": 6166, "bl8": 6167, "bl8u": 6168}  # + the mesh's offset
+PORTS = {"held": 6165, "own": 6166, "bl8": 6167, "bl8u": 6168, "agent": 6169}  # + the mesh's offset
 # (service, pause): bl8 has backlog = 8 in Tron only; uvicorn calls listen() again on fd 3
 # with its own --backlog (2048), which replaces it. bl8u also passes uvicorn --backlog 8.
 BACKLOG_RUNS = (("bl8", 0.5), ("bl8u", 0.5), ("bl8u", 1.5))
@@ -107,15 +109,18 @@ def app_argv(tag: str, port: int | str | None, *extra: str) -> list[str]:
             "--header", f"x-bench:{tag}", *where, *extra, "hello_asgi:app"]
 
 
-def get_pid(port: int, timeout: float = 0.5) -> int | None:
-    """The pid the service answers ``GET /`` with, or None."""
+def get_pid(port: int, timeout: float = 0.5, path: str = "/") -> int | None:
+    """The pid the service answers ``GET path`` with (hello_asgi's body; an agent's
+    /health JSON), or None."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", "/", headers={"Connection": "close"})
+        conn.request("GET", path, headers={"Connection": "close"})
         resp = conn.getresponse()
         body = resp.read()
-        return int(body) if resp.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
+        if resp.status != 200:
+            return None
+        return int(body) if path == "/" else int(json.loads(body)["pid"])
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
         return None
     finally:
         conn.close()
@@ -125,6 +130,8 @@ def get_pid(port: int, timeout: float = 0.5) -> int | None:
 
 class ProcessRow:
     """A peer from benchmarks/peers.py running uvicorn instead of child_service.py."""
+
+    path = "/"
 
     def owner_pid(self, answered: int) -> int | None:
         """The main pid to kill, if ``answered`` is the supervisor's child."""
@@ -150,8 +157,8 @@ class PlainLoopRow(ProcessRow, PlainLoopPeer):
 
 
 class TronRow:
-    def __init__(self, mesh, name: str, label: str) -> None:
-        self.mesh, self.name, self.label = mesh, name, label
+    def __init__(self, mesh, name: str, label: str, path: str = "/") -> None:
+        self.mesh, self.name, self.label, self.path = mesh, name, label, path
         self.port = mesh.port(name)
 
     def owner_pid(self, answered: int) -> int | None:
@@ -168,6 +175,8 @@ def tron_mesh(workdir: Path, tag: str):
         "bl8": {"command": app_argv(tag, None), "port": PORTS["bl8"], "socket": "inherit", "backlog": BACKLOG},
         "bl8u": {"command": app_argv(tag, None, "--backlog", str(BACKLOG)), "port": PORTS["bl8u"],
                  "socket": "inherit", "backlog": BACKLOG},
+        # one of Tron's own agents (beats, the fork server; the socket is held by default)
+        "agent": {"role": "llm_sim", "port": PORTS["agent"]},
     }
     return make_mesh(workdir / "tron", fast=False, services=services)
 
@@ -176,7 +185,7 @@ def wait_owned(row, old: int | None = None, timeout: float = 60.0) -> int:
     """Until a pid other than ``old`` answers and its supervisor names it as the service."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pid = get_pid(row.port)
+        pid = get_pid(row.port, path=row.path)
         if pid and pid != old and row.owner_pid(pid) == pid:
             return pid
         time.sleep(0.02)
@@ -207,12 +216,12 @@ class Track:
 def block(t: Track, n: int, baseline: float, args, rng: random.Random, min_uptime: float) -> None:
     row = t.row
     t.pid = wait_owned(row)
-    with RequestLoop(row.port, "/", workers=args.workers, timeout=args.timeout) as loop:
+    with RequestLoop(row.port, row.path, workers=args.workers, timeout=args.timeout) as loop:
         t0 = time.monotonic()
         time.sleep(baseline)
     t.baseline_s += time.monotonic() - t0
     merge(t.baseline, loop.counts)
-    with RequestLoop(row.port, "/", workers=args.workers, timeout=args.timeout) as loop:
+    with RequestLoop(row.port, row.path, workers=args.workers, timeout=args.timeout) as loop:
         t0 = time.monotonic()
         next_kill = t0 + rng.uniform(0.3, 0.6)
         for _ in range(n):
@@ -225,7 +234,7 @@ def block(t: Track, n: int, baseline: float, args, rng: random.Random, min_uptim
             t.kills_left -= 1
             new = None
             while time.monotonic() - t_kill < BACK_TIMEOUT:
-                new = get_pid(row.port, 2.0)
+                new = get_pid(row.port, 2.0, row.path)
                 if new and new != t.pid:
                     break
                 time.sleep(POLL)
@@ -324,7 +333,10 @@ def backlog_full(mesh, name: str, pause: float) -> dict:
         queued = listen_queue(port)
         connected = sum("connect" in r for r in res)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # Tron replaced it as a stopped process meanwhile: reported below
+            pass
     for th in threads:
         th.join(20)
     after = tcp_ext("ListenOverflows", "ListenDrops")
@@ -379,6 +391,9 @@ def table(summary: dict) -> str:
 def backlog_lines(runs: list[dict]) -> list[str]:
     out = []
     for r in runs:
+        if "error" in r:
+            out.append(f"- {r['service']}, SIGSTOP for {r['pause']:g} s: not measured ({r['error']})")
+            continue
         q = r["accept_queue_at_end_of_pause"]
         wc, wt = r["waited_connect_s"], r["waited_total_s"]
         spread = "" if not wc else (f"; their connect() returned after {wc[0]:.2f}-{wc[-1]:.2f} s (median "
@@ -396,7 +411,7 @@ def backlog_lines(runs: list[dict]) -> list[str]:
 
 def tron_state(mesh) -> dict:
     out = {}
-    for name in ("held", "own"):
+    for name in ("held", "own", "agent"):
         svc = mesh.service(name)
         out[name] = {"state": svc["state"], "restarts": svc.get("restarts"),
                      "crash_looping": svc.get("crash_looping"),
@@ -439,7 +454,8 @@ def main() -> int:
             p.start()
         mesh.up()
         min_uptime = Policy(**mesh.policy).min_uptime
-        rows = [TronRow(mesh, "held", "Tron, held socket"), TronRow(mesh, "own", "Tron, own socket"), *peers]
+        rows = [TronRow(mesh, "held", "Tron, held socket"), TronRow(mesh, "own", "Tron, own socket"),
+                TronRow(mesh, "agent", "Tron agent (llm-sim), held socket", path="/health"), *peers]
         for r in rows:
             wait_owned(r)
         print(f"{len(rows)} rows up after {time.monotonic() - started:.1f} s; {args.kills} kills each ...",
@@ -447,7 +463,11 @@ def main() -> int:
         tracks = run_rows(rows, args, rng, min_uptime)
         state = tron_state(mesh)
         print("backlog full ...", file=sys.stderr, flush=True)
-        backlog = [backlog_full(mesh, name, pause) for name, pause in BACKLOG_RUNS]
+        for name, pause in BACKLOG_RUNS:
+            try:
+                backlog.append(backlog_full(mesh, name, pause))
+            except (OSError, RuntimeError) as err:  # one case lost is reported, not the whole run
+                backlog.append({"service": name, "pause": pause, "error": f"{type(err).__name__}: {err}"})
     finally:
         for p in peers:
             leftovers += p.stop()

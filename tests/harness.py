@@ -248,3 +248,24 @@ def cleanup(mesh: Mesh) -> list[str]:
     return names
 
 
+def server_answers(port: int, name: str, timeout: float = 1.0) -> bool:
+    """A real server of examples/servers answers its own protocol on 127.0.0.1: redis
+    PING -> +PONG, nginx GET / -> 200, PostgreSQL a connection running SELECT 1."""
+    import urllib.request
+
+    import psycopg
+
+    try:
+        if name == "redis":
+            with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        if name == "nginx":
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as resp:
+                return resp.status == 200
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                             connect_timeout=max(1, int(timeout))) as conn:
+            return conn.execute("SELECT 1").fetchone() == (1,)
+    except (OSError, psycopg.Error):  # refused, reset, "the database system is starting up": not serving
+        return False
+

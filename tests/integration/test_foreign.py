@@ -10,12 +10,9 @@ import os
 import pwd
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -23,7 +20,7 @@ import pytest
 
 from services.daemon.sockdiag import listening_inodes
 from services.daemon.spawner import tree_of
-from tests.harness import REPO, cleanup, make_mesh, wait_for
+from tests.harness import REPO, cleanup, make_mesh, server_answers, wait_for
 
 pytestmark = pytest.mark.integration
 EXAMPLE = REPO / "examples" / "servers"
@@ -41,18 +38,7 @@ if missing():
 
 
 def serving(mesh, name: str) -> bool:
-    port = mesh.port(name)
-    try:
-        if name == "redis":
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        if name == "nginx":
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
-                return resp.status == 200
-        return subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "1"]).returncode == 0
-    except OSError:
-        return False
+    return server_answers(mesh.port(name), name)
 
 
 @pytest.fixture(scope="module")

@@ -446,6 +446,12 @@ class MeshConfig(_Strict):
             out.extend(self.subtree(child))
         return out
 
+    @property
+    def sdks(self) -> set[str]:
+        """The LLM SDKs this mesh's agents can be switched onto: the chain's and the
+        services' own providers (the fork server preloads only these)."""
+        return set(self.providers.chain) | {s.provider for s in self.services.values() if s.provider}
+
     def provider_of(self, name: str) -> Provider:
         return self.services[name].provider or self.providers.default
 

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -325,35 +325,49 @@ async def aclose_clients() -> None:
 _warm = False
 
 
-def warm_up() -> None:
-    """One failing call through each SDK, to a loopback port nobody listens on: what the
-    SDKs import on their first request (the HTTP transport, the TLS trust store, tracing:
-    56 modules, 0.25 s here) is imported now, not on an agent's event loop while TRON
-    counts its beats. Run where no event loop runs (the fork server, a thread); once per
-    process (a forked child inherits it done)."""
+SDKS = ("anthropic", "ollama", "openai")
+
+
+def warm_up(sdks: Iterable[str] = SDKS) -> None:
+    """One failing call through each SDK named, to a loopback port nobody listens on: what
+    the SDKs import on their first request (the HTTP transport, the TLS trust store,
+    tracing: 56 modules, 0.25 s here) is imported now, not on an agent's event loop while
+    TRON counts its beats. Run where no event loop runs (the fork server, a thread); once
+    per process (a forked child inherits it done)."""
     global _warm
     if _warm:
         return
     _warm = True
-    import anthropic
-    import ollama
-    import openai
-
+    sdks = set(sdks)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         url = f"http://127.0.0.1:{closed.getsockname()[1]}"
         ask = [{"role": "user", "content": "warm up"}]
 
+        def anthropic_call():
+            import anthropic
+
+            return anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0, timeout=1) \
+                .messages.create(model="m", max_tokens=1, messages=ask)
+
+        def openai_call():
+            import openai
+
+            return openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=1) \
+                .chat.completions.create(model="m", messages=ask)
+
+        def ollama_call():
+            import ollama
+
+            return ollama.AsyncClient(host=url, timeout=1).chat(model="m", messages=ask)
+
+        calls_by_sdk = {"anthropic": anthropic_call, "openai": openai_call, "ollama": ollama_call}
+
         async def calls() -> None:
-            for call in (
-                lambda: anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0, timeout=1)
-                .messages.create(model="m", max_tokens=1, messages=ask),
-                lambda: openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=1)
-                .chat.completions.create(model="m", messages=ask),
-                lambda: ollama.AsyncClient(host=url, timeout=1).chat(model="m", messages=ask),
-            ):
-                with contextlib.suppress(Exception):
-                    await call()
+            for name in SDKS:
+                if name in sdks:
+                    with contextlib.suppress(Exception):
+                        await calls_by_sdk[name]()
 
         asyncio.run(calls())
 

@@ -128,7 +128,8 @@ class Daemon:
             from services.daemon.ray_spawner import RaySpawner
 
             return RaySpawner(lambda child: self.sup.on_exit(child), config=self.config, home_root=self.home.root,
-                              config_path=self.config_path, token=self.token, marks=mesh_marks(self.home))
+                              config_path=self.config_path, token=self.token,
+                              marks={**mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks))})
         return self._local_spawner()
 
     def _local_spawner(self) -> LocalSpawner:
@@ -136,7 +137,7 @@ class Daemon:
         if self.config.mesh.fork_server:
             # The mark of this home's processes (scripts/census.py), forked ones included: a
             # forked process's /proc environ is the server's.
-            env = {**os.environ, **mesh_marks(self.home)}
+            env = {**os.environ, **mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks))}
             forkserver = ForkServerClient(self.home.run / "forkserver.sock", self.home.log_file("forkserver"),
                                           self.home.root, env)
         spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,24 @@ def test_import_does_not_load_sdks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=repo_root)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_warm_up_loads_only_the_sdks_of_the_mesh():
+    # The fork server preloads the SDKs of the provider chain only (TRON_SDKS): openai alone
+    # is 1.6 s of every mesh start when no provider of the mesh uses it.
+    code = ("import os, sys; from services.daemon.forkserver import _sdks; from common.providers import warm_up; "
+            "warm_up(_sdks()); print(sorted(m for m in ('anthropic', 'ollama', 'openai') if m in sys.modules))")
+    repo_root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root,
+                         env={**os.environ, "TRON_SDKS": "ollama"}, timeout=60)
+    assert out.stdout.strip() == "['ollama']"
+
+
+def test_the_mesh_names_the_sdks_its_providers_use():
+    from common.config import MeshConfig
+
+    config = MeshConfig.model_validate({"services": {"a": {"role": "programmer", "port": 7001, "provider": "openai"}}})
+    assert config.sdks == {"anthropic", "ollama", "openai"}
+    config = MeshConfig.model_validate({"services": {"a": {"role": "programmer", "port": 7001}},
+                                        "providers": {"chain": ["ollama"], "default": "ollama"}})
+    assert config.sdks == {"ollama"}

@@ -39,9 +39,11 @@ Endpoints (all but /health need the mesh token):
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -56,6 +58,7 @@ from common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, R
                            compute_backoff, decide, fold_advice, parse_advice, worst_case_attempts)
 from common.models import (Alert, CheckpointRecord, Escalation, EscalationRecord, PermanentFailure, RestartRequest,
                            SwitchRequest, TaskAssign, TaskRecord, TaskResult)
+from common.providers import SDKS
 from common.service import ServiceContext
 
 log = logging.getLogger("tron.agent")
@@ -116,15 +119,22 @@ class Task:
         return self._steps
 
 
-def load_sdks() -> None:
-    """Import the LLM SDKs (about 2 s here), and what they import on a first request. Run
-    in a thread: an import on the event loop would stop the heartbeats, and TRON would
-    rightly call the agent hung. Under the fork server all of it is there already."""
-    import openai.resources  # noqa: F401  (the client's first .chat would import these: 0.6 s)
+def load_sdks(sdks: Iterable[str] = SDKS) -> None:
+    """Import the LLM SDKs this mesh uses (about 2 s here each for anthropic and openai), and
+    what they import on a first request. Run in a thread: an import on the event loop would
+    stop the heartbeats, and TRON would rightly call the agent hung. Under the fork server
+    all of it is there already (it preloads the same set: a forked agent imports nothing
+    here; one that imported an SDK its mesh does not use would compete with every other
+    agent's start for the CPU)."""
+    sdks = set(sdks)
+    for name in sorted(sdks):
+        importlib.import_module(name)
+    if "openai" in sdks:
+        importlib.import_module("openai.resources")  # the client's first .chat would import these: 0.6 s
 
     from common.providers import warm_up
 
-    warm_up()
+    warm_up(sdks)
 
 
 class Agent:
@@ -166,7 +176,7 @@ class Agent:
     def sdks_ready(self) -> asyncio.Future:
         """The SDK import, started once, awaited by whoever needs it."""
         if self._sdks is None:
-            self._sdks = asyncio.ensure_future(asyncio.to_thread(load_sdks))
+            self._sdks = asyncio.ensure_future(asyncio.to_thread(load_sdks, self.ctx.config.sdks))
         return self._sdks
 
     def add_routes(self, app: web.Application) -> None:

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import TRON, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -252,3 +252,41 @@ def test_a_home_too_long_for_the_fork_server_socket_starts_without_it(mesh_facto
     assert "socket path" in log and "longer than 107 bytes" in log
     assert not psutil.pid_exists(fs["pid"] or 0) or fs["pid"] is None
     json.dumps(fs)
+
+
+def test_a_chaos_drill_on_a_home_that_fills_up_ends_with_every_service_running_and_recorded(mesh_factory,
+                                                                                               tmpfs_home):
+    """Issue 9's Done means: random kills, hangs and provider faults while runs go on, and
+    the home's disk full for part of it. Once space is back, every service runs, the
+    drill's own invariants hold, and every failure is in the registry exactly once."""
+    mesh = mesh_factory(home=tmpfs_home / "home")
+    mesh.up()
+    chaos = subprocess.Popen([*TRON, "--config", str(mesh.config), "drill", "chaos", "--faults", "14",
+                              "--duration", "14", "--seed", "5", "--json"], env=mesh.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: mesh.rows("SELECT 1 FROM events WHERE kind = 'drill_started'"), 30, "the drill to start")
+        time.sleep(3)  # faults under way on a healthy disk first
+        fill(tmpfs_home)
+        wait_for(lambda: status(mesh)["registry"]["state"] == "degraded", 30, "the registry to be degraded")
+        time.sleep(4)  # faults go on while nothing can be written
+        (tmpfs_home / "filler").unlink()
+        out, err = chaos.communicate(timeout=400)
+    finally:
+        if chaos.poll() is None:
+            chaos.kill()
+            chaos.wait()
+    result = json.loads(out) if out.strip() else {"checks": [], "stderr": err}
+    assert chaos.returncode == 0 and all(c["ok"] for c in result["checks"]), result
+    mesh.flushed(timeout=30)
+    assert all(s["state"] == "running" for s in status(mesh)["services"]), status(mesh)["services"]
+    assert status(mesh)["registry"]["state"] == "ok"
+    report = mesh.tron("report", "--json")
+    assert report.returncode == 0, report.stdout
+    kinds = [r["kind"] for r in mesh.rows("SELECT kind FROM events WHERE kind LIKE 'registry_%' ORDER BY id")]
+    assert kinds[:2] == ["registry_degraded", "registry_recovered"], kinds
+    # each alert of the drill decided once: one restart row per handled failure, none twice
+    dupes = mesh.rows("SELECT alert_id, retry_type, hop, COUNT(*) AS n FROM retry_history "
+                      "GROUP BY alert_id, retry_type, hop HAVING COUNT(*) > 1")
+    assert dupes == []
+    assert result["summary"]["detected"] == len(mesh.rows("SELECT 1 FROM alerts WHERE drill IS NOT NULL"))

@@ -147,7 +147,10 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
         pass
     if proc.poll() is None:
         return cmd_down(ctx, args)
-    print("the daemon has stopped", file=sys.stderr)
+    if proc.returncode == 0:  # a clean shutdown: `tron down` from another terminal
+        print("\nthe mesh was stopped (tron down); nothing left running")
+        return 0
+    print(f"the daemon has stopped (exit {proc.returncode}); see {ctx.home.log_file('daemon')}", file=sys.stderr)
     return 1
 
 

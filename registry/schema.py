@@ -429,8 +429,13 @@ def quick_check(conn: sqlite3.Connection, where: str = "registry") -> None:
 def verify(conn: sqlite3.Connection) -> None:
     """Integrity and shape: quick_check, then every expected table and column."""
     quick_check(conn)
+    check_columns(lambda table: {row[1] for row in conn.execute(f"PRAGMA table_info({table})")})
+
+
+def check_columns(columns_of: Callable[[str], set[str]]) -> None:
+    """Every expected table and column, whichever engine answers ``columns_of(table)``."""
     for table, columns in EXPECTED_COLUMNS.items():
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        have = columns_of(table)
         if not have:
             raise RegistryError(f"registry schema: table {table} is missing")
         missing = columns - have
@@ -512,15 +517,9 @@ def migrate_pg(conn) -> int:
 
 
 def verify_pg(conn) -> None:
-    for table, columns in EXPECTED_COLUMNS.items():
-        have = {row[0] for row in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
-            "AND table_name = %s", (table,)).fetchall()}
-        if not have:
-            raise RegistryError(f"registry schema: table {table} is missing")
-        missing = columns - have
-        if missing:
-            raise RegistryError(f"registry schema: table {table} lacks columns {sorted(missing)}")
+    check_columns(lambda table: {row[0] for row in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = %s", (table,)).fetchall()})
 
 
 def open_and_prepare_pg(url: str) -> None:

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import finish
 from scripts.stats import percentile, summary
 from tests.harness import cleanup, make_mesh, wait_for
 
@@ -137,15 +138,9 @@ def main() -> int:
     f = percentile([s["kill_to_healthy"] for s in results["fork"]], 0.5)
     p = percentile([s["kill_to_healthy"] for s in results["plain"]], 0.5)
     print(f"kill_to_healthy median: fork {f * 1000:.0f} ms vs plain {p * 1000:.0f} ms (ratio {f / p:.2f})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"policy": meshes["fork"].policy, "loadavg": [load0, os.getloadavg()[0]],
-                                         "lifecycle": life, "fork": results["fork"], "plain": results["plain"],
-                                         "sigstop": stops}, indent=2))
-    if leaks:
-        print(f"LEFT BEHIND: {leaks}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(args.json, {"policy": meshes["fork"].policy, "loadavg": [load0, os.getloadavg()[0]],
+                              "lifecycle": life, "fork": results["fork"], "plain": results["plain"],
+                              "sigstop": stops}, leaks)
 
 
 if __name__ == "__main__":

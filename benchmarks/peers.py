@@ -72,6 +72,7 @@ from pathlib import Path
 import psutil
 
 from common.config import Policy
+from benchmarks import finish
 from scripts.stats import percentile
 from services.daemon.spawner import describe, kill_tree
 from tests.harness import cleanup, make_mesh
@@ -723,19 +724,12 @@ def main() -> int:
     figs = figures(summary)
     paired = paired_figures(pairs, "plain loop", "Tron") if pairs else None
     print(report(facts, args, summary, figs, tron_state, paired))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "facts": facts, "args": {"kills": args.kills, "seed": args.seed, "spacing": SPACING,
-                                     "tuned_policy": None if args.no_tuned else TUNED_POLICY,
-                                     "liveness": TRON_LIVENESS},
-            "summary": summary, "figures": figs, "tron_state": tron_state, "paired": paired, "paired_kills": pairs,
-            "kills": samples, "hangs": hangs},
-            indent=2))
-    if leftovers:
-        print(f"LEFT BEHIND (killed): {leftovers}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(args.json, {
+        "facts": facts, "args": {"kills": args.kills, "seed": args.seed, "spacing": SPACING,
+                                 "tuned_policy": None if args.no_tuned else TUNED_POLICY,
+                                 "liveness": TRON_LIVENESS},
+        "summary": summary, "figures": figs, "tron_state": tron_state, "paired": paired, "paired_kills": pairs,
+        "kills": samples, "hangs": hangs}, leftovers)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks import finish
 from benchmarks.peers import (
     LOOP,
     PlainLoopPeer,
@@ -489,19 +490,13 @@ def main() -> int:
     print(f"- kernel: {facts['sysctl']}")
     for name, st in state.items():
         print(f"- Tron '{name}' at the end of the kills: {st}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "facts": facts, "args": {**vars(args), "json": str(args.json), "block": BLOCK, "spacing": SPACING,
-                                     "stable_margin": STABLE_MARGIN},
-            "summary": summary, "tron_state": state, "backlog_full": backlog,
-            "rows": {t.row.label: {"kills": t.kills, "baseline_latencies_s": [round(x, 6) for x in t.baseline.latencies],
-                                   "under_kills_latencies_s": [round(x, 6) for x in t.under.latencies],
-                                   "errors": t.under.errors} for t in tracks}}))
-    if leftovers:
-        print(f"LEFT BEHIND (killed): {leftovers}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(args.json, {
+        "facts": facts, "args": {**vars(args), "json": str(args.json), "block": BLOCK, "spacing": SPACING,
+                                 "stable_margin": STABLE_MARGIN},
+        "summary": summary, "tron_state": state, "backlog_full": backlog,
+        "rows": {t.row.label: {"kills": t.kills, "baseline_latencies_s": [round(x, 6) for x in t.baseline.latencies],
+                               "under_kills_latencies_s": [round(x, 6) for x in t.under.latencies],
+                               "errors": t.under.errors} for t in tracks}}, leftovers, indent=None)
 
 
 if __name__ == "__main__":

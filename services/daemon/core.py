@@ -128,16 +128,20 @@ class Daemon:
             from services.daemon.ray_spawner import RaySpawner
 
             return RaySpawner(lambda child: self.sup.on_exit(child), config=self.config, home_root=self.home.root,
-                              config_path=self.config_path, token=self.token,
-                              marks={**mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks))})
+                              config_path=self.config_path, token=self.token, marks=self._fork_server_env())
         return self._local_spawner()
+
+    def _fork_server_env(self) -> dict[str, str]:
+        """What a fork server (here or on a Ray node) gets from the mesh: the home's mark
+        (scripts/census.py) and the SDKs its providers use (the preload)."""
+        return {**mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks))}
 
     def _local_spawner(self) -> LocalSpawner:
         forkserver = None
         if self.config.mesh.fork_server:
             # The mark of this home's processes (scripts/census.py), forked ones included: a
             # forked process's /proc environ is the server's.
-            env = {**os.environ, **mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks))}
+            env = {**os.environ, **self._fork_server_env()}
             forkserver = ForkServerClient(self.home.run / "forkserver.sock", self.home.log_file("forkserver"),
                                           self.home.root, env)
         spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver)

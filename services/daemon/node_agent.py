@@ -88,9 +88,6 @@ class NodeAgent:
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
                 "home": str(self.home), "fork_server": fs, "children": len(self.children)}
 
-    async def ping(self) -> dict:
-        return self.describe()
-
     # -- processes ----------------------------------------------------------------------------
 
     async def spawn(self, spec: dict, listen: tuple[int, int] | None) -> dict:

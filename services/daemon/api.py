@@ -442,7 +442,7 @@ async def claim_task(request: web.Request) -> web.Response:
                      verdict="stale_incarnation")
     tasks = [t for t in await d.store.open_tasks(svc.name)
              if t["status"] == TaskState.ASSIGNED or t["lease_incarnation"] == body.incarnation]
-    if not tasks:
+    if not tasks or svc.switched_away:  # the replacement, on the new provider, takes it
         return web.Response(status=204)
     task = tasks[0]
     await d.store.task_progress(task["task_id"], body.incarnation, None)

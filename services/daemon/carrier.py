@@ -181,7 +181,8 @@ class Carrier:
         log.warning("provider switch", extra={"offender": svc.name, "from": svc.provider, "to": req.to_provider,
                                               "task": req.task_id, "reason": req.reason})
         await self.store.mark_alert(req.alert_id, AlertState.HANDLED, decision=f"switch:{req.case}")
-        await self.store.release_task(req.task_id, req.to_provider)  # held by an escalation: free it
+        # The move comes first: from here on the incarnation still on the old provider is
+        # `switched_away` and gets no task, so the freed task waits for its replacement.
         for name in req.services or [svc.name]:
             other = self.sup[name]
             if name != svc.name:
@@ -196,16 +197,18 @@ class Carrier:
                     requested_by=req.requested_by)
             await self._move(other, req.to_provider, req.delay if name == svc.name else 0.0,
                              f"{req.case}:{req.reason}")
+        await self.store.release_task(req.task_id, req.to_provider)  # held by an escalation: free it
         return {"status": "accepted", "action": "switch", "to": req.to_provider, "retry_count": row["retry_count"]}
 
     async def _move(self, svc, provider: str, delay: float, reason: str) -> None:
         """Restart a service on ``provider`` (a failed one too: the switch is its restart).
-        One whose replacement is already under way just starts on it: the pending spawn
-        reads the provider under the same lock."""
+        The provider is set at once, under the lock the spawn reads it under: one whose
+        replacement is already under way just starts on it."""
         async with svc.lock:
-            if svc.replacing is not None or svc.incarnation is None or svc.state in ("stopping", "stopped"):
+            if svc.provider != provider:
                 svc.provider = provider
                 await self.store.set_agent(svc.name, provider=provider)
+            if svc.replacing is not None or svc.incarnation is None or svc.state in ("stopping", "stopped"):
                 return
             incarnation = svc.incarnation
         self.background(self.sup.replace(svc, incarnation, delay=delay, reason=reason, provider=provider),

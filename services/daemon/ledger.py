@@ -153,6 +153,10 @@ class Ledger:
         the task over again when the agent is next healthy."""
         if not self.config.services[svc.name].is_agent:
             return False
+        if svc.switched_away:  # about to be replaced on the new provider: the replacement gets it
+            log.info("dispatch of %s to %s deferred: its incarnation runs on %s, the service moves to %s",
+                     task["task_id"], svc.name, svc.spawned_provider, svc.provider)
+            return False
         assign = await self.assignment(task, svc.provider)
         logs.comms("task_redispatch" if resumed else "task_dispatch", src=DAEMON, dst=svc.name, task=task["task_id"],
                    run=task["run_id"], incarnation=svc.incarnation, progress=task["progress"], attempt=task["attempt"])

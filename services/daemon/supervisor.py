@@ -58,7 +58,7 @@ class Service:
     """Everything the daemon knows about one service, in one place."""
 
     spec: ServiceSpec
-    provider: str | None
+    provider: str | None  # the provider it runs on now or, after a switch, will run on next
     state: ServiceState = S.STOPPED
     child: Child | None = None
     incarnation: str | None = None
@@ -77,6 +77,7 @@ class Service:
     ready: bool = False  # healthy, and its readiness probe (if any) passes
     last_failure: dict | None = None
     listener: socket.socket | None = None  # the listening socket held across restarts (listeners.py)
+    spawned_provider: str | None = None  # the provider the current incarnation was started on
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -84,6 +85,12 @@ class Service:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def switched_away(self) -> bool:
+        """Its incarnation runs on a provider the root has switched it away from: it gets
+        no task (its replacement, on the new provider, does)."""
+        return self.spawned_provider != self.provider
 
     def stable(self, now: float, policy: Policy) -> bool:
         """Was the current incarnation healthy for at least ``min_uptime``?"""
@@ -246,6 +253,7 @@ class Supervisor:
         svc.started_at, svc.healthy_at, svc.last_beat = now, None, None
         svc.task_id = svc.progress = None
         svc.ready = False
+        svc.spawned_provider = svc.provider
         svc.healthy.clear()
         svc.settled.clear()
         env = await self._env(svc, incarnation)
@@ -469,7 +477,7 @@ class Supervisor:
                 continue
             svc.child, svc.incarnation = child, row["incarnation"]
             svc.started_at = self.clock.now()
-            svc.provider = row["provider"] or svc.provider
+            svc.provider = svc.spawned_provider = row["provider"] or svc.provider
             svc.settled.clear()
             await self.transition(svc, S.STARTING, "adopted")
             self.watch(svc)

@@ -133,8 +133,9 @@ def test_authentication_error_skips_restarts_and_goes_straight_up(ladder_mesh):
     assert run["status"] == "done", run
     rows = task_rows(mesh, programmer_task(mesh, run_id, "programmer-1"))
     kinds = [r["retry_type"] for r in rows]
-    assert "child_restart" not in kinds
-    assert kinds == ["escalation", "escalation", "llm_change"]
+    trail = [(r["retry_type"], r["reason"], r["from_provider"], r["to_provider"], r["alert_id"], r["hop"], r["timestamp"]) for r in rows]
+    assert "child_restart" not in kinds, trail
+    assert kinds == ["escalation", "escalation", "llm_change"], trail
     assert rows[0]["reason"] == "non_retryable:authentication_error"
     assert json.loads(rows[0]["detail"])["error_reason"] == "authentication_error"
 

@@ -320,6 +320,36 @@ async def test_a_task_climbs_the_whole_ladder_and_ends_within_its_bound(rig):
     assert rig.svc("root").state == ServiceState.RUNNING  # the service itself came back, idle
 
 
+async def test_a_switched_task_waits_for_the_incarnation_on_the_new_provider(rig):
+    """The old incarnation may turn healthy (or claim) between the switch and its
+    replacement: it must not get the freed task, or the task fails again on the provider
+    it was moved away from and the root switches it back (seen in CI: three switches)."""
+    from common.models import SwitchRequest
+
+    await _task_for(rig, agent="worker", task_id="r-1.0.0")
+    await rig.store.hold_task("r-1.0.0", "non_retryable:authentication_error")
+    worker = rig.svc("worker")
+    old = worker.incarnation
+    assert worker.provider == "anthropic"
+    answer = await rig.daemon.carrier.switch(SwitchRequest(
+        service="worker", alert_id="a-1", task_id="r-1.0.0", to_provider="ollama",
+        reason="non_retryable:authentication_error", case="switch_provider", delay=1.0, requested_by="root"))
+    assert answer["status"] == "accepted"
+    assert worker.incarnation == old and worker.switched_away
+    await rig.daemon.ledger.redispatch(worker)  # the old incarnation's health check lands now
+    dispatched = [body for url, body in rig.posts if url.endswith("/tasks")]
+    assert dispatched == []
+    for _ in range(40):
+        await rig.advance(0.25)
+        if worker.incarnation != old and worker.state == ServiceState.RUNNING:
+            break
+    assert worker.incarnation != old and worker.state == ServiceState.RUNNING and not worker.switched_away
+    await rig.daemon.ledger.redispatch(worker)
+    dispatched = [body for url, body in rig.posts if url.endswith("/tasks")]
+    assert dispatched and {(b["task_id"], b["provider"]) for b in dispatched} == {("r-1.0.0", "ollama")}
+    assert (await rig.store.task("r-1.0.0"))["provider"] == "ollama"
+
+
 async def test_a_task_held_for_a_decision_that_never_comes_is_decided_by_the_watchdog(rig):
     await _task_for(rig, agent="worker", task_id="r-1.0.0")
     await rig.store.hold_task("r-1.0.0", "max_restarts_exceeded")

@@ -164,10 +164,13 @@ class Ledger:
             await self.client.post(self.config.url(svc.name) + "/tasks", assign, timeout=5)
         except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
             log.warning("dispatch of %s to %s failed: %s", task["task_id"], svc.name, err)
+            if assign.replay is not None:
+                self.replay[task["task_id"]] = True  # the next hand-over replays instead
             return False
         if resumed:
+            replayed = {"replayed": [m["step"] for m in assign.replay]} if assign.replay is not None else {}
             await self.store.event("task_resumed", {"progress": task["progress"], "attempt": task["attempt"],
-                                                    "checkpoint": (assign.checkpoint or {}).get("step")},
+                                                    "checkpoint": (assign.checkpoint or {}).get("step"), **replayed},
                                    agent=svc.name, incarnation=svc.incarnation, task_id=task["task_id"],
                                    run_id=task["run_id"])
         return True

@@ -124,3 +124,52 @@ def test_a_tampered_checkpoint_is_refused_by_hard_reset(mesh):
     assert proc.returncode == 2 and "checkpoint 1 (draft) does not match its hash" in proc.stderr, proc.stderr
     audit = json.loads(mesh.tron("audit", "--json").stdout)
     assert audit[-1]["payload"]["what"] == "task_hard_reset" and audit[-1]["payload"]["outcome"].startswith("refused")
+
+
+def test_hard_reset_replays_the_verified_steps_and_resume_from_step_redoes_the_rest(mesh):
+    """The happy paths through the real API: each programmer is caught between its two
+    steps; a hard reset hands the new incarnation step 1 (verified) and only step 2 is
+    run again; a resume from step 1 sets step 1 aside and both steps are run again."""
+    fault(mesh, "anthropic", "latency", latency_ms=2500)
+    code, body = submit(mesh, "two slow steps")
+    assert code == 202, body
+    run_id = body["run_id"]
+
+    def first_steps() -> dict | None:
+        rows = mesh.rows("SELECT t.agent, t.task_id, c.incarnation FROM tasks t JOIN checkpoints c "
+                         "ON c.task_id = t.task_id AND c.step = 1 WHERE t.run_id = ? AND t.agent LIKE 'programmer-%'",
+                         (run_id,))
+        return {r["agent"]: r for r in rows} if len(rows) == 2 else None
+
+    first = wait_for(first_steps, 60, "both programmers to record step 1")
+    olds = {name: mesh.service(name)["incarnation"] for name in first}
+    reset_task, resumed_task = first["programmer-1"]["task_id"], first["programmer-2"]["task_id"]
+    code, reset = mesh.http("POST", mesh.url("daemon") + f"/tasks/{reset_task}/hard-reset", {"reason": "drill"})
+    assert code == 202 and reset["status"] == "retrying" and reset["replayed"] == [1], reset
+    code, resumed = mesh.http("POST", mesh.url("daemon") + f"/tasks/{resumed_task}/resume",
+                              {"reason": "drill", "from_step": 1})
+    assert code == 202 and resumed["kept"] == [] and resumed["set_aside"] == [1], resumed
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    assert ended(mesh, run_id, timeout=60)["status"] == "done"
+
+    def marks(task_id: str) -> dict[int, str]:
+        return {m["step"]: m["incarnation"] for m in mesh.rows(
+            "SELECT step, incarnation FROM checkpoints WHERE task_id = ?", (task_id,))}
+
+    # hard reset: step 1 kept from the incarnation that did it, step 2 by its successor
+    reset_marks = marks(reset_task)
+    assert reset_marks[1] == first["programmer-1"]["incarnation"] == olds["programmer-1"]
+    assert reset_marks[2] not in (None, olds["programmer-1"])
+    handed = [json.loads(e["payload"]) for e in mesh.rows(
+        "SELECT payload FROM events WHERE kind = 'task_resumed' AND task_id = ?", (reset_task,))]
+    assert [h.get("replayed") for h in handed] == [[1]], handed
+    # resume from step 1: both steps done again by the new incarnation; what was set aside is on record
+    resumed_marks = marks(resumed_task)
+    assert olds["programmer-2"] not in resumed_marks.values() and set(resumed_marks) == {1, 2}, resumed_marks
+    [aside] = mesh.rows("SELECT payload FROM events WHERE kind = 'checkpoints_set_aside' AND task_id = ?",
+                        (resumed_task,))
+    assert [s["step"] for s in json.loads(aside["payload"])["steps"]] == [1]
+    audit = [a["payload"] for a in json.loads(mesh.tron("audit", "--json").stdout)]
+    assert [(a["what"], a["target"]) for a in audit] == [("task_hard_reset", reset_task),
+                                                         ("task_resume", resumed_task)], audit
+    assert all(a["outcome"] == "retrying" for a in audit), audit

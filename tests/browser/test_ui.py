@@ -4,7 +4,8 @@ Login and refusal; the tree; kill -9 -> the orange bar and the new pid without a
 the restart, stop and start buttons (through the CLI's API, audited); a service's live log
 and ladder history; runs and tasks; charts; the operators' actions of issue 12 (pause and
 resume a service, the lanes and spawning panels, cancel, resume-from-step and retry a
-task); settings refused field by field and applied; 50 open event streams held and freed.
+task, hard reset from the task page); settings refused field by field and applied; 50 open
+event streams held and freed.
 One mesh and one browser serve the whole module; the tests run in file order, each leaving
 the mesh running and healthy (nothing paused, no fault left in the simulator).
 """
@@ -204,7 +205,7 @@ def test_kill_9_raises_the_orange_bar_and_the_row_shows_the_new_pid_without_relo
     bar = ui.get_by_test_id("tron-alert")
     expect(bar).to_be_visible(timeout=10_000)
     expect(bar.locator('[data-service="programmer-1"]')).to_contain_text("process_exit")
-    assert bar.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(247, 103, 7)"
+    expect(bar).to_have_css("background-color", "rgb(247, 103, 7)")  # retried: a live update may redraw the bar
     new = mesh.wait_replaced("programmer-1", old)["pid"]
     expect(cell(ui, "programmer-1", "pid")).to_have_text(str(new), timeout=10_000)
     expect(cell(ui, "programmer-1", "restarts")).to_have_text("1")
@@ -415,6 +416,40 @@ def test_cancel_a_live_task_a_refused_resume_changes_nothing_and_retry_completes
     trail = [(a["what"], a["outcome"].split(":")[0], a["who"].endswith("@ui")) for a in audits(mesh, task_id)]
     assert trail == [("task_cancel", "cancelled", True), ("task_resume", "refused", True),
                      ("task_retry", "reopened", True)], trail
+
+
+def test_hard_reset_from_the_task_page_replays_step_one_and_the_run_completes(ui, mesh, artifacts):
+    base, sim = mesh.url("daemon"), mesh.url("llm-sim")
+    code, body = mesh.http("PUT", sim + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 2500})
+    assert code == 200, body
+    page = acting_page(ui)
+    try:
+        code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "hard reset from the ui"})
+        assert code == 202, body
+        run_id = body["run_id"]
+        task_id = wait_for(lambda: next((r["task_id"] for r in mesh.rows(
+            "SELECT t.task_id FROM tasks t JOIN checkpoints c ON c.task_id = t.task_id AND c.step = 1 "
+            "WHERE t.run_id = ? AND t.agent = 'programmer-1'", (run_id,))), None), 60, "programmer-1's step 1")
+        old = mesh.service("programmer-1")["incarnation"]
+        page.goto(base + f"/ui/tasks/{task_id}")
+        page.locator('[data-control="hard-reset"] [data-action="hard-reset"]').click()
+        assert page.confirmations[-1].startswith(f"Hard reset task {task_id} (programmer-1)?")
+        expect(page.get_by_test_id("action-result")).to_contain_text(f"hard-reset task {task_id}: retrying")
+    finally:
+        mesh.http("DELETE", sim + "/sim/faults")
+    try:
+        expect(page.get_by_test_id("task").locator('[data-field="status"]')).to_have_text("done", timeout=60_000)
+        page.reload()
+        rows = page.get_by_test_id("checkpoints").locator("tbody tr")
+        expect(rows).to_have_count(2)
+        expect(rows.nth(0).locator("td").nth(3)).to_have_text(old)  # step 1 kept, replayed, not redone
+        expect(rows.nth(1).locator("td").nth(3)).not_to_have_text(old)
+        page.screenshot(path=artifacts / "task-hard-reset.png", full_page=True)
+    finally:
+        page.close()
+    trail = [(a["what"], a["outcome"], a["who"].endswith("@ui")) for a in audits(mesh, task_id)]
+    assert trail == [("task_hard_reset", "retrying", True)], trail
+    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 30, "the run")
 
 
 # -- settings --------------------------------------------------------------------------------------------------

@@ -8,7 +8,12 @@ expect: redis PING/+PONG), or ``exec`` (a command that exits 0: pg_isready). Thr
   port belongs to its own process tree (not to workers a killed master left behind);
 - liveness: ``failure_threshold`` failures in a row raise a TRON alert (the ladder
   restarts it);
-- readiness: failures mark the service not ready (``depends_on: ready`` waits for it).
+- readiness: ``failure_threshold`` failures in a row mark the service not ready
+  (``depends_on: ready`` waits for it), ``success_threshold`` successes in a row ready
+  again. With a startup probe, a new incarnation is not ready until its readiness
+  probe has passed that many times.
+
+Liveness and readiness wait out their ``initial_delay`` from the incarnation's start.
 
 A command's main process found stopped (SIGSTOP, ``T`` in /proc) that many checks in a
 row is a liveness failure too: a stopped nginx master behind live workers answers HTTP.
@@ -163,7 +168,8 @@ class Probes:
         self.background = background
         self._due: dict[tuple[str, str], float] = {}
         self._running: set[tuple[str, str]] = set()
-        self._streak: dict[tuple[str, str], tuple[str, int]] = {}  # (service, use) -> (incarnation, failures)
+        # (service, use) -> (incarnation, result of the streak, its length)
+        self._streak: dict[tuple[str, str], tuple[str, bool, int]] = {}
 
     async def loop(self) -> None:
         while not self.sup.stopping:
@@ -174,6 +180,8 @@ class Probes:
                 for use, probe in self._uses(svc):
                     key = (svc.name, use)
                     if key in self._running or self._due.get(key, 0.0) > now:
+                        continue
+                    if use != "stopped" and now < (svc.started_at or 0.0) + probe.initial_delay:
                         continue
                     self._due[key] = now + probe.interval
                     self._running.add(key)
@@ -201,18 +209,22 @@ class Probes:
         if svc.incarnation != incarnation or svc.state != ServiceState.RUNNING:
             return
         key = (svc.name, use)
+        seen, result, before = self._streak.get(key, (incarnation, ok, 0))
+        streak = (before if (seen, result) == (incarnation, ok) else 0) + 1
+        self._streak[key] = (incarnation, ok, streak)
         if use == "readiness":
-            svc.ready = ok
+            if svc.ready != ok and streak >= (probe.success_threshold if ok else probe.failure_threshold):
+                svc.ready = ok
+                log.info("%s is %s (%d %s in a row)", svc.name, "ready" if ok else "not ready", streak,
+                         "passes" if ok else f"failures: {what}")
+            return
         if ok:
-            self._streak.pop(key, None)
             if use == "liveness":
                 svc.last_beat = self.clock.now()
             return
-        seen, before = self._streak.get(key, (incarnation, 0))
-        failures = (before if seen == incarnation else 0) + 1
-        self._streak[key] = (incarnation, failures)
+        failures = streak
         log.info("%s probe of %s failed (%d of %d): %s", use, svc.name, failures, probe.failure_threshold, what)
-        if use == "readiness" or failures < probe.failure_threshold:
+        if failures < probe.failure_threshold:
             return
         self._streak.pop(key, None)
         detail = {"probe": use if use != "stopped" else "process_state", "failures": failures, "last_error": what}

@@ -351,7 +351,9 @@ class Supervisor:
         await self.transition(svc, S.RUNNING, "healthy")
         now = self.clock.now()
         svc.healthy_at = now
-        svc.ready = True
+        # Ready now, unless readiness is a probe of its own that has not passed yet (the
+        # start was judged by a startup probe): the probe loop then says when.
+        svc.ready = svc.spec.is_agent or svc.spec.readiness is None or svc.spec.first_probe is svc.spec.readiness
         svc.healthy.set()
         svc.settled.set()
         if svc.failed_at is not None:

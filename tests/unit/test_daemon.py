@@ -473,3 +473,63 @@ async def test_a_refused_resume_or_hard_reset_changes_nothing(rig, verb):
         await rig.daemon.tasks.act(verb, "r-2.0", actor="ops", reason="x", from_step=1)
     assert [m["step"] for m in await rig.store.checkpoints("r-2.0")] == [1, 2]  # nothing set aside
     assert "r-2.0" not in rig.daemon.ledger.replay  # no replay armed for a later retry
+
+
+class ScriptedChecks:
+    """Probe answers from a script, one per check of each use; every check is noted with
+    the clock's time. An exhausted script passes."""
+
+    def __init__(self, svc, clock) -> None:
+        self.spec, self.clock = svc.spec, clock
+        self.script: dict[str, list[bool]] = {"liveness": [], "readiness": []}
+        self.calls: list[tuple[str, float]] = []
+
+    async def check(self, svc, probe):
+        use = "liveness" if probe is self.spec.liveness else "readiness"
+        self.calls.append((use, self.clock.now()))
+        ok = self.script[use].pop(0) if self.script[use] else True
+        return ok, "scripted"
+
+
+@pytest.fixture
+async def probed(tmp_path):
+    probe = {"exec": {"command": ["true"]}, "interval": 1.0}
+    r = Rig(tmp_path, mesh(web={"command": ["web-server"], "port": 7001, "startup": probe,
+                                "readiness": {**probe, "failure_threshold": 2, "success_threshold": 2},
+                                "liveness": {**probe, "failure_threshold": 3, "initial_delay": 5.0}}))
+    await r.start()
+    r.checks = r.daemon.probes.checks = ScriptedChecks(r.svc("web"), r.clock)
+    yield r
+    await r.stop()
+
+
+async def test_probes_keep_their_thresholds_and_initial_delay_while_running(probed):
+    """Kubernetes' rules after the start: readiness needs success_threshold passes in a
+    row to be ready and failure_threshold failures in a row to be not ready; liveness is
+    not asked before its initial_delay and alerts on failure_threshold failures in a row."""
+    rig, web = probed, probed.svc("web")
+    started, first = web.started_at, web.incarnation
+    assert web.state == ServiceState.RUNNING and not web.ready  # started by its startup probe only
+
+    async def readiness(results: list[bool]) -> None:
+        rig.checks.script["readiness"] = list(results)
+        while rig.checks.script["readiness"]:
+            await rig.advance(0.25)
+
+    steps = [  # (readiness answers, ready after them)
+        ([True], False), ([True], True),  # two passes in a row
+        ([False], True), ([True, False], True),  # a failure, then a pass breaks the streak
+        ([False], False),  # the second failure in a row
+        ([True, False, True], False), ([True], True)]
+    for results, ready in steps:
+        await readiness(results)
+        assert web.ready is ready, (results, ready)
+    assert min(t for use, t in rig.checks.calls if use == "liveness") >= started + 5.0
+    rig.checks.script["liveness"] = [False, False, True, False, False, False]
+    while rig.checks.script["liveness"]:
+        await rig.advance(0.25)
+    await rig.advance(1.0)
+    [row] = await rig.rows("web")
+    assert row["reason"] == "liveness_failed" and web.incarnation != first
+    alert = await rig.store.alert(row["alert_id"])
+    assert alert["detail"]["failures"] == 3

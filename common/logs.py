@@ -3,7 +3,8 @@
 Every process logs to its stdout, which the spawner appends to ``<home>/logs/<name>.log``.
 Structured fields (service, incarnation, reason, task, run, alert) go in ``extra=`` and
 come out as keys, so ``tron logs`` and tests can rely on them. ``comms()`` appends one
-line per inter-service message to the shared comms log.
+line per inter-service message to the shared comms log; a line it cannot write (a full
+disk) is counted in ``comms_lost``, never raised: the message goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from common.redaction import redact
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 _context: dict[str, Any] = {}
 _comms_path: Path | None = None
+comms_lost = 0  # lines this process could not write (a full disk): counted, never raised
 
 
 class JsonFormatter(logging.Formatter):
@@ -66,8 +68,16 @@ def comms(kind: str, /, *, src: str, dst: str, **ids: Any) -> None:
     line.update({("detail_kind" if k == "kind" else k): v for k, v in ids.items() if v is not None})
     data = (redact(json.dumps(line, default=str)) + "\n").encode()
     # One write() on an O_APPEND descriptor: lines from many processes do not interleave.
-    fd = os.open(_comms_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # A log that cannot be written (a full disk) must never stop the message it describes.
+    global comms_lost
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        fd = os.open(_comms_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        comms_lost += 1
+        if comms_lost == 1 or comms_lost % 1000 == 0:
+            logging.getLogger("tron.logs").warning("comms log not written (%d lines lost so far): %s", comms_lost,
+                                                   err)

@@ -76,5 +76,9 @@ def write_overlay(path: Path, values: dict) -> None:
         value = values[key]
         lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else repr(value)}")
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: the old overlay stands, no half-written file stays
+        raise

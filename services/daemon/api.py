@@ -329,6 +329,8 @@ async def put_settings(request: web.Request) -> web.Response:
         policy = await d.apply_policy(body.policy, actor=body.actor or f"{getpass.getuser()}@api")
     except ValidationError as err:
         return error(422, "invalid settings; nothing was changed", fields=field_errors(err))
+    except OSError as err:  # the overlay could not be kept (a full disk): not applied either
+        return error(507, f"settings not saved to {d.overlay}: {err.strerror or err}; nothing was changed")
     return web.json_response({"policy": policy.model_dump(), "overlay": str(d.overlay)})
 
 

@@ -62,6 +62,12 @@ def fill(path) -> None:
 def test_a_full_disk_degrades_the_registry_but_never_the_recovery(mesh_factory, tmpfs_home):
     mesh = mesh_factory(home=tmpfs_home / "home")
     mesh.up()
+    sim = mesh.url("llm-sim")
+    assert mesh.http("PUT", sim + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 1500})[0] == 200
+    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "in flight while the disk fills"})
+    assert code == 202, body
+    run_id = body["run_id"]
+    wait_for(lambda: mesh.service("programmer-1")["task"], 30, "the run to reach programmer-1")
     fill(tmpfs_home)
     killed = []
     for name in ("programmer-1", "director-docs", "gateway"):
@@ -73,6 +79,11 @@ def test_a_full_disk_degrades_the_registry_but_never_the_recovery(mesh_factory, 
     assert registry["reason"] == "disk full" and registry["pending"] > 0
     assert "registry: DEGRADED (disk full" in mesh.tron("status").stdout
     assert "tron_registry_degraded 1.0" in mesh.http("GET", mesh.url("daemon") + "/metrics", token=False)[1]
+    mesh.http("DELETE", sim + "/sim/faults")
+    # the run goes on through the restarts with nothing written: it ends, and says so
+    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}", token=False)[1])
+                   and r["status"] != "running" and r, 60, "the run in flight to end")
+    assert run["status"] == "done", run
     (tmpfs_home / "filler").unlink()  # space comes back
     wait_for(lambda: status(mesh)["registry"]["state"] == "ok" and not status(mesh)["registry"]["pending"], 30,
              "the journal to be flushed")
@@ -83,6 +94,13 @@ def test_a_full_disk_degrades_the_registry_but_never_the_recovery(mesh_factory, 
     kinds = [r["kind"] for r in mesh.rows("SELECT kind FROM events WHERE kind LIKE 'registry_%' ORDER BY id")]
     assert kinds == ["registry_degraded", "registry_recovered"]
     assert all(s["state"] == "running" for s in status(mesh)["services"])
+    [row] = mesh.rows("SELECT status, result FROM runs WHERE run_id = ?", (run_id,))  # on disk now
+    assert row["status"] == "done" and row["result"], row
+    # and with the disk full again, `tron down` still stops everything
+    fill(tmpfs_home)
+    proc = mesh.tron("down", timeout=120)
+    assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
+    assert mesh.processes() == []
 
 
 def test_a_lock_held_elsewhere_delays_no_restart(mesh):

@@ -533,3 +533,19 @@ async def test_probes_keep_their_thresholds_and_initial_delay_while_running(prob
     assert row["reason"] == "liveness_failed" and web.incarnation != first
     alert = await rig.store.alert(row["alert_id"])
     assert alert["detail"]["failures"] == 3
+
+
+async def test_settings_that_cannot_be_kept_are_not_applied(rig, monkeypatch):
+    import errno
+
+    import services.daemon.core as core
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(core, "write_overlay", full)
+    before = rig.daemon.policy()
+    with pytest.raises(OSError):
+        await rig.daemon.apply_policy({"max_restarts": before.max_restarts + 1}, actor="test")
+    assert rig.daemon.policy() == before
+    assert await rig.store.events(kind="audit") == []

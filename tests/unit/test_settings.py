@@ -58,3 +58,19 @@ def test_an_unwritable_config_directory_puts_the_overlay_in_the_home(tmp_path):
     finally:
         ro.chmod(0o700)
     assert overlay_path(None, tmp_path / "home") == tmp_path / "home" / "policy.overlay.toml"
+
+
+def test_an_overlay_that_cannot_be_written_leaves_the_old_one_and_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "mesh.overlay.toml"
+    write_overlay(path, {"miss_threshold": 5})
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        write_overlay(path, {"miss_threshold": 6})
+    assert read_overlay(path) == {"miss_threshold": 5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.overlay.toml"]

@@ -147,6 +147,7 @@ class Agent:
         self.config = ctx.config
         self.policy = ctx.config.policy
         self.active: dict[str, Task] = {}
+        ctx.tasks = []  # named in every beat: the daemon notices a leased task nobody works on
         self.waiting: dict[str, asyncio.Future] = {}
         self.early: dict[str, TaskResult] = {}
         self._bg: set[asyncio.Task] = set()
@@ -294,7 +295,8 @@ class Agent:
                              what=f"checkpoint {task.id} step {step}", attempts=10)
 
     def _refresh_beat_fields(self) -> None:
-        # The heartbeat carries one task: the oldest one still running here.
+        # The heartbeat carries one task, the oldest one still running here, and every id.
+        self.ctx.tasks = list(self.active)
         if self.active:
             oldest = min(self.active.values(), key=lambda t: t.started)
             self.ctx.task_id, self.ctx.progress = oldest.id, oldest.progress

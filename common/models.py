@@ -52,6 +52,7 @@ class Reason(StrEnum):
     PROVIDER_FAILURE = "provider_failure"
     SPAWN_FAILED = "spawn_failed"  # the process could not be started at all
     START_TIMEOUT = "start_timeout"  # started, but not healthy within start_timeout
+    TASK_LOST = "task_lost"  # leased to a live incarnation whose beats stopped naming it
 
 
 class Beat(Msg):
@@ -65,6 +66,9 @@ class Beat(Msg):
     # True while the task waits on sub-tasks: those have their own detectors, so the
     # parent's own progress and wall-clock deadlines do not run meanwhile.
     waiting: bool = False
+    # Every task the agent is working on (the SDK sends it; the contract makes it optional).
+    # A task leased to this incarnation that its beats stop naming was lost: see task_lost.
+    tasks: list[str] | None = Field(None, max_length=1024)
 
 
 class Alert(Msg):

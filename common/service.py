@@ -78,6 +78,7 @@ class ServiceContext:
         self.task_id: str | None = None
         self.progress: str | None = None
         self.waiting = False
+        self.tasks: list[str] | None = None  # every task id worked on here (an Agent keeps it)
         self.beat_seq = 0
         self.superseded = asyncio.Event()
 
@@ -113,7 +114,8 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
     while True:
         started = clock.now()
         beat = Beat(service=ctx.name, incarnation=ctx.env.incarnation, pid=os.getpid(), seq=ctx.beat_seq,
-                    task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider, waiting=ctx.waiting)
+                    task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider, waiting=ctx.waiting,
+                    tasks=ctx.tasks)
         ctx.beat_seq += 1
         try:
             answer = await ctx.client.post(url, beat, timeout=max(0.5, interval))

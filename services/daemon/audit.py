@@ -1,6 +1,7 @@
 """Every operator action is audited: who, what, target, state before and after, outcome,
 accepted or refused. The same request sent twice (same ``request_id``) acts once: the
-second gets the first's answer."""
+second gets the first's answer, also after a daemon restart (the answer is kept in the
+audit row, and ``load`` reads the latest ones back)."""
 
 from __future__ import annotations
 
@@ -38,12 +39,31 @@ class Audit:
                               agent=agent)
             raise
         await self.record(actor, what, target, before, await _read(state), outcome["status"], reason, request_id,
-                          ref=outcome.get("ref"), agent=agent)
+                          ref=outcome.get("ref"), agent=agent, **({"answer": outcome} if request_id else {}))
         if request_id:
-            self._answers[request_id] = outcome
-            while len(self._answers) > REMEMBERED:
-                self._answers.popitem(last=False)
+            self._remember(request_id, outcome)
         return outcome
+
+    def _remember(self, request_id: str, answer: dict) -> None:
+        self._answers[request_id] = answer
+        self._answers.move_to_end(request_id)
+        while len(self._answers) > REMEMBERED:
+            self._answers.popitem(last=False)
+
+    async def load(self, page: int = 500) -> int:
+        """Read back the answers of the latest accepted requests (a client that retries
+        across a daemon restart must not act twice); how many were found."""
+        since, found = 0, 0
+        while True:
+            rows = await self.store.events(since=since, limit=page, kind="audit")
+            for row in rows:
+                p = row["payload"] or {}
+                if p.get("request_id") and isinstance(p.get("answer"), dict):
+                    self._remember(p["request_id"], p["answer"])
+                    found += 1
+            if len(rows) < page:
+                return found
+            since = rows[-1]["id"]
 
     async def record(self, actor: str, what: str, target: str, before: str, after: str, outcome: str, reason: str,
                      request_id: str | None = None, *, ref: str | None = None, agent: str | None = None,

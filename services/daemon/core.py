@@ -17,6 +17,7 @@ signals to the event loop; everything that changes state runs there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ from common.http import MeshClient
 from common.monitor import Monitor, MonitorThread, Signal
 from common.paths import Home, UnsafeTokenFile, ensure_token
 from common.settings import merged_policy, overlay_path, read_overlay, write_overlay
-from common.states import ServiceState
+from common.models import Reason
+from common.states import ServiceState, TaskState
 from registry.protocol import Store
 from services.daemon import metrics
 from services.daemon.alerts import AlertRouter
@@ -46,6 +48,8 @@ from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, 
 from services.daemon.supervisor import Supervisor, mesh_marks
 
 log = logging.getLogger("tron.daemon")
+# A leased task an agent's beats have not named for this long (or 4 beat intervals) is lost.
+LOST_TASK_GRACE = 5.0
 
 __all__ = ["Daemon", "StartError"]
 
@@ -179,6 +183,7 @@ class Daemon:
         except SpawnError as err:  # a Ray cluster that cannot be joined: fail closed, say why
             raise StartError(str(err)) from None
         await self.sup.declare()
+        await self.audit.load()
         if self._run_monitor_thread:
             self.monitor.loop_seen = self.clock.now()
             self.background(self._loop_ticker(), "loop ticker")
@@ -339,7 +344,32 @@ class Daemon:
         if beat.task_id and (beat.task_id != svc.task_id or beat.progress != svc.progress):
             await self.store.task_progress(beat.task_id, beat.incarnation, beat.progress)
         svc.task_id, svc.progress = beat.task_id, beat.progress
+        if beat.tasks is not None:
+            await self._account_tasks(svc, beat.incarnation, set(beat.tasks), now)
         return verdict
+
+    async def _account_tasks(self, svc, incarnation: str, named: set[str], now: float) -> None:
+        """No task runs forever, even one its agent lost (a result hand-off that died, a bug
+        in a role): a task the registry has leased to this incarnation as running, that its
+        beats have not named for ``lost_after`` seconds, is a ``task_lost`` alert, and the
+        ladder restarts the agent with it, from its last checkpoint."""
+        leased = {t["task_id"] for t in await self.store.open_tasks(svc.name)
+                  if t["status"] == TaskState.RUNNING and t["lease_incarnation"] == incarnation}
+        for task_id in [t for t in svc.unreported if t not in leased or t in named]:
+            del svc.unreported[task_id]
+        for task_id in leased - named:
+            svc.unreported.setdefault(task_id, now)
+        lost_after = max(LOST_TASK_GRACE, 4 * self.policy().heartbeat_interval)
+        lost = sorted((since, task_id) for task_id, since in svc.unreported.items() if now - since >= lost_after)
+        if not lost or svc.incarnation != incarnation or svc.replacing is not None:
+            return
+        since, task_id = lost[0]
+        signal = self.monitor.raise_alert(svc.name, incarnation, Reason.TASK_LOST, now,
+                                          {"task": task_id, "unnamed_for": round(now - since, 2)})
+        if signal is not None:
+            log.warning("task lost by its agent", extra={"offender": svc.name, "task": task_id,
+                                                         "incarnation": incarnation})
+            await self.router.on_signal(dataclasses.replace(signal, task_id=task_id))
 
     # -- status -------------------------------------------------------------------------------
 

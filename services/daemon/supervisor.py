@@ -78,6 +78,7 @@ class Service:
     last_failure: dict | None = None
     listener: socket.socket | None = None  # the listening socket held across restarts (listeners.py)
     spawned_provider: str | None = None  # the provider the current incarnation was started on
+    unreported: dict[str, float] = field(default_factory=dict)  # leased tasks its beats stopped naming: since
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -252,6 +253,7 @@ class Supervisor:
         svc.incarnation, svc.child = incarnation, None
         svc.started_at, svc.healthy_at, svc.last_beat = now, None, None
         svc.task_id = svc.progress = None
+        svc.unreported.clear()
         svc.ready = False
         svc.spawned_provider = svc.provider
         svc.healthy.clear()

@@ -549,3 +549,57 @@ async def test_settings_that_cannot_be_kept_are_not_applied(rig, monkeypatch):
         await rig.daemon.apply_policy({"max_restarts": before.max_restarts + 1}, actor="test")
     assert rig.daemon.policy() == before
     assert await rig.store.events(kind="audit") == []
+
+
+async def test_a_leased_task_its_agent_stops_naming_is_lost_and_restarted_with_it(rig):
+    """No task runs forever, even one its agent lost: beats that stop naming a task the
+    registry has leased to the incarnation raise task_lost after the grace (5 s here), and
+    the ladder restarts the agent with the task."""
+    from common.models import Beat
+
+    await _task_for(rig, agent="worker", task_id="r-1.0.0")
+    worker = rig.svc("worker")
+    first, seq = worker.incarnation, 0
+
+    async def beats(tasks: list[str], seconds: float) -> None:
+        nonlocal seq
+        for _ in range(int(seconds / 0.25)):
+            seq += 1
+            await rig.daemon.on_beat(Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid,
+                                          seq=seq, task_id=tasks[0] if tasks else None, tasks=tasks))
+            await rig.advance(0.25)
+
+    await beats(["r-1.0.0"], 10.0)  # named: nothing happens however long it runs
+    await beats([], 3.0)  # unnamed, within the grace (a result on its way)
+    await beats(["r-1.0.0"], 1.0)  # named again: the clock starts over
+    await beats([], 4.0)
+    assert worker.incarnation == first and await rig.rows("worker") == []
+    await beats([], 2.0)
+    [row] = await rig.rows("worker")
+    assert (row["retry_type"], row["reason"], row["task_id"]) == ("child_restart", "task_lost", "r-1.0.0"), row
+    assert worker.incarnation != first
+    task = await rig.store.task("r-1.0.0")
+    assert task["status"] in ("assigned", "running") and task["attempt"] == 2, task
+
+
+async def test_a_request_repeated_after_a_daemon_restart_acts_once(tmp_path):
+    from services.daemon.audit import Audit
+
+    store = MemoryStore(clock=FakeClock())
+    acted = []
+
+    async def act():
+        acted.append(1)
+        return {"status": "paused", "service": "worker"}
+
+    first = Audit(store)
+    answer = await first.run(act, actor="ops", what="service_pause", target="worker", state=lambda: "running",
+                             reason="", request_id="req-1")
+    again = Audit(store)  # the next daemon, on the same registry
+    assert await again.load() == 1
+    repeated = await again.run(act, actor="ops", what="service_pause", target="worker", state=lambda: "running",
+                               reason="", request_id="req-1")
+    assert acted == [1] and repeated == {**answer, "repeated": True}
+    await again.run(act, actor="ops", what="service_pause", target="worker", state=lambda: "running",
+                    reason="", request_id="req-2")
+    assert acted == [1, 1]

@@ -40,7 +40,7 @@ WRITES = ("event", "upsert_agent", "set_agent", "open_session", "session_started
           "mark_alert", "alert_delivered", "record_retry", "drop_checkpoints", "record_trip", "set_lane", "reopen_task")
 DURABLE_READS = ("events", "history", "failure_metrics", "runs")
 # Memory holds what decisions read; an older run, task or alert is looked up in the store.
-FALLBACK_READS = ("run", "task", "session", "alert", "checkpoints", "task_history", "retry_rows", "tasks_of_run")
+FALLBACK_READS = ("run", "task", "session", "alert", "task_history", "retry_rows")
 MAX_PENDING = 200_000  # beyond this, plain events are dropped first (and counted); ladder rows never
 
 
@@ -161,9 +161,19 @@ class JournaledStore:
             return found if found else await getattr(self.durable, name)(*args, **kwargs)
         return read
 
+    # For a task or run the working copy knows, it is the truth, an empty answer included
+    # (every checkpoint set aside by a resume): the durable store may not have the change yet.
     async def task_counts(self, task_id: str) -> dict:
         known = await self.memory.task(task_id) is not None
         return await (self.memory if known else self.durable).task_counts(task_id)
+
+    async def checkpoints(self, task_id: str) -> list[dict]:
+        known = await self.memory.task(task_id) is not None
+        return await (self.memory if known else self.durable).checkpoints(task_id)
+
+    async def tasks_of_run(self, run_id: str) -> list[dict]:
+        known = await self.memory.run(run_id) is not None
+        return await (self.memory if known else self.durable).tasks_of_run(run_id)
 
     def trim(self) -> None:
         self.memory.trim()

@@ -140,3 +140,32 @@ async def test_a_write_the_store_refuses_for_good_is_dropped_and_counted(tmp_pat
         assert store.health()["state"] == "ok"
     finally:
         await store.close()
+
+
+async def test_what_memory_knows_is_the_truth_even_empty_while_the_disk_lags(tmp_path):
+    """A resume from step 1 sets every checkpoint aside: the next incarnation must be told
+    'none' at once, not the disk's step 1 that the journal has not deleted yet (seen in a
+    fresh-clone run: the new incarnation skipped step 1)."""
+    path = tmp_path / "registry.db"
+    clock = FakeClock()
+    store = await journaled(path, clock)
+    try:
+        await store.create_run("r-1", "build it", False)
+        await store.upsert_task({"task_id": "r-1.0", "run_id": "r-1", "agent": "p", "parent_agent": "gateway",
+                                 "kind": "run", "prompt": "build it"})
+        await store.add_checkpoint("r-1.0", 1, "draft", "step one", "i-1")
+        await until(lambda: not store.health()["pending"])
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the disk lags: the drop waits in the journal
+        try:
+            assert [c["step"] for c in await store.drop_checkpoints("r-1.0", 1, by="ops")] == [1]
+            assert rows(path, "SELECT step FROM checkpoints") == [(1,)]
+            assert await store.checkpoints("r-1.0") == []
+            assert [t["task_id"] for t in await store.tasks_of_run("r-1")] == ["r-1.0"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await until(lambda: store.health()["state"] == "ok" and not store.health()["pending"])
+        assert rows(path, "SELECT step FROM checkpoints") == []
+    finally:
+        await store.close()

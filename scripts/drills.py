@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from common.ladder import worst_case_attempts
+from common.states import FINAL_TASK_STATES, RunState, ServiceState
 from registry import read
 from registry.report import run_report
 from scripts.client import ClientError, MeshClient, wait_for
@@ -103,7 +104,22 @@ class Runner:
         return wait_for(predicate, timeout, what, interval, error=DrillError)
 
     def db(self):
+        """The registry, read directly. The daemon records behind what it decides
+        (registry/journal.py): let it write what it has first, so that a check never
+        takes the journal's lag for a fault (an old session still open, say)."""
+        self.flushed()
         return read.connect(self.mesh.registry())
+
+    def flushed(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                registry = self.mesh.status().get("registry") or {}
+            except ClientError:
+                return  # no daemon: nothing is pending
+            if registry.get("state") != "ok" or not registry.get("pending"):
+                return  # written, or degraded (which `tron status` and the report say loudly)
+            time.sleep(0.01)
 
     def service(self, name: str) -> dict:
         if name not in self.config.services:
@@ -118,7 +134,7 @@ class Runner:
     def run_status(self, run_id: str) -> dict | None:
         """From the daemon, which no drill breaks (the gateway may be down)."""
         code, run = self.mesh.try_call("GET", self.mesh.daemon_url + f"/runs/{run_id}")
-        return run if code == 200 and run["status"] != "running" else None
+        return run if code == 200 and run["status"] != RunState.RUNNING else None
 
     def comms_since(self, t0: float) -> list[dict]:
         path = self.mesh.home.comms_log
@@ -146,7 +162,7 @@ class Runner:
         names it; a program's state is running with a new pid)."""
         def fresh():
             s = self.mesh.service(name)
-            if s["state"] != "running" or s["incarnation"] == old_incarnation or not s["pid"]:
+            if s["state"] != ServiceState.RUNNING or s["incarnation"] == old_incarnation or not s["pid"]:
                 return None
             if self.config.services[name].is_agent:
                 h = self.mesh.health(name)
@@ -159,7 +175,7 @@ class Runner:
         deadline = time.monotonic() + self.settle_time()
         while time.monotonic() < deadline:
             s = self.mesh.service(name)
-            if s["incarnation"] != fresh["incarnation"] or s["state"] != "running":
+            if s["incarnation"] != fresh["incarnation"] or s["state"] != ServiceState.RUNNING:
                 drill.check(f"still healthy {self.settle_time():.1f}s after recovery (it went {s['state']}, "
                             f"incarnation {s['incarnation']})", False)
                 return
@@ -175,7 +191,7 @@ class Runner:
 
     def _single(self, drill: Drill, name: str, inject, expected: set[str]) -> Drill:
         before = self.service(name)
-        if before["state"] != "running" or not before["pid"]:
+        if before["state"] != ServiceState.RUNNING or not before["pid"]:
             raise DrillError(f"{name} is {before['state']}: a drill needs it running (see `tron status`)")
         self.label(f"{drill.name}:{name}:{uuid.uuid4().hex[:6]}")
         try:
@@ -315,7 +331,7 @@ class Runner:
             resumed = [e for e in read.task_events(conn, task_id) if e["kind"] == "task_resumed"]
         drill.mark(f"run {run['status']}", run_id)
         done_before = mark["step"]
-        drill.check("the run completed", run["status"] == "done")
+        drill.check("the run completed", run["status"] == RunState.DONE)
         drill.check(f"resumed after step {done_before}, handed its checkpoint",
                     bool(resumed) and (resumed[-1]["payload"] or {}).get("checkpoint") == done_before)
         drill.check("the completed steps were kept, by the incarnation that did them",
@@ -388,7 +404,7 @@ class Runner:
         with self.db() as conn:
             for task_id in tasks:
                 row = read.task(conn, task_id) or {}
-                if row.get("status") in ("done", "failed", "cancelled"):
+                if row.get("status") in FINAL_TASK_STATES:
                     continue
                 if not any(e["kind"] == "task_resumed" and e["mono"] >= t0 for e in read.task_events(conn, task_id)):
                     return False
@@ -444,7 +460,7 @@ class Runner:
             drill.mark(label, f"{r['agent_id']}: {r['reason']} {r['from_provider'] or ''}"
                               f"{' -> ' + r['to_provider'] if r['to_provider'] else ''}", at=r["mono"])
         switches = [r for r in rows if r["retry_type"] == "llm_change"]
-        drill.check("the run completed despite the outage", run["status"] == "done")
+        drill.check("the run completed despite the outage", run["status"] == RunState.DONE)
         drill.check(f"work moved off {provider}", bool(switches) and all(r["from_provider"] == provider for r in switches))
         drill.check("every row has a real reason", all(r["reason"] for r in rows))
         drill.check("the run is labelled as a drill", bool(stored) and stored["drill"] == 1)
@@ -463,7 +479,7 @@ class Runner:
         max_restarts failures it is crash-looping, escalated once for the episode."""
         drill = Drill("crash-loop", name)
         before = self.service(name)
-        if before["state"] != "running" or not before["pid"]:
+        if before["state"] != ServiceState.RUNNING or not before["pid"]:
             raise DrillError(f"{name} is {before['state']}: a drill needs it running")
         kills_wanted = self.policy.max_restarts + 2
         self.label(f"crash-loop:{name}:{uuid.uuid4().hex[:6]}")
@@ -575,7 +591,7 @@ class Runner:
                 give_up = time.monotonic() + 3.0  # every target of that kind may be down at this instant
                 while time.monotonic() < give_up:
                     running = [x["name"] for x in self.mesh.status()["services"]
-                               if x["state"] == "running" and x["pid"]]
+                               if x["state"] == ServiceState.RUNNING and x["pid"]]
                     pool = [n for n in (agents if kind == "runaway" else names) if n in running or kind == "provider"]
                     target = rng.choice(pool) if pool else None
                     incarnation = self.mesh.service(target)["incarnation"] if target else None
@@ -599,8 +615,8 @@ class Runner:
             bound = self.policy.task_timeout * worst_case_attempts(self.policy) + 60
             ends = {r: self.wait(lambda r=r: self.run_status(r), bound, f"run {r} to end", interval=0.1)["status"]
                     for r in runs}
-            drill.mark("runs ended", f"{sum(s == 'done' for s in ends.values())} done, "
-                                     f"{sum(s == 'failed' for s in ends.values())} failed")
+            drill.mark("runs ended", f"{sum(s == RunState.DONE for s in ends.values())} done, "
+                                     f"{sum(s == RunState.FAILED for s in ends.values())} failed")
             self._settle(drill)
         finally:
             if self.config.sim_url:
@@ -619,8 +635,8 @@ class Runner:
             "escalated": len({r["alert_id"] for r in rows if r["retry_type"] == "escalation"}),
             "provider_switches": sum(r["retry_type"] == "llm_change" for r in rows),
             "permanently_failed": sum(r["retry_type"] == "permanent_failure" for r in rows),
-            "runs_submitted": len(runs), "runs_completed": sum(s == "done" for s in ends.values()),
-            "runs_failed": sum(s == "failed" for s in ends.values()),
+            "runs_submitted": len(runs), "runs_completed": sum(s == RunState.DONE for s in ends.values()),
+            "runs_failed": sum(s == RunState.FAILED for s in ends.values()),
         }
         drill.data["summary"] = summary
         drill.data["latency"] = self._latencies(label)
@@ -652,7 +668,7 @@ class Runner:
             code, _ = self.mesh.try_call("PUT", self.config.sim_url + f"/sim/faults/{provider}",
                                          {"kind": fault, "times": rng.randint(1, 3)}, auth=True)
             return f"{provider} {fault}" if code == 200 else None
-        if s["state"] != "running" or not s["pid"]:
+        if s["state"] != ServiceState.RUNNING or not s["pid"]:
             return None
         if kind == "kill":
             os.kill(s["pid"], signal.SIGKILL)
@@ -668,7 +684,7 @@ class Runner:
     def _settle(self, drill: Drill) -> None:
         """Every service running again: the ladder brings every one back by itself."""
         try:
-            self.wait(lambda: all(s["state"] == "running" for s in self.mesh.status()["services"]),
+            self.wait(lambda: all(s["state"] == ServiceState.RUNNING for s in self.mesh.status()["services"]),
                       self.recovery_bound() * 3, "every service to be running", interval=0.1)
             drill.mark("settled", "every service running")
         except (DrillError, ClientError) as err:

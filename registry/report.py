@@ -12,6 +12,8 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from common.states import AlertState, LaneState, RunState as R, ServiceState as S, SessionState as SS, TaskState as T
+
 
 @dataclass
 class Check:
@@ -32,7 +34,8 @@ def _rows(conn, sql: str, args: tuple = ()) -> list[dict]:
 
 
 def orphan_sessions(conn, pid_alive: Callable[[int, float | None], bool]) -> Check:
-    open_ = _rows(conn, "SELECT incarnation, agent, pid, pid_create_time, mode FROM sessions WHERE status != 'ended'")
+    open_ = _rows(conn, "SELECT incarnation, agent, pid, pid_create_time, mode FROM sessions "
+                         f"WHERE status != '{SS.ENDED}'")
     # A session on another Ray node ("fork@<node>") has its pid there: its node agent
     # answers for it (services/daemon/ray_spawner.py); only this machine's are read here.
     dead = [f"{s['agent']}:{s['incarnation']} (pid {s['pid']})" for s in open_
@@ -41,19 +44,20 @@ def orphan_sessions(conn, pid_alive: Callable[[int, float | None], bool]) -> Che
 
 
 def duplicate_sessions(conn) -> Check:
-    rows = _rows(conn, "SELECT agent, COUNT(*) AS n FROM sessions WHERE status != 'ended' GROUP BY agent "
+    rows = _rows(conn, f"SELECT agent, COUNT(*) AS n FROM sessions WHERE status != '{SS.ENDED}' GROUP BY agent "
                        "HAVING COUNT(*) > 1")
     return Check("services with more than one open session", not rows, f"{len(rows)} services",
                  [f"{r['agent']} x{r['n']}" for r in rows])
 
 
 def ownerless_tasks(conn) -> Check:
-    rows = _rows(conn, """
+    rows = _rows(conn, f"""
         SELECT t.task_id, t.agent, t.status, r.status AS run_status FROM tasks t JOIN runs r USING (run_id)
-        WHERE t.status IN ('assigned', 'running') AND (
-              r.status != 'running'
-           OR NOT EXISTS (SELECT 1 FROM sessions s WHERE s.agent = t.agent AND s.status != 'ended')
-              AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.name = t.agent AND a.state IN ('backoff', 'starting')))
+        WHERE t.status IN ('{T.ASSIGNED}', '{T.RUNNING}') AND (
+              r.status != '{R.RUNNING}'
+           OR NOT EXISTS (SELECT 1 FROM sessions s WHERE s.agent = t.agent AND s.status != '{SS.ENDED}')
+              AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.name = t.agent
+                              AND a.state IN ('{S.BACKOFF}', '{S.STARTING}')))
     """)
     return Check("open tasks without an owner", not rows, f"{len(rows)} tasks",
                  [f"{r['task_id']} on {r['agent']} (run {r['run_status']})" for r in rows])
@@ -112,7 +116,7 @@ def alerts_delivered_twice(conn) -> Check:
 
 
 def unhandled_alerts(conn) -> Check:
-    rows = _rows(conn, "SELECT alert_id, agent, status FROM alerts WHERE status = 'undeliverable'")
+    rows = _rows(conn, f"SELECT alert_id, agent, status FROM alerts WHERE status = '{AlertState.UNDELIVERABLE}'")
     return Check("alerts nobody handled", not rows, f"{len(rows)}", [f"{r['alert_id']} ({r['agent']})" for r in rows])
 
 
@@ -146,7 +150,7 @@ def unaudited_changes(conn) -> Check:
             missing.append(f"{r['name']} stopped")
         if r["paused"] and ("pause", r["name"]) not in done:
             missing.append(f"{r['name']} paused")
-    for r in _rows(conn, "SELECT lane FROM lanes WHERE state = 'paused' AND changed_by != 'breaker'"):
+    for r in _rows(conn, f"SELECT lane FROM lanes WHERE state = '{LaneState.PAUSED}' AND changed_by != 'breaker'"):
         if ("lane_pause", r["lane"]) not in done:
             missing.append(f"lane {r['lane']} paused")
     return Check("manual state changes without an audit row", not missing, f"{len(missing)} of {len(audits)} audited",

@@ -12,8 +12,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-STATE_STYLE = {"running": "green", "starting": "yellow", "backoff": "yellow", "failed": "red",
-               "stopping": "magenta", "stopped": "dim"}
+from common.states import ServiceState as S
+
+STATE_STYLE = {S.RUNNING: "green", S.STARTING: "yellow", S.BACKOFF: "yellow", S.FAILED: "red",
+               S.STOPPING: "magenta", S.STOPPED: "dim"}
 ALERT_SHOW_SECONDS = 15
 
 

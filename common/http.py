@@ -4,7 +4,10 @@
   wrong (400 not JSON, 413 too large, 422 invalid fields). Nothing is changed on error.
 - ``require_token``: control endpoints answer 401 without the mesh token.
 - ``MeshClient``: a small aiohttp client that carries the token and raises
-  ``MeshHTTPError`` with the response body on any non-2xx answer.
+  ``MeshHTTPError`` with the response body on any non-2xx answer, and an ``OSError``
+  (``MeshConnectionError``) for every way a connection can fail, so that a peer killed
+  mid-request is handled like one that refused: aiohttp's ServerDisconnectedError is
+  not an OSError, and a task once died of it when its child was killed.
 """
 
 from __future__ import annotations
@@ -121,6 +124,10 @@ class MeshHTTPError(Exception):
             return {"error": self.body}
 
 
+class MeshConnectionError(ConnectionError):
+    """The connection failed after it was made (the peer died mid-request, a cut body)."""
+
+
 class MeshClient:
     """HTTP client for talking to the daemon and to other services on loopback."""
 
@@ -152,13 +159,18 @@ class MeshClient:
         payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
         t = aiohttp.ClientTimeout(total=timeout or self.timeout)
         session = self.session if token else self.plain
-        async with session.request(method, url, json=payload, timeout=t) as resp:
-            text = await resp.text()
-            if resp.status >= 300:
-                raise MeshHTTPError(resp.status, url, text)
-            if not text:
-                return None
-            return json.loads(text) if resp.content_type == "application/json" else text
+        try:
+            async with session.request(method, url, json=payload, timeout=t) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
+            if isinstance(err, OSError):
+                raise
+            raise MeshConnectionError(f"{type(err).__name__} from {url}: {err}") from err
+        if resp.status >= 300:
+            raise MeshHTTPError(resp.status, url, text)
+        if not text:
+            return None
+        return json.loads(text) if resp.content_type == "application/json" else text
 
     async def get(self, url: str, **kw: Any) -> Any:
         return await self.request("GET", url, **kw)

@@ -1,0 +1,61 @@
+"""The mesh client on a real loopback server: every way a connection can fail is an
+OSError to its callers, so a peer killed mid-request is handled like one that refused (a
+run once failed with internal_error:ServerDisconnectedError when its child was killed
+while the parent pushed it a task)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from aiohttp import web
+
+from common.http import MeshClient, MeshConnectionError, MeshHTTPError
+
+
+@pytest.fixture
+async def server():
+    async def hang_up(request: web.Request) -> web.Response:
+        request.transport.close()  # the process died with the request in hand
+        await asyncio.sleep(1)
+        return web.Response()
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": "no"}, status=409)
+
+    app = web.Application()
+    app.router.add_post("/hang-up", hang_up)
+    app.router.add_post("/refuse", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_a_peer_that_hangs_up_mid_request_is_an_oserror(server):
+    client = MeshClient("t")
+    try:
+        with pytest.raises(OSError) as err:
+            await client.post(server + "/hang-up", {})
+        assert isinstance(err.value, MeshConnectionError) and "ServerDisconnectedError" in str(err.value)
+        with pytest.raises(MeshHTTPError) as answer:  # an answer stays an answer
+            await client.post(server + "/refuse", {})
+        assert answer.value.status == 409
+    finally:
+        await client.close()
+
+
+async def test_nothing_listening_is_an_oserror():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: refused
+        client = MeshClient("t")
+        try:
+            with pytest.raises(OSError):
+                await client.post(f"http://127.0.0.1:{port}/x", {})
+        finally:
+            await client.close()

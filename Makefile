@@ -60,7 +60,7 @@ unit: $(STAMP)
 integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
-# Every table in benchmarks/README.md, in about 20 minutes on 2 cores. Not part of `make test`.
+# Every table in benchmarks/README.md, in about 22 minutes on 2 cores. Not part of `make test`.
 bench: $(BENCH_STAMP)
 	mkdir -p $(RESULTS)
 	$(BIN)/python -m benchmarks.agent_recovery --kills 4 --stops 5 --json $(RESULTS)/agent_recovery.json
@@ -70,6 +70,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.beat_ingest --seconds 6 --json $(RESULTS)/beat_ingest.json
 	$(BIN)/python -m benchmarks.ladder_timing --reps 3 --json $(RESULTS)/ladder_timing.json
 	$(BIN)/python -m benchmarks.socket_handover --kills 20 --json $(RESULTS)/socket_handover.json
+	$(BIN)/python -m benchmarks.delegation --kills 20 --json $(RESULTS)/delegation.json
 	$(BIN)/python -m benchmarks.servers --kills 5 --json $(RESULTS)/servers.json
 	$(BIN)/python -m benchmarks.cluster_recovery --kills 10 --losses 3 --json $(RESULTS)/cluster_recovery.json
 

@@ -43,8 +43,7 @@ replaces the daemon's: so once with uvicorn's default (service ``bl8``) and twic
 process needs ~2-3 s, so it does not restart it). ``ss`` reads the accept queue and the
 backlog in force at the end of the pause.
 
-Not measured: an agent parent delegating tasks to a child killed under it (agents always
-get a held socket; that case is covered by ``tron drill handover`` on llm-sim in the tests).
+A parent delegating tasks to a child killed under it is benchmarks/delegation.py.
 
     .venv/bin/python -m benchmarks.socket_handover [--kills 20] [--seed 1] [--json benchmarks/results/socket_handover.json]
 """

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,3 +19,19 @@ def finish(path: Path | None, results: dict, leftovers: list, *, indent: int | N
         print(f"LEFT BEHIND (killed): {leftovers}", file=sys.stderr)
         return 1
     return 0
+
+
+def take_turns(rows: list, kills: int, block: int, rng, turn) -> None:
+    """The rows take turns in blocks of ``block`` kills, the order shuffled per block, so
+    the machine's noise lands on every row and only one row is under load at a time;
+    ``turn(row, n, share)`` runs ``n`` kills of one row (each row has ``kills_left``) after
+    ``share`` (1 / blocks) of its undisturbed baseline."""
+    blocks = math.ceil(kills / block)
+    for b in range(blocks):
+        order = rows[:]
+        rng.shuffle(order)
+        for row in order:
+            n = min(block, row.kills_left)
+            if n:
+                turn(row, n, 1 / blocks)
+        print(f"  block {b + 1}/{blocks} done", file=sys.stderr, flush=True)

@@ -26,7 +26,6 @@ way the daemon hands the task to the next incarnation when it is healthy.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import secrets
@@ -38,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import finish
+from benchmarks import finish, take_turns
 from benchmarks.peers import machine_facts
 from common.config import Policy
 from scripts.stats import percentile
@@ -230,16 +229,9 @@ def main() -> int:
             r.mesh.up()
             r.kills_left = args.kills
         min_uptime = Policy(**rows[0].mesh.policy).min_uptime
-        blocks = math.ceil(args.kills / BLOCK)
         print(f"2 meshes up after {time.monotonic() - started:.1f} s; {args.kills} kills each ...", file=sys.stderr)
-        for b in range(blocks):
-            order = rows[:]
-            rng.shuffle(order)
-            for r in order:
-                n = min(BLOCK, r.kills_left)
-                if n:
-                    block(r, n, args.baseline / blocks, args, rng, min_uptime)
-            print(f"  block {b + 1}/{blocks} done", file=sys.stderr, flush=True)
+        take_turns(rows, args.kills, BLOCK, rng,
+                   lambda r, n, share: block(r, n, args.baseline * share, args, rng, min_uptime))
         summary = {r.label: row_summary(r, registry_facts(r)) for r in rows}
     finally:
         for r in rows:

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import math
 import os
 import random
 import secrets
@@ -70,7 +69,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import finish
+from benchmarks import finish, take_turns
 from benchmarks.peers import (
     LOOP,
     PlainLoopPeer,
@@ -253,15 +252,8 @@ def block(t: Track, n: int, baseline: float, args, rng: random.Random, min_uptim
 
 def run_rows(rows: list, args, rng: random.Random, min_uptime: float) -> list[Track]:
     tracks = [Track(r, args.kills) for r in rows]
-    blocks = math.ceil(args.kills / BLOCK)
-    for b in range(blocks):
-        order = tracks[:]
-        rng.shuffle(order)
-        for t in order:
-            n = min(BLOCK, t.kills_left)
-            if n:
-                block(t, n, args.baseline / blocks, args, rng, min_uptime)
-        print(f"  block {b + 1}/{blocks} done", file=sys.stderr, flush=True)
+    take_turns(tracks, args.kills, BLOCK, rng,
+               lambda t, n, share: block(t, n, args.baseline * share, args, rng, min_uptime))
     return tracks
 
 

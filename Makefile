@@ -60,7 +60,7 @@ unit: $(STAMP)
 integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
-# Every table in benchmarks/README.md, in about 22 minutes on 2 cores. Not part of `make test`.
+# Every table in benchmarks/README.md, in about 25 minutes on 2 cores. Not part of `make test`.
 bench: $(BENCH_STAMP)
 	mkdir -p $(RESULTS)
 	$(BIN)/python -m benchmarks.agent_recovery --kills 4 --stops 5 --json $(RESULTS)/agent_recovery.json

@@ -153,6 +153,26 @@ class Probe(_Strict):
         return next(k for k in ("http", "tcp", "exec") if getattr(self, k) is not None)
 
 
+PLACEHOLDERS = ("port", "python", "home", "name", "state", "config_dir")  # ServiceSpec.values
+
+
+def _check_placeholders(where: str, text: str) -> None:
+    """A template must only name known placeholders: found at load, not as a service that
+    can never start. Literal braces are written twice ({{ and }})."""
+    import string
+
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as err:
+        raise ValueError(f"{where}: {err} in {text!r} (write {{{{ and }}}} for literal braces)") from None
+    for field in names:
+        base = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if base not in PLACEHOLDERS:
+            raise ValueError(f"{where}: unknown placeholder {{{field}}} in {text!r}; known: "
+                             f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)} (write {{{{ and }}}} for literal "
+                             "braces)")
+
+
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
 
 
@@ -215,7 +235,25 @@ class ServiceSpec(_Strict):
                 pwd.getpwnam(self.user)
             except KeyError:
                 raise ValueError(f"user: no such user {self.user!r} on this machine") from None
+        for where, text in self._templates():
+            _check_placeholders(where, text)
         return self
+
+    def _templates(self):
+        """Every string the {placeholders} are filled into, with where it is."""
+        for i, part in enumerate(self.command or []):
+            yield f"command[{i}]", part
+        for key, value in self.env.items():
+            yield f"env.{key}", value
+        if self.cwd is not None:
+            yield "cwd", self.cwd
+        for use in ("liveness", "readiness", "startup"):
+            probe = getattr(self, use)
+            if probe is not None and probe.http is not None and probe.http.url:
+                yield f"{use}.http.url", probe.http.url
+            if probe is not None and probe.exec is not None:
+                for i, part in enumerate(probe.exec.command):
+                    yield f"{use}.exec.command[{i}]", part
 
     @property
     def is_agent(self) -> bool:

@@ -258,8 +258,15 @@ class Supervisor:
         svc.spawned_provider = svc.provider
         svc.healthy.clear()
         svc.settled.clear()
-        env = await self._env(svc, incarnation)
-        spec = self._spawn_spec(svc, incarnation, env)
+        try:
+            env = await self._env(svc, incarnation)
+            spec = self._spawn_spec(svc, incarnation, env)
+        except Exception as err:  # nothing may leave a service STARTING with nobody watching it
+            log.exception("cannot prepare the start of %s", svc.name)
+            await self.store.open_session(incarnation, svc.name, svc.spec.port, svc.provider, mode="plain")
+            self.watch(svc)
+            await self._spawn_failed(svc, incarnation, f"cannot prepare its start: {type(err).__name__}: {err}")
+            return
         await self.store.open_session(incarnation, svc.name, svc.spec.port, svc.provider,
                                       mode="fork" if spec.module else "plain")
         self.watch(svc)
@@ -285,7 +292,11 @@ class Supervisor:
         ladder (and, if it keeps failing, crash-loops at the backoff cap)."""
         log.error("spawn failed", extra={"offender": svc.name, "error": error, "incarnation": incarnation})
         await self.store.close_session(incarnation, reason=f"spawn_failed: {error}")
-        await self.store.event("spawn_failed", {"error": error, "argv": svc.spec.argv(self.values(svc))},
+        try:
+            argv = svc.spec.argv(self.values(svc))
+        except Exception:  # the template itself may be what failed
+            argv = svc.spec.command
+        await self.store.event("spawn_failed", {"error": error, "argv": argv},
                                agent=svc.name,
                                incarnation=incarnation)
         signal = self.monitor.raise_alert(svc.name, incarnation, Reason.SPAWN_FAILED, self.clock.now(),

@@ -88,3 +88,19 @@ def test_a_non_agent_command_is_supervised_by_exit_and_liveness_probe(mesh_facto
              "the hung web server to be replaced")
     rows = m.history("web")
     assert [r["reason"] for r in rows] == ["process_exit", "liveness_failed"]
+
+
+def test_a_command_runs_in_its_cwd_with_its_env_and_without_the_token(mesh_factory):
+    """`cwd` and `env` take the {placeholders}; a program that is not ours never gets the
+    mesh token's path."""
+    script = ("import os, json, time; json.dump({{'cwd': os.getcwd(), 'greeting': os.environ.get('GREETING'), "
+              "'token': os.environ.get('TRON_TOKEN_FILE')}}, open('seen.json', 'w')); time.sleep(600)")  # {{ }}: braces
+    services = {"worker": {"command": ["{python}", "-c", script], "port": 6152, "cwd": "{state}",
+                           "env": {"GREETING": "hello from {name} on {port}"}}}
+    m = mesh_factory(services=services)
+    m.up()
+    seen_file = m.home / "services" / "worker" / "seen.json"
+    seen = wait_for(lambda: seen_file.exists() and seen_file.read_text() and json.loads(seen_file.read_text()),
+                    20, "the worker to write what it saw")
+    assert seen == {"cwd": str(m.home / "services" / "worker"),
+                    "greeting": f"hello from worker on {m.port('worker')}", "token": None}, seen

@@ -73,6 +73,11 @@ def test_probes_of_every_kind(probe, kind):
     ({"depends_on": {"ghost": "ready"}}, "services.s.depends_on: no service named 'ghost'"),
     ({"depends_on": {"s": "started"}}, "cycle (s -> s)"),
     ({"depends_on": {"t": "healthy"}}, "services.s.depends_on.t"),
+    # a template with an unknown {placeholder} or a stray brace: at load, not a start that hangs
+    ({"command": ["sh", "-c", "echo ${HOME}"]}, "command[2]: unknown placeholder {HOME}"),
+    ({"env": {"A": "{nope}"}}, "env.A: unknown placeholder {nope}"),
+    ({"cwd": "{state"}, "cwd: expected '}' before end of string"),
+    ({"liveness": {"exec": {"command": ["check", "{prot}"]}}}, "liveness.exec.command[1]: unknown placeholder {prot}"),
 ])
 def test_bad_process_options_are_refused_naming_the_key(extra, message):
     data = {"services": {"s": {"command": ["x"], "port": 7005, **extra}, "t": {"command": ["y"], "port": 7006}}}
@@ -124,3 +129,9 @@ def test_the_provider_chain_must_hold_the_default():
         parse_mesh({**base(), "providers": {"default": "ollama", "chain": ["anthropic"]}})
     cfg = parse_mesh({**base(), "providers": {"chain": ["ollama", "anthropic"], "default": "ollama"}})
     assert cfg.providers.chain == ["ollama", "anthropic"]
+
+
+def test_literal_braces_are_written_twice_and_known_placeholders_pass():
+    cfg = parse_mesh({"services": {"s": {"command": ["sh", "-c", "echo ${{HOME}} {port} {state}"], "port": 7005,
+                                         "env": {"A": "{name}@{home}"}, "cwd": "{config_dir}"}}})
+    assert cfg.services["s"].command[2] == "echo ${{HOME}} {port} {state}"

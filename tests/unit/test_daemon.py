@@ -603,3 +603,27 @@ async def test_a_request_repeated_after_a_daemon_restart_acts_once(tmp_path):
     await again.run(act, actor="ops", what="service_pause", target="worker", state=lambda: "running",
                     reason="", request_id="req-2")
     assert acted == [1, 1]
+
+
+async def test_a_start_that_cannot_be_prepared_is_a_spawn_failure_not_a_hang(rig, monkeypatch):
+    """Whatever fails before the fork (the environment, a template) ends as spawn_failed,
+    and the ladder retries: no service stays STARTING with nobody watching it."""
+    sup = rig.daemon.sup
+    real = sup._spawn_spec
+    calls = []
+
+    def once(svc, incarnation, env):
+        calls.append(svc.name)
+        if len(calls) == 1:
+            raise KeyError("'cwd'")
+        return real(svc, incarnation, env)
+
+    monkeypatch.setattr(sup, "_spawn_spec", once)
+    old = await rig.crash("web")
+    await rig.until_running("web")
+    web = rig.svc("web")
+    assert web.state == ServiceState.RUNNING and web.incarnation != old and calls == ["web", "web"]
+    rows = await rig.rows("web")
+    assert [r["reason"] for r in rows] == ["process_exit", "spawn_failed"], rows
+    [event] = await rig.store.events(kind="spawn_failed")
+    assert "cannot prepare its start: KeyError" in event["payload"]["error"]

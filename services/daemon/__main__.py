@@ -46,7 +46,7 @@ async def serve(daemon: Daemon) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_shutdown)
     daemon.write_daemon_file(daemon.config.mesh.daemon_port)
-    bring_up = asyncio.ensure_future(daemon.bring_up())
+    bring_up = daemon.background(daemon.bring_up(), "bring-up")  # a failure of it is logged, not lost
     await daemon.shutdown_requested.wait()
     bring_up.cancel()
     await daemon.shutdown()

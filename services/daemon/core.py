@@ -209,11 +209,16 @@ class Daemon:
             svc = self.sup[name]
             if svc.stopped:
                 continue
-            await self._dependencies_met(svc)
-            async with svc.lock:
-                if svc.child is None or not svc.child.alive:
-                    await self.sup.start(svc, reason="mesh_start")
-            await self.sup.wait_settled(svc, self.policy().start_timeout + 1)
+            try:
+                await self._dependencies_met(svc)
+                async with svc.lock:
+                    if svc.child is None or not svc.child.alive:
+                        await self.sup.start(svc, reason="mesh_start")
+                await self.sup.wait_settled(svc, self.policy().start_timeout + 1)
+            except Exception as err:  # one service's surprise must not keep the rest of the mesh down
+                log.exception("bring-up of %s failed", name)
+                await self.store.event("bring_up_failed", {"error": f"{type(err).__name__}: {err}"[:500]},
+                                       agent=name)
         await self.ledger.redeliver_pending()
         await self.router.redeliver_pending()
 

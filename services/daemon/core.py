@@ -50,6 +50,7 @@ from services.daemon.supervisor import Supervisor, mesh_marks
 log = logging.getLogger("tron.daemon")
 # A leased task an agent's beats have not named for this long (or 4 beat intervals) is lost.
 LOST_TASK_GRACE = 5.0
+LOST_TASK_CHECK_EVERY = 1.0
 
 __all__ = ["Daemon", "StartError"]
 
@@ -349,7 +350,8 @@ class Daemon:
         if beat.task_id and (beat.task_id != svc.task_id or beat.progress != svc.progress):
             await self.store.task_progress(beat.task_id, beat.incarnation, beat.progress)
         svc.task_id, svc.progress = beat.task_id, beat.progress
-        if beat.tasks is not None:
+        if beat.tasks is not None and now - svc.tasks_checked >= LOST_TASK_CHECK_EVERY:
+            svc.tasks_checked = now  # at most once a second per agent: a beat stays O(1) in between
             await self._account_tasks(svc, beat.incarnation, set(beat.tasks), now)
         return verdict
 

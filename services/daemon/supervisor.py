@@ -79,6 +79,7 @@ class Service:
     listener: socket.socket | None = None  # the listening socket held across restarts (listeners.py)
     spawned_provider: str | None = None  # the provider the current incarnation was started on
     unreported: dict[str, float] = field(default_factory=dict)  # leased tasks its beats stopped naming: since
+    tasks_checked: float = float("-inf")  # when its beats' task list was last compared with the leases
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -51,14 +51,13 @@ PRELOAD = [
 ]
 
 
-SDK_MODULES = {"anthropic", "ollama", "openai"}
-
-
 def _sdks() -> set[str]:
     """The SDKs the mesh's providers use (``TRON_SDKS``, set by the daemon from the provider
     chain and the services' own providers); every one when it is not said."""
+    from common.providers import SDKS
+
     said = os.environ.get("TRON_SDKS")
-    return SDK_MODULES if said is None else {s for s in said.split(",") if s in SDK_MODULES}
+    return set(SDKS) if said is None else {s for s in said.split(",") if s in SDKS}
 
 
 def _own_sources() -> dict[str, float]:
@@ -189,13 +188,13 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         print(json.dumps({"msg": "fork server cannot run: socket path too long",
                           "path": sock_path, "limit": SOCKET_PATH_MAX}), flush=True)
         return CANNOT_RUN
+    from common.providers import SDKS, warm_up  # after the path check: nothing heavy before it
+
     sdks = _sdks()
     for name in PRELOAD:
-        if name.split(".")[0] in SDK_MODULES and name.split(".")[0] not in sdks:
+        if name.split(".")[0] in SDKS and name.split(".")[0] not in sdks:
             continue  # an SDK no provider of this mesh uses: 1-2 s of imports saved per start
         importlib.import_module(name)
-    from common.providers import warm_up
-
     warm_up(sdks)  # what the SDKs import on a first request, imported once here for every child
     sources = _own_sources()
     try:

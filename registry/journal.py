@@ -41,6 +41,10 @@ WRITES = ("event", "upsert_agent", "set_agent", "open_session", "session_started
 DURABLE_READS = ("events", "history", "failure_metrics", "runs")
 # Memory holds what decisions read; an older run, task or alert is looked up in the store.
 FALLBACK_READS = ("run", "task", "session", "alert", "task_history", "retry_rows")
+# Reads about one task or run: the working copy answers for a task or run it knows, an empty
+# answer included (every checkpoint set aside by a resume), since the durable store may not
+# have the change yet; the durable store answers for the others. Read -> what it is about.
+OWNED_READS = {"task_counts": "task", "checkpoints": "task", "tasks_of_run": "run"}
 MAX_PENDING = 200_000  # beyond this, plain events are dropped first (and counted); ladder rows never
 
 
@@ -143,6 +147,8 @@ class JournaledStore:
             return self._after_flush(name)
         if name in FALLBACK_READS:
             return self._falling_back(name)
+        if name in OWNED_READS:
+            return self._owned(name, OWNED_READS[name])
         return getattr(self.memory, name)
 
     def _after_flush(self, name: str):
@@ -161,19 +167,12 @@ class JournaledStore:
             return found if found else await getattr(self.durable, name)(*args, **kwargs)
         return read
 
-    # For a task or run the working copy knows, it is the truth, an empty answer included
-    # (every checkpoint set aside by a resume): the durable store may not have the change yet.
-    async def task_counts(self, task_id: str) -> dict:
-        known = await self.memory.task(task_id) is not None
-        return await (self.memory if known else self.durable).task_counts(task_id)
-
-    async def checkpoints(self, task_id: str) -> list[dict]:
-        known = await self.memory.task(task_id) is not None
-        return await (self.memory if known else self.durable).checkpoints(task_id)
-
-    async def tasks_of_run(self, run_id: str) -> list[dict]:
-        known = await self.memory.run(run_id) is not None
-        return await (self.memory if known else self.durable).tasks_of_run(run_id)
+    def _owned(self, name: str, about: str):
+        @functools.wraps(getattr(self.memory, name))
+        async def read(key: str, *args, **kwargs):
+            known = await getattr(self.memory, about)(key) is not None
+            return await getattr(self.memory if known else self.durable, name)(key, *args, **kwargs)
+        return read
 
     def trim(self) -> None:
         self.memory.trim()

@@ -259,23 +259,19 @@ class Supervisor:
         svc.spawned_provider = svc.provider
         svc.healthy.clear()
         svc.settled.clear()
-        try:
-            env = await self._env(svc, incarnation)
-            spec = self._spawn_spec(svc, incarnation, env)
-        except Exception as err:  # nothing may leave a service STARTING with nobody watching it
-            log.exception("cannot prepare the start of %s", svc.name)
-            await self.store.open_session(incarnation, svc.name, svc.spec.port, svc.provider, mode="plain")
-            self.watch(svc)
-            await self._spawn_failed(svc, incarnation, f"cannot prepare its start: {type(err).__name__}: {err}")
-            return
         await self.store.open_session(incarnation, svc.name, svc.spec.port, svc.provider,
-                                      mode="fork" if spec.module else "plain")
+                                      mode="fork" if svc.spec.is_agent else "plain")
         self.watch(svc)
         try:
+            spec = self._spawn_spec(svc, incarnation, await self._env(svc, incarnation))
             spec = dataclasses.replace(spec, listen_fd=self._listener(svc))
             child = await self.spawner.spawn(spec)
         except (SpawnError, ListenerError) as err:
             await self._spawn_failed(svc, incarnation, str(err))
+            return
+        except Exception as err:  # nothing may leave a service STARTING with nobody watching it
+            log.exception("cannot start %s", svc.name)
+            await self._spawn_failed(svc, incarnation, f"cannot prepare its start: {type(err).__name__}: {err}")
             return
         svc.child = child
         if os.environ.get("TRON_TEST_DIE_AFTER_FORK") == svc.name:  # the fault tests/integration/test_faults.py injects

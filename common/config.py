@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import sys
 import tomllib
 from pathlib import Path
@@ -159,8 +160,6 @@ PLACEHOLDERS = ("port", "python", "home", "name", "state", "config_dir")  # Serv
 def _check_placeholders(where: str, text: str) -> None:
     """A template must only name known placeholders: found at load, not as a service that
     can never start. Literal braces are written twice ({{ and }})."""
-    import string
-
     try:
         names = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
     except ValueError as err:

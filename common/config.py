@@ -24,7 +24,7 @@ import string
 import sys
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -297,6 +297,15 @@ class ServiceSpec(_Strict):
         return f"http://127.0.0.1:{self.port}/health" if self.is_agent else None
 
 
+class ProviderLimits(_Strict):
+    """What one provider may be sent, mesh-wide (the governor; narrowed further by the
+    rate-limit headers the provider answers with). None: no limit of ours."""
+
+    concurrency: int | None = Field(None, ge=1, le=100_000)  # requests in flight at once
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    tpm: int | None = Field(None, ge=1)  # tokens (in + out) per minute
+
+
 class ProvidersConfig(_Strict):
     default: Provider = "anthropic"
     # The root switches a failing subtree to the next provider of the chain, wrapping round.
@@ -307,6 +316,14 @@ class ProvidersConfig(_Strict):
     timeout: float = Field(30.0, gt=0)
     max_tokens: int = Field(512, ge=1)
     sim_service: str = "llm-sim"
+    # Provider health (DESIGN.md, "Providers are supervised resources").
+    fail_threshold: int = Field(3, ge=1, le=1000)  # provider failures in a row, mesh-wide, that open it
+    cooldown: float = Field(5.0, gt=0)  # how long an opened provider stays open before one probe
+    cooldown_max: float = Field(30.0, gt=0)  # the cooldown doubles on each failed probe, up to this
+    wait_before_switch: float = Field(5.0, ge=0)  # a rate-limit hold this short is waited out, not switched away from
+    on_all_down: Literal["park", "fail"] = "park"  # every provider of the chain open: wait for one, or fail at once
+    park_max: float = Field(600.0, gt=0)  # a parked task fails for good after this long
+    limits: dict[str, ProviderLimits] = {}  # per provider name
 
     @model_validator(mode="after")
     def _default_in_chain(self) -> "ProvidersConfig":
@@ -314,6 +331,11 @@ class ProvidersConfig(_Strict):
             raise ValueError("providers.chain: name each provider once, at least one")
         if self.default not in self.chain:
             raise ValueError(f"providers.default: {self.default!r} is not in providers.chain {self.chain}")
+        unknown = sorted(set(self.limits) - set(get_args(Provider)))
+        if unknown:
+            raise ValueError(f"providers.limits: unknown provider {unknown[0]!r}; expected one of {get_args(Provider)}")
+        if self.cooldown_max < self.cooldown:
+            raise ValueError("providers.cooldown_max must be at least providers.cooldown")
         return self
 
 

@@ -1,6 +1,7 @@
 """The escalation ladder: every rule of it, in one pure module.
 
     decide(event, view, now, policy) -> Restart | Escalate | SwitchProvider | Fail | Ignore
+                                        | RetryInPlace | Park | Resume   (provider failures)
 
 Vocabulary (DESIGN.md, "Services and tasks: two lifecycles"):
 
@@ -15,6 +16,13 @@ Vocabulary (DESIGN.md, "Services and tasks: two lifecycles"):
   restarts with its agent (level 1, the parent), then up to ``max_provider_switches``
   switches to the next provider of the chain (level 2, the root), then a permanent
   failure (level 3). It always ends.
+- A **provider failure** (overloaded, rate limited, 5xx, timeout, a stream cut, an answer
+  that is 200 OK but broken) is not a process failure: the healthy agent is never killed
+  for it. Level 1 retries the task in the same incarnation on the same provider after
+  ``max(retry-after, backoff)``, within the same ``max_restarts`` bound; level 2 switches
+  only to a provider that is not ``open``; with every provider of the chain open the task
+  is parked (``on_all_down = "park"``, at most ``park_max``) or fails at once. The daemon
+  decides these: it holds every provider's health (common/provider_health.py).
 - The **decider** is the service that received the event (a parent, an ancestor the alert
   reached instead, the root, or the daemon); ``view.top`` says nobody decides above it.
 
@@ -34,7 +42,7 @@ from typing import Callable, Literal, Union
 from pydantic import BaseModel, ConfigDict
 
 from common.config import Policy
-from common.states import RetryType, ServiceState, TaskState
+from common.states import OPEN_TASK_STATES, RetryType, ServiceState, TaskState
 
 # -- events: what reached the decider ----------------------------------------------------
 
@@ -83,7 +91,32 @@ class AlertAnswered:
     ancestor: str
 
 
-Event = Union[ChildFailed, Escalated, RestartAsked, AlertAnswered]
+@dataclass(frozen=True)
+class ProviderFailed:
+    """An agent's call to a provider failed (or was refused because the provider is open:
+    ``reason`` "provider_open"). ``key`` names this report; its rows are idempotent by it."""
+
+    key: str
+    service: str
+    incarnation: str
+    provider: str
+    reason: str
+    retryable: bool = True
+    retry_after: float | None = None
+    task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ParkCheck:
+    """A parked task is looked at again: a provider came back, or time passed."""
+
+    key: str
+    service: str
+    task_id: str
+    parked_for: float
+
+
+Event = Union[ChildFailed, Escalated, RestartAsked, AlertAnswered, ProviderFailed, ParkCheck]
 
 # -- the view: what the registry knows, read by the daemon at ``now`` ------------------------
 
@@ -112,6 +145,19 @@ class TaskView(_View):
     switches: int = 0  # provider switches this task has had
 
 
+class ProviderStatus(_View):
+    state: str = "closed"  # a ProviderState
+    kind: str | None = None  # outage | hold | drained, while open
+    reason: str = ""
+    until_s: float | None = None  # seconds until an open provider may be probed
+
+
+class ProviderRules(_View):
+    on_all_down: Literal["park", "fail"] = "park"
+    wait_before_switch: float = 5.0
+    park_max: float = 600.0
+
+
 class LadderView(_View):
     now: float
     policy: Policy
@@ -123,6 +169,8 @@ class LadderView(_View):
     recorded: list[str] = []  # ladder rows already written for this alert: retry types, "escalation:a->b"
     chain: list[str] = ["anthropic", "ollama"]
     subtree: list[str] = []  # the failing service and its descendants, parents first
+    providers: dict[str, ProviderStatus] = {}  # the mesh's provider health, by name
+    rules: ProviderRules = ProviderRules()
 
 
 # -- decisions: what the decider carries out ---------------------------------------------------
@@ -155,13 +203,15 @@ class Escalate:
 
 @dataclass(frozen=True)
 class SwitchProvider:
-    """Restart the failing subtree on ``to_provider``; the held task goes with it."""
+    """Restart the failing subtree on ``to_provider``; the held task goes with it.
+    ``in_place``: a provider failure's switch, made in the running incarnation (no restart)."""
 
     case: str
     to_provider: str
     attempt: int  # 1 for the task's first switch
     services: tuple[str, ...] = ()
     delay: float = 0.0
+    in_place: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,12 +224,38 @@ class Fail:
 
 
 @dataclass(frozen=True)
+class RetryInPlace:
+    """Level 1 of a provider failure: the same incarnation tries the task again on the
+    same provider after ``delay`` (no kill, no spawn)."""
+
+    case: str
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Park:
+    """Every provider of the chain is open: the task waits in its agent, at its
+    checkpoint, until one comes back (or ``park_max`` passes)."""
+
+    case: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A parked task goes on, on ``provider``."""
+
+    case: str
+    provider: str
+
+
+@dataclass(frozen=True)
 class Ignore:
     case: str
     why: str
 
 
-Decision = Union[Restart, Escalate, SwitchProvider, Fail, Ignore]
+Decision = Union[Restart, Escalate, SwitchProvider, Fail, Ignore, RetryInPlace, Park, Resume]
 
 # -- pure helpers -----------------------------------------------------------------------------------
 
@@ -222,6 +298,20 @@ def within(times: list[float], now: float, window: float) -> list[float]:
     return [t for t in times if now - window < t <= now]
 
 
+def provider_open(view: LadderView, name: str) -> bool:
+    return view.providers.get(name, ProviderStatus()).state == "open"
+
+
+def describe_providers(view: LadderView) -> str:
+    """"anthropic open (5 failures in a row: overloaded_error), ollama open (...)": what a
+    permanent failure for want of any provider says."""
+    parts = []
+    for name in view.chain:
+        st = view.providers.get(name, ProviderStatus())
+        parts.append(f"{name} {st.state}" + (f" ({st.reason})" if st.reason else ""))
+    return ", ".join(parts)
+
+
 # -- the case table --------------------------------------------------------------------------------
 
 
@@ -258,6 +348,31 @@ class Situation:
         to = next_provider(self.view.chain, self.view.service.provider)
         return SwitchProvider(case="switch_provider", to_provider=to, attempt=switches + 1,
                               services=tuple(self.view.subtree or [self.view.service.name]))
+
+    def provider_top(self, case: str, reason: str) -> Decision:
+        """Level 2 or 3 for a provider failure, decided where provider health is known:
+        a switch only to a provider that is not open (next in the chain after the current
+        one); the current one again, as a switch, when it is the only one not open; with
+        every provider open, park or fail as ``on_all_down`` says. Bounded by the switches."""
+        ev, view = self.event, self.view
+        switches = self.task.switches if self.task else 0
+        if switches >= self.policy.max_provider_switches:
+            return Fail(case="switches_exhausted", reason="max_provider_switches_exceeded")
+        chain = view.chain
+        start = chain.index(ev.provider) + 1 if ev.provider in chain else 0
+        order = [chain[(start + i) % len(chain)] for i in range(len(chain))]
+        usable = [p for p in order if not provider_open(view, p)]
+        others = [p for p in usable if p != ev.provider]
+        if others:
+            return SwitchProvider(case=case, to_provider=others[0], attempt=switches + 1, in_place=True)
+        if usable:  # only the failing provider is left, and it has not opened: try it again, as a switch
+            delay = compute_backoff(switches + 1, initial=self.policy.backoff_initial, factor=self.policy.backoff_factor,
+                                    max_backoff=self.policy.backoff_max, jitter=self.policy.backoff_jitter, rng=self.rng)
+            return SwitchProvider(case="stay_on_last_usable", to_provider=ev.provider, attempt=switches + 1,
+                                  delay=delay, in_place=True)
+        if view.rules.on_all_down == "park":
+            return Park(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}")
+        return Fail(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}")
 
     def give_up_task(self, case: str, reason: str) -> Decision:
         """The task leaves level 1. Below the top it climbs; at the top the decider
@@ -298,7 +413,7 @@ def _non_retryable_reason(s: Situation) -> str:
 
 
 def _task_live(s: Situation) -> bool:
-    return s.task is not None and s.task.status in (TaskState.ASSIGNED, TaskState.RUNNING)
+    return s.task is not None and s.task.status in OPEN_TASK_STATES
 
 
 CHILD_FAILED: tuple[Case, ...] = (
@@ -382,8 +497,61 @@ ALERT_ANSWERED: tuple[Case, ...] = (
          "the ancestor answered and nothing happened: the next ancestor gets the alert"),
 )
 
+def _provider_retry(s: Situation, case: str = "provider_retry") -> RetryInPlace:
+    p = s.policy
+    backoff = compute_backoff(s.task.restarts, initial=p.backoff_initial, factor=p.backoff_factor,
+                              max_backoff=p.backoff_max, jitter=p.backoff_jitter, rng=s.rng)
+    wait = s.view.providers.get(s.event.provider, ProviderStatus()).until_s or 0.0
+    return RetryInPlace(case, delay=max(backoff, s.event.retry_after or 0.0, wait))
+
+
+def _short_hold(s: Situation) -> bool:
+    st = s.view.providers.get(s.event.provider, ProviderStatus())
+    return (st.state == "open" and st.kind == "hold" and st.until_s is not None
+            and st.until_s <= s.view.rules.wait_before_switch)
+
+
+PROVIDER_FAILED: tuple[Case, ...] = (
+    Case("stale_incarnation", _stale,
+         lambda s: Ignore("stale_incarnation", f"{s.event.incarnation} is no longer the current incarnation"),
+         "the report names an incarnation that has already been replaced"),
+    Case("task_not_live", lambda s: not _task_live(s),
+         lambda s: Ignore("task_not_live", f"task {s.event.task_id} is not running"),
+         "the task has ended, been cancelled or been taken elsewhere"),
+    Case("request_error", lambda s: not s.event.retryable,
+         lambda s: s.provider_top("request_error", _non_retryable_reason(s)),
+         "an error retrying cannot fix (authentication, invalid request): no retry on this provider"),
+    Case("rate_limit_wait", lambda s: _short_hold(s) and s.task.restarts < s.policy.max_restarts,
+         lambda s: _provider_retry(s, "rate_limit_wait"),
+         "the provider asked every agent to wait a little (retry-after within wait_before_switch): wait, same provider"),
+    Case("provider_open", lambda s: provider_open(s.view, s.event.provider),
+         lambda s: s.provider_top("provider_open", s.event.reason),
+         "the provider is open (an outage, a long limit, drained): level 1 on it is skipped"),
+    Case("provider_retries_exhausted", lambda s: s.task.restarts >= s.policy.max_restarts,
+         lambda s: s.provider_top("provider_retries_exhausted", "max_restarts_exceeded"),
+         "the task has had max_restarts tries: the next provider"),
+    Case("provider_retry", lambda s: True, _provider_retry,
+         "retry the task in the same incarnation on the same provider after max(retry-after, backoff)"),
+)
+
+PARK_CHECK: tuple[Case, ...] = (
+    Case("park_task_gone", lambda s: s.task is None or s.task.status != TaskState.PARKED,
+         lambda s: Ignore("park_task_gone", f"task {s.event.task_id} is no longer parked"),
+         "the task was cancelled, failed or resumed meanwhile"),
+    Case("park_expired", lambda s: s.event.parked_for >= s.view.rules.park_max,
+         lambda s: Fail("park_expired", f"parked_too_long: {describe_providers(s.view)}"),
+         "parked for park_max: no task waits forever"),
+    Case("provider_back", lambda s: any(not provider_open(s.view, p) for p in s.view.chain),
+         lambda s: Resume("provider_back", next(p for p in s.view.chain if not provider_open(s.view, p))),
+         "a provider of the chain is not open: the task goes on, from its checkpoint, on the first of them"),
+    Case("still_down", lambda s: True,
+         lambda s: Ignore("still_down", describe_providers(s.view)),
+         "every provider is still open: the task stays parked"),
+)
+
 TABLE: dict[type, tuple[Case, ...]] = {ChildFailed: CHILD_FAILED, Escalated: ESCALATED, RestartAsked: RESTART_ASKED,
-                                       AlertAnswered: ALERT_ANSWERED}
+                                       AlertAnswered: ALERT_ANSWERED, ProviderFailed: PROVIDER_FAILED,
+                                       ParkCheck: PARK_CHECK}
 
 
 def decide(event: Event, view: LadderView, now: float, policy: Policy, *,
@@ -399,7 +567,8 @@ def decide(event: Event, view: LadderView, now: float, policy: Policy, *,
 def case_ids() -> list[str]:
     """Every case id a decision can carry, for docs and for the registry's checks."""
     ids = [c.id for cases in TABLE.values() for c in cases]
-    return ids + ["restart_without_task", "llm_advised_escalation"]
+    return list(dict.fromkeys(ids + ["restart_without_task", "llm_advised_escalation", "stay_on_last_usable",
+                                     "all_providers_down"]))
 
 
 # -- the optional advisor --------------------------------------------------------------------------

@@ -28,6 +28,9 @@ Task (a unit of work; bounded attempts, it always ends):
     ASSIGNED | RUNNING -> ESCALATED     (held while the failure climbs the tree)
     ESCALATED -> ASSIGNED               (the root switched provider: the next attempt)
     ESCALATED -> FAILED | CANCELLED     (permanent failure; an operator)
+    ASSIGNED | RUNNING -> PARKED        (every provider is down: the task waits at its checkpoint)
+    PARKED -> RUNNING                   (a provider is usable again: it goes on where it was)
+    PARKED -> ASSIGNED | FAILED | CANCELLED | DONE   (its agent restarted; park_max; an operator)
     FAILED | CANCELLED -> ASSIGNED      (an operator retries it)
 """
 
@@ -64,6 +67,7 @@ class TaskState(StrEnum):
     ASSIGNED = "assigned"
     RUNNING = "running"
     ESCALATED = "escalated"
+    PARKED = "parked"  # waiting, in its agent, for a provider (or a budget, or an operator)
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -83,6 +87,15 @@ class AlertState(StrEnum):
     UNDELIVERABLE = "undeliverable"  # every ancestor failed to take it (the daemon then decides)
 
 
+class ProviderState(StrEnum):
+    """An LLM provider as the whole mesh sees it (a circuit breaker, as LiteLLM's cooldowns
+    and Hystrix's are, shared by every agent through the daemon)."""
+
+    CLOSED = "closed"        # requests go through
+    OPEN = "open"            # down, rate-limited or drained: nobody sends to it until ``until``
+    HALF_OPEN = "half_open"  # the cooldown is over: one request goes through as a probe
+
+
 class LaneState(StrEnum):
     OPEN = "open"
     PAUSED = "paused"
@@ -96,6 +109,9 @@ class RetryType(StrEnum):
     LLM_CHANGE = "llm_change"
     PERMANENT_FAILURE = "permanent_failure"
     OPERATOR_RESTART = "operator_restart"
+    # Level 1 for a provider failure: the task is tried again on the same provider, in the
+    # same incarnation (no kill), after max(retry-after, backoff).
+    PROVIDER_RETRY = "provider_retry"
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ class Machine:
         return [str(old) for old, targets in self.edges.items() if new in targets]
 
 
-Sv, Se, T, R, A, L = ServiceState, SessionState, TaskState, RunState, AlertState, LaneState
+Sv, Se, T, R, A, L, P = ServiceState, SessionState, TaskState, RunState, AlertState, LaneState, ProviderState
 
 SERVICE = Machine("service", {
     Sv.STOPPED: {Sv.STARTING},
@@ -133,8 +149,9 @@ SESSION = Machine("session", {
 })
 
 TASK = Machine("task", {
-    T.ASSIGNED: {T.ASSIGNED, T.RUNNING, T.ESCALATED, T.DONE, T.FAILED, T.CANCELLED},
-    T.RUNNING: {T.ASSIGNED, T.ESCALATED, T.DONE, T.FAILED, T.CANCELLED},
+    T.ASSIGNED: {T.ASSIGNED, T.RUNNING, T.ESCALATED, T.PARKED, T.DONE, T.FAILED, T.CANCELLED},
+    T.RUNNING: {T.ASSIGNED, T.ESCALATED, T.PARKED, T.DONE, T.FAILED, T.CANCELLED},
+    T.PARKED: {T.RUNNING, T.ASSIGNED, T.DONE, T.FAILED, T.CANCELLED},
     T.ESCALATED: {T.ASSIGNED, T.FAILED, T.CANCELLED},
     T.FAILED: {T.ASSIGNED},
     T.CANCELLED: {T.ASSIGNED},
@@ -157,9 +174,21 @@ LANE = Machine("lane", {
     L.PAUSED: {L.OPEN},
 })
 
+# Provider (common/provider_health.py, Board._to):
+#   CLOSED -> OPEN          (provider_fail_threshold failures in a row; a retry-after; drained)
+#   OPEN -> HALF_OPEN       (the cooldown or the hold is over)
+#   HALF_OPEN -> CLOSED     (the probe succeeded)
+#   HALF_OPEN -> OPEN       (the probe failed: a longer cooldown)
+#   OPEN | HALF_OPEN -> CLOSED   (an operator restored it)
+PROVIDER = Machine("provider", {
+    P.CLOSED: {P.OPEN},
+    P.OPEN: {P.HALF_OPEN, P.CLOSED, P.OPEN},
+    P.HALF_OPEN: {P.CLOSED, P.OPEN},
+})
+
 UP_SERVICE_STATES = frozenset({Sv.RUNNING})
-OPEN_TASK_STATES = frozenset({T.ASSIGNED, T.RUNNING})
-LIVE_TASK_STATES = frozenset({T.ASSIGNED, T.RUNNING, T.ESCALATED})
+OPEN_TASK_STATES = frozenset({T.ASSIGNED, T.RUNNING, T.PARKED})  # leased to (or waiting in) an incarnation
+LIVE_TASK_STATES = frozenset({T.ASSIGNED, T.RUNNING, T.PARKED, T.ESCALATED})
 FINAL_TASK_STATES = frozenset({T.DONE, T.FAILED, T.CANCELLED})
 OPEN_SESSION_STATES = frozenset({Se.INTENT, Se.STARTING, Se.RUNNING})
 OPEN_ALERT_STATES = frozenset({A.PENDING, A.DELIVERED, A.UNDELIVERABLE})

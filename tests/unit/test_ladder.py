@@ -8,7 +8,8 @@ import random
 import pytest
 
 from common.config import Policy
-from common.ladder import (AlertAnswered, ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Restart,
+from common.ladder import (AlertAnswered, ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, ParkCheck, Park,
+                           ProviderFailed, ProviderRules, ProviderStatus, Restart, Resume, RetryInPlace,
                            RestartAsked, ServiceView, SwitchProvider, TaskView, case_ids, compute_backoff, decide,
                            fold_advice, next_provider, parse_advice, within, worst_case_attempts)
 from common.states import ServiceState, TaskState
@@ -42,6 +43,30 @@ def escalated(kind="task", task_id="t-1") -> Escalated:
 
 
 RESTART_BACK = Restart("restart_without_task", delay=0.0)
+
+CLOSED = ProviderStatus()
+OUTAGE = ProviderStatus(state="open", kind="outage", reason="3 failures in a row: overloaded_error", until_s=5.0)
+HOLD = ProviderStatus(state="open", kind="hold", reason="rate_limit_error (retry-after 2s)", until_s=2.0)
+LONG_HOLD = ProviderStatus(state="open", kind="hold", reason="usage_limit (retry-after 3600s)", until_s=3600.0)
+PROBING = ProviderStatus(state="half_open", kind="outage", reason="probing")
+BOTH_DOWN = ("all_providers_down: anthropic open (3 failures in a row: overloaded_error), "
+             "ollama open (3 failures in a row: overloaded_error)")
+
+
+def pview(anthropic=CLOSED, ollama=CLOSED, *, on_all_down="park", **kw) -> LadderView:
+    """A provider failure seen by the daemon: every provider's state in the view."""
+    v = view(decider="daemon", top=True, state=ServiceState.RUNNING, **kw)
+    return v.model_copy(update={"providers": {"anthropic": anthropic, "ollama": ollama},
+                                "rules": ProviderRules(on_all_down=on_all_down)})
+
+
+def pfailed(*, provider="anthropic", reason="overloaded_error", retryable=True, retry_after=None,
+            incarnation="i-1") -> ProviderFailed:
+    return ProviderFailed("pf-1", "programmer-1", incarnation, provider, reason, retryable, retry_after, "t-1")
+
+
+def parked(parked_for=1.0) -> ParkCheck:
+    return ParkCheck("pk-1", "programmer-1", "t-1", parked_for)
 
 CASES = [
     # -- a child failed: the guards ------------------------------------------------------------
@@ -140,6 +165,45 @@ CASES = [
      view(replacing=True), Ignore("acted", "director-code took alert a-1")),
     ("answered without acting: next ancestor", AlertAnswered("a-1", "programmer-1", "i-1", "director-code"),
      view(), Escalate("answered_without_acting", "director-code answered but nothing changed")),
+    # -- a provider failed: the healthy process is never killed for it ------------------------------
+    ("provider: stale incarnation", pfailed(incarnation="i-0"), pview(task=task()),
+     Ignore("stale_incarnation", "i-0 is no longer the current incarnation")),
+    ("provider: the task ended meanwhile", pfailed(), pview(task=task(TaskState.CANCELLED)),
+     Ignore("task_not_live", "task t-1 is not running")),
+    ("provider: first failure, retried in place at once", pfailed(), pview(task=task()),
+     RetryInPlace("provider_retry", delay=0.0)),
+    ("provider: second failure, in place after the backoff", pfailed(), pview(task=task(restarts=1)),
+     RetryInPlace("provider_retry", delay=0.5)),
+    ("provider: retry-after longer than the backoff wins", pfailed(retry_after=2.5), pview(task=task(restarts=1)),
+     RetryInPlace("provider_retry", delay=2.5)),
+    ("provider: a short rate-limit hold is waited out, same provider", pfailed(reason="rate_limit_error", retry_after=2),
+     pview(HOLD, task=task()), RetryInPlace("rate_limit_wait", delay=2.0)),
+    ("provider: a long usage limit switches", pfailed(reason="usage_limit", retry_after=3600),
+     pview(LONG_HOLD, task=task()), SwitchProvider("provider_open", "ollama", 1, in_place=True)),
+    ("provider: an open provider skips level 1", pfailed(reason="provider_open"), pview(OUTAGE, task=task()),
+     SwitchProvider("provider_open", "ollama", 1, in_place=True)),
+    ("provider: a bad key is not retried on the same provider", pfailed(reason="authentication_error", retryable=False),
+     pview(task=task()), SwitchProvider("request_error", "ollama", 1, in_place=True)),
+    ("provider: retries exhausted, the next provider", pfailed(), pview(task=task(restarts=3)),
+     SwitchProvider("provider_retries_exhausted", "ollama", 1, in_place=True)),
+    ("provider: never back to an open one; the last usable again, as a switch", pfailed(provider="ollama"),
+     pview(OUTAGE, task=task(restarts=3, switches=1), provider="ollama"),
+     SwitchProvider("stay_on_last_usable", "ollama", 2, delay=1.0, in_place=True)),
+    ("provider: every provider open, park", pfailed(reason="provider_open"), pview(OUTAGE, OUTAGE, task=task()),
+     Park("all_providers_down", BOTH_DOWN)),
+    ("provider: every provider open, fail at once", pfailed(reason="provider_open"),
+     pview(OUTAGE, OUTAGE, task=task(), on_all_down="fail"), Fail("all_providers_down", BOTH_DOWN)),
+    ("provider: the bound holds", pfailed(), pview(task=task(restarts=3, switches=2)),
+     Fail("switches_exhausted", "max_provider_switches_exceeded")),
+    # -- a parked task looked at again ------------------------------------------------------------------
+    ("park: the task is no longer parked", parked(), pview(OUTAGE, OUTAGE, task=task(TaskState.CANCELLED)),
+     Ignore("park_task_gone", "task t-1 is no longer parked")),
+    ("park: park_max passed", parked(600.0), pview(OUTAGE, OUTAGE, task=task(TaskState.PARKED)),
+     Fail("park_expired", "parked_too_long: " + BOTH_DOWN.split(": ", 1)[1])),
+    ("park: a provider is probing again, go on there", parked(), pview(OUTAGE, PROBING, task=task(TaskState.PARKED)),
+     Resume("provider_back", "ollama")),
+    ("park: still every provider open", parked(), pview(OUTAGE, OUTAGE, task=task(TaskState.PARKED)),
+     Ignore("still_down", BOTH_DOWN.split(": ", 1)[1])),
 ]
 
 

@@ -1,0 +1,294 @@
+"""Provider health and the governor: what the whole mesh knows about each LLM provider.
+
+Vocabulary (DESIGN.md, "Providers are supervised resources"):
+
+- A provider is **closed** (requests go through), **open** (nobody sends to it until
+  ``until``) or **half_open** (its cooldown is over: one request goes through as a probe;
+  success closes it, failure opens it again with a doubled cooldown).
+- It **opens** after ``fail_threshold`` provider-class failures in a row across the mesh
+  (an *outage*), at once when it answers a rate limit with ``retry-after`` (a *hold*: the
+  key every agent shares is limited, so every agent waits), when its rate-limit headers
+  say nothing is left until a reset (also a hold), or when an operator drains it.
+- The **governor** admits each request: not to an open provider, one probe at a time to a
+  half-open one, and within the configured concurrency and requests/tokens per minute.
+  50 tasks hit by one 429 therefore wait together instead of retrying in a stampede.
+
+Nothing here reads a clock or does I/O: every method takes ``now`` (the daemon's
+monotonic reading) and returns what changed, so each rule is a line of a unit-test table.
+The daemon (services/daemon/providers.py) owns the one Board and carries out the rest.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from common.config import ProviderLimits, ProvidersConfig
+from common.states import PROVIDER, ProviderState
+
+OpenKind = Literal["outage", "hold", "drained"]
+HOLD_SLACK = 0.5  # a later retry-after extends a hold only by more than this
+PROBE_GRACE = 5.0  # a probe whose agent never reports is given up after the call's timeout plus this
+
+
+@dataclass(frozen=True)
+class Change:
+    """One transition, for the events (``provider_opened``, ``provider_closed``), metrics and logs."""
+
+    provider: str
+    old: ProviderState
+    new: ProviderState
+    reason: str
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The governor's answer to one request: ``go`` (``probe`` when it is the half-open
+    provider's one probe), or wait ``wait`` seconds and ask again; ``open`` says the
+    provider is open for longer than a wait (the ladder decides instead)."""
+
+    go: bool
+    wait: float = 0.0
+    probe: bool = False
+    open: bool = False
+    why: str = ""
+
+
+@dataclass
+class Health:
+    """One provider, as the board keeps it."""
+
+    name: str
+    state: ProviderState = ProviderState.CLOSED
+    kind: OpenKind | None = None  # why it is open (or was, while half-open)
+    reason: str = ""
+    since: float = 0.0
+    until: float | None = None
+    failures: int = 0  # provider-class failures in a row, mesh-wide
+    opens: int = 0  # failed probes since it last closed: the cooldown doubles with each
+    last_error: dict | None = None
+    probe_until: float | None = None  # a probe is out until then
+    inflight: int = 0
+    sent: deque = field(default_factory=deque)  # times of admitted requests, the last minute
+    tokens: deque = field(default_factory=deque)  # (time, tokens) reported, the last minute
+    limits: dict = field(default_factory=dict)  # the provider's own rate-limit headers, last seen
+    requests: int = 0
+    successes: int = 0
+    failures_total: int = 0
+
+    def snapshot(self, now: float) -> dict:
+        return {"provider": self.name, "state": str(self.state), "kind": self.kind, "reason": self.reason,
+                "since_s": round(now - self.since, 3), "until_s": round(self.until - now, 3) if self.until else None,
+                "failures": self.failures, "inflight": self.inflight, "last_error": self.last_error,
+                "requests": self.requests, "successes": self.successes, "failures_total": self.failures_total,
+                "limits": self.limits}
+
+
+class Board:
+    """Every provider's health, and the governor that admits requests to them."""
+
+    def __init__(self, config: ProvidersConfig, names: list[str] | None = None) -> None:
+        self.config = config
+        self.providers: dict[str, Health] = {n: Health(n) for n in (names or config.chain)}
+        self.timeout = config.timeout
+
+    def __getitem__(self, name: str) -> Health:
+        if name not in self.providers:
+            self.providers[name] = Health(name)
+        return self.providers[name]
+
+    def limits(self, name: str) -> ProviderLimits:
+        return self.config.limits.get(name) or ProviderLimits()
+
+    # -- states --------------------------------------------------------------------------
+
+    def _to(self, h: Health, new: ProviderState, now: float, reason: str, *, kind: OpenKind | None = None,
+            until: float | None = None) -> Change:
+        PROVIDER.check(h.state, new)
+        old = h.state
+        h.state, h.reason, h.since, h.until = new, reason, now, until
+        if kind is not None or new == ProviderState.CLOSED:
+            h.kind = kind
+        if new != ProviderState.HALF_OPEN:
+            h.probe_until = None
+        return Change(h.name, old, new, reason, until)
+
+    def tick(self, now: float) -> list[Change]:
+        """Open providers whose cooldown or hold is over become half-open (one probe).
+        A drained provider stays open until an operator restores it."""
+        changes = []
+        for h in self.providers.values():
+            if h.state == ProviderState.OPEN and h.kind != "drained" and h.until is not None and now >= h.until:
+                changes.append(self._to(h, ProviderState.HALF_OPEN, now, f"{h.reason}; probing"))
+        return changes
+
+    def state(self, name: str, now: float) -> ProviderState:
+        self.tick(now)
+        return self[name].state
+
+    def usable(self, name: str, now: float) -> bool:
+        """A provider the ladder may send a task to (switch to, or resume on)."""
+        return self.state(name, now) != ProviderState.OPEN
+
+    def wait_left(self, name: str, now: float) -> float | None:
+        """How long until an open provider may be probed; None when it is not open (or is
+        drained, which only an operator ends)."""
+        h = self[name]
+        if self.state(name, now) != ProviderState.OPEN or h.until is None:
+            return None
+        return max(0.0, h.until - now)
+
+    def short_hold(self, name: str, now: float) -> bool:
+        """Open for a rate limit that ends within ``wait_before_switch``: wait it out."""
+        h = self[name]
+        left = self.wait_left(name, now)
+        return h.kind == "hold" and left is not None and left <= self.config.wait_before_switch
+
+    def cooldown(self, h: Health) -> float:
+        return min(self.config.cooldown * 2 ** min(h.opens, 16), self.config.cooldown_max)
+
+    # -- the governor -------------------------------------------------------------------------
+
+    def acquire(self, name: str, now: float) -> Grant:
+        """May one more request go to ``name`` now? Counts it when it may."""
+        self.tick(now)
+        h = self[name]
+        self._forget(h, now)
+        if h.state == ProviderState.OPEN:
+            left = None if h.until is None else max(0.0, h.until - now)
+            if h.kind == "hold" and left is not None and left <= self.config.wait_before_switch:
+                return Grant(False, wait=left, why=f"{name} is rate-limited for {left:.2f}s more")
+            return Grant(False, open=True, wait=left or 0.0, why=f"{name} is open: {h.reason}")
+        if h.state == ProviderState.HALF_OPEN:
+            if h.probe_until is not None and now < h.probe_until:
+                return Grant(False, wait=min(1.0, h.probe_until - now), why=f"{name}: a probe is out")
+            h.probe_until = now + self.timeout + PROBE_GRACE
+            return self._admit(h, now, probe=True)
+        lim = self.limits(name)
+        if lim.concurrency is not None and h.inflight >= lim.concurrency:
+            return Grant(False, wait=0.05, why=f"{name}: {h.inflight} requests in flight (concurrency {lim.concurrency})")
+        if lim.rpm is not None and len(h.sent) >= lim.rpm:
+            return Grant(False, wait=max(0.01, h.sent[0] + 60.0 - now), why=f"{name}: {lim.rpm} requests a minute")
+        if lim.tpm is not None and sum(n for _, n in h.tokens) >= lim.tpm:
+            return Grant(False, wait=max(0.01, h.tokens[0][0] + 60.0 - now), why=f"{name}: {lim.tpm} tokens a minute")
+        return self._admit(h, now, probe=False)
+
+    def _admit(self, h: Health, now: float, *, probe: bool) -> Grant:
+        h.inflight += 1
+        h.requests += 1
+        h.sent.append(now)
+        return Grant(True, probe=probe)
+
+    @staticmethod
+    def _forget(h: Health, now: float) -> None:
+        while h.sent and h.sent[0] <= now - 60.0:
+            h.sent.popleft()
+        while h.tokens and h.tokens[0][0] <= now - 60.0:
+            h.tokens.popleft()
+
+    def _done(self, h: Health) -> None:
+        h.inflight = max(0, h.inflight - 1)
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def succeeded(self, name: str, now: float, *, tokens: int = 0, limits: dict | None = None,
+                  admitted: bool = True) -> list[Change]:
+        """A call went through: the failure streak ends, a half-open provider closes, and
+        headers that say the budget is spent hold it until their reset."""
+        h = self[name]
+        if admitted:
+            self._done(h)
+        h.successes += 1
+        h.failures = 0
+        if tokens:
+            h.tokens.append((now, tokens))
+        changes = []
+        if h.state == ProviderState.HALF_OPEN:
+            h.opens = 0
+            changes.append(self._to(h, ProviderState.CLOSED, now, "probe succeeded"))
+        changes += self._narrow(h, now, limits or {})
+        return changes
+
+    def failed(self, name: str, now: float, *, reason: str, retry_after: float | None = None,
+               limits: dict | None = None, error: dict | None = None, admitted: bool = True) -> list[Change]:
+        """A provider-class failure (never a request error: a bad key is not an outage)."""
+        h = self[name]
+        if admitted:
+            self._done(h)
+        h.failures_total += 1
+        h.last_error = {"reason": reason, **({k: v for k, v in (error or {}).items() if k in (
+            "status", "message", "midstream", "retry_after")})}
+        if retry_after is not None:
+            return self._hold(h, now, retry_after, f"{reason} (retry-after {retry_after:g}s)")
+        if h.state == ProviderState.OPEN:
+            return []  # a request that was in flight when it opened: already counted
+        h.failures += 1
+        if h.state == ProviderState.HALF_OPEN:
+            h.opens += 1
+            return [self._to(h, ProviderState.OPEN, now, f"probe failed: {reason}", kind="outage",
+                             until=now + self.cooldown(h))]
+        if h.failures >= self.config.fail_threshold:
+            return [self._to(h, ProviderState.OPEN, now, f"{h.failures} failures in a row: {reason}",
+                             kind="outage", until=now + self.cooldown(h))]
+        return []
+
+    def _hold(self, h: Health, now: float, seconds: float, reason: str) -> list[Change]:
+        """The provider said when to come back: every agent waits until then."""
+        until = now + max(0.0, seconds)
+        if h.state == ProviderState.OPEN:
+            if h.kind == "drained" or (h.until is not None and until <= h.until + HOLD_SLACK):
+                return []  # in flight when the hold began (the same retry-after, a moment later)
+            return [self._to(h, ProviderState.OPEN, now, reason, kind="hold", until=until)]
+        if h.state == ProviderState.HALF_OPEN:
+            h.opens += 1
+        h.failures += 1
+        kind: OpenKind = "hold"
+        if h.failures >= self.config.fail_threshold and seconds <= self.config.wait_before_switch:
+            # Probe after probe limited: no longer a short wait, an outage of the key.
+            until, kind = now + max(seconds, self.cooldown(h)), "outage"
+        return [self._to(h, ProviderState.OPEN, now, reason, kind=kind, until=until)]
+
+    def _narrow(self, h: Health, now: float, limits: dict) -> list[Change]:
+        if limits:
+            h.limits = limits
+        for what in ("requests", "tokens"):
+            if limits.get(f"{what}_remaining") == 0 and limits.get(f"{what}_reset_s"):
+                if h.state == ProviderState.CLOSED:
+                    return [self._to(h, ProviderState.OPEN, now, f"no {what} left until the reset", kind="hold",
+                                     until=now + float(limits[f"{what}_reset_s"]))]
+        return []
+
+    def released(self, name: str) -> None:
+        """A call that ended with no verdict on the provider (cancelled, a request error)."""
+        h = self[name]
+        self._done(h)
+        if h.state == ProviderState.HALF_OPEN:
+            h.probe_until = None  # let the next request probe
+
+    # -- operators --------------------------------------------------------------------------------
+
+    def drain(self, name: str, now: float, reason: str) -> list[Change]:
+        h = self[name]
+        if h.state == ProviderState.OPEN and h.kind == "drained":
+            return []
+        return [self._to(h, ProviderState.OPEN, now, reason, kind="drained", until=None)]
+
+    def restore(self, name: str, now: float, reason: str) -> list[Change]:
+        h = self[name]
+        if h.state == ProviderState.CLOSED:
+            return []
+        h.failures, h.opens = 0, 0
+        return [self._to(h, ProviderState.CLOSED, now, reason)]
+
+    def snapshot(self, now: float) -> list[dict]:
+        self.tick(now)
+        return [h.snapshot(now) for h in self.providers.values()]
+
+    def states(self, now: float) -> dict[str, dict]:
+        """What the ladder's view carries: each provider's state, why, and for how long."""
+        self.tick(now)
+        return {n: {"state": str(h.state), "kind": h.kind, "reason": h.reason,
+                    "until_s": None if h.until is None else round(max(0.0, h.until - now), 3)}
+                for n, h in self.providers.items()}

@@ -257,6 +257,21 @@ class MemoryStore(Stamps):
             sets["provider"] = provider
         return self._task_to(task_id, TaskState.ASSIGNED, sets, event={"provider": provider}) is not None
 
+    async def park_task(self, task_id: str, reason: str) -> bool:
+        return self._task_to(task_id, TaskState.PARKED, {"held_since": self._mono()},
+                             event={"reason": reason}) is not None
+
+    async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:
+        sets: dict[str, Any] = {"held_since": None}
+        if provider:
+            sets["provider"] = provider
+        return self._task_to(task_id, TaskState.RUNNING, sets, event={"provider": provider}) is not None
+
+    async def set_task_provider(self, task_id: str, provider: str) -> None:
+        row = self.tasks_.get(task_id)
+        if row is not None:
+            row.update(provider=provider, updated_at=self._wall())
+
     async def reopen_task(self, task_id: str, *, by: str) -> bool:
         return self._task_to(task_id, TaskState.ASSIGNED, {"result": None, "failure": None, "delivered": 0,
                                                            "lease_incarnation": None},
@@ -414,7 +429,8 @@ class MemoryStore(Stamps):
                 if key:
                     m = self.metrics_.setdefault((scope, key), {
                         "scope": scope, "key": key, "failures": 0, "restarts": 0, "escalations": 0,
-                        "provider_switches": 0, "permanent_failures": 0, "last_reason": None})
+                        "provider_switches": 0, "permanent_failures": 0, "provider_retries": 0,
+                        "last_reason": None})
                     m["failures"] += int(retry_type != RetryType.ESCALATION)
                     m[metric] += 1
                     m.update(last_reason=reason, updated_at=self._wall())
@@ -429,7 +445,8 @@ class MemoryStore(Stamps):
 
     async def task_counts(self, task_id: str) -> dict:
         kinds = [r["retry_type"] for r in self.retries_ if r["task_id"] == task_id]
-        return {"restarts": kinds.count(RetryType.CHILD_RESTART), "switches": kinds.count(RetryType.LLM_CHANGE),
+        return {"restarts": kinds.count(RetryType.CHILD_RESTART) + kinds.count(RetryType.PROVIDER_RETRY),
+                "switches": kinds.count(RetryType.LLM_CHANGE),
                 "escalations": kinds.count(RetryType.ESCALATION), "failed": RetryType.PERMANENT_FAILURE in kinds}
 
     async def task_history(self, task_id: str) -> list[dict]:

@@ -339,6 +339,48 @@ MIGRATIONS.append((
     """,
 ))
 
+# -- version 6: providers are supervised ------------------------------------------------------
+# A task can be parked (every provider down) and a provider failure has its own level-1 row
+# (provider_retry): two CHECKs widen, so SQLite rebuilds the two tables from the DDL above,
+# which takes its CHECKs from common.states.
+V6_TABLES = ("tasks", "retry_history")
+V6_METRICS_COLUMN = "ALTER TABLE failure_metrics ADD COLUMN provider_retries INTEGER NOT NULL DEFAULT 0"
+V6_INDEXES = [
+    "DROP INDEX IF EXISTS tasks_agent_open",
+    "CREATE INDEX tasks_agent_open ON tasks(agent) WHERE status IN ('assigned','running','parked','escalated')",
+    "CREATE INDEX IF NOT EXISTS tasks_run ON tasks(run_id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS retry_once_per_alert ON retry_history(alert_id, retry_type, agent_id, hop)",
+    "CREATE INDEX IF NOT EXISTS retry_agent ON retry_history(agent_id, mono)",
+    "CREATE INDEX IF NOT EXISTS retry_task ON retry_history(task_id)",
+]
+
+
+def _rebuild_v6(conn: sqlite3.Connection) -> None:
+    for table in V6_TABLES:
+        ddl = V4_TABLES[table]
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+        conn.execute(ddl.replace(f"CREATE TABLE {table} (", f"CREATE TABLE {table}_v6 (", 1))
+        conn.execute(f"INSERT INTO {table}_v6 ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_v6 RENAME TO {table}")
+    for sql in V6_INDEXES:
+        conn.execute(sql)
+    conn.execute(V6_METRICS_COLUMN)
+
+
+def _widen_v6_pg(conn) -> None:
+    conn.execute("ALTER TABLE tasks DROP CONSTRAINT IF EXISTS tasks_status_check")
+    conn.execute(f"ALTER TABLE tasks ADD CONSTRAINT tasks_status_check CHECK (status IN {sql_in(TaskState)})")
+    conn.execute("ALTER TABLE retry_history DROP CONSTRAINT IF EXISTS retry_history_retry_type_check")
+    conn.execute("ALTER TABLE retry_history ADD CONSTRAINT retry_history_retry_type_check "
+                 f"CHECK (retry_type IN {sql_in(RetryType)})")
+    for sql in V6_INDEXES:
+        conn.execute(sql)
+    conn.execute(V6_METRICS_COLUMN)
+
+
+MIGRATIONS.append((6, "providers: parked tasks and provider_retry rows", _rebuild_v6))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 EXPECTED_COLUMNS: dict[str, set[str]] = {
@@ -353,7 +395,8 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
     "events": {"id", "ts", "kind", "agent", "incarnation", "run_id", "task_id", "alert_id", "payload", "drill"},
     "retry_history": {"agent_id", "task_id", "retry_type", "retry_count", "reason", "from_provider", "to_provider",
                       "timestamp", "drill", "case_id", "decided_by"},
-    "failure_metrics": {"scope", "key", "failures", "restarts", "escalations", "provider_switches", "permanent_failures"},
+    "failure_metrics": {"scope", "key", "failures", "restarts", "escalations", "provider_switches", "permanent_failures",
+                        "provider_retries"},
     "checkpoints": {"task_id", "step", "step_id", "hash", "output"},
     "lanes": {"lane", "state", "fingerprint", "reason", "changed_by", "changed_at"},
     "lane_trips": {"fingerprint", "lane", "description", "task_id", "mono"},
@@ -485,7 +528,7 @@ def _recreate_v4_pg(conn) -> None:
         conn.execute(pg_sql(ddl))
 
 
-PG_STEPS = {4: _recreate_v4_pg}
+PG_STEPS = {4: _recreate_v4_pg, 6: _widen_v6_pg}
 
 
 def migrate_pg(conn) -> int:

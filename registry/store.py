@@ -28,7 +28,8 @@ log = logging.getLogger("tron.registry")
 
 # Which failure_metrics counter each kind of ladder row moves (operator restarts are not failures).
 METRIC = {RetryType.CHILD_RESTART: "restarts", RetryType.ESCALATION: "escalations",
-          RetryType.LLM_CHANGE: "provider_switches", RetryType.PERMANENT_FAILURE: "permanent_failures"}
+          RetryType.LLM_CHANGE: "provider_switches", RetryType.PERMANENT_FAILURE: "permanent_failures",
+          RetryType.PROVIDER_RETRY: "provider_retries"}
 CHECKPOINT_MAX = 64 * 1024  # bytes of a step's output kept in the registry
 AGENT_FIELDS = frozenset({"state", "current_incarnation", "provider", "crash_looping", "stopped", "paused"})
 
@@ -334,6 +335,27 @@ class SqlStore(Stamps):
             return await self._task_to(tx, task_id, TaskState.ASSIGNED, sets,
                                        event={"provider": provider}) is not None
 
+    async def park_task(self, task_id: str, reason: str) -> bool:
+        """The task waits in its agent (every provider down): no attempt is spent meanwhile."""
+        async with self.db.transaction() as tx:
+            return await self._task_to(tx, task_id, TaskState.PARKED, {"held_since": self._mono()},
+                                       event={"reason": reason}) is not None
+
+    async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:
+        """A parked task goes on where it was, on ``provider`` when one is named."""
+        async with self.db.transaction() as tx:
+            sets: dict[str, Any] = {"held_since": None}
+            if provider:
+                sets["provider"] = provider
+            return await self._task_to(tx, task_id, TaskState.RUNNING, sets,
+                                       event={"provider": provider}) is not None
+
+    async def set_task_provider(self, task_id: str, provider: str) -> None:
+        """The provider the task now runs on (a switch made in its incarnation)."""
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE tasks SET provider = ?, updated_at = ? WHERE task_id = ?",
+                             (provider, self._wall(), task_id))
+
     async def reopen_task(self, task_id: str, *, by: str) -> bool:
         """An operator retries a failed or cancelled task: assigned again, one attempt further on."""
         async with self.db.transaction() as tx:
@@ -552,7 +574,8 @@ class SqlStore(Stamps):
         rows = await self.db.all("SELECT retry_type, COUNT(*) AS n FROM retry_history WHERE task_id = ? "
                                  "GROUP BY retry_type", (task_id,))
         counts = {r["retry_type"]: r["n"] for r in rows}
-        return {"restarts": counts.get(RetryType.CHILD_RESTART, 0), "switches": counts.get(RetryType.LLM_CHANGE, 0),
+        return {"restarts": counts.get(RetryType.CHILD_RESTART, 0) + counts.get(RetryType.PROVIDER_RETRY, 0),
+                "switches": counts.get(RetryType.LLM_CHANGE, 0),
                 "escalations": counts.get(RetryType.ESCALATION, 0),
                 "failed": counts.get(RetryType.PERMANENT_FAILURE, 0) > 0}
 

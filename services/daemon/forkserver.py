@@ -42,9 +42,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# The LLM SDKs are not listed: warm_up() imports those of the mesh's providers (the registry in
+# common.providers says which modules each needs).
 PRELOAD = [
-    "aiohttp", "aiohttp.web", "pydantic", "psutil", "anthropic", "ollama", "openai", "openai.resources",
-    "setproctitle",
+    "aiohttp", "aiohttp.web", "pydantic", "psutil", "setproctitle",
     "common.agent", "common.service", "common.providers", "common.prompts",
     "services.gateway.app", "services.root.app", "services.architect.app", "services.director.app",
     "services.programmer.app", "services.llm_sim.app", "services.agent_host.app",
@@ -188,14 +189,13 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         print(json.dumps({"msg": "fork server cannot run: socket path too long",
                           "path": sock_path, "limit": SOCKET_PATH_MAX}), flush=True)
         return CANNOT_RUN
-    from common.providers import SDKS, warm_up  # after the path check: nothing heavy before it
+    from common.providers import warm_up  # after the path check: nothing heavy before it
 
-    sdks = _sdks()
     for name in PRELOAD:
-        if name.split(".")[0] in SDKS and name.split(".")[0] not in sdks:
-            continue  # an SDK no provider of this mesh uses: 1-2 s of imports saved per start
         importlib.import_module(name)
-    warm_up(sdks)  # what the SDKs import on a first request, imported once here for every child
+    # Only the SDKs this mesh's providers use (1-2 s of imports each), and what they import
+    # on a first request: once here for every child.
+    warm_up(_sdks())
     sources = _own_sources()
     try:
         os.unlink(sock_path)

@@ -1,4 +1,5 @@
-"""Unit tests of common.providers: classify() on real SDK exceptions, endpoints, redaction."""
+"""Unit tests of common.providers: classify() on real SDK exceptions, endpoints, redaction.
+(Headers, retry_after and limits: test_provider_failures.py and test_provider_headers.py.)"""
 
 from __future__ import annotations
 
@@ -73,6 +74,13 @@ CASES = [
     (httpx2.ReadTimeout("read timed out", request=_REQ2), "anthropic", "timeout", True, None, False),
     (httpx2.RemoteProtocolError("peer closed", request=_REQ2), "anthropic",
      "connection_error", True, None, False),
+    # A body that stopped part-way: the answer had started, so the stream was cut.
+    (httpx2.RemoteProtocolError("peer closed connection without sending complete message body "
+                                "(incomplete chunked read)", request=_REQ2), "anthropic",
+     "stream_cut", True, None, True),
+    (httpx.RemoteProtocolError("peer closed connection without sending complete message body "
+                               "(incomplete chunked read)", request=_REQ), "ollama",
+     "stream_cut", True, None, True),
     (ollama.ResponseError('{"error": "server overloaded"}', 503), "ollama",
      "overloaded_error", True, 503, False),
     (ollama.ResponseError("too many requests", 429), "ollama", "rate_limit_error", True, 429, False),
@@ -108,7 +116,9 @@ def test_classify(exc, provider, reason, retryable, status, midstream):
     assert failure.message and "Unknown error" not in failure.message
     assert failure.to_dict() == {
         "provider": provider, "reason": reason, "retryable": retryable,
+        "failure_class": "provider" if retryable else "request",
         "status": status, "message": failure.message, "midstream": midstream,
+        "retry_after": None, "limits": {},
     }
 
 

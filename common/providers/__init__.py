@@ -1,0 +1,81 @@
+"""The LLM provider layer agents use: one ``complete()`` over every registered provider.
+
+One module per provider (``anthropic_api``, ``ollama_api``, ``openai_api``): each defines a
+``ProviderKind`` (base.py) and registers it. PROVIDERS and SDKS are read from the registry,
+so a new provider is one module here, an import below, and its tests.
+
+    base.py      ProviderFailure, LLMReply, ProviderSettings, ProviderKind, the registry
+    headers.py   retry-after and rate-limit headers, pure
+    failures.py  classify(): any exception to a ProviderFailure
+    client.py    endpoints, the client cache, complete(), warm_up()
+    backends.py  the Provider interface: SdkProvider, StubProvider, provider_for
+    checks.py    answers that are 200 OK but broken, pure
+
+The SDKs are imported lazily inside the kinds' methods: ``import anthropic`` alone takes
+about 1.7 s, which would dominate an agent's cold start (and the supervisor's restart
+time). Every failure leaves ``complete()`` as a ``ProviderFailure`` with a stable reason
+code, so callers decide on retry and fallback from data, not from SDK exception classes.
+"""
+
+from __future__ import annotations
+
+from common.redaction import REDACTED, redact  # one implementation, re-exported
+from common.providers.base import (
+    FAILURE_CLASSES,
+    NON_RETRYABLE,
+    SIM_API_KEY,
+    FailureClass,
+    LLMReply,
+    ProviderFailure,
+    ProviderKind,
+    ProviderSettings,
+    StopReason,
+    ToolCall,
+    failure_class,
+    get,
+    names,
+    register,
+)
+
+# The built-in kinds register themselves on import, in this order (the order of PROVIDERS).
+from common.providers import anthropic_api, ollama_api, openai_api  # noqa: E402,F401  isort: skip
+
+from common.providers.backends import (  # noqa: E402
+    Provider,
+    ProviderFactory,
+    SdkProvider,
+    StubProvider,
+    provider_factory,
+    provider_for,
+)
+from common.providers.checks import (  # noqa: E402
+    OutputChecks,
+    RepeatGuard,
+    check_reply,
+    check_tool_calls,
+    reply_of,
+)
+from common.providers.client import (  # noqa: E402
+    aclose_clients,
+    client_for,
+    complete,
+    endpoint_for,
+    preload_modules,
+    sdk_of,
+    warm_up,
+)
+from common.providers.failures import classify  # noqa: E402
+from common.providers.headers import LIMIT_KEYS, retry_after  # noqa: E402
+from common.providers.ollama_api import OLLAMA_DEFAULT_HOST  # noqa: E402
+
+PROVIDERS: tuple[str, ...] = names()
+SDKS: tuple[str, ...] = tuple(dict.fromkeys(get(name).sdk for name in PROVIDERS))
+
+__all__ = [
+    "FAILURE_CLASSES", "LIMIT_KEYS", "NON_RETRYABLE", "OLLAMA_DEFAULT_HOST", "PROVIDERS", "REDACTED", "SDKS",
+    "SIM_API_KEY", "FailureClass", "LLMReply", "OutputChecks", "Provider", "ProviderFactory", "ProviderFailure",
+    "ProviderKind", "ProviderSettings", "RepeatGuard", "SdkProvider", "StopReason", "StubProvider", "ToolCall",
+    "aclose_clients", "check_reply", "check_tool_calls", "classify", "client_for", "complete", "endpoint_for",
+    "failure_class", "get", "names", "preload_modules", "provider_factory", "provider_for", "redact", "register",
+    "reply_of", "retry_after", "sdk_of", "warm_up",
+]

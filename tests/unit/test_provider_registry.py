@@ -1,0 +1,212 @@
+"""The registry of provider kinds: everything else is derived from it, a new provider is one
+module, and the Provider interface's stub and factory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import common.providers as providers
+from common.providers import (
+    PROVIDERS,
+    SDKS,
+    LLMReply,
+    ProviderFailure,
+    ProviderKind,
+    ProviderSettings,
+    SdkProvider,
+    StubProvider,
+    ToolCall,
+    classify,
+    complete,
+    endpoint_for,
+    get,
+    names,
+    preload_modules,
+    provider_factory,
+    provider_for,
+    register,
+    sdk_of,
+)
+from common.providers.base import registered
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_providers_and_sdks_come_from_the_registry():
+    assert PROVIDERS == names() == ("anthropic", "ollama", "openai")
+    assert SDKS == ("anthropic", "ollama", "openai")
+    assert [get(n).name for n in PROVIDERS] == list(PROVIDERS)
+
+
+def test_every_kind_names_its_model_setting():
+    for name in PROVIDERS:
+        assert get(name).model(ProviderSettings()) == getattr(ProviderSettings(), f"{name}_model")
+
+
+def test_the_config_literal_names_the_registered_providers():
+    # common.models.Provider is what config validates `providers.chain` against; a new
+    # provider module must be added there too (see common/providers/__init__.py).
+    from common.models import Provider
+
+    assert set(typing.get_args(Provider)) == set(PROVIDERS)
+
+
+def test_unknown_provider_is_refused_everywhere():
+    for call in (lambda: get("bogus"), lambda: SdkProvider("bogus"),
+                 lambda: endpoint_for("bogus", ProviderSettings(sim_url="http://x"), env={})):
+        with pytest.raises(ValueError, match="unknown provider 'bogus'; expected one of"):
+            call()
+
+
+def test_sdks_and_preloads():
+    assert sdk_of(["openai", "ollama"]) == {"openai", "ollama"}
+    assert preload_modules(["openai"]) == ["openai", "openai.resources"]
+    assert preload_modules(["ollama", "anthropic"]) == ["anthropic", "ollama"]
+    assert preload_modules([]) == []
+
+
+def test_importing_the_package_loads_no_sdk():
+    # The SDKs cost ~2 s to import (jsonschema too is only for callers that check tools).
+    heavy = ("anthropic", "ollama", "openai", "httpx", "httpx2", "jsonschema")
+    code = ("import sys, common.providers, common.providers.checks, common.providers.headers; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- a new kind
+
+class EchoError(Exception):
+    def __init__(self, status: int, retry: str | None = None) -> None:
+        super().__init__(f"echo failed with {status}")
+        self.status, self.headers = status, {"retry-after": retry} if retry else {}
+
+
+class EchoClient:
+    def __init__(self, base_url: str | None) -> None:
+        self.base_url, self.fail = base_url, None
+
+    async def close(self) -> None:
+        pass
+
+
+class Echo(ProviderKind):
+    """A provider in one class: what a new module defines."""
+
+    name = "echo"
+    sdk = "json"  # any importable module: a real kind names its SDK
+    model_setting = "ollama_model"
+
+    def endpoint(self, settings, env):
+        return env.get("ECHO_URL") or settings.sim_url, None
+
+    def build_client(self, base_url, api_key, timeout_s):
+        return EchoClient(base_url)
+
+    async def complete(self, client, system, prompt, settings, stream):
+        if client.fail:
+            raise client.fail
+        return LLMReply(provider=self.name, model=self.model(settings), text=prompt.upper(), input_tokens=1,
+                        output_tokens=1, streamed=stream, stop_reason="end")
+
+    def classify_status(self, exc, provider, now):
+        if not isinstance(exc, EchoError):
+            return None
+        from common.providers.headers import retry_after
+        from common.providers.base import status_reason
+
+        return ProviderFailure(provider, status_reason(exc.status), status=exc.status,
+                               retry_after=retry_after(exc.headers, now))
+
+    async def _fail(self):
+        raise ConnectionRefusedError
+
+    def warm_up_call(self, url):
+        return self._fail()
+
+    def reply_of(self, response: Any) -> LLMReply:
+        return LLMReply(provider=self.name, model="m", text=str(response), input_tokens=0, output_tokens=0,
+                        streamed=False)
+
+    def tool_calls(self, response):
+        return [ToolCall("shout", {"text": 1})]
+
+    def tool_schemas(self, tools):
+        return {"shout": {"type": "object", "properties": {"text": {"type": "string"}}}}
+
+
+async def test_a_new_kind_is_one_class_and_a_register_call():
+    settings = ProviderSettings(sim_url="http://127.0.0.1:9")
+    with registered(Echo()):
+        assert "echo" in names()
+        reply = await SdkProvider("echo").complete(system="", prompt="hi", settings=settings)
+        assert (reply.text, reply.model) == ("HI", "llama3.1")
+        failure = classify(EchoError(429, retry="4"), "echo")
+        assert (failure.reason, failure.retry_after) == ("rate_limit_error", 4.0)
+        from common.providers.client import client_for
+
+        client_for("echo", settings).fail = EchoError(503)
+        with pytest.raises(ProviderFailure) as err:
+            await complete("echo", system="", prompt="hi", settings=settings)
+        assert (err.value.reason, err.value.status) == ("api_error", 503)
+        assert providers.check_tool_calls("echo", None, None).reason == "invalid_tool_arguments"
+        await providers.aclose_clients()
+    assert "echo" not in names()
+
+
+def test_a_kind_is_checked_when_registered():
+    with pytest.raises(ValueError, match="registered twice"):
+        register(get("anthropic"))
+
+    class NoModel(Echo):
+        name = "nomodel"
+        model_setting = "nomodel_model"
+
+    with pytest.raises(ValueError, match="ProviderSettings has no field 'nomodel_model'"):
+        register(NoModel())
+
+    class Half(ProviderKind):
+        name, sdk, model_setting = "half", "json", "ollama_model"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+
+
+# --------------------------------------------------------------------------- stub and factory
+
+
+async def test_provider_factory_swaps_what_provider_for_builds():
+    stub = StubProvider("anthropic")
+    assert isinstance(provider_for("anthropic"), SdkProvider)
+    with provider_factory(lambda name: stub):
+        assert provider_for("anthropic") is stub and provider_for("ollama") is stub
+    assert isinstance(provider_for("anthropic"), SdkProvider)
+
+
+async def test_stub_fails_with_what_the_provider_said_then_answers():
+    stub = StubProvider("anthropic")
+    stub.fail_with("rate_limit_error", retry_after=1.5, limits={"requests_remaining": 0.0})
+    with pytest.raises(ProviderFailure) as err:
+        await stub.complete(system="", prompt="go on", settings=ProviderSettings())
+    assert (err.value.reason, err.value.retry_after, err.value.limits) == (
+        "rate_limit_error", 1.5, {"requests_remaining": 0.0})
+    reply = await stub.complete(system="", prompt="go on", settings=ProviderSettings())
+    assert reply.text == "[stub:anthropic] go on" and reply.stop_reason == "end"
+    assert stub.calls == ["go on", "go on"]
+
+
+async def test_stub_answers_broken_on_demand():
+    stub = StubProvider()
+    stub.answer_with(text="", times=2)
+    stub.answer_with(stop_reason="max_tokens")
+    got = [await stub.complete(system="", prompt="p", settings=ProviderSettings()) for _ in range(4)]
+    assert [(r.text, r.stop_reason) for r in got] == [
+        ("", "end"), ("", "end"), ("[stub:stub] p", "max_tokens"), ("[stub:stub] p", "end")]
+    with pytest.raises(TypeError, match="bogus"):
+        stub.answer_with(bogus=1)

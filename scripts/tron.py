@@ -535,8 +535,11 @@ def cmd_sim(ctx: Ctx, args: argparse.Namespace) -> int:
         raise CLIError("this mesh has no llm-sim service")
     mesh = ctx.mesh
     if args.sim_cmd == "fault":
-        body = {"kind": args.kind, "latency_ms": args.latency_ms, "times": args.times}
+        body = {"kind": args.kind, "latency_ms": args.latency_ms, "times": args.times,
+                "duration_ms": args.duration_ms, "retry_after_ms": args.retry_after_ms}
         code, answer = mesh.call("PUT", f"{sim}/sim/faults/{args.provider}", body, auth=True)
+    elif args.sim_cmd == "reset-counters":
+        code, answer = mesh.call("POST", f"{sim}/sim/counters/reset", {}, auth=True)
     elif args.sim_cmd == "clear":
         url = f"{sim}/sim/faults" + (f"/{args.provider}" if args.provider else "")
         code, answer = mesh.call("DELETE", url, auth=True)
@@ -649,19 +652,26 @@ def build_parser() -> argparse.ArgumentParser:
     simsub = sim.add_subparsers(dest="sim_cmd", required=True)
     fault = simsub.add_parser("fault", help="inject a fault")
     fault.add_argument("provider", choices=["anthropic", "ollama", "openai"])
-    fault.add_argument("kind", choices=["latency", "hang", "overloaded", "rate-limit", "error", "auth", "midstream"])
-    fault.add_argument("--latency-ms", type=int, default=0)
-    fault.add_argument("--times", type=int)
+    # The kinds of services/llm_sim/state.py FAULT_KINDS, spelled out: this path imports no service code.
+    fault.add_argument("kind", choices=["overloaded", "rate-limit", "usage-limit", "error", "auth", "latency",
+                                        "hang", "stall", "trickle", "midstream", "cut", "empty", "max-tokens",
+                                        "refusal", "bad-tool-args"])
+    fault.add_argument("--latency-ms", type=int, default=0,
+                       help="delay first; stall: pause after the first event; trickle: gap between deltas")
+    fault.add_argument("--times", type=int, help="clear the fault after this many requests")
+    fault.add_argument("--duration-ms", type=int, help="clear the fault this long after it is set")
+    fault.add_argument("--retry-after-ms", type=int, help="what a 429 tells clients to wait")
     clear = simsub.add_parser("clear", help="clear faults")
     clear.add_argument("provider", nargs="?", choices=["anthropic", "ollama", "openai"])
     simsub.add_parser("show", help="current faults and counters")
+    simsub.add_parser("reset-counters", help="zero every provider's request counters")
     return p
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs, "run": cmd_run,
             "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim,
             "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "pause": cmd_service,
-            "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane,
+            "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane, "provider": cmd_provider,
             "spawning": cmd_spawning, "task": cmd_task, "audit": cmd_audit, "ui": cmd_ui}
 
 

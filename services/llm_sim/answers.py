@@ -38,6 +38,19 @@ class StopReason(StrEnum):
     MAX_TOKENS = "max_tokens"
     STOP_SEQUENCE = "stop_sequence"
     TOOL_USE = "tool_use"
+    REFUSAL = "refusal"
+
+
+class Shape(StrEnum):
+    """How a `shaped` fault bends an otherwise normal reply (state.SHAPING_KINDS)."""
+
+    EMPTY = "empty"  # no content at all, stop reason end_turn
+    MAX_TOKENS = "max-tokens"  # cut off half-way, stop reason max_tokens
+    REFUSAL = "refusal"  # the model declines
+    BAD_TOOL_ARGS = "bad-tool-args"  # a tool call whose arguments fail the tool's schema
+
+
+REFUSAL_TEXT = "I can't help with that."
 
 
 class ToolMode(StrEnum):
@@ -75,6 +88,17 @@ class Conversation:
 
     def last_user(self) -> str:
         return next((t.text for t in reversed(self.turns) if t.role == "user"), "")
+
+    def called_since_user(self) -> set[str]:
+        """Tools called (or answered) since the last user turn that said something."""
+        names: set[str] = set()
+        for turn in reversed(self.turns):
+            if turn.role == "user" and turn.text:
+                break
+            names.update(turn.tool_calls)
+            if turn.tool_name:
+                names.add(turn.tool_name)
+        return names
 
     def pending_results(self) -> tuple[Turn, ...]:
         """The tool results the conversation ends with (what the model must answer)."""
@@ -205,47 +229,155 @@ def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 4 and w not in _STOPWORDS}
 
 
-def choose_tool(ask: Ask) -> ToolSpec | None:
-    """The tool the model calls, or None to answer in text.
+def is_output_tool(tool: ToolSpec) -> bool:
+    """A tool through which an agent framework takes its final answer rather than an
+    action: pydantic-ai's `final_result` (`final_result_<Type>` when there are several)
+    and LiteLLM's `json_tool_call` (how it asks Anthropic for a response_format)."""
+    return tool.name.startswith("final_result") or tool.name == "json_tool_call"
 
-    NAMED calls that tool; NONE never calls one; ANY calls the most relevant tool (the
-    first when none is relevant); AUTO calls the most relevant tool, where relevant means
-    its name or description shares a word with the last user message, and answers in text
-    when nothing is relevant or the conversation ends with tool results to report on.
+
+def _most_relevant(ask: Ask, tools: list[ToolSpec]) -> tuple[ToolSpec, int]:
+    """The tool sharing the most words with the last user message (the first on a tie)."""
+    asked = _words(ask.convo.last_user())
+    scores = [len(asked & _words(f"{t.name.replace('_', ' ')} {t.description}")) for t in tools]
+    best = max(range(len(tools)), key=lambda i: (scores[i], -i))
+    return tools[best], scores[best]
+
+
+def choose_tool(ask: Ask) -> ToolSpec | None:
+    """The tool the model calls, or None to answer in text (or structured output).
+
+    Case table (NONE never calls a tool):
+
+      mode   conversation ends with   call
+      NAMED  a user turn              the named tool
+      ANY    a user turn              the most relevant action tool (else the first),
+                                      an output tool only when there is nothing else
+      AUTO   a user turn              the most relevant tool; text when none is relevant
+      AUTO   tool results             the output tool if there is one, else text
+      NAMED  tool results             the named tool unless called since the last user
+      ANY    tool results             turn; else the most relevant action tool not
+                                      called since then; else the output tool; else text
+
+    The last rows are why an agent whose every request forces a tool still finishes: a
+    forced choice that ignored tool results would call the same tool forever.
     """
     if not ask.tools or ask.tool_mode is ToolMode.NONE:
         return None
-    if ask.tool_mode is ToolMode.NAMED:
-        return next((t for t in ask.tools if t.name == ask.tool_name), None)
-    if ask.tool_mode is ToolMode.AUTO and ask.convo.pending_results():
-        return None
-    asked = _words(ask.convo.last_user())
-    scores = [len(asked & _words(f"{t.name.replace('_', ' ')} {t.description}")) for t in ask.tools]
-    best = max(range(len(ask.tools)), key=lambda i: (scores[i], -i))
-    if ask.tool_mode is ToolMode.AUTO and scores[best] == 0:
-        return None
-    return ask.tools[best]
+    tools = list(ask.tools)
+    outputs = [t for t in tools if is_output_tool(t)]
+    allowed = [t for t in tools if t.name == ask.tool_name] if ask.tool_mode is ToolMode.NAMED else tools
+    if not ask.convo.pending_results():
+        if ask.tool_mode is ToolMode.NAMED:
+            return allowed[0] if allowed else None
+        actions = [t for t in tools if not is_output_tool(t)] or tools
+        best, score = _most_relevant(ask, actions if ask.tool_mode is ToolMode.ANY else tools)
+        return None if ask.tool_mode is ToolMode.AUTO and score == 0 else best
+    if ask.tool_mode is ToolMode.AUTO:
+        return outputs[0] if outputs else None
+    called = ask.convo.called_since_user()
+    fresh = [t for t in allowed if t.name not in called and not is_output_tool(t)]
+    if fresh:
+        return _most_relevant(ask, fresh)[0]
+    return outputs[0] if outputs else None
+
+
+def invalid_arguments(schema: Mapping[str, Any], valid: dict[str, Any]) -> dict[str, Any]:
+    """Tool arguments that fail `schema`: `valid` with its first required property
+    dropped, or else with its first property given a value of the wrong type. A schema
+    that declares no property admits almost anything; it gets an unexpected key."""
+    required = [n for n in schema.get("required") or () if n in valid]
+    if required:
+        return {k: v for k, v in valid.items() if k != required[0]}
+    props = schema.get("properties") or {}
+    if props:
+        name = next(iter(props))
+        declared = props[name].get("type") if isinstance(props[name], Mapping) else None
+        return valid | {name: 12345 if declared == "string" else "sim-wrong-type"}
+    return valid | {"sim_unexpected": True}
+
+
+# --------------------------------------------------------------------------- json mode
+
+_FENCE = re.compile(r"```(?:json)?[ \t]*\n(.*?)```", re.S)
+MAX_JSON_PROBES = 200  # `{` positions tried per text when looking for a schema
+
+
+def _json_values(text: str):
+    """JSON values written in `text`: fenced blocks first, then bare objects."""
+    for block in _FENCE.finditer(text):
+        try:
+            yield json.loads(block.group(1))
+        except ValueError:
+            continue
+    decoder, at, probes = json.JSONDecoder(), text.find("{"), 0
+    while at != -1 and probes < MAX_JSON_PROBES:
+        probes += 1
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except ValueError:
+            at = text.find("{", at + 1)
+            continue
+        yield value
+        at = text.find("{", end)
+
+
+def _is_schema(value: Any) -> bool:
+    return isinstance(value, dict) and (
+        isinstance(value.get("properties"), dict) or "$schema" in value
+        or (value.get("type") == "array" and "items" in value))
+
+
+def prompt_schema(convo: Conversation) -> Mapping[str, Any] | None:
+    """A JSON schema written into the prompt (JSON mode asks for JSON without passing a
+    schema, so prompts carry one): the last user message is searched first, then the
+    system prompt, then earlier user messages."""
+    users = [t.text for t in reversed(convo.turns) if t.role == "user"]
+    for text in [*users[:1], convo.system, *users[1:]]:
+        for value in _json_values(text):
+            if _is_schema(value):
+                return value
+    return None
 
 
 # --------------------------------------------------------------------------- respond
 
 
-def respond(ask: Ask) -> Reply:
-    """The reply to an Ask: a tool call, structured JSON, or text, with its stop reason."""
+def respond(ask: Ask, shape: Shape | None = None) -> Reply:
+    """The reply to an Ask: a tool call, structured JSON, or text, with its stop reason;
+    `shape` bends it the way a shaped fault asks."""
     digest = ask.convo.digest()
     input_tokens = ask.input_tokens()
+    if shape is Shape.EMPTY:
+        return Reply("", (), StopReason.END_TURN, None, input_tokens, 0)
+    if shape is Shape.REFUSAL:
+        return Reply(REFUSAL_TEXT, (), StopReason.REFUSAL, None, input_tokens, count_tokens(REFUSAL_TEXT))
     tool = choose_tool(ask)
-    if tool is not None:
+    if tool is None and shape is Shape.BAD_TOOL_ARGS and ask.tools and ask.tool_mode is not ToolMode.NONE:
+        tool = next((t for t in ask.tools if not is_output_tool(t)), ask.tools[0])
+    if tool is not None and shape is not Shape.MAX_TOKENS:
         seed = f"{digest}:{tool.name}"
-        call = ToolCall(hashlib.sha256(seed.encode()).hexdigest()[:24], tool.name, fake_instance(tool.schema, seed))
+        arguments = fake_instance(tool.schema, seed)
+        if shape is Shape.BAD_TOOL_ARGS and isinstance(arguments, dict):
+            arguments = invalid_arguments(tool.schema, arguments)
+        call = ToolCall(hashlib.sha256(seed.encode()).hexdigest()[:24], tool.name, arguments)
         return Reply("", (call,), StopReason.TOOL_USE, None, input_tokens, count_tokens(call.arguments_json()))
-    if ask.output_schema is not None:
-        full = json.dumps(fake_instance(ask.output_schema, digest))
+    schema = ask.output_schema
+    if schema is None and ask.json_mode:
+        schema = prompt_schema(ask.convo)
+    if schema is not None:
+        full = json.dumps(fake_instance(schema, digest))
     elif ask.json_mode:
         full = json.dumps({"answer": compose_text(ask.provider, ask.convo)})
     else:
         full = compose_text(ask.provider, ask.convo)
-    text, reason, matched = limit_text(full, ask.max_tokens, ask.stop)
+    max_tokens = ask.max_tokens
+    if shape is Shape.MAX_TOKENS:
+        half = max(1, count_tokens(full) // 2)
+        max_tokens = half if max_tokens is None else min(max_tokens, half)
+    text, reason, matched = limit_text(full, max_tokens, ask.stop)
+    if shape is Shape.MAX_TOKENS and reason is StopReason.END_TURN:  # a one-word answer is "cut" too
+        reason = StopReason.MAX_TOKENS
     return Reply(text, (), reason, matched, input_tokens, count_tokens(text))
 
 

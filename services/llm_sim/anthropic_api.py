@@ -21,8 +21,8 @@ from services.llm_sim.wire import (
     parse_body,
     request_id,
     serve,
+    Delivery,
     sse,
-    stream_response,
     surface_endpoint,
 )
 
@@ -164,7 +164,8 @@ def _require_model(catalog: Catalog, model: str) -> None:
 
 
 def _content(reply: Reply) -> list[dict[str, Any]]:
-    blocks = [{"type": "text", "text": reply.text}] if reply.text or not reply.tool_calls else []
+    # An empty answer has no block at all, as when the model ends its turn at once.
+    blocks = [{"type": "text", "text": reply.text}] if reply.text else []
     return blocks + [{"type": "tool_use", "id": "toolu_sim_" + c.key, "name": c.name, "input": c.arguments}
                      for c in reply.tool_calls]
 
@@ -178,8 +179,13 @@ def _message(msg_id: str, model: str, reply: Reply) -> dict[str, Any]:
         "content": _content(reply),
         "stop_reason": str(reply.stop_reason),
         "stop_sequence": reply.stop_sequence,
-        "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+        "usage": _usage(reply.input_tokens, reply.output_tokens),
     }
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "output_tokens": output_tokens, "service_tier": "standard"}
 
 
 def _block_events(index: int, block: dict[str, Any], reply: Reply) -> tuple[bytes, list[bytes], bytes]:
@@ -201,11 +207,16 @@ def _block_events(index: int, block: dict[str, Any], reply: Reply) -> tuple[byte
 
 def _events(msg_id: str, model: str, reply: Reply, fail_midstream: bool) -> list[bytes]:
     """The SSE events of a streamed reply; with fail_midstream, an error event follows
-    the first delta (an `event: error` in a stream is how Anthropic reports overload)."""
+    the first delta (an `event: error` in a stream is how Anthropic reports overload).
+    Usage comes twice, as from the real API: message_start counts the input (and one
+    output token), message_delta the final totals."""
     start = _message(msg_id, model, reply) | {"content": [], "stop_reason": None, "stop_sequence": None}
-    start["usage"] = {"input_tokens": reply.input_tokens, "output_tokens": 1}
+    start["usage"] = _usage(reply.input_tokens, 1)
     events = [sse("message_start", {"type": "message_start", "message": start})]
-    for index, block in enumerate(_content(reply)):
+    blocks = _content(reply)
+    if not blocks:
+        events.append(sse("ping", {"type": "ping"}))
+    for index, block in enumerate(blocks):
         block_start, deltas, block_stop = _block_events(index, block, reply)
         events.append(block_start)
         if index == 0:
@@ -216,7 +227,8 @@ def _events(msg_id: str, model: str, reply: Reply, fail_midstream: bool) -> list
     return events + [
         sse("message_delta", {"type": "message_delta",
                               "delta": {"stop_reason": str(reply.stop_reason), "stop_sequence": reply.stop_sequence},
-                              "usage": {"output_tokens": reply.output_tokens}}),
+                              "usage": {"input_tokens": reply.input_tokens, "cache_creation_input_tokens": 0,
+                                        "cache_read_input_tokens": 0, "output_tokens": reply.output_tokens}}),
         sse("message_stop", {"type": "message_stop"}),
     ]
 
@@ -231,18 +243,18 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = req.resumed(state.threads)
     ask = req.ask(req.max_tokens, tuple(req.stop_sequences or ()))
 
-    async def render(request: web.Request, fail_midstream: bool):
-        reply = respond(ask)
+    async def render(request: web.Request, delivery: Delivery):
+        reply = respond(ask, delivery.shape)
         msg_id = "msg_sim_" + secrets.token_hex(12)
         if req.thread is not None:
             answer = AnthropicMessage.model_validate({"role": "assistant", "content": _content(reply)})
             state.threads.hold(msg_id, [*req.messages, answer])
+        headers = {"request-id": request_id()}
         if not req.stream:
-            return web.json_response(_message(msg_id, req.model, reply), headers={"request-id": request_id()}), True
-        events = _events(msg_id, req.model, reply, fail_midstream)
-        response, completed = await stream_response(request, "text/event-stream; charset=utf-8", events,
-                                                    {"request-id": request_id()})
-        return response, completed and not fail_midstream
+            return await delivery.json(request, _message(msg_id, req.model, reply), headers, len(reply.chunks()))
+        events = _events(msg_id, req.model, reply, delivery.midstream)
+        response, completed = await delivery.stream(request, "text/event-stream; charset=utf-8", events, headers)
+        return response, completed and not delivery.midstream
 
     return await serve(request, "anthropic", req.stream, render)
 

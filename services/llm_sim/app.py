@@ -17,6 +17,9 @@ Surfaces (answers are decided once, in answers.py, and rendered per API):
                POST /api/show, GET /api/ps, /api/tags, /api/version, /
     openai     POST /v1/chat/completions (tools/tool_calls, response_format,
                max_tokens / max_completion_tokens, stop, SSE with data: [DONE]),
+               POST /v1/responses (the Responses API: input items, instructions,
+               function tools, tool_choice, text.format, max_output_tokens,
+               previous_response_id, SSE with named events),
                POST /v1/embeddings, GET /v1/models[/{id}]
 
 GET /v1/models[/{id}] answers in Anthropic's shape when the request carries an
@@ -26,25 +29,50 @@ and how to add more (make_app(models=...) or TRON_SIM_*_MODELS).
 
 Fault control contract (all JSON):
 
-    PUT    /sim/faults/{provider}   {"kind": K, "latency_ms": 0, "times": null,
-                                     "retry_after_ms": 1000}
+    PUT    /sim/faults/{provider}   FaultSpec: {"kind": K, "latency_ms": 0, "times": null,
+                                     "duration_ms": null, "retry_after_ms": null}
     DELETE /sim/faults/{provider}   clear one provider's fault
     DELETE /sim/faults              clear every fault
-    GET    /sim/faults              current faults and per-provider counters (no token)
+    GET    /sim/faults              {"providers": {P: {"fault": FaultSpec | null,
+                                     "remaining": n | null, "expires_in_ms": n | null,
+                                     "counters": {"requests", "served", "faults_injected",
+                                     "rate_limited", "by_kind": {K: n}, "hanging"}}}} (no token)
+    POST   /sim/counters/reset      zero every provider's counters (DELETE /sim/counters
+                                     too); answers {"reset": {P: counters before}}
 
-Providers: anthropic, ollama, openai. Kinds: latency, hang, overloaded (529 anthropic,
-503 ollama and openai), rate-limit (429; anthropic and openai add `retry-after` seconds
-and `retry-after-ms` from retry_after_ms), error (500), auth (401), midstream (streams
-fail part-way with the API's in-stream error; plain requests get a 500).
+Providers: anthropic, ollama, openai (one fault covers chat completions and responses).
+Kinds, by where they act (state.py):
+
+  refused    overloaded (529 anthropic, 503 ollama and openai), rate-limit (429 with
+             retry-after seconds rounded up, and on anthropic/openai retry-after-ms and
+             each API's exhausted rate-limit headers: anthropic-ratelimit-{requests,
+             tokens,input-tokens,output-tokens}-{limit,remaining,reset} with an RFC 3339
+             reset, x-ratelimit-{limit,remaining,reset}-{requests,tokens} with a
+             duration such as "1m30s"), usage-limit (429 quota exhausted: anthropic
+             rate_limit_error, openai insufficient_quota; retry_after_ms defaults to
+             1 h), error (500), auth (401)
+  held       latency (delay, then answer), hang (never answer), stall (a stream sends
+             its first event, then nothing for latency_ms or until the client leaves;
+             without a stream it is a hang), trickle (one streamed delta per latency_ms,
+             default 200; a plain answer is late by as much)
+  broken     midstream (streams end with the API's in-stream error; plain requests get a
+             500), cut (half a body, or a stream up to half-way through one event or
+             line, then the connection is dropped)
+  shaped     200s a client must cope with: empty (no content, end_turn), max-tokens
+             (half the answer, max_tokens / length), refusal (anthropic stop_reason
+             refusal, openai message.refusal, ollama a text refusal), bad-tool-args (with
+             tools, a tool call whose arguments fail the tool's schema)
 
 PUT and DELETE need `X-Tron-Token: <token>` when the app was made with a token. A fault
 applies to the generation and embedding endpoints only (/v1/messages,
-/v1/chat/completions, /v1/embeddings, /api/chat, /api/generate, /api/embed,
-/api/embeddings), so /api/tags, /api/version, /api/show, /api/ps, /v1/models,
-/v1/messages/count_tokens and / stay usable as liveness probes. Requests refused before
-generation (bad body, unknown model, missing key) do not consume a fault. `latency_ms`
-delays every kind (except `hang`) before it takes effect; `times` makes the fault clear
-itself after that many requests.
+/v1/chat/completions, /v1/responses, /v1/embeddings, /api/chat, /api/generate,
+/api/embed, /api/embeddings), so /api/tags, /api/version, /api/show, /api/ps,
+/v1/models, /v1/messages/count_tokens and / stay usable as liveness probes. Requests
+refused before generation (bad body, unknown model, missing key) count as received but
+do not consume a fault. `latency_ms` delays the refused, broken and shaped kinds before
+they take effect; `times` makes the fault clear itself after that many requests (each
+request, an SDK's own retries included, uses one) and `duration_ms` that long after it
+was set, whichever comes first.
 """
 
 from __future__ import annotations
@@ -55,7 +83,7 @@ from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
-from services.llm_sim import anthropic_api, control, ollama_api, openai_api
+from services.llm_sim import anthropic_api, control, ollama_api, openai_api, responses_api
 from services.llm_sim.catalog import make_catalog
 from services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec, SimState
 from services.llm_sim.wire import MAX_BODY
@@ -114,6 +142,7 @@ def make_app(*, token: str | None = None, models: Mapping[str, Iterable[str]] | 
     add.add_get("/v1/models/{model_id}", _by_client(anthropic_api.get_model, openai_api.get_model))
     add.add_post("/v1/chat/completions", openai_api.chat_completions)
     add.add_post("/v1/embeddings", openai_api.embeddings)
+    add.add_post("/v1/responses", responses_api.create_response)
     add.add_post("/api/chat", ollama_api.chat)
     add.add_post("/api/generate", ollama_api.generate)
     add.add_post("/api/embed", ollama_api.embed)
@@ -127,4 +156,6 @@ def make_app(*, token: str | None = None, models: Mapping[str, Iterable[str]] | 
     add.add_delete("/sim/faults", control.delete_all_faults)
     add.add_put("/sim/faults/{provider}", control.put_fault)
     add.add_delete("/sim/faults/{provider}", control.delete_fault)
+    add.add_post("/sim/counters/reset", control.reset_counters)
+    add.add_delete("/sim/counters", control.reset_counters)
     return app

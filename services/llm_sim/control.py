@@ -58,10 +58,12 @@ async def put_fault(request: web.Request) -> web.Response:
         return _control_error(err.status, err.message)
     except ValidationError as exc:
         return _control_error(400, f"invalid fault: {describe(exc)}")
-    pstate = request.app[SIM_STATE].providers[provider]
-    pstate.set_fault(fault)
-    log.info("fault set: %s %s latency_ms=%d times=%s", provider, fault.kind, fault.latency_ms, fault.times)
-    return web.json_response({"provider": provider, **pstate.snapshot()})
+    sim = request.app[SIM_STATE]
+    pstate = sim.providers[provider]
+    pstate.set_fault(fault, sim.clock())
+    log.info("fault set: %s %s latency_ms=%d times=%s duration_ms=%s retry_after_ms=%d", provider, fault.kind,
+             fault.latency_ms, fault.times, fault.duration_ms, fault.retry_after_ms)
+    return web.json_response({"provider": provider, **pstate.snapshot(sim.clock())})
 
 
 @_control
@@ -82,6 +84,20 @@ async def delete_all_faults(request: web.Request) -> web.Response:
     return web.json_response({"cleared": cleared})
 
 
-async def get_faults(request: web.Request) -> web.Response:
+@_control
+async def reset_counters(request: web.Request) -> web.Response:
+    """POST /sim/counters/reset (or DELETE /sim/counters): every provider's counters to
+    zero, faults untouched; the answer holds the counters as they were."""
+    await parse_empty(request)
     providers = request.app[SIM_STATE].providers
-    return web.json_response({"providers": {name: p.snapshot() for name, p in providers.items()}})
+    before = {name: p.counters.as_dict() for name, p in providers.items()}
+    for pstate in providers.values():
+        pstate.reset_counters()
+    log.info("counters reset")
+    return web.json_response({"reset": before})
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    sim = request.app[SIM_STATE]
+    now = sim.clock()
+    return web.json_response({"providers": {name: p.snapshot(now) for name, p in sim.providers.items()}})

@@ -14,12 +14,12 @@ import json
 import re
 import time
 from collections.abc import Callable
-from common.clock import utc_iso
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import Field
 
+from common.clock import utc_iso
 from services.llm_sim.answers import (
     Ask,
     Conversation,
@@ -33,7 +33,7 @@ from services.llm_sim.answers import (
 )
 from services.llm_sim.catalog import OllamaModel
 from services.llm_sim.state import SIM_STATE
-from services.llm_sim.wire import FAULT_ERRORS, Lenient, SimError, parse_body, serve, stream_response, surface_endpoint
+from services.llm_sim.wire import FAULT_ERRORS, Delivery, Lenient, SimError, parse_body, serve, surface_endpoint
 
 OLLAMA_SERVER_VERSION = "0.12.0-llm-sim"
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama keeps a model loaded 5 minutes after its last use
@@ -212,23 +212,24 @@ def _render_generation(model: str, stream: bool, ask: Ask, payload: Payload):
     endpoint's own part of each object."""
     started = time.monotonic()
 
-    async def render(request: web.Request, fail_midstream: bool):
-        reply = respond(ask)
+    async def render(request: web.Request, delivery: Delivery):
+        reply = respond(ask, delivery.shape)
 
         def part(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             return {"model": model, "created_at": utc_iso(), **payload(text, calls or [])}
 
         if not stream:
-            return web.json_response(part(reply.text, _tool_calls(reply)) | _stats(reply, started)), True
-        lines = [_ndjson(part(chunk) | {"done": False}) for chunk in reply.chunks() if chunk or not reply.tool_calls]
+            body = part(reply.text, _tool_calls(reply)) | _stats(reply, started)
+            return await delivery.json(request, body, deltas=len(reply.chunks()))
+        lines = [_ndjson(part(chunk) | {"done": False}) for chunk in reply.chunks() if chunk]
         if reply.tool_calls:
             lines.append(_ndjson(part("", _tool_calls(reply)) | {"done": False}))
-        if fail_midstream:
+        if delivery.midstream:
             lines = lines[:2] + [_ndjson({"error": FAULT_ERRORS["ollama"]["midstream"].message})]
         else:
             lines.append(_ndjson(part("") | _stats(reply, started)))
-        response, completed = await stream_response(request, "application/x-ndjson", lines)
-        return response, completed and not fail_midstream
+        response, completed = await delivery.stream(request, "application/x-ndjson", lines)
+        return response, completed and not delivery.midstream
 
     return render
 
@@ -236,7 +237,7 @@ def _render_generation(model: str, stream: bool, ask: Ask, payload: Payload):
 def _render_load(model: str, keep_alive: float | None, payload: dict[str, Any]):
     """What an empty chat or generate gets: the model is (un)loaded, nothing generated."""
 
-    async def render(request: web.Request, fail_midstream: bool):
+    async def render(request: web.Request, delivery: Delivery):
         return web.json_response({"model": model, "created_at": utc_iso(), **payload, "done": True,
                                   "done_reason": "unload" if keep_alive == 0 else "load"}), True
 
@@ -301,7 +302,7 @@ async def embed(request: web.Request) -> web.StreamResponse:
         dims = req.dimensions
     started = time.monotonic()
 
-    async def render(request: web.Request, fail_midstream: bool):
+    async def render(request: web.Request, delivery: Delivery):
         total_ns = max(1, int((time.monotonic() - started) * 1e9))
         body = {"model": req.model, "embeddings": [embedding(model.name, text, dims) for text in inputs]}
         if inputs:
@@ -319,7 +320,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     model = _known(request, req.model, 'model "{}" not found, try pulling it first')
     request.app[SIM_STATE].loaded.touch(model.name, keep_alive_seconds(req.keep_alive))
 
-    async def render(request: web.Request, fail_midstream: bool):
+    async def render(request: web.Request, delivery: Delivery):
         vector = embedding(model.name, req.prompt, model.embedding_length) if req.prompt else []
         return web.json_response({"embedding": vector}), True
 

@@ -37,8 +37,8 @@ from services.llm_sim.wire import (
     parse_body,
     request_id,
     serve,
+    Delivery,
     sse,
-    stream_response,
     surface_endpoint,
 )
 
@@ -50,6 +50,7 @@ _FINISH = {
     StopReason.STOP_SEQUENCE: "stop",
     StopReason.MAX_TOKENS: "length",
     StopReason.TOOL_USE: "tool_calls",
+    StopReason.REFUSAL: "stop",  # the refusal itself is in message.refusal
 }
 
 
@@ -197,7 +198,7 @@ class EmbeddingsRequest(Lenient):
 # --------------------------------------------------------------------------- checks
 
 
-def _require_key(request: web.Request) -> None:
+def require_key(request: web.Request) -> None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise SimError(401, "invalid_request_error",
@@ -205,7 +206,7 @@ def _require_key(request: web.Request) -> None:
                        "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
 
 
-def _require_model(request: web.Request, model: str) -> None:
+def require_model(request: web.Request, model: str) -> None:
     if not request.app[SIM_STATE].catalog.openai_knows(model):
         raise SimError(404, "invalid_request_error",
                        f"The model `{model}` does not exist or you do not have access to it.",
@@ -223,9 +224,12 @@ def _finish_reason(ask: Ask, reply: Reply) -> str:
     return _FINISH[reply.stop_reason]
 
 
-def _usage(reply: Reply) -> dict[str, int]:
+def _usage(reply: Reply) -> dict[str, Any]:
     return {"prompt_tokens": reply.input_tokens, "completion_tokens": reply.output_tokens,
-            "total_tokens": reply.input_tokens + reply.output_tokens}
+            "total_tokens": reply.input_tokens + reply.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
 def _tool_calls(reply: Reply) -> list[dict[str, Any]]:
@@ -234,8 +238,9 @@ def _tool_calls(reply: Reply) -> list[dict[str, Any]]:
 
 
 def _completion(cid: str, model: str, ask: Ask, reply: Reply) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": None if reply.tool_calls else reply.text,
-                               "refusal": None, "annotations": []}
+    refused = reply.stop_reason is StopReason.REFUSAL
+    message: dict[str, Any] = {"role": "assistant", "content": None if reply.tool_calls or refused else reply.text,
+                               "refusal": reply.text if refused else None, "annotations": []}
     if reply.tool_calls:
         message["tool_calls"] = _tool_calls(reply)
     return {
@@ -249,7 +254,8 @@ def _deltas(reply: Reply) -> list[dict[str, Any]]:
     """The delta of each chunk after the role chunk: text pieces, or each tool call's
     head (id, name) followed by its arguments in pieces."""
     if not reply.tool_calls:
-        return [{"content": piece} for piece in reply.chunks()]
+        field = "refusal" if reply.stop_reason is StopReason.REFUSAL else "content"
+        return [{field: piece} for piece in reply.chunks()]
     deltas: list[dict[str, Any]] = []
     for index, call in enumerate(_tool_calls(reply)):
         args = call["function"]["arguments"]
@@ -286,22 +292,22 @@ def _chunks(cid: str, model: str, ask: Ask, reply: Reply, include_usage: bool, f
 @surface_endpoint("openai")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions."""
-    _require_key(request)
+    require_key(request)
     req: ChatRequest = await parse_body(request, ChatRequest)
-    _require_model(request, req.model)
+    require_model(request, req.model)
     ask = req.ask()
     stream = bool(req.stream)
 
-    async def render(request: web.Request, fail_midstream: bool):
-        reply = respond(ask)
+    async def render(request: web.Request, delivery: Delivery):
+        reply = respond(ask, delivery.shape)
         cid = "chatcmpl-sim" + secrets.token_hex(12)
         headers = {"x-request-id": request_id()}
         if not stream:
-            return web.json_response(_completion(cid, req.model, ask, reply), headers=headers), True
+            return await delivery.json(request, _completion(cid, req.model, ask, reply), headers, len(reply.chunks()))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        pieces = _chunks(cid, req.model, ask, reply, include_usage, fail_midstream)
-        response, completed = await stream_response(request, "text/event-stream; charset=utf-8", pieces, headers)
-        return response, completed and not fail_midstream
+        pieces = _chunks(cid, req.model, ask, reply, include_usage, delivery.midstream)
+        response, completed = await delivery.stream(request, "text/event-stream; charset=utf-8", pieces, headers)
+        return response, completed and not delivery.midstream
 
     return await serve(request, "openai", stream, render)
 
@@ -318,14 +324,14 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 @surface_endpoint("openai")
 async def embeddings(request: web.Request) -> web.StreamResponse:
     """POST /v1/embeddings (the SDK asks for base64 unless told otherwise)."""
-    _require_key(request)
+    require_key(request)
     req: EmbeddingsRequest = await parse_body(request, EmbeddingsRequest)
-    _require_model(request, req.model)
+    require_model(request, req.model)
     texts = req.texts()
     dims = request.app[SIM_STATE].catalog.openai_dims(req.model)
     dims = min(dims, req.dimensions or dims)
 
-    async def render(request: web.Request, fail_midstream: bool):
+    async def render(request: web.Request, delivery: Delivery):
         data = [{"object": "embedding", "index": i,
                  "embedding": _encode(embedding(req.model, text, dims), req.encoding_format)}
                 for i, (text, _) in enumerate(texts)]
@@ -349,7 +355,7 @@ def _model(request: web.Request, model: str) -> dict[str, Any]:
 @surface_endpoint("openai", counted=False)
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models for OpenAI-style clients."""
-    _require_key(request)
+    require_key(request)
     models = request.app[SIM_STATE].catalog.openai_models()
     return web.json_response({"object": "list", "data": [_model(request, m) for m in models]})
 
@@ -357,7 +363,7 @@ async def list_models(request: web.Request) -> web.Response:
 @surface_endpoint("openai", counted=False)
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model_id} for OpenAI-style clients."""
-    _require_key(request)
+    require_key(request)
     model = request.match_info["model_id"]
-    _require_model(request, model)
+    require_model(request, model)
     return web.json_response(_model(request, model))

@@ -9,14 +9,17 @@ import json
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.llm_sim.state import SIM_STATE, FaultSpec
+from services.llm_sim.answers import Shape
+from services.llm_sim.state import RATE_LIMIT_KINDS, REFUSING_KINDS, SHAPING_KINDS, SIM_STATE, FaultSpec, ProviderState
 
 log = logging.getLogger("llm_sim")
 
@@ -74,16 +77,21 @@ def _render_error(provider: str, err: SimError) -> web.Response:
 class FaultError:
     status: int
     etype: str
-    message: str
+    message: str  # may name {reset}: when the limit lifts
     code: str | None = None
 
 
 _OPENAI_500 = "The server had an error while processing your request. Sorry about that!"
-# The answer each fault kind gets, per provider.
+_OPENAI_QUOTA = ("You exceeded your current quota, please check your plan and billing details. For more "
+                 "information on this error, read the docs: "
+                 "https://platform.openai.com/docs/guides/error-codes/api-errors.")
+# The answer each refusing fault kind gets, per provider (and the in-stream error of `midstream`).
 FAULT_ERRORS: dict[str, dict[str, FaultError]] = {
     "anthropic": {
         "overloaded": FaultError(529, "overloaded_error", "Overloaded"),
         "rate-limit": FaultError(429, "rate_limit_error", "Number of requests has exceeded your rate limit"),
+        "usage-limit": FaultError(429, "rate_limit_error", "You have reached your specified API usage limits. "
+                                                           "You will regain access on {reset}."),
         "error": FaultError(500, "api_error", "Internal server error"),
         "auth": FaultError(401, "authentication_error", "invalid x-api-key"),
         "midstream": FaultError(500, "api_error", "Internal server error"),
@@ -91,27 +99,73 @@ FAULT_ERRORS: dict[str, dict[str, FaultError]] = {
     "ollama": {
         "overloaded": FaultError(503, "overloaded_error", "server overloaded"),
         "rate-limit": FaultError(429, "rate_limit_error", "too many requests"),
+        "usage-limit": FaultError(429, "rate_limit_error", "you have reached your usage limit, it resets at {reset}"),
         "error": FaultError(500, "api_error", "internal server error"),
         "auth": FaultError(401, "authentication_error", "unauthorized"),
         "midstream": FaultError(500, "api_error", "model runner has unexpectedly stopped"),
     },
     "openai": {
         "overloaded": FaultError(503, "server_error", "The server is overloaded or not ready yet."),
-        "rate-limit": FaultError(429, "requests", "Rate limit reached for requests", "rate_limit_exceeded"),
+        "rate-limit": FaultError(429, "requests", "Rate limit reached for requests. Please try again in {wait}.",
+                                 "rate_limit_exceeded"),
+        "usage-limit": FaultError(429, "insufficient_quota", _OPENAI_QUOTA, "insufficient_quota"),
         "error": FaultError(500, "server_error", _OPENAI_500),
         "auth": FaultError(401, "invalid_request_error", "Incorrect API key provided.", "invalid_api_key"),
         "midstream": FaultError(500, "server_error", _OPENAI_500),
     },
 }
+# What the rate-limit headers say the limits are (any plausible tier will do).
+ANTHROPIC_LIMITS = {"requests": 50, "tokens": 90_000, "input-tokens": 30_000, "output-tokens": 8_000}
+OPENAI_LIMITS = {"requests": 500, "tokens": 30_000}
 
-def fault_error(provider: str, fault: FaultSpec) -> SimError:
-    """The SimError for a fault; 429s carry retry-after like the real APIs."""
+
+def go_duration(ms: int) -> str:
+    """A wait the way OpenAI's x-ratelimit-reset-* headers (Go's time.Duration) write
+    it: 250 -> "250ms", 1500 -> "1.5s", 90000 -> "1m30s", 3600000 -> "1h0m0s"."""
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = str(rest // 1000) if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+def rfc3339(wall: float) -> str:
+    """A wall-clock time as Anthropic's anthropic-ratelimit-*-reset headers write it,
+    rounded up to the second so it is never before the wait it announces."""
+    return datetime.fromtimestamp(math.ceil(wall), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rate_limit_headers(provider: str, retry_after_ms: int, wall_now: float) -> dict[str, str]:
+    """The headers of a 429: retry-after (whole seconds, rounded up) everywhere;
+    retry-after-ms (which the anthropic and openai SDKs prefer) and each API's own
+    rate-limit headers, all exhausted, on anthropic and openai."""
+    headers = {"retry-after": str(math.ceil(retry_after_ms / 1000))}
+    if provider == "ollama":
+        return headers
+    headers["retry-after-ms"] = str(retry_after_ms)
+    if provider == "anthropic":
+        reset = rfc3339(wall_now + retry_after_ms / 1000)
+        for what, limit in ANTHROPIC_LIMITS.items():
+            headers |= {f"anthropic-ratelimit-{what}-limit": str(limit),
+                        f"anthropic-ratelimit-{what}-remaining": "0",
+                        f"anthropic-ratelimit-{what}-reset": reset}
+    else:
+        for what, limit in OPENAI_LIMITS.items():
+            headers |= {f"x-ratelimit-limit-{what}": str(limit), f"x-ratelimit-remaining-{what}": "0",
+                        f"x-ratelimit-reset-{what}": go_duration(retry_after_ms)}
+    return headers
+
+
+def fault_error(provider: str, fault: FaultSpec, wall_now: float) -> SimError:
+    """The SimError a refusing fault answers with; 429s carry the rate-limit headers."""
     spec = FAULT_ERRORS[provider][fault.kind]
-    headers = {}
-    if spec.status == 429 and provider != "ollama":
-        ms = fault.retry_after_ms
-        headers = {"retry-after": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
-    return SimError(spec.status, spec.etype, spec.message, code=spec.code, headers=headers)
+    headers = rate_limit_headers(provider, fault.retry_after_ms, wall_now) if spec.status == 429 else {}
+    message = spec.message.format(reset=rfc3339(wall_now + fault.retry_after_ms / 1000),
+                                  wait=go_duration(fault.retry_after_ms))
+    return SimError(spec.status, spec.etype, message, code=spec.code, headers=headers)
 
 
 def _gone() -> SimError:
@@ -184,28 +238,121 @@ async def _hold(request: web.Request, seconds: float | None) -> bool:
         await asyncio.sleep(min(HOLD_POLL_S, left))
 
 
-async def _apply_fault(request: web.Request, provider: str, fault: FaultSpec, stream: bool) -> None:
-    """Act out a fault before the answer; raise SimError unless the answer should follow.
+async def _hold_counted(request: web.Request, pstate: ProviderState, seconds: float | None) -> bool:
+    """_hold, counted in the `hanging` gauge while it lasts."""
+    pstate.hanging += 1
+    try:
+        return await _hold(request, seconds)
+    finally:
+        pstate.hanging -= 1
 
-    `midstream` on a streaming request returns normally: the renderer fails part-way.
+
+async def _apply_fault(request: web.Request, provider: str, fault: FaultSpec, stream: bool) -> None:
+    """Act out the part of a fault that comes before the answer; raise SimError when the
+    request gets no answer (a refusing kind, or a held request whose client left).
+
+    Returns normally when the answer should follow; Delivery acts out the rest (shaped
+    content, pacing, a stream that fails part-way).
     """
-    if fault.kind == "hang":
-        pstate = request.app[SIM_STATE].providers[provider]
-        pstate.hanging += 1
-        try:
-            await _hold(request, None)
-        finally:
-            pstate.hanging -= 1
-        raise _gone()
+    sim = request.app[SIM_STATE]
+    pstate = sim.providers[provider]
+    if fault.kind == "hang" or (fault.kind == "stall" and not stream):
+        # A stall without a stream to stall is a hang, for latency_ms when one is set.
+        if not await _hold_counted(request, pstate, fault.latency_ms / 1000 if fault.kind == "stall"
+                                   and fault.latency_ms else None):
+            raise _gone()
+        return
+    if fault.kind in ("stall", "trickle"):
+        return  # latency_ms paces the answer itself
     if fault.latency_ms and not await _hold(request, fault.latency_ms / 1000):
         raise _gone()
-    if fault.kind == "latency" or (fault.kind == "midstream" and stream):
-        return
-    raise fault_error(provider, fault)
+    if fault.kind in REFUSING_KINDS or (fault.kind == "midstream" and not stream):
+        if fault.kind in RATE_LIMIT_KINDS:
+            pstate.counters.rate_limited += 1
+        raise fault_error(provider, fault, time.time())
 
 
-# render(request, fail_midstream) -> (response, completed normally)
-Renderer = Callable[[web.Request, bool], Awaitable[tuple[web.StreamResponse, bool]]]
+@dataclass(frozen=True)
+class Delivery:
+    """How an answer goes out under the fault its request drew (None: plainly).
+
+    Renderers build the reply with `shape` and the provider's in-stream error when
+    `midstream`; `json` and `stream` act out the pacing and cutting kinds the same way
+    for every API.
+    """
+
+    fault: FaultSpec | None
+    pstate: ProviderState
+
+    @property
+    def kind(self) -> str | None:
+        return None if self.fault is None else self.fault.kind
+
+    @property
+    def shape(self) -> Shape | None:
+        return Shape(self.kind) if self.kind in SHAPING_KINDS else None
+
+    @property
+    def midstream(self) -> bool:
+        return self.kind == "midstream"
+
+    async def json(self, request: web.Request, body: dict[str, Any], headers: Mapping[str, str] | None = None,
+                   deltas: int = 1) -> tuple[web.StreamResponse, bool]:
+        """A JSON answer; `trickle` delays it as long as its `deltas` would have taken
+        streamed, `cut` sends half of it and drops the connection."""
+        if self.fault is not None and self.kind == "trickle":
+            if not await _hold(request, deltas * self.fault.trickle_s()):
+                raise _gone()
+        if self.kind != "cut":
+            return web.json_response(body, headers=headers), True
+        raw = json.dumps(body).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json", **(headers or {})})
+        response.content_length = len(raw)
+        await response.prepare(request)
+        await response.write(raw[: len(raw) // 2])
+        _drop(request)
+        return response, False
+
+    async def stream(self, request: web.Request, content_type: str, pieces: list[bytes],
+                     headers: Mapping[str, str] | None = None) -> tuple[web.StreamResponse, bool]:
+        """A streamed answer, piece by piece; (response, sent completely)."""
+        response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache",
+                                               **(headers or {})})
+        fault = self.fault
+        try:
+            await response.prepare(request)
+            if self.kind == "cut":
+                # Half-way through the stream, half-way through one event or line.
+                middle = len(pieces) // 2
+                for piece in pieces[:middle]:
+                    await response.write(piece)
+                await response.write(pieces[middle][: max(1, len(pieces[middle]) // 2)])
+                _drop(request)
+                return response, False
+            for index, piece in enumerate(pieces):
+                if index and fault is not None and fault.kind == "trickle":
+                    if not await _hold(request, fault.trickle_s()):
+                        return response, False
+                await response.write(piece)
+                if index == 0 and fault is not None and fault.kind == "stall":
+                    if not await _hold_counted(request, self.pstate, fault.latency_ms / 1000 or None):
+                        return response, False
+            await response.write_eof()
+        except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+            log.info("%s: client disconnected mid-stream", request.path)
+            return response, False
+        return response, True
+
+
+def _drop(request: web.Request) -> None:
+    """Close the connection at once, mid-body, as a crashed proxy or provider would."""
+    log.info("%s: cutting the connection mid-body", request.path)
+    if request.transport is not None:
+        request.transport.abort()
+
+
+# render(request, delivery) -> (response, completed normally)
+Renderer = Callable[[web.Request, Delivery], Awaitable[tuple[web.StreamResponse, bool]]]
 
 
 async def serve(request: web.Request, provider: str, stream: bool, render: Renderer) -> web.StreamResponse:
@@ -214,36 +361,16 @@ async def serve(request: web.Request, provider: str, stream: bool, render: Rende
     A non-streaming request under a `midstream` fault already got the provider's 500
     from _apply_fault, so renderers only deal with failing a stream part-way.
     """
-    pstate = request.app[SIM_STATE].providers[provider]
-    fault = pstate.take_fault()
+    sim = request.app[SIM_STATE]
+    pstate = sim.providers[provider]
+    fault = pstate.take_fault(sim.clock())
     if fault is not None:
         log.info("%s: injecting fault %s", provider, fault.kind)
         await _apply_fault(request, provider, fault, stream)
-    fail_midstream = fault is not None and fault.kind == "midstream"
-    response, completed = await render(request, fail_midstream)
+    response, completed = await render(request, Delivery(fault, pstate))
     if completed:
-        pstate.served += 1
+        pstate.counters.served += 1
     return response
-
-
-async def write_stream(request: web.Request, response: web.StreamResponse, pieces: list[bytes]) -> bool:
-    """Send a streamed body piece by piece; False if the client went away."""
-    try:
-        await response.prepare(request)
-        for piece in pieces:
-            await response.write(piece)
-        await response.write_eof()
-    except ConnectionError:  # aiohttp's ClientConnectionResetError is one
-        log.info("%s: client disconnected mid-stream", request.path)
-        return False
-    return True
-
-
-async def stream_response(request: web.Request, content_type: str, pieces: list[bytes],
-                          headers: Mapping[str, str] | None = None) -> tuple[web.StreamResponse, bool]:
-    response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache",
-                                           **(headers or {})})
-    return response, await write_stream(request, response, pieces)
 
 
 def sse(event: str | None, data: dict[str, Any] | str) -> bytes:
@@ -260,7 +387,7 @@ def surface_endpoint(provider: str, *, counted: bool = True):
         @functools.wraps(handler)
         async def endpoint(request: web.Request) -> web.StreamResponse:
             if counted:
-                request.app[SIM_STATE].providers[provider].requests += 1
+                request.app[SIM_STATE].providers[provider].counters.requests += 1
             try:
                 return await handler(request)
             except SimError as err:

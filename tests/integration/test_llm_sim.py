@@ -164,7 +164,8 @@ async def test_anthropic_wire_format(sim: Sim):
     assert body["type"] == "message" and body["role"] == "assistant" and body["model"] == "claude-sonnet-4-5"
     assert body["id"].startswith("msg_") and body["stop_reason"] == "end_turn"
     assert body["stop_sequence"] is None and body["content"][0]["type"] == "text"
-    assert set(body["usage"]) == {"input_tokens", "output_tokens"}
+    assert set(body["usage"]) == {"input_tokens", "output_tokens", "cache_creation_input_tokens",
+                                  "cache_read_input_tokens", "service_tier"}
 
     bearer = {"Authorization": "Bearer whatever"}
     async with sim.http.post(sim.url + "/v1/messages", json=payload | {"stream": True},
@@ -307,7 +308,8 @@ async def test_times_counts_down_then_clears(sim: Sim):
         assert (await sim.state("anthropic"))["remaining"] == remaining
     await complete("anthropic", system="", prompt="p", settings=settings)
     counters = (await sim.state("anthropic"))["counters"]
-    assert counters == {"requests": 3, "served": 1, "faults_injected": 2, "hanging": 0}
+    assert counters == {"requests": 3, "served": 1, "faults_injected": 2, "rate_limited": 2,
+                        "by_kind": {"rate-limit": 2}, "hanging": 0}
     assert (await sim.state("ollama"))["counters"]["requests"] == 0
 
 

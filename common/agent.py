@@ -64,6 +64,7 @@ from common.service import ServiceContext
 log = logging.getLogger("tron.agent")
 
 
+PROVIDER_POLL = 25.0  # the daemon answers an acquire or a park within 20 s (a long poll)
 # Reasons a run fails fast with, passed up unchanged from the task that met them.
 REFUSALS = ("lane_paused", "service_paused")
 
@@ -87,7 +88,9 @@ class Task:
     progress: str | None = None
     waiting: int = 0  # sub-tasks this task is waiting on
     fetched: bool = False  # earlier steps' outputs read from the registry
+    provider: str | None = None  # where this task's LLM calls go (the ladder may switch it in place)
     _steps: dict[int, dict] | None = field(default=None, repr=False)
+    _repeats: object | None = field(default=None, repr=False)  # the RepeatGuard of its answers
 
     @property
     def id(self) -> str:
@@ -213,7 +216,7 @@ class Agent:
                 run.cancel()
         if assign.provider:
             self.ctx.provider = assign.provider
-        task = Task(assign, progress=assign.progress)
+        task = Task(assign, progress=assign.progress, provider=assign.provider)
         self.active[assign.task_id] = task
         self._refresh_beat_fields()
         logs.comms("task_received", src=assign.reply_to, dst=self.name, task=assign.task_id, run=assign.run_id,
@@ -268,24 +271,156 @@ class Agent:
 
         return client_for(provider or self.provider, self.provider_settings())
 
-    async def call_llm(self, task: Task, request):
+    async def call_llm(self, task: Task, request, *, tools: list | None = None, complete: bool = False):
         """A direct SDK call under the ladder, for what ``llm`` does not do (tools,
-        structured output, embeddings): ``await request(client)`` with this incarnation's
-        ready client. A failure of the call is classified (status, error type) and
-        reported, and the task is left to the ladder (restart, provider switch, fail)::
+        structured output, embeddings): ``await request(client)`` with the task's ready
+        client. Every call goes through the mesh's governor, a failure is classified
+        (status, error type) and the ladder answers it in place: wait and retry, switch
+        provider, park while every provider is down, or fail the task. With ``tools`` (as
+        given to the SDK), tool calls whose arguments break their schema count as failures::
 
             reply = await self.call_llm(task, lambda c: c.messages.create(model=self.model, ...))
         """
-        from common.providers import classify
+        from common.providers import check_tool_calls, reply_of
+
+        def inspect(provider: str, response):
+            # Only a generation's answer is checked (not an embedding, a stream object, a count).
+            answer = any(hasattr(response, a) for a in ("content", "choices", "message", "output")) \
+                or isinstance(getattr(response, "response", None), str)
+            reply = reply_of(provider, response) if answer else None
+            failure = self._check_reply(task, reply, complete=complete) if reply is not None else None
+            if failure is None and tools:
+                failure = check_tool_calls(provider, response, tools)
+            return failure, reply
+
+        return await self.under_ladder(task, lambda provider: request(self.client(provider)), inspect)
+
+    def _check_reply(self, task: Task, reply, *, complete: bool):
+        """An answer that is 200 OK but broken (empty, cut at max_tokens where a whole one
+        is needed, a refusal, the same answer again and again) is a provider failure."""
+        from common.providers import RepeatGuard, check_reply
+
+        checks = self.config.output_checks(self.name)
+        failure = check_reply(reply, checks, complete=complete)
+        if failure is None and checks.repeat_limit and reply.text:
+            if task._repeats is None:
+                task._repeats = RepeatGuard()
+            failure = task._repeats.check(reply.text, checks.repeat_limit, provider=reply.provider)
+        return failure
+
+    async def under_ladder(self, task: Task, call, inspect=None):
+        """Run ``call(provider)`` under the mesh's provider supervision until it succeeds;
+        raise ``Abandon`` when the ladder ended the task (failed for good, cancelled).
+
+        Before each try the daemon's governor admits it (or holds it through a rate limit
+        every agent shares); after it, the outcome goes back, and a failure is answered
+        with the ladder's decision, carried out here, in this incarnation: no process is
+        killed for a provider's trouble. ``inspect(provider, result)`` returns
+        ``(failure or None, LLMReply or None)`` for answers that came back broken."""
+        from common.providers import ProviderFailure, classify
 
         await self.sdks_ready()
+        while True:
+            provider = task.provider or self.provider
+            answer = await self._desk("acquire", task, provider)
+            if answer is not None and answer.get("action") != "go":
+                await self._follow(task, answer)
+                continue
+            governed = answer is not None
+            try:
+                result = await call(provider)
+                failure, reply = inspect(provider, result) if inspect else (None, None)
+            except asyncio.CancelledError:
+                if governed:
+                    self._bg_task(self._desk("outcome", task, provider, ok=False, cancelled=True))
+                raise
+            except ProviderFailure as err:
+                failure, reply = err, None
+            except Exception as err:
+                failure, reply = classify(err, provider), None
+            if failure is None:
+                usage = (reply.input_tokens + reply.output_tokens) if reply is not None else 0
+                limits = getattr(reply, "limits", None) or {}
+                if governed:
+                    await self._desk("outcome", task, provider, ok=True, tokens=usage, limits=limits)
+                return result
+            log.warning("provider failure: %s", failure.reason,
+                        extra={"task": task.id, "provider": failure.provider, "reason": failure.reason})
+            decision = await self._desk("outcome", task, provider, ok=False, failure=failure.to_dict(),
+                                        admitted=governed)
+            if decision is None:  # the daemon cannot be reached: the old way, an alert when it is back
+                await self.report_failure(task, failure)
+                raise Abandon() from failure
+            await self._follow(task, decision)
+
+    async def _desk(self, verb: str, task: Task, provider: str, **outcome) -> dict | None:
+        """One request to the daemon's provider desk; None when it cannot be reached."""
+        body = {"service": self.name, "incarnation": self.ctx.env.incarnation, "task_id": task.id,
+                "provider": provider}
+        body.update(outcome)
+        for tries in range(1, 6):
+            try:
+                return await self.ctx.client.post(f"{self.daemon}/providers/{verb}", body, timeout=PROVIDER_POLL)
+            except MeshHTTPError as err:
+                if err.status == 409:
+                    raise Abandon() from err  # we are not the current incarnation any more
+                log.warning("provider %s refused: %s", verb, err)
+                return None
+            except (OSError, asyncio.TimeoutError) as err:
+                log.info("provider %s not delivered yet: %s", verb, err)
+                await self.clock.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=1.0, jitter=0.1))
+        return None
+
+    async def _follow(self, task: Task, answer: dict) -> None:
+        """Carry out the ladder's answer to a provider failure, in this incarnation."""
+        action = answer.get("action")
+        if action in ("wait", "retry"):
+            await self._wait(task, float(answer.get("delay") or 0.0))
+        elif action == "switch":
+            task.provider = self.ctx.provider = answer["provider"]
+            log.warning("provider switched in place to %s", answer["provider"], extra={"task": task.id})
+            await self._wait(task, float(answer.get("delay") or 0.0))
+        elif action == "park":
+            log.error("task parked: %s", answer.get("reason"), extra={"task": task.id})
+            await self._parked(task)
+        elif action in ("fail", "abandon"):
+            log.error("task ended by the ladder: %s", answer.get("reason") or answer.get("why"),
+                      extra={"task": task.id, "case": answer.get("case")})
+            raise Abandon()
+        else:
+            raise Abandon()
+
+    async def _wait(self, task: Task, seconds: float) -> None:
+        """A wait the ladder asked for: beats say the task waits (not a runaway)."""
+        if seconds <= 0:
+            return
+        task.waiting += 1
+        self._refresh_beat_fields()
         try:
-            return await request(self.client())
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            await self.report_failure(task, classify(err, self.provider))
-            raise Abandon() from err
+            await self.clock.sleep(seconds)
+        finally:
+            task.waiting -= 1
+            self._refresh_beat_fields()
+
+    async def _parked(self, task: Task) -> None:
+        task.waiting += 1
+        self._refresh_beat_fields()
+        try:
+            while True:
+                answer = await self._desk("park", task, task.provider or self.provider)
+                if answer is None:
+                    await self.clock.sleep(1.0)
+                    continue
+                if answer.get("action") == "park":
+                    continue
+                if answer.get("action") == "resume":
+                    task.provider = self.ctx.provider = answer["provider"]
+                    log.warning("parked task resumes on %s", answer["provider"], extra={"task": task.id})
+                    return
+                raise Abandon()
+        finally:
+            task.waiting -= 1
+            self._refresh_beat_fields()
 
     async def checkpoint(self, task: Task, step: int, step_id: str, output: str) -> None:
         """Record a completed step (its output kept, hashed, by the daemon): a restart
@@ -538,21 +673,25 @@ class Agent:
 
     # -- the LLM ------------------------------------------------------------------------------
 
-    async def llm(self, task: Task, prompt: str, *, system: str | None = None, stream: bool = False) -> str:
-        """Ask this agent's current provider. A provider failure is reported to the
-        daemon as an alert (with its classified reason and retryable flag) and the task
-        is abandoned here: the ladder decides what happens next."""
-        from common.providers import ProviderFailure, provider_for  # SDKs load lazily
+    async def llm(self, task: Task, prompt: str, *, system: str | None = None, stream: bool = False,
+                  complete: bool = False) -> str:
+        """Ask the task's provider, under the ladder (see ``under_ladder``): a provider
+        failure is retried, switched or parked in place, and only a task the ladder ended
+        leaves here (as ``Abandon``). ``complete``: the step needs a whole answer, so one
+        cut at max_tokens is a failure too."""
         from common.prompts import system_prompt
+        from common.providers import provider_for  # SDKs load lazily
 
-        provider = provider_for(self.provider)
-        await self.sdks_ready()
-        try:
-            reply = await provider.complete(system=system or self.system or system_prompt(self.role), prompt=prompt,
-                                            settings=self.provider_settings(), stream=stream)
-        except ProviderFailure as failure:
-            await self.report_failure(task, failure)
-            raise Abandon() from failure
+        system = system or self.system or system_prompt(self.role)
+
+        async def call(provider: str):
+            return await provider_for(provider).complete(system=system, prompt=prompt,
+                                                         settings=self.provider_settings(), stream=stream)
+
+        def inspect(provider: str, reply):
+            return self._check_reply(task, reply, complete=complete), reply
+
+        reply = await self.under_ladder(task, call, inspect)
         return reply.text
 
     async def report_failure(self, task: Task, failure) -> None:

@@ -29,6 +29,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from common.models import Provider, validation_messages
+from common.providers.checks import OutputChecks
 
 DAEMON = "daemon"
 AGENT_ROLES = ("gateway", "root", "architect", "director", "programmer", "llm_sim")
@@ -323,6 +324,11 @@ class ProvidersConfig(_Strict):
     wait_before_switch: float = Field(5.0, ge=0)  # a rate-limit hold this short is waited out, not switched away from
     on_all_down: Literal["park", "fail"] = "park"  # every provider of the chain open: wait for one, or fail at once
     park_max: float = Field(600.0, gt=0)  # a parked task fails for good after this long
+    # Slow start (Envoy's slow_start_window, TCP's congestion window): a provider whose health
+    # is not known yet, or that has just come back, gets this many calls in flight, one more
+    # per success, until ramp_to (then no limit of ours). 0 turns it off.
+    start_window: int = Field(4, ge=0, le=10_000)
+    ramp_to: int = Field(64, ge=1, le=100_000)
     limits: dict[str, ProviderLimits] = {}  # per provider name
 
     @model_validator(mode="after")
@@ -406,6 +412,9 @@ class MeshConfig(_Strict):
     policy: Policy = Policy()
     _hosts: dict[str, str] = PrivateAttr(default_factory=dict)
     providers: ProvidersConfig = ProvidersConfig()
+    # Answers that are 200 OK but broken, per role ("default" for every other role):
+    # [checks.programmer] repeat_limit = 2, max_tokens = true
+    checks: dict[str, OutputChecks] = {}
     services: dict[str, ServiceSpec]
     source: str = ""
 
@@ -460,6 +469,11 @@ class MeshConfig(_Strict):
 
     def spec(self, name: str) -> ServiceSpec:
         return self.services[name]
+
+    def output_checks(self, name: str) -> OutputChecks:
+        """The answer checks of a service's role (``[checks.<role>]``, else ``[checks.default]``)."""
+        role = self.services[name].role if name in self.services else name
+        return self.checks.get(role) or self.checks.get("default") or OutputChecks()
 
     def children(self, name: str) -> list[str]:
         return [n for n, s in self.services.items() if s.parent == name]

@@ -232,6 +232,33 @@ class FailureReport(Msg):
     detail: dict[str, Any] = {}
 
 
+class ProviderCall(Msg):
+    """An agent asks the governor before a call to a provider (``POST /providers/acquire``),
+    or asks again while its task is parked (``POST /providers/park``)."""
+
+    service: NameStr
+    incarnation: IdStr
+    task_id: IdStr | None = None
+    provider: Provider
+
+
+class ProviderOutcome(Msg):
+    """How an admitted call ended (``POST /providers/outcome``): ``ok``, or a failure the
+    SDK classified (``failure``: reason, retryable, status, message, retry_after, limits).
+    A failure's answer is the ladder's decision: retry, switch, park or fail."""
+
+    service: NameStr
+    incarnation: IdStr
+    task_id: IdStr | None = None
+    provider: Provider
+    ok: bool
+    admitted: bool = True  # false: the call never went through the governor (counted, not released)
+    cancelled: bool = False  # the call was abandoned (the task was cancelled): released, no verdict
+    tokens: int = Field(0, ge=0)
+    limits: dict[str, float] = {}
+    failure: dict[str, Any] | None = None
+
+
 class PermanentFailure(Msg):
     """Carry out a ``Fail`` decision of the top (level 3)."""
 

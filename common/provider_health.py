@@ -11,7 +11,10 @@ Vocabulary (DESIGN.md, "Providers are supervised resources"):
   say nothing is left until a reset (also a hold), or when an operator drains it.
 - The **governor** admits each request: not to an open provider, one probe at a time to a
   half-open one, and within the configured concurrency and requests/tokens per minute.
-  50 tasks hit by one 429 therefore wait together instead of retrying in a stampede.
+  A provider whose health is not known yet, or that has just closed again, is ramped up
+  (slow start: ``start_window`` calls in flight, one more per success, up to ``ramp_to``),
+  so a crash wave of 50 tasks sends a handful of calls into a rate limit, not 50, and then
+  waits together for the probe instead of retrying in a stampede.
 
 Nothing here reads a clock or does I/O: every method takes ``now`` (the daemon's
 monotonic reading) and returns what changed, so each rule is a line of a unit-test table.
@@ -74,12 +77,14 @@ class Health:
     sent: deque = field(default_factory=deque)  # times of admitted requests, the last minute
     tokens: deque = field(default_factory=deque)  # (time, tokens) reported, the last minute
     limits: dict = field(default_factory=dict)  # the provider's own rate-limit headers, last seen
+    window: int | None = None  # slow start: calls allowed in flight (None: no limit of ours)
     requests: int = 0
     successes: int = 0
     failures_total: int = 0
 
     def snapshot(self, now: float) -> dict:
         return {"provider": self.name, "state": str(self.state), "kind": self.kind, "reason": self.reason,
+                "window": self.window,
                 "since_s": round(now - self.since, 3), "until_s": round(self.until - now, 3) if self.until else None,
                 "failures": self.failures, "inflight": self.inflight, "last_error": self.last_error,
                 "requests": self.requests, "successes": self.successes, "failures_total": self.failures_total,
@@ -89,14 +94,17 @@ class Health:
 class Board:
     """Every provider's health, and the governor that admits requests to them."""
 
-    def __init__(self, config: ProvidersConfig, names: list[str] | None = None) -> None:
+    def __init__(self, config: ProvidersConfig, names: list[str] | None = None, *, now: float = 0.0) -> None:
         self.config = config
-        self.providers: dict[str, Health] = {n: Health(n) for n in (names or config.chain)}
+        self.providers: dict[str, Health] = {n: self._new(n, now) for n in (names or config.chain)}
         self.timeout = config.timeout
+
+    def _new(self, name: str, now: float) -> Health:
+        return Health(name, since=now, window=self.config.start_window or None)
 
     def __getitem__(self, name: str) -> Health:
         if name not in self.providers:
-            self.providers[name] = Health(name)
+            self.providers[name] = self._new(name, 0.0)
         return self.providers[name]
 
     def limits(self, name: str) -> ProviderLimits:
@@ -113,6 +121,8 @@ class Board:
             h.kind = kind
         if new != ProviderState.HALF_OPEN:
             h.probe_until = None
+        if new == ProviderState.CLOSED and old != ProviderState.CLOSED:
+            h.window = self.config.start_window or None  # just back: ramped up again
         return Change(h.name, old, new, reason, until)
 
     def tick(self, now: float) -> list[Change]:
@@ -167,6 +177,8 @@ class Board:
             h.probe_until = now + self.timeout + PROBE_GRACE
             return self._admit(h, now, probe=True)
         lim = self.limits(name)
+        if h.window is not None and h.inflight >= h.window:
+            return Grant(False, wait=0.05, why=f"{name}: slow start, {h.inflight} calls in flight")
         if lim.concurrency is not None and h.inflight >= lim.concurrency:
             return Grant(False, wait=0.05, why=f"{name}: {h.inflight} requests in flight (concurrency {lim.concurrency})")
         if lim.rpm is not None and len(h.sent) >= lim.rpm:
@@ -202,6 +214,10 @@ class Board:
             self._done(h)
         h.successes += 1
         h.failures = 0
+        if h.window is not None:
+            h.window += 1
+            if h.window >= self.config.ramp_to:
+                h.window = None
         if tokens:
             h.tokens.append((now, tokens))
         changes = []

@@ -11,7 +11,7 @@ and retry row with the drill's name, and production failure_metrics skip them.
     runaway NAME         the agent keeps beating but its progress marker freezes;
                          expect no_progress, replaced
     provider-outage P    provider P fails every call; a drill run must still complete
-                         after the root switches provider
+                         on another provider, with no process killed for it
     node-loss NODE       (a Ray cluster) every process of one node dies at once; its
                          services must come back on other nodes, their tasks go on
     crash-loop NAME      kill it as soon as it is back, max_restarts + 2 times: it must come
@@ -456,13 +456,16 @@ class Runner:
             stored = read.run(conn, run_id)
         for r in rows:
             label = {"llm_change": "provider switched", "child_restart": "restart", "escalation": "escalated",
-                     "permanent_failure": "permanent failure"}.get(r["retry_type"], r["retry_type"])
+                     "permanent_failure": "permanent failure",
+                     "provider_retry": "retried in place"}.get(r["retry_type"], r["retry_type"])
             drill.mark(label, f"{r['agent_id']}: {r['reason']} {r['from_provider'] or ''}"
                               f"{' -> ' + r['to_provider'] if r['to_provider'] else ''}", at=r["mono"])
         switches = [r for r in rows if r["retry_type"] == "llm_change"]
         drill.check("the run completed despite the outage", run["status"] == RunState.DONE)
         drill.check(f"work moved off {provider}", bool(switches) and all(r["from_provider"] == provider for r in switches))
         drill.check("every row has a real reason", all(r["reason"] for r in rows))
+        drill.check("no process was killed for the provider's outage",
+                    not [r for r in rows if r["retry_type"] == "child_restart"])
         drill.check("the run is labelled as a drill", bool(stored) and stored["drill"] == 1)
         drill.data["run_id"] = run_id
         return drill

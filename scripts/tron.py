@@ -6,6 +6,7 @@
     tron restart|stop|start NAME  operator actions on one service (audited)
     tron pause|resume NAME        no new tasks for a service / take them again
     tron lane list|pause|resume   the breaker's lanes (roles)
+    tron provider list [--json] | drain NAME | restore NAME   provider health (audited actions)
     tron spawning pause|resume    the incident switch: no new process starts
     tron task show|retry|hard-reset|resume --from-step N|cancel ID
     tron audit [--json]           every operator action
@@ -35,8 +36,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import get_args
 
 from common.config import ConfigError, MeshConfig, load_mesh
+from common.models import Provider
 from common.paths import Home
 from services.daemon.spawner import MARK
 from scripts.client import ClientError, MeshClient
@@ -301,6 +304,30 @@ def cmd_lane(ctx: Ctx, args: argparse.Namespace) -> int:
         return 0
     answer = _action(ctx, f"/lanes/{args.lane}/{args.lane_cmd}", args)
     print(f"lane {args.lane}: {answer['status']}")
+    return 0
+
+
+def cmd_provider(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.provider_cmd == "list":
+        mesh = ctx.require_daemon()
+        code, answer = mesh.call("GET", mesh.daemon_url + "/providers", auth=True)
+        if code >= 300:
+            raise CLIError(answer.get("error") if isinstance(answer, dict) else str(answer))
+        if args.json:
+            print(json.dumps(answer, indent=2))
+            return 0
+        print(f"chain: {' -> '.join(answer['chain'])}; with every provider open: {answer['on_all_down']}")
+        print(f"{'provider':<11} {'state':<10} {'since':>8} {'until':>8} {'fails':>5}  reason / last error")
+        for p in answer["providers"]:
+            until = f"{p['until_s']:.1f}s" if p["until_s"] is not None else "-"
+            last = (p.get("last_error") or {}).get("reason") or ""
+            why = p["reason"] or (f"last error: {last}" if last else "")
+            print(f"{p['provider']:<11} {p['state']:<10} {p['since_s']:>7.1f}s {until:>8} {p['failures']:>5}  {why}")
+        return 0
+    if args.name not in get_args(Provider):
+        raise CLIError(f"no provider {args.name!r} (known: {', '.join(get_args(Provider))})")
+    answer = _action(ctx, f"/providers/{args.name}/{args.provider_cmd}", args)
+    print(f"provider {args.name}: {answer['status']}")
     return 0
 
 
@@ -581,6 +608,15 @@ def build_parser() -> argparse.ArgumentParser:
         lv = lsub.add_parser(verb, help=f"{verb} a lane (a role)")
         lv.add_argument("lane")
         lv.add_argument("--reason")
+    prov = sub.add_parser("provider", help="LLM providers: health, drain and restore")
+    psub = prov.add_subparsers(dest="provider_cmd", required=True)
+    plist = psub.add_parser("list", help="every provider's state (closed, open, half_open) and why")
+    plist.add_argument("--json", action="store_true")
+    for verb, what in (("drain", "take a provider out: no call goes to it until it is restored"),
+                       ("restore", "put a provider back (closed) at once")):
+        pv = psub.add_parser(verb, help=what)
+        pv.add_argument("name")
+        pv.add_argument("--reason")
     spawning = sub.add_parser("spawning", help="the incident switch: no new process starts anywhere")
     ssub = spawning.add_subparsers(dest="spawning_cmd", required=True)
     for verb in ("pause", "resume"):

@@ -12,6 +12,9 @@ pydantic model, so bad input is a 4xx that says what is wrong and changes nothin
     POST /control/{drill,shutdown}                    (token)
     POST /runs, /tasks, /tasks/{id}/finish, /tasks/{id}/checkpoint, /runs/{id}/finish   (token)
     GET  /runs/{id} /tasks/{id} /tasks/{id}/checkpoints
+    GET  /providers                                   every provider's health (token)
+    POST /providers/{acquire,outcome,park}            an agent's calls under the governor (token)
+    POST /providers/{name}/{drain,restore}            operator verbs, audited (token)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from common.ladder import Escalated
 from common.lanes import every_lane
 from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
                            LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
-                           RunCreate, SwitchRequest, TaskFinish, TaskRecord)
+                           ProviderCall, ProviderOutcome, RunCreate, SwitchRequest, TaskFinish, TaskRecord)
 from common.monitor import Verdict
 from common.settings import field_errors, read_overlay
 from common.states import ServiceState, TaskState
@@ -196,6 +199,74 @@ async def report_failure(request: web.Request) -> web.Response:
         signal = dataclasses.replace(signal, task_id=rep.task_id)  # failed before a beat carried the task
     d.background(d.router.on_signal(signal, retryable=rep.retryable), f"report {rep.service}")
     return web.json_response({"status": "alerted"}, status=202)
+
+
+# -- providers --------------------------------------------------------------------------------
+
+
+def _caller(d: Daemon, name: str, incarnation: str) -> None:
+    svc = _service(d, name)
+    if svc.incarnation != incarnation:
+        raise web.HTTPConflict(text=f'{{"error": "incarnation {incarnation} of {name} is not the current one"}}',
+                               content_type="application/json")
+
+
+@require_token
+async def provider_acquire(request: web.Request) -> web.Response:
+    """Before a call to a provider: go, wait, or the ladder's decision when it is open."""
+    d = _d(request)
+    req = await parse(request, ProviderCall)
+    _caller(d, req.service, req.incarnation)
+    return web.json_response(await d.providers.acquire(req))
+
+
+@require_token
+async def provider_outcome(request: web.Request) -> web.Response:
+    """After a call: ok, or a classified failure, answered with the ladder's decision."""
+    d = _d(request)
+    out = await parse(request, ProviderOutcome)
+    _caller(d, out.service, out.incarnation)
+    return web.json_response(await d.providers.outcome(out))
+
+
+@require_token
+async def provider_park(request: web.Request) -> web.Response:
+    """A parked task's agent waits here (long poll) for a provider to come back."""
+    d = _d(request)
+    req = await parse(request, ProviderCall)
+    _caller(d, req.service, req.incarnation)
+    if not req.task_id:
+        return error(422, "task_id: a parked task is named by its id")
+    return web.json_response(await d.providers.park(req))
+
+
+@require_token
+async def get_providers(request: web.Request) -> web.Response:
+    d = _d(request)
+    return web.json_response({"providers": d.providers.status(), "chain": list(d.config.providers.chain),
+                              "on_all_down": d.config.providers.on_all_down})
+
+
+def _provider_action(verb: str):
+    @require_token
+    async def handler(request: web.Request) -> web.Response:
+        d = _d(request)
+        name = request.match_info["name"]
+        if name not in d.providers.board.providers:
+            return error(404, f"no provider {name!r} in this mesh ({', '.join(d.providers.board.providers)})")
+        body = await _operator_body(request)
+        act = d.providers.drain if verb == "drain" else d.providers.restore
+
+        async def run() -> dict:
+            return await act(name, actor=_actor(body), reason=body.reason)
+
+        answer = await d.audit.run(run, actor=_actor(body), what=f"provider_{verb}", target=name,
+                                   reason=body.reason, request_id=body.request_id,
+                                   state=lambda: str(d.providers.board[name].state))
+        return web.json_response(answer)
+
+    handler.__name__ = f"provider_{verb}"
+    return handler
 
 
 # -- operators --------------------------------------------------------------------------------
@@ -537,6 +608,12 @@ def make_app(daemon: Daemon) -> web.Application:
     for verb in TASK_VERBS:
         r.add_post(f"/tasks/{{task_id}}/{verb.replace('_', '-')}", _task_action(verb))
     r.add_get("/lanes", get_lanes)
+    r.add_get("/providers", get_providers)
+    r.add_post("/providers/acquire", provider_acquire)
+    r.add_post("/providers/outcome", provider_outcome)
+    r.add_post("/providers/park", provider_park)
+    for verb in ("drain", "restore"):
+        r.add_post(f"/providers/{{name}}/{verb}", _provider_action(verb))
     for verb in ("lose", "restore"):
         r.add_post(f"/nodes/{{node}}/{verb}", _node_action(verb))
     for verb in ("pause", "resume"):

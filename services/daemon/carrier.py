@@ -224,10 +224,12 @@ class Carrier:
         history = await self.store.task_history(rec.task_id)
         signals = sorted({(r["detail"] or {}).get("detected_by") or r["reason"] for r in history
                           if r["retry_type"] in (RetryType.CHILD_RESTART, RetryType.ESCALATION)})
-        providers = [p for p in dict.fromkeys([r["from_provider"] for r in history] + [svc.provider]) if p]
+        providers = [p for p in dict.fromkeys([r["from_provider"] for r in history] + [r["to_provider"] for r in history]
+                                              + [task.get("provider"), svc.provider]) if p]
         failure = {**rec.detail, "agent": rec.service, "reason": rec.reason, "signals": signals,
                    "providers_tried": providers,
                    "restarts": sum(r["retry_type"] == RetryType.CHILD_RESTART for r in history),
+                   "provider_retries": sum(r["retry_type"] == RetryType.PROVIDER_RETRY for r in history),
                    "provider_switches": sum(r["retry_type"] == RetryType.LLM_CHANGE for r in history),
                    "task_id": rec.task_id, "run_id": task["run_id"], "case": rec.case}
         row = await self.store.record_retry(
@@ -243,9 +245,15 @@ class Carrier:
         lane = None
         if self.breaker is not None:
             last = next((r for r in reversed(history) if r["retry_type"] != RetryType.LLM_CHANGE), None)
-            failure_class = ((last or {}).get("detail") or {}).get("detected_by") or rec.reason
-            lane = await self.breaker.task_failed(rec.service, svc.provider, failure_class,
-                                                  rec.detail.get("last_reason") or rec.reason,
+            failure_class = rec.detail.get("failure_class") or \
+                ((last or {}).get("detail") or {}).get("detected_by") or rec.reason
+            # A task that went through the whole chain failed on the chain, not on whichever
+            # provider it happened to end on: identical outages share one fingerprint.
+            chain = list(self.config.providers.chain)
+            tried = {r["from_provider"] for r in history} | {r["to_provider"] for r in history} | {svc.provider}
+            exhausted = rec.detail.get("chain_exhausted") or set(chain) <= tried
+            lane = await self.breaker.task_failed(rec.service, "+".join(chain) if exhausted else svc.provider,
+                                                  failure_class, rec.detail.get("last_reason") or rec.reason,
                                                   task_id=rec.task_id, run_id=task["run_id"])
         return {"status": "recorded", "failure": failure, "lane": lane}
 

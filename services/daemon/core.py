@@ -8,6 +8,7 @@ spawner) as arguments:
     carrier.Carrier        carries out the ladder's decisions (common/ladder.py decides)
     ledger.Ledger          runs and tasks: recorded, delivered, handed over
     operators.Operators    restart / stop / start, audited
+    providers.ProviderDesk provider health, the governor, parked tasks (provider failures)
     api                    the HTTP API (services/daemon/api.py)
 
 Handlers enqueue, one loop acts: the monitor thread and the pidfd callbacks only hand
@@ -44,6 +45,7 @@ from services.daemon.breaker import Breaker
 from services.daemon.operators import Operators
 from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
+from services.daemon.providers import ProviderDesk
 from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, Spawner, reap_strays
 from services.daemon.supervisor import Supervisor, mesh_marks
 
@@ -123,6 +125,7 @@ class Daemon:
                                  client=self.client)
         self.breaker = Breaker(self.sup, self.store, clock=self.clock, policy=self.policy, metrics=self.metrics)
         self.carrier.breaker = self.breaker
+        self.providers = ProviderDesk(self.config, self.sup, self.store, self.carrier, metrics=self.metrics, **kw)
         self.sup.checks = ProbeChecks(self.client, self.sup.values, self.config.hosts)
         self.probes = Probes(self.sup, self.monitor, self.sup.checks, **kw)
         self.sup.on_signal = self.router.on_signal
@@ -322,6 +325,7 @@ class Daemon:
                 reap_strays(tracked | getattr(self.sup.spawner, "helper_pids", lambda: set())())
             try:
                 await self.router.watchdog_tick()
+                await self.providers.tick()
             except Exception:  # the watchdog must outlive any one bad tick
                 log.exception("watchdog tick failed")
             if ticks % 60 == 0 and hasattr(self.store, "trim"):
@@ -398,6 +402,7 @@ class Daemon:
             "crash_looping": [s.name for s in self.sup.services.values() if s.crash_looping],
             "registry": self.registry_health(),
             "spawning": "paused" if self.sup.spawning_paused else "running",
+            "providers": self.providers.status(),
         }
 
     async def backup(self) -> dict:

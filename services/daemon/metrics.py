@@ -32,5 +32,16 @@ class DaemonMetrics:
         self.registry_degraded = Gauge("tron_registry_degraded", "1 while the registry refuses writes", registry=r)
         self.registry_pending = Gauge("tron_registry_pending_writes", "Rows waiting in the journal", registry=r)
 
+        self.provider_state = Gauge("tron_provider_state", "0 closed, 1 half_open, 2 open", ["provider"], registry=r)
+        self.provider_opens = Counter("tron_provider_opens", "Times a provider opened", ["provider"], registry=r)
+        self.provider_failures = Counter("tron_provider_failures", "Provider calls that failed, by reason",
+                                         ["provider", "reason"], registry=r)
+        self.provider_refused = Counter("tron_provider_refused", "Calls not sent: the provider was open",
+                                        ["provider"], registry=r)
+        self.provider_retries = Counter("tron_provider_retries", "Tasks retried in place after a provider failure",
+                                        ["provider"], registry=r)
+        self.tasks_parked = Counter("tron_tasks_parked", "Tasks parked with every provider down", registry=r)
+        self.tasks_resumed = Counter("tron_tasks_resumed", "Parked tasks that went on", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -79,7 +79,7 @@ def test_a_probe_whose_agent_vanished_is_given_up_after_its_timeout():
 
 
 def test_retry_after_holds_the_whole_mesh_at_once_and_in_flight_answers_change_nothing():
-    b = board(fail_threshold=3)
+    b = board(fail_threshold=3, start_window=0)
     for _ in range(10):
         assert b.acquire("anthropic", 0.0).go  # ten requests in flight
     changes = b.failed("anthropic", 0.01, reason="rate_limit_error", retry_after=3.0)
@@ -165,3 +165,24 @@ def test_illegal_transitions_are_refused():
     b = board()
     with pytest.raises(IllegalTransition):
         b._to(b["anthropic"], H, 0.0, "no")
+
+
+def test_slow_start_ramps_a_new_or_recovered_provider_one_call_per_success():
+    b = board(start_window=2, ramp_to=4, fail_threshold=1, cooldown=1.0)
+    assert b.acquire("anthropic", 0.0).go and b.acquire("anthropic", 0.0).go
+    assert not b.acquire("anthropic", 0.0).go  # two in flight before anything is known
+    b.succeeded("anthropic", 0.1)  # window 3
+    assert b.acquire("anthropic", 0.1).go and b.acquire("anthropic", 0.1).go
+    assert not b.acquire("anthropic", 0.1).go
+    b.succeeded("anthropic", 0.2)  # window 4 = ramp_to: no limit of ours any more
+    assert b["anthropic"].window is None
+    assert all(b.acquire("anthropic", 0.3).go for _ in range(20))
+    b.failed("anthropic", 0.4, reason="api_error")  # opens
+    assert b.acquire("anthropic", 1.5).probe
+    b.succeeded("anthropic", 1.6)  # closed again: ramped from the start
+    assert b["anthropic"].window == 2
+
+
+def test_slow_start_off():
+    b = board(start_window=0)
+    assert all(b.acquire("anthropic", 0.0).go for _ in range(100))

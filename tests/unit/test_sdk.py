@@ -310,11 +310,28 @@ async def test_hand_offs_retry_a_bounded_number_of_times_with_capped_backoff(fai
 # -- direct SDK calls ----------------------------------------------------------------------------
 
 
+def governed(daemon: FakeDaemon, *decisions: dict) -> list[dict]:
+    """The daemon's provider desk: every call admitted; each failure answered with the
+    next of ``decisions``; successes acknowledged. Returns the outcomes it was sent."""
+    queue = list(decisions)
+    outcomes: list[dict] = []
+
+    def outcome(body):
+        outcomes.append(body)
+        return {"action": "done"} if body["ok"] else queue.pop(0)
+
+    daemon.answers[("POST", "/providers/acquire")] = {"action": "go"}
+    daemon.answers[("POST", "/providers/outcome")] = outcome
+    return outcomes
+
+
 async def test_a_direct_sdk_call_returns_what_the_sdk_returned(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     agent, daemon, _ = make_agent()
+    outcomes = governed(daemon)
     reply = await agent.call_llm(Task(assign()), lambda client: _answer(client))
     assert reply == "AsyncAnthropic" and daemon.sent("POST", "/control/report_failure") == []
+    assert [(o["provider"], o["ok"], o["task_id"]) for o in outcomes] == [("anthropic", True, "run-1.0")]
 
 
 async def _answer(client):
@@ -326,19 +343,106 @@ async def _answer(client):
     ("sk-ant-test", ConnectionRefusedError("refused"), "connection_error", True),
     (None, None, "not_configured", False),  # no key and no llm-sim: said, not crashed on
 ])
-async def test_a_failed_sdk_call_is_classified_reported_and_left_to_the_ladder(monkeypatch, key, error, reason,
-                                                                             retryable):
+async def test_a_failed_sdk_call_is_classified_and_the_ladder_answers_it(monkeypatch, key, error, reason, retryable):
     if key:
         monkeypatch.setenv("ANTHROPIC_API_KEY", key)
     else:
         monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     agent, daemon, _ = make_agent()
+    outcomes = governed(daemon, {"action": "fail", "reason": "all_providers_down: ..."})
 
     async def request(client):
         raise error
 
     with pytest.raises(Abandon):
         await agent.call_llm(Task(assign()), request)
+    [sent] = outcomes
+    failure = sent["failure"]
+    assert (failure["reason"], failure["retryable"], sent["task_id"], sent["ok"]) == (reason, retryable, "run-1.0", False)
+    assert key is None or key not in str(sent)
+    assert daemon.sent("POST", "/control/report_failure") == []  # no alert: no process is killed for it
+
+
+async def test_retry_in_place_then_switch_in_place_then_success_in_one_incarnation(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    agent, daemon, clock = make_agent()
+    outcomes = governed(daemon, {"action": "retry", "delay": 2.5, "case": "rate_limit_wait"},
+                        {"action": "switch", "provider": "ollama", "delay": 0.0, "case": "provider_open"})
+    seen = []
+
+    async def request(client):
+        seen.append(type(client).__name__)
+        if len(seen) < 3:
+            raise asyncio.TimeoutError()
+        return "answer"
+
+    task = Task(assign())
+    assert await agent.call_llm(task, request) == "answer"
+    assert seen == ["AsyncAnthropic", "AsyncAnthropic", "AsyncClient"]
+    assert [(o["provider"], o["ok"]) for o in outcomes] == [("anthropic", False), ("anthropic", False), ("ollama", True)]
+    assert 2.5 in clock.slept and task.provider == "ollama" and agent.provider == "ollama"
+    assert task.waiting == 0
+
+
+async def test_a_parked_task_waits_at_the_desk_and_resumes_on_the_provider_it_is_given(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    agent, daemon, _ = make_agent()
+    governed(daemon, {"action": "park", "reason": "all_providers_down: ..."})
+    polls = [{"action": "park"}, {"action": "park"}, {"action": "resume", "provider": "ollama"}]
+    waiting_seen = []
+
+    def park(body):
+        waiting_seen.append(agent.ctx.waiting)
+        return polls.pop(0)
+
+    daemon.answers[("POST", "/providers/park")] = park
+    calls = []
+
+    async def request(client):
+        calls.append(type(client).__name__)
+        if len(calls) == 1:
+            raise asyncio.TimeoutError()
+        return "ok"
+
+    task = Task(assign())
+    agent.active[task.id] = task
+    assert await agent.call_llm(task, request) == "ok"
+    assert calls == ["AsyncAnthropic", "AsyncClient"] and waiting_seen == [True, True, True]
+    assert task.waiting == 0 and not agent.ctx.waiting
+
+
+async def test_without_the_daemon_a_failure_falls_back_to_an_alert(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    agent, daemon, _ = make_agent()
+    daemon.answers[("POST", "/providers/acquire")] = ConnectionRefusedError("daemon down")
+    daemon.answers[("POST", "/providers/outcome")] = ConnectionRefusedError("daemon down")
+
+    async def request(client):
+        raise asyncio.TimeoutError()
+
+    with pytest.raises(Abandon):
+        await agent.call_llm(Task(assign()), request)
     [report] = daemon.sent("POST", "/control/report_failure")
-    assert (report["reason"], report["retryable"], report["task_id"]) == (reason, retryable, "run-1.0")
-    assert key is None or key not in str(report)
+    assert report["reason"] == "timeout"
+
+
+async def test_an_empty_answer_and_a_repeated_one_are_provider_failures(monkeypatch):
+    from common.providers import LLMReply, StubProvider
+
+    agent, daemon, _ = make_agent()
+    outcomes = governed(daemon, {"action": "retry", "delay": 0}, {"action": "fail", "reason": "repeated_output"})
+    answers = iter(["", "same", "same", "same"])
+
+    class Scripted(StubProvider):
+        async def complete(self, **kw):
+            return LLMReply(provider="anthropic", model="m", text=next(answers), input_tokens=1, output_tokens=1,
+                            streamed=False)
+
+    monkeypatch.setattr("common.providers.provider_for", lambda name, **kw: Scripted(name))
+    task = Task(assign())
+    assert await agent.llm(task, "p") == "same"  # the empty answer was retried
+    assert await agent.llm(task, "p") == "same"
+    with pytest.raises(Abandon):  # the third identical answer in one task: a loop
+        await agent.llm(task, "p")
+    reasons = [o["failure"]["reason"] if not o["ok"] else "ok" for o in outcomes]
+    assert reasons == ["empty_answer", "ok", "ok", "repeated_output"], reasons

@@ -29,7 +29,7 @@ from common.states import LIVE_TASK_STATES, LaneState, TaskState
 @dataclass(frozen=True)
 class Action:
     verb: str                      # the button's data-action
-    scope: Literal["service", "task", "lane", "mesh"]
+    scope: Literal["service", "task", "lane", "mesh", "provider"]
     method: str
     path: str                      # formatted with the target's fields ({name}, {task_id}, ...)
     label: str
@@ -85,6 +85,14 @@ ACTIONS: tuple[Action, ...] = (
            "spawning resumes.", lambda m: m["spawning"] == "running", "spawning", danger=True),
     Action("resume", "mesh", "POST", "/spawning/resume", "Resume spawning",
            "Resume spawning? Restarts that were waiting go ahead.", lambda m: m["spawning"] == "paused", "spawning"),
+    # -- providers -----------------------------------------------------------------------------------
+    Action("drain", "provider", "POST", "/providers/{provider}/drain", "Drain",
+           "Drain provider {provider}? No call goes to it until it is restored: tasks switch to another "
+           "provider, or park when none is left.", lambda p: not (p["state"] == "open" and p["kind"] == "drained"),
+           "provider {provider}", danger=True),
+    Action("restore", "provider", "POST", "/providers/{provider}/restore", "Restore",
+           "Restore provider {provider}? It is closed at once: calls go to it again.",
+           lambda p: p["state"] != "closed", "provider {provider}"),
     # -- tasks -------------------------------------------------------------------------------------------
     Action("retry", "task", "POST", "/tasks/{task_id}/retry", "Retry",
            "Retry task {task_id} ({agent})? A live task: {agent} is restarted with it now. A failed or cancelled "

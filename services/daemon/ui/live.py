@@ -71,10 +71,12 @@ class Live:
         return self.alert_html
 
     async def render_panels(self) -> str:
-        """The mesh page's lanes (every role, with its registry row) and spawning panels."""
+        """The mesh page's providers, lanes (every role, with its registry row) and spawning panels."""
         rows = await self.daemon.store.lanes()
         mesh = {"spawning": "paused" if self.daemon.sup.spawning_paused else "running"}
-        return self.templates.render("_panels.html", lanes=lanes(rows, (r["role"] for r in self.rows())), mesh=mesh)
+        return self.templates.render("_panels.html", lanes=lanes(rows, (r["role"] for r in self.rows())), mesh=mesh,
+                                     providers=self.daemon.providers.status(),
+                                     on_all_down=self.daemon.config.providers.on_all_down)
 
     async def refresh(self) -> None:
         """Read the registry's side (open alerts, new events); a page does this before it

@@ -1,0 +1,276 @@
+"""The provider desk: the daemon's side of provider health, the governor and parked tasks.
+
+Every agent asks here before it calls a provider (``acquire``) and says how the call
+ended (``outcome``). The board (common/provider_health.py) keeps each provider's state;
+a failure is decided by the ladder (``ProviderFailed`` in common/ladder.py) on a view that
+carries every provider's state, and the answer goes back to the agent in the same
+response: retry in place after a delay, switch provider in place, park, or fail. No
+process is killed for a provider's trouble. A parked task's agent waits here
+(``park``), long-polled, and goes on within a moment of any provider of its chain
+coming back, or fails when ``park_max`` passes.
+
+Waiters (acquire, park) sleep on one asyncio.Event that every change of the board sets:
+a provider closing wakes every parked task at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from common.clock import Clock
+from common.config import DAEMON, MeshConfig, Policy
+from common.ladder import (Decision, Fail, Ignore, LadderView, ParkCheck, Park, ProviderFailed, ProviderRules,
+                           ProviderStatus, Resume, RetryInPlace, SwitchProvider, decide)
+from common.models import PermanentFailure, ProviderCall, ProviderOutcome
+from common.provider_health import Board, Change
+from common.states import ProviderState, RetryType, TaskState
+from registry.protocol import Store
+from services.daemon.metrics import DaemonMetrics
+from services.daemon.supervisor import Supervisor, new_id
+
+log = logging.getLogger("tron.daemon")
+LONG_POLL = 20.0  # an acquire or park request is answered within this, then asked again
+REQUEST_REASONS = frozenset({"authentication_error", "permission_error", "invalid_request_error", "not_found_error",
+                             "request_too_large", "not_configured"})
+STATE_VALUE = {ProviderState.CLOSED: 0, ProviderState.HALF_OPEN: 1, ProviderState.OPEN: 2}
+
+
+class ProviderDesk:
+    def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, carrier, *, clock: Clock,
+                 metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
+        self.config = config
+        self.sup = sup
+        self.store = store
+        self.carrier = carrier
+        self.clock = clock
+        self.metrics = metrics
+        self.policy = policy
+        self.background = background
+        names = list(dict.fromkeys([*config.providers.chain, config.providers.default,
+                                    *(s.provider for s in config.services.values() if s.provider)]))
+        self.board = Board(config.providers, names, now=clock.now())
+        self._changed = asyncio.Event()
+        for name in names:
+            self.metrics.provider_state.labels(provider=name).set(0)
+
+    # -- changes ------------------------------------------------------------------------------
+
+    async def announce(self, changes: list[Change], *, by: str = "health") -> None:
+        """Record and publish what changed; wake every waiter."""
+        for c in changes:
+            self.metrics.provider_state.labels(provider=c.provider).set(STATE_VALUE[c.new])
+            kind = {ProviderState.OPEN: "provider_opened", ProviderState.CLOSED: "provider_closed",
+                    ProviderState.HALF_OPEN: "provider_half_open"}[c.new]
+            payload = {"provider": c.provider, "from": str(c.old), "to": str(c.new), "reason": c.reason,
+                       "kind": self.board[c.provider].kind, "by": by,
+                       "until_s": None if c.until is None else round(c.until - self.clock.now(), 3)}
+            if c.new == ProviderState.OPEN:
+                self.metrics.provider_opens.labels(provider=c.provider).inc()
+                log.error("provider opened", extra=payload)
+            else:
+                log.warning(kind.replace("_", " "), extra=payload)
+            await self.store.event(kind, payload)
+        if changes:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def tick(self) -> None:
+        """Once in a while (the housekeeping loop): cooldowns that ended become probes."""
+        await self.announce(self.board.tick(self.clock.now()))
+
+    # -- what the ladder sees -----------------------------------------------------------------------
+
+    def rules(self) -> ProviderRules:
+        p = self.config.providers
+        return ProviderRules(on_all_down=p.on_all_down, wait_before_switch=p.wait_before_switch, park_max=p.park_max)
+
+    async def view(self, service: str, task_id: str | None) -> LadderView:
+        view = await self.carrier.view(service, decider=DAEMON, task_id=task_id)
+        states = {n: ProviderStatus(**s) for n, s in self.board.states(self.clock.now()).items()}
+        return view.model_copy(update={"providers": states, "rules": self.rules()})
+
+    def status(self) -> list[dict]:
+        return self.board.snapshot(self.clock.now())
+
+    # -- the governor ---------------------------------------------------------------------------
+
+    async def acquire(self, req: ProviderCall) -> dict:
+        """May this call go to its provider? Waits (long-polled) through a short hold, a
+        probe in flight or a full concurrency budget; an open provider is a failure the
+        ladder decides at once."""
+        deadline = self.clock.now() + LONG_POLL
+        while True:
+            now = self.clock.now()
+            await self.announce(self.board.tick(now))
+            grant = self.board.acquire(req.provider, now)
+            if grant.go:
+                return {"action": "go", "provider": req.provider, "probe": grant.probe}
+            if grant.open:
+                self.metrics.provider_refused.labels(provider=req.provider).inc()
+                return await self.decide(ProviderFailed(new_id("pf-"), req.service, req.incarnation, req.provider,
+                                                        "provider_open", True, None, req.task_id),
+                                         detail={"why": grant.why})
+            left = deadline - now
+            if left <= 0:
+                return {"action": "wait", "delay": 0.0, "why": grant.why}
+            await self._wait_change(min(grant.wait or 0.05, left))
+
+    async def outcome(self, out: ProviderOutcome) -> dict:
+        now = self.clock.now()
+        if out.cancelled:
+            self.board.released(out.provider)
+            self._wake()
+            return {"action": "done"}
+        if out.ok:
+            await self.announce(self.board.succeeded(out.provider, now, tokens=out.tokens, limits=out.limits,
+                                                     admitted=out.admitted))
+            self._wake()  # a call in flight fewer: the next waiter may go
+            return {"action": "done"}
+        failure = out.failure or {}
+        reason = str(failure.get("reason") or "unexpected_error")[:128]
+        retryable = bool(failure.get("retryable", True)) and reason not in REQUEST_REASONS
+        retry_after = failure.get("retry_after")
+        retry_after = float(retry_after) if isinstance(retry_after, (int, float)) and retry_after >= 0 else None
+        if retryable:
+            changes = self.board.failed(out.provider, now, reason=reason, retry_after=retry_after,
+                                        limits=failure.get("limits") or out.limits, error=failure,
+                                        admitted=out.admitted)
+        else:  # a bad key or a bad request says nothing about the provider's health
+            changes = []
+            if out.admitted:
+                self.board.released(out.provider)
+        self.metrics.provider_failures.labels(provider=out.provider, reason=reason).inc()
+        await self.announce(changes)
+        return await self.decide(ProviderFailed(new_id("pf-"), out.service, out.incarnation, out.provider, reason,
+                                                retryable, retry_after, out.task_id),
+                                 detail={k: v for k, v in failure.items() if k != "provider"})
+
+    # -- decisions ---------------------------------------------------------------------------------
+
+    async def decide(self, event: ProviderFailed, *, detail: dict) -> dict:
+        view = await self.view(event.service, event.task_id)
+        decision = decide(event, view, view.now, view.policy)
+        log.info("decision", extra={"offender": event.service, "decider": DAEMON, "case": decision.case,
+                                    "decision": type(decision).__name__, "task": event.task_id,
+                                    "provider": event.provider, "reason": event.reason})
+        return await self.carry_out(decision, event, view, detail)
+
+    async def carry_out(self, d: Decision, event: ProviderFailed, view: LadderView, detail: dict) -> dict:
+        svc = self.sup[event.service]
+        task = await self.store.task(event.task_id) if event.task_id else None
+        run_id = task["run_id"] if task else None
+        row_detail = {**detail, "providers": {n: s.model_dump() for n, s in view.providers.items()}}
+        if isinstance(d, Ignore):
+            return {"action": "abandon", "case": d.case, "why": d.why}
+        if isinstance(d, RetryInPlace):
+            await self.store.record_retry(
+                alert_id=event.key, agent_id=event.service, retry_type=RetryType.PROVIDER_RETRY, reason=event.reason,
+                detail={**row_detail, "delay": round(d.delay, 4)}, case=d.case, task_id=event.task_id, run_id=run_id,
+                from_provider=event.provider, to_provider=event.provider, requested_by=event.service)
+            self.metrics.provider_retries.labels(provider=event.provider).inc()
+            return {"action": "retry", "case": d.case, "delay": d.delay, "provider": event.provider}
+        if isinstance(d, SwitchProvider):
+            await self.store.record_retry(
+                alert_id=event.key, agent_id=event.service, retry_type=RetryType.LLM_CHANGE, reason=event.reason,
+                detail={**row_detail, "in_place": True, "delay": round(d.delay, 4)}, case=d.case,
+                task_id=event.task_id, run_id=run_id, from_provider=event.provider, to_provider=d.to_provider,
+                requested_by=event.service)
+            self.metrics.provider_switches.inc()
+            log.warning("provider switch", extra={"offender": event.service, "from": event.provider,
+                                                  "to": d.to_provider, "task": event.task_id, "case": d.case,
+                                                  "in_place": True})
+            if event.task_id:
+                await self.store.set_task_provider(event.task_id, d.to_provider)
+            await self._set_provider(svc, d.to_provider)
+            return {"action": "switch", "case": d.case, "provider": d.to_provider, "delay": d.delay}
+        if isinstance(d, Park):
+            await self.store.park_task(event.task_id, d.reason)
+            self.metrics.tasks_parked.inc()
+            log.error("task parked", extra={"offender": event.service, "task": event.task_id, "reason": d.reason})
+            return {"action": "park", "case": d.case, "reason": d.reason, "park_max": view.rules.park_max}
+        if isinstance(d, Fail):
+            answer = await self.fail(event, d, detail=row_detail)
+            return {"action": "fail", "case": d.case, "reason": d.reason, "recorded": answer.get("status")}
+        raise AssertionError(f"a provider failure cannot be decided as {d!r}")
+
+    async def fail(self, event: ProviderFailed, d: Fail, *, detail: dict) -> dict:
+        chain_down = d.case in ("all_providers_down", "park_expired")
+        return await self.carrier.fail(PermanentFailure(
+            alert_id=event.key, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
+            detail={**detail, "last_reason": "all_providers_down" if chain_down else event.reason,
+                    "failure_class": "provider", "chain_exhausted": chain_down},
+            decided_by="policy", requested_by=DAEMON))
+
+    async def _set_provider(self, svc, provider: str) -> None:
+        if svc.provider != provider:
+            svc.provider = provider
+            await self.store.set_agent(svc.name, provider=provider)
+
+    # -- parked tasks ------------------------------------------------------------------------------
+
+    async def park(self, req: ProviderCall) -> dict:
+        """A parked task's agent waits here: answered ``resume`` (on a provider that is not
+        open), ``fail`` (park_max passed; recorded), ``abandon`` (the task is no longer
+        parked), or ``park`` again after the long poll."""
+        deadline = self.clock.now() + LONG_POLL
+        while True:
+            await self.announce(self.board.tick(self.clock.now()))
+            task = await self.store.task(req.task_id) if req.task_id else None
+            since = task.get("held_since") if task else None
+            now = self.clock.now()
+            event = ParkCheck(new_id("pk-"), req.service, req.task_id or "-",
+                              now - since if isinstance(since, (int, float)) else 0.0)
+            view = await self.view(req.service, req.task_id)
+            d = decide(event, view, view.now, view.policy)
+            if isinstance(d, Resume):
+                return await self._resume(req, d)
+            if isinstance(d, Fail):
+                log.error("parked task failed", extra={"task": req.task_id, "reason": d.reason, "case": d.case})
+                answer = await self.fail(ProviderFailed(event.key, req.service, req.incarnation, req.provider,
+                                                        d.reason, True, None, req.task_id), d,
+                                         detail={"parked_for": round(event.parked_for, 3)})
+                return {"action": "fail", "case": d.case, "reason": d.reason, "recorded": answer.get("status")}
+            if d.case == "park_task_gone":
+                status = task["status"] if task else None
+                return {"action": "resume" if status == TaskState.RUNNING else "abandon", "case": d.case,
+                        "provider": (task or {}).get("provider") or req.provider, "why": d.why}
+            left = min(deadline - now, view.rules.park_max - event.parked_for)
+            if deadline - now <= 0:
+                return {"action": "park", "case": d.case, "why": d.why}
+            waits = [b for b in (self.board.wait_left(p, now) for p in view.chain) if b is not None]
+            await self._wait_change(max(0.01, min([left, *waits, 1.0])))
+
+    async def _resume(self, req: ProviderCall, d: Resume) -> dict:
+        if not await self.store.unpark_task(req.task_id, d.provider):
+            return {"action": "abandon", "why": f"task {req.task_id} was not parked"}
+        self.metrics.tasks_resumed.inc()
+        log.warning("parked task resumed", extra={"task": req.task_id, "provider": d.provider,
+                                                  "offender": req.service})
+        await self._set_provider(self.sup[req.service], d.provider)
+        return {"action": "resume", "case": d.case, "provider": d.provider}
+
+    # -- operators -----------------------------------------------------------------------------------
+
+    async def drain(self, name: str, *, actor: str, reason: str) -> dict:
+        changes = self.board.drain(name, self.clock.now(), f"drained by {actor}" + (f": {reason}" if reason else ""))
+        await self.announce(changes, by=actor)
+        return {"status": "drained" if changes else "already_drained", "provider": name}
+
+    async def restore(self, name: str, *, actor: str, reason: str) -> dict:
+        changes = self.board.restore(name, self.clock.now(), f"restored by {actor}" + (f": {reason}" if reason else ""))
+        await self.announce(changes, by=actor)
+        return {"status": "restored" if changes else "already_closed", "provider": name}

@@ -73,7 +73,7 @@ class Health:
     opens: int = 0  # failed probes since it last closed: the cooldown doubles with each
     last_error: dict | None = None
     probe_until: float | None = None  # a probe is out until then
-    inflight: int = 0
+    permits: list = field(default_factory=list)  # [holder, deadline] of each call in flight
     sent: deque = field(default_factory=deque)  # times of admitted requests, the last minute
     tokens: deque = field(default_factory=deque)  # (time, tokens) reported, the last minute
     limits: dict = field(default_factory=dict)  # the provider's own rate-limit headers, last seen
@@ -81,6 +81,10 @@ class Health:
     requests: int = 0
     successes: int = 0
     failures_total: int = 0
+
+    @property
+    def inflight(self) -> int:
+        return len(self.permits)
 
     def snapshot(self, now: float) -> dict:
         return {"provider": self.name, "state": str(self.state), "kind": self.kind, "reason": self.reason,
@@ -161,8 +165,9 @@ class Board:
 
     # -- the governor -------------------------------------------------------------------------
 
-    def acquire(self, name: str, now: float) -> Grant:
-        """May one more request go to ``name`` now? Counts it when it may."""
+    def acquire(self, name: str, now: float, holder: str = "") -> Grant:
+        """May one more request go to ``name`` now? Counts it, for ``holder`` (the calling
+        incarnation), when it may."""
         self.tick(now)
         h = self[name]
         self._forget(h, now)
@@ -175,7 +180,7 @@ class Board:
             if h.probe_until is not None and now < h.probe_until:
                 return Grant(False, wait=min(1.0, h.probe_until - now), why=f"{name}: a probe is out")
             h.probe_until = now + self.timeout + PROBE_GRACE
-            return self._admit(h, now, probe=True)
+            return self._admit(h, now, holder, probe=True)
         lim = self.limits(name)
         if h.window is not None and h.inflight >= h.window:
             return Grant(False, wait=0.05, why=f"{name}: slow start, {h.inflight} calls in flight")
@@ -185,33 +190,47 @@ class Board:
             return Grant(False, wait=max(0.01, h.sent[0] + 60.0 - now), why=f"{name}: {lim.rpm} requests a minute")
         if lim.tpm is not None and sum(n for _, n in h.tokens) >= lim.tpm:
             return Grant(False, wait=max(0.01, h.tokens[0][0] + 60.0 - now), why=f"{name}: {lim.tpm} tokens a minute")
-        return self._admit(h, now, probe=False)
+        return self._admit(h, now, holder, probe=False)
 
-    def _admit(self, h: Health, now: float, *, probe: bool) -> Grant:
-        h.inflight += 1
+    def _admit(self, h: Health, now: float, holder: str, *, probe: bool) -> Grant:
+        # A call never reported (its process was killed mid-call) stops counting after the
+        # call's own timeout, or as soon as its incarnation is known to be gone (drop_holders).
+        h.permits.append([holder, now + self.timeout + PROBE_GRACE])
         h.requests += 1
         h.sent.append(now)
         return Grant(True, probe=probe)
 
     @staticmethod
     def _forget(h: Health, now: float) -> None:
+        h.permits = [p for p in h.permits if p[1] > now]
         while h.sent and h.sent[0] <= now - 60.0:
             h.sent.popleft()
         while h.tokens and h.tokens[0][0] <= now - 60.0:
             h.tokens.popleft()
 
-    def _done(self, h: Health) -> None:
-        h.inflight = max(0, h.inflight - 1)
+    @staticmethod
+    def _done(h: Health, holder: str) -> None:
+        for i, (who, _) in enumerate(h.permits):
+            if who == holder:
+                del h.permits[i]
+                return
+        if h.permits and not holder:
+            h.permits.pop(0)
+
+    def drop_holders(self, gone) -> None:
+        """Calls in flight of incarnations that no longer exist count no more."""
+        for h in self.providers.values():
+            h.permits = [p for p in h.permits if not gone(p[0])]
 
     # -- outcomes -------------------------------------------------------------------------------
 
     def succeeded(self, name: str, now: float, *, tokens: int = 0, limits: dict | None = None,
-                  admitted: bool = True) -> list[Change]:
+                  admitted: bool = True, holder: str = "") -> list[Change]:
         """A call went through: the failure streak ends, a half-open provider closes, and
         headers that say the budget is spent hold it until their reset."""
         h = self[name]
         if admitted:
-            self._done(h)
+            self._done(h, holder)
         h.successes += 1
         h.failures = 0
         if h.window is not None:
@@ -228,11 +247,12 @@ class Board:
         return changes
 
     def failed(self, name: str, now: float, *, reason: str, retry_after: float | None = None,
-               limits: dict | None = None, error: dict | None = None, admitted: bool = True) -> list[Change]:
+               limits: dict | None = None, error: dict | None = None, admitted: bool = True,
+               holder: str = "") -> list[Change]:
         """A provider-class failure (never a request error: a bad key is not an outage)."""
         h = self[name]
         if admitted:
-            self._done(h)
+            self._done(h, holder)
         h.failures_total += 1
         h.last_error = {"reason": reason, **({k: v for k, v in (error or {}).items() if k in (
             "status", "message", "midstream", "retry_after")})}
@@ -276,10 +296,10 @@ class Board:
                                      until=now + float(limits[f"{what}_reset_s"]))]
         return []
 
-    def released(self, name: str) -> None:
+    def released(self, name: str, holder: str = "") -> None:
         """A call that ended with no verdict on the provider (cancelled, a request error)."""
         h = self[name]
-        self._done(h)
+        self._done(h, holder)
         if h.state == ProviderState.HALF_OPEN:
             h.probe_until = None  # let the next request probe
 

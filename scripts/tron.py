@@ -240,6 +240,13 @@ def render_status(status: dict) -> str:
     for n in (cluster or {}).get("nodes", []):
         state = "lost" if not n["alive"] else "cordoned" if n["cordoned"] else "ok" if n["agent_pid"] else "no agent"
         lines.append(f"node {n['node'][:12]} {n['ip']} {state}: {', '.join(n['services']) or 'no service'}")
+    for p in status.get("providers") or []:
+        if p["state"] != "closed":
+            until = f", probe in {p['until_s']:.1f}s" if p.get("until_s") is not None else ""
+            lines.append(f"provider {p['provider']}: {p['state'].upper()} ({p['reason']}{until})")
+    if status.get("parked"):
+        lines.append(f"parked: {len(status['parked'])} task(s) waiting for a provider "
+                     f"({', '.join(status['parked'][:5])}); `tron provider list`")
     if status.get("last_alert"):
         a = status["last_alert"]
         lines.append(f"last alert: {a['service']} {a['reason']}")

@@ -402,7 +402,7 @@ class Daemon:
             "crash_looping": [s.name for s in self.sup.services.values() if s.crash_looping],
             "registry": self.registry_health(),
             "spawning": "paused" if self.sup.spawning_paused else "running",
-            "providers": self.providers.status(),
+            **self.providers.summary(),
         }
 
     async def backup(self) -> dict:

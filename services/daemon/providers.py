@@ -52,6 +52,7 @@ class ProviderDesk:
                                     *(s.provider for s in config.services.values() if s.provider)]))
         self.board = Board(config.providers, names, now=clock.now())
         self._changed = asyncio.Event()
+        self.parked: dict[str, str] = {}  # task id -> its service, while parked here
         for name in names:
             self.metrics.provider_state.labels(provider=name).set(0)
 
@@ -94,6 +95,9 @@ class ProviderDesk:
 
     # -- what the ladder sees -----------------------------------------------------------------------
 
+    def _live(self) -> set[str]:
+        return {svc.incarnation for svc in self.sup.services.values() if svc.incarnation}
+
     def rules(self) -> ProviderRules:
         p = self.config.providers
         return ProviderRules(on_all_down=p.on_all_down, wait_before_switch=p.wait_before_switch, park_max=p.park_max)
@@ -106,6 +110,12 @@ class ProviderDesk:
     def status(self) -> list[dict]:
         return self.board.snapshot(self.clock.now())
 
+    def summary(self) -> dict:
+        """For /status (no token): each provider's state and why, and the parked tasks."""
+        states = self.board.states(self.clock.now())
+        return {"providers": [{"provider": n, **s} for n, s in states.items()],
+                "parked": sorted(self.parked)}
+
     # -- the governor ---------------------------------------------------------------------------
 
     async def acquire(self, req: ProviderCall) -> dict:
@@ -116,7 +126,9 @@ class ProviderDesk:
         while True:
             now = self.clock.now()
             await self.announce(self.board.tick(now))
-            grant = self.board.acquire(req.provider, now)
+            live = self._live()
+            self.board.drop_holders(lambda holder: bool(holder) and holder not in live)
+            grant = self.board.acquire(req.provider, now, req.incarnation)
             if grant.go:
                 return {"action": "go", "provider": req.provider, "probe": grant.probe}
             if grant.open:
@@ -132,12 +144,12 @@ class ProviderDesk:
     async def outcome(self, out: ProviderOutcome) -> dict:
         now = self.clock.now()
         if out.cancelled:
-            self.board.released(out.provider)
+            self.board.released(out.provider, out.incarnation)
             self._wake()
             return {"action": "done"}
         if out.ok:
             await self.announce(self.board.succeeded(out.provider, now, tokens=out.tokens, limits=out.limits,
-                                                     admitted=out.admitted))
+                                                     admitted=out.admitted, holder=out.incarnation))
             self._wake()  # a call in flight fewer: the next waiter may go
             return {"action": "done"}
         failure = out.failure or {}
@@ -148,11 +160,11 @@ class ProviderDesk:
         if retryable:
             changes = self.board.failed(out.provider, now, reason=reason, retry_after=retry_after,
                                         limits=failure.get("limits") or out.limits, error=failure,
-                                        admitted=out.admitted)
+                                        admitted=out.admitted, holder=out.incarnation)
         else:  # a bad key or a bad request says nothing about the provider's health
             changes = []
             if out.admitted:
-                self.board.released(out.provider)
+                self.board.released(out.provider, out.incarnation)
         self.metrics.provider_failures.labels(provider=out.provider, reason=reason).inc()
         await self.announce(changes)
         return await self.decide(ProviderFailed(new_id("pf-"), out.service, out.incarnation, out.provider, reason,
@@ -199,6 +211,7 @@ class ProviderDesk:
             return {"action": "switch", "case": d.case, "provider": d.to_provider, "delay": d.delay}
         if isinstance(d, Park):
             await self.store.park_task(event.task_id, d.reason)
+            self.parked[event.task_id] = event.service
             self.metrics.tasks_parked.inc()
             log.error("task parked", extra={"offender": event.service, "task": event.task_id, "reason": d.reason})
             return {"action": "park", "case": d.case, "reason": d.reason, "park_max": view.rules.park_max}
@@ -208,6 +221,7 @@ class ProviderDesk:
         raise AssertionError(f"a provider failure cannot be decided as {d!r}")
 
     async def fail(self, event: ProviderFailed, d: Fail, *, detail: dict) -> dict:
+        self.parked.pop(event.task_id or "", None)
         chain_down = d.case in ("all_providers_down", "park_expired")
         return await self.carrier.fail(PermanentFailure(
             alert_id=event.key, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
@@ -245,6 +259,7 @@ class ProviderDesk:
                                          detail={"parked_for": round(event.parked_for, 3)})
                 return {"action": "fail", "case": d.case, "reason": d.reason, "recorded": answer.get("status")}
             if d.case == "park_task_gone":
+                self.parked.pop(req.task_id, None)
                 status = task["status"] if task else None
                 return {"action": "resume" if status == TaskState.RUNNING else "abandon", "case": d.case,
                         "provider": (task or {}).get("provider") or req.provider, "why": d.why}
@@ -255,6 +270,7 @@ class ProviderDesk:
             await self._wait_change(max(0.01, min([left, *waits, 1.0])))
 
     async def _resume(self, req: ProviderCall, d: Resume) -> dict:
+        self.parked.pop(req.task_id or "", None)
         if not await self.store.unpark_task(req.task_id, d.provider):
             return {"action": "abandon", "why": f"task {req.task_id} was not parked"}
         self.metrics.tasks_resumed.inc()

@@ -186,3 +186,26 @@ def test_slow_start_ramps_a_new_or_recovered_provider_one_call_per_success():
 def test_slow_start_off():
     b = board(start_window=0)
     assert all(b.acquire("anthropic", 0.0).go for _ in range(100))
+
+
+def test_calls_of_a_killed_incarnation_stop_counting():
+    b = board(start_window=2, timeout=30.0)
+    assert b.acquire("anthropic", 0.0, "i-old").go and b.acquire("anthropic", 0.0, "i-old").go
+    assert not b.acquire("anthropic", 1.0, "i-new").go  # the hung calls hold the window
+    b.drop_holders(lambda holder: holder == "i-old")
+    assert b.acquire("anthropic", 1.0, "i-new").go
+
+
+def test_a_call_never_reported_stops_counting_after_its_timeout():
+    b = board(start_window=1, timeout=30.0)
+    assert b.acquire("anthropic", 0.0, "i-1").go
+    assert not b.acquire("anthropic", 34.9, "i-2").go
+    assert b.acquire("anthropic", 35.01, "i-2").go
+
+
+def test_an_outcome_releases_its_own_holders_call():
+    b = board(start_window=0)
+    b.acquire("anthropic", 0.0, "i-1")
+    b.acquire("anthropic", 0.0, "i-2")
+    b.succeeded("anthropic", 0.1, holder="i-2")
+    assert [p[0] for p in b["anthropic"].permits] == ["i-1"]

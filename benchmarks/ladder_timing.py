@@ -9,7 +9,9 @@ a run is submitted to the gateway.
 
   switch     Anthropic answers 529 overloaded. The task followed is programmer-1's: its
              ladder rows (retry_history, by task id) from its first failure (the first
-             alert naming the task) to the llm_change row; then the run completes on Ollama.
+             alert naming the task, or since issue 19 its first provider_retry row: a
+             provider failure is retried in place, no process is killed) to the
+             llm_change row; then the run completes on Ollama.
   permanent  both providers answer 500. The task followed is the one that gets the
              permanent_failure row (with both down, the architect's plan fails first); then
              the gateway marks the run failed.
@@ -44,7 +46,7 @@ from tests.harness import FAST_POLICY, REPO, cleanup, make_mesh, wait_for
 
 DEFAULT = tomllib.loads((REPO / "mesh.toml").read_text())
 SERVICES = {**DEFAULT["services"], "architect": {**DEFAULT["services"]["architect"], "provider": "ollama"}}
-STEP = {"child_restart": "restart", "escalation": "escalate", "llm_change": "switch",
+STEP = {"child_restart": "restart", "escalation": "escalate", "llm_change": "switch", "provider_retry": "retry in place",
         "permanent_failure": "permanent failure", "operator_restart": "operator restart"}
 
 
@@ -82,7 +84,11 @@ def run_once(kind: str, fast: bool) -> dict:
                 "WHERE task_id = ? ORDER BY mono, id", (task_id,))) and any(x["retry_type"] == decisive for x in r)
                 and r, 30, f"a {decisive} row")
             agent = mesh.rows("SELECT agent FROM tasks WHERE task_id = ?", (task_id,))[0]["agent"]
-            first = mesh.rows("SELECT MIN(mono) AS m FROM alerts WHERE task_id = ?", (task_id,))[0]["m"]
+            # A process failure's first sign is TRON's alert; a provider failure raises none (the
+            # healthy agent is not killed): its first sign is the first ladder row of the task.
+            first = mesh.rows("SELECT MIN(m) AS m FROM (SELECT MIN(mono) AS m FROM alerts WHERE task_id = ? "
+                              "UNION ALL SELECT MIN(mono) FROM retry_history WHERE task_id = ?)",
+                              (task_id, task_id))[0]["m"]
             attempt = mesh.rows("SELECT attempt FROM tasks WHERE task_id = ?", (task_id,))[0]["attempt"]
             loops = mesh.rows("SELECT agent_id, COUNT(*) AS n FROM retry_history WHERE run_id IS NULL AND "
                               "retry_type = 'escalation' AND reason = 'crash_looping' GROUP BY agent_id")

@@ -211,33 +211,21 @@ def _caller(d: Daemon, name: str, incarnation: str) -> None:
                                content_type="application/json")
 
 
-@require_token
-async def provider_acquire(request: web.Request) -> web.Response:
-    """Before a call to a provider: go, wait, or the ladder's decision when it is open."""
-    d = _d(request)
-    req = await parse(request, ProviderCall)
-    _caller(d, req.service, req.incarnation)
-    return web.json_response(await d.providers.acquire(req))
+def _provider_call(model, act, what: str):
+    """An agent's call to the provider desk: the body names the calling incarnation, which
+    must be the current one (409 otherwise: the agent was replaced and must stop)."""
+    @require_token
+    async def handler(request: web.Request) -> web.Response:
+        d = _d(request)
+        body = await parse(request, model)
+        _caller(d, body.service, body.incarnation)
+        if model is ProviderCall and act == "park" and not body.task_id:
+            return error(422, "task_id: a parked task is named by its id")
+        return web.json_response(await getattr(d.providers, act)(body))
 
-
-@require_token
-async def provider_outcome(request: web.Request) -> web.Response:
-    """After a call: ok, or a classified failure, answered with the ladder's decision."""
-    d = _d(request)
-    out = await parse(request, ProviderOutcome)
-    _caller(d, out.service, out.incarnation)
-    return web.json_response(await d.providers.outcome(out))
-
-
-@require_token
-async def provider_park(request: web.Request) -> web.Response:
-    """A parked task's agent waits here (long poll) for a provider to come back."""
-    d = _d(request)
-    req = await parse(request, ProviderCall)
-    _caller(d, req.service, req.incarnation)
-    if not req.task_id:
-        return error(422, "task_id: a parked task is named by its id")
-    return web.json_response(await d.providers.park(req))
+    handler.__name__ = f"provider_{act}"
+    handler.__doc__ = what
+    return handler
 
 
 @require_token
@@ -609,9 +597,12 @@ def make_app(daemon: Daemon) -> web.Application:
         r.add_post(f"/tasks/{{task_id}}/{verb.replace('_', '-')}", _task_action(verb))
     r.add_get("/lanes", get_lanes)
     r.add_get("/providers", get_providers)
-    r.add_post("/providers/acquire", provider_acquire)
-    r.add_post("/providers/outcome", provider_outcome)
-    r.add_post("/providers/park", provider_park)
+    r.add_post("/providers/acquire", _provider_call(
+        ProviderCall, "acquire", "Before a call to a provider: go, wait, or the ladder's decision when it is open."))
+    r.add_post("/providers/outcome", _provider_call(
+        ProviderOutcome, "outcome", "After a call: ok, or a classified failure, answered with the ladder's decision."))
+    r.add_post("/providers/park", _provider_call(
+        ProviderCall, "park", "A parked task's agent waits here (long poll) for a provider to come back."))
     for verb in ("drain", "restore"):
         r.add_post(f"/providers/{{name}}/{verb}", _provider_action(verb))
     for verb in ("lose", "restore"):

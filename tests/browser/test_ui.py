@@ -369,6 +369,37 @@ def test_a_lane_paused_through_the_api_shows_its_reason_and_its_resume_button_op
                                                                               ("spawning_resume", "resumed")]
 
 
+def test_a_drained_provider_shows_open_in_red_and_its_restore_button_closes_it(ui, mesh, artifacts):
+    base = mesh.url("daemon")
+    panel = ui.get_by_test_id("providers")
+    expect(panel.locator("[data-provider]")).to_have_count(2)  # the chain: anthropic, ollama
+    row = panel.locator('[data-provider="ollama"]')
+    expect(row.locator('[data-field="state"]')).to_have_text("closed")
+
+    def ollama() -> dict:
+        return next(p for p in mesh.http("GET", base + "/providers")[1]["providers"] if p["provider"] == "ollama")
+
+    try:
+        code, body = mesh.http("POST", base + "/providers/ollama/drain", {"reason": "vendor incident", "actor": "ops"})
+        assert code == 200 and body["status"] == "drained", body
+        expect(row.locator('[data-field="state"]')).to_have_text("open")  # live: no reload
+        expect(row.locator('[data-field="reason"]')).to_contain_text("drained by ops: vendor incident")
+        colour = row.locator('[data-field="state"] .state').evaluate("e => getComputedStyle(e).color")
+        assert colour == "rgb(201, 42, 42)", colour  # --bad: an open provider is red
+        ui.screenshot(path=artifacts / "mesh-provider-drained.png", full_page=True)
+        row.locator('[data-action="restore"]').click()
+        assert ui.confirmations[-1].startswith("Restore provider ollama?")
+        expect(ui.get_by_test_id("action-result")).to_contain_text("restore provider ollama: restored")
+        expect(row.locator('[data-field="state"]')).to_have_text("closed")
+        expect(row.locator('[data-action="drain"]')).to_be_visible()
+    finally:  # no later run may meet a drained provider
+        if ollama()["state"] != "closed":
+            mesh.http("POST", base + "/providers/ollama/restore", {"reason": "browser test cleanup"})
+    assert ollama()["state"] == "closed"
+    assert [(a["what"], a["outcome"]) for a in audits(mesh, "ollama")][-2:] == [("provider_drain", "drained"),
+                                                                                ("provider_restore", "restored")]
+
+
 def test_cancel_a_live_task_a_refused_resume_changes_nothing_and_retry_completes_the_run(ui, mesh, artifacts):
     base, sim = mesh.url("daemon"), mesh.url("llm-sim")
     code, body = mesh.http("PUT", sim + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 3000})

@@ -1,0 +1,248 @@
+"""Notifications that reach people: the pure half (the daemon's half is
+services/daemon/notify.py).
+
+Vocabulary:
+
+- entry: one ``[[notify]]`` table of the mesh file: where to POST (``url``), which event
+  kinds it wants (``events``, default all of ``EVENT_KINDS``), the name of the environment
+  variable holding its signing secret (``secret_env``: the mesh file never holds a
+  secret), the body's shape (``format``: ``json`` or ``slack``), a per-attempt
+  ``timeout`` and ``max_attempts``.
+- message: what is sent for one registry event, the same for every entry:
+  ``{id, kind, ts, agent, run_id, task_id, payload, mesh, drill}``.
+- delivery: one message to one entry; each attempt ends ``delivered``, ``retrying`` or
+  ``gave_up`` (``Outcome``), decided by ``next_step`` from the answer.
+
+Every request carries ``X-Tron-Signature: sha256=<hex>``, the HMAC-SHA256 of the exact
+body bytes with the entry's secret; a receiver checks it with ``verify``.
+
+Pure: no I/O, no clock of its own (the wall clock and the random source are arguments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from typing import Callable, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# What an entry can ask for (its default: all of them).
+EVENT_KINDS = ("permanent_failure", "awaiting_operator", "budget_exceeded", "crash_loop_started", "lane_paused",
+               "provider_opened", "registry_degraded")
+EventKind = Literal["permanent_failure", "awaiting_operator", "budget_exceeded", "crash_loop_started",
+                    "lane_paused", "provider_opened", "registry_degraded"]
+TEST_KIND = "test"  # `tron notify test`: sent whatever an entry's events are
+
+SIGNATURE_HEADER = "X-Tron-Signature"
+EVENT_HEADER = "X-Tron-Event"
+DELIVERY_HEADER = "X-Tron-Delivery"
+
+BACKOFF_INITIAL = 0.5
+BACKOFF_FACTOR = 2.0
+BACKOFF_MAX = 30.0
+BACKOFF_JITTER = 0.2
+RETRY_AFTER_MAX = 300.0  # a receiver's Retry-After is honoured up to this
+
+
+class NotifyEntry(BaseModel):
+    """One ``[[notify]]`` table. The secret is read from the environment when a request is
+    signed; at load time its variable must be set (the error names it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    events: tuple[EventKind, ...] = EVENT_KINDS
+    secret_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    format: Literal["json", "slack"] = "json"
+    timeout: float = Field(5.0, gt=0, le=300)
+    max_attempts: int = Field(6, ge=1, le=100)
+
+    @field_validator("url")
+    @classmethod
+    def _http_without_password(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        if parts.password is not None:
+            raise ValueError("a password in the URL: the mesh file never holds a secret (the signature's "
+                             "secret comes from the environment, secret_env)")
+        return url
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_is_set(cls, name: str) -> str:
+        if not os.environ.get(name):
+            raise ValueError(f"the environment variable {name} is not set (or empty): the signing secret comes "
+                             "from the environment only")
+        return name
+
+    def secret(self) -> str:
+        """The signing secret, read now (a variable unset since load signs with nothing)."""
+        return os.environ.get(self.secret_env, "")
+
+    @property
+    def where(self) -> str:
+        """The receiver, safe to record: scheme, host and port, no user, path or query (a
+        webhook's path or query often is its credential)."""
+        parts = urlsplit(self.url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def wanted(entry: NotifyEntry, kind: str) -> bool:
+    """Does this entry get events of this kind? A test event goes to every entry."""
+    return kind == TEST_KIND or kind in entry.events
+
+
+# -- signing ---------------------------------------------------------------------------------
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The ``X-Tron-Signature`` value: ``sha256=`` and the hex HMAC-SHA256 of ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(body: bytes, secret: str, signature: str | None) -> bool:
+    """A receiver's check: is ``signature`` the header Tron sends for exactly ``body``?
+    Constant-time; a missing or malformed header is simply wrong."""
+    if not signature:
+        return False
+    return hmac.compare_digest(sign(body, secret).encode(), signature.encode("utf-8", "replace"))
+
+
+# -- what is sent ----------------------------------------------------------------------------
+
+
+def message(row: dict, *, mesh: str, kind: str | None = None) -> dict:
+    """The body of a notification for one registry event row (``kind`` overrides the
+    row's, as for the test event)."""
+    return {"id": row.get("id"), "kind": kind or row["kind"], "ts": row.get("ts"), "agent": row.get("agent"),
+            "run_id": row.get("run_id"), "task_id": row.get("task_id"), "payload": row.get("payload") or {},
+            "mesh": mesh, "drill": row.get("drill")}
+
+
+# kind -> one line; fields from the message and its payload, a missing one shown as "?".
+_SUMMARIES = {
+    "permanent_failure": "{agent}: task {task_id} failed for good: {reason}",
+    "awaiting_operator": "{agent}: task {task_id} waits for an operator: {reason}",
+    "budget_exceeded": "{agent}: task {task_id} is over its budget: {reason}",
+    "crash_loop_started": "{agent} is crash-looping: {reason}",
+    "lane_paused": "a lane is paused (by {by}): {reason}",
+    "provider_opened": "provider {provider} is open (no calls go to it): {reason}",
+    "registry_degraded": "the registry refuses writes ({reason}); the mesh runs on, rows kept in memory",
+    TEST_KIND: "test notification (tron notify test)",
+}
+
+
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def summary(msg: dict) -> str:
+    """One line a person reads first: ``[mesh] kind: what happened``."""
+    fields = _Blank({k: v for k, v in (msg.get("payload") or {}).items() if v is not None})
+    fields.update({k: msg[k] for k in ("agent", "task_id", "run_id") if msg.get(k) is not None})
+    line = _SUMMARIES.get(msg["kind"], msg["kind"].replace("_", " ")).format_map(fields)
+    drill = f" (drill {msg['drill']})" if msg.get("drill") else ""
+    return f"[{msg['mesh']}] {msg['kind']}{drill}: {line}"[:500]
+
+
+def slack_message(msg: dict) -> dict:
+    """Slack's incoming-webhook shape: the summary as text, and blocks with the ids."""
+    ids = " · ".join(f"{k} `{msg[k]}`" for k in ("id", "agent", "run_id", "task_id") if msg.get(k) is not None)
+    return {"text": summary(msg),
+            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": summary(msg)}},
+                       {"type": "context", "elements": [{"type": "mrkdwn",
+                                                         "text": f"{msg.get('ts') or ''} {ids}".strip()}]}]}
+
+
+def body(msg: dict, fmt: str) -> bytes:
+    """The exact bytes sent (and signed)."""
+    return json.dumps(slack_message(msg) if fmt == "slack" else msg, separators=(",", ":"), default=str).encode()
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    GAVE_UP = "gave_up"
+
+
+@dataclass(frozen=True)
+class Step:
+    outcome: Outcome
+    delay: float = 0.0  # before the next attempt, when retrying
+
+
+def backoff(attempt: int, *, rng: Callable[[], float] = random.random, initial: float = BACKOFF_INITIAL,
+            factor: float = BACKOFF_FACTOR, max_backoff: float = BACKOFF_MAX, jitter: float = BACKOFF_JITTER) -> float:
+    """Delay after failed attempt number ``attempt`` (1 = the first).
+
+    Parameters: ``rng`` returns a float in [0, 1); ``jitter`` the fraction of the delay
+    that is randomised (0.2 means +-20 %).
+    Returns: ``initial * factor**(attempt-1)``, jittered, never above ``max_backoff``.
+    """
+    delay = initial * factor ** min(max(attempt, 1) - 1, 64)
+    delay *= 1 + jitter * (2 * rng() - 1)
+    return max(0.0, min(delay, max_backoff))
+
+
+def retry_after(value: str | None, *, wall: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date, read
+    against ``wall``, the epoch time now), capped at RETRY_AFTER_MAX; None when absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return min(float(value), RETRY_AFTER_MAX)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, min(when.timestamp() - wall, RETRY_AFTER_MAX))
+
+
+def retryable(status: int | str) -> bool:
+    """A connection error or timeout (a string), 5xx and 429 are worth another attempt;
+    any other answer (a 4xx, a redirect) will not change by asking again."""
+    return isinstance(status, str) or status >= 500 or status == 429
+
+
+def next_step(status: int | str, attempt: int, max_attempts: int, *, retry_after_s: float | None = None,
+              rng: Callable[[], float] = random.random) -> Step:
+    """What follows attempt number ``attempt`` that ended with ``status`` (an HTTP status,
+    or the error as text): delivered, another attempt after a delay (the receiver's
+    Retry-After when it gave one, else the backoff), or giving up."""
+    if isinstance(status, int) and 200 <= status < 300:
+        return Step(Outcome.DELIVERED)
+    if not retryable(status) or attempt >= max_attempts:
+        return Step(Outcome.GAVE_UP)
+    return Step(Outcome.RETRYING, retry_after_s if retry_after_s is not None else backoff(attempt, rng=rng))
+
+
+def describe_error(err: BaseException) -> str:
+    """A failed attempt's status, as recorded: the error's class and message."""
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    text = str(err)
+    return f"{type(err).__name__}: {text}"[:200] if text else type(err).__name__
+
+
+__all__ = ["EVENT_KINDS", "NotifyEntry", "Outcome", "Step", "backoff", "body", "message", "next_step", "retry_after",
+           "sign", "slack_message", "summary", "verify", "wanted"]

@@ -245,6 +245,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
     async def render(request: web.Request, delivery: Delivery):
         reply = respond(ask, delivery.shape)
+        delivery.bill(req.model, reply.input_tokens, reply.output_tokens)
         msg_id = "msg_sim_" + secrets.token_hex(12)
         if req.thread is not None:
             answer = AnthropicMessage.model_validate({"role": "assistant", "content": _content(reply)})

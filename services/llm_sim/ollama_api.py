@@ -214,6 +214,7 @@ def _render_generation(model: str, stream: bool, ask: Ask, payload: Payload):
 
     async def render(request: web.Request, delivery: Delivery):
         reply = respond(ask, delivery.shape)
+        delivery.bill(model, reply.input_tokens, reply.output_tokens)
 
         def part(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             return {"model": model, "created_at": utc_iso(), **payload(text, calls or [])}

@@ -300,6 +300,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     async def render(request: web.Request, delivery: Delivery):
         reply = respond(ask, delivery.shape)
+        delivery.bill(req.model, reply.input_tokens, reply.output_tokens)
         cid = "chatcmpl-sim" + secrets.token_hex(12)
         headers = {"x-request-id": request_id()}
         if not stream:

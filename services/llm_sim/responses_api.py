@@ -253,6 +253,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
     async def render(request: web.Request, delivery: Delivery):
         reply = respond(ask, delivery.shape)
+        delivery.bill(req.model, reply.input_tokens, reply.output_tokens)
         resp_id = "resp_sim_" + secrets.token_hex(12)
         output = _output(reply, "msg_sim_" + secrets.token_hex(12))
         if req.store is not False:

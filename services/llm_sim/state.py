@@ -78,6 +78,7 @@ class Counters:
     faults_injected: requests a fault was applied to.
     rate_limited: requests answered 429 by a rate-limit or usage-limit fault.
     by_kind: faults_injected per fault kind.
+    tokens: per model, the calls answered whole and the input/output tokens their usage said.
     """
 
     requests: int = 0
@@ -85,10 +86,19 @@ class Counters:
     faults_injected: int = 0
     rate_limited: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    # What the whole answers reported as usage, per model: {"calls", "input_tokens", "output_tokens"}.
+    tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def bill(self, model: str, input_tokens: int, output_tokens: int) -> None:
+        t = self.tokens.setdefault(model, {"calls": 0, "input_tokens": 0, "output_tokens": 0})
+        t["calls"] += 1
+        t["input_tokens"] += input_tokens
+        t["output_tokens"] += output_tokens
 
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "served": self.served, "faults_injected": self.faults_injected,
-                "rate_limited": self.rate_limited, "by_kind": dict(self.by_kind)}
+                "rate_limited": self.rate_limited, "by_kind": dict(self.by_kind),
+                "tokens": {m: dict(t) for m, t in self.tokens.items()}}
 
 
 @dataclass

@@ -272,7 +272,7 @@ async def _apply_fault(request: web.Request, provider: str, fault: FaultSpec, st
         raise fault_error(provider, fault, time.time())
 
 
-@dataclass(frozen=True)
+@dataclass
 class Delivery:
     """How an answer goes out under the fault its request drew (None: plainly).
 
@@ -283,6 +283,11 @@ class Delivery:
 
     fault: FaultSpec | None
     pstate: ProviderState
+    billed: tuple[str, int, int] | None = None  # (model, input, output tokens) the answer reports
+
+    def bill(self, model: str, input_tokens: int, output_tokens: int) -> None:
+        """The usage this answer reports: counted (per model) once it went out whole."""
+        self.billed = (model, input_tokens, output_tokens)
 
     @property
     def kind(self) -> str | None:
@@ -367,9 +372,12 @@ async def serve(request: web.Request, provider: str, stream: bool, render: Rende
     if fault is not None:
         log.info("%s: injecting fault %s", provider, fault.kind)
         await _apply_fault(request, provider, fault, stream)
-    response, completed = await render(request, Delivery(fault, pstate))
+    delivery = Delivery(fault, pstate)
+    response, completed = await render(request, delivery)
     if completed:
         pstate.counters.served += 1
+        if delivery.billed is not None:
+            pstate.counters.bill(*delivery.billed)
     return response
 
 

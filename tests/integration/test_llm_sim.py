@@ -309,7 +309,8 @@ async def test_times_counts_down_then_clears(sim: Sim):
     await complete("anthropic", system="", prompt="p", settings=settings)
     counters = (await sim.state("anthropic"))["counters"]
     assert counters == {"requests": 3, "served": 1, "faults_injected": 2, "rate_limited": 2,
-                        "by_kind": {"rate-limit": 2}, "hanging": 0}
+                        "by_kind": {"rate-limit": 2}, "hanging": 0,
+                        "tokens": {"claude-sonnet-4-5": {"calls": 1, "input_tokens": 1, "output_tokens": 30}}}
     assert (await sim.state("ollama"))["counters"]["requests"] == 0
 
 

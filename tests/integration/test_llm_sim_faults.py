@@ -239,8 +239,9 @@ async def test_times_counts_one_per_request_with_sdk_retries(sim: Sim):
     async with gpt(sim, max_retries=3) as client:
         reply = await client.chat.completions.create(model="gpt-4o", messages=ASK)
     assert reply.choices[0].message.content.startswith("[sim:openai:")
-    assert (await counters(sim, "openai")) | {"by_kind": None} == {
-        "requests": 3, "served": 1, "faults_injected": 2, "rate_limited": 2, "by_kind": None, "hanging": 0}
+    assert (await counters(sim, "openai")) | {"by_kind": None, "tokens": None} == {
+        "requests": 3, "served": 1, "faults_injected": 2, "rate_limited": 2, "by_kind": None, "hanging": 0,
+        "tokens": None}
 
 
 async def test_counters_reset(sim: Sim):
@@ -251,7 +252,7 @@ async def test_counters_reset(sim: Sim):
     status, body = await sim.request("POST", "/sim/counters/reset", headers=AUTH)
     assert status == 200 and body["reset"]["ollama"]["requests"] == 1
     assert await counters(sim, "ollama") == {"requests": 0, "served": 0, "faults_injected": 0, "rate_limited": 0,
-                                             "by_kind": {}, "hanging": 0}
+                                             "by_kind": {}, "hanging": 0, "tokens": {}}
     status, _ = await sim.request("DELETE", "/sim/counters")
     assert status == 401  # needs the token, like every state-changing control endpoint
     status, _ = await sim.request("DELETE", "/sim/counters", headers=AUTH)

@@ -38,8 +38,8 @@ WRITES = ("event", "upsert_agent", "set_agent", "open_session", "session_started
           "close_session", "create_run", "finish_run", "reopen_run", "upsert_task", "task_progress", "finish_task",
           "requeue_tasks", "hold_task", "release_task", "mark_delivered", "add_checkpoint", "insert_alert",
           "mark_alert", "alert_delivered", "record_retry", "drop_checkpoints", "record_trip", "set_lane", "reopen_task",
-          "park_task", "unpark_task", "set_task_provider")
-DURABLE_READS = ("events", "history", "failure_metrics", "runs")
+          "park_task", "unpark_task", "set_task_provider", "set_run_budget", "record_usage")
+DURABLE_READS = ("events", "history", "failure_metrics", "runs", "spend", "usage")
 # Memory holds what decisions read; an older run, task or alert is looked up in the store.
 FALLBACK_READS = ("run", "task", "session", "alert", "task_history", "retry_rows")
 # Reads about one task or run: the working copy answers for a task or run it knows, an empty

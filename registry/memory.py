@@ -39,6 +39,8 @@ class MemoryStore(Stamps):
         self.agents_: dict[str, dict] = {}
         self.sessions_: dict[str, dict] = {}
         self.runs_: dict[str, dict] = {}
+        self.usage_: list[dict] = []
+        self._usage_ids = itertools.count(1)
         self.tasks_: dict[str, dict] = {}
         self.checkpoints_: dict[tuple[str, int], dict] = {}
         self.alerts_: dict[str, dict] = {}
@@ -156,7 +158,7 @@ class MemoryStore(Stamps):
             raise ValueError(f"run {run_id} exists")
         self.runs_[run_id] = {"run_id": run_id, "prompt": redact(prompt), "status": str(RunState.RUNNING),
                               "result": None, "failure": None, "drill": int(drill), "created_at": self._wall(),
-                              "finished_at": None}
+                              "finished_at": None, "budget_usd": None, "budget_tokens": None}
         self._event("run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id)
 
     async def finish_run(self, run_id: str, status: RunState, result: str | None, failure: dict | None) -> bool:
@@ -257,12 +259,12 @@ class MemoryStore(Stamps):
             sets["provider"] = provider
         return self._task_to(task_id, TaskState.ASSIGNED, sets, event={"provider": provider}) is not None
 
-    async def park_task(self, task_id: str, reason: str) -> bool:
-        return self._task_to(task_id, TaskState.PARKED, {"held_since": self._mono()},
-                             event={"reason": reason}) is not None
+    async def park_task(self, task_id: str, reason: str, kind: str = "providers") -> bool:
+        return self._task_to(task_id, TaskState.PARKED, {"held_since": self._mono(), "parked_reason": kind},
+                             event={"reason": reason, "kind": kind}) is not None
 
     async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:
-        sets: dict[str, Any] = {"held_since": None}
+        sets: dict[str, Any] = {"held_since": None, "parked_reason": None}
         if provider:
             sets["provider"] = provider
         return self._task_to(task_id, TaskState.RUNNING, sets, event={"provider": provider}) is not None
@@ -272,6 +274,35 @@ class MemoryStore(Stamps):
         if row is not None:
             row.update(provider=provider, updated_at=self._wall())
 
+    async def set_run_budget(self, run_id: str, usd: float | None, tokens: int | None) -> bool:
+        row = self.runs_.get(run_id)
+        if row is None:
+            return False
+        row.update(budget_usd=usd, budget_tokens=tokens)
+        self._event("run_budget", {"usd": usd, "tokens": tokens}, run_id=run_id)
+        return True
+
+    async def record_usage(self, row: dict) -> dict:
+        rec = {"id": next(self._usage_ids), "ts": self._wall(), "mono": self._mono(), "drill": self.drill, **row}
+        self.usage_.append(rec)
+        return copy.deepcopy(rec)
+
+    def _usage(self, run_id, task_id, agent, since_mono) -> list[dict]:
+        return [u for u in self.usage_ if (run_id is None or u["run_id"] == run_id)
+                and (task_id is None or u["task_id"] == task_id) and (agent is None or u["agent"] == agent)
+                and (since_mono is None or u["mono"] > since_mono)]
+
+    async def usage(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+                    since_mono: float | None = None, limit: int = 1000) -> list[dict]:
+        return copy.deepcopy(list(reversed(self._usage(run_id, task_id, agent, since_mono)))[:limit])
+
+    async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+                    since_mono: float | None = None) -> dict:
+        rows = self._usage(run_id, task_id, agent, since_mono)
+        return {"usd": round(sum(u["cost_usd"] for u in rows), 10), "calls": len(rows),
+                "tokens": sum(u["input_tokens"] + u["output_tokens"] + u["cache_read_tokens"]
+                              + u["cache_write_tokens"] for u in rows)}
+
     async def reopen_task(self, task_id: str, *, by: str) -> bool:
         return self._task_to(task_id, TaskState.ASSIGNED, {"result": None, "failure": None, "delivered": 0,
                                                            "lease_incarnation": None},
@@ -280,6 +311,10 @@ class MemoryStore(Stamps):
     async def tasks_of_run(self, run_id: str) -> list[dict]:
         rows = [t for t in self.tasks_.values() if t["run_id"] == run_id]
         return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
+
+    async def parked_tasks(self) -> list[dict]:
+        rows = [t for t in self.tasks_.values() if t["status"] == TaskState.PARKED]
+        return copy.deepcopy(sorted(rows, key=lambda t: t["held_since"] or 0.0))
 
     async def held_tasks(self) -> list[dict]:
         rows = [t for t in self.tasks_.values() if t["status"] == TaskState.ESCALATED]
@@ -468,7 +503,7 @@ class MemoryStore(Stamps):
         q = durable.db.all
         self.agents_ = {r["name"]: r for r in await q("SELECT * FROM agents")}
         self.sessions_ = {r["incarnation"]: r for r in await q("SELECT * FROM sessions WHERE status != 'ended'")}
-        tasks = await q("SELECT * FROM tasks WHERE status IN ('assigned','running','escalated') "
+        tasks = await q("SELECT * FROM tasks WHERE status IN ('assigned','running','parked','escalated') "
                         "OR run_id IN (SELECT run_id FROM runs WHERE status = 'running') "
                         "OR (delivered = 0 AND parent_task_id IS NULL)")
         self.tasks_ = {r["task_id"]: _json(r, "failure") for r in tasks}

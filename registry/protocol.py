@@ -108,7 +108,21 @@ class Store(Protocol):
     async def release_task(self, task_id: str, provider: str | None) -> bool:
         ...
 
-    async def park_task(self, task_id: str, reason: str) -> bool:
+    async def park_task(self, task_id: str, reason: str, kind: str = "providers") -> bool:
+        ...
+
+    async def set_run_budget(self, run_id: str, usd: float | None, tokens: int | None) -> bool:
+        ...
+
+    async def record_usage(self, row: dict) -> dict:
+        ...
+
+    async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+                    since_mono: float | None = None) -> dict:
+        ...
+
+    async def usage(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+                    since_mono: float | None = None, limit: int = 1000) -> list[dict]:
         ...
 
     async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:
@@ -124,6 +138,9 @@ class Store(Protocol):
         ...
 
     async def held_tasks(self) -> list[dict]:
+        ...
+
+    async def parked_tasks(self) -> list[dict]:
         ...
 
     async def mark_delivered(self, task_id: str) -> None:

@@ -132,3 +132,31 @@ def open_tasks_of(conn: sqlite3.Connection, agent: str) -> list[dict]:
 
 def tasks_of(conn: sqlite3.Connection, run_id: str, agent: str) -> list[dict]:
     return _rows(conn, "SELECT * FROM tasks WHERE run_id = ? AND agent = ? ORDER BY created_at", (run_id, agent))
+
+
+_SPEND = ("COUNT(*) AS calls, COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) "
+          "AS output_tokens, COALESCE(SUM(cache_read_tokens), 0) AS cache_read_tokens, "
+          "COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
+          "COALESCE(SUM(CASE WHEN priced = 0 THEN 1 ELSE 0 END), 0) AS unpriced_calls")
+COST_GROUPS = {"provider_model": "provider, model", "service": "agent", "run": "run_id", "task": "task_id",
+               "hour": "substr(ts, 1, 13)"}
+
+
+def cost(conn, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+         since: str | None = None) -> dict:
+    """Tokens and cost of the LLM calls that match, in all and grouped by provider and
+    model, service, run, task and hour (``since``: an ISO 8601 UTC time)."""
+    where, args = [], []
+    for clause, value in (("run_id = ?", run_id), ("task_id = ?", task_id), ("agent = ?", agent),
+                          ("ts >= ?", since)):
+        if value is not None:
+            where.append(clause)
+            args.append(value)
+    cond = (" WHERE " + " AND ".join(where)) if where else ""
+    out = {"total": _rows(conn, f"SELECT {_SPEND} FROM llm_usage{cond}", tuple(args))[0]}
+    for name, columns in COST_GROUPS.items():
+        key = columns if name != "hour" else f"{columns} AS hour"
+        order = "hour" if name == "hour" else "cost_usd DESC, calls DESC"
+        out[name] = _rows(conn, f"SELECT {key}, {_SPEND} FROM llm_usage{cond} GROUP BY {columns} ORDER BY {order} "
+                                "LIMIT 200", tuple(args))
+    return out

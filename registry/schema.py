@@ -381,6 +381,44 @@ def _widen_v6_pg(conn) -> None:
 
 MIGRATIONS.append((6, "providers: parked tasks and provider_retry rows", _rebuild_v6))
 
+# -- version 7: spend ------------------------------------------------------------------------------
+# One row per LLM call (its tokens and, from the price table, its cost), budgets on runs,
+# and why a parked task waits (a provider, its budget, an operator).
+MIGRATIONS.append((
+    7,
+    "spend: llm_usage rows, run budgets, why a task is parked",
+    """
+    CREATE TABLE llm_usage (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts TEXT NOT NULL,
+        mono REAL NOT NULL,
+        run_id TEXT,
+        task_id TEXT,
+        agent TEXT NOT NULL,
+        incarnation TEXT,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        step TEXT,
+        ok INTEGER NOT NULL DEFAULT 1,
+        input_tokens INTEGER NOT NULL DEFAULT 0 CHECK (input_tokens >= 0),
+        output_tokens INTEGER NOT NULL DEFAULT 0 CHECK (output_tokens >= 0),
+        cache_read_tokens INTEGER NOT NULL DEFAULT 0 CHECK (cache_read_tokens >= 0),
+        cache_write_tokens INTEGER NOT NULL DEFAULT 0 CHECK (cache_write_tokens >= 0),
+        duration_ms REAL,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        priced INTEGER NOT NULL DEFAULT 1,
+        source TEXT NOT NULL DEFAULT 'sdk',
+        drill TEXT
+    );
+    CREATE INDEX llm_usage_run ON llm_usage(run_id);
+    CREATE INDEX llm_usage_task ON llm_usage(task_id);
+    CREATE INDEX llm_usage_agent_mono ON llm_usage(agent, mono);
+    ALTER TABLE runs ADD COLUMN budget_usd REAL;
+    ALTER TABLE runs ADD COLUMN budget_tokens INTEGER;
+    ALTER TABLE tasks ADD COLUMN parked_reason TEXT;
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 EXPECTED_COLUMNS: dict[str, set[str]] = {
@@ -388,9 +426,9 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
                "stopped", "paused"},
     "sessions": {"incarnation", "agent", "pid", "pid_create_time", "status", "exit_code", "exit_signal", "end_reason",
                  "started_mono", "healthy_mono"},
-    "runs": {"run_id", "prompt", "status", "result", "failure", "drill"},
+    "runs": {"run_id", "prompt", "status", "result", "failure", "drill", "budget_usd", "budget_tokens"},
     "tasks": {"task_id", "run_id", "agent", "parent_agent", "status", "attempt", "provider", "progress",
-              "lease_incarnation", "delivered", "held_since"},
+              "lease_incarnation", "delivered", "held_since", "parked_reason"},
     "alerts": {"alert_id", "agent", "incarnation", "reason", "status", "deliveries", "drill", "mono", "stable"},
     "events": {"id", "ts", "kind", "agent", "incarnation", "run_id", "task_id", "alert_id", "payload", "drill"},
     "retry_history": {"agent_id", "task_id", "retry_type", "retry_count", "reason", "from_provider", "to_provider",
@@ -400,6 +438,8 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
     "checkpoints": {"task_id", "step", "step_id", "hash", "output"},
     "lanes": {"lane", "state", "fingerprint", "reason", "changed_by", "changed_at"},
     "lane_trips": {"fingerprint", "lane", "description", "task_id", "mono"},
+    "llm_usage": {"run_id", "task_id", "agent", "provider", "model", "input_tokens", "output_tokens",
+                  "cache_read_tokens", "cache_write_tokens", "cost_usd", "priced", "mono"},
 }
 
 

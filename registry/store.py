@@ -335,16 +335,18 @@ class SqlStore(Stamps):
             return await self._task_to(tx, task_id, TaskState.ASSIGNED, sets,
                                        event={"provider": provider}) is not None
 
-    async def park_task(self, task_id: str, reason: str) -> bool:
-        """The task waits in its agent (every provider down): no attempt is spent meanwhile."""
+    async def park_task(self, task_id: str, reason: str, kind: str = "providers") -> bool:
+        """The task waits (every provider down, its budget spent, or for an operator), at its
+        checkpoint: no attempt is spent meanwhile. ``kind`` says what it waits for."""
         async with self.db.transaction() as tx:
-            return await self._task_to(tx, task_id, TaskState.PARKED, {"held_since": self._mono()},
-                                       event={"reason": reason}) is not None
+            return await self._task_to(tx, task_id, TaskState.PARKED,
+                                       {"held_since": self._mono(), "parked_reason": kind},
+                                       event={"reason": reason, "kind": kind}) is not None
 
     async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:
         """A parked task goes on where it was, on ``provider`` when one is named."""
         async with self.db.transaction() as tx:
-            sets: dict[str, Any] = {"held_since": None}
+            sets: dict[str, Any] = {"held_since": None, "parked_reason": None}
             if provider:
                 sets["provider"] = provider
             return await self._task_to(tx, task_id, TaskState.RUNNING, sets,
@@ -356,6 +358,47 @@ class SqlStore(Stamps):
             await tx.execute("UPDATE tasks SET provider = ?, updated_at = ? WHERE task_id = ?",
                              (provider, self._wall(), task_id))
 
+    async def set_run_budget(self, run_id: str, usd: float | None, tokens: int | None) -> bool:
+        """A run's own budget (`tron run --budget-usd`, or an operator raising it)."""
+        async with self.db.transaction() as tx:
+            n = await tx.execute("UPDATE runs SET budget_usd = ?, budget_tokens = ? WHERE run_id = ?",
+                                 (usd, tokens, run_id))
+            if n:
+                await self._event(tx, "run_budget", {"usd": usd, "tokens": tokens}, run_id=run_id)
+            return bool(n)
+
+    async def record_usage(self, row: dict) -> dict:
+        """One LLM call's tokens and cost."""
+        cols = ["ts", "mono", "drill", *row]
+        async with self.db.transaction() as tx:
+            return await tx.one(f"INSERT INTO llm_usage ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                                "RETURNING *", (self._wall(), self._mono(), self.drill, *row.values()))
+
+    async def usage(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+                    since_mono: float | None = None, limit: int = 1000) -> list[dict]:
+        """The LLM calls that match, newest first (at most ``limit``)."""
+        where, args = self._usage_where(run_id, task_id, agent, since_mono)
+        return await self.db.all(f"SELECT * FROM llm_usage{where} ORDER BY id DESC LIMIT ?", (*args, limit))
+
+    @staticmethod
+    def _usage_where(run_id, task_id, agent, since_mono) -> tuple[str, list]:
+        where, args = [], []
+        for column, value, op in (("run_id", run_id, "="), ("task_id", task_id, "="), ("agent", agent, "="),
+                                  ("mono", since_mono, ">")):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                args.append(value)
+        return (" WHERE " + " AND ".join(where)) if where else "", args
+
+    async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+                    since_mono: float | None = None) -> dict:
+        """What has been spent (USD, tokens, calls) by a run, a task, or a service since a time."""
+        where, args = self._usage_where(run_id, task_id, agent, since_mono)
+        row = await self.db.one(
+            "SELECT COALESCE(SUM(cost_usd), 0) AS usd, COUNT(*) AS calls, COALESCE(SUM(input_tokens + output_tokens "
+            f"+ cache_read_tokens + cache_write_tokens), 0) AS tokens FROM llm_usage{where}", tuple(args))
+        return {"usd": round(float(row["usd"]), 10), "calls": int(row["calls"]), "tokens": int(row["tokens"])}
+
     async def reopen_task(self, task_id: str, *, by: str) -> bool:
         """An operator retries a failed or cancelled task: assigned again, one attempt further on."""
         async with self.db.transaction() as tx:
@@ -366,6 +409,10 @@ class SqlStore(Stamps):
     async def tasks_of_run(self, run_id: str) -> list[dict]:
         return [_decode(r, "failure") for r in
                 await self.db.all("SELECT * FROM tasks WHERE run_id = ? ORDER BY created_at", (run_id,))]
+
+    async def parked_tasks(self) -> list[dict]:
+        """Tasks waiting for a provider, their budget or an operator, oldest first."""
+        return await self.db.all("SELECT * FROM tasks WHERE status = ? ORDER BY held_since", (TaskState.PARKED,))
 
     async def held_tasks(self) -> list[dict]:
         return await self.db.all("SELECT * FROM tasks WHERE status = ? ORDER BY held_since", (TaskState.ESCALATED,))

@@ -14,6 +14,7 @@ from common.providers.base import (
     ProviderKind,
     ProviderSettings,
     ToolCall,
+    anthropic_usage,
     field_of,
     instance_of,
     register,
@@ -97,22 +98,23 @@ class Anthropic(ProviderKind):
             return reply.model_copy(update={"limits": self.read_limits(raw.headers, time.time())})
 
         parts: list[str] = []
-        model, input_tokens, output_tokens, stop = self.model(settings), 0, 0, None
+        model, stop, usage = self.model(settings), None, anthropic_usage(None)
         events = await client.messages.create(**kwargs, stream=True)
         limits = self.read_limits(events.response.headers, time.time())
         async with events:
             with reading_stream(self.name, limits):
                 async for event in events:
                     if event.type == "message_start":
-                        model, input_tokens = event.message.model, event.message.usage.input_tokens
+                        model, usage = event.message.model, anthropic_usage(event.message.usage)
                     elif event.type == "content_block_delta" and event.delta.type == "text_delta":
                         parts.append(event.delta.text)
                     elif event.type == "message_delta":
-                        output_tokens = event.usage.output_tokens
+                        # The final counts (cumulative); input counts here when the API sends them.
+                        usage.update({k: v for k, v in anthropic_usage(event.usage).items()
+                                      if v or k == "output_tokens"})
                         stop = event.delta.stop_reason or stop
-        return LLMReply(provider=self.name, model=model, text="".join(parts), streamed=True,
-                        input_tokens=input_tokens, output_tokens=output_tokens, stop_reason=stop_reason(stop),
-                        refusal=stop == "refusal", limits=limits)
+        return LLMReply(provider=self.name, model=model, text="".join(parts), streamed=True, **usage,
+                        stop_reason=stop_reason(stop), refusal=stop == "refusal", limits=limits)
 
     def warm_up_call(self, url: str) -> Any:
         import anthropic
@@ -126,9 +128,7 @@ class Anthropic(ProviderKind):
         raw_stop = field_of(response, "stop_reason")
         usage = field_of(response, "usage")
         return LLMReply(provider=self.name, model=field_of(response, "model", "") or "", text=text, streamed=False,
-                        input_tokens=field_of(usage, "input_tokens", 0) or 0,
-                        output_tokens=field_of(usage, "output_tokens", 0) or 0,
-                        stop_reason=stop_reason(raw_stop), refusal=raw_stop == "refusal")
+                        **anthropic_usage(usage), stop_reason=stop_reason(raw_stop), refusal=raw_stop == "refusal")
 
     def tool_calls(self, response: Any) -> list[ToolCall]:
         return [ToolCall(field_of(b, "name", ""), field_of(b, "input"))

@@ -78,12 +78,35 @@ class LLMReply(BaseModel):
     provider: str
     model: str
     text: str
-    input_tokens: int
+    input_tokens: int  # billed at the input rate: cached input is counted apart, below
     output_tokens: int
     streamed: bool
+    cache_read_tokens: int = 0  # input read from the provider's prompt cache
+    cache_write_tokens: int = 0  # input written to it (Anthropic's cache_creation_input_tokens)
     stop_reason: StopReason | None = None
     refusal: bool = False
     limits: dict[str, float] = Field(default_factory=dict)
+
+
+def openai_usage(usage: Any) -> dict[str, int]:
+    """OpenAI's usage (chat: prompt/completion tokens; Responses: input/output tokens), with
+    its cached input taken out of the input: the tokens as LLMReply counts them."""
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0}
+    prompt = field_of(usage, "prompt_tokens", None)
+    details = field_of(usage, "prompt_tokens_details" if prompt is not None else "input_tokens_details", None)
+    cached = (field_of(details, "cached_tokens", 0) or 0) if details is not None else 0
+    total_in = (prompt if prompt is not None else field_of(usage, "input_tokens", 0)) or 0
+    out = field_of(usage, "completion_tokens" if prompt is not None else "output_tokens", 0) or 0
+    return {"input_tokens": max(0, total_in - cached), "output_tokens": out, "cache_read_tokens": cached}
+
+
+def anthropic_usage(usage: Any) -> dict[str, int]:
+    """Anthropic's usage: its input_tokens already leave the cache out."""
+    return {"input_tokens": field_of(usage, "input_tokens", 0) or 0,
+            "output_tokens": field_of(usage, "output_tokens", 0) or 0,
+            "cache_read_tokens": field_of(usage, "cache_read_input_tokens", 0) or 0,
+            "cache_write_tokens": field_of(usage, "cache_creation_input_tokens", 0) or 0}
 
 
 class ToolCall(NamedTuple):

@@ -17,6 +17,7 @@ from common.providers.base import (
     ToolCall,
     field_of,
     instance_of,
+    openai_usage,
     register,
     status_reason,
 )
@@ -103,9 +104,7 @@ class OpenAI(ProviderKind):
                         finish = choice.finish_reason or finish
                     usage = chunk.usage or usage
         stop = "refusal" if refused else _FINISH_REASONS.get(finish or "")
-        return LLMReply(provider=self.name, model=model, text="".join(parts), streamed=True,
-                        input_tokens=usage.prompt_tokens if usage else 0,
-                        output_tokens=usage.completion_tokens if usage else 0,
+        return LLMReply(provider=self.name, model=model, text="".join(parts), streamed=True, **openai_usage(usage),
                         stop_reason=stop, refusal=stop == "refusal", limits=limits)
 
     def warm_up_call(self, url: str) -> Any:
@@ -126,9 +125,7 @@ class OpenAI(ProviderKind):
         usage = field_of(response, "usage")
         return LLMReply(provider=self.name, model=field_of(response, "model") or "", streamed=False,
                         text=(field_of(message, "content") if message is not None else None) or "",
-                        input_tokens=field_of(usage, "prompt_tokens", 0) or 0,
-                        output_tokens=field_of(usage, "completion_tokens", 0) or 0,
-                        stop_reason=stop, refusal=stop == "refusal")
+                        **openai_usage(usage), stop_reason=stop, refusal=stop == "refusal")
 
     def _responses_reply(self, response: Any) -> LLMReply:
         texts, refused, called = [], False, False
@@ -151,9 +148,7 @@ class OpenAI(ProviderKind):
             stop = "end" if field_of(response, "status") == "completed" else None
         usage = field_of(response, "usage")
         return LLMReply(provider=self.name, model=field_of(response, "model") or "", text="".join(texts),
-                        streamed=False, input_tokens=field_of(usage, "input_tokens", 0) or 0,
-                        output_tokens=field_of(usage, "output_tokens", 0) or 0,
-                        stop_reason=stop, refusal=stop == "refusal")
+                        streamed=False, **openai_usage(usage), stop_reason=stop, refusal=stop == "refusal")
 
     def tool_calls(self, response: Any) -> list[ToolCall]:
         if field_of(response, "choices") is None:  # the Responses API

@@ -238,3 +238,57 @@ async def test_events_filter_and_page(store):
     assert [e["payload"]["i"] for e in first] == [0, 1]
     assert [e["payload"]["i"] for e in await store.events(since=first[-1]["id"], limit=2)] == [2, 3]
     assert (await store.events(limit=1))[0]["mono"] == 1000.0
+
+
+async def test_a_task_parks_for_a_reason_and_goes_on_where_it_was(store):
+    await run_with_task(store)
+    await store.task_progress("t-1", "i-1", "step:2")
+    assert await store.park_task("t-1", "all_providers_down: ...", "providers")
+    row = await store.task("t-1")
+    assert (row["status"], row["parked_reason"]) == (TaskState.PARKED, "providers")
+    assert not await store.park_task("t-1", "again")  # parked already: not a legal edge
+    assert await store.unpark_task("t-1", "ollama")
+    row = await store.task("t-1")
+    assert (row["status"], row["parked_reason"], row["provider"], row["held_since"]) == (
+        TaskState.RUNNING, None, "ollama", None)
+    # a provider retry counts against the task's restarts, not as a process restart
+    await store.record_retry(alert_id="pf-1", agent_id="programmer-1", retry_type=RetryType.PROVIDER_RETRY,
+                             reason="overloaded_error", detail={}, case="provider_retry", task_id="t-1", run_id="r-1",
+                             from_provider="anthropic", to_provider="anthropic")
+    assert (await store.task_counts("t-1"))["restarts"] == 1
+    metrics = {(m["scope"], m["key"]): m for m in await store.failure_metrics()}
+    assert (metrics[("agent", "programmer-1")]["provider_retries"], metrics[("agent", "programmer-1")]["restarts"]) \
+        == (1, 0)
+
+
+async def test_usage_rows_add_up_per_run_task_and_service(store):
+    await run_with_task(store)
+    base = {"run_id": "r-1", "agent": "programmer-1", "incarnation": "i-1", "provider": "anthropic",
+            "model": "claude-sonnet-4-5", "step": "step:1", "ok": 1, "cache_read_tokens": 0,
+            "cache_write_tokens": 0, "duration_ms": 12.5, "priced": 1, "source": "sdk"}
+    await store.record_usage({**base, "task_id": "t-1", "input_tokens": 100, "output_tokens": 20,
+                              "cost_usd": 0.0006})
+    store.test_clock.advance(10)
+    await store.record_usage({**base, "task_id": "t-2", "input_tokens": 1000, "output_tokens": 200,
+                              "cache_read_tokens": 50, "cost_usd": 0.006015})
+    assert await store.spend(run_id="r-1") == {"usd": 0.006615, "calls": 2, "tokens": 1370}
+    assert await store.spend(task_id="t-1") == {"usd": 0.0006, "calls": 1, "tokens": 120}
+    assert (await store.spend(agent="programmer-1", since_mono=store.test_clock.now() - 5))["calls"] == 1
+    assert await store.spend(run_id="nope") == {"usd": 0.0, "calls": 0, "tokens": 0}
+    assert await store.set_run_budget("r-1", 0.5, 200_000)
+    run = await store.run("r-1")
+    assert (run["budget_usd"], run["budget_tokens"]) == (0.5, 200_000)
+    assert not await store.set_run_budget("nope", 1.0, None)
+
+
+async def test_usage_rows_are_listed_newest_first(store):
+    await run_with_task(store)
+    for n in range(3):
+        await store.record_usage({"run_id": "r-1", "task_id": "t-1", "agent": "programmer-1", "incarnation": "i-1",
+                                  "provider": "ollama", "model": "llama3.1", "step": f"step:{n}", "ok": 1,
+                                  "input_tokens": n, "output_tokens": 1, "cache_read_tokens": 0,
+                                  "cache_write_tokens": 0, "duration_ms": 1.0, "cost_usd": 0.0, "priced": 1,
+                                  "source": "sdk"})
+    rows = await store.usage(run_id="r-1", limit=2)
+    assert [r["step"] for r in rows] == ["step:2", "step:1"]
+    assert await store.usage(agent="nobody") == []

@@ -551,3 +551,185 @@ def test_fifty_event_streams_are_held_and_freed(ui, mesh):
             sock.close()
     wait_for(lambda: stats(mesh)["sse_clients"] == 1, 10, "the 50 streams to be freed")
     assert stats(mesh)["sse_dropped"] == 0
+
+
+# -- spend (issue 23) ------------------------------------------------------------------------------------------
+
+
+def usd(value: float) -> str:
+    """Dollars as the pages show them (to a hundredth of a cent)."""
+    return f"${value:,.4f}"
+
+
+def test_a_run_page_shows_what_it_cost_per_task_and_a_task_page_lists_its_calls(ui, mesh, artifacts):
+    base = mesh.url("daemon")
+    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "write hello world, then count the cost",
+                                                                   "budget_usd": 5.0})
+    assert code == 202, body
+    run_id = body["run_id"]
+    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 60, "the run")
+    [total] = mesh.rows("SELECT SUM(cost_usd) AS usd, COUNT(*) AS calls FROM llm_usage WHERE run_id = ?", (run_id,))
+    assert total["usd"] > 0, total
+    page = ui.context.new_page()
+    try:
+        page.goto(base + f"/ui/runs/{run_id}")
+        spend = page.get_by_test_id("run-spend")
+        expect(spend.locator('[data-field="usd"]')).to_have_text(usd(total["usd"]))
+        expect(spend).to_contain_text(f"{total['calls']} LLM calls")
+        expect(spend.locator('[data-budget="usd"]')).to_contain_text(f"of {usd(5.0)}")
+        expect(spend.locator('[data-budget="usd"]')).to_contain_text("this run's")
+        expect(spend.locator('[data-action="budget"]')).to_have_count(0)  # a finished run has nothing to raise
+        per_task = {r["task_id"]: r for r in mesh.rows(
+            "SELECT task_id, SUM(cost_usd) AS usd, COUNT(*) AS calls FROM llm_usage WHERE run_id = ? GROUP BY task_id",
+            (run_id,))}
+        tasks = page.get_by_test_id("tasks")
+        for task_id, row in per_task.items():
+            line = tasks.locator(f'[data-task="{task_id}"]')
+            expect(line.locator('[data-field="usd"]')).to_have_text(usd(row["usd"]))
+            expect(line.locator('[data-field="calls"]')).to_have_text(str(row["calls"]))
+        page.screenshot(path=artifacts / "run-spend.png", full_page=True)
+        [task_id] = [t["task_id"] for t in mesh.rows("SELECT task_id FROM tasks WHERE run_id = ? AND agent = ?",
+                                                      (run_id, "programmer-1"))]
+        tasks.locator(f'[data-task="{task_id}"]').get_by_role("link").first.click()
+        calls = mesh.rows("SELECT id, provider, model, cost_usd FROM llm_usage WHERE task_id = ? ORDER BY id DESC",
+                          (task_id,))
+        assert calls
+        table = page.get_by_test_id("calls")
+        expect(table.locator("tbody tr")).to_have_count(len(calls))
+        for call in calls:
+            line = table.locator(f'[data-call="{call["id"]}"]')
+            expect(line).to_contain_text(f'{call["provider"]} / {call["model"]}')
+            expect(line).to_contain_text(usd(call["cost_usd"]))
+        expect(page.get_by_test_id("calls-total").locator('[data-field="usd"]')).to_have_text(
+            usd(sum(c["cost_usd"] for c in calls)))
+        expect(page.get_by_test_id("task").locator('[data-field="usd"]')).to_have_text(usd(per_task[task_id]["usd"]))
+        page.screenshot(path=artifacts / "task-calls.png", full_page=True)
+        # its service's spend: all of it, and the last hour's (every call here is recent)
+        page.goto(base + "/ui/services/programmer-1")
+        [mine] = mesh.rows("SELECT SUM(cost_usd) AS usd, COUNT(*) AS calls FROM llm_usage WHERE agent = ?",
+                           ("programmer-1",))
+        for window in ("hour", "all"):
+            row = page.get_by_test_id("service-spend").locator(f'[data-window="{window}"]')
+            expect(row.locator('[data-field="usd"]')).to_have_text(usd(mine["usd"]))
+            expect(row.locator('[data-field="calls"]')).to_have_text(str(mine["calls"]))
+        # and the charts page's hourly spend: at least this run's, drawn by uPlot
+        page.goto(base + "/ui/charts")
+        expect(page.get_by_test_id("chart-spend").locator("canvas")).to_have_count(1)
+        expect(page.get_by_test_id("spend-summary")).to_contain_text("last 24 h: $")
+        page.screenshot(path=artifacts / "charts-spend.png", full_page=True)
+    finally:
+        page.close()
+
+
+def test_a_run_parked_at_its_budget_goes_on_when_the_run_page_raises_it(ui, mesh, artifacts):
+    base = mesh.url("daemon")
+    # a budget any first call spends: the next call of the run parks, at its checkpoint
+    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "spend a little, then more",
+                                                                   "budget_usd": 0.0001})
+    assert code == 202, body
+    run_id = body["run_id"]
+    page = acting_page(ui)
+    try:
+        parked = wait_for(lambda: mesh.rows("SELECT task_id FROM tasks WHERE run_id = ? AND status = 'parked' AND "
+                                            "parked_reason = 'budget_exceeded'", (run_id,)), 60, "a task at its budget")
+        task_id = parked[0]["task_id"]
+        page.goto(base + f"/ui/tasks/{task_id}")
+        expect(page.get_by_test_id("parked")).to_contain_text("Parked: budget exceeded")
+        actions = page.get_by_test_id("task-actions")
+        expect(actions.locator('[data-action="fail"]')).to_be_visible()
+        expect(actions.locator('[data-action="approve"]')).to_have_count(0)  # only for a task awaiting an operator
+        expect(page.get_by_test_id("run-budget-actions").locator('[data-action="budget"]')).to_be_visible()
+        page.screenshot(path=artifacts / "task-at-budget.png", full_page=True)
+        page.goto(base + f"/ui/runs/{run_id}")
+        spend = page.get_by_test_id("run-spend")
+        expect(spend.get_by_test_id("run-at-budget")).to_contain_text(task_id)
+        expect(spend.locator('[data-budget="usd"]')).to_contain_text("reached")
+        control = spend.locator('[data-control="budget"]')
+        control.locator('input[name="usd"]').fill("5")
+        page.screenshot(path=artifacts / "run-at-budget.png", full_page=True)
+        control.locator('[data-action="budget"]').click()
+        assert page.confirmations[-1].startswith(f"Set the budget of run {run_id} to USD 5, tokens unchanged "
+                                                 f"(now $0.0001)?"), page.confirmations[-1]
+        expect(control.locator("[data-result]")).to_contain_text("budget_set")
+        expect(spend.locator('[data-budget="usd"]')).to_contain_text(f"of {usd(5.0)}")  # drawn again at once
+        wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 60,
+                 "the run to go on and finish")
+        page.reload()
+        expect(page.get_by_test_id("run-spend").get_by_test_id("run-at-budget")).to_have_count(0)
+    finally:
+        page.close()
+    assert mesh.rows("SELECT budget_usd FROM runs WHERE run_id = ?", (run_id,)) == [{"budget_usd": 5.0}]
+    trail = [(a["what"], a["outcome"], a["who"].endswith("@ui")) for a in audits(mesh, run_id)]
+    assert trail == [("run_budget", "budget_set", True)], trail
+
+
+def test_a_task_awaiting_an_operator_shows_approve_and_fail_and_approve_on_ollama_completes_its_run(
+        browser, tmp_path, artifacts):
+    # A mesh of its own: the module's does not ask a person before failing a task. This one
+    # does (ask_operator), and with every provider down it fails at once rather than waiting
+    # (on_all_down = "fail"): the task parks awaiting an operator.
+    from tests.harness import cleanup, make_mesh
+
+    other = make_mesh(tmp_path / "asking", policy={"ask_operator": True}, providers={"on_all_down": "fail"})
+    context, errors = None, []
+    try:
+        other.up()
+        base, sim = other.url("daemon"), other.url("llm-sim")
+        for provider in ("anthropic", "ollama"):
+            code, body = other.http("PUT", sim + f"/sim/faults/{provider}", {"kind": "error"})
+            assert code == 200, body
+        code, body = other.http("POST", other.url("gateway") + "/runs", {"prompt": "ask a person before failing"})
+        assert code == 202, body
+        run_id = body["run_id"]
+        [task] = wait_for(lambda: other.rows(
+            "SELECT task_id, agent FROM tasks WHERE run_id = ? AND status = 'parked' AND parked_reason = ?",
+            (run_id, "awaiting_operator")), 60, "a task awaiting an operator")
+        task_id, agent = task["task_id"], task["agent"]
+
+        context = browser.new_context(viewport={"width": 1280, "height": 640})
+        context.on("weberror", lambda e: errors.append(str(e.error)))
+        context.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
+                   and errors.append(m.text))
+        page = context.new_page()
+        page.confirmations = []
+
+        def confirm(dialog):
+            page.confirmations.append(dialog.message)
+            dialog.accept()
+
+        page.on("dialog", confirm)
+        page.goto(login_url(other))
+        expect(page).to_have_url(base + "/ui/")
+        page.goto(base + f"/ui/tasks/{task_id}")
+        expect(page.get_by_test_id("parked")).to_contain_text("Parked: awaiting operator")
+        actions = page.get_by_test_id("task-actions")
+        expect(actions.locator('[data-action="approve"]')).to_be_visible()
+        expect(actions.locator('[data-action="fail"]')).to_be_visible()
+        expect(page.get_by_test_id("run-budget-actions")).to_have_count(0)  # not parked at a budget
+        providers = page.get_by_test_id("approve-provider").locator("option")
+        expect(providers).to_have_text(["its provider", "anthropic", "ollama"])  # the chain
+        page.screenshot(path=artifacts / "task-awaiting-operator.png", full_page=True)
+
+        assert other.http("DELETE", sim + "/sim/faults")[0] == 200  # ollama answers again (still open here)
+        control = page.locator('[data-control="approve"]')
+        control.get_by_test_id("approve-provider").select_option("ollama")
+        control.locator('[data-action="approve"]').click()
+        assert page.confirmations[-1].startswith(
+            f"Approve task {task_id} ({agent})? It goes on, on ollama, from its checkpoint."), page.confirmations[-1]
+        expect(page.get_by_test_id("action-result")).to_contain_text(f"approve task {task_id}: approved")
+        task_view = page.get_by_test_id("task")
+        expect(task_view.locator('[data-field="run-status"]')).to_have_text("done", timeout=90_000)
+        expect(task_view.locator('[data-field="status"]')).to_have_text("done")
+        expect(page.get_by_test_id("parked")).to_have_count(0)
+        expect(page.get_by_test_id("task-actions-none")).to_be_visible()  # no Approve, no Fail on a done task
+        page.reload()
+        expect(page.get_by_test_id("calls").locator("tbody tr td", has_text="ollama /").first).to_be_visible()
+        page.screenshot(path=artifacts / "task-approved.png", full_page=True)
+        trail = [(a["what"], a["outcome"], a["who"].endswith("@ui")) for a in audits(other, task_id)]
+        assert ("task_approve", "approved", True) in trail, trail
+    finally:
+        if context is not None:
+            context.close()
+        leaks = cleanup(other)
+        assert not leaks, f"processes left behind: {leaks}"
+    assert not errors, errors

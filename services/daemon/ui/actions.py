@@ -11,7 +11,10 @@ Scopes and the target each button is drawn for:
     service   a service row of ``sup.rows()``: name, state, stopped, paused
     lane      a row of GET /lanes: lane, state (open | paused)
     mesh      {"spawning": "running" | "paused"}, as in the daemon's status
-    task      a task row of the registry: task_id, agent, status
+    task      a task row of the registry (task_id, agent, status, parked_reason), with
+              next_step (where a resume goes on by default) and chain (the providers)
+    run       a run row of the registry (run_id, status), with budget (what it is now, as
+              words) and suggest_usd (a raised budget to start from)
 
 ``applies`` only decides what is drawn: the API stays the judge (a button drawn a moment
 before the state moved is refused there, with a message that says why).
@@ -23,13 +26,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from common.states import LIVE_TASK_STATES, LaneState, TaskState
+from common.states import LIVE_TASK_STATES, LaneState, RunState, TaskState
+
+
+@dataclass(frozen=True)
+class Input:
+    """A body field the operator fills in beside a button: a number input, or a select of
+    the target's ``choices``. Left empty it is sent as null (the API's default applies), and
+    the confirmation says ``blank`` where it names the field."""
+
+    name: str                  # the body field; the confirmation names it as "{name}"
+    label: str
+    kind: Literal["number", "choice"] = "number"
+    step: str = "1"            # a number's granularity ("any": dollars and cents)
+    min: str = "1"
+    value: str | None = None   # the target's field that gives its first value (None: empty)
+    choices: str | None = None  # a choice's options: the target's field that lists them
+    blank: str = "(none)"
+
+    def for_target(self, target: dict) -> dict:
+        value = target.get(self.value) if self.value else None
+        return {"name": self.name, "label": self.label, "kind": self.kind, "step": self.step, "min": self.min,
+                "value": "" if value is None else str(value), "blank": self.blank,
+                "choices": list(target.get(self.choices) or []) if self.choices else []}
 
 
 @dataclass(frozen=True)
 class Action:
     verb: str                      # the button's data-action
-    scope: Literal["service", "task", "lane", "mesh", "provider"]
+    scope: Literal["service", "task", "run", "lane", "mesh", "provider"]
     method: str
     path: str                      # formatted with the target's fields ({name}, {task_id}, ...)
     label: str
@@ -37,16 +62,17 @@ class Action:
     applies: Callable[[dict], bool]
     target: str                    # what the result line names, formatted the same way
     danger: bool = False
-    # A body field the operator types (a number input beside the button). The confirmation
-    # names it as "{field}" (written "{{field}}" here, to survive the format): app.js puts
-    # the typed value there.
-    input: str | None = None
+    # Body fields the operator fills in beside the button. The confirmation names each as
+    # "{field}" (written "{{field}}" here, to survive the format): app.js puts the value there.
+    inputs: tuple[Input, ...] = ()
 
     def for_target(self, target: dict) -> dict:
         """What a template needs to draw this button for one target."""
         return {"verb": self.verb, "method": self.method, "url": self.path.format(**target), "label": self.label,
                 "confirm": self.confirm.format(**target), "target": self.target.format(**target),
-                "danger": self.danger, "input": self.input}
+                "danger": self.danger, "inputs": [i.for_target(target) for i in self.inputs],
+                # the first field's name: what "input" said when a button had at most one
+                "input": self.inputs[0].name if self.inputs else None}
 
 
 def _down(s: dict) -> bool:
@@ -56,6 +82,10 @@ def _down(s: dict) -> bool:
 def _not_done(t: dict) -> bool:
     # A done task has nothing to redo; a failed or cancelled one is retried within its run.
     return t["status"] != TaskState.DONE
+
+
+def _parked(*kinds: str) -> Callable[[dict], bool]:
+    return lambda t: t["status"] == TaskState.PARKED and t.get("parked_reason") in kinds
 
 
 ACTIONS: tuple[Action, ...] = (
@@ -94,6 +124,17 @@ ACTIONS: tuple[Action, ...] = (
            "Restore provider {provider}? It is closed at once: calls go to it again.",
            lambda p: p["state"] != "closed", "provider {provider}"),
     # -- tasks -------------------------------------------------------------------------------------------
+    # A task parked for an operator: the answer it waits for comes first.
+    Action("approve", "task", "POST", "/tasks/{task_id}/approve", "Approve",
+           "Approve task {task_id} ({agent})? It goes on, on {{provider}}, from {{from_step}}. A provider named is "
+           "restored if it is open; a step named sets the later ones aside and restarts {agent} with the task.",
+           _parked("awaiting_operator"), "task {task_id}",
+           inputs=(Input("provider", "on", kind="choice", choices="chain", blank="its provider"),
+                   Input("from_step", "from step", blank="its checkpoint"))),
+    Action("fail", "task", "POST", "/tasks/{task_id}/fail", "Fail",
+           "Fail task {task_id} ({agent}) for good? It is parked ({parked_reason}); it fails now, as the ladder "
+           "would have failed it, and its parent hears of it.",
+           _parked("awaiting_operator", "budget_exceeded"), "task {task_id}", danger=True),
     Action("retry", "task", "POST", "/tasks/{task_id}/retry", "Retry",
            "Retry task {task_id} ({agent})? A live task: {agent} is restarted with it now. A failed or cancelled "
            "one: its run opens again and its failed tasks are assigned again.", _not_done, "task {task_id}"),
@@ -103,10 +144,17 @@ ACTIONS: tuple[Action, ...] = (
            _not_done, "task {task_id}", danger=True),
     Action("resume", "task", "POST", "/tasks/{task_id}/resume", "Resume from step",
            "Resume task {task_id} ({agent}) from step {{from_step}}? The steps before it are kept (verified); "
-           "the later ones are set aside.", _not_done, "task {task_id}", input="from_step"),
+           "the later ones are set aside.", _not_done, "task {task_id}",
+           inputs=(Input("from_step", "from step", value="next_step"),)),
     Action("cancel", "task", "POST", "/tasks/{task_id}/cancel", "Cancel",
            "Cancel task {task_id} ({agent})? It and every task below it end as cancelled; a run's first task "
            "cancels the run.", lambda t: t["status"] in LIVE_TASK_STATES, "task {task_id}", danger=True),
+    # -- runs ----------------------------------------------------------------------------------------------
+    Action("budget", "run", "POST", "/runs/{run_id}/budget", "Raise budget",
+           "Set the budget of run {run_id} to USD {{usd}}, tokens {{tokens}} (now {budget})? A task parked at "
+           "the run's budget goes on within a moment.", lambda r: r["status"] == RunState.RUNNING, "run {run_id}",
+           inputs=(Input("usd", "USD", step="any", min="0", value="suggest_usd", blank="unchanged"),
+                   Input("tokens", "tokens", min="0", blank="unchanged"))),
 )
 
 

@@ -8,9 +8,12 @@
     GET  /ui/services/{name}       a service: its row, its log (live), ladder history, task
     GET  /ui/services/{name}/ladder   the service page's history part (refetched live)
     GET  /ui/runs, /ui/runs/{id}, /ui/tasks/{id}
+    GET  /ui/runs/{id}/spend       the run page's spend and budget (refetched after an action,
+                                   and while the run runs)
     GET  /ui/tasks/{id}/state?was=STATUS   the task page's summary (refetched after an action,
                                    and while the task or its run is live; says when it moved)
     GET  /ui/tasks/{id}/actions    the task page's buttons (refetched when the status moved)
+    GET  /ui/tasks/{id}/calls      the task page's LLM calls (refetched while the task is live)
     GET  /ui/charts, /ui/charts/data
     GET  /ui/settings, /ui/settings/form
     GET  /ui/events?topics=...     server-sent events (mesh, beats, svc:NAME, log:NAME; alert always)
@@ -35,12 +38,14 @@ from pydantic import Field
 from common.config import ConfigError
 from common.http import TOKEN_KEY, error, parse, require_token, token_matches
 from common.models import TOKEN_HEADER, Msg
+from common.states import RunState, TaskState
 from common.settings import read_overlay
 from services.daemon.ui import sse
 from services.daemon.ui.auth import Session, local_problem
 from services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
 from services.daemon.ui.settings_form import form_groups
-from services.daemon.ui.views import chart_data, task_moving, tree
+from services.daemon.ui.views import (chart_data, run_budget, spend_by_task, spend_chart, spend_totals,
+                                     suggest_usd, task_moving, tree)
 
 log = logging.getLogger("tron.daemon.ui")
 
@@ -51,6 +56,13 @@ _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 RUNS_SHOWN = 100
 HISTORY_SHOWN = 50
 RECENT_SHOWN = 20
+# LLM calls read for one page. A run's page groups its calls by task in Python (one read,
+# not one per task); past this many, the totals come from the store's sums instead.
+RUN_CALLS_READ = 5000
+TASK_CALLS_SHOWN = 200
+CHART_CALLS_READ = 20_000  # the spend chart's last 24 h
+HOUR = 3600.0
+DAY = 86400.0
 
 
 # -- login --------------------------------------------------------------------------------------
@@ -140,10 +152,14 @@ async def _ladder(ui: Ui, name: str, row: dict) -> dict:
         live = await store.live_tasks(name)
         task_id = live[0]["task_id"] if live else None
     task = await store.task(task_id) if task_id else None
+    budgets = ui.daemon.config.budgets
     return {"name": name, "history": await store.history(HISTORY_SHOWN, agent=name), "alerts": alerts,
             "audits": ui.feed.recent("audit", agent=name)[:RECENT_SHOWN], "task": task,
             "counts": await store.task_counts(task_id) if task else None,
-            "checkpoints": await store.checkpoints(task_id) if task else []}
+            "checkpoints": await store.checkpoints(task_id) if task else [],
+            "spend": {"hour": await store.spend(agent=name, since_mono=ui.daemon.clock.now() - HOUR),
+                      "all": await store.spend(agent=name), "usd_limit": budgets.service_usd_per_hour,
+                      "tokens_limit": budgets.service_tokens_per_hour}}
 
 
 @guarded()
@@ -195,8 +211,44 @@ async def run(request: web.Request, ui: Ui, session: Session) -> web.Response:
     found = await store.run(run_id)
     if found is None:
         raise web.HTTPNotFound(text=f"no run {run_id!r}")
-    tasks = [{**t, "counts": await store.task_counts(t["task_id"])} for t in await store.tasks_of_run(run_id)]
-    return ui.templates.response("run.html", **page_context(ui, session, "", run=found, tasks=tasks))
+    tasks = await store.tasks_of_run(run_id)
+    spend = await _run_spend(ui, found, tasks)
+    tasks = [{**t, "counts": await store.task_counts(t["task_id"]), "spend": spend["by_task"].get(t["task_id"])}
+             for t in tasks]
+    return ui.templates.response("run.html", **page_context(ui, session, "", run=found, tasks=tasks, **spend))
+
+
+def _budget(ui: Ui, run: dict, spent: dict) -> tuple[dict, dict]:
+    """The run's budget against what it spent, and the target its budget button is drawn for."""
+    defaults = ui.daemon.config.budgets
+    budget = run_budget(run, spent, default_usd=defaults.run_usd, default_tokens=defaults.run_tokens)
+    return budget, {**run, "budget": budget["words"], "suggest_usd": suggest_usd(budget["usd"], spent["usd"])}
+
+
+async def _run_spend(ui: Ui, run: dict, tasks: list[dict]) -> dict:
+    """What the run page's spend part shows: the run's calls summed (tokens by kind, USD),
+    per task, against its budget, and the budget button's target."""
+    store = ui.daemon.store
+    rows = await store.usage(run_id=run["run_id"], limit=RUN_CALLS_READ)
+    totals = spend_totals(rows)
+    partial = len(rows) >= RUN_CALLS_READ
+    if partial:  # the kinds and the per-task columns are of the latest calls; the sums are exact
+        totals.update(await store.spend(run_id=run["run_id"]))
+    budget, target = _budget(ui, run, totals)
+    at_budget = [t for t in tasks if t["status"] == TaskState.PARKED and t.get("parked_reason") == "budget_exceeded"]
+    return {"spend": totals, "by_task": spend_by_task(rows), "partial": partial, "calls_read": RUN_CALLS_READ,
+            "budget": budget, "run_target": target, "at_budget": at_budget,
+            "spend_moving": run["status"] == RunState.RUNNING}
+
+
+@guarded()
+async def run_spend(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    run_id = _path_id(request, "run_id")
+    found = await ui.daemon.store.run(run_id)
+    if found is None:
+        raise web.HTTPNotFound(text=f"no run {run_id!r}")
+    spend = await _run_spend(ui, found, await ui.daemon.store.tasks_of_run(run_id))
+    return ui.templates.response("_run_spend.html", run=found, **spend)
 
 
 async def _task(ui: Ui, request: web.Request) -> tuple[dict, dict]:
@@ -207,8 +259,33 @@ async def _task(ui: Ui, request: web.Request) -> tuple[dict, dict]:
     if found is None:
         raise web.HTTPNotFound(text=f"no task {task_id!r}")
     run = await store.run(found["run_id"])
+    parked_for = (ui.daemon.clock.now() - found["held_since"]
+                  if found["status"] == TaskState.PARKED and found.get("held_since") is not None else None)
     return found, {"task": found, "run": run, "counts": await store.task_counts(task_id),
-                   "moving": task_moving(found, run)}
+                   "moving": task_moving(found, run), "spend": await store.spend(task_id=task_id),
+                   "parked_for": parked_for}
+
+
+async def _task_actions(ui: Ui, task: dict, next_step: int) -> dict:
+    """The task page's buttons' targets: the task (with the step a resume goes on from, and
+    the providers an approval may name), and its run while the task is parked at its budget."""
+    target = {**task, "next_step": next_step, "chain": list(ui.daemon.config.providers.chain)}
+    run_target = None
+    if task["status"] == TaskState.PARKED and task.get("parked_reason") == "budget_exceeded":
+        run = await ui.daemon.store.run(task["run_id"])
+        if run is not None:
+            _, run_target = _budget(ui, run, await ui.daemon.store.spend(run_id=run["run_id"]))
+    return {"target": target, "run_target": run_target}
+
+
+async def _task_calls(ui: Ui, task: dict, moving: bool) -> dict:
+    """The task's LLM calls, newest first, and what they add up to."""
+    store = ui.daemon.store
+    rows = await store.usage(task_id=task["task_id"], limit=TASK_CALLS_SHOWN)
+    totals = spend_totals(rows)
+    if len(rows) >= TASK_CALLS_SHOWN:
+        totals.update(await store.spend(task_id=task["task_id"]))
+    return {"calls": rows, "calls_total": totals, "calls_moving": moving}
 
 
 async def _next_step(ui: Ui, task_id: str) -> tuple[list[dict], int]:
@@ -223,7 +300,8 @@ async def task(request: web.Request, ui: Ui, session: Session) -> web.Response:
     checkpoints, next_step = await _next_step(ui, found["task_id"])
     return ui.templates.response("task.html", **page_context(
         ui, session, "", **summary, history=await ui.daemon.store.task_history(found["task_id"]),
-        checkpoints=checkpoints, next_step=next_step))
+        checkpoints=checkpoints, **await _task_actions(ui, found, next_step),
+        **await _task_calls(ui, found, summary["moving"])))
 
 
 @guarded()
@@ -239,7 +317,13 @@ async def task_state(request: web.Request, ui: Ui, session: Session) -> web.Resp
 async def task_actions(request: web.Request, ui: Ui, session: Session) -> web.Response:
     found, _ = await _task(ui, request)
     _, next_step = await _next_step(ui, found["task_id"])
-    return ui.templates.response("_task_actions.html", task=found, next_step=next_step)
+    return ui.templates.response("_task_actions.html", task=found, **await _task_actions(ui, found, next_step))
+
+
+@guarded()
+async def task_calls(request: web.Request, ui: Ui, session: Session) -> web.Response:
+    found, summary = await _task(ui, request)
+    return ui.templates.response("_task_calls.html", task=found, **await _task_calls(ui, found, summary["moving"]))
 
 
 @guarded()
@@ -251,7 +335,13 @@ async def charts(request: web.Request, ui: Ui, session: Session) -> web.Response
 async def charts_data(request: web.Request, ui: Ui, session: Session) -> web.Response:
     await ui.live.refresh()
     events = ui.feed.recent("alert_raised", "child_restart", "operator_restart", "recovered")
-    return web.json_response(chart_data(events, time.time(), window=ui.feed.window))
+    now = time.time()
+    data = chart_data(events, now, window=ui.feed.window)
+    # Read by clock, bucketed by wall time: the chart is hours as a person reads them.
+    calls = await ui.daemon.store.usage(since_mono=ui.daemon.clock.now() - DAY, limit=CHART_CALLS_READ)
+    data["spend"] = spend_chart(calls, now, window=DAY, bucket=HOUR)
+    data["spend"]["summary"]["partial"] = len(calls) >= CHART_CALLS_READ
+    return web.json_response(data)
 
 
 def _settings(ui: Ui) -> dict:
@@ -345,9 +435,11 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/ui/services/{name}/ladder", service_ladder)
     r.add_get("/ui/runs", runs)
     r.add_get("/ui/runs/{run_id}", run)
+    r.add_get("/ui/runs/{run_id}/spend", run_spend)
     r.add_get("/ui/tasks/{task_id}", task)
     r.add_get("/ui/tasks/{task_id}/state", task_state)
     r.add_get("/ui/tasks/{task_id}/actions", task_actions)
+    r.add_get("/ui/tasks/{task_id}/calls", task_calls)
     r.add_get("/ui/charts", charts)
     r.add_get("/ui/charts/data", charts_data)
     r.add_get("/ui/settings", settings)

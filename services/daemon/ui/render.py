@@ -9,7 +9,7 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from services.daemon.ui.actions import buttons
-from services.daemon.ui.views import local_time
+from services.daemon.ui.views import PARKED_WHY, local_time
 
 TEMPLATES = Path(__file__).parent / "templates"
 # No inline script may run (so injected markup cannot either); htmx and uPlot set inline styles.
@@ -33,12 +33,31 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
 
 
+def _usd(value: float | None) -> str:
+    """Dollars to a hundredth of a cent: a simulated or small call costs fractions of one."""
+    return "-" if value is None else f"${value:,.4f}"
+
+
+def _tokens(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _share(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "<1%" if 0 < value < 0.01 else f"{value * 100:.0f}%"
+
+
 class Templates:
     def __init__(self) -> None:
         self.env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                                trim_blocks=True, lstrip_blocks=True)
         self.env.filters["clock"] = local_time
         self.env.filters["age"] = _age
+        self.env.filters["usd"] = _usd
+        self.env.filters["tokens"] = _tokens
+        self.env.filters["share"] = _share
+        self.env.globals["PARKED_WHY"] = PARKED_WHY
         self.env.globals["buttons"] = buttons
 
     def render(self, template: str, /, **context) -> str:

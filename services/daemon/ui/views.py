@@ -4,6 +4,7 @@ and the registry's own data (no I/O, no clock of their own: ``now`` comes in).""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from datetime import datetime
@@ -125,3 +126,93 @@ def chart_data(events: list[dict], now: float, *, window: float = 3600.0, bucket
             "recovery_max": round(max(seconds), 3) if seconds else None,
         },
     }
+
+
+# -- spend -------------------------------------------------------------------------------------
+
+# What a parked task waits for, in the words its page shows beside the reason.
+PARKED_WHY = {
+    "providers": "Every provider of the chain is open. It goes on from its checkpoint by itself when one closes "
+                 "(or fails after park_max).",
+    "budget_exceeded": "A budget of the task, its run or its service is spent. Raise the run's budget and it goes "
+                       "on from its checkpoint; or fail it.",
+    "awaiting_operator": "The ladder would fail it for good and asks a person first. Approve it (on a provider, "
+                         "from a step) or fail it; nobody answering fails it after operator_timeout.",
+}
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+
+
+def spend_totals(rows: list[dict]) -> dict:
+    """What ``llm_usage`` rows add up to: calls (and how many failed or were unpriced),
+    tokens by kind and in all, and USD (unpriced calls count 0, as recorded)."""
+    t = {"calls": len(rows), "failed": 0, "unpriced": 0, "usd": 0.0, **dict.fromkeys(TOKEN_KINDS, 0)}
+    for r in rows:
+        t["failed"] += not r["ok"]
+        t["unpriced"] += not r["priced"]
+        t["usd"] += r["cost_usd"] or 0.0
+        for kind in TOKEN_KINDS:
+            t[kind] += r[f"{kind}_tokens"] or 0
+    t["tokens"] = sum(t[kind] for kind in TOKEN_KINDS)
+    t["usd"] = round(t["usd"], 10)  # as the store's spend() rounds it
+    return t
+
+
+def spend_by_task(rows: list[dict]) -> dict[str, dict]:
+    """``spend_totals`` of each task's rows (a run's page reads its rows once)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["task_id"]].append(r)
+    return {task_id: spend_totals(group) for task_id, group in groups.items()}
+
+
+def _limit(own, default) -> tuple[float | None, str | None]:
+    if own is not None:
+        return own, "this run's"
+    if default is not None:
+        return default, "the mesh default"
+    return None, None
+
+
+def run_budget(run: dict, spent: dict, *, default_usd: float | None, default_tokens: int | None) -> dict:
+    """A run's budget as the ladder applies it (its own, else the mesh's ``[budgets]``
+    default; None: no limit), and how much of each limit is spent (a share; 1.0 or more:
+    reached, where the ladder parks its next call)."""
+
+    def share(used: float, limit: float | None) -> float | None:
+        if limit is None:
+            return None
+        return used / limit if limit > 0 else 1.0
+
+    usd, usd_from = _limit(run.get("budget_usd"), default_usd)
+    tokens, tokens_from = _limit(run.get("budget_tokens"), default_tokens)
+    out = {"usd": usd, "usd_from": usd_from, "usd_share": share(spent["usd"], usd),
+           "tokens": tokens, "tokens_from": tokens_from, "tokens_share": share(spent["tokens"], tokens)}
+    out["reached"] = [k for k in ("usd", "tokens") if out[f"{k}_share"] is not None and out[f"{k}_share"] >= 1.0]
+    out["words"] = " and ".join(filter(None, (f"${usd:.4f}" if usd is not None else None,
+                                              f"{tokens:,} tokens" if tokens is not None else None))) or "no budget"
+    return out
+
+
+def suggest_usd(limit: float | None, spent: float) -> str:
+    """Where a raised budget starts in its input: twice the larger of the limit and what is
+    spent, in whole cents (1.00 when nothing is known yet). The operator edits it."""
+    base = max(limit or 0.0, spent)
+    return f"{max(math.ceil(base * 200) / 100, 0.01):.2f}" if base > 0 else "1.00"
+
+
+def spend_chart(rows: list[dict], now: float, *, window: float = 86400.0, bucket: float = 3600.0) -> dict:
+    """USD, tokens and calls per ``bucket`` over the last ``window`` seconds of wall time,
+    from ``llm_usage`` rows (each with ``ts``, ISO 8601 UTC); the last bucket is the one
+    running now."""
+    n = int(window // bucket)
+    first = (now - window) // bucket * bucket + bucket
+    usd, tokens, calls = [0.0] * n, [0] * n, [0] * n
+    for r in rows:
+        i = int((datetime.fromisoformat(r["ts"]).timestamp() - first) // bucket)
+        if not 0 <= i < n:
+            continue
+        usd[i] += r["cost_usd"] or 0.0
+        tokens[i] += sum(r[f"{kind}_tokens"] or 0 for kind in TOKEN_KINDS)
+        calls[i] += 1
+    return {"x": [first + i * bucket for i in range(n)], "usd": [round(v, 10) for v in usd], "tokens": tokens,
+            "calls": calls, "summary": {"usd": round(sum(usd), 10), "tokens": sum(tokens), "calls": sum(calls)}}

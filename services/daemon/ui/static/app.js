@@ -2,9 +2,10 @@
 // - every htmx request carries the session's CSRF token (X-CSRF-Token);
 // - a button with data-action asks for its confirmation, calls the daemon's API (the one
 //   the CLI calls) and shows the answer in #result, and beside the button when it sits in a
-//   [data-control] with a [data-result] slot; a button with data-input sends the number
-//   typed beside it (the API validates it); a success fires "tron:acted" on the body, on
-//   which the task page's summary and the mesh page's panels are fetched again;
+//   [data-control] with a [data-result] slot; a button with data-inputs sends the fields
+//   filled in beside it (numbers as numbers, a select's choice as text, an empty one as
+//   null; the API validates them); a success fires "tron:acted" on the body, on which the
+//   task page's summary, the run page's spend and the mesh page's panels are fetched again;
 // - the settings form is sent to PUT /settings; each error is shown next to its field;
 // - beat ages tick from the "beats" event; the live log keeps its last MAX_LOG_LINES.
 // No framework and no build step: htmx and its SSE extension do the rest.
@@ -52,12 +53,12 @@
     const control = button.closest("[data-control]");
     const body = {actor, reason: "web ui"};
     let question = button.dataset.confirm;
-    if (button.dataset.input) {  // a number typed beside the button: sent as typed, judged by the API
-      const name = button.dataset.input;
-      const input = (control || document).querySelector(`input[name="${CSS.escape(name)}"]`);
-      const raw = input ? input.value.trim() : "";
-      body[name] = raw === "" ? null : Number(raw);
-      question = question.replace(`{${name}}`, raw || "(none)");
+    for (const name of (button.dataset.inputs || "").split(",").filter(Boolean)) {
+      // filled in beside the button: sent as it is, judged by the API
+      const field = (control || document).querySelector(`[name="${CSS.escape(name)}"]`);
+      const raw = field ? field.value.trim() : "";
+      body[name] = raw === "" ? null : field.tagName === "SELECT" ? raw : Number(raw);
+      question = question.replace(`{${name}}`, raw || (field && field.dataset.blank) || "(none)");
     }
     if (!window.confirm(question)) return;
     const what = `${button.dataset.action} ${button.dataset.target || ""}`.trim();

@@ -1,4 +1,5 @@
-// The charts page: /ui/charts/data drawn with uPlot, redrawn every REFRESH_MS.
+// The charts page: /ui/charts/data drawn with uPlot, redrawn every REFRESH_MS. Counts are per
+// minute of the last hour; spend is USD per hour of the last 24 h, drawn as bars.
 (function () {
   "use strict";
 
@@ -24,6 +25,24 @@
     draw(id, [x].concat(list.map((s) => s.values)), series);
   }
 
+  function usd(value) {
+    return value === null || value === undefined ? "-" : `$${value.toFixed(4)}`;
+  }
+
+  function spend(s) {
+    const mid = s.x.map((start) => start + 1800);  // each bar spans its hour
+    const spent = s.usd.some((v) => v > 0);
+    draw("chart-spend", [mid, spent ? s.usd.map((v) => v || null) : s.usd],  // an hour with nothing spent: no bar
+         [{label: "USD per hour", stroke: COLOURS[0], fill: COLOURS[0] + "55", width: 1,
+           paths: uPlot.paths.bars({size: [0.8, 40]}), points: {show: false}, value: (u, v) => usd(v)}],
+         {axes: [{}, {size: 70, values: (u, ticks) => ticks.map(usd)}],
+          scales: {x: {time: true, range: [s.x[0], s.x[s.x.length - 1] + 3600]}}});
+    const t = s.summary;
+    document.getElementById("spend-summary").textContent =
+      `last 24 h: ${usd(t.usd)} · ${t.tokens.toLocaleString("en-US")} tokens · ${t.calls} calls` +
+      (t.partial ? " (only the latest calls read: the sums are low)" : "");
+  }
+
   async function load() {
     const resp = await fetch("/ui/charts/data", {credentials: "same-origin"});
     if (!resp.ok) return;
@@ -33,6 +52,7 @@
     draw("chart-recoveries", [d.recoveries.x, d.recoveries.y],
          [{label: "recovery (s)", stroke: COLOURS[1], paths: () => null, points: {show: true, size: 7}}],
          {scales: {x: {time: true, range: [d.x[0] - 60, d.x[d.x.length - 1] + 60]}}});
+    spend(d.spend);
     const s = d.summary;
     const reasons = Object.entries(s.detections).map(([r, n]) => `${n} ${r}`).join(", ") || "none";
     const median = s.recovery_median === null ? "-" : `${s.recovery_median}s`;

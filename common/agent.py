@@ -54,10 +54,10 @@ from common.config import DAEMON
 from common.carry import carry_out, loop_alert_id
 from common.clock import Clock, MonotonicClock
 from common.http import MeshHTTPError, error, parse, parse_empty, require_token
-from common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Restart, SwitchProvider,
+from common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Park, Restart, SwitchProvider,
                            compute_backoff, decide, fold_advice, parse_advice, worst_case_attempts)
-from common.models import (Alert, CheckpointRecord, Escalation, EscalationRecord, PermanentFailure, RestartRequest,
-                           SwitchRequest, TaskAssign, TaskRecord, TaskResult)
+from common.models import (Alert, CheckpointRecord, Escalation, EscalationRecord, ParkRequest, PermanentFailure,
+                           RestartRequest, SwitchRequest, TaskAssign, TaskRecord, TaskResult)
 from common.providers import SDKS
 from common.service import ServiceContext
 
@@ -327,6 +327,7 @@ class Agent:
                 await self._follow(task, answer)
                 continue
             governed = answer is not None
+            started = time.monotonic()
             try:
                 result = await call(provider)
                 failure, reply = inspect(provider, result) if inspect else (None, None)
@@ -338,20 +339,31 @@ class Agent:
                 failure, reply = err, None
             except Exception as err:
                 failure, reply = classify(err, provider), None
+            usage = self._usage(task, provider, reply, started)
             if failure is None:
-                usage = (reply.input_tokens + reply.output_tokens) if reply is not None else 0
                 limits = getattr(reply, "limits", None) or {}
-                if governed:
-                    await self._desk("outcome", task, provider, ok=True, tokens=usage, limits=limits)
+                if governed:  # (without the daemon the call still counts: its usage is not recorded)
+                    await self._desk("outcome", task, provider, ok=True, usage=usage, limits=limits)
                 return result
             log.warning("provider failure: %s", failure.reason,
                         extra={"task": task.id, "provider": failure.provider, "reason": failure.reason})
             decision = await self._desk("outcome", task, provider, ok=False, failure=failure.to_dict(),
-                                        admitted=governed)
+                                        admitted=governed, usage=usage)
             if decision is None:  # the daemon cannot be reached: the old way, an alert when it is back
                 await self.report_failure(task, failure)
                 raise Abandon() from failure
             await self._follow(task, decision)
+
+    @staticmethod
+    def _usage(task: Task, provider: str, reply, started: float) -> dict | None:
+        """What the call used, as the provider's answer says (a broken answer used tokens
+        too), for the registry's llm_usage row and its cost."""
+        if reply is None:
+            return None
+        return {"provider": provider, "model": reply.model or "unknown", "input_tokens": reply.input_tokens,
+                "output_tokens": reply.output_tokens, "cache_read_tokens": reply.cache_read_tokens,
+                "cache_write_tokens": reply.cache_write_tokens,
+                "duration_ms": round((time.monotonic() - started) * 1000, 3), "step": task.progress}
 
     async def _desk(self, verb: str, task: Task, provider: str, **outcome) -> dict | None:
         """One request to the daemon's provider desk; None when it cannot be reached."""
@@ -771,3 +783,8 @@ class MeshActions:
         return await self._post("/control/permanent_failure", PermanentFailure(
             alert_id=event.alert_id, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
             detail={"last_reason": event.reason, **detail}, decided_by=decided_by, requested_by=self.agent.name))
+
+    async def park(self, event: ChildFailed | Escalated, d: Park, *, decided_by: str, detail: dict) -> dict:
+        return await self._post("/control/park", ParkRequest(
+            alert_id=event.alert_id, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
+            decided_by=decided_by, requested_by=self.agent.name))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Ignore, Restart, SwitchProvider
+from common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
 
 CRASH_LOOP = Escalate(case="crash_loop_started", reason="crash_looping", kind="crash_loop")
 
@@ -29,6 +29,8 @@ class Actions(Protocol):
                      detail: dict) -> dict: ...
 
     async def fail(self, event: ChildFailed | Escalated, decision: Fail, *, decided_by: str, detail: dict) -> dict: ...
+
+    async def park(self, event: ChildFailed | Escalated, decision: Park, *, decided_by: str, detail: dict) -> dict: ...
 
 
 def loop_alert_id(alert_id: str) -> str:
@@ -54,4 +56,6 @@ async def carry_out(decision: Decision, event: ChildFailed | Escalated, actions:
         out["switch"] = await actions.switch(event, decision, **kw)
     elif isinstance(decision, Fail):
         out["fail"] = await actions.fail(event, decision, **kw)
+    elif isinstance(decision, Park):
+        out["park"] = await actions.park(event, decision, **kw)
     return out

@@ -29,6 +29,9 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from common.models import Provider, validation_messages
+from common.prices import Price
+from common.notify import NotifyEntry
+from common.prices import merged as merged_prices
 from common.providers.checks import OutputChecks
 
 DAEMON = "daemon"
@@ -88,6 +91,11 @@ class Policy(_Strict):
     # always win, and a slow or failed advisor never delays the ladder past the timeout.
     llm_advice: bool = False
     advice_timeout: float = Field(2.0, gt=0, le=30)
+    # The human rung: before a task fails for good it waits, parked as awaiting_operator,
+    # for `tron task approve` or `tron task fail`, at most operator_timeout (so it ends).
+    # operator_timeout also bounds a task parked at its budget.
+    ask_operator: bool = False
+    operator_timeout: float = Field(86400.0, gt=0)
 
     @property
     def beat_timeout(self) -> float:
@@ -307,6 +315,18 @@ class ProviderLimits(_Strict):
     tpm: int | None = Field(None, ge=1)  # tokens (in + out) per minute
 
 
+class Budgets(_Strict):
+    """Spend limits the ladder obeys (None: no limit). A task or run at its limit parks as
+    budget_exceeded at its checkpoint; `tron run budget RUN --usd/--tokens` raises a run's."""
+
+    task_usd: float | None = Field(None, ge=0)
+    task_tokens: int | None = Field(None, ge=0)
+    run_usd: float | None = Field(None, ge=0)  # `tron run --budget-usd` sets one run's
+    run_tokens: int | None = Field(None, ge=0)
+    service_usd_per_hour: float | None = Field(None, ge=0)
+    service_tokens_per_hour: int | None = Field(None, ge=0)
+
+
 class ProvidersConfig(_Strict):
     default: Provider = "anthropic"
     # The root switches a failing subtree to the next provider of the chain, wrapping round.
@@ -415,8 +435,27 @@ class MeshConfig(_Strict):
     # Answers that are 200 OK but broken, per role ("default" for every other role):
     # [checks.programmer] repeat_limit = 2, max_tokens = true
     checks: dict[str, OutputChecks] = {}
+    # [[notify]] url = "https://...", secret_env = "TRON_NOTIFY_SECRET": who hears of what (common/notify.py)
+    notify: list[NotifyEntry] = []
+    # USD per million tokens, laid over common.prices.DEFAULT_PRICES:
+    # [prices."anthropic/claude-sonnet-4"] input_per_mtok = 3.0, output_per_mtok = 15.0
+    prices: dict[str, Price] = {}
+    budgets: Budgets = Budgets()
     services: dict[str, ServiceSpec]
     source: str = ""
+
+    @field_validator("prices")
+    @classmethod
+    def _price_keys(cls, prices: dict) -> dict:
+        for key in prices:
+            provider, _, model = key.partition("/")
+            if provider not in get_args(Provider) or not model:
+                raise ValueError(f"prices: {key!r} is not \"provider/model\" (provider one of "
+                                 f"{', '.join(get_args(Provider))}; model a name, a prefix of names, or *)")
+        return prices
+
+    def price_table(self) -> dict[str, Price]:
+        return merged_prices(self.prices)
 
     @model_validator(mode="after")
     def _check_tree(self) -> "MeshConfig":

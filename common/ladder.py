@@ -108,15 +108,26 @@ class ProviderFailed:
 
 @dataclass(frozen=True)
 class ParkCheck:
-    """A parked task is looked at again: a provider came back, or time passed."""
+    """A parked task is looked at again: a provider came back, its budget was raised, an
+    operator answered, or time passed. ``kind`` is what it waits for."""
 
     key: str
     service: str
     task_id: str
     parked_for: float
+    kind: Literal["providers", "budget_exceeded", "awaiting_operator"] = "providers"
 
 
-Event = Union[ChildFailed, Escalated, RestartAsked, AlertAnswered, ProviderFailed, ParkCheck]
+@dataclass(frozen=True)
+class CallAsked:
+    """An agent asks to call a provider for a task: within its budgets?"""
+
+    key: str
+    service: str
+    task_id: str | None
+
+
+Event = Union[ChildFailed, Escalated, RestartAsked, AlertAnswered, ProviderFailed, ParkCheck, CallAsked]
 
 # -- the view: what the registry knows, read by the daemon at ``now`` ------------------------
 
@@ -158,6 +169,34 @@ class ProviderRules(_View):
     park_max: float = 600.0
 
 
+class SpendView(_View):
+    """What has been spent, and the limits that apply (None: no limit), for the task at hand:
+    the task, its run, and its service in the last hour."""
+
+    task_usd: float = 0.0
+    task_tokens: int = 0
+    run_usd: float = 0.0
+    run_tokens: int = 0
+    service_usd_hour: float = 0.0
+    service_tokens_hour: int = 0
+    limits: dict[str, float | None] = {}  # task_usd, task_tokens, run_usd, run_tokens, service_usd, service_tokens
+
+    def over(self) -> list[str]:
+        """Every limit reached, as "run_usd 0.5012 of 0.5"."""
+        spent = {"task_usd": self.task_usd, "task_tokens": self.task_tokens, "run_usd": self.run_usd,
+                 "run_tokens": self.run_tokens, "service_usd": self.service_usd_hour,
+                 "service_tokens": self.service_tokens_hour}
+        return [f"{k} {spent[k]:g} of {v:g}" for k, v in self.limits.items() if v is not None and spent[k] >= v]
+
+
+class Approval(_View):
+    """An operator's answer to a task awaiting one: go on (on ``provider``, from ``from_step``)."""
+
+    by: str
+    provider: str | None = None
+    from_step: int | None = None
+
+
 class LadderView(_View):
     now: float
     policy: Policy
@@ -171,6 +210,8 @@ class LadderView(_View):
     subtree: list[str] = []  # the failing service and its descendants, parents first
     providers: dict[str, ProviderStatus] = {}  # the mesh's provider health, by name
     rules: ProviderRules = ProviderRules()
+    spend: SpendView = SpendView()
+    approval: Approval | None = None  # an operator approved the parked task
 
 
 # -- decisions: what the decider carries out ---------------------------------------------------
@@ -234,11 +275,12 @@ class RetryInPlace:
 
 @dataclass(frozen=True)
 class Park:
-    """Every provider of the chain is open: the task waits in its agent, at its
-    checkpoint, until one comes back (or ``park_max`` passes)."""
+    """The task waits, at its checkpoint, for what ``kind`` names: a provider to come back
+    (``park_max``), its budget to be raised, or an operator (``operator_timeout`` both)."""
 
     case: str
     reason: str
+    kind: Literal["providers", "budget_exceeded", "awaiting_operator"] = "providers"
 
 
 @dataclass(frozen=True)
@@ -339,12 +381,12 @@ class Situation:
         return Restart(case=case, delay=delay, with_task=with_task, crash_looping=looping,
                        new_episode=looping and (not s.crash_looping or episode_over))
 
-    def top_decision(self, reason: str) -> SwitchProvider | Fail:
+    def top_decision(self, reason: str) -> SwitchProvider | Fail | Park:
         """Level 2 or 3: the next provider while switches remain, else a permanent failure."""
         switches = self.task.switches if self.task else 0
         if switches >= self.policy.max_provider_switches:
-            return Fail(case="switches_exhausted", reason="max_provider_switches_exceeded",
-                        restart=None)
+            return self.last_rung(Fail(case="switches_exhausted", reason="max_provider_switches_exceeded",
+                                       restart=None))
         to = next_provider(self.view.chain, self.view.service.provider)
         return SwitchProvider(case="switch_provider", to_provider=to, attempt=switches + 1,
                               services=tuple(self.view.subtree or [self.view.service.name]))
@@ -357,7 +399,7 @@ class Situation:
         ev, view = self.event, self.view
         switches = self.task.switches if self.task else 0
         if switches >= self.policy.max_provider_switches:
-            return Fail(case="switches_exhausted", reason="max_provider_switches_exceeded")
+            return self.last_rung(Fail(case="switches_exhausted", reason="max_provider_switches_exceeded"))
         chain = view.chain
         start = chain.index(ev.provider) + 1 if ev.provider in chain else 0
         order = [chain[(start + i) % len(chain)] for i in range(len(chain))]
@@ -372,7 +414,15 @@ class Situation:
                                   delay=delay, in_place=True)
         if view.rules.on_all_down == "park":
             return Park(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}")
-        return Fail(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}")
+        return self.last_rung(Fail(case="all_providers_down",
+                                   reason=f"all_providers_down: {describe_providers(view)}"))
+
+    def last_rung(self, fail: Fail) -> Fail | Park:
+        """With ``ask_operator``, a human is asked before a task fails for good: it parks as
+        awaiting_operator (at most ``operator_timeout``) instead."""
+        if not self.policy.ask_operator:
+            return fail
+        return Park(case="ask_operator", reason=fail.reason, kind="awaiting_operator")
 
     def give_up_task(self, case: str, reason: str) -> Decision:
         """The task leaves level 1. Below the top it climbs; at the top the decider
@@ -381,9 +431,10 @@ class Situation:
         if not self.view.top:
             return Escalate(case=case, reason=reason, restart=restart)
         decision = self.top_decision(reason)
-        if isinstance(decision, SwitchProvider):
+        if isinstance(decision, (SwitchProvider, Park)):
             # At once, whatever the unstable streak: the failures that built it were the old
-            # provider's, and switches are bounded per task (max_provider_switches).
+            # provider's, and switches are bounded per task (max_provider_switches). A task
+            # parked for an operator is held; its service comes back through its own lifecycle.
             return decision
         return replace(decision, restart=restart)
 
@@ -534,10 +585,33 @@ PROVIDER_FAILED: tuple[Case, ...] = (
          "retry the task in the same incarnation on the same provider after max(retry-after, backoff)"),
 )
 
+def _parked_for_operator_too_long(s: Situation) -> bool:
+    return s.event.kind in ("budget_exceeded", "awaiting_operator") and s.event.parked_for >= s.policy.operator_timeout
+
+
+def _resume_approved(s: Situation) -> Resume:
+    return Resume("operator_approved", s.view.approval.provider or s.view.service.provider or s.view.chain[0])
+
+
 PARK_CHECK: tuple[Case, ...] = (
     Case("park_task_gone", lambda s: s.task is None or s.task.status != TaskState.PARKED,
          lambda s: Ignore("park_task_gone", f"task {s.event.task_id} is no longer parked"),
          "the task was cancelled, failed or resumed meanwhile"),
+    Case("operator_approved", lambda s: s.event.kind == "awaiting_operator" and s.view.approval is not None,
+         _resume_approved,
+         "an operator approved it (`tron task approve`): it goes on, on the provider they named"),
+    Case("operator_timeout", _parked_for_operator_too_long,
+         lambda s: Fail("operator_timeout", f"{s.event.kind}: nobody answered within {s.policy.operator_timeout:g}s"),
+         "parked for an operator (or a budget) for operator_timeout: no task waits forever"),
+    Case("awaiting_operator", lambda s: s.event.kind == "awaiting_operator",
+         lambda s: Ignore("awaiting_operator", "waiting for `tron task approve` or `tron task fail`"),
+         "the human rung: only an operator (or the timeout) ends the wait"),
+    Case("budget_raised", lambda s: s.event.kind == "budget_exceeded" and not s.view.spend.over(),
+         lambda s: Resume("budget_raised", s.view.service.provider or s.view.chain[0]),
+         "the budget was raised (or the hour's window moved on): it goes on from its checkpoint"),
+    Case("budget_still_exceeded", lambda s: s.event.kind == "budget_exceeded",
+         lambda s: Ignore("budget_still_exceeded", "; ".join(s.view.spend.over())),
+         "still at its budget: it stays parked"),
     Case("park_expired", lambda s: s.event.parked_for >= s.view.rules.park_max,
          lambda s: Fail("park_expired", f"parked_too_long: {describe_providers(s.view)}"),
          "parked for park_max: no task waits forever"),
@@ -549,9 +623,20 @@ PARK_CHECK: tuple[Case, ...] = (
          "every provider is still open: the task stays parked"),
 )
 
+CALL_ASKED: tuple[Case, ...] = (
+    Case("budget_exceeded", lambda s: bool(s.view.spend.over()),
+         lambda s: Park("budget_exceeded", "budget_exceeded: " + "; ".join(s.view.spend.over()),
+                        kind="budget_exceeded"),
+         "a budget of the task, its run or its service is spent: the task parks (its agent stays up) until "
+         "an operator raises it"),
+    Case("within_budget", lambda s: True,
+         lambda s: Ignore("within_budget", "the call may go"),
+         "within every budget"),
+)
+
 TABLE: dict[type, tuple[Case, ...]] = {ChildFailed: CHILD_FAILED, Escalated: ESCALATED, RestartAsked: RESTART_ASKED,
                                        AlertAnswered: ALERT_ANSWERED, ProviderFailed: PROVIDER_FAILED,
-                                       ParkCheck: PARK_CHECK}
+                                       ParkCheck: PARK_CHECK, CallAsked: CALL_ASKED}
 
 
 def decide(event: Event, view: LadderView, now: float, policy: Policy, *,
@@ -568,7 +653,7 @@ def case_ids() -> list[str]:
     """Every case id a decision can carry, for docs and for the registry's checks."""
     ids = [c.id for cases in TABLE.values() for c in cases]
     return list(dict.fromkeys(ids + ["restart_without_task", "llm_advised_escalation", "stay_on_last_usable",
-                                     "all_providers_down"]))
+                                     "all_providers_down", "ask_operator"]))
 
 
 # -- the optional advisor --------------------------------------------------------------------------

@@ -187,6 +187,15 @@ class TaskRecord(Msg):
 class RunCreate(Msg):
     prompt: str = Field(min_length=1, max_length=16 * 1024)
     drill: bool = False
+    budget_usd: float | None = Field(None, ge=0, le=1_000_000)  # this run's own spend limits
+    budget_tokens: int | None = Field(None, ge=0, le=10**12)
+
+
+class RunParked(Msg):
+    run_id: IdStr
+    task_id: IdStr
+    kind: str = Field(min_length=1, max_length=32)
+    reason: str = Field("", max_length=512)
 
 
 class RunFailed(Msg):
@@ -242,6 +251,27 @@ class ProviderCall(Msg):
     provider: Provider
 
 
+class Usage(Msg):
+    """What one LLM call used (the SDK reads it from the provider's answer), for
+    ``POST /providers/outcome`` and ``POST /tasks/{id}/usage``."""
+
+    provider: Provider
+    model: str = Field(min_length=1, max_length=128)
+    input_tokens: int = Field(0, ge=0, le=10**9)
+    output_tokens: int = Field(0, ge=0, le=10**9)
+    cache_read_tokens: int = Field(0, ge=0, le=10**9)
+    cache_write_tokens: int = Field(0, ge=0, le=10**9)
+    duration_ms: float | None = Field(None, ge=0)
+    step: str | None = Field(None, max_length=128)  # the task's progress marker during the call
+
+
+class UsageReport(Usage):
+    """A contract agent's call, reported by itself (``POST /tasks/{id}/usage``)."""
+
+    service: NameStr
+    incarnation: IdStr
+
+
 class ProviderOutcome(Msg):
     """How an admitted call ended (``POST /providers/outcome``): ``ok``, or a failure the
     SDK classified (``failure``: reason, retryable, status, message, retry_after, limits).
@@ -254,9 +284,23 @@ class ProviderOutcome(Msg):
     ok: bool
     admitted: bool = True  # false: the call never went through the governor (counted, not released)
     cancelled: bool = False  # the call was abandoned (the task was cancelled): released, no verdict
+    usage: Usage | None = None  # what it used (a broken answer used tokens too)
     tokens: int = Field(0, ge=0)
     limits: dict[str, float] = {}
     failure: dict[str, Any] | None = None
+
+
+class ParkRequest(Msg):
+    """Carry out a ``Park`` decision of the top on a held task (the human rung)."""
+
+    alert_id: IdStr
+    service: NameStr
+    task_id: IdStr
+    reason: str = Field(min_length=1, max_length=512)
+    case: str = Field(min_length=1, max_length=64)
+    kind: Literal["awaiting_operator"] = "awaiting_operator"
+    decided_by: str = "policy"
+    requested_by: NameStr
 
 
 class PermanentFailure(Msg):
@@ -287,6 +331,9 @@ class OperatorAction(Msg):
     actor: str | None = Field(None, max_length=64)
     request_id: IdStr | None = None
     from_step: int | None = Field(None, ge=1, le=10_000)  # tron task resume ID --from-step N
+    provider: Provider | None = None  # tron task approve ID --provider P
+    usd: float | None = Field(None, ge=0, le=1_000_000)  # tron run budget RUN --usd
+    tokens: int | None = Field(None, ge=0, le=10**12)  # tron run budget RUN --tokens
 
 
 class LadderQuery(Msg):

@@ -78,13 +78,14 @@ class NotifyEntry(BaseModel):
                              "secret comes from the environment, secret_env)")
         return url
 
-    @field_validator("secret_env")
-    @classmethod
-    def _secret_is_set(cls, name: str) -> str:
-        if not os.environ.get(name):
-            raise ValueError(f"the environment variable {name} is not set (or empty): the signing secret comes "
-                             "from the environment only")
-        return name
+    def missing_secret(self) -> str | None:
+        """Why this entry cannot sign, or None. Checked when the daemon starts (it refuses
+        to start without it), not when the mesh file is read: `tron status` in a shell that
+        lacks the variable still works."""
+        if not os.environ.get(self.secret_env):
+            return (f"[[notify]] {self.where}: the environment variable {self.secret_env} is not set (or empty): "
+                    "the signing secret comes from the environment only")
+        return None
 
     def secret(self) -> str:
         """The signing secret, read now (a variable unset since load signs with nothing)."""

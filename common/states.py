@@ -28,7 +28,8 @@ Task (a unit of work; bounded attempts, it always ends):
     ASSIGNED | RUNNING -> ESCALATED     (held while the failure climbs the tree)
     ESCALATED -> ASSIGNED               (the root switched provider: the next attempt)
     ESCALATED -> FAILED | CANCELLED     (permanent failure; an operator)
-    ASSIGNED | RUNNING -> PARKED        (every provider is down: the task waits at its checkpoint)
+    ASSIGNED | RUNNING -> PARKED        (every provider down, or its budget spent: it waits at its checkpoint)
+    ESCALATED -> PARKED                 (the human rung: it waits for an operator before failing for good)
     PARKED -> RUNNING                   (a provider is usable again: it goes on where it was)
     PARKED -> ASSIGNED | FAILED | CANCELLED | DONE   (its agent restarted; park_max; an operator)
     FAILED | CANCELLED -> ASSIGNED      (an operator retries it)
@@ -152,7 +153,7 @@ TASK = Machine("task", {
     T.ASSIGNED: {T.ASSIGNED, T.RUNNING, T.ESCALATED, T.PARKED, T.DONE, T.FAILED, T.CANCELLED},
     T.RUNNING: {T.ASSIGNED, T.ESCALATED, T.PARKED, T.DONE, T.FAILED, T.CANCELLED},
     T.PARKED: {T.RUNNING, T.ASSIGNED, T.DONE, T.FAILED, T.CANCELLED},
-    T.ESCALATED: {T.ASSIGNED, T.FAILED, T.CANCELLED},
+    T.ESCALATED: {T.ASSIGNED, T.PARKED, T.FAILED, T.CANCELLED},
     T.FAILED: {T.ASSIGNED},
     T.CANCELLED: {T.ASSIGNED},
 })

@@ -285,7 +285,7 @@ class MemoryStore(Stamps):
     async def record_usage(self, row: dict) -> dict:
         rec = {"id": next(self._usage_ids), "ts": self._wall(), "mono": self._mono(), "drill": self.drill, **row}
         self.usage_.append(rec)
-        return copy.deepcopy(rec)
+        return dict(rec)  # flat: scalars only
 
     def _usage(self, run_id, task_id, agent, since_mono) -> list[dict]:
         return [u for u in self.usage_ if (run_id is None or u["run_id"] == run_id)
@@ -383,7 +383,8 @@ class MemoryStore(Stamps):
             return False
         self.lanes_[lane] = {"lane": lane, "state": str(state), "fingerprint": fingerprint, "reason": reason,
                              "changed_by": by, "changed_at": self._wall()}
-        self._event(f"lane_{state}", {"from": old, "fingerprint": fingerprint, "reason": reason, "by": by})
+        self._event(f"lane_{state}", {"lane": lane, "from": old, "fingerprint": fingerprint, "reason": reason,
+                                       "by": by})
         return True
 
     # -- alerts ------------------------------------------------------------------------------------
@@ -565,6 +566,7 @@ class MemoryStore(Stamps):
             keep |= {a["alert_id"] for i, a in enumerate(rows) if i < keep_alerts or a["status"] != AlertState.HANDLED}
         self.alerts_ = {k: v for k, v in self.alerts_.items() if k in keep}
         self.retries_ = [r for r in self.retries_ if r["task_id"] in self.tasks_ or r["alert_id"].split(":")[0] in keep]
+        self.usage_ = [u for u in self.usage_ if u["run_id"] in self.runs_]  # spend is read from the durable store
 
 
 def _json(row: dict, *columns: str) -> dict:

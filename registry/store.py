@@ -498,8 +498,8 @@ class SqlStore(Stamps):
                 "ON CONFLICT(lane) DO UPDATE SET state = excluded.state, fingerprint = excluded.fingerprint, "
                 "reason = excluded.reason, changed_by = excluded.changed_by, changed_at = excluded.changed_at",
                 (lane, state, fingerprint, reason, by, self._wall()))
-            await self._event(tx, f"lane_{state}", {"from": old, "fingerprint": fingerprint, "reason": reason,
-                                                    "by": by}, agent=None)
+            await self._event(tx, f"lane_{state}", {"lane": lane, "from": old, "fingerprint": fingerprint,
+                                                    "reason": reason, "by": by}, agent=None)
             return True
 
     # -- alerts -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
     tron pause|resume NAME        no new tasks for a service / take them again
     tron lane list|pause|resume   the breaker's lanes (roles)
     tron provider list [--json] | drain NAME | restore NAME   provider health (audited actions)
+    tron cost [--run ID | --task ID | --service NAME] [--since 1h] [--json]   tokens and money
     tron spawning pause|resume    the incident switch: no new process starts
     tron task show|retry|hard-reset|resume --from-step N|cancel ID
     tron audit [--json]           every operator action
@@ -37,13 +38,17 @@ import time
 import uuid
 from pathlib import Path
 from typing import get_args
+from urllib.parse import quote
 
 from common.config import ConfigError, MeshConfig, load_mesh
 from common.models import Provider
 from common.paths import Home
 from services.daemon.spawner import MARK
 from scripts.client import ClientError, MeshClient
+from scripts.cost_cli import add_parser as add_cost_parser
+from scripts.cost_cli import cmd_cost
 from scripts.ui_cli import cmd_ui
+from scripts.notify_cli import add_parser as add_notify_parser, cmd_notify
 
 
 class CLIError(Exception):
@@ -244,9 +249,11 @@ def render_status(status: dict) -> str:
         if p["state"] != "closed":
             until = f", probe in {p['until_s']:.1f}s" if p.get("until_s") is not None else ""
             lines.append(f"provider {p['provider']}: {p['state'].upper()} ({p['reason']}{until})")
-    if status.get("parked"):
-        lines.append(f"parked: {len(status['parked'])} task(s) waiting for a provider "
-                     f"({', '.join(status['parked'][:5])}); `tron provider list`")
+    for p in (status.get("parked") or [])[:10]:
+        hint = {"budget_exceeded": "`tron run budget RUN --usd N`",
+                "awaiting_operator": f"`tron task approve {p['task_id']}` or `tron task fail {p['task_id']}`"
+                }.get(p["kind"], "`tron provider list`")
+        lines.append(f"parked: {p['task_id']} ({p['agent']}) {p['kind']}; {hint}")
     if status.get("last_alert"):
         a = status["last_alert"]
         lines.append(f"last alert: {a['service']} {a['reason']}")
@@ -357,7 +364,9 @@ def cmd_task(ctx: Ctx, args: argparse.Namespace) -> int:
                        read.task_events(conn, args.id))
         return 0
     extra = {"from_step": args.from_step} if args.task_cmd == "resume" else {}
-    answer = _action(ctx, f"/tasks/{args.id}/{args.task_cmd}", args, **extra)
+    if args.task_cmd == "approve":
+        extra = {k: v for k, v in (("from_step", args.from_step), ("provider", args.provider)) if v is not None}
+    answer = _action(ctx, f"/tasks/{quote(args.id, safe='')}/{args.task_cmd}", args, **extra)
     print(json.dumps(answer, indent=2))
     return 0
 
@@ -397,20 +406,29 @@ def _refusal(body) -> str:
     return body.get("error") if isinstance(body, dict) else str(body)
 
 
-def _submit_to_gateway(ctx: Ctx, prompt: str) -> str:
-    code, body = ctx.mesh.call("POST", _gateway_url(ctx) + "/runs", {"prompt": prompt}, auth=True)
+def _run_body(prompt: str, args: argparse.Namespace) -> dict:
+    body: dict = {"prompt": prompt}
+    if getattr(args, "budget_usd", None) is not None:
+        body["budget_usd"] = args.budget_usd
+    if getattr(args, "budget_tokens", None) is not None:
+        body["budget_tokens"] = args.budget_tokens
+    return body
+
+
+def _submit_to_gateway(ctx: Ctx, prompt: str, args: argparse.Namespace) -> str:
+    code, body = ctx.mesh.call("POST", _gateway_url(ctx) + "/runs", _run_body(prompt, args), auth=True)
     if code != 202:
         raise CLIError(f"the gateway refused the run ({code}): {_refusal(body)}")
     return body["run_id"]
 
 
-def _submit_to_agent(ctx: Ctx, agent: str, prompt: str) -> str:
+def _submit_to_agent(ctx: Ctx, agent: str, prompt: str, args: argparse.Namespace) -> str:
     """A run whose one task is ``agent``'s, its parent the operator: the daemon pushes it to
     an agent that serves HTTP, and an agent that claims its tasks claims it."""
     if agent not in ctx.config.services:
         raise CLIError(f"no service {agent!r} in this mesh (it has {', '.join(ctx.config.services)})")
     mesh = ctx.mesh
-    code, run = mesh.call("POST", f"{mesh.daemon_url}/runs", {"prompt": prompt}, auth=True)
+    code, run = mesh.call("POST", f"{mesh.daemon_url}/runs", _run_body(prompt, args), auth=True)
     if code != 201:
         raise CLIError(f"the daemon refused the run ({code}): {_refusal(run)}")
     task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": agent, "parent_agent": "operator",
@@ -425,8 +443,19 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
     from common.ladder import worst_case_attempts
 
     mesh = ctx.mesh
-    run_id = _submit_to_agent(ctx, args.agent, args.prompt) if args.agent else _submit_to_gateway(ctx, args.prompt)
+    if args.prompt == "budget" and args.run_id:  # tron run budget RUN --usd N [--tokens N]
+        if args.usd is None and args.tokens is None:
+            raise CLIError("tron run budget RUN needs --usd and/or --tokens: the new budget")
+        answer = _action(ctx, f"/runs/{args.run_id}/budget", args,
+                         **{k: v for k, v in (("usd", args.usd), ("tokens", args.tokens)) if v is not None})
+        print(f"run {args.run_id}: budget {answer.get('usd')} USD, {answer.get('tokens')} tokens")
+        return 0
+    if args.run_id:
+        raise CLIError(f"tron run takes one prompt (quote it); got also {args.run_id!r}")
+    run_id = (_submit_to_agent(ctx, args.agent, args.prompt, args) if args.agent
+              else _submit_to_gateway(ctx, args.prompt, args))
     print(f"run {run_id} submitted", file=sys.stderr)
+    told: set = set()
     p = ctx.config.policy
     bound = args.timeout or p.task_timeout * worst_case_attempts(p) + 60
     deadline = time.monotonic() + bound
@@ -434,6 +463,14 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
         code, run = mesh.try_call("GET", f"{mesh.daemon_url}/runs/{run_id}")
         if code == 200 and run["status"] != "running":
             break
+        for p in (run.get("parked") or []) if code == 200 else []:
+            if (p["task_id"], p["kind"]) not in told:  # say once what it waits for, and how to go on
+                told.add((p["task_id"], p["kind"]))
+                hint = {"budget_exceeded": f"`tron run budget {run_id} --usd N`",
+                        "awaiting_operator": f"`tron task approve {p['task_id']}` or `tron task fail {p['task_id']}`",
+                        }.get(p["kind"], "it goes on when a provider is back (`tron provider list`)")
+                print(f"run {run_id}: task {p['task_id']} ({p['agent']}) parked, {p['kind']}: {hint}",
+                      file=sys.stderr)
         time.sleep(0.1)
     else:
         raise CLIError(f"run {run_id} still running after {bound:.0f}s")
@@ -635,24 +672,37 @@ def build_parser() -> argparse.ArgumentParser:
                        ("retry", "a new attempt now, same provider"),
                        ("hard-reset", "replay the recorded steps, hashes verified, then rerun the failing one"),
                        ("resume", "keep the steps before N, go on from step N"),
-                       ("cancel", "end the task (and its live sub-tasks) as cancelled")):
+                       ("cancel", "end the task (and its live sub-tasks) as cancelled"),
+                       ("approve", "a task awaiting an operator goes on (on --provider, from --from-step)"),
+                       ("fail", "a task awaiting an operator (or at its budget) fails for good now")):
         tv = tsub.add_parser(verb, help=what)
         tv.add_argument("id")
         if verb != "show":
             tv.add_argument("--reason")
         if verb == "resume":
             tv.add_argument("--from-step", type=int, required=True)
+        if verb == "approve":
+            tv.add_argument("--from-step", type=int)
+            tv.add_argument("--provider", choices=get_args(Provider))
     ui = sub.add_parser("ui", help="print (or open) a one-time login link to the web UI")
     ui.add_argument("--open", action="store_true", help="open the link in a browser")
     aud = sub.add_parser("audit", help="every operator action: who, what, when, outcome")
     aud.add_argument("--json", action="store_true")
     aud.add_argument("--limit", type=int, default=100)
+    add_notify_parser(sub)
+    add_cost_parser(sub)
     lg = sub.add_parser("logs", help="merged tail of service logs")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=20)
     lg.add_argument("names", nargs="*")
-    run = sub.add_parser("run", help="submit a run and follow it")
+    run = sub.add_parser("run", help="submit a run and follow it (`tron run budget RUN --usd N`: raise its budget)")
     run.add_argument("prompt")
+    run.add_argument("run_id", nargs="?", help=argparse.SUPPRESS)
+    run.add_argument("--budget-usd", type=float, help="this run's spend limit in USD (its tasks park when it is spent)")
+    run.add_argument("--budget-tokens", type=int, help="this run's limit in tokens")
+    run.add_argument("--usd", type=float, help="with `tron run budget RUN`: the new budget in USD")
+    run.add_argument("--tokens", type=int, help="with `tron run budget RUN`: the new budget in tokens")
+    run.add_argument("--reason")
     run.add_argument("--agent", help="give the run to this agent (default: the gateway's pipeline)")
     run.add_argument("--json", action="store_true")
     run.add_argument("--timeout", type=float)
@@ -715,7 +765,9 @@ COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_lo
             "history": cmd_history, "report": cmd_report, "drill": cmd_drill, "sim": cmd_sim,
             "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "pause": cmd_service,
             "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane, "provider": cmd_provider,
-            "spawning": cmd_spawning, "task": cmd_task, "audit": cmd_audit, "ui": cmd_ui}
+            "cost": lambda ctx, args: cmd_cost(ctx, args, _registry, CLIError),
+            "spawning": cmd_spawning, "task": cmd_task, "audit": cmd_audit, "ui": cmd_ui,
+            "notify": cmd_notify}
 
 
 def main(argv: list[str] | None = None) -> int:

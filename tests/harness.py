@@ -93,9 +93,10 @@ def toml_value(v) -> str:
 
 
 def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None = None,
-               providers: dict | None = None, fast: bool = True, cluster: dict | None = None) -> dict:
+               providers: dict | None = None, fast: bool = True, cluster: dict | None = None,
+               notify: list[dict] | None = None) -> dict:
     """Write a mesh file: the default mesh, with the fast test policy unless ``fast`` is
-    False, then the given overrides."""
+    False, then the given overrides; ``notify``: its ``[[notify]]`` entries."""
     base = tomllib.loads((REPO / "mesh.toml").read_text())
     if fast:
         base["policy"].update(FAST_POLICY)
@@ -111,6 +112,11 @@ def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None 
             continue
         lines.append(f"[{section}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in base[section].items()]
+    if notify is not None:
+        base["notify"] = notify
+    for entry in base.get("notify", []):
+        lines.append("[[notify]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
     for name, spec in base["services"].items():
         lines.append(f"[services.{name}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]

@@ -35,7 +35,8 @@ from common.ladder import Escalated
 from common.lanes import every_lane
 from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
                            LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
-                           ProviderCall, ProviderOutcome, RunCreate, SwitchRequest, TaskFinish, TaskRecord)
+                           ParkRequest, ProviderCall, ProviderOutcome, RunCreate, SwitchRequest, TaskFinish, TaskRecord,
+                           UsageReport)
 from common.monitor import Verdict
 from common.settings import field_errors, read_overlay
 from common.states import ServiceState, TaskState
@@ -161,6 +162,16 @@ async def switch(request: web.Request) -> web.Response:
     for name in [req.service, *req.services]:
         _service(d, name)
     answer = await d.carrier.switch(req)
+    return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
+
+
+@require_token
+async def park(request: web.Request) -> web.Response:
+    """The top's Park decision on a held task: the human rung (awaiting_operator)."""
+    d = _d(request)
+    req = await parse(request, ParkRequest)
+    _service(d, req.service)
+    answer = await d.carrier.park(req)
     return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
 
@@ -301,7 +312,7 @@ def _task_action(verb: str):
             return error(422, "from_step: resume needs the step to go on from")
         try:
             answer = await d.tasks.act(verb, task_id, actor=_actor(body), reason=body.reason,
-                                       request_id=body.request_id, from_step=body.from_step)
+                                       request_id=body.request_id, from_step=body.from_step, provider=body.provider)
         except Refused as err:
             return error(err.status, str(err))
         return _answer(answer)
@@ -437,6 +448,8 @@ async def create_run(request: web.Request) -> web.Response:
     body = await parse(request, RunCreate)
     run_id = new_id("run-")
     await d.store.create_run(run_id, body.prompt, body.drill)
+    if body.budget_usd is not None or body.budget_tokens is not None:
+        await d.store.set_run_budget(run_id, body.budget_usd, body.budget_tokens)
     return web.json_response({"run_id": run_id}, status=201)
 
 
@@ -444,7 +457,55 @@ async def get_run(request: web.Request) -> web.Response:
     d = _d(request)
     run_id = _id(request, "run_id")
     run = await d.store.run(run_id)
-    return web.json_response(run) if run else error(404, f"no run {run_id!r}")
+    if run is None:
+        return error(404, f"no run {run_id!r}")
+    # What it waits for, if anything, and what it has spent (a follower shows both).
+    run["parked"] = [{"task_id": t["task_id"], "agent": t["agent"], "kind": t["parked_reason"]}
+                     for t in await d.store.tasks_of_run(run_id) if t["status"] == TaskState.PARKED]
+    run["spend"] = await d.store.spend(run_id=run_id)
+    return web.json_response(run)
+
+
+@require_token
+async def run_budget(request: web.Request) -> web.Response:
+    """`tron run budget RUN --usd N --tokens N`: a run's budget, raised (or set) by an
+    operator, audited; a task parked at it goes on within a moment."""
+    d = _d(request)
+    run_id = _id(request, "run_id")
+    body = await _operator_body(request)
+    if body.usd is None and body.tokens is None:
+        return error(422, "usd or tokens: name the new budget")
+    run = await d.store.run(run_id)
+    if run is None:
+        return error(404, f"no run {run_id!r}")
+    usd = body.usd if body.usd is not None else run.get("budget_usd")
+    tokens = body.tokens if body.tokens is not None else run.get("budget_tokens")
+
+    async def act() -> dict:
+        await d.store.set_run_budget(run_id, usd, tokens)
+        d.providers.wake()
+        return {"status": "budget_set", "run_id": run_id, "usd": usd, "tokens": tokens}
+
+    async def state() -> str:
+        row = await d.store.run(run_id)
+        return f"usd={row.get('budget_usd')} tokens={row.get('budget_tokens')}"
+
+    return web.json_response(await d.audit.run(act, actor=_actor(body), what="run_budget", target=run_id,
+                                                reason=body.reason, request_id=body.request_id, state=state))
+
+
+@require_token
+async def task_usage(request: web.Request) -> web.Response:
+    """A contract agent's LLM call, reported by itself: its tokens get their cost."""
+    d = _d(request)
+    task_id = _id(request, "task_id")
+    rep = await parse(request, UsageReport)
+    _caller(d, rep.service, rep.incarnation)
+    task = await d.store.task(task_id)
+    if task is None:
+        return error(404, f"no task {task_id!r}")
+    row = await d.spend.record(rep, agent=rep.service, incarnation=rep.incarnation, task=task, ok=True, source="agent")
+    return web.json_response({"status": "recorded", "cost_usd": row["cost_usd"], "priced": bool(row["priced"])})
 
 
 @require_token
@@ -571,6 +632,40 @@ async def get_checkpoints(request: web.Request) -> web.Response:
     return web.json_response(await d.store.checkpoints(task_id))
 
 
+# -- notifications ----------------------------------------------------------------------------
+
+
+class NotifyTest(Msg):
+    entry: int | None = Field(None, ge=0, le=10_000)  # one [[notify]] entry (its index), else every one
+    reason: str = Field("notify test", min_length=1, max_length=256)
+    actor: str | None = Field(None, max_length=64)
+    request_id: IdStr | None = None
+
+
+@require_token
+async def notify_test(request: web.Request) -> web.Response:
+    """A ``test`` notification through the same path as the real ones (the registry, the
+    notifier's queue, the signature); audited. 202: queued, the delivery is in `tron notify log`."""
+    d = _d(request)
+    body = await parse(request, NotifyTest) if request.can_read_body else NotifyTest()
+    entries = d.notifier.entry_indexes() if d.notifier is not None else []
+    if not entries:
+        return error(409, "the mesh file has no [[notify]] entry: nothing to test")
+    if body.entry is not None and body.entry not in entries:
+        return error(404, f"no [[notify]] entry {body.entry} (the mesh file has {len(entries)}: "
+                          f"0 to {len(entries) - 1})")
+    actor = body.actor or f"{getpass.getuser()}@api"
+
+    async def run() -> dict:
+        await d.store.event("notify_test", {"entry": body.entry, "by": actor, "reason": body.reason})
+        return {"status": "queued", "entries": entries if body.entry is None else [body.entry]}
+
+    answer = await d.audit.run(run, actor=actor, what="notify_test",
+                               target="notify" + ("" if body.entry is None else f" {body.entry}"),
+                               state=lambda: "", reason=body.reason, request_id=body.request_id)
+    return web.json_response(answer, status=202)
+
+
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application(client_max_size=256 * 1024)
     app[DAEMON_KEY] = daemon
@@ -586,6 +681,7 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_post("/control/escalation", escalation)
     r.add_post("/control/switch", switch)
     r.add_post("/control/permanent_failure", permanent_failure)
+    r.add_post("/control/park", park)
     r.add_post("/control/report_failure", report_failure)
     r.add_post("/control/drill", drill)
     r.add_post("/control/shutdown", shutdown)
@@ -615,11 +711,14 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_post("/runs", create_run)
     r.add_get("/runs/{run_id}", get_run)
     r.add_post("/runs/{run_id}/finish", finish_run)
+    r.add_post("/runs/{run_id}/budget", run_budget)
     r.add_post("/tasks", record_task)
     r.add_post("/tasks/claim", claim_task)
     r.add_get("/tasks/{task_id}", get_task)
     r.add_post("/tasks/{task_id}/finish", finish_task)
     r.add_post("/tasks/{task_id}/checkpoint", checkpoint)
+    r.add_post("/tasks/{task_id}/usage", task_usage)
     r.add_get("/tasks/{task_id}/checkpoints", get_checkpoints)
+    r.add_post("/notify/test", notify_test)
     setup_ui(app, daemon)
     return app

@@ -16,9 +16,10 @@ from typing import Callable
 from common.carry import carry_out, loop_alert_id
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy
-from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Restart, RestartAsked,
+from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, Restart, RestartAsked,
                            ServiceView, SwitchProvider, TaskView, decide)
-from common.models import EscalationRecord, PermanentFailure, RestartRequest, SwitchRequest
+from common.lanes import Fingerprint
+from common.models import EscalationRecord, ParkRequest, PermanentFailure, RestartRequest, SwitchRequest
 from common.states import AlertState, RetryType, TaskState
 from registry.protocol import Store
 from services.daemon.metrics import DaemonMetrics
@@ -29,7 +30,8 @@ log = logging.getLogger("tron.daemon")
 
 class Carrier:
     def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, ledger, *, clock: Clock,
-                 metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
+                 metrics: DaemonMetrics, policy: Callable[[], Policy], background, spend=None) -> None:
+        self.spend = spend  # services/daemon/spend.py: a parked task's cost so far
         self.config = config
         self.sup = sup
         self.store = store
@@ -258,6 +260,43 @@ class Carrier:
         return {"status": "recorded", "failure": failure, "lane": lane}
 
 
+    async def park(self, req: ParkRequest) -> dict:
+        """The human rung on a held task: instead of failing for good it waits, parked as
+        awaiting_operator with its checkpoint, fingerprint, providers tried and cost so far,
+        for `tron task approve` or `tron task fail` (or operator_timeout)."""
+        task = await self.store.task(req.task_id)
+        if task is None:
+            return {"status": "refused", "why": f"no task {req.task_id!r}"}
+        if not await self.store.park_task(req.task_id, req.reason, req.kind):
+            return {"status": "duplicate", "action": "park", "task_status": task["status"]}
+        await self.store.mark_alert(req.alert_id, AlertState.HANDLED, decision=f"park:{req.case}")
+        await self.awaiting_operator(task, req.service, req.reason, case=req.case, requested_by=req.requested_by)
+        return {"status": "parked", "action": "park", "kind": req.kind}
+
+    async def awaiting_operator(self, task: dict, service: str, reason: str, *, case: str, requested_by: str) -> None:
+        """What an operator needs to decide, in one event (the notifications send it)."""
+        history = await self.store.task_history(task["task_id"])
+        marks = await self.store.checkpoints(task["task_id"])
+        providers = [p for p in dict.fromkeys([r["from_provider"] for r in history] + [r["to_provider"] for r in history]
+                                              + [task.get("provider")]) if p]
+        last = next((r for r in reversed(history) if r["retry_type"] != RetryType.LLM_CHANGE), None)
+        failure_class = ((last or {}).get("detail") or {}).get("detected_by") or reason
+        fp = Fingerprint.of(self.sup[service].spec.role, "+".join(providers), failure_class, reason)
+        cost = await self.spend.store.spend(task_id=task["task_id"]) if self.spend else None
+        payload = {"reason": reason, "case": case, "checkpoint": (marks[-1]["step"] if marks else None),
+                   "progress": task.get("progress"), "fingerprint": fp.key, "fingerprint_text": fp.describe(),
+                   "providers_tried": providers, "cost": cost, "requested_by": requested_by,
+                   "timeout_s": self.policy().operator_timeout,
+                   "approve": f"tron task approve {task['task_id']} [--provider P] [--from-step N]",
+                   "fail": f"tron task fail {task['task_id']}"}
+        await self.store.event("awaiting_operator", payload, agent=service, task_id=task["task_id"],
+                               run_id=task["run_id"])
+        log.error("task awaiting an operator", extra={"task": task["task_id"], "offender": service, "reason": reason,
+                                                      "case": case})
+        self.background(self.ledger.notify_parked(task["run_id"], task["task_id"], "awaiting_operator", reason),
+                        "notify gateway (parked)")
+
+
 class DaemonActions:
     """The daemon's own hands for ``carry_out``."""
 
@@ -289,3 +328,7 @@ class DaemonActions:
         return await self.c.fail(PermanentFailure(
             alert_id=event.alert_id, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
             detail={"last_reason": event.reason, **detail}, decided_by=decided_by, requested_by=DAEMON))
+
+    async def park(self, event, d: Park, *, decided_by: str, detail: dict) -> dict:
+        return await self.c.park(ParkRequest(alert_id=event.alert_id, service=event.service, task_id=event.task_id,
+                                             reason=d.reason, case=d.case, decided_by=decided_by, requested_by=DAEMON))

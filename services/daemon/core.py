@@ -39,6 +39,7 @@ from services.daemon import metrics
 from services.daemon.alerts import AlertRouter
 from services.daemon.carrier import Carrier
 from services.daemon.ledger import Ledger
+from services.daemon.notify import Notifier
 from services.daemon.lock import HomeLock, StartError
 from services.daemon.audit import Audit
 from services.daemon.breaker import Breaker
@@ -46,6 +47,7 @@ from services.daemon.operators import Operators
 from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.providers import ProviderDesk
+from services.daemon.spend import Spend
 from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, Spawner, reap_strays
 from services.daemon.supervisor import Supervisor, mesh_marks
 
@@ -82,6 +84,7 @@ class Daemon:
         self._spawner = spawner
         self._run_monitor_thread = monitor_thread  # unit tests drive monitor.tick(now) themselves
         self.sup: Supervisor | None = None
+        self.notifier: Notifier | None = None
 
     def policy(self) -> Policy:
         return self._policy
@@ -116,20 +119,26 @@ class Daemon:
         self.sup = Supervisor(self.config, self.home, store=self.store, spawner=spawner, monitor=self.monitor,
                               metrics=self.metrics, client=self.client, config_path=self.config_path, **kw)
         self.ledger = Ledger(self.config, self.sup, self.store, self.client, **kw)
-        self.carrier = Carrier(self.config, self.sup, self.store, self.ledger, metrics=self.metrics, **kw)
+        self.spend = Spend(self.config, self.store, clock=self.clock, metrics=self.metrics)
+        self.carrier = Carrier(self.config, self.sup, self.store, self.ledger, metrics=self.metrics, spend=self.spend,
+                               **kw)
         self.router = AlertRouter(self.config, self.sup, self.store, self.carrier, self.client, metrics=self.metrics,
                                   **kw)
         self.audit = Audit(self.store)
         self.operators = Operators(self.sup, self.store, self.ledger, self.audit, background=self.background)
-        self.tasks = TaskActions(self.sup, self.store, self.ledger, self.audit, background=self.background,
-                                 client=self.client)
+
         self.breaker = Breaker(self.sup, self.store, clock=self.clock, policy=self.policy, metrics=self.metrics)
         self.carrier.breaker = self.breaker
-        self.providers = ProviderDesk(self.config, self.sup, self.store, self.carrier, metrics=self.metrics, **kw)
+        self.providers = ProviderDesk(self.config, self.sup, self.store, self.carrier, self.spend,
+                                      metrics=self.metrics, **kw)
+        self.tasks = TaskActions(self.sup, self.store, self.ledger, self.audit, background=self.background,
+                                 client=self.client, desk=self.providers, carrier=self.carrier)
         self.sup.checks = ProbeChecks(self.client, self.sup.values, self.config.hosts)
         self.probes = Probes(self.sup, self.monitor, self.sup.checks, **kw)
         self.sup.on_signal = self.router.on_signal
         self.sup.on_healthy = self.ledger.redispatch
+        self.notifier = Notifier(self.store, self.config.notify, clock=self.clock, background=self.background,
+                                 metrics=self.metrics, mesh=str(self.home.root), health=self.registry_health)
 
     def _make_spawner(self) -> Spawner:
         if self.config.cluster.engine == "ray":
@@ -165,6 +174,9 @@ class Daemon:
         except UnsafeTokenFile as err:
             raise StartError(str(err)) from None
         self.client.token = self.token
+        for entry in self.config.notify:  # fail closed: a receiver that cannot be signed for is no receiver
+            if (why := entry.missing_secret()) is not None:
+                raise StartError(why)
         if self.store is None:
             from registry.journal import JournaledStore
             from registry.store import open_pg_store, open_sqlite_store
@@ -209,6 +221,7 @@ class Daemon:
             await fs.wait_ready(timeout=30)
         self.background(self._housekeeping(), "housekeeping")
         self.background(self.probes.loop(), "probes")
+        self.notifier.start()  # from here on, what goes wrong reaches the [[notify]] receivers
         for name in self.config.start_order():
             svc = self.sup[name]
             if svc.stopped:
@@ -247,6 +260,8 @@ class Daemon:
             return
         self.stopping = True
         log.info("shutdown: stopping every service")
+        if self.notifier is not None:  # at once: a receiver that hangs must not hold the shutdown
+            await self.notifier.stop()
         for task in list(self._tasks):
             task.cancel()
         if self.sup is not None and self.sup.spawner is not None:

@@ -128,6 +128,22 @@ class Ledger:
             await self.clock.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=2.0, jitter=0.1))
         log.error("gateway never told of failed run %s (the registry has it)", run_id)
 
+    async def notify_parked(self, run_id: str, task_id: str, kind: str, reason: str) -> None:
+        """The gateway hears that a run waits (a task parked for its budget or an operator);
+        best effort: GET /runs/{id} shows the parked tasks anyway."""
+        gateway = next((n for n, s in self.config.services.items() if s.role == "gateway"), None)
+        if gateway is None:
+            return
+        notice = {"run_id": run_id, "task_id": task_id, "kind": kind, "reason": reason[:500]}
+        logs.comms("notify_run_parked", src=DAEMON, dst=gateway, run=run_id, task=task_id, reason=kind)
+        for tries in range(1, 6):
+            try:
+                await self.client.post(self.config.url(gateway) + "/notify_run_parked", notice, timeout=5)
+                return
+            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                log.info("gateway not told of parked run %s yet: %s", run_id, err)
+            await self.clock.sleep(compute_backoff(tries, initial=0.1, factor=2, max_backoff=2.0, jitter=0.1))
+
     # -- hand-over to a new incarnation ---------------------------------------------------------
 
     async def assignment(self, task: dict, provider: str | None) -> TaskAssign:

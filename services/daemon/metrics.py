@@ -31,6 +31,8 @@ class DaemonMetrics:
                                       registry=r)
         self.registry_degraded = Gauge("tron_registry_degraded", "1 while the registry refuses writes", registry=r)
         self.registry_pending = Gauge("tron_registry_pending_writes", "Rows waiting in the journal", registry=r)
+        self.notify_deliveries = Counter("tron_notify_deliveries", "Notification attempts, by outcome (delivered, "
+                                         "retrying, gave_up; dropped: a full queue's oldest)", ["outcome"], registry=r)
 
         self.provider_state = Gauge("tron_provider_state", "0 closed, 1 half_open, 2 open", ["provider"], registry=r)
         self.provider_opens = Counter("tron_provider_opens", "Times a provider opened", ["provider"], registry=r)
@@ -42,6 +44,10 @@ class DaemonMetrics:
                                         ["provider"], registry=r)
         self.tasks_parked = Counter("tron_tasks_parked", "Tasks parked with every provider down", registry=r)
         self.tasks_resumed = Counter("tron_tasks_resumed", "Parked tasks that went on", registry=r)
+        self.llm_tokens = Counter("tron_llm_tokens", "Tokens of LLM calls, by kind (input, output, cache_read, "
+                                  "cache_write)", ["provider", "model", "kind"], registry=r)
+        self.llm_cost = Counter("tron_llm_cost_usd", "Cost of LLM calls in USD, from the price table",
+                                ["provider", "model"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,13 +21,15 @@ from typing import Callable
 
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy
-from common.ladder import (Decision, Fail, Ignore, LadderView, ParkCheck, Park, ProviderFailed, ProviderRules,
-                           ProviderStatus, Resume, RetryInPlace, SwitchProvider, decide)
+from common.ladder import (Approval, CallAsked, Decision, Fail, Ignore, LadderView, ParkCheck, Park, ProviderFailed,
+                           ProviderRules, ProviderStatus, Resume, RetryInPlace, ServiceView, SwitchProvider, TaskView,
+                           decide)
 from common.models import PermanentFailure, ProviderCall, ProviderOutcome
 from common.provider_health import Board, Change
 from common.states import ProviderState, RetryType, TaskState
 from registry.protocol import Store
 from services.daemon.metrics import DaemonMetrics
+from services.daemon.spend import Spend
 from services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
@@ -38,8 +40,10 @@ STATE_VALUE = {ProviderState.CLOSED: 0, ProviderState.HALF_OPEN: 1, ProviderStat
 
 
 class ProviderDesk:
-    def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, carrier, *, clock: Clock,
+    def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, carrier, spend: Spend, *, clock: Clock,
                  metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
+        self.spend = spend
+        self.approvals: dict[str, Approval] = {}  # task id -> an operator's `tron task approve`
         self.config = config
         self.sup = sup
         self.store = store
@@ -52,7 +56,7 @@ class ProviderDesk:
                                     *(s.provider for s in config.services.values() if s.provider)]))
         self.board = Board(config.providers, names, now=clock.now())
         self._changed = asyncio.Event()
-        self.parked: dict[str, str] = {}  # task id -> its service, while parked here
+        self.parked: dict[str, tuple[str, str]] = {}  # task id -> (its service, what it waits for)
         for name in names:
             self.metrics.provider_state.labels(provider=name).set(0)
 
@@ -76,6 +80,10 @@ class ProviderDesk:
         if changes:
             self._wake()
 
+    def wake(self) -> None:
+        """Something a waiter decides on changed (a budget raised): look again now."""
+        self._wake()
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -90,8 +98,10 @@ class ProviderDesk:
             pass
 
     async def tick(self) -> None:
-        """Once in a while (the housekeeping loop): cooldowns that ended become probes."""
+        """Once a second (the housekeeping loop): cooldowns that ended become probes; held
+        parked tasks are looked at."""
         await self.announce(self.board.tick(self.clock.now()))
+        await self.tick_held()
 
     # -- what the ladder sees -----------------------------------------------------------------------
 
@@ -114,7 +124,7 @@ class ProviderDesk:
         """For /status (no token): each provider's state and why, and the parked tasks."""
         states = self.board.states(self.clock.now())
         return {"providers": [{"provider": n, **s} for n, s in states.items()],
-                "parked": sorted(self.parked)}
+                "parked": [{"task_id": t, "agent": a, "kind": k} for t, (a, k) in sorted(self.parked.items())]}
 
     # -- the governor ---------------------------------------------------------------------------
 
@@ -122,6 +132,9 @@ class ProviderDesk:
         """May this call go to its provider? Waits (long-polled) through a short hold, a
         probe in flight or a full concurrency budget; an open provider is a failure the
         ladder decides at once."""
+        parked = await self.check_budget(req)
+        if parked is not None:
+            return parked
         deadline = self.clock.now() + LONG_POLL
         while True:
             now = self.clock.now()
@@ -143,12 +156,16 @@ class ProviderDesk:
 
     async def outcome(self, out: ProviderOutcome) -> dict:
         now = self.clock.now()
+        if out.usage is not None:
+            task = await self.store.task(out.task_id) if out.task_id else None
+            await self.spend.record(out.usage, agent=out.service, incarnation=out.incarnation, task=task, ok=out.ok)
         if out.cancelled:
             self.board.released(out.provider, out.incarnation)
             self._wake()
             return {"action": "done"}
         if out.ok:
-            await self.announce(self.board.succeeded(out.provider, now, tokens=out.tokens, limits=out.limits,
+            tokens = out.tokens or (out.usage.input_tokens + out.usage.output_tokens if out.usage else 0)
+            await self.announce(self.board.succeeded(out.provider, now, tokens=tokens, limits=out.limits,
                                                      admitted=out.admitted, holder=out.incarnation))
             self._wake()  # a call in flight fewer: the next waiter may go
             return {"action": "done"}
@@ -210,21 +227,55 @@ class ProviderDesk:
             await self._set_provider(svc, d.to_provider)
             return {"action": "switch", "case": d.case, "provider": d.to_provider, "delay": d.delay}
         if isinstance(d, Park):
-            await self.store.park_task(event.task_id, d.reason)
-            self.parked[event.task_id] = event.service
-            self.metrics.tasks_parked.inc()
-            log.error("task parked", extra={"offender": event.service, "task": event.task_id, "reason": d.reason})
-            return {"action": "park", "case": d.case, "reason": d.reason, "park_max": view.rules.park_max}
+            return await self.park_here(d, event.service, task, requested_by=event.service)
         if isinstance(d, Fail):
             answer = await self.fail(event, d, detail=row_detail)
             return {"action": "fail", "case": d.case, "reason": d.reason, "recorded": answer.get("status")}
         raise AssertionError(f"a provider failure cannot be decided as {d!r}")
 
+    async def park_here(self, d: Park, service: str, task: dict | None, *, requested_by: str) -> dict:
+        """The task waits in its agent (which polls ``park``) for what ``d.kind`` names."""
+        if task is None:
+            return {"action": "abandon", "why": "no task to park"}
+        if await self.store.park_task(task["task_id"], d.reason, d.kind):
+            self.metrics.tasks_parked.inc()
+            log.error("task parked", extra={"offender": service, "task": task["task_id"], "reason": d.reason,
+                                            "kind": d.kind})
+            if d.kind == "awaiting_operator":
+                await self.carrier.awaiting_operator(task, service, d.reason, case=d.case, requested_by=requested_by)
+            elif d.kind == "budget_exceeded":
+                run = await self.store.run(task["run_id"])
+                spend = await self.spend.view(service, task, run)
+                await self.store.event("budget_exceeded", {"reason": d.reason, "spend": spend.model_dump(),
+                                                           "raise": f"tron run budget {task['run_id']} --usd N"},
+                                       agent=service, task_id=task["task_id"], run_id=task["run_id"])
+                self.background(self.carrier.ledger.notify_parked(task["run_id"], task["task_id"], d.kind, d.reason),
+                                "notify gateway (parked)")
+        self.parked[task["task_id"]] = (service, d.kind)
+        return {"action": "park", "case": d.case, "kind": d.kind, "reason": d.reason,
+                "park_max": self.rules().park_max}
+
+    async def check_budget(self, req: ProviderCall) -> dict | None:
+        """Before a call: within the budgets of its task, run and service? If not, the task
+        parks (its agent stays up) until an operator raises the budget or ends it."""
+        task = await self.store.task(req.task_id) if req.task_id else None
+        run = await self.store.run(task["run_id"]) if task else None
+        if not self.spend.applies(run):
+            return None
+        view = LadderView(now=self.clock.now(), policy=self.policy(), decider=DAEMON, top=True,
+                          service=ServiceView(name=req.service, incarnation=req.incarnation, provider=req.provider),
+                          task=TaskView(task_id=task["task_id"], status=task["status"]) if task else None,
+                          spend=await self.spend.view(req.service, task, run))
+        d = decide(CallAsked(new_id("c-"), req.service, req.task_id), view, view.now, view.policy)
+        if isinstance(d, Park):
+            return await self.park_here(d, req.service, task, requested_by=req.service)
+        return None
+
     async def fail(self, event: ProviderFailed, d: Fail, *, detail: dict) -> dict:
         self.parked.pop(event.task_id or "", None)
         chain_down = d.case in ("all_providers_down", "park_expired")
         return await self.carrier.fail(PermanentFailure(
-            alert_id=event.key, service=event.service, task_id=event.task_id, reason=d.reason, case=d.case,
+            alert_id=event.key, service=event.service, task_id=event.task_id, reason=d.reason[:128], case=d.case,
             detail={**detail, "last_reason": "all_providers_down" if chain_down else event.reason,
                     "failure_class": "provider", "chain_exhausted": chain_down},
             decided_by="policy", requested_by=DAEMON))
@@ -244,15 +295,13 @@ class ProviderDesk:
         while True:
             await self.announce(self.board.tick(self.clock.now()))
             task = await self.store.task(req.task_id) if req.task_id else None
-            since = task.get("held_since") if task else None
-            now = self.clock.now()
-            event = ParkCheck(new_id("pk-"), req.service, req.task_id or "-",
-                              now - since if isinstance(since, (int, float)) else 0.0)
-            view = await self.view(req.service, req.task_id)
+            event, view = await self.park_view(req.service, task, req.task_id or "-")
+            now = view.now
             d = decide(event, view, view.now, view.policy)
             if isinstance(d, Resume):
                 return await self._resume(req, d)
             if isinstance(d, Fail):
+                self.approvals.pop(req.task_id or "", None)
                 log.error("parked task failed", extra={"task": req.task_id, "reason": d.reason, "case": d.case})
                 answer = await self.fail(ProviderFailed(event.key, req.service, req.incarnation, req.provider,
                                                         d.reason, True, None, req.task_id), d,
@@ -263,14 +312,75 @@ class ProviderDesk:
                 status = task["status"] if task else None
                 return {"action": "resume" if status == TaskState.RUNNING else "abandon", "case": d.case,
                         "provider": (task or {}).get("provider") or req.provider, "why": d.why}
-            left = min(deadline - now, view.rules.park_max - event.parked_for)
+            limit = view.rules.park_max if event.kind == "providers" else view.policy.operator_timeout
+            left = min(deadline - now, limit - event.parked_for)
             if deadline - now <= 0:
                 return {"action": "park", "case": d.case, "why": d.why}
             waits = [b for b in (self.board.wait_left(p, now) for p in view.chain) if b is not None]
             await self._wait_change(max(0.01, min([left, *waits, 1.0])))
 
+    async def park_view(self, service: str, task: dict | None, task_id: str) -> tuple[ParkCheck, LadderView]:
+        """A parked task as the ladder sees it: what it waits for, for how long, and the
+        state of that (providers, its spend, an operator's answer)."""
+        since = task.get("held_since") if task else None
+        now = self.clock.now()
+        kind = (task or {}).get("parked_reason") or "providers"
+        event = ParkCheck(new_id("pk-"), service, task_id, now - since if isinstance(since, (int, float)) else 0.0,
+                          kind)
+        view = await self.view(service, task_id if task else None)
+        update: dict = {"approval": self.approvals.get(task_id)}
+        if kind == "budget_exceeded" and task is not None:
+            update["spend"] = await self.spend.view(service, task, await self.store.run(task["run_id"]))
+        return event, view.model_copy(update=update)
+
+    async def approve(self, task: dict, approval: Approval) -> None:
+        """`tron task approve`: the task's parked agent (or the daemon's tick, for a held task)
+        takes it up on the next look, within a moment."""
+        self.approvals[task["task_id"]] = approval
+        self._wake()
+
+    async def tick_held(self) -> None:
+        """Tasks parked with nobody polling for them (held by the top for an operator, or
+        whose agent died while parked): the daemon looks at them itself, so that an
+        operator's answer or the timeout ends them even so."""
+        live = self._live()
+        parked = await self.store.parked_tasks()
+        # What /status shows: every parked task, whoever parked it (this daemon or an earlier one).
+        self.parked = {t["task_id"]: (t["agent"], t["parked_reason"] or "providers") for t in parked}
+        for task in parked:
+            if task["lease_incarnation"] in live:
+                continue  # its agent polls /providers/park itself
+            event, view = await self.park_view(task["agent"], task, task["task_id"])
+            d = decide(event, view, view.now, view.policy)
+            if isinstance(d, Fail):
+                self.approvals.pop(task["task_id"], None)
+                self.parked.pop(task["task_id"], None)
+                await self.carrier.fail(PermanentFailure(
+                    alert_id=event.key, service=task["agent"], task_id=task["task_id"], reason=d.reason[:128],
+                    case=d.case,
+                    detail={"parked_for": round(event.parked_for, 3), "last_reason": d.reason},
+                    decided_by="policy", requested_by=DAEMON))
+            elif isinstance(d, Resume):
+                await self._resume_held(task, d)
+
+    async def _resume_held(self, task: dict, d: Resume) -> None:
+        """A held task goes back to its service: assigned again, on the provider it was given,
+        and handed to the current incarnation (or the next one)."""
+        self.approvals.pop(task["task_id"], None)
+        self.parked.pop(task["task_id"], None)
+        svc = self.sup[task["agent"]]
+        if not await self.store.release_task(task["task_id"], d.provider):
+            return
+        self.metrics.tasks_resumed.inc()
+        log.warning("held task resumed", extra={"task": task["task_id"], "provider": d.provider, "case": d.case})
+        await self._set_provider(svc, d.provider)
+        if svc.state == "running" and svc.replacing is None:
+            row = await self.store.task(task["task_id"])
+            self.background(self.carrier.ledger.dispatch(svc, row, resumed=True), f"resume {task['task_id']}")
+
     async def _resume(self, req: ProviderCall, d: Resume) -> dict:
         self.parked.pop(req.task_id or "", None)
+        self.approvals.pop(req.task_id or "", None)
         if not await self.store.unpark_task(req.task_id, d.provider):
             return {"action": "abandon", "why": f"task {req.task_id} was not parked"}
         self.metrics.tasks_resumed.inc()

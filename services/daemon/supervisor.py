@@ -163,6 +163,8 @@ class Supervisor:
     async def _env(self, svc: Service, incarnation: str) -> dict[str, str]:
         p = self.policy()
         env = dict(os.environ)
+        for entry in self.config.notify:  # the daemon's own secret: no child needs it
+            env.pop(entry.secret_env, None)
         env.update(svc.spec.env)
         env.update(mesh_marks(self.home))
         env.update({

@@ -11,12 +11,19 @@ the task's state machine, each a clear 4xx when it does not apply:
                             on from step N.
     cancel ID               the task (and its live sub-tasks) end as cancelled; the parent
                             hears of it; a run's root task cancels the run.
+    approve ID [--provider P] [--from-step N]
+                            a task parked awaiting an operator (the human rung) goes on, on
+                            P, from its checkpoint (or from step N: the later steps set aside
+                            and its agent restarted with it).
+    fail ID                 a task parked awaiting an operator (or at its budget) fails for
+                            good now, as the ladder would have failed it.
 """
 
 from __future__ import annotations
 
 import logging
 
+from common.config import DAEMON
 from common.states import FINAL_TASK_STATES, LIVE_TASK_STATES, RetryType, RunState, ServiceState, TaskState
 from registry.store import content_hash
 from registry.protocol import Store
@@ -25,11 +32,14 @@ from services.daemon.ledger import Ledger
 from services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
-TASK_VERBS = ("retry", "hard_reset", "resume", "cancel")
+TASK_VERBS = ("retry", "hard_reset", "resume", "cancel", "approve", "fail")
 
 
 class TaskActions:
-    def __init__(self, sup: Supervisor, store: Store, ledger: Ledger, audit: Audit, *, background, client) -> None:
+    def __init__(self, sup: Supervisor, store: Store, ledger: Ledger, audit: Audit, *, background, client, desk,
+                 carrier) -> None:
+        self.desk = desk  # services/daemon/providers.py: parked tasks
+        self.carrier = carrier
         self.sup = sup
         self.store = store
         self.ledger = ledger
@@ -38,8 +48,14 @@ class TaskActions:
         self.client = client
 
     async def act(self, verb: str, task_id: str, *, actor: str, reason: str, request_id: str | None = None,
-                  from_step: int | None = None) -> dict:
+                  from_step: int | None = None, provider: str | None = None) -> dict:
         task = await self._task(task_id)
+        if verb == "approve":
+            return await self.audit.run(lambda: self._approve(task, actor=actor, reason=reason, from_step=from_step,
+                                                              provider=provider),
+                                        actor=actor, what="task_approve", target=task_id, agent=task["agent"],
+                                        reason=reason, request_id=request_id,
+                                        state=lambda: self._status(task_id))
 
         async def state() -> str:
             row = await self.store.task(task_id)
@@ -49,6 +65,10 @@ class TaskActions:
                                                                       from_step=from_step),
                                     actor=actor, what=f"task_{verb}", target=task_id, agent=task["agent"],
                                     reason=reason, request_id=request_id, state=state)
+
+    async def _status(self, task_id: str) -> str:
+        row = await self.store.task(task_id)
+        return row["status"] if row else "unknown"
 
     async def _task(self, task_id: str) -> dict:
         task = await self.store.task(task_id)
@@ -166,6 +186,62 @@ class TaskActions:
         if task["parent_task_id"] is None:
             await self.store.finish_run(task["run_id"], RunState.CANCELLED, None, {"reason": "cancelled", "by": actor})
         return {"status": "cancelled", "task_id": task["task_id"], "tasks": cancelled}
+
+    def _awaiting(self, task: dict, *kinds: str) -> None:
+        if task["status"] != TaskState.PARKED or task.get("parked_reason") not in kinds:
+            waits = f" ({task['parked_reason']})" if task["status"] == TaskState.PARKED else ""
+            raise Refused(409, f"task {task['task_id']} is {task['status']}{waits}: only a task parked "
+                               f"{' or '.join(kinds)} can be {'approved' if 'budget_exceeded' not in kinds else 'failed'}")
+
+    async def _approve(self, task: dict, *, actor: str, reason: str, from_step: int | None = None,
+                       provider: str | None = None) -> dict:
+        from common.ladder import Approval
+
+        self._awaiting(task, "awaiting_operator")
+        if provider is not None and provider not in self.desk.board.providers:
+            raise Refused(422, f"provider: {provider!r} is not a provider of this mesh "
+                               f"({', '.join(self.desk.board.providers)})")
+        svc = self.sup.services.get(task["agent"])
+        if svc is None or svc.stopped:
+            raise Refused(409, f"task {task['task_id']} belongs to {task['agent']}, which is stopped")
+        if provider is not None and self.desk.board[provider].state != "closed":
+            # The operator vouches for it: put it back now, or the task would only meet it open again.
+            await self.desk.restore(provider, actor=actor, reason=f"approved task {task['task_id']} on it")
+        if from_step is not None:
+            # Going back to a step cannot happen inside the waiting agent: the later steps are
+            # set aside and the agent restarted with the task, as `tron task resume` does.
+            marks = await self.store.checkpoints(task["task_id"])
+            last = marks[-1]["step"] if marks else 0
+            if not 1 <= from_step <= last + 1:
+                raise Refused(422, f"from_step must be between 1 and {last + 1} for task {task['task_id']} "
+                                   f"({last} steps recorded)")
+            kept = await self._verified(task, upto=from_step)
+            set_aside = await self.store.drop_checkpoints(task["task_id"], from_step, by=actor)
+            if provider:
+                await self.store.set_task_provider(task["task_id"], provider)
+                svc.provider = provider
+                await self.store.set_agent(svc.name, provider=provider)
+            outcome = await self._restart_with(task, svc, actor=actor, reason=reason)
+            await self.store.event("task_approved", {"by": actor, "provider": provider, "from_step": from_step},
+                                   agent=svc.name, task_id=task["task_id"], run_id=task["run_id"])
+            return {**outcome, "status": "approved", "kept": [m["step"] for m in kept],
+                    "set_aside": [m["step"] for m in set_aside]}
+        await self.desk.approve(task, Approval(by=actor, provider=provider))
+        await self.store.event("task_approved", {"by": actor, "provider": provider, "from_step": None},
+                               agent=svc.name, task_id=task["task_id"], run_id=task["run_id"])
+        return {"status": "approved", "task_id": task["task_id"], "provider": provider or task.get("provider")}
+
+    async def _fail(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
+        from common.models import PermanentFailure
+
+        self._awaiting(task, "awaiting_operator", "budget_exceeded")
+        answer = await self.carrier.fail(PermanentFailure(
+            alert_id=new_id("op-"), service=task["agent"], task_id=task["task_id"],
+            reason=f"failed_by_operator: {task['parked_reason']}", case="operator_failed",
+            detail={"by": actor, "why": reason, "last_reason": task["parked_reason"]}, decided_by="operator",
+            requested_by=DAEMON))
+        self.desk.parked.pop(task["task_id"], None)
+        return {"status": "failed", "task_id": task["task_id"], "recorded": answer.get("status")}
 
     @staticmethod
     def _subtree(task: dict, tasks: list[dict]) -> list[dict]:

@@ -7,6 +7,7 @@ notice) finishes the run. A restarted gateway loses nothing.
     POST /runs {prompt}           -> 202 {run_id}          (token)
     GET  /runs/{id}               -> the run as recorded
     POST /notify_run_failed       <- the root, on permanent failure (token)
+    POST /notify_run_parked       <- the daemon: a task of the run waits for its budget or an operator (token)
     POST /task_result             <- the root's result for a run, from the daemon (token)
 """
 
@@ -20,7 +21,8 @@ from aiohttp import web
 from common import logs
 from common.agent import REFUSALS, Agent
 from common.http import MeshHTTPError, error, parse, require_token
-from common.models import ID_PATTERN, RunCreate, RunFailed, TaskAssign, TaskRecord, TaskResult
+from common.config import DAEMON
+from common.models import ID_PATTERN, RunCreate, RunFailed, RunParked, TaskAssign, TaskRecord, TaskResult
 from common.service import ServiceContext
 
 log = logging.getLogger("tron.gateway")
@@ -35,6 +37,7 @@ class Gateway(Agent):
         app.router.add_post("/runs", self.h_create)
         app.router.add_get("/runs/{run_id}", self.h_get)
         app.router.add_post("/notify_run_failed", self.h_failed)
+        app.router.add_post("/notify_run_parked", self.h_parked)
 
     def _root(self) -> str:
         roots = [n for n, s in self.config.services.items() if s.role == "root"]
@@ -86,6 +89,16 @@ class Gateway(Agent):
         log.error("run failed", extra={"run": notice.run_id, "reason": notice.reason, "detail": notice.detail})
         answer = await self._finish_run(notice.run_id, "failed", None, notice.reason, notice.detail)
         return web.json_response(answer)
+
+    @require_token
+    async def h_parked(self, request: web.Request) -> web.Response:
+        """A run waits: one of its tasks parked at its budget or for an operator (the daemon
+        says so; GET /runs/{id} lists the parked tasks)."""
+        notice = await parse(request, RunParked)
+        logs.comms("run_parked", src=DAEMON, dst=self.name, run=notice.run_id, task=notice.task_id, reason=notice.kind)
+        log.warning("run parked", extra={"run": notice.run_id, "task": notice.task_id, "kind": notice.kind,
+                                         "reason": notice.reason})
+        return web.json_response({"ok": True})
 
     @require_token
     async def _h_result(self, request: web.Request) -> web.Response:

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from common.config import Policy
-from common.ladder import (AlertAnswered, ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, ParkCheck, Park,
+from common.ladder import (AlertAnswered, Approval, CallAsked, ChildFailed, Escalate, Escalated, Fail, Ignore,
+                           LadderView, ParkCheck, Park, SpendView,
                            ProviderFailed, ProviderRules, ProviderStatus, Restart, Resume, RetryInPlace,
                            RestartAsked, ServiceView, SwitchProvider, TaskView, case_ids, compute_backoff, decide,
                            fold_advice, next_provider, parse_advice, within, worst_case_attempts)
@@ -65,8 +66,21 @@ def pfailed(*, provider="anthropic", reason="overloaded_error", retryable=True, 
     return ProviderFailed("pf-1", "programmer-1", incarnation, provider, reason, retryable, retry_after, "t-1")
 
 
-def parked(parked_for=1.0) -> ParkCheck:
-    return ParkCheck("pk-1", "programmer-1", "t-1", parked_for)
+def parked(parked_for=1.0, kind="providers") -> ParkCheck:
+    return ParkCheck("pk-1", "programmer-1", "t-1", parked_for, kind)
+
+
+ASKING = Policy(**{**P.model_dump(), "ask_operator": True, "operator_timeout": 3600.0})
+OVER = SpendView(run_usd=0.52, task_tokens=900, limits={"run_usd": 0.5, "task_tokens": 1000})
+RAISED = SpendView(run_usd=0.52, limits={"run_usd": 1.0})
+
+
+def spent(v: LadderView, spend: SpendView) -> LadderView:
+    return v.model_copy(update={"spend": spend})
+
+
+def asking(v: LadderView) -> LadderView:
+    return v.model_copy(update={"policy": ASKING})
 
 CASES = [
     # -- a child failed: the guards ------------------------------------------------------------
@@ -204,12 +218,41 @@ CASES = [
      Resume("provider_back", "ollama")),
     ("park: still every provider open", parked(), pview(OUTAGE, OUTAGE, task=task(TaskState.PARKED)),
      Ignore("still_down", BOTH_DOWN.split(": ", 1)[1])),
+    # -- spend: budgets the ladder obeys --------------------------------------------------------------
+    ("budget: within every limit, the call goes", CallAsked("c-1", "programmer-1", "t-1"),
+     spent(pview(task=task()), SpendView(run_usd=0.1, limits={"run_usd": 0.5})),
+     Ignore("within_budget", "the call may go")),
+    ("budget: the run's is spent, the task parks with its agent up", CallAsked("c-1", "programmer-1", "t-1"),
+     spent(pview(task=task()), OVER), Park("budget_exceeded", "budget_exceeded: run_usd 0.52 of 0.5",
+                                           kind="budget_exceeded")),
+    ("budget: still spent, still parked", parked(kind="budget_exceeded"),
+     spent(pview(task=task(TaskState.PARKED)), OVER), Ignore("budget_still_exceeded", "run_usd 0.52 of 0.5")),
+    ("budget: raised, it goes on", parked(kind="budget_exceeded"),
+     spent(pview(task=task(TaskState.PARKED)), RAISED), Resume("budget_raised", "anthropic")),
+    ("budget: parked past operator_timeout, it ends", parked(86400.0, "budget_exceeded"),
+     spent(pview(task=task(TaskState.PARKED)), OVER),
+     Fail("operator_timeout", "budget_exceeded: nobody answered within 86400s")),
+    # -- the human rung ---------------------------------------------------------------------------------
+    ("ask_operator: a provider ladder's end asks a human first", pfailed(),
+     asking(pview(task=task(restarts=3, switches=2))),
+     Park("ask_operator", "max_provider_switches_exceeded", kind="awaiting_operator")),
+    ("ask_operator: a process ladder's end asks a human first", escalated(),
+     asking(view(decider="root", top=True, task=task(TaskState.ESCALATED, restarts=3, switches=2))),
+     Park("ask_operator", "max_provider_switches_exceeded", kind="awaiting_operator")),
+    ("operator: nobody has answered yet", parked(5.0, "awaiting_operator"), pview(task=task(TaskState.PARKED)),
+     Ignore("awaiting_operator", "waiting for `tron task approve` or `tron task fail`")),
+    ("operator: approved on ollama", parked(5.0, "awaiting_operator"),
+     pview(task=task(TaskState.PARKED)).model_copy(update={"approval": Approval(by="ops", provider="ollama")}),
+     Resume("operator_approved", "ollama")),
+    ("operator: nobody answered within operator_timeout", parked(3600.0, "awaiting_operator"),
+     asking(pview(task=task(TaskState.PARKED))),
+     Fail("operator_timeout", "awaiting_operator: nobody answered within 3600s")),
 ]
 
 
 @pytest.mark.parametrize("what,event,v,expected", CASES, ids=[c[0] for c in CASES])
 def test_decide(what, event, v, expected):
-    assert decide(event, v, NOW, P) == expected
+    assert decide(event, v, NOW, v.policy) == expected  # the policy the view carries (P, unless a row says)
 
 
 def test_every_case_of_the_table_is_reached_by_a_row():

@@ -154,8 +154,6 @@ def _config(notify_entries):
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"url": "http://127.0.0.1:9/x", "secret_env": "TRON_NO_SUCH_SECRET"},
-     "notify.0.secret_env: the environment variable TRON_NO_SUCH_SECRET is not set"),
     ({"url": "http://127.0.0.1:9/x", "secret_env": "TRON_NOTIFY_SECRET", "events": ["provider_opened", "lunch"]},
      "notify.0.events.1: Input should be"),
     ({"url": "http://127.0.0.1:9/x", "secret_env": "TRON_NOTIFY_SECRET", "secret": "inline"},
@@ -381,3 +379,12 @@ async def test_last_event_finds_the_newest(ids):
         await store.event("notify_cursor" if i in ids else "other", {"n": i})
     found = await last_event(store, "notify_cursor")
     assert (found["id"] if found else None) == (max(ids) if ids else None)
+
+
+def test_a_missing_secret_is_said_by_the_entry_not_refused_by_the_mesh_file(monkeypatch):
+    monkeypatch.delenv("TRON_NO_SUCH_SECRET", raising=False)
+    config = _config([{"url": "http://127.0.0.1:9/hook?key=k", "secret_env": "TRON_NO_SUCH_SECRET"}])
+    why = config.notify[0].missing_secret()
+    assert why is not None and "TRON_NO_SUCH_SECRET is not set" in why and "key=k" not in why
+    monkeypatch.setenv("TRON_NO_SUCH_SECRET", "s3cret")
+    assert config.notify[0].missing_secret() is None

@@ -1,0 +1,177 @@
+"""Issue 23: spend. Tokens and cost on every call, exactly what llm-sim reported at the
+price table's prices; a budget the ladder obeys (a task parks at it, its agent stays up,
+and goes on from its checkpoint when an operator raises it); the human rung before a
+permanent failure."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from common.prices import DEFAULT_PRICES, cost_usd, price_for
+from tests.harness import REPO, wait_for
+from tests.integration.test_notify import SECRET, Receiver
+
+pytestmark = pytest.mark.integration
+
+_DEFAULT = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
+# programmer-2 calls Ollama (streamed): with the architect (Anthropic, whole answers) and
+# programmer-1 (Anthropic, streamed) every run uses both APIs, streamed and not.
+MIXED = {**_DEFAULT, "programmer-2": {**_DEFAULT["programmer-2"], "provider": "ollama"}}
+
+
+def fault(mesh, provider: str, kind: str, **kw) -> None:
+    code, body = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}", {"kind": kind, **kw})
+    assert code == 200, body
+
+
+def submit(mesh, prompt: str = "build it", **budget) -> str:
+    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": prompt, **budget})
+    assert code == 202, body
+    return body["run_id"]
+
+
+def finished(mesh, run_id: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1])
+                    and r["status"] != "running" and r, timeout, f"run {run_id} to finish")
+
+
+def parked(mesh, run_id: str, kind: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (r := mesh.rows("SELECT * FROM tasks WHERE run_id = ? AND status = 'parked' AND "
+                                            "parked_reason = ?", (run_id, kind))) and r[0], timeout,
+                    f"a task of {run_id} to park ({kind})")
+
+
+def pids(mesh) -> dict[str, int]:
+    return {s["name"]: s["pid"] for s in mesh.status()["services"]}
+
+
+def test_a_runs_cost_is_what_llm_sim_reported_at_the_listed_prices(mesh_factory):
+    mesh = mesh_factory(services=MIXED)
+    mesh.up()
+    assert mesh.http("POST", mesh.url("llm-sim") + "/sim/counters/reset", {})[0] == 200
+    run_id = submit(mesh)
+    assert finished(mesh, run_id)["status"] == "done"
+    sim = mesh.http("GET", mesh.url("llm-sim") + "/sim/faults", token=False)[1]["providers"]
+    counted = {(p, m): t for p, v in sim.items() for m, t in v["counters"]["tokens"].items()}
+    assert {p for p, _ in counted} == {"anthropic", "ollama"}, counted
+    mesh.flushed()
+    rows = mesh.rows("SELECT provider, model, COUNT(*) AS calls, SUM(input_tokens) AS input_tokens, "
+                     "SUM(output_tokens) AS output_tokens, SUM(cost_usd) AS cost FROM llm_usage WHERE run_id = ? "
+                     "GROUP BY provider, model", (run_id,))
+    recorded = {(r["provider"], r["model"]): r for r in rows}
+    assert set(recorded) == set(counted)
+    expected_total = 0.0
+    for key, sim_tokens in counted.items():
+        row = recorded[key]
+        assert (row["calls"], row["input_tokens"], row["output_tokens"]) == (
+            sim_tokens["calls"], sim_tokens["input_tokens"], sim_tokens["output_tokens"]), (key, row, sim_tokens)
+        price = price_for(DEFAULT_PRICES, *key)
+        expected = cost_usd(price, input_tokens=sim_tokens["input_tokens"], output_tokens=sim_tokens["output_tokens"])
+        assert row["cost"] == pytest.approx(expected, abs=1e-9), key
+        expected_total += expected
+    assert expected_total > 0  # Anthropic is priced; local Ollama costs nothing
+    proc = mesh.tron("cost", "--run", run_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    total = report["total"]
+    assert total["cost_usd"] == pytest.approx(expected_total, abs=1e-9)
+    assert total["input_tokens"] == sum(t["input_tokens"] for t in counted.values())
+    assert total["output_tokens"] == sum(t["output_tokens"] for t in counted.values())
+    assert {r["agent"] for r in report["service"]} == {"architect", "programmer-1", "programmer-2"}
+    text = mesh.tron("cost", "--run", run_id).stdout
+    assert f"${expected_total:.6f}" in text and "ollama/llama3.1" in text
+    assert mesh.tron("cost", "--since", "an hour").returncode != 0  # bad input: a clear error
+    metrics = mesh.http("GET", mesh.url("daemon") + "/metrics", token=False)[1]
+    assert 'tron_llm_tokens_total{kind="output",model="claude-sonnet-4-5",provider="anthropic"}' in metrics
+    assert "tron_llm_cost_usd_total" in metrics
+
+
+def test_a_run_over_its_budget_parks_with_its_agents_up_and_resumes_when_raised(mesh_factory):
+    mesh = mesh_factory()
+    mesh.up()
+    before = pids(mesh)
+    run_id = submit(mesh, budget_tokens=500)  # a run here takes about 1,100 tokens
+    task = parked(mesh, run_id, "budget_exceeded")
+    run = mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1]
+    assert run["status"] == "running" and run["budget_tokens"] == 500, run
+    assert {p["kind"] for p in run["parked"]} == {"budget_exceeded"}
+    assert run["spend"]["tokens"] >= 500
+    assert pids(mesh) == before  # parked, not killed
+    assert mesh.service(task["agent"])["state"] == "running"
+    wait_for(lambda: [c for c in (json.loads(x) for x in (mesh.home / "logs" / "comms.jsonl").read_text()
+                                  .splitlines()) if c["kind"] == "run_parked" and c["run"] == run_id], 10,
+             "the gateway to be told")
+    [event] = mesh.rows("SELECT payload FROM events WHERE kind = 'budget_exceeded' AND task_id = ?", (task["task_id"],))
+    assert "run_tokens" in json.loads(event["payload"])["reason"]
+    status = mesh.tron("status").stdout
+    assert f"parked: {task['task_id']}" in status and "budget_exceeded" in status
+    proc = mesh.tron("run", "budget", run_id, "--tokens", "100000", "--reason", "worth it")
+    assert proc.returncode == 0, proc.stderr
+    assert finished(mesh, run_id)["status"] == "done"
+    # every step ran once: what was done before the park was not redone
+    steps = mesh.rows("SELECT task_id, step, COUNT(*) AS n FROM llm_usage WHERE run_id = ? GROUP BY task_id, step",
+                      (run_id,))
+    assert steps and all(s["n"] == 1 for s in steps), steps
+    assert pids(mesh) == before
+    audit = [a["payload"] for a in json.loads(mesh.tron("audit", "--json").stdout)]
+    assert [(a["what"], a["target"], a["outcome"]) for a in audit] == [("run_budget", run_id, "budget_set")]
+    assert mesh.tron("run", "budget", run_id).returncode != 0  # no amount: refused, nothing changed
+    assert mesh.http("POST", mesh.url("daemon") + f"/runs/{run_id}/budget", {"usd": -1})[0] == 422
+
+
+def test_the_human_rung_asks_before_failing_and_an_approval_completes_the_run(mesh_factory):
+    with Receiver() as receiver:
+        mesh = mesh_factory(policy={"ask_operator": True}, providers={"on_all_down": "fail"},
+                            notify=[{"url": receiver.url, "secret_env": "TRON_NOTIFY_SECRET",
+                                     "events": ["awaiting_operator", "permanent_failure"]}])
+        mesh.env["TRON_NOTIFY_SECRET"] = SECRET
+        mesh.up()
+        human_rung(mesh, receiver)
+
+
+def human_rung(mesh, receiver) -> None:
+    before = pids(mesh)
+    fault(mesh, "anthropic", "error")
+    fault(mesh, "ollama", "error")
+    run_id = submit(mesh)
+    task = parked(mesh, run_id, "awaiting_operator")
+    [event] = mesh.rows("SELECT payload FROM events WHERE kind = 'awaiting_operator' AND task_id = ?",
+                        (task["task_id"],))
+    asked = json.loads(event["payload"])
+    assert asked["reason"].startswith("all_providers_down") and set(asked["providers_tried"]) == {"anthropic", "ollama"}
+    assert asked["fingerprint"] and asked["cost"] is not None and asked["timeout_s"] == 86400.0
+    # a person hears of it: a signed notification at a real receiver
+    [note] = wait_for(lambda: receiver.of("awaiting_operator"), 15, "the awaiting_operator notification")
+    assert note["signed"] and note["body"]["task_id"] == task["task_id"], note
+    assert note["body"]["payload"]["approve"].startswith(f"tron task approve {task['task_id']}")
+    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1]["status"] == "running"
+    # a task that is not awaiting an operator cannot be approved; a bad provider is refused
+    refused = mesh.tron("task", "approve", f"{run_id}.0")
+    assert refused.returncode != 0 and "only a task parked awaiting_operator" in refused.stderr, refused.stderr
+    bad = mesh.http("POST", mesh.url("daemon") + f"/tasks/{task['task_id']}/approve", {"provider": "nosuch"})
+    assert bad[0] == 422
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    proc = mesh.tron("task", "approve", task["task_id"], "--provider", "ollama", "--reason", "ollama is back")
+    assert proc.returncode == 0, proc.stderr
+    run = finished(mesh, run_id)
+    assert run["status"] == "done" and "[sim:ollama:" in run["result"], run
+    assert pids(mesh) == before
+    # the next one is failed by the operator instead
+    fault(mesh, "anthropic", "error")
+    fault(mesh, "ollama", "error")
+    mesh.tron("provider", "restore", "anthropic")
+    run_id = submit(mesh, "again")
+    task = parked(mesh, run_id, "awaiting_operator")
+    proc = mesh.tron("task", "fail", task["task_id"], "--reason", "not worth it")
+    assert proc.returncode == 0, proc.stderr
+    run = finished(mesh, run_id)
+    assert run["status"] == "failed", run
+    [row] = mesh.rows("SELECT * FROM retry_history WHERE task_id = ? AND retry_type = 'permanent_failure'",
+                      (task["task_id"],))
+    assert (row["case_id"], row["decided_by"]) == ("operator_failed", "operator")
+    whats = [a["payload"]["what"] for a in json.loads(mesh.tron("audit", "--json").stdout)]
+    assert "task_approve" in whats and "task_fail" in whats
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")

@@ -594,6 +594,21 @@ def _format_error(source: str, err: ValidationError) -> str:
                      for where, what in validation_messages(err, unknown="unknown key"))
 
 
+def _ladder_into_policy(data: dict, source: str) -> None:
+    """``[ladder]`` is another name for the ladder's part of ``[policy]`` (``ask_operator``,
+    ``max_restarts``, ...): its keys join the policy; one key set in both is an error."""
+    ladder = data.pop("ladder", None)
+    if ladder is None:
+        return
+    if not isinstance(ladder, dict):
+        raise ConfigError(f"{source}: [ladder] must be a table of policy settings")
+    policy = dict(data.get("policy") or {})
+    both = sorted(set(ladder) & set(policy))
+    if both:
+        raise ConfigError(f"{source}: ladder.{both[0]} is also set in [policy]: set it once")
+    data["policy"] = {**policy, **ladder}
+
+
 def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
     """Validate a parsed mesh file and shift every port by ``port_offset``."""
     data = dict(data)
@@ -614,6 +629,7 @@ def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> M
         mesh["daemon_port"] += port_offset
     data["mesh"] = mesh
     data["source"] = source
+    _ladder_into_policy(data, source)
     try:
         return MeshConfig.model_validate(data)
     except ValidationError as err:

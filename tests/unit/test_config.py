@@ -135,3 +135,15 @@ def test_literal_braces_are_written_twice_and_known_placeholders_pass():
     cfg = parse_mesh({"services": {"s": {"command": ["sh", "-c", "echo ${{HOME}} {port} {state}"], "port": 7005,
                                          "env": {"A": "{name}@{home}"}, "cwd": "{config_dir}"}}})
     assert cfg.services["s"].command[2] == "echo ${{HOME}} {port} {state}"
+
+
+def test_a_ladder_table_is_the_ladders_part_of_the_policy():
+    from common.config import ConfigError, parse_mesh
+
+    services = {"gateway": {"role": "gateway", "port": 6120}}
+    config = parse_mesh({"ladder": {"ask_operator": True, "operator_timeout": 600}, "services": services})
+    assert (config.policy.ask_operator, config.policy.operator_timeout) == (True, 600.0)
+    with pytest.raises(ConfigError, match="ladder.max_restarts is also set in \\[policy\\]"):
+        parse_mesh({"ladder": {"max_restarts": 2}, "policy": {"max_restarts": 3}, "services": services})
+    with pytest.raises(ConfigError, match="ask_opertor: unknown key"):
+        parse_mesh({"ladder": {"ask_opertor": True}, "services": services})

@@ -12,7 +12,8 @@ row exactly once. While rows wait, the registry is *degraded*, and says so: ``he
 
 A journal still holding writes when the daemon stops is saved beside the database and
 replayed first by the next daemon. Reads of the working state come from memory; history
-(events, retry history, metrics) from the durable store.
+(events, retry history, metrics) from the durable store. Which is which is the mark each
+method carries in registry/protocol.py (``@write``, ``@memory_read``, ...), read once here.
 """
 
 from __future__ import annotations
@@ -31,21 +32,13 @@ from typing import Any
 from common.clock import Clock, MonotonicClock, utc_iso
 from common.ladder import compute_backoff
 from registry.memory import MemoryStore
+from registry.protocol import Mark, Route, Store, routes_of
 
 log = logging.getLogger("tron.registry")
 
-WRITES = ("event", "upsert_agent", "set_agent", "open_session", "session_started", "session_running",
-          "close_session", "create_run", "finish_run", "reopen_run", "upsert_task", "task_progress", "finish_task",
-          "requeue_tasks", "hold_task", "release_task", "mark_delivered", "add_checkpoint", "insert_alert",
-          "mark_alert", "alert_delivered", "record_retry", "drop_checkpoints", "record_trip", "set_lane", "reopen_task",
-          "park_task", "unpark_task", "set_task_provider", "set_run_budget", "record_usage")
-DURABLE_READS = ("events", "history", "failure_metrics", "runs", "spend", "usage")
-# Memory holds what decisions read; an older run, task or alert is looked up in the store.
-FALLBACK_READS = ("run", "task", "session", "alert", "task_history", "retry_rows")
-# Reads about one task or run: the working copy answers for a task or run it knows, an empty
-# answer included (every checkpoint set aside by a resume), since the durable store may not
-# have the change yet; the durable store answers for the others. Read -> what it is about.
-OWNED_READS = {"task_counts": "task", "checkpoints": "task", "tasks_of_run": "run"}
+# Protocol method -> how it is answered, from the marks on registry/protocol.py's Store
+# (an unmarked method stops the import here, rather than a write staying in memory unsaved).
+ROUTES: dict[str, Mark] = routes_of(Store)
 MAX_PENDING = 200_000  # beyond this, plain events are dropped first (and counted); ladder rows never
 
 
@@ -142,15 +135,22 @@ class JournaledStore:
     # -- the proxy ------------------------------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
-        if name in WRITES:
-            return self._writing(name)
-        if name in DURABLE_READS:
-            return self._after_flush(name)
-        if name in FALLBACK_READS:
-            return self._falling_back(name)
-        if name in OWNED_READS:
-            return self._owned(name, OWNED_READS[name])
-        return getattr(self.memory, name)
+        mark = ROUTES.get(name)
+        if mark is None:  # not the protocol's (pinned, load_from, ...): the working copy's own
+            return getattr(self.memory, name)
+        match mark.route:
+            case Route.WRITE:
+                return self._writing(name)
+            case Route.MEMORY_READ:
+                return getattr(self.memory, name)
+            case Route.FALLBACK_READ:
+                return self._falling_back(name)
+            case Route.OWNED_READ:
+                return self._owned(name, mark.about)
+            case Route.DURABLE_READ:
+                return self._after_flush(name)
+        # LIFECYCLE: open and close are defined above; forwarding one would skip the journal.
+        raise AttributeError(f"JournaledStore must define {name} ({mark.route}) itself")
 
     def _after_flush(self, name: str):
         """History reads see this daemon's own writes (unless the store is refusing them)."""

@@ -5,13 +5,15 @@ every row exactly once, in order, when the store takes writes again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 
 from common.clock import FakeClock
 from common.states import RetryType
 from registry.db import SqliteDb
-from registry.journal import JournaledStore
+from registry.journal import ROUTES, JournaledStore
+from registry.protocol import Route
 from registry.schema import open_and_prepare
 from registry.store import SqlStore
 
@@ -169,3 +171,61 @@ async def test_what_memory_knows_is_the_truth_even_empty_while_the_disk_lags(tmp
         assert rows(path, "SELECT step FROM checkpoints") == []
     finally:
         await store.close()
+
+
+class Side:
+    """A store that answers every call with ``answer`` and notes which side it reached."""
+
+    drill = None
+
+    def __init__(self, side: str, calls: list, answer) -> None:
+        self.side, self.calls, self.answer = side, calls, answer
+
+    def pinned(self, mono, wall, drill):
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name: str):
+        async def call(*args, **kwargs):
+            self.calls.append((self.side, name))
+            return self.answer
+        return call
+
+
+async def routed(name: str, *, memory_answers):
+    """Call protocol method ``name`` on a journal over two recording sides: (result, calls, journal)."""
+    calls: list = []
+    store = JournaledStore(Side("durable", calls, "durable's"))  # never opened: no writer drains the journal
+    store.memory = Side("memory", calls, memory_answers)
+    result = await getattr(store, name)("key")
+    return result, calls, [op.method for op in store.journal]
+
+
+async def answered_by_mark(name: str, mark) -> None:
+    """What the protocol says ``name``'s mark means (registry/protocol.py), one case per route."""
+    match mark.route:
+        case Route.WRITE:  # memory decides, the journal keeps it for the durable store
+            assert await routed(name, memory_answers="memory's") == ("memory's", [("memory", name)], [name])
+        case Route.MEMORY_READ:
+            assert await routed(name, memory_answers="memory's") == ("memory's", [("memory", name)], [])
+        case Route.FALLBACK_READ:
+            assert await routed(name, memory_answers="memory's") == ("memory's", [("memory", name)], [])
+            assert await routed(name, memory_answers=None) == (
+                "durable's", [("memory", name), ("durable", name)], [])
+        case Route.OWNED_READ:  # memory knows the task or run: its answer stands, empty included
+            assert await routed(name, memory_answers=[]) == ([], [("memory", mark.about), ("memory", name)], [])
+            assert await routed(name, memory_answers=None) == (
+                "durable's", [("memory", mark.about), ("durable", name)], [])
+        case Route.DURABLE_READ:
+            assert await routed(name, memory_answers="memory's") == ("durable's", [("durable", name)], [])
+        case Route.LIFECYCLE:  # the journal's own: it drives the writer and the durable store
+            assert name in vars(JournaledStore)
+        case _:
+            raise AssertionError(f"{name}: no case for route {mark.route!r}")
+
+
+async def test_every_protocol_method_is_answered_where_its_mark_says():
+    for name, mark in ROUTES.items():
+        try:
+            await answered_by_mark(name, mark)
+        except AssertionError as err:
+            raise AssertionError(f"Store.{name} ({mark.route}) is not routed as marked") from err

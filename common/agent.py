@@ -39,6 +39,7 @@ Endpoints (all but /health need the mesh token):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import logging
 import time
@@ -74,6 +75,21 @@ class TaskFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail or {}
+
+
+class ProviderMoved(Exception):
+    """The ladder moved the task to another provider while a provider-specific call
+    (``call_llm``) was under way: the task's work runs again, in this incarnation, on the new
+    provider, from its last completed step (the steps before it are not run again)."""
+
+    def __init__(self, provider: str) -> None:
+        super().__init__(provider)
+        self.provider = provider
+
+
+# The task whose work runs in this asyncio task: ``Agent.provider`` and ``Agent.model`` are
+# that task's (two tasks of one agent may be on different providers at once).
+_current: contextvars.ContextVar["Task | None"] = contextvars.ContextVar("tron_current_task", default=None)
 
 
 class Abandon(Exception):
@@ -216,7 +232,9 @@ class Agent:
                 run.cancel()
         if assign.provider:
             self.ctx.provider = assign.provider
-        task = Task(assign, progress=assign.progress, provider=assign.provider)
+        # A new task starts on the service's own provider (the chain's first unless mesh.toml
+        # names one); if that one is open, the desk moves it at its first call, sending nothing.
+        task = Task(assign, progress=assign.progress, provider=assign.provider or self.preferred_provider)
         self.active[assign.task_id] = task
         self._refresh_beat_fields()
         logs.comms("task_received", src=assign.reply_to, dst=self.name, task=assign.task_id, run=assign.run_id,
@@ -254,9 +272,17 @@ class Agent:
         return output
 
     @property
+    def preferred_provider(self) -> str:
+        """Where this service's new tasks start: its own `provider`, else the chain's default."""
+        spec = self.config.services.get(self.name)
+        return (spec.provider if spec is not None else None) or self.config.providers.default
+
+    @property
     def provider(self) -> str:
-        """This incarnation's provider: the chain's default, or where the ladder switched it."""
-        return self.ctx.provider or self.config.providers.default
+        """The provider of the task being worked on here (the ladder may have moved it), else
+        this incarnation's."""
+        task = _current.get()
+        return (task.provider if task is not None else None) or self.ctx.provider or self.config.providers.default
 
     @property
     def model(self) -> str:
@@ -293,7 +319,8 @@ class Agent:
                 failure = check_tool_calls(provider, response, tools)
             return failure, reply
 
-        return await self.under_ladder(task, lambda provider: request(self.client(provider)), inspect)
+        return await self.under_ladder(task, lambda provider: request(self.client(provider)), inspect,
+                                       portable=False)
 
     def _check_reply(self, task: Task, reply, *, complete: bool):
         """An answer that is 200 OK but broken (empty, cut at max_tokens where a whole one
@@ -308,7 +335,7 @@ class Agent:
             failure = task._repeats.check(reply.text, checks.repeat_limit, provider=reply.provider)
         return failure
 
-    async def under_ladder(self, task: Task, call, inspect=None):
+    async def under_ladder(self, task: Task, call, inspect=None, *, portable: bool = True):
         """Run ``call(provider)`` under the mesh's provider supervision until it succeeds;
         raise ``Abandon`` when the ladder ended the task (failed for good, cancelled).
 
@@ -316,7 +343,10 @@ class Agent:
         every agent shares); after it, the outcome goes back, and a failure is answered
         with the ladder's decision, carried out here, in this incarnation: no process is
         killed for a provider's trouble. ``inspect(provider, result)`` returns
-        ``(failure or None, LLMReply or None)`` for answers that came back broken."""
+        ``(failure or None, LLMReply or None)`` for answers that came back broken.
+        ``portable``: ``call`` works on any provider (``llm``); a provider-specific call
+        (``call_llm``'s SDK request) that is moved raises ``ProviderMoved`` instead, and the
+        task's work runs again on the new provider."""
         from common.providers import ProviderFailure, classify
 
         await self.sdks_ready()
@@ -324,7 +354,7 @@ class Agent:
             provider = task.provider or self.provider
             answer = await self._desk("acquire", task, provider)
             if answer is not None and answer.get("action") != "go":
-                await self._follow(task, answer)
+                await self._follow(task, answer, portable=portable)
                 continue
             governed = answer is not None
             started = time.monotonic()
@@ -352,7 +382,7 @@ class Agent:
             if decision is None:  # the daemon cannot be reached: the old way, an alert when it is back
                 await self.report_failure(task, failure)
                 raise Abandon() from failure
-            await self._follow(task, decision)
+            await self._follow(task, decision, portable=portable)
 
     @staticmethod
     def _usage(task: Task, provider: str, reply, started: float) -> dict | None:
@@ -383,9 +413,10 @@ class Agent:
                 await self.clock.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=1.0, jitter=0.1))
         return None
 
-    async def _follow(self, task: Task, answer: dict) -> None:
+    async def _follow(self, task: Task, answer: dict, *, portable: bool = True) -> None:
         """Carry out the ladder's answer to a provider failure, in this incarnation."""
         action = answer.get("action")
+        was = task.provider
         if action in ("wait", "retry"):
             await self._wait(task, float(answer.get("delay") or 0.0))
         elif action == "switch":
@@ -401,6 +432,8 @@ class Agent:
             raise Abandon()
         else:
             raise Abandon()
+        if not portable and task.provider != was:
+            raise ProviderMoved(task.provider)
 
     async def _wait(self, task: Task, seconds: float) -> None:
         """A wait the ladder asked for: beats say the task waits (not a runaway)."""
@@ -426,7 +459,7 @@ class Agent:
                 if answer.get("action") == "park":
                     continue
                 if answer.get("action") == "resume":
-                    task.provider = self.ctx.provider = answer["provider"]
+                    task.provider = self.ctx.provider = answer.get("provider") or task.provider
                     log.warning("parked task resumes on %s", answer["provider"], extra={"task": task.id})
                     return
                 raise Abandon()
@@ -455,8 +488,15 @@ class Agent:
     async def _run(self, task: Task) -> None:
         a = task.assign
         status, result, reason, detail = "done", None, None, {}
+        _current.set(task)  # this asyncio task's own context: the provider is the task's
         try:
-            result = await self.work(task)
+            while True:
+                try:
+                    result = await self.work(task)
+                    break
+                except ProviderMoved as moved:  # the switch is recorded: work again, on the new provider
+                    log.warning("task %s moves to %s: its work runs again from its last step", a.task_id,
+                                moved.provider, extra={"task": a.task_id})
         except Abandon:
             return
         except TaskFailed as err:

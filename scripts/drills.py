@@ -450,6 +450,13 @@ class Runner:
             drill.mark(f"run {run['status']}", run_id)
         finally:
             self.mesh.try_call("DELETE", f"{sim}/sim/faults/{provider}", auth=True)
+            # The outage opened the provider for the whole mesh; the drill's outage is over, so
+            # put it back rather than leave later runs to wait for its next probe (audited).
+            code, state = self.mesh.try_call("GET", f"{self.mesh.daemon_url}/providers", auth=True)
+            if code == 200 and any(p["provider"] == provider and p["state"] != "closed" for p in state["providers"]):
+                self.mesh.try_call("POST", f"{self.mesh.daemon_url}/providers/{provider}/restore",
+                                   {"reason": "drill over: the injected outage ended", "actor": "drill"}, auth=True)
+                drill.mark("provider restored", f"{provider}: closed again after the drill")
             self.label(None)
         with self.db() as conn:
             rows = read.retries_of_run(conn, run_id)

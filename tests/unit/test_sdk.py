@@ -363,29 +363,92 @@ async def test_a_failed_sdk_call_is_classified_and_the_ladder_answers_it(monkeyp
     assert daemon.sent("POST", "/control/report_failure") == []  # no alert: no process is killed for it
 
 
+class Answers:
+    """A provider whose answers are scripted per call: an exception to raise, or a text."""
+
+    def __init__(self, *script) -> None:
+        self.script = list(script)
+        self.calls: list[str] = []
+
+    def provider_for(self, name: str, **kw):
+        from common.providers import LLMReply
+
+        outer = self
+
+        class One:
+            async def complete(self, **kw):
+                outer.calls.append(name)
+                step = outer.script.pop(0)
+                if isinstance(step, BaseException):
+                    raise step
+                return LLMReply(provider=name, model=f"{name}-model", text=step, input_tokens=3, output_tokens=2,
+                                streamed=False)
+
+        return One()
+
+
 async def test_retry_in_place_then_switch_in_place_then_success_in_one_incarnation(monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     agent, daemon, clock = make_agent()
     outcomes = governed(daemon, {"action": "retry", "delay": 2.5, "case": "rate_limit_wait"},
                         {"action": "switch", "provider": "ollama", "delay": 0.0, "case": "provider_open"})
-    seen = []
-
-    async def request(client):
-        seen.append(type(client).__name__)
-        if len(seen) < 3:
-            raise asyncio.TimeoutError()
-        return "answer"
-
-    task = Task(assign())
-    assert await agent.call_llm(task, request) == "answer"
-    assert seen == ["AsyncAnthropic", "AsyncAnthropic", "AsyncClient"]
+    answers = Answers(asyncio.TimeoutError(), asyncio.TimeoutError(), "answer")
+    monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
+    task = Task(assign(), provider="anthropic")
+    assert await agent.llm(task, "p") == "answer"
+    assert answers.calls == ["anthropic", "anthropic", "ollama"]
     assert [(o["provider"], o["ok"]) for o in outcomes] == [("anthropic", False), ("anthropic", False), ("ollama", True)]
-    assert 2.5 in clock.slept and task.provider == "ollama" and agent.provider == "ollama"
+    assert outcomes[-1]["usage"]["model"] == "ollama-model" and outcomes[-1]["usage"]["input_tokens"] == 3
+    assert 2.5 in clock.slept and task.provider == "ollama"
     assert task.waiting == 0
 
 
-async def test_a_parked_task_waits_at_the_desk_and_resumes_on_the_provider_it_is_given(monkeypatch):
+class TwoSteps(Agent):
+    """Step 1 through llm (any provider), step 2 a provider-specific SDK call."""
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.sdk_calls: list[tuple[str, str]] = []
+
+    async def work(self, task: Task) -> str:
+        first = await self.step(task, 1, "draft", lambda _: self.llm(task, "draft"))
+
+        async def request(client):
+            self.sdk_calls.append((type(client).__name__, self.model))
+            if len(self.sdk_calls) == 1:
+                raise asyncio.TimeoutError()
+            return f"{first} + {self.provider}"
+
+        return await self.step(task, 2, "tools", lambda _: self.call_llm(task, request))
+
+
+async def test_a_provider_specific_call_moved_by_the_ladder_reruns_the_work_from_its_last_step(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    ctx = make_ctx()
+    agent = TwoSteps(ctx)
+    agent.clock = InstantClock()
+    daemon = ctx.client
+    governed(daemon, {"action": "switch", "provider": "ollama", "delay": 0.0, "case": "provider_open"})
+    answers = Answers("the draft")
+    monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
+    agent.take(assign())
+    [finish] = await wait_for_async(lambda: daemon.sent("POST", "/tasks/run-1.0/finish"))
+    assert finish["status"] == "done" and finish["result"] == "the draft + ollama", finish
+    # step 1 ran once (its output kept), step 2 again on Ollama, with Ollama's client and model
+    assert answers.calls == ["anthropic"]
+    assert agent.sdk_calls == [("AsyncAnthropic", "claude-sonnet-4-5"), ("AsyncClient", "llama3.1")]
+    assert [c.step for c in daemon.sent("POST", "/tasks/run-1.0/checkpoint")] == [1, 2]
+
+
+async def wait_for_async(probe, tries: int = 200):
+    for _ in range(tries):
+        got = probe()
+        if got:
+            return got
+        await asyncio.sleep(0.005)
+    raise AssertionError("not within the deadline")
+
+
+async def test_a_parked_task_waits_at_the_desk_and_resumes_on_the_provider_it_is_given(monkeypatch):
     agent, daemon, _ = make_agent()
     governed(daemon, {"action": "park", "reason": "all_providers_down: ..."})
     polls = [{"action": "park"}, {"action": "park"}, {"action": "resume", "provider": "ollama"}]
@@ -396,18 +459,12 @@ async def test_a_parked_task_waits_at_the_desk_and_resumes_on_the_provider_it_is
         return polls.pop(0)
 
     daemon.answers[("POST", "/providers/park")] = park
-    calls = []
-
-    async def request(client):
-        calls.append(type(client).__name__)
-        if len(calls) == 1:
-            raise asyncio.TimeoutError()
-        return "ok"
-
-    task = Task(assign())
+    answers = Answers(asyncio.TimeoutError(), "ok")
+    monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
+    task = Task(assign(), provider="anthropic")
     agent.active[task.id] = task
-    assert await agent.call_llm(task, request) == "ok"
-    assert calls == ["AsyncAnthropic", "AsyncClient"] and waiting_seen == [True, True, True]
+    assert await agent.llm(task, "p") == "ok"
+    assert answers.calls == ["anthropic", "ollama"] and waiting_seen == [True, True, True]
     assert task.waiting == 0 and not agent.ctx.waiting
 
 

@@ -340,6 +340,23 @@ def within(times: list[float], now: float, window: float) -> list[float]:
     return [t for t in times if now - window < t <= now]
 
 
+def unstable_streak(stable: list[bool]) -> int:
+    """How many failures in a row, from the one being decided back (``stable``: newest
+    first, this failure first), were of incarnations that never stayed up ``min_uptime``.
+    A stable incarnation ends the streak: a service that ran well comes back at once."""
+    streak = 0
+    for was_stable in stable:
+        if was_stable:
+            break
+        streak += 1
+    return streak
+
+
+def crash_loop_over(latest_failure: float | None, now: float, policy: Policy) -> bool:
+    """A crash-loop episode ends when a whole ``restart_window`` passes with no failure."""
+    return latest_failure is None or now - latest_failure >= policy.restart_window
+
+
 def provider_open(view: LadderView, name: str) -> bool:
     return view.providers.get(name, ProviderStatus()).state == "open"
 

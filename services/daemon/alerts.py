@@ -22,7 +22,7 @@ from common import logs
 from common.clock import Clock, utc_iso
 from common.config import DAEMON, MeshConfig, Policy
 from common.http import MeshClient, MeshHTTPError
-from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, decide
+from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_over, decide
 from common.models import Alert
 from common.monitor import Signal
 from common.states import AlertState, ServiceState
@@ -173,7 +173,7 @@ class AlertRouter:
 
     async def _maybe_end_crash_loop(self, svc, now: float) -> None:
         latest = await self.store.failures(svc.name, limit=1)
-        if latest and now - latest[0]["mono"] < self.policy().restart_window:
+        if not crash_loop_over(latest[0]["mono"] if latest else None, now, self.policy()):
             return
         svc.crash_looping = False
         await self.store.set_agent(svc.name, crash_looping=False)

@@ -17,7 +17,7 @@ from common.carry import carry_out, loop_alert_id
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy
 from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, Restart, RestartAsked,
-                           ServiceView, SwitchProvider, TaskView, decide)
+                           ServiceView, SwitchProvider, TaskView, decide, unstable_streak)
 from common.lanes import Fingerprint
 from common.models import EscalationRecord, ParkRequest, PermanentFailure, RestartRequest, SwitchRequest
 from common.states import AlertState, RetryType, TaskState
@@ -55,11 +55,7 @@ class Carrier:
         rows = await self.store.failures(service)
         mine = next((i for i, r in enumerate(rows) if r["alert_id"] == alert_id), None)
         earlier = rows[mine + 1:] if mine is not None else rows
-        streak = 0
-        for r in rows[mine:] if mine is not None else []:
-            if r["stable"]:
-                break
-            streak += 1
+        streak = unstable_streak([bool(r["stable"]) for r in rows[mine:]]) if mine is not None else 0
         alert = await self.store.alert(alert_id) if alert_id else None
         recorded = []
         for r in await self.store.retry_rows(alert_id) if alert_id else []:

@@ -344,3 +344,21 @@ def test_advice_can_escalate_early_but_never_buy_a_restart():
     assert fold_advice(up, "restart") is up  # the advisor cannot buy a restart the policy refused
     idle = Restart("idle_failure")
     assert fold_advice(idle, "escalate") is idle  # no task: nothing to escalate
+
+
+@pytest.mark.parametrize("stable,streak", [
+    ([], 0), ([False], 1), ([True], 0), ([False, False, True, False], 2), ([True, False, False], 0),
+    ([False, False, False], 3),
+])
+def test_the_unstable_streak_ends_at_the_last_stable_incarnation(stable, streak):
+    from common.ladder import unstable_streak
+
+    assert unstable_streak(stable) == streak
+
+
+@pytest.mark.parametrize("latest,now,over", [(None, NOW, True), (NOW - 59.9, NOW, False), (NOW - 60, NOW, True),
+                                             (NOW - 61, NOW, True), (NOW, NOW, False)])
+def test_a_crash_loop_is_over_after_a_whole_quiet_window(latest, now, over):
+    from common.ladder import crash_loop_over
+
+    assert crash_loop_over(latest, now, P) is over

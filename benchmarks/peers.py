@@ -74,7 +74,7 @@ import psutil
 from common.config import Policy
 from benchmarks import finish
 from scripts.stats import percentile
-from services.daemon.spawner import describe, kill_tree
+from common.processes import describe, kill_tree
 from tests.harness import cleanup, make_mesh
 
 HERE = Path(__file__).resolve().parent

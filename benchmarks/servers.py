@@ -43,7 +43,7 @@ from common.config import Policy
 from scripts.stats import summary
 from services.daemon.probes import holds_socket
 from services.daemon.sockdiag import listening_inodes
-from services.daemon.spawner import tree_of
+from common.processes import tree_of
 from tests.harness import REPO, cleanup, make_mesh, server_answers, wait_for
 
 EXAMPLE = REPO / "examples" / "servers"

@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from services.daemon.spawner import kill_tree, signal_group
+from common.processes import kill_tree, signal_group
 
 
 def end_all(procs: list[psutil.Process], grace: float) -> list[psutil.Process]:

@@ -42,7 +42,7 @@ from registry import read
 from registry.report import run_report
 from scripts.client import ClientError, MeshClient, wait_for
 from scripts.stats import summary
-from services.daemon.spawner import describe, home_processes, same_process, tree_of
+from common.processes import describe, home_processes, same_process, tree_of
 
 
 class DrillError(Exception):

@@ -43,7 +43,7 @@ from urllib.parse import quote
 from common.config import ConfigError, MeshConfig, load_mesh
 from common.models import Provider
 from common.paths import Home
-from services.daemon.spawner import MARK
+from common.processes import MARK
 from scripts.client import ClientError, MeshClient
 from scripts.cost_cli import add_parser as add_cost_parser
 from scripts.cost_cli import cmd_cost
@@ -73,7 +73,7 @@ class Ctx:
 
     def daemon_pid(self) -> int | None:
         """This home's daemon, if one runs: its pid file names it and it holds the lock."""
-        from services.daemon.spawner import home_processes
+        from common.processes import home_processes
 
         info = self.mesh.daemon_info()
         if info and isinstance(info.get("pid"), int) and _alive(info["pid"]):
@@ -94,7 +94,7 @@ class Ctx:
 
 
 def _alive(pid: int) -> bool:
-    from services.daemon.spawner import same_process
+    from common.processes import same_process
 
     return same_process(pid, None)
 
@@ -179,7 +179,7 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     period; then every process of the home, found by its environment, is ended. "Nothing
     left" is printed only after the census says so."""
     from scripts.census import end_all, wait_gone
-    from services.daemon.spawner import describe, home_processes
+    from common.processes import describe, home_processes
 
     grace = ctx.config.policy.stop_grace
     pid = ctx.daemon_pid()
@@ -516,7 +516,7 @@ def cmd_history(ctx: Ctx, args: argparse.Namespace) -> int:
 
 def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
     from registry.report import run_report
-    from services.daemon.spawner import same_process
+    from common.processes import same_process
 
     p = ctx.config.policy
     with _registry(ctx) as conn:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from services.daemon.spawner import describe, home_processes, kill_tree
+from common.processes import describe, home_processes, kill_tree
 from scripts.client import http, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

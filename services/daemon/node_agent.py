@@ -165,7 +165,7 @@ class NodeAgent:
     async def lose(self) -> None:
         """A drill's node loss: everything this agent runs dies at once, then the agent
         itself, as when the machine goes (services/daemon/ray_spawner.py ``lose``)."""
-        from services.daemon.spawner import kill_tree, tree_of
+        from common.processes import kill_tree, tree_of
 
         for child in list(self.children.values()):
             child.expected_exit = True

@@ -35,7 +35,8 @@ from registry.protocol import Store
 from services.daemon.listeners import ListenerError, listen_env
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.sockdiag import listening_inodes
-from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, describe, home_processes
+from common.processes import describe, home_processes
+from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
 
 log = logging.getLogger("tron.daemon")
 

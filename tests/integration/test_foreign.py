@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from services.daemon.sockdiag import listening_inodes
-from services.daemon.spawner import tree_of
+from common.processes import tree_of
 from tests.harness import REPO, cleanup, make_mesh, server_answers, wait_for
 
 pytestmark = pytest.mark.integration

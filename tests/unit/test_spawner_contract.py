@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.daemon.spawner import LocalSpawner, SpawnError, SpawnSpec, same_process
+from common.processes import same_process
+from services.daemon.spawner import LocalSpawner, SpawnError, SpawnSpec
 from services.daemon.stub_spawner import StubSpawner
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -106,7 +107,8 @@ async def test_adoption_needs_the_same_pid_and_start_time(backend):
 TREE_SCENARIO = """
 import asyncio, json, os, signal, sys, uuid
 from pathlib import Path
-from services.daemon.spawner import LocalSpawner, SpawnSpec, tree_of
+from common.processes import tree_of
+from services.daemon.spawner import LocalSpawner, SpawnSpec
 
 WORKERS = (
     "import subprocess, sys, time\\n"

@@ -113,6 +113,10 @@ class ProviderState:
     remaining: int | None = None  # requests left before the fault clears itself
     expires_at: float | None = None  # monotonic time at which the fault clears itself
     counters: Counters = field(default_factory=Counters)
+    # The current minute's use, for the rate-limit headers of a success (wire.limit_headers).
+    minute: int = -1
+    minute_requests: int = 0
+    minute_tokens: int = 0
     hanging: int = 0  # requests held right now by a `hang` or an endless `stall` (a gauge, never reset)
 
     def set_fault(self, fault: FaultSpec, now: float) -> None:

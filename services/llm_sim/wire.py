@@ -117,6 +117,11 @@ FAULT_ERRORS: dict[str, dict[str, FaultError]] = {
 # What the rate-limit headers say the limits are (any plausible tier will do).
 ANTHROPIC_LIMITS = {"requests": 50, "tokens": 90_000, "input-tokens": 30_000, "output-tokens": 8_000}
 OPENAI_LIMITS = {"requests": 500, "tokens": 30_000}
+# What a success says the limits are: a high tier, so a busy test mesh never runs out (a
+# rate-limit fault is how a test meets a limit).
+SUCCESS_LIMITS = {"anthropic": {"requests": 4_000, "tokens": 2_000_000, "input-tokens": 2_000_000,
+                                "output-tokens": 400_000},
+                  "openai": {"requests": 10_000, "tokens": 2_000_000}}
 
 
 def go_duration(ms: int) -> str:
@@ -156,6 +161,34 @@ def rate_limit_headers(provider: str, retry_after_ms: int, wall_now: float) -> d
         for what, limit in OPENAI_LIMITS.items():
             headers |= {f"x-ratelimit-limit-{what}": str(limit), f"x-ratelimit-remaining-{what}": "0",
                         f"x-ratelimit-reset-{what}": go_duration(retry_after_ms)}
+    return headers
+
+
+def limit_headers(provider: str, pstate: ProviderState, wall_now: float) -> dict[str, str]:
+    """The rate-limit headers of a success: the limits of SUCCESS_LIMITS per minute, what is left of them in the current minute (this provider's requests and
+    the tokens its answers reported), and when the minute ends."""
+    if provider not in ("anthropic", "openai"):
+        return {}
+    minute = int(wall_now // 60)
+    if pstate.minute != minute:
+        pstate.minute, pstate.minute_requests, pstate.minute_tokens = minute, 0, 0
+    pstate.minute_requests += 1
+    left_s = (minute + 1) * 60 - wall_now
+    used = {"requests": pstate.minute_requests, "tokens": pstate.minute_tokens,
+            "input-tokens": pstate.minute_tokens, "output-tokens": 0}
+    if provider == "anthropic":
+        reset = rfc3339(wall_now + left_s)
+        headers = {}
+        for what, limit in SUCCESS_LIMITS["anthropic"].items():
+            headers |= {f"anthropic-ratelimit-{what}-limit": str(limit),
+                        f"anthropic-ratelimit-{what}-remaining": str(max(0, limit - used.get(what, 0))),
+                        f"anthropic-ratelimit-{what}-reset": reset}
+        return headers
+    headers = {}
+    for what, limit in SUCCESS_LIMITS["openai"].items():
+        headers |= {f"x-ratelimit-limit-{what}": str(limit),
+                    f"x-ratelimit-remaining-{what}": str(max(0, limit - used.get(what, 0))),
+                    f"x-ratelimit-reset-{what}": go_duration(int(left_s * 1000))}
     return headers
 
 
@@ -284,6 +317,11 @@ class Delivery:
     fault: FaultSpec | None
     pstate: ProviderState
     billed: tuple[str, int, int] | None = None  # (model, input, output tokens) the answer reports
+    provider: str = ""
+
+    def _with_limits(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """A success carries the API's rate-limit headers too, as the real ones do."""
+        return {**limit_headers(self.provider, self.pstate, time.time()), **(headers or {})}
 
     def bill(self, model: str, input_tokens: int, output_tokens: int) -> None:
         """The usage this answer reports: counted (per model) once it went out whole."""
@@ -308,6 +346,7 @@ class Delivery:
         if self.fault is not None and self.kind == "trickle":
             if not await _hold(request, deltas * self.fault.trickle_s()):
                 raise _gone()
+        headers = self._with_limits(headers)
         if self.kind != "cut":
             return web.json_response(body, headers=headers), True
         raw = json.dumps(body).encode()
@@ -322,7 +361,7 @@ class Delivery:
                      headers: Mapping[str, str] | None = None) -> tuple[web.StreamResponse, bool]:
         """A streamed answer, piece by piece; (response, sent completely)."""
         response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache",
-                                               **(headers or {})})
+                                               **self._with_limits(headers)})
         fault = self.fault
         try:
             await response.prepare(request)
@@ -372,12 +411,13 @@ async def serve(request: web.Request, provider: str, stream: bool, render: Rende
     if fault is not None:
         log.info("%s: injecting fault %s", provider, fault.kind)
         await _apply_fault(request, provider, fault, stream)
-    delivery = Delivery(fault, pstate)
+    delivery = Delivery(fault, pstate, provider=provider)
     response, completed = await render(request, delivery)
     if completed:
         pstate.counters.served += 1
         if delivery.billed is not None:
             pstate.counters.bill(*delivery.billed)
+            pstate.minute_tokens += delivery.billed[1] + delivery.billed[2]
     return response
 
 

@@ -1,7 +1,9 @@
 """Probes of programs that do not beat, as Kubernetes has them.
 
-A probe is one of ``http`` (a status in range), ``tcp`` (connect, optionally send and
-expect: redis PING/+PONG), or ``exec`` (a command that exits 0: pg_isready). Three uses:
+A probe is one kind from the registry in services/daemon/probe_kinds (one module each):
+``http`` (a status in range), ``tcp`` (connect, optionally send and expect: redis
+PING/+PONG), ``exec`` (a command that exits 0: pg_isready) or ``grpc`` (the gRPC health
+service answers SERVING). Three uses:
 
 - startup (or, without one, readiness, then liveness): the new incarnation is healthy
   once it passes ``success_threshold`` times in a row, and only if the listener on its
@@ -27,7 +29,6 @@ import asyncio
 import logging
 import os
 from typing import Callable
-from urllib.parse import urlsplit
 
 import psutil
 
@@ -37,8 +38,10 @@ from common.http import MeshClient
 from common.models import Reason
 from common.monitor import Monitor
 from common.states import ServiceState
+from services.daemon import probe_kinds
+from services.daemon.probe_kinds import ProbeContext, ProbeResult
 from services.daemon.sockdiag import listening_inodes
-from services.daemon.spawner import tree_of
+from common.processes import tree_of
 from services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
@@ -76,70 +79,21 @@ class ProbeChecks:
         self.values = values  # the service's {placeholders}
         self.hosts = {} if hosts is None else hosts  # services placed on other machines (MeshConfig.hosts)
 
-    async def check(self, svc: Service, probe: Probe) -> tuple[bool, str]:
+    async def check(self, svc: Service, probe: Probe) -> ProbeResult:
+        kind = probe_kinds.get(probe.kind)
+        ctx = ProbeContext(host=self.hosts.get(svc.name, "127.0.0.1"), values=self.values(svc),
+                           timeout=probe.timeout, plain=lambda: self.client.plain)
         try:
             async with asyncio.timeout(probe.timeout):
-                return await getattr(self, f"_{probe.kind}")(svc, probe)
+                return await kind.check(probe.check, svc, ctx)
         except TimeoutError:
-            return False, f"no answer within {probe.timeout}s"
+            return ProbeResult(False, f"no answer within {probe.timeout}s")
         except Exception as err:  # a probe error of any kind is a failed probe
-            return False, f"{type(err).__name__}: {err}"[:200]
-
-    async def _http(self, svc: Service, probe: Probe) -> tuple[bool, str]:
-        h = probe.http
-        host = self.hosts.get(svc.name, "127.0.0.1")
-        url = (h.url or f"http://{host}:{h.port or svc.spec.port}{h.path}").format(**self.values(svc))
-        session = self.client.plain
-        async with session.get(url, headers=h.headers, allow_redirects=False) as resp:
-            await resp.read()
-            lo, hi = h.status
-            return lo <= resp.status <= hi, f"HTTP {resp.status}"
-
-    async def _tcp(self, svc: Service, probe: Probe) -> tuple[bool, str]:
-        t = probe.tcp
-        reader, writer = await asyncio.open_connection(self.hosts.get(svc.name, "127.0.0.1"), t.port or svc.spec.port)
-        try:
-            if t.send:
-                writer.write(t.send.encode())
-                await writer.drain()
-            if not t.expect:
-                return True, "connected"
-            got = b""
-            while t.expect.encode() not in got:
-                chunk = await reader.read(4096)
-                if not chunk:
-                    return False, f"closed before {t.expect!r} (got {got[:60]!r})"
-                got += chunk
-            return True, f"got {t.expect!r}"
-        finally:
-            writer.close()
-
-    async def _exec(self, svc: Service, probe: Probe) -> tuple[bool, str]:
-        values = self.values(svc)
-        argv = [part.format(**values) for part in probe.exec.command]
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                                    start_new_session=True)
-        try:
-            out, _ = await proc.communicate()
-        except asyncio.CancelledError:
-            try:
-                os.killpg(proc.pid, 9)  # a probe that outlives its timeout is ended, tree and all
-            except ProcessLookupError:
-                pass
-            await proc.wait()
-            raise
-        tail = out.decode(errors="replace").strip()[-120:]
-        return proc.returncode == 0, f"exit {proc.returncode}" + (f": {tail}" if tail else "")
+            return ProbeResult(False, f"{type(err).__name__}: {err}"[:200])
 
     def probe_port(self, svc: Service, probe: Probe) -> int | None:
-        """The loopback port an http or tcp probe asks (None: an exec probe, another host)."""
-        if probe.kind == "exec":
-            return None
-        if probe.http and probe.http.url:
-            url = urlsplit(probe.http.url.format(**self.values(svc)))
-            return (url.port or 80) if url.hostname in ("127.0.0.1", "localhost", "::1") else None
-        return (probe.http.port if probe.http else probe.tcp.port) or svc.spec.port
+        """The loopback port the probe asks (None: it asks none, or another host)."""
+        return probe_kinds.get(probe.kind).port(probe.check, svc, self.values(svc))
 
     def port_is_ours(self, svc: Service, probe: Probe) -> bool:
         """The listener on the service's port belongs to the new incarnation's tree: an

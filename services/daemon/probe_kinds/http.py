@@ -1,0 +1,51 @@
+"""``http``: GET a URL of the program; a status in range passes. Never with the mesh token."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, Mapping
+from urllib.parse import urlsplit
+
+from pydantic import Field
+
+from services.daemon.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+
+if TYPE_CHECKING:
+    from services.daemon.supervisor import Service
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class HttpCheck(KindConfig):
+    """GET a URL of the program (never with the mesh token); pass on a status in range."""
+
+    url: str | None = None  # default: http://127.0.0.1:{port}{path}
+    path: str = "/"
+    port: int | None = Field(None, ge=1, le=65535)  # default: the service's port
+    status: tuple[int, int] = (200, 399)
+    headers: dict[str, str] = {}
+
+    def templates(self) -> Iterator[tuple[str, str]]:
+        if self.url:
+            yield "url", self.url
+
+
+class Http(ProbeKind):
+    name = "http"
+    config = HttpCheck
+
+    async def check(self, spec: HttpCheck, svc: Service, ctx: ProbeContext) -> ProbeResult:
+        url = (spec.url or f"http://{ctx.host}:{spec.port or svc.spec.port}{spec.path}").format(**ctx.values)
+        session = ctx.plain()  # no token: the program is not ours
+        async with session.get(url, headers=spec.headers, allow_redirects=False) as resp:
+            await resp.read()
+            lo, hi = spec.status
+            return ProbeResult(lo <= resp.status <= hi, f"HTTP {resp.status}")
+
+    def port(self, spec: HttpCheck, svc: Service, values: Mapping[str, str]) -> int | None:
+        if spec.url:
+            url = urlsplit(spec.url.format(**values))
+            return (url.port or 80) if url.hostname in LOOPBACK else None
+        return spec.port or svc.spec.port
+
+
+register(Http())

@@ -26,13 +26,15 @@ import tomllib
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from common.models import Provider, validation_messages
 from common.prices import Price
 from common.notify import NotifyEntry
 from common.prices import merged as merged_prices
 from common.providers.checks import OutputChecks
+from common import probe_kinds  # the probe kinds: their names and configs
 
 DAEMON = "daemon"
 AGENT_ROLES = ("gateway", "root", "architect", "director", "programmer", "llm_sim")
@@ -108,37 +110,12 @@ class Policy(_Strict):
         return self.alert_delivery_timeout + (self.advice_timeout if self.llm_advice else 0.0)
 
 
-class HttpCheck(_Strict):
-    """GET a URL of the program (never with the mesh token); pass on a status in range."""
+class _ProbeTiming(_Strict):
+    """A Kubernetes-style probe: exactly one kind (``http``, ``tcp``, ``exec``, ``grpc``: one
+    field per kind registered in common/probe_kinds, each its kind's config) and
+    when to ask. The old form ``{ url = ..., interval, timeout, failure_threshold }`` is an
+    http probe."""
 
-    url: str | None = None  # default: http://127.0.0.1:{port}{path}
-    path: str = "/"
-    port: int | None = Field(None, ge=1, le=65535)  # default: the service's port
-    status: tuple[int, int] = (200, 399)
-    headers: dict[str, str] = {}
-
-
-class TcpCheck(_Strict):
-    """Connect; optionally send bytes and expect some in the answer (redis PING/+PONG)."""
-
-    port: int | None = Field(None, ge=1, le=65535)
-    send: str | None = None  # text, with \r \n escapes as in TOML
-    expect: str | None = None
-
-
-class ExecCheck(_Strict):
-    """Run a command (exit 0 passes): pg_isready, redis-cli ping, a script of yours."""
-
-    command: list[str] = Field(min_length=1)
-
-
-class Probe(_Strict):
-    """A Kubernetes-style probe: exactly one of http, tcp, exec. The old form
-    ``{ url = ..., interval, timeout, failure_threshold }`` is an http probe."""
-
-    http: HttpCheck | None = None
-    tcp: TcpCheck | None = None
-    exec: ExecCheck | None = None
     url: str | None = None  # the shorthand for http = { url = ... }
     interval: float = Field(2.0, gt=0)
     timeout: float = Field(1.0, gt=0)
@@ -149,18 +126,37 @@ class Probe(_Strict):
     @model_validator(mode="after")
     def _exactly_one(self) -> "Probe":
         if self.url is not None:
-            if self.http is not None:
+            if getattr(self, "http") is not None:
                 raise ValueError("give url or http, not both")
-            object.__setattr__(self, "http", HttpCheck(url=self.url))
+            object.__setattr__(self, "http", probe_kinds.get("http").config(url=self.url))
             object.__setattr__(self, "url", None)
-        kinds = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
+        kinds = [k for k in probe_kinds.names() if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"a probe has exactly one of http, tcp, exec (this one has {kinds or 'none'})")
+            raise ValueError(f"a probe has exactly one of {', '.join(probe_kinds.names())} "
+                             f"(this one has {kinds or 'none'})")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("http", "tcp", "exec") if getattr(self, k) is not None)
+        return next(k for k in probe_kinds.names() if getattr(self, k) is not None)
+
+    @property
+    def check(self) -> probe_kinds.KindConfig:
+        """The config of its one kind."""
+        return getattr(self, self.kind)
+
+    def templates(self):
+        """(key, text) of every string of it the {placeholders} are filled into."""
+        for key, text in self.check.templates():
+            yield f"{self.kind}.{key}", text
+
+
+# One optional field per registered kind, named as the kind: the mesh file's shape
+# (liveness = { tcp = {...} }) is the model's, and errors name the file's keys
+# (liveness.tcp.port). A tagged union in one field would put that field in every path.
+Probe = create_model("Probe", __base__=_ProbeTiming, __module__=__name__,
+                     **{k.name: (k.config | None, None) for k in probe_kinds.kinds()})
+Probe.__doc__ = _ProbeTiming.__doc__
 
 
 PLACEHOLDERS = ("port", "python", "home", "name", "state", "config_dir")  # ServiceSpec.values
@@ -257,11 +253,9 @@ class ServiceSpec(_Strict):
             yield "cwd", self.cwd
         for use in ("liveness", "readiness", "startup"):
             probe = getattr(self, use)
-            if probe is not None and probe.http is not None and probe.http.url:
-                yield f"{use}.http.url", probe.http.url
-            if probe is not None and probe.exec is not None:
-                for i, part in enumerate(probe.exec.command):
-                    yield f"{use}.exec.command[{i}]", part
+            if probe is not None:
+                for key, text in probe.templates():
+                    yield f"{use}.{key}", text
 
     @property
     def is_agent(self) -> bool:

@@ -1,6 +1,6 @@
 """Probes of programs that do not beat, as Kubernetes has them.
 
-A probe is one kind from the registry in services/daemon/probe_kinds (one module each):
+A probe is one kind from the registry in common/probe_kinds (one module each):
 ``http`` (a status in range), ``tcp`` (connect, optionally send and expect: redis
 PING/+PONG), ``exec`` (a command that exits 0: pg_isready) or ``grpc`` (the gRPC health
 service answers SERVING). Three uses:
@@ -38,8 +38,8 @@ from common.http import MeshClient
 from common.models import Reason
 from common.monitor import Monitor
 from common.states import ServiceState
-from services.daemon import probe_kinds
-from services.daemon.probe_kinds import ProbeContext, ProbeResult
+from common import probe_kinds
+from common.probe_kinds import ProbeContext, ProbeResult
 from services.daemon.sockdiag import listening_inodes
 from common.processes import tree_of
 from services.daemon.supervisor import Service, Supervisor

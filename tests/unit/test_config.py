@@ -66,7 +66,7 @@ def test_probes_of_every_kind(probe, kind):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"liveness": {"interval": 1.0}}, "exactly one of http, tcp, exec (this one has none)"),
+    ({"liveness": {"interval": 1.0}}, "exactly one of http, tcp, exec, grpc (this one has none)"),
     ({"liveness": {"url": "http://x/", "tcp": {}}}, "exactly one of http, tcp, exec"),
     ({"stop_signal": "SIGWHATEVER"}, "services.s.stop_signal"),
     ({"user": "no-such-user-here"}, "no such user 'no-such-user-here'"),

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from common.config import ConfigError, Probe, parse_mesh
 from common.http import MeshClient
-from services.daemon import probe_kinds
-from services.daemon.probe_kinds import KindConfig, ProbeKind, ProbeResult
+from common import probe_kinds
+from common.probe_kinds import KindConfig, ProbeKind, ProbeResult
 from services.daemon.probes import ProbeChecks
 from services.daemon.supervisor import Service
 from tests.harness import REPO, wait_for

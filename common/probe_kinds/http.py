@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from services.daemon.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+from common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
 
 if TYPE_CHECKING:
     from services.daemon.supervisor import Service

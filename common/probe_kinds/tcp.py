@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from pydantic import Field
 
-from services.daemon.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+from common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
 
 if TYPE_CHECKING:
     from services.daemon.supervisor import Service

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from pydantic import Field
 
-from services.daemon.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+from common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
 
 if TYPE_CHECKING:
     from services.daemon.supervisor import Service

@@ -12,7 +12,7 @@ RESULTS := benchmarks/results
 # loudly that they are skipped and why.
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx-light pg_isready:postgresql-15 chromium:chromium
 
-.PHONY: up down status test unit integration bench clean system-deps vendor-ui
+.PHONY: up down status test unit integration bench clean system-deps vendor-ui lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,13 @@ system-deps:
 # slower: 11.3 min against 10.3). loadfile keeps a file's tests (and its module-scoped mesh,
 # browser or Ray cluster) on one worker.
 TEST_WORKERS ?= 3
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# pyflakes and pycodestyle (pyproject's [tool.ruff]): an unused import or a name that does
+# not exist fails `make test` before any test runs.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -352,7 +352,11 @@ class Agent:
         await self.sdks_ready()
         while True:
             provider = task.provider or self.provider
-            answer = await self._desk("acquire", task, provider)
+            task.waiting += 1  # a wait in the governor's queue (a rate limit, a probe out) is no runaway
+            try:
+                answer = await self._desk("acquire", task, provider)
+            finally:
+                task.waiting -= 1
             if answer is not None and answer.get("action") != "go":
                 await self._follow(task, answer, portable=portable)
                 continue
@@ -372,8 +376,10 @@ class Agent:
             usage = self._usage(task, provider, reply, started)
             if failure is None:
                 limits = getattr(reply, "limits", None) or {}
-                if governed:  # (without the daemon the call still counts: its usage is not recorded)
+                if governed:
                     await self._desk("outcome", task, provider, ok=True, usage=usage, limits=limits)
+                elif usage:  # not admitted (the daemon refused or was away): its usage still counts, if it can be told
+                    self._bg_task(self._desk("outcome", task, provider, ok=True, usage=usage, admitted=False))
                 return result
             log.warning("provider failure: %s", failure.reason,
                         extra={"task": task.id, "provider": failure.provider, "reason": failure.reason})
@@ -390,10 +396,10 @@ class Agent:
         too), for the registry's llm_usage row and its cost."""
         if reply is None:
             return None
-        return {"provider": provider, "model": reply.model or "unknown", "input_tokens": reply.input_tokens,
+        return {"provider": provider, "model": (reply.model or "unknown")[:128], "input_tokens": reply.input_tokens,
                 "output_tokens": reply.output_tokens, "cache_read_tokens": reply.cache_read_tokens,
                 "cache_write_tokens": reply.cache_write_tokens,
-                "duration_ms": round((time.monotonic() - started) * 1000, 3), "step": task.progress}
+                "duration_ms": round((time.monotonic() - started) * 1000, 3), "step": (task.progress or "")[:128] or None}
 
     async def _desk(self, verb: str, task: Task, provider: str, **outcome) -> dict | None:
         """One request to the daemon's provider desk; None when it cannot be reached."""

@@ -281,6 +281,7 @@ class Park:
     case: str
     reason: str
     kind: Literal["providers", "budget_exceeded", "awaiting_operator"] = "providers"
+    restart: Restart | None = None  # a held task's service still comes back (the process path)
 
 
 @dataclass(frozen=True)
@@ -448,11 +449,11 @@ class Situation:
         if not self.view.top:
             return Escalate(case=case, reason=reason, restart=restart)
         decision = self.top_decision(reason)
-        if isinstance(decision, (SwitchProvider, Park)):
+        if isinstance(decision, SwitchProvider):
             # At once, whatever the unstable streak: the failures that built it were the old
-            # provider's, and switches are bounded per task (max_provider_switches). A task
-            # parked for an operator is held; its service comes back through its own lifecycle.
+            # provider's, and switches are bounded per task (max_provider_switches).
             return decision
+        # A failure for good, or the task held for an operator: the service comes back either way.
         return replace(decision, restart=restart)
 
 

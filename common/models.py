@@ -6,10 +6,11 @@ Bodies are parsed strictly (unknown keys rejected, sizes bounded) so that bad in
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 # Names and ids start with a letter or digit: never "." or "..", which a URL would resolve.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -257,10 +258,10 @@ class Usage(Msg):
 
     provider: Provider
     model: str = Field(min_length=1, max_length=128)
-    input_tokens: int = Field(0, ge=0, le=10**9)
-    output_tokens: int = Field(0, ge=0, le=10**9)
-    cache_read_tokens: int = Field(0, ge=0, le=10**9)
-    cache_write_tokens: int = Field(0, ge=0, le=10**9)
+    input_tokens: int = Field(0, ge=0, le=10**8)  # four of them still sum below 2**31 (an INTEGER column)
+    output_tokens: int = Field(0, ge=0, le=10**8)
+    cache_read_tokens: int = Field(0, ge=0, le=10**8)
+    cache_write_tokens: int = Field(0, ge=0, le=10**8)
     duration_ms: float | None = Field(None, ge=0)
     step: str | None = Field(None, max_length=128)  # the task's progress marker during the call
 
@@ -288,6 +289,14 @@ class ProviderOutcome(Msg):
     tokens: int = Field(0, ge=0)
     limits: dict[str, float] = {}
     failure: dict[str, Any] | None = None
+
+    @field_validator("failure")
+    @classmethod
+    def _small_failure(cls, failure: dict | None) -> dict | None:
+        # It lands in retry rows and events: a classified failure is a few fields, not a document.
+        if failure is not None and len(json.dumps(failure, default=str)) > 8192:
+            raise ValueError("a failure is at most 8 KiB of JSON (reason, retryable, status, message, ...)")
+        return failure
 
 
 class ParkRequest(Msg):

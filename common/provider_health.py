@@ -102,6 +102,7 @@ class Board:
         self.config = config
         self.providers: dict[str, Health] = {n: self._new(n, now) for n in (names or config.chain)}
         self.timeout = config.timeout
+        self.unannounced: list[Change] = []  # what tick() changed, whoever called it, until take()
 
     def _new(self, name: str, now: float) -> Health:
         return Health(name, since=now, window=self.config.start_window or None)
@@ -136,6 +137,12 @@ class Board:
         for h in self.providers.values():
             if h.state == ProviderState.OPEN and h.kind != "drained" and h.until is not None and now >= h.until:
                 changes.append(self._to(h, ProviderState.HALF_OPEN, now, f"{h.reason}; probing"))
+        self.unannounced += changes  # a read that ticked must not swallow the transition
+        return changes
+
+    def take(self) -> list[Change]:
+        """The transitions tick() made since the last take(), for the events and metrics."""
+        changes, self.unannounced = self.unannounced, []
         return changes
 
     def state(self, name: str, now: float) -> ProviderState:

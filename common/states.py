@@ -32,6 +32,7 @@ Task (a unit of work; bounded attempts, it always ends):
     ESCALATED -> PARKED                 (the human rung: it waits for an operator before failing for good)
     PARKED -> RUNNING                   (a provider is usable again: it goes on where it was)
     PARKED -> ASSIGNED | FAILED | CANCELLED | DONE   (its agent restarted; park_max; an operator)
+    PARKED -> ESCALATED                 (its agent died and the failure climbs)
     FAILED | CANCELLED -> ASSIGNED      (an operator retries it)
 """
 
@@ -152,7 +153,7 @@ SESSION = Machine("session", {
 TASK = Machine("task", {
     T.ASSIGNED: {T.ASSIGNED, T.RUNNING, T.ESCALATED, T.PARKED, T.DONE, T.FAILED, T.CANCELLED},
     T.RUNNING: {T.ASSIGNED, T.ESCALATED, T.PARKED, T.DONE, T.FAILED, T.CANCELLED},
-    T.PARKED: {T.RUNNING, T.ASSIGNED, T.DONE, T.FAILED, T.CANCELLED},
+    T.PARKED: {T.RUNNING, T.ASSIGNED, T.ESCALATED, T.DONE, T.FAILED, T.CANCELLED},
     T.ESCALATED: {T.ASSIGNED, T.PARKED, T.FAILED, T.CANCELLED},
     T.FAILED: {T.ASSIGNED},
     T.CANCELLED: {T.ASSIGNED},
@@ -193,6 +194,11 @@ LIVE_TASK_STATES = frozenset({T.ASSIGNED, T.RUNNING, T.PARKED, T.ESCALATED})
 FINAL_TASK_STATES = frozenset({T.DONE, T.FAILED, T.CANCELLED})
 OPEN_SESSION_STATES = frozenset({Se.INTENT, Se.STARTING, Se.RUNNING})
 OPEN_ALERT_STATES = frozenset({A.PENDING, A.DELIVERED, A.UNDELIVERABLE})
+
+
+# A task parked for its budget or for an operator waits for people: an agent's restart does
+# not hand it to the next incarnation (only `tron run budget` / `tron task approve` do).
+PEOPLE_PARKS = ("budget_exceeded", "awaiting_operator")
 
 
 def sql_in(states) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from common.clock import Clock
 from common.redaction import redact, redact_json
-from common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, RUN, SESSION, TASK, AlertState,
+from common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, PEOPLE_PARKS, RUN, SESSION, TASK, AlertState,
                            LaneState, RetryType, RunState, SessionState, TaskState)
 from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, Stamps, content_hash
 
@@ -230,18 +230,19 @@ class MemoryStore(Stamps):
             "lease_incarnation": None, "held_since": None}, event={"reason": reason})
         return before is not None and before["status"] in LIVE_TASK_STATES
 
-    def _tasks_of(self, agent: str, states) -> list[dict]:
-        rows = [t for t in self.tasks_.values() if t["agent"] == agent and t["status"] in states]
+    def _tasks_of(self, agent: str, states, *, people_parks: bool = True) -> list[dict]:
+        rows = [t for t in self.tasks_.values() if t["agent"] == agent and t["status"] in states
+                and (people_parks or not (t["status"] == TaskState.PARKED and t.get("parked_reason") in PEOPLE_PARKS))]
         return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
 
     async def open_tasks(self, agent: str) -> list[dict]:
-        return self._tasks_of(agent, OPEN_TASK_STATES)
+        return self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False)
 
     async def live_tasks(self, agent: str) -> list[dict]:
         return self._tasks_of(agent, LIVE_TASK_STATES)
 
     async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[dict]:
-        for t in self._tasks_of(agent, OPEN_TASK_STATES):
+        for t in self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False):
             sets: dict[str, Any] = {"lease_incarnation": None}
             if provider:
                 sets["provider"] = provider
@@ -259,8 +260,10 @@ class MemoryStore(Stamps):
             sets["provider"] = provider
         return self._task_to(task_id, TaskState.ASSIGNED, sets, event={"provider": provider}) is not None
 
-    async def park_task(self, task_id: str, reason: str, kind: str = "providers") -> bool:
-        return self._task_to(task_id, TaskState.PARKED, {"held_since": self._mono(), "parked_reason": kind},
+    async def park_task(self, task_id: str, reason: str, kind: str = "providers",
+                        lease: str | None = None) -> bool:
+        return self._task_to(task_id, TaskState.PARKED, {"held_since": self._mono(), "parked_reason": kind,
+                                                        "lease_incarnation": lease},
                              event={"reason": reason, "kind": kind}) is not None
 
     async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:

@@ -196,7 +196,8 @@ class Store(Protocol):
         ...
 
     @write
-    async def park_task(self, task_id: str, reason: str, kind: str = "providers") -> bool:
+    async def park_task(self, task_id: str, reason: str, kind: str = "providers",
+                        lease: str | None = None) -> bool:
         ...
 
     @write

@@ -68,8 +68,10 @@ def retries_over_ceiling(conn, max_restarts: int, max_switches: int) -> Check:
     ceiling = 1 + max_restarts + max_switches
     rows = _rows(conn, """
         SELECT t.task_id, t.attempt,
-               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.retry_type = 'child_restart') AS restarts,
-               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.retry_type = 'llm_change') AS switches,
+               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id
+                AND h.retry_type IN ('child_restart', 'provider_retry')) AS restarts,
+               (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id
+                AND h.retry_type = 'llm_change') AS switches,
                (SELECT COUNT(*) FROM retry_history h WHERE h.task_id = t.task_id AND h.decided_by = 'operator')
              + (SELECT COUNT(*) FROM events e WHERE e.task_id = t.task_id AND e.kind = 'task_requeued'
                 AND e.payload LIKE '%reopened_by%') AS manual

@@ -414,7 +414,7 @@ MIGRATIONS.append((
     CREATE INDEX llm_usage_task ON llm_usage(task_id);
     CREATE INDEX llm_usage_agent_mono ON llm_usage(agent, mono);
     ALTER TABLE runs ADD COLUMN budget_usd REAL;
-    ALTER TABLE runs ADD COLUMN budget_tokens INTEGER;
+    ALTER TABLE runs ADD COLUMN budget_tokens BIGINT;
     ALTER TABLE tasks ADD COLUMN parked_reason TEXT;
     """,
 ))

@@ -20,13 +20,15 @@ from typing import Any
 
 from common.clock import Clock, MonotonicClock, utc_iso
 from common.redaction import redact, redact_json
-from common.states import (ALERT, LANE, RUN, SESSION, TASK, AlertState, LaneState, LIVE_TASK_STATES,
+from common.states import (ALERT, LANE, PEOPLE_PARKS, RUN, SESSION, TASK, AlertState, LaneState, LIVE_TASK_STATES,
                            OPEN_TASK_STATES, RetryType, RunState, SessionState, TaskState, sql_in)
 from registry.db import Db
 
 log = logging.getLogger("tron.registry")
 
 # Which failure_metrics counter each kind of ladder row moves (operator restarts are not failures).
+# An open task an incarnation works on (or is handed): not one parked for people (states.PEOPLE_PARKS).
+_NOT_PEOPLE_PARK = f"NOT (status = '{TaskState.PARKED}' AND COALESCE(parked_reason, '') IN {sql_in(PEOPLE_PARKS)})"
 METRIC = {RetryType.CHILD_RESTART: "restarts", RetryType.ESCALATION: "escalations",
           RetryType.LLM_CHANGE: "provider_switches", RetryType.PERMANENT_FAILURE: "permanent_failures",
           RetryType.PROVIDER_RETRY: "provider_retries"}
@@ -300,7 +302,7 @@ class SqlStore(Stamps):
 
     async def open_tasks(self, agent: str) -> list[dict]:
         return await self.db.all(f"SELECT * FROM tasks WHERE agent = ? AND status IN {sql_in(OPEN_TASK_STATES)} "
-                                 "ORDER BY created_at", (agent,))
+                                 f"AND {_NOT_PEOPLE_PARK} ORDER BY created_at", (agent,))
 
     async def live_tasks(self, agent: str) -> list[dict]:
         return await self.db.all(f"SELECT * FROM tasks WHERE agent = ? AND status IN {sql_in(LIVE_TASK_STATES)} "
@@ -310,7 +312,7 @@ class SqlStore(Stamps):
         """A new incarnation takes over: each open task is one attempt further on."""
         async with self.db.transaction() as tx:
             for row in await tx.all(f"SELECT task_id FROM tasks WHERE agent = ? AND status IN "
-                                    f"{sql_in(OPEN_TASK_STATES)}", (agent,)):
+                                    f"{sql_in(OPEN_TASK_STATES)} AND {_NOT_PEOPLE_PARK}", (agent,)):
                 sets = {"lease_incarnation": None}
                 if provider:
                     sets["provider"] = provider
@@ -335,12 +337,14 @@ class SqlStore(Stamps):
             return await self._task_to(tx, task_id, TaskState.ASSIGNED, sets,
                                        event={"provider": provider}) is not None
 
-    async def park_task(self, task_id: str, reason: str, kind: str = "providers") -> bool:
+    async def park_task(self, task_id: str, reason: str, kind: str = "providers",
+                        lease: str | None = None) -> bool:
         """The task waits (every provider down, its budget spent, or for an operator), at its
-        checkpoint: no attempt is spent meanwhile. ``kind`` says what it waits for."""
+        checkpoint: no attempt is spent meanwhile. ``kind`` says what it waits for; ``lease``,
+        the incarnation that waits with it (None: held by the top, nobody waits with it)."""
         async with self.db.transaction() as tx:
             return await self._task_to(tx, task_id, TaskState.PARKED,
-                                       {"held_since": self._mono(), "parked_reason": kind},
+                                       {"held_since": self._mono(), "parked_reason": kind, "lease_incarnation": lease},
                                        event={"reason": reason, "kind": kind}) is not None
 
     async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:

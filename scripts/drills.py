@@ -515,7 +515,8 @@ class Runner:
                        at=r["mono"])
         restarts = [r for r in rows if r["retry_type"] == "child_restart"]
         delays = [r["detail"].get("delay", 0.0) for r in restarts]
-        episodes = {r["alert_id"] for r in rows if r["retry_type"] == "escalation" and r["detail"].get("kind") == "crash_loop"}
+        episodes = {r["alert_id"] for r in rows
+                    if r["retry_type"] == "escalation" and r["detail"].get("kind") == "crash_loop"}
         drill.check(f"back after every one of {kills_wanted} kills", len(returns) == kills_wanted)
         drill.check(f"crash-looping by failure {self.policy.max_restarts} (was: {looping_at})",
                     looping_at is not None and looping_at <= self.policy.max_restarts)

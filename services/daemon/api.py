@@ -504,6 +504,8 @@ async def task_usage(request: web.Request) -> web.Response:
     task = await d.store.task(task_id)
     if task is None:
         return error(404, f"no task {task_id!r}")
+    if task["agent"] != rep.service:
+        return error(403, f"task {task_id} is {task['agent']}'s: {rep.service} reports only its own calls")
     row = await d.spend.record(rep, agent=rep.service, incarnation=rep.incarnation, task=task, ok=True, source="agent")
     return web.json_response({"status": "recorded", "cost_usd": row["cost_usd"], "priced": bool(row["priced"])})
 

@@ -20,7 +20,7 @@ from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, Ladde
                            ServiceView, SwitchProvider, TaskView, decide, unstable_streak)
 from common.lanes import Fingerprint
 from common.models import EscalationRecord, ParkRequest, PermanentFailure, RestartRequest, SwitchRequest
-from common.states import AlertState, RetryType, TaskState
+from common.states import FINAL_TASK_STATES, AlertState, RetryType, TaskState
 from registry.protocol import Store
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.supervisor import Supervisor, top_of
@@ -219,6 +219,8 @@ class Carrier:
         task = await self.store.task(rec.task_id)
         if task is None:
             return {"status": "refused", "why": f"no task {rec.task_id!r}"}
+        if task["status"] in FINAL_TASK_STATES:  # another path ended it first: one end, one row
+            return {"status": "duplicate", "why": f"task {rec.task_id} is {task['status']} already"}
         history = await self.store.task_history(rec.task_id)
         signals = sorted({(r["detail"] or {}).get("detected_by") or r["reason"] for r in history
                           if r["retry_type"] in (RetryType.CHILD_RESTART, RetryType.ESCALATION)})
@@ -241,7 +243,9 @@ class Carrier:
                                               "reason": rec.reason, "failure": failure})
         await self.ledger.fail_permanently(task, failure, decided_by=rec.requested_by)
         lane = None
-        if self.breaker is not None:
+        # An operator's decision, or a wait for people that nobody answered, is no way of
+        # failing that the next task would repeat: it trips no lane.
+        if self.breaker is not None and rec.decided_by != "operator" and rec.case != "operator_timeout":
             last = next((r for r in reversed(history) if r["retry_type"] != RetryType.LLM_CHANGE), None)
             failure_class = rec.detail.get("failure_class") or \
                 ((last or {}).get("detail") or {}).get("detected_by") or rec.reason

@@ -57,13 +57,15 @@ class ProviderDesk:
         self.board = Board(config.providers, names, now=clock.now())
         self._changed = asyncio.Event()
         self.parked: dict[str, tuple[str, str]] = {}  # task id -> (its service, what it waits for)
+        self.park_started: dict[str, float] = {}  # task id -> when its current wait began
         for name in names:
             self.metrics.provider_state.labels(provider=name).set(0)
 
     # -- changes ------------------------------------------------------------------------------
 
     async def announce(self, changes: list[Change], *, by: str = "health") -> None:
-        """Record and publish what changed; wake every waiter."""
+        """Record and publish what changed (and what a tick changed meanwhile); wake every waiter."""
+        changes = self.board.take() + list(changes)
         for c in changes:
             self.metrics.provider_state.labels(provider=c.provider).set(STATE_VALUE[c.new])
             kind = {ProviderState.OPEN: "provider_opened", ProviderState.CLOSED: "provider_closed",
@@ -100,7 +102,8 @@ class ProviderDesk:
     async def tick(self) -> None:
         """Once a second (the housekeeping loop): cooldowns that ended become probes; held
         parked tasks are looked at."""
-        await self.announce(self.board.tick(self.clock.now()))
+        self.board.tick(self.clock.now())
+        await self.announce([])
         await self.tick_held()
 
     # -- what the ladder sees -----------------------------------------------------------------------
@@ -138,7 +141,8 @@ class ProviderDesk:
         deadline = self.clock.now() + LONG_POLL
         while True:
             now = self.clock.now()
-            await self.announce(self.board.tick(now))
+            self.board.tick(now)
+            await self.announce([])
             live = self._live()
             self.board.drop_holders(lambda holder: bool(holder) and holder not in live)
             grant = self.board.acquire(req.provider, now, req.incarnation)
@@ -164,6 +168,7 @@ class ProviderDesk:
             self._wake()
             return {"action": "done"}
         if out.ok:
+            self.park_started.pop(out.task_id or "", None)
             tokens = out.tokens or (out.usage.input_tokens + out.usage.output_tokens if out.usage else 0)
             await self.announce(self.board.succeeded(out.provider, now, tokens=tokens, limits=out.limits,
                                                      admitted=out.admitted, holder=out.incarnation))
@@ -174,7 +179,11 @@ class ProviderDesk:
         retryable = bool(failure.get("retryable", True)) and reason not in REQUEST_REASONS
         retry_after = failure.get("retry_after")
         retry_after = float(retry_after) if isinstance(retry_after, (int, float)) and retry_after >= 0 else None
-        if retryable:
+        # An exception the SDK layer could not name (unexpected_error:TypeError) is as likely the
+        # agent's own bug as the provider's: the ladder still bounds the task's tries, but it
+        # does not count against the provider's health for the whole mesh.
+        says_provider = not reason.startswith("unexpected_error")
+        if retryable and says_provider:
             changes = self.board.failed(out.provider, now, reason=reason, retry_after=retry_after,
                                         limits=failure.get("limits") or out.limits, error=failure,
                                         admitted=out.admitted, holder=out.incarnation)
@@ -227,17 +236,23 @@ class ProviderDesk:
             await self._set_provider(svc, d.to_provider)
             return {"action": "switch", "case": d.case, "provider": d.to_provider, "delay": d.delay}
         if isinstance(d, Park):
-            return await self.park_here(d, event.service, task, requested_by=event.service)
+            return await self.park_here(d, event.service, task, requested_by=event.service,
+                                        incarnation=event.incarnation)
         if isinstance(d, Fail):
             answer = await self.fail(event, d, detail=row_detail)
             return {"action": "fail", "case": d.case, "reason": d.reason, "recorded": answer.get("status")}
         raise AssertionError(f"a provider failure cannot be decided as {d!r}")
 
-    async def park_here(self, d: Park, service: str, task: dict | None, *, requested_by: str) -> dict:
+    async def park_here(self, d: Park, service: str, task: dict | None, *, requested_by: str,
+                        incarnation: str) -> dict:
         """The task waits in its agent (which polls ``park``) for what ``d.kind`` names."""
         if task is None:
             return {"action": "abandon", "why": "no task to park"}
-        if await self.store.park_task(task["task_id"], d.reason, d.kind):
+        self.approvals.pop(task["task_id"], None)  # an answer to an earlier wait is no answer to this one
+        # park_max counts from the first park of an outage: a probe that fails and parks the
+        # task again does not start the clock over (it stops at the task's next good call).
+        self.park_started.setdefault(task["task_id"], self.clock.now())
+        if await self.store.park_task(task["task_id"], d.reason, d.kind, lease=incarnation):
             self.metrics.tasks_parked.inc()
             log.error("task parked", extra={"offender": service, "task": task["task_id"], "reason": d.reason,
                                             "kind": d.kind})
@@ -268,11 +283,14 @@ class ProviderDesk:
                           spend=await self.spend.view(req.service, task, run))
         d = decide(CallAsked(new_id("c-"), req.service, req.task_id), view, view.now, view.policy)
         if isinstance(d, Park):
-            return await self.park_here(d, req.service, task, requested_by=req.service)
+            return await self.park_here(d, req.service, task, requested_by=req.service,
+                                        incarnation=req.incarnation)
         return None
 
     async def fail(self, event: ProviderFailed, d: Fail, *, detail: dict) -> dict:
         self.parked.pop(event.task_id or "", None)
+        self.park_started.pop(event.task_id or "", None)
+        self.approvals.pop(event.task_id or "", None)
         chain_down = d.case in ("all_providers_down", "park_expired")
         return await self.carrier.fail(PermanentFailure(
             alert_id=event.key, service=event.service, task_id=event.task_id, reason=d.reason[:128], case=d.case,
@@ -293,8 +311,11 @@ class ProviderDesk:
         parked), or ``park`` again after the long poll."""
         deadline = self.clock.now() + LONG_POLL
         while True:
-            await self.announce(self.board.tick(self.clock.now()))
+            self.board.tick(self.clock.now())
+            await self.announce([])
             task = await self.store.task(req.task_id) if req.task_id else None
+            if task is not None and task["agent"] != req.service:
+                return {"action": "abandon", "why": f"task {req.task_id} is {task['agent']}'s, not {req.service}'s"}
             event, view = await self.park_view(req.service, task, req.task_id or "-")
             now = view.now
             d = decide(event, view, view.now, view.policy)
@@ -322,7 +343,7 @@ class ProviderDesk:
     async def park_view(self, service: str, task: dict | None, task_id: str) -> tuple[ParkCheck, LadderView]:
         """A parked task as the ladder sees it: what it waits for, for how long, and the
         state of that (providers, its spend, an operator's answer)."""
-        since = task.get("held_since") if task else None
+        since = self.park_started.get(task_id, task.get("held_since") if task else None)
         now = self.clock.now()
         kind = (task or {}).get("parked_reason") or "providers"
         event = ParkCheck(new_id("pk-"), service, task_id, now - since if isinstance(since, (int, float)) else 0.0,
@@ -353,13 +374,10 @@ class ProviderDesk:
             event, view = await self.park_view(task["agent"], task, task["task_id"])
             d = decide(event, view, view.now, view.policy)
             if isinstance(d, Fail):
-                self.approvals.pop(task["task_id"], None)
-                self.parked.pop(task["task_id"], None)
-                await self.carrier.fail(PermanentFailure(
-                    alert_id=event.key, service=task["agent"], task_id=task["task_id"], reason=d.reason[:128],
-                    case=d.case,
-                    detail={"parked_for": round(event.parked_for, 3), "last_reason": d.reason},
-                    decided_by="policy", requested_by=DAEMON))
+                await self.fail(ProviderFailed(event.key, task["agent"], task["lease_incarnation"] or "-",
+                                               task.get("provider") or self.config.providers.default, d.reason,
+                                               True, None, task["task_id"]), d,
+                                detail={"parked_for": round(event.parked_for, 3)})
             elif isinstance(d, Resume):
                 await self._resume_held(task, d)
 
@@ -368,6 +386,7 @@ class ProviderDesk:
         and handed to the current incarnation (or the next one)."""
         self.approvals.pop(task["task_id"], None)
         self.parked.pop(task["task_id"], None)
+        self.park_started.pop(task["task_id"], None)
         svc = self.sup[task["agent"]]
         if not await self.store.release_task(task["task_id"], d.provider):
             return

@@ -11,6 +11,7 @@ restart), and per service over a sliding hour.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict, deque
 
@@ -40,6 +41,9 @@ class Spend:
         self._runs: OrderedDict[str, list] = OrderedDict()
         self._services: dict[str, deque] = {}  # name -> (mono, usd, tokens) of the last hour
         self._unpriced: set[str] = set()
+        # Writing a row and loading or moving the totals is one step: a first read of a run's
+        # total (which includes every row written) must not race another row's increment.
+        self._lock = asyncio.Lock()
 
     def cost(self, u: Usage) -> tuple[float, bool]:
         """(USD, priced): an unpriced model costs 0 here and says so, never a guess."""
@@ -61,6 +65,12 @@ class Spend:
         """One call's row, its cost, the totals and the metrics."""
         usd, priced = self.cost(u)
         tokens = u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens
+        async with self._lock:
+            return await self._record(u, usd, priced, tokens, agent=agent, incarnation=incarnation, task=task,
+                                      ok=ok, source=source)
+
+    async def _record(self, u: Usage, usd: float, priced: bool, tokens: int, *, agent: str, incarnation: str | None,
+                      task: dict | None, ok: bool, source: str) -> dict:
         row = await self.store.record_usage({
             "run_id": task["run_id"] if task else None, "task_id": task["task_id"] if task else None,
             "agent": agent, "incarnation": incarnation, "provider": u.provider, "model": u.model, "step": u.step,
@@ -123,8 +133,9 @@ class Spend:
     async def view(self, agent: str, task: dict | None, run: dict | None) -> SpendView:
         """What the task, its run and its service (this hour) have spent, and their limits."""
         b = self.config.budgets
-        t = await self._total(self._tasks, task["task_id"], task_id=task["task_id"]) if task else [0.0, 0]
-        r = await self._total(self._runs, task["run_id"], run_id=task["run_id"]) if task else [0.0, 0]
+        async with self._lock:
+            t = list(await self._total(self._tasks, task["task_id"], task_id=task["task_id"])) if task else [0.0, 0]
+            r = list(await self._total(self._runs, task["run_id"], run_id=task["run_id"])) if task else [0.0, 0]
         window = self._window(agent)
         run_usd = run.get("budget_usd") if run and run.get("budget_usd") is not None else b.run_usd
         run_tokens = run.get("budget_tokens") if run and run.get("budget_tokens") is not None else b.run_tokens

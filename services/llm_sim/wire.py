@@ -165,8 +165,9 @@ def rate_limit_headers(provider: str, retry_after_ms: int, wall_now: float) -> d
 
 
 def limit_headers(provider: str, pstate: ProviderState, wall_now: float) -> dict[str, str]:
-    """The rate-limit headers of a success: the limits of SUCCESS_LIMITS per minute, what is left of them in the current minute (this provider's requests and
-    the tokens its answers reported), and when the minute ends."""
+    """The rate-limit headers of a success: the limits of SUCCESS_LIMITS per minute, what is
+    left of them in the current minute (this provider's requests and the tokens its answers
+    reported), and when the minute ends."""
     if provider not in ("anthropic", "openai"):
         return {}
     minute = int(wall_now // 60)

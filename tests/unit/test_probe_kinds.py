@@ -5,7 +5,6 @@ and the moved checks keeping their behaviour (messages, no token, the exec tree 
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 

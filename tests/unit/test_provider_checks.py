@@ -111,7 +111,8 @@ def _responses(*output, status="completed", incomplete=None) -> Response:
         "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "status": status,
         "incomplete_details": {"reason": incomplete} if incomplete else None,
         "usage": {"input_tokens": 4, "output_tokens": 6, "total_tokens": 10,
-                  "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}})
+                  "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}}})
 
 
 def _function_call(name, arguments):

@@ -9,7 +9,7 @@ from common.provider_health import Board
 from common.states import IllegalTransition, ProviderState
 
 C = ProviderState.CLOSED
-O = ProviderState.OPEN
+O = ProviderState.OPEN  # noqa: E741 - the three states, one letter each, as in the tables
 H = ProviderState.HALF_OPEN
 
 
@@ -209,3 +209,12 @@ def test_an_outcome_releases_its_own_holders_call():
     b.acquire("anthropic", 0.0, "i-2")
     b.succeeded("anthropic", 0.1, holder="i-2")
     assert [p[0] for p in b["anthropic"].permits] == ["i-1"]
+
+
+def test_a_read_that_ticks_keeps_the_transition_for_the_events():
+    b = board(fail_threshold=1, cooldown=1.0)
+    fail(b, 0.0)
+    assert b.state("anthropic", 2.0) == H  # a read (GET /providers, a view) found the cooldown over
+    [change] = b.take()
+    assert (change.old, change.new) == (O, H)
+    assert b.take() == []

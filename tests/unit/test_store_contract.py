@@ -292,3 +292,17 @@ async def test_usage_rows_are_listed_newest_first(store):
     rows = await store.usage(run_id="r-1", limit=2)
     assert [r["step"] for r in rows] == ["step:2", "step:1"]
     assert await store.usage(agent="nobody") == []
+
+
+async def test_a_task_parked_for_people_is_not_handed_to_the_next_incarnation(store):
+    await run_with_task(store)
+    await store.task_progress("t-1", "i-1", "step:1")
+    assert await store.park_task("t-1", "budget_exceeded: run_usd 1 of 1", "budget_exceeded", lease="i-1")
+    assert (await store.task("t-1"))["lease_incarnation"] == "i-1"
+    assert await store.open_tasks("programmer-1") == []  # nothing to redispatch
+    assert await store.requeue_tasks("programmer-1") == []  # an agent restart does not release it
+    row = await store.task("t-1")
+    assert (row["status"], row["parked_reason"]) == (TaskState.PARKED, "budget_exceeded")
+    assert [t["task_id"] for t in await store.live_tasks("programmer-1")] == ["t-1"]  # still its, and live
+    assert await store.set_run_budget("r-1", None, 3_000_000_000)  # BIGINT on PostgreSQL
+    assert (await store.run("r-1"))["budget_tokens"] == 3_000_000_000

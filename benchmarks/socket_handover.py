@@ -263,7 +263,8 @@ def listen_queue(port: int) -> tuple[int, int] | None:
     """(connections waiting to be accepted, the listen backlog in force) of the listener on
     127.0.0.1:port, as ``ss`` reads them (Recv-Q, Send-Q of a LISTEN socket)."""
     try:
-        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=5, check=False).stdout
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=5,
+                             check=False).stdout
         cols = out.split()
         return int(cols[1]), int(cols[2])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -395,7 +396,8 @@ def backlog_lines(runs: list[dict]) -> list[str]:
             else "Tron backlog = 8 and uvicorn --backlog 8"
         out.append(f"- {who}: SIGSTOP for {r['pause']:g} s, {r['clients']} clients at once: "
                    f"{r['connected_while_stopped']} connected while stopped (accept queue "
-                   f"{'?' if q is None else f'{q[0]} of backlog {q[1]}'}), {r['waited_for_a_place']} waited for a place{spread}; "
+                   f"{'?' if q is None else f'{q[0]} of backlog {q[1]}'}), "
+                   f"{r['waited_for_a_place']} waited for a place{spread}; "
                    f"{r['answered']} answered, {r['refused']} refused, {r['failed']} failed; kernel "
                    f"ListenOverflows +{r['kernel_delta']['ListenOverflows']}; same pid after: {r['same_pid_after']}")
     return out

@@ -12,7 +12,7 @@ import re
 from typing import Any, Mapping
 
 REDACTED = "[REDACTED]"
-_SECRET_ENV_NAMES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OLLAMA_API_KEY")
+_SECRET_ENV_NAMES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OLLAMA_API_KEY", "OPENAI_API_KEY")
 _SECRET_ENV_PATTERN = re.compile(r"^TRON_\w*(TOKEN|KEY|SECRET)\w*$")
 _MIN_SECRET_LEN = 6  # shorter env values would redact ordinary words
 _KEY_PATTERNS = (
@@ -36,7 +36,7 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """`text` with anything that looks like an API key or token replaced by [REDACTED].
 
     Covers sk-ant-/sk- keys, Bearer tokens, `x-api-key: ...`-style pairs, and the
-    values of ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, OLLAMA_API_KEY and TRON_*TOKEN*/
+    values of ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, OLLAMA_API_KEY, OPENAI_API_KEY and TRON_*TOKEN*/
     *KEY*/*SECRET* environment variables (read from `env`, default os.environ).
     """
     for secret in _env_secrets(os.environ if env is None else env):

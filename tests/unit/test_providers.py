@@ -191,6 +191,7 @@ def test_settings_are_frozen_and_strict():
         ("token is hunter2hunter2", {"TRON_TOKEN": "hunter2hunter2"}, "token is [REDACTED]"),
         ("t=tok-987654", {"TRON_MESH_SECRET_KEY": "tok-987654"}, "t=[REDACTED]"),
         ("k=plainkeyvalue", {"ANTHROPIC_API_KEY": "plainkeyvalue"}, "k=[REDACTED]"),
+        ("vllm said local-key-42", {"OPENAI_API_KEY": "local-key-42"}, "vllm said [REDACTED]"),
         ("ANTHROPIC_API_KEY=foo123bar", {}, "ANTHROPIC_API_KEY=[REDACTED]"),
         ("auth_token=abcdef x", {}, "auth_token=[REDACTED] x"),
         ("X-Tron-Token: t0k3n", {}, "X-Tron-Token: [REDACTED]"),

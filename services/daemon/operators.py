@@ -30,6 +30,19 @@ SERVICE_VERBS = ("restart", "stop", "start", "pause", "resume")
 __all__ = ["Operators", "Refused", "SERVICE_VERBS"]
 
 
+def admit_restart(svc: Service) -> str:
+    """Admit one restart of the current incarnation (an operator's, or a task retry's): the
+    guard and the claim in one step, with no await between them. A second request for the
+    same incarnation is refused (409) naming the one admitted."""
+    if svc.replacing is not None:
+        raise Refused(409, f"{svc.name} is already being restarted ({svc.state})")
+    if svc.admitted is not None and svc.admitted[0] == svc.incarnation:
+        raise Refused(409, f"a restart of {svc.name} ({svc.incarnation}) was already admitted ({svc.admitted[1]})")
+    ref = new_id("op-")
+    svc.admitted = (svc.incarnation or "", ref)
+    return ref
+
+
 class Operators:
     def __init__(self, sup: Supervisor, store: Store, ledger: Ledger, audit: Audit, *, background) -> None:
         self.sup = sup
@@ -53,12 +66,10 @@ class Operators:
     async def _restart(self, svc: Service, *, actor: str, reason: str) -> dict:
         if svc.stopped or svc.state in (S.STOPPED, S.STOPPING):
             raise Refused(409, f"{svc.name} is stopped; `tron start {svc.name}` brings it back")
-        if svc.replacing is not None:
-            raise Refused(409, f"{svc.name} is already being restarted ({svc.state})")
         if self.sup.spawning_paused:
             raise Refused(409, "spawning is paused (`tron spawning resume`)")
+        ref = admit_restart(svc)  # no await between the guard and the claim: one admission
         tasks = await self.store.open_tasks(svc.name)
-        ref = new_id("op-")
         await self.store.record_retry(
             alert_id=ref, agent_id=svc.name, retry_type=RetryType.OPERATOR_RESTART, reason=reason,
             detail={"actor": actor, "state": str(svc.state)}, case="operator_restart",
@@ -72,6 +83,8 @@ class Operators:
     async def _stop(self, svc: Service, *, actor: str, reason: str) -> dict:
         if svc.stopped and svc.state == S.STOPPED:
             return {"status": "already_stopped"}
+        if svc.stopped:  # another stop is under way: one stop, one set of failed tasks
+            raise Refused(409, f"{svc.name} is already being stopped ({svc.state})")
         svc.stopped = True
         await self.store.set_agent(svc.name, stopped=True)
         await self.sup.stop(svc, reason=f"operator_stop:{reason}")

@@ -72,6 +72,9 @@ class Service:
     failed_at: float | None = None  # the failure not yet recovered from (recovery latency)
     failed_since: float | None = None  # when it entered FAILED (the watchdog's clock)
     replacing: str | None = None  # the incarnation a restart is already replacing
+    # The incarnation an operator's restart (or task retry) was admitted for: set in the same
+    # step as its guard, so ten concurrent requests admit one (a new incarnation clears it).
+    admitted: tuple[str, str] | None = None  # (incarnation, the admitting request's ref)
     stopped: bool = False  # an operator stopped it: nothing brings it back but `tron start`
     paused: bool = False  # an operator paused it: no new tasks, the running ones finish
     crash_looping: bool = False

@@ -28,6 +28,7 @@ from common.states import FINAL_TASK_STATES, LIVE_TASK_STATES, RetryType, RunSta
 from registry.store import content_hash
 from registry.protocol import Store
 from services.daemon.audit import Audit, Refused
+from services.daemon.operators import admit_restart
 from services.daemon.ledger import Ledger
 from services.daemon.supervisor import Supervisor, new_id
 
@@ -106,9 +107,9 @@ class TaskActions:
 
     async def _restart_with(self, task: dict, svc, *, actor: str, reason: str) -> dict:
         """A live task, a new attempt now: its agent replaced, the task going with it."""
+        ref = admit_restart(svc)  # one retry per incarnation, however many requests race
         if task["status"] == TaskState.ESCALATED:
             await self.store.release_task(task["task_id"], svc.provider)
-        ref = new_id("op-")
         await self.store.record_retry(
             alert_id=ref, agent_id=svc.name, retry_type=RetryType.OPERATOR_RESTART, reason=reason or "task_retry",
             detail={"actor": actor, "task": task["task_id"]}, case="operator_retry", task_id=task["task_id"],

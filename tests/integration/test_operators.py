@@ -173,3 +173,53 @@ def test_hard_reset_replays_the_verified_steps_and_resume_from_step_redoes_the_r
     assert [(a["what"], a["target"]) for a in audit] == [("task_hard_reset", reset_task),
                                                          ("task_resume", resumed_task)], audit
     assert all(a["outcome"] == "retrying" for a in audit), audit
+
+
+def _at_once(n: int, call) -> list:
+    """``n`` calls started together (a barrier), their answers in order."""
+    import threading
+
+    barrier = threading.Barrier(n)
+    answers: list = [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        answers[i] = call(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def test_ten_concurrent_restarts_and_retries_admit_one_each(mesh):
+    """Issue 20: an operator verb is admitted under its guard in one step. Ten restarts with
+    different request ids at once: one 202, nine 409 naming the one under way, one row."""
+    before = mesh.service("programmer-1")
+    url = mesh.url("daemon") + "/services/programmer-1/restart"
+    answers = _at_once(10, lambda i: mesh.http("POST", url, {"reason": f"race {i}", "request_id": f"race-r-{i}"}))
+    codes = sorted(code for code, _ in answers)
+    assert codes == [202] + [409] * 9, answers
+    assert all("already" in body["error"] for code, body in answers if code == 409), answers
+    mesh.wait_replaced("programmer-1", before["pid"])
+    rows = mesh.rows("SELECT * FROM retry_history WHERE agent_id = 'programmer-1' AND retry_type = 'operator_restart'")
+    assert len(rows) == 1, rows
+    # a live task retried ten times at once: one new attempt
+    fault(mesh, "anthropic", "latency", latency_ms=3000)
+    try:
+        code, body = submit(mesh)
+        assert code == 202
+        busy = wait_for(lambda: (s := mesh.service("programmer-2"))["task"] and s, 30, "programmer-2 busy")
+        task_url = mesh.url("daemon") + f"/tasks/{busy['task']}/retry"
+        answers = _at_once(10, lambda i: mesh.http("POST", task_url, {"reason": f"race {i}",
+                                                                       "request_id": f"race-t-{i}"}))
+        assert sorted(code for code, _ in answers) == [202] + [409] * 9, answers
+        mesh.wait_replaced("programmer-2", busy["pid"])
+        retried = mesh.rows("SELECT * FROM retry_history WHERE task_id = ? AND retry_type = 'operator_restart'",
+                            (busy["task"],))
+        assert len(retried) == 1, retried
+    finally:
+        mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    assert ended(mesh, body["run_id"])["status"] == "done"

@@ -6,10 +6,12 @@ not match what this code expects stops the start with a message that says what t
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from pathlib import Path
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 from common.states import AlertState, LaneState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
 
@@ -524,6 +526,114 @@ def check_columns(columns_of: Callable[[str], set[str]]) -> None:
         missing = columns - have
         if missing:
             raise RegistryError(f"registry schema: table {table} lacks columns {sorted(missing)}")
+
+
+# -- the exact schema: what a file must be before it becomes the registry ----------------------------
+# `verify` asks for the columns tron reads; a restored file must also hold nothing else. A
+# trigger or a view in a backup would run inside tron's own writes (an AFTER INSERT trigger
+# that deletes every alert passes every column check), so the whole of sqlite_master is
+# compared with what the migrations create on a fresh database.
+
+# The same DDL as `migrate` writes; test_backup checks a registry made by `migrate` matches.
+_SCHEMA_VERSION_DDL = ("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                       "description TEXT NOT NULL, applied_at TEXT NOT NULL)")
+# A quoted literal or name is kept as written; outside them, whitespace runs are one space and
+# none is kept around ( ) , -- so a schema reformatted in source still matches, and a CHECK
+# whose literal changed does not.
+_SQL_TOKENS = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\])|\s*([(),])\s*|\s+""")
+# Objects are reported worst first: a trigger or view acts, a table or index only holds.
+_KIND_ORDER = {"trigger": 0, "view": 1, "table": 2, "index": 3}
+
+
+def normal_sql(sql: str | None) -> str | None:
+    """A CREATE statement with its layout normalised (see _SQL_TOKENS); None stays None
+    (SQLite's automatic indexes have no SQL)."""
+    if sql is None:
+        return None
+    return _SQL_TOKENS.sub(lambda m: m.group(1) or m.group(2) or " ", sql.strip())
+
+
+def describe(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple]:
+    """Every object in ``sqlite_master``, keyed by (type, name): its table, its normalised
+    SQL, and as SQLite parsed it -- a table's columns and indexes, an index's columns. Names
+    go to the pragmas as parameters: they come from the file being checked."""
+    shape: dict[tuple[str, str], tuple] = {}
+    for kind, name, table, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
+        parsed: tuple = ()
+        if kind == "table":
+            parsed = (tuple(conn.execute("SELECT cid, name, type, \"notnull\", dflt_value, pk "
+                                         "FROM pragma_table_info(?)", (name,))),
+                      tuple(sorted(conn.execute("SELECT name, \"unique\", origin, partial "
+                                                "FROM pragma_index_list(?)", (name,)))))
+        elif kind == "index":
+            parsed = tuple(conn.execute("SELECT seqno, cid, name, \"desc\", coll, key "
+                                        "FROM pragma_index_xinfo(?)", (name,)))
+        shape[(kind, name)] = (table, normal_sql(sql), parsed)
+    return shape
+
+
+@functools.lru_cache(maxsize=None)
+def expected_schema(version: int = SCHEMA_VERSION) -> Mapping[tuple[str, str], tuple]:
+    """``describe`` of a fresh in-memory database taken through MIGRATIONS up to ``version``:
+    the schema a registry at that version has, and nothing else."""
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise ValueError(f"no schema version {version} (this tron knows 1..{SCHEMA_VERSION})")
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        conn.execute(_SCHEMA_VERSION_DDL)
+        for number, description, step in MIGRATIONS:
+            if number > version:
+                break
+            if callable(step):
+                step(conn)
+            else:
+                conn.executescript(step)
+            conn.execute("INSERT INTO schema_version VALUES (?, ?, '')", (number, description))
+        return MappingProxyType(describe(conn))  # cached: shared, so read-only
+    finally:
+        conn.close()
+
+
+def recorded_version(conn: sqlite3.Connection) -> int:
+    """The schema version a registry file records. Its ``schema_version`` rows must be the
+    integers 1..N with N at most SCHEMA_VERSION; anything else is a RegistryError saying which."""
+    try:
+        rows = conn.execute("SELECT version, typeof(version) FROM schema_version").fetchall()
+    except sqlite3.OperationalError as err:
+        raise RegistryError(f"registry schema: no schema_version table ({err})") from None
+    for value, kind in rows:
+        if kind != "integer":
+            raise RegistryError(f"registry schema: schema_version holds {value!r}, not a version number")
+    versions = sorted(value for value, _ in rows)
+    if not versions:
+        raise RegistryError("registry schema: schema_version is empty")
+    if versions[-1] > SCHEMA_VERSION:
+        raise RegistryError(f"registry schema version {versions[-1]} is newer than this code ({SCHEMA_VERSION}): "
+                            "upgrade tron")
+    if versions != list(range(1, versions[-1] + 1)):
+        raise RegistryError(f"registry schema: schema_version holds {versions}, not the versions 1..{versions[-1]}")
+    return versions[-1]
+
+
+def check_exact(conn: sqlite3.Connection, version: int) -> None:
+    """The file's schema is exactly what the migrations up to ``version`` create: no object
+    missing, none changed, none more. Raises RegistryError naming the first difference."""
+    have, want = describe(conn), expected_schema(version)
+    extra = sorted(have.keys() - want.keys(), key=lambda k: (_KIND_ORDER.get(k[0], -1), k[1]))
+    if extra:
+        kind, name = extra[0]
+        raise RegistryError(f"registry schema: {kind} {name} is not part of tron's schema (version {version}); "
+                            "a registry holds only what the migrations create")
+    missing = sorted(want.keys() - have.keys(), key=lambda k: (_KIND_ORDER[k[0]], k[1]))
+    if missing:
+        kind, name = missing[0]
+        raise RegistryError(f"registry schema: {kind} {name} is missing (version {version})")
+    for key in sorted(want, key=lambda k: (_KIND_ORDER[k[0]], k[1])):
+        if have[key] != want[key]:
+            kind, name = key
+            sql = have[key][1] or ""
+            raise RegistryError(f"registry schema: {kind} {name} differs from what the migrations create "
+                                f"(version {version}): {sql[:240]}")
 
 
 def open_and_prepare(path: Path) -> None:

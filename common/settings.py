@@ -3,8 +3,9 @@
 ``mesh.toml``'s ``[policy]`` is the base; ``mesh.overlay.toml`` beside it (or, where the
 mesh file's directory cannot be written, ``<home>/policy.overlay.toml``) holds the
 numbers an operator changed from the web UI or the API. The overlay is validated by the
-same pydantic model as the mesh file, applied on top of it at load time, and shown as
-such in `tron status`. A bad overlay is refused with the file and key named.
+same pydantic model as the mesh file (strict types, finite, bounded above), applied on top
+of it at load time, and shown as such in `tron status`. A bad overlay is refused with the
+file and key named.
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ def field_errors(err: ValidationError) -> dict[str, str]:
 
 
 def merged_policy(base: Policy, changes: dict) -> Policy:
-    """``base`` with ``changes`` on top, validated as a whole (raises ValidationError)."""
+    """``base`` with ``changes`` on top, validated as a whole by the mesh file's own model.
+
+    Raises ValidationError, each error naming its field, for an unknown key, a value of
+    the wrong type ("600" is no number, true no count, 3.0 no count), inf or nan, and a
+    number past its bound (Policy's docstring lists them): what is refused here is
+    refused in mesh.toml too, and no overlay can hold what the next daemon would refuse.
+    """
     return Policy.model_validate({**base.model_dump(), **changes})
 
 

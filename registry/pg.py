@@ -1,7 +1,8 @@
 """PostgreSQL: the registry of a mesh that outgrows one machine.
 
-``TRON_REGISTRY_URL=postgresql://...`` (or ``[registry] url`` in mesh.toml, without its
-password: that comes from the environment, PGPASSWORD or the URL variable) selects it;
+``TRON_REGISTRY_URL=postgresql://...`` (or ``[registry] url`` in mesh.toml) selects it;
+neither may hold a password (common.config refuses one): that comes from PGPASSWORD or
+~/.pgpass, and ``safe_url`` masks any that reaches a message all the same;
 SQLite stays the embedded default. ``SqlStore`` runs the same SQL here. What differs
 between the two engines is written out below and in ``registry.schema`` (the DDL):
 
@@ -20,6 +21,7 @@ import contextlib
 import decimal
 import re
 from typing import AsyncIterator
+from urllib.parse import unquote
 
 DAEMON_LOCK = 0x7472_6F6E  # "tron": the advisory lock the one writing daemon holds
 
@@ -39,9 +41,27 @@ def _row(row: dict) -> dict:
     return row
 
 
-def safe_url(url: str) -> str:
-    """The URL for messages and logs: the password never appears."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+# user:password@ in a URL anywhere in the text. Wider than libpq's reading (the password
+# runs to the last @ of the word, across any /): showing too little is the safe mistake.
+_USERINFO = re.compile(r"(://[^:/@\s]*):\S*@")
+# A query parameter (?name=value or &name=value), and libpq's key=value form (password=x).
+_PARAM = re.compile(r"([?&])([^=&\s]+)=([^&\s]*)")
+_KEYWORD = re.compile(r"(?<![\w%?&])(\w*password\w*)\s*=\s*('(?:\\.|[^'\\])*'|[^\s&]+)", re.IGNORECASE)
+
+
+def _is_password_param(name: str) -> bool:
+    """common.config.is_password_param's rule (which refuses these in a URL), kept here so
+    the registry needs nothing from the config to mask: "password" in the decoded name."""
+    return "password" in unquote(name).lower()
+
+
+def safe_url(text: str) -> str:
+    """``text`` (a URL, or a message holding one) for messages and logs: no password
+    appears, neither user:password@ nor a password-ish parameter (``password``,
+    ``sslpassword``, any name with "password" in it)."""
+    text = _USERINFO.sub(r"\1:***@", text)
+    text = _PARAM.sub(lambda m: f"{m[1]}{m[2]}=***" if _is_password_param(m[2]) else m[0], text)
+    return _KEYWORD.sub(r"\1=***", text)
 
 
 class PgDb:

@@ -25,6 +25,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Literal, get_args
+from urllib.parse import unquote
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
                       model_validator)
@@ -64,31 +65,47 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+HOUR, DAY, WEEK = 3600.0, 86400.0, 604800.0  # seconds: the bounds of the policy numbers
+
+
 class Policy(_Strict):
-    heartbeat_interval: float = Field(1.0, gt=0, le=3600)
+    """The policy numbers, from mesh.toml's [policy] and from ``PUT /settings`` alike.
+
+    Strict (a string or a bool is no number, an int field takes no 3.0) and finite (no
+    inf, no nan), and every number has an upper bound, so no setting can make the ladder
+    overflow or wait forever. The bounds, chosen to be far beyond any sane mesh:
+    one call, beat, grace or start: at most an hour; a backoff delay, the time to count as
+    stable or to be a ghost, a task's progress: at most a day; a task attempt, a window, an
+    operator's answer: at most a week; factors at most 10; counts at most 100 (1000 for the
+    lane breaker's trip count).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    heartbeat_interval: float = Field(1.0, gt=0, le=HOUR)
     miss_threshold: int = Field(3, ge=1, le=100)
-    progress_timeout: float = Field(60.0, gt=0)
-    task_timeout: float = Field(600.0, gt=0)
+    progress_timeout: float = Field(60.0, gt=0, le=DAY)
+    task_timeout: float = Field(600.0, gt=0, le=WEEK)
     max_restarts: int = Field(3, ge=0, le=100)
-    restart_window: float = Field(60.0, gt=0)
-    backoff_initial: float = Field(0.5, ge=0)
-    backoff_factor: float = Field(2.0, ge=1)
-    backoff_max: float = Field(10.0, ge=0)
+    restart_window: float = Field(60.0, gt=0, le=WEEK)
+    backoff_initial: float = Field(0.5, ge=0, le=HOUR)
+    backoff_factor: float = Field(2.0, ge=1, le=10)
+    backoff_max: float = Field(10.0, ge=0, le=DAY)
     backoff_jitter: float = Field(0.2, ge=0, le=1)
     max_provider_switches: int = Field(3, ge=0, le=100)
-    stop_grace: float = Field(5.0, ge=0)
-    start_timeout: float = Field(30.0, gt=0)
+    stop_grace: float = Field(5.0, ge=0, le=HOUR)
+    start_timeout: float = Field(30.0, gt=0, le=HOUR)
     # An incarnation healthy this long counts as stable: its failure is restarted at once
     # and resets the backoff (PM2's min_uptime, Kubernetes' reset after a stable run).
-    min_uptime: float = Field(1.0, ge=0)
+    min_uptime: float = Field(1.0, ge=0, le=DAY)
     # An agent whose beats the daemon has not recognised (404) for this long is a ghost of
     # an earlier daemon's incarnation, and exits by itself.
-    stale_after: float = Field(30.0, gt=0)
+    stale_after: float = Field(30.0, gt=0, le=DAY)
     # The lane breaker (common/lanes.py): the same way of failing this many times within
     # the window pauses the role's lane.
     lane_trip_count: int = Field(3, ge=1, le=1000)
-    lane_window: float = Field(3600.0, gt=0)
-    alert_delivery_timeout: float = Field(2.0, gt=0)
+    lane_window: float = Field(3600.0, gt=0, le=WEEK)
+    alert_delivery_timeout: float = Field(2.0, gt=0, le=HOUR)
     # Optional: a parent asks its LLM whether to restart or escalate. The policy bounds
     # always win, and a slow or failed advisor never delays the ladder past the timeout.
     llm_advice: bool = False
@@ -97,7 +114,7 @@ class Policy(_Strict):
     # for `tron task approve` or `tron task fail`, at most operator_timeout (so it ends).
     # operator_timeout also bounds a task parked at its budget.
     ask_operator: bool = False
-    operator_timeout: float = Field(86400.0, gt=0)
+    operator_timeout: float = Field(86400.0, gt=0, le=WEEK)
 
     @property
     def beat_timeout(self) -> float:
@@ -387,14 +404,45 @@ class ClusterSection(_Strict):
     node_home: str = "{home}/nodes"
 
 
+# A password never sits in a registry URL, from the mesh file or the environment: a URL is
+# printed, logged and shown (errors, `tron report`), and one missed place shows it.
+NO_PASSWORD_IN_URL = "put the password in PGPASSWORD or ~/.pgpass (the file PGPASSFILE names), never in the URL"
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_password_param(name: str) -> bool:
+    """A URL query parameter that carries a password: libpq's ``password`` and
+    ``sslpassword``, and any other name with "password" in it (the name percent-decoded,
+    any case). ``passfile`` names the file a password belongs in, and is no secret."""
+    return "password" in unquote(name).lower()
+
+
+def url_password(url: str) -> str | None:
+    """Where a postgresql:// URL holds a password, read as libpq reads it: "user:password@"
+    (the user information ends at the first @ before any /) or "the query parameter
+    NAME"; None when it holds none. Never the password itself: this goes into messages."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    userinfo = re.match(r"[^@/]*@", rest)
+    if userinfo:
+        if ":" in userinfo.group():
+            return "user:password@"
+        rest = rest[userinfo.end():]
+    query = rest.partition("?")[2]
+    for pair in query.split("&") if query else ():
+        name = pair.partition("=")[0]
+        if is_password_param(name):
+            return f"the query parameter {unquote(name)}"
+    return None
+
+
 class RegistrySection(_Strict):
     # A consistent online copy of the SQLite registry every backup_interval seconds (0:
     # none), the newest backup_keep kept in <home>/registry/backups/.
     backup_interval: float = Field(3600.0, ge=0)
     backup_keep: int = Field(24, ge=1, le=10_000)
     # A PostgreSQL server instead of the SQLite file (several machines). Its password comes
-    # from the environment (PGPASSWORD, or TRON_REGISTRY_URL, which overrides this), never
-    # from this file.
+    # from PGPASSWORD or ~/.pgpass, never from this URL (nor from TRON_REGISTRY_URL, which
+    # overrides it).
     url: str | None = None
 
     @field_validator("url")
@@ -402,21 +450,27 @@ class RegistrySection(_Strict):
     def _postgres_without_password(cls, url: str | None) -> str | None:
         if url is None:
             return None
-        if not url.startswith(("postgresql://", "postgres://")):
-            raise ValueError("url: only postgresql://... is supported (SQLite, the default, needs no url)")
-        if re.search(r"://[^/@]*:[^/@]*@", url):
-            raise ValueError("url: put the password in PGPASSWORD or TRON_REGISTRY_URL (the environment), "
-                             "not in the mesh file")
+        if not url.startswith(PG_SCHEMES):
+            raise ValueError("only postgresql://... is supported (SQLite, the default, needs no url)")
+        if (where := url_password(url)) is not None:
+            raise ValueError(f"the URL holds a password ({where}): {NO_PASSWORD_IN_URL}")
         return url
 
 
 def registry_url(config: "MeshConfig") -> str | None:
     """The PostgreSQL registry to use, if any: TRON_REGISTRY_URL, else ``[registry] url``;
-    None means the SQLite file in the home."""
-    url = os.environ.get("TRON_REGISTRY_URL") or config.registry.url
-    if url and not url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"TRON_REGISTRY_URL must be a postgresql:// URL, not {url.split(':', 1)[0]}:...")
-    return url or None
+    None means the SQLite file in the home. A TRON_REGISTRY_URL that is no postgresql://
+    URL or holds a password is a ConfigError that shows neither it nor the password."""
+    env = os.environ.get("TRON_REGISTRY_URL")
+    if env:
+        if not env.startswith(PG_SCHEMES):
+            scheme = env.split("://", 1)[0] if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", env) else None
+            raise ConfigError("TRON_REGISTRY_URL must be a postgresql:// URL"
+                              + (f", not {scheme}://..." if scheme else ""))
+        if (where := url_password(env)) is not None:
+            raise ConfigError(f"TRON_REGISTRY_URL: the URL holds a password ({where}): {NO_PASSWORD_IN_URL}")
+        return env
+    return config.registry.url
 
 
 class MeshConfig(_Strict):

@@ -35,13 +35,14 @@ every count comes in through the view, so each case is a line of a unit-test tab
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from common.config import Policy
+from common.config import DAY, Policy
 from common.states import OPEN_TASK_STATES, RetryType, ServiceState, TaskState
 
 # -- events: what reached the decider ----------------------------------------------------
@@ -303,6 +304,10 @@ Decision = Union[Restart, Escalate, SwitchProvider, Fail, Ignore, RetryInPlace, 
 # -- pure helpers -----------------------------------------------------------------------------------
 
 
+# No delay above a day whatever compute_backoff is given: Policy.backoff_max's own bound.
+BACKOFF_CEILING = DAY
+
+
 def compute_backoff(prior: int, *, initial: float, factor: float, max_backoff: float, jitter: float,
                     rng: random.Random | None = None) -> float:
     """Delay before a restart.
@@ -311,14 +316,22 @@ def compute_backoff(prior: int, *, initial: float, factor: float, max_backoff: f
     fraction of the delay that is randomised (0.2 means +-20 %).
     Returns: 0 when ``prior`` is 0 (a crash is restarted at once: backoff is for repeated
     failures), else ``initial * factor**(prior-1)`` with jitter, never above
-    ``max_backoff`` and never below zero.
+    ``max_backoff`` nor BACKOFF_CEILING and never below zero. Defined for every input: a
+    huge factor or streak saturates at the cap (no OverflowError), and so does a nan.
     """
     if prior <= 0:
         return 0.0
-    delay = initial * factor ** min(prior - 1, 64)
+    # Clamp the cap too: a nan or inf max_backoff means the ceiling, a negative one zero.
+    cap = BACKOFF_CEILING if not max_backoff < BACKOFF_CEILING else max(float(max_backoff), 0.0)
+    try:
+        delay = float(initial) * float(factor) ** min(prior - 1, 64)
+    except OverflowError:  # float ** int past 1e308 raises instead of giving inf
+        delay = math.inf
     if jitter and delay:
         delay *= 1 + (rng or random).uniform(-jitter, jitter)
-    return max(0.0, min(delay, max_backoff))
+    if not delay < cap:  # past the cap, inf, or nan (inf * 0, a nan argument): the cap
+        return cap
+    return max(0.0, delay)
 
 
 def worst_case_attempts(policy: Policy) -> int:

@@ -31,6 +31,7 @@ import argparse
 import getpass
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from typing import get_args
 from urllib.parse import quote
 
 from common.config import ConfigError, MeshConfig, load_mesh
-from common.models import Provider
+from common.models import ID_PATTERN, NAME_PATTERN, Provider
 from common.paths import Home
 from common.processes import MARK
 from scripts.client import ClientError, MeshClient
@@ -280,6 +281,17 @@ def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:
 # -- operator verbs ---------------------------------------------------------------------------
 
 
+def _segment(value: str, what: str, *, is_id: bool = False) -> str:
+    """``value`` as one segment of a daemon URL path: checked before any request with the
+    daemon's own rule (common.models' IdStr for ids, NameStr for names), then quoted, so a
+    name or id can never become another path (``x/cancel?`` is no task id, and no cancel)."""
+    pattern, longest, others = (ID_PATTERN, 128, "_ . : -") if is_id else (NAME_PATTERN, 64, "_ . -")
+    if len(value) > longest or not re.fullmatch(pattern, value):
+        raise CLIError(f"{value[:longest + 2]!r} is not a valid {what}: letters, digits and {others}, starting with "
+                       f"a letter or digit, at most {longest} characters")
+    return quote(value, safe="")
+
+
 def _action(ctx: Ctx, path: str, args: argparse.Namespace, **extra) -> dict:
     """One operator action through the daemon's API (audited there); the request id makes a
     retried request act once."""
@@ -293,10 +305,11 @@ def _action(ctx: Ctx, path: str, args: argparse.Namespace, **extra) -> dict:
 
 
 def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
+    name = _segment(args.name, "service name")
     mesh = ctx.require_daemon()
     if args.name not in ctx.config.services:
         raise CLIError(f"no service named {args.name!r} (known: {', '.join(ctx.config.services)})")
-    answer = _action(ctx, f"/services/{args.name}/{args.cmd}", args)
+    answer = _action(ctx, f"/services/{name}/{args.cmd}", args)
     if args.cmd in ("restart", "start") and args.wait:
         from scripts.client import wait_for
 
@@ -316,7 +329,7 @@ def cmd_lane(ctx: Ctx, args: argparse.Namespace) -> int:
             extra = f"  {lane.get('reason') or ''} (by {lane.get('changed_by')})" if lane["state"] == "paused" else ""
             print(f"{lane['lane']:<14} {lane['state']}{extra}")
         return 0
-    answer = _action(ctx, f"/lanes/{args.lane}/{args.lane_cmd}", args)
+    answer = _action(ctx, f"/lanes/{_segment(args.lane, 'lane (a role)')}/{args.lane_cmd}", args)
     print(f"lane {args.lane}: {answer['status']}")
     return 0
 
@@ -338,9 +351,10 @@ def cmd_provider(ctx: Ctx, args: argparse.Namespace) -> int:
             why = p["reason"] or (f"last error: {last}" if last else "")
             print(f"{p['provider']:<11} {p['state']:<10} {p['since_s']:>7.1f}s {until:>8} {p['failures']:>5}  {why}")
         return 0
+    name = _segment(args.name, "provider name")
     if args.name not in get_args(Provider):
         raise CLIError(f"no provider {args.name!r} (known: {', '.join(get_args(Provider))})")
-    answer = _action(ctx, f"/providers/{args.name}/{args.provider_cmd}", args)
+    answer = _action(ctx, f"/providers/{name}/{args.provider_cmd}", args)
     print(f"provider {args.name}: {answer['status']}")
     return 0
 
@@ -352,6 +366,7 @@ def cmd_spawning(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def cmd_task(ctx: Ctx, args: argparse.Namespace) -> int:
+    task_id = _segment(args.id, "task id", is_id=True)
     if args.task_cmd == "show":
         from registry import read
         from scripts.tables import print_task
@@ -366,7 +381,7 @@ def cmd_task(ctx: Ctx, args: argparse.Namespace) -> int:
     extra = {"from_step": args.from_step} if args.task_cmd == "resume" else {}
     if args.task_cmd == "approve":
         extra = {k: v for k, v in (("from_step", args.from_step), ("provider", args.provider)) if v is not None}
-    answer = _action(ctx, f"/tasks/{quote(args.id, safe='')}/{args.task_cmd}", args, **extra)
+    answer = _action(ctx, f"/tasks/{task_id}/{args.task_cmd}", args, **extra)
     print(json.dumps(answer, indent=2))
     return 0
 
@@ -446,7 +461,7 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
     if args.prompt == "budget" and args.run_id:  # tron run budget RUN --usd N [--tokens N]
         if args.usd is None and args.tokens is None:
             raise CLIError("tron run budget RUN needs --usd and/or --tokens: the new budget")
-        answer = _action(ctx, f"/runs/{args.run_id}/budget", args,
+        answer = _action(ctx, f"/runs/{_segment(args.run_id, 'run id', is_id=True)}/budget", args,
                          **{k: v for k, v in (("usd", args.usd), ("tokens", args.tokens)) if v is not None})
         print(f"run {args.run_id}: budget {answer.get('usd')} USD, {answer.get('tokens')} tokens")
         return 0
@@ -539,7 +554,8 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
     if mesh.daemon_health() is not None:
         code, answer = mesh.call("POST", mesh.daemon_url + "/control/backup", {}, auth=True, timeout=120)
         if code != 201:
-            raise CLIError(f"the daemon could not take a backup: {answer}")
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise CLIError(f"the daemon could not take a backup: {error or answer}")
         print(f"backup: {answer['path']}")
         return 0
     from registry import backup

@@ -147,3 +147,39 @@ def test_a_ladder_table_is_the_ladders_part_of_the_policy():
         parse_mesh({"ladder": {"max_restarts": 2}, "policy": {"max_restarts": 3}, "services": services})
     with pytest.raises(ConfigError, match="ask_opertor: unknown key"):
         parse_mesh({"ladder": {"ask_opertor": True}, "services": services})
+
+
+# Issue 20, item 4: the mesh file's [policy] is refused as PUT /settings is (one model):
+# strict types, finite, bounded above, the message naming the key.
+@pytest.mark.parametrize("policy,message", [
+    ({"backoff_factor": 1e308}, "policy.backoff_factor: Input should be less than or equal to 10"),
+    ({"task_timeout": "600"}, "policy.task_timeout: Input should be a valid number"),
+    ({"task_timeout": float("inf")}, "policy.task_timeout: Input should be a finite number"),
+    ({"progress_timeout": float("nan")}, "policy.progress_timeout: Input should be a finite number"),
+    ({"stop_grace": False}, "policy.stop_grace: Input should be a valid number"),
+    ({"max_provider_switches": 2.0}, "policy.max_provider_switches: Input should be a valid integer"),
+    ({"ask_operator": "yes"}, "policy.ask_operator: Input should be a valid boolean"),
+    ({"restart_window": 1e9}, "policy.restart_window: Input should be less than or equal to 604800"),
+    ({"start_timeout": 3601}, "policy.start_timeout: Input should be less than or equal to 3600"),
+])
+def test_a_policy_number_of_the_wrong_type_or_out_of_bounds_is_refused_naming_the_key(policy, message):
+    with pytest.raises(ConfigError) as err:
+        parse_mesh({"policy": policy, **base()}, source="mesh.toml")
+    assert str(err.value) == f"mesh.toml: {message}"
+    with pytest.raises(ConfigError) as err:  # [ladder] is the same model
+        parse_mesh({"ladder": policy, **base()}, source="mesh.toml")
+    assert str(err.value) == f"mesh.toml: {message}"
+
+
+def test_a_mesh_file_with_inf_in_its_policy_is_refused(tmp_path):
+    path = tmp_path / "mesh.toml"
+    path.write_text('[policy]\nbackoff_max = inf\n[services.a]\nrole = "root"\nport = 7001\n')
+    with pytest.raises(ConfigError) as err:
+        load_mesh(path, port_offset=0)
+    assert str(err.value) == f"{path}: policy.backoff_max: Input should be a finite number"
+
+
+def test_the_policy_at_its_bounds_loads():
+    cfg = parse_mesh({"policy": {"backoff_factor": 10, "task_timeout": 604800, "backoff_max": 86400.0,
+                                 "max_restarts": 100, "lane_trip_count": 1000}, **base()})
+    assert (cfg.policy.backoff_factor, cfg.policy.task_timeout) == (10.0, 604800.0)

@@ -365,3 +365,43 @@ def test_a_crash_loop_is_over_after_a_whole_quiet_window(latest, now, over):
     from common.ladder import crash_loop_over
 
     assert crash_loop_over(latest, now, P) is over
+
+
+# Issue 20, item 4: compute_backoff is defined for every input. backoff_factor = 1e308 made
+# the 5th unstable failure raise OverflowError (float ** int), and programmer-2 stayed failed.
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("prior,initial,factor,max_backoff,jitter,expected", [
+    (4, 0.5, 1e308, 10, 0.0, 10.0),  # the adversary's row: 1e308 ** 4 overflows
+    (4, 0.5, 1e308, 10, 0.2, 10.0),
+    (5, 0.5, 1e308, 10, 0.2, 10.0),
+    (10**9, 0.5, 2, 10, 0.2, 10.0),  # a streak of a billion: the exponent is clamped
+    (10**9, 0.5, 1e308, 10, 0.0, 10.0),
+    (3, 0.5, 10**400, 10, 0.0, 10.0),  # an int too large for a float
+    (3, 1e308, 1e308, 10, 0.0, 10.0),
+    (2, 0.5, 1e308, 10, 1.0, 10.0),  # inf * (1 - 1) is nan: still the cap
+    (3, 0.5, NAN, 10, 0.0, 10.0),
+    (3, NAN, 2, 10, 0.0, 10.0),
+    (3, INF, 2, 10, 0.0, 10.0),
+    (3, 0.5, 2, 10, NAN, 10.0),
+    (5, 0.5, 1e308, INF, 0.0, 86400.0),  # no cap given: a day at most
+    (5, 0.5, 1e308, NAN, 0.0, 86400.0),
+    (5, 0.5, 1e308, 1e308, 0.0, 86400.0),
+    (5, 0.5, 1e308, -1, 0.0, 0.0),
+    (3, -0.5, 2, 10, 0.0, 0.0),  # never below zero
+    (3, 0.5, 10, 86400, 0.0, 50.0),  # Policy's largest factor: still exact below the cap
+    (0, 0.5, 1e308, 10, 0.2, 0.0),  # the first restart is immediate whatever the factor
+], ids=lambda v: "huge-int" if isinstance(v, int) and v > 10**20 else None)
+def test_backoff_saturates_at_the_cap_whatever_it_is_given(prior, initial, factor, max_backoff, jitter, expected):
+    got = compute_backoff(prior, initial=initial, factor=factor, max_backoff=max_backoff, jitter=jitter,
+                          rng=random.Random(1))
+    assert got == expected and isinstance(got, float)
+
+
+def test_a_huge_backoff_factor_restarts_the_5th_unstable_failure_at_the_cap():
+    """Through the ladder, a policy built without validation (as the overlay once allowed):
+    the 5th unstable failure is a Restart at backoff_max, not an OverflowError."""
+    huge = Policy.model_construct(**{**P.model_dump(), "backoff_factor": 1e308})
+    d = decide(failed(task_id=None), view(streak=5, failures=(990, NOW)), NOW, huge)
+    assert isinstance(d, Restart) and d.delay == P.backoff_max

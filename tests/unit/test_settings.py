@@ -74,3 +74,59 @@ def test_an_overlay_that_cannot_be_written_leaves_the_old_one_and_no_temporary_f
         write_overlay(path, {"miss_threshold": 6})
     assert read_overlay(path) == {"miss_threshold": 5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.overlay.toml"]
+
+
+# Issue 20, item 4: every policy number is strictly typed, finite and bounded above, in the
+# model shared by mesh.toml and PUT /settings. Before, backoff_factor = 1e308 was taken (and
+# overflowed the backoff at the 5th kill), "600" was a task_timeout, and 1e999 was stored
+# as inf in the overlay and loaded by the next daemon.
+@pytest.mark.parametrize("changes,field,message", [
+    ({"backoff_factor": 1e308}, "backoff_factor", "less than or equal to 10"),
+    ({"task_timeout": "600"}, "task_timeout", "a valid number"),
+    ({"task_timeout": float("inf")}, "task_timeout", "a finite number"),  # what JSON's 1e999 becomes
+    ({"backoff_max": float("nan")}, "backoff_max", "a finite number"),
+    ({"restart_window": True}, "restart_window", "a valid number"),
+    ({"miss_threshold": True}, "miss_threshold", "a valid integer"),
+    ({"max_restarts": 3.0}, "max_restarts", "a valid integer"),
+    ({"max_restarts": "3"}, "max_restarts", "a valid integer"),
+    ({"llm_advice": 1}, "llm_advice", "a valid boolean"),
+    ({"task_timeout": 604800.5}, "task_timeout", "less than or equal to 604800"),
+    ({"operator_timeout": 1e12}, "operator_timeout", "less than or equal to 604800"),
+    ({"backoff_max": 86401}, "backoff_max", "less than or equal to 86400"),
+    ({"lane_trip_count": 1001}, "lane_trip_count", "less than or equal to 1000"),
+])
+def test_a_setting_of_the_wrong_type_or_out_of_bounds_is_refused_naming_it(changes, field, message):
+    with pytest.raises(ValidationError) as err:
+        merged_policy(Policy(), changes)
+    fields = field_errors(err.value)
+    assert list(fields) == [field] and message in fields[field], fields
+
+
+def test_every_policy_number_has_an_upper_bound_that_holds_and_an_int_is_a_float():
+    from annotated_types import Le, Lt
+
+    for name, info in Policy.model_fields.items():
+        if info.annotation is bool:
+            continue
+        high = next((m.le if isinstance(m, Le) else m.lt for m in info.metadata if isinstance(m, (Le, Lt))), None)
+        assert high is not None, f"policy.{name} has no upper bound"
+        over = high + 1 if info.annotation is int else high * 1.01
+        with pytest.raises(ValidationError):
+            merged_policy(Policy(), {name: over})
+        if info.annotation is float:  # 600 is a task_timeout as much as 600.0 (TOML and JSON write both)
+            assert getattr(merged_policy(Policy(), {name: int(high)}), name) == high
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[policy]\ntask_timeout = inf\n", "policy.task_timeout: Input should be a finite number"),
+    ("[policy]\ntask_timeout = nan\n", "policy.task_timeout: Input should be a finite number"),
+    ('[policy]\ntask_timeout = "600"\n', "policy.task_timeout: Input should be a valid number"),
+    ("[policy]\nbackoff_factor = 1e308\n", "policy.backoff_factor: Input should be less than or equal to 10"),
+    ("[policy]\nmiss_threshold = true\n", "policy.miss_threshold: Input should be a valid integer"),
+])
+def test_an_overlay_with_inf_a_string_or_a_huge_number_is_refused_at_load(tmp_path, text, message):
+    path = tmp_path / "mesh.overlay.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        apply_overlay(load_mesh(), read_overlay(path), path)
+    assert str(err.value) == f"{path}: {message}"

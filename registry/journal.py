@@ -176,7 +176,28 @@ class JournaledStore:
         return read
 
     def trim(self) -> None:
-        self.memory.trim()
+        """Forget what the durable store has; never what the journal has not written yet
+        (a run that ended while the disk was full stays readable until it is written)."""
+        runs, sessions = self._pending_ids()
+        self.memory.trim(keep_runs=runs, keep_sessions=sessions)
+
+    def _pending_ids(self) -> tuple[set[str], set[str]]:
+        """The runs (directly, or through one of their tasks) and sessions that pending
+        writes name: every string argument is looked up among the working copy's ids."""
+        runs, sessions = set(), set()
+        tasks = self.memory.tasks_
+        for op in self.journal:
+            for value in (*op.args, *op.kwargs.values()):
+                for v in (value.values() if isinstance(value, dict) else (value,)):
+                    if not isinstance(v, str):
+                        continue
+                    if v in self.memory.runs_:
+                        runs.add(v)
+                    elif v in tasks:
+                        runs.add(tasks[v]["run_id"])
+                    elif v in self.memory.sessions_:
+                        sessions.add(v)
+        return runs, sessions
 
     async def warm(self, run_id: str) -> None:
         await self.flushed(2.0)

@@ -548,13 +548,16 @@ class MemoryStore(Stamps):
                 if r["id"] not in known:
                     self.retries_.append(_json(r, "detail"))
 
-    def trim(self, *, keep_alerts: int = 200) -> None:
+    def trim(self, *, keep_alerts: int = 200, keep_runs: set[str] | frozenset = frozenset(),
+             keep_sessions: set[str] | frozenset = frozenset()) -> None:
         """Forget what no decision will read again (the durable store keeps it): ended
-        sessions, finished runs and their delivered tasks, old handled alerts."""
-        for inc in [i for i, r in self.sessions_.items() if r["status"] == SessionState.ENDED]:
+        sessions, finished runs and their delivered tasks, old handled alerts. ``keep_runs``
+        and ``keep_sessions``: what the durable store does not have yet (the journal's)."""
+        for inc in [i for i, r in self.sessions_.items() if r["status"] == SessionState.ENDED
+                    and i not in keep_sessions]:
             del self.sessions_[inc]
         live_runs = {t["run_id"] for t in self.tasks_.values()
-                     if t["status"] in LIVE_TASK_STATES or not t["delivered"]}
+                     if t["status"] in LIVE_TASK_STATES or not t["delivered"]} | set(keep_runs)
         for run_id in [r for r, row in self.runs_.items() if row["status"] != RunState.RUNNING and r not in live_runs]:
             del self.runs_[run_id]
         for task_id in [t for t, row in self.tasks_.items() if row["run_id"] not in self.runs_]:

@@ -10,7 +10,7 @@ import sqlite3
 import time
 
 from common.clock import FakeClock
-from common.states import RetryType
+from common.states import RetryType, RunState, TaskState
 from registry.db import SqliteDb
 from registry.journal import ROUTES, JournaledStore
 from registry.protocol import Route
@@ -229,3 +229,36 @@ async def test_every_protocol_method_is_answered_where_its_mark_says():
             await answered_by_mark(name, mark)
         except AssertionError as err:
             raise AssertionError(f"Store.{name} ({mark.route}) is not routed as marked") from err
+
+
+async def test_a_run_that_ends_while_the_registry_refuses_writes_stays_readable_through_trims(tmp_path):
+    """Issue 20, item 1: the journal owns what it has not written. A run finishes while the
+    database is locked; the daemon's trims (every minute) must not drop it from memory
+    before it is durable, or its run and tasks answer 404 until the lock goes."""
+    path = tmp_path / "registry.db"
+    clock = FakeClock()
+    store = await journaled(path, clock)
+    try:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock (a full disk alike)
+        await store.create_run("r-1", "build it", False)
+        await store.upsert_task({"task_id": "r-1.0", "run_id": "r-1", "agent": "root", "parent_agent": "gateway",
+                                 "kind": "run", "prompt": "p"})
+        await store.finish_task("r-1.0", TaskState.DONE, "the result", None)
+        await store.mark_delivered("r-1.0")
+        await store.finish_run("r-1", RunState.DONE, "the result", None)
+        await until(lambda: store.health()["state"] == "degraded")
+        for _ in range(5):  # five minutes of the daemon's trims
+            clock.advance(60)
+            store.trim()
+            assert (await store.run("r-1"))["status"] == RunState.DONE
+            assert (await store.task("r-1.0"))["result"] == "the result"
+        holder.execute("ROLLBACK")
+        holder.close()
+        await until(lambda: store.health()["state"] == "ok" and not store.health()["pending"])
+        store.trim()  # written now: memory may let it go, the durable store answers
+        assert "r-1" not in store.memory.runs_
+        assert (await store.run("r-1"))["status"] == RunState.DONE
+        assert rows(path, "SELECT status FROM runs WHERE run_id = 'r-1'") == [("done",)]
+    finally:
+        await store.close()

@@ -44,8 +44,11 @@ class SqliteDb:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._conn: aiosqlite.Connection | None = None
-        # One connection, many coroutines: transactions take turns (SQLite has one
-        # writer anyway); reads outside a transaction do not wait.
+        # Two connections: transactions take turns on the writer's (SQLite has one writer
+        # anyway); reads outside a transaction go to a reader's, so a write that waits for
+        # the lock (busy_timeout: another process holds it) never holds a read up behind it
+        # on the same connection's thread. In WAL mode a reader is never blocked by a writer.
+        self._reader: aiosqlite.Connection | None = None
         self._writer = asyncio.Lock()
 
     async def open(self) -> None:
@@ -54,11 +57,17 @@ class SqliteDb:
         await self._conn.execute("PRAGMA journal_mode=WAL")
         await self._conn.execute("PRAGMA synchronous=NORMAL")
         await self._conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        self._reader.row_factory = aiosqlite.Row
+        await self._reader.execute("PRAGMA query_only=1")
+        await self._reader.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        for attr in ("_reader", "_conn"):
+            conn = getattr(self, attr)
+            if conn is not None:
+                await conn.close()
+                setattr(self, attr, None)
 
     @property
     def conn(self) -> aiosqlite.Connection:
@@ -67,16 +76,37 @@ class SqliteDb:
         return self._conn
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator["SqliteDb"]:
+    async def transaction(self) -> AsyncIterator["_SqliteTx"]:
         async with self._writer:
             await self.conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self
+                yield _SqliteTx(self.conn)
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     await self.conn.execute("ROLLBACK")
                 raise
             await self.conn.execute("COMMIT")
+
+    async def execute(self, sql: str, args: tuple = ()) -> int:
+        """A statement outside a transaction, on the writer's connection (PRAGMAs, tests)."""
+        return await _SqliteTx(self.conn).execute(sql, args)
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        return self._reader if self._reader is not None else self.conn
+
+    async def one(self, sql: str, args: tuple = ()) -> dict | None:
+        return await _SqliteTx(self.reader).one(sql, args)
+
+    async def all(self, sql: str, args: tuple = ()) -> list[dict]:
+        return await _SqliteTx(self.reader).all(sql, args)
+
+
+class _SqliteTx:
+    """Statements on one connection: the writer's inside a transaction, the reader's outside."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
 
     async def execute(self, sql: str, args: tuple = ()) -> int:
         async with self.conn.execute(sql, args) as cur:

@@ -308,3 +308,25 @@ def test_a_chaos_drill_on_a_home_that_fills_up_ends_with_every_service_running_a
                       "GROUP BY alert_id, retry_type, hop HAVING COUNT(*) > 1")
     assert dupes == []
     assert result["summary"]["detected"] == len(mesh.rows("SELECT 1 FROM alerts WHERE drill IS NOT NULL"))
+
+
+def test_a_registry_locked_by_another_process_holds_up_no_restart(mesh):
+    """Issue 20, item 2: a read on the restart path used to queue behind the journal's write
+    on the one SQLite connection while the write waited out busy_timeout (5 s): the agent was
+    back after 5.1 s. Reads now have a connection of their own (WAL readers never wait)."""
+    holder = sqlite3.connect(mesh.home / "registry" / "registry.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        before = mesh.service("programmer-1")
+        killed = time.monotonic()
+        mesh.kill("programmer-1")
+        after = mesh.wait_replaced("programmer-1", before["pid"])  # its /health answers, a new pid
+        back = time.monotonic() - killed
+        assert after["pid"] != before["pid"]
+        assert back < 2.5, f"back after {back:.2f}s with the registry locked (busy_timeout is 5 s)"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    mesh.flushed()
+    [row] = mesh.rows("SELECT * FROM retry_history WHERE agent_id = 'programmer-1' ORDER BY id DESC LIMIT 1")
+    assert row["retry_type"] == "child_restart"  # written once the lock went

@@ -50,12 +50,26 @@ class Operators:
         self.ledger = ledger
         self.audit = audit
         self.background = background
+        self._busy: dict[str, str] = {}  # service -> the restart, stop or start under way
 
     async def act(self, verb: str, name: str, *, actor: str, reason: str, request_id: str | None = None) -> dict:
         svc = self.sup[name]
-        return await self.audit.run(lambda: getattr(self, f"_{verb}")(svc, actor=actor, reason=reason),
+        return await self.audit.run(lambda: self._one_at_a_time(verb, svc, actor=actor, reason=reason),
                                     actor=actor, what=verb, target=name, agent=name, reason=reason,
                                     request_id=request_id, state=lambda: self._state_of(svc))
+
+    async def _one_at_a_time(self, verb: str, svc: Service, *, actor: str, reason: str) -> dict:
+        """A restart, stop or start of a service is admitted while no other one is under way
+        (claimed in the same step as the check): a concurrent one is a 409 naming it."""
+        if verb not in ("restart", "stop", "start"):
+            return await getattr(self, f"_{verb}")(svc, actor=actor, reason=reason)
+        if self._busy.get(svc.name):
+            raise Refused(409, f"a {self._busy[svc.name]} of {svc.name} is under way: try again when it is done")
+        self._busy[svc.name] = verb
+        try:
+            return await getattr(self, f"_{verb}")(svc, actor=actor, reason=reason)
+        finally:
+            self._busy.pop(svc.name, None)
 
     @staticmethod
     def _state_of(svc: Service) -> str:
@@ -68,6 +82,8 @@ class Operators:
             raise Refused(409, f"{svc.name} is stopped; `tron start {svc.name}` brings it back")
         if self.sup.spawning_paused:
             raise Refused(409, "spawning is paused (`tron spawning resume`)")
+        if self.sup.retry_now(svc):  # the ladder's restart is already admitted: it stops waiting
+            return {"status": "retrying_now", "cause": svc.spawn_cause, "replaces": svc.replacing}
         ref = admit_restart(svc)  # no await between the guard and the claim: one admission
         tasks = await self.store.open_tasks(svc.name)
         await self.store.record_retry(
@@ -96,6 +112,14 @@ class Operators:
         return {"status": "stopped"}
 
     async def _start(self, svc: Service, *, actor: str, reason: str) -> dict:
+        if not svc.stopped and svc.waiting_out_spawn_failure:
+            # It could not start (a missing binary, a port taken...) and waits up to
+            # spawn_failed_backoff_max: the operator says it is fixed, so try now.
+            if self.sup.spawning_paused:
+                raise Refused(409, "spawning is paused (`tron spawning resume`)")
+            cause = svc.spawn_cause
+            if self.sup.retry_now(svc):
+                return {"status": "retrying_now", "cause": cause, "replaces": svc.replacing}
         if not svc.stopped and svc.state != S.STOPPED:
             return {"status": "already_running", "state": str(svc.state)}
         if self.sup.spawning_paused:

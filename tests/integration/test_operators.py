@@ -223,3 +223,16 @@ def test_ten_concurrent_restarts_and_retries_admit_one_each(mesh):
     finally:
         mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
     assert ended(mesh, body["run_id"])["status"] == "done"
+
+
+def test_concurrent_stops_and_starts_act_once(mesh):
+    base = mesh.url("daemon") + "/services/programmer-2"
+    stops = _at_once(5, lambda i: mesh.http("POST", base + "/stop", {"reason": f"s{i}", "request_id": f"race-s-{i}"}))
+    assert sorted(code for code, _ in stops).count(200) == 1 and all(c in (200, 409) for c, _ in stops), stops
+    mesh.wait_state("programmer-2", "stopped")
+    starts = _at_once(5, lambda i: mesh.http("POST", base + "/start", {"reason": f"g{i}", "request_id": f"race-g-{i}"}))
+    assert sorted(code for code, _ in starts).count(202) == 1, starts
+    assert all(code in (202, 409, 200) for code, _ in starts), starts
+    mesh.wait_state("programmer-2", "running")
+    sessions = mesh.rows("SELECT COUNT(*) AS n FROM sessions WHERE agent = 'programmer-2' AND status != 'ended'")
+    assert sessions == [{"n": 1}]  # one incarnation, not five

@@ -92,6 +92,10 @@ class Policy(_Strict):
     backoff_factor: float = Field(2.0, ge=1, le=10)
     backoff_max: float = Field(10.0, ge=0, le=DAY)
     backoff_jitter: float = Field(0.2, ge=0, le=1)
+    # The cap for a start that failed for a reason retrying cannot fix (a missing binary, a
+    # program that is not executable, its port held by another program): 5 minutes, as
+    # Kubernetes' CrashLoopBackOff. `tron start NAME` retries at once once it is fixed.
+    spawn_failed_backoff_max: float = Field(300.0, ge=0, le=DAY)
     max_provider_switches: int = Field(3, ge=0, le=100)
     stop_grace: float = Field(5.0, ge=0, le=HOUR)
     start_timeout: float = Field(30.0, gt=0, le=HOUR)

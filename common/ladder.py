@@ -148,6 +148,9 @@ class ServiceView(_View):
     previous_failure: float | None = None  # the failure before the one being decided
     unstable_streak: int = 0  # consecutive failures of incarnations that were never stable, this one included
     crash_looping: bool = False
+    # A failure to start (spawn_failed) says why: missing_binary, permission_denied and
+    # port_in_use do not heal by retrying, and back off to spawn_failed_backoff_max.
+    failure_cause: str | None = None
 
 
 class TaskView(_View):
@@ -334,6 +337,20 @@ def compute_backoff(prior: int, *, initial: float, factor: float, max_backoff: f
     return max(0.0, delay)
 
 
+# Spawn failures that retrying cannot fix: only someone fixing the machine or the mesh can
+# (install the binary, chmod +x, free the port), so they wait longer between tries.
+LASTING_SPAWN_CAUSES = frozenset({"missing_binary", "permission_denied", "port_in_use"})
+
+
+def backoff_cap(cause: str | None, policy: Policy) -> float:
+    """The longest delay between restarts: ``spawn_failed_backoff_max`` for a failure to
+    start that will not heal by itself (LASTING_SPAWN_CAUSES), else ``backoff_max``. Never
+    below ``backoff_max``: a lasting cause is never retried more often than a crash."""
+    if cause in LASTING_SPAWN_CAUSES:
+        return max(policy.spawn_failed_backoff_max, policy.backoff_max)
+    return policy.backoff_max
+
+
 def worst_case_attempts(policy: Policy) -> int:
     """Upper bound on a task's attempts: the first, every restart, every switch."""
     return 1 + policy.max_restarts + policy.max_provider_switches
@@ -408,7 +425,7 @@ class Situation:
         looping = len(within(s.failures, self.now, p.restart_window)) >= p.max_restarts
         episode_over = s.previous_failure is None or self.now - s.previous_failure >= p.restart_window
         delay = compute_backoff(s.unstable_streak - 1, initial=p.backoff_initial, factor=p.backoff_factor,
-                                max_backoff=p.backoff_max, jitter=p.backoff_jitter, rng=self.rng)
+                                max_backoff=backoff_cap(s.failure_cause, p), jitter=p.backoff_jitter, rng=self.rng)
         return Restart(case=case, delay=delay, with_task=with_task, crash_looping=looping,
                        new_episode=looping and (not s.crash_looping or episode_over))
 

@@ -223,6 +223,8 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
 def state_text(s: dict) -> str:
     marks = [m for m, on in (("crash-loop", s.get("crash_looping")), ("operator", s.get("stopped")),
                              ("paused", s.get("paused"))) if on]
+    if s.get("cause"):  # it cannot start: why, in a word (missing_binary, port_in_use, ...)
+        marks.insert(0, s["cause"])
     return s["state"] + (f" ({', '.join(marks)})" if marks else "")
 
 

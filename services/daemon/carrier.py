@@ -19,7 +19,7 @@ from common.config import DAEMON, MeshConfig, Policy
 from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, Restart, RestartAsked,
                            ServiceView, SwitchProvider, TaskView, decide, unstable_streak)
 from common.lanes import Fingerprint
-from common.models import EscalationRecord, ParkRequest, PermanentFailure, RestartRequest, SwitchRequest
+from common.models import EscalationRecord, ParkRequest, PermanentFailure, Reason, RestartRequest, SwitchRequest
 from common.states import FINAL_TASK_STATES, AlertState, RetryType, TaskState
 from registry.protocol import Store
 from services.daemon.metrics import DaemonMetrics
@@ -27,6 +27,13 @@ from services.daemon.supervisor import Supervisor, top_of
 
 log = logging.getLogger("tron.daemon")
 
+
+
+def _spawn_cause(alert: dict | None) -> str | None:
+    """Why the incarnation the alert names could not start (None for any other failure)."""
+    if alert is None or alert["reason"] != Reason.SPAWN_FAILED:
+        return None
+    return (alert["detail"] or {}).get("cause")
 
 class Carrier:
     def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, ledger, *, clock: Clock,
@@ -74,7 +81,7 @@ class Carrier:
                 replacing=svc.replacing is not None and svc.replacing == svc.incarnation, provider=svc.provider,
                 failures=[r["mono"] for r in rows if now - policy.restart_window < r["mono"] <= now],
                 previous_failure=earlier[0]["mono"] if earlier else None, unstable_streak=streak,
-                crash_looping=svc.crash_looping),
+                crash_looping=svc.crash_looping, failure_cause=_spawn_cause(alert)),
             task=task, alert_status=alert["status"] if alert else None, recorded=recorded,
             chain=list(self.config.providers.chain), subtree=self.config.subtree(service))
 

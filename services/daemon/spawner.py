@@ -41,12 +41,46 @@ import psutil
 
 from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
 from services.daemon.listeners import open_listener, recover_listener
+from services.daemon.sockdiag import listening_inodes
 
 log = logging.getLogger("tron.spawner")
 
 
 class SpawnError(Exception):
-    """The process could not be started (no such command, permission denied, ...)."""
+    """The process could not be started. ``cause`` says why, for the ladder and for people:
+    missing_binary, permission_denied, port_in_use (``holder``: the pid and name of the
+    program listening there, when psutil can see it) or cannot_start (anything else)."""
+
+    def __init__(self, message: str, *, cause: str = "cannot_start", holder: dict | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.holder = holder
+
+
+def port_holder(port: int) -> dict | None:
+    """{"pid", "name"} of the process listening on ``port`` (TCP), or None when nobody
+    listens or the listener's owner cannot be seen; {"pid": None, ...} when only the
+    socket can be seen (another user's process, without the right to look)."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+            if c.pid is None:
+                return {"pid": None, "name": None}
+            try:
+                return {"pid": c.pid, "name": psutil.Process(c.pid).name()}
+            except psutil.Error:  # gone meanwhile, or not ours to look at
+                return {"pid": c.pid, "name": None}
+    return None
+
+
+def describe_holder(holder: dict | None) -> str:
+    """' by pid N (name)', as much of it as is known."""
+    if not holder or holder.get("pid") is None:
+        return ""
+    return f" by pid {holder['pid']}" + (f" ({holder['name']})" if holder.get("name") else "")
 
 
 @dataclass(frozen=True)
@@ -60,6 +94,7 @@ class SpawnSpec:
     module: str | None = None  # an agent module the fork server can run instead of argv
     user: str | None = None  # drop privileges to this user before exec
     listen_fd: int | None = None  # the held listening socket, handed over as fd 3 (systemd's convention)
+    port: int | None = None  # the port it will listen on itself (none when the daemon holds it: listen_fd)
 
 
 @dataclass
@@ -142,9 +177,19 @@ def _check_runnable(command: str, env: dict[str, str], cwd) -> None:
     """What Popen would raise for a program it cannot run, said before a shell runs it."""
     path = command if os.sep in command else shutil.which(command, path=env.get("PATH", os.defpath))
     if path is None or not os.path.exists(os.path.join(str(cwd), path)):
-        raise SpawnError(f"command not found: {command}")
+        raise SpawnError(f"command not found: {command}", cause="missing_binary")
     if not os.access(os.path.join(str(cwd), path), os.X_OK):
-        raise SpawnError(f"permission denied: {command}")
+        raise SpawnError(f"permission denied: {command}", cause="permission_denied")
+
+
+def _check_port_free(port: int | None) -> None:
+    """A port another program listens on would make the new incarnation die at its bind,
+    again at every restart: said before spawning, naming the holder. The old incarnation's
+    tree is gone by now (kill and stop return only then), so the holder is not ours."""
+    if port is None or not listening_inodes(port):
+        return
+    holder = port_holder(port)
+    raise SpawnError(f"port {port} is already in use{describe_holder(holder)}", cause="port_in_use", holder=holder)
 
 
 class LocalSpawner:
@@ -178,6 +223,8 @@ class LocalSpawner:
     async def spawn(self, spec: SpawnSpec) -> Child:
         """Start one incarnation: forked from the fork server when it can serve an agent
         module, else a plain spawn. Raises SpawnError when it cannot start at all."""
+        if spec.listen_fd is None:
+            _check_port_free(spec.port)
         if spec.module and self.forkserver is not None and not spec.user:
             pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd)
             if pid is not None:
@@ -196,9 +243,10 @@ class LocalSpawner:
                     argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
                     stderr=subprocess.STDOUT, start_new_session=True, **_identity(spec.user), **extra)
         except FileNotFoundError:
-            raise SpawnError(f"command not found: {spec.argv[0]}") from None
+            raise SpawnError(f"command not found: {spec.argv[0]}", cause="missing_binary") from None
         except PermissionError as err:
-            raise SpawnError(f"permission denied: {spec.argv[0]} ({err.strerror})") from None
+            raise SpawnError(f"permission denied: {spec.argv[0]} ({err.strerror})",
+                             cause="permission_denied") from None
         except (OSError, ValueError, subprocess.SubprocessError) as err:
             raise SpawnError(f"cannot start {spec.argv[0]}: {err}") from None
         return self._track(Child(spec.name, spec.incarnation, popen.pid, create_time_of(popen.pid), popen=popen))

@@ -36,7 +36,7 @@ from services.daemon.listeners import ListenerError, listen_env
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.sockdiag import listening_inodes
 from common.processes import describe, home_processes
-from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
+from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, port_holder
 
 log = logging.getLogger("tron.daemon")
 
@@ -86,6 +86,7 @@ class Service:
     tasks_checked: float = float("-inf")  # when its beats' task list was last compared with the leases
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # ends its backoff now (`tron start` after a fix)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -97,6 +98,21 @@ class Service:
         """Its incarnation runs on a provider the root has switched it away from: it gets
         no task (its replacement, on the new provider, does)."""
         return self.spawned_provider != self.provider
+
+    @property
+    def spawn_cause(self) -> str | None:
+        """Why its latest start failed (missing_binary, permission_denied, port_in_use,
+        cannot_start), while it waits for the next; None after any other failure."""
+        f = self.last_failure or {}
+        if f.get("reason") != Reason.SPAWN_FAILED or self.state not in (S.FAILED, S.BACKOFF):
+            return None
+        return (f.get("detail") or {}).get("cause")
+
+    @property
+    def waiting_out_spawn_failure(self) -> bool:
+        """In BACKOFF after a failure to start: an operator who fixed the cause may end
+        the wait (`tron start` / `tron restart`)."""
+        return self.state == S.BACKOFF and self.spawn_cause is not None
 
     def stable(self, now: float, policy: Policy) -> bool:
         """Was the current incarnation healthy for at least ``min_uptime``?"""
@@ -233,7 +249,8 @@ class Supervisor:
         cwd = Path(svc.spec.cwd.format(**values)) if svc.spec.cwd else Path(values["config_dir"])
         return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(values), env=env, cwd=cwd,
                          log=self.home.log_file(svc.name), user=svc.spec.user,
-                         module=svc.spec.module if svc.spec.is_agent else None)
+                         module=svc.spec.module if svc.spec.is_agent else None,
+                         port=svc.spec.port)
 
     def _listener(self, svc: Service) -> int | None:
         """The fd of the service's held listening socket, bound on first use. Raises
@@ -272,8 +289,13 @@ class Supervisor:
             spec = self._spawn_spec(svc, incarnation, await self._env(svc, incarnation))
             spec = dataclasses.replace(spec, listen_fd=self._listener(svc))
             child = await self.spawner.spawn(spec)
-        except (SpawnError, ListenerError) as err:
-            await self._spawn_failed(svc, incarnation, str(err))
+        except SpawnError as err:
+            await self._spawn_failed(svc, incarnation, str(err), cause=err.cause, holder=err.holder)
+            return
+        except ListenerError as err:
+            holder = port_holder(svc.spec.port) if listening_inodes(svc.spec.port) else None
+            await self._spawn_failed(svc, incarnation, str(err), cause="port_in_use" if holder else "cannot_start",
+                                     holder=holder)
             return
         except Exception as err:  # nothing may leave a service STARTING with nobody watching it
             log.exception("cannot start %s", svc.name)
@@ -290,20 +312,22 @@ class Supervisor:
                                    "reason": reason, "mode": child.mode})
         self.background(self._await_health(svc, incarnation), f"health {svc.name}")
 
-    async def _spawn_failed(self, svc: Service, incarnation: str, error: str) -> None:
+    async def _spawn_failed(self, svc: Service, incarnation: str, error: str, *, cause: str = "cannot_start",
+                            holder: dict | None = None) -> None:
         """A process that could not be started is a failure like any other: it enters the
-        ladder (and, if it keeps failing, crash-loops at the backoff cap)."""
-        log.error("spawn failed", extra={"offender": svc.name, "error": error, "incarnation": incarnation})
+        ladder, with its ``cause``. A cause retrying cannot fix (a missing binary, no
+        execute permission, a port another program holds) backs off to
+        ``spawn_failed_backoff_max``, not ``backoff_max``; `tron start` retries at once."""
+        log.error("spawn failed", extra={"offender": svc.name, "error": error, "cause": cause, "holder": holder,
+                                         "incarnation": incarnation})
         await self.store.close_session(incarnation, reason=f"spawn_failed: {error}")
         try:
             argv = svc.spec.argv(self.values(svc))
         except Exception:  # the template itself may be what failed
             argv = svc.spec.command
-        await self.store.event("spawn_failed", {"error": error, "argv": argv},
-                               agent=svc.name,
-                               incarnation=incarnation)
-        signal = self.monitor.raise_alert(svc.name, incarnation, Reason.SPAWN_FAILED, self.clock.now(),
-                                          {"error": error})
+        detail = {"error": error, "cause": cause} | ({"holder": holder} if holder else {})
+        await self.store.event("spawn_failed", {**detail, "argv": argv}, agent=svc.name, incarnation=incarnation)
+        signal = self.monitor.raise_alert(svc.name, incarnation, Reason.SPAWN_FAILED, self.clock.now(), detail)
         if signal is not None and self.on_signal is not None:
             self.background(self.on_signal(signal), f"spawn failure {svc.name}")
 
@@ -437,10 +461,11 @@ class Supervisor:
             elif old_incarnation:
                 await self.store.close_session(old_incarnation, reason=f"replaced:{reason}")
             if delay > 0 or self.spawning_paused:
+                svc.wake.clear()  # before BACKOFF is visible: a `tron start` from then on ends the wait
                 if svc.state == S.FAILED:
                     await self.transition(svc, S.BACKOFF, f"{reason}, restart in {delay:.2f}s"
                                           + (" (spawning is paused)" if self.spawning_paused else ""))
-                await self.clock.sleep(delay)
+                await self._backoff(svc, delay)
                 await self.spawning_resumed.wait()
             async with svc.lock:
                 if svc.incarnation != old_incarnation or self.stopping or svc.stopped \
@@ -456,6 +481,27 @@ class Supervisor:
                 return True
         finally:
             svc.replacing = None  # only now: until the new incarnation exists, the old one is being replaced
+
+    async def _backoff(self, svc: Service, delay: float) -> None:
+        """Wait out ``delay`` on the clock, or until an operator wakes the service."""
+        sleep = asyncio.ensure_future(self.clock.sleep(delay))
+        woken = asyncio.ensure_future(svc.wake.wait())
+        try:
+            await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleep.cancel()
+            woken.cancel()
+        if svc.wake.is_set():
+            log.info("%s: backoff ended by an operator", svc.name, extra={"offender": svc.name})
+
+    def retry_now(self, svc: Service) -> bool:
+        """End the backoff of a service waiting out a failure to start: its restart goes
+        ahead now (through the same replace, so the same guards apply). False when it is
+        not waiting out one."""
+        if not svc.waiting_out_spawn_failure or svc.replacing is None:
+            return False
+        svc.wake.set()
+        return True
 
     # -- exits and adoption ----------------------------------------------------------------
 
@@ -576,6 +622,7 @@ class Supervisor:
                 "stopped": svc.stopped, "last_failure": svc.last_failure, "ready": svc.ready,
                 "paused": svc.paused, "node": svc.child.node if svc.child else None,
                 "mode": svc.child.mode if svc.child else None,
+                "cause": svc.spawn_cause,  # why it cannot start (spawn_failed), while it has not run since
             })
         return out
 

@@ -330,3 +330,72 @@ def test_a_registry_locked_by_another_process_holds_up_no_restart(mesh):
     mesh.flushed()
     [row] = mesh.rows("SELECT * FROM retry_history WHERE agent_id = 'programmer-1' ORDER BY id DESC LIMIT 1")
     assert row["retry_type"] == "child_restart"  # written once the lock went
+
+
+def _delays(mesh, name: str) -> list[float]:
+    """The ladder's restart delays for ``name``, oldest first (retry rows' detail.delay)."""
+    out = []
+    for row in mesh.history(name):
+        detail = json.loads(row["detail"]) if isinstance(row["detail"], str) else (row["detail"] or {})
+        if "delay" in detail:
+            out.append(detail["delay"])
+    return out
+
+
+def test_a_start_that_cannot_succeed_backs_off_longer_says_why_and_retries_at_once_when_fixed(mesh_factory,
+                                                                                               tmp_path):
+    """Issue 20, item 7: a missing binary and a port another program holds are not crashes.
+    They are spawn_failed with a cause (in `tron status` and its JSON), their backoff grows
+    past backoff_max toward spawn_failed_backoff_max, and `tron start` after the fix starts
+    them now instead of at the end of a long wait."""
+    import socket
+    import sys
+
+    binary = tmp_path / "bin" / "ghost-serve"  # missing until the "operator" installs it
+    services = {"ghost": {"command": [str(binary), "{port}"], "port": 6160},
+                "squatted": {"command": ["{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+                             "port": 6161}}
+    # backoff 0.2, 0.8, 3.2, 12.8 s...: past the normal cap (1 s) by the 3rd retry, and long
+    # enough by the 4th that a start "at once" cannot be the backoff ending by itself.
+    policy = {"backoff_initial": 0.2, "backoff_factor": 4.0, "backoff_max": 1.0, "backoff_jitter": 0.0,
+              "spawn_failed_backoff_max": 300.0}
+    mesh = mesh_factory(services=services, policy=policy)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", mesh.port("squatted")))
+    squatter.listen(1)
+    try:
+        mesh.tron("up", "--detach")
+        ghost = wait_for(lambda: (s := mesh.service("ghost"))["cause"] and s, 30, "ghost's cause")
+        assert ghost["cause"] == "missing_binary" and ghost["last_failure"]["reason"] == "spawn_failed", ghost
+        squatted = wait_for(lambda: (s := mesh.service("squatted"))["cause"] and s, 30, "squatted's cause")
+        assert squatted["cause"] == "port_in_use", squatted
+        assert squatted["last_failure"]["detail"]["holder"]["pid"] == os.getpid(), squatted
+        assert f"by pid {os.getpid()}" in squatted["last_failure"]["detail"]["error"]
+        text = mesh.tron("status").stdout
+        assert "(missing_binary" in text and "(port_in_use" in text, text
+
+        for name in ("ghost", "squatted"):
+            delays = wait_for(lambda: (d := _delays(mesh, name)) and max(d) >= 12.8 and d, 60,
+                              f"{name}'s backoff to pass 12.8 s")
+            assert delays == sorted(delays) and max(delays) <= 300.0, delays  # grows, never past the longer cap
+            assert sum(d > policy["backoff_max"] for d in delays) >= 2, delays  # past the normal cap
+            wait_for(lambda: mesh.service(name)["state"] == "backoff", 10, f"{name} to wait out its backoff")
+
+        # The fixes: the binary is installed, the port released. `tron start` does not wait for the backoff.
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_text(f"#!/bin/sh\nexec {sys.executable} -m http.server \"$1\" --bind 127.0.0.1\n")
+        binary.chmod(0o755)
+        squatter.close()
+        for name in ("ghost", "squatted"):
+            began = time.monotonic()
+            proc = mesh.tron("start", name)
+            assert proc.returncode == 0 and "retrying_now" in proc.stdout, proc.stdout + proc.stderr
+            running = wait_for(lambda: (s := mesh.service(name))["state"] == "running" and s, 10,
+                               f"{name} to run after `tron start`")
+            assert time.monotonic() - began < 10 and running["cause"] is None, running
+        assert mesh.tron("start", "ghost").stdout.strip() == "ghost: already_running"
+    finally:
+        squatter.close()
+        mesh.down()
+    assert mesh.processes() == []

@@ -405,3 +405,64 @@ def test_a_huge_backoff_factor_restarts_the_5th_unstable_failure_at_the_cap():
     huge = Policy.model_construct(**{**P.model_dump(), "backoff_factor": 1e308})
     d = decide(failed(task_id=None), view(streak=5, failures=(990, NOW)), NOW, huge)
     assert isinstance(d, Restart) and d.delay == P.backoff_max
+
+
+# -- a failure to start that retrying cannot fix backs off to spawn_failed_backoff_max ------------
+
+
+def spawn_failed_view(cause: str | None, streak: int, policy: Policy = P) -> LadderView:
+    v = view(streak=streak).model_copy(update={"policy": policy})
+    return v.model_copy(update={"service": v.service.model_copy(update={"failure_cause": cause})})
+
+
+@pytest.mark.parametrize("cause,streak,expected", [
+    # the first restart is immediate whatever the cause: backoff is for repeated failures
+    ("missing_binary", 1, 0.0),
+    # the same doubling as a crash below the normal cap ...
+    ("missing_binary", 2, 0.5),
+    ("permission_denied", 5, 4.0),
+    # ... but past backoff_max (10 s) it goes on growing, up to spawn_failed_backoff_max
+    ("missing_binary", 7, 16.0),
+    ("port_in_use", 9, 64.0),
+    ("permission_denied", 11, 256.0),
+    ("missing_binary", 12, 300.0),
+    ("port_in_use", 60, 300.0),
+    # a crash, or a failure to start for another reason, stays under the normal cap
+    (None, 11, 10.0),
+    ("cannot_start", 11, 10.0),
+    ("process_exit", 60, 10.0),
+])
+def test_a_lasting_spawn_failure_backs_off_to_the_longer_cap(cause, streak, expected):
+    decision = decide(failed(task_id=None, reason="spawn_failed"), spawn_failed_view(cause, streak), NOW, P)
+    assert isinstance(decision, Restart) and decision.case == "idle_failure"
+    assert decision.delay == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("spawn_cap,backoff_max,expected", [
+    (300.0, 10.0, 300.0),
+    (60.0, 10.0, 60.0),
+    # a cap below backoff_max never makes a lasting failure retried more often than a crash
+    (1.0, 10.0, 10.0),
+    (0.0, 0.0, 0.0),
+])
+def test_the_spawn_failed_cap_is_never_below_backoff_max(spawn_cap, backoff_max, expected):
+    policy = Policy(**{**P.model_dump(), "spawn_failed_backoff_max": spawn_cap, "backoff_max": backoff_max})
+    decision = decide(failed(task_id=None, reason="spawn_failed"), spawn_failed_view("missing_binary", 60, policy),
+                      NOW, policy)
+    assert decision.delay == pytest.approx(expected)
+
+
+def test_a_lasting_spawn_failure_with_a_task_in_flight_backs_off_to_the_longer_cap_too():
+    v = spawn_failed_view("port_in_use", 12).model_copy(update={"task": task()})
+    decision = decide(failed(reason="spawn_failed"), v, NOW, P)
+    assert isinstance(decision, Restart) and decision.case == "restart_with_task" and decision.delay == 300.0
+
+
+@pytest.mark.parametrize("value", [-1.0, 86400.1, float("inf"), "300", True])
+def test_spawn_failed_backoff_max_is_bounded_and_strict(value):
+    with pytest.raises(ValueError, match="spawn_failed_backoff_max"):
+        Policy(spawn_failed_backoff_max=value)
+
+
+def test_spawn_failed_backoff_max_defaults_to_five_minutes():
+    assert Policy().spawn_failed_backoff_max == 300.0

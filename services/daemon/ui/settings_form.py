@@ -12,7 +12,7 @@ from common.config import Policy
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Detection", ("heartbeat_interval", "miss_threshold", "progress_timeout", "task_timeout")),
     ("Restarts", ("max_restarts", "restart_window", "min_uptime", "backoff_initial", "backoff_factor",
-                  "backoff_max", "backoff_jitter")),
+                  "backoff_max", "backoff_jitter", "spawn_failed_backoff_max")),
     ("Escalation", ("max_provider_switches",)),
     ("Processes", ("start_timeout", "stop_grace")),
 )
@@ -28,6 +28,8 @@ HELP = {
     "backoff_factor": "each further unstable failure multiplies the delay by this",
     "backoff_max": "the delay's cap, in seconds",
     "backoff_jitter": "random spread of the delay (0.2 = +-20 %)",
+    "spawn_failed_backoff_max": "the cap for a start that cannot succeed by retrying (a missing binary, no "
+                                "execute permission, a port held by another program); `tron start` retries at once",
     "max_provider_switches": "provider switches per task at the root before it fails for good",
     "start_timeout": "seconds a new incarnation has to become healthy",
     "stop_grace": "seconds between SIGTERM and SIGKILL",

@@ -39,6 +39,15 @@ REQUEST_REASONS = frozenset({"authentication_error", "permission_error", "invali
 STATE_VALUE = {ProviderState.CLOSED: 0, ProviderState.HALF_OPEN: 1, ProviderState.OPEN: 2}
 
 
+def raise_hint(over: list[str], task: dict) -> str:
+    """What an operator can do about the limits reached: a run's budget is raised at run
+    time; a task's or a service's comes from [budgets] (a new daemon), or the task ends."""
+    if over and all(o.startswith("run_") for o in over):
+        return f"tron run budget {task['run_id']} --usd N (or --tokens N)"
+    return (f"{', '.join(o.split()[0] for o in over if not o.startswith('run_'))} come from [budgets] in "
+            f"mesh.toml (a daemon started with a higher one goes on); or end it: tron task fail {task['task_id']}")
+
+
 class ProviderDesk:
     def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, carrier, spend: Spend, *, clock: Clock,
                  metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
@@ -262,7 +271,7 @@ class ProviderDesk:
                 run = await self.store.run(task["run_id"])
                 spend = await self.spend.view(service, task, run)
                 await self.store.event("budget_exceeded", {"reason": d.reason, "spend": spend.model_dump(),
-                                                           "raise": f"tron run budget {task['run_id']} --usd N"},
+                                                           "raise": raise_hint(spend.over(), task)},
                                        agent=service, task_id=task["task_id"], run_id=task["run_id"])
                 self.background(self.carrier.ledger.notify_parked(task["run_id"], task["task_id"], d.kind, d.reason),
                                 "notify gateway (parked)")

@@ -218,3 +218,13 @@ def test_a_read_that_ticks_keeps_the_transition_for_the_events():
     [change] = b.take()
     assert (change.old, change.new) == (O, H)
     assert b.take() == []
+
+
+def test_the_budget_hint_names_what_can_be_raised():
+    from services.daemon.providers import raise_hint
+
+    task = {"run_id": "r-1", "task_id": "r-1.0"}
+    assert raise_hint(["run_usd 0.52 of 0.5"], task).startswith("tron run budget r-1")
+    hint = raise_hint(["task_tokens 900 of 800", "run_usd 0.52 of 0.5"], task)
+    assert "task_tokens" in hint and "[budgets]" in hint and "tron task fail r-1.0" in hint
+    assert "service_usd" in raise_hint(["service_usd 2 of 1"], task)

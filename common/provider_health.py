@@ -149,10 +149,6 @@ class Board:
         self.tick(now)
         return self[name].state
 
-    def usable(self, name: str, now: float) -> bool:
-        """A provider the ladder may send a task to (switch to, or resume on)."""
-        return self.state(name, now) != ProviderState.OPEN
-
     def wait_left(self, name: str, now: float) -> float | None:
         """How long until an open provider may be probed; None when it is not open (or is
         drained, which only an operator ends)."""
@@ -179,8 +175,8 @@ class Board:
         h = self[name]
         self._forget(h, now)
         if h.state == ProviderState.OPEN:
-            left = None if h.until is None else max(0.0, h.until - now)
-            if h.kind == "hold" and left is not None and left <= self.config.wait_before_switch:
+            left = self.wait_left(name, now)
+            if self.short_hold(name, now):
                 return Grant(False, wait=left, why=f"{name} is rate-limited for {left:.2f}s more")
             return Grant(False, open=True, wait=left or 0.0, why=f"{name} is open: {h.reason}")
         if h.state == ProviderState.HALF_OPEN:

@@ -114,35 +114,35 @@ class Ledger:
 
     async def notify_gateway(self, run_id: str, task_id: str | None, reason: str, failure: dict, *,
                              src: str = DAEMON) -> None:
-        gateway = next((n for n, s in self.config.services.items() if s.role == "gateway"), None)
-        if gateway is None:
-            return
         notice = RunFailed(run_id=run_id, task_id=task_id, reason=reason, detail=failure)
-        logs.comms("notify_run_failed", src=src, dst=gateway, run=run_id, task=task_id, reason=reason)
-        for tries in range(1, 21):
-            try:
-                await self.client.post(self.config.url(gateway) + "/notify_run_failed", notice, timeout=5)
-                return
-            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
-                log.info("gateway not told of failed run %s yet: %s", run_id, err)
-            await self.clock.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=2.0, jitter=0.1))
-        log.error("gateway never told of failed run %s (the registry has it)", run_id)
+        told = await self._tell_gateway("notify_run_failed", notice, src=src, run_id=run_id, task_id=task_id,
+                                        reason=reason, what="failed", attempts=20, initial=0.05)
+        if told is False:
+            log.error("gateway never told of failed run %s (the registry has it)", run_id)
 
     async def notify_parked(self, run_id: str, task_id: str, kind: str, reason: str) -> None:
         """The gateway hears that a run waits (a task parked for its budget or an operator);
         best effort: GET /runs/{id} shows the parked tasks anyway."""
+        notice = {"run_id": run_id, "task_id": task_id, "kind": kind, "reason": reason[:500]}
+        await self._tell_gateway("notify_run_parked", notice, src=DAEMON, run_id=run_id, task_id=task_id,
+                                 reason=kind, what="parked", attempts=5, initial=0.1)
+
+    async def _tell_gateway(self, path: str, notice, *, src: str, run_id: str, task_id: str | None, reason: str,
+                            what: str, attempts: int, initial: float) -> bool | None:
+        """POST ``notice`` to the gateway's ``/<path>``, retried with capped backoff: True when
+        told, False when every attempt failed, None when the mesh has no gateway."""
         gateway = next((n for n, s in self.config.services.items() if s.role == "gateway"), None)
         if gateway is None:
-            return
-        notice = {"run_id": run_id, "task_id": task_id, "kind": kind, "reason": reason[:500]}
-        logs.comms("notify_run_parked", src=DAEMON, dst=gateway, run=run_id, task=task_id, reason=kind)
-        for tries in range(1, 6):
+            return None
+        logs.comms(path, src=src, dst=gateway, run=run_id, task=task_id, reason=reason)
+        for tries in range(1, attempts + 1):
             try:
-                await self.client.post(self.config.url(gateway) + "/notify_run_parked", notice, timeout=5)
-                return
+                await self.client.post(self.config.url(gateway) + f"/{path}", notice, timeout=5)
+                return True
             except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
-                log.info("gateway not told of parked run %s yet: %s", run_id, err)
-            await self.clock.sleep(compute_backoff(tries, initial=0.1, factor=2, max_backoff=2.0, jitter=0.1))
+                log.info("gateway not told of %s run %s yet: %s", what, run_id, err)
+            await self.clock.sleep(compute_backoff(tries, initial=initial, factor=2, max_backoff=2.0, jitter=0.1))
+        return False
 
     # -- hand-over to a new incarnation ---------------------------------------------------------
 

@@ -26,6 +26,7 @@ from common.ladder import (Approval, CallAsked, Decision, Fail, Ignore, LadderVi
                            decide)
 from common.models import PermanentFailure, ProviderCall, ProviderOutcome
 from common.provider_health import Board, Change
+from common.providers import NON_RETRYABLE
 from common.states import ProviderState, RetryType, TaskState
 from registry.protocol import Store
 from services.daemon.metrics import DaemonMetrics
@@ -34,8 +35,6 @@ from services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 LONG_POLL = 20.0  # an acquire or park request is answered within this, then asked again
-REQUEST_REASONS = frozenset({"authentication_error", "permission_error", "invalid_request_error", "not_found_error",
-                             "request_too_large", "not_configured"})
 STATE_VALUE = {ProviderState.CLOSED: 0, ProviderState.HALF_OPEN: 1, ProviderState.OPEN: 2}
 
 
@@ -89,13 +88,11 @@ class ProviderDesk:
                 log.warning(kind.replace("_", " "), extra=payload)
             await self.store.event(kind, payload)
         if changes:
-            self._wake()
+            self.wake()
 
     def wake(self) -> None:
-        """Something a waiter decides on changed (a budget raised): look again now."""
-        self._wake()
-
-    def _wake(self) -> None:
+        """Something a waiter decides on changed (a provider, a budget, an approval): every
+        waiter looks again now."""
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -174,18 +171,18 @@ class ProviderDesk:
             await self.spend.record(out.usage, agent=out.service, incarnation=out.incarnation, task=task, ok=out.ok)
         if out.cancelled:
             self.board.released(out.provider, out.incarnation)
-            self._wake()
+            self.wake()
             return {"action": "done"}
         if out.ok:
             self.park_started.pop(out.task_id or "", None)
             tokens = out.tokens or (out.usage.input_tokens + out.usage.output_tokens if out.usage else 0)
             await self.announce(self.board.succeeded(out.provider, now, tokens=tokens, limits=out.limits,
                                                      admitted=out.admitted, holder=out.incarnation))
-            self._wake()  # a call in flight fewer: the next waiter may go
+            self.wake()  # a call in flight fewer: the next waiter may go
             return {"action": "done"}
         failure = out.failure or {}
         reason = str(failure.get("reason") or "unexpected_error")[:128]
-        retryable = bool(failure.get("retryable", True)) and reason not in REQUEST_REASONS
+        retryable = bool(failure.get("retryable", True)) and reason not in NON_RETRYABLE
         retry_after = failure.get("retry_after")
         retry_after = float(retry_after) if isinstance(retry_after, (int, float)) and retry_after >= 0 else None
         # An exception the SDK layer could not name (unexpected_error:TypeError) is as likely the
@@ -367,7 +364,7 @@ class ProviderDesk:
         """`tron task approve`: the task's parked agent (or the daemon's tick, for a held task)
         takes it up on the next look, within a moment."""
         self.approvals[task["task_id"]] = approval
-        self._wake()
+        self.wake()
 
     async def tick_held(self) -> None:
         """Tasks parked with nobody polling for them (held by the top for an operator, or

@@ -97,9 +97,8 @@ class Spend:
 
     async def _add(self, totals: dict, key: str, usd: float, tokens: int, **where) -> None:
         if key not in totals:
-            # What an earlier daemon recorded (this row is written already: it is counted there).
-            spent = await self.store.spend(**where)
-            self._keep(totals, key, [spent["usd"], spent["tokens"]])
+            # Read from the registry, which has this row already (and what an earlier daemon recorded).
+            await self._total(totals, key, **where)
             return
         totals[key][0] += usd
         totals[key][1] += tokens

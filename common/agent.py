@@ -39,6 +39,7 @@ Endpoints (all but /health need the mesh token):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import importlib
 import logging
@@ -352,11 +353,8 @@ class Agent:
         await self.sdks_ready()
         while True:
             provider = task.provider or self.provider
-            task.waiting += 1  # a wait in the governor's queue (a rate limit, a probe out) is no runaway
-            try:
+            with self._waiting(task):  # a wait in the governor's queue (a rate limit, a probe out) is no runaway
                 answer = await self._desk("acquire", task, provider)
-            finally:
-                task.waiting -= 1
             if answer is not None and answer.get("action") != "go":
                 await self._follow(task, answer, portable=portable)
                 continue
@@ -441,22 +439,27 @@ class Agent:
         if not portable and task.provider != was:
             raise ProviderMoved(task.provider)
 
-    async def _wait(self, task: Task, seconds: float) -> None:
-        """A wait the ladder asked for: beats say the task waits (not a runaway)."""
-        if seconds <= 0:
-            return
+    @contextlib.contextmanager
+    def _waiting(self, task: Task):
+        """While the task waits on the ladder (a delay, the governor, a park), its beats say so:
+        TRON does not count it as a runaway, nor its wall clock against task_timeout."""
         task.waiting += 1
         self._refresh_beat_fields()
         try:
-            await self.clock.sleep(seconds)
+            yield
         finally:
             task.waiting -= 1
             self._refresh_beat_fields()
 
+    async def _wait(self, task: Task, seconds: float) -> None:
+        """A wait the ladder asked for: beats say the task waits (not a runaway)."""
+        if seconds <= 0:
+            return
+        with self._waiting(task):
+            await self.clock.sleep(seconds)
+
     async def _parked(self, task: Task) -> None:
-        task.waiting += 1
-        self._refresh_beat_fields()
-        try:
+        with self._waiting(task):
             while True:
                 answer = await self._desk("park", task, task.provider or self.provider)
                 if answer is None:
@@ -466,12 +469,9 @@ class Agent:
                     continue
                 if answer.get("action") == "resume":
                     task.provider = self.ctx.provider = answer.get("provider") or task.provider
-                    log.warning("parked task resumes on %s", answer["provider"], extra={"task": task.id})
+                    log.warning("parked task resumes on %s", task.provider, extra={"task": task.id})
                     return
                 raise Abandon()
-        finally:
-            task.waiting -= 1
-            self._refresh_beat_fields()
 
     async def checkpoint(self, task: Task, step: int, step_id: str, output: str) -> None:
         """Record a completed step (its output kept, hashed, by the daemon): a restart

@@ -11,6 +11,7 @@ import pytest
 from common.config import Policy
 from common.ladder import worst_case_attempts
 from tests.harness import REPO, wait_for
+from tests.integration.test_providers import pids
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +52,6 @@ def ladder_mesh(mesh_factory):
     m = mesh_factory(services=SERVICES)
     m.up()
     return m
-
-
-def pids(mesh) -> dict[str, int]:
-    return {s["name"]: s["pid"] for s in mesh.status()["services"]}
 
 
 def test_anthropic_overloaded_is_retried_in_place_then_switched_and_nobody_is_killed(ladder_mesh):

@@ -29,8 +29,9 @@ def sim_counters(mesh) -> dict:
     return {p: v["counters"] for p, v in body["providers"].items()}
 
 
-def submit(mesh, prompt: str = "build it") -> str:
-    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": prompt})
+def submit(mesh, prompt: str = "build it", **extra) -> str:
+    """A run through the gateway (``extra``: more of its body, a budget say); its id."""
+    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": prompt, **extra})
     assert code == 202, body
     return body["run_id"]
 

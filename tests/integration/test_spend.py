@@ -13,6 +13,7 @@ import pytest
 from common.prices import DEFAULT_PRICES, cost_usd, price_for
 from tests.harness import REPO, wait_for
 from tests.integration.test_notify import SECRET, Receiver
+from tests.integration.test_providers import fault, finished, pids, submit
 
 pytestmark = pytest.mark.integration
 
@@ -22,30 +23,10 @@ _DEFAULT = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
 MIXED = {**_DEFAULT, "programmer-2": {**_DEFAULT["programmer-2"], "provider": "ollama"}}
 
 
-def fault(mesh, provider: str, kind: str, **kw) -> None:
-    code, body = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}", {"kind": kind, **kw})
-    assert code == 200, body
-
-
-def submit(mesh, prompt: str = "build it", **budget) -> str:
-    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": prompt, **budget})
-    assert code == 202, body
-    return body["run_id"]
-
-
-def finished(mesh, run_id: str, timeout: float = 60) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1])
-                    and r["status"] != "running" and r, timeout, f"run {run_id} to finish")
-
-
 def parked(mesh, run_id: str, kind: str, timeout: float = 60) -> dict:
     return wait_for(lambda: (r := mesh.rows("SELECT * FROM tasks WHERE run_id = ? AND status = 'parked' AND "
                                             "parked_reason = ?", (run_id, kind))) and r[0], timeout,
                     f"a task of {run_id} to park ({kind})")
-
-
-def pids(mesh) -> dict[str, int]:
-    return {s["name"]: s["pid"] for s in mesh.status()["services"]}
 
 
 def test_a_runs_cost_is_what_llm_sim_reported_at_the_listed_prices(mesh_factory):

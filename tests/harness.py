@@ -216,8 +216,10 @@ class Mesh:
         return self.rows("SELECT * FROM retry_history ORDER BY id")
 
     def wait_replaced(self, name: str, old_pid: int, timeout: float = 30) -> dict:
-        """Until a new pid answers /health on the service's own port."""
-        return wait_for(lambda: (h := self.health(name)) and h["pid"] != old_pid and h, timeout,
+        """Until a new pid answers /health on the service's own port and the daemon has
+        recorded that pid (a forked child can answer before its spawn call returns)."""
+        return wait_for(lambda: (h := self.health(name)) and h["pid"] != old_pid
+                        and self.service(name)["pid"] == h["pid"] and h, timeout,
                         f"{name} to come back with a new pid")
 
     def wait_state(self, name: str, state: str, timeout: float = 30) -> dict:

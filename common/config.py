@@ -385,6 +385,10 @@ class MeshSection(_Strict):
     # Agents are forked from a process that has already imported them (milliseconds
     # instead of seconds); other commands always spawn plainly.
     fork_server: bool = True
+    # How `tron up` starts the mesh: "dependencies" (every service at once, each after its
+    # own depends_on); "tree" (one at a time, parents first, each waiting for the one
+    # before to be healthy: the order before 2026-12, kept for meshes that rely on it).
+    start: Literal["dependencies", "tree"] = "dependencies"
     # Where the daemon listens, and the address agents on other machines reach it at
     # (loopback stays the default; every control endpoint needs the mesh token anyway).
     bind: str = "127.0.0.1"
@@ -664,6 +668,12 @@ def _ladder_into_policy(data: dict, source: str) -> None:
 def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
     """Validate a parsed mesh file and shift every port by ``port_offset``."""
     data = dict(data)
+    services = data.get("services")
+    if isinstance(services, dict):  # a port written as a string ("6171") is a port like 6171: shifted too
+        data["services"] = {name: {**raw, "port": _port_number(raw["port"])} if isinstance(raw, dict) and "port" in raw
+                            else raw for name, raw in services.items()}
+    if isinstance(data.get("mesh"), dict) and "daemon_port" in data["mesh"]:
+        data["mesh"] = {**data["mesh"], "daemon_port": _port_number(data["mesh"]["daemon_port"])}
     _check_offset(data, source, port_offset)
     services = data.get("services")
     if isinstance(services, dict):
@@ -686,6 +696,14 @@ def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> M
         return MeshConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(source, err)) from None
+
+
+def _port_number(raw: object) -> object:
+    """ "6171" -> 6171 (so the offset shifts it and the clash check sees it); anything
+    else is left for validation to refuse with its own message."""
+    if isinstance(raw, str) and raw.strip().isdigit():
+        return int(raw.strip())
+    return raw
 
 
 def port_offset_from_env(env: os._Environ | dict | None = None) -> int:

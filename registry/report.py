@@ -122,9 +122,21 @@ def unhandled_alerts(conn) -> Check:
     return Check("alerts nobody handled", not rows, f"{len(rows)}", [f"{r['alert_id']} ({r['agent']})" for r in rows])
 
 
+def crash_looping(conn) -> Check:
+    """Services in a crash-loop episode now (not stopped by an operator): the mesh is not
+    healthy while one restarts over and over, whatever the other invariants say."""
+    rows = _rows(conn, "SELECT name, state FROM agents WHERE crash_looping = 1 AND stopped = 0 ORDER BY name")
+    total = _rows(conn, "SELECT COUNT(*) AS n FROM agents")[0]["n"]
+    return Check("services crash-looping", not rows, f"{len(rows)} of {total}",
+                 [f"{r['name']} ({r['state']})" for r in rows])
+
+
 def run_report(conn: sqlite3.Connection, *, max_restarts: int, max_switches: int,
-               pid_alive: Callable[[int, float | None], bool]) -> list[Check]:
+               pid_alive: Callable[[int, float | None], bool], now: bool = True) -> list[Check]:
+    """Every invariant; ``now``: with the checks of the mesh's present state (crash loops),
+    which a drill that causes them on purpose leaves out and judges itself."""
     return [
+        *([crash_looping(conn)] if now else []),
         orphan_sessions(conn, pid_alive),
         duplicate_sessions(conn),
         ownerless_tasks(conn),

@@ -56,7 +56,7 @@ def http(method: str, url: str, body=None, *, token: str | None = None, raw: byt
 
 
 class MeshClient:
-    def __init__(self, home: Home, config: MeshConfig) -> None:
+    def __init__(self, home: Home, config: MeshConfig | None) -> None:
         self.home = home
         self.config = config
 
@@ -69,9 +69,12 @@ class MeshClient:
 
     @property
     def daemon_url(self) -> str:
+        """Where this home's daemon listens: its own file says, else mesh.toml; "" when
+        neither can (no daemon file and no readable config: only `tron down` gets here)."""
         info = self.daemon_info()
-        port = info["port"] if info and isinstance(info.get("port"), int) else self.config.mesh.daemon_port
-        return f"http://127.0.0.1:{port}"
+        if info and isinstance(info.get("port"), int):
+            return f"http://127.0.0.1:{info['port']}"
+        return f"http://127.0.0.1:{self.config.mesh.daemon_port}" if self.config else ""
 
     def url(self, name: str) -> str:
         return self.daemon_url if name == "daemon" else self.config.url(name)

@@ -72,11 +72,11 @@ class Ctx:
     def mesh(self) -> MeshClient:
         return MeshClient(self.home, self.config)
 
-    def daemon_pid(self) -> int | None:
+    def daemon_pid(self, mesh: MeshClient | None = None) -> int | None:
         """This home's daemon, if one runs: its pid file names it and it holds the lock."""
         from common.processes import home_processes
 
-        info = self.mesh.daemon_info()
+        info = (mesh or self.mesh).daemon_info()
         if info and isinstance(info.get("pid"), int) and _alive(info["pid"]):
             return info["pid"]
         for p in home_processes(str(self.home.root)):
@@ -133,7 +133,7 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
             status = mesh.status()
             if _settled(status):
                 break
-        time.sleep(0.1)
+        time.sleep(0.03)
     else:
         names = ", ".join(f"{s['name']} ({s['state']})" for s in (status or {}).get("services", [])
                           if s["state"] != "running") or "the daemon itself"
@@ -143,7 +143,8 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
         print(render_status(status))
         for s in failing:
             print(f"tron up: {s['name']} is {s['state']}: {_failure_text(s)}", file=sys.stderr)
-        print(f"mesh up on {ctx.home.root}: {len(status['services']) - len(failing)} of {len(status['services'])} "
+        print(f"mesh up on {ctx.home.root} in {time.monotonic() - started:.1f}s: "
+              f"{len(status['services']) - len(failing)} of {len(status['services'])} "
               f"services healthy (daemon pid {proc.pid}). `tron down` stops it.")
         if failing:
             return 1
@@ -175,6 +176,18 @@ def _failure_text(s: dict) -> str:
     return f"{f.get('reason', 'not healthy yet')}" + (f": {extra}" if extra else "")
 
 
+def _daemon_grace(mesh: MeshClient) -> float:
+    """The running daemon's stop_grace (mesh.toml cannot be read), else the default."""
+    from common.config import Policy
+
+    if mesh.daemon_url:
+        code, body = mesh.try_call("GET", mesh.daemon_url + "/status", auth=mesh.home.token_file.exists(), timeout=3)
+        grace = ((body or {}).get("policy") or {}).get("stop_grace") if code == 200 and isinstance(body, dict) else None
+        if isinstance(grace, (int, float)):
+            return float(grace)
+    return Policy().stop_grace
+
+
 def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     """API first; a daemon that does not answer gets SIGTERM, then SIGKILL after the grace
     period; then every process of the home, found by its environment, is ended. "Nothing
@@ -182,13 +195,18 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     from scripts.census import end_all, wait_gone
     from common.processes import describe, home_processes
 
-    grace = ctx.config.policy.stop_grace
-    pid = ctx.daemon_pid()
+    try:
+        config: MeshConfig | None = ctx.config
+    except ConfigError as err:  # stopping needs only the home: a typo in mesh.toml must not keep a mesh up
+        config = None
+        print(f"warning: {str(err).splitlines()[0]}\n  stopping by the home alone ({ctx.home.root})", file=sys.stderr)
+    mesh = MeshClient(ctx.home, config)
+    grace = config.policy.stop_grace if config else _daemon_grace(mesh)
+    pid = ctx.daemon_pid(mesh)
     how = None
     if pid is not None:
-        mesh = ctx.mesh
         code, _ = mesh.try_call("POST", mesh.daemon_url + "/control/shutdown", {}, auth=True, timeout=5) \
-            if mesh.daemon_health() and ctx.home.token_file.exists() else (0, None)
+            if mesh.daemon_url and mesh.daemon_health() and ctx.home.token_file.exists() else (0, None)
         how = "shut down"
         if code != 202:
             os.kill(pid, signal.SIGTERM)

@@ -44,7 +44,13 @@ def load_class(spec: str, paths: list[str] = ()) -> type[Agent]:
         frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
         where = f" at {frame.filename} line {frame.lineno}" if frame else ""
         raise AgentLoadError(f"agent {spec}: cannot import {module_name}: {type(err).__name__}: {err}{where}") from None
-    cls = getattr(module, class_name, None)
+    if not hasattr(module, class_name):
+        import difflib
+
+        near = difflib.get_close_matches(class_name, [n for n, v in vars(module).items() if isinstance(v, type)], 1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise AgentLoadError(f"agent {spec}: {module.__file__} has no name {class_name}{hint}")
+    cls = getattr(module, class_name)
     if not isinstance(cls, type) or not issubclass(cls, Agent):
         raise AgentLoadError(f"agent {spec}: {class_name} in {module.__file__} is not a subclass of "
                              "common.agent.Agent")

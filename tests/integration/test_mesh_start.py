@@ -1,0 +1,58 @@
+"""Issue 24: the mesh starts by dependencies, not one service at a time; `tron up` says why
+it gave up on a service; `tron down` needs only the home."""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+
+import psutil
+
+from tests.harness import REPO, TRON, wait_for
+
+SLEEPER = ["{python}", "-c", "import time; time.sleep(3600)"]
+STUCK = {"role": "command", "port": 6195, "command": SLEEPER, "startup": {"tcp": {}, "interval": 0.2, "timeout": 0.2}}
+
+
+def test_a_service_that_never_gets_ready_holds_back_only_what_depends_on_it(mesh_factory):
+    services = {"stuck": STUCK, **tomllib.loads((REPO / "mesh.toml").read_text())["services"]}
+    services["waiter"] = {"role": "command", "port": 6196, "command": SLEEPER, "depends_on": {"stuck": "ready"}}
+    # The stuck one stays "starting" for its start_timeout; the rest must not wait that long.
+    mesh = mesh_factory(services=services, policy={"start_timeout": 15.0})
+    up = subprocess.Popen([*TRON, "--config", str(mesh.config), "up", "--detach"], env=mesh.env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def others_running():
+            try:
+                rows = {s["name"]: s for s in mesh.status()["services"]}
+            except OSError:
+                return None  # the daemon is not listening yet
+            return all(rows[n]["state"] == "running" for n in rows if n not in ("stuck", "waiter")) and rows
+        rows = wait_for(others_running, 15, "every service but the stuck one and its dependant running")
+        # Seen while the stuck service is still inside its start_timeout: nothing waited for it
+        # but the one service that declared that it must.
+        assert rows["stuck"]["state"] == "starting" and rows["stuck"]["last_failure"] is None, rows["stuck"]
+        assert rows["waiter"]["pid"] is None and rows["waiter"]["state"] == "stopped", rows["waiter"]
+        agents = [n for n, s in services.items() if s["role"] != "command"]
+        assert all(mesh.health(n) for n in agents)
+        out, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    # `tron up` returns once every service is running or has failed, and names the failure.
+    assert up.returncode == 1, (out, err)
+    assert "stuck is" in err and "start_timeout" in err, err
+    assert "mesh up on" in out and "s: " in out
+
+
+def test_down_stops_the_mesh_whatever_mesh_toml_says(mesh):
+    pids = [p.pid for p in mesh.processes()]
+    assert len(pids) >= 9  # the daemon, its fork server, the services
+    mesh.config.write_text(mesh.config.read_text() + "\n[services.broken\n")  # a typo
+    assert mesh.tron("status").returncode != 0  # the file really is unreadable
+    proc = mesh.tron("down")
+    assert proc.returncode == 0, proc.stderr
+    assert "not valid TOML" in proc.stderr and "stopping by the home alone" in proc.stderr
+    assert not mesh.processes()
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -1,0 +1,84 @@
+"""Small things a new user hit (issue 24): a port written as a string, a misspelt agent
+class, and a report that called a crash-looping mesh healthy."""
+
+import sqlite3
+import textwrap
+
+import pytest
+
+from common.config import ConfigError, parse_mesh
+from registry.report import run_report
+from registry.schema import open_and_prepare
+from services.agent_host.app import AgentLoadError, load_class
+
+NOW = "2026-12-05T00:00:00Z"
+
+
+def mesh(port, daemon_port=6109):
+    return {"mesh": {"daemon_port": daemon_port},
+            "services": {"a": {"role": "root", "port": port}, "b": {"role": "programmer", "port": 7002, "parent": "a"}}}
+
+
+@pytest.mark.parametrize("port,daemon_port,offset,want", [
+    (7001, 6109, 0, (7001, 6109)),
+    ("7001", 6109, 0, (7001, 6109)),
+    ("7001", "6109", 1000, (8001, 7109)),  # shifted like numbers
+    (" 7001 ", 6109, 5, (7006, 6114)),
+])
+def test_a_port_written_as_a_string_is_a_port_and_is_shifted(port, daemon_port, offset, want):
+    cfg = parse_mesh(mesh(port, daemon_port), port_offset=offset)
+    assert (cfg.services["a"].port, cfg.mesh.daemon_port) == want
+
+
+def test_a_string_port_takes_part_in_the_clash_check_after_the_shift():
+    with pytest.raises(ConfigError, match="services.b.port: port 8002 is already used by services.a.port"):
+        parse_mesh(mesh("7002") | {"services": {"a": {"role": "root", "port": "7002"},
+                                                "b": {"role": "programmer", "port": 7002, "parent": "a"}}},
+                   port_offset=1000)
+
+
+@pytest.mark.parametrize("port", ["seven", "70000", "", "7001.5"])
+def test_a_port_that_is_no_number_is_refused_naming_the_key(port):
+    with pytest.raises(ConfigError, match="services.a.port"):
+        parse_mesh(mesh(port), port_offset=1000)
+
+
+def test_a_missing_agent_class_says_the_module_has_no_such_name(tmp_path):
+    (tmp_path / "my_agents_mod.py").write_text(textwrap.dedent("""
+        from common.agent import Agent
+
+        class Summariser(Agent):
+            async def work(self, task):
+                return "ok"
+
+        NOT_A_CLASS = 3
+    """))
+    with pytest.raises(AgentLoadError, match=r"has no name Sumariser \(did you mean Summariser\?\)"):
+        load_class("my_agents_mod:Sumariser", [str(tmp_path)])
+    with pytest.raises(AgentLoadError, match="NOT_A_CLASS .* is not a subclass"):
+        load_class("my_agents_mod:NOT_A_CLASS", [str(tmp_path)])
+    assert load_class("my_agents_mod:Summariser", [str(tmp_path)]).__name__ == "Summariser"
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "registry.db"
+    open_and_prepare(path)
+    conn = sqlite3.connect(path)
+    for name, looping, stopped in (("a", 0, 0), ("b", 1, 0), ("c", 1, 1)):
+        conn.execute("INSERT INTO agents (name, role, parent, port, state, crash_looping, stopped, updated_at) "
+                     "VALUES (?, 'programmer', 'root', 7000, 'backoff', ?, ?, ?)", (name, looping, stopped, NOW))
+    conn.commit()
+    yield conn
+    conn.close()
+
+
+def test_the_report_fails_while_a_service_crash_loops_and_names_it(db):
+    checks = {c.name: c for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda pid, ct: True)}
+    loop = checks["services crash-looping"]
+    assert not loop.healthy and loop.offenders == ["b (backoff)"] and loop.figure == "1 of 3"
+    db.execute("UPDATE agents SET crash_looping = 0")
+    checks = {c.name: c for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda pid, ct: True)}
+    assert checks["services crash-looping"].healthy
+    drill = {c.name for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda p, c: True, now=False)}
+    assert "services crash-looping" not in drill  # a drill that causes loops judges them itself

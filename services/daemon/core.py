@@ -222,22 +222,31 @@ class Daemon:
         self.background(self._housekeeping(), "housekeeping")
         self.background(self.probes.loop(), "probes")
         self.notifier.start()  # from here on, what goes wrong reaches the [[notify]] receivers
-        for name in self.config.start_order():
-            svc = self.sup[name]
-            if svc.stopped:
-                continue
-            try:
-                await self._dependencies_met(svc)
-                async with svc.lock:
-                    if svc.child is None or not svc.child.alive:
-                        await self.sup.start(svc, reason="mesh_start")
-                await self.sup.wait_settled(svc, self.policy().start_timeout + 1)
-            except Exception as err:  # one service's surprise must not keep the rest of the mesh down
-                log.exception("bring-up of %s failed", name)
-                await self.store.event("bring_up_failed", {"error": f"{type(err).__name__}: {err}"[:500]},
-                                       agent=name)
+        # Every service at once, each as soon as its own depends_on is met (systemd and
+        # process-compose order by declared dependencies, not by the tree): a child needs
+        # its parent only to talk to it, which the ladder's redelivery already covers.
+        began = self.clock.now()
+        todo = [self.sup[name] for name in self.config.start_order() if not self.sup[name].stopped]
+        if self.config.mesh.start == "tree":
+            for svc in todo:
+                await self._bring_up_one(svc)
+        else:
+            await asyncio.gather(*(self._bring_up_one(svc) for svc in todo))
+        log.info("bring-up done", extra={"seconds": round(self.clock.now() - began, 3)})
         await self.ledger.redeliver_pending()
         await self.router.redeliver_pending()
+
+    async def _bring_up_one(self, svc) -> None:
+        try:
+            await self._dependencies_met(svc)
+            async with svc.lock:
+                if not svc.stopped and (svc.child is None or not svc.child.alive):
+                    await self.sup.start(svc, reason="mesh_start")
+            await self.sup.wait_settled(svc, self.policy().start_timeout + 1)
+        except Exception as err:  # one service's surprise must not keep the rest of the mesh down
+            log.exception("bring-up of %s failed", svc.name)
+            await self.store.event("bring_up_failed", {"error": f"{type(err).__name__}: {err}"[:500]},
+                                   agent=svc.name)
 
     async def _dependencies_met(self, svc) -> None:
         """depends_on, as process-compose has it: start after each dependency is started

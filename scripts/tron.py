@@ -379,6 +379,37 @@ def cmd_provider(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(ctx: Ctx, args: argparse.Namespace) -> int:
+    """The daemon reads its own mesh file again (the one it was started with) and applies
+    the difference; --dry-run prints the plan only. The daemon judges the file: an invalid
+    one is refused there, naming every error, and nothing changes."""
+    mesh = MeshClient(ctx.home, None)
+    if not mesh.daemon_url or mesh.daemon_health() is None:
+        raise CLIError(f"the mesh is not running on home {ctx.home.root} (start it with `tron up`)")
+    body = {"reason": args.reason or "tron reload", "actor": f"{getpass.getuser()}@cli",
+            "request_id": f"cli-{uuid.uuid4().hex[:16]}"}
+    code, answer = mesh.call("POST", mesh.daemon_url + "/reload" + ("?dry_run=true" if args.dry_run else ""), body,
+                             auth=True, timeout=300)
+    if code >= 300:
+        raise CLIError("reload refused, nothing was changed: " +
+                       (answer.get("error") if isinstance(answer, dict) else str(answer)))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    plan = answer["plan"]
+    rows = [*((n, "start", "new") for n in plan["start"]), *((n, "stop", "removed") for n in plan["stop"]),
+            *((n, "replace", why) for n, why in plan["replace"].items()),
+            *((n, "update", "probes: " + ", ".join(keys)) for n, keys in plan["update"].items()),
+            *((n, "unchanged", "") for n in plan["unchanged"])]
+    for name, what, why in rows:
+        print(f"{name:<20} {what:<10} {why}")
+    if plan["sections"]:
+        print(f"in place: {', '.join('[' + s + ']' for s in plan['sections'])}")
+    print({"dry_run": "dry run: nothing was changed", "unchanged": "nothing to change",
+           "applied": "applied"}[answer["status"]])
+    return 0
+
+
 def cmd_spawning(ctx: Ctx, args: argparse.Namespace) -> int:
     answer = _action(ctx, f"/spawning/{args.spawning_cmd}", args)
     print(f"spawning: {answer['status']}")
@@ -697,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
         pv = psub.add_parser(verb, help=what)
         pv.add_argument("name")
         pv.add_argument("--reason")
+    reload = sub.add_parser("reload", help="read mesh.toml again and apply the difference (SIGHUP does too)")
+    reload.add_argument("--dry-run", action="store_true", help="print the plan (start/stop/replace/update), change nothing")
+    reload.add_argument("--json", action="store_true")
+    reload.add_argument("--reason")
     spawning = sub.add_parser("spawning", help="the incident switch: no new process starts anywhere")
     ssub = spawning.add_subparsers(dest="spawning_cmd", required=True)
     for verb in ("pause", "resume"):
@@ -802,7 +837,7 @@ COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_lo
             "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "pause": cmd_service,
             "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane, "provider": cmd_provider,
             "cost": lambda ctx, args: cmd_cost(ctx, args, _registry, CLIError),
-            "spawning": cmd_spawning, "task": cmd_task, "audit": cmd_audit, "ui": cmd_ui,
+            "spawning": cmd_spawning, "reload": cmd_reload, "task": cmd_task, "audit": cmd_audit, "ui": cmd_ui,
             "notify": cmd_notify}
 
 

@@ -45,6 +45,7 @@ async def serve(daemon: Daemon) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_shutdown)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_on_signal)  # as nginx and supervisord: read the file again
     daemon.write_daemon_file(daemon.config.mesh.daemon_port)
     bring_up = daemon.background(daemon.bring_up(), "bring-up")  # a failure of it is logged, not lost
     await daemon.shutdown_requested.wait()

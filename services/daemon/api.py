@@ -404,6 +404,41 @@ async def put_settings(request: web.Request) -> web.Response:
     return web.json_response({"policy": policy.model_dump(), "overlay": str(d.overlay)})
 
 
+class ReloadQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dry_run: bool = False
+
+
+@require_token
+async def reload_mesh(request: web.Request) -> web.Response:
+    """`tron reload [--dry-run]`: mesh.toml's difference, applied (audited) or only planned.
+    An invalid or unappliable file is a 400 naming every error; nothing changes."""
+    from services.daemon.reload import ReloadRefused
+
+    d = _d(request)
+    q = parse_query(request, ReloadQuery)
+    body = await _operator_body(request)
+
+    async def act() -> dict:
+        try:
+            return await d.reload(dry_run=q.dry_run, actor=_actor(body))
+        except ReloadRefused as err:
+            raise Refused(400 if "under way" not in str(err) and "still starting" not in str(err) else 409,
+                          "; ".join(err.errors)) from None
+
+    if q.dry_run:
+        try:
+            return web.json_response(await act())
+        except Refused as err:
+            return error(err.status, str(err))
+    try:
+        answer = await d.audit.run(act, actor=_actor(body), what="reload", target=str(d.config_path),
+                                   state=lambda: "", reason=body.reason, request_id=body.request_id)
+    except Refused as err:
+        return error(err.status, str(err))
+    return web.json_response(answer)
+
+
 class SettingsChange(Msg):
     # Any: the Policy model judges each value (strict: "600" is no number, inf is refused),
     # so a lax coercion here cannot let a string or an infinity through.
@@ -712,6 +747,7 @@ def make_app(daemon: Daemon) -> web.Application:
         r.add_post(f"/spawning/{verb}", _spawning_action(verb))
     r.add_get("/settings", get_settings)
     r.add_put("/settings", put_settings)
+    r.add_post("/reload", reload_mesh)
     r.add_post("/runs", create_run)
     r.add_get("/runs/{run_id}", get_run)
     r.add_post("/runs/{run_id}/finish", finish_run)

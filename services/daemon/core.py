@@ -85,6 +85,8 @@ class Daemon:
         self._run_monitor_thread = monitor_thread  # unit tests drive monitor.tick(now) themselves
         self.sup: Supervisor | None = None
         self.notifier: Notifier | None = None
+        self.brought_up = asyncio.Event()  # the first bring-up is over (a reload waits for it)
+        self._reloader = None  # services/daemon/reload.py, made at the first reload
 
     def policy(self) -> Policy:
         return self._policy
@@ -100,17 +102,50 @@ class Daemon:
         before = self._policy.model_dump()
         kept = {**read_overlay(self.overlay), **{k: v for k, v in new.model_dump().items() if before[k] != v}}
         write_overlay(self.overlay, kept)
-        self._policy = new
-        p = new
-        for svc in self.sup.services.values():
-            self.monitor.retime(svc.name, beat_timeout=p.beat_timeout if svc.spec.is_agent else None,
-                                progress_timeout=p.progress_timeout, task_timeout=p.task_timeout)
+        await self.replace_policy(new)
         changed = {k: {"from": before[k], "to": v} for k, v in new.model_dump().items() if before[k] != v}
         await self.store.event("audit", {"who": actor, "what": "settings", "target": "policy", "before": "",
                                          "after": str(self.overlay), "outcome": "applied", "reason": "",
                                          "changed": changed})
         log.info("policy changed", extra={"actor": actor, "changed": changed, "overlay": str(self.overlay)})
         return new
+
+    async def replace_policy(self, new: Policy) -> None:
+        """The policy every part reads from now on; the monitor's deadlines follow at once."""
+        self._policy = new
+        for svc in self.sup.services.values():
+            self.monitor.retime(svc.name, beat_timeout=new.beat_timeout if svc.spec.is_agent else None,
+                                progress_timeout=new.progress_timeout, task_timeout=new.task_timeout)
+
+    async def reload(self, *, dry_run: bool, actor: str) -> dict:
+        """`tron reload`: apply mesh.toml's difference (services/daemon/reload.py). Raises
+        ReloadRefused, naming every error, and changes nothing."""
+        from services.daemon.reload import ReloadRefused, Reloader
+
+        if not self.brought_up.is_set():
+            raise ReloadRefused(["the mesh is still starting: reload once `tron up` is done"])
+        if self._reloader is None:
+            self._reloader = Reloader(self)
+        return await self._reloader.reload(dry_run=dry_run, actor=actor)
+
+    def reload_on_signal(self) -> None:
+        """SIGHUP: the same reload as `tron reload`, audited as the signal's; the outcome is
+        logged (and a refusal is an event: nothing was changed)."""
+        async def run() -> None:
+            from services.daemon.reload import ReloadRefused
+
+            try:
+                answer = await self.reload(dry_run=False, actor="SIGHUP")
+                await self.store.event("audit", {"who": "SIGHUP", "what": "reload", "target": str(self.config_path),
+                                                 "before": "", "after": "", "outcome": answer["status"],
+                                                 "reason": "signal", "plan": answer["plan"]})
+            except ReloadRefused as err:
+                log.error("reload refused: %s", err, extra={"errors": err.errors})
+                await self.store.event("audit", {"who": "SIGHUP", "what": "reload", "target": str(self.config_path),
+                                                 "before": "", "after": "", "outcome": f"refused: {err}",
+                                                 "reason": "signal"})
+
+        self.background(run(), "reload (SIGHUP)")
 
     # -- assembly ---------------------------------------------------------------------------
 
@@ -233,6 +268,7 @@ class Daemon:
         else:
             await asyncio.gather(*(self._bring_up_one(svc) for svc in todo))
         log.info("bring-up done", extra={"seconds": round(self.clock.now() - began, 3)})
+        self.brought_up.set()
         await self.ledger.redeliver_pending()
         await self.router.redeliver_pending()
 

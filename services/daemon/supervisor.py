@@ -167,10 +167,13 @@ class Supervisor:
                                                             "reason": reason, "incarnation": svc.incarnation})
         await self.store.set_agent(svc.name, state=new)
 
-    async def declare(self) -> None:
+    async def declare(self, only: set[str] | None = None) -> None:
         """Every service of the mesh file is a registry row; what outlives a daemon (an
-        operator's stop, a provider switch, a crash loop) is read back from it."""
+        operator's stop, a provider switch, a crash loop) is read back from it. ``only``:
+        these services (added by a reload)."""
         for svc in self.services.values():
+            if only is not None and svc.name not in only:
+                continue
             row = await self.store.upsert_agent(svc.name, svc.spec.role, svc.spec.parent, svc.spec.port, svc.provider)
             if svc.spec.is_agent and row.get("provider"):
                 svc.provider = row["provider"]

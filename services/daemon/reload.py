@@ -1,0 +1,191 @@
+"""Live reload (`tron reload`, ``POST /reload``, SIGHUP): read mesh.toml again and apply the
+difference to the running mesh, as supervisord's ``update`` and process-compose's ``project
+update`` do.
+
+``plan(old, new)`` is pure: per service, start (new), stop (removed), replace (its process
+would start differently), update (only its probes changed: applied to the running
+incarnation) or unchanged (not touched: same pid, same incarnation). An agent reads the mesh
+file when it starts, so an agent is also replaced when what it reads of the others changes:
+its parent's, a child's or llm-sim's port, its set of children, or ``[providers]``. Sections the daemon
+itself is built on (``[mesh]``, ``[cluster]``, ``[registry]``) cannot change live: such a file
+is refused, as an invalid one is, and nothing changes. Everything else (``[policy]``,
+``[budgets]``, ``[prices]``, ``[checks]``, ``[providers]``) applies in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from common.config import ConfigError, MeshConfig, load_mesh
+from common.settings import apply_overlay, read_overlay
+from common.states import ServiceState as S, TaskState
+
+if TYPE_CHECKING:
+    from services.daemon.core import Daemon
+
+log = logging.getLogger("tron.daemon")
+
+FIXED_SECTIONS = ("mesh", "cluster", "registry")  # what the daemon is built on: `tron down`, then `tron up`
+PROBES = frozenset({"liveness", "readiness", "startup"})  # changes applied to the running incarnation
+
+
+class ReloadRefused(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class Plan:
+    start: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    replace: dict[str, str] = field(default_factory=dict)  # service -> why
+    update: dict[str, list[str]] = field(default_factory=dict)  # service -> the probe keys changed
+    unchanged: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)  # applied in place
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.start or self.stop or self.replace or self.update or self.sections)
+
+
+def _dump(model) -> dict:
+    return model.model_dump(mode="json") if model is not None else {}
+
+
+def _agent_view(config: MeshConfig, name: str) -> dict:
+    """What an agent reads of the mesh file besides its own entry."""
+    spec = config.services[name]
+    near = [spec.parent, *config.children(name), config.providers.sim_service]
+    return {"ports": {n: config.services[n].port for n in near if n in config.services},
+            "children": sorted(config.children(name)), "providers": _dump(config.providers)}
+
+
+def plan(old: MeshConfig, new: MeshConfig) -> Plan:
+    """The difference between the running mesh and the file. Raises ReloadRefused when a
+    section the daemon is built on differs."""
+    errors = [f"[{s}] cannot change while the mesh runs (`tron down`, then `tron up`)"
+              for s in FIXED_SECTIONS if _dump(getattr(old, s)) != _dump(getattr(new, s))]
+    if errors:
+        raise ReloadRefused(errors)
+    out = Plan()
+    for name in new.start_order():
+        if name not in old.services:
+            out.start.append(name)
+            continue
+        before, after = _dump(old.services[name]), _dump(new.services[name])
+        keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if keys and set(keys) <= PROBES:
+            out.update[name] = keys
+        elif keys:
+            out.replace[name] = "changed: " + ", ".join(keys)
+        elif new.services[name].is_agent and _agent_view(old, name) != _agent_view(new, name):
+            out.replace[name] = "what it reads of the mesh changed (its parent's, children's or llm-sim's " \
+                                "port, its children, or [providers])"
+        else:
+            out.unchanged.append(name)
+    out.stop = [n for n in reversed(old.start_order()) if n not in new.services]
+    skip = {"services", "source", *FIXED_SECTIONS}
+    out.sections = sorted(k for k in type(new).model_fields if k not in skip
+                          and _dump_field(old, k) != _dump_field(new, k))
+    return out
+
+
+def _dump_field(config: MeshConfig, key: str):
+    value = getattr(config, key)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _dump(v) if hasattr(v, "model_dump") else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [_dump(v) if hasattr(v, "model_dump") else v for v in value]
+    return value
+
+
+class Reloader:
+    """Carries a plan out on the running daemon, one reload at a time."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self._lock = asyncio.Lock()
+
+    def read(self) -> MeshConfig:
+        """The mesh file as the daemon would start on it now (with the settings overlay)."""
+        d = self.d
+        if d.config_path is None:
+            raise ReloadRefused(["the daemon was started without a mesh file path: nothing to read again"])
+        try:
+            new = load_mesh(d.config_path)
+            return apply_overlay(new, read_overlay(d.overlay), d.overlay)
+        except ConfigError as err:
+            raise ReloadRefused(str(err).splitlines()) from None
+
+    async def reload(self, *, dry_run: bool, actor: str) -> dict:
+        if self._lock.locked():
+            raise ReloadRefused(["another reload is under way"])
+        async with self._lock:
+            new = self.read()
+            the_plan = plan(self.d.config, new)
+            if dry_run or not the_plan.changes:
+                return {"status": "dry_run" if dry_run else "unchanged", "plan": the_plan.to_dict()}
+            await self._apply(new, the_plan, actor)
+            return {"status": "applied", "plan": the_plan.to_dict()}
+
+    async def _apply(self, new: MeshConfig, p: Plan, actor: str) -> None:
+        d, sup = self.d, self.d.sup
+        log.info("reload", extra={"actor": actor, "plan": p.to_dict()})
+        # 1. What goes away stops first (children before parents); its live tasks fail and
+        #    their parents hear of it, as for an operator's stop.
+        for name in p.stop:
+            svc = sup[name]
+            await sup.stop(svc, reason="reload:removed")
+            for task in await d.store.live_tasks(name):
+                await d.ledger.finish_task(task["task_id"], TaskState.FAILED, None, "service_removed",
+                                           {"agent": name, "by": actor}, None)
+        # 2. The running configuration becomes the file's, in place: every part of the daemon
+        #    holds this one object, frozen everywhere else; this is the one place it changes,
+        #    every field in one step on the loop (no await between).
+        old_ports = {n: s.port for n, s in d.config.services.items()}
+        for key in type(new).model_fields:
+            object.__setattr__(d.config, key, getattr(new, key))
+        d.config._hosts = new._hosts
+        for name in p.stop:
+            sup.services.pop(name, None)
+            await d.store.set_agent(name, state=S.STOPPED, stopped=False)
+        if "policy" in p.sections:
+            await d.replace_policy(new.policy)
+        # 3. Probe changes reach the running incarnation; a replaced service stops with its
+        #    own stop signal and grace, then starts from the new entry.
+        for name in p.update:
+            sup[name].spec = new.services[name]
+        from services.daemon.supervisor import Service  # the supervisor's record of one service
+
+        for name in p.start:
+            spec = new.services[name]
+            sup.services[name] = Service(spec, new.provider_of(name) if spec.beats else None)
+        await sup.declare(only=set(p.start))
+        replaced = [self._replace(sup[name], old_ports.get(name)) for name in p.replace]
+        started = [d._bring_up_one(sup[name]) for name in p.start if not sup[name].stopped]
+        await asyncio.gather(*replaced, *started)
+
+    async def _replace(self, svc, old_port: int | None) -> None:
+        d, sup = self.d, self.d.sup
+        was_stopped = svc.stopped or svc.state == S.STOPPED
+        await sup.stop(svc, reason="reload:changed")
+        svc.spec = d.config.services[svc.name]
+        if old_port is not None and old_port != svc.spec.port:
+            sup.close_listener(svc)
+        await d.store.upsert_agent(svc.name, svc.spec.role, svc.spec.parent, svc.spec.port, svc.provider)
+        if was_stopped:
+            return  # an operator's stop holds: the new entry is used at `tron start`
+        await d.store.requeue_tasks(svc.name, provider=None)
+        async with svc.lock:
+            if svc.state == S.STOPPED and not svc.stopped:
+                await sup.start(svc, reason="reload")
+        await sup.wait_settled(svc, d.policy().start_timeout + 1)

@@ -599,6 +599,7 @@ class Agent:
                     raise TaskFailed(refusal["reason"], {"child": child, "task": task_id, "refusal": refusal}) from None
                 raise
             row = answer["task"]
+            child = row["agent"]  # a replicated child (NAME): the daemon named the replica that takes it
             if row["status"] == "done":
                 return row["result"]  # finished before our restart: do not redo it
             if row["status"] == "failed":

@@ -236,6 +236,14 @@ class ServiceSpec(_Strict):
     startup: Probe | None = None  # holds the others off until a slow program is up
     # Filled from the table key by MeshConfig; not written in the file.
     name: str = ""
+    # N incarnations of this service, each supervised on its own (ladder, restarts, logs) as
+    # NAME.1 ... NAME.N. Programs share the held listening socket (socket = "inherit": the
+    # kernel spreads the connections); agents get ports port ... port+N-1 and share the
+    # tasks given to NAME. `tron restart NAME` is rolling: max_unavailable at a time, the
+    # next only once the new ones are ready.
+    replicas: int = Field(1, ge=1, le=64)
+    max_unavailable: int = Field(1, ge=1)
+    replica_of: str | None = None  # set by Tron on each replica (NAME.i -> NAME); not written in the file
 
     @model_validator(mode="after")
     def _role_or_command(self) -> "ServiceSpec":
@@ -520,11 +528,14 @@ class MeshConfig(_Strict):
             if name == DAEMON:
                 raise ValueError(f"services.{name}: the name {DAEMON!r} is reserved")
         ports: dict[int, str] = {self.mesh.daemon_port: "mesh.daemon_port"}
+        owners: dict[int, str] = {}  # port -> the service (or replicated program) using it
         for name, spec in self.services.items():
             where = f"services.{name}.port"
-            if spec.port in ports:
+            owner = spec.replica_of if spec.replica_of and not spec.is_agent else name
+            if spec.port in ports and owners.get(spec.port) != owner:
                 raise ValueError(f"{where}: port {spec.port} is already used by {ports[spec.port]}")
-            ports[spec.port] = where
+            ports.setdefault(spec.port, where)
+            owners.setdefault(spec.port, owner)
             if spec.parent != DAEMON and spec.parent not in self.services:
                 raise ValueError(f"services.{name}.parent: no service named {spec.parent!r}")
         for name, spec in self.services.items():
@@ -572,6 +583,12 @@ class MeshConfig(_Strict):
 
     def children(self, name: str) -> list[str]:
         return [n for n, s in self.services.items() if s.parent == name]
+
+    def replicas_of(self, group: str) -> list[str]:
+        """The replicas of a replicated service (NAME.1 ... NAME.N), in order; [] when
+        ``group`` is no replicated service."""
+        found = [n for n, s in self.services.items() if s.replica_of == group]
+        return sorted(found, key=lambda n: int(n.rsplit(".", 1)[1]))
 
     def ancestors(self, name: str) -> list[str]:
         """Parent, grandparent, ... ending with the daemon."""
@@ -665,9 +682,50 @@ def _ladder_into_policy(data: dict, source: str) -> None:
     data["policy"] = {**policy, **ladder}
 
 
+def expand_replicas(services: dict, source: str = "<mesh>") -> dict:
+    """``replicas = N`` -> N entries NAME.1 ... NAME.N (each its own service to supervise),
+    with what refers to NAME (depends_on) pointed at its first replica. A replicated
+    program must take the held socket (they share its port); agents get a port each."""
+    groups: dict[str, list[str]] = {}
+    out: dict = {}
+    for name, raw in services.items():
+        if not isinstance(raw, dict):
+            out[name] = raw
+            continue
+        if "replica_of" in raw:
+            raise ConfigError(f"{source}: services.{name}.replica_of: set by Tron from replicas; not a key of mesh.toml")
+        n = raw.get("replicas", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 1:
+            out[name] = raw
+            continue
+        agent = "command" not in raw
+        if not agent and raw.get("socket") != "inherit":
+            raise ConfigError(f"{source}: services.{name}.replicas: replicas of a program share its port, so it must "
+                              'take the held socket: add socket = "inherit" (uvicorn --fd 3, gunicorn reads LISTEN_FDS)')
+        port = _port_number(raw.get("port"))
+        groups[name] = []
+        for i in range(1, min(n, 64) + 1):
+            entry = {**raw, "replica_of": name}
+            if agent and isinstance(port, int):
+                entry["port"] = port + i - 1
+            out[f"{name}.{i}"] = entry
+            groups[name].append(f"{name}.{i}")
+    for name, raw in out.items():
+        if isinstance(raw, dict):
+            if raw.get("parent") in groups:
+                raise ConfigError(f"{source}: services.{name}.parent: {raw['parent']} has replicas; a replicated "
+                                  "service cannot be a parent")
+            deps = raw.get("depends_on")
+            if isinstance(deps, dict) and any(d in groups for d in deps):
+                raw["depends_on"] = {(groups[d][0] if d in groups else d): c for d, c in deps.items()}
+    return out
+
+
 def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
     """Validate a parsed mesh file and shift every port by ``port_offset``."""
     data = dict(data)
+    if isinstance(data.get("services"), dict):
+        data["services"] = expand_replicas(data["services"], source)
     services = data.get("services")
     if isinstance(services, dict):  # a port written as a string ("6171") is a port like 6171: shifted too
         data["services"] = {name: {**raw, "port": _port_number(raw["port"])} if isinstance(raw, dict) and "port" in raw

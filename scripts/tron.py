@@ -327,9 +327,19 @@ def _action(ctx: Ctx, path: str, args: argparse.Namespace, **extra) -> dict:
 def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
     name = _segment(args.name, "service name")
     mesh = ctx.require_daemon()
-    if args.name not in ctx.config.services:
+    replicas = ctx.config.replicas_of(args.name)
+    if args.name not in ctx.config.services and not replicas:
         raise CLIError(f"no service named {args.name!r} (known: {', '.join(ctx.config.services)})")
     answer = _action(ctx, f"/services/{name}/{args.cmd}", args)
+    if replicas:  # every replica; a restart rolls and returns once the last one is ready again
+        for replica, a in (answer.get("replicas") or {}).items():
+            print(f"{replica}: {a['status'] if isinstance(a, dict) else a}" + (f" ({a['error']})" if isinstance(a, dict)
+                                                                                and a.get("error") else ""))
+        if answer["status"] == "halted":
+            raise CLIError(f"rolling restart of {args.name} halted: {', '.join(answer['not_ready'])} not ready again; "
+                           f"untouched: {', '.join(answer['untouched']) or 'none'}")
+        print(f"{args.name}: {answer['status']}")
+        return 0
     if args.cmd in ("restart", "start") and args.wait:
         from scripts.client import wait_for
 
@@ -376,6 +386,20 @@ def cmd_provider(ctx: Ctx, args: argparse.Namespace) -> int:
         raise CLIError(f"no provider {args.name!r} (known: {', '.join(get_args(Provider))})")
     answer = _action(ctx, f"/providers/{name}/{args.provider_cmd}", args)
     print(f"provider {args.name}: {answer['status']}")
+    return 0
+
+
+def cmd_scale(ctx: Ctx, args: argparse.Namespace) -> int:
+    name = _segment(args.name, "service name")
+    if not 1 <= args.replicas <= 64:
+        raise CLIError(f"replicas: {args.replicas} is not between 1 and 64")
+    mesh = ctx.require_daemon()
+    code, answer = mesh.call("POST", mesh.daemon_url + f"/services/{name}/scale",
+                             {"replicas": args.replicas, "actor": f"{getpass.getuser()}@cli",
+                              "reason": args.reason or "tron scale"}, auth=True, timeout=300)
+    if code >= 300:
+        raise CLIError(answer.get("error") if isinstance(answer, dict) else str(answer))
+    print(f"{args.name}: {answer['from']} -> {answer['to']} replicas")
     return 0
 
 
@@ -491,7 +515,7 @@ def _submit_to_gateway(ctx: Ctx, prompt: str, args: argparse.Namespace) -> str:
 def _submit_to_agent(ctx: Ctx, agent: str, prompt: str, args: argparse.Namespace) -> str:
     """A run whose one task is ``agent``'s, its parent the operator: the daemon pushes it to
     an agent that serves HTTP, and an agent that claims its tasks claims it."""
-    if agent not in ctx.config.services:
+    if agent not in ctx.config.services and not ctx.config.replicas_of(agent):
         raise CLIError(f"no service {agent!r} in this mesh (it has {', '.join(ctx.config.services)})")
     mesh = ctx.mesh
     code, run = mesh.call("POST", f"{mesh.daemon_url}/runs", _run_body(prompt, args), auth=True)
@@ -728,6 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
         pv = psub.add_parser(verb, help=what)
         pv.add_argument("name")
         pv.add_argument("--reason")
+    scale = sub.add_parser("scale", help="change how many replicas of a replicated service run (until a reload)")
+    scale.add_argument("name")
+    scale.add_argument("replicas", type=int)
+    scale.add_argument("--reason")
     reload = sub.add_parser("reload", help="read mesh.toml again and apply the difference (SIGHUP does too)")
     reload.add_argument("--dry-run", action="store_true", help="print the plan (start/stop/replace/update), change nothing")
     reload.add_argument("--json", action="store_true")
@@ -837,8 +865,8 @@ COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_lo
             "restart": cmd_service, "stop": cmd_service, "start": cmd_service, "pause": cmd_service,
             "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane, "provider": cmd_provider,
             "cost": lambda ctx, args: cmd_cost(ctx, args, _registry, CLIError),
-            "spawning": cmd_spawning, "reload": cmd_reload, "task": cmd_task, "audit": cmd_audit, "ui": cmd_ui,
-            "notify": cmd_notify}
+            "spawning": cmd_spawning, "reload": cmd_reload, "scale": cmd_scale, "task": cmd_task, "audit": cmd_audit,
+            "ui": cmd_ui, "notify": cmd_notify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -289,11 +289,17 @@ def _operator(verb: str):
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         name = request.match_info["name"]
-        _service(d, name)
+        group = name not in d.sup.services and d.replicas.of(name)
+        if not group:
+            _service(d, name)
         body = await _operator_body(request)
         try:
-            answer = await d.operators.act(verb, name, actor=_actor(body), reason=body.reason,
-                                           request_id=body.request_id)
+            if group:  # a replicated service: every replica, a restart rolling (replicas.py)
+                answer = await d.replicas.act(verb, name, actor=_actor(body), reason=body.reason,
+                                              request_id=body.request_id)
+            else:
+                answer = await d.operators.act(verb, name, actor=_actor(body), reason=body.reason,
+                                               request_id=body.request_id)
         except Refused as err:
             return error(err.status, str(err))
         return _answer(answer)
@@ -402,6 +408,28 @@ async def put_settings(request: web.Request) -> web.Response:
     except OSError as err:  # the overlay could not be kept (a full disk): not applied either
         return error(507, f"settings not saved to {d.overlay}: {err.strerror or err}; nothing was changed")
     return web.json_response({"policy": policy.model_dump(), "overlay": str(d.overlay)})
+
+
+class Scale(Msg):
+    replicas: int = Field(ge=1, le=64)
+    actor: str | None = Field(None, max_length=64)
+    reason: str = Field("operator", min_length=1, max_length=256)
+
+
+@require_token
+async def scale_service(request: web.Request) -> web.Response:
+    """`tron scale NAME N`: the running number of replicas of a replicated service."""
+    d = _d(request)
+    name = request.match_info["name"]
+    body = await parse(request, Scale)
+    actor = body.actor or f"{getpass.getuser()}@local"
+    try:
+        answer = await d.audit.run(lambda: d.replicas.scale(name, body.replicas, actor=actor), actor=actor,
+                                   what="scale", target=name, state=lambda: str(len(d.replicas.of(name))),
+                                   reason=body.reason, request_id=None)
+    except Refused as err:
+        return error(err.status, str(err))
+    return web.json_response(answer)
 
 
 class ReloadQuery(BaseModel):
@@ -562,6 +590,9 @@ async def finish_run(request: web.Request) -> web.Response:
 async def record_task(request: web.Request) -> web.Response:
     d = _d(request)
     rec = await parse(request, TaskRecord)
+    if rec.agent not in d.sup.services and d.replicas.of(rec.agent):  # a replicated agent: one of its replicas
+        existing = await d.store.task(rec.task_id)
+        rec = rec.model_copy(update={"agent": existing["agent"] if existing else await d.replicas.pick(rec.agent)})
     _service(d, rec.agent)
     if await d.store.run(rec.run_id) is None:
         return error(404, f"no run {rec.run_id!r}")
@@ -748,6 +779,7 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_get("/settings", get_settings)
     r.add_put("/settings", put_settings)
     r.add_post("/reload", reload_mesh)
+    r.add_post("/services/{name}/scale", scale_service)
     r.add_post("/runs", create_run)
     r.add_get("/runs/{run_id}", get_run)
     r.add_post("/runs/{run_id}/finish", finish_run)

@@ -44,6 +44,7 @@ from services.daemon.lock import HomeLock, StartError
 from services.daemon.audit import Audit
 from services.daemon.breaker import Breaker
 from services.daemon.operators import Operators
+from services.daemon.replicas import Replicas
 from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.providers import ProviderDesk
@@ -87,6 +88,7 @@ class Daemon:
         self.notifier: Notifier | None = None
         self.brought_up = asyncio.Event()  # the first bring-up is over (a reload waits for it)
         self._reloader = None  # services/daemon/reload.py, made at the first reload
+        self.replicas = Replicas(self)
 
     def policy(self) -> Policy:
         return self._policy
@@ -127,6 +129,17 @@ class Daemon:
         if self._reloader is None:
             self._reloader = Reloader(self)
         return await self._reloader.reload(dry_run=dry_run, actor=actor)
+
+    async def apply_config(self, new: MeshConfig, *, actor: str) -> dict:
+        """A running-mesh change made here, not in the file (`tron scale`): applied as a
+        reload of ``new`` is."""
+        from services.daemon.reload import ReloadRefused, Reloader
+
+        if not self.brought_up.is_set():
+            raise ReloadRefused(["the mesh is still starting"])
+        if self._reloader is None:
+            self._reloader = Reloader(self)
+        return await self._reloader.reload(dry_run=False, actor=actor, new=new)
 
     def reload_on_signal(self) -> None:
         """SIGHUP: the same reload as `tron reload`, audited as the signal's; the outcome is

@@ -30,6 +30,7 @@ log = logging.getLogger("tron.daemon")
 
 FIXED_SECTIONS = ("mesh", "cluster", "registry")  # what the daemon is built on: `tron down`, then `tron up`
 PROBES = frozenset({"liveness", "readiness", "startup"})  # changes applied to the running incarnation
+SCALE = frozenset({"replicas"})  # how many replicas there are: which NAME.i exist says it, not a change of each
 
 
 class ReloadRefused(Exception):
@@ -80,7 +81,7 @@ def plan(old: MeshConfig, new: MeshConfig) -> Plan:
             out.start.append(name)
             continue
         before, after = _dump(old.services[name]), _dump(new.services[name])
-        keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in SCALE)
         if keys and set(keys) <= PROBES:
             out.update[name] = keys
         elif keys:
@@ -126,11 +127,12 @@ class Reloader:
         except ConfigError as err:
             raise ReloadRefused(str(err).splitlines()) from None
 
-    async def reload(self, *, dry_run: bool, actor: str) -> dict:
+    async def reload(self, *, dry_run: bool, actor: str, new: MeshConfig | None = None) -> dict:
+        """Read the file again (or take ``new``: `tron scale`'s edit of the running mesh)."""
         if self._lock.locked():
             raise ReloadRefused(["another reload is under way"])
         async with self._lock:
-            new = self.read()
+            new = new or self.read()
             the_plan = plan(self.d.config, new)
             if dry_run or not the_plan.changes:
                 return {"status": "dry_run" if dry_run else "unchanged", "plan": the_plan.to_dict()}

@@ -261,8 +261,17 @@ class Supervisor:
         if not svc.spec.holds_socket:
             return None
         if svc.listener is None:
-            svc.listener = self.spawner.listen(svc.spec.port, svc.spec.backlog)
+            shared = self._replica_listener(svc)
+            svc.listener = shared.dup() if shared is not None else self.spawner.listen(svc.spec.port, svc.spec.backlog)
         return svc.listener.fileno()
+
+    def _replica_listener(self, svc: Service) -> socket.socket | None:
+        """The listening socket a replicated program's replicas share (each holds a dup of
+        it: the port closes when the last one closes its own)."""
+        if not svc.spec.replica_of or svc.spec.is_agent:
+            return None
+        return next((o.listener for o in self.services.values() if o is not svc and o.listener is not None
+                     and o.spec.replica_of == svc.spec.replica_of and o.spec.port == svc.spec.port), None)
 
     def close_listener(self, svc: Service) -> None:
         """Nothing listens on a stopped service's port."""

@@ -1,0 +1,123 @@
+"""Replicas (issue 24): N incarnations of one service, each supervised on its own; a program's
+replicas share the held listening socket; `tron restart NAME` rolls; `tron scale` changes N."""
+
+from __future__ import annotations
+
+import http.client
+import sys
+import threading
+import time
+
+import psutil
+
+from tests.harness import REPO, wait_for
+
+APPS = REPO / "tests" / "integration" / "apps"
+UVICORN = [sys.executable, "-m", "uvicorn", "--fd", "3", "--app-dir", str(APPS), "hello_asgi:app"]
+APP = {"command": UVICORN, "port": 6165, "socket": "inherit", "replicas": 3,
+       "readiness": {"url": "http://127.0.0.1:{port}/", "interval": 0.2}}
+
+
+class Load:
+    """Requests on new connections, one after another, from a thread: each answer's pid,
+    connections refused and requests that failed after connecting."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.pids, self.refused, self.failed = port, [], 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                conn.request("GET", "/")
+                self.pids.append(int(conn.getresponse().read()))
+            except ConnectionRefusedError:
+                self.refused += 1
+            except (OSError, http.client.HTTPException, ValueError):
+                self.failed += 1
+            finally:
+                conn.close()
+            time.sleep(0.005)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def replicas(mesh, group: str) -> dict:
+    return {s["name"]: s for s in mesh.status()["services"] if s["name"].startswith(group + ".")}
+
+
+def test_a_programs_replicas_share_its_port_roll_on_restart_and_survive_a_kill(mesh_factory):
+    mesh = mesh_factory(services={"app": APP})
+    mesh.up()
+    rows = replicas(mesh, "app")
+    assert sorted(rows) == ["app.1", "app.2", "app.3"] and all(r["state"] == "running" for r in rows.values())
+    pids = {r["pid"] for r in rows.values()}
+    assert len(pids) == 3 and all(r["port"] == mesh.port("app") for r in rows.values())
+    with Load(mesh.port("app")) as load:
+        wait_for(lambda: set(load.pids[-200:]) >= pids, 30, "every replica to answer (the kernel spreads them)")
+        # A rolling restart: one at a time, the next once the new one is ready.
+        began = len(load.pids)
+        proc = mesh.tron("restart", "app", timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "app: restarted" in proc.stdout
+        after = replicas(mesh, "app")
+        assert not ({r["pid"] for r in after.values()} & pids)
+        served = set(load.pids[began:])
+        assert served >= {r["pid"] for r in after.values()}
+        # Never fewer than two replicas serving: no refusal, at most one in-flight failure each.
+        assert load.refused == 0 and load.failed <= 3, (load.refused, load.failed)
+        # kill -9 of one replica: the other two go on answering, and it is restarted.
+        victim = after["app.2"]["pid"]
+        mark = len(load.pids)
+        psutil.Process(victim).kill()
+        back = wait_for(lambda: (r := replicas(mesh, "app")["app.2"])["state"] == "running" and r["pid"] != victim
+                        and r, 30, "app.2 back with a new pid")
+        assert load.refused == 0
+        assert {after["app.1"]["pid"], after["app.3"]["pid"]} <= set(load.pids[mark:])
+        wait_for(lambda: back["pid"] in load.pids[mark:], 20, "the new app.2 to answer too")
+    rows = mesh.rows("SELECT agent_id, retry_type FROM retry_history WHERE retry_type = 'operator_restart'")
+    assert sorted(r["agent_id"] for r in rows) == ["app.1", "app.2", "app.3"]
+
+
+def test_scale_adds_and_removes_replicas_of_the_running_mesh(mesh_factory):
+    mesh = mesh_factory(services={"app": {**APP, "replicas": 2}})
+    mesh.up()
+    before = replicas(mesh, "app")
+    proc = mesh.tron("scale", "app", "4")
+    assert proc.returncode == 0 and "2 -> 4" in proc.stdout, proc.stderr
+    rows = wait_for(lambda: (r := replicas(mesh, "app")) and len(r) == 4
+                    and all(x["state"] == "running" for x in r.values()) and r, 30, "four replicas running")
+    assert {n: (rows[n]["pid"], rows[n]["incarnation"]) for n in before} == \
+        {n: (before[n]["pid"], before[n]["incarnation"]) for n in before}  # the first two untouched
+    gone = [rows["app.3"]["pid"], rows["app.4"]["pid"]]
+    assert mesh.tron("scale", "app", "2").returncode == 0
+    wait_for(lambda: sorted(replicas(mesh, "app")) == ["app.1", "app.2"], 30, "back to two replicas")
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in gone), 15,
+             "the scaled-away replicas' processes to end")
+    refused = mesh.tron("scale", "nosuch", "2")
+    assert refused.returncode == 2 and "not a replicated service" in refused.stderr
+
+
+def test_an_agents_replicas_share_the_tasks_given_to_its_name(mesh_factory):
+    import tomllib
+
+    services = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
+    services["programmer-1"].update(replicas=2, port=6140)  # 6140 and 6141: agents take a port each
+    mesh = mesh_factory(services=services)
+    mesh.up()
+    rows = replicas(mesh, "programmer-1")
+    assert sorted(rows) == ["programmer-1.1", "programmer-1.2"]
+    assert rows["programmer-1.2"]["port"] == rows["programmer-1.1"]["port"] + 1
+    for _ in range(4):
+        proc = mesh.tron("run", "--agent", "programmer-1", "write a haiku", timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    owners = [r["agent"] for r in mesh.rows("SELECT agent FROM tasks WHERE parent_agent = 'operator'")]
+    assert sorted(set(owners)) == ["programmer-1.1", "programmer-1.2"]  # both took a share

@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(lambda: all(s["state"] == "running" for s in mesh.status()["services"]), 60, "all running")
                 ms = wave(mesh, rng.sample(programmers, args.kill))
                 samples.append(ms)
-                print(f"  wave {w + 1}: median {percentile(ms, 50):.0f} ms, max {max(ms):.0f} ms", file=sys.stderr)
+                print(f"  wave {w + 1}: median {percentile(ms, 0.5):.0f} ms, max {max(ms):.0f} ms", file=sys.stderr)
         finally:
             leftovers = cleanup(mesh)
     flat = [x for s in samples for x in s]
     print(f"{args.kill} of {args.agents} agents SIGKILLed at once, {args.waves} waves ({os.cpu_count()} cores): "
-          f"kill -> running again: median {percentile(flat, 50):.0f} ms, p90 {percentile(flat, 90):.0f} ms, "
+          f"kill -> running again: median {percentile(flat, 0.5):.0f} ms, p90 {percentile(flat, 0.9):.0f} ms, "
           f"max {max(flat):.0f} ms")
     return finish(args.json, {"up_s": up, "waves_ms": samples}, leftovers)
 

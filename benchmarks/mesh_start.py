@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  rep {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
     print(f"{'row':<36} {'median s':>9} {'min':>6} {'max':>6}  (n={args.reps}, {os.cpu_count()} cores)")
     for name, xs in samples.items():
-        print(f"{name:<36} {percentile(xs, 50):>9.2f} {min(xs):>6.2f} {max(xs):>6.2f}")
+        print(f"{name:<36} {percentile(xs, 0.5):>9.2f} {min(xs):>6.2f} {max(xs):>6.2f}")
     return finish(args.json, {"samples": samples}, leftovers)
 
 

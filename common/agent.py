@@ -43,7 +43,6 @@ import contextlib
 import contextvars
 import importlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -193,11 +192,7 @@ class Agent:
         return app
 
     async def _preload(self, app: web.Application) -> None:
-        # Forked before the fork server had warmed the SDKs up (the first seconds of a
-        # `tron up`): not now, when every agent of the mesh would import them at once, but
-        # at the first call that needs them (in a thread, as here).
-        if os.environ.get("TRON_SDKS_COLD") != "1":
-            self.sdks_ready()
+        self.sdks_ready()
 
     def sdks_ready(self) -> asyncio.Future:
         """The SDK import, started once, awaited by whoever needs it."""

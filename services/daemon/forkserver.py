@@ -36,7 +36,6 @@ import os
 os.environ.setdefault("SPT_NOENV", "1")
 import random
 import runpy
-import select
 import signal
 import socket
 import sys
@@ -113,8 +112,6 @@ def _become_service(req: dict, fds: list[int]) -> None:
         os.environ.update(req["env"])
         if fds:
             os.environ["LISTEN_PID"] = str(os.getpid())
-        if _WANTED - _WARM:  # forked before the warm-up finished: the agent loads them at first use
-            os.environ["TRON_SDKS_COLD"] = "1"
         os.chdir(req["cwd"])
         random.seed()  # the server's random state must not be shared by every incarnation
         sys.argv = [req["module"]]
@@ -192,13 +189,13 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         print(json.dumps({"msg": "fork server cannot run: socket path too long",
                           "path": sock_path, "limit": SOCKET_PATH_MAX}), flush=True)
         return CANNOT_RUN
-    for name in PRELOAD:  # after the path check: nothing heavy before it
+    from common.providers import warm_up  # after the path check: nothing heavy before it
+
+    for name in PRELOAD:
         importlib.import_module(name)
-    # The SDKs this mesh's providers use (1-2 s of imports each), and what they import on a
-    # first request, are imported once here for every child, but after "ready" and only
-    # while no spawn waits: they are not on the path of `tron up` to a healthy mesh.
-    _WANTED.update(_sdks())
-    warming = _warm_steps(_WANTED)
+    # Only the SDKs this mesh's providers use (1-2 s of imports each), and what they import
+    # on a first request: once here for every child.
+    warm_up(_sdks())
     sources = _own_sources()
     try:
         os.unlink(sock_path)
@@ -214,12 +211,6 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     server.listen(16)
     print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
     while True:
-        if warming and not select.select([server], [], [], IDLE_BEFORE_WARMING)[0]:
-            warming.pop(0)()
-            if not warming:
-                sources = _own_sources()
-                print(json.dumps({"msg": "fork server warm", "modules": len(sys.modules)}), flush=True)
-            continue
         conn, _ = server.accept()
         fds: list[int] = []
         with conn:
@@ -243,22 +234,6 @@ def serve(sock_path: str, parent: int | None = None) -> int:
             if reply.get("stale"):
                 print(json.dumps({"msg": "fork server out of date, exiting", "changed": reply["error"]}), flush=True)
                 return 0
-
-
-IDLE_BEFORE_WARMING = 0.3  # s without a spawn request: the bring-up's spawns come ~20 ms apart
-
-
-def _warm_steps(sdks: set[str]) -> list:
-    """The SDK warm-up in small steps (one module each, then the warm-up calls), so a spawn
-    request waits for at most one of them."""
-    from common.providers import preload_modules, warm_up
-
-    steps: list = [lambda name=name: importlib.import_module(name) for name in preload_modules(sdks)]
-    return [*steps, lambda: warm_up(sdks), lambda: _WARM.update(sdks)] if sdks else []
-
-
-_WANTED: set[str] = set()  # the SDKs this mesh uses
-_WARM: set[str] = set()  # those every child forked from now on has imported
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:

@@ -123,9 +123,12 @@ def unhandled_alerts(conn) -> Check:
 
 
 def crash_looping(conn) -> Check:
-    """Services in a crash-loop episode now (not stopped by an operator): the mesh is not
-    healthy while one restarts over and over, whatever the other invariants say."""
-    rows = _rows(conn, "SELECT name, state FROM agents WHERE crash_looping = 1 AND stopped = 0 ORDER BY name")
+    """Services crash-looping now: in a crash-loop episode and not running (failed, waiting
+    out a backoff, starting again), unless an operator stopped them. The mesh is not healthy
+    while one restarts over and over, whatever the other invariants say; one that is back
+    up while its episode runs out (a quiet restart_window ends it) is not flagged."""
+    rows = _rows(conn, "SELECT name, state FROM agents WHERE crash_looping = 1 AND stopped = 0 "
+                       f"AND state != '{S.RUNNING}' ORDER BY name")
     total = _rows(conn, "SELECT COUNT(*) AS n FROM agents")[0]["n"]
     return Check("services crash-looping", not rows, f"{len(rows)} of {total}",
                  [f"{r['name']} ({r['state']})" for r in rows])

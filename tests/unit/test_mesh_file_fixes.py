@@ -65,9 +65,10 @@ def db(tmp_path):
     path = tmp_path / "registry.db"
     open_and_prepare(path)
     conn = sqlite3.connect(path)
-    for name, looping, stopped in (("a", 0, 0), ("b", 1, 0), ("c", 1, 1)):
+    for name, looping, stopped, state in (("a", 0, 0, "backoff"), ("b", 1, 0, "backoff"), ("c", 1, 1, "stopped"),
+                                          ("d", 1, 0, "running")):
         conn.execute("INSERT INTO agents (name, role, parent, port, state, crash_looping, stopped, updated_at) "
-                     "VALUES (?, 'programmer', 'root', 7000, 'backoff', ?, ?, ?)", (name, looping, stopped, NOW))
+                     "VALUES (?, 'programmer', 'root', 7000, ?, ?, ?, ?)", (name, state, looping, stopped, NOW))
     conn.commit()
     yield conn
     conn.close()
@@ -76,7 +77,8 @@ def db(tmp_path):
 def test_the_report_fails_while_a_service_crash_loops_and_names_it(db):
     checks = {c.name: c for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda pid, ct: True)}
     loop = checks["services crash-looping"]
-    assert not loop.healthy and loop.offenders == ["b (backoff)"] and loop.figure == "1 of 3"
+    # b loops; c was stopped by an operator; d is back up while its episode runs out
+    assert not loop.healthy and loop.offenders == ["b (backoff)"] and loop.figure == "1 of 4"
     db.execute("UPDATE agents SET crash_looping = 0")
     checks = {c.name: c for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda pid, ct: True)}
     assert checks["services crash-looping"].healthy

@@ -56,6 +56,7 @@ class Node:
     cordoned: bool = False  # lost in a drill: nothing is placed here until it is restored
     retry_at: float = 0.0  # after a loss, no new node agent there before this (monotonic)
     children: set[int] = field(default_factory=set)
+    starting: int = 0  # spawns placed here and not answered yet: the spread counts them (a mesh starts at once)
 
     @property
     def short(self) -> str:
@@ -207,7 +208,7 @@ class RaySpawner:
         if not fits:
             raise SpawnError(f"no live Ray node can take {name}"
                              + (f" (resources {want})" if want else "") + f": {len(live)} node(s) alive")
-        return min(fits, key=lambda n: (len(n.children), n.node_id))
+        return min(fits, key=lambda n: (len(n.children) + n.starting, n.node_id))
 
     def node_of(self, child: Child) -> Node | None:
         return self.nodes.get(child.node or "")
@@ -226,11 +227,14 @@ class RaySpawner:
             self.listening[svc.port] = node.node_id
         wire = {"name": spec.name, "incarnation": spec.incarnation, "argv": spec.argv, "env": spec.env,
                 "cwd": str(spec.cwd), "log": str(spec.log), "module": spec.module, "user": spec.user}
+        node.starting += 1
         try:
             answer = await asyncio.wait_for(node.agent.spawn.remote(wire, listen), CALL_TIMEOUT)
         except Exception as err:
             self._lost(node, f"spawn call failed: {err}")
             raise SpawnError(f"node {node.short} lost while starting {spec.name}: {err}") from None
+        finally:
+            node.starting -= 1
         if not answer.get("ok"):
             raise SpawnError(f"on node {node.short}: {answer.get('error')}")
         child = Child(spec.name, spec.incarnation, answer["pid"], answer["create_time"],

@@ -35,7 +35,7 @@ from common.settings import merged_policy, overlay_path, read_overlay, write_ove
 from common.models import Reason
 from common.states import ServiceState, TaskState
 from registry.protocol import Store
-from services.daemon import metrics
+from services.daemon import fault_injection, metrics
 from services.daemon.alerts import AlertRouter
 from services.daemon.carrier import Carrier
 from services.daemon.ledger import Ledger
@@ -238,7 +238,7 @@ class Daemon:
                                         spill=self.home.registry_db.with_name("journal.jsonl"))
         await self.store.open()
         logs.setup(DAEMON, comms_path=self.home.comms_log)
-        spawner = self._spawner or self._make_spawner()
+        spawner = self._spawner or fault_injection.inject(self._make_spawner())
         if hasattr(spawner, "on_exit") and getattr(spawner, "on_exit") is None:
             spawner.on_exit = lambda child: self.sup.on_exit(child)
         self._assemble(spawner)

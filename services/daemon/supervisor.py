@@ -314,8 +314,6 @@ class Supervisor:
             await self._spawn_failed(svc, incarnation, f"cannot prepare its start: {type(err).__name__}: {err}")
             return
         svc.child = child
-        if os.environ.get("TRON_TEST_DIE_AFTER_FORK") == svc.name:  # the fault tests/integration/test_faults.py injects
-            os._exit(9)
         await self.store.session_started(incarnation, child.pid, child.create_time, mode=child.mode)
         await self.store.event("spawned", {"pid": child.pid, "reason": reason, "provider": svc.provider,
                                            "mode": child.mode, "argv": spec.argv},

@@ -20,7 +20,8 @@ def scenario(mesh) -> dict:
     mesh.up()
     code, run = mesh.http("POST", mesh.url("daemon") + "/runs", {"prompt": "count the rows"})
     assert code == 201, run
-    assert mesh.tron("run", "--agent", "worker", "--json", "two steps", timeout=90, check=True)
+    done = json.loads(mesh.tron("run", "--agent", "worker", "--json", "two steps", timeout=90, check=True).stdout)
+    assert mesh.rows("SELECT status FROM runs WHERE run_id = ?", (done["run_id"],)) == [{"status": "done"}]
     old = mesh.kill("worker")
     mesh.wait_replaced("worker", old)
     drill = mesh.tron("drill", "kill", "worker", "--json", timeout=120)

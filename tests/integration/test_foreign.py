@@ -143,6 +143,10 @@ def test_tron_down_leaves_no_process_and_nothing_listening(servers):
     assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
     assert servers.processes() == []
     assert all(not listening_inodes(p) for p in ports), [p for p in ports if listening_inodes(p)]
+    # up again: the module's other tests share this mesh and may run after this one
+    servers.up()
+    for name in ("redis", "nginx", "postgres"):
+        assert wait_for(lambda n=name: serving(servers, n), 30, f"{name} serving again")
 
 
 HEADER_LOGGER = """
@@ -174,7 +178,7 @@ def test_the_mesh_token_never_reaches_a_program_that_is_not_ours(mesh_factory, t
 def test_a_program_that_never_becomes_ready_fails_at_start_timeout_and_backs_off(mesh_factory):
     """Backing off is measured in /proc: the kernel's start times of the successive
     processes. Each attempt takes start_timeout (2 s) before it is ended; with backoff 1.5 s
-    doubling (no jitter), the first restart is at once, the second waits 1.5 s, the third 3 s."""
+    doubling to a 3 s cap (no jitter) the waits between attempts grow to the cap."""
     services = {"mute": {"command": ["{python}", "-c", "import time; time.sleep(600)"], "port": 6150,
                          "startup": {"tcp": {}, "interval": 0.2, "timeout": 0.2}}}
     policy = {"start_timeout": 2.0, "backoff_initial": 1.5, "backoff_factor": 2.0, "backoff_max": 3.0,
@@ -196,10 +200,11 @@ def test_a_program_that_never_becomes_ready_fails_at_start_timeout_and_backs_off
     wait_for(four_attempts, 60, "four attempts of mute (first start and three restarts)", interval=0.1)
     times = sorted(started.values())[:4]
     apart = [b - a for a, b in zip(times, times[1:])]  # start_timeout + stop + backoff, each
-    assert apart[1] - apart[0] >= 1.0, apart  # the second restart waited ~1.5 s more than the first
-    assert apart[2] - apart[1] >= 1.0, apart  # the third ~1.5 s more again (3 s)
-    rows = mesh.history("mute")
-    assert len(rows) >= 3 and {r["reason"] for r in rows} == {"start_timeout"}, rows
+    assert all(gap >= policy["start_timeout"] for gap in apart), apart  # each attempt had its whole start_timeout
+    # the waits grow (the second restart waited at least 1 s longer than the first) and never shrink
+    assert apart[1] - apart[0] >= 1.0 and apart[2] >= apart[1] - 0.5, apart
+    restarts = [r for r in mesh.history("mute") if r["retry_type"] == "child_restart"]
+    assert len(restarts) >= 3 and {r["reason"] for r in restarts} == {"start_timeout"}, restarts
     assert mesh.service("mute")["state"] in ("starting", "backoff", "failed")  # never "running", never stuck
 
 
@@ -221,7 +226,7 @@ try:
     said = "up"
 except OSError:
     said = "down"
-open(out, "a").write(f"{said} {time.time()}\\n")
+open(out, "a").write("%s %r\\n" % (said, time.time()))  # no braces: commands are templates
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", port)); s.listen()
 while True:

@@ -244,7 +244,8 @@ def test_an_outage_moves_every_agent_that_calls_it_in_place(mesh_factory):
 
 
 # A program that writes down each start (its own clock, not Tron's) and exits 0.2 s later.
-CRASHER = "import sys, time; open(sys.argv[1], 'a').write(f'{time.time()}\\n'); time.sleep(0.2); sys.exit(1)"
+# (No braces: a command's strings are templates, {port} and the like.)
+CRASHER = "import sys, time; open(sys.argv[1], 'a').write('%r\\n' % time.time()); time.sleep(0.2); sys.exit(1)"
 
 
 def test_a_crash_loop_at_the_cap_restarts_no_more_than_the_backoff_allows_and_goes_on(mesh_factory, tmp_path):

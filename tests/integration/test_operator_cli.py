@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -137,20 +138,28 @@ def test_audit_limit_gives_the_newest_rows(mesh):
     assert len(mesh.tron("audit", "--limit", "1").stdout.strip().splitlines()) == 1
 
 
-def test_the_daemon_backs_up_on_its_interval_keeps_the_newest_and_restore_needs_the_mesh_down(mesh_factory):
+def test_the_daemon_backs_up_on_its_interval_keeps_the_newest_and_restore_needs_the_mesh_down(mesh_factory, tmp_path):
     mesh = mesh_factory(services={"llm-sim": {"role": "llm_sim", "port": 6190}})
     mesh.config.write_text(mesh.config.read_text() + "\n[registry]\nbackup_interval = 1.0\nbackup_keep = 2\n")
     mesh.up()
     backups = mesh.home / "registry" / "backups"
 
     def taken() -> list:
-        return sorted(p for p in backups.glob("*") if not p.name.endswith(".part")) if backups.exists() else []
+        return sorted(p for p in backups.glob("*.db")) if backups.exists() else []
+
+    def kept_copy():  # the newest backup, copied aside (the daemon rotates them every second)
+        for newest in reversed(taken()):
+            try:
+                return shutil.copy(newest, tmp_path / "kept.db")
+            except FileNotFoundError:
+                continue
+        return None
 
     first = wait_for(lambda: (b := taken()) and b[0], 30, "a first backup by the daemon")
     wait_for(lambda: first not in taken(), 30, "newer backups to replace the oldest")
     assert len(taken()) <= 2  # backup_keep
     db = mesh.home / "registry" / "registry.db"
     before = db.stat().st_ino
-    refused = mesh.tron("restore", str(taken()[-1]))
+    refused = mesh.tron("restore", wait_for(kept_copy, 10, "a backup to copy"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert db.stat().st_ino == before and mesh.health("llm-sim")  # untouched, still serving

@@ -263,7 +263,7 @@ while True:
         state["progress"] = f"step:{step}/2"
         call(f"/tasks/{task['task_id']}/checkpoint",
              {"step": step, "step_id": f"s{step}", "output": f"step {step} by {inc}", "incarnation": inc})
-        if not json.loads(env.get("TRON_RESUME") or "null"):  # the first incarnation cannot go on
+        if not (json.loads(env.get("TRON_RESUME") or "null") or {}).get("tasks"):  # the first one cannot go on
             code, _ = call("/control/report_failure", {"service": name, "incarnation": inc, "task_id": task["task_id"],
                                                        "reason": "my_tool_is_down", "retryable": True})
             note(event="reported", code=code)

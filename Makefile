@@ -9,7 +9,7 @@ RESULTS := benchmarks/results
 
 # What the integration and browser tests run against: real servers and a real browser
 # from Debian. Installed when missing and we are root (CI is); otherwise those tests say
-# loudly that they are skipped and why.
+# loudly that they are skipped and why (and fail with CI=true).
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx-light pg_isready:postgresql-15 chromium:chromium
 
 .PHONY: up down status test unit integration bench clean system-deps vendor-ui lint
@@ -51,8 +51,14 @@ system-deps:
 # slower: 11.3 min against 10.3). loadfile keeps a file's tests (and its module-scoped mesh,
 # browser or Ray cluster) on one worker.
 TEST_WORKERS ?= 3
+# The order is shuffled (pytest-randomly) with a seed printed first: `make test SEED=N` runs
+# that order again. With CI=true a test that would be skipped fails instead (tests/conftest.py).
+ifndef SEED
+SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+endif
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	@echo "test order: -p randomly --randomly-seed=$(SEED) (again: make test SEED=$(SEED))"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -p randomly --randomly-seed=$(SEED)
 
 # pyflakes and pycodestyle (pyproject's [tool.ruff]): an unused import or a name that does
 # not exist fails `make test` before any test runs.

@@ -62,6 +62,11 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+# Its own generator: pytest-randomly seeds the global one alike before every test, and every
+# test of a worker would then try the same offsets first.
+_PORTS = random.Random()
+
+
 def free_offset(base_ports: list[int]) -> int:
     """An offset that puts every port free and below the ephemeral range. Parallel test
     workers (pytest-xdist) each draw from a band of their own, so two never race for one."""
@@ -72,7 +77,7 @@ def free_offset(base_ports: list[int]) -> int:
     band = (top - bottom) // max(1, workers)
     bottom, top = bottom + worker * band, bottom + (worker + 1) * band
     for _ in range(200):
-        offset = random.randrange(bottom, top, 10)
+        offset = _PORTS.randrange(bottom, top, 10)
         if _ports_free([p + offset for p in base_ports]):
             return offset
     raise RuntimeError("no free port range found")

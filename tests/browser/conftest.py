@@ -2,7 +2,7 @@
 one real mesh shared by the module (real processes, real registry, nothing mocked).
 
 Playwright cannot download its own browser here, so it drives the system's
-``/usr/bin/chromium`` (the Makefile's ``browser`` target installs it). The mesh is stopped
+``/usr/bin/chromium`` (`make test` installs Debian's chromium package, as root). The mesh is stopped
 at teardown and the module fails if any process started for it is still alive.
 Screenshots go to a temporary artifacts directory, named at the end of the run.
 """
@@ -39,7 +39,7 @@ def mesh(tmp_path_factory) -> Mesh:
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: `make browser` installs it (as root)")
+        pytest.skip(f"no Chromium at {CHROMIUM}: `make system-deps` (part of `make test`) installs it, as root")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

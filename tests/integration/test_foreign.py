@@ -11,7 +11,6 @@ import pwd
 import shutil
 import signal
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 
@@ -31,19 +30,17 @@ def missing() -> list[str]:
     return [pkg for binary, pkg in NEEDS.items() if shutil.which(binary) is None]
 
 
-if missing():
-    pytestmark = [pytestmark, pytest.mark.skip(
-        reason=f"LOUD SKIP: {', '.join(missing())} not installed (`make test` installs them as root: "
-               f"apt-get install -y {' '.join(NEEDS.values())})")]
-
-
 def serving(mesh, name: str) -> bool:
     return server_answers(mesh.port(name), name)
 
 
 @pytest.fixture(scope="module")
 def servers():
-    """The example mesh, in a home the postgres user can reach (pytest's own tmp is 0700)."""
+    """The example mesh, in a home the postgres user can reach (pytest's own tmp is 0700).
+    Only the tests that take it need the Debian servers (a failure on CI, tests/conftest.py)."""
+    if missing():
+        pytest.skip(f"LOUD SKIP: {', '.join(missing())} not installed (`make test` installs them as root: "
+                    f"apt-get install -y {' '.join(NEEDS.values())})")
     root = Path(tempfile.mkdtemp(prefix="tron-servers-"))
     root.chmod(0o755)
     services = tomllib.loads((EXAMPLE / "mesh.toml").read_text())["services"]
@@ -65,24 +62,19 @@ def test_all_three_serve_and_postgres_runs_as_its_own_user(servers):
     pw = pwd.getpwnam("postgres")
     assert postmaster.uids().real == pw.pw_uid
     assert postmaster.gids().real == pw.pw_gid and 0 not in postmaster.gids()  # its group too, not root's
-    spawned = [r["agent"] for r in servers.rows("SELECT agent FROM events WHERE kind = 'spawned' ORDER BY id")]
-    assert spawned.index("redis") < spawned.index("nginx")  # nginx depends_on redis ready
 
 
 @pytest.mark.parametrize("name", ["redis", "nginx", "postgres"])
 def test_kill_9_of_the_main_process_serves_again_from_a_new_tree(servers, name):
     before = servers.service(name)
     old_tree = [p.pid for p in tree_of(before["pid"], before["incarnation"], everywhere=True)]
-    started = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
     fresh = wait_for(lambda: (s := servers.service(name))["state"] == "running" and s["incarnation"]
                      != before["incarnation"] and s, 30, f"{name} back")
-    assert wait_for(lambda: serving(servers, name), 10, f"{name} serving")
-    took = time.monotonic() - started
+    assert wait_for(lambda: serving(servers, name), 10, f"{name} serving")  # how fast: benchmarks/servers.py
     survivors = [p for p in old_tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert survivors == [], f"old tree of {name} still alive: {survivors}"
     assert fresh["pid"] not in old_tree
-    assert took < 15, took
     [row] = [r for r in servers.history(name) if r["alert_id"] == servers.rows(
         "SELECT alert_id FROM alerts WHERE incarnation = ?", (before["incarnation"],))[0]["alert_id"]]
     assert row["reason"] == "process_exit"
@@ -108,7 +100,6 @@ def test_sigstop_of_the_main_process_is_detected_and_replaced(servers, name):
     spec = servers.spec["services"][name]["liveness"]
     bound = spec["interval"] * spec["failure_threshold"] + spec["timeout"] + 3
     before = servers.service(name)
-    started = time.monotonic()
     os.kill(before["pid"], signal.SIGSTOP)
     try:
         wait_for(lambda: (s := servers.service(name))["state"] == "running" and s["incarnation"]
@@ -119,14 +110,25 @@ def test_sigstop_of_the_main_process_is_detected_and_replaced(servers, name):
     alert = servers.rows("SELECT reason, detail FROM alerts WHERE incarnation = ?", (before["incarnation"],))[0]
     assert alert["reason"] == "liveness_failed", alert
     assert wait_for(lambda: serving(servers, name), 15, f"{name} serving")
-    assert time.monotonic() - started < bound + 15
 
 
 def test_drills_tell_the_truth_on_foreign_servers(servers):
-    for kind, name in (("kill", "nginx"), ("hang", "redis")):
+    """Each drill's PASS is held against the world: the old main process is gone from
+    /proc, a new one from a new incarnation serves its own protocol on the port, and the
+    registry has the alert the drill's fault calls for."""
+    for kind, name, reason in (("kill", "nginx", "process_exit"), ("hang", "redis", "liveness_failed")):
+        before = servers.service(name)
+        old_tree = [p.pid for p in tree_of(before["pid"], before["incarnation"], everywhere=True)]
         proc = servers.tron("drill", kind, name)
         assert proc.returncode == 0 and "verdict: PASS" in proc.stdout, proc.stdout + proc.stderr
-        assert "no process of the old tree survives" in proc.stdout
+        survivors = [p for p in old_tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        assert survivors == [], f"{kind} drill on {name}: old tree still alive {survivors}"
+        after = servers.service(name)
+        assert after["incarnation"] != before["incarnation"] and after["pid"] not in old_tree
+        assert psutil.Process(after["pid"]).is_running()
+        assert wait_for(lambda n=name: serving(servers, n), 15, f"{name} serving after the {kind} drill")
+        alerts = servers.rows("SELECT reason FROM alerts WHERE incarnation = ?", (before["incarnation"],))
+        assert [a["reason"] for a in alerts] == [reason], alerts
 
 
 def test_tron_down_leaves_no_process_and_nothing_listening(servers):
@@ -135,6 +137,10 @@ def test_tron_down_leaves_no_process_and_nothing_listening(servers):
     assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
     assert servers.processes() == []
     assert all(not listening_inodes(p) for p in ports), [p for p in ports if listening_inodes(p)]
+    # up again: the module's other tests share this mesh and may run after this one
+    servers.up()
+    for name in ("redis", "nginx", "postgres"):
+        assert wait_for(lambda n=name: serving(servers, n), 30, f"{name} serving again")
 
 
 HEADER_LOGGER = """
@@ -164,11 +170,77 @@ def test_the_mesh_token_never_reaches_a_program_that_is_not_ours(mesh_factory, t
 
 
 def test_a_program_that_never_becomes_ready_fails_at_start_timeout_and_backs_off(mesh_factory):
+    """Backing off is measured in /proc: the kernel's start times of the successive
+    processes. Each attempt takes start_timeout (2 s) before it is ended; with backoff 1.5 s
+    doubling to a 3 s cap (no jitter) the waits between attempts grow to the cap."""
     services = {"mute": {"command": ["{python}", "-c", "import time; time.sleep(600)"], "port": 6150,
                          "startup": {"tcp": {}, "interval": 0.2, "timeout": 0.2}}}
-    mesh = mesh_factory(services=services, policy={"start_timeout": 2.0})
+    policy = {"start_timeout": 2.0, "backoff_initial": 1.5, "backoff_factor": 2.0, "backoff_max": 3.0,
+              "backoff_jitter": 0.0}
+    mesh = mesh_factory(services=services, policy=policy)
     proc = mesh.tron("up", "--detach")
-    assert proc.returncode == 1 and "mute is " in proc.stderr and "start_timeout" in proc.stderr, proc.stderr
-    rows = wait_for(lambda: (h := mesh.history("mute")) and len(h) >= 2 and h, 30, "two restarts")
-    assert {r["reason"] for r in rows} == {"start_timeout"}
+    # `tron up` says so (why, the registry says below: with these long backoffs it may give
+    # up waiting while mute is between two attempts)
+    assert proc.returncode != 0 and "mute" in proc.stderr, proc.stderr
+    started: dict[int, float] = {}
+
+    def four_attempts():
+        for p in mesh.processes():
+            try:
+                if "time.sleep(600)" in " ".join(p.cmdline()):
+                    started.setdefault(p.pid, p.create_time())
+            except psutil.NoSuchProcess:
+                pass
+        return len(started) >= 4
+
+    wait_for(four_attempts, 60, "four attempts of mute (first start and three restarts)", interval=0.1)
+    times = sorted(started.values())[:4]
+    apart = [b - a for a, b in zip(times, times[1:])]  # start_timeout + stop + backoff, each
+    assert all(gap >= policy["start_timeout"] for gap in apart), apart  # each attempt had its whole start_timeout
+    # the waits grow (the second restart waited at least 1 s longer than the first) and never shrink
+    assert apart[1] - apart[0] >= 1.0 and apart[2] >= apart[1] - 0.5, apart
+    restarts = [r for r in mesh.history("mute") if r["retry_type"] == "child_restart"]
+    assert len(restarts) >= 3 and {r["reason"] for r in restarts} == {"start_timeout"}, restarts
     assert mesh.service("mute")["state"] in ("starting", "backoff", "failed")  # never "running", never stuck
+
+
+# A program that opens its port only after 2 s, and one that depends on it being ready:
+# at its own start it connects to the first's port and writes down whether that worked.
+SLOW_TO_LISTEN = """
+import socket, sys, time
+time.sleep(2)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+while True:
+    s.accept()[0].close()
+"""
+DEPENDENT = """
+import socket, sys, time
+port, out = int(sys.argv[1]), sys.argv[2]
+try:
+    socket.create_connection(("127.0.0.1", port - 1), timeout=1).close()
+    said = "up"
+except OSError:
+    said = "down"
+open(out, "a").write("%s %r\\n" % (said, time.time()))  # no braces: commands are templates
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port)); s.listen()
+while True:
+    s.accept()[0].close()
+"""
+
+
+def test_depends_on_ready_starts_a_program_only_once_its_dependency_answers(mesh_factory, tmp_path):
+    """README, [services]: `depends_on = { NAME = "ready" }` waits for it. Observed by the
+    dependent program itself, at its own start: the dependency's port already accepts."""
+    seen = tmp_path / "seen.log"
+    tcp = {"tcp": {}, "interval": 0.2, "timeout": 0.5}
+    services = {"slow": {"command": ["{python}", "-c", SLOW_TO_LISTEN, "{port}"], "port": 6150, "startup": tcp},
+                "dependent": {"command": ["{python}", "-c", DEPENDENT, "{port}", str(seen)], "port": 6151,
+                              "startup": tcp, "depends_on": {"slow": "ready"}}}
+    mesh = mesh_factory(services=services)
+    mesh.up()
+    wait_for(lambda: seen.exists() and seen.read_text().strip(), 30, "the dependent program to start")
+    said, _ = seen.read_text().split()
+    assert said == "up", "the dependent program was started before its dependency listened"
+    assert mesh.service("dependent")["state"] == "running" and mesh.service("slow")["state"] == "running"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import psutil
@@ -21,12 +22,19 @@ def spawn_modes(mesh, agent: str) -> list[str]:
             for r in mesh.rows("SELECT payload FROM events WHERE kind = 'spawned' AND agent = ? ORDER BY id", (agent,))]
 
 
+def made_by(pid: int) -> str:
+    """How /proc says a process was made: a plain spawn is exec'd with its own environment
+    (its TRON_INCARNATION in /proc/PID/environ); a forked agent keeps the fork server's
+    environment block, which names no incarnation."""
+    return "plain" if "TRON_INCARNATION" in psutil.Process(pid).environ() else "fork"
+
+
 def test_forked_agents_serve_beat_call_their_provider_and_come_back_after_a_kill(mesh):
     fs = mesh.status()["fork_server"]
     assert fs["ready"] and fs["spawned"] == 8
     daemon_pid = json.loads((mesh.home / "run" / "daemon.json").read_text())["pid"]
     p1 = mesh.service("programmer-1")
-    assert spawn_modes(mesh, "programmer-1") == ["fork"]
+    assert spawn_modes(mesh, "programmer-1") == ["fork"] and made_by(p1["pid"]) == "fork"
     # its own session and process group; reparented to the daemon (which reaps it)
     proc = psutil.Process(p1["pid"])
     assert proc.ppid() == daemon_pid and os.getpgid(p1["pid"]) == p1["pid"] and os.getsid(p1["pid"]) == p1["pid"]
@@ -41,6 +49,7 @@ def test_forked_agents_serve_beat_call_their_provider_and_come_back_after_a_kill
     mesh.kill("programmer-1")
     mesh.wait_replaced("programmer-1", p1["pid"])
     assert spawn_modes(mesh, "programmer-1") == ["fork", "fork"]
+    assert made_by(mesh.service("programmer-1")["pid"]) == "fork"
     ended = mesh.rows("SELECT exit_signal FROM sessions WHERE incarnation = ?", (p1["incarnation"],))[0]
     assert ended["exit_signal"] == signal.SIGKILL
     assert mesh.tron("run", "still working").returncode == 0
@@ -48,29 +57,50 @@ def test_forked_agents_serve_beat_call_their_provider_and_come_back_after_a_kill
 
 def test_a_dead_fork_server_is_replaced_and_spawns_meanwhile_fall_back_to_plain(mesh):
     fs = mesh.status()["fork_server"]
+    # The server and an agent die together: the agent is replaced at once (a first crash
+    # has no backoff), long before a new server has imported the agents' code again.
     os.kill(fs["pid"], signal.SIGKILL)
+    old = mesh.kill("programmer-2")
+    meanwhile = mesh.wait_replaced("programmer-2", old)
+    assert spawn_modes(mesh, "programmer-2") == ["fork", "plain"]
+    assert made_by(meanwhile["pid"]) == "plain"
     wait_for(lambda: (f := mesh.status()["fork_server"])["ready"] and f["pid"] != fs["pid"] and f, 30,
              "a new fork server")
     assert mesh.status()["fork_server"]["generation"] == 2
-    old = mesh.kill("programmer-2")
-    mesh.wait_replaced("programmer-2", old)
-    assert spawn_modes(mesh, "programmer-2")[-1] == "fork"
+    assert not psutil.pid_exists(fs["pid"]) or psutil.Process(fs["pid"]).status() == "zombie"
+    # once the new server is ready, spawns go through it again
+    again = mesh.kill("programmer-2")
+    back = mesh.wait_replaced("programmer-2", again)
+    assert spawn_modes(mesh, "programmer-2")[-1] == "fork" and made_by(back["pid"]) == "fork"
     assert mesh.tron("run", "after the fork server died").returncode == 0
 
 
-def test_an_out_of_date_fork_server_is_replaced(mesh):
-    fs = mesh.status()["fork_server"]
-    source = REPO / "services" / "director" / "app.py"
+def checkout_copy(into) -> str:
+    """The code of this checkout, copied: a mesh run with it on PYTHONPATH imports (and
+    its fork server watches) these files, so a test may touch them without making the
+    fork servers of the meshes in other test workers stale."""
+    for part in ("common", "registry", "services", "scripts", "prompts"):
+        shutil.copytree(REPO / part, into / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "mesh.toml", into / "mesh.toml")
+    return str(into)
+
+
+def test_an_out_of_date_fork_server_is_replaced(mesh_factory, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    m = mesh_factory()
+    m.env["PYTHONPATH"] = checkout_copy(code)
+    m.up()
+    fs = wait_for(lambda: (f := m.status()["fork_server"])["ready"] and f, 30, "the fork server")
+    source = code / "services" / "director" / "app.py"
     st = source.stat()
-    try:
-        os.utime(source, (st.st_atime, st.st_mtime + 5))  # "the code changed"
-        old = mesh.kill("director-docs")
-        mesh.wait_replaced("director-docs", old)
-        assert spawn_modes(mesh, "director-docs")[-1] == "plain"  # the stale server refused
-        wait_for(lambda: (f := mesh.status()["fork_server"])["ready"] and f["pid"] != fs["pid"], 30,
-                 "a fresh fork server")
-    finally:
-        os.utime(source, (st.st_atime, st.st_mtime))
+    os.utime(source, (st.st_atime, st.st_mtime + 5))  # "the code changed"
+    old = m.kill("director-docs")
+    replaced = m.wait_replaced("director-docs", old)
+    assert spawn_modes(m, "director-docs")[-1] == "plain"  # the stale server refused
+    assert made_by(replaced["pid"]) == "plain"
+    wait_for(lambda: (f := m.status()["fork_server"])["ready"] and f["pid"] != fs["pid"], 30,
+             "a fresh fork server")
     assert not psutil.pid_exists(fs["pid"]) or psutil.Process(fs["pid"]).status() == "zombie"
 
 
@@ -78,7 +108,7 @@ def test_a_non_agent_command_still_spawns_plainly(mesh_factory):
     m = mesh_factory(services={"web": {"command": ["{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
                                        "port": 6150}})
     m.up()
-    assert spawn_modes(m, "web") == ["plain"]
+    assert spawn_modes(m, "web") == ["plain"] and made_by(m.service("web")["pid"]) == "plain"
     old = m.kill("web")
     wait_for(lambda: (s := m.service("web"))["state"] == "running" and s["pid"] not in (None, old), 20,
              "web to be respawned")

@@ -195,7 +195,7 @@ PROMPT_SCHEMA = {"type": "object", "required": ["verdict", "score"],
 
 
 async def test_json_mode_follows_the_schema_in_the_prompt(sim: Sim, gpt):
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a runtime dependency: missing is a failure, never a skip
     fenced = f"Review the release. Answer in JSON matching:\n```json\n{json.dumps(PROMPT_SCHEMA, indent=2)}\n```"
     done = await gpt.chat.completions.create(model="gpt-4o", response_format={"type": "json_object"},
                                              messages=[{"role": "user", "content": fenced}])
@@ -218,7 +218,9 @@ async def test_json_mode_follows_the_schema_in_the_prompt(sim: Sim, gpt):
 
 @pytest.fixture(scope="module")
 def pydantic_ai():
-    return pytest.importorskip("pydantic_ai")
+    import pydantic_ai  # a dev dependency (pyproject), imported here because it is slow
+
+    return pydantic_ai
 
 
 @pytest.mark.parametrize("endpoint", ["openai-chat", "anthropic"])
@@ -253,7 +255,8 @@ async def test_pydantic_ai_agent_with_tool_and_output_type(gpt, claude, pydantic
 
 @pytest.fixture
 def agents_sdk(gpt):
-    sdk = pytest.importorskip("agents")
+    import agents as sdk  # a dev dependency (pyproject), imported here because it is slow
+
     sdk.set_tracing_disabled(True)
     sdk.set_default_openai_client(gpt, use_for_tracing=False)
     yield sdk

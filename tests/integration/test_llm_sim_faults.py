@@ -98,7 +98,7 @@ def test_snapshot_clears_an_expired_fault():
     ({"type": "object", "properties": {"n": {"type": "integer"}}}, lambda v: v["n"] == "sim-wrong-type"),
 ])
 def test_invalid_arguments_fail_their_schema(schema, broken):
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a runtime dependency: missing is a failure, never a skip
     valid = fake_instance(schema, "seed")
     jsonschema.validate(valid, schema)
     bad = invalid_arguments(schema, valid)
@@ -491,7 +491,7 @@ async def test_refusal_through_openai_parse(sim: Sim):
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_bad_tool_args(sim: Sim, stream: bool):
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a runtime dependency: missing is a failure, never a skip
     tool = {"name": "get_weather", "description": "Weather for a city", "input_schema": WEATHER}
     for provider in ("anthropic", "openai", "ollama"):
         await sim.put_fault(provider, kind="bad-tool-args", times=1)

@@ -124,7 +124,9 @@ def local(sim: Sim) -> ollama.AsyncClient:
 
 @pytest.fixture(scope="module")
 def openai_sdk():
-    return pytest.importorskip("openai")
+    import openai  # a runtime dependency
+
+    return openai
 
 
 @pytest.fixture
@@ -137,7 +139,8 @@ async def gpt(sim: Sim, openai_sdk) -> AsyncIterator[Any]:
 def litellm_module():
     # Without this LiteLLM fetches its model price list from the internet at import.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    module = pytest.importorskip("litellm")
+    import litellm as module  # a dev dependency (pyproject), imported here because it is slow
+
     module.telemetry = False
     module.suppress_debug_info = True
     return module
@@ -163,7 +166,7 @@ def unit_length(vector: list[float]) -> bool:
 
 @pytest.mark.parametrize("seed", ["a", "b", "c", "d"])
 def test_fake_instances_satisfy_their_schema(seed: str):
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a runtime dependency: missing is a failure, never a skip
     value = fake_instance(BOOKING_SCHEMA, seed)
     jsonschema.validate(value, BOOKING_SCHEMA)
     Booking.model_validate(value)
@@ -668,7 +671,7 @@ async def test_litellm_acompletion(sim: Sim, litellm, model: str, path: str, tag
                                         ("openai/gpt-4o", "/v1")])
 async def test_litellm_tool_calls(sim: Sim, litellm, model: str, path: str):
     # LiteLLM 1.106 imports its MCP gateway (and so the `mcp` package) for any call with tools.
-    pytest.importorskip("mcp")
+    import mcp  # noqa: F401  (a dev dependency: missing is a failure, never a skip)
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a place",
                                                "parameters": {"type": "object", "required": ["location"],
                                                               "properties": {"location": {"type": "string"}}}}}]

@@ -208,3 +208,107 @@ def test_the_research_example_uses_its_tool_on_every_provider(mesh_factory, prov
     counters = mesh.http("GET", mesh.url("llm-sim") + "/sim/faults")[1]["providers"]
     asked = {name: c["counters"]["served"] for name, c in counters.items() if c["counters"]["served"]}
     assert list(asked) == [provider] and asked[provider] == (3 if by_tool else 2), asked  # call, answer, summary
+
+
+# A contract-v1 agent in plain Python (no SDK, stdlib only): it writes down what it was given
+# and what the daemon answered, so the test reads the contract from the agent's side.
+CONTRACT_AGENT = r'''
+import json, os, sys, threading, time, urllib.error, urllib.request
+env = os.environ
+url, name, inc = env["TRON_DAEMON_URL"], env["TRON_SERVICE"], env["TRON_INCARNATION"]
+token = open(env["TRON_TOKEN_FILE"]).read().strip()
+notes = open(sys.argv[1], "a")
+state = {"task": None, "progress": None}
+
+def note(**kw):
+    notes.write(json.dumps({"incarnation": inc, "at": time.time(), **kw}) + "\n"); notes.flush()
+
+def call(path, body):
+    req = urllib.request.Request(url + path, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json", "X-Tron-Token": token})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            data = r.read()
+            return r.status, json.loads(data) if data else None
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+note(event="start", provider=env.get("TRON_PROVIDER"), resume=json.loads(env.get("TRON_RESUME") or "null"))
+time.sleep(float(env["FIRST_BEAT_AFTER"]))
+
+def beats():
+    seq = 0
+    while True:
+        body = {"service": name, "incarnation": inc, "pid": os.getpid(), "seq": seq}
+        if state["task"]:
+            body.update(task_id=state["task"], progress=state["progress"])
+        code, _ = call("/beat", body)
+        if seq == 0:
+            note(event="first_beat", code=code)
+        if code == 409:
+            os._exit(0)
+        seq += 1
+        time.sleep(float(env["TRON_HEARTBEAT_INTERVAL"]))
+
+threading.Thread(target=beats, daemon=True).start()
+while True:
+    code, task = call("/tasks/claim", {"service": name, "incarnation": inc})
+    note(event="claim", code=code)
+    if code != 200:
+        time.sleep(0.2)
+        continue
+    state["task"] = task["task_id"]
+    done = (task.get("checkpoint") or {}).get("step", 0)
+    for step in range(done + 1, 3):
+        state["progress"] = f"step:{step}/2"
+        call(f"/tasks/{task['task_id']}/checkpoint",
+             {"step": step, "step_id": f"s{step}", "output": f"step {step} by {inc}", "incarnation": inc})
+        if not (json.loads(env.get("TRON_RESUME") or "null") or {}).get("tasks"):  # the first one cannot go on
+            code, _ = call("/control/report_failure", {"service": name, "incarnation": inc, "task_id": task["task_id"],
+                                                       "reason": "my_tool_is_down", "retryable": True})
+            note(event="reported", code=code)
+            time.sleep(3600)
+    call(f"/tasks/{task['task_id']}/finish", {"status": "done", "result": f"finished by {inc}", "incarnation": inc,
+                                              "attempt": task["attempt"]})
+    state["task"] = None
+'''
+
+
+def test_a_contract_agent_without_the_sdk_gets_the_whole_contract(mesh_factory, tmp_path):
+    """README, "Any language: contract v1", from the agent's side: ready only at its first
+    accepted beat; TRON_PROVIDER; 204 from an empty claim; a failure it reports through
+    /control/report_failure restarts it, and the next incarnation's TRON_RESUME hands it the
+    task with its checkpoint, from which it finishes."""
+    script, notes = tmp_path / "agent.py", tmp_path / "notes.jsonl"
+    script.write_text(CONTRACT_AGENT)
+    services = {"llm-sim": {"role": "llm_sim", "port": 6190},
+                "contract": {"command": ["{python}", str(script), str(notes)], "port": 6160, "heartbeat": True,
+                             "env": {"FIRST_BEAT_AFTER": "2"}}}
+    mesh = mesh_factory(services=services)
+    mesh.up()
+    up_at = time.time()
+
+    def said(event: str, incarnation: str | None = None) -> list[dict]:
+        lines = [json.loads(x) for x in notes.read_text().splitlines()] if notes.exists() else []
+        return [n for n in lines if n["event"] == event and incarnation in (None, n["incarnation"])]
+
+    [start] = said("start")
+    first = start["incarnation"]
+    assert up_at - start["at"] >= 2.0  # `tron up` waited for its first beat: not ready before it
+    assert said("first_beat", first)[0]["code"] == 200
+    assert start["provider"] == mesh.service("contract")["provider"] == mesh.spec["providers"]["default"]
+    assert start["resume"] in (None, {"tasks": []})
+    wait_for(lambda: said("claim", first), 10, "a first claim")
+    assert said("claim", first)[0]["code"] == 204  # nothing to do yet
+    run_id, task_id = run_task(mesh, "contract", "two steps")
+    wait_for(lambda: said("reported", first), 20, "the failure to be reported")
+    assert said("reported", first)[0]["code"] in (200, 202)
+    fresh = wait_for(lambda: (s := said("start")) and len(s) > 1 and s[-1], 30, "a new incarnation")
+    assert fresh["incarnation"] != first
+    [resumed] = fresh["resume"]["tasks"]
+    assert resumed["task_id"] == task_id and resumed["checkpoint"]["step"] == 1, fresh["resume"]
+    assert ended(mesh, run_id)["status"] == "done"
+    [alert] = mesh.rows("SELECT reason, detail FROM alerts WHERE incarnation = ?", (first,))
+    assert alert["reason"] == "provider_failure" and "my_tool_is_down" in alert["detail"], alert
+    marks = mesh.rows("SELECT step, incarnation FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
+    assert [(m["step"], m["incarnation"]) for m in marks] == [(1, first), (2, fresh["incarnation"])]

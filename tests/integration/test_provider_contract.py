@@ -54,15 +54,38 @@ class Backend:
         assert code == 200
 
 
-@pytest.fixture(params=["anthropic", "ollama", "openai", "stub"])
-async def backend(request, monkeypatch):
+@asynccontextmanager
+async def started(kind: str, monkeypatch):
     for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OLLAMA_HOST", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
-    if request.param == "stub":
+    if kind == "stub":
         yield Backend("stub")
         return
     async with running_sim() as sim:
-        yield Backend(request.param, sim)
+        yield Backend(kind, sim)
+
+
+# Each test takes the backends its contract applies to, so no combination is generated only
+# to be skipped: the stub has no HTTP (its faults are fail_with/answer_with,
+# test_provider_registry.py), and Ollama sends no rate-limit headers.
+@pytest.fixture(params=["anthropic", "ollama", "openai", "stub"])
+async def backend(request, monkeypatch):
+    async with started(request.param, monkeypatch) as b:
+        yield b
+
+
+@pytest.fixture(params=["anthropic", "ollama", "openai"])
+async def sim_backend(request, monkeypatch):
+    """A real SDK against llm-sim, whose faults are put over HTTP."""
+    async with started(request.param, monkeypatch) as b:
+        yield b
+
+
+@pytest.fixture(params=["anthropic", "openai"])
+async def headers_backend(request, monkeypatch):
+    """An SDK whose API sends rate-limit headers."""
+    async with started(request.param, monkeypatch) as b:
+        yield b
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -98,9 +121,8 @@ async def test_a_reply_says_why_it_stopped_and_what_is_left(backend):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_limits_on_a_reply_are_the_headers_it_came_with(backend, stream):
-    if backend.kind in ("stub", "ollama"):
-        pytest.skip("no rate-limit headers: the stub has no HTTP, Ollama sends none")
+async def test_limits_on_a_reply_are_the_headers_it_came_with(headers_backend, stream):
+    backend = headers_backend
     settings = backend.settings()
     client = client_for(backend.kind, settings)
     ask = [{"role": "user", "content": "say hello"}]
@@ -110,8 +132,7 @@ async def test_limits_on_a_reply_are_the_headers_it_came_with(backend, stream):
     else:
         raw = await client.chat.completions.with_raw_response.create(model=settings.openai_model, messages=ask)
     prefix = {"anthropic": "anthropic-ratelimit-", "openai": "x-ratelimit-"}[backend.kind]
-    if not any(name.lower().startswith(prefix) for name in raw.headers):
-        pytest.skip(f"llm-sim sends no {prefix}* headers on a success (yet)")
+    assert any(name.lower().startswith(prefix) for name in raw.headers), f"llm-sim sent no {prefix}* headers"
     reply = await backend.provider.complete(system="", prompt="say hello", settings=settings, stream=stream)
     expected = get(backend.kind).read_limits(raw.headers, time.time())
     assert reply.limits and set(reply.limits) == set(expected)  # values move between two calls
@@ -205,20 +226,17 @@ async def test_a_stream_cut_part_way_is_not_a_failure_to_connect(provider, monke
 
 
 # --------------------------------------------------------------------------- llm-sim's other bad days
-# Fault kinds llm-sim is growing (usage-limit, cut, and the broken 200s): a kind it does not
-# know yet is a skip, not a failure.
+# Fault kinds put on llm-sim over HTTP (usage-limit, cut, and the broken 200s): the stub's own
+# faults are tested in test_provider_registry.py.
 
 
 async def _sim_fault(backend, kind: str, **body) -> None:
-    if backend.kind == "stub":
-        pytest.skip("the stub's faults are fail_with/answer_with (test_provider_registry.py)")
     code, answer = await backend.sim.put_fault(backend.kind, kind=kind, times=1, **body)
-    if code == 400 and kind in str(answer):
-        pytest.skip(f"llm-sim has no {kind!r} fault yet")
     assert code == 200, answer
 
 
-async def test_a_usage_limit_is_told_from_a_rate_limit(backend):
+async def test_a_usage_limit_is_told_from_a_rate_limit(sim_backend):
+    backend = sim_backend
     await _sim_fault(backend, "usage-limit", retry_after_ms=7_200_000)
     with pytest.raises(ProviderFailure) as err:
         await backend.provider.complete(system="", prompt="hello", settings=backend.settings())
@@ -228,7 +246,8 @@ async def test_a_usage_limit_is_told_from_a_rate_limit(backend):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_an_answer_cut_part_way_by_llm_sim(backend, stream):
+async def test_an_answer_cut_part_way_by_llm_sim(sim_backend, stream):
+    backend = sim_backend
     await _sim_fault(backend, "cut")
     with pytest.raises(ProviderFailure) as err:
         await backend.provider.complete(system="", prompt="say hello", settings=backend.settings(), stream=stream)
@@ -238,7 +257,8 @@ async def test_an_answer_cut_part_way_by_llm_sim(backend, stream):
 @pytest.mark.parametrize("kind,reason", [("empty", "empty_answer"), ("max-tokens", "max_tokens"),
                                          ("refusal", "refusal")])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_broken_200_fails_its_check(backend, kind, reason, stream):
+async def test_a_broken_200_fails_its_check(sim_backend, kind, reason, stream):
+    backend = sim_backend
     await _sim_fault(backend, kind)
     reply = await backend.provider.complete(system="", prompt="say hello", settings=backend.settings(),
                                             stream=stream)

@@ -74,9 +74,12 @@ def test_services_are_placed_on_both_nodes_and_a_kill_on_the_worker_node_restart
     # the new process can answer before the node agent's reply reaches the daemon: poll
     wait_for(lambda: placed(mesh, "worker") == worker, 10, "the worker restarted on its node")
     drill = mesh.tron("drill", "kill", "worker", "--json", timeout=120)
-    assert drill.returncode == 0, drill.stdout + drill.stderr
-    assert json.loads(drill.stdout)["recovery_seconds"] < 30
-    assert mesh.tron("run", "--agent", "worker", "--json", "two steps", timeout=90, check=True)
+    assert drill.returncode == 0 and json.loads(drill.stdout)["verdict"] == "pass", drill.stdout + drill.stderr
+    # how fast is benchmarks/cluster_recovery.py's to measure; here: replaced, on its node, serving
+    assert mesh.health("worker")["pid"] not in (old, fresh["pid"])
+    wait_for(lambda: placed(mesh, "worker") == worker, 10, "the worker restarted on its node after the drill")
+    done = json.loads(mesh.tron("run", "--agent", "worker", "--json", "two steps", timeout=90, check=True).stdout)
+    assert mesh.rows("SELECT status FROM runs WHERE run_id = ?", (done["run_id"],)) == [{"status": "done"}]
 
     history = mesh.history("worker")
     assert [r["retry_type"] for r in history] == ["child_restart", "child_restart"]

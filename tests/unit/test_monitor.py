@@ -155,7 +155,7 @@ def test_monitor_thread_delivers_signals_via_the_sink():
         m.watch("a", "i1", time.monotonic(), beat_timeout=0.05, progress_timeout=10, task_timeout=10)
         assert done.wait(5), "the monitor thread never fired"
         assert got[0].reason is Reason.HEARTBEAT_TIMEOUT
-        assert got[0].fired_at - got[0].deadline < 0.5
+        assert got[0].fired_at >= got[0].deadline  # never before its deadline (how soon after: benchmarks/)
     finally:
         thread.stop()
     assert not thread.is_alive()

@@ -4,6 +4,8 @@ an overlay beside the mesh file, applied on top of it at load time."""
 from __future__ import annotations
 
 import os
+import subprocess
+from contextlib import contextmanager
 
 import pytest
 from pydantic import ValidationError
@@ -47,16 +49,37 @@ def test_a_bad_overlay_is_refused_naming_the_file_and_key(tmp_path, text, messag
     assert str(err.value).startswith(str(path)) and message in str(err.value)
 
 
+@contextmanager
+def unwritable(directory):
+    """``directory`` made unwritable for whoever runs the test, root included: mode 0500
+    stops a user; root (CI) gets the directory bind-mounted read-only onto itself, so
+    every write fails with EROFS as on a read-only image."""
+    directory.chmod(0o500)
+    mounted = False
+    try:
+        if os.geteuid() == 0:
+            for cmd in (["mount", "--bind", str(directory), str(directory)],
+                        ["mount", "-o", "remount,bind,ro", str(directory)]):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr.strip()}"
+                mounted = True
+        yield directory
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(directory)], capture_output=True)
+        directory.chmod(0o700)
+
+
 def test_an_unwritable_config_directory_puts_the_overlay_in_the_home(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: every directory is writable")
+    with unwritable(ro):
+        assert not os.access(ro, os.W_OK)
+        with pytest.raises(OSError):  # the world agrees: nothing can be written there
+            (ro / "probe").write_text("x")
         assert overlay_path(ro / "mesh.toml", tmp_path / "home") == tmp_path / "home" / "policy.overlay.toml"
-    finally:
-        ro.chmod(0o700)
+    # writable again: the overlay goes back beside the mesh file
+    assert overlay_path(ro / "mesh.toml", tmp_path / "home") == ro / "mesh.overlay.toml"
     assert overlay_path(None, tmp_path / "home") == tmp_path / "home" / "policy.overlay.toml"
 
 

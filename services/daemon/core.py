@@ -364,6 +364,8 @@ class Daemon:
             self.metrics.beats_rejected.labels(verdict=str(verdict)).inc()
             return verdict
         self.metrics.beats.inc()
+        if beat.spans_dropped:
+            self.metrics.spans_dropped_total(beat.service, beat.incarnation, beat.spans_dropped)
         svc = self.sup[beat.service]
         svc.last_beat = now
         if beat.task_id and (beat.task_id != svc.task_id or beat.progress != svc.progress):

@@ -429,7 +429,7 @@ class Agent:
         """Carry out the ladder's answer to a provider failure, in this incarnation."""
         action = answer.get("action")
         was = task.provider
-        telemetry.event(action or "abandon", case=answer.get("case"), provider=answer.get("provider"),
+        telemetry.event(task.span, action or "abandon", case=answer.get("case"), provider=answer.get("provider"),
                         delay=answer.get("delay"), reason=answer.get("reason") or answer.get("why"), task=task.id)
         if action in ("wait", "retry"):
             await self._wait(task, float(answer.get("delay") or 0.0))
@@ -503,6 +503,8 @@ class Agent:
 
     async def _run(self, task: Task) -> None:
         with telemetry.task_span(self.name, task.assign, task.provider) as task.span:
+            log.info("task started", extra={"task": task.id, "run": task.assign.run_id, "attempt": task.assign.attempt,
+                                            "progress": task.resume_from})
             await self._attempt(task)
 
     async def _attempt(self, task: Task) -> None:
@@ -541,6 +543,8 @@ class Agent:
         an attempt an operator has since retried is refused, not taken for the new one's."""
         finish = {"status": outcome.status, "result": outcome.result, "reason": outcome.reason,
                   "detail": outcome.detail, "incarnation": outcome.incarnation, "attempt": attempt}
+        log.info("task finished", extra={"task": outcome.task_id, "run": outcome.run_id, "status": outcome.status,
+                                         "reason": outcome.reason, "attempt": attempt})
         logs.comms("task_finished", src=self.name, dst="daemon", task=outcome.task_id, run=outcome.run_id,
                    status=outcome.status, reason=outcome.reason, incarnation=self.ctx.env.incarnation, to=reply_to)
         await self._retrying(lambda: self.ctx.client.post(f"{self.daemon}/tasks/{outcome.task_id}/finish", finish),

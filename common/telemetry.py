@@ -127,9 +127,10 @@ def _count_dropped(n: int, why: str) -> None:
 
 
 def setup(section: TelemetrySection | None, *, service: str, incarnation: str | None = None,
-          env: dict | None = None) -> bool:
+          env: dict | None = None, exporter=None) -> bool:
     """Turn tracing on for this process if an endpoint is configured; True if it is on.
-    Idempotent. The SDK and the exporter are imported only here."""
+    Idempotent. The SDK and the exporter are imported only here. ``exporter``: a SpanExporter
+    to use instead of OTLP/HTTP to the endpoint (the SDK's in-memory one, say)."""
     global _on
     if _on is not None:
         return True
@@ -201,7 +202,7 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
              "tron.service": service}
     if incarnation:
         attrs["service.instance.id"] = incarnation
-    exporter = Counting(OTLPSpanExporter(endpoint=url, timeout=section.export_timeout))
+    exporter = Counting(exporter or OTLPSpanExporter(endpoint=url, timeout=section.export_timeout))
     processor = Bounded(exporter, max_queue_size=section.max_queue_size,
                         max_export_batch_size=min(512, section.max_queue_size),
                         schedule_delay_millis=section.schedule_delay * 1000,
@@ -439,14 +440,12 @@ def llm_result(span, reply=None, failure=None) -> None:
         span.set_status(Status(StatusCode.ERROR, str(getattr(failure, "reason", failure))[:200]))
 
 
-def event(kind: str, **attributes: Any) -> None:
+def event(span, kind: str, **attributes: Any) -> None:
     """A ladder decision carried out in this process (the provider desk's retry, switch,
-    park), as an event on the current span: ``tron.ladder.KIND`` with its case id."""
-    if _on is None:
+    park), as an event on the attempt's span: ``tron.ladder.KIND`` with its case id."""
+    if span is None:
         return
-    from opentelemetry import trace
-
-    trace.get_current_span().add_event(f"tron.ladder.{kind}", _clean({f"tron.{k}": _attr(v)
+    span.add_event(f"tron.ladder.{kind}", _clean({f"tron.{k}": _attr(v)
                                                                        for k, v in attributes.items()}))
 
 

@@ -139,7 +139,6 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
     if url is None:
         return False
     section = section or TelemetrySection()
-    from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -211,8 +210,10 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
     # collector; ``shutdown`` bounds it.
     provider = TracerProvider(resource=Resource.create(attrs), id_generator=Ids(), shutdown_on_exit=False)
     provider.add_span_processor(processor)
+    # Not made the global provider: the LLM SDKs' own instrumentation (anthropic's emits
+    # GenAI spans, unredacted content included when its variable says so) stays a no-op, and
+    # each call is the one span Tron writes, redacted as the registry is.
     _on = _On(provider.get_tracer(TRACER), provider, processor, section)
-    trace.set_tracer_provider(provider)
     log.info("tracing on", extra={"endpoint": url})
     return True
 

@@ -295,6 +295,13 @@ def attempt_span_id(trace_id: int, task_id: str, attempt: int) -> int:
     return int.from_bytes(digest, "big") or 1
 
 
+def attempt_span_hex(traceparent: str | None, task_id: str, attempt: int) -> str | None:
+    """The span id (16 hex digits) an attempt's span has, for an agent that writes its own
+    (contract v1: the claim hands it over as SPAN_ID)."""
+    trace_id = trace_id_of(traceparent)
+    return f"{attempt_span_id(int(trace_id, 16), task_id, attempt):016x}" if trace_id else None
+
+
 def _attempt_context(traceparent: str | None, task_id: str, attempt: int):
     parent = _parse(traceparent)
     if parent is None:

@@ -577,12 +577,14 @@ async def claim_task(request: web.Request) -> web.Response:
     task = tasks[0]
     await d.store.task_progress(task["task_id"], body.incarnation, None)
     assign = await d.ledger.assignment(task, svc.provider)
+    # The id this attempt's span is to have (common/telemetry.py): the daemon's ladder spans hang under it.
+    span_id = telemetry.attempt_span_hex(assign.traceparent, assign.task_id, assign.attempt)
     if q.format == "json":
-        return web.json_response(assign.model_dump(mode="json"))
+        return web.json_response({**assign.model_dump(mode="json"), "span_id": span_id})
     done = assign.checkpoint or {}
     fields = {"TASK_ID": assign.task_id, "RUN_ID": assign.run_id, "KIND": assign.kind, "PROMPT": assign.prompt,
               "ATTEMPT": assign.attempt, "PROVIDER": assign.provider or "", "DONE_STEP": done.get("step", 0),
-              "DONE_OUTPUT": done.get("output", ""), "TRACEPARENT": assign.traceparent or ""}
+              "DONE_OUTPUT": done.get("output", ""), "TRACEPARENT": assign.traceparent or "", "SPAN_ID": span_id or ""}
     return web.Response(text="".join(f"{k}={shlex.quote(str(v))}\n" for k, v in fields.items()),
                         content_type="text/plain")
 

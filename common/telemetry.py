@@ -126,6 +126,19 @@ def _count_dropped(n: int, why: str) -> None:
         log.warning("trace spans dropped (%d so far): %s", _dropped, why)
 
 
+SDK_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.sdk.trace.export", "opentelemetry.sdk.resources",
+               "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+def preload() -> None:
+    """Import what ``setup`` needs (about 0.3 s): the fork server does it once for every
+    agent it forks, so a new incarnation starts as fast with tracing on as off."""
+    import importlib
+
+    for name in SDK_MODULES:
+        importlib.import_module(name)
+
+
 def setup(section: TelemetrySection | None, *, service: str, incarnation: str | None = None,
           env: dict | None = None, exporter=None) -> bool:
     """Turn tracing on for this process if an endpoint is configured; True if it is on.
@@ -158,16 +171,23 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
         def __init__(self, inner) -> None:
             self.inner = inner
             self.taken = 0  # spans the processor handed over (queued - taken = still queued)
+            self.failing = False  # the last export failed: the collector is down or refusing
+            self.busy = False  # an export is under way (a hung collector holds it)
 
         def export(self, spans) -> SpanExportResult:
             self.taken += len(spans)
+            self.busy = True
             try:
                 result = self.inner.export(spans)
             except Exception as err:  # the SDK logs and swallows it too: here it is counted
                 _count_dropped(len(spans), f"export failed: {type(err).__name__}: {err}")
-                return SpanExportResult.FAILURE
-            if result != SpanExportResult.SUCCESS:
-                _count_dropped(len(spans), f"the collector at {url} did not take them")
+                result = SpanExportResult.FAILURE
+            else:
+                if result != SpanExportResult.SUCCESS:
+                    _count_dropped(len(spans), f"the collector at {url} did not take them")
+            finally:
+                self.busy = False
+            self.failing = result != SpanExportResult.SUCCESS
             return result
 
         def shutdown(self) -> None:
@@ -225,6 +245,9 @@ def shutdown(timeout: float = 1.0) -> None:
     on, _on = _on, None
     if on is None:
         return
+    counting = on.processor.counting
+    if counting.failing or counting.busy:
+        timeout = min(timeout, 0.05)  # a collector that is down or slow gets no more of a stop's time
     done = threading.Event()
 
     def flush() -> None:

@@ -11,9 +11,9 @@ Part ``call``, in one process, interleaved in blocks so the machine's noise land
   span        the span alone (open, GenAI attributes, usage, close, hand to the queue), no call.
   beat        what a heartbeat runs of telemetry: one ``telemetry.dropped()`` read, tracing on.
 
-Part ``mesh``: three real meshes one after the other (tracing off; on, the collector down;
-on, the collector hung: it accepts and never answers), each with the same runs through the
-gateway and the same kill -9 of programmer-1: the run's wall time and kill-to-healthy.
+Part ``mesh``: three real meshes up at once (tracing off; on, the collector down; on, the
+collector hung: it accepts and never answers), the same runs through the gateway and the
+same kill -9 of programmer-1 taking turns between them: the run's wall time and kill-to-healthy.
 
     .venv/bin/python -m benchmarks.telemetry [--calls 600] [--runs 6] [--kills 4] [--json FILE]
 """
@@ -124,51 +124,61 @@ async def measure_calls(calls: int, block: int) -> dict:
 
 
 def measure_mesh(runs: int, kills: int) -> dict:
+    """Three meshes up at once, the runs and the kills taking turns between them (the order
+    shuffled each round), so the machine's noise lands on every row."""
+    import random
+
     from tests.harness import cleanup, make_mesh, wait_for
 
-    out = {}
+    def one_run(mesh, n: int) -> float:
+        t0 = time.monotonic()
+        code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": f"measure {n}"})
+        assert code == 202, body
+        run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{body['run_id']}",
+                                               token=False)[1]) and r["status"] != "running" and r,
+                       120, "the run", interval=0.01)
+        assert run["status"] == "done", run
+        return time.monotonic() - t0
+
+    def one_kill(mesh) -> float:
+        old = mesh.service("programmer-1")["pid"]
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: (h := mesh.health("programmer-1")) and h.get("pid") not in (None, old), 60,
+                 "programmer-1 healthy again", interval=0.005)
+        return time.monotonic() - t0
+
+    rng = random.Random(1)
+    labels = ["off", "down", "hung"]
+    out: dict = {label: {"run_s": [], "kill_to_healthy_s": []} for label in labels}
+    silent = socket.socket()  # the hung collector: it accepts and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1024)
+    meshes = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label in ("off", "down", "hung"):
-            silent = None
-            mesh = make_mesh(Path(tmp) / label)
-            if label == "down":
-                mesh.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
-            elif label == "hung":
-                silent = socket.socket()
-                silent.bind(("127.0.0.1", 0))
-                silent.listen(1024)
-                mesh.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
-            try:
+        try:
+            for label in labels:
+                mesh = meshes[label] = make_mesh(Path(tmp) / label)
+                if label == "down":
+                    mesh.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+                elif label == "hung":
+                    mesh.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
                 mesh.up()
-                run_s, heal_s = [], []
-                for n in range(runs):
-                    t0 = time.monotonic()
-                    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": f"measure {n}"})
-                    assert code == 202, body
-                    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{body['run_id']}",
-                                                           token=False)[1]) and r["status"] != "running" and r,
-                                   120, "the run", interval=0.01)
-                    assert run["status"] == "done", run
-                    run_s.append(time.monotonic() - t0)
-                for _ in range(kills):
-                    old = mesh.service("programmer-1")["pid"]
-                    t0 = time.monotonic()
-                    os.kill(old, signal.SIGKILL)
-                    wait_for(lambda: (h := mesh.health("programmer-1")) and h.get("pid") not in (None, old), 60,
-                             "programmer-1 healthy again", interval=0.005)
-                    heal_s.append(time.monotonic() - t0)
-                    time.sleep(1.5)  # past min_uptime: the next kill is restarted at once too
+            for n in range(runs):
+                for label in rng.sample(labels, len(labels)):
+                    out[label]["run_s"].append(one_run(meshes[label], n))
+            for _ in range(kills):
+                for label in rng.sample(labels, len(labels)):
+                    out[label]["kill_to_healthy_s"].append(one_kill(meshes[label]))
+                time.sleep(1.5)  # past min_uptime: the next kill is restarted at once too
+            for label, mesh in meshes.items():
                 text = mesh.http("GET", mesh.url("daemon") + "/metrics", token=False)[1]
-                dropped = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                              if line.startswith("tron_otel_spans_dropped_total{"))
-                out[label] = {"run_s": run_s, "kill_to_healthy_s": heal_s, "dropped": dropped}
-            finally:
-                leftovers = cleanup(mesh)
-                if silent:
-                    silent.close()
-            if leftovers:
-                out.setdefault("leftovers", []).extend(leftovers)
-            print(f"  mesh {label} done", file=sys.stderr, flush=True)
+                out[label]["dropped"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                            if line.startswith("tron_otel_spans_dropped_total{"))
+        finally:
+            for mesh in meshes.values():
+                out.setdefault("leftovers", []).extend(cleanup(mesh))
+            silent.close()
     return out
 
 

@@ -82,6 +82,20 @@ async def measure_calls(calls: int, block: int) -> dict:
     assert telemetry.setup(telemetry.TelemetrySection(otlp_endpoint=f"http://127.0.0.1:{sink_port}"), service="bench",
                            env={})
     samples: dict[str, list[float]] = {"call": [], "traced": [], "span": [], "beat": []}
+    exports = {"cpu_s": 0.0, "spans": 0, "batches": 0}
+    counting = telemetry._on.processor.counting
+    inner_export = counting.inner.export
+
+    def timed_export(spans):  # in the exporter's thread: its CPU for encoding and sending a batch
+        t0 = time.thread_time()
+        try:
+            return inner_export(spans)
+        finally:
+            exports["cpu_s"] += time.thread_time() - t0
+            exports["spans"] += len(spans)
+            exports["batches"] += 1
+
+    counting.inner.export = timed_export
     try:
         for _ in range(3):  # warm: the SDK's first request imports what it needs
             await complete("anthropic", system="", prompt="warm up", settings=settings)
@@ -110,6 +124,7 @@ async def measure_calls(calls: int, block: int) -> dict:
                 telemetry.dropped() or None
                 samples["beat"].append(time.perf_counter() - t0)
             done += n
+        telemetry._on.processor.force_flush()
         dropped = telemetry.dropped()
     finally:
         telemetry.shutdown(5)
@@ -118,7 +133,11 @@ async def measure_calls(calls: int, block: int) -> dict:
             proc.terminate()
             proc.join(10)
     med = {k: percentile(v, 0.5) for k, v in samples.items()}
+    export_per_span = exports["cpu_s"] / max(1, exports["spans"])
     return {"calls": calls, "median_s": med, "p90_s": {k: percentile(v, 0.9) for k, v in samples.items()},
+            "exports": exports, "export_cpu_per_span_s": export_per_span,
+            "tracing_per_call_s": med["span"] + export_per_span,
+            "tracing_of_call": (med["span"] + export_per_span) / med["call"],
             "span_of_call": med["span"] / med["call"], "traced_minus_call_of_call": (med["traced"] - med["call"]) /
             med["call"], "dropped": dropped, "loadavg": os.getloadavg()}
 
@@ -202,7 +221,12 @@ def main() -> int:
                            ("span", "the LLM span alone (attributes, usage, close, queue)"),
                            ("beat", "tracing's part of a beat (the dropped count, read)")):
             print(f"| {label} | {m[key] * 1000:.4f} ms | {p[key] * 1000:.4f} ms |")
-        print(f"\nspan / call: {r['span_of_call']:.2%}; traced - untraced medians / call: "
+        e = r["exports"]
+        print(f"\nexport (in its thread, CPU): {r['export_cpu_per_span_s'] * 1000:.4f} ms a span "
+              f"({e['spans']} spans in {e['batches']} batches of {e['spans'] / max(1, e['batches']):.0f})")
+        print(f"tracing per call = span + its export: {r['tracing_per_call_s'] * 1000:.4f} ms = "
+              f"{r['tracing_of_call']:.2%} of the untraced call's median")
+        print(f"span / call: {r['span_of_call']:.2%}; traced - untraced medians / call: "
               f"{r['traced_minus_call_of_call']:.2%}")
     if args.part in ("mesh", "both"):
         r = results["mesh"] = measure_mesh(args.runs, args.kills)

@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
+from http import cookiejar as http_cookiejar
 from urllib.parse import quote
 
 import pytest
@@ -181,6 +183,14 @@ def test_a_run_is_one_trace_from_the_gateway_to_the_programmers_with_genai_attri
     assert all(f"trace_id={trace_id}" in line for line in lines), lines
     bad = mesh.tron("logs", "--trace", "not-a-trace")
     assert bad.returncode != 0 and "32 hex digits" in bad.stderr
+    # the web UI links the run and each of its tasks to the trace ([telemetry] trace_url)
+    code, login = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": "test@ui"})
+    assert code == 201, login
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http_cookiejar.CookieJar()))
+    browser.open(login["url"], timeout=10).read()
+    page = browser.open(mesh.url("daemon") + f"/ui/runs/{run_id}", timeout=10).read().decode()
+    link = f'href="http://traces.example/trace/{trace_id}"'
+    assert f'<a {link} data-testid="run-trace"' in page and page.count(link) == 1 + len(tasks), page[:3000]
 
 
 def test_a_kill_mid_task_shows_the_restart_and_two_attempt_spans(phoenix, mesh_factory, request):

@@ -475,7 +475,7 @@ def llm_result(span, reply=None, failure=None) -> None:
         span.set_status(Status(StatusCode.ERROR, str(getattr(failure, "reason", failure))[:200]))
 
 
-def event(span, kind: str, **attributes: Any) -> None:
+def event(span, kind: str, /, **attributes: Any) -> None:
     """A ladder decision carried out in this process (the provider desk's retry, switch,
     park), as an event on the attempt's span: ``tron.ladder.KIND`` with its case id."""
     if span is None:
@@ -508,7 +508,7 @@ def new_root(name: str, **attributes: Any) -> str | None:
     return format_traceparent(ctx.trace_id, ctx.span_id)
 
 
-def ladder(kind: str, *, case: str | None, alert_id: str | None, service: str, task: dict | None = None,
+def ladder(kind: str, /, *, case: str | None, alert_id: str | None, service: str, task: dict | None = None,
            reason: str | None = None, links_attempts: tuple[int, ...] = (), **attributes: Any) -> None:
     """A decision the daemon carried out, or an alert TRON raised: a short ``ladder KIND`` span
     with the event ``tron.ladder.KIND`` (its case id, alert id, reason), under the attempt of the

@@ -102,6 +102,7 @@ def test_the_daemon_writes_a_killed_attempt_and_links_a_restart_to_both_attempts
     telemetry.ladder("restart", case="restart_with_task", alert_id="a-1", service="programmer-1", task=task,
                      reason="process_exit", links_attempts=(1, 2))
     telemetry.ladder("alert", case=None, alert_id="a-2", service="llm-sim", reason="process_exit")
+    telemetry.ladder("escalation", case="crash_loop", alert_id="a-3", service="programmer-1", kind="crash_loop")
     finished = spans()
     [attempt] = by_name(finished, "invoke_agent programmer-1")
     assert attempt.context.span_id == attempt_span_id(0xABC, "r.1", 1) and attempt.parent.span_id == 0x123
@@ -114,6 +115,8 @@ def test_the_daemon_writes_a_killed_attempt_and_links_a_restart_to_both_attempts
     assert ev.attributes["tron.alert.id"] == "a-1"
     [incident] = by_name(finished, "ladder alert")  # no task: a short trace of its own
     assert incident.parent is None and incident.context.trace_id != 0xABC
+    [escalation] = by_name(finished, "ladder escalation")  # a decision's own `kind` is an attribute like any other
+    assert escalation.attributes["tron.kind"] == "crash_loop"
 
 
 class Reply:

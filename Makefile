@@ -12,7 +12,7 @@ RESULTS := benchmarks/results
 # loudly that they are skipped and why (and fail with CI=true).
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx-light pg_isready:postgresql-15 chromium:chromium
 
-.PHONY: up down status test unit integration bench clean system-deps vendor-ui lint
+.PHONY: up down status test unit integration bench clean system-deps vendor-ui lint phoenix
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,7 @@ TEST_WORKERS ?= 3
 ifndef SEED
 SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 endif
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps phoenix lint
 	@echo "test order: -p randomly --randomly-seed=$(SEED) (again: make test SEED=$(SEED))"
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -p randomly --randomly-seed=$(SEED)
 
@@ -68,8 +68,18 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP) system-deps
+integration: $(STAMP) system-deps phoenix
 	$(BIN)/python -m pytest -q tests/integration
+
+# Arize Phoenix, the OTLP receiver tests/integration/test_telemetry.py sends traces to and reads
+# them back from. A virtual environment of its own: it requires openai>=3 and anthropic<2, which
+# Tron does not take. About 80 s the first time; the tests say loudly that they are skipped without it.
+PHOENIX_VENV := .venv-phoenix
+$(PHOENIX_VENV)/bin/phoenix:
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet 'arize-phoenix>=12,<21'
+
+phoenix: $(PHOENIX_VENV)/bin/phoenix
 
 # Every table in benchmarks/README.md, in about 25 minutes on 2 cores. Not part of `make test`.
 bench: $(BENCH_STAMP)
@@ -84,10 +94,11 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.delegation --kills 20 --json $(RESULTS)/delegation.json
 	$(BIN)/python -m benchmarks.servers --kills 5 --json $(RESULTS)/servers.json
 	$(BIN)/python -m benchmarks.cluster_recovery --kills 10 --losses 3 --json $(RESULTS)/cluster_recovery.json
+	$(BIN)/python -m benchmarks.telemetry --calls 600 --runs 10 --kills 5 --json $(RESULTS)/telemetry.json
 
 # Re-fetch the web UI's vendored scripts from npm (versions pinned in the script); commit the result.
 vendor-ui:
 	sh services/daemon/ui/vendor.sh
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(PHOENIX_VENV) artifacts .pytest_cache

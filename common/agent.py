@@ -51,7 +51,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from common import logs
+from common import logs, telemetry
 from common.config import DAEMON
 from common.carry import carry_out, loop_alert_id
 from common.clock import Clock, MonotonicClock
@@ -108,6 +108,7 @@ class Task:
     provider: str | None = None  # where this task's LLM calls go (the ladder may switch it in place)
     _steps: dict[int, dict] | None = field(default=None, repr=False)
     _repeats: object | None = field(default=None, repr=False)  # the RepeatGuard of its answers
+    span: object | None = field(default=None, repr=False)  # this attempt's trace span (common/telemetry.py)
 
     @property
     def id(self) -> str:
@@ -267,8 +268,9 @@ class Agent:
             return done[number]["output"]
         previous = max((s for s in done if s < number), default=None)
         self.set_progress(task, f"step:{number}" + (f"/{total}" if total else ""))
-        output = await produce(done[previous]["output"] if previous is not None else "")
-        await self.checkpoint(task, number, step_id, output)
+        with telemetry.step_span(task.id, number, step_id):
+            output = await produce(done[previous]["output"] if previous is not None else "")
+            await self.checkpoint(task, number, step_id, output)
         done[number] = {"step": number, "step_id": step_id, "output": output}
         return output
 
@@ -336,7 +338,8 @@ class Agent:
             failure = task._repeats.check(reply.text, checks.repeat_limit, provider=reply.provider)
         return failure
 
-    async def under_ladder(self, task: Task, call, inspect=None, *, portable: bool = True):
+    async def under_ladder(self, task: Task, call, inspect=None, *, portable: bool = True,
+                           content: tuple[str, str] | None = None):
         """Run ``call(provider)`` under the mesh's provider supervision until it succeeds;
         raise ``Abandon`` when the ladder ended the task (failed for good, cancelled).
 
@@ -347,7 +350,8 @@ class Agent:
         ``(failure or None, LLMReply or None)`` for answers that came back broken.
         ``portable``: ``call`` works on any provider (``llm``); a provider-specific call
         (``call_llm``'s SDK request) that is moved raises ``ProviderMoved`` instead, and the
-        task's work runs again on the new provider."""
+        task's work runs again on the new provider. ``content``: (system, prompt), for the
+        call's trace span when ``[telemetry] capture_content`` is on."""
         from common.providers import ProviderFailure, classify
 
         await self.sdks_ready()
@@ -360,17 +364,21 @@ class Agent:
                 continue
             governed = answer is not None
             started = time.monotonic()
-            try:
-                result = await call(provider)
-                failure, reply = inspect(provider, result) if inspect else (None, None)
-            except asyncio.CancelledError:
-                if governed:
-                    self._bg_task(self._desk("outcome", task, provider, ok=False, cancelled=True))
-                raise
-            except ProviderFailure as err:
-                failure, reply = err, None
-            except Exception as err:
-                failure, reply = classify(err, provider), None
+            with telemetry.llm_span(provider, getattr(self.config.providers, f"{provider}_model", None),
+                                    system=content[0] if content else None,
+                                    prompt=content[1] if content else None) as span:
+                try:
+                    result = await call(provider)
+                    failure, reply = inspect(provider, result) if inspect else (None, None)
+                except asyncio.CancelledError:
+                    if governed:
+                        self._bg_task(self._desk("outcome", task, provider, ok=False, cancelled=True))
+                    raise
+                except ProviderFailure as err:
+                    failure, reply = err, None
+                except Exception as err:
+                    failure, reply = classify(err, provider), None
+                telemetry.llm_result(span, reply, failure)
             usage = self._usage(task, provider, reply, started)
             if failure is None:
                 limits = getattr(reply, "limits", None) or {}
@@ -421,6 +429,8 @@ class Agent:
         """Carry out the ladder's answer to a provider failure, in this incarnation."""
         action = answer.get("action")
         was = task.provider
+        telemetry.event(task.span, action or "abandon", case=answer.get("case"), provider=answer.get("provider"),
+                        delay=answer.get("delay"), reason=answer.get("reason") or answer.get("why"), task=task.id)
         if action in ("wait", "retry"):
             await self._wait(task, float(answer.get("delay") or 0.0))
         elif action == "switch":
@@ -492,6 +502,12 @@ class Agent:
             self.ctx.waiting = False
 
     async def _run(self, task: Task) -> None:
+        with telemetry.task_span(self.name, task.assign, task.provider) as task.span:
+            log.info("task started", extra={"task": task.id, "run": task.assign.run_id, "attempt": task.assign.attempt,
+                                            "progress": task.resume_from})
+            await self._attempt(task)
+
+    async def _attempt(self, task: Task) -> None:
         a = task.assign
         status, result, reason, detail = "done", None, None, {}
         _current.set(task)  # this asyncio task's own context: the provider is the task's
@@ -504,6 +520,7 @@ class Agent:
                     log.warning("task %s moves to %s: its work runs again from its last step", a.task_id,
                                 moved.provider, extra={"task": a.task_id})
         except Abandon:
+            telemetry.task_result(task.span, "abandoned", "ended_by_ladder", task.provider)
             return
         except TaskFailed as err:
             status, reason, detail = "failed", err.reason, err.detail
@@ -515,6 +532,7 @@ class Agent:
                 self.active.pop(a.task_id, None)
                 self._runs.pop(a.task_id, None)
             self._refresh_beat_fields()
+        telemetry.task_result(task.span, status, reason, task.provider)
         outcome = TaskResult(task_id=a.task_id, run_id=a.run_id, status=status, result=result, reason=reason,
                              detail=detail, service=self.name, incarnation=self.ctx.env.incarnation)
         await self._finish(outcome, a.reply_to, a.attempt)
@@ -525,6 +543,8 @@ class Agent:
         an attempt an operator has since retried is refused, not taken for the new one's."""
         finish = {"status": outcome.status, "result": outcome.result, "reason": outcome.reason,
                   "detail": outcome.detail, "incarnation": outcome.incarnation, "attempt": attempt}
+        log.info("task finished", extra={"task": outcome.task_id, "run": outcome.run_id, "status": outcome.status,
+                                         "reason": outcome.reason, "attempt": attempt})
         logs.comms("task_finished", src=self.name, dst="daemon", task=outcome.task_id, run=outcome.run_id,
                    status=outcome.status, reason=outcome.reason, incarnation=self.ctx.env.incarnation, to=reply_to)
         await self._retrying(lambda: self.ctx.client.post(f"{self.daemon}/tasks/{outcome.task_id}/finish", finish),
@@ -580,7 +600,8 @@ class Agent:
         """Give a sub-task to a child and wait for its result. Raises TaskFailed."""
         task_id = f"{parent.id}.{index}"
         rec = TaskRecord(task_id=task_id, run_id=parent.assign.run_id, agent=child, parent_agent=self.name,
-                         kind=kind, prompt=prompt, parent_task_id=parent.id, provider=self.ctx.provider)
+                         kind=kind, prompt=prompt, parent_task_id=parent.id, provider=self.ctx.provider,
+                         traceparent=telemetry.current_traceparent())
         future = asyncio.get_running_loop().create_future()
         self.waiting[task_id] = future
         try:
@@ -606,7 +627,7 @@ class Agent:
             else:
                 assign = TaskAssign(task_id=task_id, run_id=parent.assign.run_id, kind=kind, prompt=prompt,
                                     reply_to=self.name, parent_task_id=parent.id, attempt=row["attempt"],
-                                    progress=row["progress"])
+                                    progress=row["progress"], traceparent=row.get("traceparent"))
                 logs.comms("task_dispatch", src=self.name, dst=child, task=task_id, run=parent.assign.run_id)
                 try:
                     await self.ctx.client.post(self.config.url(child) + "/tasks", assign)
@@ -750,7 +771,7 @@ class Agent:
         def inspect(provider: str, reply):
             return self._check_reply(task, reply, complete=complete), reply
 
-        reply = await self.under_ladder(task, call, inspect)
+        reply = await self.under_ladder(task, call, inspect, content=(system, prompt))
         return reply.text
 
     async def report_failure(self, task: Task, failure) -> None:

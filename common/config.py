@@ -33,6 +33,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from common.models import Provider, validation_messages
 from common.prices import Price
 from common.notify import NotifyEntry
+from common.telemetry import TelemetrySection
 from common.prices import merged as merged_prices
 from common.providers.checks import OutputChecks
 from common import probe_kinds  # the probe kinds: their names and configs
@@ -505,6 +506,8 @@ class MeshConfig(_Strict):
     # [prices."anthropic/claude-sonnet-4"] input_per_mtok = 3.0, output_per_mtok = 15.0
     prices: dict[str, Price] = {}
     budgets: Budgets = Budgets()
+    # [telemetry] otlp_endpoint = "http://127.0.0.1:4318": OpenTelemetry traces (common/telemetry.py)
+    telemetry: TelemetrySection = TelemetrySection()
     services: dict[str, ServiceSpec]
     source: str = ""
 

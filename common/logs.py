@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import telemetry
 from common.clock import utc_iso
 from common.redaction import redact
 
@@ -30,6 +31,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {"ts": utc_iso(), "level": record.levelname.lower(), "logger": record.name}
         out.update(_context)
+        out.update(telemetry.log_ids())  # {} unless a traced task runs here
         out["msg"] = record.getMessage()
         for key, value in record.__dict__.items():
             if key not in _STD and not key.startswith("_"):

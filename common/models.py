@@ -18,6 +18,7 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 NameStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 TOKEN_HEADER = "X-Tron-Token"
+TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"  # W3C Trace Context, version 00
 MAX_BODY = 256 * 1024
 Provider = Literal["anthropic", "ollama", "openai"]
 
@@ -70,6 +71,8 @@ class Beat(Msg):
     # Every task the agent is working on (the SDK sends it; the contract makes it optional).
     # A task leased to this incarnation that its beats stop naming was lost: see task_lost.
     tasks: list[str] | None = Field(None, max_length=1024)
+    # Trace spans this incarnation could not deliver so far (common/telemetry.py); sent once there are any.
+    spans_dropped: int | None = Field(None, ge=0)
 
 
 class Alert(Msg):
@@ -159,6 +162,7 @@ class TaskAssign(Msg):
     provider: Provider | None = None
     checkpoint: dict[str, Any] | None = None  # the last completed step: {step, step_id, hash, output}
     replay: list[dict[str, Any]] | None = None  # after a hard reset: every step, verified, in order
+    traceparent: str | None = Field(None, max_length=55, pattern=TRACEPARENT)  # W3C trace context (common/telemetry.py)
 
 
 class TaskResult(Msg):
@@ -183,6 +187,7 @@ class TaskRecord(Msg):
     prompt: str = Field(min_length=1, max_length=64 * 1024)
     parent_task_id: str | None = None
     provider: str | None = None
+    traceparent: str | None = Field(None, max_length=55, pattern=TRACEPARENT)  # W3C trace context (common/telemetry.py)
 
 
 class RunCreate(Msg):

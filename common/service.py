@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from common import logs
+from common import logs, telemetry
 from common.clock import Clock, MonotonicClock
 from common.config import MeshConfig, load_mesh
 from common.http import TOKEN_KEY, MeshClient, MeshHTTPError
@@ -115,7 +115,7 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
         started = clock.now()
         beat = Beat(service=ctx.name, incarnation=ctx.env.incarnation, pid=os.getpid(), seq=ctx.beat_seq,
                     task_id=ctx.task_id, progress=ctx.progress, provider=ctx.provider, waiting=ctx.waiting,
-                    tasks=ctx.tasks)
+                    tasks=ctx.tasks, spans_dropped=telemetry.dropped() or None)
         ctx.beat_seq += 1
         try:
             answer = await ctx.client.post(url, beat, timeout=max(0.5, interval))
@@ -191,6 +191,7 @@ async def _serve(build: Build) -> None:
     env = ServiceEnv.from_environ()
     logs.setup(env.service, incarnation=env.incarnation, comms_path=env.home / "logs" / "comms.jsonl")
     config = load_mesh(env.config or None)
+    telemetry.setup(config.telemetry, service=env.service, incarnation=env.incarnation)
     token = read_token(env.token_file)
     if not token:
         raise SystemExit(f"no mesh token at {env.token_file}")
@@ -222,6 +223,7 @@ async def _serve(build: Build) -> None:
     log.info("stopping")
     await runner.cleanup()
     await ctx.client.close()
+    telemetry.shutdown()  # bounded: a hung collector never holds a stop
 
 
 def run_service(build: Build) -> None:

@@ -193,7 +193,8 @@ class MemoryStore(Stamps):
             "agent": rec["agent"], "parent_agent": rec["parent_agent"], "kind": rec["kind"],
             "prompt": redact(rec["prompt"]), "status": str(TaskState.ASSIGNED), "attempt": 1,
             "provider": rec.get("provider"), "progress": None, "lease_incarnation": None, "result": None,
-            "failure": None, "created_at": self._wall(), "updated_at": self._wall(), "delivered": 0, "held_since": None}
+            "failure": None, "created_at": self._wall(), "updated_at": self._wall(), "delivered": 0, "held_since": None,
+            "traceparent": rec.get("traceparent")}
         self._event("task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"], "kind": rec["kind"]},
                     agent=rec["agent"], run_id=rec["run_id"], task_id=rec["task_id"])
         return _out(self.tasks_[rec["task_id"]]), True

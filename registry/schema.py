@@ -421,6 +421,17 @@ MIGRATIONS.append((
     """,
 ))
 
+# -- version 8: traces --------------------------------------------------------------------------------
+# The W3C trace context a task travels with (common/telemetry.py): its attempts are spans of the
+# run's trace, whichever process or incarnation runs them.
+MIGRATIONS.append((
+    8,
+    "traces: the traceparent of each task",
+    """
+    ALTER TABLE tasks ADD COLUMN traceparent TEXT;
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 EXPECTED_COLUMNS: dict[str, set[str]] = {
@@ -430,7 +441,7 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
                  "started_mono", "healthy_mono"},
     "runs": {"run_id", "prompt", "status", "result", "failure", "drill", "budget_usd", "budget_tokens"},
     "tasks": {"task_id", "run_id", "agent", "parent_agent", "status", "attempt", "provider", "progress",
-              "lease_incarnation", "delivered", "held_since", "parked_reason"},
+              "lease_incarnation", "delivered", "held_since", "parked_reason", "traceparent"},
     "alerts": {"alert_id", "agent", "incarnation", "reason", "status", "deliveries", "drill", "mono", "stable"},
     "events": {"id", "ts", "kind", "agent", "incarnation", "run_id", "task_id", "alert_id", "payload", "drill"},
     "retry_history": {"agent_id", "task_id", "retry_type", "retry_count", "reason", "from_provider", "to_provider",

@@ -242,10 +242,11 @@ class SqlStore(Stamps):
         async with self.db.transaction() as tx:
             n = await tx.execute(
                 "INSERT INTO tasks (task_id, run_id, parent_task_id, agent, parent_agent, kind, prompt, status, "
-                "attempt, provider, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+                "attempt, provider, created_at, updated_at, traceparent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?) "
                 "ON CONFLICT(task_id) DO NOTHING",
                 (rec["task_id"], rec["run_id"], rec.get("parent_task_id"), rec["agent"], rec["parent_agent"],
-                 rec["kind"], redact(rec["prompt"]), TaskState.ASSIGNED, rec.get("provider"), self._wall(), self._wall()))
+                 rec["kind"], redact(rec["prompt"]), TaskState.ASSIGNED, rec.get("provider"), self._wall(), self._wall(),
+                 rec.get("traceparent")))
             if n == 1:
                 await self._event(tx, "task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"],
                                                         "kind": rec["kind"]},

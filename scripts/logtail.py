@@ -37,6 +37,27 @@ def format_line(name: str, raw: bytes, colour: str, use_colour: bool) -> str:
     return f"\x1b[{colour}m{name:>14}\x1b[0m | {body}"
 
 
+def of_trace(raw: bytes, trace_id: str) -> bool:
+    """A JSON line logged inside a span of that trace (common/logs.py adds trace_id)."""
+    if trace_id.encode() not in raw:  # most lines: no parse
+        return False
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(obj, dict) and obj.get("trace_id") == trace_id
+
+
+def _traced(files: dict[str, Path], trace_id: str) -> list[tuple[str, str, bytes]]:
+    """Every line of the trace in the named logs, in time order: (ts, name, line)."""
+    found = []
+    for name, path in files.items():
+        if path.exists():
+            with open(path, "rb") as f:
+                found += [(str(json.loads(raw).get("ts", "")), name, raw) for raw in f if of_trace(raw, trace_id)]
+    return sorted(found, key=lambda t: t[0])
+
+
 def _last_lines(path: Path, n: int) -> list[bytes]:
     if n <= 0:
         return []
@@ -48,7 +69,8 @@ def _last_lines(path: Path, n: int) -> list[bytes]:
 
 
 def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None,
-         stop_after: float | None = None) -> int:
+         stop_after: float | None = None, trace: str | None = None) -> int:
+    """``trace``: only the lines logged inside that trace (32 hex digits), every one of them."""
     out = out or sys.stdout
     use_colour = out.isatty() if hasattr(out, "isatty") else False
     if names:
@@ -63,10 +85,15 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
         found = {p.stem: p for p in sorted(logs_dir.glob("*.log"))}
         return {n: found.get(n, logs_dir / f"{n}.log") for n in names} if names else found
 
+    if trace:
+        for name in files():
+            colour_of[name] = COLOURS[len(colour_of) % len(COLOURS)]
+        for _, name, raw in _traced(files(), trace):
+            out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
     for name, path in files().items():
-        colour_of[name] = COLOURS[len(colour_of) % len(COLOURS)]
+        colour_of.setdefault(name, COLOURS[len(colour_of) % len(COLOURS)])
         if path.exists():
-            for raw in _last_lines(path, lines):
+            for raw in [] if trace else _last_lines(path, lines):
                 out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
             offsets[name] = path.stat().st_size
     out.flush()
@@ -96,6 +123,8 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
                 if rest:
                     partial[name] = rest
                 for raw in complete:
+                    if trace and not of_trace(raw, trace):
+                        continue
                     out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
                     wrote = True
             if wrote:

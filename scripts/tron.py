@@ -482,7 +482,14 @@ def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
 def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
     from scripts.logtail import tail
 
-    return tail(ctx.home.logs, args.names, follow=args.follow, lines=args.lines)
+    trace = None
+    if args.trace:
+        from common.telemetry import trace_id_of
+
+        trace = trace_id_of(args.trace) or args.trace.lower()  # a traceparent names its trace too
+        if len(trace) != 32 or any(c not in "0123456789abcdef" for c in trace):
+            raise CLIError(f"--trace takes a trace id (32 hex digits) or a traceparent, not {args.trace!r}")
+    return tail(ctx.home.logs, args.names, follow=args.follow, lines=args.lines, trace=trace)
 
 
 def _gateway_url(ctx: Ctx) -> str:
@@ -793,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="merged tail of service logs")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=20)
+    lg.add_argument("--trace", metavar="ID", help="only the lines logged inside this trace (a trace id or traceparent)")
     lg.add_argument("names", nargs="*")
     run = sub.add_parser("run", help="submit a run and follow it (`tron run budget RUN --usd N`: raise its budget)")
     run.add_argument("prompt")

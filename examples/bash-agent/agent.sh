@@ -30,6 +30,23 @@ json_str() {  # a JSON string literal of $1 (prompts and outputs hold quotes and
   printf '"%s"' "$s"
 }
 
+attr() { printf '{"key":"%s","value":{"%s":%s}}' "$1" "$2" "$3"; }
+
+span() {  # span NAME START_NS END_NS: this attempt's span, to the collector Tron exports to
+  # TRACEPARENT (the span that delegated the task) and SPAN_ID (the one this attempt's span
+  # has, so Tron's own ladder spans hang under it) came with the claim. OTLP/HTTP, JSON.
+  [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ] && [ -n "${TRACEPARENT:-}" ] || return 0
+  local trace parent
+  IFS=- read -r _ trace parent _ <<< "$TRACEPARENT"
+  curl -sS -m 2 -o /dev/null -X POST -H "Content-Type: application/json" \
+       "${OTEL_EXPORTER_OTLP_ENDPOINT%/}/v1/traces" --data "{\"resourceSpans\":[{\"resource\":{\"attributes\":[
+$(attr service.name stringValue "\"$TRON_SERVICE\"")]},\"scopeSpans\":[{\"scope\":{\"name\":\"bash-agent\"},\"spans\":[{
+\"traceId\":\"$trace\",\"spanId\":\"$SPAN_ID\",\"parentSpanId\":\"$parent\",\"name\":\"$1\",\"kind\":1,
+\"startTimeUnixNano\":\"$2\",\"endTimeUnixNano\":\"$3\",\"attributes\":[
+$(attr gen_ai.operation.name stringValue '"invoke_agent"'),$(attr gen_ai.agent.name stringValue "\"$TRON_SERVICE\""),
+$(attr tron.task.id stringValue "\"$TASK_ID\""),$(attr tron.task.attempt intValue "\"$ATTEMPT\"")]}]}]}]}" || true
+}
+
 beats() {  # every interval; a 409 means we were replaced: leave
   local seq=0 task progress fields code
   while true; do
@@ -62,6 +79,7 @@ while true; do
           "{\"service\":\"$TRON_SERVICE\",\"incarnation\":\"$TRON_INCARNATION\"}") || { sleep 0.5; continue; }
   if [ -z "$claim" ]; then sleep 0.2; continue; fi
   eval "$claim"
+  started=$(date +%s%N)
   echo -n "$TASK_ID" > "$state/task"
   output="$DONE_OUTPUT"
   echo "task $TASK_ID: resuming after step $DONE_STEP of $steps"
@@ -75,6 +93,7 @@ while true; do
   done
   api POST "/tasks/$TASK_ID/finish" \
       "{\"status\":\"done\",\"result\":$(json_str "$output"),\"incarnation\":\"$TRON_INCARNATION\",\"attempt\":$ATTEMPT}" >/dev/null
+  span "invoke_agent $TRON_SERVICE" "$started" "$(date +%s%N)" &  # in the background: a hung collector holds nothing
   echo "task $TASK_ID: done"
   echo -n "" > "$state/task"; echo -n "" > "$state/progress"
 done

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from common import telemetry
 from common.config import ConfigError, load_mesh, registry_url
 from common.paths import Home
 from common.settings import apply_overlay, overlay_path, read_overlay
@@ -27,6 +28,7 @@ log = logging.getLogger("tron.daemon")
 
 
 async def serve(daemon: Daemon) -> int:
+    telemetry.setup(daemon.config.telemetry, service="daemon")  # imports the SDK only with an endpoint
     try:
         await daemon.start()
     except BaseException:
@@ -52,6 +54,7 @@ async def serve(daemon: Daemon) -> int:
     bring_up.cancel()
     await daemon.shutdown()
     await runner.cleanup()
+    telemetry.shutdown()  # bounded: a hung collector never holds `tron down`
     return 0
 
 

@@ -18,14 +18,14 @@ import logging
 import time
 from typing import Callable
 
-from common import logs
+from common import logs, telemetry
 from common.clock import Clock, utc_iso
 from common.config import DAEMON, MeshConfig, Policy
 from common.http import MeshClient, MeshHTTPError
 from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_over, decide
-from common.models import Alert
+from common.models import Alert, Reason
 from common.monitor import Signal
-from common.states import AlertState, ServiceState
+from common.states import AlertState, ServiceState, TaskState
 from registry.protocol import Store
 from services.daemon.carrier import Carrier
 from services.daemon.metrics import DaemonMetrics
@@ -83,6 +83,12 @@ class AlertRouter:
         log.warning("alert", extra={"offender": svc.name, "reason": str(signal.reason), "alert": alert.alert_id,
                                     "incarnation": alert.incarnation, "task": alert.task_id, "detail": alert.detail,
                                     "stable": stable})
+        live = task if task is not None and task["status"] in (TaskState.ASSIGNED, TaskState.RUNNING) else None
+        if live is not None and signal.reason != Reason.PROVIDER_FAILURE:
+            # The attempt's process died or is about to be killed: its own span never leaves it.
+            telemetry.attempt_ended(svc.name, live, reason=str(signal.reason), case=None, alert_id=alert.alert_id)
+        telemetry.ladder("alert", case=None, alert_id=alert.alert_id, service=svc.name, task=live,
+                         reason=str(signal.reason), incarnation=signal.incarnation)
         await self.deliver(alert)
 
     async def deliver(self, alert: Alert) -> None:

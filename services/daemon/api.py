@@ -29,6 +29,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common import telemetry
 from common.config import DAEMON
 from common.http import TOKEN_KEY, error, parse, parse_empty, parse_query, require_token
 from common.ladder import Escalated
@@ -601,6 +602,9 @@ async def record_task(request: web.Request) -> web.Response:
         refusal = await d.breaker.refusal(rec.agent)
         if refusal is not None:
             return error(409, refusal["message"], **{k: v for k, v in refusal.items() if k != "message"})
+    if rec.traceparent is None and telemetry.enabled():  # an operator's or a script's task: a trace of its own
+        rec = rec.model_copy(update={"traceparent": telemetry.new_root(
+            "task", **{"tron.task.id": rec.task_id, "tron.run.id": rec.run_id, "gen_ai.agent.name": rec.agent})})
     row, created = await d.store.upsert_task(rec.model_dump())
     svc = d.sup[rec.agent]
     if created and rec.parent_agent not in d.sup.services and svc.state == ServiceState.RUNNING:
@@ -639,12 +643,14 @@ async def claim_task(request: web.Request) -> web.Response:
     task = tasks[0]
     await d.store.task_progress(task["task_id"], body.incarnation, None)
     assign = await d.ledger.assignment(task, svc.provider)
+    # The id this attempt's span is to have (common/telemetry.py): the daemon's ladder spans hang under it.
+    span_id = telemetry.attempt_span_hex(assign.traceparent, assign.task_id, assign.attempt)
     if q.format == "json":
-        return web.json_response(assign.model_dump(mode="json"))
+        return web.json_response({**assign.model_dump(mode="json"), "span_id": span_id})
     done = assign.checkpoint or {}
     fields = {"TASK_ID": assign.task_id, "RUN_ID": assign.run_id, "KIND": assign.kind, "PROMPT": assign.prompt,
               "ATTEMPT": assign.attempt, "PROVIDER": assign.provider or "", "DONE_STEP": done.get("step", 0),
-              "DONE_OUTPUT": done.get("output", "")}
+              "DONE_OUTPUT": done.get("output", ""), "TRACEPARENT": assign.traceparent or "", "SPAN_ID": span_id or ""}
     return web.Response(text="".join(f"{k}={shlex.quote(str(v))}\n" for k, v in fields.items()),
                         content_type="text/plain")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from common import telemetry
 from common.carry import carry_out, loop_alert_id
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy
@@ -123,6 +124,11 @@ class Carrier:
             await self._crash_loop(svc, req)
             self.metrics.restarts.labels(kind=RetryType.CHILD_RESTART).inc()
             svc.failed_at = svc.failed_at or self.clock.now()
+            # The old attempt and the next one (the new incarnation takes the task one attempt on).
+            telemetry.ladder("restart", case=req.case, alert_id=req.alert_id, service=svc.name,
+                             task=task if live else None, reason=req.reason, decided_by=req.decided_by,
+                             requested_by=req.requested_by, with_task=req.with_task, replaces=req.replaces,
+                             links_attempts=(task["attempt"], task["attempt"] + 1) if live and req.with_task else ())
         self.background(self.sup.replace(svc, req.replaces, delay=req.delay, reason=f"{req.case}:{req.reason}"),
                         f"restart {svc.name}")
         return {"status": "accepted", "retry_count": row["retry_count"], "delay": req.delay,
@@ -159,6 +165,10 @@ class Carrier:
         if row is None:
             return {"status": "duplicate", "action": "escalate"}
         self.metrics.escalations.inc()
+        telemetry.ladder("escalation", case=rec.case, alert_id=rec.alert_id, service=rec.service,
+                         task=await self.store.task(rec.task_id) if rec.task_id and telemetry.enabled() else None,
+                         reason=rec.reason, kind=rec.kind, hop=f"{rec.from_service}->{rec.to_service}",
+                         decided_by=rec.decided_by)
         if rec.kind == "task" and rec.task_id:
             await self.store.hold_task(rec.task_id, rec.reason)
             await self.store.mark_alert(rec.alert_id, AlertState.HANDLED, decision=f"escalate:{rec.case}")
@@ -183,6 +193,9 @@ class Carrier:
             return {"status": "duplicate", "action": "switch"}
         self.metrics.provider_switches.inc()
         self.metrics.restarts.labels(kind=RetryType.LLM_CHANGE).inc()
+        telemetry.ladder("switch", case=req.case, alert_id=req.alert_id, service=svc.name, task=task,
+                         reason=req.reason, from_provider=svc.provider, to_provider=req.to_provider,
+                         decided_by=req.decided_by, links_attempts=(task["attempt"], task["attempt"] + 1))
         log.warning("provider switch", extra={"offender": svc.name, "from": svc.provider, "to": req.to_provider,
                                               "task": req.task_id, "reason": req.reason})
         await self.store.mark_alert(req.alert_id, AlertState.HANDLED, decision=f"switch:{req.case}")
@@ -246,6 +259,8 @@ class Carrier:
         if row is None:
             return {"status": "duplicate"}
         self.metrics.permanent_failures.inc()
+        telemetry.ladder("permanent_failure", case=rec.case, alert_id=rec.alert_id, service=rec.service, task=task,
+                         reason=rec.reason, decided_by=rec.decided_by)
         log.error("permanent failure", extra={"offender": rec.service, "task": rec.task_id, "run": task["run_id"],
                                               "reason": rec.reason, "failure": failure})
         await self.ledger.fail_permanently(task, failure, decided_by=rec.requested_by)
@@ -277,6 +292,8 @@ class Carrier:
         if not await self.store.park_task(req.task_id, req.reason, req.kind):
             return {"status": "duplicate", "action": "park", "task_status": task["status"]}
         await self.store.mark_alert(req.alert_id, AlertState.HANDLED, decision=f"park:{req.case}")
+        telemetry.ladder("park", case=req.case, alert_id=req.alert_id, service=req.service, task=task,
+                         reason=req.reason, kind=req.kind, decided_by=req.decided_by)
         await self.awaiting_operator(task, req.service, req.reason, case=req.case, requested_by=req.requested_by)
         return {"status": "parked", "action": "park", "kind": req.kind}
 

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common import logs
+from common import logs, telemetry
 from common.clock import Clock, MonotonicClock
 from common.config import DAEMON, MeshConfig, Policy, registry_url
 from common.http import MeshClient
@@ -199,7 +199,8 @@ class Daemon:
     def _fork_server_env(self) -> dict[str, str]:
         """What a fork server (here or on a Ray node) gets from the mesh: the home's mark
         (scripts/census.py) and the SDKs its providers use (the preload)."""
-        return {**mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks))}
+        return {**mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks)),
+                "TRON_TRACES": "1" if telemetry.endpoint(self.config.telemetry) else "0"}
 
     def _local_spawner(self) -> LocalSpawner:
         forkserver = None
@@ -422,6 +423,8 @@ class Daemon:
             self.metrics.beats_rejected.labels(verdict=str(verdict)).inc()
             return verdict
         self.metrics.beats.inc()
+        if beat.spans_dropped:
+            self.metrics.spans_dropped_total(beat.service, beat.incarnation, beat.spans_dropped)
         svc = self.sup[beat.service]
         svc.last_beat = now
         if beat.task_id and (beat.task_id != svc.task_id or beat.progress != svc.progress):

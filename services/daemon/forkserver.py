@@ -196,6 +196,10 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     # Only the SDKs this mesh's providers use (1-2 s of imports each), and what they import
     # on a first request: once here for every child.
     warm_up(_sdks())
+    if os.environ.get("TRON_TRACES") == "1":  # the mesh exports traces: every agent sets the SDK up at start
+        from common import telemetry
+
+        telemetry.preload()
     sources = _own_sources()
     try:
         os.unlink(sock_path)

@@ -155,7 +155,7 @@ class Ledger:
         return TaskAssign(task_id=task["task_id"], run_id=task["run_id"], kind=task["kind"], prompt=task["prompt"],
                           reply_to=task["parent_agent"], parent_task_id=task["parent_task_id"],
                           progress=task["progress"], attempt=task["attempt"], provider=provider,
-                          checkpoint=steps[-1] if steps else None, replay=replay)
+                          checkpoint=steps[-1] if steps else None, replay=replay, traceparent=task.get("traceparent"))
 
     async def redispatch(self, svc: Service) -> None:
         """Give a fresh incarnation the tasks its predecessor held, with the last

@@ -48,6 +48,20 @@ class DaemonMetrics:
                                   "cache_write)", ["provider", "model", "kind"], registry=r)
         self.llm_cost = Counter("tron_llm_cost_usd", "Cost of LLM calls in USD, from the price table",
                                 ["provider", "model"], registry=r)
+        self.spans_dropped = Counter("tron_otel_spans_dropped", "Trace spans not delivered to the OTLP collector "
+                                     "(queue full, collector down, refusing or slow), by process", ["service"],
+                                     registry=r)
+        self._dropped_seen: dict[str, int] = {}  # per incarnation (and the daemon): the count last added
+
+    def spans_dropped_total(self, service: str, incarnation: str, total: int) -> None:
+        """A process's own running count of dropped spans (its beats carry it): add what is new."""
+        seen = self._dropped_seen.get(incarnation, 0)
+        if total > seen:
+            self._dropped_seen[incarnation] = total
+            self.spans_dropped.labels(service=service).inc(total - seen)
 
     def render(self) -> bytes:
+        from common import telemetry
+
+        self.spans_dropped_total("daemon", "daemon", telemetry.dropped())
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from common import telemetry
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy, ServiceSpec
 from common.http import MeshClient
@@ -188,6 +189,7 @@ class Supervisor:
         env = dict(os.environ)
         for entry in self.config.notify:  # the daemon's own secret: no child needs it
             env.pop(entry.secret_env, None)
+        env.update(telemetry.child_env(self.config.telemetry))  # where traces go, for a program's own spans
         env.update(svc.spec.env)
         env.update(mesh_marks(self.home))
         env.update({

@@ -18,7 +18,7 @@ import re
 
 from aiohttp import web
 
-from common import logs
+from common import logs, telemetry
 from common.agent import REFUSALS, Agent
 from common.http import MeshHTTPError, error, parse, require_token
 from common.config import DAEMON
@@ -51,11 +51,16 @@ class Gateway(Agent):
         body = await parse(request, RunCreate)
         root = self._root()
         run = await self.ctx.client.post(f"{self.daemon}/runs", body)
-        run_id = run["run_id"]
+        with telemetry.run_span(run["run_id"], body.prompt):  # the root of the run's trace
+            return await self._start_run(run["run_id"], body, root)
+
+    async def _start_run(self, run_id: str, body: RunCreate, root: str) -> web.Response:
         task_id = f"{run_id}.0"
+        traceparent = telemetry.current_traceparent()
         try:
             await self.ctx.client.post(f"{self.daemon}/tasks", TaskRecord(
-                task_id=task_id, run_id=run_id, agent=root, parent_agent=self.name, kind="run", prompt=body.prompt))
+                task_id=task_id, run_id=run_id, agent=root, parent_agent=self.name, kind="run", prompt=body.prompt,
+                traceparent=traceparent))
         except MeshHTTPError as err:
             refusal = err.json()
             if err.status != 409 or refusal.get("reason") not in REFUSALS:
@@ -63,7 +68,8 @@ class Gateway(Agent):
             # The root's lane (or the root) is paused: the run fails at once, saying why.
             await self._finish_run(run_id, "failed", None, refusal["reason"], refusal)
             return error(409, refusal.get("error", refusal["reason"]), run_id=run_id, reason=refusal["reason"])
-        assign = TaskAssign(task_id=task_id, run_id=run_id, kind="run", prompt=body.prompt, reply_to=self.name)
+        assign = TaskAssign(task_id=task_id, run_id=run_id, kind="run", prompt=body.prompt, reply_to=self.name,
+                            traceparent=traceparent)
         logs.comms("task_dispatch", src=self.name, dst=root, task=task_id, run=run_id)
         try:
             await self.ctx.client.post(self.config.url(root) + "/tasks", assign)

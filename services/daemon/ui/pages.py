@@ -36,6 +36,7 @@ from aiohttp import web
 from pydantic import Field
 
 from common.config import ConfigError
+from common.telemetry import trace_link
 from common.http import TOKEN_KEY, error, parse, require_token, token_matches
 from common.models import TOKEN_HEADER, Msg
 from common.states import RunState, TaskState
@@ -213,9 +214,17 @@ async def run(request: web.Request, ui: Ui, session: Session) -> web.Response:
         raise web.HTTPNotFound(text=f"no run {run_id!r}")
     tasks = await store.tasks_of_run(run_id)
     spend = await _run_spend(ui, found, tasks)
-    tasks = [{**t, "counts": await store.task_counts(t["task_id"]), "spend": spend["by_task"].get(t["task_id"])}
-             for t in tasks]
-    return ui.templates.response("run.html", **page_context(ui, session, "", run=found, tasks=tasks, **spend))
+    tasks = [{**t, "counts": await store.task_counts(t["task_id"]), "spend": spend["by_task"].get(t["task_id"]),
+              "trace_url": _trace_url(ui, t)} for t in tasks]
+    # The run's trace is its first task's (the gateway's run span is that task's parent).
+    run_trace = next((t["trace_url"] for t in tasks if t["trace_url"]), None)
+    return ui.templates.response("run.html", **page_context(ui, session, "", run=found, tasks=tasks, run_trace=run_trace,
+                                                            **spend))
+
+
+def _trace_url(ui: Ui, task: dict) -> str | None:
+    """The link to the task's trace, when `[telemetry] trace_url` names a viewer."""
+    return trace_link(ui.daemon.config.telemetry.trace_url, task.get("traceparent"))
 
 
 def _budget(ui: Ui, run: dict, spent: dict) -> tuple[dict, dict]:
@@ -299,7 +308,8 @@ async def task(request: web.Request, ui: Ui, session: Session) -> web.Response:
     found, summary = await _task(ui, request)
     checkpoints, next_step = await _next_step(ui, found["task_id"])
     return ui.templates.response("task.html", **page_context(
-        ui, session, "", **summary, history=await ui.daemon.store.task_history(found["task_id"]),
+        ui, session, "", **summary, trace_url=_trace_url(ui, found),
+        history=await ui.daemon.store.task_history(found["task_id"]),
         checkpoints=checkpoints, **await _task_actions(ui, found, next_step),
         **await _task_calls(ui, found, summary["moving"])))
 

@@ -11,6 +11,7 @@ beats stop, which is exactly what TRON must see.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -26,8 +27,9 @@ from pydantic import BaseModel, ConfigDict
 from common import logs
 from common.clock import Clock, MonotonicClock
 from common.config import MeshConfig, load_mesh
-from common.http import TOKEN_KEY, MeshClient, MeshHTTPError
-from common.models import Beat
+from common import credentials
+from common.http import AUTH_KEY, TOKEN_KEY, MeshClient, MeshHTTPError
+from common.models import TOKEN_HEADER, Beat
 from common.paths import read_token
 
 log = logging.getLogger("tron.service")
@@ -71,8 +73,10 @@ class ServiceContext:
     def __init__(self, env: ServiceEnv, config: MeshConfig, token: str) -> None:
         self.env = env
         self.config = config
-        self.token = token
+        self.token = token  # this incarnation's own credential: sent to the daemon only
         self.client = MeshClient(token, timeout=10)
+        self.client.token_for = self._token_for
+        self._peer_tokens: dict[str, str] = {}  # service -> a peer token for calling it
         self.started = time.monotonic()
         self.provider = env.provider
         self.task_id: str | None = None
@@ -85,6 +89,28 @@ class ServiceContext:
     @property
     def name(self) -> str:
         return self.env.service
+
+    async def _token_for(self, url: str) -> str | None:
+        """Our credential to the daemon; to another of our services a peer token the daemon
+        makes for that one (kept until shortly before it expires); to anything else none."""
+        if url.startswith(self.env.daemon_url + "/"):
+            return self.token
+        target = next((n for n in self.config.services if url.startswith(self.config.url(n) + "/")), None)
+        if target is None:
+            return None
+        held = self._peer_tokens.get(target)
+        if held is None or credentials.peer_expires(held) - 30 < time.time():
+            answer = await self.client.post(self.env.daemon_url + "/auth/peer", {"to": target})
+            held = self._peer_tokens[target] = answer["token"]
+        return held
+
+    def peer_ok(self, request: web.Request) -> bool:
+        """Our endpoints' check: a peer token the daemon made for this service."""
+        return credentials.check_peer(request.headers.get(TOKEN_HEADER), self._inbound, self.name) is not None
+
+    @functools.cached_property
+    def _inbound(self) -> bytes:
+        return credentials.inbound_key(self.token)
 
     def health(self) -> dict:
         return {
@@ -200,6 +226,7 @@ async def _serve(build: Build) -> None:
         app = await app
     app[HEALTH_KEY] = ctx
     app[TOKEN_KEY] = token
+    app[AUTH_KEY] = ctx.peer_ok  # our own credential is not accepted here: it is never sent to us
     app.router.add_get("/health", _health)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -423,17 +423,17 @@ def test_cancel_a_live_task_a_refused_resume_changes_nothing_and_retry_completes
         mesh.http("DELETE", sim + "/sim/faults")
     try:
         # resume from a step the task does not have: the API's refusal beside the control, nothing changed
-        task_before = mesh.http("GET", base + f"/tasks/{task_id}", token=False)[1]
-        marks_before = mesh.http("GET", base + f"/tasks/{task_id}/checkpoints", token=False)[1]
+        task_before = mesh.http("GET", base + f"/tasks/{task_id}")[1]
+        marks_before = mesh.http("GET", base + f"/tasks/{task_id}/checkpoints")[1]
         control = page.locator('[data-control="resume"]')
         control.locator('input[name="from_step"]').fill("99")
         control.locator('[data-action="resume"]').click()
         assert page.confirmations[-1].startswith(f"Resume task {task_id} (root) from step 99?")
         expect(control.locator("[data-result]")).to_contain_text("refused (422): from_step must be between 1 and")
         page.screenshot(path=artifacts / "task-refused.png", full_page=True)
-        assert mesh.http("GET", base + f"/tasks/{task_id}", token=False)[1] == task_before
-        assert mesh.http("GET", base + f"/tasks/{task_id}/checkpoints", token=False)[1] == marks_before
-        assert mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "cancelled"
+        assert mesh.http("GET", base + f"/tasks/{task_id}")[1] == task_before
+        assert mesh.http("GET", base + f"/tasks/{task_id}/checkpoints")[1] == marks_before
+        assert mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "cancelled"
         # retry: the run opens again and completes, watched on the page
         page.locator('[data-control="retry"] [data-action="retry"]').click()
         assert page.confirmations[-1].startswith(f"Retry task {task_id} (root)?")
@@ -480,7 +480,7 @@ def test_hard_reset_from_the_task_page_replays_step_one_and_the_run_completes(ui
         page.close()
     trail = [(a["what"], a["outcome"], a["who"].endswith("@ui")) for a in audits(mesh, task_id)]
     assert trail == [("task_hard_reset", "retrying", True)], trail
-    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 30, "the run")
+    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "done", 30, "the run")
 
 
 # -- settings --------------------------------------------------------------------------------------------------
@@ -567,7 +567,7 @@ def test_a_run_page_shows_what_it_cost_per_task_and_a_task_page_lists_its_calls(
                                                                    "budget_usd": 5.0})
     assert code == 202, body
     run_id = body["run_id"]
-    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 60, "the run")
+    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "done", 60, "the run")
     [total] = mesh.rows("SELECT SUM(cost_usd) AS usd, COUNT(*) AS calls FROM llm_usage WHERE run_id = ?", (run_id,))
     assert total["usd"] > 0, total
     page = ui.context.new_page()
@@ -652,7 +652,7 @@ def test_a_run_parked_at_its_budget_goes_on_when_the_run_page_raises_it(ui, mesh
                                                  f"(now $0.0001)?"), page.confirmations[-1]
         expect(control.locator("[data-result]")).to_contain_text("budget_set")
         expect(spend.locator('[data-budget="usd"]')).to_contain_text(f"of {usd(5.0)}")  # drawn again at once
-        wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 60,
+        wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "done", 60,
                  "the run to go on and finish")
         page.reload()
         expect(page.get_by_test_id("run-spend").get_by_test_id("run-at-budget")).to_have_count(0)

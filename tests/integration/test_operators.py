@@ -23,7 +23,7 @@ def submit(mesh, prompt="build it") -> tuple[int, dict]:
 
 
 def ended(mesh, run_id, timeout=120) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}", token=False)[1])
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}")[1])
                     and r["status"] != "running" and r, timeout, f"run {run_id} to end")
 
 

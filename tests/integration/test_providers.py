@@ -37,7 +37,7 @@ def submit(mesh, prompt: str = "build it", **extra) -> str:
 
 
 def finished(mesh, run_id: str, timeout: float = 60) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1])
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1])
                     and r["status"] != "running" and r, timeout, f"run {run_id} to finish")
 
 
@@ -106,7 +106,7 @@ def test_a_parked_run_resumes_from_its_checkpoint_once_a_provider_closes(mesh_fa
     task_id = parked[0]["task_id"]
     shown = mesh.tron("task", "show", task_id)
     assert shown.returncode == 0 and "parked" in shown.stdout, shown.stdout
-    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1]["status"] == "running"
+    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1]["status"] == "running"
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
     run = finished(mesh, run_id, timeout=30)
     assert run["status"] == "done", run

@@ -120,6 +120,13 @@ class Sessions:
         session = self.of(request)
         return session is not None and local_problem(request) is None and self.csrf_ok(request, session)
 
+    def actor_of(self, request: web.Request) -> str | None:
+        """The login of an authorized request's session (what its actions are audited as)."""
+        session = self.of(request)
+        if session is None or local_problem(request) is not None or not self.csrf_ok(request, session):
+            return None
+        return session.actor
+
     def set_cookie(self, response: web.StreamResponse, session: Session) -> None:
         response.set_cookie(self.cookie, session.sid, httponly=True, samesite="Strict", path="/",
                             max_age=int(self.session_ttl))

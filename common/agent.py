@@ -689,6 +689,9 @@ class Agent:
         esc = await parse(request, Escalation)
         if not self._descendant(esc.service):
             return error(422, f"{esc.service!r} is not a descendant of {self.name}")
+        caller = self.ctx.peer_caller(request)
+        if caller in self.config.services and caller != esc.service and caller not in self.config.ancestors(esc.service):
+            return error(403, f"{caller} escalates only for itself and its own descendants, not {esc.service}")
         logs.comms("escalation_received", src=esc.path[-1] if esc.path else esc.service, dst=self.name,
                    alert=esc.alert_id, agent=esc.service, task=esc.task_id, run=esc.run_id, reason=esc.reason)
         event = Escalated(esc.alert_id, esc.service, esc.reason, esc.kind, esc.task_id)

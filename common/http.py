@@ -143,8 +143,8 @@ class MeshClient:
         self.token = token
         self.timeout = timeout
         # The token for a request, by its URL, when one token does not fit all (a peer
-        # token per service called); None: the session's own.
-        self.token_for: Callable[[str], Awaitable[str | None]] | None = None
+        # token per service called; ``fresh``: not the one kept, which was refused); None: none.
+        self.token_for: Callable[[str, bool], Awaitable[str | None]] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._plain: aiohttp.ClientSession | None = None
 
@@ -170,17 +170,21 @@ class MeshClient:
         payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
         t = aiohttp.ClientTimeout(total=timeout or self.timeout)
         session = self.session if token else self.plain
-        headers = None
-        if token and self.token_for is not None:
-            given = await self.token_for(url)
-            headers = {TOKEN_HEADER: given} if given else None
-        try:
-            async with session.request(method, url, json=payload, timeout=t, headers=headers) as resp:
-                text = await resp.text()
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
-            if isinstance(err, OSError):
-                raise
-            raise MeshConnectionError(f"{type(err).__name__} from {url}: {err}") from err
+        for fresh in (False, True):
+            headers = None
+            if token and self.token_for is not None:
+                given = await self.token_for(url, fresh)
+                headers = {TOKEN_HEADER: given} if given else None
+            try:
+                async with session.request(method, url, json=payload, timeout=t, headers=headers) as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
+                if isinstance(err, OSError):
+                    raise
+                raise MeshConnectionError(f"{type(err).__name__} from {url}: {err}") from err
+            if resp.status != 401 or headers is None:
+                break
+            # A peer token made for an incarnation since replaced: once more, with a new one.
         if resp.status >= 300:
             raise MeshHTTPError(resp.status, url, text)
         if not text:

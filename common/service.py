@@ -90,7 +90,7 @@ class ServiceContext:
     def name(self) -> str:
         return self.env.service
 
-    async def _token_for(self, url: str) -> str | None:
+    async def _token_for(self, url: str, fresh: bool = False) -> str | None:
         """Our credential to the daemon; to another of our services a peer token the daemon
         makes for that one (kept until shortly before it expires); to anything else none."""
         if url.startswith(self.env.daemon_url + "/"):
@@ -98,15 +98,33 @@ class ServiceContext:
         target = next((n for n in self.config.services if url.startswith(self.config.url(n) + "/")), None)
         if target is None:
             return None
-        held = self._peer_tokens.get(target)
+        held = None if fresh else self._peer_tokens.get(target)
         if held is None or credentials.peer_expires(held) - 30 < time.time():
             answer = await self.client.post(self.env.daemon_url + "/auth/peer", {"to": target})
             held = self._peer_tokens[target] = answer["token"]
         return held
 
+    def peer_caller(self, request: web.Request) -> str | None:
+        """Who a request's peer token speaks for, if the daemon made it for this service."""
+        return credentials.check_peer(request.headers.get(TOKEN_HEADER), self._inbound, self.name)
+
     def peer_ok(self, request: web.Request) -> bool:
-        """Our endpoints' check: a peer token the daemon made for this service."""
-        return credentials.check_peer(request.headers.get(TOKEN_HEADER), self._inbound, self.name) is not None
+        """Our endpoints' check (require_token): the daemon and the operator may call any of
+        them; another service only what it needs: our parent (or a gateway, for a top-level
+        service) hands us tasks, our children escalate to us. A compromised child cannot
+        post a result, a cancel or an alert in the daemon's name."""
+        caller = self.peer_caller(request)
+        if caller is None:
+            return False
+        services = self.config.services
+        if caller not in services:  # "daemon", "operator:NAME", "session:LOGIN": made for the operator
+            return True
+        me = services.get(self.name)
+        if request.path == "/tasks":
+            return me is not None and (me.parent == caller or services[caller].role == "gateway")
+        if request.path == "/handle_grandchild_failure":
+            return services[caller].parent == self.name
+        return False
 
     @functools.cached_property
     def _inbound(self) -> bytes:
@@ -124,7 +142,14 @@ HEALTH_KEY = web.AppKey("service_ctx", ServiceContext)
 
 
 async def _health(request: web.Request) -> web.Response:
-    return web.json_response(request.app[HEALTH_KEY].health())
+    """Public: up, who, pid and incarnation (what a readiness check matches); the task, its
+    progress and the provider only with a peer token."""
+    ctx = request.app[HEALTH_KEY]
+    answer = ctx.health()
+    if ctx.peer_caller(request) is None:
+        for key in ("task", "progress", "provider"):
+            answer.pop(key, None)
+    return web.json_response(answer)
 
 
 async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> None:

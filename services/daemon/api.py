@@ -174,11 +174,13 @@ def _reader_of(request: web.Request, task: dict) -> None:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Public: up, and for how long; the pid and the home to a caller with a credential."""
+    """Public: up, for how long, and its home (`tron up` tells its own daemon from another
+    home's on the same port by it); the pid to a caller with a credential."""
     d = _d(request)
-    answer = {"status": "ok", "role": DAEMON, "uptime": round(d.clock.now() - d.started_at, 1)}
+    answer = {"status": "ok", "role": DAEMON, "home": str(d.home.root),
+              "uptime": round(d.clock.now() - d.started_at, 1)}
     if d.access.identify(request) is not None:
-        answer.update(pid=os.getpid(), home=str(d.home.root))
+        answer["pid"] = os.getpid()
     return web.json_response(answer)
 
 

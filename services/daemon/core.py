@@ -95,7 +95,7 @@ class Daemon:
         svc = self.sup.services.get(name) if self.sup is not None else None
         return svc.incarnation if svc is not None else None
 
-    async def _peer_token_for(self, url: str) -> str | None:
+    async def _peer_token_for(self, url: str, fresh: bool = False) -> str | None:
         return self.access.peer_for_url(url)
 
     def policy(self) -> Policy:

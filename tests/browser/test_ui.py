@@ -334,7 +334,7 @@ def test_a_lane_paused_through_the_api_shows_its_reason_and_its_resume_button_op
     expect(lane.locator('[data-field="state"]')).to_have_text("open")
 
     def programmer_lane() -> dict:
-        return next(x for x in mesh.http("GET", base + "/lanes", token=False)[1] if x["lane"] == "programmer")
+        return next(x for x in mesh.http("GET", base + "/lanes")[1] if x["lane"] == "programmer")
 
     try:
         code, body = mesh.http("POST", base + "/lanes/programmer/pause", {"reason": "keys revoked", "actor": "ops"})

@@ -120,6 +120,19 @@ def test_a_compromised_agent_is_refused_30_forbidden_calls_and_changes_nothing(m
         assert code < 400 or path == "/auth/peer", (path, code, answer)
     code, _ = mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}")
     assert code == 200
+    # A peer token to its parent (for escalations) lets it escalate about itself, nothing else:
+    # no result, cancel or alert in the daemon's name, no escalation about a sibling.
+    code, peer = as_agent(mesh, cred, "POST", "/auth/peer", {"to": "director-code"})
+    assert code == 200, peer
+    parent = mesh.url("director-code")
+    fake = {"task_id": root_task, "run_id": run_id, "status": "done", "result": "forged"}
+    assert call("POST", parent + "/task_result", fake, token=peer["token"])[0] == 401
+    assert call("POST", parent + f"/tasks/{root_task}/cancel", None, token=peer["token"])[0] == 401
+    alert = {"alert_id": "a-9", "service": "programmer-1", "incarnation": inc, "reason": "heartbeat_timeout"}
+    assert call("POST", parent + "/handle_child_timeout", alert, token=peer["token"])[0] == 401
+    assert call("POST", mesh.url("programmer-2") + "/tasks", {}, token=peer["token"])[0] == 401  # not its target
+    assert call("POST", parent + "/tasks", {}, token=mesh.token)[0] == 401  # nor is the operator's own token
+    assert snapshot(mesh) == before
     # and the agent, refused all that, still does its own work
     again = json.loads(mesh.tron("run", "--json", "another haiku", timeout=90, check=True).stdout)
     assert again["status"] == "done", again
@@ -214,7 +227,7 @@ def test_what_is_public_without_a_credential(mesh_factory):
     svc = mesh.service("bash-agent")
     assert svc["incarnation"] not in flat and str(svc["pid"]) not in flat and "chain" not in flat
     code, health = call("GET", daemon + "/health")
-    assert code == 200 and "pid" not in health and "home" not in health
+    assert code == 200 and "pid" not in health
     assert call("GET", daemon + "/health", token=mesh.token)[1]["pid"]
     assert call("GET", daemon + "/metrics")[0] == 401  # metrics_public = false
     assert call("GET", daemon + "/metrics", token=mesh.token)[0] == 200

@@ -83,7 +83,7 @@ def test_all_providers_down_fails_fast_restarts_nobody_and_pauses_the_lane(mesh_
     assert pids(mesh) == before
     assert mesh.rows("SELECT COUNT(*) AS n FROM retry_history WHERE retry_type = 'child_restart'") == [{"n": 0}]
     # three identical outages (the chain, not the last provider) paused the lane: the fourth is refused at once
-    lanes = {lane["lane"]: lane for lane in mesh.http("GET", mesh.url("daemon") + "/lanes", token=False)[1]}
+    lanes = {lane["lane"]: lane for lane in mesh.http("GET", mesh.url("daemon") + "/lanes")[1]}
     assert lanes["architect"]["state"] == "paused", lanes
     assert "anthropic+ollama" in lanes["architect"]["reason"], lanes["architect"]
     fourth = finished(mesh, submit(mesh, "run 3"), timeout=30)

@@ -28,7 +28,7 @@ the work), then posted to the child, which answers 202 and works in the backgrou
 beating with the task id and a progress marker. The result comes back to the parent's
 ``POST /task_result``.
 
-Endpoints (all but /health need the mesh token):
+Endpoints (all but /health need a peer token the daemon made for this service):
     POST /tasks                      take a task (idempotent by task id)
     POST /task_result                a child's result, or a failure decided by the ladder
     POST /tasks/{id}/cancel          an operator cancelled the task

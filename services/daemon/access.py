@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -211,8 +212,6 @@ class Access:
     # -- named tokens ---------------------------------------------------------------------------
 
     def create(self, name: str, *, viewer: bool) -> str:
-        import re
-
         if name == OPERATOR or not re.match(NAME_PATTERN, name) or len(name) > 64:
             raise ValueError(f"name: {name!r} is not a token name (letters, digits, '_', '.', '-'; "
                              f"not {OPERATOR!r}, the home's own)")

@@ -1,7 +1,10 @@
 """The daemon's HTTP API on 127.0.0.1.
 
-Everything that changes state needs the mesh token; every body and every query is a
-pydantic model, so bad input is a 4xx that says what is wrong and changes nothing.
+Every endpoint but /health, /status and /metrics needs a credential, and each says whose
+(``allow``; services/daemon/access.py): the operator's token or a UI session for the
+operator verbs, a viewer's for reads, an agent's own credential for its own calls only
+(403 naming the missing scope otherwise). Every body and every query is a pydantic model,
+so bad input is a 4xx that says what is wrong and changes nothing.
 
     GET  /health /status /events /metrics
     POST /beat                                        heartbeats (token)

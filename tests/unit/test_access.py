@@ -126,3 +126,25 @@ def test_who_may_call_whom_and_peer_tokens_for_live_incarnations_only(tmp_path):
     token = access.peer_for_url(CONFIG.url("worker-1") + "/tasks")
     assert credentials.check_peer(token, credentials.inbound_key(cred), "worker-1") == "daemon"
     assert access.peer_for_url("http://example.com/x") is None
+
+
+def test_a_service_takes_from_its_peers_only_what_they_need_to_send(tmp_path):
+    from common.service import ServiceContext, ServiceEnv
+
+    cred = credentials.mint()
+    env = ServiceEnv(service="worker-1", role="programmer", port=7003, incarnation="i-2", home=tmp_path,
+                     daemon_url="http://127.0.0.1:7000", token_file=tmp_path / "cred")
+    ctx = ServiceContext(env, CONFIG, cred)
+    key = credentials.inbound_key(cred)
+
+    def allowed(caller: str, path: str, *, target: str = "worker-1", token: str | None = None) -> bool:
+        token = token or credentials.peer_token(key, caller, target)
+        return ctx.peer_ok(make_mocked_request("POST", path, headers={"X-Tron-Token": token}))
+
+    assert allowed("daemon", "/task_result") and allowed("operator:ci", "/tasks/t-1/cancel")
+    assert allowed("root", "/tasks")  # its parent hands it tasks
+    assert not allowed("root", "/task_result") and not allowed("root", "/handle_child_timeout")
+    assert not allowed("worker-2", "/tasks")  # a sibling hands it nothing
+    assert not allowed("gateway", "/handle_grandchild_failure")
+    assert not allowed("daemon", "/tasks", target="worker-2")  # made for another service
+    assert not allowed("daemon", "/tasks", token=cred)  # its own credential is never accepted here

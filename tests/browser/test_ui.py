@@ -383,7 +383,7 @@ def test_a_drained_provider_shows_open_in_red_and_its_restore_button_closes_it(u
         code, body = mesh.http("POST", base + "/providers/ollama/drain", {"reason": "vendor incident", "actor": "ops"})
         assert code == 200 and body["status"] == "drained", body
         expect(row.locator('[data-field="state"]')).to_have_text("open")  # live: no reload
-        expect(row.locator('[data-field="reason"]')).to_contain_text("drained by ops: vendor incident")
+        expect(row.locator('[data-field="reason"]')).to_contain_text("drained by token:operator: vendor incident")
         colour = row.locator('[data-field="state"] .state').evaluate("e => getComputedStyle(e).color")
         assert colour == "rgb(201, 42, 42)", colour  # --bad: an open provider is red
         ui.screenshot(path=artifacts / "mesh-provider-drained.png", full_page=True)

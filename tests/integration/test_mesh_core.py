@@ -27,7 +27,9 @@ def test_whole_mesh_comes_up_healthy(mesh):
         assert s["state"] == "running", s
         h = mesh.health(s["name"])
         assert h["pid"] == s["pid"] and h["incarnation"] == s["incarnation"]
-        assert {"status", "role", "pid", "incarnation", "uptime", "task", "provider"} <= set(h)
+        assert {"status", "role", "pid", "incarnation", "uptime"} <= set(h) and "task" not in h  # public
+        full = mesh.http("GET", mesh.url(s["name"]) + "/health")[1]  # with a peer token
+        assert {"status", "role", "pid", "incarnation", "uptime", "task", "provider"} <= set(full)
     sessions = mesh.rows("SELECT agent, status FROM sessions")
     assert sorted(r["agent"] for r in sessions) == sorted(AGENTS)
     assert {r["status"] for r in sessions} == {"running"}

@@ -12,7 +12,7 @@
     tron task show|retry|hard-reset|resume --from-step N|cancel ID
     tron audit [--json]           every operator action
     tron token list|create NAME [--viewer]|revoke NAME   the operator's named tokens
-    tron ui [--open]              a one-time login link to the web UI
+    tron ui [--open] [--viewer]   a one-time login link to the web UI (--viewer: read-only)
     tron logs [-f] [NAME...]      merged, coloured tail of service logs
     tron run "PROMPT"             submit a run through the gateway and follow it
     tron history [--json]         retry history and failure metrics
@@ -706,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
             tv.add_argument("--provider", choices=get_args(Provider))
     ui = sub.add_parser("ui", help="print (or open) a one-time login link to the web UI")
     ui.add_argument("--open", action="store_true", help="open the link in a browser")
+    ui.add_argument("--viewer", action="store_true", help="a read-only session: it shows everything, changes nothing")
     aud = sub.add_parser("audit", help="every operator action: who, what, when, outcome")
     aud.add_argument("--json", action="store_true")
     aud.add_argument("--limit", type=int, default=100)

@@ -72,13 +72,14 @@ class Caller:
     kind: Kind
     name: str  # the token's name, the session's login, or the agent's service
     incarnation: str | None = None
+    session: bool = False  # a web UI session's (a viewer's is read-only)
 
     @property
     def actor(self) -> str:
         """Who an audited action is recorded as: never a name taken from a request body."""
         if self.kind is Kind.AGENT:
             return f"{self.name}/{self.incarnation}"
-        if self.kind is Kind.SESSION:
+        if self.session:
             return self.name
         return f"token:{self.name}"
 
@@ -111,7 +112,7 @@ class Access:
         self.named: dict[str, dict] = {}  # name -> {"digest", "role", "created"}
         self._agents: dict[str, tuple[str, str]] = {}  # digest -> (service, incarnation)
         self._creds: dict[str, tuple[str, str]] = {}  # service -> (incarnation, credential)
-        self.session_of: Callable[[web.Request], str | None] | None = None  # the UI's hook: the session's login
+        self.session_of: Callable[[web.Request], object | None] | None = None  # the UI's hook: a Session
 
     # -- files --------------------------------------------------------------------------------
 
@@ -258,5 +259,7 @@ class Access:
                 if token_matches(digest, t["digest"]):
                     return Caller(Kind.VIEWER if t["role"] == "viewer" else Kind.OPERATOR, name)
             return None
-        login = self.session_of(request) if self.session_of is not None else None
-        return Caller(Kind.SESSION, login) if login else None
+        session = self.session_of(request) if self.session_of is not None else None
+        if session is None:
+            return None
+        return Caller(Kind.VIEWER if session.viewer else Kind.SESSION, session.actor, session=True)

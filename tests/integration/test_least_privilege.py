@@ -294,14 +294,28 @@ def test_a_ui_action_is_audited_as_the_sessions_login_whatever_the_body_says(mes
                                                  "heartbeat": True}})
     mesh.up()
     port = mesh.port("daemon")
-    code, answer = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": "alice@ui"})
-    assert code == 201, answer
-    resp = _request(port, "GET", urllib.parse.urlsplit(answer["url"]).path + "?code=" + answer["code"])
-    cookie = resp.getheader("Set-Cookie").split(";", 1)[0]
-    page = _request(port, "GET", "/ui/", headers={"Cookie": cookie}).read().decode()
-    csrf = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+
+    def session(token: str, actor: str) -> tuple[str, str, str]:
+        code, answer = call("POST", mesh.url("daemon") + "/ui/login-code", {"actor": actor}, token=token)
+        assert code == 201, answer
+        resp = _request(port, "GET", urllib.parse.urlsplit(answer["url"]).path + "?code=" + answer["code"])
+        cookie = resp.getheader("Set-Cookie").split(";", 1)[0]
+        page = _request(port, "GET", "/ui/", headers={"Cookie": cookie}).read().decode()
+        return cookie, page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0], page
+
+    cookie, csrf, _ = session(mesh.token, "alice@ui")
     resp = _request(port, "POST", "/services/bash-agent/pause", body={"reason": "ui", "actor": "forged@cli"},
                     headers={"Cookie": cookie, "X-CSRF-Token": csrf})
     assert resp.status < 300, resp.read()
     last = audit(mesh)[-1]
     assert (last["what"], last["who"]) == ("pause", "alice@ui"), last
+    # A viewer's token opens a read-only session: it shows the mesh and changes nothing.
+    viewer = mesh.tron("token", "create", "wall", "--viewer", check=True).stdout.strip()
+    cookie, csrf, page = session(viewer, "wall@ui")
+    assert "bash-agent" in page and "(read-only)" in page
+    resp = _request(port, "POST", "/services/bash-agent/resume", body={"reason": "ui"},
+                    headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+    assert resp.status == 403 and json.loads(resp.read())["scope"] == "operator"
+    assert mesh.service("bash-agent")["paused"] is True
+    resp = _request(port, "GET", "/status", headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+    assert resp.status == 200 and json.loads(resp.read())["services"][0]["pid"]

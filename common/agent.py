@@ -28,7 +28,7 @@ the work), then posted to the child, which answers 202 and works in the backgrou
 beating with the task id and a progress marker. The result comes back to the parent's
 ``POST /task_result``.
 
-Endpoints (all but /health need the mesh token):
+Endpoints (all but /health need a peer token the daemon made for this service):
     POST /tasks                      take a task (idempotent by task id)
     POST /task_result                a child's result, or a failure decided by the ladder
     POST /tasks/{id}/cancel          an operator cancelled the task
@@ -711,6 +711,9 @@ class Agent:
         esc = await parse(request, Escalation)
         if not self._descendant(esc.service):
             return error(422, f"{esc.service!r} is not a descendant of {self.name}")
+        caller = self.ctx.peer_caller(request)
+        if caller in self.config.services and caller != esc.service and caller not in self.config.ancestors(esc.service):
+            return error(403, f"{caller} escalates only for itself and its own descendants, not {esc.service}")
         logs.comms("escalation_received", src=esc.path[-1] if esc.path else esc.service, dst=self.name,
                    alert=esc.alert_id, agent=esc.service, task=esc.task_id, run=esc.run_id, reason=esc.reason)
         event = Escalated(esc.alert_id, esc.service, esc.reason, esc.kind, esc.task_id)

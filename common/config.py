@@ -402,6 +402,9 @@ class MeshSection(_Strict):
     # (loopback stays the default; every control endpoint needs the mesh token anyway).
     bind: str = "127.0.0.1"
     advertise: str | None = None
+    # GET /metrics without a credential, as Prometheus scrapers expect (no ids or prompts
+    # are in its labels); false: a viewer's or the operator's token is needed.
+    metrics_public: bool = True
 
     @model_validator(mode="after")
     def _reachable(self) -> "MeshSection":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -27,6 +28,9 @@ TOKEN_KEY = web.AppKey("tron_token", str)
 # Another way in for control endpoints, besides the token header: the web UI's session
 # (an HttpOnly cookie plus a CSRF header), checked by a callable the UI installs.
 ALT_AUTH_KEY = web.AppKey("tron_alt_auth", object)
+# Who may call a control endpoint, when it is not one shared token: the daemon lets its
+# operators in (common tokens, UI sessions), a service the peer tokens made for it.
+AUTH_KEY = web.AppKey("tron_auth", object)
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -90,6 +94,9 @@ def token_matches(given: str | None, expected: str | None) -> bool:
 
 
 def token_ok(request: web.Request) -> bool:
+    check = request.app.get(AUTH_KEY)
+    if check is not None:
+        return bool(check(request))
     if token_matches(request.headers.get(TOKEN_HEADER), request.app.get(TOKEN_KEY)):
         return True
     alt = request.app.get(ALT_AUTH_KEY)
@@ -97,12 +104,13 @@ def token_ok(request: web.Request) -> bool:
 
 
 def require_token(handler):
-    """Decorator for control endpoints: 401 without the mesh token, before any work."""
+    """Decorator for control endpoints: 401 without a credential they accept, before any work."""
 
     async def guarded(*args) -> web.StreamResponse:
         request = args[-1]  # plain handlers get (request,), methods (self, request)
         if not token_ok(request):
-            return error(401, f"missing or wrong {TOKEN_HEADER} header: control endpoints need the mesh token")
+            return error(401, f"missing or wrong {TOKEN_HEADER} header: control endpoints need the operator's token "
+                              "(a service's: a peer token from the daemon)")
         return await handler(*args)
 
     guarded.__name__ = handler.__name__
@@ -134,6 +142,9 @@ class MeshClient:
     def __init__(self, token: str | None, *, timeout: float = 5.0) -> None:
         self.token = token
         self.timeout = timeout
+        # The token for a request, by its URL, when one token does not fit all (a peer
+        # token per service called; ``fresh``: not the one kept, which was refused); None: none.
+        self.token_for: Callable[[str, bool], Awaitable[str | None]] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._plain: aiohttp.ClientSession | None = None
 
@@ -142,7 +153,7 @@ class MeshClient:
         """Carries the mesh token: only for our own services."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers={TOKEN_HEADER: self.token} if self.token else {},
+                headers={TOKEN_HEADER: self.token} if self.token and self.token_for is None else {},
                 connector=aiohttp.TCPConnector(limit=64, force_close=False),
             )
         return self._session
@@ -159,13 +170,21 @@ class MeshClient:
         payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
         t = aiohttp.ClientTimeout(total=timeout or self.timeout)
         session = self.session if token else self.plain
-        try:
-            async with session.request(method, url, json=payload, timeout=t) as resp:
-                text = await resp.text()
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
-            if isinstance(err, OSError):
-                raise
-            raise MeshConnectionError(f"{type(err).__name__} from {url}: {err}") from err
+        for fresh in (False, True):
+            headers = None
+            if token and self.token_for is not None:
+                given = await self.token_for(url, fresh)
+                headers = {TOKEN_HEADER: given} if given else None
+            try:
+                async with session.request(method, url, json=payload, timeout=t, headers=headers) as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
+                if isinstance(err, OSError):
+                    raise
+                raise MeshConnectionError(f"{type(err).__name__} from {url}: {err}") from err
+            if resp.status != 401 or headers is None:
+                break
+            # A peer token made for an incarnation since replaced: once more, with a new one.
         if resp.status >= 300:
             raise MeshHTTPError(resp.status, url, text)
         if not text:

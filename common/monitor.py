@@ -37,8 +37,14 @@ from common.models import Reason
 class Verdict(StrEnum):
     ACCEPTED = "accepted"
     UNKNOWN = "unknown_service"
-    STALE = "stale_incarnation"
-    DUPLICATE = "duplicate_seq"
+    STALE = "stale_incarnation"  # the sender was replaced: it must exit
+    DUPLICATE = "seq_out_of_order"  # late, repeated or too far ahead: the sender carries on
+    FOREIGN_TASK = "foreign_task"  # names a task leased to another incarnation: changes nothing
+
+
+# How far ahead of the last accepted one a sequence number may jump (beats lost in between).
+# A beat from far ahead would make every real beat after it look old (a spoof's trick).
+SEQ_WINDOW = 1000
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,7 @@ class Monitor:
                 return Verdict.UNKNOWN
             if w.incarnation != incarnation or w.alerted:
                 return Verdict.STALE
-            if seq <= w.seq:
+            if seq <= w.seq or (w.seq >= 0 and seq > w.seq + SEQ_WINDOW):
                 return Verdict.DUPLICATE
             w.seq = seq
             w.last_beat = now

@@ -11,6 +11,7 @@ beats stop, which is exactly what TRON must see.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -26,8 +27,9 @@ from pydantic import BaseModel, ConfigDict
 from common import logs, telemetry
 from common.clock import Clock, MonotonicClock
 from common.config import MeshConfig, load_mesh
-from common.http import TOKEN_KEY, MeshClient, MeshHTTPError
-from common.models import Beat
+from common import credentials
+from common.http import AUTH_KEY, TOKEN_KEY, MeshClient, MeshHTTPError
+from common.models import TOKEN_HEADER, Beat
 from common.paths import read_token
 
 log = logging.getLogger("tron.service")
@@ -71,8 +73,10 @@ class ServiceContext:
     def __init__(self, env: ServiceEnv, config: MeshConfig, token: str) -> None:
         self.env = env
         self.config = config
-        self.token = token
+        self.token = token  # this incarnation's own credential: sent to the daemon only
         self.client = MeshClient(token, timeout=10)
+        self.client.token_for = self._token_for
+        self._peer_tokens: dict[str, str] = {}  # service -> a peer token for calling it
         self.started = time.monotonic()
         self.provider = env.provider
         self.task_id: str | None = None
@@ -86,6 +90,51 @@ class ServiceContext:
     def name(self) -> str:
         return self.env.service
 
+    async def _token_for(self, url: str, fresh: bool = False) -> str | None:
+        """Our credential to the daemon; to another of our services a peer token the daemon
+        makes for that one (kept until shortly before it expires); to anything else none."""
+        if url.startswith(self.env.daemon_url + "/"):
+            return self.token
+        target = next((n for n in self.config.services if url.startswith(self.config.url(n) + "/")), None)
+        if target is None:
+            return None
+        held = None if fresh else self._peer_tokens.get(target)
+        if held is None or credentials.peer_expires(held) - 30 < time.time():
+            try:
+                answer = await self.client.post(self.env.daemon_url + "/auth/peer", {"to": target})
+            except MeshHTTPError as err:
+                if err.status != 403:
+                    raise
+                return None  # not one we may call with a token (llm-sim's API needs none)
+            held = self._peer_tokens[target] = answer["token"]
+        return held
+
+    def peer_caller(self, request: web.Request) -> str | None:
+        """Who a request's peer token speaks for, if the daemon made it for this service."""
+        return credentials.check_peer(request.headers.get(TOKEN_HEADER), self._inbound, self.name)
+
+    def peer_ok(self, request: web.Request) -> bool:
+        """Our endpoints' check (require_token): the daemon and the operator may call any of
+        them; another service only what it needs: our parent (or a gateway, for a top-level
+        service) hands us tasks, our children escalate to us. A compromised child cannot
+        post a result, a cancel or an alert in the daemon's name."""
+        caller = self.peer_caller(request)
+        if caller is None:
+            return False
+        services = self.config.services
+        if caller not in services:  # "daemon", "operator:NAME", "session:LOGIN": made for the operator
+            return True
+        me = services.get(self.name)
+        if request.path == "/tasks":
+            return me is not None and (me.parent == caller or services[caller].role == "gateway")
+        if request.path == "/handle_grandchild_failure":
+            return services[caller].parent == self.name
+        return False
+
+    @functools.cached_property
+    def _inbound(self) -> bytes:
+        return credentials.inbound_key(self.token)
+
     def health(self) -> dict:
         return {
             "status": "ok", "service": self.name, "role": self.env.role, "pid": os.getpid(),
@@ -98,7 +147,14 @@ HEALTH_KEY = web.AppKey("service_ctx", ServiceContext)
 
 
 async def _health(request: web.Request) -> web.Response:
-    return web.json_response(request.app[HEALTH_KEY].health())
+    """Public: up, who, pid and incarnation (what a readiness check matches); the task, its
+    progress and the provider only with a peer token."""
+    ctx = request.app[HEALTH_KEY]
+    answer = ctx.health()
+    if ctx.peer_caller(request) is None:
+        for key in ("task", "progress", "provider"):
+            answer.pop(key, None)
+    return web.json_response(answer)
 
 
 async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> None:
@@ -201,6 +257,7 @@ async def _serve(build: Build) -> None:
         app = await app
     app[HEALTH_KEY] = ctx
     app[TOKEN_KEY] = token
+    app[AUTH_KEY] = ctx.peer_ok  # our own credential is not accepted here: it is never sent to us
     app.router.add_get("/health", _health)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

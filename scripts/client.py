@@ -87,10 +87,27 @@ class MeshClient:
         return token
 
     def call(self, method: str, url: str, body=None, *, auth: bool = False, timeout: float = 10) -> tuple[int, object]:
+        """To the daemon, always with the operator's token when there is one (reads show ids
+        only to a credential); to one of our services, with ``auth``, a peer token for it."""
         try:
-            return http(method, url, body, token=self.token if auth else None, timeout=timeout)
+            if url.startswith(self.daemon_url + "/"):
+                token = self.token if auth else read_token(self.home.token_file)
+            else:
+                token = self.peer_token(url) if auth else None
+            return http(method, url, body, token=token, timeout=timeout)
         except OSError as err:
             raise ClientError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
+
+    def peer_token(self, url: str) -> str | None:
+        """The operator never sends its own token to a service (which could keep it): the
+        daemon makes a token good only at that service, for a few minutes."""
+        target = next((n for n in self.config.services if url.startswith(self.config.url(n) + "/")), None)
+        if target is None:
+            return None
+        code, answer = http("POST", self.daemon_url + "/auth/peer", {"to": target}, token=self.token)
+        if code != 200 or not isinstance(answer, dict):
+            raise ClientError(f"the daemon made no token to call {target} with ({code}): {answer}")
+        return answer["token"]
 
     def try_call(self, method: str, url: str, body=None, *, auth: bool = False,
                  timeout: float = 10) -> tuple[int, object]:

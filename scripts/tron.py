@@ -11,7 +11,8 @@
     tron spawning pause|resume    the incident switch: no new process starts
     tron task show|retry|hard-reset|resume --from-step N|cancel ID
     tron audit [--json]           every operator action
-    tron ui [--open]              a one-time login link to the web UI
+    tron token list|create NAME [--viewer]|revoke NAME   the operator's named tokens
+    tron ui [--open] [--viewer]   a one-time login link to the web UI (--viewer: read-only)
     tron logs [-f] [NAME...]      merged, coloured tail of service logs
     tron run "PROMPT"             submit a run through the gateway and follow it
     tron history [--json]         retry history and failure metrics
@@ -50,6 +51,7 @@ from scripts.cost_cli import add_parser as add_cost_parser
 from scripts.cost_cli import cmd_cost
 from scripts.ui_cli import cmd_ui
 from scripts.notify_cli import add_parser as add_notify_parser, cmd_notify
+from scripts.token_cli import add_parser as add_token_parser, cmd_token
 
 
 class CLIError(Exception):
@@ -792,10 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
             tv.add_argument("--provider", choices=get_args(Provider))
     ui = sub.add_parser("ui", help="print (or open) a one-time login link to the web UI")
     ui.add_argument("--open", action="store_true", help="open the link in a browser")
+    ui.add_argument("--viewer", action="store_true", help="a read-only session: it shows everything, changes nothing")
     aud = sub.add_parser("audit", help="every operator action: who, what, when, outcome")
     aud.add_argument("--json", action="store_true")
     aud.add_argument("--limit", type=int, default=100)
     add_notify_parser(sub)
+    add_token_parser(sub)
     add_cost_parser(sub)
     lg = sub.add_parser("logs", help="merged tail of service logs")
     lg.add_argument("-f", "--follow", action="store_true")
@@ -874,7 +878,7 @@ COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_lo
             "resume": cmd_service, "backup": cmd_backup, "restore": cmd_restore, "lane": cmd_lane, "provider": cmd_provider,
             "cost": lambda ctx, args: cmd_cost(ctx, args, _registry, CLIError),
             "spawning": cmd_spawning, "reload": cmd_reload, "scale": cmd_scale, "task": cmd_task, "audit": cmd_audit,
-            "ui": cmd_ui, "notify": cmd_notify}
+            "ui": cmd_ui, "notify": cmd_notify, "token": cmd_token}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from scripts.client import ClientError
 
 def cmd_ui(ctx, args: argparse.Namespace) -> int:
     mesh = ctx.require_daemon()
-    code, answer = mesh.call("POST", mesh.daemon_url + "/ui/login-code", {"actor": f"{getpass.getuser()}@ui"},
+    code, answer = mesh.call("POST", mesh.daemon_url + "/ui/login-code",
+                             {"actor": f"{getpass.getuser()}@ui", "viewer": bool(getattr(args, "viewer", False))},
                              auth=True)
     if code != 201 or not isinstance(answer, dict):
         raise ClientError(f"the daemon refused a login code ({code}): "

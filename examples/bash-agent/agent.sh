@@ -47,7 +47,7 @@ $(attr gen_ai.operation.name stringValue '"invoke_agent"'),$(attr gen_ai.agent.n
 $(attr tron.task.id stringValue "\"$TASK_ID\""),$(attr tron.task.attempt intValue "\"$ATTEMPT\"")]}]}]}]}" || true
 }
 
-beats() {  # every interval; a 409 means we were replaced: leave
+beats() {  # every interval; a 409 stale_incarnation means we were replaced: leave
   local seq=0 task progress fields code
   while true; do
     # Beats speak for the agent's own loop: while it is stopped (SIGSTOP), say nothing,
@@ -57,11 +57,12 @@ beats() {  # every interval; a 409 means we were replaced: leave
     fields=""
     [ -n "$task" ] && fields+=",\"task_id\":\"$task\""
     [ -n "$progress" ] && fields+=",\"progress\":\"$progress\""
-    code=$(curl -sS -m 2 -o /dev/null -w '%{http_code}' -X POST -H "X-Tron-Token: $token" \
+    code=$(curl -sS -m 2 -o "$state/beat" -w '%{http_code}' -X POST -H "X-Tron-Token: $token" \
            -H "Content-Type: application/json" "$TRON_DAEMON_URL/beat" \
            --data "{\"service\":\"$TRON_SERVICE\",\"incarnation\":\"$TRON_INCARNATION\",\"pid\":$$,\"seq\":$seq$fields}" \
            || echo 000)
-    if [ "$code" = 409 ]; then kill -TERM $$; exit 0; fi
+    # 409 seq_out_of_order (a late beat) or foreign_task: carry on; stale_incarnation: leave
+    if [ "$code" = 409 ] && grep -q stale_incarnation "$state/beat"; then kill -TERM $$; exit 0; fi
     seq=$((seq + 1))
     sleep "$TRON_HEARTBEAT_INTERVAL"
   done

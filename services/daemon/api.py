@@ -1,7 +1,10 @@
 """The daemon's HTTP API on 127.0.0.1.
 
-Everything that changes state needs the mesh token; every body and every query is a
-pydantic model, so bad input is a 4xx that says what is wrong and changes nothing.
+Every endpoint but /health, /status and /metrics needs a credential, and each says whose
+(``allow``; services/daemon/access.py): the operator's token or a UI session for the
+operator verbs, a viewer's for reads, an agent's own credential for its own calls only
+(403 naming the missing scope otherwise). Every body and every query is a pydantic model,
+so bad input is a 4xx that says what is wrong and changes nothing.
 
     GET  /health /status /events /metrics
     POST /beat                                        heartbeats (token)
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import getpass
+import logging
 import os
 import shlex
 from typing import Any, Literal
@@ -30,25 +33,28 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common import telemetry
+from common import credentials
 from common.config import DAEMON
-from common.http import TOKEN_KEY, error, parse, parse_empty, parse_query, require_token
+from common.http import AUTH_KEY, TOKEN_KEY, error, parse, parse_empty, parse_query
 from common.ladder import Escalated
 from common.lanes import every_lane
 from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
                            LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
                            ParkRequest, ProviderCall, ProviderOutcome, RunCreate, SwitchRequest, TaskFinish, TaskRecord,
-                           UsageReport)
+                           UsageReport, TOKEN_HEADER)
 from common.monitor import Verdict
 from common.settings import field_errors, read_overlay
 from common.states import ServiceState, TaskState
+from services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
 from services.daemon.core import Daemon
 from services.daemon.operators import SERVICE_VERBS, Refused
 from services.daemon.task_actions import TASK_VERBS
 from services.daemon.supervisor import new_id
 from services.daemon.ui import setup_ui
 
+log = logging.getLogger("tron.daemon.api")
 DAEMON_KEY = web.AppKey("daemon", Daemon)
-_VERDICT_STATUS = {Verdict.UNKNOWN: 404, Verdict.STALE: 409, Verdict.DUPLICATE: 409}
+_VERDICT_STATUS = {Verdict.UNKNOWN: 404, Verdict.STALE: 409, Verdict.DUPLICATE: 409, Verdict.FOREIGN_TASK: 409}
 
 
 class EventsQuery(BaseModel):
@@ -83,16 +89,110 @@ class _IdCheck(BaseModel):
     id: IdStr
 
 
-async def health(request: web.Request) -> web.Response:
+# -- who may call what (services/daemon/access.py) ---------------------------------------------
+
+
+def allow(*scopes: Scope):
+    """Decorator: who may reach an endpoint at all. An operator (token or UI session) may
+    reach every one; a viewer the READ ones; an agent the SELF, CHILDREN and RUNS ones,
+    whose handlers then check that it speaks for itself (``_own``, ``_parent_of``). 401
+    without a credential; 403 naming the scope, counted and audited, for the wrong one."""
+
+    def wrap(handler):
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            d = _d(request)
+            caller = d.access.identify(request)
+            if caller is None:
+                return error(401, f"missing or wrong {TOKEN_HEADER} header: this endpoint needs a credential "
+                                  "(the operator's token, a viewer's for reads, or an agent's own)")
+            if not caller.is_operator and not any(_reaches(caller, s) for s in scopes):
+                return await _refuse(request, caller, scopes[0],
+                                     f"{caller.actor} ({caller.kind}) may not {request.method} {request.path}: "
+                                     f"it needs the {scopes[0]} scope")
+            try:
+                return await handler(request)
+            except Refusal as r:
+                return await _refuse(request, caller, r.scope, r.why)
+
+        guarded.__name__ = handler.__name__
+        guarded.__doc__ = handler.__doc__
+        return guarded
+
+    return wrap
+
+
+def _reaches(caller: Caller, scope: Scope) -> bool:
+    if scope is Scope.READ:
+        return caller.can_read
+    return scope in (Scope.SELF, Scope.CHILDREN, Scope.RUNS) and caller.kind is Kind.AGENT
+
+
+async def _refuse(request: web.Request, caller: Caller, scope: Scope, why: str) -> web.Response:
     d = _d(request)
-    return web.json_response({"status": "ok", "role": DAEMON, "pid": os.getpid(), "home": str(d.home.root),
-                              "uptime": round(d.clock.now() - d.started_at, 1)})
+    d.metrics.requests_refused.labels(scope=str(scope)).inc()
+    await d.audit.record(caller.actor, f"{request.method} {request.path}", request.path, "", "",
+                         f"refused: missing scope {scope}", why,
+                         agent=caller.name if caller.kind is Kind.AGENT else None)
+    log.warning("refused", extra={"actor": caller.actor, "scope": str(scope), "path": request.path})
+    return error(403, why, scope=str(scope), verdict="forbidden")
 
 
-@require_token
+def _caller(request: web.Request) -> Caller:
+    return request[CALLER_KEY]
+
+
+def _own(request: web.Request, service: str, incarnation: str | None) -> Caller:
+    """An agent speaks only for its own service and incarnation (an operator for any)."""
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT and (service != caller.name or incarnation not in (None, caller.incarnation)):
+        raise Refusal(Scope.SELF, f"{caller.actor} speaks only for itself, not for {service}/{incarnation}")
+    return caller
+
+
+def _parent_of(request: web.Request, *services: str) -> Caller:
+    """A ladder step for descendants: an agent takes it only for its own."""
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT:
+        d = _d(request)
+        for name in services:
+            if name not in d.config.services or caller.name not in d.config.ancestors(name):
+                raise Refusal(Scope.CHILDREN, f"{caller.actor} may act only for its own descendants, "
+                                              f"not for {name}")
+    return caller
+
+
+def _gateway(request: web.Request) -> Caller:
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT and _d(request).config.services[caller.name].role != "gateway":
+        raise Refusal(Scope.RUNS, f"{caller.actor} is no gateway: only the gateway role creates and finishes runs")
+    return caller
+
+
+def _reader_of(request: web.Request, task: dict) -> None:
+    """A task is read by the operator and viewers, by its own agent and by the one that created it."""
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT and caller.name not in (task["agent"], task["parent_agent"]):
+        raise Refusal(Scope.CHILDREN, f"{caller.actor} reads only its own tasks and those it created, "
+                                      f"not {task['task_id']}")
+
+
+
+async def health(request: web.Request) -> web.Response:
+    """Public: up, for how long, and its home (`tron up` tells its own daemon from another
+    home's on the same port by it); the pid to a caller with a credential."""
+    d = _d(request)
+    answer = {"status": "ok", "role": DAEMON, "home": str(d.home.root),
+              "uptime": round(d.clock.now() - d.started_at, 1)}
+    if d.access.identify(request) is not None:
+        answer["pid"] = os.getpid()
+    return web.json_response(answer)
+
+
+@allow(Scope.SELF)
 async def beat(request: web.Request) -> web.Response:
     d = _d(request)
     b = await parse(request, Beat)
+    _own(request, b.service, b.incarnation)
     verdict = await d.on_beat(b)
     if verdict is Verdict.ACCEPTED:  # the interval follows settings changed at run time
         answer = {"ok": True, "interval": d.policy().heartbeat_interval}
@@ -102,15 +202,20 @@ async def beat(request: web.Request) -> web.Response:
     messages = {
         Verdict.UNKNOWN: f"no service named {b.service!r} is watched",
         Verdict.STALE: f"incarnation {b.incarnation} of {b.service} is not the current one",
-        Verdict.DUPLICATE: f"sequence number {b.seq} was already received",
+        Verdict.DUPLICATE: f"sequence number {b.seq} is not the next one (a late or repeated beat): carry on",
+        Verdict.FOREIGN_TASK: f"task {b.task_id} is leased to another incarnation: this beat changed nothing",
     }
     return error(_VERDICT_STATUS[verdict], messages[verdict], verdict=str(verdict))
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(_d(request).status())
+    """Everything to an operator or a viewer; to anyone else what a load balancer needs."""
+    d = _d(request)
+    caller = d.access.identify(request)
+    return web.json_response(d.status() if caller is not None and caller.can_read else d.public_status())
 
 
+@allow(Scope.READ)
 async def events(request: web.Request) -> web.Response:
     q = parse_query(request, EventsQuery)
     return web.json_response(await _d(request).store.events(q.since, q.limit, q.kind, q.agent))
@@ -118,6 +223,12 @@ async def events(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     d = _d(request)
+    if not d.config.mesh.metrics_public:
+        caller = d.access.identify(request)
+        if caller is None:
+            return error(401, f"missing or wrong {TOKEN_HEADER} header: metrics_public is false")
+        if not caller.can_read:
+            return await _refuse(request, caller, Scope.READ, f"{caller.actor} may not read the metrics")
     d.metrics.services_up.set(d.running())
     d.metrics.crash_looping.set(sum(1 for s in d.sup.services.values() if s.crash_looping))
     registry = d.registry_health()
@@ -126,10 +237,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=d.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+@allow(Scope.READ, Scope.CHILDREN)
 async def ladder_view(request: web.Request) -> web.Response:
     d = _d(request)
     q = parse_query(request, LadderQuery)
     _service(d, q.service)
+    if _caller(request).kind is Kind.AGENT:
+        _own(request, q.decider, None)
+        _parent_of(request, q.service)
     if q.decider != DAEMON:
         _service(d, q.decider)
     view = await d.carrier.view(q.service, decider=q.decider, alert_id=q.alert_id, task_id=q.task_id)
@@ -139,70 +254,84 @@ async def ladder_view(request: web.Request) -> web.Response:
 # -- ladder steps ----------------------------------------------------------------------------
 
 
-@require_token
+@allow(Scope.CHILDREN)
 async def restart(request: web.Request) -> web.Response:
     d = _d(request)
     req = await parse(request, RestartRequest)
     _service(d, req.service)
+    _parent_of(request, req.service)
+    if _caller(request).kind is Kind.AGENT:
+        _own(request, req.requested_by, None)
     result = await d.carrier.restart(req)
     return web.json_response(result, status={"accepted": 202, "duplicate": 200, "stale": 409}[result["status"]])
 
 
-@require_token
+@allow(Scope.CHILDREN)
 async def escalation(request: web.Request) -> web.Response:
     d = _d(request)
     rec = await parse(request, EscalationRecord)
     _service(d, rec.service)
+    _parent_of(request, rec.service)
+    if _caller(request).kind is Kind.AGENT:
+        _own(request, rec.from_service, None)
     return web.json_response(await d.carrier.escalation(rec))
 
 
-@require_token
+@allow(Scope.CHILDREN)
 async def switch(request: web.Request) -> web.Response:
     d = _d(request)
     req = await parse(request, SwitchRequest)
     for name in [req.service, *req.services]:
         _service(d, name)
+    _parent_of(request, req.service, *req.services)
     answer = await d.carrier.switch(req)
     return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
 
-@require_token
+@allow(Scope.CHILDREN)
 async def park(request: web.Request) -> web.Response:
     """The top's Park decision on a held task: the human rung (awaiting_operator)."""
     d = _d(request)
     req = await parse(request, ParkRequest)
     _service(d, req.service)
+    _parent_of(request, req.service)
     answer = await d.carrier.park(req)
     return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
 
-@require_token
+@allow(Scope.CHILDREN)
 async def permanent_failure(request: web.Request) -> web.Response:
     d = _d(request)
     rec = await parse(request, PermanentFailure)
     _service(d, rec.service)
+    _parent_of(request, rec.service)
     answer = await d.carrier.fail(rec)
     return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
 
-@require_token
+@allow(Scope.CHILDREN)
 async def grandchild_failure(request: web.Request) -> web.Response:
     """An escalation whose next ancestor is the daemon: the daemon decides as the top."""
     d = _d(request)
     esc = await parse(request, Escalation)
     _service(d, esc.service)
+    _parent_of(request, esc.service)
     event = Escalated(esc.alert_id, esc.service, esc.reason, esc.kind, esc.task_id)
     return web.json_response(await d.carrier.decide_here(event))
 
 
-@require_token
+@allow(Scope.SELF)
 async def report_failure(request: web.Request) -> web.Response:
     """An agent saw a failure TRON cannot (a provider error): it enters the same ladder."""
     d = _d(request)
     rep = await parse(request, FailureReport)
     svc = _service(d, rep.service)
+    _own(request, rep.service, rep.incarnation)
     if svc.incarnation != rep.incarnation:
-        return error(409, f"incarnation {rep.incarnation} of {rep.service} is not the current one")
+        return error(409, f"incarnation {rep.incarnation} of {rep.service} is not the current one",
+                     verdict="stale_incarnation")
+    if rep.task_id:
+        await _own_task(request, rep.task_id)
     signal = d.monitor.raise_alert(rep.service, rep.incarnation, Reason.PROVIDER_FAILURE, d.clock.now(),
                                    {"error_reason": rep.reason, "retryable": rep.retryable, **rep.detail})
     if signal is None:
@@ -216,21 +345,33 @@ async def report_failure(request: web.Request) -> web.Response:
 # -- providers --------------------------------------------------------------------------------
 
 
-def _caller(d: Daemon, name: str, incarnation: str) -> None:
+def _current(d: Daemon, name: str, incarnation: str) -> None:
     svc = _service(d, name)
     if svc.incarnation != incarnation:
-        raise web.HTTPConflict(text=f'{{"error": "incarnation {incarnation} of {name} is not the current one"}}',
-                               content_type="application/json")
+        raise web.HTTPConflict(text=f'{{"error": "incarnation {incarnation} of {name} is not the current one", '
+                                    f'"verdict": "stale_incarnation"}}', content_type="application/json")
+
+
+async def _own_task(request: web.Request, task_id: str) -> dict | None:
+    """The task, if it is the calling agent's own (403 when it is another's)."""
+    task = await _d(request).store.task(task_id)
+    caller = _caller(request)
+    if task is not None and caller.kind is Kind.AGENT and task["agent"] != caller.name:
+        raise Refusal(Scope.SELF, f"task {task_id} is {task['agent']}'s: {caller.actor} acts only on its own tasks")
+    return task
 
 
 def _provider_call(model, act, what: str):
     """An agent's call to the provider desk: the body names the calling incarnation, which
     must be the current one (409 otherwise: the agent was replaced and must stop)."""
-    @require_token
+    @allow(Scope.SELF)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         body = await parse(request, model)
-        _caller(d, body.service, body.incarnation)
+        _own(request, body.service, body.incarnation)
+        _current(d, body.service, body.incarnation)
+        if getattr(body, "task_id", None):
+            await _own_task(request, body.task_id)
         if model is ProviderCall and act == "park" and not body.task_id:
             return error(422, "task_id: a parked task is named by its id")
         return web.json_response(await getattr(d.providers, act)(body))
@@ -240,7 +381,7 @@ def _provider_call(model, act, what: str):
     return handler
 
 
-@require_token
+@allow(Scope.READ)
 async def get_providers(request: web.Request) -> web.Response:
     d = _d(request)
     return web.json_response({"providers": d.providers.status(), "chain": list(d.config.providers.chain),
@@ -248,7 +389,7 @@ async def get_providers(request: web.Request) -> web.Response:
 
 
 def _provider_action(verb: str):
-    @require_token
+    @allow(Scope.OPERATOR)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         name = request.match_info["name"]
@@ -258,9 +399,9 @@ def _provider_action(verb: str):
         act = d.providers.drain if verb == "drain" else d.providers.restore
 
         async def run() -> dict:
-            return await act(name, actor=_actor(body), reason=body.reason)
+            return await act(name, actor=_actor(request), reason=body.reason)
 
-        answer = await d.audit.run(run, actor=_actor(body), what=f"provider_{verb}", target=name,
+        answer = await d.audit.run(run, actor=_actor(request), what=f"provider_{verb}", target=name,
                                    reason=body.reason, request_id=body.request_id,
                                    state=lambda: str(d.providers.board[name].state))
         return web.json_response(answer)
@@ -272,8 +413,9 @@ def _provider_action(verb: str):
 # -- operators --------------------------------------------------------------------------------
 
 
-def _actor(body: OperatorAction) -> str:
-    return body.actor or f"{getpass.getuser()}@local"
+def _actor(request: web.Request) -> str:
+    """Who did it, as the credential says: never the body's ``actor``."""
+    return _caller(request).actor
 
 
 async def _operator_body(request: web.Request) -> OperatorAction:
@@ -286,7 +428,7 @@ def _answer(answer: dict) -> web.Response:
 
 
 def _operator(verb: str):
-    @require_token
+    @allow(Scope.OPERATOR)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         name = request.match_info["name"]
@@ -296,10 +438,10 @@ def _operator(verb: str):
         body = await _operator_body(request)
         try:
             if group:  # a replicated service: every replica, a restart rolling (replicas.py)
-                answer = await d.replicas.act(verb, name, actor=_actor(body), reason=body.reason,
+                answer = await d.replicas.act(verb, name, actor=_actor(request), reason=body.reason,
                                               request_id=body.request_id)
             else:
-                answer = await d.operators.act(verb, name, actor=_actor(body), reason=body.reason,
+                answer = await d.operators.act(verb, name, actor=_actor(request), reason=body.reason,
                                                request_id=body.request_id)
         except Refused as err:
             return error(err.status, str(err))
@@ -310,7 +452,7 @@ def _operator(verb: str):
 
 
 def _task_action(verb: str):
-    @require_token
+    @allow(Scope.OPERATOR)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         task_id = _id(request, "task_id")
@@ -318,7 +460,7 @@ def _task_action(verb: str):
         if verb == "resume" and body.from_step is None:
             return error(422, "from_step: resume needs the step to go on from")
         try:
-            answer = await d.tasks.act(verb, task_id, actor=_actor(body), reason=body.reason,
+            answer = await d.tasks.act(verb, task_id, actor=_actor(request), reason=body.reason,
                                        request_id=body.request_id, from_step=body.from_step, provider=body.provider)
         except Refused as err:
             return error(err.status, str(err))
@@ -329,12 +471,12 @@ def _task_action(verb: str):
 
 
 def _lane_action(verb: str):
-    @require_token
+    @allow(Scope.OPERATOR)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         body = await _operator_body(request)
         try:
-            answer = await d.operators.lane(verb, request.match_info["lane"], actor=_actor(body), reason=body.reason,
+            answer = await d.operators.lane(verb, request.match_info["lane"], actor=_actor(request), reason=body.reason,
                                             request_id=body.request_id)
         except Refused as err:
             return error(err.status, str(err))
@@ -345,11 +487,11 @@ def _lane_action(verb: str):
 
 
 def _spawning_action(verb: str):
-    @require_token
+    @allow(Scope.OPERATOR)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         body = await _operator_body(request)
-        return _answer(await d.operators.spawning(verb, actor=_actor(body), reason=body.reason,
+        return _answer(await d.operators.spawning(verb, actor=_actor(request), reason=body.reason,
                                                   request_id=body.request_id))
 
     handler.__name__ = f"spawning_{verb}"
@@ -358,7 +500,7 @@ def _spawning_action(verb: str):
 
 def _node_action(verb: str):
     """A drill's node loss (``lose``) and its end (``restore``), on a Ray cluster."""
-    @require_token
+    @allow(Scope.OPERATOR)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         body = await _operator_body(request)
@@ -376,7 +518,7 @@ def _node_action(verb: str):
             await spawner.restore(node)
             return {"status": "restored", "node": node.node_id}
 
-        answer = await d.audit.run(action, actor=_actor(body), what=f"node_{verb}", target=node.node_id,
+        answer = await d.audit.run(action, actor=_actor(request), what=f"node_{verb}", target=node.node_id,
                                    state=lambda: "cordoned" if node.cordoned else "placing", reason=body.reason,
                                    request_id=body.request_id)
         return web.json_response(answer)
@@ -385,25 +527,27 @@ def _node_action(verb: str):
     return handler
 
 
+@allow(Scope.READ)
 async def get_lanes(request: web.Request) -> web.Response:
     d = _d(request)
     return web.json_response(every_lane(await d.store.lanes(), (svc.spec.role for svc in d.sup.services.values())))
 
 
+@allow(Scope.READ)
 async def get_settings(request: web.Request) -> web.Response:
     d = _d(request)
     return web.json_response({"policy": d.policy().model_dump(), "overlay": str(d.overlay),
                               "overlaid": sorted(read_overlay(d.overlay))})
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def put_settings(request: web.Request) -> web.Response:
     """Partial policy numbers, validated as a whole by the mesh file's own model; on any
     error nothing is applied and each message is returned next to its field."""
     d = _d(request)
     body = await parse(request, SettingsChange)
     try:
-        policy = await d.apply_policy(body.policy, actor=body.actor or f"{getpass.getuser()}@api")
+        policy = await d.apply_policy(body.policy, actor=_actor(request))
     except ValidationError as err:
         return error(422, "invalid settings; nothing was changed", fields=field_errors(err))
     except OSError as err:  # the overlay could not be kept (a full disk): not applied either
@@ -417,13 +561,13 @@ class Scale(Msg):
     reason: str = Field("operator", min_length=1, max_length=256)
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def scale_service(request: web.Request) -> web.Response:
     """`tron scale NAME N`: the running number of replicas of a replicated service."""
     d = _d(request)
     name = request.match_info["name"]
     body = await parse(request, Scale)
-    actor = body.actor or f"{getpass.getuser()}@local"
+    actor = _actor(request)
     try:
         answer = await d.audit.run(lambda: d.replicas.scale(name, body.replicas, actor=actor), actor=actor,
                                    what="scale", target=name, state=lambda: str(len(d.replicas.of(name))),
@@ -438,7 +582,7 @@ class ReloadQuery(BaseModel):
     dry_run: bool = False
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def reload_mesh(request: web.Request) -> web.Response:
     """`tron reload [--dry-run]`: mesh.toml's difference, applied (audited) or only planned.
     An invalid or unappliable file is a 400 naming every error; nothing changes."""
@@ -450,7 +594,7 @@ async def reload_mesh(request: web.Request) -> web.Response:
 
     async def act() -> dict:
         try:
-            return await d.reload(dry_run=q.dry_run, actor=_actor(body))
+            return await d.reload(dry_run=q.dry_run, actor=_actor(request))
         except ReloadRefused as err:
             raise Refused(400 if "under way" not in str(err) and "still starting" not in str(err) else 409,
                           "; ".join(err.errors)) from None
@@ -461,7 +605,7 @@ async def reload_mesh(request: web.Request) -> web.Response:
         except Refused as err:
             return error(err.status, str(err))
     try:
-        answer = await d.audit.run(act, actor=_actor(body), what="reload", target=str(d.config_path),
+        answer = await d.audit.run(act, actor=_actor(request), what="reload", target=str(d.config_path),
                                    state=lambda: "", reason=body.reason, request_id=body.request_id)
     except Refused as err:
         return error(err.status, str(err))
@@ -475,7 +619,7 @@ class SettingsChange(Msg):
     actor: str | None = Field(None, max_length=64)
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def drill(request: web.Request) -> web.Response:
     d = _d(request)
     mark = await parse(request, DrillMark)
@@ -489,7 +633,7 @@ async def drill(request: web.Request) -> web.Response:
     return web.json_response({"drill": d.store.drill, "previous": previous})
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def take_backup(request: web.Request) -> web.Response:
     await parse_empty(request)
     answer = await _d(request).backup()
@@ -497,7 +641,7 @@ async def take_backup(request: web.Request) -> web.Response:
     return web.json_response(answer, status=status)
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def shutdown(request: web.Request) -> web.Response:
     d = _d(request)
     await parse_empty(request)
@@ -508,10 +652,11 @@ async def shutdown(request: web.Request) -> web.Response:
 # -- runs and tasks ---------------------------------------------------------------------------
 
 
-@require_token
+@allow(Scope.RUNS)
 async def create_run(request: web.Request) -> web.Response:
     d = _d(request)
     body = await parse(request, RunCreate)
+    _gateway(request)
     run_id = new_id("run-")
     await d.store.create_run(run_id, body.prompt, body.drill)
     if body.budget_usd is not None or body.budget_tokens is not None:
@@ -519,9 +664,11 @@ async def create_run(request: web.Request) -> web.Response:
     return web.json_response({"run_id": run_id}, status=201)
 
 
+@allow(Scope.READ, Scope.RUNS)
 async def get_run(request: web.Request) -> web.Response:
     d = _d(request)
     run_id = _id(request, "run_id")
+    _gateway(request)
     run = await d.store.run(run_id)
     if run is None:
         return error(404, f"no run {run_id!r}")
@@ -532,7 +679,7 @@ async def get_run(request: web.Request) -> web.Response:
     return web.json_response(run)
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def run_budget(request: web.Request) -> web.Response:
     """`tron run budget RUN --usd N --tokens N`: a run's budget, raised (or set) by an
     operator, audited; a task parked at it goes on within a moment."""
@@ -556,17 +703,18 @@ async def run_budget(request: web.Request) -> web.Response:
         row = await d.store.run(run_id)
         return f"usd={row.get('budget_usd')} tokens={row.get('budget_tokens')}"
 
-    return web.json_response(await d.audit.run(act, actor=_actor(body), what="run_budget", target=run_id,
+    return web.json_response(await d.audit.run(act, actor=_actor(request), what="run_budget", target=run_id,
                                                 reason=body.reason, request_id=body.request_id, state=state))
 
 
-@require_token
+@allow(Scope.SELF)
 async def task_usage(request: web.Request) -> web.Response:
     """A contract agent's LLM call, reported by itself: its tokens get their cost."""
     d = _d(request)
     task_id = _id(request, "task_id")
     rep = await parse(request, UsageReport)
-    _caller(d, rep.service, rep.incarnation)
+    _own(request, rep.service, rep.incarnation)
+    _current(d, rep.service, rep.incarnation)
     task = await d.store.task(task_id)
     if task is None:
         return error(404, f"no task {task_id!r}")
@@ -576,10 +724,11 @@ async def task_usage(request: web.Request) -> web.Response:
     return web.json_response({"status": "recorded", "cost_usd": row["cost_usd"], "priced": bool(row["priced"])})
 
 
-@require_token
+@allow(Scope.RUNS)
 async def finish_run(request: web.Request) -> web.Response:
     d = _d(request)
     body = await parse(request, TaskFinish)
+    _gateway(request)
     run_id = _id(request, "run_id")
     if await d.store.run(run_id) is None:
         return error(404, f"no run {run_id!r}")
@@ -587,7 +736,7 @@ async def finish_run(request: web.Request) -> web.Response:
     return web.json_response({"changed": await d.store.finish_run(run_id, body.status, body.result, failure)})
 
 
-@require_token
+@allow(Scope.CHILDREN, Scope.RUNS)
 async def record_task(request: web.Request) -> web.Response:
     d = _d(request)
     rec = await parse(request, TaskRecord)
@@ -595,6 +744,12 @@ async def record_task(request: web.Request) -> web.Response:
         existing = await d.store.task(rec.task_id)
         rec = rec.model_copy(update={"agent": existing["agent"] if existing else await d.replicas.pick(rec.agent)})
     _service(d, rec.agent)
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT:  # sub-tasks for its own children; a gateway: a run's first task
+        _own(request, rec.parent_agent, None)
+        spec, me = d.config.services[rec.agent], d.config.services[caller.name]
+        if spec.parent != caller.name and not (me.role == "gateway" and spec.parent == DAEMON):
+            raise Refusal(Scope.CHILDREN, f"{caller.actor} gives tasks only to its own children, not to {rec.agent}")
     if await d.store.run(rec.run_id) is None:
         return error(404, f"no run {rec.run_id!r}")
     existing = await d.store.task(rec.task_id)
@@ -624,7 +779,7 @@ class ClaimQuery(BaseModel):
     format: Literal["json", "shell"] = "json"
 
 
-@require_token
+@allow(Scope.SELF)
 async def claim_task(request: web.Request) -> web.Response:
     """The agent contract's pull side (an agent that serves no HTTP, in any language):
     the next task of this incarnation, leased to it, with its last checkpoint; 204 when
@@ -633,6 +788,7 @@ async def claim_task(request: web.Request) -> web.Response:
     q = parse_query(request, ClaimQuery)
     body = await parse(request, Claim)
     svc = _service(d, body.service)
+    _own(request, body.service, body.incarnation)
     if svc.incarnation != body.incarnation:
         return error(409, f"incarnation {body.incarnation} of {body.service} is not the current one",
                      verdict="stale_incarnation")
@@ -655,24 +811,30 @@ async def claim_task(request: web.Request) -> web.Response:
                         content_type="text/plain")
 
 
+@allow(Scope.READ, Scope.CHILDREN)
 async def get_task(request: web.Request) -> web.Response:
     d = _d(request)
     task_id = _id(request, "task_id")
     row = await d.store.task(task_id)
     if row is None:
         return error(404, f"no task {task_id!r}")
+    _reader_of(request, row)
     row["ladder"] = await d.store.task_counts(task_id)
     return web.json_response(row)
 
 
-@require_token
+@allow(Scope.SELF)
 async def finish_task(request: web.Request) -> web.Response:
     d = _d(request)
     body = await parse(request, TaskFinish)
     task_id = _id(request, "task_id")
-    task = await d.store.task(task_id)
+    task = await _own_task(request, task_id)
     if task is None:
         return error(404, f"no task {task_id!r}")
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT:
+        _own(request, caller.name, body.incarnation)
+        body = body.model_copy(update={"incarnation": caller.incarnation})
     if body.attempt is not None and body.attempt != task["attempt"]:
         # An earlier attempt's late word (an operator retried the task meanwhile): not this one's end.
         return error(409, f"task {task_id} is on attempt {task['attempt']}, not {body.attempt}",
@@ -682,14 +844,18 @@ async def finish_task(request: web.Request) -> web.Response:
     return web.json_response({"changed": changed})
 
 
-@require_token
+@allow(Scope.SELF)
 async def checkpoint(request: web.Request) -> web.Response:
     d = _d(request)
     body = await parse(request, CheckpointRecord)
     task_id = _id(request, "task_id")
-    task = await d.store.task(task_id)
+    task = await _own_task(request, task_id)
     if task is None:
         return error(404, f"no task {task_id!r}")
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT:
+        _own(request, caller.name, body.incarnation)
+        body = body.model_copy(update={"incarnation": caller.incarnation})
     if task["status"] not in (TaskState.ASSIGNED, TaskState.RUNNING):
         return error(409, f"task {task_id} is {task['status']}: only a live task records checkpoints")
     try:
@@ -700,10 +866,11 @@ async def checkpoint(request: web.Request) -> web.Response:
                              status=201 if created else 200)
 
 
+@allow(Scope.READ, Scope.SELF)
 async def get_checkpoints(request: web.Request) -> web.Response:
     d = _d(request)
     task_id = _id(request, "task_id")
-    if await d.store.task(task_id) is None:
+    if await _own_task(request, task_id) is None:
         return error(404, f"no task {task_id!r}")
     return web.json_response(await d.store.checkpoints(task_id))
 
@@ -718,7 +885,7 @@ class NotifyTest(Msg):
     request_id: IdStr | None = None
 
 
-@require_token
+@allow(Scope.OPERATOR)
 async def notify_test(request: web.Request) -> web.Response:
     """A ``test`` notification through the same path as the real ones (the registry, the
     notifier's queue, the signature); audited. 202: queued, the delivery is in `tron notify log`."""
@@ -730,7 +897,7 @@ async def notify_test(request: web.Request) -> web.Response:
     if body.entry is not None and body.entry not in entries:
         return error(404, f"no [[notify]] entry {body.entry} (the mesh file has {len(entries)}: "
                           f"0 to {len(entries) - 1})")
-    actor = body.actor or f"{getpass.getuser()}@api"
+    actor = _actor(request)
 
     async def run() -> dict:
         await d.store.event("notify_test", {"entry": body.entry, "by": actor, "reason": body.reason})
@@ -742,10 +909,77 @@ async def notify_test(request: web.Request) -> web.Response:
     return web.json_response(answer, status=202)
 
 
+# -- credentials --------------------------------------------------------------------------------
+
+
+class PeerRequest(Msg):
+    to: NameStr
+
+
+@allow(Scope.CHILDREN)
+async def peer_token(request: web.Request) -> web.Response:
+    """A token to call one of our services' endpoints with: for the operator any service,
+    for an agent the services it works with (its parent, its children; a gateway the
+    top-level ones). Good only at that service, for a few minutes."""
+    d = _d(request)
+    body = await parse(request, PeerRequest)
+    _service(d, body.to)
+    caller = _caller(request)
+    if caller.kind is Kind.AGENT and not d.access.may_call(caller.name, body.to):
+        raise Refusal(Scope.CHILDREN, f"{caller.actor} does not call {body.to}: only its parent and children")
+    name = caller.name if caller.kind is Kind.AGENT else f"{caller.kind}:{caller.name}"
+    token = d.access.peer_token(name, body.to)
+    if token is None:
+        return error(409, f"{body.to} has no running incarnation to call", verdict="not_running")
+    return web.json_response({"token": token, "to": body.to, "expires": credentials.peer_expires(token)})
+
+
+class TokenCreate(Msg):
+    name: NameStr
+    viewer: bool = False
+
+
+@allow(Scope.OPERATOR)
+async def list_tokens(request: web.Request) -> web.Response:
+    return web.json_response({"tokens": _d(request).access.listing()})
+
+
+@allow(Scope.OPERATOR)
+async def create_token(request: web.Request) -> web.Response:
+    """`tron token create NAME [--viewer]`: the token is shown once; the daemon keeps its hash."""
+    d = _d(request)
+    body = await parse(request, TokenCreate)
+    try:
+        token = d.access.create(body.name, viewer=body.viewer)
+    except ValueError as err:
+        return error(422, str(err))
+    except KeyError as err:
+        return error(409, err.args[0])
+    role = "viewer" if body.viewer else "operator"
+    await d.audit.record(_actor(request), "token_create", body.name, "", role, "created", "")
+    return web.json_response({"name": body.name, "role": role, "token": token}, status=201)
+
+
+@allow(Scope.OPERATOR)
+async def revoke_token(request: web.Request) -> web.Response:
+    """`tron token revoke NAME`: refused from the next request on, no restart needed."""
+    d = _d(request)
+    name = request.match_info["name"]
+    await parse_empty(request)
+    try:
+        d.access.revoke(name)
+    except KeyError as err:
+        return error(404, err.args[0])
+    await d.audit.record(_actor(request), "token_revoke", name, "", "", "revoked", "")
+    return web.json_response({"name": name, "status": "revoked"})
+
+
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application(client_max_size=256 * 1024)
     app[DAEMON_KEY] = daemon
     app[TOKEN_KEY] = daemon.token
+    # require_token (the UI's login code, its pages' API): an operator, by token or session
+    app[AUTH_KEY] = lambda request: (c := daemon.access.identify(request)) is not None and c.is_operator
     r = app.router
     r.add_get("/health", health)
     r.add_get("/status", status)
@@ -798,5 +1032,9 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_post("/tasks/{task_id}/usage", task_usage)
     r.add_get("/tasks/{task_id}/checkpoints", get_checkpoints)
     r.add_post("/notify/test", notify_test)
+    r.add_post("/auth/peer", peer_token)
+    r.add_get("/tokens", list_tokens)
+    r.add_post("/tokens", create_token)
+    r.add_post("/tokens/{name}/revoke", revoke_token)
     setup_ui(app, daemon)
     return app

@@ -36,6 +36,7 @@ from common.models import Reason
 from common.states import ServiceState, TaskState
 from registry.protocol import Store
 from services.daemon import fault_injection, metrics
+from services.daemon.access import Access
 from services.daemon.alerts import AlertRouter
 from services.daemon.carrier import Carrier
 from services.daemon.ledger import Ledger
@@ -89,6 +90,17 @@ class Daemon:
         self.brought_up = asyncio.Event()  # the first bring-up is over (a reload waits for it)
         self._reloader = None  # services/daemon/reload.py, made at the first reload
         self.replicas = Replicas(self)
+        self.access = Access(config, home.run, current=self._current_incarnation)
+        # The daemon calls our services with a peer token made for each (access.py); the
+        # operator's token never leaves the daemon.
+        self.client.token_for = self._peer_token_for
+
+    def _current_incarnation(self, name: str) -> str | None:
+        svc = self.sup.services.get(name) if self.sup is not None else None
+        return svc.incarnation if svc is not None else None
+
+    async def _peer_token_for(self, url: str, fresh: bool = False) -> str | None:
+        return self.access.peer_for_url(url)
 
     def policy(self) -> Policy:
         return self._policy
@@ -165,7 +177,8 @@ class Daemon:
     def _assemble(self, spawner: Spawner) -> None:
         kw = dict(clock=self.clock, policy=self.policy, background=self.background)
         self.sup = Supervisor(self.config, self.home, store=self.store, spawner=spawner, monitor=self.monitor,
-                              metrics=self.metrics, client=self.client, config_path=self.config_path, **kw)
+                              metrics=self.metrics, client=self.client, config_path=self.config_path,
+                              access=self.access, **kw)
         self.ledger = Ledger(self.config, self.sup, self.store, self.client, **kw)
         self.spend = Spend(self.config, self.store, clock=self.clock, metrics=self.metrics)
         self.carrier = Carrier(self.config, self.sup, self.store, self.ledger, metrics=self.metrics, spend=self.spend,
@@ -193,7 +206,7 @@ class Daemon:
             from services.daemon.ray_spawner import RaySpawner
 
             return RaySpawner(lambda child: self.sup.on_exit(child), config=self.config, home_root=self.home.root,
-                              config_path=self.config_path, token=self.token, marks=self._fork_server_env())
+                              config_path=self.config_path, marks=self._fork_server_env())
         return self._local_spawner()
 
     def _fork_server_env(self) -> dict[str, str]:
@@ -222,7 +235,7 @@ class Daemon:
             self.token = ensure_token(self.home.token_file)  # before anything is opened
         except UnsafeTokenFile as err:
             raise StartError(str(err)) from None
-        self.client.token = self.token
+        self.access.load(self.token)
         for entry in self.config.notify:  # fail closed: a receiver that cannot be signed for is no receiver
             if (why := entry.missing_secret()) is not None:
                 raise StartError(why)
@@ -263,6 +276,7 @@ class Daemon:
         service that cannot start does not hold the others back: it is a failure like any
         other, and the ladder has it."""
         await self.sup.adopt_or_close()
+        self.access.readopt()  # the credentials of the incarnations re-adopted; the others' files go
         if isinstance(self.sup.spawner, LocalSpawner):
             await self.sup.sweep_ghosts({os.getpid(), *self.sup.spawner.helper_pids()})
         fs = getattr(self.sup.spawner, "forkserver", None)
@@ -414,6 +428,15 @@ class Daemon:
         from common.monitor import Verdict
 
         now = self.clock.now()
+        svc = self.sup.services.get(beat.service)
+        if beat.task_id and svc is not None and (beat.task_id != svc.task_id or beat.progress != svc.progress):
+            # The task named must be this service's (read only when the task or its progress
+            # changes, which is when the registry is written); its lease then moves to this
+            # incarnation, the current one (the monitor refuses any other).
+            task = await self.store.task(beat.task_id)
+            if task is not None and task["agent"] != beat.service:
+                self.metrics.beats_rejected.labels(verdict=str(Verdict.FOREIGN_TASK)).inc()
+                return Verdict.FOREIGN_TASK
         if beat.task_id and self.ledger.just_finished(beat.task_id):
             # Sent before its task ended and read after: the agent is idle, whatever it says.
             beat = beat.model_copy(update={"task_id": None, "progress": None, "waiting": False})
@@ -480,6 +503,19 @@ class Daemon:
             "spawning": "paused" if self.sup.spawning_paused else "running",
             **self.providers.summary(),
         }
+
+    def public_status(self) -> dict:
+        """GET /status without a credential: what a load balancer needs (up, each service's
+        state, counts). No pid, incarnation, task, prompt or provider chain."""
+        states = [(svc.name, str(svc.state)) for svc in self.sup.services.values()]
+        counts: dict[str, int] = {}
+        for _, state in states:
+            counts[state] = counts.get(state, 0) + 1
+        return {"daemon": {"up": True, "uptime": round(self.clock.now() - self.started_at, 1)},
+                "services": [{"name": n, "state": s} for n, s in states], "counts": counts,
+                "crash_looping": sum(1 for s in self.sup.services.values() if s.crash_looping),
+                "registry": {k: v for k, v in self.registry_health().items() if k in ("state", "pending")},
+                "detail": "send a token for the rest"}
 
     async def backup(self) -> dict:
         """A consistent copy of the registry now (SQLite's backup API, in a thread)."""

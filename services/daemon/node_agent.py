@@ -43,9 +43,9 @@ class NodeAgent:
 
     # -- set-up ----------------------------------------------------------------------------
 
-    async def setup(self, home: str, token: str, config_text: str, env: dict[str, str], fork_server: bool) -> dict:
-        """Make the node's home, its token file and config copy; start the spawner."""
-        from common.paths import Home, write_token
+    async def setup(self, home: str, config_text: str, env: dict[str, str], fork_server: bool) -> dict:
+        """Make the node's home and config copy; start the spawner."""
+        from common.paths import Home
         from services.daemon.spawner import ForkServerClient, LocalSpawner
 
         if self.spawner is not None:
@@ -54,10 +54,9 @@ class NodeAgent:
         h = Home(self.home)
         for d in (h.root, h.logs, h.run):
             d.mkdir(parents=True, exist_ok=True)
-        write_token(h.token_file, token)
         config = h.run / "mesh.toml"
         config.write_text(config_text)
-        self.paths = {"TRON_HOME": str(h.root), "TRON_TOKEN_FILE": str(h.token_file), "TRON_CONFIG": str(config)}
+        self.paths = {"TRON_HOME": str(h.root), "TRON_CONFIG": str(config)}
         self.logs = h.logs
         forkserver = None
         if fork_server:
@@ -95,6 +94,13 @@ class NodeAgent:
         from services.daemon.spawner import SpawnError, SpawnSpec
 
         env = {**spec["env"], **self.paths, "TRON_NODE_PID": str(os.getpid())}
+        if spec.get("credential"):  # the incarnation's own, in a 0600 file of this node's home
+            from common.paths import write_token
+
+            cred = self.home / "run" / "creds" / f"{spec['name']}~{spec['incarnation']}"
+            write_token(cred, spec["credential"])
+            os.chmod(cred.parent, 0o700)
+            env["TRON_TOKEN_FILE"] = str(cred)
         log_path = Path(spec["log"])  # the daemon's log file when this node shares its disk
         if not log_path.parent.is_dir():
             log_path = self.logs / log_path.name
@@ -128,6 +134,8 @@ class NodeAgent:
                 await asyncio.sleep(0.05)
 
     def _exited(self, child) -> None:
+        if self.home is not None:  # its credential dies with it
+            (self.home / "run" / "creds" / f"{child.name}~{child.incarnation}").unlink(missing_ok=True)
         fut = self._exits.get(child.pid)
         if fut is not None and not fut.done():
             fut.set_result({"exit_code": child.exit_code, "exit_signal": child.exit_signal})

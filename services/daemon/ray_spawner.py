@@ -77,17 +77,26 @@ class RemoteListener:
         self.spawner.close_listener(self.port)
 
 
+def _credential(env: dict[str, str]) -> str | None:
+    """The incarnation's own credential (the daemon's file), for the node to write into its
+    home: the node never holds the operator's token."""
+    path = env.get("TRON_TOKEN_FILE")
+    try:
+        return Path(path).read_text().strip() if path else None
+    except OSError:
+        return None
+
+
 class RaySpawner:
     engine = "ray"
 
     def __init__(self, on_exit: ExitCallback | None, *, config: MeshConfig, home_root: Path, config_path: Path | None,
-                 token: str, marks: dict[str, str]) -> None:
+                 marks: dict[str, str]) -> None:
         self.on_exit = on_exit
         self.config = config
         self.cluster = config.cluster
         self.home_root = home_root
         self.config_path = config_path
-        self.token = token
         self.marks = marks
         self.nodes: dict[str, Node] = {}
         self.placed: dict[str, str] = {}  # service -> the node it runs on (or ran on last)
@@ -166,7 +175,7 @@ class RaySpawner:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
             home = self.cluster.node_home.format(home=self.home_root) + f"/{node.short}"
             node.info = await asyncio.wait_for(handle.setup.remote(
-                home, self.token, self._config_text(), self.marks, self.config.mesh.fork_server), 90)
+                home, self._config_text(), self.marks, self.config.mesh.fork_server), 90)
             rows = await asyncio.wait_for(handle.inventory.remote(), CALL_TIMEOUT)
         except Exception as err:
             log.error("no Tron node agent on ray node %s: %s", node.short, err)
@@ -226,7 +235,8 @@ class RaySpawner:
                 self._spawn_task(_quietly(other.agent.close_listener.remote(svc.port)))
             self.listening[svc.port] = node.node_id
         wire = {"name": spec.name, "incarnation": spec.incarnation, "argv": spec.argv, "env": spec.env,
-                "cwd": str(spec.cwd), "log": str(spec.log), "module": spec.module, "user": spec.user}
+                "cwd": str(spec.cwd), "log": str(spec.log), "module": spec.module, "user": spec.user,
+                "credential": _credential(spec.env)}
         node.starting += 1
         try:
             answer = await asyncio.wait_for(node.agent.spawn.remote(wire, listen), CALL_TIMEOUT)

@@ -34,6 +34,7 @@ from common.paths import Home
 from common.states import SERVICE, ServiceState
 from registry.protocol import Store
 from services.daemon.listeners import ListenerError, listen_env
+from services.daemon.access import Access
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.sockdiag import listening_inodes
 from common.processes import describe, home_processes
@@ -126,8 +127,9 @@ Hook = Callable[..., Awaitable[None]]
 class Supervisor:
     def __init__(self, config: MeshConfig, home: Home, *, store: Store, spawner: Spawner, monitor: Monitor, clock: Clock,
                  metrics: DaemonMetrics, policy: Callable[[], Policy], client: MeshClient, background,
-                 config_path: Path | None) -> None:
+                 config_path: Path | None, access: Access) -> None:
         self.config = config
+        self.access = access  # mints each incarnation's own credential
         self.home = home
         self.store = store
         self.spawner = spawner
@@ -204,7 +206,8 @@ class Supervisor:
             "PYTHONUNBUFFERED": "1",
         })
         if svc.spec.beats:  # ours, or declared to speak the agent contract
-            env["TRON_TOKEN_FILE"] = str(self.home.token_file)  # never handed to a program that is not ours
+            # Its own credential, which dies with it; the operator's token is never handed out.
+            env["TRON_TOKEN_FILE"] = str(self.access.mint_agent(svc.name, incarnation))
             env["TRON_RESUME"] = json.dumps(await self._resume(svc))
         else:
             env.pop("TRON_TOKEN_FILE", None)
@@ -436,6 +439,7 @@ class Supervisor:
             await self._best_effort(self.transition(svc, S.STOPPING, reason), f"record stopping {svc.name}")
             svc.state = S.STOPPING
             self.monitor.unwatch(svc.name)
+            self.access.revoke_agent(svc.name)  # a stopped service speaks for nobody
             child = svc.child
             if child is not None:
                 grace = svc.spec.stop_grace if svc.spec.stop_grace is not None else self.policy().stop_grace

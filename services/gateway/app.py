@@ -5,7 +5,7 @@ task is recorded before it is handed to the root, and the result (or the root's 
 notice) finishes the run. A restarted gateway loses nothing.
 
     POST /runs {prompt}           -> 202 {run_id}          (token)
-    GET  /runs/{id}               -> the run as recorded
+    GET  /runs/{id}               -> the run as recorded (token)
     POST /notify_run_failed       <- the root, on permanent failure (token)
     POST /notify_run_parked       <- the daemon: a task of the run waits for its budget or an operator (token)
     POST /task_result             <- the root's result for a run, from the daemon (token)
@@ -77,6 +77,7 @@ class Gateway(Agent):
             log.warning("root unreachable for %s (%s): the daemon re-dispatches when it is back", run_id, err)
         return web.json_response({"run_id": run_id, "task_id": task_id}, status=202)
 
+    @require_token  # a run holds its prompt and result: not for anyone on loopback
     async def h_get(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
         if len(run_id) > 128 or not RUN_ID.match(run_id):  # never a path into the daemon's own resources

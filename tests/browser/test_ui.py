@@ -419,7 +419,7 @@ def test_a_lane_paused_through_the_api_shows_its_reason_and_its_resume_button_op
     expect(lane.locator('[data-field="state"]')).to_have_text("open")
 
     def programmer_lane() -> dict:
-        return next(x for x in mesh.http("GET", base + "/lanes", token=False)[1] if x["lane"] == "programmer")
+        return next(x for x in mesh.http("GET", base + "/lanes")[1] if x["lane"] == "programmer")
 
     try:
         code, body = mesh.http("POST", base + "/lanes/programmer/pause", {"reason": "keys revoked", "actor": "ops"})
@@ -468,7 +468,7 @@ def test_a_drained_provider_shows_open_in_red_and_its_restore_button_closes_it(u
         code, body = mesh.http("POST", base + "/providers/ollama/drain", {"reason": "vendor incident", "actor": "ops"})
         assert code == 200 and body["status"] == "drained", body
         expect(row.locator('[data-field="state"]')).to_have_text("open")  # live: no reload
-        expect(row.locator('[data-field="reason"]')).to_contain_text("drained by ops: vendor incident")
+        expect(row.locator('[data-field="reason"]')).to_contain_text("drained by token:operator: vendor incident")
         colour = row.locator('[data-field="state"] .state').evaluate("e => getComputedStyle(e).color")
         assert colour == "rgb(201, 42, 42)", colour  # --bad: an open provider is red
         ui.screenshot(path=artifacts / "mesh-provider-drained.png", full_page=True)
@@ -508,17 +508,17 @@ def test_cancel_a_live_task_a_refused_resume_changes_nothing_and_retry_completes
         mesh.http("DELETE", sim + "/sim/faults")
     try:
         # resume from a step the task does not have: the API's refusal beside the control, nothing changed
-        task_before = mesh.http("GET", base + f"/tasks/{task_id}", token=False)[1]
-        marks_before = mesh.http("GET", base + f"/tasks/{task_id}/checkpoints", token=False)[1]
+        task_before = mesh.http("GET", base + f"/tasks/{task_id}")[1]
+        marks_before = mesh.http("GET", base + f"/tasks/{task_id}/checkpoints")[1]
         control = page.locator('[data-control="resume"]')
         control.locator('input[name="from_step"]').fill("99")
         control.locator('[data-action="resume"]').click()
         assert page.confirmations[-1].startswith(f"Resume task {task_id} (root) from step 99?")
         expect(control.locator("[data-result]")).to_contain_text("refused (422): from_step must be between 1 and")
         page.screenshot(path=artifacts / "task-refused.png", full_page=True)
-        assert mesh.http("GET", base + f"/tasks/{task_id}", token=False)[1] == task_before
-        assert mesh.http("GET", base + f"/tasks/{task_id}/checkpoints", token=False)[1] == marks_before
-        assert mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "cancelled"
+        assert mesh.http("GET", base + f"/tasks/{task_id}")[1] == task_before
+        assert mesh.http("GET", base + f"/tasks/{task_id}/checkpoints")[1] == marks_before
+        assert mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "cancelled"
         # retry: the run opens again and completes, watched on the page
         page.locator('[data-control="retry"] [data-action="retry"]').click()
         assert page.confirmations[-1].startswith(f"Retry task {task_id} (root)?")
@@ -565,7 +565,7 @@ def test_hard_reset_from_the_task_page_replays_step_one_and_the_run_completes(ui
         page.close()
     trail = [(a["what"], a["outcome"], a["who"].endswith("@ui")) for a in audits(mesh, task_id)]
     assert trail == [("task_hard_reset", "retrying", True)], trail
-    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 30, "the run")
+    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "done", 30, "the run")
 
 
 # -- settings --------------------------------------------------------------------------------------------------
@@ -657,7 +657,7 @@ def test_a_run_page_shows_what_it_cost_per_task_and_a_task_page_lists_its_calls(
                                                                    "budget_usd": 5.0})
     assert code == 202, body
     run_id = body["run_id"]
-    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 60, "the run")
+    wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "done", 60, "the run")
     [total] = mesh.rows("SELECT SUM(cost_usd) AS usd, COUNT(*) AS calls FROM llm_usage WHERE run_id = ?", (run_id,))
     assert total["usd"] > 0, total
     page = ui.context.new_page()
@@ -744,7 +744,7 @@ def test_a_run_parked_at_its_budget_goes_on_when_the_run_page_raises_it(ui, mesh
         # has drawn the spend section again meanwhile, as it did on a loaded machine)
         expect(page.get_by_role("status").filter(has_text="budget_set").first).to_be_visible()
         expect(spend.locator('[data-budget="usd"]')).to_contain_text(f"of {usd(5.0)}")  # drawn again at once
-        wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}", token=False)[1]["status"] == "done", 60,
+        wait_for(lambda: mesh.http("GET", base + f"/runs/{run_id}")[1]["status"] == "done", 60,
                  "the run to go on and finish")
         page.reload()
         expect(page.get_by_test_id("run-spend").get_by_test_id("run-at-budget")).to_have_count(0)

@@ -81,7 +81,7 @@ def test_a_full_disk_degrades_the_registry_but_never_the_recovery(mesh_factory, 
     assert "tron_registry_degraded 1.0" in mesh.http("GET", mesh.url("daemon") + "/metrics", token=False)[1]
     mesh.http("DELETE", sim + "/sim/faults")
     # the run goes on through the restarts with nothing written: it ends, and says so
-    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}", token=False)[1])
+    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}")[1])
                    and r["status"] != "running" and r, 60, "the run in flight to end")
     assert run["status"] == "done", run
     (tmpfs_home / "filler").unlink()  # space comes back

@@ -27,7 +27,9 @@ def test_whole_mesh_comes_up_healthy(mesh):
         assert s["state"] == "running", s
         h = mesh.health(s["name"])
         assert h["pid"] == s["pid"] and h["incarnation"] == s["incarnation"]
-        assert {"status", "role", "pid", "incarnation", "uptime", "task", "provider"} <= set(h)
+        assert {"status", "role", "pid", "incarnation", "uptime"} <= set(h) and "task" not in h  # public
+        full = mesh.http("GET", mesh.url(s["name"]) + "/health")[1]  # with a peer token
+        assert {"status", "role", "pid", "incarnation", "uptime", "task", "provider"} <= set(full)
     sessions = mesh.rows("SELECT agent, status FROM sessions")
     assert sorted(r["agent"] for r in sessions) == sorted(AGENTS)
     assert {r["status"] for r in sessions} == {"running"}
@@ -125,7 +127,7 @@ def test_operator_stop_holds_across_failures_and_a_daemon_restart_until_start(me
     assert [(a["what"], a["outcome"]) for a in audit] == [
         ("stop", "stopped"), ("restart", "refused: programmer-2 is stopped; `tron start programmer-2` brings it back"),
         ("start", "starting"), ("restart", "restarting")]
-    assert audit[-1]["reason"] == "config change" and audit[-1]["who"].endswith("@cli")
+    assert audit[-1]["reason"] == "config change" and audit[-1]["who"] == "token:operator"  # not the body's name
     [op] = [r for r in mesh.history("programmer-2") if r["retry_type"] == "operator_restart"]
     assert op["decided_by"] == "operator"
 
@@ -155,7 +157,7 @@ def test_a_task_in_flight_survives_the_death_of_its_programmer(mesh):
     busy = wait_for(lambda: (s := mesh.service("programmer-1"))["task"] and s, 30, "programmer-1 to take its task")
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults/anthropic")
     mesh.kill("programmer-1")
-    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1])
+    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1])
                    and r["status"] != "running" and r, 60, "the run to finish")
     assert run["status"] == "done", run
     [task] = mesh.rows("SELECT * FROM tasks WHERE task_id = ?", (busy["task"],))

@@ -24,7 +24,7 @@ def submit(mesh, prompt="build it") -> tuple[int, dict]:
 
 
 def ended(mesh, run_id, timeout=120) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}", token=False)[1])
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}")[1])
                     and r["status"] != "running" and r, timeout, f"run {run_id} to end")
 
 
@@ -38,7 +38,7 @@ def test_the_same_failure_three_times_pauses_the_lane_and_the_next_run_fails_fas
         assert code == 202
         run = ended(mesh, body["run_id"])
         assert run["status"] == "failed" and run["failure"]["reason"] == "max_provider_switches_exceeded", run
-    lanes = {lane["lane"]: lane for lane in mesh.http("GET", mesh.url("daemon") + "/lanes", token=False)[1]}
+    lanes = {lane["lane"]: lane for lane in mesh.http("GET", mesh.url("daemon") + "/lanes")[1]}
     assert lanes["architect"]["state"] == "paused", lanes
     assert "3 tasks failed for good the same way" in lanes["architect"]["reason"]
     assert "architect" in mesh.tron("lane", "list").stdout and "paused" in mesh.tron("lane", "list").stdout

@@ -54,7 +54,7 @@ def run_task(mesh, agent: str, prompt: str) -> tuple[str, str]:
 
 
 def ended(mesh, run_id: str, timeout: float = 60) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}", token=False)[1])
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("daemon") + f"/runs/{run_id}")[1])
                     and r["status"] != "running" and r, timeout, f"run {run_id} to end")
 
 

@@ -37,7 +37,7 @@ def submit(mesh, prompt: str = "build it", **extra) -> str:
 
 
 def finished(mesh, run_id: str, timeout: float = 60) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1])
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1])
                     and r["status"] != "running" and r, timeout, f"run {run_id} to finish")
 
 
@@ -83,7 +83,7 @@ def test_all_providers_down_fails_fast_restarts_nobody_and_pauses_the_lane(mesh_
     assert pids(mesh) == before
     assert mesh.rows("SELECT COUNT(*) AS n FROM retry_history WHERE retry_type = 'child_restart'") == [{"n": 0}]
     # three identical outages (the chain, not the last provider) paused the lane: the fourth is refused at once
-    lanes = {lane["lane"]: lane for lane in mesh.http("GET", mesh.url("daemon") + "/lanes", token=False)[1]}
+    lanes = {lane["lane"]: lane for lane in mesh.http("GET", mesh.url("daemon") + "/lanes")[1]}
     assert lanes["architect"]["state"] == "paused", lanes
     assert "anthropic+ollama" in lanes["architect"]["reason"], lanes["architect"]
     fourth = finished(mesh, submit(mesh, "run 3"), timeout=30)
@@ -106,7 +106,7 @@ def test_a_parked_run_resumes_from_its_checkpoint_once_a_provider_closes(mesh_fa
     task_id = parked[0]["task_id"]
     shown = mesh.tron("task", "show", task_id)
     assert shown.returncode == 0 and "parked" in shown.stdout, shown.stdout
-    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1]["status"] == "running"
+    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1]["status"] == "running"
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
     run = finished(mesh, run_id, timeout=30)
     assert run["status"] == "done", run

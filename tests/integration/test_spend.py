@@ -76,7 +76,7 @@ def test_a_run_over_its_budget_parks_with_its_agents_up_and_resumes_when_raised(
     before = pids(mesh)
     run_id = submit(mesh, budget_tokens=500)  # a run here takes about 1,100 tokens
     task = parked(mesh, run_id, "budget_exceeded")
-    run = mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1]
+    run = mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1]
     assert run["status"] == "running" and run["budget_tokens"] == 500, run
     assert {p["kind"] for p in run["parked"]} == {"budget_exceeded"}
     assert run["spend"]["tokens"] >= 500
@@ -128,7 +128,7 @@ def human_rung(mesh, receiver) -> None:
     [note] = wait_for(lambda: receiver.of("awaiting_operator"), 15, "the awaiting_operator notification")
     assert note["signed"] and note["body"]["task_id"] == task["task_id"], note
     assert note["body"]["payload"]["approve"].startswith(f"tron task approve {task['task_id']}")
-    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1]["status"] == "running"
+    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1]["status"] == "running"
     # a task that is not awaiting an operator cannot be approved; a bad provider is refused
     refused = mesh.tron("task", "approve", f"{run_id}.0")
     assert refused.returncode != 0 and "only a task parked awaiting_operator" in refused.stderr, refused.stderr

@@ -37,6 +37,7 @@ def setup_ui(app: web.Application, daemon) -> None:
             hub=hub, feed=feed, live=Live(daemon, hub, feed, templates), templates=templates)
     app[UI_KEY] = ui
     app[ALT_AUTH_KEY] = ui.sessions.authorize
+    daemon.access.session_of = ui.sessions.authorized  # a session is audited as its own login
     add_routes(app)
 
     async def start(_: web.Application) -> None:

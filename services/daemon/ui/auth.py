@@ -40,6 +40,7 @@ class Session:
     csrf: str
     actor: str
     expires: float
+    viewer: bool = False  # read-only: minted with a viewer's token (or asked for); changes nothing
 
 
 def local_problem(request: web.Request) -> str | None:
@@ -64,7 +65,7 @@ class Sessions:
         self.cookie = cookie
         self.code_ttl = code_ttl
         self.session_ttl = session_ttl
-        self._codes: dict[str, tuple[str, float]] = {}  # code -> (actor, expires)
+        self._codes: dict[str, tuple[str, float, bool]] = {}  # code -> (actor, expires, viewer)
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -76,12 +77,12 @@ class Sessions:
         self._codes = {c: v for c, v in self._codes.items() if v[1] > now}
         self._sessions = {s: v for s, v in self._sessions.items() if v.expires > now}
 
-    def mint_code(self, actor: str) -> str:
+    def mint_code(self, actor: str, *, viewer: bool = False) -> str:
         self._prune()
         while len(self._codes) >= MAX_CODES:
             del self._codes[next(iter(self._codes))]
         code = secrets.token_urlsafe(24)
-        self._codes[code] = (actor, self.clock.now() + self.code_ttl)
+        self._codes[code] = (actor, self.clock.now() + self.code_ttl, viewer)
         return code
 
     def redeem(self, code: str) -> Session | None:
@@ -93,7 +94,7 @@ class Sessions:
         while len(self._sessions) >= MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), entry[0],
-                          self.clock.now() + self.session_ttl)
+                          self.clock.now() + self.session_ttl, viewer=entry[2])
         self._sessions[session.sid] = session
         return session
 
@@ -118,7 +119,16 @@ class Sessions:
     def authorize(self, request: web.Request) -> bool:
         """The daemon API's ALT_AUTH hook: loopback, a live session, and its CSRF header."""
         session = self.of(request)
-        return session is not None and local_problem(request) is None and self.csrf_ok(request, session)
+        return session is not None and not session.viewer and local_problem(request) is None and \
+            self.csrf_ok(request, session)
+
+    def authorized(self, request: web.Request) -> Session | None:
+        """An API request's live session (loopback, cookie and CSRF header): its login is
+        what its actions are audited as; a viewer's session only reads."""
+        session = self.of(request)
+        if session is None or local_problem(request) is not None or not self.csrf_ok(request, session):
+            return None
+        return session
 
     def set_cookie(self, response: web.StreamResponse, session: Session) -> None:
         response.set_cookie(self.cookie, session.sid, httponly=True, samesite="Strict", path="/",

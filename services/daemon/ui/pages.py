@@ -37,7 +37,7 @@ from pydantic import Field
 
 from common.config import ConfigError
 from common.telemetry import trace_link
-from common.http import TOKEN_KEY, error, parse, require_token, token_matches
+from common.http import TOKEN_KEY, error, parse, token_matches
 from common.models import TOKEN_HEADER, Msg
 from common.states import RunState, TaskState
 from common.settings import read_overlay
@@ -71,17 +71,25 @@ DAY = 86400.0
 
 class LoginCodeRequest(Msg):
     actor: str | None = Field(None, max_length=64)
+    viewer: bool = False  # a read-only session, even for the operator
 
 
-@require_token
 async def login_code(request: web.Request) -> web.Response:
-    """A one-time login code for `tron ui`; the URL it prints carries it."""
+    """A one-time login code for `tron ui`; the URL it prints carries it. With the operator's
+    token a session that may act; with a viewer's (or ``viewer``) one that only reads."""
     ui = request.app[UI_KEY]
+    caller = ui.daemon.access.identify(request)
+    if caller is None or caller.session:
+        return error(401, f"missing or wrong {TOKEN_HEADER} header: a login code needs the operator's or a "
+                          "viewer's token")
+    if not caller.can_read:
+        return error(403, f"{caller.actor} may not open web UI sessions: it needs the read scope", scope="read")
     problem = local_problem(request)
     if problem:
         return error(403, problem)
     body = await parse(request, LoginCodeRequest) if request.can_read_body else LoginCodeRequest()
-    code = ui.sessions.mint_code(body.actor or f"{getpass.getuser()}@ui")
+    viewer = body.viewer or not caller.is_operator
+    code = ui.sessions.mint_code(body.actor or f"{getpass.getuser()}@ui", viewer=viewer)
     port = ui.daemon.config.mesh.daemon_port
     return web.json_response({"code": code, "url": f"http://127.0.0.1:{port}/ui/login?code={code}",
                               "expires_in": ui.sessions.code_ttl}, status=201)

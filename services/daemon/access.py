@@ -1,0 +1,265 @@
+"""Who is calling the daemon, and what they may do: least privilege for agents.
+
+Callers (``Caller.kind``):
+    operator   the home's token (``run/token``, named ``operator``) or a named token
+               (``tron token create NAME``): every endpoint
+    viewer     a named read-only token (``tron token create NAME --viewer``): what is shown
+    session    a web UI session (cookie + CSRF header, from loopback): as the operator
+    agent      one incarnation's credential (``TRON_TOKEN_FILE``): only its own calls
+
+Scopes (what a 403 names; ``tron_requests_refused_total{scope}`` counts refusals):
+    operator   service verbs, settings, lanes, spawning, task actions, drills, nodes, backups,
+               tokens, shutdown, notify tests, reading the audit/event log
+    read       status details, runs, tasks, providers (operator, viewer, session)
+    self       an agent's calls for its own service and incarnation (beat, report, claim,
+               checkpoint, finish, usage, the provider desk)
+    children   the ladder steps a parent takes for its own descendants, sub-tasks for its own
+               children and reading the results of tasks it created
+    runs       the gateway role's entry point: creating and finishing runs, handing a run's
+               first task to a top-level service
+
+Agent credentials live in the daemon's memory (their SHA-256) and in one 0600 file each under
+``<home>/run/creds``; a credential is good only while its incarnation is its service's
+current one, and its file is removed when the incarnation is replaced or stopped. A daemon
+started again on the same home reads the files back (the re-adopted incarnations keep theirs).
+Named tokens are kept (as SHA-256) in ``<home>/run/tokens.json`` (0600); a revoked one is
+refused from the next request on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Callable
+
+from aiohttp import web
+
+from common import credentials
+from common.config import DAEMON, MeshConfig
+from common.credentials import SEP
+from common.http import token_matches
+from common.models import NAME_PATTERN, TOKEN_HEADER
+
+log = logging.getLogger("tron.daemon.access")
+
+OPERATOR = "operator"  # the name of the home's own token
+CALLER_KEY = web.RequestKey("tron_caller", object)  # where a request keeps its Caller once known
+
+
+class Kind(StrEnum):
+    OPERATOR = "operator"
+    VIEWER = "viewer"
+    SESSION = "session"
+    AGENT = "agent"
+
+
+class Scope(StrEnum):
+    OPERATOR = "operator"
+    READ = "read"
+    SELF = "self"
+    CHILDREN = "children"
+    RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class Caller:
+    kind: Kind
+    name: str  # the token's name, the session's login, or the agent's service
+    incarnation: str | None = None
+    session: bool = False  # a web UI session's (a viewer's is read-only)
+
+    @property
+    def actor(self) -> str:
+        """Who an audited action is recorded as: never a name taken from a request body."""
+        if self.kind is Kind.AGENT:
+            return f"{self.name}/{self.incarnation}"
+        if self.session:
+            return self.name
+        return f"token:{self.name}"
+
+    @property
+    def is_operator(self) -> bool:
+        return self.kind in (Kind.OPERATOR, Kind.SESSION)
+
+    @property
+    def can_read(self) -> bool:
+        return self.kind is not Kind.AGENT
+
+
+class Refusal(web.HTTPForbidden):
+    """A 403 that names the missing scope (raised from a handler's own checks)."""
+
+    def __init__(self, scope: Scope, why: str) -> None:
+        super().__init__(text=json.dumps({"error": why, "scope": str(scope), "verdict": "forbidden"}),
+                         content_type="application/json")
+        self.scope = scope
+        self.why = why
+
+
+class Access:
+    def __init__(self, config: MeshConfig, run_dir: Path, *, current: Callable[[str], str | None]) -> None:
+        """``current(service)``: the service's current incarnation (None for no such service)."""
+        self.config = config
+        self.run_dir = run_dir
+        self.current = current
+        self.operator_token = ""
+        self.named: dict[str, dict] = {}  # name -> {"digest", "role", "created"}
+        self._agents: dict[str, tuple[str, str]] = {}  # digest -> (service, incarnation)
+        self._creds: dict[str, tuple[str, str]] = {}  # service -> (incarnation, credential)
+        self.session_of: Callable[[web.Request], object | None] | None = None  # the UI's hook: a Session
+
+    # -- files --------------------------------------------------------------------------------
+
+    @property
+    def creds_dir(self) -> Path:
+        return self.run_dir / "creds"
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.run_dir / "tokens.json"
+
+    def load(self, operator_token: str) -> None:
+        """The home's token, the named tokens, and the credentials of incarnations that may
+        still run (a daemon started again re-adopts them)."""
+        self.operator_token = operator_token
+        try:
+            self.named = json.loads(self.tokens_file.read_text())
+        except FileNotFoundError:
+            self.named = {}
+        self.creds_dir.mkdir(mode=0o700, exist_ok=True)
+
+    def readopt(self) -> None:
+        """After adoption: the credentials of the incarnations still current are good again;
+        every other file is removed."""
+        for path in self.creds_dir.iterdir():
+            service, _, incarnation = path.name.partition(SEP)
+            cred = path.read_text().strip()
+            if cred and incarnation and self.current(service) == incarnation:
+                self._remember(service, incarnation, cred)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _remember(self, service: str, incarnation: str, cred: str) -> None:
+        self._agents[credentials.digest(cred)] = (service, incarnation)
+        self._creds[service] = (incarnation, cred)
+
+    def _save_named(self) -> None:
+        tmp = self.tokens_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.named, f, indent=1)
+        os.replace(tmp, self.tokens_file)
+
+    # -- agent credentials ----------------------------------------------------------------------
+
+    def mint_agent(self, service: str, incarnation: str) -> Path:
+        """A new incarnation's credential, in a 0600 file of its own; the service's earlier
+        credential dies here (the incarnation it spoke for is being replaced)."""
+        self.revoke_agent(service)
+        cred = credentials.mint()
+        path = self.creds_dir / f"{service}{SEP}{incarnation}"
+        self.creds_dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(cred)
+        self._remember(service, incarnation, cred)
+        return path
+
+    def credential(self, service: str, incarnation: str) -> str | None:
+        held = self._creds.get(service)
+        return held[1] if held is not None and held[0] == incarnation else None
+
+    def revoke_agent(self, service: str) -> None:
+        """The service's credential stops working now and its file is removed."""
+        held = self._creds.pop(service, None)
+        if held is None:
+            return
+        incarnation, cred = held
+        self._agents.pop(credentials.digest(cred), None)
+        (self.creds_dir / f"{service}{SEP}{incarnation}").unlink(missing_ok=True)
+
+    # -- peer tokens ----------------------------------------------------------------------------
+
+    def may_call(self, caller: str, target: str) -> bool:
+        """Which service may call which one's endpoints: a parent its children (tasks), a
+        child its parent (escalations), the gateway the top-level services (a run's entry)."""
+        services = self.config.services
+        if target not in services or caller not in services:
+            return False
+        if services[target].parent == caller or services[caller].parent == target:
+            return True
+        return services[caller].role == "gateway" and services[target].parent == DAEMON
+
+    def peer_token(self, caller: str, target: str) -> str | None:
+        """A token ``caller`` may call ``target`` with (None when the target has no live credential)."""
+        held = self._creds.get(target)
+        if held is None:
+            return None
+        return credentials.peer_token(credentials.inbound_key(held[1]), caller, target)
+
+    def peer_for_url(self, url: str) -> str | None:
+        """The daemon's own token for a request to one of our services (by its address)."""
+        for name in self.config.services:
+            if url.startswith(self.config.url(name) + "/"):
+                return self.peer_token(DAEMON, name)
+        return None
+
+    # -- named tokens ---------------------------------------------------------------------------
+
+    def create(self, name: str, *, viewer: bool) -> str:
+        if name == OPERATOR or not re.match(NAME_PATTERN, name) or len(name) > 64:
+            raise ValueError(f"name: {name!r} is not a token name (letters, digits, '_', '.', '-'; "
+                             f"not {OPERATOR!r}, the home's own)")
+        if name in self.named:
+            raise KeyError(f"a token named {name!r} exists: revoke it first")
+        token = credentials.mint()
+        self.named[name] = {"digest": credentials.digest(token), "role": "viewer" if viewer else "operator",
+                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self._save_named()
+        return token
+
+    def revoke(self, name: str) -> None:
+        if name not in self.named:
+            raise KeyError(f"no token named {name!r}")
+        del self.named[name]
+        self._save_named()
+
+    def listing(self) -> list[dict]:
+        rows = [{"name": OPERATOR, "role": "operator", "created": None, "home": True}]
+        return rows + [{"name": n, "role": t["role"], "created": t["created"], "home": False}
+                       for n, t in sorted(self.named.items())]
+
+    # -- identification -------------------------------------------------------------------------
+
+    def identify(self, request: web.Request) -> Caller | None:
+        """The request's caller, or None for an anonymous (or wrong) credential."""
+        if CALLER_KEY in request:
+            return request[CALLER_KEY]
+        caller = self._identify(request)
+        request[CALLER_KEY] = caller
+        return caller
+
+    def _identify(self, request: web.Request) -> Caller | None:
+        given = request.headers.get(TOKEN_HEADER)
+        if given:
+            if token_matches(given, self.operator_token):
+                return Caller(Kind.OPERATOR, OPERATOR)
+            digest = credentials.digest(given)
+            held = self._agents.get(digest)
+            if held is not None:
+                service, incarnation = held
+                return Caller(Kind.AGENT, service, incarnation) if self.current(service) == incarnation else None
+            for name, t in self.named.items():
+                if token_matches(digest, t["digest"]):
+                    return Caller(Kind.VIEWER if t["role"] == "viewer" else Kind.OPERATOR, name)
+            return None
+        session = self.session_of(request) if self.session_of is not None else None
+        if session is None:
+            return None
+        return Caller(Kind.VIEWER if session.viewer else Kind.SESSION, session.actor, session=True)

@@ -343,6 +343,7 @@ class OperatorAction(Msg):
     provider: Provider | None = None  # tron task approve ID --provider P
     usd: float | None = Field(None, ge=0, le=1_000_000)  # tron run budget RUN --usd
     tokens: int | None = Field(None, ge=0, le=10**12)  # tron run budget RUN --tokens
+    force: bool = False  # tron restart NAME --force: kill at once, no stop_signal and stop_grace
 
 
 class LadderQuery(Msg):

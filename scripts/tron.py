@@ -311,7 +311,8 @@ def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
     mesh = ctx.require_daemon()
     if args.name not in ctx.config.services:
         raise CLIError(f"no service named {args.name!r} (known: {', '.join(ctx.config.services)})")
-    answer = _action(ctx, f"/services/{name}/{args.cmd}", args)
+    answer = _action(ctx, f"/services/{name}/{args.cmd}", args,
+                     **({"force": True} if getattr(args, "force", False) else {}))
     if args.cmd in ("restart", "start") and args.wait:
         from scripts.client import wait_for
 
@@ -663,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--reason", help="recorded in the audit trail")
         if verb in ("restart", "start"):
             v.add_argument("--wait", action="store_true", help="return once it is running again")
+        if verb == "restart":
+            v.add_argument("--force", action="store_true",
+                           help="kill the old incarnation at once (default: its stop_signal, stop_grace, then kill)")
     lane = sub.add_parser("lane", help="lanes: the breaker that stops repeating failures")
     lsub = lane.add_subparsers(dest="lane_cmd", required=True)
     lsub.add_parser("list", help="every lane and its state")

@@ -293,7 +293,7 @@ def _operator(verb: str):
         body = await _operator_body(request)
         try:
             answer = await d.operators.act(verb, name, actor=_actor(body), reason=body.reason,
-                                           request_id=body.request_id)
+                                           request_id=body.request_id, force=body.force)
         except Refused as err:
             return error(err.status, str(err))
         return _answer(answer)

@@ -426,8 +426,7 @@ class Supervisor:
             self.monitor.unwatch(svc.name)
             child = svc.child
             if child is not None:
-                grace = svc.spec.stop_grace if svc.spec.stop_grace is not None else self.policy().stop_grace
-                await self.spawner.stop(child, grace, getattr(signals, svc.spec.stop_signal))
+                await self.spawner.stop(child, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
                 await self._best_effort(self.store.close_session(
                     child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
                     f"close session {child.incarnation}")
@@ -436,6 +435,9 @@ class Supervisor:
             svc.state = S.STOPPED
             svc.settled.set()
 
+    def stop_grace(self, svc: Service) -> float:
+        return svc.spec.stop_grace if svc.spec.stop_grace is not None else self.policy().stop_grace
+
     async def _best_effort(self, coro, what: str) -> None:
         try:
             await coro
@@ -443,9 +445,10 @@ class Supervisor:
             log.error("%s failed while stopping: %s", what, err)
 
     async def replace(self, svc: Service, old_incarnation: str, *, delay: float, reason: str,
-                      provider: str | None = None, requeue: bool = True) -> bool:
-        """Kill the old incarnation's tree, wait out ``delay`` (BACKOFF), then start a new
-        one (on ``provider`` if given) that inherits the open tasks when ``requeue``.
+                      provider: str | None = None, requeue: bool = True, graceful: bool = False) -> bool:
+        """Kill the old incarnation's tree (``graceful``: stop it as `tron stop` does, with
+        its stop_signal and stop_grace first), wait out ``delay`` (BACKOFF), then start a
+        new one (on ``provider`` if given) that inherits the open tasks when ``requeue``.
         A no-op (False) when the incarnation is no longer current or the service stops."""
         async with svc.lock:
             if svc.incarnation != old_incarnation or svc.state in (S.STOPPING, S.STOPPED) or svc.stopped:
@@ -454,8 +457,11 @@ class Supervisor:
             self.monitor.unwatch(svc.name)
             old = svc.child
         try:
-            if old is not None:
+            if old is not None and graceful:
+                await self.spawner.stop(old, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
+            elif old is not None:
                 await self.spawner.kill(old)
+            if old is not None:
                 await self.store.close_session(old.incarnation, reason=f"replaced:{reason}",
                                                exit_code=old.exit_code, exit_signal=old.exit_signal)
             elif old_incarnation:

@@ -48,6 +48,7 @@ from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.providers import ProviderDesk
 from services.daemon.spend import Spend
+from services.daemon.logpump import LogPumpClient, rotate_if_large
 from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, Spawner, reap_strays
 from services.daemon.supervisor import Supervisor, mesh_marks
 
@@ -81,6 +82,8 @@ class Daemon:
         self.started_at = self.clock.now()
         self.shutdown_requested = asyncio.Event()
         self.stopping = False
+        self.log_stats: dict | None = None  # the log pump's counters, read by the housekeeping
+        self.logs_disk_full = False
         self._spawner = spawner
         self._run_monitor_thread = monitor_thread  # unit tests drive monitor.tick(now) themselves
         self.sup: Supervisor | None = None
@@ -161,7 +164,11 @@ class Daemon:
             env = {**os.environ, **self._fork_server_env()}
             forkserver = ForkServerClient(self.home.run / "forkserver.sock", self.home.log_file("forkserver"),
                                           self.home.root, env)
-        spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver)
+        pump = None
+        if self.config.logs.pump:
+            pump = LogPumpClient(self.home.run / "logpump.sock", self.home.log_file("logpump"), self.home.logs,
+                                 {**os.environ, **mesh_marks(self.home)}, self.config.logs.min_free)
+        spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver, logs=pump)
         return spawner
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -348,6 +355,30 @@ class Daemon:
             interval = self.config.registry.backup_interval
             if interval and ticks % max(1, int(interval)) == 0 and not registry_url(self.config):
                 await self.backup()
+            try:
+                await self._log_tick()
+            except OSError as err:  # a log we cannot rotate must not stop the housekeeping
+                log.error("log housekeeping failed: %s", err)
+
+    async def _log_tick(self) -> None:
+        """The daemon's own log and the comms log rotate like the services' (the log pump
+        writes those); the pump's counters are read for /status, and a disk too full for
+        logs is said once, loudly, when it starts and when it ends."""
+        limits = self.config.logs
+        rotate_if_large(self.home.comms_log, limits.max_bytes, limits.backups)
+        rotate_if_large(self.home.log_file(DAEMON), limits.max_bytes, limits.backups, stdio=True)
+        stats_of = getattr(self.sup.spawner, "log_stats", None)
+        stats = await asyncio.to_thread(stats_of) if stats_of is not None else None
+        full = bool(stats and stats.get("disk_full"))
+        if full != self.logs_disk_full:
+            self.logs_disk_full = full
+            if full:
+                log.error("disk nearly full (under %d bytes free): service logs are no longer written; "
+                          "supervision goes on", limits.min_free)
+            else:
+                log.warning("room on the disk again: service logs are written again")
+            await self.store.event("logs_disk_full" if full else "logs_resumed", {"min_free": limits.min_free})
+        self.log_stats = stats
 
     # -- beats --------------------------------------------------------------------------------
 
@@ -399,6 +430,16 @@ class Daemon:
 
     # -- status -------------------------------------------------------------------------------
 
+    def _logs_summary(self) -> dict | None:
+        """As of the last housekeeping tick (no I/O on the /status path)."""
+        stats = self.log_stats
+        if stats is None:
+            return None
+        logs_ = stats.get("logs") or {}
+        return {"state": "disk_full" if stats.get("disk_full") else "ok",
+                "dropped": sum(v["dropped"] for v in logs_.values()),
+                "rotations": sum(v["rotations"] for v in logs_.values())}
+
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
         placement = self.sup.spawner.status()
@@ -417,6 +458,7 @@ class Daemon:
             "crash_looping": [s.name for s in self.sup.services.values() if s.crash_looping],
             "registry": self.registry_health(),
             "spawning": "paused" if self.sup.spawning_paused else "running",
+            "logs": self._logs_summary(),
             **self.providers.summary(),
         }
 

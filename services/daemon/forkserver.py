@@ -21,8 +21,10 @@ server. A dead server is replaced the same way.
 Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
     {"op": "spawn", "module", "env", "cwd", "log"}   -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
-A spawn may carry one descriptor (SCM_RIGHTS): the service's listening socket, which the
-child gets at fd 3 with LISTEN_PID set to its own pid (the daemon sets LISTEN_FDS).
+A spawn may carry descriptors (SCM_RIGHTS): first, with "log_pipe": true, the log pump's
+pipe (the child's stdout and stderr, instead of opening "log"); then the service's
+listening socket, which the child gets at fd 3 with LISTEN_PID set to its own pid (the
+daemon sets LISTEN_FDS).
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ def _become_service(req: dict, fds: list[int]) -> None:
         _set_title(f"{req['module']} [tron {req['env'].get('TRON_SERVICE', '?')}]")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
-        log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if req.get("log_pipe"):  # the log pump's pipe (services/daemon/logpump.py) comes first
+            log, fds = fds[0], fds[1:]
+        else:
+            log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)

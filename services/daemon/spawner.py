@@ -7,8 +7,9 @@ tests; the same contract suite (tests/unit/test_spawner_contract.py) runs on bot
 Local facts stay here: pids, process groups, the fork server, the subreaper.
 
 - Each child runs in its own session (its own process group), with stdout and stderr
-  appended to its log file (files, never pipes: a child must outlive a killed daemon
-  without blocking on a full pipe).
+  the write end of a pipe held by the log pump (logpump.py: its own process, which
+  outlives a killed daemon, writes and rotates the log); appended to its log file
+  directly when there is no pump.
 - Exits are noticed through a pidfd registered with the event loop, for our own children
   and for processes adopted from an earlier daemon alike: no thread, no polling.
 - A service owns its process **tree**: its process group, every descendant, and every
@@ -41,6 +42,7 @@ import psutil
 
 from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
 from services.daemon.listeners import open_listener, recover_listener
+from services.daemon.logpump import LogPumpClient
 from services.daemon.sockdiag import listening_inodes
 
 log = logging.getLogger("tron.spawner")
@@ -95,6 +97,7 @@ class SpawnSpec:
     user: str | None = None  # drop privileges to this user before exec
     listen_fd: int | None = None  # the held listening socket, handed over as fd 3 (systemd's convention)
     port: int | None = None  # the port it will listen on itself (none when the daemon holds it: listen_fd)
+    log_limits: dict | None = None  # max_bytes, backups, rate_limit: the log pump writes its log
 
 
 @dataclass
@@ -193,13 +196,17 @@ def _check_port_free(port: int | None) -> None:
 
 
 class LocalSpawner:
-    def __init__(self, on_exit: ExitCallback, *, forkserver: "ForkServerClient | None" = None) -> None:
+    def __init__(self, on_exit: ExitCallback, *, forkserver: "ForkServerClient | None" = None,
+                 logs: "LogPumpClient | None" = None) -> None:
         self.on_exit = on_exit
         self.forkserver = forkserver
+        self.logs = logs
         self.subreaper = False
 
     async def start(self) -> None:
         self.subreaper = become_subreaper()
+        if self.logs is not None:
+            await self.logs.start()
         if self.forkserver is not None:
             if not self.subreaper:
                 log.warning("not a child subreaper: forked agents cannot be reaped here; the fork server is off")
@@ -210,6 +217,8 @@ class LocalSpawner:
     async def close(self) -> None:
         if self.forkserver is not None:
             await self.forkserver.stop()
+        if self.logs is not None:
+            await self.logs.stop()
 
     def status(self) -> dict | None:
         fs = self.forkserver
@@ -218,15 +227,30 @@ class LocalSpawner:
         return {"pid": fs.pid, "ready": fs.ready, "generation": fs.generation, "spawned": fs.spawned}
 
     def helper_pids(self) -> set[int]:
-        return {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
+        helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
+        return helpers | ({self.logs.pid} if self.logs is not None and self.logs.pid else set())
+
+    def log_stats(self) -> dict | None:
+        """The log pump's counters (bytes, rotations, dropped lines per log; disk_full)."""
+        return self.logs.stats() if self.logs is not None else None
 
     async def spawn(self, spec: SpawnSpec) -> Child:
         """Start one incarnation: forked from the fork server when it can serve an agent
         module, else a plain spawn. Raises SpawnError when it cannot start at all."""
         if spec.listen_fd is None:
             _check_port_free(spec.port)
+        log_fd = None
+        if self.logs is not None and spec.log_limits is not None:
+            log_fd = await asyncio.to_thread(self.logs.pipe_for, spec.log, **spec.log_limits)
+        try:
+            return await self._spawn(spec, log_fd)
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)  # the child has its copy: the pump sees EOF when the last writer is gone
+
+    async def _spawn(self, spec: SpawnSpec, log_fd: int | None) -> Child:
         if spec.module and self.forkserver is not None and not spec.user:
-            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd)
+            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd, log_fd)
             if pid is not None:
                 return self._track(Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork"))
         spec.log.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +262,8 @@ class LocalSpawner:
             argv = ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"', *spec.argv]
             extra = {"close_fds": False, "preexec_fn": functools.partial(_listen_on_fd3, spec.listen_fd)}
         try:
-            with open(spec.log, "ab", buffering=0) as out:
+            with (os.fdopen(os.dup(log_fd), "wb", buffering=0) if log_fd is not None
+                  else open(spec.log, "ab", buffering=0)) as out:
                 popen = subprocess.Popen(
                     argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
                     stderr=subprocess.STDOUT, start_new_session=True, **_identity(spec.user), **extra)
@@ -485,12 +510,13 @@ class ForkServerClient:
         except (OSError, json.JSONDecodeError):
             return None
 
-    async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None) -> int | None:
+    async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None,
+                    log_fd: int | None = None) -> int | None:
         if not self.ready:
             return None
+        fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
         reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
-                                     "log": str(log_file)}, timeout=2.0,
-                                    fds=() if listen_fd is None else (listen_fd,))
+                                     "log": str(log_file), "log_pipe": log_fd is not None}, timeout=2.0, fds=fds)
         if reply and reply.get("ok"):
             self.spawned += 1
             return int(reply["pid"])

@@ -250,7 +250,7 @@ class Supervisor:
         return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(values), env=env, cwd=cwd,
                          log=self.home.log_file(svc.name), user=svc.spec.user,
                          module=svc.spec.module if svc.spec.is_agent else None,
-                         port=svc.spec.port)
+                         port=svc.spec.port, log_limits=self.config.log_limits(svc.name))
 
     def _listener(self, svc: Service) -> int | None:
         """The fd of the service's held listening socket, bound on first use. Raises

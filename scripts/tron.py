@@ -245,6 +245,10 @@ def render_status(status: dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if status.get("spawning") == "paused":
         lines.append("spawning: PAUSED (no new process starts anywhere; `tron spawning resume`)")
+    logs = status.get("logs") or {}
+    if logs.get("state") == "disk_full":
+        lines.append(f"logs: DISK NEARLY FULL: service logs are not written ({logs.get('dropped', 0)} lines dropped so "
+                     "far); supervision goes on")
     for n in (cluster or {}).get("nodes", []):
         state = "lost" if not n["alive"] else "cordoned" if n["cordoned"] else "ok" if n["agent_pid"] else "no agent"
         lines.append(f"node {n['node'][:12]} {n['ip']} {state}: {', '.join(n['services']) or 'no service'}")

@@ -19,6 +19,7 @@ Protocol: one JSON object per line on a Unix socket.
     {"op": "attach", "path", "max_bytes", "backups", "rate_limit"} + the read end (SCM_RIGHTS)
                                                           -> {"ok": true}
     {"op": "stats"}                                       -> {"ok": true, "disk_full": ..., "logs": {...}}
+    {"op": "sync", "path"}                                -> {"ok": true} once that log's pipes are drained
     {"op": "exit"}                                        -> {"ok": true}; exits once every pipe is drained
 """
 
@@ -295,10 +296,26 @@ class Pump:
                 os.close(fds[0])
                 return {"ok": False, "error": f"bad attach: {err}"}
             return {"ok": True}
+        if op == "sync":  # what every pipe of that log holds now is written before the answer
+            for pipe in [p for p in self.pipes.values() if str(p.sink.path) == str(req.get("path"))]:
+                for _ in range(64):  # at most 4 MiB: a writer that keeps writing is not waited for
+                    if pipe.fd not in self.pipes:
+                        break
+                    before = len(pipe.partial)
+                    self.read(pipe, time.time())
+                    if pipe.fd in self.pipes and len(pipe.partial) == before and not self._readable(pipe.fd):
+                        break
+            return {"ok": True}
         if op == "exit":
             self.exiting = True
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    @staticmethod
+    def _readable(fd: int) -> bool:
+        import select
+
+        return bool(select.select([fd], [], [], 0)[0])
 
     def serve(self) -> int:
         try:
@@ -415,6 +432,12 @@ class LogPumpClient:
             self.warned = True
             log.error("the log pump does not answer (%s): logs are written unrotated until it does", reply)
         return None
+
+    def sync(self, path: Path) -> None:
+        """Until what the programs wrote to ``path``'s pipes so far is in the file (a start
+        failure's reason is the last line its program wrote before it exited)."""
+        if self.pid is not None:
+            self._call({"op": "sync", "path": str(path)}, timeout=1.0)
 
     def stats(self) -> dict | None:
         return self._call({"op": "stats"}, timeout=0.5) if self.pid is not None else None

@@ -230,6 +230,11 @@ class LocalSpawner:
         helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
         return helpers | ({self.logs.pid} if self.logs is not None and self.logs.pid else set())
 
+    async def sync_log(self, path: Path) -> None:
+        """What was written to ``path`` so far is in the file (the pump writes it behind)."""
+        if self.logs is not None:
+            await asyncio.to_thread(self.logs.sync, path)
+
     def log_stats(self) -> dict | None:
         """The log pump's counters (bytes, rotations, dropped lines per log; disk_full)."""
         return self.logs.stats() if self.logs is not None else None

@@ -525,13 +525,19 @@ class Supervisor:
                                                  exit_signal=child.exit_signal), f"close {child.incarnation}")
         if signal is not None and child.lost:
             signal = dataclasses.replace(signal, detail={**signal.detail, "node_lost": child.node})
-        elif signal is not None and svc.healthy_at is None:
+        if signal is not None and self.on_signal is not None:
+            self.background(self._exited(svc, signal), f"exit {child.name}")
+
+    async def _exited(self, svc: Service, signal: Signal) -> None:
+        if svc.healthy_at is None and not signal.detail.get("node_lost"):
             # It never came up: what it said last is why (a missing module, a bad config line).
+            sync = getattr(self.spawner, "sync_log", None)
+            if sync is not None:  # the log pump writes behind the program: let it catch up
+                await sync(self.home.log_file(svc.name))
             last = last_line(self.home.log_file(svc.name))
             if last:
                 signal = dataclasses.replace(signal, detail={**signal.detail, "error": last})
-        if signal is not None and self.on_signal is not None:
-            self.background(self.on_signal(signal), f"exit {child.name}")
+        await self.on_signal(signal)
 
     async def adopt_or_close(self) -> None:
         """Sessions left open by an earlier daemon: adopt the live ones (same pid and start

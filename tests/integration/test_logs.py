@@ -103,3 +103,14 @@ def test_the_log_pump_outlives_a_killed_daemon(mesh_factory, tmp_path):
 
 def pumps(mesh) -> list:
     return [p for p in mesh.processes() if "services.daemon.logpump" in " ".join(p.cmdline())]
+
+
+def test_a_start_failure_names_the_last_line_its_program_wrote(mesh_factory, tmp_path):
+    """The pump writes behind the program: the daemon lets it catch up before it reads why."""
+    services = {"bad": {"command": ["{python}", "-c", "print('warming up'); print('fatal: no config at /x'); "
+                                    "raise SystemExit(3)"], "port": 6150,
+                        "liveness": {"tcp": {}, "interval": 0.5, "timeout": 0.5}}}
+    mesh = mesh_factory(services=services)
+    mesh.tron("up", "--detach")
+    rows = wait_for(lambda: (r := mesh.rows("SELECT detail FROM alerts WHERE agent = 'bad'")) and r, 30, "an alert")
+    assert "fatal: no config at /x" in rows[0]["detail"], rows

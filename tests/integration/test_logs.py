@@ -114,3 +114,23 @@ def test_a_start_failure_names_the_last_line_its_program_wrote(mesh_factory, tmp
     mesh.tron("up", "--detach")
     rows = wait_for(lambda: (r := mesh.rows("SELECT detail FROM alerts WHERE agent = 'bad'")) and r, 30, "an alert")
     assert "fatal: no config at /x" in rows[0]["detail"], rows
+
+
+def test_a_disk_too_full_for_logs_stops_the_logs_first_loudly(mesh_factory, tmp_path):
+    script = tmp_path / "flood.py"
+    script.write_text(FLOOD)
+    services = {"flood": {"command": ["{python}", str(script), "{port}", "1000"], "port": 6150,
+                          "liveness": {"tcp": {}, "interval": 0.5, "timeout": 0.5}}}
+    mesh = mesh_factory(services=services)
+    with open(mesh.config, "a") as f:  # no disk has an exabyte free: "nearly full" from the start
+        f.write("[logs]\nmin_free = 1000000000000000000\n")
+    mesh.up()
+    logs = wait_for(lambda: (s := mesh.status()).get("logs") and s["logs"]["dropped"] >= 1001 and s["logs"], 20,
+                    "the flood dropped")
+    assert logs["state"] == "disk_full"
+    assert mesh.service("flood")["state"] == "running"  # supervision goes on
+    assert not (mesh.home / "logs" / "flood.log").exists() or b"x" * 90 not in \
+        (mesh.home / "logs" / "flood.log").read_bytes()
+    proc = mesh.tron("status")
+    assert "DISK NEARLY FULL" in proc.stdout, proc.stdout
+    assert [r for r in mesh.rows("SELECT kind FROM events WHERE kind = 'logs_disk_full'")]

@@ -255,6 +255,17 @@ class ServiceSpec(_Strict):
     liveness: Probe | None = None  # failing it restarts the service
     readiness: Probe | None = None  # failing it marks the service not ready (depends_on waits)
     startup: Probe | None = None  # holds the others off until a slow program is up
+    # A program that forks into the background (redis-server --daemonize yes): its launcher
+    # exits 0 and the main process is the one named in ``pidfile`` (else the one left in its
+    # cgroup), as systemd's Type=forking and supervisord's pidproxy.
+    daemonize: bool = False
+    pidfile: str | None = None
+    # Limits (services/daemon/cgroups.py): bytes, a share of one core (0.5: half a core),
+    # a number of processes; open_files is the RLIMIT_NOFILE of each process.
+    memory_max: ByteSize | None = Field(None, ge=1 << 20)
+    cpu_max: float | None = Field(None, gt=0, le=1024)
+    pids_max: int | None = Field(None, ge=1)
+    open_files: int | None = Field(None, ge=16, le=1 << 20)
     # Its log (services/daemon/logpump.py); None: the mesh's [logs] default.
     log_max_bytes: ByteSize | None = Field(None, ge=4096)
     log_backups: int | None = Field(None, ge=0, le=100)
@@ -278,6 +289,10 @@ class ServiceSpec(_Strict):
             raise ValueError("command must not be empty")
         if self.heartbeat and self.command is None:
             raise ValueError("heartbeat = true is for a command; agents beat anyway")
+        if self.pidfile is not None and not self.daemonize:
+            raise ValueError("pidfile is read for daemonize = true only")
+        if self.daemonize and self.command is None:
+            raise ValueError("daemonize = true is for a command that forks into the background; agents do not")
         if self.user is not None:
             import pwd
 
@@ -297,6 +312,8 @@ class ServiceSpec(_Strict):
             yield f"env.{key}", value
         if self.cwd is not None:
             yield "cwd", self.cwd
+        if self.pidfile is not None:
+            yield "pidfile", self.pidfile
         for use in ("liveness", "readiness", "startup"):
             probe = getattr(self, use)
             if probe is not None:
@@ -414,6 +431,10 @@ class MeshSection(_Strict):
     # (loopback stays the default; every control endpoint needs the mesh token anyway).
     bind: str = "127.0.0.1"
     advertise: str | None = None
+    # Who owns a service's processes: a cgroup per incarnation where the machine allows it
+    # ("auto"), else process group + environment mark + subreaper ("marks", also forced by
+    # this setting: the fallback's tests).
+    ownership: Literal["auto", "marks"] = "auto"
 
     @model_validator(mode="after")
     def _reachable(self) -> "MeshSection":

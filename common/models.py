@@ -54,6 +54,7 @@ class Reason(StrEnum):
     SPAWN_FAILED = "spawn_failed"  # the process could not be started at all
     START_TIMEOUT = "start_timeout"  # started, but not healthy within start_timeout
     TASK_LOST = "task_lost"  # leased to a live incarnation whose beats stopped naming it
+    OOM_KILLED = "oom_killed"  # the kernel killed it at its memory_max (read from its cgroup's count)
 
 
 class Beat(Msg):

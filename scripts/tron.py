@@ -245,6 +245,10 @@ def render_status(status: dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if status.get("spawning") == "paused":
         lines.append("spawning: PAUSED (no new process starts anywhere; `tron spawning resume`)")
+    own = status.get("ownership")
+    if own:
+        lines.append(f"ownership: cgroup ({own['layout']}, {own['path']})" if own["mode"] == "cgroup"
+                     else f"ownership: marks ({own.get('why') or 'no cgroups'})")
     logs = status.get("logs") or {}
     if logs.get("state") == "disk_full":
         lines.append(f"logs: DISK NEARLY FULL: service logs are not written ({logs.get('dropped', 0)} lines dropped so "

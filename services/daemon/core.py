@@ -168,7 +168,8 @@ class Daemon:
         if self.config.logs.pump:
             pump = LogPumpClient(self.home.run / "logpump.sock", self.home.log_file("logpump"), self.home.logs,
                                  {**os.environ, **mesh_marks(self.home)}, self.config.logs.min_free)
-        spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver, logs=pump)
+        spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver, logs=pump,
+                               cgroup_home=self.home.root if self.config.mesh.ownership == "auto" else None)
         return spawner
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class Daemon:
             await spawner.start()
         except SpawnError as err:  # a Ray cluster that cannot be joined: fail closed, say why
             raise StartError(str(err)) from None
+        self._note_ownership()
         await self.sup.declare()
         await self.audit.load()
         if self._run_monitor_thread:
@@ -430,6 +432,17 @@ class Daemon:
 
     # -- status -------------------------------------------------------------------------------
 
+    def _note_ownership(self) -> None:
+        """Where the home's cgroups are, for `tron down` and leak checks without a daemon
+        (common/processes.py reads it): a process that rewrote its environment is still found."""
+        note = self.home.run / "cgroup"
+        own = getattr(self.sup.spawner, "ownership", None)
+        info = own() if own is not None else {"mode": "marks"}
+        if info.get("mode") == "cgroup":
+            note.write_text(info["path"] + "\n")
+        else:
+            note.unlink(missing_ok=True)
+
     def _logs_summary(self) -> dict | None:
         """As of the last housekeeping tick (no I/O on the /status path)."""
         stats = self.log_stats
@@ -459,6 +472,7 @@ class Daemon:
             "registry": self.registry_health(),
             "spawning": "paused" if self.sup.spawning_paused else "running",
             "logs": self._logs_summary(),
+            "ownership": self.sup.spawner.ownership() if hasattr(self.sup.spawner, "ownership") else None,
             **self.providers.summary(),
         }
 

@@ -20,7 +20,8 @@ server. A dead server is replaced the same way.
 
 Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
-    {"op": "spawn", "module", "env", "cwd", "log"}   -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
+    {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files"}
+                                                     -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
 A spawn may carry descriptors (SCM_RIGHTS): first, with "log_pipe": true, the log pump's
 pipe (the child's stdout and stderr, instead of opening "log"); then the service's
 listening socket, which the child gets at fd 3 with LISTEN_PID set to its own pid (the
@@ -91,6 +92,13 @@ def _become_service(req: dict, fds: list[int]) -> None:
     then run the role module as __main__. Never returns."""
     code = 1
     try:
+        for procs in req.get("cgroup") or ():  # its incarnation's cgroup, before anything runs
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        if req.get("open_files"):
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (req["open_files"], req["open_files"]))
         os.setsid()
         # Before the environment is replaced: setproctitle reuses the environ area.
         _set_title(f"{req['module']} [tron {req['env'].get('TRON_SERVICE', '?')}]")

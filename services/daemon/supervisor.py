@@ -36,6 +36,7 @@ from services.daemon.listeners import ListenerError, listen_env
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.sockdiag import listening_inodes
 from common.processes import describe, home_processes
+from services.daemon.cgroups import Limits
 from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, port_holder
 
 log = logging.getLogger("tron.daemon")
@@ -247,10 +248,16 @@ class Supervisor:
         if svc.spec.holds_socket:
             env.update(listen_env(svc.name))
         cwd = Path(svc.spec.cwd.format(**values)) if svc.spec.cwd else Path(values["config_dir"])
-        return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(values), env=env, cwd=cwd,
-                         log=self.home.log_file(svc.name), user=svc.spec.user,
-                         module=svc.spec.module if svc.spec.is_agent else None,
-                         port=svc.spec.port, log_limits=self.config.log_limits(svc.name))
+        spec = svc.spec
+        pidfile = Path(spec.pidfile.format(**values)) if spec.pidfile else None
+        if pidfile is not None and not pidfile.is_absolute():
+            pidfile = cwd / pidfile
+        return SpawnSpec(name=svc.name, incarnation=incarnation, argv=spec.argv(values), env=env, cwd=cwd,
+                         log=self.home.log_file(svc.name), user=spec.user,
+                         module=spec.module if spec.is_agent else None,
+                         port=spec.port, log_limits=self.config.log_limits(svc.name),
+                         limits=Limits(spec.memory_max, spec.cpu_max, spec.pids_max), open_files=spec.open_files,
+                         daemonize=spec.daemonize, pidfile=pidfile, start_timeout=self.policy().start_timeout)
 
     def _listener(self, svc: Service) -> int | None:
         """The fd of the service's held listening socket, bound on first use. Raises
@@ -521,7 +528,11 @@ class Supervisor:
             return
         signal = self.monitor.process_exited(child.name, child.incarnation, self.clock.now(),
                                              exit_code=child.exit_code, signal=child.exit_signal)
-        self.background(self.store.close_session(child.incarnation, reason="process_exit", exit_code=child.exit_code,
+        if signal is not None and child.oom_killed:  # the kernel's count in its cgroup says so
+            signal = dataclasses.replace(signal, reason=Reason.OOM_KILLED,
+                                         detail={**signal.detail, "memory_max": svc.spec.memory_max})
+        self.background(self.store.close_session(child.incarnation, reason="oom_killed" if child.oom_killed
+                                                 else "process_exit", exit_code=child.exit_code,
                                                  exit_signal=child.exit_signal), f"close {child.incarnation}")
         if signal is not None and child.lost:
             signal = dataclasses.replace(signal, detail={**signal.detail, "node_lost": child.node})

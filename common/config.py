@@ -533,7 +533,7 @@ class LogsSection(_Strict):
     max_bytes: ByteSize = Field(50_000_000, ge=4096)
     backups: int = Field(5, ge=0, le=100)
     rate_limit: int | None = Field(None, ge=1)  # lines per second per service; None: no limit
-    min_free: ByteSize = Field(100_000_000, ge=0)
+    min_free: ByteSize | None = Field(None, ge=0)  # None: 100 MB, or 5 % of a smaller filesystem
     pump: bool = True  # false: programs append to their log files themselves (unrotated)
 
 

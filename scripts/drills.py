@@ -754,6 +754,8 @@ class Runner:
         known = owners | {status["daemon"]["pid"]}
         if status.get("fork_server"):
             known.add(status["fork_server"]["pid"])
+        if (status.get("logs") or {}).get("pid"):  # the log pump (services/daemon/logpump.py)
+            known.add(status["logs"]["pid"])
         for node in (status.get("cluster") or {}).get("nodes", []):  # node agents and their fork servers
             known |= {node["agent_pid"], node["fork_server"]} - {None}
         problems = []

@@ -167,7 +167,8 @@ class Daemon:
         pump = None
         if self.config.logs.pump:
             pump = LogPumpClient(self.home.run / "logpump.sock", self.home.log_file("logpump"), self.home.logs,
-                                 {**os.environ, **mesh_marks(self.home)}, self.config.logs.min_free)
+                                 {**os.environ, **mesh_marks(self.home)},
+                                 -1 if self.config.logs.min_free is None else self.config.logs.min_free)
         spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver, logs=pump,
                                cgroup_home=self.home.root if self.config.mesh.ownership == "auto" else None)
         return spawner
@@ -375,8 +376,8 @@ class Daemon:
         if full != self.logs_disk_full:
             self.logs_disk_full = full
             if full:
-                log.error("disk nearly full (under %d bytes free): service logs are no longer written; "
-                          "supervision goes on", limits.min_free)
+                log.error("disk nearly full (under %s bytes free): service logs are no longer written; "
+                          "supervision goes on", limits.min_free or "the 100 MB / 5 % default of")
             else:
                 log.warning("room on the disk again: service logs are written again")
             await self.store.event("logs_disk_full" if full else "logs_resumed", {"min_free": limits.min_free})
@@ -444,12 +445,14 @@ class Daemon:
             note.unlink(missing_ok=True)
 
     def _logs_summary(self) -> dict | None:
-        """As of the last housekeeping tick (no I/O on the /status path)."""
-        stats = self.log_stats
-        if stats is None:
+        """The log pump: its pid, and its counters as of the last housekeeping tick (no
+        I/O on the /status path). None: services write their logs themselves."""
+        pump = getattr(self.sup.spawner, "logs", None)
+        if pump is None or pump.pid is None:
             return None
+        stats = self.log_stats or {}
         logs_ = stats.get("logs") or {}
-        return {"state": "disk_full" if stats.get("disk_full") else "ok",
+        return {"pid": pump.pid, "state": "disk_full" if stats.get("disk_full") else "ok",
                 "dropped": sum(v["dropped"] for v in logs_.values()),
                 "rotations": sum(v["rotations"] for v in logs_.values())}
 

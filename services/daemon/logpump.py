@@ -210,6 +210,8 @@ class Pump:
             free = st.f_bavail * st.f_frsize
         except OSError:
             return
+        if self.min_free < 0:  # not said: 100 MB, or 5 % of a smaller filesystem (journald keeps 15 %)
+            self.min_free = min(100_000_000, st.f_blocks * st.f_frsize // 20)
         full = free < self.min_free
         if full != self.disk_full:
             self.disk_full = full

@@ -553,8 +553,8 @@ class LocalSpawner:
         """The marks fallback: a child of ours (the subreaper) that no incarnation accounts
         for and that listens on this service's port is this service's (a program that
         daemonized and rewrote its environment), with its own tree."""
-        if child.port is None or not self.subreaper:
-            return []
+        if child.port is None or not self.subreaper or not listening_inodes(child.port):
+            return []  # nobody listens (the usual case after a kill): no scan of every process's sockets
         holder = port_holder(child.port)
         if not holder or holder.get("pid") in (None, child.pid):
             return []

@@ -98,3 +98,36 @@ def test_tron_logs_reads_across_rotated_files(tmp_path):
     assert tail(tmp_path, ["svc"], follow=False, lines=5, out=out) == 0
     assert [line.split("| ")[1].split()[0] for line in out.getvalue().splitlines()] == \
         ["196", "197", "198", "199", "200"]
+
+
+ROTATES_ITSELF = """
+import sys
+from pathlib import Path
+from services.daemon.logpump import rotate_if_large
+path = Path(sys.argv[1])
+print("x" * 5000, flush=True)
+assert rotate_if_large(path, 4096, 2, stdio=True)
+print("after the rotation", flush=True)
+print("to stderr too", file=sys.stderr, flush=True)
+"""
+
+
+def test_the_daemons_own_log_rotates_under_its_stdout(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "daemon.log"
+    with open(path, "ab") as out:
+        proc = subprocess.run([sys.executable, "-c", ROTATES_ITSELF, str(path)], stdout=out, stderr=subprocess.STDOUT)
+    assert proc.returncode == 0
+    assert path.read_text() == "after the rotation\nto stderr too\n"
+    assert (tmp_path / "daemon.log.1").read_text() == "x" * 5000 + "\n"
+
+
+def test_the_comms_log_rotates_by_name(tmp_path):
+    from services.daemon.logpump import rotate_if_large
+
+    path = tmp_path / "comms.jsonl"
+    path.write_text("a\n" * 3000)
+    assert not rotate_if_large(path, 10_000, 1)
+    assert rotate_if_large(path, 4096, 1) and not path.exists() and (tmp_path / "comms.jsonl.1").exists()

@@ -266,6 +266,11 @@ class ServiceSpec(_Strict):
     cpu_max: float | None = Field(None, gt=0, le=1024)
     pids_max: int | None = Field(None, ge=1)
     open_files: int | None = Field(None, ge=16, le=1 << 20)
+    # An agent is recycled (stopped gracefully, started again) between two tasks, never in
+    # the middle of one: when it has grown past this size (PM2's max_memory_restart), or
+    # after this many tasks.
+    restart_above_memory: ByteSize | None = Field(None, ge=1 << 20)
+    max_tasks: int | None = Field(None, ge=1)
     # Its log (services/daemon/logpump.py); None: the mesh's [logs] default.
     log_max_bytes: ByteSize | None = Field(None, ge=4096)
     log_backups: int | None = Field(None, ge=0, le=100)
@@ -291,6 +296,8 @@ class ServiceSpec(_Strict):
             raise ValueError("heartbeat = true is for a command; agents beat anyway")
         if self.pidfile is not None and not self.daemonize:
             raise ValueError("pidfile is read for daemonize = true only")
+        if (self.restart_above_memory or self.max_tasks) and not (self.command is None or self.heartbeat):
+            raise ValueError("restart_above_memory and max_tasks are for agents (they recycle between tasks)")
         if self.daemonize and self.command is None:
             raise ValueError("daemonize = true is for a command that forks into the background; agents do not")
         if self.user is not None:

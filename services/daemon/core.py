@@ -359,9 +359,30 @@ class Daemon:
             if interval and ticks % max(1, int(interval)) == 0 and not registry_url(self.config):
                 await self.backup()
             try:
+                await self._recycle_tick()
+            except Exception:  # one service's surprise must not stop the housekeeping
+                log.exception("recycle tick failed")
+            try:
                 await self._log_tick()
             except OSError as err:  # a log we cannot rotate must not stop the housekeeping
                 log.error("log housekeeping failed: %s", err)
+
+    async def _recycle_tick(self) -> None:
+        """Agents due to be recycled (max_tasks, restart_above_memory) are stopped
+        gracefully and started again while they hold no task: never in the middle of one."""
+        for svc in self.sup.services.values():
+            if not (svc.spec.max_tasks or svc.spec.restart_above_memory):
+                continue
+            due = await asyncio.to_thread(self.sup.recycle_due, svc)
+            if due is None or await self.store.live_tasks(svc.name):
+                continue
+            reason, measured = due
+            log.info("%s: recycled between tasks (%s)", svc.name, reason,
+                     extra={"offender": svc.name, "reason": reason, "incarnation": svc.incarnation, **measured})
+            await self.store.event("recycled", {"reason": reason, **measured}, agent=svc.name,
+                                   incarnation=svc.incarnation)
+            self.background(self.sup.replace(svc, svc.incarnation, delay=0.0, reason=reason, graceful=True),
+                            f"recycle {svc.name}")
 
     async def _log_tick(self) -> None:
         """The daemon's own log and the comms log rotate like the services' (the log pump

@@ -83,6 +83,7 @@ class Service:
     last_failure: dict | None = None
     listener: socket.socket | None = None  # the listening socket held across restarts (listeners.py)
     spawned_provider: str | None = None  # the provider the current incarnation was started on
+    tasks_done: int = 0  # tasks the current incarnation finished (max_tasks, restart_above_memory)
     unreported: dict[str, float] = field(default_factory=dict)  # leased tasks its beats stopped naming: since
     tasks_checked: float = float("-inf")  # when its beats' task list was last compared with the leases
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
@@ -284,6 +285,7 @@ class Supervisor:
         svc.incarnation, svc.child = incarnation, None
         svc.started_at, svc.healthy_at, svc.last_beat = now, None, None
         svc.task_id = svc.progress = None
+        svc.tasks_done = 0
         svc.unreported.clear()
         svc.ready = False
         svc.spawned_provider = svc.provider
@@ -507,6 +509,23 @@ class Supervisor:
         if svc.wake.is_set():
             log.info("%s: backoff ended by an operator", svc.name, extra={"offender": svc.name})
 
+    def recycle_due(self, svc: Service) -> tuple[str, dict] | None:
+        """Why an agent is due to be recycled between tasks (max_tasks, memory_recycle),
+        with what was measured; None when not (it has done no task since it started: an
+        incarnation that is large from birth would be recycled for ever)."""
+        spec, child = svc.spec, svc.child
+        if svc.state != S.RUNNING or svc.replacing or svc.stopped or child is None or not child.alive \
+                or svc.tasks_done < 1:
+            return None
+        if spec.max_tasks and svc.tasks_done >= spec.max_tasks:
+            return "max_tasks", {"tasks": svc.tasks_done, "max_tasks": spec.max_tasks}
+        if spec.restart_above_memory:
+            size = _resident(child.pids() if hasattr(child, "pids") else [child.pid])
+            if size > spec.restart_above_memory:
+                return "memory_recycle", {"rss": size, "restart_above_memory": spec.restart_above_memory,
+                                          "tasks": svc.tasks_done}
+        return None
+
     def retry_now(self, svc: Service) -> bool:
         """End the backoff of a service waiting out a failure to start: its restart goes
         ahead now (through the same replace, so the same guards apply). False when it is
@@ -648,6 +667,19 @@ class Supervisor:
                 "cause": svc.spawn_cause,  # why it cannot start (spawn_failed), while it has not run since
             })
         return out
+
+
+def _resident(pids: list[int]) -> int:
+    """Resident bytes of these processes together."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    return total
 
 
 def last_line(path: Path, limit: int = 4096) -> str | None:

@@ -408,10 +408,14 @@ class LocalSpawner:
                 pid = int(spec.pidfile.read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 return None
-            owned = launcher.cgroup.pids() if launcher.cgroup is not None else None
-            if same_process(pid, None) and (owned is None or pid in owned):
-                return pid
-            return None
+            if not same_process(pid, None):
+                return None
+            if launcher.cgroup is not None:
+                return pid if pid in launcher.cgroup.pids() else None
+            try:  # marks: a stale pidfile may name a recycled pid; the daemonized one is orphaned to us
+                return pid if psutil.Process(pid).ppid() == os.getpid() else None
+            except psutil.Error:
+                return None
         if launcher.cgroup is not None:
             alive = [p for p in launcher.cgroup.pids() if same_process(p, None)]
             return min(alive) if alive else None

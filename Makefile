@@ -93,6 +93,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.socket_handover --kills 20 --json $(RESULTS)/socket_handover.json
 	$(BIN)/python -m benchmarks.delegation --kills 20 --json $(RESULTS)/delegation.json
 	$(BIN)/python -m benchmarks.servers --kills 5 --json $(RESULTS)/servers.json
+	$(BIN)/python -m benchmarks.resources --kills 15 --seconds 60 --json $(RESULTS)/resources.json
 	$(BIN)/python -m benchmarks.cluster_recovery --kills 10 --losses 3 --json $(RESULTS)/cluster_recovery.json
 	$(BIN)/python -m benchmarks.telemetry --calls 600 --runs 10 --kills 5 --json $(RESULTS)/telemetry.json
 

@@ -24,11 +24,11 @@ import string
 import sys
 import tomllib
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 from urllib.parse import unquote
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from common.models import Provider, validation_messages
 from common.prices import Price
@@ -60,6 +60,27 @@ def in_checkout() -> bool:
 
 class ConfigError(Exception):
     """The mesh file is unusable; the message names the file and the key."""
+
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(value) -> int:
+    """A size in bytes: an int, or a string such as "50MB", "10 MiB", "800MB" (K/M/G are
+    powers of 1000, KiB/MiB/GiB of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or a string such as \"50MB\"")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).upper() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise ValueError(f"{value!r} is not a size: give bytes or a string such as \"50MB\", \"10MiB\", \"2GB\"")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 
 class _Strict(BaseModel):
@@ -235,6 +256,26 @@ class ServiceSpec(_Strict):
     liveness: Probe | None = None  # failing it restarts the service
     readiness: Probe | None = None  # failing it marks the service not ready (depends_on waits)
     startup: Probe | None = None  # holds the others off until a slow program is up
+    # A program that forks into the background (redis-server --daemonize yes): its launcher
+    # exits 0 and the main process is the one named in ``pidfile`` (else the one left in its
+    # cgroup), as systemd's Type=forking and supervisord's pidproxy.
+    daemonize: bool = False
+    pidfile: str | None = None
+    # Limits (services/daemon/cgroups.py): bytes, a share of one core (0.5: half a core),
+    # a number of processes; open_files is the RLIMIT_NOFILE of each process.
+    memory_max: ByteSize | None = Field(None, ge=1 << 20)
+    cpu_max: float | None = Field(None, gt=0, le=1024)
+    pids_max: int | None = Field(None, ge=1)
+    open_files: int | None = Field(None, ge=16, le=1 << 20)
+    # An agent is recycled (stopped gracefully, started again) between two tasks, never in
+    # the middle of one: when it has grown past this size (PM2's max_memory_restart), or
+    # after this many tasks.
+    restart_above_memory: ByteSize | None = Field(None, ge=1 << 20)
+    max_tasks: int | None = Field(None, ge=1)
+    # Its log (services/daemon/logpump.py); None: the mesh's [logs] default.
+    log_max_bytes: ByteSize | None = Field(None, ge=4096)
+    log_backups: int | None = Field(None, ge=0, le=100)
+    log_rate_limit: int | None = Field(None, ge=1)  # lines per second; excess dropped, counted, said once
     # Filled from the table key by MeshConfig; not written in the file.
     name: str = ""
     # N incarnations of this service, each supervised on its own (ladder, restarts, logs) as
@@ -262,6 +303,12 @@ class ServiceSpec(_Strict):
             raise ValueError("command must not be empty")
         if self.heartbeat and self.command is None:
             raise ValueError("heartbeat = true is for a command; agents beat anyway")
+        if self.pidfile is not None and not self.daemonize:
+            raise ValueError("pidfile is read for daemonize = true only")
+        if (self.restart_above_memory or self.max_tasks) and not (self.command is None or self.heartbeat):
+            raise ValueError("restart_above_memory and max_tasks are for agents (they recycle between tasks)")
+        if self.daemonize and self.command is None:
+            raise ValueError("daemonize = true is for a command that forks into the background; agents do not")
         if self.user is not None:
             import pwd
 
@@ -281,6 +328,8 @@ class ServiceSpec(_Strict):
             yield f"env.{key}", value
         if self.cwd is not None:
             yield "cwd", self.cwd
+        if self.pidfile is not None:
+            yield "pidfile", self.pidfile
         for use in ("liveness", "readiness", "startup"):
             probe = getattr(self, use)
             if probe is not None:
@@ -405,6 +454,10 @@ class MeshSection(_Strict):
     # GET /metrics without a credential, as Prometheus scrapers expect (no ids or prompts
     # are in its labels); false: a viewer's or the operator's token is needed.
     metrics_public: bool = True
+    # Who owns a service's processes: a cgroup per incarnation where the machine allows it
+    # ("auto"), else process group + environment mark + subreaper ("marks", also forced by
+    # this setting: the fallback's tests).
+    ownership: Literal["auto", "marks"] = "auto"
 
     @model_validator(mode="after")
     def _reachable(self) -> "MeshSection":
@@ -493,8 +546,23 @@ def registry_url(config: "MeshConfig") -> str | None:
     return config.registry.url
 
 
+class LogsSection(_Strict):
+    """Every service's log, unless the service says otherwise (log_max_bytes, ...): Tron
+    writes it (the log pump) and rotates it at ``max_bytes`` keeping ``backups`` old files,
+    so a service's logs never take more than (backups + 1) x max_bytes. The daemon's own
+    log and the comms log rotate the same way. Below ``min_free`` free bytes on the disk,
+    service logs are the first thing not written (loudly), so recovery goes on."""
+
+    max_bytes: ByteSize = Field(50_000_000, ge=4096)
+    backups: int = Field(5, ge=0, le=100)
+    rate_limit: int | None = Field(None, ge=1)  # lines per second per service; None: no limit
+    min_free: ByteSize | None = Field(None, ge=0)  # None: 100 MB, or 5 % of a smaller filesystem
+    pump: bool = True  # false: programs append to their log files themselves (unrotated)
+
+
 class MeshConfig(_Strict):
     mesh: MeshSection = MeshSection()
+    logs: LogsSection = LogsSection()
     registry: RegistrySection = RegistrySection()
     cluster: ClusterSection = ClusterSection()
     policy: Policy = Policy()
@@ -642,6 +710,13 @@ class MeshConfig(_Strict):
         """The LLM SDKs this mesh's agents can be switched onto: the chain's and the
         services' own providers (the fork server preloads only these)."""
         return set(self.providers.chain) | {s.provider for s in self.services.values() if s.provider}
+
+    def log_limits(self, name: str) -> dict:
+        """A service's log limits (services/daemon/logpump.py): its own, else [logs]'."""
+        spec = self.services[name]
+        return {"max_bytes": spec.log_max_bytes or self.logs.max_bytes,
+                "backups": self.logs.backups if spec.log_backups is None else spec.log_backups,
+                "rate_limit": spec.log_rate_limit or self.logs.rate_limit}
 
     def provider_of(self, name: str) -> Provider:
         return self.services[name].provider or self.providers.default

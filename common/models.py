@@ -55,6 +55,7 @@ class Reason(StrEnum):
     SPAWN_FAILED = "spawn_failed"  # the process could not be started at all
     START_TIMEOUT = "start_timeout"  # started, but not healthy within start_timeout
     TASK_LOST = "task_lost"  # leased to a live incarnation whose beats stopped naming it
+    OOM_KILLED = "oom_killed"  # the kernel killed it at its memory_max (read from its cgroup's count)
 
 
 class Beat(Msg):
@@ -348,6 +349,7 @@ class OperatorAction(Msg):
     provider: Provider | None = None  # tron task approve ID --provider P
     usd: float | None = Field(None, ge=0, le=1_000_000)  # tron run budget RUN --usd
     tokens: int | None = Field(None, ge=0, le=10**12)  # tron run budget RUN --tokens
+    force: bool = False  # tron restart NAME --force: kill at once, no stop_signal and stop_grace
 
 
 class LadderQuery(Msg):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import psutil
 
@@ -125,15 +126,33 @@ def _ourselves() -> set[int]:
     return {me.pid} | {p.pid for p in me.parents()}
 
 
+def _cgroup_pids(home: str) -> set[int]:
+    """Every process in the home's cgroups (the daemon notes where they are in
+    run/cgroup): found even when it rewrote its environment (redis-server --daemonize)."""
+    try:
+        root = Path(Path(home, "run", "cgroup").read_text().strip())
+    except OSError:
+        return set()
+    found: set[int] = set()
+    for procs in root.glob("*/cgroup.procs"):
+        try:
+            found |= {int(x) for x in procs.read_text().split()}
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def home_processes(home: str) -> list[psutil.Process]:
-    """Every live process of ``home``'s mesh (its daemon and everything it started)."""
+    """Every live process of ``home``'s mesh (its daemon and everything it started): by
+    its mark, and by the home's cgroups."""
     skip = _ourselves()
+    owned = _cgroup_pids(home)
     found = []
     for p in psutil.process_iter(["pid"]):
         if p.pid in skip:
             continue
         try:
-            if p.environ().get(MARK) == home and p.status() != psutil.STATUS_ZOMBIE:
+            if (p.pid in owned or p.environ().get(MARK) == home) and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except psutil.Error:
             continue

@@ -26,6 +26,7 @@ seconds after its recovery, and no process of the old tree survives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -194,21 +195,24 @@ class Runner:
         if before["state"] != ServiceState.RUNNING or not before["pid"]:
             raise DrillError(f"{name} is {before['state']}: a drill needs it running (see `tron status`)")
         self.label(f"{drill.name}:{name}:{uuid.uuid4().hex[:6]}")
+        fresh, t_healthy = None, None
         try:
             drill.t0 = time.monotonic()
             drill.mark("fault injected", inject(before))
-            fresh = self.back(name, before["incarnation"], self.recovery_bound())
-            t_healthy = time.monotonic()
-            # Rows are written as the ladder acts; wait for the ones the verdict reads.
-            with self.db() as conn:
-                self.wait(lambda: read.alerts_of(conn, name, before["incarnation"])
-                          and (read.session(conn, before["incarnation"]) or {}).get("status") == "ended",
-                          10, "the alert and the old session's end to be recorded", interval=0.02)
-            self.stays_up(drill, name, fresh)
+            with self.verdict_on_timeout(drill, name):
+                fresh = self.back(name, before["incarnation"], self.recovery_bound())
+                t_healthy = time.monotonic()
+                # Rows are written as the ladder acts; wait for the ones the verdict reads.
+                with self.db() as conn:
+                    self.wait(lambda: read.alerts_of(conn, name, before["incarnation"])
+                              and (read.session(conn, before["incarnation"]) or {}).get("status") == "ended",
+                              10, "the alert and the old session's end to be recorded", interval=0.02)
+                self.stays_up(drill, name, fresh)
         finally:
             self.label(None)
         self._timeline_from_registry(drill, name, before["incarnation"])
-        drill.mark("healthy again", f"pid {fresh['pid']} incarnation {fresh['incarnation']}", at=t_healthy)
+        if fresh is not None:
+            drill.mark("healthy again", f"pid {fresh['pid']} incarnation {fresh['incarnation']}", at=t_healthy)
         with self.db() as conn:
             alerts = read.alerts_of(conn, name, before["incarnation"])
             rows = read.retries_since(conn, name, drill.t0)
@@ -222,8 +226,26 @@ class Runner:
         drill.check("rows labelled as drill traffic", all(r["drill"] for r in rows) and all(a["drill"] for a in alerts))
         drill.check("the old session is closed", bool(old) and old["status"] == "ended")
         self.old_tree_gone(drill, before)
-        drill.data["recovery_seconds"] = round(t_healthy - drill.t0, 4)
+        drill.data["recovery_seconds"] = None if t_healthy is None else round(t_healthy - drill.t0, 4)
         return drill
+
+    @contextlib.contextmanager
+    def verdict_on_timeout(self, drill: Drill, name: str):
+        """Once the fault is injected, a wait that runs out is the drill's answer, not an
+        error: a failed check saying what was awaited and where the service is, and the
+        drill goes on to its timeline and verdict (FAIL, exit 1). Exit 2 is left for a
+        drill that could not start."""
+        try:
+            yield
+        except DrillError as err:
+            try:
+                s = self.mesh.service(name)
+                where = f"{name} is {s['state']}" + (f", last failure {s['last_failure'].get('reason')}"
+                                                    if s.get("last_failure") else "")
+            except ClientError as gone:
+                where = f"the daemon does not answer ({gone})"
+            drill.mark("gave up", str(err))
+            drill.check(f"recovered in time: {err}; {where}", False)
 
     def _timeline_from_registry(self, drill: Drill, name: str, incarnation: str) -> None:
         with self.db() as conn:
@@ -496,16 +518,17 @@ class Runner:
         current, returns, looping_at = before, [], None
         try:
             drill.t0 = time.monotonic()
-            for kill in range(1, kills_wanted + 1):
-                os.kill(current["pid"], signal.SIGKILL)
-                drill.mark("fault injected", f"SIGKILL #{kill} pid {current['pid']}")
-                t_kill = time.monotonic()
-                current = self.back(name, current["incarnation"], self.recovery_bound())
-                returns.append(round(time.monotonic() - t_kill, 3))
-                drill.mark("back", f"pid {current['pid']} after {returns[-1]:.3f}s")
-                if looping_at is None and current["crash_looping"]:
-                    looping_at = kill
-            self.stays_up(drill, name, current)
+            with self.verdict_on_timeout(drill, name):
+                for kill in range(1, kills_wanted + 1):
+                    os.kill(current["pid"], signal.SIGKILL)
+                    drill.mark("fault injected", f"SIGKILL #{kill} pid {current['pid']}")
+                    t_kill = time.monotonic()
+                    current = self.back(name, current["incarnation"], self.recovery_bound())
+                    returns.append(round(time.monotonic() - t_kill, 3))
+                    drill.mark("back", f"pid {current['pid']} after {returns[-1]:.3f}s")
+                    if looping_at is None and current["crash_looping"]:
+                        looping_at = kill
+                self.stays_up(drill, name, current)
         finally:
             self.label(None)
         with self.db() as conn:
@@ -731,6 +754,8 @@ class Runner:
         known = owners | {status["daemon"]["pid"]}
         if status.get("fork_server"):
             known.add(status["fork_server"]["pid"])
+        if (status.get("logs") or {}).get("pid"):  # the log pump (services/daemon/logpump.py)
+            known.add(status["logs"]["pid"])
         for node in (status.get("cluster") or {}).get("nodes", []):  # node agents and their fork servers
             known |= {node["agent_pid"], node["fork_server"]} - {None}
         problems = []

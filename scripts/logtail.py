@@ -1,7 +1,9 @@
 """`tron logs`: a merged, prefixed, coloured tail of service logs.
 
-Each service appends to ``<home>/logs/<name>.log`` across incarnations, so following
-the file follows the service through restarts. Lines are decoded with replacement (odd
+Each service's log is ``<home>/logs/<name>.log`` across incarnations, so following the
+file follows the service through restarts; the log pump rotates it into ``<name>.log.1``
+and older, which a tail reads when the current file is short and a follower reads to its
+end when the file is rotated under it. Lines are decoded with replacement (odd
 or binary output never breaks the tail); JSON lines are shown as ``name | level msg k=v``.
 """
 
@@ -52,20 +54,49 @@ def _traced(files: dict[str, Path], trace_id: str) -> list[tuple[str, str, bytes
     """Every line of the trace in the named logs, in time order: (ts, name, line)."""
     found = []
     for name, path in files.items():
-        if path.exists():
-            with open(path, "rb") as f:
-                found += [(str(json.loads(raw).get("ts", "")), name, raw) for raw in f if of_trace(raw, trace_id)]
+        for part in [*reversed(_rotated(path)), path]:  # what the log pump rotated away too
+            if part.exists():
+                with open(part, "rb") as f:
+                    found += [(str(json.loads(raw).get("ts", "")), name, raw) for raw in f if of_trace(raw, trace_id)]
     return sorted(found, key=lambda t: t[0])
 
 
+def _rotated(path: Path) -> list[Path]:
+    """The files the log pump rotated ``path`` into, newest first: name.log.1, name.log.2, ..."""
+    found = []
+    for i in range(1, 1000):
+        older = path.with_name(f"{path.name}.{i}")
+        if not older.exists():
+            break
+        found.append(older)
+    return found
+
+
+def _tail_of(path: Path, n: int) -> list[bytes]:
+    """The last ``n`` whole lines of one file, reading at most its last 64 KiB per line asked."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        want = min(size, 64 * 1024 * max(1, min(n, 16)))
+        f.seek(size - want)
+        lines = f.read().splitlines(keepends=True)
+    if want < size and lines:
+        lines = lines[1:]  # cut in the middle
+    return lines[-n:]
+
+
 def _last_lines(path: Path, n: int) -> list[bytes]:
+    """The last ``n`` lines of a log, across its rotated files when the current one has fewer."""
     if n <= 0:
         return []
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(max(0, size - 64 * 1024))
-        return f.read().splitlines(keepends=True)[-n:]
+    lines = _tail_of(path, n) if path.exists() else []
+    for older in _rotated(path):
+        if len(lines) >= n:
+            break
+        try:
+            lines = _tail_of(older, n - len(lines)) + lines
+        except FileNotFoundError:  # rotated away meanwhile
+            break
+    return lines[-n:]
 
 
 def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None,
@@ -80,6 +111,7 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
             return 2
     colour_of: dict[str, str] = {}
     offsets: dict[str, int] = {}
+    inodes: dict[str, int] = {}  # a new inode under the name: the log was rotated
 
     def files() -> dict[str, Path]:
         found = {p.stem: p for p in sorted(logs_dir.glob("*.log"))}
@@ -95,7 +127,8 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
         if path.exists():
             for raw in [] if trace else _last_lines(path, lines):
                 out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
-            offsets[name] = path.stat().st_size
+            st = path.stat()
+            offsets[name], inodes[name] = st.st_size, st.st_ino
     out.flush()
     if not follow:
         return 0
@@ -107,17 +140,30 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
             for name, path in files().items():
                 colour_of.setdefault(name, COLOURS[len(colour_of) % len(COLOURS)])
                 try:
-                    size = path.stat().st_size
+                    st = path.stat()
                 except FileNotFoundError:
                     continue
-                pos = offsets.get(name, 0)
-                if size < pos:
-                    pos = 0  # truncated or replaced: start again from the top
-                if size == pos:
+                size, pos = st.st_size, offsets.get(name, 0)
+                chunk = partial.pop(name, b"")
+                if inodes.get(name, st.st_ino) != st.st_ino:
+                    # Rotated: what was written to the old file after our last read is in .1.
+                    older = path.with_name(path.name + ".1")
+                    try:
+                        if older.stat().st_ino == inodes[name]:
+                            with open(older, "rb") as f:
+                                f.seek(pos)
+                                chunk += f.read()
+                    except FileNotFoundError:
+                        pass
+                    pos = 0
+                elif size < pos:
+                    pos = 0  # truncated: start again from the top
+                inodes[name] = st.st_ino
+                if size == pos and not chunk:
                     continue
                 with open(path, "rb") as f:
                     f.seek(pos)
-                    chunk = partial.pop(name, b"") + f.read(size - pos)
+                    chunk += f.read(size - pos)
                 offsets[name] = size
                 *complete, rest = chunk.split(b"\n")
                 if rest:

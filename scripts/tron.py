@@ -265,6 +265,14 @@ def render_status(status: dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if status.get("spawning") == "paused":
         lines.append("spawning: PAUSED (no new process starts anywhere; `tron spawning resume`)")
+    own = status.get("ownership")
+    if own:
+        lines.append(f"ownership: cgroup ({own['layout']}, {own['path']})" if own["mode"] == "cgroup"
+                     else f"ownership: marks ({own.get('why') or 'no cgroups'})")
+    logs = status.get("logs") or {}
+    if logs.get("state") == "disk_full":
+        lines.append(f"logs: DISK NEARLY FULL: service logs are not written ({logs.get('dropped', 0)} lines dropped so "
+                     "far); supervision goes on")
     for n in (cluster or {}).get("nodes", []):
         state = "lost" if not n["alive"] else "cordoned" if n["cordoned"] else "ok" if n["agent_pid"] else "no agent"
         lines.append(f"node {n['node'][:12]} {n['ip']} {state}: {', '.join(n['services']) or 'no service'}")
@@ -332,7 +340,8 @@ def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
     replicas = ctx.config.replicas_of(args.name)
     if args.name not in ctx.config.services and not replicas:
         raise CLIError(f"no service named {args.name!r} (known: {', '.join(ctx.config.services)})")
-    answer = _action(ctx, f"/services/{name}/{args.cmd}", args)
+    answer = _action(ctx, f"/services/{name}/{args.cmd}", args,
+                     **({"force": True} if getattr(args, "force", False) else {}))
     if replicas:  # every replica; a restart rolls and returns once the last one is ready again
         for replica, a in (answer.get("replicas") or {}).items():
             print(f"{replica}: {a['status'] if isinstance(a, dict) else a}" + (f" ({a['error']})" if isinstance(a, dict)
@@ -745,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--reason", help="recorded in the audit trail")
         if verb in ("restart", "start"):
             v.add_argument("--wait", action="store_true", help="return once it is running again")
+        if verb == "restart":
+            v.add_argument("--force", action="store_true",
+                           help="kill the old incarnation at once (default: its stop_signal, stop_grace, then kill)")
     lane = sub.add_parser("lane", help="lanes: the breaker that stops repeating failures")
     lsub = lane.add_subparsers(dest="lane_cmd", required=True)
     lsub.add_parser("list", help="every lane and its state")

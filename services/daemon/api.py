@@ -439,10 +439,10 @@ def _operator(verb: str):
         try:
             if group:  # a replicated service: every replica, a restart rolling (replicas.py)
                 answer = await d.replicas.act(verb, name, actor=_actor(request), reason=body.reason,
-                                              request_id=body.request_id)
+                                              request_id=body.request_id, force=body.force)
             else:
                 answer = await d.operators.act(verb, name, actor=_actor(request), reason=body.reason,
-                                               request_id=body.request_id)
+                                               request_id=body.request_id, force=body.force)
         except Refused as err:
             return error(err.status, str(err))
         return _answer(answer)

@@ -50,6 +50,7 @@ from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.providers import ProviderDesk
 from services.daemon.spend import Spend
+from services.daemon.logpump import LogPumpClient, rotate_if_large
 from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, Spawner, reap_strays
 from services.daemon.supervisor import Supervisor, mesh_marks
 
@@ -83,6 +84,8 @@ class Daemon:
         self.started_at = self.clock.now()
         self.shutdown_requested = asyncio.Event()
         self.stopping = False
+        self.log_stats: dict | None = None  # the log pump's counters, read by the housekeeping
+        self.logs_disk_full = False
         self._spawner = spawner
         self._run_monitor_thread = monitor_thread  # unit tests drive monitor.tick(now) themselves
         self.sup: Supervisor | None = None
@@ -223,7 +226,13 @@ class Daemon:
             env = {**os.environ, **self._fork_server_env()}
             forkserver = ForkServerClient(self.home.run / "forkserver.sock", self.home.log_file("forkserver"),
                                           self.home.root, env)
-        spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver)
+        pump = None
+        if self.config.logs.pump:
+            pump = LogPumpClient(self.home.run / "logpump.sock", self.home.log_file("logpump"), self.home.logs,
+                                 {**os.environ, **mesh_marks(self.home)},
+                                 -1 if self.config.logs.min_free is None else self.config.logs.min_free)
+        spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver, logs=pump,
+                               cgroup_home=self.home.root if self.config.mesh.ownership == "auto" else None)
         return spawner
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -260,6 +269,7 @@ class Daemon:
             await spawner.start()
         except SpawnError as err:  # a Ray cluster that cannot be joined: fail closed, say why
             raise StartError(str(err)) from None
+        self._note_ownership()
         await self.sup.declare()
         await self.audit.load()
         if self._run_monitor_thread:
@@ -421,6 +431,51 @@ class Daemon:
             interval = self.config.registry.backup_interval
             if interval and ticks % max(1, int(interval)) == 0 and not registry_url(self.config):
                 await self.backup()
+            try:
+                await self._recycle_tick()
+            except Exception:  # one service's surprise must not stop the housekeeping
+                log.exception("recycle tick failed")
+            try:
+                await self._log_tick()
+            except OSError as err:  # a log we cannot rotate must not stop the housekeeping
+                log.error("log housekeeping failed: %s", err)
+
+    async def _recycle_tick(self) -> None:
+        """Agents due to be recycled (max_tasks, restart_above_memory) are stopped
+        gracefully and started again while they hold no task: never in the middle of one."""
+        for svc in self.sup.services.values():
+            if not (svc.spec.max_tasks or svc.spec.restart_above_memory):
+                continue
+            due = await asyncio.to_thread(self.sup.recycle_due, svc)
+            if due is None or await self.store.live_tasks(svc.name):
+                continue
+            reason, measured = due
+            log.info("%s: recycled between tasks (%s)", svc.name, reason,
+                     extra={"offender": svc.name, "reason": reason, "incarnation": svc.incarnation, **measured})
+            await self.store.event("recycled", {"reason": reason, **measured}, agent=svc.name,
+                                   incarnation=svc.incarnation)
+            self.background(self.sup.replace(svc, svc.incarnation, delay=0.0, reason=reason, graceful=True),
+                            f"recycle {svc.name}")
+
+    async def _log_tick(self) -> None:
+        """The daemon's own log and the comms log rotate like the services' (the log pump
+        writes those); the pump's counters are read for /status, and a disk too full for
+        logs is said once, loudly, when it starts and when it ends."""
+        limits = self.config.logs
+        rotate_if_large(self.home.comms_log, limits.max_bytes, limits.backups)
+        rotate_if_large(self.home.log_file(DAEMON), limits.max_bytes, limits.backups, stdio=True)
+        stats_of = getattr(self.sup.spawner, "log_stats", None)
+        stats = await asyncio.to_thread(stats_of) if stats_of is not None else None
+        full = bool(stats and stats.get("disk_full"))
+        if full != self.logs_disk_full:
+            self.logs_disk_full = full
+            if full:
+                log.error("disk nearly full (under %s bytes free): service logs are no longer written; "
+                          "supervision goes on", limits.min_free or "the 100 MB / 5 % default of")
+            else:
+                log.warning("room on the disk again: service logs are written again")
+            await self.store.event("logs_disk_full" if full else "logs_resumed", {"min_free": limits.min_free})
+        self.log_stats = stats
 
     # -- beats --------------------------------------------------------------------------------
 
@@ -483,6 +538,29 @@ class Daemon:
 
     # -- status -------------------------------------------------------------------------------
 
+    def _note_ownership(self) -> None:
+        """Where the home's cgroups are, for `tron down` and leak checks without a daemon
+        (common/processes.py reads it): a process that rewrote its environment is still found."""
+        note = self.home.run / "cgroup"
+        own = getattr(self.sup.spawner, "ownership", None)
+        info = own() if own is not None else {"mode": "marks"}
+        if info.get("mode") == "cgroup":
+            note.write_text(info["path"] + "\n")
+        else:
+            note.unlink(missing_ok=True)
+
+    def _logs_summary(self) -> dict | None:
+        """The log pump: its pid, and its counters as of the last housekeeping tick (no
+        I/O on the /status path). None: services write their logs themselves."""
+        pump = getattr(self.sup.spawner, "logs", None)
+        if pump is None or pump.pid is None:
+            return None
+        stats = self.log_stats or {}
+        logs_ = stats.get("logs") or {}
+        return {"pid": pump.pid, "state": "disk_full" if stats.get("disk_full") else "ok",
+                "dropped": sum(v["dropped"] for v in logs_.values()),
+                "rotations": sum(v["rotations"] for v in logs_.values())}
+
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
         placement = self.sup.spawner.status()
@@ -501,6 +579,8 @@ class Daemon:
             "crash_looping": [s.name for s in self.sup.services.values() if s.crash_looping],
             "registry": self.registry_health(),
             "spawning": "paused" if self.sup.spawning_paused else "running",
+            "logs": self._logs_summary(),
+            "ownership": self.sup.spawner.ownership() if hasattr(self.sup.spawner, "ownership") else None,
             **self.providers.summary(),
         }
 

@@ -20,9 +20,12 @@ server. A dead server is replaced the same way.
 
 Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
-    {"op": "spawn", "module", "env", "cwd", "log"}   -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
-A spawn may carry one descriptor (SCM_RIGHTS): the service's listening socket, which the
-child gets at fd 3 with LISTEN_PID set to its own pid (the daemon sets LISTEN_FDS).
+    {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files"}
+                                                     -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
+A spawn may carry descriptors (SCM_RIGHTS): first, with "log_pipe": true, the log pump's
+pipe (the child's stdout and stderr, instead of opening "log"); then the service's
+listening socket, which the child gets at fd 3 with LISTEN_PID set to its own pid (the
+daemon sets LISTEN_FDS).
 """
 
 from __future__ import annotations
@@ -89,12 +92,22 @@ def _become_service(req: dict, fds: list[int]) -> None:
     then run the role module as __main__. Never returns."""
     code = 1
     try:
+        for procs in req.get("cgroup") or ():  # its incarnation's cgroup, before anything runs
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        if req.get("open_files"):
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (req["open_files"], req["open_files"]))
         os.setsid()
         # Before the environment is replaced: setproctitle reuses the environ area.
         _set_title(f"{req['module']} [tron {req['env'].get('TRON_SERVICE', '?')}]")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
-        log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if req.get("log_pipe"):  # the log pump's pipe (services/daemon/logpump.py) comes first
+            log, fds = fds[0], fds[1:]
+        else:
+            log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)

@@ -62,6 +62,8 @@ class Ledger:
         while len(self._finished) > 1000:
             self._finished.popitem(last=False)
         svc = self.sup.services.get(row["agent"])
+        if svc is not None and incarnation is not None and incarnation == svc.incarnation:
+            svc.tasks_done += 1  # max_tasks and restart_above_memory count these (Supervisor.recycle_due)
         if svc is not None and svc.task_id == task_id:
             # Its last beat still named the task: a failure before the next beat is an idle one.
             svc.task_id = svc.progress = None

@@ -1,7 +1,9 @@
 """What an operator can do to services, lanes and the mesh. Each is audited (audit.py).
 
     restart | stop | start NAME   a deliberate stop is never undone by the ladder: a stopped
-                                  service stays stopped across failures and daemon restarts
+                                  service stays stopped across failures and daemon restarts.
+                                  A restart stops the old incarnation as `tron stop` does (its
+                                  stop_signal, stop_grace, then SIGKILL); ``force`` kills at once
     pause | resume NAME           no new tasks for the service; the running ones finish
     lane pause | resume LANE      the breaker's switch, by hand (common/lanes.py)
     spawning pause | resume       the incident switch: no new process starts anywhere; a
@@ -52,13 +54,16 @@ class Operators:
         self.background = background
         self._busy: dict[str, str] = {}  # service -> the restart, stop or start under way
 
-    async def act(self, verb: str, name: str, *, actor: str, reason: str, request_id: str | None = None) -> dict:
+    async def act(self, verb: str, name: str, *, actor: str, reason: str, request_id: str | None = None,
+                  force: bool = False) -> dict:
+        """``force`` (restart only): kill the old incarnation at once instead of stopping it."""
         svc = self.sup[name]
-        return await self.audit.run(lambda: self._one_at_a_time(verb, svc, actor=actor, reason=reason),
+        options = {"force": force} if verb == "restart" else {}
+        return await self.audit.run(lambda: self._one_at_a_time(verb, svc, actor=actor, reason=reason, **options),
                                     actor=actor, what=verb, target=name, agent=name, reason=reason,
                                     request_id=request_id, state=lambda: self._state_of(svc))
 
-    async def _one_at_a_time(self, verb: str, svc: Service, *, actor: str, reason: str) -> dict:
+    async def _one_at_a_time(self, verb: str, svc: Service, *, actor: str, reason: str, **options) -> dict:
         """A restart, stop or start of a service is admitted while no other one is under way
         (claimed in the same step as the check): a concurrent one is a 409 naming it."""
         if verb not in ("restart", "stop", "start"):
@@ -67,7 +72,7 @@ class Operators:
             raise Refused(409, f"a {self._busy[svc.name]} of {svc.name} is under way: try again when it is done")
         self._busy[svc.name] = verb
         try:
-            return await getattr(self, f"_{verb}")(svc, actor=actor, reason=reason)
+            return await getattr(self, f"_{verb}")(svc, actor=actor, reason=reason, **options)
         finally:
             self._busy.pop(svc.name, None)
 
@@ -77,7 +82,7 @@ class Operators:
 
     # -- services ---------------------------------------------------------------------------
 
-    async def _restart(self, svc: Service, *, actor: str, reason: str) -> dict:
+    async def _restart(self, svc: Service, *, actor: str, reason: str, force: bool = False) -> dict:
         if svc.stopped or svc.state in (S.STOPPED, S.STOPPING):
             raise Refused(409, f"{svc.name} is stopped; `tron start {svc.name}` brings it back")
         if self.sup.spawning_paused:
@@ -88,13 +93,15 @@ class Operators:
         tasks = await self.store.open_tasks(svc.name)
         await self.store.record_retry(
             alert_id=ref, agent_id=svc.name, retry_type=RetryType.OPERATOR_RESTART, reason=reason,
-            detail={"actor": actor, "state": str(svc.state)}, case="operator_restart",
+            detail={"actor": actor, "state": str(svc.state), "force": force}, case="operator_restart",
             task_id=tasks[0]["task_id"] if tasks else None, run_id=tasks[0]["run_id"] if tasks else None,
             from_provider=svc.provider, decided_by="operator", requested_by=actor)
         incarnation = svc.incarnation
-        self.background(self.sup.replace(svc, incarnation, delay=0.0, reason=f"operator_restart:{reason}"),
-                        f"operator restart {svc.name}")
-        return {"status": "restarting", "replaces": incarnation, "ref": ref}
+        # The operator's restart is a planned one: the program shuts down cleanly (PostgreSQL
+        # without crash recovery). The ladder's restarts kill: that process has failed already.
+        self.background(self.sup.replace(svc, incarnation, delay=0.0, reason=f"operator_restart:{reason}",
+                                         graceful=not force), f"operator restart {svc.name}")
+        return {"status": "restarting", "replaces": incarnation, "ref": ref, "force": force}
 
     async def _stop(self, svc: Service, *, actor: str, reason: str) -> dict:
         if svc.stopped and svc.state == S.STOPPED:

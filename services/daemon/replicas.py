@@ -34,10 +34,12 @@ class Replicas:
     def of(self, group: str) -> list[str]:
         return self.d.config.replicas_of(group)
 
-    async def act(self, verb: str, group: str, *, actor: str, reason: str, request_id: str | None) -> dict:
+    async def act(self, verb: str, group: str, *, actor: str, reason: str, request_id: str | None,
+                  force: bool = False) -> dict:
         names = self.of(group)
         if verb == "restart":
-            return await self.d.audit.run(lambda: self._roll(group, names, actor=actor, reason=reason), actor=actor,
+            return await self.d.audit.run(lambda: self._roll(group, names, actor=actor, reason=reason, force=force),
+                                          actor=actor,
                                           what="rolling_restart", target=group, state=lambda: self._states(names),
                                           reason=reason, request_id=request_id)
         answers = {}
@@ -52,7 +54,7 @@ class Replicas:
     def _states(self, names: list[str]) -> str:
         return ", ".join(f"{n} {self.d.sup[n].state}" for n in names)
 
-    async def _roll(self, group: str, names: list[str], *, actor: str, reason: str) -> dict:
+    async def _roll(self, group: str, names: list[str], *, actor: str, reason: str, force: bool) -> dict:
         sup = self.d.sup
         step = max(1, min(sup[names[0]].spec.max_unavailable, len(names)))
         done: list[str] = []
@@ -60,7 +62,7 @@ class Replicas:
             batch = [n for n in names[i:i + step] if not sup[n].stopped]
             olds = {n: sup[n].incarnation for n in batch}
             for name in batch:
-                await self.d.operators.act("restart", name, actor=actor, reason=f"rolling:{reason}")
+                await self.d.operators.act("restart", name, actor=actor, reason=f"rolling:{reason}", force=force)
             ok = await asyncio.gather(*(self._ready_again(name, olds[name]) for name in batch))
             if not all(ok):
                 stuck = [n for n, good in zip(batch, ok) if not good]

@@ -7,8 +7,9 @@ tests; the same contract suite (tests/unit/test_spawner_contract.py) runs on bot
 Local facts stay here: pids, process groups, the fork server, the subreaper.
 
 - Each child runs in its own session (its own process group), with stdout and stderr
-  appended to its log file (files, never pipes: a child must outlive a killed daemon
-  without blocking on a full pipe).
+  the write end of a pipe held by the log pump (logpump.py: its own process, which
+  outlives a killed daemon, writes and rotates the log); appended to its log file
+  directly when there is no pump.
 - Exits are noticed through a pidfd registered with the event loop, for our own children
   and for processes adopted from an earlier daemon alike: no thread, no polling.
 - A service owns its process **tree**: its process group, every descendant, and every
@@ -27,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -40,7 +42,11 @@ from typing import Callable, Protocol
 import psutil
 
 from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
+from services.daemon.cgroups import Cgroup, CgroupTree, Limits
+from services.daemon.cgroups import detect as detect_cgroups
+from services.daemon.cgroups import join as join_cgroup
 from services.daemon.listeners import open_listener, recover_listener
+from services.daemon.logpump import LogPumpClient
 from services.daemon.sockdiag import listening_inodes
 
 log = logging.getLogger("tron.spawner")
@@ -95,6 +101,12 @@ class SpawnSpec:
     user: str | None = None  # drop privileges to this user before exec
     listen_fd: int | None = None  # the held listening socket, handed over as fd 3 (systemd's convention)
     port: int | None = None  # the port it will listen on itself (none when the daemon holds it: listen_fd)
+    log_limits: dict | None = None  # max_bytes, backups, rate_limit: the log pump writes its log
+    limits: Limits | None = None  # memory_max, cpu_max, pids_max: written in its cgroup
+    open_files: int | None = None  # RLIMIT_NOFILE
+    daemonize: bool = False  # it forks into the background: the main process is found after
+    pidfile: Path | None = None  # ... in this file, else in its cgroup
+    start_timeout: float = 30.0  # how long a daemonizing launcher may take to leave
 
 
 @dataclass
@@ -111,6 +123,9 @@ class Child:
     expected_exit: bool = False  # set before we stop or kill it ourselves
     node: str | None = None  # the Ray node it runs on (ray_spawner.py); None: this machine
     lost: bool = False  # it ended with its node (the node agent died), not by itself
+    cgroup: Cgroup | None = None  # its incarnation's cgroup (cgroups.py); None: owned by marks
+    port: int | None = None  # its port: in the marks fallback, a stray listening there is its
+    oom_killed: bool = False  # the kernel's OOM count of its cgroup rose (read when it exited)
     _pidfd: int | None = None
 
     @property
@@ -119,6 +134,12 @@ class Child:
 
     def exit_detail(self) -> dict:
         return {"exit_code": self.exit_code, "signal": self.exit_signal}
+
+    def pids(self) -> list[int]:
+        """Every process it owns now: its cgroup's, else its tree by group and mark."""
+        if self.cgroup is not None:
+            return self.cgroup.pids()
+        return [p.pid for p in tree_of(self.pid, self.incarnation)]
 
 
 ExitCallback = Callable[[Child], None]
@@ -154,9 +175,19 @@ from common.processes import (MARK, create_time_of, describe, home_processes, ki
 # -- the local spawner -------------------------------------------------------------------------
 
 
-def _listen_on_fd3(fd: int) -> None:
-    """In the child, before exec: the held socket becomes fd 3, inheritable."""
-    os.dup2(fd, 3)
+def _before_exec(listen_fd: int | None, procs_files: list[str], open_files: int | None, identity: dict) -> None:
+    """In the child, before exec: join its cgroup (as root, before dropping to ``user``),
+    its open-files limit, the held socket as fd 3 (inheritable), then the user's identity."""
+    if procs_files:
+        join_cgroup(procs_files)
+    if open_files:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+    if listen_fd is not None:
+        os.dup2(listen_fd, 3)
+    if identity:
+        os.setgroups(identity["extra_groups"])
+        os.setgid(identity["group"])
+        os.setuid(identity["user"])
 
 
 def _identity(user: str | None) -> dict:
@@ -193,13 +224,38 @@ def _check_port_free(port: int | None) -> None:
 
 
 class LocalSpawner:
-    def __init__(self, on_exit: ExitCallback, *, forkserver: "ForkServerClient | None" = None) -> None:
+    def __init__(self, on_exit: ExitCallback, *, forkserver: "ForkServerClient | None" = None,
+                 logs: "LogPumpClient | None" = None, cgroup_home: Path | None = None) -> None:
+        """``cgroup_home``: own each incarnation by a cgroup named after this home where the
+        machine allows (None: by marks, the fallback)."""
         self.on_exit = on_exit
         self.forkserver = forkserver
+        self.logs = logs
         self.subreaper = False
+        self.cgroup_home = cgroup_home
+        self.cgroups: CgroupTree | None = None
+        self.ownership_note = "marks forced by [mesh] ownership" if cgroup_home is None else ""
+        self._limits_warned: set[str] = set()
+
+    def ownership(self) -> dict:
+        """How its processes are owned: {"mode": "cgroup", "layout", "path", "limits"} or
+        {"mode": "marks", "why"}."""
+        if self.cgroups is not None:
+            return {"mode": "cgroup", **self.cgroups.describe()}
+        return {"mode": "marks", "why": self.ownership_note}
 
     async def start(self) -> None:
         self.subreaper = become_subreaper()
+        if self.cgroup_home is not None:
+            self.cgroups, why = detect_cgroups(self.cgroup_home)
+            if self.cgroups is None:
+                self.ownership_note = why
+                log.warning("ownership: marks (process group + environment mark + subreaper), not cgroups: %s; "
+                            "memory_max, cpu_max and pids_max cannot be enforced", why)
+            else:
+                log.info("ownership: a cgroup per incarnation", extra=self.cgroups.describe())
+        if self.logs is not None:
+            await self.logs.start()
         if self.forkserver is not None:
             if not self.subreaper:
                 log.warning("not a child subreaper: forked agents cannot be reaped here; the fork server is off")
@@ -210,6 +266,10 @@ class LocalSpawner:
     async def close(self) -> None:
         if self.forkserver is not None:
             await self.forkserver.stop()
+        if self.logs is not None:
+            await self.logs.stop()
+        if self.cgroups is not None:
+            self.cgroups.remove()  # what is empty; a live incarnation's cgroup stays
 
     def status(self) -> dict | None:
         fs = self.forkserver
@@ -218,30 +278,89 @@ class LocalSpawner:
         return {"pid": fs.pid, "ready": fs.ready, "generation": fs.generation, "spawned": fs.spawned}
 
     def helper_pids(self) -> set[int]:
-        return {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
+        helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
+        return helpers | ({self.logs.pid} if self.logs is not None and self.logs.pid else set())
+
+    async def sync_log(self, path: Path) -> None:
+        """What was written to ``path`` so far is in the file (the pump writes it behind)."""
+        if self.logs is not None:
+            await asyncio.to_thread(self.logs.sync, path)
+
+    def log_stats(self) -> dict | None:
+        """The log pump's counters (bytes, rotations, dropped lines per log; disk_full)."""
+        return self.logs.stats() if self.logs is not None else None
 
     async def spawn(self, spec: SpawnSpec) -> Child:
         """Start one incarnation: forked from the fork server when it can serve an agent
         module, else a plain spawn. Raises SpawnError when it cannot start at all."""
         if spec.listen_fd is None:
             _check_port_free(spec.port)
+        log_fd = None
+        if self.logs is not None and spec.log_limits is not None:
+            log_fd = await asyncio.to_thread(self.logs.pipe_for, spec.log, **spec.log_limits)
+        try:
+            return await self._spawn(spec, log_fd)
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)  # the child has its copy: the pump sees EOF when the last writer is gone
+
+    def _cgroup(self, spec: SpawnSpec) -> Cgroup | None:
+        """The incarnation's new cgroup, its limits written; None when owned by marks."""
+        limits = spec.limits or Limits()
+        if self.cgroups is None:
+            if limits and spec.name not in self._limits_warned:
+                self._limits_warned.add(spec.name)
+                log.warning("%s: memory_max/cpu_max/pids_max are not enforced: no cgroups here (%s)", spec.name,
+                            self.ownership_note, extra={"offender": spec.name})
+            return None
+        try:
+            return self.cgroups.make(spec.name, spec.incarnation, limits)
+        except OSError as err:
+            raise SpawnError(f"cannot make the cgroup of {spec.name} or set its limits: {err}") from None
+
+    async def _spawn(self, spec: SpawnSpec, log_fd: int | None) -> Child:
+        group = self._cgroup(spec)
+        try:
+            child = await self._start_process(spec, log_fd, group)
+        except BaseException:
+            if group is not None:
+                group.kill()
+                group.remove()
+            raise
+        child.cgroup, child.port = group, spec.port
+        if spec.daemonize:
+            return await self._daemonized(spec, child)
+        return self._track(child)
+
+    async def _start_process(self, spec: SpawnSpec, log_fd: int | None, group: Cgroup | None) -> Child:
+        joins = group.procs_files() if group is not None else []
         if spec.module and self.forkserver is not None and not spec.user:
-            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd)
+            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd, log_fd,
+                                              cgroup=joins, open_files=spec.open_files)
             if pid is not None:
-                return self._track(Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork"))
+                return Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork")
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         argv, extra = spec.argv, {"close_fds": True}
+        identity = _identity(spec.user)
         if spec.listen_fd is not None:
             _check_runnable(spec.argv[0], spec.env, spec.cwd)  # sh would only say so in the log
             # fd 3 is made in the child before exec; every other descriptor of the daemon is
             # close-on-exec (PEP 446). LISTEN_PID is the program's own pid: sh's, kept by exec.
             argv = ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"', *spec.argv]
-            extra = {"close_fds": False, "preexec_fn": functools.partial(_listen_on_fd3, spec.listen_fd)}
+            extra = {"close_fds": False}
+        if spec.listen_fd is not None or joins or spec.open_files:
+            # The cgroup is joined before exec, so not one instruction of the program runs
+            # outside it; as root, before the identity is dropped (so that comes last).
+            extra["preexec_fn"] = functools.partial(_before_exec, spec.listen_fd, joins, spec.open_files,
+                                                    identity if joins else {})
+            if joins:
+                identity = {}
         try:
-            with open(spec.log, "ab", buffering=0) as out:
+            with (os.fdopen(os.dup(log_fd), "wb", buffering=0) if log_fd is not None
+                  else open(spec.log, "ab", buffering=0)) as out:
                 popen = subprocess.Popen(
                     argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True, **_identity(spec.user), **extra)
+                    stderr=subprocess.STDOUT, start_new_session=True, **identity, **extra)
         except FileNotFoundError:
             raise SpawnError(f"command not found: {spec.argv[0]}", cause="missing_binary") from None
         except PermissionError as err:
@@ -249,15 +368,73 @@ class LocalSpawner:
                              cause="permission_denied") from None
         except (OSError, ValueError, subprocess.SubprocessError) as err:
             raise SpawnError(f"cannot start {spec.argv[0]}: {err}") from None
-        return self._track(Child(spec.name, spec.incarnation, popen.pid, create_time_of(popen.pid), popen=popen))
+        return Child(spec.name, spec.incarnation, popen.pid, create_time_of(popen.pid), popen=popen)
+
+    async def _daemonized(self, spec: SpawnSpec, launcher: Child) -> Child:
+        """A program that forks into the background: its launcher must exit 0 within the
+        start timeout, and the main process is then the one its pidfile names (or the one
+        left in its cgroup). It was orphaned below us (the subreaper), so we still reap it
+        and read its real exit status."""
+        deadline = time.monotonic() + spec.start_timeout
+        while launcher.popen is not None and launcher.popen.poll() is None:
+            if time.monotonic() > deadline:
+                await self._end(launcher)
+                raise SpawnError(f"daemonize = true, but {spec.argv[0]} did not go into the background within "
+                                 f"{spec.start_timeout:.0f}s")
+            await asyncio.sleep(0.005)
+        code = launcher.popen.returncode if launcher.popen is not None else None
+        if code != 0:
+            await self._end(launcher)
+            raise SpawnError(f"{spec.argv[0]} exited with {code} before it went into the background (see its log)")
+        main = None
+        while main is None and time.monotonic() < deadline:
+            main = self._main_pid(spec, launcher)
+            if main is None:
+                await asyncio.sleep(0.01)
+        if main is None:
+            await self._end(launcher)
+            where = f"in {spec.pidfile}" if spec.pidfile else "left in its cgroup" if launcher.cgroup else "found"
+            raise SpawnError(f"{spec.argv[0]} went into the background, but no live main process was {where} "
+                             f"within {spec.start_timeout:.0f}s")
+        child = Child(spec.name, spec.incarnation, main, create_time_of(main), mode="daemonized",
+                      cgroup=launcher.cgroup, port=spec.port)
+        log.info("daemonized", extra={"offender": spec.name, "launcher": launcher.pid, "pid": main,
+                                      "incarnation": spec.incarnation})
+        return self._track(child)
+
+    def _main_pid(self, spec: SpawnSpec, launcher: Child) -> int | None:
+        if spec.pidfile is not None:
+            try:
+                pid = int(spec.pidfile.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+            if not same_process(pid, None):
+                return None
+            if launcher.cgroup is not None:
+                return pid if pid in launcher.cgroup.pids() else None
+            try:  # marks: a stale pidfile may name a recycled pid; the daemonized one is orphaned to us
+                return pid if psutil.Process(pid).ppid() == os.getpid() else None
+            except psutil.Error:
+                return None
+        if launcher.cgroup is not None:
+            alive = [p for p in launcher.cgroup.pids() if same_process(p, None)]
+            return min(alive) if alive else None
+        return None
+
+    async def _end(self, child: Child) -> None:
+        """A start that failed half-way: nothing of it may stay."""
+        child.expected_exit = True
+        child.exited.set()  # not tracked: nobody waits for its pidfd
+        await self.kill(child)
 
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
         """Take over a live process from an earlier daemon, if it is the same process
         (same pid *and* start time)."""
         if not same_process(pid, create_time):
             return None
+        group = self.cgroups.find(name, incarnation) if self.cgroups is not None else None
         try:
-            return self._track(Child(name, incarnation, pid, create_time, mode="adopted"))
+            return self._track(Child(name, incarnation, pid, create_time, mode="adopted", cgroup=group))
         except ProcessLookupError:
             return None
 
@@ -289,6 +466,8 @@ class LocalSpawner:
                 child.exit_signal = os.WTERMSIG(status)
             else:
                 child.exit_code = os.waitstatus_to_exitcode(status)
+        if child.cgroup is not None and child.cgroup.oom_kills() > 0:
+            child.oom_killed = True  # the kernel's own count, not a guess from the SIGKILL
         if child.popen is not None:
             child.popen.returncode = -child.exit_signal if child.exit_signal else child.exit_code
         child.exited.set()
@@ -297,7 +476,15 @@ class LocalSpawner:
     # -- ending a tree -------------------------------------------------------------------------
 
     def leftovers(self, child: Child) -> list[int]:
+        group = self._group_of(child)
+        if group is not None:
+            return group.pids()
         return [p.pid for p in tree_of(child.pid, child.incarnation)]
+
+    def _group_of(self, child: Child) -> Cgroup | None:
+        if child.cgroup is None and self.cgroups is not None and child.incarnation:
+            child.cgroup = self.cgroups.find(child.name, child.incarnation)  # a lost session's
+        return child.cgroup
 
     async def stop(self, child: Child, grace: float, sig: int = signal.SIGTERM) -> None:
         """``sig`` (with SIGCONT, so a stopped process can act on it), then SIGKILL to the
@@ -306,6 +493,12 @@ class LocalSpawner:
         if child.alive:
             signal_group(child.pid, sig)
             signal_group(child.pid, signal.SIGCONT)
+            if _group_leader(child.pid) is False:  # a daemonized main process may lead no group
+                for each in (sig, signal.SIGCONT):
+                    try:
+                        os.kill(child.pid, each)
+                    except ProcessLookupError:
+                        pass
             try:
                 await asyncio.wait_for(asyncio.shield(child.exited.wait()), grace)
             except asyncio.TimeoutError:
@@ -316,7 +509,11 @@ class LocalSpawner:
         """SIGKILL the whole tree at once: the process has already failed (hung, gone, or
         past its grace), so there is nothing to wait for but the kernel."""
         child.expected_exit = True
-        procs = tree_of(child.pid, child.incarnation)
+        group = self._group_of(child)
+        if group is not None:
+            await self._kill_cgroup(child, group)
+            return
+        procs = tree_of(child.pid, child.incarnation) + self._strays_on_port(child)
         deadline = time.monotonic() + 10
         while True:
             kill_tree(procs, child.pid)
@@ -334,6 +531,51 @@ class LocalSpawner:
                     pass
             else:
                 await asyncio.sleep(0.005)
+
+    async def _kill_cgroup(self, child: Child, group: Cgroup) -> None:
+        """cgroup.kill (or freeze + kill): every process of the incarnation, wherever it
+        went; returns when the cgroup is empty and the main process reaped, then removes it."""
+        deadline = time.monotonic() + 10
+        while True:
+            group.kill()
+            if not group.pids() and not child.alive:
+                break
+            if time.monotonic() > deadline:
+                log.error("kill: %s cgroup %s still holds %s 10s after SIGKILL", child.name, group.owner,
+                          group.pids())
+                return
+            if child.alive:
+                try:
+                    await asyncio.wait_for(asyncio.shield(child.exited.wait()), 0.005)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0.002)
+        group.remove()
+
+    def _strays_on_port(self, child: Child) -> list[psutil.Process]:
+        """The marks fallback: a child of ours (the subreaper) that no incarnation accounts
+        for and that listens on this service's port is this service's (a program that
+        daemonized and rewrote its environment), with its own tree."""
+        if child.port is None or not self.subreaper or not listening_inodes(child.port):
+            return []  # nobody listens (the usual case after a kill): no scan of every process's sockets
+        holder = port_holder(child.port)
+        if not holder or holder.get("pid") in (None, child.pid):
+            return []
+        try:
+            proc = psutil.Process(holder["pid"])
+            if proc.ppid() != os.getpid() or proc.pid in self.helper_pids():
+                return []
+            return [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+
+def _group_leader(pid: int) -> bool | None:
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:
+        return None
 
 
 def _gone(proc: psutil.Process, *, reap: bool = True) -> bool:
@@ -485,12 +727,15 @@ class ForkServerClient:
         except (OSError, json.JSONDecodeError):
             return None
 
-    async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None) -> int | None:
+    async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None,
+                    log_fd: int | None = None, *, cgroup: list[str] | None = None,
+                    open_files: int | None = None) -> int | None:
         if not self.ready:
             return None
+        fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
         reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
-                                     "log": str(log_file)}, timeout=2.0,
-                                    fds=() if listen_fd is None else (listen_fd,))
+                                     "log": str(log_file), "log_pipe": log_fd is not None, "cgroup": cgroup or [],
+                                     "open_files": open_files}, timeout=2.0, fds=fds)
         if reply and reply.get("ok"):
             self.spawned += 1
             return int(reply["pid"])

@@ -38,6 +38,7 @@ from services.daemon.access import Access
 from services.daemon.metrics import DaemonMetrics
 from services.daemon.sockdiag import listening_inodes
 from common.processes import describe, home_processes
+from services.daemon.cgroups import Limits
 from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, port_holder
 
 log = logging.getLogger("tron.daemon")
@@ -84,6 +85,7 @@ class Service:
     last_failure: dict | None = None
     listener: socket.socket | None = None  # the listening socket held across restarts (listeners.py)
     spawned_provider: str | None = None  # the provider the current incarnation was started on
+    tasks_done: int = 0  # tasks the current incarnation finished (max_tasks, restart_above_memory)
     unreported: dict[str, float] = field(default_factory=dict)  # leased tasks its beats stopped naming: since
     tasks_checked: float = float("-inf")  # when its beats' task list was last compared with the leases
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
@@ -255,10 +257,16 @@ class Supervisor:
         if svc.spec.holds_socket:
             env.update(listen_env(svc.name))
         cwd = Path(svc.spec.cwd.format(**values)) if svc.spec.cwd else Path(values["config_dir"])
-        return SpawnSpec(name=svc.name, incarnation=incarnation, argv=svc.spec.argv(values), env=env, cwd=cwd,
-                         log=self.home.log_file(svc.name), user=svc.spec.user,
-                         module=svc.spec.module if svc.spec.is_agent else None,
-                         port=svc.spec.port)
+        spec = svc.spec
+        pidfile = Path(spec.pidfile.format(**values)) if spec.pidfile else None
+        if pidfile is not None and not pidfile.is_absolute():
+            pidfile = cwd / pidfile
+        return SpawnSpec(name=svc.name, incarnation=incarnation, argv=spec.argv(values), env=env, cwd=cwd,
+                         log=self.home.log_file(svc.name), user=spec.user,
+                         module=spec.module if spec.is_agent else None,
+                         port=spec.port, log_limits=self.config.log_limits(svc.name),
+                         limits=Limits(spec.memory_max, spec.cpu_max, spec.pids_max), open_files=spec.open_files,
+                         daemonize=spec.daemonize, pidfile=pidfile, start_timeout=self.policy().start_timeout)
 
     def _listener(self, svc: Service) -> int | None:
         """The fd of the service's held listening socket, bound on first use. Raises
@@ -294,6 +302,7 @@ class Supervisor:
         svc.incarnation, svc.child = incarnation, None
         svc.started_at, svc.healthy_at, svc.last_beat = now, None, None
         svc.task_id = svc.progress = None
+        svc.tasks_done = 0
         svc.unreported.clear()
         svc.ready = False
         svc.spawned_provider = svc.provider
@@ -442,8 +451,7 @@ class Supervisor:
             self.access.revoke_agent(svc.name)  # a stopped service speaks for nobody
             child = svc.child
             if child is not None:
-                grace = svc.spec.stop_grace if svc.spec.stop_grace is not None else self.policy().stop_grace
-                await self.spawner.stop(child, grace, getattr(signals, svc.spec.stop_signal))
+                await self.spawner.stop(child, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
                 await self._best_effort(self.store.close_session(
                     child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
                     f"close session {child.incarnation}")
@@ -452,6 +460,9 @@ class Supervisor:
             svc.state = S.STOPPED
             svc.settled.set()
 
+    def stop_grace(self, svc: Service) -> float:
+        return svc.spec.stop_grace if svc.spec.stop_grace is not None else self.policy().stop_grace
+
     async def _best_effort(self, coro, what: str) -> None:
         try:
             await coro
@@ -459,9 +470,10 @@ class Supervisor:
             log.error("%s failed while stopping: %s", what, err)
 
     async def replace(self, svc: Service, old_incarnation: str, *, delay: float, reason: str,
-                      provider: str | None = None, requeue: bool = True) -> bool:
-        """Kill the old incarnation's tree, wait out ``delay`` (BACKOFF), then start a new
-        one (on ``provider`` if given) that inherits the open tasks when ``requeue``.
+                      provider: str | None = None, requeue: bool = True, graceful: bool = False) -> bool:
+        """Kill the old incarnation's tree (``graceful``: stop it as `tron stop` does, with
+        its stop_signal and stop_grace first), wait out ``delay`` (BACKOFF), then start a
+        new one (on ``provider`` if given) that inherits the open tasks when ``requeue``.
         A no-op (False) when the incarnation is no longer current or the service stops."""
         async with svc.lock:
             if svc.incarnation != old_incarnation or svc.state in (S.STOPPING, S.STOPPED) or svc.stopped:
@@ -470,8 +482,11 @@ class Supervisor:
             self.monitor.unwatch(svc.name)
             old = svc.child
         try:
-            if old is not None:
+            if old is not None and graceful:
+                await self.spawner.stop(old, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
+            elif old is not None:
                 await self.spawner.kill(old)
+            if old is not None:
                 await self.store.close_session(old.incarnation, reason=f"replaced:{reason}",
                                                exit_code=old.exit_code, exit_signal=old.exit_signal)
             elif old_incarnation:
@@ -510,6 +525,23 @@ class Supervisor:
         if svc.wake.is_set():
             log.info("%s: backoff ended by an operator", svc.name, extra={"offender": svc.name})
 
+    def recycle_due(self, svc: Service) -> tuple[str, dict] | None:
+        """Why an agent is due to be recycled between tasks (max_tasks, memory_recycle),
+        with what was measured; None when not (it has done no task since it started: an
+        incarnation that is large from birth would be recycled for ever)."""
+        spec, child = svc.spec, svc.child
+        if svc.state != S.RUNNING or svc.replacing or svc.stopped or child is None or not child.alive \
+                or svc.tasks_done < 1:
+            return None
+        if spec.max_tasks and svc.tasks_done >= spec.max_tasks:
+            return "max_tasks", {"tasks": svc.tasks_done, "max_tasks": spec.max_tasks}
+        if spec.restart_above_memory:
+            size = _resident(child.pids() if hasattr(child, "pids") else [child.pid])
+            if size > spec.restart_above_memory:
+                return "memory_recycle", {"rss": size, "restart_above_memory": spec.restart_above_memory,
+                                          "tasks": svc.tasks_done}
+        return None
+
     def retry_now(self, svc: Service) -> bool:
         """End the backoff of a service waiting out a failure to start: its restart goes
         ahead now (through the same replace, so the same guards apply). False when it is
@@ -531,17 +563,27 @@ class Supervisor:
             return
         signal = self.monitor.process_exited(child.name, child.incarnation, self.clock.now(),
                                              exit_code=child.exit_code, signal=child.exit_signal)
-        self.background(self.store.close_session(child.incarnation, reason="process_exit", exit_code=child.exit_code,
+        if signal is not None and child.oom_killed:  # the kernel's count in its cgroup says so
+            signal = dataclasses.replace(signal, reason=Reason.OOM_KILLED,
+                                         detail={**signal.detail, "memory_max": svc.spec.memory_max})
+        self.background(self.store.close_session(child.incarnation, reason="oom_killed" if child.oom_killed
+                                                 else "process_exit", exit_code=child.exit_code,
                                                  exit_signal=child.exit_signal), f"close {child.incarnation}")
         if signal is not None and child.lost:
             signal = dataclasses.replace(signal, detail={**signal.detail, "node_lost": child.node})
-        elif signal is not None and svc.healthy_at is None:
+        if signal is not None and self.on_signal is not None:
+            self.background(self._exited(svc, signal), f"exit {child.name}")
+
+    async def _exited(self, svc: Service, signal: Signal) -> None:
+        if svc.healthy_at is None and not signal.detail.get("node_lost"):
             # It never came up: what it said last is why (a missing module, a bad config line).
+            sync = getattr(self.spawner, "sync_log", None)
+            if sync is not None:  # the log pump writes behind the program: let it catch up
+                await sync(self.home.log_file(svc.name))
             last = last_line(self.home.log_file(svc.name))
             if last:
                 signal = dataclasses.replace(signal, detail={**signal.detail, "error": last})
-        if signal is not None and self.on_signal is not None:
-            self.background(self.on_signal(signal), f"exit {child.name}")
+        await self.on_signal(signal)
 
     async def adopt_or_close(self) -> None:
         """Sessions left open by an earlier daemon: adopt the live ones (same pid and start
@@ -641,6 +683,19 @@ class Supervisor:
                 "cause": svc.spawn_cause,  # why it cannot start (spawn_failed), while it has not run since
             })
         return out
+
+
+def _resident(pids: list[int]) -> int:
+    """Resident bytes of these processes together."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    return total
 
 
 def last_line(path: Path, limit: int = 4096) -> str | None:

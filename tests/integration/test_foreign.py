@@ -112,6 +112,22 @@ def test_sigstop_of_the_main_process_is_detected_and_replaced(servers, name):
     assert wait_for(lambda: serving(servers, name), 15, f"{name} serving")
 
 
+def test_an_operator_restart_stops_postgres_cleanly_and_force_does_not(servers):
+    """Issue 22: `tron restart` uses the stop_signal (SIGINT, PostgreSQL's fast shutdown):
+    the next start needs no crash recovery; `--force` kills, and recovery follows."""
+    log = servers.home / "logs" / "postgres.log"
+    assert wait_for(lambda: serving(servers, "postgres"), 30, "postgres serving")
+    for force, recovered in ((False, False), (True, True)):
+        mark = log.stat().st_size
+        proc = servers.tron("restart", "postgres", "--wait", *(["--force"] if force else []), timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert wait_for(lambda: serving(servers, "postgres"), 30, "postgres serving again")
+        text = log.read_bytes()[mark:].decode(errors="replace")
+        assert ("automatic recovery in progress" in text) == recovered, text
+    # The probes name their role and database (examples/servers/mesh.toml): no FATAL per probe.
+    assert 'role "root" does not exist' not in log.read_text(errors="replace")
+
+
 def test_drills_tell_the_truth_on_foreign_servers(servers):
     """Each drill's PASS is held against the world: the old main process is gone from
     /proc, a new one from a new incarnation serves its own protocol on the port, and the

@@ -91,7 +91,8 @@ def _parked(*kinds: str) -> Callable[[dict], bool]:
 ACTIONS: tuple[Action, ...] = (
     # -- services ---------------------------------------------------------------------------------
     Action("restart", "service", "POST", "/services/{name}/restart", "Restart",
-           "Restart {name}? Its process tree is killed and a new incarnation is started.",
+           "Restart {name}? It is stopped gracefully (its stop signal, then a kill after its grace) "
+           "and a new incarnation is started.",
            lambda s: not _down(s), "{name}"),
     Action("stop", "service", "POST", "/services/{name}/stop", "Stop",
            "Stop {name}? It stays stopped, and its live tasks fail, until an operator starts it again.",

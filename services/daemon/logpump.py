@@ -1,0 +1,481 @@
+"""The log pump: Tron owns the write side of every service's log, so no log fills the disk.
+
+A program's stdout and stderr are the write end of a pipe; the pump holds the read end and
+writes whole lines to ``<home>/logs/<name>.log``. Because the pump is the only writer it
+can rotate (``name.log`` -> ``name.log.1`` ... ``name.log.<backups>``, the oldest
+dropped) between two lines: no line is lost or cut at a rotation, and there is no
+copy-truncate race. Per service, more than ``rate_limit`` lines in a second are dropped
+and counted, and the count is written once when the second is over (journald's
+``RateLimitBurst``). When the disk holding the logs has less than ``min_free`` bytes free,
+the pump stops writing logs first (the registry and recovery go on), says so once, loudly,
+and counts what it dropped until there is room again.
+
+The pump is its own process in its own session, as the services are: a daemon that is
+killed leaves it running, and the programs keep writing (a pipe without a reader would
+kill them with SIGPIPE). The next daemon finds it on its socket and goes on using it.
+
+Protocol: one JSON object per line on a Unix socket.
+    {"op": "ping"}                                        -> {"ok": true, "pid": ...}
+    {"op": "attach", "path", "max_bytes", "backups", "rate_limit"} + the read end (SCM_RIGHTS)
+                                                          -> {"ok": true}
+    {"op": "stats"}                                       -> {"ok": true, "disk_full": ..., "logs": {...}}
+    {"op": "sync", "path"}                                -> {"ok": true} once that log's pipes are drained
+    {"op": "exit"}                                        -> {"ok": true}; exits once every pipe is drained
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("tron.logpump")
+
+CHUNK = 1 << 16
+LONGEST_LINE = 1 << 16  # a "line" with no newline this long is written as it is
+DISK_CHECK_EVERY = 1.0  # seconds between two looks at the free space
+
+
+def rotated(path: Path, backups: int) -> list[Path]:
+    """A log's files, oldest first: name.log.<backups> ... name.log.1, name.log."""
+    return [path.with_name(f"{path.name}.{i}") for i in range(backups, 0, -1)] + [path]
+
+
+def rotate(path: Path, backups: int) -> None:
+    """name.log -> name.log.1 -> ... -> name.log.<backups>; the oldest goes."""
+    if backups <= 0:
+        path.unlink(missing_ok=True)
+        return
+    path.with_name(f"{path.name}.{backups}").unlink(missing_ok=True)
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.rename(path.with_name(f"{path.name}.{i + 1}"))
+    if path.exists():
+        path.rename(path.with_name(f"{path.name}.1"))
+
+
+def rotate_if_large(path: Path, max_bytes: int, backups: int, *, stdio: bool = False) -> bool:
+    """Rotate a log the pump does not write: the comms log (every writer opens it by name
+    for each line, so a rename loses nothing) and, with ``stdio``, the daemon's own log
+    (its stdout and stderr are moved to the new file)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    if st.st_size <= max_bytes:
+        return False
+    if stdio:
+        try:
+            if os.fstat(1).st_ino != st.st_ino:
+                return False  # our stdout is not that file (a terminal, a test's pipe)
+        except OSError:
+            return False
+    rotate(path, backups)
+    if stdio:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    return True
+
+
+@dataclass
+class Sink:
+    """One log file and its limits, shared by every incarnation of its service."""
+
+    path: Path
+    max_bytes: int
+    backups: int
+    rate_limit: int | None
+    fd: int = -1
+    size: int = 0
+    window: int = -1  # the second the rate is counted in
+    in_window: int = 0
+    dropped_rate: int = 0  # dropped in the current episode (said when it ends)
+    dropped_disk: int = 0
+    lines: int = 0
+    rotations: int = 0
+    total_dropped: int = 0
+
+    def open(self) -> None:
+        if self.fd < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.size = os.fstat(self.fd).st_size
+
+    def _write(self, data: bytes) -> None:
+        self.open()
+        if self.size and self.size + len(data) > self.max_bytes:
+            os.close(self.fd)
+            self.fd = -1
+            rotate(self.path, self.backups)
+            self.rotations += 1
+            self.open()
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def say(self, text: str) -> None:
+        self._write((json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%S"), "level": "warning",
+                                 "logger": "tron.logs", "msg": text}) + "\n").encode())
+
+    def lines_in(self, data: bytes, now: float, disk_full: bool) -> None:
+        """Whole lines, as the rate limit and the disk allow."""
+        count = data.count(b"\n") or 1
+        if disk_full:
+            self.dropped_disk += count
+            self.total_dropped += count
+            return
+        if self.dropped_disk:
+            self.say(f"{self.dropped_disk} lines dropped: the disk was nearly full")
+            self.dropped_disk = 0
+        second = int(now)
+        if second != self.window:
+            self._end_window()
+            self.window, self.in_window = second, 0
+        if self.rate_limit is not None and self.in_window + count > self.rate_limit:
+            room = max(0, self.rate_limit - self.in_window)
+            kept = data
+            if room:
+                cut = -1
+                for _ in range(room):
+                    cut = data.index(b"\n", cut + 1)
+                kept = data[:cut + 1]
+            else:
+                kept = b""
+            if not self.dropped_rate:
+                print(json.dumps({"msg": "log rate limit reached", "log": str(self.path),
+                                  "limit": self.rate_limit}), flush=True)
+            self.dropped_rate += count - room
+            self.total_dropped += count - room
+            self.in_window = self.rate_limit
+            data, count = kept, room
+        else:
+            self.in_window += count
+        if data:
+            self.lines += count
+            self._write(data)
+
+    def _end_window(self) -> None:
+        if self.dropped_rate:
+            self.say(f"{self.dropped_rate} lines dropped: over log_rate_limit ({self.rate_limit} lines/s)")
+            self.dropped_rate = 0
+
+    def tick(self, now: float) -> None:
+        if int(now) != self.window:
+            self._end_window()
+
+    def stats(self) -> dict:
+        return {"bytes": self.size, "lines": self.lines, "rotations": self.rotations, "dropped": self.total_dropped,
+                "max_bytes": self.max_bytes, "backups": self.backups, "rate_limit": self.rate_limit}
+
+
+@dataclass
+class Pipe:
+    fd: int
+    sink: Sink
+    partial: bytearray = field(default_factory=bytearray)
+
+
+class Pump:
+    def __init__(self, sock_path: str, logs_dir: Path, min_free: int) -> None:
+        self.sock_path = sock_path
+        self.logs_dir = logs_dir
+        self.min_free = min_free
+        self.sinks: dict[str, Sink] = {}
+        self.pipes: dict[int, Pipe] = {}
+        self.sel = selectors.DefaultSelector()
+        self.disk_full = False
+        self.checked = 0.0
+        self.exiting = False
+
+    def check_disk(self, now: float) -> None:
+        if now - self.checked < DISK_CHECK_EVERY:
+            return
+        self.checked = now
+        try:
+            st = os.statvfs(self.logs_dir)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            return
+        if self.min_free < 0:  # not said: 100 MB, or 5 % of a smaller filesystem (journald keeps 15 %)
+            self.min_free = min(100_000_000, st.f_blocks * st.f_frsize // 20)
+        full = free < self.min_free
+        if full != self.disk_full:
+            self.disk_full = full
+            print(json.dumps({"level": "error" if full else "info",
+                              "msg": "disk nearly full: service logs are not written until there is room"
+                              if full else "room on the disk again: service logs are written again",
+                              "free_bytes": free, "min_free": self.min_free}), flush=True)
+
+    def attach(self, req: dict, fd: int) -> None:
+        path = str(req["path"])
+        sink = self.sinks.get(path)
+        if sink is None:
+            sink = self.sinks[path] = Sink(Path(path), int(req["max_bytes"]), int(req["backups"]), req.get("rate_limit"))
+        else:  # the newest incarnation's settings (a reload may have changed them)
+            sink.max_bytes, sink.backups, sink.rate_limit = int(req["max_bytes"]), int(req["backups"]), \
+                req.get("rate_limit")
+        os.set_blocking(fd, False)
+        self.pipes[fd] = Pipe(fd, sink)
+        self.sel.register(fd, selectors.EVENT_READ, "pipe")
+
+    def read(self, pipe: Pipe, now: float) -> None:
+        try:
+            data = os.read(pipe.fd, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # every writer is gone: what is left is the last (unterminated) line
+            if pipe.partial:
+                pipe.sink.lines_in(bytes(pipe.partial) + b"\n", now, self.disk_full)
+            self.sel.unregister(pipe.fd)
+            os.close(pipe.fd)
+            del self.pipes[pipe.fd]
+            return
+        pipe.partial += data
+        end = pipe.partial.rfind(b"\n")
+        if end < 0 and len(pipe.partial) < LONGEST_LINE:
+            return
+        cut = end + 1 if end >= 0 else len(pipe.partial)
+        whole = bytes(pipe.partial[:cut])
+        del pipe.partial[:cut]
+        try:
+            pipe.sink.lines_in(whole, now, self.disk_full)
+        except OSError as err:  # ENOSPC before our own check saw it: counted, never fatal
+            pipe.sink.dropped_disk += whole.count(b"\n")
+            print(json.dumps({"level": "error", "msg": "log write failed", "log": str(pipe.sink.path),
+                              "error": str(err)}), flush=True)
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+                while data and not data.endswith(b"\n"):
+                    more = conn.recv(1 << 16)
+                    if not more:
+                        break
+                    data += more
+                req = json.loads(data)
+            except (OSError, ValueError) as err:
+                reply = {"ok": False, "error": f"bad request: {err}"}
+                fds = []
+            else:
+                reply = self.answer(req, fds)
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+
+    def answer(self, req: dict, fds: list[int]) -> dict:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "stats":
+            return {"ok": True, "pid": os.getpid(), "disk_full": self.disk_full, "pipes": len(self.pipes),
+                    "logs": {Path(p).name: s.stats() for p, s in self.sinks.items()}}
+        if op == "attach":
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                return {"ok": False, "error": "attach needs exactly one descriptor"}
+            try:
+                self.attach(req, fds[0])
+            except (KeyError, ValueError, TypeError) as err:
+                os.close(fds[0])
+                return {"ok": False, "error": f"bad attach: {err}"}
+            return {"ok": True}
+        if op == "sync":  # what every pipe of that log holds now is written before the answer
+            for pipe in [p for p in self.pipes.values() if str(p.sink.path) == str(req.get("path"))]:
+                for _ in range(64):  # at most 4 MiB: a writer that keeps writing is not waited for
+                    if pipe.fd not in self.pipes:
+                        break
+                    before = len(pipe.partial)
+                    self.read(pipe, time.time())
+                    if pipe.fd in self.pipes and len(pipe.partial) == before and not self._readable(pipe.fd):
+                        break
+            return {"ok": True}
+        if op == "exit":
+            self.exiting = True
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    @staticmethod
+    def _readable(fd: int) -> bool:
+        import select
+
+        return bool(select.select([fd], [], [], 0)[0])
+
+    def serve(self) -> int:
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(self.sock_path)
+        os.chmod(self.sock_path, 0o600)
+        server.listen(64)
+        self.sel.register(server, selectors.EVENT_READ, "server")
+        print(json.dumps({"msg": "log pump ready", "pid": os.getpid()}), flush=True)
+        while True:
+            now = time.time()
+            self.check_disk(now)
+            for key, _ in self.sel.select(timeout=0.5):
+                if key.data == "server":
+                    conn, _ = server.accept()
+                    conn.settimeout(2.0)
+                    self.handle(conn)
+                else:
+                    pipe = self.pipes.get(key.fd)
+                    if pipe is not None:
+                        self.read(pipe, now)
+            for sink in self.sinks.values():
+                sink.tick(now)
+            if self.exiting and not self.pipes:
+                for sink in self.sinks.values():
+                    sink.tick(now + 1)
+                break
+        server.close()
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        return 0
+
+
+# -- the daemon's side ------------------------------------------------------------------------
+
+
+class LogPumpClient:
+    """Starts (or finds) the home's pump and attaches each incarnation's output to it.
+
+    ``pipe_for`` returns None when the pump cannot take the log (not running, not
+    answering): the spawner then appends to the file itself, as before, and says so.
+    """
+
+    def __init__(self, sock_path: Path, own_log: Path, logs_dir: Path, env: dict[str, str], min_free: int) -> None:
+        self.sock_path = str(sock_path)
+        self.own_log = own_log
+        self.logs_dir = logs_dir
+        self.env = env
+        self.min_free = min_free
+        self.pid: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.warned = False
+
+    def _call(self, req: dict, fds: tuple[int, ...] = (), timeout: float = 2.0) -> dict | None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(timeout)
+                conn.connect(self.sock_path)
+                socket.send_fds(conn, [json.dumps(req).encode() + b"\n"], list(fds))
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+            return json.loads(data) if data else None
+        except (OSError, ValueError):
+            return None
+
+    async def start(self) -> None:
+        """Find the pump an earlier daemon left, or start one (its own session: it outlives us)."""
+        reply = await asyncio.to_thread(self._call, {"op": "ping"})
+        if reply and reply.get("ok"):
+            self.pid = reply["pid"]
+            log.info("log pump found", extra={"pid": self.pid})
+            return
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.own_log, "ab", buffering=0) as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.daemon.logpump", self.sock_path, str(self.logs_dir),
+                 str(self.min_free)], env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            reply = await asyncio.to_thread(self._call, {"op": "ping"}, (), 0.5)
+            if reply and reply.get("ok"):
+                self.pid = reply["pid"]
+                log.info("log pump ready", extra={"pid": self.pid})
+                return
+            await asyncio.sleep(0.02)
+        log.error("the log pump did not start (see %s): services write their logs themselves, unrotated",
+                  self.own_log)
+
+    def pipe_for(self, path: Path, *, max_bytes: int, backups: int, rate_limit: int | None) -> int | None:
+        """The write end of a pipe whose read end the pump now holds for ``path``; the
+        caller hands it to the child and closes it. None: write the file directly."""
+        if self.pid is None:
+            return None
+        r, w = os.pipe()
+        try:
+            reply = self._call({"op": "attach", "path": str(path), "max_bytes": max_bytes, "backups": backups,
+                                "rate_limit": rate_limit}, (r,))
+        finally:
+            os.close(r)
+        if reply and reply.get("ok"):
+            return w
+        os.close(w)
+        if not self.warned:
+            self.warned = True
+            log.error("the log pump does not answer (%s): logs are written unrotated until it does", reply)
+        return None
+
+    def sync(self, path: Path) -> None:
+        """Until what the programs wrote to ``path``'s pipes so far is in the file (a start
+        failure's reason is the last line its program wrote before it exited)."""
+        if self.pid is not None:
+            self._call({"op": "sync", "path": str(path)}, timeout=1.0)
+
+    def stats(self) -> dict | None:
+        return self._call({"op": "stats"}, timeout=0.5) if self.pid is not None else None
+
+    async def stop(self) -> None:
+        """After every service has stopped: the pump drains what is left, then exits."""
+        if self.pid is None:
+            return
+        await asyncio.to_thread(self._call, {"op": "exit"})
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.proc is not None:
+                if self.proc.poll() is not None:
+                    break
+            else:
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    break
+            await asyncio.sleep(0.02)
+        else:
+            log.warning("log pump %s did not exit; ending it", self.pid)
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            self.proc.wait()
+        self.pid = None
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    return Pump(argv[0], Path(argv[1]), int(argv[2])).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

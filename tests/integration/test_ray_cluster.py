@@ -40,6 +40,7 @@ def cluster():
     c.wait_for_nodes()
     pids = [p.process.pid for node in c.list_all_nodes() for procs in node.all_processes.values() for p in procs]
     yield c
+    pids += [p.process.pid for node in c.list_all_nodes() for procs in node.all_processes.values() for p in procs]
     c.shutdown()
     left = wait_for(lambda: not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
                     or None, 30, "the Ray cluster's processes to end", interval=0.2)
@@ -126,8 +127,19 @@ def test_node_loss_drill_moves_the_nodes_services_and_says_pass(mesh_factory, cl
     wait_for(lambda: placed(mesh, "worker") == cluster.head_node.node_id, 10, "the worker restarted on the head")
 
 
-def test_a_lost_node_is_noticed_and_its_task_resumes_on_the_survivor(mesh_factory, cluster, postgres):
-    """Last in the module: it takes the worker node away for good."""
+@pytest.fixture
+def replaced_worker(cluster):
+    """The test takes the worker node away for good: a new one takes its place afterwards,
+    so the tests after it (in any order: make test shuffles) have a worker node again."""
+    yield
+    if not any(n.node_id == cluster.worker.node_id for n in cluster.list_all_nodes()):
+        cluster.worker = cluster.add_node(num_cpus=1, resources={"gpu_box": 1}, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+
+
+def test_a_lost_node_is_noticed_and_its_task_resumes_on_the_survivor(mesh_factory, cluster, postgres,
+                                                                    replaced_worker):
+    """It takes the worker node away; ``replaced_worker`` adds a new one after it."""
     mesh = ray_mesh(mesh_factory, cluster, postgres)
     mesh.up()
     worker = cluster.worker.node_id

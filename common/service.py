@@ -146,14 +146,17 @@ class ServiceContext:
 HEALTH_KEY = web.AppKey("service_ctx", ServiceContext)
 
 
+PUBLIC_HEALTH = ("status", "service", "role", "uptime")  # what a load balancer needs
+
+
 async def _health(request: web.Request) -> web.Response:
-    """Public: up, who, pid and incarnation (what a readiness check matches); the task, its
-    progress and the provider only with a peer token."""
+    """Public: up, who and for how long. The pid, the incarnation (what the daemon's
+    readiness check matches), the task, its progress and the provider only with a peer
+    token the daemon made for this service (the daemon's own checks, the CLI, drills)."""
     ctx = request.app[HEALTH_KEY]
     answer = ctx.health()
     if ctx.peer_caller(request) is None:
-        for key in ("task", "progress", "provider"):
-            answer.pop(key, None)
+        answer = {k: answer[k] for k in PUBLIC_HEALTH}
     return web.json_response(answer)
 
 

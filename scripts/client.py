@@ -138,8 +138,10 @@ class MeshClient:
         raise ClientError(f"no service named {name!r}")
 
     def health(self, name: str) -> dict | None:
-        code, body = self.try_call("GET", self.url(name) + "/health", timeout=0.5)
-        return body if code == 200 and isinstance(body, dict) else None
+        """A service's own /health with a peer token (the pid and incarnation are not public)."""
+        code, body = self.try_call("GET", self.url(name) + "/health", auth=True, timeout=0.5)
+        # No "incarnation": the token was made for the incarnation just replaced (public answer).
+        return body if code == 200 and isinstance(body, dict) and "incarnation" in body else None
 
     def registry(self) -> Path | str:
         """Where the registry is: a PostgreSQL URL (TRON_REGISTRY_URL, [registry] url) or

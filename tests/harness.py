@@ -190,10 +190,12 @@ class Mesh:
 
     def health(self, name: str) -> dict | None:
         try:
-            status, body = self.http("GET", self.url(name) + "/health", token=False, timeout=0.5)
+            status, body = self.http("GET", self.url(name) + "/health", timeout=0.5)  # with a peer token
         except OSError:
             return None
-        return body if status == 200 else None
+        # Without "incarnation" it took our token for another incarnation's (the daemon made it
+        # just before a restart): the public answer; the next call gets a new token.
+        return body if status == 200 and isinstance(body, dict) and "incarnation" in body else None
 
     def status(self) -> dict:
         status, body = self.http("GET", self.url("daemon") + "/status")

@@ -107,11 +107,11 @@ def test_chaos_drill_keeps_every_invariant(drill_mesh):
     for s in services:
         health = wait_for(lambda n=s["name"]: drill_mesh.health(n), 15, f"{s['name']} to answer /health")
         assert (health["pid"], health["incarnation"]) == (s["pid"], s["incarnation"]), (s, health)
-    # /proc: every live process of the home belongs to a current service's tree, the daemon
-    # or its fork server; no orphan of a killed incarnation, no duplicate of a service.
+    # /proc: every live process of the home belongs to a current service's tree, the daemon,
+    # its fork server or its log pump; no orphan of a killed incarnation, no duplicate.
     daemon = json.loads((drill_mesh.home / "run" / "daemon.json").read_text())["pid"]
-    fork_server = (drill_mesh.status().get("fork_server") or {}).get("pid")
-    owned = {daemon, fork_server}
+    status = drill_mesh.status()
+    owned = {daemon, (status.get("fork_server") or {}).get("pid"), (status.get("logs") or {}).get("pid")}
     for s in services:
         owned |= {s["pid"]} | {c.pid for c in psutil.Process(s["pid"]).children(recursive=True)}
     strays = [p for p in drill_mesh.processes() if p.pid not in owned and p.status() != psutil.STATUS_ZOMBIE]

@@ -394,7 +394,7 @@ def test_pause_marks_the_row_refuses_new_tasks_for_the_service_and_resume_lifts_
         ladder = len(mesh.history())
         code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "work for a paused service"})
         assert code == 202, body
-        refused = wait_for(lambda: (r := mesh.http("GET", base + f"/runs/{body['run_id']}", token=False)[1])
+        refused = wait_for(lambda: (r := mesh.http("GET", base + f"/runs/{body['run_id']}")[1])
                            and r["status"] != "running" and r, 60, "the run to end")
         assert refused["status"] == "failed" and "service_paused" in json.dumps(refused["failure"]), refused
         assert len(mesh.history()) == ladder

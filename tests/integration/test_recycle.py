@@ -23,7 +23,7 @@ def test_agents_are_recycled_between_tasks(mesh_factory):
     before = {n: mesh.service(n)["incarnation"] for n in ("programmer-1", "programmer-2")}
     code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "build it"})
     assert code == 202, body
-    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{body['run_id']}", token=False)[1])
+    run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{body['run_id']}")[1])
                    and r["status"] != "running" and r, 120, "the run to finish")
     assert run["status"] == "done", run  # no task was cut short by a recycle
     rows = wait_for(lambda: len(r := mesh.rows("SELECT agent, incarnation, payload FROM events "

@@ -70,8 +70,8 @@ def test_a_programs_replicas_share_its_port_roll_on_restart_and_survive_a_kill(m
         assert "app: restarted" in proc.stdout
         after = replicas(mesh, "app")
         assert not ({r["pid"] for r in after.values()} & pids)
-        served = set(load.pids[began:])
-        assert served >= {r["pid"] for r in after.values()}
+        wait_for(lambda: set(load.pids[began:]) >= {r["pid"] for r in after.values()}, 20,
+                 "every new replica to answer on the shared port")
         # Never fewer than two replicas serving: no refusal, at most one in-flight failure each.
         assert load.refused == 0 and load.failed <= 3, (load.refused, load.failed)
         # kill -9 of one replica: the other two go on answering, and it is restarted.

@@ -106,7 +106,7 @@ def submit(mesh, prompt: str) -> str:
 
 
 def finished(mesh, run_id: str, timeout: float = 120) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}", token=False)[1])
+    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1])
                     and r["status"] != "running" and r, timeout, f"run {run_id} to finish")
 
 

@@ -133,6 +133,7 @@ def flood(rate: float, seconds: float, root: Path) -> dict:
     asker = threading.Thread(target=ask_status, daemon=True)
     try:
         pump = psutil.Process(wait_for(lambda: (mesh.status().get("logs") or {}).get("pid"), 10, "the pump"))
+        wait_for(lambda: (logs / "flood.log").exists(), 30, "the flood's first line")
         daemon = psutil.Process(mesh.status()["daemon"]["pid"])
         cpu0 = pump.cpu_times()
         dcpu0 = daemon.cpu_times()

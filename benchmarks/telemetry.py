@@ -37,17 +37,7 @@ from benchmarks import finish
 from common import telemetry
 from common.providers import ProviderSettings, aclose_clients, complete
 from scripts.stats import percentile
-from services.llm_sim.app import make_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_sim(port: int) -> None:
-    web.run_app(make_app(), host="127.0.0.1", port=port, print=None, handle_signals=True)
+from benchmarks.usage_overhead import free_port, serve_sim  # llm-sim in a process of its own
 
 
 def serve_sink(port: int) -> None:

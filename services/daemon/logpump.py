@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.daemon import unixline
+
 log = logging.getLogger("tron.logpump")
 
 CHUNK = 1 << 16
@@ -378,17 +380,7 @@ class LogPumpClient:
 
     def _call(self, req: dict, fds: tuple[int, ...] = (), timeout: float = 2.0) -> dict | None:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(timeout)
-                conn.connect(self.sock_path)
-                socket.send_fds(conn, [json.dumps(req).encode() + b"\n"], list(fds))
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(1 << 16)
-                    if not chunk:
-                        break
-                    data += chunk
-            return json.loads(data) if data else None
+            return unixline.ask(self.sock_path, req, timeout=timeout, fds=fds)
         except (OSError, ValueError):
             return None
 

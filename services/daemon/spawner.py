@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
-import json
 import logging
 import os
 import resource
@@ -42,6 +41,7 @@ from typing import Callable, Protocol
 import psutil
 
 from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
+from services.daemon import unixline
 from services.daemon.cgroups import Cgroup, CgroupTree, Limits
 from services.daemon.cgroups import detect as detect_cgroups
 from services.daemon.cgroups import join as join_cgroup
@@ -727,23 +727,9 @@ class ForkServerClient:
     async def _request(self, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:
         """One request line (with ``fds`` alongside, SCM_RIGHTS) and its answer; None when
         the server does not answer well within ``timeout``."""
-        def call() -> bytes:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(timeout)
-                conn.connect(self.sock_path)
-                socket.send_fds(conn, [json.dumps(req).encode() + b"\n"], list(fds))
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(1 << 16)
-                    if not chunk:
-                        break
-                    data += chunk
-                return data
-
         try:
-            line = await asyncio.to_thread(call)
-            return json.loads(line) if line else None
-        except (OSError, json.JSONDecodeError):
+            return await asyncio.to_thread(unixline.ask, self.sock_path, req, timeout=timeout, fds=fds)
+        except (OSError, ValueError):
             return None
 
     async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None,

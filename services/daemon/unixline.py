@@ -1,0 +1,23 @@
+"""One JSON request line over a unix socket, descriptors alongside (SCM_RIGHTS), and its
+answer line: how the daemon talks to its helpers (the fork server, the log pump)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+
+def ask(sock_path: str, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:
+    """The answer, parsed; None when the helper closed without one. Raises OSError (not
+    there, timed out) and ValueError (not JSON)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(sock_path)
+        socket.send_fds(conn, [json.dumps(req).encode() + b"\n"], list(fds))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data) if data else None

@@ -226,12 +226,17 @@ def note(**kw):
 def call(path, body):
     req = urllib.request.Request(url + path, json.dumps(body).encode(),
                                  {"Content-Type": "application/json", "X-Tron-Token": token})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            data = r.read()
-            return r.status, json.loads(data) if data else None
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    for _ in range(10):  # a daemon slow to answer on a loaded machine is asked again, not a crash
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                data = r.read()
+                return r.status, json.loads(data) if data else None
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            note(event="call_error", path=path, error=str(e))
+            time.sleep(0.5)
+    raise SystemExit(f"{path}: no answer")
 
 note(event="start", provider=env.get("TRON_PROVIDER"), resume=json.loads(env.get("TRON_RESUME") or "null"))
 time.sleep(float(env["FIRST_BEAT_AFTER"]))
@@ -264,9 +269,9 @@ while True:
         call(f"/tasks/{task['task_id']}/checkpoint",
              {"step": step, "step_id": f"s{step}", "output": f"step {step} by {inc}", "incarnation": inc})
         if not (json.loads(env.get("TRON_RESUME") or "null") or {}).get("tasks"):  # the first one cannot go on
-            code, _ = call("/control/report_failure", {"service": name, "incarnation": inc, "task_id": task["task_id"],
-                                                       "reason": "my_tool_is_down", "retryable": True})
-            note(event="reported", code=code)
+            note(event="reporting")  # before: the restart it causes may end this process before the answer is read
+            call("/control/report_failure", {"service": name, "incarnation": inc, "task_id": task["task_id"],
+                                             "reason": "my_tool_is_down", "retryable": True})
             time.sleep(3600)
     call(f"/tasks/{task['task_id']}/finish", {"status": "done", "result": f"finished by {inc}", "incarnation": inc,
                                               "attempt": task["attempt"]})
@@ -301,9 +306,8 @@ def test_a_contract_agent_without_the_sdk_gets_the_whole_contract(mesh_factory, 
     wait_for(lambda: said("claim", first), 10, "a first claim")
     assert said("claim", first)[0]["code"] == 204  # nothing to do yet
     run_id, task_id = run_task(mesh, "contract", "two steps")
-    wait_for(lambda: said("reported", first), 20, "the failure to be reported")
-    assert said("reported", first)[0]["code"] in (200, 202)
-    fresh = wait_for(lambda: (s := said("start")) and len(s) > 1 and s[-1], 30, "a new incarnation")
+    wait_for(lambda: said("reporting", first), 60, "the failure to be reported")
+    fresh = wait_for(lambda: (s := said("start")) and len(s) > 1 and s[-1], 60, "a new incarnation")
     assert fresh["incarnation"] != first
     [resumed] = fresh["resume"]["tasks"]
     assert resumed["task_id"] == task_id and resumed["checkpoint"]["step"] == 1, fresh["resume"]

@@ -44,6 +44,8 @@ import socket
 import sys
 from pathlib import Path
 
+from services.daemon import unixline  # json and socket only: nothing heavy before the path check
+
 REPO = Path(__file__).resolve().parents[2]
 # The LLM SDKs are not listed: warm_up() imports those of the mesh's providers (the registry in
 # common.providers says which modules each needs).
@@ -232,7 +234,7 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         fds: list[int] = []
         with conn:
             try:
-                line, fds = _receive(conn)
+                line, fds = unixline.receive(conn, 4)
             except OSError:
                 continue
             try:
@@ -251,17 +253,6 @@ def serve(sock_path: str, parent: int | None = None) -> int:
             if reply.get("stale"):
                 print(json.dumps({"msg": "fork server out of date, exiting", "changed": reply["error"]}), flush=True)
                 return 0
-
-
-def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """One request line, and the descriptors sent with it (SCM_RIGHTS)."""
-    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 4)
-    while data and not data.endswith(b"\n"):
-        more = conn.recv(1 << 16)
-        if not more:
-            break
-        data += more
-    return data, list(fds)
 
 
 def _handle(req: dict, sources: dict[str, float], fds: list[int]) -> dict:

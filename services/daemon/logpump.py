@@ -265,12 +265,7 @@ class Pump:
     def handle(self, conn: socket.socket) -> None:
         with conn:
             try:
-                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
-                while data and not data.endswith(b"\n"):
-                    more = conn.recv(1 << 16)
-                    if not more:
-                        break
-                    data += more
+                data, fds = unixline.receive(conn, 2)
                 req = json.loads(data)
             except (OSError, ValueError) as err:
                 reply = {"ok": False, "error": f"bad request: {err}"}

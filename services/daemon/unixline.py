@@ -1,5 +1,6 @@
 """One JSON request line over a unix socket, descriptors alongside (SCM_RIGHTS), and its
-answer line: how the daemon talks to its helpers (the fork server, the log pump)."""
+answer line: how the daemon talks to its helpers (the fork server, the log pump). ``ask``
+is the daemon's side, ``receive`` the helper's."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def ask(sock_path: str, req: dict, *, timeout: float, fds: tuple[int, ...] = ())
                 break
             data += chunk
     return json.loads(data) if data else None
+
+
+def receive(conn: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
+    """One request line, and the descriptors sent with it (up to ``max_fds``)."""
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, max_fds)
+    while data and not data.endswith(b"\n"):
+        more = conn.recv(1 << 16)
+        if not more:
+            break
+        data += more
+    return data, list(fds)

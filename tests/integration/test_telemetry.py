@@ -21,6 +21,7 @@ import pytest
 
 from common.telemetry import attempt_span_id
 from tests.harness import REPO, http, wait_for
+from tests.integration.test_ladder import finished, submit  # the same run helpers, 120 s bound
 
 pytestmark = pytest.mark.integration
 
@@ -97,17 +98,6 @@ def traced(mesh_factory, request, endpoint: str, *, telemetry: str = "", **kw):
     mesh.up()
     mesh.project = project
     return mesh
-
-
-def submit(mesh, prompt: str) -> str:
-    code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": prompt})
-    assert code == 202, body
-    return body["run_id"]
-
-
-def finished(mesh, run_id: str, timeout: float = 120) -> dict:
-    return wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1])
-                    and r["status"] != "running" and r, timeout, f"run {run_id} to finish")
 
 
 def the_trace(mesh, run_id: str) -> str:

@@ -591,22 +591,13 @@ async def reload_mesh(request: web.Request) -> web.Response:
     d = _d(request)
     q = parse_query(request, ReloadQuery)
     body = await _operator_body(request)
-
-    async def act() -> dict:
-        try:
-            return await d.reload(dry_run=q.dry_run, actor=_actor(request))
-        except ReloadRefused as err:
-            raise Refused(400 if "under way" not in str(err) and "still starting" not in str(err) else 409,
-                          "; ".join(err.errors)) from None
-
-    if q.dry_run:
-        try:
-            return web.json_response(await act())
-        except Refused as err:
-            return error(err.status, str(err))
     try:
-        answer = await d.audit.run(act, actor=_actor(request), what="reload", target=str(d.config_path),
-                                   state=lambda: "", reason=body.reason, request_id=body.request_id)
+        if q.dry_run:
+            answer = await d.reload(dry_run=True, actor=_actor(request))
+        else:
+            answer = await d.reload_audited(actor=_actor(request), reason=body.reason, request_id=body.request_id)
+    except ReloadRefused as err:
+        return error(err.status, "; ".join(err.errors))
     except Refused as err:
         return error(err.status, str(err))
     return web.json_response(answer)

@@ -42,9 +42,10 @@ from services.daemon.carrier import Carrier
 from services.daemon.ledger import Ledger
 from services.daemon.notify import Notifier
 from services.daemon.lock import HomeLock, StartError
-from services.daemon.audit import Audit
+from services.daemon.audit import Audit, Refused
 from services.daemon.breaker import Breaker
 from services.daemon.operators import Operators
+from services.daemon.reload import ReloadRefused, Reloader
 from services.daemon.replicas import Replicas
 from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
@@ -52,7 +53,7 @@ from services.daemon.providers import ProviderDesk
 from services.daemon.spend import Spend
 from services.daemon.logpump import LogPumpClient, rotate_if_large
 from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, Spawner, reap_strays
-from services.daemon.supervisor import Supervisor, mesh_marks
+from services.daemon.supervisor import Supervisor, mesh_marks, new_id
 
 log = logging.getLogger("tron.daemon")
 # A leased task an agent's beats have not named for this long (or 4 beat intervals) is lost.
@@ -91,7 +92,7 @@ class Daemon:
         self.sup: Supervisor | None = None
         self.notifier: Notifier | None = None
         self.brought_up = asyncio.Event()  # the first bring-up is over (a reload waits for it)
-        self._reloader = None  # services/daemon/reload.py, made at the first reload
+        self.reloader = Reloader(self)  # tron reload, SIGHUP, tron scale (services/daemon/reload.py)
         self.replicas = Replicas(self)
         self.access = Access(config, home.run, current=self._current_incarnation)
         # The daemon calls our services with a peer token made for each (access.py); the
@@ -134,44 +135,34 @@ class Daemon:
             self.monitor.retime(svc.name, beat_timeout=new.beat_timeout if svc.spec.is_agent else None,
                                 progress_timeout=new.progress_timeout, task_timeout=new.task_timeout)
 
-    async def reload(self, *, dry_run: bool, actor: str) -> dict:
-        """`tron reload`: apply mesh.toml's difference (services/daemon/reload.py). Raises
+    async def reload(self, *, dry_run: bool, actor: str, new: MeshConfig | None = None) -> dict:
+        """`tron reload`: apply mesh.toml's difference (services/daemon/reload.py); ``new``: a
+        change made here, not in the file (`tron scale`), applied the same way. Raises
         ReloadRefused, naming every error, and changes nothing."""
-        from services.daemon.reload import ReloadRefused, Reloader
-
         if not self.brought_up.is_set():
-            raise ReloadRefused(["the mesh is still starting: reload once `tron up` is done"])
-        if self._reloader is None:
-            self._reloader = Reloader(self)
-        return await self._reloader.reload(dry_run=dry_run, actor=actor)
+            raise ReloadRefused(["the mesh is still starting: reload once `tron up` is done"], status=409)
+        return await self.reloader.reload(dry_run=dry_run, actor=actor, new=new)
 
-    async def apply_config(self, new: MeshConfig, *, actor: str) -> dict:
-        """A running-mesh change made here, not in the file (`tron scale`): applied as a
-        reload of ``new`` is."""
-        from services.daemon.reload import ReloadRefused, Reloader
+    async def reload_audited(self, *, actor: str, reason: str, request_id: str | None) -> dict:
+        """An applied reload, in the audit trail whether it is applied or refused (with its
+        plan); raises Refused."""
+        async def act() -> dict:
+            try:
+                return await self.reload(dry_run=False, actor=actor)
+            except ReloadRefused as err:
+                raise Refused(err.status, "; ".join(err.errors)) from None
 
-        if not self.brought_up.is_set():
-            raise ReloadRefused(["the mesh is still starting"])
-        if self._reloader is None:
-            self._reloader = Reloader(self)
-        return await self._reloader.reload(dry_run=False, actor=actor, new=new)
+        return await self.audit.run(act, actor=actor, what="reload", target=str(self.config_path), state=lambda: "",
+                                    reason=reason, request_id=request_id)
 
     def reload_on_signal(self) -> None:
-        """SIGHUP: the same reload as `tron reload`, audited as the signal's; the outcome is
-        logged (and a refusal is an event: nothing was changed)."""
+        """SIGHUP: the same reload as `tron reload`, audited as the signal's; a refusal is
+        logged (and audited: nothing was changed)."""
         async def run() -> None:
-            from services.daemon.reload import ReloadRefused
-
             try:
-                answer = await self.reload(dry_run=False, actor="SIGHUP")
-                await self.store.event("audit", {"who": "SIGHUP", "what": "reload", "target": str(self.config_path),
-                                                 "before": "", "after": "", "outcome": answer["status"],
-                                                 "reason": "signal", "plan": answer["plan"]})
-            except ReloadRefused as err:
-                log.error("reload refused: %s", err, extra={"errors": err.errors})
-                await self.store.event("audit", {"who": "SIGHUP", "what": "reload", "target": str(self.config_path),
-                                                 "before": "", "after": "", "outcome": f"refused: {err}",
-                                                 "reason": "signal"})
+                await self.reload_audited(actor="SIGHUP", reason="signal", request_id=new_id("sighup-"))
+            except Refused as err:
+                log.error("reload refused: %s", err)
 
         self.background(run(), "reload (SIGHUP)")
 

@@ -34,9 +34,12 @@ SCALE = frozenset({"replicas"})  # how many replicas there are: which NAME.i exi
 
 
 class ReloadRefused(Exception):
-    def __init__(self, errors: list[str]) -> None:
+    """Nothing was changed: ``errors`` say why; ``status`` 400 for the file, 409 for now."""
+
+    def __init__(self, errors: list[str], status: int = 400) -> None:
         super().__init__("; ".join(errors))
         self.errors = errors
+        self.status = status
 
 
 @dataclass
@@ -56,23 +59,21 @@ class Plan:
         return bool(self.start or self.stop or self.replace or self.update or self.sections)
 
 
-def _dump(model) -> dict:
-    return model.model_dump(mode="json") if model is not None else {}
-
-
-def _agent_view(config: MeshConfig, name: str) -> dict:
-    """What an agent reads of the mesh file besides its own entry."""
+def _agent_view(config: MeshConfig, dumped: dict, name: str) -> dict:
+    """What an agent reads of the mesh file besides its own entry (``dumped``: the
+    config as JSON)."""
     spec = config.services[name]
     near = [spec.parent, *config.children(name), config.providers.sim_service]
     return {"ports": {n: config.services[n].port for n in near if n in config.services},
-            "children": sorted(config.children(name)), "providers": _dump(config.providers)}
+            "children": sorted(config.children(name)), "providers": dumped["providers"]}
 
 
 def plan(old: MeshConfig, new: MeshConfig) -> Plan:
     """The difference between the running mesh and the file. Raises ReloadRefused when a
     section the daemon is built on differs."""
+    was, now = old.model_dump(mode="json"), new.model_dump(mode="json")
     errors = [f"[{s}] cannot change while the mesh runs (`tron down`, then `tron up`)"
-              for s in FIXED_SECTIONS if _dump(getattr(old, s)) != _dump(getattr(new, s))]
+              for s in FIXED_SECTIONS if was[s] != now[s]]
     if errors:
         raise ReloadRefused(errors)
     out = Plan()
@@ -80,33 +81,21 @@ def plan(old: MeshConfig, new: MeshConfig) -> Plan:
         if name not in old.services:
             out.start.append(name)
             continue
-        before, after = _dump(old.services[name]), _dump(new.services[name])
+        before, after = was["services"][name], now["services"][name]
         keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in SCALE)
         if keys and set(keys) <= PROBES:
             out.update[name] = keys
         elif keys:
             out.replace[name] = "changed: " + ", ".join(keys)
-        elif new.services[name].is_agent and _agent_view(old, name) != _agent_view(new, name):
+        elif new.services[name].is_agent and _agent_view(old, was, name) != _agent_view(new, now, name):
             out.replace[name] = "what it reads of the mesh changed (its parent's, children's or llm-sim's " \
                                 "port, its children, or [providers])"
         else:
             out.unchanged.append(name)
     out.stop = [n for n in reversed(old.start_order()) if n not in new.services]
     skip = {"services", "source", *FIXED_SECTIONS}
-    out.sections = sorted(k for k in type(new).model_fields if k not in skip
-                          and _dump_field(old, k) != _dump_field(new, k))
+    out.sections = sorted(k for k in now if k not in skip and was.get(k) != now[k])
     return out
-
-
-def _dump_field(config: MeshConfig, key: str):
-    value = getattr(config, key)
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {k: _dump(v) if hasattr(v, "model_dump") else v for k, v in value.items()}
-    if isinstance(value, list):
-        return [_dump(v) if hasattr(v, "model_dump") else v for v in value]
-    return value
 
 
 class Reloader:
@@ -130,7 +119,7 @@ class Reloader:
     async def reload(self, *, dry_run: bool, actor: str, new: MeshConfig | None = None) -> dict:
         """Read the file again (or take ``new``: `tron scale`'s edit of the running mesh)."""
         if self._lock.locked():
-            raise ReloadRefused(["another reload is under way"])
+            raise ReloadRefused(["another reload is under way"], status=409)
         async with self._lock:
             new = new or self.read()
             the_plan = plan(self.d.config, new)

@@ -122,7 +122,7 @@ class Replicas:
             raise Refused(400, f"cannot scale {group} to {n}: {err}") from None
         new._hosts = config._hosts
         try:
-            answer = await self.d.apply_config(new, actor=actor)
+            answer = await self.d.reload(dry_run=False, actor=actor, new=new)
         except ReloadRefused as err:
             raise Refused(409, "; ".join(err.errors)) from None
         return {"status": "scaled", "from": len(names), "to": n, "plan": answer["plan"]}

@@ -731,8 +731,8 @@ async def finish_run(request: web.Request) -> web.Response:
 async def record_task(request: web.Request) -> web.Response:
     d = _d(request)
     rec = await parse(request, TaskRecord)
+    existing = await d.store.task(rec.task_id)
     if rec.agent not in d.sup.services and d.replicas.of(rec.agent):  # a replicated agent: one of its replicas
-        existing = await d.store.task(rec.task_id)
         rec = rec.model_copy(update={"agent": existing["agent"] if existing else await d.replicas.pick(rec.agent)})
     _service(d, rec.agent)
     caller = _caller(request)
@@ -743,7 +743,6 @@ async def record_task(request: web.Request) -> web.Response:
             raise Refusal(Scope.CHILDREN, f"{caller.actor} gives tasks only to its own children, not to {rec.agent}")
     if await d.store.run(rec.run_id) is None:
         return error(404, f"no run {rec.run_id!r}")
-    existing = await d.store.task(rec.task_id)
     if existing is None:  # a parent re-delegating after its restart finds its task, paused or not
         refusal = await d.breaker.refusal(rec.agent)
         if refusal is not None:

@@ -227,16 +227,28 @@ def _at_once(n: int, call) -> list:
 
 def test_ten_concurrent_restarts_and_retries_admit_one_each(mesh):
     """Issue 20: an operator verb is admitted under its guard in one step. Ten restarts with
-    different request ids at once: one 202, nine 409 naming the one under way, one row."""
+    different request ids at once: each 202 is one real restart and one row; the others are 409
+    naming the one under way."""
     before = mesh.service("programmer-1")
+    known = {r["incarnation"] for r in mesh.rows("SELECT incarnation FROM sessions WHERE agent = 'programmer-1'")}
     url = mesh.url("daemon") + "/services/programmer-1/restart"
     answers = _at_once(10, lambda i: mesh.http("POST", url, {"reason": f"race {i}", "request_id": f"race-r-{i}"}))
-    codes = sorted(code for code, _ in answers)
-    assert codes == [202] + [409] * 9, answers
+    # Every request that arrives while a restart is under way is refused. On a loaded machine a
+    # late thread can arrive after the first restart ended and be admitted on its own, so the
+    # proof is that each 202 is one real restart (one new incarnation, one row), never several
+    # 202s for one restart (the bug: 3 to 5 answers and rows, one restart).
+    admitted = sum(code == 202 for code, _ in answers)
+    assert admitted >= 1 and all(code in (202, 409) for code, _ in answers), answers
     assert all("already" in body["error"] for code, body in answers if code == 409), answers
     mesh.wait_replaced("programmer-1", before["pid"])
+    wait_for(lambda: len([r for r in mesh.rows("SELECT incarnation FROM sessions WHERE agent = 'programmer-1'")
+                          if r["incarnation"] not in known]) >= admitted
+             and mesh.service("programmer-1")["state"] == "running", 30, f"{admitted} new incarnations")
+    new = [r for r in mesh.rows("SELECT incarnation FROM sessions WHERE agent = 'programmer-1'")
+           if r["incarnation"] not in known]
+    assert len(new) == admitted, (new, answers)
     rows = mesh.rows("SELECT * FROM retry_history WHERE agent_id = 'programmer-1' AND retry_type = 'operator_restart'")
-    assert len(rows) == 1, rows
+    assert len(rows) == admitted, rows
     # a live task retried ten times at once: one new attempt
     fault(mesh, "anthropic", "latency", latency_ms=3000)
     try:
@@ -246,11 +258,12 @@ def test_ten_concurrent_restarts_and_retries_admit_one_each(mesh):
         task_url = mesh.url("daemon") + f"/tasks/{busy['task']}/retry"
         answers = _at_once(10, lambda i: mesh.http("POST", task_url, {"reason": f"race {i}",
                                                                        "request_id": f"race-t-{i}"}))
-        assert sorted(code for code, _ in answers) == [202] + [409] * 9, answers
+        admitted = sum(code == 202 for code, _ in answers)
+        assert admitted >= 1 and all(code in (202, 409) for code, _ in answers), answers
         mesh.wait_replaced("programmer-2", busy["pid"])
         retried = mesh.rows("SELECT * FROM retry_history WHERE task_id = ? AND retry_type = 'operator_restart'",
                             (busy["task"],))
-        assert len(retried) == 1, retried
+        assert len(retried) == admitted, (retried, answers)
     finally:
         mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
     assert ended(mesh, body["run_id"])["status"] == "done"

@@ -500,7 +500,25 @@ def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
         trace = trace_id_of(args.trace) or args.trace.lower()  # a traceparent names its trace too
         if len(trace) != 32 or any(c not in "0123456789abcdef" for c in trace):
             raise CLIError(f"--trace takes a trace id (32 hex digits) or a traceparent, not {args.trace!r}")
-    return tail(ctx.home.logs, args.names, follow=args.follow, lines=args.lines, trace=trace)
+    names = list(args.names)
+    if names and not args.follow:
+        # A service of this mesh that has written nothing yet is not an error; a name the
+        # mesh does not know is. Without a readable mesh.toml, the log folder decides alone.
+        try:
+            known = set(ctx.config.services)
+        except Exception:  # noqa: BLE001 - a broken mesh.toml must not hide the logs
+            known = None
+        silent = [n for n in names if not (ctx.home.logs / f"{n}.log").exists()
+                  and not any(ctx.home.logs.glob(f"{n}.log.*"))]
+        if known is not None and (unknown := [n for n in silent if n not in known]):
+            raise CLIError(f"no service named {', '.join(unknown)} in this mesh (services: "
+                           f"{', '.join(sorted(known))})")
+        if silent and known is not None:
+            print(f"tron logs: {', '.join(silent)} has written nothing yet", file=sys.stderr)
+            names = [n for n in names if n not in silent]
+            if not names:
+                return 0
+    return tail(ctx.home.logs, names, follow=args.follow, lines=args.lines, trace=trace)
 
 
 def _gateway_url(ctx: Ctx) -> str:

@@ -131,3 +131,33 @@ def test_the_comms_log_rotates_by_name(tmp_path):
     path.write_text("a\n" * 3000)
     assert not rotate_if_large(path, 10_000, 1)
     assert rotate_if_large(path, 4096, 1) and not path.exists() and (tmp_path / "comms.jsonl.1").exists()
+
+
+def test_tron_logs_of_a_silent_service_says_so_and_of_an_unknown_name_fails(tmp_path):
+    """A configured service that has not written yet is not an error (exit 0, said on
+    stderr); a name the mesh does not know is (exit 2, naming the services it has)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    config = tmp_path / "mesh.toml"
+    config.write_text("[services.web]\ncommand = [\"true\"]\nport = 7000\n"
+                      "[services.db]\ncommand = [\"true\"]\nport = 7001\n")
+    home = tmp_path / "home"
+    (home / "logs").mkdir(parents=True)
+    (home / "logs" / "db.log").write_text("ready\n")
+    env = {**os.environ, "TRON_HOME": str(home)}
+
+    def tron(*args):
+        return subprocess.run([sys.executable, "-m", "scripts.tron", "--config", str(config), "logs", *args],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    silent = tron("web")
+    assert silent.returncode == 0 and "web has written nothing yet" in silent.stderr, silent
+    both = tron("web", "db")
+    assert both.returncode == 0 and "ready" in both.stdout, both
+    unknown = tron("wbe")
+    assert unknown.returncode == 2 and "no service named wbe" in unknown.stderr and "db, web" in unknown.stderr, unknown
+    assert not (home / "logs" / "web.log").exists()  # asking changed nothing

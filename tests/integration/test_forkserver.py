@@ -43,7 +43,7 @@ def test_forked_agents_serve_beat_call_their_provider_and_come_back_after_a_kill
     assert "services.programmer" in " ".join(proc.cmdline()) and "programmer-1" in " ".join(proc.cmdline())
     assert proc.environ().get("TRON_HOME") == str(mesh.home)  # leak checks can still find it
     # it beats and it calls its provider through the real SDK
-    wait_for(lambda: mesh.service("programmer-1")["last_beat_age"] is not None, 5, "a beat from the forked agent")
+    wait_for(lambda: mesh.service("programmer-1")["last_beat_age"] is not None, 30, "a beat from the forked agent")
     assert mesh.tron("run", "forked agents at work").returncode == 0
     # killed: replaced through the fork server, with a real exit status on record
     mesh.kill("programmer-1")

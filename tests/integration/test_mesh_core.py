@@ -43,7 +43,7 @@ def test_sigkill_of_every_service_brings_a_new_pid_and_one_history_row(mesh):
         old_pid = mesh.kill(name)
         fresh = mesh.wait_replaced(name, old_pid)
         assert fresh["incarnation"] != before["incarnation"]
-        rows = wait_for(lambda: mesh.history(name), 5, f"history row for {name}")
+        rows = wait_for(lambda: mesh.history(name), 30, f"history row for {name}")
         assert len(rows) == 1, rows
         row = rows[0]
         assert (row["retry_type"], row["reason"], row["retry_count"]) == ("child_restart", "process_exit", 1)

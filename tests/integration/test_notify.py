@@ -120,7 +120,7 @@ def test_a_provider_opened_arrives_signed_and_the_log_lists_it_delivered(mesh_fa
         assert got["headers"][notify.EVENT_HEADER] == "provider_opened"
         assert got["headers"][notify.DELIVERY_HEADER] == f"{body['id']}.0"
         assert "X-Tron-Token" not in got["headers"]  # the mesh token never leaves the mesh
-        [row] = wait_for(lambda: attempts(mesh, 0, "provider_opened"), 10, "the delivery in `tron notify log`")
+        [row] = wait_for(lambda: attempts(mesh, 0, "provider_opened"), 30, "the delivery in `tron notify log`")
         assert (row["event_id"], row["attempt"], row["status"], row["outcome"]) == (body["id"], 1, 200, "delivered")
         assert row["to"] == rx.url.removesuffix("/hook")  # origin only: no path, no query
         text = mesh.tron("notify", "log", check=True).stdout

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+# Ray's workers (the node agents, tests/integration/test_ray_cluster.py) bind ports of their
+# own, by default anywhere in 10002-19999, right where meshes' offsets land; the cluster tests
+# give them this band instead, and no mesh is placed on it.
+RAY_WORKER_PORTS = (31000, 31999)
+
 # Its own generator: pytest-randomly seeds the global one alike before every test, and every
 # test of a worker would then try the same offsets first.
 _PORTS = random.Random()
@@ -71,7 +77,7 @@ def free_offset(base_ports: list[int]) -> int:
     """An offset that puts every port free and below the ephemeral range. Parallel test
     workers (pytest-xdist) each draw from a band of their own, so two never race for one."""
     low, high = min(base_ports), max(base_ports)
-    bottom, top = max(1025 - low, 2000), _ephemeral_start() - 1 - high
+    bottom, top = max(1025 - low, 2000), min(_ephemeral_start(), RAY_WORKER_PORTS[0]) - 1 - high
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     band = (top - bottom) // max(1, workers)
@@ -267,7 +273,11 @@ def make_mesh(tmp_path: Path, *, home: Path | None = None, registry_url: str | N
 def cleanup(mesh: Mesh) -> list[str]:
     """Stop the mesh; return what was left behind (and kill it, so nothing leaks)."""
     mesh.down()
-    leftovers = mesh.processes()
+    # What `tron down` could not reach (a fork server of a Ray node the test removed) ends by
+    # its parent-death signal, a moment later on a loaded machine: give that moment, no more.
+    deadline = time.monotonic() + 10
+    while (leftovers := mesh.processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     names = describe(leftovers)
     kill_tree(leftovers)
     return names

@@ -79,7 +79,7 @@ def test_a_new_daemon_takes_the_sockets_back_from_what_it_adopts(mesh_factory):
     wait_for(lambda: not psutil.pid_exists(daemon_pid) or psutil.Process(daemon_pid).status() == "zombie", 10,
              "the daemon to die")
     mesh.up()
-    [adopted] = mesh.rows("SELECT payload FROM events WHERE kind = 'adopted'")
+    [adopted] = wait_for(lambda: mesh.rows("SELECT payload FROM events WHERE kind = 'adopted'"), 30, "the adopted event")
     assert json.loads(adopted["payload"])["socket"] == "recovered"
     code, drill = handover(mesh, "llm-sim", 2)
     assert code == 0 and drill["summary"]["refused"] == 0, drill

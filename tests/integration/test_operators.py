@@ -159,7 +159,9 @@ def test_hard_reset_replays_the_verified_steps_and_resume_from_step_redoes_the_r
     """The happy paths through the real API and the CLI: each programmer is caught between its two
     steps; a hard reset hands the new incarnation step 1 (verified) and only step 2 is
     run again; a resume from step 1 sets step 1 aside and both steps are run again."""
-    fault(mesh, "anthropic", "latency", latency_ms=2500)
+    # Each call takes 6 s: long enough that neither programmer finishes step 2 while the API
+    # call and the CLI (over a second to start on a loaded machine) act on them.
+    fault(mesh, "anthropic", "latency", latency_ms=6000)
     code, body = submit(mesh, "two slow steps")
     assert code == 202, body
     run_id = body["run_id"]

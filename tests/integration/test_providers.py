@@ -95,14 +95,20 @@ def test_all_providers_down_fails_fast_restarts_nobody_and_pauses_the_lane(mesh_
 
 
 def test_a_parked_run_resumes_from_its_checkpoint_once_a_provider_closes(mesh_factory):
-    mesh = mesh_factory(providers={"cooldown": 0.5, "cooldown_max": 1.0})
+    # Cooldowns short enough for a quick resume, long enough that on a loaded machine both
+    # providers are still known down when the ladder decides (0.5 s was not, under load ~20).
+    mesh = mesh_factory(providers={"cooldown": 3.0, "cooldown_max": 4.0})
     mesh.up()
     before = pids(mesh)
     fault(mesh, "anthropic", "error")
     fault(mesh, "ollama", "error")
     run_id = submit(mesh)
-    parked = wait_for(lambda: mesh.rows("SELECT * FROM tasks WHERE run_id = ? AND status = 'parked'", (run_id,)),
-                      60, "a task to park")
+    try:
+        parked = wait_for(lambda: mesh.rows("SELECT * FROM tasks WHERE run_id = ? AND status = 'parked'",
+                                            (run_id,)), 60, "a task to park")
+    except AssertionError as e:
+        tasks = mesh.rows("SELECT agent, status, failure FROM tasks WHERE run_id = ?", (run_id,))
+        raise AssertionError(f"{e}; tasks: {tasks}; ladder: {rows_of(mesh, run_id)}") from None
     task_id = parked[0]["task_id"]
     shown = mesh.tron("task", "show", task_id)
     assert shown.returncode == 0 and "parked" in shown.stdout, shown.stdout

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from scripts.client import wait_for
+from tests.harness import RAY_WORKER_PORTS
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'tron-mesh[cluster]' (make test does)")
@@ -33,10 +34,11 @@ SERVICES = {"llm-sim": {"role": "llm_sim", "port": 6190, "resources": {"head": 1
 
 @pytest.fixture(scope="module")
 def cluster():
+    ports = {"min_worker_port": RAY_WORKER_PORTS[0], "max_worker_port": RAY_WORKER_PORTS[1]}  # not on a mesh's
     c = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 1, "resources": {"head": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-        "_system_config": FAST_HEALTH})
-    c.worker = c.add_node(num_cpus=1, resources={"gpu_box": 1}, node_ip_address="127.0.0.1")
+        "_system_config": FAST_HEALTH, **ports})
+    c.worker = c.add_node(num_cpus=1, resources={"gpu_box": 1}, node_ip_address="127.0.0.1", **ports)
     c.wait_for_nodes()
     pids = [p.process.pid for node in c.list_all_nodes() for procs in node.all_processes.values() for p in procs]
     yield c
@@ -133,7 +135,8 @@ def replaced_worker(cluster):
     so the tests after it (in any order: make test shuffles) have a worker node again."""
     yield
     if not any(n.node_id == cluster.worker.node_id for n in cluster.list_all_nodes()):
-        cluster.worker = cluster.add_node(num_cpus=1, resources={"gpu_box": 1}, node_ip_address="127.0.0.1")
+        cluster.worker = cluster.add_node(num_cpus=1, resources={"gpu_box": 1}, node_ip_address="127.0.0.1",
+                                          min_worker_port=RAY_WORKER_PORTS[0], max_worker_port=RAY_WORKER_PORTS[1])
         cluster.wait_for_nodes()
 
 

@@ -83,9 +83,10 @@ def test_a_run_over_its_budget_parks_with_its_agents_up_and_resumes_when_raised(
     assert pids(mesh) == before  # parked, not killed
     assert mesh.service(task["agent"])["state"] == "running"
     wait_for(lambda: [c for c in (json.loads(x) for x in (mesh.home / "logs" / "comms.jsonl").read_text()
-                                  .splitlines()) if c["kind"] == "run_parked" and c["run"] == run_id], 10,
+                                  .splitlines()) if c["kind"] == "run_parked" and c["run"] == run_id], 30,
              "the gateway to be told")
-    [event] = mesh.rows("SELECT payload FROM events WHERE kind = 'budget_exceeded' AND task_id = ?", (task["task_id"],))
+    [event] = wait_for(lambda: mesh.rows("SELECT payload FROM events WHERE kind = 'budget_exceeded' AND task_id = ?",
+                                         (task["task_id"],)), 30, "the budget_exceeded event")
     assert "run_tokens" in json.loads(event["payload"])["reason"]
     status = mesh.tron("status").stdout
     assert f"parked: {task['task_id']}" in status and "budget_exceeded" in status
@@ -119,8 +120,9 @@ def human_rung(mesh, receiver) -> None:
     fault(mesh, "ollama", "error")
     run_id = submit(mesh)
     task = parked(mesh, run_id, "awaiting_operator")
-    [event] = mesh.rows("SELECT payload FROM events WHERE kind = 'awaiting_operator' AND task_id = ?",
-                        (task["task_id"],))
+    # the event is its own write, a moment after the task's row on a loaded machine
+    [event] = wait_for(lambda: mesh.rows("SELECT payload FROM events WHERE kind = 'awaiting_operator' AND task_id = ?",
+                                         (task["task_id"],)), 30, "the awaiting_operator event")
     asked = json.loads(event["payload"])
     assert asked["reason"].startswith("all_providers_down") and set(asked["providers_tried"]) == {"anthropic", "ollama"}
     assert asked["fingerprint"] and asked["cost"] is not None and asked["timeout_s"] == 86400.0

@@ -296,7 +296,8 @@ class Supervisor:
         """Spawn a new incarnation. The session row is written first (a daemon killed
         between fork and record still knows what it may have started); TRON watches it
         from the first moment, with the start timeout as its first deadline."""
-        incarnation = new_id("i-")
+        # An id the spawner prepared a start for (its cgroup made and joined ahead: spawner.Gate), else a new one.
+        incarnation = self.spawner.reserve(svc.name) or new_id("i-")
         await self.transition(svc, S.STARTING, reason)
         now = self.clock.now()
         svc.incarnation, svc.child = incarnation, None

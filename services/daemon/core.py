@@ -434,7 +434,8 @@ class Daemon:
 
     async def _recycle_tick(self) -> None:
         """Agents due to be recycled (max_tasks, restart_above_memory) are stopped
-        gracefully and started again while they hold no task: never in the middle of one."""
+        gracefully and started again while they hold no task. (One that grows past its
+        memory during a task is recycled at the task's next checkpoint: recycle_at_checkpoint.)"""
         for svc in self.sup.services.values():
             if not (svc.spec.max_tasks or svc.spec.restart_above_memory):
                 continue

@@ -278,13 +278,14 @@ class LocalSpawner:
         self._gates: dict[str, Gate] = {}  # service -> its next incarnation's gate, ready
         self._claimed: dict[str, Gate] = {}  # service -> the gate whose id reserve() handed out
         self._preparing: dict[str, asyncio.Task] = {}
+        self._live_gates: dict[int, Gate] = {}  # pid -> every gate process not yet reaped (for the census)
         self._closing = asyncio.Event()
 
     def ownership(self) -> dict:
         """How its processes are owned: {"mode": "cgroup", "layout", "path", "limits"} or
         {"mode": "marks", "why"}."""
         if self.cgroups is not None:
-            return {"mode": "cgroup", **self.cgroups.describe()}
+            return {"mode": "cgroup", **self.cgroups.describe(), "gates": sorted(self._live_gates)}
         return {"mode": "marks", "why": self.ownership_note}
 
     async def start(self) -> None:
@@ -330,7 +331,7 @@ class LocalSpawner:
 
     def helper_pids(self) -> set[int]:
         helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
-        helpers |= {g.popen.pid for g in (*self._gates.values(), *self._claimed.values())}
+        helpers |= set(self._live_gates)
         return helpers | ({self.logs.pid} if self.logs is not None and self.logs.pid else set())
 
     async def sync_log(self, path: Path) -> None:
@@ -432,6 +433,7 @@ class LocalSpawner:
         finally:
             theirs.close()
         gate = Gate(name, incarnation, group, limits, popen, ours)
+        self._live_gates[popen.pid] = gate
         try:
             await asyncio.to_thread(join_cgroup, group.procs_files(), popen.pid)
         except OSError as err:
@@ -460,6 +462,7 @@ class LocalSpawner:
             if out != log_fd:
                 os.close(out)
         gate.conn.close()
+        self._live_gates.pop(gate.popen.pid, None)  # the program now: the incarnation's main process
         return Child(spec.name, spec.incarnation, gate.popen.pid, create_time_of(gate.popen.pid), popen=gate.popen)
 
     async def _end_gate(self, gate: Gate) -> None:
@@ -469,6 +472,7 @@ class LocalSpawner:
         if gate.popen.poll() is None:
             gate.popen.kill()
         await asyncio.to_thread(gate.popen.wait)
+        self._live_gates.pop(gate.popen.pid, None)
         await asyncio.to_thread(wait_empty, gate.group, 5.0)
         gate.group.remove()
 

@@ -74,11 +74,13 @@ async def test_the_next_start_opens_a_gate_already_in_its_own_cgroup(spawner, tm
     reserved = await until(lambda: spawner.reserve("svc"))
     assert reserved != "i-first"
     gate_pid = await until(lambda: [p.pid for p in gates_of(os.getpid())])
+    assert spawner.ownership()["gates"] == gate_pid  # what a census accounts for (tron drill)
     await spawner.kill(first)
     assert not first.cgroup.owner.exists()  # the old incarnation's cgroup is gone with it
 
     second = await spawner.spawn(spec(tmp_path, reserved))
     assert second.pid in gate_pid  # the gate exec'd the program in place
+    assert second.pid not in spawner.ownership()["gates"]  # the incarnation's main process now
     assert second.cgroup.owner.name == f"svc.{reserved}"
     log = tmp_path / "svc.log"
     await until(lambda: f"mark: {reserved}" in log.read_text())

@@ -18,6 +18,9 @@ Local facts stay here: pids, process groups, the fork server, the subreaper.
   SIGTERM + SIGCONT to the group, SIGKILL to the whole tree after the grace period; a
   kill is SIGKILL to the whole tree at once. Either returns only when every process of
   the tree is gone, so the next incarnation never meets a leftover on its port.
+- With cgroups, a plain program's next incarnation is prepared ahead (``Gate``): its cgroup
+  made and a gate process (gate.py) moved in, so a restart does not wait for the kernel's
+  move; the supervisor takes its id with ``reserve`` and ``spawn`` opens the gate.
 """
 
 from __future__ import annotations

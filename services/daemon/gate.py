@@ -3,7 +3,7 @@
 Moving a process into a cgroup (a write to ``cgroup.procs``) waits for an RCU grace period
 of the kernel (the cgroup threadgroup rwsem's write side): 5-15 ms on these machines, the
 whole of what a cgroup cost on a restart. So the spawner makes the cgroup and moves this
-gate into it ahead of time, off the restart path (spawner.py, ``GatePool``); a restart then
+gate into it ahead of time, off the restart path (spawner.py, ``Gate``); a restart then
 only sends it one line: the argv, environment and working directory, with the log's
 descriptor alongside (SCM_RIGHTS), and the gate execs the program in place (same pid).
 

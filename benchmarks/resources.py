@@ -10,8 +10,10 @@ fast test policy:
   5 ms) and its port accepts.
 - ``spawn``: the restart path of the spawner alone (services/daemon/spawner.py, no daemon,
   no probes), where a few milliseconds are not lost in the noise of a whole mesh: kill of
-  the old incarnation (already dead) + spawn -> the new one listens, for a small TCP
-  server (perl, else python -S), ``--reps`` times, interleaved: ``gate`` (cgroup, the start
+  the old incarnation (already dead) + spawn -> the program runs (its /proc exe is the
+  program's: what the cgroup can add, without the program's own start-up) and -> it
+  listens, for a small TCP server (perl, else python -S), ``--reps`` times, interleaved:
+  ``gate`` (cgroup, the start
   prepared ahead: the next incarnation's gate), ``join`` (cgroup, the program joins its
   new cgroup itself through sh: what every start did before the gate), ``marks`` (no
   cgroups). Each repetition waits 0.7 s, so the gate is ready and the kernel is idle.
@@ -150,6 +152,8 @@ async def _spawn(reps: int, root: Path) -> dict:
             s.bind(("127.0.0.1", 0))
             ports[m] = s.getsockname()[1]
     samples: dict[str, list[float]] = {m: [] for m in modes}
+    to_exec: dict[str, list[float]] = {m: [] for m in modes}
+    binary = os.path.realpath(shutil.which(server[0]) or server[0])
     children: dict = {}
     try:
         for i in range(reps + 1):
@@ -166,18 +170,31 @@ async def _spawn(reps: int, root: Path) -> dict:
                 spec = SpawnSpec(name="srv", incarnation=reserved or f"i-{m}-{i}", argv=[*server, str(ports[m])],
                                  env=dict(os.environ), cwd=root, log=root / f"{m}.log", port=ports[m],
                                  limits=Limits())
-                children[m] = await sp.spawn(spec)
+                children[m] = child = await sp.spawn(spec)
+                while _exe(child.pid) != binary:
+                    await asyncio.sleep(0.0002)
+                t1 = time.perf_counter()
                 while not listening_inodes(ports[m]):
                     await asyncio.sleep(0.0002)
                 if i > 0:  # the first start of each has no gate and an old one to kill
                     samples[m].append(round((time.perf_counter() - t0) * 1000, 2))
+                    to_exec[m].append(round((t1 - t0) * 1000, 3))
                 await asyncio.sleep(0.7)
     finally:
         for m, child in children.items():
             await spawners[m].kill(child)
         for sp in spawners.values():
             await sp.close()
-    return {"reps": reps, "server": server[0], "ms": samples, "summary": {m: summary(v) for m, v in samples.items()}}
+    return {"reps": reps, "server": server[0], "ms": samples, "exec_ms": to_exec,
+            "summary": {m: summary(v) for m, v in samples.items()},
+            "summary_to_exec": {m: summary(v) for m, v in to_exec.items()}}
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def flood(rate: float, seconds: float, root: Path) -> dict:
@@ -270,7 +287,8 @@ def main() -> None:
         print(json.dumps(out["restart"]["summary"], indent=2))
     if args.only in (None, "spawn"):
         out["spawn"] = spawn(args.reps, root)
-        print(json.dumps(out["spawn"]["summary"], indent=2))
+        print(json.dumps({"to_exec": out["spawn"]["summary_to_exec"], "to_listen": out["spawn"]["summary"]},
+                         indent=2))
     if args.only in (None, "flood"):
         out["flood"] = flood(args.rate, args.seconds, root)
         print(json.dumps(out["flood"], indent=2))

@@ -8,6 +8,15 @@ fast test policy:
   (``[mesh] ownership = "marks"``) killed alternately so load drifts hit both alike.
   Kill -> healthy is SIGKILL -> the daemon shows a new incarnation running (polled every
   5 ms) and its port accepts.
+- ``spawn``: the restart path of the spawner alone (services/daemon/spawner.py, no daemon,
+  no probes), where a few milliseconds are not lost in the noise of a whole mesh: kill of
+  the old incarnation (already dead) + spawn -> the program runs (its /proc exe is the
+  program's: what the cgroup can add, without the program's own start-up) and -> it
+  listens, for a small TCP server (perl, else python -S), ``--reps`` times, interleaved:
+  ``gate`` (cgroup, the start
+  prepared ahead: the next incarnation's gate), ``join`` (cgroup, the program joins its
+  new cgroup itself through sh: what every start did before the gate), ``marks`` (no
+  cgroups). Each repetition waits 0.7 s, so the gate is ready and the kernel is idle.
 - ``flood``: a program writing ``--rate`` MB/s of numbered 100-byte lines to stdout for
   ``--seconds`` s with ``log_max_bytes = "10MB"``, ``log_backups = 3``, no rate limit;
   meanwhile ``/status`` is asked every 50 ms and ``tron logs -n 5`` once a second. Then:
@@ -16,16 +25,20 @@ fast test policy:
   latencies.
 
     .venv/bin/python -m benchmarks.resources --kills 15 --seconds 60 --json benchmarks/results/resources.json
+    .venv/bin/python -m benchmarks.resources --only spawn --reps 40
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -111,6 +124,79 @@ def restart(kills: int, root: Path) -> dict:
     return {"kills": kills, "ms": samples, "summary": {k: summary(v) for k, v in samples.items()}}
 
 
+PERL_SERVER = ['perl', '-MIO::Socket::INET', '-e', '$s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", '
+               'LocalPort => $ARGV[0], Listen => 5, ReuseAddr => 1) or die; sleep 1000']
+
+
+def spawn(reps: int, root: Path) -> dict:
+    return asyncio.run(_spawn(reps, root))
+
+
+async def _spawn(reps: int, root: Path) -> dict:
+    from services.daemon.cgroups import Limits
+    from services.daemon.sockdiag import listening_inodes
+    from services.daemon.spawner import LocalSpawner, SpawnSpec
+
+    (root / "server.py").write_text(SERVER)
+    server = PERL_SERVER if shutil.which("perl") else [sys.executable, "-S", str(root / "server.py")]
+    modes = ("gate", "join", "marks")
+    spawners = {"gate": LocalSpawner(lambda c: None, cgroup_home=root / "gate"),
+                "join": LocalSpawner(lambda c: None, cgroup_home=root / "join"),
+                "marks": LocalSpawner(lambda c: None, cgroup_home=None)}
+    for sp in spawners.values():
+        await sp.start()
+    assert spawners["gate"].cgroups is not None, spawners["gate"].ownership()
+    ports = {}
+    for m in modes:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[m] = s.getsockname()[1]
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    to_exec: dict[str, list[float]] = {m: [] for m in modes}
+    binary = os.path.realpath(shutil.which(server[0]) or server[0])
+    children: dict = {}
+    try:
+        for i in range(reps + 1):
+            for m in modes[i % 3:] + modes[:i % 3]:
+                sp, old = spawners[m], children.get(m)
+                if old is not None:
+                    os.kill(old.pid, signal.SIGKILL)
+                    await old.exited.wait()
+                t0 = time.perf_counter()
+                if old is not None:
+                    await sp.kill(old)
+                reserved = sp.reserve("srv") if m == "gate" else None
+                assert reserved or m != "gate" or i == 0, "no gate was ready"
+                spec = SpawnSpec(name="srv", incarnation=reserved or f"i-{m}-{i}", argv=[*server, str(ports[m])],
+                                 env=dict(os.environ), cwd=root, log=root / f"{m}.log", port=ports[m],
+                                 limits=Limits())
+                children[m] = child = await sp.spawn(spec)
+                while _exe(child.pid) != binary:
+                    await asyncio.sleep(0.0002)
+                t1 = time.perf_counter()
+                while not listening_inodes(ports[m]):
+                    await asyncio.sleep(0.0002)
+                if i > 0:  # the first start of each has no gate and an old one to kill
+                    samples[m].append(round((time.perf_counter() - t0) * 1000, 2))
+                    to_exec[m].append(round((t1 - t0) * 1000, 3))
+                await asyncio.sleep(0.7)
+    finally:
+        for m, child in children.items():
+            await spawners[m].kill(child)
+        for sp in spawners.values():
+            await sp.close()
+    return {"reps": reps, "server": server[0], "ms": samples, "exec_ms": to_exec,
+            "summary": {m: summary(v) for m, v in samples.items()},
+            "summary_to_exec": {m: summary(v) for m, v in to_exec.items()}}
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 def flood(rate: float, seconds: float, root: Path) -> dict:
     script = root / "flood.py"
     script.write_text(FLOOD)
@@ -190,7 +276,8 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=15)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--only", choices=("restart", "flood"))
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--only", choices=("restart", "spawn", "flood"))
     ap.add_argument("--json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tron-resources-"))
@@ -198,6 +285,10 @@ def main() -> None:
     if args.only in (None, "restart"):
         out["restart"] = restart(args.kills, root)
         print(json.dumps(out["restart"]["summary"], indent=2))
+    if args.only in (None, "spawn"):
+        out["spawn"] = spawn(args.reps, root)
+        print(json.dumps({"to_exec": out["spawn"]["summary_to_exec"], "to_listen": out["spawn"]["summary"]},
+                         indent=2))
     if args.only in (None, "flood"):
         out["flood"] = flood(args.rate, args.seconds, root)
         print(json.dumps(out["flood"], indent=2))

@@ -756,6 +756,7 @@ class Runner:
             known.add(status["fork_server"]["pid"])
         if (status.get("logs") or {}).get("pid"):  # the log pump (services/daemon/logpump.py)
             known.add(status["logs"]["pid"])
+        known |= set((status.get("ownership") or {}).get("gates") or ())  # next incarnations' gates (spawner.Gate)
         for node in (status.get("cluster") or {}).get("nodes", []):  # node agents and their fork servers
             known |= {node["agent_pid"], node["fork_server"]} - {None}
         problems = []

@@ -852,6 +852,9 @@ async def checkpoint(request: web.Request) -> web.Response:
         row, created = await d.store.add_checkpoint(task_id, body.step, body.step_id, body.output, body.incarnation)
     except ValueError as err:
         return error(413, str(err))
+    svc = d.sup.services.get(task["agent"])
+    if created and svc is not None and svc.spec.restart_above_memory and body.incarnation:
+        await d.recycle_at_checkpoint(svc, body.incarnation, task_id, body.step)
     return web.json_response({"checkpoint": {k: row[k] for k in ("step", "step_id", "hash")}, "created": created},
                              status=201 if created else 200)
 

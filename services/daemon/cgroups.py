@@ -344,9 +344,12 @@ def detect(home: Path) -> tuple[CgroupTree | None, str]:
     return CgroupTree(root, limit_roots, v2, controllers), ""
 
 
-def join(procs_files: list[str]) -> None:
-    """In a new process, before exec: move itself into its incarnation's cgroup."""
-    me = str(os.getpid()).encode()
+def join(procs_files: list[str], pid: int | None = None) -> None:
+    """Move a process (by default: itself, in a new process before exec) into its
+    incarnation's cgroup. Each move waits out a grace period of the kernel's RCU when no
+    other move ran just before: milliseconds, which is why a gate is moved ahead of time
+    (gate.py)."""
+    me = str(pid or os.getpid()).encode()
     for path in procs_files:
         fd = os.open(path, os.O_WRONLY)
         try:

@@ -87,6 +87,7 @@ class Daemon:
         self.stopping = False
         self.log_stats: dict | None = None  # the log pump's counters, read by the housekeeping
         self.logs_disk_full = False
+        self._recycling: set[str] = set()  # incarnations being recycled at a checkpoint (once each)
         self._spawner = spawner
         self._run_monitor_thread = monitor_thread  # unit tests drive monitor.tick(now) themselves
         self.sup: Supervisor | None = None
@@ -433,7 +434,8 @@ class Daemon:
 
     async def _recycle_tick(self) -> None:
         """Agents due to be recycled (max_tasks, restart_above_memory) are stopped
-        gracefully and started again while they hold no task: never in the middle of one."""
+        gracefully and started again while they hold no task. (One that grows past its
+        memory during a task is recycled at the task's next checkpoint: recycle_at_checkpoint.)"""
         for svc in self.sup.services.values():
             if not (svc.spec.max_tasks or svc.spec.restart_above_memory):
                 continue
@@ -447,6 +449,40 @@ class Daemon:
                                    incarnation=svc.incarnation)
             self.background(self.sup.replace(svc, svc.incarnation, delay=0.0, reason=reason, graceful=True),
                             f"recycle {svc.name}")
+
+    async def recycle_at_checkpoint(self, svc, incarnation: str, task_id: str, step: int) -> bool:
+        """An agent over ``restart_above_memory`` while it works on a task is recycled right
+        after the task's checkpoint, which is in the registry by now: the old incarnation is
+        killed (a graceful stop would race the next step, which might end the task in a
+        failure on its way down) and the task resumes on the next from that checkpoint, as
+        after any restart. Not a failure: no alert, no retry_history row, nothing counted
+        against the task's restarts or the service's restart budget. True when it is."""
+        if svc.incarnation != incarnation or svc.replacing is not None or svc.stopped \
+                or incarnation in self._recycling or not svc.spec.restart_above_memory:
+            return False
+        over = await asyncio.to_thread(self.sup.over_memory, svc)
+        if over is None or svc.incarnation != incarnation or incarnation in self._recycling:
+            return False
+        self._recycling.add(incarnation)
+        if getattr(self.store, "durable", self.store) is not self.store and not await self.store.flushed(5.0):
+            # The registry lags (degraded): the checkpoint is not durable yet, so no kill; the next one decides.
+            log.warning("%s: not recycled at checkpoint %s of %s: the registry has not recorded it yet", svc.name,
+                        step, task_id, extra={"offender": svc.name, "task": task_id})
+            self._recycling.discard(incarnation)
+            return False
+        measured = {"reason": "memory_recycle", **over, "at": "checkpoint", "task_id": task_id, "checkpoint": step}
+        log.info("%s: recycled at a checkpoint of %s (memory_recycle)", svc.name, task_id,
+                 extra={"offender": svc.name, "incarnation": incarnation, "task": task_id, **measured})
+        await self.store.event("recycled", measured, agent=svc.name, incarnation=incarnation, task_id=task_id)
+
+        async def recycle() -> None:
+            try:
+                await self.sup.replace(svc, incarnation, delay=0.0, reason="memory_recycle")
+            finally:
+                self._recycling.discard(incarnation)
+
+        self.background(recycle(), f"recycle {svc.name} at a checkpoint")
+        return True
 
     async def _log_tick(self) -> None:
         """The daemon's own log and the comms log rotate like the services' (the log pump

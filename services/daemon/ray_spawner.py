@@ -286,6 +286,9 @@ class RaySpawner:
             if holder == node.node_id:
                 del self.listening[port]
 
+    def reserve(self, name: str) -> str | None:
+        return None  # a node agent starts each incarnation itself
+
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
         """A child an earlier daemon started, still run by its node agent."""
         found = self.inventory.pop((name, pid), None)

@@ -18,6 +18,9 @@ Local facts stay here: pids, process groups, the fork server, the subreaper.
   SIGTERM + SIGCONT to the group, SIGKILL to the whole tree after the grace period; a
   kill is SIGKILL to the whole tree at once. Either returns only when every process of
   the tree is gone, so the next incarnation never meets a leftover on its port.
+- With cgroups, a plain program's next incarnation is prepared ahead (``Gate``): its cgroup
+  made and a gate process (gate.py) moved in, so a restart does not wait for the kernel's
+  move; the supervisor takes its id with ``reserve`` and ``spawn`` opens the gate.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import json
 import logging
 import os
 import resource
@@ -34,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -41,10 +46,12 @@ from typing import Callable, Protocol
 import psutil
 
 from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
+from services.daemon import gate as gate_program
 from services.daemon import unixline
 from services.daemon.cgroups import Cgroup, CgroupTree, Limits
 from services.daemon.cgroups import detect as detect_cgroups
 from services.daemon.cgroups import join as join_cgroup
+from services.daemon.cgroups import wait_empty
 from services.daemon.listeners import open_listener, recover_listener
 from services.daemon.logpump import LogPumpClient
 from services.daemon.sockdiag import listening_inodes
@@ -145,6 +152,27 @@ class Child:
 ExitCallback = Callable[[Child], None]
 
 
+@dataclass
+class Gate:
+    """A gate (gate.py) in the cgroup of a service's next incarnation, made and joined
+    ahead of time: a restart opens it instead of paying the kernel's grace period for a
+    move into a new cgroup (cgroups.join)."""
+
+    name: str
+    incarnation: str
+    group: Cgroup
+    limits: Limits
+    popen: subprocess.Popen
+    conn: socket.socket  # the daemon's end: one line opens the gate; closing it ends the gate
+
+    def usable(self, spec: SpawnSpec) -> bool:
+        return (spec.incarnation == self.incarnation and (spec.limits or Limits()) == self.limits
+                and self.popen.poll() is None)
+
+
+GATE_AFTER = 0.5  # s after a start before its successor's gate is made: the new program starts first
+
+
 class Spawner(Protocol):
     async def start(self) -> None: ...
 
@@ -153,6 +181,8 @@ class Spawner(Protocol):
     async def spawn(self, spec: SpawnSpec) -> Child: ...
 
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None: ...
+
+    def reserve(self, name: str) -> str | None: ...  # the incarnation id of a start prepared ahead
 
     async def stop(self, child: Child, grace: float, sig: int = signal.SIGTERM) -> None: ...
 
@@ -248,12 +278,17 @@ class LocalSpawner:
         self.cgroups: CgroupTree | None = None
         self.ownership_note = "marks forced by [mesh] ownership" if cgroup_home is None else ""
         self._limits_warned: set[str] = set()
+        self._gates: dict[str, Gate] = {}  # service -> its next incarnation's gate, ready
+        self._claimed: dict[str, Gate] = {}  # service -> the gate whose id reserve() handed out
+        self._preparing: dict[str, asyncio.Task] = {}
+        self._live_gates: dict[int, Gate] = {}  # pid -> every gate process not yet reaped (for the census)
+        self._closing = asyncio.Event()
 
     def ownership(self) -> dict:
         """How its processes are owned: {"mode": "cgroup", "layout", "path", "limits"} or
         {"mode": "marks", "why"}."""
         if self.cgroups is not None:
-            return {"mode": "cgroup", **self.cgroups.describe()}
+            return {"mode": "cgroup", **self.cgroups.describe(), "gates": sorted(self._live_gates)}
         return {"mode": "marks", "why": self.ownership_note}
 
     async def start(self) -> None:
@@ -276,6 +311,14 @@ class LocalSpawner:
                 await self.forkserver.start()
 
     async def close(self) -> None:
+        if self._closing.is_set():
+            return  # closed already
+        self._closing.set()
+        await asyncio.gather(*self._preparing.values(), return_exceptions=True)
+        gates = [*self._gates.values(), *self._claimed.values()]
+        self._gates.clear()
+        self._claimed.clear()
+        await asyncio.gather(*(self._end_gate(g) for g in gates))
         if self.forkserver is not None:
             await self.forkserver.stop()
         if self.logs is not None:
@@ -291,6 +334,7 @@ class LocalSpawner:
 
     def helper_pids(self) -> set[int]:
         helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
+        helpers |= set(self._live_gates)
         return helpers | ({self.logs.pid} if self.logs is not None and self.logs.pid else set())
 
     async def sync_log(self, path: Path) -> None:
@@ -311,10 +355,13 @@ class LocalSpawner:
         if self.logs is not None and spec.log_limits is not None:
             log_fd = await asyncio.to_thread(self.logs.pipe_for, spec.log, **spec.log_limits)
         try:
-            return await self._spawn(spec, log_fd)
+            child = await self._spawn(spec, log_fd)
         finally:
             if log_fd is not None:
                 os.close(log_fd)  # the child has its copy: the pump sees EOF when the last writer is gone
+        if self._gated(spec):
+            self._prepare_soon(spec.name, spec.limits or Limits())
+        return child
 
     def _cgroup(self, spec: SpawnSpec) -> Cgroup | None:
         """The incarnation's new cgroup, its limits written; None when owned by marks."""
@@ -330,12 +377,128 @@ class LocalSpawner:
         except OSError as err:
             raise SpawnError(f"cannot make the cgroup of {spec.name} or set its limits: {err}") from None
 
-    async def _spawn(self, spec: SpawnSpec, log_fd: int | None) -> Child:
-        group = self._cgroup(spec)
+    # -- gates: the next incarnation's cgroup made and joined ahead of time ----------------
+
+    def _gated(self, spec: SpawnSpec) -> bool:
+        """Whether its starts go through a gate: a plain spawn whose only step before exec
+        is joining the cgroup (a held socket, open_files or a user need a preexec_fn)."""
+        return (self.cgroups is not None and spec.listen_fd is None and not spec.open_files and not spec.user
+                and not (spec.module and self.forkserver is not None))
+
+    def reserve(self, name: str) -> str | None:
+        """The incarnation id of the gate ready for ``name``'s next start, or None (then
+        the start joins its new cgroup itself). Handed out once: spawn() with that id
+        opens the gate."""
+        stale = self._claimed.pop(name, None)
+        if stale is not None:  # handed out for a start that never came to spawn
+            self._background_end(stale)
+        gate = self._gates.pop(name, None)
+        if gate is None:
+            return None
+        if gate.popen.poll() is not None:
+            self._background_end(gate)
+            return None
+        self._claimed[name] = gate
+        return gate.incarnation
+
+    def _prepare_soon(self, name: str, limits: Limits) -> None:
+        if name in self._gates or name in self._preparing or self._closing.is_set():
+            return
+        task = asyncio.ensure_future(self._prepare(name, limits))
+        self._preparing[name] = task
+        task.add_done_callback(lambda _: self._preparing.pop(name, None))
+
+    async def _prepare(self, name: str, limits: Limits) -> None:
+        """The gate of ``name``'s next incarnation: its cgroup made, limits written, a gate
+        process started and moved in (the move's grace period is waited here, off the
+        restart path, in a thread: not on the loop)."""
         try:
-            child = await self._start_process(spec, log_fd, group)
+            await asyncio.wait_for(self._closing.wait(), GATE_AFTER)
+            return  # closing
+        except asyncio.TimeoutError:
+            pass
+        incarnation = "i-" + uuid.uuid4().hex[:12]  # the supervisor's format (supervisor.new_id)
+        try:
+            group = self.cgroups.make(name, incarnation, limits)
+        except OSError as err:
+            log.debug("no gate for %s: %s", name, err)
+            return
+        ours, theirs = socket.socketpair()
+        try:
+            popen = subprocess.Popen([sys.executable, "-I", "-S", gate_program.__file__], stdin=theirs.fileno(),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env={},
+                                     start_new_session=True, close_fds=True)
+        except OSError as err:
+            ours.close()
+            group.remove()
+            log.warning("no gate for %s: %s", name, err)
+            return
+        finally:
+            theirs.close()
+        gate = Gate(name, incarnation, group, limits, popen, ours)
+        self._live_gates[popen.pid] = gate
+        try:
+            await asyncio.to_thread(join_cgroup, group.procs_files(), popen.pid)
+        except OSError as err:
+            log.warning("no gate for %s: cannot move it into %s: %s", name, group.owner, err)
+            await self._end_gate(gate)
+            return
+        if self._closing.is_set() or name in self._gates:
+            await self._end_gate(gate)
+            return
+        self._gates[name] = gate
+
+    def _open_gate(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
+        """The program, exec'd by the gate in place: its pid is the gate's, its first
+        instruction already runs in the cgroup."""
+        _check_runnable(spec.argv[0], spec.env, spec.cwd)  # the gate would only say so in the log
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
+        out = log_fd if log_fd is not None else os.open(spec.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = json.dumps({"argv": spec.argv, "env": spec.env, "cwd": str(spec.cwd)}).encode() + b"\n"
+        try:
+            sent = socket.send_fds(gate.conn, [line], [out])
+            if sent < len(line):
+                gate.conn.sendall(line[sent:])
+        except OSError as err:
+            raise SpawnError(f"cannot start {spec.argv[0]}: its gate is gone ({err})") from None
+        finally:
+            if out != log_fd:
+                os.close(out)
+        gate.conn.close()
+        self._live_gates.pop(gate.popen.pid, None)  # the program now: the incarnation's main process
+        return Child(spec.name, spec.incarnation, gate.popen.pid, create_time_of(gate.popen.pid), popen=gate.popen)
+
+    async def _end_gate(self, gate: Gate) -> None:
+        """A gate that will not be opened: ended, reaped, its cgroup removed."""
+        gate.conn.close()  # an unjoined gate reads EOF and exits; the cgroup's kill ends a joined one
+        gate.group.kill()
+        if gate.popen.poll() is None:
+            gate.popen.kill()
+        await asyncio.to_thread(gate.popen.wait)
+        self._live_gates.pop(gate.popen.pid, None)
+        await asyncio.to_thread(wait_empty, gate.group, 5.0)
+        gate.group.remove()
+
+    def _background_end(self, gate: Gate) -> None:
+        task = asyncio.ensure_future(self._end_gate(gate))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                               or log.error("ending the gate of %s failed", gate.name, exc_info=t.exception()))
+
+    async def _spawn(self, spec: SpawnSpec, log_fd: int | None) -> Child:
+        gate = self._claimed.pop(spec.name, None)
+        if gate is not None and not (gate.usable(spec) and self._gated(spec)):
+            await self._end_gate(gate)  # gone before its cgroup (the incarnation's name) is made afresh
+            gate = None
+        group = gate.group if gate is not None else self._cgroup(spec)
+        try:
+            if gate is not None:
+                child = self._open_gate(gate, spec, log_fd)
+            else:
+                child = await self._start_process(spec, log_fd, group)
         except BaseException:
-            if group is not None:
+            if gate is not None:
+                await self._end_gate(gate)
+            elif group is not None:
                 group.kill()
                 group.remove()
             raise

@@ -296,7 +296,8 @@ class Supervisor:
         """Spawn a new incarnation. The session row is written first (a daemon killed
         between fork and record still knows what it may have started); TRON watches it
         from the first moment, with the start timeout as its first deadline."""
-        incarnation = new_id("i-")
+        # An id the spawner prepared a start for (its cgroup made and joined ahead: spawner.Gate), else a new one.
+        incarnation = self.spawner.reserve(svc.name) or new_id("i-")
         await self.transition(svc, S.STARTING, reason)
         now = self.clock.now()
         svc.incarnation, svc.child = incarnation, None
@@ -535,12 +536,19 @@ class Supervisor:
             return None
         if spec.max_tasks and svc.tasks_done >= spec.max_tasks:
             return "max_tasks", {"tasks": svc.tasks_done, "max_tasks": spec.max_tasks}
-        if spec.restart_above_memory:
-            size = _resident(child.pids() if hasattr(child, "pids") else [child.pid])
-            if size > spec.restart_above_memory:
-                return "memory_recycle", {"rss": size, "restart_above_memory": spec.restart_above_memory,
-                                          "tasks": svc.tasks_done}
+        over = self.over_memory(svc)
+        if over is not None:
+            return "memory_recycle", {**over, "tasks": svc.tasks_done}
         return None
+
+    def over_memory(self, svc: Service) -> dict | None:
+        """What was measured when the agent's processes hold more resident memory than its
+        ``restart_above_memory``; None when they do not (or it has no such size)."""
+        child, limit = svc.child, svc.spec.restart_above_memory
+        if not limit or child is None or not child.alive:
+            return None
+        size = _resident(child.pids() if hasattr(child, "pids") else [child.pid])
+        return {"rss": size, "restart_above_memory": limit} if size > limit else None
 
     def retry_now(self, svc: Service) -> bool:
         """End the backoff of a service waiting out a failure to start: its restart goes

@@ -112,6 +112,7 @@ def test_chaos_drill_keeps_every_invariant(drill_mesh):
     daemon = json.loads((drill_mesh.home / "run" / "daemon.json").read_text())["pid"]
     status = drill_mesh.status()
     owned = {daemon, (status.get("fork_server") or {}).get("pid"), (status.get("logs") or {}).get("pid")}
+    owned |= set((status.get("ownership") or {}).get("gates") or ())  # next incarnations' gates (spawner.Gate)
     for s in services:
         owned |= {s["pid"]} | {c.pid for c in psutil.Process(s["pid"]).children(recursive=True)}
     strays = [p for p in drill_mesh.processes() if p.pid not in owned and p.status() != psutil.STATUS_ZOMBIE]

@@ -56,6 +56,16 @@ async def backend(request, tmp_path):
         await b.spawner.kill(child)
 
 
+async def test_no_start_is_prepared_ahead_without_cgroups(backend):
+    """reserve() hands out a prepared incarnation id only where a gate was made (cgroups:
+    tests/integration/test_gate.py); otherwise the supervisor makes a new id."""
+    child = await backend.spawner.spawn(backend.spec("r"))
+    try:
+        assert backend.spawner.reserve("r") is None
+    finally:
+        await backend.spawner.kill(child)
+
+
 async def test_a_spawned_child_is_alive_with_a_pid(backend):
     child = await backend.spawner.spawn(backend.spec("a"))
     try:

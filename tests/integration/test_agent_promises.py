@@ -5,7 +5,8 @@
 - `call_llm`'s client has the SDK's retries off (llm-sim receives one request per try the
   ladder records) and an explicit timeout (a call the simulator never answers ends, as a
   `timeout`, and the next try completes the task);
-- a Python class of the user's runs forked from the fork server."""
+- a Python class of the user's runs forked from the fork server;
+- the live tree drawn from a real /status fits 80 columns, a line per service."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from tests.harness import wait_for
 from tests.integration.test_forkserver import made_by
 from tests.integration.test_own_agents import ended, run_task
+from tests.unit.test_live import WIDTH, drawn
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +101,13 @@ def test_call_llm_has_the_sdks_retries_off_an_explicit_timeout_and_runs_forked(a
     server = mesh.status()["fork_server"]
     assert session["mode"] == "fork" and made_by(caller["pid"]) == "fork"
     assert psutil.Process(caller["pid"]).environ() == psutil.Process(server["pid"]).environ()
+
+    # `tron up`'s live tree of this very status: within 80 columns, each service with its pid
+    status = mesh.status()
+    lines = drawn(status)
+    assert all(len(line) <= WIDTH for line in lines), lines
+    for s in status["services"]:
+        assert any(line.lstrip().startswith(s["name"] + " ") and f" {s['pid']} " in line for line in lines), lines
 
     # a 500 once: with the SDK's retries on, the SDK would send it again itself and the
     # ladder would see no failure; here each request the simulator got is one try on record

@@ -175,6 +175,22 @@ def test_nothing_without_a_login_and_a_code_works_once(browser, mesh, artifacts,
     stranger.close()
 
 
+def test_a_login_is_an_audit_row_naming_its_actor(browser, mesh):
+    actor = f"login-audit-{time.monotonic_ns()}@ui"  # no other login of the module has this name
+    status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": actor})
+    assert status == 201, body
+    assert [a for a in audits(mesh, "ui") if a["who"] == actor] == []  # a code alone is no login
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        assert page.goto(body["url"]).ok and page.url == mesh.url("daemon") + "/ui/"
+        expect(page.locator(ROW.format("root"))).to_be_visible()
+    finally:
+        context.close()
+    logins = wait_for(lambda: [a for a in audits(mesh, "ui") if a["who"] == actor], 10, "the login's audit row")
+    assert [(a["what"], a["outcome"]) for a in logins] == [("ui_login", "session opened")], logins
+
+
 # -- the mesh page -----------------------------------------------------------------------------------
 
 

@@ -48,7 +48,10 @@ def agents_mesh(mesh_factory, tmp_path):
     services = {"llm-sim": {"role": "llm_sim", "port": 6190},
                 "programmer-1": {"role": "programmer", "port": 6130},
                 "caller": {"agent": "mine.caller:Caller", "port": 6162, "agent_path": [str(tmp_path)]}}
-    mesh = mesh_factory(services=services, providers={"timeout": 2.0, "chain": ["anthropic"]})
+    # 10 s without a beat before a restart: these tests count tries, and a busy machine that
+    # starves an agent for the fast policy's 2 s would add a restart of its own
+    mesh = mesh_factory(services=services, providers={"timeout": 2.0, "chain": ["anthropic"]},
+                        policy={"miss_threshold": 40})
     with mesh.config.open("a") as f:
         f.write("[checks.programmer]\nrefusal = false\n")
     mesh.up()

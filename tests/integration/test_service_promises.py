@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 
 import psutil
 import pytest
@@ -156,3 +157,30 @@ def test_an_http_probes_status_and_headers_a_held_sockets_backlog_and_the_drills
     [restart] = mesh.rows("SELECT reason, drill FROM retry_history WHERE agent_id = 'held'")
     assert (restart["reason"], restart["drill"]) == ("process_exit", "handover:held")
     assert listen_backlog(port) == [7]  # the same socket, held across the kill
+
+
+def test_wait_replaced_sees_a_program_back_by_the_pid_the_daemon_recorded_and_its_port(mesh_factory, tmp_path):
+    """tests/harness.py Mesh.wait_replaced for plain programs (they answer no /health): a
+    program that serves its port, and one that serves none (``listens=False``); what it
+    returns is the process the program itself says started, and the old one is gone."""
+    web_out, status, quiet_out = tmp_path / "web.jsonl", tmp_path / "status", tmp_path / "quiet.jsonl"
+    status.write_text("200")
+    services = {"web": {"command": [sys.executable, WITNESS, "probed", str(web_out), "{port}", str(status)],
+                        "port": 6175},
+                "quiet": {"command": [sys.executable, WITNESS, "trap", str(quiet_out)], "port": 6176}}
+    mesh = mesh_factory(services=services)
+    mesh.up()
+    started = lambda path: [n["pid"] for n in notes(path) if n["event"] == "started"]  # noqa: E731
+    for name, out, listens in (("web", web_out, True), ("quiet", quiet_out, False)):
+        first = mesh.wait_state(name, "running")
+        wait_for(lambda: first["pid"] in started(out), 20, f"{name} to note its start")
+        old = mesh.kill(name)
+        back = mesh.wait_replaced(name, old, timeout=40, listens=listens)
+        assert back["pid"] != old and back["state"] == "running", back
+        assert gone(old)
+        wait_for(lambda: back["pid"] in started(out), 20, f"the new {name} to note its start")
+    # the new web answers on its port, and it is the new process that answers
+    with urllib.request.urlopen(f"{mesh.url('web')}/", timeout=20) as answer:
+        assert answer.status == 200
+    assert wait_for(lambda: [n for n in notes(web_out) if n["event"] == "request"], 20, "the request's note")[-1][
+        "pid"] == mesh.service("web")["pid"]

@@ -116,7 +116,7 @@ async def login(request: web.Request) -> web.StreamResponse:
                                               "before": "", "after": "", "outcome": f"refused: {LOGIN_REFUSED[why]}",
                                               "reason": why, "code": REDACTED, "code_minted_for": minted_for,
                                               "peer": request.remote})
-        log.warning("ui: a login with a %s code was refused", why,
+        log.warning("ui: a login was refused: %s", LOGIN_REFUSED[why],
                     extra={"actor": minted_for or "", "outcome": f"refused: {why}"})
         return ui.templates.response("login.html", status=403,
                                      problem="This login link is used or expired. `tron ui` prints a new one.")

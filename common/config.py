@@ -617,6 +617,7 @@ class MeshConfig(_Strict):
                 if dep not in self.services:
                     raise ValueError(f"services.{name}.depends_on: no service named {dep!r}")
         self._check_no_dependency_cycle()
+        self._check_checks_roles()
         for name in self.services:
             seen = [name]
             parent = self.services[name].parent
@@ -627,6 +628,15 @@ class MeshConfig(_Strict):
                 seen.append(parent)
                 parent = self.services[parent].parent
         return self
+
+    def _check_checks_roles(self) -> None:
+        # A [checks.ROLE] no agent has would be silently unused (a typo such as programer):
+        # name it, and the roles it could be.
+        roles = sorted({spec.role for spec in self.services.values() if spec.is_agent})
+        for key in self.checks:
+            if key != "default" and key not in roles:
+                raise ValueError(f"checks.{key}: no agent has the role {key!r} (roles here: "
+                                 f"{', '.join(roles + ['default'])}; agent is the role of a class of your own)")
 
     def _check_no_dependency_cycle(self) -> None:
         state: dict[str, int] = {}

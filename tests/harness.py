@@ -238,12 +238,31 @@ class Mesh:
             return self.rows("SELECT * FROM retry_history WHERE agent_id = ? ORDER BY id", (agent,))
         return self.rows("SELECT * FROM retry_history ORDER BY id")
 
-    def wait_replaced(self, name: str, old_pid: int, timeout: float = 30) -> dict:
-        """Until a new pid answers /health on the service's own port and the daemon has
-        recorded that pid (a forked child can answer before its spawn call returns)."""
-        return wait_for(lambda: (h := self.health(name)) and h["pid"] != old_pid
-                        and self.service(name)["pid"] == h["pid"] and h, timeout,
-                        f"{name} to come back with a new pid")
+    def wait_replaced(self, name: str, old_pid: int, timeout: float = 30, *, listens: bool = True) -> dict:
+        """Until the service is back with a new pid; returns what shows it.
+
+        An agent: a new pid answers /health on the service's own port and the daemon has
+        recorded that pid (a forked child can answer before its spawn call returns); its
+        /health answer. A program (``command`` in its spec: it answers no /health): the daemon
+        records a new pid, that process is alive, the service is running and (unless
+        ``listens`` is False, for a program that serves no port) its port accepts a
+        connection; the daemon's status row of the service."""
+        if "command" not in self.spec["services"][name]:
+            return wait_for(lambda: (h := self.health(name)) and h["pid"] != old_pid
+                            and self.service(name)["pid"] == h["pid"] and h, timeout,
+                            f"{name} to come back with a new pid")
+
+        def back() -> dict | None:
+            s = self.service(name)
+            if s["state"] != "running" or not s["pid"] or s["pid"] == old_pid or not psutil.pid_exists(s["pid"]):
+                return None
+            if listens:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port(name)), timeout=1).close()
+                except OSError:
+                    return None
+            return s
+        return wait_for(back, timeout, f"{name} (a program) to be running again with a new pid")
 
     def wait_state(self, name: str, state: str, timeout: float = 30) -> dict:
         return wait_for(lambda: (s := self.service(name))["state"] == state and s, timeout, f"{name} {state}")

@@ -48,6 +48,21 @@ def browser():
         b.close()
 
 
+# A name that is not a loopback one but that this browser resolves to 127.0.0.1: what a
+# DNS-rebinding page sees once its name points at this machine.
+REBOUND_HOST = "evil.test"
+
+
+@pytest.fixture(scope="module")
+def rebinding_browser(browser):
+    """A second Chromium whose resolver maps REBOUND_HOST to 127.0.0.1 (a launch argument,
+    so not the module's browser)."""
+    b = browser.browser_type.launch(executable_path=str(CHROMIUM), args=[
+        *CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBOUND_HOST} 127.0.0.1"])
+    yield b
+    b.close()
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ui-screenshots")

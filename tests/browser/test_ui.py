@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import socket
 import sqlite3
 import time
@@ -173,6 +174,87 @@ def test_nothing_without_a_login_and_a_code_works_once(browser, mesh, artifacts,
     assert stranger.request.post(base + "/ui/logout", headers={"X-CSRF-Token": token}).status == 204
     assert stranger.request.get(base + "/ui/stats").status == 401
     stranger.close()
+
+
+def test_a_login_is_an_audit_row_naming_its_actor(browser, mesh):
+    actor = f"login-audit-{time.monotonic_ns()}@ui"  # no other login of the module has this name
+    status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": actor})
+    assert status == 201, body
+    assert [a for a in audits(mesh, "ui") if a["who"] == actor] == []  # a code alone is no login
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        assert page.goto(body["url"]).ok and page.url == mesh.url("daemon") + "/ui/"
+        expect(page.locator(ROW.format("root"))).to_be_visible()
+    finally:
+        context.close()
+    logins = wait_for(lambda: [a for a in audits(mesh, "ui") if a["who"] == actor], 10, "the login's audit row")
+    assert [(a["what"], a["outcome"]) for a in logins] == [("ui_login", "session opened")], logins
+
+
+def test_a_refused_login_is_an_audit_row_with_its_reason_and_never_the_code(browser, mesh):
+    actor = f"refused-audit-{time.monotonic_ns()}@ui"
+    status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": actor})
+    assert status == 201, body
+    code = body["url"].split("code=", 1)[1]
+    wrong = secrets.token_urlsafe(24)  # the form of a code, never minted
+    since = mesh.rows("SELECT COALESCE(MAX(id), 0) AS n FROM events")[0]["n"]
+    first, second = browser.new_context(), browser.new_context()
+    try:
+        page = first.new_page()
+        assert page.goto(body["url"]).ok and page.url == mesh.url("daemon") + "/ui/"
+        again = second.new_page()
+        for url in (body["url"], f"{mesh.url('daemon')}/ui/login?code={wrong}"):
+            assert again.goto(url).status == 403
+            expect(again.get_by_test_id("login-problem")).to_contain_text("used or expired")
+        assert [c for c in second.cookies() if c["name"].startswith("tron_ui_")] == []
+    finally:
+        first.close()
+        second.close()
+
+    def logins():
+        rows = mesh.rows("SELECT payload FROM events WHERE kind = 'audit' AND id > ? ORDER BY id", (since,))
+        return [p for p in (json.loads(r["payload"]) for r in rows) if p["what"] == "ui_login"]
+
+    # the accepted one, then the used code (it names whom it was minted for) and the wrong one
+    trail = wait_for(lambda: len(logins()) >= 3 and logins(), 10, "the three logins' audit rows")
+    assert [(a["who"], a["outcome"], a["reason"], a.get("code_minted_for")) for a in trail] == [
+        (actor, "session opened", "", None),
+        ("anonymous@ui", "refused: the login code was already used", "used", actor),
+        ("anonymous@ui", "refused: no such login code", "unknown", None)], trail
+    assert all(a["code"] == "[REDACTED]" and a["peer"] == "127.0.0.1" for a in trail[1:]), trail
+    # the codes are in no row of the registry and no line of the daemon's log
+    for secret in (code, wrong):
+        assert mesh.rows("SELECT COUNT(*) AS n FROM events WHERE payload LIKE ?", (f"%{secret}%",))[0]["n"] == 0
+        assert secret not in (mesh.home / "logs" / "daemon.log").read_text(errors="replace")
+
+
+def test_a_page_through_a_name_that_resolves_to_loopback_gets_403_and_no_data(rebinding_browser, mesh, artifacts):
+    from tests.browser.conftest import REBOUND_HOST
+
+    url = login_url(mesh)
+    rebound = f"http://{REBOUND_HOST}:{mesh.port('daemon')}"
+    context = rebinding_browser.new_context()
+    try:
+        page = context.new_page()
+        # the page is the daemon's own 403 (the resolver sent it to 127.0.0.1), and no login
+        resp = page.goto(url.replace(mesh.url("daemon"), rebound))
+        assert resp.status == 403 and page.url.startswith(rebound + "/ui/login"), (resp.status, page.url)
+        assert f"loopback host name, not '{REBOUND_HOST}'" in page.content()
+        assert [c for c in context.cookies() if c["name"].startswith("tron_ui_")] == []
+        page.screenshot(path=artifacts / "rebound.png")
+        # what a rebinding page's scripts can read of the UI, same origin: a 403 and no data
+        answers = page.evaluate("""async (paths) => Promise.all(paths.map(async (path) => {
+            const r = await fetch(path, {signal: AbortSignal.timeout(20000)});
+            return [path, r.status, await r.text()];
+        }))""", ["/ui/", "/ui/services/root", "/ui/stats", "/ui/charts/data", "/ui/events?topics=mesh"])
+        for path, status, text in answers:
+            assert status == 403, (path, status)
+            assert not any(name in text for name, _ in TREE), (path, text)
+        # the refused request changed nothing: the code was not spent, and logs in on 127.0.0.1
+        assert page.goto(url).ok and page.url == mesh.url("daemon") + "/ui/", page.url
+    finally:
+        context.close()
 
 
 # -- the mesh page -----------------------------------------------------------------------------------

@@ -183,3 +183,44 @@ def test_the_policy_at_its_bounds_loads():
     cfg = parse_mesh({"policy": {"backoff_factor": 10, "task_timeout": 604800, "backoff_max": 86400.0,
                                  "max_restarts": 100, "lane_trip_count": 1000}, **base()})
     assert (cfg.policy.backoff_factor, cfg.policy.task_timeout) == (10.0, 604800.0)
+
+
+@pytest.mark.parametrize("checks, message", [
+    ({"programer": {"refusal": False}},
+     "checks.programer: no agent has the role 'programer' (roles here: programmer, root, default; "),
+    # a class of your own has the role agent; this mesh has none
+    ({"agent": {"repeat_limit": 0}}, "checks.agent: no agent has the role 'agent' (roles here: programmer, root, default; "),
+    ({"programmer": {"repeat_limt": 2}}, "checks.programmer.repeat_limt: unknown key"),
+    ({"default": {"refusal": "maybe"}}, "checks.default.refusal: Input should be a valid boolean"),
+    ({"programmer": {"repeat_limit": -1}}, "checks.programmer.repeat_limit: Input should be greater than or equal to 0"),
+])
+def test_a_checks_table_for_no_role_or_with_an_unknown_key_is_refused_naming_it(checks, message):
+    with pytest.raises(ConfigError) as err:
+        parse_mesh({"checks": checks, **base()}, source="mesh.toml")
+    assert str(err.value).startswith(f"mesh.toml: {message}")
+
+
+def test_a_checks_table_for_a_programs_role_is_refused_and_one_per_agent_role_loads():
+    # A program never calls an LLM through Tron: its role (command) takes no [checks].
+    services = {"web": {"command": ["true"], "port": 7003}}
+    with pytest.raises(ConfigError, match="checks.command: no agent has the role 'command'"):
+        parse_mesh({"checks": {"command": {}}, **base(**base()["services"], **services)})
+    cfg = parse_mesh({"checks": {"root": {"refusal": False}, "programmer": {"max_tokens": True}, "default": {},
+                                 "agent": {"repeat_limit": 1}},
+                      **base(**base()["services"], **services, mine={"agent": "mine.m:Mine", "port": 7004})})
+    assert cfg.output_checks("a").refusal is False and cfg.output_checks("b").max_tokens is True
+    assert cfg.output_checks("mine").repeat_limit == 1
+
+
+def test_the_default_mesh_with_its_commented_checks_table_loads(tmp_path):
+    # mesh.toml shows [checks.programmer] commented out: uncommented, it must load as it is.
+    text = load_mesh(port_offset=0).source
+    lines = open(text).read().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("# [checks.programmer]"))
+    lines[at:at + 2] = [line[2:] for line in lines[at:at + 2]]
+    path = tmp_path / "mesh.toml"
+    path.write_text("\n".join(lines) + "\n")
+    assert load_mesh(path, port_offset=0).output_checks("programmer-1").repeat_limit == 3
+    path.write_text(path.read_text().replace("[checks.programmer]", "[checks.programer]"))
+    with pytest.raises(ConfigError, match=r"checks.programer: no agent has the role 'programer' \(roles here: architect, "):
+        load_mesh(path, port_offset=0)

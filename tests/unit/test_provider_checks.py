@@ -256,3 +256,16 @@ def test_repeat_guard_check(limit, outputs, fails_at):
     if failed:
         assert (results[fails_at].reason, results[fails_at].provider, results[fails_at].retryable) == (
             "repeated_output", "ollama", True)
+
+
+def test_each_service_gets_its_roles_checks_and_a_class_of_the_users_has_the_role_agent():
+    from common.config import parse_mesh
+
+    config = parse_mesh({
+        "checks": {"programmer": {"refusal": False}, "agent": {"repeat_limit": 0}, "default": {"max_tokens": True}},
+        "services": {"programmer-1": {"role": "programmer", "port": 7001},
+                     "mine": {"agent": "mine.summarise:Summarise", "port": 7002},
+                     "architect": {"role": "architect", "port": 7003}}})
+    assert config.output_checks("programmer-1") == OutputChecks(refusal=False)
+    assert config.output_checks("mine") == OutputChecks(repeat_limit=0)
+    assert config.output_checks("architect") == OutputChecks(max_tokens=True)

@@ -90,6 +90,27 @@ def test_a_login_code_works_once_and_not_after_it_expires():
     assert sessions.redeem(late) is None
 
 
+def test_a_refused_code_is_told_apart_used_expired_superseded_or_unknown():
+    from services.daemon.ui.auth import MAX_CODES
+
+    clock = FakeClock()
+    sessions = Sessions(clock, cookie="tron_ui_6109")
+    used = sessions.mint_code("ann@ui")
+    assert sessions.redeem(used) is not None and sessions.redeem(used) is None
+    late = sessions.mint_code("bob@ui")
+    clock.advance(sessions.code_ttl + 0.1)
+    assert sessions.redeem(late) is None
+    first = sessions.mint_code("cy@ui")
+    for _ in range(MAX_CODES):
+        sessions.mint_code("dee@ui")
+    assert sessions.redeem(first) is None
+    assert sessions.refusal(used) == ("used", "ann@ui")
+    assert sessions.refusal(late) == ("expired", "bob@ui")
+    assert sessions.refusal(first) == ("superseded", "cy@ui")
+    assert sessions.refusal(used[::-1]) == ("unknown", None)
+    assert used not in repr(sessions.__dict__)  # spent codes are remembered by digest only
+
+
 def test_the_api_lets_a_session_in_only_with_its_csrf_header_from_loopback():
     clock = FakeClock()
     sessions = Sessions(clock, cookie="tron_ui_6109")

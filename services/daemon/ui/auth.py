@@ -17,6 +17,8 @@ names a host other than a loopback one (a DNS-rebinding page), is refused with 4
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -30,6 +32,7 @@ CODE_TTL = 120.0
 SESSION_TTL = 12 * 3600.0
 MAX_CODES = 16      # outstanding login codes; the oldest is forgotten first
 MAX_SESSIONS = 64   # live sessions; the oldest is logged out first
+MAX_GONE = 256      # spent and expired codes remembered (by hash) to say why a login was refused
 CSRF_HEADER = "X-CSRF-Token"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -56,6 +59,10 @@ def local_problem(request: web.Request) -> str | None:
     return None
 
 
+def _digest(code: str) -> str:
+    return hashlib.sha256(code.encode("utf-8", "replace")).hexdigest()
+
+
 class Sessions:
     def __init__(self, clock: Clock, *, cookie: str, code_ttl: float = CODE_TTL,
                  session_ttl: float = SESSION_TTL) -> None:
@@ -67,6 +74,9 @@ class Sessions:
         self.session_ttl = session_ttl
         self._codes: dict[str, tuple[str, float, bool]] = {}  # code -> (actor, expires, viewer)
         self._sessions: dict[str, Session] = {}
+        # sha256(code) -> (actor, why it is no longer good): only a digest, so the memory of
+        # spent codes holds nothing that logs anyone in.
+        self._gone: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         self._prune()
@@ -74,13 +84,14 @@ class Sessions:
 
     def _prune(self) -> None:
         now = self.clock.now()
-        self._codes = {c: v for c, v in self._codes.items() if v[1] > now}
+        for code in [c for c, v in self._codes.items() if v[1] <= now]:
+            self._forget(code, "expired")
         self._sessions = {s: v for s, v in self._sessions.items() if v.expires > now}
 
     def mint_code(self, actor: str, *, viewer: bool = False) -> str:
         self._prune()
         while len(self._codes) >= MAX_CODES:
-            del self._codes[next(iter(self._codes))]
+            self._forget(next(iter(self._codes)), "superseded")
         code = secrets.token_urlsafe(24)
         self._codes[code] = (actor, self.clock.now() + self.code_ttl, viewer)
         return code
@@ -91,12 +102,31 @@ class Sessions:
         entry = self._codes.pop(code, None)
         if entry is None:
             return None
+        self._remember_gone(code, entry[0], "used")
         while len(self._sessions) >= MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), entry[0],
                           self.clock.now() + self.session_ttl, viewer=entry[2])
         self._sessions[session.sid] = session
         return session
+
+    def refusal(self, code: str) -> tuple[str, str | None]:
+        """Why ``redeem(code)`` refused it: ("used" | "expired" | "superseded", the actor it
+        was minted for), or ("unknown", None) for a code never minted here (a wrong one, one
+        spent before the last MAX_GONE, or one minted before a daemon restart)."""
+        self._prune()
+        gone = self._gone.get(_digest(code))
+        return (gone[1], gone[0]) if gone else ("unknown", None)
+
+    def _forget(self, code: str, why: str) -> None:
+        actor, _, _ = self._codes.pop(code)
+        self._remember_gone(code, actor, why)
+
+    def _remember_gone(self, code: str, actor: str, why: str) -> None:
+        self._gone[_digest(code)] = (actor, why)
+        self._gone.move_to_end(_digest(code))
+        while len(self._gone) > MAX_GONE:
+            self._gone.popitem(last=False)
 
     def of(self, request: web.Request) -> Session | None:
         """The request's live session, from its cookie."""

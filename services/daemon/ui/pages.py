@@ -39,6 +39,7 @@ from common.config import ConfigError
 from common.telemetry import trace_link
 from common.http import TOKEN_KEY, error, parse, token_matches
 from common.models import TOKEN_HEADER, Msg
+from common.redaction import REDACTED
 from common.states import RunState, TaskState
 from common.settings import read_overlay
 from services.daemon.ui import sse
@@ -52,6 +53,9 @@ log = logging.getLogger("tron.daemon.ui")
 
 STATIC = Path(__file__).parent / "static"
 _CODE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+# Why a login code was refused (auth.Sessions.refusal), as its audit row says it.
+LOGIN_REFUSED = {"used": "the login code was already used", "expired": "the login code expired",
+                 "superseded": "the login code was dropped for newer ones", "unknown": "no such login code"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 RUNS_SHOWN = 100
@@ -105,7 +109,15 @@ async def login(request: web.Request) -> web.StreamResponse:
         return ui.templates.response("login.html", problem=None)
     session = ui.sessions.redeem(code) if _CODE.match(code) else None
     if session is None:
-        log.warning("ui: a login with an unknown, used or expired code was refused")
+        why, minted_for = ui.sessions.refusal(code) if _CODE.match(code) else ("unknown", None)
+        # Audited as every refused action is, but never with the code: a wrong code may be a
+        # mistyped good one, and a used one must not be handed to whoever reads the trail.
+        await ui.daemon.store.event("audit", {"who": "anonymous@ui", "what": "ui_login", "target": "ui",
+                                              "before": "", "after": "", "outcome": f"refused: {LOGIN_REFUSED[why]}",
+                                              "reason": why, "code": REDACTED, "code_minted_for": minted_for,
+                                              "peer": request.remote})
+        log.warning("ui: a login was refused: %s", LOGIN_REFUSED[why],
+                    extra={"actor": minted_for or "", "outcome": f"refused: {why}"})
         return ui.templates.response("login.html", status=403,
                                      problem="This login link is used or expired. `tron ui` prints a new one.")
     await ui.daemon.store.event("audit", {"who": session.actor, "what": "ui_login", "target": "ui", "before": "",

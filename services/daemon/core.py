@@ -200,7 +200,7 @@ class Daemon:
             from services.daemon.ray_spawner import RaySpawner
 
             return RaySpawner(lambda child: self.sup.on_exit(child), config=self.config, home_root=self.home.root,
-                              config_path=self.config_path, marks=self._fork_server_env())
+                              config_path=self.config_path, marks=self._fork_server_env(), relays=self.access)
         return self._local_spawner()
 
     def _fork_server_env(self) -> dict[str, str]:

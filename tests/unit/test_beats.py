@@ -226,3 +226,74 @@ def test_a_relay_credential_covers_the_latest_incarnations_started_through_it(tm
     operator = access.identify(make_mocked_request("POST", "/beats", headers={TOKEN_HEADER: "operator-secret"}))
     assert access.speaks_for(operator)("anyone", "any")
 
+
+
+# -- the node agent's relay (services/daemon/beat_relay.py) --------------------------------------
+
+
+@pytest.fixture
+async def relay(rig):
+    from services.daemon.beat_relay import BeatRelay
+
+    r = BeatRelay(str(rig.http.make_url("")), relay_for(rig, *WORKERS), interval=3600.0)  # flushed by hand
+    await r.start()
+    for w in WORKERS:
+        svc = rig.svc(w)
+        r.admit(w, svc.incarnation, rig.daemon.access.credential(w, svc.incarnation))
+    yield r
+    await r.close()
+
+
+async def to_relay(rig, relay, body: dict, as_service: str):
+    svc = rig.svc(as_service)
+    cred = rig.daemon.access.credential(as_service, svc.incarnation)
+    async with rig.http.session.post(relay.url, json=body, headers={TOKEN_HEADER: cred}) as r:
+        return r.status, await r.json()
+
+
+async def test_a_relay_sends_its_agents_beats_as_one_batch_and_each_hears_its_own_verdict(rig, relay):
+    for w in WORKERS:
+        status, answer = await to_relay(rig, relay, beat(rig, w), w)
+        assert status == 200 and answer["relayed"] is True
+    assert rig.daemon.monitor.snapshot("worker-1").seq == -1  # nothing sent yet: one batch per interval
+    await relay.flush()
+    assert {w: rig.daemon.monitor.snapshot(w).seq for w in WORKERS} == {w: 1 for w in WORKERS}
+    assert relay.status()["batches"] == 1 and relay.status()["sent"] == 3
+    # worker-2 sends the same beat again: the daemon refuses it, and worker-2 hears so at its next beat
+    await to_relay(rig, relay, beat(rig, "worker-2", seq=1), "worker-2")
+    await to_relay(rig, relay, beat(rig, "worker-1"), "worker-1")
+    await relay.flush()
+    status, answer = await to_relay(rig, relay, beat(rig, "worker-2"), "worker-2")
+    assert (status, answer["verdict"]) == (409, "seq_out_of_order")
+    status, answer = await to_relay(rig, relay, beat(rig, "worker-1"), "worker-1")
+    assert status == 200
+    await relay.flush()  # worker-2's next beat is accepted again: so is what it hears
+    assert (await to_relay(rig, relay, beat(rig, "worker-2"), "worker-2"))[0] == 200
+
+
+async def test_a_replaced_incarnation_hears_stale_through_the_relay(rig, relay):
+    old = rig.svc("worker-3").incarnation
+    old_cred = rig.daemon.access.credential("worker-3", old)
+    await rig.crash("worker-3")
+    await rig.until_running("worker-3")
+    rig.daemon.access.relay_runs("node-a", "worker-3", rig.svc("worker-3").incarnation)
+    body = beat(rig, "worker-3", incarnation=old, seq=40)
+    async with rig.http.session.post(relay.url, json=body, headers={TOKEN_HEADER: old_cred}) as r:
+        assert r.status == 200  # nothing known yet
+    await relay.flush()
+    body["seq"] = 41
+    async with rig.http.session.post(relay.url, json=body, headers={TOKEN_HEADER: old_cred}) as r:
+        assert (r.status, (await r.json())["verdict"]) == (409, "stale_incarnation")
+
+
+async def test_an_agent_speaks_only_for_itself_at_the_relay(rig, relay):
+    status, answer = await to_relay(rig, relay, beat(rig, "worker-2"), "worker-1")
+    assert (status, answer["verdict"]) == (403, "forbidden")
+    async with rig.http.session.post(relay.url, json=beat(rig, "worker-1"), headers={TOKEN_HEADER: "guess"}) as r:
+        assert r.status == 401
+    status, _ = await to_relay(rig, relay, {"service": "worker-1"}, "worker-1")
+    assert status == 422
+    relay.forget("worker-1", rig.svc("worker-1").incarnation)  # it exited: its credential opens nothing here
+    assert (await to_relay(rig, relay, beat(rig, "worker-1"), "worker-1"))[0] == 401
+    await relay.flush()
+    assert all(rig.daemon.monitor.snapshot(w).seq == -1 for w in WORKERS)  # nothing above was sent on

@@ -277,6 +277,7 @@ async def beats(request: web.Request) -> web.Response:
                                                       "count": len(outside)})
     answer = {"ok": True, "interval": d.policy().heartbeat_interval, "accepted": len(verdicts) - len(refused),
               "verdicts": verdicts, "refused": refused}
+    d.metrics.beats_batched.inc(answer["accepted"])
     if d.config.hosts:
         answer["hosts"] = d.config.hosts
     return web.json_response(answer)

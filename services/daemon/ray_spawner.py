@@ -250,6 +250,8 @@ class RaySpawner:
 
     async def spawn(self, spec: SpawnSpec) -> Child:
         node = self.place(spec.name)
+        if self.relays is not None:  # before it starts: its first beat may reach the relay's next batch at once
+            self.relays.relay_runs(relay_name(node), spec.name, spec.incarnation)
         svc = self.config.services.get(spec.name)
         listen = None
         if spec.listen_fd is not None and svc is not None:

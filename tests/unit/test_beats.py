@@ -6,6 +6,7 @@ covers the incarnations started through it, an agent's own covers itself)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -297,3 +298,54 @@ async def test_an_agent_speaks_only_for_itself_at_the_relay(rig, relay):
     assert (await to_relay(rig, relay, beat(rig, "worker-1"), "worker-1"))[0] == 401
     await relay.flush()
     assert all(rig.daemon.monitor.snapshot(w).seq == -1 for w in WORKERS)  # nothing above was sent on
+
+
+# -- an agent's side: TRON_BEAT_URL (common/service.py) ------------------------------------------
+
+RELAY = "http://127.0.0.1:7999/beat"
+
+
+def relayed_ctx():
+    from tests.unit.test_sdk import make_ctx
+
+    ctx = make_ctx()
+    ctx.env = ctx.env.model_copy(update={"beat_url": RELAY})
+    return ctx
+
+
+async def test_an_agent_beats_to_its_relay_and_to_the_daemon_only_when_the_relay_does_not_answer():
+    from common.clock import FakeClock
+    from common.service import heartbeat_loop
+    from tests.unit.test_sdk import settle
+
+    ctx, clock = relayed_ctx(), FakeClock()
+    relay_up = True
+
+    def relay(body):
+        return {"ok": True, "interval": 1.0, "relayed": True} if relay_up else ConnectionRefusedError("relay gone")
+
+    ctx.client.answers[("POST", RELAY)] = relay
+    loop = asyncio.ensure_future(heartbeat_loop(ctx, clock))
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    assert [b.seq for b in ctx.client.sent("POST", RELAY)] == [0, 1] and not ctx.client.sent("POST", "/beat")
+    relay_up = False
+    clock.advance(1.0)
+    await settle()
+    loop.cancel()
+    assert [b.seq for b in ctx.client.sent("POST", "/beat")] == [2]  # the same beat, straight to the daemon
+    assert await ctx._token_for(RELAY) == ctx.token  # its own credential goes to its node's relay
+
+
+async def test_a_stale_verdict_from_the_relay_ends_the_agent():
+    from common.clock import FakeClock
+    from common.http import MeshHTTPError
+    from common.service import heartbeat_loop
+    from tests.unit.test_sdk import settle
+
+    ctx, clock = relayed_ctx(), FakeClock()
+    ctx.client.answers[("POST", RELAY)] = MeshHTTPError(409, RELAY, json.dumps({"verdict": "stale_incarnation"}))
+    loop = asyncio.ensure_future(heartbeat_loop(ctx, clock))
+    await settle()
+    assert ctx.superseded.is_set() and loop.done()

@@ -14,6 +14,11 @@ Servers (each in its own process, so the load never shares their CPU or GIL):
   batch_validated  the same, but each beat is validated as ``Beat`` (pydantic TypeAdapter) and
                    goes through ``daemon.on_beat`` (metrics, service state): what a real batch
                    endpoint would cost.
+  beats            the REAL daemon's ``POST /beats`` (services/daemon/api.py), on the same port
+                   as ``real``, with a node agent's relay credential that covers every service
+                   (``Access.mint_relay`` + ``relay_runs``): ``--beats-conns`` connections, each
+                   owning ``--beats-batch`` services of its own (the daemon watches as many as
+                   that takes) and pipelining ``--beats-depth`` requests.
 All are served by ``web.AppRunner(app, access_log=None, handle_signals=False)`` on 127.0.0.1,
 as the daemon serves itself.
 
@@ -28,6 +33,12 @@ sending one beat of each per request (the same number of beats in flight).
 
 Batch connections pipeline ``--batch-depth`` requests (HTTP/1.1, answered in order), since
 four connections in strict ping-pong leave the server idle between requests.
+
+The monitor's lateness under each load: in the real daemon's process, ``--probes`` extra
+agents (not in the mesh) are watched with beat deadlines 50-250 ms ahead and never beat;
+the monitor thread fires each (its signals are taken off before they reach the ladder),
+and ``fired_at - deadline`` is its lateness, sampled while each variant runs and while
+nothing runs (``idle``), so the loads' effect on detection is measured in the same run.
 
 Rounds: ``--rounds`` alternating rounds of every variant, each ``--warmup`` s then
 ``--seconds`` s measured; medians reported, with the server's CPU time per beat (psutil) and
@@ -69,7 +80,7 @@ from scripts.stats import summary
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 N_SERVICES_DEFAULT = 200
-VARIANTS = ("real", "bare", "bare_in_daemon", "batch", "batch_validated")
+VARIANTS = ("real", "bare", "bare_in_daemon", "batch", "batch_validated", "beats", "idle")
 SINGLE = ("real", "bare", "bare_in_daemon")
 
 
@@ -143,7 +154,8 @@ def _profile_summary(session, top: int = 25) -> dict:
              "on_beat@core.py", "beat@monitor.py", "inc@metrics.py", "json_response@web_response.py",
              "json@web_request.py", "bare@beat_ingest.py", "batch@beat_ingest.py",
              "batch_validated@beat_ingest.py", "validate_json@type_adapter.py", "dumps@__init__.py",
-             "loads@__init__.py"]
+             "loads@__init__.py", "beats@api.py", "_read_batch@api.py", "model_validate_json@main.py",
+             "on_beats@core.py", "speaks_for@access.py", "record@audit.py"]
     return {
         "total_s": round(total, 3), "idle_select_s": round(idle, 3), "busy_s": round(busy, 3),
         "self_top": [{"func": k, "s": round(v, 3), "pct_of_busy": round(100 * v / busy, 1) if busy else None}
@@ -174,6 +186,7 @@ class ServerSide:
         self.gc_time = [0.0, 0.0, 0.0]
         self._gc_t0 = 0.0
         gc.callbacks.append(self._on_gc)
+        self.done = asyncio.Event()  # made once (it was remade at every collection: a quit could be lost)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -182,7 +195,6 @@ class ServerSide:
             g = info["generation"]
             self.gc_count[g] += 1
             self.gc_time[g] += time.perf_counter() - self._gc_t0
-        self.done = asyncio.Event()
 
     async def _serve(self, app, name: str) -> None:
         from aiohttp import web
@@ -223,14 +235,18 @@ class ServerSide:
         from services.daemon.core import Daemon
 
         mesh = Path(self.args.home) / "mesh.toml"
-        write_mesh(mesh, self.args.services)
+        n_services = max(self.args.services, self.args.beats_conns * self.args.beats_batch)
+        write_mesh(mesh, n_services)
         config = load_mesh(mesh, port_offset=0)
         d = self.daemon = Daemon(config, Home(Path(self.args.home) / "home"), config_path=mesh)
         await d.start()
-        for i, name in enumerate(service_names(self.args.services)):
+        self.relay_token = d.access.mint_relay("bench-node")  # a node agent's credential, as the Ray spawner mints it
+        for i, name in enumerate(service_names(n_services)):
             d.sup.services[name].incarnation = f"i-{i}"
+            d.access.relay_runs("bench-node", name, f"i-{i}")
             d.monitor.watch(name, f"i-{i}", time.monotonic(), beat_timeout=3600, progress_timeout=3600,
                             task_timeout=3600)
+        self._start_probes(d)
         await self._serve(make_app(d), "real")
 
         monitor = d.monitor
@@ -268,15 +284,51 @@ class ServerSide:
         app.router.add_post("/beat", bare)  # the bare handler inside the daemon's process
         await self._serve(app, "batch")
 
+    def _start_probes(self, d) -> None:
+        """Agents that never beat, re-watched as soon as they fire: the monitor thread's
+        lateness (fired_at - deadline) while the loop ingests beats."""
+        import random
+
+        probes = [f"probe-{i:03d}" for i in range(self.args.probes)]
+        fired: deque = deque()
+        self.lateness: list[float] = []
+        thread = d.monitor_thread
+        pass_on = thread.sink
+
+        def sink(signal) -> None:  # on the monitor thread
+            if signal.service.startswith("probe-"):
+                self.lateness.append((signal.fired_at - signal.deadline) * 1e3)
+                fired.append(signal.service)
+            else:
+                pass_on(signal)
+        thread.sink = sink
+
+        def arm(name: str) -> None:
+            d.monitor.watch(name, "p", time.monotonic(), beat_timeout=random.uniform(0.05, 0.25),
+                            progress_timeout=3600, task_timeout=3600)
+
+        async def rearm() -> None:
+            for name in probes:
+                arm(name)
+            while True:
+                await asyncio.sleep(0.02)
+                while fired:
+                    arm(fired.popleft())
+        if probes:
+            self.probe_task = asyncio.ensure_future(rearm())
+
     # -- commands (run on the loop) ------------------------------------------------------
 
     async def cmd_info(self) -> dict:
         return {"pid": os.getpid(), "ports": self.ports, "token": self.daemon.token if self.daemon else "",
-                "kind": self.kind}
+                "relay_token": getattr(self, "relay_token", ""), "kind": self.kind}
 
     async def cmd_stats(self, objects: bool = False) -> dict:
         out = {"requests": self.requests, "batch_beats": self.batch_beats, "gc_count": list(self.gc_count),
                "gc_time_s": list(self.gc_time), "gc_tracked_objects": len(gc.get_objects()) if objects else None}
+        lateness = getattr(self, "lateness", None)
+        if lateness is not None:  # the samples since the last call (drained)
+            out["lateness_ms"], self.lateness = lateness, []
         if self.daemon:
             m = self.daemon.metrics
             out["monitor_beats_accepted"] = self.daemon.monitor.beats_accepted
@@ -388,7 +440,8 @@ class ServerSide:
         for _ in range(reps):
             for kind, handler in (("bare", bare), ("real", real_beat)):
                 reqs = [req(seq + k) for k in range(n)]
-                seq += n
+                if kind == "real":  # only the real handler moves the monitor's seq (a jump over SEQ_WINDOW is refused)
+                    seq += n
                 gc.collect()
                 gc.disable()
                 try:
@@ -400,7 +453,7 @@ class ServerSide:
                 finally:
                     gc.enable()
                 if resp.status != 200:
-                    raise RuntimeError(f"{kind} handler answered {resp.status}")
+                    raise RuntimeError(f"{kind} handler answered {resp.status}: {getattr(resp, 'text', '')}")
                 res[kind].append(statistics.median(per))
                 del reqs
         return {"handler bare, mocked request (p50 of call, median of reps)": round(statistics.median(res["bare"])),
@@ -460,7 +513,7 @@ class Server:
     """A server process and its control connection."""
 
     def __init__(self, kind: str, tmp: Path, services: int, listener: Listener, authkey: bytes,
-                 gc_freeze: bool = False) -> None:
+                 gc_freeze: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.kind = kind
         home = tmp / kind
         home.mkdir(parents=True, exist_ok=True)
@@ -469,7 +522,7 @@ class Server:
         host, port = listener.address
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.beat_ingest", "--_serve", kind, "--home", str(home),
-             "--services", str(services), "--ctl-host", host, "--ctl-port", str(port)]
+             "--services", str(services), "--ctl-host", host, "--ctl-port", str(port), *extra]
             + (["--server-gc-freeze"] if gc_freeze else []),
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
         self.conn = None
@@ -608,11 +661,12 @@ class Load:
     """Request bodies with a strictly increasing seq per service, kept across runs (the real
     and the batch variants share one monitor)."""
 
-    def __init__(self, services: int, token: str) -> None:
+    def __init__(self, services: int, token: str, relay_token: str = "") -> None:
         self.names = service_names(services)
         self.incs = [f"i-{i}" for i in range(services)]
         self.seq = [0] * services
         self.token = token.encode()
+        self.relay_token = relay_token.encode()
         self.pid = os.getpid()
 
     def beat_body(self, i: int) -> bytes:
@@ -620,10 +674,10 @@ class Load:
         return (b'{"service":"%s","incarnation":"%s","pid":%d,"seq":%d,"task_id":null,"progress":null}'
                 % (self.names[i].encode(), self.incs[i].encode(), self.pid, self.seq[i]))
 
-    def request(self, port: int, path: str, body: bytes) -> bytes:
+    def request(self, port: int, path: str, body: bytes, token: bytes | None = None) -> bytes:
         return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Tron-Token: %s\r\n"
                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                % (path.encode(), port, self.token, len(body), body))
+                % (path.encode(), port, token or self.token, len(body), body))
 
 
 def _one_if_200(status: int, body: bytes) -> int:
@@ -635,11 +689,18 @@ def _accepted(status: int, body: bytes) -> int:
 
 
 async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: int, warmup: float,
-                   seconds: float, server: Server, client: str = "raw", depth: int = 1) -> dict:
+                   seconds: float, server: Server, client: str = "raw", depth: int = 1,
+                   beats_shape: tuple[int, int, int] = (2, 1000, 2)) -> dict:
     loop = asyncio.get_running_loop()
     gen = Gen()
     n = len(load.names)
-    if variant in SINGLE:
+    if variant == "idle":  # nothing sent: the monitor's lateness with the loop idle
+        groups, path, beats_of = [], "", _one_if_200
+    elif variant == "beats":  # the real /beats: each connection owns its batch's services
+        conns, batch, depth = beats_shape
+        groups = [[c * batch + j for j in range(batch)] for c in range(conns)]
+        path, beats_of = "/beats", _accepted
+    elif variant in SINGLE:
         groups = [[i % n] for i in range(senders)]
         path, beats_of = "/beat", _one_if_200
         depth = 1
@@ -655,6 +716,9 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
         if len(group) == 1 and variant in SINGLE:
             i = group[0]
             return lambda: load.request(port, path, load.beat_body(i))
+        if variant == "beats":
+            return lambda: load.request(port, path, b'{"beats":[' + b",".join(load.beat_body(i) for i in group) + b"]}",
+                                        load.relay_token)
         return lambda: load.request(port, path, b"[" + b",".join(load.beat_body(i) for i in group) + b"]")
 
     protos: list[Sender] = []
@@ -716,11 +780,13 @@ async def run_load(load: Load, variant: str, port: int, *, senders: int, batch: 
     wall = t1 - t0
     beats = b1 - b0
     lat = summary([x * 1e3 for x in gen.lat])  # ms; {} when nothing was measured
+    lateness = st1.get("lateness_ms") or []
     return {
         "variant": variant, "client": client, "connections": len(groups), "pipeline_depth": depth,
-        "beats_per_request": len(groups[0]) if variant not in SINGLE else 1,
+        "beats_per_request": len(groups[0]) if groups and variant not in SINGLE else (1 if groups else 0),
         "seconds": round(wall, 3), "beats": beats, "requests": r1 - r0,
         "beats_per_s": beats / wall, "requests_per_s": (r1 - r0) / wall,
+        "monitor_lateness_ms": summary(lateness) if lateness else {}, "monitor_lateness_samples": len(lateness),
         "server_cpu_pct": 100 * (s1 - s0) / wall,
         "server_cpu_us_per_beat": 1e6 * (s1 - s0) / beats if beats else None,
         "client_cpu_pct": 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / wall,
@@ -756,6 +822,8 @@ async def orchestrate(args) -> dict:
     out: dict = {"machine": machine(), "command": " ".join([Path(sys.executable).name] + sys.argv),
                  "params": {"seconds": args.seconds, "warmup": args.warmup, "senders": args.senders,
                             "services": args.services, "batch": args.batch, "batch_depth": args.batch_depth,
+                            "beats_conns": args.beats_conns, "beats_batch": args.beats_batch,
+                            "beats_depth": args.beats_depth, "probes": args.probes,
                             "rounds": args.rounds,
                             "client": args.client, "server_gc_freeze": args.server_gc_freeze}}
     print(f"machine: {out['machine']}")
@@ -768,14 +836,19 @@ async def orchestrate(args) -> dict:
     loop = asyncio.get_running_loop()
     try:
         for kind in ("real", "bare"):
+            extra = ("--beats-conns", str(args.beats_conns), "--beats-batch", str(args.beats_batch),
+                     "--probes", str(args.probes))
             servers[kind] = await loop.run_in_executor(None, Server, kind, Path(tmp.name), args.services, listener,
-                                                       authkey, args.server_gc_freeze)
+                                                       authkey, args.server_gc_freeze, extra)
         real, bare = servers["real"], servers["bare"]
-        load = Load(args.services, real.info["token"])
+        load = Load(max(args.services, args.beats_conns * args.beats_batch), real.info["token"],
+                    real.info["relay_token"])
         ports = {"real": real.info["ports"]["real"], "bare": bare.info["ports"]["bare"],
                  "batch": real.info["ports"]["batch"], "batch_validated": real.info["ports"]["batch"],
-                 "bare_in_daemon": real.info["ports"]["batch"]}
-        owner = {"real": real, "bare": bare, "batch": real, "batch_validated": real, "bare_in_daemon": real}
+                 "bare_in_daemon": real.info["ports"]["batch"], "beats": real.info["ports"]["real"],
+                 "idle": real.info["ports"]["real"]}
+        owner = {"real": real, "bare": bare, "batch": real, "batch_validated": real, "bare_in_daemon": real,
+                 "beats": real, "idle": real}
         out["servers"] = {k: {"pid": s.info["pid"], "ports": s.info["ports"]} for k, s in servers.items()}
 
         runs = []
@@ -785,15 +858,21 @@ async def orchestrate(args) -> dict:
             for v in order:
                 res = await run_load(load, v, ports[v], senders=args.senders, batch=args.batch, warmup=args.warmup,
                                      seconds=args.seconds, server=owner[v], client=args.client,
-                                     depth=args.batch_depth)
+                                     depth=args.batch_depth,
+                                     beats_shape=(args.beats_conns, args.beats_batch, args.beats_depth))
                 res["round"] = r + 1
                 runs.append(res)
                 print(f"  round {r + 1} {v:16s} {res['beats_per_s']:10,.0f} beats/s  {res['requests_per_s']:9,.0f} req/s"
                       f"  server cpu {res['server_cpu_pct']:5.1f}% ({res['server_cpu_us_per_beat'] or 0:6.1f} us/beat)"
                       f"  client cpu {res['client_cpu_pct']:5.1f}%  p50 {res['latency_ms_p50'] or 0:6.2f} ms"
                       f"  p99 {res['latency_ms_p99'] or 0:6.2f} ms  status {res['status_measured']}"
-                      f"  server gc {res['server_gc_count']} {res['server_gc_ms']} ms", flush=True)
+                      f"  server gc {res['server_gc_count']} {res['server_gc_ms']} ms"
+                      f"  monitor lateness ms {res['monitor_lateness_ms']}", flush=True)
         out["runs"] = runs
+
+        def med(values):
+            values = [x for x in values if x is not None]
+            return statistics.median(values) if values else None
 
         summary = {}
         for v in variants:
@@ -801,13 +880,17 @@ async def orchestrate(args) -> dict:
             summary[v] = {
                 "beats_per_s_median": statistics.median(x["beats_per_s"] for x in rs),
                 "beats_per_s_all": [round(x["beats_per_s"]) for x in rs],
-                "server_cpu_us_per_beat_median": statistics.median(x["server_cpu_us_per_beat"] for x in rs),
+                "server_cpu_us_per_beat_median": med(x["server_cpu_us_per_beat"] for x in rs),
                 "server_cpu_pct_median": statistics.median(x["server_cpu_pct"] for x in rs),
                 "client_cpu_pct_median": statistics.median(x["client_cpu_pct"] for x in rs),
-                "latency_ms_p50_median": statistics.median(x["latency_ms_p50"] for x in rs),
-                "latency_ms_p99_median": statistics.median(x["latency_ms_p99"] for x in rs),
+                "latency_ms_p50_median": med(x["latency_ms_p50"] for x in rs),
+                "latency_ms_p99_median": med(x["latency_ms_p99"] for x in rs),
                 "non_200_measured": sum(n for x in rs for s, n in x["status_measured"].items() if s != 200),
-                "server_gc_us_per_beat_median": statistics.median(x["server_gc_us_per_beat"] for x in rs),
+                "server_gc_us_per_beat_median": med(x["server_gc_us_per_beat"] for x in rs),
+                "monitor_lateness_ms_p50_median": med(x["monitor_lateness_ms"].get("p50") for x in rs),
+                "monitor_lateness_ms_p99_median": med(x["monitor_lateness_ms"].get("p99") for x in rs),
+                "monitor_lateness_ms_max": max((x["monitor_lateness_ms"].get("max", 0) for x in rs), default=None),
+                "monitor_lateness_samples": sum(x["monitor_lateness_samples"] for x in rs),
                 "server_gc_tracked_objects": rs[-1]["server_gc_tracked_objects"],
                 "connections": rs[0]["connections"], "pipeline_depth": rs[0]["pipeline_depth"],
                 "beats_per_request": rs[0]["beats_per_request"],
@@ -837,15 +920,17 @@ async def orchestrate(args) -> dict:
         sent_ok_single = sum(x["status_all"].get(200, 0) for x in runs if x["variant"] == "real")
         batch_ok = sum(x["beats_ok_all"] for x in runs if x["variant"] == "batch")
         batchv_ok = sum(x["beats_ok_all"] for x in runs if x["variant"] == "batch_validated")
+        beats_ok = sum(x["beats_ok_all"] for x in runs if x["variant"] == "beats")
         metric_http = fetch_metric(ports["real"], "tron_beats_received_total")
         out["verification"] = {
             "client_200s_real": sent_ok_single,
             "client_accepted_batch": batch_ok,
             "client_accepted_batch_validated": batchv_ok,
+            "client_accepted_beats": beats_ok,
             "monitor_beats_accepted": stats["monitor_beats_accepted"],
-            "expected_monitor_beats_accepted": sent_ok_single + batch_ok + batchv_ok,
+            "expected_monitor_beats_accepted": sent_ok_single + batch_ok + batchv_ok + beats_ok,
             "metric_tron_beats_received_total_via_http": metric_http,
-            "expected_metric": sent_ok_single + batchv_ok,
+            "expected_metric": sent_ok_single + batchv_ok + beats_ok,
             "metric_beats_rejected": stats["metric_beats_rejected"],
             "monitor_thread_alive": stats["monitor_thread_alive"],
             "bare_requests_served": bare.call("stats")["requests"],
@@ -859,7 +944,7 @@ async def orchestrate(args) -> dict:
         # profiles: pyinstrument inside the server process, one run each
         out["profiles"] = {}
         if args.profile_seconds > 0:
-            for v_name, srv in (("real", real), ("bare", bare), ("batch_validated", real)):
+            for v_name, srv in (("real", real), ("bare", bare), ("batch_validated", real), ("beats", real)):
                 if v_name not in variants:
                     continue
                 prof_path = args.json.with_name(args.json.stem + f"_profile_{v_name}.txt")
@@ -867,7 +952,8 @@ async def orchestrate(args) -> dict:
                 try:
                     res = await run_load(load, v_name, ports[v_name], senders=args.senders, batch=args.batch,
                                          warmup=0.5, seconds=args.profile_seconds, server=srv, client=args.client,
-                                         depth=args.batch_depth)
+                                         depth=args.batch_depth,
+                                         beats_shape=(args.beats_conns, args.beats_batch, args.beats_depth))
                 finally:
                     summ = srv.call("profile_stop", out_path=str(prof_path))
                 summ["beats_per_s_while_profiled"] = res["beats_per_s"]
@@ -892,12 +978,16 @@ def report(out: dict, args) -> None:
     print(table(f"beats/s, {args.rounds} alternating rounds x {args.seconds:g} s (after {args.warmup:g} s warm-up), "
                 f"{args.senders} senders, client={args.client}; medians",
                 ["variant", "conns x depth x beats", "beats/s p50", "per round", "server cpu %", "server us/beat",
-                 "gc us/beat", "gc objects", "client cpu %", "lat p50 ms", "lat p99 ms", "non-200"],
+                 "gc us/beat", "gc objects", "client cpu %", "lat p50 ms", "lat p99 ms", "non-200",
+                 "TRON late p50/p99/max ms"],
                 [[v, f'{x["connections"]} x {x["pipeline_depth"]} x {x["beats_per_request"]}',
                   round(x["beats_per_s_median"]), " / ".join(f"{b:,}" for b in x["beats_per_s_all"]),
                   x["server_cpu_pct_median"], x["server_cpu_us_per_beat_median"], x["server_gc_us_per_beat_median"],
                   x["server_gc_tracked_objects"], x["client_cpu_pct_median"],
-                  x["latency_ms_p50_median"], x["latency_ms_p99_median"], x["non_200_measured"]]
+                  x["latency_ms_p50_median"], x["latency_ms_p99_median"], x["non_200_measured"],
+                  "" if x["monitor_lateness_ms_p50_median"] is None else
+                  f'{x["monitor_lateness_ms_p50_median"]:.2f} / {x["monitor_lateness_ms_p99_median"]:.2f} / '
+                  f'{x["monitor_lateness_ms_max"]:.2f}']
                  for v, x in s.items()]))
     if "ratio_real_over_bare" in out:
         r = out["ratio_real_over_bare"]
@@ -908,10 +998,11 @@ def report(out: dict, args) -> None:
         r = out["ratio_real_over_bare_in_daemon"]
         print(f"real/bare-in-daemon-process: {r['beats_per_s']:.3f} by beats/s (per round {r['per_round']}), "
               f"{r['by_server_cpu_per_beat']:.3f} by server CPU per beat")
-    for v in ("batch", "batch_validated"):
+    for v in ("batch", "batch_validated", "beats"):
         if v in s and "real" in s:
+            size = args.beats_batch if v == "beats" else args.batch
             print(f"{v}: {s[v]['beats_per_s_median'] / s['real']['beats_per_s_median']:.1f}x the real single-beat "
-                  f"endpoint ({args.batch} beats per request)")
+                  f"endpoint ({size} beats per request)")
     print(f"\nverification: {out['verification']}")
     for name, p in out.get("profiles", {}).items():
         if not p:
@@ -938,6 +1029,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--batch-depth", type=int, default=4,
                     help="requests pipelined per batch connection (batch variants only)")
+    ap.add_argument("--beats-conns", type=int, default=2, help="connections of the real /beats variant")
+    ap.add_argument("--beats-batch", type=int, default=1000, help="beats a request of the real /beats variant")
+    ap.add_argument("--beats-depth", type=int, default=2, help="requests pipelined per /beats connection")
+    ap.add_argument("--probes", type=int, default=50,
+                    help="never-beating agents whose deadlines measure the monitor's lateness (0: none)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--client", choices=("raw", "aiohttp"), default="raw")

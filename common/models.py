@@ -76,6 +76,18 @@ class Beat(Msg):
     spans_dropped: int | None = Field(None, ge=0)
 
 
+# POST /beats: the most beats, and the largest body, one batch may carry (more is a 413).
+MAX_BATCH_BEATS = 5000
+MAX_BATCH_BODY = 4 * 1024 * 1024
+
+
+class BeatBatch(Msg):
+    """Many agents' beats in one request, from a node agent (``POST /beats``); each beat is
+    validated as ``POST /beat`` validates one, and one bad beat makes the whole batch a 400."""
+
+    beats: list[Beat]
+
+
 class Alert(Msg):
     """A failure noticed by TRON, persisted before it is delivered."""
 

@@ -49,6 +49,7 @@ class ServiceEnv(BaseModel):
     provider: str | None = None
     heartbeat_interval: float | None = None
     node_pid: int | None = None  # the Tron node agent that started us (Ray placement)
+    beat_url: str | None = None  # that node agent's beat relay, which batches its agents' beats to the daemon
 
     @classmethod
     def from_environ(cls, env: dict | None = None) -> "ServiceEnv":
@@ -63,7 +64,8 @@ class ServiceEnv(BaseModel):
                    config=env.get("TRON_CONFIG", ""), provider=env.get("TRON_PROVIDER") or None,
                    heartbeat_interval=float(env["TRON_HEARTBEAT_INTERVAL"]) if env.get("TRON_HEARTBEAT_INTERVAL")
                    else None,
-                   node_pid=int(env["TRON_NODE_PID"]) if env.get("TRON_NODE_PID", "").isdigit() else None)
+                   node_pid=int(env["TRON_NODE_PID"]) if env.get("TRON_NODE_PID", "").isdigit() else None,
+                   beat_url=env.get("TRON_BEAT_URL") or None)
 
 
 class ServiceContext:
@@ -93,7 +95,7 @@ class ServiceContext:
     async def _token_for(self, url: str, fresh: bool = False) -> str | None:
         """Our credential to the daemon; to another of our services a peer token the daemon
         makes for that one (kept until shortly before it expires); to anything else none."""
-        if url.startswith(self.env.daemon_url + "/"):
+        if url.startswith(self.env.daemon_url + "/") or url == self.env.beat_url:  # the relay: our node agent's
             return self.token
         target = next((n for n in self.config.services if url.startswith(self.config.url(n) + "/")), None)
         if target is None:
@@ -164,10 +166,14 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
     """Beat every interval, on a fixed schedule (no drift). The daemon's answer carries
     the current interval (settings change at run time). A 409 means a newer incarnation
     replaced us; a daemon that does not know us at all (404) for ``stale_after`` seconds
-    means we are a ghost of an earlier daemon: either way, stop rather than linger."""
+    means we are a ghost of an earlier daemon: either way, stop rather than linger.
+
+    Placed by a node agent, the beat goes to its relay (``TRON_BEAT_URL``), which answers
+    with the daemon's verdict on our previous beat; a relay that does not answer at all is
+    passed by, and the beat goes to the daemon itself."""
     clock = clock or MonotonicClock()
     interval = ctx.env.heartbeat_interval or ctx.config.policy.heartbeat_interval
-    url = ctx.env.daemon_url + "/beat"
+    urls = [u for u in (ctx.env.beat_url, ctx.env.daemon_url + "/beat") if u]
     next_at = clock.now()
     unknown_since: float | None = None
     while True:
@@ -177,7 +183,7 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
                     tasks=ctx.tasks, spans_dropped=telemetry.dropped() or None)
         ctx.beat_seq += 1
         try:
-            answer = await ctx.client.post(url, beat, timeout=max(0.5, interval))
+            answer = await _post_beat(ctx, urls, beat, timeout=max(0.5, interval))
             unknown_since = None
             if isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)) and answer["interval"] > 0:
                 interval = float(answer["interval"])
@@ -209,6 +215,16 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
         if next_at < started:  # this beat went out late (a stalled loop): the schedule restarts from it
             next_at = started + interval
         await clock.sleep(next_at - clock.now())
+
+
+async def _post_beat(ctx: ServiceContext, urls: list[str], beat: Beat, *, timeout: float):
+    """To the first of ``urls`` that answers at all (an HTTP error is an answer)."""
+    for url in urls[:-1]:
+        try:
+            return await ctx.client.post(url, beat, timeout=timeout)
+        except (OSError, asyncio.TimeoutError) as err:
+            log.debug("beat relay %s did not answer (%s): beating to the daemon", url, err)
+    return await ctx.client.post(urls[-1], beat, timeout=timeout)
 
 
 def node_gone(pid: int | None) -> bool:

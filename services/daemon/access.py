@@ -6,6 +6,8 @@ Callers (``Caller.kind``):
     viewer     a named read-only token (``tron token create NAME --viewer``): what is shown
     session    a web UI session (cookie + CSRF header, from loopback): as the operator
     agent      one incarnation's credential (``TRON_TOKEN_FILE``): only its own calls
+    relay      a node agent's credential (``mint_relay``): only ``POST /beats``, and in a
+               batch only the beats of the incarnations started through that node agent
 
 Scopes (what a 403 names; ``tron_requests_refused_total{scope}`` counts refusals):
     operator   service verbs, settings, lanes, spawning, task actions, drills, nodes, backups,
@@ -17,6 +19,15 @@ Scopes (what a 403 names; ``tron_requests_refused_total{scope}`` counts refusals
                children and reading the results of tasks it created
     runs       the gateway role's entry point: creating and finishing runs, handing a run's
                first task to a top-level service
+    relay      a batch of beats (``POST /beats``) from a node agent for the agents it runs
+
+Who a beat in a batch may come from (``speaks_for``): the operator for anyone; an agent for
+itself only; a relay for an incarnation started through it (``relay_runs``, told by the
+spawner at each spawn or adoption), its last ``RELAY_KEEPS`` incarnations of each service,
+so a replaced one still hears ``stale_incarnation`` (and exits) rather than ``forbidden``.
+A relay credential lives in the daemon's memory only (its SHA-256) and in its node agent's:
+a daemon started again mints new ones when it sets its node agents up again; a node that
+is lost takes its credential with it (``revoke_relay``).
 
 Agent credentials live in the daemon's memory (their SHA-256) and in one 0600 file each under
 ``<home>/run/creds``; a credential is good only while its incarnation is its service's
@@ -32,7 +43,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
@@ -49,6 +61,7 @@ from common.models import NAME_PATTERN, TOKEN_HEADER
 log = logging.getLogger("tron.daemon.access")
 
 OPERATOR = "operator"  # the name of the home's own token
+RELAY_KEEPS = 4  # incarnations of one service a relay still speaks for (the current one and those it replaced)
 CALLER_KEY = web.RequestKey("tron_caller", object)  # where a request keeps its Caller once known
 
 
@@ -57,6 +70,7 @@ class Kind(StrEnum):
     VIEWER = "viewer"
     SESSION = "session"
     AGENT = "agent"
+    RELAY = "relay"
 
 
 class Scope(StrEnum):
@@ -65,6 +79,16 @@ class Scope(StrEnum):
     SELF = "self"
     CHILDREN = "children"
     RUNS = "runs"
+    RELAY = "relay"
+
+
+@dataclass
+class Relay:
+    """A node agent's credential and the incarnations started through it."""
+
+    name: str
+    digest: str
+    runs: dict[str, deque] = field(default_factory=dict)  # service -> its latest incarnations here
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,8 @@ class Caller:
         """Who an audited action is recorded as: never a name taken from a request body."""
         if self.kind is Kind.AGENT:
             return f"{self.name}/{self.incarnation}"
+        if self.kind is Kind.RELAY:
+            return f"relay:{self.name}"
         if self.session:
             return self.name
         return f"token:{self.name}"
@@ -89,7 +115,7 @@ class Caller:
 
     @property
     def can_read(self) -> bool:
-        return self.kind is not Kind.AGENT
+        return self.kind not in (Kind.AGENT, Kind.RELAY)
 
 
 class Refusal(web.HTTPForbidden):
@@ -112,6 +138,8 @@ class Access:
         self.named: dict[str, dict] = {}  # name -> {"digest", "role", "created"}
         self._agents: dict[str, tuple[str, str]] = {}  # digest -> (service, incarnation)
         self._creds: dict[str, tuple[str, str]] = {}  # service -> (incarnation, credential)
+        self._relays: dict[str, Relay] = {}  # name -> its relay
+        self._relay_digests: dict[str, Relay] = {}  # digest -> the same relays
         self.session_of: Callable[[web.Request], object | None] | None = None  # the UI's hook: a Session
 
     # -- files --------------------------------------------------------------------------------
@@ -184,6 +212,43 @@ class Access:
         self._agents.pop(credentials.digest(cred), None)
         (self.creds_dir / f"{service}{SEP}{incarnation}").unlink(missing_ok=True)
 
+    # -- relay credentials (node agents) -----------------------------------------------------------
+
+    def mint_relay(self, name: str) -> str:
+        """A node agent's credential for ``POST /beats``; an earlier one of the same name dies
+        here, and the new one speaks for nobody until ``relay_runs`` names an incarnation."""
+        self.revoke_relay(name)
+        cred = credentials.mint()
+        relay = Relay(name, credentials.digest(cred))
+        self._relays[name] = self._relay_digests[relay.digest] = relay
+        return cred
+
+    def relay_runs(self, name: str, service: str, incarnation: str) -> None:
+        """The incarnation was started (or adopted) through relay ``name``: its beats may come in its batches."""
+        relay = self._relays.get(name)
+        if relay is None:
+            return
+        held = relay.runs.setdefault(service, deque(maxlen=RELAY_KEEPS))
+        if incarnation not in held:  # another node's incarnations stay that node's: ids never repeat
+            held.append(incarnation)
+
+    def revoke_relay(self, name: str) -> None:
+        relay = self._relays.pop(name, None)
+        if relay is not None:
+            self._relay_digests.pop(relay.digest, None)
+
+    def speaks_for(self, caller: Caller) -> Callable[[str, str], bool]:
+        """``(service, incarnation) -> bool``: may ``caller`` send that incarnation's beat (one
+        beat of a batch)? Made once per batch: it is asked once per beat."""
+        if caller.kind is Kind.AGENT:
+            return lambda service, incarnation: service == caller.name and incarnation == caller.incarnation
+        if caller.kind is Kind.RELAY:
+            relay = self._relays.get(caller.name)
+            runs = relay.runs if relay is not None else {}
+            return lambda service, incarnation: incarnation in runs.get(service, ())
+        allowed = caller.is_operator
+        return lambda service, incarnation: allowed
+
     # -- peer tokens ----------------------------------------------------------------------------
 
     def may_call(self, caller: str, target: str) -> bool:
@@ -255,6 +320,9 @@ class Access:
             if held is not None:
                 service, incarnation = held
                 return Caller(Kind.AGENT, service, incarnation) if self.current(service) == incarnation else None
+            relay = self._relay_digests.get(digest)
+            if relay is not None:
+                return Caller(Kind.RELAY, relay.name)
             for name, t in self.named.items():
                 if token_matches(digest, t["digest"]):
                     return Caller(Kind.VIEWER if t["role"] == "viewer" else Kind.OPERATOR, name)

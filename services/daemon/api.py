@@ -8,6 +8,7 @@ so bad input is a 4xx that says what is wrong and changes nothing.
 
     GET  /health /status /events /metrics
     POST /beat                                        heartbeats (token)
+    POST /beats                                       a node agent's batch of beats, a verdict per beat (token)
     GET  /ladder/view                                 what a decider sees before it decides
     POST /control/{restart,escalation,switch,permanent_failure,report_failure}   ladder steps (token)
     POST /handle_grandchild_failure                   an escalation reaching the daemon, the top (token)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -36,6 +38,7 @@ from common import telemetry
 from common import credentials
 from common.config import DAEMON
 from common.http import AUTH_KEY, TOKEN_KEY, error, parse, parse_empty, parse_query
+from common.models import MAX_BATCH_BEATS, MAX_BATCH_BODY, BeatBatch, validation_messages
 from common.ladder import Escalated
 from common.lanes import every_lane
 from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
@@ -124,6 +127,8 @@ def allow(*scopes: Scope):
 def _reaches(caller: Caller, scope: Scope) -> bool:
     if scope is Scope.READ:
         return caller.can_read
+    if scope is Scope.RELAY:
+        return caller.kind is Kind.RELAY
     return scope in (Scope.SELF, Scope.CHILDREN, Scope.RUNS) and caller.kind is Kind.AGENT
 
 
@@ -199,13 +204,83 @@ async def beat(request: web.Request) -> web.Response:
         if d.config.hosts:  # services placed on other machines: where each is now
             answer["hosts"] = d.config.hosts
         return web.json_response(answer)
-    messages = {
+    return error(_VERDICT_STATUS[verdict], _verdict_message(b, verdict), verdict=str(verdict))
+
+
+def _verdict_message(b: Beat, verdict: Verdict) -> str:
+    return {
         Verdict.UNKNOWN: f"no service named {b.service!r} is watched",
         Verdict.STALE: f"incarnation {b.incarnation} of {b.service} is not the current one",
         Verdict.DUPLICATE: f"sequence number {b.seq} is not the next one (a late or repeated beat): carry on",
         Verdict.FOREIGN_TASK: f"task {b.task_id} is leased to another incarnation: this beat changed nothing",
-    }
-    return error(_VERDICT_STATUS[verdict], messages[verdict], verdict=str(verdict))
+    }[verdict]
+
+
+FORBIDDEN = "forbidden"  # a beat in a batch whose credential may not speak for its agent
+
+
+async def _read_batch(request: web.Request) -> BeatBatch:
+    """The batch's body, read up to MAX_BATCH_BODY (the app's own limit is the single beat's
+    size) and validated in one pass over the raw bytes: 413 over a limit, 400 if anything
+    in it is malformed (the index of the bad beat named)."""
+    too_large = web.HTTPRequestEntityTooLarge
+    if request.content_length is not None and request.content_length > MAX_BATCH_BODY:
+        raise too_large(max_size=MAX_BATCH_BODY, actual_size=request.content_length, content_type="application/json",
+                        text=f'{{"error": "a batch is at most {MAX_BATCH_BODY} bytes"}}')
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BATCH_BODY:
+            raise too_large(max_size=MAX_BATCH_BODY, actual_size=size, content_type="application/json",
+                            text=f'{{"error": "a batch is at most {MAX_BATCH_BODY} bytes"}}')
+        chunks.append(chunk)
+    try:
+        batch = BeatBatch.model_validate_json(b"".join(chunks) or b"null")
+    except ValidationError as err:
+        problems = "; ".join(f"{where or 'body'}: {what}" for where, what in validation_messages(err)[:5])
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"malformed batch, nothing taken: {problems}"}),
+                                 content_type="application/json") from None
+    if len(batch.beats) > MAX_BATCH_BEATS:
+        raise too_large(max_size=MAX_BATCH_BEATS, actual_size=len(batch.beats), content_type="application/json",
+                        text=f'{{"error": "a batch is at most {MAX_BATCH_BEATS} beats, not {len(batch.beats)}"}}')
+    return batch
+
+
+@allow(Scope.SELF, Scope.RELAY)
+async def beats(request: web.Request) -> web.Response:
+    """Many agents' beats in one request: a node agent's for the agents it runs (an agent's
+    own credential covers itself only). Each beat is judged as ``POST /beat`` judges it;
+    the answer says, in order, what became of each (``verdicts``) and, for each one not
+    accepted, the status and message the single beat would have had (``refused``)."""
+    d = _d(request)
+    batch = await _read_batch(request)
+    caller = _caller(request)
+    speaks_for = d.access.speaks_for(caller)
+    allowed = [speaks_for(b.service, b.incarnation) for b in batch.beats]
+    judged = iter(await d.on_beats([b for b, ok in zip(batch.beats, allowed) if ok]))
+    verdicts = [next(judged) if ok else FORBIDDEN for ok in allowed]
+    accepted = Verdict.ACCEPTED
+    refused = [{"index": i, "service": b.service, "incarnation": b.incarnation, "verdict": str(v),
+                "status": 403 if v == FORBIDDEN else _VERDICT_STATUS[v],
+                "error": f"{caller.actor} may not speak for {b.service}/{b.incarnation}" if v == FORBIDDEN
+                else _verdict_message(b, v)}
+               for i, (b, v) in enumerate(zip(batch.beats, verdicts)) if v is not accepted]
+    outside = [f"{r['service']}/{r['incarnation']}" for r in refused if r["verdict"] == FORBIDDEN]
+    if outside:
+        d.metrics.requests_refused.labels(scope=str(Scope.RELAY)).inc(len(outside))
+        await d.audit.record(caller.actor, f"{request.method} {request.path}", request.path, "", "",
+                             f"refused: missing scope {Scope.RELAY}", f"beats for agents it does not run: "
+                             f"{', '.join(outside[:20])}" + (f" and {len(outside) - 20} more" if len(outside) > 20
+                                                              else ""),
+                             agent=caller.name if caller.kind is Kind.AGENT else None)
+        log.warning("refused beats in a batch", extra={"actor": caller.actor, "scope": str(Scope.RELAY),
+                                                      "count": len(outside)})
+    answer = {"ok": True, "interval": d.policy().heartbeat_interval, "accepted": len(verdicts) - len(refused),
+              "verdicts": verdicts, "refused": refused}
+    d.metrics.beats_batched.inc(answer["accepted"])
+    if d.config.hosts:
+        answer["hosts"] = d.config.hosts
+    return web.json_response(answer)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -979,6 +1054,7 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_get("/events", events)
     r.add_get("/metrics", metrics)
     r.add_post("/beat", beat)
+    r.add_post("/beats", beats)
     r.add_get("/ladder/view", ladder_view)
     r.add_post("/control/restart", restart)
     r.add_post("/control/escalation", escalation)

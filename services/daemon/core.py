@@ -201,7 +201,7 @@ class Daemon:
             from services.daemon.ray_spawner import RaySpawner
 
             return RaySpawner(lambda child: self.sup.on_exit(child), config=self.config, home_root=self.home.root,
-                              config_path=self.config_path, marks=self._fork_server_env())
+                              config_path=self.config_path, marks=self._fork_server_env(), relays=self.access)
         return self._local_spawner()
 
     def _fork_server_env(self) -> dict[str, str]:
@@ -539,6 +539,42 @@ class Daemon:
             svc.tasks_checked = now  # at most once a second per agent: a beat stays O(1) in between
             await self._account_tasks(svc, beat.incarnation, set(beat.tasks), now)
         return verdict
+
+    async def on_beats(self, beats: list) -> list:
+        """A batch of beats (``POST /beats``), each judged as ``on_beat`` would: the verdicts,
+        in order. Most beats change nothing but their deadline (no task, or the same task at
+        the same progress): those take a path with no registry read or write and one clock
+        reading and one metric update for the whole batch; any other goes through ``on_beat``."""
+        from common.monitor import Verdict
+
+        accepted = Verdict.ACCEPTED
+        now = self.clock.now()
+        services = self.sup.services
+        just_finished = self.ledger.just_finished
+        monitor_beat = self.monitor.beat
+        verdicts = []
+        n_accepted = 0
+        for beat in beats:
+            svc = services.get(beat.service)
+            task_id = beat.task_id
+            if svc is not None and (
+                    beat.spans_dropped
+                    or (task_id and (task_id != svc.task_id or beat.progress != svc.progress or just_finished(task_id)))
+                    or (beat.tasks is not None and now - svc.tasks_checked >= LOST_TASK_CHECK_EVERY)):
+                verdicts.append(await self.on_beat(beat))  # the registry is read or written: the one full path
+                continue
+            verdict = monitor_beat(beat.service, beat.incarnation, beat.seq, now, task_id=task_id,
+                                   progress=beat.progress, waiting=beat.waiting)
+            if verdict is accepted:
+                n_accepted += 1
+                svc.last_beat = now
+                svc.task_id, svc.progress = task_id, beat.progress
+            else:
+                self.metrics.beats_rejected.labels(verdict=str(verdict)).inc()
+            verdicts.append(verdict)
+        if n_accepted:
+            self.metrics.beats.inc(n_accepted)
+        return verdicts
 
     async def _account_tasks(self, svc, incarnation: str, named: set[str], now: float) -> None:
         """No task runs forever, even one its agent lost (a result hand-off that died, a bug

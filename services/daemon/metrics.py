@@ -12,6 +12,8 @@ class DaemonMetrics:
         r = self.registry = CollectorRegistry()
         self.beats = Counter("tron_beats_received", "Heartbeats accepted", registry=r)
         self.beats_rejected = Counter("tron_beats_rejected", "Heartbeats rejected", ["verdict"], registry=r)
+        self.beats_batched = Counter("tron_beats_batched", "Heartbeats accepted in batches (POST /beats: node agents)",
+                                     registry=r)
         self.requests_refused = Counter("tron_requests_refused", "Requests refused for a missing scope (403)",
                                         ["scope"], registry=r)
         self.alerts = Counter("tron_alerts", "Alerts raised by TRON", ["reason"], registry=r)

@@ -11,6 +11,10 @@ file, the fork server's socket) and rewrites the paths of each service's environ
 it; ``TRON_MESH`` still names the daemon's home, so census and leak checks on one machine
 find everything. Every service it starts gets ``TRON_NODE_PID``: an agent whose node agent
 is gone (the node was lost, its work re-placed) exits instead of lingering on the port.
+
+Beats: the node agent runs a beat relay (services/daemon/beat_relay.py) when the daemon
+hands it a relay credential; every service it starts gets ``TRON_BEAT_URL``, beats there,
+and the relay sends the node's beats to the daemon as one ``POST /beats`` per interval.
 """
 
 from __future__ import annotations
@@ -40,14 +44,20 @@ class NodeAgent:
         self.home: Path | None = None
         self.paths: dict[str, str] = {}
         self.scratch: Path | None = None  # a short directory for the fork server's socket, if the home is deep
+        self.relay = None  # the beat relay (services/daemon/beat_relay.py), when the daemon asked for one
 
     # -- set-up ----------------------------------------------------------------------------
 
-    async def setup(self, home: str, config_text: str, env: dict[str, str], fork_server: bool) -> dict:
-        """Make the node's home and config copy; start the spawner."""
+    async def setup(self, home: str, config_text: str, env: dict[str, str], fork_server: bool,
+                    relay: dict | None = None) -> dict:
+        """Make the node's home and config copy; start the spawner, and the beat relay if
+        ``relay`` ({"daemon_url", "token", "interval"}) says so. A daemon started again calls
+        this once more: the relay then takes its new credential."""
         from common.paths import Home
         from services.daemon.spawner import ForkServerClient, LocalSpawner
 
+        if relay is not None:
+            await self._relay(relay)
         if self.spawner is not None:
             return self.describe()
         self.home = Path(home)
@@ -79,13 +89,23 @@ class NodeAgent:
         self.scratch = Path(tempfile.mkdtemp(prefix="tron-node-"))
         return self.scratch / "forkserver.sock"
 
+    async def _relay(self, relay: dict) -> None:
+        from services.daemon.beat_relay import BeatRelay
+
+        if self.relay is None:
+            self.relay = BeatRelay(relay["daemon_url"], relay["token"], relay["interval"])
+            await self.relay.start()
+        else:
+            self.relay.daemon_url, self.relay.token = relay["daemon_url"].rstrip("/"), relay["token"]
+
     def describe(self) -> dict:
         import ray
 
         ctx = ray.get_runtime_context()
         fs = self.spawner.status() if self.spawner else None
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
-                "home": str(self.home), "fork_server": fs, "children": len(self.children)}
+                "home": str(self.home), "fork_server": fs, "children": len(self.children),
+                "relay": self.relay.status() if self.relay is not None else None}
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -101,6 +121,9 @@ class NodeAgent:
             write_token(cred, spec["credential"])
             os.chmod(cred.parent, 0o700)
             env["TRON_TOKEN_FILE"] = str(cred)
+            if self.relay is not None:  # admitted before it starts: its first beat may come at once
+                self.relay.admit(spec["name"], spec["incarnation"], spec["credential"])
+                env["TRON_BEAT_URL"] = self.relay.url
         log_path = Path(spec["log"])  # the daemon's log file when this node shares its disk
         if not log_path.parent.is_dir():
             log_path = self.logs / log_path.name
@@ -111,6 +134,8 @@ class NodeAgent:
                 cwd=Path(spec["cwd"]) if Path(spec["cwd"]).is_dir() else self.home, log=log_path,
                 module=spec.get("module"), user=spec.get("user"), listen_fd=listen_fd))
         except (SpawnError, ListenerError) as err:
+            if self.relay is not None:
+                self.relay.forget(spec["name"], spec["incarnation"])
             return {"ok": False, "error": str(err)}
         self.children[child.pid] = child
         self._exits[child.pid] = asyncio.get_running_loop().create_future()
@@ -136,6 +161,8 @@ class NodeAgent:
     def _exited(self, child) -> None:
         if self.home is not None:  # its credential dies with it
             (self.home / "run" / "creds" / f"{child.name}~{child.incarnation}").unlink(missing_ok=True)
+        if self.relay is not None:
+            self.relay.forget(child.name, child.incarnation)
         fut = self._exits.get(child.pid)
         if fut is not None and not fut.done():
             fut.set_result({"exit_code": child.exit_code, "exit_signal": child.exit_signal})
@@ -188,5 +215,7 @@ class NodeAgent:
             await self.close_listener(port)
         if self.spawner is not None:
             await self.spawner.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)

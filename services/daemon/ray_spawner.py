@@ -18,6 +18,11 @@ exit) or Ray reports the node dead. Every child on it then exits as far as the d
 concerned ("node lost" in the alert), the ladder restarts it, and placement puts it on a
 surviving node; its tasks resume from their checkpoints like after any restart.
 
+Beats: each node agent gets a relay credential of its own (``relays.mint_relay``) and runs a
+beat relay; the daemon is told every incarnation started or adopted through it
+(``relays.relay_runs``), which is all that credential may beat for, and a lost node's
+credential dies with it (services/daemon/beat_relay.py, services/daemon/access.py).
+
 Cross-node facts: a child's pid and start time are its node's; the daemon never reads
 /proc for a child whose ``node`` is set, and every deadline is the daemon's own clock.
 """
@@ -31,6 +36,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -87,12 +93,27 @@ def _credential(env: dict[str, str]) -> str | None:
         return None
 
 
+class Relays(Protocol):
+    """What the spawner needs of the daemon's access rules (services/daemon/access.py)."""
+
+    def mint_relay(self, name: str) -> str: ...
+
+    def relay_runs(self, name: str, service: str, incarnation: str) -> None: ...
+
+    def revoke_relay(self, name: str) -> None: ...
+
+
+def relay_name(node: Node) -> str:
+    return f"node-{node.short}"
+
+
 class RaySpawner:
     engine = "ray"
 
     def __init__(self, on_exit: ExitCallback | None, *, config: MeshConfig, home_root: Path, config_path: Path | None,
-                 marks: dict[str, str]) -> None:
+                 marks: dict[str, str], relays: Relays | None = None) -> None:
         self.on_exit = on_exit
+        self.relays = relays  # None: the node agents' services beat to the daemon themselves
         self.config = config
         self.cluster = config.cluster
         self.home_root = home_root
@@ -174,8 +195,11 @@ class RaySpawner:
                 num_cpus=0, get_if_exists=True,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
             home = self.cluster.node_home.format(home=self.home_root) + f"/{node.short}"
+            relay = None if self.relays is None else {
+                "daemon_url": self.config.daemon_url, "token": self.relays.mint_relay(relay_name(node)),
+                "interval": self.config.policy.heartbeat_interval}
             node.info = await asyncio.wait_for(handle.setup.remote(
-                home, self._config_text(), self.marks, self.config.mesh.fork_server), 90)
+                home, self._config_text(), self.marks, self.config.mesh.fork_server, relay), 90)
             rows = await asyncio.wait_for(handle.inventory.remote(), CALL_TIMEOUT)
         except Exception as err:
             log.error("no Tron node agent on ray node %s: %s", node.short, err)
@@ -226,6 +250,8 @@ class RaySpawner:
 
     async def spawn(self, spec: SpawnSpec) -> Child:
         node = self.place(spec.name)
+        if self.relays is not None:  # before it starts: its first beat may reach the relay's next batch at once
+            self.relays.relay_runs(relay_name(node), spec.name, spec.incarnation)
         svc = self.config.services.get(spec.name)
         listen = None
         if spec.listen_fd is not None and svc is not None:
@@ -253,6 +279,8 @@ class RaySpawner:
         return child
 
     def _placed_on(self, child: Child, node: Node) -> None:
+        if self.relays is not None:
+            self.relays.relay_runs(relay_name(node), child.name, child.incarnation)
         self.placed[child.name] = node.node_id
         node.children.add(child.pid)
         if node.ip in self._local_ips:
@@ -282,6 +310,8 @@ class RaySpawner:
         node.retry_at = time.monotonic() + AGENT_RETRY
         log.error("ray node %s (%s) lost: %s; its services are placed elsewhere", node.short, node.ip, why)
         node.agent = None
+        if self.relays is not None:
+            self.relays.revoke_relay(relay_name(node))
         for port, holder in list(self.listening.items()):
             if holder == node.node_id:
                 del self.listening[port]

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -179,3 +180,46 @@ def mesh_tron(mesh) -> list[str]:
     from tests.harness import TRON
 
     return [*TRON, "--config", str(mesh.config)]
+
+
+# -- issue 27: beats through the node agents' relays -------------------------------------------
+
+
+def beats(mesh) -> tuple[float, float]:
+    """(accepted in batches, accepted in all), read from one scrape of the daemon's metrics."""
+    with urllib.request.urlopen(mesh.url("daemon") + "/metrics", timeout=10) as r:
+        values = dict(line.split()[:2] for line in r.read().decode().splitlines()
+                      if line.startswith(("tron_beats_batched_total ", "tron_beats_received_total ")))
+    return float(values.get("tron_beats_batched_total", 0)), float(values.get("tron_beats_received_total", 0))
+
+
+def batches_keep_everyone(mesh, since: tuple[float, float]) -> None:
+    """Beats keep coming in batches, two beat timeouts' worth of every service's; nearly all
+    beats batched (an agent whose relay is slow to answer beats directly once; one of the
+    three services beating directly throughout would make it half the batched count)."""
+    enough = 2 * len(SERVICES) * mesh.policy["miss_threshold"]
+    now = wait_for(lambda: (b := beats(mesh))[0] >= since[0] + enough and b, 90, "batches over two beat timeouts")
+    batched, direct = now[0] - since[0], (now[1] - since[1]) - (now[0] - since[0])
+    assert direct * 2 < batched, f"{direct} beats came directly, {batched} in batches"
+
+
+def test_node_agents_batch_their_agents_beats_and_a_restarted_agent_beats_through_the_relay(
+        mesh_factory, cluster, postgres):
+    """Every node agent runs a beat relay; its agents beat to it (``TRON_BEAT_URL``) and it
+    beats for them all with one ``POST /beats`` per interval under its own relay credential.
+    An agent killed on the worker node comes back there and beats through the relay again."""
+    mesh = ray_mesh(mesh_factory, cluster, postgres)
+    mesh.up()
+    worker = cluster.worker.node_id
+    assert placed(mesh, "worker") == worker
+    first = {name: mesh.service(name) for name in SERVICES}
+    batches_keep_everyone(mesh, beats(mesh))  # nobody is restarted meanwhile
+    assert {n: mesh.service(n)["incarnation"] for n in SERVICES} == {n: s["incarnation"] for n, s in first.items()}
+
+    old = mesh.kill("worker")
+    fresh = mesh.wait_replaced("worker", old)
+    wait_for(lambda: placed(mesh, "worker") == worker, 10, "the worker restarted on its node")
+    batches_keep_everyone(mesh, beats(mesh))  # its new incarnation too, through the same relay
+    assert mesh.service("worker")["incarnation"] == fresh["incarnation"]
+    refused = [r for r in mesh.rows("SELECT payload FROM events WHERE kind = 'audit'") if "relay" in r["payload"]]
+    assert not refused, refused

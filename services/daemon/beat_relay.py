@@ -1,0 +1,194 @@
+"""The beat relay: a node agent's agents beat to it, and it beats for them all to the daemon,
+one ``POST /beats`` per interval (services/daemon/node_agent.py runs one per Ray node).
+
+An agent placed by a node agent gets ``TRON_BEAT_URL`` (``http://127.0.0.1:PORT/beat`` on
+its own node) and posts its beat there exactly as it would to the daemon's ``/beat``, with
+its own credential. The relay checks that the credential is the one the node agent was
+handed for that incarnation (an agent speaks for itself only, here as at the daemon),
+keeps the latest beat of each agent, and every ``interval`` sends them as one batch with the
+node agent's relay credential, which the daemon accepts only for the incarnations started
+through this node agent (services/daemon/access.py).
+
+What an agent hears back: the verdict the daemon gave its previous beat, with the status a
+single beat would have had (409 ``stale_incarnation`` -> it exits, 404 ``unknown_service``,
+409 ``seq_out_of_order``, 409 ``foreign_task``), or 200 with the current interval and the
+hosts map. So a replaced incarnation learns it one interval later than through ``/beat``.
+
+Timing: a beat waits at most one interval here, so the gap between two beats arriving at the
+daemon is at most two intervals, within the beat timeout (``interval * miss_threshold``,
+3 by default; ``miss_threshold`` must stay above 2 with a relay). A batch the daemon does not
+take (unreachable, 5xx) is kept and the next interval's beats replace it: only the latest
+beat of each agent is worth sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from common import credentials
+from common.models import MAX_BODY, TOKEN_HEADER, Beat
+
+log = logging.getLogger("tron.relay")
+
+CHUNK = 1000  # beats per POST /beats (the daemon takes up to MAX_BATCH_BEATS; smaller keeps its loop responsive)
+
+
+class BeatRelay:
+    def __init__(self, daemon_url: str, token: str, interval: float) -> None:
+        self.daemon_url = daemon_url.rstrip("/")
+        self.token = token  # the node agent's relay credential: sent to the daemon only
+        self.interval = interval
+        self.hosts: dict[str, str] | None = None
+        self._agents: dict[str, tuple[str, str]] = {}  # digest of an agent's credential -> (service, incarnation)
+        self._pending: dict[str, Beat] = {}  # service -> its latest beat not yet sent
+        self._verdicts: dict[tuple[str, str], tuple[int, dict]] = {}  # (service, incarnation) -> last refusal
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task | None = None
+        self.port: int | None = None
+        self.sent = self.batches = self.failed = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Serve on 127.0.0.1 (a free port) and start sending; returns the port."""
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post("/beat", self._beat)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._task = asyncio.get_running_loop().create_task(self._send_loop())
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/beat"
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- who may beat here ------------------------------------------------------------------------
+
+    def admit(self, service: str, incarnation: str, credential: str) -> None:
+        """An incarnation this node agent started, with the credential the daemon minted for it."""
+        self._agents[credentials.digest(credential)] = (service, incarnation)
+
+    def forget(self, service: str, incarnation: str) -> None:
+        """The incarnation exited: its credential opens nothing here any more."""
+        for digest, held in list(self._agents.items()):
+            if held == (service, incarnation):
+                del self._agents[digest]
+        self._verdicts.pop((service, incarnation), None)
+        pending = self._pending.get(service)
+        if pending is not None and pending.incarnation == incarnation:
+            del self._pending[service]
+
+    def status(self) -> dict:
+        return {"port": self.port, "agents": len(self._agents), "pending": len(self._pending), "sent": self.sent,
+                "batches": self.batches, "failed_batches": self.failed, "interval": self.interval}
+
+    # -- an agent's beat --------------------------------------------------------------------------
+
+    async def _beat(self, request: web.Request) -> web.Response:
+        held = self._agents.get(credentials.digest(request.headers.get(TOKEN_HEADER) or ""))
+        if held is None:
+            return _error(401, f"missing or wrong {TOKEN_HEADER} header: this relay takes the beats of the "
+                               "agents its node agent started, each with its own credential")
+        try:
+            beat = Beat.model_validate_json(await request.read() or b"null")
+        except ValidationError as err:
+            return _error(422, f"not a beat: {err.errors()[0]['msg']}")
+        if (beat.service, beat.incarnation) != held:
+            return _error(403, f"{held[0]}/{held[1]} speaks only for itself, not for {beat.service}/{beat.incarnation}",
+                          scope="self", verdict="forbidden")
+        self._pending[beat.service] = beat
+        refused = self._verdicts.get(held)
+        if refused is not None:
+            return web.json_response(refused[1], status=refused[0])
+        answer: dict = {"ok": True, "interval": self.interval, "relayed": True}
+        if self.hosts:
+            answer["hosts"] = self.hosts
+        return web.json_response(answer)
+
+    # -- to the daemon ----------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            next_at += self.interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if time.monotonic() - next_at > self.interval:  # a stalled loop: start the schedule again from now
+                next_at = time.monotonic()
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the next interval tries again; never end the loop
+                log.error("beat relay: batch not sent: %s", err)
+
+    async def flush(self) -> None:
+        """Send every pending beat (in chunks of CHUNK) and keep each one's verdict."""
+        if not self._pending:
+            return
+        beats, self._pending = list(self._pending.values()), {}
+        for start in range(0, len(beats), CHUNK):
+            chunk = beats[start:start + CHUNK]
+            body = b'{"beats":[' + b",".join(b.model_dump_json(exclude_none=True).encode() for b in chunk) + b"]}"
+            try:
+                async with self._session.post(self.daemon_url + "/beats", data=body, headers={
+                        TOKEN_HEADER: self.token, "Content-Type": "application/json"}) as r:
+                    text = await r.text()
+                    status = r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+                self._keep(beats[start:])
+                self.failed += 1
+                log.warning("beat relay: the daemon did not take a batch of %d: %s", len(beats) - start, err)
+                return
+            if status != 200:
+                if status == 401 or status >= 500:  # a credential being renewed, a daemon in trouble: try again
+                    self._keep(chunk)
+                self.failed += 1
+                log.warning("beat relay: batch of %d refused: HTTP %s %s", len(chunk), status, text[:300])
+                continue
+            self._record(chunk, json.loads(text))
+
+    def _keep(self, beats: list[Beat]) -> None:
+        """Beats not delivered go out with the next batch, unless a newer one of the same agent came in."""
+        for b in beats:
+            self._pending.setdefault(b.service, b)
+
+    def _record(self, chunk: list[Beat], answer: dict) -> None:
+        self.batches += 1
+        self.sent += len(chunk)
+        if isinstance(answer.get("interval"), (int, float)) and answer["interval"] > 0:
+            self.interval = float(answer["interval"])
+        if isinstance(answer.get("hosts"), dict):
+            self.hosts = answer["hosts"]
+        refused = {r["index"]: r for r in answer.get("refused", ())}
+        for i, b in enumerate(chunk):
+            r = refused.get(i)
+            if r is None:
+                self._verdicts.pop((b.service, b.incarnation), None)
+            else:
+                self._verdicts[(b.service, b.incarnation)] = (r["status"], {"error": r["error"],
+                                                                            "verdict": r["verdict"]})
+
+
+def _error(status: int, message: str, **extra) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)

@@ -30,6 +30,7 @@ delays no beat, restart or task; what it cannot take is counted (``dropped()``, 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import hashlib
@@ -281,6 +282,8 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
     # GenAI spans, unredacted content included when its variable says so) stays a no-op, and
     # each call is the one span Tron writes, redacted as the registry is.
     _on = _On(provider.get_tracer(TRACER), provider, processor, section)
+    atexit.unregister(shutdown)  # once, however often tracing is set up again (tests)
+    atexit.register(shutdown)  # a process that exits without a stop still sends what it can, bounded
     log.info("tracing on", extra={"endpoint": url})
     return True
 

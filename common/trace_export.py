@@ -238,7 +238,8 @@ def _exporter_main(sock: socket.socket, url: str, section, resource, scope, shar
 
         from common import telemetry
 
-        base = telemetry.dropped()  # the parent's count came with the fork: ours starts here
+        # Forked inside setup, before it turns tracing on: dropped() is this process's own count,
+        base = telemetry.dropped()  # the parent's at the fork included
         processor = telemetry.batch_processor(OTLPSpanExporter(endpoint=url, timeout=section.export_timeout),
                                               section, url)
         flushed = 0

@@ -38,6 +38,8 @@ import struct
 import threading
 import time
 
+from opentelemetry.attributes import BoundedAttributes  # imported only when tracing is on (telemetry._On)
+
 SEND_BUFFER = 4 << 20  # bytes of spans in flight to the exporter process (the kernel caps it at wmem_max)
 RECORD_MAX = 64 << 10  # bytes a datagram at most (a batch larger is sent in halves; below any wmem_max)
 RECEIVE_MAX = 4 << 20  # the exporter process's receive buffer: larger than any datagram the socket takes
@@ -47,17 +49,28 @@ _COUNTERS = struct.Struct("<QQQ")  # delivered, dropped, flushed (the last flush
 
 def record(span) -> tuple:
     """What the exporter process needs of an ended SDK span: ints, strings, tuples and dicts
-    only, marshalled a batch at a time (cheap to write, and only our own process reads it)."""
-    ctx, parent, status = span.context, span.parent, span.status
+    only, marshalled a batch at a time (cheap to write, and only our own process reads it).
+
+    The one place that reads the SDK's private fields (``ReadableSpan._attributes`` and the
+    like, ``BoundedAttributes._dict``): its public properties copy through Python-level
+    mapping proxies, four times the cost, and this runs on the traced process's GIL for
+    every span. tests/unit/test_trace_export.py sends every kind of field through it."""
+    ctx, parent, status = span._context, span._parent, span._status
     return (
-        span.name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
+        span._name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
         parent.span_id if parent is not None else 0, parent is not None and parent.is_remote,
-        span.kind.value, span.start_time, span.end_time, dict(span.attributes),
-        tuple((e.name, e.timestamp, dict(e.attributes)) for e in span.events),
-        tuple((link.context.trace_id, link.context.span_id, int(link.context.trace_flags), dict(link.attributes or {}))
-              for link in span.links),
+        span._kind.value, span._start_time, span._end_time, _plain(span._attributes),
+        tuple((e.name, e.timestamp, _plain(e._attributes)) for e in span._events),
+        tuple((link.context.trace_id, link.context.span_id, int(link.context.trace_flags), _plain(link.attributes))
+              for link in span._links),
         status.status_code.value, status.description,
     )
+
+
+def _plain(attributes) -> dict:
+    if isinstance(attributes, BoundedAttributes):
+        return attributes._dict.copy()
+    return dict(attributes or {})
 
 
 def readable(data: tuple, resource, scope):

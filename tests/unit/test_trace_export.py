@@ -117,7 +117,9 @@ def test_spans_are_exported_by_a_process_of_their_own_with_their_parents_links_e
         assert attempt.parent_span_id == run.span_id and chat.parent_span_id == attempt.span_id
         assert [int.from_bytes(link.span_id, "big") for link in attempt.links] == \
             [attempt_span_id(trace_id, "r-1.0", 1)]
-        assert [e.name for e in attempt.events] == ["tron.ladder.retry"]
+        [event] = attempt.events
+        assert event.name == "tron.ladder.retry"
+        assert {a.key: a.value.string_value for a in event.attributes} == {"tron.case": "provider_retry"}
         assert attempt.status.code == 2  # STATUS_CODE_ERROR
         attrs = {a.key: a.value for a in chat.attributes}
         assert attrs["gen_ai.operation.name"].string_value == "chat"

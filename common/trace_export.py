@@ -28,6 +28,7 @@ once, as for any service) comes first, which it mostly does.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import marshal
 import mmap
@@ -92,9 +93,10 @@ def readable(data: tuple, resource, scope):
 
 class ProcessExport:
     """The SDK ``SpanProcessor`` of the traced process: hands ended spans to the exporter
-    process. ``on_end`` only appends the span to a list; a thread of ours turns the list into
-    records and sends them every ``HANDOVER_DELAY`` (sooner when a batch is full), one
-    datagram a batch: the exporter process wakes ten times a second, not once a span.
+    process. ``on_end`` only appends the span to a queue; a thread of ours, woken by the
+    first span pending, turns what is pending ``HANDOVER_DELAY`` later (sooner when a batch
+    is full) into records and sends them, one datagram a batch: the exporter process wakes
+    at most ten times a second, not once a span, and an idle process not at all.
     ``counted(n, why)`` is told of every span that could not be handed over."""
 
     def __init__(self, url: str, section, resource, scope, counted) -> None:
@@ -105,9 +107,10 @@ class ProcessExport:
         self.sent = 0  # spans handed over (our thread's count)
         self.cpu_s = 0.0  # our thread's CPU, building and sending records (benchmarks/telemetry.py)
         self.flushes = itertools.count(1)
-        self.pending: list = []
+        self.pending: collections.deque = collections.deque()  # append and popleft are atomic
         self.lock = threading.Lock()  # one sender at a time: our thread, or a flush, or close
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # a span is pending (our thread sleeps while none is: an idle
+        self.full = threading.Event()  # process is never woken); a batch is full: send it now
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         pid = os.fork()
@@ -136,9 +139,11 @@ class ProcessExport:
         if len(pending) >= self.capacity:
             self.counted(1, "the span hand-over is behind (its thread is starved)")
             return
-        pending.append(span)  # atomic; our thread swaps the list under the lock
-        if len(pending) >= self.batch:
+        pending.append(span)
+        if not self.wake.is_set():
             self.wake.set()
+        if len(pending) >= self.batch and not self.full.is_set():
+            self.full.set()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Hand over what is pending and have the exporter process export what it holds;
@@ -169,19 +174,23 @@ class ProcessExport:
     # -- ours --
 
     def _run(self) -> None:
-        while not self.closed:
-            self.wake.wait(HANDOVER_DELAY)
-            self.wake.clear()
+        while True:
+            self.wake.wait()
+            self.wake.clear()  # a span that ends from now on sets it again: it goes in this round or the next
+            self.full.wait(HANDOVER_DELAY)
+            self.full.clear()
             with self.lock:
-                if not self.closed:
-                    self._send_pending()
+                if self.closed:
+                    return
+                self._send_pending()
 
     def _send_pending(self) -> None:
         """Under ``lock``: the pending spans to the exporter process, batch by batch."""
         if not self.pending:
             return
         t0 = time.thread_time()
-        spans, self.pending = self.pending, []
+        pending = self.pending
+        spans = [pending.popleft() for _ in range(len(pending))]
         for i in range(0, len(spans), self.batch):
             part = spans[i:i + self.batch]
             try:
@@ -224,6 +233,7 @@ class ProcessExport:
             self.closed = True
             self.sock.close()
         self.wake.set()
+        self.full.set()
         deadline = time.monotonic() + timeout
         finished = True
         while self._alive():

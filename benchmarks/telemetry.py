@@ -1,21 +1,29 @@
 """What OpenTelemetry tracing costs (issue 25's targets: beats untouched, under 2 % of a
 simulated LLM call; a collector that is down or hangs changes nothing).
 
-Part ``call``, in one process, interleaved in blocks so the machine's noise lands on every row:
+Part ``call``, in one process, interleaved in blocks so the machine's noise lands on every row,
+once for each place spans are exported from (``--export``): ``process``, the shipped default
+(common/trace_export.py: a process of its own, forked at set-up), and ``thread`` (the SDK's
+BatchSpanProcessor thread, in this process):
 
   call        one completion through the real anthropic SDK against llm-sim (a process of its
               own, as in a mesh), untraced; the median. Calls alternate with ``traced`` ones.
   traced      the same call inside ``telemetry.llm_span`` + ``llm_result`` (what ``Agent.llm``
-              adds), tracing on, exported by the batch processor's thread to a live OTLP sink
-              (a process of its own that answers 200); the median.
-  span        the span alone (open, GenAI attributes, usage, close, hand to the queue), no call.
+              adds), tracing on, exported to a live OTLP sink (a process of its own that
+              answers 200); the median.
+  span        the span alone (attributes, usage, the SDK span made and ended, queued), no call.
   beat        what a heartbeat runs of telemetry: one ``telemetry.dropped()`` read, tracing on.
+  export CPU  ``thread``: the SDK thread's CPU (``thread_time``) encoding and sending, a span;
+              ``process``: our hand-over thread's CPU (building records, marshal, send), a
+              span, on this process's GIL, and the exporter process's whole CPU, a span, on
+              its own. Per call on this process's GIL = span + (export | hand-over).
 
 Part ``mesh``: three real meshes up at once (tracing off; on, the collector down; on, the
 collector hung: it accepts and never answers), the same runs through the gateway and the
 same kill -9 of programmer-1 taking turns between them: the run's wall time and kill-to-healthy.
 
-    .venv/bin/python -m benchmarks.telemetry [--calls 600] [--runs 6] [--kills 4] [--json FILE]
+    .venv/bin/python -m benchmarks.telemetry [--calls 600] [--export process|thread|both] [--runs 6] [--kills 4]
+                                             [--part call|mesh|both] [--json FILE]
 """
 
 from __future__ import annotations

@@ -115,7 +115,12 @@ class ProcessExport:
         self.full = threading.Event()  # process is never woken); a batch is full: send it now
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:  # the exporter process: never returns
             ours.close()
             _exporter_main(theirs, url, section, resource, scope, self.shared)
@@ -304,7 +309,7 @@ def _detach(keep: int) -> None:
     pipes must close when the parent does; no signal handler of its event loop runs here."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # a stop signals the group: we end at end of file, after the parent
-    signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(-1)  # the event loop's: its socket is closed below
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)

@@ -214,3 +214,19 @@ def test_spans_handed_over_before_a_kill_9_are_still_exported(receiver):
     assert [s.name for s in receiver.named("step 0 handed over") + receiver.named("step 1 handed over")] == \
         ["step 0 handed over", "step 1 handed over"]
     assert receiver.named("step 9 open") == []
+
+
+def test_with_no_process_to_fork_spans_are_exported_from_a_thread(receiver, monkeypatch):
+    def refused():
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # fork's EAGAIN: pids_max reached
+
+    monkeypatch.setattr(os, "fork", refused)
+    assert telemetry.setup(TelemetrySection(otlp_endpoint=receiver.url), service="svc", env={})
+    try:
+        assert telemetry._on.process is None
+        with telemetry.step_span("t", 1, "s"):
+            pass
+        telemetry._on.processor.force_flush()
+    finally:
+        telemetry.shutdown(5)
+    assert len(receiver.named("step 1 s")) == 1

@@ -165,9 +165,8 @@ def measure_mesh(runs: int, kills: int) -> dict:
         t0 = time.monotonic()
         code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": f"measure {n}"})
         assert code == 202, body
-        run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{body['run_id']}",
-                                               token=False)[1]) and r["status"] != "running" and r,
-                       120, "the run", interval=0.01)
+        run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{body['run_id']}")[1])
+                       and r["status"] != "running" and r, 120, "the run", interval=0.01)  # a run is read with the token
         assert run["status"] == "done", run
         return time.monotonic() - t0
 

@@ -265,18 +265,13 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
     if incarnation:
         attrs["service.instance.id"] = incarnation
     resource = Resource.create(attrs)
-    processor = None
     if exporter is None and section.export == "process":
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
         from common.trace_export import ProcessExport
 
-        try:
-            processor = ProcessExport(url, section, resource, InstrumentationScope(TRACER), _count_dropped)
-        except OSError as err:  # no process to fork (pids_max, EAGAIN): export from a thread, as export = "thread"
-            log.warning("no exporter process (%s): spans are exported from a thread of this process", err)
-            processor = None
-    if processor is None:
+        processor = ProcessExport(url, section, resource, InstrumentationScope(TRACER), _count_dropped)
+    else:
         processor = batch_processor(exporter or OTLPSpanExporter(endpoint=url, timeout=section.export_timeout),
                                     section, url)
     # shutdown_on_exit=False: the SDK's own atexit flush waits up to 30 s for a hung

@@ -3,7 +3,7 @@ GIL of the process that made them (issue 25's cost target: under 2 % of a simula
 
 Vocabulary:
 
-    exporter process   forked from the traced process when tracing is set up (the SDK is
+    exporter process   forked from the traced process with its first hand-over (the SDK is
                        already imported: the fork costs milliseconds and shares its pages);
                        it runs the SDK's BatchSpanProcessor and OTLPSpanExporter
                        (``telemetry.batch_processor``) and nothing of its parent's
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import marshal
 import mmap
 import os
@@ -113,20 +114,10 @@ class ProcessExport:
         self.lock = threading.Lock()  # one sender at a time: our thread, or a flush, or close
         self.wake = threading.Event()  # a span is pending (our thread sleeps while none is: an idle
         self.full = threading.Event()  # process is never woken); a batch is full: send it now
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        try:
-            pid = os.fork()
-        except OSError:
-            ours.close()
-            theirs.close()
-            raise
-        if pid == 0:  # the exporter process: never returns
-            ours.close()
-            _exporter_main(theirs, url, section, resource, scope, self.shared)
-        theirs.close()
-        ours.setblocking(False)
-        self.sock, self.pid = ours, pid
+        self.args = (url, section, resource, scope)
+        self.sock: socket.socket | None = None
+        self.pid: int | None = None  # forked with the first hand-over, not at set-up (below)
+        self.fallback = None  # no process could be forked: the SDK's batch processor, in this process
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="tron-trace-handover", daemon=True)
         self.thread.start()
@@ -159,6 +150,8 @@ class ProcessExport:
         deadline = time.monotonic() + timeout_millis / 1000
         with self.lock:
             self._send_pending()
+            if not self._fork():
+                return self.fallback.force_flush(timeout_millis)
             while True:
                 try:
                     self.sock.send(marshal.dumps(n))
@@ -180,6 +173,39 @@ class ProcessExport:
 
     # -- ours --
 
+    def _fork(self) -> bool:
+        """Under ``lock``: the exporter process, forked with the first hand-over rather than at
+        set-up: a fork while a new incarnation starts makes every page it then writes a copy
+        (kill -> healthy was 70-100 ms slower); by its first span it serves. False if none
+        can be forked (pids_max, EAGAIN): then the SDK's batch processor exports from a
+        thread of this process, as ``export = "thread"``."""
+        if self.pid is not None or self.fallback is not None:
+            return self.fallback is None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        try:
+            pid = os.fork()
+        except OSError as err:
+            ours.close()
+            theirs.close()
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            from common import telemetry
+
+            url, section, _, _ = self.args
+            logging.getLogger("tron.telemetry").warning(
+                "no exporter process (%s): spans are exported from a thread of this process", err)
+            self.fallback = telemetry.batch_processor(OTLPSpanExporter(endpoint=url, timeout=section.export_timeout),
+                                                      section, url)
+            return False
+        if pid == 0:  # the exporter process: never returns
+            ours.close()
+            _exporter_main(theirs, *self.args, self.shared)
+        theirs.close()
+        ours.setblocking(False)
+        self.sock, self.pid = ours, pid
+        return True
+
     def _run(self) -> None:
         while True:
             self.wake.wait()
@@ -198,6 +224,11 @@ class ProcessExport:
         t0 = time.thread_time()
         pending = self.pending
         spans = [pending.popleft() for _ in range(len(pending))]
+        if not self._fork():
+            _, _, resource, scope = self.args
+            for each in spans:
+                self.fallback.on_end(readable(each, resource, scope))
+            return
         for i in range(0, len(spans), self.batch):
             part = spans[i:i + self.batch]
             try:
@@ -224,6 +255,8 @@ class ProcessExport:
         return _COUNTERS.unpack_from(self.shared)
 
     def _alive(self) -> bool:
+        if self.pid is None:
+            return False
         try:
             return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
         except ChildProcessError:
@@ -238,7 +271,8 @@ class ProcessExport:
                 return True
             self._send_pending()
             self.closed = True
-            self.sock.close()
+            if self.sock is not None:
+                self.sock.close()
         self.wake.set()
         self.full.set()
         deadline = time.monotonic() + timeout
@@ -253,6 +287,9 @@ class ProcessExport:
                     pass
                 break
             time.sleep(0.002)
+        if self.fallback is not None:
+            self.fallback.force_flush(int(timeout * 1000))
+            self.fallback.closed = True
         delivered, dropped, _ = self.counters()
         if self.sent > delivered + dropped:
             self.counted(self.sent - delivered - dropped, "the exporter process ended before it could send them")
@@ -268,8 +305,8 @@ def _exporter_main(sock: socket.socket, url: str, section, resource, scope, shar
 
         from common import telemetry
 
-        # Forked inside setup, before it turns tracing on: dropped() is this process's own count,
-        base = telemetry.dropped()  # the parent's at the fork included
+        telemetry._on = None  # the parent's tracer came with the fork: nothing is traced here, and dropped()
+        base = telemetry.dropped()  # is this process's own count (the parent's at the fork included)
         processor = telemetry.batch_processor(OTLPSpanExporter(endpoint=url, timeout=section.export_timeout),
                                               section, url)
         flushed = 0

@@ -99,6 +99,7 @@ async def measure_calls(calls: int, block: int, export: str = "process") -> dict
 
         counting.inner.export = timed_export
     else:  # the exporter process: all of its CPU (receiving, rebuilding, encoding, sending)
+        assert telemetry._on.processor.force_flush(10_000)  # it is forked with the first hand-over
         exporter_cpu = psutil.Process(process.pid)
         cpu0 = sum(exporter_cpu.cpu_times()[:2])
     try:

@@ -22,8 +22,10 @@ next attempt links to it.
 
 Off costs nothing: with no endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``[telemetry] otlp_endpoint``) the SDK is never
-imported and every hook returns at once. On, spans go to a ``BatchSpanProcessor`` (a bounded
-queue, exported from its own thread with a short timeout): a collector that is down or hangs
+imported and every hook returns at once. On, spans are handed to an exporter process of
+their own (common/trace_export.py: the SDK's ``BatchSpanProcessor`` and OTLP exporter run
+there, so encoding and HTTP never take this process's GIL; ``export = "thread"``: in a thread
+of this process), a bounded queue with a short timeout: a collector that is down or hangs
 delays no beat, restart or task; what it cannot take is counted (``dropped()``, exported as
 ``tron_otel_spans_dropped_total``).
 """
@@ -66,7 +68,7 @@ class TelemetrySection(BaseModel):
     export_timeout: float = Field(2.0, gt=0, le=60)  # seconds per export request, off the event loop
     schedule_delay: float = Field(0.5, gt=0, le=60)  # seconds between batches
     max_export_batch_size: int = Field(512, ge=1, le=100_000)  # spans a request at most
-    # "process": encoded and sent by a process of its own, forked at set-up (common/trace_export.py),
+    # "process": encoded and sent by a process of its own, forked with the first span (common/trace_export.py),
     # so neither takes this process's GIL; "thread": by the SDK's thread in this process (one
     # process fewer per service, and restart_above_memory does not see the exporter's pages twice).
     export: Literal["process", "thread"] = "process"

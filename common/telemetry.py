@@ -22,22 +22,26 @@ next attempt links to it.
 
 Off costs nothing: with no endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``[telemetry] otlp_endpoint``) the SDK is never
-imported and every hook returns at once. On, spans go to a ``BatchSpanProcessor`` (a bounded
-queue, exported from its own thread with a short timeout): a collector that is down or hangs
+imported and every hook returns at once. On, spans are handed to an exporter process of
+their own (common/trace_export.py: the SDK's ``BatchSpanProcessor`` and OTLP exporter run
+there, so encoding and HTTP never take this process's GIL; ``export = "thread"``: in a thread
+of this process), a bounded queue with a short timeout: a collector that is down or hangs
 delays no beat, restart or task; what it cannot take is counted (``dropped()``, exported as
 ``tron_otel_spans_dropped_total``).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import hashlib
 import logging
 import os
 import threading
+import time
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +67,11 @@ class TelemetrySection(BaseModel):
     max_queue_size: int = Field(2048, ge=16, le=1_000_000)  # spans held while the collector is slow; then dropped
     export_timeout: float = Field(2.0, gt=0, le=60)  # seconds per export request, off the event loop
     schedule_delay: float = Field(0.5, gt=0, le=60)  # seconds between batches
+    max_export_batch_size: int = Field(512, ge=1, le=100_000)  # spans a request at most
+    # "process": encoded and sent by a process of its own, forked with the first span (common/trace_export.py),
+    # so neither takes this process's GIL; "thread": by the SDK's thread in this process (one
+    # process fewer per service, and restart_above_memory does not see the exporter's pages twice).
+    export: Literal["process", "thread"] = "process"
 
 
 # -- the state of this process ------------------------------------------------------------------
@@ -76,12 +85,20 @@ class _On:
         self.provider = provider
         self.processor = processor
         self.section = section
+        from opentelemetry.trace import SpanKind
+
+        from common.trace_export import ProcessExport  # no SDK import: it is plain Python
+
+        self.client_kind = SpanKind.CLIENT
+
+        self.process = processor if isinstance(processor, ProcessExport) else None  # the exporter process's
 
 
 _on: _On | None = None  # None: tracing is off, and nothing of the SDK is imported
 _forced_span_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("tron_forced_span_id", default=None)
 _dropped = 0
 _dropped_lock = threading.Lock()
+_theirs_seen = 0  # the exporter process's dropped count, as last logged
 
 
 def endpoint(section: TelemetrySection | None, env: dict | None = None) -> str | None:
@@ -113,8 +130,18 @@ def capture_content() -> bool:
 
 def dropped() -> int:
     """Spans this process could not deliver: the queue was full, or the collector refused,
-    failed or did not answer in time."""
-    return _dropped
+    failed or did not answer in time (its exporter process's count included)."""
+    on = _on
+    if on is None or on.process is None:
+        return _dropped
+    global _theirs_seen
+    theirs = on.process.counters()[1]
+    if theirs != _theirs_seen:  # said here, rate-limited as ours: the exporter process has no log
+        if _theirs_seen == 0 or _theirs_seen // 1000 != theirs // 1000:
+            log.warning("trace spans dropped by the exporter process (%d so far): the collector is slow, down "
+                        "or refusing", theirs)
+        _theirs_seen = theirs
+    return _dropped + theirs
 
 
 def _count_dropped(n: int, why: str) -> None:
@@ -143,31 +170,11 @@ def preload() -> None:
     OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces").shutdown()
 
 
-def setup(section: TelemetrySection | None, *, service: str, incarnation: str | None = None,
-          env: dict | None = None, exporter=None) -> bool:
-    """Turn tracing on for this process if an endpoint is configured; True if it is on.
-    Idempotent. The SDK and the exporter are imported only here. ``exporter``: a SpanExporter
-    to use instead of OTLP/HTTP to the endpoint (the SDK's in-memory one, say)."""
-    global _on
-    if _on is not None:
-        return True
-    env = os.environ if env is None else env
-    url = endpoint(section, env)
-    if url is None:
-        return False
-    section = section or TelemetrySection()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+def batch_processor(inner, section: TelemetrySection, url: str):
+    """The SDK's BatchSpanProcessor around ``inner`` (a SpanExporter), with every span it
+    could not deliver counted: in this process's thread, or in the exporter process
+    (common/trace_export.py)."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-
-    class Ids(RandomIdGenerator):
-        """Random ids, except an attempt's span id, which is derived (see attempt_span_id)."""
-
-        def generate_span_id(self) -> int:
-            forced = _forced_span_id.get()
-            return forced if forced is not None else super().generate_span_id()
 
     class Counting(SpanExporter):
         """The OTLP exporter, with every span it could not deliver counted."""
@@ -175,6 +182,7 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
         def __init__(self, inner) -> None:
             self.inner = inner
             self.taken = 0  # spans the processor handed over (queued - taken = still queued)
+            self.delivered = 0  # spans the collector took
             self.failing = False  # the last export failed: the collector is down or refusing
             self.busy = False  # an export is under way (a hung collector holds it)
 
@@ -189,6 +197,8 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
             else:
                 if result != SpanExportResult.SUCCESS:
                     _count_dropped(len(spans), f"the collector at {url} did not take them")
+                else:
+                    self.delivered += len(spans)
             finally:
                 self.busy = False
             self.failing = result != SpanExportResult.SUCCESS
@@ -218,6 +228,37 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
             self.queued += 1
             super().on_end(span)
 
+    return Bounded(Counting(inner), max_queue_size=section.max_queue_size,
+                   max_export_batch_size=min(section.max_export_batch_size, section.max_queue_size),
+                   schedule_delay_millis=section.schedule_delay * 1000,
+                   export_timeout_millis=section.export_timeout * 1000)
+
+
+def setup(section: TelemetrySection | None, *, service: str, incarnation: str | None = None,
+          env: dict | None = None, exporter=None) -> bool:
+    """Turn tracing on for this process if an endpoint is configured; True if it is on.
+    Idempotent. The SDK and the exporter are imported only here. ``exporter``: a SpanExporter
+    to use instead of OTLP/HTTP to the endpoint (the SDK's in-memory one, say)."""
+    global _on
+    if _on is not None:
+        return True
+    env = os.environ if env is None else env
+    url = endpoint(section, env)
+    if url is None:
+        return False
+    section = section or TelemetrySection()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class Ids(RandomIdGenerator):
+        """Random ids, except an attempt's span id, which is derived (see attempt_span_id)."""
+
+        def generate_span_id(self) -> int:
+            forced = _forced_span_id.get()
+            return forced if forced is not None else super().generate_span_id()
+
     # The exporter's own warnings would fill the service log while a collector is down; the
     # count and our own rate-limited line say it once.
     logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
@@ -225,19 +266,26 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
              "tron.service": service}
     if incarnation:
         attrs["service.instance.id"] = incarnation
-    exporter = Counting(exporter or OTLPSpanExporter(endpoint=url, timeout=section.export_timeout))
-    processor = Bounded(exporter, max_queue_size=section.max_queue_size,
-                        max_export_batch_size=min(512, section.max_queue_size),
-                        schedule_delay_millis=section.schedule_delay * 1000,
-                        export_timeout_millis=section.export_timeout * 1000)
+    resource = Resource.create(attrs)
+    if exporter is None and section.export == "process":
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from common.trace_export import ProcessExport
+
+        processor = ProcessExport(url, section, resource, InstrumentationScope(TRACER), _count_dropped)
+    else:
+        processor = batch_processor(exporter or OTLPSpanExporter(endpoint=url, timeout=section.export_timeout),
+                                    section, url)
     # shutdown_on_exit=False: the SDK's own atexit flush waits up to 30 s for a hung
     # collector; ``shutdown`` bounds it.
-    provider = TracerProvider(resource=Resource.create(attrs), id_generator=Ids(), shutdown_on_exit=False)
+    provider = TracerProvider(resource=resource, id_generator=Ids(), shutdown_on_exit=False)
     provider.add_span_processor(processor)
     # Not made the global provider: the LLM SDKs' own instrumentation (anthropic's emits
     # GenAI spans, unredacted content included when its variable says so) stays a no-op, and
     # each call is the one span Tron writes, redacted as the registry is.
     _on = _On(provider.get_tracer(TRACER), provider, processor, section)
+    atexit.unregister(shutdown)  # once, however often tracing is set up again (tests)
+    atexit.register(shutdown)  # a process that exits without a stop still sends what it can, bounded
     log.info("tracing on", extra={"endpoint": url})
     return True
 
@@ -245,9 +293,16 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
 def shutdown(timeout: float = 1.0) -> None:
     """Send what is queued, waiting at most ``timeout`` seconds (a hung collector never holds
     a stop or a restart), then stop taking spans."""
-    global _on
+    global _on, _dropped, _theirs_seen
     on, _on = _on, None
     if on is None:
+        return
+    if on.process is not None:
+        if not on.process.close(timeout):
+            log.warning("trace export did not finish within %.1fs at shutdown: the rest is dropped", timeout)
+        with _dropped_lock:  # the exporter process's count becomes ours: it is gone
+            _dropped += on.process.counters()[1]
+            _theirs_seen = 0
         return
     counting = on.processor.counting
     if counting.failing or counting.busy:
@@ -432,21 +487,61 @@ def step_span(task_id: str, number: int, step_id: str) -> Iterator[Any]:
         yield span
 
 
+class _Call:
+    """An LLM call's span while the call runs: what ``llm_result`` says is kept here, and the
+    SDK span is made once the call is over, with its start time and every attribute at once
+    (one attribute set, no context switch in and out: the call is a leaf). Log lines during
+    the call carry the ids of the span around it (the step's or the task's)."""
+
+    __slots__ = ("attributes", "status")
+
+    def __init__(self, attributes: dict) -> None:
+        self.attributes = attributes
+        self.status = None
+
+    def set_attributes(self, attributes: dict) -> None:
+        self.attributes.update(attributes)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def set_status(self, status) -> None:
+        self.status = status
+
+
 @contextlib.contextmanager
 def llm_span(provider: str, model: str | None, *, prompt: str | None = None,
              system: str | None = None) -> Iterator[Any]:
     """One LLM call (one try: a retried call is a span per try)."""
-    if _on is None:
+    on = _on
+    if on is None:
         yield None
         return
-    attrs = _clean({"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider,
-                    "gen_ai.request.model": model})
-    if _on.section.capture_content and prompt is not None:
+    from opentelemetry import context as otel_context
+
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider}
+    if model is not None:
+        attrs["gen_ai.request.model"] = model
+    if on.section.capture_content and prompt is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         attrs["gen_ai.input.messages"] = redact(_json(messages))[:CONTENT_LIMIT]
-    span = _start(f"chat {model or provider}", attributes=attrs, client=True)
-    with _active(span) as span:
-        yield span
+    parent, start = otel_context.get_current(), time.time_ns()
+    call = _Call(attrs)
+    try:
+        yield call
+    except BaseException as err:
+        call.attributes.setdefault("error.type", type(err).__name__)
+        if call.status is None:
+            from opentelemetry.trace import Status, StatusCode
+
+            call.status = Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"[:200])
+        raise
+    finally:
+        span = on.tracer.start_span(f"chat {model or provider}", context=parent, kind=on.client_kind,
+                                    attributes=call.attributes, start_time=start)
+        if call.status is not None:
+            span.set_status(call.status)
+        span.end()
 
 
 def llm_result(span, reply=None, failure=None) -> None:

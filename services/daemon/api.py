@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import ipaddress
 import json
 import logging
 import os
 import shlex
+import socket
 from typing import Any, Literal
 
 from aiohttp import web
@@ -54,6 +57,7 @@ from services.daemon.operators import SERVICE_VERBS, Refused
 from services.daemon.task_actions import TASK_VERBS
 from services.daemon.supervisor import new_id
 from services.daemon.ui import setup_ui
+from services.daemon.ui.auth import LOOPBACK_NAMES
 
 log = logging.getLogger("tron.daemon.api")
 DAEMON_KEY = web.AppKey("daemon", Daemon)
@@ -1042,8 +1046,38 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "status": "revoked"})
 
 
+@functools.cache
+def _machine_names() -> frozenset[str]:
+    return frozenset({*LOOPBACK_NAMES, socket.gethostname().lower(), socket.getfqdn().lower()})
+
+
+def _own_names(d: Daemon) -> set[str]:
+    """The host names this daemon answers to: loopback's, this machine's, and the mesh's
+    (mesh.bind, mesh.advertise, where services on other machines run): read afresh, since
+    a reload may change them."""
+    mesh = d.config.mesh
+    return {*_machine_names(), *(n.lower() for n in (mesh.bind, mesh.advertise, *d.config.hosts.values()) if n)}
+
+
+@web.middleware
+async def host_guard(request: web.Request, handler) -> web.StreamResponse:
+    """A request naming a host this daemon does not know is refused before anything reads
+    it: a web page whose name was pointed at 127.0.0.1 (DNS rebinding) would otherwise read
+    the public endpoints (/status, /health, /metrics) from the user's browser. An address
+    (no name to rebind) and the daemon's own names pass; tokens guard everything else."""
+    host = (request.url.host or "").strip("[]").lower()
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host not in (names := _own_names(_d(request))):
+                return error(403, f"this daemon answers to its own names ({', '.join(sorted(names))}) or an "
+                                  f"address, not {host!r}: a page that pointed another name at it is refused")
+    return await handler(request)
+
+
 def make_app(daemon: Daemon) -> web.Application:
-    app = web.Application(client_max_size=256 * 1024)
+    app = web.Application(client_max_size=256 * 1024, middlewares=[host_guard])
     app[DAEMON_KEY] = daemon
     app[TOKEN_KEY] = daemon.token
     # require_token (the UI's login code, its pages' API): an operator, by token or session

@@ -332,3 +332,38 @@ def test_a_mesh_row_marks_a_crash_looping_and_a_paused_service_and_offers_resume
     calm = Templates().render("_row.html", depth=2, s={**row, "crash_looping": False, "paused": False})
     assert "data-mark=\"crash-looping\"" not in calm and 'data-mark="paused"' not in calm
     assert 'data-action="pause"' in calm
+
+
+async def test_the_daemon_refuses_a_host_name_it_does_not_know_on_every_endpoint():
+    """DNS rebinding reaches the public endpoints too (/status names every service): a name
+    that is not the daemon's own is a 403 before any handler; addresses and own names pass."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from services.daemon import api
+
+    class Mesh:
+        bind, advertise = "127.0.0.1", "tron-head.lan"
+
+    class Config:
+        mesh, hosts = Mesh(), {"worker": "10.0.0.7"}
+
+    class D:
+        config = Config()
+
+    async def status(request):
+        return web.json_response({"services": ["root"]})
+
+    app = web.Application(middlewares=[api.host_guard])
+    app[api.DAEMON_KEY] = D()
+    app.router.add_get("/status", status)
+    async with TestClient(TestServer(app)) as client:
+        port = client.server.port
+        for host, code in [(f"evil.test:{port}", 403), (f"EVIL.test:{port}", 403), (f"127.0.0.1:{port}", 200),
+                           (f"localhost:{port}", 200), (f"[::1]:{port}", 200), (f"10.1.2.3:{port}", 200),
+                           (f"tron-head.lan:{port}", 200)]:
+            resp = await client.get("/status", headers={"Host": host})
+            body = await resp.text()
+            assert resp.status == code, (host, resp.status, body)
+            if code == 403:
+                assert "root" not in body and "evil.test" in body.lower(), body

@@ -495,6 +495,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             continue
         if callable(step):
             # One transaction: a migration interrupted half-way leaves the old schema.
+            isolation = conn.isolation_level
             conn.isolation_level = None
             conn.execute("BEGIN")
             try:
@@ -506,7 +507,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                 conn.execute("ROLLBACK")
                 raise
             finally:
-                conn.isolation_level = ""  # type: ignore[assignment]  # the next commit keeps the caller's instead
+                conn.isolation_level = isolation  # the caller's, as it was (autocommit stays autocommit)
             continue
         conn.executescript("BEGIN;" + step + ";")
         conn.execute(

@@ -316,7 +316,8 @@ class MemoryStore(Stamps):
     async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
                     since_mono: float | None = None) -> Spend:
         rows = self._usage(run_id, task_id, agent, since_mono)
-        return {"usd": round(sum(u["cost_usd"] for u in rows), 10), "calls": len(rows),
+        # a float even for no calls, as SqlStore answers (a sum of nothing is the int 0)
+        return {"usd": round(sum((u["cost_usd"] for u in rows), 0.0), 10), "calls": len(rows),
                 "tokens": sum(u["input_tokens"] + u["output_tokens"] + u["cache_read_tokens"]
                               + u["cache_write_tokens"] for u in rows)}
 

@@ -11,7 +11,7 @@ import re
 import sqlite3
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeAlias
+from typing import TYPE_CHECKING, Callable, Mapping, TypeAlias
 
 from common.states import AlertState, LaneState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
 
@@ -573,7 +573,7 @@ def normal_sql(sql: str | None) -> str | None:
 
 # One object of a schema as ``describe`` sees it: its table, its normalised SQL, and the
 # pragma rows SQLite parsed it into (compared for equality only).
-SchemaObject = tuple[str, str | None, tuple[Any, ...]]
+SchemaObject = tuple[str, str | None, tuple[object, ...]]
 
 
 def describe(conn: sqlite3.Connection) -> dict[tuple[str, str], SchemaObject]:
@@ -582,7 +582,7 @@ def describe(conn: sqlite3.Connection) -> dict[tuple[str, str], SchemaObject]:
     go to the pragmas as parameters: they come from the file being checked."""
     shape: dict[tuple[str, str], SchemaObject] = {}
     for kind, name, table, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
-        parsed: tuple[Any, ...] = ()
+        parsed: tuple[object, ...] = ()
         if kind == "table":
             parsed = (tuple(conn.execute("SELECT cid, name, type, \"notnull\", dflt_value, pk "
                                          "FROM pragma_table_info(?)", (name,))),

@@ -154,8 +154,6 @@ COST_GROUPS = {"provider_model": "provider, model", "service": "agent", "run": "
                "hour": "substr(ts, 1, 13)"}
 
 
-
-
 class Cost(TypedDict):
     """``cost``'s answer: the spend in all, then grouped as COST_GROUPS says (in its order)."""
 

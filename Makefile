@@ -12,7 +12,7 @@ RESULTS := benchmarks/results
 # loudly that they are skipped and why (and fail with CI=true).
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx-light pg_isready:postgresql-15 chromium:chromium
 
-.PHONY: up down status test unit integration bench clean system-deps vendor-ui lint phoenix
+.PHONY: up down status test unit integration bench clean system-deps vendor-ui lint typecheck phoenix
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,7 @@ TEST_WORKERS ?= 3
 ifndef SEED
 SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 endif
-test: $(STAMP) system-deps phoenix lint
+test: $(STAMP) system-deps phoenix lint typecheck
 	@echo "test order: -p randomly --randomly-seed=$(SEED) (again: make test SEED=$(SEED))"
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -p randomly --randomly-seed=$(SEED)
 
@@ -64,6 +64,12 @@ test: $(STAMP) system-deps phoenix lint
 # not exist fails `make test` before any test runs.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# mypy, strict on registry/ and most of common/ (pyproject's [tool.mypy]): a row handed out
+# as None where the code promises one, or a value of the wrong type, fails `make test` before
+# any test runs.
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
@@ -102,4 +108,4 @@ vendor-ui:
 	sh services/daemon/ui/vendor.sh
 
 clean:
-	rm -rf $(VENV) $(PHOENIX_VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(PHOENIX_VENV) artifacts .pytest_cache .mypy_cache

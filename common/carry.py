@@ -9,6 +9,7 @@ task's failure climbs, and a crash-loop episode is announced once, after its res
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
@@ -16,21 +17,28 @@ from common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Igno
 CRASH_LOOP = Escalate(case="crash_loop_started", reason="crash_looping", kind="crash_loop")
 
 
+# What a step is told (``detail``: what the decider adds to the row) and what it answers: JSON objects.
+Detail = dict[str, object]
+Answer = dict[str, object]
+
+
 class Actions(Protocol):
     """Each step takes the decision and ``detail``: what the decider adds to the row
     (an advisor's answer and rationale, say)."""
 
-    async def restart(self, event: ChildFailed, decision: Restart, *, decided_by: str, detail: dict) -> dict: ...
+    async def restart(self, event: ChildFailed, decision: Restart, *, decided_by: str, detail: Detail) -> Answer: ...
 
     async def escalate(self, event: ChildFailed | Escalated, decision: Escalate, *, decided_by: str,
-                       detail: dict) -> dict: ...
+                       detail: Detail) -> Answer: ...
 
     async def switch(self, event: ChildFailed | Escalated, decision: SwitchProvider, *, decided_by: str,
-                     detail: dict) -> dict: ...
+                     detail: Detail) -> Answer: ...
 
-    async def fail(self, event: ChildFailed | Escalated, decision: Fail, *, decided_by: str, detail: dict) -> dict: ...
+    async def fail(self, event: ChildFailed | Escalated, decision: Fail, *, decided_by: str,
+                   detail: Detail) -> Answer: ...
 
-    async def park(self, event: ChildFailed | Escalated, decision: Park, *, decided_by: str, detail: dict) -> dict: ...
+    async def park(self, event: ChildFailed | Escalated, decision: Park, *, decided_by: str,
+                   detail: Detail) -> Answer: ...
 
 
 def loop_alert_id(alert_id: str) -> str:
@@ -38,24 +46,36 @@ def loop_alert_id(alert_id: str) -> str:
     return alert_id if alert_id.endswith(":loop") else f"{alert_id}:loop"
 
 
+def _restart_of(decision: Decision) -> Restart | None:
+    """The restart a decision brings: itself, or the one an escalation, a failure or a park carries."""
+    if isinstance(decision, Restart):
+        return decision
+    if isinstance(decision, (Escalate, Fail, Park)):
+        return decision.restart
+    return None
+
+
 async def carry_out(decision: Decision, event: ChildFailed | Escalated, actions: Actions, *,
-                    decided_by: str = "policy", detail: dict | None = None) -> dict:
+                    decided_by: str = "policy", detail: Mapping[str, object] | None = None) -> Answer:
     """Do what ``decision`` says; return what each step answered."""
-    out: dict = {"action": type(decision).__name__.lower(), "case": decision.case}
+    out: Answer = {"action": type(decision).__name__.lower(), "case": decision.case}
     if isinstance(decision, Ignore):
         return {**out, "why": decision.why}
-    kw = {"decided_by": decided_by, "detail": detail or {}}
-    restart = decision if isinstance(decision, Restart) else getattr(decision, "restart", None)
+    told: Detail = dict(detail or {})
+    restart = _restart_of(decision)
     if restart is not None:
-        out["restart"] = await actions.restart(event, restart, **kw)
-        if restart.new_episode and out["restart"].get("status") == "accepted":
+        if not isinstance(event, ChildFailed):  # the ladder gives no Escalated a restart: it names no incarnation
+            raise TypeError(f"{decision.case}: a restart needs the incarnation a ChildFailed names, not {event!r}")
+        answer = await actions.restart(event, restart, decided_by=decided_by, detail=told)
+        out["restart"] = answer
+        if restart.new_episode and answer.get("status") == "accepted":
             out["crash_loop"] = await actions.escalate(event, CRASH_LOOP, decided_by="policy", detail={})
     if isinstance(decision, Escalate):
-        out["escalate"] = await actions.escalate(event, decision, **kw)
+        out["escalate"] = await actions.escalate(event, decision, decided_by=decided_by, detail=told)
     elif isinstance(decision, SwitchProvider):
-        out["switch"] = await actions.switch(event, decision, **kw)
+        out["switch"] = await actions.switch(event, decision, decided_by=decided_by, detail=told)
     elif isinstance(decision, Fail):
-        out["fail"] = await actions.fail(event, decision, **kw)
+        out["fail"] = await actions.fail(event, decision, decided_by=decided_by, detail=told)
     elif isinstance(decision, Park):
-        out["park"] = await actions.park(event, decision, **kw)
+        out["park"] = await actions.park(event, decision, decided_by=decided_by, detail=told)
     return out

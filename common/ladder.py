@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Union
+from typing import Callable, Generic, Literal, Never, TypeVar, Union, assert_never
 
 from pydantic import BaseModel, ConfigDict
 
@@ -129,6 +129,12 @@ class CallAsked:
 
 
 Event = Union[ChildFailed, Escalated, RestartAsked, AlertAnswered, ProviderFailed, ParkCheck, CallAsked]
+# Each event type has its own table of cases, whose conditions read that type's fields.
+_E = TypeVar("_E", bound=Event)
+_E_co = TypeVar("_E_co", bound=Event, covariant=True)
+_E_contra = TypeVar("_E_contra", bound=Event, contravariant=True)
+# The events that name the incarnation they are about (a stale one is ignored).
+_OfIncarnation = TypeVar("_OfIncarnation", bound=Union[ChildFailed, ProviderFailed, AlertAnswered])
 
 # -- the view: what the registry knows, read by the daemon at ``now`` ------------------------
 
@@ -406,10 +412,10 @@ def describe_providers(view: LadderView) -> str:
 
 
 @dataclass(frozen=True)
-class Situation:
+class Situation(Generic[_E_co]):
     """Everything a case may look at; derived figures are computed once."""
 
-    event: Event
+    event: _E_co
     view: LadderView
     now: float
     policy: Policy
@@ -417,6 +423,14 @@ class Situation:
 
     @property
     def task(self) -> TaskView | None:
+        return self.view.task
+
+    @property
+    def checked_task(self) -> TaskView:
+        """The task, in a case that comes after the one of its table that takes the event
+        without a task (idle_failure, task_finished, task_not_live, park_task_gone)."""
+        if self.view.task is None:
+            raise AssertionError("an earlier case of the table takes every event without a task")
         return self.view.task
 
     def service_restart(self, case: str, *, with_task: bool = False) -> Restart:
@@ -439,7 +453,7 @@ class Situation:
         return SwitchProvider(case="switch_provider", to_provider=to, attempt=switches + 1,
                               services=tuple(self.view.subtree or [self.view.service.name]))
 
-    def provider_top(self, case: str, reason: str) -> Decision:
+    def provider_top(self: Situation[ProviderFailed], case: str, reason: str) -> Decision:
         """Level 2 or 3 for a provider failure, decided where provider health is known:
         a switch only to a provider that is not open (next in the chain after the current
         one); the current one again, as a switch, when it is the only one not open; with
@@ -488,34 +502,34 @@ class Situation:
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(Generic[_E_contra]):
     id: str
-    when: Callable[[Situation], bool]
-    then: Callable[[Situation], Decision]
+    when: Callable[[Situation[_E_contra]], bool]
+    then: Callable[[Situation[_E_contra]], Decision]
     doc: str
 
 
-def _recorded(s: Situation, *kinds: str) -> bool:
+def _recorded(s: Situation[Event], *kinds: str) -> bool:
     return any(r == k or r.startswith(k + ":") for r in s.view.recorded for k in kinds)
 
 
-def _passed_up_from_here(s: Situation) -> bool:
+def _passed_up_from_here(s: Situation[Event]) -> bool:
     return any(r.startswith(f"{RetryType.ESCALATION}:{s.view.decider}->") for r in s.view.recorded)
 
 
-def _stale(s: Situation) -> bool:
+def _stale(s: Situation[_OfIncarnation]) -> bool:
     return s.view.service.incarnation != s.event.incarnation
 
 
-def _non_retryable_reason(s: Situation) -> str:
+def _non_retryable_reason(s: Situation[ChildFailed | ProviderFailed]) -> str:
     return f"non_retryable:{s.event.reason}"
 
 
-def _task_live(s: Situation) -> bool:
+def _task_live(s: Situation[Event]) -> bool:
     return s.task is not None and s.task.status in OPEN_TASK_STATES
 
 
-CHILD_FAILED: tuple[Case, ...] = (
+CHILD_FAILED: tuple[Case[ChildFailed], ...] = (
     Case("duplicate_alert", lambda s: s.view.alert_status == "handled" or _recorded(s, RetryType.CHILD_RESTART),
          lambda s: Ignore("duplicate_alert", f"alert {s.event.alert_id} was already decided"),
          "the alert already has its decision (idempotent by alert id)"),
@@ -531,10 +545,10 @@ CHILD_FAILED: tuple[Case, ...] = (
     Case("non_retryable", lambda s: not s.event.retryable,
          lambda s: s.give_up_task("non_retryable", _non_retryable_reason(s)),
          "an error retrying cannot fix (authentication, invalid request): the task goes up at once"),
-    Case("task_already_escalated", lambda s: s.task.switches > 0,
+    Case("task_already_escalated", lambda s: s.checked_task.switches > 0,
          lambda s: s.give_up_task("task_already_escalated", "task_already_escalated"),
          "the task was already switched to another provider: straight back to the top"),
-    Case("task_restarts_exhausted", lambda s: s.task.restarts >= s.policy.max_restarts,
+    Case("task_restarts_exhausted", lambda s: s.checked_task.restarts >= s.policy.max_restarts,
          lambda s: s.give_up_task("task_restarts_exhausted", "max_restarts_exceeded"),
          "the task has had max_restarts restarts: it goes up"),
     Case("restart_with_task", lambda s: True,
@@ -542,7 +556,7 @@ CHILD_FAILED: tuple[Case, ...] = (
          "restart the service; the task resumes in the next incarnation from its checkpoint"),
 )
 
-ESCALATED: tuple[Case, ...] = (
+ESCALATED: tuple[Case[Escalated], ...] = (
     Case("duplicate_escalation",
          lambda s: (_passed_up_from_here(s) and not s.view.top)
          or (s.view.top and _recorded(s, RetryType.LLM_CHANGE, RetryType.PERMANENT_FAILURE)),
@@ -561,7 +575,7 @@ ESCALATED: tuple[Case, ...] = (
     Case("pass_up", lambda s: not s.view.top,
          lambda s: Escalate("pass_up", s.event.reason),
          "not the top: the failure climbs to our parent, a row per hop"),
-    Case("switch_provider", lambda s: s.task.switches < s.policy.max_provider_switches,
+    Case("switch_provider", lambda s: s.checked_task.switches < s.policy.max_provider_switches,
          lambda s: s.top_decision(s.event.reason),
          "the top moves the failing subtree to the next provider of the chain"),
     Case("switches_exhausted", lambda s: True,
@@ -569,7 +583,7 @@ ESCALATED: tuple[Case, ...] = (
          "max_provider_switches reached: the task and its run fail for good"),
 )
 
-RESTART_ASKED: tuple[Case, ...] = (
+RESTART_ASKED: tuple[Case[RestartAsked], ...] = (
     Case("duplicate_request", lambda s: _recorded(s, RetryType.CHILD_RESTART),
          lambda s: Ignore("duplicate_request", f"alert {s.event.alert_id} already caused its restart"),
          "the same restart request arrived twice"),
@@ -586,7 +600,7 @@ RESTART_ASKED: tuple[Case, ...] = (
          "the request stands: carry it out"),
 )
 
-ALERT_ANSWERED: tuple[Case, ...] = (
+ALERT_ANSWERED: tuple[Case[AlertAnswered], ...] = (
     Case("acted", lambda s: s.view.alert_status == "handled" or _stale(s) or s.view.service.replacing
          or s.view.service.stopped,
          lambda s: Ignore("acted", f"{s.event.ancestor} took alert {s.event.alert_id}"),
@@ -596,21 +610,21 @@ ALERT_ANSWERED: tuple[Case, ...] = (
          "the ancestor answered and nothing happened: the next ancestor gets the alert"),
 )
 
-def _provider_retry(s: Situation, case: str = "provider_retry") -> RetryInPlace:
+def _provider_retry(s: Situation[ProviderFailed], case: str = "provider_retry") -> RetryInPlace:
     p = s.policy
-    backoff = compute_backoff(s.task.restarts, initial=p.backoff_initial, factor=p.backoff_factor,
+    backoff = compute_backoff(s.checked_task.restarts, initial=p.backoff_initial, factor=p.backoff_factor,
                               max_backoff=p.backoff_max, jitter=p.backoff_jitter, rng=s.rng)
     wait = s.view.providers.get(s.event.provider, ProviderStatus()).until_s or 0.0
     return RetryInPlace(case, delay=max(backoff, s.event.retry_after or 0.0, wait))
 
 
-def _short_hold(s: Situation) -> bool:
+def _short_hold(s: Situation[ProviderFailed]) -> bool:
     st = s.view.providers.get(s.event.provider, ProviderStatus())
     return (st.state == "open" and st.kind == "hold" and st.until_s is not None
             and st.until_s <= s.view.rules.wait_before_switch)
 
 
-PROVIDER_FAILED: tuple[Case, ...] = (
+PROVIDER_FAILED: tuple[Case[ProviderFailed], ...] = (
     Case("stale_incarnation", _stale,
          lambda s: Ignore("stale_incarnation", f"{s.event.incarnation} is no longer the current incarnation"),
          "the report names an incarnation that has already been replaced"),
@@ -620,28 +634,30 @@ PROVIDER_FAILED: tuple[Case, ...] = (
     Case("request_error", lambda s: not s.event.retryable,
          lambda s: s.provider_top("request_error", _non_retryable_reason(s)),
          "an error retrying cannot fix (authentication, invalid request): no retry on this provider"),
-    Case("rate_limit_wait", lambda s: _short_hold(s) and s.task.restarts < s.policy.max_restarts,
+    Case("rate_limit_wait", lambda s: _short_hold(s) and s.checked_task.restarts < s.policy.max_restarts,
          lambda s: _provider_retry(s, "rate_limit_wait"),
          "the provider asked every agent to wait a little (retry-after within wait_before_switch): wait, same provider"),
     Case("provider_open", lambda s: provider_open(s.view, s.event.provider),
          lambda s: s.provider_top("provider_open", s.event.reason),
          "the provider is open (an outage, a long limit, drained): level 1 on it is skipped"),
-    Case("provider_retries_exhausted", lambda s: s.task.restarts >= s.policy.max_restarts,
+    Case("provider_retries_exhausted", lambda s: s.checked_task.restarts >= s.policy.max_restarts,
          lambda s: s.provider_top("provider_retries_exhausted", "max_restarts_exceeded"),
          "the task has had max_restarts tries: the next provider"),
     Case("provider_retry", lambda s: True, _provider_retry,
          "retry the task in the same incarnation on the same provider after max(retry-after, backoff)"),
 )
 
-def _parked_for_operator_too_long(s: Situation) -> bool:
+def _parked_for_operator_too_long(s: Situation[ParkCheck]) -> bool:
     return s.event.kind in ("budget_exceeded", "awaiting_operator") and s.event.parked_for >= s.policy.operator_timeout
 
 
-def _resume_approved(s: Situation) -> Resume:
+def _resume_approved(s: Situation[ParkCheck]) -> Resume:
+    if s.view.approval is None:
+        raise AssertionError("operator_approved is taken only with an approval")
     return Resume("operator_approved", s.view.approval.provider or s.view.service.provider or s.view.chain[0])
 
 
-PARK_CHECK: tuple[Case, ...] = (
+PARK_CHECK: tuple[Case[ParkCheck], ...] = (
     Case("park_task_gone", lambda s: s.task is None or s.task.status != TaskState.PARKED,
          lambda s: Ignore("park_task_gone", f"task {s.event.task_id} is no longer parked"),
          "the task was cancelled, failed or resumed meanwhile"),
@@ -671,7 +687,7 @@ PARK_CHECK: tuple[Case, ...] = (
          "every provider is still open: the task stays parked"),
 )
 
-CALL_ASKED: tuple[Case, ...] = (
+CALL_ASKED: tuple[Case[CallAsked], ...] = (
     Case("budget_exceeded", lambda s: bool(s.view.spend.over()),
          lambda s: Park("budget_exceeded", "budget_exceeded: " + "; ".join(s.view.spend.over()),
                         kind="budget_exceeded"),
@@ -682,19 +698,42 @@ CALL_ASKED: tuple[Case, ...] = (
          "within every budget"),
 )
 
-TABLE: dict[type, tuple[Case, ...]] = {ChildFailed: CHILD_FAILED, Escalated: ESCALATED, RestartAsked: RESTART_ASKED,
-                                       AlertAnswered: ALERT_ANSWERED, ProviderFailed: PROVIDER_FAILED,
-                                       ParkCheck: PARK_CHECK, CallAsked: CALL_ASKED}
+# Every table by its event type, for case_ids(). Case is contravariant in its event type, so
+# Case[Never] is any Case[SomeEvent]: all this type says is "a case of some event type".
+TABLE: dict[type, tuple[Case[Never], ...]] = {ChildFailed: CHILD_FAILED, Escalated: ESCALATED,
+                                              RestartAsked: RESTART_ASKED, AlertAnswered: ALERT_ANSWERED,
+                                              ProviderFailed: PROVIDER_FAILED, ParkCheck: PARK_CHECK,
+                                              CallAsked: CALL_ASKED}
+
+
+def _first(cases: tuple[Case[_E], ...], s: Situation[_E]) -> Decision:
+    for case in cases:
+        if case.when(s):
+            return case.then(s)
+    raise AssertionError(f"no case matched {s.event!r}")  # every table ends with a catch-all
 
 
 def decide(event: Event, view: LadderView, now: float, policy: Policy, *,
            rng: random.Random | None = None) -> Decision:
     """The first case of the event's table whose condition holds gives the decision."""
-    s = Situation(event, view, now, policy, rng)
-    for case in TABLE[type(event)]:
-        if case.when(s):
-            return case.then(s)
-    raise AssertionError(f"no case matched {event!r}")  # every table ends with a catch-all
+    # A branch per event type rather than TABLE[type(event)], so that the type checker holds
+    # each table's conditions to its own event's fields (and says when an Event has no branch).
+    match event:
+        case ChildFailed():
+            return _first(CHILD_FAILED, Situation(event, view, now, policy, rng))
+        case Escalated():
+            return _first(ESCALATED, Situation(event, view, now, policy, rng))
+        case RestartAsked():
+            return _first(RESTART_ASKED, Situation(event, view, now, policy, rng))
+        case AlertAnswered():
+            return _first(ALERT_ANSWERED, Situation(event, view, now, policy, rng))
+        case ProviderFailed():
+            return _first(PROVIDER_FAILED, Situation(event, view, now, policy, rng))
+        case ParkCheck():
+            return _first(PARK_CHECK, Situation(event, view, now, policy, rng))
+        case CallAsked():
+            return _first(CALL_ASKED, Situation(event, view, now, policy, rng))
+    assert_never(event)
 
 
 def case_ids() -> list[str]:

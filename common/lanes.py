@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from common.redaction import redact
@@ -79,7 +80,7 @@ def trips_now(trip_times: list[float], now: float, window: float, trip_count: in
     return len(recent(trip_times, now, window)) >= trip_count
 
 
-def every_lane(known: list[dict], roles) -> list[dict]:
+def every_lane(known: Iterable[Mapping[str, object]], roles: Iterable[str]) -> list[Mapping[str, object]]:
     """Every lane of the mesh (a lane is a role), as GET /lanes shows it: its registry row,
     or open when it never had one."""
     rows = {row["lane"]: row for row in known}

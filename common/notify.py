@@ -27,20 +27,21 @@ import json
 import os
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, TypedDict
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # What an entry can ask for (its default: all of them).
-EVENT_KINDS = ("permanent_failure", "awaiting_operator", "budget_exceeded", "crash_loop_started", "lane_paused",
-               "provider_opened", "registry_degraded")
 EventKind = Literal["permanent_failure", "awaiting_operator", "budget_exceeded", "crash_loop_started",
                     "lane_paused", "provider_opened", "registry_degraded"]
+EVENT_KINDS: tuple[EventKind, ...] = ("permanent_failure", "awaiting_operator", "budget_exceeded",
+                                      "crash_loop_started", "lane_paused", "provider_opened", "registry_degraded")
 TEST_KIND = "test"  # `tron notify test`: sent whatever an entry's events are
 
 SIGNATURE_HEADER = "X-Tron-Signature"
@@ -124,9 +125,23 @@ def verify(body: bytes, secret: str, signature: str | None) -> bool:
 # -- what is sent ----------------------------------------------------------------------------
 
 
-def message(row: dict, *, mesh: str, kind: str | None = None) -> dict:
+class Message(TypedDict):
+    """What is sent for one registry event (the ``json`` format's body)."""
+
+    id: int | None  # the event row's; None for what no row holds (the registry refusing writes)
+    kind: str
+    ts: str | None
+    agent: str | None
+    run_id: str | None
+    task_id: str | None
+    payload: dict[str, object]  # the event's own JSON
+    mesh: str
+    drill: str | None
+
+
+def message(row: Mapping[str, Any], *, mesh: str, kind: str | None = None) -> Message:
     """The body of a notification for one registry event row (``kind`` overrides the
-    row's, as for the test event)."""
+    row's, as for the test event). The row's values are as the engine gave them."""
     return {"id": row.get("id"), "kind": kind or row["kind"], "ts": row.get("ts"), "agent": row.get("agent"),
             "run_id": row.get("run_id"), "task_id": row.get("task_id"), "payload": row.get("payload") or {},
             "mesh": mesh, "drill": row.get("drill")}
@@ -145,30 +160,33 @@ _SUMMARIES = {
 }
 
 
-class _Blank(dict):
+class _Blank(dict[str, object]):
     def __missing__(self, key: str) -> str:
         return "?"
 
 
-def summary(msg: dict) -> str:
+def summary(msg: Message) -> str:
     """One line a person reads first: ``[mesh] kind: what happened``."""
     fields = _Blank({k: v for k, v in (msg.get("payload") or {}).items() if v is not None})
-    fields.update({k: msg[k] for k in ("agent", "task_id", "run_id") if msg.get(k) is not None})
+    fields.update({k: v for k, v in (("agent", msg.get("agent")), ("task_id", msg.get("task_id")),
+                                     ("run_id", msg.get("run_id"))) if v is not None})
     line = _SUMMARIES.get(msg["kind"], msg["kind"].replace("_", " ")).format_map(fields)
     drill = f" (drill {msg['drill']})" if msg.get("drill") else ""
     return f"[{msg['mesh']}] {msg['kind']}{drill}: {line}"[:500]
 
 
-def slack_message(msg: dict) -> dict:
+def slack_message(msg: Message) -> dict[str, object]:
     """Slack's incoming-webhook shape: the summary as text, and blocks with the ids."""
-    ids = " · ".join(f"{k} `{msg[k]}`" for k in ("id", "agent", "run_id", "task_id") if msg.get(k) is not None)
+    ids = " · ".join(f"{k} `{v}`" for k, v in (("id", msg.get("id")), ("agent", msg.get("agent")),
+                                                 ("run_id", msg.get("run_id")), ("task_id", msg.get("task_id")))
+                     if v is not None)
     return {"text": summary(msg),
             "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": summary(msg)}},
                        {"type": "context", "elements": [{"type": "mrkdwn",
                                                          "text": f"{msg.get('ts') or ''} {ids}".strip()}]}]}
 
 
-def body(msg: dict, fmt: str) -> bytes:
+def body(msg: Message, fmt: str) -> bytes:
     """The exact bytes sent (and signed)."""
     return json.dumps(slack_message(msg) if fmt == "slack" else msg, separators=(",", ":"), default=str).encode()
 

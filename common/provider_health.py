@@ -24,6 +24,7 @@ The daemon (services/daemon/providers.py) owns the one Board and carries out the
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,12 +72,12 @@ class Health:
     until: float | None = None
     failures: int = 0  # provider-class failures in a row, mesh-wide
     opens: int = 0  # failed probes since it last closed: the cooldown doubles with each
-    last_error: dict | None = None
+    last_error: dict[str, object] | None = None
     probe_until: float | None = None  # a probe is out until then
-    permits: list = field(default_factory=list)  # [holder, deadline] of each call in flight
-    sent: deque = field(default_factory=deque)  # times of admitted requests, the last minute
-    tokens: deque = field(default_factory=deque)  # (time, tokens) reported, the last minute
-    limits: dict = field(default_factory=dict)  # the provider's own rate-limit headers, last seen
+    permits: list[tuple[str, float]] = field(default_factory=list)  # (holder, deadline) of each call in flight
+    sent: deque[float] = field(default_factory=deque)  # times of admitted requests, the last minute
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) reported, the last minute
+    limits: dict[str, float] = field(default_factory=dict)  # the provider's own rate-limit headers, last seen
     window: int | None = None  # slow start: calls allowed in flight (None: no limit of ours)
     requests: int = 0
     successes: int = 0
@@ -86,7 +87,7 @@ class Health:
     def inflight(self) -> int:
         return len(self.permits)
 
-    def snapshot(self, now: float) -> dict:
+    def snapshot(self, now: float) -> dict[str, object]:
         return {"provider": self.name, "state": str(self.state), "kind": self.kind, "reason": self.reason,
                 "window": self.window,
                 "since_s": round(now - self.since, 3), "until_s": round(self.until - now, 3) if self.until else None,
@@ -164,7 +165,7 @@ class Board:
         return h.kind == "hold" and left is not None and left <= self.config.wait_before_switch
 
     def cooldown(self, h: Health) -> float:
-        return min(self.config.cooldown * 2 ** min(h.opens, 16), self.config.cooldown_max)
+        return min(self.config.cooldown * 2.0 ** min(h.opens, 16), self.config.cooldown_max)
 
     # -- the governor -------------------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class Board:
         self._forget(h, now)
         if h.state == ProviderState.OPEN:
             left = self.wait_left(name, now)
-            if self.short_hold(name, now):
+            if left is not None and self.short_hold(name, now):
                 return Grant(False, wait=left, why=f"{name} is rate-limited for {left:.2f}s more")
             return Grant(False, open=True, wait=left or 0.0, why=f"{name} is open: {h.reason}")
         if h.state == ProviderState.HALF_OPEN:
@@ -198,7 +199,7 @@ class Board:
     def _admit(self, h: Health, now: float, holder: str, *, probe: bool) -> Grant:
         # A call never reported (its process was killed mid-call) stops counting after the
         # call's own timeout, or as soon as its incarnation is known to be gone (drop_holders).
-        h.permits.append([holder, now + self.timeout + PROBE_GRACE])
+        h.permits.append((holder, now + self.timeout + PROBE_GRACE))
         h.requests += 1
         h.sent.append(now)
         return Grant(True, probe=probe)
@@ -220,14 +221,14 @@ class Board:
         if h.permits and not holder:
             h.permits.pop(0)
 
-    def drop_holders(self, gone) -> None:
+    def drop_holders(self, gone: Callable[[str], bool]) -> None:
         """Calls in flight of incarnations that no longer exist count no more."""
         for h in self.providers.values():
             h.permits = [p for p in h.permits if not gone(p[0])]
 
     # -- outcomes -------------------------------------------------------------------------------
 
-    def succeeded(self, name: str, now: float, *, tokens: int = 0, limits: dict | None = None,
+    def succeeded(self, name: str, now: float, *, tokens: int = 0, limits: dict[str, float] | None = None,
                   admitted: bool = True, holder: str = "") -> list[Change]:
         """A call went through: the failure streak ends, a half-open provider closes, and
         headers that say the budget is spent hold it until their reset."""
@@ -250,7 +251,7 @@ class Board:
         return changes
 
     def failed(self, name: str, now: float, *, reason: str, retry_after: float | None = None,
-               limits: dict | None = None, error: dict | None = None, admitted: bool = True,
+               limits: dict[str, float] | None = None, error: Mapping[str, object] | None = None, admitted: bool = True,
                holder: str = "") -> list[Change]:
         """A provider-class failure (never a request error: a bad key is not an outage)."""
         h = self[name]
@@ -289,7 +290,7 @@ class Board:
             until, kind = now + max(seconds, self.cooldown(h)), "outage"
         return [self._to(h, ProviderState.OPEN, now, reason, kind=kind, until=until)]
 
-    def _narrow(self, h: Health, now: float, limits: dict) -> list[Change]:
+    def _narrow(self, h: Health, now: float, limits: dict[str, float]) -> list[Change]:
         if limits:
             h.limits = limits
         for what in ("requests", "tokens"):
@@ -321,11 +322,11 @@ class Board:
         h.failures, h.opens = 0, 0
         return [self._to(h, ProviderState.CLOSED, now, reason)]
 
-    def snapshot(self, now: float) -> list[dict]:
+    def snapshot(self, now: float) -> list[dict[str, object]]:
         self.tick(now)
         return [h.snapshot(now) for h in self.providers.values()]
 
-    def states(self, now: float) -> dict[str, dict]:
+    def states(self, now: float) -> dict[str, dict[str, object]]:
         """What the ladder's view carries: each provider's state, why, and for how long."""
         self.tick(now)
         return {n: {"state": str(h.state), "kind": h.kind, "reason": h.reason,

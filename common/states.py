@@ -38,8 +38,10 @@ Task (a unit of work; bounded attempts, it always ends):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Generic, TypeVar
 
 
 class IllegalTransition(Exception):
@@ -116,19 +118,23 @@ class RetryType(StrEnum):
     PROVIDER_RETRY = "provider_retry"
 
 
-@dataclass(frozen=True)
-class Machine:
-    name: str
-    edges: dict
+# A machine's states: one StrEnum, so a task's machine cannot be handed a service's state.
+_State = TypeVar("_State", bound=StrEnum)
 
-    def allowed(self, old: StrEnum, new: StrEnum) -> bool:
+
+@dataclass(frozen=True)
+class Machine(Generic[_State]):
+    name: str
+    edges: Mapping[_State, AbstractSet[_State]]
+
+    def allowed(self, old: _State, new: _State) -> bool:
         return new in self.edges.get(old, ())
 
-    def check(self, old: StrEnum, new: StrEnum) -> None:
+    def check(self, old: _State, new: _State) -> None:
         if not self.allowed(old, new):
             raise IllegalTransition(f"{self.name}: {old} -> {new} is not a legal transition")
 
-    def sources(self, new: StrEnum) -> list[str]:
+    def sources(self, new: _State) -> list[str]:
         """The states from which ``new`` can be reached (for guarded SQL updates)."""
         return [str(old) for old, targets in self.edges.items() if new in targets]
 
@@ -201,6 +207,6 @@ OPEN_ALERT_STATES = frozenset({A.PENDING, A.DELIVERED, A.UNDELIVERABLE})
 PEOPLE_PARKS = ("budget_exceeded", "awaiting_operator")
 
 
-def sql_in(states) -> str:
+def sql_in(states: Iterable[str]) -> str:
     """``('a','b')`` for a SQL ``IN`` clause or CHECK constraint, from enum members."""
     return "(" + ",".join(f"'{s}'" for s in sorted(str(x) for x in states)) + ")"

@@ -224,7 +224,8 @@ def restore(backup: Path, db_path: Path) -> Path | None:
         os.replace(staged, db_path)
     except OSError as err:
         for suffix in gone:
-            if not _side(db_path, suffix).exists():
+            # kept is None only when nothing was there to keep, and then nothing is gone
+            if kept is not None and not _side(db_path, suffix).exists():
                 os.link(_side(kept, suffix), _side(db_path, suffix))
         _remove(staged)
         if kept is not None:

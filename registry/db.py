@@ -16,6 +16,8 @@ from typing import AsyncIterator, Protocol
 
 import aiosqlite
 
+from registry.rows import Args, Row
+
 
 class Db(Protocol):
     async def open(self) -> None: ...
@@ -24,17 +26,17 @@ class Db(Protocol):
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager["Tx"]: ...
 
-    async def one(self, sql: str, args: tuple = ()) -> dict | None: ...
+    async def one(self, sql: str, args: Args = ()) -> Row | None: ...
 
-    async def all(self, sql: str, args: tuple = ()) -> list[dict]: ...
+    async def all(self, sql: str, args: Args = ()) -> list[Row]: ...
 
 
 class Tx(Protocol):
-    async def execute(self, sql: str, args: tuple = ()) -> int: ...
+    async def execute(self, sql: str, args: Args = ()) -> int: ...
 
-    async def one(self, sql: str, args: tuple = ()) -> dict | None: ...
+    async def one(self, sql: str, args: Args = ()) -> Row | None: ...
 
-    async def all(self, sql: str, args: tuple = ()) -> list[dict]: ...
+    async def all(self, sql: str, args: Args = ()) -> list[Row]: ...
 
 
 class SqliteDb:
@@ -87,7 +89,7 @@ class SqliteDb:
                 raise
             await self.conn.execute("COMMIT")
 
-    async def execute(self, sql: str, args: tuple = ()) -> int:
+    async def execute(self, sql: str, args: Args = ()) -> int:
         """A statement outside a transaction, on the writer's connection (PRAGMAs, tests)."""
         return await _SqliteTx(self.conn).execute(sql, args)
 
@@ -95,10 +97,10 @@ class SqliteDb:
     def reader(self) -> aiosqlite.Connection:
         return self._reader if self._reader is not None else self.conn
 
-    async def one(self, sql: str, args: tuple = ()) -> dict | None:
+    async def one(self, sql: str, args: Args = ()) -> Row | None:
         return await _SqliteTx(self.reader).one(sql, args)
 
-    async def all(self, sql: str, args: tuple = ()) -> list[dict]:
+    async def all(self, sql: str, args: Args = ()) -> list[Row]:
         return await _SqliteTx(self.reader).all(sql, args)
 
 
@@ -108,15 +110,15 @@ class _SqliteTx:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
 
-    async def execute(self, sql: str, args: tuple = ()) -> int:
+    async def execute(self, sql: str, args: Args = ()) -> int:
         async with self.conn.execute(sql, args) as cur:
             return cur.rowcount
 
-    async def one(self, sql: str, args: tuple = ()) -> dict | None:
+    async def one(self, sql: str, args: Args = ()) -> Row | None:
         async with self.conn.execute(sql, args) as cur:
             row = await cur.fetchone()
         return None if row is None else dict(row)
 
-    async def all(self, sql: str, args: tuple = ()) -> list[dict]:
+    async def all(self, sql: str, args: Args = ()) -> list[Row]:
         async with self.conn.execute(sql, args) as cur:
             return [dict(r) for r in await cur.fetchall()]

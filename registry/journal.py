@@ -27,12 +27,13 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from common.clock import Clock, MonotonicClock, utc_iso
 from common.ladder import compute_backoff
 from registry.memory import MemoryStore
 from registry.protocol import Mark, Route, Store, routes_of
+from registry.store import SqlStore
 
 log = logging.getLogger("tron.registry")
 
@@ -40,6 +41,9 @@ log = logging.getLogger("tron.registry")
 # (an unmarked method stops the import here, rather than a write staying in memory unsaved).
 ROUTES: dict[str, Mark] = routes_of(Store)
 MAX_PENDING = 200_000  # beyond this, plain events are dropped first (and counted); ladder rows never
+# A protocol method as the proxy hands it out: what it answers depends on which method it
+# is (registry/protocol.py types each), so here it is Any.
+Method = Callable[..., Awaitable[Any]]
 
 
 def transient(err: BaseException) -> bool:
@@ -53,8 +57,8 @@ def transient(err: BaseException) -> bool:
 @dataclass
 class Op:
     method: str
-    args: tuple
-    kwargs: dict
+    args: tuple[object, ...]  # the protocol method's own arguments, as the caller passed them
+    kwargs: dict[str, object]
     mono: float
     wall: str
     drill: str | None
@@ -79,14 +83,14 @@ class Health:
     failed_writes: int = 0
     last_error: str | None = None
     flushed: int = 0
-    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    history: collections.deque[dict[str, object]] = field(default_factory=lambda: collections.deque(maxlen=20))
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if k != "history"} | {"episodes": list(self.history)}
 
 
 class JournaledStore:
-    def __init__(self, durable, *, clock: Clock | None = None, spill: Path | None = None) -> None:
+    def __init__(self, durable: SqlStore, *, clock: Clock | None = None, spill: Path | None = None) -> None:
         self.clock = clock or MonotonicClock()
         self.durable = durable
         self.memory = MemoryStore(clock=self.clock, events_kept=2000)
@@ -94,7 +98,7 @@ class JournaledStore:
         self.journal: collections.deque[Op] = collections.deque()
         self.health_ = Health()
         self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._degraded_at: float | None = None
 
@@ -128,7 +132,7 @@ class JournaledStore:
     def drill(self, value: str | None) -> None:
         self.memory.drill = value
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, object]:
         self.health_.pending = len(self.journal)
         return self.health_.as_dict()
 
@@ -145,32 +149,33 @@ class JournaledStore:
                 return getattr(self.memory, name)
             case Route.FALLBACK_READ:
                 return self._falling_back(name)
-            case Route.OWNED_READ:
+            case Route.OWNED_READ if mark.about is not None:  # routes_of checked every owned read names one
                 return self._owned(name, mark.about)
             case Route.DURABLE_READ:
                 return self._after_flush(name)
         # LIFECYCLE: open and close are defined above; forwarding one would skip the journal.
+        # (An owned read that names nothing never gets here: routes_of refuses it at import.)
         raise AttributeError(f"JournaledStore must define {name} ({mark.route}) itself")
 
-    def _after_flush(self, name: str):
+    def _after_flush(self, name: str) -> Method:
         """History reads see this daemon's own writes (unless the store is refusing them)."""
         @functools.wraps(getattr(self.durable, name))  # its signature is the protocol's
-        async def read(*args, **kwargs):
+        async def read(*args: Any, **kwargs: Any) -> Any:
             if self.health_.state == "ok":
                 await self.flushed(2.0)
             return await getattr(self.durable, name)(*args, **kwargs)
         return read
 
-    def _falling_back(self, name: str):
+    def _falling_back(self, name: str) -> Method:
         @functools.wraps(getattr(self.memory, name))
-        async def read(*args, **kwargs):
+        async def read(*args: Any, **kwargs: Any) -> Any:
             found = await getattr(self.memory, name)(*args, **kwargs)
             return found if found else await getattr(self.durable, name)(*args, **kwargs)
         return read
 
-    def _owned(self, name: str, about: str):
+    def _owned(self, name: str, about: str) -> Method:
         @functools.wraps(getattr(self.memory, name))
-        async def read(key: str, *args, **kwargs):
+        async def read(key: str, *args: Any, **kwargs: Any) -> Any:
             known = await getattr(self.memory, about)(key) is not None
             return await getattr(self.memory if known else self.durable, name)(key, *args, **kwargs)
         return read
@@ -184,7 +189,8 @@ class JournaledStore:
     def _pending_ids(self) -> tuple[set[str], set[str]]:
         """The runs (directly, or through one of their tasks) and sessions that pending
         writes name: every string argument is looked up among the working copy's ids."""
-        runs, sessions = set(), set()
+        runs: set[str] = set()
+        sessions: set[str] = set()
         tasks = self.memory.tasks_
         for op in self.journal:
             for value in (*op.args, *op.kwargs.values()):
@@ -203,9 +209,9 @@ class JournaledStore:
         await self.flushed(2.0)
         await self.memory.warm_from(self.durable, run_id)
 
-    def _writing(self, name: str):
+    def _writing(self, name: str) -> Method:
         @functools.wraps(getattr(self.memory, name))
-        async def write(*args, **kwargs):
+        async def write(*args: Any, **kwargs: Any) -> Any:
             mono, wall = self.clock.now(), utc_iso()
             with self.memory.pinned(mono, wall, self.memory.drill):
                 result = await getattr(self.memory, name)(*args, **kwargs)
@@ -284,8 +290,8 @@ class JournaledStore:
 
     async def _recovered(self) -> None:
         took = round(self.clock.now() - (self._degraded_at or self.clock.now()), 3)
-        episode = {"since": self.health_.since, "reason": self.health_.reason, "seconds": took,
-                   "dropped_events": self.health_.dropped_events}
+        episode: dict[str, object] = {"since": self.health_.since, "reason": self.health_.reason, "seconds": took,
+                                      "dropped_events": self.health_.dropped_events}
         self.health_.history.append(episode)
         self.health_.state, self.health_.since, self.health_.reason = "ok", None, None
         log.warning("registry recovered after %.1fs; journal flushed", took, extra=episode)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from typing import Any
+from typing import Any, Collection, overload
 
 from common.clock import Clock
 from common.redaction import redact, redact_json
 from common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, PEOPLE_PARKS, RUN, SESSION, TASK, AlertState,
                            LaneState, RetryType, RunState, SessionState, TaskState)
-from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, Stamps, content_hash
+from registry.rows import Row, Spend, TaskCounts
+from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, SqlStore, Stamps, content_hash
 
 
 def _redact_value(value: Any) -> Any:
@@ -25,7 +26,16 @@ def _redact_value(value: Any) -> Any:
     return json.loads(redact_json(value))
 
 
-def _out(row: dict | None) -> dict | None:
+@overload
+def _out(row: Row) -> Row: ...
+
+
+@overload
+def _out(row: Row | None) -> Row | None: ...
+
+
+def _out(row: Row | None) -> Row | None:
+    """A copy the caller may change (None stays None)."""
     return None if row is None else copy.deepcopy(row)
 
 
@@ -36,19 +46,19 @@ class MemoryStore(Stamps):
         # the durable store has them all.
         self.events_kept = events_kept
         self.retry_counts: dict[tuple[str, str], int] = {}  # (agent, retry type) -> rows ever, seeded on load
-        self.agents_: dict[str, dict] = {}
-        self.sessions_: dict[str, dict] = {}
-        self.runs_: dict[str, dict] = {}
-        self.usage_: list[dict] = []
+        self.agents_: dict[str, Row] = {}
+        self.sessions_: dict[str, Row] = {}
+        self.runs_: dict[str, Row] = {}
+        self.usage_: list[Row] = []
         self._usage_ids = itertools.count(1)
-        self.tasks_: dict[str, dict] = {}
-        self.checkpoints_: dict[tuple[str, int], dict] = {}
-        self.alerts_: dict[str, dict] = {}
-        self.retries_: list[dict] = []
-        self.events_: list[dict] = []
-        self.metrics_: dict[tuple[str, str], dict] = {}
-        self.lanes_: dict[str, dict] = {}
-        self.trips_: list[dict] = []
+        self.tasks_: dict[str, Row] = {}
+        self.checkpoints_: dict[tuple[str, int], Row] = {}
+        self.alerts_: dict[str, Row] = {}
+        self.retries_: list[Row] = []
+        self.events_: list[Row] = []
+        self.metrics_: dict[tuple[str, str], Row] = {}
+        self.lanes_: dict[str, Row] = {}
+        self.trips_: list[Row] = []
         self._ids = itertools.count(1)
         self._retry_ids = itertools.count(1)
 
@@ -60,7 +70,7 @@ class MemoryStore(Stamps):
 
     # -- events -------------------------------------------------------------------------------
 
-    def _event(self, kind: str, payload: dict, **ids: str | None) -> int:
+    def _event(self, kind: str, payload: dict[str, Any], **ids: str | None) -> int:
         eid = next(self._ids)
         if self.events_kept is not None and len(self.events_) >= self.events_kept:
             del self.events_[: max(1, self.events_kept // 10)]
@@ -70,20 +80,21 @@ class MemoryStore(Stamps):
                              "alert_id": ids.get("alert_id"), "payload": _redact_value(payload), "drill": self.drill})
         return eid
 
-    async def event(self, kind: str, payload: dict, *, agent=None, incarnation=None, run_id=None, task_id=None,
-                    alert_id=None) -> int:
+    async def event(self, kind: str, payload: dict[str, Any], *, agent: str | None = None,
+                    incarnation: str | None = None, run_id: str | None = None, task_id: str | None = None,
+                    alert_id: str | None = None) -> int:
         return self._event(kind, payload, agent=agent, incarnation=incarnation, run_id=run_id, task_id=task_id,
                            alert_id=alert_id)
 
     async def events(self, since: int = 0, limit: int = 200, kind: str | None = None,
-                     agent: str | None = None) -> list[dict]:
+                     agent: str | None = None) -> list[Row]:
         rows = [e for e in self.events_ if e["id"] > since and (kind is None or e["kind"] == kind)
                 and (agent is None or e["agent"] == agent)]
         return copy.deepcopy(rows[:limit])
 
     # -- agents ------------------------------------------------------------------------------------
 
-    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> dict:
+    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> Row:
         row = self.agents_.get(name)
         if row is None:
             row = self.agents_[name] = {"name": name, "provider": provider, "state": "declared",
@@ -100,10 +111,10 @@ class MemoryStore(Stamps):
             self.agents_[name].update({k: int(v) if isinstance(v, bool) else (str(v) if hasattr(v, "value") else v)
                                        for k, v in fields.items()}, updated_at=self._wall())
 
-    async def agent(self, name: str) -> dict | None:
+    async def agent(self, name: str) -> Row | None:
         return _out(self.agents_.get(name))
 
-    async def agents(self) -> list[dict]:
+    async def agents(self) -> list[Row]:
         return [_out(self.agents_[n]) for n in sorted(self.agents_)]
 
     # -- sessions ----------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ class MemoryStore(Stamps):
         if agent in self.agents_:
             self.agents_[agent]["current_incarnation"] = incarnation
 
-    def _session_to(self, incarnation: str, new: SessionState, sets: dict) -> bool:
+    def _session_to(self, incarnation: str, new: SessionState, sets: dict[str, Any]) -> bool:
         row = self.sessions_.get(incarnation)
         if row is None or not SESSION.allowed(SessionState(row["status"]), new):
             return False
@@ -139,16 +150,16 @@ class MemoryStore(Stamps):
         row = self.sessions_.get(incarnation)
         ended = self._session_to(incarnation, SessionState.ENDED, {
             "ended_at": self._wall(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
-        if ended:
+        if ended and row is not None:  # it ended, so it was there
             self._event("session_ended", {"reason": reason, "exit_code": exit_code, "signal": exit_signal,
                                           "pid": row["pid"]}, agent=row["agent"], incarnation=incarnation)
         return ended
 
-    async def open_sessions(self) -> list[dict]:
+    async def open_sessions(self) -> list[Row]:
         rows = [r for r in self.sessions_.values() if r["status"] != SessionState.ENDED]
         return copy.deepcopy(sorted(rows, key=lambda r: r["started_at"]))
 
-    async def session(self, incarnation: str) -> dict | None:
+    async def session(self, incarnation: str) -> Row | None:
         return _out(self.sessions_.get(incarnation))
 
     # -- runs --------------------------------------------------------------------------------------
@@ -161,7 +172,8 @@ class MemoryStore(Stamps):
                               "finished_at": None, "budget_usd": None, "budget_tokens": None}
         self._event("run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id)
 
-    async def finish_run(self, run_id: str, status: RunState, result: str | None, failure: dict | None) -> bool:
+    async def finish_run(self, run_id: str, status: RunState, result: str | None,
+                         failure: dict[str, Any] | None) -> bool:
         row = self.runs_.get(run_id)
         if row is None or row["status"] != RunState.RUNNING or not RUN.allowed(RunState.RUNNING, status):
             return False
@@ -177,15 +189,15 @@ class MemoryStore(Stamps):
         row.update(status=str(RunState.RUNNING), finished_at=None)
         return True
 
-    async def run(self, run_id: str) -> dict | None:
+    async def run(self, run_id: str) -> Row | None:
         return _out(self.runs_.get(run_id))
 
-    async def runs(self, limit: int = 100) -> list[dict]:
+    async def runs(self, limit: int = 100) -> list[Row]:
         return copy.deepcopy(sorted(self.runs_.values(), key=lambda r: r["created_at"], reverse=True)[:limit])
 
     # -- tasks -------------------------------------------------------------------------------------
 
-    async def upsert_task(self, rec: dict) -> tuple[dict, bool]:
+    async def upsert_task(self, rec: Row) -> tuple[Row, bool]:
         if rec["task_id"] in self.tasks_:
             return _out(self.tasks_[rec["task_id"]]), False
         self.tasks_[rec["task_id"]] = {
@@ -199,11 +211,11 @@ class MemoryStore(Stamps):
                     agent=rec["agent"], run_id=rec["run_id"], task_id=rec["task_id"])
         return _out(self.tasks_[rec["task_id"]]), True
 
-    async def task(self, task_id: str) -> dict | None:
+    async def task(self, task_id: str) -> Row | None:
         return _out(self.tasks_.get(task_id))
 
-    def _task_to(self, task_id: str, new: TaskState, sets: dict, *, event: dict | None = None,
-                 attempt: int = 0) -> dict | None:
+    def _task_to(self, task_id: str, new: TaskState, sets: dict[str, Any], *, event: dict[str, Any] | None = None,
+                 attempt: int = 0) -> Row | None:
         row = self.tasks_.get(task_id)
         if row is None or not TASK.allowed(TaskState(row["status"]), new):
             return None
@@ -224,25 +236,25 @@ class MemoryStore(Stamps):
         elif row and row["status"] == TaskState.RUNNING:
             row.update(sets, updated_at=self._wall())
 
-    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict | None,
+    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict[str, Any] | None,
                           *, reason: str | None = None) -> bool:
         before = self._task_to(task_id, status, {
             "result": redact(result) if result else result, "failure": _redact_value(failure) if failure else None,
             "lease_incarnation": None, "held_since": None}, event={"reason": reason})
         return before is not None and before["status"] in LIVE_TASK_STATES
 
-    def _tasks_of(self, agent: str, states, *, people_parks: bool = True) -> list[dict]:
+    def _tasks_of(self, agent: str, states: Collection[str], *, people_parks: bool = True) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["agent"] == agent and t["status"] in states
                 and (people_parks or not (t["status"] == TaskState.PARKED and t.get("parked_reason") in PEOPLE_PARKS))]
         return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
 
-    async def open_tasks(self, agent: str) -> list[dict]:
+    async def open_tasks(self, agent: str) -> list[Row]:
         return self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False)
 
-    async def live_tasks(self, agent: str) -> list[dict]:
+    async def live_tasks(self, agent: str) -> list[Row]:
         return self._tasks_of(agent, LIVE_TASK_STATES)
 
-    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[dict]:
+    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[Row]:
         for t in self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False):
             sets: dict[str, Any] = {"lease_incarnation": None}
             if provider:
@@ -286,24 +298,26 @@ class MemoryStore(Stamps):
         self._event("run_budget", {"usd": usd, "tokens": tokens}, run_id=run_id)
         return True
 
-    async def record_usage(self, row: dict) -> dict:
+    async def record_usage(self, row: Row) -> Row:
         rec = {"id": next(self._usage_ids), "ts": self._wall(), "mono": self._mono(), "drill": self.drill, **row}
         self.usage_.append(rec)
         return dict(rec)  # flat: scalars only
 
-    def _usage(self, run_id, task_id, agent, since_mono) -> list[dict]:
+    def _usage(self, run_id: str | None, task_id: str | None, agent: str | None,
+               since_mono: float | None) -> list[Row]:
         return [u for u in self.usage_ if (run_id is None or u["run_id"] == run_id)
                 and (task_id is None or u["task_id"] == task_id) and (agent is None or u["agent"] == agent)
                 and (since_mono is None or u["mono"] > since_mono)]
 
     async def usage(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
-                    since_mono: float | None = None, limit: int = 1000) -> list[dict]:
+                    since_mono: float | None = None, limit: int = 1000) -> list[Row]:
         return copy.deepcopy(list(reversed(self._usage(run_id, task_id, agent, since_mono)))[:limit])
 
     async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
-                    since_mono: float | None = None) -> dict:
+                    since_mono: float | None = None) -> Spend:
         rows = self._usage(run_id, task_id, agent, since_mono)
-        return {"usd": round(sum(u["cost_usd"] for u in rows), 10), "calls": len(rows),
+        # a float even for no calls, as SqlStore answers (a sum of nothing is the int 0)
+        return {"usd": round(sum((u["cost_usd"] for u in rows), 0.0), 10), "calls": len(rows),
                 "tokens": sum(u["input_tokens"] + u["output_tokens"] + u["cache_read_tokens"]
                               + u["cache_write_tokens"] for u in rows)}
 
@@ -312,15 +326,15 @@ class MemoryStore(Stamps):
                                                            "lease_incarnation": None},
                              attempt=1, event={"reopened_by": by}) is not None
 
-    async def tasks_of_run(self, run_id: str) -> list[dict]:
+    async def tasks_of_run(self, run_id: str) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["run_id"] == run_id]
         return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
 
-    async def parked_tasks(self) -> list[dict]:
+    async def parked_tasks(self) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["status"] == TaskState.PARKED]
         return copy.deepcopy(sorted(rows, key=lambda t: t["held_since"] or 0.0))
 
-    async def held_tasks(self) -> list[dict]:
+    async def held_tasks(self) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["status"] == TaskState.ESCALATED]
         return copy.deepcopy(sorted(rows, key=lambda t: t["held_since"]))
 
@@ -328,8 +342,8 @@ class MemoryStore(Stamps):
         if task_id in self.tasks_:
             self.tasks_[task_id]["delivered"] = 1
 
-    async def undelivered_results(self) -> list[dict]:
-        def waiting(t: dict) -> bool:
+    async def undelivered_results(self) -> list[Row]:
+        def waiting(t: Row) -> bool:
             parent = self.tasks_.get(t["parent_task_id"]) if t["parent_task_id"] else None
             return t["parent_task_id"] is None or (parent is not None and parent["status"] in LIVE_TASK_STATES)
         return copy.deepcopy([t for t in self.tasks_.values()
@@ -338,7 +352,7 @@ class MemoryStore(Stamps):
     # -- checkpoints -------------------------------------------------------------------------------
 
     async def add_checkpoint(self, task_id: str, step: int, step_id: str, output: str,
-                             incarnation: str | None) -> tuple[dict, bool]:
+                             incarnation: str | None) -> tuple[Row, bool]:
         output = redact(output)
         if len(output.encode()) > CHECKPOINT_MAX:
             raise ValueError(f"checkpoint output is {len(output.encode())} bytes; the limit is {CHECKPOINT_MAX}")
@@ -352,10 +366,10 @@ class MemoryStore(Stamps):
                         task_id=task_id, incarnation=incarnation)
         return _out(self.checkpoints_[key]), created
 
-    async def checkpoints(self, task_id: str) -> list[dict]:
+    async def checkpoints(self, task_id: str) -> list[Row]:
         return copy.deepcopy([c for (t, _), c in sorted(self.checkpoints_.items()) if t == task_id])
 
-    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[dict]:
+    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[Row]:
         keys = sorted(k for k in self.checkpoints_ if k[0] == task_id and k[1] >= from_step)
         rows = [{k: self.checkpoints_[key][k] for k in ("step", "step_id", "hash")} for key in keys]
         for key in keys:
@@ -374,10 +388,10 @@ class MemoryStore(Stamps):
                     task_id=task_id, run_id=run_id)
         return sorted(t["mono"] for t in self.trips_ if t["fingerprint"] == fingerprint)
 
-    async def lane(self, lane: str) -> dict | None:
+    async def lane(self, lane: str) -> Row | None:
         return _out(self.lanes_.get(lane))
 
-    async def lanes(self) -> list[dict]:
+    async def lanes(self) -> list[Row]:
         return [_out(self.lanes_[k]) for k in sorted(self.lanes_)]
 
     async def set_lane(self, lane: str, state: LaneState, *, fingerprint: str | None, reason: str,
@@ -393,7 +407,7 @@ class MemoryStore(Stamps):
 
     # -- alerts ------------------------------------------------------------------------------------
 
-    async def insert_alert(self, alert: dict, *, stable: bool) -> tuple[dict, bool]:
+    async def insert_alert(self, alert: Row, *, stable: bool) -> tuple[Row, bool]:
         existing = next((a for a in self.alerts_.values() if a["agent"] == alert["service"]
                          and a["incarnation"] == alert["incarnation"]), None)
         if existing is not None or alert["alert_id"] in self.alerts_:
@@ -409,11 +423,11 @@ class MemoryStore(Stamps):
                     run_id=alert.get("run_id"), alert_id=alert["alert_id"])
         return _out(self.alerts_[alert["alert_id"]]), True
 
-    async def alert_for(self, agent: str, incarnation: str) -> dict | None:
+    async def alert_for(self, agent: str, incarnation: str) -> Row | None:
         return _out(next((a for a in self.alerts_.values() if a["agent"] == agent
                           and a["incarnation"] == incarnation), None))
 
-    async def alert(self, alert_id: str) -> dict | None:
+    async def alert(self, alert_id: str) -> Row | None:
         return _out(self.alerts_.get(alert_id))
 
     async def mark_alert(self, alert_id: str, status: AlertState, *, decision: str | None = None) -> bool:
@@ -434,22 +448,23 @@ class MemoryStore(Stamps):
             if row["status"] == AlertState.PENDING:
                 row["status"] = str(AlertState.DELIVERED)
 
-    async def open_alerts(self) -> list[dict]:
+    async def open_alerts(self) -> list[Row]:
         rows = [a for a in self.alerts_.values() if a["status"] != AlertState.HANDLED]
         return copy.deepcopy(sorted(rows, key=lambda a: a["mono"]))
 
-    async def failures(self, agent: str, *, limit: int = 200) -> list[dict]:
+    async def failures(self, agent: str, *, limit: int = 200) -> list[Row]:
         mine = [a for a in self.alerts_.values() if a["agent"] == agent]  # insertion order breaks ties
         rows = [a for _, a in sorted(enumerate(mine), key=lambda ia: (-ia[1]["mono"], -ia[0]))]
         return [{"alert_id": a["alert_id"], "mono": a["mono"], "stable": a["stable"]} for a in rows[:limit]]
 
     # -- the ladder's record -------------------------------------------------------------------------
 
-    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str, detail: dict,
+    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str,
+                           detail: dict[str, Any],
                            case: str, task_id: str | None = None, run_id: str | None = None,
                            from_provider: str | None = None, to_provider: str | None = None,
                            decided_by: str = "policy", requested_by: str | None = None,
-                           hop: str = "") -> dict | None:
+                           hop: str = "") -> Row | None:
         if not reason or reason == "Unknown error":
             raise ValueError("a retry needs a real reason")
         if any((r["alert_id"], r["retry_type"], r["agent_id"], r["hop"]) == (alert_id, retry_type, agent_id, hop)
@@ -457,11 +472,11 @@ class MemoryStore(Stamps):
             return None
         count = self.retry_counts.get((agent_id, str(retry_type)), 0)
         self.retry_counts[(agent_id, str(retry_type))] = count + 1
-        row = {"id": next(self._retry_ids), "alert_id": alert_id, "agent_id": agent_id, "task_id": task_id,
-               "run_id": run_id, "retry_type": str(retry_type), "retry_count": count + 1, "reason": reason,
-               "detail": _redact_value(detail), "from_provider": from_provider, "to_provider": to_provider,
-               "decided_by": decided_by, "requested_by": requested_by, "hop": hop, "timestamp": self._wall(),
-               "mono": self._mono(), "drill": self.drill, "case_id": case}
+        row: Row = {"id": next(self._retry_ids), "alert_id": alert_id, "agent_id": agent_id, "task_id": task_id,
+                    "run_id": run_id, "retry_type": str(retry_type), "retry_count": count + 1, "reason": reason,
+                    "detail": _redact_value(detail), "from_provider": from_provider, "to_provider": to_provider,
+                    "decided_by": decided_by, "requested_by": requested_by, "hop": hop, "timestamp": self._wall(),
+                    "mono": self._mono(), "drill": self.drill, "case_id": case}
         self.retries_.append(row)
         metric = METRIC.get(RetryType(retry_type))
         if metric and not self.drill:
@@ -480,28 +495,28 @@ class MemoryStore(Stamps):
                     agent=agent_id, task_id=task_id, run_id=run_id, alert_id=alert_id)
         return _out(row)
 
-    async def retry_rows(self, alert_id: str) -> list[dict]:
+    async def retry_rows(self, alert_id: str) -> list[Row]:
         return copy.deepcopy([r for r in self.retries_ if r["alert_id"] == alert_id])
 
-    async def task_counts(self, task_id: str) -> dict:
+    async def task_counts(self, task_id: str) -> TaskCounts:
         kinds = [r["retry_type"] for r in self.retries_ if r["task_id"] == task_id]
         return {"restarts": kinds.count(RetryType.CHILD_RESTART) + kinds.count(RetryType.PROVIDER_RETRY),
                 "switches": kinds.count(RetryType.LLM_CHANGE),
                 "escalations": kinds.count(RetryType.ESCALATION), "failed": RetryType.PERMANENT_FAILURE in kinds}
 
-    async def task_history(self, task_id: str) -> list[dict]:
+    async def task_history(self, task_id: str) -> list[Row]:
         return copy.deepcopy([r for r in self.retries_ if r["task_id"] == task_id])
 
-    async def history(self, limit: int = 200, agent: str | None = None) -> list[dict]:
+    async def history(self, limit: int = 200, agent: str | None = None) -> list[Row]:
         rows = [r for r in self.retries_ if agent is None or r["agent_id"] == agent]
         return copy.deepcopy(list(reversed(rows))[:limit])
 
-    async def failure_metrics(self) -> list[dict]:
+    async def failure_metrics(self) -> list[Row]:
         return copy.deepcopy([self.metrics_[k] for k in sorted(self.metrics_)])
 
     # -- the working copy of a durable store ---------------------------------------------------
 
-    async def load_from(self, durable) -> None:
+    async def load_from(self, durable: SqlStore) -> None:
         """What the daemon decides on, read back from the durable store at start-up: every
         agent, open session, live run and task (with its checkpoints and ladder rows), the
         latest alerts of each agent, and the per-agent row counts."""
@@ -533,7 +548,7 @@ class MemoryStore(Stamps):
         self.trips_ = await q("SELECT fingerprint, lane, description, task_id, run_id, mono, created_at "
                               "FROM lane_trips ORDER BY mono DESC LIMIT 5000")
 
-    async def warm_from(self, durable, run_id: str) -> None:
+    async def warm_from(self, durable: SqlStore, run_id: str) -> None:
         """Bring one run back into the working copy (an operator acts on an old one)."""
         q = durable.db.all
         for r in await q("SELECT * FROM runs WHERE run_id = ?", (run_id,)):
@@ -549,8 +564,8 @@ class MemoryStore(Stamps):
                 if r["id"] not in known:
                     self.retries_.append(_json(r, "detail"))
 
-    def trim(self, *, keep_alerts: int = 200, keep_runs: set[str] | frozenset = frozenset(),
-             keep_sessions: set[str] | frozenset = frozenset()) -> None:
+    def trim(self, *, keep_alerts: int = 200, keep_runs: set[str] | frozenset[str] = frozenset(),
+             keep_sessions: set[str] | frozenset[str] = frozenset()) -> None:
         """Forget what no decision will read again (the durable store keeps it): ended
         sessions, finished runs and their delivered tasks, old handled alerts. ``keep_runs``
         and ``keep_sessions``: what the durable store does not have yet (the journal's)."""
@@ -564,7 +579,7 @@ class MemoryStore(Stamps):
         for task_id in [t for t, row in self.tasks_.items() if row["run_id"] not in self.runs_]:
             del self.tasks_[task_id]
         self.checkpoints_ = {k: v for k, v in self.checkpoints_.items() if k[0] in self.tasks_}
-        by_agent: dict[str, list[dict]] = {}
+        by_agent: dict[str, list[Row]] = {}
         for a in self.alerts_.values():
             by_agent.setdefault(a["agent"], []).append(a)
         keep: set[str] = set()
@@ -576,7 +591,7 @@ class MemoryStore(Stamps):
         self.usage_ = [u for u in self.usage_ if u["run_id"] in self.runs_]  # spend is read from the durable store
 
 
-def _json(row: dict, *columns: str) -> dict:
+def _json(row: Row, *columns: str) -> Row:
     for c in columns:
         if isinstance(row.get(c), str):
             row[c] = json.loads(row[c])

@@ -20,8 +20,13 @@ import asyncio
 import contextlib
 import decimal
 import re
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 from urllib.parse import unquote
+
+from registry.rows import Args, Row
+
+if TYPE_CHECKING:  # psycopg is imported when a PostgreSQL registry is opened, not before
+    import psycopg
 
 DAEMON_LOCK = 0x7472_6F6E  # "tron": the advisory lock the one writing daemon holds
 
@@ -30,11 +35,11 @@ def to_pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-def _arg(value):
+def _arg(value: object) -> object:
     return int(value) if isinstance(value, bool) else value
 
 
-def _row(row: dict) -> dict:
+def _row(row: Row) -> Row:
     for key, value in row.items():
         if isinstance(value, decimal.Decimal):
             row[key] = int(value) if value == value.to_integral_value() else float(value)
@@ -71,8 +76,8 @@ class PgDb:
     def __init__(self, url: str, *, lock: bool = True) -> None:
         self.url = url
         self.lock = lock
-        self._writer_conn = None
-        self._reader_conn = None
+        self._writer_conn: psycopg.AsyncConnection[Row] | None = None
+        self._reader_conn: psycopg.AsyncConnection[Row] | None = None
         self._writer = asyncio.Lock()
         self._reader = asyncio.Lock()
 
@@ -92,7 +97,8 @@ class PgDb:
             raise RegistryError(f"cannot reach the registry at {safe_url(self.url)}: {_first_line(err)}") from None
         if self.lock:
             cur = await self._writer_conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (DAEMON_LOCK,))
-            if not (await cur.fetchone())["ok"]:
+            got = await cur.fetchone()
+            if got is None or not got["ok"]:
                 await self.close()
                 raise RegistryError(f"another tron daemon is writing the registry at {safe_url(self.url)} "
                                     "(it holds the daemon's advisory lock); stop it first")
@@ -105,39 +111,45 @@ class PgDb:
                     await conn.close()
                 setattr(self, name, None)
 
+    def _opened(self, conn: psycopg.AsyncConnection[Row] | None) -> psycopg.AsyncConnection[Row]:
+        if conn is None:
+            raise RuntimeError("PgDb.open() must be awaited before use")
+        return conn
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator["_PgTx"]:
         async with self._writer:
-            async with self._writer_conn.transaction():
-                yield _PgTx(self._writer_conn)
+            conn = self._opened(self._writer_conn)
+            async with conn.transaction():
+                yield _PgTx(conn)
 
-    async def execute(self, sql: str, args: tuple = ()) -> int:
+    async def execute(self, sql: str, args: Args = ()) -> int:
         async with self._writer:
-            return await _PgTx(self._writer_conn).execute(sql, args)
+            return await _PgTx(self._opened(self._writer_conn)).execute(sql, args)
 
-    async def one(self, sql: str, args: tuple = ()) -> dict | None:
+    async def one(self, sql: str, args: Args = ()) -> Row | None:
         async with self._reader:
-            return await _PgTx(self._reader_conn).one(sql, args)
+            return await _PgTx(self._opened(self._reader_conn)).one(sql, args)
 
-    async def all(self, sql: str, args: tuple = ()) -> list[dict]:
+    async def all(self, sql: str, args: Args = ()) -> list[Row]:
         async with self._reader:
-            return await _PgTx(self._reader_conn).all(sql, args)
+            return await _PgTx(self._opened(self._reader_conn)).all(sql, args)
 
 
 class _PgTx:
-    def __init__(self, conn) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection[Row]) -> None:
         self.conn = conn
 
-    async def execute(self, sql: str, args: tuple = ()) -> int:
+    async def execute(self, sql: str, args: Args = ()) -> int:
         cur = await self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
         return cur.rowcount
 
-    async def one(self, sql: str, args: tuple = ()) -> dict | None:
+    async def one(self, sql: str, args: Args = ()) -> Row | None:
         cur = await self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
         row = await cur.fetchone() if cur.description else None
         return None if row is None else _row(row)
 
-    async def all(self, sql: str, args: tuple = ()) -> list[dict]:
+    async def all(self, sql: str, args: Args = ()) -> list[Row]:
         cur = await self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
         return [_row(r) for r in await cur.fetchall()] if cur.description else []
 
@@ -157,7 +169,7 @@ class PgReader:
             raise FileNotFoundError(f"cannot reach the registry at {safe_url(url)}: {_first_line(err)}") from None
         self.row_factory = None  # report.py sets sqlite3's; rows are dicts here anyway
 
-    def execute(self, sql: str, args: tuple = ()) -> list[dict]:
+    def execute(self, sql: str, args: Args = (), /) -> list[Row]:
         cur = self.conn.execute(to_pg(sql), tuple(_arg(a) for a in args))
         return [_row(r) for r in cur.fetchall()] if cur.description else []
 
@@ -167,7 +179,7 @@ class PgReader:
     def __enter__(self) -> "PgReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

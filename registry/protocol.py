@@ -31,6 +31,7 @@ from enum import StrEnum
 from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
 
 from common.states import AlertState, LaneState, RetryType, RunState, TaskState
+from registry.rows import Row, Spend, TaskCounts
 
 
 class Route(StrEnum):
@@ -93,11 +94,11 @@ class Store(Protocol):
 
     @durable_read
     async def events(self, since: int = 0, limit: int = 200, kind: str | None = None,
-                     agent: str | None = None) -> list[dict]:
+                     agent: str | None = None) -> list[Row]:
         ...
 
     @write
-    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> dict:
+    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> Row:
         ...
 
     @write
@@ -105,11 +106,11 @@ class Store(Protocol):
         ...
 
     @memory_read
-    async def agent(self, name: str) -> dict | None:
+    async def agent(self, name: str) -> Row | None:
         ...
 
     @memory_read
-    async def agents(self) -> list[dict]:
+    async def agents(self) -> list[Row]:
         ...
 
     @write
@@ -131,11 +132,11 @@ class Store(Protocol):
         ...
 
     @memory_read
-    async def open_sessions(self) -> list[dict]:
+    async def open_sessions(self) -> list[Row]:
         ...
 
     @fallback_read
-    async def session(self, incarnation: str) -> dict | None:
+    async def session(self, incarnation: str) -> Row | None:
         ...
 
     @write
@@ -143,7 +144,8 @@ class Store(Protocol):
         ...
 
     @write
-    async def finish_run(self, run_id: str, status: RunState, result: str | None, failure: dict | None) -> bool:
+    async def finish_run(self, run_id: str, status: RunState, result: str | None,
+                         failure: dict[str, Any] | None) -> bool:
         ...
 
     @write
@@ -151,19 +153,19 @@ class Store(Protocol):
         ...
 
     @fallback_read
-    async def run(self, run_id: str) -> dict | None:
+    async def run(self, run_id: str) -> Row | None:
         ...
 
     @durable_read
-    async def runs(self, limit: int = 100) -> list[dict]:
+    async def runs(self, limit: int = 100) -> list[Row]:
         ...
 
     @write
-    async def upsert_task(self, rec: dict) -> tuple[dict, bool]:
+    async def upsert_task(self, rec: Row) -> tuple[Row, bool]:
         ...
 
     @fallback_read
-    async def task(self, task_id: str) -> dict | None:
+    async def task(self, task_id: str) -> Row | None:
         ...
 
     @write
@@ -171,20 +173,20 @@ class Store(Protocol):
         ...
 
     @write
-    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict | None,
+    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict[str, Any] | None,
                           *, reason: str | None = None) -> bool:
         ...
 
     @memory_read
-    async def open_tasks(self, agent: str) -> list[dict]:
+    async def open_tasks(self, agent: str) -> list[Row]:
         ...
 
     @memory_read
-    async def live_tasks(self, agent: str) -> list[dict]:
+    async def live_tasks(self, agent: str) -> list[Row]:
         ...
 
     @write
-    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[dict]:
+    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[Row]:
         ...
 
     @write
@@ -205,17 +207,17 @@ class Store(Protocol):
         ...
 
     @write
-    async def record_usage(self, row: dict) -> dict:
+    async def record_usage(self, row: Row) -> Row:
         ...
 
     @durable_read
     async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
-                    since_mono: float | None = None) -> dict:
+                    since_mono: float | None = None) -> Spend:
         ...
 
     @durable_read
     async def usage(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
-                    since_mono: float | None = None, limit: int = 1000) -> list[dict]:
+                    since_mono: float | None = None, limit: int = 1000) -> list[Row]:
         ...
 
     @write
@@ -231,15 +233,15 @@ class Store(Protocol):
         ...
 
     @owned_read("run")
-    async def tasks_of_run(self, run_id: str) -> list[dict]:
+    async def tasks_of_run(self, run_id: str) -> list[Row]:
         ...
 
     @memory_read
-    async def held_tasks(self) -> list[dict]:
+    async def held_tasks(self) -> list[Row]:
         ...
 
     @memory_read
-    async def parked_tasks(self) -> list[dict]:
+    async def parked_tasks(self) -> list[Row]:
         ...
 
     @write
@@ -247,20 +249,20 @@ class Store(Protocol):
         ...
 
     @memory_read
-    async def undelivered_results(self) -> list[dict]:
+    async def undelivered_results(self) -> list[Row]:
         ...
 
     @write
     async def add_checkpoint(self, task_id: str, step: int, step_id: str, output: str,
-                             incarnation: str | None) -> tuple[dict, bool]:
+                             incarnation: str | None) -> tuple[Row, bool]:
         ...
 
     @owned_read("task")
-    async def checkpoints(self, task_id: str) -> list[dict]:
+    async def checkpoints(self, task_id: str) -> list[Row]:
         ...
 
     @write
-    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[dict]:
+    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[Row]:
         ...
 
     @write
@@ -269,11 +271,11 @@ class Store(Protocol):
         ...
 
     @memory_read
-    async def lane(self, lane: str) -> dict | None:
+    async def lane(self, lane: str) -> Row | None:
         ...
 
     @memory_read
-    async def lanes(self) -> list[dict]:
+    async def lanes(self) -> list[Row]:
         ...
 
     @write
@@ -282,15 +284,15 @@ class Store(Protocol):
         ...
 
     @write
-    async def insert_alert(self, alert: dict, *, stable: bool) -> tuple[dict, bool]:
+    async def insert_alert(self, alert: Row, *, stable: bool) -> tuple[Row, bool]:
         ...
 
     @memory_read
-    async def alert_for(self, agent: str, incarnation: str) -> dict | None:
+    async def alert_for(self, agent: str, incarnation: str) -> Row | None:
         ...
 
     @fallback_read
-    async def alert(self, alert_id: str) -> dict | None:
+    async def alert(self, alert_id: str) -> Row | None:
         ...
 
     @write
@@ -302,39 +304,39 @@ class Store(Protocol):
         ...
 
     @memory_read
-    async def open_alerts(self) -> list[dict]:
+    async def open_alerts(self) -> list[Row]:
         ...
 
     @memory_read
-    async def failures(self, agent: str, *, limit: int = 200) -> list[dict]:
+    async def failures(self, agent: str, *, limit: int = 200) -> list[Row]:
         ...
 
     @write
-    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str, detail: dict,
-                           case: str, task_id: str | None = None, run_id: str | None = None,
+    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str,
+                           detail: dict[str, Any], case: str, task_id: str | None = None, run_id: str | None = None,
                            from_provider: str | None = None, to_provider: str | None = None,
                            decided_by: str = "policy", requested_by: str | None = None,
-                           hop: str = "") -> dict | None:
+                           hop: str = "") -> Row | None:
         ...
 
     @fallback_read
-    async def retry_rows(self, alert_id: str) -> list[dict]:
+    async def retry_rows(self, alert_id: str) -> list[Row]:
         ...
 
     @owned_read("task")
-    async def task_counts(self, task_id: str) -> dict:
+    async def task_counts(self, task_id: str) -> TaskCounts:
         ...
 
     @fallback_read
-    async def task_history(self, task_id: str) -> list[dict]:
+    async def task_history(self, task_id: str) -> list[Row]:
         ...
 
     @durable_read
-    async def history(self, limit: int = 200, agent: str | None = None) -> list[dict]:
+    async def history(self, limit: int = 200, agent: str | None = None) -> list[Row]:
         ...
 
     @durable_read
-    async def failure_metrics(self) -> list[dict]:
+    async def failure_metrics(self) -> list[Row]:
         ...
 
 

@@ -8,11 +8,23 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, TypedDict
 
 from common.states import SessionState
+from registry.rows import Args, Row
+
+if TYPE_CHECKING:
+    from registry.pg import PgReader
 
 
-def connect(where: Path | str):
+class Reader(Protocol):
+    """What the queries here (and registry/report.py) use of a connection: sqlite3's, or
+    registry.pg.PgReader, which answers in the same shape."""
+
+    def execute(self, sql: str, parameters: Args = ..., /) -> Iterable[Any]: ...
+
+
+def connect(where: Path | str) -> sqlite3.Connection | PgReader:
     """The SQLite file at ``where``, or the PostgreSQL server at a postgresql:// URL."""
     if isinstance(where, str) and where.startswith(("postgresql://", "postgres://")):
         from registry.pg import PgReader
@@ -26,11 +38,11 @@ def connect(where: Path | str):
     return conn
 
 
-def _rows(conn, sql: str, args: tuple = ()) -> list[dict]:
+def _rows(conn: Reader, sql: str, args: Args = ()) -> list[Row]:
     return [dict(r) for r in conn.execute(sql, args)]
 
 
-def _json(rows: list[dict], *columns: str) -> list[dict]:
+def _json(rows: list[Row], *columns: str) -> list[Row]:
     for r in rows:
         for c in columns:
             if isinstance(r.get(c), str):
@@ -38,27 +50,27 @@ def _json(rows: list[dict], *columns: str) -> list[dict]:
     return rows
 
 
-def history(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
+def history(conn: Reader, limit: int = 100) -> list[Row]:
     rows = _rows(conn, "SELECT id, alert_id, agent_id, task_id, run_id, retry_type, retry_count, reason, detail, "
                        "from_provider, to_provider, decided_by, requested_by, hop, case_id, timestamp "
                        "FROM retry_history ORDER BY id DESC LIMIT ?", (limit,))
     return list(reversed(_json(rows, "detail")))
 
 
-def failure_metrics(conn: sqlite3.Connection) -> list[dict]:
+def failure_metrics(conn: Reader) -> list[Row]:
     return _rows(conn, "SELECT * FROM failure_metrics ORDER BY scope, key")
 
 
-def open_sessions(conn: sqlite3.Connection) -> list[dict]:
+def open_sessions(conn: Reader) -> list[Row]:
     return _rows(conn, "SELECT * FROM sessions WHERE status != ?", (SessionState.ENDED,))
 
 
-def session(conn: sqlite3.Connection, incarnation: str) -> dict | None:
+def session(conn: Reader, incarnation: str) -> Row | None:
     rows = _rows(conn, "SELECT * FROM sessions WHERE incarnation = ?", (incarnation,))
     return rows[0] if rows else None
 
 
-def events_since(conn: sqlite3.Connection, mono: float, agent: str | None = None) -> list[dict]:
+def events_since(conn: Reader, mono: float, agent: str | None = None) -> list[Row]:
     if agent:
         rows = _rows(conn, "SELECT * FROM events WHERE mono >= ? AND agent = ? ORDER BY id", (mono, agent))
     else:
@@ -66,71 +78,71 @@ def events_since(conn: sqlite3.Connection, mono: float, agent: str | None = None
     return _json(rows, "payload")
 
 
-def alerts_of(conn: sqlite3.Connection, agent: str, incarnation: str) -> list[dict]:
+def alerts_of(conn: Reader, agent: str, incarnation: str) -> list[Row]:
     return _rows(conn, "SELECT * FROM alerts WHERE agent = ? AND incarnation = ?", (agent, incarnation))
 
 
-def retries_since(conn: sqlite3.Connection, agent: str, mono: float) -> list[dict]:
+def retries_since(conn: Reader, agent: str, mono: float) -> list[Row]:
     return _json(_rows(conn, "SELECT * FROM retry_history WHERE agent_id = ? AND mono >= ? ORDER BY id",
                        (agent, mono)), "detail")
 
 
-def retries_of_run(conn: sqlite3.Connection, run_id: str) -> list[dict]:
+def retries_of_run(conn: Reader, run_id: str) -> list[Row]:
     return _json(_rows(conn, "SELECT * FROM retry_history WHERE run_id = ? ORDER BY id", (run_id,)), "detail")
 
 
-def run(conn: sqlite3.Connection, run_id: str) -> dict | None:
+def run(conn: Reader, run_id: str) -> Row | None:
     rows = _json(_rows(conn, "SELECT * FROM runs WHERE run_id = ?", (run_id,)), "failure")
     return rows[0] if rows else None
 
 
-def alerts_of_drill(conn: sqlite3.Connection, label: str) -> list[dict]:
+def alerts_of_drill(conn: Reader, label: str) -> list[Row]:
     return _rows(conn, "SELECT * FROM alerts WHERE drill = ?", (label,))
 
 
-def retries_of_drill(conn: sqlite3.Connection, label: str) -> list[dict]:
+def retries_of_drill(conn: Reader, label: str) -> list[Row]:
     return _json(_rows(conn, "SELECT * FROM retry_history WHERE drill = ? ORDER BY id", (label,)), "detail")
 
 
-def events_of_drill(conn: sqlite3.Connection, label: str, kind: str) -> list[dict]:
+def events_of_drill(conn: Reader, label: str, kind: str) -> list[Row]:
     return _json(_rows(conn, "SELECT * FROM events WHERE drill = ? AND kind = ? ORDER BY id", (label, kind)),
                  "payload")
 
 
-def task(conn: sqlite3.Connection, task_id: str) -> dict | None:
+def task(conn: Reader, task_id: str) -> Row | None:
     rows = _json(_rows(conn, "SELECT * FROM tasks WHERE task_id = ?", (task_id,)), "failure")
     return rows[0] if rows else None
 
 
-def task_retries(conn: sqlite3.Connection, task_id: str) -> list[dict]:
+def task_retries(conn: Reader, task_id: str) -> list[Row]:
     return _json(_rows(conn, "SELECT * FROM retry_history WHERE task_id = ? ORDER BY id", (task_id,)), "detail")
 
 
-def task_checkpoints(conn: sqlite3.Connection, task_id: str) -> list[dict]:
+def task_checkpoints(conn: Reader, task_id: str) -> list[Row]:
     return _rows(conn, "SELECT step, step_id, hash, LENGTH(output) AS bytes, incarnation, created_at "
                        "FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
 
 
-def task_events(conn: sqlite3.Connection, task_id: str) -> list[dict]:
+def task_events(conn: Reader, task_id: str) -> list[Row]:
     return _json(_rows(conn, "SELECT * FROM events WHERE task_id = ? ORDER BY id", (task_id,)), "payload")
 
 
-def audit(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
+def audit(conn: Reader, limit: int = 100) -> list[Row]:
     rows = _json(_rows(conn, "SELECT id, ts, agent, payload FROM events WHERE kind = 'audit' ORDER BY id DESC "
                              "LIMIT ?", (limit,)), "payload")
     return list(reversed(rows))
 
 
-def lanes(conn: sqlite3.Connection) -> list[dict]:
+def lanes(conn: Reader) -> list[Row]:
     return _rows(conn, "SELECT * FROM lanes ORDER BY lane")
 
 
-def open_tasks_of(conn: sqlite3.Connection, agent: str) -> list[dict]:
+def open_tasks_of(conn: Reader, agent: str) -> list[Row]:
     return _rows(conn, "SELECT * FROM tasks WHERE agent = ? AND status IN ('assigned', 'running') ORDER BY created_at",
                  (agent,))
 
 
-def tasks_of(conn: sqlite3.Connection, run_id: str, agent: str) -> list[dict]:
+def tasks_of(conn: Reader, run_id: str, agent: str) -> list[Row]:
     return _rows(conn, "SELECT * FROM tasks WHERE run_id = ? AND agent = ? ORDER BY created_at", (run_id, agent))
 
 
@@ -142,8 +154,19 @@ COST_GROUPS = {"provider_model": "provider, model", "service": "agent", "run": "
                "hour": "substr(ts, 1, 13)"}
 
 
-def cost(conn, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
-         since: str | None = None) -> dict:
+class Cost(TypedDict):
+    """``cost``'s answer: the spend in all, then grouped as COST_GROUPS says (in its order)."""
+
+    total: Row
+    provider_model: list[Row]
+    service: list[Row]
+    run: list[Row]
+    task: list[Row]
+    hour: list[Row]
+
+
+def cost(conn: Reader, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
+         since: str | None = None) -> Cost:
     """Tokens and cost of the LLM calls that match, in all and grouped by provider and
     model, service, run, task and hour (``since``: an ISO 8601 UTC time)."""
     where, args = [], []
@@ -153,10 +176,14 @@ def cost(conn, *, run_id: str | None = None, task_id: str | None = None, agent: 
             where.append(clause)
             args.append(value)
     cond = (" WHERE " + " AND ".join(where)) if where else ""
-    out = {"total": _rows(conn, f"SELECT {_SPEND} FROM llm_usage{cond}", tuple(args))[0]}
-    for name, columns in COST_GROUPS.items():
+
+    def grouped(name: str) -> list[Row]:
+        columns = COST_GROUPS[name]
         key = columns if name != "hour" else f"{columns} AS hour"
         order = "hour" if name == "hour" else "cost_usd DESC, calls DESC"
-        out[name] = _rows(conn, f"SELECT {key}, {_SPEND} FROM llm_usage{cond} GROUP BY {columns} ORDER BY {order} "
-                                "LIMIT 200", tuple(args))
-    return out
+        return _rows(conn, f"SELECT {key}, {_SPEND} FROM llm_usage{cond} GROUP BY {columns} ORDER BY {order} "
+                           "LIMIT 200", tuple(args))
+
+    return Cost(total=_rows(conn, f"SELECT {_SPEND} FROM llm_usage{cond}", tuple(args))[0],
+                provider_model=grouped("provider_model"), service=grouped("service"), run=grouped("run"),
+                task=grouped("task"), hour=grouped("hour"))

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from common.states import AlertState, LaneState, RunState as R, ServiceState as S, SessionState as SS, TaskState as T
+from registry.read import Reader
+from registry.rows import Args, Row
 
 
 @dataclass
@@ -20,20 +22,20 @@ class Check:
     name: str
     healthy: bool
     figure: str
-    offenders: list = field(default_factory=list)
+    offenders: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _rows(conn, sql: str, args: tuple = ()) -> list[dict]:
+def _rows(conn: Reader, sql: str, args: Args = ()) -> list[Row]:
     """sqlite3's connection or registry.pg.PgReader: both answer execute() with rows."""
     if isinstance(conn, sqlite3.Connection):
         conn.row_factory = sqlite3.Row
     return [dict(r) for r in conn.execute(sql, args)]
 
 
-def orphan_sessions(conn, pid_alive: Callable[[int, float | None], bool]) -> Check:
+def orphan_sessions(conn: Reader, pid_alive: Callable[[int | None, float | None], bool]) -> Check:
     open_ = _rows(conn, "SELECT incarnation, agent, pid, pid_create_time, mode FROM sessions "
                          f"WHERE status != '{SS.ENDED}'")
     # A session on another Ray node ("fork@<node>") has its pid there: its node agent
@@ -43,14 +45,14 @@ def orphan_sessions(conn, pid_alive: Callable[[int, float | None], bool]) -> Che
     return Check("sessions running without their process", not dead, f"{len(dead)} of {len(open_)} open", dead)
 
 
-def duplicate_sessions(conn) -> Check:
+def duplicate_sessions(conn: Reader) -> Check:
     rows = _rows(conn, f"SELECT agent, COUNT(*) AS n FROM sessions WHERE status != '{SS.ENDED}' GROUP BY agent "
                        "HAVING COUNT(*) > 1")
     return Check("services with more than one open session", not rows, f"{len(rows)} services",
                  [f"{r['agent']} x{r['n']}" for r in rows])
 
 
-def ownerless_tasks(conn) -> Check:
+def ownerless_tasks(conn: Reader) -> Check:
     rows = _rows(conn, f"""
         SELECT t.task_id, t.agent, t.status, r.status AS run_status FROM tasks t JOIN runs r USING (run_id)
         WHERE t.status IN ('{T.ASSIGNED}', '{T.RUNNING}') AND (
@@ -63,7 +65,7 @@ def ownerless_tasks(conn) -> Check:
                  [f"{r['task_id']} on {r['agent']} (run {r['run_status']})" for r in rows])
 
 
-def retries_over_ceiling(conn, max_restarts: int, max_switches: int) -> Check:
+def retries_over_ceiling(conn: Reader, max_restarts: int, max_switches: int) -> Check:
     """The ladder's bound per task; an operator's retries (audited) come on top of it."""
     ceiling = 1 + max_restarts + max_switches
     rows = _rows(conn, """
@@ -86,7 +88,7 @@ def retries_over_ceiling(conn, max_restarts: int, max_switches: int) -> Check:
                   for r in over])
 
 
-def unexplained_failures(conn) -> Check:
+def unexplained_failures(conn: Reader) -> Check:
     total = _rows(conn, "SELECT COUNT(*) AS n FROM retry_history")[0]["n"]
     bad = _rows(conn, "SELECT id, agent_id, reason FROM retry_history WHERE reason IS NULL OR TRIM(reason) = '' "
                       "OR LOWER(reason) LIKE '%unknown%'")
@@ -95,7 +97,7 @@ def unexplained_failures(conn) -> Check:
                  [f"#{r['id']} {r['agent_id']}: {r['reason']!r}" for r in bad])
 
 
-def assignments_per_task(conn) -> Check:
+def assignments_per_task(conn: Reader) -> Check:
     rows = _rows(conn, "SELECT task_id, COUNT(*) AS n FROM events WHERE kind = 'task_assigned' GROUP BY task_id")
     many = [r for r in rows if r["n"] > 1]
     avg = sum(r["n"] for r in rows) / len(rows) if rows else 0.0
@@ -103,26 +105,26 @@ def assignments_per_task(conn) -> Check:
                  [f"{r['task_id']} x{r['n']}" for r in many])
 
 
-def events_without_payload(conn) -> Check:
+def events_without_payload(conn: Reader) -> Check:
     total = _rows(conn, "SELECT COUNT(*) AS n FROM events")[0]["n"]
     bad = _rows(conn, "SELECT id, kind FROM events WHERE payload IS NULL OR payload IN ('', '{}', 'null')")
     return Check("events without a payload", not bad, f"{len(bad)} of {total}",
                  [f"#{r['id']} {r['kind']}" for r in bad[:20]])
 
 
-def alerts_delivered_twice(conn) -> Check:
+def alerts_delivered_twice(conn: Reader) -> Check:
     rows = _rows(conn, "SELECT alert_id, agent, deliveries FROM alerts WHERE deliveries > 1")
     total = _rows(conn, "SELECT COUNT(*) AS n FROM alerts")[0]["n"]
     return Check("alerts delivered more than once", not rows, f"{len(rows)} of {total}",
                  [f"{r['alert_id']} ({r['agent']}) x{r['deliveries']}" for r in rows])
 
 
-def unhandled_alerts(conn) -> Check:
+def unhandled_alerts(conn: Reader) -> Check:
     rows = _rows(conn, f"SELECT alert_id, agent, status FROM alerts WHERE status = '{AlertState.UNDELIVERABLE}'")
     return Check("alerts nobody handled", not rows, f"{len(rows)}", [f"{r['alert_id']} ({r['agent']})" for r in rows])
 
 
-def crash_looping(conn) -> Check:
+def crash_looping(conn: Reader) -> Check:
     """Services crash-looping now: in a crash-loop episode and not running (failed, waiting
     out a backoff, starting again), unless an operator stopped them. The mesh is not healthy
     while one restarts over and over, whatever the other invariants say; one that is back
@@ -134,8 +136,8 @@ def crash_looping(conn) -> Check:
                  [f"{r['name']} ({r['state']})" for r in rows])
 
 
-def run_report(conn: sqlite3.Connection, *, max_restarts: int, max_switches: int,
-               pid_alive: Callable[[int, float | None], bool], now: bool = True) -> list[Check]:
+def run_report(conn: Reader, *, max_restarts: int, max_switches: int,
+               pid_alive: Callable[[int | None, float | None], bool], now: bool = True) -> list[Check]:
     """Every invariant; ``now``: with the checks of the mesh's present state (crash loops),
     which a drill that causes them on purpose leaves out and judges itself."""
     return [
@@ -153,7 +155,7 @@ def run_report(conn: sqlite3.Connection, *, max_restarts: int, max_switches: int
     ]
 
 
-def unaudited_changes(conn) -> Check:
+def unaudited_changes(conn: Reader) -> Check:
     """Every state change an operator made has its audit row: operator restarts and task
     retries (by their reference), services stopped or paused, lanes paused by hand."""
     audits = [json.loads(r["payload"]) for r in _rows(conn, "SELECT payload FROM events WHERE kind = 'audit'")]

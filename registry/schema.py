@@ -11,9 +11,15 @@ import re
 import sqlite3
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, TypeAlias
 
 from common.states import AlertState, LaneState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
+
+if TYPE_CHECKING:  # psycopg is imported when a PostgreSQL registry is opened, not before
+    import psycopg
+    from psycopg.rows import TupleRow
+
+    PgConnection: TypeAlias = psycopg.Connection[TupleRow]
 
 MIGRATIONS: list[tuple[int, str, "str | Callable[[sqlite3.Connection], None]"]] = [
     (
@@ -370,7 +376,7 @@ def _rebuild_v6(conn: sqlite3.Connection) -> None:
     conn.execute(V6_METRICS_COLUMN)
 
 
-def _widen_v6_pg(conn) -> None:
+def _widen_v6_pg(conn: PgConnection) -> None:
     conn.execute("ALTER TABLE tasks DROP CONSTRAINT IF EXISTS tasks_status_check")
     conn.execute(f"ALTER TABLE tasks ADD CONSTRAINT tasks_status_check CHECK (status IN {sql_in(TaskState)})")
     conn.execute("ALTER TABLE retry_history DROP CONSTRAINT IF EXISTS retry_history_retry_type_check")
@@ -489,6 +495,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             continue
         if callable(step):
             # One transaction: a migration interrupted half-way leaves the old schema.
+            isolation = conn.isolation_level
             conn.isolation_level = None
             conn.execute("BEGIN")
             try:
@@ -500,7 +507,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                 conn.execute("ROLLBACK")
                 raise
             finally:
-                conn.isolation_level = ""
+                conn.isolation_level = isolation  # the caller's, as it was (autocommit stays autocommit)
             continue
         conn.executescript("BEGIN;" + step + ";")
         conn.execute(
@@ -564,13 +571,18 @@ def normal_sql(sql: str | None) -> str | None:
     return _SQL_TOKENS.sub(lambda m: m.group(1) or m.group(2) or " ", sql.strip())
 
 
-def describe(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple]:
+# One object of a schema as ``describe`` sees it: its table, its normalised SQL, and the
+# pragma rows SQLite parsed it into (compared for equality only).
+SchemaObject = tuple[str, str | None, tuple[object, ...]]
+
+
+def describe(conn: sqlite3.Connection) -> dict[tuple[str, str], SchemaObject]:
     """Every object in ``sqlite_master``, keyed by (type, name): its table, its normalised
     SQL, and as SQLite parsed it -- a table's columns and indexes, an index's columns. Names
     go to the pragmas as parameters: they come from the file being checked."""
-    shape: dict[tuple[str, str], tuple] = {}
+    shape: dict[tuple[str, str], SchemaObject] = {}
     for kind, name, table, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
-        parsed: tuple = ()
+        parsed: tuple[object, ...] = ()
         if kind == "table":
             parsed = (tuple(conn.execute("SELECT cid, name, type, \"notnull\", dflt_value, pk "
                                          "FROM pragma_table_info(?)", (name,))),
@@ -584,7 +596,7 @@ def describe(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple]:
 
 
 @functools.lru_cache(maxsize=None)
-def expected_schema(version: int = SCHEMA_VERSION) -> Mapping[tuple[str, str], tuple]:
+def expected_schema(version: int = SCHEMA_VERSION) -> Mapping[tuple[str, str], SchemaObject]:
     """``describe`` of a fresh in-memory database taken through MIGRATIONS up to ``version``:
     the schema a registry at that version has, and nothing else."""
     if not 1 <= version <= SCHEMA_VERSION:
@@ -615,7 +627,7 @@ def recorded_version(conn: sqlite3.Connection) -> int:
     for value, kind in rows:
         if kind != "integer":
             raise RegistryError(f"registry schema: schema_version holds {value!r}, not a version number")
-    versions = sorted(value for value, _ in rows)
+    versions: list[int] = sorted(value for value, _ in rows)
     if not versions:
         raise RegistryError("registry schema: schema_version is empty")
     if versions[-1] > SCHEMA_VERSION:
@@ -677,7 +689,7 @@ def pg_sql(sql: str) -> str:
     return re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
 
 
-def _recreate_v4_pg(conn) -> None:
+def _recreate_v4_pg(conn: PgConnection) -> None:
     for table in V4_TABLES:
         if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
             raise RegistryError(f"registry: table {table} holds rows at schema version 3 on PostgreSQL; "
@@ -689,10 +701,10 @@ def _recreate_v4_pg(conn) -> None:
         conn.execute(pg_sql(ddl))
 
 
-PG_STEPS = {4: _recreate_v4_pg, 6: _widen_v6_pg}
+PG_STEPS: dict[int, Callable[[PgConnection], None]] = {4: _recreate_v4_pg, 6: _widen_v6_pg}
 
 
-def migrate_pg(conn) -> int:
+def migrate_pg(conn: PgConnection) -> int:
     """``migrate`` for a psycopg connection: each version in one transaction, under an
     advisory lock so two daemons starting at once do not both migrate."""
     from common.clock import utc_iso
@@ -720,7 +732,7 @@ def migrate_pg(conn) -> int:
     return SCHEMA_VERSION
 
 
-def verify_pg(conn) -> None:
+def verify_pg(conn: PgConnection) -> None:
     check_columns(lambda table: {row[0] for row in conn.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
         "AND table_name = %s", (table,)).fetchall()})

@@ -16,13 +16,15 @@ import contextlib
 import hashlib
 import json
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator, overload
 
 from common.clock import Clock, MonotonicClock, utc_iso
 from common.redaction import redact, redact_json
 from common.states import (ALERT, LANE, PEOPLE_PARKS, RUN, SESSION, TASK, AlertState, LaneState, LIVE_TASK_STATES,
                            OPEN_TASK_STATES, RetryType, RunState, SessionState, TaskState, sql_in)
-from registry.db import Db
+from registry.db import Db, Tx
+from registry.rows import Row, Spend, TaskCounts
 
 log = logging.getLogger("tron.registry")
 
@@ -40,11 +42,32 @@ def content_hash(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def _decode(row: dict | None, *columns: str) -> dict | None:
+@overload
+def _decode(row: Row, *columns: str) -> Row: ...
+
+
+@overload
+def _decode(row: None, *columns: str) -> None: ...
+
+
+@overload
+def _decode(row: Row | None, *columns: str) -> Row | None: ...
+
+
+def _decode(row: Row | None, *columns: str) -> Row | None:
+    """``row`` with its JSON ``columns`` decoded (in place); None stays None."""
     if row is not None:
         for c in columns:
             if row.get(c):
                 row[c] = json.loads(row[c])
+    return row
+
+
+def _present(row: Row | None, what: str) -> Row:
+    """A row the statement before it in the same transaction wrote or counted: always
+    there. If the engine ever answers nothing, say so rather than hand out None."""
+    if row is None:
+        raise RuntimeError(f"registry: {what} returned no row inside its own transaction")
     return row
 
 
@@ -66,7 +89,7 @@ class Stamps:
         return self._pinned[1] if self._pinned else utc_iso()
 
     @contextlib.contextmanager
-    def pinned(self, mono: float, wall: str, drill: str | None):
+    def pinned(self, mono: float, wall: str, drill: str | None) -> Iterator[None]:
         saved = self._pinned, self.drill
         self._pinned, self.drill = (mono, wall), drill
         try:
@@ -89,13 +112,13 @@ class SqlStore(Stamps):
 
     # -- events ---------------------------------------------------------------------------
 
-    async def _event(self, tx, kind: str, payload: dict[str, Any], **ids: str | None) -> int:
-        row = await tx.one(
+    async def _event(self, tx: Tx, kind: str, payload: dict[str, Any], **ids: str | None) -> int:
+        row = _present(await tx.one(
             "INSERT INTO events (ts, mono, kind, agent, incarnation, run_id, task_id, alert_id, payload, drill) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (self._wall(), self._mono(), kind, ids.get("agent"), ids.get("incarnation"), ids.get("run_id"),
-             ids.get("task_id"), ids.get("alert_id"), redact_json(payload), self.drill))
-        return row["id"]
+             ids.get("task_id"), ids.get("alert_id"), redact_json(payload), self.drill)), "INSERT INTO events")
+        return int(row["id"])
 
     async def event(self, kind: str, payload: dict[str, Any], *, agent: str | None = None,
                     incarnation: str | None = None, run_id: str | None = None, task_id: str | None = None,
@@ -105,8 +128,9 @@ class SqlStore(Stamps):
                                      task_id=task_id, alert_id=alert_id)
 
     async def events(self, since: int = 0, limit: int = 200, kind: str | None = None,
-                     agent: str | None = None) -> list[dict]:
-        sql, args = "SELECT * FROM events WHERE id > ?", [since]
+                     agent: str | None = None) -> list[Row]:
+        sql = "SELECT * FROM events WHERE id > ?"
+        args: list[object] = [since]
         if kind:
             sql, args = sql + " AND kind = ?", args + [kind]
         if agent:
@@ -116,7 +140,7 @@ class SqlStore(Stamps):
 
     # -- agents -----------------------------------------------------------------------------
 
-    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> dict:
+    async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> Row:
         """Declare a service from the mesh file; its provider, stop mark and crash-loop
         state outlive a daemon restart."""
         async with self.db.transaction() as tx:
@@ -125,7 +149,7 @@ class SqlStore(Stamps):
                 "ON CONFLICT(name) DO UPDATE SET role=excluded.role, parent=excluded.parent, port=excluded.port, "
                 "provider=COALESCE(agents.provider, excluded.provider), updated_at=excluded.updated_at",
                 (name, role, parent, port, provider, self._wall()))
-            return await tx.one("SELECT * FROM agents WHERE name = ?", (name,))
+            return _present(await tx.one("SELECT * FROM agents WHERE name = ?", (name,)), "upsert_agent")
 
     async def set_agent(self, name: str, **fields: Any) -> None:
         bad = set(fields) - AGENT_FIELDS
@@ -137,10 +161,10 @@ class SqlStore(Stamps):
         async with self.db.transaction() as tx:
             await tx.execute(f"UPDATE agents SET {cols}, updated_at = ? WHERE name = ?", (*values, self._wall(), name))
 
-    async def agent(self, name: str) -> dict | None:
+    async def agent(self, name: str) -> Row | None:
         return await self.db.one("SELECT * FROM agents WHERE name = ?", (name,))
 
-    async def agents(self) -> list[dict]:
+    async def agents(self) -> list[Row]:
         return await self.db.all("SELECT * FROM agents ORDER BY name")
 
     # -- sessions: one per incarnation ---------------------------------------------------------
@@ -157,7 +181,7 @@ class SqlStore(Stamps):
             await tx.execute("UPDATE agents SET current_incarnation = ?, updated_at = ? WHERE name = ?",
                              (incarnation, self._wall(), agent))
 
-    async def _session_to(self, tx, incarnation: str, new: SessionState, sets: dict[str, Any]) -> bool:
+    async def _session_to(self, tx: Tx, incarnation: str, new: SessionState, sets: dict[str, Any]) -> bool:
         row = await tx.one("SELECT status FROM sessions WHERE incarnation = ?", (incarnation,))
         if row is None or not SESSION.allowed(SessionState(row["status"]), new):
             return False
@@ -182,17 +206,17 @@ class SqlStore(Stamps):
             row = await tx.one("SELECT agent, pid FROM sessions WHERE incarnation = ?", (incarnation,))
             ended = await self._session_to(tx, incarnation, SessionState.ENDED, {
                 "ended_at": self._wall(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
-            if ended:
+            if ended and row is not None:  # it ended, so it was there
                 await self._event(tx, "session_ended", {"reason": reason, "exit_code": exit_code,
                                                         "signal": exit_signal, "pid": row["pid"]},
                                   agent=row["agent"], incarnation=incarnation)
             return ended
 
-    async def open_sessions(self) -> list[dict]:
+    async def open_sessions(self) -> list[Row]:
         return await self.db.all("SELECT * FROM sessions WHERE status != ? ORDER BY started_at",
                                  (SessionState.ENDED,))
 
-    async def session(self, incarnation: str) -> dict | None:
+    async def session(self, incarnation: str) -> Row | None:
         return await self.db.one("SELECT * FROM sessions WHERE incarnation = ?", (incarnation,))
 
     # -- runs ------------------------------------------------------------------------------------
@@ -203,7 +227,8 @@ class SqlStore(Stamps):
                              (run_id, redact(prompt), RunState.RUNNING, int(drill), self._wall()))
             await self._event(tx, "run_created", {"prompt_chars": len(prompt), "drill": drill}, run_id=run_id)
 
-    async def finish_run(self, run_id: str, status: RunState, result: str | None, failure: dict | None) -> bool:
+    async def finish_run(self, run_id: str, status: RunState, result: str | None,
+                         failure: dict[str, Any] | None) -> bool:
         """End a run once; the first outcome recorded is the one that stands."""
         async with self.db.transaction() as tx:
             row = await tx.one("SELECT status FROM runs WHERE run_id = ?", (run_id,))
@@ -226,17 +251,17 @@ class SqlStore(Stamps):
                              (RunState.RUNNING, run_id))
             return True
 
-    async def run(self, run_id: str) -> dict | None:
+    async def run(self, run_id: str) -> Row | None:
         return _decode(await self.db.one("SELECT * FROM runs WHERE run_id = ?", (run_id,)), "failure")
 
-    async def runs(self, limit: int = 100) -> list[dict]:
+    async def runs(self, limit: int = 100) -> list[Row]:
         """The latest runs, newest first."""
         return [_decode(r, "failure") for r in
                 await self.db.all("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))]
 
     # -- tasks -------------------------------------------------------------------------------------
 
-    async def upsert_task(self, rec: dict) -> tuple[dict, bool]:
+    async def upsert_task(self, rec: Row) -> tuple[Row, bool]:
         """Record an assignment. Returns (row, created). An existing task keeps its row:
         a parent that re-dispatches after its own restart finds the result."""
         async with self.db.transaction() as tx:
@@ -251,14 +276,14 @@ class SqlStore(Stamps):
                 await self._event(tx, "task_assigned", {"agent": rec["agent"], "parent": rec["parent_agent"],
                                                         "kind": rec["kind"]},
                                   agent=rec["agent"], run_id=rec["run_id"], task_id=rec["task_id"])
-            row = await tx.one("SELECT * FROM tasks WHERE task_id = ?", (rec["task_id"],))
+            row = _present(await tx.one("SELECT * FROM tasks WHERE task_id = ?", (rec["task_id"],)), "upsert_task")
         return _decode(row, "failure"), n == 1
 
-    async def task(self, task_id: str) -> dict | None:
+    async def task(self, task_id: str) -> Row | None:
         return _decode(await self.db.one("SELECT * FROM tasks WHERE task_id = ?", (task_id,)), "failure")
 
-    async def _task_to(self, tx, task_id: str, new: TaskState, sets: dict[str, Any], *,
-                       event: dict | None = None, attempt: int = 0) -> dict | None:
+    async def _task_to(self, tx: Tx, task_id: str, new: TaskState, sets: dict[str, Any], *,
+                       event: dict[str, Any] | None = None, attempt: int = 0) -> Row | None:
         """The task machine's one transition: checked, guarded on the old state, recorded.
         Returns the row as it was before, or None when the edge is not legal now."""
         row = await tx.one("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
@@ -292,7 +317,7 @@ class SqlStore(Stamps):
                 await tx.execute(f"UPDATE tasks SET {cols}, updated_at = ? WHERE task_id = ? AND status = ?",
                                  (*sets.values(), self._wall(), task_id, TaskState.RUNNING))
 
-    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict | None,
+    async def finish_task(self, task_id: str, status: TaskState, result: str | None, failure: dict[str, Any] | None,
                           *, reason: str | None = None) -> bool:
         async with self.db.transaction() as tx:
             before = await self._task_to(tx, task_id, status, {
@@ -301,20 +326,20 @@ class SqlStore(Stamps):
                 event={"reason": reason})
             return before is not None and before["status"] in LIVE_TASK_STATES
 
-    async def open_tasks(self, agent: str) -> list[dict]:
+    async def open_tasks(self, agent: str) -> list[Row]:
         return await self.db.all(f"SELECT * FROM tasks WHERE agent = ? AND status IN {sql_in(OPEN_TASK_STATES)} "
                                  f"AND {_NOT_PEOPLE_PARK} ORDER BY created_at", (agent,))
 
-    async def live_tasks(self, agent: str) -> list[dict]:
+    async def live_tasks(self, agent: str) -> list[Row]:
         return await self.db.all(f"SELECT * FROM tasks WHERE agent = ? AND status IN {sql_in(LIVE_TASK_STATES)} "
                                  "ORDER BY created_at", (agent,))
 
-    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[dict]:
+    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[Row]:
         """A new incarnation takes over: each open task is one attempt further on."""
         async with self.db.transaction() as tx:
             for row in await tx.all(f"SELECT task_id FROM tasks WHERE agent = ? AND status IN "
                                     f"{sql_in(OPEN_TASK_STATES)} AND {_NOT_PEOPLE_PARK}", (agent,)):
-                sets = {"lease_incarnation": None}
+                sets: dict[str, Any] = {"lease_incarnation": None}
                 if provider:
                     sets["provider"] = provider
                 await self._task_to(tx, row["task_id"], TaskState.ASSIGNED, sets, attempt=1,
@@ -372,22 +397,25 @@ class SqlStore(Stamps):
                 await self._event(tx, "run_budget", {"usd": usd, "tokens": tokens}, run_id=run_id)
             return bool(n)
 
-    async def record_usage(self, row: dict) -> dict:
+    async def record_usage(self, row: Row) -> Row:
         """One LLM call's tokens and cost."""
         cols = ["ts", "mono", "drill", *row]
         async with self.db.transaction() as tx:
-            return await tx.one(f"INSERT INTO llm_usage ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                                "RETURNING *", (self._wall(), self._mono(), self.drill, *row.values()))
+            return _present(await tx.one(f"INSERT INTO llm_usage ({', '.join(cols)}) VALUES "
+                                         f"({', '.join('?' * len(cols))}) RETURNING *",
+                                         (self._wall(), self._mono(), self.drill, *row.values())), "record_usage")
 
     async def usage(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
-                    since_mono: float | None = None, limit: int = 1000) -> list[dict]:
+                    since_mono: float | None = None, limit: int = 1000) -> list[Row]:
         """The LLM calls that match, newest first (at most ``limit``)."""
         where, args = self._usage_where(run_id, task_id, agent, since_mono)
         return await self.db.all(f"SELECT * FROM llm_usage{where} ORDER BY id DESC LIMIT ?", (*args, limit))
 
     @staticmethod
-    def _usage_where(run_id, task_id, agent, since_mono) -> tuple[str, list]:
-        where, args = [], []
+    def _usage_where(run_id: str | None, task_id: str | None, agent: str | None,
+                     since_mono: float | None) -> tuple[str, list[object]]:
+        where: list[str] = []
+        args: list[object] = []
         for column, value, op in (("run_id", run_id, "="), ("task_id", task_id, "="), ("agent", agent, "="),
                                   ("mono", since_mono, ">")):
             if value is not None:
@@ -396,12 +424,12 @@ class SqlStore(Stamps):
         return (" WHERE " + " AND ".join(where)) if where else "", args
 
     async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
-                    since_mono: float | None = None) -> dict:
+                    since_mono: float | None = None) -> Spend:
         """What has been spent (USD, tokens, calls) by a run, a task, or a service since a time."""
         where, args = self._usage_where(run_id, task_id, agent, since_mono)
-        row = await self.db.one(
+        row = _present(await self.db.one(
             "SELECT COALESCE(SUM(cost_usd), 0) AS usd, COUNT(*) AS calls, COALESCE(SUM(input_tokens + output_tokens "
-            f"+ cache_read_tokens + cache_write_tokens), 0) AS tokens FROM llm_usage{where}", tuple(args))
+            f"+ cache_read_tokens + cache_write_tokens), 0) AS tokens FROM llm_usage{where}", tuple(args)), "spend")
         return {"usd": round(float(row["usd"]), 10), "calls": int(row["calls"]), "tokens": int(row["tokens"])}
 
     async def reopen_task(self, task_id: str, *, by: str) -> bool:
@@ -411,22 +439,22 @@ class SqlStore(Stamps):
                 "result": None, "failure": None, "delivered": 0, "lease_incarnation": None},
                 attempt=1, event={"reopened_by": by}) is not None
 
-    async def tasks_of_run(self, run_id: str) -> list[dict]:
+    async def tasks_of_run(self, run_id: str) -> list[Row]:
         return [_decode(r, "failure") for r in
                 await self.db.all("SELECT * FROM tasks WHERE run_id = ? ORDER BY created_at", (run_id,))]
 
-    async def parked_tasks(self) -> list[dict]:
+    async def parked_tasks(self) -> list[Row]:
         """Tasks waiting for a provider, their budget or an operator, oldest first."""
         return await self.db.all("SELECT * FROM tasks WHERE status = ? ORDER BY held_since", (TaskState.PARKED,))
 
-    async def held_tasks(self) -> list[dict]:
+    async def held_tasks(self) -> list[Row]:
         return await self.db.all("SELECT * FROM tasks WHERE status = ? ORDER BY held_since", (TaskState.ESCALATED,))
 
     async def mark_delivered(self, task_id: str) -> None:
         async with self.db.transaction() as tx:
             await tx.execute("UPDATE tasks SET delivered = 1 WHERE task_id = ?", (task_id,))
 
-    async def undelivered_results(self) -> list[dict]:
+    async def undelivered_results(self) -> list[Row]:
         """Finished tasks whose parent is still waiting (its own task is live)."""
         rows = await self.db.all(
             f"SELECT t.* FROM tasks t WHERE t.status IN ('done','failed') AND t.delivered = 0 AND ("
@@ -437,7 +465,7 @@ class SqlStore(Stamps):
     # -- checkpoints --------------------------------------------------------------------------------
 
     async def add_checkpoint(self, task_id: str, step: int, step_id: str, output: str,
-                             incarnation: str | None) -> tuple[dict, bool]:
+                             incarnation: str | None) -> tuple[Row, bool]:
         """One row per completed step, its output redacted and hashed as stored (so a
         replay can verify exactly what it reads); the same step recorded twice keeps the
         first."""
@@ -452,13 +480,14 @@ class SqlStore(Stamps):
             if n == 1:
                 await self._event(tx, "checkpoint", {"step": step, "step_id": step_id, "hash": content_hash(output)},
                                   task_id=task_id, incarnation=incarnation)
-            row = await tx.one("SELECT * FROM checkpoints WHERE task_id = ? AND step = ?", (task_id, step))
+            row = _present(await tx.one("SELECT * FROM checkpoints WHERE task_id = ? AND step = ?", (task_id, step)),
+                           "add_checkpoint")
         return row, n == 1
 
-    async def checkpoints(self, task_id: str) -> list[dict]:
+    async def checkpoints(self, task_id: str) -> list[Row]:
         return await self.db.all("SELECT * FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
 
-    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[dict]:
+    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[Row]:
         """Set aside the steps from ``from_step`` on (an operator resumes before them): the
         rows go, their record stays in an event."""
         async with self.db.transaction() as tx:
@@ -484,10 +513,10 @@ class SqlStore(Stamps):
             rows = await tx.all("SELECT mono FROM lane_trips WHERE fingerprint = ? ORDER BY mono", (fingerprint,))
         return [r["mono"] for r in rows]
 
-    async def lane(self, lane: str) -> dict | None:
+    async def lane(self, lane: str) -> Row | None:
         return await self.db.one("SELECT * FROM lanes WHERE lane = ?", (lane,))
 
-    async def lanes(self) -> list[dict]:
+    async def lanes(self) -> list[Row]:
         return await self.db.all("SELECT * FROM lanes ORDER BY lane")
 
     async def set_lane(self, lane: str, state: LaneState, *, fingerprint: str | None, reason: str,
@@ -509,7 +538,7 @@ class SqlStore(Stamps):
 
     # -- alerts -------------------------------------------------------------------------------------
 
-    async def insert_alert(self, alert: dict, *, stable: bool) -> tuple[dict, bool]:
+    async def insert_alert(self, alert: Row, *, stable: bool) -> tuple[Row, bool]:
         """Persist an alert before it is delivered. One alert per incarnation: a second one
         for the same incarnation returns the first."""
         async with self.db.transaction() as tx:
@@ -526,16 +555,16 @@ class SqlStore(Stamps):
                                   agent=alert["service"], incarnation=alert["incarnation"],
                                   task_id=alert.get("task_id"), run_id=alert.get("run_id"),
                                   alert_id=alert["alert_id"])
-            row = await tx.one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?",
-                               (alert["service"], alert["incarnation"]))
+            row = _present(await tx.one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?",
+                                        (alert["service"], alert["incarnation"])), "insert_alert")
         return _decode(row, "detail"), n == 1
 
-    async def alert_for(self, agent: str, incarnation: str) -> dict | None:
+    async def alert_for(self, agent: str, incarnation: str) -> Row | None:
         """The one alert an incarnation can have (unique index), if it has raised it."""
         return _decode(await self.db.one("SELECT * FROM alerts WHERE agent = ? AND incarnation = ?",
                                          (agent, incarnation)), "detail")
 
-    async def alert(self, alert_id: str) -> dict | None:
+    async def alert(self, alert_id: str) -> Row | None:
         return _decode(await self.db.one("SELECT * FROM alerts WHERE alert_id = ?", (alert_id,)), "detail")
 
     async def mark_alert(self, alert_id: str, status: AlertState, *, decision: str | None = None) -> bool:
@@ -560,11 +589,11 @@ class SqlStore(Stamps):
                              "status = CASE WHEN status = 'pending' THEN 'delivered' ELSE status END "
                              "WHERE alert_id = ?", (to, alert_id))
 
-    async def open_alerts(self) -> list[dict]:
+    async def open_alerts(self) -> list[Row]:
         return [_decode(r, "detail") for r in
                 await self.db.all("SELECT * FROM alerts WHERE status != ? ORDER BY mono", (AlertState.HANDLED,))]
 
-    async def failures(self, agent: str, *, limit: int = 200) -> list[dict]:
+    async def failures(self, agent: str, *, limit: int = 200) -> list[Row]:
         """The service's latest failures, newest first: when (alert time) and whether that
         incarnation had been stable. ``limit`` bounds the read; the ladder never needs more
         (its window count stops mattering at max_restarts, its backoff at the cap)."""
@@ -573,18 +602,19 @@ class SqlStore(Stamps):
 
     # -- the ladder's record ------------------------------------------------------------------------
 
-    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str, detail: dict,
+    async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str,
+                           detail: dict[str, Any],
                            case: str, task_id: str | None = None, run_id: str | None = None,
                            from_provider: str | None = None, to_provider: str | None = None,
                            decided_by: str = "policy", requested_by: str | None = None,
-                           hop: str = "") -> dict | None:
+                           hop: str = "") -> Row | None:
         """One row per (alert, retry_type, agent, hop). Returns the new row, or None when
         the same step was already recorded (the caller must then do nothing)."""
         if not reason or reason == "Unknown error":
             raise ValueError("a retry needs a real reason")
         async with self.db.transaction() as tx:
-            count = await tx.one("SELECT COUNT(*) AS n FROM retry_history WHERE agent_id = ? AND retry_type = ?",
-                                 (agent_id, retry_type))
+            count = _present(await tx.one("SELECT COUNT(*) AS n FROM retry_history WHERE agent_id = ? "
+                                          "AND retry_type = ?", (agent_id, retry_type)), "record_retry's count")
             row = await tx.one(
                 "INSERT INTO retry_history (alert_id, agent_id, task_id, run_id, retry_type, retry_count, reason, "
                 "detail, from_provider, to_provider, decided_by, requested_by, hop, timestamp, mono, drill, case_id) "
@@ -608,7 +638,7 @@ class SqlStore(Stamps):
                 agent=agent_id, task_id=task_id, run_id=run_id, alert_id=alert_id)
             return row
 
-    async def _bump(self, tx, scope: str, key: str, metric: str, reason: str, *, count_failure: bool) -> None:
+    async def _bump(self, tx: Tx, scope: str, key: str, metric: str, reason: str, *, count_failure: bool) -> None:
         await tx.execute(
             f"INSERT INTO failure_metrics (scope, key, failures, {metric}, last_reason, updated_at) "
             f"VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(scope, key) DO UPDATE SET "
@@ -616,12 +646,12 @@ class SqlStore(Stamps):
             f"last_reason = excluded.last_reason, updated_at = excluded.updated_at",
             (scope, key, int(count_failure), reason, self._wall()))
 
-    async def retry_rows(self, alert_id: str) -> list[dict]:
+    async def retry_rows(self, alert_id: str) -> list[Row]:
         """Every ladder row written for one alert (what has already been decided on it)."""
         return [_decode(r, "detail") for r in
                 await self.db.all("SELECT * FROM retry_history WHERE alert_id = ? ORDER BY id", (alert_id,))]
 
-    async def task_counts(self, task_id: str) -> dict:
+    async def task_counts(self, task_id: str) -> TaskCounts:
         """How far up the ladder a task has gone: its restarts and provider switches."""
         rows = await self.db.all("SELECT retry_type, COUNT(*) AS n FROM retry_history WHERE task_id = ? "
                                  "GROUP BY retry_type", (task_id,))
@@ -631,12 +661,12 @@ class SqlStore(Stamps):
                 "escalations": counts.get(RetryType.ESCALATION, 0),
                 "failed": counts.get(RetryType.PERMANENT_FAILURE, 0) > 0}
 
-    async def task_history(self, task_id: str) -> list[dict]:
+    async def task_history(self, task_id: str) -> list[Row]:
         """Every ladder row of one task, oldest first."""
         return [_decode(r, "detail") for r in
                 await self.db.all("SELECT * FROM retry_history WHERE task_id = ? ORDER BY id", (task_id,))]
 
-    async def history(self, limit: int = 200, agent: str | None = None) -> list[dict]:
+    async def history(self, limit: int = 200, agent: str | None = None) -> list[Row]:
         if agent:
             rows = await self.db.all("SELECT * FROM retry_history WHERE agent_id = ? ORDER BY id DESC LIMIT ?",
                                      (agent, limit))
@@ -645,7 +675,7 @@ class SqlStore(Stamps):
         return [_decode(r, "detail") for r in rows]
 
 
-    async def failure_metrics(self) -> list[dict]:
+    async def failure_metrics(self) -> list[Row]:
         return await self.db.all("SELECT * FROM failure_metrics ORDER BY scope, key")
 
 def open_pg_store(url: str, *, clock: Clock | None = None) -> SqlStore:
@@ -658,7 +688,7 @@ def open_pg_store(url: str, *, clock: Clock | None = None) -> SqlStore:
     return SqlStore(PgDb(url), clock=clock)
 
 
-def open_sqlite_store(path, *, clock: Clock | None = None) -> SqlStore:
+def open_sqlite_store(path: Path, *, clock: Clock | None = None) -> SqlStore:
     """The embedded default: the SQLite file, checked (fail closed) before the first write."""
     from registry.db import SqliteDb
     from registry.schema import open_and_prepare

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Iterator, Mapping, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -51,9 +51,12 @@ class ProbeContext:
     plain: Callable[[], aiohttp.ClientSession]  # HTTP without the mesh token (programs not ours)
 
 
-class ProbeKind(abc.ABC):
-    """One kind of probe. Subclass, set ``name`` and ``config``, write ``check`` (and
-    ``port`` if it asks a port), and ``register(Kind())`` in its own module.
+Spec = TypeVar("Spec", bound=KindConfig)
+
+
+class ProbeKind(abc.ABC, Generic[Spec]):
+    """One kind of probe. Subclass ``ProbeKind[ItsConfig]``, set ``name`` and ``config``,
+    write ``check`` (and ``port`` if it asks a port), and ``register(Kind())`` in its own module.
 
     check: any exception or the probe's timeout is a failed attempt (ProbeChecks turns it
     into one); return a ProbeResult for an answer, good or bad. Import heavy clients inside
@@ -61,22 +64,28 @@ class ProbeKind(abc.ABC):
     """
 
     name: ClassVar[str]
-    config: ClassVar[type[KindConfig]]
+    config: type[Spec]  # set on the class (mypy takes no type variable in a ClassVar)
 
     @abc.abstractmethod
-    async def check(self, spec: KindConfig, svc: Service, ctx: ProbeContext) -> ProbeResult:
+    async def check(self, spec: Spec, svc: Service, ctx: ProbeContext) -> ProbeResult:
         """One attempt of ``spec`` against ``svc``."""
 
-    def port(self, spec: KindConfig, svc: Service, values: Mapping[str, str]) -> int | None:
+    def port(self, spec: Spec, svc: Service, values: Mapping[str, str]) -> int | None:
         """The loopback port it asks, or None (it asks none, or another host). A new incarnation
         is healthy only once a listener on that port is there and belongs to its process tree."""
         return None
 
 
-_KINDS: dict[str, ProbeKind] = {}
+# Each kind takes its own config. The registry holds kinds of different configs, which no
+# type says better than Any: what pairs a kind with its config is the Probe model (its field
+# named after the kind holds that kind's config), checked when the mesh file is read.
+AnyKind = ProbeKind[Any]
+_KINDS: dict[str, AnyKind] = {}
+
+_K = TypeVar("_K", bound=AnyKind)
 
 
-def register(kind: ProbeKind) -> ProbeKind:
+def register(kind: _K) -> _K:
     """Add a kind; a second kind of the same name is a programming error."""
     if not isinstance(getattr(kind, "name", None), str) or not kind.name.isidentifier():
         raise TypeError(f"{type(kind).__name__}.name must be a string that can be a key")
@@ -89,7 +98,7 @@ def register(kind: ProbeKind) -> ProbeKind:
     return kind
 
 
-def get(name: str) -> ProbeKind:
+def get(name: str) -> AnyKind:
     """The kind called ``name``; ValueError naming the known ones otherwise."""
     try:
         return _KINDS[name]
@@ -102,12 +111,12 @@ def names() -> tuple[str, ...]:
     return tuple(_KINDS)
 
 
-def kinds() -> tuple[ProbeKind, ...]:
+def kinds() -> tuple[AnyKind, ...]:
     return tuple(_KINDS.values())
 
 
 @contextlib.contextmanager
-def registered(kind: ProbeKind) -> Iterator[ProbeKind]:
+def registered(kind: _K) -> Iterator[_K]:
     """``kind`` registered for the duration of a with block (tests of the registry; the
     config's Probe model only knows the kinds registered when it was built)."""
     register(kind)

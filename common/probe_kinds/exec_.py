@@ -26,7 +26,7 @@ class ExecCheck(KindConfig):
             yield f"command[{i}]", part
 
 
-class Exec(ProbeKind):
+class Exec(ProbeKind[ExecCheck]):
     name = "exec"
     config = ExecCheck
 

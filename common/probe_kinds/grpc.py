@@ -25,7 +25,7 @@ class GrpcCheck(KindConfig):
     service: str = ""  # the name asked about; "" is the server as a whole
 
 
-class Grpc(ProbeKind):
+class Grpc(ProbeKind[GrpcCheck]):
     name = "grpc"
     config = GrpcCheck
 

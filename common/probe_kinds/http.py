@@ -29,7 +29,7 @@ class HttpCheck(KindConfig):
             yield "url", self.url
 
 
-class Http(ProbeKind):
+class Http(ProbeKind[HttpCheck]):
     name = "http"
     config = HttpCheck
 

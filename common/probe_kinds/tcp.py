@@ -21,7 +21,7 @@ class TcpCheck(KindConfig):
     expect: str | None = None
 
 
-class Tcp(ProbeKind):
+class Tcp(ProbeKind[TcpCheck]):
     name = "tcp"
     config = TcpCheck
 

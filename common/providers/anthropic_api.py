@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,10 +16,12 @@ from common.providers.base import (
     ProviderFailure,
     ProviderKind,
     ProviderSettings,
+    StopReason,
     ToolCall,
+    ToolSchemas,
+    Usage,
     anthropic_usage,
     field_of,
-    instance_of,
     register,
     says_usage_limit,
     status_reason,
@@ -40,13 +43,13 @@ _TYPE_REASONS = {
     "overloaded_error": "overloaded_error",
     "timeout_error": "timeout",
 }
-_STOP_REASONS = {"end_turn": "end", "max_tokens": "max_tokens", "stop_sequence": "stop_sequence",
+_STOP_REASONS: dict[str, StopReason] = {"end_turn": "end", "max_tokens": "max_tokens", "stop_sequence": "stop_sequence",
                  "tool_use": "tool_use", "refusal": "refusal",
                  # the context window ended the answer: as truncated as max_tokens
                  "model_context_window_exceeded": "max_tokens"}
 
 
-def stop_reason(raw: str | None) -> str | None:
+def stop_reason(raw: str | None) -> StopReason | None:
     return _STOP_REASONS.get(raw or "")
 
 
@@ -68,14 +71,20 @@ class Anthropic(ProviderKind):
 
         # The SDK's own OpenTelemetry spans off (from 2.17): Tron writes each call's span itself,
         # redacted (common/telemetry.py); the SDK's would double it and cost ~0.1 ms a call.
-        quiet = {"open_telemetry": False} if _has_otel_option() else {}
-        return anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s, **quiet)
+        if _has_otel_option():
+            return anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s,
+                                            open_telemetry=False)
+        return anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
 
     def read_limits(self, headers: Mapping[str, str], now: float) -> dict[str, float]:
         return anthropic_limits(headers, now)
 
     def classify_status(self, exc: BaseException, provider: str, now: float) -> ProviderFailure | None:
-        if not instance_of(exc, "anthropic", "APIStatusError"):
+        if sys.modules.get("anthropic") is None:  # never imported, so exc is none of its errors (importing costs 1.7 s)
+            return None
+        import anthropic
+
+        if not isinstance(exc, anthropic.APIStatusError):
             return None
         status = exc.status_code
         message = redact(exc.api_message or exc.message or "")
@@ -115,8 +124,11 @@ class Anthropic(ProviderKind):
                         parts.append(event.delta.text)
                     elif event.type == "message_delta":
                         # The final counts (cumulative); input counts here when the API sends them.
-                        usage.update({k: v for k, v in anthropic_usage(event.usage).items()
-                                      if v or k == "output_tokens"})
+                        final = anthropic_usage(event.usage)
+                        usage = Usage(input_tokens=final["input_tokens"] or usage["input_tokens"],
+                                      output_tokens=final["output_tokens"],
+                                      cache_read_tokens=final["cache_read_tokens"] or usage["cache_read_tokens"],
+                                      cache_write_tokens=final["cache_write_tokens"] or usage["cache_write_tokens"])
                         stop = event.delta.stop_reason or stop
         return LLMReply(provider=self.name, model=model, text="".join(parts), streamed=True, **usage,
                         stop_reason=stop_reason(stop), refusal=stop == "refusal", limits=limits)
@@ -139,7 +151,7 @@ class Anthropic(ProviderKind):
         return [ToolCall(field_of(b, "name", ""), field_of(b, "input"))
                 for b in field_of(response, "content", []) or [] if field_of(b, "type") == "tool_use"]
 
-    def tool_schemas(self, tools: Any) -> dict[str, dict | None]:
+    def tool_schemas(self, tools: Any) -> ToolSchemas:
         # Server and built-in client tools (web_search, bash...) carry no input_schema.
         return {field_of(t, "name"): field_of(t, "input_schema") for t in tools or []}
 

@@ -24,7 +24,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any, Awaitable, Literal, NamedTuple
+from typing import Any, Awaitable, Literal, NamedTuple, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,20 +88,35 @@ class LLMReply(BaseModel):
     limits: dict[str, float] = Field(default_factory=dict)
 
 
-def openai_usage(usage: Any) -> dict[str, int]:
+class Usage(TypedDict):
+    """An answer's tokens, as LLMReply counts them (its keyword arguments of the same names)."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+
+
+# A tool's JSON schema of its arguments as the caller gave it to the SDK: a dict, an SDK
+# model of one (check_tool_calls dumps it), or None (a tool whose arguments are not checked).
+ToolSchemas = dict[str, object]
+
+
+def openai_usage(usage: Any) -> Usage:
     """OpenAI's usage (chat: prompt/completion tokens; Responses: input/output tokens), with
     its cached input taken out of the input: the tokens as LLMReply counts them."""
     if usage is None:
-        return {"input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0}
+        return {"input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0}
     prompt = field_of(usage, "prompt_tokens", None)
     details = field_of(usage, "prompt_tokens_details" if prompt is not None else "input_tokens_details", None)
     cached = (field_of(details, "cached_tokens", 0) or 0) if details is not None else 0
     total_in = (prompt if prompt is not None else field_of(usage, "input_tokens", 0)) or 0
     out = field_of(usage, "completion_tokens" if prompt is not None else "output_tokens", 0) or 0
-    return {"input_tokens": max(0, total_in - cached), "output_tokens": out, "cache_read_tokens": cached}
+    return {"input_tokens": max(0, total_in - cached), "output_tokens": out, "cache_read_tokens": cached,
+            "cache_write_tokens": 0}  # OpenAI bills no cache writes
 
 
-def anthropic_usage(usage: Any) -> dict[str, int]:
+def anthropic_usage(usage: Any) -> Usage:
     """Anthropic's usage: its input_tokens already leave the cache out."""
     return {"input_tokens": field_of(usage, "input_tokens", 0) or 0,
             "output_tokens": field_of(usage, "output_tokens", 0) or 0,
@@ -239,7 +254,10 @@ class ProviderKind(abc.ABC):
     model_setting: str
 
     def model(self, settings: ProviderSettings) -> str:
-        return getattr(settings, self.model_setting)
+        model = getattr(settings, self.model_setting)
+        if not isinstance(model, str):  # register() checked the field exists, not that it names a model
+            raise TypeError(f"{self.name}: ProviderSettings.{self.model_setting} is not a model name")
+        return model
 
     @abc.abstractmethod
     def endpoint(self, settings: ProviderSettings, env: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -281,7 +299,7 @@ class ProviderKind(abc.ABC):
         """The tool calls of a raw SDK response, in order."""
 
     @abc.abstractmethod
-    def tool_schemas(self, tools: Any) -> dict[str, dict | None]:
+    def tool_schemas(self, tools: Any) -> ToolSchemas:
         """{tool name: JSON schema of its arguments} of ``tools`` as the caller passed them to
         the SDK (None: a tool whose schema is not given, whose arguments are not checked)."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,7 +48,7 @@ class OutputChecks(BaseModel):
     repeat_limit: int = Field(3, ge=0)
 
 
-def _broken(provider: str, reason: str, message: str, limits: dict | None = None) -> ProviderFailure:
+def _broken(provider: str, reason: str, message: str, limits: Mapping[str, float] | None = None) -> ProviderFailure:
     return ProviderFailure(provider, reason, retryable=True, message=message, limits=limits)
 
 

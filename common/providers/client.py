@@ -31,7 +31,7 @@ def endpoint_for(
 # Clients hold connection pools bound to the loop that first used them, so the cache is
 # per event loop. Entries of closed loops are dropped on the next lookup (a plain dict,
 # not a WeakKeyDictionary, because not every loop implementation supports weakrefs).
-_clients: dict[asyncio.AbstractEventLoop, dict[tuple, Any]] = {}
+_clients: dict[asyncio.AbstractEventLoop, dict[tuple[str, str | None, str | None, float], Any]] = {}
 
 
 def _client_for(provider: str, base_url: str | None, api_key: str | None, timeout_s: float) -> Any:

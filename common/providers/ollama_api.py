@@ -5,6 +5,7 @@ its failures have no retry_after and no limits."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,9 +14,10 @@ from common.providers.base import (
     ProviderFailure,
     ProviderKind,
     ProviderSettings,
+    StopReason,
     ToolCall,
+    ToolSchemas,
     field_of,
-    instance_of,
     register,
     says_usage_limit,
     status_reason,
@@ -24,7 +26,7 @@ from common.providers.failures import reading_stream
 from common.redaction import redact
 
 OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
-_STOP_REASONS = {"stop": "end", "length": "max_tokens"}
+_STOP_REASONS: dict[str, StopReason] = {"stop": "end", "length": "max_tokens"}
 
 
 class Ollama(ProviderKind):
@@ -43,7 +45,11 @@ class Ollama(ProviderKind):
         return ollama.AsyncClient(host=base_url, timeout=timeout_s)
 
     def classify_status(self, exc: BaseException, provider: str, now: float) -> ProviderFailure | None:
-        if not instance_of(exc, "ollama", "ResponseError"):
+        if sys.modules.get("ollama") is None:  # never imported, so exc is none of its errors
+            return None
+        import ollama
+
+        if not isinstance(exc, ollama.ResponseError):
             return None
         status = exc.status_code
         message = redact(str(exc.error))
@@ -108,8 +114,8 @@ class Ollama(ProviderKind):
         return [ToolCall(field_of(field_of(c, "function"), "name", ""), field_of(field_of(c, "function"), "arguments"))
                 for c in calls]
 
-    def tool_schemas(self, tools: Any) -> dict[str, dict | None]:
-        out: dict[str, dict | None] = {}
+    def tool_schemas(self, tools: Any) -> ToolSchemas:
+        out: ToolSchemas = {}
         for tool in tools or []:
             if callable(tool) and not isinstance(tool, Mapping):
                 # ollama builds a schema from a function's signature and docstring with a

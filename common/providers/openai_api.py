@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -14,9 +15,10 @@ from common.providers.base import (
     ProviderFailure,
     ProviderKind,
     ProviderSettings,
+    StopReason,
     ToolCall,
+    ToolSchemas,
     field_of,
-    instance_of,
     openai_usage,
     register,
     status_reason,
@@ -28,10 +30,10 @@ from common.redaction import redact
 _CODE_REASONS = {"rate_limit_exceeded": "rate_limit_error",
                  "insufficient_quota": "usage_limit",  # the account's quota or credit, not a per-minute rate
                  "invalid_api_key": "authentication_error"}
-_FINISH_REASONS = {"stop": "end", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-                   "content_filter": "refusal"}
+_FINISH_REASONS: dict[str, StopReason] = {"stop": "end", "length": "max_tokens", "tool_calls": "tool_use",
+                                          "function_call": "tool_use", "content_filter": "refusal"}
 # The Responses API: why an answer is `incomplete`.
-_INCOMPLETE_REASONS = {"max_output_tokens": "max_tokens", "content_filter": "refusal"}
+_INCOMPLETE_REASONS: dict[str, StopReason] = {"max_output_tokens": "max_tokens", "content_filter": "refusal"}
 
 
 class OpenAI(ProviderKind):
@@ -59,13 +61,18 @@ class OpenAI(ProviderKind):
         return openai_limits(headers, now)
 
     def classify_status(self, exc: BaseException, provider: str, now: float) -> ProviderFailure | None:
-        if not instance_of(exc, "openai", "APIStatusError"):
+        if sys.modules.get("openai") is None:  # never imported, so exc is none of its errors
+            return None
+        import openai
+
+        if not isinstance(exc, openai.APIStatusError):
             return None
         status = exc.status_code
-        body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
-        error = body.get("error") if isinstance(body.get("error"), dict) else body
+        body = exc.body if isinstance(exc.body, dict) else {}
+        inner = body.get("error")
+        error = inner if isinstance(inner, dict) else body
         code = error.get("code") or error.get("type")
-        message = redact(getattr(exc, "message", "") or str(exc))
+        message = redact(exc.message or str(exc))
         headers = exc.response.headers
         limits = self.read_limits(headers, now)
         if status < 400:  # an error event inside a 200 stream
@@ -103,7 +110,7 @@ class OpenAI(ProviderKind):
                         refused = refused or bool(choice.delta.refusal)
                         finish = choice.finish_reason or finish
                     usage = chunk.usage or usage
-        stop = "refusal" if refused else _FINISH_REASONS.get(finish or "")
+        stop: StopReason | None = "refusal" if refused else _FINISH_REASONS.get(finish or "")
         return LLMReply(provider=self.name, model=model, text="".join(parts), streamed=True, **openai_usage(usage),
                         stop_reason=stop, refusal=stop == "refusal", limits=limits)
 
@@ -121,7 +128,7 @@ class OpenAI(ProviderKind):
         message = field_of(choice, "message") if choice is not None else None
         refused = bool(field_of(message, "refusal")) if message is not None else False
         finish = field_of(choice, "finish_reason") if choice is not None else None
-        stop = "refusal" if refused else _FINISH_REASONS.get(finish or "")
+        stop: StopReason | None = "refusal" if refused else _FINISH_REASONS.get(finish or "")
         usage = field_of(response, "usage")
         return LLMReply(provider=self.name, model=field_of(response, "model") or "", streamed=False,
                         text=(field_of(message, "content") if message is not None else None) or "",
@@ -138,6 +145,7 @@ class OpenAI(ProviderKind):
                 elif field_of(part, "type") == "refusal":
                     refused = True
         incomplete = field_of(field_of(response, "incomplete_details"), "reason")
+        stop: StopReason | None
         if refused:
             stop = "refusal"
         elif field_of(response, "status") == "incomplete":
@@ -160,8 +168,8 @@ class OpenAI(ProviderKind):
                 for c in (field_of(message, "tool_calls") if message is not None else None) or []
                 if field_of(c, "type", "function") == "function"]
 
-    def tool_schemas(self, tools: Any) -> dict[str, dict | None]:
-        out: dict[str, dict | None] = {}
+    def tool_schemas(self, tools: Any) -> ToolSchemas:
+        out: ToolSchemas = {}
         for tool in tools or []:
             # Chat Completions nests the function ({"type": "function", "function": {...}});
             # the Responses API does not ({"type": "function", "name", "parameters"}).

@@ -453,3 +453,15 @@ def test_spawn_failed_backoff_max_is_bounded_and_strict(value):
 
 def test_spawn_failed_backoff_max_defaults_to_five_minutes():
     assert Policy().spawn_failed_backoff_max == 300.0
+
+
+def test_every_event_type_has_a_table_and_decide_takes_it():
+    """decide() picks a table by a branch per event type and case_ids() reads TABLE: both
+    must know every Event (mypy checks the branches; this checks TABLE)."""
+    import typing
+
+    from common import ladder
+
+    assert set(ladder.TABLE) == set(typing.get_args(ladder.Event))
+    with pytest.raises(AssertionError):
+        decide("not an event", view(), NOW, P)  # a wrong type fails loudly, never answers None

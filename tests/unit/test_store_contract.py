@@ -275,6 +275,8 @@ async def test_usage_rows_add_up_per_run_task_and_service(store):
     assert await store.spend(task_id="t-1") == {"usd": 0.0006, "calls": 1, "tokens": 120}
     assert (await store.spend(agent="programmer-1", since_mono=store.test_clock.now() - 5))["calls"] == 1
     assert await store.spend(run_id="nope") == {"usd": 0.0, "calls": 0, "tokens": 0}
+    # registry.rows.Spend's types on every backend, for no call too (the stub answered the int 0)
+    assert [type(v) for v in (await store.spend(run_id="nope")).values()] == [float, int, int]
     assert await store.set_run_budget("r-1", 0.5, 200_000)
     run = await store.run("r-1")
     assert (run["budget_usd"], run["budget_tokens"]) == (0.5, 200_000)

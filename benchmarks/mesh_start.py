@@ -73,10 +73,10 @@ def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,
                 except (OSError, AssertionError, KeyError):
                     return False
                 return all(rows[n]["state"] == "running" for n in others)
-            wait_for(up, 60, "every other service running", interval=0.02)
+            wait_for(up, 300, "every other service running", interval=0.02)
             took = time.monotonic() - began
         else:
-            exit_code = proc.wait(60)
+            exit_code = proc.wait(300)  # generous: a loaded machine is still measured
             took = time.monotonic() - began
             if exit_code != 0:
                 raise RuntimeError(f"tron up exited {exit_code}")
@@ -85,7 +85,7 @@ def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,
                 if status != 202:
                     raise RuntimeError(f"the run was refused: {status} {body}")
                 url = mesh.url("gateway") + f"/runs/{body['run_id']}"
-                run = wait_for(lambda: (r := mesh.http("GET", url)[1]) and r["status"] != "running" and r, 120,
+                run = wait_for(lambda: (r := mesh.http("GET", url)[1]) and r["status"] != "running" and r, 300,
                                "the first run to end", interval=0.02)
                 took = time.monotonic() - began
                 if run["status"] != "done":

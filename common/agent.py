@@ -41,10 +41,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import fcntl
 import importlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -150,36 +148,14 @@ def load_sdks(sdks: Iterable[str] = SDKS) -> None:
     here; one that imported an SDK its mesh does not use would compete with every other
     agent's start for the CPU)."""
     sdks = set(sdks)
-    with _one_cold_import_at_a_time(os.environ.get("TRON_SDKS_COLD")):
-        for name in sorted(sdks):
-            importlib.import_module(name)
-        if "openai" in sdks:
-            importlib.import_module("openai.resources")  # the client's first .chat would import these: 0.6 s
+    for name in sorted(sdks):
+        importlib.import_module(name)
+    if "openai" in sdks:
+        importlib.import_module("openai.resources")  # the client's first .chat would import these: 0.6 s
 
-        from common.providers import warm_up
+    from common.providers import warm_up
 
-        warm_up(sdks)
-
-
-@contextlib.contextmanager
-def _one_cold_import_at_a_time(lock: str | None):
-    """Forked by the fork server before it had the SDKs (``TRON_SDKS_COLD`` names its lock
-    file): agents of one home import them one after another, never all at once on a few
-    cores (the lock goes with the process if it is killed)."""
-    if not lock:
-        yield
-        return
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as err:  # the run directory went away: import without waiting for the others
-        log.warning("cannot open the SDK import lock %s: %s", lock, err)
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    warm_up(sdks)
 
 
 class Agent:
@@ -217,10 +193,7 @@ class Agent:
         return app
 
     async def _preload(self, app: web.Application) -> None:
-        # Forked while the fork server was still importing the SDKs (the first second or two of
-        # a `tron up`): not now, but at the first call that needs them (sdks_ready).
-        if not os.environ.get("TRON_SDKS_COLD"):
-            self.sdks_ready()
+        self.sdks_ready()
 
     def sdks_ready(self) -> asyncio.Future:
         """The SDK import, started once, awaited by whoever needs it."""
@@ -381,8 +354,7 @@ class Agent:
         call's trace span when ``[telemetry] capture_content`` is on."""
         from common.providers import ProviderFailure, classify
 
-        with self._waiting(task):  # an agent forked cold imports the SDKs now: a wait, not a runaway
-            await self.sdks_ready()
+        await self.sdks_ready()
         while True:
             provider = task.provider or self.provider
             with self._waiting(task):  # a wait in the governor's queue (a rate limit, a probe out) is no runaway

@@ -752,10 +752,8 @@ class Runner:
         status = self.mesh.status()
         owners = {s["pid"] for s in sessions if s["pid"]}
         known = owners | {status["daemon"]["pid"]}
-        helpers: set[int] = set()  # what descends from the fork server is its own (a fork under way, its cold child)
         if status.get("fork_server"):
             known.add(status["fork_server"]["pid"])
-            helpers.add(status["fork_server"]["pid"])
         if (status.get("logs") or {}).get("pid"):  # the log pump (services/daemon/logpump.py)
             known.add(status["logs"]["pid"])
         for node in (status.get("cluster") or {}).get("nodes", []):  # node agents and their fork servers
@@ -768,7 +766,7 @@ class Runner:
                 problems.append(f"session of {s['agent']} has no live process (pid {s['pid']})")
         problems += [f"{a} has {n} open sessions" for a, n in per_agent.items() if n > 1]
         for pid, proc in procs.items():
-            if pid in known or _descends_from(proc, owners | helpers):
+            if pid in known or _descends_from(proc, owners):
                 continue
             problems.append(f"pid {pid} is not accounted for: {describe([proc])[0]}")
         return {"processes": len(procs), "sessions": len(sessions), "problems": problems}

@@ -281,11 +281,6 @@ class Daemon:
         fs = getattr(self.sup.spawner, "forkserver", None)
         if fs is not None:
             await fs.wait_ready(timeout=30)
-            if self.policy().llm_advice:
-                # An advisor's answer, SDK import included, has advice_timeout (2 s): its agents
-                # start with the SDKs, not cold (forkserver.py); the others import them with
-                # their first task, as a wait the ladder does not count.
-                await fs.wait_warm(timeout=30)
         self.background(self._housekeeping(), "housekeeping")
         self.background(self.probes.loop(), "probes")
         self.notifier.start()  # from here on, what goes wrong reaches the [[notify]] receivers

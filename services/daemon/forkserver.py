@@ -18,14 +18,8 @@ Before each fork the server checks that no source file it imported has changed; 
 has, it answers ``stale`` and exits, and the daemon spawns plainly and starts a new
 server. A dead server is replaced the same way.
 
-The LLM SDKs (1-2 s of imports) are not on the path of `tron up` to a ready mesh: the server
-says ready once the agent code is imported, then imports the SDKs while a child of it, forked
-before them, serves the spawns; once warm it takes the socket back. An agent forked by that
-cold child has ``TRON_SDKS_COLD`` (a lock file) and imports the SDKs itself at its first LLM
-call, one such agent at a time (common/agent.py, ``load_sdks``); every later one has them.
-
 Protocol: one JSON object per line on a Unix socket.
-    {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n, "warm": bool}
+    {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
 A spawn may carry descriptors (SCM_RIGHTS): first, with "log_pipe": true, the log pump's
@@ -45,7 +39,6 @@ import os
 os.environ.setdefault("SPT_NOENV", "1")
 import random
 import runpy
-import select
 import signal
 import socket
 import sys
@@ -134,8 +127,6 @@ def _become_service(req: dict, fds: list[int]) -> None:
         os.environ.update(req["env"])
         if fds:
             os.environ["LISTEN_PID"] = str(os.getpid())
-        if _cold_lock is not None:  # forked before the SDKs were imported: it loads them at first use
-            os.environ["TRON_SDKS_COLD"] = _cold_lock
         os.chdir(req["cwd"])
         random.seed()  # the server's random state must not be shared by every incarnation
         sys.argv = [req["module"]]
@@ -205,7 +196,6 @@ LISTEN_FD = 3  # where a held listening socket goes in the child (systemd's SD_L
 
 
 def serve(sock_path: str, parent: int | None = None) -> int:
-    global _server_pid
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if parent:
         _die_with(parent)
@@ -214,13 +204,18 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         print(json.dumps({"msg": "fork server cannot run: socket path too long",
                           "path": sock_path, "limit": SOCKET_PATH_MAX}), flush=True)
         return CANNOT_RUN
-    _server_pid = os.getpid()
-    for name in PRELOAD:  # after the path check: nothing heavy before it
+    from common.providers import warm_up  # after the path check: nothing heavy before it
+
+    for name in PRELOAD:
         importlib.import_module(name)
+    # Only the SDKs this mesh's providers use (1-2 s of imports each), and what they import
+    # on a first request: once here for every child.
+    warm_up(_sdks())
     if os.environ.get("TRON_TRACES") == "1":  # the mesh exports traces: every agent sets the SDK up at start
         from common import telemetry
 
         telemetry.preload()
+    sources = _own_sources()
     try:
         os.unlink(sock_path)
     except FileNotFoundError:
@@ -234,48 +229,7 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     os.chmod(sock_path, 0o600)
     server.listen(16)
     print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
-    sdks = _sdks()
-    if sdks:
-        _warm_up_while_a_child_serves(server, sdks, os.path.join(os.path.dirname(sock_path), "sdk-import.lock"))
-        print(json.dumps({"msg": "fork server warm", "modules": len(sys.modules)}), flush=True)
-    return _serve(server, _own_sources())
-
-
-def _warm_up_while_a_child_serves(server: socket.socket, sdks: set[str], lock: str) -> None:
-    """Import the SDKs (and what their first request imports) here, while a child forked
-    before them serves the spawns on the same socket; once they are in, the child answers
-    the request it is on and leaves, and this process serves from then on."""
-    global _cold_lock
-    from common.providers import warm_up
-
-    sources = _own_sources()
-    stop_r, stop_w = os.pipe()
-    cold = os.fork()
-    if cold == 0:
-        os.close(stop_w)
-        try:
-            _die_with(_server_pid)  # a server stopped while warming takes its cold child along
-            _cold_lock = lock
-            if _serve(server, sources, stop=stop_r) is not None:  # out of date: the whole server goes
-                os.kill(_server_pid, signal.SIGTERM)
-        except Exception:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(0)
-    os.close(stop_r)
-    warm_up(sdks)
-    os.close(stop_w)
-    os.waitpid(cold, 0)
-
-
-def _serve(server: socket.socket, sources: dict[str, float], stop: int | None = None) -> int | None:
-    """Answer requests until one finds the sources changed (0: exit, the daemon starts a new
-    server) or ``stop`` becomes readable (None)."""
     while True:
-        if stop is not None and stop in select.select([server, stop], [], [])[0]:
-            return None
         conn, _ = server.accept()
         fds: list[int] = []
         with conn:
@@ -301,13 +255,9 @@ def _serve(server: socket.socket, sources: dict[str, float], stop: int | None = 
                 return 0
 
 
-_server_pid = 0  # the server's pid, as the daemon knows it (its cold child answers with it too)
-_cold_lock: str | None = None  # in the cold child: the lock its children take to import the SDKs
-
-
 def _handle(req: dict, sources: dict[str, float], fds: list[int]) -> dict:
     if req.get("op") == "ping":
-        return {"ok": True, "pid": _server_pid, "modules": len(sys.modules), "warm": _cold_lock is None}
+        return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules)}
     if req.get("op") != "spawn":
         return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
     changed = _stale(sources)

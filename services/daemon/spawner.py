@@ -713,17 +713,6 @@ class ForkServerClient:
             await asyncio.wait([self._starting], timeout=timeout)
         return self.ready
 
-    async def wait_warm(self, timeout: float) -> bool:
-        """Until the server has the LLM SDKs too (it is ready before: forkserver.py); False
-        if it is not, or not serving, after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.ready:
-            reply = await self._request({"op": "ping"}, timeout=1.0)
-            if reply and reply.get("warm", True):
-                return True
-            await asyncio.sleep(0.05)
-        return False
-
     async def _launch(self, timeout: float = 20.0) -> bool:
         self.ready = False
         if (self.proc is None or self.proc.returncode is not None) and not self.launch():

@@ -108,14 +108,10 @@ def test_chaos_drill_keeps_every_invariant(drill_mesh):
         health = wait_for(lambda n=s["name"]: drill_mesh.health(n), 15, f"{s['name']} to answer /health")
         assert (health["pid"], health["incarnation"]) == (s["pid"], s["incarnation"]), (s, health)
     # /proc: every live process of the home belongs to a current service's tree, the daemon,
-    # its fork server (with what it forked and has not handed over yet) or its log pump; no
-    # orphan of a killed incarnation, no duplicate.
+    # its fork server or its log pump; no orphan of a killed incarnation, no duplicate.
     daemon = json.loads((drill_mesh.home / "run" / "daemon.json").read_text())["pid"]
     status = drill_mesh.status()
-    fork_server = (status.get("fork_server") or {}).get("pid")
-    owned = {daemon, fork_server, (status.get("logs") or {}).get("pid")}
-    if fork_server:
-        owned |= {c.pid for c in psutil.Process(fork_server).children(recursive=True)}
+    owned = {daemon, (status.get("fork_server") or {}).get("pid"), (status.get("logs") or {}).get("pid")}
     for s in services:
         owned |= {s["pid"]} | {c.pid for c in psutil.Process(s["pid"]).children(recursive=True)}
     strays = [p for p in drill_mesh.processes() if p.pid not in owned and p.status() != psutil.STATUS_ZOMBIE]

@@ -8,13 +8,10 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import psutil
 import pytest
 
-from services.daemon import unixline
 from tests.harness import REPO, wait_for
 
 pytestmark = pytest.mark.integration
@@ -128,52 +125,3 @@ def test_without_the_fork_server_agents_spawn_plainly(mesh_factory):
     old = m.kill("programmer-1")
     m.wait_replaced("programmer-1", old)
     assert spawn_modes(m, "programmer-1") == ["plain", "plain"]  # the replacement too: no fork server to ask
-
-
-# An LLM SDK whose import waits for the test to let it finish: the fork server's warm-up
-# lasts exactly as long as the test needs, on a quiet machine as on a loaded one.
-HELD_SDK = "import os, time\nwhile not os.path.exists({go!r}):\n    time.sleep(0.01)\n"
-# What a forked child saw: whether it was marked cold, and whether the SDK came with it.
-PROBE = ("import json, os, sys\nwith open(os.environ['PROBE_OUT'], 'w') as f:\n"
-         "    json.dump({'cold': os.environ.get('TRON_SDKS_COLD'), 'sdk': 'ollama' in sys.modules}, f)\n")
-
-
-def test_the_fork_server_is_ready_before_the_sdk_warm_up_and_says_who_was_forked_cold(tmp_path):
-    """Ready once the agent code is in; the SDK import follows while a child of the server
-    serves: what it forks is marked cold (and imports the SDK itself at first use, behind the
-    lock named); once warm, the server serves again and its children have the SDK."""
-    code = tmp_path / "code"
-    (code / "ollama").mkdir(parents=True)
-    go = tmp_path / "go"
-    (code / "ollama" / "__init__.py").write_text(HELD_SDK.format(go=str(go)))
-    (code / "tron_probe.py").write_text(PROBE)
-    sock = tmp_path / "fs.sock"
-    env = {**os.environ, "TRON_SDKS": "ollama", "PYTHONPATH": str(code)}
-    server = subprocess.Popen([sys.executable, "-m", "services.daemon.forkserver", str(sock)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert json.loads(server.stdout.readline())["msg"] == "fork server ready"
-
-        def spawn(name: str) -> dict:
-            out = tmp_path / f"{name}.json"
-            reply = unixline.ask(str(sock), {"op": "spawn", "module": "tron_probe", "cwd": str(tmp_path),
-                                             "env": {"PROBE_OUT": str(out), "PATH": os.environ["PATH"]},
-                                             "log": str(tmp_path / f"{name}.log")}, timeout=30)
-            assert reply["ok"], reply
-            return wait_for(lambda: out.exists() and out.read_text() and json.loads(out.read_text()), 30,
-                            f"the {name} child to report")
-
-        ping = unixline.ask(str(sock), {"op": "ping"}, timeout=30)
-        assert ping["ok"] and ping["pid"] == server.pid and ping["warm"] is False, ping
-        assert spawn("cold") == {"cold": str(tmp_path / "sdk-import.lock"), "sdk": False}
-        go.touch()
-        wait_for(lambda: unixline.ask(str(sock), {"op": "ping"}, timeout=30)["warm"], 60, "the warm-up to end")
-        assert json.loads(server.stdout.readline())["msg"] == "fork server warm"
-        assert unixline.ask(str(sock), {"op": "ping"}, timeout=30)["pid"] == server.pid
-        assert spawn("warm") == {"cold": None, "sdk": True}
-        # the cold child left once the server was warm: only the server is left of them
-        assert [p.pid for p in psutil.Process(server.pid).children()] == []
-    finally:
-        server.terminate()
-        server.wait(30)
-        server.stdout.close()

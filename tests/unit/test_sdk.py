@@ -503,27 +503,3 @@ async def test_an_empty_answer_and_a_repeated_one_are_provider_failures(monkeypa
         await agent.llm(task, "p")
     reasons = [o["failure"]["reason"] if not o["ok"] else "ok" for o in outcomes]
     assert reasons == ["empty_answer", "ok", "ok", "repeated_output"], reasons
-
-
-def test_an_agent_forked_cold_imports_the_sdks_only_when_no_other_agent_of_its_home_does(tmp_path, monkeypatch):
-    """TRON_SDKS_COLD names the lock the cold agents of one home take to import the SDKs,
-    one after another (flock: another holder, here this test, keeps it waiting)."""
-    import fcntl
-    import os
-    import threading
-
-    from common.agent import load_sdks
-
-    lock = tmp_path / "sdk-import.lock"
-    monkeypatch.setenv("TRON_SDKS_COLD", str(lock))
-    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(held, fcntl.LOCK_EX)
-    done = threading.Event()
-    worker = threading.Thread(target=lambda: (load_sdks(set()), done.set()), daemon=True)
-    worker.start()
-    try:
-        assert not done.wait(0.3), "imported while another agent held the lock"
-    finally:
-        os.close(held)  # the other agent is done
-    assert done.wait(30), "still waiting after the lock was free"
-    worker.join(30)

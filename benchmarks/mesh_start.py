@@ -8,8 +8,17 @@ so the machine's noise lands on both.
                     order, whose startup probe never passes (start_timeout 5 s, to keep
                     the run short: labelled); from the launch to the moment every *other*
                     service is running (polled every 20 ms).
+  first run         (--first-run) the default mesh, and right after `tron up` exits a run
+                    through the gateway: from the launch to the run done. What the agents
+                    forked before the fork server had the LLM SDKs pay at their first call
+                    (they import them then) shows here.
 
-    .venv/bin/python -m benchmarks.mesh_start [--reps 5] [--json benchmarks/results/mesh_start.json]
+``--baseline DIR``: the same rows with the code of another checkout (``git archive COMMIT |
+tar -x -C DIR``: it goes first on PYTHONPATH, the virtualenv stays this one's), taking turns
+with this checkout's, so that a loaded machine still compares the two in one run.
+
+    .venv/bin/python -m benchmarks.mesh_start [--reps 5] [--baseline DIR] [--first-run] [--only-default]
+                                              [--json benchmarks/results/mesh_start.json]
 """
 
 from __future__ import annotations
@@ -45,12 +54,17 @@ def mesh_for(tmp: Path, start: str, never_ready: bool):
     return mesh
 
 
-def one(tmp: Path, start: str, never_ready: bool) -> tuple[float, list]:
+def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,
+        first_run: bool = False) -> tuple[float, list]:
+    """Seconds from launching `tron up` to what the row measures; what was left behind.
+    ``code``: the checkout whose code runs (None: this one)."""
     mesh = mesh_for(tmp, start, never_ready)
+    if code is not None:
+        mesh.env["PYTHONPATH"] = str(code)
     others = [n for n in mesh.spec["services"] if n != "stuck"]
     began = time.monotonic()
-    proc = subprocess.Popen([*TRON, "--config", str(mesh.config), "up", "--detach"], env=mesh.env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*TRON, "--config", str(mesh.config), "up", "--detach"], env=mesh.env,
+                            cwd=code or REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if never_ready:
             def up() -> bool:
@@ -59,13 +73,23 @@ def one(tmp: Path, start: str, never_ready: bool) -> tuple[float, list]:
                 except (OSError, AssertionError, KeyError):
                     return False
                 return all(rows[n]["state"] == "running" for n in others)
-            wait_for(up, 60, "every other service running", interval=0.02)
+            wait_for(up, 300, "every other service running", interval=0.02)
             took = time.monotonic() - began
         else:
-            code = proc.wait(60)
+            exit_code = proc.wait(300)  # generous: a loaded machine is still measured
             took = time.monotonic() - began
-            if code != 0:
-                raise RuntimeError(f"tron up exited {code}")
+            if exit_code != 0:
+                raise RuntimeError(f"tron up exited {exit_code}")
+            if first_run:
+                status, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "build it"})
+                if status != 202:
+                    raise RuntimeError(f"the run was refused: {status} {body}")
+                url = mesh.url("gateway") + f"/runs/{body['run_id']}"
+                run = wait_for(lambda: (r := mesh.http("GET", url)[1]) and r["status"] != "running" and r, 300,
+                               "the first run to end", interval=0.02)
+                took = time.monotonic() - began
+                if run["status"] != "done":
+                    raise RuntimeError(f"the first run ended {run['status']}")
         proc.wait(60)
     finally:
         leftovers = cleanup(mesh)
@@ -75,21 +99,38 @@ def one(tmp: Path, start: str, never_ready: bool) -> tuple[float, list]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.mesh_start")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its rows beside this one's")
+    ap.add_argument("--first-run", action="store_true", help="add: up, then a run through the gateway to done")
+    ap.add_argument("--only-default", action="store_true", help="only the default mesh started by dependencies")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    rows = [(start, stuck) for stuck in (False, True) for start in ("dependencies", "tree")]
-    samples: dict[str, list[float]] = {f"{s} {'one never ready' if n else 'default mesh'}": [] for s, n in rows}
+    kinds = [("dependencies", False, False)]
+    if not args.only_default:
+        kinds += [("tree", False, False), ("dependencies", True, False), ("tree", True, False)]
+    if args.first_run:
+        kinds.append(("dependencies", False, True))
+    codes: list[tuple[str, Path | None]] = [("", None)]
+    if args.baseline:
+        codes.append(("baseline ", args.baseline.resolve()))
+    rows = [(label, code, *kind) for kind in kinds for label, code in codes]
+
+    def name(label: str, start: str, stuck: bool, first_run: bool) -> str:
+        what = "first run done" if first_run else "one never ready" if stuck else "default mesh"
+        return f"{label}{start} {what}"
+
+    samples: dict[str, list[float]] = {name(label, *kind): [] for label, _, *kind in rows}
     leftovers: list = []
     with tempfile.TemporaryDirectory(prefix="tron-start-") as tmp:
         for rep in range(args.reps):
-            for start, stuck in rows:
-                took, left = one(Path(tmp) / f"{start}-{stuck}-{rep}", start, stuck)
-                samples[f"{start} {'one never ready' if stuck else 'default mesh'}"].append(took)
+            for i, (label, code, start, stuck, first_run) in enumerate(rows):
+                took, left = one(Path(tmp) / f"{rep}-{i}", start, stuck, code, first_run)
+                samples[name(label, start, stuck, first_run)].append(took)
                 leftovers += left
-            print(f"  rep {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
-    print(f"{'row':<36} {'median s':>9} {'min':>6} {'max':>6}  (n={args.reps}, {os.cpu_count()} cores)")
-    for name, xs in samples.items():
-        print(f"{name:<36} {percentile(xs, 0.5):>9.2f} {min(xs):>6.2f} {max(xs):>6.2f}")
+            print(f"  rep {rep + 1}/{args.reps} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    print(f"{'row':<45} {'median s':>9} {'min':>6} {'max':>6}  (n={args.reps}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f})")
+    for row, xs in samples.items():
+        print(f"{row:<45} {percentile(xs, 0.5):>9.2f} {min(xs):>6.2f} {max(xs):>6.2f}")
     return finish(args.json, {"samples": samples}, leftovers)
 
 

@@ -59,6 +59,12 @@ class Home:
         os.chmod(self.run, 0o700)
 
 
+def mesh_marks(home: Home) -> dict[str, str]:
+    """The environment every process of a home's mesh carries: how `tron down` and the
+    drills find them even when the registry does not know them (scripts/census.py)."""
+    return {"TRON_HOME": str(home.root), "TRON_MESH": str(home.root)}
+
+
 def default_home() -> Path:
     if in_checkout():
         return SOURCE_ROOT / "artifacts"

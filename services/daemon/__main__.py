@@ -13,22 +13,28 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-
-from common import telemetry
-from common.config import ConfigError, load_mesh, registry_url
+from common.config import ConfigError, MeshConfig, load_mesh, registry_url
 from common.paths import Home
 from common.settings import apply_overlay, overlay_path, read_overlay
 from registry.backup import newest_good
 from registry.schema import RegistryError
-from services.daemon.api import make_app
-from services.daemon.core import Daemon, StartError
+from services.daemon.lock import HomeLock, StartError
+from services.daemon.spawner import ForkServerClient, local_fork_server
+
+if TYPE_CHECKING:
+    from services.daemon.core import Daemon
 
 log = logging.getLogger("tron.daemon")
 
 
 async def serve(daemon: Daemon) -> int:
+    from aiohttp import web
+
+    from common import telemetry
+    from services.daemon.api import make_app
+
     telemetry.setup(daemon.config.telemetry, service="daemon")  # imports the SDK only with an endpoint
     try:
         await daemon.start()
@@ -77,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         config_path = (args.config or Path(config.source)).resolve()
         overlay = overlay_path(config_path, home.root)
         config = apply_overlay(config, read_overlay(overlay), overlay)
-        daemon = Daemon(config, home, config_path=config_path)
+        lock = HomeLock(home)
+        lock.acquire()  # before the fork server binds its socket in the home: one authority, never two
+        forkserver = launch_fork_server(config, home)
+        from services.daemon.core import Daemon  # the heavy imports, while the fork server makes its own
+
+        daemon = Daemon(config, home, config_path=config_path, lock=lock, forkserver=forkserver)
         return asyncio.run(serve(daemon))
     except RegistryError as err:
         hint = "" if on_postgres else restore_hint(Home.resolve(args.home).registry_db)
@@ -86,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StartError) as err:
         print(f"tron daemon: {err}", file=sys.stderr)
         return 2
+
+
+def launch_fork_server(config: MeshConfig, home: Home) -> ForkServerClient | None:
+    """The fork server's imports (the agent code, then the LLM SDKs) are the longest part of
+    a `tron up`: it starts before the daemon's own, on the other core. None when the mesh
+    runs without one (or on Ray, whose nodes have their own)."""
+    if not config.mesh.fork_server or config.cluster.engine == "ray":
+        return None
+    forkserver = local_fork_server(config, home)
+    return forkserver if forkserver.launch() else None
 
 
 def restore_hint(db_path: Path) -> str:

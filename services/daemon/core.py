@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common import logs, telemetry
+from common import logs
 from common.clock import Clock, MonotonicClock
 from common.config import DAEMON, MeshConfig, Policy, registry_url
 from common.http import MeshClient
@@ -52,7 +52,8 @@ from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.providers import ProviderDesk
 from services.daemon.spend import Spend
 from services.daemon.logpump import LogPumpClient, rotate_if_large
-from services.daemon.spawner import ForkServerClient, LocalSpawner, SpawnError, Spawner, reap_strays
+from services.daemon.spawner import (ForkServerClient, LocalSpawner, SpawnError, Spawner, fork_server_env,
+                                     local_fork_server, reap_strays)
 from services.daemon.supervisor import Supervisor, mesh_marks, new_id
 
 log = logging.getLogger("tron.daemon")
@@ -65,7 +66,10 @@ __all__ = ["Daemon", "StartError"]
 
 class Daemon:
     def __init__(self, config: MeshConfig, home: Home, *, config_path: Path | None = None, store: Store | None = None,
-                 spawner: Spawner | None = None, clock: Clock | None = None, monitor_thread: bool = True) -> None:
+                 spawner: Spawner | None = None, clock: Clock | None = None, monitor_thread: bool = True,
+                 lock: HomeLock | None = None, forkserver: ForkServerClient | None = None) -> None:
+        """``lock`` and ``forkserver``: taken and launched already (services/daemon/__main__.py
+        starts the fork server before the daemon's own imports, so that the two overlap)."""
         self.config = config
         self.home = home
         self.config_path = config_path
@@ -76,7 +80,8 @@ class Daemon:
         self.store = store
         self.metrics = metrics.DaemonMetrics()
         self.monitor = Monitor()
-        self.lock = HomeLock(home)
+        self.lock = lock or HomeLock(home)
+        self._forkserver = forkserver
         self.token = ""
         self.client = MeshClient(None, timeout=config.policy.alert_delivery_timeout)
         self._tasks: set[asyncio.Task] = set()
@@ -205,19 +210,12 @@ class Daemon:
         return self._local_spawner()
 
     def _fork_server_env(self) -> dict[str, str]:
-        """What a fork server (here or on a Ray node) gets from the mesh: the home's mark
-        (scripts/census.py) and the SDKs its providers use (the preload)."""
-        return {**mesh_marks(self.home), "TRON_SDKS": ",".join(sorted(self.config.sdks)),
-                "TRON_TRACES": "1" if telemetry.endpoint(self.config.telemetry) else "0"}
+        return fork_server_env(self.config, self.home)
 
     def _local_spawner(self) -> LocalSpawner:
-        forkserver = None
-        if self.config.mesh.fork_server:
-            # The mark of this home's processes (scripts/census.py), forked ones included: a
-            # forked process's /proc environ is the server's.
-            env = {**os.environ, **self._fork_server_env()}
-            forkserver = ForkServerClient(self.home.run / "forkserver.sock", self.home.log_file("forkserver"),
-                                          self.home.root, env)
+        forkserver = self._forkserver if self.config.mesh.fork_server else None
+        if self.config.mesh.fork_server and forkserver is None:
+            forkserver = local_fork_server(self.config, self.home)
         pump = None
         if self.config.logs.pump:
             pump = LogPumpClient(self.home.run / "logpump.sock", self.home.log_file("logpump"), self.home.logs,

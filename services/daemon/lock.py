@@ -18,7 +18,9 @@ class HomeLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or refuse, naming the daemon that holds it."""
+        """Take the lock or refuse, naming the daemon that holds it; held already, nothing."""
+        if self._fd is not None:
+            return
         self.home.ensure()
         fd = os.open(self.home.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:

@@ -41,10 +41,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import psutil
 
+from common.paths import Home, mesh_marks
 from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
 from services.daemon import gate as gate_program
 from services.daemon import unixline
@@ -55,6 +56,9 @@ from services.daemon.cgroups import wait_empty
 from services.daemon.listeners import open_listener, recover_listener
 from services.daemon.logpump import LogPumpClient
 from services.daemon.sockdiag import listening_inodes
+
+if TYPE_CHECKING:
+    from common.config import MeshConfig
 
 log = logging.getLogger("tron.spawner")
 
@@ -306,6 +310,7 @@ class LocalSpawner:
         if self.forkserver is not None:
             if not self.subreaper:
                 log.warning("not a child subreaper: forked agents cannot be reaped here; the fork server is off")
+                await self.forkserver.stop()  # launched early, beside the daemon's imports
                 self.forkserver = None
             else:
                 await self.forkserver.start()
@@ -805,6 +810,22 @@ def reap_strays(tracked: set[int]) -> list[int]:
     return reaped
 
 
+def fork_server_env(config: MeshConfig, home: Home) -> dict[str, str]:
+    """What a fork server (here or on a Ray node) gets from the mesh: the home's mark
+    (scripts/census.py) and the SDKs its providers use (the preload)."""
+    from common import telemetry
+
+    return {**mesh_marks(home), "TRON_SDKS": ",".join(sorted(config.sdks)),
+            "TRON_TRACES": "1" if telemetry.endpoint(config.telemetry) else "0"}
+
+
+def local_fork_server(config: MeshConfig, home: Home) -> ForkServerClient:
+    # The mark of this home's processes (scripts/census.py), forked ones included: a forked
+    # process's /proc environ is the server's.
+    return ForkServerClient(home.run / "forkserver.sock", home.log_file("forkserver"), home.root,
+                            {**os.environ, **fork_server_env(config, home)})
+
+
 class ForkServerClient:
     """Keeps a fork server running and asks it for new agent processes.
 
@@ -830,17 +851,9 @@ class ForkServerClient:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    async def start(self) -> None:
-        """Launch in the background: agents spawn plainly until it is ready."""
-        self._starting = asyncio.ensure_future(self._launch())
-
-    async def wait_ready(self, timeout: float) -> bool:
-        if self._starting is not None:
-            await asyncio.wait([self._starting], timeout=timeout)
-        return self.ready
-
-    async def _launch(self, timeout: float = 20.0) -> bool:
-        self.ready = False
+    def launch(self) -> bool:
+        """Start the server process now, without waiting for it: the daemon does so before its
+        own imports, which then overlap the server's. False when it cannot run here."""
         if len(os.fsencode(self.sock_path)) > SOCKET_PATH_MAX:
             log.error("fork server not started: its socket path %s is longer than %d bytes (a shorter home "
                       "helps); agents spawn plainly", self.sock_path, SOCKET_PATH_MAX)
@@ -851,6 +864,22 @@ class ForkServerClient:
                 cwd=self.cwd, env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         self.generation += 1
+        return True
+
+    async def start(self) -> None:
+        """Launch in the background (unless launch() did already): agents spawn plainly until
+        it is ready."""
+        self._starting = asyncio.ensure_future(self._launch())
+
+    async def wait_ready(self, timeout: float) -> bool:
+        if self._starting is not None:
+            await asyncio.wait([self._starting], timeout=timeout)
+        return self.ready
+
+    async def _launch(self, timeout: float = 20.0) -> bool:
+        self.ready = False
+        if (self.proc is None or self.proc.returncode is not None) and not self.launch():
+            return False
         loop = asyncio.get_running_loop()
         self._fd = os.pidfd_open(self.proc.pid)
         loop.add_reader(self._fd, self._on_exit, self.proc)

@@ -30,7 +30,7 @@ from common.config import DAEMON, MeshConfig, Policy, ServiceSpec
 from common.http import MeshClient
 from common.models import Reason
 from common.monitor import Monitor, Signal
-from common.paths import Home
+from common.paths import Home, mesh_marks
 from common.states import SERVICE, ServiceState
 from registry.protocol import Store
 from services.daemon.listeners import ListenerError, listen_env
@@ -45,12 +45,6 @@ log = logging.getLogger("tron.daemon")
 
 NON_AGENT_BEAT_TIMEOUT = 10 * 365 * 86400.0  # command services have no beats to miss
 S = ServiceState
-
-
-def mesh_marks(home: Home) -> dict[str, str]:
-    """The environment every process of a home's mesh carries: how `tron down` and the
-    drills find them even when the registry does not know them (scripts/census.py)."""
-    return {"TRON_HOME": str(home.root), "TRON_MESH": str(home.root)}
 
 
 def new_id(prefix: str = "") -> str:

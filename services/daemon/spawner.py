@@ -309,7 +309,7 @@ class LocalSpawner:
             _check_port_free(spec.port)
         log_fd = None
         if self.logs is not None and spec.log_limits is not None:
-            log_fd = await asyncio.to_thread(self.logs.pipe_for, spec.log, **spec.log_limits)
+            log_fd = await self.logs.pipe_for(spec.log, **spec.log_limits)
         try:
             return await self._spawn(spec, log_fd)
         finally:
@@ -728,7 +728,7 @@ class ForkServerClient:
         """One request line (with ``fds`` alongside, SCM_RIGHTS) and its answer; None when
         the server does not answer well within ``timeout``."""
         try:
-            return await asyncio.to_thread(unixline.ask, self.sock_path, req, timeout=timeout, fds=fds)
+            return await unixline.ask_async(self.sock_path, req, timeout=timeout, fds=fds)
         except (OSError, ValueError):
             return None
 

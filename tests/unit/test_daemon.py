@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from common.clock import FakeClock
 from common.config import parse_mesh
-from common.models import RestartRequest
+from common.models import Beat, RestartRequest
 from common.paths import Home
 from common.states import AlertState, ServiceState, TaskState
 from registry.memory import MemoryStore
@@ -627,3 +627,26 @@ async def test_a_start_that_cannot_be_prepared_is_a_spawn_failure_not_a_hang(rig
     assert [r["reason"] for r in rows] == ["process_exit", "spawn_failed"], rows
     [event] = await rig.store.events(kind="spawn_failed")
     assert "cannot prepare its start: KeyError" in event["payload"]["error"]
+
+
+async def test_a_starting_agents_first_beat_brings_its_health_check_forward(rig):
+    """The health check of a new incarnation polls; a beat from it (it serves by then) makes
+    the next check happen now rather than after the poll interval: the fake clock never
+    moves here, so only the beat can end the wait."""
+    serving = False
+
+    async def healthy(svc, incarnation):
+        return serving and svc.incarnation == incarnation and svc.child is not None and svc.child.alive
+
+    rig.daemon.sup.healthy_now = healthy
+    old = await rig.crash("worker")
+    worker = rig.svc("worker")
+    assert worker.incarnation != old and worker.state == ServiceState.STARTING  # not serving yet: it waits
+    serving = True
+    await rig.settle()
+    assert worker.state == ServiceState.STARTING  # the clock has not moved: no poll came
+    verdict = await rig.daemon.on_beat(Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid,
+                                            seq=0))
+    assert str(verdict) == "accepted"
+    await rig.settle()
+    assert worker.state == ServiceState.RUNNING and worker.ready

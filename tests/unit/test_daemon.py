@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from common.clock import FakeClock
 from common.config import parse_mesh
+from common.ladder import ChildFailed, LadderView, Restart, decide
 from common.models import Beat, RestartRequest
 from common.paths import Home
 from common.states import AlertState, ServiceState, TaskState
@@ -260,6 +261,21 @@ async def test_an_alert_no_ancestor_takes_is_undeliverable_then_the_daemon_decid
     assert row["requested_by"] == "daemon" and row["case_id"] == "idle_failure"
     assert len(await rig.store.events(kind="alert_undeliverable")) == 1
     assert rig.svc("worker").incarnation != old
+
+
+async def test_an_alert_carries_the_view_its_parent_decides_on(rig):
+    """The parent gets with the alert what GET /ladder/view would answer it (decider, alert,
+    the daemon's clock reading): it decides without a round trip of its own."""
+    rig.answer = None
+    old = await rig.crash("worker")
+    [(url, alert)] = [(u, p) for u, p in rig.posts if u.endswith("/handle_child_timeout")]
+    view = LadderView.model_validate(alert["view"])
+    assert (view.decider, view.service.name, view.service.incarnation, view.alert_status) == (
+        "root", "worker", old, "pending")
+    assert isinstance(decide(ChildFailed(alert["alert_id"], "worker", old, "process_exit", True, None), view,
+                             view.now, view.policy), Restart)
+    row = await rig.store.alert(alert["alert_id"])
+    assert "view" not in row and "view" not in (row["detail"] or {})  # never persisted
 
 
 async def test_an_ancestor_that_answers_without_acting_is_passed_over(rig):

@@ -204,9 +204,6 @@ LISTEN_FD = 3  # where a held listening socket goes in the child (systemd's SD_L
 
 def serve(sock_path: str, parent: int | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # The intermediates exit on their own and nobody here waits for them: the kernel reaps
-    # them (each incarnation sets SIGCHLD back to the default before it runs).
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     if parent:
         _die_with(parent)
     # Checked before the slow imports: a path that cannot be bound never will be.
@@ -241,6 +238,10 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         return CANNOT_RUN
     os.chmod(sock_path, 0o600)
     server.listen(256)  # a crash wave asks for many incarnations at once
+    # The intermediates exit on their own and nobody here waits for them: the kernel reaps
+    # them (each incarnation sets SIGCHLD back to the default before it runs). Only from
+    # here: the imports and the warm-up above may run a subprocess and wait for it.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
     while True:
         conn, _ = server.accept()

@@ -22,8 +22,10 @@ server. A dead server is replaced the same way.
 
 Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
-    {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files"}
+    {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
+"deadline" (CLOCK_MONOTONIC seconds, optional): past it the server forks nothing, since the
+daemon no longer waits for the answer.
 A spawn may carry descriptors (SCM_RIGHTS): first, with "log_pipe": true, the log pump's
 pipe (the child's stdout and stderr, instead of opening "log"); then the service's
 listening socket, which the child gets at fd 3 with LISTEN_PID set to its own pid (the
@@ -45,6 +47,7 @@ import runpy
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from services.daemon import unixline  # json and socket only: nothing heavy before the path check
@@ -281,6 +284,9 @@ def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.s
     changed = _stale(sources)
     if changed:
         return {"ok": False, "stale": True, "error": f"{changed} changed since the fork server started"}
+    deadline = req.get("deadline")
+    if isinstance(deadline, (int, float)) and time.monotonic() > deadline:
+        return {"ok": False, "error": "the request waited past its deadline: the daemon has stopped waiting"}
     try:
         _fork(req, fds, conn)
         return None

@@ -642,6 +642,9 @@ def reap_strays(tracked: set[int]) -> list[int]:
     return reaped
 
 
+SPAWN_WAIT = 5.0  # how long the daemon waits for the fork server's answer before it spawns plainly
+
+
 class ForkServerClient:
     """Keeps a fork server running and asks it for new agent processes.
 
@@ -738,9 +741,13 @@ class ForkServerClient:
         if not self.ready:
             return None
         fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
+        # The server forks nothing after "deadline" (CLOCK_MONOTONIC, the same in every process
+        # here): a request it takes after we stopped waiting (then spawning plainly) would
+        # make a second incarnation nobody tracks. The margin is for its answer to arrive.
         reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
                                      "log": str(log_file), "log_pipe": log_fd is not None, "cgroup": cgroup or [],
-                                     "open_files": open_files}, timeout=2.0, fds=fds)
+                                     "open_files": open_files, "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
+                                    timeout=SPAWN_WAIT, fds=fds)
         if reply and reply.get("ok"):
             self.spawned += 1
             return int(reply["pid"])

@@ -141,6 +141,37 @@ while True:
 """
 
 
+def test_a_spawn_asked_past_its_deadline_forks_nothing(tmp_path):
+    """The daemon gave up waiting (and spawned plainly): a late request must not make a
+    second incarnation."""
+    import subprocess
+    import sys
+    import time
+
+    from services.daemon import unixline
+
+    sock = str(tmp_path / "fs.sock")
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, sock], cwd=REPO, env={**os.environ, "TRON_SDKS": ""},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        server = psutil.Process(wait_for(lambda: _ping(sock), 60, "fork server ready", interval=0.05)["pid"])
+        log = tmp_path / "late.log"
+        answer = unixline.ask(sock, {"op": "spawn", "module": "calendar", "env": {}, "cwd": str(tmp_path),
+                                     "log": str(log), "cgroup": [], "deadline": time.monotonic() - 1}, timeout=30)
+        assert answer["ok"] is False and "deadline" in answer["error"]
+        assert not log.exists() and not server.children()
+        assert _ping(sock)  # and it serves on
+    finally:
+        if server is not None:
+            server.terminate()
+        try:
+            reaper.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait()
+
+
 async def test_concurrent_spawns_are_each_answered_with_a_running_incarnation(tmp_path):
     """A crash wave asks for many incarnations at once, each request with its log pipe: every
     one is answered with its own pid, each child runs (its output arrives on its own pipe),

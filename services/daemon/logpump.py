@@ -372,6 +372,7 @@ class LogPumpClient:
         self.pid: int | None = None
         self.proc: subprocess.Popen | None = None
         self.warned = False
+        self._slots = asyncio.Semaphore(6)
 
     def _call(self, req: dict, fds: tuple[int, ...] = (), timeout: float = 2.0) -> dict | None:
         try:
@@ -410,9 +411,10 @@ class LogPumpClient:
             return None
         r, w = os.pipe()
         try:
-            reply = await unixline.ask_async(self.sock_path, {
-                "op": "attach", "path": str(path), "max_bytes": max_bytes, "backups": backups,
-                "rate_limit": rate_limit}, timeout=2.0, fds=(r,))
+            async with self._slots:  # a few at a time: a wave's last attach must not time out in the queue
+                reply = await unixline.ask_async(self.sock_path, {
+                    "op": "attach", "path": str(path), "max_bytes": max_bytes, "backups": backups,
+                    "rate_limit": rate_limit}, timeout=2.0, fds=(r,))
         except (OSError, ValueError):
             reply = None
         finally:

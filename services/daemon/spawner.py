@@ -643,6 +643,7 @@ def reap_strays(tracked: set[int]) -> list[int]:
 
 
 SPAWN_WAIT = 5.0  # how long the daemon waits for the fork server's answer before it spawns plainly
+IN_FLIGHT = 6  # spawn requests sent to the fork server at once; the rest wait their turn here
 
 
 class ForkServerClient:
@@ -665,6 +666,7 @@ class ForkServerClient:
         self.spawned = 0
         self._fd: int | None = None
         self._starting: asyncio.Task | None = None
+        self._slots = asyncio.Semaphore(IN_FLIGHT)
 
     @property
     def pid(self) -> int | None:
@@ -744,10 +746,13 @@ class ForkServerClient:
         # The server forks nothing after "deadline" (CLOCK_MONOTONIC, the same in every process
         # here): a request it takes after we stopped waiting (then spawning plainly) would
         # make a second incarnation nobody tracks. The margin is for its answer to arrive.
-        reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
-                                     "log": str(log_file), "log_pipe": log_fd is not None, "cgroup": cgroup or [],
-                                     "open_files": open_files, "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
-                                    timeout=SPAWN_WAIT, fds=fds)
+        # A few requests at a time: the server forks one after another anyway, and a wave's
+        # last request must not spend its wait in the queue behind the others.
+        async with self._slots:
+            reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
+                                         "log": str(log_file), "log_pipe": log_fd is not None,
+                                         "cgroup": cgroup or [], "open_files": open_files,
+                                         "deadline": time.monotonic() + SPAWN_WAIT - 1.0}, timeout=SPAWN_WAIT, fds=fds)
         if reply and reply.get("ok"):
             self.spawned += 1
             return int(reply["pid"])

@@ -682,8 +682,10 @@ class Agent:
         body = await self.ctx.client.get(f"{self.daemon}/ladder/view?{urlencode(q)}")
         return LadderView.model_validate(body)
 
-    async def decide_and_act(self, event: ChildFailed | Escalated) -> dict:
-        view = await self.view(event.service, alert_id=event.alert_id, task_id=event.task_id)
+    async def decide_and_act(self, event: ChildFailed | Escalated, *, view: dict | None = None) -> dict:
+        """Decide on ``view`` when the daemon sent it with the alert, else on one read now."""
+        view = LadderView.model_validate(view) if view is not None else \
+            await self.view(event.service, alert_id=event.alert_id, task_id=event.task_id)
         decision = decide(event, view, view.now, view.policy)
         decided_by, detail = "policy", {}
         if view.policy.llm_advice and isinstance(decision, Restart) and decision.with_task:
@@ -704,7 +706,7 @@ class Agent:
                    task=alert.task_id, run=alert.run_id)
         event = ChildFailed(alert.alert_id, alert.service, alert.incarnation,
                             alert.detail.get("error_reason") or str(alert.reason), alert.retryable, alert.task_id)
-        return web.json_response(await self.decide_and_act(event))
+        return web.json_response(await self.decide_and_act(event, view=alert.view))
 
     @require_token
     async def _h_grandchild_failure(self, request: web.Request) -> web.Response:

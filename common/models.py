@@ -102,6 +102,10 @@ class Alert(Msg):
     provider: str | None = None
     retryable: bool = True
     hops: list[str] = []
+    # What the receiving parent would read from GET /ladder/view, read by the daemon as it
+    # delivers (common.ladder.LadderView, as JSON): the parent decides on it without a
+    # round trip of its own. Never persisted; a parent that ignores it may still ask.
+    view: dict[str, Any] | None = None
 
 
 CaseStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z_]+$")]

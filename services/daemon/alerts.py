@@ -100,8 +100,13 @@ class AlertRouter:
                 continue
             logs.comms("alert", src=DAEMON, dst=target, alert=alert.alert_id, agent=alert.service,
                        task=alert.task_id, run=alert.run_id, incarnation=alert.incarnation)
+            # The parent's view goes with the alert: it decides on it at once (one HTTP round
+            # trip fewer on every restart); the restart it asks for is checked again here.
+            view = await self.carrier.view(alert.service, decider=target, alert_id=alert.alert_id,
+                                           task_id=alert.task_id)
             try:
-                await self.client.post(self.config.url(target) + "/handle_child_timeout", alert,
+                await self.client.post(self.config.url(target) + "/handle_child_timeout",
+                                       alert.model_copy(update={"view": view.model_dump(mode="json")}),
                                        timeout=self.policy().delivery_timeout)
             except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                 log.warning("alert delivery to %s failed: %s", target, err, extra={"alert": alert.alert_id})

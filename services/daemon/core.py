@@ -530,6 +530,8 @@ class Daemon:
             self.metrics.spans_dropped_total(beat.service, beat.incarnation, beat.spans_dropped)
         svc = self.sup[beat.service]
         svc.last_beat = now
+        if svc.state == ServiceState.STARTING:
+            svc.beat_seen.set()  # it serves: its health check need not wait for the next poll
         if beat.task_id and (beat.task_id != svc.task_id or beat.progress != svc.progress):
             await self.store.task_progress(beat.task_id, beat.incarnation, beat.progress)
         svc.task_id, svc.progress = beat.task_id, beat.progress

@@ -324,7 +324,7 @@ class Pump:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(self.sock_path)
         os.chmod(self.sock_path, 0o600)
-        server.listen(64)
+        server.listen(256)  # a crash wave attaches many incarnations at once
         self.sel.register(server, selectors.EVENT_READ, "server")
         print(json.dumps({"msg": "log pump ready", "pid": os.getpid()}), flush=True)
         while True:
@@ -372,6 +372,7 @@ class LogPumpClient:
         self.pid: int | None = None
         self.proc: subprocess.Popen | None = None
         self.warned = False
+        self._slots = asyncio.Semaphore(6)
 
     def _call(self, req: dict, fds: tuple[int, ...] = (), timeout: float = 2.0) -> dict | None:
         try:
@@ -403,15 +404,19 @@ class LogPumpClient:
         log.error("the log pump did not start (see %s): services write their logs themselves, unrotated",
                   self.own_log)
 
-    def pipe_for(self, path: Path, *, max_bytes: int, backups: int, rate_limit: int | None) -> int | None:
+    async def pipe_for(self, path: Path, *, max_bytes: int, backups: int, rate_limit: int | None) -> int | None:
         """The write end of a pipe whose read end the pump now holds for ``path``; the
         caller hands it to the child and closes it. None: write the file directly."""
         if self.pid is None:
             return None
         r, w = os.pipe()
         try:
-            reply = self._call({"op": "attach", "path": str(path), "max_bytes": max_bytes, "backups": backups,
-                                "rate_limit": rate_limit}, (r,))
+            async with self._slots:  # a few at a time: a wave's last attach must not time out in the queue
+                reply = await unixline.ask_async(self.sock_path, {
+                    "op": "attach", "path": str(path), "max_bytes": max_bytes, "backups": backups,
+                    "rate_limit": rate_limit}, timeout=2.0, fds=(r,))
+        except (OSError, ValueError):
+            reply = None
         finally:
             os.close(r)
         if reply and reply.get("ok"):

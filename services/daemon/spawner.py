@@ -358,7 +358,7 @@ class LocalSpawner:
             _check_port_free(spec.port)
         log_fd = None
         if self.logs is not None and spec.log_limits is not None:
-            log_fd = await asyncio.to_thread(self.logs.pipe_for, spec.log, **spec.log_limits)
+            log_fd = await self.logs.pipe_for(spec.log, **spec.log_limits)
         try:
             child = await self._spawn(spec, log_fd)
         finally:
@@ -826,6 +826,10 @@ def local_fork_server(config: MeshConfig, home: Home) -> ForkServerClient:
                             {**os.environ, **fork_server_env(config, home)})
 
 
+SPAWN_WAIT = 5.0  # how long the daemon waits for the fork server's answer before it spawns plainly
+IN_FLIGHT = 6  # spawn requests sent to the fork server at once; the rest wait their turn here
+
+
 class ForkServerClient:
     """Keeps a fork server running and asks it for new agent processes.
 
@@ -846,6 +850,7 @@ class ForkServerClient:
         self.spawned = 0
         self._fd: int | None = None
         self._starting: asyncio.Task | None = None
+        self._slots = asyncio.Semaphore(IN_FLIGHT)
 
     @property
     def pid(self) -> int | None:
@@ -920,7 +925,7 @@ class ForkServerClient:
         """One request line (with ``fds`` alongside, SCM_RIGHTS) and its answer; None when
         the server does not answer well within ``timeout``."""
         try:
-            return await asyncio.to_thread(unixline.ask, self.sock_path, req, timeout=timeout, fds=fds)
+            return await unixline.ask_async(self.sock_path, req, timeout=timeout, fds=fds)
         except (OSError, ValueError):
             return None
 
@@ -930,9 +935,16 @@ class ForkServerClient:
         if not self.ready:
             return None
         fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
-        reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
-                                     "log": str(log_file), "log_pipe": log_fd is not None, "cgroup": cgroup or [],
-                                     "open_files": open_files}, timeout=2.0, fds=fds)
+        # The server forks nothing after "deadline" (CLOCK_MONOTONIC, the same in every process
+        # here): a request it takes after we stopped waiting (then spawning plainly) would
+        # make a second incarnation nobody tracks. The margin is for its answer to arrive.
+        # A few requests at a time: the server forks one after another anyway, and a wave's
+        # last request must not spend its wait in the queue behind the others.
+        async with self._slots:
+            reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
+                                         "log": str(log_file), "log_pipe": log_fd is not None,
+                                         "cgroup": cgroup or [], "open_files": open_files,
+                                         "deadline": time.monotonic() + SPAWN_WAIT - 1.0}, timeout=SPAWN_WAIT, fds=fds)
         if reply and reply.get("ok"):
             self.spawned += 1
             return int(reply["pid"])

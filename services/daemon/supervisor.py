@@ -85,6 +85,7 @@ class Service:
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # ends its backoff now (`tron start` after a fix)
+    beat_seen: asyncio.Event = field(default_factory=asyncio.Event)  # a beat of the starting incarnation: ask now
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -303,6 +304,7 @@ class Supervisor:
         svc.spawned_provider = svc.provider
         svc.healthy.clear()
         svc.settled.clear()
+        svc.beat_seen.clear()
         await self.store.open_session(incarnation, svc.name, svc.spec.port, svc.provider,
                                       mode="fork" if svc.spec.is_agent else "plain")
         self.watch(svc)
@@ -393,10 +395,11 @@ class Supervisor:
         while self.clock.now() < deadline:
             if svc.incarnation != incarnation or svc.child is None or not svc.child.alive:
                 return
+            svc.beat_seen.clear()  # a beat from here on means it may serve now
             passed = passed + 1 if await self.healthy_now(svc, incarnation) else 0
             if passed >= needed:
                 break
-            await self.clock.sleep(pause)
+            await self._pause(svc, pause)
         else:
             if svc.incarnation == incarnation and svc.child is not None and svc.child.alive:
                 signal = self.monitor.raise_alert(svc.name, incarnation, Reason.START_TIMEOUT, self.clock.now(),
@@ -423,6 +426,20 @@ class Supervisor:
             svc.failed_at = None
         if self.on_healthy is not None and svc.spec.is_agent:
             await self.on_healthy(svc)
+
+    async def _pause(self, svc: Service, seconds: float) -> None:
+        """Until the next health check: ``seconds``, or less when the new incarnation beats
+        first. An agent beats as soon as it serves, so its recovery does not wait out the
+        rest of a poll interval."""
+        if svc.beat_seen.is_set():
+            return
+        sleep = asyncio.ensure_future(self.clock.sleep(seconds))
+        beat = asyncio.ensure_future(svc.beat_seen.wait())
+        try:
+            await asyncio.wait({sleep, beat}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleep.cancel()
+            beat.cancel()
 
     async def wait_settled(self, svc: Service, timeout: float) -> bool:
         """Until the latest start attempt is healthy or has failed; True if healthy."""

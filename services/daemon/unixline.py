@@ -1,6 +1,7 @@
 """One JSON request line over a unix socket, descriptors alongside (SCM_RIGHTS), and its
 answer line: how the daemon talks to its helpers (the fork server, the log pump). ``ask``
-is the daemon's side, ``receive`` the helper's."""
+(blocking) and ``ask_async`` (on the event loop) are the daemon's side, ``receive`` the
+helper's."""
 
 from __future__ import annotations
 
@@ -21,6 +22,35 @@ def ask(sock_path: str, req: dict, *, timeout: float, fds: tuple[int, ...] = ())
             if not chunk:
                 break
             data += chunk
+    return json.loads(data) if data else None
+
+
+async def ask_async(sock_path: str, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:
+    """``ask`` on the running loop, without a worker thread: a restart waits for no thread
+    of the pool (six here, which twenty concurrent restarts queued behind). Raises OSError
+    (not there, refused, timed out) and ValueError (not JSON)."""
+    import asyncio  # here: the fork server imports this module before anything heavy
+
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(conn, sock_path)
+                line = json.dumps(req).encode() + b"\n"
+                # The descriptors go with the first bytes; a fresh socket's buffer takes the whole
+                # line, and what it did not is sent after them.
+                sent = socket.send_fds(conn, [line], list(fds))
+                if sent < len(line):
+                    await loop.sock_sendall(conn, line[sent:])
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = await loop.sock_recv(conn, 1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+        except TimeoutError:
+            raise OSError(f"no answer from {sock_path} within {timeout}s") from None
     return json.loads(data) if data else None
 
 

@@ -125,3 +125,100 @@ def test_without_the_fork_server_agents_spawn_plainly(mesh_factory):
     old = m.kill("programmer-1")
     m.wait_replaced("programmer-1", old)
     assert spawn_modes(m, "programmer-1") == ["plain", "plain"]  # the replacement too: no fork server to ask
+
+
+# A subreaper in front of the fork server, as the daemon is: the incarnations come to it.
+REAPER = """
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+if os.fork() == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "services.daemon.forkserver", sys.argv[1]])
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def test_a_spawn_asked_past_its_deadline_forks_nothing(tmp_path):
+    """The daemon gave up waiting (and spawned plainly): a late request must not make a
+    second incarnation."""
+    import subprocess
+    import sys
+    import time
+
+    from services.daemon import unixline
+
+    sock = str(tmp_path / "fs.sock")
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, sock], cwd=REPO, env={**os.environ, "TRON_SDKS": ""},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        server = psutil.Process(wait_for(lambda: _ping(sock), 60, "fork server ready", interval=0.05)["pid"])
+        log = tmp_path / "late.log"
+        answer = unixline.ask(sock, {"op": "spawn", "module": "calendar", "env": {}, "cwd": str(tmp_path),
+                                     "log": str(log), "cgroup": [], "deadline": time.monotonic() - 1}, timeout=30)
+        assert answer["ok"] is False and "deadline" in answer["error"]
+        assert not log.exists() and not server.children()
+        assert _ping(sock)  # and it serves on
+    finally:
+        if server is not None:
+            server.terminate()
+        try:
+            reaper.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait()
+
+
+async def test_concurrent_spawns_are_each_answered_with_a_running_incarnation(tmp_path):
+    """A crash wave asks for many incarnations at once, each request with its log pipe: every
+    one is answered with its own pid, each child runs (its output arrives on its own pipe),
+    and no intermediate is left behind (the server waits for none of them)."""
+    import asyncio
+    import datetime
+    import subprocess
+    import sys
+
+    from services.daemon import unixline
+
+    sock = str(tmp_path / "fs.sock")
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, sock], cwd=REPO, env={**os.environ, "TRON_SDKS": ""},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    pipes = []
+    try:
+        ping = wait_for(lambda: _ping(sock), 60, "fork server ready", interval=0.05)
+        server = psutil.Process(ping["pid"])
+        pipes = [os.pipe() for _ in range(12)]
+        requests = [unixline.ask_async(sock, {"op": "spawn", "module": "calendar", "env": {"PATH": os.defpath},
+                                              "cwd": str(tmp_path), "log": "", "log_pipe": True, "cgroup": []},
+                                       timeout=30, fds=(w,)) for _, w in pipes]
+        answers = await asyncio.gather(*requests)
+        for _, w in pipes:
+            os.close(w)
+        assert all(a and a["ok"] for a in answers), answers
+        assert len({a["pid"] for a in answers}) == len(answers)
+        for r, _ in pipes:  # each child ran: the calendar, then EOF when it exited
+            with os.fdopen(r, "rb") as out:
+                assert str(datetime.date.today().year).encode() in out.read()
+        wait_for(lambda: not server.children(), 30, "no intermediate left under the fork server")
+    finally:
+        if server is not None:
+            server.terminate()
+        try:
+            reaper.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait()
+
+
+def _ping(sock: str) -> dict | None:
+    from services.daemon import unixline
+
+    try:
+        reply = unixline.ask(sock, {"op": "ping"}, timeout=1.0)
+    except OSError:
+        return None
+    return reply if reply and reply.get("ok") else None

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from common.clock import FakeClock
 from common.config import parse_mesh
-from common.models import RestartRequest
+from common.ladder import ChildFailed, LadderView, Restart, decide
+from common.models import Beat, RestartRequest
 from common.paths import Home
 from common.states import AlertState, ServiceState, TaskState
 from registry.memory import MemoryStore
@@ -260,6 +261,21 @@ async def test_an_alert_no_ancestor_takes_is_undeliverable_then_the_daemon_decid
     assert row["requested_by"] == "daemon" and row["case_id"] == "idle_failure"
     assert len(await rig.store.events(kind="alert_undeliverable")) == 1
     assert rig.svc("worker").incarnation != old
+
+
+async def test_an_alert_carries_the_view_its_parent_decides_on(rig):
+    """The parent gets with the alert what GET /ladder/view would answer it (decider, alert,
+    the daemon's clock reading): it decides without a round trip of its own."""
+    rig.answer = None
+    old = await rig.crash("worker")
+    [(url, alert)] = [(u, p) for u, p in rig.posts if u.endswith("/handle_child_timeout")]
+    view = LadderView.model_validate(alert["view"])
+    assert (view.decider, view.service.name, view.service.incarnation, view.alert_status) == (
+        "root", "worker", old, "pending")
+    assert isinstance(decide(ChildFailed(alert["alert_id"], "worker", old, "process_exit", True, None), view,
+                             view.now, view.policy), Restart)
+    row = await rig.store.alert(alert["alert_id"])
+    assert "view" not in row and "view" not in (row["detail"] or {})  # never persisted
 
 
 async def test_an_ancestor_that_answers_without_acting_is_passed_over(rig):
@@ -627,3 +643,26 @@ async def test_a_start_that_cannot_be_prepared_is_a_spawn_failure_not_a_hang(rig
     assert [r["reason"] for r in rows] == ["process_exit", "spawn_failed"], rows
     [event] = await rig.store.events(kind="spawn_failed")
     assert "cannot prepare its start: KeyError" in event["payload"]["error"]
+
+
+async def test_a_starting_agents_first_beat_brings_its_health_check_forward(rig):
+    """The health check of a new incarnation polls; a beat from it (it serves by then) makes
+    the next check happen now rather than after the poll interval: the fake clock never
+    moves here, so only the beat can end the wait."""
+    serving = False
+
+    async def healthy(svc, incarnation):
+        return serving and svc.incarnation == incarnation and svc.child is not None and svc.child.alive
+
+    rig.daemon.sup.healthy_now = healthy
+    old = await rig.crash("worker")
+    worker = rig.svc("worker")
+    assert worker.incarnation != old and worker.state == ServiceState.STARTING  # not serving yet: it waits
+    serving = True
+    await rig.settle()
+    assert worker.state == ServiceState.STARTING  # the clock has not moved: no poll came
+    verdict = await rig.daemon.on_beat(Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid,
+                                            seq=0))
+    assert str(verdict) == "accepted"
+    await rig.settle()
+    assert worker.state == ServiceState.RUNNING and worker.ready

@@ -63,6 +63,8 @@ LOST_TASK_CHECK_EVERY = 1.0
 
 __all__ = ["Daemon", "StartError"]
 
+RECYCLED_TASKS = 10_000  # tasks remembered as recycled at a checkpoint (once each)
+
 
 class Daemon:
     def __init__(self, config: MeshConfig, home: Home, *, config_path: Path | None = None, store: Store | None = None,
@@ -93,6 +95,10 @@ class Daemon:
         self.log_stats: dict | None = None  # the log pump's counters, read by the housekeeping
         self.logs_disk_full = False
         self._recycling: set[str] = set()  # incarnations being recycled at a checkpoint (once each)
+        # Tasks already recycled at a checkpoint: once per task, so an agent already over its
+        # limit when it starts (a limit set too low) is not killed at every step of one task;
+        # it is recycled again between tasks. Bounded: forgotten wholesale past RECYCLED_TASKS.
+        self._recycled_tasks: set[str] = set()
         self._spawner = spawner
         self._run_monitor_thread = monitor_thread  # unit tests drive monitor.tick(now) themselves
         self.sup: Supervisor | None = None
@@ -456,17 +462,22 @@ class Daemon:
         after any restart. Not a failure: no alert, no retry_history row, nothing counted
         against the task's restarts or the service's restart budget. True when it is."""
         if svc.incarnation != incarnation or svc.replacing is not None or svc.stopped \
-                or incarnation in self._recycling or not svc.spec.restart_above_memory:
+                or incarnation in self._recycling or not svc.spec.restart_above_memory \
+                or task_id in self._recycled_tasks:
             return False
         over = await asyncio.to_thread(self.sup.over_memory, svc)
         if over is None or svc.incarnation != incarnation or incarnation in self._recycling:
             return False
         self._recycling.add(incarnation)
+        if len(self._recycled_tasks) >= RECYCLED_TASKS:
+            self._recycled_tasks.clear()
+        self._recycled_tasks.add(task_id)
         if getattr(self.store, "durable", self.store) is not self.store and not await self.store.flushed(5.0):
             # The registry lags (degraded): the checkpoint is not durable yet, so no kill; the next one decides.
             log.warning("%s: not recycled at checkpoint %s of %s: the registry has not recorded it yet", svc.name,
                         step, task_id, extra={"offender": svc.name, "task": task_id})
             self._recycling.discard(incarnation)
+            self._recycled_tasks.discard(task_id)
             return False
         measured = {"reason": "memory_recycle", **over, "at": "checkpoint", "task_id": task_id, "checkpoint": step}
         log.info("%s: recycled at a checkpoint of %s (memory_recycle)", svc.name, task_id,

@@ -26,8 +26,11 @@ def test_agents_are_recycled_between_tasks(mesh_factory):
     run = wait_for(lambda: (r := mesh.http("GET", mesh.url("gateway") + f"/runs/{body['run_id']}")[1])
                    and r["status"] != "running" and r, 120, "the run to finish")
     assert run["status"] == "done", run  # no task was cut short by a recycle
-    rows = wait_for(lambda: len(r := mesh.rows("SELECT agent, incarnation, payload FROM events "
-                                                "WHERE kind = 'recycled' ORDER BY id")) >= 2 and r, 30, "recycles")
+    def recycles() -> list[dict] | None:
+        rows = mesh.rows("SELECT agent, incarnation, payload FROM events WHERE kind = 'recycled' ORDER BY id")
+        return rows if {r["agent"] for r in rows} >= {"programmer-1", "programmer-2"} else None
+
+    rows = wait_for(recycles, 30, "a recycle of each programmer")
     first = {r["agent"]: (r["incarnation"], json.loads(r["payload"])) for r in reversed(rows)}
     assert first["programmer-1"][0] == before["programmer-1"]
     assert first["programmer-1"][1]["reason"] == "max_tasks" and first["programmer-1"][1]["tasks"] >= 1

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home")
     args = parser.parse_args(argv)
     on_postgres = False
+    forkserver = None
     try:
         config = load_mesh(args.config)
         on_postgres = registry_url(config) is not None
@@ -97,6 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StartError) as err:
         print(f"tron daemon: {err}", file=sys.stderr)
         return 2
+    finally:
+        end_fork_server(forkserver)
+
+
+def end_fork_server(forkserver: ForkServerClient | None) -> None:
+    """The fork server launched early must not outlive a daemon that could not start (a
+    malformed registry, an unsafe token file): ended here, not a moment later by its
+    parent-death signal, so `tron up` returns with nothing of the home left running. A
+    daemon that ran has stopped it already."""
+    proc = forkserver.proc if forkserver is not None else None
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def launch_fork_server(config: MeshConfig, home: Home) -> ForkServerClient | None:

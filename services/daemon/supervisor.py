@@ -431,15 +431,18 @@ class Supervisor:
         """Until the next health check: ``seconds``, or less when the new incarnation beats
         first. An agent beats as soon as it serves, so its recovery does not wait out the
         rest of a poll interval."""
-        if svc.beat_seen.is_set():
-            return
+        if not svc.beat_seen.is_set():
+            await self._sleep_or(seconds, svc.beat_seen)
+
+    async def _sleep_or(self, seconds: float, event: asyncio.Event) -> None:
+        """``seconds`` on the clock, or less if ``event`` is set meanwhile."""
         sleep = asyncio.ensure_future(self.clock.sleep(seconds))
-        beat = asyncio.ensure_future(svc.beat_seen.wait())
+        woken = asyncio.ensure_future(event.wait())
         try:
-            await asyncio.wait({sleep, beat}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleep.cancel()
-            beat.cancel()
+            woken.cancel()
 
     async def wait_settled(self, svc: Service, timeout: float) -> bool:
         """Until the latest start attempt is healthy or has failed; True if healthy."""
@@ -527,13 +530,7 @@ class Supervisor:
 
     async def _backoff(self, svc: Service, delay: float) -> None:
         """Wait out ``delay`` on the clock, or until an operator wakes the service."""
-        sleep = asyncio.ensure_future(self.clock.sleep(delay))
-        woken = asyncio.ensure_future(svc.wake.wait())
-        try:
-            await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleep.cancel()
-            woken.cancel()
+        await self._sleep_or(delay, svc.wake)
         if svc.wake.is_set():
             log.info("%s: backoff ended by an operator", svc.name, extra={"offender": svc.name})
 

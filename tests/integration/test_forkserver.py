@@ -4,6 +4,7 @@ still spawn plainly."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -141,14 +142,12 @@ while True:
 """
 
 
-def test_a_spawn_asked_past_its_deadline_forks_nothing(tmp_path):
-    """The daemon gave up waiting (and spawned plainly): a late request must not make a
-    second incarnation."""
+@contextlib.contextmanager
+def _fork_server(tmp_path):
+    """A fork server behind its subreaper, on a socket in ``tmp_path``: (socket, server process);
+    ended, and its reaper with it, however the test ends."""
     import subprocess
     import sys
-    import time
-
-    from services.daemon import unixline
 
     sock = str(tmp_path / "fs.sock")
     reaper = subprocess.Popen([sys.executable, "-c", REAPER, sock], cwd=REPO, env={**os.environ, "TRON_SDKS": ""},
@@ -156,12 +155,7 @@ def test_a_spawn_asked_past_its_deadline_forks_nothing(tmp_path):
     server = None
     try:
         server = psutil.Process(wait_for(lambda: _ping(sock), 60, "fork server ready", interval=0.05)["pid"])
-        log = tmp_path / "late.log"
-        answer = unixline.ask(sock, {"op": "spawn", "module": "calendar", "env": {}, "cwd": str(tmp_path),
-                                     "log": str(log), "cgroup": [], "deadline": time.monotonic() - 1}, timeout=30)
-        assert answer["ok"] is False and "deadline" in answer["error"]
-        assert not log.exists() and not server.children()
-        assert _ping(sock)  # and it serves on
+        yield sock, server
     finally:
         if server is not None:
             server.terminate()
@@ -172,25 +166,32 @@ def test_a_spawn_asked_past_its_deadline_forks_nothing(tmp_path):
             reaper.wait()
 
 
+def test_a_spawn_asked_past_its_deadline_forks_nothing(tmp_path):
+    """The daemon gave up waiting (and spawned plainly): a late request must not make a
+    second incarnation."""
+    import time
+
+    from services.daemon import unixline
+
+    with _fork_server(tmp_path) as (sock, server):
+        log = tmp_path / "late.log"
+        answer = unixline.ask(sock, {"op": "spawn", "module": "calendar", "env": {}, "cwd": str(tmp_path),
+                                     "log": str(log), "cgroup": [], "deadline": time.monotonic() - 1}, timeout=30)
+        assert answer["ok"] is False and "deadline" in answer["error"]
+        assert not log.exists() and not server.children()
+        assert _ping(sock)  # and it serves on
+
+
 async def test_concurrent_spawns_are_each_answered_with_a_running_incarnation(tmp_path):
     """A crash wave asks for many incarnations at once, each request with its log pipe: every
     one is answered with its own pid, each child runs (its output arrives on its own pipe),
     and no intermediate is left behind (the server waits for none of them)."""
     import asyncio
     import datetime
-    import subprocess
-    import sys
 
     from services.daemon import unixline
 
-    sock = str(tmp_path / "fs.sock")
-    reaper = subprocess.Popen([sys.executable, "-c", REAPER, sock], cwd=REPO, env={**os.environ, "TRON_SDKS": ""},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = None
-    pipes = []
-    try:
-        ping = wait_for(lambda: _ping(sock), 60, "fork server ready", interval=0.05)
-        server = psutil.Process(ping["pid"])
+    with _fork_server(tmp_path) as (sock, server):
         pipes = [os.pipe() for _ in range(12)]
         requests = [unixline.ask_async(sock, {"op": "spawn", "module": "calendar", "env": {"PATH": os.defpath},
                                               "cwd": str(tmp_path), "log": "", "log_pipe": True, "cgroup": []},
@@ -204,14 +205,6 @@ async def test_concurrent_spawns_are_each_answered_with_a_running_incarnation(tm
             with os.fdopen(r, "rb") as out:
                 assert str(datetime.date.today().year).encode() in out.read()
         wait_for(lambda: not server.children(), 30, "no intermediate left under the fork server")
-    finally:
-        if server is not None:
-            server.terminate()
-        try:
-            reaper.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            reaper.kill()
-            reaper.wait()
 
 
 def _ping(sock: str) -> dict | None:

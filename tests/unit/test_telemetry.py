@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -197,6 +198,14 @@ def test_a_hung_collector_fills_the_queue_and_the_overflow_is_counted_not_waited
         telemetry.shutdown(timeout=0.2)  # bounded: returns although the exporter still hangs
     finally:
         hanging.release.set()
+        # The released export fails and its spans are counted dropped from the exporter's own
+        # thread: wait for it, so the count does not move under the next test (a shared counter).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the count has been still for half a second
+            seen = telemetry.dropped()
+            time.sleep(0.5)
+            if telemetry.dropped() == seen:
+                break
 
 
 def test_log_lines_inside_a_span_carry_its_ids_and_logs_trace_filters_by_them(spans, capsys):

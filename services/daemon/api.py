@@ -1066,7 +1066,7 @@ async def host_guard(request: web.Request, handler) -> web.StreamResponse:
     the public endpoints (/status, /health, /metrics) from the user's browser. An address
     (no name to rebind) and the daemon's own names pass; tokens guard everything else."""
     host = (request.url.host or "").strip("[]").lower()
-    if host:
+    if host and host not in LOOPBACK_NAMES:  # the common case decided before any name is looked up
         try:
             ipaddress.ip_address(host)
         except ValueError:

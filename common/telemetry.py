@@ -38,6 +38,7 @@ import contextvars
 import hashlib
 import logging
 import os
+import random
 import threading
 import time
 from datetime import datetime
@@ -92,6 +93,15 @@ class _On:
         self.client_kind = SpanKind.CLIENT
 
         self.process = processor if isinstance(processor, ProcessExport) else None  # the exporter process's
+        # An LLM call's span is handed over as a record made directly (no SDK span: its 300-odd
+        # Python calls, run cold after each HTTP exchange, were most of what tracing added to a
+        # call) when nothing but the default sampler could have a say: exported by our process,
+        # sampled as the parent is (a root always).
+        from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+
+        sampler = getattr(provider, "sampler", None)
+        self.direct = self.process is not None and sampler is not None and \
+            sampler.get_description() == DEFAULT_ON.get_description()
 
 
 _on: _On | None = None  # None: tracing is off, and nothing of the SDK is imported
@@ -537,11 +547,42 @@ def llm_span(provider: str, model: str | None, *, prompt: str | None = None,
             call.status = Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"[:200])
         raise
     finally:
-        span = on.tracer.start_span(f"chat {model or provider}", context=parent, kind=on.client_kind,
-                                    attributes=call.attributes, start_time=start)
-        if call.status is not None:
-            span.set_status(call.status)
-        span.end()
+        if on.direct:
+            _hand_llm_record(on, f"chat {model or provider}", parent, start, call)
+        else:
+            span = on.tracer.start_span(f"chat {model or provider}", context=parent, kind=on.client_kind,
+                                        attributes=call.attributes, start_time=start)
+            if call.status is not None:
+                span.set_status(call.status)
+            span.end()
+
+
+def _hand_llm_record(on: _On, name: str, parent, start: int, call: _Call) -> None:
+    """The LLM call's span as the exporter process's record (``trace_export.record``'s shape),
+    made without an SDK span: ids as the SDK's RandomIdGenerator makes them, the parent's trace
+    and sampling as ParentBased(ALWAYS_ON) decides, attribute values as the SDK keeps them
+    (None dropped, lists as tuples). tests/unit/test_trace_export.py compares it with the SDK's."""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span(parent).get_span_context()
+    if ctx.is_valid:
+        if not ctx.trace_flags.sampled:
+            return
+        trace_id, parent_id, remote, flags = ctx.trace_id, ctx.span_id, ctx.is_remote, 1 | (ctx.trace_flags & 2)
+    else:
+        trace_id, parent_id, remote, flags = _random_id(128), 0, False, 3  # sampled, random trace id
+    attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in call.attributes.items() if v is not None}
+    status = call.status
+    code, description = (status.status_code.value, status.description) if status is not None else (0, None)
+    on.process.hand((name, trace_id, _random_id(64), flags, parent_id, remote, on.client_kind.value, start,
+                     time.time_ns(), attributes, (), (), code, description))
+
+
+def _random_id(bits: int) -> int:
+    while True:  # as the SDK's RandomIdGenerator: never the invalid id 0
+        value = random.getrandbits(bits)
+        if value:
+            return value
 
 
 def llm_result(span, reply=None, failure=None) -> None:

@@ -4,6 +4,7 @@ collector that is down, one that hangs, and a traced process killed with SIGKILL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from common import telemetry
@@ -231,3 +233,50 @@ def test_with_no_process_to_fork_spans_are_exported_from_a_thread(receiver, monk
     finally:
         telemetry.shutdown(5)
     assert len(receiver.named("step 1 s")) == 1
+
+
+@pytest.mark.parametrize("parent", ["none", "local", "remote-sampled", "remote-unsampled"])
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_llm_span_handed_over_directly_is_the_record_the_sdk_span_would_make(receiver, monkeypatch, parent, fails):
+    """``llm_span`` hands the exporter process a record made without an SDK span: the same
+    record as the SDK's span gives (``record``), but its ids and times, under every kind of
+    parent, and nothing when the parent was not sampled (ParentBased, as the SDK samples)."""
+    assert telemetry.setup(TelemetrySection(otlp_endpoint=receiver.url), service="svc", env={})
+    on = telemetry._on
+    try:
+        assert on.direct
+        handed: list[tuple] = []
+        monkeypatch.setattr(on.process, "hand", handed.append)
+
+        def one() -> None:
+            with contextlib.ExitStack() as stack:
+                if parent == "local":
+                    stack.enter_context(telemetry.run_span("r-1", "prompt"))
+                elif parent.startswith("remote"):
+                    flags = "01" if parent == "remote-sampled" else "00"
+                    remote = telemetry._parse(f"00-{'ab' * 16}-{'cd' * 8}-{flags}")
+                    stack.enter_context(trace.use_span(trace.NonRecordingSpan(remote)))
+                try:
+                    with telemetry.llm_span("anthropic", "claude-x") as call:
+                        telemetry.llm_result(call, Reply())
+                        if fails:
+                            raise TimeoutError("no answer")
+                except TimeoutError:
+                    pass
+
+        one()
+        monkeypatch.setattr(on, "direct", False)
+        one()
+    finally:
+        telemetry.shutdown(5)
+    chats = [r for r in handed if r[0] == "chat claude-x"]
+    if parent == "remote-unsampled":
+        assert chats == []
+        return
+    direct, sdk = chats
+    ids = (1, 2, 4, 7, 8)  # trace id, span id, parent id, start, end
+    assert [v for i, v in enumerate(direct) if i not in ids] == [v for i, v in enumerate(sdk) if i not in ids]
+    assert direct[2] != 0 and direct[1] != 0 and direct[7] <= direct[8]
+    assert (direct[4] == 0) == (parent == "none")
+    if parent == "remote-sampled":
+        assert direct[1] == int("ab" * 16, 16) and direct[4] == int("cd" * 8, 16) and direct[5] is True

@@ -76,6 +76,7 @@ from pathlib import Path
 import psutil
 
 from scripts.stats import summary
+from services.daemon.__main__ import SWITCH_INTERVAL
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -210,6 +211,8 @@ class ServerSide:
         if self.args.server_gc_freeze:
             gc.collect()
             gc.freeze()  # diagnostic: start-up objects out of the collector's sight
+        if self.args.server_switch_interval:
+            sys.setswitchinterval(self.args.server_switch_interval)  # the GIL's hand-over period, as the daemon
 
     async def _setup(self) -> None:
         from aiohttp import web
@@ -837,7 +840,7 @@ async def orchestrate(args) -> dict:
     try:
         for kind in ("real", "bare"):
             extra = ("--beats-conns", str(args.beats_conns), "--beats-batch", str(args.beats_batch),
-                     "--probes", str(args.probes))
+                     "--probes", str(args.probes), "--server-switch-interval", str(args.server_switch_interval))
             servers[kind] = await loop.run_in_executor(None, Server, kind, Path(tmp.name), args.services, listener,
                                                        authkey, args.server_gc_freeze, extra)
         real, bare = servers["real"], servers["bare"]
@@ -1039,6 +1042,9 @@ def main() -> int:
     ap.add_argument("--client", choices=("raw", "aiohttp"), default="raw")
     ap.add_argument("--profile-seconds", type=float, default=6.0, help="0 skips profiling")
     ap.add_argument("--json", type=Path, default=RESULTS / "beat_ingest.json")
+    ap.add_argument("--server-switch-interval", type=float, default=SWITCH_INTERVAL,
+                    help="sys.setswitchinterval(S) in the server processes: the daemon's (services/daemon/"
+                         "__main__.py) unless told (0.005: Python's own)")
     ap.add_argument("--server-gc-freeze", action="store_true",
                     help="diagnostic: gc.freeze() in both server processes once they are set up")
     # server-process mode (internal)

@@ -59,3 +59,13 @@ async def test_nothing_listening_is_an_oserror():
                 await client.post(f"http://127.0.0.1:{port}/x", {})
         finally:
             await client.close()
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('{"error": "no", "verdict": "stale"}', {"error": "no", "verdict": "stale"}),
+    ("not json", {"error": "not json"}),
+    ('["a", "list"]', {"error": '["a", "list"]'}),  # once returned as is: err.json().get(...) raised AttributeError
+    ("3", {"error": "3"}),
+])
+def test_an_error_body_is_always_an_object_to_read_from(body, expected):
+    assert MeshHTTPError(409, "http://x", body).json() == expected

@@ -89,20 +89,23 @@ class TelemetrySection(BaseModel):
 
 
 class _Counted(Protocol):
-    """What ``shutdown`` reads of batch_processor's exporter."""
+    """What is read of batch_processor's exporter (here and in common/trace_export.py)."""
 
+    delivered: int
     failing: bool
     busy: bool
 
 
 class _Batch(Protocol):
-    """What ``shutdown`` reads of batch_processor's span processor (a BatchSpanProcessor made
-    inside it, where the SDK is imported)."""
+    """What is used of batch_processor's span processor (here and in common/trace_export.py):
+    a BatchSpanProcessor made inside it, where the SDK is imported."""
 
     closed: bool
 
     @property
     def counting(self) -> _Counted: ...
+
+    def on_end(self, span: ReadableSpan) -> None: ...
 
     def force_flush(self, timeout_millis: int = 30000) -> bool: ...
 

@@ -65,7 +65,7 @@ test: $(STAMP) system-deps phoenix lint typecheck
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# mypy, strict on registry/ and most of common/ (pyproject's [tool.mypy]): a row handed out
+# mypy, strict on registry/ and common/ but agent.py (pyproject's [tool.mypy]): a row handed out
 # as None where the code promises one, or a value of the wrong type, fails `make test` before
 # any test runs.
 typecheck: $(STAMP)

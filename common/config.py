@@ -24,7 +24,8 @@ import string
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, get_args
 from urllib.parse import unquote
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, create_model,
@@ -66,7 +67,7 @@ _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G"
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
-def parse_size(value) -> int:
+def parse_size(value: object) -> int:
     """A size in bytes: an int, or a string such as "50MB", "10 MiB", "800MB" (K/M/G are
     powers of 1000, KiB/MiB/GiB of 1024)."""
     if isinstance(value, bool):
@@ -167,7 +168,7 @@ class _ProbeTiming(_Strict):
     initial_delay: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Probe":
+    def _exactly_one(self) -> Self:
         if self.url is not None:
             if getattr(self, "http") is not None:
                 raise ValueError("give url or http, not both")
@@ -186,9 +187,10 @@ class _ProbeTiming(_Strict):
     @property
     def check(self) -> probe_kinds.KindConfig:
         """The config of its one kind."""
-        return getattr(self, self.kind)
+        config: probe_kinds.KindConfig = getattr(self, self.kind)  # a field made by create_model below
+        return config
 
-    def templates(self):
+    def templates(self) -> Iterator[tuple[str, str]]:
         """(key, text) of every string of it the {placeholders} are filled into."""
         for key, text in self.check.templates():
             yield f"{self.kind}.{key}", text
@@ -197,9 +199,14 @@ class _ProbeTiming(_Strict):
 # One optional field per registered kind, named as the kind: the mesh file's shape
 # (liveness = { tcp = {...} }) is the model's, and errors name the file's keys
 # (liveness.tcp.port). A tagged union in one field would put that field in every path.
-Probe = create_model("Probe", __base__=_ProbeTiming, __module__=__name__,
-                     **{k.name: (k.config | None, None) for k in probe_kinds.kinds()})
-Probe.__doc__ = _ProbeTiming.__doc__
+# To mypy a Probe is its _ProbeTiming part: the kind fields exist only at run time, and
+# code reads them through ``kind`` and ``check``.
+if TYPE_CHECKING:
+    Probe = _ProbeTiming
+else:
+    Probe = create_model("Probe", __base__=_ProbeTiming, __module__=__name__,
+                         **{k.name: (k.config | None, None) for k in probe_kinds.kinds()})
+    Probe.__doc__ = _ProbeTiming.__doc__
 
 
 PLACEHOLDERS = ("port", "python", "home", "name", "state", "config_dir")  # ServiceSpec.values
@@ -220,7 +227,8 @@ def _check_placeholders(where: str, text: str) -> None:
                              "braces)")
 
 
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
+StopSignal = Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL"]
+STOP_SIGNALS: tuple[str, ...] = get_args(StopSignal)
 
 
 class ServiceSpec(_Strict):
@@ -250,7 +258,7 @@ class ServiceSpec(_Strict):
     env: dict[str, str] = {}
     cwd: str | None = None  # default: the mesh file's directory
     user: str | None = None  # drop privileges to this user (postgres refuses to run as root)
-    stop_signal: Literal[STOP_SIGNALS] = "SIGTERM"  # nginx: SIGQUIT (graceful); postgres: SIGINT (fast)
+    stop_signal: StopSignal = "SIGTERM"  # nginx: SIGQUIT (graceful); postgres: SIGINT (fast)
     stop_grace: float | None = Field(None, ge=0)  # default: policy.stop_grace
     depends_on: dict[str, Literal["started", "ready"]] = {}
     liveness: Probe | None = None  # failing it restarts the service
@@ -320,7 +328,7 @@ class ServiceSpec(_Strict):
             _check_placeholders(where, text)
         return self
 
-    def _templates(self):
+    def _templates(self) -> Iterator[tuple[str, str]]:
         """Every string the {placeholders} are filled into, with where it is."""
         for i, part in enumerate(self.command or []):
             yield f"command[{i}]", part
@@ -584,7 +592,7 @@ class MeshConfig(_Strict):
 
     @field_validator("prices")
     @classmethod
-    def _price_keys(cls, prices: dict) -> dict:
+    def _price_keys(cls, prices: dict[str, Price]) -> dict[str, Price]:
         for key in prices:
             provider, _, model = key.partition("/")
             if provider not in get_args(Provider) or not model:
@@ -721,7 +729,7 @@ class MeshConfig(_Strict):
         services' own providers (the fork server preloads only these)."""
         return set(self.providers.chain) | {s.provider for s in self.services.values() if s.provider}
 
-    def log_limits(self, name: str) -> dict:
+    def log_limits(self, name: str) -> dict[str, int | None]:
         """A service's log limits (services/daemon/logpump.py): its own, else [logs]'."""
         spec = self.services[name]
         return {"max_bytes": spec.log_max_bytes or self.logs.max_bytes,
@@ -758,7 +766,7 @@ def _format_error(source: str, err: ValidationError) -> str:
                      for where, what in validation_messages(err, unknown="unknown key"))
 
 
-def _ladder_into_policy(data: dict, source: str) -> None:
+def _ladder_into_policy(data: dict[str, Any], source: str) -> None:
     """``[ladder]`` is another name for the ladder's part of ``[policy]`` (``ask_operator``,
     ``max_restarts``, ...): its keys join the policy; one key set in both is an error."""
     ladder = data.pop("ladder", None)
@@ -766,19 +774,21 @@ def _ladder_into_policy(data: dict, source: str) -> None:
         return
     if not isinstance(ladder, dict):
         raise ConfigError(f"{source}: [ladder] must be a table of policy settings")
-    policy = dict(data.get("policy") or {})
+    policy = data.get("policy") or {}
+    if not isinstance(policy, dict):  # `policy = 3` beside a [ladder]: once a TypeError, not a message
+        raise ConfigError(f"{source}: [policy] must be a table of policy settings")
     both = sorted(set(ladder) & set(policy))
     if both:
         raise ConfigError(f"{source}: ladder.{both[0]} is also set in [policy]: set it once")
     data["policy"] = {**policy, **ladder}
 
 
-def expand_replicas(services: dict, source: str = "<mesh>") -> dict:
+def expand_replicas(services: dict[str, Any], source: str = "<mesh>") -> dict[str, Any]:
     """``replicas = N`` -> N entries NAME.1 ... NAME.N (each its own service to supervise),
     with what refers to NAME (depends_on) pointed at its first replica. A replicated
     program must take the held socket (they share its port); agents get a port each."""
     groups: dict[str, list[str]] = {}
-    out: dict = {}
+    out: dict[str, Any] = {}
     for name, raw in services.items():
         if not isinstance(raw, dict):
             out[name] = raw
@@ -812,7 +822,7 @@ def expand_replicas(services: dict, source: str = "<mesh>") -> dict:
     return out
 
 
-def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
+def parse_mesh(data: dict[str, Any], *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
     """Validate a parsed mesh file and shift every port by ``port_offset``."""
     data = dict(data)
     if isinstance(data.get("services"), dict):
@@ -834,10 +844,12 @@ def parse_mesh(data: dict, *, source: str = "<mesh>", port_offset: int = 0) -> M
                     raw["port"] += port_offset
             shifted[name] = raw
         data["services"] = shifted
-    mesh = dict(data.get("mesh") or {})
-    mesh["daemon_port"] = mesh.get("daemon_port", MeshSection().daemon_port)
-    if isinstance(mesh["daemon_port"], int):
-        mesh["daemon_port"] += port_offset
+    mesh = data.get("mesh") or {}
+    if isinstance(mesh, dict):  # else validation refuses it, naming [mesh]
+        mesh = dict(mesh)
+        mesh["daemon_port"] = mesh.get("daemon_port", MeshSection().daemon_port)
+        if isinstance(mesh["daemon_port"], int):
+            mesh["daemon_port"] += port_offset
     data["mesh"] = mesh
     data["source"] = source
     _ladder_into_policy(data, source)
@@ -855,7 +867,7 @@ def _port_number(raw: object) -> object:
     return raw
 
 
-def port_offset_from_env(env: os._Environ | dict | None = None) -> int:
+def port_offset_from_env(env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     raw = env.get("TRON_PORT_OFFSET", "0") or "0"
     try:
@@ -864,10 +876,12 @@ def port_offset_from_env(env: os._Environ | dict | None = None) -> int:
         raise ConfigError(f"TRON_PORT_OFFSET: {raw!r} is not an integer") from None
 
 
-def _check_offset(data: dict, source: str, offset: int) -> None:
-    """Every shifted port must fit in 1..65535; the error names the port that does not."""
-    ports = {"mesh.daemon_port": (data.get("mesh") or {}).get("daemon_port", MeshSection().daemon_port)}
-    for name, raw in (data.get("services") or {}).items():
+def _check_offset(data: dict[str, Any], source: str, offset: int) -> None:
+    """Every shifted port must fit in 1..65535; the error names the port that does not.
+    A [mesh] or [services] that is no table is left for validation to refuse by name."""
+    mesh, services = data.get("mesh"), data.get("services")
+    ports = {"mesh.daemon_port": (mesh if isinstance(mesh, dict) else {}).get("daemon_port", MeshSection().daemon_port)}
+    for name, raw in (services if isinstance(services, dict) else {}).items():
         if isinstance(raw, dict) and isinstance(raw.get("port"), int):
             ports[f"services.{name}.port"] = raw["port"]
     shifted = {k: v + offset for k, v in ports.items() if isinstance(v, int)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -24,13 +24,16 @@ from pydantic import BaseModel, ValidationError
 from common.models import MAX_BODY, TOKEN_HEADER, Empty, validation_messages
 
 M = TypeVar("M", bound=BaseModel)
+P = ParamSpec("P")
+# A control endpoint's check of a request: True lets it in.
+Authorize = Callable[[web.Request], bool]
 TOKEN_KEY = web.AppKey("tron_token", str)
 # Another way in for control endpoints, besides the token header: the web UI's session
 # (an HttpOnly cookie plus a CSRF header), checked by a callable the UI installs.
-ALT_AUTH_KEY = web.AppKey("tron_alt_auth", object)
+ALT_AUTH_KEY = web.AppKey[Authorize]("tron_alt_auth")
 # Who may call a control endpoint, when it is not one shared token: the daemon lets its
 # operators in (common tokens, UI sessions), a service the peer tokens made for it.
-AUTH_KEY = web.AppKey("tron_auth", object)
+AUTH_KEY = web.AppKey[Authorize]("tron_auth")
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -103,15 +106,15 @@ def token_ok(request: web.Request) -> bool:
     return bool(alt is not None and alt(request))
 
 
-def require_token(handler):
+def require_token(handler: Callable[P, Awaitable[web.StreamResponse]]) -> Callable[P, Awaitable[web.StreamResponse]]:
     """Decorator for control endpoints: 401 without a credential they accept, before any work."""
 
-    async def guarded(*args) -> web.StreamResponse:
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> web.StreamResponse:
         request = args[-1]  # plain handlers get (request,), methods (self, request)
-        if not token_ok(request):
+        if not isinstance(request, web.Request) or not token_ok(request):  # no request to check: refused
             return error(401, f"missing or wrong {TOKEN_HEADER} header: control endpoints need the operator's token "
                               "(a service's: a peer token from the daemon)")
-        return await handler(*args)
+        return await handler(*args, **kwargs)
 
     guarded.__name__ = handler.__name__
     guarded.__doc__ = handler.__doc__
@@ -125,11 +128,14 @@ class MeshHTTPError(Exception):
         self.url = url
         self.body = body
 
-    def json(self) -> dict:
+    def json(self) -> dict[str, Any]:
+        """The error body as an object; a body that is not a JSON object (text, a list) is
+        its ``error``, so that callers can always ``.get`` from it."""
         try:
-            return json.loads(self.body)
+            data = json.loads(self.body)
         except json.JSONDecodeError:
             return {"error": self.body}
+        return data if isinstance(data, dict) else {"error": self.body}
 
 
 class MeshConnectionError(ConnectionError):
@@ -165,7 +171,7 @@ class MeshClient:
             self._plain = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, force_close=True))
         return self._plain
 
-    async def request(self, method: str, url: str, body: BaseModel | dict | None = None,
+    async def request(self, method: str, url: str, body: BaseModel | dict[str, Any] | None = None,
                       *, timeout: float | None = None, token: bool = True) -> Any:
         payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
         t = aiohttp.ClientTimeout(total=timeout or self.timeout)
@@ -194,7 +200,7 @@ class MeshClient:
     async def get(self, url: str, **kw: Any) -> Any:
         return await self.request("GET", url, **kw)
 
-    async def post(self, url: str, body: BaseModel | dict | None = None, **kw: Any) -> Any:
+    async def post(self, url: str, body: BaseModel | dict[str, Any] | None = None, **kw: Any) -> Any:
         return await self.request("POST", url, body, **kw)
 
     async def close(self) -> None:

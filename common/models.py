@@ -314,7 +314,7 @@ class ProviderOutcome(Msg):
 
     @field_validator("failure")
     @classmethod
-    def _small_failure(cls, failure: dict | None) -> dict | None:
+    def _small_failure(cls, failure: dict[str, Any] | None) -> dict[str, Any] | None:
         # It lands in retry rows and events: a classified failure is a few fields, not a document.
         if failure is not None and len(json.dumps(failure, default=str)) > 8192:
             raise ValueError("a failure is at most 8 KiB of JSON (reason, retryable, status, message, ...)")

@@ -28,7 +28,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable
+from typing import Any, Callable
 
 from common.clock import Clock, MonotonicClock
 from common.models import Reason
@@ -58,7 +58,14 @@ class Signal:
     fired_at: float
     task_id: str | None = None
     progress: str | None = None
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)  # JSON: it goes into the alert's row
+
+
+Key = tuple[str, str, str]  # (service, incarnation, kind)
+# A queue entry: [deadline, seq, key]. A list, not a tuple, so that it can be re-pushed as
+# is (DeadlineQueue's docstring says why); its items differ in type, which a list's type
+# cannot say, hence Any.
+Entry = list[Any]
 
 
 @dataclass
@@ -77,7 +84,7 @@ class Watched:
     alerted: bool = False
     # kind -> deadline of the entry queued for it (at most one live entry per kind)
     armed: dict[str, float] = field(default_factory=dict)
-    keys: dict[str, tuple] = field(default_factory=dict)  # one key tuple per kind, made once
+    keys: dict[str, Key] = field(default_factory=dict)  # one key tuple per kind, made once
 
     def deadline(self, kind: str) -> float | None:
         if kind == "beat":
@@ -85,8 +92,8 @@ class Watched:
         if self.task_id is None:
             return None
         if kind == "progress":
-            return self.progress_since + self.progress_timeout
-        return self.task_since + self.task_timeout
+            return None if self.progress_since is None else self.progress_since + self.progress_timeout
+        return None if self.task_since is None else self.task_since + self.task_timeout
 
 
 _REASON = {"beat": Reason.HEARTBEAT_TIMEOUT, "progress": Reason.NO_PROGRESS, "task": Reason.TASK_TIMEOUT}
@@ -102,21 +109,24 @@ class DeadlineQueue:
     """
 
     def __init__(self) -> None:
-        self._heap: list[list] = []
+        self._heap: list[Entry] = []
         self._seq = itertools.count()
 
-    def push(self, key: tuple, deadline: float) -> None:
+    def push(self, key: Key, deadline: float) -> None:
         heapq.heappush(self._heap, [deadline, next(self._seq), key])
 
-    def repush(self, entry: list, deadline: float) -> None:
+    def repush(self, entry: Entry, deadline: float) -> None:
         entry[0] = deadline
         entry[1] = next(self._seq)
         heapq.heappush(self._heap, entry)
 
     def peek(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        if not self._heap:
+            return None
+        deadline: float = self._heap[0][0]
+        return deadline
 
-    def pop_due(self, now: float) -> list[list]:
+    def pop_due(self, now: float) -> list[Entry]:
         due = []
         while self._heap and self._heap[0][0] <= now:
             due.append(heapq.heappop(self._heap))
@@ -238,7 +248,8 @@ class Monitor:
             detail = {"exit_code": exit_code, "signal": signal}
             return Signal(service, incarnation, Reason.PROCESS_EXIT, now, now, w.task_id, w.progress, detail)
 
-    def raise_alert(self, service: str, incarnation: str, reason: Reason, now: float, detail: dict) -> Signal | None:
+    def raise_alert(self, service: str, incarnation: str, reason: Reason, now: float,
+                    detail: dict[str, Any]) -> Signal | None:
         """An alert found outside the queue (a failed liveness probe, a provider
         failure reported by the agent). Same once-per-incarnation rule."""
         with self.cond:
@@ -333,12 +344,15 @@ class Monitor:
             self.cond.notify()
 
     @staticmethod
-    def _detail(w: Watched, kind: str, now: float) -> dict:
+    def _detail(w: Watched, kind: str, now: float) -> dict[str, Any]:
         if kind == "beat":
             return {"silent_for": round(now - w.last_beat, 3), "beat_timeout": w.beat_timeout, "last_seq": w.seq}
-        if kind == "progress":
+        # A task deadline fired, so its task's clocks are set (Watched.deadline gave one).
+        if kind == "progress" and w.progress_since is not None:
             return {"stuck_for": round(now - w.progress_since, 3), "progress_timeout": w.progress_timeout}
-        return {"running_for": round(now - w.task_since, 3), "task_timeout": w.task_timeout}
+        if kind == "task" and w.task_since is not None:
+            return {"running_for": round(now - w.task_since, 3), "task_timeout": w.task_timeout}
+        return {}
 
 
 def woke_late(head: float | None, now: float, threshold: float) -> float:

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
@@ -52,7 +52,7 @@ class ServiceEnv(BaseModel):
     beat_url: str | None = None  # that node agent's beat relay, which batches its agents' beats to the daemon
 
     @classmethod
-    def from_environ(cls, env: dict | None = None) -> "ServiceEnv":
+    def from_environ(cls, env: Mapping[str, str] | None = None) -> "ServiceEnv":
         env = os.environ if env is None else env
         missing = [k for k in ("TRON_SERVICE", "TRON_PORT", "TRON_INCARNATION", "TRON_HOME", "TRON_DAEMON_URL",
                                "TRON_TOKEN_FILE") if not env.get(k)]
@@ -137,7 +137,7 @@ class ServiceContext:
     def _inbound(self) -> bytes:
         return credentials.inbound_key(self.token)
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         return {
             "status": "ok", "service": self.name, "role": self.env.role, "pid": os.getpid(),
             "incarnation": self.env.incarnation, "uptime": round(time.monotonic() - self.started, 3),
@@ -217,8 +217,9 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
         await clock.sleep(next_at - clock.now())
 
 
-async def _post_beat(ctx: ServiceContext, urls: list[str], beat: Beat, *, timeout: float):
-    """To the first of ``urls`` that answers at all (an HTTP error is an answer)."""
+async def _post_beat(ctx: ServiceContext, urls: list[str], beat: Beat, *, timeout: float) -> object:
+    """To the first of ``urls`` that answers at all (an HTTP error is an answer); its
+    JSON answer, which the caller checks field by field."""
     for url in urls[:-1]:
         try:
             return await ctx.client.post(url, beat, timeout=timeout)
@@ -271,9 +272,8 @@ async def _serve(build: Build) -> None:
     if not token:
         raise SystemExit(f"no mesh token at {env.token_file}")
     ctx = ServiceContext(env, config, token)
-    app = build(ctx)
-    if asyncio.iscoroutine(app):
-        app = await app
+    built = build(ctx)
+    app = built if isinstance(built, web.Application) else await built
     app[HEALTH_KEY] = ctx
     app[TOKEN_KEY] = token
     app[AUTH_KEY] = ctx.peer_ok  # our own credential is not accepted here: it is never sent to us

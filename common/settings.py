@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,7 +29,7 @@ def overlay_path(config_path: Path | None, home_root: Path) -> Path:
     return home_root / "policy.overlay.toml"
 
 
-def read_overlay(path: Path) -> dict:
+def read_overlay(path: Path) -> dict[str, Any]:
     """The overlay's policy numbers ({} when there is none)."""
     try:
         data = tomllib.loads(path.read_text())
@@ -40,6 +41,8 @@ def read_overlay(path: Path) -> dict:
     if unknown:
         raise ConfigError(f"{path}: only [policy] may be overlaid, not {sorted(unknown)}")
     policy = data.get("policy", {})
+    if not isinstance(policy, dict):  # `policy = 3`: once a TypeError from set(policy), not a message
+        raise ConfigError(f"{path}: policy must be a table ([policy]), not {type(policy).__name__}")
     bad = set(policy) - set(Policy.model_fields)
     if bad:
         raise ConfigError(f"{path}: policy.{sorted(bad)[0]}: unknown key")
@@ -54,7 +57,7 @@ def field_errors(err: ValidationError) -> dict[str, str]:
     return out
 
 
-def merged_policy(base: Policy, changes: dict) -> Policy:
+def merged_policy(base: Policy, changes: dict[str, Any]) -> Policy:
     """``base`` with ``changes`` on top, validated as a whole by the mesh file's own model.
 
     Raises ValidationError, each error naming its field, for an unknown key, a value of
@@ -65,7 +68,7 @@ def merged_policy(base: Policy, changes: dict) -> Policy:
     return Policy.model_validate({**base.model_dump(), **changes})
 
 
-def apply_overlay(config: MeshConfig, overlay: dict, source: Path) -> MeshConfig:
+def apply_overlay(config: MeshConfig, overlay: dict[str, Any], source: Path) -> MeshConfig:
     if not overlay:
         return config
     try:
@@ -75,7 +78,7 @@ def apply_overlay(config: MeshConfig, overlay: dict, source: Path) -> MeshConfig
         raise ConfigError(f"{source}: policy.{first[0]}: {first[1]}") from None
 
 
-def write_overlay(path: Path, values: dict) -> None:
+def write_overlay(path: Path, values: dict[str, Any]) -> None:
     """Atomically, so a daemon killed mid-write leaves the old overlay or the new one."""
     lines = ["# Policy settings changed at run time (web UI / PUT /settings); mesh.toml is the base.",
              "[policy]"]

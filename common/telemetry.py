@@ -42,11 +42,22 @@ import random
 import threading
 import time
 from datetime import datetime
-from typing import Any, Iterator, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.redaction import redact
+
+if TYPE_CHECKING:  # types only: the SDK is imported when tracing is turned on, never before
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    from opentelemetry.trace import Span, SpanContext, Status, Tracer
+    from opentelemetry.util.types import AttributeValue
+
+    from common.models import TaskAssign
+    from common.trace_export import ProcessExport
 
 log = logging.getLogger("tron.telemetry")
 
@@ -78,10 +89,33 @@ class TelemetrySection(BaseModel):
 # -- the state of this process ------------------------------------------------------------------
 
 
+class _Counted(Protocol):
+    """What is read of batch_processor's exporter (here and in common/trace_export.py)."""
+
+    delivered: int
+    failing: bool
+    busy: bool
+
+
+class _Batch(Protocol):
+    """What is used of batch_processor's span processor (here and in common/trace_export.py):
+    a BatchSpanProcessor made inside it, where the SDK is imported."""
+
+    closed: bool
+
+    @property
+    def counting(self) -> _Counted: ...
+
+    def on_end(self, span: ReadableSpan) -> None: ...
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool: ...
+
+
 class _On:
     """What a process holds while tracing is on."""
 
-    def __init__(self, tracer, provider, processor, section: TelemetrySection) -> None:
+    def __init__(self, tracer: Tracer, provider: TracerProvider, processor: _Batch | ProcessExport,
+                 section: TelemetrySection) -> None:
         self.tracer = tracer
         self.provider = provider
         self.processor = processor
@@ -99,9 +133,9 @@ class _On:
         # sampled as the parent is (a root always).
         from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 
-        sampler = getattr(provider, "sampler", None)
-        self.direct = self.process is not None and sampler is not None and \
-            sampler.get_description() == DEFAULT_ON.get_description()
+        # The process's exporter, when the provider samples as it does with no OTEL_TRACES_SAMPLER.
+        self.direct = self.process if provider.sampler is DEFAULT_ON else None
+        self.batch = None if isinstance(processor, ProcessExport) else processor  # else the SDK's batch processor
 
 
 _on: _On | None = None  # None: tracing is off, and nothing of the SDK is imported
@@ -111,7 +145,7 @@ _dropped_lock = threading.Lock()
 _theirs_seen = 0  # the exporter process's dropped count, as last logged
 
 
-def endpoint(section: TelemetrySection | None, env: dict | None = None) -> str | None:
+def endpoint(section: TelemetrySection | None, env: Mapping[str, str] | None = None) -> str | None:
     """Where traces go (the OTLP/HTTP traces URL), or None when tracing is off."""
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or env.get("OTEL_TRACES_EXPORTER") == "none":
@@ -177,10 +211,10 @@ def preload() -> None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     # Its transport imports `requests` when the first one is made (0.3 s more): made once here.
-    OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces").shutdown()
+    OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces").shutdown()  # type: ignore[no-untyped-call]  # unannotated there
 
 
-def batch_processor(inner, section: TelemetrySection, url: str):
+def batch_processor(inner: SpanExporter, section: TelemetrySection, url: str) -> _Batch:
     """The SDK's BatchSpanProcessor around ``inner`` (a SpanExporter), with every span it
     could not deliver counted: in this process's thread, or in the exporter process
     (common/trace_export.py)."""
@@ -189,14 +223,14 @@ def batch_processor(inner, section: TelemetrySection, url: str):
     class Counting(SpanExporter):
         """The OTLP exporter, with every span it could not deliver counted."""
 
-        def __init__(self, inner) -> None:
+        def __init__(self, inner: SpanExporter) -> None:
             self.inner = inner
             self.taken = 0  # spans the processor handed over (queued - taken = still queued)
             self.delivered = 0  # spans the collector took
             self.failing = False  # the last export failed: the collector is down or refusing
             self.busy = False  # an export is under way (a hung collector holds it)
 
-        def export(self, spans) -> SpanExportResult:
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
             self.taken += len(spans)
             self.busy = True
             try:
@@ -223,14 +257,15 @@ def batch_processor(inner, section: TelemetrySection, url: str):
     class Bounded(BatchSpanProcessor):
         """The batch processor, with a span that pushes the oldest out of a full queue counted."""
 
-        def __init__(self, exporter: Counting, **kw) -> None:
+        # kw: BatchSpanProcessor's own keyword arguments (ints and floats), passed on as they are
+        def __init__(self, exporter: Counting, **kw: Any) -> None:
             super().__init__(exporter, **kw)
             self.counting = exporter
             self.queued = 0
             self.capacity = kw["max_queue_size"]
             self.closed = False
 
-        def on_end(self, span) -> None:
+        def on_end(self, span: ReadableSpan) -> None:
             if self.closed:
                 return  # ended at shutdown (a task cut short): the daemon writes its attempt
             if self.queued - self.counting.taken >= self.capacity:
@@ -245,7 +280,7 @@ def batch_processor(inner, section: TelemetrySection, url: str):
 
 
 def setup(section: TelemetrySection | None, *, service: str, incarnation: str | None = None,
-          env: dict | None = None, exporter=None) -> bool:
+          env: Mapping[str, str] | None = None, exporter: SpanExporter | None = None) -> bool:
     """Turn tracing on for this process if an endpoint is configured; True if it is on.
     Idempotent. The SDK and the exporter are imported only here. ``exporter``: a SpanExporter
     to use instead of OTLP/HTTP to the endpoint (the SDK's in-memory one, say)."""
@@ -282,14 +317,17 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
 
         from common.trace_export import ProcessExport
 
-        processor = ProcessExport(url, section, resource, InstrumentationScope(TRACER), _count_dropped)
+        processor: _Batch | ProcessExport = ProcessExport(url, section, resource, InstrumentationScope(TRACER),
+                                                          _count_dropped)
     else:
         processor = batch_processor(exporter or OTLPSpanExporter(endpoint=url, timeout=section.export_timeout),
                                     section, url)
     # shutdown_on_exit=False: the SDK's own atexit flush waits up to 30 s for a hung
     # collector; ``shutdown`` bounds it.
     provider = TracerProvider(resource=resource, id_generator=Ids(), shutdown_on_exit=False)
-    provider.add_span_processor(processor)
+    # Both are span processors by their methods: ProcessExport imports no SDK to subclass one, and
+    # batch_processor's is a BatchSpanProcessor that mypy sees as the _Batch it is read as.
+    provider.add_span_processor(processor)  # type: ignore[arg-type]
     # Not made the global provider: the LLM SDKs' own instrumentation (anthropic's emits
     # GenAI spans, unredacted content included when its variable says so) stays a no-op, and
     # each call is the one span Tron writes, redacted as the registry is.
@@ -314,25 +352,28 @@ def shutdown(timeout: float = 1.0) -> None:
             _dropped += on.process.counters()[1]
             _theirs_seen = 0
         return
-    counting = on.processor.counting
+    batch = on.batch
+    if batch is None:  # one or the other: _On says so
+        return
+    counting = batch.counting
     if counting.failing or counting.busy:
         timeout = min(timeout, 0.05)  # a collector that is down or slow gets no more of a stop's time
     done = threading.Event()
 
     def flush() -> None:
-        on.processor.force_flush()
+        batch.force_flush()
         done.set()
 
     threading.Thread(target=flush, name="tron-trace-flush", daemon=True).start()
     if not done.wait(timeout):
         log.warning("trace export did not finish within %.1fs at shutdown: the rest is dropped", timeout)
-    on.processor.closed = True
+    batch.closed = True
 
 
 # -- trace context ------------------------------------------------------------------------------
 
 
-def _parse(traceparent: str | None):
+def _parse(traceparent: str | None) -> SpanContext | None:
     """A W3C traceparent as a remote SpanContext, or None (absent or malformed)."""
     if not traceparent:
         return None
@@ -394,7 +435,7 @@ def attempt_span_hex(traceparent: str | None, task_id: str, attempt: int) -> str
     return f"{attempt_span_id(int(trace_id, 16), task_id, attempt):016x}" if trace_id else None
 
 
-def _attempt_context(traceparent: str | None, task_id: str, attempt: int):
+def _attempt_context(traceparent: str | None, task_id: str, attempt: int) -> SpanContext | None:
     parent = _parse(traceparent)
     if parent is None:
         return None
@@ -404,13 +445,17 @@ def _attempt_context(traceparent: str | None, task_id: str, attempt: int):
                        trace_flags=TraceFlags(TraceFlags.SAMPLED))
 
 
-def _start(name: str, *, parent=None, span_id: int | None = None, links=(), attributes: dict | None = None,
-           start_time: int | None = None, root: bool = False, client: bool = False):
+def _start(name: str, *, parent: SpanContext | None = None, span_id: int | None = None,
+           links: Iterable[SpanContext | None] = (), attributes: Mapping[str, AttributeValue] | None = None,
+           start_time: int | None = None, root: bool = False, client: bool = False) -> Span:
     """Start a span: under ``parent`` (a SpanContext), the current span, or as a trace's root."""
     from opentelemetry import trace
     from opentelemetry.context import Context
     from opentelemetry.trace import Link, SpanKind
 
+    if _on is None:
+        raise RuntimeError("a span was started while tracing is off")  # every caller checks _on first
+    context: Context | None
     if parent is not None:
         context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
     else:
@@ -425,14 +470,14 @@ def _start(name: str, *, parent=None, span_id: int | None = None, links=(), attr
 
 
 @contextlib.contextmanager
-def _active(span, *, end: bool = True) -> Iterator[Any]:
+def _active(span: Span, *, end: bool = True) -> Iterator[Span]:
     from opentelemetry import trace
 
     with trace.use_span(span, end_on_exit=end, record_exception=True, set_status_on_exception=True):
         yield span
 
 
-def _clean(attributes: dict) -> dict:
+def _clean(attributes: Mapping[str, AttributeValue | None]) -> dict[str, AttributeValue]:
     return {k: v for k, v in attributes.items() if v is not None}
 
 
@@ -440,12 +485,12 @@ def _clean(attributes: dict) -> dict:
 
 
 @contextlib.contextmanager
-def run_span(run_id: str, prompt: str) -> Iterator[Any]:
+def run_span(run_id: str, prompt: str) -> Iterator[Span | None]:
     """The gateway's span for a new run: the root of the run's trace."""
     if _on is None:
         yield None
         return
-    attrs = {"tron.run.id": run_id, "gen_ai.operation.name": "invoke_workflow"}
+    attrs: dict[str, AttributeValue] = {"tron.run.id": run_id, "gen_ai.operation.name": "invoke_workflow"}
     if _on.section.capture_content:
         attrs["tron.run.prompt"] = redact(prompt)[:CONTENT_LIMIT]
     with _active(_start("run", attributes=attrs, root=True)) as span:
@@ -453,7 +498,7 @@ def run_span(run_id: str, prompt: str) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def task_span(agent: str, assign, provider: str | None) -> Iterator[Any]:
+def task_span(agent: str, assign: TaskAssign, provider: str | None) -> Iterator[Span | None]:
     """One attempt of a task in this agent: a child of the span that delegated it (the
     task's traceparent); it links to the attempt before it."""
     if _on is None:
@@ -475,7 +520,7 @@ def task_span(agent: str, assign, provider: str | None) -> Iterator[Any]:
         yield span
 
 
-def task_result(span, status: str, reason: str | None, provider: str | None) -> None:
+def task_result(span: Span | None, status: str, reason: str | None, provider: str | None) -> None:
     """How the attempt ended, on its span."""
     if span is None:
         return
@@ -488,7 +533,7 @@ def task_result(span, status: str, reason: str | None, provider: str | None) -> 
 
 
 @contextlib.contextmanager
-def step_span(task_id: str, number: int, step_id: str) -> Iterator[Any]:
+def step_span(task_id: str, number: int, step_id: str) -> Iterator[Span | None]:
     if _on is None:
         yield None
         return
@@ -505,23 +550,23 @@ class _Call:
 
     __slots__ = ("attributes", "status")
 
-    def __init__(self, attributes: dict) -> None:
+    def __init__(self, attributes: dict[str, AttributeValue]) -> None:
         self.attributes = attributes
-        self.status = None
+        self.status: Status | None = None
 
-    def set_attributes(self, attributes: dict) -> None:
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         self.attributes.update(attributes)
 
-    def set_attribute(self, key: str, value: Any) -> None:
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
         self.attributes[key] = value
 
-    def set_status(self, status) -> None:
+    def set_status(self, status: Status) -> None:
         self.status = status
 
 
 @contextlib.contextmanager
 def llm_span(provider: str, model: str | None, *, prompt: str | None = None,
-             system: str | None = None) -> Iterator[Any]:
+             system: str | None = None) -> Iterator[_Call | None]:
     """One LLM call (one try: a retried call is a span per try)."""
     on = _on
     if on is None:
@@ -529,7 +574,7 @@ def llm_span(provider: str, model: str | None, *, prompt: str | None = None,
         return
     from opentelemetry import context as otel_context
 
-    attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider}
+    attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider}
     if model is not None:
         attrs["gen_ai.request.model"] = model
     if on.section.capture_content and prompt is not None:
@@ -547,8 +592,8 @@ def llm_span(provider: str, model: str | None, *, prompt: str | None = None,
             call.status = Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"[:200])
         raise
     finally:
-        if on.direct:
-            _hand_llm_record(on, f"chat {model or provider}", parent, start, call)
+        if on.direct is not None:
+            _hand_llm_record(on.direct, on, f"chat {model or provider}", parent, start, call)
         else:
             span = on.tracer.start_span(f"chat {model or provider}", context=parent, kind=on.client_kind,
                                         attributes=call.attributes, start_time=start)
@@ -557,7 +602,7 @@ def llm_span(provider: str, model: str | None, *, prompt: str | None = None,
             span.end()
 
 
-def _hand_llm_record(on: _On, name: str, parent, start: int, call: _Call) -> None:
+def _hand_llm_record(process: ProcessExport, on: _On, name: str, parent: Context, start: int, call: _Call) -> None:
     """The LLM call's span as the exporter process's record (``trace_export.record``'s shape),
     made without an SDK span: ids as the SDK's RandomIdGenerator makes them, the parent's trace
     and sampling as ParentBased(ALWAYS_ON) decides, attribute values as the SDK keeps them
@@ -574,7 +619,7 @@ def _hand_llm_record(on: _On, name: str, parent, start: int, call: _Call) -> Non
     attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in call.attributes.items() if v is not None}
     status = call.status
     code, description = (status.status_code.value, status.description) if status is not None else (0, None)
-    on.process.hand((name, trace_id, _random_id(64), flags, parent_id, remote, on.client_kind.value, start,
+    process.hand((name, trace_id, _random_id(64), flags, parent_id, remote, on.client_kind.value, start,
                      time.time_ns(), attributes, (), (), code, description))
 
 
@@ -585,7 +630,7 @@ def _random_id(bits: int) -> int:
             return value
 
 
-def llm_result(span, reply=None, failure=None) -> None:
+def llm_result(span: Span | _Call | None, reply: object = None, failure: object = None) -> None:
     """What the call answered (usage, finish reason, model) or how it failed."""
     if span is None:
         return
@@ -611,7 +656,7 @@ def llm_result(span, reply=None, failure=None) -> None:
         span.set_status(Status(StatusCode.ERROR, str(getattr(failure, "reason", failure))[:200]))
 
 
-def event(span, kind: str, /, **attributes: Any) -> None:
+def event(span: Span | None, kind: str, /, **attributes: object) -> None:
     """A ladder decision carried out in this process (the provider desk's retry, switch,
     park), as an event on the attempt's span: ``tron.ladder.KIND`` with its case id."""
     if span is None:
@@ -620,7 +665,7 @@ def event(span, kind: str, /, **attributes: Any) -> None:
                                                                        for k, v in attributes.items()}))
 
 
-def _attr(value: Any) -> Any:
+def _attr(value: object) -> str | bool | int | float:
     return value if isinstance(value, (str, bool, int, float)) else str(value)
 
 
@@ -633,7 +678,7 @@ def _json(value: Any) -> str:
 # -- the daemon's ladder ---------------------------------------------------------------------------
 
 
-def new_root(name: str, **attributes: Any) -> str | None:
+def new_root(name: str, **attributes: AttributeValue | None) -> str | None:
     """A short span that starts a trace of its own (a task nobody traced, an incident outside
     tasks); its traceparent, or None when tracing is off."""
     if _on is None:
@@ -644,8 +689,9 @@ def new_root(name: str, **attributes: Any) -> str | None:
     return format_traceparent(ctx.trace_id, ctx.span_id)
 
 
-def ladder(kind: str, /, *, case: str | None, alert_id: str | None, service: str, task: dict | None = None,
-           reason: str | None = None, links_attempts: tuple[int, ...] = (), **attributes: Any) -> None:
+def ladder(kind: str, /, *, case: str | None, alert_id: str | None, service: str,
+           task: dict[str, Any] | None = None, reason: str | None = None, links_attempts: tuple[int, ...] = (),
+           **attributes: object) -> None:
     """A decision the daemon carried out, or an alert TRON raised: a short ``ladder KIND`` span
     with the event ``tron.ladder.KIND`` (its case id, alert id, reason), under the attempt of the
     task it concerns, or a trace of its own for a process incident outside tasks.
@@ -653,8 +699,8 @@ def ladder(kind: str, /, *, case: str | None, alert_id: str | None, service: str
     if _on is None:
         return
     traceparent = (task or {}).get("traceparent")
-    attempt_ctx = _attempt_context(traceparent, task["task_id"], task["attempt"]) if traceparent else None
-    links = [_attempt_context(traceparent, task["task_id"], n) for n in links_attempts] if traceparent else []
+    attempt_ctx = _attempt_context(traceparent, task["task_id"], task["attempt"]) if traceparent and task else None
+    links = [_attempt_context(traceparent, task["task_id"], n) for n in links_attempts] if traceparent and task else []
     attrs = _clean({"tron.service": service, "tron.case": case, "tron.alert.id": alert_id, "tron.reason": reason,
                     "tron.task.id": (task or {}).get("task_id"), "tron.run.id": (task or {}).get("run_id"),
                     "tron.task.attempt": (task or {}).get("attempt"),
@@ -664,7 +710,7 @@ def ladder(kind: str, /, *, case: str | None, alert_id: str | None, service: str
     span.end()
 
 
-def attempt_ended(agent: str, task: dict, *, reason: str, case: str | None, alert_id: str | None) -> None:
+def attempt_ended(agent: str, task: dict[str, Any], *, reason: str, case: str | None, alert_id: str | None) -> None:
     """The span of an attempt whose process was killed before it could export its own (kill -9,
     a hang, a runaway): written by the daemon with the attempt's derived span id, from the
     task's last change to now, so the attempt's steps and calls that did arrive hang under it."""

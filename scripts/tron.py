@@ -76,6 +76,8 @@ class Ctx:
 
     def daemon_pid(self, mesh: MeshClient | None = None) -> int | None:
         """This home's daemon, if one runs: its pid file names it and it holds the lock."""
+        import psutil
+
         from common.processes import home_processes
 
         info = (mesh or self.mesh).daemon_info()
@@ -85,7 +87,7 @@ class Ctx:
             try:
                 if "services.daemon" in p.cmdline() and "services.daemon.forkserver" not in p.cmdline():
                     return p.pid
-            except Exception:  # psutil errors: the process went away meanwhile
+            except psutil.Error:  # the process went away meanwhile, or is not ours to read
                 continue
         return None
 
@@ -506,7 +508,7 @@ def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
         # mesh does not know is. Without a readable mesh.toml, the log folder decides alone.
         try:
             known = set(ctx.config.services)
-        except Exception:  # noqa: BLE001 - a broken mesh.toml must not hide the logs
+        except (ConfigError, OSError, ValueError):  # a broken or unreadable mesh.toml must not hide the logs
             known = None
         silent = [n for n in names if not (ctx.home.logs / f"{n}.log").exists()
                   and not any(ctx.home.logs.glob(f"{n}.log.*"))]

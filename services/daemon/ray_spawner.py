@@ -42,6 +42,7 @@ import psutil
 
 from common.config import MeshConfig
 from services.daemon.node_agent import NAMESPACE, actor_name
+from services.daemon.ray_private import join_at_loopback
 from services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
 
 log = logging.getLogger("tron.ray")
@@ -132,7 +133,7 @@ class RaySpawner:
     async def start(self) -> None:
         import ray
 
-        extra = _loopback_cluster(self.cluster.address)
+        extra = join_at_loopback(self.cluster.address)
         try:
             info = await asyncio.to_thread(
                 ray.init, address=self.cluster.address, namespace=NAMESPACE, log_to_driver=False,
@@ -428,36 +429,6 @@ class RaySpawner:
                 log.debug("ray.kill of the node agent on %s: %s", node.short, err)
             node.agent = None
         await asyncio.to_thread(ray.shutdown)
-
-
-def ray_private_services():
-    """The one private Ray module Tron touches (``ray._private.services``), checked to still
-    have what is patched: a Ray upgrade that moves it fails here, loudly, naming it (and
-    tests/unit/test_ray_private_api.py fails on it before any cluster test runs)."""
-    from ray._private import services
-
-    patched = getattr(services, "resolve_ip_for_localhost", None)
-    if not callable(patched):
-        raise SpawnError("this Ray has no ray._private.services.resolve_ip_for_localhost: Tron's loopback cluster "
-                         f"support needs updating for ray {__import__('ray').__version__}")
-    return services
-
-
-def _loopback_cluster(address: str) -> dict:
-    """A cluster bound to loopback (one machine: a laptop, the test tier) is joined at
-    loopback. Ray rewrites 127.0.0.1 to this machine's outward address before connecting
-    (``services.resolve_ip_for_localhost``), where such a cluster does not listen; keep
-    loopback as given, and say that this driver's node is 127.0.0.1 too."""
-    host = address.rsplit(":", 1)[0] if ":" in address else ""
-    if host not in ("127.0.0.1", "localhost"):
-        return {}
-    services = ray_private_services()
-
-    def keep(h: str) -> str:
-        return "127.0.0.1" if h in ("127.0.0.1", "localhost") else h
-
-    services.resolve_ip_for_localhost = keep
-    return {"_node_ip_address": "127.0.0.1"}
 
 
 async def _quietly(ref) -> None:

@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import aiohttp
+import psutil
+
 from common import telemetry
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy, ServiceSpec
-from common.http import MeshClient
+from common.http import MeshClient, MeshHTTPError
 from common.models import Reason
 from common.monitor import Monitor, Signal
 from common.paths import Home, mesh_marks
@@ -344,7 +347,8 @@ class Supervisor:
         await self.store.close_session(incarnation, reason=f"spawn_failed: {error}")
         try:
             argv = svc.spec.argv(self.values(svc))
-        except Exception:  # the template itself may be what failed
+        except Exception as err:  # the template itself may be what failed: the event shows it as written
+            log.debug("command of %s not formatted for the event (%s: %s)", svc.name, type(err).__name__, err)
             argv = svc.spec.command
         detail = {"error": error, "cause": cause} | ({"holder": holder} if holder else {})
         await self.store.event("spawn_failed", {**detail, "argv": argv}, agent=svc.name, incarnation=incarnation)
@@ -370,7 +374,10 @@ class Supervisor:
             try:
                 body = await self.client.get(f"{self.config.url(svc.name)}/health", timeout=1.0)
                 return isinstance(body, dict) and body.get("incarnation") == incarnation
-            except Exception:  # not up yet, whatever the error: the next try decides
+            except (MeshHTTPError, OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError):
+                return False  # not up yet (refused, cut off, slow, an error or a half answer): the next try decides
+            except Exception as err:  # anything else is a surprise, said; still the next try decides
+                log.warning("health check of %s failed unexpectedly: %s: %s", svc.name, type(err).__name__, err)
                 return False
         if svc.spec.heartbeat and svc.last_beat is None:
             return False  # a command that speaks the contract is ready at its first accepted beat
@@ -650,7 +657,7 @@ class Supervisor:
                 if proc.pid in ours or proc.pid in owners or group in owners \
                         or any(p.pid in owners | ours for p in proc.parents()):
                     continue
-            except Exception:  # gone meanwhile
+            except (OSError, psutil.Error):  # gone meanwhile (ProcessLookupError, NoSuchProcess), or not ours to read
                 continue
             ghosts.append(proc)
         if ghosts:

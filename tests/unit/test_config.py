@@ -37,6 +37,10 @@ def test_port_offset_shifts_every_port():
     ({"services": {"a": {"role": "root", "port": 70000}}}, "services.a.port"),
     ({"services": {"daemon": {"role": "root", "port": 7001}}}, "the name 'daemon' is reserved"),
     ({"policy": {"heartbeat_interval": 0}, **base()}, "policy.heartbeat_interval"),
+    # A section that is no table: once an AttributeError or a TypeError, not a message naming it.
+    ({"mesh": 3, **base()}, "mesh: Input should be a valid dictionary"),
+    ({"services": 3}, "services: Input should be a valid dictionary"),
+    ({"policy": 3, "ladder": {"max_restarts": 2}, **base()}, "[policy] must be a table"),
 ])
 def test_bad_config_is_rejected_naming_the_key(data, message):
     with pytest.raises(ConfigError) as err:

@@ -59,3 +59,36 @@ async def test_nothing_listening_is_an_oserror():
                 await client.post(f"http://127.0.0.1:{port}/x", {})
         finally:
             await client.close()
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('{"error": "no", "verdict": "stale"}', {"error": "no", "verdict": "stale"}),
+    ("not json", {"error": "not json"}),
+    ('["a", "list"]', {"error": '["a", "list"]'}),  # once returned as is: err.json().get(...) raised AttributeError
+    ("3", {"error": "3"}),
+])
+def test_an_error_body_is_always_an_object_to_read_from(body, expected):
+    assert MeshHTTPError(409, "http://x", body).json() == expected
+
+
+async def test_a_control_endpoint_lets_in_its_token_only_for_plain_handlers_and_methods():
+    from aiohttp.test_utils import make_mocked_request
+
+    from common.http import TOKEN_KEY, require_token
+
+    @require_token
+    async def plain(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    class Role:
+        @require_token
+        async def method(self, request: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+    app = web.Application()
+    app[TOKEN_KEY] = "secret"
+    for handler in (plain, Role().method):
+        assert handler.__name__ in ("plain", "method")
+        let_in = await handler(make_mocked_request("POST", "/x", headers={"X-Tron-Token": "secret"}, app=app))
+        refused = await handler(make_mocked_request("POST", "/x", headers={"X-Tron-Token": "wrong"}, app=app))
+        assert (let_in.status, refused.status) == (200, 401)

@@ -40,6 +40,8 @@ def test_the_overlay_round_trips_and_applies_on_top_of_the_mesh_file(tmp_path):
     ("[policy]\nmis_threshold = 3\n", "policy.mis_threshold: unknown key"),
     ("[services.x]\nport = 1\n", "only [policy] may be overlaid"),
     ("[policy\n", "not valid TOML"),
+    ("policy = 3\n", "policy must be a table ([policy]), not int"),  # once a TypeError from set(3)
+    ('policy = "ab"\n', "policy must be a table ([policy]), not str"),  # once "policy.a: unknown key"
 ])
 def test_a_bad_overlay_is_refused_naming_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "mesh.overlay.toml"

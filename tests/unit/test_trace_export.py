@@ -244,7 +244,7 @@ def test_an_llm_span_handed_over_directly_is_the_record_the_sdk_span_would_make(
     assert telemetry.setup(TelemetrySection(otlp_endpoint=receiver.url), service="svc", env={})
     on = telemetry._on
     try:
-        assert on.direct
+        assert on.direct is on.process is not None
         handed: list[tuple] = []
         monkeypatch.setattr(on.process, "hand", handed.append)
 
@@ -265,7 +265,7 @@ def test_an_llm_span_handed_over_directly_is_the_record_the_sdk_span_would_make(
                     pass
 
         one()
-        monkeypatch.setattr(on, "direct", False)
+        monkeypatch.setattr(on, "direct", None)
         one()
     finally:
         telemetry.shutdown(5)

@@ -68,6 +68,20 @@ class MemoryStore(Stamps):
     async def close(self) -> None:
         pass
 
+    def unavailable(self, err: BaseException) -> bool:
+        return False  # memory is never unavailable: whatever it raises is a bug
+
+    # -- upkeep (trim is below, with the working copy) -------------------------------------------
+
+    def health(self) -> dict[str, object]:
+        return {"state": "ok"}
+
+    async def warm(self, run_id: str) -> None:
+        pass  # alone, it holds every run it ever had; as the journal's memory, the journal warms it
+
+    async def flushed(self, timeout: float) -> bool:
+        return True
+
     # -- events -------------------------------------------------------------------------------
 
     def _event(self, kind: str, payload: dict[str, Any], **ids: str | None) -> int:
@@ -596,3 +610,8 @@ def _json(row: Row, *columns: str) -> Row:
         if isinstance(row.get(c), str):
             row[c] = json.loads(row[c])
     return row
+
+
+def open_url(url: str, *, clock: Clock | None = None) -> MemoryStore:
+    """registry/backends.py's entry for ``memory://``: a registry that keeps nothing past its process."""
+    return MemoryStore(clock=clock)

@@ -6,10 +6,13 @@
     registry.memory        memory://                           nothing kept (tests, trials)
 
 Each backend module has one ``open_url(url, *, clock)`` that answers its store for the URL
-(checked, migrated, not yet opened) and an engine whose ``unavailable(err)`` says which of
-its errors mean "the database is unavailable for a while" (registry/journal.py retries
-those). A new backend is that module plus one line in ``SCHEMES`` (and its entry in the
-contract suite, tests/unit/test_store_contract.py): nothing else names an engine.
+(checked, migrated, not yet opened), one ``open_reader(url)`` for the CLI's read-only
+queries (registry/read.py), and an engine whose ``unavailable(err)`` says which of its
+errors mean "the database is unavailable for a while" (registry/journal.py retries those).
+A new backend is that module plus one line in ``SCHEMES`` (and its URL in the contract
+suite, tests/unit/test_store_contract.py): the daemon, the journal and the CLI's reads find
+it here. (The mesh file and TRON_REGISTRY_URL still admit only postgresql:// URLs,
+common/config.py: a user-selectable new scheme is also one entry there.)
 
 A durable backend is opened behind the journal (``JournaledStore``: the daemon decides on a
 working copy in memory, the writer records behind); the memory backend needs none.
@@ -27,21 +30,31 @@ from common.clock import Clock
 from registry.schema import RegistryError
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from registry.journal import JournaledStore
     from registry.memory import MemoryStore
+    from registry.pg import PgReader
     from registry.store import SqlStore
 
     Opened = Union["SqlStore", "MemoryStore"]
+    Reader = Union["sqlite3.Connection", "PgReader"]  # what registry/read.py's queries run on
 
 
 @dataclass(frozen=True)
 class Backend:
-    module: str  # has open_url(url, *, clock) -> its store; imported only when a URL of its scheme is opened
+    # Has open_url(url, *, clock) -> its store, and open_reader(url) -> the CLI's read-only
+    # connection; imported only when a URL of its scheme is opened.
+    module: str
     journaled: bool  # durable: the daemon's writes go through the journal in front of it
 
     def opener(self) -> Callable[..., "Opened"]:
         opener: Callable[..., Opened] = importlib.import_module(self.module).open_url
         return opener
+
+    def reader(self) -> Callable[[str], "Reader"]:
+        reader: Callable[[str], Reader] = importlib.import_module(self.module).open_reader
+        return reader
 
 
 SQLITE = Backend("registry.db", journaled=True)
@@ -77,6 +90,12 @@ def open_durable(url: str | Path, *, clock: Clock | None = None) -> "Opened":
     """The backend's own store for ``url``, not journaled, not opened yet (``await
     store.open()``). Raises ``RegistryError`` for a scheme no backend serves."""
     return backend_for(url).opener()(str(url), clock=clock)
+
+
+def open_reader(where: str | Path) -> "Reader":
+    """The CLI's read-only connection to the registry at ``where`` (registry/read.py); raises
+    FileNotFoundError when there is none to read, ``RegistryError`` for an unknown scheme."""
+    return backend_for(where).reader()(str(where))
 
 
 def open_store(url: str | Path, *, clock: Clock | None = None,

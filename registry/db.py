@@ -138,6 +138,19 @@ class _SqliteTx:
             return [dict(r) for r in await cur.fetchall()]
 
 
+def open_reader(url: str) -> sqlite3.Connection:
+    """registry/backends.py's read-only connection for the CLI (registry/read.py): never
+    writes, never creates a registry that is not there."""
+    from registry.backends import sqlite_path
+
+    path = sqlite_path(url)
+    if not path.exists():
+        raise FileNotFoundError(f"no registry at {path}: has `tron up` ever run with this home?")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 def open_url(url: str, *, clock: Clock | None = None) -> "SqlStore":
     """registry/backends.py's entry for SQLite: a file path, ``sqlite:`` or ``file:`` URL."""
     from registry.backends import sqlite_path

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from typing import Any, Collection, overload
+from typing import Any, Collection, NoReturn, overload
 
 from common.clock import Clock
 from common.redaction import redact, redact_json
@@ -610,6 +610,10 @@ def _json(row: Row, *columns: str) -> Row:
         if isinstance(row.get(c), str):
             row[c] = json.loads(row[c])
     return row
+
+
+def open_reader(url: str) -> NoReturn:
+    raise FileNotFoundError(f"a {url} registry lives in its daemon's memory: nothing outside the daemon can read it")
 
 
 def open_url(url: str, *, clock: Clock | None = None) -> MemoryStore:

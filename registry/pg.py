@@ -200,6 +200,11 @@ def _first_line(err: Exception) -> str:
     return safe_url(text[0]) if text else type(err).__name__
 
 
+def open_reader(url: str) -> PgReader:
+    """registry/backends.py's read-only connection for the CLI (registry/read.py)."""
+    return PgReader(url)
+
+
 def open_url(url: str, *, clock: Clock | None = None) -> "SqlStore":
     """registry/backends.py's entry for ``postgresql://`` (and ``postgres://``) URLs."""
     from registry.store import open_pg_store

@@ -175,3 +175,40 @@ async def test_the_journal_retries_what_the_engine_calls_unavailable_and_drops_w
         assert await durable.events(kind="lost") == []
     finally:
         await store.close()
+
+
+# -- the CLI's read-only connection, by the same table ---------------------------------------------
+
+
+async def test_the_cli_reads_the_registry_of_any_sqlite_url_read_only(tmp_path):
+    from registry.read import connect
+
+    store = open_store(tmp_path / "registry.db")
+    try:
+        await store.open()
+        await store.create_run("r-1", "p", False)
+        assert await store.flushed(30.0)
+    finally:
+        await store.close()
+    for where in (tmp_path / "registry.db", str(tmp_path / "registry.db"), f"sqlite://{tmp_path}/registry.db"):
+        conn = connect(where)
+        try:
+            assert [r["run_id"] for r in conn.execute("SELECT run_id FROM runs")] == ["r-1"]
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                conn.execute("DELETE FROM runs")
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("where, error, says", [
+    ("missing.db", FileNotFoundError, "no registry at .*missing.db: has `tron up` ever run"),
+    ("memory://", FileNotFoundError, "lives in its daemon's memory"),
+    ("mysql://db/tron", RegistryError, "no registry backend for mysql"),
+])
+def test_the_cli_is_told_when_there_is_nothing_to_read(where, error, says, tmp_path, monkeypatch):
+    from registry.read import connect
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=says):
+        connect(where)
+    assert list(tmp_path.iterdir()) == []  # nothing created

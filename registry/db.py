@@ -12,11 +12,15 @@ import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 import aiosqlite
 
+from common.clock import Clock
 from registry.rows import Args, Row
+
+if TYPE_CHECKING:
+    from registry.store import SqlStore
 
 
 class Db(Protocol):
@@ -29,6 +33,11 @@ class Db(Protocol):
     async def one(self, sql: str, args: Args = ()) -> Row | None: ...
 
     async def all(self, sql: str, args: Args = ()) -> list[Row]: ...
+
+    def unavailable(self, err: BaseException) -> bool:
+        """``err`` is this engine's database being unavailable for a while (full disk, lock
+        held, I/O error, lost connection), not a bug: the journal retries the write."""
+        ...
 
 
 class Tx(Protocol):
@@ -103,6 +112,11 @@ class SqliteDb:
     async def all(self, sql: str, args: Args = ()) -> list[Row]:
         return await _SqliteTx(self.reader).all(sql, args)
 
+    def unavailable(self, err: BaseException) -> bool:
+        # SQLite says "database or disk is full", "database is locked", "disk I/O error" with
+        # OperationalError; the file system with OSError. A constraint or a syntax error is a bug.
+        return isinstance(err, (sqlite3.OperationalError, OSError))
+
 
 class _SqliteTx:
     """Statements on one connection: the writer's inside a transaction, the reader's outside."""
@@ -122,3 +136,24 @@ class _SqliteTx:
     async def all(self, sql: str, args: Args = ()) -> list[Row]:
         async with self.conn.execute(sql, args) as cur:
             return [dict(r) for r in await cur.fetchall()]
+
+
+def open_reader(url: str) -> sqlite3.Connection:
+    """registry/backends.py's read-only connection for the CLI (registry/read.py): never
+    writes, never creates a registry that is not there."""
+    from registry.backends import sqlite_path
+
+    path = sqlite_path(url)
+    if not path.exists():
+        raise FileNotFoundError(f"no registry at {path}: has `tron up` ever run with this home?")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def open_url(url: str, *, clock: Clock | None = None) -> "SqlStore":
+    """registry/backends.py's entry for SQLite: a file path, ``sqlite:`` or ``file:`` URL."""
+    from registry.backends import sqlite_path
+    from registry.store import open_sqlite_store
+
+    return open_sqlite_store(sqlite_path(url), clock=clock)

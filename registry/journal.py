@@ -23,7 +23,6 @@ import functools
 import collections
 import json
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +36,13 @@ from registry.store import SqlStore
 
 log = logging.getLogger("tron.registry")
 
-# Protocol method -> how it is answered, from the marks on registry/protocol.py's Store
+# Protocol method -> how it is answered, from the marks on registry/protocol.py's aggregates
 # (an unmarked method stops the import here, rather than a write staying in memory unsaved).
 ROUTES: dict[str, Mark] = routes_of(Store)
 MAX_PENDING = 200_000  # beyond this, plain events are dropped first (and counted); ladder rows never
 # A protocol method as the proxy hands it out: what it answers depends on which method it
 # is (registry/protocol.py types each), so here it is Any.
 Method = Callable[..., Awaitable[Any]]
-
-
-def transient(err: BaseException) -> bool:
-    """A refusal that passes: full disk, locked database, I/O error, lost connection."""
-    if isinstance(err, (sqlite3.OperationalError, OSError)):
-        return True
-    return type(err).__module__.startswith("psycopg") and type(err).__name__ in (
-        "OperationalError", "AdminShutdown", "ConnectionTimeout", "DiskFull", "InsufficientResources")
 
 
 @dataclass
@@ -153,7 +144,7 @@ class JournaledStore:
                 return self._owned(name, mark.about)
             case Route.DURABLE_READ:
                 return self._after_flush(name)
-        # LIFECYCLE: open and close are defined above; forwarding one would skip the journal.
+        # OWN: open, close, health, ... are defined here; forwarding one would skip the journal.
         # (An owned read that names nothing never gets here: routes_of refuses it at import.)
         raise AttributeError(f"JournaledStore must define {name} ({mark.route}) itself")
 
@@ -256,7 +247,9 @@ class JournaledStore:
                 with self.durable.pinned(op.mono, op.wall, op.drill):
                     await getattr(self.durable, op.method)(*op.args, **op.kwargs)
             except Exception as err:
-                if not transient(err):
+                # A refusal that passes (full disk, locked database, I/O error, lost connection)?
+                # The engine knows its own errors (registry/db.py, registry/pg.py).
+                if not self.durable.unavailable(err):
                     # A bug, not a passing fault: retrying cannot help. Said loudly, kept in the log.
                     self.health_.failed_writes += 1
                     log.error("registry refused %s for good (%s: %s); the write is lost: %s", op.method,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from typing import Any, Collection, overload
+from typing import Any, Collection, NoReturn, overload
 
 from common.clock import Clock
 from common.redaction import redact, redact_json
@@ -67,6 +67,20 @@ class MemoryStore(Stamps):
 
     async def close(self) -> None:
         pass
+
+    def unavailable(self, err: BaseException) -> bool:
+        return False  # memory is never unavailable: whatever it raises is a bug
+
+    # -- upkeep (trim is below, with the working copy) -------------------------------------------
+
+    def health(self) -> dict[str, object]:
+        return {"state": "ok"}
+
+    async def warm(self, run_id: str) -> None:
+        pass  # alone, it holds every run it ever had; as the journal's memory, the journal warms it
+
+    async def flushed(self, timeout: float) -> bool:
+        return True
 
     # -- events -------------------------------------------------------------------------------
 
@@ -596,3 +610,12 @@ def _json(row: Row, *columns: str) -> Row:
         if isinstance(row.get(c), str):
             row[c] = json.loads(row[c])
     return row
+
+
+def open_reader(url: str) -> NoReturn:
+    raise FileNotFoundError(f"a {url} registry lives in its daemon's memory: nothing outside the daemon can read it")
+
+
+def open_url(url: str, *, clock: Clock | None = None) -> MemoryStore:
+    """registry/backends.py's entry for ``memory://``: a registry that keeps nothing past its process."""
+    return MemoryStore(clock=clock)

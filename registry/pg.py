@@ -23,10 +23,13 @@ import re
 from typing import TYPE_CHECKING, AsyncIterator
 from urllib.parse import unquote
 
+from common.clock import Clock
 from registry.rows import Args, Row
 
 if TYPE_CHECKING:  # psycopg is imported when a PostgreSQL registry is opened, not before
     import psycopg
+
+    from registry.store import SqlStore
 
 DAEMON_LOCK = 0x7472_6F6E  # "tron": the advisory lock the one writing daemon holds
 
@@ -135,6 +138,15 @@ class PgDb:
         async with self._reader:
             return await _PgTx(self._opened(self._reader_conn)).all(sql, args)
 
+    def unavailable(self, err: BaseException) -> bool:
+        # OperationalError is libpq's "the server cannot do it now": a lost connection, a
+        # timeout, an administrator's shutdown, a full disk (DiskFull), no memory or
+        # connections left (InsufficientResources), all its subclasses. An IntegrityError or
+        # a ProgrammingError is a bug.
+        import psycopg
+
+        return isinstance(err, (psycopg.OperationalError, OSError))
+
 
 class _PgTx:
     def __init__(self, conn: psycopg.AsyncConnection[Row]) -> None:
@@ -186,3 +198,15 @@ class PgReader:
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return safe_url(text[0]) if text else type(err).__name__
+
+
+def open_reader(url: str) -> PgReader:
+    """registry/backends.py's read-only connection for the CLI (registry/read.py)."""
+    return PgReader(url)
+
+
+def open_url(url: str, *, clock: Clock | None = None) -> "SqlStore":
+    """registry/backends.py's entry for ``postgresql://`` (and ``postgres://``) URLs."""
+    from registry.store import open_pg_store
+
+    return open_pg_store(url, clock=clock)

@@ -1,15 +1,22 @@
-"""The ``Store`` protocol: everything the daemon asks of its registry, in one place.
+"""The ``Store`` protocol: everything the daemon asks of its registry, split by aggregate.
+
+``Store`` is the union of small protocols, one per aggregate of the registry (``Events``,
+``Agents``, ``Sessions``, ``Runs``, ``Tasks``, ``Parking``, ``Checkpoints``, ``Spending``,
+``Lanes``, ``Alerts``, ``Ladder``) and two about the store itself (``Lifecycle``,
+``Upkeep``); each method is declared on exactly one of them. ``Replayable`` and
+``WorkingCopy`` are what the journal asks of the stores behind it, outside ``Store``.
 
 Implementations: ``registry.store.SqlStore`` (SQLite, and PostgreSQL through
 registry/pg.py), ``registry.memory.MemoryStore`` (the stub unit tests run on, and the
-journal's memory), ``registry.journal.JournaledStore`` (decides on memory, records behind).
+journal's memory), ``registry.journal.JournaledStore`` (decides on memory, records behind);
+``registry.backends.open_store(url)`` opens one by the URL's scheme.
 tests/unit/test_store_contract.py runs one behavioural suite on every one of them and checks
 that each speaks this protocol, method by method and parameter by parameter.
 
 Every method carries exactly one mark saying how the journaled store answers it (a
 ``Route``); the journal routes by these marks alone and refuses to import while a method
-has none, and tests/unit/test_store_routing.py checks each mark and that both backends
-implement every method. A new method needs one:
+has none, and tests/unit/test_store_routing.py checks that every public method of every
+implementation is declared on exactly one protocol here and marked. A new method needs one:
 
     @write          a change: applied to the working copy at once, journaled, replayed on the
                     durable store in order. Every write must be marked so, or it is never saved.
@@ -21,17 +28,22 @@ implement every method. A new method needs one:
                     store may not have the change yet; the durable store otherwise.
     @durable_read   history (events, retry history, metrics, spend): the durable store, once
                     this daemon's own writes have reached it.
-    @lifecycle      open and close: each implementation's own, never forwarded.
+    @own            each implementation's own (open, close, health, ...): the journal defines
+                    it itself, never forwards it.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, runtime_checkable
 
 from common.states import AlertState, LaneState, RetryType, RunState, TaskState
 from registry.rows import Row, Spend, TaskCounts
+
+if TYPE_CHECKING:
+    from registry.store import SqlStore
 
 
 class Route(StrEnum):
@@ -40,7 +52,7 @@ class Route(StrEnum):
     FALLBACK_READ = "fallback_read"
     OWNED_READ = "owned_read"
     DURABLE_READ = "durable_read"
-    LIFECYCLE = "lifecycle"
+    OWN = "own"
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,7 @@ write = _marking(Route.WRITE)
 memory_read = _marking(Route.MEMORY_READ)
 fallback_read = _marking(Route.FALLBACK_READ)
 durable_read = _marking(Route.DURABLE_READ)
-lifecycle = _marking(Route.LIFECYCLE)
+own = _marking(Route.OWN)
 
 
 def owned_read(about: str) -> Callable[[F], F]:
@@ -75,16 +87,45 @@ def owned_read(about: str) -> Callable[[F], F]:
 
 
 @runtime_checkable
-class Store(Protocol):
+class Lifecycle(Protocol):
+    """Open and close: each implementation's own."""
     drill: str | None  # the drill label stamped on every row written while it is set
 
-    @lifecycle
+    @own
     async def open(self) -> "Store":
         ...
 
-    @lifecycle
+    @own
     async def close(self) -> None:
         ...
+
+
+@runtime_checkable
+class Upkeep(Protocol):
+    """What the daemon asks of the store itself: is it healthy, forget what no decision reads
+    again, bring an old run back, wait for the writes to be durable. A store with nothing
+    to do answers at once (``{"state": "ok"}``, True)."""
+
+    @own
+    def health(self) -> dict[str, object]:
+        ...
+
+    @own
+    def trim(self) -> None:
+        ...
+
+    @own
+    async def warm(self, run_id: str) -> None:
+        ...
+
+    @own
+    async def flushed(self, timeout: float) -> bool:
+        ...
+
+
+@runtime_checkable
+class Events(Protocol):
+    """The event log: every state change, audit entry and operator action, in order."""
 
     @write
     async def event(self, kind: str, payload: dict[str, Any], *, agent: str | None = None,
@@ -96,6 +137,11 @@ class Store(Protocol):
     async def events(self, since: int = 0, limit: int = 200, kind: str | None = None,
                      agent: str | None = None) -> list[Row]:
         ...
+
+
+@runtime_checkable
+class Agents(Protocol):
+    """The declared services and their marks (stopped, paused, provider, crash loop)."""
 
     @write
     async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> Row:
@@ -112,6 +158,11 @@ class Store(Protocol):
     @memory_read
     async def agents(self) -> list[Row]:
         ...
+
+
+@runtime_checkable
+class Sessions(Protocol):
+    """One incarnation of an agent: intent, starting, running, ended."""
 
     @write
     async def open_session(self, incarnation: str, agent: str, port: int, provider: str | None, *,
@@ -139,6 +190,11 @@ class Store(Protocol):
     async def session(self, incarnation: str) -> Row | None:
         ...
 
+
+@runtime_checkable
+class Runs(Protocol):
+    """A prompt that entered at the gateway, and how it ended."""
+
     @write
     async def create_run(self, run_id: str, prompt: str, drill: bool) -> None:
         ...
@@ -160,6 +216,11 @@ class Store(Protocol):
     async def runs(self, limit: int = 100) -> list[Row]:
         ...
 
+
+@runtime_checkable
+class Tasks(Protocol):
+    """The work of a run, one row per task: its state machine, its provider, its delivery."""
+
     @write
     async def upsert_task(self, rec: Row) -> tuple[Row, bool]:
         ...
@@ -177,6 +238,18 @@ class Store(Protocol):
                           *, reason: str | None = None) -> bool:
         ...
 
+    @write
+    async def reopen_task(self, task_id: str, *, by: str) -> bool:
+        ...
+
+    @write
+    async def set_task_provider(self, task_id: str, provider: str) -> None:
+        ...
+
+    @owned_read("run")
+    async def tasks_of_run(self, run_id: str) -> list[Row]:
+        ...
+
     @memory_read
     async def open_tasks(self, agent: str) -> list[Row]:
         ...
@@ -190,6 +263,19 @@ class Store(Protocol):
         ...
 
     @write
+    async def mark_delivered(self, task_id: str) -> None:
+        ...
+
+    @memory_read
+    async def undelivered_results(self) -> list[Row]:
+        ...
+
+
+@runtime_checkable
+class Parking(Protocol):
+    """Tasks held by an operator or parked while a provider, a lane or the budget is out."""
+
+    @write
     async def hold_task(self, task_id: str, reason: str) -> bool:
         ...
 
@@ -201,6 +287,41 @@ class Store(Protocol):
     async def park_task(self, task_id: str, reason: str, kind: str = "providers",
                         lease: str | None = None) -> bool:
         ...
+
+    @write
+    async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:
+        ...
+
+    @memory_read
+    async def held_tasks(self) -> list[Row]:
+        ...
+
+    @memory_read
+    async def parked_tasks(self) -> list[Row]:
+        ...
+
+
+@runtime_checkable
+class Checkpoints(Protocol):
+    """The steps a task has finished, so a restarted agent resumes after them."""
+
+    @write
+    async def add_checkpoint(self, task_id: str, step: int, step_id: str, output: str,
+                             incarnation: str | None) -> tuple[Row, bool]:
+        ...
+
+    @owned_read("task")
+    async def checkpoints(self, task_id: str) -> list[Row]:
+        ...
+
+    @write
+    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[Row]:
+        ...
+
+
+@runtime_checkable
+class Spending(Protocol):
+    """LLM usage rows, their cost, and the budgets of runs."""
 
     @write
     async def set_run_budget(self, run_id: str, usd: float | None, tokens: int | None) -> bool:
@@ -220,50 +341,10 @@ class Store(Protocol):
                     since_mono: float | None = None, limit: int = 1000) -> list[Row]:
         ...
 
-    @write
-    async def unpark_task(self, task_id: str, provider: str | None = None) -> bool:
-        ...
 
-    @write
-    async def set_task_provider(self, task_id: str, provider: str) -> None:
-        ...
-
-    @write
-    async def reopen_task(self, task_id: str, *, by: str) -> bool:
-        ...
-
-    @owned_read("run")
-    async def tasks_of_run(self, run_id: str) -> list[Row]:
-        ...
-
-    @memory_read
-    async def held_tasks(self) -> list[Row]:
-        ...
-
-    @memory_read
-    async def parked_tasks(self) -> list[Row]:
-        ...
-
-    @write
-    async def mark_delivered(self, task_id: str) -> None:
-        ...
-
-    @memory_read
-    async def undelivered_results(self) -> list[Row]:
-        ...
-
-    @write
-    async def add_checkpoint(self, task_id: str, step: int, step_id: str, output: str,
-                             incarnation: str | None) -> tuple[Row, bool]:
-        ...
-
-    @owned_read("task")
-    async def checkpoints(self, task_id: str) -> list[Row]:
-        ...
-
-    @write
-    async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[Row]:
-        ...
+@runtime_checkable
+class Lanes(Protocol):
+    """Circuit breakers: the trips of a lane and its state."""
 
     @write
     async def record_trip(self, fingerprint: str, lane: str, description: str, *, task_id: str | None,
@@ -282,6 +363,11 @@ class Store(Protocol):
     async def set_lane(self, lane: str, state: LaneState, *, fingerprint: str | None, reason: str,
                        by: str) -> bool:
         ...
+
+
+@runtime_checkable
+class Alerts(Protocol):
+    """What TRON noticed about an incarnation, and where it went."""
 
     @write
     async def insert_alert(self, alert: Row, *, stable: bool) -> tuple[Row, bool]:
@@ -310,6 +396,11 @@ class Store(Protocol):
     @memory_read
     async def failures(self, agent: str, *, limit: int = 200) -> list[Row]:
         ...
+
+
+@runtime_checkable
+class Ladder(Protocol):
+    """The ladder's rows (retry_history): restarts, escalations, provider switches, their counts."""
 
     @write
     async def record_retry(self, *, alert_id: str, agent_id: str, retry_type: RetryType, reason: str,
@@ -340,25 +431,108 @@ class Store(Protocol):
         ...
 
 
+# The aggregates, each a small protocol; ``Store`` is their union, so a caller typed ``Store``
+# sees every method. A method is declared on exactly one of them (routes_of checks it).
+AGGREGATES: tuple[type, ...] = (Lifecycle, Upkeep, Events, Agents, Sessions, Runs, Tasks, Parking, Checkpoints,
+                                Spending, Lanes, Alerts, Ladder)
+
+
+@runtime_checkable
+class Store(Lifecycle, Upkeep, Events, Agents, Sessions, Runs, Tasks, Parking, Checkpoints, Spending, Lanes, Alerts,
+            Ladder, Protocol):
+    """Everything the daemon asks of its registry."""
+
+
+# What the journal asks of its two stores besides the Store (registry/journal.py), not part
+# of it: no caller of a Store uses them.
+@runtime_checkable
+class Replayable(Protocol):
+    """A store the journal replays on (the durable one) or applies to (the working copy)."""
+
+    @own
+    def pinned(self, mono: float, wall: str, drill: str | None) -> AbstractContextManager[None]:
+        """Rows written meanwhile carry these times and drill label (when they really happened)."""
+        ...
+
+    @own
+    def unavailable(self, err: BaseException) -> bool:
+        """``err`` is the database being unavailable for a while (full disk, lock held, I/O
+        error, lost connection): the write is retried. Any other error is a bug: it is not."""
+        ...
+
+
+@runtime_checkable
+class WorkingCopy(Protocol):
+    """The journal's memory: read back from the durable store at start, one run on demand."""
+
+    @own
+    async def load_from(self, durable: "SqlStore") -> None:
+        ...
+
+    @own
+    async def warm_from(self, durable: "SqlStore", run_id: str) -> None:
+        ...
+
+
+PROTOCOLS: tuple[type, ...] = (*AGGREGATES, Replayable, WorkingCopy)
+
+
+def parts_of(protocol: type) -> tuple[type, ...]:
+    """The classes whose own methods make up ``protocol``: itself and its protocol bases."""
+    return (protocol, *(c for c in protocol.__mro__[1:] if getattr(c, "_is_protocol", False) and c is not Protocol))
+
+
+def methods_of(protocol: type) -> dict[str, object]:
+    """The methods ``protocol`` itself declares (not its bases'): name -> function."""
+    return {name: value for name, value in vars(protocol).items() if not name.startswith("_") and callable(value)}
+
+
 def routes_of(protocol: type) -> dict[str, Mark]:
-    """Each method of ``protocol`` -> its mark. Raises ``TypeError`` naming the method when one
-    has no mark, a mark that is not a ``Mark`` of a known ``Route``, or an owned read whose
-    ``about`` is not a read of the protocol: a method the journal would route wrongly."""
+    """Each method of ``protocol`` (and of the protocols it unites) -> its mark. Raises
+    ``TypeError`` naming the method when one is declared on two of them, has no mark, a mark
+    that is not a ``Mark`` of a known ``Route``, or is an owned read whose ``about`` is not a
+    read of the protocol: a method the journal would route wrongly."""
     found: dict[str, Mark] = {}
-    for name, method in vars(protocol).items():
-        if name.startswith("_") or not callable(method):
-            continue
-        mark = getattr(method, MARK_ATTR, None)
-        if mark is None:
-            raise TypeError(f"{protocol.__name__}.{name} has no routing mark (@write, @memory_read, ...: "
-                            f"see registry/protocol.py)")
-        if not isinstance(mark, Mark) or not isinstance(mark.route, Route):
-            raise TypeError(f"{protocol.__name__}.{name} has an unknown routing mark {mark!r}")
-        found[name] = mark
+    where: dict[str, str] = {}
+    for part in parts_of(protocol):
+        for name, method in methods_of(part).items():
+            if name in where:
+                raise TypeError(f"{name} is declared on both {where[name]} and {part.__name__}: "
+                                "one aggregate owns each method")
+            where[name] = part.__name__
+            mark = getattr(method, MARK_ATTR, None)
+            if mark is None:
+                raise TypeError(f"{part.__name__}.{name} has no routing mark (@write, @memory_read, ...: "
+                                f"see registry/protocol.py)")
+            if not isinstance(mark, Mark) or not isinstance(mark.route, Route):
+                raise TypeError(f"{part.__name__}.{name} has an unknown routing mark {mark!r}")
+            found[name] = mark
     for name, mark in found.items():
         if (mark.route is Route.OWNED_READ) != (mark.about is not None):
-            raise TypeError(f"{protocol.__name__}.{name}: only an owned read names what it is about ({mark})")
+            raise TypeError(f"{where[name]}.{name}: only an owned read names what it is about ({mark})")
         if mark.about is not None and mark.about not in found:
-            raise TypeError(f"{protocol.__name__}.{name} is about {mark.about!r}, not a method of the protocol")
+            raise TypeError(f"{where[name]}.{name} is about {mark.about!r}, not a method of the protocol")
     return found
 
+
+def unrouted(implementation: type, protocols: tuple[type, ...] = PROTOCOLS) -> list[str]:
+    """What is wrong with ``implementation``'s public methods: each must be declared on
+    exactly one of ``protocols`` and carry a mark there (a method added to a store without
+    being declared and marked would be invisible to the journal). Empty when all is well."""
+    declared: dict[str, list[str]] = {}
+    for part in protocols:
+        for name in methods_of(part):
+            declared.setdefault(name, []).append(part.__name__)
+    problems = []
+    for name in sorted(dir(implementation)):
+        if name.startswith("_") or not callable(getattr(implementation, name)):
+            continue
+        on = declared.get(name, [])
+        if len(on) != 1:
+            problems.append(f"{implementation.__name__}.{name} is declared on {len(on)} protocols "
+                            f"({', '.join(on) or 'none'}): declare it, marked, on one (registry/protocol.py)")
+            continue
+        protocol = next(p for p in protocols if p.__name__ == on[0])
+        if not isinstance(getattr(methods_of(protocol)[name], MARK_ATTR, None), Mark):
+            problems.append(f"{on[0]}.{name} has no routing mark")
+    return problems

@@ -25,17 +25,11 @@ class Reader(Protocol):
 
 
 def connect(where: Path | str) -> sqlite3.Connection | PgReader:
-    """The SQLite file at ``where``, or the PostgreSQL server at a postgresql:// URL."""
-    if isinstance(where, str) and where.startswith(("postgresql://", "postgres://")):
-        from registry.pg import PgReader
+    """A read-only connection to the registry at ``where``: the SQLite file at a path, the
+    PostgreSQL server at a postgresql:// URL; the backend of its scheme (registry/backends.py)."""
+    from registry.backends import open_reader
 
-        return PgReader(where)
-    path = Path(where)
-    if not path.exists():
-        raise FileNotFoundError(f"no registry at {path}: has `tron up` ever run with this home?")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    conn.row_factory = sqlite3.Row
-    return conn
+    return open_reader(where)
 
 
 def _rows(conn: Reader, sql: str, args: Args = ()) -> list[Row]:

@@ -110,6 +110,23 @@ class SqlStore(Stamps):
     async def close(self) -> None:
         await self.db.close()
 
+    def unavailable(self, err: BaseException) -> bool:
+        return self.db.unavailable(err)
+
+    # -- upkeep: every write is durable when it returns; nothing is kept to forget ----------
+
+    def health(self) -> dict[str, object]:
+        return {"state": "ok"}
+
+    def trim(self) -> None:
+        pass
+
+    async def warm(self, run_id: str) -> None:
+        pass
+
+    async def flushed(self, timeout: float) -> bool:
+        return True
+
     # -- events ---------------------------------------------------------------------------
 
     async def _event(self, tx: Tx, kind: str, payload: dict[str, Any], **ids: str | None) -> int:

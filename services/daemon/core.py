@@ -245,16 +245,13 @@ class Daemon:
             if (why := entry.missing_secret()) is not None:
                 raise StartError(why)
         if self.store is None:
-            from registry.journal import JournaledStore
-            from registry.store import open_pg_store, open_sqlite_store
+            from registry.backends import open_store
 
             # Decide on memory, record behind: a registry that refuses writes (disk full,
             # lock held elsewhere) never stops detection or recovery (registry/journal.py).
-            url = registry_url(self.config)
-            durable = open_pg_store(url, clock=self.clock) if url else \
-                open_sqlite_store(self.home.registry_db, clock=self.clock)
-            self.store = JournaledStore(durable, clock=self.clock,
-                                        spill=self.home.registry_db.with_name("journal.jsonl"))
+            # The backend is the URL's scheme's (registry/backends.py); the home's file by default.
+            self.store = open_store(registry_url(self.config) or self.home.registry_db, clock=self.clock,
+                                    spill=self.home.registry_db.with_name("journal.jsonl"))
         await self.store.open()
         logs.setup(DAEMON, comms_path=self.home.comms_log)
         spawner = self._spawner or fault_injection.inject(self._make_spawner())

@@ -217,7 +217,7 @@ async def answered_by_mark(name: str, mark) -> None:
                 "durable's", [("memory", mark.about), ("durable", name)], [])
         case Route.DURABLE_READ:
             assert await routed(name, memory_answers="memory's") == ("durable's", [("durable", name)], [])
-        case Route.LIFECYCLE:  # the journal's own: it drives the writer and the durable store
+        case Route.OWN:  # the journal's own: it drives the writer and the durable store
             assert name in vars(JournaledStore)
         case _:
             raise AssertionError(f"{name}: no case for route {mark.route!r}")

@@ -1,7 +1,9 @@
-"""Every method of the ``Store`` protocol is routed: it carries exactly one known mark
-(registry/protocol.py), both backends implement it, and every write is one the working copy
-can apply, so the journal can never leave a write in memory unsaved. How the journal
-answers each mark is tested in tests/unit/test_journal.py."""
+"""Every method of the store is routed: the ``Store`` protocol is the union of small
+aggregate protocols (registry/protocol.py), each method is declared on exactly one of them
+with exactly one known mark, and every public method of every implementation (MemoryStore,
+SqlStore, which is also the PostgreSQL store, and JournaledStore) is such a method, so the
+journal can never leave a write in memory unsaved. How the journal answers each mark is
+tested in tests/unit/test_journal.py."""
 
 from __future__ import annotations
 
@@ -11,23 +13,39 @@ import pytest
 
 from registry.journal import ROUTES, JournaledStore
 from registry.memory import MemoryStore
-from registry.protocol import MARK_ATTR, Mark, Route, Store, owned_read, routes_of, write
+from registry.protocol import (AGGREGATES, MARK_ATTR, PROTOCOLS, Mark, Replayable, Route, Store, WorkingCopy,
+                               durable_read, memory_read, methods_of, owned_read, parts_of, routes_of, unrouted, write)
 from registry.store import SqlStore
 
-METHODS = sorted(name for name, value in vars(Store).items() if not name.startswith("_") and callable(value))
+IMPLEMENTATIONS = [MemoryStore, SqlStore, JournaledStore]
+# name -> the aggregate that declares it, and its function there
+DECLARED = {name: (part, method) for part in AGGREGATES for name, method in methods_of(part).items()}
+METHODS = sorted(DECLARED)
 
 
-def test_the_protocol_has_methods_to_route():
-    assert len(METHODS) > 50 and "upsert_task" in METHODS  # the walk below sees the methods
+def test_the_store_is_the_union_of_its_aggregates():
+    assert set(parts_of(Store)) == {Store, *AGGREGATES}
+    assert methods_of(Store) == {}  # nothing declared on the union itself: every method has an aggregate
+    assert "upsert_task" in METHODS and "record_retry" in METHODS  # the walk below sees the methods
+    assert all(len(methods_of(part)) <= 12 for part in AGGREGATES)  # small protocols
+
+
+def test_no_method_is_declared_on_two_protocols():
+    seen: dict[str, str] = {}
+    for part in PROTOCOLS:
+        for name in methods_of(part):
+            assert name not in seen, f"{name} is declared on {seen[name]} and {part.__name__}"
+            seen[name] = part.__name__
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_protocol_method_has_one_known_mark(name):
-    mark = getattr(getattr(Store, name), MARK_ATTR, None)
-    assert isinstance(mark, Mark), f"Store.{name} has no routing mark (@write, @memory_read, ...)"
-    assert isinstance(mark.route, Route), f"Store.{name}: unknown route {mark.route!r}"
+    part, method = DECLARED[name]
+    mark = getattr(method, MARK_ATTR, None)
+    assert isinstance(mark, Mark), f"{part.__name__}.{name} has no routing mark (@write, @memory_read, ...)"
+    assert isinstance(mark.route, Route), f"{part.__name__}.{name}: unknown route {mark.route!r}"
     if mark.route is Route.OWNED_READ:
-        assert mark.about in METHODS, f"Store.{name} is about {mark.about!r}, not a protocol read"
+        assert mark.about in METHODS, f"{part.__name__}.{name} is about {mark.about!r}, not a protocol read"
         assert ROUTES[mark.about].route is not Route.WRITE
     else:
         assert mark.about is None
@@ -36,6 +54,87 @@ def test_every_protocol_method_has_one_known_mark(name):
 
 def test_the_journal_routes_every_protocol_method():
     assert sorted(ROUTES) == METHODS
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_every_public_method_of_every_store_is_declared_on_one_protocol_and_marked(implementation):
+    assert unrouted(implementation) == []
+
+
+@pytest.mark.parametrize("backend", [MemoryStore, SqlStore], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", METHODS)
+def test_every_backend_implements_every_protocol_method(backend, name):
+    have = getattr(backend, name, None)
+    assert have is not None, f"{backend.__name__} lacks Store.{name}"
+    assert have is not DECLARED[name][1], f"{backend.__name__}.{name} is the protocol's empty body"
+    assert inspect.iscoroutinefunction(have) == inspect.iscoroutinefunction(DECLARED[name][1])
+
+
+@pytest.mark.parametrize("protocol, implementations", [(Replayable, [MemoryStore, SqlStore]),
+                                                       (WorkingCopy, [MemoryStore])])
+def test_the_journals_stores_implement_what_it_asks_of_them(protocol, implementations):
+    for implementation in implementations:
+        for name, declared in methods_of(protocol).items():
+            have = getattr(implementation, name)
+            assert have is not declared
+            assert inspect.iscoroutinefunction(have) == inspect.iscoroutinefunction(declared)
+    assert all(mark.route is Route.OWN for mark in routes_of(protocol).values())
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if ROUTES[n].route is Route.WRITE])
+def test_every_write_is_applied_by_the_working_copy_and_replayed_by_the_durable_store(name):
+    """The journal applies a write to MemoryStore, then replays it on SqlStore by name: a
+    write either lacks would be lost, or fail at replay."""
+    for backend in (MemoryStore, SqlStore):
+        method = getattr(backend, name, None)
+        assert inspect.iscoroutinefunction(method), f"{backend.__name__} does not implement the write {name}"
+        assert method is not DECLARED[name][1]
+
+
+def test_the_journal_defines_exactly_its_own_methods():
+    """A protocol method defined on JournaledStore would bypass its mark; the ones marked
+    @own must be (open and close drive the writer and the durable store), the rest must not."""
+    own = {n for n in METHODS if n in vars(JournaledStore)}
+    assert own == {n for n in METHODS if ROUTES[n].route is Route.OWN}
+    assert {"open", "close", "health", "trim"} <= own
+
+
+# -- what the checks refuse ------------------------------------------------------------------
+
+
+def test_a_method_added_to_a_store_without_a_protocol_is_found():
+    class Grown(MemoryStore):
+        async def purge_alerts(self) -> None:  # a write nobody declared: the journal would keep it in memory
+            ...
+    assert unrouted(Grown) == ["Grown.purge_alerts is declared on 0 protocols (none): "
+                               "declare it, marked, on one (registry/protocol.py)"]
+
+
+def test_a_method_declared_on_a_protocol_without_a_mark_is_found():
+    from typing import Protocol
+
+    class Purging(Protocol):
+        async def purge_alerts(self) -> None: ...
+
+    class Grown(MemoryStore):
+        async def purge_alerts(self) -> None: ...
+    assert unrouted(Grown, (*PROTOCOLS, Purging)) == ["Purging.purge_alerts has no routing mark"]
+    with pytest.raises(TypeError, match="Purging.purge_alerts has no routing mark"):
+        routes_of(type("Grown", (Store, Purging), {}))
+
+
+def test_a_method_declared_on_two_aggregates_is_refused():
+    from typing import Protocol
+
+    class MoreAlerts(Protocol):
+        @memory_read
+        async def open_alerts(self) -> list[object]: ...
+
+    class Twice(Store, MoreAlerts, Protocol):
+        pass
+    with pytest.raises(TypeError, match="open_alerts is declared on both"):
+        routes_of(Twice)
+    assert "declared on 2 protocols (Alerts, MoreAlerts)" in unrouted(MemoryStore, (*PROTOCOLS, MoreAlerts))[0]
 
 
 def unmarked():
@@ -91,31 +190,5 @@ def test_a_method_marked_twice_is_refused_where_it_is_declared():
     with pytest.raises(TypeError, match="marked twice"):
         class P:
             @write
-            @owned_read("a")
+            @durable_read
             async def a(self, key: str) -> None: ...
-
-
-@pytest.mark.parametrize("backend", [MemoryStore, SqlStore])
-@pytest.mark.parametrize("name", METHODS)
-def test_every_backend_implements_every_protocol_method(backend, name):
-    have = getattr(backend, name, None)
-    assert have is not None, f"{backend.__name__} lacks Store.{name}"
-    assert have is not getattr(Store, name), f"{backend.__name__}.{name} is the protocol's empty body"
-    assert inspect.iscoroutinefunction(have) == inspect.iscoroutinefunction(getattr(Store, name))
-
-
-@pytest.mark.parametrize("name", [n for n in METHODS if ROUTES[n].route is Route.WRITE])
-def test_every_write_is_applied_by_the_working_copy_and_replayed_by_the_durable_store(name):
-    """The journal applies a write to MemoryStore, then replays it on SqlStore by name: a
-    write either lacks would be lost, or fail at replay."""
-    for backend in (MemoryStore, SqlStore):
-        method = getattr(backend, name, None)
-        assert inspect.iscoroutinefunction(method), f"{backend.__name__} does not implement the write {name}"
-        assert method is not getattr(Store, name)
-
-
-def test_the_journal_defines_only_the_lifecycle_itself():
-    """A protocol method defined on JournaledStore would bypass its mark; open and close
-    must be (they drive the writer and the durable store), the rest must not."""
-    own = {n for n in METHODS if n in vars(JournaledStore)}
-    assert own == {n for n in METHODS if ROUTES[n].route is Route.LIFECYCLE} == {"open", "close"}

@@ -201,6 +201,10 @@ Probe = create_model("Probe", __base__=_ProbeTiming, __module__=__name__,
                      **{k.name: (k.config | None, None) for k in probe_kinds.kinds()})
 Probe.__doc__ = _ProbeTiming.__doc__
 
+# How often a command without a liveness probe is checked for a stopped main process (the
+# daemon's probes, and the drills' detection bound).
+STOPPED_CADENCE = Probe(exec={"command": ["true"]}, interval=1.0, failure_threshold=3)
+
 
 PLACEHOLDERS = ("port", "python", "home", "name", "state", "config_dir")  # ServiceSpec.values
 

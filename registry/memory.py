@@ -65,8 +65,20 @@ class MemoryStore(Stamps):
     async def open(self) -> "MemoryStore":
         return self
 
-    async def close(self) -> None:
+    async def close(self, *, grace: float = 5.0) -> None:
         pass
+
+    def health(self) -> dict[str, object]:
+        return {"state": "ok", "pending": 0}
+
+    async def flushed(self, timeout: float) -> bool:
+        return True  # nothing is held back
+
+    async def warm(self, run_id: str) -> None:
+        pass  # every run is here
+
+    def recorded(self) -> "MemoryStore":
+        return self
 
     # -- events -------------------------------------------------------------------------------
 

@@ -83,7 +83,37 @@ class Store(Protocol):
         ...
 
     @lifecycle
-    async def close(self) -> None:
+    async def close(self, *, grace: float = 5.0) -> None:
+        """``grace``: how long writes still pending may take to be recorded (the journal's)."""
+        ...
+
+    # The daemon's housekeeping: each implementation's own; where nothing is held back in
+    # memory, the honest answers are nothing to trim, always flushed, nothing to warm, itself.
+
+    @lifecycle
+    def health(self) -> dict[str, object]:
+        """{"state": "ok" | "degraded" | ..., "pending": writes not recorded yet, ...}."""
+        ...
+
+    @lifecycle
+    def trim(self) -> None:
+        """Forget what no decision reads again and the durable store keeps."""
+        ...
+
+    @lifecycle
+    async def flushed(self, timeout: float) -> bool:
+        """Until every write so far is recorded (True), or ``timeout`` seconds pass (False)."""
+        ...
+
+    @lifecycle
+    async def warm(self, run_id: str) -> None:
+        """Bring an old run back where decisions read (the journal's working copy)."""
+        ...
+
+    @lifecycle
+    def recorded(self) -> "Store":
+        """The store that records (a journal's durable store; else itself): what a person
+        or a disk could have changed is read there."""
         ...
 
     @write

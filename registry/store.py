@@ -107,8 +107,23 @@ class SqlStore(Stamps):
         await self.db.open()
         return self
 
-    async def close(self) -> None:
-        await self.db.close()
+    async def close(self, *, grace: float = 5.0) -> None:
+        await self.db.close()  # every write is recorded as it is made: nothing to wait for
+
+    def health(self) -> dict[str, object]:
+        return {"state": "ok", "pending": 0}
+
+    def trim(self) -> None:
+        pass  # nothing is kept in memory
+
+    async def flushed(self, timeout: float) -> bool:
+        return True
+
+    async def warm(self, run_id: str) -> None:
+        pass
+
+    def recorded(self) -> "SqlStore":
+        return self
 
     # -- events ---------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
-"""The daemon: the one process that owns the mesh. This module puts its parts together
-and runs its lifecycle; each part has one job and takes its collaborators (clock, store,
-spawner) as arguments:
+"""The daemon: the one process that owns the mesh. services/daemon/build.py chooses its
+parts (store, spawner, cluster control) and hands them in; this module puts the rest
+together and runs its lifecycle, asking its parts only what their protocols say (no
+probing). Each part has one job and takes its collaborators (clock, store, spawner) as
+arguments:
 
     lock.HomeLock          one daemon per home
     supervisor.Supervisor  services, their state machine, their processes
@@ -77,6 +79,7 @@ class Daemon:
         self.clock = clock or MonotonicClock()
         self._policy = config.policy
         self.store = store
+        self.store_opened = False  # a daemon refused before it opens its registry leaves nothing there
         self.spawner = spawner
         self.cluster = cluster
         self.metrics = metrics.DaemonMetrics()
@@ -217,6 +220,7 @@ class Daemon:
         for entry in self.config.notify:  # fail closed: a receiver that cannot be signed for is no receiver
             if (why := entry.missing_secret()) is not None:
                 raise StartError(why)
+        self.store_opened = True  # from here on shutdown closes it, even after an open() that failed half-way
         await self.store.open()
         logs.setup(DAEMON, comms_path=self.home.comms_log)
         self._assemble(self.spawner)
@@ -309,8 +313,9 @@ class Daemon:
         if self.monitor_thread:
             self.monitor_thread.stop()
         try:
-            await self.store.event("daemon_stopped", {"pid": os.getpid()})
-            await self.store.close(grace=self.policy().stop_grace)
+            if self.store_opened:
+                await self.store.event("daemon_stopped", {"pid": os.getpid()})
+                await self.store.close(grace=self.policy().stop_grace)
         except Exception as err:  # the registry may be the reason we are stopping
             log.error("registry not closed cleanly: %s", err)
         await self.client.close()

@@ -466,7 +466,7 @@ class Supervisor:
             self.access.revoke_agent(svc.name)  # a stopped service speaks for nobody
             child = svc.child
             if child is not None:
-                await self.spawner.stop(child, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
+                await self.spawner.stop(child, self.stop_grace(svc), signals.Signals[svc.spec.stop_signal])
                 await self._best_effort(self.store.close_session(
                     child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
                     f"close session {child.incarnation}")
@@ -498,7 +498,7 @@ class Supervisor:
             old = svc.child
         try:
             if old is not None and graceful:
-                await self.spawner.stop(old, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
+                await self.spawner.stop(old, self.stop_grace(svc), signals.Signals[svc.spec.stop_signal])
             elif old is not None:
                 await self.spawner.kill(old)
             if old is not None:

@@ -235,13 +235,13 @@ class ServerSide:
         from common.monitor import Verdict
         from common.paths import Home
         from services.daemon.api import make_app
-        from services.daemon.core import Daemon
+        from services.daemon.build import build_daemon
 
         mesh = Path(self.args.home) / "mesh.toml"
         n_services = max(self.args.services, self.args.beats_conns * self.args.beats_batch)
         write_mesh(mesh, n_services)
         config = load_mesh(mesh, port_offset=0)
-        d = self.daemon = Daemon(config, Home(Path(self.args.home) / "home"), config_path=mesh)
+        d = self.daemon = build_daemon(config, Home(Path(self.args.home) / "home"), config_path=mesh)
         await d.start()
         self.relay_token = d.access.mint_relay("bench-node")  # a node agent's credential, as the Ray spawner mints it
         for i, name in enumerate(service_names(n_services)):

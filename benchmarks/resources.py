@@ -140,11 +140,11 @@ async def _spawn(reps: int, root: Path) -> dict:
     (root / "server.py").write_text(SERVER)
     server = PERL_SERVER if shutil.which("perl") else [sys.executable, "-S", str(root / "server.py")]
     modes = ("gate", "join", "marks")
-    spawners = {"gate": LocalSpawner(lambda c: None, cgroup_home=root / "gate"),
-                "join": LocalSpawner(lambda c: None, cgroup_home=root / "join"),
-                "marks": LocalSpawner(lambda c: None, cgroup_home=None)}
+    spawners = {"gate": LocalSpawner(cgroup_home=root / "gate"),
+                "join": LocalSpawner(cgroup_home=root / "join"),
+                "marks": LocalSpawner(cgroup_home=None)}
     for sp in spawners.values():
-        await sp.start()
+        await sp.start(lambda c: None)
     assert spawners["gate"].cgroups is not None, spawners["gate"].ownership()
     ports = {}
     for m in modes:

@@ -41,7 +41,7 @@ import psutil
 
 from common.config import Policy
 from scripts.stats import summary
-from services.daemon.probes import holds_socket
+from common.processes import holds_socket
 from services.daemon.sockdiag import listening_inodes
 from common.processes import tree_of
 from tests.harness import REPO, cleanup, make_mesh, server_answers, wait_for

@@ -208,6 +208,10 @@ else:
                          **{k.name: (k.config | None, None) for k in probe_kinds.kinds()})
     Probe.__doc__ = _ProbeTiming.__doc__
 
+# How often a command without a liveness probe is checked for a stopped main process (the
+# daemon's probes, and the drills' detection bound).
+STOPPED_CADENCE = Probe.model_validate({"exec": {"command": ["true"]}, "interval": 1.0, "failure_threshold": 3})
+
 
 PLACEHOLDERS = ("port", "python", "home", "name", "state", "config_dir")  # ServiceSpec.values
 

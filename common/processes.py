@@ -113,6 +113,38 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def resident_bytes(pids: list[int]) -> int:
+    """Resident bytes of these processes together (the gone ones count nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def holds_socket(pids: set[int], inodes: set[str]) -> bool | None:
+    """Does one of ``pids`` hold one of the socket ``inodes``? None when it cannot be read."""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    unreadable = False
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            unreadable = True
+            continue
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    return True
+            except OSError:
+                continue
+    return None if unreadable else False
+
+
 # -- every process of a home (the census) ------------------------------------------------------
 
 # The daemon runs with TRON_MESH=<home> and every process it starts inherits it (the fork

@@ -200,6 +200,9 @@ class JournaledStore:
         await self.flushed(2.0)
         await self.memory.warm_from(self.durable, run_id)
 
+    def recorded(self) -> SqlStore:
+        return self.durable
+
     def _writing(self, name: str) -> Method:
         @functools.wraps(getattr(self.memory, name))
         async def write(*args: Any, **kwargs: Any) -> Any:

@@ -65,7 +65,7 @@ class MemoryStore(Stamps):
     async def open(self) -> "MemoryStore":
         return self
 
-    async def close(self) -> None:
+    async def close(self, *, grace: float = 5.0) -> None:
         pass
 
     def unavailable(self, err: BaseException) -> bool:
@@ -80,7 +80,10 @@ class MemoryStore(Stamps):
         pass  # alone, it holds every run it ever had; as the journal's memory, the journal warms it
 
     async def flushed(self, timeout: float) -> bool:
-        return True
+        return True  # nothing is held back
+
+    def recorded(self) -> "MemoryStore":
+        return self
 
     # -- events -------------------------------------------------------------------------------
 

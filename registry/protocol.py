@@ -96,7 +96,8 @@ class Lifecycle(Protocol):
         ...
 
     @own
-    async def close(self) -> None:
+    async def close(self, *, grace: float = 5.0) -> None:
+        """``grace``: how long writes still pending may take to be recorded (the journal's)."""
         ...
 
 
@@ -120,6 +121,12 @@ class Upkeep(Protocol):
 
     @own
     async def flushed(self, timeout: float) -> bool:
+        ...
+
+    @own
+    def recorded(self) -> "Store":
+        """The store that records (a journal's durable store; else itself): what a person
+        or a disk could have changed is read there."""
         ...
 
 

@@ -107,25 +107,28 @@ class SqlStore(Stamps):
         await self.db.open()
         return self
 
-    async def close(self) -> None:
-        await self.db.close()
-
-    def unavailable(self, err: BaseException) -> bool:
-        return self.db.unavailable(err)
+    async def close(self, *, grace: float = 5.0) -> None:
+        await self.db.close()  # every write is recorded as it is made: nothing to wait for
 
     # -- upkeep: every write is durable when it returns; nothing is kept to forget ----------
 
     def health(self) -> dict[str, object]:
-        return {"state": "ok"}
+        return {"state": "ok", "pending": 0}
 
     def trim(self) -> None:
-        pass
+        pass  # nothing is kept in memory
+
+    async def flushed(self, timeout: float) -> bool:
+        return True
 
     async def warm(self, run_id: str) -> None:
         pass
 
-    async def flushed(self, timeout: float) -> bool:
-        return True
+    def recorded(self) -> "SqlStore":
+        return self
+
+    def unavailable(self, err: BaseException) -> bool:
+        return self.db.unavailable(err)
 
     # -- events ---------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """Ending every process of a home's mesh from the CLI (`tron down`), found by their
-environment (services.daemon.spawner.home_processes), not by what the registry says."""
+environment (common.processes.home_processes), not by what the registry says."""
 
 from __future__ import annotations
 

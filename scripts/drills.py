@@ -291,7 +291,7 @@ class Runner:
         if spec.is_agent:
             bound = self.policy.beat_timeout
         else:  # its liveness probe, or the stopped-process check at that probe's cadence
-            from services.daemon.probes import STOPPED_CADENCE
+            from common.config import STOPPED_CADENCE
 
             probe = spec.liveness or STOPPED_CADENCE
             bound = probe.interval * probe.failure_threshold + probe.timeout

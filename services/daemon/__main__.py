@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         lock = HomeLock(home)
         lock.acquire()  # before the fork server binds its socket in the home: one authority, never two
         forkserver = launch_fork_server(config, home)
-        from services.daemon.core import Daemon  # the heavy imports, while the fork server makes its own
+        from services.daemon.build import build_daemon  # the heavy imports, while the fork server makes its own
 
-        daemon = Daemon(config, home, config_path=config_path, lock=lock, forkserver=forkserver)
+        daemon = build_daemon(config, home, config_path=config_path, lock=lock, forkserver=forkserver)
         return asyncio.run(serve(daemon))
     except RegistryError as err:
         hint = "" if on_postgres else restore_hint(Home.resolve(args.home).registry_db)

@@ -54,6 +54,7 @@ from common.states import ServiceState, TaskState
 from services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
 from services.daemon.core import Daemon
 from services.daemon.operators import SERVICE_VERBS, Refused
+from services.daemon.providers import ProviderDesk
 from services.daemon.task_actions import TASK_VERBS
 from services.daemon.supervisor import new_id
 from services.daemon.ui import setup_ui
@@ -440,22 +441,23 @@ async def _own_task(request: web.Request, task_id: str) -> dict | None:
     return task
 
 
-def _provider_call(model, act, what: str):
-    """An agent's call to the provider desk: the body names the calling incarnation, which
-    must be the current one (409 otherwise: the agent was replaced and must stop)."""
+def _provider_call(model, act, what: str, *, needs_task: bool = False):
+    """An agent's call to the provider desk (``act``: the ProviderDesk method that answers
+    it): the body names the calling incarnation, which must be the current one (409
+    otherwise: the agent was replaced and must stop). ``needs_task``: the body must name one."""
     @allow(Scope.SELF)
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         body = await parse(request, model)
         _own(request, body.service, body.incarnation)
         _current(d, body.service, body.incarnation)
-        if getattr(body, "task_id", None):
+        if body.task_id:
             await _own_task(request, body.task_id)
-        if model is ProviderCall and act == "park" and not body.task_id:
+        elif needs_task:
             return error(422, "task_id: a parked task is named by its id")
-        return web.json_response(await getattr(d.providers, act)(body))
+        return web.json_response(await act(d.providers, body))
 
-    handler.__name__ = f"provider_{act}"
+    handler.__name__ = f"provider_{act.__name__}"
     handler.__doc__ = what
     return handler
 
@@ -583,18 +585,18 @@ def _node_action(verb: str):
     async def handler(request: web.Request) -> web.Response:
         d = _d(request)
         body = await _operator_body(request)
-        spawner = d.sup.spawner
-        if not hasattr(spawner, "find_node"):
+        cluster = d.cluster
+        if cluster is None:
             return error(409, "not a cluster: [cluster] engine is \"local\", there is one node")
         key = request.match_info["node"]
-        node = spawner.find_node(key) if len(key) >= 4 else None
+        node = cluster.find_node(key) if len(key) >= 4 else None
         if node is None:
             return error(404, f"no single Ray node matches {key!r} (give 4 or more characters of its id, or its address)")
 
         async def action() -> dict:
             if verb == "lose":
-                return {"status": "lost", **await spawner.lose(node)}
-            await spawner.restore(node)
+                return {"status": "lost", **await cluster.lose(node)}
+            await cluster.restore(node)
             return {"status": "restored", "node": node.node_id}
 
         answer = await d.audit.run(action, actor=_actor(request), what=f"node_{verb}", target=node.node_id,
@@ -1107,11 +1109,14 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_get("/lanes", get_lanes)
     r.add_get("/providers", get_providers)
     r.add_post("/providers/acquire", _provider_call(
-        ProviderCall, "acquire", "Before a call to a provider: go, wait, or the ladder's decision when it is open."))
+        ProviderCall, ProviderDesk.acquire,
+        "Before a call to a provider: go, wait, or the ladder's decision when it is open."))
     r.add_post("/providers/outcome", _provider_call(
-        ProviderOutcome, "outcome", "After a call: ok, or a classified failure, answered with the ladder's decision."))
+        ProviderOutcome, ProviderDesk.outcome,
+        "After a call: ok, or a classified failure, answered with the ladder's decision."))
     r.add_post("/providers/park", _provider_call(
-        ProviderCall, "park", "A parked task's agent waits here (long poll) for a provider to come back."))
+        ProviderCall, ProviderDesk.park, "A parked task's agent waits here (long poll) for a provider to come back.",
+        needs_task=True))
     for verb in ("drain", "restore"):
         r.add_post(f"/providers/{{name}}/{verb}", _provider_action(verb))
     for verb in ("lose", "restore"):

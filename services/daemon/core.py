@@ -1,6 +1,8 @@
-"""The daemon: the one process that owns the mesh. This module puts its parts together
-and runs its lifecycle; each part has one job and takes its collaborators (clock, store,
-spawner) as arguments:
+"""The daemon: the one process that owns the mesh. services/daemon/build.py chooses its
+parts (store, spawner, cluster control) and hands them in; this module puts the rest
+together and runs its lifecycle, asking its parts only what their protocols say (no
+probing). Each part has one job and takes its collaborators (clock, store, spawner) as
+arguments:
 
     lock.HomeLock          one daemon per home
     supervisor.Supervisor  services, their state machine, their processes
@@ -35,7 +37,7 @@ from common.settings import merged_policy, overlay_path, read_overlay, write_ove
 from common.models import Reason
 from common.states import ServiceState, TaskState
 from registry.protocol import Store
-from services.daemon import fault_injection, metrics
+from services.daemon import metrics
 from services.daemon.access import Access
 from services.daemon.alerts import AlertRouter
 from services.daemon.carrier import Carrier
@@ -51,10 +53,9 @@ from services.daemon.task_actions import TaskActions
 from services.daemon.probes import ProbeChecks, Probes
 from services.daemon.providers import ProviderDesk
 from services.daemon.spend import Spend
-from services.daemon.logpump import LogPumpClient, rotate_if_large
-from services.daemon.spawner import (ForkServerClient, LocalSpawner, SpawnError, Spawner, fork_server_env,
-                                     local_fork_server, reap_strays)
-from services.daemon.supervisor import Supervisor, mesh_marks, new_id
+from services.daemon.logpump import rotate_if_large
+from services.daemon.spawner import ClusterControl, SpawnError, Spawner, reap_strays
+from services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 # A leased task an agent's beats have not named for this long (or 4 beat intervals) is lost.
@@ -67,23 +68,23 @@ RECYCLED_TASKS = 10_000  # tasks remembered as recycled at a checkpoint (once ea
 
 
 class Daemon:
-    def __init__(self, config: MeshConfig, home: Home, *, config_path: Path | None = None, store: Store | None = None,
-                 spawner: Spawner | None = None, clock: Clock | None = None, monitor_thread: bool = True,
-                 lock: HomeLock | None = None, forkserver: ForkServerClient | None = None) -> None:
-        """``lock`` and ``forkserver``: taken and launched already (services/daemon/__main__.py
-        starts the fork server before the daemon's own imports, so that the two overlap)."""
+    def __init__(self, config: MeshConfig, home: Home, *, store: Store, spawner: Spawner,
+                 cluster: ClusterControl | None = None, config_path: Path | None = None, clock: Clock | None = None,
+                 monitor_thread: bool = True, lock: HomeLock | None = None) -> None:
+        """Its parts, made by services/daemon/build.py (``build_daemon``): ``store`` not opened
+        yet, ``spawner`` not started yet, ``cluster`` only on a cluster engine (Ray)."""
         self.config = config
         self.home = home
         self.config_path = config_path
         self.clock = clock or MonotonicClock()
         self._policy = config.policy
-        # The SQLite store is made (and checked, fail closed) in start(), once the home lock
-        # is held: a second daemon must be refused before it touches the file.
         self.store = store
+        self.store_opened = False  # a daemon refused before it opens its registry leaves nothing there
+        self.spawner = spawner
+        self.cluster = cluster
         self.metrics = metrics.DaemonMetrics()
         self.monitor = Monitor()
         self.lock = lock or HomeLock(home)
-        self._forkserver = forkserver
         self.token = ""
         self.client = MeshClient(None, timeout=config.policy.alert_delivery_timeout)
         self._tasks: set[asyncio.Task] = set()
@@ -99,7 +100,6 @@ class Daemon:
         # limit when it starts (a limit set too low) is not killed at every step of one task;
         # it is recycled again between tasks. Bounded: forgotten wholesale past RECYCLED_TASKS.
         self._recycled_tasks: set[str] = set()
-        self._spawner = spawner
         self._run_monitor_thread = monitor_thread  # unit tests drive monitor.tick(now) themselves
         self.sup: Supervisor | None = None
         self.notifier: Notifier | None = None
@@ -207,30 +207,6 @@ class Daemon:
         self.notifier = Notifier(self.store, self.config.notify, clock=self.clock, background=self.background,
                                  metrics=self.metrics, mesh=str(self.home.root), health=self.registry_health)
 
-    def _make_spawner(self) -> Spawner:
-        if self.config.cluster.engine == "ray":
-            from services.daemon.ray_spawner import RaySpawner
-
-            return RaySpawner(lambda child: self.sup.on_exit(child), config=self.config, home_root=self.home.root,
-                              config_path=self.config_path, marks=self._fork_server_env(), relays=self.access)
-        return self._local_spawner()
-
-    def _fork_server_env(self) -> dict[str, str]:
-        return fork_server_env(self.config, self.home)
-
-    def _local_spawner(self) -> LocalSpawner:
-        forkserver = self._forkserver if self.config.mesh.fork_server else None
-        if self.config.mesh.fork_server and forkserver is None:
-            forkserver = local_fork_server(self.config, self.home)
-        pump = None
-        if self.config.logs.pump:
-            pump = LogPumpClient(self.home.run / "logpump.sock", self.home.log_file("logpump"), self.home.logs,
-                                 {**os.environ, **mesh_marks(self.home)},
-                                 -1 if self.config.logs.min_free is None else self.config.logs.min_free)
-        spawner = LocalSpawner(lambda child: self.sup.on_exit(child), forkserver=forkserver, logs=pump,
-                               cgroup_home=self.home.root if self.config.mesh.ownership == "auto" else None)
-        return spawner
-
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -244,22 +220,12 @@ class Daemon:
         for entry in self.config.notify:  # fail closed: a receiver that cannot be signed for is no receiver
             if (why := entry.missing_secret()) is not None:
                 raise StartError(why)
-        if self.store is None:
-            from registry.backends import open_store
-
-            # Decide on memory, record behind: a registry that refuses writes (disk full,
-            # lock held elsewhere) never stops detection or recovery (registry/journal.py).
-            # The backend is the URL's scheme's (registry/backends.py); the home's file by default.
-            self.store = open_store(registry_url(self.config) or self.home.registry_db, clock=self.clock,
-                                    spill=self.home.registry_db.with_name("journal.jsonl"))
+        self.store_opened = True  # from here on shutdown closes it, even after an open() that failed half-way
         await self.store.open()
         logs.setup(DAEMON, comms_path=self.home.comms_log)
-        spawner = self._spawner or fault_injection.inject(self._make_spawner())
-        if hasattr(spawner, "on_exit") and getattr(spawner, "on_exit") is None:
-            spawner.on_exit = lambda child: self.sup.on_exit(child)
-        self._assemble(spawner)
+        self._assemble(self.spawner)
         try:
-            await spawner.start()
+            await self.spawner.start(self.sup.on_exit)
         except SpawnError as err:  # a Ray cluster that cannot be joined: fail closed, say why
             raise StartError(str(err)) from None
         self._note_ownership()
@@ -280,11 +246,8 @@ class Daemon:
         other, and the ladder has it."""
         await self.sup.adopt_or_close()
         self.access.readopt()  # the credentials of the incarnations re-adopted; the others' files go
-        if isinstance(self.sup.spawner, LocalSpawner):
-            await self.sup.sweep_ghosts({os.getpid(), *self.sup.spawner.helper_pids()})
-        fs = getattr(self.sup.spawner, "forkserver", None)
-        if fs is not None:
-            await fs.wait_ready(timeout=30)
+        await self.sup.sweep_ghosts()
+        await self.spawner.wait_ready(timeout=30)
         self.background(self._housekeeping(), "housekeeping")
         self.background(self.probes.loop(), "probes")
         self.notifier.start()  # from here on, what goes wrong reaches the [[notify]] receivers
@@ -350,11 +313,9 @@ class Daemon:
         if self.monitor_thread:
             self.monitor_thread.stop()
         try:
-            if self.store is None:
-                raise RuntimeError("the registry was never opened")
-            await self.store.event("daemon_stopped", {"pid": os.getpid()})
-            closing = getattr(self.store, "close")
-            await (closing(grace=self.policy().stop_grace) if hasattr(self.store, "journal") else closing())
+            if self.store_opened:
+                await self.store.event("daemon_stopped", {"pid": os.getpid()})
+                await self.store.close(grace=self.policy().stop_grace)
         except Exception as err:  # the registry may be the reason we are stopping
             log.error("registry not closed cleanly: %s", err)
         await self.client.close()
@@ -413,13 +374,13 @@ class Daemon:
             ticks += 1
             if ticks % 2 == 0:
                 tracked = {s.child.pid for s in self.sup.services.values() if s.child is not None}
-                reap_strays(tracked | getattr(self.sup.spawner, "helper_pids", lambda: set())())
+                reap_strays(tracked | self.sup.spawner.helper_pids())
             try:
                 await self.router.watchdog_tick()
                 await self.providers.tick()
             except Exception:  # the watchdog must outlive any one bad tick
                 log.exception("watchdog tick failed")
-            if ticks % 60 == 0 and hasattr(self.store, "trim"):
+            if ticks % 60 == 0:
                 self.store.trim()
             interval = self.config.registry.backup_interval
             if interval and ticks % max(1, int(interval)) == 0 and not registry_url(self.config):
@@ -469,7 +430,7 @@ class Daemon:
         if len(self._recycled_tasks) >= RECYCLED_TASKS:
             self._recycled_tasks.clear()
         self._recycled_tasks.add(task_id)
-        if getattr(self.store, "durable", self.store) is not self.store and not await self.store.flushed(5.0):
+        if not await self.store.flushed(5.0):
             # The registry lags (degraded): the checkpoint is not durable yet, so no kill; the next one decides.
             log.warning("%s: not recycled at checkpoint %s of %s: the registry has not recorded it yet", svc.name,
                         step, task_id, extra={"offender": svc.name, "task": task_id})
@@ -497,8 +458,7 @@ class Daemon:
         limits = self.config.logs
         rotate_if_large(self.home.comms_log, limits.max_bytes, limits.backups)
         rotate_if_large(self.home.log_file(DAEMON), limits.max_bytes, limits.backups, stdio=True)
-        stats_of = getattr(self.sup.spawner, "log_stats", None)
-        stats = await asyncio.to_thread(stats_of) if stats_of is not None else None
+        stats = await asyncio.to_thread(self.sup.spawner.log_stats)
         full = bool(stats and stats.get("disk_full"))
         if full != self.logs_disk_full:
             self.logs_disk_full = full
@@ -613,8 +573,7 @@ class Daemon:
         """Where the home's cgroups are, for `tron down` and leak checks without a daemon
         (common/processes.py reads it): a process that rewrote its environment is still found."""
         note = self.home.run / "cgroup"
-        own = getattr(self.sup.spawner, "ownership", None)
-        info = own() if own is not None else {"mode": "marks"}
+        info = self.sup.spawner.ownership() or {"mode": "marks"}
         if info.get("mode") == "cgroup":
             note.write_text(info["path"] + "\n")
         else:
@@ -623,25 +582,24 @@ class Daemon:
     def _logs_summary(self) -> dict | None:
         """The log pump: its pid, and its counters as of the last housekeeping tick (no
         I/O on the /status path). None: services write their logs themselves."""
-        pump = getattr(self.sup.spawner, "logs", None)
-        if pump is None or pump.pid is None:
+        pid = self.sup.spawner.log_pump_pid()
+        if pid is None:
             return None
         stats = self.log_stats or {}
         logs_ = stats.get("logs") or {}
-        return {"pid": pump.pid, "state": "disk_full" if stats.get("disk_full") else "ok",
+        return {"pid": pid, "state": "disk_full" if stats.get("disk_full") else "ok",
                 "dropped": sum(v["dropped"] for v in logs_.values()),
                 "rotations": sum(v["rotations"] for v in logs_.values())}
 
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
-        placement = self.sup.spawner.status()
-        cluster = placement if getattr(self.sup.spawner, "engine", "local") == "ray" else None
+        cluster = self.cluster.status() if self.cluster is not None else None
         return {
             "daemon": {"pid": os.getpid(), "port": self.config.mesh.daemon_port, "home": str(self.home.root),
                        "uptime": round(now - self.started_at, 1),
                        "monitor_alive": bool(self.monitor_thread and self.monitor_thread.is_alive())},
             "services": self.sup.rows(),
-            "fork_server": None if cluster else placement,
+            "fork_server": None if cluster else self.sup.spawner.status(),
             "cluster": cluster,
             "last_alert": self.router.last_alert,
             "policy": self.policy().model_dump(),
@@ -651,7 +609,7 @@ class Daemon:
             "registry": self.registry_health(),
             "spawning": "paused" if self.sup.spawning_paused else "running",
             "logs": self._logs_summary(),
-            "ownership": self.sup.spawner.ownership() if hasattr(self.sup.spawner, "ownership") else None,
+            "ownership": self.sup.spawner.ownership(),
             **self.providers.summary(),
         }
 
@@ -686,8 +644,7 @@ class Daemon:
         return {"status": "taken", "path": str(path)}
 
     def registry_health(self) -> dict:
-        health = getattr(self.store, "health", None)
-        return health() if health else {"state": "ok"}
+        return self.store.health()
 
     def running(self) -> int:
         return sum(1 for s in self.sup.services.values() if s.state == ServiceState.RUNNING)

@@ -72,9 +72,9 @@ class NodeAgent:
         if fork_server:
             forkserver = ForkServerClient(self._socket_path(h.run / "forkserver.sock"), h.log_file("forkserver"), h.root,
                                           {**os.environ, **env, **self.paths})
-        self.spawner = LocalSpawner(self._exited, forkserver=forkserver)
+        self.spawner = LocalSpawner(forkserver=forkserver)
         self._exits: dict[int, asyncio.Future] = {}
-        await self.spawner.start()
+        await self.spawner.start(self._exited)
         if forkserver is not None:
             await forkserver.wait_ready(timeout=60)
         return self.describe()

@@ -53,6 +53,8 @@ class Operators:
         self.audit = audit
         self.background = background
         self._busy: dict[str, str] = {}  # service -> the restart, stop or start under way
+        self._verbs = {"restart": self._restart, "stop": self._stop, "start": self._start, "pause": self._pause,
+                       "resume": self._resume}  # SERVICE_VERBS, each to its handler
 
     async def act(self, verb: str, name: str, *, actor: str, reason: str, request_id: str | None = None,
                   force: bool = False) -> dict:
@@ -66,13 +68,16 @@ class Operators:
     async def _one_at_a_time(self, verb: str, svc: Service, *, actor: str, reason: str, **options) -> dict:
         """A restart, stop or start of a service is admitted while no other one is under way
         (claimed in the same step as the check): a concurrent one is a 409 naming it."""
+        handler = self._verbs.get(verb)
+        if handler is None:
+            raise Refused(400, f"unknown verb {verb!r}: one of {', '.join(SERVICE_VERBS)}")
         if verb not in ("restart", "stop", "start"):
-            return await getattr(self, f"_{verb}")(svc, actor=actor, reason=reason)
+            return await handler(svc, actor=actor, reason=reason)
         if self._busy.get(svc.name):
             raise Refused(409, f"a {self._busy[svc.name]} of {svc.name} is under way: try again when it is done")
         self._busy[svc.name] = verb
         try:
-            return await getattr(self, f"_{verb}")(svc, actor=actor, reason=reason, **options)
+            return await handler(svc, actor=actor, reason=reason, **options)
         finally:
             self._busy.pop(svc.name, None)
 

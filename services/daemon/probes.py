@@ -27,47 +27,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Callable
 
 import psutil
 
 from common.clock import Clock
-from common.config import Policy, Probe
+from common.config import STOPPED_CADENCE, Policy, Probe
 from common.http import MeshClient
 from common.models import Reason
 from common.monitor import Monitor
 from common.states import ServiceState
 from common import probe_kinds
 from common.probe_kinds import ProbeContext, ProbeResult
-from services.daemon.sockdiag import listening_inodes
-from common.processes import tree_of
 from services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
-# How often a command without a liveness probe is checked for a stopped main process.
-STOPPED_CADENCE = Probe(exec={"command": ["true"]}, interval=1.0, failure_threshold=3)
-
-
-def holds_socket(pids: set[int], inodes: set[str]) -> bool | None:
-    """Does one of ``pids`` hold one of the socket ``inodes``? None when it cannot be read."""
-    wanted = {f"socket:[{i}]" for i in inodes}
-    unreadable = False
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except PermissionError:
-            unreadable = True
-            continue
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    return True
-            except OSError:
-                continue
-    return None if unreadable else False
+__all__ = ["STOPPED_CADENCE", "ProbeChecks", "Probes"]
 
 
 class ProbeChecks:
@@ -94,19 +69,6 @@ class ProbeChecks:
     def probe_port(self, svc: Service, probe: Probe) -> int | None:
         """The loopback port the probe asks (None: it asks none, or another host)."""
         return probe_kinds.get(probe.kind).port(probe.check, svc, self.values(svc))
-
-    def port_is_ours(self, svc: Service, probe: Probe) -> bool:
-        """The listener on the service's port belongs to the new incarnation's tree: an
-        answer from a leftover of an old tree does not make the new one healthy."""
-        port = self.probe_port(svc, probe)
-        if port != svc.spec.port or svc.child is None:
-            return True
-        inodes = listening_inodes(port)
-        if not inodes:
-            return False
-        tree = {p.pid for p in tree_of(svc.child.pid, svc.incarnation)} | {svc.child.pid}
-        held = holds_socket(tree, inodes)
-        return True if held is None else held  # unreadable (another user's): the probe's answer stands
 
 
 class Probes:

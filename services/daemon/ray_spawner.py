@@ -42,6 +42,7 @@ import psutil
 
 from common.config import MeshConfig
 from services.daemon.node_agent import NAMESPACE, actor_name
+from common.processes import resident_bytes
 from services.daemon.ray_private import join_at_loopback
 from services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
 
@@ -111,9 +112,9 @@ def relay_name(node: Node) -> str:
 class RaySpawner:
     engine = "ray"
 
-    def __init__(self, on_exit: ExitCallback | None, *, config: MeshConfig, home_root: Path, config_path: Path | None,
+    def __init__(self, *, config: MeshConfig, home_root: Path, config_path: Path | None,
                  marks: dict[str, str], relays: Relays | None = None) -> None:
-        self.on_exit = on_exit
+        self.on_exit: ExitCallback | None = None  # start() names who hears of exits
         self.relays = relays  # None: the node agents' services beat to the daemon themselves
         self.config = config
         self.cluster = config.cluster
@@ -130,9 +131,10 @@ class RaySpawner:
 
     # -- the cluster --------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, on_exit: ExitCallback) -> None:
         import ray
 
+        self.on_exit = on_exit
         extra = join_at_loopback(self.cluster.address)
         try:
             info = await asyncio.to_thread(
@@ -375,6 +377,38 @@ class RaySpawner:
 
     def helper_pids(self) -> set[int]:
         return set()
+
+    # What the daemon's machine cannot tell of processes on other nodes: honest defaults.
+
+    async def wait_ready(self, timeout: float) -> bool:
+        return True  # each node's fork server is its node agent's
+
+    def ghosts(self, home_root: str, owners: set[int]) -> dict[int, str]:
+        return {}  # trees live on their nodes: the node agent ends them whole
+
+    def resident(self, child: Child) -> int:
+        return resident_bytes(child.pids())  # read here: right on a one-machine cluster only
+
+    def is_listening(self, port: int) -> bool:
+        return True  # on another node: cannot tell from here, its health check asks it
+
+    def port_holder(self, port: int) -> dict | None:
+        return None
+
+    def listener_is_ours(self, child: Child, port: int) -> bool:
+        return True  # its /proc is on its node
+
+    async def sync_log(self, path: Path) -> None:
+        return None  # each node writes its own logs
+
+    def log_stats(self) -> dict | None:
+        return None
+
+    def log_pump_pid(self) -> int | None:
+        return None
+
+    def ownership(self) -> dict | None:
+        return None
 
     def status(self) -> dict:
         nodes = [{"node": n.node_id, "ip": n.ip, "alive": n.alive, "cordoned": n.cordoned,

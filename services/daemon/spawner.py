@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import psutil
 
@@ -178,9 +178,15 @@ GATE_AFTER = 0.5  # s after a start before its successor's gate is made: the new
 
 
 class Spawner(Protocol):
-    async def start(self) -> None: ...
+    """Everything the daemon asks of the machinery that makes its processes. Whatever a
+    backend cannot do has an honest answer here (no helpers, no log pump, cannot tell), so
+    the daemon never probes for a capability."""
+
+    async def start(self, on_exit: ExitCallback) -> None: ...  # exits are reported to ``on_exit``, on the loop
 
     async def close(self) -> None: ...
+
+    async def wait_ready(self, timeout: float) -> bool: ...  # its fast path (the fork server) is up
 
     async def spawn(self, spec: SpawnSpec) -> Child: ...
 
@@ -194,16 +200,49 @@ class Spawner(Protocol):
 
     def leftovers(self, child: Child) -> list[int]: ...
 
+    def ghosts(self, home_root: str, owners: set[int]) -> dict[int, str]: ...  # pid -> what it runs
+
+    def resident(self, child: Child) -> int: ...  # resident bytes of its processes together
+
     def listen(self, port: int, backlog: int) -> socket.socket: ...  # raises ListenerError
 
     def recover_listener(self, pid: int, port: int) -> socket.socket | None: ...
 
+    def is_listening(self, port: int) -> bool: ...  # somebody listens there (True: cannot tell from here)
+
+    def port_holder(self, port: int) -> dict | None: ...  # who listens there, when it can be seen
+
+    def listener_is_ours(self, child: Child, port: int) -> bool: ...  # the listener is in its tree
+
+    def helper_pids(self) -> set[int]: ...  # its own processes (fork server, log pump, gates)
+
+    async def sync_log(self, path: Path) -> None: ...  # what was written to ``path`` is in the file
+
+    def log_stats(self) -> dict | None: ...  # the log pump's counters; None: no pump
+
+    def log_pump_pid(self) -> int | None: ...
+
+    def ownership(self) -> dict | None: ...  # {"mode": "cgroup", ...} or {"mode": "marks", "why"}
+
     def status(self) -> dict | None: ...
 
 
+class ClusterControl(Protocol):
+    """What a cluster engine adds (services/daemon/ray_spawner.py): the daemon is given one
+    only on a cluster; its nodes, and a drill's loss of one."""
+
+    def status(self) -> dict: ...
+
+    def find_node(self, key: str) -> Any | None: ...  # one node by 4+ characters of its id, or its address
+
+    async def lose(self, node: Any) -> dict: ...
+
+    async def restore(self, node: Any) -> None: ...
+
+
 # Process identity, trees and the census live in common/processes.py (the CLI uses them too).
-from common.processes import (MARK, create_time_of, describe, home_processes, kill_tree,  # noqa: E402,F401
-                              same_process, signal_group, tree_of)
+from common.processes import (MARK, create_time_of, describe, holds_socket, home_processes,  # noqa: E402,F401
+                              kill_tree, resident_bytes, same_process, signal_group, tree_of)
 
 
 # -- the local spawner -------------------------------------------------------------------------
@@ -269,12 +308,16 @@ def _check_port_free(port: int | None) -> None:
     raise SpawnError(f"port {port} is already in use{describe_holder(holder)}", cause="port_in_use", holder=holder)
 
 
+def _unreported(child: Child) -> None:
+    log.warning("%s pid %s exited before its spawner was started: nobody is told", child.name, child.pid)
+
+
 class LocalSpawner:
-    def __init__(self, on_exit: ExitCallback, *, forkserver: "ForkServerClient | None" = None,
-                 logs: "LogPumpClient | None" = None, cgroup_home: Path | None = None) -> None:
+    def __init__(self, *, forkserver: "ForkServerClient | None" = None, logs: "LogPumpClient | None" = None,
+                 cgroup_home: Path | None = None) -> None:
         """``cgroup_home``: own each incarnation by a cgroup named after this home where the
         machine allows (None: by marks, the fallback)."""
-        self.on_exit = on_exit
+        self.on_exit: ExitCallback = _unreported  # start() names who hears of exits
         self.forkserver = forkserver
         self.logs = logs
         self.subreaper = False
@@ -295,7 +338,8 @@ class LocalSpawner:
             return {"mode": "cgroup", **self.cgroups.describe(), "gates": sorted(self._live_gates)}
         return {"mode": "marks", "why": self.ownership_note}
 
-    async def start(self) -> None:
+    async def start(self, on_exit: ExitCallback) -> None:
+        self.on_exit = on_exit
         self.subreaper = become_subreaper()
         if self.cgroup_home is not None:
             self.cgroups, why = detect_cgroups(self.cgroup_home)
@@ -331,6 +375,9 @@ class LocalSpawner:
         if self.cgroups is not None:
             self.cgroups.remove()  # what is empty; a live incarnation's cgroup stays
 
+    async def wait_ready(self, timeout: float) -> bool:
+        return await self.forkserver.wait_ready(timeout=timeout) if self.forkserver is not None else True
+
     def status(self) -> dict | None:
         fs = self.forkserver
         if fs is None:
@@ -350,6 +397,48 @@ class LocalSpawner:
     def log_stats(self) -> dict | None:
         """The log pump's counters (bytes, rotations, dropped lines per log; disk_full)."""
         return self.logs.stats() if self.logs is not None else None
+
+    def log_pump_pid(self) -> int | None:
+        return self.logs.pid if self.logs is not None else None
+
+    # -- what only this machine can tell: its processes and its sockets ------------------------
+
+    def ghosts(self, home_root: str, owners: set[int]) -> dict[int, str]:
+        """Processes of this home (by mark and cgroup: common/processes.py) that neither
+        ``owners`` (incarnations' main processes), their groups and descendants, nor this
+        spawner's helpers and the daemon account for: pid -> what it runs."""
+        ours = {os.getpid(), *self.helper_pids()}
+        found = []
+        for proc in home_processes(home_root):
+            try:
+                group = os.getpgid(proc.pid)
+                if proc.pid in ours or proc.pid in owners or group in owners \
+                        or any(p.pid in owners | ours for p in proc.parents()):
+                    continue
+            except (OSError, psutil.Error):  # gone meanwhile
+                continue
+            found.append(proc)
+        return dict(zip((p.pid for p in found), describe(found)))
+
+    def resident(self, child: Child) -> int:
+        return resident_bytes(child.pids())
+
+    def is_listening(self, port: int) -> bool:
+        return bool(listening_inodes(port))  # sock_diag: a fifth of a refused HTTP try
+
+    def port_holder(self, port: int) -> dict | None:
+        return port_holder(port) if listening_inodes(port) else None
+
+    def listener_is_ours(self, child: Child, port: int) -> bool:
+        """The listener on ``port`` belongs to ``child``'s tree: an answer from a leftover of
+        an old tree does not make the new incarnation healthy. Unreadable (another user's
+        process): True, the probe's answer stands."""
+        inodes = listening_inodes(port)
+        if not inodes:
+            return False
+        tree = {p.pid for p in tree_of(child.pid, child.incarnation)} | {child.pid}
+        held = holds_socket(tree, inodes)
+        return True if held is None else held
 
     async def spawn(self, spec: SpawnSpec) -> Child:
         """Start one incarnation: forked from the fork server when it can serve an agent

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+from pathlib import Path
 
 from services.daemon.listeners import ListenerError
 from services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
@@ -26,9 +27,13 @@ class StubListener:
         self.closed = True
 
 
+def _unreported(child: Child) -> None:
+    pass  # not started yet: nobody to tell
+
+
 class StubSpawner:
-    def __init__(self, on_exit: ExitCallback | None = None) -> None:
-        self.on_exit = on_exit  # the daemon plugs in its own when it is given this spawner
+    def __init__(self) -> None:
+        self.on_exit: ExitCallback = _unreported  # start() names who hears of exits
         self.children: dict[int, Child] = {}
         self.spawned: list[SpawnSpec] = []
         self.failures: dict[str, str] = {}  # service name -> the SpawnError its next spawns raise
@@ -36,13 +41,48 @@ class StubSpawner:
         self.listeners: list[StubListener] = []  # every socket the daemon asked to hold
         self.busy_ports: set[int] = set()  # ports whose listen() fails, as if taken
 
-    async def start(self) -> None:
-        pass
+    async def start(self, on_exit: ExitCallback) -> None:
+        self.on_exit = on_exit
 
     async def close(self) -> None:
         pass
 
+    async def wait_ready(self, timeout: float) -> bool:
+        return True  # no fast path to wait for
+
     def status(self) -> dict | None:
+        return None
+
+    # No processes, no sockets, no helpers, no log pump: the honest answers.
+
+    def ghosts(self, home_root: str, owners: set[int]) -> dict[int, str]:
+        return {}
+
+    def resident(self, child: Child) -> int:
+        return 0
+
+    def is_listening(self, port: int) -> bool:
+        return True  # a stub child "serves" at once: the health check decides
+
+    def port_holder(self, port: int) -> dict | None:
+        return None
+
+    def listener_is_ours(self, child: Child, port: int) -> bool:
+        return True
+
+    def helper_pids(self) -> set[int]:
+        return set()
+
+    async def sync_log(self, path: Path) -> None:
+        return None
+
+    def log_stats(self) -> dict | None:
+        return None
+
+    def log_pump_pid(self) -> int | None:
+        return None
+
+    def ownership(self) -> dict | None:
         return None
 
     async def spawn(self, spec: SpawnSpec) -> Child:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiohttp
-import psutil
 
 from common import telemetry
 from common.clock import Clock
@@ -39,10 +38,8 @@ from registry.protocol import Store
 from services.daemon.listeners import ListenerError, listen_env
 from services.daemon.access import Access
 from services.daemon.metrics import DaemonMetrics
-from services.daemon.sockdiag import listening_inodes
-from common.processes import describe, home_processes
 from services.daemon.cgroups import Limits
-from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec, port_holder
+from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
 
 log = logging.getLogger("tron.daemon")
 
@@ -319,7 +316,7 @@ class Supervisor:
             await self._spawn_failed(svc, incarnation, str(err), cause=err.cause, holder=err.holder)
             return
         except ListenerError as err:
-            holder = port_holder(svc.spec.port) if listening_inodes(svc.spec.port) else None
+            holder = self.spawner.port_holder(svc.spec.port)
             await self._spawn_failed(svc, incarnation, str(err), cause="port_in_use" if holder else "cannot_start",
                                      holder=holder)
             return
@@ -367,10 +364,9 @@ class Supervisor:
     async def _healthy_now(self, svc: Service, incarnation: str) -> bool:
         """The new incarnation serves: an agent's /health names its incarnation; a program
         passes its startup probe (or readiness, or liveness) from its own process tree."""
-        remote = svc.child is not None and svc.child.node is not None  # on another node: no /proc of it here
         if svc.spec.is_agent:
-            if not remote and not listening_inodes(svc.spec.port):
-                return False  # not serving yet: a sock_diag read is a fifth of a refused HTTP try
+            if not self.spawner.is_listening(svc.spec.port):
+                return False  # not serving yet (a cheap local read; on another node: cannot tell, ask it)
             try:
                 body = await self.client.get(f"{self.config.url(svc.name)}/health", timeout=1.0)
                 return isinstance(body, dict) and body.get("incarnation") == incarnation
@@ -384,11 +380,14 @@ class Supervisor:
         probe = svc.spec.first_probe
         if probe is None:
             return True  # nothing to ask: started is healthy
-        port = None if remote else self.checks.probe_port(svc, probe)
-        if port is not None and not listening_inodes(port):
+        port = self.checks.probe_port(svc, probe)
+        if port is not None and not self.spawner.is_listening(port):
             return False
         ok, _ = await self.checks.check(svc, probe)
-        return ok and (remote or await asyncio.to_thread(self.checks.port_is_ours, svc, probe))
+        if not ok or port != svc.spec.port or svc.child is None:
+            return ok
+        # The listener must be the new incarnation's: an answer from a leftover of an old tree is not its health.
+        return await asyncio.to_thread(self.spawner.listener_is_ours, svc.child, port)
 
     async def _await_health(self, svc: Service, incarnation: str) -> None:
         probe = None if svc.spec.is_agent else svc.spec.first_probe
@@ -473,7 +472,7 @@ class Supervisor:
             self.access.revoke_agent(svc.name)  # a stopped service speaks for nobody
             child = svc.child
             if child is not None:
-                await self.spawner.stop(child, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
+                await self.spawner.stop(child, self.stop_grace(svc), signals.Signals[svc.spec.stop_signal])
                 await self._best_effort(self.store.close_session(
                     child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
                     f"close session {child.incarnation}")
@@ -505,7 +504,7 @@ class Supervisor:
             old = svc.child
         try:
             if old is not None and graceful:
-                await self.spawner.stop(old, self.stop_grace(svc), getattr(signals, svc.spec.stop_signal))
+                await self.spawner.stop(old, self.stop_grace(svc), signals.Signals[svc.spec.stop_signal])
             elif old is not None:
                 await self.spawner.kill(old)
             if old is not None:
@@ -562,7 +561,7 @@ class Supervisor:
         child, limit = svc.child, svc.spec.restart_above_memory
         if not limit or child is None or not child.alive:
             return None
-        size = _resident(child.pids() if hasattr(child, "pids") else [child.pid])
+        size = self.spawner.resident(child)
         return {"rss": size, "restart_above_memory": limit} if size > limit else None
 
     def retry_now(self, svc: Service) -> bool:
@@ -600,9 +599,7 @@ class Supervisor:
     async def _exited(self, svc: Service, signal: Signal) -> None:
         if svc.healthy_at is None and not signal.detail.get("node_lost"):
             # It never came up: what it said last is why (a missing module, a bad config line).
-            sync = getattr(self.spawner, "sync_log", None)
-            if sync is not None:  # the log pump writes behind the program: let it catch up
-                await sync(self.home.log_file(svc.name))
+            await self.spawner.sync_log(self.home.log_file(svc.name))  # a log pump writes behind the program
             last = last_line(self.home.log_file(svc.name))
             if last:
                 signal = dataclasses.replace(signal, detail={**signal.detail, "error": last})
@@ -646,24 +643,15 @@ class Supervisor:
                     extra={"offender": svc.name})
         return {"socket": "lost: bound again at the next restart"}
 
-    async def sweep_ghosts(self, ours: set[int]) -> list[str]:
+    async def sweep_ghosts(self) -> list[str]:
         """Processes of this home that no session accounts for (a daemon killed between
         fork and record, a registry that could not be written): ended, and recorded."""
         owners = {svc.child.pid for svc in self.services.values() if svc.child is not None}
-        ghosts = []
-        for proc in home_processes(str(self.home.root)):
-            try:
-                group = os.getpgid(proc.pid)
-                if proc.pid in ours or proc.pid in owners or group in owners \
-                        or any(p.pid in owners | ours for p in proc.parents()):
-                    continue
-            except (OSError, psutil.Error):  # gone meanwhile (ProcessLookupError, NoSuchProcess), or not ours to read
-                continue
-            ghosts.append(proc)
+        ghosts = self.spawner.ghosts(str(self.home.root), owners)
         if ghosts:
-            names = describe(ghosts)
-            for proc in ghosts:
-                ghost = Child("ghost", "unknown", proc.pid, 0.0, mode="adopted")
+            names = list(ghosts.values())
+            for pid in ghosts:
+                ghost = Child("ghost", "unknown", pid, 0.0, mode="adopted")
                 ghost.exited.set()
                 await self.spawner.kill(ghost)
             log.error("ended %d process(es) of this home that no session accounted for: %s", len(ghosts), names)
@@ -706,19 +694,6 @@ class Supervisor:
                 "cause": svc.spawn_cause,  # why it cannot start (spawn_failed), while it has not run since
             })
         return out
-
-
-def _resident(pids: list[int]) -> int:
-    """Resident bytes of these processes together."""
-    import psutil
-
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 def last_line(path: Path, limit: int = 4096) -> str | None:

@@ -47,9 +47,13 @@ class TaskActions:
         self.audit = audit
         self.background = background
         self.client = client
+        self._verbs = {"retry": self._retry, "hard_reset": self._hard_reset, "resume": self._resume,
+                       "cancel": self._cancel, "fail": self._fail}  # TASK_VERBS but approve (act() says why)
 
     async def act(self, verb: str, task_id: str, *, actor: str, reason: str, request_id: str | None = None,
                   from_step: int | None = None, provider: str | None = None) -> dict:
+        if verb not in TASK_VERBS:
+            raise Refused(400, f"unknown verb {verb!r}: one of {', '.join(TASK_VERBS)}")
         task = await self._task(task_id)
         if verb == "approve":
             return await self.audit.run(lambda: self._approve(task, actor=actor, reason=reason, from_step=from_step,
@@ -62,8 +66,8 @@ class TaskActions:
             row = await self.store.task(task_id)
             return row["status"] if row else "unknown"
 
-        return await self.audit.run(lambda: getattr(self, f"_{verb}")(task, actor=actor, reason=reason,
-                                                                      from_step=from_step),
+        handler = self._verbs[verb]
+        return await self.audit.run(lambda: handler(task, actor=actor, reason=reason, from_step=from_step),
                                     actor=actor, what=f"task_{verb}", target=task_id, agent=task["agent"],
                                     reason=reason, request_id=request_id, state=state)
 
@@ -75,8 +79,7 @@ class TaskActions:
         task = await self.store.task(task_id)
         if task is None:
             raise Refused(404, f"no task {task_id!r}")
-        if hasattr(self.store, "warm"):
-            await self.store.warm(task["run_id"])  # an old run comes back into the working copy
+        await self.store.warm(task["run_id"])  # an old run comes back into the working copy
         return await self.store.task(task_id)
 
     # -- the verbs --------------------------------------------------------------------------------
@@ -157,10 +160,8 @@ class TaskActions:
         """The recorded steps (before ``upto``), in order, each output matching its hash:
         a replay must be checked, not assumed. Read from the durable store (what a person
         or a disk could have changed), not from the daemon's working copy."""
-        durable = getattr(self.store, "durable", self.store)
-        if durable is not self.store:
-            await self.store.flushed(5.0)
-        marks = [m for m in await durable.checkpoints(task["task_id"]) if upto is None or m["step"] < upto]
+        await self.store.flushed(5.0)
+        marks = [m for m in await self.store.recorded().checkpoints(task["task_id"]) if upto is None or m["step"] < upto]
         for expected, mark in enumerate(marks, start=1):
             if mark["step"] != expected:
                 raise Refused(409, f"task {task['task_id']}: step {expected} is missing from its checkpoints "

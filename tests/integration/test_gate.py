@@ -43,8 +43,8 @@ async def until(what, timeout: float = 30.0):
 @pytest.fixture
 async def spawner(tmp_path):
     exits = []
-    sp = LocalSpawner(exits.append, cgroup_home=tmp_path / "home")
-    await sp.start()
+    sp = LocalSpawner(cgroup_home=tmp_path / "home")
+    await sp.start(exits.append)
     if sp.cgroups is None:
         await sp.close()
         pytest.skip(f"LOUD SKIP: no cgroups here: {sp.ownership_note}")

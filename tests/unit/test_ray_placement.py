@@ -20,7 +20,7 @@ def spawner(services: dict) -> RaySpawner:
     config = MeshConfig.model_validate({"services": {n: {"role": "programmer", "port": 7000 + i, **s}
                                                      for i, (n, s) in enumerate(services.items())},
                                         "cluster": {"engine": "ray"}})
-    sp = RaySpawner(None, config=config, home_root=Path("/nonexistent"), config_path=None, marks={})
+    sp = RaySpawner(config=config, home_root=Path("/nonexistent"), config_path=None, marks={})
     for nid, ip, res in ((HEAD, "10.0.0.1", {"CPU": 4, "head": 1}), (GPU, "10.0.0.2", {"CPU": 8, "GPU": 1}),
                          (SPARE, "10.0.0.3", {"CPU": 2})):
         sp.nodes[nid] = Node(nid, ip, res, agent=object())

@@ -23,7 +23,9 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 class Backend:
     def __init__(self, kind: str, tmp: Path) -> None:
         self.exits = []
-        self.spawner = LocalSpawner(self.exits.append) if kind == "local" else StubSpawner(self.exits.append)
+        self.spawner = LocalSpawner() if kind == "local" else StubSpawner()
+        # What start() does with its callback, without making the test process a subreaper.
+        self.spawner.on_exit = self.exits.append
         self.kind = kind
         self.tmp = tmp
 
@@ -128,8 +130,8 @@ WORKERS = (
 
 async def main():
     exits = []
-    spawner = LocalSpawner(exits.append)
-    await spawner.start()  # the daemon's position: a child subreaper
+    spawner = LocalSpawner()
+    await spawner.start(exits.append)  # the daemon's position: a child subreaper
     tmp = Path(sys.argv[1])
     incarnation = "i-" + uuid.uuid4().hex[:12]
     spec = SpawnSpec(name="g", incarnation=incarnation, argv=[sys.executable, "-c", WORKERS],
@@ -163,3 +165,101 @@ def test_the_whole_tree_ends_even_when_its_leader_died_first(tmp_path):
                           timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"before": 3, "after_leader_died": 2, "after_kill": 0}
+
+
+# -- the whole interface: what the daemon asks, each backend answers (no probing) ------------
+
+
+def _backends_of_the_protocol():
+    from services.daemon.fault_injection import DieAfterFork
+    from services.daemon.ray_spawner import RaySpawner
+
+    return [LocalSpawner, StubSpawner, RaySpawner, DieAfterFork]
+
+
+@pytest.mark.parametrize("backend", _backends_of_the_protocol(), ids=lambda b: b.__name__)
+def test_every_backend_speaks_the_whole_spawner_protocol(backend):
+    """Every method of ``Spawner``, with the same parameters (names, kinds) and the same
+    async-ness: the daemon calls each without asking whether it is there."""
+    import inspect
+
+    from services.daemon.spawner import Spawner
+
+    methods = {n: m for n, m in vars(Spawner).items() if not n.startswith("_") and callable(m)}
+    assert {"start", "ghosts", "listener_is_ours", "sync_log", "ownership"} <= set(methods)
+    for name, declared in methods.items():
+        have = getattr(backend, name, None)
+        assert callable(have), f"{backend.__name__} lacks Spawner.{name}"
+        assert inspect.iscoroutinefunction(have) == inspect.iscoroutinefunction(declared), f"{backend.__name__}.{name}"
+        want = list(inspect.signature(declared).parameters.values())[1:]
+        params = inspect.signature(have).parameters
+        for p in want:
+            assert p.name in params and params[p.name].kind == p.kind, f"{backend.__name__}.{name}: {p.name}"
+
+
+def test_the_ray_spawner_is_the_cluster_control():
+    import inspect
+
+    from services.daemon.ray_spawner import RaySpawner
+    from services.daemon.spawner import ClusterControl
+
+    for name, declared in vars(ClusterControl).items():
+        if name.startswith("_") or not callable(declared):
+            continue
+        assert inspect.iscoroutinefunction(getattr(RaySpawner, name)) == inspect.iscoroutinefunction(declared), name
+
+
+async def test_without_helpers_a_backend_says_so(backend):
+    """No fork server, no log pump, no process of the home: the honest answers."""
+    assert await backend.spawner.wait_ready(0.1) is True
+    assert backend.spawner.helper_pids() == set()
+    assert backend.spawner.log_stats() is None and backend.spawner.log_pump_pid() is None
+    await backend.spawner.sync_log(backend.tmp / "nothing.log")
+    assert backend.spawner.ghosts(str(backend.tmp / "no-home"), set()) == {}
+    child = await backend.spawner.spawn(backend.spec("h"))
+    try:
+        assert backend.spawner.resident(child) >= 0
+        if backend.kind == "local":
+            assert backend.spawner.resident(child) > 0
+    finally:
+        await backend.spawner.kill(child)
+
+
+LISTENER = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+open(sys.argv[1] + ".tmp", "w").write(str(s.getsockname()[1]))
+import os
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(60)
+"""
+
+
+async def test_whose_listener_it_is_is_asked_of_the_local_spawner(tmp_path):
+    """A listener in the child's tree is its; another incarnation's tree does not hold it;
+    the holder is named by pid."""
+    b = Backend("local", tmp_path)
+    port_file = tmp_path / "port"
+    listener = await b.spawner.spawn(b.spec("l", [sys.executable, "-c", LISTENER, str(port_file)]))
+    other = await b.spawner.spawn(b.spec("o"))
+    try:
+        for _ in range(1000):
+            if port_file.exists():
+                break
+            await asyncio.sleep(0.01)
+        port = int(port_file.read_text())
+        for _ in range(1000):
+            if b.spawner.is_listening(port):
+                break
+            await asyncio.sleep(0.01)
+        assert b.spawner.is_listening(port)
+        assert b.spawner.listener_is_ours(listener, port) is True
+        assert b.spawner.listener_is_ours(other, port) is False
+        holder = b.spawner.port_holder(port)
+        assert holder is not None and holder["pid"] in (listener.pid, None)  # None: not ours to look at
+    finally:
+        await b.spawner.kill(listener)
+        await b.spawner.kill(other)
+    assert not b.spawner.is_listening(port)

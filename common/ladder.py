@@ -25,6 +25,11 @@ Vocabulary (DESIGN.md, "Services and tasks: two lifecycles"):
   decides these: it holds every provider's health (common/provider_health.py).
 - The **decider** is the service that received the event (a parent, an ancestor the alert
   reached instead, the root, or the daemon); ``view.top`` says nobody decides above it.
+- One decision per failure: the decider decides once, on the view the daemon sent with the
+  alert; the daemon then carries it out after a *guard* (``still_stands``) that checks only
+  that the decision still stands (its alert is still open, the incarnation it names is
+  still the current one), on a ``Standing`` it holds without rebuilding the view. A stale
+  decision is refused, never decided again.
 
 The decision is a table of cases (as OTP's ``supervisor.erl`` is). Each case has a stable
 id, recorded on every registry row it causes (``retry_history.case``). The daemon, the
@@ -73,8 +78,9 @@ class Escalated:
 
 @dataclass(frozen=True)
 class RestartAsked:
-    """A restart request reached the daemon, which carries it out only if it still
-    stands (the same guards as every decision: one authority, idempotent by alert id)."""
+    """A decided restart reached the daemon, which carries it out only if it still
+    stands (one authority, idempotent by alert id): a guard (``still_stands``), not a
+    decision."""
 
     alert_id: str
     service: str
@@ -84,7 +90,8 @@ class RestartAsked:
 @dataclass(frozen=True)
 class AlertAnswered:
     """An ancestor took an alert and answered: did anything happen? An answered alert
-    that changed nothing is a dropped alert, so it goes on to the next ancestor."""
+    that changed nothing is a dropped alert, so it goes on to the next ancestor. A guard
+    (``still_stands``), not a decision."""
 
     alert_id: str
     service: str
@@ -128,13 +135,17 @@ class CallAsked:
     task_id: str | None
 
 
-Event = Union[ChildFailed, Escalated, RestartAsked, AlertAnswered, ProviderFailed, ParkCheck, CallAsked]
+Event = Union[ChildFailed, Escalated, ProviderFailed, ParkCheck, CallAsked]
+# What the daemon checks before it carries a decision out (or counts an alert taken).
+Guarded = Union[RestartAsked, AlertAnswered]
 # Each event type has its own table of cases, whose conditions read that type's fields.
 _E = TypeVar("_E", bound=Event)
 _E_co = TypeVar("_E_co", bound=Event, covariant=True)
 _E_contra = TypeVar("_E_contra", bound=Event, contravariant=True)
 # The events that name the incarnation they are about (a stale one is ignored).
-_OfIncarnation = TypeVar("_OfIncarnation", bound=Union[ChildFailed, ProviderFailed, AlertAnswered])
+_OfIncarnation = TypeVar("_OfIncarnation", bound=Union[ChildFailed, ProviderFailed])
+_G = TypeVar("_G", bound=Guarded)
+_G_contra = TypeVar("_G_contra", bound=Guarded, contravariant=True)
 
 # -- the view: what the registry knows, read by the daemon at ``now`` ------------------------
 
@@ -222,6 +233,23 @@ class LadderView(_View):
     rules: ProviderRules = ProviderRules()
     spend: SpendView = SpendView()
     approval: Approval | None = None  # an operator approved the parked task
+
+
+class Standing(_View):
+    """What the daemon holds, without rebuilding a view, when a decision reaches it to be
+    carried out: the status of the alert it answers (one read) and the service's live
+    state (its own memory)."""
+
+    alert_status: str | None = None  # None: no alert by that id (a request naming none: an operator's)
+    recorded: list[str] = []  # read only when there is no alert: its ladder rows, as in LadderView
+    incarnation: str | None = None  # the current one
+    state: ServiceState = ServiceState.RUNNING
+    stopped: bool = False
+    replacing: bool = False  # a restart of the current incarnation is already under way
+
+
+# An alert an ancestor took and acted on (the daemon marks it so once it has carried the decision out).
+CLOSED_ALERT_STATES = frozenset({"handled", "delivered"})
 
 
 # -- decisions: what the decider carries out ---------------------------------------------------
@@ -394,6 +422,51 @@ def crash_loop_over(latest_failure: float | None, now: float, policy: Policy) ->
     return latest_failure is None or now - latest_failure >= policy.restart_window
 
 
+def crash_loop_ends(looping: bool, latest_failure: float | None, now: float, policy: Policy) -> bool:
+    """Does the service's crash-loop episode end at ``now``? Only a looping service's does,
+    once its latest failure (None: none on record) is a whole window old."""
+    return looping and crash_loop_over(latest_failure, now, policy)
+
+
+def crash_loop_starts(failures: list[float], previous_failure: float | None, looping: bool, now: float,
+                      policy: Policy) -> tuple[bool, bool]:
+    """(crash_looping, new_episode) after the failure at ``now``.
+
+    Parameters: ``failures`` the service's failure times, this one included;
+    ``previous_failure`` the one before it; ``looping`` whether an episode was under way.
+    Returns: crash-looping when ``max_restarts`` failures fall within ``restart_window``;
+    a new episode (one escalation climbs the tree) when it is looping and no episode was
+    under way, or the one that was had already run out (a whole quiet window before this
+    failure)."""
+    crash_looping = len(within(failures, now, policy.restart_window)) >= policy.max_restarts
+    return crash_looping, crash_looping and (not looping or crash_loop_over(previous_failure, now, policy))
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """A service's failures as the ladder counts them (ServiceView's fields)."""
+
+    failures: list[float]  # times within the restart window, the one being decided included
+    previous_failure: float | None  # the failure before the one being decided
+    unstable_streak: int
+
+
+def failure_record(rows: list[tuple[str, float, bool]], alert_id: str | None, now: float,
+                   policy: Policy) -> FailureRecord:
+    """The ladder's count of a service's failures, from its alerts newest first
+    (``(alert_id, when, whether that incarnation had been stable)``).
+
+    The failure being decided is the one of ``alert_id``: the streak counts back from it,
+    and the previous failure is the one before it. Without ``alert_id`` (a view asked for
+    outside any alert), or when it is not among ``rows``, every row is earlier and the
+    streak is 0."""
+    mine = next((i for i, (aid, _, _) in enumerate(rows) if aid == alert_id), None) if alert_id else None
+    earlier = rows[mine + 1:] if mine is not None else rows
+    streak = unstable_streak([stable for _, _, stable in rows[mine:]]) if mine is not None else 0
+    return FailureRecord(failures=[t for _, t, _ in rows if now - policy.restart_window < t <= now],
+                         previous_failure=earlier[0][1] if earlier else None, unstable_streak=streak)
+
+
 def provider_open(view: LadderView, name: str) -> bool:
     return view.providers.get(name, ProviderStatus()).state == "open"
 
@@ -436,12 +509,10 @@ class Situation(Generic[_E_co]):
     def service_restart(self, case: str, *, with_task: bool = False) -> Restart:
         """How the service comes back after this failure (the service lifecycle)."""
         p, s = self.policy, self.view.service
-        looping = len(within(s.failures, self.now, p.restart_window)) >= p.max_restarts
-        episode_over = s.previous_failure is None or self.now - s.previous_failure >= p.restart_window
+        looping, new_episode = crash_loop_starts(s.failures, s.previous_failure, s.crash_looping, self.now, p)
         delay = compute_backoff(s.unstable_streak - 1, initial=p.backoff_initial, factor=p.backoff_factor,
                                 max_backoff=backoff_cap(s.failure_cause, p), jitter=p.backoff_jitter, rng=self.rng)
-        return Restart(case=case, delay=delay, with_task=with_task, crash_looping=looping,
-                       new_episode=looping and (not s.crash_looping or episode_over))
+        return Restart(case=case, delay=delay, with_task=with_task, crash_looping=looping, new_episode=new_episode)
 
     def top_decision(self, reason: str) -> SwitchProvider | Fail | Park:
         """Level 2 or 3: the next provider while switches remain, else a permanent failure."""
@@ -583,32 +654,69 @@ ESCALATED: tuple[Case[Escalated], ...] = (
          "max_provider_switches reached: the task and its run fail for good"),
 )
 
-RESTART_ASKED: tuple[Case[RestartAsked], ...] = (
-    Case("duplicate_request", lambda s: _recorded(s, RetryType.CHILD_RESTART),
-         lambda s: Ignore("duplicate_request", f"alert {s.event.alert_id} already caused its restart"),
-         "the same restart request arrived twice"),
-    Case("stale_request", lambda s: s.view.service.incarnation != s.event.replaces or s.view.service.replacing,
-         lambda s: Ignore("stale_request", f"{s.event.replaces} is not the current incarnation, or is already "
-                          "being replaced"),
-         "the request names an incarnation that is gone or already being replaced"),
-    Case("stopped_request", lambda s: s.view.service.stopped
-         or s.view.service.state in (ServiceState.STOPPING, ServiceState.STOPPED),
-         lambda s: Ignore("stopped_request", f"{s.event.service} is stopped"),
-         "the service is stopped or stopping"),
-    Case("admitted", lambda s: True,
-         lambda s: Restart("admitted"),
-         "the request stands: carry it out"),
+@dataclass(frozen=True)
+class Guard(Generic[_G_contra]):
+    """A case of a guard's table: read the request and the Standing, nothing else."""
+
+    id: str
+    when: Callable[[_G_contra, Standing], bool]
+    then: Callable[[_G_contra, Standing], Decision]
+    doc: str
+
+
+def _decided(st: Standing) -> bool:
+    """The alert already has its decision carried out (idempotent by alert id): it is
+    closed, or, for a request naming no alert, its restart row is there."""
+    return st.alert_status in CLOSED_ALERT_STATES or any(
+        r == RetryType.CHILD_RESTART or r.startswith(f"{RetryType.CHILD_RESTART}:") for r in st.recorded)
+
+
+RESTART_ASKED: tuple[Guard[RestartAsked], ...] = (
+    Guard("duplicate_request", lambda e, st: _decided(st),
+          lambda e, st: Ignore("duplicate_request", f"alert {e.alert_id} already caused its restart"),
+          "the alert is no longer open: the same restart request arrived twice, or another decider's came first"),
+    Guard("stale_request", lambda e, st: st.incarnation != e.replaces or st.replacing,
+          lambda e, st: Ignore("stale_request", f"{e.replaces} is not the current incarnation, or is already "
+                               "being replaced"),
+          "the request names an incarnation that is gone or already being replaced"),
+    Guard("stopped_request", lambda e, st: st.stopped or st.state in (ServiceState.STOPPING, ServiceState.STOPPED),
+          lambda e, st: Ignore("stopped_request", f"{e.service} is stopped"),
+          "the service is stopped or stopping"),
+    Guard("admitted", lambda e, st: True,
+          lambda e, st: Restart("admitted"),
+          "the request stands: carry it out"),
 )
 
-ALERT_ANSWERED: tuple[Case[AlertAnswered], ...] = (
-    Case("acted", lambda s: s.view.alert_status == "handled" or _stale(s) or s.view.service.replacing
-         or s.view.service.stopped,
-         lambda s: Ignore("acted", f"{s.event.ancestor} took alert {s.event.alert_id}"),
-         "the ancestor decided: the alert is handled or its incarnation is being replaced"),
-    Case("answered_without_acting", lambda s: True,
-         lambda s: Escalate("answered_without_acting", f"{s.event.ancestor} answered but nothing changed"),
-         "the ancestor answered and nothing happened: the next ancestor gets the alert"),
+ALERT_ANSWERED: tuple[Guard[AlertAnswered], ...] = (
+    Guard("acted", lambda e, st: st.alert_status in CLOSED_ALERT_STATES or st.incarnation != e.incarnation
+          or st.replacing or st.stopped,
+          lambda e, st: Ignore("acted", f"{e.ancestor} took alert {e.alert_id}"),
+          "the ancestor decided: the alert is handled or its incarnation is being replaced"),
+    Guard("answered_without_acting", lambda e, st: True,
+          lambda e, st: Escalate("answered_without_acting", f"{e.ancestor} answered but nothing changed"),
+          "the ancestor answered and nothing happened: the next ancestor gets the alert"),
 )
+
+
+def _guard(cases: tuple[Guard[_G], ...], event: _G, standing: Standing) -> Decision:
+    for case in cases:
+        if case.when(event, standing):
+            return case.then(event, standing)
+    raise AssertionError(f"no case matched {event!r}")  # every table ends with a catch-all
+
+
+def still_stands(event: Guarded, standing: Standing) -> Decision:
+    """The daemon's guard before it carries a decision out: ``Restart("admitted")`` when a
+    restart still stands, else the ``Ignore`` that says why not (a stale one is refused,
+    never decided again); for an answered alert, ``Ignore("acted")`` or the ``Escalate``
+    that sends it to the next ancestor. No view, no clock: the Standing is all it reads."""
+    match event:
+        case RestartAsked():
+            return _guard(RESTART_ASKED, event, standing)
+        case AlertAnswered():
+            return _guard(ALERT_ANSWERED, event, standing)
+    assert_never(event)
+
 
 def _provider_retry(s: Situation[ProviderFailed], case: str = "provider_retry") -> RetryInPlace:
     p = s.policy
@@ -701,9 +809,10 @@ CALL_ASKED: tuple[Case[CallAsked], ...] = (
 # Every table by its event type, for case_ids(). Case is contravariant in its event type, so
 # Case[Never] is any Case[SomeEvent]: all this type says is "a case of some event type".
 TABLE: dict[type, tuple[Case[Never], ...]] = {ChildFailed: CHILD_FAILED, Escalated: ESCALATED,
-                                              RestartAsked: RESTART_ASKED, AlertAnswered: ALERT_ANSWERED,
                                               ProviderFailed: PROVIDER_FAILED, ParkCheck: PARK_CHECK,
                                               CallAsked: CALL_ASKED}
+# The guards' tables (still_stands), for case_ids() too.
+GUARDS: dict[type, tuple[Guard[Never], ...]] = {RestartAsked: RESTART_ASKED, AlertAnswered: ALERT_ANSWERED}
 
 
 def _first(cases: tuple[Case[_E], ...], s: Situation[_E]) -> Decision:
@@ -723,10 +832,6 @@ def decide(event: Event, view: LadderView, now: float, policy: Policy, *,
             return _first(CHILD_FAILED, Situation(event, view, now, policy, rng))
         case Escalated():
             return _first(ESCALATED, Situation(event, view, now, policy, rng))
-        case RestartAsked():
-            return _first(RESTART_ASKED, Situation(event, view, now, policy, rng))
-        case AlertAnswered():
-            return _first(ALERT_ANSWERED, Situation(event, view, now, policy, rng))
         case ProviderFailed():
             return _first(PROVIDER_FAILED, Situation(event, view, now, policy, rng))
         case ParkCheck():
@@ -738,7 +843,7 @@ def decide(event: Event, view: LadderView, now: float, policy: Policy, *,
 
 def case_ids() -> list[str]:
     """Every case id a decision can carry, for docs and for the registry's checks."""
-    ids = [c.id for cases in TABLE.values() for c in cases]
+    ids = [c.id for cases in TABLE.values() for c in cases] + [g.id for guards in GUARDS.values() for g in guards]
     return list(dict.fromkeys(ids + ["restart_without_task", "llm_advised_escalation", "stay_on_last_usable",
                                      "all_providers_down", "ask_operator"]))
 

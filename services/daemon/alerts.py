@@ -22,7 +22,7 @@ from common import logs, telemetry
 from common.clock import Clock, utc_iso
 from common.config import DAEMON, MeshConfig, Policy
 from common.http import MeshClient, MeshHTTPError
-from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_over, decide
+from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_ends, still_stands
 from common.models import Alert, Reason
 from common.monitor import Signal
 from common.states import AlertState, ServiceState, TaskState
@@ -111,9 +111,9 @@ class AlertRouter:
             except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                 log.warning("alert delivery to %s failed: %s", target, err, extra={"alert": alert.alert_id})
                 continue
-            view = await self.carrier.view(alert.service, decider=target, alert_id=alert.alert_id)
-            verdict = decide(AlertAnswered(alert.alert_id, alert.service, alert.incarnation, target), view,
-                             view.now, view.policy)
+            # Did anything happen? The alert's status and the service's state say; nothing is decided again.
+            standing, _ = await self.carrier.standing(alert.service, alert.alert_id)
+            verdict = still_stands(AlertAnswered(alert.alert_id, alert.service, alert.incarnation, target), standing)
             if isinstance(verdict, Ignore):
                 await self.store.alert_delivered(alert.alert_id, target)
                 return
@@ -184,7 +184,7 @@ class AlertRouter:
 
     async def _maybe_end_crash_loop(self, svc, now: float) -> None:
         latest = await self.store.failures(svc.name, limit=1)
-        if not crash_loop_over(latest[0]["mono"] if latest else None, now, self.policy()):
+        if not crash_loop_ends(svc.crash_looping, latest[0]["mono"] if latest else None, now, self.policy()):
             return
         svc.crash_looping = False
         await self.store.set_agent(svc.name, crash_looping=False)

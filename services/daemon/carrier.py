@@ -1,11 +1,13 @@
 """Carrying out the ladder's decisions, for every decider.
 
-Parents and the root decide with ``common.ladder.decide`` on a ``LadderView`` they read
-from here, then ask for the steps over HTTP; the daemon decides the same way for its own
-children (and in the stead of any ancestor that cannot), then takes the steps directly.
-Either way every step lands in one method below, which checks that it still stands
-(``RestartAsked``: one authority, idempotent by alert id), writes its ``retry_history``
-row with the decision's case id, and then acts. Nothing here decides what to do.
+Parents and the root decide with ``common.ladder.decide`` on a ``LadderView`` read here
+(sent with the alert), then ask for the steps over HTTP; the daemon decides the same way
+for its own children (and in the stead of any ancestor that cannot), then takes the steps
+directly. Either way every step lands in one method below, which checks only that it
+still stands (``still_stands`` on a ``Standing``: the alert still open, the incarnation
+still the one that failed; one authority, idempotent by alert id) without rebuilding the
+view, writes its ``retry_history`` row with the decision's case id, and then acts.
+Nothing here decides what to do.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from common.carry import carry_out, loop_alert_id
 from common.clock import Clock
 from common.config import DAEMON, MeshConfig, Policy
 from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, Restart, RestartAsked,
-                           ServiceView, SwitchProvider, TaskView, decide, unstable_streak)
+                           ServiceView, Standing, SwitchProvider, TaskView, decide, failure_record, still_stands)
 from common.lanes import Fingerprint
 from common.models import EscalationRecord, ParkRequest, PermanentFailure, Reason, RestartRequest, SwitchRequest
 from common.states import FINAL_TASK_STATES, AlertState, RetryType, TaskState
@@ -35,6 +37,14 @@ def _spawn_cause(alert: dict | None) -> str | None:
     if alert is None or alert["reason"] != Reason.SPAWN_FAILED:
         return None
     return (alert["detail"] or {}).get("cause")
+
+
+def _detail_of(alert: dict | None) -> dict:
+    """What TRON saw (exit signal, silence, stuck marker), carried onto the ladder's rows."""
+    if alert is None:
+        return {}
+    return {**(alert["detail"] or {}), "detected_by": alert["reason"]}
+
 
 class Carrier:
     def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, ledger, *, clock: Clock,
@@ -61,9 +71,7 @@ class Carrier:
         policy = self.policy()
         now = self.clock.now()
         rows = await self.store.failures(service)
-        mine = next((i for i, r in enumerate(rows) if r["alert_id"] == alert_id), None)
-        earlier = rows[mine + 1:] if mine is not None else rows
-        streak = unstable_streak([bool(r["stable"]) for r in rows[mine:]]) if mine is not None else 0
+        record = failure_record([(r["alert_id"], r["mono"], bool(r["stable"])) for r in rows], alert_id, now, policy)
         alert = await self.store.alert(alert_id) if alert_id else None
         recorded = []
         for r in await self.store.retry_rows(alert_id) if alert_id else []:
@@ -80,9 +88,8 @@ class Carrier:
             service=ServiceView(
                 name=service, incarnation=svc.incarnation, state=svc.state, stopped=svc.stopped,
                 replacing=svc.replacing is not None and svc.replacing == svc.incarnation, provider=svc.provider,
-                failures=[r["mono"] for r in rows if now - policy.restart_window < r["mono"] <= now],
-                previous_failure=earlier[0]["mono"] if earlier else None, unstable_streak=streak,
-                crash_looping=svc.crash_looping, failure_cause=_spawn_cause(alert)),
+                failures=record.failures, previous_failure=record.previous_failure,
+                unstable_streak=record.unstable_streak, crash_looping=svc.crash_looping, failure_cause=_spawn_cause(alert)),
             task=task, alert_status=alert["status"] if alert else None, recorded=recorded,
             chain=list(self.config.providers.chain), subtree=self.config.subtree(service))
 
@@ -94,14 +101,29 @@ class Carrier:
                                     "case": decision.case, "decision": type(decision).__name__})
         return await carry_out(decision, event, self.actions)
 
+    async def standing(self, service: str, alert_id: str) -> tuple[Standing, dict | None]:
+        """What the guard before a step reads (still_stands): the alert's status (one read;
+        its rows too only when there is no such alert) and the service's live state. Returns
+        the alert row as well, for the step's own record."""
+        svc = self.sup[service]
+        alert = await self.store.alert(alert_id)
+        recorded = []
+        if alert is None:  # a request naming no alert the daemon raised (an operator's): its rows say
+            recorded = [f"{r['retry_type']}:{r['hop']}" if r["hop"] else r["retry_type"]
+                        for r in await self.store.retry_rows(alert_id)]
+        return Standing(alert_status=alert["status"] if alert else None, recorded=recorded,
+                        incarnation=svc.incarnation, state=svc.state, stopped=svc.stopped,
+                        replacing=svc.replacing is not None and svc.replacing == svc.incarnation), alert
+
     # -- the steps -----------------------------------------------------------------------------
 
     async def restart(self, req: RestartRequest) -> dict:
         """Replace one incarnation, if the request still stands: one row, one restart."""
         svc = self.sup[req.service]
         async with svc.lock:
-            view = await self.view(req.service, decider=req.requested_by, alert_id=req.alert_id, task_id=req.task_id)
-            verdict = decide(RestartAsked(req.alert_id, req.service, req.replaces), view, view.now, view.policy)
+            # Decided already (by the requester): only whether it still stands is checked here.
+            standing, alert = await self.standing(req.service, req.alert_id)
+            verdict = still_stands(RestartAsked(req.alert_id, req.service, req.replaces), standing)
             if isinstance(verdict, Ignore):
                 status = "duplicate" if verdict.case == "duplicate_request" else "stale"
                 return {"status": status, "case": verdict.case, "why": verdict.why, "current": svc.incarnation,
@@ -110,7 +132,7 @@ class Carrier:
             live = task is not None and task["status"] in (TaskState.ASSIGNED, TaskState.RUNNING)
             row = await self.store.record_retry(
                 alert_id=req.alert_id, agent_id=svc.name, retry_type=RetryType.CHILD_RESTART, reason=req.reason,
-                detail={**await self._alert_detail(req.alert_id), **req.detail, "delay": round(req.delay, 4),
+                detail={**_detail_of(alert), **req.detail, "delay": round(req.delay, 4),
                         "with_task": req.with_task, "crash_looping": req.crash_looping},
                 case=req.case, task_id=task["task_id"] if live and req.with_task else None,
                 run_id=task["run_id"] if task else None, from_provider=svc.provider, decided_by=req.decided_by,
@@ -135,11 +157,7 @@ class Carrier:
                 "replaces": req.replaces, "case": req.case}
 
     async def _alert_detail(self, alert_id: str) -> dict:
-        """What TRON saw (exit signal, silence, stuck marker), carried onto the ladder's rows."""
-        alert = await self.store.alert(alert_id)
-        if alert is None:
-            return {}
-        return {**(alert["detail"] or {}), "detected_by": alert["reason"]}
+        return _detail_of(await self.store.alert(alert_id))
 
     async def _crash_loop(self, svc, req: RestartRequest) -> None:
         if req.crash_looping and not svc.crash_looping:

@@ -11,8 +11,9 @@ from common.config import Policy
 from common.ladder import (AlertAnswered, Approval, CallAsked, ChildFailed, Escalate, Escalated, Fail, Ignore,
                            LadderView, ParkCheck, Park, SpendView,
                            ProviderFailed, ProviderRules, ProviderStatus, Restart, Resume, RetryInPlace,
-                           RestartAsked, ServiceView, SwitchProvider, TaskView, case_ids, compute_backoff, decide,
-                           fold_advice, next_provider, parse_advice, within, worst_case_attempts)
+                           RestartAsked, ServiceView, Standing, SwitchProvider, TaskView, case_ids, compute_backoff,
+                           decide, fold_advice, next_provider, parse_advice, still_stands, within,
+                           worst_case_attempts)
 from common.states import ServiceState, TaskState
 
 P = Policy(max_restarts=3, restart_window=60, backoff_initial=0.5, backoff_factor=2, backoff_max=10,
@@ -159,26 +160,6 @@ CASES = [
      Escalate("crash_loop_passed_up", "max_restarts_exceeded", kind="crash_loop")),
     ("crash loop at the top: noted", escalated("crash_loop", None), view(top=True, decider="root"),
      Ignore("crash_loop_noted", "programmer-1 is crash-looping; its restarts go on at the cap")),
-    # -- a restart request reaches the daemon ------------------------------------------------------
-    ("restart request stands", RestartAsked("a-1", "programmer-1", "i-1"), view(),
-     Restart("admitted")),
-    ("restart request twice", RestartAsked("a-1", "programmer-1", "i-1"), view(recorded=["child_restart"]),
-     Ignore("duplicate_request", "alert a-1 already caused its restart")),
-    ("restart request for a replaced incarnation", RestartAsked("a-1", "programmer-1", "i-0"), view(),
-     Ignore("stale_request", "i-0 is not the current incarnation, or is already being replaced")),
-    ("restart request while already being replaced", RestartAsked("a-1", "programmer-1", "i-1"),
-     view(replacing=True),
-     Ignore("stale_request", "i-1 is not the current incarnation, or is already being replaced")),
-    ("restart request for a stopped service", RestartAsked("a-1", "programmer-1", "i-1"),
-     view(stopped=True, state=ServiceState.STOPPED),
-     Ignore("stopped_request", "programmer-1 is stopped")),
-    # -- an ancestor answered an alert: did anything happen? ------------------------------------------
-    ("answered and acted", AlertAnswered("a-1", "programmer-1", "i-1", "director-code"),
-     view(alert_status="handled"), Ignore("acted", "director-code took alert a-1")),
-    ("answered, restart under way", AlertAnswered("a-1", "programmer-1", "i-1", "director-code"),
-     view(replacing=True), Ignore("acted", "director-code took alert a-1")),
-    ("answered without acting: next ancestor", AlertAnswered("a-1", "programmer-1", "i-1", "director-code"),
-     view(), Escalate("answered_without_acting", "director-code answered but nothing changed")),
     # -- a provider failed: the healthy process is never killed for it ------------------------------
     ("provider: stale incarnation", pfailed(incarnation="i-0"), pview(task=task()),
      Ignore("stale_incarnation", "i-0 is no longer the current incarnation")),
@@ -258,8 +239,55 @@ def test_decide(what, event, v, expected):
     assert decide(event, v, NOW, v.policy) == expected  # the policy the view carries (P, unless a row says)
 
 
+def standing(*, alert_status="pending", recorded=(), incarnation="i-1", stopped=False, replacing=False,
+             state=ServiceState.FAILED) -> Standing:
+    return Standing(alert_status=alert_status, recorded=list(recorded), incarnation=incarnation, state=state,
+                    stopped=stopped, replacing=replacing)
+
+
+ASKED = RestartAsked("a-1", "programmer-1", "i-1")
+ANSWERED = AlertAnswered("a-1", "programmer-1", "i-1", "director-code")
+
+# The daemon's guard before it carries a decision out: no view, no clock, nothing decided again.
+GUARD_CASES = [
+    # -- a decided restart reaches the daemon ----------------------------------------------------------
+    ("restart request stands", ASKED, standing(), Restart("admitted")),
+    ("restart request stands after nobody took the alert", ASKED, standing(alert_status="undeliverable"),
+     Restart("admitted")),
+    ("restart request twice", ASKED, standing(alert_status="handled"),
+     Ignore("duplicate_request", "alert a-1 already caused its restart")),
+    ("restart request after another decider's", ASKED, standing(alert_status="handled", replacing=True),
+     Ignore("duplicate_request", "alert a-1 already caused its restart")),
+    ("restart request naming no alert, twice", ASKED, standing(alert_status=None, recorded=["child_restart"]),
+     Ignore("duplicate_request", "alert a-1 already caused its restart")),
+    ("restart request naming no alert", ASKED, standing(alert_status=None), Restart("admitted")),
+    ("restart request for a replaced incarnation", RestartAsked("a-1", "programmer-1", "i-0"), standing(),
+     Ignore("stale_request", "i-0 is not the current incarnation, or is already being replaced")),
+    ("restart request while already being replaced", ASKED, standing(replacing=True),
+     Ignore("stale_request", "i-1 is not the current incarnation, or is already being replaced")),
+    ("restart request for a stopped service", ASKED, standing(stopped=True, state=ServiceState.STOPPED),
+     Ignore("stopped_request", "programmer-1 is stopped")),
+    ("restart request for a stopping service", ASKED, standing(state=ServiceState.STOPPING),
+     Ignore("stopped_request", "programmer-1 is stopped")),
+    # -- an ancestor answered an alert: did anything happen? ------------------------------------------
+    ("answered and acted", ANSWERED, standing(alert_status="handled"), Ignore("acted", "director-code took alert a-1")),
+    ("answered, restart under way", ANSWERED, standing(replacing=True), Ignore("acted", "director-code took alert a-1")),
+    ("answered, incarnation already replaced", ANSWERED, standing(incarnation="i-2"),
+     Ignore("acted", "director-code took alert a-1")),
+    ("answered, service stopped meanwhile", ANSWERED, standing(stopped=True),
+     Ignore("acted", "director-code took alert a-1")),
+    ("answered without acting: next ancestor", ANSWERED, standing(),
+     Escalate("answered_without_acting", "director-code answered but nothing changed")),
+]
+
+
+@pytest.mark.parametrize("what,event,st,expected", GUARD_CASES, ids=[c[0] for c in GUARD_CASES])
+def test_still_stands(what, event, st, expected):
+    assert still_stands(event, st) == expected
+
+
 def test_every_case_of_the_table_is_reached_by_a_row():
-    reached = {c[3].case for c in CASES} | {"restart_without_task"}
+    reached = {c[3].case for c in CASES} | {c[3].case for c in GUARD_CASES} | {"restart_without_task"}
     reached |= {"llm_advised_escalation"}  # test_advice_can_escalate_early_but_never_buy_a_restart
     assert set(case_ids()) == reached
 

@@ -1,0 +1,85 @@
+"""One decision per failure (issue 26, item 5): the parent decides once, on the view the
+daemon sent with the alert; the daemon carries the decision out after checking only that
+it still stands (the alert still open, the incarnation still the one that failed), with
+no view rebuilt and nothing decided again. The daemon's parts on stubs, as in
+tests/unit/test_daemon.py (fake clock, in-memory store, no process, no sleeping)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common import ladder
+from common.ladder import ChildFailed, LadderView, Restart
+from common.models import RestartRequest
+from services.daemon import carrier as carrier_module
+from tests.unit.test_daemon import Rig, mesh
+
+
+@pytest.fixture
+async def rig(tmp_path, monkeypatch):
+    r = Rig(tmp_path, mesh())
+    await r.start()
+    # What the daemon does on its own: every view it builds, every decision it takes.
+    r.views, r.daemon_decisions = [], []
+    real_view = r.daemon.carrier.view
+
+    async def view(*args, **kwargs):
+        r.views.append(kwargs["decider"])
+        return await real_view(*args, **kwargs)
+
+    def decide(*args, **kwargs):
+        r.daemon_decisions.append(args[0])
+        return ladder.decide(*args, **kwargs)
+
+    monkeypatch.setattr(r.daemon.carrier, "view", view)
+    monkeypatch.setattr(carrier_module, "decide", decide)
+    yield r
+    await r.stop()
+
+
+def parent(rig: Rig, decisions: list):
+    """The worker's parent (root) as common/agent.py's decide_and_act is: it decides on the
+    view that came with the alert, then asks the daemon for the restart."""
+    async def answer(url, alert):
+        view = LadderView.model_validate(alert["view"])
+        event = ChildFailed(alert["alert_id"], alert["service"], alert["incarnation"], alert["reason"], True,
+                            alert["task_id"])
+        decision = ladder.decide(event, view, view.now, view.policy)
+        decisions.append(decision)
+        assert isinstance(decision, Restart)
+        req = RestartRequest(service=event.service, replaces=event.incarnation, alert_id=event.alert_id,
+                             reason=event.reason, case=decision.case, delay=decision.delay, requested_by="root")
+        return {"action": "restart", "restart": await rig.daemon.carrier.restart(req)}
+    return answer
+
+
+async def test_a_crash_is_decided_once_by_the_parent_and_carried_out_without_a_second_view(rig):
+    decisions = []
+    rig.answer = parent(rig, decisions)
+    old = await rig.crash("worker")
+    await rig.until_running("worker")
+    assert [d.case for d in decisions] == ["idle_failure"]
+    assert rig.views == ["root"]  # the one sent with the alert: neither the restart nor the answer rebuilt it
+    assert rig.daemon_decisions == []  # the daemon decided nothing: it checked the request still stood
+    [row] = await rig.restarts("worker")
+    assert (row["requested_by"], row["case_id"]) == ("root", "idle_failure")
+    assert rig.svc("worker").incarnation != old
+    alert = await rig.store.alert(row["alert_id"])
+    assert alert["status"] in ("handled", "delivered")  # taken: it did not go on to the daemon
+
+
+async def test_a_decision_that_no_longer_stands_is_refused_not_decided_again(rig):
+    decisions = []
+    rig.answer = parent(rig, decisions)
+    old = await rig.crash("worker")
+    await rig.until_running("worker")
+    [row] = await rig.restarts("worker")
+    views = list(rig.views)
+    req = RestartRequest(service="worker", replaces=old, alert_id=row["alert_id"], reason="process_exit",
+                         case="idle_failure", requested_by="root")
+    again = await rig.daemon.carrier.restart(req)  # the same decision once more: its alert is closed
+    stale = await rig.daemon.carrier.restart(req.model_copy(update={"alert_id": "a-other"}))  # gone incarnation
+    assert (again["status"], again["case"]) == ("duplicate", "duplicate_request")
+    assert (stale["status"], stale["case"]) == ("stale", "stale_request")
+    assert rig.views == views and rig.daemon_decisions == []
+    assert len(await rig.restarts("worker")) == 1

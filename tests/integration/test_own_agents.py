@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 BASH_AGENT = REPO / "examples" / "bash-agent" / "agent.sh"
 
 STEPS_AGENT = '''
-from common.agent import Agent, Task
+from tron.sdk import Agent, Task
 
 
 class Steps(Agent):
@@ -35,7 +35,7 @@ class Steps(Agent):
         for n in range(1, 5):
             async def produce(previous, n=n):
                 reply = await self.llm(task, f"step {n} of {task.assign.prompt}")
-                return (previous + " | " if previous else "") + f"step{n}@{self.ctx.env.incarnation}:{reply[:12]}"
+                return (previous + " | " if previous else "") + f"step{n}@{self.incarnation}:{reply[:12]}"
             out = await self.step(task, n, f"s{n}", produce, total=4)
         return out
 '''
@@ -165,7 +165,7 @@ def test_a_broken_agent_module_is_a_clear_start_failure(mesh_factory, tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "agent.py").write_text(textwrap.dedent("""
-        from common.agent import Agent
+        from tron.sdk import Agent
 
         class Oops(Agent):
             def work(self, task)

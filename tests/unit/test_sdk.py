@@ -76,8 +76,8 @@ def make_ctx(**policy) -> ServiceContext:
 
 def make_agent(**policy) -> tuple[Agent, FakeDaemon, InstantClock]:
     agent = Agent(make_ctx(**policy))
-    agent.clock = InstantClock()
-    return agent, agent.ctx.client, agent.clock
+    agent._tron.clock = InstantClock()
+    return agent, agent._tron.ctx.client, agent._tron.clock
 
 
 def assign(**kw) -> TaskAssign:
@@ -245,13 +245,13 @@ class Scripted(Agent):
 ])
 async def test_every_end_of_a_task_is_handed_to_the_daemon(outcome, status, reason):
     agent = Scripted(make_ctx(), outcome)
-    agent.clock = InstantClock()
+    agent._tron.clock = InstantClock()
     task = Task(assign())
-    agent.active[task.id] = task
-    await agent._run(task)
-    [finish] = agent.ctx.client.sent("POST", "/tasks/run-1.0/finish")
+    agent._tron.active[task.id] = task
+    await agent._tron._run(task)
+    [finish] = agent._tron.ctx.client.sent("POST", "/tasks/run-1.0/finish")
     assert (finish["status"], finish["reason"]) == (status, reason)
-    assert finish["incarnation"] == "i-000000000001" and task.id not in agent.active
+    assert finish["incarnation"] == "i-000000000001" and task.id not in agent._tron.active
     if status == "done":
         assert finish["result"] == "the answer"
 
@@ -267,23 +267,23 @@ async def test_a_later_attempt_replaces_a_running_one_whose_end_is_never_sent():
             return f"attempt {task.assign.attempt}"
 
     agent = Slow(make_ctx())
-    agent.clock = InstantClock()
-    assert agent.take(assign(attempt=1))["status"] == "accepted"
+    agent._tron.clock = InstantClock()
+    assert agent._tron.take(assign(attempt=1))["status"] == "accepted"
     await settle()
-    assert agent.take(assign(attempt=1))["status"] == "already_running"
-    assert agent.take(assign(attempt=2))["status"] == "accepted"  # an operator retried it
+    assert agent._tron.take(assign(attempt=1))["status"] == "already_running"
+    assert agent._tron.take(assign(attempt=2))["status"] == "accepted"  # an operator retried it
     await settle()
     release.set()
     await settle()
-    finishes = agent.ctx.client.sent("POST", "/tasks/run-1.0/finish")
+    finishes = agent._tron.ctx.client.sent("POST", "/tasks/run-1.0/finish")
     assert started == [1, 2] and [(f["result"], f["attempt"]) for f in finishes] == [("attempt 2", 2)]
-    assert agent.active == {} and agent._runs == {}
+    assert agent._tron.active == {} and agent._tron._runs == {}
 
 
 async def test_an_abandoned_task_is_left_to_the_ladder():
     agent = Scripted(make_ctx(), Abandon())
-    await agent._run(Task(assign()))
-    assert agent.ctx.client.sent("POST", "/tasks/run-1.0/finish") == []
+    await agent._tron._run(Task(assign()))
+    assert agent._tron.ctx.client.sent("POST", "/tasks/run-1.0/finish") == []
 
 
 @pytest.mark.parametrize("failures,tries,ok", [
@@ -303,7 +303,7 @@ async def test_hand_offs_retry_a_bounded_number_of_times_with_capped_backoff(fai
         if queue:
             raise queue.pop(0)
 
-    assert await agent._retrying(call, what="x", attempts=5) is ok
+    assert await agent._tron._retrying(call, what="x", attempts=5) is ok
     assert len(attempts) == tries
     assert all(0 < s <= 2.0 * 1.1 for s in clock.slept) and len(clock.slept) == tries - 1
 
@@ -426,12 +426,12 @@ async def test_a_provider_specific_call_moved_by_the_ladder_reruns_the_work_from
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     ctx = make_ctx()
     agent = TwoSteps(ctx)
-    agent.clock = InstantClock()
+    agent._tron.clock = InstantClock()
     daemon = ctx.client
     governed(daemon, {"action": "switch", "provider": "ollama", "delay": 0.0, "case": "provider_open"})
     answers = Answers("the draft")
     monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
-    agent.take(assign())
+    agent._tron.take(assign())
     [finish] = await wait_for_async(lambda: daemon.sent("POST", "/tasks/run-1.0/finish"))
     assert finish["status"] == "done" and finish["result"] == "the draft + ollama", finish
     # step 1 ran once (its output kept), step 2 again on Ollama, with Ollama's client and model
@@ -459,17 +459,17 @@ async def test_a_parked_task_waits_at_the_desk_and_resumes_on_the_provider_it_is
     waiting_seen = []
 
     def park(body):
-        waiting_seen.append(agent.ctx.waiting)
+        waiting_seen.append(agent._tron.ctx.waiting)
         return polls.pop(0)
 
     daemon.answers[("POST", "/providers/park")] = park
     answers = Answers(asyncio.TimeoutError(), "ok")
     monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
     task = Task(assign(), provider="anthropic")
-    agent.active[task.id] = task
+    agent._tron.active[task.id] = task
     assert await agent.llm(task, "p") == "ok"
     assert answers.calls == ["anthropic", "ollama"] and waiting_seen == [True, True, True]
-    assert task.waiting == 0 and not agent.ctx.waiting
+    assert task.waiting == 0 and not agent._tron.ctx.waiting
 
 
 async def test_without_the_daemon_a_failure_falls_back_to_an_alert(monkeypatch):

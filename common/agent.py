@@ -44,7 +44,7 @@ import importlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from aiohttp import web
 
@@ -150,6 +150,28 @@ def load_sdks(sdks: Iterable[str] = SDKS) -> None:
     warm_up(sdks)
 
 
+T = TypeVar("T")
+
+
+class _Shadowable(Generic[T]):
+    """A computed attribute of ``Agent`` that a subclass or an instance may replace with its
+    own (a property would refuse ``self.name = ...``): only ``__get__``, so the instance's
+    own value wins. Tron's runtime never reads these back from the agent."""
+
+    def __init__(self, fget: Callable[[Agent], T]) -> None:
+        self.fget = fget
+        self.__doc__ = fget.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Shadowable[T]: ...
+
+    @overload
+    def __get__(self, obj: Agent, owner: type | None = None) -> T: ...
+
+    def __get__(self, obj: Agent | None, owner: type | None = None) -> T | _Shadowable[T]:
+        return self if obj is None else self.fget(obj)
+
+
 class Agent:
     """Subclass it and write ``work``. The class attributes and methods below are the
     stable surface (semantic versioning: they change only with a major version); every
@@ -174,12 +196,12 @@ class Agent:
 
     # -- who and where -----------------------------------------------------------------
 
-    @property
+    @_Shadowable
     def name(self) -> str:
         """This service's name in mesh.toml (``NAME.i`` for a replica)."""
         return self._tron.name
 
-    @property
+    @_Shadowable
     def incarnation(self) -> str:
         """This process's incarnation id (a restart is a new one; every registry row names it)."""
         return self._tron.ctx.env.incarnation
@@ -188,13 +210,13 @@ class Agent:
         """The services whose parent this one is, in mesh.toml's order: ``delegate``'s targets."""
         return self._tron.children()
 
-    @property
+    @_Shadowable
     def provider(self) -> str:
         """The provider of the task being worked on here (the ladder may have moved it), else
         this incarnation's."""
         return self._tron.provider
 
-    @property
+    @_Shadowable
     def model(self) -> str:
         """The configured model of ``provider``."""
         return self._tron.model

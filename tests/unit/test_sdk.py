@@ -507,3 +507,98 @@ async def test_an_empty_answer_and_a_repeated_one_are_provider_failures(monkeypa
         await agent.llm(task, "p")
     reasons = [o["failure"]["reason"] if not o["ok"] else "ok" for o in outcomes]
     assert reasons == ["empty_answer", "ok", "ok", "repeated_output"], reasons
+
+
+# -- the public surface ---------------------------------------------------------------------------
+
+PUBLIC = {"role", "uses_llm", "system", "work", "add_routes", "name", "incarnation", "children", "provider", "model",
+          "client", "step", "set_progress", "llm", "call_llm", "delegate"}
+
+
+def test_tron_sdk_is_the_documented_surface_and_agent_has_nothing_else_public():
+    import tron.sdk
+
+    assert sorted(tron.sdk.__all__) == ["Agent", "Task", "TaskAssign", "TaskFailed"]
+    assert tron.sdk.Agent is Agent and tron.sdk.Task is Task and tron.sdk.TaskFailed is TaskFailed
+    public = {n for n in dir(tron.sdk.Agent) if not n.startswith("_")}
+    assert public == PUBLIC, public ^ PUBLIC  # a new public name is a promise: README "Bring your own agent"
+    private = {n for n in vars(tron.sdk.Agent) if n.startswith("_") and not n.startswith("__")}
+    assert private == {"_tron_runtime"}, private  # the runtime itself is the instance's one `_tron`
+
+
+class Clashing(Agent):
+    """A user's agent whose own names are the ones Tron's runtime and ladder use."""
+
+    uses_llm = True
+    view = take = actions = active = waiting = early = parent = daemon = policy = "the user's"
+    config = ctx = clock = runtime = make_app = checkpoint = under_ladder = provider_settings = "the user's"
+    provider = model = incarnation = "the user's"
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.name = "my own name"  # the runtime answers to the service's name, not this
+        self._steps_seen: list[str] = []
+
+    def client(self, provider=None):  # the user's own client, not an SDK's
+        return "the user's client"
+
+    async def work(self, task: Task) -> str:
+        await self.step(task, 1, "draft", lambda _: self.llm(task, "draft"))
+        self.set_progress(task, "between")
+        return await self.step(task, 2, "final", lambda previous: _upper(previous + " / " + self.client()))
+
+
+async def _upper(text: str) -> str:
+    return text.upper()
+
+
+async def test_a_subclass_using_the_runtimes_own_names_runs_a_task_to_its_end(monkeypatch):
+    ctx = make_ctx()
+    agent = Clashing(ctx)
+    agent._tron.clock = InstantClock()
+    daemon = ctx.client
+    outcomes = governed(daemon)
+    monkeypatch.setattr("common.providers.provider_for", Answers("the draft").provider_for)
+    assert agent._tron.take(assign())["status"] == "accepted"
+    [finish] = await wait_for_async(lambda: daemon.sent("POST", "/tasks/run-1.0/finish"))
+    assert (finish["status"], finish["result"]) == ("done", "THE DRAFT / THE USER'S CLIENT"), finish
+    assert [c.step for c in daemon.sent("POST", "/tasks/run-1.0/checkpoint")] == [1, 2]
+    assert {o["service"] for o in outcomes} == {"worker"} and agent.name == "my own name"
+    assert agent._tron.active == {} and ctx.tasks == []
+
+
+def mesh_ctx(name: str, *, drills: bool = True) -> ServiceContext:
+    """The context of ``name`` in a mesh of a parent ``boss`` and its child ``worker``."""
+    config = MeshConfig.model_validate({
+        "drills": {"enabled": drills},
+        "services": {"boss": {"agent": "mine.boss:Boss", "port": 7002},
+                     "worker": {"agent": "mine.steps:Steps", "port": 7001, "parent": "boss"}}})
+    env = ServiceEnv(service=name, role="agent", port=7001, incarnation="i-000000000001", home=Path("/nonexistent"),
+                     daemon_url=DAEMON, token_file=Path("/nonexistent/token"))
+    ctx = ServiceContext(env, config, "t" * 32)
+    ctx.client = FakeDaemon()
+    return ctx
+
+
+@pytest.mark.parametrize("name,drills,expected", [
+    ("boss", True, {"/handle_child_timeout": 401, "/handle_grandchild_failure": 401, "/drill/runaway": 401}),
+    ("worker", True, {"/handle_child_timeout": 404, "/handle_grandchild_failure": 404, "/drill/runaway": 401}),
+    ("boss", False, {"/handle_child_timeout": 401, "/handle_grandchild_failure": 401, "/drill/runaway": 404}),
+    ("worker", False, {"/handle_child_timeout": 404, "/handle_grandchild_failure": 404, "/drill/runaway": 404}),
+])
+async def test_only_a_parent_serves_the_ladders_endpoints_and_the_drill_hook_only_when_drills_are_on(
+        name, drills, expected):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from common.agent_runtime import agent_app
+
+    agent = Agent(mesh_ctx(name, drills=drills))
+    assert (agent._tron.parent is not None) is (name == "boss")
+    async with TestClient(TestServer(agent_app(agent), host="127.0.0.1")) as client:
+        got = {}
+        for path in expected:
+            async with client.post(path, json={}) as resp:  # no token: 401 where it exists, before any work
+                got[path] = resp.status
+        async with client.post("/tasks", json={}) as resp:
+            assert resp.status == 401  # every agent takes tasks
+    assert got == expected

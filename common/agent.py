@@ -54,6 +54,7 @@ from common.service import ServiceContext
 
 if TYPE_CHECKING:
     from common.agent_runtime import AgentRuntime
+    from common.providers import RepeatGuard
 
 PROVIDER_POLL = 25.0  # the daemon answers an acquire or a park within 20 s (a long poll)
 # Reasons a run fails fast with, passed up unchanged from the task that met them.
@@ -64,7 +65,7 @@ class TaskFailed(Exception):
     """Raised by ``work`` (or a ``delegate`` whose child failed): the task ends failed with
     ``reason`` (a short word of yours) and ``detail``; the parent hears of it, no restart."""
 
-    def __init__(self, reason: str, detail: dict | None = None) -> None:
+    def __init__(self, reason: str, detail: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail or {}
@@ -98,8 +99,8 @@ class Task:
     waiting: int = 0  # sub-tasks this task is waiting on
     fetched: bool = False  # earlier steps' outputs read from the registry
     provider: str | None = None  # where this task's LLM calls go (the ladder may switch it in place)
-    _steps: dict[int, dict] | None = field(default=None, repr=False)
-    _repeats: object | None = field(default=None, repr=False)  # the RepeatGuard of its answers
+    _steps: dict[int, dict[str, Any]] | None = field(default=None, repr=False)
+    _repeats: RepeatGuard | None = field(default=None, repr=False)  # the RepeatGuard of its answers
     span: object | None = field(default=None, repr=False)  # this attempt's trace span (common/telemetry.py)
 
     @property
@@ -112,18 +113,18 @@ class Task:
         return self.assign.progress
 
     @property
-    def completed(self) -> dict | None:
+    def completed(self) -> dict[str, Any] | None:
         """The last step an earlier incarnation completed: {step, step_id, hash, output}."""
         return self.assign.checkpoint
 
     @property
-    def replay(self) -> list[dict]:
+    def replay(self) -> list[dict[str, Any]]:
         """After an operator's hard reset: every recorded step, verified, in order (an agent
         rebuilds its state from them before it reruns the failing step)."""
         return self.assign.replay or []
 
     @property
-    def steps(self) -> dict[int, dict]:
+    def steps(self) -> dict[int, dict[str, Any]]:
         """Completed steps known here, by number: the hand-over's, then this incarnation's."""
         if self._steps is None:
             self._steps = {m["step"]: m for m in self.replay}

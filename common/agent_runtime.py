@@ -26,7 +26,8 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from aiohttp import web
 
@@ -41,6 +42,10 @@ from common.service import ServiceContext
 if TYPE_CHECKING:
     from common.agent import Agent
     from common.ladder_parent import ParentRole
+    from common.providers import LLMReply, ProviderFailure, ProviderSettings
+
+# What ``under_ladder``'s ``inspect`` makes of a call's result: (a failure or None, the answer as a reply or None).
+Inspect = Callable[[str, Any], "tuple[ProviderFailure | None, LLMReply | None]"]
 
 log = logging.getLogger("tron.agent")
 
@@ -60,11 +65,11 @@ class AgentRuntime:
         self.policy = ctx.config.policy
         self.active: dict[str, Task] = {}
         ctx.tasks = []  # named in every beat: the daemon notices a leased task nobody works on
-        self.waiting: dict[str, asyncio.Future] = {}
+        self.waiting: dict[str, asyncio.Future[TaskResult]] = {}
         self.early: dict[str, TaskResult] = {}
-        self._bg: set[asyncio.Task] = set()
-        self._sdks: asyncio.Future | None = None
-        self._runs: dict[str, asyncio.Task] = {}  # task id -> the coroutine working on it
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._sdks: asyncio.Future[None] | None = None
+        self._runs: dict[str, asyncio.Task[Any]] = {}  # task id -> the coroutine working on it
         self.clock: Clock = MonotonicClock()  # backoffs between hand-off retries (a test hands in a fake)
         self.parent: ParentRole | None = None
         if self.config.children(self.name):  # only a parent decides about children
@@ -91,7 +96,7 @@ class AgentRuntime:
     async def _preload(self, app: web.Application) -> None:
         self.sdks_ready()
 
-    def sdks_ready(self) -> asyncio.Future:
+    def sdks_ready(self) -> asyncio.Future[None]:
         """The SDK import, started once, awaited by whoever needs it."""
         if self._sdks is None:
             self._sdks = asyncio.ensure_future(asyncio.to_thread(load_sdks, self.ctx.config.sdks))
@@ -115,7 +120,7 @@ class AgentRuntime:
         answer = self.take(await parse(request, TaskAssign))
         return web.json_response(answer, status=202 if answer["status"] == "accepted" else 200)
 
-    def take(self, assign: TaskAssign) -> dict:
+    def take(self, assign: TaskAssign) -> dict[str, str]:
         """Start working on a task, once: the same attempt again is already running; a
         later attempt (an operator retried it) stops the older one and takes its place."""
         current = self.active.get(assign.task_id)
@@ -143,7 +148,8 @@ class AgentRuntime:
         task.progress = marker
         self._refresh_beat_fields()
 
-    async def step(self, task: Task, number: int, step_id: str, produce, *, total: int | None = None) -> str:
+    async def step(self, task: Task, number: int, step_id: str, produce: Callable[[str], Awaitable[str]], *,
+                   total: int | None = None) -> str:
         """Run one step of a task, resumably: a step an earlier incarnation completed is not
         run again (its recorded output is returned); otherwise the progress marker moves,
         ``produce(previous_output)`` runs, and its output is checkpointed before it is
@@ -158,7 +164,7 @@ class AgentRuntime:
             except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                 log.warning("earlier steps of %s unreadable (%s): they run again", task.id, err)
         if number in done:
-            return done[number]["output"]
+            return cast(str, done[number]["output"])
         previous = max((s for s in done if s < number), default=None)
         self.set_progress(task, f"step:{number}" + (f"/{total}" if total else ""))
         with telemetry.step_span(task.id, number, step_id):
@@ -183,9 +189,9 @@ class AgentRuntime:
     @property
     def model(self) -> str:
         """The configured model of this incarnation's provider."""
-        return getattr(self.config.providers, f"{self.provider}_model")
+        return cast(str, getattr(self.config.providers, f"{self.provider}_model"))
 
-    def client(self, provider: str | None = None):
+    def client(self, provider: str | None = None) -> Any:
         """The SDK client of a provider (this incarnation's by default: the root may have
         switched it), ready to use: pointed at the real service or llm-sim, an explicit
         timeout, and the SDK's own retries off (the ladder is the one retry authority)."""
@@ -193,7 +199,8 @@ class AgentRuntime:
 
         return client_for(provider or self.provider, self.provider_settings())
 
-    async def call_llm(self, task: Task, request, *, tools: list | None = None, complete: bool = False):
+    async def call_llm(self, task: Task, request: Callable[[Any], Awaitable[Any]], *, tools: list[Any] | None = None,
+                       complete: bool = False) -> Any:
         """A direct SDK call under the ladder, for what ``llm`` does not do (tools,
         structured output, embeddings): ``await request(client)`` with the task's ready
         client. Every call goes through the mesh's governor, a failure is classified
@@ -205,7 +212,7 @@ class AgentRuntime:
         """
         from common.providers import check_tool_calls, reply_of
 
-        def inspect(provider: str, response):
+        def inspect(provider: str, response: Any) -> tuple[ProviderFailure | None, LLMReply | None]:
             # Only a generation's answer is checked (not an embedding, a stream object, a count).
             answer = any(hasattr(response, a) for a in ("content", "choices", "message", "output")) \
                 or isinstance(getattr(response, "response", None), str)
@@ -218,7 +225,7 @@ class AgentRuntime:
         return await self.under_ladder(task, lambda provider: request(self.client(provider)), inspect,
                                        portable=False)
 
-    def _check_reply(self, task: Task, reply, *, complete: bool):
+    def _check_reply(self, task: Task, reply: LLMReply, *, complete: bool) -> ProviderFailure | None:
         """An answer that is 200 OK but broken (empty, cut at max_tokens where a whole one
         is needed, a refusal, the same answer again and again) is a provider failure."""
         from common.providers import RepeatGuard, check_reply
@@ -231,8 +238,8 @@ class AgentRuntime:
             failure = task._repeats.check(reply.text, checks.repeat_limit, provider=reply.provider)
         return failure
 
-    async def under_ladder(self, task: Task, call, inspect=None, *, portable: bool = True,
-                           content: tuple[str, str] | None = None):
+    async def under_ladder(self, task: Task, call: Callable[[str], Awaitable[Any]], inspect: Inspect | None = None, *,
+                           portable: bool = True, content: tuple[str, str] | None = None) -> Any:
         """Run ``call(provider)`` under the mesh's provider supervision until it succeeds;
         raise ``Abandon`` when the ladder ended the task (failed for good, cancelled).
 
@@ -290,7 +297,7 @@ class AgentRuntime:
             await self._follow(task, decision, portable=portable)
 
     @staticmethod
-    def _usage(task: Task, provider: str, reply, started: float) -> dict | None:
+    def _usage(task: Task, provider: str, reply: LLMReply | None, started: float) -> dict[str, Any] | None:
         """What the call used, as the provider's answer says (a broken answer used tokens
         too), for the registry's llm_usage row and its cost."""
         if reply is None:
@@ -300,14 +307,15 @@ class AgentRuntime:
                 "cache_write_tokens": reply.cache_write_tokens,
                 "duration_ms": round((time.monotonic() - started) * 1000, 3), "step": (task.progress or "")[:128] or None}
 
-    async def _desk(self, verb: str, task: Task, provider: str, **outcome) -> dict | None:
+    async def _desk(self, verb: str, task: Task, provider: str, **outcome: Any) -> dict[str, Any] | None:
         """One request to the daemon's provider desk; None when it cannot be reached."""
         body = {"service": self.name, "incarnation": self.ctx.env.incarnation, "task_id": task.id,
                 "provider": provider}
         body.update(outcome)
         for tries in range(1, 6):
             try:
-                return await self.ctx.client.post(f"{self.daemon}/providers/{verb}", body, timeout=PROVIDER_POLL)
+                return cast(dict[str, Any], await self.ctx.client.post(f"{self.daemon}/providers/{verb}", body,
+                                                                      timeout=PROVIDER_POLL))
             except MeshHTTPError as err:
                 if err.status == 409:
                     raise Abandon() from err  # we are not the current incarnation any more
@@ -318,7 +326,7 @@ class AgentRuntime:
                 await self.clock.sleep(compute_backoff(tries, initial=0.05, factor=2, max_backoff=1.0, jitter=0.1))
         return None
 
-    async def _follow(self, task: Task, answer: dict, *, portable: bool = True) -> None:
+    async def _follow(self, task: Task, answer: dict[str, Any], *, portable: bool = True) -> None:
         """Carry out the ladder's answer to a provider failure, in this incarnation."""
         action = answer.get("action")
         was = task.provider
@@ -340,10 +348,10 @@ class AgentRuntime:
         else:
             raise Abandon()
         if not portable and task.provider != was:
-            raise ProviderMoved(task.provider)
+            raise ProviderMoved(task.provider or self.provider)
 
     @contextlib.contextmanager
-    def _waiting(self, task: Task):
+    def _waiting(self, task: Task) -> Iterator[None]:
         """While the task waits on the ladder (a delay, the governor, a park), its beats say so:
         TRON does not count it as a runaway, nor its wall clock against task_timeout."""
         task.waiting += 1
@@ -402,7 +410,10 @@ class AgentRuntime:
 
     async def _attempt(self, task: Task) -> None:
         a = task.assign
-        status, result, reason, detail = "done", None, None, {}
+        status: Literal["done", "failed"] = "done"
+        result: str | None = None
+        reason: str | None = None
+        detail: dict[str, Any] = {}
         _current.set(task)  # this asyncio task's own context: the provider is the task's
         try:
             while True:
@@ -443,7 +454,7 @@ class AgentRuntime:
         await self._retrying(lambda: self.ctx.client.post(f"{self.daemon}/tasks/{outcome.task_id}/finish", finish),
                              what=f"record {outcome.task_id}", attempts=60)
 
-    async def _retrying(self, call, *, what: str, attempts: int = 20) -> bool:
+    async def _retrying(self, call: Callable[[], Awaitable[Any]], *, what: str, attempts: int = 20) -> bool:
         """Bounded retries with capped backoff for hand-offs between live services."""
         for tries in range(1, attempts + 1):
             try:
@@ -507,7 +518,7 @@ class AgentRuntime:
             row = answer["task"]
             child = row["agent"]  # a replicated child (NAME): the daemon named the replica that takes it
             if row["status"] == "done":
-                return row["result"]  # finished before our restart: do not redo it
+                return cast(str, row["result"])  # finished before our restart: do not redo it
             if row["status"] == "failed":
                 raise TaskFailed("child_task_failed", {"child": child, "task": task_id, "failure": row["failure"]})
             if task_id in self.early:
@@ -560,7 +571,7 @@ class AgentRuntime:
         fut.set_result(outcome)
         return True
 
-    def provider_settings(self, *, timeout: float | None = None, max_tokens: int | None = None):
+    def provider_settings(self, *, timeout: float | None = None, max_tokens: int | None = None) -> ProviderSettings:
         from common.providers import ProviderSettings
 
         p = self.config.providers
@@ -581,17 +592,17 @@ class AgentRuntime:
 
         system = system or self.agent.system or system_prompt(self.agent.role)
 
-        async def call(provider: str):
+        async def call(provider: str) -> LLMReply:
             return await provider_for(provider).complete(system=system, prompt=prompt,
                                                          settings=self.provider_settings(), stream=stream)
 
-        def inspect(provider: str, reply):
+        def inspect(provider: str, reply: LLMReply) -> tuple[ProviderFailure | None, LLMReply]:
             return self._check_reply(task, reply, complete=complete), reply
 
-        reply = await self.under_ladder(task, call, inspect, content=(system, prompt))
+        reply: LLMReply = await self.under_ladder(task, call, inspect, content=(system, prompt))
         return reply.text
 
-    async def report_failure(self, task: Task, failure) -> None:
+    async def report_failure(self, task: Task, failure: ProviderFailure) -> None:
         body = {"service": self.name, "incarnation": self.ctx.env.incarnation, "task_id": task.id,
                 "reason": failure.reason, "retryable": failure.retryable, "detail": failure.to_dict()}
         log.warning("provider failure: %s", failure.reason,
@@ -601,7 +612,7 @@ class AgentRuntime:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _bg_task(self, coro) -> asyncio.Task:
+    def _bg_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         t = asyncio.ensure_future(coro)
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)

@@ -229,7 +229,7 @@ class ServiceSpec(_Strict):
     parent: str = DAEMON
     provider: Provider | None = None
     command: list[str] | None = None
-    # A user's own agent: "package.module:Class" (a subclass of common.agent.Agent), run by
+    # A user's own agent: "package.module:Class" (a subclass of tron.sdk.Agent), run by
     # the same runtime and fork server as the built-in roles; agent_path: where to import it
     # from (relative to the mesh file; default: the mesh file's directory).
     agent: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

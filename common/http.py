@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 from aiohttp import web
@@ -103,7 +103,10 @@ def token_ok(request: web.Request) -> bool:
     return bool(alt is not None and alt(request))
 
 
-def require_token(handler):
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+
+def require_token(handler: _Handler) -> _Handler:
     """Decorator for control endpoints: 401 without a credential they accept, before any work."""
 
     async def guarded(*args) -> web.StreamResponse:
@@ -115,7 +118,7 @@ def require_token(handler):
 
     guarded.__name__ = handler.__name__
     guarded.__doc__ = handler.__doc__
-    return guarded
+    return cast(_Handler, guarded)
 
 
 class MeshHTTPError(Exception):

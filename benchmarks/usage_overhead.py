@@ -7,7 +7,7 @@ Side by side in one process, interleaved in blocks so the machine's noise lands 
              llm-sim in a process of its own as in a mesh (non-streamed and streamed),
              what an agent's ``llm`` does; the median.
   accounting everything usage adds to a call, end to end: the agent reads the usage off
-             the answer and puts it in the outcome body (``Agent._usage``, JSON), the
+             the answer and puts it in the outcome body (``AgentRuntime._usage``, JSON), the
              daemon parses it (pydantic ``ProviderOutcome``), prices it and writes its
              ``llm_usage`` row through the journal to a real SQLite file, and updates the
              totals and metrics (``Spend.record``); the median. The journal writes behind,
@@ -32,7 +32,8 @@ from pathlib import Path
 from aiohttp import web
 
 from benchmarks import finish
-from common.agent import Agent, Task
+from common.agent import Task
+from common.agent_runtime import AgentRuntime
 from common.clock import MonotonicClock
 from common.config import MeshConfig
 from common.models import ProviderOutcome, TaskAssign
@@ -96,7 +97,7 @@ async def measure(calls: int, block: int) -> dict:
                     replies.append(reply)
             for reply in replies[:n]:
                 t0 = time.perf_counter()
-                usage = Agent._usage(sdk_task, "anthropic", reply, t0)
+                usage = AgentRuntime._usage(sdk_task, "anthropic", reply, t0)
                 body = json.dumps({"service": "worker", "incarnation": "i-1", "task_id": "t-1",
                                    "provider": "anthropic", "ok": True, "usage": usage}).encode()
                 out = ProviderOutcome.model_validate_json(body)

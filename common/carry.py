@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from common.models import DecidedBy
 from common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
 
 CRASH_LOOP = Escalate(case="crash_loop_started", reason="crash_looping", kind="crash_loop")
@@ -26,18 +27,18 @@ class Actions(Protocol):
     """Each step takes the decision and ``detail``: what the decider adds to the row
     (an advisor's answer and rationale, say)."""
 
-    async def restart(self, event: ChildFailed, decision: Restart, *, decided_by: str, detail: Detail) -> Answer: ...
+    async def restart(self, event: ChildFailed, decision: Restart, *, decided_by: DecidedBy, detail: Detail) -> Answer: ...
 
-    async def escalate(self, event: ChildFailed | Escalated, decision: Escalate, *, decided_by: str,
+    async def escalate(self, event: ChildFailed | Escalated, decision: Escalate, *, decided_by: DecidedBy,
                        detail: Detail) -> Answer: ...
 
-    async def switch(self, event: ChildFailed | Escalated, decision: SwitchProvider, *, decided_by: str,
+    async def switch(self, event: ChildFailed | Escalated, decision: SwitchProvider, *, decided_by: DecidedBy,
                      detail: Detail) -> Answer: ...
 
-    async def fail(self, event: ChildFailed | Escalated, decision: Fail, *, decided_by: str,
+    async def fail(self, event: ChildFailed | Escalated, decision: Fail, *, decided_by: DecidedBy,
                    detail: Detail) -> Answer: ...
 
-    async def park(self, event: ChildFailed | Escalated, decision: Park, *, decided_by: str,
+    async def park(self, event: ChildFailed | Escalated, decision: Park, *, decided_by: DecidedBy,
                    detail: Detail) -> Answer: ...
 
 
@@ -56,7 +57,7 @@ def _restart_of(decision: Decision) -> Restart | None:
 
 
 async def carry_out(decision: Decision, event: ChildFailed | Escalated, actions: Actions, *,
-                    decided_by: str = "policy", detail: Mapping[str, object] | None = None) -> Answer:
+                    decided_by: DecidedBy = "policy", detail: Mapping[str, object] | None = None) -> Answer:
     """Do what ``decision`` says; return what each step answered."""
     out: Answer = {"action": type(decision).__name__.lower(), "case": decision.case}
     if isinstance(decision, Ignore):

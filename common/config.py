@@ -241,7 +241,7 @@ class ServiceSpec(_Strict):
     parent: str = DAEMON
     provider: Provider | None = None
     command: list[str] | None = None
-    # A user's own agent: "package.module:Class" (a subclass of common.agent.Agent), run by
+    # A user's own agent: "package.module:Class" (a subclass of tron.sdk.Agent), run by
     # the same runtime and fork server as the built-in roles; agent_path: where to import it
     # from (relative to the mesh file; default: the mesh file's directory).
     agent: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -572,6 +572,16 @@ class LogsSection(_Strict):
     pump: bool = True  # false: programs append to their log files themselves (unrotated)
 
 
+class DrillsSection(_Strict):
+    """`tron drill` (scripts/drills.py). ``enabled``: every agent serves the runaway drill's
+    hook, ``POST /drill/runaway`` (peer token), which holds a task whose progress never
+    moves; false: no agent has that endpoint and `tron drill runaway` refuses to start. On by
+    default so the drills work on the default mesh. Fixed while the mesh runs (an agent's
+    endpoints are set at its start)."""
+
+    enabled: bool = True
+
+
 class MeshConfig(_Strict):
     mesh: MeshSection = MeshSection()
     logs: LogsSection = LogsSection()
@@ -591,6 +601,7 @@ class MeshConfig(_Strict):
     budgets: Budgets = Budgets()
     # [telemetry] otlp_endpoint = "http://127.0.0.1:4318": OpenTelemetry traces (common/telemetry.py)
     telemetry: TelemetrySection = TelemetrySection()
+    drills: DrillsSection = DrillsSection()
     services: dict[str, ServiceSpec]
     source: str = ""
 

@@ -39,6 +39,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.attributes import BoundedAttributes  # imported only when tracing is on (telemetry._On)
 
@@ -46,9 +48,18 @@ SEND_BUFFER = 4 << 20  # bytes of spans in flight to the exporter process (the k
 RECORD_MAX = 64 << 10  # bytes a datagram at most (a batch larger is sent in halves; below any wmem_max)
 RECEIVE_MAX = 4 << 20  # the exporter process's receive buffer: larger than any datagram the socket takes
 _COUNTERS = struct.Struct("<QQQ")  # delivered, dropped, flushed (the last flush request served)
+Record = tuple[Any, ...]  # an ended span as plain values (``record``)
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan, Span
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from common.telemetry import TelemetrySection, _Batch
 
 
-def record(span) -> tuple:
+def record(span: ReadableSpan) -> Record:
     """What the exporter process needs of an ended SDK span: ints, strings, tuples and dicts
     only, marshalled a batch at a time (cheap to write, and only our own process reads it).
 
@@ -57,6 +68,8 @@ def record(span) -> tuple:
     mapping proxies, four times the cost, and this runs on the traced process's GIL for
     every span. tests/unit/test_trace_export.py sends every kind of field through it."""
     ctx, parent, status = span._context, span._parent, span._status
+    if ctx is None:  # the SDK makes none of these; a span without ids could not be exported anyway
+        raise ValueError(f"span {span._name!r} has no context")
     return (
         span._name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
         parent.span_id if parent is not None else 0, parent is not None and parent.is_remote,
@@ -68,13 +81,13 @@ def record(span) -> tuple:
     )
 
 
-def _plain(attributes) -> dict:
+def _plain(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(attributes, BoundedAttributes):
         return attributes._dict.copy()
     return dict(attributes or {})
 
 
-def readable(data: tuple, resource, scope):
+def readable(data: Record, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
     """A ``record`` back as the SDK's ReadableSpan, for its exporter."""
     from opentelemetry.sdk.trace import Event, ReadableSpan
     from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -101,7 +114,8 @@ class ProcessExport:
     can lose is the same ``schedule_delay`` of ended spans; an idle process is never woken.
     ``counted(n, why)`` is told of every span that could not be handed over."""
 
-    def __init__(self, url: str, section, resource, scope, counted) -> None:
+    def __init__(self, url: str, section: TelemetrySection, resource: Resource, scope: InstrumentationScope,
+                 counted: Callable[[int, str], None]) -> None:
         self.counted = counted
         self.batch = section.max_export_batch_size
         self.delay = section.schedule_delay  # seconds a span waits to be handed over at most
@@ -110,31 +124,31 @@ class ProcessExport:
         self.sent = 0  # spans handed over (our thread's count)
         self.cpu_s = 0.0  # our thread's CPU, building and sending records (benchmarks/telemetry.py)
         self.flushes = itertools.count(1)
-        self.pending: collections.deque = collections.deque()  # append and popleft are atomic
+        self.pending: collections.deque[Record] = collections.deque()  # append and popleft are atomic
         self.lock = threading.Lock()  # one sender at a time: our thread, or a flush, or close
         self.wake = threading.Event()  # a span is pending (our thread sleeps while none is: an idle
         self.full = threading.Event()  # process is never woken); a batch is full: send it now
         self.args = (url, section, resource, scope)
         self.sock: socket.socket | None = None
         self.pid: int | None = None  # forked with the first hand-over, not at set-up (below)
-        self.fallback = None  # no process could be forked: the SDK's batch processor, in this process
+        self.fallback: _Batch | None = None  # no process could be forked: the SDK's batch processor, in this process
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="tron-trace-handover", daemon=True)
         self.thread.start()
 
     # -- SpanProcessor --
 
-    def on_start(self, span, parent_context=None) -> None:
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
 
-    def _on_ending(self, span) -> None:
+    def _on_ending(self, span: Span) -> None:
         pass
 
-    def on_end(self, span) -> None:
+    def on_end(self, span: ReadableSpan) -> None:
         if not self.closed:  # closed: ended at shutdown (a task cut short): the daemon writes its attempt
             self.hand(record(span))  # here, while the span is in the cache: a third of the CPU of later
 
-    def hand(self, rec: tuple) -> None:
+    def hand(self, rec: Record) -> None:
         """Queue one span's record (``record``'s shape) for the exporter process."""
         if self.closed:
             return
@@ -156,10 +170,10 @@ class ProcessExport:
         with self.lock:
             self._send_pending()
             if not self._fork():
-                return self.fallback.force_flush(timeout_millis)
+                return self.fallback is not None and self.fallback.force_flush(timeout_millis)
             while True:
                 try:
-                    self.sock.send(marshal.dumps(n))
+                    self._sock().send(marshal.dumps(n))
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
@@ -232,7 +246,8 @@ class ProcessExport:
         if not self._fork():
             _, _, resource, scope = self.args
             for each in spans:
-                self.fallback.on_end(readable(each, resource, scope))
+                if self.fallback is not None:
+                    self.fallback.on_end(readable(each, resource, scope))
             return
         for i in range(0, len(spans), self.batch):
             part = spans[i:i + self.batch]
@@ -246,14 +261,19 @@ class ProcessExport:
                 self.sent += len(part)
         self.cpu_s += time.thread_time() - t0
 
-    def _send(self, records: list) -> None:
+    def _sock(self) -> socket.socket:
+        if self.sock is None:  # not forked, or closed: as a socket that is gone
+            raise BrokenPipeError("no exporter process")
+        return self.sock
+
+    def _send(self, records: list[Record]) -> None:
         data = marshal.dumps(records)
         if len(data) > RECORD_MAX and len(records) > 1:  # large captured content: in halves
             half = len(records) // 2
             self._send(records[:half])
             self._send(records[half:])
             return
-        self.sock.send(data)
+        self._sock().send(data)
 
     def counters(self) -> tuple[int, int, int]:
         """(delivered, dropped, flushed) as the exporter process last wrote them."""
@@ -283,7 +303,7 @@ class ProcessExport:
         deadline = time.monotonic() + timeout
         finished = True
         while self._alive():
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and self.pid is not None:
                 finished = False
                 try:
                     os.kill(self.pid, signal.SIGKILL)
@@ -301,7 +321,8 @@ class ProcessExport:
         return finished
 
 
-def _exporter_main(sock: socket.socket, url: str, section, resource, scope, shared: mmap.mmap) -> None:
+def _exporter_main(sock: socket.socket, url: str, section: TelemetrySection, resource: Resource,
+                   scope: InstrumentationScope, shared: mmap.mmap) -> None:
     """The exporter process: only this socket, the SDK and the collector. Never returns."""
     code = 0
     try:

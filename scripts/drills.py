@@ -301,6 +301,8 @@ class Runner:
     def runaway(self, name: str) -> Drill:
         if not self.config.services.get(name) or not self.config.services[name].is_agent:
             raise DrillError(f"{name!r} is not an agent of this mesh: only agents carry progress markers")
+        if not self.config.drills.enabled:
+            raise DrillError("drills are off in this mesh ([drills] enabled = false): no agent serves /drill/runaway")
 
         def inject(before):
             code, body = self.mesh.try_call("POST", self.mesh.url(name) + "/drill/runaway", {}, auth=True)
@@ -603,7 +605,7 @@ class Runner:
         names = list(self.config.services)
         agents = [n for n in names if self.config.services[n].is_agent]
         kinds = ["kill", "kill", "hang", "provider"]
-        if self.policy.progress_timeout <= duration / 3:
+        if self.policy.progress_timeout <= duration / 3 and self.config.drills.enabled:
             kinds.append("runaway")
         counts = {k: 0 for k in ("kill", "hang", "runaway", "provider")}
         runs: list[str] = []

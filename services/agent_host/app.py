@@ -1,6 +1,6 @@
 """The host of a user's own agent class (``agent = "package.module:Class"`` in mesh.toml).
 
-It runs the class under the same runtime as the built-in roles (common/agent.py: beats
+It runs the class under the same runtime as the built-in roles (common/agent_runtime.py: beats
 from its own loop, tasks, checkpoints, the provider of this incarnation, the ladder), and
 under the same fork server: the class's module is imported in the new incarnation, after
 the fork, so one user's broken module cannot break the server, and a change to it is
@@ -17,8 +17,9 @@ import traceback
 
 from aiohttp import web
 
-from common.agent import Agent
+from common.agent_runtime import agent_app
 from common.service import ServiceContext
+from tron.sdk import Agent
 
 CANNOT_LOAD = 3
 
@@ -28,7 +29,7 @@ class AgentLoadError(Exception):
 
 
 def load_class(spec: str, paths: list[str] = ()) -> type[Agent]:
-    """``package.module:Class`` -> the class, which must subclass common.agent.Agent.
+    """``package.module:Class`` -> the class, which must subclass tron.sdk.Agent.
     ``paths`` are the user's import roots (mesh.toml's agent_path), searched first."""
     for path in reversed(paths):
         if path and path not in sys.path:
@@ -53,7 +54,7 @@ def load_class(spec: str, paths: list[str] = ()) -> type[Agent]:
     cls = getattr(module, class_name)
     if not isinstance(cls, type) or not issubclass(cls, Agent):
         raise AgentLoadError(f"agent {spec}: {class_name} in {module.__file__} is not a subclass of "
-                             "common.agent.Agent")
+                             "tron.sdk.Agent")
     return cls
 
 
@@ -64,4 +65,4 @@ def make_app(ctx: ServiceContext) -> web.Application:
     except AgentLoadError as err:
         print(f"tron agent: {err}", file=sys.stderr, flush=True)
         raise SystemExit(CANNOT_LOAD) from None
-    return cls(ctx).make_app()
+    return agent_app(cls(ctx))

@@ -6,8 +6,9 @@ import asyncio
 
 from aiohttp import web
 
-from common.agent import Agent, Task, TaskFailed
+from common.agent_runtime import agent_app
 from common.service import ServiceContext
+from tron.sdk import Agent, Task, TaskFailed
 
 
 class Architect(Agent):
@@ -30,4 +31,4 @@ class Architect(Agent):
 
 
 def make_app(ctx: ServiceContext) -> web.Application:
-    return Architect(ctx).make_app()
+    return agent_app(Architect(ctx))

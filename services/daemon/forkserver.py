@@ -57,7 +57,8 @@ REPO = Path(__file__).resolve().parents[2]
 # common.providers says which modules each needs).
 PRELOAD = [
     "aiohttp", "aiohttp.web", "pydantic", "psutil", "setproctitle",
-    "common.agent", "common.service", "common.providers", "common.prompts",
+    "common.agent", "common.agent_runtime", "common.ladder_parent", "tron.sdk", "common.service", "common.providers",
+    "common.prompts",
     "services.gateway.app", "services.root.app", "services.architect.app", "services.director.app",
     "services.programmer.app", "services.llm_sim.app", "services.agent_host.app",
 ]

@@ -7,7 +7,8 @@ would start differently), update (only its probes changed: applied to the runnin
 incarnation) or unchanged (not touched: same pid, same incarnation). An agent reads the mesh
 file when it starts, so an agent is also replaced when what it reads of the others changes:
 its parent's, a child's or llm-sim's port, its set of children, or ``[providers]``. Sections the daemon
-itself is built on (``[mesh]``, ``[cluster]``, ``[registry]``) cannot change live: such a file
+itself is built on (``[mesh]``, ``[cluster]``, ``[registry]``), and ``[drills]`` (it sets the
+agents' endpoints), cannot change live: such a file
 is refused, as an invalid one is, and nothing changes. Everything else (``[policy]``,
 ``[budgets]``, ``[prices]``, ``[checks]``, ``[providers]``) applies in place.
 """
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tron.daemon")
 
-FIXED_SECTIONS = ("mesh", "cluster", "registry")  # what the daemon is built on: `tron down`, then `tron up`
+# What the daemon is built on, and [drills] (an agent's endpoints are set at its start): `tron down`, then `tron up`
+FIXED_SECTIONS = ("mesh", "cluster", "registry", "drills")
 PROBES = frozenset({"liveness", "readiness", "startup"})  # changes applied to the running incarnation
 SCALE = frozenset({"replicas"})  # how many replicas there are: which NAME.i exist says it, not a change of each
 

@@ -6,8 +6,9 @@ import asyncio
 
 from aiohttp import web
 
-from common.agent import Agent, Task, TaskFailed
+from common.agent_runtime import agent_app
 from common.service import ServiceContext
+from tron.sdk import Agent, Task, TaskFailed
 
 
 class Director(Agent):
@@ -27,4 +28,4 @@ class Director(Agent):
 
 
 def make_app(ctx: ServiceContext) -> web.Application:
-    return Director(ctx).make_app()
+    return agent_app(Director(ctx))

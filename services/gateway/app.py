@@ -20,8 +20,9 @@ from aiohttp import web
 
 from common import logs, telemetry
 from common.agent import REFUSALS, Agent
+from common.agent_runtime import AgentRuntime, agent_app
 from common.http import MeshHTTPError, error, parse, require_token
-from common.config import DAEMON
+from common.config import DAEMON, MeshConfig
 from common.models import ID_PATTERN, RunCreate, RunFailed, RunParked, TaskAssign, TaskRecord, TaskResult
 from common.service import ServiceContext
 
@@ -30,8 +31,36 @@ RUN_ID = re.compile(ID_PATTERN)
 ROOT = "root"
 
 
+class GatewayRuntime(AgentRuntime):
+    """The agent runtime, but a result that reaches the gateway is a run's end, not a
+    sub-task's: nothing here waits for it."""
+
+    @require_token
+    async def _h_result(self, request: web.Request) -> web.Response:
+        """The root's result for a run. The daemon has already recorded it and ended the
+        run (so a run's outcome never waits for the gateway); this is the notification."""
+        outcome = await parse(request, TaskResult)
+        log.info("run %s", outcome.status, extra={"run": outcome.run_id, "reason": outcome.reason})
+        return web.json_response({"ok": True})
+
+
 class Gateway(Agent):
+    """A built-in role, not a user of the SDK: it reads the runtime's context (``_tron``)."""
+
     role = "gateway"
+    _tron_runtime = GatewayRuntime
+
+    @property
+    def ctx(self) -> ServiceContext:
+        return self._tron.ctx
+
+    @property
+    def config(self) -> MeshConfig:
+        return self._tron.config
+
+    @property
+    def daemon(self) -> str:
+        return self._tron.daemon
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/runs", self.h_create)
@@ -107,14 +136,6 @@ class Gateway(Agent):
                                          "reason": notice.reason})
         return web.json_response({"ok": True})
 
-    @require_token
-    async def _h_result(self, request: web.Request) -> web.Response:
-        """The root's result for a run. The daemon has already recorded it and ended the
-        run (so a run's outcome never waits for the gateway); this is the notification."""
-        outcome = await parse(request, TaskResult)
-        log.info("run %s", outcome.status, extra={"run": outcome.run_id, "reason": outcome.reason})
-        return web.json_response({"ok": True})
-
     async def _finish_run(self, run_id: str, status: str, result: str | None, reason: str | None,
                           detail: dict) -> dict:
         body = {"status": status, "result": result, "reason": reason, "detail": detail}
@@ -125,4 +146,4 @@ class Gateway(Agent):
 
 
 def make_app(ctx: ServiceContext) -> web.Application:
-    return Gateway(ctx).make_app()
+    return agent_app(Gateway(ctx))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from common.agent import Agent, Task
+from common.agent_runtime import agent_app
 from common.service import ServiceContext
+from tron.sdk import Agent, Task
 
 STEPS = ("draft", "review")
 
@@ -33,4 +34,4 @@ class Programmer(Agent):
 
 
 def make_app(ctx: ServiceContext) -> web.Application:
-    return Programmer(ctx).make_app()
+    return agent_app(Programmer(ctx))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from common.agent import Agent, Task, TaskFailed
+from common.agent_runtime import agent_app
 from common.service import ServiceContext
+from tron.sdk import Agent, Task, TaskFailed
 
 
 class Root(Agent):
@@ -24,4 +25,4 @@ class Root(Agent):
 
 
 def make_app(ctx: ServiceContext) -> web.Application:
-    return Root(ctx).make_app()
+    return agent_app(Root(ctx))

@@ -21,7 +21,7 @@ from tests.unit.test_live import WIDTH, drawn
 pytestmark = pytest.mark.integration
 
 CALLER_AGENT = '''
-from common.agent import Agent, Task
+from tron.sdk import Agent, Task
 
 
 class Caller(Agent):

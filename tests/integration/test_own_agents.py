@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 BASH_AGENT = REPO / "examples" / "bash-agent" / "agent.sh"
 
 STEPS_AGENT = '''
-from common.agent import Agent, Task
+from tron.sdk import Agent, Task
 
 
 class Steps(Agent):
@@ -35,9 +35,32 @@ class Steps(Agent):
         for n in range(1, 5):
             async def produce(previous, n=n):
                 reply = await self.llm(task, f"step {n} of {task.assign.prompt}")
-                return (previous + " | " if previous else "") + f"step{n}@{self.ctx.env.incarnation}:{reply[:12]}"
+                return (previous + " | " if previous else "") + f"step{n}@{self.incarnation}:{reply[:12]}"
             out = await self.step(task, n, f"s{n}", produce, total=4)
         return out
+'''
+
+CLASHING_AGENT = '''
+from tron.sdk import Agent, Task
+
+
+class Clashing(Agent):
+    """A user's agent whose own names are those Tron's runtime and ladder use."""
+
+    uses_llm = True
+    view = take = actions = active = waiting = early = parent = daemon = policy = "mine"
+    config = ctx = clock = make_app = checkpoint = under_ladder = provider_settings = "mine"
+
+    def client(self, provider=None):
+        return "my client"
+
+    async def work(self, task: Task) -> str:
+        await self.step(task, 1, "draft", lambda _: self.llm(task, task.assign.prompt))
+        return await self.step(task, 2, "sign", lambda draft: signed(draft, self.client(), self.incarnation))
+
+
+async def signed(*parts) -> str:
+    return " / ".join(parts)
 '''
 
 
@@ -165,7 +188,7 @@ def test_a_broken_agent_module_is_a_clear_start_failure(mesh_factory, tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "agent.py").write_text(textwrap.dedent("""
-        from common.agent import Agent
+        from tron.sdk import Agent
 
         class Oops(Agent):
             def work(self, task)
@@ -316,3 +339,27 @@ def test_a_contract_agent_without_the_sdk_gets_the_whole_contract(mesh_factory, 
     assert alert["reason"] == "provider_failure" and "my_tool_is_down" in alert["detail"], alert
     marks = mesh.rows("SELECT step, incarnation FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
     assert [(m["step"], m["incarnation"]) for m in marks] == [(1, first), (2, fresh["incarnation"])]
+
+
+def test_a_users_class_with_the_runtimes_own_names_runs_and_drills_off_means_no_drill_hook(mesh_factory, tmp_path):
+    pkg = tmp_path / "mine"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "clashing.py").write_text(CLASHING_AGENT)
+    services = {"llm-sim": {"role": "llm_sim", "port": 6190},
+                "worker": {"agent": "mine.clashing:Clashing", "port": 6161, "agent_path": [str(tmp_path)]}}
+    mesh = mesh_factory(services=services)
+    mesh.config.write_text(mesh.config.read_text() + "[drills]\nenabled = false\n")
+    mesh.up()
+    run_id, task_id = run_task(mesh, "worker", "names of my own")
+    run = ended(mesh, run_id)
+    assert run["status"] == "done", run
+    assert run["result"].endswith(" / my client / " + mesh.service("worker")["incarnation"]), run
+    steps = mesh.rows("SELECT step FROM checkpoints WHERE task_id = ? ORDER BY step", (task_id,))
+    assert [m["step"] for m in steps] == [1, 2]
+    # a leaf serves no ladder endpoint, and with drills off no agent serves the drill's hook
+    for path in ("/drill/runaway", "/handle_child_timeout", "/handle_grandchild_failure"):
+        assert mesh.http("POST", mesh.url("worker") + path, {})[0] == 404, path
+    drill = mesh.tron("drill", "runaway", "worker")
+    assert drill.returncode == 2 and "drills are off" in drill.stderr, drill.stderr
+    assert mesh.service("worker")["incarnation"] == run["result"].rsplit(" / ", 1)[1]  # nothing was broken

@@ -23,7 +23,7 @@ LIMIT = "550MB"
 GROWING_AGENT = f'''
 import asyncio
 
-from common.agent import Agent, Task
+from tron.sdk import Agent, Task
 
 HELD = []  # what this incarnation allocated: it only grows
 
@@ -40,7 +40,7 @@ class Growing(Agent):
             async def produce(previous, n=n):
                 HELD.append(b"m" * {STEP_BYTES})  # written, so resident, not lazily zero pages
                 await asyncio.sleep(1.0)
-                return (previous + " | " if previous else "") + f"step{{n}}@{{self.ctx.env.incarnation}}"
+                return (previous + " | " if previous else "") + f"step{{n}}@{{self.incarnation}}"
             out = await self.step(task, n, f"s{{n}}", produce, total=3)
         return out
 '''

@@ -45,7 +45,7 @@ def test_a_port_that_is_no_number_is_refused_naming_the_key(port):
 
 def test_a_missing_agent_class_says_the_module_has_no_such_name(tmp_path):
     (tmp_path / "my_agents_mod.py").write_text(textwrap.dedent("""
-        from common.agent import Agent
+        from tron.sdk import Agent
 
         class Summariser(Agent):
             async def work(self, task):

@@ -75,6 +75,7 @@ def test_a_probe_change_is_applied_in_place_not_by_a_restart():
 @pytest.mark.parametrize("section,edit", [
     ("mesh", lambda d: d["mesh"].update(daemon_port=6108)),
     ("cluster", lambda d: d.update(cluster={"engine": "ray"})),
+    ("drills", lambda d: d.update(drills={"enabled": False})),  # an agent's endpoints are set at its start
 ])
 def test_what_the_daemon_is_built_on_cannot_change_live(section, edit):
     with pytest.raises(ReloadRefused, match=rf"\[{section}\] cannot change while the mesh runs"):

@@ -76,8 +76,8 @@ def make_ctx(**policy) -> ServiceContext:
 
 def make_agent(**policy) -> tuple[Agent, FakeDaemon, InstantClock]:
     agent = Agent(make_ctx(**policy))
-    agent.clock = InstantClock()
-    return agent, agent.ctx.client, agent.clock
+    agent._tron.clock = InstantClock()
+    return agent, agent._tron.ctx.client, agent._tron.clock
 
 
 def assign(**kw) -> TaskAssign:
@@ -245,13 +245,13 @@ class Scripted(Agent):
 ])
 async def test_every_end_of_a_task_is_handed_to_the_daemon(outcome, status, reason):
     agent = Scripted(make_ctx(), outcome)
-    agent.clock = InstantClock()
+    agent._tron.clock = InstantClock()
     task = Task(assign())
-    agent.active[task.id] = task
-    await agent._run(task)
-    [finish] = agent.ctx.client.sent("POST", "/tasks/run-1.0/finish")
+    agent._tron.active[task.id] = task
+    await agent._tron._run(task)
+    [finish] = agent._tron.ctx.client.sent("POST", "/tasks/run-1.0/finish")
     assert (finish["status"], finish["reason"]) == (status, reason)
-    assert finish["incarnation"] == "i-000000000001" and task.id not in agent.active
+    assert finish["incarnation"] == "i-000000000001" and task.id not in agent._tron.active
     if status == "done":
         assert finish["result"] == "the answer"
 
@@ -267,23 +267,23 @@ async def test_a_later_attempt_replaces_a_running_one_whose_end_is_never_sent():
             return f"attempt {task.assign.attempt}"
 
     agent = Slow(make_ctx())
-    agent.clock = InstantClock()
-    assert agent.take(assign(attempt=1))["status"] == "accepted"
+    agent._tron.clock = InstantClock()
+    assert agent._tron.take(assign(attempt=1))["status"] == "accepted"
     await settle()
-    assert agent.take(assign(attempt=1))["status"] == "already_running"
-    assert agent.take(assign(attempt=2))["status"] == "accepted"  # an operator retried it
+    assert agent._tron.take(assign(attempt=1))["status"] == "already_running"
+    assert agent._tron.take(assign(attempt=2))["status"] == "accepted"  # an operator retried it
     await settle()
     release.set()
     await settle()
-    finishes = agent.ctx.client.sent("POST", "/tasks/run-1.0/finish")
+    finishes = agent._tron.ctx.client.sent("POST", "/tasks/run-1.0/finish")
     assert started == [1, 2] and [(f["result"], f["attempt"]) for f in finishes] == [("attempt 2", 2)]
-    assert agent.active == {} and agent._runs == {}
+    assert agent._tron.active == {} and agent._tron._runs == {}
 
 
 async def test_an_abandoned_task_is_left_to_the_ladder():
     agent = Scripted(make_ctx(), Abandon())
-    await agent._run(Task(assign()))
-    assert agent.ctx.client.sent("POST", "/tasks/run-1.0/finish") == []
+    await agent._tron._run(Task(assign()))
+    assert agent._tron.ctx.client.sent("POST", "/tasks/run-1.0/finish") == []
 
 
 @pytest.mark.parametrize("failures,tries,ok", [
@@ -303,7 +303,7 @@ async def test_hand_offs_retry_a_bounded_number_of_times_with_capped_backoff(fai
         if queue:
             raise queue.pop(0)
 
-    assert await agent._retrying(call, what="x", attempts=5) is ok
+    assert await agent._tron._retrying(call, what="x", attempts=5) is ok
     assert len(attempts) == tries
     assert all(0 < s <= 2.0 * 1.1 for s in clock.slept) and len(clock.slept) == tries - 1
 
@@ -426,12 +426,12 @@ async def test_a_provider_specific_call_moved_by_the_ladder_reruns_the_work_from
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
     ctx = make_ctx()
     agent = TwoSteps(ctx)
-    agent.clock = InstantClock()
+    agent._tron.clock = InstantClock()
     daemon = ctx.client
     governed(daemon, {"action": "switch", "provider": "ollama", "delay": 0.0, "case": "provider_open"})
     answers = Answers("the draft")
     monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
-    agent.take(assign())
+    agent._tron.take(assign())
     [finish] = await wait_for_async(lambda: daemon.sent("POST", "/tasks/run-1.0/finish"))
     assert finish["status"] == "done" and finish["result"] == "the draft + ollama", finish
     # step 1 ran once (its output kept), step 2 again on Ollama, with Ollama's client and model
@@ -459,17 +459,17 @@ async def test_a_parked_task_waits_at_the_desk_and_resumes_on_the_provider_it_is
     waiting_seen = []
 
     def park(body):
-        waiting_seen.append(agent.ctx.waiting)
+        waiting_seen.append(agent._tron.ctx.waiting)
         return polls.pop(0)
 
     daemon.answers[("POST", "/providers/park")] = park
     answers = Answers(asyncio.TimeoutError(), "ok")
     monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
     task = Task(assign(), provider="anthropic")
-    agent.active[task.id] = task
+    agent._tron.active[task.id] = task
     assert await agent.llm(task, "p") == "ok"
     assert answers.calls == ["anthropic", "ollama"] and waiting_seen == [True, True, True]
-    assert task.waiting == 0 and not agent.ctx.waiting
+    assert task.waiting == 0 and not agent._tron.ctx.waiting
 
 
 async def test_without_the_daemon_a_failure_falls_back_to_an_alert(monkeypatch):
@@ -507,3 +507,98 @@ async def test_an_empty_answer_and_a_repeated_one_are_provider_failures(monkeypa
         await agent.llm(task, "p")
     reasons = [o["failure"]["reason"] if not o["ok"] else "ok" for o in outcomes]
     assert reasons == ["empty_answer", "ok", "ok", "repeated_output"], reasons
+
+
+# -- the public surface ---------------------------------------------------------------------------
+
+PUBLIC = {"role", "uses_llm", "system", "work", "add_routes", "name", "incarnation", "children", "provider", "model",
+          "client", "step", "set_progress", "llm", "call_llm", "delegate"}
+
+
+def test_tron_sdk_is_the_documented_surface_and_agent_has_nothing_else_public():
+    import tron.sdk
+
+    assert sorted(tron.sdk.__all__) == ["Agent", "Task", "TaskAssign", "TaskFailed"]
+    assert tron.sdk.Agent is Agent and tron.sdk.Task is Task and tron.sdk.TaskFailed is TaskFailed
+    public = {n for n in dir(tron.sdk.Agent) if not n.startswith("_")}
+    assert public == PUBLIC, public ^ PUBLIC  # a new public name is a promise: README "Bring your own agent"
+    private = {n for n in vars(tron.sdk.Agent) if n.startswith("_") and not n.startswith("__")}
+    assert private == {"_tron_runtime"}, private  # the runtime itself is the instance's one `_tron`
+
+
+class Clashing(Agent):
+    """A user's agent whose own names are the ones Tron's runtime and ladder use."""
+
+    uses_llm = True
+    view = take = actions = active = waiting = early = parent = daemon = policy = "the user's"
+    config = ctx = clock = runtime = make_app = checkpoint = under_ladder = provider_settings = "the user's"
+    provider = model = incarnation = "the user's"
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.name = "my own name"  # the runtime answers to the service's name, not this
+        self._steps_seen: list[str] = []
+
+    def client(self, provider=None):  # the user's own client, not an SDK's
+        return "the user's client"
+
+    async def work(self, task: Task) -> str:
+        await self.step(task, 1, "draft", lambda _: self.llm(task, "draft"))
+        self.set_progress(task, "between")
+        return await self.step(task, 2, "final", lambda previous: _upper(previous + " / " + self.client()))
+
+
+async def _upper(text: str) -> str:
+    return text.upper()
+
+
+async def test_a_subclass_using_the_runtimes_own_names_runs_a_task_to_its_end(monkeypatch):
+    ctx = make_ctx()
+    agent = Clashing(ctx)
+    agent._tron.clock = InstantClock()
+    daemon = ctx.client
+    outcomes = governed(daemon)
+    monkeypatch.setattr("common.providers.provider_for", Answers("the draft").provider_for)
+    assert agent._tron.take(assign())["status"] == "accepted"
+    [finish] = await wait_for_async(lambda: daemon.sent("POST", "/tasks/run-1.0/finish"))
+    assert (finish["status"], finish["result"]) == ("done", "THE DRAFT / THE USER'S CLIENT"), finish
+    assert [c.step for c in daemon.sent("POST", "/tasks/run-1.0/checkpoint")] == [1, 2]
+    assert {o["service"] for o in outcomes} == {"worker"} and agent.name == "my own name"
+    assert agent._tron.active == {} and ctx.tasks == []
+
+
+def mesh_ctx(name: str, *, drills: bool = True) -> ServiceContext:
+    """The context of ``name`` in a mesh of a parent ``boss`` and its child ``worker``."""
+    config = MeshConfig.model_validate({
+        "drills": {"enabled": drills},
+        "services": {"boss": {"agent": "mine.boss:Boss", "port": 7002},
+                     "worker": {"agent": "mine.steps:Steps", "port": 7001, "parent": "boss"}}})
+    env = ServiceEnv(service=name, role="agent", port=7001, incarnation="i-000000000001", home=Path("/nonexistent"),
+                     daemon_url=DAEMON, token_file=Path("/nonexistent/token"))
+    ctx = ServiceContext(env, config, "t" * 32)
+    ctx.client = FakeDaemon()
+    return ctx
+
+
+@pytest.mark.parametrize("name,drills,expected", [
+    ("boss", True, {"/handle_child_timeout": 401, "/handle_grandchild_failure": 401, "/drill/runaway": 401}),
+    ("worker", True, {"/handle_child_timeout": 404, "/handle_grandchild_failure": 404, "/drill/runaway": 401}),
+    ("boss", False, {"/handle_child_timeout": 401, "/handle_grandchild_failure": 401, "/drill/runaway": 404}),
+    ("worker", False, {"/handle_child_timeout": 404, "/handle_grandchild_failure": 404, "/drill/runaway": 404}),
+])
+async def test_only_a_parent_serves_the_ladders_endpoints_and_the_drill_hook_only_when_drills_are_on(
+        name, drills, expected):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from common.agent_runtime import agent_app
+
+    agent = Agent(mesh_ctx(name, drills=drills))
+    assert (agent._tron.parent is not None) is (name == "boss")
+    async with TestClient(TestServer(agent_app(agent), host="127.0.0.1")) as client:
+        got = {}
+        for path in expected:
+            async with client.post(path, json={}) as resp:  # no token: 401 where it exists, before any work
+                got[path] = resp.status
+        async with client.post("/tasks", json={}) as resp:
+            assert resp.status == 401  # every agent takes tasks
+    assert got == expected

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.agent import Agent, Task, TaskFailed
+from tron.sdk import Agent, Task, TaskFailed
 
 NOTES = Path(__file__).resolve().parent.parent / "notes"
 MAX_TURNS = 4  # tool rounds per question: a model that keeps calling tools is cut off

@@ -6,8 +6,9 @@ or was replaced is read again from its start. Every read is bounded: a burst lar
 ``max_bytes`` between two reads is skipped, with a line that says how much, so a chatty
 service can never make the daemon read (or a browser receive) without limit.
 
-On one machine the reads are plain file reads of at most a few hundred kilobytes from the page cache,
-done on the event loop between two frames; they take microseconds.
+On one machine the reads are plain file reads of at most a few hundred kilobytes from the
+page cache, done on the event loop between two frames; they take microseconds. On a Ray
+cluster ``NodeLogTail`` asks the service's node agent for the same chunks.
 """
 
 from __future__ import annotations

@@ -262,10 +262,10 @@ def test_logs_and_drills_of_a_service_on_another_node_go_through_its_node_agent(
     assert placed(mesh, "worker") == worker
     first = mesh.service("worker")
 
-    code, chunk = mesh.http("GET", mesh.url("daemon") + "/services/worker/log?lines=50")
+    code, chunk = mesh.http("GET", mesh.url("daemon") + "/services/worker/log?lines=1000")
     assert code == 200 and chunk["node"] == worker, chunk  # read by the worker node's agent
     assert f'"pid": {first["pid"]}' in chunk["data"] or f'"pid":{first["pid"]}' in chunk["data"], chunk
-    shown = mesh.tron("logs", "worker", "-n", "50")
+    shown = mesh.tron("logs", "worker", "-n", "1000")
     assert shown.returncode == 0, shown.stderr
     assert any(line.split("|")[0].strip() == "worker" and "serving" in line and f"pid={first['pid']}" in line
                for line in shown.stdout.splitlines()), shown.stdout

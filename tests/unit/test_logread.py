@@ -91,3 +91,68 @@ def test_a_cursor_from_another_nodes_disk_starts_from_the_last_lines_here(tmp_pa
     path.write_bytes(b"1\n2\n3\n")
     moved = read_log(path, inode=path.stat().st_ino + 1, offset=999, lines=2, moved=True)
     assert moved["data"] == "2\n3\n" and "on this node" in moved["note"] and moved["offset"] == 6
+
+
+# -- the web UI's log pane on a cluster: NodeLogTail over a node agent's reads ------------------
+
+
+class NodeAgentReads:
+    """What RaySpawner.read_log does, with the node agent's own read of a file on its node;
+    ``gone`` makes it fail as a lost node's does."""
+
+    engine = "ray"
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.calls = 0
+
+    async def read_log(self, node_id: str, daemon_path: str, cursor: dict) -> dict:
+        from pathlib import Path
+
+        from services.daemon.spawner import SpawnError
+
+        self.calls += 1
+        if self.gone:
+            raise SpawnError(f"node {node_id[:8]} has no node agent (lost, or not started yet)")
+        return read_log(Path(daemon_path), **cursor)
+
+
+def cluster_daemon(tmp_path, reads: NodeAgentReads):
+    from types import SimpleNamespace
+
+    from common.paths import Home
+
+    home = Home(tmp_path)
+    home.logs.mkdir(parents=True, exist_ok=True)
+    worker = SimpleNamespace(child=SimpleNamespace(node="ab12cd34ef"))
+    return SimpleNamespace(home=home, sup=SimpleNamespace(services={"worker": worker}, spawner=reads))
+
+
+async def polled(tail) -> list[list[str]]:
+    published: list[list[str]] = []
+    tail.poll(published.append)
+    await tail._reading
+    return published
+
+
+async def test_the_ui_follows_a_nodes_log_from_the_end_through_a_lost_node_and_back(tmp_path):
+    from services.daemon.ui.logtail import NodeLogTail
+
+    reads = NodeAgentReads()
+    daemon = cluster_daemon(tmp_path, reads)
+    path = daemon.home.log_file("worker")
+    path.write_text('{"msg": "old"}\n')
+    tail = NodeLogTail(daemon, "worker")
+    assert await tail.backlog() == ['{"msg": "old"}']
+    assert await polled(tail) == []  # the first read only places the cursor at the end
+    assert tail.cursor["node"] == "ab12cd34ef"
+    with open(path, "a") as f:
+        f.write('{"msg": "new"}\n')
+    assert await polled(tail) == [['{"msg": "new"}']]
+    reads.gone = True  # said once, however long the node is away
+    first, second = await polled(tail), await polled(tail)
+    assert len(first) == 1 and "not reachable" in first[0][0] and second == []
+    reads.gone = False
+    with open(path, "a") as f:
+        f.write('{"msg": "back"}\n')
+    assert await polled(tail) == [['{"msg": "back"}']]

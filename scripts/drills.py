@@ -84,6 +84,14 @@ class Drill:
         return "\n".join(lines)
 
 
+def _this_machine() -> set[str]:
+    """This machine's addresses: a Ray node here is reached at loopback, as the daemon does."""
+    found = {"127.0.0.1", "localhost", "::1"}
+    with contextlib.suppress(OSError, psutil.Error):
+        found |= {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return found
+
+
 SIGNAL_NAMES = {"kill": "SIGKILL", "stop": "SIGSTOP", "cont": "SIGCONT"}
 TIMELINE = {"alert_raised": "detected", "child_restart": "decision", "spawned": "restarted",
             "recovered": "recovered", "task_resumed": "task resumed", "escalation": "escalated",
@@ -98,6 +106,7 @@ class Runner:
         self.mesh = mesh
         self.config = mesh.config
         self.policy = mesh.config.policy
+        self._reached: dict[str, str | None] = {}  # service -> the node its address was set for (reach)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -166,10 +175,26 @@ class Runner:
             if s["state"] != ServiceState.RUNNING or s["incarnation"] == old_incarnation or not s["pid"]:
                 return None
             if self.config.services[name].is_agent:
+                self.reach(s)
                 h = self.mesh.health(name)
                 return s if h and h.get("incarnation") == s["incarnation"] else None
             return s
         return self.wait(fresh, timeout, f"{name} to come back from a new incarnation")
+
+    def reach(self, row: dict) -> None:
+        """Ask a service on another machine's Ray node at that node's address (the daemon's
+        status says which node, and its address), one on this machine at loopback."""
+        name, ip = row["name"], None
+        if self._reached.get(name, "?") == row.get("node"):
+            return  # known already: no status call in a recovery's tight poll
+        self._reached[name] = row.get("node")
+        if row.get("node"):
+            nodes = (self.mesh.status().get("cluster") or {}).get("nodes") or []
+            ip = next((n["ip"] for n in nodes if n["node"] == row["node"]), None)
+        if ip and ip not in _this_machine():
+            self.config.hosts[name] = ip
+        else:
+            self.config.hosts.pop(name, None)
 
     def stays_up(self, drill: Drill, name: str, fresh: dict) -> None:
         """The recovery holds: the same new incarnation stays running for the settle time."""

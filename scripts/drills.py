@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import quote, urlencode
 
 import psutil
 
@@ -43,7 +42,7 @@ from registry import read
 from registry.report import run_report
 from scripts.client import ClientError, MeshClient, wait_for
 from scripts.stats import summary
-from common.processes import describe, home_processes, same_process, tree_of
+from common.processes import describe, home_processes, same_process
 
 
 class DrillError(Exception):
@@ -85,6 +84,15 @@ class Drill:
         return "\n".join(lines)
 
 
+def _this_machine() -> set[str]:
+    """This machine's addresses: a Ray node here is reached at loopback, as the daemon does."""
+    found = {"127.0.0.1", "localhost", "::1"}
+    with contextlib.suppress(OSError, psutil.Error):
+        found |= {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return found
+
+
+SIGNAL_NAMES = {"kill": "SIGKILL", "stop": "SIGSTOP", "cont": "SIGCONT"}
 TIMELINE = {"alert_raised": "detected", "child_restart": "decision", "spawned": "restarted",
             "recovered": "recovered", "task_resumed": "task resumed", "escalation": "escalated",
             "llm_change": "provider switched", "permanent_failure": "permanent failure",
@@ -98,6 +106,7 @@ class Runner:
         self.mesh = mesh
         self.config = mesh.config
         self.policy = mesh.config.policy
+        self._reached: dict[str, str | None] = {}  # service -> the node its address was set for (reach)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -166,10 +175,26 @@ class Runner:
             if s["state"] != ServiceState.RUNNING or s["incarnation"] == old_incarnation or not s["pid"]:
                 return None
             if self.config.services[name].is_agent:
+                self.reach(s)
                 h = self.mesh.health(name)
                 return s if h and h.get("incarnation") == s["incarnation"] else None
             return s
         return self.wait(fresh, timeout, f"{name} to come back from a new incarnation")
+
+    def reach(self, row: dict) -> None:
+        """Ask a service on another machine's Ray node at that node's address (the daemon's
+        status says which node, and its address), one on this machine at loopback."""
+        name, ip = row["name"], None
+        if self._reached.get(name, "?") == row.get("node"):
+            return  # known already: no status call in a recovery's tight poll
+        self._reached[name] = row.get("node")
+        if row.get("node"):
+            nodes = (self.mesh.status().get("cluster") or {}).get("nodes") or []
+            ip = next((n["ip"] for n in nodes if n["node"] == row["node"]), None)
+        if ip and ip not in _this_machine():
+            self.config.hosts[name] = ip
+        else:
+            self.config.hosts.pop(name, None)
 
     def stays_up(self, drill: Drill, name: str, fresh: dict) -> None:
         """The recovery holds: the same new incarnation stays running for the settle time."""
@@ -184,9 +209,39 @@ class Runner:
         drill.check(f"still healthy from the same new tree {self.settle_time():.1f}s after recovery", True)
 
     def old_tree_gone(self, drill: Drill, before: dict) -> None:
-        survivors = tree_of(before["pid"], before["incarnation"]) if before["pid"] else []
-        drill.check("no process of the old tree survives" + (f": {describe(survivors)}" if survivors else ""),
-                    not survivors)
+        """Read where the old incarnation ran, by the daemon (its node agent on a Ray node)."""
+        if not before["pid"]:
+            drill.check("no process of the old tree survives", True)
+            return
+        query = urlencode({"incarnation": before["incarnation"], "pid": before["pid"], "node": before.get("node") or ""})
+        code, body = self.mesh.try_call("GET", f"{self.mesh.daemon_url}/services/{quote(before['name'])}/processes?"
+                                               f"{query}", auth=True)
+        if code != 200:
+            drill.check(f"no process of the old tree survives (not known: the daemon answered {code}: {body})", False)
+            return
+        survivors = body["processes"]
+        drill.check("no process of the old tree survives" + (f": {survivors}" if survivors else ""), not survivors)
+
+    def signal(self, drill: Drill, name: str, before: dict, what: str, *, starts: bool = True) -> str:
+        """A drill's fault through the daemon (``POST /services/{name}/signal``): it signals the
+        incarnation where it runs (its pid here, or through its Ray node's agent), never a pid
+        of the machine this drill runs on. The drill's clock starts when the daemon sent it."""
+        code, body = self.mesh.try_call("POST", f"{self.mesh.daemon_url}/services/{quote(name)}/signal",
+                                        {"signal": what, "incarnation": before["incarnation"],
+                                         "reason": f"drill {drill.name}"}, auth=True)
+        if code != 200:
+            raise DrillError(f"the daemon did not {what} {name}: ({code}) {body}")
+        if starts and drill.t0 <= body.get("sent_mono", 0) <= time.monotonic():  # the daemon's clock is ours
+            drill.t0 = body["sent_mono"]
+        return f"{SIGNAL_NAMES[what]} pid {body['pid']}" + (f" on node {body['node'][:12]}" if body["node"] else "")
+
+    def cont(self, name: str, incarnation: str) -> None:
+        """Never leave a drill's stopped process behind (a replaced one is ended already: 409)."""
+        code, body = self.mesh.try_call("POST", f"{self.mesh.daemon_url}/services/{quote(name)}/signal",
+                                        {"signal": "cont", "incarnation": incarnation,
+                                         "reason": "drill over: a stopped process is let go on"}, auth=True)
+        if code not in (200, 409, 404):
+            print(f"tron drill: could not let {name} ({incarnation}) go on: ({code}) {body}")
 
     # -- the shared shape of a single-fault drill ------------------------------------------
 
@@ -198,7 +253,8 @@ class Runner:
         fresh, t_healthy = None, None
         try:
             drill.t0 = time.monotonic()
-            drill.mark("fault injected", inject(before))
+            detail = inject(before)  # it may move t0 to when the daemon sent the fault
+            drill.mark("fault injected", detail, at=drill.t0)
             with self.verdict_on_timeout(drill, name):
                 fresh = self.back(name, before["incarnation"], self.recovery_bound())
                 t_healthy = time.monotonic()
@@ -267,25 +323,22 @@ class Runner:
     # -- drills -------------------------------------------------------------------------------
 
     def kill(self, name: str) -> Drill:
-        def inject(before):
-            os.kill(before["pid"], signal.SIGKILL)
-            return f"SIGKILL pid {before['pid']}"
-        return self._single(Drill("kill", name), name, inject, {"process_exit"})
+        drill = Drill("kill", name)
+        return self._single(drill, name, lambda before: self.signal(drill, name, before, "kill"), {"process_exit"})
 
     def hang(self, name: str) -> Drill:
-        stopped: list[int] = []
+        drill = Drill("hang", name)
+        stopped: list[str] = []
 
         def inject(before):
-            os.kill(before["pid"], signal.SIGSTOP)
-            stopped.append(before["pid"])
-            return f"SIGSTOP pid {before['pid']}"
+            stopped.append(before["incarnation"])
+            return self.signal(drill, name, before, "stop")
         try:
-            drill = self._single(Drill("hang", name), name, inject, {"heartbeat_timeout", "liveness_failed"})
+            drill = self._single(drill, name, inject, {"heartbeat_timeout", "liveness_failed"})
         finally:
             # Whatever happened (a timeout, Ctrl-C), never leave a process stopped behind us.
-            for pid in stopped:
-                if same_process(pid, None):
-                    os.kill(pid, signal.SIGCONT)
+            for incarnation in stopped:
+                self.cont(name, incarnation)
         detected = [t for t, label, _ in drill.timeline if label == "detected"]
         spec = self.config.services[name]
         if spec.is_agent:
@@ -342,8 +395,8 @@ class Runner:
                                                         for c in read.task_checkpoints(conn, t["task_id"])), None),
                                           self.recovery_bound(), f"{name} to record its first step", interval=0.02)
             victim = self.service(name)
-            os.kill(victim["pid"], signal.SIGKILL)
-            drill.mark("fault injected", f"SIGKILL pid {victim['pid']} after step {mark['step']} ({mark['step_id']})")
+            done = self.signal(drill, name, victim, "kill", starts=False)  # this drill's clock runs from the run
+            drill.mark("fault injected", f"{done} after step {mark['step']} ({mark['step_id']})")
             self.mesh.try_call("DELETE", f"{sim}/sim/faults/{provider}", auth=True)
             run = self.wait(lambda: self.run_status(run_id), self.recovery_bound() * 3, "the run to end", interval=0.05)
             calls = self._served(sim, provider) - calls0
@@ -522,8 +575,8 @@ class Runner:
             drill.t0 = time.monotonic()
             with self.verdict_on_timeout(drill, name):
                 for kill in range(1, kills_wanted + 1):
-                    os.kill(current["pid"], signal.SIGKILL)
-                    drill.mark("fault injected", f"SIGKILL #{kill} pid {current['pid']}")
+                    done = self.signal(drill, name, current, "kill", starts=False)
+                    drill.mark("fault injected", f"#{kill} {done}")
                     t_kill = time.monotonic()
                     current = self.back(name, current["incarnation"], self.recovery_bound())
                     returns.append(round(time.monotonic() - t_kill, 3))
@@ -575,9 +628,9 @@ class Runner:
                 time.sleep(interval)
                 warm = loop.counts.answered
                 for n in range(1, kills + 1):
-                    os.kill(current["pid"], signal.SIGKILL)
+                    done = self.signal(drill, name, current, "kill", starts=False)
                     t_kill = time.monotonic()
-                    drill.mark("fault injected", f"SIGKILL #{n} pid {current['pid']}")
+                    drill.mark("fault injected", f"#{n} {done}")
                     current = self.back(name, current["incarnation"], self.recovery_bound())
                     back_after.append(round(time.monotonic() - t_kill, 3))
                     drill.mark("back", f"pid {current['pid']} after {back_after[-1]:.3f}s")
@@ -610,7 +663,7 @@ class Runner:
         counts = {k: 0 for k in ("kill", "hang", "runaway", "provider")}
         runs: list[str] = []
         pending: list[tuple[str, str]] = []  # (service, incarnation) hit by a process fault
-        stopped: list[int] = []
+        stopped: list[tuple[str, str]] = []  # (service, incarnation) a hang stopped
         label = f"chaos:{seed}:{uuid.uuid4().hex[:6]}"
         self.label(label)
         try:
@@ -631,7 +684,7 @@ class Runner:
                     pool = [n for n in (agents if kind == "runaway" else names) if n in running or kind == "provider"]
                     target = rng.choice(pool) if pool else None
                     incarnation = self.mesh.service(target)["incarnation"] if target else None
-                    done = self._chaos_fault(kind, target, rng, stopped) if target else None
+                    done = self._chaos_fault(kind, target, incarnation, rng, stopped) if target else None
                     if done:
                         counts[kind] += 1
                         drill.mark(f"fault {kind}", done)
@@ -657,9 +710,8 @@ class Runner:
         finally:
             if self.config.sim_url:
                 self.mesh.try_call("DELETE", self.config.sim_url + "/sim/faults", auth=True)
-            for pid in stopped:  # never leave a process stopped behind us
-                if same_process(pid, None):
-                    os.kill(pid, signal.SIGCONT)
+            for name, incarnation in stopped:  # never leave a process stopped behind us
+                self.cont(name, incarnation)
             self.label(None)
         with self.db() as conn:
             alerts = read.alerts_of_drill(conn, label)
@@ -694,7 +746,10 @@ class Runner:
                                         {"prompt": "chaos run", "drill": True}, auth=True)
         return [body["run_id"]] if code == 202 else []  # a gateway down on purpose refuses runs
 
-    def _chaos_fault(self, kind: str, target: str, rng: random.Random, stopped: list[int]) -> str | None:
+    def _chaos_fault(self, kind: str, target: str, incarnation: str | None, rng: random.Random,
+                     stopped: list[tuple[str, str]]) -> str | None:
+        """One fault; a process fault hits ``incarnation`` (the one the drill will wait to see
+        replaced), or nothing when the daemon has another running by now."""
         s = self.mesh.service(target)
         if kind == "provider":
             if not self.config.sim_url:
@@ -706,11 +761,14 @@ class Runner:
             return f"{provider} {fault}" if code == 200 else None
         if s["state"] != ServiceState.RUNNING or not s["pid"]:
             return None
-        if kind == "kill":
-            os.kill(s["pid"], signal.SIGKILL)
-        elif kind == "hang":
-            os.kill(s["pid"], signal.SIGSTOP)
-            stopped.append(s["pid"])
+        if kind in ("kill", "hang"):
+            try:  # through the daemon, wherever it runs; replaced meanwhile (409): no fault this time
+                self.signal(Drill("chaos", target), target, {**s, "incarnation": incarnation},
+                            "kill" if kind == "kill" else "stop", starts=False)
+            except DrillError:
+                return None
+            if kind == "hang":
+                stopped.append((target, incarnation))
         else:
             code, _ = self.mesh.try_call("POST", self.mesh.url(target) + "/drill/runaway", {}, auth=True)
             if code != 202:

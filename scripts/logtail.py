@@ -5,6 +5,10 @@ file follows the service through restarts; the log pump rotates it into ``<name>
 and older, which a tail reads when the current file is short and a follower reads to its
 end when the file is rotated under it. Lines are decoded with replacement (odd
 or binary output never breaks the tail); JSON lines are shown as ``name | level msg k=v``.
+
+On a Ray cluster a service's log is on its node: ``DaemonLog`` reads it through the daemon
+(``GET /services/{name}/log``, which asks the node agent) in bounded chunks from a cursor,
+so ``tron logs NAME`` and ``-f`` follow it wherever it runs, through restarts and moves.
 """
 
 from __future__ import annotations
@@ -99,9 +103,65 @@ def _last_lines(path: Path, n: int) -> list[bytes]:
     return lines[-n:]
 
 
+class DaemonLog:
+    """One service's log read through the daemon, wherever the service runs.
+
+    ``fetch(name, query)`` asks ``GET /services/{name}/log`` and returns (status, body).
+    """
+
+    def __init__(self, name: str, fetch) -> None:
+        self.name, self.fetch = name, fetch
+        self.cursor: dict = {}
+        self.unreachable: str | None = None  # why the last read failed (said once)
+
+    def _get(self, **query) -> dict | None:
+        code, body = self.fetch(self.name, query)
+        if code == 200 and isinstance(body, dict):
+            self.unreachable = None
+            self.cursor = {"inode": body["inode"], "offset": body["offset"], "node": body["node"]}
+            return body
+        why = body.get("error") if isinstance(body, dict) else body
+        if why != self.unreachable:
+            self.unreachable = why
+            print(f"tron logs: {self.name}: the log cannot be read now ({code}): {why}", file=sys.stderr)
+        return None
+
+    def last(self, n: int) -> list[bytes]:
+        """The last ``n`` lines, and the cursor after them."""
+        body = self._get(lines=max(0, min(n, 1000)))
+        return [] if body is None else _split(body)
+
+    def new(self, rounds: int = 16) -> list[bytes]:
+        """What was written since the last read (up to ``rounds`` chunks at once)."""
+        out: list[bytes] = []
+        for _ in range(rounds):
+            if not self.cursor:  # never read (the daemon did not answer): from now on
+                body = self._get(lines=0)
+            elif self.cursor["inode"] is None:  # there was no file yet: all of it
+                body = self._get(lines=1000, node=self.cursor["node"])
+            else:
+                body = self._get(**self.cursor)
+            if body is None:
+                break
+            out += _split(body)
+            if not body["more"]:
+                break
+        return out
+
+
+def _split(body: dict) -> list[bytes]:
+    note = [body["note"].encode()] if body.get("note") else []
+    return note + body["data"].encode().splitlines()
+
+
 def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None,
-         stop_after: float | None = None, trace: str | None = None) -> int:
-    """``trace``: only the lines logged inside that trace (32 hex digits), every one of them."""
+         stop_after: float | None = None, trace: str | None = None,
+         remote: dict[str, DaemonLog] | None = None) -> int:
+    """``trace``: only the lines logged inside that trace (32 hex digits), every one of them.
+    ``remote``: the services whose log is read through the daemon (on a Ray node)."""
+    remote = remote or {}
+    named = bool(names)  # only these, even when every one of them is read through the daemon
+    names = [n for n in names if n not in remote]
     out = out or sys.stdout
     use_colour = out.isatty() if hasattr(out, "isatty") else False
     if names:
@@ -114,8 +174,8 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
     inodes: dict[str, int] = {}  # a new inode under the name: the log was rotated
 
     def files() -> dict[str, Path]:
-        found = {p.stem: p for p in sorted(logs_dir.glob("*.log"))}
-        return {n: found.get(n, logs_dir / f"{n}.log") for n in names} if names else found
+        found = {p.stem: p for p in sorted(logs_dir.glob("*.log")) if p.stem not in remote}
+        return {n: found.get(n, logs_dir / f"{n}.log") for n in names} if named else found
 
     if trace:
         for name in files():
@@ -129,6 +189,11 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
                 out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
             st = path.stat()
             offsets[name], inodes[name] = st.st_size, st.st_ino
+    for name, log in remote.items():
+        colour_of.setdefault(name, COLOURS[len(colour_of) % len(COLOURS)])
+        for raw in log.last(1000 if trace else lines):
+            if not trace or of_trace(raw, trace):
+                out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
     out.flush()
     if not follow:
         return 0
@@ -169,6 +234,12 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
                 if rest:
                     partial[name] = rest
                 for raw in complete:
+                    if trace and not of_trace(raw, trace):
+                        continue
+                    out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
+                    wrote = True
+            for name, log in remote.items():
+                for raw in log.new():
                     if trace and not of_trace(raw, trace):
                         continue
                     out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")

@@ -492,6 +492,31 @@ def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
 # -- logs, run, history, report ---------------------------------------------------------------
 
 
+def _node_logs(ctx: Ctx, names: list[str]) -> dict:
+    """On a Ray cluster, the named services (all, with no names) that a node runs: their
+    logs are on their nodes, read through the daemon (which asks the node agent)."""
+    from urllib.parse import urlencode
+
+    from scripts.logtail import DaemonLog
+
+    try:
+        if ctx.config.cluster.engine != "ray":
+            return {}
+    except Exception:  # noqa: BLE001 - a broken mesh.toml: the log folder decides alone, as below
+        return {}
+    mesh = ctx.mesh
+    try:
+        on_nodes = {r["name"] for r in mesh.status()["services"] if r.get("node")}
+    except ClientError as err:
+        print(f"tron logs: the daemon does not answer ({err}): only this machine's log files are read",
+              file=sys.stderr)
+        return {}
+
+    def fetch(name: str, query: dict) -> tuple[int, object]:
+        return mesh.try_call("GET", f"{mesh.daemon_url}/services/{quote(name)}/log?{urlencode(query)}")
+    return {n: DaemonLog(n, fetch) for n in (names or sorted(on_nodes)) if n in on_nodes}
+
+
 def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
     from scripts.logtail import tail
 
@@ -503,6 +528,7 @@ def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
         if len(trace) != 32 or any(c not in "0123456789abcdef" for c in trace):
             raise CLIError(f"--trace takes a trace id (32 hex digits) or a traceparent, not {args.trace!r}")
     names = list(args.names)
+    remote = _node_logs(ctx, names)
     if names and not args.follow:
         # A service of this mesh that has written nothing yet is not an error; a name the
         # mesh does not know is. Without a readable mesh.toml, the log folder decides alone.
@@ -510,7 +536,7 @@ def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
             known = set(ctx.config.services)
         except (ConfigError, OSError, ValueError):  # a broken or unreadable mesh.toml must not hide the logs
             known = None
-        silent = [n for n in names if not (ctx.home.logs / f"{n}.log").exists()
+        silent = [n for n in names if n not in remote and not (ctx.home.logs / f"{n}.log").exists()
                   and not any(ctx.home.logs.glob(f"{n}.log.*"))]
         if known is not None and (unknown := [n for n in silent if n not in known]):
             raise CLIError(f"no service named {', '.join(unknown)} in this mesh (services: "
@@ -520,7 +546,7 @@ def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
             names = [n for n in names if n not in silent]
             if not names:
                 return 0
-    return tail(ctx.home.logs, names, follow=args.follow, lines=args.lines, trace=trace)
+    return tail(ctx.home.logs, names, follow=args.follow, lines=args.lines, trace=trace, remote=remote)
 
 
 def _gateway_url(ctx: Ctx) -> str:

@@ -52,9 +52,11 @@ from common.monitor import Verdict
 from common.settings import field_errors, read_overlay
 from common.states import ServiceState, TaskState
 from services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
+from services.daemon import reach
 from services.daemon.core import Daemon
 from services.daemon.operators import SERVICE_VERBS, Refused
 from services.daemon.providers import ProviderDesk
+from services.daemon.spawner import SpawnError
 from services.daemon.task_actions import TASK_VERBS
 from services.daemon.supervisor import new_id
 from services.daemon.ui import setup_ui
@@ -705,6 +707,50 @@ async def drill(request: web.Request) -> web.Response:
     return web.json_response({"drill": d.store.drill, "previous": previous})
 
 
+@allow(Scope.READ)
+async def service_log(request: web.Request) -> web.Response:
+    """A chunk of a service's log from a cursor, read on whatever node it runs (reach.py)."""
+    d = _d(request)
+    name = request.match_info["name"]
+    _service(d, name)
+    q = parse_query(request, reach.LogQuery)
+    try:
+        return web.json_response(await reach.service_log(d, name, q))
+    except Refused as err:
+        return error(err.status, str(err))
+    except SpawnError as err:  # its node agent is gone or does not answer: nothing to read now
+        return error(503, str(err), service=name)
+
+
+@allow(Scope.OPERATOR)
+async def signal_service(request: web.Request) -> web.Response:
+    """A drill's fault (kill, stop, cont) for one incarnation, through its spawner; audited."""
+    d = _d(request)
+    name = request.match_info["name"]
+    svc = _service(d, name)
+    body = await parse(request, reach.SignalRequest)
+    try:
+        answer = await d.audit.run(lambda: reach.signal_service(d, name, body), actor=_actor(request),
+                                   what=f"signal_{body.signal}", target=name, state=lambda: str(svc.state),
+                                   reason=body.reason, request_id=body.request_id)
+    except Refused as err:
+        return error(err.status, str(err))
+    return web.json_response(answer)
+
+
+@allow(Scope.READ)
+async def service_processes(request: web.Request) -> web.Response:
+    """What is left of one incarnation's process tree, read on the node it ran on."""
+    d = _d(request)
+    name = request.match_info["name"]
+    _service(d, name)
+    q = parse_query(request, reach.ProcessesQuery)
+    try:
+        return web.json_response({"service": name, "processes": await reach.leftover_processes(d, name, q)})
+    except Refused as err:
+        return error(err.status, str(err))
+
+
 @allow(Scope.OPERATOR)
 async def take_backup(request: web.Request) -> web.Response:
     await parse_empty(request)
@@ -1128,6 +1174,9 @@ def make_app(daemon: Daemon) -> web.Application:
     r.add_put("/settings", put_settings)
     r.add_post("/reload", reload_mesh)
     r.add_post("/services/{name}/scale", scale_service)
+    r.add_get("/services/{name}/log", service_log)
+    r.add_post("/services/{name}/signal", signal_service)
+    r.add_get("/services/{name}/processes", service_processes)
     r.add_post("/runs", create_run)
     r.add_get("/runs/{run_id}", get_run)
     r.add_post("/runs/{run_id}/finish", finish_run)

@@ -209,6 +209,38 @@ class NodeAgent:
             shutil.rmtree(self.scratch, ignore_errors=True)
         os._exit(1)
 
+    # -- a service's log and a drill's signal, for the daemon (services/daemon/reach.py) ----------
+
+    def _log_path(self, daemon_path: str) -> Path:
+        """Where this node writes a service's log: the daemon's file when this node shares
+        its disk, else the same name in this node's home (as ``spawn`` chose)."""
+        path = Path(daemon_path)
+        return path if path.parent.is_dir() or self.home is None else self.logs / path.name
+
+    async def read_log(self, daemon_path: str, cursor: dict) -> dict:
+        """One bounded chunk of a service's log on this node (services/daemon/logread.py)."""
+        from services.daemon.logread import read_log
+
+        return await asyncio.to_thread(read_log, self._log_path(daemon_path), **cursor)
+
+    async def signal_child(self, pid: int, incarnation: str, sig: int) -> dict:
+        """A drill's fault on a child this agent runs (SIGKILL, SIGSTOP, SIGCONT): sent as a
+        crash or a hang would come, so the daemon sees an exit it did not ask for."""
+        child = self.children.get(pid)
+        if child is None or child.incarnation != incarnation or not child.alive:
+            return {"ok": False, "error": f"pid {pid} is no live child of this node agent for {incarnation}"}
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return {"ok": False, "error": f"pid {pid} is gone"}
+        return {"ok": True}
+
+    async def processes(self, pid: int, incarnation: str) -> list[str]:
+        """What is left on this node of one incarnation's process tree (a drill's check)."""
+        from common.processes import describe, tree_of
+
+        return describe(tree_of(pid, incarnation))
+
     async def shutdown(self) -> None:
         """The mesh is going down: every child is already stopped; end the helpers."""
         for port in list(self.listeners):

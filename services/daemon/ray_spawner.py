@@ -445,6 +445,40 @@ class RaySpawner:
         if node.alive and node.agent is None:
             await self._ensure_agent(node)
 
+    # -- a service's log and a drill's signal through its node agent (services/daemon/reach.py) --
+
+    def agent_on(self, node_id: str | None) -> Node:
+        """The node whose agent is asked, or SpawnError saying why none can be."""
+        node = self.nodes.get(node_id or "")
+        if node is None or node.agent is None:
+            raise SpawnError(f"node {(node_id or '?')[:8]} has no node agent (lost, or not started yet)")
+        return node
+
+    log_timeout = 5.0  # a log read the node agent has not answered in this long is given up (the reader asks again)
+
+    async def read_log(self, node_id: str, daemon_path: str, cursor: dict) -> dict:
+        node = self.agent_on(node_id)
+        try:
+            return await asyncio.wait_for(node.agent.read_log.remote(daemon_path, cursor), self.log_timeout)
+        except Exception as err:  # RayActorError, a timeout: the node went while we asked
+            raise SpawnError(f"node {node.short} did not answer for the log: {type(err).__name__}: {err}") from None
+
+    async def signal_child(self, child: Child, sig: int) -> dict:
+        node = self.agent_on(child.node)
+        try:
+            return await asyncio.wait_for(node.agent.signal_child.remote(child.pid, child.incarnation, int(sig)),
+                                          CALL_TIMEOUT)
+        except Exception as err:
+            raise SpawnError(f"node {node.short} did not take the signal: {type(err).__name__}: {err}") from None
+
+    async def processes(self, node_id: str, pid: int, incarnation: str) -> list[str]:
+        node = self.agent_on(node_id)
+        try:
+            return await asyncio.wait_for(node.agent.processes.remote(pid, incarnation), CALL_TIMEOUT)
+        except Exception as err:
+            raise SpawnError(f"node {node.short} did not answer for the processes: {type(err).__name__}: {err}") \
+                from None
+
     async def close(self) -> None:
         import ray
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -223,3 +224,106 @@ def test_node_agents_batch_their_agents_beats_and_a_restarted_agent_beats_throug
     assert mesh.service("worker")["incarnation"] == fresh["incarnation"]
     refused = [r for r in mesh.rows("SELECT payload FROM events WHERE kind = 'audit'") if "relay" in r["payload"]]
     assert not refused, refused
+
+
+# -- issue 27: logs and drills through the node agent -------------------------------------------
+
+
+def ui_log_backlog(mesh, name: str, wanted: str) -> str:
+    """The web UI's log pane of ``name``: what its event stream sends first (read through the
+    node agent on a cluster), until a backlog shows ``wanted``."""
+    import http.cookiejar
+
+    code, login = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": "test@ui"})
+    assert code == 201, login
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    browser.open(login["url"], timeout=10).read()
+
+    def backlog():
+        with browser.open(mesh.url("daemon") + f"/ui/events?topics=log:{name}", timeout=10) as stream:
+            event = None
+            for raw in stream:  # the first events: the alert bar, then the log's backlog
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "log-backlog":
+                    return line if wanted in line else None
+        return None
+    return wait_for(backlog, 30, f"the UI's log pane of {name} to show {wanted!r}", interval=0.2)
+
+
+def test_logs_and_drills_of_a_service_on_another_node_go_through_its_node_agent(mesh_factory, cluster, postgres):
+    """`tron logs`, its follower and the web UI's log pane read the worker's log on its node
+    through the daemon and the node agent; `tron drill kill|hang` signal it there (an audited
+    daemon call), never a pid on the CLI's machine, and report its recovery."""
+    mesh = ray_mesh(mesh_factory, cluster, postgres)
+    mesh.up()
+    worker = cluster.worker.node_id
+    assert placed(mesh, "worker") == worker
+    first = mesh.service("worker")
+
+    code, chunk = mesh.http("GET", mesh.url("daemon") + "/services/worker/log?lines=1000")
+    assert code == 200 and chunk["node"] == worker, chunk  # read by the worker node's agent
+    assert f'"pid": {first["pid"]}' in chunk["data"] or f'"pid":{first["pid"]}' in chunk["data"], chunk
+    shown = mesh.tron("logs", "worker", "-n", "1000")
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.split("|")[0].strip() == "worker" and "serving" in line and f"pid={first['pid']}" in line
+               for line in shown.stdout.splitlines()), shown.stdout
+    assert "serving" in ui_log_backlog(mesh, "worker", "serving")
+    for bad in ("lines=-1", "max_bytes=5", "offset=x", "node=NOT-HEX", "colour=red"):
+        code, body = mesh.http("GET", mesh.url("daemon") + f"/services/worker/log?{bad}")
+        assert code == 400, (bad, body)
+    code, _ = mesh.http("GET", mesh.url("daemon") + "/services/nobody/log")
+    assert code == 404
+    code, _ = mesh.http("GET", mesh.url("daemon") + "/services/worker/log", token=False)
+    assert code == 401
+
+    # A drill's signal names the incarnation it saw: any other is refused and nothing is hit.
+    for body, status in (({"signal": "kill", "incarnation": "i-not-running"}, 409),
+                         ({"signal": "term", "incarnation": first["incarnation"]}, 422),
+                         ({"signal": "kill"}, 422)):
+        code, answer = mesh.http("POST", mesh.url("daemon") + "/services/worker/signal", body)
+        assert code == status, (body, answer)
+    assert mesh.service("worker")["incarnation"] == first["incarnation"]
+
+    follower = subprocess.Popen([*mesh_tron(mesh), "logs", "-f", "-n", "1", "worker"], env=mesh.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    followed: list[str] = []
+    reader = threading.Thread(target=lambda: followed.extend(iter(follower.stdout.readline, "")), daemon=True)
+    try:
+        started = follower.stdout.readline()
+        assert started.split("|")[0].strip() == "worker", started  # it follows from here on
+        reader.start()
+        drill = mesh.tron("drill", "kill", "worker", "--json", timeout=120)
+        result = json.loads(drill.stdout)
+        assert drill.returncode == 0 and result["verdict"] == "pass", drill.stdout + drill.stderr
+        [fault] = [e for e in result["timeline"] if e["event"] == "fault injected"]
+        assert fault["detail"] == f"SIGKILL pid {first['pid']} on node {worker[:12]}", fault
+        assert result["recovery_seconds"] > 0 and any(e["event"] == "detected" for e in result["timeline"])
+        fresh = mesh.service("worker")
+        assert fresh["node"] == worker and fresh["incarnation"] != first["incarnation"]
+
+        # `tron drill hang`'s fault: SIGSTOP through the node agent; the missed beats replace it.
+        code, stop = mesh.http("POST", mesh.url("daemon") + "/services/worker/signal",
+                               {"signal": "stop", "incarnation": fresh["incarnation"], "reason": "test hang"})
+        assert code == 200 and (stop["pid"], stop["node"]) == (fresh["pid"], worker), stop
+        wait_for(lambda: mesh.service("worker")["incarnation"] not in (first["incarnation"], fresh["incarnation"])
+                 and mesh.service("worker")["state"] == "running", 60, "the stopped worker replaced")
+        reasons = {r["reason"] for r in mesh.rows("SELECT reason FROM alerts WHERE incarnation = ?",
+                                                  (fresh["incarnation"],))}
+        assert reasons <= {"heartbeat_timeout", "liveness_failed"} and reasons, reasons
+        code, _ = mesh.http("POST", mesh.url("daemon") + "/services/worker/signal",
+                            {"signal": "cont", "incarnation": fresh["incarnation"]})
+        assert code == 409  # replaced: nothing left to let go on
+        wait_for(lambda: placed(mesh, "worker") == worker, 10, "the worker back on its node")
+        # The follower saw the killed worker's successor start, on its node, through the daemon.
+        wait_for(lambda: any("serving" in line and f"pid={fresh['pid']}" in line for line in followed), 30,
+                 "`tron logs -f worker` to show the successor starting")
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
+        if reader.is_alive():
+            reader.join(timeout=10)
+    signals = [json.loads(r["payload"]) for r in mesh.rows("SELECT payload FROM events WHERE kind = 'audit'")
+               if "signal_" in r["payload"]]
+    assert {s["what"] for s in signals} >= {"signal_kill", "signal_stop"}, signals

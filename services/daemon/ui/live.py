@@ -13,13 +13,14 @@ a browser: publishing only fills bounded queues (sse.Hub).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 
 from services.daemon.ui.alertbar import AlertBar, Incident
 from services.daemon.ui.feed import EventFeed, epoch
-from services.daemon.ui.logtail import LogTail
+from services.daemon.ui.logtail import LogTail, NodeLogTail
 from services.daemon.ui.render import Templates
 from services.daemon.ui.sse import Client, Hub
 from services.daemon.ui.views import beat_ages, lanes, log_entry, registry_notice, row_key, tree
@@ -42,7 +43,8 @@ class Live:
         self._last_alert: str | None = None
         self.alert_html = ""
         self._panels_sent = ""  # the mesh page's lanes and spawning panels, as last published
-        self._tails: dict[str, LogTail] = {}
+        self._tails: dict[str, LogTail | NodeLogTail] = {}
+        self._backlogs: set[asyncio.Task] = set()  # a node's backlog on its way to a new page
 
     # -- what a page shows -----------------------------------------------------------------
 
@@ -99,10 +101,19 @@ class Live:
     def watched_logs(self) -> list[str]:
         return sorted(self._tails)
 
-    def _tail(self, name: str) -> LogTail:
+    def _tail(self, name: str) -> LogTail | NodeLogTail:
+        """The service's log file here, or, on a Ray cluster, its node's through the node agent."""
         if name not in self._tails:
-            self._tails[name] = LogTail(self.daemon.home.log_file(name))
+            on_nodes = getattr(self.daemon.sup.spawner, "engine", "local") == "ray" and name in self.daemon.sup.services
+            self._tails[name] = NodeLogTail(self.daemon, name) if on_nodes else LogTail(self.daemon.home.log_file(name))
         return self._tails[name]
+
+    def _send_backlog(self, client: Client, entries: list[str]) -> None:
+        self.hub.send(client, "log-backlog", self.templates.render(
+            "_log_backlog.html", entries=[log_entry(line) for line in entries]))
+
+    async def _node_backlog(self, client: Client, tail: NodeLogTail) -> None:
+        self._send_backlog(client, await tail.backlog())
 
     def on_open(self, client: Client) -> None:
         """What a new stream is sent first: the state now (the page may be a moment old)."""
@@ -118,8 +129,12 @@ class Live:
                 self.hub.send(client, "row", self.row_html(*by_name[name]))
             elif kind == "log":
                 tail = self._tail(name)
-                self.hub.send(client, "log-backlog", self.templates.render(
-                    "_log_backlog.html", entries=[log_entry(line) for line in tail.backlog()]))
+                if isinstance(tail, NodeLogTail):  # read on its node: sent when it comes
+                    task = asyncio.get_running_loop().create_task(self._node_backlog(client, tail))
+                    self._backlogs.add(task)
+                    task.add_done_callback(self._backlogs.discard)
+                else:
+                    self._send_backlog(client, tail.backlog())
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -166,8 +181,14 @@ class Live:
     def _follow_logs(self, topics: set[str]) -> None:
         watched = {t.removeprefix("log:") for t in topics if t.startswith("log:")}
         for name in set(self._tails) - watched:
-            del self._tails[name]
+            gone = self._tails.pop(name)
+            if isinstance(gone, NodeLogTail):
+                gone.close()
         for name in watched:
-            lines = self._tail(name).read_new()
+            tail = self._tail(name)
+            if isinstance(tail, NodeLogTail):
+                tail.poll(lambda lines, topic=f"log:{name}": self.hub.publish(topic, "log", self.log_html(lines)))
+                continue
+            lines = tail.read_new()
             if lines:
                 self.hub.publish(f"log:{name}", "log", self.log_html(lines))

@@ -21,7 +21,13 @@ import signal
 import subprocess
 import time
 
+import json
+import sys
+from pathlib import Path
+
 import psutil
+
+from tests.harness import RAY_WORKER_PORTS
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -158,3 +164,62 @@ class NetNode:
     def exists(self) -> bool:
         listed = _ip("netns", "list", check=False).stdout.split()
         return self.name in listed or _ip("link", "show", self.host_if, check=False).returncode == 0
+
+
+# -- a Ray cluster across the namespace --------------------------------------------------------
+
+# Ray notices a dead node in 0.5 s x 3 here (its defaults, 3 s x 5, would make a partition test ~16 s longer)
+FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+               "health_check_initial_delay_ms": 0}
+PORTS = {"min_worker_port": RAY_WORKER_PORTS[0], "max_worker_port": RAY_WORKER_PORTS[1]}
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+class NetCluster:
+    """The head (this namespace) and a worker node in ``self.net``; ``worker()`` (re)starts it."""
+
+    def __init__(self, net: NetNode) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.net = net
+        self.head = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 1, "resources": {"head": 1}, "node_ip_address": net.host_ip, "include_dashboard": False,
+            "_system_config": FAST_HEALTH, **PORTS})
+        self.address = self.head.address
+        self.proc: subprocess.Popen | None = None
+        self.log = open(Path(self.head.head_node.get_session_dir_path()) / "netns-worker.log", "ab")
+
+    def worker(self) -> str:
+        """The worker node's Ray node id, starting a raylet in the namespace when none is alive there."""
+        found = self._alive_worker()
+        if found:
+            return found
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.net.kill_all()  # what the dead raylet left (its workers, a node agent, their children)
+        self.proc = self.net.popen(RAY, "start", "--block", "--address", self.address, "--node-ip-address",
+                                   self.net.node_ip, "--num-cpus", "1", "--resources", json.dumps({"gpu_box": 1}),
+                                   "--min-worker-port", str(PORTS["min_worker_port"]),
+                                   "--max-worker-port", str(PORTS["max_worker_port"]),
+                                   stdout=self.log, stderr=subprocess.STDOUT)
+        from scripts.client import wait_for
+
+        return wait_for(self._alive_worker, 90, "the namespace's Ray node to join", interval=0.2)
+
+    def _alive_worker(self) -> str | None:
+        # Ray's node table, as Cluster.wait_for_nodes reads it (this process never joins the cluster)
+        nodes = self.head.global_state.node_table()
+        return next((n["NodeID"] for n in nodes if n["NodeManagerAddress"] == self.net.node_ip and n["Alive"]), None)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.net.kill_all()
+        self.head.shutdown()
+        self.log.close()

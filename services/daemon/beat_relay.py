@@ -24,6 +24,7 @@ beat of each agent is worth sending.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import time
@@ -58,6 +59,9 @@ class BeatRelay:
         # The node's fence (services/daemon/fencing.py): told when each batch the daemon took
         # was sent; with one, a batch goes every interval even with no beat in it (a lease renewal).
         self.on_taken: Callable[[float], None] | None = None
+        # ... and when the daemon's machine answered that nothing listens on its port: no
+        # partition, and no daemon to place anything elsewhere (one being restarted adopts).
+        self.on_daemon_down: Callable[[float], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class BeatRelay:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
                 self._keep(beats[start:])
                 self.failed += 1
+                if isinstance(err, OSError) and err.errno == errno.ECONNREFUSED and self.on_daemon_down is not None:
+                    self.on_daemon_down(sent_at)
                 log.warning("beat relay: the daemon did not take a batch of %d: %s", len(beats) - start, err)
                 return
             if status != 200:

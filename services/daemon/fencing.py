@@ -7,6 +7,10 @@ revoked relay credential) the node agent ends every child it runs, at once and w
 agents stop claiming, checkpointing and finishing), releases the sockets it held for them,
 and refuses spawns until a batch is taken again. The daemon, for its part, starts no
 replacement of a lost node's service before that lease has run out (``fence_wait``).
+
+A refused connection is no partition: the daemon's machine answers, and no daemon runs there
+to re-place anything (it is being restarted, and the new one adopts what runs here). The lease
+is held on then (``daemon_down``), as a killed daemon's children keep serving on one machine.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ class NodeFence:
             log.warning("node lease held again after %.2fs without it: spawns are taken again",
                         self.clock() - self.lease.lapsed_at)
         self.lease.renew(sent_at)
+
+    def daemon_down(self, sent_at: float) -> None:
+        """The daemon's machine refused the connection (no daemon on its port): the network is
+        whole and nobody can re-place this node's services; a daemon started again adopts them.
+        The lease is held on, as the daemon's children on one machine outlive it."""
+        if self.lease.held(sent_at):
+            self.lease.renew(sent_at)
 
     def refusal(self) -> str | None:
         """Why a spawn is refused now (None: the lease is held)."""

@@ -109,6 +109,7 @@ class NodeAgent:
             self.fence = NodeFence(lease, self._fenced)
         self.fence.lease.duration = lease
         self.relay.on_taken = self.fence.renewed
+        self.relay.on_daemon_down = self.fence.daemon_down
         self.fence.start()
 
     async def _fenced(self) -> int:

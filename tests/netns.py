@@ -168,9 +168,11 @@ class NetNode:
 
 # -- a Ray cluster across the namespace --------------------------------------------------------
 
-# Ray notices a dead node in 0.5 s x 3 here (its defaults, 3 s x 5, would make a partition test ~16 s longer)
+# Ray notices a dead node in 0.5 s x 3 here (its defaults, 3 s x 5, would make a partition test ~16 s
+# longer); and a node that does not answer at all (a partition, not a dead raylet, which refuses at
+# once) fails one check after health_check_timeout_ms, 10 s by default: 1 s here.
 FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-               "health_check_initial_delay_ms": 0}
+               "health_check_initial_delay_ms": 0, "health_check_timeout_ms": 1000}
 PORTS = {"min_worker_port": RAY_WORKER_PORTS[0], "max_worker_port": RAY_WORKER_PORTS[1]}
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -324,7 +324,7 @@ class RaySpawner:
     async def _fenced(self, node: Node) -> None:
         """Before a lost node's service counts as gone (and is started elsewhere): the lease
         its node agent held runs out, and with it the node has ended its children itself."""
-        if self.relays is None:
+        if self.relays is None or node.cordoned:  # cordoned: a drill's loss, whose node agent ended every child first
             return
         from common.lease import fence_wait
 
@@ -370,8 +370,9 @@ class RaySpawner:
                 log.error("%s: node %s did not end pid %s in %.0fs", child.name, node.short, child.pid, timeout)
             except Exception as err:
                 self._lost(node, f"{verb} call failed: {err}")
-                await self._fenced(node)
         if child.alive:  # its node is gone: so is the process, as far as anyone can act on it
+            if node is not None:  # once the lease it may still hold there has run out
+                await self._fenced(node)
             child.exited.set()
 
     def leftovers(self, child: Child) -> list[int]:

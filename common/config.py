@@ -31,6 +31,7 @@ from urllib.parse import unquote
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, create_model,
                       field_validator, model_validator)
 
+from common.lease import check_lease, default_lease
 from common.models import Provider, validation_messages
 from common.prices import Price
 from common.notify import NotifyEntry
@@ -487,6 +488,10 @@ class ClusterSection(_Strict):
     address: str = "auto"  # ray.init's: "auto", "host:port" or "ray://host:10001"
     # Where a node agent keeps its logs, token and fork server on its node ({home}: this home).
     node_home: str = "{home}/nodes"
+    # Fencing (common/lease.py): seconds a node agent runs its children without the daemon
+    # taking its beats; longer than policy.heartbeat_interval, shorter than the daemon's
+    # detection (heartbeat_interval x miss_threshold). Not given: one interval short of it.
+    lease: float | None = Field(None, gt=0, le=HOUR)
 
 
 # A password never sits in a registry URL, from the mesh file or the environment: a URL is
@@ -641,6 +646,9 @@ class MeshConfig(_Strict):
                     raise ValueError(f"services.{name}.depends_on: no service named {dep!r}")
         self._check_no_dependency_cycle()
         self._check_checks_roles()
+        if self.cluster.engine == "ray" and (why := check_lease(self.lease, self.policy.heartbeat_interval,
+                                                                 self.policy.miss_threshold)):
+            raise ValueError(why)
         for name in self.services:
             seen = [name]
             parent = self.services[name].parent
@@ -651,6 +659,13 @@ class MeshConfig(_Strict):
                 seen.append(parent)
                 parent = self.services[parent].parent
         return self
+
+    @property
+    def lease(self) -> float:
+        """The node agents' lease (common/lease.py): ``[cluster] lease``, else one interval short of detection."""
+        if self.cluster.lease is not None:
+            return self.cluster.lease
+        return default_lease(self.policy.heartbeat_interval, self.policy.miss_threshold)
 
     def _check_checks_roles(self) -> None:
         # A [checks.ROLE] no agent has would be silently unused (a typo such as programer):

@@ -14,6 +14,10 @@ and retry row with the drill's name, and production failure_metrics skip them.
                          on another provider, with no process killed for it
     node-loss NODE       (a Ray cluster) every process of one node dies at once; its
                          services must come back on other nodes, their tasks go on
+    partition NODE --seconds S
+                         (a Ray cluster) the node's link down for S seconds (scripts/partition.py):
+                         its lease lapses, it ends its services; after the heal each runs
+                         from one incarnation, the stale ones ended
     crash-loop NAME      kill it as soon as it is back, max_restarts + 2 times: it must come
                          back every time, with growing backoff, crash-looping after
                          max_restarts failures, escalated once for the episode
@@ -475,6 +479,66 @@ class Runner:
         if tasks:
             drill.check(f"every task it held ({len(tasks)}) ended or resumed", self._tasks_went_on(tasks, drill.t0))
         drill.data.update(node=node["node"], services=sorted(before), tasks=sorted(tasks))
+        return drill
+
+    def partition(self, key: str, seconds: float) -> Drill:
+        """Partition a Ray node from this machine for ``seconds`` (its link down, then up): the
+        node's lease lapses and it ends its own services; when the daemon notices, they come
+        back on another node; after the heal, every one of them runs from exactly one
+        incarnation, the replaced ones' sessions closed. A partition shorter than the
+        detection may change nothing but the services' beats: that passes too."""
+        from scripts.partition import PartitionError, cut, link_to
+
+        cluster = self.mesh.status().get("cluster")
+        if not cluster:
+            raise DrillError("not a cluster: partition needs [cluster] engine = \"ray\" (see README, "
+                             "\"Running on several machines\")")
+        nodes = [n for n in cluster["nodes"] if n["node"].startswith(key) or n["ip"] == key]
+        if len(nodes) != 1:
+            raise DrillError(f"{len(nodes)} nodes match {key!r}; known: "
+                             + ", ".join(f"{n['node'][:12]} ({n['ip']})" for n in cluster["nodes"]))
+        node = nodes[0]
+        if not 0 < seconds <= 600:
+            raise DrillError(f"--seconds {seconds:g}: give 0 < S <= 600")
+        try:
+            dev = link_to(node["ip"])
+        except PartitionError as err:
+            raise DrillError(str(err)) from None
+        before = {name: self.service(name) for name in node["services"]}
+        drill = Drill("partition", f"{node['node'][:12]} ({node['ip']}, link {dev}) for {seconds:g}s")
+        self.label(f"partition:{node['node'][:8]}:{uuid.uuid4().hex[:6]}")
+        moved: dict[str, dict] = {}
+        try:
+            with cut(dev):
+                drill.t0 = time.monotonic()
+                drill.mark("fault injected", f"link {dev} down: {node['ip']} cut off from this machine")
+                while time.monotonic() - drill.t0 < seconds:
+                    for name, old in before.items():
+                        s = self.mesh.service(name)
+                        if name not in moved and s["incarnation"] != old["incarnation"] \
+                                and s["state"] == ServiceState.RUNNING:
+                            moved[name] = {**s, "after": round(time.monotonic() - drill.t0, 4)}
+                            drill.mark("healthy elsewhere", f"{name} pid {s['pid']} on {(s['node'] or '')[:12]}")
+                    time.sleep(0.05)
+            drill.mark("healed", f"link {dev} up")
+            drill.data["healed_at"] = round(time.monotonic() - drill.t0, 4)
+            for name, old in before.items():  # after the heal: one incarnation each, running
+                fresh = self.wait(lambda: (s := self.mesh.service(name))["state"] == ServiceState.RUNNING and s,
+                                  self.recovery_bound(), f"{name} to run after the heal")
+                drill.check(f"{name} runs after the heal", True)
+                if fresh["incarnation"] == old["incarnation"]:
+                    continue
+                with self.db() as conn:
+                    ended = self.wait(lambda: (row := read.session(conn, old["incarnation"])) and
+                                      row["status"] == "ended" and row, self.recovery_bound(),
+                                      f"{name}'s stale incarnation to end", interval=0.1)
+                drill.check(f"{name}: the stale incarnation {old['incarnation']} ended", bool(ended))
+        except PartitionError as err:
+            raise DrillError(str(err)) from None
+        finally:
+            self.label(None)
+        drill.data.update(node=node["node"], link=dev, seconds=seconds, services=sorted(before),
+                          moved={name: {"after": m["after"], "node": m["node"]} for name, m in moved.items()})
         return drill
 
     def _tasks_went_on(self, tasks: dict[str, dict], t0: float) -> bool:

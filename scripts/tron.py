@@ -18,7 +18,8 @@
     tron history [--json]         retry history and failure metrics
     tron report [--json]          health report from the registry; exit 1 if any line is unhealthy
     tron backup | restore FILE    a consistent copy of the registry now; put one back (mesh down)
-    tron drill KIND ...           kill | hang | runaway | crash-loop NAME, provider-outage P, chaos
+    tron drill KIND ...           kill | hang | runaway | crash-loop NAME, provider-outage P, chaos,
+                                  node-loss NODE, partition NODE --seconds S
     tron sim fault P KIND         inject a provider fault into llm-sim; `tron sim clear [P]`
 
 Global options: --config FILE (default: $TRON_CONFIG, else the shipped mesh.toml), --home
@@ -740,6 +741,8 @@ def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
             drill = runner.chaos(args.faults, args.duration, args.seed)
         elif args.drill == "provider-outage":
             drill = runner.provider_outage(args.provider)
+        elif args.drill == "partition":
+            drill = runner.partition(args.name, args.seconds)
         elif args.drill == "handover":
             drill = runner.handover(args.name, args.kills, args.path, args.workers, args.interval)
         else:
@@ -889,6 +892,10 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--json", action="store_true")
     d = dsub.add_parser("node-loss", help="(Ray) lose a node: its services must come back on the others")
     d.add_argument("name", metavar="NODE", help="the node's id (4 or more characters) or address")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("partition", help="(Ray) cut a node's link for S seconds: fenced, moved, healed")
+    d.add_argument("name", metavar="NODE", help="the node's id (4 or more characters) or address")
+    d.add_argument("--seconds", type=float, required=True, help="how long the link stays down")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("provider-outage", help="make one provider fail every call")
     d.add_argument("provider", choices=["anthropic", "ollama"])

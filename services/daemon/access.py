@@ -140,6 +140,7 @@ class Access:
         self._creds: dict[str, tuple[str, str]] = {}  # service -> (incarnation, credential)
         self._relays: dict[str, Relay] = {}  # name -> its relay
         self._relay_digests: dict[str, Relay] = {}  # digest -> the same relays
+        self._renewals: dict[str, float] = {}  # relay name -> when its last batch was taken (monotonic): its lease
         self.session_of: Callable[[web.Request], object | None] | None = None  # the UI's hook: a Session
 
     # -- files --------------------------------------------------------------------------------
@@ -231,6 +232,14 @@ class Access:
         held = relay.runs.setdefault(service, deque(maxlen=RELAY_KEEPS))
         if incarnation not in held:  # another node's incarnations stay that node's: ids never repeat
             held.append(incarnation)
+
+    def renewed(self, name: str, now: float) -> None:
+        """A batch from relay ``name`` was taken: its node's lease runs from (before) now (common/lease.py)."""
+        self._renewals[name] = now
+
+    def last_renewal(self, name: str) -> float | None:
+        """When relay ``name``'s last batch was taken (kept after it is revoked: the lost node's fence)."""
+        return self._renewals.get(name)
 
     def revoke_relay(self, name: str) -> None:
         relay = self._relays.pop(name, None)

@@ -32,6 +32,7 @@ import logging
 import os
 import shlex
 import socket
+import time
 from typing import Any, Literal
 
 from aiohttp import web
@@ -282,6 +283,8 @@ async def beats(request: web.Request) -> web.Response:
                              agent=caller.name if caller.kind is Kind.AGENT else None)
         log.warning("refused beats in a batch", extra={"actor": caller.actor, "scope": str(Scope.RELAY),
                                                       "count": len(outside)})
+    if caller.kind is Kind.RELAY:  # its node's lease runs from here (services/daemon/fencing.py)
+        d.access.renewed(caller.name, time.monotonic())
     answer = {"ok": True, "interval": d.policy().heartbeat_interval, "accepted": len(verdicts) - len(refused),
               "verdicts": verdicts, "refused": refused}
     d.metrics.beats_batched.inc(answer["accepted"])

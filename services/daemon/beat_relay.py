@@ -24,9 +24,11 @@ beat of each agent is worth sending.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -54,6 +56,12 @@ class BeatRelay:
         self._task: asyncio.Task | None = None
         self.port: int | None = None
         self.sent = self.batches = self.failed = 0
+        # The node's fence (services/daemon/fencing.py): told when each batch the daemon took
+        # was sent; with one, a batch goes every interval even with no beat in it (a lease renewal).
+        self.on_taken: Callable[[float], None] | None = None
+        # ... and when the daemon's machine answered that nothing listens on its port: no
+        # partition, and no daemon to place anything elsewhere (one being restarted adopts).
+        self.on_daemon_down: Callable[[float], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -144,11 +152,12 @@ class BeatRelay:
 
     async def flush(self) -> None:
         """Send every pending beat (in chunks of CHUNK) and keep each one's verdict."""
-        if not self._pending:
+        if not self._pending and self.on_taken is None:
             return
         beats, self._pending = list(self._pending.values()), {}
-        for start in range(0, len(beats), CHUNK):
+        for start in range(0, max(1, len(beats)), CHUNK):
             chunk = beats[start:start + CHUNK]
+            sent_at = time.monotonic()
             body = b'{"beats":[' + b",".join(b.model_dump_json(exclude_none=True).encode() for b in chunk) + b"]}"
             try:
                 async with self._session.post(self.daemon_url + "/beats", data=body, headers={
@@ -158,6 +167,8 @@ class BeatRelay:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
                 self._keep(beats[start:])
                 self.failed += 1
+                if isinstance(err, OSError) and err.errno == errno.ECONNREFUSED and self.on_daemon_down is not None:
+                    self.on_daemon_down(sent_at)
                 log.warning("beat relay: the daemon did not take a batch of %d: %s", len(beats) - start, err)
                 return
             if status != 200:
@@ -167,6 +178,8 @@ class BeatRelay:
                 log.warning("beat relay: batch of %d refused: HTTP %s %s", len(chunk), status, text[:300])
                 continue
             self._record(chunk, json.loads(text))
+            if self.on_taken is not None:
+                self.on_taken(sent_at)
 
     def _keep(self, beats: list[Beat]) -> None:
         """Beats not delivered go out with the next batch, unless a newer one of the same agent came in."""

@@ -45,6 +45,7 @@ class NodeAgent:
         self.paths: dict[str, str] = {}
         self.scratch: Path | None = None  # a short directory for the fork server's socket, if the home is deep
         self.relay = None  # the beat relay (services/daemon/beat_relay.py), when the daemon asked for one
+        self.fence = None  # the node's lease, enforced here (services/daemon/fencing.py), when the relay has one
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -58,6 +59,8 @@ class NodeAgent:
 
         if relay is not None:
             await self._relay(relay)
+            if relay.get("lease"):
+                self._fence(relay["lease"])
         if self.spawner is not None:
             return self.describe()
         self.home = Path(home)
@@ -98,6 +101,32 @@ class NodeAgent:
         else:
             self.relay.daemon_url, self.relay.token = relay["daemon_url"].rstrip("/"), relay["token"]
 
+    def _fence(self, lease: float) -> None:
+        """Hold the daemon's lease from now; the relay renews it, and its lapse ends every child."""
+        from services.daemon.fencing import NodeFence
+
+        if self.fence is None:
+            self.fence = NodeFence(lease, self._fenced)
+        self.fence.lease.duration = lease
+        self.relay.on_taken = self.fence.renewed
+        self.relay.on_daemon_down = self.fence.daemon_down
+        self.fence.start()
+
+    async def _fenced(self) -> int:
+        """The lease lapsed: every child ends at once, whole, and its held socket is released (the
+        daemon may start its replacement elsewhere as soon as the lease has run out there too)."""
+        from common.processes import kill_tree, tree_of
+
+        ended = 0
+        for child in list(self.children.values()):
+            if child.alive:
+                child.expected_exit = True
+                kill_tree(tree_of(child.pid, child.incarnation), child.pid)
+                ended += 1
+        for port in list(self.listeners):
+            await self.close_listener(port)
+        return ended
+
     def describe(self) -> dict:
         import ray
 
@@ -105,7 +134,8 @@ class NodeAgent:
         fs = self.spawner.status() if self.spawner else None
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
                 "home": str(self.home), "fork_server": fs, "children": len(self.children),
-                "relay": self.relay.status() if self.relay is not None else None}
+                "relay": self.relay.status() if self.relay is not None else None,
+                "lease": self.fence.status() if self.fence is not None else None}
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -113,6 +143,10 @@ class NodeAgent:
         from services.daemon.listeners import ListenerError
         from services.daemon.spawner import SpawnError, SpawnSpec
 
+        if self.fence is not None and self.fence.refusal():
+            await self.relay.flush()  # the daemon is asking: renewed at once when its HTTP can be reached
+            if why := self.fence.refusal():
+                return {"ok": False, "error": why}
         env = {**spec["env"], **self.paths, "TRON_NODE_PID": str(os.getpid())}
         if spec.get("credential"):  # the incarnation's own, in a 0600 file of this node's home
             from common.paths import write_token
@@ -151,7 +185,7 @@ class NodeAgent:
         deadline = time.monotonic() + PORT_WAIT
         while True:
             try:
-                self.listeners[port] = open_listener(port, backlog)
+                self.listeners[port] = open_listener(port, backlog, _node_address())
                 return self.listeners[port]
             except ListenerError:
                 if time.monotonic() > deadline:
@@ -247,7 +281,18 @@ class NodeAgent:
             await self.close_listener(port)
         if self.spawner is not None:
             await self.spawner.close()
+        if self.fence is not None:
+            await self.fence.close()
         if self.relay is not None:
             await self.relay.close()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _node_address() -> str:
+    """Where this node's services listen: loopback on a loopback cluster; else every address,
+    since the daemon and the other nodes reach them at the node's (the hosts map) and a CLI on
+    the node at 127.0.0.1 (the mesh token guards them as on one machine)."""
+    import ray
+
+    return "127.0.0.1" if ray.util.get_node_ip_address() in ("127.0.0.1", "localhost") else "0.0.0.0"

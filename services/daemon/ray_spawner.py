@@ -65,6 +65,7 @@ class Node:
     retry_at: float = 0.0  # after a loss, no new node agent there before this (monotonic)
     children: set[int] = field(default_factory=set)
     starting: int = 0  # spawns placed here and not answered yet: the spread counts them (a mesh starts at once)
+    lost_at: float = 0.0  # when it was last lost (monotonic): its fence runs out a lease after its last renewal
 
     @property
     def short(self) -> str:
@@ -103,6 +104,8 @@ class Relays(Protocol):
     def relay_runs(self, name: str, service: str, incarnation: str) -> None: ...
 
     def revoke_relay(self, name: str) -> None: ...
+
+    def last_renewal(self, name: str) -> float | None: ...
 
 
 def relay_name(node: Node) -> str:
@@ -200,7 +203,7 @@ class RaySpawner:
             home = self.cluster.node_home.format(home=self.home_root) + f"/{node.short}"
             relay = None if self.relays is None else {
                 "daemon_url": self.config.daemon_url, "token": self.relays.mint_relay(relay_name(node)),
-                "interval": self.config.policy.heartbeat_interval}
+                "interval": self.config.policy.heartbeat_interval, "lease": self.config.lease}
             node.info = await asyncio.wait_for(handle.setup.remote(
                 home, self._config_text(), self.marks, self.config.mesh.fork_server, relay), 90)
             rows = await asyncio.wait_for(handle.inventory.remote(), CALL_TIMEOUT)
@@ -286,7 +289,7 @@ class RaySpawner:
             self.relays.relay_runs(relay_name(node), child.name, child.incarnation)
         self.placed[child.name] = node.node_id
         node.children.add(child.pid)
-        if node.ip in self._local_ips:
+        if node.ip in ("127.0.0.1", "localhost", "::1"):  # a loopback cluster; else other nodes reach it there too
             self.config.hosts.pop(child.name, None)
         else:
             self.config.hosts[child.name] = node.ip
@@ -301,6 +304,7 @@ class RaySpawner:
         except Exception as err:  # RayActorError: the node agent, and its node, are gone
             child.lost = True
             self._lost(node, f"node agent gone: {type(err).__name__}")
+            await self._fenced(node)
         node.children.discard(child.pid)
         if not child.exited.is_set():
             child.exited.set()
@@ -310,7 +314,8 @@ class RaySpawner:
     def _lost(self, node: Node, why: str) -> None:
         if node.agent is None:
             return
-        node.retry_at = time.monotonic() + AGENT_RETRY
+        node.lost_at = time.monotonic()
+        node.retry_at = node.lost_at + AGENT_RETRY
         log.error("ray node %s (%s) lost: %s; its services are placed elsewhere", node.short, node.ip, why)
         node.agent = None
         if self.relays is not None:
@@ -318,6 +323,19 @@ class RaySpawner:
         for port, holder in list(self.listening.items()):
             if holder == node.node_id:
                 del self.listening[port]
+
+    async def _fenced(self, node: Node) -> None:
+        """Before a lost node's service counts as gone (and is started elsewhere): the lease
+        its node agent held runs out, and with it the node has ended its children itself."""
+        if self.relays is None or node.cordoned:  # cordoned: a drill's loss, whose node agent ended every child first
+            return
+        from common.lease import fence_wait
+
+        wait = fence_wait(self.relays.last_renewal(relay_name(node)), node.lost_at, self.config.lease, time.monotonic())
+        if wait > 0:
+            log.info("ray node %s lost: its lease runs %.2fs more; its services are started elsewhere after it",
+                     node.short, wait)
+            await asyncio.sleep(wait)
 
     def reserve(self, name: str) -> str | None:
         return None  # a node agent starts each incarnation itself
@@ -356,6 +374,8 @@ class RaySpawner:
             except Exception as err:
                 self._lost(node, f"{verb} call failed: {err}")
         if child.alive:  # its node is gone: so is the process, as far as anyone can act on it
+            if node is not None:  # once the lease it may still hold there has run out
+                await self._fenced(node)
             child.exited.set()
 
     def leftovers(self, child: Child) -> list[int]:

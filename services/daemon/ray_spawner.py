@@ -476,6 +476,9 @@ class RaySpawner:
 
     log_timeout = 5.0  # a log read the node agent has not answered in this long is given up (the reader asks again)
 
+    def node_placed(self, name: str) -> str | None:
+        return self.placed.get(name)
+
     async def read_log(self, node_id: str, daemon_path: str, cursor: dict) -> dict:
         node = self.agent_on(node_id)
         try:

@@ -27,7 +27,7 @@ from common.models import IdStr, Msg
 from common.processes import describe, same_process, tree_of
 from services.daemon.audit import Refused
 from services.daemon.logread import MAX_CHUNK, MAX_LINES, read_log
-from services.daemon.spawner import SpawnError
+from services.daemon.spawner import ClusterControl, SpawnError
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}
 
@@ -63,14 +63,13 @@ def node_of(daemon, name: str) -> str | None:
     svc = daemon.sup.services[name]
     if svc.child is not None and svc.child.node:
         return svc.child.node
-    return getattr(daemon.sup.spawner, "placed", {}).get(name)
+    return daemon.cluster.node_placed(name) if daemon.cluster is not None else None
 
 
-def _remote(daemon):
-    spawner = daemon.sup.spawner
-    if getattr(spawner, "engine", "local") != "ray":
+def _remote(daemon) -> ClusterControl:
+    if daemon.cluster is None:
         raise Refused(400, "a node was named, but this mesh runs on one machine ([cluster] engine is \"local\")")
-    return spawner
+    return daemon.cluster
 
 
 async def service_log(daemon, name: str, q: LogQuery) -> dict:

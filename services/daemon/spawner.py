@@ -239,6 +239,14 @@ class ClusterControl(Protocol):
 
     async def restore(self, node: Any) -> None: ...
 
+    def node_placed(self, name: str) -> str | None: ...  # the node a service runs on, or ran on last
+
+    async def read_log(self, node_id: str, daemon_path: str, cursor: dict) -> dict: ...  # a chunk, on its node
+
+    async def signal_child(self, child: Child, sig: int) -> dict: ...  # through its node's agent
+
+    async def processes(self, node_id: str, pid: int, incarnation: str) -> list[str]: ...  # a tree, on its node
+
 
 # Process identity, trees and the census live in common/processes.py (the CLI uses them too).
 from common.processes import (MARK, create_time_of, describe, holds_socket, home_processes,  # noqa: E402,F401

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from tests.harness import wait_for
@@ -111,7 +112,14 @@ def test_the_log_pump_outlives_a_killed_daemon(mesh_factory, tmp_path):
 
 
 def pumps(mesh) -> list:
-    return [p for p in mesh.processes() if "services.daemon.logpump" in " ".join(p.cmdline())]
+    found = []
+    for p in mesh.processes():
+        try:
+            if "services.daemon.logpump" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # ended (or a zombie) between the listing and this read: not a pump
+            continue
+    return found
 
 
 def test_a_start_failure_names_the_last_line_its_program_wrote(mesh_factory, tmp_path):

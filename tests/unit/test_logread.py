@@ -97,10 +97,8 @@ def test_a_cursor_from_another_nodes_disk_starts_from_the_last_lines_here(tmp_pa
 
 
 class NodeAgentReads:
-    """What RaySpawner.read_log does, with the node agent's own read of a file on its node;
-    ``gone`` makes it fail as a lost node's does."""
-
-    engine = "ray"
+    """The daemon's ClusterControl as far as logs go: what RaySpawner.read_log does, with the
+    node agent's own read of a file on its node; ``gone`` makes it fail as a lost node's does."""
 
     def __init__(self) -> None:
         self.gone = False
@@ -125,7 +123,7 @@ def cluster_daemon(tmp_path, reads: NodeAgentReads):
     home = Home(tmp_path)
     home.logs.mkdir(parents=True, exist_ok=True)
     worker = SimpleNamespace(child=SimpleNamespace(node="ab12cd34ef"))
-    return SimpleNamespace(home=home, sup=SimpleNamespace(services={"worker": worker}, spawner=reads))
+    return SimpleNamespace(home=home, sup=SimpleNamespace(services={"worker": worker}), cluster=reads)
 
 
 async def polled(tail) -> list[list[str]]:

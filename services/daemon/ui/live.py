@@ -104,7 +104,7 @@ class Live:
     def _tail(self, name: str) -> LogTail | NodeLogTail:
         """The service's log file here, or, on a Ray cluster, its node's through the node agent."""
         if name not in self._tails:
-            on_nodes = getattr(self.daemon.sup.spawner, "engine", "local") == "ray" and name in self.daemon.sup.services
+            on_nodes = self.daemon.cluster is not None and name in self.daemon.sup.services
             self._tails[name] = NodeLogTail(self.daemon, name) if on_nodes else LogTail(self.daemon.home.log_file(name))
         return self._tails[name]
 

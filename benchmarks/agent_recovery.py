@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks import finish
-from scripts.stats import percentile, summary
+from tron.scripts.stats import percentile, summary
 from tests.harness import cleanup, make_mesh, wait_for
 
 AGENTS = ["gateway", "root", "architect", "director-code", "programmer-1"]

@@ -2,7 +2,7 @@
 bare aiohttp handler that parses the same JSON, with the same load generator, in the same run.
 
 Servers (each in its own process, so the load never shares their CPU or GIL):
-  real             ``services.daemon.api.make_app(daemon)``: a real ``Daemon`` on a temporary
+  real             ``tron.services.daemon.api.make_app(daemon)``: a real ``Daemon`` on a temporary
                    home with 200 command services that are never spawned (``bring_up`` is not
                    called); each gets an incarnation and is watched with hour-long deadlines.
   bare             a bare aiohttp app: ``await request.json()`` and ``web.json_response``.
@@ -75,8 +75,8 @@ from pathlib import Path
 
 import psutil
 
-from scripts.stats import summary
-from services.daemon.__main__ import SWITCH_INTERVAL
+from tron.scripts.stats import summary
+from tron.services.daemon.__main__ import SWITCH_INTERVAL
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -110,7 +110,7 @@ def service_names(n: int) -> list[str]:
 # =====================================================================================
 
 def write_mesh(path: Path, n: int) -> None:
-    from common.config import MeshSection
+    from tron.common.config import MeshSection
     lines = ["[mesh]", "daemon_port = 39999"]
     if "fork_server" in MeshSection.model_fields:
         lines.append("fork_server = false")  # command services only, nothing to fork; no extra process
@@ -229,13 +229,13 @@ class ServerSide:
 
         from pydantic import TypeAdapter
 
-        from common.config import load_mesh
-        from common.http import TOKEN_KEY, error, token_ok
-        from common.models import Beat
-        from common.monitor import Verdict
-        from common.paths import Home
-        from services.daemon.api import make_app
-        from services.daemon.build import build_daemon
+        from tron.common.config import load_mesh
+        from tron.common.http import TOKEN_KEY, error, token_ok
+        from tron.common.models import Beat
+        from tron.common.monitor import Verdict
+        from tron.common.paths import Home
+        from tron.services.daemon.api import make_app
+        from tron.services.daemon.build import build_daemon
 
         mesh = Path(self.args.home) / "mesh.toml"
         n_services = max(self.args.services, self.args.beats_conns * self.args.beats_batch)
@@ -359,7 +359,7 @@ class ServerSide:
 
         from aiohttp import web
 
-        from common.models import Beat
+        from tron.common.models import Beat
         out: dict[str, float] = {}
         raw = (b'{"service":"svc-000","incarnation":"i-0","pid":1234,"seq":1,"task_id":null,'
                b'"progress":null}')
@@ -411,11 +411,11 @@ class ServerSide:
         from aiohttp import streams, web
         from aiohttp.test_utils import make_mocked_request
 
-        from services.daemon.api import DAEMON_KEY, beat as real_beat
+        from tron.services.daemon.api import DAEMON_KEY, beat as real_beat
         d = self.daemon
         app = web.Application()
         app[DAEMON_KEY] = d
-        from common.http import TOKEN_KEY
+        from tron.common.http import TOKEN_KEY
         app[TOKEN_KEY] = d.token
         proto = mock.Mock(_reading_paused=False)  # shared by every mocked request: building mocks is slow
         transport = mock.Mock()

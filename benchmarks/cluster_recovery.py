@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.stats import summary
+from tron.scripts.stats import summary
 from tests.harness import cleanup, make_mesh, wait_for
 
 HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}

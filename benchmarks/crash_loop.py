@@ -46,7 +46,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.peers import end_leftovers, tagged_processes
-from common.config import Policy
+from tron.common.config import Policy
 from tests.harness import cleanup, make_mesh, wait_for
 
 NAME = "crashy"

@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import finish
-from scripts.stats import percentile
+from tron.scripts.stats import percentile
 from tests.harness import REPO, cleanup, make_mesh, wait_for
 
 

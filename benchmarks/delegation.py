@@ -39,8 +39,8 @@ from pathlib import Path
 
 from benchmarks import finish, take_turns
 from benchmarks.peers import machine_facts
-from common.config import Policy
-from scripts.stats import percentile
+from tron.common.config import Policy
+from tron.scripts.stats import percentile
 from tests.harness import cleanup, make_mesh
 
 BLOCK = 5

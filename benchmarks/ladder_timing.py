@@ -39,9 +39,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from common.config import Policy
-from common.ladder import worst_case_attempts
-from scripts.stats import percentile
+from tron.common.config import Policy
+from tron.common.ladder import worst_case_attempts
+from tron.scripts.stats import percentile
 from tests.harness import FAST_POLICY, REPO, cleanup, make_mesh, wait_for
 
 DEFAULT = tomllib.loads((REPO / "mesh.toml").read_text())

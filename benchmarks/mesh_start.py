@@ -33,7 +33,7 @@ import tomllib
 from pathlib import Path
 
 from benchmarks import finish
-from scripts.stats import percentile
+from tron.scripts.stats import percentile
 from tests.harness import REPO, TRON, cleanup, make_mesh, wait_for
 
 NEVER_READY = {"role": "command", "port": 6195,

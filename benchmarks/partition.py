@@ -31,8 +31,8 @@ from pathlib import Path
 
 import psutil
 
-from scripts.client import http
-from scripts.stats import summary
+from tron.scripts.client import http
+from tron.scripts.stats import summary
 from tests import netns
 from tests.harness import cleanup, make_mesh, wait_for
 

@@ -71,10 +71,10 @@ from pathlib import Path
 
 import psutil
 
-from common.config import Policy
+from tron.common.config import Policy
 from benchmarks import finish
-from scripts.stats import percentile
-from common.processes import describe, kill_tree
+from tron.scripts.stats import percentile
+from tron.common.processes import describe, kill_tree
 from tests.harness import cleanup, make_mesh
 
 HERE = Path(__file__).resolve().parent

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks import finish
-from scripts.stats import percentile
+from tron.scripts.stats import percentile
 from tests.harness import REPO, TRON, Mesh, cleanup, make_mesh, wait_for
 
 BEFORE = "c372d1f"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks import finish
-from scripts.stats import percentile
+from tron.scripts.stats import percentile
 from tests.harness import cleanup, make_mesh
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.stats import summary
+from tron.scripts.stats import summary
 from tests.harness import cleanup, make_mesh, wait_for
 
 SERVER = """
@@ -133,9 +133,9 @@ def spawn(reps: int, root: Path) -> dict:
 
 
 async def _spawn(reps: int, root: Path) -> dict:
-    from services.daemon.cgroups import Limits
-    from services.daemon.sockdiag import listening_inodes
-    from services.daemon.spawner import LocalSpawner, SpawnSpec
+    from tron.services.daemon.cgroups import Limits
+    from tron.services.daemon.sockdiag import listening_inodes
+    from tron.services.daemon.spawner import LocalSpawner, SpawnSpec
 
     (root / "server.py").write_text(SERVER)
     server = PERL_SERVER if shutil.which("perl") else [sys.executable, "-S", str(root / "server.py")]

@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks import finish
-from scripts.stats import percentile
+from tron.scripts.stats import percentile
 from tests.harness import cleanup, make_mesh, wait_for
 
 AGENTS = ["programmer-1", "director-code", "programmer-2", "director-docs", "architect"]

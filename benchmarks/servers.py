@@ -39,11 +39,11 @@ from pathlib import Path
 
 import psutil
 
-from common.config import Policy
-from scripts.stats import summary
-from common.processes import holds_socket
-from services.daemon.sockdiag import listening_inodes
-from common.processes import tree_of
+from tron.common.config import Policy
+from tron.scripts.stats import summary
+from tron.common.processes import holds_socket
+from tron.services.daemon.sockdiag import listening_inodes
+from tron.common.processes import tree_of
 from tests.harness import REPO, cleanup, make_mesh, server_answers, wait_for
 
 EXAMPLE = REPO / "examples" / "servers"

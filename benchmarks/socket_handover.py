@@ -79,9 +79,9 @@ from benchmarks.peers import (
     machine_facts,
     tagged_processes,
 )
-from common.config import Policy
-from scripts.loadloop import Counts, RequestLoop
-from scripts.stats import percentile
+from tron.common.config import Policy
+from tron.scripts.loadloop import Counts, RequestLoop
+from tron.scripts.stats import percentile
 from tests.harness import REPO, cleanup, make_mesh
 
 APPS = REPO / "tests" / "integration" / "apps"

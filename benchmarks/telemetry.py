@@ -42,9 +42,9 @@ from pathlib import Path
 from aiohttp import web
 
 from benchmarks import finish
-from common import telemetry
-from common.providers import ProviderSettings, aclose_clients, complete
-from scripts.stats import percentile
+from tron.common import telemetry
+from tron.common.providers import ProviderSettings, aclose_clients, complete
+from tron.scripts.stats import percentile
 from benchmarks.usage_overhead import free_port, serve_sim  # llm-sim in a process of its own
 
 

@@ -1,7 +1,7 @@
 """TRON's monitor alone, at 1k / 10k / 100k simulated agents beating once per second
 (interval 1 s, miss_threshold 3 => beat_timeout 3 s; progress and task deadlines far away).
 
-Four measurements, all on ``common.monitor`` as it is (nothing is patched):
+Four measurements, all on ``tron.common.monitor`` as it is (nothing is patched):
 
   cpu       FakeClock, no thread: each agent beats once per simulated second at its own
             phase (a random but fixed order, spread evenly over the second), ``tick(now)``
@@ -51,9 +51,9 @@ from pathlib import Path
 
 import psutil
 
-from common.clock import FakeClock
-from common.monitor import Monitor, MonitorThread, Signal, Verdict
-from scripts.stats import summary
+from tron.common.clock import FakeClock
+from tron.common.monitor import Monitor, MonitorThread, Signal, Verdict
+from tron.scripts.stats import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL = 1.0

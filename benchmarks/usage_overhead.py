@@ -32,18 +32,18 @@ from pathlib import Path
 from aiohttp import web
 
 from benchmarks import finish
-from common.agent import Task
-from common.agent_runtime import AgentRuntime
-from common.clock import MonotonicClock
-from common.config import MeshConfig
-from common.models import ProviderOutcome, TaskAssign
-from common.providers import ProviderSettings, aclose_clients, complete
-from registry.journal import JournaledStore
-from registry.store import open_sqlite_store
-from scripts.stats import percentile
-from services.daemon.metrics import DaemonMetrics
-from services.daemon.spend import Spend
-from services.llm_sim.app import make_app
+from tron.common.agent import Task
+from tron.common.agent_runtime import AgentRuntime
+from tron.common.clock import MonotonicClock
+from tron.common.config import MeshConfig
+from tron.common.models import ProviderOutcome, TaskAssign
+from tron.common.providers import ProviderSettings, aclose_clients, complete
+from tron.registry.journal import JournaledStore
+from tron.registry.store import open_sqlite_store
+from tron.scripts.stats import percentile
+from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.spend import Spend
+from tron.services.llm_sim.app import make_app
 
 
 def free_port() -> int:

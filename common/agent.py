@@ -48,15 +48,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from aiohttp import web
 
-from common.models import TaskAssign
-from common.providers import SDKS
-from common.service import ServiceContext
+from tron.common.models import TaskAssign
+from tron.common.providers import SDKS
+from tron.common.service import ServiceContext
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from common.agent_runtime import AgentRuntime
-    from common.providers import RepeatGuard
+    from tron.common.agent_runtime import AgentRuntime
+    from tron.common.providers import RepeatGuard
 
 PROVIDER_POLL = 25.0  # the daemon answers an acquire or a park within 20 s (a long poll)
 # Reasons a run fails fast with, passed up unchanged from the task that met them.
@@ -148,7 +148,7 @@ def load_sdks(sdks: Iterable[str] = SDKS) -> None:
     if "openai" in sdks:
         importlib.import_module("openai.resources")  # the client's first .chat would import these: 0.6 s
 
-    from common.providers import warm_up
+    from tron.common.providers import warm_up
 
     warm_up(sdks)
 
@@ -186,7 +186,7 @@ class Agent:
     _tron_runtime: ClassVar[type[AgentRuntime] | None] = None  # a built-in role's own runtime class
 
     def __init__(self, ctx: ServiceContext) -> None:
-        from common.agent_runtime import AgentRuntime
+        from tron.common.agent_runtime import AgentRuntime
 
         self._tron: AgentRuntime = (self._tron_runtime or AgentRuntime)(self, ctx)
 

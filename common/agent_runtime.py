@@ -31,18 +31,18 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from aiohttp import web
 
-from common import logs, telemetry
-from common.agent import PROVIDER_POLL, REFUSALS, Abandon, ProviderMoved, Task, TaskFailed, _current, load_sdks
-from common.clock import Clock, MonotonicClock
-from common.http import MeshHTTPError, parse, parse_empty, require_token
-from common.ladder import compute_backoff, worst_case_attempts
-from common.models import CheckpointRecord, TaskAssign, TaskRecord, TaskResult
-from common.service import ServiceContext
+from tron.common import logs, telemetry
+from tron.common.agent import PROVIDER_POLL, REFUSALS, Abandon, ProviderMoved, Task, TaskFailed, _current, load_sdks
+from tron.common.clock import Clock, MonotonicClock
+from tron.common.http import MeshHTTPError, parse, parse_empty, require_token
+from tron.common.ladder import compute_backoff, worst_case_attempts
+from tron.common.models import CheckpointRecord, TaskAssign, TaskRecord, TaskResult
+from tron.common.service import ServiceContext
 
 if TYPE_CHECKING:
-    from common.agent import Agent
-    from common.ladder_parent import ParentRole
-    from common.providers import LLMReply, ProviderFailure, ProviderSettings
+    from tron.common.agent import Agent
+    from tron.common.ladder_parent import ParentRole
+    from tron.common.providers import LLMReply, ProviderFailure, ProviderSettings
 
 # What ``under_ladder``'s ``inspect`` makes of a call's result: (a failure or None, the answer as a reply or None).
 Inspect = Callable[[str, Any], "tuple[ProviderFailure | None, LLMReply | None]"]
@@ -73,7 +73,7 @@ class AgentRuntime:
         self.clock: Clock = MonotonicClock()  # backoffs between hand-off retries (a test hands in a fake)
         self.parent: ParentRole | None = None
         if self.config.children(self.name):  # only a parent decides about children
-            from common.ladder_parent import ParentRole
+            from tron.common.ladder_parent import ParentRole
 
             self.parent = ParentRole(self)
 
@@ -195,7 +195,7 @@ class AgentRuntime:
         """The SDK client of a provider (this incarnation's by default: the root may have
         switched it), ready to use: pointed at the real service or llm-sim, an explicit
         timeout, and the SDK's own retries off (the ladder is the one retry authority)."""
-        from common.providers import client_for
+        from tron.common.providers import client_for
 
         return client_for(provider or self.provider, self.provider_settings())
 
@@ -210,7 +210,7 @@ class AgentRuntime:
 
             reply = await self.call_llm(task, lambda c: c.messages.create(model=self.model, ...))
         """
-        from common.providers import check_tool_calls, reply_of
+        from tron.common.providers import check_tool_calls, reply_of
 
         def inspect(provider: str, response: Any) -> tuple[ProviderFailure | None, LLMReply | None]:
             # Only a generation's answer is checked (not an embedding, a stream object, a count).
@@ -228,7 +228,7 @@ class AgentRuntime:
     def _check_reply(self, task: Task, reply: LLMReply, *, complete: bool) -> ProviderFailure | None:
         """An answer that is 200 OK but broken (empty, cut at max_tokens where a whole one
         is needed, a refusal, the same answer again and again) is a provider failure."""
-        from common.providers import RepeatGuard, check_reply
+        from tron.common.providers import RepeatGuard, check_reply
 
         checks = self.config.output_checks(self.name)
         failure = check_reply(reply, checks, complete=complete)
@@ -252,7 +252,7 @@ class AgentRuntime:
         (``call_llm``'s SDK request) that is moved raises ``ProviderMoved`` instead, and the
         task's work runs again on the new provider. ``content``: (system, prompt), for the
         call's trace span when ``[telemetry] capture_content`` is on."""
-        from common.providers import ProviderFailure, classify
+        from tron.common.providers import ProviderFailure, classify
 
         await self.sdks_ready()
         while True:
@@ -572,7 +572,7 @@ class AgentRuntime:
         return True
 
     def provider_settings(self, *, timeout: float | None = None, max_tokens: int | None = None) -> ProviderSettings:
-        from common.providers import ProviderSettings
+        from tron.common.providers import ProviderSettings
 
         p = self.config.providers
         return ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
@@ -587,8 +587,8 @@ class AgentRuntime:
         failure is retried, switched or parked in place, and only a task the ladder ended
         leaves here (as ``Abandon``). ``complete``: the step needs a whole answer, so one
         cut at max_tokens is a failure too."""
-        from common.prompts import system_prompt
-        from common.providers import provider_for  # SDKs load lazily
+        from tron.common.prompts import system_prompt
+        from tron.common.providers import provider_for  # SDKs load lazily
 
         system = system or self.agent.system or system_prompt(self.agent.role)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from common.models import DecidedBy
-from common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
+from tron.common.models import DecidedBy
+from tron.common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
 
 CRASH_LOOP = Escalate(case="crash_loop_started", reason="crash_looping", kind="crash_loop")
 

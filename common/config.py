@@ -31,14 +31,14 @@ from urllib.parse import unquote
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, create_model,
                       field_validator, model_validator)
 
-from common.lease import check_lease, default_lease
-from common.models import Provider, validation_messages
-from common.prices import Price
-from common.notify import NotifyEntry
-from common.telemetry import TelemetrySection
-from common.prices import merged as merged_prices
-from common.providers.checks import OutputChecks
-from common import probe_kinds  # the probe kinds: their names and configs
+from tron.common.lease import check_lease, default_lease
+from tron.common.models import Provider, validation_messages
+from tron.common.prices import Price
+from tron.common.notify import NotifyEntry
+from tron.common.telemetry import TelemetrySection
+from tron.common.prices import merged as merged_prices
+from tron.common.providers.checks import OutputChecks
+from tron.common import probe_kinds  # the probe kinds: their names and configs
 
 DAEMON = "daemon"
 AGENT_ROLES = ("gateway", "root", "architect", "director", "programmer", "llm_sim")
@@ -367,7 +367,7 @@ class ServiceSpec(_Strict):
     @property
     def module(self) -> str:
         """The module an agent incarnation runs (what the fork server forks into)."""
-        return "services.agent_host" if self.agent else f"services.{self.role}"
+        return "tron.services.agent_host" if self.agent else f"tron.services.{self.role}"
 
     def values(self, home: Path, config_dir: Path) -> dict[str, str]:
         """What {placeholders} in command, env, cwd and probes stand for."""
@@ -600,7 +600,7 @@ class MeshConfig(_Strict):
     checks: dict[str, OutputChecks] = {}
     # [[notify]] url = "https://...", secret_env = "TRON_NOTIFY_SECRET": who hears of what (common/notify.py)
     notify: list[NotifyEntry] = []
-    # USD per million tokens, laid over common.prices.DEFAULT_PRICES:
+    # USD per million tokens, laid over tron.common.prices.DEFAULT_PRICES:
     # [prices."anthropic/claude-sonnet-4"] input_per_mtok = 3.0, output_per_mtok = 15.0
     prices: dict[str, Price] = {}
     budgets: Budgets = Budgets()

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from common.models import MAX_BODY, TOKEN_HEADER, Empty, validation_messages
+from tron.common.models import MAX_BODY, TOKEN_HEADER, Empty, validation_messages
 
 M = TypeVar("M", bound=BaseModel)
 P = ParamSpec("P")

@@ -47,8 +47,8 @@ from typing import Callable, Generic, Literal, Never, TypeVar, Union, assert_nev
 
 from pydantic import BaseModel, ConfigDict
 
-from common.config import DAY, Policy
-from common.states import OPEN_TASK_STATES, RetryType, ServiceState, TaskState
+from tron.common.config import DAY, Policy
+from tron.common.states import OPEN_TASK_STATES, RetryType, ServiceState, TaskState
 
 # -- events: what reached the decider ----------------------------------------------------
 

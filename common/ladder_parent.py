@@ -3,7 +3,7 @@ about one of them, or a child escalates a failure it gave up on.
 
 Only a parent gets one (``AgentRuntime`` composes it in when the service has children): it
 serves ``POST /handle_child_timeout`` and ``POST /handle_grandchild_failure``, reads the
-registry's view of the failure, decides with ``common.ladder.decide`` (LLM advice may only
+registry's view of the failure, decides with ``tron.common.ladder.decide`` (LLM advice may only
 make the decision stricter) and has the daemon carry it out through ``MeshActions``.
 """
 
@@ -17,18 +17,18 @@ from urllib.parse import urlencode
 from aiohttp import web
 from pydantic import BaseModel
 
-from common import logs
-from common.carry import carry_out, loop_alert_id
-from common.config import DAEMON
-from common.http import MeshHTTPError, error, parse, require_token
-from common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Park, Restart, SwitchProvider, decide,
-                           fold_advice, parse_advice)
-from common.models import (Alert, DecidedBy, Escalation, EscalationRecord, ParkRequest, PermanentFailure, RestartRequest,
-                           SwitchRequest)
+from tron.common import logs
+from tron.common.carry import carry_out, loop_alert_id
+from tron.common.config import DAEMON
+from tron.common.http import MeshHTTPError, error, parse, require_token
+from tron.common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Park, Restart, SwitchProvider, decide,
+                                fold_advice, parse_advice)
+from tron.common.models import (Alert, DecidedBy, Escalation, EscalationRecord, ParkRequest, PermanentFailure,
+                                RestartRequest, SwitchRequest)
 
 if TYPE_CHECKING:
-    from common.agent_runtime import AgentRuntime
-    from common.providers import ProviderSettings
+    from tron.common.agent_runtime import AgentRuntime
+    from tron.common.providers import ProviderSettings
 
 log = logging.getLogger("tron.agent")
 
@@ -120,7 +120,7 @@ class ParentRole:
         """Ask the LLM whether to restart or escalate, within ``advice_timeout``: (advice,
         rationale or why there is none). No answer, an unusable one, or a failure means
         no advice: the policy stands."""
-        from common.prompts import system_prompt
+        from tron.common.prompts import system_prompt
 
         policy = view.policy
         question = (f"Child {event.service} failed: {event.reason}. Task {event.task_id} has had "
@@ -128,7 +128,7 @@ class ParentRole:
         try:
             async with asyncio.timeout(policy.advice_timeout):
                 await self.sdks_ready()
-                from common.providers import provider_for
+                from tron.common.providers import provider_for
 
                 provider = provider_for(self.provider)
                 reply = await provider.complete(system=system_prompt("advisor"), prompt=question,

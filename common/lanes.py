@@ -25,8 +25,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from common.redaction import redact
-from common.states import LaneState
+from tron.common.redaction import redact
+from tron.common.states import LaneState
 
 _NORMALISE = (
     (re.compile(r"\b\d{4}-\d\d-\d\dT[\d:.]+Z?\b"), "<time>"),  # ISO timestamps

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import telemetry
-from common.clock import utc_iso
-from common.redaction import redact
+from tron.common import telemetry
+from tron.common.clock import utc_iso
+from tron.common.redaction import redact
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 _context: dict[str, Any] = {}

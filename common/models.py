@@ -103,7 +103,7 @@ class Alert(Msg):
     retryable: bool = True
     hops: list[str] = []
     # What the receiving parent would read from GET /ladder/view, read by the daemon as it
-    # delivers (common.ladder.LadderView, as JSON): the parent decides on it without a
+    # delivers (tron.common.ladder.LadderView, as JSON): the parent decides on it without a
     # round trip of its own. Never persisted; a parent that ignores it may still ask.
     view: dict[str, Any] | None = None
 

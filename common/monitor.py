@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Callable
 
-from common.clock import Clock, MonotonicClock
-from common.models import Reason
+from tron.common.clock import Clock, MonotonicClock
+from tron.common.models import Reason
 
 
 class Verdict(StrEnum):

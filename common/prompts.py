@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from common.config import resource
+from tron.common.config import resource
 
 PROMPTS = resource("prompts")
 

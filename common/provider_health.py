@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import ProviderLimits, ProvidersConfig
-from common.states import PROVIDER, ProviderState
+from tron.common.config import ProviderLimits, ProvidersConfig
+from tron.common.states import PROVIDER, ProviderState
 
 OpenKind = Literal["outage", "hold", "drained"]
 HOLD_SLACK = 0.5  # a later retry-after extends a hold only by more than this

@@ -24,13 +24,13 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from common import logs, telemetry
-from common.clock import Clock, MonotonicClock
-from common.config import MeshConfig, load_mesh
-from common import credentials
-from common.http import AUTH_KEY, TOKEN_KEY, MeshClient, MeshHTTPError
-from common.models import TOKEN_HEADER, Beat
-from common.paths import read_token
+from tron.common import logs, telemetry
+from tron.common.clock import Clock, MonotonicClock
+from tron.common.config import MeshConfig, load_mesh
+from tron.common import credentials
+from tron.common.http import AUTH_KEY, TOKEN_KEY, MeshClient, MeshHTTPError
+from tron.common.models import TOKEN_HEADER, Beat
+from tron.common.paths import read_token
 
 log = logging.getLogger("tron.service")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.config import ConfigError, MeshConfig, Policy
-from common.models import validation_messages
+from tron.common.config import ConfigError, MeshConfig, Policy
+from tron.common.models import validation_messages
 
 OVERLAY_NAME = "mesh.overlay.toml"
 

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.redaction import redact
+from tron.common.redaction import redact
 
 if TYPE_CHECKING:  # types only: the SDK is imported when tracing is turned on, never before
     from opentelemetry.context import Context
@@ -56,8 +56,8 @@ if TYPE_CHECKING:  # types only: the SDK is imported when tracing is turned on, 
     from opentelemetry.trace import Span, SpanContext, Status, Tracer
     from opentelemetry.util.types import AttributeValue
 
-    from common.models import TaskAssign
-    from common.trace_export import ProcessExport
+    from tron.common.models import TaskAssign
+    from tron.common.trace_export import ProcessExport
 
 log = logging.getLogger("tron.telemetry")
 
@@ -122,7 +122,7 @@ class _On:
         self.section = section
         from opentelemetry.trace import SpanKind
 
-        from common.trace_export import ProcessExport  # no SDK import: it is plain Python
+        from tron.common.trace_export import ProcessExport  # no SDK import: it is plain Python
 
         self.client_kind = SpanKind.CLIENT
 
@@ -315,7 +315,7 @@ def setup(section: TelemetrySection | None, *, service: str, incarnation: str | 
     if exporter is None and section.export == "process":
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        from common.trace_export import ProcessExport
+        from tron.common.trace_export import ProcessExport
 
         processor: _Batch | ProcessExport = ProcessExport(url, section, resource, InstrumentationScope(TRACER),
                                                           _count_dropped)

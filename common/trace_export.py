@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, Span
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from common.telemetry import TelemetrySection, _Batch
+    from tron.common.telemetry import TelemetrySection, _Batch
 
 
 def record(span: ReadableSpan) -> Record:
@@ -209,7 +209,7 @@ class ProcessExport:
             theirs.close()
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            from common import telemetry
+            from tron.common import telemetry
 
             url, section, _, _ = self.args
             logging.getLogger("tron.telemetry").warning(
@@ -329,7 +329,7 @@ def _exporter_main(sock: socket.socket, url: str, section: TelemetrySection, res
         _detach(sock.fileno())
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        from common import telemetry
+        from tron.common import telemetry
 
         telemetry._on = None  # the parent's tracer came with the fork: nothing is traced here, and dropped()
         base = telemetry.dropped()  # is this process's own count (the parent's at the fork included)

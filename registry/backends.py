@@ -2,8 +2,8 @@
 
     registry.db            (bare path)      the SQLite file, the embedded default
                            sqlite:///abs/path, sqlite:rel/path, file:///abs/path
-    registry.pg            postgresql://..., postgres://...    a PostgreSQL server
-    registry.memory        memory://                           nothing kept (tests, trials)
+    tron.registry.pg            postgresql://..., postgres://...    a PostgreSQL server
+    tron.registry.memory        memory://                           nothing kept (tests, trials)
 
 Each backend module has one ``open_url(url, *, clock)`` that answers its store for the URL
 (checked, migrated, not yet opened), one ``open_reader(url)`` for the CLI's read-only
@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
-from common.clock import Clock
-from registry.schema import RegistryError
+from tron.common.clock import Clock
+from tron.registry.schema import RegistryError
 
 if TYPE_CHECKING:
     import sqlite3
 
-    from registry.journal import JournaledStore
-    from registry.memory import MemoryStore
-    from registry.pg import PgReader
-    from registry.store import SqlStore
+    from tron.registry.journal import JournaledStore
+    from tron.registry.memory import MemoryStore
+    from tron.registry.pg import PgReader
+    from tron.registry.store import SqlStore
 
     Opened = Union["SqlStore", "MemoryStore"]
     Reader = Union["sqlite3.Connection", "PgReader"]  # what registry/read.py's queries run on
@@ -61,9 +61,9 @@ SQLITE = Backend("registry.db", journaled=True)
 SCHEMES: dict[str, Backend] = {
     "sqlite": SQLITE,
     "file": SQLITE,
-    "postgresql": Backend("registry.pg", journaled=True),
-    "postgres": Backend("registry.pg", journaled=True),
-    "memory": Backend("registry.memory", journaled=False),
+    "postgresql": Backend("tron.registry.pg", journaled=True),
+    "postgres": Backend("tron.registry.pg", journaled=True),
+    "memory": Backend("tron.registry.memory", journaled=False),
 }
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
@@ -103,9 +103,9 @@ def open_store(url: str | Path, *, clock: Clock | None = None,
     """The store the daemon runs on for ``url``: a durable backend behind the journal
     (``spill``: where writes it could not flush at shutdown are saved), or the memory one.
     Not opened yet. Raises ``RegistryError`` for a scheme no backend serves."""
-    from registry.journal import JournaledStore
-    from registry.memory import MemoryStore
-    from registry.store import SqlStore
+    from tron.registry.journal import JournaledStore
+    from tron.registry.memory import MemoryStore
+    from tron.registry.store import SqlStore
 
     backend = backend_for(url)
     store = backend.opener()(str(url), clock=clock)

@@ -21,7 +21,7 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
-from registry.schema import SCHEMA_VERSION, RegistryError, check_exact, migrate, quick_check, recorded_version
+from tron.registry.schema import SCHEMA_VERSION, RegistryError, check_exact, migrate, quick_check, recorded_version
 
 PREFIX = "registry-"
 # Beside a SQLite file: its WAL, the WAL's index, a rollback journal. Each belongs to one file.

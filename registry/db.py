@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 import aiosqlite
 
-from common.clock import Clock
-from registry.rows import Args, Row
+from tron.common.clock import Clock
+from tron.registry.rows import Args, Row
 
 if TYPE_CHECKING:
-    from registry.store import SqlStore
+    from tron.registry.store import SqlStore
 
 
 class Db(Protocol):
@@ -141,7 +141,7 @@ class _SqliteTx:
 def open_reader(url: str) -> sqlite3.Connection:
     """registry/backends.py's read-only connection for the CLI (registry/read.py): never
     writes, never creates a registry that is not there."""
-    from registry.backends import sqlite_path
+    from tron.registry.backends import sqlite_path
 
     path = sqlite_path(url)
     if not path.exists():
@@ -153,7 +153,7 @@ def open_reader(url: str) -> sqlite3.Connection:
 
 def open_url(url: str, *, clock: Clock | None = None) -> "SqlStore":
     """registry/backends.py's entry for SQLite: a file path, ``sqlite:`` or ``file:`` URL."""
-    from registry.backends import sqlite_path
-    from registry.store import open_sqlite_store
+    from tron.registry.backends import sqlite_path
+    from tron.registry.store import open_sqlite_store
 
     return open_sqlite_store(sqlite_path(url), clock=clock)

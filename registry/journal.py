@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from common.clock import Clock, MonotonicClock, utc_iso
-from common.ladder import compute_backoff
-from registry.memory import MemoryStore
-from registry.protocol import Mark, Route, Store, routes_of
-from registry.store import SqlStore
+from tron.common.clock import Clock, MonotonicClock, utc_iso
+from tron.common.ladder import compute_backoff
+from tron.registry.memory import MemoryStore
+from tron.registry.protocol import Mark, Route, Store, routes_of
+from tron.registry.store import SqlStore
 
 log = logging.getLogger("tron.registry")
 

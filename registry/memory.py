@@ -13,12 +13,12 @@ import itertools
 import json
 from typing import Any, Collection, NoReturn, overload
 
-from common.clock import Clock
-from common.redaction import redact, redact_json
-from common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, PEOPLE_PARKS, RUN, SESSION, TASK, AlertState,
-                           LaneState, RetryType, RunState, SessionState, TaskState)
-from registry.rows import Row, Spend, TaskCounts
-from registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, SqlStore, Stamps, content_hash
+from tron.common.clock import Clock
+from tron.common.redaction import redact, redact_json
+from tron.common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, PEOPLE_PARKS, RUN, SESSION, TASK,
+                                AlertState, LaneState, RetryType, RunState, SessionState, TaskState)
+from tron.registry.rows import Row, Spend, TaskCounts
+from tron.registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, SqlStore, Stamps, content_hash
 
 
 def _redact_value(value: Any) -> Any:

@@ -1,10 +1,10 @@
 """PostgreSQL: the registry of a mesh that outgrows one machine.
 
 ``TRON_REGISTRY_URL=postgresql://...`` (or ``[registry] url`` in mesh.toml) selects it;
-neither may hold a password (common.config refuses one): that comes from PGPASSWORD or
+neither may hold a password (tron.common.config refuses one): that comes from PGPASSWORD or
 ~/.pgpass, and ``safe_url`` masks any that reaches a message all the same;
 SQLite stays the embedded default. ``SqlStore`` runs the same SQL here. What differs
-between the two engines is written out below and in ``registry.schema`` (the DDL):
+between the two engines is written out below and in ``tron.registry.schema`` (the DDL):
 
 - placeholders: ``?`` becomes ``%s``, and a literal ``%`` becomes ``%%``;
 - values: a Python bool is written as 0/1 (the columns are INTEGER, as in SQLite), and a
@@ -23,13 +23,13 @@ import re
 from typing import TYPE_CHECKING, AsyncIterator
 from urllib.parse import unquote
 
-from common.clock import Clock
-from registry.rows import Args, Row
+from tron.common.clock import Clock
+from tron.registry.rows import Args, Row
 
 if TYPE_CHECKING:  # psycopg is imported when a PostgreSQL registry is opened, not before
     import psycopg
 
-    from registry.store import SqlStore
+    from tron.registry.store import SqlStore
 
 DAEMON_LOCK = 0x7472_6F6E  # "tron": the advisory lock the one writing daemon holds
 
@@ -58,7 +58,7 @@ _KEYWORD = re.compile(r"(?<![\w%?&])(\w*password\w*)\s*=\s*('(?:\\.|[^'\\])*'|[^
 
 
 def _is_password_param(name: str) -> bool:
-    """common.config.is_password_param's rule (which refuses these in a URL), kept here so
+    """tron.common.config.is_password_param's rule (which refuses these in a URL), kept here so
     the registry needs nothing from the config to mask: "password" in the decoded name."""
     return "password" in unquote(name).lower()
 
@@ -88,7 +88,7 @@ class PgDb:
         import psycopg
         from psycopg.rows import dict_row
 
-        from registry.schema import RegistryError
+        from tron.registry.schema import RegistryError
 
         try:
             self._writer_conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row,
@@ -207,6 +207,6 @@ def open_reader(url: str) -> PgReader:
 
 def open_url(url: str, *, clock: Clock | None = None) -> "SqlStore":
     """registry/backends.py's entry for ``postgresql://`` (and ``postgres://``) URLs."""
-    from registry.store import open_pg_store
+    from tron.registry.store import open_pg_store
 
     return open_pg_store(url, clock=clock)

@@ -6,10 +6,10 @@
 ``Upkeep``); each method is declared on exactly one of them. ``Replayable`` and
 ``WorkingCopy`` are what the journal asks of the stores behind it, outside ``Store``.
 
-Implementations: ``registry.store.SqlStore`` (SQLite, and PostgreSQL through
-registry/pg.py), ``registry.memory.MemoryStore`` (the stub unit tests run on, and the
-journal's memory), ``registry.journal.JournaledStore`` (decides on memory, records behind);
-``registry.backends.open_store(url)`` opens one by the URL's scheme.
+Implementations: ``tron.registry.store.SqlStore`` (SQLite, and PostgreSQL through
+registry/pg.py), ``tron.registry.memory.MemoryStore`` (the stub unit tests run on, and the
+journal's memory), ``tron.registry.journal.JournaledStore`` (decides on memory, records behind);
+``tron.registry.backends.open_store(url)`` opens one by the URL's scheme.
 tests/unit/test_store_contract.py runs one behavioural suite on every one of them and checks
 that each speaks this protocol, method by method and parameter by parameter.
 
@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, runtime_checkable
 
-from common.states import AlertState, LaneState, RetryType, RunState, TaskState
-from registry.rows import Row, Spend, TaskCounts
+from tron.common.states import AlertState, LaneState, RetryType, RunState, TaskState
+from tron.registry.rows import Row, Spend, TaskCounts
 
 if TYPE_CHECKING:
-    from registry.store import SqlStore
+    from tron.registry.store import SqlStore
 
 
 class Route(StrEnum):

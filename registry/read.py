@@ -1,6 +1,6 @@
 """Read-only queries for the CLI and the drills (no event loop; opened read-only, so a
 reader can never write and never creates a registry that is not there). The same SQL
-runs on the SQLite file (sqlite3) and on PostgreSQL (registry.pg.PgReader). Every query
+runs on the SQLite file (sqlite3) and on PostgreSQL (tron.registry.pg.PgReader). Every query
 the tools run is here, named for what it answers."""
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, TypedDict
 
-from common.states import SessionState
-from registry.rows import Args, Row
+from tron.common.states import SessionState
+from tron.registry.rows import Args, Row
 
 if TYPE_CHECKING:
-    from registry.pg import PgReader
+    from tron.registry.pg import PgReader
 
 
 class Reader(Protocol):
     """What the queries here (and registry/report.py) use of a connection: sqlite3's, or
-    registry.pg.PgReader, which answers in the same shape."""
+    tron.registry.pg.PgReader, which answers in the same shape."""
 
     def execute(self, sql: str, parameters: Args = ..., /) -> Iterable[Any]: ...
 
@@ -27,7 +27,7 @@ class Reader(Protocol):
 def connect(where: Path | str) -> sqlite3.Connection | PgReader:
     """A read-only connection to the registry at ``where``: the SQLite file at a path, the
     PostgreSQL server at a postgresql:// URL; the backend of its scheme (registry/backends.py)."""
-    from registry.backends import open_reader
+    from tron.registry.backends import open_reader
 
     return open_reader(where)
 

@@ -12,9 +12,9 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from common.states import AlertState, LaneState, RunState as R, ServiceState as S, SessionState as SS, TaskState as T
-from registry.read import Reader
-from registry.rows import Args, Row
+from tron.common.states import AlertState, LaneState, RunState as R, ServiceState as S, SessionState as SS, TaskState as T
+from tron.registry.read import Reader
+from tron.registry.rows import Args, Row
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Check:
 
 
 def _rows(conn: Reader, sql: str, args: Args = ()) -> list[Row]:
-    """sqlite3's connection or registry.pg.PgReader: both answer execute() with rows."""
+    """sqlite3's connection or tron.registry.pg.PgReader: both answer execute() with rows."""
     if isinstance(conn, sqlite3.Connection):
         conn.row_factory = sqlite3.Row
     return [dict(r) for r in conn.execute(sql, args)]

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Mapping, TypeAlias
 
-from common.states import AlertState, LaneState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
+from tron.common.states import AlertState, LaneState, RetryType, RunState, ServiceState, SessionState, TaskState, sql_in
 
 if TYPE_CHECKING:  # psycopg is imported when a PostgreSQL registry is opened, not before
     import psycopg
@@ -169,7 +169,7 @@ MIGRATIONS.append((
 ))
 
 # -- version 4: the two lifecycles ----------------------------------------------------------
-# The state columns take their CHECKs from common.states, so SQL never retypes a state.
+# The state columns take their CHECKs from tron.common.states, so SQL never retypes a state.
 # SQLite cannot change a CHECK in place: each table is rebuilt (new table, copy, swap).
 
 _SERVICE_STATES = sql_in(list(ServiceState) + ["declared"])
@@ -350,7 +350,7 @@ MIGRATIONS.append((
 # -- version 6: providers are supervised ------------------------------------------------------
 # A task can be parked (every provider down) and a provider failure has its own level-1 row
 # (provider_retry): two CHECKs widen, so SQLite rebuilds the two tables from the DDL above,
-# which takes its CHECKs from common.states.
+# which takes its CHECKs from tron.common.states.
 V6_TABLES = ("tasks", "retry_history")
 V6_METRICS_COLUMN = "ALTER TABLE failure_metrics ADD COLUMN provider_retries INTEGER NOT NULL DEFAULT 0"
 V6_INDEXES = [
@@ -707,7 +707,7 @@ PG_STEPS: dict[int, Callable[[PgConnection], None]] = {4: _recreate_v4_pg, 6: _w
 def migrate_pg(conn: PgConnection) -> int:
     """``migrate`` for a psycopg connection: each version in one transaction, under an
     advisory lock so two daemons starting at once do not both migrate."""
-    from common.clock import utc_iso
+    from tron.common.clock import utc_iso
 
     conn.execute("SELECT pg_advisory_lock(7432)")
     try:
@@ -743,7 +743,7 @@ def open_and_prepare_pg(url: str) -> None:
     migrate, verify."""
     import psycopg
 
-    from registry.pg import safe_url
+    from tron.registry.pg import safe_url
 
     try:
         with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:

@@ -3,11 +3,11 @@
 Every method is one transaction. Idempotency lives in the schema (unique indexes on
 alerts and retry_history): a duplicate request finds its twin instead of writing a second
 row. Every state change of a session, task, run or alert goes through one function per
-machine (``_task_to``, ...), which checks the edge against ``common.states``, writes it
+machine (``_task_to``, ...), which checks the edge against ``tron.common.states``, writes it
 with a guard on the old state, and records it as an event.
 
-The SQL is portable (``?`` placeholders, ``ON CONFLICT``, ``RETURNING``); ``registry.db``
-runs it on an engine. ``registry.memory.MemoryStore`` is the stub with the same contract.
+The SQL is portable (``?`` placeholders, ``ON CONFLICT``, ``RETURNING``); ``tron.registry.db``
+runs it on an engine. ``tron.registry.memory.MemoryStore`` is the stub with the same contract.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, overload
 
-from common.clock import Clock, MonotonicClock, utc_iso
-from common.redaction import redact, redact_json
-from common.states import (ALERT, LANE, PEOPLE_PARKS, RUN, SESSION, TASK, AlertState, LaneState, LIVE_TASK_STATES,
-                           OPEN_TASK_STATES, RetryType, RunState, SessionState, TaskState, sql_in)
-from registry.db import Db, Tx
-from registry.rows import Row, Spend, TaskCounts
+from tron.common.clock import Clock, MonotonicClock, utc_iso
+from tron.common.redaction import redact, redact_json
+from tron.common.states import (ALERT, LANE, PEOPLE_PARKS, RUN, SESSION, TASK, AlertState, LaneState, LIVE_TASK_STATES,
+                                OPEN_TASK_STATES, RetryType, RunState, SessionState, TaskState, sql_in)
+from tron.registry.db import Db, Tx
+from tron.registry.rows import Row, Spend, TaskCounts
 
 log = logging.getLogger("tron.registry")
 
@@ -701,8 +701,8 @@ class SqlStore(Stamps):
 def open_pg_store(url: str, *, clock: Clock | None = None) -> SqlStore:
     """The registry on a PostgreSQL server (several machines): migrated and checked (fail
     closed) before the first write; the daemon's advisory lock is taken at ``open``."""
-    from registry.pg import PgDb
-    from registry.schema import open_and_prepare_pg
+    from tron.registry.pg import PgDb
+    from tron.registry.schema import open_and_prepare_pg
 
     open_and_prepare_pg(url)
     return SqlStore(PgDb(url), clock=clock)
@@ -710,8 +710,8 @@ def open_pg_store(url: str, *, clock: Clock | None = None) -> SqlStore:
 
 def open_sqlite_store(path: Path, *, clock: Clock | None = None) -> SqlStore:
     """The embedded default: the SQLite file, checked (fail closed) before the first write."""
-    from registry.db import SqliteDb
-    from registry.schema import open_and_prepare
+    from tron.registry.db import SqliteDb
+    from tron.registry.schema import open_and_prepare
 
     open_and_prepare(path)
     return SqlStore(SqliteDb(path), clock=clock)

@@ -1,5 +1,5 @@
 """Ending every process of a home's mesh from the CLI (`tron down`), found by their
-environment (common.processes.home_processes), not by what the registry says."""
+environment (tron.common.processes.home_processes), not by what the registry says."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from common.processes import kill_tree, signal_group
+from tron.common.processes import kill_tree, signal_group
 
 
 def end_all(procs: list[psutil.Process], grace: float) -> list[psutil.Process]:

@@ -12,9 +12,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common.config import MeshConfig
-from common.models import TOKEN_HEADER
-from common.paths import Home, read_token
+from tron.common.config import MeshConfig
+from tron.common.models import TOKEN_HEADER
+from tron.common.paths import Home, read_token
 
 
 class ClientError(Exception):
@@ -146,6 +146,6 @@ class MeshClient:
     def registry(self) -> Path | str:
         """Where the registry is: a PostgreSQL URL (TRON_REGISTRY_URL, [registry] url) or
         the SQLite file in the home."""
-        from common.config import registry_url
+        from tron.common.config import registry_url
 
         return registry_url(self.config) or self.home.registry_db

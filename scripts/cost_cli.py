@@ -67,7 +67,7 @@ def render(report: dict, title: str) -> str:
 
 
 def cmd_cost(ctx, args: argparse.Namespace, registry, error) -> int:
-    from registry.read import cost
+    from tron.registry.read import cost
 
     try:
         since = since_iso(args.since) if args.since else None

@@ -40,13 +40,13 @@ from urllib.parse import quote, urlencode
 
 import psutil
 
-from common.ladder import worst_case_attempts
-from common.states import FINAL_TASK_STATES, RunState, ServiceState
-from registry import read
-from registry.report import run_report
-from scripts.client import ClientError, MeshClient, wait_for
-from scripts.stats import summary
-from common.processes import describe, home_processes, same_process
+from tron.common.ladder import worst_case_attempts
+from tron.common.states import FINAL_TASK_STATES, RunState, ServiceState
+from tron.registry import read
+from tron.registry.report import run_report
+from tron.scripts.client import ClientError, MeshClient, wait_for
+from tron.scripts.stats import summary
+from tron.common.processes import describe, home_processes, same_process
 
 
 class DrillError(Exception):
@@ -348,7 +348,7 @@ class Runner:
         if spec.is_agent:
             bound = self.policy.beat_timeout
         else:  # its liveness probe, or the stopped-process check at that probe's cadence
-            from common.config import STOPPED_CADENCE
+            from tron.common.config import STOPPED_CADENCE
 
             probe = spec.liveness or STOPPED_CADENCE
             bound = probe.interval * probe.failure_threshold + probe.timeout
@@ -487,7 +487,7 @@ class Runner:
         back on another node; after the heal, every one of them runs from exactly one
         incarnation, the replaced ones' sessions closed. A partition shorter than the
         detection may change nothing but the services' beats: that passes too."""
-        from scripts.partition import PartitionError, cut, link_to
+        from tron.scripts.partition import PartitionError, cut, link_to
 
         cluster = self.mesh.status().get("cluster")
         if not cluster:
@@ -677,7 +677,7 @@ class Runner:
         """Kill ``name`` ``kills`` times while clients ask it in a tight loop. With the
         socket held by the daemon nobody is refused: requests wait in the backlog for the
         next incarnation; only those inside the killed process fail."""
-        from scripts.loadloop import RequestLoop
+        from tron.scripts.loadloop import RequestLoop
 
         before = self.service(name)
         spec = self.config.services[name]

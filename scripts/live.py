@@ -12,7 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from common.states import ServiceState as S
+from tron.common.states import ServiceState as S
 
 STATE_STYLE = {S.RUNNING: "green", S.STARTING: "yellow", S.BACKOFF: "yellow", S.FAILED: "red",
                S.STOPPING: "magenta", S.STOPPED: "dim"}

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from scripts.stats import percentile
+from tron.scripts.stats import percentile
 
 
 @dataclass

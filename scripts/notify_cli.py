@@ -16,7 +16,7 @@ import getpass
 import json
 import uuid
 
-from scripts.client import ClientError
+from tron.scripts.client import ClientError
 
 DELIVERIES_SQL = ("SELECT id, ts, payload FROM events WHERE kind IN ('notify_delivery', 'notify_dropped') "
                   "ORDER BY id DESC LIMIT ?")
@@ -59,7 +59,7 @@ def render(rows: list[dict]) -> str:
 
 def cmd_notify(ctx, args: argparse.Namespace) -> int:
     if args.notify_cmd == "log":
-        from registry.read import connect
+        from tron.registry.read import connect
 
         try:
             conn = connect(ctx.mesh.registry())

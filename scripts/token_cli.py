@@ -15,8 +15,8 @@ import json
 import re
 import sys
 
-from common.models import NAME_PATTERN
-from scripts.client import ClientError
+from tron.common.models import NAME_PATTERN
+from tron.scripts.client import ClientError
 
 
 def add_parser(sub) -> None:

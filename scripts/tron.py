@@ -43,16 +43,16 @@ from pathlib import Path
 from typing import get_args
 from urllib.parse import quote
 
-from common.config import ConfigError, MeshConfig, load_mesh
-from common.models import ID_PATTERN, NAME_PATTERN, Provider
-from common.paths import Home
-from common.processes import MARK
-from scripts.client import ClientError, MeshClient
-from scripts.cost_cli import add_parser as add_cost_parser
-from scripts.cost_cli import cmd_cost
-from scripts.ui_cli import cmd_ui
-from scripts.notify_cli import add_parser as add_notify_parser, cmd_notify
-from scripts.token_cli import add_parser as add_token_parser, cmd_token
+from tron.common.config import ConfigError, MeshConfig, load_mesh
+from tron.common.models import ID_PATTERN, NAME_PATTERN, Provider
+from tron.common.paths import Home
+from tron.common.processes import MARK
+from tron.scripts.client import ClientError, MeshClient
+from tron.scripts.cost_cli import add_parser as add_cost_parser
+from tron.scripts.cost_cli import cmd_cost
+from tron.scripts.ui_cli import cmd_ui
+from tron.scripts.notify_cli import add_parser as add_notify_parser, cmd_notify
+from tron.scripts.token_cli import add_parser as add_token_parser, cmd_token
 
 
 class CLIError(Exception):
@@ -79,14 +79,14 @@ class Ctx:
         """This home's daemon, if one runs: its pid file names it and it holds the lock."""
         import psutil
 
-        from common.processes import home_processes
+        from tron.common.processes import home_processes
 
         info = (mesh or self.mesh).daemon_info()
         if info and isinstance(info.get("pid"), int) and _alive(info["pid"]):
             return info["pid"]
         for p in home_processes(str(self.home.root)):
             try:
-                if "services.daemon" in p.cmdline() and "services.daemon.forkserver" not in p.cmdline():
+                if "tron.services.daemon" in p.cmdline() and "tron.services.daemon.forkserver" not in p.cmdline():
                     return p.pid
             except psutil.Error:  # the process went away meanwhile, or is not ours to read
                 continue
@@ -100,7 +100,7 @@ class Ctx:
 
 
 def _alive(pid: int) -> bool:
-    from common.processes import same_process
+    from tron.common.processes import same_process
 
     return same_process(pid, None)
 
@@ -114,7 +114,7 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
         raise CLIError(f"the mesh is already up on home {ctx.home.root} (pid {ctx.daemon_pid()}); "
                        "see `tron status`, or `tron down` first")
     ctx.home.ensure()
-    argv = [sys.executable, "-m", "services.daemon", "--home", str(ctx.home.root)]
+    argv = [sys.executable, "-m", "tron.services.daemon", "--home", str(ctx.home.root)]
     if ctx.config_path:
         argv += ["--config", str(ctx.config_path)]
     log_path = ctx.home.log_file("daemon")
@@ -154,7 +154,7 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
         if failing:
             return 1
         return 0
-    from scripts.live import live_view  # rich loads only for the live view
+    from tron.scripts.live import live_view  # rich loads only for the live view
 
     try:
         live_view(lambda: mesh.status(), stop_when=lambda: proc.poll() is not None)
@@ -183,7 +183,7 @@ def _failure_text(s: dict) -> str:
 
 def _daemon_grace(mesh: MeshClient) -> float:
     """The running daemon's stop_grace (mesh.toml cannot be read), else the default."""
-    from common.config import Policy
+    from tron.common.config import Policy
 
     if mesh.daemon_url:
         code, body = mesh.try_call("GET", mesh.daemon_url + "/status", auth=mesh.home.token_file.exists(), timeout=3)
@@ -197,8 +197,8 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     """API first; a daemon that does not answer gets SIGTERM, then SIGKILL after the grace
     period; then every process of the home, found by its environment, is ended. "Nothing
     left" is printed only after the census says so."""
-    from scripts.census import end_all, wait_gone
-    from common.processes import describe, home_processes
+    from tron.scripts.census import end_all, wait_gone
+    from tron.common.processes import describe, home_processes
 
     try:
         config: MeshConfig | None = ctx.config
@@ -316,7 +316,7 @@ def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:
 
 def _segment(value: str, what: str, *, is_id: bool = False) -> str:
     """``value`` as one segment of a daemon URL path: checked before any request with the
-    daemon's own rule (common.models' IdStr for ids, NameStr for names), then quoted, so a
+    daemon's own rule (tron.common.models' IdStr for ids, NameStr for names), then quoted, so a
     name or id can never become another path (``x/cancel?`` is no task id, and no cancel)."""
     pattern, longest, others = (ID_PATTERN, 128, "_ . : -") if is_id else (NAME_PATTERN, 64, "_ . -")
     if len(value) > longest or not re.fullmatch(pattern, value):
@@ -355,7 +355,7 @@ def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
         print(f"{args.name}: {answer['status']}")
         return 0
     if args.cmd in ("restart", "start") and args.wait:
-        from scripts.client import wait_for
+        from tron.scripts.client import wait_for
 
         old = answer.get("replaces")
         wait_for(lambda: (s := mesh.service(args.name))["state"] == "running" and s["incarnation"] != old and s,
@@ -457,8 +457,8 @@ def cmd_spawning(ctx: Ctx, args: argparse.Namespace) -> int:
 def cmd_task(ctx: Ctx, args: argparse.Namespace) -> int:
     task_id = _segment(args.id, "task id", is_id=True)
     if args.task_cmd == "show":
-        from registry import read
-        from scripts.tables import print_task
+        from tron.registry import read
+        from tron.scripts.tables import print_task
 
         with _registry(ctx) as conn:
             task = read.task(conn, args.id)
@@ -476,7 +476,7 @@ def cmd_task(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
-    from registry import read
+    from tron.registry import read
 
     with _registry(ctx) as conn:
         rows = read.audit(conn, args.limit)
@@ -498,7 +498,7 @@ def _node_logs(ctx: Ctx, names: list[str]) -> dict:
     logs are on their nodes, read through the daemon (which asks the node agent)."""
     from urllib.parse import urlencode
 
-    from scripts.logtail import DaemonLog
+    from tron.scripts.logtail import DaemonLog
 
     try:
         if ctx.config.cluster.engine != "ray":
@@ -519,11 +519,11 @@ def _node_logs(ctx: Ctx, names: list[str]) -> dict:
 
 
 def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
-    from scripts.logtail import tail
+    from tron.scripts.logtail import tail
 
     trace = None
     if args.trace:
-        from common.telemetry import trace_id_of
+        from tron.common.telemetry import trace_id_of
 
         trace = trace_id_of(args.trace) or args.trace.lower()  # a traceparent names its trace too
         if len(trace) != 32 or any(c not in "0123456789abcdef" for c in trace):
@@ -595,7 +595,7 @@ def _submit_to_agent(ctx: Ctx, agent: str, prompt: str, args: argparse.Namespace
 
 
 def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
-    from common.ladder import worst_case_attempts
+    from tron.common.ladder import worst_case_attempts
 
     mesh = ctx.mesh
     if args.prompt == "budget" and args.run_id:  # tron run budget RUN --usd N [--tokens N]
@@ -639,7 +639,7 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def _registry(ctx: Ctx):
-    from registry.read import connect
+    from tron.registry.read import connect
 
     try:
         return connect(ctx.mesh.registry())
@@ -648,7 +648,7 @@ def _registry(ctx: Ctx):
 
 
 def _refuse_on_postgres(ctx: Ctx, what: str) -> None:
-    from common.config import registry_url
+    from tron.common.config import registry_url
 
     if registry_url(ctx.config):
         raise CLIError(f"the registry is on PostgreSQL: {what} with pg_dump / pg_restore (or the server's own "
@@ -656,22 +656,22 @@ def _refuse_on_postgres(ctx: Ctx, what: str) -> None:
 
 
 def cmd_history(ctx: Ctx, args: argparse.Namespace) -> int:
-    from registry.read import failure_metrics, history
+    from tron.registry.read import failure_metrics, history
 
     with _registry(ctx) as conn:
         rows, metrics = history(conn, args.limit), failure_metrics(conn)
     if args.json:
         print(json.dumps({"retry_history": rows, "failure_metrics": metrics}, indent=2))
         return 0
-    from scripts.tables import print_history
+    from tron.scripts.tables import print_history
 
     print_history(rows, metrics)
     return 0
 
 
 def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
-    from registry.report import run_report
-    from common.processes import same_process
+    from tron.registry.report import run_report
+    from tron.common.processes import same_process
 
     p = ctx.config.policy
     with _registry(ctx) as conn:
@@ -681,7 +681,7 @@ def cmd_report(ctx: Ctx, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"healthy": healthy, "checks": [c.to_dict() for c in checks]}, indent=2))
     else:
-        from scripts.tables import print_report
+        from tron.scripts.tables import print_report
 
         print_report(checks)
     return 0 if healthy else 1
@@ -698,8 +698,8 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
             raise CLIError(f"the daemon could not take a backup: {error or answer}")
         print(f"backup: {answer['path']}")
         return 0
-    from registry import backup
-    from registry.schema import RegistryError
+    from tron.registry import backup
+    from tron.registry.schema import RegistryError
 
     if not ctx.home.registry_db.exists():
         raise CLIError(f"no registry at {ctx.home.registry_db}")
@@ -712,8 +712,8 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(ctx: Ctx, args: argparse.Namespace) -> int:
-    from registry import backup
-    from registry.schema import RegistryError
+    from tron.registry import backup
+    from tron.registry.schema import RegistryError
 
     _refuse_on_postgres(ctx, "restore it")
     if ctx.daemon_pid() is not None:
@@ -732,7 +732,7 @@ def cmd_restore(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
-    from scripts.drills import DrillError, Runner
+    from tron.scripts.drills import DrillError, Runner
 
     mesh = ctx.require_daemon()
     runner = Runner(mesh)

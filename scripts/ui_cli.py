@@ -12,7 +12,7 @@ import getpass
 import sys
 import webbrowser
 
-from scripts.client import ClientError
+from tron.scripts.client import ClientError
 
 
 def cmd_ui(ctx, args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from common.processes import describe, home_processes, kill_tree
-from scripts.client import http, wait_for
+from tron.common.processes import describe, home_processes, kill_tree
+from tron.scripts.client import http, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 # The entry point a user runs: installed into the same environment as this interpreter.
@@ -213,7 +213,7 @@ class Mesh:
 
     def db(self):
         """A read-only connection to this mesh's registry, on whichever engine holds it."""
-        from registry.read import connect
+        from tron.registry.read import connect
 
         return connect(self.registry_url or self.home / "registry" / "registry.db")
 

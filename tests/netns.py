@@ -205,7 +205,7 @@ class NetCluster:
                                    "--min-worker-port", str(PORTS["min_worker_port"]),
                                    "--max-worker-port", str(PORTS["max_worker_port"]),
                                    stdout=self.log, stderr=subprocess.STDOUT)
-        from scripts.client import wait_for
+        from tron.scripts.client import wait_for
 
         return wait_for(self._alive_worker, 90, "the namespace's Ray node to join", interval=0.2)
 

@@ -23,11 +23,11 @@ The stable surface (it changes only with a major version of Tron, and then the R
 - ``TaskFailed(reason, detail=None)``: raise it to fail a task with a reason of yours.
 - ``TaskAssign``: the assignment a task carries (a pydantic model).
 
-Anything imported from elsewhere in Tron (``common.*``, ``services.*``) is internal and may
+Anything imported from elsewhere in Tron (``tron.common.*``, ``tron.services.*``) is internal and may
 change in any release.
 """
 
-from common.agent import Agent, Task, TaskFailed
-from common.models import TaskAssign
+from tron.common.agent import Agent, Task, TaskFailed
+from tron.common.models import TaskAssign
 
 __all__ = ["Agent", "Task", "TaskAssign", "TaskFailed"]

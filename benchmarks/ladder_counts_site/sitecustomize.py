@@ -2,7 +2,7 @@
 that benchmark puts this folder first on PYTHONPATH, so Python's ``site`` loads it in every
 process of the mesh it starts (daemon, fork server, agents, CLI). With
 TRON_LADDER_COUNTS naming a file, each process appends one line per ``decide()`` call
-(``common.ladder.decide``, wrapped before any module imports it by name) and, in the
+(``tron.common.ladder.decide``, wrapped before any module imports it by name) and, in the
 daemon, one per store read made with a step of the ladder on the call stack (a periodic
 read, such as the watchdog's, is not a failure's)."""
 
@@ -34,9 +34,9 @@ def _ladder_path() -> str:
 
 
 def _install() -> None:
-    import common.ladder as ladder
-    import registry.journal as journal
-    from registry.protocol import Route
+    import tron.common.ladder as ladder
+    import tron.registry.journal as journal
+    from tron.registry.protocol import Route
 
     decide = ladder.decide
 

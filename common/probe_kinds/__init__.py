@@ -13,7 +13,7 @@ module here, an import below, and its tests.
 
 from __future__ import annotations
 
-from common.probe_kinds.base import (
+from tron.common.probe_kinds.base import (
     KindConfig,
     ProbeContext,
     ProbeKind,
@@ -26,7 +26,7 @@ from common.probe_kinds.base import (
 )
 
 # The built-in kinds register themselves on import, in this order (the order messages name them in).
-from common.probe_kinds import http, tcp, exec_, grpc  # noqa: E402,F401  isort: skip
+from tron.common.probe_kinds import http, tcp, exec_, grpc  # noqa: E402,F401  isort: skip
 
 __all__ = ["KindConfig", "ProbeContext", "ProbeKind", "ProbeResult", "get", "kinds", "names", "register",
            "registered"]

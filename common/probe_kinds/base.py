@@ -5,7 +5,7 @@ A kind is a name (its key in a probe: ``liveness = { NAME = {...} }``), a config
 ``Probe`` model takes one optional field per registered kind, so the kinds are known before
 the mesh file is read: register a kind by importing its module from ``__init__.py``.
 
-Nothing here imports ``common.config`` (which reads this registry) or the daemon.
+Nothing here imports ``tron.common.config`` (which reads this registry) or the daemon.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     import aiohttp
 
-    from services.daemon.supervisor import Service
+    from tron.services.daemon.supervisor import Service
 
 
 class ProbeResult(NamedTuple):

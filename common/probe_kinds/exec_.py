@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Iterator
 
 from pydantic import Field
 
-from common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+from tron.common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
 
 if TYPE_CHECKING:
-    from services.daemon.supervisor import Service
+    from tron.services.daemon.supervisor import Service
 
 
 class ExecCheck(KindConfig):

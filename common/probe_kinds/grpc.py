@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Mapping
 
 from pydantic import Field
 
-from common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+from tron.common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
 
 if TYPE_CHECKING:
-    from services.daemon.supervisor import Service
+    from tron.services.daemon.supervisor import Service
 
 
 class GrpcCheck(KindConfig):

@@ -7,10 +7,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+from tron.common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
 
 if TYPE_CHECKING:
-    from services.daemon.supervisor import Service
+    from tron.services.daemon.supervisor import Service
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -19,8 +19,8 @@ code, so callers decide on retry and fallback from data, not from SDK exception 
 
 from __future__ import annotations
 
-from common.redaction import REDACTED, redact  # one implementation, re-exported
-from common.providers.base import (
+from tron.common.redaction import REDACTED, redact  # one implementation, re-exported
+from tron.common.providers.base import (
     FAILURE_CLASSES,
     NON_RETRYABLE,
     SIM_API_KEY,
@@ -38,9 +38,9 @@ from common.providers.base import (
 )
 
 # The built-in kinds register themselves on import, in this order (the order of PROVIDERS).
-from common.providers import anthropic_api, ollama_api, openai_api  # noqa: E402,F401  isort: skip
+from tron.common.providers import anthropic_api, ollama_api, openai_api  # noqa: E402,F401  isort: skip
 
-from common.providers.backends import (  # noqa: E402
+from tron.common.providers.backends import (  # noqa: E402
     Provider,
     ProviderFactory,
     SdkProvider,
@@ -48,14 +48,14 @@ from common.providers.backends import (  # noqa: E402
     provider_factory,
     provider_for,
 )
-from common.providers.checks import (  # noqa: E402
+from tron.common.providers.checks import (  # noqa: E402
     OutputChecks,
     RepeatGuard,
     check_reply,
     check_tool_calls,
     reply_of,
 )
-from common.providers.client import (  # noqa: E402
+from tron.common.providers.client import (  # noqa: E402
     aclose_clients,
     client_for,
     complete,
@@ -64,9 +64,9 @@ from common.providers.client import (  # noqa: E402
     sdk_of,
     warm_up,
 )
-from common.providers.failures import classify  # noqa: E402
-from common.providers.headers import LIMIT_KEYS, retry_after  # noqa: E402
-from common.providers.ollama_api import OLLAMA_DEFAULT_HOST  # noqa: E402
+from tron.common.providers.failures import classify  # noqa: E402
+from tron.common.providers.headers import LIMIT_KEYS, retry_after  # noqa: E402
+from tron.common.providers.ollama_api import OLLAMA_DEFAULT_HOST  # noqa: E402
 
 PROVIDERS: tuple[str, ...] = names()
 SDKS: tuple[str, ...] = tuple(dict.fromkeys(get(name).sdk for name in PROVIDERS))

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from common.providers.base import (
+from tron.common.providers.base import (
     SIM_API_KEY,
     LLMReply,
     ProviderFailure,
@@ -26,9 +26,9 @@ from common.providers.base import (
     says_usage_limit,
     status_reason,
 )
-from common.providers.failures import reading_stream
-from common.providers.headers import anthropic_limits, retry_after
-from common.redaction import redact
+from tron.common.providers.failures import reading_stream
+from tron.common.providers.headers import anthropic_limits, retry_after
+from tron.common.redaction import redact
 
 # Anthropic's `error.type` values, which name the category more reliably than the status.
 _TYPE_REASONS = {

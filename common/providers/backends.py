@@ -9,8 +9,8 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from common.providers.base import LLMReply, ProviderFailure, ProviderSettings, get
-from common.providers.client import complete
+from tron.common.providers.base import LLMReply, ProviderFailure, ProviderSettings, get
+from tron.common.providers.client import complete
 
 
 class Provider(Protocol):

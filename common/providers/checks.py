@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.providers.base import LLMReply, ProviderFailure, get
-from common.redaction import redact
+from tron.common.providers.base import LLMReply, ProviderFailure, get
+from tron.common.redaction import redact
 
 CHECK_REASONS = ("empty_answer", "max_tokens", "refusal", "invalid_tool_arguments", "repeated_output")
 

@@ -12,8 +12,8 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from common.providers.base import LLMReply, ProviderSettings, get, kinds
-from common.providers.failures import classify
+from tron.common.providers.base import LLMReply, ProviderSettings, get, kinds
+from tron.common.providers.failures import classify
 
 
 def endpoint_for(

@@ -13,8 +13,8 @@ import contextlib
 import time
 from collections.abc import Iterator, Mapping
 
-from common.providers.base import ProviderFailure, instance_of, kinds
-from common.redaction import redact
+from tron.common.providers.base import ProviderFailure, instance_of, kinds
+from tron.common.redaction import redact
 
 # What httpx (and its anthropic fork httpx2) say when a chunked body stops part-way:
 # the answer had started, so this is a cut stream, not a failure to connect.

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from common.providers.base import (
+from tron.common.providers.base import (
     LLMReply,
     ProviderFailure,
     ProviderKind,
@@ -22,8 +22,8 @@ from common.providers.base import (
     says_usage_limit,
     status_reason,
 )
-from common.providers.failures import reading_stream
-from common.redaction import redact
+from tron.common.providers.failures import reading_stream
+from tron.common.redaction import redact
 
 OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
 _STOP_REASONS: dict[str, StopReason] = {"stop": "end", "length": "max_tokens"}

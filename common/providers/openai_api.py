@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from common.providers.base import (
+from tron.common.providers.base import (
     SIM_API_KEY,
     LLMReply,
     ProviderFailure,
@@ -23,9 +23,9 @@ from common.providers.base import (
     register,
     status_reason,
 )
-from common.providers.failures import reading_stream
-from common.providers.headers import openai_limits, retry_after
-from common.redaction import redact
+from tron.common.providers.failures import reading_stream
+from tron.common.providers.headers import openai_limits, retry_after
+from tron.common.redaction import redact
 
 _CODE_REASONS = {"rate_limit_exceeded": "rate_limit_error",
                  "insufficient_quota": "usage_limit",  # the account's quota or credit, not a per-minute rate

@@ -17,8 +17,8 @@ import traceback
 
 from aiohttp import web
 
-from common.agent_runtime import agent_app
-from common.service import ServiceContext
+from tron.common.agent_runtime import agent_app
+from tron.common.service import ServiceContext
 from tron.sdk import Agent
 
 CANNOT_LOAD = 3

@@ -1,4 +1,4 @@
-"""python -m services.daemon [--config FILE] [--home DIR]: the daemon in the foreground.
+"""python -m tron.services.daemon [--config FILE] [--home DIR]: the daemon in the foreground.
 
 Usually started by `tron up`. Exits non-zero with one clear line when it cannot start
 (another daemon on this home, a malformed registry, a bad mesh file, a busy port).
@@ -16,18 +16,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.config import ConfigError, MeshConfig, load_mesh, registry_url
-from common.paths import Home
-from common.settings import apply_overlay, overlay_path, read_overlay
-from registry.backup import newest_good
-from registry.schema import RegistryError
-from services.daemon.lock import HomeLock, StartError
-from services.daemon.spawner import ForkServerClient, local_fork_server
+from tron.common.config import ConfigError, MeshConfig, load_mesh, registry_url
+from tron.common.paths import Home
+from tron.common.settings import apply_overlay, overlay_path, read_overlay
+from tron.registry.backup import newest_good
+from tron.registry.schema import RegistryError
+from tron.services.daemon.lock import HomeLock, StartError
+from tron.services.daemon.spawner import ForkServerClient, local_fork_server
 
 SWITCH_INTERVAL = 0.001  # seconds the GIL stays with one thread while another waits (Python's: 0.005)
 
 if TYPE_CHECKING:
-    from services.daemon.core import Daemon
+    from tron.services.daemon.core import Daemon
 
 log = logging.getLogger("tron.daemon")
 
@@ -35,8 +35,8 @@ log = logging.getLogger("tron.daemon")
 async def serve(daemon: Daemon) -> int:
     from aiohttp import web
 
-    from common import telemetry
-    from services.daemon.api import make_app
+    from tron.common import telemetry
+    from tron.services.daemon.api import make_app
 
     telemetry.setup(daemon.config.telemetry, service="daemon")  # imports the SDK only with an endpoint
     try:
@@ -79,7 +79,7 @@ async def serve(daemon: Daemon) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.daemon")
+    parser = argparse.ArgumentParser(prog="python -m tron.services.daemon")
     parser.add_argument("--config", type=Path)
     parser.add_argument("--home")
     args = parser.parse_args(argv)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         lock = HomeLock(home)
         lock.acquire()  # before the fork server binds its socket in the home: one authority, never two
         forkserver = launch_fork_server(config, home)
-        from services.daemon.build import build_daemon  # the heavy imports, while the fork server makes its own
+        from tron.services.daemon.build import build_daemon  # the heavy imports, while the fork server makes its own
 
         daemon = build_daemon(config, home, config_path=config_path, lock=lock, forkserver=forkserver)
         return asyncio.run(serve(daemon))

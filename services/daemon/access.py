@@ -52,11 +52,11 @@ from typing import Callable
 
 from aiohttp import web
 
-from common import credentials
-from common.config import DAEMON, MeshConfig
-from common.credentials import SEP
-from common.http import token_matches
-from common.models import NAME_PATTERN, TOKEN_HEADER
+from tron.common import credentials
+from tron.common.config import DAEMON, MeshConfig
+from tron.common.credentials import SEP
+from tron.common.http import token_matches
+from tron.common.models import NAME_PATTERN, TOKEN_HEADER
 
 log = logging.getLogger("tron.daemon.access")
 

@@ -18,18 +18,18 @@ import logging
 import time
 from typing import Callable
 
-from common import logs, telemetry
-from common.clock import Clock, utc_iso
-from common.config import DAEMON, MeshConfig, Policy
-from common.http import MeshClient, MeshHTTPError
-from common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_ends, still_stands
-from common.models import Alert, Reason
-from common.monitor import Signal
-from common.states import AlertState, ServiceState, TaskState
-from registry.protocol import Store
-from services.daemon.carrier import Carrier
-from services.daemon.metrics import DaemonMetrics
-from services.daemon.supervisor import Supervisor, new_id
+from tron.common import logs, telemetry
+from tron.common.clock import Clock, utc_iso
+from tron.common.config import DAEMON, MeshConfig, Policy
+from tron.common.http import MeshClient, MeshHTTPError
+from tron.common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_ends, still_stands
+from tron.common.models import Alert, Reason
+from tron.common.monitor import Signal
+from tron.common.states import AlertState, ServiceState, TaskState
+from tron.registry.protocol import Store
+from tron.services.daemon.carrier import Carrier
+from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 

@@ -38,30 +38,30 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common import telemetry
-from common import credentials
-from common.config import DAEMON
-from common.http import AUTH_KEY, TOKEN_KEY, error, parse, parse_empty, parse_query
-from common.models import MAX_BATCH_BEATS, MAX_BATCH_BODY, BeatBatch, validation_messages
-from common.ladder import Escalated
-from common.lanes import every_lane
-from common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
-                           LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
-                           ParkRequest, ProviderCall, ProviderOutcome, RunCreate, SwitchRequest, TaskFinish, TaskRecord,
-                           UsageReport, TOKEN_HEADER)
-from common.monitor import Verdict
-from common.settings import field_errors, read_overlay
-from common.states import ServiceState, TaskState
-from services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
-from services.daemon import reach
-from services.daemon.core import Daemon
-from services.daemon.operators import SERVICE_VERBS, Refused
-from services.daemon.providers import ProviderDesk
-from services.daemon.spawner import SpawnError
-from services.daemon.task_actions import TASK_VERBS
-from services.daemon.supervisor import new_id
-from services.daemon.ui import setup_ui
-from services.daemon.ui.auth import LOOPBACK_NAMES
+from tron.common import telemetry
+from tron.common import credentials
+from tron.common.config import DAEMON
+from tron.common.http import AUTH_KEY, TOKEN_KEY, error, parse, parse_empty, parse_query
+from tron.common.models import MAX_BATCH_BEATS, MAX_BATCH_BODY, BeatBatch, validation_messages
+from tron.common.ladder import Escalated
+from tron.common.lanes import every_lane
+from tron.common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
+                                LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
+                                ParkRequest, ProviderCall, ProviderOutcome, RunCreate, SwitchRequest, TaskFinish, TaskRecord,
+                                UsageReport, TOKEN_HEADER)
+from tron.common.monitor import Verdict
+from tron.common.settings import field_errors, read_overlay
+from tron.common.states import ServiceState, TaskState
+from tron.services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
+from tron.services.daemon import reach
+from tron.services.daemon.core import Daemon
+from tron.services.daemon.operators import SERVICE_VERBS, Refused
+from tron.services.daemon.providers import ProviderDesk
+from tron.services.daemon.spawner import SpawnError
+from tron.services.daemon.task_actions import TASK_VERBS
+from tron.services.daemon.supervisor import new_id
+from tron.services.daemon.ui import setup_ui
+from tron.services.daemon.ui.auth import LOOPBACK_NAMES
 
 log = logging.getLogger("tron.daemon.api")
 DAEMON_KEY = web.AppKey("daemon", Daemon)
@@ -672,7 +672,7 @@ class ReloadQuery(BaseModel):
 async def reload_mesh(request: web.Request) -> web.Response:
     """`tron reload [--dry-run]`: mesh.toml's difference, applied (audited) or only planned.
     An invalid or unappliable file is a 400 naming every error; nothing changes."""
-    from services.daemon.reload import ReloadRefused
+    from tron.services.daemon.reload import ReloadRefused
 
     d = _d(request)
     q = parse_query(request, ReloadQuery)

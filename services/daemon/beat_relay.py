@@ -34,8 +34,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from common import credentials
-from common.models import MAX_BODY, TOKEN_HEADER, Beat
+from tron.common import credentials
+from tron.common.models import MAX_BODY, TOKEN_HEADER, Beat
 
 log = logging.getLogger("tron.relay")
 

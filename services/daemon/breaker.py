@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from common.clock import Clock
-from common.config import Policy
-from common.lanes import Fingerprint, recent, trips_now
-from common.states import LaneState
-from registry.protocol import Store
-from services.daemon.metrics import DaemonMetrics
-from services.daemon.supervisor import Supervisor, new_id
+from tron.common.clock import Clock
+from tron.common.config import Policy
+from tron.common.lanes import Fingerprint, recent, trips_now
+from tron.common.states import LaneState
+from tron.registry.protocol import Store
+from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 

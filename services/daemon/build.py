@@ -16,16 +16,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.clock import Clock, MonotonicClock
-from common.config import MeshConfig, registry_url
-from common.paths import Home, mesh_marks
-from registry.protocol import Store
-from services.daemon import fault_injection
-from services.daemon.core import Daemon
-from services.daemon.lock import HomeLock
-from services.daemon.logpump import LogPumpClient
-from services.daemon.spawner import (ClusterControl, ForkServerClient, LocalSpawner, Spawner, fork_server_env,
-                                     local_fork_server)
+from tron.common.clock import Clock, MonotonicClock
+from tron.common.config import MeshConfig, registry_url
+from tron.common.paths import Home, mesh_marks
+from tron.registry.protocol import Store
+from tron.services.daemon import fault_injection
+from tron.services.daemon.core import Daemon
+from tron.services.daemon.lock import HomeLock
+from tron.services.daemon.logpump import LogPumpClient
+from tron.services.daemon.spawner import (ClusterControl, ForkServerClient, LocalSpawner, Spawner, fork_server_env,
+                                          local_fork_server)
 
 
 def build_daemon(config: MeshConfig, home: Home, *, config_path: Path | None = None, lock: HomeLock | None = None,
@@ -44,7 +44,7 @@ def build_daemon(config: MeshConfig, home: Home, *, config_path: Path | None = N
     ray = None
     if spawner is None:
         if config.cluster.engine == "ray":
-            from services.daemon.ray_spawner import RaySpawner
+            from tron.services.daemon.ray_spawner import RaySpawner
 
             ray = RaySpawner(config=config, home_root=home.root, config_path=config_path,
                              marks=fork_server_env(config, home))
@@ -65,7 +65,7 @@ def open_registry(config: MeshConfig, home: Home, clock: Clock) -> Store:
     """Decide on memory, record behind: a registry that refuses writes (disk full, lock held
     elsewhere) never stops detection or recovery (registry/journal.py). The backend is the
     URL's scheme's (registry/backends.py); the home's file by default."""
-    from registry.backends import open_store
+    from tron.registry.backends import open_store
 
     return open_store(registry_url(config) or home.registry_db, clock=clock,
                       spill=home.registry_db.with_name("journal.jsonl"))

@@ -1,6 +1,6 @@
 """Carrying out the ladder's decisions, for every decider.
 
-Parents and the root decide with ``common.ladder.decide`` on a ``LadderView`` read here
+Parents and the root decide with ``tron.common.ladder.decide`` on a ``LadderView`` read here
 (sent with the alert), then ask for the steps over HTTP; the daemon decides the same way
 for its own children (and in the stead of any ancestor that cannot), then takes the steps
 directly. Either way every step lands in one method below, which checks only that it
@@ -15,18 +15,18 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from common import telemetry
-from common.carry import carry_out, loop_alert_id
-from common.clock import Clock
-from common.config import DAEMON, MeshConfig, Policy
-from common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, Restart, RestartAsked,
-                           ServiceView, Standing, SwitchProvider, TaskView, decide, failure_record, still_stands)
-from common.lanes import Fingerprint
-from common.models import EscalationRecord, ParkRequest, PermanentFailure, Reason, RestartRequest, SwitchRequest
-from common.states import FINAL_TASK_STATES, AlertState, RetryType, TaskState
-from registry.protocol import Store
-from services.daemon.metrics import DaemonMetrics
-from services.daemon.supervisor import Supervisor, top_of
+from tron.common import telemetry
+from tron.common.carry import carry_out, loop_alert_id
+from tron.common.clock import Clock
+from tron.common.config import DAEMON, MeshConfig, Policy
+from tron.common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, Restart, RestartAsked,
+                                ServiceView, Standing, SwitchProvider, TaskView, decide, failure_record, still_stands)
+from tron.common.lanes import Fingerprint
+from tron.common.models import EscalationRecord, ParkRequest, PermanentFailure, Reason, RestartRequest, SwitchRequest
+from tron.common.states import FINAL_TASK_STATES, AlertState, RetryType, TaskState
+from tron.registry.protocol import Store
+from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.supervisor import Supervisor, top_of
 
 log = logging.getLogger("tron.daemon")
 

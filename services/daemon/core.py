@@ -27,35 +27,35 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common import logs
-from common.clock import Clock, MonotonicClock
-from common.config import DAEMON, MeshConfig, Policy, registry_url
-from common.http import MeshClient
-from common.monitor import Monitor, MonitorThread, Signal
-from common.paths import Home, UnsafeTokenFile, ensure_token
-from common.settings import merged_policy, overlay_path, read_overlay, write_overlay
-from common.models import Reason
-from common.states import ServiceState, TaskState
-from registry.protocol import Store
-from services.daemon import metrics
-from services.daemon.access import Access
-from services.daemon.alerts import AlertRouter
-from services.daemon.carrier import Carrier
-from services.daemon.ledger import Ledger
-from services.daemon.notify import Notifier
-from services.daemon.lock import HomeLock, StartError
-from services.daemon.audit import Audit, Refused
-from services.daemon.breaker import Breaker
-from services.daemon.operators import Operators
-from services.daemon.reload import ReloadRefused, Reloader
-from services.daemon.replicas import Replicas
-from services.daemon.task_actions import TaskActions
-from services.daemon.probes import ProbeChecks, Probes
-from services.daemon.providers import ProviderDesk
-from services.daemon.spend import Spend
-from services.daemon.logpump import rotate_if_large
-from services.daemon.spawner import ClusterControl, SpawnError, Spawner, reap_strays
-from services.daemon.supervisor import Supervisor, new_id
+from tron.common import logs
+from tron.common.clock import Clock, MonotonicClock
+from tron.common.config import DAEMON, MeshConfig, Policy, registry_url
+from tron.common.http import MeshClient
+from tron.common.monitor import Monitor, MonitorThread, Signal
+from tron.common.paths import Home, UnsafeTokenFile, ensure_token
+from tron.common.settings import merged_policy, overlay_path, read_overlay, write_overlay
+from tron.common.models import Reason
+from tron.common.states import ServiceState, TaskState
+from tron.registry.protocol import Store
+from tron.services.daemon import metrics
+from tron.services.daemon.access import Access
+from tron.services.daemon.alerts import AlertRouter
+from tron.services.daemon.carrier import Carrier
+from tron.services.daemon.ledger import Ledger
+from tron.services.daemon.notify import Notifier
+from tron.services.daemon.lock import HomeLock, StartError
+from tron.services.daemon.audit import Audit, Refused
+from tron.services.daemon.breaker import Breaker
+from tron.services.daemon.operators import Operators
+from tron.services.daemon.reload import ReloadRefused, Reloader
+from tron.services.daemon.replicas import Replicas
+from tron.services.daemon.task_actions import TaskActions
+from tron.services.daemon.probes import ProbeChecks, Probes
+from tron.services.daemon.providers import ProviderDesk
+from tron.services.daemon.spend import Spend
+from tron.services.daemon.logpump import rotate_if_large
+from tron.services.daemon.spawner import ClusterControl, SpawnError, Spawner, reap_strays
+from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 # A leased task an agent's beats have not named for this long (or 4 beat intervals) is lost.
@@ -473,7 +473,7 @@ class Daemon:
     # -- beats --------------------------------------------------------------------------------
 
     async def on_beat(self, beat) -> Any:
-        from common.monitor import Verdict
+        from tron.common.monitor import Verdict
 
         now = self.clock.now()
         svc = self.sup.services.get(beat.service)
@@ -513,7 +513,7 @@ class Daemon:
         in order. Most beats change nothing but their deadline (no task, or the same task at
         the same progress): those take a path with no registry read or write and one clock
         reading and one metric update for the whole batch; any other goes through ``on_beat``."""
-        from common.monitor import Verdict
+        from tron.common.monitor import Verdict
 
         accepted = Verdict.ACCEPTED
         now = self.clock.now()
@@ -628,7 +628,7 @@ class Daemon:
 
     async def backup(self) -> dict:
         """A consistent copy of the registry now (SQLite's backup API, in a thread)."""
-        from registry import backup
+        from tron.registry import backup
 
         if registry_url(self.config):
             return {"status": "refused", "error": "the registry is on PostgreSQL: back it up with pg_dump "

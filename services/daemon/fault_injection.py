@@ -14,7 +14,7 @@ import signal
 import socket
 from pathlib import Path
 
-from services.daemon.spawner import Child, ExitCallback, SpawnSpec, Spawner
+from tron.services.daemon.spawner import Child, ExitCallback, SpawnSpec, Spawner
 
 DIE_AFTER_FORK = "TRON_TEST_DIE_AFTER_FORK"
 

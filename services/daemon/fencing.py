@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from common.lease import Lease
+from tron.common.lease import Lease
 
 log = logging.getLogger("tron.fence")
 

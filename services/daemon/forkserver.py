@@ -50,24 +50,25 @@ import sys
 import time
 from pathlib import Path
 
-from services.daemon import unixline  # json and socket only: nothing heavy before the path check
+from tron.services.daemon import unixline  # json and socket only: nothing heavy before the path check
 
 REPO = Path(__file__).resolve().parents[2]
 # The LLM SDKs are not listed: warm_up() imports those of the mesh's providers (the registry in
-# common.providers says which modules each needs).
+# tron.common.providers says which modules each needs).
 PRELOAD = [
     "aiohttp", "aiohttp.web", "pydantic", "psutil", "setproctitle",
-    "common.agent", "common.agent_runtime", "common.ladder_parent", "tron.sdk", "common.service", "common.providers",
-    "common.prompts",
-    "services.gateway.app", "services.root.app", "services.architect.app", "services.director.app",
-    "services.programmer.app", "services.llm_sim.app", "services.agent_host.app",
+    "tron.common.agent", "tron.common.agent_runtime", "tron.common.ladder_parent", "tron.sdk", "tron.common.service",
+    "tron.common.providers",
+    "tron.common.prompts",
+    "tron.services.gateway.app", "tron.services.root.app", "tron.services.architect.app", "tron.services.director.app",
+    "tron.services.programmer.app", "tron.services.llm_sim.app", "tron.services.agent_host.app",
 ]
 
 
 def _sdks() -> set[str]:
     """The SDKs the mesh's providers use (``TRON_SDKS``, set by the daemon from the provider
     chain and the services' own providers); every one when it is not said."""
-    from common.providers import SDKS
+    from tron.common.providers import SDKS
 
     said = os.environ.get("TRON_SDKS")
     return set(SDKS) if said is None else {s for s in said.split(",") if s in SDKS}
@@ -215,7 +216,7 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         print(json.dumps({"msg": "fork server cannot run: socket path too long",
                           "path": sock_path, "limit": SOCKET_PATH_MAX}), flush=True)
         return CANNOT_RUN
-    from common.providers import warm_up  # after the path check: nothing heavy before it
+    from tron.common.providers import warm_up  # after the path check: nothing heavy before it
 
     for name in PRELOAD:
         importlib.import_module(name)
@@ -223,7 +224,7 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     # on a first request: once here for every child.
     warm_up(_sdks())
     if os.environ.get("TRON_TRACES") == "1":  # the mesh exports traces: every agent sets the SDK up at start
-        from common import telemetry
+        from tron.common import telemetry
 
         telemetry.preload()
     sources = _own_sources()

@@ -14,15 +14,15 @@ from collections import OrderedDict
 import logging
 from typing import Callable
 
-from common import logs
-from common.clock import Clock
-from common.config import DAEMON, MeshConfig, Policy
-from common.http import MeshClient, MeshHTTPError
-from common.ladder import compute_backoff
-from common.models import RunFailed, TaskAssign, TaskResult
-from common.states import RunState, ServiceState, TaskState
-from registry.protocol import Store
-from services.daemon.supervisor import Service, Supervisor
+from tron.common import logs
+from tron.common.clock import Clock
+from tron.common.config import DAEMON, MeshConfig, Policy
+from tron.common.http import MeshClient, MeshHTTPError
+from tron.common.ladder import compute_backoff
+from tron.common.models import RunFailed, TaskAssign, TaskResult
+from tron.common.states import RunState, ServiceState, TaskState
+from tron.registry.protocol import Store
+from tron.services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.daemon")
 

@@ -22,7 +22,7 @@ import errno
 import os
 import socket
 
-from services.daemon.sockdiag import listening_inodes
+from tron.services.daemon.sockdiag import listening_inodes
 
 LISTEN_FD = 3  # SD_LISTEN_FDS_START
 SYS_PIDFD_GETFD = 438  # x86_64 and arm64 alike (the generic syscall table)

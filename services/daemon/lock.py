@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from common.paths import Home
+from tron.common.paths import Home
 
 
 class StartError(Exception):

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.daemon import unixline
+from tron.services.daemon import unixline
 
 log = logging.getLogger("tron.logpump")
 
@@ -390,7 +390,7 @@ class LogPumpClient:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with open(self.own_log, "ab", buffering=0) as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.daemon.logpump", self.sock_path, str(self.logs_dir),
+                [sys.executable, "-m", "tron.services.daemon.logpump", self.sock_path, str(self.logs_dir),
                  str(self.min_free)], env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         deadline = time.monotonic() + 10

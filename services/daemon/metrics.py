@@ -65,7 +65,7 @@ class DaemonMetrics:
             self.spans_dropped.labels(service=service).inc(total - seen)
 
     def render(self) -> bytes:
-        from common import telemetry
+        from tron.common import telemetry
 
         self.spans_dropped_total("daemon", "daemon", telemetry.dropped())
         return generate_latest(self.registry)

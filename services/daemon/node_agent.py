@@ -54,8 +54,8 @@ class NodeAgent:
         """Make the node's home and config copy; start the spawner, and the beat relay if
         ``relay`` ({"daemon_url", "token", "interval"}) says so. A daemon started again calls
         this once more: the relay then takes its new credential."""
-        from common.paths import Home
-        from services.daemon.spawner import ForkServerClient, LocalSpawner
+        from tron.common.paths import Home
+        from tron.services.daemon.spawner import ForkServerClient, LocalSpawner
 
         if relay is not None:
             await self._relay(relay)
@@ -85,7 +85,7 @@ class NodeAgent:
     def _socket_path(self, wanted: Path) -> Path:
         """The fork server's socket: in the node's home, or, when that path is longer than
         a unix socket's 107 bytes, in a private (0700) directory of the node's /tmp."""
-        from services.daemon.forkserver import SOCKET_PATH_MAX
+        from tron.services.daemon.forkserver import SOCKET_PATH_MAX
 
         if len(os.fsencode(str(wanted))) <= SOCKET_PATH_MAX:
             return wanted
@@ -93,7 +93,7 @@ class NodeAgent:
         return self.scratch / "forkserver.sock"
 
     async def _relay(self, relay: dict) -> None:
-        from services.daemon.beat_relay import BeatRelay
+        from tron.services.daemon.beat_relay import BeatRelay
 
         if self.relay is None:
             self.relay = BeatRelay(relay["daemon_url"], relay["token"], relay["interval"])
@@ -103,7 +103,7 @@ class NodeAgent:
 
     def _fence(self, lease: float) -> None:
         """Hold the daemon's lease from now; the relay renews it, and its lapse ends every child."""
-        from services.daemon.fencing import NodeFence
+        from tron.services.daemon.fencing import NodeFence
 
         if self.fence is None:
             self.fence = NodeFence(lease, self._fenced)
@@ -115,7 +115,7 @@ class NodeAgent:
     async def _fenced(self) -> int:
         """The lease lapsed: every child ends at once, whole, and its held socket is released (the
         daemon may start its replacement elsewhere as soon as the lease has run out there too)."""
-        from common.processes import kill_tree, tree_of
+        from tron.common.processes import kill_tree, tree_of
 
         ended = 0
         for child in list(self.children.values()):
@@ -140,8 +140,8 @@ class NodeAgent:
     # -- processes ----------------------------------------------------------------------------
 
     async def spawn(self, spec: dict, listen: tuple[int, int] | None) -> dict:
-        from services.daemon.listeners import ListenerError
-        from services.daemon.spawner import SpawnError, SpawnSpec
+        from tron.services.daemon.listeners import ListenerError
+        from tron.services.daemon.spawner import SpawnError, SpawnSpec
 
         if self.fence is not None and self.fence.refusal():
             await self.relay.flush()  # the daemon is asking: renewed at once when its HTTP can be reached
@@ -149,7 +149,7 @@ class NodeAgent:
                 return {"ok": False, "error": why}
         env = {**spec["env"], **self.paths, "TRON_NODE_PID": str(os.getpid())}
         if spec.get("credential"):  # the incarnation's own, in a 0600 file of this node's home
-            from common.paths import write_token
+            from tron.common.paths import write_token
 
             cred = self.home / "run" / "creds" / f"{spec['name']}~{spec['incarnation']}"
             write_token(cred, spec["credential"])
@@ -178,7 +178,7 @@ class NodeAgent:
     async def _listener(self, port: int, backlog: int) -> socket.socket:
         """The service's held socket on this node. A port still held by what ran on a lost
         node of this same machine frees within one beat (its agent exits): wait for it."""
-        from services.daemon.listeners import ListenerError, open_listener
+        from tron.services.daemon.listeners import ListenerError, open_listener
 
         if port in self.listeners:
             return self.listeners[port]
@@ -234,7 +234,7 @@ class NodeAgent:
     async def lose(self) -> None:
         """A drill's node loss: everything this agent runs dies at once, then the agent
         itself, as when the machine goes (services/daemon/ray_spawner.py ``lose``)."""
-        from common.processes import kill_tree, tree_of
+        from tron.common.processes import kill_tree, tree_of
 
         for child in list(self.children.values()):
             child.expected_exit = True
@@ -253,7 +253,7 @@ class NodeAgent:
 
     async def read_log(self, daemon_path: str, cursor: dict) -> dict:
         """One bounded chunk of a service's log on this node (services/daemon/logread.py)."""
-        from services.daemon.logread import read_log
+        from tron.services.daemon.logread import read_log
 
         return await asyncio.to_thread(read_log, self._log_path(daemon_path), **cursor)
 
@@ -271,7 +271,7 @@ class NodeAgent:
 
     async def processes(self, pid: int, incarnation: str) -> list[str]:
         """What is left on this node of one incarnation's process tree (a drill's check)."""
-        from common.processes import describe, tree_of
+        from tron.common.processes import describe, tree_of
 
         return describe(tree_of(pid, incarnation))
 

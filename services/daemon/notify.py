@@ -35,11 +35,11 @@ from typing import Callable
 
 import aiohttp
 
-from common import notify
-from common.clock import Clock, utc_iso
-from common.notify import NotifyEntry, Outcome
-from registry.protocol import Store
-from services.daemon.metrics import DaemonMetrics
+from tron.common import notify
+from tron.common.clock import Clock, utc_iso
+from tron.common.notify import NotifyEntry, Outcome
+from tron.registry.protocol import Store
+from tron.services.daemon.metrics import DaemonMetrics
 
 log = logging.getLogger("tron.daemon")
 

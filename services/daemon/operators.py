@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 
-from common.states import AlertState, LaneState, RetryType, ServiceState, TaskState
-from registry.protocol import Store
-from services.daemon.audit import Audit, Refused
-from services.daemon.breaker import lane_agent
-from services.daemon.ledger import Ledger
-from services.daemon.supervisor import Service, Supervisor, new_id
+from tron.common.states import AlertState, LaneState, RetryType, ServiceState, TaskState
+from tron.registry.protocol import Store
+from tron.services.daemon.audit import Audit, Refused
+from tron.services.daemon.breaker import lane_agent
+from tron.services.daemon.ledger import Ledger
+from tron.services.daemon.supervisor import Service, Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 S = ServiceState

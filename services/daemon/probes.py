@@ -31,15 +31,15 @@ from typing import Callable
 
 import psutil
 
-from common.clock import Clock
-from common.config import STOPPED_CADENCE, Policy, Probe
-from common.http import MeshClient
-from common.models import Reason
-from common.monitor import Monitor
-from common.states import ServiceState
-from common import probe_kinds
-from common.probe_kinds import ProbeContext, ProbeResult
-from services.daemon.supervisor import Service, Supervisor
+from tron.common.clock import Clock
+from tron.common.config import STOPPED_CADENCE, Policy, Probe
+from tron.common.http import MeshClient
+from tron.common.models import Reason
+from tron.common.monitor import Monitor
+from tron.common.states import ServiceState
+from tron.common import probe_kinds
+from tron.common.probe_kinds import ProbeContext, ProbeResult
+from tron.services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
 __all__ = ["STOPPED_CADENCE", "ProbeChecks", "Probes"]

@@ -19,19 +19,19 @@ import asyncio
 import logging
 from typing import Callable
 
-from common.clock import Clock
-from common.config import DAEMON, MeshConfig, Policy
-from common.ladder import (Approval, CallAsked, Decision, Fail, Ignore, LadderView, ParkCheck, Park, ProviderFailed,
-                           ProviderRules, ProviderStatus, Resume, RetryInPlace, ServiceView, SwitchProvider, TaskView,
-                           decide)
-from common.models import PermanentFailure, ProviderCall, ProviderOutcome
-from common.provider_health import Board, Change
-from common.providers import NON_RETRYABLE
-from common.states import ProviderState, RetryType, TaskState
-from registry.protocol import Store
-from services.daemon.metrics import DaemonMetrics
-from services.daemon.spend import Spend
-from services.daemon.supervisor import Supervisor, new_id
+from tron.common.clock import Clock
+from tron.common.config import DAEMON, MeshConfig, Policy
+from tron.common.ladder import (Approval, CallAsked, Decision, Fail, Ignore, LadderView, ParkCheck, Park, ProviderFailed,
+                                ProviderRules, ProviderStatus, Resume, RetryInPlace, ServiceView, SwitchProvider, TaskView,
+                                decide)
+from tron.common.models import PermanentFailure, ProviderCall, ProviderOutcome
+from tron.common.provider_health import Board, Change
+from tron.common.providers import NON_RETRYABLE
+from tron.common.states import ProviderState, RetryType, TaskState
+from tron.registry.protocol import Store
+from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.spend import Spend
+from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 LONG_POLL = 20.0  # an acquire or park request is answered within this, then asked again

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from services.daemon.spawner import SpawnError
+from tron.services.daemon.spawner import SpawnError
 
 PRIVATE_MODULE = "ray._private.services"
 PRIVATE_NAME = "resolve_ip_for_localhost"

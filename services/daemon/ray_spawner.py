@@ -40,11 +40,11 @@ from typing import Protocol
 
 import psutil
 
-from common.config import MeshConfig
-from services.daemon.node_agent import NAMESPACE, actor_name
-from common.processes import resident_bytes
-from services.daemon.ray_private import join_at_loopback
-from services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
+from tron.common.config import MeshConfig
+from tron.services.daemon.node_agent import NAMESPACE, actor_name
+from tron.common.processes import resident_bytes
+from tron.services.daemon.ray_private import join_at_loopback
+from tron.services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
 
 log = logging.getLogger("tron.ray")
 
@@ -191,7 +191,7 @@ class RaySpawner:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from services.daemon.node_agent import NodeAgent
+        from tron.services.daemon.node_agent import NodeAgent
 
         if node.agent is not None:
             return node.agent
@@ -329,7 +329,7 @@ class RaySpawner:
         its node agent held runs out, and with it the node has ended its children itself."""
         if self.relays is None or node.cordoned:  # cordoned: a drill's loss, whose node agent ended every child first
             return
-        from common.lease import fence_wait
+        from tron.common.lease import fence_wait
 
         wait = fence_wait(self.relays.last_renewal(relay_name(node)), node.lost_at, self.config.lease, time.monotonic())
         if wait > 0:

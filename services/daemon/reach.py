@@ -23,11 +23,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from common.models import IdStr, Msg
-from common.processes import describe, same_process, tree_of
-from services.daemon.audit import Refused
-from services.daemon.logread import MAX_CHUNK, MAX_LINES, read_log
-from services.daemon.spawner import ClusterControl, SpawnError
+from tron.common.models import IdStr, Msg
+from tron.common.processes import describe, same_process, tree_of
+from tron.services.daemon.audit import Refused
+from tron.services.daemon.logread import MAX_CHUNK, MAX_LINES, read_log
+from tron.services.daemon.spawner import ClusterControl, SpawnError
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}
 

@@ -20,12 +20,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from common.config import ConfigError, MeshConfig, load_mesh
-from common.settings import apply_overlay, read_overlay
-from common.states import ServiceState as S, TaskState
+from tron.common.config import ConfigError, MeshConfig, load_mesh
+from tron.common.settings import apply_overlay, read_overlay
+from tron.common.states import ServiceState as S, TaskState
 
 if TYPE_CHECKING:
-    from services.daemon.core import Daemon
+    from tron.services.daemon.core import Daemon
 
 log = logging.getLogger("tron.daemon")
 
@@ -157,7 +157,7 @@ class Reloader:
         #    own stop signal and grace, then starts from the new entry.
         for name in p.update:
             sup[name].spec = new.services[name]
-        from services.daemon.supervisor import Service  # the supervisor's record of one service
+        from tron.services.daemon.supervisor import Service  # the supervisor's record of one service
 
         for name in p.start:
             spec = new.services[name]

@@ -17,11 +17,11 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from common.states import ServiceState as S
-from services.daemon.audit import Refused
+from tron.common.states import ServiceState as S
+from tron.services.daemon.audit import Refused
 
 if TYPE_CHECKING:
-    from services.daemon.core import Daemon
+    from tron.services.daemon.core import Daemon
 
 log = logging.getLogger("tron.daemon")
 
@@ -97,8 +97,8 @@ class Replicas:
         return tied[next(self._turn) % len(tied)]
 
     async def scale(self, group: str, n: int, *, actor: str) -> dict:
-        from common.config import MeshConfig
-        from services.daemon.reload import ReloadRefused
+        from tron.common.config import MeshConfig
+        from tron.services.daemon.reload import ReloadRefused
 
         names = self.of(group)
         if not names:

@@ -1,7 +1,7 @@
 """Spawners: how an incarnation becomes a process, and how its whole tree ends.
 
 ``Spawner`` is the interface the daemon sees. ``LocalSpawner`` makes real processes on
-this machine; ``services.daemon.stub_spawner.StubSpawner`` makes pretend ones for unit
+this machine; ``tron.services.daemon.stub_spawner.StubSpawner`` makes pretend ones for unit
 tests; the same contract suite (tests/unit/test_spawner_contract.py) runs on both.
 
 Local facts stay here: pids, process groups, the fork server, the subreaper.
@@ -45,20 +45,20 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import psutil
 
-from common.paths import Home, mesh_marks
-from services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
-from services.daemon import gate as gate_program
-from services.daemon import unixline
-from services.daemon.cgroups import Cgroup, CgroupTree, Limits
-from services.daemon.cgroups import detect as detect_cgroups
-from services.daemon.cgroups import join as join_cgroup
-from services.daemon.cgroups import wait_empty
-from services.daemon.listeners import open_listener, recover_listener
-from services.daemon.logpump import LogPumpClient
-from services.daemon.sockdiag import listening_inodes
+from tron.common.paths import Home, mesh_marks
+from tron.services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
+from tron.services.daemon import gate as gate_program
+from tron.services.daemon import unixline
+from tron.services.daemon.cgroups import Cgroup, CgroupTree, Limits
+from tron.services.daemon.cgroups import detect as detect_cgroups
+from tron.services.daemon.cgroups import join as join_cgroup
+from tron.services.daemon.cgroups import wait_empty
+from tron.services.daemon.listeners import open_listener, recover_listener
+from tron.services.daemon.logpump import LogPumpClient
+from tron.services.daemon.sockdiag import listening_inodes
 
 if TYPE_CHECKING:
-    from common.config import MeshConfig
+    from tron.common.config import MeshConfig
 
 log = logging.getLogger("tron.spawner")
 
@@ -249,8 +249,8 @@ class ClusterControl(Protocol):
 
 
 # Process identity, trees and the census live in common/processes.py (the CLI uses them too).
-from common.processes import (MARK, create_time_of, describe, holds_socket, home_processes,  # noqa: E402,F401
-                              kill_tree, resident_bytes, same_process, signal_group, tree_of)
+from tron.common.processes import (MARK, create_time_of, describe, holds_socket, home_processes,  # noqa: E402,F401
+                                   kill_tree, resident_bytes, same_process, signal_group, tree_of)
 
 
 # -- the local spawner -------------------------------------------------------------------------
@@ -910,7 +910,7 @@ def reap_strays(tracked: set[int]) -> list[int]:
 def fork_server_env(config: MeshConfig, home: Home) -> dict[str, str]:
     """What a fork server (here or on a Ray node) gets from the mesh: the home's mark
     (scripts/census.py) and the SDKs its providers use (the preload)."""
-    from common import telemetry
+    from tron.common import telemetry
 
     return {**mesh_marks(home), "TRON_SDKS": ",".join(sorted(config.sdks)),
             "TRON_TRACES": "1" if telemetry.endpoint(config.telemetry) else "0"}
@@ -962,7 +962,7 @@ class ForkServerClient:
             return False
         with open(self.log_path, "ab", buffering=0) as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.daemon.forkserver", self.sock_path, str(os.getpid())],
+                [sys.executable, "-m", "tron.services.daemon.forkserver", self.sock_path, str(os.getpid())],
                 cwd=self.cwd, env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         self.generation += 1

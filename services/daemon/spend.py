@@ -15,13 +15,13 @@ import asyncio
 import logging
 from collections import OrderedDict, deque
 
-from common.clock import Clock
-from common.config import MeshConfig
-from common.ladder import SpendView
-from common.models import Usage
-from common.prices import cost_usd, price_for
-from registry.protocol import Store
-from services.daemon.metrics import DaemonMetrics
+from tron.common.clock import Clock
+from tron.common.config import MeshConfig
+from tron.common.ladder import SpendView
+from tron.common.models import Usage
+from tron.common.prices import cost_usd, price_for
+from tron.registry.protocol import Store
+from tron.services.daemon.metrics import DaemonMetrics
 
 log = logging.getLogger("tron.daemon")
 HOUR = 3600.0

@@ -9,8 +9,8 @@ import itertools
 import signal
 from pathlib import Path
 
-from services.daemon.listeners import ListenerError
-from services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
+from tron.services.daemon.listeners import ListenerError
+from tron.services.daemon.spawner import Child, ExitCallback, SpawnError, SpawnSpec
 
 
 class StubListener:

@@ -7,7 +7,7 @@ starts). It decides nothing: a process exit becomes a TRON signal handed to
 ``on_signal``; what happens next is the ladder's.
 
 Every change of a service's state goes through ``transition``: checked against
-``common.states.SERVICE``, logged (one line, stable wording), written to the registry.
+``tron.common.states.SERVICE``, logged (one line, stable wording), written to the registry.
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from common import telemetry
-from common.clock import Clock
-from common.config import DAEMON, MeshConfig, Policy, ServiceSpec
-from common.http import MeshClient, MeshHTTPError
-from common.models import Reason
-from common.monitor import Monitor, Signal
-from common.paths import Home, mesh_marks
-from common.states import SERVICE, ServiceState
-from registry.protocol import Store
-from services.daemon.listeners import ListenerError, listen_env
-from services.daemon.access import Access
-from services.daemon.metrics import DaemonMetrics
-from services.daemon.cgroups import Limits
-from services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
+from tron.common import telemetry
+from tron.common.clock import Clock
+from tron.common.config import DAEMON, MeshConfig, Policy, ServiceSpec
+from tron.common.http import MeshClient, MeshHTTPError
+from tron.common.models import Reason
+from tron.common.monitor import Monitor, Signal
+from tron.common.paths import Home, mesh_marks
+from tron.common.states import SERVICE, ServiceState
+from tron.registry.protocol import Store
+from tron.services.daemon.listeners import ListenerError, listen_env
+from tron.services.daemon.access import Access
+from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.cgroups import Limits
+from tron.services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
 
 log = logging.getLogger("tron.daemon")
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import logging
 
-from common.config import DAEMON
-from common.states import FINAL_TASK_STATES, LIVE_TASK_STATES, RetryType, RunState, ServiceState, TaskState
-from registry.store import content_hash
-from registry.protocol import Store
-from services.daemon.audit import Audit, Refused
-from services.daemon.operators import admit_restart
-from services.daemon.ledger import Ledger
-from services.daemon.supervisor import Supervisor, new_id
+from tron.common.config import DAEMON
+from tron.common.states import FINAL_TASK_STATES, LIVE_TASK_STATES, RetryType, RunState, ServiceState, TaskState
+from tron.registry.store import content_hash
+from tron.registry.protocol import Store
+from tron.services.daemon.audit import Audit, Refused
+from tron.services.daemon.operators import admit_restart
+from tron.services.daemon.ledger import Ledger
+from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
 TASK_VERBS = ("retry", "hard_reset", "resume", "cancel", "approve", "fail")
@@ -197,7 +197,7 @@ class TaskActions:
 
     async def _approve(self, task: dict, *, actor: str, reason: str, from_step: int | None = None,
                        provider: str | None = None) -> dict:
-        from common.ladder import Approval
+        from tron.common.ladder import Approval
 
         self._awaiting(task, "awaiting_operator")
         if provider is not None and provider not in self.desk.board.providers:
@@ -234,7 +234,7 @@ class TaskActions:
         return {"status": "approved", "task_id": task["task_id"], "provider": provider or task.get("provider")}
 
     async def _fail(self, task: dict, *, actor: str, reason: str, from_step: int | None = None) -> dict:
-        from common.models import PermanentFailure
+        from tron.common.models import PermanentFailure
 
         self._awaiting(task, "awaiting_operator", "budget_exceeded")
         answer = await self.carrier.fail(PermanentFailure(

@@ -1,7 +1,7 @@
-"""python -m services.director: started by the tron daemon, which sets its environment."""
+"""python -m tron.services.director: started by the tron daemon, which sets its environment."""
 
-from common.service import run_service
-from services.director.app import make_app
+from tron.common.service import run_service
+from tron.services.director.app import make_app
 
 if __name__ == "__main__":
     run_service(make_app)

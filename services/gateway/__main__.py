@@ -1,7 +1,7 @@
-"""python -m services.gateway: started by the tron daemon, which sets its environment."""
+"""python -m tron.services.gateway: started by the tron daemon, which sets its environment."""
 
-from common.service import run_service
-from services.gateway.app import make_app
+from tron.common.service import run_service
+from tron.services.gateway.app import make_app
 
 if __name__ == "__main__":
     run_service(make_app)

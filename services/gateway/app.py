@@ -18,13 +18,13 @@ import re
 
 from aiohttp import web
 
-from common import logs, telemetry
-from common.agent import REFUSALS, Agent
-from common.agent_runtime import AgentRuntime, agent_app
-from common.http import MeshHTTPError, error, parse, require_token
-from common.config import DAEMON, MeshConfig
-from common.models import ID_PATTERN, RunCreate, RunFailed, RunParked, TaskAssign, TaskRecord, TaskResult
-from common.service import ServiceContext
+from tron.common import logs, telemetry
+from tron.common.agent import REFUSALS, Agent
+from tron.common.agent_runtime import AgentRuntime, agent_app
+from tron.common.http import MeshHTTPError, error, parse, require_token
+from tron.common.config import DAEMON, MeshConfig
+from tron.common.models import ID_PATTERN, RunCreate, RunFailed, RunParked, TaskAssign, TaskRecord, TaskResult
+from tron.common.service import ServiceContext
 
 log = logging.getLogger("tron.gateway")
 RUN_ID = re.compile(ID_PATTERN)

@@ -1,8 +1,8 @@
-"""python -m services.llm_sim: the built-in LLM provider, supervised like any agent
+"""python -m tron.services.llm_sim: the built-in LLM provider, supervised like any agent
 (it has /health and beats), started by the tron daemon."""
 
-from common.service import ServiceContext, run_service
-from services.llm_sim.app import make_app
+from tron.common.service import ServiceContext, run_service
+from tron.services.llm_sim.app import make_app
 
 
 def build(ctx: ServiceContext):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from services.llm_sim.schema_fake import fake_instance
+from tron.services.llm_sim.schema_fake import fake_instance
 
 _WORD = re.compile(r"\S+")
 

@@ -10,10 +10,10 @@ from typing import Any, Literal, Self
 from aiohttp import web
 from pydantic import Field, ValidationError
 
-from services.llm_sim.answers import Ask, Conversation, Reply, ToolMode, ToolSpec, Turn, respond
-from services.llm_sim.catalog import Catalog
-from services.llm_sim.state import SIM_STATE, HeldThreads
-from services.llm_sim.wire import (
+from tron.services.llm_sim.answers import Ask, Conversation, Reply, ToolMode, ToolSpec, Turn, respond
+from tron.services.llm_sim.catalog import Catalog
+from tron.services.llm_sim.state import SIM_STATE, HeldThreads
+from tron.services.llm_sim.wire import (
     Lenient,
     SimError,
     anthropic_error_body,

@@ -83,10 +83,10 @@ from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
-from services.llm_sim import anthropic_api, control, ollama_api, openai_api, responses_api
-from services.llm_sim.catalog import make_catalog
-from services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec, SimState
-from services.llm_sim.wire import MAX_BODY
+from tron.services.llm_sim import anthropic_api, control, ollama_api, openai_api, responses_api
+from tron.services.llm_sim.catalog import make_catalog
+from tron.services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec, SimState
+from tron.services.llm_sim.wire import MAX_BODY
 
 __all__ = ["MAX_BODY", "PROVIDERS", "SIM_STATE", "FaultSpec", "make_app"]
 

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from common.http import AUTH_KEY, parse_empty, token_matches
-from common.models import TOKEN_HEADER
-from services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec
-from services.llm_sim.wire import SimError, describe, read_json
+from tron.common.http import AUTH_KEY, parse_empty, token_matches
+from tron.common.models import TOKEN_HEADER
+from tron.services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec
+from tron.services.llm_sim.wire import SimError, describe, read_json
 
 log = logging.getLogger("llm_sim")
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from common.clock import utc_iso
-from services.llm_sim.answers import (
+from tron.common.clock import utc_iso
+from tron.services.llm_sim.answers import (
     Ask,
     Conversation,
     Reply,
@@ -31,9 +31,9 @@ from services.llm_sim.answers import (
     embedding,
     respond,
 )
-from services.llm_sim.catalog import OllamaModel
-from services.llm_sim.state import SIM_STATE
-from services.llm_sim.wire import FAULT_ERRORS, Delivery, Lenient, SimError, parse_body, serve, surface_endpoint
+from tron.services.llm_sim.catalog import OllamaModel
+from tron.services.llm_sim.state import SIM_STATE
+from tron.services.llm_sim.wire import FAULT_ERRORS, Delivery, Lenient, SimError, parse_body, serve, surface_endpoint
 
 OLLAMA_SERVER_VERSION = "0.12.0-llm-sim"
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama keeps a model loaded 5 minutes after its last use

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from services.llm_sim.answers import (
+from tron.services.llm_sim.answers import (
     Ask,
     Conversation,
     Reply,
@@ -27,9 +27,9 @@ from services.llm_sim.answers import (
     embedding,
     respond,
 )
-from services.llm_sim.catalog import OPENAI_PREFIXES
-from services.llm_sim.state import SIM_STATE
-from services.llm_sim.wire import (
+from tron.services.llm_sim.catalog import OPENAI_PREFIXES
+from tron.services.llm_sim.state import SIM_STATE
+from tron.services.llm_sim.wire import (
     FAULT_ERRORS,
     Lenient,
     SimError,

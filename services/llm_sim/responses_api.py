@@ -19,10 +19,10 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from services.llm_sim.answers import Ask, Conversation, Reply, StopReason, ToolMode, ToolSpec, Turn, respond
-from services.llm_sim.openai_api import require_key, require_model
-from services.llm_sim.state import SIM_STATE
-from services.llm_sim.wire import (
+from tron.services.llm_sim.answers import Ask, Conversation, Reply, StopReason, ToolMode, ToolSpec, Turn, respond
+from tron.services.llm_sim.openai_api import require_key, require_model
+from tron.services.llm_sim.state import SIM_STATE
+from tron.services.llm_sim.wire import (
     FAULT_ERRORS,
     Delivery,
     Lenient,

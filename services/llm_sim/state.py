@@ -13,7 +13,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.llm_sim.catalog import Catalog
+from tron.services.llm_sim.catalog import Catalog
 
 PROVIDERS = ("anthropic", "ollama", "openai")
 

@@ -18,8 +18,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.llm_sim.answers import Shape
-from services.llm_sim.state import RATE_LIMIT_KINDS, REFUSING_KINDS, SHAPING_KINDS, SIM_STATE, FaultSpec, ProviderState
+from tron.services.llm_sim.answers import Shape
+from tron.services.llm_sim.state import RATE_LIMIT_KINDS, REFUSING_KINDS, SHAPING_KINDS, SIM_STATE, FaultSpec, ProviderState
 
 log = logging.getLogger("llm_sim")
 

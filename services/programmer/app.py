@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from common.agent_runtime import agent_app
-from common.service import ServiceContext
+from tron.common.agent_runtime import agent_app
+from tron.common.service import ServiceContext
 from tron.sdk import Agent, Task
 
 STEPS = ("draft", "review")

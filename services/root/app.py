@@ -1,5 +1,5 @@
 """Root: takes a run from the gateway and hands it to the architect. It is the top of
-the ladder: when a failure climbs to it, ``common.ladder.decide`` (through the view the
+the ladder: when a failure climbs to it, ``tron.common.ladder.decide`` (through the view the
 daemon gives a root) answers with a provider switch or a permanent failure, and the
 shared agent runtime carries that out. The root holds no ladder rule of its own.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from common.agent_runtime import agent_app
-from common.service import ServiceContext
+from tron.common.agent_runtime import agent_app
+from tron.common.service import ServiceContext
 from tron.sdk import Agent, Task, TaskFailed
 
 

@@ -24,9 +24,9 @@ import time
 import pytest
 from playwright.sync_api import Page, expect
 
-from scripts.client import wait_for
-from scripts.tron import Ctx
-from scripts.ui_cli import cmd_ui
+from tron.scripts.client import wait_for
+from tron.scripts.tron import Ctx
+from tron.scripts.ui_cli import cmd_ui
 
 pytestmark = pytest.mark.integration
 

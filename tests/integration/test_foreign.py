@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.daemon.sockdiag import listening_inodes
-from common.processes import tree_of
+from tron.services.daemon.sockdiag import listening_inodes
+from tron.common.processes import tree_of
 from tests.harness import REPO, cleanup, make_mesh, server_answers, wait_for
 
 pytestmark = pytest.mark.integration

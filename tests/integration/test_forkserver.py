@@ -41,7 +41,7 @@ def test_forked_agents_serve_beat_call_their_provider_and_come_back_after_a_kill
     assert proc.ppid() == daemon_pid and os.getpgid(p1["pid"]) == p1["pid"] and os.getsid(p1["pid"]) == p1["pid"]
     health = mesh.health("programmer-1")
     assert health["pid"] == p1["pid"] and health["incarnation"] == p1["incarnation"]
-    assert "services.programmer" in " ".join(proc.cmdline()) and "programmer-1" in " ".join(proc.cmdline())
+    assert "tron.services.programmer" in " ".join(proc.cmdline()) and "programmer-1" in " ".join(proc.cmdline())
     assert proc.environ().get("TRON_HOME") == str(mesh.home)  # leak checks can still find it
     # it beats and it calls its provider through the real SDK
     wait_for(lambda: mesh.service("programmer-1")["last_beat_age"] is not None, 30, "a beat from the forked agent")
@@ -133,7 +133,7 @@ REAPER = """
 import ctypes, os, sys
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
 if os.fork() == 0:
-    os.execv(sys.executable, [sys.executable, "-m", "services.daemon.forkserver", sys.argv[1]])
+    os.execv(sys.executable, [sys.executable, "-m", "tron.services.daemon.forkserver", sys.argv[1]])
 while True:
     try:
         os.wait()
@@ -171,7 +171,7 @@ def test_a_spawn_asked_past_its_deadline_forks_nothing(tmp_path):
     second incarnation."""
     import time
 
-    from services.daemon import unixline
+    from tron.services.daemon import unixline
 
     with _fork_server(tmp_path) as (sock, server):
         log = tmp_path / "late.log"
@@ -189,7 +189,7 @@ async def test_concurrent_spawns_are_each_answered_with_a_running_incarnation(tm
     import asyncio
     import datetime
 
-    from services.daemon import unixline
+    from tron.services.daemon import unixline
 
     with _fork_server(tmp_path) as (sock, server):
         pipes = [os.pipe() for _ in range(12)]
@@ -208,7 +208,7 @@ async def test_concurrent_spawns_are_each_answered_with_a_running_incarnation(tm
 
 
 def _ping(sock: str) -> dict | None:
-    from services.daemon import unixline
+    from tron.services.daemon import unixline
 
     try:
         reply = unixline.ask(sock, {"op": "ping"}, timeout=1.0)

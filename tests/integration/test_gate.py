@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.daemon import gate as gate_program
-from services.daemon.cgroups import Limits
-from services.daemon.spawner import LocalSpawner, SpawnSpec
+from tron.services.daemon import gate as gate_program
+from tron.services.daemon.cgroups import Limits
+from tron.services.daemon.spawner import LocalSpawner, SpawnSpec
 
 pytestmark = pytest.mark.integration
 

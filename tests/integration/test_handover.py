@@ -14,7 +14,7 @@ import sys
 import psutil
 import pytest
 
-from services.daemon.sockdiag import listening_inodes
+from tron.services.daemon.sockdiag import listening_inodes
 from tests.harness import REPO, wait_for
 
 pytestmark = pytest.mark.integration

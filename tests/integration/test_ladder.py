@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from common.config import Policy
-from common.ladder import worst_case_attempts
+from tron.common.config import Policy
+from tron.common.ladder import worst_case_attempts
 from tests.harness import REPO, wait_for
 from tests.integration.test_providers import pids
 

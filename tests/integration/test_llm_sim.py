@@ -17,9 +17,9 @@ import ollama
 import pytest
 from aiohttp import web
 
-from common import providers
-from common.providers import ProviderFailure, ProviderSettings, complete
-from services.llm_sim.app import MAX_BODY, SIM_STATE, make_app
+from tron.common import providers
+from tron.common.providers import ProviderFailure, ProviderSettings, complete
+from tron.services.llm_sim.app import MAX_BODY, SIM_STATE, make_app
 
 pytestmark = [
     pytest.mark.integration,

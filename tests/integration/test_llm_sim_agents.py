@@ -17,7 +17,7 @@ import openai
 import pydantic
 import pytest
 
-from services.llm_sim.answers import REFUSAL_TEXT
+from tron.services.llm_sim.answers import REFUSAL_TEXT
 from tests.integration.test_llm_sim import Sim, _stray_tasks, running_sim
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")]

@@ -21,10 +21,10 @@ import ollama
 import openai
 import pytest
 
-from services.llm_sim.answers import REFUSAL_TEXT, invalid_arguments
-from services.llm_sim.schema_fake import fake_instance
-from services.llm_sim.state import FAULT_KINDS, FaultSpec, ProviderState
-from services.llm_sim.wire import go_duration, rate_limit_headers, rfc3339
+from tron.services.llm_sim.answers import REFUSAL_TEXT, invalid_arguments
+from tron.services.llm_sim.schema_fake import fake_instance
+from tron.services.llm_sim.state import FAULT_KINDS, FaultSpec, ProviderState
+from tron.services.llm_sim.wire import go_duration, rate_limit_headers, rfc3339
 from tests.integration.test_llm_sim import AUTH, Sim, _stray_tasks, eventually, running_sim
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")]
@@ -561,8 +561,8 @@ def test_every_kind_is_tested_here():
 def test_fault_kinds_agree_everywhere():
     from typing import get_args
 
-    from scripts.tron import build_parser
-    from services.llm_sim.state import FaultKind
+    from tron.scripts.tron import build_parser
+    from tron.services.llm_sim.state import FaultKind
 
     assert set(get_args(FaultKind)) == set(FAULT_KINDS) and len(FAULT_KINDS) == len(set(FAULT_KINDS))
     sim = next(a for a in build_parser()._subparsers._group_actions[0].choices["sim"]._actions

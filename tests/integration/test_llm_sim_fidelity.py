@@ -21,8 +21,8 @@ import pydantic
 import pytest
 from aiohttp import web
 
-from services.llm_sim.app import make_app
-from services.llm_sim.schema_fake import fake_instance
+from tron.services.llm_sim.app import make_app
+from tron.services.llm_sim.schema_fake import fake_instance
 from tests.integration.test_llm_sim import Sim, _stray_tasks, eventually, running_sim
 
 pytestmark = [

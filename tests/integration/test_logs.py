@@ -115,7 +115,7 @@ def pumps(mesh) -> list:
     found = []
     for p in mesh.processes():
         try:
-            if "services.daemon.logpump" in " ".join(p.cmdline()):
+            if "tron.services.daemon.logpump" in " ".join(p.cmdline()):
                 found.append(p)
         except psutil.Error:  # ended (or a zombie) between the listing and this read: not a pump
             continue

@@ -172,7 +172,7 @@ def test_a_task_in_flight_survives_the_death_of_its_programmer(mesh):
 
 
 def test_second_daemon_on_the_same_home_is_refused(mesh):
-    proc = subprocess.run([sys.executable, "-m", "services.daemon", "--config", str(mesh.config),
+    proc = subprocess.run([sys.executable, "-m", "tron.services.daemon", "--config", str(mesh.config),
                            "--home", str(mesh.home)], env=mesh.env, cwd=REPO, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scripts.client import http, wait_for
+from tron.scripts.client import http, wait_for
 from tests import netns
 from tests.harness import TRON
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from aiohttp import web
 
-from common import notify
+from tron.common import notify
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration

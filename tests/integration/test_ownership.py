@@ -15,7 +15,7 @@ import socket
 import psutil
 import pytest
 
-from services.daemon.sockdiag import listening_inodes
+from tron.services.daemon.sockdiag import listening_inodes
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration

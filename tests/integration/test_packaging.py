@@ -44,7 +44,7 @@ def test_a_non_editable_install_runs_the_mesh_from_anywhere(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRON_", "PYTHONPATH"))}
-    where = run([str(venv / "bin" / "python"), "-c", "import common.config as c, services.daemon as d; "
+    where = run([str(venv / "bin" / "python"), "-c", "import tron.common.config as c, tron.services.daemon as d; "
                  "print(c.__file__); print(d.__file__); print(c.resource('mesh.toml')); "
                  "print(c.resource('prompts/heartbeat.md'))"], cwd=elsewhere, env=env).stdout.split()
     assert all(str(venv) in line for line in where), where

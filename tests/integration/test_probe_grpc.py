@@ -14,10 +14,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import parse_mesh
-from common.http import MeshClient
-from services.daemon.probes import ProbeChecks
-from services.daemon.supervisor import Service
+from tron.common.config import parse_mesh
+from tron.common.http import MeshClient
+from tron.services.daemon.probes import ProbeChecks
+from tron.services.daemon.supervisor import Service
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration

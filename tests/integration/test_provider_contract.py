@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp import web
 
-from common.providers import (
+from tron.common.providers import (
     LIMIT_KEYS,
     OutputChecks,
     ProviderFailure,

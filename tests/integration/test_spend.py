@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from common.prices import DEFAULT_PRICES, cost_usd, price_for
+from tron.common.prices import DEFAULT_PRICES, cost_usd, price_for
 from tests.harness import REPO, wait_for
 from tests.integration.test_notify import SECRET, Receiver
 from tests.integration.test_providers import fault, finished, pids, submit

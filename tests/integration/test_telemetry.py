@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import pytest
 
-from common.telemetry import attempt_span_id
+from tron.common.telemetry import attempt_span_id
 from tests.harness import REPO, http, wait_for
 from tests.integration.test_ladder import finished, submit  # the same run helpers, 120 s bound
 

@@ -8,10 +8,10 @@ import stat
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from common import credentials
-from common.config import MeshConfig
-from common.monitor import SEQ_WINDOW, Monitor, Verdict
-from services.daemon.access import Access, Kind
+from tron.common import credentials
+from tron.common.config import MeshConfig
+from tron.common.monitor import SEQ_WINDOW, Monitor, Verdict
+from tron.services.daemon.access import Access, Kind
 
 NOW = 1_800_000_000.0
 
@@ -129,7 +129,7 @@ def test_who_may_call_whom_and_peer_tokens_for_live_incarnations_only(tmp_path):
 
 
 def test_a_service_takes_from_its_peers_only_what_they_need_to_send(tmp_path):
-    from common.service import ServiceContext, ServiceEnv
+    from tron.common.service import ServiceContext, ServiceEnv
 
     cred = credentials.mint()
     env = ServiceEnv(service="worker-1", role="programmer", port=7003, incarnation="i-2", home=tmp_path,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from registry import backup
-from registry.schema import (MIGRATIONS, SCHEMA_VERSION, RegistryError, describe, expected_schema, normal_sql,
-                             open_and_prepare)
+from tron.registry import backup
+from tron.registry.schema import (MIGRATIONS, SCHEMA_VERSION, RegistryError, describe, expected_schema, normal_sql,
+                                  open_and_prepare)
 
 
 def registry(path):
@@ -194,7 +194,7 @@ def test_restoring_the_live_file_onto_itself_is_refused_in_one_line(tmp_path):
 
 
 def test_tron_restore_of_the_live_file_exits_2_with_one_line(tmp_path, capsys):
-    from scripts import tron
+    from tron.scripts import tron
 
     home = tmp_path / "home"
     db = registry(home / "registry" / "registry.db")
@@ -280,7 +280,7 @@ def test_a_good_backup_leaves_no_temporary_file(tmp_path):
 
 
 def test_a_backup_on_a_full_disk_is_one_error_and_leaves_nothing(small_disk, capsys):
-    from scripts import tron
+    from tron.scripts import tron
 
     home = small_disk / "home"
     db = registry(home / "registry" / "registry.db")

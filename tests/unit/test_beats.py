@@ -12,9 +12,9 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from common.models import MAX_BATCH_BEATS, MAX_BATCH_BODY, TOKEN_HEADER
-from services.daemon.access import RELAY_KEEPS, Access, Kind, Caller
-from services.daemon.api import make_app
+from tron.common.models import MAX_BATCH_BEATS, MAX_BATCH_BODY, TOKEN_HEADER
+from tron.services.daemon.access import RELAY_KEEPS, Access, Kind, Caller
+from tron.services.daemon.api import make_app
 from tests.unit.test_daemon import Rig, mesh
 
 WORKERS = ("worker-1", "worker-2", "worker-3")
@@ -234,7 +234,7 @@ def test_a_relay_credential_covers_the_latest_incarnations_started_through_it(tm
 
 @pytest.fixture
 async def relay(rig):
-    from services.daemon.beat_relay import BeatRelay
+    from tron.services.daemon.beat_relay import BeatRelay
 
     r = BeatRelay(str(rig.http.make_url("")), relay_for(rig, *WORKERS), interval=3600.0)  # flushed by hand
     await r.start()
@@ -314,8 +314,8 @@ def relayed_ctx():
 
 
 async def test_an_agent_beats_to_its_relay_and_to_the_daemon_only_when_the_relay_does_not_answer():
-    from common.clock import FakeClock
-    from common.service import heartbeat_loop
+    from tron.common.clock import FakeClock
+    from tron.common.service import heartbeat_loop
     from tests.unit.test_sdk import settle
 
     ctx, clock = relayed_ctx(), FakeClock()
@@ -339,9 +339,9 @@ async def test_an_agent_beats_to_its_relay_and_to_the_daemon_only_when_the_relay
 
 
 async def test_a_stale_verdict_from_the_relay_ends_the_agent():
-    from common.clock import FakeClock
-    from common.http import MeshHTTPError
-    from common.service import heartbeat_loop
+    from tron.common.clock import FakeClock
+    from tron.common.http import MeshHTTPError
+    from tron.common.service import heartbeat_loop
     from tests.unit.test_sdk import settle
 
     ctx, clock = relayed_ctx(), FakeClock()

@@ -9,15 +9,15 @@ import asyncio
 
 import pytest
 
-from common.config import parse_mesh
-from common.paths import Home
-from registry.journal import JournaledStore
-from registry.memory import MemoryStore
-from services.daemon.build import build_daemon
-from services.daemon.fault_injection import DIE_AFTER_FORK, DieAfterFork
-from services.daemon.lock import HomeLock, StartError
-from services.daemon.spawner import LocalSpawner, SpawnSpec
-from services.daemon.stub_spawner import StubSpawner
+from tron.common.config import parse_mesh
+from tron.common.paths import Home
+from tron.registry.journal import JournaledStore
+from tron.registry.memory import MemoryStore
+from tron.services.daemon.build import build_daemon
+from tron.services.daemon.fault_injection import DIE_AFTER_FORK, DieAfterFork
+from tron.services.daemon.lock import HomeLock, StartError
+from tron.services.daemon.spawner import LocalSpawner, SpawnSpec
+from tron.services.daemon.stub_spawner import StubSpawner
 
 
 def mesh(**extra):
@@ -52,7 +52,7 @@ def test_the_fault_wrapper_is_installed_only_when_its_variable_is_set(home, monk
 
 
 def test_a_ray_mesh_gets_one_object_as_spawner_and_cluster_control(home, monkeypatch):
-    from services.daemon.ray_spawner import RaySpawner
+    from tron.services.daemon.ray_spawner import RaySpawner
 
     monkeypatch.delenv(DIE_AFTER_FORK, raising=False)
     d = build_daemon(mesh(cluster={"engine": "ray"}), home)

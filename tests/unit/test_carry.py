@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.carry import CRASH_LOOP, carry_out
-from common.ladder import ChildFailed, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
+from tron.common.carry import CRASH_LOOP, carry_out
+from tron.common.ladder import ChildFailed, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
 
 FAILED = ChildFailed(alert_id="a-1", service="programmer-1", incarnation="i-1", reason="process_exit", task_id="t-1")
 ESCALATED = Escalated(alert_id="a-1", service="programmer-1", reason="max_restarts_exceeded", task_id="t-1")

@@ -8,8 +8,8 @@ import tomllib
 
 import pytest
 
-from common.config import ConfigError, parse_mesh
-from services.daemon.cgroups import Limits, detect, join, subtree_name, wait_empty
+from tron.common.config import ConfigError, parse_mesh
+from tron.services.daemon.cgroups import Limits, detect, join, subtree_name, wait_empty
 
 
 def mesh(service: str):

@@ -1,5 +1,5 @@
 """Issue 20, item 4 (CLI half): a name or id the CLI puts in a daemon URL is checked with
-the daemon's own rule (common.models' NameStr / IdStr) before any request, and quoted.
+the daemon's own rule (tron.common.models' NameStr / IdStr) before any request, and quoted.
 ``tron task hard-reset 'x/cancel?'`` was carried out as a cancel; now it is a one-line
 error, exit 2, and the daemon hears nothing."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from common.paths import Home
-from scripts import tron
+from tron.common.paths import Home
+from tron.scripts import tron
 
 TRON = str(Path(sys.executable).parent / "tron")
 

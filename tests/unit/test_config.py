@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import ConfigError, load_mesh, parse_mesh, port_offset_from_env
+from tron.common.config import ConfigError, load_mesh, parse_mesh, port_offset_from_env
 
 
 def base(**services):
@@ -142,7 +142,7 @@ def test_literal_braces_are_written_twice_and_known_placeholders_pass():
 
 
 def test_a_ladder_table_is_the_ladders_part_of_the_policy():
-    from common.config import ConfigError, parse_mesh
+    from tron.common.config import ConfigError, parse_mesh
 
     services = {"gateway": {"role": "gateway", "port": 6120}}
     config = parse_mesh({"ladder": {"ask_operator": True, "operator_timeout": 600}, "services": services})

@@ -10,15 +10,15 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from common.clock import FakeClock
-from common.config import parse_mesh
-from common.ladder import ChildFailed, LadderView, Restart, decide
-from common.models import Beat, RestartRequest
-from common.paths import Home
-from common.states import AlertState, ServiceState, TaskState
-from registry.memory import MemoryStore
-from services.daemon.core import Daemon
-from services.daemon.stub_spawner import StubSpawner
+from tron.common.clock import FakeClock
+from tron.common.config import parse_mesh
+from tron.common.ladder import ChildFailed, LadderView, Restart, decide
+from tron.common.models import Beat, RestartRequest
+from tron.common.paths import Home
+from tron.common.states import AlertState, ServiceState, TaskState
+from tron.registry.memory import MemoryStore
+from tron.services.daemon.core import Daemon
+from tron.services.daemon.stub_spawner import StubSpawner
 
 POLICY = {"heartbeat_interval": 1.0, "miss_threshold": 3, "max_restarts": 3, "restart_window": 60.0,
           "backoff_initial": 0.5, "backoff_factor": 2.0, "backoff_max": 4.0, "backoff_jitter": 0.0,
@@ -298,7 +298,7 @@ async def _task_for(rig, agent="root", task_id="r-1.0"):
 
 
 async def test_a_beat_read_after_its_task_ended_does_not_bring_the_task_back(rig):
-    from common.models import Beat
+    from tron.common.models import Beat
 
     await _task_for(rig, agent="worker", task_id="r-1.0")
     worker = rig.svc("worker")
@@ -340,7 +340,7 @@ async def test_a_switched_task_waits_for_the_incarnation_on_the_new_provider(rig
     """The old incarnation may turn healthy (or claim) between the switch and its
     replacement: it must not get the freed task, or the task fails again on the provider
     it was moved away from and the root switches it back (seen in CI: three switches)."""
-    from common.models import SwitchRequest
+    from tron.common.models import SwitchRequest
 
     await _task_for(rig, agent="worker", task_id="r-1.0.0")
     await rig.store.hold_task("r-1.0.0", "non_retryable:authentication_error")
@@ -393,7 +393,7 @@ async def test_new_settings_apply_at_once_and_are_kept_in_the_overlay(rig, tmp_p
 
 
 async def _fail_for_good(rig, n: int, reason: str):
-    from common.models import PermanentFailure
+    from tron.common.models import PermanentFailure
 
     run_id, task_id = f"r-{n}", f"r-{n}.0"
     await rig.store.create_run(run_id, "build it", False)
@@ -444,7 +444,7 @@ async def test_a_stopped_service_takes_no_new_tasks_until_started(rig):
 
 
 async def test_task_actions_follow_the_task_machine_and_act_once(rig):
-    from services.daemon.audit import Refused
+    from tron.services.daemon.audit import Refused
 
     tasks = rig.daemon.tasks
     await _task_for(rig, agent="worker", task_id="r-1.0")
@@ -479,7 +479,7 @@ async def test_task_actions_follow_the_task_machine_and_act_once(rig):
 
 @pytest.mark.parametrize("verb", ["resume", "hard_reset"])
 async def test_a_refused_resume_or_hard_reset_changes_nothing(rig, verb):
-    from services.daemon.audit import Refused
+    from tron.services.daemon.audit import Refused
 
     await _task_for(rig, agent="worker", task_id="r-2.0")
     for n, name in ((1, "draft"), (2, "review")):
@@ -554,7 +554,7 @@ async def test_probes_keep_their_thresholds_and_initial_delay_while_running(prob
 async def test_settings_that_cannot_be_kept_are_not_applied(rig, monkeypatch):
     import errno
 
-    import services.daemon.core as core
+    import tron.services.daemon.core as core
 
     def full(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -571,7 +571,7 @@ async def test_a_leased_task_its_agent_stops_naming_is_lost_and_restarted_with_i
     """No task runs forever, even one its agent lost: beats that stop naming a task the
     registry has leased to the incarnation raise task_lost after the grace (5 s here), and
     the ladder restarts the agent with the task."""
-    from common.models import Beat
+    from tron.common.models import Beat
 
     await _task_for(rig, agent="worker", task_id="r-1.0.0")
     worker = rig.svc("worker")
@@ -599,7 +599,7 @@ async def test_a_leased_task_its_agent_stops_naming_is_lost_and_restarted_with_i
 
 
 async def test_a_request_repeated_after_a_daemon_restart_acts_once(tmp_path):
-    from services.daemon.audit import Audit
+    from tron.services.daemon.audit import Audit
 
     store = MemoryStore(clock=FakeClock())
     acted = []

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from common import ladder
-from common.ladder import ChildFailed, LadderView, Restart
-from common.models import RestartRequest
-from services.daemon import carrier as carrier_module
+from tron.common import ladder
+from tron.common.ladder import ChildFailed, LadderView, Restart
+from tron.common.models import RestartRequest
+from tron.services.daemon import carrier as carrier_module
 from tests.unit.test_daemon import Rig, mesh
 
 

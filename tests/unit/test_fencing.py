@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from scripts.client import wait_for
-from scripts.partition import PartitionError, link_to
-from services.daemon.fencing import NodeFence
+from tron.scripts.client import wait_for
+from tron.scripts.partition import PartitionError, link_to
+from tron.services.daemon.fencing import NodeFence
 
 
 class FakeClock:

@@ -11,7 +11,7 @@ import socket
 import pytest
 from aiohttp import web
 
-from common.http import MeshClient, MeshConnectionError, MeshHTTPError
+from tron.common.http import MeshClient, MeshConnectionError, MeshHTTPError
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_an_error_body_is_always_an_object_to_read_from(body, expected):
 async def test_a_control_endpoint_lets_in_its_token_only_for_plain_handlers_and_methods():
     from aiohttp.test_utils import make_mocked_request
 
-    from common.http import TOKEN_KEY, require_token
+    from tron.common.http import TOKEN_KEY, require_token
 
     @require_token
     async def plain(request: web.Request) -> web.Response:

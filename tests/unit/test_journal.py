@@ -9,13 +9,13 @@ import contextlib
 import sqlite3
 import time
 
-from common.clock import FakeClock
-from common.states import RetryType, RunState, TaskState
-from registry.db import SqliteDb
-from registry.journal import ROUTES, JournaledStore
-from registry.protocol import Route
-from registry.schema import open_and_prepare
-from registry.store import SqlStore
+from tron.common.clock import FakeClock
+from tron.common.states import RetryType, RunState, TaskState
+from tron.registry.db import SqliteDb
+from tron.registry.journal import ROUTES, JournaledStore
+from tron.registry.protocol import Route
+from tron.registry.schema import open_and_prepare
+from tron.registry.store import SqlStore
 
 
 async def journaled(path, clock, **kw) -> JournaledStore:

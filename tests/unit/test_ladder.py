@@ -7,14 +7,14 @@ import random
 
 import pytest
 
-from common.config import Policy
-from common.ladder import (AlertAnswered, Approval, CallAsked, ChildFailed, Escalate, Escalated, Fail, Ignore,
-                           LadderView, ParkCheck, Park, SpendView,
-                           ProviderFailed, ProviderRules, ProviderStatus, Restart, Resume, RetryInPlace,
-                           RestartAsked, ServiceView, Standing, SwitchProvider, TaskView, case_ids, compute_backoff,
-                           decide, fold_advice, next_provider, parse_advice, still_stands, within,
-                           worst_case_attempts)
-from common.states import ServiceState, TaskState
+from tron.common.config import Policy
+from tron.common.ladder import (AlertAnswered, Approval, CallAsked, ChildFailed, Escalate, Escalated, Fail, Ignore,
+                                LadderView, ParkCheck, Park, SpendView,
+                                ProviderFailed, ProviderRules, ProviderStatus, Restart, Resume, RetryInPlace,
+                                RestartAsked, ServiceView, Standing, SwitchProvider, TaskView, case_ids, compute_backoff,
+                                decide, fold_advice, next_provider, parse_advice, still_stands, within,
+                                worst_case_attempts)
+from tron.common.states import ServiceState, TaskState
 
 P = Policy(max_restarts=3, restart_window=60, backoff_initial=0.5, backoff_factor=2, backoff_max=10,
            backoff_jitter=0, max_provider_switches=2, min_uptime=1.0)
@@ -369,7 +369,7 @@ def test_advice_can_escalate_early_but_never_buy_a_restart():
     ([False, False, False], 3),
 ])
 def test_the_unstable_streak_ends_at_the_last_stable_incarnation(stable, streak):
-    from common.ladder import unstable_streak
+    from tron.common.ladder import unstable_streak
 
     assert unstable_streak(stable) == streak
 
@@ -377,7 +377,7 @@ def test_the_unstable_streak_ends_at_the_last_stable_incarnation(stable, streak)
 @pytest.mark.parametrize("latest,now,over", [(None, NOW, True), (NOW - 59.9, NOW, False), (NOW - 60, NOW, True),
                                              (NOW - 61, NOW, True), (NOW, NOW, False)])
 def test_a_crash_loop_is_over_after_a_whole_quiet_window(latest, now, over):
-    from common.ladder import crash_loop_over
+    from tron.common.ladder import crash_loop_over
 
     assert crash_loop_over(latest, now, P) is over
 
@@ -488,7 +488,7 @@ def test_every_event_type_has_a_table_and_decide_takes_it():
     must know every Event (mypy checks the branches; this checks TABLE)."""
     import typing
 
-    from common import ladder
+    from tron.common import ladder
 
     assert set(ladder.TABLE) == set(typing.get_args(ladder.Event))
     with pytest.raises(AssertionError):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import Policy
-from common.ladder import (ChildFailed, FailureRecord, LadderView, Restart, ServiceView, crash_loop_ends,
-                           crash_loop_starts, decide, failure_record)
-from common.states import ServiceState
+from tron.common.config import Policy
+from tron.common.ladder import (ChildFailed, FailureRecord, LadderView, Restart, ServiceView, crash_loop_ends,
+                                crash_loop_starts, decide, failure_record)
+from tron.common.states import ServiceState
 
 P = Policy(max_restarts=3, restart_window=60, backoff_initial=0.5, backoff_factor=2, backoff_max=10,
            backoff_jitter=0, max_provider_switches=2, min_uptime=1.0)

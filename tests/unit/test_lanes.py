@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.lanes import Fingerprint, normalise, recent, trips_now
+from tron.common.lanes import Fingerprint, normalise, recent, trips_now
 
 
 @pytest.mark.parametrize("a,b", [

@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
-from common.config import ConfigError, parse_mesh
-from common.lease import Lease, check_lease, default_lease, fence_wait
+from tron.common.config import ConfigError, parse_mesh
+from tron.common.lease import Lease, check_lease, default_lease, fence_wait
 
 
 def test_a_lease_never_renewed_is_not_held_and_never_lapses():

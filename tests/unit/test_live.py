@@ -9,8 +9,8 @@ import time
 
 from rich.console import Console
 
-from common.config import load_mesh
-from scripts.live import render
+from tron.common.config import load_mesh
+from tron.scripts.live import render
 from tests.harness import REPO
 
 WIDTH = 80

@@ -9,9 +9,9 @@ import pytest
 
 import tomllib
 
-from common.config import ConfigError, parse_mesh, parse_size
-from scripts.logtail import _last_lines, tail
-from services.daemon.logpump import Sink, rotated
+from tron.common.config import ConfigError, parse_mesh, parse_size
+from tron.scripts.logtail import _last_lines, tail
+from tron.services.daemon.logpump import Sink, rotated
 
 
 def lines(n0: int, n1: int, width: int = 20) -> bytes:
@@ -103,7 +103,7 @@ def test_tron_logs_reads_across_rotated_files(tmp_path):
 ROTATES_ITSELF = """
 import sys
 from pathlib import Path
-from services.daemon.logpump import rotate_if_large
+from tron.services.daemon.logpump import rotate_if_large
 path = Path(sys.argv[1])
 print("x" * 5000, flush=True)
 assert rotate_if_large(path, 4096, 2, stdio=True)
@@ -125,7 +125,7 @@ def test_the_daemons_own_log_rotates_under_its_stdout(tmp_path):
 
 
 def test_the_comms_log_rotates_by_name(tmp_path):
-    from services.daemon.logpump import rotate_if_large
+    from tron.services.daemon.logpump import rotate_if_large
 
     path = tmp_path / "comms.jsonl"
     path.write_text("a\n" * 3000)
@@ -151,7 +151,7 @@ def test_tron_logs_of_a_silent_service_says_so_and_of_an_unknown_name_fails(tmp_
     env = {**os.environ, "TRON_HOME": str(home)}
 
     def tron(*args):
-        return subprocess.run([sys.executable, "-m", "scripts.tron", "--config", str(config), "logs", *args],
+        return subprocess.run([sys.executable, "-m", "tron.scripts.tron", "--config", str(config), "logs", *args],
                               env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
 
     silent = tron("web")

@@ -4,7 +4,7 @@ truncations, half-written lines and a reader that fell behind."""
 
 from __future__ import annotations
 
-from services.daemon.logread import read_log
+from tron.services.daemon.logread import read_log
 
 
 def follow(path, answer, **kw) -> dict:
@@ -107,7 +107,7 @@ class NodeAgentReads:
     async def read_log(self, node_id: str, daemon_path: str, cursor: dict) -> dict:
         from pathlib import Path
 
-        from services.daemon.spawner import SpawnError
+        from tron.services.daemon.spawner import SpawnError
 
         self.calls += 1
         if self.gone:
@@ -118,7 +118,7 @@ class NodeAgentReads:
 def cluster_daemon(tmp_path, reads: NodeAgentReads):
     from types import SimpleNamespace
 
-    from common.paths import Home
+    from tron.common.paths import Home
 
     home = Home(tmp_path)
     home.logs.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ async def polled(tail) -> list[list[str]]:
 
 
 async def test_the_ui_follows_a_nodes_log_from_the_end_through_a_lost_node_and_back(tmp_path):
-    from services.daemon.ui.logtail import NodeLogTail
+    from tron.services.daemon.ui.logtail import NodeLogTail
 
     reads = NodeAgentReads()
     daemon = cluster_daemon(tmp_path, reads)

@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from common.config import ConfigError, parse_mesh
-from registry.report import run_report
-from registry.schema import open_and_prepare
-from services.agent_host.app import AgentLoadError, load_class
+from tron.common.config import ConfigError, parse_mesh
+from tron.registry.report import run_report
+from tron.registry.schema import open_and_prepare
+from tron.services.agent_host.app import AgentLoadError, load_class
 
 NOW = "2026-12-05T00:00:00Z"
 

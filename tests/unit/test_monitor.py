@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from common.models import Reason
-from common.clock import FakeClock
-from common.monitor import DeadlineQueue, Monitor, MonitorThread, Verdict
+from tron.common.models import Reason
+from tron.common.clock import FakeClock
+from tron.common.monitor import DeadlineQueue, Monitor, MonitorThread, Verdict
 
 
 def watch(m, clock, name="a", inc="i1", beat=3.0, progress=10.0, task=100.0, start_grace=None):
@@ -162,7 +162,7 @@ def test_monitor_thread_delivers_signals_via_the_sink():
 
 
 def test_a_stall_of_the_monitor_itself_convicts_nobody_but_a_hung_agent_is_still_caught():
-    from common.monitor import woke_late
+    from tron.common.monitor import woke_late
 
     clock = FakeClock()
     m = Monitor()

@@ -11,13 +11,13 @@ import time
 import pytest
 from aiohttp import web
 
-from common import notify
-from common.clock import MonotonicClock
-from common.config import ConfigError, parse_mesh
-from common.notify import EVENT_KINDS, NotifyEntry, Outcome
-from registry.memory import MemoryStore
-from services.daemon.metrics import DaemonMetrics
-from services.daemon.notify import Notifier, last_event
+from tron.common import notify
+from tron.common.clock import MonotonicClock
+from tron.common.config import ConfigError, parse_mesh
+from tron.common.notify import EVENT_KINDS, NotifyEntry, Outcome
+from tron.registry.memory import MemoryStore
+from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.notify import Notifier, last_event
 
 SECRET = "it-is-a-secret"
 SERVICES = {"web": {"command": ["web-server"], "port": 7001}}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import re
 
-from common.config import parse_mesh
+from tron.common.config import parse_mesh
 from tests.harness import REPO
 
 

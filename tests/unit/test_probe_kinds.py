@@ -12,12 +12,12 @@ import psutil
 import pytest
 from aiohttp import web
 
-from common.config import ConfigError, Probe, parse_mesh
-from common.http import MeshClient
-from common import probe_kinds
-from common.probe_kinds import KindConfig, ProbeKind, ProbeResult
-from services.daemon.probes import ProbeChecks
-from services.daemon.supervisor import Service
+from tron.common.config import ConfigError, Probe, parse_mesh
+from tron.common.http import MeshClient
+from tron.common import probe_kinds
+from tron.common.probe_kinds import KindConfig, ProbeKind, ProbeResult
+from tron.services.daemon.probes import ProbeChecks
+from tron.services.daemon.supervisor import Service
 from tests.harness import REPO, wait_for
 
 EXAMPLE_PROBES = {
@@ -137,7 +137,7 @@ def test_the_port_each_kind_asks(probe, port):
 
 
 def test_loading_the_config_and_the_probes_does_not_import_grpc():
-    code = "import sys, common.config, services.daemon.probes; print('grpc' in sys.modules)"
+    code = "import sys, tron.common.config, tron.services.daemon.probes; print('grpc' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -12,7 +12,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 from pydantic import ValidationError
 
-from common.providers import (
+from tron.common.providers import (
     LLMReply,
     OutputChecks,
     RepeatGuard,
@@ -259,7 +259,7 @@ def test_repeat_guard_check(limit, outputs, fails_at):
 
 
 def test_each_service_gets_its_roles_checks_and_a_class_of_the_users_has_the_role_agent():
-    from common.config import parse_mesh
+    from tron.common.config import parse_mesh
 
     config = parse_mesh({
         "checks": {"programmer": {"refusal": False}, "agent": {"repeat_limit": 0}, "default": {"max_tokens": True}},

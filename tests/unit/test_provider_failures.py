@@ -13,8 +13,8 @@ import ollama
 import openai
 import pytest
 
-from common.providers import NON_RETRYABLE, ProviderFailure, classify, failure_class
-from common.providers.failures import reading_stream
+from tron.common.providers import NON_RETRYABLE, ProviderFailure, classify, failure_class
+from tron.common.providers.failures import reading_stream
 
 NOW = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc).timestamp()
 _A_REQ = httpx2.Request("POST", "https://api.anthropic.com/v1/messages")

@@ -8,7 +8,7 @@ import datetime as dt
 import httpx
 import pytest
 
-from common.providers.headers import (
+from tron.common.providers.headers import (
     LIMIT_KEYS,
     anthropic_limits,
     openai_limits,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import ProviderLimits, ProvidersConfig
-from common.provider_health import Board
-from common.states import IllegalTransition, ProviderState
+from tron.common.config import ProviderLimits, ProvidersConfig
+from tron.common.provider_health import Board
+from tron.common.states import IllegalTransition, ProviderState
 
 C = ProviderState.CLOSED
 O = ProviderState.OPEN  # noqa: E741 - the three states, one letter each, as in the tables
@@ -221,7 +221,7 @@ def test_a_read_that_ticks_keeps_the_transition_for_the_events():
 
 
 def test_the_budget_hint_names_what_can_be_raised():
-    from services.daemon.providers import raise_hint
+    from tron.services.daemon.providers import raise_hint
 
     task = {"run_id": "r-1", "task_id": "r-1.0"}
     assert raise_hint(["run_usd 0.52 of 0.5"], task).startswith("tron run budget r-1")

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-import common.providers as providers
-from common.providers import (
+import tron.common.providers as providers
+from tron.common.providers import (
     PROVIDERS,
     SDKS,
     LLMReply,
@@ -33,7 +33,7 @@ from common.providers import (
     register,
     sdk_of,
 )
-from common.providers.base import registered
+from tron.common.providers.base import registered
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,9 +50,9 @@ def test_every_kind_names_its_model_setting():
 
 
 def test_the_config_literal_names_the_registered_providers():
-    # common.models.Provider is what config validates `providers.chain` against; a new
+    # tron.common.models.Provider is what config validates `providers.chain` against; a new
     # provider module must be added there too (see common/providers/__init__.py).
-    from common.models import Provider
+    from tron.common.models import Provider
 
     assert set(typing.get_args(Provider)) == set(PROVIDERS)
 
@@ -74,7 +74,7 @@ def test_sdks_and_preloads():
 def test_importing_the_package_loads_no_sdk():
     # The SDKs cost ~2 s to import (jsonschema too is only for callers that check tools).
     heavy = ("anthropic", "ollama", "openai", "httpx", "httpx2", "jsonschema")
-    code = ("import sys, common.providers, common.providers.checks, common.providers.headers; "
+    code = ("import sys, tron.common.providers, tron.common.providers.checks, tron.common.providers.headers; "
             f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
@@ -118,8 +118,8 @@ class Echo(ProviderKind):
     def classify_status(self, exc, provider, now):
         if not isinstance(exc, EchoError):
             return None
-        from common.providers.headers import retry_after
-        from common.providers.base import status_reason
+        from tron.common.providers.headers import retry_after
+        from tron.common.providers.base import status_reason
 
         return ProviderFailure(provider, status_reason(exc.status), status=exc.status,
                                retry_after=retry_after(exc.headers, now))
@@ -149,7 +149,7 @@ async def test_a_new_kind_is_one_class_and_a_register_call():
         assert (reply.text, reply.model) == ("HI", "llama3.1")
         failure = classify(EchoError(429, retry="4"), "echo")
         assert (failure.reason, failure.retry_after) == ("rate_limit_error", 4.0)
-        from common.providers.client import client_for
+        from tron.common.providers.client import client_for
 
         client_for("echo", settings).fail = EchoError(503)
         with pytest.raises(ProviderFailure) as err:

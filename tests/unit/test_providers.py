@@ -1,4 +1,4 @@
-"""Unit tests of common.providers: classify() on real SDK exceptions, endpoints, redaction.
+"""Unit tests of tron.common.providers: classify() on real SDK exceptions, endpoints, redaction.
 (Headers, retry_after and limits: test_provider_failures.py and test_provider_headers.py.)"""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ollama
 import pytest
 from pydantic import ValidationError
 
-from common.providers import (
+from tron.common.providers import (
     ProviderFailure,
     ProviderSettings,
     classify,
@@ -205,7 +205,7 @@ def test_redact(text, env, expected):
 
 def test_import_does_not_load_sdks():
     # The SDKs cost ~2 s to import; agents must only pay when they call a provider.
-    code = "import sys, common.providers; print('anthropic' in sys.modules, 'ollama' in sys.modules)"
+    code = "import sys, tron.common.providers; print('anthropic' in sys.modules, 'ollama' in sys.modules)"
     repo_root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=repo_root)
@@ -215,7 +215,7 @@ def test_import_does_not_load_sdks():
 def test_warm_up_loads_only_the_sdks_of_the_mesh():
     # The fork server preloads the SDKs of the provider chain only (TRON_SDKS): openai alone
     # is 1.6 s of every mesh start when no provider of the mesh uses it.
-    code = ("import os, sys; from services.daemon.forkserver import _sdks; from common.providers import warm_up; "
+    code = ("import os, sys; from tron.services.daemon.forkserver import _sdks; from tron.common.providers import warm_up; "
             "warm_up(_sdks()); print(sorted(m for m in ('anthropic', 'ollama', 'openai') if m in sys.modules))")
     repo_root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root,
@@ -224,7 +224,7 @@ def test_warm_up_loads_only_the_sdks_of_the_mesh():
 
 
 def test_the_mesh_names_the_sdks_its_providers_use():
-    from common.config import MeshConfig
+    from tron.common.config import MeshConfig
 
     config = MeshConfig.model_validate({"services": {"a": {"role": "programmer", "port": 7001, "provider": "openai"}}})
     assert config.sdks == {"anthropic", "ollama", "openai"}

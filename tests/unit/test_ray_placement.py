@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from common.config import MeshConfig, MeshSection
-from services.daemon.ray_spawner import Node, RaySpawner
-from services.daemon.spawner import SpawnError
+from tron.common.config import MeshConfig, MeshSection
+from tron.services.daemon.ray_spawner import Node, RaySpawner
+from tron.services.daemon.spawner import SpawnError
 
 HEAD, GPU, SPARE = "aa11" + "0" * 52, "bb22" + "0" * 52, "cc33" + "0" * 52
 

@@ -9,8 +9,8 @@ import pytest
 import ray
 from ray._private import services
 
-from services.daemon import ray_private
-from services.daemon.spawner import SpawnError
+from tron.services.daemon import ray_private
+from tron.services.daemon.spawner import SpawnError
 
 RAY = f"ray {ray.__version__}"
 NAME = f"{ray_private.PRIVATE_MODULE}.{ray_private.PRIVATE_NAME}"

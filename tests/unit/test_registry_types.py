@@ -9,9 +9,9 @@ import typing
 
 import pytest
 
-from registry.pg import PgDb
-from registry.read import COST_GROUPS, Cost, connect, cost
-from registry.schema import SCHEMA_VERSION, migrate, open_and_prepare
+from tron.registry.pg import PgDb
+from tron.registry.read import COST_GROUPS, Cost, connect, cost
+from tron.registry.schema import SCHEMA_VERSION, migrate, open_and_prepare
 
 
 def test_a_migration_leaves_an_autocommit_connection_in_autocommit(tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import NO_PASSWORD_IN_URL, ConfigError, parse_mesh, registry_url, url_password
-from registry.pg import safe_url
+from tron.common.config import NO_PASSWORD_IN_URL, ConfigError, parse_mesh, registry_url, url_password
+from tron.registry.pg import safe_url
 
 SECRET = "S3cret"
 SERVICES = {"services": {"a": {"role": "root", "port": 7001}}}
@@ -100,7 +100,7 @@ def test_safe_url_masks_every_password_and_nothing_else(text, shown):
 
 @pytest.mark.parametrize("argv", [["report"], ["history"], ["history", "--json"], ["task", "show", "t-1"]])
 def test_the_cli_refuses_a_password_in_tron_registry_url_in_one_line(argv, tmp_path, monkeypatch, capsys):
-    from scripts import tron
+    from tron.scripts import tron
 
     monkeypatch.setenv("TRON_REGISTRY_URL", f"postgresql://tron@host:1/tron?password={SECRET}")
     assert tron.main(["--home", str(tmp_path / "home"), *argv]) == 2

@@ -5,8 +5,8 @@ import tomllib
 
 import pytest
 
-from common.config import parse_mesh
-from services.daemon.reload import ReloadRefused, plan
+from tron.common.config import parse_mesh
+from tron.services.daemon.reload import ReloadRefused, plan
 from tests.harness import REPO
 
 BASE = tomllib.loads((REPO / "mesh.toml").read_text())

@@ -4,8 +4,8 @@ import sqlite3
 
 import pytest
 
-from registry.report import run_report
-from registry.schema import open_and_prepare
+from tron.registry.report import run_report
+from tron.registry.schema import open_and_prepare
 
 NOW = "2026-11-21T00:00:00Z"
 

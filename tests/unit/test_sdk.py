@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from common.agent import Abandon, Agent, Task, TaskFailed
-from common.clock import FakeClock
-from common.config import MeshConfig
-from common.http import MeshHTTPError
-from common.models import TaskAssign
-from common.service import ServiceContext, ServiceEnv, heartbeat_loop
+from tron.common.agent import Abandon, Agent, Task, TaskFailed
+from tron.common.clock import FakeClock
+from tron.common.config import MeshConfig
+from tron.common.http import MeshHTTPError
+from tron.common.models import TaskAssign
+from tron.common.service import ServiceContext, ServiceEnv, heartbeat_loop
 
 DAEMON = "http://127.0.0.1:7000"
 
@@ -372,7 +372,7 @@ class Answers:
         self.calls: list[str] = []
 
     def provider_for(self, name: str, **kw):
-        from common.providers import LLMReply
+        from tron.common.providers import LLMReply
 
         outer = self
 
@@ -393,7 +393,7 @@ async def test_retry_in_place_then_switch_in_place_then_success_in_one_incarnati
     outcomes = governed(daemon, {"action": "retry", "delay": 2.5, "case": "rate_limit_wait"},
                         {"action": "switch", "provider": "ollama", "delay": 0.0, "case": "provider_open"})
     answers = Answers(asyncio.TimeoutError(), asyncio.TimeoutError(), "answer")
-    monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
+    monkeypatch.setattr("tron.common.providers.provider_for", answers.provider_for)
     task = Task(assign(), provider="anthropic")
     assert await agent.llm(task, "p") == "answer"
     assert answers.calls == ["anthropic", "anthropic", "ollama"]
@@ -430,7 +430,7 @@ async def test_a_provider_specific_call_moved_by_the_ladder_reruns_the_work_from
     daemon = ctx.client
     governed(daemon, {"action": "switch", "provider": "ollama", "delay": 0.0, "case": "provider_open"})
     answers = Answers("the draft")
-    monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
+    monkeypatch.setattr("tron.common.providers.provider_for", answers.provider_for)
     agent._tron.take(assign())
     [finish] = await wait_for_async(lambda: daemon.sent("POST", "/tasks/run-1.0/finish"))
     assert finish["status"] == "done" and finish["result"] == "the draft + ollama", finish
@@ -464,7 +464,7 @@ async def test_a_parked_task_waits_at_the_desk_and_resumes_on_the_provider_it_is
 
     daemon.answers[("POST", "/providers/park")] = park
     answers = Answers(asyncio.TimeoutError(), "ok")
-    monkeypatch.setattr("common.providers.provider_for", answers.provider_for)
+    monkeypatch.setattr("tron.common.providers.provider_for", answers.provider_for)
     task = Task(assign(), provider="anthropic")
     agent._tron.active[task.id] = task
     assert await agent.llm(task, "p") == "ok"
@@ -488,7 +488,7 @@ async def test_without_the_daemon_a_failure_falls_back_to_an_alert(monkeypatch):
 
 
 async def test_an_empty_answer_and_a_repeated_one_are_provider_failures(monkeypatch):
-    from common.providers import LLMReply, StubProvider
+    from tron.common.providers import LLMReply, StubProvider
 
     agent, daemon, _ = make_agent()
     outcomes = governed(daemon, {"action": "retry", "delay": 0}, {"action": "fail", "reason": "repeated_output"})
@@ -499,7 +499,7 @@ async def test_an_empty_answer_and_a_repeated_one_are_provider_failures(monkeypa
             return LLMReply(provider="anthropic", model="m", text=next(answers), input_tokens=1, output_tokens=1,
                             streamed=False)
 
-    monkeypatch.setattr("common.providers.provider_for", lambda name, **kw: Scripted(name))
+    monkeypatch.setattr("tron.common.providers.provider_for", lambda name, **kw: Scripted(name))
     task = Task(assign())
     assert await agent.llm(task, "p") == "same"  # the empty answer was retried
     assert await agent.llm(task, "p") == "same"
@@ -558,7 +558,7 @@ async def test_a_subclass_using_the_runtimes_own_names_runs_a_task_to_its_end(mo
     agent._tron.clock = InstantClock()
     daemon = ctx.client
     outcomes = governed(daemon)
-    monkeypatch.setattr("common.providers.provider_for", Answers("the draft").provider_for)
+    monkeypatch.setattr("tron.common.providers.provider_for", Answers("the draft").provider_for)
     assert agent._tron.take(assign())["status"] == "accepted"
     [finish] = await wait_for_async(lambda: daemon.sent("POST", "/tasks/run-1.0/finish"))
     assert (finish["status"], finish["result"]) == ("done", "THE DRAFT / THE USER'S CLIENT"), finish
@@ -590,7 +590,7 @@ async def test_only_a_parent_serves_the_ladders_endpoints_and_the_drill_hook_onl
         name, drills, expected):
     from aiohttp.test_utils import TestClient, TestServer
 
-    from common.agent_runtime import agent_app
+    from tron.common.agent_runtime import agent_app
 
     agent = Agent(mesh_ctx(name, drills=drills))
     assert (agent._tron.parent is not None) is (name == "boss")

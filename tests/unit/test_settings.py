@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import pytest
 from pydantic import ValidationError
 
-from common.config import ConfigError, Policy, load_mesh, resource
-from common.settings import apply_overlay, field_errors, merged_policy, overlay_path, read_overlay, write_overlay
+from tron.common.config import ConfigError, Policy, load_mesh, resource
+from tron.common.settings import apply_overlay, field_errors, merged_policy, overlay_path, read_overlay, write_overlay
 
 
 def test_changes_are_validated_as_a_whole_and_errors_name_their_field():

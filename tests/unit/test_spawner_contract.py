@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from common.processes import same_process
-from services.daemon.spawner import LocalSpawner, SpawnError, SpawnSpec
-from services.daemon.stub_spawner import StubSpawner
+from tron.common.processes import same_process
+from tron.services.daemon.spawner import LocalSpawner, SpawnError, SpawnSpec
+from tron.services.daemon.stub_spawner import StubSpawner
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -119,8 +119,8 @@ async def test_adoption_needs_the_same_pid_and_start_time(backend):
 TREE_SCENARIO = """
 import asyncio, json, os, signal, sys, uuid
 from pathlib import Path
-from common.processes import tree_of
-from services.daemon.spawner import LocalSpawner, SpawnSpec
+from tron.common.processes import tree_of
+from tron.services.daemon.spawner import LocalSpawner, SpawnSpec
 
 WORKERS = (
     "import subprocess, sys, time\\n"
@@ -171,8 +171,8 @@ def test_the_whole_tree_ends_even_when_its_leader_died_first(tmp_path):
 
 
 def _backends_of_the_protocol():
-    from services.daemon.fault_injection import DieAfterFork
-    from services.daemon.ray_spawner import RaySpawner
+    from tron.services.daemon.fault_injection import DieAfterFork
+    from tron.services.daemon.ray_spawner import RaySpawner
 
     return [LocalSpawner, StubSpawner, RaySpawner, DieAfterFork]
 
@@ -183,7 +183,7 @@ def test_every_backend_speaks_the_whole_spawner_protocol(backend):
     async-ness: the daemon calls each without asking whether it is there."""
     import inspect
 
-    from services.daemon.spawner import Spawner
+    from tron.services.daemon.spawner import Spawner
 
     methods = {n: m for n, m in vars(Spawner).items() if not n.startswith("_") and callable(m)}
     assert {"start", "ghosts", "listener_is_ours", "sync_log", "ownership"} <= set(methods)
@@ -200,8 +200,8 @@ def test_every_backend_speaks_the_whole_spawner_protocol(backend):
 def test_the_ray_spawner_is_the_cluster_control():
     import inspect
 
-    from services.daemon.ray_spawner import RaySpawner
-    from services.daemon.spawner import ClusterControl
+    from tron.services.daemon.ray_spawner import RaySpawner
+    from tron.services.daemon.spawner import ClusterControl
 
     for name, declared in vars(ClusterControl).items():
         if name.startswith("_") or not callable(declared):

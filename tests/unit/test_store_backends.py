@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from common.clock import FakeClock
-from registry import backends
-from registry.backends import SCHEMES, Backend, open_durable, open_store, scheme_of, sqlite_path
-from registry.db import SqliteDb
-from registry.journal import JournaledStore
-from registry.memory import MemoryStore
-from registry.pg import PgDb
-from registry.schema import RegistryError, open_and_prepare
-from registry.store import SqlStore
+from tron.common.clock import FakeClock
+from tron.registry import backends
+from tron.registry.backends import SCHEMES, Backend, open_durable, open_store, scheme_of, sqlite_path
+from tron.registry.db import SqliteDb
+from tron.registry.journal import JournaledStore
+from tron.registry.memory import MemoryStore
+from tron.registry.pg import PgDb
+from tron.registry.schema import RegistryError, open_and_prepare
+from tron.registry.store import SqlStore
 
 
 @pytest.mark.parametrize("url, scheme", [
@@ -92,7 +92,7 @@ async def test_memory_is_not_journaled_and_keeps_what_it_is_told():
 def test_postgresql_urls_open_the_same_sql_on_psycopg(monkeypatch):
     """No server here (tests/unit/test_store_contract.py runs one): the store is built,
     its schema preparation is the backend's own, stubbed out to see the URL reach it."""
-    import registry.schema
+    import tron.registry.schema
 
     seen = []
     monkeypatch.setattr(registry.schema, "open_and_prepare_pg", seen.append)
@@ -105,13 +105,13 @@ def test_postgresql_urls_open_the_same_sql_on_psycopg(monkeypatch):
 def test_a_new_backend_is_one_entry(monkeypatch):
     """The table is the only place a scheme is named: an entry pointing at a module with an
     ``open_url`` is a backend (here the memory module under another scheme)."""
-    monkeypatch.setitem(SCHEMES, "scratch", Backend("registry.memory", journaled=False))
+    monkeypatch.setitem(SCHEMES, "scratch", Backend("tron.registry.memory", journaled=False))
     assert type(open_store("scratch://anything")) is MemoryStore
     assert backends.backend_for("scratch://x") is SCHEMES["scratch"]
 
 
 def test_a_backend_the_journal_cannot_record_on_is_refused(monkeypatch):
-    monkeypatch.setitem(SCHEMES, "scratch", Backend("registry.memory", journaled=True))
+    monkeypatch.setitem(SCHEMES, "scratch", Backend("tron.registry.memory", journaled=True))
     with pytest.raises(RegistryError, match="opened a MemoryStore, not a store the journal can record on"):
         open_store("scratch://anything")
 
@@ -181,7 +181,7 @@ async def test_the_journal_retries_what_the_engine_calls_unavailable_and_drops_w
 
 
 async def test_the_cli_reads_the_registry_of_any_sqlite_url_read_only(tmp_path):
-    from registry.read import connect
+    from tron.registry.read import connect
 
     store = open_store(tmp_path / "registry.db")
     try:
@@ -206,7 +206,7 @@ async def test_the_cli_reads_the_registry_of_any_sqlite_url_read_only(tmp_path):
     ("mysql://db/tron", RegistryError, "no registry backend for mysql"),
 ])
 def test_the_cli_is_told_when_there_is_nothing_to_read(where, error, says, tmp_path, monkeypatch):
-    from registry.read import connect
+    from tron.registry.read import connect
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(error, match=says):

@@ -11,11 +11,11 @@ import inspect
 
 import pytest
 
-from registry.journal import ROUTES, JournaledStore
-from registry.memory import MemoryStore
-from registry.protocol import (AGGREGATES, MARK_ATTR, PROTOCOLS, Mark, Replayable, Route, Store, WorkingCopy,
-                               durable_read, memory_read, methods_of, owned_read, parts_of, routes_of, unrouted, write)
-from registry.store import SqlStore
+from tron.registry.journal import ROUTES, JournaledStore
+from tron.registry.memory import MemoryStore
+from tron.registry.protocol import (AGGREGATES, MARK_ATTR, PROTOCOLS, Mark, Replayable, Route, Store, WorkingCopy,
+                                    durable_read, memory_read, methods_of, owned_read, parts_of, routes_of, unrouted, write)
+from tron.registry.store import SqlStore
 
 IMPLEMENTATIONS = [MemoryStore, SqlStore, JournaledStore]
 # name -> the aggregate that declares it, and its function there

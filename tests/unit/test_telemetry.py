@@ -15,10 +15,10 @@ import pytest
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from common import logs, telemetry
-from common.models import TaskAssign
-from common.telemetry import TelemetrySection, attempt_span_id, format_traceparent
-from scripts.logtail import of_trace
+from tron.common import logs, telemetry
+from tron.common.models import TaskAssign
+from tron.common.telemetry import TelemetrySection, attempt_span_id, format_traceparent
+from tron.scripts.logtail import of_trace
 from tests.harness import REPO
 
 ON = TelemetrySection(otlp_endpoint="http://127.0.0.1:9", schedule_delay=0.05)
@@ -37,8 +37,8 @@ def by_name(finished, name):
 
 
 def test_tracing_off_imports_no_part_of_the_sdk():
-    code = ("import sys; from common import telemetry, agent, service, logs; import services.daemon.api; "
-            "from common.telemetry import TelemetrySection; "
+    code = ("import sys; from tron.common import telemetry, agent, service, logs; import tron.services.daemon.api; "
+            "from tron.common.telemetry import TelemetrySection; "
             "assert not telemetry.setup(TelemetrySection(), service='x', env={}); "
             "logs.setup('x'); logs.logging.getLogger('t').info('hello'); "
             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")

@@ -18,9 +18,9 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from common import telemetry
-from common.models import TaskAssign
-from common.telemetry import TelemetrySection, attempt_span_id
+from tron.common import telemetry
+from tron.common.models import TaskAssign
+from tron.common.telemetry import TelemetrySection, attempt_span_id
 from tests.harness import REPO, wait_for
 
 
@@ -192,8 +192,8 @@ def test_a_hung_collector_holds_no_stop_and_what_it_held_is_counted_dropped():
 
 KILLED = """
 import os, signal, sys
-from common import telemetry
-from scripts.client import wait_for
+from tron.common import telemetry
+from tron.scripts.client import wait_for
 telemetry.setup(telemetry.TelemetrySection(otlp_endpoint=sys.argv[1]), service="killed", env={})
 for n in range(3):
     with telemetry.step_span("t", n, "handed over"):

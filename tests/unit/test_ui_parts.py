@@ -11,16 +11,16 @@ from datetime import datetime, timezone
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from common.clock import FakeClock
-from registry.memory import MemoryStore
-from services.daemon.ui.actions import buttons
-from services.daemon.ui.alertbar import AlertBar
-from services.daemon.ui.auth import Sessions
-from services.daemon.ui.feed import EventFeed
-from services.daemon.ui.logtail import LogTail
-from services.daemon.ui.render import Templates
-from services.daemon.ui.sse import Hub, HubFull, message
-from services.daemon.ui.views import chart_data, lanes, log_entry, registry_notice, task_moving, tree
+from tron.common.clock import FakeClock
+from tron.registry.memory import MemoryStore
+from tron.services.daemon.ui.actions import buttons
+from tron.services.daemon.ui.alertbar import AlertBar
+from tron.services.daemon.ui.auth import Sessions
+from tron.services.daemon.ui.feed import EventFeed
+from tron.services.daemon.ui.logtail import LogTail
+from tron.services.daemon.ui.render import Templates
+from tron.services.daemon.ui.sse import Hub, HubFull, message
+from tron.services.daemon.ui.views import chart_data, lanes, log_entry, registry_notice, task_moving, tree
 
 # -- the event hub -----------------------------------------------------------------------------------
 
@@ -91,7 +91,7 @@ def test_a_login_code_works_once_and_not_after_it_expires():
 
 
 def test_a_refused_code_is_told_apart_used_expired_superseded_or_unknown():
-    from services.daemon.ui.auth import MAX_CODES
+    from tron.services.daemon.ui.auth import MAX_CODES
 
     clock = FakeClock()
     sessions = Sessions(clock, cookie="tron_ui_6109")
@@ -340,7 +340,7 @@ async def test_the_daemon_refuses_a_host_name_it_does_not_know_on_every_endpoint
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    from services.daemon import api
+    from tron.services.daemon import api
 
     class Mesh:
         bind, advertise = "127.0.0.1", "tron-head.lan"

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from common.http import ALT_AUTH_KEY
-from services.daemon.ui.auth import Sessions
-from services.daemon.ui.context import UI_KEY, Ui
-from services.daemon.ui.feed import EventFeed
-from services.daemon.ui.live import Live
-from services.daemon.ui.pages import add_routes
-from services.daemon.ui.render import Templates
-from services.daemon.ui.sse import Hub
+from tron.common.http import ALT_AUTH_KEY
+from tron.services.daemon.ui.auth import Sessions
+from tron.services.daemon.ui.context import UI_KEY, Ui
+from tron.services.daemon.ui.feed import EventFeed
+from tron.services.daemon.ui.live import Live
+from tron.services.daemon.ui.pages import add_routes
+from tron.services.daemon.ui.render import Templates
+from tron.services.daemon.ui.sse import Hub
 
 __all__ = ["setup_ui"]
 

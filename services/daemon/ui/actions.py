@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from common.states import LIVE_TASK_STATES, LaneState, RunState, TaskState
+from tron.common.states import LIVE_TASK_STATES, LaneState, RunState, TaskState
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from common.clock import Clock
+from tron.common.clock import Clock
 
 CODE_TTL = 120.0
 SESSION_TTL = 12 * 3600.0

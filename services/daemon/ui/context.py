@@ -9,12 +9,12 @@ from typing import Any
 
 from aiohttp import web
 
-from common.http import error
-from services.daemon.ui.auth import Session, Sessions, local_problem
-from services.daemon.ui.feed import EventFeed
-from services.daemon.ui.live import Live
-from services.daemon.ui.render import Templates
-from services.daemon.ui.sse import Hub
+from tron.common.http import error
+from tron.services.daemon.ui.auth import Session, Sessions, local_problem
+from tron.services.daemon.ui.feed import EventFeed
+from tron.services.daemon.ui.live import Live
+from tron.services.daemon.ui.render import Templates
+from tron.services.daemon.ui.sse import Hub
 
 
 @dataclass

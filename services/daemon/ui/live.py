@@ -18,12 +18,12 @@ import json
 import logging
 import time
 
-from services.daemon.ui.alertbar import AlertBar, Incident
-from services.daemon.ui.feed import EventFeed, epoch
-from services.daemon.ui.logtail import LogTail, NodeLogTail
-from services.daemon.ui.render import Templates
-from services.daemon.ui.sse import Client, Hub
-from services.daemon.ui.views import beat_ages, lanes, log_entry, registry_notice, row_key, tree
+from tron.services.daemon.ui.alertbar import AlertBar, Incident
+from tron.services.daemon.ui.feed import EventFeed, epoch
+from tron.services.daemon.ui.logtail import LogTail, NodeLogTail
+from tron.services.daemon.ui.render import Templates
+from tron.services.daemon.ui.sse import Client, Hub
+from tron.services.daemon.ui.views import beat_ages, lanes, log_entry, registry_notice, row_key, tree
 
 log = logging.getLogger("tron.daemon.ui")
 

@@ -105,8 +105,8 @@ class NodeLogTail:
         self._unreachable = False
 
     async def _read(self, **query) -> dict | None:
-        from services.daemon.reach import LogQuery, service_log
-        from services.daemon.spawner import SpawnError
+        from tron.services.daemon.reach import LogQuery, service_log
+        from tron.services.daemon.spawner import SpawnError
 
         try:
             answer = await service_log(self.daemon, self.name, LogQuery(**query))

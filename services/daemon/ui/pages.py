@@ -35,18 +35,18 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import Field
 
-from common.config import ConfigError
-from common.telemetry import trace_link
-from common.http import TOKEN_KEY, error, parse, token_matches
-from common.models import TOKEN_HEADER, Msg
-from common.redaction import REDACTED
-from common.states import RunState, TaskState
-from common.settings import read_overlay
-from services.daemon.ui import sse
-from services.daemon.ui.auth import Session, local_problem
-from services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
-from services.daemon.ui.settings_form import form_groups
-from services.daemon.ui.views import (chart_data, run_budget, spend_by_task, spend_chart, spend_totals,
+from tron.common.config import ConfigError
+from tron.common.telemetry import trace_link
+from tron.common.http import TOKEN_KEY, error, parse, token_matches
+from tron.common.models import TOKEN_HEADER, Msg
+from tron.common.redaction import REDACTED
+from tron.common.states import RunState, TaskState
+from tron.common.settings import read_overlay
+from tron.services.daemon.ui import sse
+from tron.services.daemon.ui.auth import Session, local_problem
+from tron.services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
+from tron.services.daemon.ui.settings_form import form_groups
+from tron.services.daemon.ui.views import (chart_data, run_budget, spend_by_task, spend_chart, spend_totals,
                                      suggest_usd, task_moving, tree)
 
 log = logging.getLogger("tron.daemon.ui")

@@ -8,8 +8,8 @@ from pathlib import Path
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from services.daemon.ui.actions import buttons
-from services.daemon.ui.views import PARKED_WHY, local_time
+from tron.services.daemon.ui.actions import buttons
+from tron.services.daemon.ui.views import PARKED_WHY, local_time
 
 TEMPLATES = Path(__file__).parent / "templates"
 # No inline script may run (so injected markup cannot either); htmx and uPlot set inline styles.

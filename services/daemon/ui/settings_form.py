@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from annotated_types import Ge, Gt, Le, Lt
 
-from common.config import Policy
+from tron.common.config import Policy
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Detection", ("heartbeat_interval", "miss_threshold", "progress_timeout", "task_timeout")),

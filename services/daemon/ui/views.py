@@ -9,9 +9,9 @@ import statistics
 from collections import Counter, defaultdict
 from datetime import datetime
 
-from common.config import DAEMON
-from common.lanes import every_lane as lanes  # noqa: F401 - the panels' list is GET /lanes's
-from common.states import LIVE_TASK_STATES, RunState
+from tron.common.config import DAEMON
+from tron.common.lanes import every_lane as lanes  # noqa: F401 - the panels' list is GET /lanes's
+from tron.common.states import LIVE_TASK_STATES, RunState
 
 # What a row shows that only moves with time: a row is redrawn when anything else changes.
 _TICKING = ("last_beat_age", "uptime")

@@ -37,6 +37,9 @@ def load_class(spec: str, paths: list[str] = ()) -> type[Agent]:
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
         raise AgentLoadError(f"agent {spec!r}: expected 'package.module:Class'")
+    from tron.services.agent_host.moved import moved  # a module of Tron's by its name from before tron/
+
+    module_name = moved(module_name)
     try:
         module = importlib.import_module(module_name)
     except SyntaxError as err:

@@ -82,6 +82,8 @@ def checkout_copy(into) -> str:
     fork servers of the meshes in other test workers stale."""
     for part in ("common", "registry", "services", "scripts", "prompts"):
         shutil.copytree(REPO / part, into / part, ignore=shutil.ignore_patterns("__pycache__"))
+    # tron/ links to the folders beside it: copied as links, it reaches the copies, not this checkout
+    shutil.copytree(REPO / "tron", into / "tron", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "mesh.toml", into / "mesh.toml")
     return str(into)
 

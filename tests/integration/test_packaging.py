@@ -39,6 +39,12 @@ def test_a_non_editable_install_runs_the_mesh_from_anywhere(tmp_path):
     # the checkout's editable install is not seen there.
     site = Path(run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
                 .stdout.strip())
+    # One name of Tron's own, nothing generic: a user whose package is called `registry` or
+    # `common` keeps it (the wheel's RECORD lists every file it put anywhere).
+    dist_info = wheel.name.split("-py")[0] + ".dist-info"  # tron_mesh-0.1.0.dist-info
+    assert sorted(p.name for p in site.iterdir()) == sorted(["tron", dist_info])
+    record = (site / dist_info / "RECORD").read_text().splitlines()
+    assert {line.split("/")[0] for line in record if line} <= {"tron", dist_info, ".."}  # ..: bin/tron, share/
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     elsewhere = tmp_path / "elsewhere"
@@ -49,6 +55,13 @@ def test_a_non_editable_install_runs_the_mesh_from_anywhere(tmp_path):
                  "print(c.resource('prompts/heartbeat.md'))"], cwd=elsewhere, env=env).stdout.split()
     assert all(str(venv) in line for line in where), where
     assert all(Path(p).exists() for p in where[2:]), where
+    # ... and none of the generic names it used to install is found in the new environment.
+    bare = run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
+                "print([str(s.origin) for n in ('common', 'registry', 'services', 'scripts') if (s := u.find_spec(n))])"],
+               cwd=elsewhere, env=env).stdout.strip()
+    assert str(venv) not in bare, bare
+    daemon_help = run([str(venv / "bin" / "python"), "-m", "tron.services.daemon", "--help"], cwd=elsewhere, env=env)
+    assert "tron.services.daemon" in daemon_help.stdout, daemon_help.stdout
 
     tron = [str(venv / "bin" / "tron")]
     home = tmp_path / "home"

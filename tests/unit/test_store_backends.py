@@ -92,10 +92,10 @@ async def test_memory_is_not_journaled_and_keeps_what_it_is_told():
 def test_postgresql_urls_open_the_same_sql_on_psycopg(monkeypatch):
     """No server here (tests/unit/test_store_contract.py runs one): the store is built,
     its schema preparation is the backend's own, stubbed out to see the URL reach it."""
-    import tron.registry.schema
+    import tron.registry.schema as schema
 
     seen = []
-    monkeypatch.setattr(registry.schema, "open_and_prepare_pg", seen.append)
+    monkeypatch.setattr(schema, "open_and_prepare_pg", seen.append)
     for url in ("postgresql://tron@db/tron", "postgres://db/tron"):
         store = open_durable(url)
         assert isinstance(store, SqlStore) and isinstance(store.db, PgDb) and store.db.url == url

@@ -57,7 +57,7 @@ class Backend:
         return reader
 
 
-SQLITE = Backend("registry.db", journaled=True)
+SQLITE = Backend("tron.registry.db", journaled=True)
 SCHEMES: dict[str, Backend] = {
     "sqlite": SQLITE,
     "file": SQLITE,

@@ -37,7 +37,7 @@ from tron.common.prices import Price
 from tron.common.notify import NotifyEntry
 from tron.common.telemetry import TelemetrySection
 from tron.common.prices import merged as merged_prices
-from tron.common.providers import get as get_provider_kind, names as provider_names
+from tron.common.providers import get as get_provider_kind, names as provider_names, sdk_of
 from tron.common.providers.checks import OutputChecks
 from tron.common import probe_kinds  # the probe kinds: their names and configs
 
@@ -783,9 +783,9 @@ class MeshConfig(_Strict):
 
     @property
     def sdks(self) -> set[str]:
-        """The LLM SDKs this mesh's agents can be switched onto: the chain's and the
+        """The LLM SDKs this mesh's agents can be switched onto: those of the chain's and the
         services' own providers (the fork server preloads only these)."""
-        return set(self.providers.chain) | {s.provider for s in self.services.values() if s.provider}
+        return sdk_of(set(self.providers.chain) | {s.provider for s in self.services.values() if s.provider})
 
     def log_limits(self, name: str) -> dict[str, int | None]:
         """A service's log limits (services/daemon/logpump.py): its own, else [logs]'."""

@@ -1,10 +1,10 @@
 """One contract, every ``Provider`` backend: the real anthropic, ollama and openai SDKs
-(against llm-sim on a loopback port) and the stub answer the same way and fail the same
-way: a reply with text, token counts and why it stopped, the same reply for the same
-prompt, and every failure a ``ProviderFailure`` with a classified reason, its retryable
-flag, and what the provider said about when to come back (retry_after, limits). A stream
-cut part-way (a server that drops the connection) is ``stream_cut``, not a failure to
-connect."""
+(against llm-sim on a loopback port; openai_compatible is the openai SDK at its own base
+URL, on llm-sim's OpenAI API) and the stub answer the same way and fail the same way: a
+reply with text, token counts and why it stopped, the same reply for the same prompt, and
+every failure a ``ProviderFailure`` with a classified reason, its retryable flag, and what
+the provider said about when to come back (retry_after, limits). A stream cut part-way (a
+server that drops the connection) is ``stream_cut``, not a failure to connect."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class Backend:
 # The real services' keys and URLs (OPENAI_COMPATIBLE_BASE_URL too) are not the tests' to use.
 _ENDPOINT_VARS = [v for v in os.environ if v.startswith(("ANTHROPIC_", "OLLAMA_", "OPENAI_"))]
 # Every registered provider kind, and the stub. A new kind is one entry here.
-KINDS = ["anthropic", "ollama", "openai"]
+KINDS = ["anthropic", "ollama", "openai", "openai_compatible"]
 
 
 def wire(kind: str) -> str:

@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_providers_and_sdks_come_from_the_registry():
-    assert PROVIDERS == names() == ("anthropic", "ollama", "openai")
-    assert SDKS == ("anthropic", "ollama", "openai")
+    assert PROVIDERS == names() == ("anthropic", "ollama", "openai", "openai_compatible")
+    assert SDKS == ("anthropic", "ollama", "openai")  # openai_compatible is the openai SDK
     assert [get(n).name for n in PROVIDERS] == list(PROVIDERS)
 
 

@@ -576,7 +576,7 @@ class AgentRuntime:
 
         p = self.config.providers
         return ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
-                                ollama_model=p.ollama_model, openai_model=p.openai_model,
+                                ollama_model=p.ollama_model, openai_model=p.openai_model, models=p.models,
                                 timeout_s=timeout or p.timeout, max_tokens=max_tokens or p.max_tokens)
 
     # -- the LLM ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from tron.common.prices import Price
 from tron.common.notify import NotifyEntry
 from tron.common.telemetry import TelemetrySection
 from tron.common.prices import merged as merged_prices
+from tron.common.providers import get as get_provider_kind, names as provider_names, sdk_of
 from tron.common.providers.checks import OutputChecks
 from tron.common import probe_kinds  # the probe kinds: their names and configs
 
@@ -419,7 +420,10 @@ class ProvidersConfig(_Strict):
     chain: list[Provider] = ["anthropic", "ollama"]
     anthropic_model: str = "claude-sonnet-4-5"
     ollama_model: str = "llama3.1"
-    openai_model: str = "gpt-4o-mini"  # any OpenAI-compatible server (vLLM, LM Studio, llama.cpp, OpenAI)
+    openai_model: str = "gpt-4o-mini"  # OpenAI, or any OpenAI-compatible server at OPENAI_BASE_URL
+    # Every other registered provider's model, written `{name}_model = "..."` like the three
+    # above (each kind's default_model when not given): read by the kind, through model_of().
+    models: dict[str, str] = {}
     timeout: float = Field(30.0, gt=0)
     max_tokens: int = Field(512, ge=1)
     sim_service: str = "llm-sim"
@@ -437,15 +441,39 @@ class ProvidersConfig(_Strict):
     ramp_to: int = Field(64, ge=1, le=100_000)
     limits: dict[str, ProviderLimits] = {}  # per provider name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _models_of_other_kinds(cls, data: Any) -> Any:
+        """``{name}_model`` of a registered provider without a field of its own goes to models;
+        any other unknown key stays, for the strict model to refuse by name."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        models = dict(data.get("models") or {})
+        for key in [k for k in data if isinstance(k, str) and k.endswith("_model") and k not in cls.model_fields]:
+            if key.removesuffix("_model") in provider_names():
+                models[key.removesuffix("_model")] = data.pop(key)
+        if models:
+            data["models"] = models
+        return data
+
+    def model_of(self, provider: str) -> str:
+        """The model ``provider`` is asked for: its field, its `{name}_model`, or its kind's default."""
+        kind = get_provider_kind(provider)
+        if kind.model_setting is not None and kind.model_setting in type(self).model_fields:
+            return str(getattr(self, kind.model_setting))
+        return self.models.get(provider, kind.default_model)
+
     @model_validator(mode="after")
     def _default_in_chain(self) -> "ProvidersConfig":
         if len(set(self.chain)) != len(self.chain) or not self.chain:
             raise ValueError("providers.chain: name each provider once, at least one")
         if self.default not in self.chain:
             raise ValueError(f"providers.default: {self.default!r} is not in providers.chain {self.chain}")
-        unknown = sorted(set(self.limits) - set(get_args(Provider)))
-        if unknown:
-            raise ValueError(f"providers.limits: unknown provider {unknown[0]!r}; expected one of {get_args(Provider)}")
+        for field, named in (("limits", self.limits), ("models", self.models)):
+            if unknown := sorted(set(named) - set(provider_names())):
+                raise ValueError(f"providers.{field}: unknown provider {unknown[0]!r}; "
+                                 f"expected one of {', '.join(provider_names())}")
         if self.cooldown_max < self.cooldown:
             raise ValueError("providers.cooldown_max must be at least providers.cooldown")
         return self
@@ -615,9 +643,9 @@ class MeshConfig(_Strict):
     def _price_keys(cls, prices: dict[str, Price]) -> dict[str, Price]:
         for key in prices:
             provider, _, model = key.partition("/")
-            if provider not in get_args(Provider) or not model:
+            if provider not in provider_names() or not model:
                 raise ValueError(f"prices: {key!r} is not \"provider/model\" (provider one of "
-                                 f"{', '.join(get_args(Provider))}; model a name, a prefix of names, or *)")
+                                 f"{', '.join(provider_names())}; model a name, a prefix of names, or *)")
         return prices
 
     def price_table(self) -> dict[str, Price]:
@@ -755,9 +783,9 @@ class MeshConfig(_Strict):
 
     @property
     def sdks(self) -> set[str]:
-        """The LLM SDKs this mesh's agents can be switched onto: the chain's and the
+        """The LLM SDKs this mesh's agents can be switched onto: those of the chain's and the
         services' own providers (the fork server preloads only these)."""
-        return set(self.providers.chain) | {s.provider for s in self.services.values() if s.provider}
+        return sdk_of(set(self.providers.chain) | {s.provider for s in self.services.values() if s.provider})
 
     def log_limits(self, name: str) -> dict[str, int | None]:
         """A service's log limits (services/daemon/logpump.py): its own, else [logs]'."""

@@ -10,7 +10,7 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 # Names and ids start with a letter or digit: never "." or "..", which a URL would resolve.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -20,7 +20,19 @@ IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=I
 TOKEN_HEADER = "X-Tron-Token"
 TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"  # W3C Trace Context, version 00
 MAX_BODY = 256 * 1024
-Provider = Literal["anthropic", "ollama", "openai"]
+
+
+def known_provider(name: str) -> str:
+    """``name`` when it is a registered provider kind (common/providers), else ValueError
+    naming the known ones: config, request bodies and the CLI accept what the registry holds."""
+    from tron.common import providers  # here, not at the top: the package imports no models, but is not small
+
+    if name not in providers.names():
+        raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(providers.names())}")
+    return name
+
+
+Provider = Annotated[str, AfterValidator(known_provider)]
 
 
 def validation_messages(err: ValidationError, *, unknown: str = "unknown field") -> list[tuple[str, str]]:

@@ -818,7 +818,7 @@ class Runner:
         if kind == "provider":
             if not self.config.sim_url:
                 return None
-            provider = rng.choice(["anthropic", "ollama"])
+            provider = rng.choice(self.config.providers.chain)  # the mesh's own providers
             fault = rng.choice(["overloaded", "error", "rate-limit", "midstream"])
             code, _ = self.mesh.try_call("PUT", self.config.sim_url + f"/sim/faults/{provider}",
                                          {"kind": fault, "times": rng.randint(1, 3)}, auth=True)

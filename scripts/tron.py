@@ -40,11 +40,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import get_args
 from urllib.parse import quote
 
 from tron.common.config import ConfigError, MeshConfig, load_mesh
-from tron.common.models import ID_PATTERN, NAME_PATTERN, Provider
+from tron.common import providers  # the registered provider kinds: the CLI's choices
+from tron.common.models import ID_PATTERN, NAME_PATTERN
 from tron.common.paths import Home
 from tron.common.processes import MARK
 from tron.scripts.client import ClientError, MeshClient
@@ -396,8 +396,8 @@ def cmd_provider(ctx: Ctx, args: argparse.Namespace) -> int:
             print(f"{p['provider']:<11} {p['state']:<10} {p['since_s']:>7.1f}s {until:>8} {p['failures']:>5}  {why}")
         return 0
     name = _segment(args.name, "provider name")
-    if args.name not in get_args(Provider):
-        raise CLIError(f"no provider {args.name!r} (known: {', '.join(get_args(Provider))})")
+    if args.name not in providers.names():
+        raise CLIError(f"no provider {args.name!r} (known: {', '.join(providers.names())})")
     answer = _action(ctx, f"/providers/{name}/{args.provider_cmd}", args)
     print(f"provider {args.name}: {answer['status']}")
     return 0
@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
             tv.add_argument("--from-step", type=int, required=True)
         if verb == "approve":
             tv.add_argument("--from-step", type=int)
-            tv.add_argument("--provider", choices=get_args(Provider))
+            tv.add_argument("--provider", choices=providers.names())
     ui = sub.add_parser("ui", help="print (or open) a one-time login link to the web UI")
     ui.add_argument("--open", action="store_true", help="open the link in a browser")
     ui.add_argument("--viewer", action="store_true", help="a read-only session: it shows everything, changes nothing")
@@ -898,7 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, required=True, help="how long the link stays down")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("provider-outage", help="make one provider fail every call")
-    d.add_argument("provider", choices=["anthropic", "ollama"])
+    d.add_argument("provider", choices=providers.names())
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("handover", help="kill a service repeatedly under a request loop: nobody may be refused")
     d.add_argument("name")
@@ -920,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="llm-sim fault injection")
     simsub = sim.add_subparsers(dest="sim_cmd", required=True)
     fault = simsub.add_parser("fault", help="inject a fault")
-    fault.add_argument("provider", choices=["anthropic", "ollama", "openai"])
+    fault.add_argument("provider", choices=providers.names(), help="a provider: llm-sim faults the API that serves it")
     # The kinds of services/llm_sim/state.py FAULT_KINDS, spelled out: this path imports no service code.
     fault.add_argument("kind", choices=["overloaded", "rate-limit", "usage-limit", "error", "auth", "latency",
                                         "hang", "stall", "trickle", "midstream", "cut", "empty", "max-tokens",
@@ -931,7 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--duration-ms", type=int, help="clear the fault this long after it is set")
     fault.add_argument("--retry-after-ms", type=int, help="what a 429 tells clients to wait")
     clear = simsub.add_parser("clear", help="clear faults")
-    clear.add_argument("provider", nargs="?", choices=["anthropic", "ollama", "openai"])
+    clear.add_argument("provider", nargs="?", choices=providers.names())
     simsub.add_parser("show", help="current faults and counters")
     simsub.add_parser("reset-counters", help="zero every provider's request counters")
     return p

@@ -1,8 +1,10 @@
 """The LLM provider layer agents use: one ``complete()`` over every registered provider.
 
-One module per provider (``anthropic_api``, ``ollama_api``, ``openai_api``): each defines a
-``ProviderKind`` (base.py) and registers it. PROVIDERS and SDKS are read from the registry,
-so a new provider is one module here, an import below, and its tests.
+One module per provider (``anthropic_api``, ``ollama_api``, ``openai_api``, ...): each
+defines a ``ProviderKind`` (base.py) and registers it. Every ``*_api`` module here is imported
+below, and PROVIDERS, SDKS, config's provider names and models, the CLI's choices, llm-sim's
+fault slots and the warm-up are read from the registry, so a new provider is one new module
+here plus its contract-suite entry.
 
     base.py      ProviderFailure, LLMReply, ProviderSettings, ProviderKind, the registry
     headers.py   retry-after and rate-limit headers, pure
@@ -18,6 +20,9 @@ code, so callers decide on retry and fallback from data, not from SDK exception 
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from tron.common.redaction import REDACTED, redact  # one implementation, re-exported
 from tron.common.providers.base import (
@@ -37,8 +42,12 @@ from tron.common.providers.base import (
     register,
 )
 
-# The built-in kinds register themselves on import, in this order (the order of PROVIDERS).
+# The built-in kinds register themselves on import, in this order (the order of PROVIDERS),
+# then every other *_api module of this package, by name: a new provider is found, not listed.
 from tron.common.providers import anthropic_api, ollama_api, openai_api  # noqa: E402,F401  isort: skip
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name.endswith("_api")):
+    importlib.import_module(f"{__name__}.{_module}")
 
 from tron.common.providers.backends import (  # noqa: E402
     Provider,

@@ -56,7 +56,9 @@ def stop_reason(raw: str | None) -> StopReason | None:
 class Anthropic(ProviderKind):
     name = "anthropic"
     sdk = "anthropic"
+    default_model = "claude-sonnet-4-5"
     model_setting = "anthropic_model"
+    sim_surface = "anthropic"
 
     def endpoint(self, settings: ProviderSettings, env: Mapping[str, str]) -> tuple[str | None, str | None]:
         if key := env.get("ANTHROPIC_API_KEY"):

@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Literal, NamedTuple, TypedDict
 from pydantic import BaseModel, ConfigDict, Field
 
 SIM_API_KEY = "sim-key"
+SIM_SURFACES = ("anthropic", "ollama", "openai")  # the APIs llm-sim speaks (services/llm_sim)
 
 # Reason codes. Those in NON_RETRYABLE will fail the same way on any retry.
 NON_RETRYABLE = frozenset({
@@ -57,12 +58,14 @@ def failure_class(reason: str) -> FailureClass:
 
 
 class ProviderSettings(BaseModel):
-    """What a call needs besides the prompt. Each kind reads its model from the field its
-    ``model_setting`` names (a test checks every registered kind has one)."""
+    """What a call needs besides the prompt. Each kind reads its model from ``models`` by its
+    name, else from the field its ``model_setting`` names (the built-in kinds' own fields,
+    which every mesh.toml already spells), else its ``default_model``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sim_url: str | None = None  # base URL of llm_sim, e.g. "http://127.0.0.1:6190"
+    models: dict[str, str] = Field(default_factory=dict)  # {provider name: model}, config's `{name}_model`
     anthropic_model: str = "claude-sonnet-4-5"
     ollama_model: str = "llama3.1"
     openai_model: str = "gpt-4o-mini"
@@ -245,15 +248,25 @@ class ProviderKind(abc.ABC):
     name: the provider's name in config (``providers.chain``) and in every failure.
     sdk: the module its SDK is (imported lazily, only inside methods).
     preload: modules beyond ``sdk`` a process that uses it imports ahead (warm_up).
-    model_setting: the ProviderSettings field naming its model.
+    default_model: its model when config names none (``providers.{name}_model``).
+    model_setting: a ProviderSettings field naming its model (the built-in kinds only; a new
+      kind leaves it None and is configured through ``ProviderSettings.models``).
+    sim_surface: the API of llm-sim that stands in for it ("anthropic", "ollama", "openai"),
+      and so which of llm-sim's fault slots ``tron sim fault NAME`` sets.
     """
 
     name: str
     sdk: str
     preload: tuple[str, ...] = ()
-    model_setting: str
+    default_model: str
+    model_setting: str | None = None
+    sim_surface: str
 
     def model(self, settings: ProviderSettings) -> str:
+        if self.name in settings.models:
+            return settings.models[self.name]
+        if self.model_setting is None:
+            return self.default_model
         model = getattr(settings, self.model_setting)
         if not isinstance(model, str):  # register() checked the field exists, not that it names a model
             raise TypeError(f"{self.name}: ProviderSettings.{self.model_setting} is not a model name")
@@ -311,13 +324,17 @@ _KINDS: dict[str, ProviderKind] = {}
 
 def register(kind: ProviderKind) -> ProviderKind:
     """Add a kind; a second kind of the same name is a programming error."""
-    for attr in ("name", "sdk", "model_setting"):
+    for attr in ("name", "sdk", "default_model", "sim_surface"):
         if not isinstance(getattr(kind, attr, None), str):
             raise TypeError(f"{type(kind).__name__}.{attr} must be a string")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", kind.name):  # it is also a config key, `{name}_model`
+        raise ValueError(f"provider name {kind.name!r}: lower-case letters, digits and _ only")
     if kind.name in _KINDS:
         raise ValueError(f"provider {kind.name!r} is registered twice "
                          f"({type(_KINDS[kind.name]).__name__}, {type(kind).__name__})")
-    if kind.model_setting not in ProviderSettings.model_fields:
+    if kind.sim_surface not in SIM_SURFACES:
+        raise ValueError(f"provider {kind.name!r}: sim_surface {kind.sim_surface!r} is not one of {SIM_SURFACES}")
+    if kind.model_setting is not None and kind.model_setting not in ProviderSettings.model_fields:
         raise ValueError(f"provider {kind.name!r}: ProviderSettings has no field {kind.model_setting!r}")
     _KINDS[kind.name] = kind
     return kind

@@ -32,7 +32,9 @@ _STOP_REASONS: dict[str, StopReason] = {"stop": "end", "length": "max_tokens"}
 class Ollama(ProviderKind):
     name = "ollama"
     sdk = "ollama"
+    default_model = "llama3.1"
     model_setting = "ollama_model"
+    sim_surface = "ollama"
 
     def endpoint(self, settings: ProviderSettings, env: Mapping[str, str]) -> tuple[str | None, str | None]:
         return env.get("OLLAMA_HOST") or settings.sim_url or OLLAMA_DEFAULT_HOST, None  # ollama takes no key

@@ -40,7 +40,9 @@ class OpenAI(ProviderKind):
     name = "openai"
     sdk = "openai"
     preload = ("openai.resources",)  # the client's first .chat imports these: 0.6 s
-    model_setting = "openai_model"
+    default_model = "gpt-4o-mini"
+    model_setting: str | None = "openai_model"
+    sim_surface = "openai"
 
     def endpoint(self, settings: ProviderSettings, env: Mapping[str, str]) -> tuple[str | None, str | None]:
         if key := env.get("OPENAI_API_KEY"):

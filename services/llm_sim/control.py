@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from tron.common.http import AUTH_KEY, parse_empty, token_matches
 from tron.common.models import TOKEN_HEADER
+from tron.common import providers
 from tron.services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec
 from tron.services.llm_sim.wire import SimError, describe, read_json
 
@@ -42,13 +43,17 @@ def _control(handler: Callable[[web.Request], Awaitable[web.Response]]):
 
 
 def _path_provider(request: web.Request) -> str:
+    """The API whose faults a path names: one of llm-sim's (PROVIDERS), or a registered
+    provider kind's, whose ``sim_surface`` says which API stands in for it (a fault put on
+    "openai_compatible" is put on the OpenAI API, so "openai" sees it too)."""
     provider = request.match_info["provider"]
-    if provider not in PROVIDERS:
-        raise web.HTTPNotFound(
-            text=json.dumps({"error": f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}"}),
-            content_type="application/json",
-        )
-    return provider
+    if provider in PROVIDERS:
+        return provider
+    if provider in providers.names():
+        return providers.get(provider).sim_surface
+    known = ", ".join(dict.fromkeys((*PROVIDERS, *providers.names())))
+    raise web.HTTPNotFound(text=json.dumps({"error": f"unknown provider {provider!r}; expected one of {known}"}),
+                           content_type="application/json")
 
 
 @_control

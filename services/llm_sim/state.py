@@ -13,9 +13,10 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tron.common.providers.base import SIM_SURFACES
 from tron.services.llm_sim.catalog import Catalog
 
-PROVIDERS = ("anthropic", "ollama", "openai")
+PROVIDERS = SIM_SURFACES  # the APIs it speaks; each registered provider kind names the one that serves it
 
 # A provider's bad days, in three groups by where the fault acts:
 #   refused   the request gets the API's error answer instead of a reply

@@ -1,14 +1,15 @@
 """One contract, every ``Provider`` backend: the real anthropic, ollama and openai SDKs
-(against llm-sim on a loopback port) and the stub answer the same way and fail the same
-way: a reply with text, token counts and why it stopped, the same reply for the same
-prompt, and every failure a ``ProviderFailure`` with a classified reason, its retryable
-flag, and what the provider said about when to come back (retry_after, limits). A stream
-cut part-way (a server that drops the connection) is ``stream_cut``, not a failure to
-connect."""
+(against llm-sim on a loopback port; openai_compatible is the openai SDK at its own base
+URL, on llm-sim's OpenAI API) and the stub answer the same way and fail the same way: a
+reply with text, token counts and why it stopped, the same reply for the same prompt, and
+every failure a ``ProviderFailure`` with a classified reason, its retryable flag, and what
+the provider said about when to come back (retry_after, limits). A stream cut part-way (a
+server that drops the connection) is ``stream_cut``, not a failure to connect."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from contextlib import asynccontextmanager
@@ -54,9 +55,20 @@ class Backend:
         assert code == 200
 
 
+# The real services' keys and URLs (OPENAI_COMPATIBLE_BASE_URL too) are not the tests' to use.
+_ENDPOINT_VARS = [v for v in os.environ if v.startswith(("ANTHROPIC_", "OLLAMA_", "OPENAI_"))]
+# Every registered provider kind, and the stub. A new kind is one entry here.
+KINDS = ["anthropic", "ollama", "openai", "openai_compatible"]
+
+
+def wire(kind: str) -> str:
+    """The API a kind speaks (its llm-sim surface): what its headers and stream look like."""
+    return "stub" if kind == "stub" else get(kind).sim_surface
+
+
 @asynccontextmanager
 async def started(kind: str, monkeypatch):
-    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OLLAMA_HOST", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+    for var in _ENDPOINT_VARS:
         monkeypatch.delenv(var, raising=False)
     if kind == "stub":
         yield Backend("stub")
@@ -68,20 +80,20 @@ async def started(kind: str, monkeypatch):
 # Each test takes the backends its contract applies to, so no combination is generated only
 # to be skipped: the stub has no HTTP (its faults are fail_with/answer_with,
 # test_provider_registry.py), and Ollama sends no rate-limit headers.
-@pytest.fixture(params=["anthropic", "ollama", "openai", "stub"])
+@pytest.fixture(params=[*KINDS, "stub"])
 async def backend(request, monkeypatch):
     async with started(request.param, monkeypatch) as b:
         yield b
 
 
-@pytest.fixture(params=["anthropic", "ollama", "openai"])
+@pytest.fixture(params=KINDS)
 async def sim_backend(request, monkeypatch):
     """A real SDK against llm-sim, whose faults are put over HTTP."""
     async with started(request.param, monkeypatch) as b:
         yield b
 
 
-@pytest.fixture(params=["anthropic", "openai"])
+@pytest.fixture(params=[k for k in KINDS if k != "ollama"])
 async def headers_backend(request, monkeypatch):
     """An SDK whose API sends rate-limit headers."""
     async with started(request.param, monkeypatch) as b:
@@ -126,12 +138,12 @@ async def test_limits_on_a_reply_are_the_headers_it_came_with(headers_backend, s
     settings = backend.settings()
     client = client_for(backend.kind, settings)
     ask = [{"role": "user", "content": "say hello"}]
-    if backend.kind == "anthropic":
-        raw = await client.messages.with_raw_response.create(model=settings.anthropic_model, max_tokens=64,
-                                                             messages=ask)
+    model = get(backend.kind).model(settings)
+    if wire(backend.kind) == "anthropic":
+        raw = await client.messages.with_raw_response.create(model=model, max_tokens=64, messages=ask)
     else:
-        raw = await client.chat.completions.with_raw_response.create(model=settings.openai_model, messages=ask)
-    prefix = {"anthropic": "anthropic-ratelimit-", "openai": "x-ratelimit-"}[backend.kind]
+        raw = await client.chat.completions.with_raw_response.create(model=model, messages=ask)
+    prefix = {"anthropic": "anthropic-ratelimit-", "openai": "x-ratelimit-"}[wire(backend.kind)]
     assert any(name.lower().startswith(prefix) for name in raw.headers), f"llm-sim sent no {prefix}* headers"
     reply = await backend.provider.complete(system="", prompt="say hello", settings=settings, stream=stream)
     expected = get(backend.kind).read_limits(raw.headers, time.time())
@@ -150,7 +162,7 @@ async def test_a_rate_limit_says_when_to_come_back(backend):
     assert failure.to_dict()["retry_after"] == failure.retry_after
     assert set(failure.limits) <= set(LIMIT_KEYS)
     headers = getattr(getattr(failure.__cause__, "response", None), "headers", {})
-    prefix = {"anthropic": "anthropic-ratelimit-", "openai": "x-ratelimit-"}.get(backend.kind)
+    prefix = {"anthropic": "anthropic-ratelimit-", "openai": "x-ratelimit-"}.get(wire(backend.kind))
     if prefix and any(name.lower().startswith(prefix) for name in headers):
         expected = get(backend.kind).read_limits(headers, time.time())
         assert failure.limits == pytest.approx(expected, abs=0.5) and expected  # resets tick on
@@ -178,7 +190,7 @@ _CUT_HEADERS = {"anthropic-ratelimit-requests-remaining": "41", "x-ratelimit-rem
 @asynccontextmanager
 async def cutting_server(provider: str):
     """A server that starts a streamed answer, then drops the connection."""
-    path, content_type, first = _FIRST_BYTES[provider]
+    path, content_type, first = _FIRST_BYTES[wire(provider)]
 
     async def answer(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": content_type, **_CUT_HEADERS})
@@ -202,9 +214,9 @@ async def cutting_server(provider: str):
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("provider", ["anthropic", "ollama", "openai"])
+@pytest.mark.parametrize("provider", KINDS)
 async def test_a_stream_cut_part_way_is_not_a_failure_to_connect(provider, monkeypatch):
-    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OLLAMA_HOST", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+    for var in _ENDPOINT_VARS:
         monkeypatch.delenv(var, raising=False)
     async with cutting_server(provider) as url:
         settings = ProviderSettings(sim_url=url, timeout_s=5.0)
@@ -267,3 +279,9 @@ async def test_a_broken_200_fails_its_check(sim_backend, kind, reason, stream):
         return
     failure = check_reply(reply, OutputChecks(), complete=True)
     assert failure is not None and (failure.reason, failure.provider) == (reason, backend.kind)
+
+
+def test_every_registered_kind_is_under_contract():
+    from tron.common.providers import names
+
+    assert KINDS == list(names())

@@ -194,3 +194,27 @@ def test_an_operator_drains_and_restores_a_provider_audited(mesh_factory):
     assert mesh.http("POST", mesh.url("daemon") + "/providers/acquire", {**call, "incarnation": "i-0"})[0] == 409
     assert mesh.http("POST", mesh.url("daemon") + "/providers/nosuch/drain", {})[0] == 404
     assert providers(mesh)["anthropic"]["state"] == "closed"
+
+
+def test_a_fourth_provider_kind_takes_over_in_the_chain(mesh_factory):
+    # openai_compatible (common/providers/openai_compatible_api.py: vLLM, LM Studio, llama.cpp,
+    # OpenRouter) is one module; llm-sim's OpenAI API stands in for it. A bad key on anthropic
+    # is a request error: the ladder switches the task to the next provider of the chain.
+    mesh = mesh_factory(providers={"chain": ["anthropic", "openai_compatible"],
+                                   "openai_compatible_model": "llama3.1"})
+    mesh.up()
+    listed = json.loads(mesh.tron("provider", "list", "--json").stdout)
+    assert {p["provider"] for p in listed["providers"]} >= {"anthropic", "openai_compatible"}, listed
+    sent0 = sim_counters(mesh)["openai"]["served"]
+    fault(mesh, "anthropic", "auth")
+    run_id = submit(mesh)
+    run = finished(mesh, run_id)
+    assert run["status"] == "done" and "[sim:openai:" in run["result"], run
+    switches = {(r["from_provider"], r["to_provider"]) for r in rows_of(mesh, run_id) if r["retry_type"] == "llm_change"}
+    assert switches == {("anthropic", "openai_compatible")}, rows_of(mesh, run_id)
+    assert sim_counters(mesh)["openai"]["served"] > sent0
+    # its faults are put by its own name (on the API that serves it), and a name nobody registered is refused
+    fault(mesh, "openai_compatible", "overloaded", times=1)
+    assert mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/vllm", {"kind": "error"})[0] == 404
+    bad = mesh.tron("provider", "drain", "vllm")
+    assert bad.returncode != 0 and "no provider 'vllm'" in bad.stderr and "openai_compatible" in bad.stderr, bad.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +38,48 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_providers_and_sdks_come_from_the_registry():
-    assert PROVIDERS == names() == ("anthropic", "ollama", "openai")
-    assert SDKS == ("anthropic", "ollama", "openai")
+    assert PROVIDERS == names() == ("anthropic", "ollama", "openai", "openai_compatible")
+    assert SDKS == ("anthropic", "ollama", "openai")  # openai_compatible is the openai SDK
     assert [get(n).name for n in PROVIDERS] == list(PROVIDERS)
 
 
-def test_every_kind_names_its_model_setting():
+def test_every_kind_has_a_model_and_config_names_it_the_same_way():
+    from tron.common.config import ProvidersConfig
+
     for name in PROVIDERS:
-        assert get(name).model(ProviderSettings()) == getattr(ProviderSettings(), f"{name}_model")
+        kind = get(name)
+        assert kind.model(ProviderSettings()) == kind.default_model == ProvidersConfig().model_of(name)
+        assert kind.model(ProviderSettings(models={name: "m-1"})) == "m-1"
+        assert ProvidersConfig.model_validate({f"{name}_model": "m-2"}).model_of(name) == "m-2"
 
 
-def test_the_config_literal_names_the_registered_providers():
-    # tron.common.models.Provider is what config validates `providers.chain` against; a new
-    # provider module must be added there too (see common/providers/__init__.py).
+def test_config_and_request_bodies_take_the_registered_providers():
+    # tron.common.models.Provider is what config validates `providers.chain` against: the registry.
+    from pydantic import TypeAdapter, ValidationError
+
     from tron.common.models import Provider
 
-    assert set(typing.get_args(Provider)) == set(PROVIDERS)
+    check = TypeAdapter(Provider)
+    assert [check.validate_python(name) for name in PROVIDERS] == list(PROVIDERS)
+    with pytest.raises(ValidationError, match="unknown provider 'vllm'; expected one of anthropic, ollama, openai"):
+        check.validate_python("vllm")
+
+
+def test_a_new_kind_is_known_to_config_and_the_cli_without_another_edit():
+    from pydantic import TypeAdapter
+
+    from tron.common.config import ProvidersConfig
+    from tron.common.models import Provider
+    from tron.scripts.tron import build_parser
+
+    with registered(Echo()):
+        assert TypeAdapter(Provider).validate_python("echo") == "echo"
+        config = ProvidersConfig.model_validate({"chain": ["anthropic", "echo"], "echo_model": "loud"})
+        assert config.model_of("echo") == "loud"
+        args = build_parser().parse_args(["sim", "fault", "echo", "overloaded"])
+        assert args.provider == "echo"
+    with pytest.raises(ValueError, match="unknown provider 'echo'"):
+        ProvidersConfig.model_validate({"chain": ["anthropic", "echo"]})
 
 
 def test_unknown_provider_is_refused_everywhere():
@@ -101,7 +126,8 @@ class Echo(ProviderKind):
 
     name = "echo"
     sdk = "json"  # any importable module: a real kind names its SDK
-    model_setting = "ollama_model"
+    default_model = "llama3.1"
+    sim_surface = "ollama"
 
     def endpoint(self, settings, env):
         return env.get("ECHO_URL") or settings.sim_url, None
@@ -171,8 +197,20 @@ def test_a_kind_is_checked_when_registered():
     with pytest.raises(ValueError, match="ProviderSettings has no field 'nomodel_model'"):
         register(NoModel())
 
+    class BadName(Echo):
+        name = "Echo-2"
+
+    with pytest.raises(ValueError, match="lower-case letters, digits and _ only"):
+        register(BadName())
+
+    class NoSim(Echo):
+        name, sim_surface = "nosim", "grpc"
+
+    with pytest.raises(ValueError, match="sim_surface 'grpc' is not one of"):
+        register(NoSim())
+
     class Half(ProviderKind):
-        name, sdk, model_setting = "half", "json", "ollama_model"
+        name, sdk, default_model, sim_surface = "half", "json", "m", "ollama"
 
     with pytest.raises(TypeError, match="abstract"):
         Half()

@@ -231,3 +231,6 @@ def test_the_mesh_names_the_sdks_its_providers_use():
     config = MeshConfig.model_validate({"services": {"a": {"role": "programmer", "port": 7001}},
                                         "providers": {"chain": ["ollama"], "default": "ollama"}})
     assert config.sdks == {"ollama"}
+    config = MeshConfig.model_validate({"services": {"a": {"role": "programmer", "port": 7001}},
+                                        "providers": {"chain": ["anthropic", "openai_compatible"]}})
+    assert config.sdks == {"anthropic", "openai"}  # a provider's SDK, not its name

@@ -1,7 +1,7 @@
 """Issue 27, items 1 and 2: nodes with their own network stack, and partitions as faults.
 
 One module-scoped cluster: the Ray head, the Tron daemon and PostgreSQL in the root network
-namespace (the head on the host side of a veth, ``10.x.y.1``), and a Ray worker node inside
+namespace (the head on the host side of the link, ``10.x.y.1``), and a Ray worker node inside
 a network namespace of its own (``10.x.y.2``, tests/netns.py), started by ``ray start`` under
 ``ip netns exec``. Agents reach the daemon through ``mesh.advertise``; the daemon reaches
 them through the hosts map. Faults on the worker's link: link down (a partition), ``tc
@@ -216,16 +216,12 @@ def test_a_drill_partition_cuts_the_link_and_restores_it(mesh_factory, cluster, 
                                   text=True).stdout.split("<", 1)[1].split(">")[0]
 
 
-NETEM = netns.netem_capability()
-
-
-@pytest.mark.skipif(NETEM is not None, reason=f"tc netem unavailable, the loss/delay test is SKIPPED: {NETEM}")
 def test_loss_and_delay_on_the_link_are_no_node_loss(mesh_factory, cluster, postgres, healed):
     worker = cluster.worker()
     mesh = ns_mesh(mesh_factory, cluster, postgres)
     mesh.up()
     first = wait_for(lambda: running_on(mesh, "worker", worker, host=cluster.net.node_ip), 30, "the worker serving")
-    cluster.net.netem("loss 5% delay 100ms")
+    cluster.net.impair(loss=0.05, delay=0.100)  # each way: 200 ms a round trip
     watched = 4 * mesh.policy["heartbeat_interval"] * mesh.policy["miss_threshold"]
     deadline = time.monotonic() + watched
     while time.monotonic() < deadline:  # no alert, no restart, the node not lost, over four beat timeouts

@@ -237,7 +237,7 @@ def test_loss_and_delay_on_the_link_are_no_node_loss(mesh_factory, cluster, post
     deadline = time.monotonic() + watched
     while time.monotonic() < deadline:  # no alert, no restart, the node not lost, over four beat timeouts
         s = mesh.service("worker")
-        assert s["incarnation"] == first["incarnation"] and s["node"] == worker, s
+        assert s["incarnation"] == first["incarnation"] and s["node"] == worker, (s, alerts(mesh, "worker"))
         time.sleep(0.2)
     cluster.net.clear()
     assert alerts(mesh, "worker") == []

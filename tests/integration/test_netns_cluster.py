@@ -136,6 +136,15 @@ def test_agents_on_a_node_of_their_own_network_and_a_kill_9_there_restarts_there
     assert lease["alive"] and lease["agent_pid"]
 
 
+def faults_cleared(mesh) -> bool | None:
+    """llm-sim's faults off; None while it does not answer (a machine loaded enough may have it restarting)."""
+    try:
+        code, _ = mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    except OSError:
+        return None
+    return code in (200, 204) or None
+
+
 def link_up(net: netns.NetNode) -> bool:
     flags = subprocess.run(["ip", "-o", "link", "show", net.host_if], capture_output=True, text=True).stdout
     return "UP" in flags.split("<", 1)[1].split(">")[0].split(",")
@@ -171,6 +180,11 @@ def test_a_drill_partition_fences_the_node_moves_its_work_and_nothing_is_finishe
             None), 60, "the worker's first checkpoint", interval=0.1)
         creds = Path(str(mesh.home)) / "nodes" / worker[:8] / "run" / "creds" / f"worker~{old['incarnation']}"
         old_credential = creds.read_text().strip()  # the node's disk is this machine's: read before the cut
+        # the old attempt must not finish before the cut, however slow the drill's CLI is to start:
+        # its next call is held 15 s (the replacement's calls are not: the fault is off by then)
+        code, _ = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}",
+                            {"kind": "latency", "latency_ms": 15000})
+        assert code in (200, 201)
 
         # 8 s: Ray declares the node dead within it (0.5 s x 3 health checks, 1 s timeout each),
         # so the worker runs on the head when the link comes back
@@ -193,7 +207,7 @@ def test_a_drill_partition_fences_the_node_moves_its_work_and_nothing_is_finishe
                                {"status": "done", "result": "from the fenced side", "incarnation": old["incarnation"],
                                 "attempt": task["attempt"]}, token=old_credential)
         assert code in (401, 403, 409), (code, said)
-        mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+        wait_for(lambda: faults_cleared(mesh), 60, "llm-sim to take its latency fault off")
         out, err = run.communicate(timeout=180)
         assert run.returncode == 0, out + err
         dout, derr = drill.communicate(timeout=240)  # healed: the link back up, the stale session closed

@@ -1,15 +1,19 @@
 """Nodes with their own network stack, for the namespace tier (tests/integration/test_netns_cluster.py).
 
-``NetNode`` is one Linux network namespace joined to the root namespace by a veth pair: the
-host side ``10.<a>.<b>.1/24`` in the root namespace, the node side ``10.<a>.<b>.2/24`` inside,
-names unique per run (a namespace ``tron-<pid>-<hex>``, veths ``tv<hex>h``/``tv<hex>n``: 15
-bytes at most). ``run``/``popen`` execute inside it (``ip netns exec``). Faults on its link:
-``link(False)`` (both ends lose carrier), ``netem("loss 5% delay 100ms")`` on both ends, ``clear()``.
+``NetNode`` is one Linux network namespace joined to the root namespace by a point-to-point
+link: the host side ``10.<a>.<b>.1`` in the root namespace, the node side ``10.<a>.<b>.2``
+inside, names unique per run (a namespace ``tron-<pid>-<hex>``, devices ``tv<hex>h``/``tv<hex>n``:
+15 bytes at most). ``run``/``popen`` execute inside it (``ip netns exec``).
+
+The link is two TUN devices and a userspace forwarder (tests/linkemu.py), not a veth pair:
+kernels built without ``sch_netem`` (this machine's and CI's) cannot shape a veth, and the
+forwarder drops and delays packets itself. Faults on the link: ``link(False)`` (the host side
+down, as `tron drill partition` does: nothing passes either way), ``impair(loss, delay)``
+(a fraction of packets lost and each held ``delay`` seconds, both directions), ``clear()``.
 
 ``close`` is idempotent and ends everything that runs inside the namespace (``ip netns pids``),
-then deletes the namespace; its veth goes with it. ``capability()`` says why the tier cannot run
-here (not root, no iproute2, namespaces refused), or None; ``netem_capability()`` the same
-for ``tc netem`` (a kernel module some kernels lack).
+then the forwarder (its devices go with it) and deletes the namespace. ``capability()`` says
+why the tier cannot run here (not root, no iproute2, namespaces or TUN refused), or None.
 """
 
 from __future__ import annotations
@@ -35,17 +39,18 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def capability() -> str | None:
-    """Why namespaces with veths cannot be made here (None: they can): tried for real, once."""
+    """Why namespaces joined by a TUN link cannot be made here (None: they can): tried for real, once."""
     if os.geteuid() != 0:
         return "not root: `ip netns add` needs CAP_SYS_ADMIN and CAP_NET_ADMIN"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"no `{tool}` (apt-get install iproute2)"
+    if shutil.which("ip") is None:
+        return "no `ip` (apt-get install iproute2)"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun (modprobe tun)"
     try:
         probe = NetNode()
-    except (subprocess.CalledProcessError, OSError) as err:
+    except (subprocess.CalledProcessError, OSError, RuntimeError) as err:
         said = err.stderr.strip() if isinstance(err, subprocess.CalledProcessError) else str(err)
-        return f"`ip netns`/veth do not work here: {said}"
+        return f"`ip netns`/TUN devices do not work here: {said}"
     try:
         if probe.run("true").returncode != 0:
             return "`ip netns exec` does not run a program"
@@ -54,19 +59,7 @@ def capability() -> str | None:
     return None
 
 
-def netem_capability() -> str | None:
-    """Why ``tc netem`` cannot shape a veth here (None: it can): kernels built without
-    sch_netem (CONFIG_NET_SCH_NETEM) answer "Specified qdisc kind is unknown"."""
-    if os.geteuid() != 0 or shutil.which("tc") is None:
-        return "not root, or no `tc` (apt-get install iproute2)"
-    probe = NetNode()
-    try:
-        probe.netem("loss 1%")
-    except subprocess.CalledProcessError as err:
-        return f"`tc qdisc ... netem` does not work on this kernel ({os.uname().release}): {err.stderr.strip()}"
-    finally:
-        probe.close()
-    return None
+LINKEMU = str(Path(__file__).with_name("linkemu.py"))
 
 
 class NetNode:
@@ -77,14 +70,19 @@ class NetNode:
         a, b = random.randrange(64, 250), random.randrange(1, 250)  # 10.64-249.x: clear of common LANs
         self.host_ip, self.node_ip = f"10.{a}.{b}.1", f"10.{a}.{b}.2"
         self._closed = False
+        self._emu: subprocess.Popen | None = None
         _ip("netns", "add", self.name)
         try:
-            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.node_if)
-            _ip("link", "set", self.node_if, "netns", self.name)
-            _ip("addr", "add", f"{self.host_ip}/24", "dev", self.host_if)
+            self._emu = subprocess.Popen([sys.executable, LINKEMU, self.name, self.host_if, self.node_if],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, bufsize=1)
+            if self._emu.stdout.readline().strip() != "ready":
+                self._emu.wait(10)
+                raise RuntimeError(f"the link emulator did not start: {self._emu.stderr.read().strip()}")
+            _ip("addr", "add", self.host_ip, "peer", f"{self.node_ip}/32", "dev", self.host_if)
             _ip("link", "set", self.host_if, "up")
-            for args in (("addr", "add", f"{self.node_ip}/24", "dev", self.node_if), ("link", "set", self.node_if, "up"),
-                         ("link", "set", "lo", "up")):
+            for args in (("addr", "add", self.node_ip, "peer", f"{self.host_ip}/32", "dev", self.node_if),
+                         ("link", "set", self.node_if, "up"), ("link", "set", "lo", "up")):
                 _ip("-n", self.name, *args)
         except BaseException:
             self.close()
@@ -109,22 +107,24 @@ class NetNode:
     # -- faults on its link -------------------------------------------------------------------
 
     def link(self, up: bool) -> None:
-        """The host side's link up or down (down: the node side loses carrier too: a partition)."""
+        """The host side's device up or down (down: nothing passes either way: a partition)."""
         _ip("link", "set", self.host_if, "up" if up else "down")
 
-    def netem(self, spec: str) -> None:
-        """``tc netem`` (e.g. "loss 5% delay 100ms") on both ends of the link: each direction."""
-        args = ["qdisc", "replace", "dev", None, "root", "netem", *spec.split()]
-        subprocess.run(["tc", *[self.host_if if a is None else a for a in args]], capture_output=True, text=True,
-                       check=True, timeout=30)
-        subprocess.run(self.argv("tc", *[self.node_if if a is None else a for a in args]), capture_output=True,
-                       text=True, check=True, timeout=30)
+    def impair(self, loss: float = 0.0, delay: float = 0.0) -> None:
+        """A fraction ``loss`` of the packets lost and each held ``delay`` seconds, in each direction."""
+        self._control(f"set {loss} {delay * 1000}")
 
     def clear(self) -> None:
-        """No netem, link up."""
-        subprocess.run(["tc", "qdisc", "del", "dev", self.host_if, "root"], capture_output=True, timeout=30)
-        subprocess.run(self.argv("tc", "qdisc", "del", "dev", self.node_if, "root"), capture_output=True, timeout=30)
+        """No loss, no delay, the link up."""
+        self._control("clear")
         self.link(True)
+
+    def _control(self, line: str) -> None:
+        self._emu.stdin.write(line + "\n")
+        self._emu.stdin.flush()
+        said = self._emu.stdout.readline().strip()
+        if said != "ok":
+            raise RuntimeError(f"the link emulator refused {line!r}: {said or 'it ended'}")
 
     # -- teardown -----------------------------------------------------------------------------
 
@@ -158,8 +158,17 @@ class NetNode:
         try:
             self.kill_all()
         finally:
+            if self._emu is not None:  # its devices end with it (TUN devices nobody made persistent)
+                self._emu.stdin.close()
+                try:
+                    self._emu.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._emu.kill()
+                    self._emu.wait()
+                self._emu.stdout.close()
+                self._emu.stderr.close()
             _ip("netns", "del", self.name, check=False)
-            _ip("link", "del", self.host_if, check=False)  # gone with the namespace; a half-made one may not be
+            _ip("link", "del", self.host_if, check=False)  # gone with the forwarder; a half-made one may not be
 
     def exists(self) -> bool:
         listed = _ip("netns", "list", check=False).stdout.split()

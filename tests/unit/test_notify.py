@@ -256,7 +256,7 @@ async def rig():
     await made.close()  # a failed test leaves no session open
 
 
-async def until(predicate, timeout: float = 5.0, what: str = "condition"):
+async def until(predicate, timeout: float = 30.0, what: str = "condition"):  # polled: a quick pass stays quick
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -423,20 +423,25 @@ class Runner:
                           calls_saved=done_before, without_checkpoints=baseline + 1 + done_before)
         return drill
 
-    def node_loss(self, key: str) -> Drill:
-        """Lose a whole Ray node (every process its node agent runs dies at once, then the
-        agent): every service placed there must come back on a surviving node, from a new
-        incarnation, and every task it held must end or resume. The node takes no new
-        services until the drill ends."""
+    def _cluster_node(self, key: str, drill: str) -> tuple[dict, dict]:
+        """The mesh's cluster status and its one node ``key`` names (4+ characters of its id, or
+        its address); a DrillError saying why not."""
         cluster = self.mesh.status().get("cluster")
         if not cluster:
-            raise DrillError("not a cluster: node-loss needs [cluster] engine = \"ray\" (see README, "
+            raise DrillError(f"not a cluster: {drill} needs [cluster] engine = \"ray\" (see README, "
                              "\"Running on several machines\")")
         nodes = [n for n in cluster["nodes"] if n["node"].startswith(key) or n["ip"] == key]
         if len(nodes) != 1:
             raise DrillError(f"{len(nodes)} nodes match {key!r}; known: "
                              + ", ".join(f"{n['node'][:12]} ({n['ip']})" for n in cluster["nodes"]))
-        node = nodes[0]
+        return cluster, nodes[0]
+
+    def node_loss(self, key: str) -> Drill:
+        """Lose a whole Ray node (every process its node agent runs dies at once, then the
+        agent): every service placed there must come back on a surviving node, from a new
+        incarnation, and every task it held must end or resume. The node takes no new
+        services until the drill ends."""
+        cluster, node = self._cluster_node(key, "node-loss")
         survivors = [n for n in cluster["nodes"] if n is not node and n["alive"] and n["agent_pid"]
                      and not n["cordoned"]]
         if not node["agent_pid"] or not node["services"]:
@@ -489,15 +494,7 @@ class Runner:
         detection may change nothing but the services' beats: that passes too."""
         from tron.scripts.partition import PartitionError, cut, link_to
 
-        cluster = self.mesh.status().get("cluster")
-        if not cluster:
-            raise DrillError("not a cluster: partition needs [cluster] engine = \"ray\" (see README, "
-                             "\"Running on several machines\")")
-        nodes = [n for n in cluster["nodes"] if n["node"].startswith(key) or n["ip"] == key]
-        if len(nodes) != 1:
-            raise DrillError(f"{len(nodes)} nodes match {key!r}; known: "
-                             + ", ".join(f"{n['node'][:12]} ({n['ip']})" for n in cluster["nodes"]))
-        node = nodes[0]
+        cluster, node = self._cluster_node(key, "partition")
         if not 0 < seconds <= 600:
             raise DrillError(f"--seconds {seconds:g}: give 0 < S <= 600")
         try:

@@ -56,7 +56,9 @@ def rows_of(mesh, run_id: str) -> list[dict]:
 
 
 def test_all_providers_down_fails_fast_restarts_nobody_and_pauses_the_lane(mesh_factory):
-    mesh = mesh_factory(providers={"on_all_down": "fail"})
+    # A cooldown far past the test: a provider that turned half_open under a slow machine (the shipped
+    # 5 s passed before `tron provider list` started) would let a run try it, which is another test's case.
+    mesh = mesh_factory(providers={"on_all_down": "fail", "cooldown": 120.0, "cooldown_max": 120.0})
     mesh.up()
     before = pids(mesh)
     fault(mesh, "anthropic", "error")

@@ -48,11 +48,11 @@ class ParentRole:
 
     @property
     def name(self) -> str:
-        return self.ctx.name
+        return self.runtime.name
 
     @property
     def daemon(self) -> str:
-        return self.ctx.env.daemon_url
+        return self.runtime.daemon
 
     @property
     def provider(self) -> str:

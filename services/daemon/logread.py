@@ -57,7 +57,7 @@ def read_log(path: Path, *, inode: int | None = None, offset: int | None = None,
             ost = None
         if ost is not None and ost.st_ino == inode:
             if offset < ost.st_size:  # what was written before the rotation: rotated files end whole
-                data = _read(older, offset, min(ost.st_size - offset, max_bytes))
+                data = read_range(older, offset, min(ost.st_size - offset, max_bytes))
                 return _answer(_decode(data), inode, offset + len(data), ost.st_size, more=True)
         elif moved:
             data, end = _last_lines(path, st.st_size, lines)
@@ -70,12 +70,12 @@ def read_log(path: Path, *, inode: int | None = None, offset: int | None = None,
         note, offset = f"-- {path.name} was truncated; reading it from the start --", 0
     if skip_over is not None and st.st_size - offset > skip_over:
         start = max(offset, st.st_size - max_bytes)
-        head = _read(path, start, min(st.st_size - start, LONGEST_SKIP))
+        head = read_range(path, start, min(st.st_size - start, LONGEST_SKIP))
         first = head.find(b"\n")  # go on from a line's start
         skipped = start - offset + (first + 1 if first >= 0 else 0)
         note, offset = f"-- {skipped} bytes skipped: written faster than they can be shown --", offset + skipped
     want = min(st.st_size - offset, max_bytes)
-    data = _read(path, offset, want)
+    data = read_range(path, offset, want)
     end = data.rfind(b"\n")
     if end >= 0:
         data = data[:end + 1]
@@ -97,7 +97,8 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _read(path: Path, start: int, length: int) -> bytes:
+def read_range(path: Path, start: int, length: int) -> bytes:
+    """``length`` bytes of ``path`` from ``start`` (fewer at its end; none if it is gone)."""
     if length <= 0:
         return b""
     try:
@@ -114,7 +115,7 @@ def _last_lines(path: Path, size: int, n: int) -> tuple[bytes, int]:
     if size <= 0:
         return b"", 0
     want = min(size, TAIL_BYTES_PER_LINE * min(max(n, 1), 16))
-    data = _read(path, size - want, want)
+    data = read_range(path, size - want, want)
     cut = data.rfind(b"\n")
     if cut < 0:  # no whole line in reach: follow from here
         return b"", size - want if want == size else size

@@ -18,6 +18,8 @@ import logging
 import os
 from pathlib import Path
 
+from tron.services.daemon.logread import read_range
+
 BACKLOG_LINES = 200
 BACKLOG_BYTES = 64 * 1024
 READ_BYTES = 256 * 1024
@@ -76,14 +78,7 @@ class LogTail:
         return out + _lines(complete)
 
     def _read(self, start: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                return f.read(length)
-        except FileNotFoundError:
-            return b""
+        return read_range(self.path, start, length)
 
 
 def _lines(data: bytes) -> list[str]:

@@ -273,6 +273,20 @@ class Mesh:
         os.kill(pid, sig)
         return pid
 
+    def standby(self, name: str) -> tuple[int, str] | None:
+        """The standby (or gate) waiting for ``name``'s next start: (pid, the incarnation id
+        its cgroup is named after), from the daemon's census and the process's own cgroups."""
+        for pid in self.status()["ownership"].get("gates", []):
+            try:
+                lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                leaf = line.rsplit("/", 1)[-1]
+                if leaf.startswith(f"{name}.i-"):
+                    return pid, leaf[len(name) + 1:]
+        return None
+
     def processes(self) -> list[psutil.Process]:
         """Every live process of this mesh (found by its environment, not the registry)."""
         return home_processes(str(self.home))

@@ -24,8 +24,18 @@ Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
+    {"op": "standby", "cgroup": [procs files], "deadline"}
+                                                     -> {"ok": true, "pid": ...} | {"ok": false, "error"}
 "deadline" (CLOCK_MONOTONIC seconds, optional): past it the server forks nothing, since the
 daemon no longer waits for the answer.
+
+A standby is a forked gate (gate.py's, for an agent): forked now, it joins the cgroup of the
+service's next incarnation (the kernel's grace period for that move, 5-15 ms, is paid here,
+off the restart path) and makes its own session, then waits on the same connection for the
+spawn's line ({"module", "env", "cwd", "log", "log_pipe", "open_files"}, descriptors as for
+a spawn). It answers that line {"ok": true} and becomes the service (the same pid), or
+{"ok": false, "stale": true} and exits when a source file changed since the server read it.
+The daemon closing the connection ends it: it never runs a service nobody asked for.
 A spawn may carry descriptors (SCM_RIGHTS): first, with "log_pipe": true, the log pump's
 pipe (the child's stdout and stderr, instead of opening "log"); then the service's
 listening socket, which the child gets at fd 3 with LISTEN_PID set to its own pid (the
@@ -97,49 +107,15 @@ def _stale(sources: dict[str, float]) -> str | None:
     return None
 
 
-def _become_service(req: dict, fds: list[int]) -> None:
-    """In the new incarnation: a fresh session, its own stdio, environment and cwd,
-    then run the role module as __main__. Never returns."""
+def _become_service(req: dict, fds: list[int], *, entered: bool = False) -> None:
+    """In the new incarnation: a fresh session (``entered``: a standby has it, and its
+    cgroup, already), its own stdio, environment and cwd, then run the role module as
+    __main__. Never returns."""
     code = 1
     try:
-        for procs in req.get("cgroup") or ():  # its incarnation's cgroup, before anything runs
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-        if req.get("open_files"):
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_NOFILE, (req["open_files"], req["open_files"]))
-        os.setsid()
-        # Before the environment is replaced: setproctitle reuses the environ area.
-        _set_title(f"{req['module']} [tron {req['env'].get('TRON_SERVICE', '?')}]")
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
-        if req.get("log_pipe"):  # the log pump's pipe (services/daemon/logpump.py) comes first
-            log, fds = fds[0], fds[1:]
-        else:
-            log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        # The server's stdout is block-buffered (it is not a terminal): a log line that
-        # waits in a buffer is lost when the agent is SIGKILLed. Write through, as a
-        # plain spawn with PYTHONUNBUFFERED does.
-        sys.stdout.reconfigure(line_buffering=True, write_through=True)
-        sys.stderr.reconfigure(line_buffering=True, write_through=True)
-        if fds:  # the daemon's listening socket, at fd 3 as systemd hands it over
-            os.dup2(fds[0], LISTEN_FD)
-            os.set_inheritable(LISTEN_FD, True)
-        os.closerange(LISTEN_FD + 1 if fds else LISTEN_FD, 65536)  # the control socket and the rest of ours
-        os.environ.clear()
-        os.environ.update(req["env"])
-        if fds:
-            os.environ["LISTEN_PID"] = str(os.getpid())
-        os.chdir(req["cwd"])
-        random.seed()  # the server's random state must not be shared by every incarnation
-        sys.argv = [req["module"]]
-        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
-        code = 0
+        if not entered:
+            _enter(req.get("cgroup") or ())
+        code = _run_service(req, fds)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -154,6 +130,79 @@ def _become_service(req: dict, fds: list[int]) -> None:
             os._exit(code)
 
 
+def _enter(cgroup: list[str] | tuple[str, ...]) -> None:
+    """Its incarnation's cgroup (before anything of the service runs) and a session of its own."""
+    for procs in cgroup:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    os.setsid()
+
+
+def _run_service(req: dict, fds: list[int]) -> int:
+    """In the cgroup and session already: the limits, stdio, environment and cwd, then the
+    role module as __main__. Returns its exit code (0 when it returns); raises SystemExit."""
+    if req.get("open_files"):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (req["open_files"], req["open_files"]))
+    # Before the environment is replaced: setproctitle reuses the environ area.
+    _set_title(f"{req['module']} [tron {req['env'].get('TRON_SERVICE', '?')}]")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    if req.get("log_pipe"):  # the log pump's pipe (services/daemon/logpump.py) comes first
+        log, fds = fds[0], fds[1:]
+    else:
+        log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    # The server's stdout is block-buffered (it is not a terminal): a log line that
+    # waits in a buffer is lost when the agent is SIGKILLed. Write through, as a
+    # plain spawn with PYTHONUNBUFFERED does.
+    sys.stdout.reconfigure(line_buffering=True, write_through=True)
+    sys.stderr.reconfigure(line_buffering=True, write_through=True)
+    if fds:  # the daemon's listening socket, at fd 3 as systemd hands it over
+        os.dup2(fds[0], LISTEN_FD)
+        os.set_inheritable(LISTEN_FD, True)
+    os.closerange(LISTEN_FD + 1 if fds else LISTEN_FD, 65536)  # the control socket and the rest of ours
+    os.environ.clear()
+    os.environ.update(req["env"])
+    if fds:
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    os.chdir(req["cwd"])
+    random.seed()  # the server's random state must not be shared by every incarnation
+    sys.argv = [req["module"]]
+    runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+    return 0
+
+
+def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None:
+    """In a standby: enter the next incarnation's cgroup and a session now, then wait for
+    the spawn's line on ``conn`` and become that service. Never returns."""
+    code = 0
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _enter(req.get("cgroup") or ())
+        line, fds = unixline.receive(conn, 4)
+        if not line.endswith(b"\n"):
+            return  # the daemon gave this standby up (or went away): run nothing
+        go = json.loads(line)
+        changed = _stale(sources)
+        if changed:
+            conn.sendall(json.dumps({"ok": False, "stale": True,
+                                     "error": f"{changed} changed since the fork server started"}).encode() + b"\n")
+            return
+        conn.sendall(b'{"ok": true}\n')
+        conn.close()
+    except BaseException:
+        code = 1
+    else:
+        _become_service(go, fds, entered=True)
+    finally:
+        os._exit(code)
+
+
 def _set_title(title: str) -> None:
     """A forked process keeps the server's command line; `ps` should name the agent."""
     try:
@@ -163,11 +212,12 @@ def _set_title(title: str) -> None:
     setproctitle(title)
 
 
-def _fork(req: dict, fds: list[int], conn: socket.socket) -> None:
+def _fork(req: dict, fds: list[int], conn: socket.socket, standby: dict[str, float] | None = None) -> None:
     """Fork the intermediate, which forks the service, answers the daemon on ``conn`` with
     its pid and leaves. The server goes back to ``accept`` after one fork: the second
     fork, the answer and the intermediate's exit (tearing down a copy of this whole
-    address space, ~15 ms here) overlap the next request instead of queueing it. Raises
+    address space, ~15 ms here) overlap the next request instead of queueing it. With
+    ``standby`` (the server's sources), the service is a standby that keeps ``conn``. Raises
     OSError when the first fork fails (the server answers that one)."""
     if os.fork() != 0:
         return
@@ -179,6 +229,8 @@ def _fork(req: dict, fds: list[int], conn: socket.socket) -> None:
             reply = {"ok": False, "error": f"fork failed: {err}"}
         else:
             if pid == 0:
+                if standby is not None:
+                    _stand_by(req, conn, standby)
                 conn.close()
                 _become_service(req, fds)
             reply = {"ok": True, "pid": pid}
@@ -281,7 +333,7 @@ def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.s
     """The answer to one request; None when a forked process answers it instead."""
     if req.get("op") == "ping":
         return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules)}
-    if req.get("op") != "spawn":
+    if req.get("op") not in ("spawn", "standby"):
         return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
     changed = _stale(sources)
     if changed:
@@ -290,7 +342,7 @@ def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.s
     if isinstance(deadline, (int, float)) and time.monotonic() > deadline:
         return {"ok": False, "error": "the request waited past its deadline: the daemon has stopped waiting"}
     try:
-        _fork(req, fds, conn)
+        _fork(req, fds, conn, sources if req["op"] == "standby" else None)
         return None
     except OSError as err:
         return {"ok": False, "error": f"fork failed: {err}"}

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -156,22 +157,42 @@ class Child:
 ExitCallback = Callable[[Child], None]
 
 
+class _StandbyRefused(Exception):
+    """A standby did not take its spawn (gone, or its code is stale): the start forks instead."""
+
+
 @dataclass
 class Gate:
-    """A gate (gate.py) in the cgroup of a service's next incarnation, made and joined
-    ahead of time: a restart opens it instead of paying the kernel's grace period for a
-    move into a new cgroup (cgroups.join)."""
+    """A process in the cgroup of a service's next incarnation, made and joined ahead of
+    time: a restart opens it instead of paying the kernel's grace period for a move into a
+    new cgroup (cgroups.join). For a program, gate.py, which execs it; for an agent the fork
+    server serves, a standby forked from the server (forkserver.py), which becomes the agent:
+    the restart then skips the fork server's two forks as well."""
 
     name: str
     incarnation: str
     group: Cgroup
     limits: Limits
-    popen: subprocess.Popen
+    popen: subprocess.Popen | None  # gate.py's; None for a standby, which is not our child until its fork's parent exits
     conn: socket.socket  # the daemon's end: one line opens the gate; closing it ends the gate
+    pid: int = 0
+    pidfd: int | None = None  # a standby's: readable once it has exited
+
+    def __post_init__(self) -> None:
+        if self.popen is not None:
+            self.pid = self.popen.pid
+
+    @property
+    def standby(self) -> bool:
+        return self.popen is None
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return self.pidfd is not None and not select.select([self.pidfd], [], [], 0)[0]
 
     def usable(self, spec: SpawnSpec) -> bool:
-        return (spec.incarnation == self.incarnation and (spec.limits or Limits()) == self.limits
-                and self.popen.poll() is None)
+        return spec.incarnation == self.incarnation and (spec.limits or Limits()) == self.limits and self.alive()
 
 
 GATE_AFTER = 0.5  # s after a start before its successor's gate is made: the new program starts first
@@ -461,8 +482,8 @@ class LocalSpawner:
         finally:
             if log_fd is not None:
                 os.close(log_fd)  # the child has its copy: the pump sees EOF when the last writer is gone
-        if self._gated(spec):
-            self._prepare_soon(spec.name, spec.limits or Limits())
+        if self._gated(spec) or self._standby_for(spec):
+            self._prepare_soon(spec.name, spec.limits or Limits(), standby=self._standby_for(spec))
         return child
 
     def _cgroup(self, spec: SpawnSpec) -> Cgroup | None:
@@ -487,6 +508,11 @@ class LocalSpawner:
         return (self.cgroups is not None and spec.listen_fd is None and not spec.open_files and not spec.user
                 and not (spec.module and self.forkserver is not None))
 
+    def _standby_for(self, spec: SpawnSpec) -> bool:
+        """Whether its starts go through a standby: an agent the fork server serves (the
+        standby takes the held socket and the limits when it is opened)."""
+        return self.cgroups is not None and bool(spec.module) and self.forkserver is not None and not spec.user
+
     def reserve(self, name: str) -> str | None:
         """The incarnation id of the gate ready for ``name``'s next start, or None (then
         the start joins its new cgroup itself). Handed out once: spawn() with that id
@@ -497,16 +523,16 @@ class LocalSpawner:
         gate = self._gates.pop(name, None)
         if gate is None:
             return None
-        if gate.popen.poll() is not None:
+        if not gate.alive():
             self._background_end(gate)
             return None
         self._claimed[name] = gate
         return gate.incarnation
 
-    def _prepare_soon(self, name: str, limits: Limits) -> None:
+    def _prepare_soon(self, name: str, limits: Limits, *, standby: bool = False) -> None:
         if name in self._gates or name in self._preparing or self._closing.is_set():
             return
-        task = asyncio.ensure_future(self._prepare(name, limits))
+        task = asyncio.ensure_future(self._prepare_standby(name, limits) if standby else self._prepare(name, limits))
         self._preparing[name] = task
         task.add_done_callback(lambda _: self._preparing.pop(name, None))
 
@@ -550,6 +576,57 @@ class LocalSpawner:
             return
         self._gates[name] = gate
 
+    async def _prepare_standby(self, name: str, limits: Limits) -> None:
+        """The standby of ``name``'s next incarnation: its cgroup made, limits written, and a
+        process forked by the fork server that joins it and waits (the move's grace period
+        is paid by the standby, off the restart path)."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), GATE_AFTER)
+            return  # closing
+        except asyncio.TimeoutError:
+            pass
+        if self.forkserver is None or not self.forkserver.ready:
+            return  # the next start forks; its own start prepares the next standby
+        incarnation = "i-" + uuid.uuid4().hex[:12]  # the supervisor's format (supervisor.new_id)
+        try:
+            group = self.cgroups.make(name, incarnation, limits)
+        except OSError as err:
+            log.debug("no standby for %s: %s", name, err)
+            return
+        forked = await self.forkserver.standby(group.procs_files())
+        if forked is None:
+            group.remove()
+            return
+        pid, conn = forked
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already
+            conn.close()
+            await asyncio.to_thread(wait_empty, group, 5.0)
+            group.remove()
+            return
+        gate = Gate(name, incarnation, group, limits, None, conn, pid=pid, pidfd=pidfd)
+        self._live_gates[pid] = gate
+        if self._closing.is_set() or name in self._gates:
+            await self._end_gate(gate)
+            return
+        self._gates[name] = gate
+
+    async def _open_standby(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
+        """The agent, become by the standby in place: its pid is the standby's."""
+        fs = self.forkserver
+        why = "the fork server is off" if fs is None else \
+            await fs.hand_over(gate.conn, spec.module or "", spec.env, spec.cwd, spec.log, spec.listen_fd, log_fd,
+                               open_files=spec.open_files)
+        if why is not None:
+            raise _StandbyRefused(why)
+        gate.conn.close()
+        self._live_gates.pop(gate.pid, None)  # the agent now: the incarnation's main process
+        if gate.pidfd is not None:
+            os.close(gate.pidfd)
+            gate.pidfd = None
+        return Child(spec.name, spec.incarnation, gate.pid, create_time_of(gate.pid), mode="fork")
+
     def _open_gate(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
         """The program, exec'd by the gate in place: its pid is the gate's, its first
         instruction already runs in the cgroup."""
@@ -567,17 +644,31 @@ class LocalSpawner:
             if out != log_fd:
                 os.close(out)
         gate.conn.close()
-        self._live_gates.pop(gate.popen.pid, None)  # the program now: the incarnation's main process
-        return Child(spec.name, spec.incarnation, gate.popen.pid, create_time_of(gate.popen.pid), popen=gate.popen)
+        assert gate.popen is not None
+        self._live_gates.pop(gate.pid, None)  # the program now: the incarnation's main process
+        return Child(spec.name, spec.incarnation, gate.pid, create_time_of(gate.pid), popen=gate.popen)
 
     async def _end_gate(self, gate: Gate) -> None:
         """A gate that will not be opened: ended, reaped, its cgroup removed."""
         gate.conn.close()  # an unjoined gate reads EOF and exits; the cgroup's kill ends a joined one
         gate.group.kill()
-        if gate.popen.poll() is None:
-            gate.popen.kill()
-        await asyncio.to_thread(gate.popen.wait)
-        self._live_gates.pop(gate.popen.pid, None)
+        if gate.popen is not None:
+            if gate.popen.poll() is None:
+                gate.popen.kill()
+            await asyncio.to_thread(gate.popen.wait)
+        elif gate.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(gate.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await asyncio.to_thread(select.select, [gate.pidfd], [], [], 5.0)
+            os.close(gate.pidfd)
+            gate.pidfd = None
+            try:
+                os.waitpid(gate.pid, os.WNOHANG)  # ours once its fork's parent is gone; else reap_strays
+            except ChildProcessError:
+                pass
+        self._live_gates.pop(gate.pid, None)
         await asyncio.to_thread(wait_empty, gate.group, 5.0)
         gate.group.remove()
 
@@ -588,9 +679,21 @@ class LocalSpawner:
 
     async def _spawn(self, spec: SpawnSpec, log_fd: int | None) -> Child:
         gate = self._claimed.pop(spec.name, None)
-        if gate is not None and not (gate.usable(spec) and self._gated(spec)):
+        if gate is not None and not (gate.usable(spec) and (self._standby_for(spec) if gate.standby
+                                                            else self._gated(spec))):
             await self._end_gate(gate)  # gone before its cgroup (the incarnation's name) is made afresh
             gate = None
+        if gate is not None and gate.standby:
+            try:
+                child = await self._open_standby(gate, spec, log_fd)
+            except _StandbyRefused as err:
+                log.warning("the standby of %s could not start it (%s): forking it", spec.name, err,
+                            extra={"offender": spec.name})
+                await self._end_gate(gate)
+                gate = None
+            else:
+                child.cgroup, child.port = gate.group, spec.port
+                return self._track(child)
         group = gate.group if gate is not None else self._cgroup(spec)
         try:
             if gate is not None:
@@ -923,6 +1026,13 @@ def local_fork_server(config: MeshConfig, home: Home) -> ForkServerClient:
                             {**os.environ, **fork_server_env(config, home)})
 
 
+def _spawn_line(module: str, env: dict[str, str], cwd, log_file, log_fd: int | None,
+                open_files: int | None) -> dict:
+    """What a fork server's child needs to become a service (forkserver._run_service)."""
+    return {"module": module, "env": env, "cwd": str(cwd), "log": str(log_file), "log_pipe": log_fd is not None,
+            "open_files": open_files}
+
+
 SPAWN_WAIT = 5.0  # how long the daemon waits for the fork server's answer before it spawns plainly
 IN_FLIGHT = 6  # spawn requests sent to the fork server at once; the rest wait their turn here
 
@@ -1038,10 +1148,9 @@ class ForkServerClient:
         # A few requests at a time: the server forks one after another anyway, and a wave's
         # last request must not spend its wait in the queue behind the others.
         async with self._slots:
-            reply = await self._request({"op": "spawn", "module": module, "env": env, "cwd": str(cwd),
-                                         "log": str(log_file), "log_pipe": log_fd is not None,
-                                         "cgroup": cgroup or [], "open_files": open_files,
-                                         "deadline": time.monotonic() + SPAWN_WAIT - 1.0}, timeout=SPAWN_WAIT, fds=fds)
+            reply = await self._request({"op": "spawn", **_spawn_line(module, env, cwd, log_file, log_fd, open_files),
+                                         "cgroup": cgroup or [], "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
+                                        timeout=SPAWN_WAIT, fds=fds)
         if reply and reply.get("ok"):
             self.spawned += 1
             return int(reply["pid"])
@@ -1050,6 +1159,43 @@ class ForkServerClient:
             self.ready = False  # it exits by itself; _on_exit starts a fresh one
         log.warning("fork server could not spawn %s: %s; spawning plainly", module, reason)
         return None
+
+    async def standby(self, cgroup: list[str]) -> tuple[int, socket.socket] | None:
+        """A standby forked now (forkserver.py): it joins ``cgroup`` and waits. Its pid and
+        the connection it waits on (closing it ends the standby); None when the server
+        cannot serve."""
+        if not self.ready:
+            return None
+        async with self._slots:
+            try:
+                reply, conn = await unixline.ask_keep_async(
+                    self.sock_path, {"op": "standby", "cgroup": cgroup, "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
+                    timeout=SPAWN_WAIT)
+            except (OSError, ValueError):
+                return None
+        if reply and reply.get("ok"):
+            return int(reply["pid"]), conn
+        conn.close()
+        if reply and reply.get("stale"):
+            self.ready = False  # it exits by itself; _on_exit starts a fresh one
+        return None
+
+    async def hand_over(self, conn: socket.socket, module: str, env: dict[str, str], cwd, log_file,
+                        listen_fd: int | None = None, log_fd: int | None = None, *,
+                        open_files: int | None = None) -> str | None:
+        """A standby's spawn: None once it took it (it is the service now), else why not."""
+        fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
+        try:
+            reply = await unixline.ask_on_async(conn, _spawn_line(module, env, cwd, log_file, log_fd, open_files),
+                                                timeout=SPAWN_WAIT, fds=fds)
+        except (OSError, ValueError) as err:
+            return f"no answer: {err}"
+        if reply and reply.get("ok"):
+            self.spawned += 1
+            return None
+        if reply and reply.get("stale"):
+            self.ready = False
+        return (reply or {}).get("error", "it closed without an answer")
 
     async def stop(self) -> None:
         self.stopping = True

@@ -401,8 +401,12 @@ class Supervisor:
         while self.clock.now() < deadline:
             if svc.incarnation != incarnation or svc.child is None or not svc.child.alive:
                 return
-            svc.beat_seen.clear()  # a beat from here on means it may serve now
-            passed = passed + 1 if await self.healthy_now(svc, incarnation) else 0
+            if svc.spec.is_agent:
+                ok = await self._served_or_beat(svc, incarnation)
+            else:
+                svc.beat_seen.clear()  # a beat from here on means it may serve now
+                ok = await self.healthy_now(svc, incarnation)
+            passed = passed + 1 if ok else 0
             if passed >= needed:
                 break
             await self._pause(svc, pause)
@@ -432,6 +436,23 @@ class Supervisor:
             svc.failed_at = None
         if self.on_healthy is not None and svc.spec.is_agent:
             await self.on_healthy(svc)
+
+    async def _served_or_beat(self, svc: Service, incarnation: str) -> bool:
+        """An agent is healthy when its /health names the new incarnation, or as soon as
+        that incarnation's first beat is accepted (start() cleared ``beat_seen``): the
+        runtime beats only once it listens (common/service.py), and a beat is signed with
+        the incarnation's own token, so it proves as much, a few ms sooner (the check's
+        connection waits in the held socket's backlog behind the new process's start)."""
+        if svc.beat_seen.is_set():
+            return True
+        check = asyncio.ensure_future(self.healthy_now(svc, incarnation))
+        beat = asyncio.ensure_future(svc.beat_seen.wait())
+        try:
+            await asyncio.wait({check, beat}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            beat.cancel()
+            check.cancel()
+        return svc.beat_seen.is_set() or (check.done() and not check.cancelled() and check.result())
 
     async def _pause(self, svc: Service, seconds: float) -> None:
         """Until the next health check: ``seconds``, or less when the new incarnation beats

@@ -29,28 +29,49 @@ async def ask_async(sock_path: str, req: dict, *, timeout: float, fds: tuple[int
     """``ask`` on the running loop, without a worker thread: a restart waits for no thread
     of the pool (six here, which twenty concurrent restarts queued behind). Raises OSError
     (not there, refused, timed out) and ValueError (not JSON)."""
+    answer, conn = await ask_keep_async(sock_path, req, timeout=timeout, fds=fds)
+    conn.close()
+    return answer
+
+
+async def ask_keep_async(sock_path: str, req: dict, *, timeout: float,
+                         fds: tuple[int, ...] = ()) -> tuple[dict | None, socket.socket]:
+    """``ask_async``, and the connection stays open for ``ask_on_async`` (the caller closes
+    it): a fork server's standby waits on it for its spawn."""
     import asyncio  # here: the fork server imports this module before anything heavy
 
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(conn, sock_path)
+        return await ask_on_async(conn, req, timeout=timeout, fds=fds), conn
+    except BaseException:
+        conn.close()
+        raise
+
+
+async def ask_on_async(conn: socket.socket, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:
+    """One request line and its answer on an open, non-blocking connection."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.setblocking(False)
-        try:
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(conn, sock_path)
-                line = json.dumps(req).encode() + b"\n"
-                # The descriptors go with the first bytes; a fresh socket's buffer takes the whole
-                # line, and what it did not is sent after them.
-                sent = socket.send_fds(conn, [line], list(fds))
-                if sent < len(line):
-                    await loop.sock_sendall(conn, line[sent:])
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = await loop.sock_recv(conn, 1 << 16)
-                    if not chunk:
-                        break
-                    data += chunk
-        except TimeoutError:
-            raise OSError(f"no answer from {sock_path} within {timeout}s") from None
+    try:
+        async with asyncio.timeout(timeout):
+            line = json.dumps(req).encode() + b"\n"
+            # The descriptors go with the first bytes; a fresh socket's buffer takes the whole
+            # line, and what it did not is sent after them.
+            sent = socket.send_fds(conn, [line], list(fds))
+            if sent < len(line):
+                await loop.sock_sendall(conn, line[sent:])
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await loop.sock_recv(conn, 1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError:
+        raise OSError(f"no answer within {timeout}s") from None
     return json.loads(data) if data else None
 
 

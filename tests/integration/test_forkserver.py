@@ -58,9 +58,13 @@ def test_forked_agents_serve_beat_call_their_provider_and_come_back_after_a_kill
 
 def test_a_dead_fork_server_is_replaced_and_spawns_meanwhile_fall_back_to_plain(mesh):
     fs = mesh.status()["fork_server"]
-    # The server and an agent die together: the agent is replaced at once (a first crash
-    # has no backoff), long before a new server has imported the agents' code again.
+    # The server, the agent's standby (forked from it: test_standby.py) and the agent die
+    # together: the agent is replaced at once (a first crash has no backoff), long before a
+    # new server has imported the agents' code again.
+    standby = mesh.standby("programmer-2")
     os.kill(fs["pid"], signal.SIGKILL)
+    if standby is not None:
+        os.kill(standby[0], signal.SIGKILL)
     old = mesh.kill("programmer-2")
     meanwhile = mesh.wait_replaced("programmer-2", old)
     assert spawn_modes(mesh, "programmer-2") == ["fork", "plain"]

@@ -1,0 +1,171 @@
+"""Issue 24: an agent's restart does not wait for the kernel to move a process into a new
+cgroup, nor for the fork server's two forks. After a start, the spawner asks the fork server
+for a standby of the next incarnation: a forked process that joins that incarnation's cgroup
+and waits (services/daemon/forkserver.py). A restart hands it the spawn (environment, log,
+held socket) and it becomes the agent, with the same pid. A standby that died, or whose code
+is out of date, is not used: the restart forks as before. A standby runs nothing unasked."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import REPO, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def spawned(mesh, agent: str) -> list[dict]:
+    import json
+
+    return [json.loads(r["payload"]) for r in mesh.rows(
+        "SELECT payload FROM events WHERE kind = 'spawned' AND agent = ? ORDER BY id", (agent,))]
+
+
+def cgroup_leaf(pid: int) -> str:
+    """The name of the cgroup2 (unified) group ``pid`` is in."""
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x.startswith("0::"))
+    return line.rsplit("/", 1)[-1]
+
+
+def standby_of(mesh, name: str) -> tuple[int, str]:
+    if mesh.status()["ownership"]["mode"] != "cgroup":
+        pytest.skip(f"LOUD SKIP: no cgroups here, so no standbys: {mesh.status()['ownership'].get('why')}")
+    return wait_for(lambda: mesh.standby(name), 30, f"a standby for {name}")
+
+
+def test_a_killed_agent_comes_back_as_its_standby_in_its_own_cgroup_and_works(mesh_factory):
+    m = mesh_factory()
+    m.up()
+    pid, incarnation = standby_of(m, "programmer-1")
+    assert psutil.Process(pid).ppid() == m.status()["daemon"]["pid"]  # reparented to the daemon, which reaps it
+    assert cgroup_leaf(pid) == f"programmer-1.{incarnation}"  # in the next incarnation's cgroup already
+    old = m.kill("programmer-1")
+    back = m.wait_replaced("programmer-1", old)
+    assert back["pid"] == pid and back["incarnation"] == incarnation  # the standby became the agent, in place
+    assert cgroup_leaf(pid) == f"programmer-1.{incarnation}"
+    assert spawned(m, "programmer-1")[-1]["mode"] == "fork"
+    proc = psutil.Process(pid)
+    assert "tron.services.programmer" in " ".join(proc.cmdline()) and os.getsid(pid) == pid
+    assert pid not in m.status()["ownership"]["gates"]  # the incarnation's main process now, not a helper
+    # it beats, serves its port (the held socket) and calls its provider
+    wait_for(lambda: m.service("programmer-1")["last_beat_age"] is not None, 30, "a beat from the new incarnation")
+    assert m.tron("run", "a standby at work").returncode == 0
+    # and the start after it has a standby of its own
+    nxt, nxt_incarnation = wait_for(lambda: (s := m.standby("programmer-1")) and s[0] != pid and s, 30,
+                                    "the next standby")
+    assert nxt_incarnation != incarnation
+
+
+def test_a_standby_that_died_is_not_used_and_the_restart_forks(mesh_factory):
+    m = mesh_factory()
+    m.up()
+    pid, incarnation = standby_of(m, "programmer-2")
+    os.kill(pid, signal.SIGKILL)
+    old = m.kill("programmer-2")
+    back = m.wait_replaced("programmer-2", old)
+    assert back["pid"] != pid and back["incarnation"] != incarnation
+    assert spawned(m, "programmer-2")[-1]["mode"] == "fork"
+    assert cgroup_leaf(back["pid"]) == f"programmer-2.{back['incarnation']}"
+    # the dead standby was reaped (no zombie), and its cgroup removed
+    wait_for(lambda: not psutil.pid_exists(pid), 30, "the dead standby reaped")
+    assert m.tron("run", "after a dead standby").returncode == 0
+
+
+def test_a_standby_still_serves_a_restart_while_the_fork_server_is_down(mesh_factory):
+    m = mesh_factory()
+    m.up()
+    pid, incarnation = standby_of(m, "architect")
+    fs = m.status()["fork_server"]
+    os.kill(fs["pid"], signal.SIGKILL)
+    old = m.kill("architect")
+    back = m.wait_replaced("architect", old)
+    assert (back["pid"], back["incarnation"]) == (pid, incarnation)
+    assert spawned(m, "architect")[-1]["mode"] == "fork"
+    wait_for(lambda: (f := m.status()["fork_server"])["ready"] and f["pid"] != fs["pid"], 60, "a new fork server")
+    assert m.tron("run", "while the fork server came back").returncode == 0
+
+
+def test_a_standby_with_out_of_date_code_refuses_and_the_new_code_runs(mesh_factory, tmp_path):
+    from tests.integration.test_forkserver import checkout_copy
+
+    code = tmp_path / "code"
+    code.mkdir()
+    m = mesh_factory()
+    m.env["PYTHONPATH"] = checkout_copy(code)
+    m.up()
+    pid, _ = standby_of(m, "director-docs")
+    source = code / "services" / "director" / "app.py"
+    st = source.stat()
+    os.utime(source, (st.st_atime, st.st_mtime + 5))  # "the code changed"
+    old = m.kill("director-docs")
+    back = m.wait_replaced("director-docs", old)
+    assert back["pid"] != pid  # the standby said stale; the fork server did too: a plain spawn
+    assert spawned(m, "director-docs")[-1]["mode"] == "plain"
+    wait_for(lambda: not psutil.pid_exists(pid), 30, "the refused standby gone")
+
+
+# -- the fork server's side, without a daemon ---------------------------------------------------
+
+def _standby(sock: str, cgroup: list[str] | None = None):
+    return asyncio.run(_ask_standby(sock, cgroup or []))
+
+
+async def _ask_standby(sock, cgroup):
+    from tron.services.daemon import unixline
+
+    answer, conn = await unixline.ask_keep_async(sock, {"op": "standby", "cgroup": cgroup}, timeout=30)
+    conn.setblocking(True)
+    return answer, conn
+
+
+def test_a_standby_runs_nothing_when_its_daemon_closes_its_end(tmp_path):
+    from tests.integration.test_forkserver import _fork_server
+
+    with _fork_server(tmp_path) as (sock, server):
+        answer, conn = _standby(sock)
+        assert answer["ok"]
+        standby = psutil.Process(answer["pid"])
+        wait_for(lambda: os.getsid(standby.pid) == standby.pid, 30, "the standby in its own session")  # waiting
+        conn.close()  # as when the daemon gives it up, or dies
+        wait_for(lambda: not standby.is_running() or standby.status() == psutil.STATUS_ZOMBIE, 30,
+                 "the standby to exit")
+
+
+def test_a_standby_becomes_the_service_it_is_handed_with_the_same_pid(tmp_path):
+    """Handed a spawn line with its log pipe, the standby answers ok and runs the module in
+    place: the module's output arrives on the pipe, from the standby's own pid."""
+    import json
+    import socket
+
+    from tests.integration.test_forkserver import _fork_server
+
+    with _fork_server(tmp_path) as (sock, server):
+        answer, conn = _standby(sock)
+        pid = answer["pid"]
+        r, w = os.pipe()
+        line = {"module": "tests.integration.standby_probe", "env": {"PATH": os.defpath, "PROBE": "handed"},
+                "cwd": str(REPO), "log": "", "log_pipe": True, "open_files": 512}
+        socket.send_fds(conn, [json.dumps(line).encode() + b"\n"], [w])
+        os.close(w)
+        conn.settimeout(30)
+        assert json.loads(conn.recv(1 << 16)) == {"ok": True}
+        conn.close()
+        with os.fdopen(r, "rb") as out:
+            said = out.read().decode()
+        assert f"pid {pid} " in said and "probe handed" in said and "nofile 512" in said, said
+
+
+def test_the_standby_protocol_is_refused_by_an_unknown_op(tmp_path):
+    from tests.integration.test_forkserver import _fork_server
+    from tron.services.daemon import unixline
+
+    with _fork_server(tmp_path) as (sock, server):
+        assert unixline.ask(sock, {"op": "stand-by"}, timeout=30) == {"ok": False, "error": "unknown op 'stand-by'"}
+        assert not server.children()
+

@@ -32,6 +32,26 @@ def _env_secrets(env: Mapping[str, str]) -> list[str]:
     return sorted(values, key=len, reverse=True)  # longest first: no partial leftovers
 
 
+_environ_secrets_cache: tuple[tuple[tuple[bytes, bytes], ...], list[str]] | None = None
+
+
+def _environ_secrets() -> list[str]:
+    """``_env_secrets(os.environ)``, worked out again only when the environment changed:
+    every event payload and log line is redacted, and a walk of the environment with a
+    pattern per name was the daemon's largest cost per restart in a crash wave."""
+    global _environ_secrets_cache
+    data = getattr(os.environ, "_data", None)  # CPython's bytes -> bytes dict behind os.environ
+    if not isinstance(data, dict):
+        return _env_secrets(os.environ)
+    key = tuple(data.items())
+    cached = _environ_secrets_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    secrets = _env_secrets(os.environ)
+    _environ_secrets_cache = (key, secrets)
+    return secrets
+
+
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """`text` with anything that looks like an API key or token replaced by [REDACTED].
 
@@ -39,7 +59,7 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     values of ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, OLLAMA_API_KEY, OPENAI_API_KEY and TRON_*TOKEN*/
     *KEY*/*SECRET* environment variables (read from `env`, default os.environ).
     """
-    for secret in _env_secrets(os.environ if env is None else env):
+    for secret in _environ_secrets() if env is None else _env_secrets(env):
         text = text.replace(secret, REDACTED)
     for pattern, replacement in _KEY_PATTERNS:
         text = pattern.sub(replacement, text)

@@ -963,11 +963,45 @@ def default_config_path() -> Path:
 def load_mesh(path: str | Path | None = None, *, port_offset: int | None = None) -> MeshConfig:
     """Read and validate a mesh file (default: TRON_CONFIG, else the shipped mesh.toml)."""
     path = Path(path) if path else default_config_path()
+    offset = port_offset_from_env() if port_offset is None else port_offset
+    if _preloaded:
+        ready = _preloaded.pop(_file_key(path, offset), None)
+        if ready is not None:
+            return ready
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    offset = port_offset_from_env() if port_offset is None else port_offset
     return parse_mesh(data, source=str(path), port_offset=offset)
+
+
+# A mesh file read ahead by preload_mesh: handed out once, by load_mesh, while the file is the
+# same (inode, size and mtime in ns).
+_preloaded: dict[tuple[str, int, int, int, int], MeshConfig] = {}
+
+
+def _file_key(path: Path, offset: int) -> tuple[str, int, int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), -1, -1, -1, offset)
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns, offset)
+
+
+def preload_mesh(path: str | Path, *, port_offset: int | None = None) -> None:
+    """Read and validate ``path`` now, for this process's next load_mesh of it (a fork
+    server's standby, before it knows which incarnation it becomes: forkserver.py). If the
+    file changes meanwhile, load_mesh reads it again; a file that does not load is left to
+    load_mesh to report."""
+    path = Path(path)
+    try:
+        offset = port_offset_from_env() if port_offset is None else port_offset
+        key = _file_key(path, offset)
+        config = parse_mesh(tomllib.loads(path.read_text()), source=str(path), port_offset=offset)
+    except (OSError, ValueError, ConfigError):
+        return
+    if _file_key(path, offset) == key:  # not changed while it was read
+        _preloaded.clear()
+        _preloaded[key] = config

@@ -56,6 +56,9 @@ class DieAfterFork:
     def reserve(self, name: str) -> str | None:
         return self.inner.reserve(name)
 
+    def release(self, name: str) -> None:
+        self.inner.release(name)
+
     async def stop(self, child: Child, grace: float, sig: int = signal.SIGTERM) -> None:
         await self.inner.stop(child, grace, sig)
 

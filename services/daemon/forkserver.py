@@ -24,7 +24,7 @@ Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
-    {"op": "standby", "cgroup": [procs files], "deadline"}
+    {"op": "standby", "cgroup": [procs files], "config": mesh file, "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error"}
 "deadline" (CLOCK_MONOTONIC seconds, optional): past it the server forks nothing, since the
 daemon no longer waits for the answer.
@@ -184,6 +184,7 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _enter(req.get("cgroup") or ())
+        _rehearse(req.get("config"))
         line, fds = unixline.receive(conn, 4)
         if not line.endswith(b"\n"):
             return  # the daemon gave this standby up (or went away): run nothing
@@ -201,6 +202,44 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
         _become_service(go, fds, entered=True)
     finally:
         os._exit(code)
+
+
+def _rehearse(config: str | None) -> None:
+    """In a standby, before it waits: what every agent does first, done ahead and without
+    effects outside this process (its mesh file read and validated for its load_mesh, an
+    event loop run, an HTTP app set up and torn down, a client session made and closed). The
+    memory pages this touches are copied from the server now, off the restart's path, not
+    after the restart hands the standby its spawn."""
+    try:
+        import asyncio
+
+        import aiohttp
+        from aiohttp import web
+
+        if config:
+            from tron.common.config import preload_mesh
+
+            preload_mesh(config)
+
+        async def health(request: web.Request) -> web.Response:
+            return web.json_response({})
+
+        async def rehearsal() -> None:
+            app = web.Application()
+            app.router.add_get("/health", health)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            await runner.cleanup()
+            async with aiohttp.ClientSession():
+                pass
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(rehearsal())
+        finally:
+            loop.close()
+    except Exception as err:  # a rehearsal is only a head start: the start itself still runs in full
+        print(json.dumps({"msg": "standby rehearsal failed", "error": f"{type(err).__name__}: {err}"}), flush=True)
 
 
 def _set_title(title: str) -> None:

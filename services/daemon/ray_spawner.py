@@ -340,6 +340,9 @@ class RaySpawner:
     def reserve(self, name: str) -> str | None:
         return None  # a node agent starts each incarnation itself
 
+    def release(self, name: str) -> None:
+        pass  # nothing is prepared here for a next start
+
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
         """A child an earlier daemon started, still run by its node agent."""
         found = self.inventory.pop((name, pid), None)

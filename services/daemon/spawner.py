@@ -215,6 +215,8 @@ class Spawner(Protocol):
 
     def reserve(self, name: str) -> str | None: ...  # the incarnation id of a start prepared ahead
 
+    def release(self, name: str) -> None: ...  # no next start is coming (stopped, removed): end what waits for it
+
     async def stop(self, child: Child, grace: float, sig: int = signal.SIGTERM) -> None: ...
 
     async def kill(self, child: Child) -> None: ...
@@ -358,6 +360,7 @@ class LocalSpawner:
         self._claimed: dict[str, Gate] = {}  # service -> the gate whose id reserve() handed out
         self._preparing: dict[str, asyncio.Task] = {}
         self._live_gates: dict[int, Gate] = {}  # pid -> every gate process not yet reaped (for the census)
+        self._released: set[str] = set()  # stopped or removed services: no gate is kept for them
         self._closing = asyncio.Event()
 
     def ownership(self) -> dict:
@@ -482,8 +485,10 @@ class LocalSpawner:
         finally:
             if log_fd is not None:
                 os.close(log_fd)  # the child has its copy: the pump sees EOF when the last writer is gone
-        if self._gated(spec) or self._standby_for(spec):
-            self._prepare_soon(spec.name, spec.limits or Limits(), standby=self._standby_for(spec))
+        if self._gated(spec):
+            self._prepare_soon(spec.name, spec.limits or Limits())
+        elif self._standby_for(spec):
+            self._prepare_soon(spec.name, spec.limits or Limits(), standby=spec.env.get("TRON_CONFIG", ""))
         return child
 
     def _cgroup(self, spec: SpawnSpec) -> Cgroup | None:
@@ -529,10 +534,21 @@ class LocalSpawner:
         self._claimed[name] = gate
         return gate.incarnation
 
-    def _prepare_soon(self, name: str, limits: Limits, *, standby: bool = False) -> None:
+    def release(self, name: str) -> None:
+        """``name`` was stopped or removed: its gate or standby is ended (with its cgroup)
+        rather than left waiting for a start that may never come."""
+        self._released.add(name)  # one being prepared now is ended when it is ready
+        for gate in (self._gates.pop(name, None), self._claimed.pop(name, None)):
+            if gate is not None:
+                self._background_end(gate)
+
+    def _prepare_soon(self, name: str, limits: Limits, *, standby: str | None = None) -> None:
+        """``standby``: a standby, not a gate (its mesh file, which it reads ahead)."""
+        self._released.discard(name)  # it started again
         if name in self._gates or name in self._preparing or self._closing.is_set():
             return
-        task = asyncio.ensure_future(self._prepare_standby(name, limits) if standby else self._prepare(name, limits))
+        task = asyncio.ensure_future(self._prepare(name, limits) if standby is None
+                                     else self._prepare_standby(name, limits, standby))
         self._preparing[name] = task
         task.add_done_callback(lambda _: self._preparing.pop(name, None))
 
@@ -571,12 +587,12 @@ class LocalSpawner:
             log.warning("no gate for %s: cannot move it into %s: %s", name, group.owner, err)
             await self._end_gate(gate)
             return
-        if self._closing.is_set() or name in self._gates:
+        if self._closing.is_set() or name in self._gates or name in self._released:
             await self._end_gate(gate)
             return
         self._gates[name] = gate
 
-    async def _prepare_standby(self, name: str, limits: Limits) -> None:
+    async def _prepare_standby(self, name: str, limits: Limits, config: str) -> None:
         """The standby of ``name``'s next incarnation: its cgroup made, limits written, and a
         process forked by the fork server that joins it and waits (the move's grace period
         is paid by the standby, off the restart path)."""
@@ -593,7 +609,7 @@ class LocalSpawner:
         except OSError as err:
             log.debug("no standby for %s: %s", name, err)
             return
-        forked = await self.forkserver.standby(group.procs_files())
+        forked = await self.forkserver.standby(group.procs_files(), config)
         if forked is None:
             group.remove()
             return
@@ -607,7 +623,7 @@ class LocalSpawner:
             return
         gate = Gate(name, incarnation, group, limits, None, conn, pid=pid, pidfd=pidfd)
         self._live_gates[pid] = gate
-        if self._closing.is_set() or name in self._gates:
+        if self._closing.is_set() or name in self._gates or name in self._released:
             await self._end_gate(gate)
             return
         self._gates[name] = gate
@@ -1160,16 +1176,17 @@ class ForkServerClient:
         log.warning("fork server could not spawn %s: %s; spawning plainly", module, reason)
         return None
 
-    async def standby(self, cgroup: list[str]) -> tuple[int, socket.socket] | None:
-        """A standby forked now (forkserver.py): it joins ``cgroup`` and waits. Its pid and
-        the connection it waits on (closing it ends the standby); None when the server
-        cannot serve."""
+    async def standby(self, cgroup: list[str], config: str = "") -> tuple[int, socket.socket] | None:
+        """A standby forked now (forkserver.py): it joins ``cgroup``, reads the mesh file
+        ``config`` ahead and waits. Its pid and the connection it waits on (closing it ends
+        the standby); None when the server cannot serve."""
         if not self.ready:
             return None
         async with self._slots:
             try:
                 reply, conn = await unixline.ask_keep_async(
-                    self.sock_path, {"op": "standby", "cgroup": cgroup, "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
+                    self.sock_path, {"op": "standby", "cgroup": cgroup, "config": config,
+                                     "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
                     timeout=SPAWN_WAIT)
             except (OSError, ValueError):
                 return None

@@ -96,6 +96,9 @@ class StubSpawner:
     def reserve(self, name: str) -> str | None:
         return None  # nothing is prepared ahead: every start gets a new id
 
+    def release(self, name: str) -> None:
+        pass  # nothing waits for a next start
+
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
         child = self.children.get(pid)
         if child is None or not child.alive or child.create_time != create_time:

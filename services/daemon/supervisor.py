@@ -498,6 +498,7 @@ class Supervisor:
                     child.incarnation, reason=reason, exit_code=child.exit_code, exit_signal=child.exit_signal),
                     f"close session {child.incarnation}")
             self.close_listener(svc)
+            self.spawner.release(svc.name)  # its standby or gate would wait for a start that may never come
             await self._best_effort(self.transition(svc, S.STOPPED, reason), f"record stopped {svc.name}")
             svc.state = S.STOPPED
             svc.settled.set()

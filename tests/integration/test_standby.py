@@ -43,7 +43,8 @@ def test_a_killed_agent_comes_back_as_its_standby_in_its_own_cgroup_and_works(me
     m = mesh_factory()
     m.up()
     pid, incarnation = standby_of(m, "programmer-1")
-    assert psutil.Process(pid).ppid() == m.status()["daemon"]["pid"]  # reparented to the daemon, which reaps it
+    daemon = m.status()["daemon"]["pid"]
+    wait_for(lambda: psutil.Process(pid).ppid() == daemon, 30, "the standby reparented to the daemon (which reaps it)")
     assert cgroup_leaf(pid) == f"programmer-1.{incarnation}"  # in the next incarnation's cgroup already
     old = m.kill("programmer-1")
     back = m.wait_replaced("programmer-1", old)
@@ -89,6 +90,20 @@ def test_a_standby_still_serves_a_restart_while_the_fork_server_is_down(mesh_fac
     assert spawned(m, "architect")[-1]["mode"] == "fork"
     wait_for(lambda: (f := m.status()["fork_server"])["ready"] and f["pid"] != fs["pid"], 60, "a new fork server")
     assert m.tron("run", "while the fork server came back").returncode == 0
+
+
+def test_a_stopped_agent_keeps_no_standby_and_gets_one_again_when_started(mesh_factory):
+    m = mesh_factory()
+    m.up()
+    pid, incarnation = standby_of(m, "director-code")
+    assert m.tron("stop", "director-code").returncode == 0
+    wait_for(lambda: not psutil.pid_exists(pid) and m.standby("director-code") is None, 30,
+             "the stopped service's standby ended")
+    assert pid not in m.status()["ownership"]["gates"]
+    assert m.tron("start", "director-code").returncode == 0
+    back = wait_for(lambda: (s := m.service("director-code"))["state"] == "running" and s, 30, "director-code back")
+    assert back["incarnation"] != incarnation  # that standby's id was never used
+    assert wait_for(lambda: m.standby("director-code"), 30, "a standby again")[0] != pid
 
 
 def test_a_standby_with_out_of_date_code_refuses_and_the_new_code_runs(mesh_factory, tmp_path):

@@ -13,6 +13,7 @@ Every change of a service's state goes through ``transition``: checked against
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,6 +42,7 @@ from tron.services.daemon.metrics import DaemonMetrics
 from tron.services.daemon.cgroups import Limits
 from tron.services.daemon.spawner import Child, SpawnError, Spawner, SpawnSpec
 
+FIRST_BEAT_WAIT = 0.01  # s an agent's health check waits for its first beat before it also asks /health
 log = logging.getLogger("tron.daemon")
 
 NON_AGENT_BEAT_TIMEOUT = 10 * 365 * 86400.0  # command services have no beats to miss
@@ -146,6 +148,7 @@ class Supervisor:
         self.on_healthy: Callable[[Service], Awaitable[None]] | None = None
         # Does the new incarnation serve? HTTP by default; unit tests answer for a stub.
         self.healthy_now: Callable[[Service, str], Awaitable[bool]] = self._healthy_now
+        self.first_beat_wait = FIRST_BEAT_WAIT
         self.services: dict[str, Service] = {
             name: Service(spec, config.provider_of(name) if spec.beats else None)
             for name, spec in config.services.items()
@@ -443,6 +446,12 @@ class Supervisor:
         runtime beats only once it listens (common/service.py), and a beat is signed with
         the incarnation's own token, so it proves as much, a few ms sooner (the check's
         connection waits in the held socket's backlog behind the new process's start)."""
+        if not svc.beat_seen.is_set() and self.first_beat_wait > 0:
+            # A beat usually comes first; asking /health as well costs the daemon an HTTP
+            # request per restart, which adds up in a crash wave: ask only if it is late. (Real
+            # time, not the policy clock: how soon to ask is no policy a test steps through.)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(svc.beat_seen.wait(), self.first_beat_wait)
         if svc.beat_seen.is_set():
             return True
         check = asyncio.ensure_future(self.healthy_now(svc, incarnation))

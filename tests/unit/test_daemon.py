@@ -55,6 +55,7 @@ class Rig:
             return svc.incarnation == incarnation and svc.child is not None and svc.child.alive
 
         d.sup.healthy_now = healthy
+        d.sup.first_beat_wait = 0.0  # stubs send no beats: ask their stand-in /health at once
         d.client.post = self._post
         await d.bring_up()
         await self.settle()
@@ -643,6 +644,30 @@ async def test_a_start_that_cannot_be_prepared_is_a_spawn_failure_not_a_hang(rig
     assert [r["reason"] for r in rows] == ["process_exit", "spawn_failed"], rows
     [event] = await rig.store.events(kind="spawn_failed")
     assert "cannot prepare its start: KeyError" in event["payload"]["error"]
+
+
+async def test_a_starting_agents_first_accepted_beat_is_its_health(rig):
+    """The runtime beats only once it listens, with the incarnation's own token: its first
+    accepted beat makes it healthy even before its /health has answered (that connection
+    waits in the held socket's backlog behind the new process's start)."""
+    async def never(svc, incarnation):
+        return False
+
+    rig.daemon.sup.healthy_now = never
+    old = await rig.crash("worker")
+    worker = rig.svc("worker")
+    assert worker.incarnation != old and worker.state == ServiceState.STARTING
+    await rig.settle()
+    assert worker.state == ServiceState.STARTING  # no beat, no answer: not healthy
+    stale = await rig.daemon.on_beat(Beat(service="worker", incarnation=old, pid=worker.child.pid, seq=5))
+    assert str(stale) != "accepted"
+    await rig.settle()
+    assert worker.state == ServiceState.STARTING  # the old incarnation's beat proves nothing
+    verdict = await rig.daemon.on_beat(Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid,
+                                            seq=0))
+    assert str(verdict) == "accepted"
+    await rig.settle()
+    assert worker.state == ServiceState.RUNNING and worker.ready
 
 
 async def test_a_starting_agents_first_beat_brings_its_health_check_forward(rig):

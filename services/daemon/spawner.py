@@ -556,17 +556,10 @@ class LocalSpawner:
         """The gate of ``name``'s next incarnation: its cgroup made, limits written, a gate
         process started and moved in (the move's grace period is waited here, off the
         restart path, in a thread: not on the loop)."""
-        try:
-            await asyncio.wait_for(self._closing.wait(), GATE_AFTER)
-            return  # closing
-        except asyncio.TimeoutError:
-            pass
-        incarnation = "i-" + uuid.uuid4().hex[:12]  # the supervisor's format (supervisor.new_id)
-        try:
-            group = self.cgroups.make(name, incarnation, limits)
-        except OSError as err:
-            log.debug("no gate for %s: %s", name, err)
+        made = await self._next_group(name, limits)
+        if made is None:
             return
+        incarnation, group = made
         ours, theirs = socket.socketpair()
         try:
             popen = subprocess.Popen([sys.executable, "-I", "-S", gate_program.__file__], stdin=theirs.fileno(),
@@ -587,28 +580,42 @@ class LocalSpawner:
             log.warning("no gate for %s: cannot move it into %s: %s", name, group.owner, err)
             await self._end_gate(gate)
             return
-        if self._closing.is_set() or name in self._gates or name in self._released:
+        await self._keep(gate)
+
+    async def _next_group(self, name: str, limits: Limits) -> tuple[str, Cgroup] | None:
+        """After GATE_AFTER (the new program starts first): an incarnation id for ``name``'s
+        next start and its cgroup, limits written; None when closing or it cannot be made."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), GATE_AFTER)
+            return None  # closing
+        except asyncio.TimeoutError:
+            pass
+        incarnation = "i-" + uuid.uuid4().hex[:12]  # the supervisor's format (supervisor.new_id)
+        try:
+            return incarnation, self.cgroups.make(name, incarnation, limits)
+        except OSError as err:
+            log.debug("nothing prepared for %s's next start: %s", name, err)
+            return None
+
+    async def _keep(self, gate: Gate) -> None:
+        """A gate or standby made ready: kept for its service's next start, unless that
+        is not coming (closing, stopped or removed) or another is kept already."""
+        if self._closing.is_set() or gate.name in self._gates or gate.name in self._released:
             await self._end_gate(gate)
             return
-        self._gates[name] = gate
+        self._gates[gate.name] = gate
 
     async def _prepare_standby(self, name: str, limits: Limits, config: str) -> None:
         """The standby of ``name``'s next incarnation: its cgroup made, limits written, and a
         process forked by the fork server that joins it and waits (the move's grace period
         is paid by the standby, off the restart path)."""
-        try:
-            await asyncio.wait_for(self._closing.wait(), GATE_AFTER)
-            return  # closing
-        except asyncio.TimeoutError:
-            pass
-        if self.forkserver is None or not self.forkserver.ready:
-            return  # the next start forks; its own start prepares the next standby
-        incarnation = "i-" + uuid.uuid4().hex[:12]  # the supervisor's format (supervisor.new_id)
-        try:
-            group = self.cgroups.make(name, incarnation, limits)
-        except OSError as err:
-            log.debug("no standby for %s: %s", name, err)
+        made = await self._next_group(name, limits)
+        if made is None:
             return
+        incarnation, group = made
+        if self.forkserver is None or not self.forkserver.ready:
+            group.remove()
+            return  # the next start forks; its own start prepares the next standby
         forked = await self.forkserver.standby(group.procs_files(), config)
         if forked is None:
             group.remove()
@@ -623,10 +630,7 @@ class LocalSpawner:
             return
         gate = Gate(name, incarnation, group, limits, None, conn, pid=pid, pidfd=pidfd)
         self._live_gates[pid] = gate
-        if self._closing.is_set() or name in self._gates or name in self._released:
-            await self._end_gate(gate)
-            return
-        self._gates[name] = gate
+        await self._keep(gate)
 
     async def _open_standby(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
         """The agent, become by the standby in place: its pid is the standby's."""

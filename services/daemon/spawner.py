@@ -1018,16 +1018,31 @@ def become_subreaper() -> bool:
 def reap_strays(tracked: set[int]) -> list[int]:
     """Reap zombie children we do not track (a subreaper inherits every orphan below it)."""
     reaped = []
-    for proc in psutil.Process().children():
-        if proc.pid in tracked:
+    for pid in own_children():
+        if pid in tracked:
             continue
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(proc.pid, os.WNOHANG)
-                reaped.append(proc.pid)
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(pid, os.WNOHANG)
+                reaped.append(pid)
         except (psutil.Error, ChildProcessError):
             pass
     return reaped
+
+
+def own_children() -> list[int]:
+    """This process's children, from /proc/self/task/*/children: each thread's list,
+    without the scan of every process on the machine that psutil's children() makes (it
+    ran on the daemon's loop every 2 s; a machine with hundreds of agents has thousands
+    of processes). That scan is the fallback where the kernel has no such file."""
+    try:
+        pids: set[int] = set()
+        for task in os.scandir("/proc/self/task"):
+            with open(f"{task.path}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        return sorted(pids)
+    except OSError:
+        return [p.pid for p in psutil.Process().children()]
 
 
 def fork_server_env(config: MeshConfig, home: Home) -> dict[str, str]:

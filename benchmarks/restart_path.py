@@ -11,9 +11,9 @@ the parent reads its view and asks the daemon to restart), then /health is polle
     received    the parent has the alert                             comms.jsonl "alert_received"
     decided     the parent decided (after reading its view)          <parent>.log "decision"
     restarting  the daemon took the restart, the old tree is gone    daemon.log "... -> starting"
-    spawned     the fork server answered with the new pid            daemon.log "spawned"
+    spawned     a standby took the spawn (or the fork server forked)  daemon.log "spawned"
     serving     the new incarnation listens                          <agent>.log "serving"
-    healthy     the daemon's check of /health passed                 daemon.log "... -> running"
+    healthy     its first beat, or its /health, reached the daemon   daemon.log "... -> running"
     seen        this script's own /health poll saw the new pid
 
     .venv/bin/python -m benchmarks.restart_path [--kills 20] [--json benchmarks/results/restart_path.json]

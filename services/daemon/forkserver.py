@@ -207,7 +207,8 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
 def _rehearse(config: str | None) -> None:
     """In a standby, before it waits: what every agent does first, done ahead and without
     effects outside this process (its mesh file read and validated for its load_mesh, an
-    event loop run, an HTTP app set up and torn down, a client session made and closed). The
+    event loop run, an HTTP app set up and torn down, a client session made and closed, a
+    log line formatted). The
     memory pages this touches are copied from the server now, off the restart's path, not
     after the restart hands the standby its spawn."""
     try:
@@ -238,6 +239,11 @@ def _rehearse(config: str | None) -> None:
             loop.run_until_complete(rehearsal())
         finally:
             loop.close()
+        import logging
+
+        from tron.common.logs import JsonFormatter
+
+        JsonFormatter().format(logging.LogRecord("tron.service", logging.INFO, __file__, 0, "serving", (), None))
     except Exception as err:  # a rehearsal is only a head start: the start itself still runs in full
         print(json.dumps({"msg": "standby rehearsal failed", "error": f"{type(err).__name__}: {err}"}), flush=True)
 

@@ -188,6 +188,8 @@ class Spawner(Protocol):
 
     async def wait_ready(self, timeout: float) -> bool: ...  # its fast path (the fork server) is up
 
+    def bring_up_done(self) -> None: ...  # the mesh is up: what waited for that (the SDK warm-up) may begin
+
     async def spawn(self, spec: SpawnSpec) -> Child: ...
 
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None: ...
@@ -386,11 +388,15 @@ class LocalSpawner:
     async def wait_ready(self, timeout: float) -> bool:
         return await self.forkserver.wait_ready(timeout=timeout) if self.forkserver is not None else True
 
+    def bring_up_done(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.warm_up()
+
     def status(self) -> dict | None:
         fs = self.forkserver
         if fs is None:
             return None
-        return {"pid": fs.pid, "ready": fs.ready, "generation": fs.generation, "spawned": fs.spawned}
+        return {"pid": fs.pid, "ready": fs.ready, "warm": fs.warm, "generation": fs.generation, "spawned": fs.spawned}
 
     def helper_pids(self) -> set[int]:
         helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
@@ -942,11 +948,14 @@ class ForkServerClient:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.ready = False
+        self.warm = False  # the server has the LLM SDKs (it warms them up after it is ready)
+        self.warm_now = False  # the mesh is up: a server that is ready is told to warm up at once
         self.stopping = False
         self.generation = 0
         self.spawned = 0
         self._fd: int | None = None
         self._starting: asyncio.Task | None = None
+        self._warming: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(IN_FLIGHT)
 
     @property
@@ -992,10 +1001,34 @@ class ForkServerClient:
                 self.ready = True
                 log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
                                                      "generation": self.generation})
+                if not reply.get("warm"):
+                    self._warming = asyncio.ensure_future(self._until_warm(self.proc))
                 return True
             await asyncio.sleep(0.05)
         log.warning("fork server did not become ready; agents spawn plainly")
         return False
+
+    def warm_up(self) -> None:
+        """The mesh is up (the daemon's bring-up is over): the server imports the LLM SDKs now
+        rather than on its own after ``WARM_UNASKED`` s without a request; so does every later
+        server (one started after the last died), as soon as it is ready."""
+        self.warm_now = True
+
+    async def _until_warm(self, proc: subprocess.Popen, interval: float = 0.5) -> None:
+        """Tell the server to warm up once the mesh is up (``warm_now``), then ask until it
+        says it has the SDKs (``warm``, for status). During the warm-up a request waits in
+        the backlog."""
+        told = False
+        while proc.poll() is None and not self.stopping:
+            if self.warm_now and not told:
+                told = bool(await self._request({"op": "warm_up"}, timeout=5.0))
+            reply = await self._request({"op": "ping"}, timeout=30.0)
+            if reply and reply.get("pid") == proc.pid and reply.get("warm"):
+                self.warm = True
+                log.info("fork server warm", extra={"pid": proc.pid, "modules": reply.get("modules"),
+                                                    "generation": self.generation})
+                return
+            await asyncio.sleep(interval)
 
     def _on_exit(self, proc: subprocess.Popen) -> None:
         loop = asyncio.get_running_loop()
@@ -1004,7 +1037,7 @@ class ForkServerClient:
             os.close(self._fd)
             self._fd = None
         proc.wait()
-        self.ready = False
+        self.ready = self.warm = False
         if self.stopping:
             return
         if proc.returncode == CANNOT_RUN:
@@ -1054,8 +1087,9 @@ class ForkServerClient:
     async def stop(self) -> None:
         self.stopping = True
         self.ready = False
-        if self._starting:
-            self._starting.cancel()
+        for task in (self._starting, self._warming):
+            if task:
+                task.cancel()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             for _ in range(100):

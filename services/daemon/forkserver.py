@@ -26,7 +26,9 @@ start. It imports them ("warms up") when the daemon says its mesh is up (``warm_
 on its own after ``WARM_UNASKED`` s without a request, in its one thread, then serves
 again; requests that come meanwhile wait in the listen backlog (or the daemon stops waiting
 at their deadline and spawns plainly). An agent forked before that imports its SDK at its
-first LLM call, in a thread (tron.common.providers.client).
+first LLM call, in a thread (tron.common.providers.client). With
+``TRON_WARM_BEFORE_READY=1`` (a mesh that asks the LLM for advice: a parent must answer
+within ``advice_timeout``, which has no room for the import) it warms up before it is ready.
 ``TRON_TEST_WARM_UP_DELAY=S`` (a test knob): the warm-up sleeps S seconds first, as a slow
 machine's would take, so a test can fork agents cold or ask for one during the warm-up.
 
@@ -239,6 +241,8 @@ def serve(sock_path: str, parent: int | None = None) -> int:
 
         telemetry.preload()
     sources = _own_sources()
+    if os.environ.get("TRON_WARM_BEFORE_READY") == "1":  # the daemon's choice (fork_server_env): the old order
+        _warm_up(sources)
     # Every object so far goes to the permanent generation: a child's collections never
     # walk them, so they stay shared pages instead of copies made by reference counts.
     gc.freeze()

@@ -915,11 +915,15 @@ def reap_strays(tracked: set[int]) -> list[int]:
 
 def fork_server_env(config: MeshConfig, home: Home) -> dict[str, str]:
     """What a fork server (here or on a Ray node) gets from the mesh: the home's mark
-    (scripts/census.py) and the SDKs its providers use (the preload)."""
+    (scripts/census.py), the SDKs its providers use (the preload), and whether it imports
+    them before it is ready: only where parents ask the LLM for advice, whose timeout has
+    no room for an agent's own import (elsewhere the agents forked before the warm-up import
+    their SDK at their first call, and `tron up` does not wait for the SDKs)."""
     from tron.common import telemetry
 
     return {**mesh_marks(home), "TRON_SDKS": ",".join(sorted(config.sdks)),
-            "TRON_TRACES": "1" if telemetry.endpoint(config.telemetry) else "0"}
+            "TRON_TRACES": "1" if telemetry.endpoint(config.telemetry) else "0",
+            "TRON_WARM_BEFORE_READY": "1" if config.policy.llm_advice else "0"}
 
 
 def local_fork_server(config: MeshConfig, home: Home) -> ForkServerClient:
@@ -1001,7 +1005,8 @@ class ForkServerClient:
                 self.ready = True
                 log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
                                                      "generation": self.generation})
-                if not reply.get("warm"):
+                self.warm = bool(reply.get("warm"))
+                if not self.warm:
                     self._warming = asyncio.ensure_future(self._until_warm(self.proc))
                 return True
             await asyncio.sleep(0.05)

@@ -248,6 +248,20 @@ def test_the_fork_server_is_ready_before_its_sdk_warm_up_and_says_when_it_is_war
         assert _said(tmp_path, "fork server warming up")["sdks"] == ["ollama"]
 
 
+def test_a_mesh_that_asks_for_llm_advice_gets_a_fork_server_warm_from_the_start(tmp_path):
+    """Its parents must answer within advice_timeout: no room there for an SDK import."""
+    from tron.common.config import MeshConfig
+    from tron.common.paths import Home
+    from tron.services.daemon.spawner import fork_server_env
+
+    services = {"a": {"role": "programmer", "port": 7001}}
+    for advice, before_ready in ((True, "1"), (False, "0")):
+        config = MeshConfig.model_validate({"services": services, "policy": {"llm_advice": advice}})
+        assert fork_server_env(config, Home(tmp_path))["TRON_WARM_BEFORE_READY"] == before_ready
+    with _fork_server(tmp_path, {"TRON_SDKS": "ollama", "TRON_WARM_BEFORE_READY": "1"}) as (sock, server):
+        assert server.first_ping["warm"] is True
+
+
 def test_a_spawn_asked_during_the_warm_up_is_served_once_it_is_over(tmp_path):
     """A request that comes while the server imports the SDKs (here untold: nothing asked for
     a while) waits in the backlog and is served after: nothing is lost (the daemon's

@@ -257,13 +257,15 @@ class AgentRuntime:
         (``call_llm``'s SDK request) that is moved raises ``ProviderMoved`` instead, and the
         task's work runs again on the new provider. ``content``: (system, prompt), for the
         call's trace span when ``[telemetry] capture_content`` is on."""
-        from tron.common.providers import ProviderFailure, classify, sdk_ready, sdks_deferred
+        from tron.common.providers import ProviderFailure, classify, sdk_ready, sdk_warm, sdks_deferred
 
         if not sdks_deferred():
             await self.sdks_ready()
         while True:
             provider = task.provider or self.provider
-            await sdk_ready(provider)  # forked before the fork server had it: this one SDK, off the loop, once
+            if not sdk_warm(provider):  # forked before the fork server had it: this one SDK, off the loop, once
+                with self._waiting(task):  # the beats say the task waits for it: no runaway (1-2 s, more under load)
+                    await sdk_ready(provider)
             with self._waiting(task):  # a wait in the governor's queue (a rate limit, a probe out) is no runaway
                 answer = await self._desk("acquire", task, provider)
             if answer is not None and answer.get("action") != "go":

@@ -73,6 +73,7 @@ from tron.common.providers.client import (  # noqa: E402
     preload_modules,
     sdk_of,
     sdk_ready,
+    sdk_warm,
     sdks_deferred,
     warm_up,
 )
@@ -89,5 +90,5 @@ __all__ = [
     "ProviderKind", "ProviderSettings", "RepeatGuard", "SdkProvider", "StopReason", "StubProvider", "ToolCall",
     "aclose_clients", "check_reply", "check_tool_calls", "classify", "client_for", "complete", "defer_sdks",
     "endpoint_for", "failure_class", "get", "names", "preload_modules", "provider_factory", "provider_for", "redact",
-    "register", "reply_of", "retry_after", "sdk_of", "sdk_ready", "sdks_deferred", "warm_up",
+    "register", "reply_of", "retry_after", "sdk_of", "sdk_ready", "sdk_warm", "sdks_deferred", "warm_up",
 ]

@@ -102,13 +102,17 @@ def defer_sdks() -> None:
     _deferred = True
 
 
+def sdk_warm(provider: str) -> bool:
+    """Whether ``provider``'s SDK is imported and warmed up in this process."""
+    return get(provider).sdk in _warm
+
+
 async def sdk_ready(provider: str) -> None:
     """``provider``'s SDK imported and warmed up in this process: a set lookup where it is
     (the fork server's children, an agent that preloaded), otherwise ``warm_up`` in a thread
     (never on the event loop, where TRON counts the beats), once however many ask at once."""
-    sdk = get(provider).sdk
-    if sdk not in _warm:
-        await asyncio.to_thread(warm_up, {sdk})
+    if not sdk_warm(provider):
+        await asyncio.to_thread(warm_up, {get(provider).sdk})
 
 
 def sdks_deferred() -> bool:

@@ -33,7 +33,8 @@ within ``advice_timeout``, which has no room for the import) it warms up before 
 machine's would take, so a test can fork agents cold or ask for one during the warm-up.
 
 Protocol: one JSON object per line on a Unix socket.
-    {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n, "warm": bool}
+    {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n, "warm": bool,
+                                                         "warmth": "cold" | "warm" | "failed"}
     {"op": "warm_up"}                                -> {"ok": true, "warm": bool}, then the warm-up
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
@@ -363,7 +364,8 @@ def _reap_intermediates() -> None:
 def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.socket) -> dict | None:
     """The answer to one request; None when a forked process answers it instead."""
     if req.get("op") == "ping":
-        return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules), "warm": _warmth == "warm"}
+        return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules), "warm": _warmth == "warm",
+                "warmth": _warmth}
     if req.get("op") == "warm_up":  # the mesh is up: the server's loop warms up once this is answered
         return {"ok": True, "warm": _warmth == "warm"}
     if req.get("op") != "spawn":

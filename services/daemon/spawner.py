@@ -1033,6 +1033,10 @@ class ForkServerClient:
                 log.info("fork server warm", extra={"pid": proc.pid, "modules": reply.get("modules"),
                                                     "generation": self.generation})
                 return
+            if reply and reply.get("warmth") == "failed":
+                log.warning("fork server could not import the LLM SDKs (see its log): each agent imports its own",
+                            extra={"pid": proc.pid, "generation": self.generation})
+                return
             await asyncio.sleep(interval)
 
     def _on_exit(self, proc: subprocess.Popen) -> None:

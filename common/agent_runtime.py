@@ -94,7 +94,12 @@ class AgentRuntime:
         return app
 
     async def _preload(self, app: web.Application) -> None:
-        self.sdks_ready()
+        from tron.common.providers import sdks_deferred
+
+        # Forked from the fork server, the SDKs are there or come at the first call; but a
+        # parent's advisor must answer within advice_timeout, which has no room for the import.
+        if not sdks_deferred() or (self.parent is not None and self.policy.llm_advice):
+            self.sdks_ready()
 
     def sdks_ready(self) -> asyncio.Future[None]:
         """The SDK import, started once, awaited by whoever needs it."""
@@ -252,11 +257,15 @@ class AgentRuntime:
         (``call_llm``'s SDK request) that is moved raises ``ProviderMoved`` instead, and the
         task's work runs again on the new provider. ``content``: (system, prompt), for the
         call's trace span when ``[telemetry] capture_content`` is on."""
-        from tron.common.providers import ProviderFailure, classify
+        from tron.common.providers import ProviderFailure, classify, sdk_ready, sdk_warm, sdks_deferred
 
-        await self.sdks_ready()
+        if not sdks_deferred():
+            await self.sdks_ready()
         while True:
             provider = task.provider or self.provider
+            if not sdk_warm(provider):  # forked before the fork server had it: this one SDK, off the loop, once
+                with self._waiting(task):  # the beats say the task waits for it: no runaway (1-2 s, more under load)
+                    await sdk_ready(provider)
             with self._waiting(task):  # a wait in the governor's queue (a rate limit, a probe out) is no runaway
                 answer = await self._desk("acquire", task, provider)
             if answer is not None and answer.get("action") != "go":

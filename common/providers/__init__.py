@@ -68,9 +68,13 @@ from tron.common.providers.client import (  # noqa: E402
     aclose_clients,
     client_for,
     complete,
+    defer_sdks,
     endpoint_for,
     preload_modules,
     sdk_of,
+    sdk_ready,
+    sdk_warm,
+    sdks_deferred,
     warm_up,
 )
 from tron.common.providers.failures import classify  # noqa: E402
@@ -84,7 +88,7 @@ __all__ = [
     "FAILURE_CLASSES", "LIMIT_KEYS", "NON_RETRYABLE", "OLLAMA_DEFAULT_HOST", "PROVIDERS", "REDACTED", "SDKS",
     "SIM_API_KEY", "FailureClass", "LLMReply", "OutputChecks", "Provider", "ProviderFactory", "ProviderFailure",
     "ProviderKind", "ProviderSettings", "RepeatGuard", "SdkProvider", "StopReason", "StubProvider", "ToolCall",
-    "aclose_clients", "check_reply", "check_tool_calls", "classify", "client_for", "complete", "endpoint_for",
-    "failure_class", "get", "names", "preload_modules", "provider_factory", "provider_for", "redact", "register",
-    "reply_of", "retry_after", "sdk_of", "warm_up",
+    "aclose_clients", "check_reply", "check_tool_calls", "classify", "client_for", "complete", "defer_sdks",
+    "endpoint_for", "failure_class", "get", "names", "preload_modules", "provider_factory", "provider_for", "redact",
+    "register", "reply_of", "retry_after", "sdk_of", "sdk_ready", "sdk_warm", "sdks_deferred", "warm_up",
 ]

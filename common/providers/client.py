@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import os
 import socket
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,6 +72,7 @@ async def complete(
     """
     kind = get(provider)
     base_url, api_key = kind.endpoint(settings, os.environ)
+    await sdk_ready(provider)  # forked before the fork server had it: imported here, once, off the loop
     try:
         client = _client_for(provider, base_url, api_key, settings.timeout_s)
         return await asyncio.wait_for(kind.complete(client, system, prompt, settings, stream),
@@ -84,7 +86,38 @@ async def complete(
 
 # --------------------------------------------------------------------------- warm-up
 
-_warm: set[str] = set()  # the SDKs warmed up in this process
+_warm: set[str] = set()  # the SDKs warmed up in this process (only once they are)
+# Held while warming: a second thread that wants the same SDK waits for the first's import
+# instead of finding it half done. No thread holds it when the fork server forks.
+_warming = threading.Lock()
+_deferred = False
+
+
+def defer_sdks() -> None:
+    """The fork server, before it forks: the agents it forks before it has warmed the SDKs up
+    import them at their first LLM call (``complete``, the runtime's ``sdks_ready``), not as
+    they start, where every agent of the mesh importing 1-2 s at once would hold back the
+    others' start and compete with the server's own warm-up for the CPU."""
+    global _deferred
+    _deferred = True
+
+
+def sdk_warm(provider: str) -> bool:
+    """Whether ``provider``'s SDK is imported and warmed up in this process."""
+    return get(provider).sdk in _warm
+
+
+async def sdk_ready(provider: str) -> None:
+    """``provider``'s SDK imported and warmed up in this process: a set lookup where it is
+    (the fork server's children, an agent that preloaded), otherwise ``warm_up`` in a thread
+    (never on the event loop, where TRON counts the beats), once however many ask at once."""
+    if not sdk_warm(provider):
+        await asyncio.to_thread(warm_up, {get(provider).sdk})
+
+
+def sdks_deferred() -> bool:
+    """Whether this process imports its SDKs at its first LLM call (see ``defer_sdks``)."""
+    return _deferred
 
 
 def sdk_of(providers: Iterable[str]) -> set[str]:
@@ -106,24 +139,27 @@ def warm_up(sdks: Iterable[str] | None = None) -> None:
     one failing call through each, to a loopback port nobody listens on. So none of it is
     imported on an agent's event loop while TRON counts its beats. Run where no event loop
     runs (the fork server, a thread); each SDK once per process (a forked child inherits it
-    done)."""
+    done). Threads that ask at once import once: the others wait for it."""
     wanted = {k.sdk for k in kinds()} if sdks is None else set(sdks)
-    todo: dict[str, Any] = {}  # one kind per SDK: its call warms the SDK for every kind on it
-    for kind in kinds():
-        if kind.sdk in wanted and kind.sdk not in _warm:
-            todo.setdefault(kind.sdk, kind)
-    if not todo:
+    if wanted <= _warm:
         return
-    _warm.update(todo)
-    for name in preload_modules(todo):
-        importlib.import_module(name)
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with _warming:
+        todo: dict[str, Any] = {}  # one kind per SDK: its call warms the SDK for every kind on it
+        for kind in kinds():
+            if kind.sdk in wanted and kind.sdk not in _warm:
+                todo.setdefault(kind.sdk, kind)
+        if not todo:
+            return
+        for name in preload_modules(todo):
+            importlib.import_module(name)
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+            url = f"http://127.0.0.1:{closed.getsockname()[1]}"
 
-        async def calls() -> None:
-            for kind in todo.values():
-                with contextlib.suppress(Exception):  # the call is meant to fail: refused
-                    await kind.warm_up_call(url)
+            async def calls() -> None:
+                for kind in todo.values():
+                    with contextlib.suppress(Exception):  # the call is meant to fail: refused
+                        await kind.warm_up_call(url)
 
-        asyncio.run(calls())
+            asyncio.run(calls())
+        _warm.update(todo)

@@ -263,6 +263,7 @@ class Daemon:
             await asyncio.gather(*(self._bring_up_one(svc) for svc in todo))
         log.info("bring-up done", extra={"seconds": round(self.clock.now() - began, 3)})
         self.brought_up.set()
+        self.spawner.bring_up_done()
         await self.ledger.redeliver_pending()
         await self.router.redeliver_pending()
 

@@ -50,6 +50,9 @@ class DieAfterFork:
     async def wait_ready(self, timeout: float) -> bool:
         return await self.inner.wait_ready(timeout)
 
+    def bring_up_done(self) -> None:
+        self.inner.bring_up_done()
+
     def adopt(self, name: str, incarnation: str, pid: int, create_time: float) -> Child | None:
         return self.inner.adopt(name, incarnation, pid, create_time)
 

@@ -20,8 +20,22 @@ Before each fork the server checks that no source file it imported has changed; 
 has, it answers ``stale`` and exits, and the daemon spawns plainly and starts a new
 server. A dead server is replaced the same way.
 
+The server is ready (it answers and forks) once the agent code is imported, before the LLM
+SDKs: those (1-2 s of imports) would otherwise sit on the path of every agent's first
+start. It imports them ("warms up") when the daemon says its mesh is up (``warm_up``), or
+on its own after ``WARM_UNASKED`` s without a request, in its one thread, then serves
+again; requests that come meanwhile wait in the listen backlog (or the daemon stops waiting
+at their deadline and spawns plainly). An agent forked before that imports its SDK at its
+first LLM call, in a thread (tron.common.providers.client). With
+``TRON_WARM_BEFORE_READY=1`` (a mesh that asks the LLM for advice: a parent must answer
+within ``advice_timeout``, which has no room for the import) it warms up before it is ready.
+``TRON_TEST_WARM_UP_DELAY=S`` (a test knob): the warm-up sleeps S seconds first, as a slow
+machine's would take, so a test can fork agents cold or ask for one during the warm-up.
+
 Protocol: one JSON object per line on a Unix socket.
-    {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n}
+    {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n, "warm": bool,
+                                                         "warmth": "cold" | "warm" | "failed"}
+    {"op": "warm_up"}                                -> {"ok": true, "warm": bool}, then the warm-up
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
     {"op": "standby", "cgroup": [procs files], "config": mesh file, "deadline"}
@@ -54,6 +68,7 @@ import os
 os.environ.setdefault("SPT_NOENV", "1")
 import random
 import runpy
+import select
 import signal
 import socket
 import sys
@@ -313,18 +328,19 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         print(json.dumps({"msg": "fork server cannot run: socket path too long",
                           "path": sock_path, "limit": SOCKET_PATH_MAX}), flush=True)
         return CANNOT_RUN
-    from tron.common.providers import warm_up  # after the path check: nothing heavy before it
-
-    for name in PRELOAD:
+    for name in PRELOAD:  # after the path check: nothing heavy before it
         importlib.import_module(name)
-    # Only the SDKs this mesh's providers use (1-2 s of imports each), and what they import
-    # on a first request: once here for every child.
-    warm_up(_sdks())
+    from tron.common.providers import defer_sdks
+
+    defer_sdks()  # what is forked before the warm-up imports its SDK at its first LLM call
+    # The LLM SDKs come later (_warm_up), once the first agents are forked.
     if os.environ.get("TRON_TRACES") == "1":  # the mesh exports traces: every agent sets the SDK up at start
         from tron.common import telemetry
 
         telemetry.preload()
     sources = _own_sources()
+    if os.environ.get("TRON_WARM_BEFORE_READY") == "1":  # the daemon's choice (fork_server_env): the old order
+        _warm_up(sources)
     # Every object so far goes to the permanent generation: a child's collections never
     # walk them, so they stay shared pages instead of copies made by reference counts.
     gc.freeze()
@@ -342,10 +358,17 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     server.listen(256)  # a crash wave asks for many incarnations at once
     # The intermediates exit on their own and nobody here waits for them: the kernel reaps
     # them (each incarnation sets SIGCHLD back to the default before it runs). Only from
-    # here: the imports and the warm-up above may run a subprocess and wait for it.
+    # here: the imports above may run a subprocess and wait for it (the warm-up sets it back).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
+    last_asked, told = time.monotonic(), False
     while True:
+        while _warmth == "cold":  # serve what comes; warm up when told, or once nothing has come for a while
+            due = _warm_up_in(time.monotonic(), last_asked, told)
+            if due <= 0:
+                _warm_up(sources)
+            elif select.select([server], [], [], due)[0]:
+                break
         conn, _ = server.accept()
         fds: list[int] = []
         with conn:
@@ -358,6 +381,10 @@ def serve(sock_path: str, parent: int | None = None) -> int:
             except json.JSONDecodeError as err:
                 reply = {"ok": False, "error": f"bad request: {err}"}
             else:
+                op = req.get("op") if isinstance(req, dict) else None
+                told = told or op == "warm_up"
+                if op != "ping":  # the daemon pings until the server is warm: that is no work coming
+                    last_asked = time.monotonic()
                 reply = _handle(req, sources, fds, conn) if req is not None else \
                     {"ok": False, "error": "empty request"}
             finally:
@@ -374,10 +401,72 @@ def serve(sock_path: str, parent: int | None = None) -> int:
                 return 0
 
 
+WARM_UNASKED = 5.0  # s without a request after which the server warms up untold (a node agent never tells)
+WARM_UP_DELAY = "TRON_TEST_WARM_UP_DELAY"  # a test knob: the warm-up sleeps this many seconds first
+
+_warmth = "cold"  # -> "warm" | "failed" (the SDKs could not be imported here: agents import their own)
+
+
+def _warm_up_in(now: float, last_asked: float, told: bool) -> float:
+    """Seconds until the SDK warm-up is due (<= 0: now): at once when the daemon said its
+    mesh is up (``told``), else ``WARM_UNASKED`` after the last request (or ready)."""
+    return 0.0 if told else last_asked + WARM_UNASKED - now
+
+
+def _warm_up(sources: dict[str, float]) -> None:
+    """Import the LLM SDKs of the mesh's providers (1-2 s each) and what they import on a
+    first request, so that every agent forked from now on has them. Requests wait in the
+    backlog meanwhile. The new repo modules join ``sources`` (the staleness check) and
+    everything imported joins the permanent generation, as the preload did."""
+    global _warmth
+    from tron.common.providers import warm_up
+
+    started, sdks = time.monotonic(), _sdks()
+    print(json.dumps({"msg": "fork server warming up", "sdks": sorted(sdks)}), flush=True)
+    delay = float(os.environ.get(WARM_UP_DELAY) or 0)
+    if delay > 0:
+        time.sleep(delay)
+    # The SDKs' imports and first request may run a subprocess and wait for it: SIGCHLD
+    # back to the default meanwhile (an intermediate that exits meanwhile is reaped after).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        warm_up(sdks)
+    except Exception as err:  # an SDK that cannot be imported: agents import (and report) it themselves
+        _warmth = "failed"
+        print(json.dumps({"msg": "fork server warm-up failed", "error": f"{type(err).__name__}: {err}"}), flush=True)
+    else:
+        _warmth = "warm"
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        _reap_intermediates()
+    sources.update({path: mtime for path, mtime in _own_sources().items() if path not in sources})
+    gc.freeze()
+    if _warmth == "warm":
+        print(json.dumps({"msg": "fork server warm", "seconds": round(time.monotonic() - started, 3),
+                          "modules": len(sys.modules)}), flush=True)
+
+
+def _reap_intermediates() -> None:
+    """Reap the intermediates that exited while SIGCHLD was at its default (the server's only
+    children: the incarnations are the daemon's)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.socket) -> dict | None:
     """The answer to one request; None when a forked process answers it instead."""
+    if not isinstance(req, dict):
+        return {"ok": False, "error": f"bad request: a JSON object is expected, not {type(req).__name__}"}
     if req.get("op") == "ping":
-        return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules)}
+        return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules), "warm": _warmth == "warm",
+                "warmth": _warmth}
+    if req.get("op") == "warm_up":  # the mesh is up: the server's loop warms up once this is answered
+        return {"ok": True, "warm": _warmth == "warm"}
     if req.get("op") not in ("spawn", "standby"):
         return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
     changed = _stale(sources)

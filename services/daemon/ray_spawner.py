@@ -406,6 +406,9 @@ class RaySpawner:
     async def wait_ready(self, timeout: float) -> bool:
         return True  # each node's fork server is its node agent's
 
+    def bring_up_done(self) -> None:
+        pass  # a node's fork server warms up on its own (no request for a while)
+
     def ghosts(self, home_root: str, owners: set[int]) -> dict[int, str]:
         return {}  # trees live on their nodes: the node agent ends them whole
 

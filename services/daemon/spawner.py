@@ -195,6 +195,7 @@ class Gate:
         return spec.incarnation == self.incarnation and (spec.limits or Limits()) == self.limits and self.alive()
 
 
+STANDBY_WARM_WAIT = 30.0  # s a standby waits for the fork server's SDK warm-up before it is forked cold
 GATE_AFTER = 0.5  # s after a start before its successor's gate is made: the new program starts first
 
 
@@ -208,6 +209,8 @@ class Spawner(Protocol):
     async def close(self) -> None: ...
 
     async def wait_ready(self, timeout: float) -> bool: ...  # its fast path (the fork server) is up
+
+    def bring_up_done(self) -> None: ...  # the mesh is up: what waited for that (the SDK warm-up) may begin
 
     async def spawn(self, spec: SpawnSpec) -> Child: ...
 
@@ -410,11 +413,15 @@ class LocalSpawner:
     async def wait_ready(self, timeout: float) -> bool:
         return await self.forkserver.wait_ready(timeout=timeout) if self.forkserver is not None else True
 
+    def bring_up_done(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.warm_up()
+
     def status(self) -> dict | None:
         fs = self.forkserver
         if fs is None:
             return None
-        return {"pid": fs.pid, "ready": fs.ready, "generation": fs.generation, "spawned": fs.spawned}
+        return {"pid": fs.pid, "ready": fs.ready, "warm": fs.warm, "generation": fs.generation, "spawned": fs.spawned}
 
     def helper_pids(self) -> set[int]:
         helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
@@ -608,7 +615,13 @@ class LocalSpawner:
     async def _prepare_standby(self, name: str, limits: Limits, config: str) -> None:
         """The standby of ``name``'s next incarnation: its cgroup made, limits written, and a
         process forked by the fork server that joins it and waits (the move's grace period
-        is paid by the standby, off the restart path)."""
+        is paid by the standby, off the restart path). Once the fork server has its SDKs:
+        a standby forked before would import them at its agent's first call."""
+        fs = self.forkserver
+        deadline = time.monotonic() + STANDBY_WARM_WAIT
+        while fs is not None and fs.ready and not fs.warm and not self._closing.is_set() \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         made = await self._next_group(name, limits)
         if made is None:
             return
@@ -1047,11 +1060,15 @@ def own_children() -> list[int]:
 
 def fork_server_env(config: MeshConfig, home: Home) -> dict[str, str]:
     """What a fork server (here or on a Ray node) gets from the mesh: the home's mark
-    (scripts/census.py) and the SDKs its providers use (the preload)."""
+    (scripts/census.py), the SDKs its providers use (the preload), and whether it imports
+    them before it is ready: only where parents ask the LLM for advice, whose timeout has
+    no room for an agent's own import (elsewhere the agents forked before the warm-up import
+    their SDK at their first call, and `tron up` does not wait for the SDKs)."""
     from tron.common import telemetry
 
     return {**mesh_marks(home), "TRON_SDKS": ",".join(sorted(config.sdks)),
-            "TRON_TRACES": "1" if telemetry.endpoint(config.telemetry) else "0"}
+            "TRON_TRACES": "1" if telemetry.endpoint(config.telemetry) else "0",
+            "TRON_WARM_BEFORE_READY": "1" if config.policy.llm_advice else "0"}
 
 
 def local_fork_server(config: MeshConfig, home: Home) -> ForkServerClient:
@@ -1087,11 +1104,14 @@ class ForkServerClient:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.ready = False
+        self.warm = False  # the server has the LLM SDKs (it warms them up after it is ready)
+        self.warm_now = False  # the mesh is up: a server that is ready is told to warm up at once
         self.stopping = False
         self.generation = 0
         self.spawned = 0
         self._fd: int | None = None
         self._starting: asyncio.Task | None = None
+        self._warming: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(IN_FLIGHT)
 
     @property
@@ -1137,10 +1157,39 @@ class ForkServerClient:
                 self.ready = True
                 log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
                                                      "generation": self.generation})
+                self.warm = bool(reply.get("warm"))
+                if not self.warm:
+                    self._warming = asyncio.ensure_future(self._until_warm(self.proc))
                 return True
             await asyncio.sleep(0.05)
         log.warning("fork server did not become ready; agents spawn plainly")
         return False
+
+    def warm_up(self) -> None:
+        """The mesh is up (the daemon's bring-up is over): the server imports the LLM SDKs now
+        rather than on its own after ``WARM_UNASKED`` s without a request; so does every later
+        server (one started after the last died), as soon as it is ready."""
+        self.warm_now = True
+
+    async def _until_warm(self, proc: subprocess.Popen, interval: float = 0.5) -> None:
+        """Tell the server to warm up once the mesh is up (``warm_now``), then ask until it
+        says it has the SDKs (``warm``, for status). During the warm-up a request waits in
+        the backlog."""
+        told = False
+        while proc.poll() is None and not self.stopping:
+            if self.warm_now and not told:
+                told = bool(await self._request({"op": "warm_up"}, timeout=5.0))
+            reply = await self._request({"op": "ping"}, timeout=30.0)
+            if reply and reply.get("pid") == proc.pid and reply.get("warm"):
+                self.warm = True
+                log.info("fork server warm", extra={"pid": proc.pid, "modules": reply.get("modules"),
+                                                    "generation": self.generation})
+                return
+            if reply and reply.get("warmth") == "failed":
+                log.warning("fork server could not import the LLM SDKs (see its log): each agent imports its own",
+                            extra={"pid": proc.pid, "generation": self.generation})
+                return
+            await asyncio.sleep(interval)
 
     def _on_exit(self, proc: subprocess.Popen) -> None:
         loop = asyncio.get_running_loop()
@@ -1149,7 +1198,7 @@ class ForkServerClient:
             os.close(self._fd)
             self._fd = None
         proc.wait()
-        self.ready = False
+        self.ready = self.warm = False
         if self.stopping:
             return
         if proc.returncode == CANNOT_RUN:
@@ -1236,8 +1285,9 @@ class ForkServerClient:
     async def stop(self) -> None:
         self.stopping = True
         self.ready = False
-        if self._starting:
-            self._starting.cancel()
+        for task in (self._starting, self._warming):
+            if task:
+                task.cancel()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             for _ in range(100):

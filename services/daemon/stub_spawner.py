@@ -50,6 +50,9 @@ class StubSpawner:
     async def wait_ready(self, timeout: float) -> bool:
         return True  # no fast path to wait for
 
+    def bring_up_done(self) -> None:
+        pass  # nothing waits for it
+
     def status(self) -> dict | None:
         return None
 

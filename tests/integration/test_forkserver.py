@@ -149,18 +149,22 @@ while True:
 
 
 @contextlib.contextmanager
-def _fork_server(tmp_path):
+def _fork_server(tmp_path, env: dict[str, str] | None = None):
     """A fork server behind its subreaper, on a socket in ``tmp_path``: (socket, server process);
-    ended, and its reaper with it, however the test ends."""
+    ended, and its reaper with it, however the test ends. Its output goes to ``tmp_path/fs.log``."""
     import subprocess
     import sys
 
     sock = str(tmp_path / "fs.sock")
-    reaper = subprocess.Popen([sys.executable, "-c", REAPER, sock], cwd=REPO, env={**os.environ, "TRON_SDKS": ""},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "fs.log", "ab") as out:
+        reaper = subprocess.Popen([sys.executable, "-c", REAPER, sock], cwd=REPO,
+                                  env={**os.environ, "TRON_SDKS": "", "PYTHONUNBUFFERED": "1", **(env or {})},
+                                  stdout=out, stderr=subprocess.STDOUT)
     server = None
     try:
-        server = psutil.Process(wait_for(lambda: _ping(sock), 60, "fork server ready", interval=0.05)["pid"])
+        first = wait_for(lambda: _ping(sock), 60, "fork server ready", interval=0.05)
+        server = psutil.Process(first["pid"])
+        server.first_ping = first  # what it answered as soon as it was ready
         yield sock, server
     finally:
         if server is not None:
@@ -213,11 +217,102 @@ async def test_concurrent_spawns_are_each_answered_with_a_running_incarnation(tm
         wait_for(lambda: not server.children(), 30, "no intermediate left under the fork server")
 
 
-def _ping(sock: str) -> dict | None:
+def _ping(sock: str, timeout: float = 1.0) -> dict | None:
     from tron.services.daemon import unixline
 
     try:
-        reply = unixline.ask(sock, {"op": "ping"}, timeout=1.0)
+        reply = unixline.ask(sock, {"op": "ping"}, timeout=timeout)
     except OSError:
         return None
     return reply if reply and reply.get("ok") else None
+
+
+def _said(tmp_path, msg: str) -> dict | None:
+    """The fork server's log line with this message, if it wrote it yet."""
+    for line in (tmp_path / "fs.log").read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if (record := json.loads(line)).get("msg") == msg:
+                return record
+    return None
+
+
+def test_the_fork_server_is_ready_before_its_sdk_warm_up_and_says_when_it_is_warm(tmp_path):
+    """Ready (it answers, it would fork) with the agent code imported, the SDKs not yet: it
+    warms them up when told the mesh is up, and says so."""
+    from tron.services.daemon import unixline
+
+    with _fork_server(tmp_path, {"TRON_SDKS": "ollama", "TRON_TEST_WARM_UP_DELAY": "1"}) as (sock, server):
+        first = server.first_ping  # within ~50 ms of ready: untold, it waits 5 s without a request
+        assert first["warm"] is False
+        assert unixline.ask(sock, {"op": "warm_up"}, timeout=30)["ok"] is True
+        warm = wait_for(lambda: (p := _ping(sock, timeout=30)) and p["warm"] and p, 60, "the warm-up")
+        assert warm["pid"] == first["pid"] and warm["modules"] > first["modules"]  # the SDK came in after
+        record = _said(tmp_path, "fork server warm")
+        assert record is not None and record["seconds"] >= 1  # the test knob's delay is in it
+        assert _said(tmp_path, "fork server warming up")["sdks"] == ["ollama"]
+
+
+def test_a_mesh_that_asks_for_llm_advice_gets_a_fork_server_warm_from_the_start(tmp_path):
+    """Its parents must answer within advice_timeout: no room there for an SDK import."""
+    from tron.common.config import MeshConfig
+    from tron.common.paths import Home
+    from tron.services.daemon.spawner import fork_server_env
+
+    services = {"a": {"role": "programmer", "port": 7001}}
+    for advice, before_ready in ((True, "1"), (False, "0")):
+        config = MeshConfig.model_validate({"services": services, "policy": {"llm_advice": advice}})
+        assert fork_server_env(config, Home(tmp_path))["TRON_WARM_BEFORE_READY"] == before_ready
+    with _fork_server(tmp_path, {"TRON_SDKS": "ollama", "TRON_WARM_BEFORE_READY": "1"}) as (sock, server):
+        assert server.first_ping["warm"] is True
+
+
+def test_a_spawn_asked_during_the_warm_up_is_served_once_it_is_over(tmp_path):
+    """A request that comes while the server imports the SDKs (here untold: nothing asked for
+    a while) waits in the backlog and is served after: nothing is lost (the daemon's
+    deadline covers a warm-up too slow for it)."""
+    import datetime
+
+    from tron.services.daemon import unixline
+
+    with _fork_server(tmp_path, {"TRON_TEST_WARM_UP_DELAY": "3"}) as (sock, server):
+        wait_for(lambda: _said(tmp_path, "fork server warming up"), 60, "the warm-up to start")
+        r, w = os.pipe()
+        try:
+            answer = unixline.ask(sock, {"op": "spawn", "module": "calendar", "env": {"PATH": os.defpath},
+                                         "cwd": str(tmp_path), "log": "", "log_pipe": True, "cgroup": []},
+                                  timeout=60, fds=(w,))
+        finally:
+            os.close(w)
+        assert answer and answer["ok"], answer
+        with os.fdopen(r, "rb") as out:  # the child ran: the calendar, then EOF when it exited
+            assert str(datetime.date.today().year).encode() in out.read()
+        assert _said(tmp_path, "fork server warm") is not None  # it was answered after the warm-up
+        assert _ping(sock)["warm"] is True
+
+
+def test_agents_forked_before_the_warm_up_import_their_sdk_off_the_loop_at_their_first_call(mesh_factory):
+    """The fork server's warm-up held back (the test knob: it sleeps first), so the agents it
+    forks have no SDK: a run through the gateway still succeeds, each agent that calls the
+    LLM importing its SDK in a thread at its first call, and TRON hears its beats meanwhile
+    (no alert of any kind)."""
+    m = mesh_factory()
+    m.env["TRON_TEST_WARM_UP_DELAY"] = "600"
+    m.up()
+    fs = m.status()["fork_server"]
+    assert fs["ready"] and fs["warm"] is False
+    # The programmers call the LLM in every run; forked cold (a spawn the warm-up held up past
+    # its deadline would be plain, and import its SDK as it starts: not what is tested here).
+    cold = {name: m.service(name)["pid"] for name in ("programmer-1", "programmer-2")
+            if spawn_modes(m, name) == ["fork"]}
+    assert cold, "no programmer was forked"
+    assert not any(_has_sdk(pid) for pid in cold.values())
+    assert m.tron("run", "forked cold").returncode == 0
+    assert m.status()["fork_server"]["warm"] is False  # still sleeping: the agents imported their own
+    assert all(_has_sdk(pid) for pid in cold.values())  # the same processes, not replacements
+    assert m.rows("SELECT agent, reason FROM alerts") == []
+
+
+def _has_sdk(pid: int) -> bool:
+    """Whether the anthropic SDK is loaded in the process: its jiter extension is mapped (the
+    fork server's preload has no use for it)."""
+    return any("jiter" in m.path for m in psutil.Process(pid).memory_maps())

@@ -46,6 +46,8 @@ def test_a_killed_agent_comes_back_as_its_standby_in_its_own_cgroup_and_works(me
     daemon = m.status()["daemon"]["pid"]
     wait_for(lambda: psutil.Process(pid).ppid() == daemon, 30, "the standby reparented to the daemon (which reaps it)")
     assert cgroup_leaf(pid) == f"programmer-1.{incarnation}"  # in the next incarnation's cgroup already
+    assert m.status()["fork_server"]["warm"]  # forked once the server had its SDKs: the agent will not import them
+    assert "jiter" in Path(f"/proc/{pid}/maps").read_text()  # the anthropic SDK's extension, mapped
     old = m.kill("programmer-1")
     back = m.wait_replaced("programmer-1", old)
     assert back["pid"] == pid and back["incarnation"] == incarnation  # the standby became the agent, in place

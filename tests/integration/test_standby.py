@@ -178,11 +178,14 @@ def test_a_standby_becomes_the_service_it_is_handed_with_the_same_pid(tmp_path):
         assert f"pid {pid} " in said and "probe handed" in said and "nofile 512" in said, said
 
 
-def test_the_standby_protocol_is_refused_by_an_unknown_op(tmp_path):
-    from tests.integration.test_forkserver import _fork_server
+def test_an_unknown_op_or_a_request_that_is_no_object_is_refused(tmp_path):
+    from tests.integration.test_forkserver import _fork_server, _ping
     from tron.services.daemon import unixline
 
     with _fork_server(tmp_path) as (sock, server):
         assert unixline.ask(sock, {"op": "stand-by"}, timeout=30) == {"ok": False, "error": "unknown op 'stand-by'"}
+        answer = unixline.ask(sock, ["op", "standby"], timeout=30)  # type: ignore[arg-type]
+        assert answer["ok"] is False and "a JSON object is expected" in answer["error"]
+        assert _ping(sock)  # and it serves on
         assert not server.children()
 

@@ -222,8 +222,8 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
 def _rehearse(config: str | None) -> None:
     """In a standby, before it waits: what every agent does first, done ahead and without
     effects outside this process (its mesh file read and validated for its load_mesh, an
-    event loop run, an HTTP app set up and torn down, a client session made and closed, a
-    log line formatted). The
+    event loop run, an HTTP app that serves itself a POST and a GET on a loopback port of
+    its own, a log line formatted). The
     memory pages this touches are copied from the server now, off the restart's path, not
     after the restart hands the standby its spawn."""
     try:
@@ -238,16 +238,30 @@ def _rehearse(config: str | None) -> None:
             preload_mesh(config)
 
         async def health(request: web.Request) -> web.Response:
-            return web.json_response({})
+            if request.can_read_body:
+                await request.json()
+            return web.json_response({"ok": True})
 
         async def rehearsal() -> None:
+            # One request of each kind an agent's start makes first (its first beat, a POST
+            # of JSON; the daemon's GET /health), served to itself on a loopback port of
+            # its own that is closed again at once.
             app = web.Application()
             app.router.add_get("/health", health)
+            app.router.add_post("/health", health)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
-            await runner.cleanup()
-            async with aiohttp.ClientSession():
-                pass
+            try:
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                port = runner.addresses[0][1]
+                async with aiohttp.ClientSession() as session:
+                    for method in ("POST", "GET"):
+                        async with session.request(method, f"http://127.0.0.1:{port}/health",
+                                                   json={"seq": 0} if method == "POST" else None) as answer:
+                            await answer.json()
+            finally:
+                await runner.cleanup()
 
         loop = asyncio.new_event_loop()
         try:

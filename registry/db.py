@@ -129,13 +129,14 @@ class _SqliteTx:
             return cur.rowcount
 
     async def one(self, sql: str, args: Args = ()) -> Row | None:
-        async with self.conn.execute(sql, args) as cur:
-            row = await cur.fetchone()
-        return None if row is None else dict(row)
+        rows = await self.conn.execute_fetchall(sql, args)
+        return next((dict(r) for r in rows), None)
 
     async def all(self, sql: str, args: Args = ()) -> list[Row]:
-        async with self.conn.execute(sql, args) as cur:
-            return [dict(r) for r in await cur.fetchall()]
+        # One trip to the connection's thread (execute, fetch, done), where a cursor took
+        # three (execute, fetch, close): each trip is a GIL hand-over, and a crash wave's
+        # ladder views read several rows per alert on the restart path.
+        return [dict(r) for r in await self.conn.execute_fetchall(sql, args)]
 
 
 def open_reader(url: str) -> sqlite3.Connection:

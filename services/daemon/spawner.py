@@ -1113,6 +1113,9 @@ class ForkServerClient:
         self._starting: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(IN_FLIGHT)
+        # Standbys are asked for one at a time and never take a spawn's slot: after `tron up`
+        # a hundred agents' standbys must not queue a restart behind them.
+        self._standby_slot = asyncio.Semaphore(1)
 
     @property
     def pid(self) -> int | None:
@@ -1250,7 +1253,7 @@ class ForkServerClient:
         the standby); None when the server cannot serve."""
         if not self.ready:
             return None
-        async with self._slots:
+        async with self._standby_slot:
             try:
                 reply, conn = await unixline.ask_keep_async(
                     self.sock_path, {"op": "standby", "cgroup": cgroup, "config": config,

@@ -880,6 +880,9 @@ class Runner:
         known |= set((status.get("ownership") or {}).get("gates") or ())  # next incarnations' gates (spawner.Gate)
         for node in (status.get("cluster") or {}).get("nodes", []):  # node agents and their fork servers
             known |= {node["agent_pid"], node["fork_server"]} - {None}
+        servers = [status["fork_server"]["pid"]] if status.get("fork_server") else []
+        servers += [n["fork_server"] for n in (status.get("cluster") or {}).get("nodes", []) if n.get("fork_server")]
+        server_argv = [argv for argv in (_argv(pid) for pid in servers) if argv]
         problems = []
         per_agent: dict[str, int] = {}
         for s in sessions:
@@ -888,10 +891,25 @@ class Runner:
                 problems.append(f"session of {s['agent']} has no live process (pid {s['pid']})")
         problems += [f"{a} has {n} open sessions" for a, n in per_agent.items() if n > 1]
         for pid, proc in procs.items():
-            if pid in known or _descends_from(proc, owners):
-                continue
+            if pid in known or _descends_from(proc, owners) or _argv(pid) in server_argv or _gone(proc):
+                continue  # (a fork server's copy not yet a service: a standby being made, an intermediate)
             problems.append(f"pid {pid} is not accounted for: {describe([proc])[0]}")
         return {"processes": len(procs), "sessions": len(sessions), "problems": problems}
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """Exited since the census listed it (a fork server's intermediate lives a moment)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _argv(pid: int) -> list[str] | None:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
 
 
 def _descends_from(proc: psutil.Process, roots: set[int]) -> bool:

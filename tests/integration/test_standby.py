@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -70,6 +71,11 @@ def test_a_standby_that_died_is_not_used_and_the_restart_forks(mesh_factory):
     m.up()
     pid, incarnation = standby_of(m, "programmer-2")
     os.kill(pid, signal.SIGKILL)
+    # Dead (its teardown done), not dying: a standby killed a moment before the restart may
+    # still be taken for alive by it, and then found dead when opened; that start forks
+    # too, under the id it reserved.
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+             "the standby dead")
     old = m.kill("programmer-2")
     back = m.wait_replaced("programmer-2", old)
     assert back["pid"] != pid and back["incarnation"] != incarnation
@@ -189,3 +195,35 @@ def test_an_unknown_op_or_a_request_that_is_no_object_is_refused(tmp_path):
         assert _ping(sock)  # and it serves on
         assert not server.children()
 
+
+
+def test_a_drills_census_counts_a_standby_being_made_as_the_fork_servers_not_a_stray(mesh_factory):
+    """A standby is forked and only then listed under ownership.gates: one being made at the
+    moment of a drill's census (0.5 s after any restart) is a copy of the fork server, with
+    its command line, not an orphan. Made here by asking the fork server directly, so the
+    daemon never lists it."""
+    from tron.common.config import load_mesh
+    from tron.common.paths import Home
+    from tron.scripts.client import MeshClient
+    from tron.scripts.drills import Runner
+
+    m = mesh_factory()
+    m.up()
+    standby_of(m, "programmer-1")  # the mesh's own standbys are in place (and listed)
+    answer, conn = _standby(str(m.home / "run" / "forkserver.sock"))
+    try:
+        unlisted = answer["pid"]
+        assert unlisted not in m.status()["ownership"]["gates"]
+        runner = Runner(MeshClient(Home.resolve(str(m.home)), load_mesh(m.config)))
+        census = runner.census()
+        assert census["problems"] == [], census
+        # and a process that is no copy of it is still reported
+        other = subprocess.Popen(["sleep", "60"], env={**os.environ, "TRON_MESH": str(m.home)})
+        try:
+            wait_for(lambda: any(f"pid {other.pid} " in p for p in runner.census()["problems"]), 30,
+                     "the stray reported")
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        conn.close()

@@ -122,6 +122,13 @@ def _stale(sources: dict[str, float]) -> str | None:
     return None
 
 
+def _stale_reply(sources: dict[str, float]) -> dict | None:
+    """The answer that refuses a spawn when a source file changed since the server read it."""
+    changed = _stale(sources)
+    return None if changed is None else {"ok": False, "stale": True,
+                                         "error": f"{changed} changed since the fork server started"}
+
+
 def _become_service(req: dict, fds: list[int], *, entered: bool = False) -> None:
     """In the new incarnation: a fresh session (``entered``: a standby has it, and its
     cgroup, already), its own stdio, environment and cwd, then run the role module as
@@ -204,10 +211,9 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
         if not line.endswith(b"\n"):
             return  # the daemon gave this standby up (or went away): run nothing
         go = json.loads(line)
-        changed = _stale(sources)
-        if changed:
-            conn.sendall(json.dumps({"ok": False, "stale": True,
-                                     "error": f"{changed} changed since the fork server started"}).encode() + b"\n")
+        stale = _stale_reply(sources)
+        if stale is not None:
+            conn.sendall(json.dumps(stale).encode() + b"\n")
             return
         conn.sendall(b'{"ok": true}\n')
         conn.close()
@@ -223,9 +229,8 @@ def _rehearse(config: str | None) -> None:
     """In a standby, before it waits: what every agent does first, done ahead and without
     effects outside this process (its mesh file read and validated for its load_mesh, an
     event loop run, an HTTP app that serves itself a POST and a GET on a loopback port of
-    its own, a log line formatted). The
-    memory pages this touches are copied from the server now, off the restart's path, not
-    after the restart hands the standby its spawn."""
+    its own, a log line formatted). The memory pages this touches are copied from the server
+    now, off the restart's path, not after the restart hands the standby its spawn."""
     try:
         import asyncio
 
@@ -483,9 +488,9 @@ def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.s
         return {"ok": True, "warm": _warmth == "warm"}
     if req.get("op") not in ("spawn", "standby"):
         return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
-    changed = _stale(sources)
-    if changed:
-        return {"ok": False, "stale": True, "error": f"{changed} changed since the fork server started"}
+    stale = _stale_reply(sources)
+    if stale is not None:
+        return stale
     deadline = req.get("deadline")
     if isinstance(deadline, (int, float)) and time.monotonic() > deadline:
         return {"ok": False, "error": "the request waited past its deadline: the daemon has stopped waiting"}

@@ -38,6 +38,19 @@ SERVICES = {"llm-sim": {"role": "llm_sim", "port": 6190, "resources": {"head": 1
             "worker": {"role": "programmer", "port": 6130, "parent": "root"}}
 
 
+def two_nodes():
+    """A Ray head (resource "head") and one worker node (resource "spare"), both on loopback,
+    with HEALTH: (the cluster, the worker node). The caller shuts the cluster down."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 1, "resources": {"head": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        "_system_config": HEALTH})
+    worker_node = cluster.add_node(num_cpus=1, resources={"spare": 1}, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    return cluster, worker_node
+
+
 def kill_once(mesh, name: str = "worker") -> dict:
     before = mesh.service(name)
     t0 = time.monotonic()
@@ -63,14 +76,8 @@ def main() -> int:
     ap.add_argument("--losses", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from ray.cluster_utils import Cluster
-
     t_start = time.monotonic()
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 1, "resources": {"head": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-        "_system_config": HEALTH})
-    worker_node = cluster.add_node(num_cpus=1, resources={"spare": 1}, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
+    cluster, worker_node = two_nodes()
     cluster_up = time.monotonic() - t_start
     tmp = Path(tempfile.mkdtemp(prefix="tron-bench-cluster-"))
     local = make_mesh(tmp / "local", services=SERVICES, fast=False)

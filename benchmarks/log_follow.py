@@ -28,13 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cluster_recovery import SERVICES, two_nodes  # the same two nodes and mesh
 from tron.scripts.stats import summary
 from tests.harness import cleanup, make_mesh, wait_for
-
-HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
-SERVICES = {"llm-sim": {"role": "llm_sim", "port": 6190, "resources": {"head": 1}},
-            "root": {"role": "root", "port": 6100, "resources": {"head": 1}},
-            "worker": {"role": "programmer", "port": 6130, "parent": "root"}}
 
 
 def get_log(mesh, **query) -> tuple[float, dict]:
@@ -98,13 +94,7 @@ def main() -> int:
     ap.add_argument("--megabytes", type=int, default=8)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 1, "resources": {"head": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-        "_system_config": HEALTH})
-    worker_node = cluster.add_node(num_cpus=1, resources={"spare": 1}, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
+    cluster, worker_node = two_nodes()
     tmp = Path(tempfile.mkdtemp(prefix="tron-bench-logs-"))
     local = make_mesh(tmp / "local", services=SERVICES, fast=False)
     pinned = {**SERVICES, "worker": {**SERVICES["worker"], "node": worker_node.node_id[:8]}}

@@ -873,16 +873,18 @@ class Runner:
         status = self.mesh.status()
         owners = {s["pid"] for s in sessions if s["pid"]}
         known = owners | {status["daemon"]["pid"]}
-        if status.get("fork_server"):
-            known.add(status["fork_server"]["pid"])
+        fs = status.get("fork_server") or {}
+        servers = [pid for pid in (fs.get("pid"), fs.get("heir")) if pid]  # an heir: warming up to take over
+        known |= set(servers)
         if (status.get("logs") or {}).get("pid"):  # the log pump (services/daemon/logpump.py)
             known.add(status["logs"]["pid"])
         known |= set((status.get("ownership") or {}).get("gates") or ())  # next incarnations' gates (spawner.Gate)
         for node in (status.get("cluster") or {}).get("nodes", []):  # node agents and their fork servers
             known |= {node["agent_pid"], node["fork_server"]} - {None}
-        servers = [status["fork_server"]["pid"]] if status.get("fork_server") else []
         servers += [n["fork_server"] for n in (status.get("cluster") or {}).get("nodes", []) if n.get("fork_server")]
-        server_argv = [argv for argv in (_argv(pid) for pid in servers) if argv]
+        # (a fork server's command line, less its socket path and parent: a server retiring as
+        # its warm heir takes over runs the same code on another socket)
+        server_argv = [argv[:-2] for argv in (_argv(pid) for pid in servers) if argv]
         problems = []
         per_agent: dict[str, int] = {}
         for s in sessions:
@@ -891,7 +893,7 @@ class Runner:
                 problems.append(f"session of {s['agent']} has no live process (pid {s['pid']})")
         problems += [f"{a} has {n} open sessions" for a, n in per_agent.items() if n > 1]
         for pid, proc in procs.items():
-            if pid in known or _descends_from(proc, owners) or _argv(pid) in server_argv or _gone(proc):
+            if pid in known or _descends_from(proc, owners) or (_argv(pid) or [])[:-2] in server_argv or _gone(proc):
                 continue  # (a fork server's copy not yet a service: a standby being made, an intermediate)
             problems.append(f"pid {pid} is not accounted for: {describe([proc])[0]}")
         return {"processes": len(procs), "sessions": len(sessions), "problems": problems}

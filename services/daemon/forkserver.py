@@ -22,13 +22,18 @@ server. A dead server is replaced the same way.
 
 The server is ready (it answers and forks) once the agent code is imported, before the LLM
 SDKs: those (1-2 s of imports) would otherwise sit on the path of every agent's first
-start. It imports them ("warms up") when the daemon says its mesh is up (``warm_up``), or
-on its own after ``WARM_UNASKED`` s without a request, in its one thread, then serves
-again; requests that come meanwhile wait in the listen backlog (or the daemon stops waiting
-at their deadline and spawns plainly). An agent forked before that imports its SDK at its
-first LLM call, in a thread (tron.common.providers.client). With
-``TRON_WARM_BEFORE_READY=1`` (a mesh that asks the LLM for advice: a parent must answer
-within ``advice_timeout``, which has no room for the import) it warms up before it is ready.
+start. Once the mesh is up (on a Ray node: 2 s after the node agent's setup), the daemon
+starts an heir: a second server, on a socket of its own, with ``TRON_WARM_BEFORE_READY=1``,
+which imports them before it is ready, while this one goes on serving (``heir_warms``).
+When the heir answers, the daemon sends its requests there and this one ``retire``s: it
+answers what it had queued, then exits. Where no heir can run, the server is told to warm
+up itself (``warm_up``), and untold it does so after ``WARM_UNASKED`` s without a
+request. It then imports them in its one thread, and
+requests that come meanwhile wait in the listen backlog (or the daemon stops waiting at
+their deadline and spawns plainly). An agent forked cold imports its SDK at its first LLM
+call, in a thread (tron.common.providers.client). A mesh that asks the LLM for advice (a
+parent must answer within ``advice_timeout``, which has no room for the import) has its
+first server warm before it is ready, too.
 ``TRON_TEST_WARM_UP_DELAY=S`` (a test knob): the warm-up sleeps S seconds first, as a slow
 machine's would take, so a test can fork agents cold or ask for one during the warm-up.
 
@@ -36,6 +41,8 @@ Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n, "warm": bool,
                                                          "warmth": "cold" | "warm" | "failed"}
     {"op": "warm_up"}                                -> {"ok": true, "warm": bool}, then the warm-up
+    {"op": "heir_warms"}                             -> {"ok": true}; it no longer warms up untold
+    {"op": "retire"}                                 -> {"ok": true, "retiring": true}, then it exits
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
     {"op": "standby", "cgroup": [procs files], "config": mesh file, "deadline"}
@@ -58,6 +65,7 @@ daemon sets LISTEN_FDS).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -380,11 +388,11 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     # here: the imports above may run a subprocess and wait for it (the warm-up sets it back).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
-    last_asked, told = time.monotonic(), False
+    last_asked, told, waived = time.monotonic(), False, False
     while True:
         while _warmth == "cold":  # serve what comes; warm up when told, or once nothing has come for a while
-            due = _warm_up_in(time.monotonic(), last_asked, told)
-            if due <= 0:
+            due = _warm_up_in(time.monotonic(), last_asked, told, waived)
+            if due is not None and due <= 0:
                 _warm_up(sources)
             elif select.select([server], [], [], due)[0]:
                 break
@@ -402,6 +410,7 @@ def serve(sock_path: str, parent: int | None = None) -> int:
             else:
                 op = req.get("op") if isinstance(req, dict) else None
                 told = told or op == "warm_up"
+                waived = waived or op == "heir_warms"
                 if op != "ping":  # the daemon pings until the server is warm: that is no work coming
                     last_asked = time.monotonic()
                 reply = _handle(req, sources, fds, conn) if req is not None else \
@@ -418,6 +427,11 @@ def serve(sock_path: str, parent: int | None = None) -> int:
             if reply.get("stale"):
                 print(json.dumps({"msg": "fork server out of date, exiting", "changed": reply["error"]}), flush=True)
                 return 0
+            if reply.get("retiring"):  # what was queued before this request was answered first
+                print(json.dumps({"msg": "fork server retired: a warm heir serves now"}), flush=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock_path)
+                return 0
 
 
 WARM_UNASKED = 5.0  # s without a request after which the server warms up untold (a node agent never tells)
@@ -426,10 +440,13 @@ WARM_UP_DELAY = "TRON_TEST_WARM_UP_DELAY"  # a test knob: the warm-up sleeps thi
 _warmth = "cold"  # -> "warm" | "failed" (the SDKs could not be imported here: agents import their own)
 
 
-def _warm_up_in(now: float, last_asked: float, told: bool) -> float:
+def _warm_up_in(now: float, last_asked: float, told: bool, waived: bool = False) -> float | None:
     """Seconds until the SDK warm-up is due (<= 0: now): at once when the daemon said its
-    mesh is up (``told``), else ``WARM_UNASKED`` after the last request (or ready)."""
-    return 0.0 if told else last_asked + WARM_UNASKED - now
+    mesh is up (``told``), never when it said an heir warms up instead (``waived``), else
+    ``WARM_UNASKED`` after the last request (or ready)."""
+    if told:
+        return 0.0
+    return None if waived else last_asked + WARM_UNASKED - now
 
 
 def _warm_up(sources: dict[str, float]) -> None:
@@ -486,6 +503,10 @@ def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.s
                 "warmth": _warmth}
     if req.get("op") == "warm_up":  # the mesh is up: the server's loop warms up once this is answered
         return {"ok": True, "warm": _warmth == "warm"}
+    if req.get("op") == "heir_warms":  # another server imports the SDKs: this one serves on, cold
+        return {"ok": True}
+    if req.get("op") == "retire":  # a warm heir serves now: exit once this is answered
+        return {"ok": True, "retiring": True}
     if req.get("op") not in ("spawn", "standby"):
         return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
     stale = _stale_reply(sources)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 NAMESPACE = "tron"
+NODE_WARM_AFTER = 2.0  # s after setup: the fork server's heir imports the SDKs (it would on its own after 5 s idle)
 PORT_WAIT = 5.0  # seconds a spawn waits for its port to be free on this node
 
 
@@ -80,6 +81,9 @@ class NodeAgent:
         await self.spawner.start(self._exited)
         if forkserver is not None:
             await forkserver.wait_ready(timeout=60)
+            # Nobody tells a node when its mesh is up: its fork server's warm heir (spawner.py
+            # ``_hand_to_heir``) starts a while after, before the server would warm up in place.
+            asyncio.get_running_loop().call_later(NODE_WARM_AFTER, self.spawner.bring_up_done)
         return self.describe()
 
     def _socket_path(self, wanted: Path) -> Path:

@@ -26,6 +26,7 @@ Local facts stay here: pids, process groups, the fork server, the subreaper.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import json
@@ -421,10 +422,13 @@ class LocalSpawner:
         fs = self.forkserver
         if fs is None:
             return None
-        return {"pid": fs.pid, "ready": fs.ready, "warm": fs.warm, "generation": fs.generation, "spawned": fs.spawned}
+        return {"pid": fs.pid, "ready": fs.ready, "warm": fs.warm, "generation": fs.generation, "spawned": fs.spawned,
+                "heir": fs.heir.pid if fs.heir is not None else None, "socket": fs.sock_path}
 
     def helper_pids(self) -> set[int]:
-        helpers = {self.forkserver.pid} if self.forkserver is not None and self.forkserver.pid else set()
+        fs = self.forkserver
+        helpers = {fs.pid} if fs is not None and fs.pid else set()
+        helpers |= {fs.heir.pid} if fs is not None and fs.heir is not None else set()
         helpers |= set(self._live_gates)
         return helpers | ({self.logs.pid} if self.logs is not None and self.logs.pid else set())
 
@@ -1109,7 +1113,8 @@ class ForkServerClient:
         self.stopping = False
         self.generation = 0
         self.spawned = 0
-        self._fd: int | None = None
+        self._fds: dict[int, int] = {}  # pid -> its pidfd, watched (the server, and an heir warming up)
+        self.heir: subprocess.Popen | None = None  # a server warming up to take over (``_hand_to_heir``)
         self._starting: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(IN_FLIGHT)
@@ -1128,13 +1133,22 @@ class ForkServerClient:
             log.error("fork server not started: its socket path %s is longer than %d bytes (a shorter home "
                       "helps); agents spawn plainly", self.sock_path, SOCKET_PATH_MAX)
             return False
-        with open(self.log_path, "ab", buffering=0) as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tron.services.daemon.forkserver", self.sock_path, str(os.getpid())],
-                cwd=self.cwd, env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        self.proc = self._popen(self.sock_path)
         self.generation += 1
         return True
+
+    def _popen(self, sock_path: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(self.log_path, "ab", buffering=0) as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tron.services.daemon.forkserver", sock_path, str(os.getpid())],
+                cwd=self.cwd, env={**self.env, "PYTHONUNBUFFERED": "1", **(extra_env or {})},
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                close_fds=True)
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """``_on_exit`` runs when ``proc`` ends (its pidfd becomes readable)."""
+        fd = self._fds[proc.pid] = os.pidfd_open(proc.pid)
+        asyncio.get_running_loop().add_reader(fd, self._on_exit, proc)
 
     async def start(self) -> None:
         """Launch in the background (unless launch() did already): agents spawn plainly until
@@ -1150,9 +1164,7 @@ class ForkServerClient:
         self.ready = False
         if (self.proc is None or self.proc.returncode is not None) and not self.launch():
             return False
-        loop = asyncio.get_running_loop()
-        self._fd = os.pidfd_open(self.proc.pid)
-        loop.add_reader(self._fd, self._on_exit, self.proc)
+        self._watch(self.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             reply = await self._request({"op": "ping"}, timeout=1.0)
@@ -1175,12 +1187,15 @@ class ForkServerClient:
         self.warm_now = True
 
     async def _until_warm(self, proc: subprocess.Popen, interval: float = 0.5) -> None:
-        """Tell the server to warm up once the mesh is up (``warm_now``), then ask until it
-        says it has the SDKs (``warm``, for status). During the warm-up a request waits in
-        the backlog."""
+        """Once the mesh is up (``warm_now``), a warm server takes over from this cold one
+        (``_hand_to_heir``): no spawn ever waits for the SDKs' import. Where no heir can be
+        started, the server is told to warm up itself (a request then waits in its backlog
+        meanwhile). Either way, ask until it says it has the SDKs (``warm``, for status)."""
         told = False
         while proc.poll() is None and not self.stopping:
             if self.warm_now and not told:
+                if await self._hand_to_heir(proc):
+                    return
                 told = bool(await self._request({"op": "warm_up"}, timeout=5.0))
             reply = await self._request({"op": "ping"}, timeout=30.0)
             if reply and reply.get("pid") == proc.pid and reply.get("warm"):
@@ -1195,12 +1210,14 @@ class ForkServerClient:
             await asyncio.sleep(interval)
 
     def _on_exit(self, proc: subprocess.Popen) -> None:
-        loop = asyncio.get_running_loop()
-        if self._fd is not None:
-            loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        if (fd := self._fds.pop(proc.pid, None)) is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
         proc.wait()
+        if proc is not self.proc:  # a server that retired, or an heir that did not take over
+            if proc is self.heir:
+                self.heir = None
+            return
         self.ready = self.warm = False
         if self.stopping:
             return
@@ -1215,13 +1232,74 @@ class ForkServerClient:
         if not self.stopping:
             await self._launch()
 
-    async def _request(self, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:
+    async def _request(self, req: dict, *, timeout: float, fds: tuple[int, ...] = (),
+                       path: str | None = None) -> dict | None:
         """One request line (with ``fds`` alongside, SCM_RIGHTS) and its answer; None when
-        the server does not answer well within ``timeout``."""
+        the server (at ``path``, else the serving one's) does not answer well within ``timeout``."""
         try:
-            return await unixline.ask_async(self.sock_path, req, timeout=timeout, fds=fds)
+            return await unixline.ask_async(path or self.sock_path, req, timeout=timeout, fds=fds)
         except (OSError, ValueError):
             return None
+
+    HEIR_WAIT = 120.0  # s an heir may take to import its SDKs and be ready (a loaded machine's minutes are long)
+
+    def _heir_path(self) -> str | None:
+        """The socket an heir binds: the serving one's name with ``~`` added, or taken off."""
+        path = self.sock_path[:-1] if self.sock_path.endswith("~") else self.sock_path + "~"
+        return path if len(os.fsencode(path)) <= SOCKET_PATH_MAX else None
+
+    async def _hand_to_heir(self, proc: subprocess.Popen) -> bool:
+        """The SDKs' import (1-2 s each) in a new server, warm before it is ready, while the cold
+        one ``proc`` goes on serving; then the new one serves, and the old one, asked to retire,
+        answers what it had queued first and exits. False when no heir could take over (the
+        caller has ``proc`` warm up itself)."""
+        path = self._heir_path()
+        if path is None or not (await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok"):
+            return False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        try:
+            heir = self.heir = self._popen(path, {"TRON_WARM_BEFORE_READY": "1"})
+        except OSError as err:
+            log.warning("no heir for the fork server (%s): it warms up itself", err)
+            return False
+        self._watch(heir)
+        deadline = time.monotonic() + self.HEIR_WAIT
+        reply = None
+        while heir.poll() is None and time.monotonic() < deadline:
+            if self.stopping or self.proc is not proc:  # stopped, or the server was replaced meanwhile
+                break
+            reply = await self._request({"op": "ping"}, timeout=1.0, path=path)
+            if reply and reply.get("pid") == heir.pid and reply.get("ok"):
+                break
+            reply = None
+            await asyncio.sleep(0.05)
+        if reply is None or self.stopping or self.proc is not proc or proc.poll() is not None:
+            self._end_heir(heir, path)
+            return self.stopping or self.proc is not proc  # not ours to warm any more
+        old_path, self.proc, self.sock_path, self.heir = self.sock_path, heir, path, None
+        self.warm, self.generation = bool(reply.get("warm")), self.generation + 1
+        log.info("fork server warm: its heir serves now, warm from the start", extra={
+            "pid": heir.pid, "retired": proc.pid, "modules": reply.get("modules"), "generation": self.generation,
+            "warmth": reply.get("warmth")})
+        # Whatever was sent to the old server before this line is answered first (its backlog
+        # is served in order); it exits after answering this.
+        if await self._request({"op": "retire"}, timeout=SPAWN_WAIT, path=old_path) is None and proc.poll() is None:
+            proc.terminate()
+        return True
+
+    def _end_heir(self, heir: subprocess.Popen, path: str) -> None:
+        if heir.poll() is None:
+            heir.kill()  # _on_exit reaps it
+        else:
+            log.warning("the fork server's heir exited (%s) before it was ready: the server warms up itself",
+                        heir.returncode)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None,
                     log_fd: int | None = None, *, cgroup: list[str] | None = None,
@@ -1291,6 +1369,12 @@ class ForkServerClient:
         for task in (self._starting, self._warming):
             if task:
                 task.cancel()
+        if self.heir is not None:
+            if self.heir.poll() is None:
+                self.heir.kill()
+                self.heir.wait()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._heir_path() or "\0")
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             for _ in range(100):

@@ -312,6 +312,35 @@ def test_agents_forked_before_the_warm_up_import_their_sdk_off_the_loop_at_their
     assert m.rows("SELECT agent, reason FROM alerts") == []
 
 
+def test_a_warm_heir_takes_over_so_that_no_restart_waits_for_the_sdk_import(mesh_factory):
+    """Once the mesh is up, a second server imports the SDKs (held 6 s more by the test knob)
+    while the first goes on forking: an agent killed meanwhile is forked at once by the cold
+    server, not held in a backlog behind the import. Then the warm heir serves, on its own
+    socket, and the cold server retires: it exits and its socket is gone."""
+    m = mesh_factory()
+    m.env["TRON_TEST_WARM_UP_DELAY"] = "6"
+    m.up()
+    fs = wait_for(lambda: (s := m.status()["fork_server"])["heir"] and s, 30, "an heir warming up")
+    assert fs["ready"] and not fs["warm"]
+    old = m.service("programmer-1")
+    m.kill("programmer-1")
+    fresh = m.wait_replaced("programmer-1", old["pid"])
+    assert m.status()["fork_server"]["heir"] == fs["heir"]  # still importing: the cold server forked it
+    assert spawn_modes(m, "programmer-1") == ["fork", "fork"] and not _has_sdk(fresh["pid"])
+
+    warm = wait_for(lambda: (s := m.status()["fork_server"])["warm"] and s, 120, "the heir to take over")
+    assert warm["pid"] == fs["heir"] and warm["heir"] is None and warm["generation"] == fs["generation"] + 1
+    assert warm["socket"] != fs["socket"]
+    wait_for(lambda: not psutil.pid_exists(fs["pid"]) or psutil.Process(fs["pid"]).status() == psutil.STATUS_ZOMBIE
+             or None, 30, "the cold server to retire")
+    assert not os.path.exists(fs["socket"])
+    # what is forked from now on has the SDK from the start
+    m.kill("programmer-1")
+    again = m.wait_replaced("programmer-1", fresh["pid"])
+    assert _has_sdk(again["pid"])
+    assert m.rows("SELECT agent, reason FROM alerts WHERE agent != 'programmer-1'") == []
+
+
 def _has_sdk(pid: int) -> bool:
     """Whether the anthropic SDK is loaded in the process: its jiter extension is mapped (the
     fork server's preload has no use for it)."""

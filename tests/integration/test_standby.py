@@ -210,7 +210,7 @@ def test_a_drills_census_counts_a_standby_being_made_as_the_fork_servers_not_a_s
     m = mesh_factory()
     m.up()
     standby_of(m, "programmer-1")  # the mesh's own standbys are in place (and listed)
-    answer, conn = _standby(str(m.home / "run" / "forkserver.sock"))
+    answer, conn = _standby(m.status()["fork_server"]["socket"])  # the warm heir's, once it took over
     try:
         unlisted = answer["pid"]
         assert unlisted not in m.status()["ownership"]["gates"]

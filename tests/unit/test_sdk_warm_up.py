@@ -16,15 +16,18 @@ from tron.common.providers.base import registered
 from tron.services.daemon.forkserver import WARM_UNASKED, _warm_up_in
 
 
-@pytest.mark.parametrize("now, last_asked, told, due", [
-    (100.0, 100.0, False, WARM_UNASKED),  # just ready, nothing asked: wait
-    (100.0 + WARM_UNASKED, 100.0, False, 0.0),  # a while without a request: now
-    (103.0, 101.0, False, WARM_UNASKED - 2.0),  # a spawn 2 s ago: the wait starts from it
-    (100.0, 100.0, True, 0.0),  # the daemon said its mesh is up: at once
-    (100.0, 99.9, True, 0.0),  # ... even right after a spawn
+@pytest.mark.parametrize("now, last_asked, told, waived, due", [
+    (100.0, 100.0, False, False, WARM_UNASKED),  # just ready, nothing asked: wait
+    (100.0 + WARM_UNASKED, 100.0, False, False, 0.0),  # a while without a request: now
+    (103.0, 101.0, False, False, WARM_UNASKED - 2.0),  # a spawn 2 s ago: the wait starts from it
+    (100.0, 100.0, True, False, 0.0),  # the daemon said its mesh is up: at once
+    (100.0, 99.9, True, False, 0.0),  # ... even right after a spawn
+    (100.0 + WARM_UNASKED, 100.0, False, True, None),  # an heir warms up instead: never, however long
+    (100.0, 100.0, True, True, 0.0),  # ... unless told after all (the heir could not take over)
 ])
-def test_when_the_fork_server_warms_up(now, last_asked, told, due):
-    assert _warm_up_in(now, last_asked, told) == pytest.approx(due)
+def test_when_the_fork_server_warms_up(now, last_asked, told, waived, due):
+    got = _warm_up_in(now, last_asked, told, waived)
+    assert got is None if due is None else got == pytest.approx(due)
 
 
 class Slow(Echo):

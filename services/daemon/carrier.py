@@ -176,7 +176,7 @@ class Carrier:
         svc = self.sup[rec.service]
         row = await self.store.record_retry(
             alert_id=rec.alert_id, agent_id=rec.service, retry_type=RetryType.ESCALATION, reason=rec.reason,
-            detail={**await self._alert_detail(rec.alert_id), **rec.detail, "kind": rec.kind,
+            detail={**await self._alert_detail(rec.alert_id.removesuffix(":loop")), **rec.detail, "kind": rec.kind,
                     "from": rec.from_service, "to": rec.to_service}, case=rec.case,
             task_id=rec.task_id, run_id=rec.run_id, from_provider=svc.provider, decided_by=rec.decided_by,
             requested_by=rec.from_service, hop=f"{rec.from_service}->{rec.to_service}")

@@ -157,6 +157,8 @@ async def test_a_crash_loop_is_flagged_escalated_once_and_ends_after_a_quiet_win
     loops = [r for r in rows if r["retry_type"] == "escalation"]
     assert [(r["reason"], r["hop"], r["case_id"]) for r in loops] == [
         ("crash_looping", "daemon->daemon", "crash_loop_started")]
+    # what TRON saw of the failure that started the loop, from its alert (the loop's id is the alert's + ":loop")
+    assert loops[0]["alert_id"].endswith(":loop") and loops[0]["detail"].get("detected_by") == "process_exit", loops[0]
     flagged = [r["detail"]["crash_looping"] for r in rows if r["retry_type"] == "child_restart"]
     assert flagged == [False, False, True, True, True]  # from the max_restarts-th failure in the window
     assert len(await rig.store.events(kind="crash_loop_started")) == 1

@@ -111,6 +111,26 @@ def test_a_refused_code_is_told_apart_used_expired_superseded_or_unknown():
     assert used not in repr(sessions.__dict__)  # spent codes are remembered by digest only
 
 
+def test_refused_logins_past_the_limit_wait_and_are_counted_not_audited_one_by_one():
+    from tron.services.daemon.ui.auth import REFUSAL_WINDOW, REFUSALS_AUDITED
+
+    clock = FakeClock()
+    sessions = Sessions(clock, cookie="tron_ui_6109")
+    said = []
+    for _ in range(REFUSALS_AUDITED):  # the first ones in a window: audited, each on its row
+        said.append(sessions.refused())
+        clock.advance(1.0)
+    assert said == [(0.0, 0)] * REFUSALS_AUDITED
+    wait, unaudited = sessions.refused()  # one more in the window: told to wait until the oldest leaves it
+    assert (wait, unaudited) == (pytest.approx(REFUSAL_WINDOW - REFUSALS_AUDITED), 1)
+    assert sessions.refused()[1] == 2
+    good = sessions.mint_code("ann@ui")
+    assert sessions.redeem(good) is not None  # a good code still logs in meanwhile
+    clock.advance(REFUSAL_WINDOW - REFUSALS_AUDITED + 0.01)  # the oldest left the window
+    assert sessions.refused() == (0.0, 2)  # audited again, with the count of those that were not
+    assert sessions.refused() == (pytest.approx(0.99), 1)  # a sliding window: the next one leaves 1 s later
+
+
 def test_the_api_lets_a_session_in_only_with_its_csrf_header_from_loopback():
     clock = FakeClock()
     sessions = Sessions(clock, cookie="tron_ui_6109")

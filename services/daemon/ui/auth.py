@@ -34,6 +34,8 @@ MAX_CODES = 16      # outstanding login codes; the oldest is forgotten first
 MAX_SESSIONS = 64   # live sessions; the oldest is logged out first
 MAX_GONE = 256      # spent and expired codes remembered (by hash) to say why a login was refused
 CSRF_HEADER = "X-CSRF-Token"
+REFUSALS_AUDITED = 10      # refused logins audited one by one per REFUSAL_WINDOW; past that, 429 and a count
+REFUSAL_WINDOW = 60.0
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -77,6 +79,8 @@ class Sessions:
         # sha256(code) -> (actor, why it is no longer good): only a digest, so the memory of
         # spent codes holds nothing that logs anyone in.
         self._gone: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+        self._refusals: collections.deque[float] = collections.deque()  # when the audited refusals came
+        self._unaudited = 0  # refusals answered 429 since the last audited one
 
     def __len__(self) -> int:
         self._prune()
@@ -127,6 +131,21 @@ class Sessions:
         self._gone.move_to_end(_digest(code))
         while len(self._gone) > MAX_GONE:
             self._gone.popitem(last=False)
+
+    def refused(self) -> tuple[float, int]:
+        """A login was just refused. Returns (seconds to wait, refusals not audited before this
+        one): a wait of 0 means this one is audited on its own row, with the count of those
+        answered 429 unaudited before it; > 0 means it is one of those (a flood of wrong codes
+        must not flood the audit trail; a good code still logs in meanwhile)."""
+        now = self.clock.now()
+        while self._refusals and self._refusals[0] <= now - REFUSAL_WINDOW:
+            self._refusals.popleft()
+        if len(self._refusals) >= REFUSALS_AUDITED:
+            self._unaudited += 1
+            return self._refusals[0] + REFUSAL_WINDOW - now, self._unaudited
+        self._refusals.append(now)
+        before, self._unaudited = self._unaudited, 0
+        return 0.0, before
 
     def of(self, request: web.Request) -> Session | None:
         """The request's live session, from its cookie."""

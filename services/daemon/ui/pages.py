@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import math
 import os
 import re
 import time
@@ -43,7 +44,7 @@ from tron.common.redaction import REDACTED
 from tron.common.states import RunState, TaskState
 from tron.common.settings import read_overlay
 from tron.services.daemon.ui import sse
-from tron.services.daemon.ui.auth import Session, local_problem
+from tron.services.daemon.ui.auth import REFUSAL_WINDOW, REFUSALS_AUDITED, Session, local_problem
 from tron.services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
 from tron.services.daemon.ui.settings_form import form_groups
 from tron.services.daemon.ui.views import (chart_data, run_budget, spend_by_task, spend_chart, spend_totals,
@@ -110,14 +111,23 @@ async def login(request: web.Request) -> web.StreamResponse:
     session = ui.sessions.redeem(code) if _CODE.match(code) else None
     if session is None:
         why, minted_for = ui.sessions.refusal(code) if _CODE.match(code) else ("unknown", None)
+        wait, unaudited = ui.sessions.refused()
+        if wait > 0:  # past REFUSALS_AUDITED in the window: counted, and said with the next audited one
+            if unaudited == 1:
+                log.warning("ui: more than %d refused logins in %.0f s: the rest are answered 429 and counted",
+                            REFUSALS_AUDITED, REFUSAL_WINDOW)
+            resp = error(429, f"too many refused logins: wait {math.ceil(wait)} s, or use a new login link "
+                              "from `tron ui` (a good code still logs in)", retry_after=math.ceil(wait))
+            resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return resp
         # Audited as every refused action is, but never with the code: a wrong code may be a
         # mistyped good one, and a used one must not be handed to whoever reads the trail.
         await ui.daemon.store.event("audit", {"who": "anonymous@ui", "what": "ui_login", "target": "ui",
                                               "before": "", "after": "", "outcome": f"refused: {LOGIN_REFUSED[why]}",
                                               "reason": why, "code": REDACTED, "code_minted_for": minted_for,
-                                              "peer": request.remote})
+                                              "peer": request.remote, "unaudited_before": unaudited})
         log.warning("ui: a login was refused: %s", LOGIN_REFUSED[why],
-                    extra={"actor": minted_for or "", "outcome": f"refused: {why}"})
+                    extra={"actor": minted_for or "", "outcome": f"refused: {why}", "unaudited_before": unaudited})
         return ui.templates.response("login.html", status=403,
                                      problem="This login link is used or expired. `tron ui` prints a new one.")
     await ui.daemon.store.event("audit", {"who": session.actor, "what": "ui_login", "target": "ui", "before": "",

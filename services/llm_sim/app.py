@@ -30,11 +30,12 @@ and how to add more (make_app(models=...) or TRON_SIM_*_MODELS).
 Fault control contract (all JSON):
 
     PUT    /sim/faults/{provider}   FaultSpec: {"kind": K, "latency_ms": 0, "times": null,
-                                     "duration_ms": null, "retry_after_ms": null}
+                                     "after": 0, "duration_ms": null, "retry_after_ms": null}
     DELETE /sim/faults/{provider}   clear one provider's fault
     DELETE /sim/faults              clear every fault
     GET    /sim/faults              {"providers": {P: {"fault": FaultSpec | null,
-                                     "remaining": n | null, "expires_in_ms": n | null,
+                                     "remaining": n | null, "passing": n,
+                                     "expires_in_ms": n | null,
                                      "counters": {"requests", "served", "faults_injected",
                                      "rate_limited", "by_kind": {K: n}, "hanging"}}}} (no token)
     POST   /sim/counters/reset      zero every provider's counters (DELETE /sim/counters
@@ -72,7 +73,8 @@ refused before generation (bad body, unknown model, missing key) count as receiv
 do not consume a fault. `latency_ms` delays the refused, broken and shaped kinds before
 they take effect; `times` makes the fault clear itself after that many requests (each
 request, an SDK's own retries included, uses one) and `duration_ms` that long after it
-was set, whichever comes first.
+was set, whichever comes first. `after` lets that many requests through untouched before
+the fault takes effect (they use none of `times`; `duration_ms` counts from the PUT).
 """
 
 from __future__ import annotations

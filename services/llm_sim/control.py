@@ -68,8 +68,8 @@ async def put_fault(request: web.Request) -> web.Response:
     sim = request.app[SIM_STATE]
     pstate = sim.providers[provider]
     pstate.set_fault(fault, sim.clock())
-    log.info("fault set: %s %s latency_ms=%d times=%s duration_ms=%s retry_after_ms=%d", provider, fault.kind,
-             fault.latency_ms, fault.times, fault.duration_ms, fault.retry_after_ms)
+    log.info("fault set: %s %s latency_ms=%d times=%s after=%d duration_ms=%s retry_after_ms=%d", provider,
+             fault.kind, fault.latency_ms, fault.times, fault.after, fault.duration_ms, fault.retry_after_ms)
     return web.json_response({"provider": provider, **pstate.snapshot(sim.clock())})
 
 

@@ -46,6 +46,8 @@ class FaultSpec(BaseModel):
       stops after its first event (0: until the client gives up), for `trickle` the gap
       between streamed deltas (0: DEFAULT_TRICKLE_MS).
     times: the fault clears itself after this many requests (None: no limit).
+    after: this many requests are let through untouched first, then the fault takes effect
+      (a test can hold the second call of a run and not the first); they use none of `times`.
     duration_ms: the fault clears itself this long after it was set (None: no limit).
     retry_after_ms: what a 429 tells clients to wait (retry-after, retry-after-ms and the
       rate-limit reset headers); defaults to 1 s for rate-limit, 1 h for usage-limit.
@@ -56,6 +58,7 @@ class FaultSpec(BaseModel):
     kind: FaultKind
     latency_ms: int = Field(0, ge=0, le=3_600_000)
     times: int | None = Field(None, ge=1)
+    after: int = Field(0, ge=0, le=1_000_000)
     duration_ms: int | None = Field(None, ge=1, le=86_400_000)
     retry_after_ms: int = Field(1000, ge=0, le=86_400_000)  # the default depends on kind: see below
 
@@ -112,6 +115,7 @@ class ProviderState:
 
     fault: FaultSpec | None = None
     remaining: int | None = None  # requests left before the fault clears itself
+    passing: int = 0  # requests still let through untouched before the fault takes effect (FaultSpec.after)
     expires_at: float | None = None  # monotonic time at which the fault clears itself
     counters: Counters = field(default_factory=Counters)
     # The current minute's use, for the rate-limit headers of a success (wire.limit_headers).
@@ -123,11 +127,12 @@ class ProviderState:
     def set_fault(self, fault: FaultSpec, now: float) -> None:
         self.fault = fault
         self.remaining = fault.times
+        self.passing = fault.after
         self.expires_at = None if fault.duration_ms is None else now + fault.duration_ms / 1000
 
     def clear_fault(self) -> bool:
         had = self.fault is not None
-        self.fault, self.remaining, self.expires_at = None, None, None
+        self.fault, self.remaining, self.expires_at, self.passing = None, None, None, 0
         return had
 
     def current(self, now: float) -> FaultSpec | None:
@@ -137,9 +142,13 @@ class ProviderState:
         return self.fault
 
     def take_fault(self, now: float) -> FaultSpec | None:
-        """The fault for the request being handled, consuming exactly one of its `times`."""
+        """The fault for the request being handled, consuming exactly one of its `times`;
+        None for a request that `after` still lets through."""
         fault = self.current(now)
         if fault is None:
+            return None
+        if self.passing > 0:
+            self.passing -= 1
             return None
         self.counters.faults_injected += 1
         self.counters.by_kind[fault.kind] = self.counters.by_kind.get(fault.kind, 0) + 1
@@ -158,6 +167,7 @@ class ProviderState:
         return {
             "fault": None if fault is None else fault.model_dump(),
             "remaining": self.remaining,
+            "passing": self.passing,
             "expires_in_ms": left_ms,
             "counters": self.counters.as_dict() | {"hanging": self.hanging},
         }

@@ -85,6 +85,28 @@ def test_fault_lifetime(times, duration_ms, at, drawn):
     assert pstate.counters.faults_injected == sum(drawn) == pstate.counters.by_kind.get("rate-limit", 0)
 
 
+# (after, times, requests) -> which of them drew the fault: `after` lets requests through
+# untouched first, and they use none of `times`
+AFTER_CASES = [
+    (0, None, 3, [True, True, True]),
+    (1, None, 3, [False, True, True]),
+    (2, 1, 4, [False, False, True, False]),
+    (5, None, 2, [False, False]),
+]
+
+
+@pytest.mark.parametrize("after,times,requests,drawn", AFTER_CASES)
+def test_fault_after_lets_requests_through_first(after, times, requests, drawn):
+    pstate = ProviderState()
+    pstate.set_fault(FaultSpec(kind="hang", after=after, times=times), 0.0)
+    got = [pstate.take_fault(0.0) is not None for _ in range(requests)]
+    assert got == drawn
+    assert pstate.counters.faults_injected == sum(drawn)
+    assert pstate.snapshot(0.0)["passing"] == max(0, after - requests)
+    pstate.clear_fault()
+    assert pstate.passing == 0
+
+
 def test_snapshot_clears_an_expired_fault():
     pstate = ProviderState()
     pstate.set_fault(FaultSpec(kind="error", duration_ms=500), 10.0)
@@ -231,6 +253,23 @@ async def test_rate_limit_for_a_duration_counts_every_request(sim: Sim):
     assert refused >= 1 and got["requests"] == refused + 1 and got["served"] == 1
     assert got["rate_limited"] == got["faults_injected"] == refused
     assert (await sim.state("anthropic"))["fault"] is None
+
+
+async def test_after_holds_the_second_call_and_not_the_first(sim: Sim):
+    """How a test holds the second step of a run (test_netns_cluster.py): the first call
+    is answered, the one after it draws the fault."""
+    status, body = await sim.put_fault("anthropic", kind="error", after=1, times=1)
+    assert status == 200 and body["passing"] == 1
+    async with claude(sim) as client:
+        first = await client.messages.create(model=CLAUDE, max_tokens=64, messages=ASK)
+        assert first.content[0].text
+        with pytest.raises(anthropic.InternalServerError):
+            await client.messages.create(model=CLAUDE, max_tokens=64, messages=ASK)
+        await client.messages.create(model=CLAUDE, max_tokens=64, messages=ASK)  # times=1: cleared
+    got = await counters(sim, "anthropic")
+    assert got["requests"] == 3 and got["served"] == 2 and got["faults_injected"] == 1
+    status, body = await sim.put_fault("anthropic", kind="error", after=-1)
+    assert status == 400 and "after" in json.dumps(body)
 
 
 async def test_times_counts_one_per_request_with_sdk_retries(sim: Sim):

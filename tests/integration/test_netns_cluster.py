@@ -145,6 +145,15 @@ def faults_cleared(mesh) -> bool | None:
     return code in (200, 204) or None
 
 
+def held_calls(mesh, provider: str) -> int | None:
+    """How many of ``provider``'s calls llm-sim holds now (a hang fault); None while it does not answer."""
+    try:
+        code, body = mesh.http("GET", mesh.url("llm-sim") + "/sim/faults")
+    except OSError:
+        return None
+    return body["providers"][provider]["counters"]["hanging"] if code == 200 else None
+
+
 def link_up(net: netns.NetNode) -> bool:
     flags = subprocess.run(["ip", "-o", "link", "show", net.host_if], capture_output=True, text=True).stdout
     return "UP" in flags.split("<", 1)[1].split(">")[0].split(",")
@@ -168,7 +177,12 @@ def test_a_drill_partition_fences_the_node_moves_its_work_and_nothing_is_finishe
     assert mesh.service("worker")["incarnation"] == old["incarnation"] and link_up(cluster.net)  # refused: no cut
 
     provider = old["provider"]
-    code, _ = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}", {"kind": "latency", "latency_ms": 1500})
+    # The old attempt must not finish before the cut, however slow the drill's CLI is to start:
+    # its first call (step 1) is answered, every later one held until the agent is gone. (A
+    # fault set once the first checkpoint was seen came too late on a loaded machine: the agent
+    # asks for step 2 as soon as step 1 is recorded, and finished the task, at its first
+    # attempt, on the node before the cut.)
+    code, _ = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}", {"kind": "hang", "after": 1})
     assert code in (200, 201)
     run = subprocess.Popen([*TRON, "--config", str(mesh.config), "run",
                             "--agent", "worker", "--json", "four steps to resume"],
@@ -180,11 +194,9 @@ def test_a_drill_partition_fences_the_node_moves_its_work_and_nothing_is_finishe
             None), 60, "the worker's first checkpoint", interval=0.1)
         creds = Path(str(mesh.home)) / "nodes" / worker[:8] / "run" / "creds" / f"worker~{old['incarnation']}"
         old_credential = creds.read_text().strip()  # the node's disk is this machine's: read before the cut
-        # the old attempt must not finish before the cut, however slow the drill's CLI is to start:
-        # its next call is held 15 s (the replacement's calls are not: the fault is off by then)
-        code, _ = mesh.http("PUT", mesh.url("llm-sim") + f"/sim/faults/{provider}",
-                            {"kind": "latency", "latency_ms": 15000})
-        assert code in (200, 201)
+        # the cut comes while the old attempt waits for step 2's answer
+        wait_for(lambda: (held_calls(mesh, provider) or 0) >= 1 or None, 60, "the old attempt's step 2 held",
+                 interval=0.05)
 
         # 8 s: Ray declares the node dead within it (0.5 s x 3 health checks, 1 s timeout each),
         # so the worker runs on the head when the link comes back
@@ -197,6 +209,9 @@ def test_a_drill_partition_fences_the_node_moves_its_work_and_nothing_is_finishe
         # side of the cut, before the daemon's detection (2 s) lets a replacement start anywhere.
         wait_for(lambda: not psutil.pid_exists(old["pid"]) or None, 30, "the fenced agent to end on its node",
                  interval=0.05)
+        # The replacement's calls are answered. The fault is off before the daemon's detection (2 s)
+        # as a rule; were it not, a held call would cost the replacement a provider timeout, not the test.
+        wait_for(lambda: faults_cleared(mesh), 60, "llm-sim to take its fault off")
         moved = wait_for(lambda: running_on(mesh, "worker", head, not_incarnation=old["incarnation"],
                                             host=cluster.net.host_ip), 90, "the worker re-placed on the head")
         assert not psutil.pid_exists(old["pid"])
@@ -207,7 +222,6 @@ def test_a_drill_partition_fences_the_node_moves_its_work_and_nothing_is_finishe
                                {"status": "done", "result": "from the fenced side", "incarnation": old["incarnation"],
                                 "attempt": task["attempt"]}, token=old_credential)
         assert code in (401, 403, 409), (code, said)
-        wait_for(lambda: faults_cleared(mesh), 60, "llm-sim to take its latency fault off")
         out, err = run.communicate(timeout=180)
         assert run.returncode == 0, out + err
         dout, derr = drill.communicate(timeout=240)  # healed: the link back up, the stale session closed
@@ -231,6 +245,9 @@ def test_a_drill_partition_fences_the_node_moves_its_work_and_nothing_is_finishe
     dupes = mesh.rows("SELECT step, COUNT(*) AS n FROM checkpoints WHERE task_id = ? GROUP BY step HAVING COUNT(*) > 1",
                       (task["task_id"],))
     assert dupes == [], dupes  # no step recorded twice: the fenced side stopped checkpointing
+    marks = mesh.rows("SELECT step, incarnation FROM checkpoints WHERE task_id = ? ORDER BY step", (task["task_id"],))
+    assert marks[0]["incarnation"] == old["incarnation"] and marks[-1]["step"] > 1 \
+        and marks[-1]["incarnation"] != old["incarnation"], marks  # step 2 was done after the move, not before the cut
 
     # healed: the node was declared lost; nothing of it may come back to life
     wait_for(lambda: (s := mesh.rows("SELECT status FROM sessions WHERE incarnation = ?", (old["incarnation"],)))

@@ -765,7 +765,7 @@ def cmd_sim(ctx: Ctx, args: argparse.Namespace) -> int:
     mesh = ctx.mesh
     if args.sim_cmd == "fault":
         body = {"kind": args.kind, "latency_ms": args.latency_ms, "times": args.times,
-                "duration_ms": args.duration_ms, "retry_after_ms": args.retry_after_ms}
+                "duration_ms": args.duration_ms, "retry_after_ms": args.retry_after_ms, "after": args.after}
         code, answer = mesh.call("PUT", f"{sim}/sim/faults/{args.provider}", body, auth=True)
     elif args.sim_cmd == "reset-counters":
         code, answer = mesh.call("POST", f"{sim}/sim/counters/reset", {}, auth=True)
@@ -928,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--latency-ms", type=int, default=0,
                        help="delay first; stall: pause after the first event; trickle: gap between deltas")
     fault.add_argument("--times", type=int, help="clear the fault after this many requests")
+    fault.add_argument("--after", type=int, default=0, help="let this many requests through untouched first")
     fault.add_argument("--duration-ms", type=int, help="clear the fault this long after it is set")
     fault.add_argument("--retry-after-ms", type=int, help="what a 429 tells clients to wait")
     clear = simsub.add_parser("clear", help="clear faults")

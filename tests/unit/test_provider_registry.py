@@ -77,7 +77,8 @@ def test_a_new_kind_is_known_to_config_and_the_cli_without_another_edit():
         config = ProvidersConfig.model_validate({"chain": ["anthropic", "echo"], "echo_model": "loud"})
         assert config.model_of("echo") == "loud"
         args = build_parser().parse_args(["sim", "fault", "echo", "overloaded"])
-        assert args.provider == "echo"
+        assert args.provider == "echo" and args.after == 0
+        assert build_parser().parse_args(["sim", "fault", "echo", "hang", "--after", "1"]).after == 1
     with pytest.raises(ValueError, match="unknown provider 'echo'"):
         ProvidersConfig.model_validate({"chain": ["anthropic", "echo"]})
 

@@ -47,6 +47,7 @@ class NodeAgent:
         self.scratch: Path | None = None  # a short directory for the fork server's socket, if the home is deep
         self.relay = None  # the beat relay (services/daemon/beat_relay.py), when the daemon asked for one
         self.fence = None  # the node's lease, enforced here (services/daemon/fencing.py), when the relay has one
+        self._setting_up = asyncio.Lock()  # one setup at a time: a second one never finds the spawner half made
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -54,7 +55,32 @@ class NodeAgent:
                     relay: dict | None = None) -> dict:
         """Make the node's home and config copy; start the spawner, and the beat relay if
         ``relay`` ({"daemon_url", "token", "interval"}) says so. A daemon started again calls
-        this once more: the relay then takes its new credential."""
+        this once more: the relay then takes its new credential.
+
+        One call at a time: a second one (a mesh's daemon while the setup that the daemon of
+        a mesh gone down sent still runs) waits, then finds the spawner ready. An agent set up
+        for another home (that mesh went down and left it) is set up again for this one when
+        it runs nothing, and refuses when it runs that mesh's services."""
+        async with self._setting_up:
+            if self.spawner is not None and self.home != Path(home):
+                await self._leave_home(home)
+            return await self._setup(home, config_text, env, fork_server, relay)
+
+    async def _leave_home(self, home: str) -> None:
+        """End what this agent holds for the mesh at ``self.home``, which runs nothing here."""
+        if live := [c for c in self.children.values() if c.alive]:
+            raise RuntimeError(f"the node agent runs {len(live)} service(s) of the mesh at {self.home}: "
+                               f"not set up for {home}")
+        for port in list(self.listeners):
+            await self.close_listener(port)
+        await self.spawner.close()
+        self.spawner, self.children = None, {}
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+    async def _setup(self, home: str, config_text: str, env: dict[str, str], fork_server: bool,
+                     relay: dict | None) -> dict:
         from tron.common.paths import Home
         from tron.services.daemon.spawner import ForkServerClient, LocalSpawner
 

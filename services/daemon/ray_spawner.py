@@ -60,7 +60,9 @@ class Node:
     resources: dict[str, float]
     alive: bool = True
     agent: object | None = None  # the node agent's actor handle
-    info: dict = field(default_factory=dict)  # what its setup() said: pid, home, fork server
+    joining: object | None = None  # a node agent created (or found) whose setup has not answered: close() ends it too
+    info: dict = field(default_factory=dict)  # what its setup(), then its describe() each poll, said: pid, home, fork server
+    describing: bool = False  # a describe() call to its agent is in flight
     cordoned: bool = False  # lost in a drill: nothing is placed here until it is restored
     retry_at: float = 0.0  # after a loss, no new node agent there before this (monotonic)
     children: set[int] = field(default_factory=set)
@@ -181,6 +183,9 @@ class RaySpawner:
                 for node in list(self.nodes.values()):
                     if node.alive and node.agent is None and not node.cordoned and time.monotonic() >= node.retry_at:
                         await self._ensure_agent(node)
+                for node in self.nodes.values():  # what each agent says now: its fork server may have been started again
+                    if node.agent is not None and not node.describing:
+                        self._spawn_task(self._describe(node))
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # Ray's GCS briefly unreachable: read again next time
@@ -200,6 +205,7 @@ class RaySpawner:
                 name=actor_name(node.node_id), namespace=NAMESPACE, lifetime="detached", max_restarts=0,
                 num_cpus=0, get_if_exists=True,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
+            node.joining = handle
             home = self.cluster.node_home.format(home=self.home_root) + f"/{node.short}"
             relay = None if self.relays is None else {
                 "daemon_url": self.config.daemon_url, "token": self.relays.mint_relay(relay_name(node)),
@@ -208,15 +214,32 @@ class RaySpawner:
                 home, self._config_text(), self.marks, self.config.mesh.fork_server, relay), 90)
             rows = await asyncio.wait_for(handle.inventory.remote(), CALL_TIMEOUT)
         except Exception as err:
+            node.joining = None
             log.error("no Tron node agent on ray node %s: %s", node.short, err)
             return None
-        node.agent = handle
+        node.agent, node.joining = handle, None
         for row in rows["children"]:
             self.inventory[(row["name"], row["pid"])] = (node.node_id, row)
         for port in rows["listening"]:
             self.listening[port] = node.node_id
         log.info("node agent on %s: pid %s, home %s", node.short, node.info.get("pid"), node.info.get("home"))
         return handle
+
+    async def _describe(self, node: Node) -> None:
+        """``node.info`` afresh from its agent. One that does not answer keeps what it said last:
+        a lost agent is noticed on the paths that wait for its children."""
+        agent, node.describing = node.agent, True
+        try:
+            info = await asyncio.wait_for(agent.describe.remote(), CALL_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.debug("node agent on %s not described: %s", node.short, err)
+            return
+        finally:
+            node.describing = False
+        if node.agent is agent:
+            node.info = info
 
     def _config_text(self) -> str:
         try:
@@ -513,6 +536,13 @@ class RaySpawner:
 
         for task in list(self._tasks):
             task.cancel()
+        for node in self.nodes.values():  # a node that joined as the mesh went down: its agent, mid-setup, goes too
+            if node.agent is None and node.joining is not None:
+                try:
+                    ray.kill(node.joining, no_restart=True)
+                except Exception as err:
+                    log.debug("ray.kill of the node agent being set up on %s: %s", node.short, err)
+                node.joining = None
         for node in self.nodes.values():
             if node.agent is None:
                 continue

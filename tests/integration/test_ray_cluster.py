@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -71,7 +72,8 @@ def test_services_are_placed_on_both_nodes_and_a_kill_on_the_worker_node_restart
     head, worker = cluster.head_node.node_id, cluster.worker.node_id
     assert placed(mesh, "llm-sim") == placed(mesh, "root") == head  # by resource
     assert placed(mesh, "worker") == worker  # by spread
-    assert all(n["agent_pid"] and n["fork_server"] for n in nodes(mesh).values())
+    found = nodes(mesh)
+    assert all(n["agent_pid"] and n["fork_server"] for n in found.values()), found
     assert mesh.service("worker")["mode"] == f"fork@{worker[:8]}"
 
     old = mesh.kill("worker")
@@ -99,6 +101,69 @@ def test_services_are_placed_on_both_nodes_and_a_kill_on_the_worker_node_restart
                      "GROUP BY alert_id, retry_type, hop HAVING COUNT(*) > 1") == []
     assert mesh.rows("SELECT agent, COUNT(*) AS n FROM sessions WHERE status != 'ended' GROUP BY agent "
                      "HAVING COUNT(*) > 1") == []
+
+
+# A node agent left by a mesh gone down (its daemon killed, or gone while the agent's setup
+# ran): set up by hand for another home, answering what its setup() said, then left running.
+LEAVE_AGENT = """
+import json, sys, time
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tron.services.daemon.node_agent import NAMESPACE, NodeAgent, actor_name
+from tron.services.daemon.ray_private import join_at_loopback
+
+address, node, home = sys.argv[1:]
+ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, include_dashboard=False,
+         **join_at_loopback(address))
+for attempt in range(40):  # the previous mesh's agent here may still be going away under its name
+    agent = ray.remote(NodeAgent).options(
+        name=actor_name(node), namespace=NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=0,
+        get_if_exists=True, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+    try:
+        print(json.dumps(ray.get(agent.setup.remote(home, "", {}, True), timeout=90)))
+        break
+    except ray.exceptions.RayActorError:
+        time.sleep(0.25)
+"""
+
+
+def test_a_node_agent_set_up_for_a_mesh_gone_down_is_set_up_again_for_the_next(mesh_factory, cluster, postgres,
+                                                                                tmp_path):
+    """The node agent's name is its node's: the next mesh's daemon finds one that a mesh gone
+    down left. Set up for that other home and running nothing, it is set up again for this
+    mesh (home, spawner, fork server), never handed over as it was."""
+    worker = cluster.worker.node_id
+    gone = tmp_path / "gone" / worker[:8]
+    left = subprocess.run([sys.executable, "-c", LEAVE_AGENT, cluster.address, worker, str(gone)],
+                          capture_output=True, text=True, timeout=180)
+    assert left.returncode == 0 and left.stdout.strip(), left.stdout + left.stderr
+    before = json.loads(left.stdout.strip().splitlines()[-1])
+    assert before["home"] == str(gone) and before["fork_server"]["pid"], before
+
+    mesh = ray_mesh(mesh_factory, cluster, postgres)
+    mesh.up()
+    assert placed(mesh, "worker") == worker
+    found = nodes(mesh)
+    assert all(n["agent_pid"] and n["fork_server"] for n in found.values()), found
+    assert found[worker]["agent_pid"] == before["pid"]  # the same agent,
+    assert found[worker]["fork_server"] != before["fork_server"]["pid"]  # with a fork server of this mesh
+    assert mesh.service("worker")["mode"] == f"fork@{worker[:8]}"
+    home = psutil.Process(mesh.service("worker")["pid"]).environ()["TRON_HOME"]
+    assert home.startswith(str(mesh.home)), home
+    wait_for(lambda: ended(before["fork_server"]["pid"]), 30, "the gone mesh's fork server to end", interval=0.1)
+
+    # The status follows what the node agent runs: a fork server started again is named, not the one that died.
+    server = found[worker]["fork_server"]
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: (pid := nodes(mesh)[worker]["fork_server"]) not in (None, server) and not ended(pid), 30,
+             "the status to name the worker node's new fork server", interval=0.1)
+
+
+def ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_node_loss_drill_moves_the_nodes_services_and_says_pass(mesh_factory, cluster, postgres):
@@ -175,6 +240,31 @@ def test_a_lost_node_is_noticed_and_its_task_resumes_on_the_survivor(mesh_factor
     assert mesh.rows("SELECT status FROM tasks WHERE task_id = ?", (task["task_id"],))[0]["status"] == "done"
     wait_for(lambda: not nodes(mesh)[worker]["alive"], 30, "Ray to report the node dead", interval=0.2)
     print(f"node loss -> worker running on the head: {moved:.2f}s")
+
+    # A node that joins as the mesh goes down: the node agent the daemon was setting up there
+    # goes with the mesh, and the next mesh's daemon never finds it half set up for a gone home.
+    cluster.worker = cluster.add_node(num_cpus=1, resources={"gpu_box": 1}, node_ip_address="127.0.0.1",
+                                      min_worker_port=RAY_WORKER_PORTS[0], max_worker_port=RAY_WORKER_PORTS[1])
+    cluster.wait_for_nodes()
+    wait_for(lambda: cluster.worker.node_id in nodes(mesh), 30, "the daemon to see the new node", interval=0.1)
+    down = mesh.down()
+    assert down.returncode == 0, down.stdout + down.stderr
+    wait_for(lambda: not node_agents(cluster.worker), 30, "no node agent left on the node that joined", interval=0.2)
+
+
+def node_agents(node) -> list[str]:
+    """The Tron node agents (Ray actor workers, by their process title) a Ray node runs."""
+    from ray._private import ray_constants
+
+    [raylet] = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+    found = []
+    for p in psutil.Process(raylet.process.pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and " ".join(p.cmdline()).startswith("ray::NodeAgent"):
+                found.append(f"{p.pid} {' '.join(p.cmdline())}")
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
 
 
 def mesh_tron(mesh) -> list[str]:

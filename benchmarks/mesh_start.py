@@ -12,12 +12,18 @@ so the machine's noise lands on both.
                     through the gateway: from the launch to the run done. What the agents
                     forked before the fork server had the LLM SDKs pay at their first call
                     (they import them then) shows here.
+  kill after up     (--kill-after-up) the default mesh; 1 s after `tron up` exits, while the
+                    fork server's SDK warm-up runs, programmer-1 is SIGKILLed: from the kill
+                    to its new pid answering /health (the harness's wait_replaced, polled).
+                    A restart in those seconds used to wait in the server's backlog for the
+                    import; the warm heir (spawner.py ``_hand_to_heir``) takes it off.
 
 ``--baseline DIR``: the same rows with the code of another checkout (``git archive COMMIT |
 tar -x -C DIR``: it goes first on PYTHONPATH, the virtualenv stays this one's), taking turns
 with this checkout's, so that a loaded machine still compares the two in one run.
 
-    .venv/bin/python -m benchmarks.mesh_start [--reps 5] [--baseline DIR] [--first-run] [--only-default]
+    .venv/bin/python -m benchmarks.mesh_start [--reps 5] [--baseline DIR] [--first-run] [--kill-after-up]
+                                              [--only-default]
                                               [--json benchmarks/results/mesh_start.json]
 """
 
@@ -54,8 +60,11 @@ def mesh_for(tmp: Path, start: str, never_ready: bool):
     return mesh
 
 
+KILL_AFTER_UP = 1.0  # s after `tron up` exits: inside the fork server's SDK warm-up (1-2 s) on these cores
+
+
 def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,
-        first_run: bool = False) -> tuple[float, list]:
+        first_run: bool | str = False) -> tuple[float, list]:
     """Seconds from launching `tron up` to what the row measures; what was left behind.
     ``code``: the checkout whose code runs (None: this one)."""
     mesh = mesh_for(tmp, start, never_ready)
@@ -80,7 +89,13 @@ def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,
             took = time.monotonic() - began
             if exit_code != 0:
                 raise RuntimeError(f"tron up exited {exit_code}")
-            if first_run:
+            if first_run == "kill":
+                time.sleep(KILL_AFTER_UP)  # when the kill lands, not a wait for a result
+                old = mesh.kill("programmer-1")
+                killed = time.monotonic()
+                mesh.wait_replaced("programmer-1", old, timeout=120)
+                took = time.monotonic() - killed
+            elif first_run:
                 status, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "build it"})
                 if status != 202:
                     raise RuntimeError(f"the run was refused: {status} {body}")
@@ -101,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its rows beside this one's")
     ap.add_argument("--first-run", action="store_true", help="add: up, then a run through the gateway to done")
+    ap.add_argument("--kill-after-up", action="store_true",
+                    help="add: up, then programmer-1 killed 1 s later, to healthy again")
     ap.add_argument("--only-default", action="store_true", help="only the default mesh started by dependencies")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -109,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         kinds += [("tree", False, False), ("dependencies", True, False), ("tree", True, False)]
     if args.first_run:
         kinds.append(("dependencies", False, True))
+    if args.kill_after_up:
+        kinds.append(("dependencies", False, "kill"))
     codes: list[tuple[str, Path | None]] = [("", None)]
     if args.baseline:
         codes.append(("baseline ", args.baseline.resolve()))
     rows = [(label, code, *kind) for kind in kinds for label, code in codes]
 
-    def name(label: str, start: str, stuck: bool, first_run: bool) -> str:
-        what = "first run done" if first_run else "one never ready" if stuck else "default mesh"
+    def name(label: str, start: str, stuck: bool, first_run: bool | str) -> str:
+        what = "kill after up -> healthy" if first_run == "kill" else "first run done" if first_run \
+            else "one never ready" if stuck else "default mesh"
         return f"{label}{start} {what}"
 
     samples: dict[str, list[float]] = {name(label, *kind): [] for label, _, *kind in rows}

@@ -26,7 +26,6 @@ Local facts stay here: pids, process groups, the fork server, the subreaper.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import functools
 import json
@@ -1165,20 +1164,29 @@ class ForkServerClient:
         if (self.proc is None or self.proc.returncode is not None) and not self.launch():
             return False
         self._watch(self.proc)
+        reply = await self._first_answer(self.proc, timeout)
+        if reply is None:
+            log.warning("fork server did not become ready; agents spawn plainly")
+            return False
+        self.ready = True
+        log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
+                                             "generation": self.generation})
+        self.warm = bool(reply.get("warm"))
+        if not self.warm:
+            self._warming = asyncio.ensure_future(self._until_warm(self.proc))
+        return True
+
+    async def _first_answer(self, proc: subprocess.Popen, timeout: float, path: str | None = None,
+                            still: Callable[[], bool] = lambda: True) -> dict | None:
+        """The first ping answer of ``proc`` (serving at ``path``, else the serving socket):
+        asked every 50 ms; None once it exited, ``timeout`` passed or ``still()`` is false."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            reply = await self._request({"op": "ping"}, timeout=1.0)
-            if reply and reply.get("ok") and reply.get("pid") == self.proc.pid:
-                self.ready = True
-                log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
-                                                     "generation": self.generation})
-                self.warm = bool(reply.get("warm"))
-                if not self.warm:
-                    self._warming = asyncio.ensure_future(self._until_warm(self.proc))
-                return True
+        while time.monotonic() < deadline and proc.poll() is None and still():
+            reply = await self._request({"op": "ping"}, timeout=1.0, path=path)
+            if reply and reply.get("ok") and reply.get("pid") == proc.pid:
+                return reply
             await asyncio.sleep(0.05)
-        log.warning("fork server did not become ready; agents spawn plainly")
-        return False
+        return None
 
     def warm_up(self) -> None:
         """The mesh is up (the daemon's bring-up is over): the server imports the LLM SDKs now
@@ -1256,26 +1264,16 @@ class ForkServerClient:
         path = self._heir_path()
         if path is None or not (await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok"):
             return False
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        Path(path).unlink(missing_ok=True)
         try:
             heir = self.heir = self._popen(path, {"TRON_WARM_BEFORE_READY": "1"})
         except OSError as err:
             log.warning("no heir for the fork server (%s): it warms up itself", err)
             return False
         self._watch(heir)
-        deadline = time.monotonic() + self.HEIR_WAIT
-        reply = None
-        while heir.poll() is None and time.monotonic() < deadline:
-            if self.stopping or self.proc is not proc:  # stopped, or the server was replaced meanwhile
-                break
-            reply = await self._request({"op": "ping"}, timeout=1.0, path=path)
-            if reply and reply.get("pid") == heir.pid and reply.get("ok"):
-                break
-            reply = None
-            await asyncio.sleep(0.05)
+        # (until it answers, unless the daemon stops or the server was replaced meanwhile)
+        reply = await self._first_answer(heir, self.HEIR_WAIT, path,
+                                         lambda: not self.stopping and self.proc is proc)
         if reply is None or self.stopping or self.proc is not proc or proc.poll() is not None:
             self._end_heir(heir, path)
             return self.stopping or self.proc is not proc  # not ours to warm any more
@@ -1296,10 +1294,7 @@ class ForkServerClient:
         else:
             log.warning("the fork server's heir exited (%s) before it was ready: the server warms up itself",
                         heir.returncode)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        Path(path).unlink(missing_ok=True)
 
     async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None,
                     log_fd: int | None = None, *, cgroup: list[str] | None = None,
@@ -1369,12 +1364,11 @@ class ForkServerClient:
         for task in (self._starting, self._warming):
             if task:
                 task.cancel()
-        if self.heir is not None:
+        if self.heir is not None:  # (its path exists: an heir is started only where it can bind one)
             if self.heir.poll() is None:
                 self.heir.kill()
                 self.heir.wait()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._heir_path() or "\0")
+            Path(self._heir_path() or self.sock_path).unlink(missing_ok=True)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             for _ in range(100):

@@ -116,9 +116,10 @@ async def login(request: web.Request) -> web.StreamResponse:
             if unaudited == 1:
                 log.warning("ui: more than %d refused logins in %.0f s: the rest are answered 429 and counted",
                             REFUSALS_AUDITED, REFUSAL_WINDOW)
-            resp = error(429, f"too many refused logins: wait {math.ceil(wait)} s, or use a new login link "
-                              "from `tron ui` (a good code still logs in)", retry_after=math.ceil(wait))
-            resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            seconds = math.ceil(wait)  # >= 1: the wait is > 0
+            resp = error(429, f"too many refused logins: wait {seconds} s, or use a new login link "
+                              "from `tron ui` (a good code still logs in)", retry_after=seconds)
+            resp.headers["Retry-After"] = str(seconds)
             return resp
         # Audited as every refused action is, but never with the code: a wrong code may be a
         # mistyped good one, and a used one must not be handed to whoever reads the trail.

@@ -92,12 +92,19 @@ def checkout_copy(into) -> str:
     return str(into)
 
 
-def test_an_out_of_date_fork_server_is_replaced(mesh_factory, tmp_path):
+def mesh_on_a_copy(mesh_factory, tmp_path):
+    """A mesh up on a copy of this checkout's code (``checkout_copy``), so that a test may
+    change a source of it; the mesh and the copy."""
     code = tmp_path / "code"
     code.mkdir()
     m = mesh_factory()
     m.env["PYTHONPATH"] = checkout_copy(code)
     m.up()
+    return m, code
+
+
+def test_an_out_of_date_fork_server_is_replaced(mesh_factory, tmp_path):
+    m, code = mesh_on_a_copy(mesh_factory, tmp_path)
     fs = wait_for(lambda: (f := m.status()["fork_server"])["ready"] and f, 30, "the fork server")
     source = code / "services" / "director" / "app.py"
     st = source.stat()

@@ -115,13 +115,9 @@ def test_a_stopped_agent_keeps_no_standby_and_gets_one_again_when_started(mesh_f
 
 
 def test_a_standby_with_out_of_date_code_refuses_and_the_new_code_runs(mesh_factory, tmp_path):
-    from tests.integration.test_forkserver import checkout_copy
+    from tests.integration.test_forkserver import mesh_on_a_copy
 
-    code = tmp_path / "code"
-    code.mkdir()
-    m = mesh_factory()
-    m.env["PYTHONPATH"] = checkout_copy(code)
-    m.up()
+    m, code = mesh_on_a_copy(mesh_factory, tmp_path)
     pid, _ = standby_of(m, "director-docs")
     source = code / "services" / "director" / "app.py"
     st = source.stat()

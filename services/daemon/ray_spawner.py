@@ -463,6 +463,8 @@ class RaySpawner:
         nodes = [{"node": n.node_id, "ip": n.ip, "alive": n.alive, "cordoned": n.cordoned,
                   "agent_pid": n.info.get("pid") if n.agent else None,
                   "fork_server": (n.info.get("fork_server") or {}).get("pid") if n.agent else None,
+                  "fork_server_warm": bool((n.info.get("fork_server") or {}).get("warm")) if n.agent else False,
+                  "fork_server_heir": (n.info.get("fork_server") or {}).get("heir") if n.agent else None,
                   "services": sorted(s for s, nid in self.placed.items() if nid == n.node_id),
                   "resources": {k: v for k, v in n.resources.items() if not k.startswith("node:")}}
                  for n in self.nodes.values()]

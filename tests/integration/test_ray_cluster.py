@@ -152,7 +152,10 @@ def test_a_node_agent_set_up_for_a_mesh_gone_down_is_set_up_again_for_the_next(m
     wait_for(lambda: ended(before["fork_server"]["pid"]), 30, "the gone mesh's fork server to end", interval=0.1)
 
     # The status follows what the node agent runs: a fork server started again is named, not the one that died.
-    server = found[worker]["fork_server"]
+    # The node's first server hands over to a warm heir a few seconds after setup; the one killed is the warm one.
+    server = wait_for(lambda: (n := nodes(mesh)[worker])["fork_server_warm"] and n["fork_server_heir"] is None
+                      and not ended(n["fork_server"]) and n["fork_server"], 60,
+                      "the worker node's fork server to be warm, its heir handed over", interval=0.1)
     os.kill(server, signal.SIGKILL)
     wait_for(lambda: (pid := nodes(mesh)[worker]["fork_server"]) not in (None, server) and not ended(pid), 30,
              "the status to name the worker node's new fork server", interval=0.1)

@@ -1,8 +1,9 @@
 """What the orange TRON bar shows: the alerts that are open now.
 
 An alert is open while its registry row is not ``handled`` (``store.open_alerts()``), and,
-once handled, until the service it is about is back: running again, or stopped by an
-operator. The registry marks an alert handled when the decision is taken (the restart is
+once handled, until the service it is about is back: running again as another incarnation
+than the one the alert is about, or stopped by an operator. Once over it stays over: the
+service failing again is another alert, another incident, not this one reopened. The registry marks an alert handled when the decision is taken (the restart is
 recorded), which is milliseconds after TRON raised it; the failure is over for the
 operator only when the new incarnation answers. So the bar follows the incident, not the
 row.
@@ -31,6 +32,7 @@ class Incident:
     service: str
     reason: str
     since: str                       # ISO 8601 wall time it was raised
+    incarnation: str | None = None   # the incarnation it is about, when the source says
     over_at: float | None = None     # clock reading when it was first seen over
 
     @property
@@ -44,10 +46,11 @@ class AlertBar:
         self.fresh = fresh
         self.incidents: dict[str, Incident] = {}
 
-    def raised(self, alert_id: str, service: str, reason: str, since: str, *, age: float) -> None:
+    def raised(self, alert_id: str, service: str, reason: str, since: str, *, age: float,
+               incarnation: str | None = None) -> None:
         """An alert seen raised ``age`` seconds ago (an event, or the daemon's last alert)."""
         if alert_id not in self.incidents and age <= self.fresh and len(self.incidents) < MAX_TRACKED:
-            self.incidents[alert_id] = Incident(alert_id, service, reason, since)
+            self.incidents[alert_id] = Incident(alert_id, service, reason, since, incarnation)
 
     def update(self, now: float, open_alerts: list[dict], services: dict[str, dict]) -> list[Incident]:
         """The incidents to show, oldest first. ``open_alerts`` are the registry's alert rows
@@ -57,14 +60,21 @@ class AlertBar:
             open_ids.add(row["alert_id"])
             if row["alert_id"] not in self.incidents:
                 self.incidents[row["alert_id"]] = Incident(row["alert_id"], row["agent"], row["reason"],
-                                                           row["created_at"])
+                                                           row["created_at"], row.get("incarnation"))
         for alert_id, inc in list(self.incidents.items()):
-            svc = services.get(inc.service)
-            back = svc is None or svc["stopped"] or svc["state"] == "running"
-            if alert_id in open_ids or not back:
+            if alert_id in open_ids:
                 inc.over_at = None
             elif inc.over_at is None:
-                inc.over_at = now
+                if self._back(inc, services.get(inc.service)):
+                    inc.over_at = now
             elif now - inc.over_at > self.hold:
                 del self.incidents[alert_id]
         return sorted(self.incidents.values(), key=lambda i: i.since)
+
+    @staticmethod
+    def _back(inc: Incident, svc: dict | None) -> bool:
+        """Is the service back from this incident: gone, stopped by an operator, or running as
+        another incarnation (the one that failed may still read "running" for a moment)."""
+        if svc is None or svc["stopped"]:
+            return True
+        return svc["state"] == "running" and (inc.incarnation is None or svc.get("incarnation") != inc.incarnation)

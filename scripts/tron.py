@@ -213,8 +213,9 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
         code, _ = mesh.try_call("POST", mesh.daemon_url + "/control/shutdown", {}, auth=True, timeout=5) \
             if mesh.daemon_url and mesh.daemon_health() and ctx.home.token_file.exists() else (0, None)
         how = "shut down"
-        if code != 202:
+        if code != 202:  # and SIGCONT, as systemd does: a stopped daemon can act on it and stop its services
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
             how = "sent SIGTERM"
         # The daemon stops every service (in parallel, each within its grace), then itself.
         if not wait_gone(pid, grace + 15):

@@ -209,13 +209,15 @@ def test_results_are_redacted_like_prompts(mesh):
 
 
 def test_stopping_always_works(mesh_factory):
-    """A hung daemon, a replaced token and a deleted daemon.json: `tron down` still ends
+    """A stopped daemon, a replaced token and a deleted daemon.json: `tron down` still ends
     every process of the home, and says so only after the census agrees."""
     mesh = mesh_factory(services=SMALL)
     mesh.up()
     os.kill(status(mesh)["daemon"]["pid"], signal.SIGSTOP)
     proc = mesh.tron("down", timeout=120)
     assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
+    # SIGTERM came with SIGCONT: the daemon stopped its services itself, not the census after SIGKILL.
+    assert "daemon sent SIGTERM" in proc.stdout and "leftover" not in proc.stdout, proc.stdout
     assert mesh.processes() == []
     mesh.up()
     (mesh.home / "run" / "token").write_text("replaced")

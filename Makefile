@@ -49,7 +49,8 @@ system-deps:
 
 # Three workers on 2 cores: the meshes mostly wait on each other's processes (four were
 # slower: 11.3 min against 10.3). loadfile keeps a file's tests (and its module-scoped mesh,
-# browser or Ray cluster) on one worker.
+# browser or Ray cluster) on one worker; the heaviest files are handed out first and the unit
+# files last (--no-loadscope-reorder keeps tests/conftest.py's order).
 TEST_WORKERS ?= 3
 # The order is shuffled (pytest-randomly) with a seed printed first: `make test SEED=N` runs
 # that order again. With CI=true a test that would be skipped fails instead (tests/conftest.py).
@@ -58,7 +59,7 @@ SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 endif
 test: $(STAMP) system-deps phoenix lint typecheck
 	@echo "test order: -p randomly --randomly-seed=$(SEED) (again: make test SEED=$(SEED))"
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -p randomly --randomly-seed=$(SEED)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 -p randomly --randomly-seed=$(SEED)
 
 # pyflakes and pycodestyle (pyproject's [tool.ruff]): an unused import or a name that does
 # not exist fails `make test` before any test runs.

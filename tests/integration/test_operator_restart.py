@@ -73,7 +73,7 @@ def test_restart_is_graceful_and_force_kills(mesh_factory, tmp_path):
 
 def test_a_drill_that_never_sees_recovery_fails_with_its_timeline(mesh_factory, tmp_path):
     marker = tmp_path / "started-once"
-    mesh = mesh_factory(services={"once": _server(tmp_path, ONCE, str(marker))}, policy={"start_timeout": 8.0})
+    mesh = mesh_factory(services={"once": _server(tmp_path, ONCE, str(marker))}, policy={"start_timeout": 5.0})
     mesh.up()
     proc = mesh.tron("drill", "kill", "once", "--json", timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -79,7 +79,7 @@ class AlertRouter:
         if svc.state in (ServiceState.RUNNING, ServiceState.STARTING):
             await self.sup.transition(svc, ServiceState.FAILED, str(signal.reason))
         self.last_alert = {"service": svc.name, "reason": str(signal.reason), "at": time.time(),
-                           "alert_id": alert.alert_id, "incarnation": alert.incarnation}
+                           "alert_id": alert.alert_id}
         log.warning("alert", extra={"offender": svc.name, "reason": str(signal.reason), "alert": alert.alert_id,
                                     "incarnation": alert.incarnation, "task": alert.task_id, "detail": alert.detail,
                                     "stable": stable})

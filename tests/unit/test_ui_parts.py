@@ -175,17 +175,16 @@ def test_a_recovery_faster_than_a_frame_is_still_shown_then_goes():
     assert bar.update(105.1, [], {"p1": RUNNING}) == []
 
 
-def test_the_failed_incarnation_still_running_is_not_back_and_a_new_failure_reopens_no_incident():
+def test_a_later_failure_of_the_same_service_is_its_own_incident_and_does_not_reopen_this_one():
     bar = AlertBar(hold=5)
-    bar.raised("a-1", "p1", "process_exit", ROW["created_at"], age=0.1, incarnation="i-old")
-    # The daemon has not yet taken in the exit: the failed incarnation still reads "running".
-    assert [i.open for i in bar.update(100.0, [], {"p1": {**RUNNING, "incarnation": "i-old"}})] == [True]
-    assert [i.open for i in bar.update(100.1, [], {"p1": {**RUNNING, "incarnation": "i-new"}})] == [False]
-    # The new incarnation is killed in turn: that is the next alert's incident, not this one's.
-    bar.raised("a-2", "p1", "process_exit", ROW["created_at"], age=0.1, incarnation="i-new")
-    shown = bar.update(101.0, [], {"p1": {**DOWN, "incarnation": "i-new"}})
-    assert [(i.alert_id, i.open) for i in shown] == [("a-1", False), ("a-2", True)]
-    assert [i.alert_id for i in bar.update(105.2, [], {"p1": {**DOWN, "incarnation": "i-new"}})] == ["a-2"]
+    bar.raised("a-1", "p1", "process_exit", ROW["created_at"], age=0.1)
+    assert [i.open for i in bar.update(100.0, [], {"p1": {**DOWN, "last_failure": {"alert": "a-1"}}})] == [True]
+    assert [i.open for i in bar.update(100.1, [], {"p1": {**RUNNING, "last_failure": {"alert": "a-1"}}})] == [False]
+    # The new incarnation is killed in turn, within a-1's hold: a-2's incident, a-1 stays recovered.
+    bar.raised("a-2", "p1", "process_exit", ROW["created_at"], age=0.1)
+    down = {"p1": {**DOWN, "last_failure": {"alert": "a-2"}}}
+    assert [(i.alert_id, i.open) for i in bar.update(101.0, [], down)] == [("a-1", False), ("a-2", True)]
+    assert [i.alert_id for i in bar.update(105.2, [], down)] == ["a-2"]
 
 
 def test_old_news_is_not_raised_but_an_open_alert_always_shows():

@@ -1,12 +1,12 @@
 """What the orange TRON bar shows: the alerts that are open now.
 
 An alert is open while its registry row is not ``handled`` (``store.open_alerts()``), and,
-once handled, until the service it is about is back: running again as another incarnation
-than the one the alert is about, or stopped by an operator. Once over it stays over: the
-service failing again is another alert, another incident, not this one reopened. The
-registry marks an alert handled when the decision is taken (the restart is recorded),
-which is milliseconds after TRON raised it; the failure is over for the operator only
-when the new incarnation answers. So the bar follows the incident, not the row.
+once handled, until the service it is about is back: running again, or stopped by an
+operator. A later failure of the service (its ``last_failure`` names another alert) is that
+alert's incident: it does not reopen this one. The registry marks an alert handled when the decision is taken (the restart is
+recorded), which is milliseconds after TRON raised it; the failure is over for the
+operator only when the new incarnation answers. So the bar follows the incident, not the
+row.
 
 A failure that is detected, decided and recovered between two frames of the UI would
 never be seen at all, so an incident stays on the bar ``hold`` seconds after it is over,
@@ -32,7 +32,6 @@ class Incident:
     service: str
     reason: str
     since: str                       # ISO 8601 wall time it was raised
-    incarnation: str | None = None   # the incarnation it is about, when the source says
     over_at: float | None = None     # clock reading when it was first seen over
 
     @property
@@ -46,11 +45,10 @@ class AlertBar:
         self.fresh = fresh
         self.incidents: dict[str, Incident] = {}
 
-    def raised(self, alert_id: str, service: str, reason: str, since: str, *, age: float,
-               incarnation: str | None = None) -> None:
+    def raised(self, alert_id: str, service: str, reason: str, since: str, *, age: float) -> None:
         """An alert seen raised ``age`` seconds ago (an event, or the daemon's last alert)."""
         if alert_id not in self.incidents and age <= self.fresh and len(self.incidents) < MAX_TRACKED:
-            self.incidents[alert_id] = Incident(alert_id, service, reason, since, incarnation)
+            self.incidents[alert_id] = Incident(alert_id, service, reason, since)
 
     def update(self, now: float, open_alerts: list[dict], services: dict[str, dict]) -> list[Incident]:
         """The incidents to show, oldest first. ``open_alerts`` are the registry's alert rows
@@ -60,21 +58,15 @@ class AlertBar:
             open_ids.add(row["alert_id"])
             if row["alert_id"] not in self.incidents:
                 self.incidents[row["alert_id"]] = Incident(row["alert_id"], row["agent"], row["reason"],
-                                                           row["created_at"], row.get("incarnation"))
+                                                           row["created_at"])
         for alert_id, inc in list(self.incidents.items()):
-            if alert_id in open_ids:
+            svc = services.get(inc.service)
+            back = svc is None or svc["stopped"] or svc["state"] == "running"
+            ours = svc is not None and (svc.get("last_failure") or {}).get("alert") in (None, alert_id)
+            if alert_id in open_ids or (not back and ours):
                 inc.over_at = None
             elif inc.over_at is None:
-                if self._back(inc, services.get(inc.service)):
-                    inc.over_at = now
+                inc.over_at = now
             elif now - inc.over_at > self.hold:
                 del self.incidents[alert_id]
         return sorted(self.incidents.values(), key=lambda i: i.since)
-
-    @staticmethod
-    def _back(inc: Incident, svc: dict | None) -> bool:
-        """Is the service back from this incident: gone, stopped by an operator, or running as
-        another incarnation (the one that failed may still read "running" for a moment)."""
-        if svc is None or svc["stopped"]:
-            return True
-        return svc["state"] == "running" and (inc.incarnation is None or svc.get("incarnation") != inc.incarnation)

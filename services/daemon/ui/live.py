@@ -64,8 +64,7 @@ class Live:
         if last and last["alert_id"] != self._last_alert:
             self._last_alert = last["alert_id"]
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last["at"]))
-            self.bar.raised(last["alert_id"], last["service"], last["reason"], since, age=time.time() - last["at"],
-                            incarnation=last.get("incarnation"))
+            self.bar.raised(last["alert_id"], last["service"], last["reason"], since, age=time.time() - last["at"])
         return self.bar.update(self.daemon.clock.now(), self._open_alerts, {r["name"]: r for r in self.rows()})
 
     def render_alert(self) -> str:
@@ -90,7 +89,7 @@ class Live:
         for e in await self.feed.poll():
             if e["kind"] == "alert_raised":
                 self.bar.raised(e["alert_id"], e["agent"], e["payload"].get("reason", "?"), e["ts"],
-                                age=now - epoch(e["ts"]), incarnation=e.get("incarnation"))
+                                age=now - epoch(e["ts"]))
             if e["agent"]:
                 moved.add(e["agent"])
         for name in moved:  # its page fetches its history again

@@ -1261,6 +1261,8 @@ class ForkServerClient:
         one ``proc`` goes on serving; then the new one serves, and the old one, asked to retire,
         answers what it had queued first and exits. False when no heir could take over (the
         caller has ``proc`` warm up itself)."""
+        if not self.env.get("TRON_SDKS") and self.env.get("TRON_TRACES") != "1":
+            return False  # nothing to import (a mesh of programs alone): its warm-up is instant, in place
         path = self._heir_path()
         if path is None or not (await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok"):
             return False

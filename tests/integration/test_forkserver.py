@@ -127,6 +127,12 @@ def test_a_non_agent_command_still_spawns_plainly(mesh_factory):
     wait_for(lambda: (s := m.service("web"))["state"] == "running" and s["pid"] not in (None, old), 20,
              "web to be respawned")
     assert spawn_modes(m, "web") == ["plain", "plain"]
+    # A mesh of programs alone has no agent to call an LLM: its fork server imports no SDK and
+    # starts no heir to import them (each was ~2 s of CPU after every `tron up`).
+    fs = wait_for(lambda: (f := m.status()["fork_server"])["warm"] and f, 20, "the fork server warm")
+    assert fs["generation"] == 1 and fs["heir"] is None, fs
+    lines = [json.loads(x) for x in (m.home / "logs" / "forkserver.log").read_text().splitlines() if x.startswith("{")]
+    assert [x["sdks"] for x in lines if x.get("msg") == "fork server warming up"] == [[]], lines
 
 
 def test_without_the_fork_server_agents_spawn_plainly(mesh_factory):

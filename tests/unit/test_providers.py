@@ -234,3 +234,5 @@ def test_the_mesh_names_the_sdks_its_providers_use():
     config = MeshConfig.model_validate({"services": {"a": {"role": "programmer", "port": 7001}},
                                         "providers": {"chain": ["anthropic", "openai_compatible"]}})
     assert config.sdks == {"anthropic", "openai"}  # a provider's SDK, not its name
+    config = MeshConfig.model_validate({"services": {"web": {"command": ["true"], "port": 7002}}})
+    assert config.sdks == set()  # a mesh of programs alone: no agent calls an LLM

@@ -25,6 +25,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tron.scripts.client import wait_for
+from tron.services.daemon.ui.alertbar import HOLD
 from tron.scripts.tron import Ctx
 from tron.scripts.ui_cli import cmd_ui
 
@@ -79,9 +80,11 @@ def ui(logged_in, mesh):
     return logged_in
 
 
-def no_bar(page: Page, mesh, timeout: float = 5) -> None:
+def no_bar(page: Page, mesh, timeout: float = HOLD + 5) -> None:
     """No orange bar within ``timeout``; else fail naming what it shows and the registry's
-    alerts, so that a failure on CI says which incident it was."""
+    alerts, so that a failure on CI says which incident it was. By default the wait outlasts
+    the hold of an incident that a test before this one left recovered (alertbar.HOLD), and a
+    frame of the page."""
     bar = page.get_by_test_id("tron-alert")
     deadline = time.monotonic() + timeout
     while bar.count() and time.monotonic() < deadline:
@@ -349,7 +352,7 @@ def test_kill_9_raises_the_orange_bar_and_the_row_shows_the_new_pid_without_relo
     expect(cell(ui, "programmer-1", "state")).to_have_text("running")
     ui.screenshot(path=artifacts / "mesh-alert.png")
     # handled and recovered: the bar goes (after its short hold)
-    no_bar(ui, mesh, timeout=15)
+    no_bar(ui, mesh, timeout=HOLD + 10)
     assert ui.evaluate("window.__not_reloaded") is True
 
 

@@ -81,6 +81,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from tron.services.daemon import unixline  # json and socket only: nothing heavy before the path check
@@ -98,12 +99,13 @@ PRELOAD = [
 ]
 
 
-def _sdks() -> set[str]:
-    """The SDKs the mesh's providers use (``TRON_SDKS``, set by the daemon from the provider
-    chain and the services' own providers); every one when it is not said."""
+def server_sdks(env: Mapping[str, str] | None = None) -> set[str]:
+    """The SDKs a fork server with this environment (its own by default) warms up: the
+    mesh's providers' (``TRON_SDKS``, set by the daemon from the provider chain and the
+    services' own providers, none for a mesh without agents); every one when it is not said."""
     from tron.common.providers import SDKS
 
-    said = os.environ.get("TRON_SDKS")
+    said = (os.environ if env is None else env).get("TRON_SDKS")
     return set(SDKS) if said is None else {s for s in said.split(",") if s in SDKS}
 
 
@@ -457,7 +459,7 @@ def _warm_up(sources: dict[str, float]) -> None:
     global _warmth
     from tron.common.providers import warm_up
 
-    started, sdks = time.monotonic(), _sdks()
+    started, sdks = time.monotonic(), server_sdks()
     print(json.dumps({"msg": "fork server warming up", "sdks": sorted(sdks)}), flush=True)
     delay = float(os.environ.get(WARM_UP_DELAY) or 0)
     if delay > 0:

@@ -460,16 +460,17 @@ class RaySpawner:
         return None
 
     def status(self) -> dict:
-        nodes = [{"node": n.node_id, "ip": n.ip, "alive": n.alive, "cordoned": n.cordoned,
-                  "agent_pid": n.info.get("pid") if n.agent else None,
-                  "fork_server": (n.info.get("fork_server") or {}).get("pid") if n.agent else None,
-                  "fork_server_warm": bool((n.info.get("fork_server") or {}).get("warm")) if n.agent else False,
-                  "fork_server_heir": (n.info.get("fork_server") or {}).get("heir") if n.agent else None,
-                  "services": sorted(s for s, nid in self.placed.items() if nid == n.node_id),
-                  "resources": {k: v for k, v in n.resources.items() if not k.startswith("node:")}}
-                 for n in self.nodes.values()]
+        nodes = [self._node_status(n) for n in self.nodes.values()]
         return {"engine": "ray", "address": self.address, "pid": None, "ready": any(n["agent_pid"] for n in nodes),
                 "nodes": nodes}
+
+    def _node_status(self, n: Node) -> dict:
+        fs = (n.info.get("fork_server") or {}) if n.agent else {}
+        return {"node": n.node_id, "ip": n.ip, "alive": n.alive, "cordoned": n.cordoned,
+                "agent_pid": n.info.get("pid") if n.agent else None,
+                "fork_server": fs.get("pid"), "fork_server_warm": bool(fs.get("warm")), "fork_server_heir": fs.get("heir"),
+                "services": sorted(s for s, nid in self.placed.items() if nid == n.node_id),
+                "resources": {k: v for k, v in n.resources.items() if not k.startswith("node:")}}
 
     # -- drills ---------------------------------------------------------------------------------
 

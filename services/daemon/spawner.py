@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import psutil
 
 from tron.common.paths import Home, mesh_marks
-from tron.services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX
+from tron.services.daemon.forkserver import CANNOT_RUN, SOCKET_PATH_MAX, server_sdks
 from tron.services.daemon import gate as gate_program
 from tron.services.daemon import unixline
 from tron.services.daemon.cgroups import Cgroup, CgroupTree, Limits
@@ -1261,7 +1261,7 @@ class ForkServerClient:
         one ``proc`` goes on serving; then the new one serves, and the old one, asked to retire,
         answers what it had queued first and exits. False when no heir could take over (the
         caller has ``proc`` warm up itself)."""
-        if not self.env.get("TRON_SDKS") and self.env.get("TRON_TRACES") != "1":
+        if not server_sdks(self.env):
             return False  # nothing to import (a mesh of programs alone): its warm-up is instant, in place
         path = self._heir_path()
         if path is None or not (await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok"):
@@ -1366,11 +1366,12 @@ class ForkServerClient:
         for task in (self._starting, self._warming):
             if task:
                 task.cancel()
-        if self.heir is not None:  # (its path exists: an heir is started only where it can bind one)
+        if self.heir is not None:
             if self.heir.poll() is None:
                 self.heir.kill()
                 self.heir.wait()
-            Path(self._heir_path() or self.sock_path).unlink(missing_ok=True)
+            if (path := self._heir_path()) is not None:
+                Path(path).unlink(missing_ok=True)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             for _ in range(100):

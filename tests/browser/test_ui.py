@@ -86,14 +86,14 @@ def no_bar(page: Page, mesh, timeout: float = HOLD + 5) -> None:
     the hold of an incident that a test before this one left recovered (alertbar.HOLD), and a
     frame of the page."""
     bar = page.get_by_test_id("tron-alert")
-    deadline = time.monotonic() + timeout
-    while bar.count() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if bar.count():
+    try:
+        wait_for(lambda: bar.count() == 0, timeout, "the bar to go", interval=0.1)
+    except AssertionError:
         alerts = mesh.rows("SELECT alert_id, agent, incarnation, reason, status, created_at, handled_at FROM alerts "
                            "ORDER BY created_at DESC LIMIT 5")
         raise AssertionError(f"the bar still shows {bar.inner_text()!r}; latest alerts: {alerts}; services: "
-                             f"{[(s['name'], s['state'], s['incarnation']) for s in mesh.status()['services']]}")
+                             f"{[(s['name'], s['state'], s['incarnation']) for s in mesh.status()['services']]}") \
+            from None
 
 
 def acting_page(ui: Page) -> Page:

@@ -215,12 +215,22 @@ def test_import_does_not_load_sdks():
 def test_warm_up_loads_only_the_sdks_of_the_mesh():
     # The fork server preloads the SDKs of the provider chain only (TRON_SDKS): openai alone
     # is 1.6 s of every mesh start when no provider of the mesh uses it.
-    code = ("import os, sys; from tron.services.daemon.forkserver import _sdks; from tron.common.providers import warm_up; "
-            "warm_up(_sdks()); print(sorted(m for m in ('anthropic', 'ollama', 'openai') if m in sys.modules))")
+    code = ("import os, sys; from tron.services.daemon.forkserver import server_sdks; "
+            "from tron.common.providers import warm_up; warm_up(server_sdks()); "
+            "print(sorted(m for m in ('anthropic', 'ollama', 'openai') if m in sys.modules))")
     repo_root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root,
                          env={**os.environ, "TRON_SDKS": "ollama"}, timeout=60)
     assert out.stdout.strip() == "['ollama']"
+
+
+def test_a_fork_server_warms_the_sdks_its_environment_names_and_none_when_it_names_none():
+    from tron.common.providers import SDKS
+    from tron.services.daemon.forkserver import server_sdks
+
+    assert server_sdks({"TRON_SDKS": "ollama,nosuch"}) == {"ollama"}
+    assert server_sdks({"TRON_SDKS": ""}) == set()  # a mesh without agents: no heir is started for it
+    assert server_sdks({}) == set(SDKS)  # not said: every one
 
 
 def test_the_mesh_names_the_sdks_its_providers_use():

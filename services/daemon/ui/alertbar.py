@@ -3,10 +3,10 @@
 An alert is open while its registry row is not ``handled`` (``store.open_alerts()``), and,
 once handled, until the service it is about is back: running again, or stopped by an
 operator. A later failure of the service (its ``last_failure`` names another alert) is that
-alert's incident: it does not reopen this one. The registry marks an alert handled when the decision is taken (the restart is
-recorded), which is milliseconds after TRON raised it; the failure is over for the
-operator only when the new incarnation answers. So the bar follows the incident, not the
-row.
+alert's incident: it does not reopen this one. The registry marks an alert handled when the
+decision is taken (the restart is recorded), which is milliseconds after TRON raised it;
+the failure is over for the operator only when the new incarnation answers. So the bar
+follows the incident, not the row.
 
 A failure that is detected, decided and recovered between two frames of the UI would
 never be seen at all, so an incident stays on the bar ``hold`` seconds after it is over,

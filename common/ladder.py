@@ -182,6 +182,8 @@ class ProviderStatus(_View):
     kind: str | None = None  # outage | hold | drained, while open
     reason: str = ""
     until_s: float | None = None  # seconds until an open provider may be probed
+    failures: int = 0  # provider-class failures in a row, mesh-wide (0: its last verdict was a success)
+    last_error: str = ""  # the reason of the last of them
 
 
 class ProviderRules(_View):
@@ -471,13 +473,23 @@ def provider_open(view: LadderView, name: str) -> bool:
     return view.providers.get(name, ProviderStatus()).state == "open"
 
 
+def provider_failing(view: LadderView, name: str) -> bool:
+    """Open, or closed with its last verdict a failure: nothing there to switch to."""
+    st = view.providers.get(name, ProviderStatus())
+    return st.state == "open" or st.failures > 0
+
+
 def describe_providers(view: LadderView) -> str:
     """"anthropic open (5 failures in a row: overloaded_error), ollama open (...)": what a
-    permanent failure for want of any provider says."""
+    permanent failure for want of any provider says. A provider still closed that failed
+    last says so: "ollama closed (2 failures in a row: api_error)"."""
     parts = []
     for name in view.chain:
         st = view.providers.get(name, ProviderStatus())
-        parts.append(f"{name} {st.state}" + (f" ({st.reason})" if st.reason else ""))
+        why = st.reason
+        if st.state != "open" and st.failures:
+            why = f"{st.failures} failure{'s' if st.failures > 1 else ''} in a row: {st.last_error}"
+        parts.append(f"{name} {st.state}" + (f" ({why})" if why else ""))
     return ", ".join(parts)
 
 
@@ -528,10 +540,15 @@ class Situation(Generic[_E_co]):
         """Level 2 or 3 for a provider failure, decided where provider health is known:
         a switch only to a provider that is not open (next in the chain after the current
         one); the current one again, as a switch, when it is the only one not open; with
-        every provider open, park or fail as ``on_all_down`` says. Bounded by the switches."""
+        every provider open, park or fail as ``on_all_down`` says. Bounded by the switches:
+        with none left, the failure names the providers when every one of them is open or
+        failed last (whether the last one has opened yet is a race of the mesh's calls)."""
         ev, view = self.event, self.view
         switches = self.task.switches if self.task else 0
         if switches >= self.policy.max_provider_switches:
+            if all(provider_failing(view, p) for p in view.chain):
+                return self.last_rung(Fail(case="all_providers_down",
+                                           reason=f"all_providers_down: {describe_providers(view)}"))
             return self.last_rung(Fail(case="switches_exhausted", reason="max_provider_switches_exceeded"))
         chain = view.chain
         start = chain.index(ev.provider) + 1 if ev.provider in chain else 0

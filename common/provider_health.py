@@ -330,5 +330,6 @@ class Board:
         """What the ladder's view carries: each provider's state, why, and for how long."""
         self.tick(now)
         return {n: {"state": str(h.state), "kind": h.kind, "reason": h.reason,
-                    "until_s": None if h.until is None else round(max(0.0, h.until - now), 3)}
+                    "until_s": None if h.until is None else round(max(0.0, h.until - now), 3),
+                    "failures": h.failures, "last_error": str((h.last_error or {}).get("reason", ""))}
                 for n, h in self.providers.items()}

@@ -51,6 +51,7 @@ OUTAGE = ProviderStatus(state="open", kind="outage", reason="3 failures in a row
 HOLD = ProviderStatus(state="open", kind="hold", reason="rate_limit_error (retry-after 2s)", until_s=2.0)
 LONG_HOLD = ProviderStatus(state="open", kind="hold", reason="usage_limit (retry-after 3600s)", until_s=3600.0)
 PROBING = ProviderStatus(state="half_open", kind="outage", reason="probing")
+FAILING = ProviderStatus(failures=2, last_error="api_error")  # closed, its last verdict a failure
 BOTH_DOWN = ("all_providers_down: anthropic open (3 failures in a row: overloaded_error), "
              "ollama open (3 failures in a row: overloaded_error)")
 
@@ -190,6 +191,13 @@ CASES = [
      pview(OUTAGE, OUTAGE, task=task(), on_all_down="fail"), Fail("all_providers_down", BOTH_DOWN)),
     ("provider: the bound holds", pfailed(), pview(task=task(restarts=3, switches=2)),
      Fail("switches_exhausted", "max_provider_switches_exceeded")),
+    ("provider: the bound, with one provider still answering", pfailed(provider="ollama"),
+     pview(OUTAGE, CLOSED, task=task(restarts=3, switches=2), provider="ollama"),
+     Fail("switches_exhausted", "max_provider_switches_exceeded")),
+    ("provider: the bound, every provider open or failing last: the failure names them", pfailed(provider="ollama"),
+     pview(OUTAGE, FAILING, task=task(restarts=3, switches=2), provider="ollama"),
+     Fail("all_providers_down", "all_providers_down: anthropic open (3 failures in a row: overloaded_error), "
+          "ollama closed (2 failures in a row: api_error)")),
     # -- a parked task looked at again ------------------------------------------------------------------
     ("park: the task is no longer parked", parked(), pview(OUTAGE, OUTAGE, task=task(TaskState.CANCELLED)),
      Ignore("park_task_gone", "task t-1 is no longer parked")),

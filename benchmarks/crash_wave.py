@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             up = time.monotonic() - began
             print(f"  {args.agents + args.directors + 4} services up in {up:.1f}s", file=sys.stderr)
             programmers = [f"programmer-{i}" for i in range(args.agents)]
+            # The steady state: the fork server's warm heir serves (WARM_AFTER_UP s after up).
+            wait_for(lambda: (mesh.status().get("fork_server") or {"warm": True})["warm"], 300, "the fork server warm")
             for w in range(args.waves):
                 time.sleep(3)  # quiet: the previous wave's restarts are over
                 wait_for(lambda: all(s["state"] == "running" for s in mesh.status()["services"]), 60, "all running")

@@ -18,6 +18,10 @@ so the machine's noise lands on both.
                     A restart in those seconds used to wait in the server's backlog for the
                     import; the warm heir (spawner.py ``_hand_to_heir``) takes it off.
 
+Each row also says the CPU the whole machine spent (``/proc/stat``, every process: the daemon,
+the fork servers, the agents, the CLI) from the launch to the mesh down again: what a mesh
+costs a small machine beside the time it takes.
+
 ``--baseline DIR``: the same rows with the code of another checkout (``git archive COMMIT |
 tar -x -C DIR``: it goes first on PYTHONPATH, the virtualenv stays this one's), taking turns
 with this checkout's, so that a loaded machine still compares the two in one run.
@@ -63,10 +67,19 @@ def mesh_for(tmp: Path, start: str, never_ready: bool):
 KILL_AFTER_UP = 1.0  # s after `tron up` exits: inside the fork server's SDK warm-up (1-2 s) on these cores
 
 
+def machine_cpu() -> float:
+    """CPU seconds the machine has spent (user, nice, system, irq, softirq), all cores."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:8]
+    return (sum(int(x) for x in fields) - int(fields[3]) - int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
 def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,
-        first_run: bool | str = False) -> tuple[float, list]:
-    """Seconds from launching `tron up` to what the row measures; what was left behind.
-    ``code``: the checkout whose code runs (None: this one)."""
+        first_run: bool | str = False) -> tuple[float, float, list]:
+    """Seconds from launching `tron up` to what the row measures; the machine's CPU seconds
+    from then to the mesh down; what was left behind. ``code``: the checkout whose code runs
+    (None: this one)."""
+    cpu = machine_cpu()
     mesh = mesh_for(tmp, start, never_ready)
     if code is not None:
         mesh.env["PYTHONPATH"] = str(code)
@@ -108,7 +121,7 @@ def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,
         proc.wait(60)
     finally:
         leftovers = cleanup(mesh)
-    return took, leftovers
+    return took, machine_cpu() - cpu, leftovers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,19 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         return f"{label}{start} {what}"
 
     samples: dict[str, list[float]] = {name(label, *kind): [] for label, _, *kind in rows}
+    cpus: dict[str, list[float]] = {row: [] for row in samples}
     leftovers: list = []
     with tempfile.TemporaryDirectory(prefix="tron-start-") as tmp:
         for rep in range(args.reps):
             for i, (label, code, start, stuck, first_run) in enumerate(rows):
-                took, left = one(Path(tmp) / f"{rep}-{i}", start, stuck, code, first_run)
+                took, cpu, left = one(Path(tmp) / f"{rep}-{i}", start, stuck, code, first_run)
                 samples[name(label, start, stuck, first_run)].append(took)
+                cpus[name(label, start, stuck, first_run)].append(cpu)
                 leftovers += left
             print(f"  rep {rep + 1}/{args.reps} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-    print(f"{'row':<45} {'median s':>9} {'min':>6} {'max':>6}  (n={args.reps}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.1f})")
+    print(f"{'row':<45} {'median s':>9} {'min':>6} {'max':>6} {'machine CPU s':>14}  (n={args.reps}, "
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
     for row, xs in samples.items():
-        print(f"{row:<45} {percentile(xs, 0.5):>9.2f} {min(xs):>6.2f} {max(xs):>6.2f}")
-    return finish(args.json, {"samples": samples}, leftovers)
+        print(f"{row:<45} {percentile(xs, 0.5):>9.2f} {min(xs):>6.2f} {max(xs):>6.2f} "
+              f"{percentile(cpus[row], 0.5):>14.2f}")
+    return finish(args.json, {"samples": samples, "machine_cpu_s": cpus}, leftovers)
 
 
 if __name__ == "__main__":

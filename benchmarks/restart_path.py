@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         parents = {n: s["parent"] for n, s in mesh.spec["services"].items() if "parent" in s}
         try:
             mesh.up()
-            time.sleep(3)
+            # The steady state: the fork server's warm heir serves (WARM_AFTER_UP s after up).
+            wait_for(lambda: (mesh.status().get("fork_server") or {"warm": True})["warm"], 120, "the fork server warm")
+            time.sleep(1)
             for i in range(args.kills):
                 name = AGENTS[i % len(AGENTS)]
                 old = mesh.service(name)["pid"]

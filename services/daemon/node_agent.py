@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 NAMESPACE = "tron"
-NODE_WARM_AFTER = 2.0  # s after setup: the fork server's heir imports the SDKs (it would on its own after 5 s idle)
+# s after setup: the node is "up" for its fork server, whose heir imports the SDKs WARM_AFTER_UP s
+# later (spawner.py); told before 5 s idle, the server does not warm up in place by itself.
+NODE_WARM_AFTER = 2.0
 PORT_WAIT = 5.0  # seconds a spawn waits for its port to be free on this node
 
 

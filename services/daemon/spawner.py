@@ -1108,7 +1108,8 @@ class ForkServerClient:
         self.proc: subprocess.Popen | None = None
         self.ready = False
         self.warm = False  # the server has the LLM SDKs (it warms them up after it is ready)
-        self.warm_now = False  # the mesh is up: a server that is ready is told to warm up at once
+        self.warm_now = False  # the mesh is up: a server that is ready warms up ``WARM_AFTER_UP`` s later
+        self.up_at = 0.0  # time.monotonic() of warm_up()
         self.stopping = False
         self.generation = 0
         self.spawned = 0
@@ -1188,21 +1189,36 @@ class ForkServerClient:
             await asyncio.sleep(0.05)
         return None
 
+    # s after the mesh is up before the SDKs' import starts (in an heir). Right after `tron up`
+    # the agents forked cold import their own SDK and the first task runs; an import of ~2 s of
+    # CPU beside them on a small machine slows exactly that. A restart meanwhile forks from the
+    # cold server (healthy as fast; the new agent imports its SDK itself). Counted from up
+    # only: restarts (a crash loop) never put the warm-up off further.
+    WARM_AFTER_UP = 10.0
+
     def warm_up(self) -> None:
-        """The mesh is up (the daemon's bring-up is over): the server imports the LLM SDKs now
-        rather than on its own after ``WARM_UNASKED`` s without a request; so does every later
-        server (one started after the last died), as soon as it is ready."""
+        """The mesh is up (the daemon's bring-up is over): the server imports the LLM SDKs
+        ``WARM_AFTER_UP`` s from now, rather than on its own after ``WARM_UNASKED`` s without a
+        request; so does every later server (one started after the last died), as soon as it is
+        ready once that time has passed."""
         self.warm_now = True
+        self.up_at = time.monotonic()
 
     async def _until_warm(self, proc: subprocess.Popen, interval: float = 0.5) -> None:
         """Once the mesh is up (``warm_now``), a warm server takes over from this cold one
         (``_hand_to_heir``): no spawn ever waits for the SDKs' import. Where no heir can be
         started, the server is told to warm up itself (a request then waits in its backlog
         meanwhile). Either way, ask until it says it has the SDKs (``warm``, for status)."""
-        told = False
+        told = waived = False
         while proc.poll() is None and not self.stopping:
             if self.warm_now and not told:
-                if await self._hand_to_heir(proc):
+                # The server is told first that an heir will warm (it no longer warms up in
+                # place untold), then the heir starts WARM_AFTER_UP s after the mesh is up.
+                waived = waived or await self._waive(proc)
+                if waived and (left := self.up_at + self.WARM_AFTER_UP - time.monotonic()) > 0:
+                    await asyncio.sleep(min(left, interval))
+                    continue
+                if waived and await self._hand_to_heir(proc):
                     return
                 told = bool(await self._request({"op": "warm_up"}, timeout=5.0))
             reply = await self._request({"op": "ping"}, timeout=30.0)
@@ -1256,16 +1272,21 @@ class ForkServerClient:
         path = self.sock_path[:-1] if self.sock_path.endswith("~") else self.sock_path + "~"
         return path if len(os.fsencode(path)) <= SOCKET_PATH_MAX else None
 
+    async def _waive(self, proc: subprocess.Popen) -> bool:
+        """Whether an heir will import the SDKs for ``proc``; if so, ``proc`` was told
+        (``heir_warms``) and no longer warms up by itself. Not with nothing to import (a mesh
+        of programs alone: its warm-up is instant, in place) nor without an heir's socket path."""
+        if not server_sdks(self.env) or self._heir_path() is None:
+            return False
+        return bool((await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok"))
+
     async def _hand_to_heir(self, proc: subprocess.Popen) -> bool:
         """The SDKs' import (1-2 s each) in a new server, warm before it is ready, while the cold
         one ``proc`` goes on serving; then the new one serves, and the old one, asked to retire,
         answers what it had queued first and exits. False when no heir could take over (the
         caller has ``proc`` warm up itself)."""
-        if not server_sdks(self.env):
-            return False  # nothing to import (a mesh of programs alone): its warm-up is instant, in place
         path = self._heir_path()
-        if path is None or not (await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok"):
-            return False
+        assert path is not None  # _waive said so
         Path(path).unlink(missing_ok=True)
         try:
             heir = self.heir = self._popen(path, {"TRON_WARM_BEFORE_READY": "1"})

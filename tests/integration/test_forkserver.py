@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import psutil
 import pytest
@@ -325,14 +326,25 @@ def test_agents_forked_before_the_warm_up_import_their_sdk_off_the_loop_at_their
     assert m.rows("SELECT agent, reason FROM alerts") == []
 
 
+def _no_heir_until(m, deadline: float) -> None:
+    """The fork server's status says no heir and the first generation at every look until
+    ``deadline`` (time.monotonic())."""
+    while time.monotonic() < deadline:
+        fs = m.status()["fork_server"]
+        assert fs["heir"] is None and fs["generation"] == 1 and not fs["warm"], fs
+        time.sleep(0.2)
+
+
 def test_a_warm_heir_takes_over_so_that_no_restart_waits_for_the_sdk_import(mesh_factory):
-    """Once the mesh is up, a second server imports the SDKs (held 6 s more by the test knob)
-    while the first goes on forking: an agent killed meanwhile is forked at once by the cold
-    server, not held in a backlog behind the import. Then the warm heir serves, on its own
-    socket, and the cold server retires: it exits and its socket is gone."""
+    """WARM_AFTER_UP s after the mesh is up (not at once: the agents forked cold import their
+    SDK then, and the first task runs), a second server imports the SDKs (held 6 s more by the
+    test knob) while the first goes on forking: an agent killed meanwhile is forked at once by
+    the cold server, not held in a backlog behind the import. Then the warm heir serves, on its
+    own socket, and the cold server retires: it exits and its socket is gone."""
     m = mesh_factory()
     m.env["TRON_TEST_WARM_UP_DELAY"] = "6"
     m.up()
+    _no_heir_until(m, time.monotonic() + 6.0)
     fs = wait_for(lambda: (s := m.status()["fork_server"])["heir"] and s, 30, "an heir warming up")
     assert fs["ready"] and not fs["warm"]
     old = m.service("programmer-1")

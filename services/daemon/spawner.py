@@ -177,6 +177,8 @@ class Gate:
     conn: socket.socket  # the daemon's end: one line opens the gate; closing it ends the gate
     pid: int = 0
     pidfd: int | None = None  # a standby's: readable once it has exited
+    config: str = ""  # a standby's: the mesh file it reads ahead
+    cold: bool = False  # a standby forked before the fork server had the LLM SDKs
 
     def __post_init__(self) -> None:
         if self.popen is not None:
@@ -195,7 +197,6 @@ class Gate:
         return spec.incarnation == self.incarnation and (spec.limits or Limits()) == self.limits and self.alive()
 
 
-STANDBY_WARM_WAIT = 30.0  # s a standby waits for the fork server's SDK warm-up before it is forked cold
 GATE_AFTER = 0.5  # s after a start before its successor's gate is made: the new program starts first
 
 
@@ -353,6 +354,8 @@ class LocalSpawner:
         machine allows (None: by marks, the fallback)."""
         self.on_exit: ExitCallback = _unreported  # start() names who hears of exits
         self.forkserver = forkserver
+        if forkserver is not None:
+            forkserver.on_warm = self._refresh_standbys
         self.logs = logs
         self.subreaper = False
         self.cgroup_home = cgroup_home
@@ -364,6 +367,7 @@ class LocalSpawner:
         self._preparing: dict[str, asyncio.Task] = {}
         self._live_gates: dict[int, Gate] = {}  # pid -> every gate process not yet reaped (for the census)
         self._released: set[str] = set()  # stopped or removed services: no gate is kept for them
+        self._refresh_after: set[str] = set()  # standbys to make again once their preparation is over
         self._closing = asyncio.Event()
 
     def ownership(self) -> dict:
@@ -560,7 +564,13 @@ class LocalSpawner:
         task = asyncio.ensure_future(self._prepare(name, limits) if standby is None
                                      else self._prepare_standby(name, limits, standby))
         self._preparing[name] = task
-        task.add_done_callback(lambda _: self._preparing.pop(name, None))
+        task.add_done_callback(lambda _: self._prepared(name, limits, standby))
+
+    def _prepared(self, name: str, limits: Limits, standby: str | None) -> None:
+        self._preparing.pop(name, None)
+        if name in self._refresh_after:  # a standby that came out cold after the server turned warm
+            self._refresh_after.discard(name)
+            self._prepare_soon(name, limits, standby=standby)
 
     async def _prepare(self, name: str, limits: Limits) -> None:
         """The gate of ``name``'s next incarnation: its cgroup made, limits written, a gate
@@ -618,13 +628,9 @@ class LocalSpawner:
     async def _prepare_standby(self, name: str, limits: Limits, config: str) -> None:
         """The standby of ``name``'s next incarnation: its cgroup made, limits written, and a
         process forked by the fork server that joins it and waits (the move's grace period
-        is paid by the standby, off the restart path). Once the fork server has its SDKs:
-        a standby forked before would import them at its agent's first call."""
-        fs = self.forkserver
-        deadline = time.monotonic() + STANDBY_WARM_WAIT
-        while fs is not None and fs.ready and not fs.warm and not self._closing.is_set() \
-                and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        is paid by the standby, off the restart path). Made at once, from the server that
+        serves: one forked before the server had its SDKs (``cold``) is made again when it
+        has them (``_refresh_standbys``), since its agent would import them at its first call."""
         made = await self._next_group(name, limits)
         if made is None:
             return
@@ -632,6 +638,7 @@ class LocalSpawner:
         if self.forkserver is None or not self.forkserver.ready:
             group.remove()
             return  # the next start forks; its own start prepares the next standby
+        cold = not self.forkserver.warm
         forked = await self.forkserver.standby(group.procs_files(), config)
         if forked is None:
             group.remove()
@@ -644,9 +651,22 @@ class LocalSpawner:
             await asyncio.to_thread(wait_empty, group, 5.0)
             group.remove()
             return
-        gate = Gate(name, incarnation, group, limits, None, conn, pid=pid, pidfd=pidfd)
+        gate = Gate(name, incarnation, group, limits, None, conn, pid=pid, pidfd=pidfd, config=config, cold=cold)
         self._live_gates[pid] = gate
+        if cold and self.forkserver.warm:  # the server turned warm while this one was forked
+            await self._end_gate(gate)
+            self._refresh_after.add(name)
+            return
         await self._keep(gate)
+
+    def _refresh_standbys(self) -> None:
+        """The fork server has its SDKs now: each standby forked before is ended and made
+        again, from the warm server (one at a time: ``ForkServerClient.standby``'s own slot)."""
+        for name, gate in list(self._gates.items()):
+            if gate.standby and gate.cold:
+                del self._gates[name]
+                self._background_end(gate)
+                self._prepare_soon(name, gate.limits, standby=gate.config)
 
     async def _open_standby(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
         """The agent, become by the standby in place: its pid is the standby's."""
@@ -1115,6 +1135,7 @@ class ForkServerClient:
         self.spawned = 0
         self._fds: dict[int, int] = {}  # pid -> its pidfd, watched (the server, and an heir warming up)
         self.heir: subprocess.Popen | None = None  # a server warming up to take over (``_hand_to_heir``)
+        self.on_warm: Callable[[], None] = lambda: None  # called when the serving server has its SDKs
         self._starting: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(IN_FLIGHT)
@@ -1175,6 +1196,8 @@ class ForkServerClient:
         self.warm = bool(reply.get("warm"))
         if not self.warm:
             self._warming = asyncio.ensure_future(self._until_warm(self.proc))
+        else:
+            self.on_warm()  # a server started again warm: standbys of the last cold one are made again
         return True
 
     async def _first_answer(self, proc: subprocess.Popen, timeout: float, path: str | None = None,
@@ -1224,6 +1247,7 @@ class ForkServerClient:
             reply = await self._request({"op": "ping"}, timeout=30.0)
             if reply and reply.get("pid") == proc.pid and reply.get("warm"):
                 self.warm = True
+                self.on_warm()
                 log.info("fork server warm", extra={"pid": proc.pid, "modules": reply.get("modules"),
                                                     "generation": self.generation})
                 return
@@ -1302,6 +1326,8 @@ class ForkServerClient:
             return self.stopping or self.proc is not proc  # not ours to warm any more
         old_path, self.proc, self.sock_path, self.heir = self.sock_path, heir, path, None
         self.warm, self.generation = bool(reply.get("warm")), self.generation + 1
+        if self.warm:
+            self.on_warm()
         log.info("fork server warm: its heir serves now, warm from the start", extra={
             "pid": heir.pid, "retired": proc.pid, "modules": reply.get("modules"), "generation": self.generation,
             "warmth": reply.get("warmth")})

@@ -40,15 +40,25 @@ def standby_of(mesh, name: str) -> tuple[int, str]:
     return wait_for(lambda: mesh.standby(name), 30, f"a standby for {name}")
 
 
+def _has_sdk(pid: int) -> bool:
+    return "jiter" in Path(f"/proc/{pid}/maps").read_text()  # the anthropic SDK's extension, mapped
+
+
 def test_a_killed_agent_comes_back_as_its_standby_in_its_own_cgroup_and_works(mesh_factory):
     m = mesh_factory()
     m.up()
-    pid, incarnation = standby_of(m, "programmer-1")
+    # A standby comes at once, from the cold server (the SDKs' heir starts WARM_AFTER_UP s after up)...
+    cold, _ = standby_of(m, "programmer-1")
+    assert not m.status()["fork_server"]["warm"] and not _has_sdk(cold)
+    # ... and is made again once the server has its SDKs: its agent will not import them
+    pid, incarnation = wait_for(lambda: (s := m.standby("programmer-1")) and s[0] != cold and s, 90,
+                                "a standby forked from the warm server")
+    assert m.status()["fork_server"]["warm"] and _has_sdk(pid)
+    wait_for(lambda: not psutil.pid_exists(cold) or psutil.Process(cold).status() == psutil.STATUS_ZOMBIE or None,
+             30, "the cold standby to be ended")
     daemon = m.status()["daemon"]["pid"]
     wait_for(lambda: psutil.Process(pid).ppid() == daemon, 30, "the standby reparented to the daemon (which reaps it)")
     assert cgroup_leaf(pid) == f"programmer-1.{incarnation}"  # in the next incarnation's cgroup already
-    assert m.status()["fork_server"]["warm"]  # forked once the server had its SDKs: the agent will not import them
-    assert "jiter" in Path(f"/proc/{pid}/maps").read_text()  # the anthropic SDK's extension, mapped
     old = m.kill("programmer-1")
     back = m.wait_replaced("programmer-1", old)
     assert back["pid"] == pid and back["incarnation"] == incarnation  # the standby became the agent, in place
@@ -205,8 +215,9 @@ def test_a_drills_census_counts_a_standby_being_made_as_the_fork_servers_not_a_s
 
     m = mesh_factory()
     m.up()
+    wait_for(lambda: m.status()["fork_server"]["warm"], 90, "the warm heir to take over")
     standby_of(m, "programmer-1")  # the mesh's own standbys are in place (and listed)
-    answer, conn = _standby(m.status()["fork_server"]["socket"])  # the warm heir's, once it took over
+    answer, conn = _standby(m.status()["fork_server"]["socket"])  # the warm heir's
     try:
         unlisted = answer["pid"]
         assert unlisted not in m.status()["ownership"]["gates"]

@@ -570,7 +570,8 @@ class LocalSpawner:
         self._preparing.pop(name, None)
         if name in self._refresh_after:  # a standby that came out cold after the server turned warm
             self._refresh_after.discard(name)
-            self._prepare_soon(name, limits, standby=standby)
+            if name not in self._released:  # not stopped or removed meanwhile
+                self._prepare_soon(name, limits, standby=standby)
 
     async def _prepare(self, name: str, limits: Limits) -> None:
         """The gate of ``name``'s next incarnation: its cgroup made, limits written, a gate

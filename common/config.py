@@ -784,7 +784,7 @@ class MeshConfig(_Strict):
     @property
     def sdks(self) -> set[str]:
         """The LLM SDKs this mesh's agents can be switched onto: those of the chain's and the
-        services' own providers (the fork server preloads only these). None for a mesh of
+        services' own providers (the fork server preloads only these). Empty for a mesh of
         programs alone: it has no agent to call an LLM."""
         if not any(s.is_agent for s in self.services.values()):
             return set()

@@ -26,8 +26,8 @@ start. Once the mesh is up (on a Ray node: 2 s after the node agent's setup), th
 tells this server an heir will warm (``heir_warms``), and ``WARM_AFTER_UP`` s later
 (spawner.py: not beside the mesh's first work) starts it: a second server, on a socket of
 its own, with ``TRON_WARM_BEFORE_READY=1``, which imports them before it is ready, while
-this one goes on serving. When the heir answers, the daemon sends its requests there and this one ``retire``s: it
-answers what it had queued, then exits. Where no heir can run, the server is told to warm
+this one goes on serving. When the heir answers, the daemon sends its requests there and
+this one ``retire``s: it answers what it had queued, then exits. Where no heir can run, the server is told to warm
 up itself (``warm_up``), and untold it does so after ``WARM_UNASKED`` s without a
 request. It then imports them in its one thread, and
 requests that come meanwhile wait in the listen backlog (or the daemon stops waiting at

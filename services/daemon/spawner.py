@@ -367,7 +367,6 @@ class LocalSpawner:
         self._preparing: dict[str, asyncio.Task] = {}
         self._live_gates: dict[int, Gate] = {}  # pid -> every gate process not yet reaped (for the census)
         self._released: set[str] = set()  # stopped or removed services: no gate is kept for them
-        self._refresh_after: set[str] = set()  # standbys to make again once their preparation is over
         self._closing = asyncio.Event()
 
     def ownership(self) -> dict:
@@ -564,14 +563,7 @@ class LocalSpawner:
         task = asyncio.ensure_future(self._prepare(name, limits) if standby is None
                                      else self._prepare_standby(name, limits, standby))
         self._preparing[name] = task
-        task.add_done_callback(lambda _: self._prepared(name, limits, standby))
-
-    def _prepared(self, name: str, limits: Limits, standby: str | None) -> None:
-        self._preparing.pop(name, None)
-        if name in self._refresh_after:  # a standby that came out cold after the server turned warm
-            self._refresh_after.discard(name)
-            if name not in self._released:  # not stopped or removed meanwhile
-                self._prepare_soon(name, limits, standby=standby)
+        task.add_done_callback(lambda _: self._preparing.pop(name, None))
 
     async def _prepare(self, name: str, limits: Limits) -> None:
         """The gate of ``name``'s next incarnation: its cgroup made, limits written, a gate
@@ -631,19 +623,28 @@ class LocalSpawner:
         process forked by the fork server that joins it and waits (the move's grace period
         is paid by the standby, off the restart path). Made at once, from the server that
         serves: one forked before the server had its SDKs (``cold``) is made again when it
-        has them (``_refresh_standbys``), since its agent would import them at its first call."""
+        has them (``_refresh_standbys``; here, when it turned warm during this fork), since
+        its agent would import them at its first call."""
+        while (gate := await self._fork_standby(name, limits, config)) is not None:
+            if not (gate.cold and self.forkserver is not None and self.forkserver.warm):
+                await self._keep(gate)
+                return
+            await self._end_gate(gate)
+
+    async def _fork_standby(self, name: str, limits: Limits, config: str) -> Gate | None:
+        """A standby forked into the next incarnation's cgroup; None when none could be."""
         made = await self._next_group(name, limits)
         if made is None:
-            return
+            return None
         incarnation, group = made
         if self.forkserver is None or not self.forkserver.ready:
             group.remove()
-            return  # the next start forks; its own start prepares the next standby
+            return None  # the next start forks; its own start prepares the next standby
         cold = not self.forkserver.warm
         forked = await self.forkserver.standby(group.procs_files(), config)
         if forked is None:
             group.remove()
-            return
+            return None
         pid, conn = forked
         try:
             pidfd = os.pidfd_open(pid)
@@ -651,14 +652,10 @@ class LocalSpawner:
             conn.close()
             await asyncio.to_thread(wait_empty, group, 5.0)
             group.remove()
-            return
+            return None
         gate = Gate(name, incarnation, group, limits, None, conn, pid=pid, pidfd=pidfd, config=config, cold=cold)
         self._live_gates[pid] = gate
-        if cold and self.forkserver.warm:  # the server turned warm while this one was forked
-            await self._end_gate(gate)
-            self._refresh_after.add(name)
-            return
-        await self._keep(gate)
+        return gate
 
     def _refresh_standbys(self) -> None:
         """The fork server has its SDKs now: each standby forked before is ended and made
@@ -1233,16 +1230,16 @@ class ForkServerClient:
         (``_hand_to_heir``): no spawn ever waits for the SDKs' import. Where no heir can be
         started, the server is told to warm up itself (a request then waits in its backlog
         meanwhile). Either way, ask until it says it has the SDKs (``warm``, for status)."""
-        told = waived = False
+        told, heir_path = False, None
         while proc.poll() is None and not self.stopping:
             if self.warm_now and not told:
                 # The server is told first that an heir will warm (it no longer warms up in
                 # place untold), then the heir starts WARM_AFTER_UP s after the mesh is up.
-                waived = waived or await self._waive(proc)
-                if waived and (left := self.up_at + self.WARM_AFTER_UP - time.monotonic()) > 0:
+                heir_path = heir_path or await self._waive(proc)
+                if heir_path and (left := self.up_at + self.WARM_AFTER_UP - time.monotonic()) > 0:
                     await asyncio.sleep(min(left, interval))
                     continue
-                if waived and await self._hand_to_heir(proc):
+                if heir_path and await self._hand_to_heir(proc, heir_path):
                     return
                 told = bool(await self._request({"op": "warm_up"}, timeout=5.0))
             reply = await self._request({"op": "ping"}, timeout=30.0)
@@ -1297,21 +1294,20 @@ class ForkServerClient:
         path = self.sock_path[:-1] if self.sock_path.endswith("~") else self.sock_path + "~"
         return path if len(os.fsencode(path)) <= SOCKET_PATH_MAX else None
 
-    async def _waive(self, proc: subprocess.Popen) -> bool:
-        """Whether an heir will import the SDKs for ``proc``; if so, ``proc`` was told
-        (``heir_warms``) and no longer warms up by itself. Not with nothing to import (a mesh
-        of programs alone: its warm-up is instant, in place) nor without an heir's socket path."""
-        if not server_sdks(self.env) or self._heir_path() is None:
-            return False
-        return bool((await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok"))
+    async def _waive(self, proc: subprocess.Popen) -> str | None:
+        """The socket path of the heir that will import the SDKs for ``proc``, which was told so
+        (``heir_warms``) and no longer warms up by itself; None with nothing to import (a mesh
+        of programs alone: its warm-up is instant, in place), without a path, or untold."""
+        path = self._heir_path()
+        if not server_sdks(self.env) or path is None:
+            return None
+        return path if (await self._request({"op": "heir_warms"}, timeout=5.0) or {}).get("ok") else None
 
-    async def _hand_to_heir(self, proc: subprocess.Popen) -> bool:
+    async def _hand_to_heir(self, proc: subprocess.Popen, path: str) -> bool:
         """The SDKs' import (1-2 s each) in a new server, warm before it is ready, while the cold
         one ``proc`` goes on serving; then the new one serves, and the old one, asked to retire,
         answers what it had queued first and exits. False when no heir could take over (the
-        caller has ``proc`` warm up itself)."""
-        path = self._heir_path()
-        assert path is not None  # _waive said so
+        caller has ``proc`` warm up itself). ``path``: the heir's socket (``_waive``)."""
         Path(path).unlink(missing_ok=True)
         try:
             heir = self.heir = self._popen(path, {"TRON_WARM_BEFORE_READY": "1"})

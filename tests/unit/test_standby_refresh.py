@@ -1,9 +1,11 @@
 """Standbys forked before the fork server had its SDKs (cold) are made again once it has them;
-one whose preparation ends after its service was stopped is not (spawner.py
-``LocalSpawner._refresh_standbys``, ``_prepared``)."""
+one forked cold as the server turned warm is forked again at once, and kept only if its
+service was not stopped meanwhile (spawner.py ``LocalSpawner._refresh_standbys``,
+``_prepare_standby``)."""
 
 from __future__ import annotations
 
+import os
 import socket
 from types import SimpleNamespace
 
@@ -37,11 +39,33 @@ def test_the_warm_server_makes_every_cold_standby_again_and_nothing_else(spawner
     assert set(spawner._gates) == {"p2", "web"}
 
 
-@pytest.mark.parametrize("released, again", [(False, True), (True, False)])
-def test_a_standby_that_came_out_cold_is_made_again_unless_its_service_was_stopped(spawner, released, again):
-    spawner._refresh_after.add("p1")
+@pytest.mark.parametrize("released, kept", [(False, True), (True, False)])
+async def test_a_standby_forked_cold_as_the_server_turns_warm_is_forked_again_unless_its_service_stopped(
+        monkeypatch, released, kept):
+    fs = ForkServerClient("/nonexistent/forkserver.sock", "/dev/null", "/", {})
+    fs.ready = True
+    sp = LocalSpawner(forkserver=fs)
+    forked_warm, ended = [], []
+
+    async def next_group(name, limits):
+        return f"i-{len(forked_warm)}", SimpleNamespace(remove=lambda: None, procs_files=lambda: [])
+
+    async def standby(files, config):
+        forked_warm.append(fs.warm)
+        fs.warm = True  # the heir takes over while the first one is forked
+        return os.getpid(), socket.socketpair()[0]
+
+    async def end_gate(g):
+        ended.append(g.cold)
+
+    monkeypatch.setattr(sp, "_next_group", next_group)
+    monkeypatch.setattr(fs, "standby", standby)
+    monkeypatch.setattr(sp, "_end_gate", end_gate)
     if released:
-        spawner._released.add("p1")
-    spawner._prepared("p1", None, "p1.toml")
-    assert spawner.prepared == ([("p1", "p1.toml")] if again else [])
-    assert "p1" not in spawner._refresh_after
+        sp._released.add("p1")
+    await sp._prepare_standby("p1", None, "p1.toml")
+    assert forked_warm == [False, True]  # forked again, from the warm server
+    if kept:
+        assert ended == [True] and sp._gates["p1"].cold is False
+    else:  # stopped meanwhile: the warm one is ended too
+        assert ended == [True, False] and "p1" not in sp._gates

@@ -789,8 +789,28 @@ class Runner:
         }
         drill.data["summary"] = summary
         drill.data["latency"] = self._latencies(label)
+        self._every_fault_noticed(drill, pending, alerts)
         self._invariants(drill, alerts, rows)
         return drill
+
+    def _every_fault_noticed(self, drill: Drill, pending: list[tuple[str, str]], alerts: list[dict]) -> None:
+        """Every incarnation a process fault hit has its alert, or was being replaced for
+        another decision when the fault struck (a provider switch of its subtree, say: the
+        kill of a process on its way out is no failure). Said per incarnation, never silent."""
+        alerted = {a["incarnation"] for a in alerts}
+        unalerted = []
+        with self.db() as conn:
+            for name, incarnation in dict.fromkeys(pending):
+                if incarnation in alerted:
+                    continue
+                row = read.session(conn, incarnation) or {}
+                reason = row.get("end_reason") or ""
+                if reason.startswith("replaced:"):
+                    drill.mark("replaced anyway", f"{name} {incarnation}: {reason} (no alert of its own)")
+                else:
+                    unalerted.append(f"{name} {incarnation} ({row.get('status')}, {reason or 'no end reason'})")
+        drill.check("every hit incarnation alerted or replaced by a recorded decision"
+                    + (f": not {', '.join(unalerted[:3])}" if unalerted else ""), not unalerted)
 
     def _latencies(self, label: str) -> dict:
         """Detection (fault became true -> alert) and recovery (failure -> healthy)
@@ -834,7 +854,7 @@ class Runner:
             code, _ = self.mesh.try_call("POST", self.mesh.url(target) + "/drill/runaway", {}, auth=True)
             if code != 202:
                 return None
-        return f"{target} pid {s['pid']}"
+        return f"{target} pid {s['pid']} incarnation {incarnation}"
 
     def _settle(self, drill: Drill) -> None:
         """Every service running again: the ladder brings every one back by itself."""

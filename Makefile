@@ -12,7 +12,7 @@ RESULTS := benchmarks/results
 # loudly that they are skipped and why (and fail with CI=true).
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx-light pg_isready:postgresql-15 chromium:chromium
 
-.PHONY: up down status test unit integration bench clean system-deps vendor-ui lint typecheck phoenix
+.PHONY: up down status test unit integration bench clean system-deps vendor-ui lint typecheck phoenix bytecode
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,14 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-up: $(STAMP)
+# Tron's own modules compiled ahead (an editable install leaves them as source). Where
+# PYTHONDONTWRITEBYTECODE is set, as on CI, nothing writes them at import, and every process
+# (each `tron` command, daemon, fork server, agent host) compiled them again: 0.2 s of CPU
+# per daemon start, 0.05 s per command. Only what changed is compiled again.
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q -j 0 common registry scripts services tron/__init__.py tron/sdk.py >/dev/null
+
+up: $(STAMP) bytecode
 	$(BIN)/tron up
 
 down: $(STAMP)
@@ -52,14 +59,16 @@ system-deps:
 # browser or Ray cluster) on one worker; the heaviest files are handed out first and the unit
 # files last (--no-loadscope-reorder keeps tests/conftest.py's order).
 TEST_WORKERS ?= 3
+# The suite writes bytecode even where PYTHONDONTWRITEBYTECODE is set (CI): each worker
+# would otherwise rewrite and compile every test module again (8.6 s of CPU against 5.2 s).
 # The order is shuffled (pytest-randomly) with a seed printed first: `make test SEED=N` runs
 # that order again. With CI=true a test that would be skipped fails instead (tests/conftest.py).
 ifndef SEED
 SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 endif
-test: $(STAMP) system-deps phoenix lint typecheck
+test: $(STAMP) system-deps phoenix lint typecheck bytecode
 	@echo "test order: -p randomly --randomly-seed=$(SEED) (again: make test SEED=$(SEED))"
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 -p randomly --randomly-seed=$(SEED)
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 -p randomly --randomly-seed=$(SEED)
 
 # pyflakes and pycodestyle (pyproject's [tool.ruff]): an unused import or a name that does
 # not exist fails `make test` before any test runs.
@@ -75,7 +84,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP) system-deps phoenix
+integration: $(STAMP) system-deps phoenix bytecode
 	$(BIN)/python -m pytest -q tests/integration
 
 # Arize Phoenix, the OTLP receiver tests/integration/test_telemetry.py sends traces to and reads

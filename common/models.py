@@ -48,7 +48,8 @@ def validation_messages(err: ValidationError, *, unknown: str = "unknown field")
 
 
 class Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Built at first use, not at import: a `tron` command parses a few of these, not ~50.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class Empty(Msg):

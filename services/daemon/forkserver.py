@@ -44,6 +44,7 @@ Protocol: one JSON object per line on a Unix socket.
     {"op": "warm_up"}                                -> {"ok": true, "warm": bool}, then the warm-up
     {"op": "heir_warms"}                             -> {"ok": true}; it no longer warms up untold
     {"op": "retire"}                                 -> {"ok": true, "retiring": true}, then it exits
+    {"op": "check_code"}                             -> {"ok": true} | {"ok": false, "error", "stale"}, then it exits
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
     {"op": "standby", "cgroup": [procs files], "config": mesh file, "deadline"}
@@ -510,6 +511,8 @@ def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.s
         return {"ok": True}
     if req.get("op") == "retire":  # a warm heir serves now: exit once this is answered
         return {"ok": True, "retiring": True}
+    if req.get("op") == "check_code":  # a standby of ours found the code changed: exit if so (the loop does)
+        return _stale_reply(sources) or {"ok": True}
     if req.get("op") not in ("spawn", "standby"):
         return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
     stale = _stale_reply(sources)

@@ -1136,6 +1136,7 @@ class ForkServerClient:
         self.on_warm: Callable[[], None] = lambda: None  # called when the serving server has its SDKs
         self._starting: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
+        self._checking: asyncio.Future | None = None  # check_code sent after a stale standby
         self._slots = asyncio.Semaphore(IN_FLIGHT)
         # Standbys are asked for one at a time and never take a spawn's slot: after `tron up`
         # a hundred agents' standbys must not queue a restart behind them.
@@ -1401,13 +1402,29 @@ class ForkServerClient:
             self.spawned += 1
             return None
         if reply and reply.get("stale"):
-            self.ready = False
+            self._stale_standby()
         return (reply or {}).get("error", "it closed without an answer")
+
+    def _stale_standby(self) -> None:
+        """A standby found the code changed since its server read it: so has the server, which
+        no request may reach from now on. Told to check, it exits, and _on_exit starts a fresh
+        one; not told, it would wait on, unasked, and every start after would spawn plainly."""
+        self.ready = False
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._check_code(self.proc))
+
+    async def _check_code(self, proc: subprocess.Popen | None) -> None:
+        reply = await self._request({"op": "check_code"}, timeout=SPAWN_WAIT)
+        if reply and reply.get("ok") and proc is self.proc and not self.stopping:
+            self.ready = True  # it read the code after the standby's server did (an heir): it serves on
+        elif reply is None and proc is self.proc and proc is not None and proc.poll() is None:
+            log.warning("fork server did not answer whether its code is current; ending it")
+            proc.kill()  # _on_exit starts a fresh one
 
     async def stop(self) -> None:
         self.stopping = True
         self.ready = False
-        for task in (self._starting, self._warming):
+        for task in (self._starting, self._warming, self._checking):
             if task:
                 task.cancel()
         if self.heir is not None:

@@ -129,6 +129,7 @@ def test_a_standby_with_out_of_date_code_refuses_and_the_new_code_runs(mesh_fact
 
     m, code = mesh_on_a_copy(mesh_factory, tmp_path)
     pid, _ = standby_of(m, "director-docs")
+    server = m.status()["fork_server"]["pid"]
     source = code / "services" / "director" / "app.py"
     st = source.stat()
     os.utime(source, (st.st_atime, st.st_mtime + 5))  # "the code changed"
@@ -137,6 +138,11 @@ def test_a_standby_with_out_of_date_code_refuses_and_the_new_code_runs(mesh_fact
     assert back["pid"] != pid  # the standby said stale; the fork server did too: a plain spawn
     assert spawned(m, "director-docs")[-1]["mode"] == "plain"
     wait_for(lambda: not psutil.pid_exists(pid), 30, "the refused standby gone")
+    # The server that forked the standby has the old code too: it is told to check, exits, and a
+    # fresh one serves (without the check it waited on unasked, and every start spawned plainly).
+    wait_for(lambda: (f := m.status()["fork_server"])["ready"] and f["pid"] != server, 30, "a fresh fork server")
+    wait_for(lambda: not psutil.pid_exists(server) or psutil.Process(server).status() == psutil.STATUS_ZOMBIE, 10,
+             "the out-of-date server gone")
 
 
 # -- the fork server's side, without a daemon ---------------------------------------------------

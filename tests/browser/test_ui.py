@@ -24,7 +24,7 @@ import time
 import pytest
 from playwright.sync_api import Page, expect
 
-from tron.scripts.client import wait_for
+from tests.harness import wait_for
 from tron.services.daemon.ui.alertbar import HOLD
 from tron.scripts.tron import Ctx
 from tron.scripts.ui_cli import cmd_ui

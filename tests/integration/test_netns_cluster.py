@@ -30,7 +30,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tron.scripts.client import http, wait_for
+from tron.scripts.client import http
+from tests.harness import wait_for
 from tests import netns
 from tests.harness import TRON
 

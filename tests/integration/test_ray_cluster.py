@@ -20,7 +20,7 @@ import urllib.request
 import psutil
 import pytest
 
-from tron.scripts.client import wait_for
+from tests.harness import wait_for
 from tests.harness import RAY_WORKER_PORTS
 
 pytestmark = pytest.mark.integration

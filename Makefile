@@ -54,11 +54,12 @@ system-deps:
 	           --no-install-recommends $$missing >/dev/null; }; \
 	  else echo "not installed (tests that need them will be skipped):$$missing"; fi; fi
 
-# Three workers on 2 cores: the meshes mostly wait on each other's processes (four were
-# slower: 11.3 min against 10.3). loadfile keeps a file's tests (and its module-scoped mesh,
-# browser or Ray cluster) on one worker; the heaviest files are handed out first and the unit
-# files last (--no-loadscope-reorder keeps tests/conftest.py's order).
-TEST_WORKERS ?= 3
+# Four workers on 2 cores: the meshes wait on their own processes a good part of the time, and
+# three left ~11% of the cores idle (1,104 s of CPU in a 622 s run). Side by side on a fresh
+# clone, same seed: three 10 min 24 s, four 9 min 48 s. loadfile keeps a file's tests (and its
+# module-scoped mesh, browser or Ray cluster) on one worker; the heaviest files are handed out
+# first and the unit files last (--no-loadscope-reorder keeps tests/conftest.py's order).
+TEST_WORKERS ?= 4
 # The suite writes bytecode even where PYTHONDONTWRITEBYTECODE is set (CI): each worker
 # would otherwise rewrite and compile every test module again (8.6 s of CPU against 5.2 s).
 # The order is shuffled (pytest-randomly) with a seed printed first: `make test SEED=N` runs

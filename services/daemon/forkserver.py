@@ -44,7 +44,7 @@ Protocol: one JSON object per line on a Unix socket.
     {"op": "warm_up"}                                -> {"ok": true, "warm": bool}, then the warm-up
     {"op": "heir_warms"}                             -> {"ok": true}; it no longer warms up untold
     {"op": "retire"}                                 -> {"ok": true, "retiring": true}, then it exits
-    {"op": "check_code"}                             -> {"ok": true} | {"ok": false, "error", "stale"}, then it exits
+    {"op": "check_code"}                             -> {"ok": true} | {"ok": false, "error", "stale"} (and it exits)
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
     {"op": "standby", "cgroup": [procs files], "config": mesh file, "deadline"}

@@ -757,8 +757,17 @@ class Runner:
             # No fault may outlive the drill: every hit incarnation must have been replaced
             # (a runaway, say, is only caught progress_timeout after it was injected).
             slowest = max(self.policy.progress_timeout, self.policy.beat_timeout) + self.recovery_bound()
-            self.wait(lambda: all(self.mesh.service(n)["incarnation"] != inc for n, inc in pending), slowest,
-                      "every injected fault to be handled", interval=0.1)
+
+            def unhandled() -> list[str]:
+                now = {s["name"]: s for s in self.mesh.status()["services"]}
+                return [f"{n} {inc} ({now[n]['state']}, pid {now[n]['pid']})" for n, inc in dict.fromkeys(pending)
+                        if now[n]["incarnation"] == inc]
+
+            try:
+                self.wait(lambda: not unhandled(), slowest, "every injected fault to be handled", interval=0.1)
+            except DrillError:
+                raise DrillError(f"not every injected fault was handled within {slowest:.1f}s: still the hit "
+                                 f"incarnation of {', '.join(unhandled())}") from None
             drill.mark("faults handled", f"{len(pending)} process faults, every target replaced")
             if self.config.sim_url:  # provider faults armed for a few more calls end with the fault phase
                 self.mesh.try_call("DELETE", self.config.sim_url + "/sim/faults", auth=True)

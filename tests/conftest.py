@@ -53,7 +53,7 @@ def postgres():
 
 # -- the order files are handed out in ------------------------------------------------------------
 #
-# `make test` runs `-n 4 --dist loadfile --no-loadscope-reorder`: xdist hands whole files to
+# `make test` runs `-n 3 --dist loadfile --no-loadscope-reorder`: xdist hands whole files to
 # the workers in collection order. Its default order (most tests first) put the 1,400 fast unit
 # tests first and the slow integration files with few tests (a Ray cluster, PostgreSQL, network
 # namespaces) last, where one of them alone could make the run's tail. Here the heaviest files

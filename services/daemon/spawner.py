@@ -1125,7 +1125,7 @@ class ForkServerClient:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.ready = False
-        self.warm = False  # the server has the LLM SDKs (it warms them up after it is ready)
+        self._warm = False  # the server has the LLM SDKs (it warms them up after it is ready): ``warm``
         self.warm_now = False  # the mesh is up: a server that is ready warms up ``WARM_AFTER_UP`` s later
         self.up_at = 0.0  # time.monotonic() of warm_up()
         self.stopping = False
@@ -1141,6 +1141,18 @@ class ForkServerClient:
         # Standbys are asked for one at a time and never take a spawn's slot: after `tron up`
         # a hundred agents' standbys must not queue a restart behind them.
         self._standby_slot = asyncio.Semaphore(1)
+
+    @property
+    def warm(self) -> bool:
+        """The serving server has the LLM SDKs. Turning so (warmed up, an heir taking over, a
+        server started again warm) calls ``on_warm``: standbys forked cold are made again."""
+        return self._warm
+
+    @warm.setter
+    def warm(self, value: bool) -> None:
+        was, self._warm = self._warm, value
+        if value and not was:
+            self.on_warm()
 
     @property
     def pid(self) -> int | None:
@@ -1192,11 +1204,9 @@ class ForkServerClient:
         self.ready = True
         log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
                                              "generation": self.generation})
-        self.warm = bool(reply.get("warm"))
+        self.warm = bool(reply.get("warm"))  # started again warm: standbys of the last cold one are made again
         if not self.warm:
             self._warming = asyncio.ensure_future(self._until_warm(self.proc))
-        else:
-            self.on_warm()  # a server started again warm: standbys of the last cold one are made again
         return True
 
     async def _first_answer(self, proc: subprocess.Popen, timeout: float, path: str | None = None,
@@ -1246,7 +1256,6 @@ class ForkServerClient:
             reply = await self._request({"op": "ping"}, timeout=30.0)
             if reply and reply.get("pid") == proc.pid and reply.get("warm"):
                 self.warm = True
-                self.on_warm()
                 log.info("fork server warm", extra={"pid": proc.pid, "modules": reply.get("modules"),
                                                     "generation": self.generation})
                 return
@@ -1324,8 +1333,6 @@ class ForkServerClient:
             return self.stopping or self.proc is not proc  # not ours to warm any more
         old_path, self.proc, self.sock_path, self.heir = self.sock_path, heir, path, None
         self.warm, self.generation = bool(reply.get("warm")), self.generation + 1
-        if self.warm:
-            self.on_warm()
         log.info("fork server warm: its heir serves now, warm from the start", extra={
             "pid": heir.pid, "retired": proc.pid, "modules": reply.get("modules"), "generation": self.generation,
             "warmth": reply.get("warmth")})

@@ -22,15 +22,20 @@ class ClientError(Exception):
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, *,
-             error: type[Exception] = AssertionError):
-    """Poll against a deadline; return the first truthy value or raise ``error`` saying what."""
+             error: type[Exception] = AssertionError, interval_max: float | None = None):
+    """Poll against a deadline; return the first truthy value or raise ``error`` saying what.
+    With ``interval_max``, the pause grows 1.2 times each poll up to it (never past the deadline)."""
     deadline = time.monotonic() + timeout
-    last = None
+    last, pause = None, interval
     while time.monotonic() < deadline:
         last = predicate()
         if last:
             return last
-        time.sleep(interval)
+        if interval_max is None:
+            time.sleep(interval)
+            continue
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(max(interval, interval_max), pause * 1.2)
     raise error(f"timed out after {timeout:.1f}s waiting for {what} (last: {last!r})")
 
 

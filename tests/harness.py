@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from tron.common.processes import describe, home_processes, kill_tree
-from tron.scripts.client import http
+from tron.scripts.client import http, wait_for as client_wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 # The entry point a user runs: installed into the same environment as this interpreter.
@@ -44,26 +44,16 @@ FAST_POLICY = {
 }
 
 
+POLL_MAX = 0.1
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, *,
              error: type[Exception] = AssertionError):
-    """Poll against a deadline; return the first truthy value or raise ``error`` saying what.
-
-    As tron.scripts.client.wait_for, but the polls thin out from ``interval`` to 10 a second
-    (1.2 times longer each) after about half a second: most polls here ask a daemon for its
-    /status (~1 ms of CPU on each side), and three or four tests waiting seconds at 50 polls a
-    second took a share of the suite's two cores from the meshes they wait on."""
-    deadline = time.monotonic() + timeout
-    last, pause = None, interval
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(max(interval, POLL_MAX), pause * 1.2)
-    raise error(f"timed out after {timeout:.1f}s waiting for {what} (last: {last!r})")
-
-
-POLL_MAX = 0.1
+    """tron.scripts.client.wait_for, its polls thinning out from ``interval`` to 10 a second
+    after about half a second: most polls here ask a daemon for its /status (~1 ms of CPU on
+    each side), and three or four tests waiting seconds at 50 polls a second took a share of
+    the suite's two cores from the meshes they wait on."""
+    return client_wait_for(predicate, timeout, what, interval, error=error, interval_max=POLL_MAX)
 
 
 def _ports_free(ports) -> bool:

@@ -52,6 +52,19 @@ class Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
+def build_all() -> int:
+    """Build every message model's schema now (``defer_build`` leaves it to the first use).
+    The fork server calls it once, so no forked incarnation builds Beat's and its other
+    messages' schemas again (4-10 ms of its start each). Returns how many it built."""
+    todo, built = list(Msg.__subclasses__()), 0
+    while todo:
+        model = todo.pop()
+        todo.extend(model.__subclasses__())
+        if model.model_rebuild() is not None:
+            built += 1
+    return built
+
+
 class Empty(Msg):
     """Endpoints that take no body still refuse one they do not understand."""
 

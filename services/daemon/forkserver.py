@@ -361,6 +361,9 @@ def serve(sock_path: str, parent: int | None = None) -> int:
         return CANNOT_RUN
     for name in PRELOAD:  # after the path check: nothing heavy before it
         importlib.import_module(name)
+    from tron.common.models import build_all
+
+    build_all()  # the messages' schemas, deferred for the CLI, built once here for every incarnation
     from tron.common.providers import defer_sdks
 
     defer_sdks()  # what is forked before the warm-up imports its SDK at its first LLM call

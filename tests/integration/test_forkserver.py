@@ -370,3 +370,27 @@ def _has_sdk(pid: int) -> bool:
     """Whether the anthropic SDK is loaded in the process: its jiter extension is mapped (the
     fork server's preload has no use for it)."""
     return any("jiter" in m.path for m in psutil.Process(pid).memory_maps())
+
+
+def test_an_incarnation_finds_the_message_schemas_built(tmp_path):
+    """The message models build their schemas at first use (the CLI parses few of them); an
+    incarnation forked from the server must not build them again at its start (Beat's alone
+    was 4-10 ms of a restart): the server built them all once."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "schema_probe.py").write_text(
+        "from tron.common import models\n"
+        "todo, unbuilt = list(models.Msg.__subclasses__()), []\n"
+        "while todo:\n"
+        "    m = todo.pop(); todo.extend(m.__subclasses__())\n"
+        "    unbuilt += [] if m.__pydantic_complete__ else [m.__name__]\n"
+        "print('unbuilt:', ','.join(sorted(unbuilt)) or 'none', 'of', len(models.Msg.__subclasses__()))\n")
+    log = tmp_path / "probe.log"
+    with _fork_server(tmp_path, env={"PYTHONPATH": str(tmp_path / "mods")}) as (sock, server):
+        from tron.services.daemon import unixline
+
+        answer = unixline.ask(sock, {"op": "spawn", "module": "schema_probe", "env": {"PATH": os.defpath},
+                                     "cwd": str(tmp_path), "log": str(log), "cgroup": []}, timeout=30)
+        assert answer and answer["ok"], answer
+        said = wait_for(lambda: "unbuilt:" in (log.read_text() if log.exists() else "") and log.read_text(), 30,
+                        "the forked probe's line")
+        assert "unbuilt: none of" in said, said

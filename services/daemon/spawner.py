@@ -179,6 +179,12 @@ class Gate:
     pidfd: int | None = None  # a standby's: readable once it has exited
     config: str = ""  # a standby's: the mesh file it reads ahead
     cold: bool = False  # a standby forked before the fork server had the LLM SDKs
+    # The write end of a log pump pipe attached ahead for the next incarnation's log, and
+    # what it was attached for (the log, its limits, the pump's pid): the start then skips
+    # the round trip to the pump (a crash wave's starts queued in it).
+    log_pipe: int | None = None
+    log_for: tuple | None = None
+    logfile: tuple[Path, dict] | None = None  # the log and limits it was attached for
 
     def __post_init__(self) -> None:
         if self.popen is not None:
@@ -492,17 +498,38 @@ class LocalSpawner:
             _check_port_free(spec.port)
         log_fd = None
         if self.logs is not None and spec.log_limits is not None:
-            log_fd = await self.logs.pipe_for(spec.log, **spec.log_limits)
+            log_fd = self._log_pipe_ahead(spec)
+            if log_fd is None:
+                log_fd = await self.logs.pipe_for(spec.log, **spec.log_limits)
         try:
             child = await self._spawn(spec, log_fd)
         finally:
             if log_fd is not None:
                 os.close(log_fd)  # the child has its copy: the pump sees EOF when the last writer is gone
         if self._gated(spec):
-            self._prepare_soon(spec.name, spec.limits or Limits())
+            self._prepare_soon(spec.name, spec.limits or Limits(), logfile=self._log_target(spec))
         elif self._standby_for(spec):
-            self._prepare_soon(spec.name, spec.limits or Limits(), standby=spec.env.get("TRON_CONFIG", ""))
+            self._prepare_soon(spec.name, spec.limits or Limits(), standby=spec.env.get("TRON_CONFIG", ""),
+                               logfile=self._log_target(spec))
         return child
+
+    def _log_target(self, spec: SpawnSpec) -> tuple[Path, dict] | None:
+        return (spec.log, spec.log_limits) if self.logs is not None and spec.log_limits is not None else None
+
+    def _log_key(self, log: tuple[Path, dict]) -> tuple:
+        return str(log[0]), tuple(sorted(log[1].items())), self.logs.pid if self.logs is not None else None
+
+    def _log_pipe_ahead(self, spec: SpawnSpec) -> int | None:
+        """The pipe attached with the claimed gate for this start, if it is for this log, with
+        these limits, to the pump that runs now (a pump started again since holds none)."""
+        gate = self._claimed.get(spec.name)
+        if gate is None or gate.log_pipe is None or gate.incarnation != spec.incarnation:
+            return None
+        fd, gate.log_pipe = gate.log_pipe, None
+        if spec.log_limits is not None and gate.log_for == self._log_key((spec.log, spec.log_limits)):
+            return fd
+        os.close(fd)
+        return None
 
     def _cgroup(self, spec: SpawnSpec) -> Cgroup | None:
         """The incarnation's new cgroup, its limits written; None when owned by marks."""
@@ -555,17 +582,19 @@ class LocalSpawner:
             if gate is not None:
                 self._background_end(gate)
 
-    def _prepare_soon(self, name: str, limits: Limits, *, standby: str | None = None) -> None:
-        """``standby``: a standby, not a gate (its mesh file, which it reads ahead)."""
+    def _prepare_soon(self, name: str, limits: Limits, *, standby: str | None = None,
+                      logfile: tuple[Path, dict] | None = None) -> None:
+        """``standby``: a standby, not a gate (its mesh file, which it reads ahead). ``logfile``:
+        the next incarnation's log and its limits, whose pump pipe is attached ahead too."""
         self._released.discard(name)  # it started again
         if name in self._gates or name in self._preparing or self._closing.is_set():
             return
-        task = asyncio.ensure_future(self._prepare(name, limits) if standby is None
-                                     else self._prepare_standby(name, limits, standby))
+        task = asyncio.ensure_future(self._prepare(name, limits, logfile) if standby is None
+                                     else self._prepare_standby(name, limits, standby, logfile))
         self._preparing[name] = task
         task.add_done_callback(lambda _: self._preparing.pop(name, None))
 
-    async def _prepare(self, name: str, limits: Limits) -> None:
+    async def _prepare(self, name: str, limits: Limits, logfile: tuple[Path, dict] | None = None) -> None:
         """The gate of ``name``'s next incarnation: its cgroup made, limits written, a gate
         process started and moved in (the move's grace period is waited here, off the
         restart path, in a thread: not on the loop)."""
@@ -593,7 +622,7 @@ class LocalSpawner:
             log.warning("no gate for %s: cannot move it into %s: %s", name, group.owner, err)
             await self._end_gate(gate)
             return
-        await self._keep(gate)
+        await self._keep(gate, logfile)
 
     async def _next_group(self, name: str, limits: Limits) -> tuple[str, Cgroup] | None:
         """After GATE_AFTER (the new program starts first): an incarnation id for ``name``'s
@@ -610,15 +639,20 @@ class LocalSpawner:
             log.debug("nothing prepared for %s's next start: %s", name, err)
             return None
 
-    async def _keep(self, gate: Gate) -> None:
+    async def _keep(self, gate: Gate, logfile: tuple[Path, dict] | None = None) -> None:
         """A gate or standby made ready: kept for its service's next start, unless that
-        is not coming (closing, stopped or removed) or another is kept already."""
+        is not coming (closing, stopped or removed) or another is kept already. With its
+        ``logfile``'s pump pipe attached now, off the restart's path."""
+        if logfile is not None and self.logs is not None and gate.log_pipe is None:
+            gate.log_pipe = await self.logs.pipe_for(logfile[0], **logfile[1])
+            gate.log_for, gate.logfile = self._log_key(logfile), logfile
         if self._closing.is_set() or gate.name in self._gates or gate.name in self._released:
             await self._end_gate(gate)
             return
         self._gates[gate.name] = gate
 
-    async def _prepare_standby(self, name: str, limits: Limits, config: str) -> None:
+    async def _prepare_standby(self, name: str, limits: Limits, config: str,
+                               logfile: tuple[Path, dict] | None = None) -> None:
         """The standby of ``name``'s next incarnation: its cgroup made, limits written, and a
         process forked by the fork server that joins it and waits (the move's grace period
         is paid by the standby, off the restart path). Made at once, from the server that
@@ -627,7 +661,7 @@ class LocalSpawner:
         its agent would import them at its first call."""
         while (gate := await self._fork_standby(name, limits, config)) is not None:
             if not (gate.cold and self.forkserver is not None and self.forkserver.warm):
-                await self._keep(gate)
+                await self._keep(gate, logfile)
                 return
             await self._end_gate(gate)
 
@@ -664,7 +698,7 @@ class LocalSpawner:
             if gate.standby and gate.cold:
                 del self._gates[name]
                 self._background_end(gate)
-                self._prepare_soon(name, gate.limits, standby=gate.config)
+                self._prepare_soon(name, gate.limits, standby=gate.config, logfile=gate.logfile)
 
     async def _open_standby(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
         """The agent, become by the standby in place: its pid is the standby's."""
@@ -705,6 +739,9 @@ class LocalSpawner:
     async def _end_gate(self, gate: Gate) -> None:
         """A gate that will not be opened: ended, reaped, its cgroup removed."""
         gate.conn.close()  # an unjoined gate reads EOF and exits; the cgroup's kill ends a joined one
+        if gate.log_pipe is not None:
+            os.close(gate.log_pipe)  # the pump sees EOF on it and forgets it
+            gate.log_pipe = None
         gate.group.kill()
         if gate.popen is not None:
             if gate.popen.poll() is None:

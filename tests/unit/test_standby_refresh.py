@@ -26,7 +26,8 @@ def spawner(monkeypatch):
     sp = LocalSpawner(forkserver=fs)
     ended, prepared = [], []
     monkeypatch.setattr(sp, "_background_end", lambda g: ended.append(g.name))
-    monkeypatch.setattr(sp, "_prepare_soon", lambda name, limits, standby=None: prepared.append((name, standby)))
+    monkeypatch.setattr(sp, "_prepare_soon",
+                        lambda name, limits, standby=None, logfile=None: prepared.append((name, standby)))
     sp.ended, sp.prepared = ended, prepared  # type: ignore[attr-defined]
     return sp
 

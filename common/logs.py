@@ -56,10 +56,18 @@ def setup(service: str, *, incarnation: str | None = None, level: str | None = N
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
-    root.setLevel(level or os.environ.get("TRON_LOG_LEVEL", "INFO"))
+    _set_level(root, level or os.environ.get("TRON_LOG_LEVEL", "INFO"))
     # The SDKs and aiohttp's access log are noisy at INFO and add nothing here.
     for noisy in ("aiohttp.access", "httpx", "httpcore", "anthropic", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        _set_level(logging.getLogger(noisy), logging.WARNING)
+
+
+def _set_level(logger: logging.Logger, level: str | int) -> None:
+    """Only a change: every setLevel clears the cache of every logger there is (the SDKs make
+    hundreds), which in an incarnation forked from the fork server copies their pages."""
+    wanted = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(wanted, int) or logger.level != wanted:
+        logger.setLevel(level.upper() if isinstance(level, str) else level)
 
 
 def comms(kind: str, /, *, src: str, dst: str, **ids: Any) -> None:

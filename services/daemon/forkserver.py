@@ -47,7 +47,7 @@ Protocol: one JSON object per line on a Unix socket.
     {"op": "check_code"}                             -> {"ok": true} | {"ok": false, "error", "stale"} (and it exits)
     {"op": "spawn", "module", "env", "cwd", "log", "cgroup": [procs files], "open_files", "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error", "stale"}
-    {"op": "standby", "cgroup": [procs files], "config": mesh file, "deadline"}
+    {"op": "standby", "cgroup": [procs files], "config": mesh file, "service": name, "deadline"}
                                                      -> {"ok": true, "pid": ...} | {"ok": false, "error"}
 "deadline" (CLOCK_MONOTONIC seconds, optional): past it the server forks nothing, since the
 daemon no longer waits for the answer.
@@ -58,7 +58,10 @@ off the restart path) and makes its own session, then waits on the same connecti
 spawn's line ({"module", "env", "cwd", "log", "log_pipe", "open_files"}, descriptors as for
 a spawn). It answers that line {"ok": true} and becomes the service (the same pid), or
 {"ok": false, "stale": true} and exits when a source file changed since the server read it.
-The daemon closing the connection ends it: it never runs a service nobody asked for.
+The daemon closing the connection ends it: it never runs a service nobody asked for. While it
+waits it has rehearsed its start (``_rehearse``): for a built-in role ("service" names it), its
+application built for a stand-in incarnation, so the pages an agent's start touches are copied
+before the restart, not on its path.
 A spawn may carry descriptors (SCM_RIGHTS): first, with "log_pipe": true, the log pump's
 pipe (the child's stdout and stderr, instead of opening "log"); then the service's
 listening socket, which the child gets at fd 3 with LISTEN_PID set to its own pid (the
@@ -218,7 +221,7 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _enter(req.get("cgroup") or ())
-        _rehearse(req.get("config"))
+        _rehearse(req.get("config"), req.get("service"))
         line, fds = unixline.receive(conn, 4)
         if not line.endswith(b"\n"):
             return  # the daemon gave this standby up (or went away): run nothing
@@ -237,12 +240,14 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
         os._exit(code)
 
 
-def _rehearse(config: str | None) -> None:
+def _rehearse(config: str | None, service: str | None = None) -> None:
     """In a standby, before it waits: what every agent does first, done ahead and without
     effects outside this process (its mesh file read and validated for its load_mesh, an
     event loop run, an HTTP app that serves itself a POST and a GET on a loopback port of
-    its own, a log line formatted). The memory pages this touches are copied from the server
-    now, off the restart's path, not after the restart hands the standby its spawn."""
+    its own, a log line formatted; for a built-in role, its own application built and its
+    first beat's message made, for a stand-in incarnation). The memory pages this touches
+    are copied from the server now, off the restart's path, not after the restart hands
+    the standby its spawn."""
     try:
         import asyncio
 
@@ -290,8 +295,40 @@ def _rehearse(config: str | None) -> None:
         from tron.common.logs import JsonFormatter
 
         JsonFormatter().format(logging.LogRecord("tron.service", logging.INFO, __file__, 0, "serving", (), None))
+        if config and service:
+            _rehearse_role(config, service)
     except Exception as err:  # a rehearsal is only a head start: the start itself still runs in full
         print(json.dumps({"msg": "standby rehearsal failed", "error": f"{type(err).__name__}: {err}"}), flush=True)
+
+
+# The built-in roles whose application a standby builds ahead (agent_host loads a user's
+# class from its environment, which a standby does not have yet).
+ROLE_APPS = {f"tron.services.{r}": f"tron.services.{r}.app" for r in ("gateway", "root", "architect", "director",
+                                                                      "programmer")}
+
+
+def _rehearse_role(config: str, service: str) -> None:
+    """The role's application built for a stand-in incarnation of ``service`` and dropped:
+    its routes compiled, its agent and runtime made, a beat made and encoded. Nothing is
+    started, served or sent."""
+    from tron.common import logs
+    from tron.common.config import load_mesh, preload_mesh
+    from tron.common.models import Beat
+    from tron.common.service import ServiceContext, ServiceEnv
+
+    mesh = load_mesh(config)  # the read-ahead copy, handed out once: the incarnation gets one of its own
+    preload_mesh(config)
+    spec = mesh.services.get(service)
+    app_module = ROLE_APPS.get(spec.module) if spec is not None and spec.is_agent else None
+    if spec is None or app_module is None:
+        return
+    env = ServiceEnv(service=service, role=spec.role, port=spec.port, incarnation="i-standby", home=Path("/nonexistent"),
+                     daemon_url="http://127.0.0.1:9", token_file=Path("/nonexistent"), config=config)
+    logs.setup(service, incarnation=env.incarnation)  # its levels set ahead: the real setup changes none
+    ctx = ServiceContext(env, mesh, "standby")
+    app = importlib.import_module(app_module).make_app(ctx)
+    app.router.freeze()
+    Beat(service=service, incarnation=env.incarnation, pid=os.getpid(), seq=0).model_dump(mode="json")
 
 
 def _set_title(title: str) -> None:

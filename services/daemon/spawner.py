@@ -675,7 +675,7 @@ class LocalSpawner:
             group.remove()
             return None  # the next start forks; its own start prepares the next standby
         cold = not self.forkserver.warm
-        forked = await self.forkserver.standby(group.procs_files(), config)
+        forked = await self.forkserver.standby(group.procs_files(), config, name)
         if forked is None:
             group.remove()
             return None
@@ -1411,7 +1411,7 @@ class ForkServerClient:
         log.warning("fork server could not spawn %s: %s; spawning plainly", module, reason)
         return None
 
-    async def standby(self, cgroup: list[str], config: str = "") -> tuple[int, socket.socket] | None:
+    async def standby(self, cgroup: list[str], config: str = "", service: str = "") -> tuple[int, socket.socket] | None:
         """A standby forked now (forkserver.py): it joins ``cgroup``, reads the mesh file
         ``config`` ahead and waits. Its pid and the connection it waits on (closing it ends
         the standby); None when the server cannot serve."""
@@ -1420,7 +1420,7 @@ class ForkServerClient:
         async with self._standby_slot:
             try:
                 reply, conn = await unixline.ask_keep_async(
-                    self.sock_path, {"op": "standby", "cgroup": cgroup, "config": config,
+                    self.sock_path, {"op": "standby", "cgroup": cgroup, "config": config, "service": service,
                                      "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
                     timeout=SPAWN_WAIT)
             except (OSError, ValueError):

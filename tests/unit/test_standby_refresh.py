@@ -51,7 +51,7 @@ async def test_a_standby_forked_cold_as_the_server_turns_warm_is_forked_again_un
     async def next_group(name, limits):
         return f"i-{len(forked_warm)}", SimpleNamespace(remove=lambda: None, procs_files=lambda: [])
 
-    async def standby(files, config):
+    async def standby(files, config, service=""):
         forked_warm.append(fs.warm)
         fs.warm = True  # the heir takes over while the first one is forked
         return os.getpid(), socket.socketpair()[0]

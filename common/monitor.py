@@ -82,6 +82,7 @@ class Watched:
     progress: str | None = None
     progress_since: float | None = None
     alerted: bool = False
+    excused: int = 0  # stalls of the monitor that excused its silence since its last beat
     # kind -> deadline of the entry queued for it (at most one live entry per kind)
     armed: dict[str, float] = field(default_factory=dict)
     keys: dict[str, Key] = field(default_factory=dict)  # one key tuple per kind, made once
@@ -134,6 +135,9 @@ class DeadlineQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+
+MAX_EXCUSES = 3  # stalls of the monitor in a row that may excuse one agent's silence
 
 
 class Monitor:
@@ -213,6 +217,7 @@ class Monitor:
                 return Verdict.DUPLICATE
             w.seq = seq
             w.last_beat = now
+            w.excused = 0
             self._arm(w, "beat")  # O(1) unless the deadline moved earlier (the first beat after the start grace)
             if task_id != w.task_id:
                 if task_id is None:
@@ -264,13 +269,16 @@ class Monitor:
         up to ``now``: no agent is convicted for that silence. Beat deadlines start again
         from now (a full beat_timeout of grace), and task and progress clocks do not count
         the stall. A process exit is still a fact, and an agent still hung after the grace
-        still misses its beats."""
+        still misses its beats. An agent that stayed silent through ``MAX_EXCUSES`` stalls
+        in a row is excused no more: a daemon starved again and again must not postpone a
+        hung agent's detection for ever (its beats, had it any, are read between stalls)."""
         with self.cond:
             self.stalls.append((now, length))
             del self.stalls[:-100]
             for w in self._agents.values():
-                if w.alerted:
+                if w.alerted or w.excused >= MAX_EXCUSES:
                     continue
+                w.excused += 1
                 w.last_beat = max(w.last_beat, now)
                 if w.task_since is not None:
                     w.task_since += length

@@ -192,3 +192,33 @@ def test_the_monitor_thread_waits_while_the_event_loop_is_stalled():
     m.loop_seen = clock.now()
     assert not thread._loop_stalled(clock.now())
     assert m.stalls == [(1002.0, 2.0)] and m.tick(clock.now()) == []
+
+
+@pytest.mark.parametrize("stalls, beats_between, caught", [
+    (1, False, False),  # one stall: a fresh grace, as before
+    (3, False, False),  # up to MAX_EXCUSES stalls in a row are excused
+    (4, False, True),   # a fourth without a beat between: its silence is its own
+    (6, True, False),   # an agent that beats between the stalls is excused every time
+])
+def test_a_daemon_starved_again_and_again_does_not_postpone_a_hung_agents_detection_for_ever(
+        stalls, beats_between, caught):
+    from tron.common.monitor import MAX_EXCUSES
+
+    assert MAX_EXCUSES == 3
+    clock = FakeClock()
+    m = Monitor()
+    m.watch("a", "i-a", clock.now(), beat_timeout=3.0, progress_timeout=100.0, task_timeout=1000.0)
+    seq, fired = 0, []
+    for i in range(stalls):
+        clock.advance(2.5)  # just short of the deadline, then the daemon is frozen for 2 s
+        if beats_between:
+            seq += 1
+            m.beat("a", "i-a", seq, clock.now())
+        clock.advance(2.0)
+        m.stalled(clock.now(), 2.0)
+        fired += m.tick(clock.now())
+        if i < 3:
+            assert fired == []  # the first stalls excuse it: nobody is convicted for the daemon's silence
+    clock.advance(2.9)  # short of a beat_timeout after the last stall
+    fired += m.tick(clock.now())
+    assert bool(fired) is caught, fired

@@ -40,6 +40,9 @@ from tron.common.models import MAX_BODY, TOKEN_HEADER, Beat
 log = logging.getLogger("tron.relay")
 
 CHUNK = 1000  # beats per POST /beats (the daemon takes up to MAX_BATCH_BEATS; smaller keeps its loop responsive)
+# Batches on their way at once. A batch stuck in TCP's retransmissions (a lossy link) must not
+# hold the next interval's back, which renews the node's lease: each goes on its own connection.
+MAX_IN_FLIGHT = 4
 
 
 class BeatRelay:
@@ -54,6 +57,9 @@ class BeatRelay:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
+        self._flushing: set[asyncio.Task] = set()  # batches on their way now
+        self._batch_seq = 0  # the order batches were sent in ...
+        self._recorded_seq = 0  # ... and the latest whose verdicts were kept
         self.port: int | None = None
         self.sent = self.batches = self.failed = 0
         # The node's fence (services/daemon/fencing.py): told when each batch the daemon took
@@ -86,6 +92,9 @@ class BeatRelay:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for flushing in list(self._flushing):
+            flushing.cancel()
+        await asyncio.gather(*self._flushing, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -143,18 +152,29 @@ class BeatRelay:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if time.monotonic() - next_at > self.interval:  # a stalled loop: start the schedule again from now
                 next_at = time.monotonic()
-            try:
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # noqa: BLE001 - the next interval tries again; never end the loop
-                log.error("beat relay: batch not sent: %s", err)
+            if len(self._flushing) >= MAX_IN_FLIGHT:
+                log.warning("beat relay: %d batches still on their way: this interval's beats go with the next",
+                            len(self._flushing))
+                continue
+            flushing = asyncio.ensure_future(self._flush_logged())
+            self._flushing.add(flushing)
+            flushing.add_done_callback(self._flushing.discard)
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the next interval tries again; never end the loop
+            log.error("beat relay: batch not sent: %s", err)
 
     async def flush(self) -> None:
         """Send every pending beat (in chunks of CHUNK) and keep each one's verdict."""
         if not self._pending and self.on_taken is None:
             return
         beats, self._pending = list(self._pending.values()), {}
+        self._batch_seq += 1
+        seq = self._batch_seq
         for start in range(0, max(1, len(beats)), CHUNK):
             chunk = beats[start:start + CHUNK]
             sent_at = time.monotonic()
@@ -177,7 +197,7 @@ class BeatRelay:
                 self.failed += 1
                 log.warning("beat relay: batch of %d refused: HTTP %s %s", len(chunk), status, text[:300])
                 continue
-            self._record(chunk, json.loads(text))
+            self._record(chunk, json.loads(text), seq)
             if self.on_taken is not None:
                 self.on_taken(sent_at)
 
@@ -186,9 +206,12 @@ class BeatRelay:
         for b in beats:
             self._pending.setdefault(b.service, b)
 
-    def _record(self, chunk: list[Beat], answer: dict) -> None:
+    def _record(self, chunk: list[Beat], answer: dict, seq: int = 0) -> None:
         self.batches += 1
         self.sent += len(chunk)
+        if seq and seq < self._recorded_seq:
+            return  # a batch that took longer than a later one: the later verdicts stand
+        self._recorded_seq = max(self._recorded_seq, seq)
         if isinstance(answer.get("interval"), (int, float)) and answer["interval"] > 0:
             self.interval = float(answer["interval"])
         if isinstance(answer.get("hosts"), dict):

@@ -397,9 +397,14 @@ def next_provider(chain: list[str], current: str | None) -> str:
     ``current`` is not in the chain."""
     if not chain:
         raise ValueError("the provider chain is empty")
-    if current not in chain:
-        return chain[0]
-    return chain[(chain.index(current) + 1) % len(chain)]
+    return chain_after(chain, current)[0]
+
+
+def chain_after(chain: list[str], current: str | None) -> list[str]:
+    """Every provider of the chain, starting after ``current`` and wrapping round to it
+    (from the first when ``current`` is not in the chain)."""
+    start = chain.index(current) + 1 if current in chain else 0
+    return [chain[(start + i) % len(chain)] for i in range(len(chain))]
 
 
 def within(times: list[float], now: float, window: float) -> list[float]:
@@ -527,14 +532,31 @@ class Situation(Generic[_E_co]):
         return Restart(case=case, delay=delay, with_task=with_task, crash_looping=looping, new_episode=new_episode)
 
     def top_decision(self, reason: str) -> SwitchProvider | Fail | Park:
-        """Level 2 or 3: the next provider while switches remain, else a permanent failure."""
+        """Level 2 or 3 for a process failure: the next provider while switches remain,
+        else a permanent failure. Never into a known outage: a provider whose circuit is
+        open is passed over; when the current one is the only one not open, the subtree is
+        restarted on it, as a switch after a backoff (bounded by the switches like any);
+        with every provider open, park or fail as ``on_all_down`` says."""
+        view = self.view
         switches = self.task.switches if self.task else 0
         if switches >= self.policy.max_provider_switches:
             return self.last_rung(Fail(case="switches_exhausted", reason="max_provider_switches_exceeded",
                                        restart=None))
-        to = next_provider(self.view.chain, self.view.service.provider)
-        return SwitchProvider(case="switch_provider", to_provider=to, attempt=switches + 1,
-                              services=tuple(self.view.subtree or [self.view.service.name]))
+        services = tuple(view.subtree or [view.service.name])
+        current = view.service.provider
+        usable = [p for p in chain_after(view.chain, current) if not provider_open(view, p)]
+        others = [p for p in usable if p != current]
+        if others:
+            return SwitchProvider(case="switch_provider", to_provider=others[0], attempt=switches + 1,
+                                  services=services)
+        if usable:
+            delay = compute_backoff(switches + 1, initial=self.policy.backoff_initial, factor=self.policy.backoff_factor,
+                                    max_backoff=self.policy.backoff_max, jitter=self.policy.backoff_jitter, rng=self.rng)
+            return SwitchProvider(case="stay_on_last_usable", to_provider=usable[0], attempt=switches + 1,
+                                  services=services, delay=delay)
+        if view.rules.on_all_down == "park":
+            return Park(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}")
+        return self.last_rung(Fail(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}"))
 
     def provider_top(self: Situation[ProviderFailed], case: str, reason: str) -> Decision:
         """Level 2 or 3 for a provider failure, decided where provider health is known:
@@ -550,10 +572,7 @@ class Situation(Generic[_E_co]):
                 return self.last_rung(Fail(case="all_providers_down",
                                            reason=f"all_providers_down: {describe_providers(view)}"))
             return self.last_rung(Fail(case="switches_exhausted", reason="max_provider_switches_exceeded"))
-        chain = view.chain
-        start = chain.index(ev.provider) + 1 if ev.provider in chain else 0
-        order = [chain[(start + i) % len(chain)] for i in range(len(chain))]
-        usable = [p for p in order if not provider_open(view, p)]
+        usable = [p for p in chain_after(view.chain, ev.provider) if not provider_open(view, p)]
         others = [p for p in usable if p != ev.provider]
         if others:
             return SwitchProvider(case=case, to_provider=others[0], attempt=switches + 1, in_place=True)

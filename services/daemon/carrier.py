@@ -19,8 +19,9 @@ from tron.common import telemetry
 from tron.common.carry import carry_out, loop_alert_id
 from tron.common.clock import Clock
 from tron.common.config import DAEMON, MeshConfig, Policy
-from tron.common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, Restart, RestartAsked,
-                                ServiceView, Standing, SwitchProvider, TaskView, decide, failure_record, still_stands)
+from tron.common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, ProviderRules,
+                                ProviderStatus, Restart, RestartAsked, ServiceView, Standing, SwitchProvider, TaskView,
+                                decide, failure_record, still_stands)
 from tron.common.lanes import Fingerprint
 from tron.common.models import EscalationRecord, ParkRequest, PermanentFailure, Reason, RestartRequest, SwitchRequest
 from tron.common.states import FINAL_TASK_STATES, AlertState, RetryType, TaskState
@@ -50,6 +51,9 @@ class Carrier:
     def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, ledger, *, clock: Clock,
                  metrics: DaemonMetrics, policy: Callable[[], Policy], background, spend=None) -> None:
         self.spend = spend  # services/daemon/spend.py: a parked task's cost so far
+        # The provider desk's board and rules (services/daemon/providers.py), plugged in by the
+        # daemon: every ladder view carries them, so no decision switches into a known outage.
+        self.provider_states: Callable[[], tuple[dict[str, ProviderStatus], ProviderRules]] | None = None
         self.config = config
         self.sup = sup
         self.store = store
@@ -83,6 +87,7 @@ class Carrier:
                 counts = await self.store.task_counts(task_id)
                 task = TaskView(task_id=task_id, status=row["status"], restarts=counts["restarts"],
                                 switches=counts["switches"])
+        providers, rules = self.provider_states() if self.provider_states is not None else ({}, ProviderRules())
         return LadderView(
             now=now, policy=policy, decider=decider, top=top_of(self.config, decider),
             service=ServiceView(
@@ -91,7 +96,8 @@ class Carrier:
                 failures=record.failures, previous_failure=record.previous_failure,
                 unstable_streak=record.unstable_streak, crash_looping=svc.crash_looping, failure_cause=_spawn_cause(alert)),
             task=task, alert_status=alert["status"] if alert else None, recorded=recorded,
-            chain=list(self.config.providers.chain), subtree=self.config.subtree(service))
+            chain=list(self.config.providers.chain), subtree=self.config.subtree(service),
+            providers=providers, rules=rules)
 
     async def decide_here(self, event: ChildFailed | Escalated) -> dict:
         """The daemon decides (its own children, the top, or an ancestor's stead)."""

@@ -198,6 +198,7 @@ class Daemon:
         self.carrier.breaker = self.breaker
         self.providers = ProviderDesk(self.config, self.sup, self.store, self.carrier, self.spend,
                                       metrics=self.metrics, **kw)
+        self.carrier.provider_states = self.providers.ladder_states
         self.tasks = TaskActions(self.sup, self.store, self.ledger, self.audit, background=self.background,
                                  client=self.client, desk=self.providers, carrier=self.carrier)
         self.sup.checks = ProbeChecks(self.client, self.sup.values, self.config.hosts)

@@ -121,10 +121,13 @@ class ProviderDesk:
         p = self.config.providers
         return ProviderRules(on_all_down=p.on_all_down, wait_before_switch=p.wait_before_switch, park_max=p.park_max)
 
+    def ladder_states(self) -> tuple[dict[str, ProviderStatus], ProviderRules]:
+        """Each provider's health and the rules on it, as every ladder view carries them
+        (Carrier.view): a process failure's switch passes over a known outage too."""
+        return {n: ProviderStatus(**s) for n, s in self.board.states(self.clock.now()).items()}, self.rules()
+
     async def view(self, service: str, task_id: str | None) -> LadderView:
-        view = await self.carrier.view(service, decider=DAEMON, task_id=task_id)
-        states = {n: ProviderStatus(**s) for n, s in self.board.states(self.clock.now()).items()}
-        return view.model_copy(update={"providers": states, "rules": self.rules()})
+        return await self.carrier.view(service, decider=DAEMON, task_id=task_id)
 
     def status(self) -> list[dict]:
         return self.board.snapshot(self.clock.now())

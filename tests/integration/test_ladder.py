@@ -182,6 +182,31 @@ def test_a_runaway_that_beats_without_progress_is_caught_resumed_and_bounded(mes
     assert all(json.loads(r["payload"])["progress"] == "step:1/2" for r in resumed)
 
 
+def test_a_runaway_at_the_top_is_never_switched_into_a_drained_provider(mesh_factory):
+    """The same runaway, but the provider the top would switch it to is drained (open): the
+    top restarts the subtree on the provider it has, as a switch (bounded like any), and the
+    drained one never gets a request."""
+    from tests.integration.test_providers import sim_counters
+
+    mesh = mesh_factory(services=SERVICES, policy={"progress_timeout": 1.5, "max_provider_switches": 2},
+                        providers={"timeout": 60.0})
+    mesh.up()
+    fault(mesh, "anthropic", "hang")
+    run_id = submit(mesh)
+    task_id = wait_for(lambda: mesh.rows("SELECT task_id FROM tasks WHERE run_id = ? AND agent = 'programmer-1'",
+                                         (run_id,)), 60, "programmer-1's task")[0]["task_id"]
+    proc = mesh.tron("provider", "drain", "ollama", "--reason", "known outage")
+    assert proc.returncode == 0, proc.stderr
+    sent0 = sim_counters(mesh)["ollama"]["requests"]
+    run = finished(mesh, run_id, timeout=180)
+    assert run["status"] == "failed", run
+    rows = task_rows(mesh, task_id)
+    switches = [(r["case_id"], r["from_provider"], r["to_provider"]) for r in rows if r["retry_type"] == "llm_change"]
+    assert switches == [("stay_on_last_usable", "anthropic", "anthropic")] * 2, switches
+    assert rows[-1]["retry_type"] == "permanent_failure" and rows[-1]["reason"] == "max_provider_switches_exceeded"
+    assert sim_counters(mesh)["ollama"]["requests"] == sent0  # nothing went into the known outage
+
+
 def test_the_same_alert_delivered_twice_is_handled_once(ladder_mesh):
     mesh = ladder_mesh
     p1 = mesh.service("programmer-1")

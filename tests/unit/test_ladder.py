@@ -63,6 +63,13 @@ def pview(anthropic=CLOSED, ollama=CLOSED, *, on_all_down="park", **kw) -> Ladde
                                 "rules": ProviderRules(on_all_down=on_all_down)})
 
 
+def hview(*, providers: dict[str, ProviderStatus], chain=("anthropic", "ollama"), on_all_down="park",
+          **kw) -> LadderView:
+    """A process failure's view with the provider board in it (Carrier.view carries it)."""
+    return view(**kw).model_copy(update={"chain": list(chain), "providers": providers,
+                                         "rules": ProviderRules(on_all_down=on_all_down)})
+
+
 def pfailed(*, provider="anthropic", reason="overloaded_error", retryable=True, retry_after=None,
             incarnation="i-1") -> ProviderFailed:
     return ProviderFailed("pf-1", "programmer-1", incarnation, provider, reason, retryable, retry_after, "t-1")
@@ -157,6 +164,24 @@ CASES = [
     ("the same escalation twice at the top", escalated(),
      view(task=task(TaskState.ESCALATED), recorded=["llm_change"], top=True, decider="root"),
      Ignore("duplicate_escalation", "escalation a-1 was already decided here")),
+    # -- a process failure at the top never switches into a known outage -----------------------------
+    ("restarts exhausted at the top, the next provider open: the one after it", failed(),
+     hview(task=task(restarts=3), top=True, decider="daemon", chain=["anthropic", "ollama", "openai"],
+           providers={"ollama": OUTAGE}),
+     SwitchProvider("switch_provider", "openai", 1, ("programmer-1",))),
+    ("restarts exhausted at the top, the only other provider open: again on this one, after a backoff", failed(),
+     hview(task=task(restarts=3), top=True, decider="daemon", providers={"ollama": OUTAGE}),
+     SwitchProvider("stay_on_last_usable", "anthropic", 1, ("programmer-1",), delay=0.5)),
+    ("restarts exhausted at the top, every provider open: parked, service back", failed(),
+     hview(task=task(restarts=3), top=True, decider="daemon", providers={"anthropic": OUTAGE, "ollama": OUTAGE}),
+     Park("all_providers_down", BOTH_DOWN, restart=RESTART_BACK)),
+    ("escalation at the top, every provider open, on_all_down fail: permanent failure", escalated(),
+     hview(task=task(TaskState.ESCALATED, restarts=3), top=True, decider="root", on_all_down="fail",
+           providers={"anthropic": OUTAGE, "ollama": OUTAGE}),
+     Fail("all_providers_down", BOTH_DOWN)),
+    ("escalation at the top, a rate-limit hold on the next: passed over too", escalated(),
+     hview(task=task(TaskState.ESCALATED, restarts=3), top=True, decider="root", providers={"ollama": HOLD}),
+     SwitchProvider("stay_on_last_usable", "anthropic", 1, ("programmer-1",), delay=0.5)),
     ("crash loop below the top: pass up", escalated("crash_loop", None), view(),
      Escalate("crash_loop_passed_up", "max_restarts_exceeded", kind="crash_loop")),
     ("crash loop at the top: noted", escalated("crash_loop", None), view(top=True, decider="root"),

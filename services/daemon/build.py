@@ -84,4 +84,5 @@ def local_spawner(config: MeshConfig, home: Home, forkserver: ForkServerClient |
         pump = LogPumpClient(home.run / "logpump.sock", home.log_file("logpump"), home.logs,
                              {**os.environ, **mesh_marks(home)}, min_free)
     return LocalSpawner(forkserver=forkserver, logs=pump,
-                        cgroup_home=home.root if config.mesh.ownership == "auto" else None)
+                        cgroup_home=home.root if config.mesh.ownership == "auto" else None,
+                        standbys=config.mesh.standbys)

@@ -355,9 +355,11 @@ def _unreported(child: Child) -> None:
 
 class LocalSpawner:
     def __init__(self, *, forkserver: "ForkServerClient | None" = None, logs: "LogPumpClient | None" = None,
-                 cgroup_home: Path | None = None) -> None:
+                 cgroup_home: Path | None = None, standbys: bool = True) -> None:
         """``cgroup_home``: own each incarnation by a cgroup named after this home where the
-        machine allows (None: by marks, the fallback)."""
+        machine allows (None: by marks, the fallback). ``standbys``: an agent's next
+        incarnation is forked ahead and waits (``[mesh] standbys``)."""
+        self.standbys = standbys
         self.on_exit: ExitCallback = _unreported  # start() names who hears of exits
         self.forkserver = forkserver
         if forkserver is not None:
@@ -556,7 +558,8 @@ class LocalSpawner:
     def _standby_for(self, spec: SpawnSpec) -> bool:
         """Whether its starts go through a standby: an agent the fork server serves (the
         standby takes the held socket and the limits when it is opened)."""
-        return self.cgroups is not None and bool(spec.module) and self.forkserver is not None and not spec.user
+        return (self.standbys and self.cgroups is not None and bool(spec.module) and self.forkserver is not None
+                and not spec.user)
 
     def reserve(self, name: str) -> str | None:
         """The incarnation id of the gate ready for ``name``'s next start, or None (then

@@ -486,8 +486,8 @@ class MeshSection(_Strict):
     fork_server: bool = True
     # An agent's next incarnation forked ahead and waiting, its start rehearsed: a restart
     # takes it over in place (kill -> healthy ~17 ms). Each costs ~10 MB of its own memory;
-    # false: restarts fork from the fork server on the spot (a few ms slower), for a mesh of
-    # many agents on a machine short of memory. Read at `tron up`.
+    # false: restarts fork from the fork server on the spot (about twice as long), for a
+    # mesh of many agents on a machine short of memory. Read at `tron up`.
     standbys: bool = True
     # How `tron up` starts the mesh: "dependencies" (every service at once, each after its
     # own depends_on); "tree" (one at a time, parents first, each waiting for the one

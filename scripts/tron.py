@@ -230,6 +230,9 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     remaining = home_processes(str(ctx.home.root))
     if survivors or remaining:
         raise CLIError(f"still running after SIGKILL: {'; '.join(describe(survivors or remaining))}")
+    from tron.services.daemon.cgroups import remove_leftovers
+
+    remove_leftovers(ctx.home.root)  # a daemon that was killed could not remove its cgroups itself
     if how is None and not leftovers:
         print(f"nothing was running on home {ctx.home.root}")
         return 0

@@ -299,6 +299,33 @@ class CgroupTree:
                 pass
 
 
+def remove_leftovers(home: Path) -> int:
+    """The cgroups a home's daemon left behind when it did not stop its mesh itself (it was
+    killed): once `tron down` has ended every process of the home, each empty one goes, in
+    every hierarchy it may be in (the path the daemon noted in run/cgroup, and this
+    process's own places). Nothing is made here, and only empty ones can go. Returns how
+    many directories were removed."""
+    mounts, own = _mounts(), _own_paths()
+    name = subtree_name(home)
+    roots: list[Path] = []
+    try:
+        roots.append(Path((home / "run" / "cgroup").read_text().strip()))
+    except OSError:
+        pass
+    roots += [mounts[c] / own[c].lstrip("/") / name for c in ("unified", "freezer", *V1_LIMITS)
+              if c in mounts and c in own]
+    removed = 0
+    for root in dict.fromkeys(r for r in roots if r.name == name and r.is_dir()):
+        for d in [*root.iterdir(), root]:
+            if d.is_dir():
+                try:
+                    d.rmdir()
+                    removed += 1
+                except OSError:  # not empty (a process still in it), or not ours to remove
+                    pass
+    return removed
+
+
 def detect(home: Path) -> tuple[CgroupTree | None, str]:
     """The home's cgroup subtree, made if needed; or None and why it cannot be."""
     mounts, own = _mounts(), _own_paths()

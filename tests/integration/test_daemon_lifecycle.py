@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import psutil
 import pytest
@@ -43,12 +44,20 @@ def test_killed_daemon_leaves_children_serving_and_the_next_one_adopts_them(mesh
 
 def test_tron_down_after_a_daemon_crash_still_stops_every_child(mesh):
     pids = [s["pid"] for s in mesh.status()["services"]]
+    ownership = mesh.status()["ownership"]
     os.kill(json.loads((mesh.home / "run" / "daemon.json").read_text())["pid"], signal.SIGKILL)
     proc = mesh.down()
     assert proc.returncode == 0 and "no daemon was running; ended" in proc.stdout, proc.stdout + proc.stderr
     assert "[tron " in proc.stdout, proc.stdout  # it names what it ended (the first five)
     assert mesh.processes() == []
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    if ownership["mode"] == "cgroup":  # and the killed daemon's cgroups are not left behind in the kernel
+        from tron.services.daemon.cgroups import _mounts, _own_paths, subtree_name
+
+        assert not Path(ownership["path"]).exists(), sorted(p.name for p in Path(ownership["path"]).iterdir())
+        mounts, own = _mounts(), _own_paths()
+        left = [str(mounts[c] / own[c].lstrip("/") / subtree_name(mesh.home)) for c in mounts if c in own]
+        assert [p for p in left if Path(p).exists()] == []  # nor in a v1 hierarchy (limits, OOM counts)
 
 
 def test_malformed_registry_stops_the_start_with_a_clear_message(mesh_factory):

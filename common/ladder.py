@@ -533,58 +533,49 @@ class Situation(Generic[_E_co]):
 
     def top_decision(self, reason: str) -> SwitchProvider | Fail | Park:
         """Level 2 or 3 for a process failure: the next provider while switches remain,
-        else a permanent failure. Never into a known outage: a provider whose circuit is
-        open is passed over; when the current one is the only one not open, the subtree is
-        restarted on it, as a switch after a backoff (bounded by the switches like any);
-        with every provider open, park or fail as ``on_all_down`` says."""
-        view = self.view
+        else a permanent failure. Never into a known outage (``switch_to_usable``): the
+        failing subtree is restarted on the provider it moves to."""
         switches = self.task.switches if self.task else 0
         if switches >= self.policy.max_provider_switches:
             return self.last_rung(Fail(case="switches_exhausted", reason="max_provider_switches_exceeded",
                                        restart=None))
-        services = tuple(view.subtree or [view.service.name])
-        current = view.service.provider
-        usable = [p for p in chain_after(view.chain, current) if not provider_open(view, p)]
-        others = [p for p in usable if p != current]
-        if others:
-            return SwitchProvider(case="switch_provider", to_provider=others[0], attempt=switches + 1,
-                                  services=services)
-        if usable:
-            delay = compute_backoff(switches + 1, initial=self.policy.backoff_initial, factor=self.policy.backoff_factor,
-                                    max_backoff=self.policy.backoff_max, jitter=self.policy.backoff_jitter, rng=self.rng)
-            return SwitchProvider(case="stay_on_last_usable", to_provider=usable[0], attempt=switches + 1,
-                                  services=services, delay=delay)
-        if view.rules.on_all_down == "park":
-            return Park(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}")
-        return self.last_rung(Fail(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}"))
+        return self.switch_to_usable(self.view.service.provider, switches, case="switch_provider",
+                                     services=tuple(self.view.subtree or [self.view.service.name]))
 
     def provider_top(self: Situation[ProviderFailed], case: str, reason: str) -> Decision:
-        """Level 2 or 3 for a provider failure, decided where provider health is known:
-        a switch only to a provider that is not open (next in the chain after the current
-        one); the current one again, as a switch, when it is the only one not open; with
-        every provider open, park or fail as ``on_all_down`` says. Bounded by the switches:
-        with none left, the failure names the providers when every one of them is open or
-        failed last (whether the last one has opened yet is a race of the mesh's calls)."""
-        ev, view = self.event, self.view
+        """Level 2 or 3 for a provider failure, decided where provider health is known: a
+        switch in place, never into a known outage (``switch_to_usable``). Bounded by the
+        switches: with none left, the failure names the providers when every one of them is
+        open or failed last (whether the last one has opened yet is a race of the mesh's calls)."""
+        view = self.view
         switches = self.task.switches if self.task else 0
         if switches >= self.policy.max_provider_switches:
             if all(provider_failing(view, p) for p in view.chain):
                 return self.last_rung(Fail(case="all_providers_down",
                                            reason=f"all_providers_down: {describe_providers(view)}"))
             return self.last_rung(Fail(case="switches_exhausted", reason="max_provider_switches_exceeded"))
-        usable = [p for p in chain_after(view.chain, ev.provider) if not provider_open(view, p)]
-        others = [p for p in usable if p != ev.provider]
+        return self.switch_to_usable(self.event.provider, switches, case=case, in_place=True)
+
+    def switch_to_usable(self, current: str | None, switches: int, *, case: str, services: tuple[str, ...] = (),
+                         in_place: bool = False) -> SwitchProvider | Fail | Park:
+        """The next provider of the chain after ``current`` that is not open; ``current``
+        again, as a switch after a backoff, when it is the only one not open (case
+        ``stay_on_last_usable``); with every provider open, park or fail as ``on_all_down``
+        says."""
+        view = self.view
+        usable = [p for p in chain_after(view.chain, current) if not provider_open(view, p)]
+        others = [p for p in usable if p != current]
         if others:
-            return SwitchProvider(case=case, to_provider=others[0], attempt=switches + 1, in_place=True)
-        if usable:  # only the failing provider is left, and it has not opened: try it again, as a switch
+            return SwitchProvider(case=case, to_provider=others[0], attempt=switches + 1, services=services,
+                                  in_place=in_place)
+        if usable:  # only the current provider is left, and it has not opened: again on it, as a switch
             delay = compute_backoff(switches + 1, initial=self.policy.backoff_initial, factor=self.policy.backoff_factor,
                                     max_backoff=self.policy.backoff_max, jitter=self.policy.backoff_jitter, rng=self.rng)
-            return SwitchProvider(case="stay_on_last_usable", to_provider=ev.provider, attempt=switches + 1,
-                                  delay=delay, in_place=True)
+            return SwitchProvider(case="stay_on_last_usable", to_provider=usable[0], attempt=switches + 1,
+                                  services=services, delay=delay, in_place=in_place)
         if view.rules.on_all_down == "park":
             return Park(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}")
-        return self.last_rung(Fail(case="all_providers_down",
-                                   reason=f"all_providers_down: {describe_providers(view)}"))
+        return self.last_rung(Fail(case="all_providers_down", reason=f"all_providers_down: {describe_providers(view)}"))
 
     def last_rung(self, fail: Fail) -> Fail | Park:
         """With ``ask_operator``, a human is asked before a task fails for good: it parks as

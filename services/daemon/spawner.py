@@ -179,12 +179,12 @@ class Gate:
     pidfd: int | None = None  # a standby's: readable once it has exited
     config: str = ""  # a standby's: the mesh file it reads ahead
     cold: bool = False  # a standby forked before the fork server had the LLM SDKs
-    # The write end of a log pump pipe attached ahead for the next incarnation's log, and
-    # what it was attached for (the log, its limits, the pump's pid): the start then skips
-    # the round trip to the pump (a crash wave's starts queued in it).
+    # The write end of a log pump pipe attached ahead for the next incarnation's log, the log
+    # and limits it was attached for, and to which pump (its pid): the start then skips the
+    # round trip to the pump (a crash wave's starts queued in it).
     log_pipe: int | None = None
-    log_for: tuple | None = None
-    logfile: tuple[Path, dict] | None = None  # the log and limits it was attached for
+    logfile: tuple[Path, dict] | None = None
+    log_pump: int | None = None
 
     def __post_init__(self) -> None:
         if self.popen is not None:
@@ -518,9 +518,6 @@ class LocalSpawner:
     def _log_target(self, spec: SpawnSpec) -> tuple[Path, dict] | None:
         return (spec.log, spec.log_limits) if self.logs is not None and spec.log_limits is not None else None
 
-    def _log_key(self, log: tuple[Path, dict]) -> tuple:
-        return str(log[0]), tuple(sorted(log[1].items())), self.logs.pid if self.logs is not None else None
-
     def _log_pipe_ahead(self, spec: SpawnSpec) -> int | None:
         """The pipe attached with the claimed gate for this start, if it is for this log, with
         these limits, to the pump that runs now (a pump started again since holds none)."""
@@ -528,7 +525,7 @@ class LocalSpawner:
         if gate is None or gate.log_pipe is None or gate.incarnation != spec.incarnation:
             return None
         fd, gate.log_pipe = gate.log_pipe, None
-        if spec.log_limits is not None and gate.log_for == self._log_key((spec.log, spec.log_limits)):
+        if gate.logfile == self._log_target(spec) and self.logs is not None and gate.log_pump == self.logs.pid:
             return fd
         os.close(fd)
         return None
@@ -648,7 +645,7 @@ class LocalSpawner:
         ``logfile``'s pump pipe attached now, off the restart's path."""
         if logfile is not None and self.logs is not None and gate.log_pipe is None:
             gate.log_pipe = await self.logs.pipe_for(logfile[0], **logfile[1])
-            gate.log_for, gate.logfile = self._log_key(logfile), logfile
+            gate.logfile, gate.log_pump = logfile, self.logs.pid
         if self._closing.is_set() or gate.name in self._gates or gate.name in self._released:
             await self._end_gate(gate)
             return

@@ -291,12 +291,22 @@ class CgroupTree:
 
     def remove(self) -> None:
         """The whole subtree, when nothing is left in it (a daemon that stopped its mesh)."""
-        self.sweep(keep=set())
-        for d in (self.root, *self.limit_roots.values()):
-            try:
-                d.rmdir()
-            except OSError:  # a live incarnation is still in it: it stays
-                pass
+        remove_empty([self.root, *self.limit_roots.values()])
+
+
+def remove_empty(roots: list[Path]) -> int:
+    """Each of ``roots`` that exists, its incarnations' directories first: only empty ones
+    can go (one with a live incarnation in it stays). Returns how many were removed."""
+    removed = 0
+    for root in dict.fromkeys(r for r in roots if r.is_dir()):
+        for d in [*root.iterdir(), root]:
+            if d.is_dir():
+                try:
+                    d.rmdir()
+                    removed += 1
+                except OSError:  # not empty: a process is still in it
+                    pass
+    return removed
 
 
 def remove_leftovers(home: Path) -> int:
@@ -314,16 +324,7 @@ def remove_leftovers(home: Path) -> int:
         pass
     roots += [mounts[c] / own[c].lstrip("/") / name for c in ("unified", "freezer", *V1_LIMITS)
               if c in mounts and c in own]
-    removed = 0
-    for root in dict.fromkeys(r for r in roots if r.name == name and r.is_dir()):
-        for d in [*root.iterdir(), root]:
-            if d.is_dir():
-                try:
-                    d.rmdir()
-                    removed += 1
-                except OSError:  # not empty (a process still in it), or not ours to remove
-                    pass
-    return removed
+    return remove_empty([r for r in roots if r.name == name])
 
 
 def detect(home: Path) -> tuple[CgroupTree | None, str]:

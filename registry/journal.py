@@ -139,7 +139,7 @@ class JournaledStore:
             case Route.MEMORY_READ:
                 return getattr(self.memory, name)
             case Route.FALLBACK_READ:
-                return self._falling_back(name)
+                return self._falling_back(name, mark.about)
             case Route.OWNED_READ if mark.about is not None:  # routes_of checked every owned read names one
                 return self._owned(name, mark.about)
             case Route.DURABLE_READ:
@@ -157,11 +157,15 @@ class JournaledStore:
             return await getattr(self.durable, name)(*args, **kwargs)
         return read
 
-    def _falling_back(self, name: str) -> Method:
+    def _falling_back(self, name: str, about: str | None) -> Method:
+        """Memory's answer; when it has nothing, the durable store's, unless memory knows
+        the key (``about``): then nothing is the answer."""
         @functools.wraps(getattr(self.memory, name))
         async def read(*args: Any, **kwargs: Any) -> Any:
             found = await getattr(self.memory, name)(*args, **kwargs)
-            return found if found else await getattr(self.durable, name)(*args, **kwargs)
+            if found or (about is not None and await getattr(self.memory, about)(args[0]) is not None):
+                return found
+            return await getattr(self.durable, name)(*args, **kwargs)
         return read
 
     def _owned(self, name: str, about: str) -> Method:

@@ -58,7 +58,9 @@ class Route(StrEnum):
 @dataclass(frozen=True)
 class Mark:
     route: Route
-    about: str | None = None  # OWNED_READ only: the protocol read that says whether memory knows the key
+    # OWNED_READ (required) and FALLBACK_READ (optional): the protocol read that says whether
+    # memory knows the key, and so whether its answer is the whole answer, empty included
+    about: str | None = None
 
 
 MARK_ATTR = "store_route"
@@ -77,6 +79,12 @@ def _marking(route: Route, about: str | None = None) -> Callable[[F], F]:
 write = _marking(Route.WRITE)
 memory_read = _marking(Route.MEMORY_READ)
 fallback_read = _marking(Route.FALLBACK_READ)
+
+
+def fallback_read_about(about: str) -> Callable[[F], F]:
+    """A fallback read that memory answers alone, empty included, when it knows the key
+    (``about``: "alert"): what it keeps of a key it knows is complete."""
+    return _marking(Route.FALLBACK_READ, about)
 durable_read = _marking(Route.DURABLE_READ)
 own = _marking(Route.OWN)
 
@@ -417,7 +425,7 @@ class Ladder(Protocol):
                            hop: str = "") -> Row | None:
         ...
 
-    @fallback_read
+    @fallback_read_about("alert")  # memory keeps every row of each alert it keeps (MemoryStore.trim, load_from)
     async def retry_rows(self, alert_id: str) -> list[Row]:
         ...
 
@@ -515,8 +523,10 @@ def routes_of(protocol: type) -> dict[str, Mark]:
                 raise TypeError(f"{part.__name__}.{name} has an unknown routing mark {mark!r}")
             found[name] = mark
     for name, mark in found.items():
-        if (mark.route is Route.OWNED_READ) != (mark.about is not None):
-            raise TypeError(f"{where[name]}.{name}: only an owned read names what it is about ({mark})")
+        if mark.route is Route.OWNED_READ and mark.about is None:
+            raise TypeError(f"{where[name]}.{name}: an owned read names what it is about ({mark})")
+        if mark.about is not None and mark.route not in (Route.OWNED_READ, Route.FALLBACK_READ):
+            raise TypeError(f"{where[name]}.{name}: only an owned or a fallback read names what it is about ({mark})")
         if mark.about is not None and mark.about not in found:
             raise TypeError(f"{where[name]}.{name} is about {mark.about!r}, not a method of the protocol")
     return found

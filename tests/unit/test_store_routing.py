@@ -44,7 +44,7 @@ def test_every_protocol_method_has_one_known_mark(name):
     mark = getattr(method, MARK_ATTR, None)
     assert isinstance(mark, Mark), f"{part.__name__}.{name} has no routing mark (@write, @memory_read, ...)"
     assert isinstance(mark.route, Route), f"{part.__name__}.{name}: unknown route {mark.route!r}"
-    if mark.route is Route.OWNED_READ:
+    if mark.route is Route.OWNED_READ or (mark.route is Route.FALLBACK_READ and mark.about is not None):
         assert mark.about in METHODS, f"{part.__name__}.{name} is about {mark.about!r}, not a protocol read"
         assert ROUTES[mark.about].route is not Route.WRITE
     else:
@@ -179,7 +179,7 @@ def about_on_a_write():
     (marked_by_hand, "P.a has an unknown routing mark 'write'"),
     (unknown_route, "P.a has an unknown routing mark"),
     (owned_by_nothing, "P.a is about 'tusk'"),
-    (about_on_a_write, "P.a: only an owned read names what it is about"),
+    (about_on_a_write, "P.a: only an owned or a fallback read names what it is about"),
 ])
 def test_a_method_the_journal_could_not_route_is_refused(protocol, says):
     with pytest.raises(TypeError, match=says):

@@ -3,13 +3,16 @@
 ``SqlStore`` writes portable SQL (``?`` placeholders, ``ON CONFLICT``, ``RETURNING``);
 an engine adapter runs it: ``SqliteDb`` over aiosqlite, the embedded default. Each
 ``transaction()`` is one atomic unit: it commits on success and rolls back on error, so
-a write that fails half-way leaves nothing behind.
+a write that fails half-way leaves nothing behind. ``batch()`` makes several writes one
+unit (the journal's group commit): a transaction opened inside it is the batch's own, and
+a read inside it reads what the batch wrote so far.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Protocol
@@ -23,12 +26,32 @@ if TYPE_CHECKING:
     from tron.registry.store import SqlStore
 
 
+# The engine adapter whose batch() the running task is inside, if any (a context variable:
+# other tasks' transactions still take their turn on the writer's lock).
+IN_BATCH: contextvars.ContextVar[object | None] = contextvars.ContextVar("tron_registry_batch", default=None)
+
+
+@contextlib.asynccontextmanager
+async def batch_of(db: "Db") -> AsyncIterator[None]:
+    """``db``'s batch: one transaction, its own ``transaction()`` calls running inside it."""
+    async with db.transaction():
+        token = IN_BATCH.set(db)
+        try:
+            yield
+        finally:
+            IN_BATCH.reset(token)
+
+
 class Db(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager["Tx"]: ...
+
+    def batch(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Several transactions as one: all are written, or none (``batch_of``)."""
+        ...
 
     async def one(self, sql: str, args: Args = ()) -> Row | None: ...
 
@@ -88,6 +111,9 @@ class SqliteDb:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator["_SqliteTx"]:
+        if IN_BATCH.get() is self:  # the batch's transaction is this one
+            yield _SqliteTx(self.conn)
+            return
         async with self._writer:
             await self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -98,12 +124,18 @@ class SqliteDb:
                 raise
             await self.conn.execute("COMMIT")
 
+    def batch(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return batch_of(self)
+
     async def execute(self, sql: str, args: Args = ()) -> int:
         """A statement outside a transaction, on the writer's connection (PRAGMAs, tests)."""
         return await _SqliteTx(self.conn).execute(sql, args)
 
     @property
     def reader(self) -> aiosqlite.Connection:
+        """The reader's connection; inside a batch the writer's, which sees the batch's writes."""
+        if IN_BATCH.get() is self:
+            return self.conn
         return self._reader if self._reader is not None else self.conn
 
     async def one(self, sql: str, args: Args = ()) -> Row | None:

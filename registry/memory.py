@@ -8,6 +8,7 @@ changes nothing here, as with a database.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -70,6 +71,9 @@ class MemoryStore(Stamps):
 
     def unavailable(self, err: BaseException) -> bool:
         return False  # memory is never unavailable: whatever it raises is a bug
+
+    def batch(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # each write is whole the moment it returns
 
     # -- upkeep (trim is below, with the working copy) -------------------------------------------
 

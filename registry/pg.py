@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 from urllib.parse import unquote
 
 from tron.common.clock import Clock
+from tron.registry.db import IN_BATCH, batch_of
 from tron.registry.rows import Args, Row
 
 if TYPE_CHECKING:  # psycopg is imported when a PostgreSQL registry is opened, not before
@@ -121,20 +122,30 @@ class PgDb:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator["_PgTx"]:
+        if IN_BATCH.get() is self:  # the batch's transaction is this one
+            yield _PgTx(self._opened(self._writer_conn))
+            return
         async with self._writer:
             conn = self._opened(self._writer_conn)
             async with conn.transaction():
                 yield _PgTx(conn)
+
+    def batch(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return batch_of(self)
 
     async def execute(self, sql: str, args: Args = ()) -> int:
         async with self._writer:
             return await _PgTx(self._opened(self._writer_conn)).execute(sql, args)
 
     async def one(self, sql: str, args: Args = ()) -> Row | None:
+        if IN_BATCH.get() is self:  # what the batch wrote so far is on the writer's connection
+            return await _PgTx(self._opened(self._writer_conn)).one(sql, args)
         async with self._reader:
             return await _PgTx(self._opened(self._reader_conn)).one(sql, args)
 
     async def all(self, sql: str, args: Args = ()) -> list[Row]:
+        if IN_BATCH.get() is self:
+            return await _PgTx(self._opened(self._writer_conn)).all(sql, args)
         async with self._reader:
             return await _PgTx(self._opened(self._reader_conn)).all(sql, args)
 

@@ -34,7 +34,7 @@ implementation is declared on exactly one protocol here and marked. A new method
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, runtime_checkable
@@ -473,6 +473,12 @@ class Replayable(Protocol):
     def unavailable(self, err: BaseException) -> bool:
         """``err`` is the database being unavailable for a while (full disk, lock held, I/O
         error, lost connection): the write is retried. Any other error is a bug: it is not."""
+        ...
+
+    @own
+    def batch(self) -> AbstractAsyncContextManager[None]:
+        """The writes made inside it are one unit: all are recorded, or none (the journal's
+        group commit)."""
         ...
 
 

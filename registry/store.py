@@ -130,6 +130,9 @@ class SqlStore(Stamps):
     def unavailable(self, err: BaseException) -> bool:
         return self.db.unavailable(err)
 
+    def batch(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.db.batch()
+
     # -- events ---------------------------------------------------------------------------
 
     async def _event(self, tx: Tx, kind: str, payload: dict[str, Any], **ids: str | None) -> int:

@@ -299,3 +299,64 @@ async def test_the_ladder_rows_of_an_alert_memory_knows_are_read_from_memory_alo
         assert asked == ["a-1"]
     finally:
         await store.close()
+
+
+def counting_batches(store) -> list[int]:
+    """Wraps the durable store's batch(): one entry per batch, how many rows it wrote."""
+    sizes: list[int] = []
+    original = store.durable.batch
+
+    @contextlib.asynccontextmanager
+    async def batch():
+        sizes.append(store._in_flight)  # the entries the writer took for this batch
+        async with original():
+            yield
+
+    store.durable.batch = batch
+    return sizes
+
+
+async def test_rows_waiting_in_the_journal_are_written_together_each_once_in_order(tmp_path):
+    """Group commit: what piles up while the writer is busy (a crash wave journals ~8 rows a
+    restart) goes in a few transactions, not one per row; every row once, in order."""
+    path = tmp_path / "registry.db"
+    store = await journaled(path, FakeClock())
+    try:
+        sizes = counting_batches(store)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the writer waits: 100 rows pile up behind it
+        for n in range(50):
+            await write_a_failure(store, n)
+        holder.execute("ROLLBACK")
+        holder.close()
+        await until(lambda: store.health()["state"] == "ok" and not store.health()["pending"])
+        assert rows(path, "SELECT alert_id FROM alerts ORDER BY rowid") == [(f"a-{n}",) for n in range(50)]
+        assert rows(path, "SELECT alert_id, retry_count FROM retry_history ORDER BY id") == [
+            (f"a-{n}", n + 1) for n in range(50)]
+        assert sizes and max(sizes) > 1 and len(sizes) <= 4, sizes  # 100 rows and the events: a few batches
+    finally:
+        await store.close()
+
+
+async def test_a_row_refused_for_good_inside_a_batch_loses_itself_alone(tmp_path):
+    """One row the database will never take (a primary-key clash, a bug) in the middle of a
+    batch: the batch is undone, its rows written one at a time, and only that row is lost
+    (said and counted); those before and after it land."""
+    path = tmp_path / "registry.db"
+    store = await journaled(path, FakeClock())
+    try:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("INSERT INTO sessions (incarnation, agent, port, status, started_at) VALUES "
+                       "('i-2', 'p', 7000, 'intent', 'now')")  # lands with the holder's commit
+        await store.open_session("i-1", "p", 7000, None)
+        await store.open_session("i-2", "q", 7001, None)  # memory takes it; the store never will
+        await store.open_session("i-3", "r", 7002, None)
+        holder.execute("COMMIT")
+        holder.close()
+        await until(lambda: not store.health()["pending"])
+        assert store.health()["failed_writes"] == 1 and store.health()["state"] == "ok"
+        assert rows(path, "SELECT incarnation, agent FROM sessions ORDER BY incarnation") == [
+            ("i-1", "p"), ("i-2", "p"), ("i-3", "r")]
+    finally:
+        await store.close()

@@ -9,10 +9,9 @@ changes nothing here, as with a database.
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import json
-from typing import Any, Collection, NoReturn, overload
+from typing import Any, Collection, NoReturn, TypeVar, cast, overload
 
 from tron.common.clock import Clock
 from tron.common.redaction import redact, redact_json
@@ -37,7 +36,35 @@ def _out(row: Row | None) -> Row | None: ...
 
 def _out(row: Row | None) -> Row | None:
     """A copy the caller may change (None stays None)."""
-    return None if row is None else copy.deepcopy(row)
+    return None if row is None else _copied(row)
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+T = TypeVar("T")
+
+
+def _copied(value: T) -> T:
+    """A deep copy of a row's value, which is JSON's kind (dicts and lists of scalars): what
+    copy.deepcopy gives, at a third to a ninth of its cost (no memo of shared parts: rows
+    share none). Every read of the working copy hands one out, several on each restart's path."""
+    return cast(T, _walk(value))
+
+
+def _walk(value: Any) -> Any:
+    t = type(value)
+    if t is dict:
+        return {k: v if type(v) in _SCALARS else _walk(v) for k, v in value.items()}
+    if t is list:
+        return [v if type(v) in _SCALARS else _walk(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _walk(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_walk(v) for v in value)
+    return value  # a scalar (a str enum too): nothing to copy
 
 
 class MemoryStore(Stamps):
@@ -111,7 +138,7 @@ class MemoryStore(Stamps):
                      agent: str | None = None) -> list[Row]:
         rows = [e for e in self.events_ if e["id"] > since and (kind is None or e["kind"] == kind)
                 and (agent is None or e["agent"] == agent)]
-        return copy.deepcopy(rows[:limit])
+        return _copied(rows[:limit])
 
     # -- agents ------------------------------------------------------------------------------------
 
@@ -178,7 +205,7 @@ class MemoryStore(Stamps):
 
     async def open_sessions(self) -> list[Row]:
         rows = [r for r in self.sessions_.values() if r["status"] != SessionState.ENDED]
-        return copy.deepcopy(sorted(rows, key=lambda r: r["started_at"]))
+        return _copied(sorted(rows, key=lambda r: r["started_at"]))
 
     async def session(self, incarnation: str) -> Row | None:
         return _out(self.sessions_.get(incarnation))
@@ -214,7 +241,7 @@ class MemoryStore(Stamps):
         return _out(self.runs_.get(run_id))
 
     async def runs(self, limit: int = 100) -> list[Row]:
-        return copy.deepcopy(sorted(self.runs_.values(), key=lambda r: r["created_at"], reverse=True)[:limit])
+        return _copied(sorted(self.runs_.values(), key=lambda r: r["created_at"], reverse=True)[:limit])
 
     # -- tasks -------------------------------------------------------------------------------------
 
@@ -240,7 +267,7 @@ class MemoryStore(Stamps):
         row = self.tasks_.get(task_id)
         if row is None or not TASK.allowed(TaskState(row["status"]), new):
             return None
-        before = copy.deepcopy(row)
+        before = _copied(row)
         row.update(sets, status=str(new), attempt=row["attempt"] + attempt, updated_at=self._wall())
         kind = "task_requeued" if new == TaskState.ASSIGNED else f"task_{new}"
         self._event(kind, {"from": before["status"], **(event or {})}, agent=row["agent"], task_id=task_id,
@@ -267,7 +294,7 @@ class MemoryStore(Stamps):
     def _tasks_of(self, agent: str, states: Collection[str], *, people_parks: bool = True) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["agent"] == agent and t["status"] in states
                 and (people_parks or not (t["status"] == TaskState.PARKED and t.get("parked_reason") in PEOPLE_PARKS))]
-        return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
+        return _copied(sorted(rows, key=lambda t: t["created_at"]))
 
     async def open_tasks(self, agent: str) -> list[Row]:
         return self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False)
@@ -332,7 +359,7 @@ class MemoryStore(Stamps):
 
     async def usage(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
                     since_mono: float | None = None, limit: int = 1000) -> list[Row]:
-        return copy.deepcopy(list(reversed(self._usage(run_id, task_id, agent, since_mono)))[:limit])
+        return _copied(list(reversed(self._usage(run_id, task_id, agent, since_mono)))[:limit])
 
     async def spend(self, *, run_id: str | None = None, task_id: str | None = None, agent: str | None = None,
                     since_mono: float | None = None) -> Spend:
@@ -349,15 +376,15 @@ class MemoryStore(Stamps):
 
     async def tasks_of_run(self, run_id: str) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["run_id"] == run_id]
-        return copy.deepcopy(sorted(rows, key=lambda t: t["created_at"]))
+        return _copied(sorted(rows, key=lambda t: t["created_at"]))
 
     async def parked_tasks(self) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["status"] == TaskState.PARKED]
-        return copy.deepcopy(sorted(rows, key=lambda t: t["held_since"] or 0.0))
+        return _copied(sorted(rows, key=lambda t: t["held_since"] or 0.0))
 
     async def held_tasks(self) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["status"] == TaskState.ESCALATED]
-        return copy.deepcopy(sorted(rows, key=lambda t: t["held_since"]))
+        return _copied(sorted(rows, key=lambda t: t["held_since"]))
 
     async def mark_delivered(self, task_id: str) -> None:
         if task_id in self.tasks_:
@@ -367,7 +394,7 @@ class MemoryStore(Stamps):
         def waiting(t: Row) -> bool:
             parent = self.tasks_.get(t["parent_task_id"]) if t["parent_task_id"] else None
             return t["parent_task_id"] is None or (parent is not None and parent["status"] in LIVE_TASK_STATES)
-        return copy.deepcopy([t for t in self.tasks_.values()
+        return _copied([t for t in self.tasks_.values()
                               if t["status"] in ("done", "failed") and not t["delivered"] and waiting(t)])
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -388,7 +415,7 @@ class MemoryStore(Stamps):
         return _out(self.checkpoints_[key]), created
 
     async def checkpoints(self, task_id: str) -> list[Row]:
-        return copy.deepcopy([c for (t, _), c in sorted(self.checkpoints_.items()) if t == task_id])
+        return _copied([c for (t, _), c in sorted(self.checkpoints_.items()) if t == task_id])
 
     async def drop_checkpoints(self, task_id: str, from_step: int, *, by: str) -> list[Row]:
         keys = sorted(k for k in self.checkpoints_ if k[0] == task_id and k[1] >= from_step)
@@ -471,7 +498,7 @@ class MemoryStore(Stamps):
 
     async def open_alerts(self) -> list[Row]:
         rows = [a for a in self.alerts_.values() if a["status"] != AlertState.HANDLED]
-        return copy.deepcopy(sorted(rows, key=lambda a: a["mono"]))
+        return _copied(sorted(rows, key=lambda a: a["mono"]))
 
     async def failures(self, agent: str, *, limit: int = 200) -> list[Row]:
         mine = [a for a in self.alerts_.values() if a["agent"] == agent]  # insertion order breaks ties
@@ -517,7 +544,7 @@ class MemoryStore(Stamps):
         return _out(row)
 
     async def retry_rows(self, alert_id: str) -> list[Row]:
-        return copy.deepcopy([r for r in self.retries_ if r["alert_id"] == alert_id])
+        return _copied([r for r in self.retries_ if r["alert_id"] == alert_id])
 
     async def task_counts(self, task_id: str) -> TaskCounts:
         kinds = [r["retry_type"] for r in self.retries_ if r["task_id"] == task_id]
@@ -526,14 +553,14 @@ class MemoryStore(Stamps):
                 "escalations": kinds.count(RetryType.ESCALATION), "failed": RetryType.PERMANENT_FAILURE in kinds}
 
     async def task_history(self, task_id: str) -> list[Row]:
-        return copy.deepcopy([r for r in self.retries_ if r["task_id"] == task_id])
+        return _copied([r for r in self.retries_ if r["task_id"] == task_id])
 
     async def history(self, limit: int = 200, agent: str | None = None) -> list[Row]:
         rows = [r for r in self.retries_ if agent is None or r["agent_id"] == agent]
-        return copy.deepcopy(list(reversed(rows))[:limit])
+        return _copied(list(reversed(rows))[:limit])
 
     async def failure_metrics(self) -> list[Row]:
-        return copy.deepcopy([self.metrics_[k] for k in sorted(self.metrics_)])
+        return _copied([self.metrics_[k] for k in sorted(self.metrics_)])
 
     # -- the working copy of a durable store ---------------------------------------------------
 

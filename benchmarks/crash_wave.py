@@ -3,10 +3,11 @@ again? Independent restarts should proceed in parallel, not one after another.
 
 The mesh: llm-sim, gateway, root, architect, ``--directors`` directors and N programmers
 spread over them (the built-in roles, forked from the fork server, shipped policy). After
-the mesh is up and quiet, K random programmers get SIGKILL in one loop; the daemon's
-``/status`` is polled every 100 ms until all are running again with new pids, and each one's
-time is from the kill to its new session's ``healthy_mono`` in the registry (when the daemon's
-check of its /health passed: the moment /status starts to say running).
+the mesh is up and quiet, K random programmers get SIGKILL in one loop; the registry's file
+is read (read-only, every 20 ms: the daemon is not asked while it restarts them) until each
+has a new session that passed its health check, and each one's time is from the kill to that
+session's ``healthy_mono`` (when the daemon's check of its /health passed: the moment /status
+starts to say running); /status then confirms each runs again with a new pid.
 Repeated ``--waves`` times, one mesh. Beside the times, the CPU each wave cost per restart:
 the daemon's, the fork server's, the log pump's, the parents' (the directors, which decide)
 and the new incarnations' own (fork to now): on two cores, what a wave costs in CPU bounds
@@ -66,7 +67,7 @@ def helpers(status: dict) -> dict[str, int | None]:
             **{n: r["pid"] for n, r in rows.items() if n.startswith("director-")}}
 
 
-def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.1) -> list[float]:
+def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.02) -> list[float]:
     """Kill ``names`` at once; ms from the kill to each one running again. ``cpu``: filled
     with the CPU ms each helper spent on the wave, and the new incarnations' own."""
     status = mesh.status()
@@ -77,22 +78,28 @@ def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.1) -> 
     began = time.monotonic()
     for n in names:
         os.kill(old[n], signal.SIGKILL)
-    back: set[str] = set()
+    # Watched in the registry's file, read-only: nothing asks the daemon while it restarts
+    # them (a /status of 109 services cost it more CPU than a restart). When each new
+    # incarnation passed its health check: its session's healthy_mono, the daemon's
+    # CLOCK_MONOTONIC reading, shared with this process (written a moment later: the
+    # daemon records behind, registry/journal.py).
+    marks = ",".join("?" * len(names))
+    sql = (f"SELECT agent, MIN(healthy_mono) AS at FROM sessions WHERE healthy_mono > ? AND agent IN ({marks}) "
+           "GROUP BY agent")
+    healthy: dict[str, float] = {}
     deadline = began + 60
-    while len(back) < len(names) and time.monotonic() < deadline:
-        # Polled slowly: a /status of 109 services every 5 ms cost the daemon more CPU than
-        # the restarts it measured. The times come from the registry below.
-        time.sleep(poll)
-        for s in mesh.status()["services"]:
-            if s["name"] in old and s["state"] == "running" and s["pid"] and s["pid"] != old[s["name"]]:
-                back.add(s["name"])
-    missing = [n for n in names if n not in back]
+    with mesh.db() as db:
+        while len(healthy) < len(names) and time.monotonic() < deadline:
+            time.sleep(poll)
+            healthy = {r["agent"]: r["at"] for r in db.execute(sql, (began, *names))}
+    missing = [n for n in names if n not in healthy]
     if missing:
-        raise RuntimeError(f"not back within 60 s: {missing}")
-    # When each new incarnation passed its health check: its session's healthy_mono, the
-    # daemon's CLOCK_MONOTONIC reading, shared with this process.
-    healthy = {r["agent"]: r["at"] for r in mesh.rows(
-        "SELECT agent, MIN(healthy_mono) AS at FROM sessions WHERE healthy_mono > ? GROUP BY agent", (began,))}
+        raise RuntimeError(f"not healthy again within 60 s: {missing}")
+    # And the daemon says so too: each one running, with a new pid.
+    now = {s["name"]: s for s in mesh.status()["services"]}
+    wrong = [n for n in names if now[n]["state"] != "running" or now[n]["pid"] in (None, old[n])]
+    if wrong:
+        raise RuntimeError(f"healthy in the registry but not running again with a new pid: {wrong}")
     if cpu is not None:
         after = cpu_of(watched)
         spent = {who: (after[who] - before[who]) * 1000 for who in watched}
@@ -100,7 +107,7 @@ def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.1) -> 
         cpu["fork server"] = spent.pop("fork server")
         cpu["log pump"] = spent.pop("log pump")
         cpu["parents"] = sum(spent.values())
-        fresh = {s["name"]: s["pid"] for s in mesh.status()["services"] if s["name"] in old}
+        fresh = {s["name"]: s["pid"] for s in now.values() if s["name"] in old}
         cpu["new incarnations"] = sum(cpu_of(fresh).values()) * 1000
     return [(healthy[n] - began) * 1000 for n in names]
 

@@ -39,6 +39,36 @@ def actor_name(node_id: str) -> str:
     return f"tron-node-{node_id[:12]}"
 
 
+SCRATCH_PREFIX = "tron-node-"
+
+
+def scratch_dir(tmp: Path | None = None) -> Path:
+    """A private (0700) directory for a node agent's fork-server socket, named after the
+    agent's pid (``tron-node-<pid>-<random>``), so that one left by an agent that was killed
+    (Ray ends its actors with SIGKILL: no ``shutdown``) is known and swept by the next."""
+    sweep_scratch(tmp)
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=tmp))
+
+
+def sweep_scratch(tmp: Path | None = None) -> list[Path]:
+    """Remove the scratch directories of node agents that are gone: ours by name (the pid in
+    it), owned by this user, the pid no longer alive. Returns what was removed."""
+    gone: list[Path] = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = d.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or not d.is_dir() or d.is_symlink() or d.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+            continue  # its agent still runs (or the pid is someone else's now: left alone)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except OSError:  # not ours to signal, or unreadable: left alone
+            continue
+    return gone
+
+
 class NodeAgent:
     def __init__(self) -> None:
         self.spawner = None
@@ -121,7 +151,7 @@ class NodeAgent:
 
         if len(os.fsencode(str(wanted))) <= SOCKET_PATH_MAX:
             return wanted
-        self.scratch = Path(tempfile.mkdtemp(prefix="tron-node-"))
+        self.scratch = scratch_dir()
         return self.scratch / "forkserver.sock"
 
     async def _relay(self, relay: dict) -> None:

@@ -300,6 +300,10 @@ class ServiceSpec(_Strict):
     replicas: int = Field(1, ge=1, le=64)
     max_unavailable: int = Field(1, ge=1)
     replica_of: str | None = None  # set by Tron on each replica (NAME.i -> NAME); not written in the file
+    # An agent's next incarnation forked ahead and waiting (~10 MB each): None follows
+    # [mesh] standbys; true or false says so for this agent alone (a mesh of a hundred agents
+    # keeps standbys for the few whose restarts must be fastest).
+    standby: bool | None = None
 
     @model_validator(mode="after")
     def _role_or_command(self) -> "ServiceSpec":
@@ -323,6 +327,9 @@ class ServiceSpec(_Strict):
             raise ValueError("restart_above_memory and max_tasks are for agents (they recycle between tasks)")
         if self.daemonize and self.command is None:
             raise ValueError("daemonize = true is for a command that forks into the background; agents do not")
+        if self.standby is not None and self.command is not None:
+            raise ValueError("standby is for agents (forked ahead from the fork server); a command's next "
+                             "start is prepared anyway (its cgroup joined ahead)")
         if self.user is not None:
             import pwd
 

@@ -119,6 +119,7 @@ class SpawnSpec:
     daemonize: bool = False  # it forks into the background: the main process is found after
     pidfile: Path | None = None  # ... in this file, else in its cgroup
     start_timeout: float = 30.0  # how long a daemonizing launcher may take to leave
+    standby: bool | None = None  # its next incarnation forked ahead: None follows the spawner's (the mesh's)
 
 
 @dataclass
@@ -555,7 +556,8 @@ class LocalSpawner:
     def _standby_for(self, spec: SpawnSpec) -> bool:
         """Whether its starts go through a standby: an agent the fork server serves (the
         standby takes the held socket and the limits when it is opened)."""
-        return (self.standbys and self.cgroups is not None and bool(spec.module) and self.forkserver is not None
+        wanted = self.standbys if spec.standby is None else spec.standby
+        return (wanted and self.cgroups is not None and bool(spec.module) and self.forkserver is not None
                 and not spec.user)
 
     def reserve(self, name: str) -> str | None:

@@ -264,7 +264,8 @@ class Supervisor:
                          module=spec.module if spec.is_agent else None,
                          port=spec.port, log_limits=self.config.log_limits(svc.name),
                          limits=Limits(spec.memory_max, spec.cpu_max, spec.pids_max), open_files=spec.open_files,
-                         daemonize=spec.daemonize, pidfile=pidfile, start_timeout=self.policy().start_timeout)
+                         daemonize=spec.daemonize, pidfile=pidfile, start_timeout=self.policy().start_timeout,
+                         standby=spec.standby)
 
     def _listener(self, svc: Service) -> int | None:
         """The fd of the service's held listening socket, bound on first use. Raises

@@ -114,23 +114,27 @@ def test_a_standby_still_serves_a_restart_while_the_fork_server_is_down(mesh_fac
 
 def test_standbys_off_restarts_fork_from_the_server_and_keep_no_process_waiting(mesh_factory):
     """``[mesh] standbys = false`` (a mesh of many agents short of memory): no agent has a
-    process waiting for its next start, and a killed agent is forked from the server."""
+    process waiting for its next start, and a killed agent is forked from the server; but
+    one whose own ``standby = true`` says otherwise keeps its standby."""
     m = mesh_factory()
-    m.config.write_text(m.config.read_text().replace("[mesh]\n", "[mesh]\nstandbys = false\n"))
+    text = m.config.read_text().replace("[mesh]\n", "[mesh]\nstandbys = false\n")
+    m.config.write_text(text.replace("[services.programmer-1]\n", "[services.programmer-1]\nstandby = true\n"))
     m.up()
     if m.status()["ownership"]["mode"] != "cgroup":
         pytest.skip(f"LOUD SKIP: no cgroups here, so no standbys either way: {m.status()['ownership'].get('why')}")
-    agents = [n for n, s in m.spec["services"].items() if s.get("role") != "llm_sim"]
+    standby_of(m, "programmer-1")
+    others = [n for n, s in m.spec["services"].items() if s.get("role") != "llm_sim" and n != "programmer-1"]
     # A standby comes half a second after its agent's start (GATE_AFTER): watch over four times that.
     deadline = time.monotonic() + 4 * GATE_AFTER
     while time.monotonic() < deadline:
-        assert [n for n in agents if m.standby(n)] == [] and m.status()["ownership"]["gates"] == []
+        assert [n for n in others if m.standby(n)] == []
         time.sleep(0.1)
-    old = m.kill("programmer-1")
-    back = m.wait_replaced("programmer-1", old)
-    assert spawned(m, "programmer-1")[-1]["mode"] == "fork" and back["pid"] != old
+    old = m.kill("programmer-2")
+    back = m.wait_replaced("programmer-2", old)
+    assert spawned(m, "programmer-2")[-1]["mode"] == "fork" and back["pid"] != old
     assert m.tron("run", "without standbys").returncode == 0
-    assert m.status()["ownership"]["gates"] == []
+    assert [n for n in others if m.standby(n)] == []
+    standby_of(m, "programmer-1")  # still kept (made again from the warm server, when that came meanwhile)
 
 
 def test_a_stopped_agent_keeps_no_standby_and_gets_one_again_when_started(mesh_factory):

@@ -74,9 +74,11 @@ class ParentRole:
         body = await self.ctx.client.get(f"{self.daemon}/ladder/view?{urlencode(q)}")
         return LadderView.model_validate(body)
 
-    async def decide_and_act(self, event: ChildFailed | Escalated, *,
-                             view: dict[str, Any] | None = None) -> dict[str, object]:
-        """Decide on ``view`` when the daemon sent it with the alert, else on one read now."""
+    async def decide_and_act(self, event: ChildFailed | Escalated, *, view: dict[str, Any] | None = None,
+                             carry: bool = False) -> dict[str, object]:
+        """Decide on ``view`` when the daemon sent it with the alert, else on one read now.
+        ``carry``: the daemon carries a plain restart it is answered with (the request is
+        the answer, not a POST /control/restart of its own)."""
         seen = LadderView.model_validate(view) if view is not None else \
             await self.view(event.service, alert_id=event.alert_id, task_id=event.task_id)
         decision = decide(event, seen, seen.now, seen.policy)
@@ -90,6 +92,11 @@ class ParentRole:
             detail = {"advice": advice or note, "rationale": note if advice else ""}
         log.info("decision", extra={"offender": event.service, "alert": event.alert_id, "case": decision.case,
                                     "decision": type(decision).__name__, "decided_by": decided_by})
+        if carry and type(decision) is Restart and not decision.new_episode and isinstance(event, ChildFailed):
+            # Nothing follows a plain restart (a new crash-loop episode's escalation waits for
+            # its answer): the daemon that asked carries it, checked as /control/restart would.
+            req = self.actions.restart_request(event, decision, decided_by=decided_by, detail=detail)
+            return {"action": "restart", "case": decision.case, "carry": req.model_dump(mode="json")}
         return await carry_out(decision, event, self.actions, decided_by=decided_by, detail=detail)
 
     @require_token
@@ -101,7 +108,7 @@ class ParentRole:
                    task=alert.task_id, run=alert.run_id)
         event = ChildFailed(alert.alert_id, alert.service, alert.incarnation,
                             alert.detail.get("error_reason") or str(alert.reason), alert.retryable, alert.task_id)
-        return web.json_response(await self.decide_and_act(event, view=alert.view))
+        return web.json_response(await self.decide_and_act(event, view=alert.view, carry=alert.carry))
 
     @require_token
     async def _h_grandchild_failure(self, request: web.Request) -> web.Response:
@@ -161,13 +168,18 @@ class MeshActions:
         except MeshHTTPError as err:
             return {"status": "refused", "http": err.status, **err.json()}
 
-    async def restart(self, event: ChildFailed, d: Restart, *, decided_by: DecidedBy,
-                     detail: dict[str, object]) -> dict[str, object]:
-        return await self._post("/control/restart", RestartRequest(
+    def restart_request(self, event: ChildFailed, d: Restart, *, decided_by: DecidedBy,
+                        detail: dict[str, object]) -> RestartRequest:
+        return RestartRequest(
             service=event.service, replaces=event.incarnation, alert_id=event.alert_id, reason=event.reason,
             case=d.case, delay=d.delay, with_task=d.with_task, crash_looping=d.crash_looping,
             new_episode=d.new_episode, task_id=event.task_id, requested_by=self.agent.name, decided_by=decided_by,
-            detail=detail))
+            detail=detail)
+
+    async def restart(self, event: ChildFailed, d: Restart, *, decided_by: DecidedBy,
+                     detail: dict[str, object]) -> dict[str, object]:
+        return await self._post("/control/restart", self.restart_request(event, d, decided_by=decided_by,
+                                                                          detail=detail))
 
     async def escalate(self, event: ChildFailed | Escalated, d: Escalate, *, decided_by: DecidedBy,
                      detail: dict[str, object]) -> dict[str, object]:

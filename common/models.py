@@ -133,6 +133,10 @@ class Alert(Msg):
     # delivers (tron.common.ladder.LadderView, as JSON): the parent decides on it without a
     # round trip of its own. Never persisted; a parent that ignores it may still ask.
     view: dict[str, Any] | None = None
+    # The daemon carries a plain restart the parent answers with (``{"carry": RestartRequest}``)
+    # as if it came to POST /control/restart: one HTTP exchange less on every restart. A
+    # parent may always act through /control/restart instead.
+    carry: bool = False
 
 
 CaseStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z_]+$")]

@@ -1,7 +1,8 @@
 """From a TRON signal to a decision: persist the alert, then deliver it up the chain.
 
 An alert is written before anyone hears of it, then handed to the failing service's
-parent (``POST /handle_child_timeout``); if the parent is down, does not answer, or
+parent (``POST /handle_child_timeout``; a plain restart it answers with is carried here, as
+its ``POST /control/restart`` would be); if the parent is down, does not answer, or
 answers without anything happening (``AlertAnswered``), the next ancestor gets it; when
 every agent ancestor failed it is marked ``undeliverable`` and the daemon, the last
 ancestor, decides itself. Never dropped, never handled twice.
@@ -18,12 +19,14 @@ import logging
 import time
 from typing import Callable
 
+from pydantic import ValidationError
+
 from tron.common import logs, telemetry
 from tron.common.clock import Clock, utc_iso
 from tron.common.config import DAEMON, MeshConfig, Policy
 from tron.common.http import MeshClient, MeshHTTPError
 from tron.common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_ends, still_stands
-from tron.common.models import Alert, Reason
+from tron.common.models import Alert, Reason, RestartRequest
 from tron.common.monitor import Signal
 from tron.common.states import AlertState, ServiceState, TaskState
 from tron.registry.protocol import Store
@@ -105,12 +108,14 @@ class AlertRouter:
             view = await self.carrier.view(alert.service, decider=target, alert_id=alert.alert_id,
                                            task_id=alert.task_id)
             try:
-                await self.client.post(self.config.url(target) + "/handle_child_timeout",
-                                       alert.model_copy(update={"view": view.model_dump(mode="json")}),
-                                       timeout=self.policy().delivery_timeout)
+                answer = await self.client.post(self.config.url(target) + "/handle_child_timeout",
+                                                alert.model_copy(update={"view": view.model_dump(mode="json"),
+                                                                         "carry": True}),
+                                                timeout=self.policy().delivery_timeout)
             except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                 log.warning("alert delivery to %s failed: %s", target, err, extra={"alert": alert.alert_id})
                 continue
+            await self._carry(alert, target, answer)
             # Did anything happen? The alert's status and the service's state say; nothing is decided again.
             standing, _ = await self.carrier.standing(alert.service, alert.alert_id)
             verdict = still_stands(AlertAnswered(alert.alert_id, alert.service, alert.incarnation, target), standing)
@@ -125,6 +130,30 @@ class AlertRouter:
         logs.comms("alert", src=DAEMON, dst=DAEMON, alert=alert.alert_id, agent=alert.service,
                    task=alert.task_id, run=alert.run_id, incarnation=alert.incarnation)
         await self.carrier.decide_here(self.event_of(alert))
+
+    async def _carry(self, alert: Alert, target: str, answer: object) -> None:
+        """The restart ``target`` answered the alert with, carried as its POST /control/restart
+        would be (Carrier.restart: only whether it still stands is checked): one HTTP exchange
+        less on every restart. It must be this alert's, of this incarnation, asked by
+        ``target``; anything else is not carried (the check after it then finds nothing done,
+        and the next ancestor gets the alert)."""
+        carried = answer.get("carry") if isinstance(answer, dict) else None
+        if carried is None:
+            return  # the parent acted itself (or did nothing): the standing check says which
+        try:
+            req = RestartRequest.model_validate(carried)
+        except ValidationError as err:
+            log.warning("alert %s: %s answered with a restart that is not one: %s", alert.alert_id, target,
+                        str(err).splitlines()[0], extra={"alert": alert.alert_id, "offender": alert.service})
+            return
+        if (req.service, req.alert_id, req.replaces, req.requested_by) != \
+                (alert.service, alert.alert_id, alert.incarnation, target):
+            log.warning("alert %s: %s answered with a restart of %s (alert %s, incarnation %s, asked by %s): "
+                        "not this alert's, not carried", alert.alert_id, target, req.service, req.alert_id,
+                        req.replaces, req.requested_by, extra={"alert": alert.alert_id, "offender": alert.service})
+            return
+        if (await self.carrier.restart(req))["status"] == "accepted":
+            self.metrics.restarts_answered.inc()
 
     @staticmethod
     def event_of(alert: Alert) -> ChildFailed:

@@ -18,6 +18,9 @@ class DaemonMetrics:
                                         ["scope"], registry=r)
         self.alerts = Counter("tron_alerts", "Alerts raised by TRON", ["reason"], registry=r)
         self.restarts = Counter("tron_restarts", "Restarts carried out", ["kind"], registry=r)
+        self.restarts_answered = Counter("tron_restarts_answered", "Restarts a parent answered its alert with "
+                                         "(carried by the daemon; no POST /control/restart of the parent's own)",
+                                         registry=r)
         self.escalations = Counter("tron_escalations", "Escalation hops recorded", registry=r)
         self.provider_switches = Counter("tron_provider_switches", "Provider switches", registry=r)
         self.permanent_failures = Counter("tron_permanent_failures", "Tasks declared failed", registry=r)

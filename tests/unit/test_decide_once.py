@@ -83,3 +83,56 @@ async def test_a_decision_that_no_longer_stands_is_refused_not_decided_again(rig
     assert (stale["status"], stale["case"]) == ("stale", "stale_request")
     assert rig.views == views and rig.daemon_decisions == []
     assert len(await rig.restarts("worker")) == 1
+
+
+def carrying_parent(rig: Rig, decisions: list, *, tamper: dict | None = None):
+    """The worker's parent as common/ladder_parent.py answers an alert marked ``carry``: a
+    plain restart is the answer (``{"carry": RestartRequest}``), not a POST of its own.
+    ``tamper``: fields of that request changed, as a confused or hostile answer would."""
+    async def answer(url, alert):
+        assert alert["carry"] is True  # the daemon says it carries what it is answered with
+        view = LadderView.model_validate(alert["view"])
+        event = ChildFailed(alert["alert_id"], alert["service"], alert["incarnation"], alert["reason"], True,
+                            alert["task_id"])
+        decision = ladder.decide(event, view, view.now, view.policy)
+        decisions.append(decision)
+        req = RestartRequest(service=event.service, replaces=event.incarnation, alert_id=event.alert_id,
+                             reason=event.reason, case=decision.case, delay=decision.delay, requested_by="root")
+        return {"action": "restart", "case": decision.case,
+                "carry": req.model_copy(update=tamper or {}).model_dump(mode="json")}
+    return answer
+
+
+async def test_a_restart_the_parent_answers_with_is_carried_by_the_daemon(rig):
+    """One HTTP exchange less on every restart: the parent's decision comes back as the
+    answer to the alert, and the daemon carries it as its POST /control/restart would be
+    (checked only for still standing; nothing decided again, no second view)."""
+    decisions = []
+    rig.answer = carrying_parent(rig, decisions)
+    old = await rig.crash("worker")
+    await rig.until_running("worker")
+    assert [d.case for d in decisions] == ["idle_failure"]
+    assert rig.views == ["root"] and rig.daemon_decisions == []
+    [row] = await rig.restarts("worker")
+    assert (row["requested_by"], row["case_id"], row["decided_by"]) == ("root", "idle_failure", "policy")
+    assert rig.svc("worker").incarnation != old
+    assert (await rig.store.alert(row["alert_id"]))["status"] in ("handled", "delivered")
+    assert [url for url, _ in rig.posts if "/control/" in url] == []  # nothing posted besides the alert
+
+
+@pytest.mark.parametrize("tamper", [{"alert_id": "a-someone-else"}, {"replaces": "i-another"},
+                                    {"requested_by": "web"}, {"service": "web"}],
+                         ids=["another alert", "another incarnation", "asked by another", "another service"])
+async def test_a_carried_restart_that_is_not_the_alerts_own_is_not_carried(rig, tamper):
+    """Only this alert's restart, of the incarnation that failed, asked by the parent the
+    alert went to, is carried; anything else is not, the alert goes on to the next ancestor
+    (here the daemon, which decides itself), and the worker is still brought back once."""
+    decisions = []
+    rig.answer = carrying_parent(rig, decisions, tamper=tamper)
+    old = await rig.crash("worker")
+    await rig.until_running("worker")
+    assert rig.daemon_decisions, "the daemon, the last ancestor, decided"
+    rows = await rig.restarts("worker")
+    assert [r["requested_by"] for r in rows] == ["daemon"], rows
+    assert rig.svc("worker").incarnation != old
+    assert await rig.restarts("web") == []

@@ -31,6 +31,7 @@ import psutil
 import pytest
 
 from tron.scripts.client import http
+from tron.services.daemon.node_agent import sweep_scratch
 from tests.harness import wait_for
 from tests import netns
 from tests.harness import TRON
@@ -67,6 +68,7 @@ def cluster(net):
         assert wait_for(lambda: not [p for p in pids if psutil.pid_exists(p)
                                      and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] or None,
                         30, "the head's processes to end", interval=0.2)
+        sweep_scratch()  # the node agents Ray ended with SIGKILL leave their scratch directories: they go
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import pytest
 
 from tests.harness import wait_for
 from tests.harness import RAY_WORKER_PORTS
+from tron.services.daemon.node_agent import sweep_scratch
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'tron-mesh[cluster]' (make test does)")
@@ -50,6 +51,7 @@ def cluster():
     left = wait_for(lambda: not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
                     or None, 30, "the Ray cluster's processes to end", interval=0.2)
     assert left
+    sweep_scratch()  # Ray ended the node agents with SIGKILL: their scratch directories go, as the next agent's would
 
 
 def ray_mesh(mesh_factory, cluster, postgres, **kw):

@@ -136,3 +136,25 @@ async def test_a_carried_restart_that_is_not_the_alerts_own_is_not_carried(rig, 
     assert [r["requested_by"] for r in rows] == ["daemon"], rows
     assert rig.svc("worker").incarnation != old
     assert await rig.restarts("web") == []
+
+
+async def test_a_carried_restart_that_fails_sends_the_alert_on_as_a_failed_request_would(rig, monkeypatch):
+    """Carrying the parent's restart raises (a bug, say): said in the log, and the alert
+    goes on to the next ancestor (here the daemon) as when the parent's own POST failed;
+    the worker is still brought back, once."""
+    decisions = []
+    rig.answer = carrying_parent(rig, decisions)
+    real = rig.daemon.carrier.restart
+
+    async def restart(req):
+        if req.requested_by == "root":
+            raise RuntimeError("carrying failed")
+        return await real(req)
+
+    monkeypatch.setattr(rig.daemon.carrier, "restart", restart)
+    old = await rig.crash("worker")
+    took = await rig.until_running("worker")
+    assert rig.daemon_decisions and [r["requested_by"] for r in await rig.restarts("worker")] == ["daemon"]
+    assert rig.svc("worker").incarnation != old
+    # at once, not after the watchdog's decision deadline (an alert left undelivered)
+    assert took <= 1.0 and await rig.store.events(kind="watchdog_decides") == []

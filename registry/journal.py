@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import itertools
 import json
@@ -263,11 +264,11 @@ class JournaledStore:
             except Exception as err:
                 # A refusal that passes (full disk, locked database, I/O error, lost connection)?
                 # The engine knows its own errors (registry/db.py, registry/pg.py).
-                if not self.durable.unavailable(err) and len(batch) > 1:
-                    # Nothing of the batch was written: each is written alone, to find the one refused.
-                    self._one_by_one = len(batch)
-                    continue
                 if not self.durable.unavailable(err):
+                    if len(batch) > 1:
+                        # Nothing of the batch was written: each is written alone, to find the one refused.
+                        self._one_by_one = len(batch)
+                        continue
                     # A bug, not a passing fault: retrying cannot help. Said loudly, kept in the log.
                     op = batch[0]
                     self.health_.failed_writes += 1
@@ -291,13 +292,9 @@ class JournaledStore:
                 await self._recovered()
 
     async def _write(self, batch: list[Op]) -> None:
-        """The entries in one transaction, each pinned to when it happened: all, or none."""
-        if len(batch) == 1:
-            op = batch[0]
-            with self.durable.pinned(op.mono, op.wall, op.drill):
-                await getattr(self.durable, op.method)(*op.args, **op.kwargs)
-            return
-        async with self.durable.batch():
+        """The entries in one transaction, each pinned to when it happened: all, or none
+        (one alone is its own transaction)."""
+        async with self.durable.batch() if len(batch) > 1 else contextlib.nullcontext():
             for op in batch:
                 with self.durable.pinned(op.mono, op.wall, op.drill):
                     await getattr(self.durable, op.method)(*op.args, **op.kwargs)

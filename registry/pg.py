@@ -137,17 +137,23 @@ class PgDb:
         async with self._writer:
             return await _PgTx(self._opened(self._writer_conn)).execute(sql, args)
 
-    async def one(self, sql: str, args: Args = ()) -> Row | None:
-        if IN_BATCH.get() is self:  # what the batch wrote so far is on the writer's connection
-            return await _PgTx(self._opened(self._writer_conn)).one(sql, args)
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator["_PgTx"]:
+        """The reader's connection, in its turn; inside a batch the writer's, which sees
+        what the batch wrote so far (the batch holds the writer's turn)."""
+        if IN_BATCH.get() is self:
+            yield _PgTx(self._opened(self._writer_conn))
+            return
         async with self._reader:
-            return await _PgTx(self._opened(self._reader_conn)).one(sql, args)
+            yield _PgTx(self._opened(self._reader_conn))
+
+    async def one(self, sql: str, args: Args = ()) -> Row | None:
+        async with self._reading() as tx:
+            return await tx.one(sql, args)
 
     async def all(self, sql: str, args: Args = ()) -> list[Row]:
-        if IN_BATCH.get() is self:
-            return await _PgTx(self._opened(self._writer_conn)).all(sql, args)
-        async with self._reader:
-            return await _PgTx(self._opened(self._reader_conn)).all(sql, args)
+        async with self._reading() as tx:
+            return await tx.all(sql, args)
 
     def unavailable(self, err: BaseException) -> bool:
         # OperationalError is libpq's "the server cannot do it now": a lost connection, a

@@ -79,14 +79,14 @@ def _marking(route: Route, about: str | None = None) -> Callable[[F], F]:
 write = _marking(Route.WRITE)
 memory_read = _marking(Route.MEMORY_READ)
 fallback_read = _marking(Route.FALLBACK_READ)
+durable_read = _marking(Route.DURABLE_READ)
+own = _marking(Route.OWN)
 
 
 def fallback_read_about(about: str) -> Callable[[F], F]:
     """A fallback read that memory answers alone, empty included, when it knows the key
     (``about``: "alert"): what it keeps of a key it knows is complete."""
     return _marking(Route.FALLBACK_READ, about)
-durable_read = _marking(Route.DURABLE_READ)
-own = _marking(Route.OWN)
 
 
 def owned_read(about: str) -> Callable[[F], F]:

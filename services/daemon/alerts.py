@@ -153,12 +153,12 @@ class AlertRouter:
                         req.replaces, req.requested_by, extra={"alert": alert.alert_id, "offender": alert.service})
             return
         try:
-            carried = await self.carrier.restart(req)
+            done = await self.carrier.restart(req)
         except Exception:  # as a failed POST /control/restart would: the check after it sends the alert on
             log.exception("alert %s: the restart %s answered with could not be carried", alert.alert_id, target,
                           extra={"alert": alert.alert_id, "offender": alert.service})
             return
-        if carried["status"] == "accepted":
+        if done["status"] == "accepted":
             self.metrics.restarts_answered.inc()
 
     @staticmethod

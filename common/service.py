@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
@@ -162,7 +163,8 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> None:
+async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None,
+                         channel: socket.socket | None = None) -> None:
     """Beat every interval, on a fixed schedule (no drift). The daemon's answer carries
     the current interval (settings change at run time). A 409 means a newer incarnation
     replaced us; a daemon that does not know us at all (404) for ``stale_after`` seconds
@@ -170,7 +172,10 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
 
     Placed by a node agent, the beat goes to its relay (``TRON_BEAT_URL``), which answers
     with the daemon's verdict on our previous beat; a relay that does not answer at all is
-    passed by, and the beat goes to the daemon itself."""
+    passed by, and the beat goes to the daemon itself.
+
+    ``channel`` (``beat_channel()``): the first beat goes there, and the daemon answers it
+    there as POST /beat would; if it does not, that beat goes over HTTP after all."""
     clock = clock or MonotonicClock()
     interval = ctx.env.heartbeat_interval or ctx.config.policy.heartbeat_interval
     urls = [u for u in (ctx.env.beat_url, ctx.env.daemon_url + "/beat") if u]
@@ -183,7 +188,13 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None) -> Non
                     tasks=ctx.tasks, spans_dropped=telemetry.dropped() or None)
         ctx.beat_seq += 1
         try:
-            answer = await _post_beat(ctx, urls, beat, timeout=max(0.5, interval))
+            if channel is not None:
+                sent, channel = channel, None
+                answer = await _beat_on(sent, beat, timeout=max(0.5, interval))
+                if answer is None:
+                    answer = await _post_beat(ctx, urls, beat, timeout=max(0.5, interval))
+            else:
+                answer = await _post_beat(ctx, urls, beat, timeout=max(0.5, interval))
             unknown_since = None
             if isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)) and answer["interval"] > 0:
                 interval = float(answer["interval"])
@@ -226,6 +237,53 @@ async def _post_beat(ctx: ServiceContext, urls: list[str], beat: Beat, *, timeou
         except (OSError, asyncio.TimeoutError) as err:
             log.debug("beat relay %s did not answer (%s): beating to the daemon", url, err)
     return await ctx.client.post(urls[-1], beat, timeout=timeout)
+
+
+CHANNEL = "the daemon (the standby's channel)"
+
+
+def beat_channel() -> socket.socket | None:
+    """The connection the daemon asked our standby to keep for the first beat
+    (``TRON_BEAT_FD``, services/daemon/beat_channel.py), if any. The variable is removed
+    either way, so a program this one starts does not take it."""
+    fd = os.environ.pop("TRON_BEAT_FD", "")
+    if not fd.isdigit():
+        return None
+    try:
+        sock = socket.socket(fileno=int(fd))
+    except OSError:  # not open, or not a socket: not ours to use
+        return None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()  # someone else's descriptor: left as it is
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+async def _beat_on(channel: socket.socket, beat: Beat, *, timeout: float) -> object | None:
+    """``beat`` on the standby's channel: the daemon's answer, as POST /beat's (a refusal
+    raised as MeshHTTPError), or None when the channel did not carry it (the caller beats
+    over HTTP). Closes ``channel``."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(channel, beat.model_dump_json().encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await loop.sock_recv(channel, 1 << 16)
+                if not chunk:
+                    raise OSError("closed without an answer")
+                data += chunk
+        reply = json.loads(data)
+        status, answer = int(reply["status"]), cast(object, reply["answer"])
+    except (OSError, TimeoutError, ValueError, KeyError, TypeError) as err:
+        log.debug("first beat not carried on the standby's channel (%s): over HTTP", err)
+        return None
+    finally:
+        channel.close()
+    if status >= 300:
+        raise MeshHTTPError(status, CHANNEL, json.dumps(answer))
+    return answer
 
 
 def node_gone(pid: int | None) -> bool:
@@ -286,13 +344,14 @@ async def _serve(build: Build) -> None:
     site = web.SockSite(runner, held, backlog=backlog) if held else \
         web.TCPSite(runner, "127.0.0.1", env.port, reuse_address=True, backlog=backlog)
     await site.start()
+    beats = asyncio.ensure_future(heartbeat_loop(ctx, channel=beat_channel()))
+    await asyncio.sleep(0)  # the first beat (it says we serve: a restart waits for it) leaves before the rest
     log.info("serving", extra={"port": env.port, "pid": os.getpid(), "provider": ctx.provider,
                                "socket": "inherited" if held else "bound"})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    beats = asyncio.ensure_future(heartbeat_loop(ctx))
     superseded = asyncio.ensure_future(ctx.superseded.wait())
     await asyncio.wait([asyncio.ensure_future(stop.wait()), superseded], return_when=asyncio.FIRST_COMPLETED)
     beats.cancel()

@@ -223,6 +223,15 @@ class Mesh:
     def service(self, name: str) -> dict:
         return next(s for s in self.status()["services"] if s["name"] == name)
 
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """The daemon's /metrics samples, by (name, sorted labels)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, text = self.http("GET", self.url("daemon") + "/metrics", token=False)
+        assert code == 200, text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
     def db(self):
         """A read-only connection to this mesh's registry, on whichever engine holds it."""
         from tron.registry.read import connect

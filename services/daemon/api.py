@@ -54,7 +54,7 @@ from tron.common.settings import field_errors, read_overlay
 from tron.common.states import ServiceState, TaskState
 from tron.services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
 from tron.services.daemon import reach
-from tron.services.daemon.core import Daemon
+from tron.services.daemon.core import VERDICT_STATUS, Daemon, verdict_message
 from tron.services.daemon.operators import SERVICE_VERBS, Refused
 from tron.services.daemon.providers import ProviderDesk
 from tron.services.daemon.spawner import SpawnError
@@ -65,7 +65,6 @@ from tron.services.daemon.ui.auth import LOOPBACK_NAMES
 
 log = logging.getLogger("tron.daemon.api")
 DAEMON_KEY = web.AppKey("daemon", Daemon)
-_VERDICT_STATUS = {Verdict.UNKNOWN: 404, Verdict.STALE: 409, Verdict.DUPLICATE: 409, Verdict.FOREIGN_TASK: 409}
 
 
 class EventsQuery(BaseModel):
@@ -206,22 +205,8 @@ async def beat(request: web.Request) -> web.Response:
     d = _d(request)
     b = await parse(request, Beat)
     _own(request, b.service, b.incarnation)
-    verdict = await d.on_beat(b)
-    if verdict is Verdict.ACCEPTED:  # the interval follows settings changed at run time
-        answer = {"ok": True, "interval": d.policy().heartbeat_interval}
-        if d.config.hosts:  # services placed on other machines: where each is now
-            answer["hosts"] = d.config.hosts
-        return web.json_response(answer)
-    return error(_VERDICT_STATUS[verdict], _verdict_message(b, verdict), verdict=str(verdict))
-
-
-def _verdict_message(b: Beat, verdict: Verdict) -> str:
-    return {
-        Verdict.UNKNOWN: f"no service named {b.service!r} is watched",
-        Verdict.STALE: f"incarnation {b.incarnation} of {b.service} is not the current one",
-        Verdict.DUPLICATE: f"sequence number {b.seq} is not the next one (a late or repeated beat): carry on",
-        Verdict.FOREIGN_TASK: f"task {b.task_id} is leased to another incarnation: this beat changed nothing",
-    }[verdict]
+    status, answer = await d.judge_beat(b)
+    return web.json_response(answer, status=status)
 
 
 FORBIDDEN = "forbidden"  # a beat in a batch whose credential may not speak for its agent
@@ -269,9 +254,9 @@ async def beats(request: web.Request) -> web.Response:
     verdicts = [next(judged) if ok else FORBIDDEN for ok in allowed]
     accepted = Verdict.ACCEPTED
     refused = [{"index": i, "service": b.service, "incarnation": b.incarnation, "verdict": str(v),
-                "status": 403 if v == FORBIDDEN else _VERDICT_STATUS[v],
+                "status": 403 if v == FORBIDDEN else VERDICT_STATUS[v],
                 "error": f"{caller.actor} may not speak for {b.service}/{b.incarnation}" if v == FORBIDDEN
-                else _verdict_message(b, v)}
+                else verdict_message(b, v)}
                for i, (b, v) in enumerate(zip(batch.beats, verdicts)) if v is not accepted]
     outside = [f"{r['service']}/{r['incarnation']}" for r in refused if r["verdict"] == FORBIDDEN]
     if outside:

@@ -85,4 +85,4 @@ def local_spawner(config: MeshConfig, home: Home, forkserver: ForkServerClient |
                              {**os.environ, **mesh_marks(home)}, min_free)
     return LocalSpawner(forkserver=forkserver, logs=pump,
                         cgroup_home=home.root if config.mesh.ownership == "auto" else None,
-                        standbys=config.mesh.standbys)
+                        standbys=config.mesh.standbys, beat_channels=True)

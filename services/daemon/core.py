@@ -31,10 +31,10 @@ from tron.common import logs
 from tron.common.clock import Clock, MonotonicClock
 from tron.common.config import DAEMON, MeshConfig, Policy, registry_url
 from tron.common.http import MeshClient
-from tron.common.monitor import Monitor, MonitorThread, Signal
+from tron.common.monitor import Monitor, MonitorThread, Signal, Verdict
 from tron.common.paths import Home, UnsafeTokenFile, ensure_token
 from tron.common.settings import merged_policy, overlay_path, read_overlay, write_overlay
-from tron.common.models import Reason
+from tron.common.models import Beat, Reason
 from tron.common.states import ServiceState, TaskState
 from tron.registry.protocol import Store
 from tron.services.daemon import metrics
@@ -62,7 +62,20 @@ log = logging.getLogger("tron.daemon")
 LOST_TASK_GRACE = 5.0
 LOST_TASK_CHECK_EVERY = 1.0
 
-__all__ = ["Daemon", "StartError"]
+# How POST /beat (and the first beat on a standby's channel, beat_channel.py) answers a beat not accepted.
+VERDICT_STATUS = {Verdict.UNKNOWN: 404, Verdict.STALE: 409, Verdict.DUPLICATE: 409, Verdict.FOREIGN_TASK: 409}
+
+
+def verdict_message(b: Beat, verdict: Verdict) -> str:
+    return {
+        Verdict.UNKNOWN: f"no service named {b.service!r} is watched",
+        Verdict.STALE: f"incarnation {b.incarnation} of {b.service} is not the current one",
+        Verdict.DUPLICATE: f"sequence number {b.seq} is not the next one (a late or repeated beat): carry on",
+        Verdict.FOREIGN_TASK: f"task {b.task_id} is leased to another incarnation: this beat changed nothing",
+    }[verdict]
+
+
+__all__ = ["VERDICT_STATUS", "Daemon", "StartError", "verdict_message"]
 
 RECYCLED_TASKS = 10_000  # tasks remembered as recycled at a checkpoint (once each)
 
@@ -205,6 +218,7 @@ class Daemon:
         self.probes = Probes(self.sup, self.monitor, self.sup.checks, **kw)
         self.sup.on_signal = self.router.on_signal
         self.sup.on_healthy = self.ledger.redispatch
+        self.sup.judge_beat = self.judge_beat
         self.notifier = Notifier(self.store, self.config.notify, clock=self.clock, background=self.background,
                                  metrics=self.metrics, mesh=str(self.home.root), health=self.registry_health)
 
@@ -475,8 +489,6 @@ class Daemon:
     # -- beats --------------------------------------------------------------------------------
 
     async def on_beat(self, beat) -> Any:
-        from tron.common.monitor import Verdict
-
         now = self.clock.now()
         svc = self.sup.services.get(beat.service)
         if beat.task_id and svc is not None and (beat.task_id != svc.task_id or beat.progress != svc.progress):
@@ -510,13 +522,21 @@ class Daemon:
             await self._account_tasks(svc, beat.incarnation, set(beat.tasks), now)
         return verdict
 
+    async def judge_beat(self, beat: Beat) -> tuple[int, dict]:
+        """A beat judged (``on_beat``), and what POST /beat answers: the status and body."""
+        verdict = await self.on_beat(beat)
+        if verdict is Verdict.ACCEPTED:  # the interval follows settings changed at run time
+            answer: dict = {"ok": True, "interval": self.policy().heartbeat_interval}
+            if self.config.hosts:  # services placed on other machines: where each is now
+                answer["hosts"] = self.config.hosts
+            return 200, answer
+        return VERDICT_STATUS[verdict], {"error": verdict_message(beat, verdict), "verdict": str(verdict)}
+
     async def on_beats(self, beats: list) -> list:
         """A batch of beats (``POST /beats``), each judged as ``on_beat`` would: the verdicts,
         in order. Most beats change nothing but their deadline (no task, or the same task at
         the same progress): those take a path with no registry read or write and one clock
         reading and one metric update for the whole batch; any other goes through ``on_beat``."""
-        from tron.common.monitor import Verdict
-
         accepted = Verdict.ACCEPTED
         now = self.clock.now()
         services = self.sup.services

@@ -55,9 +55,12 @@ daemon no longer waits for the answer.
 A standby is a forked gate (gate.py's, for an agent): forked now, it joins the cgroup of the
 service's next incarnation (the kernel's grace period for that move, 5-15 ms, is paid here,
 off the restart path) and makes its own session, then waits on the same connection for the
-spawn's line ({"module", "env", "cwd", "log", "log_pipe", "open_files"}, descriptors as for
-a spawn). It answers that line {"ok": true} and becomes the service (the same pid), or
+spawn's line ({"module", "env", "cwd", "log", "log_pipe", "open_files", "channel"}, descriptors
+as for a spawn). It answers that line {"ok": true} and becomes the service (the same pid), or
 {"ok": false, "stale": true} and exits when a source file changed since the server read it.
+With "channel": true it keeps the connection, and the service's first beat goes on it
+instead of a POST /beat (``BEAT_FD``): on a crash wave's path, one HTTP exchange fewer for the
+daemon and the new incarnation each.
 The daemon closing the connection ends it: it never runs a service nobody asked for. While it
 waits it has rehearsed its start (``_rehearse``): for a built-in role ("service" names it), its
 application built for a stand-in incarnation, so the pages an agent's start touches are copied
@@ -71,6 +74,7 @@ daemon sets LISTEN_FDS).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import importlib
 import json
@@ -144,15 +148,16 @@ def _stale_reply(sources: dict[str, float]) -> dict | None:
                                          "error": f"{changed} changed since the fork server started"}
 
 
-def _become_service(req: dict, fds: list[int], *, entered: bool = False) -> None:
+def _become_service(req: dict, fds: list[int], *, entered: bool = False, channel: int | None = None) -> None:
     """In the new incarnation: a fresh session (``entered``: a standby has it, and its
     cgroup, already), its own stdio, environment and cwd, then run the role module as
-    __main__. Never returns."""
+    __main__. ``channel``: a standby's connection to the daemon, kept for the first beat
+    (``BEAT_FD``). Never returns."""
     code = 1
     try:
         if not entered:
             _enter(req.get("cgroup") or ())
-        code = _run_service(req, fds)
+        code = _run_service(req, fds, channel)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -175,9 +180,10 @@ def _enter(cgroup: list[str] | tuple[str, ...]) -> None:
     os.setsid()
 
 
-def _run_service(req: dict, fds: list[int]) -> int:
+def _run_service(req: dict, fds: list[int], channel: int | None = None) -> int:
     """In the cgroup and session already: the limits, stdio, environment and cwd, then the
-    role module as __main__. Returns its exit code (0 when it returns); raises SystemExit."""
+    role module as __main__. ``channel`` goes to the fd after the listening socket's, named
+    by ``BEAT_FD``. Returns its exit code (0 when it returns); raises SystemExit."""
     if req.get("open_files"):
         import resource
 
@@ -202,11 +208,17 @@ def _run_service(req: dict, fds: list[int]) -> int:
     if fds:  # the daemon's listening socket, at fd 3 as systemd hands it over
         os.dup2(fds[0], LISTEN_FD)
         os.set_inheritable(LISTEN_FD, True)
-    os.closerange(LISTEN_FD + 1 if fds else LISTEN_FD, 65536)  # the control socket and the rest of ours
+    first_free = LISTEN_FD + 1 if fds else LISTEN_FD
+    if channel is not None:  # not inherited by what the agent runs: it is this process's only
+        os.dup2(channel, first_free, inheritable=False)
+        first_free += 1
+    os.closerange(first_free, 65536)  # the control socket and the rest of ours
     os.environ.clear()
     os.environ.update(req["env"])
     if fds:
         os.environ["LISTEN_PID"] = str(os.getpid())
+    if channel is not None:
+        os.environ[BEAT_FD] = str(first_free - 1)
     os.chdir(req["cwd"])
     random.seed()  # the server's random state must not be shared by every incarnation
     sys.argv = [req["module"]]
@@ -231,11 +243,14 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
             conn.sendall(json.dumps(stale).encode() + b"\n")
             return
         conn.sendall(b'{"ok": true}\n')
+        channel = None
+        if go.get("channel"):  # the daemon reads the first beat here (BEAT_FD): kept, above the fds it may take
+            channel = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, CHANNEL_PARKED)
         conn.close()
     except BaseException:
         code = 1
     else:
-        _become_service(go, fds, entered=True)
+        _become_service(go, fds, entered=True, channel=channel)
     finally:
         os._exit(code)
 
@@ -385,6 +400,11 @@ def _die_with(parent: int) -> None:
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 CANNOT_RUN = 3  # an exit code the daemon does not retry: a new launch would fail the same way
 LISTEN_FD = 3  # where a held listening socket goes in the child (systemd's SD_LISTEN_FDS_START)
+# A standby asked for it (the spawn line's "channel") keeps its connection to the daemon and the
+# service finds it at the fd this variable names: its first beat goes there, not over HTTP
+# (common/service.py; the daemon's side: services/daemon/beat_channel.py).
+BEAT_FD = "TRON_BEAT_FD"
+CHANNEL_PARKED = 100  # where it waits meanwhile: clear of stdio, the listening socket and the fds received
 
 
 def serve(sock_path: str, parent: int | None = None) -> int:

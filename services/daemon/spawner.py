@@ -139,6 +139,10 @@ class Child:
     cgroup: Cgroup | None = None  # its incarnation's cgroup (cgroups.py); None: owned by marks
     port: int | None = None  # its port: in the marks fallback, a stray listening there is its
     oom_killed: bool = False  # the kernel's OOM count of its cgroup rose (read when it exited)
+    # A standby's connection, on which the incarnation sends its first beat (beat_channel.py);
+    # whoever starts the child reads it, then closes it.
+    channel: socket.socket | None = None
+    channel_head: bytes = b""  # what it sent there already, read with the hand-over's answer
     _pidfd: int | None = None
 
     @property
@@ -356,11 +360,14 @@ def _unreported(child: Child) -> None:
 
 class LocalSpawner:
     def __init__(self, *, forkserver: "ForkServerClient | None" = None, logs: "LogPumpClient | None" = None,
-                 cgroup_home: Path | None = None, standbys: bool = True) -> None:
+                 cgroup_home: Path | None = None, standbys: bool = True, beat_channels: bool = False) -> None:
         """``cgroup_home``: own each incarnation by a cgroup named after this home where the
         machine allows (None: by marks, the fallback). ``standbys``: an agent's next
-        incarnation is forked ahead and waits (``[mesh] standbys``)."""
+        incarnation is forked ahead and waits (``[mesh] standbys``). ``beat_channels``: a
+        standby's connection is kept for the agent's first beat (Child.channel): only where
+        the caller reads it (the daemon, not a node agent, whose agents beat to its relay)."""
         self.standbys = standbys
+        self.beat_channels = beat_channels
         self.on_exit: ExitCallback = _unreported  # start() names who hears of exits
         self.forkserver = forkserver
         if forkserver is not None:
@@ -705,17 +712,21 @@ class LocalSpawner:
     async def _open_standby(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
         """The agent, become by the standby in place: its pid is the standby's."""
         fs = self.forkserver
+        head = bytearray()
         why = "the fork server is off" if fs is None else \
             await fs.hand_over(gate.conn, spec.module or "", spec.env, spec.cwd, spec.log, spec.listen_fd, log_fd,
-                               open_files=spec.open_files)
+                               open_files=spec.open_files, channel=self.beat_channels, rest=head)
         if why is not None:
             raise _StandbyRefused(why)
-        gate.conn.close()
         self._live_gates.pop(gate.pid, None)  # the agent now: the incarnation's main process
         if gate.pidfd is not None:
             os.close(gate.pidfd)
             gate.pidfd = None
-        return Child(spec.name, spec.incarnation, gate.pid, create_time_of(gate.pid), mode="fork")
+        channel = gate.conn if self.beat_channels else None
+        if channel is None:
+            gate.conn.close()
+        return Child(spec.name, spec.incarnation, gate.pid, create_time_of(gate.pid), mode="fork", channel=channel,
+                     channel_head=bytes(head))
 
     def _open_gate(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
         """The program, exec'd by the gate in place: its pid is the gate's, its first
@@ -1139,10 +1150,11 @@ def local_fork_server(config: MeshConfig, home: Home) -> ForkServerClient:
 
 
 def _spawn_line(module: str, env: dict[str, str], cwd, log_file, log_fd: int | None,
-                open_files: int | None) -> dict:
-    """What a fork server's child needs to become a service (forkserver._run_service)."""
+                open_files: int | None, channel: bool = False) -> dict:
+    """What a fork server's child needs to become a service (forkserver._run_service);
+    ``channel``: a standby keeps its connection for the first beat."""
     return {"module": module, "env": env, "cwd": str(cwd), "log": str(log_file), "log_pipe": log_fd is not None,
-            "open_files": open_files}
+            "open_files": open_files, "channel": channel}
 
 
 SPAWN_WAIT = 5.0  # how long the daemon waits for the fork server's answer before it spawns plainly
@@ -1436,12 +1448,16 @@ class ForkServerClient:
 
     async def hand_over(self, conn: socket.socket, module: str, env: dict[str, str], cwd, log_file,
                         listen_fd: int | None = None, log_fd: int | None = None, *,
-                        open_files: int | None = None) -> str | None:
-        """A standby's spawn: None once it took it (it is the service now), else why not."""
+                        open_files: int | None = None, channel: bool = False,
+                        rest: bytearray | None = None) -> str | None:
+        """A standby's spawn: None once it took it (it is the service now), else why not.
+        ``channel``: it keeps ``conn`` for its first beat (the caller reads it; what came
+        with the answer already is added to ``rest``)."""
         fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
         try:
-            reply = await unixline.ask_on_async(conn, _spawn_line(module, env, cwd, log_file, log_fd, open_files),
-                                                timeout=SPAWN_WAIT, fds=fds)
+            reply = await unixline.ask_on_async(conn, _spawn_line(module, env, cwd, log_file, log_fd, open_files,
+                                                                  channel),
+                                                timeout=SPAWN_WAIT, fds=fds, rest=rest)
         except (OSError, ValueError) as err:
             return f"no answer: {err}"
         if reply and reply.get("ok"):

@@ -36,6 +36,7 @@ from tron.common.monitor import Monitor, Signal
 from tron.common.paths import Home, mesh_marks
 from tron.common.states import SERVICE, ServiceState
 from tron.registry.protocol import Store
+from tron.services.daemon import beat_channel
 from tron.services.daemon.listeners import ListenerError, listen_env
 from tron.services.daemon.access import Access
 from tron.services.daemon.metrics import DaemonMetrics
@@ -146,6 +147,7 @@ class Supervisor:
         self.spawning_resumed.set()
         self.on_signal: Callable[[Signal], Awaitable[None]] | None = None
         self.on_healthy: Callable[[Service], Awaitable[None]] | None = None
+        self.judge_beat: beat_channel.Judge | None = None  # a first beat on a standby's channel (the daemon's)
         # Does the new incarnation serve? HTTP by default; unit tests answer for a stub.
         self.healthy_now: Callable[[Service, str], Awaitable[bool]] = self._healthy_now
         self.first_beat_wait = FIRST_BEAT_WAIT
@@ -329,6 +331,13 @@ class Supervisor:
             await self._spawn_failed(svc, incarnation, f"cannot prepare its start: {type(err).__name__}: {err}")
             return
         svc.child = child
+        if child.channel is not None:  # its first beat comes on the standby's connection
+            channel, child.channel = child.channel, None
+            if self.judge_beat is None:
+                channel.close()  # nobody here judges beats: it sends its first one over HTTP
+            else:
+                self.background(self._first_beat(svc, incarnation, channel, child.channel_head),
+                                f"first beat {svc.name}")
         await self.store.session_started(incarnation, child.pid, child.create_time, mode=child.mode)
         await self.store.event("spawned", {"pid": child.pid, "reason": reason, "provider": svc.provider,
                                            "mode": child.mode, "argv": spec.argv},
@@ -336,6 +345,12 @@ class Supervisor:
         log.info("spawned", extra={"offender": svc.name, "pid": child.pid, "incarnation": incarnation,
                                    "reason": reason, "mode": child.mode})
         self.background(self._await_health(svc, incarnation), f"health {svc.name}")
+
+    async def _first_beat(self, svc: Service, incarnation: str, channel: socket.socket, head: bytes) -> None:
+        assert self.judge_beat is not None
+        if await beat_channel.first_beat(channel, svc.name, incarnation, self.judge_beat,
+                                         timeout=self.policy().start_timeout, head=head):
+            self.metrics.first_beats_on_channel.inc()
 
     async def _spawn_failed(self, svc: Service, incarnation: str, error: str, *, cause: str = "cannot_start",
                             holder: dict | None = None) -> None:

@@ -51,8 +51,11 @@ async def ask_keep_async(sock_path: str, req: dict, *, timeout: float,
         raise
 
 
-async def ask_on_async(conn: socket.socket, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:
-    """One request line and its answer on an open, non-blocking connection."""
+async def ask_on_async(conn: socket.socket, req: dict, *, timeout: float, fds: tuple[int, ...] = (),
+                       rest: bytearray | None = None) -> dict | None:
+    """One request line and its answer on an open, non-blocking connection. What came
+    after the answer's line (the connection goes on: a standby's first beat) is added to
+    ``rest``."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -65,14 +68,17 @@ async def ask_on_async(conn: socket.socket, req: dict, *, timeout: float, fds: t
             if sent < len(line):
                 await loop.sock_sendall(conn, line[sent:])
             data = b""
-            while not data.endswith(b"\n"):
+            while b"\n" not in data:
                 chunk = await loop.sock_recv(conn, 1 << 16)
                 if not chunk:
                     break
                 data += chunk
     except TimeoutError:
         raise OSError(f"no answer within {timeout}s") from None
-    return json.loads(data) if data else None
+    line, _, after = data.partition(b"\n")
+    if rest is not None:
+        rest += after
+    return json.loads(line) if line else None
 
 
 def receive(conn: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:

@@ -1,8 +1,12 @@
 """Run by test_standby.py as a fork server's module: says which process it is, what it was
-handed, and its open-files limit, then exits."""
+handed, and its open-files limit, then exits. Handed a channel (TRON_BEAT_FD), it says on it
+which fd it found it at and whether a program it starts would inherit it."""
 
 import os
 import resource
 
 print(f"pid {os.getpid()} probe {os.environ.get('PROBE')} nofile {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}",
       flush=True)
+if os.environ.get("TRON_BEAT_FD"):
+    fd = int(os.environ["TRON_BEAT_FD"])
+    os.write(fd, f"channel at fd {fd}, inheritable {os.get_inheritable(fd)}\n".encode())

@@ -66,6 +66,12 @@ def test_a_killed_agent_comes_back_as_its_standby_in_its_own_cgroup_and_works(me
     assert back["pid"] == pid and back["incarnation"] == incarnation  # the standby became the agent, in place
     assert cgroup_leaf(pid) == f"programmer-1.{incarnation}"
     assert spawned(m, "programmer-1")[-1]["mode"] == "fork"
+    # its first beat came on the standby's connection, not over HTTP; the next ones over HTTP, in order
+    assert m.metrics()[("tron_first_beats_on_channel_total", ())] >= 1
+    back_at = time.monotonic()
+    wait_for(lambda: time.monotonic() - back_at > 2.5 and m.service("programmer-1")["last_beat_age"] < 1.5 or None,
+             30, "beats over HTTP after the first")
+    assert ("tron_beats_rejected_total", (("verdict", "seq_out_of_order"),)) not in m.metrics()
     proc = psutil.Process(pid)
     assert "tron.services.programmer" in " ".join(proc.cmdline()) and os.getsid(pid) == pid
     assert pid not in m.status()["ownership"]["gates"]  # the incarnation's main process now, not a helper
@@ -221,6 +227,36 @@ def test_a_standby_becomes_the_service_it_is_handed_with_the_same_pid(tmp_path):
         with os.fdopen(r, "rb") as out:
             said = out.read().decode()
         assert f"pid {pid} " in said and "probe handed" in said and "nofile 512" in said, said
+
+
+def test_a_standby_asked_to_keep_its_channel_hands_it_to_the_service(tmp_path):
+    """With "channel": true, the standby answers ok and the service finds the same connection
+    at the fd TRON_BEAT_FD names, not inherited by what it runs: what it writes there follows
+    the answer, on the daemon's end (where its first beat goes, services/daemon/beat_channel.py)."""
+    import json
+    import socket
+
+    from tests.integration.test_forkserver import _fork_server
+
+    with _fork_server(tmp_path) as (sock, server):
+        answer, conn = _standby(sock)
+        r, w = os.pipe()
+        line = {"module": "tests.integration.standby_probe", "env": {"PATH": os.defpath, "PROBE": "channel"},
+                "cwd": str(REPO), "log": "", "log_pipe": True, "open_files": 512, "channel": True}
+        socket.send_fds(conn, [json.dumps(line).encode() + b"\n"], [w])
+        os.close(w)
+        conn.settimeout(30)
+        said = b""
+        while said.count(b"\n") < 2:
+            chunk = conn.recv(1 << 16)
+            assert chunk, f"closed after {said!r}"
+            said += chunk
+        conn.close()
+        ok, channel = said.decode().splitlines()[:2]
+        assert json.loads(ok) == {"ok": True}
+        assert channel == "channel at fd 3, inheritable False"  # no listening socket handed: the first free fd
+        with os.fdopen(r, "rb") as out:
+            assert "probe channel" in out.read().decode()
 
 
 def test_an_unknown_op_or_a_request_that_is_no_object_is_refused(tmp_path):

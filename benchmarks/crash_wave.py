@@ -11,7 +11,8 @@ starts to say running); /status then confirms each runs again with a new pid.
 Repeated ``--waves`` times, one mesh. Beside the times, the CPU each wave cost per restart:
 the daemon's, the fork server's, the log pump's, the parents' (the directors, which decide)
 and the new incarnations' own (fork to now): on two cores, what a wave costs in CPU bounds
-how fast it can be over.
+how fast it can be over. Before the waves, the daemon's CPU over 5 s of the quiet mesh (its
+agents' beats, its probes and housekeeping): what it spends before a wave adds to it.
 
     .venv/bin/python -m benchmarks.crash_wave [--agents 100] [--kill 20] [--waves 3]
                                            [--json benchmarks/results/crash_wave.json]
@@ -56,6 +57,9 @@ def cpu_of(pids: dict[str, int | None]) -> dict[str, float]:
         except (psutil.Error, TypeError, ValueError):
             out[who] = 0.0
     return out
+
+
+IDLE_SPAN = 5.0  # s of a quiet mesh over which the daemon's CPU is measured
 
 
 def helpers(status: dict) -> dict[str, int | None]:
@@ -136,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             programmers = [f"programmer-{i}" for i in range(args.agents)]
             # The steady state: the fork server's warm heir serves (WARM_AFTER_UP s after up).
             wait_for(lambda: (mesh.status().get("fork_server") or {"warm": True})["warm"], 300, "the fork server warm")
+            # What the quiet mesh costs the daemon (its beats, probes, housekeeping), the room a wave starts from.
+            time.sleep(3)
+            daemon = {"daemon": mesh.status()["daemon"]["pid"]}
+            before = cpu_of(daemon)["daemon"]
+            time.sleep(IDLE_SPAN)
+            idle_ms = (cpu_of(daemon)["daemon"] - before) * 1000 / IDLE_SPAN
+            print(f"  the quiet mesh: daemon CPU {idle_ms:.0f} ms per second", file=sys.stderr)
             for w in range(args.waves):
                 time.sleep(3)  # quiet: the previous wave's restarts are over
                 wait_for(lambda: all(s["state"] == "running" for s in mesh.status()["services"]), 60, "all running")
@@ -151,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.kill} of {args.agents} agents SIGKILLed at once, {args.waves} waves ({os.cpu_count()} cores): "
           f"kill -> running again: median {percentile(flat, 0.5):.0f} ms, p90 {percentile(flat, 0.9):.0f} ms, "
           f"max {max(flat):.0f} ms; load {load0:.2f} -> {os.getloadavg()[0]:.2f}")
+    print(f"daemon CPU with the mesh quiet: {idle_ms:.0f} ms per second")
     print("CPU ms per restart (all waves): " + ", ".join(
         f"{k} {sum(c[k] for c in cpus) / (args.kill * len(cpus)):.1f}" for k in cpus[0]))
-    return finish(args.json, {"up_s": up, "waves_ms": samples, "cpu_ms": cpus}, leftovers)
+    return finish(args.json, {"up_s": up, "waves_ms": samples, "cpu_ms": cpus, "idle_daemon_ms_per_s": idle_ms},
+                  leftovers)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None,
-                         channel: socket.socket | None = None) -> None:
+                         channel: BeatChannel | None = None) -> None:
     """Beat every interval, on a fixed schedule (no drift). The daemon's answer carries
     the current interval (settings change at run time). A 409 means a newer incarnation
     replaced us; a daemon that does not know us at all (404) for ``stale_after`` seconds
@@ -174,8 +174,8 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None,
     with the daemon's verdict on our previous beat; a relay that does not answer at all is
     passed by, and the beat goes to the daemon itself.
 
-    ``channel`` (``beat_channel()``): the first beat goes there, and the daemon answers it
-    there as POST /beat would; if it does not, that beat goes over HTTP after all."""
+    ``channel`` (``beat_channel()``): the beats go there, and the daemon answers each there
+    as POST /beat would; once it does not, that beat and every later one go over HTTP."""
     clock = clock or MonotonicClock()
     interval = ctx.env.heartbeat_interval or ctx.config.policy.heartbeat_interval
     urls = [u for u in (ctx.env.beat_url, ctx.env.daemon_url + "/beat") if u]
@@ -188,12 +188,12 @@ async def heartbeat_loop(ctx: ServiceContext, clock: Clock | None = None,
                     tasks=ctx.tasks, spans_dropped=telemetry.dropped() or None)
         ctx.beat_seq += 1
         try:
+            answer = None
             if channel is not None:
-                sent, channel = channel, None
-                answer = await _beat_on(sent, beat, timeout=max(0.5, interval))
+                answer = await channel.beat(beat, timeout=max(0.5, interval))
                 if answer is None:
-                    answer = await _post_beat(ctx, urls, beat, timeout=max(0.5, interval))
-            else:
+                    channel = None  # it failed (and is closed): HTTP from now on
+            if channel is None:
                 answer = await _post_beat(ctx, urls, beat, timeout=max(0.5, interval))
             unknown_since = None
             if isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)) and answer["interval"] > 0:
@@ -239,13 +239,13 @@ async def _post_beat(ctx: ServiceContext, urls: list[str], beat: Beat, *, timeou
     return await ctx.client.post(urls[-1], beat, timeout=timeout)
 
 
-CHANNEL = "the daemon (the standby's channel)"
+CHANNEL = "the daemon (the beat channel)"
 
 
-def beat_channel() -> socket.socket | None:
-    """The connection the daemon asked our standby to keep for the first beat
-    (``TRON_BEAT_FD``, services/daemon/beat_channel.py), if any. The variable is removed
-    either way, so a program this one starts does not take it."""
+def beat_channel() -> BeatChannel | None:
+    """Our beat channel, the connection to the daemon we were started with (``TRON_BEAT_FD``,
+    services/daemon/beat_channel.py), if any. The variable is removed either way, so a
+    program this one starts does not take it."""
     fd = os.environ.pop("TRON_BEAT_FD", "")
     if not fd.isdigit():
         return None
@@ -257,33 +257,47 @@ def beat_channel() -> socket.socket | None:
         sock.detach()  # someone else's descriptor: left as it is
         return None
     sock.setblocking(False)
-    return sock
+    return BeatChannel(sock)
 
 
-async def _beat_on(channel: socket.socket, beat: Beat, *, timeout: float) -> object | None:
-    """``beat`` on the standby's channel: the daemon's answer, as POST /beat's (a refusal
-    raised as MeshHTTPError), or None when the channel did not carry it (the caller beats
-    over HTTP). Closes ``channel``."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            await loop.sock_sendall(channel, beat.model_dump_json().encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = await loop.sock_recv(channel, 1 << 16)
-                if not chunk:
-                    raise OSError("closed without an answer")
-                data += chunk
-        reply = json.loads(data)
-        status, answer = int(reply["status"]), cast(object, reply["answer"])
-    except (OSError, TimeoutError, ValueError, KeyError, TypeError) as err:
-        log.debug("first beat not carried on the standby's channel (%s): over HTTP", err)
-        return None
-    finally:
-        channel.close()
-    if status >= 300:
-        raise MeshHTTPError(status, CHANNEL, json.dumps(answer))
-    return answer
+class BeatChannel:
+    """The agent's end of its beat channel (services/daemon/beat_channel.py)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    async def beat(self, beat: Beat, *, timeout: float) -> object | None:
+        """``beat`` sent, and the daemon's answer to it, as POST /beat's (a refusal raised as
+        MeshHTTPError; no answer within ``timeout``: TimeoutError, as over HTTP, and a late
+        answer is passed over later: each names the beat it answers). None when the channel
+        is broken: it is closed, and the caller beats over HTTP from now on."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(self.sock, beat.model_dump_json().encode() + b"\n")
+                while True:
+                    while b"\n" not in self.buf:
+                        chunk = await loop.sock_recv(self.sock, 1 << 16)
+                        if not chunk:
+                            raise OSError("closed by the daemon")
+                        self.buf += chunk
+                    line, _, self.buf = self.buf.partition(b"\n")
+                    reply = json.loads(line)
+                    if reply.get("seq") in (None, beat.seq):  # None: a refusal of the line itself
+                        break
+            status, answer = int(reply["status"]), cast(object, reply["answer"])
+        except TimeoutError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.info("beats go over HTTP from now on: the beat channel failed (%s: %s)", type(err).__name__, err)
+            self.close()
+            return None
+        if status >= 300:
+            raise MeshHTTPError(status, CHANNEL, json.dumps(answer))
+        return answer
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def node_gone(pid: int | None) -> bool:

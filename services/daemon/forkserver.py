@@ -58,9 +58,9 @@ off the restart path) and makes its own session, then waits on the same connecti
 spawn's line ({"module", "env", "cwd", "log", "log_pipe", "open_files", "channel"}, descriptors
 as for a spawn). It answers that line {"ok": true} and becomes the service (the same pid), or
 {"ok": false, "stale": true} and exits when a source file changed since the server read it.
-With "channel": true it keeps the connection, and the service's first beat goes on it
-instead of a POST /beat (``BEAT_FD``): on a crash wave's path, one HTTP exchange fewer for the
-daemon and the new incarnation each.
+With "channel": true it keeps the connection, and the service beats on it instead of
+``POST /beat`` (``BEAT_FD``; services/daemon/beat_channel.py); a spawn with "channel": true
+sends the service's end of a socket pair as its last descriptor, for the same use.
 The daemon closing the connection ends it: it never runs a service nobody asked for. While it
 waits it has rehearsed its start (``_rehearse``): for a built-in role ("service" names it), its
 application built for a stand-in incarnation, so the pages an agent's start touches are copied
@@ -157,6 +157,10 @@ def _become_service(req: dict, fds: list[int], *, entered: bool = False, channel
     try:
         if not entered:
             _enter(req.get("cgroup") or ())
+        if channel is None and req.get("channel") and fds:  # a spawn's: the last descriptor sent
+            channel = fcntl.fcntl(fds[-1], fcntl.F_DUPFD_CLOEXEC, CHANNEL_PARKED)
+            os.close(fds[-1])
+            fds = fds[:-1]
         code = _run_service(req, fds, channel)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -190,8 +194,12 @@ def _run_service(req: dict, fds: list[int], channel: int | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (req["open_files"], req["open_files"]))
     # Before the environment is replaced: setproctitle reuses the environ area.
     _set_title(f"{req['module']} [tron {req['env'].get('TRON_SERVICE', '?')}]")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    # As a fresh interpreter has it (what a plain spawn runs): a write to a connection whose other
+    # end is gone is an error (EPIPE), not the end of the agent; subprocess restores the default
+    # for the programs it runs. A dead daemon's end of the beat channel is such a connection.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if req.get("log_pipe"):  # the log pump's pipe (services/daemon/logpump.py) comes first
         log, fds = fds[0], fds[1:]
     else:
@@ -400,9 +408,9 @@ def _die_with(parent: int) -> None:
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 CANNOT_RUN = 3  # an exit code the daemon does not retry: a new launch would fail the same way
 LISTEN_FD = 3  # where a held listening socket goes in the child (systemd's SD_LISTEN_FDS_START)
-# A standby asked for it (the spawn line's "channel") keeps its connection to the daemon and the
-# service finds it at the fd this variable names: its first beat goes there, not over HTTP
-# (common/service.py; the daemon's side: services/daemon/beat_channel.py).
+# A standby asked for it (the spawn line's "channel") keeps its connection to the daemon, a spawn
+# gets one sent, and the service finds it at the fd this variable names: it beats there, not over
+# HTTP (common/service.py; the daemon's side: services/daemon/beat_channel.py).
 BEAT_FD = "TRON_BEAT_FD"
 CHANNEL_PARKED = 100  # where it waits meanwhile: clear of stdio, the listening socket and the fds received
 

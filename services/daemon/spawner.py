@@ -819,10 +819,19 @@ class LocalSpawner:
     async def _start_process(self, spec: SpawnSpec, log_fd: int | None, group: Cgroup | None) -> Child:
         joins = group.procs_files() if group is not None else []
         if spec.module and self.forkserver is not None and not spec.user:
-            pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd, log_fd,
-                                              cgroup=joins, open_files=spec.open_files)
+            ours, theirs = socket.socketpair() if self.beat_channels else (None, None)
+            try:
+                pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd, log_fd,
+                                                  cgroup=joins, open_files=spec.open_files, channel=theirs)
+            finally:
+                if theirs is not None:
+                    theirs.close()  # the service has its copy
             if pid is not None:
-                return Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork")
+                if ours is not None:
+                    ours.setblocking(False)
+                return Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork", channel=ours)
+            if ours is not None:
+                ours.close()
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         argv, extra = spec.argv, {"close_fds": True}
         identity = _identity(spec.user)
@@ -1403,17 +1412,19 @@ class ForkServerClient:
 
     async def spawn(self, module: str, env: dict[str, str], cwd, log_file, listen_fd: int | None = None,
                     log_fd: int | None = None, *, cgroup: list[str] | None = None,
-                    open_files: int | None = None) -> int | None:
+                    open_files: int | None = None, channel: socket.socket | None = None) -> int | None:
+        """``channel``: the service's end of its beat channel (sent last; beat_channel.py)."""
         if not self.ready:
             return None
-        fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
+        fds = tuple(fd for fd in (log_fd, listen_fd, channel.fileno() if channel else None) if fd is not None)
         # The server forks nothing after "deadline" (CLOCK_MONOTONIC, the same in every process
         # here): a request it takes after we stopped waiting (then spawning plainly) would
         # make a second incarnation nobody tracks. The margin is for its answer to arrive.
         # A few requests at a time: the server forks one after another anyway, and a wave's
         # last request must not spend its wait in the queue behind the others.
         async with self._slots:
-            reply = await self._request({"op": "spawn", **_spawn_line(module, env, cwd, log_file, log_fd, open_files),
+            reply = await self._request({"op": "spawn", **_spawn_line(module, env, cwd, log_file, log_fd, open_files,
+                                                                     channel is not None),
                                          "cgroup": cgroup or [], "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
                                         timeout=SPAWN_WAIT, fds=fds)
         if reply and reply.get("ok"):

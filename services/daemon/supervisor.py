@@ -81,6 +81,7 @@ class Service:
     ready: bool = False  # healthy, and its readiness probe (if any) passes
     last_failure: dict | None = None
     listener: socket.socket | None = None  # the listening socket held across restarts (listeners.py)
+    beat_reader: asyncio.Task | None = None  # the current incarnation's beat channel (beat_channel.py)
     spawned_provider: str | None = None  # the provider the current incarnation was started on
     tasks_done: int = 0  # tasks the current incarnation finished (max_tasks, restart_above_memory)
     unreported: dict[str, float] = field(default_factory=dict)  # leased tasks its beats stopped naming: since
@@ -301,6 +302,9 @@ class Supervisor:
         incarnation = self.spawner.reserve(svc.name) or new_id("i-")
         await self.transition(svc, S.STARTING, reason)
         now = self.clock.now()
+        if svc.beat_reader is not None:  # the last incarnation's channel: nothing of it is heard any more
+            svc.beat_reader.cancel()
+            svc.beat_reader = None
         svc.incarnation, svc.child = incarnation, None
         svc.started_at, svc.healthy_at, svc.last_beat = now, None, None
         svc.task_id = svc.progress = None
@@ -331,13 +335,16 @@ class Supervisor:
             await self._spawn_failed(svc, incarnation, f"cannot prepare its start: {type(err).__name__}: {err}")
             return
         svc.child = child
-        if child.channel is not None:  # its first beat comes on the standby's connection
+        if child.channel is not None:  # it beats on a connection of its own (beat_channel.py)
             channel, child.channel = child.channel, None
             if self.judge_beat is None:
-                channel.close()  # nobody here judges beats: it sends its first one over HTTP
+                channel.close()  # nobody here judges beats: it beats over HTTP
             else:
-                self.background(self._first_beat(svc, incarnation, channel, child.channel_head),
-                                f"first beat {svc.name}")
+                svc.beat_reader = self.background(
+                    beat_channel.serve_beats(channel, svc.name, incarnation, self.judge_beat,
+                                             first_within=self.policy().start_timeout, head=child.channel_head,
+                                             taken=self.metrics.beats_on_channel.inc),
+                    f"beats of {svc.name}")
         await self.store.session_started(incarnation, child.pid, child.create_time, mode=child.mode)
         await self.store.event("spawned", {"pid": child.pid, "reason": reason, "provider": svc.provider,
                                            "mode": child.mode, "argv": spec.argv},
@@ -345,12 +352,6 @@ class Supervisor:
         log.info("spawned", extra={"offender": svc.name, "pid": child.pid, "incarnation": incarnation,
                                    "reason": reason, "mode": child.mode})
         self.background(self._await_health(svc, incarnation), f"health {svc.name}")
-
-    async def _first_beat(self, svc: Service, incarnation: str, channel: socket.socket, head: bytes) -> None:
-        assert self.judge_beat is not None
-        if await beat_channel.first_beat(channel, svc.name, incarnation, self.judge_beat,
-                                         timeout=self.policy().start_timeout, head=head):
-            self.metrics.first_beats_on_channel.inc()
 
     async def _spawn_failed(self, svc: Service, incarnation: str, error: str, *, cause: str = "cannot_start",
                             holder: dict | None = None) -> None:

@@ -4,9 +4,11 @@ which fd it found it at and whether a program it starts would inherit it."""
 
 import os
 import resource
+import signal
 
 print(f"pid {os.getpid()} probe {os.environ.get('PROBE')} nofile {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}",
       flush=True)
 if os.environ.get("TRON_BEAT_FD"):
     fd = int(os.environ["TRON_BEAT_FD"])
-    os.write(fd, f"channel at fd {fd}, inheritable {os.get_inheritable(fd)}\n".encode())
+    sigpipe = "ignored" if signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN else "kills"
+    os.write(fd, f"channel at fd {fd}, inheritable {os.get_inheritable(fd)}, SIGPIPE {sigpipe}\n".encode())

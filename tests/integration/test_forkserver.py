@@ -394,3 +394,31 @@ def test_an_incarnation_finds_the_message_schemas_built(tmp_path):
         said = wait_for(lambda: "unbuilt:" in (log.read_text() if log.exists() else "") and log.read_text(), 30,
                         "the forked probe's line")
         assert "unbuilt: none of" in said, said
+
+
+def test_a_spawn_with_a_channel_hands_the_service_its_end_of_it(tmp_path):
+    """With "channel": true the last descriptor sent is the service's beat channel
+    (services/daemon/beat_channel.py): the service finds it at the fd TRON_BEAT_FD names, not
+    inherited by what it runs, and not taken for its listening socket."""
+    import socket
+
+    from tron.services.daemon import unixline
+
+    log = tmp_path / "probe.log"
+    with _fork_server(tmp_path) as (sock, server):
+        ours, theirs = socket.socketpair()
+        listener = socket.create_server(("127.0.0.1", 0))
+        try:
+            answer = unixline.ask(sock, {"op": "spawn", "module": "tests.integration.standby_probe",
+                                         "env": {"PATH": os.defpath, "PROBE": "spawned"}, "cwd": str(REPO),
+                                         "log": str(log), "cgroup": [], "channel": True}, timeout=30,
+                                  fds=(listener.fileno(), theirs.fileno()))
+            assert answer and answer["ok"], answer
+            theirs.close()
+            ours.settimeout(30)
+            said = ours.recv(1 << 16).decode()
+        finally:
+            ours.close()
+            listener.close()
+        assert said == "channel at fd 4, inheritable False, SIGPIPE ignored\n"  # after the listening socket at fd 3
+        wait_for(lambda: "probe spawned" in (log.read_text() if log.exists() else ""), 30, "the probe's line")

@@ -1,7 +1,7 @@
-"""A new incarnation's first beat on its standby's connection (services/daemon/beat_channel.py,
-common/service.py): judged as POST /beat judges it, answered on the line, refused when it
-speaks for anyone else, and never in the way: a channel that does not carry the beat leaves
-it to HTTP."""
+"""An agent's beats on its own connection to the daemon (services/daemon/beat_channel.py,
+common/service.py): judged as POST /beat judges them, each answered on the line with the beat
+it answers, refused when one speaks for anyone else, and never in the way: a channel that
+fails leaves the beats to HTTP."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 from tron.common.http import MeshHTTPError
 from tron.common.models import Beat
-from tron.common.service import _beat_on, beat_channel
+from tron.common.service import BeatChannel, beat_channel
 from tron.services.daemon import unixline
-from tron.services.daemon.beat_channel import first_beat
+from tron.services.daemon.beat_channel import serve_beats
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:
@@ -40,26 +40,24 @@ class Judge:
         return self.status, self.answer
 
 
-def _answer_of(sock: socket.socket) -> dict:
+def _answers(sock: socket.socket) -> list[dict]:
+    """Every answer line the daemon's end wrote, up to its close."""
     sock.setblocking(True)
     sock.settimeout(5)
     data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            break
+    while chunk := sock.recv(1 << 16):
         data += chunk
-    return json.loads(data)
+    return [json.loads(line) for line in data.splitlines()]
 
 
 @pytest.mark.parametrize("sent, head, judged, status", [
-    ("beat", b"", True, 200),                        # the beat, judged, answered as POST /beat
-    ("", "beat", True, 200),                         # read already with the hand-over's answer
-    ("other service", b"", False, 403),              # speaks for another service: refused, not judged
-    ("other incarnation", b"", False, 403),          # ... or another incarnation of its own
-    ("garbage", b"", False, 400),                    # not a beat
+    ("beat", b"", 1, 200),                           # the beat, judged, answered as POST /beat
+    ("", "beat", 1, 200),                            # read already with the hand-over's answer
+    ("other service", b"", 0, 403),                  # speaks for another service: refused, not judged
+    ("other incarnation", b"", 0, 403),              # ... or another incarnation of its own
+    ("garbage", b"", 0, 400),                        # not a beat
 ])
-def test_the_first_beat_is_judged_only_for_its_own_incarnation(sent, head, judged, status):
+def test_a_beat_is_judged_only_for_its_own_incarnation(sent, head, judged, status):
     lines = {"beat": _beat(), "other service": _beat(service="programmer-2"),
              "other incarnation": _beat(incarnation="i-old")}
 
@@ -72,54 +70,77 @@ def test_the_first_beat_is_judged_only_for_its_own_incarnation(sent, head, judge
         ours, theirs = _pair()
         judge = Judge()
         theirs.sendall(line(sent))
-        took = await first_beat(ours, "programmer-1", "i-new", judge, timeout=5, head=line(head))
+        theirs.shutdown(socket.SHUT_WR)  # the incarnation says no more: the channel ends after it
+        took = await serve_beats(ours, "programmer-1", "i-new", judge, first_within=5, head=line(head))
         assert ours.fileno() == -1  # closed, whatever happened
-        return took, judge, _answer_of(theirs)
+        return took, judge, _answers(theirs)
 
-    took, judge, answer = asyncio.run(main())
-    assert took is judged
-    assert [b.seq for b in judge.beats] == ([0] if judged else [])
-    assert answer["status"] == status
+    took, judge, answers = asyncio.run(main())
+    assert took == judged and [b.seq for b in judge.beats] == [0] * judged
+    assert [a["status"] for a in answers] == [status]
     if judged:
-        assert answer["answer"] == {"ok": True, "interval": 1.0}
+        assert answers[0] == {"seq": 0, "status": 200, "answer": {"ok": True, "interval": 1.0}}
+    else:
+        assert answers[0]["seq"] is None  # the line itself refused: the channel is over
+
+
+def test_beats_are_judged_in_order_until_the_incarnation_closes_its_end():
+    async def main():
+        ours, theirs = _pair()
+        judge = Judge()
+        counted = []
+        daemon = asyncio.ensure_future(serve_beats(ours, "programmer-1", "i-new", judge, first_within=5,
+                                                   taken=lambda: counted.append(1)))
+        agent = BeatChannel(theirs)
+        answers = [await agent.beat(_beat(seq=n), timeout=5) for n in range(3)]
+        agent.close()
+        return await daemon, answers, judge, len(counted)
+
+    took, answers, judge, counted = asyncio.run(main())
+    assert took == 3 == counted and [b.seq for b in judge.beats] == [0, 1, 2]
+    assert answers == [{"ok": True, "interval": 1.0}] * 3
 
 
 def test_no_beat_on_the_channel_is_no_beat_taken():
     async def main():
         ours, theirs = _pair()
         theirs.close()  # the incarnation died before it beat
-        closed = await first_beat(ours, "programmer-1", "i-new", Judge(), timeout=5)
+        closed = await serve_beats(ours, "programmer-1", "i-new", Judge(), first_within=5)
         ours2, theirs2 = _pair()
-        silent = await first_beat(ours2, "programmer-1", "i-new", Judge(), timeout=0.05)  # it beats over HTTP
+        silent = await serve_beats(ours2, "programmer-1", "i-new", Judge(), first_within=0.05)  # it beats over HTTP
         theirs2.close()
         return closed, silent
 
-    assert asyncio.run(main()) == (False, False)
+    assert asyncio.run(main()) == (0, 0)
 
 
-def test_the_agent_sends_its_first_beat_and_reads_the_daemons_answer():
+def test_the_agent_reads_the_daemons_answer_to_each_beat():
     async def main():
         ours, theirs = _pair()
         judge = Judge(answer={"ok": True, "interval": 0.5, "hosts": {"x": "10.0.0.2"}})
-        daemon = asyncio.ensure_future(first_beat(theirs, "programmer-1", "i-new", judge, timeout=5))
-        answer = await _beat_on(ours, _beat(), timeout=5)
-        return answer, await daemon, judge, ours.fileno()
+        daemon = asyncio.ensure_future(serve_beats(theirs, "programmer-1", "i-new", judge, first_within=5))
+        agent = BeatChannel(ours)
+        answer = await agent.beat(_beat(), timeout=5)
+        agent.close()
+        return answer, await daemon, judge
 
-    answer, took, judge, fd = asyncio.run(main())
+    answer, took, judge = asyncio.run(main())
     assert answer == {"ok": True, "interval": 0.5, "hosts": {"x": "10.0.0.2"}}
-    assert took and judge.beats[0].pid == 4242 and fd == -1
+    assert took == 1 and judge.beats[0].pid == 4242
 
 
-def test_a_refused_first_beat_is_the_same_error_as_over_http():
+def test_a_refused_beat_is_the_same_error_as_over_http():
     async def main():
         ours, theirs = _pair()
         judge = Judge(409, {"error": "incarnation i-new of programmer-1 is not the current one",
                             "verdict": "stale_incarnation"})
-        daemon = asyncio.ensure_future(first_beat(theirs, "programmer-1", "i-new", judge, timeout=5))
+        daemon = asyncio.ensure_future(serve_beats(theirs, "programmer-1", "i-new", judge, first_within=5))
+        agent = BeatChannel(ours)
         try:
             with pytest.raises(MeshHTTPError) as err:
-                await _beat_on(ours, _beat(), timeout=5)
+                await agent.beat(_beat(), timeout=5)
         finally:
+            agent.close()
             await daemon
         return err.value
 
@@ -127,26 +148,32 @@ def test_a_refused_first_beat_is_the_same_error_as_over_http():
     assert err.status == 409 and err.json()["verdict"] == "stale_incarnation"  # heartbeat_loop exits on it
 
 
+def test_an_answer_that_comes_too_late_is_passed_over_by_the_next_beat():
+    async def main():
+        ours, theirs = _pair()
+        agent = BeatChannel(ours)
+        with pytest.raises(TimeoutError):  # as an HTTP beat that timed out: the channel stays
+            await agent.beat(_beat(seq=0), timeout=0.05)
+        late = {"seq": 0, "status": 200, "answer": {"late": True}}
+        due = {"seq": 1, "status": 200, "answer": {"late": False}}
+        theirs.sendall((json.dumps(late) + "\n" + json.dumps(due) + "\n").encode())
+        answer = await agent.beat(_beat(seq=1), timeout=5)
+        agent.close()
+        theirs.close()
+        return answer
+
+    assert asyncio.run(main()) == {"late": False}
+
+
 @pytest.mark.parametrize("daemon_says", [b"", b"half a line", b"[1, 2]\n", b"{\"status\": 200}\n"])
-def test_a_channel_that_does_not_carry_the_beat_leaves_it_to_http(daemon_says):
+def test_a_channel_that_fails_leaves_the_beats_to_http(daemon_says):
     async def main():
         ours, theirs = _pair()
         theirs.sendall(daemon_says)
         theirs.close()
-        return await _beat_on(ours, _beat(), timeout=5), ours.fileno()
+        return await BeatChannel(ours).beat(_beat(), timeout=5), ours.fileno()
 
     assert asyncio.run(main()) == (None, -1)
-
-
-def test_an_unanswered_first_beat_does_not_hold_the_agent():
-    async def main():
-        ours, theirs = _pair()
-        try:
-            return await _beat_on(ours, _beat(), timeout=0.05)
-        finally:
-            theirs.close()
-
-    assert asyncio.run(main()) is None
 
 
 def test_the_channel_is_found_by_its_variable_and_only_if_it_is_a_unix_stream(monkeypatch):
@@ -155,8 +182,8 @@ def test_the_channel_is_found_by_its_variable_and_only_if_it_is_a_unix_stream(mo
     try:
         monkeypatch.setenv("TRON_BEAT_FD", str(ours.fileno()))
         found = beat_channel()
-        assert found is not None and found.fileno() == ours.fileno() and "TRON_BEAT_FD" not in os.environ
-        found.detach()
+        assert found is not None and found.sock.fileno() == ours.fileno() and "TRON_BEAT_FD" not in os.environ
+        found.sock.detach()
         monkeypatch.setenv("TRON_BEAT_FD", str(r))  # a pipe: someone else's, left open
         assert beat_channel() is None and os.fstat(r)
         monkeypatch.setenv("TRON_BEAT_FD", "9999")  # nothing there

@@ -143,18 +143,24 @@ class JournaledStore:
             return getattr(self.memory, name)
         match mark.route:
             case Route.WRITE:
-                return self._writing(name)
+                return self._kept(name, self._writing(name))
             case Route.MEMORY_READ:
                 return getattr(self.memory, name)
             case Route.FALLBACK_READ:
-                return self._falling_back(name, mark.about)
+                return self._kept(name, self._falling_back(name, mark.about))
             case Route.OWNED_READ if mark.about is not None:  # routes_of checked every owned read names one
-                return self._owned(name, mark.about)
+                return self._kept(name, self._owned(name, mark.about))
             case Route.DURABLE_READ:
-                return self._after_flush(name)
+                return self._kept(name, self._after_flush(name))
         # OWN: open, close, health, ... are defined here; forwarding one would skip the journal.
         # (An owned read that names nothing never gets here: routes_of refuses it at import.)
         raise AttributeError(f"JournaledStore must define {name} ({mark.route}) itself")
+
+    def _kept(self, name: str, method: Method) -> Method:
+        """``method`` made once: the next look-up finds it on the instance, not here (a restart
+        made ~15 registry calls, each of which built its wrapper again)."""
+        self.__dict__[name] = method
+        return method
 
     def _after_flush(self, name: str) -> Method:
         """History reads see this daemon's own writes (unless the store is refusing them)."""

@@ -197,6 +197,10 @@ def test_settings_are_frozen_and_strict():
         ("X-Tron-Token: t0k3n", {}, "X-Tron-Token: [REDACTED]"),
         ("nothing secret here, skip sk-", {"TRON_TOKEN": "abc"}, "nothing secret here, skip sk-"),
         ("the bearer of bad news; input_tokens: 5", {}, "the bearer of bad news; input_tokens: 5"),
+        # upper case: the quick check before the patterns must not pass these over
+        ("AUTHORIZATION: BEARER abcdefgh1", {}, "AUTHORIZATION: BEARER [REDACTED]"),
+        ("MY_TOKEN=zzzzzz", {}, "MY_TOKEN=[REDACTED]"),
+        ("X-API-KEY: s3cr3tvalue", {}, "X-API-KEY: [REDACTED]"),
     ],
 )
 def test_redact(text, env, expected):

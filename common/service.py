@@ -283,7 +283,9 @@ class BeatChannel:
                         self.buf += chunk
                     line, _, self.buf = self.buf.partition(b"\n")
                     reply = json.loads(line)
-                    if reply.get("seq") in (None, beat.seq):  # None: a refusal of the line itself
+                    if reply.get("seq") is None:  # the line itself refused (400, 403): the channel is over
+                        raise OSError(f"refused by the daemon: {reply.get('answer')}")
+                    if reply["seq"] == beat.seq:  # an earlier one's, too late: passed over
                         break
             status, answer = int(reply["status"]), cast(object, reply["answer"])
         except TimeoutError:

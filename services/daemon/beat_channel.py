@@ -44,7 +44,7 @@ async def serve_beats(conn: socket.socket, service: str, incarnation: str, judge
     ``first_within`` seconds (else the incarnation beats over HTTP, or is gone). A line that
     is not a beat (400) or a beat that speaks for anyone else (403) is answered and ends the
     channel: the incarnation beats over HTTP from then on. ``taken`` is called for each beat
-    judged. Returns how many were."""
+    accepted. Returns how many were judged."""
     judged = 0
     try:
         # A stream: the connection stays registered with the loop between beats.
@@ -56,8 +56,13 @@ async def serve_beats(conn: socket.socket, service: str, incarnation: str, judge
         reader.feed_data(head)
     try:
         while True:
-            async with asyncio.timeout(None if judged else first_within):
-                line = await reader.readline()
+            try:
+                async with asyncio.timeout(None if judged else first_within):
+                    line = await reader.readline()
+            except (TimeoutError, OSError, ValueError) as err:  # ValueError: a line past the limit
+                if not isinstance(err, TimeoutError):
+                    log.debug("%s: its beat channel failed: %s", service, err)
+                return judged
             if not line.endswith(b"\n"):
                 return judged  # closed (a last line cut short is no beat)
             try:
@@ -71,15 +76,17 @@ async def serve_beats(conn: socket.socket, service: str, incarnation: str, judge
                 _answer(writer, 403, {"error": f"this channel is {service}/{incarnation}'s, not "
                                                f"{beat.service}/{beat.incarnation}'s"})
                 return judged
-            status, answer = await judge(beat)
+            # Shielded: the channel ended (its incarnation replaced) never cuts a judgement short,
+            # as a POST /beat under way is not cut short either. An error in it is the daemon's,
+            # not the channel's: it is raised (and logged by whoever runs this).
+            status, answer = await asyncio.shield(judge(beat))
             judged += 1
-            if taken is not None:
+            if taken is not None and status == 200:
                 taken()
-            _answer(writer, status, answer, seq=beat.seq)
-    except (TimeoutError, OSError, ValueError) as err:  # ValueError: a line past the limit
-        if not isinstance(err, TimeoutError):
-            log.debug("%s: its beat channel failed: %s", service, err)
-        return judged
+            try:
+                _answer(writer, status, answer, seq=beat.seq)
+            except OSError:
+                return judged
     finally:
         writer.close()
         with contextlib.suppress(Exception):

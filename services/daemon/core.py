@@ -62,7 +62,7 @@ log = logging.getLogger("tron.daemon")
 LOST_TASK_GRACE = 5.0
 LOST_TASK_CHECK_EVERY = 1.0
 
-# How POST /beat (and the first beat on a standby's channel, beat_channel.py) answers a beat not accepted.
+# How POST /beat (and a beat on an agent's beat channel, beat_channel.py) answers a beat not accepted.
 VERDICT_STATUS = {Verdict.UNKNOWN: 404, Verdict.STALE: 409, Verdict.DUPLICATE: 409, Verdict.FOREIGN_TASK: 409}
 
 
@@ -587,7 +587,10 @@ class Daemon:
         if signal is not None:
             log.warning("task lost by its agent", extra={"offender": svc.name, "task": task_id,
                                                          "incarnation": incarnation})
-            await self.router.on_signal(dataclasses.replace(signal, task_id=task_id))
+            # Delivered on its own: the beat that found it (on a beat channel, every later beat of
+            # this agent too) does not wait for its ancestors to answer.
+            self.background(self.router.on_signal(dataclasses.replace(signal, task_id=task_id)),
+                            f"task lost {svc.name}")
 
     # -- status -------------------------------------------------------------------------------
 

@@ -151,8 +151,8 @@ def _stale_reply(sources: dict[str, float]) -> dict | None:
 def _become_service(req: dict, fds: list[int], *, entered: bool = False, channel: int | None = None) -> None:
     """In the new incarnation: a fresh session (``entered``: a standby has it, and its
     cgroup, already), its own stdio, environment and cwd, then run the role module as
-    __main__. ``channel``: a standby's connection to the daemon, kept for the first beat
-    (``BEAT_FD``). Never returns."""
+    __main__. ``channel``: its beat channel to the daemon (a standby's kept connection;
+    for a spawn, the last descriptor sent), at ``BEAT_FD``. Never returns."""
     code = 1
     try:
         if not entered:
@@ -250,10 +250,13 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
         if stale is not None:
             conn.sendall(json.dumps(stale).encode() + b"\n")
             return
-        conn.sendall(b'{"ok": true}\n')
         channel = None
-        if go.get("channel"):  # the daemon reads the first beat here (BEAT_FD): kept, above the fds it may take
-            channel = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, CHANNEL_PARKED)
+        if go.get("channel"):  # the daemon reads the beats here (BEAT_FD): kept, above the fds it may take
+            try:
+                channel = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, CHANNEL_PARKED)
+            except OSError:  # no descriptor that high (a low open-files limit): it beats over HTTP
+                channel = None
+        conn.sendall(b'{"ok": true}\n')
         conn.close()
     except BaseException:
         code = 1

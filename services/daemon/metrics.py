@@ -14,8 +14,8 @@ class DaemonMetrics:
         self.beats_rejected = Counter("tron_beats_rejected", "Heartbeats rejected", ["verdict"], registry=r)
         self.beats_batched = Counter("tron_beats_batched", "Heartbeats accepted in batches (POST /beats: node agents)",
                                      registry=r)
-        self.beats_on_channel = Counter("tron_beats_on_channel", "Heartbeats taken on an agent's own connection to "
-                                        "the daemon (beat_channel.py), not over HTTP", registry=r)
+        self.beats_on_channel = Counter("tron_beats_on_channel", "Heartbeats accepted on an agent's own connection "
+                                        "to the daemon (beat_channel.py), not over HTTP", registry=r)
         self.requests_refused = Counter("tron_requests_refused", "Requests refused for a missing scope (403)",
                                         ["scope"], registry=r)
         self.alerts = Counter("tron_alerts", "Alerts raised by TRON", ["reason"], registry=r)

@@ -139,8 +139,8 @@ class Child:
     cgroup: Cgroup | None = None  # its incarnation's cgroup (cgroups.py); None: owned by marks
     port: int | None = None  # its port: in the marks fallback, a stray listening there is its
     oom_killed: bool = False  # the kernel's OOM count of its cgroup rose (read when it exited)
-    # A standby's connection, on which the incarnation sends its first beat (beat_channel.py);
-    # whoever starts the child reads it, then closes it.
+    # Its beat channel (beat_channel.py): a standby's kept connection, or our end of the socket
+    # pair a spawn sent; whoever starts the child reads it, then closes it.
     channel: socket.socket | None = None
     channel_head: bytes = b""  # what it sent there already, read with the hand-over's answer
     _pidfd: int | None = None
@@ -364,7 +364,7 @@ class LocalSpawner:
         """``cgroup_home``: own each incarnation by a cgroup named after this home where the
         machine allows (None: by marks, the fallback). ``standbys``: an agent's next
         incarnation is forked ahead and waits (``[mesh] standbys``). ``beat_channels``: a
-        standby's connection is kept for the agent's first beat (Child.channel): only where
+        agent gets a beat channel (Child.channel): only where
         the caller reads it (the daemon, not a node agent, whose agents beat to its relay)."""
         self.standbys = standbys
         self.beat_channels = beat_channels
@@ -823,6 +823,10 @@ class LocalSpawner:
             try:
                 pid = await self.forkserver.spawn(spec.module, spec.env, spec.cwd, spec.log, spec.listen_fd, log_fd,
                                                   cgroup=joins, open_files=spec.open_files, channel=theirs)
+            except BaseException:
+                if ours is not None:
+                    ours.close()
+                raise
             finally:
                 if theirs is not None:
                     theirs.close()  # the service has its copy
@@ -1161,7 +1165,7 @@ def local_fork_server(config: MeshConfig, home: Home) -> ForkServerClient:
 def _spawn_line(module: str, env: dict[str, str], cwd, log_file, log_fd: int | None,
                 open_files: int | None, channel: bool = False) -> dict:
     """What a fork server's child needs to become a service (forkserver._run_service);
-    ``channel``: a standby keeps its connection for the first beat."""
+    ``channel``: the service gets a beat channel (a standby's connection, or a descriptor sent last)."""
     return {"module": module, "env": env, "cwd": str(cwd), "log": str(log_file), "log_pipe": log_fd is not None,
             "open_files": open_files, "channel": channel}
 
@@ -1462,7 +1466,7 @@ class ForkServerClient:
                         open_files: int | None = None, channel: bool = False,
                         rest: bytearray | None = None) -> str | None:
         """A standby's spawn: None once it took it (it is the service now), else why not.
-        ``channel``: it keeps ``conn`` for its first beat (the caller reads it; what came
+        ``channel``: it keeps ``conn`` for its beats (the caller reads it; what came
         with the answer already is added to ``rest``)."""
         fds = tuple(fd for fd in (log_fd, listen_fd) if fd is not None)
         try:

@@ -148,7 +148,7 @@ class Supervisor:
         self.spawning_resumed.set()
         self.on_signal: Callable[[Signal], Awaitable[None]] | None = None
         self.on_healthy: Callable[[Service], Awaitable[None]] | None = None
-        self.judge_beat: beat_channel.Judge | None = None  # a first beat on a standby's channel (the daemon's)
+        self.judge_beat: beat_channel.Judge | None = None  # a beat on an agent's beat channel (the daemon's)
         # Does the new incarnation serve? HTTP by default; unit tests answer for a stub.
         self.healthy_now: Callable[[Service, str], Awaitable[bool]] = self._healthy_now
         self.first_beat_wait = FIRST_BEAT_WAIT
@@ -461,7 +461,8 @@ class Supervisor:
         """An agent is healthy when its /health names the new incarnation, or as soon as
         that incarnation's first beat is accepted (start() cleared ``beat_seen``): the
         runtime beats only once it listens (common/service.py), and a beat is signed with
-        the incarnation's own token, so it proves as much, a few ms sooner (the check's
+        the incarnation's own token or comes on the beat channel only it holds
+        (beat_channel.py), so it proves as much, a few ms sooner (the check's
         connection waits in the held socket's backlog behind the new process's start)."""
         if not svc.beat_seen.is_set() and self.first_beat_wait > 0:
             # A beat usually comes first; asking /health as well costs the daemon an HTTP

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -33,6 +34,13 @@ def test_killed_daemon_leaves_children_serving_and_the_next_one_adopts_them(mesh
         assert (mesh.health(name)["pid"], mesh.health(name)["incarnation"]) == (pid, incarnation)
     after = {s["name"]: (s["pid"], s["incarnation"]) for s in mesh.status()["services"]}
     assert after == before, "the new daemon spawned duplicates instead of adopting"
+    # Their beat channels ended with the daemon that held the other end: they beat over HTTP now,
+    # to the new daemon, which hears every one of them (none is taken for hung).
+    adopted_at = time.monotonic()
+    wait_for(lambda: time.monotonic() - adopted_at > 2.5
+             and all(s["last_beat_age"] is not None and s["last_beat_age"] < 1.5 for s in mesh.status()["services"]),
+             30, "beats from every adopted service")
+    assert "beats go over HTTP from now on" in (mesh.home / "logs" / "programmer-1.log").read_text()
     adopted = mesh.rows("SELECT agent FROM events WHERE kind = 'adopted'")
     assert sorted(r["agent"] for r in adopted) == sorted(before)
     # an adopted child is supervised like any other: kill it and it comes back

@@ -165,6 +165,50 @@ def test_an_answer_that_comes_too_late_is_passed_over_by_the_next_beat():
     assert asyncio.run(main()) == {"late": False}
 
 
+def test_a_refusal_of_the_line_itself_ends_the_channel_and_the_beat_goes_over_http():
+    async def main():
+        ours, theirs = _pair()
+        daemon = asyncio.ensure_future(serve_beats(theirs, "programmer-1", "i-new", Judge(), first_within=5))
+        agent = BeatChannel(ours)
+        answer = await agent.beat(_beat(service="programmer-2"), timeout=5)  # 403 from the daemon: not its to send
+        return answer, ours.fileno(), await daemon
+
+    assert asyncio.run(main()) == (None, -1, 0)
+
+
+async def test_an_agent_beats_on_its_channel_and_over_http_once_the_channel_fails():
+    from tron.common.clock import FakeClock
+    from tron.common.service import heartbeat_loop
+    from tests.unit.test_sdk import make_ctx
+
+    ctx, clock = make_ctx(), FakeClock()
+    ours, theirs = _pair()
+    judge = Judge()
+    daemon = asyncio.ensure_future(serve_beats(theirs, ctx.name, ctx.env.incarnation, judge, first_within=5))
+    loop = asyncio.ensure_future(heartbeat_loop(ctx, clock, channel=BeatChannel(ours)))
+
+    async def until(what, ok):
+        deadline = asyncio.get_running_loop().time() + 5
+        while not ok():
+            assert asyncio.get_running_loop().time() < deadline, f"waited in vain for {what}"
+            await asyncio.sleep(0.005)
+
+    try:
+        await until("the first beat on the channel", lambda: len(judge.beats) == 1)
+        clock.advance(1.0)
+        await until("the second", lambda: len(judge.beats) == 2)
+        daemon.cancel()  # the daemon's end goes away (as when the daemon is started again)
+        await until("the channel closed", lambda: theirs.fileno() == -1)
+        clock.advance(1.0)
+        await until("the third beat over HTTP", lambda: ctx.client.sent("POST", "/beat"))
+        clock.advance(1.0)
+        await until("the fourth", lambda: len(ctx.client.sent("POST", "/beat")) == 2)
+    finally:
+        loop.cancel()
+    assert [b.seq for b in judge.beats] == [0, 1]
+    assert [b.seq for b in ctx.client.sent("POST", "/beat")] == [2, 3]  # that same beat, then the next, over HTTP
+
+
 @pytest.mark.parametrize("daemon_says", [b"", b"half a line", b"[1, 2]\n", b"{\"status\": 200}\n"])
 def test_a_channel_that_fails_leaves_the_beats_to_http(daemon_says):
     async def main():

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from tron.common.models import DecidedBy
+from tron.common.models import DecidedBy, RestartRequest
 from tron.common.ladder import ChildFailed, Decision, Escalate, Escalated, Fail, Ignore, Park, Restart, SwitchProvider
 
 CRASH_LOOP = Escalate(case="crash_loop_started", reason="crash_looping", kind="crash_loop")
@@ -21,6 +21,17 @@ CRASH_LOOP = Escalate(case="crash_loop_started", reason="crash_looping", kind="c
 # What a step is told (``detail``: what the decider adds to the row) and what it answers: JSON objects.
 Detail = dict[str, object]
 Answer = dict[str, object]
+
+
+def restart_request(event: ChildFailed, d: Restart, *, requested_by: str, decided_by: DecidedBy,
+                    detail: Detail) -> RestartRequest:
+    """What POST /control/restart takes to carry ``d`` out, whoever asks: a parent posts it
+    (or answers its alert with it), the daemon carries it itself."""
+    return RestartRequest(
+        service=event.service, replaces=event.incarnation, alert_id=event.alert_id, reason=event.reason,
+        case=d.case, delay=d.delay, with_task=d.with_task, crash_looping=d.crash_looping,
+        new_episode=d.new_episode, task_id=event.task_id, requested_by=requested_by, decided_by=decided_by,
+        detail=detail)
 
 
 class Actions(Protocol):

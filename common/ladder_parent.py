@@ -18,13 +18,13 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from tron.common import logs
-from tron.common.carry import carry_out, loop_alert_id
+from tron.common.carry import carry_out, loop_alert_id, restart_request
 from tron.common.config import DAEMON
 from tron.common.http import MeshHTTPError, error, parse, require_token
 from tron.common.ladder import (ChildFailed, Escalate, Escalated, Fail, LadderView, Park, Restart, SwitchProvider, decide,
                                 fold_advice, parse_advice)
 from tron.common.models import (Alert, DecidedBy, Escalation, EscalationRecord, ParkRequest, PermanentFailure,
-                                RestartRequest, SwitchRequest)
+                                SwitchRequest)
 
 if TYPE_CHECKING:
     from tron.common.agent_runtime import AgentRuntime
@@ -95,7 +95,7 @@ class ParentRole:
         if carry and type(decision) is Restart and not decision.new_episode and isinstance(event, ChildFailed):
             # Nothing follows a plain restart (a new crash-loop episode's escalation waits for
             # its answer): the daemon that asked carries it, checked as /control/restart would.
-            req = self.actions.restart_request(event, decision, decided_by=decided_by, detail=detail)
+            req = restart_request(event, decision, requested_by=self.name, decided_by=decided_by, detail=detail)
             return {"action": "restart", "case": decision.case, "carry": req.model_dump(mode="json")}
         return await carry_out(decision, event, self.actions, decided_by=decided_by, detail=detail)
 
@@ -168,18 +168,10 @@ class MeshActions:
         except MeshHTTPError as err:
             return {"status": "refused", "http": err.status, **err.json()}
 
-    def restart_request(self, event: ChildFailed, d: Restart, *, decided_by: DecidedBy,
-                        detail: dict[str, object]) -> RestartRequest:
-        return RestartRequest(
-            service=event.service, replaces=event.incarnation, alert_id=event.alert_id, reason=event.reason,
-            case=d.case, delay=d.delay, with_task=d.with_task, crash_looping=d.crash_looping,
-            new_episode=d.new_episode, task_id=event.task_id, requested_by=self.agent.name, decided_by=decided_by,
-            detail=detail)
-
     async def restart(self, event: ChildFailed, d: Restart, *, decided_by: DecidedBy,
                      detail: dict[str, object]) -> dict[str, object]:
-        return await self._post("/control/restart", self.restart_request(event, d, decided_by=decided_by,
-                                                                          detail=detail))
+        return await self._post("/control/restart", restart_request(event, d, requested_by=self.agent.name,
+                                                                     decided_by=decided_by, detail=detail))
 
     async def escalate(self, event: ChildFailed | Escalated, d: Escalate, *, decided_by: DecidedBy,
                      detail: dict[str, object]) -> dict[str, object]:

@@ -16,14 +16,15 @@ import logging
 from typing import Callable
 
 from tron.common import telemetry
-from tron.common.carry import carry_out, loop_alert_id
+from tron.common.carry import carry_out, loop_alert_id, restart_request
 from tron.common.clock import Clock
 from tron.common.config import DAEMON, MeshConfig, Policy
 from tron.common.ladder import (ChildFailed, Escalate, Escalated, Fail, Ignore, LadderView, Park, ProviderRules,
                                 ProviderStatus, Restart, RestartAsked, ServiceView, Standing, SwitchProvider, TaskView,
                                 decide, failure_record, still_stands)
 from tron.common.lanes import Fingerprint
-from tron.common.models import EscalationRecord, ParkRequest, PermanentFailure, Reason, RestartRequest, SwitchRequest
+from tron.common.models import (DecidedBy, EscalationRecord, ParkRequest, PermanentFailure, Reason, RestartRequest,
+                                SwitchRequest)
 from tron.common.states import FINAL_TASK_STATES, AlertState, RetryType, TaskState
 from tron.registry.protocol import Store
 from tron.services.daemon.metrics import DaemonMetrics
@@ -351,12 +352,9 @@ class DaemonActions:
     def __init__(self, carrier: Carrier) -> None:
         self.c = carrier
 
-    async def restart(self, event: ChildFailed, d: Restart, *, decided_by: str, detail: dict) -> dict:
-        return await self.c.restart(RestartRequest(
-            service=event.service, replaces=event.incarnation, alert_id=event.alert_id, reason=event.reason,
-            case=d.case, delay=d.delay, with_task=d.with_task, crash_looping=d.crash_looping,
-            new_episode=d.new_episode, task_id=event.task_id, requested_by=DAEMON, decided_by=decided_by,
-            detail=detail))
+    async def restart(self, event: ChildFailed, d: Restart, *, decided_by: DecidedBy, detail: dict) -> dict:
+        return await self.c.restart(restart_request(event, d, requested_by=DAEMON, decided_by=decided_by,
+                                                    detail=detail))
 
     async def escalate(self, event, d: Escalate, *, decided_by: str, detail: dict) -> dict:
         """The daemon has nobody above it: the hop is recorded and ends here."""

@@ -831,8 +831,6 @@ class LocalSpawner:
                 if theirs is not None:
                     theirs.close()  # the service has its copy
             if pid is not None:
-                if ours is not None:
-                    ours.setblocking(False)
                 return Child(spec.name, spec.incarnation, pid, create_time_of(pid), mode="fork", channel=ours)
             if ours is not None:
                 ours.close()

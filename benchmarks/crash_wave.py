@@ -12,7 +12,9 @@ Repeated ``--waves`` times, one mesh. Beside the times, the CPU each wave cost p
 the daemon's, the fork server's, the log pump's, the parents' (the directors, which decide)
 and the new incarnations' own (fork to now): on two cores, what a wave costs in CPU bounds
 how fast it can be over. Before the waves, the daemon's CPU over 5 s of the quiet mesh (its
-agents' beats, its probes and housekeeping): what it spends before a wave adds to it.
+agents' beats, its probes and housekeeping): what it spends before a wave adds to it. After
+them, each restart's steps as the daemon recorded them (exit seen, alert, restart decided,
+spawned, healthy: ms from the kill), to show where a wave's time goes.
 
     .venv/bin/python -m benchmarks.crash_wave [--agents 100] [--kill 20] [--waves 3]
                                            [--json benchmarks/results/crash_wave.json]
@@ -71,9 +73,18 @@ def helpers(status: dict) -> dict[str, int | None]:
             **{n: r["pid"] for n, r in rows.items() if n.startswith("director-")}}
 
 
-def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.02) -> list[float]:
+# A restart's steps, as the daemon recorded them (events, each at its CLOCK_MONOTONIC reading):
+# the killed process seen gone, its alert, the restart its parent answered carried out, the
+# new incarnation handed its start; then healthy (its session's healthy_mono).
+STAGES = {"session_ended": "exit seen", "alert_raised": "alert", "child_restart": "restart decided",
+          "spawned": "spawned"}
+
+
+def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.02,
+         stages: dict[str, list[float]] | None = None) -> list[float]:
     """Kill ``names`` at once; ms from the kill to each one running again. ``cpu``: filled
-    with the CPU ms each helper spent on the wave, and the new incarnations' own."""
+    with the CPU ms each helper spent on the wave, and the new incarnations' own. ``stages``:
+    each restart's steps (STAGES, then "healthy"), ms from the kill, appended to."""
     status = mesh.status()
     rows = {s["name"]: s for s in status["services"]}
     old = {n: rows[n]["pid"] for n in names}
@@ -96,6 +107,12 @@ def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.02) ->
         while len(healthy) < len(names) and time.monotonic() < deadline:
             time.sleep(poll)
             healthy = {r["agent"]: r["at"] for r in db.execute(sql, (began, *names))}
+        if stages is not None:  # recorded before each healthy_mono (the journal writes in order)
+            steps = f"SELECT agent, kind, MIN(mono) AS at FROM events WHERE mono > ? AND agent IN ({marks}) " \
+                    f"AND kind IN ({','.join('?' * len(STAGES))}) GROUP BY agent, kind"
+            for r in db.execute(steps, (began, *names, *STAGES)):
+                stages.setdefault(STAGES[r["kind"]], []).append((r["at"] - began) * 1000)
+            stages.setdefault("healthy", []).extend((at - began) * 1000 for at in healthy.values())
     missing = [n for n in names if n not in healthy]
     if missing:
         raise RuntimeError(f"not healthy again within 60 s: {missing}")
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     samples: list[list[float]] = []
     cpus: list[dict[str, float]] = []
+    stages: dict[str, list[float]] = {}
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tron-wave-") as tmp:
         mesh = make_mesh(Path(tmp), services=services(args.agents, args.directors), fast=False,
@@ -151,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(3)  # quiet: the previous wave's restarts are over
                 wait_for(lambda: all(s["state"] == "running" for s in mesh.status()["services"]), 60, "all running")
                 cpu: dict[str, float] = {}
-                ms = wave(mesh, rng.sample(programmers, args.kill), cpu)
+                ms = wave(mesh, rng.sample(programmers, args.kill), cpu, stages=stages)
                 samples.append(ms)
                 cpus.append(cpu)
                 print(f"  wave {w + 1}: median {percentile(ms, 0.5):.0f} ms, max {max(ms):.0f} ms; CPU ms per restart: "
@@ -162,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.kill} of {args.agents} agents SIGKILLed at once, {args.waves} waves ({os.cpu_count()} cores): "
           f"kill -> running again: median {percentile(flat, 0.5):.0f} ms, p90 {percentile(flat, 0.9):.0f} ms, "
           f"max {max(flat):.0f} ms; load {load0:.2f} -> {os.getloadavg()[0]:.2f}")
+    print("each restart's steps, ms from the kill (median / max): " + ", ".join(
+        f"{k} {percentile(stages[k], 0.5):.0f} / {max(stages[k]):.0f}" for k in [*STAGES.values(), "healthy"]
+        if stages.get(k)))
     print(f"daemon CPU with the mesh quiet: {idle_ms:.0f} ms per second")
     print("CPU ms per restart (all waves): " + ", ".join(
         f"{k} {sum(c[k] for c in cpus) / (args.kill * len(cpus)):.1f}" for k in cpus[0]))
-    return finish(args.json, {"up_s": up, "waves_ms": samples, "cpu_ms": cpus, "idle_daemon_ms_per_s": idle_ms},
+    return finish(args.json, {"up_s": up, "waves_ms": samples, "cpu_ms": cpus, "idle_daemon_ms_per_s": idle_ms,
+                              "stages_ms": stages},
                   leftovers)
 
 

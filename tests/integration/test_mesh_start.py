@@ -3,7 +3,11 @@ it gave up on a service; `tron down` needs only the home."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import sys
 import tomllib
 
 import psutil
@@ -57,3 +61,45 @@ def test_down_stops_the_mesh_whatever_mesh_toml_says(mesh):
     assert "not valid TOML" in proc.stderr and "stopping by the home alone" in proc.stderr
     assert not mesh.processes()
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+# A process that neither answers nor stops on SIGTERM (wedged), and a parent that reaps what
+# `tron down` ends (the CLI is not their parent): the first line it prints is their pids.
+WEDGED = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+REAPER = """
+import os, subprocess, sys
+env = {**os.environ, "TRON_MESH": sys.argv[1], "TRON_HOME": sys.argv[1]}  # the home's mark, as its processes carry
+kids = [subprocess.Popen([sys.executable, "-c", sys.argv[2], tag], env=env, start_new_session=True)
+        for tag in ("tron.services.daemon", "a service")]
+print(" ".join(str(k.pid) for k in kids), flush=True)
+for k in kids:
+    k.wait()
+"""
+
+
+def test_down_kills_a_daemon_that_will_not_stop_then_what_it_left(mesh_factory):
+    """A daemon that does not answer and ignores SIGTERM: `tron down` waits out its grace
+    (stop_grace + 15 s), SIGKILLs it, ends the rest of the home (SIGKILL for what ignores
+    SIGTERM too) and says so; nothing of the home is left."""
+    m = mesh_factory(policy={"stop_grace": 0.5})
+    m.home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in m.env.items() if k not in ("TRON_MESH", "TRON_HOME")}
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, str(m.home), WEDGED], env=env, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    kids: list[int] = []
+    try:
+        daemon, service = kids = [int(pid) for pid in reaper.stdout.readline().split()]
+        wait_for(lambda: {daemon, service} <= {p.pid for p in m.processes()}, 10, "the home's processes")
+        proc = m.tron("down")
+        assert proc.returncode == 0, proc.stderr
+        assert "daemon killed (it did not stop within 16s)" in proc.stdout, proc.stdout
+        assert "ended 1 leftover process(es)" in proc.stdout and "Nothing left running" in proc.stdout, proc.stdout
+        assert reaper.wait(timeout=10) == 0  # both of its children are gone
+        assert not m.processes()
+    finally:  # never left behind, whatever failed above
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if reaper.poll() is None:
+            reaper.kill()
+        reaper.wait()

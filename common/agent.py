@@ -135,6 +135,23 @@ class Task:
         return self._steps
 
 
+def carried_task(tasks: Iterable[Task], current: str | None) -> Task | None:
+    """The task the heartbeat carries: its progress and waiting flag are what TRON judges
+    (no_progress, task_timeout), and a change of carried task starts those clocks again.
+    The one carried so far is kept while it works, or while every task waits (its deadlines
+    run on); else the oldest task that is not waiting; else the oldest. So a task stuck in a
+    loop is never hidden behind an older one that waits on its children: the older one
+    waiting hands the beat over, and getting back to work does not take it back."""
+    tasks = list(tasks)
+    if not tasks:
+        return None
+    working = [t for t in tasks if t.waiting <= 0]
+    kept = next((t for t in tasks if t.id == current), None)
+    if kept is not None and (kept.waiting <= 0 or not working):
+        return kept
+    return min(working or tasks, key=lambda t: t.started)
+
+
 def load_sdks(sdks: Iterable[str] = SDKS) -> None:
     """Import the LLM SDKs this mesh uses (about 2 s here each for anthropic and openai), and
     what they import on a first request. Run in a thread: an import on the event loop would

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from aiohttp import web
 
 from tron.common import logs, telemetry
-from tron.common.agent import PROVIDER_POLL, REFUSALS, Abandon, ProviderMoved, Task, TaskFailed, _current, load_sdks
+from tron.common.agent import (PROVIDER_POLL, REFUSALS, Abandon, ProviderMoved, Task, TaskFailed, _current, carried_task,
+                               load_sdks)
 from tron.common.clock import Clock, MonotonicClock
 from tron.common.http import MeshHTTPError, parse, parse_empty, require_token
 from tron.common.ladder import compute_backoff, worst_case_attempts
@@ -401,12 +402,12 @@ class AgentRuntime:
                              what=f"checkpoint {task.id} step {step}", attempts=10)
 
     def _refresh_beat_fields(self) -> None:
-        # The heartbeat carries one task, the oldest one still running here, and every id.
+        # The heartbeat carries one task (carried_task says which), and every id.
         self.ctx.tasks = list(self.active)
-        if self.active:
-            oldest = min(self.active.values(), key=lambda t: t.started)
-            self.ctx.task_id, self.ctx.progress = oldest.id, oldest.progress
-            self.ctx.waiting = oldest.waiting > 0
+        carried = carried_task(self.active.values(), self.ctx.task_id)
+        if carried is not None:
+            self.ctx.task_id, self.ctx.progress = carried.id, carried.progress
+            self.ctx.waiting = carried.waiting > 0
         else:
             self.ctx.task_id = self.ctx.progress = None
             self.ctx.waiting = False

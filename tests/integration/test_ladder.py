@@ -310,3 +310,26 @@ def test_a_crash_loop_at_the_cap_restarts_no_more_than_the_backoff_allows_and_go
     ends = marks("end")
     gaps = [min(t for t in within if t > end) - end for end in ends if end < within[-1]]
     assert min(gaps[-3:]) >= shortest * 0.9, gaps
+
+
+def test_a_runaway_beside_a_task_waiting_on_its_child_is_caught_while_that_one_waits(mesh_factory):
+    """director-code holds a run's task that waits on programmer-1, whose LLM call hangs; a
+    runaway task is then given to director-code. Its heartbeat hands the runaway to TRON as
+    the older task waits: no_progress is raised on director-code for the runaway's task
+    while the run's task still waits. (The oldest task was carried before: the runaway was
+    seen only once the run's task had ended, and the chaos drill once waited 34 s for it.)"""
+    mesh = mesh_factory(services=SERVICES, policy={"progress_timeout": 3.0}, providers={"timeout": 60.0})
+    mesh.up()
+    fault(mesh, "anthropic", "hang")  # programmer-1's call never returns: director-code waits on it
+    run_id = submit(mesh)
+    child = wait_for(lambda: mesh.rows("SELECT task_id, parent_task_id FROM tasks WHERE run_id = ? AND agent = ?",
+                                       (run_id, "programmer-1")), 60, "programmer-1's task")[0]
+    code, body = mesh.http("POST", mesh.url("director-code") + "/drill/runaway", {})
+    assert code == 202, body
+    runaway = body["task_id"]
+    [alert] = wait_for(lambda: mesh.rows("SELECT * FROM alerts WHERE agent = 'director-code'"), 30,
+                       "director-code's alert")
+    assert (alert["reason"], alert["task_id"]) == ("no_progress", runaway), alert
+    [waiting] = mesh.rows("SELECT status FROM tasks WHERE task_id = ?", (child["parent_task_id"],))
+    assert waiting["status"] in ("assigned", "running"), waiting  # still waiting on programmer-1
+    assert not [r for r in mesh.history() if r["retry_type"] == "llm_change"]  # programmer-1 is still at it

@@ -13,7 +13,7 @@ the daemon's, the fork server's, the log pump's, the parents' (the directors, wh
 and the new incarnations' own (fork to now): on two cores, what a wave costs in CPU bounds
 how fast it can be over. Before the waves, the daemon's CPU over 5 s of the quiet mesh (its
 agents' beats, its probes and housekeeping): what it spends before a wave adds to it. After
-them, each restart's steps as the daemon recorded them (exit seen, alert, restart decided,
+them, each restart's steps as the daemon recorded them (exit recorded, alert, restart decided,
 spawned, healthy: ms from the kill), to show where a wave's time goes.
 
     .venv/bin/python -m benchmarks.crash_wave [--agents 100] [--kill 20] [--waves 3]
@@ -74,9 +74,10 @@ def helpers(status: dict) -> dict[str, int | None]:
 
 
 # A restart's steps, as the daemon recorded them (events, each at its CLOCK_MONOTONIC reading):
-# the killed process seen gone, its alert, the restart its parent answered carried out, the
-# new incarnation handed its start; then healthy (its session's healthy_mono).
-STAGES = {"session_ended": "exit seen", "alert_raised": "alert", "child_restart": "restart decided",
+# the killed process recorded gone (once the loop got to it), its alert, the restart its
+# parent answered carried out, the new incarnation handed its start; then healthy (its
+# session's healthy_mono).
+STAGES = {"session_ended": "exit recorded", "alert_raised": "alert", "child_restart": "restart decided",
           "spawned": "spawned"}
 
 

@@ -249,7 +249,9 @@ class Runner:
 
     # -- the shared shape of a single-fault drill ------------------------------------------
 
-    def _single(self, drill: Drill, name: str, inject, expected: set[str]) -> Drill:
+    def _single(self, drill: Drill, name: str, inject, expected: set[str], *, detection: float = 0.0) -> Drill:
+        """``detection``: how long the fault takes to be noticed at the earliest (a runaway's
+        progress_timeout), waited on top of the recovery bound."""
         before = self.service(name)
         if before["state"] != ServiceState.RUNNING or not before["pid"]:
             raise DrillError(f"{name} is {before['state']}: a drill needs it running (see `tron status`)")
@@ -260,7 +262,7 @@ class Runner:
             detail = inject(before)  # it may move t0 to when the daemon sent the fault
             drill.mark("fault injected", detail, at=drill.t0)
             with self.verdict_on_timeout(drill, name):
-                fresh = self.back(name, before["incarnation"], self.recovery_bound())
+                fresh = self.back(name, before["incarnation"], detection + self.recovery_bound())
                 t_healthy = time.monotonic()
                 # Rows are written as the ladder acts; wait for the ones the verdict reads.
                 with self.db() as conn:
@@ -366,7 +368,8 @@ class Runner:
             if code != 202:
                 raise DrillError(f"{name} refused the runaway drill: {body}")
             return f"progress frozen on task {body['task_id']} (beats continue)"
-        drill = self._single(Drill("runaway", name), name, inject, {"no_progress"})
+        drill = self._single(Drill("runaway", name), name, inject, {"no_progress"},
+                             detection=self.policy.progress_timeout)
         detected = [t for t, label, _ in drill.timeline if label == "detected"]
         drill.check(f"caught after progress_timeout ({self.policy.progress_timeout:.1f}s), not before",
                     bool(detected) and self.policy.progress_timeout - 0.1 <= detected[0]

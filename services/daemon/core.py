@@ -570,9 +570,15 @@ class Daemon:
         """No task runs forever, even one its agent lost (a result hand-off that died, a bug
         in a role): a task the registry has leased to this incarnation as running, that its
         beats have not named for ``lost_after`` seconds, is a ``task_lost`` alert, and the
-        ladder restarts the agent with it, from its last checkpoint."""
-        leased = {t["task_id"] for t in await self.store.open_tasks(svc.name)
+        ladder restarts the agent with it, from its last checkpoint. So is a task handed to
+        an agent (which takes every task it is given) that it never took: its POST /tasks
+        refused it (a bug in the agent), and nobody would hand it over again while the agent
+        stays healthy."""
+        open_tasks = await self.store.open_tasks(svc.name)
+        leased = {t["task_id"] for t in open_tasks
                   if t["status"] == TaskState.RUNNING and t["lease_incarnation"] == incarnation}
+        if svc.spec.is_agent and not svc.switched_away:  # a switched-away one's replacement gets its tasks
+            leased |= {t["task_id"] for t in open_tasks if t["status"] == TaskState.ASSIGNED}
         for task_id in [t for t in svc.unreported if t not in leased or t in named]:
             del svc.unreported[task_id]
         for task_id in leased - named:

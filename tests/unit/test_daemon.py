@@ -693,3 +693,32 @@ async def test_a_starting_agents_first_beat_brings_its_health_check_forward(rig)
     assert str(verdict) == "accepted"
     await rig.settle()
     assert worker.state == ServiceState.RUNNING and worker.ready
+
+
+async def test_a_task_handed_to_an_agent_that_never_takes_it_is_lost_and_restarted_with_it(rig):
+    """A task assigned to an agent whose beats never name it (its POST /tasks refused it: a bug
+    in the agent, which stays healthy) is task_lost after the grace, like a leased one; the
+    ladder restarts the agent with it (the new incarnation is handed it again)."""
+    from tron.common.models import Beat
+
+    await rig.store.create_run("r-1", "build it", False)
+    await rig.store.upsert_task({"task_id": "r-1.0.0", "run_id": "r-1", "agent": "worker", "parent_agent": "root",
+                                 "kind": "run", "prompt": "build it"})
+    assert (await rig.store.task("r-1.0.0"))["status"] == "assigned"
+    worker = rig.svc("worker")
+    first, seq = worker.incarnation, 0
+
+    async def beats(tasks: list[str], seconds: float) -> None:
+        nonlocal seq
+        for _ in range(int(seconds / 0.25)):
+            seq += 1
+            await rig.daemon.on_beat(Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid,
+                                          seq=seq, task_id=tasks[0] if tasks else None, tasks=tasks))
+            await rig.advance(0.25)
+
+    await beats([], 4.0)  # within the grace (a hand-over on its way)
+    assert worker.incarnation == first and await rig.rows("worker") == []
+    await beats([], 2.0)
+    [row] = await rig.rows("worker")
+    assert (row["retry_type"], row["reason"], row["task_id"]) == ("child_restart", "task_lost", "r-1.0.0"), row
+    assert worker.incarnation != first

@@ -46,6 +46,7 @@ class Rig:
                              clock=self.clock, monitor_thread=False)
         self.posts: list[tuple[str, dict]] = []
         self.answer = None  # how agent ancestors answer alerts: None = unreachable
+        self.seq: dict[str, int] = {}  # each service's last beat number (beats())
 
     async def start(self) -> None:
         d = self.daemon
@@ -88,6 +89,15 @@ class Rig:
 
     def svc(self, name):
         return self.daemon.sup[name]
+
+    async def beats(self, name: str, tasks: list[str], seconds: float) -> None:
+        """``name`` beats every 0.25 s of the fake clock for ``seconds``, naming ``tasks``."""
+        svc = self.svc(name)
+        for _ in range(int(seconds / 0.25)):
+            self.seq[name] = self.seq.get(name, 0) + 1
+            await self.daemon.on_beat(Beat(service=name, incarnation=svc.incarnation, pid=svc.child.pid,
+                                           seq=self.seq[name], task_id=tasks[0] if tasks else None, tasks=tasks))
+            await self.advance(0.25)
 
     async def crash(self, name: str) -> str:
         old = self.svc(name).incarnation
@@ -574,26 +584,15 @@ async def test_a_leased_task_its_agent_stops_naming_is_lost_and_restarted_with_i
     """No task runs forever, even one its agent lost: beats that stop naming a task the
     registry has leased to the incarnation raise task_lost after the grace (5 s here), and
     the ladder restarts the agent with the task."""
-    from tron.common.models import Beat
-
     await _task_for(rig, agent="worker", task_id="r-1.0.0")
     worker = rig.svc("worker")
-    first, seq = worker.incarnation, 0
-
-    async def beats(tasks: list[str], seconds: float) -> None:
-        nonlocal seq
-        for _ in range(int(seconds / 0.25)):
-            seq += 1
-            await rig.daemon.on_beat(Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid,
-                                          seq=seq, task_id=tasks[0] if tasks else None, tasks=tasks))
-            await rig.advance(0.25)
-
-    await beats(["r-1.0.0"], 10.0)  # named: nothing happens however long it runs
-    await beats([], 3.0)  # unnamed, within the grace (a result on its way)
-    await beats(["r-1.0.0"], 1.0)  # named again: the clock starts over
-    await beats([], 4.0)
+    first = worker.incarnation
+    await rig.beats("worker", ["r-1.0.0"], 10.0)  # named: nothing happens however long it runs
+    await rig.beats("worker", [], 3.0)  # unnamed, within the grace (a result on its way)
+    await rig.beats("worker", ["r-1.0.0"], 1.0)  # named again: the clock starts over
+    await rig.beats("worker", [], 4.0)
     assert worker.incarnation == first and await rig.rows("worker") == []
-    await beats([], 2.0)
+    await rig.beats("worker", [], 2.0)
     [row] = await rig.rows("worker")
     assert (row["retry_type"], row["reason"], row["task_id"]) == ("child_restart", "task_lost", "r-1.0.0"), row
     assert worker.incarnation != first
@@ -699,26 +698,15 @@ async def test_a_task_handed_to_an_agent_that_never_takes_it_is_lost_and_restart
     """A task assigned to an agent whose beats never name it (its POST /tasks refused it: a bug
     in the agent, which stays healthy) is task_lost after the grace, like a leased one; the
     ladder restarts the agent with it (the new incarnation is handed it again)."""
-    from tron.common.models import Beat
-
     await rig.store.create_run("r-1", "build it", False)
     await rig.store.upsert_task({"task_id": "r-1.0.0", "run_id": "r-1", "agent": "worker", "parent_agent": "root",
                                  "kind": "run", "prompt": "build it"})
     assert (await rig.store.task("r-1.0.0"))["status"] == "assigned"
     worker = rig.svc("worker")
-    first, seq = worker.incarnation, 0
-
-    async def beats(tasks: list[str], seconds: float) -> None:
-        nonlocal seq
-        for _ in range(int(seconds / 0.25)):
-            seq += 1
-            await rig.daemon.on_beat(Beat(service="worker", incarnation=worker.incarnation, pid=worker.child.pid,
-                                          seq=seq, task_id=tasks[0] if tasks else None, tasks=tasks))
-            await rig.advance(0.25)
-
-    await beats([], 4.0)  # within the grace (a hand-over on its way)
+    first = worker.incarnation
+    await rig.beats("worker", [], 4.0)  # within the grace (a hand-over on its way)
     assert worker.incarnation == first and await rig.rows("worker") == []
-    await beats([], 2.0)
+    await rig.beats("worker", [], 2.0)
     [row] = await rig.rows("worker")
     assert (row["retry_type"], row["reason"], row["task_id"]) == ("child_restart", "task_lost", "r-1.0.0"), row
     assert worker.incarnation != first

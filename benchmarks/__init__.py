@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,13 @@ def finish(path: Path | None, results: dict, leftovers: list, *, indent: int | N
         print(f"LEFT BEHIND (killed): {leftovers}", file=sys.stderr)
         return 1
     return 0
+
+
+def machine_cpu() -> float:
+    """CPU seconds the machine has spent (user, nice, system, irq, softirq), all cores."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:8]
+    return (sum(int(x) for x in fields) - int(fields[3]) - int(fields[4])) / os.sysconf("SC_CLK_TCK")
 
 
 def take_turns(rows: list, kills: int, block: int, rng, turn) -> None:

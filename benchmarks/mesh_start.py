@@ -42,7 +42,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from benchmarks import finish
+from benchmarks import finish, machine_cpu
 from tron.scripts.stats import percentile
 from tests.harness import REPO, TRON, cleanup, make_mesh, wait_for
 
@@ -65,13 +65,6 @@ def mesh_for(tmp: Path, start: str, never_ready: bool):
 
 
 KILL_AFTER_UP = 1.0  # s after `tron up` exits: inside the fork server's SDK warm-up (1-2 s) on these cores
-
-
-def machine_cpu() -> float:
-    """CPU seconds the machine has spent (user, nice, system, irq, softirq), all cores."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()[1:8]
-    return (sum(int(x) for x in fields) - int(fields[3]) - int(fields[4])) / os.sysconf("SC_CLK_TCK")
 
 
 def one(tmp: Path, start: str, never_ready: bool, code: Path | None = None,

@@ -575,13 +575,13 @@ class Daemon:
         refused it (a bug in the agent), and nobody would hand it over again while the agent
         stays healthy."""
         open_tasks = await self.store.open_tasks(svc.name)
-        leased = {t["task_id"] for t in open_tasks
-                  if t["status"] == TaskState.RUNNING and t["lease_incarnation"] == incarnation}
+        owed = {t["task_id"] for t in open_tasks  # what its beats must name: leased to it, or handed to it
+                if t["status"] == TaskState.RUNNING and t["lease_incarnation"] == incarnation}
         if svc.spec.is_agent and not svc.switched_away:  # a switched-away one's replacement gets its tasks
-            leased |= {t["task_id"] for t in open_tasks if t["status"] == TaskState.ASSIGNED}
-        for task_id in [t for t in svc.unreported if t not in leased or t in named]:
+            owed |= {t["task_id"] for t in open_tasks if t["status"] == TaskState.ASSIGNED}
+        for task_id in [t for t in svc.unreported if t not in owed or t in named]:
             del svc.unreported[task_id]
-        for task_id in leased - named:
+        for task_id in owed - named:
             svc.unreported.setdefault(task_id, now)
         lost_after = max(LOST_TASK_GRACE, 4 * self.policy().heartbeat_interval)
         lost = sorted((since, task_id) for task_id, since in svc.unreported.items() if now - since >= lost_after)

@@ -84,7 +84,7 @@ class Service:
     beat_reader: asyncio.Task | None = None  # the current incarnation's beat channel (beat_channel.py)
     spawned_provider: str | None = None  # the provider the current incarnation was started on
     tasks_done: int = 0  # tasks the current incarnation finished (max_tasks, restart_above_memory)
-    unreported: dict[str, float] = field(default_factory=dict)  # leased tasks its beats stopped naming: since
+    unreported: dict[str, float] = field(default_factory=dict)  # its tasks its beats do not name: since
     tasks_checked: float = float("-inf")  # when its beats' task list was last compared with the leases
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way

@@ -834,9 +834,19 @@ class MeshConfig(_Strict):
         return self.url(sim) if sim in self.services else None
 
 
-def _format_error(source: str, err: ValidationError) -> str:
-    return "\n".join(f"{source}: {where + ': ' if where else ''}{what}"
-                     for where, what in validation_messages(err, unknown="unknown key"))
+def _format_error(source: str, err: ValidationError, replicas: Mapping[str, str] | None = None) -> str:
+    """Each problem once, where the file has it: a mistake in a replicated service's entry
+    is in every replica made from it (``services.web.2.health``), but written once, as
+    ``services.web.health``."""
+    lines: dict[str, None] = {}
+    for where, what in validation_messages(err, unknown="unknown key"):
+        head, _, rest = where.partition(".")
+        if head == "services" and replicas:
+            name = next((n for n in replicas if rest == n or rest.startswith(n + ".")), None)
+            if name is not None:
+                where = f"services.{replicas[name]}{rest[len(name):]}"
+        lines[f"{source}: {where + ': ' if where else ''}{what}"] = None
+    return "\n".join(lines)
 
 
 def _ladder_into_policy(data: dict[str, Any], source: str) -> None:
@@ -898,8 +908,11 @@ def expand_replicas(services: dict[str, Any], source: str = "<mesh>") -> dict[st
 def parse_mesh(data: dict[str, Any], *, source: str = "<mesh>", port_offset: int = 0) -> MeshConfig:
     """Validate a parsed mesh file and shift every port by ``port_offset``."""
     data = dict(data)
+    replicas: dict[str, str] = {}  # NAME.i -> NAME: an error in a replica's entry is the file's NAME's
     if isinstance(data.get("services"), dict):
         data["services"] = expand_replicas(data["services"], source)
+        replicas = {n: raw["replica_of"] for n, raw in data["services"].items()
+                    if isinstance(raw, dict) and "replica_of" in raw}
     services = data.get("services")
     if isinstance(services, dict):  # a port written as a string ("6171") is a port like 6171: shifted too
         data["services"] = {name: {**raw, "port": _port_number(raw["port"])} if isinstance(raw, dict) and "port" in raw
@@ -929,7 +942,7 @@ def parse_mesh(data: dict[str, Any], *, source: str = "<mesh>", port_offset: int
     try:
         return MeshConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError(_format_error(source, err, replicas)) from None
 
 
 def _port_number(raw: object) -> object:

@@ -43,6 +43,21 @@ def test_a_port_that_is_no_number_is_refused_naming_the_key(port):
         parse_mesh(mesh(port), port_offset=1000)
 
 
+@pytest.mark.parametrize("entry,want", [
+    ({"health": {"kind": "tcp"}}, "services.web.health: unknown key"),
+    ({"readiness": {"tcp": {"port": "x"}}}, "services.web.readiness.tcp.port: "),
+])
+def test_a_mistake_in_a_replicated_entry_is_named_once_where_the_file_has_it(entry, want):
+    """Three replicas are made of one entry: the mistake is the entry's, said once, not
+    once for each of services.web.1, .2 and .3 (names the file does not have)."""
+    web = {"command": ["srv"], "port": 7401, "socket": "inherit", "replicas": 3, **entry}
+    with pytest.raises(ConfigError) as err:
+        parse_mesh({"services": {"web": web}})
+    lines = str(err.value).splitlines()
+    assert [ln for ln in lines if want in ln] and len(lines) == 1, lines
+    assert "web.1" not in str(err.value)
+
+
 def test_a_missing_agent_class_says_the_module_has_no_such_name(tmp_path):
     (tmp_path / "my_agents_mod.py").write_text(textwrap.dedent("""
         from tron.sdk import Agent

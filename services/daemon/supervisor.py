@@ -277,7 +277,10 @@ class Supervisor:
             return None
         if svc.listener is None:
             shared = self._replica_listener(svc)
-            svc.listener = shared.dup() if shared is not None else self.spawner.listen(svc.spec.port, svc.spec.backlog)
+            # Not shared.dup(): it sets the copy's timeout, which clears O_NONBLOCK on the one open
+            # socket every replica accepts from, and a sibling's event loop then blocks in accept().
+            svc.listener = socket.socket(fileno=os.dup(shared.fileno())) if shared is not None \
+                else self.spawner.listen(svc.spec.port, svc.spec.backlog)
         return svc.listener.fileno()
 
     def _replica_listener(self, svc: Service) -> socket.socket | None:

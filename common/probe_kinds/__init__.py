@@ -14,6 +14,7 @@ module here, an import below, and its tests.
 from __future__ import annotations
 
 from tron.common.probe_kinds.base import (
+    Elsewhere,
     KindConfig,
     ProbeContext,
     ProbeKind,
@@ -28,5 +29,5 @@ from tron.common.probe_kinds.base import (
 # The built-in kinds register themselves on import, in this order (the order messages name them in).
 from tron.common.probe_kinds import http, tcp, exec_, grpc  # noqa: E402,F401  isort: skip
 
-__all__ = ["KindConfig", "ProbeContext", "ProbeKind", "ProbeResult", "get", "kinds", "names", "register",
+__all__ = ["Elsewhere", "KindConfig", "ProbeContext", "ProbeKind", "ProbeResult", "get", "kinds", "names", "register",
            "registered"]

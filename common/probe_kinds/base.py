@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Iterator, Mapping, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generic, Iterator, Mapping, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,6 +28,12 @@ class ProbeResult(NamedTuple):
 
     passed: bool
     detail: str
+
+
+class Elsewhere(Exception):
+    """Raised by a check whose connection another replica of the shared port accepted
+    (ProbeContext.mine said so): the attempt says nothing of this replica, good or bad, and
+    is made again."""
 
 
 class KindConfig(BaseModel):
@@ -49,6 +55,10 @@ class ProbeContext:
     values: Mapping[str, str]  # the service's {placeholders}
     timeout: float  # the probe's timeout: the check is cancelled at it, and may tell its peer
     plain: Callable[[], aiohttp.ClientSession]  # HTTP without the mesh token (programs not ours)
+    # A replica sharing its port with its siblings (one held socket): whether the connection
+    # from this local address, to the service's port, was accepted by this replica (None:
+    # cannot tell). A kind that connects to the port asks it before it counts an answer.
+    mine: Callable[[tuple[str, int]], Awaitable[bool | None]] | None = None
 
 
 Spec = TypeVar("Spec", bound=KindConfig)

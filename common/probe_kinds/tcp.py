@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from pydantic import Field
 
-from tron.common.probe_kinds.base import KindConfig, ProbeContext, ProbeKind, ProbeResult, register
+from tron.common.probe_kinds.base import Elsewhere, KindConfig, ProbeContext, ProbeKind, ProbeResult, register
 
 if TYPE_CHECKING:
     from tron.services.daemon.supervisor import Service
@@ -26,8 +26,12 @@ class Tcp(ProbeKind[TcpCheck]):
     config = TcpCheck
 
     async def check(self, spec: TcpCheck, svc: Service, ctx: ProbeContext) -> ProbeResult:
-        reader, writer = await asyncio.open_connection(ctx.host, spec.port or svc.spec.port)
+        port = spec.port or svc.spec.port
+        reader, writer = await asyncio.open_connection(ctx.host, port)
         try:
+            if ctx.mine is not None and port == svc.spec.port and \
+                    await ctx.mine(writer.get_extra_info("sockname")) is False:
+                raise Elsewhere
             if spec.send:
                 writer.write(spec.send.encode())
                 await writer.drain()

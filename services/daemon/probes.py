@@ -39,6 +39,7 @@ from tron.common.monitor import Monitor
 from tron.common.states import ServiceState
 from tron.common import probe_kinds
 from tron.common.probe_kinds import ProbeContext, ProbeResult
+from tron.services.daemon import acceptor
 from tron.services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
@@ -55,16 +56,48 @@ class ProbeChecks:
         self.hosts = {} if hosts is None else hosts  # services placed on other machines (MeshConfig.hosts)
 
     async def check(self, svc: Service, probe: Probe) -> ProbeResult:
+        """One attempt. A replica that shares its port with its siblings is asked until the
+        connection lands on it (the kernel hands each to whichever replica accepts first):
+        within the probe's timeout, an answer of its own, else a failure."""
         kind = probe_kinds.get(probe.kind)
-        ctx = ProbeContext(host=self.hosts.get(svc.name, "127.0.0.1"), values=self.values(svc),
-                           timeout=probe.timeout, plain=lambda: self.client.plain)
+        host = self.hosts.get(svc.name, "127.0.0.1")
+        ctx = ProbeContext(host=host, values=self.values(svc), timeout=probe.timeout, plain=lambda: self.client.plain,
+                           mine=self._mine(svc) if host == "127.0.0.1" else None)
+        elsewhere = 0
         try:
             async with asyncio.timeout(probe.timeout):
-                return await kind.check(probe.check, svc, ctx)
+                while True:
+                    try:
+                        return await kind.check(probe.check, svc, ctx)
+                    except probe_kinds.Elsewhere:
+                        elsewhere += 1
         except TimeoutError:
+            if elsewhere:
+                return ProbeResult(False, f"no answer of its own within {probe.timeout}s: its {elsewhere} "
+                                          "connections were all accepted by other replicas")
             return ProbeResult(False, f"no answer within {probe.timeout}s")
         except Exception as err:  # a probe error of any kind is a failed probe
             return ProbeResult(False, f"{type(err).__name__}: {err}"[:200])
+
+    @staticmethod
+    def _mine(svc: Service):
+        """For a replica taking its connections from the socket its siblings take theirs from:
+        whether a connection was accepted by its own processes (acceptor.py). None for any other."""
+        spec, child = svc.spec, svc.child
+        if not spec.replica_of or spec.is_agent or spec.socket != "inherit" or child is None or child.node is not None:
+            return None
+
+        def tree() -> list[int]:
+            try:
+                root = psutil.Process(child.pid)
+                return [child.pid, *(p.pid for p in root.children(recursive=True))]
+            except psutil.Error:
+                return []
+
+        async def mine(local: tuple[str, int]) -> bool | None:
+            return await acceptor.accepted_by(spec.port, (local[0], local[1]), tree)
+
+        return mine
 
     def probe_port(self, svc: Service, probe: Probe) -> int | None:
         """The loopback port the probe asks (None: it asks none, or another host)."""

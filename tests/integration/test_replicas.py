@@ -124,3 +124,22 @@ def test_an_agents_replicas_share_the_tasks_given_to_its_name(mesh_factory):
         assert proc.returncode == 0, proc.stderr
     owners = [r["agent"] for r in mesh.rows("SELECT agent FROM tasks WHERE parent_agent = 'operator'")]
     assert sorted(set(owners)) == ["programmer-1.1", "programmer-1.2"]  # both took a share
+
+
+# app.3 takes the shared socket but never serves it: its siblings answer every connection
+# made to the port. Its readiness probe (an HTTP GET on that port) must not pass on their answers.
+LAZY = {**APP, "command": ["sh", "-c", 'if [ "$TRON_SERVICE" = app.3 ]; then exec sleep 600; fi; exec "$0" "$@"',
+                           *UVICORN]}
+
+
+def test_a_replica_that_never_serves_is_not_healthy_though_its_siblings_answer_the_shared_port(mesh_factory):
+    mesh = mesh_factory(services={"app": LAZY}, policy={"start_timeout": 4.0})
+    proc = mesh.tron("up", "--detach", timeout=120)
+    assert proc.returncode != 0 and "app.3" in proc.stdout + proc.stderr, (proc.stdout, proc.stderr)
+    rows = replicas(mesh, "app")
+    assert rows["app.1"]["state"] == "running" and rows["app.2"]["state"] == "running"
+    assert rows["app.3"]["state"] != "running", rows["app.3"]
+    alerts = wait_for(lambda: mesh.rows("SELECT reason FROM alerts WHERE agent = 'app.3'"), 30, "app.3's alert")
+    assert {a["reason"] for a in alerts} == {"start_timeout"}, alerts
+    # The two that serve are not judged by app.3's silence, nor by each other's answers.
+    assert not mesh.rows("SELECT agent, reason FROM alerts WHERE agent != 'app.3'")

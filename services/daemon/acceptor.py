@@ -1,0 +1,78 @@
+"""Which replica accepted a connection, for replicas that share one listening socket.
+
+A replicated program's replicas take their connections from the one socket the daemon
+holds (``socket = "inherit"``): the kernel hands each new connection to whichever replica
+accepts first. A probe sent to that port is therefore answered by *some* replica, and an
+answer proves nothing about the replica being probed: one still importing, hung, or gone
+would be reported healthy by its siblings. So a probe of such a replica counts only when the
+connection it made was accepted by that replica's own processes.
+
+The kernel says who: /proc/net/tcp lists the server side of the probe's connection (local
+address the port, remote address the probe's own), with inode 0 while it waits in the
+listening socket's queue and the inode of the accepted socket once a process took it; that
+inode is then among the accepting process's descriptors (/proc/PID/fd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from typing import Callable, Iterable
+
+POLL = 0.002  # s between looks while the connection waits to be accepted
+
+
+def _hex(host: str, port: int) -> str:
+    """An IPv4 address as /proc/net/tcp writes it (the address in host order, hex)."""
+    return f"{struct.unpack('<I', socket.inet_aton(host))[0]:08X}:{port:04X}"
+
+
+def server_inode(port: int, peer: tuple[str, int], host: str = "127.0.0.1", table: str = "/proc/net/tcp") -> int | None:
+    """The inode of the server side of the connection from ``peer`` to ``host:port``: 0 while
+    no process has accepted it yet, None when there is no such connection (closed, refused)."""
+    local, remote = _hex(host, port), _hex(*peer)
+    with open(table) as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) > 9 and fields[1] == local and fields[2] == remote:
+                return int(fields[9])
+    return None
+
+
+def holds(pids: Iterable[int], inode: int) -> bool:
+    """Whether one of ``pids`` has the socket ``inode`` among its descriptors."""
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return True
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return False
+
+
+async def accepted_by(port: int, peer: tuple[str, int], pids: Callable[[], Iterable[int]],
+                      host: str = "127.0.0.1") -> bool | None:
+    """Whether the connection from ``peer`` to ``host:port`` was accepted by one of ``pids()``
+    (waits until some process accepts it: the probe's timeout bounds the wait). None when
+    the connection is gone before anyone could be told apart."""
+    while True:
+        inode = server_inode(port, peer, host)
+        if inode is None:
+            return None
+        if inode:
+            break
+        await asyncio.sleep(POLL)
+    # Accepted: the descriptor is installed a moment after the socket gets its inode.
+    for _ in range(3):
+        if holds(pids(), inode):
+            return True
+        await asyncio.sleep(POLL)
+    return False

@@ -1,0 +1,57 @@
+"""Who accepted a connection (services/daemon/acceptor.py): how a probe of one replica of a
+shared port tells its own answer from a sibling's. Real sockets, read back from /proc."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+from tron.services.daemon import acceptor
+
+
+def listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    return s
+
+
+def test_the_address_is_written_as_proc_net_tcp_writes_it():
+    assert acceptor._hex("127.0.0.1", 6165) == "0100007F:1815"
+
+
+def test_a_connection_waiting_in_the_queue_has_no_inode_and_the_accepting_process_holds_it():
+    srv = listener()
+    port = srv.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        peer = client.getsockname()
+        assert acceptor.server_inode(port, peer) == 0  # queued: nobody accepted it yet
+        conn, _ = srv.accept()
+        inode = acceptor.server_inode(port, peer)
+        assert inode and os.fstat(conn.fileno()).st_ino == inode
+        assert acceptor.holds([os.getpid()], inode)
+        assert asyncio.run(acceptor.accepted_by(port, peer, lambda: [os.getpid()])) is True
+        conn.close()
+    srv.close()
+    assert acceptor.server_inode(port, ("127.0.0.1", 1)) is None  # no such connection
+
+
+def test_a_connection_another_process_accepted_is_not_ours():
+    srv = listener()
+    port = srv.getsockname()[1]
+    # A sibling that accepts from the same socket (inherited, as replicas take the held one).
+    sibling = subprocess.Popen([sys.executable, "-c", "import socket,sys,time\n"
+                                f"s=socket.socket(fileno={srv.fileno()})\nc,_=s.accept()\nprint('took',flush=True)\n"
+                                "time.sleep(30)"], pass_fds=[srv.fileno()], stdout=subprocess.PIPE, text=True)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            peer = client.getsockname()
+            # It waits for the accept (the probe's timeout bounds the wait), then names who.
+            assert asyncio.run(acceptor.accepted_by(port, peer, lambda: [os.getpid()])) is False
+            assert sibling.stdout.readline().strip() == "took"
+            assert asyncio.run(acceptor.accepted_by(port, peer, lambda: [sibling.pid])) is True
+    finally:
+        sibling.kill()
+        sibling.wait()
+        srv.close()

@@ -447,6 +447,10 @@ def cmd_reload(ctx: Ctx, args: argparse.Namespace) -> int:
         print(f"{name:<20} {what:<10} {why}")
     if plan["sections"]:
         print(f"in place: {', '.join('[' + s + ']' for s in plan['sections'])}")
+    if answer["status"] == "halted":  # a replicated service's roll stopped at a replica that did not come back
+        raise CLIError("applied, but " + "; ".join(
+            f"the roll of {group} halted: {', '.join(r['not_ready'])} not ready again; still on the old entry: "
+            f"{', '.join(r['untouched']) or 'none'}" for group, r in answer["halted"].items()))
     print({"dry_run": "dry run: nothing was changed", "unchanged": "nothing to change",
            "applied": "applied"}[answer["status"]])
     return 0

@@ -313,6 +313,22 @@ class Mesh:
         return home_processes(str(self.home))
 
 
+def rewrite_mesh(mesh: "Mesh", services: dict, policy: dict | None = None) -> None:
+    """Rewrite a mesh's file: its services (and policy keys), everything else kept (for
+    `tron reload`)."""
+    data = tomllib.loads(mesh.config.read_text())
+    data["policy"].update(policy or {})
+    data["services"] = services
+    lines = []
+    for section in ("mesh", "policy", "providers"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in data[section].items()]
+    for name, spec in services.items():
+        lines.append(f"[services.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
+    mesh.config.write_text("\n".join(lines) + "\n")
+
+
 def make_mesh(tmp_path: Path, *, home: Path | None = None, registry_url: str | None = None, **kw) -> Mesh:
     """A mesh in ``tmp_path`` (config, and the home unless given) on a free port range;
     not started. ``registry_url``: a PostgreSQL database for its registry."""

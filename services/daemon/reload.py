@@ -127,10 +127,13 @@ class Reloader:
             the_plan = plan(self.d.config, new)
             if dry_run or not the_plan.changes:
                 return {"status": "dry_run" if dry_run else "unchanged", "plan": the_plan.to_dict()}
-            await self._apply(new, the_plan, actor)
+            halted = await self._apply(new, the_plan, actor)
+            if halted:
+                return {"status": "halted", "plan": the_plan.to_dict(), "halted": halted}
             return {"status": "applied", "plan": the_plan.to_dict()}
 
-    async def _apply(self, new: MeshConfig, p: Plan, actor: str) -> None:
+    async def _apply(self, new: MeshConfig, p: Plan, actor: str) -> dict[str, dict]:
+        """Returns the rolls that halted (replicated service -> Replicas.roll's answer)."""
         d, sup = self.d, self.d.sup
         log.info("reload", extra={"actor": actor, "plan": p.to_dict()})
         # 1. What goes away stops first (children before parents); its live tasks fail and
@@ -145,6 +148,7 @@ class Reloader:
         #    holds this one object, frozen everywhere else; this is the one place it changes,
         #    every field in one step on the loop (no await between).
         old_ports = {n: s.port for n, s in d.config.services.items()}
+        old_specs = dict(d.config.services)
         for key in type(new).model_fields:
             object.__setattr__(d.config, key, getattr(new, key))
         d.config._hosts = new._hosts
@@ -163,11 +167,36 @@ class Reloader:
             spec = new.services[name]
             sup.services[name] = Service(spec, new.provider_of(name) if spec.beats else None)
         await sup.declare(only=set(p.start))
-        replaced = [self._replace(sup[name], old_ports.get(name)) for name in p.replace]
+        # A replicated service's replicas are replaced as `tron restart` rolls them, so the
+        # service never stops answering; every other changed service at once.
+        groups: dict[str, list[str]] = {}
+        for name in p.replace:
+            group = d.config.services[name].replica_of
+            groups.setdefault(group or name, []).append(name)
+        replaced = [self._roll(group, names, old_specs, old_ports) if len(names) > 1 or names[0] != group
+                    else self._replace(sup[group], old_ports.get(group)) for group, names in groups.items()]
         started = [d._bring_up_one(sup[name]) for name in p.start if not sup[name].stopped]
-        await asyncio.gather(*replaced, *started)
+        results = await asyncio.gather(*replaced, *started)
+        return {group: r for group, r in zip(groups, results) if isinstance(r, dict) and r.get("status") == "halted"}
 
-    async def _replace(self, svc, old_port: int | None) -> None:
+    async def _roll(self, group: str, names: list[str], old_specs: dict, old_ports: dict[str, int]) -> dict:
+        """The replicas of ``group`` replaced ``max_unavailable`` at a time (Replicas.roll). A
+        roll that halts leaves the replicas after it running their old entry, and the running
+        configuration says so: the next reload replaces them (once the file is mended)."""
+        sup = self.d.sup
+        for name in names:
+            if sup[name].stopped:  # an operator's stop holds: only its entry is the new one (at `tron start`)
+                await self._replace(sup[name], old_ports.get(name))
+        answer = await self.d.replicas.roll(group, names,
+                                            lambda n: self._replace(sup[n], old_ports.get(n), settle=False),
+                                            what="reload")
+        for name in answer.get("untouched", ()):
+            self.d.config.services[name] = old_specs[name]
+        return answer
+
+    async def _replace(self, svc, old_port: int | None, *, settle: bool = True) -> None:
+        """Stop it gracefully, start it from its new entry; ``settle``: until that start is
+        healthy or failed (a roll waits for readiness itself)."""
         d, sup = self.d, self.d.sup
         was_stopped = svc.stopped or svc.state == S.STOPPED
         await sup.stop(svc, reason="reload:changed")
@@ -181,4 +210,5 @@ class Reloader:
         async with svc.lock:
             if svc.state == S.STOPPED and not svc.stopped:
                 await sup.start(svc, reason="reload")
-        await sup.wait_settled(svc, d.policy().start_timeout + 1)
+        if settle:
+            await sup.wait_settled(svc, d.policy().start_timeout + 1)

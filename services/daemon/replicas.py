@@ -3,7 +3,9 @@ replicas NAME.1 ... NAME.N, each supervised on its own by the rest of the daemon
 
 - ``restart`` is rolling: ``max_unavailable`` replicas at a time, each restarted as an
   operator's restart (its stop signal and grace), the next batch only once the new
-  incarnations are healthy and ready; a batch that does not come back halts the roll.
+  incarnations are healthy and ready; a batch that does not come back (not ready within
+  its start_timeout, or failed once started) halts the roll. A reload that changes a
+  replicated service's entry replaces its replicas by the same roll (``roll``).
 - ``stop``, ``start``, ``pause``, ``resume``: every replica.
 - ``scale`` changes N on the running mesh (as `kubectl scale`; mesh.toml is unchanged and a
   reload goes back to it): new replicas start, the highest-numbered ones stop.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from tron.common.states import ServiceState as S
 from tron.services.daemon.audit import Refused
@@ -55,18 +57,27 @@ class Replicas:
         return ", ".join(f"{n} {self.d.sup[n].state}" for n in names)
 
     async def _roll(self, group: str, names: list[str], *, actor: str, reason: str, force: bool) -> dict:
+        async def restart(name: str) -> None:
+            await self.d.operators.act("restart", name, actor=actor, reason=f"rolling:{reason}", force=force)
+
+        return await self.roll(group, names, restart, what="rolling restart")
+
+    async def roll(self, group: str, names: list[str], replace: Callable[[str], Awaitable[None]], *,
+                   what: str) -> dict:
+        """``replace`` each of ``names`` (an operator stopped: skipped), ``max_unavailable``
+        at a time, the next batch only once this one's new incarnations are ready. Halts at
+        a batch that does not come back: the replicas after it are left as they run."""
         sup = self.d.sup
-        step = max(1, min(sup[names[0]].spec.max_unavailable, len(names)))
+        step = max(1, min(self.d.config.services[names[0]].max_unavailable, len(names)))
         done: list[str] = []
         for i in range(0, len(names), step):
             batch = [n for n in names[i:i + step] if not sup[n].stopped]
             olds = {n: sup[n].incarnation for n in batch}
-            for name in batch:
-                await self.d.operators.act("restart", name, actor=actor, reason=f"rolling:{reason}", force=force)
+            await asyncio.gather(*(replace(name) for name in batch))
             ok = await asyncio.gather(*(self._ready_again(name, olds[name]) for name in batch))
             if not all(ok):
                 stuck = [n for n, good in zip(batch, ok) if not good]
-                log.error("rolling restart of %s halted: %s not ready again", group, stuck)
+                log.error("%s of %s halted: %s not ready again", what, group, stuck)
                 return {"status": "halted", "replicas": {n: {"status": "restarted"} for n in done}, "not_ready": stuck,
                         "untouched": [n for n in names if n not in done and n not in batch]}
             done += batch
@@ -75,13 +86,20 @@ class Replicas:
 
     async def _ready_again(self, name: str, old: str | None) -> bool:
         """The replica runs a new incarnation that is healthy and ready (start_timeout and a
-        stop grace at most)."""
+        stop grace at most); False at once when the new incarnation fails (it is left to
+        the ladder: a roll does not wait out its crash loop)."""
         svc, p = self.d.sup[name], self.d.policy()
         grace = svc.spec.stop_grace if svc.spec.stop_grace is not None else p.stop_grace
         deadline = self.d.clock.now() + p.start_timeout + grace + 5
+        new: str | None = None
         while self.d.clock.now() < deadline:
-            if svc.incarnation != old and svc.state == S.RUNNING and svc.ready:
-                return True
+            if svc.incarnation != old:
+                if svc.state == S.RUNNING and svc.ready and new in (None, svc.incarnation):
+                    return True
+                if new is None and svc.state in (S.STARTING, S.RUNNING):
+                    new = svc.incarnation
+                if svc.state in (S.FAILED, S.BACKOFF) or (new is not None and svc.incarnation != new):
+                    return False
             await self.d.clock.sleep(0.02)
         return False
 

@@ -8,24 +8,10 @@ import tomllib
 
 import psutil
 
-from tests.harness import REPO, toml_value, wait_for
+from tests.harness import REPO, wait_for
+from tests.harness import rewrite_mesh as write
 
 SLEEPER = ["{python}", "-c", "import time; time.sleep(3600)"]
-
-
-def write(mesh, services: dict, policy: dict | None = None) -> None:
-    """Rewrite the mesh file's services (and policy keys), keeping everything else."""
-    data = tomllib.loads(mesh.config.read_text())
-    data["policy"].update(policy or {})
-    data["services"] = services
-    lines = []
-    for section in ("mesh", "policy", "providers"):
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in data[section].items()]
-    for name, spec in services.items():
-        lines.append(f"[services.{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
-    mesh.config.write_text("\n".join(lines) + "\n")
 
 
 def identities(mesh) -> dict:

@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from tests.harness import REPO, wait_for
+from tests.harness import REPO, rewrite_mesh, wait_for
 
 APPS = REPO / "tests" / "integration" / "apps"
 UVICORN = [sys.executable, "-m", "uvicorn", "--fd", "3", "--app-dir", str(APPS), "hello_asgi:app"]
@@ -143,3 +143,33 @@ def test_a_replica_that_never_serves_is_not_healthy_though_its_siblings_answer_t
     assert {a["reason"] for a in alerts} == {"start_timeout"}, alerts
     # The two that serve are not judged by app.3's silence, nor by each other's answers.
     assert not mesh.rows("SELECT agent, reason FROM alerts WHERE agent != 'app.3'")
+
+
+def test_a_reload_rolls_a_replicated_program_and_halts_at_a_replica_that_does_not_come_back(mesh_factory):
+    mesh = mesh_factory(services={"app": APP})
+    mesh.up()
+    before = replicas(mesh, "app")
+    good = mesh.config.read_text()
+    rewrite_mesh(mesh, {"app": {**APP, "command": ["sh", "-c", "exit 3"]}})
+    with Load(mesh.port("app")) as load:
+        wait_for(lambda: len(load.pids) > 20, 30, "requests answered")
+        proc = mesh.tron("reload", timeout=120)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        assert "the roll of app halted: app.1 not ready again; still on the old entry: app.2, app.3" in proc.stderr
+        now = replicas(mesh, "app")
+        assert now["app.1"]["state"] != "running"
+        assert {n: (now[n]["pid"], now[n]["incarnation"]) for n in ("app.2", "app.3")} == \
+            {n: (before[n]["pid"], before[n]["incarnation"]) for n in ("app.2", "app.3")}
+        mark = len(load.pids)
+        wait_for(lambda: {now["app.2"]["pid"], now["app.3"]["pid"]} <= set(load.pids[mark:]), 20,
+                 "the two untouched replicas to go on answering (the crash-looping app.1 must not stall them)")
+        # The file mended: only the replica that runs the broken entry is replaced.
+        mesh.config.write_text(good)
+        plan = mesh.tron("reload", "--dry-run")
+        assert plan.returncode == 0
+        planned = {line.split()[0]: line.split()[1] for line in plan.stdout.splitlines() if line.startswith("app.")}
+        assert planned == {"app.1": "replace", "app.2": "unchanged", "app.3": "unchanged"}, plan.stdout
+        assert mesh.tron("reload", timeout=120).returncode == 0
+        wait_for(lambda: (r := replicas(mesh, "app"))["app.1"]["state"] == "running" and r["app.1"]["pid"] in
+                 load.pids[mark:], 30, "app.1 serving again")
+        assert load.refused == 0 and load.failed <= 3, (load.refused, load.failed)

@@ -7,10 +7,11 @@ answer proves nothing about the replica being probed: one still importing, hung,
 would be reported healthy by its siblings. So a probe of such a replica counts only when the
 connection it made was accepted by that replica's own processes.
 
-The kernel says who: /proc/net/tcp lists the server side of the probe's connection (local
-address the port, remote address the probe's own), with inode 0 while it waits in the
-listening socket's queue and the inode of the accepted socket once a process took it; that
-inode is then among the accepting process's descriptors (/proc/PID/fd).
+The kernel says who: it finds the server side of the probe's connection (local address
+the port, remote address the probe's own; one exact sock_diag lookup, /proc/net/tcp where
+netlink is not allowed), with inode 0 while it waits in the listening socket's queue and
+the inode of the accepted socket once a process took it; that inode is then among the
+accepting process's descriptors (/proc/PID/fd).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import socket
 import struct
 from typing import Callable, Iterable
 
+from tron.services.daemon import sockdiag
+
 POLL = 0.002  # s between looks while the connection waits to be accepted
 
 
@@ -29,16 +32,36 @@ def _hex(host: str, port: int) -> str:
     return f"{struct.unpack('<I', socket.inet_aton(host))[0]:08X}:{port:04X}"
 
 
-def server_inode(port: int, peer: tuple[str, int], host: str = "127.0.0.1", table: str = "/proc/net/tcp") -> int | None:
+def server_inode(port: int, peer: tuple[str, int], host: str = "127.0.0.1") -> int | None:
     """The inode of the server side of the connection from ``peer`` to ``host:port``: 0 while
-    no process has accepted it yet, None when there is no such connection (closed, refused)."""
+    no process has accepted it yet, None when there is no such connection, or it was closed
+    before a process could be told apart (refused, or accepted and closed at once)."""
+    global _netlink_ok
+    found = None
+    if _netlink_ok:
+        try:
+            found = sockdiag.connection((host, port), peer)
+        except OSError:
+            _netlink_ok = False  # not allowed here: /proc from now on
+    if not _netlink_ok:
+        found = _from_proc(port, peer, host)
+    if found is None:
+        return None
+    state, inode = found
+    return inode if inode or state == sockdiag.TCP_ESTABLISHED else None
+
+
+_netlink_ok = sockdiag._netlink_ok
+
+
+def _from_proc(port: int, peer: tuple[str, int], host: str, table: str = "/proc/net/tcp") -> tuple[int, int] | None:
     local, remote = _hex(host, port), _hex(*peer)
     with open(table) as f:
         next(f, None)
         for line in f:
             fields = line.split()
             if len(fields) > 9 and fields[1] == local and fields[2] == remote:
-                return int(fields[9])
+                return int(fields[3], 16), int(fields[9])
     return None
 
 

@@ -71,3 +71,33 @@ def listening_inodes(port: int) -> set[str]:
         except OSError:
             _netlink_ok = False  # not allowed here: /proc from now on
     return _from_proc(port)
+
+
+TCP_ESTABLISHED = 1
+_NOCOOKIE = b"\xff" * 8  # INET_DIAG_NOCOOKIE: any socket with this address
+_ERRNO = struct.Struct("=i")
+
+
+def connection(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(state, inode) of the IPv4 TCP socket at ``local`` connected to ``remote`` (inode 0:
+    no process holds it yet, as a connection waiting in a listener's queue); None when there
+    is none. One exact lookup by netlink, not a dump of every socket (acceptor.py asks it
+    every few ms while a connection waits). Raises OSError where netlink is not allowed."""
+    sockid = (struct.pack("!HH", local[1], remote[1]) + socket.inet_aton(local[0]) + b"\0" * 12
+              + socket.inet_aton(remote[0]) + b"\0" * 12 + struct.pack("=I", 0) + _NOCOOKIE)
+    request = _REQUEST.pack(socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, sockid)
+    header = _HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.sendto(header + request, (0, 0))
+        data = nl.recv(65536)
+    _, kind, _, _, _ = _HEADER.unpack_from(data, 0)
+    if kind == NLMSG_ERROR:
+        err = -_ERRNO.unpack_from(data, _HEADER.size)[0]
+        if err == 0 or err == 2:  # ENOENT: no such socket
+            return None
+        raise OSError(err, os.strerror(err))
+    fields = _MSG.unpack_from(data, _HEADER.size)
+    if struct.unpack("!H", fields[5])[0] != remote[1]:
+        return None  # the lookup fell back to the listener: the connection itself is gone
+    return fields[1], fields[14]

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tron.services.daemon import acceptor
 
 
@@ -21,7 +23,15 @@ def test_the_address_is_written_as_proc_net_tcp_writes_it():
     assert acceptor._hex("127.0.0.1", 6165) == "0100007F:1815"
 
 
-def test_a_connection_waiting_in_the_queue_has_no_inode_and_the_accepting_process_holds_it():
+@pytest.fixture(params=["netlink", "proc"])
+def lookup(request, monkeypatch):
+    """Both ways of asking the kernel: sock_diag's exact lookup, and /proc/net/tcp where
+    netlink is not allowed."""
+    monkeypatch.setattr(acceptor, "_netlink_ok", request.param == "netlink")
+    return request.param
+
+
+def test_a_connection_waiting_in_the_queue_has_no_inode_and_the_accepting_process_holds_it(lookup):
     srv = listener()
     port = srv.getsockname()[1]
     with socket.create_connection(("127.0.0.1", port)) as client:
@@ -32,12 +42,13 @@ def test_a_connection_waiting_in_the_queue_has_no_inode_and_the_accepting_proces
         assert inode and os.fstat(conn.fileno()).st_ino == inode
         assert acceptor.holds([os.getpid()], inode)
         assert asyncio.run(acceptor.accepted_by(port, peer, lambda: [os.getpid()])) is True
-        conn.close()
+        conn.close()  # accepted and closed: nobody can be told apart any more
+        assert acceptor.server_inode(port, peer) is None
     srv.close()
     assert acceptor.server_inode(port, ("127.0.0.1", 1)) is None  # no such connection
 
 
-def test_a_connection_another_process_accepted_is_not_ours():
+def test_a_connection_another_process_accepted_is_not_ours(lookup):
     srv = listener()
     port = srv.getsockname()[1]
     # A sibling that accepts from the same socket (inherited, as replicas take the held one).

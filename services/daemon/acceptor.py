@@ -17,6 +17,7 @@ accepting process's descriptors (/proc/PID/fd).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import struct
@@ -24,7 +25,10 @@ from typing import Callable, Iterable
 
 from tron.services.daemon import sockdiag
 
-POLL = 0.002  # s between looks while the connection waits to be accepted
+# s between looks while the connection waits to be accepted: a process that serves takes
+# it within a fraction of a millisecond, one that is busy or not serving yet may never.
+POLLS = (0.0002, 0.0005, 0.001)
+POLL = 0.002
 
 
 def _hex(host: str, port: int) -> str:
@@ -86,16 +90,17 @@ async def accepted_by(port: int, peer: tuple[str, int], pids: Callable[[], Itera
     """Whether the connection from ``peer`` to ``host:port`` was accepted by one of ``pids()``
     (waits until some process accepts it: the probe's timeout bounds the wait). None when
     the connection is gone before anyone could be told apart."""
-    while True:
+    for look in itertools.count():
         inode = server_inode(port, peer, host)
         if inode is None:
             return None
         if inode:
             break
-        await asyncio.sleep(POLL)
+        await asyncio.sleep(POLLS[look] if look < len(POLLS) else POLL)
     # Accepted: the descriptor is installed a moment after the socket gets its inode.
+    ours = list(pids())
     for _ in range(3):
-        if holds(pids(), inode):
+        if holds(ours, inode):
             return True
         await asyncio.sleep(POLL)
     return False

@@ -43,7 +43,18 @@ from tron.services.daemon import acceptor
 from tron.services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
-__all__ = ["STOPPED_CADENCE", "ProbeChecks", "Probes"]
+__all__ = ["STOPPED_CADENCE", "Inconclusive", "ProbeChecks", "Probes"]
+
+
+# Connections one probe of a replica makes at most, hoping one lands on it (with three
+# replicas sharing the port fairly, all eight land on its siblings 4% of the time).
+MAX_ELSEWHERE = 8
+
+
+class Inconclusive(ProbeResult):
+    """An attempt that reached only the replica's siblings: not a pass (a replica is not
+    healthy or ready on its siblings' answers) and not a failure (it held no connection it
+    failed to answer): a liveness or readiness streak ignores it."""
 
 
 class ProbeChecks:
@@ -56,13 +67,16 @@ class ProbeChecks:
         self.hosts = {} if hosts is None else hosts  # services placed on other machines (MeshConfig.hosts)
 
     async def check(self, svc: Service, probe: Probe) -> ProbeResult:
-        """One attempt. A replica that shares its port with its siblings is asked until the
-        connection lands on it (the kernel hands each to whichever replica accepts first):
-        within the probe's timeout, an answer of its own, else a failure."""
+        """One attempt. A replica that shares its port with its siblings is asked until a
+        connection lands on it (the kernel hands each to whichever replica accepts first), at
+        most MAX_ELSEWHERE connections within the probe's timeout: its own answer (or its
+        silence on a connection it accepted) is its result; none of its own is ``Inconclusive``,
+        which says nothing of it either way."""
         kind = probe_kinds.get(probe.kind)
         host = self.hosts.get(svc.name, "127.0.0.1")
+        verdicts: list[bool | None] = []  # whose each connection was, as ``mine`` said
         ctx = ProbeContext(host=host, values=self.values(svc), timeout=probe.timeout, plain=lambda: self.client.plain,
-                           mine=self._mine(svc) if host == "127.0.0.1" else None)
+                           mine=self._mine(svc, verdicts) if host == "127.0.0.1" else None)
         elsewhere = 0
         try:
             async with asyncio.timeout(probe.timeout):
@@ -71,23 +85,33 @@ class ProbeChecks:
                         return await kind.check(probe.check, svc, ctx)
                     except probe_kinds.Elsewhere:
                         elsewhere += 1
+                        if elsewhere >= MAX_ELSEWHERE:
+                            return Inconclusive(False, f"its siblings accepted all {elsewhere} connections")
         except TimeoutError:
+            if verdicts and verdicts[-1] is True:  # it took the connection and did not answer on it
+                return ProbeResult(False, f"accepted, no answer within {probe.timeout}s")
             if elsewhere:
-                return ProbeResult(False, f"no answer of its own within {probe.timeout}s: its {elsewhere} "
-                                          "connections were all accepted by other replicas")
+                return Inconclusive(False, f"its siblings accepted all {elsewhere} connections within {probe.timeout}s")
             return ProbeResult(False, f"no answer within {probe.timeout}s")
         except Exception as err:  # a probe error of any kind is a failed probe
             return ProbeResult(False, f"{type(err).__name__}: {err}"[:200])
 
     @staticmethod
-    def _mine(svc: Service):
+    def _mine(svc: Service, verdicts: list[bool | None]):
         """For a replica taking its connections from the socket its siblings take theirs from:
-        whether a connection was accepted by its own processes (acceptor.py). None for any other."""
+        whether a connection was accepted by its own processes (acceptor.py), each answer
+        also appended to ``verdicts``. None for any other service."""
         spec, child = svc.spec, svc.child
         if not spec.replica_of or spec.is_agent or spec.socket != "inherit" or child is None or child.node is not None:
             return None
 
         def tree() -> list[int]:
+            """Its processes: its cgroup's (one read), else its main process's descendants."""
+            if child.cgroup is not None:
+                try:
+                    return child.cgroup.pids()
+                except OSError:
+                    pass
             try:
                 root = psutil.Process(child.pid)
                 return [child.pid, *(p.pid for p in root.children(recursive=True))]
@@ -95,7 +119,9 @@ class ProbeChecks:
                 return []
 
         async def mine(local: tuple[str, int]) -> bool | None:
-            return await acceptor.accepted_by(spec.port, (local[0], local[1]), tree)
+            verdicts.append(None)
+            verdicts[-1] = await acceptor.accepted_by(spec.port, (local[0], local[1]), tree)
+            return verdicts[-1]
 
         return mine
 
@@ -152,7 +178,11 @@ class Probes:
             if use == "stopped":
                 ok, what = self._not_stopped(svc)
             else:
-                ok, what = await self.checks.check(svc, probe)
+                result = await self.checks.check(svc, probe)
+                if isinstance(result, Inconclusive):
+                    log.debug("%s probe of %s: %s", use, svc.name, result.detail)
+                    return
+                ok, what = result
         finally:
             self._running.discard((svc.name, use))
         if svc.incarnation != incarnation or svc.state != ServiceState.RUNNING:

@@ -7,7 +7,7 @@ turns:
 
 - ``attributed``: as the daemon probes a replica now: a connection a sibling accepted is made
   again, until replica 1's own processes accepted one (services/daemon/acceptor.py), at most
-  8 (then the probe is inconclusive: neither a pass nor a failure);
+  3 a replica, 8 to 32 (then the probe is inconclusive: neither a pass nor a failure);
 - ``any replica``: the same probe without that check (what it was before): whichever replica
   the kernel gave the connection answers for replica 1;
 - ``alone``: one server on a port of its own, the plain probe (the floor).
@@ -84,8 +84,9 @@ class Row:
     inconclusive: int = 0  # every connection of the probe was accepted by a sibling
 
 
-def replica(port: int, pid: int, shared: bool) -> SimpleNamespace:
-    spec = SimpleNamespace(port=port, replica_of="web" if shared else None, is_agent=False, socket="inherit")
+def replica(port: int, pid: int, shared: bool, n: int) -> SimpleNamespace:
+    spec = SimpleNamespace(port=port, replica_of="web" if shared else None, is_agent=False, socket="inherit",
+                           replicas=n if shared else 1)
     # Its processes as its cgroup lists them (the daemon reads cgroup.procs): here the one server.
     group = SimpleNamespace(pids=lambda: [pid])
     return SimpleNamespace(name="web.1", spec=spec, child=SimpleNamespace(pid=pid, node=None, cgroup=group))
@@ -99,9 +100,9 @@ async def run(n: int, probes: int) -> list[Row]:
         async with aiohttp.ClientSession() as session:
             checks = ProbeChecks(SimpleNamespace(plain=session), lambda svc: {"port": str(svc.spec.port)})
             probe = Probe.model_validate({"http": {"path": "/"}, "timeout": 2.0})
-            rows = {"attributed": (Row("attributed"), replica(shared.getsockname()[1], procs[0].pid, True)),
-                    "any replica": (Row("any replica"), replica(shared.getsockname()[1], procs[0].pid, False)),
-                    "alone": (Row("alone"), replica(alone.getsockname()[1], single[0].pid, False))}
+            rows = {"attributed": (Row("attributed"), replica(shared.getsockname()[1], procs[0].pid, True, n)),
+                    "any replica": (Row("any replica"), replica(shared.getsockname()[1], procs[0].pid, False, n)),
+                    "alone": (Row("alone"), replica(alone.getsockname()[1], single[0].pid, False, 1))}
             made = [0]
             real = acceptor.accepted_by
 

@@ -46,9 +46,11 @@ log = logging.getLogger("tron.probes")
 __all__ = ["STOPPED_CADENCE", "Inconclusive", "ProbeChecks", "Probes"]
 
 
-# Connections one probe of a replica makes at most, hoping one lands on it (with three
-# replicas sharing the port fairly, all eight land on its siblings 4% of the time).
-MAX_ELSEWHERE = 8
+# Connections one probe of a replica makes at most, hoping one lands on it: three per
+# replica, at least 8 (with N replicas taking them fairly, all of 3N land on its siblings
+# 2.6% of the time for 3 replicas, 4% for 10), at most 32.
+def max_elsewhere(replicas: int) -> int:
+    return min(32, max(8, 3 * replicas))
 
 
 class Inconclusive(ProbeResult):
@@ -69,7 +71,7 @@ class ProbeChecks:
     async def check(self, svc: Service, probe: Probe) -> ProbeResult:
         """One attempt. A replica that shares its port with its siblings is asked until a
         connection lands on it (the kernel hands each to whichever replica accepts first), at
-        most MAX_ELSEWHERE connections within the probe's timeout: its own answer (or its
+        most ``max_elsewhere`` connections within the probe's timeout: its own answer (or its
         silence on a connection it accepted) is its result; none of its own is ``Inconclusive``,
         which says nothing of it either way."""
         kind = probe_kinds.get(probe.kind)
@@ -85,7 +87,7 @@ class ProbeChecks:
                         return await kind.check(probe.check, svc, ctx)
                     except probe_kinds.Elsewhere:
                         elsewhere += 1
-                        if elsewhere >= MAX_ELSEWHERE:
+                        if elsewhere >= max_elsewhere(svc.spec.replicas):
                             return Inconclusive(False, f"its siblings accepted all {elsewhere} connections")
         except TimeoutError:
             if verdicts and verdicts[-1] is True:  # it took the connection and did not answer on it

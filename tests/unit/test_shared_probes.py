@@ -34,7 +34,8 @@ class Scripted:
 
 
 def replica(shared: bool = True):
-    spec = SimpleNamespace(port=7401, replica_of="web" if shared else None, is_agent=False, socket="inherit")
+    spec = SimpleNamespace(port=7401, replica_of="web" if shared else None, is_agent=False, socket="inherit",
+                           replicas=3 if shared else 1)
     return SimpleNamespace(name="web.1", spec=spec, child=SimpleNamespace(pid=1, node=None, cgroup=None))
 
 
@@ -45,7 +46,7 @@ def replica(shared: bool = True):
     ([False, False, True], "pass", True, "pass"),  # made again until one is its own
     ([False, True], "fail", False, "fail"),  # its own answer fails as any probe
     ([True], HANG, False, "accepted, no answer within"),  # it took the connection and left it
-    ([False], "pass", "inconclusive", "its siblings accepted all 8 connections"),
+    ([False], "pass", "inconclusive", "its siblings accepted all 9 connections"),  # 3 a replica
     ([False, "wait"], "pass", "inconclusive", "its siblings accepted all 1 connections within"),
     (["wait"], "pass", False, "no answer within"),  # nobody accepts at all: a failure
 ])

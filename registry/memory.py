@@ -302,13 +302,16 @@ class MemoryStore(Stamps):
     async def live_tasks(self, agent: str) -> list[Row]:
         return self._tasks_of(agent, LIVE_TASK_STATES)
 
-    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[Row]:
+    async def requeue_tasks(self, agent: str, *, provider: str | None = None, to_agent: str | None = None) -> list[Row]:
         for t in self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False):
             sets: dict[str, Any] = {"lease_incarnation": None}
             if provider:
                 sets["provider"] = provider
-            self._task_to(t["task_id"], TaskState.ASSIGNED, sets, attempt=1, event={"provider": provider})
-        return await self.open_tasks(agent)
+            if to_agent:
+                sets["agent"] = to_agent
+            self._task_to(t["task_id"], TaskState.ASSIGNED, sets, attempt=1,
+                          event={"provider": provider, **({"from_agent": agent} if to_agent else {})})
+        return await self.open_tasks(to_agent or agent)
 
     async def hold_task(self, task_id: str, reason: str) -> bool:
         return self._task_to(task_id, TaskState.ESCALATED, {"lease_incarnation": None,

@@ -274,7 +274,7 @@ class Tasks(Protocol):
         ...
 
     @write
-    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[Row]:
+    async def requeue_tasks(self, agent: str, *, provider: str | None = None, to_agent: str | None = None) -> list[Row]:
         ...
 
     @write

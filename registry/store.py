@@ -357,17 +357,20 @@ class SqlStore(Stamps):
         return await self.db.all(f"SELECT * FROM tasks WHERE agent = ? AND status IN {sql_in(LIVE_TASK_STATES)} "
                                  "ORDER BY created_at", (agent,))
 
-    async def requeue_tasks(self, agent: str, *, provider: str | None = None) -> list[Row]:
-        """A new incarnation takes over: each open task is one attempt further on."""
+    async def requeue_tasks(self, agent: str, *, provider: str | None = None, to_agent: str | None = None) -> list[Row]:
+        """A new incarnation takes over: each open task is one attempt further on (``to_agent``:
+        on a sibling replica, this one being removed)."""
         async with self.db.transaction() as tx:
             for row in await tx.all(f"SELECT task_id FROM tasks WHERE agent = ? AND status IN "
                                     f"{sql_in(OPEN_TASK_STATES)} AND {_NOT_PEOPLE_PARK}", (agent,)):
                 sets: dict[str, Any] = {"lease_incarnation": None}
                 if provider:
                     sets["provider"] = provider
+                if to_agent:
+                    sets["agent"] = to_agent
                 await self._task_to(tx, row["task_id"], TaskState.ASSIGNED, sets, attempt=1,
-                                    event={"provider": provider})
-        return await self.open_tasks(agent)
+                                    event={"provider": provider, **({"from_agent": agent} if to_agent else {})})
+        return await self.open_tasks(to_agent or agent)
 
     async def hold_task(self, task_id: str, reason: str) -> bool:
         """The task's failure climbs the tree: no incarnation gets it until the top decides."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tron.common.config import ConfigError, MeshConfig, load_mesh
 from tron.common.settings import apply_overlay, read_overlay
-from tron.common.states import ServiceState as S, TaskState
+from tron.common.states import OPEN_TASK_STATES, PEOPLE_PARKS, ServiceState as S, TaskState
 
 if TYPE_CHECKING:
     from tron.services.daemon.core import Daemon
@@ -137,11 +137,19 @@ class Reloader:
         d, sup = self.d, self.d.sup
         log.info("reload", extra={"actor": actor, "plan": p.to_dict()})
         # 1. What goes away stops first (children before parents); its live tasks fail and
-        #    their parents hear of it, as for an operator's stop.
+        #    their parents hear of it, as for an operator's stop. A replica scaled away whose
+        #    service goes on leaves its open tasks to a sibling instead (step 4): nothing lost.
+        heirs: dict[str, str] = {}  # removed replica -> the service whose replicas take its tasks
         for name in p.stop:
             svc = sup[name]
             await sup.stop(svc, reason="reload:removed")
+            group = svc.spec.replica_of
+            if svc.spec.is_agent and group and any(n not in p.stop for n in new.replicas_of(group)):
+                heirs[name] = group
             for task in await d.store.live_tasks(name):
+                if name in heirs and task["status"] in OPEN_TASK_STATES and not (
+                        task["status"] == TaskState.PARKED and task.get("parked_reason") in PEOPLE_PARKS):
+                    continue  # it goes to a sibling (_hand_on); one held by the ladder or an operator fails
                 await d.ledger.finish_task(task["task_id"], TaskState.FAILED, None, "service_removed",
                                            {"agent": name, "by": actor}, None)
         # 2. The running configuration becomes the file's, in place: every part of the daemon
@@ -155,6 +163,8 @@ class Reloader:
         for name in p.stop:
             sup.services.pop(name, None)
             await d.store.set_agent(name, state=S.STOPPED, stopped=False)
+        for name, group in heirs.items():
+            await self._hand_on(name, group)
         if "policy" in p.sections:
             await d.replace_policy(new.policy)
         # 3. Probe changes reach the running incarnation; a replaced service stops with its
@@ -178,6 +188,21 @@ class Reloader:
         started = [d._bring_up_one(sup[name]) for name in p.start if not sup[name].stopped]
         results = await asyncio.gather(*replaced, *started)
         return {group: r for group, r in zip(groups, results) if isinstance(r, dict) and r.get("status") == "halted"}
+
+    async def _hand_on(self, name: str, group: str) -> None:
+        """The open tasks of ``name``, a replica scaled away, go to the sibling with the fewest
+        (Replicas.pick), one attempt further on, from their checkpoints, as after a restart."""
+        d = self.d
+        moving = [t["task_id"] for t in await d.store.open_tasks(name)]
+        if not moving:
+            return
+        heir = await d.replicas.pick(group)
+        await d.store.requeue_tasks(name, to_agent=heir)
+        log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving, extra={"offender": name})
+        for task_id in moving:
+            task = await d.store.task(task_id)
+            if task is not None and task["agent"] == heir:
+                await d.ledger.dispatch(d.sup[heir], task, resumed=True)
 
     async def _roll(self, group: str, names: list[str], old_specs: dict, old_ports: dict[str, int]) -> dict:
         """The replicas of ``group`` replaced ``max_unavailable`` at a time (Replicas.roll). A

@@ -173,3 +173,42 @@ def test_a_reload_rolls_a_replicated_program_and_halts_at_a_replica_that_does_no
         wait_for(lambda: (r := replicas(mesh, "app"))["app.1"]["state"] == "running" and r["app.1"]["pid"] in
                  load.pids[mark:], 30, "app.1 serving again")
         assert load.refused == 0 and load.failed <= 3, (load.refused, load.failed)
+
+
+def test_scaling_an_agent_down_hands_the_removed_replicas_task_to_a_sibling(mesh_factory):
+    """`tron scale NAME 1` while both replicas work: the task of the replica scaled away is not
+    failed, it goes to the one that stays (one attempt on, from its checkpoint) and is done."""
+    import tomllib
+
+    services = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
+    services["programmer-1"].update(replicas=2, port=6140)
+    mesh = mesh_factory(services=services)
+    mesh.up()
+    daemon = mesh.url("daemon")
+    assert mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/anthropic",
+                     {"kind": "latency", "latency_ms": 2500})[0] == 200  # both are mid-task at the scale
+    tasks = []
+    for i in range(2):
+        code, run = mesh.http("POST", daemon + "/runs", {"prompt": f"write haiku {i}"})
+        assert code == 201, run
+        task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": "programmer-1",
+                "parent_agent": "operator", "kind": "run", "prompt": f"write haiku {i}"}
+        assert mesh.http("POST", daemon + "/tasks", task)[0] in (200, 201)
+        tasks.append(task["task_id"])
+    marks = ",".join("?" * len(tasks))
+    rows = wait_for(lambda: (r := mesh.rows(f"SELECT task_id, agent, status FROM tasks WHERE task_id IN ({marks})",
+                                            tuple(tasks)))
+                    and {x["agent"] for x in r} == {"programmer-1.1", "programmer-1.2"}
+                    and all(x["status"] == "running" for x in r) and r, 30, "both replicas working")
+    moved = next(r["task_id"] for r in rows if r["agent"] == "programmer-1.2")
+    proc = mesh.tron("scale", "programmer-1", "1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    done = wait_for(lambda: (r := mesh.rows(f"SELECT task_id, agent, status, attempt FROM tasks WHERE task_id IN "
+                                            f"({marks})", tuple(tasks)))
+                    and all(x["status"] in ("done", "failed") for x in r) and r, 90, "both tasks to end")
+    by_id = {r["task_id"]: r for r in done}
+    assert by_id[moved]["status"] == "done" and by_id[moved]["agent"] == "programmer-1.1", by_id[moved]
+    assert all(r["status"] == "done" for r in done), done
+    handed = mesh.rows("SELECT payload FROM events WHERE kind = 'task_requeued' AND task_id = ?", (moved,))
+    assert any('"from_agent": "programmer-1.2"' in (h["payload"] or "") for h in handed), handed
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")

@@ -441,7 +441,7 @@ def cmd_reload(ctx: Ctx, args: argparse.Namespace) -> int:
     plan = answer["plan"]
     rows = [*((n, "start", "new") for n in plan["start"]), *((n, "stop", "removed") for n in plan["stop"]),
             *((n, "replace", why) for n, why in plan["replace"].items()),
-            *((n, "update", "probes: " + ", ".join(keys)) for n, keys in plan["update"].items()),
+            *((n, "update", "in place: " + ", ".join(keys)) for n, keys in plan["update"].items()),
             *((n, "unchanged", "") for n in plan["unchanged"])]
     for name, what, why in rows:
         print(f"{name:<20} {what:<10} {why}")

@@ -31,7 +31,10 @@ log = logging.getLogger("tron.daemon")
 
 # What the daemon is built on, and [drills] (an agent's endpoints are set at its start): `tron down`, then `tron up`
 FIXED_SECTIONS = ("mesh", "cluster", "registry", "drills")
-PROBES = frozenset({"liveness", "readiness", "startup"})  # changes applied to the running incarnation
+# What only the daemon reads, each time it needs it (probes while it runs, how it is stopped,
+# how its replicas roll, what its start waits for): a change applies to the running
+# incarnation in place, with no restart.
+IN_PLACE = frozenset({"liveness", "readiness", "startup", "stop_signal", "stop_grace", "max_unavailable", "depends_on"})
 SCALE = frozenset({"replicas"})  # how many replicas there are: which NAME.i exist says it, not a change of each
 
 
@@ -85,7 +88,7 @@ def plan(old: MeshConfig, new: MeshConfig) -> Plan:
             continue
         before, after = was["services"][name], now["services"][name]
         keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in SCALE)
-        if keys and set(keys) <= PROBES:
+        if keys and set(keys) <= IN_PLACE:
             out.update[name] = keys
         elif keys:
             out.replace[name] = "changed: " + ", ".join(keys)

@@ -64,12 +64,26 @@ def test_the_plan_names_exactly_what_changes(name, edit, want):
     assert p.changes == bool(want)
 
 
-def test_a_probe_change_is_applied_in_place_not_by_a_restart():
+@pytest.mark.parametrize("change,keys", [
+    ({"liveness": {"tcp": {}, "interval": 5.0}}, ["liveness"]),
+    ({"stop_grace": 2.0, "stop_signal": "SIGINT"}, ["stop_grace", "stop_signal"]),
+    ({"max_unavailable": 2}, ["max_unavailable"]),
+    ({"depends_on": {"llm-sim": "ready"}}, ["depends_on"]),
+])
+def test_what_only_the_daemon_reads_is_applied_in_place_not_by_a_restart(change, keys):
     with_web = edited(lambda d: d["services"].update(web=dict(CMD)))
-    probed = copy.deepcopy(with_web)
-    probed["services"]["web"]["liveness"] = {"tcp": {}, "interval": 5.0}
-    p = plan(parse_mesh(with_web), parse_mesh(probed))
-    assert p.update == {"web": ["liveness"]} and not p.replace and not p.start
+    changed = copy.deepcopy(with_web)
+    changed["services"]["web"].update(change)
+    p = plan(parse_mesh(with_web), parse_mesh(changed))
+    assert p.update == {"web": keys} and not p.replace and not p.start
+
+
+def test_a_change_the_program_sees_beside_one_in_place_still_replaces_it():
+    with_web = edited(lambda d: d["services"].update(web=dict(CMD)))
+    changed = copy.deepcopy(with_web)
+    changed["services"]["web"].update(stop_grace=2.0, env={"MODE": "fast"})
+    p = plan(parse_mesh(with_web), parse_mesh(changed))
+    assert p.replace == {"web": "changed: env, stop_grace"} and not p.update
 
 
 @pytest.mark.parametrize("section,edit", [

@@ -117,7 +117,8 @@ class AgentRuntime:
         return self.ctx.env.daemon_url
 
     def children(self) -> list[str]:
-        return self.config.children(self.name)
+        """Whom it delegates to: a replicated child by its own name (the daemon picks the replica)."""
+        return self.config.child_services(self.name)
 
     # -- tasks in -------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class AgentRuntime:
     @property
     def preferred_provider(self) -> str:
         """Where this service's new tasks start: its own `provider`, else the chain's default."""
-        spec = self.config.services.get(self.name)
+        spec = self.config.services.get(self.config.standing_for(self.name) or self.name)
         return (spec.provider if spec is not None else None) or self.config.providers.default
 
     @property
@@ -527,13 +528,17 @@ class AgentRuntime:
                 raise
             row = answer["task"]
             child = row["agent"]  # a replicated child (NAME): the daemon named the replica that takes it
+            # Where it listens, as the daemon knows it now: a replica scaled up since our file was read too.
+            child_url = answer.get("url") or self.config.url(child)
+            child_spec = self.config.services[self.config.standing_for(child) or child]
+            self.ctx.learn_peer(child, child_url)
             if row["status"] == "done":
                 return cast(str, row["result"])  # finished before our restart: do not redo it
             if row["status"] == "failed":
                 raise TaskFailed("child_task_failed", {"child": child, "task": task_id, "failure": row["failure"]})
             if task_id in self.early:
                 self._resolve(self.early.pop(task_id))
-            elif not self.config.services[child].is_agent:
+            elif not child_spec.is_agent:
                 pass  # a command that speaks the contract claims its tasks from the daemon itself
             else:
                 assign = TaskAssign(task_id=task_id, run_id=parent.assign.run_id, kind=kind, prompt=prompt,
@@ -541,7 +546,7 @@ class AgentRuntime:
                                     progress=row["progress"], traceparent=row.get("traceparent"))
                 logs.comms("task_dispatch", src=self.name, dst=child, task=task_id, run=parent.assign.run_id)
                 try:
-                    await self.ctx.client.post(self.config.url(child) + "/tasks", assign)
+                    await self.ctx.client.post(child_url + "/tasks", assign)
                 except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                     # The child is down: the daemon hands it the task when it is back.
                     log.warning("dispatch of %s to %s failed (%s); waiting for the ladder", task_id, child, err)

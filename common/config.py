@@ -746,6 +746,22 @@ class MeshConfig(_Strict):
     def children(self, name: str) -> list[str]:
         return [n for n, s in self.services.items() if s.parent == name]
 
+    def child_services(self, name: str) -> list[str]:
+        """Its children as a parent delegates to them: a replicated child once, by its own
+        name (NAME, not NAME.i): a task given to NAME goes to one of the replicas it has
+        then (the daemon picks), however many `tron scale` made since this file was read."""
+        return list(dict.fromkeys(s.replica_of or n for n, s in self.services.items() if s.parent == name))
+
+    def standing_for(self, name: str) -> str | None:
+        """The entry of this config that stands for ``name``: ``name`` itself; for a replica
+        NAME.i this config does not have (scaled up since it was read), NAME's first replica
+        (they share everything but the port); None when it is nobody here."""
+        if name in self.services:
+            return name
+        group, _, index = name.rpartition(".")
+        replicas = self.replicas_of(group) if index.isdigit() else []
+        return replicas[0] if replicas else None
+
     def replicas_of(self, group: str) -> list[str]:
         """The replicas of a replicated service (NAME.1 ... NAME.N), in order; [] when
         ``group`` is no replicated service."""

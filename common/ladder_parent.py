@@ -65,7 +65,8 @@ class ParentRole:
         return self.runtime.provider_settings(timeout=timeout, max_tokens=max_tokens)
 
     def _descendant(self, service: str) -> bool:
-        return service in self.config.services and self.name in self.config.ancestors(service)
+        entry = self.config.standing_for(service)  # a replica scaled up since our file was read too
+        return entry is not None and self.name in self.config.ancestors(entry)
 
     async def view(self, service: str, *, alert_id: str | None, task_id: str | None) -> LadderView:
         """What the registry knows, at the daemon's clock reading: we decide on that."""
@@ -116,7 +117,8 @@ class ParentRole:
         if not self._descendant(esc.service):
             return error(422, f"{esc.service!r} is not a descendant of {self.name}")
         caller = self.ctx.peer_caller(request)
-        if caller in self.config.services and caller != esc.service and caller not in self.config.ancestors(esc.service):
+        entry = self.config.standing_for(esc.service) or esc.service  # _descendant: it is somebody here
+        if caller in self.config.services and caller != esc.service and caller not in self.config.ancestors(entry):
             return error(403, f"{caller} escalates only for itself and its own descendants, not {esc.service}")
         logs.comms("escalation_received", src=esc.path[-1] if esc.path else esc.service, dst=self.name,
                    alert=esc.alert_id, agent=esc.service, task=esc.task_id, run=esc.run_id, reason=esc.reason)

@@ -80,6 +80,9 @@ class ServiceContext:
         self.client = MeshClient(token, timeout=10)
         self.client.token_for = self._token_for
         self._peer_tokens: dict[str, str] = {}  # service -> a peer token for calling it
+        # Services our mesh file does not name, by address, as the daemon told us of them: a
+        # replica of a child that `tron scale` added after the file was read (learn_peer).
+        self._peer_urls: dict[str, str] = {}
         self.started = time.monotonic()
         self.provider = env.provider
         self.task_id: str | None = None
@@ -98,7 +101,8 @@ class ServiceContext:
         makes for that one (kept until shortly before it expires); to anything else none."""
         if url.startswith(self.env.daemon_url + "/") or url == self.env.beat_url:  # the relay: our node agent's
             return self.token
-        target = next((n for n in self.config.services if url.startswith(self.config.url(n) + "/")), None)
+        target = next((n for n in self.config.services if url.startswith(self.config.url(n) + "/")), None) \
+            or next((n for base, n in self._peer_urls.items() if url.startswith(base + "/")), None)
         if target is None:
             return None
         held = None if fresh else self._peer_tokens.get(target)
@@ -111,6 +115,11 @@ class ServiceContext:
                 return None  # not one we may call with a token (llm-sim's API needs none)
             held = self._peer_tokens[target] = answer["token"]
         return held
+
+    def learn_peer(self, name: str, url: str) -> None:
+        """``name`` listens at ``url`` (the daemon said so): calls there carry a peer token for it."""
+        if name not in self.config.services:
+            self._peer_urls[url.rstrip("/")] = name
 
     def peer_caller(self, request: web.Request) -> str | None:
         """Who a request's peer token speaks for, if the daemon made it for this service."""
@@ -127,7 +136,7 @@ class ServiceContext:
         services = self.config.services
         if caller not in services:  # "daemon", "operator:NAME", "session:LOGIN": made for the operator
             return True
-        me = services.get(self.name)
+        me = services.get(self.config.standing_for(self.name) or self.name)  # a replica newer than our file too
         if request.path == "/tasks":
             return me is not None and (me.parent == caller or services[caller].role == "gateway")
         if request.path == "/handle_grandchild_failure":

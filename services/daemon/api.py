@@ -871,7 +871,10 @@ async def record_task(request: web.Request) -> web.Response:
         # An operator's or a script's task: no parent service will push it, so the daemon
         # does (an agent that is down gets it when it is next healthy; a command claims it).
         d.background(d.ledger.dispatch(svc, row, resumed=False), f"dispatch {rec.task_id}")
-    return web.json_response({"task": row, "created": created}, status=201 if created else 200)
+    # Where the agent that has it listens (a parent posts it there): one of a replicated
+    # service's replicas may be newer than the parent's copy of the mesh file.
+    return web.json_response({"task": row, "created": created, "url": d.config.url(rec.agent)},
+                             status=201 if created else 200)
 
 
 class Claim(Msg):

@@ -68,9 +68,11 @@ def _agent_view(config: MeshConfig, dumped: dict, name: str) -> dict:
     """What an agent reads of the mesh file besides its own entry (``dumped``: the
     config as JSON)."""
     spec = config.services[name]
-    near = [spec.parent, *config.children(name), config.providers.sim_service]
+    # A replicated child by its name (NAME), as the agent delegates to it: how many replicas it
+    # has, and their ports, the agent learns from the daemon at each task (no restart on a scale).
+    near = [spec.parent, *config.child_services(name), config.providers.sim_service]
     return {"ports": {n: config.services[n].port for n in near if n in config.services},
-            "children": sorted(config.children(name)), "providers": dumped["providers"]}
+            "children": sorted(config.child_services(name)), "providers": dumped["providers"]}
 
 
 def plan(old: MeshConfig, new: MeshConfig) -> Plan:

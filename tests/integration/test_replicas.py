@@ -212,3 +212,30 @@ def test_scaling_an_agent_down_hands_the_removed_replicas_task_to_a_sibling(mesh
     handed = mesh.rows("SELECT payload FROM events WHERE kind = 'task_requeued' AND task_id = ?", (moved,))
     assert any('"from_agent": "programmer-1.2"' in (h["payload"] or "") for h in handed), handed
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+
+
+def test_a_parent_delegates_to_the_replicas_a_scale_made_without_being_restarted(mesh_factory):
+    """director-code delegates to its replicated child by the child's name (the daemon picks the
+    replica): `tron scale` up and down leaves it running, its tasks reach a replica its own copy
+    of the mesh file does not name, and none goes to a replica that is gone."""
+    import tomllib
+
+    services = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
+    services["programmer-1"].update(replicas=2, port=6140)
+    mesh = mesh_factory(services=services)
+    mesh.up()
+    director = mesh.service("director-code")["pid"]
+    assert mesh.tron("scale", "programmer-1", "3", timeout=120).returncode == 0
+    for i in range(6):  # the daemon gives each task to the replica with the fewest: .3 gets one soon
+        proc = mesh.tron("run", f"build part {i}", timeout=120)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        if mesh.rows("SELECT 1 FROM tasks WHERE agent = 'programmer-1.3' AND status = 'done'"):
+            break
+    else:
+        raise AssertionError("no task reached programmer-1.3")
+    assert mesh.tron("scale", "programmer-1", "1", timeout=120).returncode == 0
+    proc = mesh.tron("run", "after the scale down", timeout=120)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert mesh.service("director-code")["pid"] == director  # never restarted by either scale
+    assert not mesh.rows("SELECT agent, reason FROM alerts")
+    assert not mesh.rows("SELECT task_id FROM tasks WHERE status != 'done'")

@@ -847,7 +847,9 @@ async def record_task(request: web.Request) -> web.Response:
     d = _d(request)
     rec = await parse(request, TaskRecord)
     existing = await d.store.task(rec.task_id)
+    group = None
     if rec.agent not in d.sup.services and d.replicas.of(rec.agent):  # a replicated agent: one of its replicas
+        group = rec.agent
         rec = rec.model_copy(update={"agent": existing["agent"] if existing else await d.replicas.pick(rec.agent)})
     _service(d, rec.agent)
     caller = _caller(request)
@@ -861,6 +863,10 @@ async def record_task(request: web.Request) -> web.Response:
     if existing is None:  # a parent re-delegating after its restart finds its task, paused or not
         refusal = await d.breaker.refusal(rec.agent)
         if refusal is not None:
+            if group is not None and refusal.get("service") == rec.agent:
+                # Given to the service, not to the replica the daemon picked: none takes tasks
+                # (pick prefers a running, unpaused one), so the refusal is the service's.
+                refusal = {**refusal, "service": group, "message": refusal["message"].replace(rec.agent, group)}
             return error(409, refusal["message"], **{k: v for k, v in refusal.items() if k != "message"})
     if rec.traceparent is None and telemetry.enabled():  # an operator's or a script's task: a trace of its own
         rec = rec.model_copy(update={"traceparent": telemetry.new_root(

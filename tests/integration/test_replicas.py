@@ -239,3 +239,8 @@ def test_a_parent_delegates_to_the_replicas_a_scale_made_without_being_restarted
     assert mesh.service("director-code")["pid"] == director  # never restarted by either scale
     assert not mesh.rows("SELECT agent, reason FROM alerts")
     assert not mesh.rows("SELECT task_id FROM tasks WHERE status != 'done'")
+    # Every replica stopped: a task for the service is refused in the service's name.
+    assert mesh.tron("stop", "programmer-1").returncode == 0
+    proc = mesh.tron("run", "--agent", "programmer-1", "nobody takes this", timeout=60)
+    assert proc.returncode != 0 and "programmer-1 is stopped by an operator" in proc.stderr \
+        and "`tron start programmer-1`" in proc.stderr, (proc.stdout, proc.stderr)

@@ -137,6 +137,9 @@ class Runner:
 
     def service(self, name: str) -> dict:
         if name not in self.config.services:
+            if replicas := self.config.replicas_of(name):  # a fault hits one process: one replica
+                raise DrillError(f"{name} has replicas: drill one of them ({', '.join(replicas)}); its siblings "
+                                 "go on serving meanwhile")
             raise DrillError(f"no service named {name!r} (known: {', '.join(self.config.services)})")
         return self.mesh.service(name)
 

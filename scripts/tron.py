@@ -536,7 +536,7 @@ def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
         trace = trace_id_of(args.trace) or args.trace.lower()  # a traceparent names its trace too
         if len(trace) != 32 or any(c not in "0123456789abcdef" for c in trace):
             raise CLIError(f"--trace takes a trace id (32 hex digits) or a traceparent, not {args.trace!r}")
-    names = list(args.names)
+    names = [replica for name in args.names for replica in _log_names(ctx, name)]
     remote = _node_logs(ctx, names)
     if names and not args.follow:
         # A service of this mesh that has written nothing yet is not an error; a name the
@@ -556,6 +556,20 @@ def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
             if not names:
                 return 0
     return tail(ctx.home.logs, names, follow=args.follow, lines=args.lines, trace=trace, remote=remote)
+
+
+def _log_names(ctx: Ctx, name: str) -> list[str]:
+    """A replicated service's name stands for its replicas' logs, merged: those the file
+    names and those a `tron scale` added (NAME.i.log in the log folder)."""
+    try:
+        if name in ctx.config.services:
+            return [name]
+        replicas = set(ctx.config.replicas_of(name))
+    except (ConfigError, OSError, ValueError):  # a broken mesh.toml must not hide the logs
+        replicas = set()
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.log")
+    replicas |= {f"{name}.{m.group(1)}" for p in ctx.home.logs.glob(f"{name}.*.log") if (m := pattern.fullmatch(p.name))}
+    return sorted(replicas, key=lambda n: int(n.rsplit(".", 1)[1])) or [name]
 
 
 def _gateway_url(ctx: Ctx) -> str:

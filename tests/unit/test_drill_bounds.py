@@ -50,3 +50,16 @@ def test_a_drill_waits_for_its_fault_to_be_noticed_then_the_recovery_bound(drill
         getattr(r, drill)("worker")
     assert waits == [noticed_after(r.policy) + r.recovery_bound()]
     assert waits[0] > noticed_after(r.policy) + r.policy.beat_timeout  # the shipped policy: 60 + 53 s for a runaway
+
+
+def test_a_drill_on_a_replicated_service_names_the_replicas_to_drill():
+    from tron.common.config import parse_mesh
+    from tron.scripts.drills import DrillError
+
+    r = Runner.__new__(Runner)
+    r.config = parse_mesh({"services": {"web": {"command": ["srv"], "port": 7401, "socket": "inherit",
+                                                "replicas": 3}}})
+    with pytest.raises(DrillError, match=r"web has replicas: drill one of them \(web.1, web.2, web.3\)"):
+        r.service("web")
+    with pytest.raises(DrillError, match="no service named 'nope'"):
+        r.service("nope")

@@ -161,3 +161,24 @@ def test_tron_logs_of_a_silent_service_says_so_and_of_an_unknown_name_fails(tmp_
     unknown = tron("wbe")
     assert unknown.returncode == 2 and "no service named wbe" in unknown.stderr and "db, web" in unknown.stderr, unknown
     assert not (home / "logs" / "web.log").exists()  # asking changed nothing
+
+
+def test_tron_logs_of_a_replicated_service_merges_its_replicas_those_a_scale_added_too(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    config = tmp_path / "mesh.toml"
+    config.write_text('[services.web]\ncommand = ["srv"]\nport = 7000\nsocket = "inherit"\nreplicas = 2\n')
+    home = tmp_path / "home"
+    (home / "logs").mkdir(parents=True)
+    for i in (1, 2, 3):  # web.3: added by `tron scale`, which the file does not say
+        (home / "logs" / f"web.{i}.log").write_text(f"from replica {i}\n")
+    (home / "logs" / "web.x.log").write_text("not a replica\n")
+    proc = subprocess.run([sys.executable, "-m", "tron.scripts.tron", "--config", str(config), "logs", "web"],
+                          env={**os.environ, "TRON_HOME": str(home)}, capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"from replica {i}" in proc.stdout for i in (1, 2, 3)) and "not a replica" not in proc.stdout

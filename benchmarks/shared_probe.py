@@ -87,9 +87,8 @@ class Row:
 def replica(port: int, pid: int, shared: bool, n: int) -> SimpleNamespace:
     spec = SimpleNamespace(port=port, replica_of="web" if shared else None, is_agent=False, socket="inherit",
                            replicas=n if shared else 1)
-    # Its processes as its cgroup lists them (the daemon reads cgroup.procs): here the one server.
-    group = SimpleNamespace(pids=lambda: [pid])
-    return SimpleNamespace(name="web.1", spec=spec, child=SimpleNamespace(pid=pid, node=None, cgroup=group))
+    # Its processes as Child.pids lists them (the daemon reads its cgroup.procs): here the one server.
+    return SimpleNamespace(name="web.1", spec=spec, child=SimpleNamespace(pid=pid, node=None, pids=lambda: [pid]))
 
 
 async def run(n: int, probes: int) -> list[Row]:

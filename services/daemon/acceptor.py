@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import socket
-import struct
 from typing import Callable, Iterable
 
+from tron.common.processes import holds_socket
 from tron.services.daemon import sockdiag
 
 # s between looks while the connection waits to be accepted: a process that serves takes
@@ -31,58 +29,15 @@ POLLS = (0.0002, 0.0005, 0.001)
 POLL = 0.002
 
 
-def _hex(host: str, port: int) -> str:
-    """An IPv4 address as /proc/net/tcp writes it (the address in host order, hex)."""
-    return f"{struct.unpack('<I', socket.inet_aton(host))[0]:08X}:{port:04X}"
-
-
 def server_inode(port: int, peer: tuple[str, int], host: str = "127.0.0.1") -> int | None:
     """The inode of the server side of the connection from ``peer`` to ``host:port``: 0 while
     no process has accepted it yet, None when there is no such connection, or it was closed
     before a process could be told apart (refused, or accepted and closed at once)."""
-    global _netlink_ok
-    found = None
-    if _netlink_ok:
-        try:
-            found = sockdiag.connection((host, port), peer)
-        except OSError:
-            _netlink_ok = False  # not allowed here: /proc from now on
-    if not _netlink_ok:
-        found = _from_proc(port, peer, host)
+    found = sockdiag.connection((host, port), peer)
     if found is None:
         return None
     state, inode = found
     return inode if inode or state == sockdiag.TCP_ESTABLISHED else None
-
-
-_netlink_ok = sockdiag._netlink_ok
-
-
-def _from_proc(port: int, peer: tuple[str, int], host: str, table: str = "/proc/net/tcp") -> tuple[int, int] | None:
-    local, remote = _hex(host, port), _hex(*peer)
-    with open(table) as f:
-        next(f, None)
-        for line in f:
-            fields = line.split()
-            if len(fields) > 9 and fields[1] == local and fields[2] == remote:
-                return int(fields[3], 16), int(fields[9])
-    return None
-
-
-def holds(pids: Iterable[int], inode: int) -> bool:
-    """Whether one of ``pids`` has the socket ``inode`` among its descriptors."""
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return True
-                except OSError:
-                    continue
-        except OSError:
-            continue
-    return False
 
 
 async def accepted_by(port: int, peer: tuple[str, int], pids: Callable[[], Iterable[int]],
@@ -98,9 +53,9 @@ async def accepted_by(port: int, peer: tuple[str, int], pids: Callable[[], Itera
             break
         await asyncio.sleep(POLLS[look] if look < len(POLLS) else POLL)
     # Accepted: the descriptor is installed a moment after the socket gets its inode.
-    ours = list(pids())
+    ours, wanted = set(pids()), {str(inode)}
     for _ in range(3):
-        if holds(ours, inode):
+        if holds_socket(ours, wanted) is True:
             return True
         await asyncio.sleep(POLL)
     return False

@@ -107,22 +107,9 @@ class ProbeChecks:
         if not spec.replica_of or spec.is_agent or spec.socket != "inherit" or child is None or child.node is not None:
             return None
 
-        def tree() -> list[int]:
-            """Its processes: its cgroup's (one read), else its main process's descendants."""
-            if child.cgroup is not None:
-                try:
-                    return child.cgroup.pids()
-                except OSError:
-                    pass
-            try:
-                root = psutil.Process(child.pid)
-                return [child.pid, *(p.pid for p in root.children(recursive=True))]
-            except psutil.Error:
-                return []
-
         async def mine(local: tuple[str, int]) -> bool | None:
             verdicts.append(None)
-            verdicts[-1] = await acceptor.accepted_by(spec.port, (local[0], local[1]), tree)
+            verdicts[-1] = await acceptor.accepted_by(spec.port, (local[0], local[1]), child.pids)
             return verdicts[-1]
 
         return mine

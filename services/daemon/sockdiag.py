@@ -82,7 +82,34 @@ def connection(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, in
     """(state, inode) of the IPv4 TCP socket at ``local`` connected to ``remote`` (inode 0:
     no process holds it yet, as a connection waiting in a listener's queue); None when there
     is none. One exact lookup by netlink, not a dump of every socket (acceptor.py asks it
-    every few ms while a connection waits). Raises OSError where netlink is not allowed."""
+    every few ms while a connection waits); /proc/net/tcp where netlink is not allowed."""
+    global _netlink_ok
+    if _netlink_ok:
+        try:
+            return _lookup(local, remote)
+        except OSError:
+            _netlink_ok = False  # not allowed here: /proc from now on
+    return _connection_from_proc(local, remote)
+
+
+def _hex(host: str, port: int) -> str:
+    """An IPv4 address as /proc/net/tcp writes it (the address in host order, hex)."""
+    return f"{struct.unpack('<I', socket.inet_aton(host))[0]:08X}:{port:04X}"
+
+
+def _connection_from_proc(local: tuple[str, int], remote: tuple[str, int],
+                          table: str = "/proc/net/tcp") -> tuple[int, int] | None:
+    want_local, want_remote = _hex(*local), _hex(*remote)
+    with open(table) as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
+                return int(fields[3], 16), int(fields[9])
+    return None
+
+
+def _lookup(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
     sockid = (struct.pack("!HH", local[1], remote[1]) + socket.inet_aton(local[0]) + b"\0" * 12
               + socket.inet_aton(remote[0]) + b"\0" * 12 + struct.pack("=I", 0) + _NOCOOKIE)
     request = _REQUEST.pack(socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, sockid)

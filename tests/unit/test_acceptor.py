@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tron.services.daemon import acceptor
+from tron.common.processes import holds_socket
+from tron.services.daemon import acceptor, sockdiag
 
 
 def listener() -> socket.socket:
@@ -20,14 +21,14 @@ def listener() -> socket.socket:
 
 
 def test_the_address_is_written_as_proc_net_tcp_writes_it():
-    assert acceptor._hex("127.0.0.1", 6165) == "0100007F:1815"
+    assert sockdiag._hex("127.0.0.1", 6165) == "0100007F:1815"
 
 
 @pytest.fixture(params=["netlink", "proc"])
 def lookup(request, monkeypatch):
     """Both ways of asking the kernel: sock_diag's exact lookup, and /proc/net/tcp where
     netlink is not allowed."""
-    monkeypatch.setattr(acceptor, "_netlink_ok", request.param == "netlink")
+    monkeypatch.setattr(sockdiag, "_netlink_ok", request.param == "netlink")
     return request.param
 
 
@@ -40,7 +41,7 @@ def test_a_connection_waiting_in_the_queue_has_no_inode_and_the_accepting_proces
         conn, _ = srv.accept()
         inode = acceptor.server_inode(port, peer)
         assert inode and os.fstat(conn.fileno()).st_ino == inode
-        assert acceptor.holds([os.getpid()], inode)
+        assert holds_socket({os.getpid()}, {str(inode)})
         assert asyncio.run(acceptor.accepted_by(port, peer, lambda: [os.getpid()])) is True
         conn.close()  # accepted and closed: nobody can be told apart any more
         assert acceptor.server_inode(port, peer) is None

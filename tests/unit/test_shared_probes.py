@@ -36,7 +36,7 @@ class Scripted:
 def replica(shared: bool = True):
     spec = SimpleNamespace(port=7401, replica_of="web" if shared else None, is_agent=False, socket="inherit",
                            replicas=3 if shared else 1)
-    return SimpleNamespace(name="web.1", spec=spec, child=SimpleNamespace(pid=1, node=None, cgroup=None))
+    return SimpleNamespace(name="web.1", spec=spec, child=SimpleNamespace(pid=1, node=None, pids=lambda: [1]))
 
 
 # whose: the kernel's answer for each connection in turn (True: this replica's, False: a

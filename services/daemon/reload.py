@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tron.common.config import ConfigError, MeshConfig, load_mesh
 from tron.common.settings import apply_overlay, read_overlay
-from tron.common.states import OPEN_TASK_STATES, PEOPLE_PARKS, ServiceState as S, TaskState
+from tron.common.states import ServiceState as S, TaskState
 
 if TYPE_CHECKING:
     from tron.services.daemon.core import Daemon
@@ -149,11 +149,12 @@ class Reloader:
             svc = sup[name]
             await sup.stop(svc, reason="reload:removed")
             group = svc.spec.replica_of
+            moving: set[str] = set()  # what requeue_tasks moves: its open tasks, not those held or parked for people
             if svc.spec.is_agent and group and any(n not in p.stop for n in new.replicas_of(group)):
                 heirs[name] = group
+                moving = {t["task_id"] for t in await d.store.open_tasks(name)}
             for task in await d.store.live_tasks(name):
-                if name in heirs and task["status"] in OPEN_TASK_STATES and not (
-                        task["status"] == TaskState.PARKED and task.get("parked_reason") in PEOPLE_PARKS):
+                if task["task_id"] in moving:
                     continue  # it goes to a sibling (_hand_on); one held by the ladder or an operator fails
                 await d.ledger.finish_task(task["task_id"], TaskState.FAILED, None, "service_removed",
                                            {"agent": name, "by": actor}, None)

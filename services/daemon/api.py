@@ -861,12 +861,8 @@ async def record_task(request: web.Request) -> web.Response:
     if await d.store.run(rec.run_id) is None:
         return error(404, f"no run {rec.run_id!r}")
     if existing is None:  # a parent re-delegating after its restart finds its task, paused or not
-        refusal = await d.breaker.refusal(rec.agent)
+        refusal = await d.breaker.refusal(rec.agent, given_to=group)
         if refusal is not None:
-            if group is not None and refusal.get("service") == rec.agent:
-                # Given to the service, not to the replica the daemon picked: none takes tasks
-                # (pick prefers a running, unpaused one), so the refusal is the service's.
-                refusal = {**refusal, "service": group, "message": refusal["message"].replace(rec.agent, group)}
             return error(409, refusal["message"], **{k: v for k, v in refusal.items() if k != "message"})
     if rec.traceparent is None and telemetry.enabled():  # an operator's or a script's task: a trace of its own
         rec = rec.model_copy(update={"traceparent": telemetry.new_root(

@@ -64,15 +64,17 @@ class Breaker:
         await self.store.alert_delivered(alert_id, "operator")
         self.metrics.alerts.labels(reason="lane_paused").inc()
 
-    async def refusal(self, agent: str) -> dict | None:
-        """Why a new task for ``agent`` must be refused now, if it must."""
-        svc = self.sup[agent]
+    async def refusal(self, agent: str, *, given_to: str | None = None) -> dict | None:
+        """Why a new task for ``agent`` must be refused now, if it must. ``given_to``: the
+        replicated service the task was given to (``agent`` is the replica picked for it,
+        picked among those that take tasks when any does): the refusal is in its name."""
+        svc, named = self.sup[agent], given_to or agent
         if svc.stopped:  # nothing would run it until `tron start`: refused now, not held forever
-            return {"reason": "service_stopped", "service": agent,
-                    "message": f"{agent} is stopped by an operator: no new tasks (`tron start {agent}`)"}
+            return {"reason": "service_stopped", "service": named,
+                    "message": f"{named} is stopped by an operator: no new tasks (`tron start {named}`)"}
         if svc.paused:
-            return {"reason": "service_paused", "service": agent,
-                    "message": f"{agent} is paused by an operator: no new tasks (`tron resume {agent}`)"}
+            return {"reason": "service_paused", "service": named,
+                    "message": f"{named} is paused by an operator: no new tasks (`tron resume {named}`)"}
         lane = await self.store.lane(svc.spec.role)
         if lane and lane["state"] == LaneState.PAUSED:
             return {"reason": "lane_paused", "lane": lane["lane"], "fingerprint": lane["fingerprint"],

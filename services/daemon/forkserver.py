@@ -16,6 +16,11 @@ daemon reaps it and gets its real exit status, as for a plain spawn. The interme
 not the server, answers with the pid: the server forks once per request and takes the
 next, so a crash wave's incarnations are forked one after another in a few ms each.
 
+Once its heap is built (before it is ready, and again after the warm-up) the server freezes it
+for the collector and has the kernel rewrite it in huge pages (hugepages.py): an incarnation
+then shares it in far fewer, larger pages, which its fork copies and its death tears down (a
+killed agent is known dead only once that is done).
+
 Before each fork the server checks that no source file it imported has changed; if one
 has, it answers ``stale`` and exits, and the daemon spawns plainly and starts a new
 server. A dead server is replaced the same way.
@@ -40,7 +45,8 @@ machine's would take, so a test can fork agents cold or ask for one during the w
 
 Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                   -> {"ok": true, "pid": ..., "modules": n, "warm": bool,
-                                                         "warmth": "cold" | "warm" | "failed"}
+                                                         "warmth": "cold" | "warm" | "failed",
+                                                         "huge_pages": {"mb", "seconds", "unavailable"?} | null}
     {"op": "warm_up"}                                -> {"ok": true, "warm": bool}, then the warm-up
     {"op": "heir_warms"}                             -> {"ok": true}; it no longer warms up untold
     {"op": "retire"}                                 -> {"ok": true, "retiring": true}, then it exits
@@ -443,9 +449,8 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     sources = _own_sources()
     if os.environ.get("TRON_WARM_BEFORE_READY") == "1":  # the daemon's choice (fork_server_env): the old order
         _warm_up(sources)
-    # Every object so far goes to the permanent generation: a child's collections never
-    # walk them, so they stay shared pages instead of copies made by reference counts.
-    gc.freeze()
+    else:
+        _settle_heap()
     try:
         os.unlink(sock_path)
     except FileNotFoundError:
@@ -513,6 +518,7 @@ WARM_UNASKED = 5.0  # s without a request after which the server warms up untold
 WARM_UP_DELAY = "TRON_TEST_WARM_UP_DELAY"  # a test knob: the warm-up sleeps this many seconds first
 
 _warmth = "cold"  # -> "warm" | "failed" (the SDKs could not be imported here: agents import their own)
+_huge_pages: dict | None = None  # what the last _settle_heap() put in huge pages (hugepages.Collapsed.log_fields)
 
 
 def _warm_up_in(now: float, last_asked: float, told: bool, waived: bool = False) -> float | None:
@@ -551,10 +557,28 @@ def _warm_up(sources: dict[str, float]) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         _reap_intermediates()
     sources.update({path: mtime for path, mtime in _own_sources().items() if path not in sources})
-    gc.freeze()
+    _settle_heap()
     if _warmth == "warm":
         print(json.dumps({"msg": "fork server warm", "seconds": round(time.monotonic() - started, 3),
                           "modules": len(sys.modules)}), flush=True)
+
+
+def _settle_heap() -> None:
+    """Make what is imported so far cheap to share with every child forked from now on."""
+    global _huge_pages
+    # Every object goes to the permanent generation: a child's collections never walk them,
+    # so they stay shared pages instead of copies made by reference counts.
+    gc.freeze()
+    # And in huge pages: a child's fork and its death (the kernel tears its memory down
+    # before anyone can know it died) cost the kernel about half (hugepages.py).
+    if os.environ.get(HUGE_PAGES, "1") != "0":
+        from tron.services.daemon.hugepages import collapse
+
+        _huge_pages = collapse().log_fields()
+        print(json.dumps({"msg": "fork server heap in huge pages", **_huge_pages}), flush=True)
+
+
+HUGE_PAGES = "TRON_FORK_HUGE_PAGES"  # "0": the heap stays in 4 KiB pages (a benchmark's baseline)
 
 
 def _reap_intermediates() -> None:
@@ -575,7 +599,7 @@ def _handle(req: dict, sources: dict[str, float], fds: list[int], conn: socket.s
         return {"ok": False, "error": f"bad request: a JSON object is expected, not {type(req).__name__}"}
     if req.get("op") == "ping":
         return {"ok": True, "pid": os.getpid(), "modules": len(sys.modules), "warm": _warmth == "warm",
-                "warmth": _warmth}
+                "warmth": _warmth, "huge_pages": _huge_pages}
     if req.get("op") == "warm_up":  # the mesh is up: the server's loop warms up once this is answered
         return {"ok": True, "warm": _warmth == "warm"}
     if req.get("op") == "heir_warms":  # another server imports the SDKs: this one serves on, cold

@@ -441,7 +441,8 @@ class LocalSpawner:
         if fs is None:
             return None
         return {"pid": fs.pid, "ready": fs.ready, "warm": fs.warm, "generation": fs.generation, "spawned": fs.spawned,
-                "heir": fs.heir.pid if fs.heir is not None else None, "socket": fs.sock_path}
+                "heir": fs.heir.pid if fs.heir is not None else None, "socket": fs.sock_path,
+                "huge_pages": fs.huge_pages}
 
     def helper_pids(self) -> set[int]:
         fs = self.forkserver
@@ -1193,6 +1194,8 @@ class ForkServerClient:
         self.stopping = False
         self.generation = 0
         self.spawned = 0
+        # What the serving server's heap has in huge pages (forkserver._settle_heap), as its last ping said.
+        self.huge_pages: dict | None = None
         self._fds: dict[int, int] = {}  # pid -> its pidfd, watched (the server, and an heir warming up)
         self.heir: subprocess.Popen | None = None  # a server warming up to take over (``_hand_to_heir``)
         self.on_warm: Callable[[], None] = lambda: None  # called when the serving server has its SDKs
@@ -1263,9 +1266,9 @@ class ForkServerClient:
         if reply is None:
             log.warning("fork server did not become ready; agents spawn plainly")
             return False
-        self.ready = True
+        self.ready, self.huge_pages = True, reply.get("huge_pages")
         log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
-                                             "generation": self.generation})
+                                             "generation": self.generation, "huge_pages": self.huge_pages})
         self.warm = bool(reply.get("warm"))  # started again warm: standbys of the last cold one are made again
         if not self.warm:
             self._warming = asyncio.ensure_future(self._until_warm(self.proc))
@@ -1317,9 +1320,9 @@ class ForkServerClient:
                 told = bool(await self._request({"op": "warm_up"}, timeout=5.0))
             reply = await self._request({"op": "ping"}, timeout=30.0)
             if reply and reply.get("pid") == proc.pid and reply.get("warm"):
-                self.warm = True
+                self.warm, self.huge_pages = True, reply.get("huge_pages")
                 log.info("fork server warm", extra={"pid": proc.pid, "modules": reply.get("modules"),
-                                                    "generation": self.generation})
+                                                    "generation": self.generation, "huge_pages": self.huge_pages})
                 return
             if reply and reply.get("warmth") == "failed":
                 log.warning("fork server could not import the LLM SDKs (see its log): each agent imports its own",
@@ -1395,9 +1398,10 @@ class ForkServerClient:
             return self.stopping or self.proc is not proc  # not ours to warm any more
         old_path, self.proc, self.sock_path, self.heir = self.sock_path, heir, path, None
         self.warm, self.generation = bool(reply.get("warm")), self.generation + 1
+        self.huge_pages = reply.get("huge_pages")
         log.info("fork server warm: its heir serves now, warm from the start", extra={
             "pid": heir.pid, "retired": proc.pid, "modules": reply.get("modules"), "generation": self.generation,
-            "warmth": reply.get("warmth")})
+            "warmth": reply.get("warmth"), "huge_pages": self.huge_pages})
         # Whatever was sent to the old server before this line is answered first (its backlog
         # is served in order); it exits after answering this.
         if await self._request({"op": "retire"}, timeout=SPAWN_WAIT, path=old_path) is None and proc.poll() is None:

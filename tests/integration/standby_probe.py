@@ -1,6 +1,7 @@
 """Run by test_standby.py as a fork server's module: says which process it is, what it was
-handed, and its open-files limit, then exits. Handed a channel (TRON_BEAT_FD), it says on it
-which fd it found it at and whether a program it starts would inherit it."""
+handed, and its open-files limit, then exits (with PROBE_STAY, it waits to be killed). Handed a
+channel (TRON_BEAT_FD), it says on it which fd it found it at and whether a program it starts
+would inherit it."""
 
 import os
 import resource
@@ -12,3 +13,5 @@ if os.environ.get("TRON_BEAT_FD"):
     fd = int(os.environ["TRON_BEAT_FD"])
     sigpipe = "ignored" if signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN else "kills"
     os.write(fd, f"channel at fd {fd}, inheritable {os.get_inheritable(fd)}, SIGPIPE {sigpipe}\n".encode())
+if os.environ.get("PROBE_STAY"):  # until the test ends it: its memory is what is looked at
+    signal.pause()

@@ -1,0 +1,50 @@
+"""hugepages.py: which of a process's mappings are collapsed into huge pages, and why a machine
+may have none."""
+
+from __future__ import annotations
+
+import pytest
+
+from tron.services.daemon.hugepages import HUGE, Collapsed, ranges, unavailable_reason
+
+M = 2 << 20
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    # private, writable, anonymous: cut to whole 2 MiB pages
+    (f"{M:x}-{5 * M:x} rw-p 00000000 00:00 0", [(M, 5 * M)]),
+    (f"{M + 4096:x}-{5 * M - 4096:x} rw-p 00000000 00:00 0", [(2 * M, 4 * M)]),
+    # the brk heap is anonymous too
+    (f"{0:x}-{2 * M:x} rw-p 00000000 00:00 0 [heap]", [(0, 2 * M)]),
+    # too small for one whole huge page
+    (f"{M + 4096:x}-{3 * M - 4096:x} rw-p 00000000 00:00 0", []),
+    # a file's pages, a shared mapping, read-only memory, the stack: left alone
+    (f"{0:x}-{4 * M:x} rw-p 00001000 08:01 1234 /usr/lib/libpython3.11.so", []),
+    (f"{0:x}-{4 * M:x} rw-s 00000000 00:01 99 /dev/shm/x", []),
+    (f"{0:x}-{4 * M:x} r--p 00000000 00:00 0", []),
+    (f"{0:x}-{4 * M:x} rw-p 00000000 00:00 0 [stack]", []),
+    ("", []),
+])
+def test_only_private_writable_anonymous_memory_in_whole_huge_pages_is_collapsed(line, expected):
+    assert HUGE == M
+    assert ranges(line) == expected
+
+
+@pytest.mark.parametrize(("setting", "why"), [
+    ("always [madvise] never\n", None),
+    ("[always] madvise never\n", None),
+    ("always madvise [never]\n", "set to never"),
+    (None, "not in this kernel"),
+])
+def test_a_machine_without_huge_pages_is_named(tmp_path, setting, why):
+    path = tmp_path / "enabled"
+    if setting is not None:
+        path.write_text(setting)
+    said = unavailable_reason(str(path))
+    assert (said is None) if why is None else (why in said)
+
+
+def test_what_was_done_is_said_in_whole_megabytes():
+    assert Collapsed(bytes=110 * 2**20, seconds=0.2734).log_fields() == {"mb": 110, "seconds": 0.273}
+    assert Collapsed(refused={"EINVAL": 3}, unavailable="old kernel").log_fields() == {
+        "mb": 0, "seconds": 0.0, "refused": {"EINVAL": 3}, "unavailable": "old kernel"}

@@ -28,11 +28,12 @@ import sys
 from pathlib import Path
 
 from benchmarks import finish
+from tests.harness import REPO
 
 CHILD = r"""
 import gc, importlib, json, os, select, signal, sys, time
 from benchmarks import machine_cpu  # the machine's CPU seconds so far
-heavy = sys.argv[1] == "heavy"
+heavy = sys.argv[1] in ("heavy", "huge")
 if heavy:
     from tron.services.daemon.forkserver import PRELOAD
     for name in PRELOAD:
@@ -40,6 +41,9 @@ if heavy:
     from tron.common.providers.client import warm_up
     warm_up()
 gc.freeze()
+if sys.argv[1] == "huge":  # as the fork server does (hugepages.py)
+    from tron.services.daemon.hugepages import collapse
+    collapse()
 rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
 
 
@@ -48,7 +52,12 @@ def fork_waiting():
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        for o in gc.get_objects():  # a running agent's reference counts touch its objects
+        # What a standby does before it waits (and so every agent forked from the server):
+        # its start rehearsed, which writes into the pages an agent's start touches.
+        if heavy:
+            from tron.services.daemon.forkserver import _rehearse
+            _rehearse(MESH, "programmer-1")
+        for o in gc.get_objects():  # and its reference counts touch the objects it made
             pass
         os.write(w, b"x")
         signal.pause()
@@ -68,7 +77,7 @@ def gone(fds):
     return at
 
 
-kills, wave = int(sys.argv[2]), int(sys.argv[3])
+kills, wave, MESH = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 one = []
 for _ in range(kills):
     pid, fd = fork_waiting()
@@ -93,8 +102,13 @@ print(json.dumps({"rss_mb": rss, "one_ms": one, "wave_first_ms": (min(at.values(
 """
 
 
+NAMES = {"bare": "a bare interpreter", "heavy": "the warm fork server's heap, 4 KiB pages",
+         "huge": "the same in huge pages (shipped: hugepages.py)"}
+
+
 def run(kind: str, kills: int, wave: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(kills), str(wave)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(kills), str(wave), str(REPO / "mesh.toml")],
+                         capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).resolve().parents[1])
     if out.returncode != 0:
         raise RuntimeError(f"{kind}: {out.stderr[-2000:]}")
@@ -108,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="each kind measured this many times, taking turns")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    results: dict[str, list[dict]] = {"bare": [], "heavy": []}
+    results: dict[str, list[dict]] = {"bare": [], "heavy": [], "huge": []}
     for _ in range(args.rounds):
         for kind in results:
             results[kind].append(run(kind, args.kills, args.wave))
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for kind, rounds in results.items():
         med = statistics.median
-        print(f"| {'a bare interpreter' if kind == 'bare' else 'the warm fork server (SDKs)'} "
+        print(f"| {NAMES[kind]} "
               f"| {med(r['rss_mb'] for r in rounds):.0f} MB "
               f"| {med(x for r in rounds for x in r['one_ms']):.2f} ms "
               f"| {med(r['wave_first_ms'] for r in rounds):.1f} ms | {med(r['wave_last_ms'] for r in rounds):.1f} ms "

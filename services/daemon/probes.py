@@ -17,6 +17,10 @@ service answers SERVING). Three uses:
 
 Liveness and readiness wait out their ``initial_delay`` from the incarnation's start.
 
+A replica of a program shares its port with its siblings: its probe counts only a connection
+its own processes accepted, one that reached only its siblings says nothing of it
+(``Inconclusive``), and a minute of nothing else (``Unheard``) is a failure: it accepts nothing.
+
 A command's main process found stopped (SIGSTOP, ``T`` in /proc) that many checks in a
 row is a liveness failure too: a stopped nginx master behind live workers answers HTTP.
 One loop serves every probe; every error of any kind is a failed probe and no exception
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Callable
 
 import psutil
@@ -43,7 +48,7 @@ from tron.services.daemon import acceptor
 from tron.services.daemon.supervisor import Service, Supervisor
 
 log = logging.getLogger("tron.probes")
-__all__ = ["STOPPED_CADENCE", "Inconclusive", "ProbeChecks", "Probes"]
+__all__ = ["STOPPED_CADENCE", "Inconclusive", "ProbeChecks", "Probes", "Unheard"]
 
 
 # Connections one probe of a replica makes at most, hoping one lands on it: three per
@@ -56,7 +61,43 @@ def max_elsewhere(replicas: int) -> int:
 class Inconclusive(ProbeResult):
     """An attempt that reached only the replica's siblings: not a pass (a replica is not
     healthy or ready on its siblings' answers) and not a failure (it held no connection it
-    failed to answer): a liveness or readiness streak ignores it."""
+    failed to answer): a liveness or readiness streak ignores it, until its siblings have
+    taken every probe's connections for long (``Unheard``)."""
+
+
+# A replica whose siblings took every connection of its probes, ALONE_PROBES probes in a row
+# over ALONE_SECONDS at least, accepts nothing: its loop is blocked (a handler that never
+# returns, a deadlock) while its siblings serve the port. Each further such probe is a
+# failure. A healthy replica under load loses a probe's 8-32 connections to its siblings now
+# and then (4.5% of probes with 3 replicas, 9% with 10: benchmarks/shared_probe.py), never
+# ten in a row for a minute.
+ALONE_PROBES = 10
+ALONE_SECONDS = 60.0
+ALONE_SECONDS_KNOB = "TRON_TEST_ALONE_SECONDS"  # a test knob: a shorter minute
+
+
+class Unheard:
+    """Per (service, probe use): since when, and how many probes in a row, only its siblings
+    answered (the replica's own answer, of any kind, ends the run)."""
+
+    def __init__(self, seconds: float = ALONE_SECONDS, probes: int = ALONE_PROBES) -> None:
+        self.seconds, self.probes = seconds, probes
+        self._runs: dict[tuple[str, str], tuple[str, float, int]] = {}  # -> (incarnation, since, probes)
+
+    def heard(self, key: tuple[str, str]) -> None:
+        self._runs.pop(key, None)
+
+    def failure(self, key: tuple[str, str], incarnation: str, now: float, detail: str) -> str | None:
+        """One more inconclusive probe: what failed when the run is long enough to be a failure, else None."""
+        seen, since, count = self._runs.get(key, (incarnation, now, 0))
+        if seen != incarnation:
+            since, count = now, 0
+        count += 1
+        self._runs[key] = (incarnation, since, count)
+        if count < self.probes or now - since < self.seconds:
+            return None
+        return (f"it accepted none of the connections of its last {count} probes in {now - since:.0f}s "
+                f"(its siblings took them all: it accepts nothing); last: {detail}")
 
 
 class ProbeChecks:
@@ -134,6 +175,7 @@ class Probes:
         self._running: set[tuple[str, str]] = set()
         # (service, use) -> (incarnation, result of the streak, its length)
         self._streak: dict[tuple[str, str], tuple[str, bool, int]] = {}
+        self.unheard = Unheard(float(os.environ.get(ALONE_SECONDS_KNOB) or ALONE_SECONDS))
 
     async def loop(self) -> None:
         while not self.sup.stopping:
@@ -163,20 +205,25 @@ class Probes:
         yield "stopped", spec.liveness or STOPPED_CADENCE
 
     async def _run(self, svc: Service, incarnation: str, use: str, probe: Probe) -> None:
+        key = (svc.name, use)
         try:
             if use == "stopped":
                 ok, what = self._not_stopped(svc)
             else:
                 result = await self.checks.check(svc, probe)
                 if isinstance(result, Inconclusive):
-                    log.debug("%s probe of %s: %s", use, svc.name, result.detail)
-                    return
-                ok, what = result
+                    failed = self.unheard.failure(key, incarnation, self.clock.now(), result.detail)
+                    if failed is None:
+                        log.debug("%s probe of %s: %s", use, svc.name, result.detail)
+                        return
+                    ok, what = False, failed
+                else:
+                    self.unheard.heard(key)
+                    ok, what = result
         finally:
-            self._running.discard((svc.name, use))
+            self._running.discard(key)
         if svc.incarnation != incarnation or svc.state != ServiceState.RUNNING:
             return
-        key = (svc.name, use)
         seen, result, before = self._streak.get(key, (incarnation, ok, 0))
         streak = (before if (seen, result) == (incarnation, ok) else 0) + 1
         self._streak[key] = (incarnation, ok, streak)

@@ -4,6 +4,7 @@ replicas share the held listening socket; `tron restart NAME` rolls; `tron scale
 from __future__ import annotations
 
 import http.client
+import signal
 import sys
 import threading
 import time
@@ -143,6 +144,30 @@ def test_a_replica_that_never_serves_is_not_healthy_though_its_siblings_answer_t
     assert {a["reason"] for a in alerts} == {"start_timeout"}, alerts
     # The two that serve are not judged by app.3's silence, nor by each other's answers.
     assert not mesh.rows("SELECT agent, reason FROM alerts WHERE agent != 'app.3'")
+
+
+def test_a_replica_whose_loop_blocks_is_restarted_though_its_siblings_answer_its_probes(mesh_factory):
+    """app.2's event loop blocks (SIGUSR1): it accepts nothing, its siblings take every probe
+    connection, so each probe of it is inconclusive; a minute of that (2 s here, the test
+    knob) is a liveness failure, and it is restarted. Its siblings serve throughout, unjudged."""
+    mesh = mesh_factory(services={"app": {**APP, "liveness": {"tcp": {}, "interval": 0.2}}},
+                        policy={"stop_grace": 1.0})
+    mesh.env["TRON_TEST_ALONE_SECONDS"] = "2"
+    mesh.up()
+    rows = replicas(mesh, "app")
+    blocked = rows["app.2"]["pid"]
+    with Load(mesh.port("app")) as load:
+        wait_for(lambda: blocked in load.pids, 30, "app.2 to answer before it blocks")
+        psutil.Process(blocked).send_signal(signal.SIGUSR1)
+        back = wait_for(lambda: (r := replicas(mesh, "app")["app.2"])["state"] == "running" and r["pid"] != blocked
+                        and r, 60, "app.2 restarted with a new pid")
+        wait_for(lambda: back["pid"] in load.pids, 20, "the new app.2 to answer")
+        assert load.refused == 0
+    alerts = mesh.rows("SELECT agent, reason, detail FROM alerts")
+    assert [(a["agent"], a["reason"]) for a in alerts] == [("app.2", "liveness_failed")], alerts
+    assert "accepts nothing" in alerts[0]["detail"]
+    after = replicas(mesh, "app")
+    assert (after["app.1"]["pid"], after["app.3"]["pid"]) == (rows["app.1"]["pid"], rows["app.3"]["pid"])
 
 
 def test_a_reload_rolls_a_replicated_program_and_halts_at_a_replica_that_does_not_come_back(mesh_factory):

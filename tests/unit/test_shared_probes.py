@@ -105,3 +105,54 @@ def test_an_inconclusive_probe_moves_no_streak(use):
 
 async def _value(v):
     return v
+
+
+# A run of probes that reached only the replica's siblings, as (time, "sibs" | "own"), and
+# the probes (by index) that count as failures.
+@pytest.mark.parametrize("run,failures", [
+    ([(t * 6.0, "sibs") for t in range(11)], [10]),  # the 11th: 11 probes over 60 s
+    ([(t * 6.0, "sibs") for t in range(10)], []),  # 10 probes, 54 s: not yet
+    ([(t * 0.5, "sibs") for t in range(100)], []),  # 100 probes in 49.5 s: not a minute
+    ([(t * 0.5, "sibs") for t in range(130)], list(range(120, 130))),  # then each one more is a failure
+    ([(t * 30.0, "sibs") for t in range(10)], [9]),  # ten probes, 270 s
+    ([(0.0, "sibs"), *[(t * 10.0, "sibs") for t in range(1, 6)], (60.0, "own"),
+      *[(60.0 + t * 10.0, "sibs") for t in range(1, 10)]], []),  # its own answer ended the run
+])
+def test_a_replica_its_siblings_beat_to_every_connection_for_a_minute_fails(run, failures):
+    unheard = probes.Unheard()
+    got = []
+    for i, (t, whose) in enumerate(run):
+        if whose == "own":
+            unheard.heard(("web.1", "liveness"))
+        elif unheard.failure(("web.1", "liveness"), "i-1", t, "its siblings accepted all 9 connections"):
+            got.append(i)
+    assert got == failures
+
+
+def test_a_new_incarnation_starts_its_own_run():
+    unheard = probes.Unheard(seconds=10, probes=2)
+    assert unheard.failure(("web.1", "liveness"), "i-1", 0.0, "") is None
+    assert unheard.failure(("web.1", "liveness"), "i-2", 20.0, "") is None  # i-1's run is not i-2's
+    assert "in 10s" in unheard.failure(("web.1", "liveness"), "i-2", 30.0, "")
+
+
+def test_a_replica_that_accepts_nothing_for_a_minute_fails_liveness():
+    """Inconclusive probes move no streak for a minute; then each is a failure, and
+    failure_threshold of them raise the liveness alert, saying why."""
+    probe = Probe.model_validate({"tcp": {}, "interval": 5.0, "failure_threshold": 3})
+    svc = SimpleNamespace(name="web.1", incarnation="i-1", state="running", ready=True, last_beat=None,
+                          spec=SimpleNamespace(is_agent=False), child=None)
+    raised = []
+    sup = SimpleNamespace(on_signal=None, stopping=False, services={"web.1": svc})
+    monitor = SimpleNamespace(raise_alert=lambda *a, **kw: raised.append(a))
+    checks = SimpleNamespace(check=lambda svc, probe: _value(Inconclusive(False, "its siblings accepted all 9")))
+    now = [0.0]
+    loop = probes.Probes(sup, monitor, checks, clock=SimpleNamespace(now=lambda: now[0]), policy=lambda: None,
+                         background=None)
+    for t in range(15):  # every 5 s: the 13th probe (60 s) is the first failure, the 15th the third
+        now[0] = t * 5.0
+        asyncio.run(loop._run(svc, "i-1", "liveness", probe))
+        assert bool(raised) == (t == 14), (t, raised)
+    service, incarnation, reason, _, detail = raised[0]
+    assert (service, incarnation, reason) == ("web.1", "i-1", "liveness_failed")
+    assert "accepts nothing" in detail["last_error"] and detail["failures"] == 3

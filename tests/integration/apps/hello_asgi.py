@@ -1,6 +1,12 @@
-"""An ASGI app for uvicorn under Tron (socket = "inherit", uvicorn --fd 3): it answers with its pid."""
+"""An ASGI app for uvicorn under Tron (socket = "inherit", uvicorn --fd 3): it answers with its pid.
+SIGUSR1 blocks its event loop for good (a handler that never returns): it accepts nothing more,
+though its process lives and sleeps as a healthy one does."""
 
 import os
+import signal
+import time
+
+signal.signal(signal.SIGUSR1, lambda *_: time.sleep(3600))
 
 
 async def app(scope, receive, send):

@@ -82,8 +82,11 @@ def unavailable_reason(setting_path: str = "/sys/kernel/mm/transparent_hugepage/
     return None
 
 
-def collapse() -> Collapsed:
-    """Rewrite this process's private anonymous memory in huge pages (see the module doc)."""
+def collapse(budget: float = 1.0) -> Collapsed:
+    """Rewrite this process's private anonymous memory in huge pages (see the module doc),
+    2 MiB at a time, for ``budget`` seconds at most: on a machine whose free memory is
+    fragmented each huge page may have to be compacted first, and the server does not wait
+    for that longer than this (what is left stays in 4 KiB pages, counted as "unfinished")."""
     started = time.monotonic()
     out = Collapsed(unavailable=unavailable_reason())
     if out.unavailable:
@@ -94,13 +97,15 @@ def collapse() -> Collapsed:
         spans = ranges(f.read())
     for lo, hi in spans:
         for at in range(lo, hi, HUGE):
-            if libc.madvise(at, HUGE, MADV_COLLAPSE) == 0:
+            if time.monotonic() - started > budget:
+                out.refused["unfinished"] = out.refused.get("unfinished", 0) + 1
+            elif libc.madvise(at, HUGE, MADV_COLLAPSE) == 0:
                 out.bytes += HUGE
             else:
                 name = errno.errorcode.get(ctypes.get_errno(), "?")
                 out.refused[name] = out.refused.get(name, 0) + 1
     out.seconds = time.monotonic() - started
-    if not out.bytes and out.refused:
+    if not out.bytes and out.refused and "unfinished" not in out.refused:
         # EINVAL for every range: a kernel before 6.1 does not know the advice.
         out.unavailable = ("the kernel does not collapse memory into huge pages (MADV_COLLAPSE needs Linux 6.1+)"
                            if set(out.refused) == {"EINVAL"} else "the kernel refused every range")

@@ -89,14 +89,7 @@ def test_a_service_that_shares_no_port_is_never_asked_whose_its_connection_was(m
 def test_an_inconclusive_probe_moves_no_streak(use):
     """Three inconclusive liveness probes in a row raise no alert; readiness stays as it was."""
     probe = Probe.model_validate({"tcp": {}, "failure_threshold": 1})
-    svc = SimpleNamespace(name="web.1", incarnation="i-1", state="running", ready=True, last_beat=None,
-                          spec=SimpleNamespace(is_agent=False), child=None)
-    raised = []
-    sup = SimpleNamespace(on_signal=None, stopping=False, services={"web.1": svc})
-    monitor = SimpleNamespace(raise_alert=lambda *a, **kw: raised.append(a))
-    checks = SimpleNamespace(check=lambda svc, probe: _value(Inconclusive(False, "its siblings accepted all 8")))
-    loop = probes.Probes(sup, monitor, checks, clock=SimpleNamespace(now=lambda: 0.0), policy=lambda: None,
-                         background=None)
+    svc, loop, raised = _siblings_answer_every_probe(lambda: 0.0)
     for _ in range(3):
         loop._running.add(("web.1", use))
         asyncio.run(loop._run(svc, "i-1", use, probe))
@@ -105,6 +98,19 @@ def test_an_inconclusive_probe_moves_no_streak(use):
 
 async def _value(v):
     return v
+
+
+def _siblings_answer_every_probe(now):
+    """Replica web.1 (running, ready), the probe loop that judges it, whose every attempt is
+    inconclusive, at the clock ``now()``; and the alerts it raises."""
+    svc = SimpleNamespace(name="web.1", incarnation="i-1", state="running", ready=True, last_beat=None,
+                          spec=SimpleNamespace(is_agent=False), child=None)
+    raised: list = []
+    sup = SimpleNamespace(on_signal=None, stopping=False, services={"web.1": svc})
+    monitor = SimpleNamespace(raise_alert=lambda *a, **kw: raised.append(a))
+    checks = SimpleNamespace(check=lambda svc, probe: _value(Inconclusive(False, "its siblings accepted all 9")))
+    loop = probes.Probes(sup, monitor, checks, clock=SimpleNamespace(now=now), policy=lambda: None, background=None)
+    return svc, loop, raised
 
 
 # A run of probes that reached only the replica's siblings, as (time, "sibs" | "own"), and
@@ -140,15 +146,8 @@ def test_a_replica_that_accepts_nothing_for_a_minute_fails_liveness():
     """Inconclusive probes move no streak for a minute; then each is a failure, and
     failure_threshold of them raise the liveness alert, saying why."""
     probe = Probe.model_validate({"tcp": {}, "interval": 5.0, "failure_threshold": 3})
-    svc = SimpleNamespace(name="web.1", incarnation="i-1", state="running", ready=True, last_beat=None,
-                          spec=SimpleNamespace(is_agent=False), child=None)
-    raised = []
-    sup = SimpleNamespace(on_signal=None, stopping=False, services={"web.1": svc})
-    monitor = SimpleNamespace(raise_alert=lambda *a, **kw: raised.append(a))
-    checks = SimpleNamespace(check=lambda svc, probe: _value(Inconclusive(False, "its siblings accepted all 9")))
     now = [0.0]
-    loop = probes.Probes(sup, monitor, checks, clock=SimpleNamespace(now=lambda: now[0]), policy=lambda: None,
-                         background=None)
+    svc, loop, raised = _siblings_answer_every_probe(lambda: now[0])
     for t in range(15):  # every 5 s: the 13th probe (60 s) is the first failure, the 15th the third
         now[0] = t * 5.0
         asyncio.run(loop._run(svc, "i-1", "liveness", probe))

@@ -572,10 +572,14 @@ def _settle_heap() -> None:
     # And in huge pages: a child's fork and its death (the kernel tears its memory down
     # before anyone can know it died) cost the kernel about half (hugepages.py).
     if os.environ.get(HUGE_PAGES, "1") != "0":
-        from tron.services.daemon.hugepages import collapse
+        from tron.services.daemon.hugepages import Collapsed, collapse
 
-        # Before ready it is on `tron up`'s path (~10 ms for the cold heap); the warm-up's is not.
-        _huge_pages = collapse(budget=1.0 if _warmth != "cold" else 0.2).log_fields()
+        try:
+            # Before ready it is on `tron up`'s path (~10 ms for the cold heap); the warm-up's is not.
+            done = collapse(budget=1.0 if _warmth != "cold" else 0.2)
+        except Exception as err:  # an optimisation: the server serves on without it
+            done = Collapsed(unavailable=f"{type(err).__name__}: {err}"[:300])
+        _huge_pages = done.log_fields()
         print(json.dumps({"msg": "fork server heap in huge pages", **_huge_pages}), flush=True)
 
 

@@ -1325,6 +1325,7 @@ class ForkServerClient:
                                                     "generation": self.generation, "huge_pages": self.huge_pages})
                 return
             if reply and reply.get("warmth") == "failed":
+                self.huge_pages = reply.get("huge_pages")
                 log.warning("fork server could not import the LLM SDKs (see its log): each agent imports its own",
                             extra={"pid": proc.pid, "generation": self.generation})
                 return
@@ -1340,6 +1341,7 @@ class ForkServerClient:
                 self.heir = None
             return
         self.ready = self.warm = False
+        self.huge_pages = None
         if self.stopping:
             return
         if proc.returncode == CANNOT_RUN:

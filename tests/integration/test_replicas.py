@@ -148,11 +148,11 @@ def test_a_replica_that_never_serves_is_not_healthy_though_its_siblings_answer_t
 
 def test_a_replica_whose_loop_blocks_is_restarted_though_its_siblings_answer_its_probes(mesh_factory):
     """app.2's event loop blocks (SIGUSR1): it accepts nothing, its siblings take every probe
-    connection, so each probe of it is inconclusive; a minute of that (2 s here, the test
+    connection, so each probe of it is inconclusive; a minute of that (3 s here, the test
     knob) is a liveness failure, and it is restarted. Its siblings serve throughout, unjudged."""
     mesh = mesh_factory(services={"app": {**APP, "liveness": {"tcp": {}, "interval": 0.2}}},
                         policy={"stop_grace": 1.0})
-    mesh.env["TRON_TEST_ALONE_SECONDS"] = "2"
+    mesh.env["TRON_TEST_ALONE_SECONDS"] = "3"
     mesh.up()
     rows = replicas(mesh, "app")
     blocked = rows["app.2"]["pid"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tron.services.daemon.hugepages import HUGE, Collapsed, ranges, unavailable_reason
+from tron.services.daemon.hugepages import HUGE, Collapsed, huge_page_size, ranges, unavailable_reason
 
 M = 2 << 20
 
@@ -23,6 +23,8 @@ M = 2 << 20
     (f"{0:x}-{4 * M:x} rw-s 00000000 00:01 99 /dev/shm/x", []),
     (f"{0:x}-{4 * M:x} r--p 00000000 00:00 0", []),
     (f"{0:x}-{4 * M:x} rw-p 00000000 00:00 0 [stack]", []),
+    # an anonymous mapping its program named (prctl PR_SET_VMA_ANON_NAME) is anonymous still
+    (f"{0:x}-{4 * M:x} rw-p 00000000 00:00 0 [anon:cpython:pymalloc]", [(0, 4 * M)]),
     ("", []),
 ])
 def test_only_private_writable_anonymous_memory_in_whole_huge_pages_is_collapsed(line, expected):
@@ -30,18 +32,25 @@ def test_only_private_writable_anonymous_memory_in_whole_huge_pages_is_collapsed
     assert ranges(line) == expected
 
 
-@pytest.mark.parametrize(("setting", "why"), [
-    ("always [madvise] never\n", None),
-    ("[always] madvise never\n", None),
-    ("always madvise [never]\n", "set to never"),
-    (None, "not in this kernel"),
+def test_a_machine_with_larger_huge_pages_is_cut_to_its_own():
+    big = 512 << 20  # arm64 with 64 KiB pages
+    assert ranges(f"{big - 4096:x}-{3 * big + 4096:x} rw-p 00000000 00:00 0", big) == [(big, 3 * big)]
+
+
+@pytest.mark.parametrize(("setting", "size", "why", "huge"), [
+    ("always [madvise] never\n", "2097152\n", None, M),
+    ("[always] madvise never\n", "536870912\n", None, 512 << 20),
+    ("always madvise [never]\n", None, "set to never", M),
+    (None, None, "not in this kernel", M),
 ])
-def test_a_machine_without_huge_pages_is_named(tmp_path, setting, why):
-    path = tmp_path / "enabled"
+def test_a_machine_without_huge_pages_is_named_and_its_huge_page_size_read(tmp_path, setting, size, why, huge):
     if setting is not None:
-        path.write_text(setting)
-    said = unavailable_reason(str(path))
+        (tmp_path / "enabled").write_text(setting)
+    if size is not None:
+        (tmp_path / "hpage_pmd_size").write_text(size)
+    said = unavailable_reason(str(tmp_path))
     assert (said is None) if why is None else (why in said)
+    assert huge_page_size(str(tmp_path)) == huge
 
 
 def test_what_was_done_is_said_in_whole_megabytes():

@@ -155,3 +155,16 @@ def test_a_replica_that_accepts_nothing_for_a_minute_fails_liveness():
     service, incarnation, reason, _, detail = raised[0]
     assert (service, incarnation, reason) == ("web.1", "i-1", "liveness_failed")
     assert "accepts nothing" in detail["last_error"] and detail["failures"] == 3
+
+
+def test_a_replica_that_accepts_nothing_for_a_minute_is_not_ready():
+    """Readiness the same way: a minute of its siblings' answers, then failure_threshold
+    failures, and it is not ready (readiness never restarts: liveness does)."""
+    probe = Probe.model_validate({"tcp": {}, "interval": 10.0, "failure_threshold": 2})
+    now = [0.0]
+    svc, loop, raised = _siblings_answer_every_probe(lambda: now[0])
+    for t in range(12):  # every 10 s: the 10th probe (90 s: ten of them) fails first, the 11th second
+        now[0] = t * 10.0
+        asyncio.run(loop._run(svc, "i-1", "readiness", probe))
+        assert svc.ready is (t < 10), t
+    assert not raised

@@ -227,8 +227,7 @@ def _run_service(req: dict, fds: list[int], channel: int | None = None) -> int:
         os.dup2(channel, first_free, inheritable=False)
         first_free += 1
     os.closerange(first_free, 65536)  # the control socket and the rest of ours
-    os.environ.clear()
-    os.environ.update(req["env"])
+    _replace_environ(req["env"])
     if fds:
         os.environ["LISTEN_PID"] = str(os.getpid())
     if channel is not None:
@@ -238,6 +237,17 @@ def _run_service(req: dict, fds: list[int], channel: int | None = None) -> int:
     sys.argv = [req["module"]]
     runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
     return 0
+
+
+def _replace_environ(new: Mapping[str, str]) -> None:
+    """``os.environ`` becomes ``new`` (the incarnation's whole environment), with only the
+    variables that differ unset or set: most of it is the server's already, and each putenv is
+    a few microseconds on the restart's path, and a page copied."""
+    for key in [k for k in os.environ if k not in new]:
+        del os.environ[key]
+    for key, value in new.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,15 @@ def test_a_logger_level_is_set_only_when_it_changes(monkeypatch, current, wanted
     monkeypatch.setattr(logger, "setLevel", lambda level: calls.append(level))
     logs._set_level(logger, wanted)
     assert bool(calls) is changes
+
+
+def test_an_incarnations_environment_is_exactly_its_own(monkeypatch):
+    """Only what differs is set or unset, and nothing of the server's is left behind."""
+    from tron.services.daemon.forkserver import _replace_environ
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # a copy: the test's own is not touched
+    os.environ.clear()
+    os.environ.update({"PATH": "/bin", "SERVER_ONLY": "1", "TRON_SERVICE": "old", "HOME": "/root"})
+    new = {"PATH": "/bin", "TRON_SERVICE": "programmer-1", "HOME": "/root", "TRON_INCARNATION": "i-1"}
+    _replace_environ(new)
+    assert dict(os.environ) == new

@@ -21,9 +21,10 @@ for the collector and has the kernel rewrite it in huge pages (hugepages.py): an
 then shares it in far fewer, larger pages, which its fork copies and its death tears down (a
 killed agent is known dead only once that is done).
 
-Before each fork the server checks that no source file it imported has changed; if one
-has, it answers ``stale`` and exits, and the daemon spawns plainly and starts a new
-server. A dead server is replaced the same way.
+Before each fork the server checks that no source file it imported has changed (a stat of
+each once inotify says anything in their directories changed: sourcewatch.py); if one has,
+it answers ``stale`` and exits, and the daemon spawns plainly and starts a new server. A
+dead server is replaced the same way.
 
 The server is ready (it answers and forks) once the agent code is imported, before the LLM
 SDKs: those (1-2 s of imports) would otherwise sit on the path of every agent's first
@@ -100,6 +101,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tron.services.daemon import unixline  # json and socket only: nothing heavy before the path check
+from tron.services.daemon.sourcewatch import SourceWatch  # ctypes and select only
 
 REPO = Path(__file__).resolve().parents[2]
 # The LLM SDKs are not listed: warm_up() imports those of the mesh's providers (the registry in
@@ -124,20 +126,29 @@ def server_sdks(env: Mapping[str, str] | None = None) -> set[str]:
     return set(SDKS) if said is None else {s for s in said.split(",") if s in SDKS}
 
 
+# Whether anything in the sources' directories changed since they were read: a check that is
+# one select() until something did (sourcewatch.py), inherited by every child.
+_watch = SourceWatch()
+
+
 def _own_sources() -> dict[str, float]:
-    """Source files of the repo's own modules that are loaded, with their mtimes."""
+    """Source files of the repo's own modules that are loaded, with their mtimes (their
+    directories watched first)."""
+    paths = [path for mod in list(sys.modules.values()) if (path := getattr(mod, "__file__", None))
+             and path.startswith(str(REPO)) and "/.venv/" not in path]
+    _watch.watch(paths)
     out = {}
-    for mod in list(sys.modules.values()):
-        path = getattr(mod, "__file__", None)
-        if path and path.startswith(str(REPO)) and "/.venv/" not in path:
-            try:
-                out[path] = os.stat(path).st_mtime
-            except OSError:
-                out[path] = -1.0
+    for path in paths:
+        try:
+            out[path] = os.stat(path).st_mtime
+        except OSError:
+            out[path] = -1.0
     return out
 
 
 def _stale(sources: dict[str, float]) -> str | None:
+    if _watch.quiet():
+        return None
     for path, mtime in sources.items():
         try:
             if os.stat(path).st_mtime != mtime:
@@ -477,7 +488,8 @@ def serve(sock_path: str, parent: int | None = None) -> int:
     # them (each incarnation sets SIGCHLD back to the default before it runs). Only from
     # here: the imports above may run a subprocess and wait for it (the warm-up sets it back).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules)}), flush=True)
+    print(json.dumps({"msg": "fork server ready", "pid": os.getpid(), "modules": len(sys.modules),
+                      "source_check": _watch.how}), flush=True)
     last_asked, told, waived = time.monotonic(), False, False
     while True:
         while _warmth == "cold":  # serve what comes; warm up when told, or once nothing has come for a while

@@ -538,6 +538,7 @@ def serve(sock_path: str, parent: int | None = None) -> int:
 
 WARM_UNASKED = 5.0  # s without a request after which the server warms up untold (a node agent never tells)
 WARM_UP_DELAY = "TRON_TEST_WARM_UP_DELAY"  # a test knob: the warm-up sleeps this many seconds first
+HUGE_PAGES = "TRON_FORK_HUGE_PAGES"  # "0": the heap stays in 4 KiB pages (a benchmark's baseline)
 
 _warmth = "cold"  # -> "warm" | "failed" (the SDKs could not be imported here: agents import their own)
 _huge_pages: dict | None = None  # what the last _settle_heap() put in huge pages (hugepages.Collapsed.log_fields)
@@ -603,9 +604,6 @@ def _settle_heap() -> None:
             done = Collapsed(unavailable=f"{type(err).__name__}: {err}"[:300])
         _huge_pages = done.log_fields()
         print(json.dumps({"msg": "fork server heap in huge pages", **_huge_pages}), flush=True)
-
-
-HUGE_PAGES = "TRON_FORK_HUGE_PAGES"  # "0": the heap stays in 4 KiB pages (a benchmark's baseline)
 
 
 def _reap_intermediates() -> None:

@@ -144,15 +144,16 @@ class Reloader:
         # 1. What goes away stops first (children before parents); its live tasks fail and
         #    their parents hear of it, as for an operator's stop. A replica scaled away whose
         #    service goes on leaves its open tasks to a sibling instead (step 4): nothing lost.
-        heirs: dict[str, str] = {}  # removed replica -> the service whose replicas take its tasks
+        # removed replica -> (the service whose replicas take its tasks, the tasks that move)
+        heirs: dict[str, tuple[str, list[str]]] = {}
         for name in p.stop:
             svc = sup[name]
             await sup.stop(svc, reason="reload:removed")
             group = svc.spec.replica_of
-            moving: set[str] = set()  # what requeue_tasks moves: its open tasks, not those held or parked for people
+            moving: list[str] = []  # what requeue_tasks moves: its open tasks, not those held or parked for people
             if svc.spec.is_agent and group and any(n not in p.stop for n in new.replicas_of(group)):
-                heirs[name] = group
-                moving = {t["task_id"] for t in await d.store.open_tasks(name)}
+                moving = [t["task_id"] for t in await d.store.open_tasks(name)]
+                heirs[name] = (group, moving)
             for task in await d.store.live_tasks(name):
                 if task["task_id"] in moving:
                     continue  # it goes to a sibling (_hand_on); one held by the ladder or an operator fails
@@ -169,8 +170,8 @@ class Reloader:
         for name in p.stop:
             sup.services.pop(name, None)
             await d.store.set_agent(name, state=S.STOPPED, stopped=False)
-        for name, group in heirs.items():
-            await self._hand_on(name, group)
+        for name, (group, moving) in heirs.items():
+            await self._hand_on(name, group, moving)
         if "policy" in p.sections:
             await d.replace_policy(new.policy)
         # 3. Probe changes reach the running incarnation; a replaced service stops with its
@@ -195,11 +196,10 @@ class Reloader:
         results = await asyncio.gather(*replaced, *started)
         return {group: r for group, r in zip(groups, results) if isinstance(r, dict) and r.get("status") == "halted"}
 
-    async def _hand_on(self, name: str, group: str) -> None:
-        """The open tasks of ``name``, a replica scaled away, go to the sibling with the fewest
-        (Replicas.pick), one attempt further on, from their checkpoints, as after a restart."""
+    async def _hand_on(self, name: str, group: str, moving: list[str]) -> None:
+        """The open tasks of ``name`` (``moving``), a replica scaled away, go to the sibling with
+        the fewest (Replicas.pick), one attempt further on, from their checkpoints, as after a restart."""
         d = self.d
-        moving = [t["task_id"] for t in await d.store.open_tasks(name)]
         if not moving:
             return
         heir = await d.replicas.pick(group)

@@ -308,9 +308,15 @@ class ProviderDesk:
             decided_by="policy", requested_by=DAEMON))
 
     async def _set_provider(self, svc, provider: str) -> None:
+        """The service's provider, changed in place: its running incarnation takes the calls
+        on it (each call names its provider), so no restart is owed, and it is not switched
+        away (Service.switched_away): the tasks handed to it (a held task resumed, an
+        approved one) are not deferred for a replacement that never comes."""
         if svc.provider != provider:
             svc.provider = provider
             await self.store.set_agent(svc.name, provider=provider)
+        if svc.replacing is None:  # a restart under way (the root's switch) starts on it anyway
+            svc.spawned_provider = provider
 
     # -- parked tasks ------------------------------------------------------------------------------
 

@@ -310,6 +310,30 @@ async def _task_for(rig, agent="root", task_id="r-1.0"):
     rig.svc(agent).task_id = task_id
 
 
+async def test_a_held_task_approved_on_another_provider_is_handed_to_the_running_incarnation(rig):
+    """A task parked for an operator with nobody waiting with it (its agent restarted, or it
+    came from a replica scaled away), approved on ollama: the agent's provider changes in
+    place, and the task goes to the incarnation that runs now. It was deferred for a
+    replacement on the new provider that nothing had asked for: the task sat assigned."""
+    from tron.common.ladder import Approval
+
+    await _task_for(rig, agent="worker", task_id="r-1.0")
+    worker = rig.svc("worker")
+    old = worker.incarnation
+    assert worker.provider == "anthropic"
+    assert await rig.store.park_task("r-1.0", "all_providers_down", "awaiting_operator", lease=None)
+    await rig.daemon.providers.approve(await rig.store.task("r-1.0"), Approval(by="ops", provider="ollama"))
+    await rig.daemon.providers.tick_held()
+    for _ in range(20):
+        await rig.advance(0.05)
+        if [b for u, b in rig.posts if u.endswith("/tasks")]:
+            break
+    dispatched = [body for url, body in rig.posts if url.endswith("/tasks")]
+    assert {(b["task_id"], b["provider"]) for b in dispatched} == {("r-1.0", "ollama")}, dispatched
+    assert worker.incarnation == old and worker.provider == "ollama" and not worker.switched_away
+    assert (await rig.store.task("r-1.0"))["status"] in ("assigned", "running")
+
+
 async def test_a_beat_read_after_its_task_ended_does_not_bring_the_task_back(rig):
     from tron.common.models import Beat
 

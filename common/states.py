@@ -207,6 +207,11 @@ OPEN_ALERT_STATES = frozenset({A.PENDING, A.DELIVERED, A.UNDELIVERABLE})
 PEOPLE_PARKS = ("budget_exceeded", "awaiting_operator")
 
 
+def waits_for_people(task: Mapping[str, object]) -> bool:
+    """A task row parked for its budget or for an operator (``PEOPLE_PARKS``)."""
+    return task.get("status") == T.PARKED and task.get("parked_reason") in PEOPLE_PARKS
+
+
 def sql_in(states: Iterable[str]) -> str:
     """``('a','b')`` for a SQL ``IN`` clause or CHECK constraint, from enum members."""
     return "(" + ",".join(f"'{s}'" for s in sorted(str(x) for x in states)) + ")"

@@ -15,8 +15,8 @@ from typing import Any, Collection, NoReturn, TypeVar, cast, overload
 
 from tron.common.clock import Clock
 from tron.common.redaction import redact, redact_json
-from tron.common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, PEOPLE_PARKS, RUN, SESSION, TASK,
-                                AlertState, LaneState, RetryType, RunState, SessionState, TaskState)
+from tron.common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, RUN, SESSION, TASK,
+                                AlertState, LaneState, RetryType, RunState, SessionState, TaskState, waits_for_people)
 from tron.registry.rows import Row, Spend, TaskCounts
 from tron.registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, SqlStore, Stamps, content_hash
 
@@ -293,7 +293,7 @@ class MemoryStore(Stamps):
 
     def _tasks_of(self, agent: str, states: Collection[str], *, people_parks: bool = True) -> list[Row]:
         rows = [t for t in self.tasks_.values() if t["agent"] == agent and t["status"] in states
-                and (people_parks or not (t["status"] == TaskState.PARKED and t.get("parked_reason") in PEOPLE_PARKS))]
+                and (people_parks or not waits_for_people(t))]
         return _copied(sorted(rows, key=lambda t: t["created_at"]))
 
     async def open_tasks(self, agent: str) -> list[Row]:
@@ -303,6 +303,13 @@ class MemoryStore(Stamps):
         return self._tasks_of(agent, LIVE_TASK_STATES)
 
     async def requeue_tasks(self, agent: str, *, provider: str | None = None, to_agent: str | None = None) -> list[Row]:
+        if to_agent:  # its tasks parked for people go with the others, still parked (SqlStore.requeue_tasks)
+            for t in self._tasks_of(agent, {TaskState.PARKED}):
+                if waits_for_people(t):
+                    self.tasks_[t["task_id"]].update(agent=to_agent, lease_incarnation=None, updated_at=self._wall())
+                    self._event("task_moved", {"from_agent": agent, "status": str(TaskState.PARKED),
+                                               "parked_reason": t["parked_reason"]},
+                                agent=to_agent, task_id=t["task_id"], run_id=t["run_id"])
         for t in self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False):
             sets: dict[str, Any] = {"lease_incarnation": None}
             if provider:

@@ -359,8 +359,18 @@ class SqlStore(Stamps):
 
     async def requeue_tasks(self, agent: str, *, provider: str | None = None, to_agent: str | None = None) -> list[Row]:
         """A new incarnation takes over: each open task is one attempt further on (``to_agent``:
-        on a sibling replica, this one being removed)."""
+        on a sibling replica, this one being removed; its tasks parked for people go there
+        too, still parked, still waiting for the same person: the sibling takes them up
+        when they are approved or their budget raised)."""
         async with self.db.transaction() as tx:
+            if to_agent:
+                for row in await tx.all(f"SELECT task_id, run_id, parked_reason FROM tasks WHERE agent = ? AND "
+                                        f"status = ? AND NOT {_NOT_PEOPLE_PARK}", (agent, TaskState.PARKED)):
+                    await tx.execute("UPDATE tasks SET agent = ?, lease_incarnation = NULL, updated_at = ? "
+                                     "WHERE task_id = ?", (to_agent, self._wall(), row["task_id"]))
+                    await self._event(tx, "task_moved", {"from_agent": agent, "status": TaskState.PARKED,
+                                                         "parked_reason": row["parked_reason"]},
+                                      agent=to_agent, task_id=row["task_id"], run_id=row["run_id"])
             for row in await tx.all(f"SELECT task_id FROM tasks WHERE agent = ? AND status IN "
                                     f"{sql_in(OPEN_TASK_STATES)} AND {_NOT_PEOPLE_PARK}", (agent,)):
                 sets: dict[str, Any] = {"lease_incarnation": None}

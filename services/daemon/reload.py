@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tron.common.config import ConfigError, MeshConfig, load_mesh
 from tron.common.settings import apply_overlay, read_overlay
-from tron.common.states import ServiceState as S, TaskState
+from tron.common.states import ServiceState as S, TaskState, waits_for_people
 
 if TYPE_CHECKING:
     from tron.services.daemon.core import Daemon
@@ -143,20 +143,25 @@ class Reloader:
         log.info("reload", extra={"actor": actor, "plan": p.to_dict()})
         # 1. What goes away stops first (children before parents); its live tasks fail and
         #    their parents hear of it, as for an operator's stop. A replica scaled away whose
-        #    service goes on leaves its open tasks to a sibling instead (step 4): nothing lost.
-        # removed replica -> (the service whose replicas take its tasks, the tasks that move)
-        heirs: dict[str, tuple[str, list[str]]] = {}
+        #    service goes on leaves its open tasks to a sibling instead (step 4): nothing lost;
+        #    those parked for people go too, still waiting for them (requeue_tasks).
+        # removed replica -> (the service whose replicas take its tasks, the tasks that move, and
+        # those among them that wait for people: they move as they are)
+        heirs: dict[str, tuple[str, list[str], list[str]]] = {}
         for name in p.stop:
             svc = sup[name]
             await sup.stop(svc, reason="reload:removed")
             group = svc.spec.replica_of
-            moving: list[str] = []  # what requeue_tasks moves: its open tasks, not those held or parked for people
+            live = await d.store.live_tasks(name)
+            moving: list[str] = []  # what requeue_tasks moves: its open tasks and those parked for people
             if svc.spec.is_agent and group and any(n not in p.stop for n in new.replicas_of(group)):
                 moving = [t["task_id"] for t in await d.store.open_tasks(name)]
-                heirs[name] = (group, moving)
-            for task in await d.store.live_tasks(name):
+                waiting = [t["task_id"] for t in live if waits_for_people(t)]
+                heirs[name] = (group, moving, waiting)
+                moving = moving + waiting
+            for task in live:
                 if task["task_id"] in moving:
-                    continue  # it goes to a sibling (_hand_on); one held by the ladder or an operator fails
+                    continue  # it goes to a sibling (_hand_on); one held by the ladder for a decision fails
                 await d.ledger.finish_task(task["task_id"], TaskState.FAILED, None, "service_removed",
                                            {"agent": name, "by": actor}, None)
         # 2. The running configuration becomes the file's, in place: every part of the daemon
@@ -170,8 +175,8 @@ class Reloader:
         for name in p.stop:
             sup.services.pop(name, None)
             await d.store.set_agent(name, state=S.STOPPED, stopped=False)
-        for name, (group, moving) in heirs.items():
-            await self._hand_on(name, group, moving)
+        for name, (group, moving, waiting) in heirs.items():
+            await self._hand_on(name, group, moving, waiting)
         if "policy" in p.sections:
             await d.replace_policy(new.policy)
         # 3. Probe changes reach the running incarnation; a replaced service stops with its
@@ -196,15 +201,17 @@ class Reloader:
         results = await asyncio.gather(*replaced, *started)
         return {group: r for group, r in zip(groups, results) if isinstance(r, dict) and r.get("status") == "halted"}
 
-    async def _hand_on(self, name: str, group: str, moving: list[str]) -> None:
+    async def _hand_on(self, name: str, group: str, moving: list[str], waiting: list[str]) -> None:
         """The open tasks of ``name`` (``moving``), a replica scaled away, go to the sibling with
-        the fewest (Replicas.pick), one attempt further on, from their checkpoints, as after a restart."""
+        the fewest (Replicas.pick), one attempt further on, from their checkpoints, as after a
+        restart. Those parked for people (``waiting``) go to it as they are, and wait there."""
         d = self.d
-        if not moving:
+        if not moving and not waiting:
             return
         heir = await d.replicas.pick(group)
         await d.store.requeue_tasks(name, to_agent=heir)
-        log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving, extra={"offender": name})
+        log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving + waiting,
+                 extra={"offender": name, "waiting_for_people": waiting})
         for task_id in moving:
             task = await d.store.task(task_id)
             if task is not None and task["agent"] == heir:

@@ -239,6 +239,56 @@ def test_scaling_an_agent_down_hands_the_removed_replicas_task_to_a_sibling(mesh
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
 
 
+def test_a_task_waiting_for_an_operator_on_a_replica_scaled_away_waits_on_the_sibling_and_completes(mesh_factory):
+    """Both providers down, the human rung on: each replica's task parks awaiting an operator.
+    `tron scale NAME 1` must not throw the one of the replica scaled away away: it goes to the
+    replica that stays, still awaiting the operator (no attempt spent), and the operator's
+    approval completes it there."""
+    import tomllib
+
+    from tests.integration.test_providers import fault
+
+    services = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
+    services["programmer-1"].update(replicas=2, port=6140)
+    mesh = mesh_factory(services=services, policy={"ask_operator": True}, providers={"on_all_down": "fail"})
+    mesh.up()
+    daemon = mesh.url("daemon")
+    fault(mesh, "anthropic", "error")
+    fault(mesh, "ollama", "error")
+    tasks = []
+    for i in range(2):
+        code, run = mesh.http("POST", daemon + "/runs", {"prompt": f"write haiku {i}"})
+        assert code == 201, run
+        task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": "programmer-1",
+                "parent_agent": "operator", "kind": "run", "prompt": f"write haiku {i}"}
+        assert mesh.http("POST", daemon + "/tasks", task)[0] in (200, 201)
+        tasks.append(task["task_id"])
+    marks = ",".join("?" * len(tasks))
+    query = f"SELECT task_id, agent, status, parked_reason, attempt FROM tasks WHERE task_id IN ({marks})"
+    rows = wait_for(lambda: (r := mesh.rows(query, tuple(tasks)))
+                    and {x["agent"] for x in r} == {"programmer-1.1", "programmer-1.2"}
+                    and all(x["parked_reason"] == "awaiting_operator" for x in r) and r, 90,
+                    "both replicas' tasks to park awaiting an operator")
+    moved = next(r for r in rows if r["agent"] == "programmer-1.2")
+    proc = mesh.tron("scale", "programmer-1", "1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    mesh.flushed()
+    after = {r["task_id"]: r for r in mesh.rows(query, tuple(tasks))}
+    assert (after[moved["task_id"]]["agent"], after[moved["task_id"]]["status"],
+            after[moved["task_id"]]["parked_reason"], after[moved["task_id"]]["attempt"]) == (
+        "programmer-1.1", "parked", "awaiting_operator", moved["attempt"]), after
+    [event] = mesh.rows("SELECT payload FROM events WHERE kind = 'task_moved' AND task_id = ?", (moved["task_id"],))
+    assert '"from_agent": "programmer-1.2"' in event["payload"], event
+    assert "parked: " + moved["task_id"] in mesh.tron("status").stdout
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    for task_id in tasks:
+        proc = mesh.tron("task", "approve", task_id, "--provider", "ollama", "--reason", "ollama is back")
+        assert proc.returncode == 0, (task_id, proc.stdout, proc.stderr)
+    done = wait_for(lambda: (r := mesh.rows(query, tuple(tasks))) and all(x["status"] in ("done", "failed") for x in r)
+                    and r, 90, "both tasks to end")
+    assert all((r["status"], r["agent"]) == ("done", "programmer-1.1") for r in done), done
+
+
 def test_a_parent_delegates_to_the_replicas_a_scale_made_without_being_restarted(mesh_factory):
     """director-code delegates to its replicated child by the child's name (the daemon picks the
     replica): `tron scale` up and down leaves it running, its tasks reach a replica its own copy

@@ -311,6 +311,32 @@ async def test_a_task_parked_for_people_is_not_handed_to_the_next_incarnation(st
     assert (await store.run("r-1"))["budget_tokens"] == 3_000_000_000
 
 
+async def test_a_replica_scaled_away_hands_its_tasks_parked_for_people_to_the_sibling_still_parked(store):
+    """requeue_tasks(to_agent=): the open tasks go one attempt on; one waiting for an
+    operator goes as it is (parked, same reason, no attempt spent, nobody leasing it); a
+    restart in place (no to_agent) still keeps it where it is."""
+    await run_with_task(store, "t-1", agent="programmer-1.2")
+    await store.upsert_task({"task_id": "t-2", "run_id": "r-1", "agent": "programmer-1.2",
+                             "parent_agent": "director-code", "kind": "step", "prompt": "p"})
+    await store.task_progress("t-1", "i-2", "step:1")
+    assert await store.park_task("t-1", "all_providers_down", "awaiting_operator", lease="i-2")
+    await store.task_progress("t-2", "i-2", "step:1")
+    assert [t["task_id"] for t in await store.requeue_tasks("programmer-1.2")] == ["t-2"]
+    before = await store.task("t-1")
+    assert before["agent"] == "programmer-1.2"  # a restart in place: it stays
+    moved = await store.requeue_tasks("programmer-1.2", to_agent="programmer-1.1")
+    assert [t["task_id"] for t in moved] == ["t-2"]  # the open ones, as before
+    parked = await store.task("t-1")
+    assert (parked["agent"], parked["status"], parked["parked_reason"], parked["lease_incarnation"],
+            parked["attempt"]) == ("programmer-1.1", TaskState.PARKED, "awaiting_operator", None, before["attempt"])
+    assert await store.live_tasks("programmer-1.2") == []  # nothing left to fail with the removed replica
+    assert [t["task_id"] for t in await store.live_tasks("programmer-1.1")] == ["t-1", "t-2"]
+    await store.flushed(5.0)
+    [event] = await store.events(kind="task_moved")
+    assert (event["agent"], event["task_id"]) == ("programmer-1.1", "t-1")
+    assert (event["payload"]["from_agent"], event["payload"]["parked_reason"]) == ("programmer-1.2", "awaiting_operator")
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])  # the durable engines: memory's writes are whole at once
 async def test_a_batch_is_one_unit_and_what_it_wrote_is_read_inside_it(backend, request, tmp_path):
     """The journal's group commit (registry/journal.py): the writes of a batch land together

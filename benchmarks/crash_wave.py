@@ -86,10 +86,12 @@ SAMPLE = 0.005  # s between two readings of the machine's CPU while a wave is wa
 
 
 def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.02,
-         stages: dict[str, list[float]] | None = None) -> list[float]:
+         stages: dict[str, list[float]] | None = None, record: dict | None = None) -> list[float]:
     """Kill ``names`` at once; ms from the kill to each one running again. ``cpu``: filled
     with the CPU ms each helper spent on the wave, and the new incarnations' own. ``stages``:
-    each restart's steps (STAGES, then "healthy"), ms from the kill, appended to."""
+    each restart's steps (STAGES, then "healthy"), ms from the kill, appended to. ``record``:
+    filled with the status the wave started from, the killed pids, the kill's and the last
+    healthy's CLOCK_MONOTONIC readings (wave_timeline.py reads perf's samples between them)."""
     status = mesh.status()
     rows = {s["name"]: s for s in status["services"]}
     old = {n: rows[n]["pid"] for n in names}
@@ -97,6 +99,8 @@ def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.02,
     before = cpu_of(watched)
     machine0 = machine_cpu()
     began = time.monotonic()
+    if record is not None:
+        record.update(status=status, killed=old, began=began)
     for n in names:
         os.kill(old[n], signal.SIGKILL)
     # Watched in the registry's file, read-only: nothing asks the daemon while it restarts
@@ -122,6 +126,8 @@ def wave(mesh, names: list[str], cpu: dict | None = None, poll: float = 0.02,
         # or after it; the registry says so a little later, it records behind): on its cores,
         # a wave can be no shorter than this CPU spread over all of them.
         last = max(healthy.values(), default=began)
+        if record is not None:
+            record["last"] = last
         machine_ms = next(((c - machine0) * 1000 for t, c in spent if t >= last), (spent[-1][1] - machine0) * 1000)
         seen_ms = (last - began) * 1000
         if stages is not None:  # recorded before each healthy_mono (the journal writes in order)

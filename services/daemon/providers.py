@@ -311,11 +311,14 @@ class ProviderDesk:
         """The service's provider, changed in place: its running incarnation takes the calls
         on it (each call names its provider), so no restart is owed, and it is not switched
         away (Service.switched_away): the tasks handed to it (a held task resumed, an
-        approved one) are not deferred for a replacement that never comes."""
+        approved one) are not deferred for a replacement that never comes. One switched away
+        already (the root's switch, its restart under way or about to be) stays so: the
+        incarnation about to be replaced must not get the task."""
+        was_away = svc.switched_away
         if svc.provider != provider:
             svc.provider = provider
             await self.store.set_agent(svc.name, provider=provider)
-        if svc.replacing is None:  # a restart under way (the root's switch) starts on it anyway
+        if not was_away:
             svc.spawned_provider = provider
 
     # -- parked tasks ------------------------------------------------------------------------------
@@ -326,6 +329,11 @@ class ProviderDesk:
         parked), or ``park`` again after the long poll."""
         deadline = self.clock.now() + LONG_POLL
         while True:
+            svc = self.sup.services.get(req.service)
+            if svc is None or svc.incarnation != req.incarnation:
+                # Stopped, replaced or scaled away while it waited: its task is the next
+                # incarnation's (or a sibling's) now, and it must not resume it here.
+                return {"action": "abandon", "why": f"{req.incarnation} is no longer {req.service}'s incarnation"}
             self.board.tick(self.clock.now())
             await self.announce([])
             task = await self.store.task(req.task_id) if req.task_id else None

@@ -212,9 +212,9 @@ class Reloader:
         await d.store.requeue_tasks(name, to_agent=heir)
         log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving + waiting,
                  extra={"offender": name, "waiting_for_people": waiting})
-        for task_id in moving:
+        for task_id in moving + waiting:  # one approved while the replica stopped was requeued with the rest
             task = await d.store.task(task_id)
-            if task is not None and task["agent"] == heir:
+            if task is not None and task["agent"] == heir and task["status"] == TaskState.ASSIGNED:
                 await d.ledger.dispatch(d.sup[heir], task, resumed=True)
 
     async def _roll(self, group: str, names: list[str], old_specs: dict, old_ports: dict[str, int]) -> dict:

@@ -334,6 +334,48 @@ async def test_a_held_task_approved_on_another_provider_is_handed_to_the_running
     assert (await rig.store.task("r-1.0"))["status"] in ("assigned", "running")
 
 
+async def test_a_held_task_approved_while_the_roots_switch_is_under_way_waits_for_the_replacement(rig):
+    """The root switched the worker to ollama (its restart not yet begun): a held task approved
+    meanwhile must not go to the incarnation about to be replaced (it stays switched away)."""
+    from tron.common.ladder import Approval
+    from tron.common.models import SwitchRequest
+
+    await _task_for(rig, agent="worker", task_id="r-1.0.0")
+    await rig.store.hold_task("r-1.0.0", "non_retryable:authentication_error")
+    await rig.store.upsert_task({"task_id": "r-1.0.1", "run_id": "r-1", "agent": "worker", "parent_agent": "gateway",
+                                 "kind": "run", "prompt": "p"})
+    assert await rig.store.park_task("r-1.0.1", "all_providers_down", "awaiting_operator", lease=None)
+    worker = rig.svc("worker")
+    old = worker.incarnation
+    answer = await rig.daemon.carrier.switch(SwitchRequest(
+        service="worker", alert_id="a-1", task_id="r-1.0.0", to_provider="ollama",
+        reason="non_retryable:authentication_error", case="switch_provider", delay=1.0, requested_by="root"))
+    assert answer["status"] == "accepted" and worker.switched_away
+    await rig.daemon.providers.approve(await rig.store.task("r-1.0.1"), Approval(by="ops", provider="ollama"))
+    await rig.daemon.providers.tick_held()
+    assert worker.incarnation == old and worker.switched_away
+    assert [b for u, b in rig.posts if u.endswith("/tasks")] == []
+
+
+async def test_a_parked_poll_from_an_incarnation_no_longer_current_is_told_to_abandon(rig):
+    """An incarnation stopped, replaced or scaled away while its long poll waited must not
+    resume the task (it is the next incarnation's, or a sibling's, now)."""
+    from tron.common.ladder import Approval
+    from tron.common.models import ProviderCall
+
+    await _task_for(rig, agent="worker", task_id="r-1.0")
+    worker = rig.svc("worker")
+    assert await rig.store.park_task("r-1.0", "all_providers_down", "awaiting_operator", lease=worker.incarnation)
+    await rig.daemon.providers.approve(await rig.store.task("r-1.0"), Approval(by="ops", provider="ollama"))
+    stale = await rig.daemon.providers.park(ProviderCall(service="worker", incarnation="i-gone", task_id="r-1.0",
+                                                         provider="anthropic"))
+    assert stale["action"] == "abandon" and "no longer" in stale["why"], stale
+    assert (await rig.store.task("r-1.0"))["status"] == "parked"
+    current = await rig.daemon.providers.park(ProviderCall(service="worker", incarnation=worker.incarnation,
+                                                           task_id="r-1.0", provider="anthropic"))
+    assert current["action"] == "resume" and current["provider"] == "ollama", current
+
+
 async def test_a_beat_read_after_its_task_ended_does_not_bring_the_task_back(rig):
     from tron.common.models import Beat
 

@@ -200,6 +200,18 @@ def test_a_reload_rolls_a_replicated_program_and_halts_at_a_replica_that_does_no
         assert load.refused == 0 and load.failed <= 3, (load.refused, load.failed)
 
 
+def run_on(mesh, agent: str, prompt: str) -> str:
+    """A run whose one task goes straight to ``agent`` (a replicated one: the daemon picks the
+    replica); the task's id."""
+    daemon = mesh.url("daemon")
+    code, run = mesh.http("POST", daemon + "/runs", {"prompt": prompt})
+    assert code == 201, run
+    task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": agent, "parent_agent": "operator",
+            "kind": "run", "prompt": prompt}
+    assert mesh.http("POST", daemon + "/tasks", task)[0] in (200, 201)
+    return task["task_id"]
+
+
 def test_scaling_an_agent_down_hands_the_removed_replicas_task_to_a_sibling(mesh_factory):
     """`tron scale NAME 1` while both replicas work: the task of the replica scaled away is not
     failed, it goes to the one that stays (one attempt on, from its checkpoint) and is done."""
@@ -209,17 +221,9 @@ def test_scaling_an_agent_down_hands_the_removed_replicas_task_to_a_sibling(mesh
     services["programmer-1"].update(replicas=2, port=6140)
     mesh = mesh_factory(services=services)
     mesh.up()
-    daemon = mesh.url("daemon")
     assert mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/anthropic",
                      {"kind": "latency", "latency_ms": 2500})[0] == 200  # both are mid-task at the scale
-    tasks = []
-    for i in range(2):
-        code, run = mesh.http("POST", daemon + "/runs", {"prompt": f"write haiku {i}"})
-        assert code == 201, run
-        task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": "programmer-1",
-                "parent_agent": "operator", "kind": "run", "prompt": f"write haiku {i}"}
-        assert mesh.http("POST", daemon + "/tasks", task)[0] in (200, 201)
-        tasks.append(task["task_id"])
+    tasks = [run_on(mesh, "programmer-1", f"write haiku {i}") for i in range(2)]
     marks = ",".join("?" * len(tasks))
     rows = wait_for(lambda: (r := mesh.rows(f"SELECT task_id, agent, status FROM tasks WHERE task_id IN ({marks})",
                                             tuple(tasks)))
@@ -252,17 +256,9 @@ def test_a_task_waiting_for_an_operator_on_a_replica_scaled_away_waits_on_the_si
     services["programmer-1"].update(replicas=2, port=6140)
     mesh = mesh_factory(services=services, policy={"ask_operator": True}, providers={"on_all_down": "fail"})
     mesh.up()
-    daemon = mesh.url("daemon")
     fault(mesh, "anthropic", "error")
     fault(mesh, "ollama", "error")
-    tasks = []
-    for i in range(2):
-        code, run = mesh.http("POST", daemon + "/runs", {"prompt": f"write haiku {i}"})
-        assert code == 201, run
-        task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": "programmer-1",
-                "parent_agent": "operator", "kind": "run", "prompt": f"write haiku {i}"}
-        assert mesh.http("POST", daemon + "/tasks", task)[0] in (200, 201)
-        tasks.append(task["task_id"])
+    tasks = [run_on(mesh, "programmer-1", f"write haiku {i}") for i in range(2)]
     marks = ",".join("?" * len(tasks))
     query = f"SELECT task_id, agent, status, parked_reason, attempt FROM tasks WHERE task_id IN ({marks})"
     rows = wait_for(lambda: (r := mesh.rows(query, tuple(tasks)))

@@ -30,7 +30,8 @@ log = logging.getLogger("tron.registry")
 
 # Which failure_metrics counter each kind of ladder row moves (operator restarts are not failures).
 # An open task an incarnation works on (or is handed): not one parked for people (states.PEOPLE_PARKS).
-_NOT_PEOPLE_PARK = f"NOT (status = '{TaskState.PARKED}' AND COALESCE(parked_reason, '') IN {sql_in(PEOPLE_PARKS)})"
+_PEOPLE_PARK = f"(status = '{TaskState.PARKED}' AND COALESCE(parked_reason, '') IN {sql_in(PEOPLE_PARKS)})"
+_NOT_PEOPLE_PARK = f"NOT {_PEOPLE_PARK}"
 METRIC = {RetryType.CHILD_RESTART: "restarts", RetryType.ESCALATION: "escalations",
           RetryType.LLM_CHANGE: "provider_switches", RetryType.PERMANENT_FAILURE: "permanent_failures",
           RetryType.PROVIDER_RETRY: "provider_retries"}
@@ -365,7 +366,7 @@ class SqlStore(Stamps):
         async with self.db.transaction() as tx:
             if to_agent:
                 for row in await tx.all(f"SELECT task_id, run_id, parked_reason FROM tasks WHERE agent = ? AND "
-                                        f"status = ? AND NOT {_NOT_PEOPLE_PARK}", (agent, TaskState.PARKED)):
+                                        f"{_PEOPLE_PARK}", (agent,)):
                     await tx.execute("UPDATE tasks SET agent = ?, lease_incarnation = NULL, updated_at = ? "
                                      "WHERE task_id = ?", (to_agent, self._wall(), row["task_id"]))
                     await self._event(tx, "task_moved", {"from_agent": agent, "status": TaskState.PARKED,

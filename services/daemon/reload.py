@@ -145,20 +145,18 @@ class Reloader:
         #    their parents hear of it, as for an operator's stop. A replica scaled away whose
         #    service goes on leaves its open tasks to a sibling instead (step 4): nothing lost;
         #    those parked for people go too, still waiting for them (requeue_tasks).
-        # removed replica -> (the service whose replicas take its tasks, the tasks that move, and
-        # those among them that wait for people: they move as they are)
-        heirs: dict[str, tuple[str, list[str], list[str]]] = {}
+        # removed replica -> (the service whose replicas take its tasks, the tasks that move)
+        heirs: dict[str, tuple[str, list[str]]] = {}
         for name in p.stop:
             svc = sup[name]
             await sup.stop(svc, reason="reload:removed")
             group = svc.spec.replica_of
             live = await d.store.live_tasks(name)
-            moving: list[str] = []  # what requeue_tasks moves: its open tasks and those parked for people
+            moving: list[str] = []  # what requeue_tasks moves: its open tasks and, as they are, those parked for people
             if svc.spec.is_agent and group and any(n not in p.stop for n in new.replicas_of(group)):
-                moving = [t["task_id"] for t in await d.store.open_tasks(name)]
-                waiting = [t["task_id"] for t in live if waits_for_people(t)]
-                heirs[name] = (group, moving, waiting)
-                moving = moving + waiting
+                moving = [t["task_id"] for t in await d.store.open_tasks(name)] + \
+                         [t["task_id"] for t in live if waits_for_people(t)]
+                heirs[name] = (group, moving)
             for task in live:
                 if task["task_id"] in moving:
                     continue  # it goes to a sibling (_hand_on); one held by the ladder for a decision fails
@@ -175,8 +173,8 @@ class Reloader:
         for name in p.stop:
             sup.services.pop(name, None)
             await d.store.set_agent(name, state=S.STOPPED, stopped=False)
-        for name, (group, moving, waiting) in heirs.items():
-            await self._hand_on(name, group, moving, waiting)
+        for name, (group, moving) in heirs.items():
+            await self._hand_on(name, group, moving)
         if "policy" in p.sections:
             await d.replace_policy(new.policy)
         # 3. Probe changes reach the running incarnation; a replaced service stops with its
@@ -201,18 +199,17 @@ class Reloader:
         results = await asyncio.gather(*replaced, *started)
         return {group: r for group, r in zip(groups, results) if isinstance(r, dict) and r.get("status") == "halted"}
 
-    async def _hand_on(self, name: str, group: str, moving: list[str], waiting: list[str]) -> None:
-        """The open tasks of ``name`` (``moving``), a replica scaled away, go to the sibling with
-        the fewest (Replicas.pick), one attempt further on, from their checkpoints, as after a
-        restart. Those parked for people (``waiting``) go to it as they are, and wait there."""
+    async def _hand_on(self, name: str, group: str, moving: list[str]) -> None:
+        """The tasks of ``name`` (``moving``), a replica scaled away, go to the sibling with the
+        fewest (Replicas.pick): the open ones one attempt further on, from their checkpoints, as
+        after a restart; those parked for people as they are, to wait there."""
         d = self.d
-        if not moving and not waiting:
+        if not moving:
             return
         heir = await d.replicas.pick(group)
         await d.store.requeue_tasks(name, to_agent=heir)
-        log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving + waiting,
-                 extra={"offender": name, "waiting_for_people": waiting})
-        for task_id in moving + waiting:  # one approved while the replica stopped was requeued with the rest
+        log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving, extra={"offender": name})
+        for task_id in moving:  # the assigned ones (one approved while the replica stopped too)
             task = await d.store.task(task_id)
             if task is not None and task["agent"] == heir and task["status"] == TaskState.ASSIGNED:
                 await d.ledger.dispatch(d.sup[heir], task, resumed=True)

@@ -278,6 +278,12 @@ def test_a_page_through_a_name_that_resolves_to_loopback_gets_403_and_no_data(re
 # -- the mesh page -----------------------------------------------------------------------------------
 
 
+def left_edge(link, name: str) -> float:
+    """Where the link starts on the page. The rows are swapped whole at every mesh event, and a
+    box asked of a row the swap just detached is None: ask again until a row stays put."""
+    return wait_for(link.bounding_box, 10, f"{name}'s link laid out")["x"]
+
+
 def test_the_mesh_page_shows_the_default_tree(ui, mesh, artifacts):
     rows = ui.locator('[data-testid="service-row"]')
     expect(rows).to_have_count(len(TREE))
@@ -290,7 +296,7 @@ def test_the_mesh_page_shows_the_default_tree(ui, mesh, artifacts):
         expect(cell(ui, name, "restarts")).to_have_text(str(restarts(mesh, name)))
         name_cell = ui.locator(ROW.format(name)).locator("td.name")
         assert name_cell.get_attribute("style") == f"--depth: {depth}"
-        x[name] = name_cell.locator("a").bounding_box()["x"]
+        x[name] = left_edge(name_cell.locator("a"), name)
         for verb in ("restart", "stop"):
             expect(ui.locator(ROW.format(name)).locator(f'[data-action="{verb}"]')).to_be_visible()
     for name, _ in TREE:  # indented by parent

@@ -212,6 +212,13 @@ def waits_for_people(task: Mapping[str, object]) -> bool:
     return task.get("status") == T.PARKED and task.get("parked_reason") in PEOPLE_PARKS
 
 
+def waits_for_a_decision(task: Mapping[str, object]) -> bool:
+    """A task row no incarnation may take until someone decides: parked for people, or held
+    by the ladder for the top's decision (escalated). A replica scaled away hands these to a
+    sibling as they are."""
+    return waits_for_people(task) or task.get("status") == T.ESCALATED
+
+
 def sql_in(states: Iterable[str]) -> str:
     """``('a','b')`` for a SQL ``IN`` clause or CHECK constraint, from enum members."""
     return "(" + ",".join(f"'{s}'" for s in sorted(str(x) for x in states)) + ")"

@@ -16,7 +16,8 @@ from typing import Any, Collection, NoReturn, TypeVar, cast, overload
 from tron.common.clock import Clock
 from tron.common.redaction import redact, redact_json
 from tron.common.states import (ALERT, LANE, LIVE_TASK_STATES, OPEN_TASK_STATES, RUN, SESSION, TASK,
-                                AlertState, LaneState, RetryType, RunState, SessionState, TaskState, waits_for_people)
+                                AlertState, LaneState, RetryType, RunState, SessionState, TaskState,
+                                waits_for_a_decision, waits_for_people)
 from tron.registry.rows import Row, Spend, TaskCounts
 from tron.registry.store import AGENT_FIELDS, CHECKPOINT_MAX, METRIC, SqlStore, Stamps, content_hash
 
@@ -303,12 +304,12 @@ class MemoryStore(Stamps):
         return self._tasks_of(agent, LIVE_TASK_STATES)
 
     async def requeue_tasks(self, agent: str, *, provider: str | None = None, to_agent: str | None = None) -> list[Row]:
-        if to_agent:  # its tasks parked for people go with the others, still parked (SqlStore.requeue_tasks)
-            for t in self._tasks_of(agent, {TaskState.PARKED}):
-                if waits_for_people(t):
+        if to_agent:  # its tasks waiting for a decision go with the others, as they are (SqlStore.requeue_tasks)
+            for t in self._tasks_of(agent, {TaskState.PARKED, TaskState.ESCALATED}):
+                if waits_for_a_decision(t):
                     self.tasks_[t["task_id"]].update(agent=to_agent, lease_incarnation=None, updated_at=self._wall())
-                    self._event("task_moved", {"from_agent": agent, "status": str(TaskState.PARKED),
-                                               "parked_reason": t["parked_reason"]},
+                    self._event("task_moved", {"from_agent": agent, "status": str(t["status"]),
+                                               "parked_reason": t.get("parked_reason")},
                                 agent=to_agent, task_id=t["task_id"], run_id=t["run_id"])
         for t in self._tasks_of(agent, OPEN_TASK_STATES, people_parks=False):
             sets: dict[str, Any] = {"lease_incarnation": None}

@@ -32,6 +32,7 @@ log = logging.getLogger("tron.registry")
 # An open task an incarnation works on (or is handed): not one parked for people (states.PEOPLE_PARKS).
 _PEOPLE_PARK = f"(status = '{TaskState.PARKED}' AND COALESCE(parked_reason, '') IN {sql_in(PEOPLE_PARKS)})"
 _NOT_PEOPLE_PARK = f"NOT {_PEOPLE_PARK}"
+_WAITS_FOR_A_DECISION = f"({_PEOPLE_PARK} OR status = '{TaskState.ESCALATED}')"  # states.waits_for_a_decision
 METRIC = {RetryType.CHILD_RESTART: "restarts", RetryType.ESCALATION: "escalations",
           RetryType.LLM_CHANGE: "provider_switches", RetryType.PERMANENT_FAILURE: "permanent_failures",
           RetryType.PROVIDER_RETRY: "provider_retries"}
@@ -360,16 +361,17 @@ class SqlStore(Stamps):
 
     async def requeue_tasks(self, agent: str, *, provider: str | None = None, to_agent: str | None = None) -> list[Row]:
         """A new incarnation takes over: each open task is one attempt further on (``to_agent``:
-        on a sibling replica, this one being removed; its tasks parked for people go there
-        too, still parked, still waiting for the same person: the sibling takes them up
-        when they are approved or their budget raised)."""
+        on a sibling replica, this one being removed; its tasks waiting for a decision go
+        there too, as they are: parked for the same person, who the sibling takes them up
+        for when they are approved or their budget raised, or held for the top's decision,
+        which is then made for the sibling)."""
         async with self.db.transaction() as tx:
             if to_agent:
-                for row in await tx.all(f"SELECT task_id, run_id, parked_reason FROM tasks WHERE agent = ? AND "
-                                        f"{_PEOPLE_PARK}", (agent,)):
+                for row in await tx.all(f"SELECT task_id, run_id, status, parked_reason FROM tasks WHERE agent = ? AND "
+                                        f"{_WAITS_FOR_A_DECISION}", (agent,)):
                     await tx.execute("UPDATE tasks SET agent = ?, lease_incarnation = NULL, updated_at = ? "
                                      "WHERE task_id = ?", (to_agent, self._wall(), row["task_id"]))
-                    await self._event(tx, "task_moved", {"from_agent": agent, "status": TaskState.PARKED,
+                    await self._event(tx, "task_moved", {"from_agent": agent, "status": row["status"],
                                                          "parked_reason": row["parked_reason"]},
                                       agent=to_agent, task_id=row["task_id"], run_id=row["run_id"])
             for row in await tx.all(f"SELECT task_id FROM tasks WHERE agent = ? AND status IN "

@@ -213,7 +213,10 @@ class AlertRouter:
             tried = self._held_tried.get(task["task_id"], task["held_since"] or now)
             if now - (task["held_since"] or now) > deadline and now - tried >= deadline:
                 self._held_tried[task["task_id"]] = now
-                await self._decide_held(task, now)
+                log.error("watchdog: task %s held for %.1fs with no decision; the daemon decides", task["task_id"],
+                          now - task["held_since"], extra={"task": task["task_id"], "offender": task["agent"]})
+                event = await self.held_event(task, "watchdog_decides", {"held_for": round(now - task["held_since"], 3)})
+                self.background(self.carrier.decide_here(event), f"watchdog {task['task_id']}")
         for task_id in set(self._held_tried) - {t["task_id"] for t in held}:
             del self._held_tried[task_id]
 
@@ -226,16 +229,15 @@ class AlertRouter:
         await self.store.event("crash_loop_ended", {"quiet_for": self.policy().restart_window}, agent=svc.name)
         log.info("crash loop over", extra={"offender": svc.name})
 
-    async def _decide_held(self, task: dict, now: float) -> None:
-        """A task held for the top's decision that never came (the root was down, say):
-        the daemon is the top of last resort."""
+    async def held_event(self, task: dict, why: str, detail: dict) -> Escalated:
+        """A task held for the top's decision, as the event the daemon, the top of last resort,
+        decides (``carrier.decide_here``): the decision never came (``watchdog_decides``: the
+        root was down, say), or can no longer come (``held_task_moved``: the replica it was
+        asked for is gone, and the task waits on a sibling). An event of that kind says why;
+        the ladder's table then decides for the task's agent now."""
         rows = await self.store.task_history(task["task_id"])
         last = next((r for r in reversed(rows) if r["retry_type"] == "escalation"), None)
         alert_id = last["alert_id"] if last else f"held-{task['task_id']}"
         reason = last["reason"] if last else "held_without_escalation"
-        log.error("watchdog: task %s held for %.1fs with no decision; the daemon decides", task["task_id"],
-                  now - task["held_since"], extra={"task": task["task_id"], "offender": task["agent"]})
-        await self.store.event("watchdog_decides", {"held_for": round(now - task["held_since"], 3)},
-                               agent=task["agent"], task_id=task["task_id"], alert_id=alert_id)
-        self.background(self.carrier.decide_here(Escalated(alert_id, task["agent"], reason, "task",
-                                                           task["task_id"])), f"watchdog {task['task_id']}")
+        await self.store.event(why, detail, agent=task["agent"], task_id=task["task_id"], alert_id=alert_id)
+        return Escalated(alert_id, task["agent"], reason, "task", task["task_id"])

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tron.common.config import ConfigError, MeshConfig, load_mesh
 from tron.common.settings import apply_overlay, read_overlay
-from tron.common.states import ServiceState as S, TaskState, waits_for_people
+from tron.common.states import ServiceState as S, TaskState, waits_for_a_decision
 
 if TYPE_CHECKING:
     from tron.services.daemon.core import Daemon
@@ -144,7 +144,8 @@ class Reloader:
         # 1. What goes away stops first (children before parents); its live tasks fail and
         #    their parents hear of it, as for an operator's stop. A replica scaled away whose
         #    service goes on leaves its open tasks to a sibling instead (step 4): nothing lost;
-        #    those parked for people go too, still waiting for them (requeue_tasks).
+        #    those waiting for a decision go too, as they are (requeue_tasks): parked for people,
+        #    or held for the top's decision, which the daemon then makes for the sibling.
         # removed replica -> (the service whose replicas take its tasks, the tasks that move)
         heirs: dict[str, tuple[str, list[str]]] = {}
         for name in p.stop:
@@ -152,14 +153,14 @@ class Reloader:
             await sup.stop(svc, reason="reload:removed")
             group = svc.spec.replica_of
             live = await d.store.live_tasks(name)
-            moving: list[str] = []  # what requeue_tasks moves: its open tasks and, as they are, those parked for people
+            moving: list[str] = []  # what requeue_tasks moves: its open tasks and, as they are, those waiting
             if svc.spec.is_agent and group and any(n not in p.stop for n in new.replicas_of(group)):
                 moving = [t["task_id"] for t in await d.store.open_tasks(name)] + \
-                         [t["task_id"] for t in live if waits_for_people(t)]
+                         [t["task_id"] for t in live if waits_for_a_decision(t)]
                 heirs[name] = (group, moving)
             for task in live:
                 if task["task_id"] in moving:
-                    continue  # it goes to a sibling (_hand_on); one held by the ladder for a decision fails
+                    continue  # it goes to a sibling (_hand_on)
                 await d.ledger.finish_task(task["task_id"], TaskState.FAILED, None, "service_removed",
                                            {"agent": name, "by": actor}, None)
         # 2. The running configuration becomes the file's, in place: every part of the daemon
@@ -202,14 +203,23 @@ class Reloader:
     async def _hand_on(self, name: str, group: str, moving: list[str]) -> None:
         """The tasks of ``name`` (``moving``), a replica scaled away, go to the sibling with the
         fewest (Replicas.pick): the open ones one attempt further on, from their checkpoints, as
-        after a restart; those parked for people as they are, to wait there."""
+        after a restart; those parked for people as they are, to wait there. One held for the
+        top's decision goes as it is too, and the daemon decides it now, for the sibling: the
+        decision asked of the root names the replica that is gone (its answer is refused), so
+        it would otherwise wait for the watchdog. The ladder's table is the same; its counts
+        are the task's, so the bounds hold."""
         d = self.d
         if not moving:
             return
         heir = await d.replicas.pick(group)
         await d.store.requeue_tasks(name, to_agent=heir)
         log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving, extra={"offender": name})
-        for task_id in moving:  # the assigned ones (one approved while the replica stopped too)
+        for task_id in moving:
+            task = await d.store.task(task_id)
+            if task is not None and task["agent"] == heir and task["status"] == TaskState.ESCALATED:
+                event = await d.router.held_event(task, "held_task_moved", {"from_agent": name})
+                await d.carrier.decide_here(event)
+        for task_id in moving:  # the assigned ones (one approved, or switched, while the replica stopped too)
             task = await d.store.task(task_id)
             if task is not None and task["agent"] == heir and task["status"] == TaskState.ASSIGNED:
                 await d.ledger.dispatch(d.sup[heir], task, resumed=True)

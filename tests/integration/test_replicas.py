@@ -285,6 +285,46 @@ def test_a_task_waiting_for_an_operator_on_a_replica_scaled_away_waits_on_the_si
     assert all((r["status"], r["agent"]) == ("done", "programmer-1.1") for r in done), done
 
 
+def test_a_task_held_for_the_tops_decision_on_a_replica_scaled_away_is_decided_for_the_sibling(mesh_factory):
+    """A runaway on anthropic climbs the ladder; the root is stopped, so the task waits
+    escalated, held for a decision that has not come. `tron scale NAME 1` removes its replica:
+    the task must not fail with it. It goes to the replica that stays, still held, and the
+    daemon decides it there at once (not the watchdog, tens of seconds later): switched to
+    ollama, it is done on the sibling."""
+    import tomllib
+
+    from tests.integration.test_providers import fault
+
+    services = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
+    services["programmer-1"].update(replicas=2, port=6140)
+    # alert_delivery_timeout: the watchdog's deadline for a held task (~35 s) is far off
+    mesh = mesh_factory(services=services, policy={"progress_timeout": 1.5, "max_restarts": 1,
+                                                   "alert_delivery_timeout": 10.0}, providers={"timeout": 60.0})
+    mesh.up()
+    assert mesh.tron("stop", "root", "--reason", "no top decision for now").returncode == 0
+    fault(mesh, "anthropic", "hang")  # the call never returns; the agent keeps beating: no progress
+    task_id = run_on(mesh, "programmer-1.2", "write a haiku")
+    query = "SELECT agent, status, attempt, provider FROM tasks WHERE task_id = ?"
+    held = wait_for(lambda: (r := mesh.rows(query, (task_id,))) and r[0]["status"] == "escalated" and r[0], 90,
+                    "the task held for the top's decision")
+    assert held["agent"] == "programmer-1.2", held
+    proc = mesh.tron("scale", "programmer-1", "1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults/anthropic")
+    done = wait_for(lambda: (r := mesh.rows(query, (task_id,))) and r[0]["status"] in ("done", "failed") and r[0],
+                    60, "the moved task to end")
+    assert (done["agent"], done["status"], done["provider"]) == ("programmer-1.1", "done", "ollama"), done
+    mesh.flushed()
+    [moved] = mesh.rows("SELECT payload FROM events WHERE kind = 'task_moved' AND task_id = ?", (task_id,))
+    assert '"from_agent": "programmer-1.2"' in moved["payload"] and '"status": "escalated"' in moved["payload"], moved
+    kinds = [r["kind"] for r in mesh.rows("SELECT kind FROM events WHERE task_id = ? AND kind LIKE '%decides' "
+                                          "OR task_id = ? AND kind = 'held_task_moved'", (task_id, task_id))]
+    assert kinds == ["held_task_moved"], kinds  # decided when it moved, not by the watchdog
+    [switch] = mesh.rows("SELECT agent_id, to_provider, requested_by FROM retry_history WHERE task_id = ? "
+                         "AND retry_type = 'llm_change'", (task_id,))
+    assert (switch["agent_id"], switch["to_provider"]) == ("programmer-1.1", "ollama"), switch
+
+
 def test_a_parent_delegates_to_the_replicas_a_scale_made_without_being_restarted(mesh_factory):
     """director-code delegates to its replicated child by the child's name (the daemon picks the
     replica): `tron scale` up and down leaves it running, its tasks reach a replica its own copy

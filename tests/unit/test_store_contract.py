@@ -311,30 +311,40 @@ async def test_a_task_parked_for_people_is_not_handed_to_the_next_incarnation(st
     assert (await store.run("r-1"))["budget_tokens"] == 3_000_000_000
 
 
-async def test_a_replica_scaled_away_hands_its_tasks_parked_for_people_to_the_sibling_still_parked(store):
+async def test_a_replica_scaled_away_hands_its_tasks_waiting_for_a_decision_to_the_sibling_as_they_are(store):
     """requeue_tasks(to_agent=): the open tasks go one attempt on; one waiting for an
-    operator goes as it is (parked, same reason, no attempt spent, nobody leasing it); a
-    restart in place (no to_agent) still keeps it where it is."""
+    operator goes as it is (parked, same reason, no attempt spent, nobody leasing it), and so
+    does one held by the ladder for the top's decision (escalated, held since when it was);
+    a restart in place (no to_agent) still keeps both where they are."""
     await run_with_task(store, "t-1", agent="programmer-1.2")
-    await store.upsert_task({"task_id": "t-2", "run_id": "r-1", "agent": "programmer-1.2",
-                             "parent_agent": "director-code", "kind": "step", "prompt": "p"})
+    for task_id in ("t-2", "t-3"):
+        await store.upsert_task({"task_id": task_id, "run_id": "r-1", "agent": "programmer-1.2",
+                                 "parent_agent": "director-code", "kind": "step", "prompt": "p"})
     await store.task_progress("t-1", "i-2", "step:1")
     assert await store.park_task("t-1", "all_providers_down", "awaiting_operator", lease="i-2")
     await store.task_progress("t-2", "i-2", "step:1")
+    await store.task_progress("t-3", "i-2", "step:1")
+    assert await store.hold_task("t-3", "max_restarts_exceeded")
     assert [t["task_id"] for t in await store.requeue_tasks("programmer-1.2")] == ["t-2"]
-    before = await store.task("t-1")
-    assert before["agent"] == "programmer-1.2"  # a restart in place: it stays
+    before = {t: await store.task(t) for t in ("t-1", "t-3")}
+    assert [r["agent"] for r in before.values()] == ["programmer-1.2"] * 2  # a restart in place: they stay
     moved = await store.requeue_tasks("programmer-1.2", to_agent="programmer-1.1")
     assert [t["task_id"] for t in moved] == ["t-2"]  # the open ones, as before
     parked = await store.task("t-1")
     assert (parked["agent"], parked["status"], parked["parked_reason"], parked["lease_incarnation"],
-            parked["attempt"]) == ("programmer-1.1", TaskState.PARKED, "awaiting_operator", None, before["attempt"])
+            parked["attempt"]) == ("programmer-1.1", TaskState.PARKED, "awaiting_operator", None, before["t-1"]["attempt"])
+    held = await store.task("t-3")
+    assert (held["agent"], held["status"], held["held_since"], held["lease_incarnation"], held["attempt"]) == (
+        "programmer-1.1", TaskState.ESCALATED, before["t-3"]["held_since"], None, before["t-3"]["attempt"])
+    assert [t["task_id"] for t in await store.held_tasks()] == ["t-3"]  # still the top's to decide
     assert await store.live_tasks("programmer-1.2") == []  # nothing left to fail with the removed replica
-    assert [t["task_id"] for t in await store.live_tasks("programmer-1.1")] == ["t-1", "t-2"]
+    assert [t["task_id"] for t in await store.live_tasks("programmer-1.1")] == ["t-1", "t-2", "t-3"]
     await store.flushed(5.0)
-    [event] = await store.events(kind="task_moved")
-    assert (event["agent"], event["task_id"]) == ("programmer-1.1", "t-1")
-    assert (event["payload"]["from_agent"], event["payload"]["parked_reason"]) == ("programmer-1.2", "awaiting_operator")
+    events = {e["task_id"]: e for e in await store.events(kind="task_moved")}
+    assert sorted(events) == ["t-1", "t-3"] and {e["agent"] for e in events.values()} == {"programmer-1.1"}
+    assert [(events[t]["payload"]["from_agent"], events[t]["payload"]["status"], events[t]["payload"]["parked_reason"])
+            for t in ("t-1", "t-3")] == [("programmer-1.2", "parked", "awaiting_operator"),
+                                         ("programmer-1.2", "escalated", None)]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])  # the durable engines: memory's writes are whole at once

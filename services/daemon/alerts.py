@@ -216,7 +216,7 @@ class AlertRouter:
                 log.error("watchdog: task %s held for %.1fs with no decision; the daemon decides", task["task_id"],
                           now - task["held_since"], extra={"task": task["task_id"], "offender": task["agent"]})
                 event = await self.held_event(task, "watchdog_decides", {"held_for": round(now - task["held_since"], 3)})
-                self.background(self.carrier.decide_here(event), f"watchdog {task['task_id']}")
+                self.background(self.decide_held(event), f"watchdog {task['task_id']}")
         for task_id in set(self._held_tried) - {t["task_id"] for t in held}:
             del self._held_tried[task_id]
 
@@ -241,3 +241,9 @@ class AlertRouter:
         reason = last["reason"] if last else "held_without_escalation"
         await self.store.event(why, detail, agent=task["agent"], task_id=task["task_id"], alert_id=alert_id)
         return Escalated(alert_id, task["agent"], reason, "task", task["task_id"])
+
+    async def decide_held(self, event: Escalated) -> dict:
+        """The daemon's decision on a held task (``held_event``), counted from the provider the
+        task failed on: the service holding it may be on another by now (a sibling it moved
+        to; a decision before this one that switched the service already)."""
+        return await self.carrier.decide_here(event, provider=await self.carrier.failed_on(event.alert_id))

@@ -69,9 +69,11 @@ class Carrier:
     # -- what a decider sees ------------------------------------------------------------------
 
     async def view(self, service: str, *, decider: str, alert_id: str | None = None,
-                   task_id: str | None = None) -> LadderView:
+                   task_id: str | None = None, provider: str | None = None) -> LadderView:
         """The registry's record of one service (and task, and alert) at the daemon's
-        clock reading: everything ``decide`` needs, and nothing it has to look up."""
+        clock reading: everything ``decide`` needs, and nothing it has to look up.
+        ``provider``: the one the failure happened on, where that is not the service's now
+        (a held task that has moved, or whose service a decision before switched already)."""
         svc = self.sup[service]
         policy = self.policy()
         now = self.clock.now()
@@ -93,16 +95,23 @@ class Carrier:
             now=now, policy=policy, decider=decider, top=top_of(self.config, decider),
             service=ServiceView(
                 name=service, incarnation=svc.incarnation, state=svc.state, stopped=svc.stopped,
-                replacing=svc.replacing is not None and svc.replacing == svc.incarnation, provider=svc.provider,
+                replacing=svc.replacing is not None and svc.replacing == svc.incarnation,
+                provider=provider or svc.provider,
                 failures=record.failures, previous_failure=record.previous_failure,
                 unstable_streak=record.unstable_streak, crash_looping=svc.crash_looping, failure_cause=_spawn_cause(alert)),
             task=task, alert_status=alert["status"] if alert else None, recorded=recorded,
             chain=list(self.config.providers.chain), subtree=self.config.subtree(service),
             providers=providers, rules=rules)
 
-    async def decide_here(self, event: ChildFailed | Escalated) -> dict:
-        """The daemon decides (its own children, the top, or an ancestor's stead)."""
-        view = await self.view(event.service, decider=DAEMON, alert_id=event.alert_id, task_id=event.task_id)
+    async def decide_here(self, event: ChildFailed | Escalated, *, provider: str | None = None) -> dict:
+        """The daemon decides (its own children, the top, or an ancestor's stead); ``provider``:
+        the one the failure happened on (``view``)."""
+        if event.service not in self.sup.services:  # removed while the decision waited (a reload)
+            log.info("no decision for %s: it is no longer in the mesh", event.service,
+                     extra={"offender": event.service, "alert": event.alert_id})
+            return {"status": "ignored", "why": f"{event.service} is no longer in the mesh"}
+        view = await self.view(event.service, decider=DAEMON, alert_id=event.alert_id, task_id=event.task_id,
+                               provider=provider)
         decision = decide(event, view, view.now, view.policy)
         log.info("decision", extra={"offender": event.service, "alert": event.alert_id, "decider": DAEMON,
                                     "case": decision.case, "decision": type(decision).__name__})
@@ -209,25 +218,33 @@ class Carrier:
         task = await self.store.task(req.task_id)
         if task is None:
             return {"status": "refused", "why": f"no task {req.task_id!r}"}
+        # Whether the failure happened in this service: not so for a held task handed to it by
+        # a replica scaled away, which it runs beside its own (reload.py, _hand_on); the task
+        # then moves from the provider it failed on, not from this service's.
+        failed = await self.store.alert(req.alert_id)
+        failed_here = failed is None or failed["agent"] == svc.name
+        from_provider = svc.provider if failed_here else await self.failed_on(req.alert_id) or svc.provider
         row = await self.store.record_retry(
             alert_id=req.alert_id, agent_id=svc.name, retry_type=RetryType.LLM_CHANGE, reason=req.reason,
             detail={**req.detail, "services": req.services}, case=req.case, task_id=req.task_id,
-            run_id=task["run_id"], from_provider=svc.provider, to_provider=req.to_provider, decided_by=req.decided_by,
+            run_id=task["run_id"], from_provider=from_provider, to_provider=req.to_provider, decided_by=req.decided_by,
             requested_by=req.requested_by)
         if row is None:
             return {"status": "duplicate", "action": "switch"}
         self.metrics.provider_switches.inc()
         self.metrics.restarts.labels(kind=RetryType.LLM_CHANGE).inc()
         telemetry.ladder("switch", case=req.case, alert_id=req.alert_id, service=svc.name, task=task,
-                         reason=req.reason, from_provider=svc.provider, to_provider=req.to_provider,
+                         reason=req.reason, from_provider=from_provider, to_provider=req.to_provider,
                          decided_by=req.decided_by, links_attempts=(task["attempt"], task["attempt"] + 1))
-        log.warning("provider switch", extra={"offender": svc.name, "from": svc.provider, "to": req.to_provider,
+        log.warning("provider switch", extra={"offender": svc.name, "from": from_provider, "to": req.to_provider,
                                               "task": req.task_id, "reason": req.reason})
         await self.store.mark_alert(req.alert_id, AlertState.HANDLED, decision=f"switch:{req.case}")
         # The move comes first: from here on the incarnation still on the old provider is
         # `switched_away` and gets no task, so the freed task waits for its replacement.
         for name in req.services or [svc.name]:
             other = self.sup[name]
+            if name == svc.name and not failed_here and other.provider == req.to_provider:
+                continue  # its incarnation did not fail and runs on it: no restart is owed
             if name != svc.name:
                 if other.provider == req.to_provider or not other.spec.is_agent:
                     continue
@@ -241,7 +258,29 @@ class Carrier:
             await self._move(other, req.to_provider, req.delay if name == svc.name else 0.0,
                              f"{req.case}:{req.reason}")
         await self.store.release_task(req.task_id, req.to_provider)  # held by an escalation: free it
+        await self._to_holder(req, svc, failed_here)
         return {"status": "accepted", "action": "switch", "to": req.to_provider, "retry_count": row["retry_count"]}
+
+    async def failed_on(self, alert_id: str) -> str | None:
+        """The provider a task's failure happened on: its escalation's (the service's when it
+        escalated), whatever provider that service, or the one holding the task now, is on."""
+        rows = [r for r in await self.store.retry_rows(alert_id) if r["retry_type"] == RetryType.ESCALATION]
+        return rows[-1]["from_provider"] if rows else None
+
+    async def _to_holder(self, req: SwitchRequest, svc, failed_here: bool) -> None:
+        """The released task, to whoever holds it now. The failing service's replacement, on
+        the new provider, takes it as it starts; but one the switch was decided for without
+        failing, or a sibling it moved to while the switch waited (its replica scaled away),
+        has no replacement coming unless its provider changes: it is moved to the provider, or
+        given the task now."""
+        task = await self.store.task(req.task_id)
+        holder = self.sup.services.get(task["agent"]) if task is not None else None
+        if task is None or holder is None or task["status"] != TaskState.ASSIGNED or (holder is svc and failed_here):
+            return
+        if holder.provider != req.to_provider:
+            await self._move(holder, req.to_provider, 0.0, f"{req.case}:{req.reason}")
+        else:  # one switched away already (its replacement under way) defers it to that replacement
+            await self.ledger.dispatch(holder, task, resumed=True)
 
     async def _move(self, svc, provider: str, delay: float, reason: str) -> None:
         """Restart a service on ``provider`` (a failed one too: the switch is its restart).

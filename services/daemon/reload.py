@@ -174,10 +174,10 @@ class Reloader:
         for name in p.stop:
             sup.services.pop(name, None)
             await d.store.set_agent(name, state=S.STOPPED, stopped=False)
+        if "policy" in p.sections:  # before the hand-over: a moved held task is decided on the new policy
+            await d.replace_policy(new.policy)
         for name, (group, moving) in heirs.items():
             await self._hand_on(name, group, moving)
-        if "policy" in p.sections:
-            await d.replace_policy(new.policy)
         # 3. Probe changes reach the running incarnation; a replaced service stops with its
         #    own stop signal and grace, then starts from the new entry.
         for name in p.update:
@@ -214,15 +214,19 @@ class Reloader:
         heir = await d.replicas.pick(group)
         await d.store.requeue_tasks(name, to_agent=heir)
         log.info("tasks of %s, scaled away, go to %s: %s", name, heir, moving, extra={"offender": name})
-        for task_id in moving:
-            task = await d.store.task(task_id)
-            if task is not None and task["agent"] == heir and task["status"] == TaskState.ESCALATED:
-                event = await d.router.held_event(task, "held_task_moved", {"from_agent": name})
-                await d.carrier.decide_here(event)
-        for task_id in moving:  # the assigned ones (one approved, or switched, while the replica stopped too)
+        held = []
+        for task_id in moving:  # the assigned ones (one approved while the replica stopped too)
             task = await d.store.task(task_id)
             if task is not None and task["agent"] == heir and task["status"] == TaskState.ASSIGNED:
                 await d.ledger.dispatch(d.sup[heir], task, resumed=True)
+            elif task is not None and task["agent"] == heir and task["status"] == TaskState.ESCALATED:
+                held.append(task)
+        for task in held:  # a switch decided gives the task to the sibling itself (Carrier.switch)
+            try:
+                await d.router.decide_held(await d.router.held_event(task, "held_task_moved", {"from_agent": name}))
+            except Exception:  # the watchdog decides it later: the reload goes on
+                log.exception("the held task %s, moved to %s, could not be decided now", task["task_id"], heir,
+                              extra={"task": task["task_id"], "offender": heir})
 
     async def _roll(self, group: str, names: list[str], old_specs: dict, old_ports: dict[str, int]) -> dict:
         """The replicas of ``group`` replaced ``max_unavailable`` at a time (Replicas.roll). A

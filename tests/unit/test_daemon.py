@@ -457,6 +457,86 @@ async def test_a_task_held_for_a_decision_that_never_comes_is_decided_by_the_wat
     assert len(await rig.store.events(kind="watchdog_decides")) == 1
 
 
+@pytest.fixture
+async def pair(tmp_path):
+    """Two programmers under the root, as two replicas are: a held task moves between them."""
+    r = Rig(tmp_path, mesh(root={"role": "root", "port": 7002},
+                           **{"w-1": {"role": "programmer", "port": 7003, "parent": "root"},
+                              "w-2": {"role": "programmer", "port": 7004, "parent": "root"}}))
+    await r.start()
+    yield r
+    await r.stop()
+
+
+async def _held_on_w2(rig) -> dict:
+    """A task of w-2 failed on anthropic and held for the top's decision (alert a-2, escalated)."""
+    from tron.common.models import Alert, EscalationRecord
+
+    await _task_for(rig, agent="w-2", task_id="r-1.0")
+    w2 = rig.svc("w-2")
+    await rig.store.insert_alert(Alert(alert_id="a-2", service="w-2", incarnation=w2.incarnation, reason="no_progress",
+                                       task_id="r-1.0", run_id="r-1").model_dump(mode="json"), stable=True)
+    answer = await rig.daemon.carrier.escalation(EscalationRecord(
+        alert_id="a-2", service="w-2", task_id="r-1.0", reason="max_restarts_exceeded", case="task_restarts_exhausted",
+        from_service="root", to_service="daemon"))
+    assert answer["status"] == "recorded"
+    return await rig.store.task("r-1.0")
+
+
+def _dispatched(rig) -> set[tuple[str, str, str]]:
+    return {(url.split(":")[-1].split("/")[0], b["task_id"], b["provider"]) for url, b in rig.posts
+            if url.endswith("/tasks")}
+
+
+async def test_a_held_task_moved_to_a_sibling_already_on_the_next_provider_is_handed_to_it_without_a_restart(pair):
+    """w-2's task failed on anthropic; the sibling it moves to (w-2 scaled away) runs on ollama
+    already. The daemon's decision counts from anthropic, the provider the task failed on: a
+    switch to ollama, where the sibling is, so the sibling is not restarted and gets the task
+    now. Counted from the sibling's own provider, it switched the sibling to anthropic, the
+    failing one, and restarted it."""
+    rig = pair
+    await _held_on_w2(rig)
+    w1 = rig.svc("w-1")
+    w1.provider = w1.spawned_provider = "ollama"
+    old = w1.incarnation
+    await rig.store.requeue_tasks("w-2", to_agent="w-1")
+    task = await rig.store.task("r-1.0")
+    assert (task["agent"], task["status"]) == ("w-1", "escalated")
+    await rig.daemon.router.decide_held(await rig.daemon.router.held_event(task, "held_task_moved", {"from_agent": "w-2"}))
+    await rig.settle()
+    [row] = [r for r in await rig.store.task_history("r-1.0") if r["retry_type"] == "llm_change"]
+    assert (row["agent_id"], row["from_provider"], row["to_provider"]) == ("w-1", "anthropic", "ollama"), row
+    assert (w1.incarnation, w1.provider, w1.switched_away) == (old, "ollama", False)
+    assert _dispatched(rig) == {("7003", "r-1.0", "ollama")}, rig.posts
+    assert (await rig.store.task("r-1.0"))["status"] in ("assigned", "running")
+
+
+async def test_a_roots_switch_that_lands_after_its_task_moved_to_a_sibling_is_carried_to_the_sibling(pair):
+    """The root's switch for w-2 waited (w-2 stopping) while a scale-down moved the held task
+    to w-1: the task is released where it is now, and w-1, on anthropic, is moved to ollama
+    (its replacement gets the task). Released as it was, the task sat assigned to w-1, on the
+    provider it failed on, with nothing to hand it over."""
+    from tron.common.models import SwitchRequest
+
+    rig = pair
+    await _held_on_w2(rig)
+    w1 = rig.svc("w-1")
+    old = w1.incarnation
+    await rig.store.requeue_tasks("w-2", to_agent="w-1")
+    answer = await rig.daemon.carrier.switch(SwitchRequest(
+        service="w-2", alert_id="a-2", task_id="r-1.0", to_provider="ollama", reason="max_restarts_exceeded",
+        case="switch_provider", requested_by="root"))
+    assert answer["status"] == "accepted", answer
+    assert w1.provider == "ollama" and w1.switched_away
+    for _ in range(40):
+        await rig.advance(0.25)
+        if w1.incarnation != old and w1.state == ServiceState.RUNNING:
+            break
+    assert w1.incarnation != old and not w1.switched_away
+    await rig.daemon.ledger.redispatch(w1)
+    assert ("7003", "r-1.0", "ollama") in _dispatched(rig), rig.posts
+
+
 async def test_new_settings_apply_at_once_and_are_kept_in_the_overlay(rig, tmp_path):
     d = rig.daemon
     d.config_path = tmp_path / "mesh.toml"

@@ -446,6 +446,10 @@ class ProvidersConfig(_Strict):
     # per success, until ramp_to (then no limit of ours). 0 turns it off.
     start_window: int = Field(4, ge=0, le=10_000)
     ramp_to: int = Field(64, ge=1, le=100_000)
+    # Failback: a service moved off its own provider (a switch, an approval on another) goes
+    # back, in place, once that provider has been closed (healthy) this long; one nobody calls
+    # is probed by the daemon when its cooldown ends. 0: services stay where a switch put them.
+    failback_after: float = Field(60.0, ge=0)
     limits: dict[str, ProviderLimits] = {}  # per provider name
 
     @model_validator(mode="before")

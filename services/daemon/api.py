@@ -456,7 +456,7 @@ def _provider_call(model, act, what: str, *, needs_task: bool = False):
 async def get_providers(request: web.Request) -> web.Response:
     d = _d(request)
     return web.json_response({"providers": d.providers.status(), "chain": list(d.config.providers.chain),
-                              "on_all_down": d.config.providers.on_all_down})
+                              "on_all_down": d.config.providers.on_all_down, "failback": d.failback.state()})
 
 
 def _provider_action(verb: str):

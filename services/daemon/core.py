@@ -51,6 +51,8 @@ from tron.services.daemon.reload import ReloadRefused, Reloader
 from tron.services.daemon.replicas import Replicas
 from tron.services.daemon.task_actions import TaskActions
 from tron.services.daemon.probes import ProbeChecks, Probes
+from tron.services.daemon import failback
+from tron.services.daemon.failback import Failback
 from tron.services.daemon.providers import ProviderDesk
 from tron.services.daemon.spend import Spend
 from tron.services.daemon.logpump import rotate_if_large
@@ -212,6 +214,8 @@ class Daemon:
         self.providers = ProviderDesk(self.config, self.sup, self.store, self.carrier, self.spend,
                                       metrics=self.metrics, **kw)
         self.carrier.provider_states = self.providers.ladder_states
+        self.failback = Failback(self.config, self.sup, self.store, self.providers, metrics=self.metrics,
+                                 background=self.background)
         self.tasks = TaskActions(self.sup, self.store, self.ledger, self.audit, background=self.background,
                                  client=self.client, desk=self.providers, carrier=self.carrier)
         self.sup.checks = ProbeChecks(self.client, self.sup.values, self.config.hosts)
@@ -390,10 +394,11 @@ class Daemon:
             ticks += 1
             if ticks % 2 == 0:
                 tracked = {s.child.pid for s in self.sup.services.values() if s.child is not None}
-                reap_strays(tracked | self.sup.spawner.helper_pids())
+                reap_strays(tracked | self.sup.spawner.helper_pids() | failback.RUNNING)
             try:
                 await self.router.watchdog_tick()
                 await self.providers.tick()
+                await self.failback.tick()
             except Exception:  # the watchdog must outlive any one bad tick
                 log.exception("watchdog tick failed")
             if ticks % 60 == 0:

@@ -51,6 +51,10 @@ class DaemonMetrics:
                                         ["provider"], registry=r)
         self.provider_retries = Counter("tron_provider_retries", "Tasks retried in place after a provider failure",
                                         ["provider"], registry=r)
+        self.provider_failbacks = Counter("tron_provider_failbacks", "Services moved back to their own provider, "
+                                          "by provider", ["provider"], registry=r)
+        self.provider_probes = Counter("tron_provider_probes", "The daemon's own probes of a provider nobody "
+                                       "calls, by outcome (ok, failed, no_verdict)", ["provider", "outcome"], registry=r)
         self.tasks_parked = Counter("tron_tasks_parked", "Tasks parked with every provider down", registry=r)
         self.tasks_resumed = Counter("tron_tasks_resumed", "Parked tasks that went on", registry=r)
         self.llm_tokens = Counter("tron_llm_tokens", "Tokens of LLM calls, by kind (input, output, cache_read, "

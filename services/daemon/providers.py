@@ -242,7 +242,7 @@ class ProviderDesk:
                                                   "in_place": True})
             if event.task_id:
                 await self.store.set_task_provider(event.task_id, d.to_provider)
-            await self._set_provider(svc, d.to_provider)
+            await self.set_provider(svc, d.to_provider)
             return {"action": "switch", "case": d.case, "provider": d.to_provider, "delay": d.delay}
         if isinstance(d, Park):
             return await self.park_here(d, event.service, task, requested_by=event.service,
@@ -307,7 +307,7 @@ class ProviderDesk:
                     "failure_class": "provider", "chain_exhausted": chain_down},
             decided_by="policy", requested_by=DAEMON))
 
-    async def _set_provider(self, svc, provider: str) -> None:
+    async def set_provider(self, svc, provider: str) -> None:
         """The service's provider, changed in place: its running incarnation takes the calls
         on it (each call names its provider), so no restart is owed, and it is not switched
         away (Service.switched_away): the tasks handed to it (a held task resumed, an
@@ -415,7 +415,7 @@ class ProviderDesk:
             return
         self.metrics.tasks_resumed.inc()
         log.warning("held task resumed", extra={"task": task["task_id"], "provider": d.provider, "case": d.case})
-        await self._set_provider(svc, d.provider)
+        await self.set_provider(svc, d.provider)
         if svc.state == "running" and svc.replacing is None:
             row = await self.store.task(task["task_id"])
             self.background(self.carrier.ledger.dispatch(svc, row, resumed=True), f"resume {task['task_id']}")
@@ -428,7 +428,7 @@ class ProviderDesk:
         self.metrics.tasks_resumed.inc()
         log.warning("parked task resumed", extra={"task": req.task_id, "provider": d.provider,
                                                   "offender": req.service})
-        await self._set_provider(self.sup[req.service], d.provider)
+        await self.set_provider(self.sup[req.service], d.provider)
         return {"action": "resume", "case": d.case, "provider": d.provider}
 
     # -- operators -----------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ LiteLLM puts a deployment back in rotation when its cooldown ends; Tron is more 
 move costs a task a switch if the provider fails again:
 
 - a service goes home only once its provider has been **closed** (healthy: a call or a probe
-  went through) for ``after`` seconds, and only while nothing else is moving it (a root's
+  went through) for ``after`` seconds, counted from when the service left it at the earliest
+  (a root's switch for a hung call, or an operator's approval on another provider, leaves a
+  provider the board never saw fail), and only while nothing else is moving it (a root's
   switch under way, a replacement, a stop);
 - a provider nobody calls any more (every service that would moved off it, or those left on
   it are idle) cannot close by itself: once its cooldown is over (half-open), the daemon
@@ -37,6 +39,7 @@ class Away:
     provider: str
     home: str
     settled: bool = True  # running, and nothing else moving it (no switch under way, no replacement)
+    since: float = 0.0  # when it was first seen away
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,9 @@ def plan(away: Sequence[Away], health: Mapping[str, Health], now: float, after: 
         h = health.get(provider)
         if h is None:
             continue
-        if h.state == ProviderState.CLOSED and now - h.since >= after:
-            home += [(a.service, provider) for a in away if a.settled and a.home == provider]
+        if h.state == ProviderState.CLOSED:
+            home += [(a.service, provider) for a in away
+                     if a.settled and a.home == provider and now - max(h.since, a.since) >= after]
         elif h.state == ProviderState.HALF_OPEN and not h.probe_out and provider not in probing:
             probe.append(provider)
     return Plan(tuple(home), tuple(probe))

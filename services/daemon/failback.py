@@ -72,8 +72,9 @@ class Failback:
         self.probe = probe
         self.probing: set[str] = set()
         self.quiet_until: dict[str, float] = {}  # provider -> no probe before (after one with no verdict)
+        self.away_since: dict[tuple[str, str], float] = {}  # (service, provider it is on) -> first seen there
 
-    def _away(self) -> list[failback.Away]:
+    def _away(self, now: float) -> list[failback.Away]:
         out = []
         for svc in self.sup.services.values():
             if not svc.spec.is_agent or not svc.provider:
@@ -83,18 +84,22 @@ class Failback:
                 continue
             settled = (svc.state == ServiceState.RUNNING and not svc.stopped and svc.replacing is None
                        and not svc.switched_away)
-            out.append(failback.Away(svc.name, svc.provider, home, settled))
+            since = self.away_since.setdefault((svc.name, svc.provider), now)
+            out.append(failback.Away(svc.name, svc.provider, home, settled, since))
+        seen = {(a.service, a.provider) for a in out}
+        for key in [k for k in self.away_since if k not in seen]:  # home again, or gone
+            del self.away_since[key]
         return out
 
     async def tick(self) -> None:
         after = self.config.providers.failback_after
         if after <= 0:
             return
-        away = self._away()
-        if not away:
-            return
         board = self.desk.board
         now = self.desk.clock.now()
+        away = self._away(now)
+        if not away:
+            return
         board.tick(now)
         health = {}
         for name in {a.home for a in away}:
@@ -166,6 +171,6 @@ class Failback:
     def state(self) -> dict[str, object]:
         """For /status: who is away from home, and the probes out."""
         return {"after": self.config.providers.failback_after,
-                "away": {a.service: {"on": a.provider, "home": a.home} for a in self._away()},
+                "away": {a.service: {"on": a.provider, "home": a.home} for a in self._away(self.desk.clock.now())},
                 "probing": sorted(self.probing)}
 

@@ -44,6 +44,9 @@ CASES = [
      [P1], {}, AFTER, (), Plan()),
     ("failback off (after = 0): nothing, however long it has been closed",
      [P1], {"anthropic": Health(C, 0.0)}, 0.0, (), Plan()),
+    ("closed long enough, but the service left it only now (a root's switch for a hung call): it waits",
+     [Away("programmer-1", "ollama", "anthropic", since=NOW - 10), P2], {"anthropic": Health(C, NOW - 600)}, AFTER,
+     (), Plan(home=(("programmer-2", "anthropic"),))),
     ("nobody away: nothing",
      [], {"anthropic": Health(H, NOW - 1)}, AFTER, (), Plan()),
 ]
@@ -115,7 +118,7 @@ async def test_a_service_moved_off_a_healthy_provider_goes_home_in_place_after_f
     old = worker.incarnation
     assert rig.daemon.failback.state()["away"] == {"worker": {"on": "ollama", "home": "anthropic"}}
     await _run(rig, 9.0)
-    assert worker.provider == "ollama"  # the clock starts with the board: closed for 9 s only
+    assert worker.provider == "ollama"  # away for 9 s only
     assert await _run(rig, 2.0, lambda: worker.provider == "anthropic") >= 0.75
     assert (worker.provider, worker.incarnation, worker.switched_away) == ("anthropic", old, False)
     [event] = await rig.store.events(kind="provider_failback")

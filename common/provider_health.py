@@ -82,6 +82,7 @@ class Health:
     requests: int = 0
     successes: int = 0
     failures_total: int = 0
+    last_ok: float | None = None  # when a call last went through (failback wants one since a service left)
 
     @property
     def inflight(self) -> int:
@@ -237,6 +238,7 @@ class Board:
             self._done(h, holder)
         h.successes += 1
         h.failures = 0
+        h.last_ok = now
         if h.window is not None:
             h.window += 1
             if h.window >= self.config.ramp_to:

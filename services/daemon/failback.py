@@ -1,16 +1,22 @@
-"""Failback, carried out: services moved off their own provider go home once it is healthy
-again, and a provider nobody calls any more is probed by the daemon (the rule, pure, is
-common/failback.py).
+"""Failback, carried out: services moved off their own provider go home once it is proven
+healthy again, and the daemon probes a provider when no call of anybody's proves it (the
+rule, pure, is common/failback.py).
 
 Once a second (the housekeeping loop) ``tick`` reads the board and the agent services, asks
 ``failback.plan``, moves the services it names back in place (the provider desk's own
 in-place change: no restart; the tasks they run keep their provider, their next ones start at
 home) with a ``provider_failback`` event each, and starts the probes it names. A probe is one
-real completion in a process of its own (common/providers/probe.py), holding the board's probe
-slot as an agent's first call after a cooldown would: its verdict closes the provider or opens
-it again for a longer cooldown, announced like any other change (``provider_probed`` records
-it). A probe with no verdict on the provider's health (a bad key, a bad request, a process that
-failed) closes nothing, and the next one waits ``cooldown_max``.
+real completion in a process of its own (common/providers/probe.py), in the environment an
+agent of that provider gets, holding the board's probe slot (for a half-open provider) as an
+agent's first call after a cooldown would, for as long as the probe may take: its verdict
+closes the provider, or counts as a failure (a half-open one opens again for a longer
+cooldown), announced like any other change, and ``provider_probed`` records it. A probe with
+no verdict on the provider's health (a bad key, a bad request, a process that failed or
+overran) closes nothing, and the next one waits ``cooldown_max``; after any other, ``cooldown``.
+
+A service that has to leave its provider again within ``RETURN_WINDOW`` of going home waits
+twice as long the next time (up to 64 times ``failback_after``): a flapping provider is not
+chased.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 from tron.common import failback
 from tron.common.config import MeshConfig
@@ -31,23 +38,35 @@ from tron.services.daemon.metrics import DaemonMetrics
 
 log = logging.getLogger("tron.daemon")
 PROBER = "daemon:probe"  # the board's holder of the daemon's probe
-Probe = Callable[[str, ProviderSettings], Awaitable[dict]]
+Probe = Callable[[str, ProviderSettings, Mapping[str, str]], Awaitable[dict]]
 RUNNING: set[int] = set()  # the probes' pids: the housekeeping's reaper leaves them to their waiter
+RETURN_WINDOW = 600.0  # s: moved off again this soon after going home, a service waits twice as long next time
 
 
-async def probe_in_process(provider: str, settings: ProviderSettings) -> dict:
-    """Run common/providers/probe.py: its one JSON line, or a failure with no verdict."""
+def probe_bound(settings: ProviderSettings) -> float:
+    """How long a probe's process may run: its interpreter and SDK import (seconds on a loaded
+    machine) and its own call, which times out at ``timeout_s`` + 1."""
+    return settings.timeout_s + 15.0
+
+
+async def probe_in_process(provider: str, settings: ProviderSettings, env: Mapping[str, str]) -> dict:
+    """Run common/providers/probe.py: its one JSON line; a process that overran ``probe_bound``
+    or answered nothing is a probe with no verdict."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tron.common.providers.probe", provider, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True, env=dict(env))
     RUNNING.add(proc.pid)
     try:
         out, err = await asyncio.wait_for(proc.communicate(settings.model_dump_json().encode()),
-                                          settings.timeout_s + 15.0)  # its own call times out at timeout_s + 1
+                                          probe_bound(settings))
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
-        return {"ok": False, "failure": {"reason": "timeout", "retryable": True, "message": "the probe hung"}}
+        return {"ok": False, "no_verdict": True,
+                "failure": {"reason": "probe_overran", "message": f"no answer within {probe_bound(settings):g}s"}}
+    except asyncio.CancelledError:  # the daemon stops: the probe does not outlive it
+        proc.kill()
+        raise
     finally:
         RUNNING.discard(proc.pid)
     try:
@@ -73,19 +92,28 @@ class Failback:
         self.probing: set[str] = set()
         self.quiet_until: dict[str, float] = {}  # provider -> no probe before (after one with no verdict)
         self.away_since: dict[tuple[str, str], float] = {}  # (service, provider it is on) -> first seen there
+        self.went_home: dict[str, float] = {}  # service -> when it last went home
+        self.streak: dict[str, int] = {}  # service -> times in a row it had to leave again soon after
 
     def _away(self, now: float) -> list[failback.Away]:
         out = []
+        after = self.config.providers.failback_after
         for svc in self.sup.services.values():
-            if not svc.spec.is_agent or not svc.provider:
-                continue
+            if not svc.spec.is_agent or not svc.provider or svc.name not in self.config.services:
+                continue  # (one a reload is removing is still supervised for a moment)
             home = self.config.provider_of(svc.name)
             if svc.provider == home:
                 continue
             settled = (svc.state == ServiceState.RUNNING and not svc.stopped and svc.replacing is None
                        and not svc.switched_away)
-            since = self.away_since.setdefault((svc.name, svc.provider), now)
-            out.append(failback.Away(svc.name, svc.provider, home, settled, since))
+            if (svc.name, svc.provider) not in self.away_since:  # it left just now
+                self.away_since[(svc.name, svc.provider)] = now
+                back = self.went_home.get(svc.name)
+                self.streak[svc.name] = self.streak.get(svc.name, 0) + 1 \
+                    if back is not None and now - back < RETURN_WINDOW else 0
+            streak = min(self.streak.get(svc.name, 0), 6)
+            out.append(failback.Away(svc.name, svc.provider, home, settled, self.away_since[(svc.name, svc.provider)],
+                                     after * 2 ** streak if streak else None))
         seen = {(a.service, a.provider) for a in out}
         for key in [k for k in self.away_since if k not in seen]:  # home again, or gone
             del self.away_since[key]
@@ -104,7 +132,8 @@ class Failback:
         health = {}
         for name in {a.home for a in away}:
             h = board[name]
-            health[name] = failback.Health(h.state, h.since, h.probe_until is not None and now < h.probe_until)
+            health[name] = failback.Health(h.state, h.since, h.probe_until is not None and now < h.probe_until,
+                                           h.last_ok)
         quiet = frozenset(p for p, until in self.quiet_until.items() if now < until)
         plan = failback.plan(away, health, now, after, frozenset(self.probing) | quiet)
         for name, provider in plan.home:
@@ -116,11 +145,25 @@ class Failback:
     async def _go_home(self, svc, provider: str, *, closed_for: float) -> None:
         was = svc.provider
         await self.desk.set_provider(svc, provider)
+        self.went_home[svc.name] = self.desk.clock.now()
+        self.away_since.pop((svc.name, was), None)  # should it leave again, its time away starts then
         self.metrics.provider_failbacks.labels(provider=provider).inc()
         await self.store.event("provider_failback", {"from": was, "to": provider, "closed_for": round(closed_for, 1)},
                                agent=svc.name, incarnation=svc.incarnation)
         log.info("%s goes back to %s (closed for %.0fs); it ran on %s", svc.name, provider, closed_for, was,
                  extra={"offender": svc.name, "from": was, "to": provider})
+
+    def _env(self, provider: str) -> dict[str, str]:
+        """What an agent of ``provider`` gets to reach it: the daemon's environment without its
+        own secrets, with the ``env`` of a service that belongs on it (a key set per service)."""
+        env = dict(os.environ)
+        for entry in self.config.notify:
+            env.pop(entry.secret_env, None)
+        for name, spec in self.config.services.items():
+            if spec.is_agent and self.config.provider_of(name) == provider:
+                env.update(spec.env)
+                break
+        return env
 
     def _settings(self) -> ProviderSettings:
         p = self.config.providers
@@ -130,40 +173,47 @@ class Failback:
 
     async def _probe(self, provider: str) -> None:
         board, clock = self.desk.board, self.desk.clock
+        settings = self._settings()
         try:
-            grant = board.acquire(provider, clock.now(), PROBER)
+            now = clock.now()
+            grant = board.acquire(provider, now, PROBER)
             if not grant.go:
-                return  # closed or opened again meanwhile, or someone else's probe is out
-            if not grant.probe:
-                board.released(provider, PROBER)
-                return
-            started = clock.now()
+                return  # opened meanwhile, at its limits, or someone else's probe is out
+            if grant.probe:  # the slot is ours for as long as our probe may take, not an agent's call
+                board[provider].probe_until = now + probe_bound(settings) + 1.0
+            started = now
             try:
-                answer = await self.probe(provider, self._settings())
+                answer = await self.probe(provider, settings, self._env(provider))
             except Exception as err:  # the probe's machinery, not the provider
                 answer = {"ok": False, "no_verdict": True, "failure": {"reason": "probe_failed", "message": str(err)}}
             now = clock.now()
             failure = answer.get("failure") or {}
             reason = str(failure.get("reason") or "unexpected_error")[:128]
+            message = redact(str(failure.get("message") or ""))[:300]
+            quiet = self.config.providers.cooldown
             if answer.get("ok"):
                 outcome = "ok"
                 changes = board.succeeded(provider, now, holder=PROBER)
             elif answer.get("no_verdict") or reason in NON_RETRYABLE or reason.startswith("unexpected_error"):
-                outcome = "no_verdict"  # a bad key or a broken probe says nothing of the provider's health
-                board.released(provider, PROBER)
+                outcome, quiet = "no_verdict", self.config.providers.cooldown_max
+                board.released(provider, PROBER)  # a bad key or a broken probe says nothing of its health
                 changes = []
-                self.quiet_until[provider] = now + self.config.providers.cooldown_max
+                log.warning("probe of %s: no verdict (%s): %s", provider, reason, message,
+                            extra={"provider": provider, "outcome": outcome})
             else:
                 outcome = "failed"
                 retry_after = failure.get("retry_after")
                 changes = board.failed(provider, now, reason=reason, holder=PROBER,
                                        retry_after=float(retry_after) if isinstance(retry_after, (int, float)) else None)
+            self.quiet_until[provider] = now + quiet
             self.metrics.provider_probes.labels(provider=provider, outcome=outcome).inc()
-            await self.store.event("provider_probed", {"provider": provider, "outcome": outcome, "reason": reason
-                                                       if outcome != "ok" else None, "seconds": round(now - started, 3),
-                                                       "state": str(board[provider].state)})
-            log.info("probe of %s: %s", provider, outcome if outcome == "ok" else f"{outcome} ({reason})",
-                     extra={"provider": provider, "outcome": outcome})
+            await self.store.event("provider_probed", {
+                "provider": provider, "outcome": outcome, "reason": reason if outcome != "ok" else None,
+                "message": message if outcome != "ok" else None, "seconds": round(now - started, 3),
+                "state": str(board[provider].state)})
+            if outcome != "no_verdict":
+                log.info("probe of %s: %s", provider, outcome if outcome == "ok" else f"{outcome} ({reason})",
+                         extra={"provider": provider, "outcome": outcome})
             await self.desk.announce(changes, by="probe")
         finally:
             self.probing.discard(provider)

@@ -150,13 +150,15 @@ class Ledger:
 
     async def assignment(self, task: dict, provider: str | None) -> TaskAssign:
         """What a new incarnation gets: the task, its last checkpoint, and after a hard
-        reset every verified step to replay."""
+        reset every verified step to replay. The provider is the task's own when it has one
+        (the ladder or an operator moved it there; a service gone home since, by failback,
+        does not take its running tasks with it), else ``provider``, its service's."""
         marks = await self.store.checkpoints(task["task_id"])
         steps = [{k: m[k] for k in ("step", "step_id", "hash", "output")} for m in marks]
         replay = steps if self.replay.pop(task["task_id"], False) else None
         return TaskAssign(task_id=task["task_id"], run_id=task["run_id"], kind=task["kind"], prompt=task["prompt"],
                           reply_to=task["parent_agent"], parent_task_id=task["parent_task_id"],
-                          progress=task["progress"], attempt=task["attempt"], provider=provider,
+                          progress=task["progress"], attempt=task["attempt"], provider=task.get("provider") or provider,
                           checkpoint=steps[-1] if steps else None, replay=replay, traceparent=task.get("traceparent"))
 
     async def redispatch(self, svc: Service) -> None:

@@ -253,15 +253,24 @@ def test_llm_advice_is_recorded_and_a_slow_advisor_never_holds_the_ladder(mesh_f
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
 
 
-def test_an_outage_moves_every_agent_that_calls_it_in_place(mesh_factory):
-    mesh = mesh_factory()  # default providers: the architect plans on Anthropic too
+def test_an_outage_moves_every_agent_that_calls_it_in_place_and_failback_brings_them_home(mesh_factory):
+    """An outage moves every agent that calls anthropic to ollama, in place. While anthropic
+    still fails, the daemon's own probe (a real call through the SDK, in a process of its own:
+    nobody calls anthropic any more) fails, and nobody moves back. Once the outage is over the
+    probe proves it, and failback_after later every one of them is back on anthropic, the same
+    processes; the next run's calls go to anthropic, none to ollama."""
+    from tests.integration.test_providers import sim_counters
+
+    # default providers (the architect plans on Anthropic too); failback in seconds, not minutes
+    mesh = mesh_factory(providers={"cooldown": 1.0, "cooldown_max": 2.0, "failback_after": 2.0})
     mesh.up()
     before = pids(mesh)
     fault(mesh, "anthropic", "overloaded")
     run_id = submit(mesh)
     run = finished(mesh, run_id)
     assert run["status"] == "done", run
-    providers = {s["name"]: s["provider"] for s in mesh.status()["services"]}
+    on = lambda: {s["name"]: s["provider"] for s in mesh.status()["services"]}  # noqa: E731
+    providers = on()
     callers = ["architect", "programmer-1", "programmer-2"]
     assert {providers[n] for n in callers} == {"ollama"}, providers
     assert providers["root"] == "anthropic"  # never called the provider: untouched
@@ -270,6 +279,27 @@ def test_an_outage_moves_every_agent_that_calls_it_in_place(mesh_factory):
     assert sorted(r["agent_id"] for r in moved) == sorted(callers), moved
     assert {(r["from_provider"], r["to_provider"]) for r in moved} == {("anthropic", "ollama")}
     assert pids(mesh) == before  # switched in place: nobody restarted
+    # failback
+    probed = "SELECT payload FROM events WHERE kind = 'provider_probed' ORDER BY id"
+    wait_for(lambda: any('"outcome": "failed"' in r["payload"] for r in mesh.rows(probed)), 60,
+             "a probe of anthropic that fails while the outage lasts")
+    assert {on()[n] for n in callers} == {"ollama"} and mesh.rows(
+        "SELECT 1 FROM events WHERE kind = 'provider_failback'") == []
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults/anthropic")
+    wait_for(lambda: {on()[n] for n in callers} == {"anthropic"}, 60, "the callers back on anthropic")
+    assert any('"outcome": "ok"' in r["payload"] for r in mesh.rows(probed)), mesh.rows(probed)
+    back = mesh.rows("SELECT agent, payload FROM events WHERE kind = 'provider_failback'")
+    assert sorted(r["agent"] for r in back) == callers, back
+    assert all('"from": "ollama", "to": "anthropic"' in r["payload"] for r in back), back
+    assert pids(mesh) == before  # in place: nobody restarted
+    listed = json.loads(mesh.tron("provider", "list", "--json").stdout)
+    assert listed["failback"]["away"] == {} and listed["failback"]["after"] == 2.0, listed["failback"]
+    sent0 = sim_counters(mesh)
+    run = finished(mesh, submit(mesh, "build it again"))
+    assert run["status"] == "done", run
+    sent = sim_counters(mesh)
+    assert sent["anthropic"]["served"] > sent0["anthropic"]["served"]
+    assert sent["ollama"]["requests"] == sent0["ollama"]["requests"], (sent0, sent)
 
 
 # A program that writes down each start and, 0.2 s later, its end (its own clock, not Tron's),

@@ -447,8 +447,9 @@ class ProvidersConfig(_Strict):
     start_window: int = Field(4, ge=0, le=10_000)
     ramp_to: int = Field(64, ge=1, le=100_000)
     # Failback: a service moved off its own provider (a switch, an approval on another) goes
-    # back, in place, once that provider has been closed (healthy) this long; one nobody calls
-    # is probed by the daemon when its cooldown ends. 0: services stay where a switch put them.
+    # back, in place, once it has been away this long and a call to that provider has gone
+    # through since it left (the daemon probes it when nobody's call does). 0: services stay
+    # where a switch put them (common/failback.py).
     failback_after: float = Field(60.0, ge=0)
     limits: dict[str, ProviderLimits] = {}  # per provider name
 

@@ -10,10 +10,11 @@ service sent back to a provider that still fails costs its next task a switch:
 
 - a service is *due* once it has been away ``after`` seconds (its own ``after``: doubled each
   time it had to leave again soon after it went home, so a flapping provider is not chased);
-- a due service goes home once its provider is **closed**, has been so for ``after`` since the
-  service left it at the earliest, and a call to it **went through since the service left**.
-  A closed state alone proves nothing: a root's switch for a hung call, or an operator's
-  approval on another provider, leaves a provider the board never saw fail;
+- a due service goes home once its provider is **closed** and a call to it **went through
+  since the service left**. A closed state alone proves nothing: a root's switch for a hung
+  call, or an operator's approval on another provider, leaves a provider the board never saw
+  fail. (Closed for a while proves nothing either when nobody calls it: the wait is the
+  service's time away, and one call that went through is the evidence);
 - for a due service without that evidence, the daemon **probes** its provider: one real call
   of its own, when its cooldown is over (half-open, unless an agent's first call is out as the
   probe already) or when it is closed but has not answered since. A failed probe counts as a
@@ -79,7 +80,7 @@ def plan(away: Sequence[Away], health: Mapping[str, Health], now: float, after: 
             continue
         if h.state == ProviderState.CLOSED:
             proven = [a for a in due if h.last_ok is not None and h.last_ok >= a.since]
-            home += [(a.service, provider) for a in proven if now - max(h.since, a.since) >= (a.after or after)]
+            home += [(a.service, provider) for a in proven]
             if len(proven) < len(due) and provider not in probing:
                 probe.append(provider)
         elif h.state == ProviderState.HALF_OPEN and not h.probe_out and provider not in probing:

@@ -27,14 +27,15 @@ CASES = [
      [P1], {"anthropic": Health(C, NOW - 600, last_ok=LEFT - 1)}, AFTER, (), Plan(probe=("anthropic",))),
     ("closed and never called: probe it",
      [P1], {"anthropic": Health(C, NOW - 600)}, AFTER, (), Plan(probe=("anthropic",))),
-    ("proven, but closed for less than `after`: it waits, nothing to probe",
-     [P1], {"anthropic": Health(C, NOW - 59, last_ok=OK)}, AFTER, (), Plan()),
-    ("closed exactly `after`: it goes",
-     [P1], {"anthropic": Health(C, NOW - AFTER, last_ok=OK)}, AFTER, (), Plan(home=(("programmer-1", "anthropic"),))),
+    ("proven by a probe that closed it a moment ago: it goes (its time away was the wait)",
+     [P1], {"anthropic": Health(C, NOW - 1, last_ok=NOW - 1)}, AFTER, (), Plan(home=(("programmer-1", "anthropic"),))),
+    ("away exactly `after`: due",
+     [Away("programmer-1", "ollama", "anthropic", since=NOW - AFTER)], {"anthropic": Health(C, NOW - 600, last_ok=OK)},
+     AFTER, (), Plan(home=(("programmer-1", "anthropic"),))),
     ("away for less than `after`: not due, nothing, not even a probe",
      [Away("programmer-1", "ollama", "anthropic", since=NOW - 30)], {"anthropic": Health(H, NOW - 1)}, AFTER, (),
      Plan()),
-    ("closed long enough, but the service left only 30 s ago: it waits",
+    ("proven, but the service left only 30 s ago: it waits",
      [Away("programmer-1", "ollama", "anthropic", since=NOW - 30), P2],
      {"anthropic": Health(C, NOW - 600, last_ok=OK)}, AFTER, (), Plan(home=(("programmer-2", "anthropic"),))),
     ("a service that flapped waits its own, longer, `after`",
@@ -153,7 +154,7 @@ async def test_a_call_of_another_agent_proves_the_provider_and_no_probe_is_neede
     assert rig.probes == []
 
 
-async def test_a_provider_nobody_calls_is_probed_half_open_and_they_go_home_once_closed_long_enough(rig):
+async def test_a_provider_nobody_calls_is_probed_half_open_once_they_are_due_and_its_answer_sends_them_home(rig):
     await _away(rig, "worker", "root")
     await _open_anthropic(rig)  # half-open 5 s later, but nobody is due before 10 s
     await _run(rig, 9.0)
@@ -163,9 +164,7 @@ async def test_a_provider_nobody_calls_is_probed_half_open_and_they_go_home_once
     assert board["anthropic"].state == ProviderState.CLOSED
     [probed] = await rig.store.events(kind="provider_probed")
     assert (probed["payload"]["outcome"], probed["payload"]["state"]) == ("ok", "closed")
-    await _run(rig, 9.0)
-    assert rig.svc("worker").provider == "ollama"  # closed for failback_after first
-    await _run(rig, 2.0, lambda: {rig.svc(n).provider for n in ("worker", "root")} == {"anthropic"})
+    await _run(rig, 0.5, lambda: {rig.svc(n).provider for n in ("worker", "root")} == {"anthropic"})
     assert rig.probes == ["anthropic"]
 
 

@@ -400,7 +400,8 @@ def cmd_provider(ctx: Ctx, args: argparse.Namespace) -> int:
             print(f"{p['provider']:<11} {p['state']:<10} {p['since_s']:>7.1f}s {until:>8} {p['failures']:>5}  {why}")
         back = answer.get("failback") or {}
         if back.get("away"):  # an older daemon's answer has no failback
-            when = f"once it has been closed {back['after']:g}s" if back["after"] else "never (failback_after = 0)"
+            when = (f"once away {back['after']:g}s, on a call that goes through" if back["after"]
+                    else "never: failback_after = 0")
             print(f"away from their own provider (they go back {when}):")
             for name, where in sorted(back["away"].items()):
                 print(f"  {name}: on {where['on']}, home {where['home']}")

@@ -587,12 +587,7 @@ class AgentRuntime:
         return True
 
     def provider_settings(self, *, timeout: float | None = None, max_tokens: int | None = None) -> ProviderSettings:
-        from tron.common.providers import ProviderSettings
-
-        p = self.config.providers
-        return ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
-                                ollama_model=p.ollama_model, openai_model=p.openai_model, models=p.models,
-                                timeout_s=timeout or p.timeout, max_tokens=max_tokens or p.max_tokens)
+        return self.config.provider_settings(timeout=timeout, max_tokens=max_tokens)
 
     # -- the LLM ------------------------------------------------------------------------------
 

@@ -36,6 +36,9 @@ from tron.common.models import Provider, validation_messages
 from tron.common.prices import Price
 from tron.common.notify import NotifyEntry
 from tron.common.telemetry import TelemetrySection
+
+if TYPE_CHECKING:
+    from tron.common.providers import ProviderSettings
 from tron.common.prices import merged as merged_prices
 from tron.common.providers import get as get_provider_kind, names as provider_names, sdk_of
 from tron.common.providers.checks import OutputChecks
@@ -853,6 +856,15 @@ class MeshConfig(_Strict):
     def sim_url(self) -> str | None:
         sim = self.providers.sim_service
         return self.url(sim) if sim in self.services else None
+
+    def provider_settings(self, *, timeout: float | None = None, max_tokens: int | None = None) -> ProviderSettings:
+        """What an LLM call of this mesh needs besides its prompt (an agent's, or the daemon's probe)."""
+        from tron.common.providers import ProviderSettings
+
+        p = self.providers
+        return ProviderSettings(sim_url=self.sim_url, anthropic_model=p.anthropic_model, ollama_model=p.ollama_model,
+                                openai_model=p.openai_model, models=p.models, timeout_s=timeout or p.timeout,
+                                max_tokens=max_tokens or p.max_tokens)
 
 
 def _format_error(source: str, err: ValidationError, replicas: Mapping[str, str] | None = None) -> str:

@@ -165,15 +165,9 @@ class Failback:
                 break
         return env
 
-    def _settings(self) -> ProviderSettings:
-        p = self.config.providers
-        return ProviderSettings(sim_url=self.config.sim_url, anthropic_model=p.anthropic_model,
-                                ollama_model=p.ollama_model, openai_model=p.openai_model, models=p.models,
-                                timeout_s=p.timeout, max_tokens=p.max_tokens)
-
     async def _probe(self, provider: str) -> None:
         board, clock = self.desk.board, self.desk.clock
-        settings = self._settings()
+        settings = self.config.provider_settings()
         try:
             now = clock.now()
             grant = board.acquire(provider, now, PROBER)

@@ -36,11 +36,8 @@ from tron.common.models import Provider, validation_messages
 from tron.common.prices import Price
 from tron.common.notify import NotifyEntry
 from tron.common.telemetry import TelemetrySection
-
-if TYPE_CHECKING:
-    from tron.common.providers import ProviderSettings
 from tron.common.prices import merged as merged_prices
-from tron.common.providers import get as get_provider_kind, names as provider_names, sdk_of
+from tron.common.providers import ProviderSettings, get as get_provider_kind, names as provider_names, sdk_of
 from tron.common.providers.checks import OutputChecks
 from tron.common import probe_kinds  # the probe kinds: their names and configs
 
@@ -859,8 +856,6 @@ class MeshConfig(_Strict):
 
     def provider_settings(self, *, timeout: float | None = None, max_tokens: int | None = None) -> ProviderSettings:
         """What an LLM call of this mesh needs besides its prompt (an agent's, or the daemon's probe)."""
-        from tron.common.providers import ProviderSettings
-
         p = self.providers
         return ProviderSettings(sim_url=self.sim_url, anthropic_model=p.anthropic_model, ollama_model=p.ollama_model,
                                 openai_model=p.openai_model, models=p.models, timeout_s=timeout or p.timeout,

@@ -24,17 +24,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from typing import Awaitable, Callable, Mapping
 
 from tron.common import failback
 from tron.common.config import MeshConfig
-from tron.common.providers import NON_RETRYABLE, ProviderSettings
+from tron.common.providers import ProviderSettings
 from tron.common.redaction import redact
 from tron.common.states import ServiceState
 from tron.registry.protocol import Store
 from tron.services.daemon.metrics import DaemonMetrics
+from tron.services.daemon.providers import CallFailure
+from tron.services.daemon.supervisor import child_environ
 
 log = logging.getLogger("tron.daemon")
 PROBER = "daemon:probe"  # the board's holder of the daemon's probe
@@ -156,9 +157,7 @@ class Failback:
     def _env(self, provider: str) -> dict[str, str]:
         """What an agent of ``provider`` gets to reach it: the daemon's environment without its
         own secrets, with the ``env`` of a service that belongs on it (a key set per service)."""
-        env = dict(os.environ)
-        for entry in self.config.notify:
-            env.pop(entry.secret_env, None)
+        env = child_environ(self.config)
         for name, spec in self.config.services.items():
             if spec.is_agent and self.config.provider_of(name) == provider:
                 env.update(spec.env)
@@ -182,13 +181,13 @@ class Failback:
                 answer = {"ok": False, "no_verdict": True, "failure": {"reason": "probe_failed", "message": str(err)}}
             now = clock.now()
             failure = answer.get("failure") or {}
-            reason = str(failure.get("reason") or "unexpected_error")[:128]
-            message = redact(str(failure.get("message") or ""))[:300]
+            f = CallFailure.of(failure)
+            reason, message = f.reason, redact(str(failure.get("message") or ""))[:300]
             quiet = self.config.providers.cooldown
             if answer.get("ok"):
                 outcome = "ok"
                 changes = board.succeeded(provider, now, holder=PROBER)
-            elif answer.get("no_verdict") or reason in NON_RETRYABLE or reason.startswith("unexpected_error"):
+            elif answer.get("no_verdict") or not f.says_provider:
                 outcome, quiet = "no_verdict", self.config.providers.cooldown_max
                 board.released(provider, PROBER)  # a bad key or a broken probe says nothing of its health
                 changes = []
@@ -196,9 +195,7 @@ class Failback:
                             extra={"provider": provider, "outcome": outcome})
             else:
                 outcome = "failed"
-                retry_after = failure.get("retry_after")
-                changes = board.failed(provider, now, reason=reason, holder=PROBER,
-                                       retry_after=float(retry_after) if isinstance(retry_after, (int, float)) else None)
+                changes = board.failed(provider, now, reason=reason, holder=PROBER, retry_after=f.retry_after)
             self.quiet_until[provider] = now + quiet
             self.metrics.provider_probes.labels(provider=provider, outcome=outcome).inc()
             await self.store.event("provider_probed", {

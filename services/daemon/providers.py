@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from tron.common.clock import Clock
 from tron.common.config import DAEMON, MeshConfig, Policy
@@ -36,6 +37,30 @@ from tron.services.daemon.supervisor import Supervisor, new_id
 log = logging.getLogger("tron.daemon")
 LONG_POLL = 20.0  # an acquire or park request is answered within this, then asked again
 STATE_VALUE = {ProviderState.CLOSED: 0, ProviderState.HALF_OPEN: 1, ProviderState.OPEN: 2}
+
+
+@dataclass(frozen=True)
+class CallFailure:
+    """A failed call's report (``ProviderFailure.to_dict``), as the board and the ladder read
+    it: the reason, whether retrying can help, and the wait the provider asked for."""
+
+    reason: str
+    retryable: bool
+    retry_after: float | None
+
+    @classmethod
+    def of(cls, failure: Mapping[str, object]) -> CallFailure:
+        reason = str(failure.get("reason") or "unexpected_error")[:128]
+        after = failure.get("retry_after")
+        return cls(reason, bool(failure.get("retryable", True)) and reason not in NON_RETRYABLE,
+                   float(after) if isinstance(after, (int, float)) and after >= 0 else None)
+
+    @property
+    def says_provider(self) -> bool:
+        """Whether it counts against the provider's health, mesh-wide. A bad key or a bad
+        request says nothing of it; nor does an exception the SDK layer could not name
+        (unexpected_error:TypeError), as likely the agent's own bug as the provider's."""
+        return self.retryable and not self.reason.startswith("unexpected_error")
 
 
 def raise_hint(over: list[str], task: dict) -> str:
@@ -184,26 +209,20 @@ class ProviderDesk:
             self.wake()  # a call in flight fewer: the next waiter may go
             return {"action": "done"}
         failure = out.failure or {}
-        reason = str(failure.get("reason") or "unexpected_error")[:128]
-        retryable = bool(failure.get("retryable", True)) and reason not in NON_RETRYABLE
-        retry_after = failure.get("retry_after")
-        retry_after = float(retry_after) if isinstance(retry_after, (int, float)) and retry_after >= 0 else None
-        # An exception the SDK layer could not name (unexpected_error:TypeError) is as likely the
-        # agent's own bug as the provider's: the ladder still bounds the task's tries, but it
-        # does not count against the provider's health for the whole mesh.
-        says_provider = not reason.startswith("unexpected_error")
-        if retryable and says_provider:
-            changes = self.board.failed(out.provider, now, reason=reason, retry_after=retry_after,
+        f = CallFailure.of(failure)
+        # One that does not count against the provider's health is still bounded by the ladder.
+        if f.says_provider:
+            changes = self.board.failed(out.provider, now, reason=f.reason, retry_after=f.retry_after,
                                         limits=failure.get("limits") or out.limits, error=failure,
                                         admitted=out.admitted, holder=out.incarnation)
-        else:  # a bad key or a bad request says nothing about the provider's health
+        else:
             changes = []
             if out.admitted:
                 self.board.released(out.provider, out.incarnation)
-        self.metrics.provider_failures.labels(provider=out.provider, reason=reason).inc()
+        self.metrics.provider_failures.labels(provider=out.provider, reason=f.reason).inc()
         await self.announce(changes)
-        return await self.decide(ProviderFailed(new_id("pf-"), out.service, out.incarnation, out.provider, reason,
-                                                retryable, retry_after, out.task_id),
+        return await self.decide(ProviderFailed(new_id("pf-"), out.service, out.incarnation, out.provider, f.reason,
+                                                f.retryable, f.retry_after, out.task_id),
                                  detail={k: v for k, v in failure.items() if k != "provider"})
 
     # -- decisions ---------------------------------------------------------------------------------

@@ -50,6 +50,15 @@ NON_AGENT_BEAT_TIMEOUT = 10 * 365 * 86400.0  # command services have no beats to
 S = ServiceState
 
 
+def child_environ(config: MeshConfig) -> dict[str, str]:
+    """The daemon's environment as a process it starts gets it: without the daemon's own
+    secrets (a notification target's), which no child needs."""
+    env = dict(os.environ)
+    for entry in config.notify:
+        env.pop(entry.secret_env, None)
+    return env
+
+
 def new_id(prefix: str = "") -> str:
     return prefix + uuid.uuid4().hex[:12]
 
@@ -191,9 +200,7 @@ class Supervisor:
 
     async def _env(self, svc: Service, incarnation: str) -> dict[str, str]:
         p = self.policy()
-        env = dict(os.environ)
-        for entry in self.config.notify:  # the daemon's own secret: no child needs it
-            env.pop(entry.secret_env, None)
+        env = child_environ(self.config)
         env.update(telemetry.child_env(self.config.telemetry))  # where traces go, for a program's own spans
         env.update(svc.spec.env)
         env.update(mesh_marks(self.home))

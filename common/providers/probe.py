@@ -7,8 +7,9 @@ is half-open: the SDKs are not imported in the daemon (``import anthropic`` alon
 and tens of MB), and a probe that hangs is ended by killing its process. ``settings.json`` is
 a ``ProviderSettings``; the endpoint and key come from the environment, as an agent's do (the
 real service when its key or host is set, else llm-sim). One short completion is asked for;
-the answer is one JSON line: ``{"ok": true, "model": ..., "tokens": N}`` or ``{"ok": false,
-"failure": ProviderFailure.to_dict()}``, the message redacted. Exit code 0 either way; 2 for
+the answer is one JSON line: ``{"ok": true, "model": ..., "tokens": N, "usage": {...},
+"duration_ms": ...}`` (its tokens by kind, which the daemon records as spend like any call) or
+``{"ok": false, "failure": ProviderFailure.to_dict()}``, the message redacted. Exit code 0 either way; 2 for
 bad arguments.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 from pydantic import ValidationError
 
@@ -31,6 +33,7 @@ MAX_TOKENS = 8
 
 async def probe(provider: str, settings: ProviderSettings) -> dict[str, object]:
     """The probe's answer (never raises for a provider's failure)."""
+    started = time.perf_counter()
     try:
         reply = await complete(provider, system=SYSTEM, prompt=PROMPT,
                                settings=settings.model_copy(update={"max_tokens": MAX_TOKENS}))
@@ -38,7 +41,10 @@ async def probe(provider: str, settings: ProviderSettings) -> dict[str, object]:
         found = failure.to_dict()
         found["message"] = redact(str(found.get("message") or ""))[:300]
         return {"ok": False, "failure": found}
-    return {"ok": True, "model": reply.model, "tokens": reply.input_tokens + reply.output_tokens}
+    usage = {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
+             "cache_read_tokens": reply.cache_read_tokens, "cache_write_tokens": reply.cache_write_tokens}
+    return {"ok": True, "model": reply.model, "tokens": reply.input_tokens + reply.output_tokens, "usage": usage,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
 
 
 def main(argv: list[str]) -> int:

@@ -29,6 +29,7 @@ from typing import Awaitable, Callable, Mapping
 
 from tron.common import failback
 from tron.common.config import MeshConfig
+from tron.common.models import Usage
 from tron.common.providers import ProviderSettings
 from tron.common.redaction import redact
 from tron.common.states import ServiceState
@@ -39,6 +40,7 @@ from tron.services.daemon.supervisor import child_environ
 
 log = logging.getLogger("tron.daemon")
 PROBER = "daemon:probe"  # the board's holder of the daemon's probe
+SPENDER = "tron-daemon"  # the service a probe's tokens are recorded under (llm_usage.agent)
 Probe = Callable[[str, ProviderSettings, Mapping[str, str]], Awaitable[dict]]
 RUNNING: set[int] = set()  # the probes' pids: the housekeeping's reaper leaves them to their waiter
 RETURN_WINDOW = 600.0  # s: moved off again this soon after going home, a service waits twice as long next time
@@ -187,6 +189,7 @@ class Failback:
             if answer.get("ok"):
                 outcome = "ok"
                 changes = board.succeeded(provider, now, holder=PROBER)
+                await self._spent(provider, answer)
             elif answer.get("no_verdict") or not f.says_provider:
                 outcome, quiet = "no_verdict", self.config.providers.cooldown_max
                 board.released(provider, PROBER)  # a bad key or a broken probe says nothing of its health
@@ -208,6 +211,18 @@ class Failback:
             await self.desk.announce(changes, by="probe")
         finally:
             self.probing.discard(provider)
+
+    async def _spent(self, provider: str, answer: dict) -> None:
+        """A probe's tokens are spend like any call's: a row of its own (service ``tron-daemon``,
+        source ``probe``), priced, in `tron cost` and the token metrics; no task's or run's."""
+        if not isinstance(answer.get("usage"), dict):
+            return
+        try:
+            usage = Usage(provider=provider, model=str(answer.get("model") or "unknown"),
+                          duration_ms=answer.get("duration_ms"), step="failback_probe", **(answer.get("usage") or {}))
+            await self.desk.spend.record(usage, agent=SPENDER, incarnation=None, task=None, ok=True, source="probe")
+        except Exception as err:  # a probe that worked is not undone by its bookkeeping: said, not raised
+            log.warning("probe of %s: its usage was not recorded: %s: %s", provider, type(err).__name__, err)
 
     def state(self) -> dict[str, object]:
         """For /status: who is away from home, and the probes out."""

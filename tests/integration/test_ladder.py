@@ -292,6 +292,11 @@ def test_an_outage_moves_every_agent_that_calls_it_in_place_and_failback_brings_
     assert sorted(r["agent"] for r in back) == callers, back
     assert all('"from": "ollama", "to": "anthropic"' in r["payload"] for r in back), back
     assert pids(mesh) == before  # in place: nobody restarted
+    # The probe that proved it spent tokens, recorded as spend like any call's (the failed ones used none).
+    spent = "SELECT agent, provider, input_tokens, output_tokens, step FROM llm_usage WHERE source = 'probe'"
+    wait_for(lambda: mesh.rows(spent), 10, "the probe's usage recorded")
+    assert all((r["agent"], r["provider"], r["step"]) == ("tron-daemon", "anthropic", "failback_probe")
+               and r["input_tokens"] > 0 and r["output_tokens"] > 0 for r in mesh.rows(spent)), mesh.rows(spent)
     listed = json.loads(mesh.tron("provider", "list", "--json").stdout)
     assert listed["failback"]["away"] == {} and listed["failback"]["after"] == 2.0, listed["failback"]
     sent0 = sim_counters(mesh)

@@ -146,6 +146,25 @@ async def test_a_service_moved_off_a_provider_the_board_never_saw_fail_goes_home
     assert rig.daemon.failback.state()["away"] == {}
 
 
+async def test_a_probe_that_proves_a_provider_records_its_tokens_as_spend(rig):
+    """A probe is a real call: its tokens are a priced llm_usage row of the daemon's own, not
+    a task's or a run's; a failed probe used none and writes none."""
+    worker = rig.svc("worker")
+    await _away(rig, "worker")
+    rig.probe_answer = {"ok": False, "failure": {"reason": "overloaded", "retryable": True, "status": 529}}
+    await _run(rig, 12.0, lambda: rig.probes)
+    assert worker.provider == "ollama"
+    assert await rig.store.usage(agent="tron-daemon") == []
+    rig.probe_answer = {"ok": True, "model": "claude-haiku-4-5", "tokens": 13, "duration_ms": 4.5,
+                        "usage": {"input_tokens": 11, "output_tokens": 2, "cache_read_tokens": 0,
+                                  "cache_write_tokens": 0}}
+    await _run(rig, 40.0, lambda: worker.provider == "anthropic")
+    [row] = await rig.store.usage(agent="tron-daemon")
+    assert (row["provider"], row["model"], row["source"], row["step"], row["task_id"], row["run_id"]) == \
+        ("anthropic", "claude-haiku-4-5", "probe", "failback_probe", None, None), row
+    assert (row["input_tokens"], row["output_tokens"], row["ok"], row["duration_ms"]) == (11, 2, 1, 4.5), row
+
+
 async def test_a_call_of_another_agent_proves_the_provider_and_no_probe_is_needed(rig):
     await _away(rig, "worker")
     await _run(rig, 3.0)

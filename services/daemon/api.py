@@ -173,6 +173,31 @@ def _parent_of(request: web.Request, *services: str) -> Caller:
     return caller
 
 
+async def _task_of_service(request: web.Request, task_id: str | None, service: str, run_id: str | None = None) -> None:
+    """A ladder step an agent takes for a descendant is about that descendant's own task (and
+    its run): naming another subtree's task beside one's own child is refused (403), an
+    unknown task is 404. The operator's steps are not limited."""
+    caller = _caller(request)
+    if caller.kind is not Kind.AGENT or task_id is None:
+        return
+    task = await _d(request).store.task(task_id)
+    if task is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no task {task_id}", "verdict": "unknown_task"}),
+                               content_type="application/json")
+    if task["agent"] != service or (run_id is not None and task["run_id"] != run_id):
+        raise Refusal(Scope.CHILDREN, f"task {task_id} is {task['agent']}'s (run {task['run_id']}), not "
+                                      f"{service}'s{f' in run {run_id}' if run_id else ''}: {caller.actor} acts "
+                                      "only on its descendants' own tasks")
+
+
+async def _decider(request: web.Request, requested_by: str, task_id: str | None, service: str,
+                   run_id: str | None = None) -> None:
+    """An agent's decision is its own (the record names who decided) about its descendant's task."""
+    if _caller(request).kind is Kind.AGENT:
+        _own(request, requested_by, None)
+    await _task_of_service(request, task_id, service, run_id)
+
+
 def _gateway(request: web.Request) -> Caller:
     caller = _caller(request)
     if caller.kind is Kind.AGENT and _d(request).config.services[caller.name].role != "gateway":
@@ -332,6 +357,7 @@ async def restart(request: web.Request) -> web.Response:
     _parent_of(request, req.service)
     if _caller(request).kind is Kind.AGENT:
         _own(request, req.requested_by, None)
+    await _task_of_service(request, req.task_id, req.service)
     result = await d.carrier.restart(req)
     return web.json_response(result, status={"accepted": 202, "duplicate": 200, "stale": 409}[result["status"]])
 
@@ -344,6 +370,7 @@ async def escalation(request: web.Request) -> web.Response:
     _parent_of(request, rec.service)
     if _caller(request).kind is Kind.AGENT:
         _own(request, rec.from_service, None)
+    await _task_of_service(request, rec.task_id, rec.service, rec.run_id)
     return web.json_response(await d.carrier.escalation(rec))
 
 
@@ -354,6 +381,7 @@ async def switch(request: web.Request) -> web.Response:
     for name in [req.service, *req.services]:
         _service(d, name)
     _parent_of(request, req.service, *req.services)
+    await _decider(request, req.requested_by, req.task_id, req.service)
     answer = await d.carrier.switch(req)
     return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
@@ -365,6 +393,7 @@ async def park(request: web.Request) -> web.Response:
     req = await parse(request, ParkRequest)
     _service(d, req.service)
     _parent_of(request, req.service)
+    await _decider(request, req.requested_by, req.task_id, req.service)
     answer = await d.carrier.park(req)
     return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
@@ -375,6 +404,7 @@ async def permanent_failure(request: web.Request) -> web.Response:
     rec = await parse(request, PermanentFailure)
     _service(d, rec.service)
     _parent_of(request, rec.service)
+    await _decider(request, rec.requested_by, rec.task_id, rec.service, rec.run_id)
     answer = await d.carrier.fail(rec)
     return web.json_response(answer, status=422 if answer["status"] == "refused" else 200)
 
@@ -386,6 +416,7 @@ async def grandchild_failure(request: web.Request) -> web.Response:
     esc = await parse(request, Escalation)
     _service(d, esc.service)
     _parent_of(request, esc.service)
+    await _task_of_service(request, esc.task_id, esc.service)
     event = Escalated(esc.alert_id, esc.service, esc.reason, esc.kind, esc.task_id)
     return web.json_response(await d.carrier.decide_here(event))
 

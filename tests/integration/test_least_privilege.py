@@ -319,3 +319,58 @@ def test_a_ui_action_is_audited_as_the_sessions_login_whatever_the_body_says(mes
     assert mesh.service("bash-agent")["paused"] is True
     resp = _request(port, "GET", "/status", headers={"Cookie": cookie, "X-CSRF-Token": csrf})
     assert resp.status == 200 and json.loads(resp.read())["services"][0]["pid"]
+
+
+def test_a_parent_decides_only_about_its_own_descendants_tasks_and_only_in_its_own_name(mesh):
+    """A director's credential names its own child beside another subtree's task: the top's
+    decisions (switch, park, fail) and a restart with the task are refused, as is a decision
+    in another agent's name; the victim's task and run are untouched, and no row is written."""
+    run = json.loads(mesh.tron("run", "--json", "write a haiku", timeout=90, check=True).stdout)
+    assert run["status"] == "done", run
+    code, made = mesh.http("POST", mesh.url("daemon") + "/runs", {"prompt": "victim"})
+    assert code in (200, 201), made
+    victim_run = made["run_id"]
+    sim = mesh.url("llm-sim")
+    for provider in ("anthropic", "ollama"):  # the victim task stays live: programmer-1 waits on its call
+        assert mesh.http("PUT", sim + f"/sim/faults/{provider}", {"kind": "latency", "latency_ms": 60000})[0] == 200
+    victim = {"task_id": f"{victim_run}.v", "run_id": victim_run, "agent": "programmer-1",
+              "parent_agent": "director-code", "kind": "code", "prompt": "x"}
+    code, answer = as_agent(mesh, credential(mesh, "director-code"), "POST", "/tasks", victim)
+    assert code in (200, 201), answer
+    wait_for(lambda: mesh.service("programmer-1").get("task") == victim["task_id"], 20,
+             "programmer-1 working on the victim task")
+    cred = credential(mesh, "director-docs")
+    inc2 = mesh.service("programmer-2")["incarnation"]
+    task = {"task_id": victim["task_id"], "run_id": victim_run}
+    before = snapshot(mesh)
+    rows = "SELECT COUNT(*) AS n FROM retry_history"
+    retries = mesh.rows(rows)[0]["n"]
+    step = {"service": "programmer-2", "alert_id": "a-evil", "reason": "evil", "case": "switches_exhausted"}
+    calls = [
+        ("/control/permanent_failure", {**step, **task, "requested_by": "director-docs"}),
+        ("/control/switch", {**step, "task_id": task["task_id"], "to_provider": "ollama",
+                             "requested_by": "director-docs"}),
+        ("/control/park", {**step, "task_id": task["task_id"], "requested_by": "director-docs"}),
+        ("/control/restart", {**step, "replaces": inc2, "with_task": True, "task_id": task["task_id"],
+                              "requested_by": "director-docs"}),
+        ("/control/escalation", {**step, **task, "from_service": "director-docs", "to_service": "architect"}),
+    ]
+    for path, body in calls:
+        code, answer = as_agent(mesh, cred, "POST", path, body)
+        assert code == 403 and answer.get("scope") == "children" and "programmer-1" in answer["error"], \
+            (path, code, answer)
+    # Its own child's own decision, in root's name, is refused too (the record would say root decided).
+    own = mesh.rows("SELECT task_id FROM tasks WHERE agent = 'programmer-2' ORDER BY created_at DESC LIMIT 1")
+    assert own, "programmer-2 ran a task in the first run"
+    code, answer = as_agent(mesh, cred, "POST", "/control/park",
+                            {**step, "task_id": own[0]["task_id"], "requested_by": "root"})
+    assert code == 403 and answer.get("scope") == "self", answer
+    code, answer = as_agent(mesh, cred, "POST", "/control/park",
+                            {**step, "task_id": "no-such-task", "requested_by": "director-docs"})
+    assert code == 404, answer
+    assert snapshot(mesh) == before
+    assert mesh.rows(rows)[0]["n"] == retries
+    [left] = mesh.rows(f"SELECT status FROM tasks WHERE task_id = '{victim['task_id']}'")
+    assert left["status"] in ("assigned", "running"), left
+    for provider in ("anthropic", "ollama"):
+        mesh.http("DELETE", sim + f"/sim/faults/{provider}")

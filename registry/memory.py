@@ -196,6 +196,7 @@ class MemoryStore(Stamps):
 
     async def close_session(self, incarnation: str, *, reason: str, exit_code: int | None = None,
                             exit_signal: int | None = None) -> bool:
+        reason = redact(reason)
         row = self.sessions_.get(incarnation)
         ended = self._session_to(incarnation, SessionState.ENDED, {
             "ended_at": self._wall(), "end_reason": reason, "exit_code": exit_code, "exit_signal": exit_signal})
@@ -458,6 +459,7 @@ class MemoryStore(Stamps):
         old = LaneState(self.lanes_[lane]["state"]) if lane in self.lanes_ else LaneState.OPEN
         if not LANE.allowed(old, state):
             return False
+        reason = redact(reason)
         self.lanes_[lane] = {"lane": lane, "state": str(state), "fingerprint": fingerprint, "reason": reason,
                              "changed_by": by, "changed_at": self._wall()}
         self._event(f"lane_{state}", {"lane": lane, "from": old, "fingerprint": fingerprint, "reason": reason,
@@ -526,6 +528,7 @@ class MemoryStore(Stamps):
                            hop: str = "") -> Row | None:
         if not reason or reason == "Unknown error":
             raise ValueError("a retry needs a real reason")
+        reason = redact(reason)
         if any((r["alert_id"], r["retry_type"], r["agent_id"], r["hop"]) == (alert_id, retry_type, agent_id, hop)
                for r in self.retries_):
             return None

@@ -227,6 +227,7 @@ class SqlStore(Stamps):
     async def close_session(self, incarnation: str, *, reason: str, exit_code: int | None = None,
                             exit_signal: int | None = None) -> bool:
         """End a session once (and record it); False if it had already ended."""
+        reason = redact(reason)  # an agent's own words may carry a key (a report of a failed call)
         async with self.db.transaction() as tx:
             row = await tx.one("SELECT agent, pid FROM sessions WHERE incarnation = ?", (incarnation,))
             ended = await self._session_to(tx, incarnation, SessionState.ENDED, {
@@ -561,6 +562,7 @@ class SqlStore(Stamps):
     async def set_lane(self, lane: str, state: LaneState, *, fingerprint: str | None, reason: str,
                        by: str) -> bool:
         """The lane machine's one transition (a lane never seen is open)."""
+        reason = redact(reason)
         async with self.db.transaction() as tx:
             row = await tx.one("SELECT state FROM lanes WHERE lane = ?", (lane,))
             old = LaneState(row["state"]) if row else LaneState.OPEN
@@ -651,6 +653,7 @@ class SqlStore(Stamps):
         the same step was already recorded (the caller must then do nothing)."""
         if not reason or reason == "Unknown error":
             raise ValueError("a retry needs a real reason")
+        reason = redact(reason)  # free text an agent sent (its failure report): no key is stored, here or in the metrics
         async with self.db.transaction() as tx:
             count = _present(await tx.one("SELECT COUNT(*) AS n FROM retry_history WHERE agent_id = ? "
                                           "AND retry_type = ?", (agent_id, retry_type)), "record_retry's count")

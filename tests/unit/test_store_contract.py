@@ -10,7 +10,7 @@ import inspect
 import pytest
 
 from tron.common.clock import FakeClock
-from tron.common.states import AlertState, RetryType, RunState, TaskState
+from tron.common.states import AlertState, LaneState, RetryType, RunState, TaskState
 from tron.registry.backends import open_durable, open_store
 from tron.registry.protocol import AGGREGATES, Store, methods_of
 from tron.registry.store import SqlStore, content_hash
@@ -372,3 +372,23 @@ async def batch_is_one_unit(store: SqlStore) -> None:
             raise RuntimeError("a batch that fails half-way")
     assert await store.run("r-2") is None
     assert await store.run("r-1") is not None
+
+
+async def test_free_text_an_agent_or_operator_sent_is_stored_redacted_in_every_column(store):
+    """A failure report's reason is an agent's own words (a provider's error message may quote
+    the key): the ladder row, the failure metrics it bumps, a session's end and a lane's reason
+    keep no key, as events and alert details do not."""
+    await run_with_task(store)
+    await store.upsert_agent("programmer-1", "programmer", "d", 7000, None)
+    await store.open_session("i-1", "programmer-1", 7000, None)
+    await store.record_retry(retry_type=RetryType.CHILD_RESTART, case="restart_with_task", alert_id="a-1",
+                             agent_id="programmer-1", reason=f"auth key {SECRET} bad", detail={}, task_id="t-1",
+                             run_id="r-1", from_provider="anthropic", requested_by="director-code")
+    assert await store.close_session("i-1", reason=f"replaced:key {SECRET}") is True
+    assert await store.set_lane("programmer", LaneState.PAUSED, fingerprint=None, reason=f"{SECRET} leaked",
+                                by="operator") is True
+    await store.flushed(5.0)
+    rows = [*(await store.retry_rows("a-1")), *(await store.failure_metrics()), await store.session("i-1"),
+            await store.lane("programmer")]
+    assert rows and not any(SECRET in str(r) for r in rows), rows
+    assert "[REDACTED]" in (await store.retry_rows("a-1"))[0]["reason"]

@@ -21,7 +21,11 @@ def since_iso(span: str, now: datetime | None = None) -> str:
     if not m:
         raise SpanError(f"--since {span!r}: a number and a unit, s, m, h or d (for example 1h or 30m)")
     seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    moment = (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+    try:
+        moment = (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+    except (OverflowError, ValueError):  # past the year 1: every call there is
+        raise SpanError(f"--since {span!r}: reaches back before the year 1; ask for less (or leave --since out: "
+                        "every call)") from None
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

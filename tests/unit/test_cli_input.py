@@ -124,3 +124,15 @@ def test_the_tron_command_refuses_a_bad_task_id_by_validation_not_for_want_of_a_
     assert run.stderr.splitlines() == [run.stderr.strip()]  # one line
     assert "'x/cancel?' is not a valid task id" in run.stderr and "not running" not in run.stderr
     assert run.stdout == ""
+
+
+@pytest.mark.parametrize("span, ok", [("1h", True), ("30m", True), ("2.5d", True), ("99999999999d", False),
+                                      ("1e9d", False), ("-1h", False), ("an hour", False), ("1w", False)])
+def test_cost_since_is_a_span_or_a_clear_error(span, ok):
+    from tron.scripts.cost_cli import SpanError, since_iso
+
+    if ok:
+        assert since_iso(span).endswith("Z")
+    else:
+        with pytest.raises(SpanError, match="--since"):
+            since_iso(span)

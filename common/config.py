@@ -91,6 +91,11 @@ class _Strict(BaseModel):
 
 
 HOUR, DAY, WEEK = 3600.0, 86400.0, 604800.0  # seconds: the bounds of the policy numbers
+# The lower bounds: below them a setting is noise on a loaded machine, not a policy.
+MIN_BEAT = 0.05  # s between beats
+MIN_SILENCE = 0.5  # s of silence (heartbeat_interval x miss_threshold) before an agent counts as hung
+MIN_WAIT = 0.5  # s: a start, a task's progress, a task, a ghost's grace
+MIN_DELIVERY = 0.1  # s for an ancestor to answer an alert
 
 
 class Policy(_Strict):
@@ -98,7 +103,9 @@ class Policy(_Strict):
 
     Strict (a string or a bool is no number, an int field takes no 3.0) and finite (no
     inf, no nan), and every number has an upper bound, so no setting can make the ladder
-    overflow or wait forever. The bounds, chosen to be far beyond any sane mesh:
+    overflow or wait forever; the times an agent is judged by have a lower one (MIN_BEAT,
+    MIN_SILENCE, MIN_WAIT, MIN_DELIVERY), so none can make every agent look hung. The upper
+    bounds, chosen to be far beyond any sane mesh:
     one call, beat, grace or start: at most an hour; a backoff delay, the time to count as
     stable or to be a ghost, a task's progress: at most a day; a task attempt, a window, an
     operator's answer: at most a week; factors at most 10; counts at most 100 (1000 for the
@@ -107,10 +114,12 @@ class Policy(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    heartbeat_interval: float = Field(1.0, gt=0, le=HOUR)
+    # Lower bounds too: a beat every 0.1 ms (accepted once through PUT /settings, and persisted)
+    # had every agent declared hung within a second and the whole mesh crash-looping.
+    heartbeat_interval: float = Field(1.0, ge=MIN_BEAT, le=HOUR)
     miss_threshold: int = Field(3, ge=1, le=100)
-    progress_timeout: float = Field(60.0, gt=0, le=DAY)
-    task_timeout: float = Field(600.0, gt=0, le=WEEK)
+    progress_timeout: float = Field(60.0, ge=MIN_WAIT, le=DAY)
+    task_timeout: float = Field(600.0, ge=MIN_WAIT, le=WEEK)
     max_restarts: int = Field(3, ge=0, le=100)
     restart_window: float = Field(60.0, gt=0, le=WEEK)
     backoff_initial: float = Field(0.5, ge=0, le=HOUR)
@@ -123,18 +132,18 @@ class Policy(_Strict):
     spawn_failed_backoff_max: float = Field(300.0, ge=0, le=DAY)
     max_provider_switches: int = Field(3, ge=0, le=100)
     stop_grace: float = Field(5.0, ge=0, le=HOUR)
-    start_timeout: float = Field(30.0, gt=0, le=HOUR)
+    start_timeout: float = Field(30.0, ge=MIN_WAIT, le=HOUR)
     # An incarnation healthy this long counts as stable: its failure is restarted at once
     # and resets the backoff (PM2's min_uptime, Kubernetes' reset after a stable run).
     min_uptime: float = Field(1.0, ge=0, le=DAY)
     # An agent whose beats the daemon has not recognised (404) for this long is a ghost of
     # an earlier daemon's incarnation, and exits by itself.
-    stale_after: float = Field(30.0, gt=0, le=DAY)
+    stale_after: float = Field(30.0, ge=MIN_WAIT, le=DAY)
     # The lane breaker (common/lanes.py): the same way of failing this many times within
     # the window pauses the role's lane.
     lane_trip_count: int = Field(3, ge=1, le=1000)
     lane_window: float = Field(3600.0, gt=0, le=WEEK)
-    alert_delivery_timeout: float = Field(2.0, gt=0, le=HOUR)
+    alert_delivery_timeout: float = Field(2.0, ge=MIN_DELIVERY, le=HOUR)
     # Optional: a parent asks its LLM whether to restart or escalate. The policy bounds
     # always win, and a slow or failed advisor never delays the ladder past the timeout.
     llm_advice: bool = False
@@ -144,6 +153,13 @@ class Policy(_Strict):
     # operator_timeout also bounds a task parked at its budget.
     ask_operator: bool = False
     operator_timeout: float = Field(86400.0, gt=0, le=WEEK)
+
+    @model_validator(mode="after")
+    def _hung_is_not_noise(self) -> Self:
+        if self.beat_timeout < MIN_SILENCE:
+            raise ValueError(f"heartbeat_interval x miss_threshold is {self.beat_timeout:g}s: an agent silent that "
+                             f"long is not hung (a loaded machine stalls a process that long); at least {MIN_SILENCE:g}s")
+        return self
 
     @property
     def beat_timeout(self) -> float:

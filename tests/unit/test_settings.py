@@ -155,3 +155,19 @@ def test_an_overlay_with_inf_a_string_or_a_huge_number_is_refused_at_load(tmp_pa
     with pytest.raises(ConfigError) as err:
         apply_overlay(load_mesh(), read_overlay(path), path)
     assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("change, field, needle", [
+    ({"heartbeat_interval": 0.0001}, "heartbeat_interval", "greater than or equal to 0.05"),
+    ({"heartbeat_interval": 0.1, "miss_threshold": 2}, "miss_threshold", "is not hung"),
+    ({"start_timeout": 0.01}, "start_timeout", "greater than or equal to 0.5"),
+    ({"alert_delivery_timeout": 0.001}, "alert_delivery_timeout", "greater than or equal to 0.1"),
+])
+def test_a_setting_that_would_make_every_agent_look_hung_is_refused(change, field, needle):
+    """PUT /settings once took a beat every 0.1 ms: every agent was declared hung within a
+    second, the mesh crash-looped, and the overlay kept it for the next `tron up`."""
+    with pytest.raises(ValidationError) as err:
+        merged_policy(Policy(), change)
+    fields = field_errors(err.value)
+    assert any(needle in text for text in fields.values()), fields
+    assert field in fields or any(field in text for text in fields.values()), fields

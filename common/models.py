@@ -385,12 +385,24 @@ class DrillMark(Msg):
     name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
+def _one_line(text: str) -> str:
+    """No control characters: a CR/LF in a reason or a name forges a line wherever the audit
+    trail is printed (`tron audit`, the daemon's log)."""
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"has a control character ({bad!r}): give it on one line, without tabs or escapes")
+    return text
+
+
+OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
 class OperatorAction(Msg):
     """An operator's action (`tron restart NAME`, `tron task retry ID`, ...): who asks and
     why (the audit trail keeps both); the same request_id sent twice acts once."""
 
-    reason: str = Field("operator", min_length=1, max_length=256)
-    actor: str | None = Field(None, max_length=64)
+    reason: OneLine = Field("operator", min_length=1, max_length=256)
+    actor: OneLine | None = Field(None, max_length=64)
     request_id: IdStr | None = None
     from_step: int | None = Field(None, ge=1, le=10_000)  # tron task resume ID --from-step N
     provider: Provider | None = None  # tron task approve ID --provider P

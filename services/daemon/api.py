@@ -56,6 +56,7 @@ from tron.services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
 from tron.services.daemon import reach
 from tron.services.daemon.core import VERDICT_STATUS, Daemon, verdict_message
 from tron.services.daemon.operators import SERVICE_VERBS, Refused
+from tron.services.daemon.audit import PATH_KEPT, printable
 from tron.services.daemon.providers import ProviderDesk
 from tron.services.daemon.spawner import SpawnError
 from tron.services.daemon.task_actions import TASK_VERBS
@@ -142,10 +143,14 @@ def _reaches(caller: Caller, scope: Scope) -> bool:
 async def _refuse(request: web.Request, caller: Caller, scope: Scope, why: str) -> web.Response:
     d = _d(request)
     d.metrics.requests_refused.labels(scope=str(scope)).inc()
-    await d.audit.record(caller.actor, f"{request.method} {request.path}", request.path, "", "",
-                         f"refused: missing scope {scope}", why,
-                         agent=caller.name if caller.kind is Kind.AGENT else None)
-    log.warning("refused", extra={"actor": caller.actor, "scope": str(scope), "path": request.path})
+    audited, unaudited = d.refusals.admit(caller.actor, time.monotonic())
+    if audited:  # the path as sent is the caller's text: escaped and cut, as it is printed
+        path = printable(request.path, PATH_KEPT)
+        await d.audit.record(caller.actor, printable(f"{request.method} {request.path}", PATH_KEPT), path, "", "",
+                             f"refused: missing scope {scope}", printable(why, 2 * PATH_KEPT),
+                             agent=caller.name if caller.kind is Kind.AGENT else None,
+                             **({"unaudited_before": unaudited} if unaudited else {}))
+        log.warning("refused", extra={"actor": caller.actor, "scope": str(scope), "path": path})
     return error(403, why, scope=str(scope), verdict="forbidden")
 
 

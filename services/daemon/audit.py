@@ -11,6 +11,9 @@ from typing import Awaitable, Callable
 
 log = logging.getLogger("tron.daemon")
 REMEMBERED = 1000  # request ids kept for idempotency (the audit trail keeps them all)
+REFUSALS_AUDITED = 30  # refused requests of one credential audited in full per window; the rest are counted
+REFUSAL_WINDOW = 60.0  # s
+PATH_KEPT = 200  # characters of a refused request's path kept in its audit row
 
 
 class Refused(Exception):
@@ -73,6 +76,44 @@ class Audit:
                                          "request_id": request_id, "ref": ref, **extra}, agent=agent)
         log.info("operator %s %s: %s", what, target, outcome,
                  extra={"offender": target, "actor": actor, "action": what, "outcome": outcome})
+
+
+class RefusalBudget:
+    """How many refused requests of one credential are audited in full: REFUSALS_AUDITED a
+    REFUSAL_WINDOW. A credential that goes on (a compromised agent trying its way around, a
+    misconfigured client) is still refused and counted, but its next audited refusal says
+    how many went unaudited before it, so the trail neither floods the disk nor buries the
+    operators' own actions, and nothing is silently dropped."""
+
+    def __init__(self, audited: int = REFUSALS_AUDITED, window: float = REFUSAL_WINDOW) -> None:
+        self.audited, self.window = audited, window
+        self._seen: dict[str, collections.deque[float]] = {}
+        self._unaudited: collections.Counter[str] = collections.Counter()
+
+    def admit(self, actor: str, now: float) -> tuple[bool, int]:
+        """(audit this one?, refusals of ``actor`` left unaudited since its last audited one)."""
+        seen = self._seen.setdefault(actor, collections.deque())
+        while seen and seen[0] <= now - self.window:
+            seen.popleft()
+        if len(seen) >= self.audited:
+            self._unaudited[actor] += 1
+            if self._unaudited[actor] == 1:
+                log.warning("%s: more than %d refused requests in %.0f s: the rest are counted, not audited one "
+                            "by one", actor, self.audited, self.window, extra={"actor": actor})
+            return False, self._unaudited[actor]
+        seen.append(now)
+        skipped = self._unaudited.pop(actor, 0)
+        if len(self._seen) > 10_000:  # credentials come and go with incarnations: forget the quiet ones
+            for quiet in [a for a, q in self._seen.items() if not q or q[-1] <= now - self.window][:5_000]:
+                self._seen.pop(quiet, None)
+        return True, skipped
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` with control characters escaped (a CR/LF in a path or a reason would forge a
+    line of the trail where it is printed), cut to ``limit`` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return out if limit is None or len(out) <= limit else out[:limit] + f"...({len(out) - limit} more)"
 
 
 async def _read(state) -> str:

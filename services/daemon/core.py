@@ -44,7 +44,7 @@ from tron.services.daemon.carrier import Carrier
 from tron.services.daemon.ledger import Ledger
 from tron.services.daemon.notify import Notifier
 from tron.services.daemon.lock import HomeLock, StartError
-from tron.services.daemon.audit import Audit, Refused
+from tron.services.daemon.audit import Audit, RefusalBudget, Refused
 from tron.services.daemon.breaker import Breaker
 from tron.services.daemon.operators import Operators
 from tron.services.daemon.reload import ReloadRefused, Reloader
@@ -207,6 +207,7 @@ class Daemon:
         self.router = AlertRouter(self.config, self.sup, self.store, self.carrier, self.client, metrics=self.metrics,
                                   **kw)
         self.audit = Audit(self.store)
+        self.refusals = RefusalBudget()  # refused requests audited one by one, up to a rate per credential
         self.operators = Operators(self.sup, self.store, self.ledger, self.audit, background=self.background)
 
         self.breaker = Breaker(self.sup, self.store, clock=self.clock, policy=self.policy, metrics=self.metrics)

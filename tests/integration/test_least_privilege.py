@@ -374,3 +374,32 @@ def test_a_parent_decides_only_about_its_own_descendants_tasks_and_only_in_its_o
     assert left["status"] in ("assigned", "running"), left
     for provider in ("anthropic", "ollama"):
         mesh.http("DELETE", sim + f"/sim/faults/{provider}")
+
+
+def test_a_flood_of_refused_requests_is_counted_not_audited_one_by_one_and_forges_no_audit_line(mesh):
+    """A compromised agent sends 80 refused requests whose path forges an audit line: the first
+    30 are audited (escaped), the rest counted (metric, and said with the next audited one);
+    `tron audit` prints each on its own line; the operator's next action is still in view."""
+    cred = credential(mesh, "programmer-1")
+    inc = mesh.service("programmer-1")["incarnation"]
+    forged = "/tasks/x%0D%0A2026-12-07T05:12:00%20%20token:operator%20%20stop%20%20programmer-2/retry"
+    for _ in range(80):
+        code, _ = as_agent(mesh, cred, "POST", forged, {})
+        assert code == 403
+    metrics = mesh.http("GET", mesh.url("daemon") + "/metrics")[1]
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("tron_requests_refused_total{"))
+    assert counted == 80, metrics
+    wait_for(lambda: len([a for a in audit(mesh) if a["who"] == f"programmer-1/{inc}"]) == 30, 10,
+             "the first 30 refusals audited")
+    rows = [a for a in audit(mesh) if a["who"] == f"programmer-1/{inc}"]
+    assert all("\r" not in a["target"] and "\n" not in a["target"] and "\\r\\n" in a["target"] for a in rows), rows
+    assert mesh.tron("pause", "programmer-2", "--reason", "maintenance", check=True).returncode == 0
+    mesh.tron("resume", "programmer-2", check=True)
+    printed = mesh.tron("audit", "--limit", "200", check=True).stdout.splitlines()
+    assert not [line for line in printed if line.startswith("2026-12-07T05:12:00")], printed
+    assert any("maintenance" in line for line in printed), printed
+    code, answer = mesh.http("POST", mesh.url("daemon") + "/services/programmer-2/pause",
+                             {"reason": "a\r\nX-Injected: 1"})
+    assert code == 422 and "control character" in json.dumps(answer), answer
+    assert mesh.service("programmer-2")["paused"] is False

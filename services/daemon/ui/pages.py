@@ -39,7 +39,7 @@ from pydantic import Field
 from tron.common.config import ConfigError
 from tron.common.telemetry import trace_link
 from tron.common.http import TOKEN_KEY, error, parse, token_matches
-from tron.common.models import TOKEN_HEADER, Msg
+from tron.common.models import TOKEN_HEADER, Msg, OneLine
 from tron.common.redaction import REDACTED
 from tron.common.states import RunState, TaskState
 from tron.common.settings import read_overlay
@@ -75,7 +75,7 @@ DAY = 86400.0
 
 
 class LoginCodeRequest(Msg):
-    actor: str | None = Field(None, max_length=64)
+    actor: OneLine | None = Field(None, max_length=64)
     viewer: bool = False  # a read-only session, even for the operator
 
 

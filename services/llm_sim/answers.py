@@ -128,6 +128,7 @@ class Ask:
     json_mode: bool = False  # the text must be a JSON object (no schema)
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    think: bool = False  # the model reasons first (Anthropic `thinking`, Ollama `think`)
 
     def input_tokens(self) -> int:
         """Words of the conversation, the tool definitions and the output schema."""
@@ -153,12 +154,21 @@ class Reply:
     stop_reason: StopReason
     stop_sequence: str | None
     input_tokens: int
-    output_tokens: int
+    output_tokens: int  # the thinking's tokens included, as the real APIs bill them
+    thinking: str = ""  # the reasoning that came before the answer, when the Ask asked for it
 
     def chunks(self, words_per_chunk: int = 3) -> list[str]:
         """The text in small pieces whose concatenation is exactly the text."""
-        words = re.findall(r"\s*\S+\s*", self.text) or [self.text]
-        return ["".join(words[i : i + words_per_chunk]) for i in range(0, len(words), words_per_chunk)]
+        return split_words(self.text, words_per_chunk)
+
+    def thinking_chunks(self, words_per_chunk: int = 3) -> list[str]:
+        return split_words(self.thinking, words_per_chunk) if self.thinking else []
+
+
+def split_words(text: str, words_per_chunk: int = 3) -> list[str]:
+    """`text` in pieces of a few words whose concatenation is exactly `text`."""
+    words = re.findall(r"\s*\S+\s*", text) or [text]
+    return ["".join(words[i : i + words_per_chunk]) for i in range(0, len(words), words_per_chunk)]
 
 
 # --------------------------------------------------------------------------- text
@@ -200,6 +210,18 @@ def compose_text(provider: str, convo: Conversation) -> str:
     steps = [_STEPS[(first + i) % len(_STEPS)] for i in range(3)]
     return f"{tag} Plan for: {topic}\n" + "\n".join(
         f"{n}. {step.capitalize()}." for n, step in enumerate(steps, 1))
+
+
+def compose_thinking(provider: str, convo: Conversation) -> str:
+    """The deterministic reasoning a thinking model shows before it answers."""
+    digest = convo.digest()
+    results = convo.pending_results()
+    if results:
+        return (f"[sim:{provider}:{digest}] thinking: the tool results are in "
+                f"({', '.join(t.tool_name or 'tool' for t in results)}); summarise them for the user.")
+    topic = " ".join(convo.last_user().split())[:80]
+    return (f"[sim:{provider}:{digest}] thinking: the user asks about \"{topic}\". "
+            "Work out the goal, then answer with a short plan.")
 
 
 def limit_text(text: str, max_tokens: int | None, stop: tuple[str, ...]) -> tuple[str, StopReason, str | None]:
@@ -352,6 +374,8 @@ def respond(ask: Ask, shape: Shape | None = None) -> Reply:
         return Reply("", (), StopReason.END_TURN, None, input_tokens, 0)
     if shape is Shape.REFUSAL:
         return Reply(REFUSAL_TEXT, (), StopReason.REFUSAL, None, input_tokens, count_tokens(REFUSAL_TEXT))
+    thinking = compose_thinking(ask.provider, ask.convo) if ask.think else ""
+    thought = count_tokens(thinking)
     tool = choose_tool(ask)
     if tool is None and shape is Shape.BAD_TOOL_ARGS and ask.tools and ask.tool_mode is not ToolMode.NONE:
         tool = next((t for t in ask.tools if not is_output_tool(t)), ask.tools[0])
@@ -361,7 +385,8 @@ def respond(ask: Ask, shape: Shape | None = None) -> Reply:
         if shape is Shape.BAD_TOOL_ARGS and isinstance(arguments, dict):
             arguments = invalid_arguments(tool.schema, arguments)
         call = ToolCall(hashlib.sha256(seed.encode()).hexdigest()[:24], tool.name, arguments)
-        return Reply("", (call,), StopReason.TOOL_USE, None, input_tokens, count_tokens(call.arguments_json()))
+        return Reply("", (call,), StopReason.TOOL_USE, None, input_tokens,
+                     thought + count_tokens(call.arguments_json()), thinking)
     schema = ask.output_schema
     if schema is None and ask.json_mode:
         schema = prompt_schema(ask.convo)
@@ -378,7 +403,7 @@ def respond(ask: Ask, shape: Shape | None = None) -> Reply:
     text, reason, matched = limit_text(full, max_tokens, ask.stop)
     if shape is Shape.MAX_TOKENS and reason is StopReason.END_TURN:  # a one-word answer is "cut" too
         reason = StopReason.MAX_TOKENS
-    return Reply(text, (), reason, matched, input_tokens, count_tokens(text))
+    return Reply(text, (), reason, matched, input_tokens, thought + count_tokens(text), thinking)
 
 
 def embedding(model: str, text: str, dims: int) -> list[float]:

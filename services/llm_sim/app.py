@@ -14,7 +14,10 @@ Surfaces (answers are decided once, in answers.py, and rendered per API):
                POST /v1/messages/count_tokens, GET /v1/models[/{id}]
     ollama     POST /api/chat, /api/generate (tools, format "json" or a schema,
                options.num_predict and stop), POST /api/embed, /api/embeddings,
-               POST /api/show, GET /api/ps, /api/tags, /api/version, /
+               POST /api/show, GET /api/ps, /api/tags, /api/version, /,
+               POST /api/pull, /api/create, /api/copy, DELETE /api/delete
+               (ollama_models.py; what they make is listed by /api/tags), `think`
+               (thinking-capable models think unless told not to) and `logprobs`
     openai     POST /v1/chat/completions (tools/tool_calls, response_format,
                max_tokens / max_completion_tokens, stop, SSE with data: [DONE]),
                POST /v1/responses (the Responses API: input items, instructions,
@@ -85,7 +88,7 @@ from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
-from tron.services.llm_sim import anthropic_api, control, ollama_api, openai_api, responses_api
+from tron.services.llm_sim import anthropic_api, control, ollama_api, ollama_models, openai_api, responses_api
 from tron.services.llm_sim.catalog import make_catalog
 from tron.services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec, SimState
 from tron.services.llm_sim.wire import MAX_BODY
@@ -153,6 +156,10 @@ def make_app(*, token: str | None = None, models: Mapping[str, Iterable[str]] | 
     add.add_get("/api/ps", ollama_api.ps)
     add.add_get("/api/tags", ollama_api.tags)
     add.add_get("/api/version", ollama_api.version)
+    add.add_post("/api/pull", ollama_models.pull)
+    add.add_post("/api/create", ollama_models.create)
+    add.add_post("/api/copy", ollama_models.copy)
+    add.add_delete("/api/delete", ollama_models.delete)
     add.add_get("/", ollama_api.root)
     add.add_get("/sim/faults", control.get_faults)
     add.add_delete("/sim/faults", control.delete_all_faults)

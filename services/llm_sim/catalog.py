@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ENV_VARS = {
     "anthropic": "TRON_SIM_ANTHROPIC_MODELS",
@@ -39,10 +39,15 @@ class OllamaModel:
     context_length: int
     embedding_length: int
     capabilities: tuple[str, ...] = ("completion", "tools")
+    # Set for models made at run time (/api/pull, /api/create, /api/copy):
+    modified_at: str = ""  # when; "" for the built-in catalog
+    parent: str = ""  # the model /api/create built it FROM
+    system: str = ""  # its SYSTEM prompt, used when a request brings none
+    digest: str = ""  # its manifest digest when not derived from the name (a copy keeps its source's)
 
     @property
     def details(self) -> dict:
-        return {"parent_model": "", "format": "gguf", "family": self.family, "families": [self.family],
+        return {"parent_model": self.parent, "format": "gguf", "family": self.family, "families": [self.family],
                 "parameter_size": self.parameter_size, "quantization_level": "Q4_K_M"}
 
 
@@ -60,14 +65,24 @@ def ollama_name(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
-def _guessed_ollama_model(name: str) -> OllamaModel:
-    """A catalog entry for a user-added name; embedding-only when its name says so."""
+# Model families whose library entries reason before answering (Ollama's "thinking"
+# capability; a request to them without `think` thinks too) or read images ("vision").
+THINKING_FAMILIES = ("deepseek-r1", "qwen3", "gpt-oss", "magistral", "phi4-reasoning", "deepseek-v3.1")
+VISION_FAMILIES = ("gemma3", "llava", "llama3.2-vision", "qwen2.5vl", "minicpm-v", "moondream")
+
+
+def guessed_ollama_model(name: str) -> OllamaModel:
+    """A catalog entry for a user-added or pulled name; embedding-only when its name says
+    so, with the thinking and vision capabilities its family has in Ollama's library."""
     base = name.rsplit("/", 1)[-1]
     match = re.match(r"[a-z]+", base)
     family = match.group(0) if match else "llama"
     if "embed" in base:
         return OllamaModel(name, family, "335M", 669_615_493, 8192, 1024, ("embedding",))
-    return OllamaModel(name, family, "8.0B", 4_900_000_000, 32_768, 4096)
+    stem = base.split(":", 1)[0]
+    extra = tuple(cap for cap, families in (("thinking", THINKING_FAMILIES), ("vision", VISION_FAMILIES))
+                  if any(stem == f or stem.startswith(f + "-") for f in families))
+    return OllamaModel(name, family, "8.0B", 4_900_000_000, 32_768, 4096, ("completion", "tools", *extra))
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,14 @@ class Catalog:
 
     def anthropic_knows(self, model: str) -> bool:
         return model in self.anthropic or model.startswith(ANTHROPIC_PREFIXES)
+
+    def with_ollama(self, model: OllamaModel) -> Catalog:
+        """This catalog with `model` added, or put in place of the one of its name."""
+        kept = tuple(m for m in self.ollama if m.name != model.name)
+        return replace(self, ollama=(*kept, model))
+
+    def without_ollama(self, name: str) -> Catalog:
+        return replace(self, ollama=tuple(m for m in self.ollama if m.name != ollama_name(name)))
 
     def ollama_model(self, model: str) -> OllamaModel | None:
         wanted = ollama_name(model)
@@ -120,7 +143,7 @@ def make_catalog(
     ollama = list(DEFAULT_OLLAMA)
     for name in map(ollama_name, added["ollama"]):
         if all(m.name != name for m in ollama):
-            ollama.append(_guessed_ollama_model(name))
+            ollama.append(guessed_ollama_model(name))
     return Catalog(
         anthropic=tuple(dict.fromkeys([*DEFAULT_ANTHROPIC, *added["anthropic"]])),
         ollama=tuple(ollama),

@@ -80,15 +80,33 @@ class _OllamaGeneration(Lenient):
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: OllamaOptions | None = None
     keep_alive: float | str | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
-    def limits(self) -> dict[str, Any]:
-        """Ask keyword arguments for format, num_predict and stop."""
+    def thinks(self, model: OllamaModel) -> bool:
+        """Whether the answer reasons first. As Ollama's server does: a model with the
+        thinking capability thinks unless told `think: false`; asking one without it to
+        think is a 400."""
+        if "thinking" in model.capabilities:
+            return self.think is not False
+        if self.think:
+            raise SimError(400, "invalid_request_error", f'"{self.model}" does not support thinking')
+        return False
+
+    def check_logprobs(self) -> None:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise SimError(400, "invalid_request_error", "top_logprobs must be between 0 and 20")
+
+    def limits(self, model: OllamaModel) -> dict[str, Any]:
+        """Ask keyword arguments for format, num_predict, stop and think."""
         opts = self.options or OllamaOptions()
         return {
             "output_schema": self.format if isinstance(self.format, dict) else None,
             "json_mode": self.format == "json",
             "max_tokens": opts.num_predict if opts.num_predict and opts.num_predict > 0 else None,
             "stop": tuple(opts.stop or ()),
+            "think": self.thinks(model),
         }
 
 
@@ -96,8 +114,8 @@ class OllamaChatRequest(_OllamaGeneration):
     messages: list[OllamaMessage] = Field(default_factory=list)
     tools: list[OllamaTool] | None = None
 
-    def conversation(self) -> Conversation:
-        system = "\n".join(m.content or "" for m in self.messages if m.role == "system")
+    def conversation(self, default_system: str = "") -> Conversation:
+        system = "\n".join(m.content or "" for m in self.messages if m.role == "system") or default_system
         turns: list[Turn] = []
         called: list[str] = []  # the last assistant turn's calls, to name unnamed results
         for msg in self.messages:
@@ -112,18 +130,21 @@ class OllamaChatRequest(_OllamaGeneration):
             turns.append(Turn(msg.role, msg.content or "", calls))
         return Conversation(system, tuple(turns))
 
-    def ask(self) -> Ask:
+    def ask(self, model: OllamaModel) -> Ask:
         tools = tuple(ToolSpec(t.function.name, t.function.description or "",
                                t.function.parameters or {"type": "object"}) for t in self.tools or ())
-        return Ask("ollama", self.conversation(), tools, **self.limits())
+        return Ask("ollama", self.conversation(model.system), tools, **self.limits(model))
 
 
 class OllamaGenerateRequest(_OllamaGeneration):
     prompt: str = ""
+    suffix: str = ""  # fill-in-the-middle: the text after the answer
     system: str = ""
 
-    def ask(self) -> Ask:
-        return Ask("ollama", Conversation(self.system, (Turn("user", self.prompt),)), **self.limits())
+    def ask(self, model: OllamaModel) -> Ask:
+        prompt = self.prompt + (f"\n{self.suffix}" if self.suffix else "")
+        convo = Conversation(self.system or model.system, (Turn("user", prompt),))
+        return Ask("ollama", convo, **self.limits(model))
 
 
 class OllamaShowRequest(Lenient):
@@ -204,25 +225,48 @@ def _tool_calls(reply: Reply) -> list[dict[str, Any]]:
             for i, c in enumerate(reply.tool_calls)]
 
 
-Payload = Callable[[str, list[dict[str, Any]]], dict[str, Any]]
+Payload = Callable[[str, list[dict[str, Any]], str], dict[str, Any]]
 
 
-def _render_generation(model: str, stream: bool, ask: Ask, payload: Payload):
-    """Render /api/chat and /api/generate alike; payload(text, tool_calls) is the
-    endpoint's own part of each object."""
+def _logprobs(text: str, top: int | None) -> dict[str, Any]:
+    """{"logprobs": [...]} for `text`, one entry per token (a word and the space before
+    it), each with `top` alternatives, the token itself first; the values are
+    deterministic."""
+    entries = []
+    for token in re.findall(r"\s*\S+|\s+$", text):
+        seed = int(hashlib.sha256(token.encode()).hexdigest()[:8], 16)
+        logprob = -round((seed % 2000) / 1000, 4)
+        entry: dict[str, Any] = {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        if top:
+            alternatives = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}]
+            for rank in range(1, top):
+                alt = f"{token.strip()[:1] or '_'}{rank}"
+                alternatives.append({"token": alt, "logprob": round(logprob - 1.5 * rank, 4),
+                                     "bytes": list(alt.encode())})
+            entry["top_logprobs"] = alternatives
+        entries.append(entry)
+    return {"logprobs": entries}
+
+
+def _render_generation(model: str, req: _OllamaGeneration, ask: Ask, payload: Payload):
+    """Render /api/chat and /api/generate alike; payload(text, tool_calls, thinking) is
+    the endpoint's own part of each object. Thinking comes first, as its own pieces."""
     started = time.monotonic()
+    stream = req.stream is not False
 
     async def render(request: web.Request, delivery: Delivery):
         reply = respond(ask, delivery.shape)
         delivery.bill(model, reply.input_tokens, reply.output_tokens)
 
-        def part(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-            return {"model": model, "created_at": utc_iso(), **payload(text, calls or [])}
+        def part(text: str, calls: list[dict[str, Any]] | None = None, thinking: str = "") -> dict[str, Any]:
+            body = {"model": model, "created_at": utc_iso(), **payload(text, calls or [], thinking)}
+            return body | (_logprobs(text, req.top_logprobs) if req.logprobs and text else {})
 
         if not stream:
-            body = part(reply.text, _tool_calls(reply)) | _stats(reply, started)
+            body = part(reply.text, _tool_calls(reply), reply.thinking) | _stats(reply, started)
             return await delivery.json(request, body, deltas=len(reply.chunks()))
-        lines = [_ndjson(part(chunk) | {"done": False}) for chunk in reply.chunks() if chunk]
+        lines = [_ndjson(part("", thinking=chunk) | {"done": False}) for chunk in reply.thinking_chunks()]
+        lines += [_ndjson(part(chunk) | {"done": False}) for chunk in reply.chunks() if chunk]
         if reply.tool_calls:
             lines.append(_ndjson(part("", _tool_calls(reply)) | {"done": False}))
         if delivery.midstream:
@@ -248,37 +292,46 @@ def _render_load(model: str, keep_alive: float | None, payload: dict[str, Any]):
 # --------------------------------------------------------------------------- endpoints
 
 
-def _chat_payload(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+def _chat_payload(text: str, calls: list[dict[str, Any]], thinking: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking:
+        message["thinking"] = thinking
     return {"message": message | ({"tool_calls": calls} if calls else {})}
+
+
+def _generate_payload(text: str, calls: list[dict[str, Any]], thinking: str) -> dict[str, Any]:
+    return {"response": text} | ({"thinking": thinking} if thinking else {})
 
 
 @surface_endpoint("ollama")
 async def chat(request: web.Request) -> web.StreamResponse:
     """POST /api/chat."""
     req: OllamaChatRequest = await parse_body(request, OllamaChatRequest)
+    req.check_logprobs()
     model = _generation_model(request, req.model, "chat")
+    ask = req.ask(model) if req.messages else None
     keep_alive = keep_alive_seconds(req.keep_alive)
     request.app[SIM_STATE].loaded.touch(model.name, keep_alive)
-    if not req.messages:
+    if ask is None:
         render = _render_load(req.model, keep_alive, {"message": {"role": "assistant", "content": ""}})
         return await serve(request, "ollama", False, render)
-    stream = req.stream is not False
-    return await serve(request, "ollama", stream, _render_generation(req.model, stream, req.ask(), _chat_payload))
+    return await serve(request, "ollama", req.stream is not False,
+                       _render_generation(req.model, req, ask, _chat_payload))
 
 
 @surface_endpoint("ollama")
 async def generate(request: web.Request) -> web.StreamResponse:
     """POST /api/generate."""
     req: OllamaGenerateRequest = await parse_body(request, OllamaGenerateRequest)
+    req.check_logprobs()
     model = _generation_model(request, req.model, "generate")
+    ask = req.ask(model) if req.prompt else None
     keep_alive = keep_alive_seconds(req.keep_alive)
     request.app[SIM_STATE].loaded.touch(model.name, keep_alive)
-    if not req.prompt:
+    if ask is None:
         return await serve(request, "ollama", False, _render_load(req.model, keep_alive, {"response": ""}))
-    stream = req.stream is not False
-    render = _render_generation(req.model, stream, req.ask(), lambda text, _calls: {"response": text})
-    return await serve(request, "ollama", stream, render)
+    render = _render_generation(req.model, req, ask, _generate_payload)
+    return await serve(request, "ollama", req.stream is not False, render)
 
 
 def _embed_inputs(raw: str | list[Any] | None) -> list[str]:
@@ -328,9 +381,14 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await serve(request, "ollama", False, render)
 
 
+def model_digest(model: OllamaModel) -> str:
+    """The manifest digest /api/tags reports (a copy keeps its source's, as in Ollama)."""
+    return model.digest or hashlib.sha256(model.name.encode()).hexdigest()
+
+
 def _model_entry(model: OllamaModel) -> dict[str, Any]:
     return {"name": model.name, "model": model.name, "size": model.size,
-            "digest": hashlib.sha256(model.name.encode()).hexdigest(), "details": model.details}
+            "digest": model_digest(model), "details": model.details}
 
 
 @surface_endpoint("ollama", counted=False)
@@ -342,10 +400,11 @@ async def show(request: web.Request) -> web.Response:
         raise SimError(400, "invalid_request_error", "model is required")
     model = _known(request, name, "model '{}' not found")
     arch = model.family
+    system = f'SYSTEM """{model.system}"""\n' if model.system else ""
     return web.json_response({
         "license": "",
         "modelfile": f'# Modelfile generated by "ollama show"\n# To build a new Modelfile based on this, '
-                     f"replace FROM with:\n# FROM {model.name}\n\nFROM {model.name}\n",
+                     f"replace FROM with:\n# FROM {model.name}\n\nFROM {model.parent or model.name}\n{system}",
         "parameters": "",
         "template": "{{ .Prompt }}",
         "details": model.details,
@@ -353,8 +412,8 @@ async def show(request: web.Request) -> web.Response:
                        f"{arch}.context_length": model.context_length,
                        f"{arch}.embedding_length": model.embedding_length},
         "capabilities": list(model.capabilities),
-        "modified_at": MODIFIED_AT,
-    })
+        "modified_at": model.modified_at or MODIFIED_AT,
+    } | ({"system": model.system} if model.system else {}))
 
 
 @surface_endpoint("ollama", counted=False)
@@ -364,7 +423,9 @@ async def ps(request: web.Request) -> web.Response:
     by_name = {m.name: m for m in state.catalog.ollama}
     models = []
     for name, expires in state.loaded.current():
-        model = by_name[name]
+        model = by_name.get(name)
+        if model is None:  # deleted while loaded
+            continue
         expires_at = utc_iso(expires)
         models.append(_model_entry(model) | {"expires_at": expires_at, "size_vram": model.size,
                                              "context_length": 4096})
@@ -374,7 +435,8 @@ async def ps(request: web.Request) -> web.Response:
 async def tags(request: web.Request) -> web.Response:
     """GET /api/tags: the models the sim has "pulled"."""
     catalog = request.app[SIM_STATE].catalog
-    return web.json_response({"models": [_model_entry(m) | {"modified_at": MODIFIED_AT} for m in catalog.ollama]})
+    return web.json_response({"models": [_model_entry(m) | {"modified_at": m.modified_at or MODIFIED_AT}
+                                          for m in catalog.ollama]})
 
 
 async def version(request: web.Request) -> web.Response:

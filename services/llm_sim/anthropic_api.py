@@ -3,6 +3,8 @@ streaming), POST /v1/messages/count_tokens, GET /v1/models[/{id}]."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 from typing import Any, Literal, Self
@@ -27,6 +29,7 @@ from tron.services.llm_sim.wire import (
 )
 
 JSON_DELTA_CHARS = 16  # size of the input_json_delta pieces of a streamed tool call
+MIN_THINKING_BUDGET = 1024  # the Messages API's floor for thinking.budget_tokens
 MODEL_CREATED_AT = "2025-09-29T00:00:00Z"
 
 
@@ -71,6 +74,11 @@ class OutputConfig(Lenient):
     format: JsonOutputFormat | None = None
 
 
+class ThinkingParam(Lenient):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
 class ThreadParam(Lenient):
     type: Literal["create", "continue"]
     previous_message_id: str | None = None
@@ -87,6 +95,7 @@ class AnthropicCountRequest(Lenient):
     output_config: OutputConfig | None = None  # what messages.parse(output_format=T) sends
     output_format: JsonOutputFormat | None = None  # the structured-outputs beta's spelling
     thread: ThreadParam | None = None  # beta: the server holds the conversation
+    thinking: ThinkingParam | None = None  # extended thinking: thinking blocks come first
 
     def resumed(self, threads: HeldThreads) -> Self:
         """This request with the conversation held under thread.previous_message_id
@@ -132,14 +141,31 @@ class AnthropicCountRequest(Lenient):
             raise SimError(400, "invalid_request_error",
                            f"tool_choice.name: tool {choice.name!r} is not one of the provided tools")
         fmt = (self.output_config.format if self.output_config else None) or self.output_format
+        think = self.thinking is not None and self.thinking.type != "disabled"
+        if think and choice.type in ("any", "tool"):
+            raise SimError(400, "invalid_request_error", "Thinking may not be enabled when tool_choice forces tool use.")
         return Ask("anthropic", self.conversation(), tools, ToolMode(choice.type), choice.name,
-                   output_schema=fmt.json_schema if fmt else None, max_tokens=max_tokens, stop=stop)
+                   output_schema=fmt.json_schema if fmt else None, max_tokens=max_tokens, stop=stop, think=think)
 
 
 class AnthropicRequest(AnthropicCountRequest):
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     stream: bool = False
+
+    def check_thinking(self) -> None:
+        """The Messages API's 400s for a thinking budget it cannot use."""
+        if self.thinking is None or self.thinking.type != "enabled":
+            return
+        budget = self.thinking.budget_tokens
+        if budget is None:
+            raise SimError(400, "invalid_request_error", "thinking.enabled.budget_tokens: Field required")
+        if budget < MIN_THINKING_BUDGET:
+            raise SimError(400, "invalid_request_error",
+                           f"thinking.enabled.budget_tokens: Input should be greater than or equal to {MIN_THINKING_BUDGET}")
+        if self.max_tokens <= budget:
+            raise SimError(400, "invalid_request_error",
+                           "`max_tokens` must be greater than `thinking.budget_tokens`.")
 
 
 def _anthropic_key(request: web.Request) -> str:
@@ -163,9 +189,16 @@ def _require_model(catalog: Catalog, model: str) -> None:
 # --------------------------------------------------------------------------- messages
 
 
+def thinking_signature(thinking: str) -> str:
+    """The opaque signature a thinking block carries (clients send it back unchanged)."""
+    return base64.b64encode(hashlib.sha256(b"sim-thinking\0" + thinking.encode()).digest() * 2).decode()
+
+
 def _content(reply: Reply) -> list[dict[str, Any]]:
     # An empty answer has no block at all, as when the model ends its turn at once.
-    blocks = [{"type": "text", "text": reply.text}] if reply.text else []
+    blocks = [{"type": "thinking", "thinking": reply.thinking, "signature": thinking_signature(reply.thinking)}
+              ] if reply.thinking else []
+    blocks += [{"type": "text", "text": reply.text}] if reply.text else []
     return blocks + [{"type": "tool_use", "id": "toolu_sim_" + c.key, "name": c.name, "input": c.arguments}
                      for c in reply.tool_calls]
 
@@ -193,6 +226,10 @@ def _block_events(index: int, block: dict[str, Any], reply: Reply) -> tuple[byte
     if block["type"] == "text":
         start = {"type": "text", "text": ""}
         deltas = [{"type": "text_delta", "text": chunk} for chunk in reply.chunks()]
+    elif block["type"] == "thinking":
+        start = {"type": "thinking", "thinking": "", "signature": ""}
+        deltas = [{"type": "thinking_delta", "thinking": chunk} for chunk in reply.thinking_chunks()]
+        deltas.append({"type": "signature_delta", "signature": block["signature"]})
     else:
         start = block | {"input": {}}
         raw = json.dumps(block["input"])
@@ -240,6 +277,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     state = request.app[SIM_STATE]
     req: AnthropicRequest = await parse_body(request, AnthropicRequest)
     _require_model(state.catalog, req.model)
+    req.check_thinking()
     req = req.resumed(state.threads)
     ask = req.ask(req.max_tokens, tuple(req.stop_sequences or ()))
 

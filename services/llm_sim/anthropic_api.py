@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError
 
 from tron.services.llm_sim.answers import Ask, Conversation, Reply, ToolMode, ToolSpec, Turn, respond
 from tron.services.llm_sim.catalog import Catalog
-from tron.services.llm_sim.state import SIM_STATE, HeldThreads
+from tron.services.llm_sim.state import SIM_STATE, HeldThreads, SimState
 from tron.services.llm_sim.wire import (
     Lenient,
     SimError,
@@ -176,12 +176,12 @@ def _anthropic_key(request: web.Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _require_key(request: web.Request) -> None:
+def require_key(request: web.Request) -> None:
     if not _anthropic_key(request):
         raise SimError(401, "authentication_error", "x-api-key header is required")
 
 
-def _require_model(catalog: Catalog, model: str) -> None:
+def require_model(catalog: Catalog, model: str) -> None:
     if not catalog.anthropic_knows(model):
         raise SimError(404, "not_found_error", f"model: {model}")
 
@@ -273,10 +273,10 @@ def _events(msg_id: str, model: str, reply: Reply, fail_midstream: bool) -> list
 @surface_endpoint("anthropic")
 async def messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages."""
-    _require_key(request)
+    require_key(request)
     state = request.app[SIM_STATE]
     req: AnthropicRequest = await parse_body(request, AnthropicRequest)
-    _require_model(state.catalog, req.model)
+    require_model(state.catalog, req.model)
     req.check_thinking()
     req = req.resumed(state.threads)
     ask = req.ask(req.max_tokens, tuple(req.stop_sequences or ()))
@@ -298,13 +298,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await serve(request, "anthropic", req.stream, render)
 
 
+def answer(state: SimState, req: AnthropicRequest) -> dict[str, Any]:
+    """The message /v1/messages would answer `req` with, unstreamed and without faults
+    (what a Message Batch's succeeded result holds); SimError where it would refuse."""
+    require_model(state.catalog, req.model)
+    req.check_thinking()
+    reply = respond(req.ask(req.max_tokens, tuple(req.stop_sequences or ())))
+    return _message("msg_sim_" + secrets.token_hex(12), req.model, reply)
+
+
 @surface_endpoint("anthropic", counted=False)
 async def count_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: the input_tokens /v1/messages would report."""
-    _require_key(request)
+    require_key(request)
     state = request.app[SIM_STATE]
     req: AnthropicCountRequest = await parse_body(request, AnthropicCountRequest)
-    _require_model(state.catalog, req.model)
+    require_model(state.catalog, req.model)
     req = req.resumed(state.threads)
     return web.json_response({"input_tokens": req.ask().input_tokens()}, headers={"request-id": request_id()})
 
@@ -325,13 +334,13 @@ def model_info(model: str) -> dict[str, Any]:
             "lifecycle": "active", "max_input_tokens": 200_000, "max_tokens": 64_000}
 
 
-class _ListQuery(Lenient):
+class ListQuery(Lenient):
     limit: int = Field(20, ge=1, le=1000)
     after_id: str | None = None
     before_id: str | None = None
 
 
-def page(ids: list[str], query: _ListQuery) -> tuple[list[str], bool]:
+def page(ids: list[str], query: ListQuery) -> tuple[list[str], bool]:
     """One page of `ids` in Anthropic's cursor style (after_id / before_id / limit)."""
     if query.after_id in ids:
         start = ids.index(query.after_id) + 1
@@ -345,9 +354,9 @@ def page(ids: list[str], query: _ListQuery) -> tuple[list[str], bool]:
 @surface_endpoint("anthropic", counted=False)
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models for the Anthropic SDK (it sends anthropic-version)."""
-    _require_key(request)
+    require_key(request)
     try:
-        query = _ListQuery.model_validate(dict(request.query))
+        query = ListQuery.model_validate(dict(request.query))
     except ValidationError as exc:
         raise SimError(400, "invalid_request_error", describe(exc)) from None
     ids, has_more = page(list(request.app[SIM_STATE].catalog.anthropic), query)
@@ -359,7 +368,7 @@ async def list_models(request: web.Request) -> web.Response:
 @surface_endpoint("anthropic", counted=False)
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model_id} for the Anthropic SDK."""
-    _require_key(request)
+    require_key(request)
     model = request.match_info["model_id"]
-    _require_model(request.app[SIM_STATE].catalog, model)
+    require_model(request.app[SIM_STATE].catalog, model)
     return web.json_response(model_info(model), headers={"request-id": request_id()})

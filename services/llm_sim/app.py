@@ -11,7 +11,10 @@ Surfaces (answers are decided once, in answers.py, and rendered per API):
     anthropic  POST /v1/messages (text, tool_use with tool_choice auto/any/tool/none,
                output_config.format / output_format json_schema, stop_sequences,
                max_tokens, SSE streaming incl. input_json_delta),
-               POST /v1/messages/count_tokens, GET /v1/models[/{id}]
+               POST /v1/messages/count_tokens, GET /v1/models[/{id}], extended
+               thinking blocks, POST /v1/complete (legacy Text Completions,
+               anthropic_complete.py), the Message Batches API under
+               /v1/messages/batches (anthropic_batches.py)
     ollama     POST /api/chat, /api/generate (tools, format "json" or a schema,
                options.num_predict and stop), POST /api/embed, /api/embeddings,
                POST /api/show, GET /api/ps, /api/tags, /api/version, /,
@@ -88,7 +91,16 @@ from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
-from tron.services.llm_sim import anthropic_api, control, ollama_api, ollama_models, openai_api, responses_api
+from tron.services.llm_sim import (
+    anthropic_api,
+    anthropic_batches,
+    anthropic_complete,
+    control,
+    ollama_api,
+    ollama_models,
+    openai_api,
+    responses_api,
+)
 from tron.services.llm_sim.catalog import make_catalog
 from tron.services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec, SimState
 from tron.services.llm_sim.wire import MAX_BODY
@@ -143,6 +155,8 @@ def make_app(*, token: str | None = None, models: Mapping[str, Iterable[str]] | 
     add = app.router
     add.add_post("/v1/messages", anthropic_api.messages)
     add.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
+    add.add_post("/v1/complete", anthropic_complete.complete)
+    anthropic_batches.add_routes(add)
     add.add_get("/v1/models", _by_client(anthropic_api.list_models, openai_api.list_models))
     add.add_get("/v1/models/{model_id}", _by_client(anthropic_api.get_model, openai_api.get_model))
     add.add_post("/v1/chat/completions", openai_api.chat_completions)

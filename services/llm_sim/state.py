@@ -226,6 +226,7 @@ class SimState:
     )
     loaded: LoadedModels = field(default_factory=LoadedModels)
     threads: HeldThreads = field(default_factory=HeldThreads)
+    batches: dict[str, Any] = field(default_factory=dict)  # Message Batches by id (anthropic_batches.MessageBatch)
     closing: bool = False  # set on shutdown so held requests let go
     clock: Callable[[], float] = time.monotonic  # for fault durations; tests may hand in their own
 

@@ -54,9 +54,15 @@ class Home:
         return self.logs / "comms.jsonl"
 
     def ensure(self) -> None:
+        """The home's folders; those only the mesh's owner reads are 0700 (also when an older
+        Tron made them 0755): ``run`` (the token, the credentials), ``registry`` (prompts,
+        results, the audit trail) and ``logs`` (what every program printed). The root stays
+        traversable: a service running as another ``user`` reaches its own ``services/NAME``."""
         for d in (self.root, self.registry_db.parent, self.logs, self.run):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run, 0o700)
+        for d in (self.run, self.registry_db.parent, self.logs):
+            if d.stat().st_uid == os.getuid():
+                os.chmod(d, 0o700)
 
 
 def mesh_marks(home: Home) -> dict[str, str]:

@@ -62,6 +62,7 @@ from tron.services.daemon.spawner import SpawnError
 from tron.services.daemon.task_actions import TASK_VERBS
 from tron.services.daemon.supervisor import new_id
 from tron.services.daemon.ui import setup_ui
+from tron.services.daemon.ui.context import UI_KEY
 from tron.services.daemon.ui.auth import LOOPBACK_NAMES
 
 log = logging.getLogger("tron.daemon.api")
@@ -1119,8 +1120,10 @@ async def revoke_token(request: web.Request) -> web.Response:
         d.access.revoke(name)
     except KeyError as err:
         return error(404, err.args[0])
-    await d.audit.record(_actor(request), "token_revoke", name, "", "", "revoked", "")
-    return web.json_response({"name": name, "status": "revoked"})
+    ui = request.app.get(UI_KEY)
+    ended = ui.sessions.end_minted_by(name) if ui is not None else 0  # its web UI sessions die with it
+    await d.audit.record(_actor(request), "token_revoke", name, "", "", "revoked", "", sessions_ended=ended)
+    return web.json_response({"name": name, "status": "revoked", "sessions_ended": ended})
 
 
 @functools.cache

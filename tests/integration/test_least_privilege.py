@@ -319,6 +319,23 @@ def test_a_ui_action_is_audited_as_the_sessions_login_whatever_the_body_says(mes
     assert mesh.service("bash-agent")["paused"] is True
     resp = _request(port, "GET", "/status", headers={"Cookie": cookie, "X-CSRF-Token": csrf})
     assert resp.status == 200 and json.loads(resp.read())["services"][0]["pid"]
+    # A named operator token's session acts as that token, whatever name the login asked for,
+    # and dies with the token: revoked, its session (and the viewer's) is refused from then on.
+    ops = mesh.tron("token", "create", "ops", check=True).stdout.strip()
+    ops_cookie, ops_csrf, _ = session(ops, "root")
+    resp = _request(port, "POST", "/services/bash-agent/resume", body={"reason": "ui"},
+                    headers={"Cookie": ops_cookie, "X-CSRF-Token": ops_csrf})
+    assert resp.status < 300, resp.read()
+    last = audit(mesh)[-1]
+    assert (last["what"], last["who"]) == ("resume", "token:ops@ui"), last
+    for name in ("ops", "wall"):
+        mesh.tron("token", "revoke", name, check=True)
+    resp = _request(port, "POST", "/services/bash-agent/pause", body={"reason": "ui"},
+                    headers={"Cookie": ops_cookie, "X-CSRF-Token": ops_csrf})
+    assert resp.status == 401, resp.read()
+    resp = _request(port, "GET", "/status", headers={"Cookie": cookie})  # what an anonymous caller sees
+    assert resp.status == 200 and "pid" not in json.loads(resp.read())["services"][0]
+    assert mesh.service("bash-agent")["paused"] is False
 
 
 def test_a_parent_decides_only_about_its_own_descendants_tasks_and_only_in_its_own_name(mesh):

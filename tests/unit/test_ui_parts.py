@@ -399,3 +399,16 @@ async def test_the_daemon_refuses_a_host_name_it_does_not_know_on_every_endpoint
             assert resp.status == code, (host, resp.status, body)
             if code == 403:
                 assert "root" not in body and "evil.test" in body.lower(), body
+
+
+def test_revoking_a_token_ends_the_sessions_it_opened_and_spends_its_codes():
+    clock = FakeClock()
+    sessions = Sessions(clock, cookie="tron_ui_6109")
+    ops = sessions.redeem(sessions.mint_code("token:ops@ui", minted_by="ops"))
+    mine = sessions.redeem(sessions.mint_code("ann@ui", minted_by="operator"))
+    waiting = sessions.mint_code("token:ops@ui", minted_by="ops")
+    assert ops is not None and mine is not None and len(sessions) == 2
+    assert sessions.end_minted_by("ops") == 1
+    assert len(sessions) == 1 and sessions.redeem(waiting) is None
+    assert sessions.refusal(waiting) == ("revoked", "token:ops@ui")
+    assert sessions.end_minted_by("ops") == 0

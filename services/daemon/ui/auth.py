@@ -46,6 +46,7 @@ class Session:
     actor: str
     expires: float
     viewer: bool = False  # read-only: minted with a viewer's token (or asked for); changes nothing
+    minted_by: str = ""  # the credential whose login code opened it: revoking that token ends it
 
 
 def local_problem(request: web.Request) -> str | None:
@@ -74,7 +75,7 @@ class Sessions:
         self.cookie = cookie
         self.code_ttl = code_ttl
         self.session_ttl = session_ttl
-        self._codes: dict[str, tuple[str, float, bool]] = {}  # code -> (actor, expires, viewer)
+        self._codes: dict[str, tuple[str, float, bool, str]] = {}  # code -> (actor, expires, viewer, minted_by)
         self._sessions: dict[str, Session] = {}
         # sha256(code) -> (actor, why it is no longer good): only a digest, so the memory of
         # spent codes holds nothing that logs anyone in.
@@ -92,13 +93,23 @@ class Sessions:
             self._forget(code, "expired")
         self._sessions = {s: v for s, v in self._sessions.items() if v.expires > now}
 
-    def mint_code(self, actor: str, *, viewer: bool = False) -> str:
+    def mint_code(self, actor: str, *, viewer: bool = False, minted_by: str = "") -> str:
         self._prune()
         while len(self._codes) >= MAX_CODES:
             self._forget(next(iter(self._codes)), "superseded")
         code = secrets.token_urlsafe(24)
-        self._codes[code] = (actor, self.clock.now() + self.code_ttl, viewer)
+        self._codes[code] = (actor, self.clock.now() + self.code_ttl, viewer, minted_by)
         return code
+
+    def end_minted_by(self, credential: str) -> int:
+        """A token was revoked: every session its login codes opened ends now, and its codes
+        not yet used are spent. How many sessions ended."""
+        for code in [c for c, v in self._codes.items() if v[3] == credential]:
+            self._forget(code, "revoked")
+        ended = [sid for sid, s in self._sessions.items() if s.minted_by == credential]
+        for sid in ended:
+            del self._sessions[sid]
+        return len(ended)
 
     def redeem(self, code: str) -> Session | None:
         """Spend a login code: a new session, or None if the code is unknown, used or expired."""
@@ -110,7 +121,7 @@ class Sessions:
         while len(self._sessions) >= MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), entry[0],
-                          self.clock.now() + self.session_ttl, viewer=entry[2])
+                          self.clock.now() + self.session_ttl, viewer=entry[2], minted_by=entry[3])
         self._sessions[session.sid] = session
         return session
 
@@ -123,7 +134,7 @@ class Sessions:
         return (gone[1], gone[0]) if gone else ("unknown", None)
 
     def _forget(self, code: str, why: str) -> None:
-        actor, _, _ = self._codes.pop(code)
+        actor = self._codes.pop(code)[0]
         self._remember_gone(code, actor, why)
 
     def _remember_gone(self, code: str, actor: str, why: str) -> None:

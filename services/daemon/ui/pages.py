@@ -43,6 +43,7 @@ from tron.common.models import TOKEN_HEADER, Msg, OneLine
 from tron.common.redaction import REDACTED
 from tron.common.states import RunState, TaskState
 from tron.common.settings import read_overlay
+from tron.services.daemon.access import OPERATOR, Kind
 from tron.services.daemon.ui import sse
 from tron.services.daemon.ui.auth import REFUSAL_WINDOW, REFUSALS_AUDITED, Session, local_problem
 from tron.services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
@@ -56,7 +57,8 @@ STATIC = Path(__file__).parent / "static"
 _CODE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 # Why a login code was refused (auth.Sessions.refusal), as its audit row says it.
 LOGIN_REFUSED = {"used": "the login code was already used", "expired": "the login code expired",
-                 "superseded": "the login code was dropped for newer ones", "unknown": "no such login code"}
+                 "superseded": "the login code was dropped for newer ones", "unknown": "no such login code",
+                 "revoked": "the token that asked for the login code was revoked"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 RUNS_SHOWN = 100
@@ -94,7 +96,12 @@ async def login_code(request: web.Request) -> web.Response:
         return error(403, problem)
     body = await parse(request, LoginCodeRequest) if request.can_read_body else LoginCodeRequest()
     viewer = body.viewer or not caller.is_operator
-    code = ui.sessions.mint_code(body.actor or f"{getpass.getuser()}@ui", viewer=viewer)
+    # The session acts as the credential that opened it: a named token's is recorded as that
+    # token, whatever the body says; the mesh's own token (its owner, `tron ui`) may name the
+    # person at the keyboard. Revoking the token ends the session (Sessions.end_minted_by).
+    actor = (body.actor or f"{getpass.getuser()}@ui") if caller.kind is Kind.OPERATOR and caller.name == OPERATOR \
+        else f"{caller.actor}@ui"
+    code = ui.sessions.mint_code(actor, viewer=viewer, minted_by=caller.name)
     port = ui.daemon.config.mesh.daemon_port
     return web.json_response({"code": code, "url": f"http://127.0.0.1:{port}/ui/login?code={code}",
                               "expires_in": ui.sessions.code_ttl}, status=201)
@@ -132,7 +139,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         return ui.templates.response("login.html", status=403,
                                      problem="This login link is used or expired. `tron ui` prints a new one.")
     await ui.daemon.store.event("audit", {"who": session.actor, "what": "ui_login", "target": "ui", "before": "",
-                                          "after": "", "outcome": "session opened", "reason": ""})
+                                          "after": "", "outcome": "session opened", "reason": "",
+                                          "minted_by": session.minted_by})
     log.info("ui: session opened", extra={"actor": session.actor})
     resp = web.Response(status=303, headers={"Location": "/ui/", "Cache-Control": "no-store"})
     ui.sessions.set_cookie(resp, session)

@@ -68,8 +68,23 @@ class Ctx:
     @property
     def config(self) -> MeshConfig:
         if self._config is None:
-            self._config = load_mesh(self.config_path)
+            self._config = load_mesh(self.config_path or self._running_config())
         return self._config
+
+    def _running_config(self) -> Path | None:
+        """With neither --config nor TRON_CONFIG: the mesh file this home's running daemon was
+        started with (run/daemon.json), so that every command speaks of the mesh that runs, not
+        of the shipped mesh.toml (`tron restart NAME` refused a service the daemon runs)."""
+        if os.environ.get("TRON_CONFIG"):
+            return None
+        try:
+            info = json.loads(self.home.daemon_file.read_text())
+        except (OSError, ValueError):
+            return None
+        path, pid = (info.get("config"), info.get("pid")) if isinstance(info, dict) else (None, None)
+        if isinstance(path, str) and path and Path(path).is_file() and isinstance(pid, int) and _alive(pid):
+            return Path(path)
+        return None
 
     @property
     def mesh(self) -> MeshClient:
@@ -344,12 +359,15 @@ def _action(ctx: Ctx, path: str, args: argparse.Namespace, **extra) -> dict:
 def cmd_service(ctx: Ctx, args: argparse.Namespace) -> int:
     name = _segment(args.name, "service name")
     mesh = ctx.require_daemon()
-    replicas = ctx.config.replicas_of(args.name)
-    if args.name not in ctx.config.services and not replicas:
-        raise CLIError(f"no service named {args.name!r} (known: {', '.join(ctx.config.services)})")
-    answer = _action(ctx, f"/services/{name}/{args.cmd}", args,
-                     **({"force": True} if getattr(args, "force", False) else {}))
-    if replicas:  # every replica; a restart rolls and returns once the last one is ready again
+    try:  # the daemon knows what runs (a service a reload added, a mesh file this shell does not name)
+        answer = _action(ctx, f"/services/{name}/{args.cmd}", args,
+                         **({"force": True} if getattr(args, "force", False) else {}))
+    except CLIError as err:
+        if not str(err).startswith("no service named"):
+            raise
+        known = [s["name"] for s in mesh.status().get("services", [])]
+        raise CLIError(f"{err} (known: {', '.join(known)})") from None
+    if "replicas" in answer:  # every replica; a restart rolls and returns once the last one is ready again
         for replica, a in (answer.get("replicas") or {}).items():
             print(f"{replica}: {a['status'] if isinstance(a, dict) else a}" + (f" ({a['error']})" if isinstance(a, dict)
                                                                                 and a.get("error") else ""))

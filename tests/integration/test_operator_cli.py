@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import TRON, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +163,30 @@ def test_the_daemon_backs_up_on_its_interval_keeps_the_newest_and_restore_needs_
     refused = mesh.tron("restore", wait_for(kept_copy, 10, "a backup to copy"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert db.stat().st_ino == before and mesh.health("llm-sim")  # untouched, still serving
+
+
+def test_without_config_the_cli_speaks_of_the_mesh_the_home_runs(mesh_factory):
+    """Only TRON_HOME and TRON_PORT_OFFSET in the shell (no --config, no TRON_CONFIG): the
+    commands follow the mesh file the home's daemon was started with, not the shipped
+    mesh.toml, which has no such service (`tron restart ticker` was refused as unknown)."""
+    import sys
+
+    mesh = mesh_factory(services={"ticker": {"command": [sys.executable, "-c", "import time; time.sleep(600)"],
+                                             "port": 6190}})
+    mesh.up()
+    env = {k: v for k, v in mesh.env.items() if k != "TRON_CONFIG"}
+
+    def plain(*args: str):
+        import subprocess
+
+        return subprocess.run([*TRON, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    before = mesh.service("ticker")["pid"]
+    listed = plain("status")
+    assert listed.returncode == 0 and "ticker" in listed.stdout, listed
+    restarted = plain("restart", "ticker", "--wait")
+    assert restarted.returncode == 0, restarted
+    assert mesh.service("ticker")["pid"] != before
+    unknown = plain("restart", "nobody")
+    assert unknown.returncode == 2 and "no service named 'nobody'" in unknown.stderr and "ticker" in unknown.stderr, \
+        unknown

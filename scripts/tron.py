@@ -295,6 +295,11 @@ def render_status(status: dict) -> str:
     if logs.get("state") == "disk_full":
         lines.append(f"logs: DISK NEARLY FULL: service logs are not written ({logs.get('dropped', 0)} lines dropped so "
                      "far); supervision goes on")
+    elif logs.get("state") in ("restarting", "down"):
+        lines.append(f"logs: DEGRADED: the log pump is {logs['state']} (died {logs.get('died', 0)} times); "
+                     "services' output waits in their pipes for it, or goes to their log files unrotated")
+    elif logs.get("died"):
+        lines.append(f"logs: the log pump died {logs['died']} times and was started again each time")
     for n in (cluster or {}).get("nodes", []):
         state = "lost" if not n["alive"] else "cordoned" if n["cordoned"] else "ok" if n["agent_pid"] else "no agent"
         lines.append(f"node {n['node'][:12]} {n['ip']} {state}: {', '.join(n['services']) or 'no service'}")

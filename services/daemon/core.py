@@ -110,6 +110,7 @@ class Daemon:
         self.stopping = False
         self.log_stats: dict | None = None  # the log pump's counters, read by the housekeeping
         self.logs_disk_full = False
+        self.log_pump_seen = {"died": 0, "restarts": 0}  # the pump's counts already recorded as events
         self._recycling: set[str] = set()  # incarnations being recycled at a checkpoint (once each)
         # Tasks already recycled at a checkpoint: once per task, so an agent already over its
         # limit when it starts (a limit set too low) is not killed at every step of one task;
@@ -481,7 +482,8 @@ class Daemon:
         rotate_if_large(self.home.comms_log, limits.max_bytes, limits.backups)
         rotate_if_large(self.home.log_file(DAEMON), limits.max_bytes, limits.backups, stdio=True)
         stats = await asyncio.to_thread(self.sup.spawner.log_stats)
-        full = bool(stats and stats.get("disk_full"))
+        # (No answer while the pump is being started again: as it was.)
+        full = bool(stats.get("disk_full")) if stats is not None else self.logs_disk_full
         if full != self.logs_disk_full:
             self.logs_disk_full = full
             if full:
@@ -491,6 +493,22 @@ class Daemon:
                 log.warning("room on the disk again: service logs are written again")
             await self.store.event("logs_disk_full" if full else "logs_resumed", {"min_free": limits.min_free})
         self.log_stats = stats
+        await self._log_pump_events()
+
+    async def _log_pump_events(self) -> None:
+        """The pump's deaths and restarts (said at error by the spawner as they happen) as
+        events and metrics, one each."""
+        pump = self.sup.spawner.log_pump_health()
+        if pump is None:
+            return
+        seen = self.log_pump_seen
+        if pump["died"] > seen["died"]:
+            self.metrics.log_pump_deaths.inc(pump["died"] - seen["died"])
+            await self.store.event("log_pump_died", {**(pump["last_death"] or {}), "deaths": pump["died"] - seen["died"]})
+        if pump["restarts"] > seen["restarts"]:
+            await self.store.event("log_pump_restarted", {"pid": pump["pid"], "held_pipes": pump["held_pipes"],
+                                                          "restarts": pump["restarts"]})
+        self.log_pump_seen = {"died": pump["died"], "restarts": pump["restarts"]}
 
     # -- beats --------------------------------------------------------------------------------
 
@@ -617,15 +635,20 @@ class Daemon:
             note.unlink(missing_ok=True)
 
     def _logs_summary(self) -> dict | None:
-        """The log pump: its pid, and its counters as of the last housekeeping tick (no
-        I/O on the /status path). None: services write their logs themselves."""
-        pid = self.sup.spawner.log_pump_pid()
-        if pid is None:
+        """The log pump: its pid and state now, and its counters as of the last housekeeping
+        tick (no I/O on the /status path). ``state``: ok, disk_full, restarting (it died; a
+        new one is being started) or down (none runs). None: there is no pump."""
+        pump = self.sup.spawner.log_pump_health()
+        if pump is None:
             return None
         stats = self.log_stats or {}
         logs_ = stats.get("logs") or {}
-        return {"pid": pid, "state": "disk_full" if stats.get("disk_full") else "ok",
-                "dropped": sum(v["dropped"] for v in logs_.values()),
+        if pump["state"] != "up":
+            state = pump["state"]
+        else:
+            state = "disk_full" if stats.get("disk_full") else "ok"
+        return {"pid": pump["pid"], "state": state, "died": pump["died"], "restarts": pump["restarts"],
+                "held_pipes": pump["held_pipes"], "dropped": sum(v["dropped"] for v in logs_.values()),
                 "rotations": sum(v["rotations"] for v in logs_.values())}
 
     def status(self) -> dict[str, Any]:

@@ -104,6 +104,9 @@ class DieAfterFork:
     def log_pump_pid(self) -> int | None:
         return self.inner.log_pump_pid()
 
+    def log_pump_health(self) -> dict | None:
+        return self.inner.log_pump_health()
+
     def ownership(self) -> dict | None:
         return self.inner.ownership()
 

@@ -20,6 +20,8 @@ Protocol: one JSON object per line on a Unix socket.
                                                           -> {"ok": true}
     {"op": "stats"}                                       -> {"ok": true, "disk_full": ..., "logs": {...}}
     {"op": "sync", "path"}                                -> {"ok": true} once that log's pipes are drained
+    {"op": "pipes", "after": fd}                          -> {"ok": true, "pipes": [{"path", ...}], "last", "more"}
+                                                             + a copy of each one's read end (SCM_RIGHTS)
     {"op": "exit"}                                        -> {"ok": true}; exits once every pipe is drained
 """
 
@@ -29,6 +31,7 @@ import asyncio
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from tron.services.daemon import unixline
@@ -45,6 +49,19 @@ log = logging.getLogger("tron.logpump")
 CHUNK = 1 << 16
 LONGEST_LINE = 1 << 16  # a "line" with no newline this long is written as it is
 DISK_CHECK_EVERY = 1.0  # seconds between two looks at the free space
+# A line with no newline yet ("Password: ", a progress bar) is written out, ended by a newline,
+# once no byte came for PARTIAL_IDLE s, or once it is PARTIAL_MAX_AGE s old while bytes keep
+# trickling in: a prompt is seen while its program waits, and a line that arrives in pieces
+# (a buffered writer's 8 KiB cuts) is still joined, its pieces being microseconds apart.
+PARTIAL_IDLE = 1.0
+HAND_AT_ONCE = 200  # read ends handed back in one answer (SCM_RIGHTS takes at most 253)
+PARTIAL_MAX_AGE = 5.0
+
+
+def partial_due(first_at: float, last_at: float, now: float) -> bool:
+    """Whether a line held without its newline since ``first_at`` (monotonic s), whose last
+    byte came at ``last_at``, is to be written out as it is at ``now``."""
+    return now - last_at >= PARTIAL_IDLE or now - first_at >= PARTIAL_MAX_AGE
 
 
 def rotated(path: Path, backups: int) -> list[Path]:
@@ -179,6 +196,10 @@ class Sink:
         if int(now) != self.window:
             self._end_window()
 
+    def limits(self) -> dict:
+        """What an ``attach`` names besides the path."""
+        return {"max_bytes": self.max_bytes, "backups": self.backups, "rate_limit": self.rate_limit}
+
     def stats(self) -> dict:
         return {"bytes": self.size, "lines": self.lines, "rotations": self.rotations, "dropped": self.total_dropped,
                 "max_bytes": self.max_bytes, "backups": self.backups, "rate_limit": self.rate_limit}
@@ -189,6 +210,18 @@ class Pipe:
     fd: int
     sink: Sink
     partial: bytearray = field(default_factory=bytearray)
+    partial_since: float = 0.0  # monotonic s: when the first byte of ``partial`` came
+    last_byte: float = 0.0  # monotonic s: when the last byte came
+
+    def due(self, now: float) -> bool:
+        """Its unterminated line is to be written out now (``partial_due``)."""
+        return bool(self.partial) and partial_due(self.partial_since, self.last_byte, now)
+
+    def next_due(self) -> float | None:
+        """When its unterminated line is due (monotonic s), None with none held."""
+        if not self.partial:
+            return None
+        return min(self.last_byte + PARTIAL_IDLE, self.partial_since + PARTIAL_MAX_AGE)
 
 
 class Pump:
@@ -234,7 +267,10 @@ class Pump:
         self.pipes[fd] = Pipe(fd, sink)
         self.sel.register(fd, selectors.EVENT_READ, "pipe")
 
-    def read(self, pipe: Pipe, now: float) -> None:
+    def read(self, pipe: Pipe, now: float, mono: float | None = None) -> None:
+        """What ``pipe`` holds now: whole lines written, the rest kept. ``now``: wall-clock s
+        (the rate limit's seconds); ``mono``: monotonic s (how long a partial line is held)."""
+        mono = time.monotonic() if mono is None else mono
         try:
             data = os.read(pipe.fd, CHUNK)
         except BlockingIOError:
@@ -248,6 +284,9 @@ class Pump:
             os.close(pipe.fd)
             del self.pipes[pipe.fd]
             return
+        if not pipe.partial:
+            pipe.partial_since = mono
+        pipe.last_byte = mono
         pipe.partial += data
         end = pipe.partial.rfind(b"\n")
         if end < 0 and len(pipe.partial) < LONGEST_LINE:
@@ -255,6 +294,19 @@ class Pump:
         cut = end + 1 if end >= 0 else len(pipe.partial)
         whole = bytes(pipe.partial[:cut])
         del pipe.partial[:cut]
+        if pipe.partial:  # what is left came with this read
+            pipe.partial_since = mono
+        self._write(pipe, whole, now)
+
+    def flush_partials(self, now: float, mono: float) -> None:
+        """Unterminated lines held too long (``partial_due``) written out, ended by a newline."""
+        for pipe in self.pipes.values():
+            if pipe.due(mono):
+                whole = bytes(pipe.partial) + b"\n"
+                pipe.partial.clear()
+                self._write(pipe, whole, now)
+
+    def _write(self, pipe: Pipe, whole: bytes, now: float) -> None:
         try:
             pipe.sink.lines_in(whole, now, self.disk_full)
         except OSError as err:  # ENOSPC before our own check saw it: counted, never fatal
@@ -272,8 +324,11 @@ class Pump:
                 fds = []
             else:
                 reply = self.answer(req, fds)
+            handed = reply.pop("_fds", [])
             try:
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                line = json.dumps(reply).encode() + b"\n"
+                sent = socket.send_fds(conn, [line], handed) if handed else 0
+                conn.sendall(line[sent:])
             except OSError:
                 pass
 
@@ -305,6 +360,12 @@ class Pump:
                     if pipe.fd in self.pipes and len(pipe.partial) == before and not self._readable(pipe.fd):
                         break
             return {"ok": True}
+        if op == "pipes":  # copies of the read ends, for the daemon to hold (LogPumpClient.hold)
+            after = int(req.get("after", -1))
+            batch = sorted(fd for fd in self.pipes if fd > after)[:HAND_AT_ONCE]
+            return {"ok": True, "_fds": batch, "last": batch[-1] if batch else after,
+                    "more": len(batch) == HAND_AT_ONCE,
+                    "pipes": [{"path": str(self.pipes[fd].sink.path), **self.pipes[fd].sink.limits()} for fd in batch]}
         if op == "exit":
             self.exiting = True
             return {"ok": True}
@@ -330,7 +391,9 @@ class Pump:
         while True:
             now = time.time()
             self.check_disk(now)
-            for key, _ in self.sel.select(timeout=0.5):
+            dues = [d for p in self.pipes.values() if (d := p.next_due()) is not None]
+            wait = min([0.5, *(d - time.monotonic() for d in dues)])
+            for key, _ in self.sel.select(timeout=max(0.0, wait)):
                 if key.data == "server":
                     conn, _ = server.accept()
                     conn.settimeout(2.0)
@@ -339,6 +402,8 @@ class Pump:
                     pipe = self.pipes.get(key.fd)
                     if pipe is not None:
                         self.read(pipe, now)
+            if dues:
+                self.flush_partials(now, time.monotonic())
             for sink in self.sinks.values():
                 sink.tick(now)
             if self.exiting and not self.pipes:
@@ -356,11 +421,60 @@ class Pump:
 # -- the daemon's side ------------------------------------------------------------------------
 
 
-class LogPumpClient:
-    """Starts (or finds) the home's pump and attaches each incarnation's output to it.
+class PumpState(StrEnum):
+    """The pump as its daemon sees it."""
 
-    ``pipe_for`` returns None when the pump cannot take the log (not running, not
-    answering): the spawner then appends to the file itself, as before, and says so.
+    DOWN = "down"  # not started yet, or could not be started
+    UP = "up"
+    RESTARTING = "restarting"  # it died; a new one is being started
+    STOPPED = "stopped"  # asked to exit (tron down)
+
+
+RESTART_WINDOW = 10.0  # s: deaths within it count towards a slower restart
+RESTART_FREE = 3  # deaths in the window restarted at once
+RESTART_MAX_DELAY = 5.0
+RESTART_WAIT = 3.0  # s a start waits for a pump being restarted before it writes its log itself
+
+
+def restart_delay(deaths: list[float], now: float) -> float:
+    """How long to wait before starting the pump again.
+
+    Parameters:
+        deaths: monotonic times of the pump's deaths, the latest included.
+        now: monotonic time.
+
+    Returns 0 (at once) for up to ``RESTART_FREE`` deaths in the last ``RESTART_WINDOW`` s;
+    past that 0.5 s, doubling with each further death, at most ``RESTART_MAX_DELAY``: a pump
+    that cannot live is not started in a tight loop, and one that died once is back at once.
+    """
+    recent = sum(1 for t in deaths if now - t < RESTART_WINDOW)
+    if recent <= RESTART_FREE:
+        return 0.0
+    return min(RESTART_MAX_DELAY, 0.5 * 2 ** (recent - RESTART_FREE - 1))
+
+
+@dataclass
+class HeldPipe:
+    """The daemon's copy of a pipe's read end: while it is open, a program writing to the
+    pipe never meets a pipe without a reader (EPIPE, SIGPIPE), even with the pump dead;
+    what it writes meanwhile waits in the pipe (64 KiB, then the writer blocks) for the
+    next pump, which is handed the same read end."""
+
+    fd: int
+    path: str
+    limits: dict
+
+
+class LogPumpClient:
+    """Starts (or finds) the home's pump, attaches each incarnation's output to it, and
+    keeps it running.
+
+    The pump's death is seen at once (its pidfd, on the event loop): it is said at error,
+    ``pid`` is cleared, and a new pump is started (``restart_delay``) and handed every pipe
+    still held (``HeldPipe``), so programs go on writing through it and what they wrote
+    meanwhile reaches their logs. ``pipe_for`` returns None when no pump can take the log
+    (none could be started, or one being restarted is not back within ``RESTART_WAIT``):
+    the spawner then appends to the file itself, unrotated, and says so.
     """
 
     def __init__(self, sock_path: Path, own_log: Path, logs_dir: Path, env: dict[str, str], min_free: int) -> None:
@@ -371,7 +485,16 @@ class LogPumpClient:
         self.min_free = min_free
         self.pid: int | None = None
         self.proc: subprocess.Popen | None = None
+        self.state = PumpState.DOWN
         self.warned = False
+        self.held: dict[int, HeldPipe] = {}  # our read end's fd -> it
+        self.deaths: list[float] = []  # monotonic times, the last RESTART_WINDOW s' (restart_delay)
+        self.died = 0  # deaths since this daemon started
+        self.restarts = 0
+        self.last_death: dict | None = None
+        self._pidfd: int | None = None
+        self._up = asyncio.Event()
+        self._restarting: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(6)
 
     def _call(self, req: dict, fds: tuple[int, ...] = (), timeout: float = 2.0) -> dict | None:
@@ -381,51 +504,186 @@ class LogPumpClient:
             return None
 
     async def start(self) -> None:
-        """Find the pump an earlier daemon left, or start one (its own session: it outlives us)."""
+        """Find the pump an earlier daemon left (and hold its pipes), or start one (its own
+        session: it outlives us)."""
         reply = await asyncio.to_thread(self._call, {"op": "ping"})
-        if reply and reply.get("ok"):
-            self.pid = reply["pid"]
-            log.info("log pump found", extra={"pid": self.pid})
+        if reply and reply.get("ok") and self._watch(reply["pid"]):
+            self._now_up(reply["pid"])
+            taken = await asyncio.to_thread(self._take_pipes)
+            log.info("log pump found", extra={"pid": self.pid, "pipes": taken})
             return
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.own_log, "ab", buffering=0) as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tron.services.daemon.logpump", self.sock_path, str(self.logs_dir),
-                 str(self.min_free)], env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            reply = await asyncio.to_thread(self._call, {"op": "ping"}, (), 0.5)
-            if reply and reply.get("ok"):
-                self.pid = reply["pid"]
-                log.info("log pump ready", extra={"pid": self.pid})
-                return
-            await asyncio.sleep(0.02)
+        if await self._launch():
+            self._now_up(self.proc.pid)
+            log.info("log pump ready", extra={"pid": self.pid})
+            return
         log.error("the log pump did not start (see %s): services write their logs themselves, unrotated",
                   self.own_log)
 
-    async def pipe_for(self, path: Path, *, max_bytes: int, backups: int, rate_limit: int | None) -> int | None:
-        """The write end of a pipe whose read end the pump now holds for ``path``; the
-        caller hands it to the child and closes it. None: write the file directly."""
-        if self.pid is None:
-            return None
-        r, w = os.pipe()
+    async def _launch(self) -> bool:
+        """A new pump (``proc``), answering on the socket and watched, not yet handed
+        anything (``_now_up`` then); False when it did not come up."""
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.own_log, "ab", buffering=0) as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "tron.services.daemon.logpump", self.sock_path, str(self.logs_dir),
+                     str(self.min_free)], env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        except OSError as err:
+            log.error("cannot start the log pump: %s", err)
+            return False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            reply = await asyncio.to_thread(self._call, {"op": "ping"}, (), 0.5)
+            if reply and reply.get("ok") and reply.get("pid") == self.proc.pid:
+                if not self._watch(self.proc.pid):
+                    break  # died right after its answer
+                return True
+            await asyncio.sleep(0.02)
+        if self.proc.poll() is None:
+            self.proc.kill()  # hung
+        self.proc.wait()
+        return False
+
+    def _now_up(self, pid: int) -> None:
+        self.pid, self.state = pid, PumpState.UP
+        self._up.set()
+
+    def _watch(self, pid: int) -> bool:
+        """``_on_death`` runs as soon as ``pid`` exits; False when it is gone already."""
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_death, pid)
+        return True
+
+    def _unwatch(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _on_death(self, pid: int) -> None:
+        self._unwatch()
+        status = None
+        if self.proc is not None and self.proc.pid == pid:
+            status = self.proc.wait()  # exited: reaped at once
+            self.proc = None
+        if self.state == PumpState.STOPPED:
+            return  # it exited as asked
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
+        self.died += 1
+        self.last_death = {"pid": pid, "status": status, "held_pipes": len(self.held), "at": time.time()}
+        self.pid, self.state = None, PumpState.RESTARTING
+        self._up.clear()
+        self.warned = False
+        log.error("the log pump died (pid %s, %s): starting a new one; %d pipes are held for it meanwhile", pid,
+                  "exit status unknown" if status is None else f"signal {-status}" if status < 0
+                  else f"exit {status}", len(self.held), extra={"pid": pid, "status": status})
+        if self._restarting is None or self._restarting.done():  # (else: one died as it was handed the pipes)
+            self._restarting = asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        """A new pump until one comes up, handed every pipe we hold before any new one is
+        attached (``pipe_for`` waits for ``_up``): a pipe attached twice would have two
+        readers in the pump, each with half of its lines."""
+        while self.state == PumpState.RESTARTING:
+            await asyncio.sleep(restart_delay(self.deaths, time.monotonic()))
+            if self.state != PumpState.RESTARTING:
+                return
+            if not await self._launch():
+                self.deaths.append(time.monotonic())  # a failed start slows the next one too
+                log.error("the log pump did not start again (see %s); trying again", self.own_log)
+                continue
+            pid = self.proc.pid
+            handed = 0
+            for held in list(self.held.values()):
+                handed += await self._attach(held.fd, held.path, held.limits)
+            if self._pidfd is None or self.state != PumpState.RESTARTING:
+                continue  # it died again while being handed them (said by _on_death), or we stop
+            self._now_up(pid)
+            self.restarts += 1
+            self.prune()
+            log.warning("log pump started again: %d held pipes handed to it", handed,
+                        extra={"pid": pid, "restarts": self.restarts})
+
+    def _take_pipes(self) -> int:
+        """Copies of the read ends a pump we found holds (an earlier daemon attached them):
+        held from now on, like our own."""
+        after, taken = -1, 0
+        while True:
+            try:
+                reply, fds = unixline.ask_fds(self.sock_path, {"op": "pipes", "after": after}, timeout=2.0)
+            except (OSError, ValueError) as err:
+                log.warning("the log pump did not hand its pipes over (%s): those are lost if it dies", err)
+                return taken
+            pipes = (reply or {}).get("pipes") or []
+            if len(fds) != len(pipes):
+                for fd in fds:
+                    os.close(fd)
+                return taken
+            for fd, p in zip(fds, pipes):
+                path = p.pop("path")
+                self.held[fd] = HeldPipe(fd, path, p)
+            taken += len(fds)
+            if not reply or not reply.get("more"):
+                return taken
+            after = reply["last"]
+
+    async def _attach(self, fd: int, path: str, limits: dict) -> bool:
         try:
             async with self._slots:  # a few at a time: a wave's last attach must not time out in the queue
-                reply = await unixline.ask_async(self.sock_path, {
-                    "op": "attach", "path": str(path), "max_bytes": max_bytes, "backups": backups,
-                    "rate_limit": rate_limit}, timeout=2.0, fds=(r,))
+                reply = await unixline.ask_async(self.sock_path, {"op": "attach", "path": path, **limits},
+                                                 timeout=2.0, fds=(fd,))
         except (OSError, ValueError):
             reply = None
-        finally:
-            os.close(r)
-        if reply and reply.get("ok"):
-            return w
+        return bool(reply and reply.get("ok"))
+
+    def prune(self) -> None:
+        """Held read ends whose writers are all gone (POLLHUP) are let go while a pump runs:
+        it holds its own copy and reads what is left."""
+        if self.state != PumpState.UP or not self.held:
+            return
+        poller = select.poll()
+        for fd in self.held:
+            poller.register(fd, 0)  # POLLHUP and POLLERR are always reported
+        for fd, _ in poller.poll(0):
+            os.close(fd)
+            del self.held[fd]
+
+    async def pipe_for(self, path: Path, *, max_bytes: int, backups: int, rate_limit: int | None) -> int | None:
+        """The write end of a pipe whose read end the pump now holds for ``path`` (and we
+        hold too); the caller hands it to the child and closes it. None: write the file directly."""
+        if self.state == PumpState.RESTARTING:
+            try:  # back within a second, as a rule: worth waiting for rather than an unrotated log
+                await asyncio.wait_for(self._up.wait(), RESTART_WAIT)
+            except TimeoutError:
+                pass
+        if self.state != PumpState.UP:
+            return self._unpumped(f"the log pump is {self.state}")
+        self.prune()
+        limits = {"max_bytes": max_bytes, "backups": backups, "rate_limit": rate_limit}
+        r, w = os.pipe()
+        self.held[r] = HeldPipe(r, str(path), limits)
+        if await self._attach(r, str(path), limits) or self.state == PumpState.RESTARTING:
+            return w  # (the pump died meanwhile: its successor is handed this one)
+        del self.held[r]
+        os.close(r)
         os.close(w)
+        return self._unpumped("the log pump does not answer")
+
+    def _unpumped(self, why: str) -> None:
         if not self.warned:
             self.warned = True
-            log.error("the log pump does not answer (%s): logs are written unrotated until it does", reply)
+            log.error("%s: logs are written unrotated until it is back", why)
         return None
+
+    def health(self) -> dict:
+        """For /status and the daemon's events (no I/O)."""
+        return {"state": str(self.state), "pid": self.pid, "died": self.died, "restarts": self.restarts,
+                "held_pipes": len(self.held), "last_death": self.last_death}
 
     def sync(self, path: Path) -> None:
         """Until what the programs wrote to ``path``'s pipes so far is in the file (a start
@@ -438,29 +696,42 @@ class LogPumpClient:
 
     async def stop(self) -> None:
         """After every service has stopped: the pump drains what is left, then exits."""
-        if self.pid is None:
-            return
+        was, self.state = self.state, PumpState.STOPPED
+        self._up.clear()
+        if self._restarting is not None:
+            self._restarting.cancel()
+            await asyncio.gather(self._restarting, return_exceptions=True)
+        self._unwatch()
+        if was == PumpState.UP and self.pid is not None:
+            await self._stop_pump(self.pid)
+        for held in self.held.values():  # the pump had its own copies; nobody writes any more
+            os.close(held.fd)
+        self.held.clear()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()  # one being started as we stopped
+            self.proc.wait()
+            self.proc = None
+        self.pid = None
+
+    async def _stop_pump(self, pid: int) -> None:
         await asyncio.to_thread(self._call, {"op": "exit"})
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if self.proc is not None:
                 if self.proc.poll() is not None:
-                    break
+                    return
             else:
                 try:
-                    os.kill(self.pid, 0)
+                    os.kill(pid, 0)
                 except ProcessLookupError:
-                    break
+                    return
             await asyncio.sleep(0.02)
-        else:
-            log.warning("log pump %s did not exit; ending it", self.pid)
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self.proc is not None:
-            self.proc.wait()
-        self.pid = None
+        log.warning("log pump %s did not exit; ending it", pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def main(argv: list[str]) -> int:

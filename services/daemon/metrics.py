@@ -40,6 +40,8 @@ class DaemonMetrics:
                                       registry=r)
         self.registry_degraded = Gauge("tron_registry_degraded", "1 while the registry refuses writes", registry=r)
         self.registry_pending = Gauge("tron_registry_pending_writes", "Rows waiting in the journal", registry=r)
+        self.log_pump_deaths = Counter("tron_log_pump_deaths", "Deaths of the log pump (each is followed by a "
+                                       "new one, handed the pipes the daemon holds)", registry=r)
         self.notify_deliveries = Counter("tron_notify_deliveries", "Notification attempts, by outcome (delivered, "
                                          "retrying, gave_up; dropped: a full queue's oldest)", ["outcome"], registry=r)
 

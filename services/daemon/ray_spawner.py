@@ -456,6 +456,9 @@ class RaySpawner:
     def log_pump_pid(self) -> int | None:
         return None
 
+    def log_pump_health(self) -> dict | None:
+        return None
+
     def ownership(self) -> dict | None:
         return None
 

@@ -260,6 +260,8 @@ class Spawner(Protocol):
 
     def log_pump_pid(self) -> int | None: ...
 
+    def log_pump_health(self) -> dict | None: ...  # its state, deaths and restarts (no I/O); None: no pump
+
     def ownership(self) -> dict | None: ...  # {"mode": "cgroup", ...} or {"mode": "marks", "why"}
 
     def status(self) -> dict | None: ...
@@ -462,6 +464,9 @@ class LocalSpawner:
 
     def log_pump_pid(self) -> int | None:
         return self.logs.pid if self.logs is not None else None
+
+    def log_pump_health(self) -> dict | None:
+        return self.logs.health() if self.logs is not None else None
 
     # -- what only this machine can tell: its processes and its sockets ------------------------
 

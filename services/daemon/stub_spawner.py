@@ -85,6 +85,9 @@ class StubSpawner:
     def log_pump_pid(self) -> int | None:
         return None
 
+    def log_pump_health(self) -> dict | None:
+        return None
+
     def ownership(self) -> dict | None:
         return None
 

@@ -6,6 +6,7 @@ helper's."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 
@@ -23,6 +24,28 @@ def ask(sock_path: str, req: dict, *, timeout: float, fds: tuple[int, ...] = ())
                 break
             data += chunk
     return json.loads(data) if data else None
+
+
+def ask_fds(sock_path: str, req: dict, *, timeout: float, max_fds: int = 253) -> tuple[dict | None, list[int]]:
+    """``ask``, and the descriptors sent with the answer (the caller closes them)."""
+    fds: list[int] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(sock_path)
+        conn.sendall(json.dumps(req).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk, got, _, _ = socket.recv_fds(conn, 1 << 16, max_fds - len(fds))
+            fds += got
+            if not chunk:
+                break
+            data += chunk
+    try:
+        return (json.loads(data) if data else None), fds
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 async def ask_async(sock_path: str, req: dict, *, timeout: float, fds: tuple[int, ...] = ()) -> dict | None:

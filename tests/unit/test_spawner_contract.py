@@ -214,6 +214,7 @@ async def test_without_helpers_a_backend_says_so(backend):
     assert await backend.spawner.wait_ready(0.1) is True
     assert backend.spawner.helper_pids() == set()
     assert backend.spawner.log_stats() is None and backend.spawner.log_pump_pid() is None
+    assert backend.spawner.log_pump_health() is None
     await backend.spawner.sync_log(backend.tmp / "nothing.log")
     assert backend.spawner.ghosts(str(backend.tmp / "no-home"), set()) == {}
     child = await backend.spawner.spawn(backend.spec("h"))

@@ -151,3 +151,89 @@ def test_a_disk_too_full_for_logs_stops_the_logs_first_loudly(mesh_factory, tmp_
     proc = mesh.tron("status")
     assert "DISK NEARLY FULL" in proc.stdout, proc.stdout
     assert [r for r in mesh.rows("SELECT kind FROM events WHERE kind = 'logs_disk_full'")]
+
+
+# Numbered lines of 1 KB, 50 a second, each flushed, until killed; serves a port for its probe.
+# SIGPIPE as a C program has it: a write to a pipe without a reader kills it.
+STEADY = """
+import os, signal, socket, sys, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+out = sys.stdout.buffer
+pad = b"x" * 1000
+i = 0
+while True:
+    out.write(b"%d %d %s\\n" % (i, os.getpid(), pad)); out.flush()
+    i += 1
+    time.sleep(0.02)
+"""
+
+
+def test_a_killed_log_pump_is_started_again_and_no_line_is_lost(mesh_factory, tmp_path):
+    """The pump is killed: a new one within a second or so, handed the pipes the daemon
+    holds. The running program never sees a pipe without a reader (it would die of SIGPIPE),
+    every line it wrote meanwhile is in its log, an incarnation started right then logs
+    through the new pump, and the logs rotate at their limits again."""
+    script = tmp_path / "steady.py"
+    script.write_text(STEADY)
+    probe = {"tcp": {}, "interval": 0.5, "timeout": 0.5}
+    limits = {"log_max_bytes": "200KB", "log_backups": 3}
+    mesh = mesh_factory(services={
+        "steady": {"command": ["{python}", str(script), "{port}"], "port": 6150, "liveness": probe, **limits},
+        "fresh": {"command": ["{python}", str(script), "{port}"], "port": 6151, "liveness": probe, **limits}})
+    mesh.up()
+    wait_for(lambda: len(numbered(mesh, "steady")) >= 20, 20, "steady's first lines")
+    [pump] = pumps(mesh)
+    steady = mesh.service("steady")["pid"]
+    os.kill(pump.pid, signal.SIGKILL)
+    fresh = mesh.kill("fresh")  # its next incarnation starts while the pump is down or just back
+    killed = time.monotonic()
+    [new] = wait_for(lambda: (p := [q for q in pumps(mesh) if q.pid != pump.pid]) and p, 10, "a new pump")
+    print(f"a new pump {time.monotonic() - killed:.2f}s after the kill")
+    logs = wait_for(lambda: (s := mesh.status()["logs"])["pid"] == new.pid and s["state"] == "ok" and s, 10,
+                    "/status to name the new pump")
+    assert logs["died"] == 1 and logs["restarts"] == 1, logs
+    back = mesh.wait_replaced("fresh", fresh)
+    wait_for(lambda: b" %d x" % back["pid"] in (mesh.home / "logs" / "fresh.log").read_bytes(), 10,
+             "the new incarnation's lines in its log")
+    wait_for(lambda: mesh.status()["logs"]["rotations"] >= 2, 30, "the new pump to rotate the logs")
+    assert mesh.service("steady")["pid"] == steady  # never killed by SIGPIPE, never restarted
+    got = numbered(mesh, "steady")
+    assert got == list(range(got[0], got[-1] + 1))  # nothing lost while no pump ran, nothing twice
+    for name in ("steady", "fresh"):
+        files = [p for p in log_files(mesh, name) if p.exists()]
+        assert len(files) <= 4 and all(p.stat().st_size <= 200_000 + 65_536 for p in files), \
+            [(p.name, p.stat().st_size) for p in files]
+    kinds = [r["kind"] for r in mesh.rows("SELECT kind FROM events WHERE kind LIKE 'log_pump_%' ORDER BY id")]
+    assert kinds == ["log_pump_died", "log_pump_restarted"], kinds
+    assert mesh.metrics()[("tron_log_pump_deaths_total", ())] == 1
+    assert "the log pump died 1 times" in mesh.tron("status").stdout
+
+
+# Half a line, the rest 0.3 s later; then a prompt with no newline, and it waits.
+PROMPT = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+sys.stdout.write("hel"); sys.stdout.flush()
+time.sleep(0.3)
+sys.stdout.write("lo world\\n"); sys.stdout.flush()
+sys.stdout.write("Password: "); sys.stdout.flush()
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_line_without_its_newline_is_written_while_its_program_waits(mesh_factory, tmp_path):
+    script = tmp_path / "prompt.py"
+    script.write_text(PROMPT)
+    mesh = mesh_factory(services={"prompt": {"command": ["{python}", str(script), "{port}"], "port": 6150,
+                                             "liveness": {"tcp": {}, "interval": 0.5, "timeout": 0.5}}})
+    mesh.up()
+    path = mesh.home / "logs" / "prompt.log"
+    wait_for(lambda: path.exists() and b"Password: \n" in path.read_bytes(), 10, "the prompt in the log")
+    assert path.read_bytes().splitlines()[:2] == [b"hello world", b"Password: "]  # the piecewise line whole
+    proc = mesh.tron("logs", "-n", "5", "prompt")
+    assert "Password:" in proc.stdout and "hello world" in proc.stdout, proc.stdout + proc.stderr
+    assert mesh.service("prompt")["state"] == "running"

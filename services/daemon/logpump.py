@@ -10,9 +10,14 @@ and counted, and the count is written once when the second is over (journald's
 the pump stops writing logs first (the registry and recovery go on), says so once, loudly,
 and counts what it dropped until there is room again.
 
+A line with no newline yet is written out once it waited long enough (``partial_due``): a
+prompt is seen while its program waits.
+
 The pump is its own process in its own session, as the services are: a daemon that is
 killed leaves it running, and the programs keep writing (a pipe without a reader would
-kill them with SIGPIPE). The next daemon finds it on its socket and goes on using it.
+kill them with SIGPIPE). The next daemon finds it on its socket and goes on using it. The
+daemon holds a copy of every read end too (``LogPumpClient``): a pump that dies is started
+again and handed them, and no program ever writes to a pipe without a reader.
 
 Protocol: one JSON object per line on a Unix socket.
     {"op": "ping"}                                        -> {"ok": true, "pid": ...}

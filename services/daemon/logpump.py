@@ -435,6 +435,14 @@ class PumpState(StrEnum):
     STOPPED = "stopped"  # asked to exit (tron down)
 
 
+# Every edge the pump's state may take (LogPumpClient._become).
+PUMP_EDGES: dict[PumpState, set[PumpState]] = {
+    PumpState.DOWN: {PumpState.UP, PumpState.STOPPED},  # started or found; or never
+    PumpState.UP: {PumpState.RESTARTING, PumpState.STOPPED},  # died; or asked to exit
+    PumpState.RESTARTING: {PumpState.UP, PumpState.STOPPED},  # a new one handed the held pipes
+    PumpState.STOPPED: set(),
+}
+
 RESTART_WINDOW = 10.0  # s: deaths within it count towards a slower restart
 RESTART_FREE = 3  # deaths in the window restarted at once
 RESTART_MAX_DELAY = 5.0
@@ -550,9 +558,19 @@ class LogPumpClient:
         self.proc.wait()
         return False
 
+    def _become(self, state: PumpState, pid: int | None) -> None:
+        """The one place the state changes; an edge not in ``PUMP_EDGES`` is a bug. (Each
+        caller says the change in the log, with what caused it.)"""
+        if state not in PUMP_EDGES[self.state]:
+            raise RuntimeError(f"log pump: no edge {self.state} -> {state}")
+        self.state, self.pid = state, pid
+        if state == PumpState.UP:
+            self._up.set()  # starts waiting for it (pipe_for) go on
+        else:
+            self._up.clear()
+
     def _now_up(self, pid: int) -> None:
-        self.pid, self.state = pid, PumpState.UP
-        self._up.set()
+        self._become(PumpState.UP, pid)
 
     def _watch(self, pid: int) -> bool:
         """``_on_death`` runs as soon as ``pid`` exits; False when it is gone already."""
@@ -581,8 +599,8 @@ class LogPumpClient:
         self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
         self.died += 1
         self.last_death = {"pid": pid, "status": status, "held_pipes": len(self.held), "at": time.time()}
-        self.pid, self.state = None, PumpState.RESTARTING
-        self._up.clear()
+        if self.state == PumpState.UP:  # (RESTARTING already: a new one died as it was handed the pipes)
+            self._become(PumpState.RESTARTING, None)
         self.warned = False
         log.error("the log pump died (pid %s, %s): starting a new one; %d pipes are held for it meanwhile", pid,
                   "exit status unknown" if status is None else f"signal {-status}" if status < 0
@@ -649,7 +667,7 @@ class LogPumpClient:
     def prune(self) -> None:
         """Held read ends whose writers are all gone (POLLHUP) are let go while a pump runs:
         it holds its own copy and reads what is left."""
-        if self.state != PumpState.UP or not self.held:
+        if self.state != PumpState.UP or not self.held or self._dead():
             return
         poller = select.poll()
         for fd in self.held:
@@ -672,12 +690,18 @@ class LogPumpClient:
         limits = {"max_bytes": max_bytes, "backups": backups, "rate_limit": rate_limit}
         r, w = os.pipe()
         self.held[r] = HeldPipe(r, str(path), limits)
-        if await self._attach(r, str(path), limits) or self.state == PumpState.RESTARTING:
+        if await self._attach(r, str(path), limits) or self._dead():
             return w  # (the pump died meanwhile: its successor is handed this one)
         del self.held[r]
         os.close(r)
         os.close(w)
         return self._unpumped("the log pump does not answer")
+
+    def _dead(self) -> bool:
+        """The pump died, whether or not ``_on_death`` has run yet."""
+        if self.state == PumpState.RESTARTING:
+            return True
+        return self._pidfd is not None and bool(select.select([self._pidfd], [], [], 0)[0])
 
     def _unpumped(self, why: str) -> None:
         if not self.warned:
@@ -701,14 +725,16 @@ class LogPumpClient:
 
     async def stop(self) -> None:
         """After every service has stopped: the pump drains what is left, then exits."""
-        was, self.state = self.state, PumpState.STOPPED
-        self._up.clear()
+        was, pid = self.state, self.pid
+        if was == PumpState.STOPPED:
+            return  # stopped already
+        self._become(PumpState.STOPPED, pid)
         if self._restarting is not None:
             self._restarting.cancel()
             await asyncio.gather(self._restarting, return_exceptions=True)
         self._unwatch()
-        if was == PumpState.UP and self.pid is not None:
-            await self._stop_pump(self.pid)
+        if was == PumpState.UP and pid is not None:
+            await self._stop_pump(pid)
         for held in self.held.values():  # the pump had its own copies; nobody writes any more
             os.close(held.fd)
         self.held.clear()

@@ -175,3 +175,14 @@ async def test_a_pump_found_by_a_new_daemon_hands_it_its_pipes(home):
     finally:
         os.close(w)
         await second.stop()
+
+
+def test_the_pump_state_takes_only_its_edges(home):
+    from tron.services.daemon.logpump import PumpState
+
+    client = client_for(home)
+    with pytest.raises(RuntimeError, match="no edge down -> restarting"):
+        client._become(PumpState.RESTARTING, None)
+    client._become(PumpState.STOPPED, None)
+    with pytest.raises(RuntimeError):
+        client._become(PumpState.UP, 1)

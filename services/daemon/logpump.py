@@ -709,6 +709,10 @@ class LogPumpClient:
             log.error("%s: logs are written unrotated until it is back", why)
         return None
 
+    def pids(self) -> set[int]:
+        """Its processes: the pump, and one being started (not ``pid`` until it has the pipes)."""
+        return {p for p in (self.pid, self.proc.pid if self.proc is not None else None) if p}
+
     def health(self) -> dict:
         """For /status and the daemon's events (no I/O)."""
         return {"state": str(self.state), "pid": self.pid, "died": self.died, "restarts": self.restarts,

@@ -451,7 +451,7 @@ class LocalSpawner:
         helpers = {fs.pid} if fs is not None and fs.pid else set()
         helpers |= {fs.heir.pid} if fs is not None and fs.heir is not None else set()
         helpers |= set(self._live_gates)
-        return helpers | ({self.logs.pid} if self.logs is not None and self.logs.pid else set())
+        return helpers | (self.logs.pids() if self.logs is not None else set())
 
     async def sync_log(self, path: Path) -> None:
         """What was written to ``path`` so far is in the file (the pump writes it behind)."""

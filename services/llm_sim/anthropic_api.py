@@ -351,18 +351,24 @@ def page(ids: list[str], query: ListQuery) -> tuple[list[str], bool]:
     return ids[: query.limit], len(ids) > query.limit
 
 
-@surface_endpoint("anthropic", counted=False)
-async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models for the Anthropic SDK (it sends anthropic-version)."""
-    require_key(request)
+def paged(request: web.Request, ids: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """A list endpoint's page of ``ids`` (the query's limit, after_id, before_id; a bad one is
+    a 400) and the envelope's fields besides ``data``."""
     try:
         query = ListQuery.model_validate(dict(request.query))
     except ValidationError as exc:
         raise SimError(400, "invalid_request_error", describe(exc)) from None
-    ids, has_more = page(list(request.app[SIM_STATE].catalog.anthropic), query)
-    body = {"data": [model_info(i) for i in ids], "has_more": has_more,
-            "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None}
-    return web.json_response(body, headers={"request-id": request_id()})
+    shown, has_more = page(ids, query)
+    return shown, {"has_more": has_more, "first_id": shown[0] if shown else None,
+                   "last_id": shown[-1] if shown else None}
+
+
+@surface_endpoint("anthropic", counted=False)
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models for the Anthropic SDK (it sends anthropic-version)."""
+    require_key(request)
+    ids, envelope = paged(request, list(request.app[SIM_STATE].catalog.anthropic))
+    return web.json_response({"data": [model_info(i) for i in ids], **envelope}, headers={"request-id": request_id()})
 
 
 @surface_endpoint("anthropic", counted=False)

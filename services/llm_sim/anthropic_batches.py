@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field, ValidationError
 
-from tron.services.llm_sim.anthropic_api import AnthropicRequest, ListQuery, answer, page, require_key
+from tron.services.llm_sim.anthropic_api import AnthropicRequest, answer, paged, require_key
 from tron.services.llm_sim.state import SIM_STATE
 from tron.services.llm_sim.wire import (
     Lenient,
@@ -157,17 +157,12 @@ async def retrieve(request: web.Request) -> web.Response:
 @surface_endpoint("anthropic", counted=False)
 async def list_batches(request: web.Request) -> web.Response:
     require_key(request)
-    try:
-        query = ListQuery.model_validate(dict(request.query))
-    except ValidationError as exc:
-        raise SimError(400, "invalid_request_error", describe(exc)) from None
     batches = [b for b in reversed(request.app[SIM_STATE].batches.values()) if not b.archived]
     for b in batches:
         b.settle()
-    ids, has_more = page([b.id for b in batches], query)
+    ids, envelope = paged(request, [b.id for b in batches])
     by_id = {b.id: b for b in batches}
-    return _json({"data": [by_id[i].as_json(_base_url(request)) for i in ids], "has_more": has_more,
-                  "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None})
+    return _json({"data": [by_id[i].as_json(_base_url(request)) for i in ids], **envelope})
 
 
 @surface_endpoint("anthropic", counted=False)

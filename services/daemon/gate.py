@@ -20,10 +20,28 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 
 CANNOT_EXEC = 127  # as sh says for a command it cannot run; the reason is in the log
+
+
+def as_a_plain_spawn() -> None:
+    """Undo what Python's start-up did to this process's signals, so the program starts as
+    a plain spawn's would (subprocess's ``restore_signals``, and an empty mask).
+
+    The interpreter ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across
+    exec: a program run from here would get EPIPE where a plain spawn gets killed by
+    SIGPIPE (``yes | head -1`` says "Broken pipe"), and EFBIG past its file size limit.
+    A handler (SIGINT's KeyboardInterrupt) is reset by exec itself; it is reset here too, so
+    nothing depends on that. The gate blocks nothing, but a mask is inherited across exec:
+    it is emptied as well."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def main() -> int:
@@ -48,6 +66,7 @@ def main() -> int:
     os.closerange(3, 1 << 16)  # the program gets stdin, stdout and stderr, as a plain spawn gives it
     try:
         os.chdir(req["cwd"])
+        as_a_plain_spawn()
         os.execvpe(req["argv"][0], req["argv"], req["env"])
     except OSError as err:
         os.write(2, f"tron: cannot run {req['argv'][0]}: {err.strerror or err}\n".encode())

@@ -86,10 +86,6 @@ import gc
 import importlib
 import json
 import os
-
-# setproctitle must not write the title over the environ area: forked agents keep the
-# server's /proc environ, whose TRON_HOME is how leak checks find a home's processes.
-os.environ.setdefault("SPT_NOENV", "1")
 import random
 import runpy
 import select
@@ -445,7 +441,16 @@ BEAT_FD = "TRON_BEAT_FD"
 CHANNEL_PARKED = 100  # where it waits meanwhile: clear of stdio, the listening socket and the fds received
 
 
+# setproctitle must not write the title over the environ area: forked agents keep the
+# server's /proc environ, whose TRON_MESH is how leak checks find a home's processes. Set in
+# the server alone, never at import: the daemon imports this module too, and whatever is in
+# its environment reaches every program it starts. An incarnation's environment replaces the
+# server's (_replace_environ) after its title is set, so no agent sees it either.
+SPT_NOENV = "SPT_NOENV"
+
+
 def serve(sock_path: str, parent: int | None = None) -> int:
+    os.environ[SPT_NOENV] = "1"  # before setproctitle is first used (PRELOAD imports it; a child calls it)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if parent:
         _die_with(parent)

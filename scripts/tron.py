@@ -208,6 +208,38 @@ def _daemon_grace(mesh: MeshClient) -> float:
     return Policy().stop_grace
 
 
+def _stop_rules(config: MeshConfig | None) -> dict:
+    """Each service's stop_signal and stop_grace, as the daemon stops it (none without a
+    mesh file: the policy's defaults then)."""
+    from tron.scripts.census import StopRule
+
+    if config is None:
+        return {}
+    return {name: StopRule(signal.Signals[spec.stop_signal],
+                           spec.stop_grace if spec.stop_grace is not None else config.policy.stop_grace)
+            for name, spec in config.services.items()}
+
+
+def _open_sessions(ctx: Ctx, config: MeshConfig | None) -> list[dict]:
+    """The registry's open sessions (which process is which service); none when it cannot
+    be read: everything is then stopped alike."""
+    import sqlite3
+
+    from tron.common.config import registry_url
+    from tron.registry.read import connect, open_sessions
+    from tron.registry.schema import RegistryError
+
+    try:
+        where = (registry_url(config) if config is not None else os.environ.get("TRON_REGISTRY_URL")) \
+            or ctx.home.registry_db
+        with connect(where) as conn:
+            return open_sessions(conn)
+    except (OSError, ValueError, sqlite3.Error, RegistryError, ConfigError) as err:  # stopping needs no registry
+        print(f"warning: the registry cannot be read ({type(err).__name__}: {err}); every process gets "
+              "SIGTERM and the same grace", file=sys.stderr)
+        return []
+
+
 def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     """API first; a daemon that does not answer gets SIGTERM, then SIGKILL after the grace
     period; then every process of the home, found by its environment, is ended. "Nothing
@@ -239,7 +271,14 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
             how = f"killed (it did not stop within {grace + 15:.0f}s)"
     leftovers = home_processes(str(ctx.home.root))
     named = describe(leftovers)  # before they are gone
-    survivors = end_all(leftovers, grace) if leftovers else []
+    survivors = []
+    if leftovers:  # the daemon did not stop them (it was killed): stop them as it would have
+        sessions = _open_sessions(ctx, config)
+        if config is None and sessions:
+            print(f"warning: services get SIGTERM and {grace:g}s to stop (the policy's defaults), not their own "
+                  "stop_signal and stop_grace: mesh.toml cannot be read", file=sys.stderr)
+        survivors = end_all(leftovers, grace, sessions=sessions, rules=_stop_rules(config),
+                            pump_socket=ctx.home.run / "logpump.sock")
     for f in (ctx.home.daemon_file,):
         f.unlink(missing_ok=True)
     remaining = home_processes(str(ctx.home.root))

@@ -212,6 +212,11 @@ class MemoryStore(Stamps):
     async def session(self, incarnation: str) -> Row | None:
         return _out(self.sessions_.get(incarnation))
 
+    async def sessions_of(self, agent: str, *, limit: int = 200) -> list[Row]:
+        mine = [r for r in self.sessions_.values() if r["agent"] == agent]  # insertion order breaks ties
+        rows = [r for _, r in sorted(enumerate(mine), key=lambda ir: (-(ir[1]["started_mono"] or 0.0), -ir[0]))]
+        return _copied(rows[:limit])
+
     # -- runs --------------------------------------------------------------------------------------
 
     async def create_run(self, run_id: str, prompt: str, drill: bool) -> None:

@@ -205,6 +205,12 @@ class Sessions(Protocol):
     async def session(self, incarnation: str) -> Row | None:
         ...
 
+    @durable_read
+    async def sessions_of(self, agent: str, *, limit: int = 200) -> list[Row]:
+        """The agent's sessions, newest first (by ``started_mono``), at most ``limit``: what a
+        daemon that adopts its incarnation reads back of its history (its restarts)."""
+        ...
+
 
 @runtime_checkable
 class Runs(Protocol):

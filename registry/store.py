@@ -245,6 +245,10 @@ class SqlStore(Stamps):
     async def session(self, incarnation: str) -> Row | None:
         return await self.db.one("SELECT * FROM sessions WHERE incarnation = ?", (incarnation,))
 
+    async def sessions_of(self, agent: str, *, limit: int = 200) -> list[Row]:
+        return await self.db.all("SELECT * FROM sessions WHERE agent = ? ORDER BY started_mono DESC, started_at DESC, "
+                                 "incarnation DESC LIMIT ?", (agent, limit))
+
     # -- runs ------------------------------------------------------------------------------------
 
     async def create_run(self, run_id: str, prompt: str, drill: bool) -> None:

@@ -93,6 +93,24 @@ async def test_a_session_goes_intent_starting_running_ended_once(store):
     assert [e["kind"] for e in await store.events(kind="session_ended")] == ["session_ended", "session_ended"]
 
 
+async def test_an_agent_s_sessions_come_back_newest_first(store):
+    """What a daemon that adopts an incarnation reads of its history (supervisor.py)."""
+    await store.upsert_agent("p", "programmer", "d", 7000, None)
+    await store.upsert_agent("q", "programmer", "d", 7001, None)
+    for n in range(3):
+        await store.open_session(f"i-{n}", "p", 7000, None)
+        store.test_clock.advance(1.0)
+        if n < 2:
+            await store.close_session(f"i-{n}", reason="process_exit")
+    await store.open_session("i-q", "q", 7001, None)
+    rows = await store.sessions_of("p")
+    assert [(r["incarnation"], r["status"], r["started_mono"]) for r in rows] == [
+        ("i-2", "intent", 1002.0), ("i-1", "ended", 1001.0), ("i-0", "ended", 1000.0)]
+    assert rows[1]["end_reason"] == "process_exit"
+    assert [r["incarnation"] for r in await store.sessions_of("p", limit=2)] == ["i-2", "i-1"]
+    assert await store.sessions_of("nobody") == []
+
+
 async def test_a_run_ends_once_and_its_result_is_redacted(store):
     await store.create_run("r-1", f"use {SECRET}", False)
     assert SECRET not in (await store.run("r-1"))["prompt"]

@@ -34,7 +34,7 @@ from tron.common.http import MeshClient, MeshHTTPError
 from tron.common.models import Reason
 from tron.common.monitor import Monitor, Signal
 from tron.common.paths import Home, mesh_marks
-from tron.common.states import SERVICE, ServiceState
+from tron.common.states import SERVICE, RetryType, ServiceState
 from tron.registry.protocol import Store
 from tron.services.daemon import beat_channel
 from tron.services.daemon.listeners import ListenerError, listen_env
@@ -57,6 +57,25 @@ def child_environ(config: MeshConfig) -> dict[str, str]:
     for entry in config.notify:
         env.pop(entry.secret_env, None)
     return env
+
+
+# How a session ends when it was stopped on purpose (core.py's shutdown, operators.py,
+# reload.py): the next session of that service is a start, not a restart.
+DELIBERATE_STOPS = ("tron_down", "operator_stop:", "reload:")
+
+
+def restarts_in(sessions: list[dict]) -> int:
+    """How many times a service was restarted since it was last started on purpose, from
+    its sessions, newest first: each session after the first of its current run is one
+    (a run begins with its first session ever, or after one ended by a deliberate stop).
+
+    Returns: 0 for a service started once and never replaced."""
+    count = 0
+    for older in sessions[1:]:
+        if str(older.get("end_reason") or "").startswith(DELIBERATE_STOPS):
+            break
+        count += 1
+    return count
 
 
 def new_id(prefix: str = "") -> str:
@@ -98,6 +117,7 @@ class Service:
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # the latest start ended, either way
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # ends its backoff now (`tron start` after a fix)
+    waiting_restart: bool = False  # a restart waits out its backoff: it, not the bring-up, starts the service
     beat_seen: asyncio.Event = field(default_factory=asyncio.Event)  # a beat of the starting incarnation: ask now
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -308,6 +328,11 @@ class Supervisor:
         """Spawn a new incarnation. The session row is written first (a daemon killed
         between fork and record still knows what it may have started); TRON watches it
         from the first moment, with the start timeout as its first deadline."""
+        if svc.waiting_restart:  # the bring-up after a daemon restart: the backoff it adopted is kept
+            log.info("%s: not started (%s): its restart waits out its backoff", svc.name, reason,
+                     extra={"offender": svc.name})
+            svc.settled.set()
+            return
         # An id the spawner prepared a start for (its cgroup made and joined ahead: spawner.Gate), else a new one.
         incarnation = self.spawner.reserve(svc.name) or new_id("i-")
         await self.transition(svc, S.STARTING, reason)
@@ -452,7 +477,7 @@ class Supervisor:
         await self.store.session_running(incarnation)
         await self.transition(svc, S.RUNNING, "healthy")
         now = self.clock.now()
-        svc.healthy_at = now
+        svc.healthy_at = svc.healthy_at or now  # an adopted incarnation was healthy since then already
         # Ready now, unless readiness is a probe of its own that has not passed yet (the
         # start was judged by a startup probe): the probe loop then says when.
         svc.ready = svc.spec.is_agent or svc.spec.readiness is None or svc.spec.first_probe is svc.spec.readiness
@@ -526,6 +551,7 @@ class Supervisor:
                 return
             await self._best_effort(self.transition(svc, S.STOPPING, reason), f"record stopping {svc.name}")
             svc.state = S.STOPPING
+            svc.waiting_restart = False  # a stopped service is started by whoever starts it next
             self.monitor.unwatch(svc.name)
             self.access.revoke_agent(svc.name)  # a stopped service speaks for nobody
             child = svc.child
@@ -576,8 +602,12 @@ class Supervisor:
                 if svc.state == S.FAILED:
                     await self.transition(svc, S.BACKOFF, f"{reason}, restart in {delay:.2f}s"
                                           + (" (spawning is paused)" if self.spawning_paused else ""))
-                await self._backoff(svc, delay)
-                await self.spawning_resumed.wait()
+                svc.waiting_restart = True
+                try:
+                    await self._backoff(svc, delay)
+                    await self.spawning_resumed.wait()
+                finally:
+                    svc.waiting_restart = False
             async with svc.lock:
                 if svc.incarnation != old_incarnation or self.stopping or svc.stopped \
                         or svc.state in (S.STOPPING, S.STOPPED):
@@ -677,7 +707,7 @@ class Supervisor:
                 await self._end_lost(row)
                 continue
             svc.child, svc.incarnation = child, row["incarnation"]
-            svc.started_at = self.clock.now()
+            await self._restore_history(svc, row)
             svc.provider = svc.spawned_provider = row["provider"] or svc.provider
             svc.settled.clear()
             await self.transition(svc, S.STARTING, "adopted")
@@ -688,6 +718,49 @@ class Supervisor:
             log.info("adopted", extra={"offender": svc.name, "pid": child.pid, "incarnation": svc.incarnation,
                                        **socket_note})
             self.background(self._await_health(svc, svc.incarnation), f"health {svc.name}")
+
+        for svc in self.services.values():
+            if svc.child is None and not svc.stopped:
+                await self._resume_backoff(svc)
+
+    async def _restore_history(self, svc: Service, row: dict) -> None:
+        """An adopted incarnation keeps what the daemon before knew of it: when it started and
+        became healthy (the registry's clock readings: one monotonic clock per machine), so its
+        uptime and min_uptime's stability rule count from then, not from the adoption; and how
+        often the service was restarted."""
+        now = self.clock.now()
+        started, healthy = row.get("started_mono"), row.get("healthy_mono")
+        svc.started_at = started if isinstance(started, (int, float)) and started <= now else now
+        svc.healthy_at = healthy if isinstance(healthy, (int, float)) and healthy <= now else None
+        svc.restarts = restarts_in(await self.store.sessions_of(svc.name))
+
+    async def _resume_backoff(self, svc: Service) -> None:
+        """A service the daemon before left waiting out its backoff (a crash loop) has no
+        process to adopt; the bring-up would start it at once, and the backoff the ladder
+        decided would be lost. Its restart goes on waiting until the end of that delay (from
+        its failure), then starts it, counted as the restart it is."""
+        agent = await self.store.agent(svc.name)
+        if agent is None or agent.get("state") != S.BACKOFF or not agent.get("current_incarnation"):
+            return
+        latest = await self.store.failures(svc.name, limit=1)
+        if not latest:
+            return
+        rows = await self.store.retry_rows(latest[0]["alert_id"])
+        delay = next((float((r.get("detail") or {}).get("delay") or 0.0) for r in reversed(rows)
+                      if r["retry_type"] == RetryType.CHILD_RESTART), 0.0)
+        left = latest[0]["mono"] + delay - self.clock.now()
+        if not 0 < left <= delay:  # over already (or a reading from before a reboot: the clock began again)
+            return
+        svc.restarts = restarts_in(await self.store.sessions_of(svc.name))
+        svc.incarnation = agent["current_incarnation"]
+        svc.state = S.BACKOFF  # as the registry has it already: the daemon before put it there
+        svc.waiting_restart = True  # from now: the bring-up that follows must not start it
+        log.info("%s: resumes its backoff, restart in %.2fs", svc.name, left, extra={"offender": svc.name})
+        await self.store.event("backoff_resumed", {"delay": round(left, 3)}, agent=svc.name,
+                               incarnation=svc.incarnation)
+        svc.wake.clear()
+        self.background(self.replace(svc, svc.incarnation, delay=left, reason="backoff_resumed"),
+                        f"restart {svc.name}")
 
     def _recover_listener(self, svc: Service, pid: int) -> dict:
         """After a daemon restart: take the held socket back from the adopted incarnation

@@ -109,6 +109,15 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Until each of ``procs`` is gone or a zombie (not ours to reap: a subreaper or init
+    will), at most ``timeout``; returns those still running."""
+    deadline = time.monotonic() + timeout
+    while (procs := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return procs
+
+
 def _send(tree: _Tree, sig: int) -> None:
     """``sig`` and SIGCONT as the daemon's stop sends them: to the main process's group, and
     to the main process itself when it leads none (daemonized); with the main process gone
@@ -158,9 +167,7 @@ def stop_trees(trees: list[_Tree], rules: dict[str, StopRule], default: StopRule
                 waiting.remove(tree)
         if waiting:
             time.sleep(0.05)
-    killed = [p for tree in trees for p in tree.procs]
-    _, alive = psutil.wait_procs(killed, timeout=5)
-    return alive
+    return _wait_gone([p for tree in trees for p in tree.procs], 5)
 
 
 def _end(procs: list[psutil.Process], grace: float) -> list[psutil.Process]:
@@ -173,10 +180,9 @@ def _end(procs: list[psutil.Process], grace: float) -> list[psutil.Process]:
             continue
         for sig in (signal.SIGTERM, signal.SIGCONT):
             signal_group(group, sig)
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = _wait_gone(procs, grace)
     kill_tree(alive)
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return alive
+    return _wait_gone(alive, 5)
 
 
 def _end_pump(pumps: list[psutil.Process], sock: Path | None) -> list[psutil.Process]:
@@ -191,7 +197,7 @@ def _end_pump(pumps: list[psutil.Process], sock: Path | None) -> list[psutil.Pro
             unixline.ask(str(sock), {"op": "exit"}, timeout=2.0)
         except (OSError, ValueError):
             pass
-        _, pumps = psutil.wait_procs(pumps, timeout=PUMP_DRAIN)
+        pumps = _wait_gone(pumps, PUMP_DRAIN)
     return _end(pumps, PUMP_DRAIN) if pumps else []
 
 

@@ -324,6 +324,28 @@ class Board:
         h.failures, h.opens = 0, 0
         return [self._to(h, ProviderState.CLOSED, now, reason)]
 
+    def recall(self, name: str, last: dict[str, object], at: float, now: float) -> list[Change]:
+        """A new daemon takes back what the one before knew: ``last`` is the payload of the
+        provider's last transition event (provider_opened / provider_half_open /
+        provider_closed), recorded at ``at`` (the monotonic clock). A provider that was open
+        (or probing) is open again, so nobody is sent into a known outage and a task parked
+        for it stays parked: until its hold or cooldown would have ended (measured from then;
+        a cooldown when ``at`` is no reading of this boot's clock), drained until an operator
+        restores it. Closed: nothing to take back. Returns the change (for the record)."""
+        h = self[name]
+        to = str(last.get("to") or "")
+        if to not in (ProviderState.OPEN, ProviderState.HALF_OPEN) or h.state != ProviderState.CLOSED:
+            return []
+        kind = last.get("kind") if last.get("kind") in ("outage", "hold", "drained") else "outage"
+        reason = f"{last.get('reason') or 'open'} (as before the daemon restarted)"
+        if kind == "drained":
+            return [self._to(h, ProviderState.OPEN, now, reason, kind="drained", until=None)]
+        left = last.get("until_s") if to == ProviderState.OPEN else 0.0
+        until = at + float(left) if isinstance(left, (int, float)) and 0 <= at <= now else now + self.cooldown(h)
+        h.failures, h.opens = self.config.fail_threshold, 1  # it failed: a failed probe doubles the cooldown
+        return [self._to(h, ProviderState.OPEN, now, reason, kind=kind,  # type: ignore[arg-type]
+                         until=max(until, now))]
+
     def snapshot(self, now: float) -> list[dict[str, object]]:
         self.tick(now)
         return [h.snapshot(now) for h in self.providers.values()]

@@ -141,6 +141,9 @@ class MemoryStore(Stamps):
                 and (agent is None or e["agent"] == agent)]
         return _copied(rows[:limit])
 
+    async def latest_events(self, kinds: list[str], limit: int = 100) -> list[Row]:
+        return _copied([e for e in reversed(self.events_) if e["kind"] in kinds][:limit])
+
     # -- agents ------------------------------------------------------------------------------------
 
     async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> Row:

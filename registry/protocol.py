@@ -153,6 +153,12 @@ class Events(Protocol):
                      agent: str | None = None) -> list[Row]:
         ...
 
+    @durable_read
+    async def latest_events(self, kinds: list[str], limit: int = 100) -> list[Row]:
+        """The newest events of these kinds, newest first (what a new daemon takes back: the
+        providers' last transitions)."""
+        ...
+
 
 @runtime_checkable
 class Agents(Protocol):

@@ -163,6 +163,14 @@ class SqlStore(Stamps):
         rows = await self.db.all(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [_decode(r, "payload") for r in rows]
 
+    async def latest_events(self, kinds: list[str], limit: int = 100) -> list[Row]:
+        if not kinds:
+            return []
+        marks = ", ".join("?" for _ in kinds)
+        rows = await self.db.all(f"SELECT * FROM events WHERE kind IN ({marks}) ORDER BY id DESC LIMIT ?",
+                                 (*kinds, limit))
+        return [_decode(r, "payload") for r in rows]
+
     # -- agents -----------------------------------------------------------------------------
 
     async def upsert_agent(self, name: str, role: str, parent: str, port: int, provider: str | None) -> Row:

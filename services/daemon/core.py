@@ -252,6 +252,7 @@ class Daemon:
         self._note_ownership()
         await self.sup.declare()
         await self.audit.load()
+        await self.providers.recall()  # before any agent asks for a provider
         if self._run_monitor_thread:
             self.monitor.loop_seen = self.clock.now()
             self.background(self._loop_ticker(), "loop ticker")

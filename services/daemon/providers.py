@@ -72,6 +72,10 @@ def raise_hint(over: list[str], task: dict) -> str:
             f"mesh.toml (a daemon started with a higher one goes on); or end it: tron task fail {task['task_id']}")
 
 
+TRANSITION_EVENTS = {ProviderState.OPEN: "provider_opened", ProviderState.CLOSED: "provider_closed",
+                     ProviderState.HALF_OPEN: "provider_half_open"}
+
+
 class ProviderDesk:
     def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, carrier, spend: Spend, *, clock: Clock,
                  metrics: DaemonMetrics, policy: Callable[[], Policy], background) -> None:
@@ -94,6 +98,24 @@ class ProviderDesk:
         for name in names:
             self.metrics.provider_state.labels(provider=name).set(0)
 
+    async def recall(self) -> None:
+        """At the daemon's start: each provider as the daemon before left it (its last
+        transition event). A board begun closed sent every task parked for an outage straight
+        back into it, each failed call a step of its ladder: two daemon restarts during an
+        outage failed them for good, long before ``park_max``."""
+        last: dict[str, tuple[dict, float]] = {}
+        for row in await self.store.latest_events(list(TRANSITION_EVENTS.values()), limit=500):
+            payload = row.get("payload") or {}
+            name = payload.get("provider")
+            if isinstance(name, str) and name in self.board.providers and name not in last:
+                last[name] = (payload, float(row.get("mono") or -1.0))
+        now = self.clock.now()
+        changes = [c for name, (payload, at) in last.items() for c in self.board.recall(name, payload, at, now)]
+        for c in changes:
+            log.warning("provider %s is %s again, as the daemon before left it: %s", c.provider, c.new, c.reason,
+                        extra={"provider": c.provider})
+        await self.announce(changes, by="recall")
+
     # -- changes ------------------------------------------------------------------------------
 
     async def announce(self, changes: list[Change], *, by: str = "health") -> None:
@@ -101,8 +123,7 @@ class ProviderDesk:
         changes = self.board.take() + list(changes)
         for c in changes:
             self.metrics.provider_state.labels(provider=c.provider).set(STATE_VALUE[c.new])
-            kind = {ProviderState.OPEN: "provider_opened", ProviderState.CLOSED: "provider_closed",
-                    ProviderState.HALF_OPEN: "provider_half_open"}[c.new]
+            kind = TRANSITION_EVENTS[c.new]
             payload = {"provider": c.provider, "from": str(c.old), "to": str(c.new), "reason": c.reason,
                        "kind": self.board[c.provider].kind, "by": by,
                        "until_s": None if c.until is None else round(c.until - self.clock.now(), 3)}

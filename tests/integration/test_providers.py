@@ -228,3 +228,43 @@ def test_a_fourth_provider_kind_takes_over_in_the_chain(mesh_factory):
     assert mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/vllm", {"kind": "error"})[0] == 404
     bad = mesh.tron("provider", "drain", "vllm")
     assert bad.returncode != 0 and "no provider 'vllm'" in bad.stderr and "openai_compatible" in bad.stderr, bad.stderr
+
+
+def test_a_daemon_restarted_during_an_outage_keeps_every_provider_open_and_its_parked_tasks_parked(mesh_factory):
+    """Both providers down, a task parked for them; the daemon is killed and started again,
+    twice. The new daemon takes each provider back as open (as the one before left it), so
+    the parked task is not sent into the outage: no restart, switch or failure is spent on it
+    (a board begun closed once failed such tasks for good after two restarts). It resumes and
+    the run ends done once a provider answers again."""
+    import os
+    import signal
+
+    import psutil
+
+    mesh = mesh_factory(providers={"cooldown": 60.0, "cooldown_max": 60.0})
+    mesh.up()
+    fault(mesh, "anthropic", "error")
+    fault(mesh, "ollama", "error")
+    run_id = submit(mesh)
+    parked = wait_for(lambda: mesh.rows("SELECT * FROM tasks WHERE run_id = ? AND status = 'parked'", (run_id,)),
+                      60, "a task to park")
+    task_id = parked[0]["task_id"]
+    ladder = len(rows_of(mesh, run_id))
+    for _ in range(2):
+        daemon = json.loads((mesh.home / "run" / "daemon.json").read_text())["pid"]
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(daemon) or psutil.Process(daemon).status() == "zombie", 10,
+                 "the daemon to die")
+        mesh.up()
+        state = providers(mesh)
+        assert (state["anthropic"]["state"], state["ollama"]["state"]) == ("open", "open"), state
+        assert "as before the daemon restarted" in state["anthropic"]["reason"], state["anthropic"]
+        wait_for(lambda: mesh.rows("SELECT status FROM tasks WHERE task_id = ?", (task_id,))[0]["status"]
+                 == "parked", 10, "the task parked again after the adoption")
+    assert len(rows_of(mesh, run_id)) == ladder, rows_of(mesh, run_id)[ladder:]  # no step spent meanwhile
+    assert mesh.http("GET", mesh.url("gateway") + f"/runs/{run_id}")[1]["status"] == "running"
+    mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+    code, answer = mesh.http("POST", mesh.url("daemon") + "/providers/anthropic/restore", {"reason": "over"})
+    assert code == 200, answer
+    run = finished(mesh, run_id, timeout=60)
+    assert run["status"] == "done", (run, rows_of(mesh, run_id)[ladder:])

@@ -228,3 +228,44 @@ def test_the_budget_hint_names_what_can_be_raised():
     hint = raise_hint(["task_tokens 900 of 800", "run_usd 0.52 of 0.5"], task)
     assert "task_tokens" in hint and "[budgets]" in hint and "tron task fail r-1.0" in hint
     assert "service_usd" in raise_hint(["service_usd 2 of 1"], task)
+
+
+OPENED = {"provider": "anthropic", "from": "closed", "to": "open", "reason": "overloaded", "kind": "outage",
+          "until_s": 20.0}
+
+
+@pytest.mark.parametrize("why, last, at, now, expected", [
+    ("open with 20 s of cooldown left at 100: open until 120, as it would have been",
+     OPENED, 100.0, 105.0, (ProviderState.OPEN, "outage", 120.0)),
+    ("its cooldown ran out while no daemon ran: open until now, so the next tick probes it",
+     OPENED, 100.0, 130.0, (ProviderState.OPEN, "outage", 130.0)),
+    ("half-open (a probe was out): probed again at once",
+     {**OPENED, "to": "half_open", "until_s": None}, 100.0, 105.0, (ProviderState.OPEN, "outage", 105.0)),
+    ("a rate-limit hold keeps its end",
+     {**OPENED, "kind": "hold", "until_s": 8.0}, 100.0, 101.0, (ProviderState.OPEN, "hold", 108.0)),
+    ("drained by an operator: until an operator restores it",
+     {**OPENED, "kind": "drained", "until_s": None}, 100.0, 105.0, (ProviderState.OPEN, "drained", None)),
+    ("recorded before a reboot (a later monotonic reading): a cooldown from now",
+     OPENED, 5000.0, 105.0, (ProviderState.OPEN, "outage", 105.0 + 15.0)),
+    ("closed: nothing to take back",
+     {**OPENED, "to": "closed", "until_s": None}, 100.0, 105.0, (ProviderState.CLOSED, None, None)),
+])
+def test_a_new_daemon_takes_a_provider_back_as_the_one_before_left_it(why, last, at, now, expected):
+    b = board(cooldown=15.0, cooldown_max=60.0)
+    b.recall("anthropic", last, at, now)
+    h = b["anthropic"]
+    assert (h.state, h.kind, h.until) == expected, why
+    if h.state == ProviderState.OPEN and h.kind != "drained":
+        until = h.until
+        if until > now:
+            assert not b.acquire("anthropic", now).go  # nobody is sent into it
+        assert b.acquire("anthropic", until).probe, why  # its cooldown over: one probe, as before
+
+
+def test_recall_changes_nothing_a_daemon_already_knows():
+    b = board(cooldown=15.0)
+    for _ in range(3):
+        fail(b, 10.0)
+    assert b["anthropic"].state == ProviderState.OPEN
+    assert b.recall("anthropic", {**OPENED, "to": "closed"}, 0.0, 11.0) == []
+    assert b.recall("anthropic", OPENED, 0.0, 11.0) == []

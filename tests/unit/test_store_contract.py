@@ -410,3 +410,12 @@ async def test_free_text_an_agent_or_operator_sent_is_stored_redacted_in_every_c
             await store.lane("programmer")]
     assert rows and not any(SECRET in str(r) for r in rows), rows
     assert "[REDACTED]" in (await store.retry_rows("a-1"))[0]["reason"]
+
+
+async def test_latest_events_of_some_kinds_come_newest_first(store):
+    for n, kind in enumerate(["provider_opened", "audit", "provider_closed", "provider_opened"]):
+        await store.event(kind, {"n": n})
+    await store.flushed(5.0)
+    rows = await store.latest_events(["provider_opened", "provider_closed"], limit=2)
+    assert [(r["kind"], r["payload"]["n"]) for r in rows] == [("provider_opened", 3), ("provider_closed", 2)]
+    assert await store.latest_events([]) == []

@@ -51,7 +51,7 @@ from tron.common.models import (Beat, CheckpointRecord, DrillMark, Escalation, E
                                 UsageReport, TOKEN_HEADER)
 from tron.common.monitor import Verdict
 from tron.common.settings import field_errors, read_overlay
-from tron.common.states import ServiceState, TaskState
+from tron.common.states import RunState, ServiceState, TaskState
 from tron.services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
 from tron.services.daemon import reach
 from tron.services.daemon.core import VERDICT_STATUS, Daemon, verdict_message
@@ -834,6 +834,9 @@ async def run_budget(request: web.Request) -> web.Response:
     run = await d.store.run(run_id)
     if run is None:
         return error(404, f"no run {run_id!r}")
+    if run["status"] != RunState.RUNNING:  # its tasks are over: a budget would only let leftovers spend
+        return error(409, f"run {run_id} is {run['status']}: a budget applies only to a running run "
+                          f"(`tron task retry` reopens a failed one)", verdict="run_finished")
     usd = body.usd if body.usd is not None else run.get("budget_usd")
     tokens = body.tokens if body.tokens is not None else run.get("budget_tokens")
 

@@ -20,7 +20,7 @@ from tron.common.config import DAEMON, MeshConfig, Policy
 from tron.common.http import MeshClient, MeshHTTPError
 from tron.common.ladder import compute_backoff
 from tron.common.models import RunFailed, TaskAssign, TaskResult
-from tron.common.states import RunState, ServiceState, TaskState
+from tron.common.states import LIVE_TASK_STATES, RunState, ServiceState, TaskState
 from tron.registry.protocol import Store
 from tron.services.daemon.supervisor import Service, Supervisor
 
@@ -69,7 +69,9 @@ class Ledger:
             svc.task_id = svc.progress = None
         self.sup.monitor.task_ended(row["agent"], task_id)
         if row["parent_task_id"] is None:
-            await self.store.finish_run(row["run_id"], RunState(str(status)), result, failure)
+            ended = await self.store.finish_run(row["run_id"], RunState(str(status)), result, failure)
+            if ended and status != TaskState.DONE:
+                await self.end_leftovers(row["run_id"], str(status))
         # A parent hears done or failed; a cancelled child is a failure with that reason.
         outcome = TaskResult(task_id=task_id, run_id=row["run_id"], status="done" if status == TaskState.DONE
                              else "failed", result=result, reason=reason, detail=detail, service=row["agent"],
@@ -82,8 +84,38 @@ class Ledger:
         gateway hears of it once."""
         await self.finish_task(task["task_id"], TaskState.FAILED, None, "permanent_failure", failure, None)
         if await self.store.finish_run(task["run_id"], RunState.FAILED, None, failure):
+            await self.end_leftovers(task["run_id"], "failed")
             self.background(self.notify_gateway(task["run_id"], task["task_id"], failure["reason"], failure,
                                                 src=decided_by), "notify gateway")
+
+    async def end_leftovers(self, run_id: str, how: str) -> list[str]:
+        """A run that failed (or was cancelled) leaves no task working or waiting for it: each
+        one still live (a sibling of the failed chain, one parked at a budget or for a person)
+        is cancelled, its agent told to drop it. Before, such a task went on and, once its
+        budget was raised, spent money for a run that had ended."""
+        live = [t for t in await self.store.tasks_of_run(run_id) if t["status"] in LIVE_TASK_STATES]
+        return await self.cancel(live, reason=f"run_{how}", detail={"run": run_id})
+
+    async def cancel(self, tasks: list[dict], *, reason: str, detail: dict) -> list[str]:
+        """Each task (in the order given: children before parents) ends cancelled, if it is
+        still live, and its agent is told to drop the work (best effort: its result would be
+        refused anyway). The ids of those cancelled."""
+        cancelled = []
+        for t in tasks:
+            if t["status"] in LIVE_TASK_STATES and await self.finish_task(t["task_id"], TaskState.CANCELLED, None,
+                                                                          "cancelled", {"why": reason, **detail}, None):
+                cancelled.append(t["task_id"])
+                self.background(self._tell_agent(t), f"cancel {t['task_id']}")
+        return cancelled
+
+    async def _tell_agent(self, task: dict) -> None:
+        svc = self.sup.services.get(task["agent"])
+        if svc is None or svc.state != ServiceState.RUNNING or not svc.spec.is_agent:
+            return
+        try:
+            await self.client.post(self.config.url(svc.name) + f"/tasks/{task['task_id']}/cancel", {}, timeout=2)
+        except Exception as err:  # the registry already says cancelled; the agent may be gone
+            log.info("agent %s not told of cancelled %s: %s", svc.name, task["task_id"], err)
 
     async def deliver(self, target: str, outcome: TaskResult) -> None:
         if target not in self.sup.services:  # an operator's or a script's task: the registry is the answer

@@ -178,13 +178,8 @@ class TaskActions:
             if task["status"] == TaskState.CANCELLED:
                 return {"status": "already_cancelled", "task_id": task["task_id"]}
             raise Refused(409, f"task {task['task_id']} is {task['status']}: only a live task can be cancelled")
-        cancelled = []
-        for t in self._subtree(task, await self.store.tasks_of_run(task["run_id"])):
-            if t["status"] in LIVE_TASK_STATES:
-                await self.ledger.finish_task(t["task_id"], TaskState.CANCELLED, None, "cancelled",
-                                              {"by": actor, "reason": reason}, None)
-                cancelled.append(t["task_id"])
-                self.background(self._tell_agent(t), f"cancel {t['task_id']}")
+        cancelled = await self.ledger.cancel(self._subtree(task, await self.store.tasks_of_run(task["run_id"])),
+                                             reason=reason, detail={"by": actor, "reason": reason})
         if task["parent_task_id"] is None:
             await self.store.finish_run(task["run_id"], RunState.CANCELLED, None, {"reason": "cancelled", "by": actor})
         return {"status": "cancelled", "task_id": task["task_id"], "tasks": cancelled}
@@ -254,13 +249,3 @@ class TaskActions:
             out.append(node)
             frontier += [t for t in tasks if t["parent_task_id"] == node["task_id"]]
         return list(reversed(out))
-
-    async def _tell_agent(self, task: dict) -> None:
-        """Best effort: the agent drops the work (its result would be refused anyway)."""
-        svc = self.sup.services.get(task["agent"])
-        if svc is None or svc.state != ServiceState.RUNNING or not svc.spec.is_agent:
-            return
-        try:
-            await self.client.post(self.sup.config.url(svc.name) + f"/tasks/{task['task_id']}/cancel", {}, timeout=2)
-        except Exception as err:  # the registry already says cancelled; the agent may be gone
-            log.info("agent %s not told of cancelled %s: %s", svc.name, task["task_id"], err)

@@ -158,3 +158,31 @@ def human_rung(mesh, receiver) -> None:
     whats = [a["payload"]["what"] for a in json.loads(mesh.tron("audit", "--json").stdout)]
     assert "task_approve" in whats and "task_fail" in whats
     mesh.http("DELETE", mesh.url("llm-sim") + "/sim/faults")
+
+
+def test_a_run_failed_by_an_operator_leaves_no_task_behind_to_spend_for_it(mesh_factory):
+    """Two tasks of a run park at its budget; the operator fails one. The run fails, and the
+    other, still parked, is cancelled with it (it once went on and, after a budget raise on
+    the failed run, spent money for nothing); a budget for a finished run is refused."""
+    mesh = mesh_factory()
+    mesh.up()
+    run_id = submit(mesh, budget_tokens=500)
+    first = parked(mesh, run_id, "budget_exceeded")
+    wait_for(lambda: len(mesh.rows("SELECT 1 FROM tasks WHERE run_id = ? AND status = 'parked'", (run_id,))) >= 2
+             or mesh.rows("SELECT 1 FROM tasks WHERE run_id = ? AND status IN ('assigned', 'running') AND task_id != ?",
+                          (run_id, first["task_id"])), 30, "another live task of the run")
+    live = lambda: mesh.rows("SELECT task_id, status FROM tasks WHERE run_id = ? AND status IN "  # noqa: E731
+                             "('assigned', 'running', 'parked', 'escalated')", (run_id,))
+    assert len(live()) >= 2, live()
+    proc = mesh.tron("task", "fail", first["task_id"], "--reason", "not worth it")
+    assert proc.returncode == 0, proc.stderr
+    assert finished(mesh, run_id)["status"] == "failed"
+    wait_for(lambda: not live(), 15, f"no live task left in {run_id}")
+    cancelled = mesh.rows("SELECT task_id, failure FROM tasks WHERE run_id = ? AND status = 'cancelled'", (run_id,))
+    assert cancelled and all("run_failed" in r["failure"] for r in cancelled), cancelled
+    spent = mesh.rows("SELECT COUNT(*) AS n FROM llm_usage WHERE run_id = ?", (run_id,))[0]["n"]
+    proc = mesh.tron("run", "budget", run_id, "--usd", "1")
+    assert proc.returncode != 0 and "is failed" in proc.stderr, proc
+    code, answer = mesh.http("POST", mesh.url("daemon") + f"/runs/{run_id}/budget", {"usd": 1})
+    assert code == 409 and answer["verdict"] == "run_finished", answer
+    assert mesh.rows("SELECT COUNT(*) AS n FROM llm_usage WHERE run_id = ?", (run_id,))[0]["n"] == spent

@@ -40,6 +40,7 @@ class Spend:
         self._tasks: OrderedDict[str, list] = OrderedDict()  # task id -> [usd, tokens]
         self._runs: OrderedDict[str, list] = OrderedDict()
         self._services: dict[str, deque] = {}  # name -> (mono, usd, tokens) of the last hour
+        self._hour_read: set[str] = set()  # services whose last hour was read from the registry
         self._unpriced: set[str] = set()
         # Writing a row and loading or moving the totals is one step: a first read of a run's
         # total (which includes every row written) must not race another row's increment.
@@ -66,6 +67,7 @@ class Spend:
         usd, priced = self.cost(u)
         tokens = u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens
         async with self._lock:
+            await self._read_hour(agent)  # before this row is written: it is counted once, below
             return await self._record(u, usd, priced, tokens, agent=agent, incarnation=incarnation, task=task,
                                       ok=ok, source=source)
 
@@ -116,6 +118,21 @@ class Spend:
             self._keep(totals, key, [spent["usd"], spent["tokens"]])
         return totals[key]
 
+    async def _read_hour(self, agent: str) -> None:
+        """A service's last hour, read once from the registry: its hourly budget holds across
+        daemon restarts (it began empty at each start, so a restart let a service spend its
+        hour's budget again). Rows of another boot (a later monotonic reading) are not this
+        hour's."""
+        if agent in self._hour_read:
+            return
+        self._hour_read.add(agent)
+        now = self.clock.now()
+        rows = await self.store.usage(agent=agent, since_mono=now - HOUR, limit=100_000)
+        earlier = sorted((r["mono"], r["cost_usd"], r["input_tokens"] + r["output_tokens"] + r["cache_read_tokens"]
+                          + r["cache_write_tokens"]) for r in rows if r["mono"] <= now)
+        window = self._services.setdefault(agent, deque())
+        window.extendleft(reversed(earlier))
+
     def _window(self, agent: str) -> deque:
         window = self._services.setdefault(agent, deque())
         now = self.clock.now()
@@ -135,6 +152,7 @@ class Spend:
         async with self._lock:
             t = list(await self._total(self._tasks, task["task_id"], task_id=task["task_id"])) if task else [0.0, 0]
             r = list(await self._total(self._runs, task["run_id"], run_id=task["run_id"])) if task else [0.0, 0]
+            await self._read_hour(agent)
         window = self._window(agent)
         run_usd = run.get("budget_usd") if run and run.get("budget_usd") is not None else b.run_usd
         run_tokens = run.get("budget_tokens") if run and run.get("budget_tokens") is not None else b.run_tokens

@@ -347,7 +347,7 @@ def render_status(status: dict) -> str:
             until = f", probe in {p['until_s']:.1f}s" if p.get("until_s") is not None else ""
             lines.append(f"provider {p['provider']}: {p['state'].upper()} ({p['reason']}{until})")
     for p in (status.get("parked") or [])[:10]:
-        hint = {"budget_exceeded": "`tron run budget RUN --usd N`",
+        hint = {"budget_exceeded": f"`{p['hint']}`" if p.get("hint") else "`tron run budget RUN --usd N`",
                 "awaiting_operator": f"`tron task approve {p['task_id']}` or `tron task fail {p['task_id']}`"
                 }.get(p["kind"], "`tron provider list`")
         lines.append(f"parked: {p['task_id']} ({p['agent']}) {p['kind']}; {hint}")
@@ -716,7 +716,7 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
         for p in (run.get("parked") or []) if code == 200 else []:
             if (p["task_id"], p["kind"]) not in told:  # say once what it waits for, and how to go on
                 told.add((p["task_id"], p["kind"]))
-                hint = {"budget_exceeded": f"`tron run budget {run_id} --usd N`",
+                hint = {"budget_exceeded": f"`{p['hint']}`" if p.get("hint") else f"`tron run budget {run_id} --usd N`",
                         "awaiting_operator": f"`tron task approve {p['task_id']}` or `tron task fail {p['task_id']}`",
                         }.get(p["kind"], "it goes on when a provider is back (`tron provider list`)")
                 print(f"run {run_id}: task {p['task_id']} ({p['agent']}) parked, {p['kind']}: {hint}",

@@ -816,7 +816,8 @@ async def get_run(request: web.Request) -> web.Response:
     if run is None:
         return error(404, f"no run {run_id!r}")
     # What it waits for, if anything, and what it has spent (a follower shows both).
-    run["parked"] = [{"task_id": t["task_id"], "agent": t["agent"], "kind": t["parked_reason"]}
+    run["parked"] = [{"task_id": t["task_id"], "agent": t["agent"], "kind": t["parked_reason"],
+                      **d.providers.hint(t["task_id"], t["parked_reason"])}
                      for t in await d.store.tasks_of_run(run_id) if t["status"] == TaskState.PARKED]
     run["spend"] = await d.store.spend(run_id=run_id)
     return web.json_response(run)

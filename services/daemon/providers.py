@@ -65,11 +65,14 @@ class CallFailure:
 
 def raise_hint(over: list[str], task: dict) -> str:
     """What an operator can do about the limits reached: a run's budget is raised at run
-    time; a task's or a service's comes from [budgets] (a new daemon), or the task ends."""
-    if over and all(o.startswith("run_") for o in over):
-        return f"tron run budget {task['run_id']} --usd N (or --tokens N)"
-    return (f"{', '.join(o.split()[0] for o in over if not o.startswith('run_'))} come from [budgets] in "
-            f"mesh.toml (a daemon started with a higher one goes on); or end it: tron task fail {task['task_id']}")
+    time (`tron run budget`); a task's or a service's comes from [budgets] in mesh.toml,
+    which `tron reload` applies (the task goes on within a moment); or the task ends."""
+    run = [o for o in over if o.startswith("run_")]
+    rest = [o.split()[0] for o in over if not o.startswith("run_")]
+    steps = [f"tron run budget {task['run_id']} --usd N (or --tokens N)"] if run else []
+    if rest:
+        steps.append(f"raise {', '.join(rest)} in [budgets] of mesh.toml, then tron reload")
+    return "; ".join(steps or ["raise the budget"]) + f"; or end it: tron task fail {task['task_id']}"
 
 
 TRANSITION_EVENTS = {ProviderState.OPEN: "provider_opened", ProviderState.CLOSED: "provider_closed",
@@ -95,8 +98,14 @@ class ProviderDesk:
         self._changed = asyncio.Event()
         self.parked: dict[str, tuple[str, str]] = {}  # task id -> (its service, what it waits for)
         self.park_started: dict[str, float] = {}  # task id -> when its current wait began
+        self.hints: dict[str, str] = {}  # task id parked at a budget -> how an operator lets it go on
         for name in names:
             self.metrics.provider_state.labels(provider=name).set(0)
+
+    def hint(self, task_id: str, kind: str) -> dict[str, str]:
+        """``{"hint": ...}``: how an operator lets a task parked at a budget go on, when known."""
+        text = self.hints.get(task_id) if kind == "budget_exceeded" else None
+        return {"hint": text} if text else {}
 
     async def recall(self) -> None:
         """At the daemon's start: each provider as the daemon before left it (its last
@@ -182,7 +191,8 @@ class ProviderDesk:
         """For /status (no token): each provider's state and why, and the parked tasks."""
         states = self.board.states(self.clock.now())
         return {"providers": [{"provider": n, **s} for n, s in states.items()],
-                "parked": [{"task_id": t, "agent": a, "kind": k} for t, (a, k) in sorted(self.parked.items())]}
+                "parked": [{"task_id": t, "agent": a, "kind": k, **self.hint(t, k)}
+                           for t, (a, k) in sorted(self.parked.items())]}
 
     # -- the governor ---------------------------------------------------------------------------
 
@@ -310,8 +320,11 @@ class ProviderDesk:
             elif d.kind == "budget_exceeded":
                 run = await self.store.run(task["run_id"])
                 spend = await self.spend.view(service, task, run)
+                self.hints[task["task_id"]] = raise_hint(spend.over(), task)
+                while len(self.hints) > 10_000:  # (shown only while its task is parked at a budget)
+                    del self.hints[next(iter(self.hints))]
                 await self.store.event("budget_exceeded", {"reason": d.reason, "spend": spend.model_dump(),
-                                                           "raise": raise_hint(spend.over(), task)},
+                                                           "raise": self.hints[task["task_id"]]},
                                        agent=service, task_id=task["task_id"], run_id=task["run_id"])
                 self.background(self.carrier.ledger.notify_parked(task["run_id"], task["task_id"], d.kind, d.reason),
                                 "notify gateway (parked)")

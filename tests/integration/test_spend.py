@@ -186,3 +186,21 @@ def test_a_run_failed_by_an_operator_leaves_no_task_behind_to_spend_for_it(mesh_
     code, answer = mesh.http("POST", mesh.url("daemon") + f"/runs/{run_id}/budget", {"usd": 1})
     assert code == 409 and answer["verdict"] == "run_finished", answer
     assert mesh.rows("SELECT COUNT(*) AS n FROM llm_usage WHERE run_id = ?", (run_id,))[0]["n"] == spent
+
+
+def test_a_task_parked_at_its_own_budget_says_how_to_go_on_and_a_reload_lets_it(mesh_factory):
+    """A task parked at [budgets] task_tokens: `tron status` tells to raise it in mesh.toml and
+    `tron reload` (it once told `tron run budget`, which changes nothing for a task's limit);
+    doing so lets it go on, and the run ends done."""
+    mesh = mesh_factory()
+    text = mesh.config.read_text()
+    mesh.config.write_text(text + "[budgets]\ntask_tokens = 150\n")
+    mesh.up()
+    run_id = submit(mesh)
+    task = parked(mesh, run_id, "budget_exceeded")
+    status = mesh.tron("status", check=True).stdout
+    line = next(x for x in status.splitlines() if x.startswith(f"parked: {task['task_id']}"))
+    assert "task_tokens" in line and "tron reload" in line and "tron run budget" not in line, line
+    mesh.config.write_text(text + "[budgets]\ntask_tokens = 100000\n")
+    mesh.tron("reload", check=True)
+    assert finished(mesh, run_id)["status"] == "done"

@@ -227,7 +227,9 @@ def test_the_budget_hint_names_what_can_be_raised():
     assert raise_hint(["run_usd 0.52 of 0.5"], task).startswith("tron run budget r-1")
     hint = raise_hint(["task_tokens 900 of 800", "run_usd 0.52 of 0.5"], task)
     assert "task_tokens" in hint and "[budgets]" in hint and "tron task fail r-1.0" in hint
-    assert "service_usd" in raise_hint(["service_usd 2 of 1"], task)
+    assert "tron run budget r-1" in hint  # both remedies, each for its own limit
+    service = raise_hint(["service_usd 2 of 1"], task)
+    assert "service_usd" in service and "tron reload" in service and "tron run budget" not in service, service
 
 
 OPENED = {"provider": "anthropic", "from": "closed", "to": "open", "reason": "overloaded", "kind": "outage",

@@ -361,17 +361,23 @@ class Carrier:
         await self.awaiting_operator(task, req.service, req.reason, case=req.case, requested_by=req.requested_by)
         return {"status": "parked", "action": "park", "kind": req.kind}
 
-    async def awaiting_operator(self, task: dict, service: str, reason: str, *, case: str, requested_by: str) -> None:
-        """What an operator needs to decide, in one event (the notifications send it)."""
+    async def awaiting_operator(self, task: dict, service: str, reason: str, *, case: str, requested_by: str,
+                                error: str | None = None) -> None:
+        """What an operator needs to decide, in one event (the notifications send it): the
+        ladder's reason (max_provider_switches_exceeded, say) and the failure under it
+        (``error``: the call that failed just now; else the last step's own reason), so that
+        "authentication_error" is seen, not only that the switches ran out."""
         history = await self.store.task_history(task["task_id"])
         marks = await self.store.checkpoints(task["task_id"])
         providers = [p for p in dict.fromkeys([r["from_provider"] for r in history] + [r["to_provider"] for r in history]
                                               + [task.get("provider")]) if p]
         last = next((r for r in reversed(history) if r["retry_type"] != RetryType.LLM_CHANGE), None)
-        failure_class = ((last or {}).get("detail") or {}).get("detected_by") or reason
+        error = error or next((r["reason"] for r in reversed(history) if r["reason"] != reason), None)
+        failure_class = ((last or {}).get("detail") or {}).get("detected_by") or error or reason
         fp = Fingerprint.of(self.sup[service].spec.role, "+".join(providers), failure_class, reason)
         cost = await self.spend.store.spend(task_id=task["task_id"]) if self.spend else None
-        payload = {"reason": reason, "case": case, "checkpoint": (marks[-1]["step"] if marks else None),
+        payload = {"reason": reason, "error": error, "case": case,
+                   "checkpoint": (marks[-1]["step"] if marks else None),
                    "progress": task.get("progress"), "fingerprint": fp.key, "fingerprint_text": fp.describe(),
                    "providers_tried": providers, "cost": cost, "requested_by": requested_by,
                    "timeout_s": self.policy().operator_timeout,
@@ -380,7 +386,7 @@ class Carrier:
         await self.store.event("awaiting_operator", payload, agent=service, task_id=task["task_id"],
                                run_id=task["run_id"])
         log.error("task awaiting an operator", extra={"task": task["task_id"], "offender": service, "reason": reason,
-                                                      "case": case})
+                                                      "error": error, "case": case})
         self.background(self.ledger.notify_parked(task["run_id"], task["task_id"], "awaiting_operator", reason),
                         "notify gateway (parked)")
 

@@ -294,16 +294,16 @@ class ProviderDesk:
                 await self.store.set_task_provider(event.task_id, d.to_provider)
             await self.set_provider(svc, d.to_provider)
             return {"action": "switch", "case": d.case, "provider": d.to_provider, "delay": d.delay}
-        if isinstance(d, Park):
+        if isinstance(d, Park):  # the call's own error goes with it: the operator asked sees why
             return await self.park_here(d, event.service, task, requested_by=event.service,
-                                        incarnation=event.incarnation)
+                                        incarnation=event.incarnation, error=event.reason)
         if isinstance(d, Fail):
             answer = await self.fail(event, d, detail=row_detail)
             return {"action": "fail", "case": d.case, "reason": d.reason, "recorded": answer.get("status")}
         raise AssertionError(f"a provider failure cannot be decided as {d!r}")
 
     async def park_here(self, d: Park, service: str, task: dict | None, *, requested_by: str,
-                        incarnation: str) -> dict:
+                        incarnation: str, error: str | None = None) -> dict:
         """The task waits in its agent (which polls ``park``) for what ``d.kind`` names."""
         if task is None:
             return {"action": "abandon", "why": "no task to park"}
@@ -316,7 +316,8 @@ class ProviderDesk:
             log.error("task parked", extra={"offender": service, "task": task["task_id"], "reason": d.reason,
                                             "kind": d.kind})
             if d.kind == "awaiting_operator":
-                await self.carrier.awaiting_operator(task, service, d.reason, case=d.case, requested_by=requested_by)
+                await self.carrier.awaiting_operator(task, service, d.reason, case=d.case, requested_by=requested_by,
+                                                     error=error)
             elif d.kind == "budget_exceeded":
                 run = await self.store.run(task["run_id"])
                 spend = await self.spend.view(service, task, run)

@@ -126,6 +126,8 @@ def human_rung(mesh, receiver) -> None:
     asked = json.loads(event["payload"])
     assert asked["reason"].startswith("all_providers_down") and set(asked["providers_tried"]) == {"anthropic", "ollama"}
     assert asked["fingerprint"] and asked["cost"] is not None and asked["timeout_s"] == 86400.0
+    # the failure under the ladder's reason: the one the call met (the sim's "error" fault: a 500)
+    assert asked["error"] and asked["error"] != asked["reason"] and "all_providers_down" not in asked["error"], asked
     # a person hears of it: a signed notification at a real receiver
     [note] = wait_for(lambda: receiver.of("awaiting_operator"), 15, "the awaiting_operator notification")
     assert note["signed"] and note["body"]["task_id"] == task["task_id"], note

@@ -6,13 +6,13 @@ say "Broken pipe" where its first incarnation did not."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from tests.integration.test_gate import until
 from tron.services.daemon.spawner import LocalSpawner, SpawnSpec
 
 pytestmark = pytest.mark.integration
@@ -31,14 +31,6 @@ def signals_seen(log: Path, incarnation: str) -> dict[str, str] | None:
         return None
     return {k: v.strip() for k, v in (ln.split(":", 1) for ln in part[1].splitlines() if ln.startswith("Sig"))} \
         | {"stderr": "".join(ln for ln in part[1].splitlines() if "pipe" in ln.lower())}
-
-
-async def until(what, timeout: float = 30.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := what()):
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-    return value
 
 
 @pytest.fixture

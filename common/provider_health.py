@@ -138,7 +138,7 @@ class Board:
         changes = []
         for h in self.providers.values():
             if h.state == ProviderState.OPEN and h.kind != "drained" and h.until is not None and now >= h.until:
-                changes.append(self._to(h, ProviderState.HALF_OPEN, now, f"{h.reason}; probing"))
+                changes.append(self._to(h, ProviderState.HALF_OPEN, now, f"{h.reason}; its next call probes it"))
         self.unannounced += changes  # a read that ticked must not swallow the transition
         return changes
 

@@ -714,7 +714,10 @@ class LogPumpClient:
         return {p for p in (self.pid, self.proc.pid if self.proc is not None else None) if p}
 
     def health(self) -> dict:
-        """For /status and the daemon's events (no I/O)."""
+        """For /status and the daemon's events (once a second, by the housekeeping): held
+        read ends whose writers are all gone are let go first (a stopped service's pipe was
+        held until the next spawn of any service). One poll(0), nothing that waits."""
+        self.prune()
         return {"state": str(self.state), "pid": self.pid, "died": self.died, "restarts": self.restarts,
                 "held_pipes": len(self.held), "last_death": self.last_death}
 

@@ -186,3 +186,17 @@ def test_the_pump_state_takes_only_its_edges(home):
     client._become(PumpState.STOPPED, None)
     with pytest.raises(RuntimeError):
         client._become(PumpState.UP, 1)
+
+
+async def test_a_pipe_whose_program_is_gone_is_let_go_at_the_next_look(home):
+    """A stopped service's pipe has no writer left: the daemon's copy of its read end is
+    closed at the housekeeping's next look (health()), not kept until some other spawn."""
+    client = client_for(home)
+    await client.start()
+    try:
+        w = await client.pipe_for(home / "logs" / "svc.log", max_bytes=10**6, backups=1, rate_limit=None)
+        assert w is not None and client.health()["held_pipes"] == 1
+        os.close(w)  # the program exited
+        assert client.health()["held_pipes"] == 0
+    finally:
+        await client.stop()

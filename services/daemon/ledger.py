@@ -93,8 +93,18 @@ class Ledger:
         one still live (a sibling of the failed chain, one parked at a budget or for a person)
         is cancelled, its agent told to drop it. Before, such a task went on and, once its
         budget was raised, spent money for a run that had ended."""
-        live = [t for t in await self.store.tasks_of_run(run_id) if t["status"] in LIVE_TASK_STATES]
-        return await self.cancel(live, reason=f"run_{how}", detail={"run": run_id})
+        tasks = await self.store.tasks_of_run(run_id)
+        parent = {t["task_id"]: t["parent_task_id"] for t in tasks}
+
+        def depth(task_id: str | None) -> int:
+            seen: set[str] = set()
+            while task_id is not None and task_id not in seen:  # (a cycle in the rows ends the walk)
+                seen.add(task_id)
+                task_id = parent.get(task_id)
+            return len(seen)
+
+        live = sorted((t for t in tasks if t["status"] in LIVE_TASK_STATES), key=lambda t: -depth(t["task_id"]))
+        return await self.cancel(live, reason=f"run_{how}", detail={"run": run_id})  # children before parents
 
     async def cancel(self, tasks: list[dict], *, reason: str, detail: dict) -> list[str]:
         """Each task (in the order given: children before parents) ends cancelled, if it is

@@ -113,7 +113,7 @@ class ProviderDesk:
         back into it, each failed call a step of its ladder: two daemon restarts during an
         outage failed them for good, long before ``park_max``."""
         last: dict[str, tuple[dict, float]] = {}
-        for row in await self.store.latest_events(list(TRANSITION_EVENTS.values()), limit=500):
+        for row in await self.store.latest_events(list(TRANSITION_EVENTS.values()), limit=10_000):
             payload = row.get("payload") or {}
             name = payload.get("provider")
             if isinstance(name, str) and name in self.board.providers and name not in last:

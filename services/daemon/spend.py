@@ -125,9 +125,15 @@ class Spend:
         hour's."""
         if agent in self._hour_read:
             return
-        self._hour_read.add(agent)
         now = self.clock.now()
-        rows = await self.store.usage(agent=agent, since_mono=now - HOUR, limit=100_000)
+        try:
+            rows = await self.store.usage(agent=agent, since_mono=now - HOUR, limit=100_000)
+        except Exception as err:  # a registry that cannot be read now: asked again at the next call (a row
+            # recorded meanwhile may then count twice: the budget errs on the side of spending less)
+            log.warning("the last hour of %s could not be read from the registry: %s: %s", agent,
+                        type(err).__name__, err, extra={"offender": agent})
+            return
+        self._hour_read.add(agent)
         earlier = sorted((r["mono"], r["cost_usd"], r["input_tokens"] + r["output_tokens"] + r["cache_read_tokens"]
                           + r["cache_write_tokens"]) for r in rows if r["mono"] <= now)
         window = self._services.setdefault(agent, deque())

@@ -622,6 +622,7 @@ class Supervisor:
                 return True
         finally:
             svc.replacing = None  # only now: until the new incarnation exists, the old one is being replaced
+            svc.waiting_restart = False  # however it ended (early, or on an error): start() is not held back for good
 
     async def _backoff(self, svc: Service, delay: float) -> None:
         """Wait out ``delay`` on the clock, or until an operator wakes the service."""

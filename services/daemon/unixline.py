@@ -36,6 +36,8 @@ def ask_fds(sock_path: str, req: dict, *, timeout: float, max_fds: int = 253) ->
         data = b""
         while not data.endswith(b"\n"):
             chunk, got, _, _ = socket.recv_fds(conn, 1 << 16, max_fds - len(fds))
+            for fd in got:  # ours to hold, not to leak into what we spawn (3.11's recv_fds drops its flags
+                os.set_inheritable(fd, False)  # argument, so MSG_CMSG_CLOEXEC cannot ask for it)
             fds += got
             if not chunk:
                 break

@@ -200,3 +200,20 @@ async def test_a_pipe_whose_program_is_gone_is_let_go_at_the_next_look(home):
         assert client.health()["held_pipes"] == 0
     finally:
         await client.stop()
+
+
+async def test_the_read_ends_a_new_daemon_takes_from_a_pump_are_close_on_exec(home):
+    first = client_for(home)
+    await first.start()
+    w = await first.pipe_for(home / "logs" / "svc.log", max_bytes=10**6, backups=1, rate_limit=None)
+    first._unwatch()
+    for held in first.held.values():
+        os.close(held.fd)
+    first.held.clear()
+    second = client_for(home)
+    try:
+        await second.start()
+        assert second.held and not any(os.get_inheritable(fd) for fd in second.held), second.held
+    finally:
+        os.close(w)
+        await second.stop()

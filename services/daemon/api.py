@@ -145,6 +145,9 @@ async def _refuse(request: web.Request, caller: Caller, scope: Scope, why: str) 
     d = _d(request)
     d.metrics.requests_refused.labels(scope=str(scope)).inc()
     audited, unaudited = d.refusals.admit(caller.actor, time.monotonic())
+    if not audited and unaudited == 1:
+        log.warning("%s: more than %d refused requests in %.0f s: the rest are counted, not audited one by one",
+                    caller.actor, d.refusals.audited, d.refusals.window, extra={"actor": caller.actor})
     if audited:  # the path as sent is the caller's text: escaped and cut, as it is printed
         path = printable(request.path, PATH_KEPT)
         await d.audit.record(caller.actor, printable(f"{request.method} {request.path}", PATH_KEPT), path, "", "",

@@ -79,11 +79,12 @@ class Audit:
 
 
 class RefusalBudget:
-    """How many refused requests of one credential are audited in full: REFUSALS_AUDITED a
-    REFUSAL_WINDOW. A credential that goes on (a compromised agent trying its way around, a
-    misconfigured client) is still refused and counted, but its next audited refusal says
-    how many went unaudited before it, so the trail neither floods the disk nor buries the
-    operators' own actions, and nothing is silently dropped."""
+    """How many refused requests of one credential are audited in full: ``audited`` a
+    ``window``. A credential that goes on (a compromised agent trying its way around, a
+    misconfigured client, a flood of wrong login codes) is still refused and counted, but its
+    next audited refusal says how many went unaudited before it, so the trail neither floods
+    the disk nor buries the operators' own actions, and nothing is silently dropped. The
+    callers say it in their log (the first unaudited one)."""
 
     def __init__(self, audited: int = REFUSALS_AUDITED, window: float = REFUSAL_WINDOW) -> None:
         self.audited, self.window = audited, window
@@ -92,14 +93,9 @@ class RefusalBudget:
 
     def admit(self, actor: str, now: float) -> tuple[bool, int]:
         """(audit this one?, refusals of ``actor`` left unaudited since its last audited one)."""
-        seen = self._seen.setdefault(actor, collections.deque())
-        while seen and seen[0] <= now - self.window:
-            seen.popleft()
+        seen = self._recent(actor, now)
         if len(seen) >= self.audited:
             self._unaudited[actor] += 1
-            if self._unaudited[actor] == 1:
-                log.warning("%s: more than %d refused requests in %.0f s: the rest are counted, not audited one "
-                            "by one", actor, self.audited, self.window, extra={"actor": actor})
             return False, self._unaudited[actor]
         seen.append(now)
         skipped = self._unaudited.pop(actor, 0)
@@ -107,6 +103,17 @@ class RefusalBudget:
             for quiet in [a for a, q in self._seen.items() if not q or q[-1] <= now - self.window][:5_000]:
                 self._seen.pop(quiet, None)
         return True, skipped
+
+    def wait(self, actor: str, now: float) -> float:
+        """Seconds until ``actor``'s next refusal is audited again (0: it would be now)."""
+        seen = self._recent(actor, now)
+        return seen[0] + self.window - now if len(seen) >= self.audited else 0.0
+
+    def _recent(self, actor: str, now: float) -> collections.deque[float]:
+        seen = self._seen.setdefault(actor, collections.deque())
+        while seen and seen[0] <= now - self.window:
+            seen.popleft()
+        return seen
 
 
 def printable(text: str, limit: int | None = None) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from tron.common.clock import Clock
+from tron.services.daemon.audit import RefusalBudget
 
 CODE_TTL = 120.0
 SESSION_TTL = 12 * 3600.0
@@ -36,6 +37,7 @@ MAX_GONE = 256      # spent and expired codes remembered (by hash) to say why a 
 CSRF_HEADER = "X-CSRF-Token"
 REFUSALS_AUDITED = 10      # refused logins audited one by one per REFUSAL_WINDOW; past that, 429 and a count
 REFUSAL_WINDOW = 60.0
+LOGIN = "ui-login"  # whoever sends a login code is anonymous: every refused login counts as one caller's
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -80,8 +82,7 @@ class Sessions:
         # sha256(code) -> (actor, why it is no longer good): only a digest, so the memory of
         # spent codes holds nothing that logs anyone in.
         self._gone: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
-        self._refusals: collections.deque[float] = collections.deque()  # when the audited refusals came
-        self._unaudited = 0  # refusals answered 429 since the last audited one
+        self._refusals = RefusalBudget(REFUSALS_AUDITED, REFUSAL_WINDOW)  # refused logins, as one caller
 
     def __len__(self) -> int:
         self._prune()
@@ -149,14 +150,8 @@ class Sessions:
         answered 429 unaudited before it; > 0 means it is one of those (a flood of wrong codes
         must not flood the audit trail; a good code still logs in meanwhile)."""
         now = self.clock.now()
-        while self._refusals and self._refusals[0] <= now - REFUSAL_WINDOW:
-            self._refusals.popleft()
-        if len(self._refusals) >= REFUSALS_AUDITED:
-            self._unaudited += 1
-            return self._refusals[0] + REFUSAL_WINDOW - now, self._unaudited
-        self._refusals.append(now)
-        before, self._unaudited = self._unaudited, 0
-        return 0.0, before
+        audited, unaudited = self._refusals.admit(LOGIN, now)
+        return (0.0, unaudited) if audited else (self._refusals.wait(LOGIN, now), unaudited)
 
     def of(self, request: web.Request) -> Session | None:
         """The request's live session, from its cookie."""

@@ -398,6 +398,10 @@ class ServiceSpec(_Strict):
         return {"port": str(self.port), "python": sys.executable, "home": str(home), "name": self.name,
                 "state": str(home / "services" / self.name), "config_dir": str(config_dir)}
 
+    def grace(self, policy: Policy) -> float:
+        """How long its stop_signal is given before SIGKILL: its own ``stop_grace``, else the policy's."""
+        return self.stop_grace if self.stop_grace is not None else policy.stop_grace
+
     def argv(self, values: dict[str, str] | None = None) -> list[str]:
         """The command line that starts this service."""
         if self.command is None:

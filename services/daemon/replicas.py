@@ -89,7 +89,7 @@ class Replicas:
         stop grace at most); False at once when the new incarnation fails (it is left to
         the ladder: a roll does not wait out its crash loop)."""
         svc, p = self.d.sup[name], self.d.policy()
-        grace = svc.spec.stop_grace if svc.spec.stop_grace is not None else p.stop_grace
+        grace = svc.spec.grace(p)
         deadline = self.d.clock.now() + p.start_timeout + grace + 5
         new: str | None = None
         while self.d.clock.now() < deadline:

@@ -567,7 +567,7 @@ class Supervisor:
             svc.settled.set()
 
     def stop_grace(self, svc: Service) -> float:
-        return svc.spec.stop_grace if svc.spec.stop_grace is not None else self.policy().stop_grace
+        return svc.spec.grace(self.policy())
 
     async def _best_effort(self, coro, what: str) -> None:
         try:

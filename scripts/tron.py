@@ -215,8 +215,7 @@ def _stop_rules(config: MeshConfig | None) -> dict:
 
     if config is None:
         return {}
-    return {name: StopRule(signal.Signals[spec.stop_signal],
-                           spec.stop_grace if spec.stop_grace is not None else config.policy.stop_grace)
+    return {name: StopRule(signal.Signals[spec.stop_signal], spec.grace(config.policy))
             for name, spec in config.services.items()}
 
 
@@ -309,6 +308,16 @@ def state_text(s: dict) -> str:
     return s["state"] + (f" ({', '.join(marks)})" if marks else "")
 
 
+def parked_hint(p: dict, run: str, otherwise: str) -> str:
+    """How an operator lets a parked task (``p``: /status's or a run's ``parked`` entry) go
+    on: the daemon's own hint for a budget when it gave one; ``otherwise`` for a provider."""
+    if p["kind"] == "budget_exceeded":
+        return f"`{p['hint']}`" if p.get("hint") else f"`tron run budget {run} --usd N`"
+    if p["kind"] == "awaiting_operator":
+        return f"`tron task approve {p['task_id']}` or `tron task fail {p['task_id']}`"
+    return otherwise
+
+
 def render_status(status: dict) -> str:
     cluster = status.get("cluster")
     rows = [("SERVICE", "STATE", "PID", "PORT", "INCARNATION", "RESTARTS", "PROVIDER", "BEAT")
@@ -347,10 +356,8 @@ def render_status(status: dict) -> str:
             until = f", probe in {p['until_s']:.1f}s" if p.get("until_s") is not None else ""
             lines.append(f"provider {p['provider']}: {p['state'].upper()} ({p['reason']}{until})")
     for p in (status.get("parked") or [])[:10]:
-        hint = {"budget_exceeded": f"`{p['hint']}`" if p.get("hint") else "`tron run budget RUN --usd N`",
-                "awaiting_operator": f"`tron task approve {p['task_id']}` or `tron task fail {p['task_id']}`"
-                }.get(p["kind"], "`tron provider list`")
-        lines.append(f"parked: {p['task_id']} ({p['agent']}) {p['kind']}; {hint}")
+        lines.append(f"parked: {p['task_id']} ({p['agent']}) {p['kind']}; "
+                     f"{parked_hint(p, 'RUN', '`tron provider list`')}")
     if status.get("last_alert"):
         a = status["last_alert"]
         lines.append(f"last alert: {a['service']} {a['reason']}")
@@ -716,9 +723,7 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
         for p in (run.get("parked") or []) if code == 200 else []:
             if (p["task_id"], p["kind"]) not in told:  # say once what it waits for, and how to go on
                 told.add((p["task_id"], p["kind"]))
-                hint = {"budget_exceeded": f"`{p['hint']}`" if p.get("hint") else f"`tron run budget {run_id} --usd N`",
-                        "awaiting_operator": f"`tron task approve {p['task_id']}` or `tron task fail {p['task_id']}`",
-                        }.get(p["kind"], "it goes on when a provider is back (`tron provider list`)")
+                hint = parked_hint(p, run_id, "it goes on when a provider is back (`tron provider list`)")
                 print(f"run {run_id}: task {p['task_id']} ({p['agent']}) parked, {p['kind']}: {hint}",
                       file=sys.stderr)
         time.sleep(0.1)

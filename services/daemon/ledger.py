@@ -27,6 +27,20 @@ from tron.services.daemon.supervisor import Service, Supervisor
 log = logging.getLogger("tron.daemon")
 
 
+def subtree(task: dict, tasks: list[dict]) -> list[dict]:
+    """The task and every task below it among ``tasks``, deepest first (children end before
+    their parents). Each once, whatever the rows say (a task named its own parent ends the walk)."""
+    out, frontier, seen = [], [task], set()
+    while frontier:
+        node = frontier.pop()
+        if node["task_id"] in seen:
+            continue
+        seen.add(node["task_id"])
+        out.append(node)
+        frontier += [t for t in tasks if t["parent_task_id"] == node["task_id"]]
+    return list(reversed(out))
+
+
 class Ledger:
     def __init__(self, config: MeshConfig, sup: Supervisor, store: Store, client: MeshClient, *, clock: Clock,
                  policy: Callable[[], Policy], background) -> None:
@@ -94,17 +108,8 @@ class Ledger:
         is cancelled, its agent told to drop it. Before, such a task went on and, once its
         budget was raised, spent money for a run that had ended."""
         tasks = await self.store.tasks_of_run(run_id)
-        parent = {t["task_id"]: t["parent_task_id"] for t in tasks}
-
-        def depth(task_id: str | None) -> int:
-            seen: set[str] = set()
-            while task_id is not None and task_id not in seen:  # (a cycle in the rows ends the walk)
-                seen.add(task_id)
-                task_id = parent.get(task_id)
-            return len(seen)
-
-        live = sorted((t for t in tasks if t["status"] in LIVE_TASK_STATES), key=lambda t: -depth(t["task_id"]))
-        return await self.cancel(live, reason=f"run_{how}", detail={"run": run_id})  # children before parents
+        ordered = [t for root in tasks if root["parent_task_id"] is None for t in subtree(root, tasks)]
+        return await self.cancel(ordered, reason=f"run_{how}", detail={"run": run_id})
 
     async def cancel(self, tasks: list[dict], *, reason: str, detail: dict) -> list[str]:
         """Each task (in the order given: children before parents) ends cancelled, if it is

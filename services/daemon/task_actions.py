@@ -29,7 +29,7 @@ from tron.registry.store import content_hash
 from tron.registry.protocol import Store
 from tron.services.daemon.audit import Audit, Refused
 from tron.services.daemon.operators import admit_restart
-from tron.services.daemon.ledger import Ledger
+from tron.services.daemon.ledger import Ledger, subtree
 from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
@@ -178,7 +178,7 @@ class TaskActions:
             if task["status"] == TaskState.CANCELLED:
                 return {"status": "already_cancelled", "task_id": task["task_id"]}
             raise Refused(409, f"task {task['task_id']} is {task['status']}: only a live task can be cancelled")
-        cancelled = await self.ledger.cancel(self._subtree(task, await self.store.tasks_of_run(task["run_id"])),
+        cancelled = await self.ledger.cancel(subtree(task, await self.store.tasks_of_run(task["run_id"])),
                                              reason=reason, detail={"by": actor, "reason": reason})
         if task["parent_task_id"] is None:
             await self.store.finish_run(task["run_id"], RunState.CANCELLED, None, {"reason": "cancelled", "by": actor})
@@ -239,13 +239,3 @@ class TaskActions:
             requested_by=DAEMON))
         self.desk.parked.pop(task["task_id"], None)
         return {"status": "failed", "task_id": task["task_id"], "recorded": answer.get("status")}
-
-    @staticmethod
-    def _subtree(task: dict, tasks: list[dict]) -> list[dict]:
-        """The task and every task below it, deepest first (children end before parents)."""
-        out, frontier = [], [task]
-        while frontier:
-            node = frontier.pop()
-            out.append(node)
-            frontier += [t for t in tasks if t["parent_task_id"] == node["task_id"]]
-        return list(reversed(out))

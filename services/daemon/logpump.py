@@ -686,7 +686,6 @@ class LogPumpClient:
                 pass
         if self.state != PumpState.UP:
             return self._unpumped(f"the log pump is {self.state}")
-        self.prune()
         limits = {"max_bytes": max_bytes, "backups": backups, "rate_limit": rate_limit}
         r, w = os.pipe()
         self.held[r] = HeldPipe(r, str(path), limits)

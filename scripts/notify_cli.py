@@ -16,6 +16,7 @@ import getpass
 import json
 import uuid
 
+from tron.scripts.cli_args import LIMIT
 from tron.scripts.client import ClientError
 
 DELIVERIES_SQL = ("SELECT id, ts, payload FROM events WHERE kind IN ('notify_delivery', 'notify_dropped') "
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     nsub = n.add_subparsers(dest="notify_cmd", required=True)
     log = nsub.add_parser("log", help="every delivery attempt, newest first")
     log.add_argument("--json", action="store_true")
-    log.add_argument("--limit", type=int, default=50)
+    log.add_argument("--limit", type=LIMIT, default=50)
     test = nsub.add_parser("test", help="send a test notification through the daemon")
     test.add_argument("--entry", type=int, help="the [[notify]] entry's index (0 is the first); default: every one")
     test.add_argument("--reason", help="recorded in the audit trail")

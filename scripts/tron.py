@@ -47,6 +47,7 @@ from tron.common import providers  # the registered provider kinds: the CLI's ch
 from tron.common.models import ID_PATTERN, NAME_PATTERN
 from tron.common.paths import Home
 from tron.common.processes import MARK
+from tron.scripts.cli_args import LIMIT, LINES
 from tron.scripts.client import ClientError, MeshClient
 from tron.scripts.cost_cli import add_parser as add_cost_parser
 from tron.scripts.cost_cli import cmd_cost
@@ -958,13 +959,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--viewer", action="store_true", help="a read-only session: it shows everything, changes nothing")
     aud = sub.add_parser("audit", help="every operator action: who, what, when, outcome")
     aud.add_argument("--json", action="store_true")
-    aud.add_argument("--limit", type=int, default=100)
+    aud.add_argument("--limit", type=LIMIT, default=100)
     add_notify_parser(sub)
     add_token_parser(sub)
     add_cost_parser(sub)
     lg = sub.add_parser("logs", help="merged tail of service logs")
     lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument("-n", "--lines", type=int, default=20)
+    lg.add_argument("-n", "--lines", type=LINES, default=20)
     lg.add_argument("--trace", metavar="ID", help="only the lines logged inside this trace (a trace id or traceparent)")
     lg.add_argument("names", nargs="*")
     run = sub.add_parser("run", help="submit a run and follow it (`tron run budget RUN --usd N`: raise its budget)")
@@ -980,7 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float)
     hist = sub.add_parser("history", help="retry history and failure metrics")
     hist.add_argument("--json", action="store_true")
-    hist.add_argument("--limit", type=int, default=100)
+    hist.add_argument("--limit", type=LIMIT, default=100)
     drill = sub.add_parser("drill", help="kill-and-recover drills against the running mesh")
     dsub = drill.add_subparsers(dest="drill", required=True)
     for kind, what in (("kill", "SIGKILL a service"), ("hang", "SIGSTOP a service"),

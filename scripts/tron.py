@@ -832,9 +832,32 @@ def cmd_restore(ctx: Ctx, args: argparse.Namespace) -> int:
 # -- drills ---------------------------------------------------------------------------------------
 
 
+def _check_drill_numbers(args: argparse.Namespace) -> None:
+    """A drill that injects nothing proves nothing: `tron drill chaos --faults 0` and
+    `tron drill handover NAME --kills 0` said PASS, and negative or NaN numbers ran too.
+    Refused here, before the daemon is asked anything."""
+    import math
+
+    def need(value: float, name: str, *, least: float, strict: bool = False) -> None:
+        bad = not math.isfinite(value) or (value <= least if strict else value < least)
+        if bad:
+            raise CLIError(f"{name} {value:g}: must be {'more than' if strict else 'at least'} {least:g}")
+
+    if args.drill == "chaos":
+        need(args.faults, "--faults", least=1)
+        need(args.duration, "--duration", least=0, strict=True)
+    elif args.drill == "handover":
+        need(args.kills, "--kills", least=1)
+        need(args.workers, "--workers", least=1)
+        need(args.interval, "--interval", least=0)
+    elif args.drill == "partition":
+        need(args.seconds, "--seconds", least=0, strict=True)
+
+
 def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
     from tron.scripts.drills import DrillError, Runner
 
+    _check_drill_numbers(args)
     mesh = ctx.require_daemon()
     runner = Runner(mesh)
     try:

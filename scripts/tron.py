@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import math
 import os
 import re
 import signal
@@ -710,6 +711,15 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
         return 0
     if args.run_id:
         raise CLIError(f"tron run takes one prompt (quote it); got also {args.run_id!r}")
+    # Checked before anything is submitted: `tron run budget --usd 1` (the RUN forgotten) was a
+    # run of the prompt "budget", its --usd dropped; a --timeout of -1 submitted the run, then gave up.
+    if args.prompt == "budget":
+        raise CLIError("tron run budget needs the run's id: tron run budget RUN --usd N (or --tokens N)")
+    if args.usd is not None or args.tokens is not None:
+        raise CLIError("--usd and --tokens raise a running run's budget (tron run budget RUN ...); "
+                       "a new run's are --budget-usd and --budget-tokens")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise CLIError(f"--timeout {args.timeout:g}: must be a number of seconds above 0")
     run_id = (_submit_to_agent(ctx, args.agent, args.prompt, args) if args.agent
               else _submit_to_gateway(ctx, args.prompt, args))
     print(f"run {run_id} submitted", file=sys.stderr)

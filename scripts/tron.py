@@ -846,7 +846,6 @@ def _check_drill_numbers(args: argparse.Namespace) -> None:
     """A drill that injects nothing proves nothing: `tron drill chaos --faults 0` and
     `tron drill handover NAME --kills 0` said PASS, and negative or NaN numbers ran too.
     Refused here, before the daemon is asked anything."""
-    import math
 
     def need(value: float, name: str, *, least: float, strict: bool = False) -> None:
         bad = not math.isfinite(value) or (value <= least if strict else value < least)

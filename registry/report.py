@@ -136,12 +136,31 @@ def crash_looping(conn: Reader) -> Check:
                  [f"{r['name']} ({r['state']})" for r in rows])
 
 
+NEVER_UP_AFTER = 3  # incarnations in a row that never passed a health check
+
+
+def never_coming_up(conn: Reader) -> Check:
+    """Services started again and again that never come up: not running, not stopped by an
+    operator, and none of their last NEVER_UP_AFTER incarnations passed its health check.
+    The crash-loop check misses them when each attempt takes longer than the restart window
+    to fail (a start_timeout of 30 s against a 60 s window: never 3 failures in one)."""
+    offenders = []
+    for a in _rows(conn, f"SELECT name, state FROM agents WHERE stopped = 0 AND state != '{S.RUNNING}' ORDER BY name"):
+        last = _rows(conn, "SELECT healthy_mono FROM sessions WHERE agent = ? ORDER BY started_at DESC LIMIT ?",
+                     (a["name"], NEVER_UP_AFTER))
+        if len(last) == NEVER_UP_AFTER and all(r["healthy_mono"] is None for r in last):
+            offenders.append(f"{a['name']} ({a['state']}; its last {NEVER_UP_AFTER} starts never became healthy)")
+    total = _rows(conn, "SELECT COUNT(*) AS n FROM agents")[0]["n"]
+    return Check("services that never come up", not offenders, f"{len(offenders)} of {total}", offenders)
+
+
 def run_report(conn: Reader, *, max_restarts: int, max_switches: int,
                pid_alive: Callable[[int | None, float | None], bool], now: bool = True) -> list[Check]:
-    """Every invariant; ``now``: with the checks of the mesh's present state (crash loops),
+    """Every invariant; ``now``: with the checks of the mesh's present state (crash loops,
+    services that never come up),
     which a drill that causes them on purpose leaves out and judges itself."""
     return [
-        *([crash_looping(conn)] if now else []),
+        *([crash_looping(conn), never_coming_up(conn)] if now else []),
         orphan_sessions(conn, pid_alive),
         duplicate_sessions(conn),
         ownerless_tasks(conn),

@@ -99,3 +99,25 @@ def test_the_report_fails_while_a_service_crash_loops_and_names_it(db):
     assert checks["services crash-looping"].healthy
     drill = {c.name for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda p, c: True, now=False)}
     assert "services crash-looping" not in drill  # a drill that causes loops judges them itself
+
+
+@pytest.mark.parametrize("state, stopped, healthy, flagged", [
+    ("starting", 0, [None, None, None], True),  # each start times out, slower than the crash-loop window
+    ("backoff", 0, [None, None, None, 5.0], True),  # up once, long ago: its last three never
+    ("backoff", 0, [None, None, 5.0], False),  # the third-last came up
+    ("starting", 0, [None, None], False),  # two are not yet a pattern
+    ("running", 0, [None, None, None], False),
+    ("stopped", 1, [None, None, None], False),  # an operator stopped it
+])
+def test_the_report_fails_for_a_service_whose_last_starts_never_came_up(db, state, stopped, healthy, flagged):
+    db.execute("INSERT INTO agents (name, role, parent, port, state, crash_looping, stopped, updated_at) "
+               "VALUES ('e', 'programmer', 'root', 7001, ?, 0, ?, ?)", (state, stopped, NOW))
+    for i, mono in enumerate(healthy):  # newest first
+        db.execute("INSERT INTO sessions (incarnation, agent, port, status, started_at, healthy_mono) "
+                   "VALUES (?, 'e', 7001, 'ended', ?, ?)", (f"i-{i}", f"2026-12-07T08:0{9 - i}:00Z", mono))
+    checks = {c.name: c for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda pid, ct: True)}
+    check = checks["services that never come up"]
+    assert check.healthy is not flagged
+    assert [o.split()[0] for o in check.offenders] == (["e"] if flagged else [])
+    drill = {c.name for c in run_report(db, max_restarts=3, max_switches=3, pid_alive=lambda p, c: True, now=False)}
+    assert "services that never come up" not in drill

@@ -136,12 +136,16 @@ class Runner:
             time.sleep(0.01)
 
     def service(self, name: str) -> dict:
+        self.known(name)
+        return self.mesh.service(name)
+
+    def known(self, name: str) -> None:
+        """A service of the mesh file; otherwise a DrillError that says what there is."""
         if name not in self.config.services:
             if replicas := self.config.replicas_of(name):  # a fault hits one process: one replica
                 raise DrillError(f"{name} has replicas: drill one of them ({', '.join(replicas)}); its siblings "
                                  "go on serving meanwhile")
             raise DrillError(f"no service named {name!r} (known: {', '.join(self.config.services)})")
-        return self.mesh.service(name)
 
     def label(self, name: str | None) -> None:
         code, body = self.mesh.try_call("POST", self.mesh.daemon_url + "/control/drill", {"name": name}, auth=True)
@@ -360,9 +364,16 @@ class Runner:
         drill.check(f"detected within the threshold ({bound:.2f}s) plus 1 s", bool(detected) and detected[0] <= bound + 1)
         return drill
 
+    def _tron_agent(self, name: str, drill: str, why: str) -> None:
+        """``name`` runs on Tron's agent runtime (a built-in role or an SDK class), which
+        serves what ``drill`` needs (``why``); a program, contract agents among them, does not."""
+        self.known(name)
+        if not self.config.services[name].is_agent:
+            raise DrillError(f"{name!r} is a program (command = ...), not an agent on Tron's runtime (a built-in "
+                             f"role or an SDK class): the {drill} drill {why}")
+
     def runaway(self, name: str) -> Drill:
-        if not self.config.services.get(name) or not self.config.services[name].is_agent:
-            raise DrillError(f"{name!r} is not an agent of this mesh: only agents carry progress markers")
+        self._tron_agent(name, "runaway", "freezes a task's progress through the agent's /drill/runaway")
         if not self.config.drills.enabled:
             raise DrillError("drills are off in this mesh ([drills] enabled = false): no agent serves /drill/runaway")
 
@@ -384,10 +395,11 @@ class Runner:
         after the last checkpoint, with its output, not redo it. The work saved is counted
         in LLM calls (llm-sim's counters): the run, the same run uninterrupted, and what it
         would have cost without checkpoints."""
-        spec = self.config.services.get(name)
+        self._tron_agent(name, "resume", "kills it between two checkpointed steps of the runtime's own")
         sim = self.config.sim_url
-        if spec is None or not spec.is_agent or sim is None:
-            raise DrillError(f"{name!r} must be an agent of a mesh with llm-sim")
+        if sim is None:
+            raise DrillError("the resume drill counts the LLM calls it saves in llm-sim; this mesh has no llm-sim service")
+        self._gateway()  # its runs go in through the gateway
         before = self.service(name)
         provider = before["provider"] or self.config.providers.default
         self.label(f"resume:{name}:{uuid.uuid4().hex[:6]}")
@@ -624,7 +636,7 @@ class Runner:
     def _gateway(self) -> str:
         gw = next((n for n, s in self.config.services.items() if s.role == "gateway"), None)
         if gw is None:
-            raise DrillError("this mesh has no gateway")
+            raise DrillError("this drill submits its runs through the gateway; this mesh has no gateway service")
         return gw
 
     def crash_loop(self, name: str) -> Drill:

@@ -349,13 +349,24 @@ class JournaledStore:
     async def _replay_spill(self) -> None:
         if self.spill is None or not self.spill.exists():
             return
-        lines = self.spill.read_text().splitlines()
-        for line in lines:
-            op = Op.from_json(line)
-            with self.durable.pinned(op.mono, op.wall, op.drill):
-                await getattr(self.durable, op.method)(*op.args, **op.kwargs)
+        ops, unreadable = [], 0
+        for line in self.spill.read_text().splitlines():
+            try:
+                ops.append(Op.from_json(line))
+            except (ValueError, TypeError, KeyError):  # a line torn by the full disk it was saved on
+                unreadable += 1
+        if unreadable:
+            log.critical("registry: %d rows of %s could not be read (a save cut short, a full disk?) and are "
+                         "lost; the %d others are replayed", unreadable, self.spill, len(ops))
+        if ops:
+            # One transaction: a replay cut short (the database locked, the disk full) writes
+            # nothing and keeps the file, so the next daemon writes each row once, not twice.
+            async with self.durable.batch():
+                for op in ops:
+                    with self.durable.pinned(op.mono, op.wall, op.drill):
+                        await getattr(self.durable, op.method)(*op.args, **op.kwargs)
         self.spill.unlink()
-        log.warning("registry: replayed %d rows an earlier daemon could not write", len(lines))
+        log.warning("registry: replayed %d rows an earlier daemon could not write", len(ops))
 
 
 def _reason(err: BaseException) -> str:

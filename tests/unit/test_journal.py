@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 
@@ -360,3 +361,61 @@ async def test_a_row_refused_for_good_inside_a_batch_loses_itself_alone(tmp_path
             ("i-1", "p"), ("i-2", "p"), ("i-3", "r")]
     finally:
         await store.close()
+
+
+def spill_events(spill, kinds, torn_tail: str = "") -> None:
+    with open(spill, "w") as f:
+        for n, kind in enumerate(kinds):
+            f.write(json.dumps({"method": "event", "args": [kind, {"n": n}], "kwargs": {}, "mono": 1.0 + n,
+                                "wall": "2026-01-01T00:00:00.000Z", "drill": None}) + "\n")
+        f.write(torn_tail)
+
+
+async def test_a_replay_cut_short_writes_nothing_so_the_next_daemon_writes_each_row_once(tmp_path):
+    """The spill is replayed as one transaction: a daemon whose replay stopped half way (the
+    database locked, the disk full) left the rows it had written *and* the whole file, and the
+    next daemon wrote them a second time."""
+    path = tmp_path / "registry.db"
+    spill = tmp_path / "journal.jsonl"
+    open_and_prepare(path)
+    spill_events(spill, ["spilled-0", "spilled-1", "spilled-2"])
+    clock = FakeClock()
+    first = JournaledStore(SqlStore(SqliteDb(path, busy_timeout_ms=20), clock=clock), clock=clock, spill=spill)
+    real_event, calls = first.durable.event, []
+
+    async def locked_on_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("database is locked")
+        return await real_event(*args, **kwargs)
+
+    first.durable.event = locked_on_the_second  # type: ignore[method-assign]
+    with contextlib.suppress(sqlite3.OperationalError):
+        await first.open()
+    await first.durable.close()
+    assert spill.exists()
+    assert rows(path, "SELECT COUNT(*) FROM events WHERE kind LIKE 'spilled-%'") == [(0,)]
+    again = await journaled(path, clock, spill=spill)
+    try:
+        assert not spill.exists()
+        assert rows(path, "SELECT kind, COUNT(*) FROM events WHERE kind LIKE 'spilled-%' GROUP BY kind "
+                          "ORDER BY kind") == [("spilled-0", 1), ("spilled-1", 1), ("spilled-2", 1)]
+    finally:
+        await again.close()
+
+
+async def test_a_spill_torn_by_a_full_disk_does_not_stop_the_next_daemon(tmp_path):
+    """A daemon saving its journal on a full disk may write half a line: the next start
+    replays every whole row and says what it could not read, rather than refusing to start
+    on a JSON error at every `tron up`."""
+    path = tmp_path / "registry.db"
+    spill = tmp_path / "journal.jsonl"
+    open_and_prepare(path)
+    spill_events(spill, ["spilled-0", "spilled-1"], torn_tail='{"method": "event", "args": ["spilled-2", {"n"')
+    again = await journaled(path, FakeClock(), spill=spill)
+    try:
+        assert not spill.exists()
+        assert rows(path, "SELECT kind FROM events WHERE kind LIKE 'spilled-%' ORDER BY kind") == [
+            ("spilled-0",), ("spilled-1",)]
+    finally:
+        await again.close()

@@ -112,8 +112,25 @@ class Ctx:
     def require_daemon(self) -> MeshClient:
         mesh = self.mesh
         if mesh.daemon_health() is None:
-            raise CLIError(f"the mesh is not running on home {self.home.root} (start it with `tron up`)")
+            raise self.no_answer(mesh)
         return mesh
+
+    def no_answer(self, mesh: MeshClient) -> "CLIError":
+        """The daemon did not answer: not running, or running and stalled (stopped by a
+        signal, a blocked loop), which `tron up` would refuse as "another daemon runs"."""
+        import psutil
+
+        pid = self.daemon_pid(mesh)
+        if pid is None:
+            return CLIError(f"the mesh is not running on home {self.home.root} (start it with `tron up`)")
+        try:
+            stopped = psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            stopped = False
+        why = (f"it is stopped (a SIGSTOP? `kill -CONT {pid}` lets it go on)" if stopped
+               else "it is stalled or overloaded")
+        return CLIError(f"the daemon (pid {pid}) runs on home {self.home.root} but does not answer on "
+                        f"{mesh.daemon_url or 'its port'}: {why}; its services keep serving meanwhile")
 
 
 def _alive(pid: int) -> bool:
@@ -505,7 +522,7 @@ def cmd_reload(ctx: Ctx, args: argparse.Namespace) -> int:
     one is refused there, naming every error, and nothing changes."""
     mesh = MeshClient(ctx.home, None)
     if not mesh.daemon_url or mesh.daemon_health() is None:
-        raise CLIError(f"the mesh is not running on home {ctx.home.root} (start it with `tron up`)")
+        raise ctx.no_answer(mesh)
     body = {"reason": args.reason or "tron reload", "actor": f"{getpass.getuser()}@cli",
             "request_id": f"cli-{uuid.uuid4().hex[:16]}"}
     code, answer = mesh.call("POST", mesh.daemon_url + "/reload" + ("?dry_run=true" if args.dry_run else ""), body,

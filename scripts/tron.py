@@ -396,6 +396,11 @@ def registry_text(registry: dict) -> str:
 
 def cmd_status(ctx: Ctx, args: argparse.Namespace) -> int:
     status = ctx.require_daemon().status()
+    if "pid" not in (status.get("daemon") or {}):  # what /status shows anyone: up, names, states
+        token = ctx.home.token_file
+        raise CLIError(f"the daemon answered with its public status only (up, states): the operator's token at "
+                       f"{token} is {'not accepted' if token.exists() else 'missing'} (removed while the mesh "
+                       "runs?); `tron down` still stops the mesh, and the next `tron up` makes a new token")
     print(json.dumps(status, indent=2) if args.json else render_status(status))
     return 0
 

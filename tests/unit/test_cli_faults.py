@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,41 @@ def test_a_stalled_daemon_is_said_to_be_stalled_not_down(home, stalled_pid):
     assert run.stderr.splitlines() == [run.stderr.strip()]  # one line
     assert "not running" not in run.stderr and "start it with" not in run.stderr
     assert f"pid {stalled_pid}" in run.stderr and "does not answer" in run.stderr and "stopped" in run.stderr
+
+
+class PublicDaemon:
+    """A daemon that answers /status as the real one does without a credential: up, names, states."""
+
+    def __init__(self, home: Home) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = {"status": "ok", "home": str(home.root)} if self.path == "/health" else \
+                    {"daemon": {"up": True, "uptime": 1.0}, "services": [{"name": "root", "state": "running"}]}
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"]])
+def test_status_without_the_token_file_says_so_in_one_line(home, argv):
+    fake = PublicDaemon(home)
+    fake.thread.start()
+    try:
+        home.daemon_file.write_text(json.dumps({"pid": os.getpid(), "port": fake.server.server_address[1]}))
+        assert not home.token_file.exists()  # removed while the mesh runs
+        run = tron(home, *argv)
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.splitlines() == [run.stderr.strip()]
+    assert str(home.token_file) in run.stderr and "public" in run.stderr

@@ -274,9 +274,13 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     grace = config.policy.stop_grace if config else _daemon_grace(mesh)
     pid = ctx.daemon_pid(mesh)
     how = None
+    answers = pid is not None and bool(mesh.daemon_url) and mesh.daemon_health() is not None \
+        and ctx.home.token_file.exists()
+    spill = ctx.home.registry_db.with_name("journal.jsonl")
+    held = _held_rows(mesh, spill, force=args.force) if answers else 0
     if pid is not None:
         code, _ = mesh.try_call("POST", mesh.daemon_url + "/control/shutdown", {}, auth=True, timeout=5) \
-            if mesh.daemon_url and mesh.daemon_health() and ctx.home.token_file.exists() else (0, None)
+            if answers else (0, None)
         how = "shut down"
         if code != 202:  # and SIGCONT, as systemd does: a stopped daemon can act on it and stop its services
             os.kill(pid, signal.SIGTERM)
@@ -313,7 +317,38 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
         more = f" and {len(named) - 5} more" if len(named) > 5 else ""
         parts.append(f"ended {len(leftovers)} leftover process(es): {', '.join(named[:5])}{more}")
     print(f"mesh down: {'; '.join(parts)}. Nothing left running on {ctx.home.root}.")
+    if held:
+        saved = _lines(spill)
+        if saved < held:
+            print(f"tron down: LOST: the registry held {held} rows it could not write, and {spill} took "
+                  f"{saved}: the rest of the record is gone (see {ctx.home.log_file('daemon')})", file=sys.stderr)
+            return 1
+        print(f"warning: {saved} rows the registry could not write are saved in {spill}; the next `tron up` "
+              "writes them", file=sys.stderr)
     return 0
+
+
+def _held_rows(mesh: MeshClient, spill: Path, *, force: bool) -> int:
+    """Rows a degraded registry holds in the daemon's memory (0 when it writes): they survive
+    a shutdown only if its journal file takes them (not on a full disk), so without ``force``
+    `tron down` is refused while there are any, and nothing is stopped."""
+    code, status = mesh.try_call("GET", mesh.daemon_url + "/status", auth=True, timeout=5)
+    registry = (status or {}).get("registry") or {} if code == 200 and isinstance(status, dict) else {}
+    held = int(registry.get("pending") or 0) if registry.get("state") == "degraded" else 0
+    if held and not force:
+        raise CLIError(f"the registry cannot write ({registry.get('reason')} since {registry.get('since')}): {held} "
+                       f"rows are held in the daemon's memory only; a shutdown saves them to {spill} if the disk "
+                       "takes them, else they are lost. Clear the cause (free space, end the lock), wait for `tron "
+                       "status` to say the registry is ok, then `tron down`; or `tron down --force` now")
+    return held
+
+
+def _lines(path: Path) -> int:
+    """Whole lines in ``path`` (0 when it is missing)."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -945,7 +980,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the mesh")
     up.add_argument("--detach", action="store_true", help="return once every service is healthy")
-    sub.add_parser("down", help="stop everything")
+    down = sub.add_parser("down", help="stop everything")
+    down.add_argument("--force", action="store_true",
+                      help="stop even while the registry holds rows it cannot write (they may be lost)")
     st = sub.add_parser("status", help="show the tree")
     st.add_argument("--json", action="store_true")
     for verb, what in (("restart", "replace a service's incarnation now"),

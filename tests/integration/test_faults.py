@@ -96,11 +96,44 @@ def test_a_full_disk_degrades_the_registry_but_never_the_recovery(mesh_factory, 
     assert all(s["state"] == "running" for s in status(mesh)["services"])
     [row] = mesh.rows("SELECT status, result FROM runs WHERE run_id = ?", (run_id,))  # on disk now
     assert row["status"] == "done" and row["result"], row
-    # and with the disk full again, `tron down` still stops everything
+    # with the disk full again and a failure the registry cannot write, `tron down` refuses
+    # (the rows would be lost) and stops nothing; --force stops everything and says what is lost
     fill(tmpfs_home)
-    proc = mesh.tron("down", timeout=120)
-    assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
+    mesh.wait_replaced("programmer-2", mesh.kill("programmer-2"), timeout=20)
+    wait_for(lambda: (r := status(mesh)["registry"])["state"] == "degraded" and r["pending"], 20, "rows held")
+    running = {s["name"]: s["pid"] for s in status(mesh)["services"]}
+    proc = mesh.tron("down", timeout=60)
+    assert proc.returncode == 2 and "rows are held in the daemon's memory only" in proc.stderr, proc.stderr
+    assert "tron down --force" in proc.stderr and proc.stderr.count("\n") == 1
+    assert {s["name"]: s["pid"] for s in status(mesh)["services"]} == running  # nothing was stopped
+    proc = mesh.tron("down", "--force", timeout=120)
+    assert proc.returncode == 1 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
+    assert "LOST: the registry held" in proc.stderr, proc.stderr
     assert mesh.processes() == []
+
+
+def test_down_while_the_registry_is_locked_keeps_the_held_rows_for_the_next_daemon(mesh_factory):
+    mesh = mesh_factory(services=SMALL)
+    mesh.up()
+    holder = sqlite3.connect(mesh.home / "registry" / "registry.db", isolation_level=None, timeout=10)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        old = mesh.kill("programmer-1")
+        mesh.wait_replaced("programmer-1", old, timeout=20)
+        wait_for(lambda: (r := status(mesh)["registry"])["state"] == "degraded" and r["pending"], 20, "rows held")
+        proc = mesh.tron("down", timeout=60)
+        assert proc.returncode == 2 and "database locked" in proc.stderr, proc.stderr
+        assert mesh.status()["daemon"]["pid"]  # still up
+        proc = mesh.tron("down", "--force", timeout=120)
+        assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
+        assert "rows the registry could not write are saved in" in proc.stderr, proc.stderr
+        assert (mesh.home / "registry" / "journal.jsonl").stat().st_size > 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    mesh.up()  # the next daemon writes what the last one held: the restart is on record, once
+    wait_for(lambda: not (mesh.home / "registry" / "journal.jsonl").exists(), 30, "the journal replayed")
+    assert [r["retry_type"] for r in mesh.history("programmer-1")] == ["child_restart"]
 
 
 def test_a_lock_held_elsewhere_delays_no_restart(mesh):

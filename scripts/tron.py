@@ -402,6 +402,9 @@ def render_status(status: dict) -> str:
                      "services' output waits in their pipes for it, or goes to their log files unrotated")
     elif logs.get("died"):
         lines.append(f"logs: the log pump died {logs['died']} times and was started again each time")
+    if logs.get("reopened"):
+        lines.append(f"logs: {logs['reopened']} log file(s) were removed while their services ran and were made "
+                     "again; what was in them is gone")
     for n in (cluster or {}).get("nodes", []):
         state = "lost" if not n["alive"] else "cordoned" if n["cordoned"] else "ok" if n["agent_pid"] else "no agent"
         lines.append(f"node {n['node'][:12]} {n['ip']} {state}: {', '.join(n['services']) or 'no service'}")

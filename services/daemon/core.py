@@ -650,7 +650,8 @@ class Daemon:
             state = "disk_full" if stats.get("disk_full") else "ok"
         return {"pid": pump["pid"], "state": state, "died": pump["died"], "restarts": pump["restarts"],
                 "held_pipes": pump["held_pipes"], "dropped": sum(v["dropped"] for v in logs_.values()),
-                "rotations": sum(v["rotations"] for v in logs_.values())}
+                "rotations": sum(v["rotations"] for v in logs_.values()),
+                "reopened": sum(v.get("reopened", 0) for v in logs_.values())}
 
     def status(self) -> dict[str, Any]:
         now = self.clock.now()

@@ -40,6 +40,7 @@ import select
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -95,6 +96,11 @@ def rotate_if_large(path: Path, max_bytes: int, backups: int, *, stdio: bool = F
     try:
         st = path.stat()
     except FileNotFoundError:
+        if stdio and _removed_file_on_stdout():  # `rm -rf logs`: our own log made again, not written to nowhere
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _stdio_to(path)
+            log.error("this log file was removed while the daemon ran; written again from here (earlier lines are gone)")
+            return True
         return False
     if st.st_size <= max_bytes:
         return False
@@ -106,11 +112,27 @@ def rotate_if_large(path: Path, max_bytes: int, backups: int, *, stdio: bool = F
             return False
     rotate(path, backups)
     if stdio:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        _stdio_to(path)
     return True
+
+
+def _stdio_to(path: Path) -> None:
+    """Our stdout and stderr to ``path`` (appended to, made if missing)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _removed_file_on_stdout() -> bool:
+    """Our stdout is a file no longer in any folder (a terminal or a pipe is not)."""
+    try:
+        st = os.fstat(1)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 0
 
 
 @dataclass
@@ -130,12 +152,29 @@ class Sink:
     lines: int = 0
     rotations: int = 0
     total_dropped: int = 0
+    reopened: int = 0  # times its file was found removed and made again
 
     def open(self) -> None:
         if self.fd < 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the home's logs/ is 0700
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self.size = os.fstat(self.fd).st_size
+
+    def reopen_if_removed(self) -> bool:
+        """The open file was removed (``rm``, its folder's ``rm -rf``): what is written to it
+        goes nowhere anyone can read. Closed, so the next line makes it again, and says so."""
+        if self.fd < 0:
+            return False
+        try:
+            if os.fstat(self.fd).st_nlink > 0:
+                return False
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+        self.reopened += 1
+        self.say("this log file was removed while the service ran; written again from here (earlier lines are gone)")
+        return True
 
     def _write(self, data: bytes) -> None:
         self.open()
@@ -207,7 +246,8 @@ class Sink:
 
     def stats(self) -> dict:
         return {"bytes": self.size, "lines": self.lines, "rotations": self.rotations, "dropped": self.total_dropped,
-                "max_bytes": self.max_bytes, "backups": self.backups, "rate_limit": self.rate_limit}
+                "reopened": self.reopened, "max_bytes": self.max_bytes, "backups": self.backups,
+                "rate_limit": self.rate_limit}
 
 
 @dataclass
@@ -242,9 +282,18 @@ class Pump:
         self.exiting = False
 
     def check_disk(self, now: float) -> None:
+        """Once a second: the free space, and any log file removed under an open sink."""
         if now - self.checked < DISK_CHECK_EVERY:
             return
         self.checked = now
+        for sink in self.sinks.values():
+            try:
+                if sink.reopen_if_removed():
+                    print(json.dumps({"level": "error", "msg": "a log file was removed while its service ran: made "
+                                      "again", "path": str(sink.path)}), flush=True)
+            except OSError as err:  # made again at its next line, or dropped as a full disk's are
+                print(json.dumps({"level": "error", "msg": f"a removed log file cannot be made again: {err}",
+                                  "path": str(sink.path)}), flush=True)
         try:
             st = os.statvfs(self.logs_dir)
             free = st.f_bavail * st.f_frsize

@@ -124,6 +124,34 @@ def test_the_daemons_own_log_rotates_under_its_stdout(tmp_path):
     assert (tmp_path / "daemon.log.1").read_text() == "x" * 5000 + "\n"
 
 
+MADE_AGAIN = """
+import logging, shutil, sys
+from pathlib import Path
+from tron.services.daemon.logpump import rotate_if_large
+logging.basicConfig(stream=sys.stderr, format="%(message)s")
+path = Path(sys.argv[1])
+print("before", flush=True)
+assert not rotate_if_large(path, 4096, 2, stdio=True)  # there, and small
+shutil.rmtree(path.parent)  # `rm -rf logs` under a running daemon
+assert rotate_if_large(path, 4096, 2, stdio=True)
+print("after", flush=True)
+"""
+
+
+def test_the_daemons_own_log_removed_under_it_is_made_again(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "logs" / "daemon.log"
+    path.parent.mkdir()
+    with open(path, "ab") as out:
+        proc = subprocess.run([sys.executable, "-c", MADE_AGAIN, str(path)], stdout=out, stderr=subprocess.STDOUT)
+    assert proc.returncode == 0
+    assert path.read_text().splitlines() == [
+        "this log file was removed while the daemon ran; written again from here (earlier lines are gone)", "after"]
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
 def test_the_comms_log_rotates_by_name(tmp_path):
     from tron.services.daemon.logpump import rotate_if_large
 
@@ -182,3 +210,19 @@ def test_tron_logs_of_a_replicated_service_merges_its_replicas_those_a_scale_add
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert all(f"from replica {i}" in proc.stdout for i in (1, 2, 3)) and "not a replica" not in proc.stdout
+
+
+def test_a_log_removed_under_its_sink_is_made_again_and_says_so(tmp_path):
+    path = tmp_path / "logs" / "svc.log"
+    sink = Sink(path, max_bytes=10**9, backups=1, rate_limit=None)
+    sink.lines_in(lines(0, 3), now=1.0, disk_full=False)
+    assert not sink.reopen_if_removed()  # still there: nothing to do
+    import shutil
+
+    shutil.rmtree(tmp_path / "logs")  # `rm -rf logs` while the service runs
+    assert sink.reopen_if_removed() and sink.reopened == 1
+    sink.lines_in(lines(3, 5), now=2.0, disk_full=False)
+    text = path.read_text()
+    assert "this log file was removed while the service ran" in text and text.rstrip().endswith("4 " + "x" * 20)
+    assert (tmp_path / "logs").stat().st_mode & 0o777 == 0o700
+    assert sink.stats()["reopened"] == 1

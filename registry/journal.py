@@ -361,10 +361,18 @@ class JournaledStore:
         if ops:
             # One transaction: a replay cut short (the database locked, the disk full) writes
             # nothing and keeps the file, so the next daemon writes each row once, not twice.
-            async with self.durable.batch():
-                for op in ops:
-                    with self.durable.pinned(op.mono, op.wall, op.drill):
-                        await getattr(self.durable, op.method)(*op.args, **op.kwargs)
+            try:
+                async with self.durable.batch():
+                    for op in ops:
+                        with self.durable.pinned(op.mono, op.wall, op.drill):
+                            await getattr(self.durable, op.method)(*op.args, **op.kwargs)
+            except Exception as err:  # the daemon cannot start on a record it knows to be incomplete
+                from tron.registry.schema import RegistryUnwritable
+
+                raise RegistryUnwritable(f"the {len(ops)} rows an earlier daemon could not write ({self.spill}) cannot be "
+                                    f"written now ({_reason(err)}: {str(err)[:160]}); refusing to start on an "
+                                    "incomplete record: clear the cause (end the lock, free space), then "
+                                    "`tron up` again") from None
         self.spill.unlink()
         log.warning("registry: replayed %d rows an earlier daemon could not write", len(ops))
 

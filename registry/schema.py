@@ -466,6 +466,10 @@ class RegistryError(Exception):
     """The registry cannot be used; the message says why and what to do."""
 
 
+class RegistryUnwritable(RegistryError):
+    """A sound registry that cannot be written now (locked, a full disk): no backup helps."""
+
+
 def preflight(path: Path) -> None:
     """Checks that need no connection: a WAL or SHM file without its database means
     the base file was lost, and opening it would silently start from nothing."""

@@ -20,7 +20,7 @@ from tron.common.config import ConfigError, MeshConfig, load_mesh, registry_url
 from tron.common.paths import Home
 from tron.common.settings import apply_overlay, overlay_path, read_overlay
 from tron.registry.backup import newest_good
-from tron.registry.schema import RegistryError
+from tron.registry.schema import RegistryError, RegistryUnwritable
 from tron.services.daemon.lock import HomeLock, StartError
 from tron.services.daemon.spawner import ForkServerClient, local_fork_server
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon = build_daemon(config, home, config_path=config_path, lock=lock, forkserver=forkserver)
         return asyncio.run(serve(daemon))
     except RegistryError as err:
-        hint = "" if on_postgres else restore_hint(Home.resolve(args.home).registry_db)
+        hint = "" if on_postgres or isinstance(err, RegistryUnwritable) else \
+            restore_hint(Home.resolve(args.home).registry_db)
         print(f"tron daemon: {err}{hint}", file=sys.stderr)
         return 2
     except (ConfigError, StartError) as err:

@@ -128,6 +128,11 @@ def test_down_while_the_registry_is_locked_keeps_the_held_rows_for_the_next_daem
         assert proc.returncode == 0 and "Nothing left running" in proc.stdout, proc.stdout + proc.stderr
         assert "rows the registry could not write are saved in" in proc.stderr, proc.stderr
         assert (mesh.home / "registry" / "journal.jsonl").stat().st_size > 0
+        # still locked: the next daemon cannot write what the last one held, and says so in a line
+        proc = mesh.tron("up", "--detach", timeout=120)
+        assert proc.returncode != 0 and "refusing to start on an incomplete record" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert mesh.processes() == []
     finally:
         holder.execute("ROLLBACK")
         holder.close()

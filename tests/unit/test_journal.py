@@ -10,12 +10,14 @@ import json
 import sqlite3
 import time
 
+import pytest
+
 from tron.common.clock import FakeClock
 from tron.common.states import RetryType, RunState, TaskState
 from tron.registry.db import SqliteDb
 from tron.registry.journal import ROUTES, JournaledStore
 from tron.registry.protocol import Route
-from tron.registry.schema import open_and_prepare
+from tron.registry.schema import RegistryError, open_and_prepare
 from tron.registry.store import SqlStore
 
 
@@ -390,8 +392,9 @@ async def test_a_replay_cut_short_writes_nothing_so_the_next_daemon_writes_each_
         return await real_event(*args, **kwargs)
 
     first.durable.event = locked_on_the_second  # type: ignore[method-assign]
-    with contextlib.suppress(sqlite3.OperationalError):
-        await first.open()
+    with pytest.raises(RegistryError, match=r"the 3 rows an earlier daemon could not write .* \(database locked: "
+                                            r"database is locked\); refusing to start"):
+        await first.open()  # a one-line refusal the daemon prints, not a traceback
     await first.durable.close()
     assert spill.exists()
     assert rows(path, "SELECT COUNT(*) FROM events WHERE kind LIKE 'spilled-%'") == [(0,)]

@@ -813,9 +813,21 @@ def _registry(ctx: Ctx):
     from tron.registry.read import connect
 
     try:
-        return connect(ctx.mesh.registry())
+        conn = connect(ctx.mesh.registry())
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
+    _warn_if_behind(ctx.mesh)
+    return conn
+
+
+def _warn_if_behind(mesh: MeshClient) -> None:
+    """What is read from the registry's file lags the daemon while the registry is degraded
+    (rows held in its memory): said on stderr, so a listing is not taken for the whole record."""
+    health = mesh.daemon_health() if mesh.daemon_url else None
+    registry = (health or {}).get("registry") or {}
+    if registry.get("state") == "degraded":
+        print(f"warning: {registry_text(registry)}: what follows is what the registry holds on disk, without "
+              "them", file=sys.stderr)
 
 
 def _refuse_on_postgres(ctx: Ctx, what: str) -> None:

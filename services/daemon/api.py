@@ -231,6 +231,7 @@ async def health(request: web.Request) -> web.Response:
               "uptime": round(d.clock.now() - d.started_at, 1)}
     if d.access.identify(request) is not None:
         answer["pid"] = os.getpid()
+        answer["registry"] = d.registry_health()  # what a CLI reading the file directly must warn of
     return web.json_response(answer)
 
 

@@ -78,6 +78,8 @@ def test_a_full_disk_degrades_the_registry_but_never_the_recovery(mesh_factory, 
                         "the registry to say it is degraded")
     assert registry["reason"] == "disk full" and registry["pending"] > 0
     assert "registry: DEGRADED (disk full" in mesh.tron("status").stdout
+    for listing in (("history",), ("report",)):  # they read the file, which lags: they say so
+        assert "warning: registry: DEGRADED (disk full" in mesh.tron(*listing).stderr, listing
     assert "tron_registry_degraded 1.0" in mesh.http("GET", mesh.url("daemon") + "/metrics", token=False)[1]
     mesh.http("DELETE", sim + "/sim/faults")
     # the run goes on through the restarts with nothing written: it ends, and says so

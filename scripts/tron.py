@@ -397,6 +397,9 @@ def render_status(status: dict) -> str:
     if logs.get("state") == "disk_full":
         lines.append(f"logs: DISK NEARLY FULL: service logs are not written ({logs.get('dropped', 0)} lines dropped so "
                      "far); supervision goes on")
+    elif logs.get("state") == "not_answering":
+        lines.append(f"logs: DEGRADED: the log pump (pid {logs.get('pid')}) has not answered for {logs.get('silent_s')}s "
+                     "(stopped? stalled?); services' output waits in their pipes")
     elif logs.get("state") in ("restarting", "down"):
         lines.append(f"logs: DEGRADED: the log pump is {logs['state']} (died {logs.get('died', 0)} times); "
                      "services' output waits in their pipes for it, or goes to their log files unrotated")

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from tron.services.daemon.supervisor import Supervisor, new_id
 log = logging.getLogger("tron.daemon")
 # A leased task an agent's beats have not named for this long (or 4 beat intervals) is lost.
 LOST_TASK_GRACE = 5.0
+PUMP_SILENT = 2.0  # s a running log pump may not answer before /status says so
 LOST_TASK_CHECK_EVERY = 1.0
 
 # How POST /beat (and a beat on an agent's beat channel, beat_channel.py) answers a beat not accepted.
@@ -109,6 +111,7 @@ class Daemon:
         self.shutdown_requested = asyncio.Event()
         self.stopping = False
         self.log_stats: dict | None = None  # the log pump's counters, read by the housekeeping
+        self.log_pump_silent_since: float | None = None  # monotonic s: a pump that runs stopped answering
         self.logs_disk_full = False
         self.log_pump_seen = {"died": 0, "restarts": 0}  # the pump's counts already recorded as events
         self._recycling: set[str] = set()  # incarnations being recycled at a checkpoint (once each)
@@ -483,7 +486,16 @@ class Daemon:
         rotate_if_large(self.home.comms_log, limits.max_bytes, limits.backups)
         rotate_if_large(self.home.log_file(DAEMON), limits.max_bytes, limits.backups, stdio=True)
         stats = await asyncio.to_thread(self.sup.spawner.log_stats)
-        # (No answer while the pump is being started again: as it was.)
+        # No answer while the pump is being started again: as it was. No answer from a pump
+        # that runs (stopped, stalled): said, once, and /status says so after PUMP_SILENT.
+        pump = self.sup.spawner.log_pump_health()
+        silent = stats is None and pump is not None and pump["state"] == "up"
+        if silent and self.log_pump_silent_since is None:
+            self.log_pump_silent_since = time.monotonic()
+            log.error("the log pump (pid %s) does not answer: services' output waits in their pipes", pump["pid"])
+        elif not silent and self.log_pump_silent_since is not None:
+            self.log_pump_silent_since = None
+            log.warning("the log pump answers again")
         full = bool(stats.get("disk_full")) if stats is not None else self.logs_disk_full
         if full != self.logs_disk_full:
             self.logs_disk_full = full
@@ -493,7 +505,7 @@ class Daemon:
             else:
                 log.warning("room on the disk again: service logs are written again")
             await self.store.event("logs_disk_full" if full else "logs_resumed", {"min_free": limits.min_free})
-        self.log_stats = stats
+        self.log_stats = stats if stats is not None else self.log_stats
         await self._log_pump_events()
 
     async def _log_pump_events(self) -> None:
@@ -644,11 +656,16 @@ class Daemon:
             return None
         stats = self.log_stats or {}
         logs_ = stats.get("logs") or {}
+        silent = self.log_pump_silent_since
         if pump["state"] != "up":
             state = pump["state"]
+        elif silent is not None and time.monotonic() - silent >= PUMP_SILENT:
+            state = "not_answering"
         else:
             state = "disk_full" if stats.get("disk_full") else "ok"
-        return {"pid": pump["pid"], "state": state, "died": pump["died"], "restarts": pump["restarts"],
+        return {"pid": pump["pid"], "state": state,
+                "silent_s": round(time.monotonic() - silent, 1) if state == "not_answering" and silent else None,
+                "died": pump["died"], "restarts": pump["restarts"],
                 "held_pipes": pump["held_pipes"], "dropped": sum(v["dropped"] for v in logs_.values()),
                 "rotations": sum(v["rotations"] for v in logs_.values()),
                 "reopened": sum(v.get("reopened", 0) for v in logs_.values())}

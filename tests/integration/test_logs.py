@@ -209,6 +209,15 @@ def test_a_killed_log_pump_is_started_again_and_no_line_is_lost(mesh_factory, tm
     assert kinds == ["log_pump_died", "log_pump_restarted"], kinds
     assert mesh.metrics()[("tron_log_pump_deaths_total", ())] == 1
     assert "the log pump died 1 times" in mesh.tron("status").stdout
+    # a pump that runs but does not answer (stopped, stalled) is said to be so, then ok again
+    os.kill(new.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: mesh.status()["logs"]["state"] == "not_answering", 10, "the stopped pump to be said")
+        assert f"the log pump (pid {new.pid}) has not answered for" in mesh.tron("status").stdout
+    finally:
+        os.kill(new.pid, signal.SIGCONT)
+    wait_for(lambda: mesh.status()["logs"]["state"] == "ok", 10, "the pump to answer again")
+    assert mesh.service("steady")["pid"] == steady
 
 
 # Half a line, the rest 0.3 s later; then a prompt with no newline, and it waits.

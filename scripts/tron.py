@@ -147,7 +147,11 @@ def cmd_up(ctx: Ctx, args: argparse.Namespace) -> int:
     if ctx.mesh.daemon_health() is not None:
         raise CLIError(f"the mesh is already up on home {ctx.home.root} (pid {ctx.daemon_pid()}); "
                        "see `tron status`, or `tron down` first")
-    ctx.home.ensure()
+    try:
+        ctx.home.ensure()
+    except OSError as err:  # a read-only or foreign folder: one line, nothing started
+        raise CLIError(f"cannot prepare home {ctx.home.root}: {err.strerror or err}"
+                       + (f": {err.filename}" if err.filename else "")) from None
     argv = [sys.executable, "-m", "tron.services.daemon", "--home", str(ctx.home.root)]
     if ctx.config_path:
         argv += ["--config", str(ctx.config_path)]

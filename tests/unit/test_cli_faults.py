@@ -93,3 +93,12 @@ def test_status_without_the_token_file_says_so_in_one_line(home, argv):
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and run.stderr.splitlines() == [run.stderr.strip()]
     assert str(home.token_file) in run.stderr and "public" in run.stderr
+
+
+def test_up_on_a_home_it_cannot_prepare_says_so_in_one_line(tmp_path):
+    home = Home(tmp_path / "home")
+    home.root.mkdir()
+    (home.root / "registry").write_text("a file where the registry's folder goes")  # as a read-only mount fails
+    proc = tron(home, "up", "--detach")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot prepare home {home.root}" in proc.stderr and "Traceback" not in proc.stderr

@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import psutil
 
@@ -219,6 +220,34 @@ class Runner:
             time.sleep(0.05)
         drill.check(f"still healthy from the same new tree {self.settle_time():.1f}s after recovery", True)
 
+    def _port_of(self, name: str, before: dict) -> tuple[str, int] | None:
+        """Where a program listens of its own, reached from here: None for a socket the daemon
+        holds (it takes connections whoever serves it) or a service on another node."""
+        spec = self.config.services[name]
+        if spec.holds_socket or before.get("node") or not spec.port:
+            return None
+        url = urlsplit(self.mesh.url(name))
+        return (url.hostname or "127.0.0.1", url.port or spec.port)
+
+    def _takes_connections(self, name: str, before: dict) -> bool:
+        where = self._port_of(name, before)
+        if where is None:
+            return False
+        try:
+            socket.create_connection(where, timeout=1.0).close()
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _within(check, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not check():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def old_tree_gone(self, drill: Drill, before: dict) -> None:
         """Read where the old incarnation ran, by the daemon (its node agent on a Ray node)."""
         if not before["pid"]:
@@ -264,6 +293,7 @@ class Runner:
             raise DrillError(f"{name} is {before['state']}: a drill needs it running (see `tron status`)")
         self.label(f"{drill.name}:{name}:{uuid.uuid4().hex[:6]}")
         fresh, t_healthy = None, None
+        served = self._port_of(name, before) if self._takes_connections(name, before) else None
         try:
             drill.t0 = time.monotonic()
             detail = inject(before)  # it may move t0 to when the daemon sent the fault
@@ -277,6 +307,9 @@ class Runner:
                               and (read.session(conn, before["incarnation"]) or {}).get("status") == "ended",
                               10, "the alert and the old session's end to be recorded", interval=0.02)
                 self.stays_up(drill, name, fresh)
+                if served is not None:  # whatever its probes say: the port it served before serves again
+                    drill.check(f"its port {served[1]} takes connections again, as before the fault",
+                                self._within(lambda: self._takes_connections(name, before), 5.0))
         finally:
             self.label(None)
         self._timeline_from_registry(drill, name, before["incarnation"])

@@ -40,6 +40,17 @@ while True:
     time.sleep(1)
 """
 
+# Listens in its first incarnation only; later ones run and never listen.
+LISTENS_ONCE = """
+import os, socket, sys, time
+if not os.path.exists(sys.argv[2]):
+    open(sys.argv[2], "w").close()
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+while True:
+    time.sleep(1)
+"""
+
 
 def _server(tmp_path, source: str, *args: str) -> dict:
     script = tmp_path / "server.py"
@@ -86,3 +97,19 @@ def test_a_drill_that_never_sees_recovery_fails_with_its_timeline(mesh_factory, 
 
     proc = mesh.tron("drill", "kill", "once", timeout=60)  # not running now: the drill cannot start
     assert proc.returncode == 2 and "a drill needs it running" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_a_kill_drill_fails_when_the_port_it_served_is_not_served_again_whatever_its_probe_says(mesh_factory,
+                                                                                                tmp_path):
+    """A probe that proves nothing (it asks elsewhere: here, `true`) lets Tron take the new
+    incarnation for healthy; the drill asks the port itself, as a user would."""
+    service = {**_server(tmp_path, LISTENS_ONCE, str(tmp_path / "listened")),
+               "liveness": {"exec": {"command": ["true"]}, "interval": 0.2}}
+    mesh = mesh_factory(services={"mute": service})
+    mesh.up()
+    proc = mesh.tron("drill", "kill", "mute", "--json", timeout=120)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 1 and result["verdict"] == "fail", proc.stdout + proc.stderr
+    failed = [c["check"] for c in result["checks"] if not c["ok"]]
+    assert len(failed) == 1 and "takes connections again, as before the fault" in failed[0], failed
+    assert mesh.service("mute")["state"] == "running"  # Tron's own view: healthy; the drill is the one to say no

@@ -397,6 +397,10 @@ def render_status(status: dict) -> str:
     if own:
         lines.append(f"ownership: cgroup ({own['layout']}, {own['path']})" if own["mode"] == "cgroup"
                      else f"ownership: marks ({own.get('why') or 'no cgroups'})")
+    fork = status.get("fork_server") or {}
+    if fork.get("stopped"):
+        lines.append(f"fork server: DEGRADED: pid {fork.get('pid')} is stopped (SIGSTOP?); agents are spawned plainly, "
+                     "slower, until it runs")
     logs = status.get("logs") or {}
     if logs.get("state") == "disk_full":
         lines.append(f"logs: DISK NEARLY FULL: service logs are not written ({logs.get('dropped', 0)} lines dropped so "

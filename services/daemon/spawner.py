@@ -442,7 +442,8 @@ class LocalSpawner:
         fs = self.forkserver
         if fs is None:
             return None
-        return {"pid": fs.pid, "ready": fs.ready, "warm": fs.warm, "generation": fs.generation, "spawned": fs.spawned,
+        return {"pid": fs.pid, "ready": fs.ready, "stopped": fs.stopped(), "warm": fs.warm,
+                "generation": fs.generation, "spawned": fs.spawned,
                 "heir": fs.heir.pid if fs.heir is not None else None, "socket": fs.sock_path,
                 "huge_pages": fs.huge_pages}
 
@@ -1192,6 +1193,7 @@ class ForkServerClient:
         self.cwd = cwd
         self.env = env
         self.proc: subprocess.Popen | None = None
+        self._was_stopped = False  # said once when it is found stopped, once when it runs again
         self.ready = False
         self._warm = False  # the server has the LLM SDKs (it warms them up after it is ready): ``warm``
         self.warm_now = False  # the mesh is up: a server that is ready warms up ``WARM_AFTER_UP`` s later
@@ -1227,6 +1229,26 @@ class ForkServerClient:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    def stopped(self) -> bool:
+        """The server runs but is stopped (SIGSTOP, a debugger): it would answer nothing, and a
+        spawn would wait SPAWN_WAIT for it. One read of /proc (tens of microseconds)."""
+        pid = self.pid
+        if pid is None:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2][1:2]
+        except OSError:
+            return False
+        stopped = state in (b"T", b"t")
+        if stopped != self._was_stopped:
+            self._was_stopped = stopped
+            if stopped:
+                log.error("the fork server (pid %s) is stopped: agents are spawned plainly (slower) until it runs", pid)
+            else:
+                log.warning("the fork server (pid %s) runs again", pid)
+        return stopped
 
     def launch(self) -> bool:
         """Start the server process now, without waiting for it: the daemon does so before its
@@ -1427,7 +1449,7 @@ class ForkServerClient:
                     log_fd: int | None = None, *, cgroup: list[str] | None = None,
                     open_files: int | None = None, channel: socket.socket | None = None) -> int | None:
         """``channel``: the service's end of its beat channel (sent last; beat_channel.py)."""
-        if not self.ready:
+        if not self.ready or self.stopped():
             return None
         fds = tuple(fd for fd in (log_fd, listen_fd, channel.fileno() if channel else None) if fd is not None)
         # The server forks nothing after "deadline" (CLOCK_MONOTONIC, the same in every process
@@ -1453,7 +1475,7 @@ class ForkServerClient:
         """A standby forked now (forkserver.py): it joins ``cgroup``, reads the mesh file
         ``config`` ahead and waits. Its pid and the connection it waits on (closing it ends
         the standby); None when the server cannot serve."""
-        if not self.ready:
+        if not self.ready or self.stopped():
             return None
         async with self._standby_slot:
             try:

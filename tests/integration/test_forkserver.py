@@ -81,6 +81,28 @@ def test_a_dead_fork_server_is_replaced_and_spawns_meanwhile_fall_back_to_plain(
     assert mesh.tron("run", "after the fork server died").returncode == 0
 
 
+def test_a_stopped_fork_server_is_not_waited_for_and_is_said(mesh):
+    fs = mesh.status()["fork_server"]
+    os.kill(fs["pid"], signal.SIGSTOP)
+    try:
+        standby = mesh.standby("programmer-1")
+        if standby is not None:  # its standby would take over without the server: the spawn is what is asked
+            os.kill(standby[0], signal.SIGKILL)
+        old = mesh.kill("programmer-1")
+        back = mesh.wait_replaced("programmer-1", old)
+        assert spawn_modes(mesh, "programmer-1")[-1] == "plain" and made_by(back["pid"]) == "plain"
+        daemon_log = (mesh.home / "logs" / "daemon.log").read_text()
+        assert "fork server could not spawn" not in daemon_log  # not asked, so not waited for (SPAWN_WAIT)
+        assert f"the fork server (pid {fs['pid']}) is stopped" in daemon_log
+        assert mesh.status()["fork_server"]["stopped"] is True
+        assert f"fork server: DEGRADED: pid {fs['pid']} is stopped" in mesh.tron("status").stdout
+    finally:
+        os.kill(fs["pid"], signal.SIGCONT)
+    assert mesh.status()["fork_server"]["stopped"] is False
+    again = mesh.kill("programmer-1")
+    assert made_by(mesh.wait_replaced("programmer-1", again)["pid"]) == "fork"
+
+
 def checkout_copy(into) -> str:
     """The code of this checkout, copied: a mesh run with it on PYTHONPATH imports (and
     its fork server watches) these files, so a test may touch them without making the

@@ -412,3 +412,45 @@ def test_revoking_a_token_ends_the_sessions_it_opened_and_spends_its_codes():
     assert len(sessions) == 1 and sessions.redeem(waiting) is None
     assert sessions.refusal(waiting) == ("revoked", "token:ops@ui")
     assert sessions.end_minted_by("ops") == 0
+
+
+async def test_an_open_event_stream_ends_when_its_session_does():
+    """Revoking the token that opened a session (or logging out, or the session's end) ends
+    its open event stream too: a page left open must not go on receiving the mesh's rows
+    and logs once its session is gone."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tron.services.daemon.ui import pages
+    from tron.services.daemon.ui.context import UI_KEY, Ui
+
+    sessions = Sessions(FakeClock(), cookie="tron_ui_6109")
+    session = sessions.redeem(sessions.mint_code("token:ops@ui", minted_by="ops"))
+    assert session is not None
+    hub = Hub()
+    daemon = SimpleNamespace(sup=SimpleNamespace(services={}))
+    app = web.Application()
+    app[UI_KEY] = Ui(daemon=daemon, sessions=sessions, hub=hub, feed=None,
+                     live=SimpleNamespace(on_open=lambda client: None), templates=None)
+    app.router.add_get("/ui/events", pages.events)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.get("/ui/events?topics=beats", cookies={sessions.cookie: session.sid})
+        assert resp.status == 200
+        assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5) == b"retry: 2000\n\n"
+        hub.publish("beats", "beats", "{}")
+        assert b"event: beats" in await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+        assert sessions.end_minted_by("ops") == 1  # `tron token revoke ops`
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while loop.time() < deadline and not resp.content.at_eof():
+            hub.publish("beats", "beats", "{}")  # what the page would still be sent
+            try:
+                chunk = await asyncio.wait_for(resp.content.read(65536), 0.2)
+            except TimeoutError:
+                continue
+            assert b"event: beats" not in chunk, "a revoked session's stream still got live data"
+        assert resp.content.at_eof(), "the stream was still open 5 s after its session was revoked"
+        assert len(hub) == 0

@@ -434,7 +434,10 @@ async def events(request: web.Request, ui: Ui, session: Session) -> web.StreamRe
     topics = _topics(ui, request.query.get("topics", ""))
     if topics is None:
         return error(400, "topics: a comma-separated list of mesh, beats, svc:NAME, log:NAME")
-    return await sse.stream(request, ui.hub, topics, ui.live.on_open)
+    # A logout, a revoked token or the session's end closes the stream too: the session that
+    # opened it is asked again before each message.
+    return await sse.stream(request, ui.hub, topics, ui.live.on_open,
+                            alive=lambda: ui.sessions.of(request) is not None)
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -10,6 +10,10 @@ within ``CHECK_EVERY`` seconds, even when nothing is being published.
     hub = Hub(max_clients=200, queue_size=64)
     stream(request, hub, topics, on_open)   # the aiohttp handler body of GET /ui/events
     hub.publish("mesh", "mesh", html)        # to every client subscribed to topic "mesh"
+
+A stream lives no longer than what let it open: ``alive`` (the page's session, still
+logged in, not revoked, not expired) is asked before each message and at each check, and
+the stream ends when it says no.
 """
 
 from __future__ import annotations
@@ -133,9 +137,11 @@ def _abort(request: web.Request) -> None:
 
 
 async def stream(request: web.Request, hub: Hub, topics: Iterable[str],
-                 on_open: Callable[[Client], None]) -> web.StreamResponse:
-    """Serve one event stream until the peer leaves, is dropped, or the daemon stops.
-    ``on_open`` queues what a new client must see first (the current state)."""
+                 on_open: Callable[[Client], None],
+                 alive: Callable[[], bool] = lambda: True) -> web.StreamResponse:
+    """Serve one event stream until the peer leaves, is dropped, the daemon stops, or
+    ``alive()`` says the credential that opened it is gone (a logout, a revoked token, an
+    expired session). ``on_open`` queues what a new client must see first (the current state)."""
     try:
         client = hub.open(topics)
     except HubFull as err:
@@ -153,13 +159,13 @@ async def stream(request: web.Request, hub: Hub, topics: Iterable[str],
                 msg = await asyncio.wait_for(client.queue.get(), CHECK_EVERY)
                 idle = 0
             except TimeoutError:
-                if _gone(request):
+                if _gone(request) or not alive():
                     break
                 idle += 1
                 if idle < KEEPALIVE_EVERY:
                     continue
                 msg, idle = b": keepalive\n\n", 0
-            if msg is None:
+            if msg is None or not alive():
                 break
             await resp.write(msg)
     except ConnectionError:  # the browser closed the tab or navigated away: the normal end

@@ -28,13 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from tron.common import logs
 from tron.common.clock import Clock, MonotonicClock
 from tron.common.config import DAEMON, MeshConfig, Policy, registry_url
 from tron.common.http import MeshClient
 from tron.common.monitor import Monitor, MonitorThread, Signal, Verdict
 from tron.common.paths import Home, UnsafeTokenFile, ensure_token
-from tron.common.settings import merged_policy, overlay_path, read_overlay, write_overlay
+from tron.common.settings import field_errors, merged_policy, overlay_path, read_overlay, write_overlay
 from tron.common.models import Beat, Reason
 from tron.common.states import ServiceState, TaskState
 from tron.registry.protocol import Store
@@ -146,11 +148,22 @@ class Daemon:
 
     async def apply_policy(self, changes: dict, *, actor: str) -> Policy:
         """Validate and apply new policy numbers now, and keep them (the overlay file).
-        Raises pydantic's ValidationError, naming the fields, and changes nothing."""
-        new = merged_policy(self._policy, changes)
+        Raises pydantic's ValidationError, naming the fields, and changes nothing. A refused
+        change (invalid, or the overlay could not be kept) is audited too, with why."""
         before = self._policy.model_dump()
-        kept = {**read_overlay(self.overlay), **{k: v for k, v in new.model_dump().items() if before[k] != v}}
-        write_overlay(self.overlay, kept)
+        try:
+            new = merged_policy(self._policy, changes)
+            kept = {**read_overlay(self.overlay), **{k: v for k, v in new.model_dump().items() if before[k] != v}}
+            write_overlay(self.overlay, kept)
+        except ValidationError as err:
+            fields = field_errors(err)
+            await self.audit.record(actor, "settings", "policy", "", "", "refused: invalid settings: "
+                                    + ", ".join(f"{k}: {v}" for k, v in fields.items()), "", fields=fields)
+            raise
+        except OSError as err:
+            await self.audit.record(actor, "settings", "policy", "", "",
+                                    f"refused: not saved to {self.overlay}: {err.strerror or err}", "")
+            raise
         await self.replace_policy(new)
         changed = {k: {"from": before[k], "to": v} for k, v in new.model_dump().items() if before[k] != v}
         await self.store.event("audit", {"who": actor, "what": "settings", "target": "policy", "before": "",

@@ -547,8 +547,12 @@ async def test_new_settings_apply_at_once_and_are_kept_in_the_overlay(rig, tmp_p
     with pytest.raises(ValidationError, match="miss_threshold"):
         await d.apply_policy({"miss_threshold": 0}, actor="ops@ui")
     assert d.policy().miss_threshold == 6  # an invalid change changed nothing
-    [audit] = [e["payload"] for e in await rig.store.events(kind="audit")]
+    audit, refused = [e["payload"] for e in await rig.store.events(kind="audit")]
     assert audit["changed"]["miss_threshold"] == {"from": 3, "to": 6} and audit["who"] == "ops@ui"
+    # ... and is in the audit trail all the same: every operator action, accepted or refused
+    assert refused["who"] == "ops@ui" and refused["what"] == "settings"
+    assert refused["outcome"].startswith("refused: invalid settings: miss_threshold")
+    assert "miss_threshold" in refused["fields"]
 
 
 async def _fail_for_good(rig, n: int, reason: str):
@@ -723,7 +727,9 @@ async def test_settings_that_cannot_be_kept_are_not_applied(rig, monkeypatch):
     with pytest.raises(OSError):
         await rig.daemon.apply_policy({"max_restarts": before.max_restarts + 1}, actor="test")
     assert rig.daemon.policy() == before
-    assert await rig.store.events(kind="audit") == []
+    [refused] = [e["payload"] for e in await rig.store.events(kind="audit")]  # not applied, but audited
+    assert refused["who"] == "test" and refused["outcome"].startswith("refused: not saved to ")
+    assert "No space left on device" in refused["outcome"]
 
 
 async def test_a_leased_task_its_agent_stops_naming_is_lost_and_restarted_with_it(rig):

@@ -187,6 +187,22 @@ def test_a_later_failure_of_the_same_service_is_its_own_incident_and_does_not_re
     assert [i.alert_id for i in bar.update(105.2, [], down)] == ["a-2"]
 
 
+def test_a_service_that_fails_again_before_it_is_back_is_never_shown_recovered():
+    """A crash loop (a spawn that keeps failing, a service killed again while down): each
+    failure is a new alert, but the service never ran in between, so no incident of it may
+    say "recovered"; the bar shows the one failure that is going on."""
+    bar = AlertBar(hold=5)
+    bar.raised("a-1", "p1", "spawn_failed", ROW["created_at"], age=0.1)
+    assert [(i.alert_id, i.open) for i in bar.update(100.0, [], {"p1": {**DOWN, "last_failure": {"alert": "a-1"}}})] \
+        == [("a-1", True)]
+    down = {"p1": {**DOWN, "last_failure": {"alert": "a-2"}}}
+    assert [(i.alert_id, i.open) for i in bar.update(100.5, [], down)] == [("a-1", True)]  # a-2 not seen yet
+    bar.raised("a-2", "p1", "spawn_failed", ROW["created_at"], age=0.1)
+    assert [(i.alert_id, i.open) for i in bar.update(101.0, [], down)] == [("a-2", True)]
+    assert [(i.alert_id, i.open) for i in bar.update(101.1, [], {"p1": {**RUNNING, "last_failure": {"alert": "a-2"}}})] \
+        == [("a-2", False)]  # and once it runs again, that one is recovered
+
+
 def test_old_news_is_not_raised_but_an_open_alert_always_shows():
     bar = AlertBar(fresh=30)
     bar.raised("a-0", "p1", "process_exit", ROW["created_at"], age=31)

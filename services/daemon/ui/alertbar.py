@@ -62,9 +62,16 @@ class AlertBar:
         for alert_id, inc in list(self.incidents.items()):
             svc = services.get(inc.service)
             back = svc is None or svc["stopped"] or svc["state"] == "running"
-            ours = svc is not None and (svc.get("last_failure") or {}).get("alert") in (None, alert_id)
+            latest = (svc.get("last_failure") or {}).get("alert") if svc is not None else None
+            ours = svc is not None and latest in (None, alert_id)
             if alert_id in open_ids or (not back and ours):
                 inc.over_at = None
+            elif not back and inc.over_at is None:
+                # Its service failed again before it was ever back (a crash loop, a spawn that
+                # keeps failing): nothing recovered. The newer incident is the failure now; until
+                # the bar has it, this one stays open.
+                if latest in self.incidents:
+                    del self.incidents[alert_id]
             elif inc.over_at is None:
                 inc.over_at = now
             elif now - inc.over_at > self.hold:

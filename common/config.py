@@ -32,7 +32,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       field_validator, model_validator)
 
 from tron.common.lease import check_lease, default_lease
-from tron.common.models import Provider, validation_messages
+from tron.common.models import NAME_PATTERN, Provider, validation_messages
 from tron.common.prices import Price
 from tron.common.notify import NotifyEntry
 from tron.common.telemetry import TelemetrySection
@@ -694,6 +694,13 @@ class MeshConfig(_Strict):
         for name in self.services:
             if name == DAEMON:
                 raise ValueError(f"services.{name}: the name {DAEMON!r} is reserved")
+            # What the wire (alerts, beats: NAME_PATTERN), the log and state paths, the cgroups
+            # and the web UI's pages take. A name with "/" reached outside the home (its state
+            # directory, its cgroup) and, its alert refused, stayed "starting" for good; one
+            # with "<" had no page in the web UI.
+            if not re.fullmatch(NAME_PATTERN, name) or len(name) > 64:
+                raise ValueError(f"services.{name}: a service name is letters, digits, '_', '.' and '-', "
+                                 "starting with a letter or digit, at most 64 characters")
         ports: dict[int, str] = {self.mesh.daemon_port: "mesh.daemon_port"}
         owners: dict[int, str] = {}  # port -> the service (or replicated program) using it
         for name, spec in self.services.items():

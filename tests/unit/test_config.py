@@ -36,6 +36,12 @@ def test_port_offset_shifts_every_port():
     ({"services": {"a": {"role": "wizard", "port": 7001}}}, "role 'wizard' is not one of"),
     ({"services": {"a": {"role": "root", "port": 70000}}}, "services.a.port"),
     ({"services": {"daemon": {"role": "root", "port": 7001}}}, "the name 'daemon' is reserved"),
+    # A name reaches paths, cgroups, the wire's NAME_PATTERN and the web UI's URLs: "/" went
+    # outside the home, "<" had no page.
+    ({"services": {"../../tmp/x": {"command": ["x"], "port": 7001}}}, "services.../../tmp/x: a service name is"),
+    ({"services": {"x<img src=x>": {"command": ["x"], "port": 7001}}}, "services.x<img src=x>: a service name is"),
+    ({"services": {"-x": {"command": ["x"], "port": 7001}}}, "services.-x: a service name is"),
+    ({"services": {"n" * 65: {"command": ["x"], "port": 7001}}}, "a service name is"),
     ({"policy": {"heartbeat_interval": 0}, **base()}, "policy.heartbeat_interval"),
     # A section that is no table: once an AttributeError or a TypeError, not a message naming it.
     ({"mesh": 3, **base()}, "mesh: Input should be a valid dictionary"),

@@ -531,6 +531,32 @@ def test_pause_marks_the_row_refuses_new_tasks_for_the_service_and_resume_lifts_
     assert done[-2:] == [("pause", "paused", "web ui"), ("resume", "resumed", "web ui")]
 
 
+def test_the_keyboard_keeps_its_place_when_an_action_draws_the_row_again(ui, mesh):
+    """Keyboard only: Enter on a row's Pause, the confirmation accepted, and once the row is
+    drawn again the focus is on the button that took Pause's place (Resume), not thrown back
+    to the top of the page (38 Tab presses away at 1280 px); Enter again resumes it."""
+    row = ui.locator(ROW.format("programmer-2"))
+
+    def focused() -> list:
+        return ui.evaluate("() => { const e = document.activeElement; const r = e.closest('tr');"
+                           " return [r ? r.dataset.service : null, e.dataset.action || e.tagName]; }")
+
+    try:
+        row.locator('[data-action="pause"]').focus()
+        ui.keyboard.press("Enter")
+        expect(row.locator('[data-mark="paused"]')).to_be_visible()
+        wait_for(lambda: focused() == ["programmer-2", "resume"], 5, "the focus on programmer-2's Resume",
+                 interval=0.1)
+        ui.keyboard.press("Enter")
+        expect(row.locator('[data-mark="paused"]')).to_have_count(0)
+        wait_for(lambda: focused() == ["programmer-2", "pause"], 5, "the focus back on programmer-2's Pause",
+                 interval=0.1)
+    finally:  # nothing after this test may find it paused
+        if mesh.service("programmer-2")["paused"]:
+            mesh.http("POST", mesh.url("daemon") + "/services/programmer-2/resume", {"reason": "test cleanup"})
+    assert mesh.service("programmer-2")["paused"] is False
+
+
 def test_a_lane_paused_through_the_api_shows_its_reason_and_its_resume_button_opens_it(ui, mesh, artifacts):
     base = mesh.url("daemon")
     panel = ui.get_by_test_id("lanes")

@@ -7,7 +7,9 @@
 //   null; the API validates them); a success fires "tron:acted" on the body, on which the
 //   task page's summary, the run page's spend and the mesh page's panels are fetched again;
 // - the settings form is sent to PUT /settings; each error is shown next to its field;
-// - beat ages tick from the "beats" event; the live log keeps its last MAX_LOG_LINES.
+// - beat ages tick from the "beats" event; the live log keeps its last MAX_LOG_LINES;
+// - the keyboard keeps its place: a button whose row is drawn again (its own action's
+//   answer, a live update) hands the focus to the same button of the new row, or the row's first.
 // No framework and no build step: htmx and its SSE extension do the rest.
 (function () {
   "use strict";
@@ -38,6 +40,39 @@
     try { data = JSON.parse(text); } catch (_) { data = {error: text}; }
     return {status: resp.status, data};
   }
+
+  // -- the keyboard's place -----------------------------------------------------------------------
+  // A row is drawn again whenever it changes (sse-swap), and a button is disabled while its
+  // request runs: either took the focus away to <body>, and a keyboard user had to Tab from
+  // the top of the page again. The focused button is remembered by its row and verb, and
+  // given back once the focus fell to <body>.
+  const ROWS = ["service", "lane", "provider", "testid"];  // a row, else its panel (spawning, a task's actions)
+  let place = null;  // {row: a selector of the row, verb, index: the button's place in its row}
+
+  function placeOf(el) {
+    const button = el.closest && el.closest("button[data-action]");
+    const row = button && button.closest(ROWS.map((a) => `[data-${a}]`).join(","));
+    if (!row) return null;
+    const attr = ROWS.find((a) => row.dataset[a] !== undefined);
+    return {row: `${row.tagName.toLowerCase()}[data-${attr}="${CSS.escape(row.dataset[attr])}"]`,
+            verb: button.dataset.action, index: Array.from(row.querySelectorAll("button[data-action]")).indexOf(button)};
+  }
+
+  function restorePlace() {
+    if (!place || (document.activeElement && document.activeElement !== document.body)) return;
+    const row = document.querySelector(place.row);
+    if (!row) return;
+    // the same verb, else the button in its place (Pause gave way to Resume), else the row's link
+    const buttons = Array.from(row.querySelectorAll("button[data-action]:not([disabled])"));
+    const target = buttons.find((b) => b.dataset.action === place.verb)
+      || buttons[Math.min(place.index, buttons.length - 1)] || row.querySelector("a[href]");
+    if (target) target.focus();
+  }
+
+  document.addEventListener("focusin", (e) => {
+    if (e.target !== document.body) place = placeOf(e.target);
+  });
+  for (const name of ["htmx:afterSwap", "htmx:sseMessage"]) document.addEventListener(name, restorePlace);
 
   // -- action buttons (services/daemon/ui/actions.py draws them) -----------------------------
   function showBeside(control, text, ok) {
@@ -82,6 +117,7 @@
       showBeside(control, `failed: ${err}`, false);
     } finally {
       button.disabled = false;
+      restorePlace();  // the focus the disabled button lost, on it or on its row's new one
     }
   });
 

@@ -125,6 +125,10 @@ def allow(*scopes: Scope):
                 return await handler(request)
             except Refusal as r:
                 return await _refuse(request, caller, r.scope, r.why)
+            except (web.HTTPBadRequest, web.HTTPUnprocessableEntity, web.HTTPRequestEntityTooLarge) as bad:
+                if caller.is_operator and request.method != "GET":  # an operator's action refused: audited too
+                    await _audit_invalid(request, caller, bad)
+                raise
 
         guarded.__name__ = handler.__name__
         guarded.__doc__ = handler.__doc__
@@ -156,6 +160,23 @@ async def _refuse(request: web.Request, caller: Caller, scope: Scope, why: str) 
                              **({"unaudited_before": unaudited} if unaudited else {}))
         log.warning("refused", extra={"actor": caller.actor, "scope": str(scope), "path": path})
     return error(403, why, scope=str(scope), verdict="forbidden")
+
+
+async def _audit_invalid(request: web.Request, caller: Caller, bad: web.HTTPException) -> None:
+    """An operator's request refused for its input (400, 413, 422): an audit row, like any
+    refused action, within the same per-credential budget as refused scopes."""
+    d = _d(request)
+    audited, unaudited = d.refusals.admit(caller.actor, time.monotonic())
+    if not audited:
+        return
+    try:
+        why = json.loads(bad.text or "{}").get("error") or bad.reason
+    except (ValueError, AttributeError):
+        why = bad.text or bad.reason
+    path = printable(request.path, PATH_KEPT)
+    await d.audit.record(caller.actor, printable(f"{request.method} {request.path}", PATH_KEPT), path, "", "",
+                         f"refused ({bad.status}): {printable(str(why), 2 * PATH_KEPT)}", "",
+                         **({"unaudited_before": unaudited} if unaudited else {}))
 
 
 def _caller(request: web.Request) -> Caller:

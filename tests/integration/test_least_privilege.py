@@ -417,3 +417,7 @@ def test_a_flood_of_refused_requests_is_counted_not_audited_one_by_one_and_forge
                              {"reason": "a\r\nX-Injected: 1"})
     assert code == 422 and "control character" in json.dumps(answer), answer
     assert mesh.service("programmer-2")["paused"] is False
+    # ... and that refused action is in the audit trail too (accepted or refused, every one)
+    refused = wait_for(lambda: [a for a in audit(mesh) if a["what"] == "POST /services/programmer-2/pause"
+                                and a["outcome"].startswith("refused (422)")], 10, "the refused pause audited")
+    assert refused[0]["who"] == "token:operator" and "control character" in refused[0]["outcome"], refused

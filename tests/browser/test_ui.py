@@ -193,6 +193,22 @@ def test_nothing_without_a_login_and_a_code_works_once(browser, mesh, artifacts,
     stranger.close()
 
 
+def test_an_action_after_the_session_ended_says_so_and_how_to_log_in_again(browser, mesh):
+    context = browser.new_context(viewport={"width": 1280, "height": 640})
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.goto(login_url(mesh))
+    expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
+    base = mesh.url("daemon")
+    assert context.request.post(base + "/ui/logout", headers={"X-CSRF-Token": csrf(page)}).status == 204
+    page.locator(ROW.format("programmer-1")).locator('[data-action="pause"]').click()
+    expect(page.get_by_test_id("action-result")).to_contain_text(
+        "refused (401): this page's session has ended (logged out, expired, or its token revoked): `tron ui` "
+        "gives a new login link")
+    assert mesh.service("programmer-1")["paused"] is False
+    context.close()
+
+
 def test_a_login_is_an_audit_row_naming_its_actor(browser, mesh):
     actor = f"login-audit-{time.monotonic_ns()}@ui"  # no other login of the module has this name
     status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": actor})

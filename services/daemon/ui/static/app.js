@@ -108,7 +108,11 @@
         showBeside(control, `${data.status}${extra}`, true);
         document.body.dispatchEvent(new CustomEvent("tron:acted", {bubbles: true, detail: {what, data}}));
       } else {
-        const problem = data.error || JSON.stringify(data);
+        // 401: this page's session is over (logged out, expired, its token revoked); the API's
+        // own words would send an operator looking for a header they never handle.
+        const problem = status === 401
+          ? "this page's session has ended (logged out, expired, or its token revoked): `tron ui` gives a new login link"
+          : data.error || JSON.stringify(data);
         show(`${what} refused (${status}): ${problem}`, false);
         showBeside(control, `refused (${status}): ${problem}`, false);
       }

@@ -209,6 +209,20 @@ def test_an_action_after_the_session_ended_says_so_and_how_to_log_in_again(brows
     context.close()
 
 
+def test_a_viewers_page_offers_no_action_it_would_be_refused(browser, mesh):
+    status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"viewer": True})
+    assert status == 201, body
+    context = browser.new_context(viewport={"width": 1280, "height": 640})
+    page = context.new_page()
+    page.goto(body["url"])
+    row = page.locator(ROW.format("programmer-1"))
+    expect(row).to_be_visible()
+    assert row.locator("[data-action]").count() > 0  # in the page, as for everyone ...
+    expect(row.locator('[data-action="restart"]')).to_be_hidden()  # ... but not offered
+    assert page.locator("[data-action]:visible").count() == 0
+    context.close()
+
+
 def test_a_login_is_an_audit_row_naming_its_actor(browser, mesh):
     actor = f"login-audit-{time.monotonic_ns()}@ui"  # no other login of the module has this name
     status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": actor})

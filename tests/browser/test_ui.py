@@ -223,6 +223,36 @@ def test_a_viewers_page_offers_no_action_it_would_be_refused(browser, mesh):
     context.close()
 
 
+def test_a_page_hidden_for_a_while_gives_its_stream_back_and_is_fresh_when_shown(browser, mesh):
+    context = browser.new_context(viewport={"width": 1280, "height": 640})
+    page = context.new_page()
+    page.goto(login_url(mesh))
+    expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
+    held = wait_for(lambda: (n := stats(mesh)["sse_clients"]) >= 1 and n, 10, "this page's stream")
+    # as a browser says a tab went to the background (headless pages are never hidden)
+    page.evaluate("""() => { window.tronHiddenRelease = 50;
+        Object.defineProperty(document, "hidden", {value: true, configurable: true});
+        document.dispatchEvent(new Event("visibilitychange")); }""")
+    wait_for(lambda: stats(mesh)["sse_clients"] == held - 1, 10, "the hidden page's stream given back")
+    with page.expect_navigation():  # shown again: loaded afresh, with a stream of its own
+        page.evaluate("""() => { Object.defineProperty(document, "hidden", {value: false, configurable: true});
+            document.dispatchEvent(new Event("visibilitychange")); }""")
+    expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
+    wait_for(lambda: stats(mesh)["sse_clients"] == held, 10, "the page's stream again")
+    context.close()
+
+
+def test_at_800_px_every_action_of_the_mesh_page_is_on_screen(browser, mesh):
+    context = browser.new_context(viewport={"width": 800, "height": 640})
+    page = context.new_page()
+    page.goto(login_url(mesh))
+    expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
+    rights = page.eval_on_selector_all('[data-testid="service-row"] [data-action]',
+                                       "buttons => buttons.map(b => b.getBoundingClientRect().right)")
+    assert rights and max(rights) <= 800, max(rights)
+    context.close()
+
+
 def test_a_login_is_an_audit_row_naming_its_actor(browser, mesh):
     actor = f"login-audit-{time.monotonic_ns()}@ui"  # no other login of the module has this name
     status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"actor": actor})

@@ -30,11 +30,23 @@
     box.dataset.outcome = ok ? "ok" : "error";
   }
 
+  // A browser holds at most 6 connections to one host, and each open Tron page holds one for
+  // its live stream: with more pages, a request waits in the browser for a free one and could
+  // be sent minutes later, long after its operator gave up. Past ACTION_WAIT it is given up.
+  const ACTION_WAIT = 15000;
+
   async function call(method, url, body) {
-    const resp = await fetch(url, {
-      method, credentials: "same-origin", body: JSON.stringify(body),
-      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
-    });
+    let resp;
+    try {
+      resp = await fetch(url, {
+        method, credentials: "same-origin", body: JSON.stringify(body), signal: AbortSignal.timeout(ACTION_WAIT),
+        headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      });
+    } catch (err) {
+      if (err.name !== "TimeoutError") throw err;
+      throw new Error(`no answer within ${ACTION_WAIT / 1000} s; it was probably never sent (too many Tron pages ` +
+                      "open in this browser? each holds a connection): `tron audit` says whether it was done");
+    }
     const text = await resp.text();
     let data;
     try { data = JSON.parse(text); } catch (_) { data = {error: text}; }
@@ -184,6 +196,22 @@
     if (seconds < 3600) return `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, "0")}s`;
     return `${Math.floor(seconds / 3600)}h${String(Math.floor(seconds % 3600 / 60)).padStart(2, "0")}m`;
   }
+
+  // A page hidden for a while (another tab in front) gives its stream's connection back, and
+  // is loaded again, fresh, when it is shown: pages in the background do not use up the
+  // browser's 6 connections to the daemon.
+  let stream = null, hiddenTimer = null, released = false;
+  document.addEventListener("htmx:sseOpen", (e) => { stream = e.detail.source; });
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) {
+      hiddenTimer = setTimeout(() => {
+        if (stream) { stream.close(); released = true; }
+      }, window.tronHiddenRelease ?? 10000);
+    } else {
+      clearTimeout(hiddenTimer);
+      if (released) location.reload();
+    }
+  });
 
   document.addEventListener("htmx:sseOpen", (e) => {
     e.detail.source.addEventListener("beats", (msg) => {

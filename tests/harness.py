@@ -56,6 +56,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, *,
     return client_wait_for(predicate, timeout, what, interval, error=error, interval_max=POLL_MAX)
 
 
+def send_json(handler, body, status: int = 200) -> None:
+    """A fake server's answer (an http.server request handler): ``body`` as JSON."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def _ports_free(ports) -> bool:
     for port in ports:
         with socket.socket() as s:

@@ -14,6 +14,8 @@ every expected count is read from the registry, never assumed.
 
 from __future__ import annotations
 
+import contextlib
+
 import argparse
 import json
 import secrets
@@ -193,42 +195,56 @@ def test_nothing_without_a_login_and_a_code_works_once(browser, mesh, artifacts,
     stranger.close()
 
 
+@contextlib.contextmanager
+def logged_in_page(browser, mesh, *, url: str | None = None, width: int = 1280):
+    """A page of a context of its own, logged in (by ``url``, else a new login link) and showing
+    the mesh; its context closed after."""
+    context = browser.new_context(viewport={"width": width, "height": 640})
+    try:
+        page = context.new_page()
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(url or login_url(mesh))
+        expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
+        yield page
+    finally:
+        context.close()
+
+
 def test_an_action_after_the_session_ended_says_so_and_how_to_log_in_again(browser, mesh):
-    context = browser.new_context(viewport={"width": 1280, "height": 640})
-    page = context.new_page()
-    page.on("dialog", lambda dialog: dialog.accept())
-    page.goto(login_url(mesh))
-    expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
-    base = mesh.url("daemon")
-    assert context.request.post(base + "/ui/logout", headers={"X-CSRF-Token": csrf(page)}).status == 204
-    page.locator(ROW.format("programmer-1")).locator('[data-action="pause"]').click()
-    expect(page.get_by_test_id("action-result")).to_contain_text(
-        "refused (401): this page's session has ended (logged out, expired, or its token revoked): `tron ui` "
-        "gives a new login link")
-    assert mesh.service("programmer-1")["paused"] is False
-    context.close()
+    with logged_in_page(browser, mesh) as page:
+        base = mesh.url("daemon")
+        assert page.context.request.post(base + "/ui/logout", headers={"X-CSRF-Token": csrf(page)}).status == 204
+        page.locator(ROW.format("programmer-1")).locator('[data-action="pause"]').click()
+        expect(page.get_by_test_id("action-result")).to_contain_text(
+            "refused (401): this page's session has ended (logged out, expired, or its token revoked): `tron ui` "
+            "gives a new login link")
+        assert mesh.service("programmer-1")["paused"] is False
 
 
 def test_a_viewers_page_offers_no_action_it_would_be_refused(browser, mesh):
     status, body = mesh.http("POST", mesh.url("daemon") + "/ui/login-code", {"viewer": True})
     assert status == 201, body
-    context = browser.new_context(viewport={"width": 1280, "height": 640})
-    page = context.new_page()
-    page.goto(body["url"])
-    row = page.locator(ROW.format("programmer-1"))
-    expect(row).to_be_visible()
-    assert row.locator("[data-action]").count() > 0  # in the page, as for everyone ...
-    expect(row.locator('[data-action="restart"]')).to_be_hidden()  # ... but not offered
-    assert page.locator("[data-action]:visible").count() == 0
-    context.close()
+    with logged_in_page(browser, mesh, url=body["url"]) as page:
+        row = page.locator(ROW.format("programmer-1"))
+        assert row.locator("[data-action]").count() > 0  # in the page, as for everyone ...
+        expect(row.locator('[data-action="restart"]')).to_be_hidden()  # ... but not offered
+        assert page.locator("[data-action]:visible").count() == 0
 
 
 def test_a_page_hidden_for_a_while_gives_its_stream_back_and_is_fresh_when_shown(browser, mesh):
-    context = browser.new_context(viewport={"width": 1280, "height": 640})
-    page = context.new_page()
-    page.goto(login_url(mesh))
-    expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
-    held = wait_for(lambda: (n := stats(mesh)["sse_clients"]) >= 1 and n, 10, "this page's stream")
+    with logged_in_page(browser, mesh) as page:
+        _hide_and_show(page, mesh)
+
+
+def _steady_streams(mesh) -> int | None:
+    """The open streams, once the count held for 1.2 s (a closed page's is noticed within 1 s)."""
+    first = stats(mesh)["sse_clients"]
+    time.sleep(1.2)
+    return first if first >= 1 and stats(mesh)["sse_clients"] == first else None
+
+
+def _hide_and_show(page, mesh) -> None:
+    held = wait_for(lambda: _steady_streams(mesh), 15, "the streams of the pages closed before noticed gone")
     # as a browser says a tab went to the background (headless pages are never hidden)
     page.evaluate("""() => { window.tronHiddenRelease = 50;
         Object.defineProperty(document, "hidden", {value: true, configurable: true});
@@ -239,18 +255,13 @@ def test_a_page_hidden_for_a_while_gives_its_stream_back_and_is_fresh_when_shown
             document.dispatchEvent(new Event("visibilitychange")); }""")
     expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
     wait_for(lambda: stats(mesh)["sse_clients"] == held, 10, "the page's stream again")
-    context.close()
 
 
 def test_at_800_px_every_action_of_the_mesh_page_is_on_screen(browser, mesh):
-    context = browser.new_context(viewport={"width": 800, "height": 640})
-    page = context.new_page()
-    page.goto(login_url(mesh))
-    expect(page.locator(ROW.format("programmer-1"))).to_be_visible()
-    rights = page.eval_on_selector_all('[data-testid="service-row"] [data-action]',
-                                       "buttons => buttons.map(b => b.getBoundingClientRect().right)")
-    assert rights and max(rights) <= 800, max(rights)
-    context.close()
+    with logged_in_page(browser, mesh, width=800) as page:
+        rights = page.eval_on_selector_all('[data-testid="service-row"] [data-action]',
+                                           "buttons => buttons.map(b => b.getBoundingClientRect().right)")
+        assert rights and max(rights) <= 800, max(rights)
 
 
 def test_a_login_is_an_audit_row_naming_its_actor(browser, mesh):

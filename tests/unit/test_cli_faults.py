@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import send_json
+
 from tron.common.paths import Home
 
 TRON = str(Path(sys.executable).parent / "tron")
@@ -65,12 +67,7 @@ class PublicDaemon:
             def do_GET(self) -> None:
                 body = {"status": "ok", "home": str(home.root)} if self.path == "/health" else \
                     {"daemon": {"up": True, "uptime": 1.0}, "services": [{"name": "root", "state": "running"}]}
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, body)
 
             def log_message(self, *args) -> None:  # quiet
                 pass

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import send_json
+
 from tron.common.paths import Home
 from tron.scripts import tron
 
@@ -35,12 +37,7 @@ class FakeDaemon:
                 self.rfile.read(length)
                 body = {"status": "ok", "home": str(home.root)} if self.path == "/health" else \
                     {"status": "done", "usd": 1.0, "tokens": None}
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, body)
 
             do_GET = do_POST = _answer
 

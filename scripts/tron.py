@@ -282,6 +282,8 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
         and ctx.home.token_file.exists()
     spill = ctx.home.registry_db.with_name("journal.jsonl")
     held = _held_rows(mesh, spill, force=args.force) if answers else 0
+    daemon_log = ctx.home.log_file("daemon")
+    log_at = _size(daemon_log)  # what the daemon says of its journal at shutdown comes after this
     if pid is not None:
         code, _ = mesh.try_call("POST", mesh.daemon_url + "/control/shutdown", {}, auth=True, timeout=5) \
             if answers else (0, None)
@@ -323,13 +325,52 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     print(f"mesh down: {'; '.join(parts)}. Nothing left running on {ctx.home.root}.")
     if held:
         saved = _lines(spill)
-        if saved < held:
+        said = _journal_said(daemon_log, log_at)
+        # The registry may take writes again while the services stop (the lock ended, space
+        # freed): then it wrote what it held, and the journal file has fewer lines, or none.
+        if "lost" in said or (saved < held and "recovered" not in said):
             print(f"tron down: LOST: the registry held {held} rows it could not write, and {spill} took "
-                  f"{saved}: the rest of the record is gone (see {ctx.home.log_file('daemon')})", file=sys.stderr)
+                  f"{saved}: the rest of the record is gone (see {daemon_log})", file=sys.stderr)
             return 1
-        print(f"warning: {saved} rows the registry could not write are saved in {spill}; the next `tron up` "
-              "writes them", file=sys.stderr)
+        if saved:
+            print(f"warning: {saved} rows the registry could not write are saved in {spill}; the next `tron up` "
+                  "writes them", file=sys.stderr)
+        else:
+            print(f"the registry took writes again during the shutdown: the {held} rows it held are written",
+                  file=sys.stderr)
     return 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _journal_said(log: Path, offset: int) -> set[str]:
+    """What the registry's journal said in the daemon's log after ``offset``: "recovered"
+    (it wrote what it held), "lost" (rows neither the store nor the journal file took)."""
+    said: set[str] = set()
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return said
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("logger") != "tron.registry":
+            continue
+        msg = str(entry.get("msg", ""))
+        if msg.startswith("registry recovered"):
+            said.add("recovered")
+        elif msg.startswith("registry: ") and ("writes lost" in msg or "never reached the store" in msg):
+            said.add("lost")
+    return said
 
 
 def _held_rows(mesh: MeshClient, spill: Path, *, force: bool) -> int:

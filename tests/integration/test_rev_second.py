@@ -1,0 +1,53 @@
+"""Second review: claims of this morning's change checked against a running mesh."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import threading
+
+import psutil
+import pytest
+
+from tests.harness import REPO, TRON, wait_for
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"llm-sim": {"role": "llm_sim", "port": 6190},
+         "root": {"role": "root", "port": 6100},
+         "programmer-1": {"role": "programmer", "port": 6130, "parent": "root"}}
+
+
+def test_down_force_does_not_say_lost_when_the_registry_wrote_the_rows_during_the_shutdown(mesh_factory):
+    """`tron down --force` counts the rows held when it asked /status, then compares them
+    with the lines of journal.jsonl after the shutdown. A registry that takes writes again
+    while the services are being stopped (the lock ended, space freed) writes every row
+    and leaves no journal: nothing is lost."""
+    mesh = mesh_factory(services=SMALL)
+    mesh.up()
+    db = mesh.home / "registry" / "registry.db"
+    holder = sqlite3.connect(db, isolation_level=None, timeout=10)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    released = threading.Event()
+    try:
+        old = mesh.kill("programmer-1")
+        mesh.wait_replaced("programmer-1", old, timeout=20)
+        wait_for(lambda: (r := mesh.status()["registry"])["state"] == "degraded" and r["pending"], 20, "rows held")
+        service_pid = mesh.service("programmer-1")["pid"]
+        proc = subprocess.Popen([*TRON, "--config", str(mesh.config), "down", "--force"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=mesh.env, cwd=REPO)
+        # the lock ends once the services are being stopped (the CLI has read /status by then)
+        wait_for(lambda: not psutil.pid_exists(service_pid), 60, "the services stopping")
+        holder.execute("ROLLBACK")
+        released.set()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if not released.is_set():
+            holder.execute("ROLLBACK")
+        holder.close()
+    journal = mesh.home / "registry" / "journal.jsonl"
+    written = sqlite3.connect(db).execute(
+        "SELECT COUNT(*) FROM retry_history WHERE agent_id = 'programmer-1'").fetchone()[0]
+    assert not journal.exists() and written == 1, (journal.exists(), written)  # every row written: nothing lost
+    assert "LOST" not in err and proc.returncode == 0, (proc.returncode, err)
+    assert "rows it held are written" in err, err

@@ -56,7 +56,7 @@ from tron.services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
 from tron.services.daemon import reach
 from tron.services.daemon.core import VERDICT_STATUS, Daemon, verdict_message
 from tron.services.daemon.operators import SERVICE_VERBS, Refused
-from tron.services.daemon.audit import PATH_KEPT, printable
+from tron.services.daemon.audit import PATH_KEPT, RECORDED, printable
 from tron.services.daemon.providers import ProviderDesk
 from tron.services.daemon.spawner import SpawnError
 from tron.services.daemon.task_actions import TASK_VERBS
@@ -121,14 +121,24 @@ def allow(*scopes: Scope):
                 return await _refuse(request, caller, scopes[0],
                                      f"{caller.actor} ({caller.kind}) may not {request.method} {request.path}: "
                                      f"it needs the {scopes[0]} scope")
+            acting = caller.is_operator and request.method != "GET"
+            recorded = RECORDED.set(False)
             try:
-                return await handler(request)
+                resp = await handler(request)
             except Refusal as r:
                 return await _refuse(request, caller, r.scope, r.why)
             except (web.HTTPBadRequest, web.HTTPUnprocessableEntity, web.HTTPRequestEntityTooLarge) as bad:
-                if caller.is_operator and request.method != "GET":  # an operator's action refused: audited too
+                if acting:  # an operator's action refused: audited too
                     await _audit_invalid(request, caller, bad)
                 raise
+            else:
+                # A refusal the handler answered itself (an invalid body, a state that does not
+                # allow it, an unknown target), unless it audited it already (Audit.run, ...).
+                if acting and isinstance(resp, web.Response) and 400 <= resp.status < 500 and not RECORDED.get():
+                    await _audit_invalid(request, caller, resp)
+                return resp
+            finally:
+                RECORDED.reset(recorded)
 
         guarded.__name__ = handler.__name__
         guarded.__doc__ = handler.__doc__
@@ -162,9 +172,10 @@ async def _refuse(request: web.Request, caller: Caller, scope: Scope, why: str) 
     return error(403, why, scope=str(scope), verdict="forbidden")
 
 
-async def _audit_invalid(request: web.Request, caller: Caller, bad: web.HTTPException) -> None:
-    """An operator's request refused for its input (400, 413, 422): an audit row, like any
-    refused action, within the same per-credential budget as refused scopes."""
+async def _audit_invalid(request: web.Request, caller: Caller, bad: web.HTTPException | web.Response) -> None:
+    """An operator's request refused (for its input: 400, 413, 422; for the state or the
+    target: 404, 409): an audit row, like any refused action, within the same per-credential
+    budget as refused scopes."""
     d = _d(request)
     audited, unaudited = d.refusals.admit(caller.actor, time.monotonic())
     if not audited:

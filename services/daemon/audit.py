@@ -6,6 +6,7 @@ audit row, and ``load`` reads the latest ones back)."""
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 from typing import Awaitable, Callable
 
@@ -14,6 +15,9 @@ REMEMBERED = 1000  # request ids kept for idempotency (the audit trail keeps the
 REFUSALS_AUDITED = 30  # refused requests of one credential audited in full per window; the rest are counted
 REFUSAL_WINDOW = 60.0  # s
 PATH_KEPT = 200  # characters of a refused request's path kept in its audit row
+# Set when an audit row is recorded: the API's guard (api.allow) audits a refusal its
+# handler answered without one (a request's handler runs in one task, so it sees it).
+RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("tron_audit_recorded", default=False)
 
 
 class Refused(Exception):
@@ -74,6 +78,7 @@ class Audit:
         await self.store.event("audit", {"who": actor, "what": what, "target": target, "before": before,
                                          "after": after, "outcome": outcome, "reason": reason,
                                          "request_id": request_id, "ref": ref, **extra}, agent=agent)
+        RECORDED.set(True)
         log.info("operator %s %s: %s", what, target, outcome,
                  extra={"offender": target, "actor": actor, "action": what, "outcome": outcome})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import sqlite3
 import subprocess
 import threading
@@ -16,6 +18,31 @@ pytestmark = pytest.mark.integration
 SMALL = {"llm-sim": {"role": "llm_sim", "port": 6190},
          "root": {"role": "root", "port": 6100},
          "programmer-1": {"role": "programmer", "port": 6130, "parent": "root"}}
+
+
+def audit(mesh) -> list[dict]:
+    return [json.loads(r["payload"]) for r in mesh.rows("SELECT payload FROM events WHERE kind = 'audit' ORDER BY id")]
+
+
+def test_an_operator_action_refused_for_an_invalid_body_is_audited(mesh_factory):
+    """README, Audit trail: every operator action, accepted or refused (... an invalid body
+    ...), is an audit event."""
+    mesh = mesh_factory(services=SMALL)
+    mesh.up()
+    d = mesh.url("daemon")
+    code, answer = mesh.http("POST", d + "/runs/run-0123456789ab/budget", {"reason": "no number"})
+    assert code == 422, answer
+    code, answer = mesh.http("POST", d + "/tokens", {"name": "bad name with spaces!"})
+    assert code in (400, 422), answer
+    code, answer = mesh.http("PUT", d + "/settings", {"policy": {"miss_threshold": 0}})
+    assert code == 422, answer  # refused, and audited by the daemon itself: once, not twice
+    wait_for(lambda: [a for a in audit(mesh) if a["what"] == "POST /runs/run-0123456789ab/budget"], 10,
+             "the refused budget audited")
+    rows = audit(mesh)
+    [budget] = [a for a in rows if a["what"] == "POST /runs/run-0123456789ab/budget"]
+    assert budget["who"] == "token:operator" and budget["outcome"] == "refused (422): usd or tokens: name the new budget"
+    assert len([a for a in rows if a["what"] == "POST /tokens"]) == 1, rows
+    assert len([a for a in rows if a["what"] in ("settings", "PUT /settings")]) == 1, rows
 
 
 def test_down_force_does_not_say_lost_when_the_registry_wrote_the_rows_during_the_shutdown(mesh_factory):

@@ -1,4 +1,5 @@
-"""Second review: claims of this morning's change checked against a running mesh."""
+"""`tron down --force` while the registry takes writes again during the shutdown, and an operator's
+refused actions (an invalid body, a state that does not allow it) audited, on a running mesh."""
 
 from __future__ import annotations
 

@@ -358,6 +358,7 @@ class JournaledStore:
         if unreadable:
             log.critical("registry: %d rows of %s could not be read (a save cut short, a full disk?) and are "
                          "lost; the %d others are replayed", unreadable, self.spill, len(ops))
+        dropped = 0
         if ops:
             # One transaction: a replay cut short (the database locked, the disk full) writes
             # nothing and keeps the file, so the next daemon writes each row once, not twice.
@@ -365,16 +366,23 @@ class JournaledStore:
                 async with self.durable.batch():
                     for op in ops:
                         with self.durable.pinned(op.mono, op.wall, op.drill):
-                            await getattr(self.durable, op.method)(*op.args, **op.kwargs)
+                            try:
+                                await getattr(self.durable, op.method)(*op.args, **op.kwargs)
+                            except (AttributeError, TypeError, KeyError) as err:  # a row no store takes
+                                # (a method an upgrade renamed): dropped and said, as the live writer
+                                # does, not a refusal of every start to come
+                                dropped += 1
+                                log.critical("registry: a row of %s cannot be written by this version and is "
+                                             "dropped: %s: %s", self.spill, op.method, type(err).__name__)
             except Exception as err:  # the daemon cannot start on a record it knows to be incomplete
                 from tron.registry.schema import RegistryUnwritable
 
-                raise RegistryUnwritable(f"the {len(ops)} rows an earlier daemon could not write ({self.spill}) cannot be "
-                                    f"written now ({_reason(err)}: {str(err)[:160]}); refusing to start on an "
-                                    "incomplete record: clear the cause (end the lock, free space), then "
-                                    "`tron up` again") from None
+                raise RegistryUnwritable(f"the {len(ops)} rows an earlier daemon could not write ({self.spill}) cannot "
+                                         f"be written now ({_reason(err)}: {str(err)[:160]}); refusing to start on "
+                                         "an incomplete record: clear the cause (end the lock, free space), then "
+                                         "`tron up` again") from None
         self.spill.unlink()
-        log.warning("registry: replayed %d rows an earlier daemon could not write", len(ops))
+        log.warning("registry: replayed %d rows an earlier daemon could not write", len(ops) - dropped)
 
 
 def _reason(err: BaseException) -> str:

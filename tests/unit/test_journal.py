@@ -422,3 +422,21 @@ async def test_a_spill_torn_by_a_full_disk_does_not_stop_the_next_daemon(tmp_pat
             ("spilled-0",), ("spilled-1",)]
     finally:
         await again.close()
+
+
+async def test_a_spilled_row_no_store_method_takes_is_dropped_and_said_not_a_refusal_of_every_start(tmp_path, caplog):
+    """A row of an older version (a method since renamed) is dropped, loudly, and the rest
+    replayed: it is no reason to refuse every `tron up` to come, as a locked database is."""
+    path = tmp_path / "registry.db"
+    spill = tmp_path / "journal.jsonl"
+    open_and_prepare(path)
+    spill_events(spill, ["spilled-0"], torn_tail=json.dumps(
+        {"method": "renamed_since", "args": [], "kwargs": {}, "mono": 9.0, "wall": "2026-01-01T00:00:00.000Z",
+         "drill": None}) + "\n")
+    store = await journaled(path, FakeClock(), spill=spill)
+    try:
+        assert not spill.exists()
+        assert rows(path, "SELECT kind FROM events WHERE kind LIKE 'spilled-%'") == [("spilled-0",)]
+        assert "cannot be written by this version and is dropped: renamed_since" in caplog.text
+    finally:
+        await store.close()

@@ -1198,6 +1198,7 @@ class ForkServerClient:
         self._warm = False  # the server has the LLM SDKs (it warms them up after it is ready): ``warm``
         self.warm_now = False  # the mesh is up: a server that is ready warms up ``WARM_AFTER_UP`` s later
         self.up_at = 0.0  # time.monotonic() of warm_up()
+        self.warm_after_up = self.WARM_AFTER_UP  # warm_up() reads the test knob
         self.stopping = False
         self.generation = 0
         self.spawned = 0
@@ -1319,6 +1320,7 @@ class ForkServerClient:
     # cold server (healthy as fast; the new agent imports its SDK itself). Counted from up
     # only: restarts (a crash loop) never put the warm-up off further.
     WARM_AFTER_UP = 10.0
+    WARM_AFTER_UP_KNOB = "TRON_TEST_WARM_AFTER_UP"  # a test knob: a shorter wait (the daemon's environment)
 
     def warm_up(self) -> None:
         """The mesh is up (the daemon's bring-up is over): the server imports the LLM SDKs
@@ -1327,6 +1329,7 @@ class ForkServerClient:
         ready once that time has passed."""
         self.warm_now = True
         self.up_at = time.monotonic()
+        self.warm_after_up = float(os.environ.get(self.WARM_AFTER_UP_KNOB) or self.WARM_AFTER_UP)
 
     async def _until_warm(self, proc: subprocess.Popen, interval: float = 0.5) -> None:
         """Once the mesh is up (``warm_now``), a warm server takes over from this cold one
@@ -1339,7 +1342,7 @@ class ForkServerClient:
                 # The server is told first that an heir will warm (it no longer warms up in
                 # place untold), then the heir starts WARM_AFTER_UP s after the mesh is up.
                 heir_path = heir_path or await self._waive(proc)
-                if heir_path and (left := self.up_at + self.WARM_AFTER_UP - time.monotonic()) > 0:
+                if heir_path and (left := self.up_at + self.warm_after_up - time.monotonic()) > 0:
                     await asyncio.sleep(min(left, interval))
                     continue
                 if heir_path and await self._hand_to_heir(proc, heir_path):

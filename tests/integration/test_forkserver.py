@@ -365,8 +365,10 @@ def test_a_warm_heir_takes_over_so_that_no_restart_waits_for_the_sdk_import(mesh
     own socket, and the cold server retires: it exits and its socket is gone."""
     m = mesh_factory()
     m.env["TRON_TEST_WARM_UP_DELAY"] = "6"
+    # the heir starts 5 s after up here (10 s shipped): none seen for the first 3 s of them
+    m.env["TRON_TEST_WARM_AFTER_UP"] = "5"
     m.up()
-    _no_heir_until(m, time.monotonic() + 6.0)
+    _no_heir_until(m, time.monotonic() + 3.0)
     fs = wait_for(lambda: (s := m.status()["fork_server"])["heir"] and s, 30, "an heir warming up")
     assert fs["ready"] and not fs["warm"]
     old = m.service("programmer-1")

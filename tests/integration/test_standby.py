@@ -48,6 +48,7 @@ def _has_sdk(pid: int) -> bool:
 
 def test_a_killed_agent_comes_back_as_its_standby_in_its_own_cgroup_and_works(mesh_factory):
     m = mesh_factory()
+    m.env["TRON_TEST_WARM_AFTER_UP"] = "4"  # 10 s shipped: the cold standby comes within 0.5 s
     m.up()
     # A standby comes at once, from the cold server (the SDKs' heir starts WARM_AFTER_UP s after up)...
     cold, _ = standby_of(m, "programmer-1")
@@ -286,6 +287,7 @@ def test_a_drills_census_counts_a_standby_being_made_as_the_fork_servers_not_a_s
     from tron.scripts.drills import Runner
 
     m = mesh_factory()
+    m.env["TRON_TEST_WARM_AFTER_UP"] = "1"  # the warm heir is what this needs, not its wait (10 s shipped)
     m.up()
     wait_for(lambda: m.status()["fork_server"]["warm"], 90, "the warm heir to take over")
     standby_of(m, "programmer-1")  # the mesh's own standbys are in place (and listed)

@@ -63,7 +63,8 @@ def test_a_full_disk_degrades_the_registry_but_never_the_recovery(mesh_factory, 
     mesh = mesh_factory(home=tmpfs_home / "home")
     mesh.up()
     sim = mesh.url("llm-sim")
-    assert mesh.http("PUT", sim + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 1500})[0] == 200
+    assert mesh.http("PUT", sim + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 1500, "after": 1})[0] == 200
+    # after=1: the run's first call, the architect's plan, goes through at once
     code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "in flight while the disk fills"})
     assert code == 202, body
     run_id = body["run_id"]

@@ -149,7 +149,9 @@ def test_run_completes_end_to_end_through_llm_sim(mesh):
 
 def test_a_task_in_flight_survives_the_death_of_its_programmer(mesh):
     # Slow the provider so the programmer is mid-task when it dies.
-    code, _ = mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/anthropic", {"kind": "latency", "latency_ms": 1500})
+    # after=1: the run's first call, the architect's plan, goes through at once
+    code, _ = mesh.http("PUT", mesh.url("llm-sim") + "/sim/faults/anthropic",
+                        {"kind": "latency", "latency_ms": 1500, "after": 1})
     assert code == 200
     code, body = mesh.http("POST", mesh.url("gateway") + "/runs", {"prompt": "resume me"})
     assert code == 202

@@ -75,7 +75,8 @@ def test_stop_fails_a_live_task_with_service_stopped_and_a_new_one_is_refused_un
     `service_stopped` and tells their parents (the run ends, it does not wait); a task given
     to it afterwards is refused with the same reason (the README said it waited for `tron
     start`: the code refuses, as the unit test of the breaker says, and the README now does)."""
-    fault(mesh, "anthropic", "latency", latency_ms=3000)
+    # after=1: the run's first call, the architect's plan, goes through at once
+    fault(mesh, "anthropic", "latency", latency_ms=3000, after=1)
     run_id = submit(mesh, "slow work to be stopped")
     busy = wait_for(lambda: (s := mesh.service("programmer-1"))["task"] and s, 60, "programmer-1 to take its task")
     proc = mesh.tron("stop", "programmer-1", "--reason", "promise check")

@@ -101,7 +101,8 @@ def test_a_killed_programmer_resumes_after_its_last_step_with_its_output(mesh):
 
 
 def test_recovery_actions_through_the_api_and_the_cli(mesh):
-    fault(mesh, "anthropic", "latency", latency_ms=3000)
+    # after=1: the run's first call, the architect's plan, goes through at once
+    fault(mesh, "anthropic", "latency", latency_ms=3000, after=1)
     code, body = submit(mesh, "slow work")
     assert code == 202
     root_task = body["task_id"]
@@ -161,7 +162,8 @@ def test_hard_reset_replays_the_verified_steps_and_resume_from_step_redoes_the_r
     run again; a resume from step 1 sets step 1 aside and both steps are run again."""
     # Each call takes 6 s: long enough that neither programmer finishes step 2 while the API
     # call and the CLI (over a second to start on a loaded machine) act on them.
-    fault(mesh, "anthropic", "latency", latency_ms=6000)
+    # after=1: the run's first call, the architect's plan, goes through at once
+    fault(mesh, "anthropic", "latency", latency_ms=6000, after=1)
     code, body = submit(mesh, "two slow steps")
     assert code == 202, body
     run_id = body["run_id"]
@@ -252,7 +254,8 @@ def test_ten_concurrent_restarts_and_retries_admit_one_each(mesh):
     rows = mesh.rows("SELECT * FROM retry_history WHERE agent_id = 'programmer-1' AND retry_type = 'operator_restart'")
     assert len(rows) == admitted, rows
     # a live task retried ten times at once: one new attempt
-    fault(mesh, "anthropic", "latency", latency_ms=3000)
+    # after=1: the run's first call, the architect's plan, goes through at once
+    fault(mesh, "anthropic", "latency", latency_ms=3000, after=1)
     try:
         code, body = submit(mesh)
         assert code == 202

@@ -25,13 +25,14 @@ POLICY = {"heartbeat_interval": 1.0, "miss_threshold": 3, "max_restarts": 3, "re
           "min_uptime": 1.0, "max_provider_switches": 1, "start_timeout": 10.0}
 
 
-def mesh(**services):
+def mesh(policy: dict | None = None, **services):
+    """``policy``: keys that differ from POLICY."""
     services = services or {
         "web": {"command": ["web-server"], "port": 7001},
         "root": {"role": "root", "port": 7002},
         "worker": {"role": "programmer", "port": 7003, "parent": "root"},
     }
-    return parse_mesh({"mesh": {"daemon_port": 7000}, "policy": POLICY, "services": services})
+    return parse_mesh({"mesh": {"daemon_port": 7000}, "policy": {**POLICY, **(policy or {})}, "services": services})
 
 
 class Rig:
@@ -179,7 +180,9 @@ async def test_a_crash_loop_is_flagged_escalated_once_and_ends_after_a_quiet_win
 
 
 async def test_a_program_that_cannot_start_fails_alone_and_keeps_being_retried(tmp_path):
-    r = Rig(tmp_path, mesh(ghost={"command": ["ghost-bin"], "port": 7001},
+    # The bring-up waits for a start that never settles up to start_timeout + 1 s of real time
+    # (asyncio, not the rig's clock): 1 s here, not POLICY's 10; nothing else here depends on it.
+    r = Rig(tmp_path, mesh(policy={"start_timeout": 1.0}, ghost={"command": ["ghost-bin"], "port": 7001},
                            root={"role": "root", "port": 7002}))
     r.spawner.failures["ghost"] = "command not found: ghost-bin"
     await r.start()
@@ -219,7 +222,7 @@ async def test_an_agent_keeps_its_listening_socket_across_restarts_and_a_stop_cl
 
 
 async def test_a_port_someone_else_holds_is_a_start_failure_that_names_it(tmp_path):
-    r = Rig(tmp_path, mesh(root={"role": "root", "port": 7002},
+    r = Rig(tmp_path, mesh(policy={"start_timeout": 1.0}, root={"role": "root", "port": 7002},  # as above
                            app={"command": ["gunicorn", "app:app"], "port": 7004, "socket": "inherit"}))
     r.spawner.busy_ports.add(7004)
     await r.start()

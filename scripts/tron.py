@@ -262,6 +262,11 @@ def _open_sessions(ctx: Ctx, config: MeshConfig | None) -> list[dict]:
         return []
 
 
+# s `tron down` gives a daemon beyond its stop_grace to stop its services and itself, before SIGKILL
+DOWN_SLACK = 15.0
+DOWN_SLACK_KNOB = "TRON_TEST_DOWN_SLACK"  # a test knob: a shorter wait for a daemon that will not stop
+
+
 def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
     """API first; a daemon that does not answer gets SIGTERM, then SIGKILL after the grace
     period; then every process of the home, found by its environment, is ended. "Nothing
@@ -293,10 +298,11 @@ def cmd_down(ctx: Ctx, args: argparse.Namespace) -> int:
             os.kill(pid, signal.SIGCONT)
             how = "sent SIGTERM"
         # The daemon stops every service (in parallel, each within its grace), then itself.
-        if not wait_gone(pid, grace + 15):
+        slack = float(os.environ.get(DOWN_SLACK_KNOB) or DOWN_SLACK)
+        if not wait_gone(pid, grace + slack):
             os.kill(pid, signal.SIGKILL)
             wait_gone(pid, 5)
-            how = f"killed (it did not stop within {grace + 15:.0f}s)"
+            how = f"killed (it did not stop within {grace + slack:.0f}s)"
     leftovers = home_processes(str(ctx.home.root))
     named = describe(leftovers)  # before they are gone
     survivors = []

@@ -188,12 +188,12 @@ def test_the_mesh_token_never_reaches_a_program_that_is_not_ours(mesh_factory, t
 def test_a_program_that_never_becomes_ready_fails_at_start_timeout_and_backs_off(mesh_factory):
     """Backing off is measured from the registry: the daemon's clock when each attempt
     started (not the kernel's start time of its process: that is its gate's, made ahead of
-    the start, spawner.Gate). Each attempt takes start_timeout (2 s) before it is ended;
+    the start, spawner.Gate). Each attempt takes start_timeout (1 s) before it is ended;
     with backoff 1.5 s doubling to a 3 s cap (no jitter) the waits between attempts grow to
     the cap."""
     services = {"mute": {"command": ["{python}", "-c", "import time; time.sleep(600)"], "port": 6150,
                          "startup": {"tcp": {}, "interval": 0.2, "timeout": 0.2}}}
-    policy = {"start_timeout": 2.0, "backoff_initial": 1.5, "backoff_factor": 2.0, "backoff_max": 3.0,
+    policy = {"start_timeout": 1.0, "backoff_initial": 1.5, "backoff_factor": 2.0, "backoff_max": 3.0,
               "backoff_jitter": 0.0}
     mesh = mesh_factory(services=services, policy=policy)
     proc = mesh.tron("up", "--detach")

@@ -188,8 +188,9 @@ def test_a_runaway_at_the_top_is_never_switched_into_a_drained_provider(mesh_fac
     drained one never gets a request."""
     from tests.integration.test_providers import sim_counters
 
-    mesh = mesh_factory(services=SERVICES, policy={"progress_timeout": 1.5, "max_provider_switches": 2},
-                        providers={"timeout": 60.0})
+    # One restart in place (level 1, the test before this one's subject) before the task goes up to the top
+    mesh = mesh_factory(services=SERVICES, policy={"progress_timeout": 1.5, "max_provider_switches": 2,
+                                                   "max_restarts": 1}, providers={"timeout": 60.0})
     mesh.up()
     fault(mesh, "anthropic", "hang")
     run_id = submit(mesh)

@@ -15,9 +15,10 @@ SMALL = {"llm-sim": {"role": "llm_sim", "port": 6190},
          "worker": {"role": "programmer", "port": 6130, "parent": "root"}}
 
 
-def scenario(mesh) -> dict:
+def scenario(mesh, *, up: bool = True) -> dict:
     """A run through the root, a kill of the worker, a drill: what the registry says."""
-    mesh.up()
+    if up:
+        mesh.up()
     code, run = mesh.http("POST", mesh.url("daemon") + "/runs", {"prompt": "count the rows"})
     assert code == 201, run
     done = json.loads(mesh.tron("run", "--agent", "worker", "--json", "two steps", timeout=90, check=True).stdout)
@@ -41,9 +42,16 @@ def scenario(mesh) -> dict:
 
 
 def test_the_same_mesh_writes_the_same_rows_on_postgresql_as_on_sqlite(mesh_factory, postgres):
-    on_sqlite = scenario(mesh_factory(services=SMALL))
+    from concurrent.futures import ThreadPoolExecutor
+
+    lite = mesh_factory(services=SMALL)
+    lite.up()  # its ports taken before the other mesh's are chosen
     pg = mesh_factory(services=SMALL, registry_url=postgres.database())
-    on_postgres = scenario(pg)
+    # two meshes of their own (home, ports, registry): the same scenario on both at once
+    with ThreadPoolExecutor(2) as pool:
+        sqlite_rows = pool.submit(scenario, lite, up=False)
+        on_postgres = scenario(pg)
+        on_sqlite = sqlite_rows.result()
     assert on_postgres == on_sqlite
     assert not (pg.home / "registry" / "registry.db").exists()  # nothing went to the file
     # every row exactly once: the unique keys hold on the server too

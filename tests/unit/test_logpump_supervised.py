@@ -216,4 +216,6 @@ async def test_the_read_ends_a_new_daemon_takes_from_a_pump_are_close_on_exec(ho
         assert second.held and not any(os.get_inheritable(fd) for fd in second.held), second.held
     finally:
         os.close(w)
-        await second.stop()
+        # The pump is this process's child (the first client started it): reaped here as it exits,
+        # as a dead daemon's pump is by its subreaper; a zombie held second.stop() for its whole 5 s.
+        await asyncio.gather(second.stop(), asyncio.to_thread(first.proc.wait, 30))

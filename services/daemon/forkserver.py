@@ -542,6 +542,7 @@ def serve(sock_path: str, parent: int | None = None) -> int:
 
 
 WARM_UNASKED = 5.0  # s without a request after which the server warms up untold (a node agent never tells)
+WARM_UNASKED_KNOB = "TRON_TEST_WARM_UNASKED"  # a test knob: a shorter wait than WARM_UNASKED
 WARM_UP_DELAY = "TRON_TEST_WARM_UP_DELAY"  # a test knob: the warm-up sleeps this many seconds first
 HUGE_PAGES = "TRON_FORK_HUGE_PAGES"  # "0": the heap stays in 4 KiB pages (a benchmark's baseline)
 
@@ -555,7 +556,7 @@ def _warm_up_in(now: float, last_asked: float, told: bool, waived: bool = False)
     ``WARM_UNASKED`` after the last request (or ready)."""
     if told:
         return 0.0
-    return None if waived else last_asked + WARM_UNASKED - now
+    return None if waived else last_asked + float(os.environ.get(WARM_UNASKED_KNOB) or WARM_UNASKED) - now
 
 
 def _warm_up(sources: dict[str, float]) -> None:

@@ -164,7 +164,9 @@ def test_error_in_the_middle_of_a_stream_is_classified_and_retried_in_place(ladd
 
 
 def test_a_runaway_that_beats_without_progress_is_caught_resumed_and_bounded(mesh_factory):
-    mesh = mesh_factory(services=SERVICES, policy={"progress_timeout": 1.5},
+    # max_restarts 2 (3 shipped): each restart of the runaway waits out progress_timeout; the
+    # bound is read from the policy below, whatever it is
+    mesh = mesh_factory(services=SERVICES, policy={"progress_timeout": 1.5, "max_restarts": 2},
                         providers={"timeout": 60.0})
     mesh.up()
     fault(mesh, "anthropic", "hang")  # the call never returns; the agent keeps beating

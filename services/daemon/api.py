@@ -121,7 +121,9 @@ def allow(*scopes: Scope):
                 return await _refuse(request, caller, scopes[0],
                                      f"{caller.actor} ({caller.kind}) may not {request.method} {request.path}: "
                                      f"it needs the {scopes[0]} scope")
-            acting = caller.is_operator and request.method != "GET"
+            # An operator's action (an endpoint only an operator may reach), refused: audited too.
+            # Not the agents' protocol an operator's credential may also speak (a beat, a peer token).
+            acting = caller.is_operator and request.method != "GET" and scopes == (Scope.OPERATOR,)
             recorded = RECORDED.set(False)
             try:
                 resp = await handler(request)

@@ -35,6 +35,7 @@ from tron.common import logs, telemetry
 from tron.common.agent import (PROVIDER_POLL, REFUSALS, Abandon, ProviderMoved, Task, TaskFailed, _current, carried_task,
                                load_sdks)
 from tron.common.clock import Clock, MonotonicClock
+from tron.common.providers.client import off_loop
 from tron.common.http import MeshHTTPError, parse, parse_empty, require_token
 from tron.common.ladder import compute_backoff, worst_case_attempts
 from tron.common.models import CheckpointRecord, TaskAssign, TaskRecord, TaskResult
@@ -105,7 +106,7 @@ class AgentRuntime:
     def sdks_ready(self) -> asyncio.Future[None]:
         """The SDK import, started once, awaited by whoever needs it."""
         if self._sdks is None:
-            self._sdks = asyncio.ensure_future(asyncio.to_thread(load_sdks, self.ctx.config.sdks))
+            self._sdks = off_loop(load_sdks, self.ctx.config.sdks)  # never waited for by a stop
         return self._sdks
 
     @property

@@ -10,11 +10,13 @@ import importlib
 import os
 import socket
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 from tron.common.providers.base import LLMReply, ProviderSettings, get, kinds
 from tron.common.providers.failures import classify
+
+T = TypeVar("T")
 
 
 def endpoint_for(
@@ -112,7 +114,35 @@ async def sdk_ready(provider: str) -> None:
     (the fork server's children, an agent that preloaded), otherwise ``warm_up`` in a thread
     (never on the event loop, where TRON counts the beats), once however many ask at once."""
     if not sdk_warm(provider):
-        await asyncio.to_thread(warm_up, {get(provider).sdk})
+        await off_loop(warm_up, {get(provider).sdk})
+
+
+def off_loop(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``fn(*args)`` in a daemon thread of its own, awaited like ``asyncio.to_thread``, but
+    never waited for when the process stops: an SDK import (1-2 s) started just before a
+    SIGTERM held the agent's exit until it ended (``asyncio.run`` joins its executor's threads)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result: T | None = fn(*args)
+            error: BaseException | None = None
+        except BaseException as err:  # handed to whoever awaits
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"tron-off-loop-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return future
 
 
 def sdks_deferred() -> bool:

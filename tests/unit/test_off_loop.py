@@ -4,7 +4,6 @@ import ran stayed up until the import ended (``asyncio.run`` joins its executor'
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 

@@ -32,6 +32,15 @@ def same_process(pid: int | None, create_time: float | None) -> bool:
         return False
 
 
+def status_of(pid: int) -> str | None:
+    """psutil's word for what ``pid`` is doing now (``psutil.STATUS_STOPPED`` for a SIGSTOP, ...);
+    None when it is gone."""
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return None
+
+
 def create_time_of(pid: int) -> float:
     try:
         return psutil.Process(pid).create_time()

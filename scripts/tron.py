@@ -120,13 +120,12 @@ class Ctx:
         signal, a blocked loop), which `tron up` would refuse as "another daemon runs"."""
         import psutil
 
+        from tron.common.processes import status_of
+
         pid = self.daemon_pid(mesh)
         if pid is None:
             return CLIError(f"the mesh is not running on home {self.home.root} (start it with `tron up`)")
-        try:
-            stopped = psutil.Process(pid).status() == psutil.STATUS_STOPPED
-        except psutil.Error:
-            stopped = False
+        stopped = status_of(pid) == psutil.STATUS_STOPPED
         why = (f"it is stopped (a SIGSTOP? `kill -CONT {pid}` lets it go on)" if stopped
                else "it is stalled or overloaded")
         return CLIError(f"the daemon (pid {pid}) runs on home {self.home.root} but does not answer on "

@@ -44,6 +44,7 @@ from tron.common.monitor import Monitor
 from tron.common.states import ServiceState
 from tron.common import probe_kinds
 from tron.common.probe_kinds import ProbeContext, ProbeResult
+from tron.common.processes import status_of
 from tron.services.daemon import acceptor
 from tron.services.daemon.supervisor import Service, Supervisor
 
@@ -253,8 +254,7 @@ class Probes:
             return True, "not running"
         if svc.child.node is not None:
             return True, "on another node"  # its /proc is there: liveness probes watch it
-        try:
-            status = psutil.Process(svc.child.pid).status()
-        except psutil.Error:
+        status = status_of(svc.child.pid)
+        if status is None:
             return True, "gone"
         return status != psutil.STATUS_STOPPED, f"main process {svc.child.pid} is {status}"

@@ -290,7 +290,7 @@ class ClusterControl(Protocol):
 
 # Process identity, trees and the census live in common/processes.py (the CLI uses them too).
 from tron.common.processes import (MARK, create_time_of, describe, holds_socket, home_processes,  # noqa: E402,F401
-                                   kill_tree, resident_bytes, same_process, signal_group, tree_of)
+                                   kill_tree, resident_bytes, same_process, signal_group, status_of, tree_of)
 
 
 # -- the local spawner -------------------------------------------------------------------------
@@ -1237,12 +1237,7 @@ class ForkServerClient:
         pid = self.pid
         if pid is None:
             return False
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2][1:2]
-        except OSError:
-            return False
-        stopped = state in (b"T", b"t")
+        stopped = status_of(pid) in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
         if stopped != self._was_stopped:
             self._was_stopped = stopped
             if stopped:

@@ -236,24 +236,13 @@ class Runner:
         url = urlsplit(self.mesh.url(name))
         return (url.hostname or "127.0.0.1", url.port or spec.port)
 
-    def _takes_connections(self, name: str, before: dict) -> bool:
-        where = self._port_of(name, before)
-        if where is None:
-            return False
+    @staticmethod
+    def _takes_connections(where: tuple[str, int]) -> bool:
         try:
             socket.create_connection(where, timeout=1.0).close()
             return True
         except OSError:
             return False
-
-    @staticmethod
-    def _within(check, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while not check():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
 
     def old_tree_gone(self, drill: Drill, before: dict) -> None:
         """Read where the old incarnation ran, by the daemon (its node agent on a Ray node)."""
@@ -300,7 +289,9 @@ class Runner:
             raise DrillError(f"{name} is {before['state']}: a drill needs it running (see `tron status`)")
         self.label(f"{drill.name}:{name}:{uuid.uuid4().hex[:6]}")
         fresh, t_healthy = None, None
-        served = self._port_of(name, before) if self._takes_connections(name, before) else None
+        served = self._port_of(name, before)
+        if served is not None and not self._takes_connections(served):
+            served = None  # it did not serve its port before the fault: nothing to ask of it after
         try:
             drill.t0 = time.monotonic()
             detail = inject(before)  # it may move t0 to when the daemon sent the fault
@@ -315,8 +306,12 @@ class Runner:
                               10, "the alert and the old session's end to be recorded", interval=0.02)
                 self.stays_up(drill, name, fresh)
                 if served is not None:  # whatever its probes say: the port it served before serves again
-                    drill.check(f"its port {served[1]} takes connections again, as before the fault",
-                                self._within(lambda: self._takes_connections(name, before), 5.0))
+                    what = f"its port {served[1]} takes connections again, as before the fault"
+                    try:
+                        self.wait(lambda: self._takes_connections(served), 5.0, what, interval=0.05)
+                        drill.check(what, True)
+                    except DrillError:
+                        drill.check(what, False)
         finally:
             self.label(None)
         self._timeline_from_registry(drill, name, before["incarnation"])

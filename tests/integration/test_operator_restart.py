@@ -107,8 +107,14 @@ def test_a_kill_drill_fails_when_the_port_it_served_is_not_served_again_whatever
     incarnation for healthy; the drill asks the port itself, as a user would."""
     service = {**_server(tmp_path, LISTENS_ONCE, str(tmp_path / "listened")),
                "liveness": {"exec": {"command": ["true"]}, "interval": 0.2}}
-    mesh = mesh_factory(services={"mute": service})
+    (tmp_path / "web").mkdir()
+    web = {**_server(tmp_path / "web", POLITE), "port": 6151}  # one that does serve again
+    mesh = mesh_factory(services={"mute": service, "web": web})
     mesh.up()
+    proc = mesh.tron("drill", "kill", "web", "--json", timeout=120)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 0 and result["verdict"] == "pass", proc.stdout + proc.stderr
+    assert [c["ok"] for c in result["checks"] if "takes connections again" in c["check"]] == [True]
     proc = mesh.tron("drill", "kill", "mute", "--json", timeout=120)
     result = json.loads(proc.stdout)
     assert proc.returncode == 1 and result["verdict"] == "fail", proc.stdout + proc.stderr

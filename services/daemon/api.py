@@ -158,38 +158,38 @@ def _reaches(caller: Caller, scope: Scope) -> bool:
 
 
 async def _refuse(request: web.Request, caller: Caller, scope: Scope, why: str) -> web.Response:
-    d = _d(request)
-    d.metrics.requests_refused.labels(scope=str(scope)).inc()
-    audited, unaudited = d.refusals.admit(caller.actor, time.monotonic())
-    if not audited and unaudited == 1:
-        log.warning("%s: more than %d refused requests in %.0f s: the rest are counted, not audited one by one",
-                    caller.actor, d.refusals.audited, d.refusals.window, extra={"actor": caller.actor})
-    if audited:  # the path as sent is the caller's text: escaped and cut, as it is printed
-        path = printable(request.path, PATH_KEPT)
-        await d.audit.record(caller.actor, printable(f"{request.method} {request.path}", PATH_KEPT), path, "", "",
-                             f"refused: missing scope {scope}", printable(why, 2 * PATH_KEPT),
-                             agent=caller.name if caller.kind is Kind.AGENT else None,
-                             **({"unaudited_before": unaudited} if unaudited else {}))
-        log.warning("refused", extra={"actor": caller.actor, "scope": str(scope), "path": path})
+    _d(request).metrics.requests_refused.labels(scope=str(scope)).inc()
+    if await _audit_refused(request, caller, f"refused: missing scope {scope}", why,
+                            agent=caller.name if caller.kind is Kind.AGENT else None):
+        log.warning("refused", extra={"actor": caller.actor, "scope": str(scope),
+                                      "path": printable(request.path, PATH_KEPT)})
     return error(403, why, scope=str(scope), verdict="forbidden")
 
 
 async def _audit_invalid(request: web.Request, caller: Caller, bad: web.HTTPException | web.Response) -> None:
     """An operator's request refused (for its input: 400, 413, 422; for the state or the
-    target: 404, 409): an audit row, like any refused action, within the same per-credential
-    budget as refused scopes."""
-    d = _d(request)
-    audited, unaudited = d.refusals.admit(caller.actor, time.monotonic())
-    if not audited:
-        return
+    target: 404, 409): an audit row, like any refused action."""
     try:
         why = json.loads(bad.text or "{}").get("error") or bad.reason
     except (ValueError, AttributeError):
         why = bad.text or bad.reason
-    path = printable(request.path, PATH_KEPT)
-    await d.audit.record(caller.actor, printable(f"{request.method} {request.path}", PATH_KEPT), path, "", "",
-                         f"refused ({bad.status}): {printable(str(why), 2 * PATH_KEPT)}", "",
-                         **({"unaudited_before": unaudited} if unaudited else {}))
+    await _audit_refused(request, caller, f"refused ({bad.status}): {printable(str(why), 2 * PATH_KEPT)}", "")
+
+
+async def _audit_refused(request: web.Request, caller: Caller, outcome: str, why: str, **extra) -> bool:
+    """A refused request's audit row, within its credential's refusal budget (past it, counted
+    and said once, then named by the next audited row's ``unaudited_before``); True if audited.
+    The path as sent is the caller's text: escaped and cut, as it is printed."""
+    d = _d(request)
+    audited, unaudited = d.refusals.admit(caller.actor, time.monotonic())
+    if not audited and unaudited == 1:
+        log.warning("%s: more than %d refused requests in %.0f s: the rest are counted, not audited one by one",
+                    caller.actor, d.refusals.audited, d.refusals.window, extra={"actor": caller.actor})
+    if audited:
+        await d.audit.record(caller.actor, printable(f"{request.method} {request.path}", PATH_KEPT),
+                             printable(request.path, PATH_KEPT), "", "", outcome, printable(why, 2 * PATH_KEPT),
+                             **extra, **({"unaudited_before": unaudited} if unaudited else {}))
+    return audited
 
 
 def _caller(request: web.Request) -> Caller:

@@ -416,7 +416,10 @@ class Daemon:
             ticks += 1
             if ticks % 2 == 0:
                 tracked = {s.child.pid for s in self.sup.services.values() if s.child is not None}
-                reap_strays(tracked | self.sup.spawner.helper_pids() | failback.RUNNING)
+                try:
+                    reap_strays(tracked | self.sup.spawner.helper_pids() | failback.RUNNING)
+                except OSError as err:  # no descriptor left to read /proc with (EMFILE): next time
+                    log.error("reaping strays failed: %s", err)
             try:
                 await self.router.watchdog_tick()
                 await self.providers.tick()

@@ -865,3 +865,33 @@ async def test_a_task_handed_to_an_agent_that_never_takes_it_is_lost_and_restart
     [row] = await rig.rows("worker")
     assert (row["retry_type"], row["reason"], row["task_id"]) == ("child_restart", "task_lost", "r-1.0.0"), row
     assert worker.incarnation != first
+
+
+async def test_housekeeping_outlives_a_reap_that_fails_for_lack_of_file_descriptors(rig, monkeypatch):
+    """A flood of connections that takes every descriptor makes the reap of strays fail
+    (EMFILE on /proc): the housekeeping (watchdog, log rotation, backups) must go on after it."""
+    import errno
+
+    from tron.services.daemon import core
+
+    failures = []
+
+    def no_descriptors(tracked):
+        failures.append(tracked)
+        raise OSError(errno.EMFILE, "Too many open files", "/proc/self/stat")
+
+    ticks = []
+    real_tick = rig.daemon.router.watchdog_tick
+
+    async def counted_tick():
+        ticks.append(rig.clock.now())
+        await real_tick()
+
+    monkeypatch.setattr(core, "reap_strays", no_descriptors)
+    monkeypatch.setattr(rig.daemon.router, "watchdog_tick", counted_tick)
+    waited = 0.0
+    while (len(failures) < 2 or len(ticks) < 4) and waited < 30.0:
+        await rig.advance(1.0)
+        waited += 1.0
+    assert len(failures) >= 2 and len(ticks) >= 4, (failures, ticks)
+    assert ticks[-1] > ticks[0]  # ticks went on after the first failed reap

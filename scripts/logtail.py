@@ -34,6 +34,9 @@ def format_line(name: str, raw: bytes, colour: str, use_colour: bool) -> str:
             level = str(obj.get("level", ""))
             extras = " ".join(f"{k}={v}" for k, v in obj.items() if k not in SKIP)
             body = f"{obj.get('ts', '')[11:23]} {level:<7} {obj['msg']}" + (f"  {extras}" if extras else "")
+            # JSON's escapes are decoded now: a \n or \u001b a caller put in a value (an agent's
+            # failure reason) would forge a line or drive the terminal. Shown escaped instead.
+            body = "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1] for ch in body)
     except (json.JSONDecodeError, TypeError):
         pass
     if not use_colour:

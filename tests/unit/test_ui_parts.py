@@ -470,3 +470,21 @@ async def test_an_open_event_stream_ends_when_its_session_does():
             assert b"event: beats" not in chunk, "a revoked session's stream still got live data"
         assert resp.content.at_eof(), "the stream was still open 5 s after its session was revoked"
         assert len(hub) == 0
+
+
+def test_a_credential_that_opens_sessions_and_codes_in_a_loop_logs_out_no_one_else():
+    """A viewer's token may open read-only sessions: opening them in a loop must not log the
+    operator out, nor supersede the login code `tron ui` just printed for the operator."""
+    from tron.services.daemon.ui.auth import MAX_CODES, MAX_SESSIONS
+
+    clock = FakeClock()
+    sessions = Sessions(clock, cookie="tron_ui_6109")
+    operator = sessions.redeem(sessions.mint_code("ann@ui", minted_by="operator"))
+    pending = sessions.mint_code("ann@ui", minted_by="operator")
+    for _ in range(MAX_SESSIONS * 2):
+        assert sessions.redeem(sessions.mint_code("token:dash@ui", viewer=True, minted_by="dash")) is not None
+    for _ in range(MAX_CODES * 2):
+        sessions.mint_code("token:dash@ui", viewer=True, minted_by="dash")
+    assert sessions.authorize(_request(sessions, operator.sid, operator.csrf))  # still logged in
+    assert sessions.redeem(pending) is not None  # and the printed link still works
+    assert len(sessions) == MAX_SESSIONS

@@ -31,8 +31,8 @@ from tron.services.daemon.audit import RefusalBudget
 
 CODE_TTL = 120.0
 SESSION_TTL = 12 * 3600.0
-MAX_CODES = 16      # outstanding login codes; the oldest is forgotten first
-MAX_SESSIONS = 64   # live sessions; the oldest is logged out first
+MAX_CODES = 16      # outstanding login codes; the oldest is forgotten first (the same credential's, if it has one)
+MAX_SESSIONS = 64   # live sessions; the oldest is logged out first (the same credential's, if it has one)
 MAX_GONE = 256      # spent and expired codes remembered (by hash) to say why a login was refused
 CSRF_HEADER = "X-CSRF-Token"
 REFUSALS_AUDITED = 10      # refused logins audited one by one per REFUSAL_WINDOW; past that, 429 and a count
@@ -62,6 +62,13 @@ def local_problem(request: web.Request) -> str | None:
     if host not in LOOPBACK_NAMES:
         return f"the web UI answers only to a loopback host name, not {host!r}"
     return None
+
+
+def _oldest(entries: dict, mine) -> str:
+    """The key to give up when ``entries`` is full: the oldest of the asking credential's own
+    (``mine``), else the oldest of all. A credential that opens sessions or codes in a loop (a
+    viewer's token) then replaces its own, and logs nobody else out."""
+    return next((k for k, v in entries.items() if mine(v)), next(iter(entries)))
 
 
 def _digest(code: str) -> str:
@@ -97,7 +104,7 @@ class Sessions:
     def mint_code(self, actor: str, *, viewer: bool = False, minted_by: str = "") -> str:
         self._prune()
         while len(self._codes) >= MAX_CODES:
-            self._forget(next(iter(self._codes)), "superseded")
+            self._forget(_oldest(self._codes, lambda v: v[3] == minted_by), "superseded")
         code = secrets.token_urlsafe(24)
         self._codes[code] = (actor, self.clock.now() + self.code_ttl, viewer, minted_by)
         return code
@@ -120,7 +127,7 @@ class Sessions:
             return None
         self._remember_gone(code, entry[0], "used")
         while len(self._sessions) >= MAX_SESSIONS:
-            del self._sessions[next(iter(self._sessions))]
+            del self._sessions[_oldest(self._sessions, lambda s: s.minted_by == entry[3])]
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), entry[0],
                           self.clock.now() + self.session_ttl, viewer=entry[2], minted_by=entry[3])
         self._sessions[session.sid] = session

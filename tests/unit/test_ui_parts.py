@@ -57,6 +57,21 @@ async def test_the_hub_refuses_past_its_limit_and_ends_every_stream_at_shutdown(
         hub.open({"mesh"})
 
 
+async def test_one_credential_cannot_take_every_event_stream():
+    """A viewer's session opening streams in a loop must leave room for the operator's page."""
+    from tron.services.daemon.ui.sse import MAX_STREAMS_PER_CREDENTIAL
+
+    hub = Hub(max_clients=MAX_STREAMS_PER_CREDENTIAL * 4)
+    for _ in range(MAX_STREAMS_PER_CREDENTIAL):
+        hub.open({"mesh"}, owner="dash")
+    with pytest.raises(HubFull, match="dash"):
+        hub.open({"mesh"}, owner="dash")
+    operator = hub.open({"mesh"}, owner="operator")
+    assert len(hub) == MAX_STREAMS_PER_CREDENTIAL + 1
+    hub.close(operator)
+    hub.open({"mesh"}, owner="operator")
+
+
 # -- sessions ---------------------------------------------------------------------------------------------
 
 

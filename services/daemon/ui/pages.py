@@ -437,7 +437,7 @@ async def events(request: web.Request, ui: Ui, session: Session) -> web.StreamRe
     # A logout, a revoked token or the session's end closes the stream too: the session that
     # opened it is asked again before each message.
     return await sse.stream(request, ui.hub, topics, ui.live.on_open,
-                            alive=lambda: ui.sessions.of(request) is not None)
+                            alive=lambda: ui.sessions.of(request) is not None, owner=session.minted_by or session.actor)
 
 
 async def stats(request: web.Request) -> web.Response:

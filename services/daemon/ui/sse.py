@@ -32,6 +32,9 @@ log = logging.getLogger("tron.daemon.ui")
 CHECK_EVERY = 1.0     # seconds between checks that the peer is still there
 KEEPALIVE_EVERY = 15  # checks between comment lines that keep proxies and browsers from timing out
 RETRY_MS = 2000       # what the browser waits before reconnecting after the stream ends
+# Streams one credential's sessions may hold at once (a browser holds at most 6 to one host):
+# a viewer's token opening streams in a loop must not take every slot from the operator's page.
+MAX_STREAMS_PER_CREDENTIAL = 32
 
 
 def message(event: str, data: str) -> bytes:
@@ -45,6 +48,7 @@ def message(event: str, data: str) -> bytes:
 class Client:
     topics: frozenset[str]
     queue: asyncio.Queue = field(repr=False)
+    owner: str = ""  # the credential whose session opened it ("": none named, no per-credential limit)
     dropped: bool = False
     # Cuts the connection: a handler stuck writing to a peer that stopped reading never
     # gets back to its queue to see the end marker.
@@ -71,12 +75,15 @@ class Hub:
         """Topics with at least one subscriber: only those are worth computing."""
         return {t for t, n in self._topics.items() if n > 0}
 
-    def open(self, topics: Iterable[str]) -> Client:
+    def open(self, topics: Iterable[str], owner: str = "") -> Client:
         if self.closed:
             raise HubFull("the daemon is shutting down")
         if len(self.clients) >= self.max_clients:
             raise HubFull(f"{len(self.clients)} event streams are open already (the limit is {self.max_clients})")
-        client = Client(frozenset(topics), asyncio.Queue(self.queue_size))
+        if owner and sum(c.owner == owner for c in self.clients) >= MAX_STREAMS_PER_CREDENTIAL:
+            raise HubFull(f"{owner}'s sessions hold {MAX_STREAMS_PER_CREDENTIAL} event streams already (the limit "
+                          "for one credential)")
+        client = Client(frozenset(topics), asyncio.Queue(self.queue_size), owner=owner)
         self.clients.add(client)
         self._topics.update(client.topics)
         return client
@@ -138,12 +145,12 @@ def _abort(request: web.Request) -> None:
 
 async def stream(request: web.Request, hub: Hub, topics: Iterable[str],
                  on_open: Callable[[Client], None],
-                 alive: Callable[[], bool] = lambda: True) -> web.StreamResponse:
+                 alive: Callable[[], bool] = lambda: True, owner: str = "") -> web.StreamResponse:
     """Serve one event stream until the peer leaves, is dropped, the daemon stops, or
     ``alive()`` says the credential that opened it is gone (a logout, a revoked token, an
     expired session). ``on_open`` queues what a new client must see first (the current state)."""
     try:
-        client = hub.open(topics)
+        client = hub.open(topics, owner)
     except HubFull as err:
         return web.json_response({"error": str(err)}, status=503)
     client.abort = functools.partial(_abort, request)

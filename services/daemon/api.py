@@ -84,7 +84,7 @@ def _d(request: web.Request) -> Daemon:
 def _service(d: Daemon, name: str):
     svc = d.sup.services.get(name)
     if svc is None:
-        raise web.HTTPNotFound(text=f'{{"error": "no service named {name!r}"}}', content_type="application/json")
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no service named {name!r}"}), content_type="application/json")
     return svc
 
 
@@ -493,8 +493,8 @@ async def report_failure(request: web.Request) -> web.Response:
 def _current(d: Daemon, name: str, incarnation: str) -> None:
     svc = _service(d, name)
     if svc.incarnation != incarnation:
-        raise web.HTTPConflict(text=f'{{"error": "incarnation {incarnation} of {name} is not the current one", '
-                                    f'"verdict": "stale_incarnation"}}', content_type="application/json")
+        raise web.HTTPConflict(text=json.dumps({"error": f"incarnation {incarnation} of {name} is not the current one",
+                                                "verdict": "stale_incarnation"}), content_type="application/json")
 
 
 async def _own_task(request: web.Request, task_id: str) -> dict | None:

@@ -349,3 +349,12 @@ async def test_a_stale_verdict_from_the_relay_ends_the_agent():
     loop = asyncio.ensure_future(heartbeat_loop(ctx, clock))
     await settle()
     assert ctx.superseded.is_set() and loop.done()
+
+
+async def test_a_service_name_with_a_quote_gets_a_404_that_is_still_json(rig):
+    """The 404 for an unknown service names it: a quote in the name must not break the JSON."""
+    for name in ('a"b', 'x", "ok": true, "y": "'):
+        r = await rig.http.get(f"/services/{name}/log", headers={TOKEN_HEADER: rig.daemon.token})
+        assert r.status == 404
+        answer = json.loads(await r.text())
+        assert answer == {"error": f"no service named {name!r}"}

@@ -110,20 +110,38 @@ def rotate_if_large(path: Path, max_bytes: int, backups: int, *, stdio: bool = F
                 return False  # our stdout is not that file (a terminal, a test's pipe)
         except OSError:
             return False
-    rotate(path, backups)
-    if stdio:
-        _stdio_to(path)
+    if not stdio:
+        rotate(path, backups)
+        return True
+    # The new file is opened before anything is renamed: with no descriptor left (EMFILE, a
+    # flood of connections) this raises and nothing moves, so the next tick tries again. Opened
+    # after the rotation, it failed with our stdout left on name.log.1 and no name.log, which
+    # nothing would ever rotate again.
+    fresh = path.with_name(f"{path.name}.new")
+    fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        rotate(path, backups)
+        os.replace(fresh, path)
+        _stdio_to_fd(fd)
+    finally:
+        os.close(fd)
     return True
 
 
 def _stdio_to(path: Path) -> None:
     """Our stdout and stderr to ``path`` (appended to, made if missing)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        _stdio_to_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _stdio_to_fd(fd: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    os.close(fd)
 
 
 def _removed_file_on_stdout() -> bool:

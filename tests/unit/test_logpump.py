@@ -124,6 +124,47 @@ def test_the_daemons_own_log_rotates_under_its_stdout(tmp_path):
     assert (tmp_path / "daemon.log.1").read_text() == "x" * 5000 + "\n"
 
 
+NO_DESCRIPTOR_LEFT = """
+import os, sys
+from pathlib import Path
+from tron.services.daemon.logpump import rotate_if_large
+path = Path(sys.argv[1])
+print("x" * 5000, flush=True)
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass  # every descriptor taken (a flood of connections on the daemon's port)
+try:
+    rotate_if_large(path, 4096, 2, stdio=True)
+except OSError:
+    pass  # said by the caller; tried again at its next tick
+for fd in held:
+    os.close(fd)
+print("between", flush=True)
+assert rotate_if_large(path, 4096, 2, stdio=True)
+print("after", flush=True)
+"""
+
+
+def test_the_daemons_own_log_is_not_rotated_away_when_no_descriptor_is_left(tmp_path):
+    """With every descriptor taken, the rotation must not leave the daemon writing into
+    daemon.log.1 with no daemon.log (nothing would rotate it again): it waits for a descriptor."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "daemon.log"
+    with open(path, "ab") as out:
+        proc = subprocess.run([sys.executable, "-c", NO_DESCRIPTOR_LEFT, str(path)], stdout=out,
+                              stderr=subprocess.STDOUT, preexec_fn=lambda: __import__("resource").setrlimit(
+                                  __import__("resource").RLIMIT_NOFILE, (256, 256)))
+    assert proc.returncode == 0, path.read_text()[-500:]
+    assert path.read_text() == "after\n"
+    assert (tmp_path / "daemon.log.1").read_text() == "x" * 5000 + "\nbetween\n"
+    assert not (tmp_path / "daemon.log.2").exists()
+
+
 MADE_AGAIN = """
 import logging, shutil, sys
 from pathlib import Path

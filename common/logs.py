@@ -117,6 +117,34 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(out, default=str))
 
 
+class AcceptFlood(logging.Filter):
+    """asyncio logs an error, with its traceback, for every accept() that finds no descriptor
+    left (EMFILE: a flood of connections held open), thousands a second: the log grows past
+    its size limit meanwhile, since its rotation needs a descriptor too. Passed once per
+    ``every`` seconds, without the traceback, with how many were not (``suppressed_before``)."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self.last = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.MESSAGE):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.suppressed += 1
+            return False
+        self.last = now
+        record.exc_info, record.exc_text = None, None
+        record.suppressed_before = self.suppressed
+        self.suppressed = 0
+        return True
+
+
 def setup(service: str, *, incarnation: str | None = None, level: str | None = None,
           comms_path: Path | None = None, off_loop: bool = False) -> None:
     """Configure the root logger for a service process (idempotent). ``off_loop``: the
@@ -140,6 +168,9 @@ def setup(service: str, *, incarnation: str | None = None, level: str | None = N
     # The SDKs and aiohttp's access log are noisy at INFO and add nothing here.
     for noisy in ("aiohttp.access", "httpx", "httpcore", "anthropic", "asyncio"):
         _set_level(logging.getLogger(noisy), logging.WARNING)
+    aio = logging.getLogger("asyncio")
+    if not any(isinstance(f, AcceptFlood) for f in aio.filters):
+        aio.addFilter(AcceptFlood())
 
 
 def _set_level(logger: logging.Logger, level: str | int) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Mapping, cast
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from tron.common import logs, telemetry
+from tron.common import conn_guard, logs, telemetry
 from tron.common.clock import Clock, MonotonicClock
 from tron.common.config import MeshConfig, load_mesh
 from tron.common import credentials
@@ -361,8 +361,10 @@ async def _serve(build: Build) -> None:
     app[TOKEN_KEY] = token
     app[AUTH_KEY] = ctx.peer_ok  # our own credential is not accepted here: it is never sent to us
     app.router.add_get("/health", _health)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=conn_guard.IDLE_TIMEOUT)
     await runner.setup()
+    assert runner.server is not None
+    conn_guard.ConnectionGuard(runner.server)  # connections held open by anyone cannot take our descriptors
     held = inherited_socket()  # the daemon's: callers wait in its backlog while we restart
     spec = config.services.get(env.service)
     backlog = spec.backlog if spec is not None else 128  # create_server listens again: keep the configured size

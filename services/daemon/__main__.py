@@ -35,7 +35,7 @@ log = logging.getLogger("tron.daemon")
 async def serve(daemon: Daemon) -> int:
     from aiohttp import web
 
-    from tron.common import telemetry
+    from tron.common import conn_guard, telemetry
     from tron.services.daemon.api import make_app
 
     telemetry.setup(daemon.config.telemetry, service="daemon")  # imports the SDK only with an endpoint
@@ -44,8 +44,12 @@ async def serve(daemon: Daemon) -> int:
     except BaseException:
         await daemon.shutdown()  # close what start() opened (the registry's thread would hold the exit)
         raise
-    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False,
+                           keepalive_timeout=conn_guard.IDLE_TIMEOUT)
     await runner.setup()
+    assert runner.server is not None
+    # Connections held open by any local user cannot take the descriptors the daemon runs on.
+    daemon.http_guard = conn_guard.ConnectionGuard(runner.server, on_evict=daemon.metrics.http_evicted.inc)
     bind = daemon.config.mesh.bind
     site = web.TCPSite(runner, bind, daemon.config.mesh.daemon_port, reuse_address=True)
     try:

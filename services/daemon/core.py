@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tron.common.conn_guard import ConnectionGuard
 from tron.common import logs
 from tron.common.clock import Clock, MonotonicClock
 from tron.common.config import DAEMON, MeshConfig, Policy, registry_url
@@ -115,6 +116,7 @@ class Daemon:
         self.log_stats: dict | None = None  # the log pump's counters, read by the housekeeping
         self.log_pump_silent_since: float | None = None  # monotonic s: a pump that runs stopped answering
         self.logs_disk_full = False
+        self.http_guard: ConnectionGuard | None = None  # its HTTP server's bound on connections (serve() sets it)
         self.log_pump_seen = {"died": 0, "restarts": 0}  # the pump's counts already recorded as events
         self._recycling: set[str] = set()  # incarnations being recycled at a checkpoint (once each)
         # Tasks already recycled at a checkpoint: once per task, so an agent already over its
@@ -707,6 +709,7 @@ class Daemon:
             "registry": self.registry_health(),
             "spawning": "paused" if self.sup.spawning_paused else "running",
             "logs": self._logs_summary(),
+            "http": self.http_guard.summary() if self.http_guard is not None else None,
             "ownership": self.sup.spawner.ownership(),
             **self.providers.summary(),
         }

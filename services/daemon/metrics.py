@@ -36,6 +36,9 @@ class DaemonMetrics:
         self.crash_looping = Gauge("tron_services_crash_looping", "Services in a crash-loop episode", registry=r)
         self.crash_loops = Counter("tron_crash_loops", "Crash-loop episodes started", registry=r)
         self.lanes_paused = Counter("tron_lanes_paused", "Lanes paused by the breaker", registry=r)
+        self.http_evicted = Counter("tron_http_connections_evicted", "Idle HTTP connections closed to stay under the "
+                                    "connection cap (common/conn_guard.py: a client holding connections open)",
+                                    registry=r)
         self.monitor_stalls = Counter("tron_monitor_stalls", "Stalls of the daemon itself (no agent convicted)",
                                       registry=r)
         self.registry_degraded = Gauge("tron_registry_degraded", "1 while the registry refuses writes", registry=r)

@@ -421,3 +421,42 @@ def test_a_flood_of_refused_requests_is_counted_not_audited_one_by_one_and_forge
     refused = wait_for(lambda: [a for a in audit(mesh) if a["what"] == "POST /services/programmer-2/pause"
                                 and a["outcome"].startswith("refused (422)")], 10, "the refused pause audited")
     assert refused[0]["who"] == "token:operator" and "control character" in refused[0]["outcome"], refused
+
+
+def test_connections_held_open_by_anyone_cannot_make_the_daemon_or_an_agent_unreachable(mesh):
+    """A local user with no token opens more connections than the daemon keeps (its cap, a
+    quarter of its descriptors, at most 4096), sending nothing or half a request line: the
+    oldest idle ones are closed to make room, so `tron status`, a kill's recovery and the
+    agents' beats go on, and /status and /metrics say how many were closed."""
+    import socket
+
+    http = mesh.status()["http"]
+    cap = http["cap"]
+    assert http["idle_timeout"] == 30.0 and cap >= 64
+    held: list[socket.socket] = []
+    try:
+        for i in range(cap + 300):
+            s = socket.create_connection(("127.0.0.1", mesh.port("daemon")), timeout=10)
+            if i % 3 == 0:
+                s.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ended
+            held.append(s)
+        assert mesh.tron("status", timeout=30).returncode == 0
+        old = mesh.kill("programmer-1")
+        mesh.wait_replaced("programmer-1", old)  # its first beat reached the daemon
+        http = mesh.status()["http"]
+        assert http["evicted"] >= 300 and http["open"] <= cap + 10, http
+        _, metrics = mesh.http("GET", mesh.url("daemon") + "/metrics")
+        assert "tron_http_connections_evicted_total" in str(metrics)
+        ended = 0
+        for s in held[:200]:  # the oldest: closed by the daemon (EOF or a reset), not left hanging
+            s.settimeout(10)
+            try:
+                ended += s.recv(1) == b""
+            except ConnectionResetError:
+                ended += 1
+        assert ended == 200
+    finally:
+        for s in held:
+            s.close()
+    log = (mesh.home / "logs" / "daemon.log").read_text()
+    assert "idle ones closed to make room" in log

@@ -327,7 +327,9 @@ class Daemon:
         recorded, and the service starts anyway rather than hold the mesh back."""
         for dep, condition in svc.spec.depends_on.items():
             other = self.sup[dep]
-            met = (lambda o=other: o.ready) if condition == "ready" else (lambda o=other: o.healthy.is_set())
+            # an incarnation that ended (backoff, stopped) has neither: its flags are its last start's
+            met = ((lambda o=other: o.state == ServiceState.RUNNING and o.ready) if condition == "ready"
+                   else (lambda o=other: o.state == ServiceState.RUNNING and o.healthy.is_set()))
             deadline = self.clock.now() + self.policy().start_timeout
             while not met() and self.clock.now() < deadline and not other.stopped:
                 await self.clock.sleep(0.02)

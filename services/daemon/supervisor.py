@@ -198,6 +198,8 @@ class Supervisor:
         SERVICE.check(old, new)
         svc.state = new
         svc.failed_since = self.clock.now() if new == S.FAILED else None
+        if new != S.RUNNING:  # no incarnation serves (or one is going away): not ready until the next is
+            svc.ready = False
         log.info("%s: %s -> %s", svc.name, old, new, extra={"offender": svc.name, "from": str(old), "to": str(new),
                                                             "reason": reason, "incarnation": svc.incarnation})
         await self.store.set_agent(svc.name, state=new)

@@ -79,23 +79,25 @@ def _rotated(path: Path) -> list[Path]:
     return found
 
 
-def _tail_of(path: Path, n: int) -> list[bytes]:
-    """The last ``n`` whole lines of one file, reading at most its last 64 KiB per line asked."""
+def _tail_of(path: Path, n: int, upto: int | None = None) -> list[bytes]:
+    """The last ``n`` whole lines of one file (of its first ``upto`` bytes), reading at most
+    its last 64 KiB per line asked."""
     with open(path, "rb") as f:
-        size = f.seek(0, 2)
+        size = f.seek(0, 2) if upto is None else min(upto, f.seek(0, 2))
         want = min(size, 64 * 1024 * max(1, min(n, 16)))
         f.seek(size - want)
-        lines = f.read().splitlines(keepends=True)
+        lines = f.read(want).splitlines(keepends=True)
     if want < size and lines:
         lines = lines[1:]  # cut in the middle
     return lines[-n:]
 
 
-def _last_lines(path: Path, n: int) -> list[bytes]:
-    """The last ``n`` lines of a log, across its rotated files when the current one has fewer."""
+def _last_lines(path: Path, n: int, upto: int | None = None) -> list[bytes]:
+    """The last ``n`` lines of a log, across its rotated files when the current one has fewer;
+    ``upto``: of the current file's first bytes only (its size when a follow starts there)."""
     if n <= 0:
         return []
-    lines = _tail_of(path, n) if path.exists() else []
+    lines = _tail_of(path, n, upto) if path.exists() else []
     for older in _rotated(path):
         if len(lines) >= n:
             break
@@ -188,10 +190,12 @@ def tail(logs_dir: Path, names: list[str], *, follow: bool, lines: int, out=None
     for name, path in files().items():
         colour_of.setdefault(name, COLOURS[len(colour_of) % len(COLOURS)])
         if path.exists():
-            for raw in [] if trace else _last_lines(path, lines):
-                out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
+            # The size first: the follow goes on from there, so a line the pump writes while
+            # the last lines are read is shown by the follow, not skipped.
             st = path.stat()
             offsets[name], inodes[name] = st.st_size, st.st_ino
+            for raw in [] if trace else _last_lines(path, lines, st.st_size):
+                out.write(format_line(name, raw, colour_of[name], use_colour) + "\n")
     for name, log in remote.items():
         colour_of.setdefault(name, COLOURS[len(colour_of) % len(COLOURS)])
         for raw in log.last(1000 if trace else lines):

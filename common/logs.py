@@ -5,13 +5,6 @@ Structured fields (service, incarnation, reason, task, run, alert) go in ``extra
 come out as keys, so ``tron logs`` and tests can rely on them. ``comms()`` appends one
 line per inter-service message to the shared comms log; a line it cannot write (a full
 disk) is counted in ``comms_lost``, never raised: the message goes on.
-
-A process whose loop must never wait on a disk (the daemon: ``setup(off_loop=True)``)
-writes both on one thread of its own (``Writer``): on a journaled filesystem a write()
-or open() waits whenever the journal commits (the registry's own writes make it commit),
-for 0.3-12 ms, and in a crash wave the daemon's loop waited so six times a restart.
-Lines are formatted where they are logged and written in order; ``logging.shutdown()``
-(at exit) waits until all are written.
 """
 
 from __future__ import annotations
@@ -19,12 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any
 
 from tron.common import telemetry
 from tron.common.clock import utc_iso
@@ -34,73 +25,6 @@ _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message
 _context: dict[str, Any] = {}
 _comms_path: Path | None = None
 comms_lost = 0  # lines this process could not write (a full disk): counted, never raised
-DRAIN_WAIT = 5.0  # s a flush waits for the writer thread at most (a disk that hangs must not hang the exit)
-
-
-class Writer:
-    """One thread that does this process's log writes, in the order they were asked for."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="tron-log-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, write: Callable[[], None]) -> None:
-        with self._idle:
-            self._pending += 1
-        self._queue.put(write)
-
-    def drain(self, timeout: float = DRAIN_WAIT) -> bool:
-        """Wait until everything asked so far is written; False if ``timeout`` passed first."""
-        if threading.current_thread() is self._thread:
-            return True
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
-
-    def _run(self) -> None:
-        while True:
-            write = self._queue.get()
-            try:
-                write()
-            except Exception:  # a write's own errors are counted where it is made; nothing may end this thread
-                pass
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    if not self._pending:
-                        self._idle.notify_all()
-
-
-_writer: Writer | None = None
-
-
-class OffLoopHandler(logging.StreamHandler[TextIO]):
-    """A StreamHandler whose writes happen on the Writer's thread."""
-
-    def __init__(self, stream: TextIO, writer: Writer) -> None:
-        super().__init__(stream)
-        self.writer = writer
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = self.format(record) + self.terminator
-        except Exception:
-            self.handleError(record)
-            return
-        self.writer.put(lambda: self._write(text, record))
-
-    def _write(self, text: str, record: logging.LogRecord) -> None:
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except Exception:
-            self.handleError(record)
-
-    def flush(self) -> None:
-        self.writer.drain()
-        super().flush()
 
 
 class JsonFormatter(logging.Formatter):
@@ -146,10 +70,9 @@ class AcceptFlood(logging.Filter):
 
 
 def setup(service: str, *, incarnation: str | None = None, level: str | None = None,
-          comms_path: Path | None = None, off_loop: bool = False) -> None:
-    """Configure the root logger for a service process (idempotent). ``off_loop``: the
-    log and the comms log are written on a thread of their own (``Writer``)."""
-    global _comms_path, _writer
+          comms_path: Path | None = None) -> None:
+    """Configure the root logger for a service process (idempotent)."""
+    global _comms_path
     _context.clear()
     _context["service"] = service
     if incarnation:
@@ -158,10 +81,7 @@ def setup(service: str, *, incarnation: str | None = None, level: str | None = N
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    if off_loop and _writer is None:
-        _writer = Writer()
-    handler = OffLoopHandler(sys.stdout, _writer) if off_loop and _writer is not None \
-        else logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     _set_level(root, level or os.environ.get("TRON_LOG_LEVEL", "INFO"))
@@ -183,24 +103,16 @@ def _set_level(logger: logging.Logger, level: str | int) -> None:
 
 def comms(kind: str, /, *, src: str, dst: str, **ids: Any) -> None:
     """One line per inter-service message: what, from, to, and its correlation ids."""
-    path = _comms_path
-    if path is None:
+    if _comms_path is None:
         return
     line = {"ts": utc_iso(), "mono": round(time.monotonic(), 4), "kind": kind, "src": src, "dst": dst}
     line.update({("detail_kind" if k == "kind" else k): v for k, v in ids.items() if v is not None})
     data = (redact(json.dumps(line, default=str)) + "\n").encode()
-    if _writer is not None:
-        _writer.put(lambda: _append_comms(path, data))
-    else:
-        _append_comms(path, data)
-
-
-def _append_comms(path: Path, data: bytes) -> None:
     # One write() on an O_APPEND descriptor: lines from many processes do not interleave.
     # A log that cannot be written (a full disk) must never stop the message it describes.
     global comms_lost
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(_comms_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, data)
         finally:

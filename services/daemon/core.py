@@ -261,7 +261,7 @@ class Daemon:
                 raise StartError(why)
         self.store_opened = True  # from here on shutdown closes it, even after an open() that failed half-way
         await self.store.open()
-        logs.setup(DAEMON, comms_path=self.home.comms_log, off_loop=True)
+        logs.setup(DAEMON, comms_path=self.home.comms_log)
         self._assemble(self.spawner)
         try:
             await self.spawner.start(self.sup.on_exit)

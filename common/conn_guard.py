@@ -47,8 +47,11 @@ def default_cap() -> int:
 
 
 def _idle(handler: Any) -> bool:
-    """Connected, with no request being handled (waiting for one, or for the rest of its headers)."""
-    return not getattr(handler, "_request_in_progress", True)
+    """Connected, waiting for a request (or for the rest of its headers), none received and
+    none being handled: what aiohttp's own keep-alive timeout closes (its ``_waiter`` pending)."""
+    waiter = getattr(handler, "_waiter", None)
+    return (waiter is not None and not waiter.done() and not getattr(handler, "_messages", True)
+            and not getattr(handler, "_request_in_progress", True))
 
 
 def _closing(handler: Any) -> bool:

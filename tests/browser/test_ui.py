@@ -835,12 +835,18 @@ def _open_stream(mesh, cookie: dict) -> socket.socket:
     return sock
 
 
-def test_fifty_event_streams_are_held_and_freed(ui, mesh):
+def test_one_logins_event_streams_are_held_up_to_its_limit_and_freed(ui, mesh):
+    """One login holds up to MAX_STREAMS_PER_CREDENTIAL streams (its page's among them), each
+    answered at once; the next is refused with 503 naming the limit (a viewer's token opening
+    streams in a loop must not take the operator's); the page still follows the mesh live."""
+    from tron.services.daemon.ui.sse import MAX_STREAMS_PER_CREDENTIAL
+
     ui.goto(mesh.url("daemon") + "/ui/")
     # The streams of the pages closed before are noticed within a second: then only this page's is left.
     wait_for(lambda: stats(mesh)["sse_clients"] == 1, 10, "one stream: the mesh page's")
     [cookie] = [c for c in ui.context.cookies() if c["name"].startswith("tron_ui_")]
-    socks = [_open_stream(mesh, cookie) for _ in range(50)]
+    more = MAX_STREAMS_PER_CREDENTIAL - 1
+    socks = [_open_stream(mesh, cookie) for _ in range(more)]
     try:
         for sock in socks:  # each is answered, and sent the tree at once
             got = b""
@@ -849,7 +855,16 @@ def test_fifty_event_streams_are_held_and_freed(ui, mesh):
                 assert chunk, "stream closed early"
                 got += chunk
             assert got.startswith(b"HTTP/1.1 200")
-        wait_for(lambda: stats(mesh)["sse_clients"] == 51, 10, "50 more streams")
+        wait_for(lambda: stats(mesh)["sse_clients"] == 1 + more, 10, f"{more} more streams")
+        extra = _open_stream(mesh, cookie)
+        socks.append(extra)
+        got = b""
+        while b"limit" not in got:
+            chunk = extra.recv(65536)
+            assert chunk, "closed without an answer"
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 503"), got[:200]
+        assert stats(mesh)["sse_clients"] == 1 + more
         # the page still follows the mesh live
         old = mesh.kill("director-code")
         new = mesh.wait_replaced("director-code", old)["pid"]
@@ -857,7 +872,7 @@ def test_fifty_event_streams_are_held_and_freed(ui, mesh):
     finally:
         for sock in socks:
             sock.close()
-    wait_for(lambda: stats(mesh)["sse_clients"] == 1, 10, "the 50 streams to be freed")
+    wait_for(lambda: stats(mesh)["sse_clients"] == 1, 10, f"the {more} streams to be freed")
     assert stats(mesh)["sse_dropped"] == 0
 
 

@@ -442,7 +442,12 @@ def test_connections_held_open_by_anyone_cannot_make_the_daemon_or_an_agent_unre
             held.append(s)
         assert mesh.tron("status", timeout=30).returncode == 0
         old = mesh.kill("programmer-1")
-        mesh.wait_replaced("programmer-1", old)  # its first beat reached the daemon
+        try:
+            mesh.wait_replaced("programmer-1", old)  # its first beat reached the daemon
+        except AssertionError as err:  # what the daemon says of it, and its last lines
+            log = (mesh.home / "logs" / "daemon.log").read_text().splitlines()
+            raise AssertionError(f"{err}; the daemon says {mesh.service('programmer-1')}; its log ends: "
+                                 + "\n".join(log[-40:])) from None
         http = mesh.status()["http"]
         assert http["evicted"] >= 300 and http["open"] <= cap + 10, http
         _, metrics = mesh.http("GET", mesh.url("daemon") + "/metrics")

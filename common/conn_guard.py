@@ -33,6 +33,7 @@ log = logging.getLogger("tron.http")
 IDLE_TIMEOUT = 30.0  # s an idle connection is kept (aiohttp's client keeps its pooled ones 15 s)
 CAP_MAX = 4096  # open connections at most (a quarter of the descriptor limit, if that is lower)
 CAP_MIN = 64
+AGAIN_AFTER = 0.01  # s before connections accepted in one turn of the loop are looked at again
 SAY_EVERY = 10.0  # s between two log lines about connections closed for room
 
 
@@ -71,6 +72,7 @@ class ConnectionGuard:
         self.on_evict = on_evict  # called with how many were closed (a metric)
         self._unsaid = 0
         self._said_at = float("-inf")
+        self._again: asyncio.TimerHandle | None = None
         made = server.connection_made
 
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
@@ -89,6 +91,13 @@ class ConnectionGuard:
         return len(self._connections())
 
     def _made(self) -> None:
+        self._trim(spare_newest=True)
+
+    def _trim(self, *, spare_newest: bool = False) -> None:
+        """Close the oldest idle connections until at most ``cap`` are open. One accepted in the
+        same turn of the loop has not started waiting for its request yet (so it is not idle):
+        if such a one held the count over the cap, this runs again a moment later."""
+        self._again = None
         connections = self._connections()
         count = len(connections)
         self.peak = max(self.peak, count)
@@ -96,7 +105,9 @@ class ConnectionGuard:
         if over <= 0:
             return
         closed = 0
-        newest = next(reversed(connections)) if isinstance(connections, dict) else connections[-1]
+        starting = False
+        newest = (next(reversed(connections)) if isinstance(connections, dict) else connections[-1]) \
+            if spare_newest else None
         for handler in connections:  # oldest first; nothing here changes the dict (closing is a later callback)
             if over <= 0 or handler is newest:
                 break
@@ -106,6 +117,10 @@ class ConnectionGuard:
                 handler.force_close()
                 over -= 1
                 closed += 1
+            elif getattr(handler, "_waiter", True) is None and not getattr(handler, "_request_in_progress", True):
+                starting = True
+        if over > 0 and starting and self._again is None:
+            self._again = asyncio.get_running_loop().call_later(AGAIN_AFTER, self._trim)
         if closed:
             self.evicted += closed
             self._unsaid += closed

@@ -73,7 +73,8 @@ def test_a_flood_of_idle_connections_keeps_no_real_client_out_and_cuts_no_stream
                 assert await streaming.content.readline() == b"first\n"
                 held = await _held(port, 200)
                 await _wait(lambda: guard.evicted >= 200 - 16)
-                assert guard.open <= 16 + 2 and guard.peak > 16
+                await _wait(lambda: guard.open <= 16 + 2)  # a closed one is forgotten once its handler ended
+                assert guard.peak > 16
                 async with http.get(f"http://127.0.0.1:{port}/") as resp:  # a real client is served
                     assert resp.status == 200 and await resp.text() == "ok"
                 release.set()  # the stream opened first was never taken for room
@@ -90,6 +91,7 @@ def test_a_flood_of_idle_connections_keeps_no_real_client_out_and_cuts_no_stream
                     closed += 1
             assert closed == 100
         finally:
+            release.set()
             for s in held:
                 s.close()
             await runner.cleanup()

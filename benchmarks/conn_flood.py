@@ -57,7 +57,7 @@ while time.time() < until:
             pass
         except OSError:
             s.close()
-    time.sleep(0.05)
+    time.sleep(0.005)
 print(made, refused, flush=True)
 """
 
@@ -86,6 +86,7 @@ def probe(mesh, seconds: float) -> list[float | None]:
 
 def kill_and_back(mesh) -> float | None:
     """ms from SIGKILL of programmer-1 to its new incarnation running, as /status says."""
+    errors: list[str] = []
     try:
         old = mesh.service("programmer-1")
         began = time.monotonic()
@@ -96,11 +97,14 @@ def kill_and_back(mesh) -> float | None:
                 now = mesh.service("programmer-1")
                 if now["state"] == "running" and now["pid"] not in (None, old["pid"]):
                     return (time.monotonic() - began) * 1000
-            except Exception:
-                pass
+            except Exception as err:  # the daemon did not answer this time: asked again
+                errors.append(f"{type(err).__name__}: {err}")
             time.sleep(0.02)
-    except Exception:
-        return None
+    except Exception as err:
+        errors.append(f"{type(err).__name__}: {err}")
+    finally:
+        if errors:
+            print(f"    /status failed {len(errors)} times while waiting; the last: {errors[-1]}", file=sys.stderr)
     return None
 
 

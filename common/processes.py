@@ -8,11 +8,25 @@ carries its incarnation in its environment. A home's processes carry its ``TRON_
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 from pathlib import Path
 
 import psutil
+
+
+def readable(fd: int, timeout: float = 0.0) -> bool:
+    """Whether ``fd`` is readable (a pidfd: its process has exited) within ``timeout`` s.
+    poll(), not select(): select() refuses any descriptor numbered 1024 or more, which a
+    daemon holding many connections hands out (a standby's pidfd then made its restart fail)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    events = poller.poll(max(0, round(timeout * 1000)))
+    if events and events[0][1] & select.POLLNVAL:
+        raise OSError(errno.EBADF, f"descriptor {fd} is not open")
+    return bool(events)
 
 
 # -- process identity and trees (the one implementation of each) -------------------------

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from tron.common.processes import readable
 from tron.services.daemon import unixline
 
 log = logging.getLogger("tron.logpump")
@@ -445,9 +446,7 @@ class Pump:
 
     @staticmethod
     def _readable(fd: int) -> bool:
-        import select
-
-        return bool(select.select([fd], [], [], 0)[0])
+        return readable(fd)  # poll(): the pump holds a pipe per service, numbered past select()'s 1024
 
     def serve(self) -> int:
         try:
@@ -767,7 +766,7 @@ class LogPumpClient:
         """The pump died, whether or not ``_on_death`` has run yet."""
         if self.state == PumpState.RESTARTING:
             return True
-        return self._pidfd is not None and bool(select.select([self._pidfd], [], [], 0)[0])
+        return self._pidfd is not None and readable(self._pidfd)
 
     def _unpumped(self, why: str) -> None:
         if not self.warned:

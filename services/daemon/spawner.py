@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import resource
-import select
 import shutil
 import signal
 import socket
@@ -202,7 +201,7 @@ class Gate:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return self.pidfd is not None and not select.select([self.pidfd], [], [], 0)[0]
+        return self.pidfd is not None and not readable(self.pidfd)
 
     def usable(self, spec: SpawnSpec) -> bool:
         return spec.incarnation == self.incarnation and (spec.limits or Limits()) == self.limits and self.alive()
@@ -290,7 +289,8 @@ class ClusterControl(Protocol):
 
 # Process identity, trees and the census live in common/processes.py (the CLI uses them too).
 from tron.common.processes import (MARK, create_time_of, describe, holds_socket, home_processes,  # noqa: E402,F401
-                                   kill_tree, resident_bytes, same_process, signal_group, status_of, tree_of)
+                                   kill_tree, readable, resident_bytes, same_process, signal_group, status_of,
+                                   tree_of)
 
 
 # -- the local spawner -------------------------------------------------------------------------
@@ -772,7 +772,7 @@ class LocalSpawner:
                 signal.pidfd_send_signal(gate.pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            await asyncio.to_thread(select.select, [gate.pidfd], [], [], 5.0)
+            await asyncio.to_thread(readable, gate.pidfd, 5.0)
             os.close(gate.pidfd)
             gate.pidfd = None
             try:

@@ -56,6 +56,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, *,
     return client_wait_for(predicate, timeout, what, interval, error=error, interval_max=POLL_MAX)
 
 
+def closed_by_peer(socks: list[socket.socket], timeout: float) -> int:
+    """How many of ``socks`` the other end closed (EOF or a reset) within ``timeout`` s each."""
+    closed = 0
+    for s in socks:
+        s.settimeout(timeout)
+        try:
+            closed += s.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+    return closed
+
+
 def send_json(handler, body, status: int = 200) -> None:
     """A fake server's answer (an http.server request handler): ``body`` as JSON."""
     data = json.dumps(body).encode()

@@ -9,6 +9,7 @@ import socket
 
 from aiohttp import ClientSession, web
 
+from tests.harness import closed_by_peer
 from tron.common import conn_guard
 
 
@@ -81,15 +82,7 @@ def test_a_flood_of_idle_connections_keeps_no_real_client_out_and_cuts_no_stream
                 assert await streaming.content.readline() == b"last\n"
                 streaming.release()
             assert sum(evicted) == guard.evicted and guard.summary()["evicted"] == guard.evicted
-            # the closed ones see the end of their connection
-            closed = 0
-            for s in held[:100]:
-                s.settimeout(5)
-                try:
-                    closed += s.recv(1) == b""
-                except ConnectionResetError:
-                    closed += 1
-            assert closed == 100
+            assert closed_by_peer(held[:100], 5) == 100  # the closed ones see the end of their connection
         finally:
             release.set()
             for s in held:

@@ -4,11 +4,12 @@ The default mesh (shipped defaults). ``--holders`` processes each open up to ``-
 connections to the daemon's port as fast as they can and hold them; a third of them send
 half a request line and never end it; one the daemon closed is opened again (the flood
 goes on). Meanwhile, this script asks the daemon's public ``/health`` every 0.5 s
-(answered within 5 s, or not), and once the flood has run ``--settle`` s: ``tron status``,
+(answered within 5 s, or not), and once the flood has run ``--settle`` s (and counted the
+daemon's descriptors): ``tron status``,
 then SIGKILL of programmer-1 and the time until its new incarnation is running (the
 daemon's own account: ``/status``). The same without a flood first, as the baseline.
 
-    .venv/bin/python -m benchmarks.conn_flood [--holders 3] [--each 7000] [--settle 10]
+    .venv/bin/python -m benchmarks.conn_flood [--holders 3] [--each 7000] [--settle 20]
 
 Against an older checkout: ``cd OLD && PYTHONPATH=$PWD /path/to/.venv/bin/python -m benchmarks.conn_flood``.
 """
@@ -108,8 +109,16 @@ def kill_and_back(mesh) -> float | None:
     return None
 
 
-def measure(mesh, label: str, settle: float) -> dict:
+def descriptors(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def measure(mesh, label: str, settle: float, daemon_pid: int) -> dict:
     answers = probe(mesh, settle)
+    fds = descriptors(daemon_pid)
     began = time.monotonic()
     status = mesh.tron("status", timeout=60)
     status_s = time.monotonic() - began
@@ -118,8 +127,8 @@ def measure(mesh, label: str, settle: float) -> dict:
     row = {"label": label, "health_answered": f"{len(answered)}/{len(answers)}",
            "health_median_ms": percentile(answered, 0.5) if answered else None,
            "status_exit": status.returncode, "status_s": round(status_s, 2),
-           "kill_to_running_ms": back}
-    print(f"  {label}: /health answered {row['health_answered']} (median "
+           "kill_to_running_ms": back, "daemon_descriptors": fds}
+    print(f"  {label}: the daemon holds {fds} descriptors; /health answered {row['health_answered']} (median "
           f"{row['health_median_ms'] or float('nan'):.1f} ms); tron status exit {status.returncode} in "
           f"{status_s:.2f} s; kill -> running {back if back is None else round(back)} ms", file=sys.stderr)
     return row
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.conn_flood")
     ap.add_argument("--holders", type=int, default=3)
     ap.add_argument("--each", type=int, default=7000)
-    ap.add_argument("--settle", type=float, default=10.0)
+    ap.add_argument("--settle", type=float, default=20.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     rows = []
@@ -138,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         holders: list[subprocess.Popen] = []
         try:
             mesh.tron("up", "--detach", timeout=120, check=True)
-            rows.append(measure(mesh, "no flood", 3))
+            daemon_pid = mesh.status()["daemon"]["pid"]
+            rows.append(measure(mesh, "no flood", 3, daemon_pid))
             until = time.time() + args.settle + 60
             holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(mesh.port("daemon")), str(args.each),
                                          str(until)], stdout=subprocess.PIPE, text=True)
                        for _ in range(args.holders)]
-            rows.append(measure(mesh, f"{args.holders} x {args.each} connections held", args.settle))
+            rows.append(measure(mesh, f"{args.holders} x {args.each} connections held", args.settle, daemon_pid))
             st = mesh.http("GET", mesh.url("daemon") + "/status")[1] if rows[-1]["status_exit"] == 0 else {}
             if isinstance(st, dict) and st.get("http"):
                 rows[-1]["http"] = st["http"]

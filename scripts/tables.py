@@ -1,9 +1,23 @@
-"""Tables for `tron history`."""
+"""Tables for `tron history`, `tron report` and `tron task show`.
+
+Every value that came from a service (a failure reason, a task's progress, a step's id, a
+decision's detail) goes through ``safe``: rich would read markup in it (a progress of ``[/]``
+stopped `tron task show` with a MarkupError) and pass an ESC on to the terminal (a reason
+could clear the screen or forge lines), as `tron logs` and `tron audit` do not."""
 
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+
+def safe(value: object) -> str:
+    """``value`` shown as it is: control characters as their escapes, rich markup escaped."""
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return escape(text)
 
 
 def print_history(rows: list[dict], metrics: list[dict]) -> None:
@@ -15,15 +29,15 @@ def print_history(rows: list[dict], metrics: list[dict]) -> None:
         providers = r["from_provider"] or "-"
         if r["to_provider"]:
             providers += f" -> {r['to_provider']}"
-        t.add_row(r["timestamp"][11:23], r["agent_id"], r["task_id"] or "-", r["retry_type"], str(r["retry_count"]),
-                  r["reason"], providers, r["hop"] or r["requested_by"] or "-")
+        t.add_row(*map(safe, (r["timestamp"][11:23], r["agent_id"], r["task_id"] or "-", r["retry_type"],
+                              r["retry_count"], r["reason"], providers, r["hop"] or r["requested_by"] or "-")))
     console.print(t)
     m = Table(title="failure metrics", header_style="bold")
     for col in ("scope", "key", "failures", "restarts", "escalations", "switches", "permanent", "last reason"):
         m.add_column(col)
     for r in metrics:
-        m.add_row(r["scope"], r["key"], str(r["failures"]), str(r["restarts"]), str(r["escalations"]),
-                  str(r["provider_switches"]), str(r["permanent_failures"]), r["last_reason"] or "-")
+        m.add_row(*map(safe, (r["scope"], r["key"], r["failures"], r["restarts"], r["escalations"],
+                              r["provider_switches"], r["permanent_failures"], r["last_reason"] or "-")))
     console.print(m)
 
 
@@ -34,7 +48,8 @@ def print_report(checks) -> None:
         t.add_column(col)
     for c in checks:
         verdict = "[green]healthy[/green]" if c.healthy else "[bold red]UNHEALTHY[/bold red]"
-        t.add_row(c.name, verdict, c.figure, "; ".join(map(str, c.offenders[:3])) + (" ..." if len(c.offenders) > 3 else ""))
+        t.add_row(safe(c.name), verdict, safe(c.figure),
+                  safe("; ".join(map(str, c.offenders[:3])) + (" ..." if len(c.offenders) > 3 else "")))
     console.print(t)
 
 
@@ -44,32 +59,34 @@ def print_task(task: dict, retries: list[dict], checkpoints: list[dict], events:
 
     console = Console()
     failure = task.get("failure") or {}
-    head = (f"[bold]{task['task_id']}[/bold]  run {task['run_id']}  agent {task['agent']}  "
-            f"status [bold]{task['status']}[/bold]  attempt {task['attempt']}  provider {task['provider'] or '-'}\n"
-            f"kind {task['kind']}  parent {task['parent_task_id'] or task['parent_agent']}  "
-            f"progress {task['progress'] or '-'}  created {task['created_at'][:23]}  updated {task['updated_at'][:23]}")
+    v = {k: safe(x) for k, x in task.items()}
+    head = (f"[bold]{v['task_id']}[/bold]  run {v['run_id']}  agent {v['agent']}  "
+            f"status [bold]{v['status']}[/bold]  attempt {v['attempt']}  provider {safe(task['provider'] or '-')}\n"
+            f"kind {v['kind']}  parent {safe(task['parent_task_id'] or task['parent_agent'])}  "
+            f"progress {safe(task['progress'] or '-')}  created {safe(task['created_at'][:23])}  "
+            f"updated {safe(task['updated_at'][:23])}")
     if failure:
-        head += f"\nfailure: {failure.get('reason')}  {failure.get('signals') or ''}"
+        head += f"\nfailure: {safe(failure.get('reason'))}  {safe(failure.get('signals') or '')}"
     console.print(Panel(head, title="task", expand=False))
     t = Table(title="decisions (retry_history)", header_style="bold")
     for col in ("time", "type", "case", "reason", "providers", "by", "decided by"):
         t.add_column(col)
     for r in retries:
         providers = (r["from_provider"] or "-") + (f" -> {r['to_provider']}" if r["to_provider"] else "")
-        t.add_row(r["timestamp"][11:23], r["retry_type"], r["case_id"], r["reason"], providers,
-                  r["hop"] or r["requested_by"] or "-", r["decided_by"])
+        t.add_row(*map(safe, (r["timestamp"][11:23], r["retry_type"], r["case_id"], r["reason"], providers,
+                              r["hop"] or r["requested_by"] or "-", r["decided_by"])))
     console.print(t)
     c = Table(title="checkpoints", header_style="bold")
     for col in ("step", "id", "hash", "bytes", "incarnation", "at"):
         c.add_column(col)
     for m in checkpoints:
-        c.add_row(str(m["step"]), m["step_id"], m["hash"][:19], str(m["bytes"]), m["incarnation"] or "-",
-                  m["created_at"][11:23])
+        c.add_row(*map(safe, (m["step"], m["step_id"], m["hash"][:19], m["bytes"], m["incarnation"] or "-",
+                              m["created_at"][11:23])))
     console.print(c)
     e = Table(title="events", header_style="bold")
     for col in ("time", "event", "incarnation", "detail"):
         e.add_column(col)
     for ev in events:
         detail = {k: v for k, v in (ev["payload"] or {}).items() if v not in (None, "", {}, [])}
-        e.add_row(ev["ts"][11:23], ev["kind"], ev["incarnation"] or "-", str(detail)[:70])
+        e.add_row(*map(safe, (ev["ts"][11:23], ev["kind"], ev["incarnation"] or "-", str(detail)[:70])))
     console.print(e)

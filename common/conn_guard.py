@@ -77,7 +77,7 @@ class ConnectionGuard:
 
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
             made(handler, transport)
-            self._made()
+            self._trim(spare_newest=True)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
 
@@ -89,9 +89,6 @@ class ConnectionGuard:
     @property
     def open(self) -> int:
         return len(self._connections())
-
-    def _made(self) -> None:
-        self._trim(spare_newest=True)
 
     def _trim(self, *, spare_newest: bool = False) -> None:
         """Close the oldest idle connections until at most ``cap`` are open. One accepted in the

@@ -11,13 +11,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tron.services.daemon.audit import printable
+
 
 def safe(value: object) -> str:
-    """``value`` shown as it is: control characters as their escapes, rich markup escaped."""
-    text = str(value)
-    if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-    return escape(text)
+    """``value`` shown as it is: control characters as their escapes (the audit trail's
+    ``printable``), rich markup escaped."""
+    return escape(printable(str(value)))
 
 
 def print_history(rows: list[dict], metrics: list[dict]) -> None:
@@ -59,10 +59,10 @@ def print_task(task: dict, retries: list[dict], checkpoints: list[dict], events:
 
     console = Console()
     failure = task.get("failure") or {}
-    v = {k: safe(x) for k, x in task.items()}
-    head = (f"[bold]{v['task_id']}[/bold]  run {v['run_id']}  agent {v['agent']}  "
-            f"status [bold]{v['status']}[/bold]  attempt {v['attempt']}  provider {safe(task['provider'] or '-')}\n"
-            f"kind {v['kind']}  parent {safe(task['parent_task_id'] or task['parent_agent'])}  "
+    head = (f"[bold]{safe(task['task_id'])}[/bold]  run {safe(task['run_id'])}  agent {safe(task['agent'])}  "
+            f"status [bold]{safe(task['status'])}[/bold]  attempt {safe(task['attempt'])}  "
+            f"provider {safe(task['provider'] or '-')}\n"
+            f"kind {safe(task['kind'])}  parent {safe(task['parent_task_id'] or task['parent_agent'])}  "
             f"progress {safe(task['progress'] or '-')}  created {safe(task['created_at'][:23])}  "
             f"updated {safe(task['updated_at'][:23])}")
     if failure:

@@ -59,6 +59,7 @@ class Op:
     mono: float
     wall: str
     drill: str | None
+    seq: int = field(default=0, compare=False)  # its place in this daemon's journal (flushed() waits up to one)
 
     def to_json(self) -> str:
         return json.dumps({"method": self.method, "args": self.args, "kwargs": self.kwargs, "mono": self.mono,
@@ -100,6 +101,7 @@ class JournaledStore:
         self._degraded_at: float | None = None
         self._in_flight = 0  # the journal's first entries being written now: never dropped
         self._one_by_one = 0  # entries to write alone: a batch of them was refused for good
+        self._seq = 0  # the last entry journaled
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -234,6 +236,8 @@ class JournaledStore:
     def _append(self, op: Op) -> None:
         if len(self.journal) >= MAX_PENDING:
             self._drop_an_event()
+        self._seq += 1
+        op.seq = self._seq
         self.journal.append(op)
         self._wake.set()
 
@@ -246,11 +250,18 @@ class JournaledStore:
         log.critical("registry journal full of ladder rows (%d): none is dropped; memory grows", len(self.journal))
 
     async def flushed(self, timeout: float) -> bool:
-        """Until the journal is empty (True), or ``timeout`` seconds pass (False)."""
+        """Until every entry journaled before this call is written (True), or ``timeout``
+        seconds pass (False). Entries journaled meanwhile are not waited for: a busy mesh may
+        never leave the journal empty, and each history read (the live view makes ten a
+        second) would wait its whole timeout for that."""
+        upto = self._seq
         deadline = time.monotonic() + timeout
-        while self.journal and time.monotonic() < deadline:
+        while self._waiting(upto) and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
-        return not self.journal
+        return not self._waiting(upto)
+
+    def _waiting(self, upto: int) -> bool:
+        return bool(self.journal) and self.journal[0].seq <= upto  # oldest first: the first says it
 
     # -- the writer --------------------------------------------------------------------------
 

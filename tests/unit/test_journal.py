@@ -341,6 +341,40 @@ async def test_rows_waiting_in_the_journal_are_written_together_each_once_in_ord
         await store.close()
 
 
+async def test_a_history_read_waits_for_the_writes_before_it_not_for_those_that_keep_coming(tmp_path):
+    """``flushed()`` (each history read calls it) waits for what was journaled before it. A
+    write that comes after it and waits on the database does not hold it up: on a busy mesh
+    the journal is never empty, and each read of the live view waited its whole timeout."""
+    path = tmp_path / "registry.db"
+    store = await journaled(path, FakeClock())
+    gates = {"first": asyncio.Event(), "after": asyncio.Event()}
+    real = store.durable.event
+
+    async def event(kind, *args, **kwargs):
+        if kind in gates:
+            await gates[kind].wait()  # the database is slow for this one
+        return await real(kind, *args, **kwargs)
+
+    store.durable.event = event
+    try:
+        await store.event("first", {})
+        await until(lambda: store._in_flight == 1)  # being written, and held there
+        reading = asyncio.ensure_future(store.flushed(30.0))
+        await asyncio.sleep(0.05)
+        assert not reading.done()  # "first" came before the read: it waits for it
+        await store.event("after", {})  # this one came after, and is held too
+        gates["first"].set()
+        assert await asyncio.wait_for(reading, 10)
+        assert store.health()["pending"] == 1  # "after", still waiting on the database
+        assert rows(path, "SELECT kind FROM events WHERE kind IN ('first', 'after')") == [("first",)]
+        assert await store.flushed(0.2) is False  # what is held past the timeout: False
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await store.close()
+    assert rows(path, "SELECT kind FROM events WHERE kind IN ('first', 'after') ORDER BY id") == [("first",), ("after",)]
+
+
 async def test_a_row_refused_for_good_inside_a_batch_loses_itself_alone(tmp_path):
     """One row the database will never take (a primary-key clash, a bug) in the middle of a
     batch: the batch is undone, its rows written one at a time, and only that row is lost

@@ -265,6 +265,73 @@ def test_a_log_that_appears_later_is_read_from_its_start(tmp_path):
     assert log_entry("Traceback (most recent call last):")["level"] == "raw"
 
 
+@pytest.mark.parametrize("fault", ["rows raise", "registry hangs"])
+async def test_a_service_page_follows_its_log_and_rows_whatever_the_rest_of_the_live_view_does(tmp_path, fault):
+    """A tick that raises (the rows, every time) is logged and tried again; a registry read that
+    never returns (a lock, a journal that does not flush) holds up only itself. Either way the
+    watched log is followed with no line lost, and with a registry that hangs the rows too."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from tron.common.paths import Home
+    from tron.services.daemon.ui.live import Live
+
+    row = {"name": "p1", "role": "programmer", "parent": None, "port": 9100, "state": "running", "pid": 7,
+           "incarnation": "i-1", "restarts": 0, "provider": "anthropic", "last_beat_age": 0.5, "uptime": 3.0,
+           "task": None, "progress": None, "crash_looping": False, "stopped": False, "last_failure": None,
+           "ready": True, "paused": False}
+    rows = [row]
+
+    def read_rows():
+        if fault == "rows raise":
+            raise RuntimeError("a row that cannot be drawn")
+        return [dict(r) for r in rows]
+
+    async def never() -> list:
+        await asyncio.Event().wait()
+        return []
+
+    clock = FakeClock()
+    home = Home(tmp_path)
+    home.logs.mkdir(parents=True)
+    path = home.log_file("p1")
+    path.write_text("before the page\n")
+    store = SimpleNamespace(open_alerts=never, lanes=never, events=never)
+    daemon = SimpleNamespace(clock=clock, stopping=False, home=home, cluster=None, store=store,
+                             sup=SimpleNamespace(rows=read_rows, spawning_paused=False),
+                             router=SimpleNamespace(last_alert=None), registry_health=lambda: {"state": "ok"})
+    hub = Hub()
+    page = hub.open({"svc:p1", "log:p1"})
+    live = Live(daemon, hub, EventFeed(store.events), Templates())
+    loop = asyncio.get_running_loop().create_task(live.run())
+
+    async def tick() -> list[bytes]:
+        for _ in range(20):  # let the loop reach its next sleep
+            await asyncio.sleep(0)
+        clock.advance(0.25)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        sent = []
+        while not page.queue.empty():
+            sent.append(page.queue.get_nowait())
+        return sent
+
+    try:
+        await tick()
+        with path.open("a") as f:
+            f.write('{"msg": "serving", "incarnation": "i-1"}\n{"msg": "stopping", "incarnation": "i-1"}\n')
+        rows[0] = {**row, "pid": 8, "incarnation": "i-2"}
+        sent = b"".join(await tick() + await tick())
+        logs = b"".join(m for m in sent.split(b"\n\n") if m.startswith(b"event: log\n"))
+        assert b"serving" in logs and b"stopping" in logs and b"before the page" not in logs, sent
+        if fault == "registry hangs":
+            assert b"event: row\n" in sent and b"i-2" in sent, sent
+    finally:
+        daemon.stopping = True
+        clock.advance(1)
+        await asyncio.wait_for(loop, 5)
+
+
 # -- the feed, views and actions -------------------------------------------------------------------------------------
 
 

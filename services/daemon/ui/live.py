@@ -7,8 +7,10 @@ orange one, and the red one while the registry is degraded), new log lines of th
 services being watched, and, once a second, the beat ages, the mesh page's lanes and
 spawning panels when they changed, and a "look again" for the service pages whose ladder
 history moved. Rows come from the daemon's memory; the registry is read once a second
-(its open alerts, its lanes and the event feed). Nothing here waits on
-a browser: publishing only fills bounded queues (sse.Hub).
+(its open alerts, its lanes and the event feed) in a task beside the loop, so a registry
+that is slow (a history read waits for the journal's flush) or locked never stops the rows,
+the bars or the logs. Nothing here waits on a browser: publishing only fills bounded
+queues (sse.Hub).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Live:
         self._panels_sent = ""  # the mesh page's lanes and spawning panels, as last published
         self._tails: dict[str, LogTail | NodeLogTail] = {}
         self._backlogs: set[asyncio.Task] = set()  # a node's backlog on its way to a new page
+        self._reading: asyncio.Task | None = None  # the registry's side of the view, read once a second
 
     # -- what a page shows -----------------------------------------------------------------
 
@@ -140,17 +143,28 @@ class Live:
 
     async def run(self) -> None:
         ticks = 0
-        while not self.daemon.stopping:
-            await self.daemon.clock.sleep(TICK)
-            if not self.hub.clients or self.daemon.stopping:
-                continue  # nobody is looking: nothing to compute
-            try:
-                await self.tick(ticks)
-            except Exception:  # a registry hiccup must not end the live view for good
-                log.exception("ui: live update failed; trying again next tick")
-            ticks += 1
+        try:
+            while not self.daemon.stopping:
+                await self.daemon.clock.sleep(TICK)
+                if not self.hub.clients or self.daemon.stopping:
+                    continue  # nobody is looking: nothing to compute
+                try:
+                    await self.tick(ticks)
+                except Exception:  # a template or a row that fails must not end the live view for good
+                    log.exception("ui: live update failed; trying again next tick")
+                try:  # the logs are files: they are followed whatever the rows or a template does
+                    self._follow_logs()
+                except Exception:
+                    log.exception("ui: following the logs failed; trying again next tick")
+                ticks += 1
+        finally:
+            if self._reading is not None:
+                self._reading.cancel()
 
     async def tick(self, n: int) -> None:
+        """The rows, the alert bar and the beat ages, from the daemon's memory. The registry's
+        side is read once a second beside it, one read at a time: a registry that is slow or
+        waits on a lock delays its own panels, never the rows, the bar or the logs."""
         rows = self.rows()
         drawn = tree(rows)
         topics = self.hub.topics()
@@ -166,20 +180,29 @@ class Live:
         if changed:
             self.hub.publish("mesh", "mesh", "".join(self.row_html(depth, r) for depth, r in drawn))
         if n % SLOW_EVERY == 0:
-            await self.refresh()
             self.hub.publish("beats", "beats", json.dumps(beat_ages(rows)))
-            if "mesh" in topics:
-                panels = await self.render_panels()
-                if panels != self._panels_sent:
-                    self._panels_sent = panels
-                    self.hub.publish("mesh", "panels", panels)
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.get_running_loop().create_task(self._read_registry("mesh" in topics))
         before = self.alert_html
         if self.render_alert() != before:
             self.hub.publish("alert", "alert", self.alert_html)
-        self._follow_logs(topics)
 
-    def _follow_logs(self, topics: set[str]) -> None:
-        watched = {t.removeprefix("log:") for t in topics if t.startswith("log:")}
+    async def _read_registry(self, panels: bool) -> None:
+        """The open alerts and the event feed (``refresh``), then the mesh page's panels."""
+        try:
+            await self.refresh()
+            if panels:
+                shown = await self.render_panels()
+                if shown != self._panels_sent:
+                    self._panels_sent = shown
+                    self.hub.publish("mesh", "panels", shown)
+        except Exception:  # a registry hiccup: the next second reads it again
+            log.exception("ui: reading the registry for the live view failed; trying again in a second")
+
+    def _follow_logs(self) -> None:
+        # The topics now, not as the tick began: a page opened during its awaits has a tail
+        # already (on_open), which dropping would lose the lines until the next tick made another.
+        watched = {t.removeprefix("log:") for t in self.hub.topics() if t.startswith("log:")}
         for name in set(self._tails) - watched:
             gone = self._tails.pop(name)
             if isinstance(gone, NodeLogTail):

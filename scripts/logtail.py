@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from tron.services.daemon.audit import printable
+
 COLOURS = ["36", "32", "33", "35", "34", "96", "92", "93", "95", "94"]
 LEVEL = {"warning": "33", "error": "31", "critical": "1;31"}
 SKIP = {"ts", "level", "logger", "msg", "service"}
@@ -36,7 +38,7 @@ def format_line(name: str, raw: bytes, colour: str, use_colour: bool) -> str:
             body = f"{obj.get('ts', '')[11:23]} {level:<7} {obj['msg']}" + (f"  {extras}" if extras else "")
             # JSON's escapes are decoded now: a \n or \u001b a caller put in a value (an agent's
             # failure reason) would forge a line or drive the terminal. Shown escaped instead.
-            body = "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1] for ch in body)
+            body = printable(body, keep="\t")
     except (json.JSONDecodeError, TypeError):
         pass
     if not use_colour:

@@ -55,6 +55,7 @@ from tron.scripts.cost_cli import cmd_cost
 from tron.scripts.ui_cli import cmd_ui
 from tron.scripts.notify_cli import add_parser as add_notify_parser, cmd_notify
 from tron.scripts.token_cli import add_parser as add_token_parser, cmd_token
+from tron.services.daemon.audit import printable
 
 
 class CLIError(Exception):
@@ -859,8 +860,8 @@ def cmd_run(ctx: Ctx, args: argparse.Namespace) -> int:
         raise CLIError(f"run {run_id} still running after {bound:.0f}s")
     if args.json:
         print(json.dumps(run, indent=2))
-    elif run["status"] == "done":
-        print(run["result"])
+    elif run["status"] == "done":  # an agent's text: its lines and tabs, no ESC or CR to drive the terminal
+        print(printable(str(run["result"]), keep="\n\t"))
     else:
         print(f"run {run_id} FAILED: {json.dumps(run['failure'])}", file=sys.stderr)
     return 0 if run["status"] == "done" else 1

@@ -121,10 +121,11 @@ class RefusalBudget:
         return seen
 
 
-def printable(text: str, limit: int | None = None) -> str:
+def printable(text: str, limit: int | None = None, *, keep: str = "") -> str:
     """``text`` with control characters escaped (a CR/LF in a path or a reason would forge a
-    line of the trail where it is printed), cut to ``limit`` characters."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    line of the trail where it is printed, an ESC would drive the terminal), but for those in
+    ``keep`` (a log line keeps its tabs, a run's result its lines), cut to ``limit`` characters."""
+    out = "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
     return out if limit is None or len(out) <= limit else out[:limit] + f"...({len(out) - limit} more)"
 
 

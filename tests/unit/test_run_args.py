@@ -26,3 +26,17 @@ def test_a_run_with_bad_arguments_is_refused_before_anything_is_submitted(daemon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and said in err, err
     assert fake.posts == []
+
+
+def test_a_runs_result_keeps_its_lines_and_tabs_and_shows_other_control_characters_escaped(daemon, capsys,  # noqa: F811
+                                                                                           monkeypatch):
+    """A result is an agent's text (an LLM's answer): an ESC or CR in it would drive the
+    operator's terminal, as a failure reason did through `tron logs`."""
+    from tron.scripts.client import MeshClient
+
+    home, fake = daemon
+    monkeypatch.setattr(tron, "_submit_to_gateway", lambda ctx, prompt, args: "run-1")
+    monkeypatch.setattr(MeshClient, "try_call", lambda self, method, url, *a, **kw: (
+        200, {"status": "done", "result": "line 1\n\tindented \x1b[2J\rforged\x07"}))
+    assert tron.main(["--home", str(home.root), "run", "say hi"]) == 0
+    assert capsys.readouterr().out == "line 1\n\tindented \\x1b[2J\\rforged\\x07\n"

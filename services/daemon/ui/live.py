@@ -200,8 +200,8 @@ class Live:
             log.exception("ui: reading the registry for the live view failed; trying again in a second")
 
     def _follow_logs(self) -> None:
-        # The topics now, not as the tick began: a page opened during its awaits has a tail
-        # already (on_open), which dropping would lose the lines until the next tick made another.
+        # The topics now: a tail a page has (on_open made it) is kept while the page is open;
+        # dropping it would lose the lines until the next tick made another.
         watched = {t.removeprefix("log:") for t in self.hub.topics() if t.startswith("log:")}
         for name in set(self._tails) - watched:
             gone = self._tails.pop(name)

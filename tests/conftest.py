@@ -81,3 +81,13 @@ def pytest_collection_modifyitems(config, items):
         return MEASURED_S.get(f"{path.parent.name}/{path.stem}", OTHERS_S.get(path.parent.name, 5.0))
 
     items.sort(key=lambda item: -weight(item))
+
+
+def pytest_sessionfinish(session):
+    """The scratch folders of node agents that Ray ended with SIGKILL (a cluster test's
+    node loss, its shutdown): each cluster fixture sweeps after its shutdown, but an agent
+    may still be ending then; by the end of the run it has ended. Only folders whose agent
+    is gone are removed (node_agent.sweep_scratch), so a still-running worker's are kept."""
+    from tron.services.daemon.node_agent import sweep_scratch
+
+    sweep_scratch()

@@ -102,6 +102,7 @@ class JournaledStore:
         self._in_flight = 0  # the journal's first entries being written now: never dropped
         self._one_by_one = 0  # entries to write alone: a batch of them was refused for good
         self._seq = 0  # the last entry journaled
+        self._progress = asyncio.Event()  # set whenever entries leave the journal (flushed() waits on it)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -256,9 +257,14 @@ class JournaledStore:
         second) would wait its whole timeout for that."""
         upto = self._seq
         deadline = time.monotonic() + timeout
-        while self._waiting(upto) and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
-        return not self._waiting(upto)
+        while self._waiting(upto):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._progress.clear()  # cleared before the wait: an entry written meanwhile sets it again
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
+        return True
 
     def _waiting(self, upto: int) -> bool:
         return bool(self.journal) and self.journal[0].seq <= upto  # oldest first: the first says it
@@ -320,6 +326,7 @@ class JournaledStore:
         for _ in range(n):
             self.journal.popleft()
         self._one_by_one = max(0, self._one_by_one - n)
+        self._progress.set()
 
     def _degrade(self, err: BaseException) -> None:
         reason = _reason(err)

@@ -430,7 +430,7 @@ class Pump:
                         break
                     before = len(pipe.partial)
                     self.read(pipe, time.time())
-                    if pipe.fd in self.pipes and len(pipe.partial) == before and not self._readable(pipe.fd):
+                    if pipe.fd in self.pipes and len(pipe.partial) == before and not readable(pipe.fd):
                         break
             return {"ok": True}
         if op == "pipes":  # copies of the read ends, for the daemon to hold (LogPumpClient.hold)
@@ -443,10 +443,6 @@ class Pump:
             self.exiting = True
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
-
-    @staticmethod
-    def _readable(fd: int) -> bool:
-        return readable(fd)  # poll(): the pump holds a pipe per service, numbered past select()'s 1024
 
     def serve(self) -> int:
         try:

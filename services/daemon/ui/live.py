@@ -149,7 +149,7 @@ class Live:
                 if not self.hub.clients or self.daemon.stopping:
                     continue  # nobody is looking: nothing to compute
                 try:
-                    await self.tick(ticks)
+                    self.tick(ticks)
                 except Exception:  # a template or a row that fails must not end the live view for good
                     log.exception("ui: live update failed; trying again next tick")
                 try:  # the logs are files: they are followed whatever the rows or a template does
@@ -161,7 +161,7 @@ class Live:
             if self._reading is not None:
                 self._reading.cancel()
 
-    async def tick(self, n: int) -> None:
+    def tick(self, n: int) -> None:
         """The rows, the alert bar and the beat ages, from the daemon's memory. The registry's
         side is read once a second beside it, one read at a time: a registry that is slow or
         waits on a lock delays its own panels, never the rows, the bar or the logs."""

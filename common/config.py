@@ -32,7 +32,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       field_validator, model_validator)
 
 from tron.common.lease import check_lease, default_lease
-from tron.common.models import NAME_PATTERN, Provider, validation_messages
+from tron.common.models import Provider, validation_messages
+from tron.common.wire import NAME_PATTERN
 from tron.common.prices import Price
 from tron.common.notify import NotifyEntry
 from tron.common.telemetry import TelemetrySection
@@ -40,30 +41,12 @@ from tron.common.prices import merged as merged_prices
 from tron.common.providers import ProviderSettings, get as get_provider_kind, names as provider_names, sdk_of
 from tron.common.providers.checks import OutputChecks
 from tron.common import probe_kinds  # the probe kinds: their names and configs
+from tron.common.config_error import ConfigError as ConfigError  # raised here, caught everywhere
+from tron.common.install import resource
 
 DAEMON = "daemon"
 AGENT_ROLES = ("gateway", "root", "architect", "director", "programmer", "llm_sim")
 MAX_PORT = 65535
-# A source checkout keeps mesh.toml and prompts/ beside the packages; an installed copy
-# has them under <prefix>/share/tron-mesh (pyproject's data-files).
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
-SHARE = Path(sys.prefix) / "share" / "tron-mesh"
-
-
-def resource(relative: str) -> Path:
-    """A data file shipped with Tron (mesh.toml, prompts/...): the checkout's own copy when
-    running from one, else the installed one."""
-    local = SOURCE_ROOT / relative
-    return local if local.exists() else SHARE / relative
-
-
-def in_checkout() -> bool:
-    return (SOURCE_ROOT / "pyproject.toml").exists() and (SOURCE_ROOT / "mesh.toml").exists()
-
-
-class ConfigError(Exception):
-    """The mesh file is unusable; the message names the file and the key."""
-
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}

@@ -21,7 +21,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from tron.common.models import MAX_BODY, TOKEN_HEADER, Empty, validation_messages
+from tron.common.models import MAX_BODY, Empty, validation_messages
+from tron.common.wire import TOKEN_HEADER
 
 M = TypeVar("M", bound=BaseModel)
 P = ParamSpec("P")

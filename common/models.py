@@ -12,12 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-# Names and ids start with a letter or digit: never "." or "..", which a URL would resolve.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
-NameStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NAME_PATTERN)]
-IdStr = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
-TOKEN_HEADER = "X-Tron-Token"
+from tron.common.wire import ID_MAX, ID_PATTERN, NAME_MAX, NAME_PATTERN
+
+NameStr = Annotated[str, StringConstraints(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)]
+IdStr = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX, pattern=ID_PATTERN)]
 TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"  # W3C Trace Context, version 00
 MAX_BODY = 256 * 1024
 

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from tron.common.config import SOURCE_ROOT, in_checkout
+from tron.common.install import SOURCE_ROOT, in_checkout
 
 
 @dataclass(frozen=True)

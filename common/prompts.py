@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from tron.common.config import resource
+from tron.common.install import resource
 
 PROMPTS = resource("prompts")
 

@@ -30,7 +30,8 @@ from tron.common.clock import Clock, MonotonicClock
 from tron.common.config import MeshConfig, load_mesh
 from tron.common import credentials
 from tron.common.http import AUTH_KEY, TOKEN_KEY, MeshClient, MeshHTTPError
-from tron.common.models import TOKEN_HEADER, Beat
+from tron.common.models import Beat
+from tron.common.wire import TOKEN_HEADER
 from tron.common.paths import read_token
 
 log = logging.getLogger("tron.service")

@@ -1,11 +1,13 @@
 """Argument types of the `tron` command line that argparse's `type=int` lets through: a
 count that must lie in a range. `tron history --limit 99999999999999999999` ended in an
-OverflowError traceback from SQLite, `--limit -1` silently meant "everything"."""
+OverflowError traceback from SQLite, `--limit -1` silently meant "everything". And the
+provider kinds as choices that are read only when a command takes one."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import overload
 
 
 def bounded_int(lo: int, hi: int) -> Callable[[str], int]:
@@ -26,3 +28,43 @@ def bounded_int(lo: int, hi: int) -> Callable[[str], int]:
 
 LIMIT = bounded_int(1, 1_000_000)  # rows of a listing (--limit)
 LINES = bounded_int(0, 1_000_000)  # lines of a tail (-n): 0 with -f follows only what comes next
+
+
+class LazyChoices(Sequence[str]):
+    """argparse ``choices`` read on first use: the provider kinds are found by importing every
+    provider module (pydantic and all), which a `tron status` must not pay for. argparse reads
+    them only to check a value, to say what is allowed, and to show help; give the argument a
+    ``metavar``, or argparse lists them when the parser is built."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
+        self._load = load
+        self._items: Sequence[str] | None = None
+
+    def _all(self) -> Sequence[str]:
+        if self._items is None:
+            self._items = tuple(self._load())
+        return self._items
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._all()
+
+
+def provider_names() -> Sequence[str]:
+    """The registered provider kinds (tron.common.providers imports every one)."""
+    from tron.common import providers
+
+    return providers.names()
+
+
+PROVIDERS = LazyChoices(provider_names)

@@ -11,10 +11,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-from tron.common.config import MeshConfig
-from tron.common.models import TOKEN_HEADER
+from tron.common.wire import TOKEN_HEADER
 from tron.common.paths import Home, read_token
+
+if TYPE_CHECKING:
+    from tron.common.config import MeshConfig
 
 
 class ClientError(Exception):
@@ -61,9 +64,17 @@ def http(method: str, url: str, body=None, *, token: str | None = None, raw: byt
 
 
 class MeshClient:
-    def __init__(self, home: Home, config: MeshConfig | None) -> None:
+    def __init__(self, home: Home, config: "MeshConfig | Callable[[], MeshConfig] | None") -> None:
+        """``config``: the mesh file read, or how to read it when first needed (the CLI: most
+        commands need only the daemon, whose own file says where it listens)."""
         self.home = home
-        self.config = config
+        self._config = config
+
+    @property
+    def config(self) -> "MeshConfig | None":
+        if callable(self._config):
+            self._config = self._config()
+        return self._config
 
     def daemon_info(self) -> dict | None:
         """What the running daemon wrote about itself (pid, port, home), if anything."""

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 
-from tron.common.models import NAME_PATTERN
+from tron.common.wire import NAME_MAX, NAME_PATTERN
 from tron.scripts.client import ClientError
 
 
@@ -39,7 +39,7 @@ def cmd_token(ctx, args: argparse.Namespace) -> int:
         code, answer = mesh.call("POST", mesh.daemon_url + "/tokens", {"name": args.name, "viewer": args.viewer},
                                  auth=True)
     else:
-        if not re.match(NAME_PATTERN, args.name) or len(args.name) > 64:
+        if not re.match(NAME_PATTERN, args.name) or len(args.name) > NAME_MAX:
             raise ClientError(f"{args.name!r} is not a token name")
         code, answer = mesh.call("POST", f"{mesh.daemon_url}/tokens/{args.name}/revoke", auth=True)
     if code >= 300:

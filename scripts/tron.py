@@ -24,7 +24,9 @@
 
 Global options: --config FILE (default: $TRON_CONFIG, else the shipped mesh.toml), --home
 DIR (or TRON_HOME). Errors are one line on stderr and a non-zero exit. Nothing on this
-path imports the LLM SDKs or aiohttp: the CLI must answer fast.
+path imports the LLM SDKs or aiohttp: the CLI must answer fast. A command that needs only the
+daemon (status, restart, stop, task, audit...) does not read the mesh file either, nor import
+pydantic: the daemon's own file in the home says where it listens.
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from tron.common.config import ConfigError, MeshConfig, load_mesh
-from tron.common import providers  # the registered provider kinds: the CLI's choices
-from tron.common.models import ID_PATTERN, NAME_PATTERN
+from tron.common.config_error import ConfigError
+from tron.common.wire import ID_MAX, ID_PATTERN, NAME_MAX, NAME_PATTERN
 from tron.common.paths import Home
 from tron.common.processes import MARK
-from tron.scripts.cli_args import LIMIT, LINES
+from tron.scripts.cli_args import LIMIT, LINES, PROVIDERS
 from tron.scripts.client import ClientError, MeshClient
 from tron.scripts.cost_cli import add_parser as add_cost_parser
 from tron.scripts.cost_cli import cmd_cost
@@ -56,6 +58,9 @@ from tron.scripts.ui_cli import cmd_ui
 from tron.scripts.notify_cli import add_parser as add_notify_parser, cmd_notify
 from tron.scripts.token_cli import add_parser as add_token_parser, cmd_token
 from tron.services.daemon.audit import printable
+
+if TYPE_CHECKING:  # the mesh file is read (pydantic and all) only by the commands that need it
+    from tron.common.config import MeshConfig
 
 
 class CLIError(Exception):
@@ -71,6 +76,8 @@ class Ctx:
     @property
     def config(self) -> MeshConfig:
         if self._config is None:
+            from tron.common.config import load_mesh
+
             self._config = load_mesh(self.config_path or self._running_config())
         return self._config
 
@@ -91,7 +98,7 @@ class Ctx:
 
     @property
     def mesh(self) -> MeshClient:
-        return MeshClient(self.home, self.config)
+        return MeshClient(self.home, lambda: self.config)  # read when a command needs more than the daemon
 
     def daemon_pid(self, mesh: MeshClient | None = None) -> int | None:
         """This home's daemon, if one runs: its pid file names it and it holds the lock."""
@@ -508,7 +515,7 @@ def _segment(value: str, what: str, *, is_id: bool = False) -> str:
     """``value`` as one segment of a daemon URL path: checked before any request with the
     daemon's own rule (tron.common.models' IdStr for ids, NameStr for names), then quoted, so a
     name or id can never become another path (``x/cancel?`` is no task id, and no cancel)."""
-    pattern, longest, others = (ID_PATTERN, 128, "_ . : -") if is_id else (NAME_PATTERN, 64, "_ . -")
+    pattern, longest, others = (ID_PATTERN, ID_MAX, "_ . : -") if is_id else (NAME_PATTERN, NAME_MAX, "_ . -")
     if len(value) > longest or not re.fullmatch(pattern, value):
         raise CLIError(f"{value[:longest + 2]!r} is not a valid {what}: letters, digits and {others}, starting with "
                        f"a letter or digit, at most {longest} characters")
@@ -596,8 +603,8 @@ def cmd_provider(ctx: Ctx, args: argparse.Namespace) -> int:
                 print(f"  {name}: on {where['on']}, home {where['home']}")
         return 0
     name = _segment(args.name, "provider name")
-    if args.name not in providers.names():
-        raise CLIError(f"no provider {args.name!r} (known: {', '.join(providers.names())})")
+    if args.name not in PROVIDERS:
+        raise CLIError(f"no provider {args.name!r} (known: {', '.join(PROVIDERS)})")
     answer = _action(ctx, f"/providers/{name}/{args.provider_cmd}", args)
     print(f"provider {args.name}: {answer['status']}")
     return 0
@@ -1117,7 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
             tv.add_argument("--from-step", type=int, required=True)
         if verb == "approve":
             tv.add_argument("--from-step", type=int)
-            tv.add_argument("--provider", choices=providers.names())
+            tv.add_argument("--provider", choices=PROVIDERS, metavar="PROVIDER", help="one of %(choices)s")
     ui = sub.add_parser("ui", help="print (or open) a one-time login link to the web UI")
     ui.add_argument("--open", action="store_true", help="open the link in a browser")
     ui.add_argument("--viewer", action="store_true", help="a read-only session: it shows everything, changes nothing")
@@ -1163,7 +1170,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, required=True, help="how long the link stays down")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("provider-outage", help="make one provider fail every call")
-    d.add_argument("provider", choices=providers.names())
+    d.add_argument("provider", choices=PROVIDERS, metavar="PROVIDER", help="one of %(choices)s")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("handover", help="kill a service repeatedly under a request loop: nobody may be refused")
     d.add_argument("name")
@@ -1185,7 +1192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="llm-sim fault injection")
     simsub = sim.add_subparsers(dest="sim_cmd", required=True)
     fault = simsub.add_parser("fault", help="inject a fault")
-    fault.add_argument("provider", choices=providers.names(), help="a provider: llm-sim faults the API that serves it")
+    fault.add_argument("provider", choices=PROVIDERS, metavar="PROVIDER",
+                       help="a provider (%(choices)s): llm-sim faults the API that serves it")
     # The kinds of services/llm_sim/state.py FAULT_KINDS, spelled out: this path imports no service code.
     fault.add_argument("kind", choices=["overloaded", "rate-limit", "usage-limit", "error", "auth", "latency",
                                         "hang", "stall", "trickle", "midstream", "cut", "empty", "max-tokens",
@@ -1197,7 +1205,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--duration-ms", type=int, help="clear the fault this long after it is set")
     fault.add_argument("--retry-after-ms", type=int, help="what a 429 tells clients to wait")
     clear = simsub.add_parser("clear", help="clear faults")
-    clear.add_argument("provider", nargs="?", choices=providers.names())
+    clear.add_argument("provider", nargs="?", choices=PROVIDERS, metavar="PROVIDER", help="one of %(choices)s")
     simsub.add_parser("show", help="current faults and counters")
     simsub.add_parser("reset-counters", help="zero every provider's request counters")
     return p

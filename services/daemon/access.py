@@ -56,7 +56,7 @@ from tron.common import credentials
 from tron.common.config import DAEMON, MeshConfig
 from tron.common.credentials import SEP
 from tron.common.http import token_matches
-from tron.common.models import NAME_PATTERN, TOKEN_HEADER
+from tron.common.wire import NAME_PATTERN, TOKEN_HEADER
 
 log = logging.getLogger("tron.daemon.access")
 

@@ -48,8 +48,9 @@ from tron.common.lanes import every_lane
 from tron.common.models import (Beat, CheckpointRecord, DrillMark, Escalation, EscalationRecord, FailureReport, IdStr,
                                 LadderQuery, Msg, NameStr, OperatorAction, PermanentFailure, Reason, RestartRequest,
                                 ParkRequest, ProviderCall, ProviderOutcome, RunCreate, SwitchRequest, TaskFinish, TaskRecord,
-                                UsageReport, TOKEN_HEADER)
+                                UsageReport)
 from tron.common.monitor import Verdict
+from tron.common.wire import TOKEN_HEADER
 from tron.common.settings import field_errors, read_overlay
 from tron.common.states import RunState, ServiceState, TaskState
 from tron.services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope

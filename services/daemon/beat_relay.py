@@ -35,7 +35,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from tron.common import credentials
-from tron.common.models import MAX_BODY, TOKEN_HEADER, Beat
+from tron.common.models import MAX_BODY, Beat
+from tron.common.wire import TOKEN_HEADER
 
 log = logging.getLogger("tron.relay")
 

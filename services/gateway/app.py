@@ -23,7 +23,8 @@ from tron.common.agent import REFUSALS, Agent
 from tron.common.agent_runtime import AgentRuntime, agent_app
 from tron.common.http import MeshHTTPError, error, parse, require_token
 from tron.common.config import DAEMON, MeshConfig
-from tron.common.models import ID_PATTERN, RunCreate, RunFailed, RunParked, TaskAssign, TaskRecord, TaskResult
+from tron.common.models import RunCreate, RunFailed, RunParked, TaskAssign, TaskRecord, TaskResult
+from tron.common.wire import ID_PATTERN
 from tron.common.service import ServiceContext
 
 log = logging.getLogger("tron.gateway")

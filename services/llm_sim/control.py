@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from tron.common.http import AUTH_KEY, parse_empty, token_matches
-from tron.common.models import TOKEN_HEADER
+from tron.common.wire import TOKEN_HEADER
 from tron.common import providers
 from tron.services.llm_sim.state import PROVIDERS, SIM_STATE, FaultSpec
 from tron.services.llm_sim.wire import SimError, describe, read_json

@@ -12,7 +12,8 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tron.common.models import MAX_BATCH_BEATS, MAX_BATCH_BODY, TOKEN_HEADER
+from tron.common.models import MAX_BATCH_BEATS, MAX_BATCH_BODY
+from tron.common.wire import TOKEN_HEADER
 from tron.services.daemon.access import RELAY_KEEPS, Access, Kind, Caller
 from tron.services.daemon.api import make_app
 from tests.unit.test_daemon import Rig, mesh

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 import pytest
 from pydantic import ValidationError
 
-from tron.common.config import ConfigError, Policy, load_mesh, resource
+from tron.common.config import ConfigError, Policy, load_mesh
+from tron.common.install import resource
 from tron.common.settings import apply_overlay, field_errors, merged_policy, overlay_path, read_overlay, write_overlay
 
 

@@ -39,7 +39,8 @@ from pydantic import Field
 from tron.common.config import ConfigError
 from tron.common.telemetry import trace_link
 from tron.common.http import TOKEN_KEY, error, parse, token_matches
-from tron.common.models import TOKEN_HEADER, Msg, OneLine
+from tron.common.models import Msg, OneLine
+from tron.common.wire import TOKEN_HEADER
 from tron.common.redaction import REDACTED
 from tron.common.states import RunState, TaskState
 from tron.common.settings import read_overlay

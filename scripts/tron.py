@@ -455,6 +455,10 @@ def render_status(status: dict) -> str:
     if fork.get("stopped"):
         lines.append(f"fork server: DEGRADED: pid {fork.get('pid')} is stopped (SIGSTOP?); agents are spawned plainly, "
                      "slower, until it runs")
+    elif fork.get("stalled_s") is not None:
+        lines.append(f"fork server: DEGRADED: pid {fork.get('pid')} has answered nothing for {fork['stalled_s']:g}s "
+                     "(stalled); agents are spawned plainly, slower; it is ended and a fresh one started if it stays "
+                     "silent")
     logs = status.get("logs") or {}
     if logs.get("state") == "disk_full":
         lines.append(f"logs: DISK NEARLY FULL: service logs are not written ({logs.get('dropped', 0)} lines dropped so "

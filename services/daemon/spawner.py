@@ -385,6 +385,9 @@ class LocalSpawner:
         self._preparing: dict[str, asyncio.Task] = {}
         self._live_gates: dict[int, Gate] = {}  # pid -> every gate process not yet reaped (for the census)
         self._released: set[str] = set()  # stopped or removed services: no gate is kept for them
+        # Agents whose standby could not be forked (the fork server down, stalled, not ready):
+        # made when a server is warm again (``_refresh_standbys``), not at their next start only.
+        self._missing: dict[str, tuple[Limits, str, tuple[Path, dict] | None]] = {}
         self._closing = asyncio.Event()
 
     def ownership(self) -> dict:
@@ -442,7 +445,8 @@ class LocalSpawner:
         fs = self.forkserver
         if fs is None:
             return None
-        return {"pid": fs.pid, "ready": fs.ready, "stopped": fs.stopped(), "warm": fs.warm,
+        stalled = round(time.monotonic() - fs.stalled_since, 1) if fs.stalled_since is not None else None
+        return {"pid": fs.pid, "ready": fs.ready, "stopped": fs.stopped(), "stalled_s": stalled, "warm": fs.warm,
                 "generation": fs.generation, "spawned": fs.spawned,
                 "heir": fs.heir.pid if fs.heir is not None else None, "socket": fs.sock_path,
                 "huge_pages": fs.huge_pages}
@@ -594,6 +598,7 @@ class LocalSpawner:
         """``name`` was stopped or removed: its gate or standby is ended (with its cgroup)
         rather than left waiting for a start that may never come."""
         self._released.add(name)  # one being prepared now is ended when it is ready
+        self._missing.pop(name, None)
         for gate in (self._gates.pop(name, None), self._claimed.pop(name, None)):
             if gate is not None:
                 self._background_end(gate)
@@ -677,9 +682,12 @@ class LocalSpawner:
         its agent would import them at its first call."""
         while (gate := await self._fork_standby(name, limits, config)) is not None:
             if not (gate.cold and self.forkserver is not None and self.forkserver.warm):
+                self._missing.pop(name, None)
                 await self._keep(gate, logfile)
                 return
             await self._end_gate(gate)
+        if not self._closing.is_set() and name not in self._released:
+            self._missing[name] = (limits, config, logfile)
 
     async def _fork_standby(self, name: str, limits: Limits, config: str) -> Gate | None:
         """A standby forked into the next incarnation's cgroup; None when none could be."""
@@ -709,12 +717,16 @@ class LocalSpawner:
 
     def _refresh_standbys(self) -> None:
         """The fork server has its SDKs now: each standby forked before is ended and made
-        again, from the warm server (one at a time: ``ForkServerClient.standby``'s own slot)."""
+        again, from the warm server (one at a time: ``ForkServerClient.standby``'s own slot);
+        and each agent left without one while no server could fork (``_missing``) gets one."""
         for name, gate in list(self._gates.items()):
             if gate.standby and gate.cold:
                 del self._gates[name]
                 self._background_end(gate)
                 self._prepare_soon(name, gate.limits, standby=gate.config, logfile=gate.logfile)
+        for name, (limits, config, logfile) in list(self._missing.items()):
+            if name not in self._released:
+                self._prepare_soon(name, limits, standby=config, logfile=logfile)
 
     async def _open_standby(self, gate: Gate, spec: SpawnSpec, log_fd: int | None) -> Child:
         """The agent, become by the standby in place: its pid is the standby's."""
@@ -1176,6 +1188,12 @@ def _spawn_line(module: str, env: dict[str, str], cwd, log_file, log_fd: int | N
 
 
 SPAWN_WAIT = 5.0  # how long the daemon waits for the fork server's answer before it spawns plainly
+# A server that let a spawn go unanswered for SPAWN_WAIT is asked nothing more, and pinged each
+# STALL_PING s: an answer serves it again; none for STALL_GRACE s (an in-place SDK import gets
+# HEIR_WAIT) ends it, and a fresh one starts. Without this, every spawn waited SPAWN_WAIT first.
+STALL_PING = 1.0
+STALL_GRACE = 20.0
+STALL_GRACE_KNOB = "TRON_TEST_STALL_GRACE"  # a test knob: a shorter grace (the daemon's environment)
 IN_FLIGHT = 6  # spawn requests sent to the fork server at once; the rest wait their turn here
 
 
@@ -1211,6 +1229,11 @@ class ForkServerClient:
         self._warming: asyncio.Task | None = None
         self._checking: asyncio.Future | None = None  # check_code sent after a stale standby
         self._slots = asyncio.Semaphore(IN_FLIGHT)
+        self.stalled_since: float | None = None  # time.monotonic() of the spawn it left unanswered
+        self.stall_grace = float(os.environ.get(STALL_GRACE_KNOB) or STALL_GRACE)
+        self._judging: asyncio.Task | None = None
+        self._warming_in_place = False  # told to import the SDKs itself: its silence may be that
+        self._ended: subprocess.Popen | None = None  # the stalled server ended, until it is reaped
         # Standbys are asked for one at a time and never take a spawn's slot: after `tron up`
         # a hundred agents' standbys must not queue a restart behind them.
         self._standby_slot = asyncio.Semaphore(1)
@@ -1342,7 +1365,7 @@ class ForkServerClient:
                     continue
                 if heir_path and await self._hand_to_heir(proc, heir_path):
                     return
-                told = bool(await self._request({"op": "warm_up"}, timeout=5.0))
+                told = self._warming_in_place = bool(await self._request({"op": "warm_up"}, timeout=5.0))
             reply = await self._request({"op": "ping"}, timeout=30.0)
             if reply and reply.get("pid") == proc.pid and reply.get("warm"):
                 self.warm, self.huge_pages = True, reply.get("huge_pages")
@@ -1365,8 +1388,8 @@ class ForkServerClient:
             if proc is self.heir:
                 self.heir = None
             return
-        self.ready = self.warm = False
-        self.huge_pages = None
+        self.ready = self.warm = self._warming_in_place = False
+        self.huge_pages, self.stalled_since = None, None
         if self.stopping:
             return
         if proc.returncode == CANNOT_RUN:
@@ -1456,6 +1479,8 @@ class ForkServerClient:
         # A few requests at a time: the server forks one after another anyway, and a wave's
         # last request must not spend its wait in the queue behind the others.
         async with self._slots:
+            if not self.ready:  # found stalled (or gone) while this one waited its turn
+                return None
             reply = await self._request({"op": "spawn", **_spawn_line(module, env, cwd, log_file, log_fd, open_files,
                                                                      channel is not None),
                                          "cgroup": cgroup or [], "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
@@ -1467,7 +1492,49 @@ class ForkServerClient:
         if reply and reply.get("stale"):
             self.ready = False  # it exits by itself; _on_exit starts a fresh one
         log.warning("fork server could not spawn %s: %s; spawning plainly", module, reason)
+        if reply is None:
+            self._stalled()
         return None
+
+    def _stalled(self) -> None:
+        """The serving server left a spawn unanswered for SPAWN_WAIT while it runs, not stopped
+        by a signal: stalled (a blocked thread, a frozen cgroup) or far behind. Nothing more is
+        asked of it, so no start waits on it again; ``_judge`` serves it again once it answers,
+        or ends it (a fresh one starts) if it never does."""
+        proc = self.proc
+        if proc is None or proc is self._ended or proc.poll() is not None or self.stopping or self.stopped():
+            return
+        if self.stalled_since is None:
+            self.stalled_since = time.monotonic()
+        self.ready = False
+        if self._judging is None or self._judging.done():
+            grace = self.HEIR_WAIT if self._warming_in_place and not self.warm else self.stall_grace
+            log.error("the fork server (pid %s) left a spawn unanswered for %.0fs: agents are spawned plainly "
+                      "(slower) until it answers; it is ended if it answers nothing for %.0fs", proc.pid, SPAWN_WAIT,
+                      grace)
+            self._judging = asyncio.ensure_future(self._judge(proc, grace))
+
+    async def _judge(self, proc: subprocess.Popen, grace: float) -> None:
+        deadline = (self.stalled_since or time.monotonic()) + grace
+        while proc is self.proc and proc.poll() is None and not self.stopping:
+            reply = await self._request({"op": "ping"}, timeout=STALL_PING)
+            if proc is not self.proc or proc.poll() is not None or self.stopping:
+                return
+            if reply and reply.get("ok") and reply.get("pid") == proc.pid:
+                log.warning("the fork server (pid %s) answers again after %.1fs: agents are forked from it again",
+                            proc.pid, time.monotonic() - (self.stalled_since or time.monotonic()))
+                self.stalled_since, self.ready = None, True
+                return
+            if time.monotonic() >= deadline:
+                if self.stopped():  # stopped by a signal meanwhile: that is said (and waited out) on its own
+                    await asyncio.sleep(STALL_PING)
+                    continue
+                log.error("the fork server (pid %s) answered nothing for %.0fs: ending it; a fresh one starts",
+                          proc.pid, time.monotonic() - (self.stalled_since or deadline))
+                self._ended = proc
+                proc.kill()  # _on_exit reaps it and starts a fresh one
+                return
+            await asyncio.sleep(max(0.0, min(STALL_PING, deadline - time.monotonic())))
 
     async def standby(self, cgroup: list[str], config: str = "", service: str = "") -> tuple[int, socket.socket] | None:
         """A standby forked now (forkserver.py): it joins ``cgroup``, reads the mesh file
@@ -1481,7 +1548,10 @@ class ForkServerClient:
                     self.sock_path, {"op": "standby", "cgroup": cgroup, "config": config, "service": service,
                                      "deadline": time.monotonic() + SPAWN_WAIT - 1.0},
                     timeout=SPAWN_WAIT)
-            except (OSError, ValueError):
+            except OSError:  # unanswered (or refused) while it runs: a start would wait on it too
+                self._stalled()
+                return None
+            except ValueError:
                 return None
         if reply and reply.get("ok"):
             return int(reply["pid"]), conn

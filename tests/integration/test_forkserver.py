@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -101,6 +102,73 @@ def test_a_stopped_fork_server_is_not_waited_for_and_is_said(mesh):
     assert mesh.status()["fork_server"]["stopped"] is False
     again = mesh.kill("programmer-1")
     assert made_by(mesh.wait_replaced("programmer-1", again)["pid"]) == "fork"
+
+
+@contextlib.contextmanager
+def frozen(pid: int):
+    """``pid`` frozen by a cgroup2 freezer of its own: it runs (/proc says sleeping, not stopped)
+    and answers nothing, as a server blocked in a lock or a syscall does. Thawed and put back
+    in its own group afterwards, if it still lives."""
+    from tron.services.daemon.cgroups import _mounts
+
+    root = _mounts().get("unified")
+    if root is None or not (root / "cgroup.procs").exists():
+        pytest.skip("LOUD SKIP: no cgroup2 mount here to freeze a process with")
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x.startswith("0::"))
+    home = root / line[3:].lstrip("/")
+    group = root / f"tron-test-freeze-{os.getpid()}-{pid}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / "cgroup.freeze").write_text("1")
+        wait_for(lambda: "frozen 1" in (group / "cgroup.events").read_text(), 10, "the freezer to hold the server")
+        assert psutil.Process(pid).status() != psutil.STATUS_STOPPED  # frozen looks like sleeping, not stopped
+        yield
+    finally:
+        (group / "cgroup.freeze").write_text("0")
+        for left in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (home / "cgroup.procs").write_text(left)
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "the frozen group to be empty")
+        group.rmdir()
+
+
+def test_a_stalled_fork_server_is_waited_for_once_then_ended_and_a_fresh_one_forks(mesh_factory):
+    """A fork server that runs but answers nothing: the first start waits SPAWN_WAIT for it and
+    spawns plainly; no later start waits for it (each one waited SPAWN_WAIT before); it is said
+    in the log and by `tron status`; after the grace (a test knob: 4 s, shipped 20 s) it is
+    ended, a fresh server is started, and agents fork from it again."""
+    from tron.services.daemon.spawner import STALL_GRACE_KNOB
+
+    m = mesh_factory()
+    m.env[STALL_GRACE_KNOB] = "4"
+    m.up()
+    fs = m.status()["fork_server"]
+    log = m.home / "logs" / "daemon.log"
+    with frozen(fs["pid"]):
+        standby = m.standby("programmer-1")
+        if standby is not None:  # its standby would take over without the server: the spawn is what is asked
+            os.kill(standby[0], signal.SIGKILL)
+        back = m.wait_replaced("programmer-1", m.kill("programmer-1"))
+        assert spawn_modes(m, "programmer-1")[-1] == "plain" and made_by(back["pid"]) == "plain"
+        assert log.read_text().count("fork server could not spawn") == 1  # waited SPAWN_WAIT, once
+        assert f"the fork server (pid {fs['pid']}) left a spawn unanswered" in log.read_text()
+        status = m.status()["fork_server"]
+        assert status["stalled_s"] is not None and status["pid"] == fs["pid"] and not status["ready"]
+        if status["stalled_s"] < 3:  # the grace has not run out: `tron status` says so meanwhile
+            assert f"fork server: DEGRADED: pid {fs['pid']} has answered nothing for" in m.tron("status").stdout
+        again = m.wait_replaced("programmer-1", m.kill("programmer-1"))  # not asked: spawned plainly at once
+        assert spawn_modes(m, "programmer-1")[-1] == "plain" and made_by(again["pid"]) == "plain"
+        assert log.read_text().count("fork server could not spawn") == 1
+        fresh = wait_for(lambda: (f := m.status()["fork_server"])["ready"] and f["pid"] != fs["pid"] and f, 60,
+                         "the stalled fork server ended and a fresh one ready")
+    assert not psutil.pid_exists(fs["pid"]) or psutil.Process(fs["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert fresh["stalled_s"] is None and fresh["generation"] >= 2
+    assert f"the fork server (pid {fs['pid']}) answered nothing for" in log.read_text()
+    assert log.read_text().count("ending it; a fresh one starts") == 1
+    wait_for(lambda: m.standby("programmer-1"), 30, "a standby from the fresh server")
+    last = m.wait_replaced("programmer-1", m.kill("programmer-1"))
+    assert made_by(last["pid"]) == "fork"
 
 
 def checkout_copy(into) -> str:

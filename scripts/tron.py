@@ -704,6 +704,7 @@ def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
         a = {k: printable(str(v)) if isinstance(v, str) else v for k, v in r["payload"].items()}
         print(f"{r['ts'][:19]}  {a['who']:<18} {a['what']:<16} {a['target']:<20} {a['before']} -> {a['after']}  "
               f"{a['outcome']}" + (f"  ({a['reason']})" if a.get("reason") else "")
+              + (f"  [by {a['unix_user']}]" if a.get("unix_user") else "")
               + (f"  [{a['unaudited_before']} more refused before, not audited one by one]"
                  if a.get("unaudited_before") else ""))
     return 0

@@ -57,7 +57,8 @@ from tron.services.daemon.access import CALLER_KEY, Caller, Kind, Refusal, Scope
 from tron.services.daemon import reach
 from tron.services.daemon.core import VERDICT_STATUS, Daemon, verdict_message
 from tron.services.daemon.operators import SERVICE_VERBS, Refused
-from tron.services.daemon.audit import PATH_KEPT, RECORDED, printable
+from tron.services.daemon.audit import PATH_KEPT, PEER, RECORDED, printable
+from tron.services.daemon.peer import unix_user
 from tron.services.daemon.providers import ProviderDesk
 from tron.services.daemon.spawner import SpawnError
 from tron.services.daemon.task_actions import TASK_VERBS
@@ -126,6 +127,7 @@ def allow(*scopes: Scope):
             # Not the agents' protocol an operator's credential may also speak (a beat, a peer token).
             acting = caller.is_operator and request.method != "GET" and scopes == (Scope.OPERATOR,)
             recorded = RECORDED.set(False)
+            peer = PEER.set(functools.cache(lambda: unix_user(request)))
             try:
                 resp = await handler(request)
             except Refusal as r:
@@ -142,6 +144,7 @@ def allow(*scopes: Scope):
                 return resp
             finally:
                 RECORDED.reset(recorded)
+                PEER.reset(peer)
 
         guarded.__name__ = handler.__name__
         guarded.__doc__ = handler.__doc__

@@ -18,6 +18,10 @@ PATH_KEPT = 200  # characters of a refused request's path kept in its audit row
 # Set when an audit row is recorded: the API's guard (api.allow) audits a refusal its
 # handler answered without one (a request's handler runs in one task, so it sees it).
 RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("tron_audit_recorded", default=False)
+# Who is at the other end of the request being served (peer.unix_user, asked only when a row is
+# recorded): set by the API's guard for each request; an audit row names it as ``unix_user``.
+PEER: contextvars.ContextVar[Callable[[], str | None] | None] = contextvars.ContextVar("tron_audit_peer",
+                                                                                        default=None)
 
 
 class Refused(Exception):
@@ -75,9 +79,12 @@ class Audit:
     async def record(self, actor: str, what: str, target: str, before: str, after: str, outcome: str, reason: str,
                      request_id: str | None = None, *, ref: str | None = None, agent: str | None = None,
                      **extra) -> None:
+        peer = PEER.get()
+        user = peer() if peer is not None else None
         await self.store.event("audit", {"who": actor, "what": what, "target": target, "before": before,
                                          "after": after, "outcome": outcome, "reason": reason,
-                                         "request_id": request_id, "ref": ref, **extra}, agent=agent)
+                                         "request_id": request_id, "ref": ref,
+                                         **({"unix_user": user} if user else {}), **extra}, agent=agent)
         RECORDED.set(True)
         log.info("operator %s %s: %s", what, target, outcome,
                  extra={"offender": target, "actor": actor, "action": what, "outcome": outcome})

@@ -83,6 +83,19 @@ def connection(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, in
     no process holds it yet, as a connection waiting in a listener's queue); None when there
     is none. One exact lookup by netlink, not a dump of every socket (acceptor.py asks it
     every few ms while a connection waits); /proc/net/tcp where netlink is not allowed."""
+    found = _find(local, remote)
+    return found[:2] if found else None
+
+
+def owner(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The Unix user id that made the IPv4 TCP socket at ``local`` connected to ``remote``:
+    on loopback, the user of the process at the other end of a connection we accepted (its
+    ``local`` is our peer's address). None when there is no such socket."""
+    found = _find(local, remote)
+    return found[2] if found else None
+
+
+def _find(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int, int] | None:
     global _netlink_ok
     if _netlink_ok:
         try:
@@ -98,18 +111,18 @@ def _hex(host: str, port: int) -> str:
 
 
 def _connection_from_proc(local: tuple[str, int], remote: tuple[str, int],
-                          table: str = "/proc/net/tcp") -> tuple[int, int] | None:
+                          table: str = "/proc/net/tcp") -> tuple[int, int, int] | None:
     want_local, want_remote = _hex(*local), _hex(*remote)
     with open(table) as f:
         next(f, None)
         for line in f:
             fields = line.split()
             if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
-                return int(fields[3], 16), int(fields[9])
+                return int(fields[3], 16), int(fields[9]), int(fields[7])
     return None
 
 
-def _lookup(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+def _lookup(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int, int] | None:
     sockid = (struct.pack("!HH", local[1], remote[1]) + socket.inet_aton(local[0]) + b"\0" * 12
               + socket.inet_aton(remote[0]) + b"\0" * 12 + struct.pack("=I", 0) + _NOCOOKIE)
     request = _REQUEST.pack(socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, sockid)
@@ -127,4 +140,4 @@ def _lookup(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] 
     fields = _MSG.unpack_from(data, _HEADER.size)
     if struct.unpack("!H", fields[5])[0] != remote[1]:
         return None  # the lookup fell back to the listener: the connection itself is gone
-    return fields[1], fields[14]
+    return fields[1], fields[14], fields[13]

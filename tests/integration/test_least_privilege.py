@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import pwd
 import textwrap
 import time
 import urllib.parse
@@ -34,6 +36,30 @@ def credential(mesh, name: str) -> str:
 
 def as_agent(mesh, cred: str, method: str, path: str, body=None) -> tuple[int, object]:
     return call(method, mesh.url("daemon") + path, body, token=cred, timeout=5)
+
+
+def as_user(uid: int, port: int, path: str, token: str) -> int:
+    """POST ``path`` to the daemon from a process running as ``uid`` (forked from this one and
+    setuid, so no interpreter has to be found that the other user may run): the answer's status."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but a socket and os._exit
+        code = 0
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", path, body=b'{"reason": "from another user"}',
+                         headers={"X-Tron-Token": token, "Content-Type": "application/json"})
+            code = conn.getresponse().status
+        finally:
+            os.write(write, str(code).encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        status = int(answer.read() or 0)
+    os.waitpid(pid, 0)
+    return status
 
 
 def audit(mesh) -> list[dict]:
@@ -194,6 +220,15 @@ def test_tokens_viewers_revocation_and_an_incarnations_credential_dying_with_it(
     assert call("POST", daemon + "/services/director-docs/pause", {"reason": "ci"}, token=created)[0] < 300
     assert call("POST", daemon + "/services/director-docs/resume", {"reason": "ci"}, token=created)[0] < 300
     assert [a["who"] for a in audit(mesh)][-2:] == ["token:ci", "token:ci"]
+    # The row names the Unix user behind the connection, as the kernel says: a copied token acts
+    # as its owner, but cannot hide who used it (a body's "actor" is never taken, see below).
+    me = f"{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+    assert [a.get("unix_user") for a in audit(mesh)][-2:] == [me, me]
+    if os.getuid() == 0:
+        assert as_user(65534, mesh.port("daemon"), "/services/director-docs/pause", created) == 200
+        row = audit(mesh)[-1]
+        assert (row["who"], row["what"], row["unix_user"]) == ("token:ci", "pause", "nobody (uid 65534)"), row
+        assert call("POST", daemon + "/services/director-docs/resume", {"reason": "ci"}, token=created)[0] < 300
     code, status = call("GET", daemon + "/status", token=viewer)
     assert code == 200 and status["services"][0]["pid"], status  # a viewer sees everything...
     code, body = call("POST", daemon + "/services/director-docs/pause", {}, token=viewer)
@@ -309,6 +344,8 @@ def test_a_ui_action_is_audited_as_the_sessions_login_whatever_the_body_says(mes
     assert resp.status < 300, resp.read()
     last = audit(mesh)[-1]
     assert (last["what"], last["who"]) == ("pause", "alice@ui"), last
+    me = f"{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"  # whose browser: the kernel says
+    assert last["unix_user"] == me and [a.get("unix_user") for a in audit(mesh) if a["what"] == "ui_login"] == [me]
     # A viewer's token opens a read-only session: it shows the mesh and changes nothing.
     viewer = mesh.tron("token", "create", "wall", "--viewer", check=True).stdout.strip()
     cookie, csrf, page = session(viewer, "wall@ui")

@@ -67,3 +67,34 @@ def test_a_connection_another_process_accepted_is_not_ours(lookup):
         sibling.kill()
         sibling.wait()
         srv.close()
+
+
+def test_the_user_behind_a_loopback_connection_is_the_one_that_made_its_socket(lookup):
+    """peer.py names it in audit rows: the peer's socket (at its address, connected to ours)
+    belongs to whoever made it, here a child set to another user when it is root."""
+    srv = listener()
+    port = srv.getsockname()[1]
+    uid = 65534 if os.getuid() == 0 else os.getuid()
+    told, tell = os.pipe()  # child -> parent: its socket's port
+    done, finish = os.pipe()  # parent -> child: looked, you may go
+    pid = os.fork()
+    if pid == 0:  # the child: a socket made as ``uid``, held until the parent has looked
+        try:
+            os.setuid(uid)
+            client = socket.create_connection(("127.0.0.1", port))
+            os.write(tell, f"{client.getsockname()[1]}\n".encode())
+            os.read(done, 1)
+        finally:
+            os._exit(0)
+    try:
+        conn, peer = srv.accept()
+        assert int(os.read(told, 64).decode().split()[0]) == peer[1]
+        assert sockdiag.owner(peer, ("127.0.0.1", port)) == uid
+        assert sockdiag.owner(("127.0.0.1", 1), ("127.0.0.1", port)) is None  # no such connection
+        conn.close()
+    finally:
+        os.write(finish, b"x")
+        os.waitpid(pid, 0)
+        for fd in (told, tell, done, finish):
+            os.close(fd)
+        srv.close()

@@ -45,6 +45,7 @@ from tron.common.redaction import REDACTED
 from tron.common.states import RunState, TaskState
 from tron.common.settings import read_overlay
 from tron.services.daemon.access import OPERATOR, Kind
+from tron.services.daemon.peer import unix_user
 from tron.services.daemon.ui import sse
 from tron.services.daemon.ui.auth import REFUSAL_WINDOW, REFUSALS_AUDITED, Session, local_problem
 from tron.services.daemon.ui.context import UI_KEY, Ui, guarded, page_context
@@ -134,14 +135,15 @@ async def login(request: web.Request) -> web.StreamResponse:
         await ui.daemon.store.event("audit", {"who": "anonymous@ui", "what": "ui_login", "target": "ui",
                                               "before": "", "after": "", "outcome": f"refused: {LOGIN_REFUSED[why]}",
                                               "reason": why, "code": REDACTED, "code_minted_for": minted_for,
-                                              "peer": request.remote, "unaudited_before": unaudited})
+                                              "peer": request.remote, "unaudited_before": unaudited,
+                                              **_peer_user(request)})
         log.warning("ui: a login was refused: %s", LOGIN_REFUSED[why],
                     extra={"actor": minted_for or "", "outcome": f"refused: {why}", "unaudited_before": unaudited})
         return ui.templates.response("login.html", status=403,
                                      problem="This login link is used or expired. `tron ui` prints a new one.")
     await ui.daemon.store.event("audit", {"who": session.actor, "what": "ui_login", "target": "ui", "before": "",
                                           "after": "", "outcome": "session opened", "reason": "",
-                                          "minted_by": session.minted_by})
+                                          "minted_by": session.minted_by, **_peer_user(request)})
     log.info("ui: session opened", extra={"actor": session.actor})
     resp = web.Response(status=303, headers={"Location": "/ui/", "Cache-Control": "no-store"})
     ui.sessions.set_cookie(resp, session)
@@ -500,3 +502,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/ui/events", events)
     r.add_get("/ui/stats", stats)
     r.add_get("/ui/static/{path:.+}", static_handler(static_files()))
+
+
+def _peer_user(request: web.Request) -> dict:
+    """The login's audit row names the Unix user whose browser opened the link, if on this machine."""
+    user = unix_user(request)
+    return {"unix_user": user} if user else {}

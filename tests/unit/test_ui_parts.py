@@ -198,8 +198,28 @@ def test_a_later_failure_of_the_same_service_is_its_own_incident_and_does_not_re
     # The new incarnation is killed in turn, within a-1's hold: a-2's incident, a-1 stays recovered.
     bar.raised("a-2", "p1", "process_exit", ROW["created_at"], age=0.1)
     down = {"p1": {**DOWN, "last_failure": {"alert": "a-2"}}}
-    assert [(i.alert_id, i.open) for i in bar.update(101.0, [], down)] == [("a-1", False), ("a-2", True)]
+    assert [(i.alert_id, i.open) for i in bar.update(101.0, [], down)] == [("a-2", True), ("a-1", False)]
     assert [i.alert_id for i in bar.update(105.2, [], down)] == ["a-2"]
+
+
+def test_in_a_crash_wave_the_bar_shows_what_is_failing_now_first_and_counts_the_rest():
+    """Twenty agents fail at once and come back one by one: the three incidents the bar shows
+    are the newest still open, not the first ones raised (long recovered); the rest are counted,
+    with how many of them are still open."""
+    bar = AlertBar(hold=5)
+    services = {}
+    for n in range(6):
+        bar.raised(f"a-{n}", f"p{n}", "process_exit", f"2025-01-01T00:00:0{n}.000Z", age=0.1)
+        services[f"p{n}"] = {**(RUNNING if n in (0, 4) else DOWN), "last_failure": {"alert": f"a-{n}"}}
+    shown = bar.update(100.0, [], services)
+    assert [(i.alert_id, i.open) for i in shown] == [("a-5", True), ("a-3", True), ("a-2", True), ("a-1", True),
+                                                     ("a-4", False), ("a-0", False)]
+    html = Templates().render("_alert.html", incidents=shown, registry=None)
+    assert [a for a in ("a-5", "a-3", "a-2", "a-1", "a-4", "a-0") if f'data-alert="{a}"' in html] == ["a-5", "a-3", "a-2"]
+    assert "and 3 more (1 open)" in html
+    services["p1"] = {**RUNNING, "last_failure": {"alert": "a-1"}}
+    assert "and 3 more</span>" in Templates().render("_alert.html", incidents=bar.update(100.5, [], services),
+                                                      registry=None)
 
 
 def test_a_service_that_fails_again_before_it_is_back_is_never_shown_recovered():

@@ -51,8 +51,11 @@ class AlertBar:
             self.incidents[alert_id] = Incident(alert_id, service, reason, since)
 
     def update(self, now: float, open_alerts: list[dict], services: dict[str, dict]) -> list[Incident]:
-        """The incidents to show, oldest first. ``open_alerts`` are the registry's alert rows
-        not handled; ``services`` the daemon's service rows by name."""
+        """The incidents to show: those still open first, then those recovered, the newest
+        first in each (the bar shows three and counts the rest: in a crash wave of twenty, the
+        three it shows are failures going on now, not the first ones, long recovered).
+        ``open_alerts`` are the registry's alert rows not handled; ``services`` the daemon's
+        service rows by name."""
         open_ids = set()
         for row in open_alerts:
             open_ids.add(row["alert_id"])
@@ -76,4 +79,5 @@ class AlertBar:
                 inc.over_at = now
             elif now - inc.over_at > self.hold:
                 del self.incidents[alert_id]
-        return sorted(self.incidents.values(), key=lambda i: i.since)
+        newest = sorted(self.incidents.values(), key=lambda i: (i.since, i.alert_id), reverse=True)
+        return sorted(newest, key=lambda i: not i.open)  # stable: newest first within each

@@ -498,6 +498,14 @@ def test_the_restart_button_gives_a_new_pid_through_the_audited_api(ui, mesh):
     [payload] = audits(mesh, "programmer-2")[seen:]
     assert (payload["what"], payload["outcome"], payload["reason"]) == ("restart", "restarting", "web ui")
     assert payload["who"].endswith("@ui")
+    # A reason typed in the header goes with the next actions, into the question and the trail.
+    ui.get_by_test_id("action-reason").fill("  disk   swap on node 2 ")
+    ui.locator(ROW.format("programmer-2")).locator('[data-action="restart"]').click()
+    assert ui.confirmations[-1].endswith("\nReason: disk swap on node 2")
+    mesh.wait_replaced("programmer-2", new)
+    payload = wait_for(lambda: audits(mesh, "programmer-2")[seen + 1:], 10, "the second restart's audit row")[0]
+    assert (payload["what"], payload["reason"]) == ("restart", "disk swap on node 2")
+    ui.get_by_test_id("action-reason").fill("")
 
 
 def test_stop_keeps_the_service_stopped_until_start(ui, mesh):

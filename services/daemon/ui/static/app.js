@@ -98,7 +98,10 @@
     const button = e.target.closest("button[data-action]");
     if (!button) return;
     const control = button.closest("[data-control]");
-    const body = {actor, reason: "web ui"};
+    // The reason typed in the header, for every action until it is changed: the audit trail's "why".
+    const reasonField = document.querySelector('input[name="action-reason"]');
+    const reason = reasonField ? reasonField.value.replace(/\s+/g, " ").trim() : "";
+    const body = {actor, reason: reason || "web ui"};
     let question = button.dataset.confirm;
     for (const name of (button.dataset.inputs || "").split(",").filter(Boolean)) {
       // filled in beside the button: sent as it is, judged by the API
@@ -107,6 +110,7 @@
       body[name] = raw === "" ? null : field.tagName === "SELECT" ? raw : Number(raw);
       question = question.replace(`{${name}}`, raw || (field && field.dataset.blank) || "(none)");
     }
+    if (reason) question += `\nReason: ${reason}`;
     if (!window.confirm(question)) return;
     const what = `${button.dataset.action} ${button.dataset.target || ""}`.trim();
     button.disabled = true;

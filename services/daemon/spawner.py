@@ -1446,12 +1446,18 @@ class ForkServerClient:
         if reply is None or self.stopping or self.proc is not proc or proc.poll() is not None:
             self._end_heir(heir, path)
             return self.stopping or self.proc is not proc  # not ours to warm any more
+        stalled = self.stalled_since is not None
         old_path, self.proc, self.sock_path, self.heir = self.sock_path, heir, path, None
+        # The heir answered: it serves, whatever became of the old one (found stalled meanwhile).
+        self.ready, self.stalled_since, self._warming_in_place = True, None, False
         self.warm, self.generation = bool(reply.get("warm")), self.generation + 1
         self.huge_pages = reply.get("huge_pages")
         log.info("fork server warm: its heir serves now, warm from the start", extra={
             "pid": heir.pid, "retired": proc.pid, "modules": reply.get("modules"), "generation": self.generation,
             "warmth": reply.get("warmth"), "huge_pages": self.huge_pages})
+        if stalled and proc.poll() is None:  # it answers nothing: not asked to retire, ended (a frozen one too)
+            proc.kill()
+            return True
         # Whatever was sent to the old server before this line is answered first (its backlog
         # is served in order); it exits after answering this.
         if await self._request({"op": "retire"}, timeout=SPAWN_WAIT, path=old_path) is None and proc.poll() is None:

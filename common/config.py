@@ -100,7 +100,10 @@ class Policy(_Strict):
     # Lower bounds too: a beat every 0.1 ms (accepted once through PUT /settings, and persisted)
     # had every agent declared hung within a second and the whole mesh crash-looping.
     heartbeat_interval: float = Field(1.0, ge=MIN_BEAT, le=HOUR)
-    miss_threshold: int = Field(3, ge=1, le=100)
+    # At least 2: with 1 the deadline is the beat period itself, so every beat lands just
+    # after it (2.0 s x 1, accepted through PUT /settings, had every agent declared hung two
+    # seconds after each start and the whole mesh crash-looping).
+    miss_threshold: int = Field(3, ge=2, le=100)
     progress_timeout: float = Field(60.0, ge=MIN_WAIT, le=DAY)
     task_timeout: float = Field(600.0, ge=MIN_WAIT, le=WEEK)
     max_restarts: int = Field(3, ge=0, le=100)

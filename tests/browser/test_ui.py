@@ -810,7 +810,7 @@ def test_a_bad_setting_is_shown_next_to_its_field_and_nothing_changes(ui, mesh, 
     form.locator('input[name="max_restarts"]').fill("7")  # good, but sent with a bad one: not applied
     form.locator('input[name="miss_threshold"]').fill("0")
     form.get_by_test_id("settings-save").click()
-    expect(form.locator('[data-error-for="miss_threshold"]')).to_contain_text("greater than or equal to 1")
+    expect(form.locator('[data-error-for="miss_threshold"]')).to_contain_text("greater than or equal to 2")
     expect(form.locator('[data-error-for="max_restarts"]')).to_be_empty()
     expect(ui.get_by_test_id("settings-message")).to_contain_text("Nothing was changed")
     ui.screenshot(path=artifacts / "settings-error.png", full_page=True)

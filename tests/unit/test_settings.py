@@ -21,7 +21,7 @@ def test_changes_are_validated_as_a_whole_and_errors_name_their_field():
         merged_policy(Policy(), {"miss_threshold": 0, "heartbeat_interval": -1, "colour": "red"})
     fields = field_errors(err.value)
     assert set(fields) == {"miss_threshold", "heartbeat_interval", "colour"}
-    assert "greater than or equal to 1" in fields["miss_threshold"] and fields["colour"] == "unknown setting"
+    assert "greater than or equal to 2" in fields["miss_threshold"] and fields["colour"] == "unknown setting"
 
 
 def test_the_overlay_round_trips_and_applies_on_top_of_the_mesh_file(tmp_path):
@@ -36,8 +36,18 @@ def test_the_overlay_round_trips_and_applies_on_top_of_the_mesh_file(tmp_path):
     assert cfg.policy.heartbeat_interval == 1.0  # untouched numbers come from the mesh file
 
 
+@pytest.mark.parametrize("interval", [0.5, 2.0, 60.0])
+def test_one_missed_beat_is_no_threshold_whatever_the_interval(interval):
+    """miss_threshold = 1 puts the deadline at the beat period itself: every beat arrives
+    just after it, and every agent of the mesh looks hung (it crash-looped at 2.0 s x 1)."""
+    with pytest.raises(ValidationError) as err:
+        merged_policy(Policy(), {"heartbeat_interval": interval, "miss_threshold": 1})
+    assert "greater than or equal to 2" in field_errors(err.value)["miss_threshold"]
+    assert merged_policy(Policy(), {"heartbeat_interval": interval, "miss_threshold": 2}).miss_threshold == 2
+
+
 @pytest.mark.parametrize("text,message", [
-    ("[policy]\nmiss_threshold = 0\n", "policy.miss_threshold: Input should be greater than or equal to 1"),
+    ("[policy]\nmiss_threshold = 0\n", "policy.miss_threshold: Input should be greater than or equal to 2"),
     ("[policy]\nmis_threshold = 3\n", "policy.mis_threshold: unknown key"),
     ("[services.x]\nport = 1\n", "only [policy] may be overlaid"),
     ("[policy\n", "not valid TOML"),

@@ -930,6 +930,9 @@ def expand_replicas(services: dict[str, Any], source: str = "<mesh>") -> dict[st
         port = _port_number(raw.get("port"))
         groups[name] = []
         for i in range(1, min(n, 64) + 1):
+            if f"{name}.{i}" in services:  # else one entry silently replaced the other
+                raise ConfigError(f"{source}: services.{name}.{i}: a service of its own, but {name} has replicas = "
+                                  f"{n}, whose replica {i} is named so: rename one of them")
             entry = {**raw, "replica_of": name}
             if agent and isinstance(port, int):
                 entry["port"] = port + i - 1

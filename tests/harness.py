@@ -163,7 +163,7 @@ def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None 
         lines.append("[[notify]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
     for name, spec in base["services"].items():
-        lines.append(f"[services.{name}]")
+        lines.append(f"[services.{json.dumps(name)}]")  # quoted: a name may hold a dot
         lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
     path.write_text("\n".join(lines) + "\n")
     return base
@@ -346,7 +346,7 @@ def rewrite_mesh(mesh: "Mesh", services: dict, policy: dict | None = None) -> No
         lines.append(f"[{section}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in data[section].items()]
     for name, spec in services.items():
-        lines.append(f"[services.{name}]")
+        lines.append(f"[services.{json.dumps(name)}]")  # quoted: a name may hold a dot
         lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
     mesh.config.write_text("\n".join(lines) + "\n")
 

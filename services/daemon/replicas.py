@@ -131,6 +131,9 @@ class Replicas:
                 services[name] = spec.model_dump() | {"replicas": n}
         base = first.port
         for i in range(len(names) + 1, n + 1):
+            if f"{group}.{i}" in services:  # a service of its own: the new replica would replace it
+                raise Refused(409, f"cannot scale {group} to {n}: {group}.{i} is a service of its own in the mesh "
+                                   "file; rename it first")
             port = base + i - 1 if first.is_agent else base
             services[f"{group}.{i}"] = first.model_dump() | {"name": f"{group}.{i}", "port": port, "replicas": n}
         data = config.model_dump() | {"services": services}

@@ -110,6 +110,20 @@ def test_scale_adds_and_removes_replicas_of_the_running_mesh(mesh_factory):
     assert refused.returncode == 2 and "not a replicated service" in refused.stderr
 
 
+def test_scale_refuses_a_replica_named_as_a_service_of_its_own(mesh_factory):
+    """`tron scale web 3` beside a [services."web.3"] of its own once replaced that service by
+    the new replica (it stopped, with "web: 2 -> 3 replicas"), and scaling back removed it."""
+    own = {"command": [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"], "port": 6168}
+    mesh = mesh_factory(services={"app": {**APP, "replicas": 2}, "app.3": own})
+    mesh.up()
+    before = {s["name"]: s for s in mesh.status()["services"]}["app.3"]
+    refused = mesh.tron("scale", "app", "3")
+    assert refused.returncode == 2 and "app.3 is a service of its own" in refused.stderr, refused.stderr
+    after = {s["name"]: s for s in mesh.status()["services"]}
+    assert (after["app.3"]["pid"], after["app.3"]["port"]) == (before["pid"], before["port"])
+    assert sorted(replicas(mesh, "app")) == ["app.1", "app.2", "app.3"]  # app.3 still the file's own
+
+
 def test_an_agents_replicas_share_the_tasks_given_to_its_name(mesh_factory):
     import tomllib
 

@@ -234,3 +234,15 @@ def test_the_default_mesh_with_its_commented_checks_table_loads(tmp_path):
     path.write_text(path.read_text().replace("[checks.programmer]", "[checks.programer]"))
     with pytest.raises(ConfigError, match=r"checks.programer: no agent has the role 'programer' \(roles here: architect, "):
         load_mesh(path, port_offset=0)
+
+
+@pytest.mark.parametrize("order", ["replicated first", "its namesake first"])
+def test_a_service_named_as_another_ones_replica_is_refused_naming_both(order):
+    """[services."web.1"] beside [services.web] replicas = 2: one entry silently replaced the
+    other (the file's own web.1, on its own port, never ran, and the reload said "applied")."""
+    web = {"command": ["srv"], "port": 7000, "socket": "inherit", "replicas": 2}
+    own = {"command": ["other"], "port": 7010}
+    services = {"web": web, "web.1": own} if order == "replicated first" else {"web.1": own, "web": web}
+    with pytest.raises(ConfigError) as err:
+        parse_mesh({"services": services}, source="mesh.toml")
+    assert "services.web.1: a service of its own, but web has replicas = 2" in str(err.value)

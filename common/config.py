@@ -341,6 +341,11 @@ class ServiceSpec(_Strict):
                 raise ValueError(f"user: no such user {self.user!r} on this machine") from None
         for where, text in self._templates():
             _check_placeholders(where, text)
+            if "\0" in text:  # execve takes C strings: the start would fail over and over ("embedded null byte")
+                raise ValueError(f"{where}: a NUL character cannot be passed to a program")
+        for key in self.env:
+            if not key or "=" in key or "\0" in key:  # execve: "illegal environment variable name"
+                raise ValueError(f"env: {key!r} is no environment variable name (empty, or with '=' or NUL)")
         return self
 
     def _templates(self) -> Iterator[tuple[str, str]]:

@@ -88,6 +88,12 @@ def test_probes_of_every_kind(probe, kind):
     ({"env": {"A": "{nope}"}}, "env.A: unknown placeholder {nope}"),
     ({"cwd": "{state"}, "cwd: expected '}' before end of string"),
     ({"liveness": {"exec": {"command": ["check", "{prot}"]}}}, "liveness.exec.command[1]: unknown placeholder {prot}"),
+    # what execve cannot take: once accepted, "applied", then spawn_failed over and over
+    ({"env": {"FOO": "a\0b"}}, "env.FOO: a NUL character cannot be passed to a program"),
+    ({"command": ["x", "a\0b"]}, "command[1]: a NUL character"),
+    ({"cwd": "/tmp\0x"}, "cwd: a NUL character"),
+    ({"env": {"BAD=KEY": "x"}}, "env: 'BAD=KEY' is no environment variable name"),
+    ({"env": {"": "x"}}, "env: '' is no environment variable name"),
 ])
 def test_bad_process_options_are_refused_naming_the_key(extra, message):
     data = {"services": {"s": {"command": ["x"], "port": 7005, **extra}, "t": {"command": ["y"], "port": 7006}}}

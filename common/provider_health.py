@@ -97,6 +97,9 @@ class Health:
                 "limits": self.limits}
 
 
+RECALLED = " (as before the daemon restarted)"  # a reason a new daemon took back from the registry
+
+
 class Board:
     """Every provider's health, and the governor that admits requests to them."""
 
@@ -337,7 +340,8 @@ class Board:
         if to not in (ProviderState.OPEN, ProviderState.HALF_OPEN) or h.state != ProviderState.CLOSED:
             return []
         kind = last.get("kind") if last.get("kind") in ("outage", "hold", "drained") else "outage"
-        reason = f"{last.get('reason') or 'open'} (as before the daemon restarted)"
+        said = str(last.get("reason") or "open")  # said once: a third daemon's reason is not the
+        reason = said if said.endswith(RECALLED) else said + RECALLED  # first's with the suffix twice
         if kind == "drained":
             return [self._to(h, ProviderState.OPEN, now, reason, kind="drained", until=None)]
         left = last.get("until_s") if to == ProviderState.OPEN else 0.0

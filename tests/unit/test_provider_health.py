@@ -271,3 +271,14 @@ def test_recall_changes_nothing_a_daemon_already_knows():
     assert b["anthropic"].state == ProviderState.OPEN
     assert b.recall("anthropic", {**OPENED, "to": "closed"}, 0.0, 11.0) == []
     assert b.recall("anthropic", OPENED, 0.0, 11.0) == []
+
+
+def test_a_provider_kept_open_across_several_daemon_restarts_says_so_once():
+    """Each new daemon took back the drained reason and added its suffix again: after three
+    restarts `tron provider list` said "(as before the daemon restarted)" three times."""
+    last = {**OPENED, "kind": "drained", "until_s": None, "reason": "drained by token:operator: maintenance"}
+    for _ in range(3):
+        b = board()
+        b.recall("anthropic", last, 100.0, 105.0)
+        last = {**last, "reason": b["anthropic"].reason}
+    assert last["reason"] == "drained by token:operator: maintenance (as before the daemon restarted)"

@@ -173,7 +173,7 @@ class Reloader:
         d.config._hosts = new._hosts
         for name in p.stop:
             sup.services.pop(name, None)
-            await d.store.set_agent(name, state=S.STOPPED, stopped=False)
+            await d.store.set_agent(name, state=S.STOPPED, stopped=False, crash_looping=False)  # gone: no episode
         if "policy" in p.sections:  # before the hand-over: a moved held task is decided on the new policy
             await d.replace_policy(new.policy)
         for name, (group, moving) in heirs.items():

@@ -77,3 +77,22 @@ def test_sighup_reloads_like_tron_reload(mesh_factory):
     os.kill(mesh.status()["daemon"]["pid"], signal.SIGHUP)
     after = wait_for(lambda: (i := identities(mesh)).get("late", (None,))[0] and i, 30, "the added service running")
     assert {n: after[n] for n in base} == before
+
+
+def test_a_service_removed_while_crash_looping_leaves_no_crash_loop_behind(mesh_factory):
+    """A service removed by a reload in the middle of a crash-loop episode kept its mark in
+    the registry: `tron report` said "services crash-looping: UNHEALTHY ... (stopped)" and
+    exited 1 for good, after the restart window and across daemon restarts."""
+    base = tomllib.loads((REPO / "mesh.toml").read_text())["services"]
+    dying = {"role": "command", "port": 6197, "command": ["{python}", "-c", "raise SystemExit(1)"]}
+    mesh = mesh_factory(services={**base, "dying": dying})
+    mesh.tron("up", "--detach")  # exits 2: one service never comes up
+    wait_for(lambda: mesh.rows("SELECT crash_looping FROM agents WHERE name = 'dying' AND crash_looping = 1"), 60,
+             "the dying service crash-looping")
+    write(mesh, dict(base))
+    proc = mesh.tron("reload")
+    assert proc.returncode == 0 and "dying" in proc.stdout, proc.stderr
+    assert mesh.rows("SELECT crash_looping, stopped FROM agents WHERE name = 'dying'") == \
+        [{"crash_looping": 0, "stopped": 0}]
+    report = mesh.tron("report")
+    assert "services crash-looping" in report.stdout and "dying" not in report.stdout, report.stdout

@@ -46,7 +46,7 @@ from tron.services.daemon.access import Access
 from tron.services.daemon.alerts import AlertRouter
 from tron.services.daemon.carrier import Carrier
 from tron.services.daemon.ledger import Ledger
-from tron.services.daemon.notify import Notifier
+from tron.services.daemon.notify import Notifier, last_event
 from tron.services.daemon.lock import HomeLock, StartError
 from tron.services.daemon.audit import Audit, RefusalBudget, Refused
 from tron.services.daemon.breaker import Breaker
@@ -243,8 +243,23 @@ class Daemon:
         self.sup.on_signal = self.router.on_signal
         self.sup.on_healthy = self.ledger.redispatch
         self.sup.judge_beat = self.judge_beat
-        self.notifier = Notifier(self.store, self.config.notify, clock=self.clock, background=self.background,
-                                 metrics=self.metrics, mesh=str(self.home.root), health=self.registry_health)
+        self.notifier = self._notifier()
+
+    def _notifier(self, start_at: int | None = None) -> Notifier:
+        return Notifier(self.store, self.config.notify, clock=self.clock, background=self.background,
+                        metrics=self.metrics, mesh=str(self.home.root), health=self.registry_health, start_at=start_at)
+
+    async def renew_notifier(self) -> None:
+        """``[[notify]]`` changed by a reload: the old receivers are let go (each one's place
+        kept: an entry the file still has goes on from it) and the new list is followed; an entry
+        new to the file starts with what happens from now on."""
+        old = self.notifier
+        if old is not None:
+            await old.stop()
+        latest = await last_event(self.store)
+        self.notifier = self._notifier(start_at=latest["id"] if latest else 0)
+        if old is not None and old.started:
+            self.notifier.start()
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -101,8 +101,12 @@ class Notifier:
     def __init__(self, store: Store, entries: list[NotifyEntry], *, clock: Clock, background, metrics: DaemonMetrics,
                  mesh: str, health: Callable[[], dict] = lambda: {"state": "ok"},
                  rng: Callable[[], float] = random.random, wall: Callable[[], float] = time.time, poll: float = POLL,
-                 queue_size: int = QUEUE_SIZE) -> None:
+                 queue_size: int = QUEUE_SIZE, start_at: int | None = None) -> None:
+        """``start_at``: where an entry with no kept place begins (the last event id when a
+        reload made this notifier: what came before was the old receivers'); else the daemon's
+        start."""
         self.store = store
+        self.start_at = start_at
         self.outlets = [Outlet(i, e, entry_key(e)) for i, e in enumerate(entries)]
         self.clock = clock
         self.background = background
@@ -152,8 +156,11 @@ class Notifier:
         """Each entry's place: where the last daemon's cursor left it, or (a new entry, a
         first start) this daemon's start, so that history is not re-sent."""
         kept = await last_event(self.store, "notify_cursor")
-        start = await last_event(self.store, "daemon_started") or await last_event(self.store)
-        here = start["id"] if start else 0
+        if self.start_at is not None:
+            here = self.start_at
+        else:
+            start = await last_event(self.store, "daemon_started") or await last_event(self.store)
+            here = start["id"] if start else 0
         entries = ((kept or {}).get("payload") or {}).get("entries") or {}
         for o in self.outlets:
             mine = entries.get(str(o.index)) or {}

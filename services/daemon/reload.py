@@ -10,7 +10,10 @@ its parent's, a child's or llm-sim's port, its set of children, or ``[providers]
 itself is built on (``[mesh]``, ``[cluster]``, ``[registry]``), and ``[drills]`` (it sets the
 agents' endpoints), cannot change live: such a file
 is refused, as an invalid one is, and nothing changes. Everything else (``[policy]``,
-``[budgets]``, ``[prices]``, ``[checks]``, ``[providers]``) applies in place.
+``[budgets]``, ``[prices]``, ``[checks]``, ``[providers]``, ``[[notify]]``) applies in place:
+the notifier is made again from the new entries (one whose secret is not in the daemon's
+environment refuses the reload, as it refuses a start); an entry the file keeps goes on from
+its place, a new one starts with what happens from then on.
 """
 
 from __future__ import annotations
@@ -130,6 +133,9 @@ class Reloader:
         async with self._lock:
             new = new or self.read()
             the_plan = plan(self.d.config, new)
+            if "notify" in the_plan.sections:  # fail closed, as a start does: a receiver that cannot be signed for
+                if missing := [why for e in new.notify if (why := e.missing_secret()) is not None]:
+                    raise ReloadRefused(missing)
             if dry_run or not the_plan.changes:
                 return {"status": "dry_run" if dry_run else "unchanged", "plan": the_plan.to_dict()}
             halted = await self._apply(new, the_plan, actor)
@@ -176,6 +182,8 @@ class Reloader:
             await d.store.set_agent(name, state=S.STOPPED, stopped=False, crash_looping=False)  # gone: no episode
         if "policy" in p.sections:  # before the hand-over: a moved held task is decided on the new policy
             await d.replace_policy(new.policy)
+        if "notify" in p.sections:  # the receivers the file names now, and no others
+            await d.renew_notifier()
         for name, (group, moving) in heirs.items():
             await self._hand_on(name, group, moving)
         # 3. Probe changes reach the running incarnation; a replaced service stops with its

@@ -15,12 +15,17 @@ was. The database it replaces is kept beside it (a hard link: nothing is moved a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pwd
 import shutil
 import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tron.common.clock import utc_iso
 from tron.registry.schema import SCHEMA_VERSION, RegistryError, check_exact, migrate, quick_check, recorded_version
 
 PREFIX = "registry-"
@@ -188,11 +193,43 @@ def _keep_aside(db_path: Path) -> Path:
     return kept
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record(staged: Path, backup: Path, digest: str, version: int, kept: Path | None) -> None:
+    """The restore's own audit row, written into the copy before it takes the registry's
+    place: the history that follows says where it came from (the file, its hash, what was
+    replaced and kept where, which Unix user), and a row a backup carried in cannot pass for
+    the last word."""
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    payload = {"who": f"{name}@cli", "what": "restore", "target": "registry", "before": str(kept or ""),
+               "after": str(backup), "outcome": "restored", "reason": "tron restore", "request_id": None,
+               "ref": None, "unix_user": f"{name} (uid {uid})", "file": str(backup), "sha256": digest,
+               "backup_version": version, "kept": str(kept) if kept else None}
+    conn = sqlite3.connect(staged)
+    try:
+        with conn:
+            conn.execute("INSERT INTO events (ts, mono, kind, payload) VALUES (?, ?, 'audit', ?)",
+                         (utc_iso(), time.monotonic(), json.dumps(payload)))
+    finally:
+        conn.close()
+    _fsync(staged)
+
+
 def restore(backup: Path, db_path: Path) -> Path | None:
     """Put ``backup`` in place of the registry (the daemon must be stopped). The database
-    it replaces, if any, is kept beside it; returns where. Refused (RegistryError, the
-    registry untouched) if ``backup`` is the registry itself, fails any check, or cannot be
-    written beside it."""
+    it replaces, if any, is kept beside it; returns where. The restored registry's last
+    audit row says so (``_record``). Refused (RegistryError, the registry untouched) if
+    ``backup`` is the registry itself, fails any check, or cannot be written beside it."""
     if not backup.is_file():
         raise RegistryError(f"{backup}: no such file")
     if _same_file(backup, db_path):
@@ -203,9 +240,16 @@ def restore(backup: Path, db_path: Path) -> Path | None:
     try:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         _remove(staged)  # left by a restore that died here; no one else writes this name
-        _prepare(backup, staged)
+        digest = _sha256(backup)
+        version = _prepare(backup, staged)
         # a WAL with no database beside it is kept too: it may be all that is left of one
         kept = _keep_aside(db_path) if any(_side(db_path, s).exists() for s in ("", *SIDECARS)) else None
+        try:
+            _record(staged, backup, digest, version, kept)
+        except BaseException:
+            if kept is not None:
+                _remove(kept)
+            raise
     except RegistryError as err:
         _remove(staged)
         raise RegistryError(f"{err}{unchanged}") from None

@@ -5,7 +5,10 @@ start-up and for a restore, never a traceback."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
+import pwd
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -218,6 +221,30 @@ def test_a_good_restore_keeps_the_replaced_registry_and_its_wal_beside_it(tmp_pa
     assert conn.execute("SELECT COUNT(*) FROM lanes").fetchone() == (0,)  # the backup's rows, not the old ones
     conn.close()
     assert not [p for p in db.parent.iterdir() if ".restoring-" in p.name]
+
+
+def test_a_restore_says_so_in_the_restored_registrys_audit_trail(tmp_path):
+    """The restored history's last audit row is the restore itself: from which file (its hash,
+    its schema version), what it replaced and where that is kept, by which Unix user. A row
+    the backup carried in (forged, or just old) is not the last word."""
+    source = registry(tmp_path / "source" / "registry.db")
+    conn = sqlite3.connect(source)
+    with conn:
+        conn.execute("INSERT INTO events (ts, mono, kind, payload) VALUES ('then', 0, 'audit', '{\"who\": \"alice\"}')")
+    conn.close()
+    good = backup.take(source, keep=5)
+    db = live(tmp_path)
+    kept = backup.restore(good, db)
+    conn = sqlite3.connect(db)
+    rows = [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events WHERE kind = 'audit' ORDER BY id")]
+    conn.close()
+    assert rows[0] == {"who": "alice"} and len(rows) == 2
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert {k: rows[-1][k] for k in ("who", "what", "outcome", "file", "kept", "backup_version", "unix_user")} == {
+        "who": f"{me}@cli", "what": "restore", "outcome": "restored", "file": str(good), "kept": str(kept),
+        "backup_version": SCHEMA_VERSION, "unix_user": f"{me} (uid {os.getuid()})"}
+    assert rows[-1]["sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
+    assert backup.check(db) == SCHEMA_VERSION  # still exactly Tron's schema
 
 
 def test_an_older_backup_is_migrated_before_it_replaces_the_registry(tmp_path):

@@ -486,7 +486,8 @@ def render_status(status: dict) -> str:
                      f"{parked_hint(p, 'RUN', '`tron provider list`')}")
     if status.get("last_alert"):
         a = status["last_alert"]
-        lines.append(f"last alert: {a['service']} {a['reason']}")
+        gone = "" if a["service"] in depth else " (since removed from the mesh)"
+        lines.append(f"last alert: {a['service']} {a['reason']}{gone}")
     if status.get("overlay"):
         o = status["overlay"]
         lines.append(f"policy overlay: {o['path']} ({', '.join(o['keys'])})")

@@ -111,3 +111,13 @@ def test_provider_choices_are_read_when_a_command_takes_one(daemon, tmp_path):
     assert helped.returncode == 0 and "one of anthropic, ollama" in helped.stdout, helped.stdout
     run, _ = tron(home, config, "provider", "drain", "nosuch")
     assert run.returncode == 2 and "no provider 'nosuch' (known: anthropic, ollama" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("service,said", [("root", "last alert: root process_exit\n"),
+                                          ("extra", "last alert: extra spawn_failed (since removed from the mesh)")])
+def test_the_last_alert_of_a_service_a_reload_removed_says_so(service, said):
+    from tron.scripts.tron import render_status
+
+    reason = "process_exit" if service == "root" else "spawn_failed"
+    text = render_status({**STATUS, "last_alert": {"service": service, "reason": reason}}) + "\n"
+    assert said in text

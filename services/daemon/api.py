@@ -756,7 +756,7 @@ async def reload_mesh(request: web.Request) -> web.Response:
 class SettingsChange(Msg):
     # Any: the Policy model judges each value (strict: "600" is no number, inf is refused),
     # so a lax coercion here cannot let a string or an infinity through.
-    policy: dict[str, Any] = Field(max_length=64)
+    policy: dict[str, Any] = Field(min_length=1, max_length=64)  # {}: nothing to set (it wrote an empty overlay)
     actor: str | None = Field(None, max_length=64)
 
 

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,6 +45,10 @@ def test_an_operator_action_refused_for_an_invalid_body_is_audited(mesh_factory)
     assert budget["who"] == "token:operator" and budget["outcome"] == "refused (422): usd or tokens: name the new budget"
     assert len([a for a in rows if a["what"] == "POST /tokens"]) == 1, rows
     assert len([a for a in rows if a["what"] in ("settings", "PUT /settings")]) == 1, rows
+    overlay = mesh.http("GET", d + "/settings")[1]["overlay"]
+    code, answer = mesh.http("PUT", d + "/settings", {"policy": {}})  # nothing named: nothing written
+    assert code == 422 and "policy" in json.dumps(answer), answer
+    assert not Path(overlay).exists()
 
 
 def test_down_force_does_not_say_lost_when_the_registry_wrote_the_rows_during_the_shutdown(mesh_factory):

@@ -122,6 +122,7 @@ class Notifier:
         self._kept_at = float("-inf")
         self._dirty = False  # a message finished since the cursor was last kept
         self._resumed = False  # no cursor is kept before the places are known
+        self._stored = False  # a cursor row holds this notifier's places (else the first stop writes one)
         self._registry_state = "ok"
         self._sent_directly = 0  # registry_degraded sent from memory, its stored twin still to come
         self._read_failing = False
@@ -166,7 +167,7 @@ class Notifier:
             mine = entries.get(str(o.index)) or {}
             o.skip_to = mine["at"] if mine.get("key") == o.key and isinstance(mine.get("at"), int) else here
         self.read_to = min(o.skip_to for o in self.outlets)
-        self._kept, self._resumed = self._cursor(), True
+        self._kept, self._resumed, self._stored = self._cursor(), True, kept is not None
         log.info("notifier: %d receivers, resuming after event %d", len(self.outlets), self.read_to,
                  extra={"cursor": self.read_to, "resumed": kept is not None})
 
@@ -268,10 +269,13 @@ class Notifier:
         cursor = self._cursor()
         kept = self._kept or {"entries": {}}
         moved = any(v["at"] != (kept["entries"].get(i) or {}).get("at") for i, v in cursor["entries"].items())
-        if not moved or (not force and (not self._dirty or self.clock.now() - self._kept_at < CURSOR_EVERY)):
+        # At a stop, places no row holds yet are written even if they never moved: the next
+        # daemon would otherwise start at its own start, past what was still on its way here.
+        unstored = force and not self._stored
+        if not (moved or unstored) or (not force and (not self._dirty or self.clock.now() - self._kept_at < CURSOR_EVERY)):
             return
         await self.store.event("notify_cursor", cursor)
-        self._kept, self._kept_at, self._dirty = cursor, self.clock.now(), False
+        self._kept, self._kept_at, self._dirty, self._stored = cursor, self.clock.now(), False, True
 
     # -- delivering -----------------------------------------------------------------------------
 

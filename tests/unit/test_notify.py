@@ -334,6 +334,9 @@ async def test_a_new_daemon_resumes_where_the_last_stopped_and_a_new_entry_start
         first = await started(rig, rig.notifier(entry(rx.url), entry(slow.url, timeout=60)))
         await rig.store.event("provider_opened", {"provider": "a"})
         await until(lambda: len(rx.got) == 1 and len(slow.got) == 1, what="both to get a")
+        # rx's answer read (a receiver has the message before its sender has the answer; on a
+        # loaded machine the stop came in between, and a went to rx again, b never to slow)
+        await until(lambda: first.outlets[0].sending is None, what="rx's delivery to be over")
         await first.stop()  # slow never answered: a is sent to it again by the next daemon, not to rx
 
         async with Receiver() as new:
@@ -345,6 +348,21 @@ async def test_a_new_daemon_resumes_where_the_last_stopped_and_a_new_entry_start
             assert [g["body"]["payload"]["provider"] for g in new.got] == ["b"]
             assert [g["body"]["payload"]["provider"] for g in slow.got] == ["a", "a", "b"]
             await second.stop()
+
+
+async def test_a_daemon_stopped_before_any_delivery_was_over_leaves_its_place_to_the_next(rig):
+    """The first daemon of a home stops while its one message is still on its way (the
+    receiver hangs): no place ever moved, but the next daemon must not start at its own start,
+    past that message. It is sent again."""
+    async with Receiver(["hang"]) as slow:
+        first = await started(rig, rig.notifier(entry(slow.url, timeout=60)))
+        await rig.store.event("provider_opened", {"provider": "a"})
+        await until(lambda: len(slow.got) == 1, what="slow to get a")
+        await first.stop()
+        second = await started(rig, rig.notifier(entry(slow.url, timeout=60)))
+        await until(lambda: len(slow.got) == 2, what="a sent again by the next daemon")
+        assert [g["body"]["payload"]["provider"] for g in slow.got] == ["a", "a"]
+        await second.stop()
 
 
 async def test_registry_degraded_is_sent_at_once_and_its_stored_twin_is_not_sent_again(rig):

@@ -374,6 +374,7 @@ class LocalSpawner:
         self.forkserver = forkserver
         if forkserver is not None:
             forkserver.on_warm = self._refresh_standbys
+            forkserver.on_serving = self._remake_missing
         self.logs = logs
         self.subreaper = False
         self.cgroup_home = cgroup_home
@@ -724,6 +725,11 @@ class LocalSpawner:
                 del self._gates[name]
                 self._background_end(gate)
                 self._prepare_soon(name, gate.limits, standby=gate.config, logfile=gate.logfile)
+        self._remake_missing()
+
+    def _remake_missing(self) -> None:
+        """A server serves (again): each agent left without a standby while none could fork
+        gets one (from this server; one forked cold is made again when it is warm)."""
         for name, (limits, config, logfile) in list(self._missing.items()):
             if name not in self._released:
                 self._prepare_soon(name, limits, standby=config, logfile=logfile)
@@ -1225,6 +1231,7 @@ class ForkServerClient:
         self._fds: dict[int, int] = {}  # pid -> its pidfd, watched (the server, and an heir warming up)
         self.heir: subprocess.Popen | None = None  # a server warming up to take over (``_hand_to_heir``)
         self.on_warm: Callable[[], None] = lambda: None  # called when the serving server has its SDKs
+        self.on_serving: Callable[[], None] = lambda: None  # called when a server is ready, or answers again
         self._starting: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
         self._checking: asyncio.Future | None = None  # check_code sent after a stale standby
@@ -1316,6 +1323,7 @@ class ForkServerClient:
         log.info("fork server ready", extra={"pid": self.proc.pid, "modules": reply.get("modules"),
                                              "generation": self.generation, "huge_pages": self.huge_pages})
         self.warm = bool(reply.get("warm"))  # started again warm: standbys of the last cold one are made again
+        self.on_serving()
         if not self.warm:
             self._warming = asyncio.ensure_future(self._until_warm(self.proc))
         return True
@@ -1530,6 +1538,7 @@ class ForkServerClient:
                 log.warning("the fork server (pid %s) answers again after %.1fs: agents are forked from it again",
                             proc.pid, time.monotonic() - (self.stalled_since or time.monotonic()))
                 self.stalled_since, self.ready = None, True
+                self.on_serving()
                 return
             if time.monotonic() >= deadline:
                 if self.stopped():  # stopped by a signal meanwhile: that is said (and waited out) on its own

@@ -71,6 +71,8 @@ async def until(predicate, timeout: float, what: str) -> None:
 
 async def test_a_server_that_answers_again_is_asked_again_and_not_ended(stalled, tmp_path):
     client, server, proc = stalled
+    serving: list[bool] = []
+    client.on_serving = lambda: serving.append(True)  # the spawner makes the standbys it could not
     assert await spawn(client, tmp_path) is None  # unanswered for SPAWN_WAIT: spawned plainly
     assert not client.ready and client.stalled_since is not None
     asked = server.asked.count("spawn")
@@ -80,6 +82,7 @@ async def test_a_server_that_answers_again_is_asked_again_and_not_ended(stalled,
     server.answering.set()
     await until(lambda: client.ready, 5, "the server served again")
     assert client.stalled_since is None and proc.poll() is None  # answered in time: not ended
+    assert serving == [True]
 
 
 async def test_a_server_that_never_answers_is_ended_after_the_grace(stalled, tmp_path):

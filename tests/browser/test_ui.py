@@ -621,20 +621,34 @@ def test_the_keyboard_keeps_its_place_when_an_action_draws_the_row_again(ui, mes
     to the top of the page (38 Tab presses away at 1280 px); Enter again resumes it."""
     row = ui.locator(ROW.format("programmer-2"))
 
+    seen: list = []
+
     def focused() -> list:
-        return ui.evaluate("() => { const e = document.activeElement; const r = e.closest('tr');"
-                           " return [r ? r.dataset.service : null, e.dataset.action || e.tagName]; }")
+        seen.append(ui.evaluate("() => { const e = document.activeElement; const r = e.closest('tr');"
+                                " return [r ? r.dataset.service : null, e.dataset.action || e.tagName,"
+                                " e.isConnected]; }"))
+        return seen[-1][:2]
+
+    def focus_on(verb: str, what: str) -> None:  # a failure says where the focus was instead
+        try:
+            wait_for(lambda: focused() == ["programmer-2", verb], 5, what, interval=0.1)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; the focus was on {seen[-1]} (row, verb or tag, in the page)") from None
+
+    def slowly(route) -> None:  # the live view's messages (each second) come while the request is on its way
+        time.sleep(2.5)
+        route.continue_()
 
     try:
+        ui.route("**/services/programmer-2/pause", slowly)
         row.locator('[data-action="pause"]').focus()
         ui.keyboard.press("Enter")
-        expect(row.locator('[data-mark="paused"]')).to_be_visible()
-        wait_for(lambda: focused() == ["programmer-2", "resume"], 5, "the focus on programmer-2's Resume",
-                 interval=0.1)
+        expect(row.locator('[data-mark="paused"]')).to_be_visible(timeout=10_000)
+        ui.unroute("**/services/programmer-2/pause")
+        focus_on("resume", "the focus on programmer-2's Resume")
         ui.keyboard.press("Enter")
         expect(row.locator('[data-mark="paused"]')).to_have_count(0)
-        wait_for(lambda: focused() == ["programmer-2", "pause"], 5, "the focus back on programmer-2's Pause",
-                 interval=0.1)
+        focus_on("pause", "the focus back on programmer-2's Pause")
     finally:  # nothing after this test may find it paused
         if mesh.service("programmer-2")["paused"]:
             mesh.http("POST", mesh.url("daemon") + "/services/programmer-2/resume", {"reason": "test cleanup"})

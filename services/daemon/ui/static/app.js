@@ -71,9 +71,16 @@
   }
 
   function restorePlace() {
-    if (!place || (document.activeElement && document.activeElement !== document.body)) return;
+    const active = document.activeElement;  // lost: <body>, or a button the redraw took out of the page
+    if (!place || (active && active !== document.body && active.isConnected)) return;
     const row = document.querySelector(place.row);
     if (!row) return;
+    // Its own button disabled: its request is on its way (any SSE message of the page may come
+    // meanwhile). Wait for the answer or the row drawn again, rather than put the focus, and
+    // with it the place, on a neighbour (Stop), which the next redraw would then keep.
+    if (Array.from(row.querySelectorAll("button[data-action][disabled]")).some((b) => b.dataset.action === place.verb)) {
+      return;
+    }
     // the same verb, else the button in its place (Pause gave way to Resume), else the row's link
     const buttons = Array.from(row.querySelectorAll("button[data-action]:not([disabled])"));
     const target = buttons.find((b) => b.dataset.action === place.verb)

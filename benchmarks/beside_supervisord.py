@@ -37,16 +37,11 @@ from pathlib import Path
 
 from benchmarks import finish
 from tron.scripts.stats import percentile
-from tests.harness import REPO, TRON, cleanup, make_mesh, wait_for
+from tests.harness import REPO, TRON, cleanup, make_mesh, server_answers, wait_for
 
 
 def pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+    return server_answers(port, "redis", timeout=0.2)  # PING -> +PONG
 
 
 def free_port() -> int:

@@ -151,22 +151,27 @@ def write_mesh(path: Path, *, policy: dict | None = None, services: dict | None 
         base["services"] = services
     if cluster is not None:
         base["cluster"] = cluster
-    lines = []
-    for section in ("mesh", "policy", "providers", "cluster"):
-        if section not in base:
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in base[section].items()]
     if notify is not None:
         base["notify"] = notify
-    for entry in base.get("notify", []):
+    path.write_text(mesh_text(base))
+    return base
+
+
+def mesh_text(data: dict) -> str:
+    """A mesh file's text from its data: the sections the tests set, its ``[[notify]]`` entries,
+    then its services."""
+    lines = []
+    for section in ("mesh", "policy", "providers", "cluster"):
+        if section in data:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in data[section].items()]
+    for entry in data.get("notify", []):
         lines.append("[[notify]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
-    for name, spec in base["services"].items():
+    for name, spec in data["services"].items():
         lines.append(f"[services.{json.dumps(name)}]")  # quoted: a name may hold a dot
         lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return base
+    return "\n".join(lines) + "\n"
 
 
 class Mesh:
@@ -335,20 +340,17 @@ class Mesh:
         return home_processes(str(self.home))
 
 
-def rewrite_mesh(mesh: "Mesh", services: dict, policy: dict | None = None) -> None:
-    """Rewrite a mesh's file: its services (and policy keys), everything else kept (for
-    `tron reload`)."""
+def rewrite_mesh(mesh: "Mesh", services: dict | None = None, policy: dict | None = None,
+                 notify: list[dict] | None = None) -> None:
+    """Rewrite a mesh's file: its services, policy keys or ``[[notify]]`` entries, everything
+    else kept (for `tron reload`)."""
     data = tomllib.loads(mesh.config.read_text())
     data["policy"].update(policy or {})
-    data["services"] = services
-    lines = []
-    for section in ("mesh", "policy", "providers"):
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in data[section].items()]
-    for name, spec in services.items():
-        lines.append(f"[services.{json.dumps(name)}]")  # quoted: a name may hold a dot
-        lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
-    mesh.config.write_text("\n".join(lines) + "\n")
+    if services is not None:
+        data["services"] = services
+    if notify is not None:
+        data["notify"] = notify
+    mesh.config.write_text(mesh_text(data))
 
 
 def make_mesh(tmp_path: Path, *, home: Path | None = None, registry_url: str | None = None, **kw) -> Mesh:

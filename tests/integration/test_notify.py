@@ -10,13 +10,12 @@ import json
 import socket
 import threading
 import time
-import tomllib
 
 import pytest
 from aiohttp import web
 
 from tron.common import notify
-from tests.harness import toml_value, wait_for
+from tests.harness import rewrite_mesh, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -190,20 +189,6 @@ def test_the_daemon_keeps_working_with_an_unreachable_receiver(mesh_factory):
         assert 'tron_notify_deliveries_total{outcome="gave_up"} 1.0' in metrics, metrics
 
 
-def rewrite_notify(mesh, entries: list[dict]) -> None:
-    """The mesh file again with these ``[[notify]]`` entries and nothing else changed (for `tron reload`)."""
-    data = tomllib.loads(mesh.config.read_text())
-    lines = []
-    for section in ("mesh", "policy", "providers", "cluster"):
-        if section in data:
-            lines += [f"[{section}]", *(f"{k} = {toml_value(v)}" for k, v in data[section].items())]
-    for entry in entries:
-        lines += ["[[notify]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items())]
-    for name, spec in data["services"].items():
-        lines += [f"[services.{json.dumps(name)}]", *(f"{k} = {toml_value(v)}" for k, v in spec.items())]
-    mesh.config.write_text("\n".join(lines) + "\n")
-
-
 def test_a_reload_that_changes_the_receivers_sends_to_the_new_ones_only_and_from_then_on(mesh_factory):
     """`tron reload` with other [[notify]] entries: the new receiver gets what happens after the
     reload and nothing from before, the old one nothing more (an operator cuts a wrong or
@@ -216,7 +201,7 @@ def test_a_reload_that_changes_the_receivers_sends_to_the_new_ones_only_and_from
         mesh = up(mesh_factory, hook(old_rx.url, events=["provider_opened"]))
         drain(mesh, "anthropic")
         wait_for(lambda: opened(old_rx) == ["anthropic"], 10, "anthropic's drain at the old receiver")
-        rewrite_notify(mesh, [hook(new_rx.url, events=["provider_opened"])])
+        rewrite_mesh(mesh, notify=[hook(new_rx.url, events=["provider_opened"])])
         proc = mesh.tron("reload", check=True)
         assert "notify" in proc.stdout and "applied" in proc.stdout, proc.stdout
         drain(mesh, "ollama")
@@ -226,7 +211,7 @@ def test_a_reload_that_changes_the_receivers_sends_to_the_new_ones_only_and_from
         wait_for(lambda: new_rx.of("test"), 10, "the test notification at the new receiver")
         assert old_rx.of("test") == [] and opened(new_rx) == ["ollama"]  # and nothing from before it
         # A receiver that cannot be signed for: refused, named, nothing changes.
-        rewrite_notify(mesh, [hook(old_rx.url, secret_env="TRON_NOTIFY_SECRET_UNSET")])
+        rewrite_mesh(mesh, notify=[hook(old_rx.url, secret_env="TRON_NOTIFY_SECRET_UNSET")])
         refused = mesh.tron("reload")
         assert refused.returncode != 0 and "TRON_NOTIFY_SECRET_UNSET" in refused.stderr, refused.stdout + refused.stderr
         assert mesh.tron("provider", "restore", "ollama", "--reason", "back").returncode == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import select
 import signal
 from pathlib import Path
@@ -222,3 +223,16 @@ def describe(procs: list[psutil.Process]) -> list[str]:
         except psutil.Error:
             out.append(f"{p.pid}:?")
     return out
+
+
+def user_name(uid: int) -> str | None:
+    """The name the system gives ``uid`` (/etc/passwd, NSS); None when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def user_label(uid: int) -> str:
+    """How the audit trail names a Unix user: ``name (uid N)``; ``? (uid N)`` for a uid with no name."""
+    return f"{user_name(uid) or '?'} (uid {uid})"

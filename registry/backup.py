@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pwd
 import shutil
 import sqlite3
 import time
@@ -26,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tron.common.clock import utc_iso
+from tron.common.processes import user_label, user_name
 from tron.registry.schema import SCHEMA_VERSION, RegistryError, check_exact, migrate, quick_check, recorded_version
 
 PREFIX = "registry-"
@@ -207,13 +207,9 @@ def _record(staged: Path, backup: Path, digest: str, version: int, kept: Path | 
     replaced and kept where, which Unix user), and a row a backup carried in cannot pass for
     the last word."""
     uid = os.getuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    payload = {"who": f"{name}@cli", "what": "restore", "target": "registry", "before": str(kept or ""),
-               "after": str(backup), "outcome": "restored", "reason": "tron restore", "request_id": None,
-               "ref": None, "unix_user": f"{name} (uid {uid})", "file": str(backup), "sha256": digest,
+    payload = {"who": f"{user_name(uid) or uid}@cli", "what": "restore", "target": "registry",
+               "before": str(kept or ""), "after": str(backup), "outcome": "restored", "reason": "tron restore",
+               "request_id": None, "ref": None, "unix_user": user_label(uid), "file": str(backup), "sha256": digest,
                "backup_version": version, "kept": str(kept) if kept else None}
     conn = sqlite3.connect(staged)
     try:

@@ -9,12 +9,12 @@ peer on another machine (a node's relay) has no user here: None."""
 from __future__ import annotations
 
 import ipaddress
-import pwd
 import socket
 import struct
 
 from aiohttp import web
 
+from tron.common.processes import user_label
 from tron.services.daemon import sockdiag
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -38,10 +38,4 @@ def unix_user(request: web.BaseRequest) -> str | None:
             return None
     except (OSError, ValueError, struct.error):
         return None
-    if uid is None:
-        return None
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = "?"
-    return f"{name} (uid {uid})"
+    return None if uid is None else user_label(uid)

@@ -101,6 +101,13 @@ class NotifyEntry(BaseModel):
         return f"{parts.scheme}://{parts.hostname}{port}"
 
 
+def missing_secrets(entries: list[NotifyEntry]) -> list[str]:
+    """Why each entry that cannot sign cannot (``missing_secret``): a start and a reload that
+    name such an entry are refused, fail closed (a receiver that cannot be signed for is no
+    receiver)."""
+    return [why for e in entries if (why := e.missing_secret()) is not None]
+
+
 def wanted(entry: NotifyEntry, kind: str) -> bool:
     """Does this entry get events of this kind? A test event goes to every entry."""
     return kind == TEST_KIND or kind in entry.events

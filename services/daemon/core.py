@@ -36,6 +36,7 @@ from tron.common.clock import Clock, MonotonicClock
 from tron.common.config import DAEMON, MeshConfig, Policy, registry_url
 from tron.common.http import MeshClient
 from tron.common.monitor import Monitor, MonitorThread, Signal, Verdict
+from tron.common.notify import missing_secrets
 from tron.common.paths import Home, UnsafeTokenFile, ensure_token
 from tron.common.settings import field_errors, merged_policy, overlay_path, read_overlay, write_overlay
 from tron.common.models import Beat, Reason
@@ -271,9 +272,8 @@ class Daemon:
         except UnsafeTokenFile as err:
             raise StartError(str(err)) from None
         self.access.load(self.token)
-        for entry in self.config.notify:  # fail closed: a receiver that cannot be signed for is no receiver
-            if (why := entry.missing_secret()) is not None:
-                raise StartError(why)
+        if missing := missing_secrets(self.config.notify):
+            raise StartError(missing[0])
         self.store_opened = True  # from here on shutdown closes it, even after an open() that failed half-way
         await self.store.open()
         logs.setup(DAEMON, comms_path=self.home.comms_log)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from tron.common.config import ConfigError, MeshConfig, load_mesh
+from tron.common.notify import missing_secrets
 from tron.common.settings import apply_overlay, read_overlay
 from tron.common.states import ServiceState as S, TaskState, waits_for_a_decision
 
@@ -133,9 +134,8 @@ class Reloader:
         async with self._lock:
             new = new or self.read()
             the_plan = plan(self.d.config, new)
-            if "notify" in the_plan.sections:  # fail closed, as a start does: a receiver that cannot be signed for
-                if missing := [why for e in new.notify if (why := e.missing_secret()) is not None]:
-                    raise ReloadRefused(missing)
+            if "notify" in the_plan.sections and (missing := missing_secrets(new.notify)):  # as a start is
+                raise ReloadRefused(missing)
             if dry_run or not the_plan.changes:
                 return {"status": "dry_run" if dry_run else "unchanged", "plan": the_plan.to_dict()}
             halted = await self._apply(new, the_plan, actor)

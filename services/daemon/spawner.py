@@ -387,7 +387,8 @@ class LocalSpawner:
         self._live_gates: dict[int, Gate] = {}  # pid -> every gate process not yet reaped (for the census)
         self._released: set[str] = set()  # stopped or removed services: no gate is kept for them
         # Agents whose standby could not be forked (the fork server down, stalled, not ready):
-        # made when a server is warm again (``_refresh_standbys``), not at their next start only.
+        # made when a server serves again or turns warm (``_remake_missing``), not at their
+        # next start only.
         self._missing: dict[str, tuple[Limits, str, tuple[Path, dict] | None]] = {}
         self._closing = asyncio.Event()
 

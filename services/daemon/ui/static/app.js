@@ -78,9 +78,7 @@
     // Its own button disabled: its request is on its way (any SSE message of the page may come
     // meanwhile). Wait for the answer or the row drawn again, rather than put the focus, and
     // with it the place, on a neighbour (Stop), which the next redraw would then keep.
-    if (Array.from(row.querySelectorAll("button[data-action][disabled]")).some((b) => b.dataset.action === place.verb)) {
-      return;
-    }
+    if (row.querySelector(`button[data-action="${CSS.escape(place.verb)}"][disabled]`)) return;
     // the same verb, else the button in its place (Pause gave way to Resume), else the row's link
     const buttons = Array.from(row.querySelectorAll("button[data-action]:not([disabled])"));
     const target = buttons.find((b) => b.dataset.action === place.verb)

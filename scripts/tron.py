@@ -699,8 +699,6 @@ def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from tron.services.daemon.audit import printable
-
     for r in rows:  # every field escaped: a CR/LF a caller put in a path or a reason forges no line here
         a = {k: printable(str(v)) if isinstance(v, str) else v for k, v in r["payload"].items()}
         print(f"{r['ts'][:19]}  {a['who']:<18} {a['what']:<16} {a['target']:<20} {a['before']} -> {a['after']}  "

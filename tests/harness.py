@@ -78,6 +78,41 @@ def send_json(handler, body, status: int = 200) -> None:
     handler.wfile.write(data)
 
 
+class FakeDaemon:
+    """A home's daemon as the CLI meets it, on a free loopback port: /health for ``home``,
+    ``status`` for any other GET, ``answer`` for any POST (each kept in ``posted``); the
+    home's daemon file names it, and the operator's token is written unless ``token`` is
+    False (a token file removed while the mesh runs). ``close()`` when done."""
+
+    def __init__(self, home, status: dict, *, answer: dict | None = None, token: bool = True) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posted: list[tuple[str, dict]] = []
+        posted = self.posted
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                send_json(self, {"status": "ok", "home": str(home.root)} if self.path == "/health" else status)
+
+            def do_POST(self) -> None:
+                posted.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+                send_json(self, answer or {})
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        if token:
+            home.token_file.write_text("test-token\n")
+        home.daemon_file.write_text(json.dumps({"pid": os.getpid(), "port": self.server.server_address[1]}))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _ports_free(ports) -> bool:
     for port in ports:
         with socket.socket() as s:

@@ -11,13 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.harness import send_json
+from tests.harness import FakeDaemon
 
 from tron.common.paths import Home
 
@@ -59,34 +57,18 @@ def test_a_stalled_daemon_is_said_to_be_stalled_not_down(home, stalled_pid):
     assert f"pid {stalled_pid}" in run.stderr and "does not answer" in run.stderr and "stopped" in run.stderr
 
 
-class PublicDaemon:
-    """A daemon that answers /status as the real one does without a credential: up, names, states."""
-
-    def __init__(self, home: Home) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = {"status": "ok", "home": str(home.root)} if self.path == "/health" else \
-                    {"daemon": {"up": True, "uptime": 1.0}, "services": [{"name": "root", "state": "running"}]}
-                send_json(self, body)
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+# What the real daemon's /status shows without a credential: up, names, states.
+PUBLIC = {"daemon": {"up": True, "uptime": 1.0}, "services": [{"name": "root", "state": "running"}]}
 
 
 @pytest.mark.parametrize("argv", [["status"], ["status", "--json"]])
 def test_status_without_the_token_file_says_so_in_one_line(home, argv):
-    fake = PublicDaemon(home)
-    fake.thread.start()
+    fake = FakeDaemon(home, PUBLIC, token=False)
     try:
-        home.daemon_file.write_text(json.dumps({"pid": os.getpid(), "port": fake.server.server_address[1]}))
         assert not home.token_file.exists()  # removed while the mesh runs
         run = tron(home, *argv)
     finally:
-        fake.server.shutdown()
-        fake.server.server_close()
+        fake.close()
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and run.stderr.splitlines() == [run.stderr.strip()]
     assert str(home.token_file) in run.stderr and "public" in run.stderr

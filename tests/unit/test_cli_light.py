@@ -7,15 +7,12 @@ mesh from them; the commands that read it still say what is wrong with it."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.harness import REPO, send_json
+from tests.harness import REPO, FakeDaemon
 
 from tron.common.paths import Home
 
@@ -29,41 +26,11 @@ RUN = ("import sys; from tron.scripts.tron import main; rc = main(sys.argv[1:]);
        "file=sys.stderr); sys.exit(rc)")
 
 
-class Daemon:
-    """A daemon that answers /health, /status and an operator action as the real one does."""
-
-    def __init__(self, home: Home) -> None:
-        self.actions: list[tuple[str, dict]] = []
-        actions = self.actions
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                send_json(self, {"status": "ok", "home": str(home.root)} if self.path == "/health" else STATUS)
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                actions.append((self.path, body))
-                send_json(self, {"status": "restarting", "replaces": "i-1"})
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        self.thread.start()
-        home.token_file.write_text("test-token\n")
-        home.daemon_file.write_text(json.dumps({"pid": os.getpid(), "port": self.server.server_address[1]}))
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def daemon(tmp_path):
     home = Home.resolve(tmp_path / "home")
     home.ensure()
-    fake = Daemon(home)
+    fake = FakeDaemon(home, STATUS, answer={"status": "restarting", "replaces": "i-1"})
     yield home, fake
     fake.close()
 
@@ -87,8 +54,8 @@ def test_a_command_that_needs_only_the_daemon_reads_no_mesh_file_and_imports_no_
     if argv[0] == "status":
         assert "root" in run.stdout and "4242" in run.stdout
     else:
-        assert fake.actions and fake.actions[-1][0] == f"/services/root/{argv[0]}"
-        assert fake.actions[-1][1]["actor"].endswith("@cli")
+        assert fake.posted and fake.posted[-1][0] == f"/services/root/{argv[0]}"
+        assert fake.posted[-1][1]["actor"].endswith("@cli")
 
 
 def test_a_command_that_reads_the_mesh_file_still_says_what_is_wrong_with_it(daemon, tmp_path):

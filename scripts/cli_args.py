@@ -31,19 +31,17 @@ LINES = bounded_int(0, 1_000_000)  # lines of a tail (-n): 0 with -f follows onl
 
 
 class LazyChoices(Sequence[str]):
-    """argparse ``choices`` read on first use: the provider kinds are found by importing every
+    """argparse ``choices`` read when used: the provider kinds are found by importing every
     provider module (pydantic and all), which a `tron status` must not pay for. argparse reads
     them only to check a value, to say what is allowed, and to show help; give the argument a
-    ``metavar``, or argparse lists them when the parser is built."""
+    ``metavar``, or argparse lists them when the parser is built. They are read again at every
+    use, not kept: a kind registered after the first read (a plugin, a test) is a choice too."""
 
     def __init__(self, load: Callable[[], Sequence[str]]) -> None:
         self._load = load
-        self._items: Sequence[str] | None = None
 
     def _all(self) -> Sequence[str]:
-        if self._items is None:
-            self._items = tuple(self._load())
-        return self._items
+        return tuple(self._load())
 
     @overload
     def __getitem__(self, index: int) -> str: ...

@@ -70,9 +70,12 @@ def test_a_new_kind_is_known_to_config_and_the_cli_without_another_edit():
 
     from tron.common.config import ProvidersConfig
     from tron.common.models import Provider
+    from tron.scripts.cli_args import PROVIDERS
     from tron.scripts.tron import build_parser
 
+    assert "anthropic" in PROVIDERS and "echo" not in PROVIDERS  # read before, as another test or command may
     with registered(Echo()):
+        assert "echo" in PROVIDERS
         assert TypeAdapter(Provider).validate_python("echo") == "echo"
         config = ProvidersConfig.model_validate({"chain": ["anthropic", "echo"], "echo_model": "loud"})
         assert config.model_of("echo") == "loud"

@@ -38,6 +38,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TextIO
 from urllib.parse import quote, urlencode, urlsplit
 
 import psutil
@@ -68,9 +69,18 @@ class Drill:
     timeline: list[tuple[float, str, str]] = field(default_factory=list)
     checks: list[tuple[str, bool]] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    progress: TextIO | None = None  # where each step is said as it happens (a drill of minutes)
 
     def mark(self, label: str, detail: str = "", at: float | None = None) -> None:
-        self.timeline.append(((time.monotonic() if at is None else at) - self.t0, label, detail))
+        t = (time.monotonic() if at is None else at) - self.t0
+        self.timeline.append((t, label, detail))
+        if self.progress is not None:
+            print(f"{self.name} {t:8.2f}s  {label}  {detail}", file=self.progress, flush=True)
+
+    def say(self, text: str) -> None:
+        """A step said as it happens, kept out of the timeline: what the drill waits for now."""
+        if self.progress is not None:
+            print(f"{self.name} {time.monotonic() - self.t0:8.2f}s  ({text})", file=self.progress, flush=True)
 
     def check(self, what: str, ok: bool) -> bool:
         self.checks.append((what, bool(ok)))
@@ -113,8 +123,9 @@ TIMELINE = {"alert_raised": "detected", "child_restart": "decision", "spawned": 
 class Runner:
     """Drives one running mesh: HTTP through the client, reads through registry/read.py."""
 
-    def __init__(self, mesh: MeshClient) -> None:
+    def __init__(self, mesh: MeshClient, progress: TextIO | None = None) -> None:
         self.mesh = mesh
+        self.progress = progress  # a chaos drill says each step there as it goes
         self.config = mesh.config
         self.policy = mesh.config.policy
         self._reached: dict[str, str | None] = {}  # service -> the node its address was set for (reach)
@@ -768,7 +779,7 @@ class Runner:
 
     def chaos(self, faults: int, duration: float, seed: int | None) -> Drill:
         rng = random.Random(seed)
-        drill = Drill("chaos", f"{faults} faults / {duration:.0f}s (seed {seed})")
+        drill = Drill("chaos", f"{faults} faults / {duration:.0f}s (seed {seed})", progress=self.progress)
         names = list(self.config.services)
         agents = [n for n in names if self.config.services[n].is_agent]
         kinds = ["kill", "kill", "hang", "provider"]
@@ -816,6 +827,7 @@ class Runner:
                 return [f"{n} {inc} ({now[n]['state']}, pid {now[n]['pid']})" for n, inc in dict.fromkeys(pending)
                         if now[n]["incarnation"] == inc]
 
+            drill.say(f"waiting up to {slowest:.0f}s for every hit incarnation to be replaced")
             try:
                 self.wait(lambda: not unhandled(), slowest, "every injected fault to be handled", interval=0.1)
             except DrillError:
@@ -825,6 +837,7 @@ class Runner:
             if self.config.sim_url:  # provider faults armed for a few more calls end with the fault phase
                 self.mesh.try_call("DELETE", self.config.sim_url + "/sim/faults", auth=True)
             bound = self.policy.task_timeout * worst_case_attempts(self.policy) + 60
+            drill.say(f"waiting up to {bound:.0f}s for each of the {len(runs)} runs to end: {', '.join(runs)}")
             ends = {r: self.wait(lambda r=r: self.run_status(r), bound, f"run {r} to end", interval=0.1)["status"]
                     for r in runs}
             drill.mark("runs ended", f"{sum(s == RunState.DONE for s in ends.values())} done, "

@@ -1009,7 +1009,7 @@ def cmd_drill(ctx: Ctx, args: argparse.Namespace) -> int:
 
     _check_drill_numbers(args)
     mesh = ctx.require_daemon()
-    runner = Runner(mesh)
+    runner = Runner(mesh, progress=sys.stderr)
     try:
         if args.drill == "chaos":
             drill = runner.chaos(args.faults, args.duration, args.seed)

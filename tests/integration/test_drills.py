@@ -25,8 +25,17 @@ def drill_mesh(mesh_factory):
     return m
 
 
-def drill(mesh, *args, timeout=300) -> tuple[int, dict]:
-    proc = mesh.tron("drill", *args, "--json", timeout=timeout)
+def drill(mesh, *args, timeout=150) -> tuple[int, dict]:
+    """``timeout`` below pytest-timeout's: a drill that does not end fails with what it said
+    it was waiting for, the runs, and the daemon's last lines, not with a stack of select()."""
+    try:
+        proc = mesh.tron("drill", *args, "--json", timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        said = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        runs = mesh.rows("SELECT run_id, status, created_at FROM runs")
+        daemon = (mesh.home / "logs" / "daemon.log").read_text(errors="replace").splitlines()[-60:]
+        pytest.fail(f"tron drill {' '.join(args)} did not end in {timeout}s; it said:\n{said[-6000:]}\n"
+                    f"runs: {runs}\ndaemon log:\n" + "\n".join(daemon))
     assert proc.stdout, proc.stderr
     return proc.returncode, json.loads(proc.stdout)
 
@@ -88,7 +97,7 @@ def test_a_failing_drill_exits_non_zero(drill_mesh):
 
 
 def test_chaos_drill_keeps_every_invariant(drill_mesh):
-    code, result = drill(drill_mesh, "chaos", "--faults", "32", "--duration", "20", "--seed", "3", timeout=400)
+    code, result = drill(drill_mesh, "chaos", "--faults", "32", "--duration", "20", "--seed", "3")
     summary = result["summary"]
     assert summary["faults_injected"] >= 30, summary
     failed = [c for c in result["checks"] if not c["ok"]]

@@ -567,7 +567,10 @@ class AgentRuntime:
                                           "detail": outcome.detail})
             return outcome.result or ""
         finally:
-            self.waiting.pop(task_id, None)
+            # Only our own waiter: an older attempt of the parent, cancelled while it waited,
+            # gets here after the newer one began to wait for the same child task.
+            if self.waiting.get(task_id) is future:
+                del self.waiting[task_id]
 
     @require_token
     async def _h_result(self, request: web.Request) -> web.Response:

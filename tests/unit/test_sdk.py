@@ -602,3 +602,43 @@ async def test_only_a_parent_serves_the_ladders_endpoints_and_the_drill_hook_onl
         async with client.post("/tasks", json={}) as resp:
             assert resp.status == 401  # every agent takes tasks
     assert got == expected
+
+
+async def test_a_later_attempt_that_delegates_hears_its_childs_result_though_the_older_one_waited_for_it():
+    """CI's chaos drill hung here: a restarted root took the same task twice (attempt 1, then 2)
+    while attempt 1 waited for its child. The cancelled attempt's clean-up ran after attempt 2
+    had begun to wait for the same child task, and took attempt 2's waiter away: the child's
+    result found no one, and the run waited for task_timeout times every attempt."""
+    from tron.common.models import TaskResult
+
+    config = MeshConfig.model_validate({
+        "policy": {"heartbeat_interval": 1.0},
+        "services": {"worker": {"agent": "mine.steps:Steps", "port": 7001},
+                     "helper": {"agent": "mine.steps:Steps", "port": 7002, "parent": "worker"}}})
+    ctx = make_ctx()
+    ctx.config = config
+    started: list[int] = []
+
+    class Delegating(Agent):
+        async def work(self, task: Task) -> str:
+            started.append(task.assign.attempt)
+            return await self.delegate(task, "helper", 0, "part", "p")
+
+    agent = Delegating(ctx)
+    agent._tron.config = config
+    agent._tron.clock = InstantClock()
+    daemon = agent._tron.ctx.client
+    daemon.answers[("POST", "/tasks")] = lambda body: {"task": {"task_id": body.task_id, "agent": "helper",
+                                                                "status": "running", "attempt": 1, "progress": None}}
+    agent._tron.take(assign(attempt=1))
+    await settle()
+    assert started == [1] and "run-1.0.0" in agent._tron.waiting  # attempt 1 waits for its child
+    agent._tron.take(assign(attempt=2))
+    await settle()
+    assert started == [1, 2]
+    result = TaskResult(task_id="run-1.0.0", run_id="run-1", status="done", result="the part", service="helper",
+                        incarnation="i-000000000002")
+    assert agent._tron._resolve(result), "the child's result found nobody waiting for it"
+    await settle()
+    finishes = daemon.sent("POST", "/tasks/run-1.0/finish")
+    assert [(f["result"], f["attempt"]) for f in finishes] == [("the part", 2)]

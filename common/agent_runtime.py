@@ -51,6 +51,11 @@ Inspect = Callable[[str, Any], "tuple[ProviderFailure | None, LLMReply | None]"]
 
 log = logging.getLogger("tron.agent")
 
+# While a parent waits for a child's task, it looks at the registry's row this often: a result
+# recorded there that never reached it (lost on its way, or by a bug here) ends the wait within
+# this, not after task_timeout x every attempt (70 min with the shipped policy).
+RESULT_RECHECK = 30.0
+
 
 def agent_app(agent: Agent) -> web.Application:
     """The aiohttp application that serves ``agent`` (what services/*/app.py return)."""
@@ -73,6 +78,7 @@ class AgentRuntime:
         self._sdks: asyncio.Future[None] | None = None
         self._runs: dict[str, asyncio.Task[Any]] = {}  # task id -> the coroutine working on it
         self.clock: Clock = MonotonicClock()  # backoffs between hand-off retries (a test hands in a fake)
+        self.result_recheck = RESULT_RECHECK
         self.parent: ParentRole | None = None
         if self.config.children(self.name):  # only a parent decides about children
             from tron.common.ladder_parent import ParentRole
@@ -555,7 +561,7 @@ class AgentRuntime:
             parent.waiting += 1
             self._refresh_beat_fields()
             try:
-                outcome: TaskResult = await asyncio.wait_for(asyncio.shield(future), bound)
+                outcome = await self._child_outcome(future, task_id, bound)
             except asyncio.TimeoutError:
                 raise TaskFailed("child_task_unanswered", {"child": child, "task": task_id, "waited": bound}) from None
             finally:
@@ -571,6 +577,31 @@ class AgentRuntime:
             # gets here after the newer one began to wait for the same child task.
             if self.waiting.get(task_id) is future:
                 del self.waiting[task_id]
+
+    async def _child_outcome(self, future: asyncio.Future[TaskResult], task_id: str, bound: float) -> TaskResult:
+        """The child task's result as the daemon delivers it; failing that, as the registry
+        has it, looked at every ``result_recheck`` s. asyncio.TimeoutError after ``bound``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError()
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), min(left, self.result_recheck))
+            except asyncio.TimeoutError:
+                pass
+            try:
+                row = await self.ctx.client.get(f"{self.daemon}/tasks/{task_id}")
+            except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
+                log.info("could not look at %s in the registry: %s", task_id, err)
+                continue
+            if isinstance(row, dict) and row.get("status") in ("done", "failed") and not future.done():
+                log.warning("the result of %s was recorded but never reached this agent: taken from the registry",
+                            task_id, extra={"task": task_id})
+                failure = dict(row.get("failure") or {})
+                return TaskResult(task_id=task_id, run_id=row["run_id"], status=row["status"], result=row.get("result"),
+                                  reason=failure.pop("reason", None), detail=failure, service=row["agent"])
 
     @require_token
     async def _h_result(self, request: web.Request) -> web.Response:

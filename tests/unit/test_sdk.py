@@ -642,3 +642,65 @@ async def test_a_later_attempt_that_delegates_hears_its_childs_result_though_the
     await settle()
     finishes = daemon.sent("POST", "/tasks/run-1.0/finish")
     assert [(f["result"], f["attempt"]) for f in finishes] == [("the part", 2)]
+
+
+def _delegating_agent(child_row: dict):
+    """An agent ``worker`` whose task delegates to ``helper``; the daemon's POST /tasks says
+    the child's task is running, GET /tasks/run-1.0.0 answers ``child_row``."""
+    config = MeshConfig.model_validate({
+        "policy": {"heartbeat_interval": 1.0},
+        "services": {"worker": {"agent": "mine.steps:Steps", "port": 7001},
+                     "helper": {"agent": "mine.steps:Steps", "port": 7002, "parent": "worker"}}})
+    ctx = make_ctx()
+    ctx.config = config
+
+    class Delegating(Agent):
+        async def work(self, task: Task) -> str:
+            return await self.delegate(task, "helper", 0, "part", "p")
+
+    agent = Delegating(ctx)
+    agent._tron.config = config
+    agent._tron.clock = InstantClock()
+    agent._tron.result_recheck = 0.01
+    daemon = agent._tron.ctx.client
+    daemon.answers[("POST", "/tasks")] = lambda body: {"task": {"task_id": body.task_id, "agent": "helper",
+                                                                "status": "running", "attempt": 1, "progress": None}}
+    daemon.answers[("GET", "/tasks/run-1.0.0")] = lambda _: dict(child_row)
+    return agent, daemon
+
+
+@pytest.mark.parametrize("row,finish", [
+    ({"status": "done", "result": "the part", "failure": None}, {"status": "done", "result": "the part"}),
+    ({"status": "failed", "result": None, "failure": {"reason": "no_sources", "query": "q"}},
+     {"status": "failed", "reason": "child_task_failed"}),
+])
+async def test_a_childs_result_recorded_but_never_delivered_is_taken_from_the_registry(row, finish):
+    agent, daemon = _delegating_agent({"task_id": "run-1.0.0", "run_id": "run-1", "agent": "helper", **row})
+    agent._tron.take(assign())
+    for _ in range(200):
+        if daemon.sent("POST", "/tasks/run-1.0/finish"):
+            break
+        await asyncio.sleep(0.005)
+    [sent] = daemon.sent("POST", "/tasks/run-1.0/finish")
+    assert {k: sent[k] for k in finish} == finish
+    if row["status"] == "failed":
+        assert sent["detail"]["reason"] == "no_sources" and sent["detail"]["detail"] == {"query": "q"}
+    assert agent._tron.waiting == {}
+
+
+async def test_a_child_still_running_is_waited_for_and_its_delivered_result_taken():
+    agent, daemon = _delegating_agent({"task_id": "run-1.0.0", "run_id": "run-1", "agent": "helper",
+                                       "status": "running", "result": None, "failure": None})
+    agent._tron.take(assign())
+    for _ in range(100):
+        if len(daemon.sent("GET", "/tasks/run-1.0.0")) >= 3:
+            break
+        await asyncio.sleep(0.005)
+    assert len(daemon.sent("GET", "/tasks/run-1.0.0")) >= 3 and daemon.sent("POST", "/tasks/run-1.0/finish") == []
+    from tron.common.models import TaskResult
+
+    assert agent._tron._resolve(TaskResult(task_id="run-1.0.0", run_id="run-1", status="done", result="late",
+                                           service="helper"))
+    await settle()
+    [sent] = daemon.sent("POST", "/tasks/run-1.0/finish")
+    assert sent["result"] == "late"

@@ -191,5 +191,5 @@ def unaudited_changes(conn: Reader) -> Check:
     for r in _rows(conn, f"SELECT lane FROM lanes WHERE state = '{LaneState.PAUSED}' AND changed_by != 'breaker'"):
         if ("lane_pause", r["lane"]) not in done:
             missing.append(f"lane {r['lane']} paused")
-    return Check("manual state changes without an audit row", not missing, f"{len(missing)} of {len(audits)} audited",
-                 missing)
+    return Check("manual state changes without an audit row", not missing,
+                 f"{len(missing)} without one ({len(audits)} audit rows)", missing)

@@ -81,3 +81,19 @@ def test_the_schema_refuses_unknown_error_outright(db):
     with pytest.raises(sqlite3.IntegrityError):
         db.execute("INSERT INTO retry_history (alert_id, agent_id, retry_type, retry_count, reason, detail, timestamp, "
                    "mono) VALUES ('a-8', 'p', 'child_restart', 1, 'Unknown error', '{}', '" + NOW + "', 1)")
+
+
+def test_the_audit_check_says_how_many_changes_lack_a_row_not_how_many_were_audited(db):
+    """It said "0 of 17 audited" of a registry whose every change was audited."""
+    db.execute("UPDATE agents SET stopped = 1")
+    db.execute("INSERT INTO events (ts, mono, kind, payload) VALUES (?, 3, 'audit', ?)",
+               (NOW, '{"what": "restart", "target": "programmer-1", "outcome": "accepted"}'))
+    db.commit()
+    check = report(db)["manual state changes without an audit row"]
+    assert not check.healthy and check.figure == "1 without one (1 audit rows)"
+    assert check.offenders == ["programmer-1 stopped"]
+    db.execute("INSERT INTO events (ts, mono, kind, payload) VALUES (?, 4, 'audit', ?)",
+               (NOW, '{"what": "stop", "target": "programmer-1", "outcome": "accepted"}'))
+    db.commit()
+    check = report(db)["manual state changes without an audit row"]
+    assert check.healthy and check.figure == "0 without one (2 audit rows)"

@@ -547,6 +547,8 @@ class AgentRuntime:
                 self._resolve(self.early.pop(task_id))
             elif not child_spec.is_agent:
                 pass  # a command that speaks the contract claims its tasks from the daemon itself
+            elif answer.get("dispatch") is False:
+                pass  # the child is down or coming up: the daemon hands it the task when it is healthy
             else:
                 assign = TaskAssign(task_id=task_id, run_id=parent.assign.run_id, kind=kind, prompt=prompt,
                                     reply_to=self.name, parent_task_id=parent.id, attempt=row["attempt"],

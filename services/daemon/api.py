@@ -957,8 +957,14 @@ async def record_task(request: web.Request) -> web.Response:
         # does (an agent that is down gets it when it is next healthy; a command claims it).
         d.background(d.ledger.dispatch(svc, row, resumed=False), f"dispatch {rec.task_id}")
     # Where the agent that has it listens (a parent posts it there): one of a replicated
-    # service's replicas may be newer than the parent's copy of the mesh file.
-    return web.json_response({"task": row, "created": created, "url": d.config.url(rec.agent)},
+    # service's replicas may be newer than the parent's copy of the mesh file. ``dispatch``:
+    # whether the parent should post it there now. Not while the agent is down or coming up:
+    # the daemon hands its open tasks to the incarnation that comes up (Ledger.redispatch),
+    # and a parent's post, queued on the held socket meanwhile, reached that incarnation as a
+    # second copy of the task, with the attempt before the restart's: started, then cancelled
+    # by the daemon's (an LLM call paid for nothing) or the other way round.
+    return web.json_response({"task": row, "created": created, "url": d.config.url(rec.agent),
+                              "dispatch": svc.state == ServiceState.RUNNING},
                              status=201 if created else 200)
 
 

@@ -250,3 +250,33 @@ def test_tron_down_leaves_nothing_behind(mesh):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
     assert mesh.rows("SELECT * FROM sessions WHERE status != 'ended'") == []
     assert "nothing was running" in mesh.down().stdout
+
+
+def test_a_task_for_a_child_that_is_down_is_not_posted_by_its_parent_but_handed_over_once_when_it_is_up(mesh_factory):
+    """POST /tasks says ``dispatch`` false while the child is down or coming up: the daemon hands
+    the task to the incarnation that comes up. A parent's post, queued on the held socket, was a
+    second copy of the task with the attempt before the restart's: one started, then was
+    cancelled by the other (an LLM call paid for nothing)."""
+    mesh = mesh_factory(policy={"backoff_initial": 4.0, "backoff_max": 4.0, "backoff_jitter": 0.0})
+    mesh.up()
+    daemon = mesh.url("daemon")
+    first = mesh.service("programmer-2")["incarnation"]
+    mesh.kill("programmer-2")  # the first restart is at once; the second waits out the backoff
+    wait_for(lambda: (s := mesh.service("programmer-2"))["state"] == "running" and s["incarnation"] != first, 20,
+             "programmer-2 back after its first kill")
+    mesh.kill("programmer-2")
+    wait_for(lambda: mesh.service("programmer-2")["state"] == "backoff", 10, "programmer-2 waiting out its backoff")
+    code, run = mesh.http("POST", daemon + "/runs", {"prompt": "while it is down"})
+    assert code == 201, run
+    task = {"task_id": f"{run['run_id']}.0", "run_id": run["run_id"], "agent": "programmer-2",
+            "parent_agent": "operator", "kind": "step", "prompt": "while it is down"}
+    code, answer = mesh.http("POST", daemon + "/tasks", task)
+    assert code == 201 and answer["dispatch"] is False and mesh.service("programmer-2")["state"] == "backoff", answer
+    row = wait_for(lambda: (r := mesh.http("GET", daemon + f"/tasks/{task['task_id']}")[1])["status"] == "done" and r,
+                   30, "the task handed over when programmer-2 came up to be done")
+    assert row["agent"] == "programmer-2"
+    received = [json.loads(line) for line in (mesh.home / "logs" / "comms.jsonl").read_text().splitlines()
+                if task["task_id"] in line]
+    assert [m["kind"] for m in received].count("task_received") == 1, received
+    code, answer = mesh.http("POST", daemon + "/tasks", {**task, "task_id": f"{run['run_id']}.1"})
+    assert code == 201 and answer["dispatch"] is True, answer

@@ -704,3 +704,20 @@ async def test_a_child_still_running_is_waited_for_and_its_delivered_result_take
     await settle()
     [sent] = daemon.sent("POST", "/tasks/run-1.0/finish")
     assert sent["result"] == "late"
+
+
+@pytest.mark.parametrize("dispatch,posted", [(None, 1), (True, 1), (False, 0)])
+async def test_a_parent_posts_its_child_the_task_unless_the_daemon_says_it_hands_it_over(dispatch, posted):
+    agent, daemon = _delegating_agent({"task_id": "run-1.0.0", "run_id": "run-1", "agent": "helper",
+                                       "status": "running", "result": None, "failure": None})
+    running = {"task_id": "run-1.0.0", "agent": "helper", "status": "running", "attempt": 1, "progress": None}
+    daemon.answers[("POST", "/tasks")] = {"task": running, **({} if dispatch is None else {"dispatch": dispatch})}
+    agent._tron.take(assign())
+    await settle()
+    assert len(daemon.sent("POST", "http://127.0.0.1:7002/tasks")) == posted
+    from tron.common.models import TaskResult
+
+    assert agent._tron._resolve(TaskResult(task_id="run-1.0.0", run_id="run-1", status="done", result="ok",
+                                           service="helper"))
+    await settle()
+    assert [f["result"] for f in daemon.sent("POST", "/tasks/run-1.0/finish")] == ["ok"]

@@ -604,6 +604,38 @@ async def test_only_a_parent_serves_the_ladders_endpoints_and_the_drill_hook_onl
     assert got == expected
 
 
+RUNNING_CHILD = {"task_id": "run-1.0.0", "run_id": "run-1", "agent": "helper", "status": "running", "result": None,
+                 "failure": None}
+
+
+def _delegating_agent(child_row: dict, started: list[int] | None = None):
+    """An agent ``worker`` whose task delegates to ``helper`` (each attempt it starts noted in
+    ``started``); the daemon's POST /tasks says the child's task is running, GET
+    /tasks/run-1.0.0 answers ``child_row``."""
+    config = MeshConfig.model_validate({
+        "policy": {"heartbeat_interval": 1.0},
+        "services": {"worker": {"agent": "mine.steps:Steps", "port": 7001},
+                     "helper": {"agent": "mine.steps:Steps", "port": 7002, "parent": "worker"}}})
+    ctx = make_ctx()
+    ctx.config = config
+
+    class Delegating(Agent):
+        async def work(self, task: Task) -> str:
+            if started is not None:
+                started.append(task.assign.attempt)
+            return await self.delegate(task, "helper", 0, "part", "p")
+
+    agent = Delegating(ctx)
+    agent._tron.config = config
+    agent._tron.clock = InstantClock()
+    agent._tron.result_recheck = 0.01
+    daemon = agent._tron.ctx.client
+    daemon.answers[("POST", "/tasks")] = lambda body: {"task": {"task_id": body.task_id, "agent": "helper",
+                                                                "status": "running", "attempt": 1, "progress": None}}
+    daemon.answers[("GET", "/tasks/run-1.0.0")] = lambda _: dict(child_row)
+    return agent, daemon
+
+
 async def test_a_later_attempt_that_delegates_hears_its_childs_result_though_the_older_one_waited_for_it():
     """CI's chaos drill hung here: a restarted root took the same task twice (attempt 1, then 2)
     while attempt 1 waited for its child. The cancelled attempt's clean-up ran after attempt 2
@@ -611,25 +643,8 @@ async def test_a_later_attempt_that_delegates_hears_its_childs_result_though_the
     result found no one, and the run waited for task_timeout times every attempt."""
     from tron.common.models import TaskResult
 
-    config = MeshConfig.model_validate({
-        "policy": {"heartbeat_interval": 1.0},
-        "services": {"worker": {"agent": "mine.steps:Steps", "port": 7001},
-                     "helper": {"agent": "mine.steps:Steps", "port": 7002, "parent": "worker"}}})
-    ctx = make_ctx()
-    ctx.config = config
     started: list[int] = []
-
-    class Delegating(Agent):
-        async def work(self, task: Task) -> str:
-            started.append(task.assign.attempt)
-            return await self.delegate(task, "helper", 0, "part", "p")
-
-    agent = Delegating(ctx)
-    agent._tron.config = config
-    agent._tron.clock = InstantClock()
-    daemon = agent._tron.ctx.client
-    daemon.answers[("POST", "/tasks")] = lambda body: {"task": {"task_id": body.task_id, "agent": "helper",
-                                                                "status": "running", "attempt": 1, "progress": None}}
+    agent, daemon = _delegating_agent(RUNNING_CHILD, started)
     agent._tron.take(assign(attempt=1))
     await settle()
     assert started == [1] and "run-1.0.0" in agent._tron.waiting  # attempt 1 waits for its child
@@ -642,31 +657,6 @@ async def test_a_later_attempt_that_delegates_hears_its_childs_result_though_the
     await settle()
     finishes = daemon.sent("POST", "/tasks/run-1.0/finish")
     assert [(f["result"], f["attempt"]) for f in finishes] == [("the part", 2)]
-
-
-def _delegating_agent(child_row: dict):
-    """An agent ``worker`` whose task delegates to ``helper``; the daemon's POST /tasks says
-    the child's task is running, GET /tasks/run-1.0.0 answers ``child_row``."""
-    config = MeshConfig.model_validate({
-        "policy": {"heartbeat_interval": 1.0},
-        "services": {"worker": {"agent": "mine.steps:Steps", "port": 7001},
-                     "helper": {"agent": "mine.steps:Steps", "port": 7002, "parent": "worker"}}})
-    ctx = make_ctx()
-    ctx.config = config
-
-    class Delegating(Agent):
-        async def work(self, task: Task) -> str:
-            return await self.delegate(task, "helper", 0, "part", "p")
-
-    agent = Delegating(ctx)
-    agent._tron.config = config
-    agent._tron.clock = InstantClock()
-    agent._tron.result_recheck = 0.01
-    daemon = agent._tron.ctx.client
-    daemon.answers[("POST", "/tasks")] = lambda body: {"task": {"task_id": body.task_id, "agent": "helper",
-                                                                "status": "running", "attempt": 1, "progress": None}}
-    daemon.answers[("GET", "/tasks/run-1.0.0")] = lambda _: dict(child_row)
-    return agent, daemon
 
 
 @pytest.mark.parametrize("row,finish", [
@@ -689,8 +679,7 @@ async def test_a_childs_result_recorded_but_never_delivered_is_taken_from_the_re
 
 
 async def test_a_child_still_running_is_waited_for_and_its_delivered_result_taken():
-    agent, daemon = _delegating_agent({"task_id": "run-1.0.0", "run_id": "run-1", "agent": "helper",
-                                       "status": "running", "result": None, "failure": None})
+    agent, daemon = _delegating_agent(RUNNING_CHILD)
     agent._tron.take(assign())
     for _ in range(100):
         if len(daemon.sent("GET", "/tasks/run-1.0.0")) >= 3:
@@ -708,8 +697,7 @@ async def test_a_child_still_running_is_waited_for_and_its_delivered_result_take
 
 @pytest.mark.parametrize("dispatch,posted", [(None, 1), (True, 1), (False, 0)])
 async def test_a_parent_posts_its_child_the_task_unless_the_daemon_says_it_hands_it_over(dispatch, posted):
-    agent, daemon = _delegating_agent({"task_id": "run-1.0.0", "run_id": "run-1", "agent": "helper",
-                                       "status": "running", "result": None, "failure": None})
+    agent, daemon = _delegating_agent(RUNNING_CHILD)
     running = {"task_id": "run-1.0.0", "agent": "helper", "status": "running", "attempt": 1, "progress": None}
     daemon.answers[("POST", "/tasks")] = {"task": running, **({} if dispatch is None else {"dispatch": dispatch})}
     agent._tron.take(assign())

@@ -6,7 +6,7 @@ provider kinds as choices that are read only when a command takes one."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
 
@@ -50,6 +50,9 @@ class LazyChoices(Sequence[str]):
 
     def __getitem__(self, index: int | slice) -> str | Sequence[str]:
         return self._all()[index]
+
+    def __iter__(self) -> Iterator[str]:  # one read for the whole walk (argparse lists them in its errors)
+        return iter(self._all())
 
     def __len__(self) -> int:
         return len(self._all())

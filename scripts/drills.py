@@ -74,13 +74,15 @@ class Drill:
     def mark(self, label: str, detail: str = "", at: float | None = None) -> None:
         t = (time.monotonic() if at is None else at) - self.t0
         self.timeline.append((t, label, detail))
-        if self.progress is not None:
-            print(f"{self.name} {t:8.2f}s  {label}  {detail}", file=self.progress, flush=True)
+        self._tell(t, f"{label}  {detail}")
 
     def say(self, text: str) -> None:
         """A step said as it happens, kept out of the timeline: what the drill waits for now."""
+        self._tell(time.monotonic() - self.t0, f"({text})")
+
+    def _tell(self, t: float, text: str) -> None:
         if self.progress is not None:
-            print(f"{self.name} {time.monotonic() - self.t0:8.2f}s  ({text})", file=self.progress, flush=True)
+            print(f"{self.name} {t:8.2f}s  {text}", file=self.progress, flush=True)
 
     def check(self, what: str, ok: bool) -> bool:
         self.checks.append((what, bool(ok)))

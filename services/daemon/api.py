@@ -952,7 +952,8 @@ async def record_task(request: web.Request) -> web.Response:
             "task", **{"tron.task.id": rec.task_id, "tron.run.id": rec.run_id, "gen_ai.agent.name": rec.agent})})
     row, created = await d.store.upsert_task(rec.model_dump())
     svc = d.sup[rec.agent]
-    if created and rec.parent_agent not in d.sup.services and svc.state == ServiceState.RUNNING:
+    up = svc.state == ServiceState.RUNNING  # else the daemon hands it the task when it is next healthy
+    if created and rec.parent_agent not in d.sup.services and up:
         # An operator's or a script's task: no parent service will push it, so the daemon
         # does (an agent that is down gets it when it is next healthy; a command claims it).
         d.background(d.ledger.dispatch(svc, row, resumed=False), f"dispatch {rec.task_id}")
@@ -964,7 +965,7 @@ async def record_task(request: web.Request) -> web.Response:
     # second copy of the task, with the attempt before the restart's: started, then cancelled
     # by the daemon's (an LLM call paid for nothing) or the other way round.
     return web.json_response({"task": row, "created": created, "url": d.config.url(rec.agent),
-                              "dispatch": svc.state == ServiceState.RUNNING},
+                              "dispatch": up},
                              status=201 if created else 200)
 
 

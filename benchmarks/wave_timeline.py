@@ -45,7 +45,7 @@ from tests.harness import cleanup, make_mesh, wait_for
 
 BUCKET = 0.010  # s: the timeline's step
 KERNEL = 0xFFFF800000000000  # an instruction pointer at or above this is the kernel's (x86-64, arm64)
-SAMPLE = re.compile(r"^\s*(\d+)/(\d+)\s+([\d.]+):\s+([0-9a-f]+)")
+SAMPLE = re.compile(r"^\s*(.+?)\s+(\d+)/(\d+)\s+([\d.]+):\s+([0-9a-f]+)")
 # The timeline's columns: a letter per group of roles.
 COLUMNS = {"D": ("daemon loop",), "d": ("daemon threads",), "K": ("killed (teardown)",),
            "N": ("new incarnations",), "P": ("parents",), "i": ("idle",)}
@@ -93,11 +93,17 @@ def roles_after(pids: dict[int, str], status: dict, names: list[str], home: str)
             continue
 
 
+def other(comm: str) -> str:
+    """A process of no role, by its name without the per-CPU or per-queue part (``kworker/1:0H-kblockd``:
+    ``kworker``): kernel threads, ``perf``, anything else the machine runs."""
+    return re.split(r"[/:-]", comm, maxsplit=1)[0] or comm
+
+
 def charge(data: Path, began: float, last: float, pids: dict[int, str], tids: dict[int, str],
            freq: int) -> tuple[dict[str, float], list[collections.Counter[str]]]:
     """ms of CPU per role (" [k]" for the kernel's part) between the kill and ``last``, and
     the samples per role in each BUCKET from the kill."""
-    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "pid,tid,time,ip"], capture_output=True,
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,pid,tid,time,ip"], capture_output=True,
                             text=True, check=True).stdout
     spent: collections.Counter[str] = collections.Counter()
     buckets: list[collections.Counter[str]] = [collections.Counter()
@@ -106,12 +112,12 @@ def charge(data: Path, began: float, last: float, pids: dict[int, str], tids: di
         m = SAMPLE.match(line)
         if m is None:
             continue
-        t = float(m.group(3))
+        t = float(m.group(4))
         if not began <= t <= last:
             continue
-        pid, tid = int(m.group(1)), int(m.group(2))
-        role = "idle" if pid == 0 else tids.get(tid) or pids.get(pid) or "other (kernel threads, perf, ...)"
-        kernel = pid != 0 and int(m.group(4), 16) >= KERNEL
+        pid, tid = int(m.group(2)), int(m.group(3))
+        role = "idle" if pid == 0 else tids.get(tid) or pids.get(pid) or f"other: {other(m.group(1))}"
+        kernel = pid != 0 and int(m.group(5), 16) >= KERNEL
         spent[role + (" [k]" if kernel else "")] += 1
         buckets[int((t - began) / BUCKET)][role] += 1
     return {k: v * 1000 / freq for k, v in spent.items()}, buckets

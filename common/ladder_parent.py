@@ -107,6 +107,10 @@ class ParentRole:
             return error(422, f"{alert.service!r} is not a descendant of {self.name}")
         logs.comms("alert_received", src=DAEMON, dst=self.name, alert=alert.alert_id, agent=alert.service,
                    task=alert.task_id, run=alert.run_id)
+        if alert.handled is not None:  # the daemon carried the table's one answer already: we are told
+            log.info("child failed, decided already", extra={"offender": alert.service, "alert": alert.alert_id,
+                                                            "reason": str(alert.reason), "handled": alert.handled})
+            return web.json_response({"action": "told", "handled": alert.handled})
         event = ChildFailed(alert.alert_id, alert.service, alert.incarnation,
                             alert.detail.get("error_reason") or str(alert.reason), alert.retryable, alert.task_id)
         return web.json_response(await self.decide_and_act(event, view=alert.view, carry=alert.carry))

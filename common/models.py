@@ -135,6 +135,11 @@ class Alert(Msg):
     # as if it came to POST /control/restart: one HTTP exchange less on every restart. A
     # parent may always act through /control/restart instead.
     carry: bool = False
+    # Set when the daemon has carried the decision already (``restart:idle_failure``: an idle
+    # failure has that one answer in the ladder's table, whoever reads it): the parent is
+    # told, nothing is asked of it, and no view goes with it. A parent that reads the view
+    # anyway finds the alert handled (case ``duplicate_alert``).
+    handled: str | None = None
 
 
 CaseStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z_]+$")]

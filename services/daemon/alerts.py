@@ -25,7 +25,9 @@ from tron.common import logs, telemetry
 from tron.common.clock import Clock, utc_iso
 from tron.common.config import DAEMON, MeshConfig, Policy
 from tron.common.http import MeshClient, MeshHTTPError
-from tron.common.ladder import AlertAnswered, ChildFailed, Escalated, Ignore, crash_loop_ends, still_stands
+from tron.common.carry import restart_request
+from tron.common.ladder import (AlertAnswered, ChildFailed, Escalated, Ignore, LadderView, Restart, crash_loop_ends, decide,
+                               still_stands)
 from tron.common.models import Alert, Reason, RestartRequest
 from tron.common.monitor import Signal
 from tron.common.states import AlertState, ServiceState, TaskState
@@ -35,6 +37,7 @@ from tron.services.daemon.metrics import DaemonMetrics
 from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
+TELL_WITHIN = 1.0  # s: a parent is told of a restart carried for it once the child is back, or after this
 
 
 class AlertRouter:
@@ -103,18 +106,26 @@ class AlertRouter:
                 continue
             logs.comms("alert", src=DAEMON, dst=target, alert=alert.alert_id, agent=alert.service,
                        task=alert.task_id, run=alert.run_id, incarnation=alert.incarnation)
-            # The parent's view goes with the alert: it decides on it at once (one HTTP round
-            # trip fewer on every restart); the restart it asks for is checked again here.
-            view = await self.carrier.view(alert.service, decider=target, alert_id=alert.alert_id,
-                                           task_id=alert.task_id)
+            body = alert
+            if alert.handled is None:
+                # The parent's view goes with the alert: it decides on it at once (one HTTP round
+                # trip fewer on every restart); the restart it asks for is checked again here.
+                view = await self.carrier.view(alert.service, decider=target, alert_id=alert.alert_id,
+                                               task_id=alert.task_id)
+                alert.handled = await self._restart_at_once(alert, target, view)
+                if alert.handled is None:
+                    body = alert.model_copy(update={"view": view.model_dump(mode="json"), "carry": True})
+                else:
+                    await self._restarted(alert.service)
             try:
-                answer = await self.client.post(self.config.url(target) + "/handle_child_timeout",
-                                                alert.model_copy(update={"view": view.model_dump(mode="json"),
-                                                                         "carry": True}),
+                answer = await self.client.post(self.config.url(target) + "/handle_child_timeout", body,
                                                 timeout=self.policy().delivery_timeout)
             except (MeshHTTPError, OSError, asyncio.TimeoutError) as err:
                 log.warning("alert delivery to %s failed: %s", target, err, extra={"alert": alert.alert_id})
                 continue
+            if alert.handled is not None:  # told: nothing was asked of it
+                await self.store.alert_delivered(alert.alert_id, target)
+                return
             await self._carry(alert, target, answer)
             # Did anything happen? The alert's status and the service's state say; nothing is decided again.
             standing, _ = await self.carrier.standing(alert.service, alert.alert_id)
@@ -124,12 +135,58 @@ class AlertRouter:
                 return
             log.warning("alert %s: %s", alert.alert_id, verdict.reason,
                         extra={"alert": alert.alert_id, "offender": alert.service, "case": verdict.case})
+        if alert.handled is not None:  # carried; nobody above it answers to be told (the alert stays handled)
+            log.warning("alert %s: %s, and no ancestor of %s could be told", alert.alert_id, alert.handled,
+                        alert.service, extra={"alert": alert.alert_id, "offender": alert.service})
+            return
         if agents:
             await self.store.mark_alert(alert.alert_id, AlertState.UNDELIVERABLE,
                                         decision=f"no ancestor of {alert.service} took it")
         logs.comms("alert", src=DAEMON, dst=DAEMON, alert=alert.alert_id, agent=alert.service,
                    task=alert.task_id, run=alert.run_id, incarnation=alert.incarnation)
         await self.carrier.decide_here(self.event_of(alert))
+
+    async def _restarted(self, name: str) -> None:
+        """Until the restart carried for ``name`` has brought a new incarnation up (or it
+        failed), at most TELL_WITHIN on the daemon's clock: the parent hears of it after the
+        restart, which in a crash wave then does not queue behind twenty parents' alerts on
+        this loop."""
+        svc = self.sup.services.get(name)
+        replacing = self.carrier.replacing.get(name)
+
+        async def back() -> None:
+            if replacing is not None:
+                await asyncio.wait({replacing})  # not cancelled with this wait
+            if svc is not None:
+                await svc.settled.wait()
+
+        waiter, timer = asyncio.ensure_future(back()), asyncio.ensure_future(self.clock.sleep(TELL_WITHIN))
+        try:
+            await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            timer.cancel()
+
+    async def _restart_at_once(self, alert: Alert, target: str, view: LadderView) -> str | None:
+        """An idle failure (no task in flight) has one answer in the ladder's table, whoever
+        reads it: the service comes back, under its backoff (case ``idle_failure``). The
+        daemon reads it on ``target``'s view (what that parent would decide on) and carries it
+        now, so a restart never waits on the parent's round trip; the parent is then told
+        (the alert's ``handled``). A new crash-loop episode is not taken here: its escalation
+        climbs from the parent, as any other decision does. What was carried, or None."""
+        event = self.event_of(alert)
+        decision = decide(event, view, view.now, view.policy)
+        if type(decision) is not Restart or decision.case != "idle_failure" or decision.new_episode:
+            return None
+        req = restart_request(event, decision, requested_by=DAEMON, decided_by="policy",
+                              detail={"decided_for": target})
+        done = await self.carrier.restart(req)
+        if done["status"] != "accepted":
+            return None  # stale or decided already: the parent is asked as ever, and its view says so
+        self.metrics.restarts_at_once.inc()
+        log.info("decision", extra={"offender": alert.service, "alert": alert.alert_id, "decider": DAEMON,
+                                    "case": decision.case, "decision": "Restart", "decided_for": target})
+        return f"restart:{decision.case}"
 
     async def _carry(self, alert: Alert, target: str, answer: object) -> None:
         """The restart ``target`` answered the alert with, carried as its POST /control/restart

@@ -12,6 +12,8 @@ Nothing here decides what to do.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from typing import Callable
 
@@ -65,6 +67,9 @@ class Carrier:
         self.background = background
         self.breaker = None  # the lane breaker (breaker.py), plugged in by the daemon
         self.actions = DaemonActions(self)
+        # The replacement each restart carried here started (service name -> its task, while it runs):
+        # what is told of a restart after it happened waits for it (alerts.py).
+        self.replacing: dict[str, asyncio.Task] = {}
 
     # -- what a decider sees ------------------------------------------------------------------
 
@@ -167,10 +172,16 @@ class Carrier:
                              task=task if live else None, reason=req.reason, decided_by=req.decided_by,
                              requested_by=req.requested_by, with_task=req.with_task, replaces=req.replaces,
                              links_attempts=(task["attempt"], task["attempt"] + 1) if live and req.with_task else ())
-        self.background(self.sup.replace(svc, req.replaces, delay=req.delay, reason=f"{req.case}:{req.reason}"),
-                        f"restart {svc.name}")
+        task = self.background(self.sup.replace(svc, req.replaces, delay=req.delay, reason=f"{req.case}:{req.reason}"),
+                               f"restart {svc.name}")
+        self.replacing[svc.name] = task
+        task.add_done_callback(functools.partial(self._replaced, svc.name))
         return {"status": "accepted", "retry_count": row["retry_count"], "delay": req.delay,
                 "replaces": req.replaces, "case": req.case}
+
+    def _replaced(self, name: str, task: asyncio.Task) -> None:
+        if self.replacing.get(name) is task:
+            del self.replacing[name]
 
     async def _alert_detail(self, alert_id: str) -> dict:
         return _detail_of(await self.store.alert(alert_id))

@@ -23,6 +23,8 @@ class DaemonMetrics:
         self.restarts_answered = Counter("tron_restarts_answered", "Restarts a parent answered its alert with "
                                          "(carried by the daemon; no POST /control/restart of the parent's own)",
                                          registry=r)
+        self.restarts_at_once = Counter("tron_restarts_at_once", "Idle failures' restarts the daemon carried at once, "
+                                        "on the parent's view, without waiting for it (it is told after)", registry=r)
         self.escalations = Counter("tron_escalations", "Escalation hops recorded", registry=r)
         self.provider_switches = Counter("tron_provider_switches", "Provider switches", registry=r)
         self.permanent_failures = Counter("tron_permanent_failures", "Tasks declared failed", registry=r)

@@ -48,8 +48,15 @@ def test_sigkill_of_every_service_brings_a_new_pid_and_one_history_row(mesh):
         row = rows[0]
         assert (row["retry_type"], row["reason"], row["retry_count"]) == ("child_restart", "process_exit", 1)
         assert json.loads(row["detail"])["signal"] == signal.SIGKILL
+        # An idle failure: its one answer carried at once by the daemon, on the parent's view;
+        # the parent is told once the service is back (the alert delivered to it).
         expected_parent = mesh.spec["services"][name].get("parent", "daemon")
-        assert row["requested_by"] == expected_parent
+        assert (row["requested_by"], row["case_id"], row["decided_by"]) == ("daemon", "idle_failure", "policy")
+        if expected_parent != "daemon":
+            assert json.loads(row["detail"])["decided_for"] == expected_parent
+            [told] = wait_for(lambda: mesh.rows("SELECT status, delivered_to FROM alerts WHERE alert_id = ? AND "
+                                                "delivered_to IS NOT NULL", (row["alert_id"],)), 10, f"{name}'s parent told")
+            assert (told["status"], told["delivered_to"]) == ("handled", expected_parent)
         old = mesh.rows("SELECT status, end_reason, exit_signal FROM sessions WHERE incarnation = ?",
                         (before["incarnation"],))[0]
         assert old["status"] == "ended" and old["exit_signal"] == signal.SIGKILL

@@ -10,6 +10,7 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
+from tron.common.carry import carry_out
 from tron.common.clock import FakeClock
 from tron.common.config import parse_mesh
 from tron.common.ladder import ChildFailed, LadderView, Restart, decide
@@ -271,10 +272,11 @@ async def test_restart_requests_are_idempotent_and_guarded_by_the_incarnation(ri
 
 async def test_an_alert_no_ancestor_takes_is_undeliverable_then_the_daemon_decides(rig):
     rig.answer = None  # root does not answer
+    await _task_for(rig, "worker")  # a failure with a task in flight: the parent's to decide
     old = await rig.crash("worker")
     assert any(url.endswith("/handle_child_timeout") for url, _ in rig.posts)
-    [row] = await rig.rows("worker")
-    assert row["requested_by"] == "daemon" and row["case_id"] == "idle_failure"
+    [row] = await rig.restarts("worker")
+    assert row["requested_by"] == "daemon" and row["case_id"] == "restart_with_task"
     assert len(await rig.store.events(kind="alert_undeliverable")) == 1
     assert rig.svc("worker").incarnation != old
 
@@ -283,12 +285,15 @@ async def test_an_alert_carries_the_view_its_parent_decides_on(rig):
     """The parent gets with the alert what GET /ladder/view would answer it (decider, alert,
     the daemon's clock reading): it decides without a round trip of its own."""
     rig.answer = None
+    await _task_for(rig, "worker")
     old = await rig.crash("worker")
     [(url, alert)] = [(u, p) for u, p in rig.posts if u.endswith("/handle_child_timeout")]
+    assert alert["handled"] is None and alert["carry"] is True
     view = LadderView.model_validate(alert["view"])
     assert (view.decider, view.service.name, view.service.incarnation, view.alert_status) == (
         "root", "worker", old, "pending")
-    assert isinstance(decide(ChildFailed(alert["alert_id"], "worker", old, "process_exit", True, None), view,
+    assert view.task is not None and view.task.task_id == "r-1.0"
+    assert isinstance(decide(ChildFailed(alert["alert_id"], "worker", old, "process_exit", True, "r-1.0"), view,
                              view.now, view.policy), Restart)
     row = await rig.store.alert(alert["alert_id"])
     assert "view" not in row and "view" not in (row["detail"] or {})  # never persisted
@@ -303,6 +308,80 @@ async def test_an_ancestor_that_answers_without_acting_is_passed_over(rig):
     [row] = await rig.rows("worker")
     assert row["requested_by"] == "daemon"
     assert rig.svc("worker").incarnation != old
+
+
+def telling(rig: Rig, told: list):
+    """The worker's parent (root) as common/ladder_parent.py answers an alert the daemon
+    handled already: told, nothing decided; what it was told, and the worker's state then,
+    go to ``told``."""
+    async def answer(url, alert):
+        told.append((alert, rig.svc(alert["service"]).state))
+        return {"action": "told", "handled": alert["handled"]}
+    return answer
+
+
+async def test_an_idle_failure_is_restarted_at_once_and_its_parent_told_after(rig):
+    """No task in flight: the ladder's table has one answer (idle_failure), whoever reads
+    it. The daemon reads it on the parent's view and carries it without waiting for the
+    parent's round trip; the parent is told once the worker is back, with no view and
+    nothing to carry, and the alert is delivered to it."""
+    told: list = []
+    rig.answer = telling(rig, told)
+    old = await rig.crash("worker")
+    [row] = await rig.restarts("worker")
+    assert (row["requested_by"], row["case_id"], row["decided_by"]) == ("daemon", "idle_failure", "policy")
+    assert row["detail"]["decided_for"] == "root"  # on root's view: what root would have decided
+    await rig.until_running("worker")
+    await rig.settle()
+    [(alert, state)] = told
+    assert (alert["alert_id"], alert["handled"], alert["view"], alert["carry"]) == (
+        row["alert_id"], "restart:idle_failure", None, False)
+    assert state == ServiceState.RUNNING  # told after the restart, not before it
+    stored = await rig.store.alert(row["alert_id"])
+    assert (stored["status"], stored["delivered_to"]) == ("handled", "root")
+    assert rig.svc("worker").incarnation != old
+    assert [url for url, _ in rig.posts if "/control/" in url] == []
+    assert await rig.store.events(kind="alert_undeliverable") == []
+
+
+async def test_an_idle_failure_nobody_can_be_told_of_stays_handled(rig):
+    """The parent is down: the restart happened all the same, and the alert is not made
+    undeliverable (nor decided again by the daemon)."""
+    rig.answer = None
+    old = await rig.crash("worker")
+    await rig.until_running("worker")
+    await rig.settle()
+    [row] = await rig.restarts("worker")
+    assert row["requested_by"] == "daemon" and row["case_id"] == "idle_failure"
+    assert (await rig.store.alert(row["alert_id"]))["status"] == "handled"
+    assert await rig.store.events(kind="alert_undeliverable") == []
+    assert rig.svc("worker").incarnation != old
+    assert len([u for u, _ in rig.posts if u.endswith("/handle_child_timeout")]) == 1  # root, the only ancestor
+
+
+async def test_a_new_crash_loop_episode_is_still_the_parents_to_decide(rig):
+    """The failure that starts a crash-loop episode is not taken at once: its escalation
+    climbs from the parent, so the parent gets the alert with its view, as before."""
+    told: list = []
+    asked: list = []
+
+    async def answer(url, alert):
+        if alert["handled"] is not None:
+            return await telling(rig, told)(url, alert)
+        asked.append(alert)
+        view = LadderView.model_validate(alert["view"])
+        event = ChildFailed(alert["alert_id"], alert["service"], alert["incarnation"], alert["reason"], True, None)
+        return await carry_out(decide(event, view, view.now, view.policy), event, rig.daemon.carrier.actions)
+
+    rig.answer = answer
+    for _ in range(3):  # POLICY: max_restarts 3 in the window
+        await rig.crash("worker")
+        await rig.advance(4.0)
+    assert len(told) == 2 and len(asked) == 1, (told, asked)
+    assert LadderView.model_validate(asked[0]["view"]).service.name == "worker"
+    rows = await rig.rows("worker")
+    assert [r["case_id"] for r in rows if r["retry_type"] == "escalation"] == ["crash_loop_started"]
+    assert rig.svc("worker").crash_looping
 
 
 async def _task_for(rig, agent="root", task_id="r-1.0"):

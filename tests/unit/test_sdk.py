@@ -604,6 +604,34 @@ async def test_only_a_parent_serves_the_ladders_endpoints_and_the_drill_hook_onl
     assert got == expected
 
 
+async def test_a_parent_told_of_a_restart_the_daemon_carried_answers_without_deciding():
+    """An alert marked ``handled`` (an idle failure's restart, carried by the daemon) is news:
+    the parent answers ``told``, reads no view and asks the daemon for nothing. The same
+    alert without the mark is decided (here: it reads the view it was not sent)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tron.common import credentials
+    from tron.common.agent_runtime import agent_app
+    from tron.common.http import AUTH_KEY
+
+    ctx = mesh_ctx("boss")
+    agent = Agent(ctx)
+    app = agent_app(agent)
+    app[AUTH_KEY] = ctx.peer_ok  # as common/service.py serves it: the daemon's peer tokens
+    token = credentials.peer_token(credentials.inbound_key(ctx.token), "daemon", "boss")
+    alert = {"alert_id": "a-1", "service": "worker", "incarnation": "i-000000000002", "reason": "process_exit",
+             "handled": "restart:idle_failure"}
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        async with client.post("/handle_child_timeout", json=alert, headers={"X-Tron-Token": token}) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"action": "told", "handled": "restart:idle_failure"}
+        assert ctx.client.calls == []
+        async with client.post("/handle_child_timeout", json={**alert, "handled": None},
+                               headers={"X-Tron-Token": token}) as resp:
+            assert resp.status == 500  # it went on to decide: asked for the view (this fake answers {})
+    assert [(m, p.partition("?")[0]) for m, p, _ in ctx.client.calls] == [("GET", "/ladder/view")]
+
+
 RUNNING_CHILD = {"task_id": "run-1.0.0", "run_id": "run-1", "agent": "helper", "status": "running", "result": None,
                  "failure": None}
 

@@ -33,12 +33,19 @@ Agent credentials live in the daemon's memory (their SHA-256) and in one 0600 fi
 ``<home>/run/creds``; a credential is good only while its incarnation is its service's
 current one, and its file is removed when the incarnation is replaced or stopped. A daemon
 started again on the same home reads the files back (the re-adopted incarnations keep theirs).
+A restart touches none of those files on the daemon's loop: the next incarnation's file is
+written ahead, in a thread, when its start is prepared (``prepare_agent``: the credential is
+good only once ``mint_agent`` hands it to that incarnation), and a dead credential's file is
+removed a moment later (``UNLINK_AFTER``), in a thread; the credential itself dies at once.
+On a journaled filesystem each of those calls waited for the journal: 0.3-0.5 ms a restart
+(median), up to 7 ms.
 Named tokens are kept (as SHA-256) in ``<home>/run/tokens.json`` (0600); a revoked one is
 refused from the next request on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -62,6 +69,7 @@ log = logging.getLogger("tron.daemon.access")
 
 OPERATOR = "operator"  # the name of the home's own token
 RELAY_KEEPS = 4  # incarnations of one service a relay still speaks for (the current one and those it replaced)
+UNLINK_AFTER = 1.0  # s after a credential died before its file is removed (the credential is refused at once)
 CALLER_KEY = web.RequestKey("tron_caller", object)  # where a request keeps its Caller once known
 
 
@@ -138,6 +146,8 @@ class Access:
         self.named: dict[str, dict] = {}  # name -> {"digest", "role", "created"}
         self._agents: dict[str, tuple[str, str]] = {}  # digest -> (service, incarnation)
         self._creds: dict[str, tuple[str, str]] = {}  # service -> (incarnation, credential)
+        self._ahead: dict[str, tuple[str, str]] = {}  # service -> (its next incarnation, its credential), not good yet
+        self._doomed: list[Path] = []  # files of dead credentials, removed together a moment later
         self._relays: dict[str, Relay] = {}  # name -> its relay
         self._relay_digests: dict[str, Relay] = {}  # digest -> the same relays
         self._renewals: dict[str, float] = {}  # relay name -> when its last batch was taken (monotonic): its lease
@@ -189,16 +199,73 @@ class Access:
 
     def mint_agent(self, service: str, incarnation: str) -> Path:
         """A new incarnation's credential, in a 0600 file of its own; the service's earlier
-        credential dies here (the incarnation it spoke for is being replaced)."""
+        credential dies here (the incarnation it spoke for is being replaced). The file
+        written ahead for this incarnation (``prepare_agent``) is used if there is one."""
         self.revoke_agent(service)
-        cred = credentials.mint()
-        path = self.creds_dir / f"{service}{SEP}{incarnation}"
-        self.creds_dir.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(cred)
+        path = self._cred_path(service, incarnation)
+        ahead = self._ahead.pop(service, None)
+        if ahead is not None and ahead[0] == incarnation:
+            cred = ahead[1]
+        else:
+            if ahead is not None:  # written for a start that never came
+                self._remove_later(self._cred_path(service, ahead[0]))
+            cred = credentials.mint()
+            try:
+                _write_secret(path, cred)
+            except FileNotFoundError:  # the folder was removed under us
+                self.creds_dir.mkdir(mode=0o700, exist_ok=True)
+                _write_secret(path, cred)
         self._remember(service, incarnation, cred)
         return path
+
+    async def prepare_agent(self, service: str, incarnation: str) -> None:
+        """The credential of ``service``'s next incarnation, its file written now, in a
+        thread (off the restart's path); it is good only once ``mint_agent`` gives it to
+        that incarnation. One per service: an earlier one not used is dropped."""
+        cred = credentials.mint()
+        path = self._cred_path(service, incarnation)
+        try:
+            await asyncio.to_thread(_write_secret, path, cred)
+        except OSError as err:  # the start writes it then, as without this
+            log.debug("no credential ahead for %s: %s", service, err)
+            return
+        earlier = self._ahead.get(service)
+        if earlier is not None and earlier[0] != incarnation:
+            self._remove_later(self._cred_path(service, earlier[0]))
+        if (self._creds.get(service) or ("", ""))[0] == incarnation:  # started meanwhile with a credential of its own
+            self._remove_later(path)
+            return
+        self._ahead[service] = (incarnation, cred)
+
+    def drop_ahead(self, service: str, incarnation: str) -> None:
+        """The start prepared for ``incarnation`` will not come: its credential's file goes."""
+        ahead = self._ahead.get(service)
+        if ahead is not None and ahead[0] == incarnation:
+            del self._ahead[service]
+            self._remove_later(self._cred_path(service, incarnation))
+
+    def _cred_path(self, service: str, incarnation: str) -> Path:
+        return self.creds_dir / f"{service}{SEP}{incarnation}"
+
+    def _remove_later(self, path: Path) -> None:
+        """``path`` removed UNLINK_AFTER from now, in a thread; at once outside a loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            path.unlink(missing_ok=True)
+            return
+        self._doomed.append(path)
+        if len(self._doomed) == 1:
+            loop.call_later(UNLINK_AFTER, self._sweep)
+
+    def remove_now(self) -> None:
+        """The files waiting to be removed, removed now (the daemon is stopping)."""
+        doomed, self._doomed = self._doomed, []
+        _unlink_all(doomed)
+
+    def _sweep(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        asyncio.ensure_future(asyncio.to_thread(_unlink_all, doomed))
 
     def credential(self, service: str, incarnation: str) -> str | None:
         held = self._creds.get(service)
@@ -211,7 +278,7 @@ class Access:
             return
         incarnation, cred = held
         self._agents.pop(credentials.digest(cred), None)
-        (self.creds_dir / f"{service}{SEP}{incarnation}").unlink(missing_ok=True)
+        self._remove_later(self._cred_path(service, incarnation))
 
     # -- relay credentials (node agents) -----------------------------------------------------------
 
@@ -340,3 +407,14 @@ class Access:
         if session is None:
             return None
         return Caller(Kind.VIEWER if session.viewer else Kind.SESSION, session.actor, session=True)
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

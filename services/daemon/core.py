@@ -61,7 +61,7 @@ from tron.services.daemon.failback import Failback
 from tron.services.daemon.providers import ProviderDesk
 from tron.services.daemon.spend import Spend
 from tron.services.daemon.logpump import rotate_if_large
-from tron.services.daemon.spawner import ClusterControl, SpawnError, Spawner, reap_strays
+from tron.services.daemon.spawner import ClusterControl, LocalSpawner, SpawnError, Spawner, reap_strays
 from tron.services.daemon.supervisor import Supervisor, new_id
 
 log = logging.getLogger("tron.daemon")
@@ -220,6 +220,8 @@ class Daemon:
         self.sup = Supervisor(self.config, self.home, store=self.store, spawner=spawner, monitor=self.monitor,
                               metrics=self.metrics, client=self.client, config_path=self.config_path,
                               access=self.access, **kw)
+        if isinstance(spawner, LocalSpawner):  # a prepared start's credential is written with it, ahead
+            spawner.on_next, spawner.on_unused = self.sup.credential_ahead, self.access.drop_ahead
         self.ledger = Ledger(self.config, self.sup, self.store, self.client, **kw)
         self.spend = Spend(self.config, self.store, clock=self.clock, metrics=self.metrics)
         self.carrier = Carrier(self.config, self.sup, self.store, self.ledger, metrics=self.metrics, spend=self.spend,
@@ -368,6 +370,7 @@ class Daemon:
             for svc in self.sup.services.values():
                 self.sup.close_listener(svc)  # nothing of this mesh listens once it is down
             await self.sup.spawner.close()
+        self.access.remove_now()  # the files of credentials that died in the last second
         if self.monitor_thread:
             self.monitor_thread.stop()
         try:

@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import psutil
 
@@ -370,6 +370,10 @@ class LocalSpawner:
         the caller reads it (the daemon, not a node agent, whose agents beat to its relay)."""
         self.standbys = standbys
         self.beat_channels = beat_channels
+        # Told of each next incarnation prepared ahead (its id and name), and of one that will
+        # not start after all: its credential is written ahead, off the restart's path.
+        self.on_next: Callable[[str, str], Awaitable[None]] | None = None
+        self.on_unused: Callable[[str, str], None] | None = None
         self.on_exit: ExitCallback = _unreported  # start() names who hears of exits
         self.forkserver = forkserver
         if forkserver is not None:
@@ -657,10 +661,13 @@ class LocalSpawner:
             pass
         incarnation = "i-" + uuid.uuid4().hex[:12]  # the supervisor's format (supervisor.new_id)
         try:
-            return incarnation, self.cgroups.make(name, incarnation, limits)
+            group = self.cgroups.make(name, incarnation, limits)
         except OSError as err:
             log.debug("nothing prepared for %s's next start: %s", name, err)
             return None
+        if self.on_next is not None:
+            await self.on_next(name, incarnation)
+        return incarnation, group
 
     async def _keep(self, gate: Gate, logfile: tuple[Path, dict] | None = None) -> None:
         """A gate or standby made ready: kept for its service's next start, unless that
@@ -777,6 +784,8 @@ class LocalSpawner:
 
     async def _end_gate(self, gate: Gate) -> None:
         """A gate that will not be opened: ended, reaped, its cgroup removed."""
+        if self.on_unused is not None:
+            self.on_unused(gate.name, gate.incarnation)
         gate.conn.close()  # an unjoined gate reads EOF and exits; the cgroup's kill ends a joined one
         if gate.log_pipe is not None:
             os.close(gate.log_pipe)  # the pump sees EOF on it and forgets it

@@ -320,6 +320,13 @@ class Supervisor:
         return next((o.listener for o in self.services.values() if o is not svc and o.listener is not None
                      and o.spec.replica_of == svc.spec.replica_of and o.spec.port == svc.spec.port), None)
 
+    async def credential_ahead(self, name: str, incarnation: str) -> None:
+        """The spawner prepared ``name``'s next start as ``incarnation``: its credential's
+        file is written now, not on the restart's path."""
+        svc = self.services.get(name)
+        if svc is not None and svc.spec.beats:
+            await self.access.prepare_agent(name, incarnation)
+
     def close_listener(self, svc: Service) -> None:
         """Nothing listens on a stopped service's port."""
         if svc.listener is not None:

@@ -241,7 +241,7 @@ def test_tokens_viewers_revocation_and_an_incarnations_credential_dying_with_it(
     cred = credential(mesh, "programmer-2")
     path = mesh.home / "run" / "creds" / f"programmer-2~{old['incarnation']}"
     mesh.tron("restart", "programmer-2", "--wait", check=True)
-    assert not path.exists()
+    wait_for(lambda: not path.exists(), 10, "the replaced incarnation's credential file gone (a moment after)")
     code, _ = call("POST", daemon + "/beat", {"service": "programmer-2", "incarnation": old["incarnation"], "pid": 1,
                                              "seq": 10**6}, token=cred)
     assert code == 401

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
+import time
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -11,6 +13,7 @@ from aiohttp.test_utils import make_mocked_request
 from tron.common import credentials
 from tron.common.config import MeshConfig
 from tron.common.monitor import SEQ_WINDOW, Monitor, Verdict
+from tron.services.daemon import access as access_module
 from tron.services.daemon.access import Access, Kind
 
 NOW = 1_800_000_000.0
@@ -93,6 +96,50 @@ def test_credentials_live_with_their_incarnation_in_files_of_their_own(tmp_path)
     assert not stale.exists()
     access.revoke_agent("worker-1")
     assert not new.exists()
+
+
+def test_a_credential_written_ahead_is_good_only_once_its_incarnation_starts(tmp_path, monkeypatch):
+    """The next incarnation's credential file is written when its start is prepared; at the
+    start nothing is written, and the dead credential's file goes a moment later (it is
+    refused at once). A prepared start that never comes takes its file with it."""
+    monkeypatch.setattr(access_module, "UNLINK_AFTER", 0.05)
+    current = {"worker-1": "i-1", "worker-2": "i-5"}
+    access = Access(CONFIG, tmp_path, current=current.get)
+    access.load("operator-secret")
+
+    async def scenario():
+        first = access.mint_agent("worker-1", "i-1")
+        old = first.read_text()
+        await access.prepare_agent("worker-1", "i-2")
+        ahead = access.creds_dir / "worker-1~i-2"
+        assert stat.S_IMODE(ahead.stat().st_mode) == 0o600
+        assert access.identify(request(ahead.read_text())) is None  # not good before its start
+        current["worker-1"] = "i-2"
+        made = ahead.stat().st_mtime_ns
+        path = access.mint_agent("worker-1", "i-2")
+        assert path == ahead and path.stat().st_mtime_ns == made  # the one written ahead, not written again
+        assert access.identify(request(path.read_text())).incarnation == "i-2"
+        assert access.identify(request(old)) is None and first.exists()  # dead at once; its file goes soon
+        # prepared twice (a standby made again): the first file goes, the second is the one used
+        await access.prepare_agent("worker-2", "i-6")
+        await access.prepare_agent("worker-2", "i-7")
+        # prepared, then not used: its file goes
+        access.drop_ahead("worker-2", "i-7")
+        # prepared for one incarnation, started as another (the standby was not usable)
+        await access.prepare_agent("worker-1", "i-3")
+        other = access.mint_agent("worker-1", "i-4")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (first.exists() or (access.creds_dir / "worker-2~i-6").exists()
+                                               or (access.creds_dir / "worker-2~i-7").exists()
+                                               or (access.creds_dir / "worker-1~i-3").exists()):
+            await asyncio.sleep(0.01)
+        assert sorted(p.name for p in access.creds_dir.iterdir()) == ["worker-1~i-4"] and other.exists()
+        # stopping: what waits to be removed goes now
+        access.revoke_agent("worker-1")
+        access.remove_now()
+        assert list(access.creds_dir.iterdir()) == []
+
+    asyncio.run(scenario())
 
 
 def test_named_tokens_viewers_and_revocation(tmp_path):

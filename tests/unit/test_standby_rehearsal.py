@@ -72,7 +72,8 @@ def test_a_logger_level_is_set_only_when_it_changes(monkeypatch, current, wanted
     assert bool(calls) is changes
 
 
-def test_an_incarnations_environment_is_exactly_its_own(monkeypatch):
+@pytest.mark.parametrize("ahead", [False, True], ids=["read now", "read ahead by the standby"])
+def test_an_incarnations_environment_is_exactly_its_own(monkeypatch, ahead):
     """Only what differs is set or unset, and nothing of the server's is left behind."""
     from tron.services.daemon.forkserver import _replace_environ
 
@@ -80,5 +81,5 @@ def test_an_incarnations_environment_is_exactly_its_own(monkeypatch):
     os.environ.clear()
     os.environ.update({"PATH": "/bin", "SERVER_ONLY": "1", "TRON_SERVICE": "old", "HOME": "/root"})
     new = {"PATH": "/bin", "TRON_SERVICE": "programmer-1", "HOME": "/root", "TRON_INCARNATION": "i-1"}
-    _replace_environ(new)
+    _replace_environ(new, dict(os.environ) if ahead else None)
     assert dict(os.environ) == new

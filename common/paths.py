@@ -99,18 +99,21 @@ def ensure_token(path: Path) -> str:
         if token:
             return token
     token = secrets.token_urlsafe(32)
+    write_secret(path, token)
+    return token
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """``secret`` in ``path``, a file readable by us only (0600 from its creation)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token)
-    return token
+        f.write(secret)
 
 
 def write_token(path: Path, token: str) -> None:
     """The mesh token handed to a node of the mesh (a node agent's home): 0600, ours."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    write_secret(path, token)
 
 
 def read_token(path: Path) -> str | None:

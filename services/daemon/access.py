@@ -63,6 +63,7 @@ from tron.common import credentials
 from tron.common.config import DAEMON, MeshConfig
 from tron.common.credentials import SEP
 from tron.common.http import token_matches
+from tron.common.paths import write_secret
 from tron.common.wire import NAME_PATTERN, TOKEN_HEADER
 
 log = logging.getLogger("tron.daemon.access")
@@ -211,10 +212,10 @@ class Access:
                 self._remove_later(self._cred_path(service, ahead[0]))
             cred = credentials.mint()
             try:
-                _write_secret(path, cred)
+                write_secret(path, cred)
             except FileNotFoundError:  # the folder was removed under us
                 self.creds_dir.mkdir(mode=0o700, exist_ok=True)
-                _write_secret(path, cred)
+                write_secret(path, cred)
         self._remember(service, incarnation, cred)
         return path
 
@@ -225,7 +226,7 @@ class Access:
         cred = credentials.mint()
         path = self._cred_path(service, incarnation)
         try:
-            await asyncio.to_thread(_write_secret, path, cred)
+            await asyncio.to_thread(write_secret, path, cred)
         except OSError as err:  # the start writes it then, as without this
             log.debug("no credential ahead for %s: %s", service, err)
             return
@@ -407,12 +408,6 @@ class Access:
         if session is None:
             return None
         return Caller(Kind.VIEWER if session.viewer else Kind.SESSION, session.actor, session=True)
-
-
-def _write_secret(path: Path, secret: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
 
 
 def _unlink_all(paths: list[Path]) -> None:

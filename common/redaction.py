@@ -7,9 +7,10 @@ values of the secret environment variables, is replaced before it is written.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any, Mapping
+
+from tron.common import environ
 
 REDACTED = "[REDACTED]"
 _SECRET_ENV_NAMES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OLLAMA_API_KEY", "OPENAI_API_KEY")
@@ -35,7 +36,7 @@ def _env_secrets(env: Mapping[str, str]) -> list[str]:
     return sorted(values, key=len, reverse=True)  # longest first: no partial leftovers
 
 
-_environ_secrets_cache: tuple[tuple[tuple[bytes, bytes], ...], list[str]] | None = None
+_environ_secrets_cache: tuple[Mapping[str, str], list[str]] | None = None
 
 
 def _environ_secrets() -> list[str]:
@@ -43,15 +44,12 @@ def _environ_secrets() -> list[str]:
     every event payload and log line is redacted, and a walk of the environment with a
     pattern per name was the daemon's largest cost per restart in a crash wave."""
     global _environ_secrets_cache
-    data = getattr(os.environ, "_data", None)  # CPython's bytes -> bytes dict behind os.environ
-    if not isinstance(data, dict):
-        return _env_secrets(os.environ)
-    key = tuple(data.items())
+    env = environ.current()
     cached = _environ_secrets_cache
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] is env:
         return cached[1]
-    secrets = _env_secrets(os.environ)
-    _environ_secrets_cache = (key, secrets)
+    secrets = _env_secrets(env)
+    _environ_secrets_cache = (env, secrets)
     return secrets
 
 

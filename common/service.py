@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Mapping, cast
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from tron.common import conn_guard, logs, telemetry
+from tron.common import conn_guard, environ, logs, telemetry
 from tron.common.clock import Clock, MonotonicClock
 from tron.common.config import MeshConfig, load_mesh
 from tron.common import credentials
@@ -55,7 +55,7 @@ class ServiceEnv(BaseModel):
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str] | None = None) -> "ServiceEnv":
-        env = os.environ if env is None else env
+        env = environ.current() if env is None else env
         missing = [k for k in ("TRON_SERVICE", "TRON_PORT", "TRON_INCARNATION", "TRON_HOME", "TRON_DAEMON_URL",
                                "TRON_TOKEN_FILE") if not env.get(k)]
         if missing:

@@ -96,6 +96,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from tron.common import environ as environ_snapshot  # os only
 from tron.services.daemon import unixline  # json and socket only: nothing heavy before the path check
 from tron.services.daemon.sourcewatch import SourceWatch  # ctypes and select only
 
@@ -236,11 +237,12 @@ def _run_service(req: dict, fds: list[int], channel: int | None = None, environ:
         os.dup2(channel, first_free, inheritable=False)
         first_free += 1
     os.closerange(first_free, 65536)  # the control socket and the rest of ours
-    _replace_environ(req["env"], environ)
+    env = dict(req["env"])
     if fds:
-        os.environ["LISTEN_PID"] = str(os.getpid())
+        env["LISTEN_PID"] = str(os.getpid())
     if channel is not None:
-        os.environ[BEAT_FD] = str(first_free - 1)
+        env[BEAT_FD] = str(first_free - 1)
+    _replace_environ(env, environ)
     os.chdir(req["cwd"])
     random.seed()  # the server's random state must not be shared by every incarnation
     sys.argv = [req["module"]]
@@ -260,6 +262,7 @@ def _replace_environ(new: Mapping[str, str], now: Mapping[str, str] | None = Non
     for key, value in new.items():
         if now.get(key) != value:
             os.environ[key] = value
+    environ_snapshot.adopt(new)  # what the incarnation reads of it first is not decoded again
 
 
 def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None:

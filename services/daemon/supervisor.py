@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from tron.common import telemetry
+from tron.common import environ, telemetry
 from tron.common.clock import Clock
 from tron.common.config import DAEMON, MeshConfig, Policy, ServiceSpec
 from tron.common.http import MeshClient, MeshHTTPError
@@ -53,7 +53,7 @@ S = ServiceState
 def child_environ(config: MeshConfig) -> dict[str, str]:
     """The daemon's environment as a process it starts gets it: without the daemon's own
     secrets (a notification target's), which no child needs."""
-    env = dict(os.environ)
+    env = dict(environ.current())
     for entry in config.notify:
         env.pop(entry.secret_env, None)
     return env

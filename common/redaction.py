@@ -26,8 +26,11 @@ _KEY_PATTERNS = (
                 r"[^\s\"',;}]+"), r"\1" + REDACTED),
 )
 
-# What every one of _KEY_PATTERNS contains: text without any of these needs none of them.
-_KEY_HINT = re.compile(r"(?i)sk-|bearer|key|token")
+# What every one of _KEY_PATTERNS contains: text without any of these (in any case) needs
+# none of them. Looked for in the lowered text: a case-insensitive regex alternation took
+# 11 us on a log line, four substring searches take under 1 (every log line, event and
+# message is redacted; a crash wave's restarts write ~20 each).
+_KEY_HINTS = ("sk-", "bearer", "key", "token")
 
 
 def _env_secrets(env: Mapping[str, str]) -> list[str]:
@@ -62,7 +65,8 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """
     for secret in _environ_secrets() if env is None else _env_secrets(env):
         text = text.replace(secret, REDACTED)
-    if _KEY_HINT.search(text) is None:  # none of the patterns can match: one scan, not four
+    lowered = text.lower()
+    if not any(hint in lowered for hint in _KEY_HINTS):  # none of the patterns can match
         return text
     for pattern, replacement in _KEY_PATTERNS:
         text = pattern.sub(replacement, text)

@@ -201,6 +201,8 @@ def test_settings_are_frozen_and_strict():
         ("AUTHORIZATION: BEARER abcdefgh1", {}, "AUTHORIZATION: BEARER [REDACTED]"),
         ("MY_TOKEN=zzzzzz", {}, "MY_TOKEN=[REDACTED]"),
         ("X-API-KEY: s3cr3tvalue", {}, "X-API-KEY: [REDACTED]"),
+        ("Authorization: bEaReR abcdefgh1", {}, "Authorization: bEaReR [REDACTED]"),
+        ("Session_ToKeN=zzzzzz", {}, "Session_ToKeN=[REDACTED]"),
     ],
 )
 def test_redact(text, env, expected):

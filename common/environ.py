@@ -51,4 +51,5 @@ def adopt(env: Mapping[str, str]) -> None:
     global _snapshot
     data = getattr(os.environ, "_data", None)
     if isinstance(data, dict):
-        _snapshot = (dict(data), dict(env))
+        # Every name of ``env`` is set (the caller made it so): the same count, the same names.
+        _snapshot = (dict(data), dict(env)) if len(data) == len(env) else None

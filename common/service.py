@@ -390,9 +390,9 @@ async def _serve(build: Build) -> None:
 def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT set ``stop``. Not ``loop.add_signal_handler``: asyncio checks each
     signal against ``signal.valid_signals()``, which makes an enum member of each of the 65
-    signals per call, a sixth of an incarnation's CPU from its hand-over to its first beat
-    (a crash wave's restarts share two cores). A handler that wakes the loop (the signal
-    interrupts its wait, as asyncio.run's own SIGINT handler does) does the same."""
+    signals per call (68 us; a crash wave's restarts share two cores). A handler that wakes
+    the loop (the signal interrupts its wait, as asyncio.run's own SIGINT handler does) does
+    the same."""
     def handler(signum: int, frame: object) -> None:
         loop.call_soon_threadsafe(stop.set)
 

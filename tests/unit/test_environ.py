@@ -39,3 +39,10 @@ def test_a_secret_set_after_the_first_redaction_is_redacted_too(monkeypatch):
     assert redaction.redact("the value hunter2-secret") == f"the value {redaction.REDACTED}"
     monkeypatch.delenv("TRON_TEST_SECRET")
     assert "hunter2-secret" in redaction.redact("the value hunter2-secret")
+
+
+def test_adopt_of_an_environment_that_is_not_the_whole_of_it_is_not_believed(monkeypatch):
+    monkeypatch.setenv("TRON_TEST_EXTRA", "kept")
+    env = {k: v for k, v in os.environ.items() if k != "TRON_TEST_EXTRA"}
+    environ.adopt(env)  # wrong: the process has one variable more
+    assert environ.current()["TRON_TEST_EXTRA"] == "kept"

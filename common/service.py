@@ -11,6 +11,7 @@ beats stop, which is exactly what TRON must see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -394,7 +395,10 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
     the loop (the signal interrupts its wait, as asyncio.run's own SIGINT handler does) does
     the same."""
     def handler(signum: int, frame: object) -> None:
-        loop.call_soon_threadsafe(stop.set)
+        # A signal after the loop closed (a second SIGTERM while the process exits) is no
+        # error raised into whatever the main thread runs then: the exit is under way.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(stop.set)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)

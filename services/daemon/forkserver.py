@@ -162,8 +162,7 @@ def _stale_reply(sources: dict[str, float]) -> dict | None:
                                          "error": f"{changed} changed since the fork server started"}
 
 
-def _become_service(req: dict, fds: list[int], *, entered: bool = False, channel: int | None = None,
-                    environ: dict[str, str] | None = None) -> None:
+def _become_service(req: dict, fds: list[int], *, entered: bool = False, channel: int | None = None) -> None:
     """In the new incarnation: a fresh session (``entered``: a standby has it, and its
     cgroup, already), its own stdio, environment and cwd, then run the role module as
     __main__. ``channel``: its beat channel to the daemon (a standby's kept connection;
@@ -176,7 +175,7 @@ def _become_service(req: dict, fds: list[int], *, entered: bool = False, channel
             channel = fcntl.fcntl(fds[-1], fcntl.F_DUPFD_CLOEXEC, CHANNEL_PARKED)
             os.close(fds[-1])
             fds = fds[:-1]
-        code = _run_service(req, fds, channel, environ)
+        code = _run_service(req, fds, channel)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -199,11 +198,10 @@ def _enter(cgroup: list[str] | tuple[str, ...]) -> None:
     os.setsid()
 
 
-def _run_service(req: dict, fds: list[int], channel: int | None = None, environ: dict[str, str] | None = None) -> int:
+def _run_service(req: dict, fds: list[int], channel: int | None = None) -> int:
     """In the cgroup and session already: the limits, stdio, environment and cwd, then the
     role module as __main__. ``channel`` goes to the fd after the listening socket's, named
-    by ``BEAT_FD``; ``environ``: ``os.environ`` as a plain dict, read ahead (by a standby,
-    while it waited). Returns its exit code (0 when it returns); raises SystemExit."""
+    by ``BEAT_FD``. Returns its exit code (0 when it returns); raises SystemExit."""
     if req.get("open_files"):
         import resource
 
@@ -242,7 +240,7 @@ def _run_service(req: dict, fds: list[int], channel: int | None = None, environ:
         env["LISTEN_PID"] = str(os.getpid())
     if channel is not None:
         env[BEAT_FD] = str(first_free - 1)
-    _replace_environ(env, environ)
+    _replace_environ(env)
     os.chdir(req["cwd"])
     random.seed()  # the server's random state must not be shared by every incarnation
     sys.argv = [req["module"]]
@@ -250,13 +248,14 @@ def _run_service(req: dict, fds: list[int], channel: int | None = None, environ:
     return 0
 
 
-def _replace_environ(new: Mapping[str, str], now: Mapping[str, str] | None = None) -> None:
+def _replace_environ(new: Mapping[str, str]) -> None:
     """``os.environ`` becomes ``new`` (the incarnation's whole environment), with only the
     variables that differ unset or set: most of it is the server's already, and each putenv is
-    a few microseconds on the restart's path, and a page copied. ``now``: what ``os.environ``
-    holds, as a plain dict read ahead (each read of ``os.environ`` encodes or decodes: the
-    comparison through it was a tenth of a standby's CPU from its hand-over to its first beat)."""
-    now = dict(os.environ) if now is None else now
+    a few microseconds on the restart's path, and a page copied. It is compared with what
+    ``environ.current()`` holds, decoded once (a standby decodes it ahead, while it waits):
+    each read of ``os.environ`` encodes or decodes, and the comparison through it was a tenth
+    of a standby's CPU from its hand-over to its first beat."""
+    now = environ_snapshot.current()
     for key in now.keys() - new.keys():
         del os.environ[key]
     for key, value in new.items():
@@ -273,7 +272,7 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _enter(req.get("cgroup") or ())
         _rehearse(req.get("config"), req.get("service"))
-        environ = dict(os.environ)  # compared with the incarnation's at the hand-over (_replace_environ)
+        environ_snapshot.current()  # decoded now, compared with the incarnation's at the hand-over (_replace_environ)
         line, fds = unixline.receive(conn, 4)
         if not line.endswith(b"\n"):
             return  # the daemon gave this standby up (or went away): run nothing
@@ -293,7 +292,7 @@ def _stand_by(req: dict, conn: socket.socket, sources: dict[str, float]) -> None
     except BaseException:
         code = 1
     else:
-        _become_service(go, fds, entered=True, channel=channel, environ=environ)
+        _become_service(go, fds, entered=True, channel=channel)
     finally:
         os._exit(code)
 
